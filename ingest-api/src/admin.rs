@@ -1,0 +1,139 @@
+//! Operator subcommands: `ingest-api admin tenant create …`, `ingest-api admin api-key …`.
+
+use clap::Subcommand;
+use shared::apikey::{self, Scope};
+use shared::tenant::TenantId;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Manage API keys.
+    #[command(subcommand, name = "api-key")]
+    ApiKey(ApiKeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant; prints its id.
+    Create {
+        #[arg(long)]
+        name: String,
+    },
+    /// List tenants.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create a key; prints the secret once (it is stored only as a hash).
+    Create {
+        #[arg(long)]
+        tenant: Uuid,
+        /// `ingest` (send events) or `read` (dashboards).
+        #[arg(long, value_parser = ["ingest", "read"])]
+        scope: String,
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// Revoke a key by id.
+    Revoke {
+        #[arg(long)]
+        id: Uuid,
+    },
+    /// List a tenant's keys (never their secrets).
+    List {
+        #[arg(long)]
+        tenant: Uuid,
+    },
+}
+
+/// Creates a tenant and returns its id.
+pub async fn create_tenant(pool: &PgPool, name: &str) -> anyhow::Result<TenantId> {
+    anyhow::ensure!(
+        (1..=200).contains(&name.chars().count()),
+        "a tenant name has 1..=200 characters"
+    );
+    let id = TenantId::new();
+    sqlx::query("INSERT INTO control.tenants (id, name) VALUES ($1, $2)")
+        .bind(id.0)
+        .bind(name)
+        .execute(pool)
+        .await?;
+    Ok(id)
+}
+
+/// Creates an API key; returns (key id, secret).
+pub async fn create_api_key(
+    pool: &PgPool,
+    tenant: TenantId,
+    scope: Scope,
+    name: &str,
+) -> anyhow::Result<(Uuid, String)> {
+    let key = apikey::generate();
+    let id = Uuid::now_v7();
+    let inserted = sqlx::query(
+        "INSERT INTO control.api_keys (id, tenant_id, name, scope, key_hash)
+         SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM control.tenants WHERE id = $2)",
+    )
+    .bind(id)
+    .bind(tenant.0)
+    .bind(name)
+    .bind(scope.as_str())
+    .bind(&key.hash)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    anyhow::ensure!(inserted == 1, "no tenant {tenant}");
+    Ok((id, key.secret))
+}
+
+pub async fn run(pool: &PgPool, cmd: AdminCommand) -> anyhow::Result<()> {
+    shared::db::migrate(pool).await?;
+    match cmd {
+        AdminCommand::Tenant(TenantCommand::Create { name }) => {
+            println!("{}", create_tenant(pool, &name).await?);
+        }
+        AdminCommand::Tenant(TenantCommand::List) => {
+            let rows: Vec<(Uuid, String, String)> =
+                sqlx::query_as("SELECT id, name, status FROM control.tenants ORDER BY created_at")
+                    .fetch_all(pool)
+                    .await?;
+            for (id, name, status) in rows {
+                println!("{id}\t{status}\t{name}");
+            }
+        }
+        AdminCommand::ApiKey(ApiKeyCommand::Create { tenant, scope, name }) => {
+            let scope = Scope::parse(&scope).expect("clap checked the scope");
+            let (_, secret) = create_api_key(pool, TenantId(tenant), scope, &name).await?;
+            println!("{secret}");
+        }
+        AdminCommand::ApiKey(ApiKeyCommand::Revoke { id }) => {
+            let n = sqlx::query(
+                "UPDATE control.api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+            )
+            .bind(id)
+            .execute(pool)
+            .await?
+            .rows_affected();
+            anyhow::ensure!(n == 1, "no active key {id}");
+            println!("revoked {id} (caches forget it within {} s)", shared::auth::KEY_CACHE_TTL.as_secs());
+        }
+        AdminCommand::ApiKey(ApiKeyCommand::List { tenant }) => {
+            let rows: Vec<(Uuid, String, String, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(
+                "SELECT id, name, scope, revoked_at FROM control.api_keys WHERE tenant_id = $1 ORDER BY created_at",
+            )
+            .bind(tenant)
+            .fetch_all(pool)
+            .await?;
+            for (id, name, scope, revoked) in rows {
+                let state = revoked.map_or("active".to_string(), |t| format!("revoked {t}"));
+                println!("{id}\t{scope}\t{state}\t{name}");
+            }
+        }
+    }
+    Ok(())
+}

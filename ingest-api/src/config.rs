@@ -1,0 +1,52 @@
+//! ingest-api's configuration (see `shared::config` for how it is loaded).
+
+use serde::{Deserialize, Serialize};
+use shared::config::Common;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    #[serde(flatten)]
+    pub common: Common,
+    pub http_addr: String,
+    /// Most events in one request.
+    pub max_batch_events: usize,
+    /// Largest request body, before and after decompression.
+    pub max_body_bytes: usize,
+    /// How long a request waits for Kafka to acknowledge its events before answering 503.
+    pub produce_timeout_ms: u64,
+    /// How far in the future `occurred_at` may be (client clock skew).
+    pub max_future_skew_secs: i64,
+    /// How old `occurred_at` may be: the raw retention window.
+    pub retention_days: i64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            common: Common::default(),
+            http_addr: "127.0.0.1:8080".into(),
+            max_batch_events: 1000,
+            max_body_bytes: 10 * 1024 * 1024,
+            produce_timeout_ms: 5000,
+            max_future_skew_secs: 300,
+            retention_days: 90,
+        }
+    }
+}
+
+impl Config {
+    pub fn check(&self) -> Result<(), String> {
+        self.common.check()?;
+        if self.max_batch_events == 0 || self.max_body_bytes == 0 {
+            return Err("max_batch_events and max_body_bytes must be positive".into());
+        }
+        if self.produce_timeout_ms < 100 {
+            return Err("produce_timeout_ms must be at least 100".into());
+        }
+        if self.retention_days < 1 || self.max_future_skew_secs < 0 {
+            return Err("retention_days must be ≥ 1 and max_future_skew_secs ≥ 0".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,97 @@
+//! ingest-api: the write side. Authenticates, validates and appends events to Kafka, and
+//! answers only once Kafka has them.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod routes;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use rdkafka::producer::Producer;
+use shared::auth::ApiKeyStore;
+use shared::health::ShutdownFlag;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+use state::AppState;
+
+/// A built ingest-api, bound to its port.
+pub struct App {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl App {
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        config.check().map_err(anyhow::Error::msg)?;
+        let common = &config.common;
+        let pool = shared::db::pool(common, "tally-ingest-api")?;
+        shared::kafka::ensure_topics(common, &[common.metrics_topic(), common.metrics_dlq_topic()])
+            .await
+            .context("creating topics")?;
+        let producer = shared::kafka::producer(common, Duration::from_millis(config.produce_timeout_ms))?;
+        let redis = match redis::Client::open(common.redis_url.as_str()) {
+            Ok(c) => tokio::time::timeout(Duration::from_secs(2), redis::aio::ConnectionManager::new(c))
+                .await
+                .ok()
+                .and_then(Result::ok),
+            Err(_) => None,
+        };
+        let listener = TcpListener::bind(&config.http_addr)
+            .await
+            .with_context(|| format!("binding {}", config.http_addr))?;
+        let state = AppState {
+            topic: common.metrics_topic().into(),
+            keys: ApiKeyStore::new(pool.clone()),
+            pool,
+            producer,
+            redis,
+            shutdown: ShutdownFlag::default(),
+            metrics: shared::telemetry::prometheus(),
+            config: Arc::new(config),
+        };
+        Ok(App { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener")
+    }
+
+    pub fn router(state: AppState) -> Router {
+        Router::new()
+            .route("/v1/events", post(routes::events::post_events))
+            .route("/healthz", get(routes::health::healthz))
+            .route("/readyz", get(routes::health::readyz))
+            .route("/metrics", get(routes::health::metrics))
+            .fallback(shared::problem::not_found_fallback)
+            // The handler enforces the body limit itself (before and after decompression).
+            .layer(DefaultBodyLimit::disable())
+            .layer(axum::middleware::from_fn(shared::telemetry::track_http))
+            .with_state(state)
+    }
+
+    /// Serves until `stop` resolves; then turns unready, drains requests and flushes the
+    /// producer so nothing acknowledged is left behind.
+    pub async fn run_until(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let shutdown = state.shutdown.clone();
+        axum::serve(self.listener, Self::router(state.clone()))
+            .with_graceful_shutdown(async move {
+                stop.await;
+                shutdown.trigger();
+            })
+            .await?;
+        let producer = state.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await??;
+        state.pool.close().await;
+        Ok(())
+    }
+}

@@ -1,0 +1,251 @@
+//! `POST /v1/events`: one event or an array of them, appended to Kafka before the answer.
+//!
+//! Batches are all-or-nothing: if any event is invalid, none is sent and the problem lists
+//! every offending field with the event's index.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::Json;
+use chrono::Utc;
+use futures::future::join_all;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use serde::Serialize;
+use serde_json::Value;
+use shared::apikey::Scope;
+use shared::events::{Actor, Envelope, IngestContext, Source, TimeBounds};
+use shared::problem::Problem;
+use uuid::Uuid;
+
+use crate::state::AppState;
+
+/// The answer to an accepted request.
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    pub accepted: usize,
+    pub ids: Vec<Uuid>,
+}
+
+pub async fn post_events(
+    State(s): State<AppState>,
+    request: Request,
+) -> Result<(StatusCode, Json<Accepted>), Problem> {
+    let (parts, body) = request.into_parts();
+    // Auth first, then limits, then decoding.
+    let principal = s.keys.authenticate(&parts.headers, Scope::Ingest).await?;
+    check_content_type(&parts.headers)?;
+    let bytes = read_body(body, &parts.headers, s.config.max_body_bytes).await?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        Problem::bad_request(
+            "malformed-json",
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    let raw_events = match value {
+        Value::Array(items) => items,
+        obj @ Value::Object(_) => vec![obj],
+        _ => {
+            return Err(Problem::validation(
+                "the body must be an event object or an array of events",
+                vec![],
+            ))
+        }
+    };
+    if raw_events.is_empty() {
+        return Err(Problem::validation("the batch is empty", vec![]));
+    }
+    if raw_events.len() > s.config.max_batch_events {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch-too-large",
+            "Batch too large",
+            format!(
+                "{} events in one request; at most {} are accepted",
+                raw_events.len(),
+                s.config.max_batch_events
+            ),
+        ));
+    }
+    let idempotency_key = match parts.headers.get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(k) if !k.is_empty() && k.len() <= 255 => Some(k.to_string()),
+            _ => {
+                return Err(Problem::bad_request(
+                    "idempotency-key",
+                    "Idempotency-Key must be 1..=255 visible ASCII characters",
+                ))
+            }
+        },
+    };
+    let ctx = IngestContext {
+        tenant_id: principal.tenant_id,
+        actor: Actor {
+            user_id: None,
+            api_key_id: Some(principal.key_id),
+        },
+        source: Source::Api,
+        received_at: Utc::now(),
+        bounds: TimeBounds {
+            max_future_skew: chrono::Duration::seconds(s.config.max_future_skew_secs),
+            retention: chrono::Duration::days(s.config.retention_days),
+        },
+        idempotency_key,
+    };
+    let mut envelopes = Vec::with_capacity(raw_events.len());
+    let mut errors = Vec::new();
+    for (i, raw) in raw_events.into_iter().enumerate() {
+        match ctx.envelope(i, raw) {
+            Ok(env) => envelopes.push(env),
+            Err(e) => errors.extend(e),
+        }
+    }
+    if !errors.is_empty() {
+        let n = errors.iter().filter_map(|e| e.index).collect::<std::collections::BTreeSet<_>>().len();
+        return Err(Problem::validation(
+            format!("{n} event(s) are invalid; nothing was accepted"),
+            errors,
+        ));
+    }
+    produce_all(&s, &envelopes).await?;
+    metrics::counter!("ingest_events_total", "source" => "api").increment(envelopes.len() as u64);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            accepted: envelopes.len(),
+            ids: envelopes.iter().map(|e| e.id).collect(),
+        }),
+    ))
+}
+
+fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if mime.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported media type",
+            format!("Content-Type must be application/json, got `{ct}`"),
+        ))
+    }
+}
+
+fn too_large(limit: usize) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body-too-large",
+        "Body too large",
+        format!("the request body exceeds {limit} bytes"),
+    )
+}
+
+/// Reads the body within `limit` bytes, both as sent and after gzip decompression.
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>, Problem> {
+    let bytes = to_bytes(body, limit).await.map_err(|e| {
+        // `to_bytes` fails only for the length limit or a broken connection.
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit")
+        {
+            too_large(limit)
+        } else {
+            Problem::bad_request("body", format!("could not read the body: {e}"))
+        }
+    })?;
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .trim()
+        .to_ascii_lowercase();
+    match encoding.as_str() {
+        "identity" | "" => Ok(bytes.to_vec()),
+        "gzip" => {
+            let mut out = Vec::new();
+            let mut decoder = flate2::read::GzDecoder::new(&bytes[..]).take(limit as u64 + 1);
+            decoder
+                .read_to_end(&mut out)
+                .map_err(|e| Problem::bad_request("bad-encoding", format!("invalid gzip body: {e}")))?;
+            if out.len() > limit {
+                return Err(too_large(limit));
+            }
+            Ok(out)
+        }
+        other => Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-encoding",
+            "Unsupported content encoding",
+            format!("Content-Encoding `{other}` is not supported; use gzip or none"),
+        )),
+    }
+}
+
+/// Starts every send, then waits for all acknowledgements together. Any failure (queue
+/// full, broker unreachable within the timeout) is a 503: the client retries with the same
+/// event ids, and the projector counts each id once.
+async fn produce_all(s: &AppState, envelopes: &[Envelope]) -> Result<(), Problem> {
+    let timeout = Duration::from_millis(s.config.produce_timeout_ms);
+    let retry_after = timeout.as_secs().clamp(1, 30);
+    let started = Instant::now();
+    let mut deliveries = Vec::with_capacity(envelopes.len());
+    for env in envelopes {
+        let payload = serde_json::to_vec(env).map_err(|e| {
+            tracing::error!(error = %e, "envelope serialization failed");
+            Problem::internal()
+        })?;
+        let key = env.kafka_key();
+        let version = env.schema_version.to_string();
+        let headers = OwnedHeaders::new_with_capacity(3)
+            .insert(Header { key: "type", value: Some(env.event_type.as_str()) })
+            .insert(Header { key: "schema_version", value: Some(version.as_str()) })
+            .insert(Header { key: "content-type", value: Some("application/json") });
+        let record = FutureRecord::to(&s.topic).key(&key).payload(&payload).headers(headers);
+        match s.producer.send_result(record) {
+            Ok(delivery) => deliveries.push(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                metrics::counter!("ingest_rejected_total", "reason" => "queue_full").increment(1);
+                return Err(Problem::unavailable(
+                    "the ingest queue is full; retry with the same event ids",
+                    retry_after,
+                ));
+            }
+            Err((e, _)) => {
+                tracing::error!(error = %e, "kafka produce failed");
+                return Err(Problem::unavailable("events could not be queued", retry_after));
+            }
+        }
+    }
+    // librdkafka gives up on a record after `message.timeout.ms` (= the produce timeout); the
+    // outer timeout is only a guard against a lost delivery report.
+    let results = tokio::time::timeout(timeout + Duration::from_millis(500), join_all(deliveries)).await;
+    metrics::histogram!("kafka_produce_seconds").record(started.elapsed().as_secs_f64());
+    let failed = match results {
+        Err(_) => Some("timed out".to_string()),
+        Ok(results) => results.into_iter().find_map(|r| match r {
+            Ok(Ok(_)) => None,
+            Ok(Err((e, _))) => Some(e.to_string()),
+            Err(_) => Some("delivery cancelled".into()),
+        }),
+    };
+    match failed {
+        None => Ok(()),
+        Some(reason) => {
+            tracing::warn!(%reason, events = envelopes.len(), "kafka did not acknowledge the batch");
+            metrics::counter!("ingest_rejected_total", "reason" => "kafka_unavailable").increment(1);
+            Err(Problem::unavailable(
+                "the event log did not acknowledge the events in time; retry with the same event ids",
+                retry_after,
+            ))
+        }
+    }
+}

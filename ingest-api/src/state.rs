@@ -1,0 +1,23 @@
+//! The state every handler shares.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use rdkafka::producer::FutureProducer;
+use shared::auth::ApiKeyStore;
+use shared::health::ShutdownFlag;
+use sqlx::PgPool;
+
+use crate::config::Config;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub pool: PgPool,
+    pub producer: FutureProducer,
+    pub redis: Option<redis::aio::ConnectionManager>,
+    pub keys: ApiKeyStore,
+    pub topic: Arc<str>,
+    pub shutdown: ShutdownFlag,
+    pub metrics: PrometheusHandle,
+}

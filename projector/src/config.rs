@@ -1,0 +1,50 @@
+//! The projector's configuration (see `shared::config` for how it is loaded).
+
+use serde::{Deserialize, Serialize};
+use shared::config::Common;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    #[serde(flatten)]
+    pub common: Common,
+    /// Name of this projection in `control.projector_offsets` / `projection_versions`.
+    pub projection: String,
+    /// Consumer group; every projection version has its own.
+    pub consumer_group: String,
+    /// Largest batch written in one transaction.
+    pub batch_max_events: usize,
+    /// How long a batch may wait to fill up before it is written.
+    pub batch_linger_ms: u64,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub http_addr: String,
+    /// Days of partitions created ahead of time when a tenant is first seen.
+    pub partitions_ahead_days: i64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            common: Common::default(),
+            projection: "metrics".into(),
+            consumer_group: "tally-projector-metrics".into(),
+            batch_max_events: 5000,
+            batch_linger_ms: 100,
+            http_addr: "127.0.0.1:9102".into(),
+            partitions_ahead_days: 7,
+        }
+    }
+}
+
+impl Config {
+    pub fn check(&self) -> Result<(), String> {
+        self.common.check()?;
+        if self.batch_max_events == 0 {
+            return Err("batch_max_events must be at least 1".into());
+        }
+        if self.projection.is_empty() || self.consumer_group.is_empty() {
+            return Err("projection and consumer_group must not be empty".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,394 @@
+//! The consume loop: decode → batch → write (with offsets) → acknowledge, as explicit stages.
+//!
+//! Offsets live in PostgreSQL with the rows. On assignment the loop learns each partition's
+//! stored offset; a record below it was already projected and is skipped, a record above it
+//! means a gap and the partition is sought back. Kafka's own commit is only for lag display.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use redis::aio::ConnectionManager;
+use shared::events::Envelope;
+use shared::health::ShutdownFlag;
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::store::{self, Decoded, OffsetRange, Prepared, WriteError};
+
+/// Partition changes seen by the rebalance callback, handled by the loop after `recv`.
+/// The callback only records them: it must never block or await.
+#[derive(Default)]
+pub struct RebalanceLog(Mutex<Vec<i32>>);
+
+pub struct ProjectorContext {
+    log: Arc<RebalanceLog>,
+}
+
+impl ClientContext for ProjectorContext {}
+
+impl ConsumerContext for ProjectorContext {
+    fn post_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let parts: Vec<i32> = match rebalance {
+            Rebalance::Assign(tpl) | Rebalance::Revoke(tpl) => {
+                tpl.elements().iter().map(|e| e.partition()).collect()
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "rebalance error");
+                Vec::new()
+            }
+        };
+        tracing::info!(?parts, kind = match rebalance {
+            Rebalance::Assign(_) => "assign",
+            Rebalance::Revoke(_) => "revoke",
+            Rebalance::Error(_) => "error",
+        }, "rebalance");
+        self.log.0.lock().expect("rebalance log").extend(parts);
+    }
+}
+
+/// What the loop knows about one assigned partition.
+#[derive(Debug, Clone, Copy)]
+enum Position {
+    /// The next offset to project (from the database, then advanced by the loop).
+    Expect(i64),
+    /// Never projected: take whatever offset comes first.
+    Fresh,
+}
+
+/// A batch being filled.
+#[derive(Default)]
+struct Pending {
+    events: Vec<Decoded>,
+    poison: Vec<Poison>,
+    offsets: BTreeMap<i32, OffsetRange>,
+    started: Option<Instant>,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.events.len() + self.poison.len()
+    }
+}
+
+/// A record that cannot be projected, on its way to the dead-letter topic.
+struct Poison {
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    partition: i32,
+    offset: i64,
+    error: String,
+}
+
+pub struct Projector {
+    pub config: Config,
+    pub pool: PgPool,
+    pub redis: Option<ConnectionManager>,
+    pub consumer: Arc<StreamConsumer<ProjectorContext>>,
+    pub dlq: FutureProducer,
+    log: Arc<RebalanceLog>,
+    topic: String,
+    dlq_topic: String,
+    version: i32,
+    positions: HashMap<i32, Position>,
+    prepared: Prepared,
+}
+
+impl Projector {
+    pub fn new(
+        config: Config,
+        pool: PgPool,
+        redis: Option<ConnectionManager>,
+        version: i32,
+    ) -> anyhow::Result<Projector> {
+        let log = Arc::new(RebalanceLog::default());
+        let consumer: StreamConsumer<ProjectorContext> =
+            shared::kafka::client_config(&config.common)
+                .set("group.id", &config.consumer_group)
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("auto.offset.reset", "earliest")
+                .set("session.timeout.ms", "10000")
+                .set("heartbeat.interval.ms", "1000")
+                .set("fetch.wait.max.ms", "50")
+                .set("max.partition.fetch.bytes", "4194304")
+                .create_with_context(ProjectorContext { log: log.clone() })?;
+        let topic = config.common.metrics_topic();
+        consumer.subscribe(&[&topic])?;
+        let dlq = shared::kafka::producer(&config.common, Duration::from_secs(30))?;
+        Ok(Projector {
+            dlq_topic: config.common.metrics_dlq_topic(),
+            topic,
+            config,
+            pool,
+            redis,
+            consumer: Arc::new(consumer),
+            dlq,
+            log,
+            version,
+            positions: HashMap::new(),
+            prepared: Prepared::default(),
+        })
+    }
+
+    /// Runs until `stop` flips; finishes and commits the batch in hand before returning.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>, shutdown: ShutdownFlag) -> anyhow::Result<()> {
+        let linger = Duration::from_millis(self.config.batch_linger_ms);
+        let mut pending = Pending::default();
+        // A record borrows its consumer; borrow a handle of our own so `self` stays free.
+        let consumer = self.consumer.clone();
+        loop {
+            let wait = match pending.started {
+                Some(t) => linger.saturating_sub(t.elapsed()),
+                None => Duration::from_millis(500),
+            };
+            tokio::select! {
+                biased;
+                _ = stop.changed() => {
+                    shutdown.trigger();
+                    break;
+                }
+                msg = tokio::time::timeout(wait, consumer.recv()) => {
+                    self.apply_rebalances(&mut pending);
+                    match msg {
+                        Ok(Ok(m)) => self.accept(&m, &mut pending).await?,
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "kafka consume error");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(_elapsed) => {}
+                    }
+                }
+            }
+            let full = pending.len() >= self.config.batch_max_events;
+            let due = pending.started.is_some_and(|t| t.elapsed() >= linger);
+            if full || due {
+                self.flush(&mut pending).await;
+            }
+        }
+        if pending.len() > 0 {
+            self.flush(&mut pending).await;
+        }
+        Ok(())
+    }
+
+    /// Partitions that were assigned or revoked: forget what we knew about them; the next
+    /// record of each reloads its position from the database.
+    fn apply_rebalances(&mut self, pending: &mut Pending) {
+        let changed: Vec<i32> = std::mem::take(&mut *self.log.0.lock().expect("rebalance log"));
+        for p in changed {
+            self.positions.remove(&p);
+            if pending.offsets.contains_key(&p) {
+                // The batch in hand still covers it; its compare-and-set decides whether
+                // it may land, so keep it.
+                tracing::debug!(partition = p, "partition changed hands mid-batch");
+            }
+        }
+    }
+
+    async fn position(&mut self, partition: i32) -> anyhow::Result<Position> {
+        if let Some(p) = self.positions.get(&partition) {
+            return Ok(*p);
+        }
+        let stored = loop {
+            match store::stored_offsets(&self.pool, &self.config.projection, &self.topic).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read stored offsets; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        let pos = stored.get(&partition).map_or(Position::Fresh, |o| Position::Expect(*o));
+        self.positions.insert(partition, pos);
+        Ok(pos)
+    }
+
+    async fn accept(&mut self, m: &BorrowedMessage<'_>, pending: &mut Pending) -> anyhow::Result<()> {
+        let (partition, offset) = (m.partition(), m.offset());
+        match self.position(partition).await? {
+            Position::Expect(next) if offset < next => return Ok(()), // already projected
+            Position::Expect(next) if offset > next => {
+                tracing::warn!(partition, offset, next, "gap before stored offset; seeking back");
+                self.positions.remove(&partition);
+                if let Err(e) = self.consumer.seek(&self.topic, partition, Offset::Offset(next), Duration::from_secs(5)) {
+                    tracing::warn!(error = %e, partition, "seek failed");
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+        self.positions.insert(partition, Position::Expect(offset + 1));
+        pending
+            .offsets
+            .entry(partition)
+            .and_modify(|r| r.end = offset + 1)
+            .or_insert(OffsetRange { start: offset, end: offset + 1 });
+        pending.started.get_or_insert_with(Instant::now);
+
+        match decode(m.payload()) {
+            Ok(d) => {
+                let known = loop {
+                    match store::tenant_known(&self.pool, &mut self.prepared, d.env.tenant_id).await {
+                        Ok(k) => break k,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot check tenant; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                };
+                if known {
+                    pending.events.push(d);
+                } else {
+                    pending.poison.push(poison(m, format!("unknown tenant {}", d.env.tenant_id)));
+                }
+            }
+            Err(error) => pending.poison.push(poison(m, error)),
+        }
+        Ok(())
+    }
+
+    /// Writes the batch, retrying while PostgreSQL is unavailable; on a fence, drops it and
+    /// rewinds to the stored offsets.
+    async fn flush(&mut self, pending: &mut Pending) {
+        let batch = std::mem::take(pending);
+        let started = Instant::now();
+        if !batch.poison.is_empty() {
+            self.dead_letter(&batch.poison).await;
+        }
+        let mut backoff = Duration::from_millis(200);
+        let result = loop {
+            let attempt = async {
+                store::prepare(&self.pool, &mut self.prepared, self.version, self.config.partitions_ahead_days, &batch.events).await?;
+                store::write(&self.pool, &self.config.projection, &self.topic, self.version, &batch.events, &batch.offsets).await
+            };
+            match attempt.await {
+                Err(WriteError::Db(e)) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "batch write failed; retrying");
+                    metrics::counter!("projector_write_retries_total").increment(1);
+                    self.prepared.clear();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                other => break other,
+            }
+        };
+        match result {
+            Ok(written) => {
+                metrics::counter!("projector_events_total", "outcome" => "inserted").increment(written.inserted);
+                metrics::counter!("projector_events_total", "outcome" => "duplicate").increment(written.duplicates);
+                metrics::histogram!("projector_batch_seconds").record(started.elapsed().as_secs_f64());
+                metrics::histogram!("projector_batch_events").record(batch.len() as f64);
+                self.acknowledge(&batch.offsets);
+                self.notify(&written.tenants).await;
+            }
+            Err(WriteError::Fenced { partition }) => {
+                tracing::warn!(partition, "batch fenced by stored offsets; rewinding");
+                metrics::counter!("projector_fenced_batches_total").increment(1);
+                for p in batch.offsets.keys() {
+                    self.positions.remove(p);
+                }
+                let stored = store::stored_offsets(&self.pool, &self.config.projection, &self.topic)
+                    .await
+                    .unwrap_or_default();
+                for p in batch.offsets.keys() {
+                    if let Some(o) = stored.get(p) {
+                        let _ = self.consumer.seek(&self.topic, *p, Offset::Offset(*o), Duration::from_secs(5));
+                    }
+                }
+            }
+            Err(WriteError::Db(_)) => unreachable!("database errors are retried above"),
+        }
+    }
+
+    /// Poison records go to the DLQ before their offsets are committed with the batch, so
+    /// none is lost (a crash in between may dead-letter one twice; the DLQ is at-least-once).
+    async fn dead_letter(&self, poison: &[Poison]) {
+        for p in poison {
+            loop {
+                let headers = OwnedHeaders::new()
+                    .insert(Header { key: "tally-source-topic", value: Some(self.topic.as_bytes()) })
+                    .insert(Header { key: "tally-source-partition", value: Some(p.partition.to_string().as_bytes()) })
+                    .insert(Header { key: "tally-source-offset", value: Some(p.offset.to_string().as_bytes()) })
+                    .insert(Header { key: "tally-error", value: Some(p.error.as_bytes()) });
+                let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.dlq_topic).headers(headers);
+                if let Some(k) = &p.key {
+                    rec = rec.key(k.as_slice());
+                }
+                if let Some(v) = &p.payload {
+                    rec = rec.payload(v.as_slice());
+                }
+                match self.dlq.send(rec, Duration::from_secs(5)).await {
+                    Ok(_) => {
+                        metrics::counter!("projector_dlq_total").increment(1);
+                        tracing::warn!(partition = p.partition, offset = p.offset, error = %p.error, "record dead-lettered");
+                        break;
+                    }
+                    Err((e, _)) => {
+                        tracing::warn!(error = %e, "DLQ produce failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commits the new offsets to Kafka too, only so that consumer-lag tools see progress.
+    fn acknowledge(&self, offsets: &BTreeMap<i32, OffsetRange>) {
+        let mut tpl = TopicPartitionList::new();
+        for (p, r) in offsets {
+            let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(r.end));
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "kafka offset commit failed (informational only)");
+        }
+    }
+
+    /// Tells query-api (caches, live feed) that tenants advanced. Best effort: the truth is
+    /// in PostgreSQL, so a missed notification only delays a live update.
+    async fn notify(&mut self, tenants: &[(shared::tenant::TenantId, i64)]) {
+        let Some(redis) = self.redis.as_mut() else { return };
+        for (t, seq) in tenants {
+            let r: redis::RedisResult<()> = redis::cmd("PUBLISH")
+                .arg(shared::watermark::channel(t))
+                .arg(seq)
+                .query_async(redis)
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "redis notify failed");
+                break;
+            }
+        }
+    }
+}
+
+fn decode(payload: Option<&[u8]>) -> Result<Decoded, String> {
+    let bytes = payload.ok_or("record has no payload")?;
+    let env: Envelope = serde_json::from_slice(bytes).map_err(|e| format!("undecodable envelope: {e}"))?;
+    let payload = env.payload().map_err(|errs| {
+        let parts: Vec<String> = errs.iter().map(|e| format!("{}: {}", e.field, e.reason)).collect();
+        format!("invalid payload: {}", parts.join("; "))
+    })?;
+    Ok(Decoded { env, payload })
+}
+
+fn poison(m: &BorrowedMessage<'_>, error: String) -> Poison {
+    Poison {
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec),
+        partition: m.partition(),
+        offset: m.offset(),
+        error,
+    }
+}
+
+/// Reads a header of a dead-lettered record (used by tests and `dlq` tooling).
+pub fn header<'a>(m: &'a impl Message, key: &str) -> Option<&'a [u8]> {
+    let headers = m.headers()?;
+    headers.iter().find(|h| h.key == key).and_then(|h| h.value)
+}

@@ -1,0 +1,126 @@
+//! The projector: consumes the event log exactly once into per-tenant PostgreSQL schemas.
+#![forbid(unsafe_code)]
+
+#[macro_use]
+mod sql;
+
+pub mod config;
+pub mod consumer;
+pub mod rollup;
+pub mod rows;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use shared::health::ShutdownFlag;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::Config;
+
+pub use shared::db::migrate;
+
+/// The active version of a projection (replay builds others).
+pub async fn active_version(pool: &PgPool, projection: &str) -> sqlx::Result<i32> {
+    let v: Option<i32> = sqlx::query_scalar(
+        "SELECT active_version FROM control.projection_versions WHERE projection = $1",
+    )
+    .bind(projection)
+    .fetch_optional(pool)
+    .await?;
+    Ok(v.unwrap_or(1))
+}
+
+#[derive(Clone)]
+struct HttpState {
+    pool: PgPool,
+    shutdown: ShutdownFlag,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+/// A built projector, ready to run.
+pub struct App {
+    listener: TcpListener,
+    projector: consumer::Projector,
+    state: HttpState,
+}
+
+impl App {
+    /// Connects, makes sure the topics exist, and binds the HTTP listener.
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        config.check().map_err(anyhow::Error::msg)?;
+        let metrics = shared::telemetry::prometheus();
+        let pool = shared::db::pool(&config.common, "tally-projector")?;
+        let common = &config.common;
+        shared::kafka::ensure_topics(common, &[common.metrics_topic(), common.metrics_dlq_topic()])
+            .await
+            .context("creating topics")?;
+        let version = active_version(&pool, &config.projection).await?;
+        let redis = match redis::Client::open(common.redis_url.as_str()) {
+            Ok(c) => tokio::time::timeout(Duration::from_secs(2), redis::aio::ConnectionManager::new(c))
+                .await
+                .ok()
+                .and_then(Result::ok),
+            Err(_) => None,
+        };
+        if redis.is_none() {
+            tracing::warn!("redis unreachable: live notifications are off until restart");
+        }
+        let listener = TcpListener::bind(&config.http_addr)
+            .await
+            .with_context(|| format!("binding {}", config.http_addr))?;
+        let state = HttpState {
+            pool: pool.clone(),
+            shutdown: ShutdownFlag::default(),
+            metrics,
+        };
+        let projector = consumer::Projector::new(config, pool, redis, version)?;
+        Ok(App { listener, projector, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener")
+    }
+
+    /// Runs until `stop` fires (SIGTERM in `main`): then stops consuming, commits the batch
+    /// in hand and returns.
+    pub async fn run_until(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            stop.await;
+            let _ = tx.send(true);
+        });
+        let router = Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(|State(s): State<HttpState>| async move { s.metrics.render() }))
+            .with_state(self.state.clone());
+        let mut http_stop = rx.clone();
+        let server = axum::serve(self.listener, router).with_graceful_shutdown(async move {
+            let _ = http_stop.changed().await;
+        });
+        let http = tokio::spawn(async move { server.await });
+        let result = self.projector.run(rx, self.state.shutdown.clone()).await;
+        let _ = http.await;
+        self.state.pool.close().await;
+        result
+    }
+}
+
+async fn readyz(State(s): State<HttpState>) -> (StatusCode, &'static str) {
+    if s.shutdown.is_set() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    let db = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&s.pool)).await;
+    match db {
+        Ok(Ok(_)) => (StatusCode::OK, "ready"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "postgres unreachable"),
+    }
+}

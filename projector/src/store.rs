@@ -1,0 +1,387 @@
+//! Writes one batch in one transaction: raw rows, rollups of the rows really inserted,
+//! sessions, the tenants' watermarks, and the next Kafka offsets (compare-and-set).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use shared::events::{Envelope, Payload};
+use shared::tenant::TenantId;
+use shared::tenant_sql;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::rollup::{self, Grain};
+use crate::rows::{fold_sessions, RawRow, RawTable};
+
+/// A decoded event waiting in a batch.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub env: Envelope,
+    pub payload: Payload,
+}
+
+/// The range of offsets a batch covers on one partition: `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OffsetRange {
+    pub start: i64,
+    pub end: i64,
+}
+
+/// What a committed batch did.
+#[derive(Debug, Default, Clone)]
+pub struct Written {
+    pub inserted: u64,
+    pub duplicates: u64,
+    /// Tenants whose projection advanced, with their new watermark sequence.
+    pub tenants: Vec<(TenantId, i64)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The stored offsets were not where this batch started: another instance owns (or
+    /// advanced) the partition. Nothing was written.
+    #[error("offsets of partition {partition} moved under us; batch rolled back")]
+    Fenced { partition: i32 },
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// Where schemas and partitions already exist, so each batch does not ask again.
+#[derive(Default)]
+pub struct Prepared {
+    tenants: HashSet<TenantId>,
+    unknown_tenants: HashSet<TenantId>,
+    partitions: HashSet<(TenantId, NaiveDate)>,
+}
+
+impl Prepared {
+    /// Forgets everything (e.g. after a failure that may have left state half-made).
+    pub fn clear(&mut self) {
+        *self = Prepared::default();
+    }
+}
+
+/// Whether the tenant exists in the control plane (events of unknown tenants are poison).
+pub async fn tenant_known(
+    pool: &PgPool,
+    prepared: &mut Prepared,
+    tenant: TenantId,
+) -> sqlx::Result<bool> {
+    if prepared.tenants.contains(&tenant) {
+        return Ok(true);
+    }
+    if prepared.unknown_tenants.contains(&tenant) {
+        return Ok(false);
+    }
+    let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM control.tenants WHERE id = $1)")
+        .bind(tenant.0)
+        .fetch_one(pool)
+        .await?;
+    if !known {
+        prepared.unknown_tenants.insert(tenant);
+    }
+    Ok(known)
+}
+
+/// Makes sure every tenant of the batch has its schema and the partitions its rows need.
+/// Runs in transactions of its own before the batch's (DDL is idempotent).
+pub async fn prepare(
+    pool: &PgPool,
+    prepared: &mut Prepared,
+    version: i32,
+    ahead_days: i64,
+    events: &[Decoded],
+) -> sqlx::Result<()> {
+    let mut conn = pool.acquire().await?;
+    let today = Utc::now().date_naive();
+    let mut needed: BTreeMap<TenantId, Vec<NaiveDate>> = BTreeMap::new();
+    for e in events {
+        let t = e.env.tenant_id;
+        if !prepared.tenants.contains(&t) {
+            tenant_sql::create_tenant_schema(&mut conn, t, version).await?;
+            let ahead: Vec<NaiveDate> = (-1..=ahead_days)
+                .map(|d| today + chrono::Duration::days(d))
+                .collect();
+            tenant_sql::ensure_partitions(&mut conn, &t.schema(version), &ahead).await?;
+            for d in ahead {
+                prepared.partitions.insert((t, d));
+            }
+            prepared.tenants.insert(t);
+        }
+        let day = e.env.occurred_at.date_naive();
+        if !prepared.partitions.contains(&(t, day)) {
+            let days = needed.entry(t).or_default();
+            if !days.contains(&day) {
+                days.push(day);
+            }
+        }
+    }
+    for (t, days) in needed {
+        tenant_sql::ensure_partitions(&mut conn, &t.schema(version), &days).await?;
+        for d in days {
+            prepared.partitions.insert((t, d));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the batch and advances the offsets, all in one transaction.
+pub async fn write(
+    pool: &PgPool,
+    projection: &str,
+    topic: &str,
+    version: i32,
+    events: &[Decoded],
+    offsets: &BTreeMap<i32, OffsetRange>,
+) -> Result<Written, WriteError> {
+    let mut tx = pool.begin().await?;
+    let mut written = Written::default();
+
+    let mut by_tenant: BTreeMap<TenantId, Vec<&Decoded>> = BTreeMap::new();
+    for e in events {
+        by_tenant.entry(e.env.tenant_id).or_default().push(e);
+    }
+    for (tenant, events) in by_tenant {
+        tenant_sql::set_search_path(&mut tx, &tenant.schema(version)).await?;
+        let (inserted, duplicates, seq) = write_tenant(&mut tx, &events).await?;
+        written.inserted += inserted;
+        written.duplicates += duplicates;
+        written.tenants.push((tenant, seq));
+    }
+
+    for (partition, range) in offsets {
+        advance_offset(&mut tx, projection, topic, *partition, *range).await?;
+    }
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// Writes one tenant's events (search_path already points at its schema).
+/// Returns (inserted, duplicates, new watermark seq).
+async fn write_tenant(
+    conn: &mut PgConnection,
+    events: &[&Decoded],
+) -> Result<(u64, u64, i64), WriteError> {
+    let rows: Vec<RawRow> = events
+        .iter()
+        .map(|e| RawRow::from_event(&e.env, &e.payload))
+        .collect();
+    let mut by_table: BTreeMap<RawTable, Vec<&RawRow>> = BTreeMap::new();
+    for r in &rows {
+        by_table.entry(r.table).or_default().push(r);
+    }
+    let mut inserted_rows: Vec<&RawRow> = Vec::with_capacity(rows.len());
+    for (table, rows) in by_table {
+        let mut new_ids: HashSet<Uuid> = insert_raw(conn, table, &rows).await?.into_iter().collect();
+        // `remove` makes a duplicate id inside the same batch count once.
+        inserted_rows.extend(rows.into_iter().filter(|r| new_ids.remove(&r.event_id)));
+    }
+    let inserted = inserted_rows.len() as u64;
+    let duplicates = rows.len() as u64 - inserted;
+
+    for grain in Grain::ALL {
+        let deltas = rollup::fold(inserted_rows.iter().copied(), grain);
+        upsert_rollup(conn, grain, &deltas).await?;
+    }
+
+    let inserted_ids: HashSet<Uuid> = inserted_rows.iter().map(|r| r.event_id).collect();
+    let sessions = fold_sessions(
+        events
+            .iter()
+            .filter(|e| inserted_ids.contains(&e.env.id))
+            .map(|e| (&e.env, &e.payload)),
+    );
+    upsert_sessions(conn, &sessions).await?;
+
+    let as_of: Option<DateTime<Utc>> = events.iter().map(|e| e.env.received_at).max();
+    let seq: i64 = sqlx::query_scalar(
+        "UPDATE projection_state
+            SET seq = seq + 1, events = events + $1, as_of = greatest(as_of, $2)
+          RETURNING seq",
+    )
+    .bind(inserted as i64)
+    .bind(as_of)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok((inserted, duplicates, seq))
+}
+
+async fn insert_raw(
+    conn: &mut PgConnection,
+    table: RawTable,
+    rows: &[&RawRow],
+) -> sqlx::Result<Vec<Uuid>> {
+    // One static statement per table; the table is chosen from a closed set, not formatted.
+    let sql = match table {
+        RawTable::CommandExecutions => insert_sql!("command_executions"),
+        RawTable::AgentInteractions => insert_sql!("agent_interactions"),
+        RawTable::ToolExecutions => insert_sql!("tool_executions"),
+        RawTable::SessionEvents => insert_sql!("session_events"),
+        RawTable::ProductivityMetrics => insert_sql!("productivity_metrics"),
+        RawTable::MetricSamples => insert_sql!("metric_samples"),
+    };
+    let col = |f: fn(&RawRow) -> String| rows.iter().map(|r| f(r)).collect::<Vec<String>>();
+    sqlx::query_scalar(sql)
+        .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.occurred_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.received_at).collect::<Vec<_>>())
+        .bind(col(|r| r.user_id.clone()))
+        .bind(col(|r| r.team_id.clone()))
+        .bind(col(|r| r.project_id.clone()))
+        .bind(col(|r| r.session_id.clone()))
+        .bind(col(|r| r.name.clone()))
+        .bind(col(|r| r.status.clone()))
+        .bind(rows.iter().map(|r| r.duration_ms).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.input_tokens).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.output_tokens).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.value).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.data.clone()).collect::<Vec<_>>())
+        .fetch_all(conn)
+        .await
+}
+
+async fn upsert_rollup(
+    conn: &mut PgConnection,
+    grain: Grain,
+    deltas: &BTreeMap<rollup::Key, rollup::Measures>,
+) -> sqlx::Result<()> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let sql = match grain {
+        Grain::Minute => rollup_sql!("activity_1m"),
+        Grain::Hour => rollup_sql!("activity_1h"),
+        Grain::Day => rollup_sql!("activity_1d"),
+    };
+    let keys = || deltas.keys();
+    let vals = || deltas.values();
+    // Histograms travel as array literals: UNNEST cannot take an array of arrays of
+    // different rows, and a text[] of literals casts back losslessly.
+    let hist: Vec<String> = vals()
+        .map(|m| {
+            let parts: Vec<String> = m.duration_hist.iter().map(i64::to_string).collect();
+            format!("{{{}}}", parts.join(","))
+        })
+        .collect();
+    sqlx::query(sql)
+        .bind(keys().map(|k| k.bucket).collect::<Vec<_>>())
+        .bind(keys().map(|k| k.event_type).collect::<Vec<_>>())
+        .bind(keys().map(|k| k.user_id.as_str()).collect::<Vec<_>>())
+        .bind(keys().map(|k| k.team_id.as_str()).collect::<Vec<_>>())
+        .bind(keys().map(|k| k.project_id.as_str()).collect::<Vec<_>>())
+        .bind(keys().map(|k| k.name.as_str()).collect::<Vec<_>>())
+        .bind(vals().map(|m| m.count).collect::<Vec<_>>())
+        .bind(vals().map(|m| m.errors).collect::<Vec<_>>())
+        .bind(vals().map(|m| m.duration_sum).collect::<Vec<_>>())
+        .bind(vals().map(|m| m.duration_max).collect::<Vec<_>>())
+        .bind(vals().map(|m| m.input_tokens).collect::<Vec<_>>())
+        .bind(vals().map(|m| m.output_tokens).collect::<Vec<_>>())
+        .bind(vals().map(|m| m.value_sum).collect::<Vec<_>>())
+        .bind(hist)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+async fn upsert_sessions(
+    conn: &mut PgConnection,
+    sessions: &[crate::rows::SessionUpdate],
+) -> sqlx::Result<()> {
+    if sessions.is_empty() {
+        return Ok(());
+    }
+    let agents: Vec<String> = sessions
+        .iter()
+        .map(|s| serde_json::to_string(&s.agents_used).expect("strings serialize"))
+        .collect();
+    sqlx::query(
+        "INSERT INTO sessions AS s (session_id, user_id, team_id, project_id, started_at,
+                                    ended_at, commands_executed, productivity_score, agents_used)
+         SELECT x.sid, x.uid, x.tid, x.pid, x.st, x.en, x.ce, x.ps,
+                ARRAY(SELECT jsonb_array_elements_text(x.ag::jsonb))
+           FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+                       $6::timestamptz[], $7::bigint[], $8::float8[], $9::text[])
+                AS x(sid, uid, tid, pid, st, en, ce, ps, ag)
+         ON CONFLICT (session_id) DO UPDATE SET
+            started_at = LEAST(s.started_at, EXCLUDED.started_at),
+            ended_at = GREATEST(s.ended_at, EXCLUDED.ended_at),
+            commands_executed = COALESCE(EXCLUDED.commands_executed, s.commands_executed),
+            productivity_score = COALESCE(EXCLUDED.productivity_score, s.productivity_score),
+            agents_used = CASE WHEN cardinality(EXCLUDED.agents_used) > 0
+                               THEN EXCLUDED.agents_used ELSE s.agents_used END",
+    )
+    .bind(sessions.iter().map(|s| s.session_id.as_str()).collect::<Vec<_>>())
+    .bind(sessions.iter().map(|s| s.user_id.as_str()).collect::<Vec<_>>())
+    .bind(sessions.iter().map(|s| s.team_id.as_str()).collect::<Vec<_>>())
+    .bind(sessions.iter().map(|s| s.project_id.as_str()).collect::<Vec<_>>())
+    .bind(sessions.iter().map(|s| s.started_at).collect::<Vec<_>>())
+    .bind(sessions.iter().map(|s| s.ended_at).collect::<Vec<_>>())
+    .bind(sessions.iter().map(|s| s.commands_executed).collect::<Vec<_>>())
+    .bind(sessions.iter().map(|s| s.productivity_score).collect::<Vec<_>>())
+    .bind(agents)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Compare-and-set of one partition's next offset. A batch may only advance a partition
+/// from where the stored offset says it stands; otherwise the instance was fenced.
+async fn advance_offset(
+    conn: &mut PgConnection,
+    projection: &str,
+    topic: &str,
+    partition: i32,
+    range: OffsetRange,
+) -> Result<(), WriteError> {
+    let updated = sqlx::query(
+        "UPDATE control.projector_offsets
+            SET next_offset = $5, updated_at = now()
+          WHERE projection = $1 AND topic = $2 AND partition = $3 AND next_offset = $4",
+    )
+    .bind(projection)
+    .bind(topic)
+    .bind(partition)
+    .bind(range.start)
+    .bind(range.end)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if updated == 1 {
+        return Ok(());
+    }
+    // No row matched: either this partition was never projected (then insert it), or it
+    // moved (then the insert finds the row and does nothing, and we are fenced).
+    let inserted = sqlx::query(
+        "INSERT INTO control.projector_offsets (projection, topic, partition, next_offset)
+         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(projection)
+    .bind(topic)
+    .bind(partition)
+    .bind(range.end)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if inserted == 1 {
+        Ok(())
+    } else {
+        Err(WriteError::Fenced { partition })
+    }
+}
+
+/// The stored next offsets of a projection's partitions on a topic.
+pub async fn stored_offsets(
+    pool: &PgPool,
+    projection: &str,
+    topic: &str,
+) -> sqlx::Result<HashMap<i32, i64>> {
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM control.projector_offsets
+          WHERE projection = $1 AND topic = $2",
+    )
+    .bind(projection)
+    .bind(topic)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}

@@ -1,0 +1,61 @@
+//! Answers cached in Redis under keys that contain the tenant's projection watermark, so a
+//! cached answer is exactly as fresh as the projection. Redis down: the cache is bypassed.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+
+/// How long a cache call may take before it is given up (the answer is computed instead).
+const CACHE_TIMEOUT: Duration = Duration::from_millis(200);
+
+#[derive(Clone)]
+pub struct Cache {
+    conn: Option<ConnectionManager>,
+    ttl_secs: u64,
+}
+
+impl Cache {
+    pub async fn connect(url: &str, ttl_secs: u64) -> Cache {
+        let conn = match redis::Client::open(url) {
+            Ok(c) => tokio::time::timeout(Duration::from_secs(2), ConnectionManager::new(c))
+                .await
+                .ok()
+                .and_then(Result::ok),
+            Err(_) => None,
+        };
+        if conn.is_none() {
+            tracing::warn!("redis unreachable: answering uncached");
+        }
+        Cache { conn, ttl_secs }
+    }
+
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let mut conn = self.conn.clone()?;
+        let r: Result<redis::RedisResult<Option<Vec<u8>>>, _> =
+            tokio::time::timeout(CACHE_TIMEOUT, conn.get(key)).await;
+        match r {
+            Ok(Ok(Some(v))) => {
+                metrics::counter!("query_cache_total", "result" => "hit").increment(1);
+                Some(v)
+            }
+            Ok(Ok(None)) => {
+                metrics::counter!("query_cache_total", "result" => "miss").increment(1);
+                None
+            }
+            _ => {
+                metrics::counter!("query_cache_total", "result" => "error").increment(1);
+                None
+            }
+        }
+    }
+
+    pub async fn put(&self, key: &str, value: &[u8]) {
+        let Some(mut conn) = self.conn.clone() else { return };
+        let _ = tokio::time::timeout(
+            CACHE_TIMEOUT,
+            conn.set_ex::<_, _, ()>(key, value, self.ttl_secs),
+        )
+        .await;
+    }
+}

@@ -1,0 +1,77 @@
+//! query-api: the read side. Serves dashboards from the projections only.
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod config;
+pub mod range;
+pub mod routes;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::routing::get;
+use axum::Router;
+use shared::auth::ApiKeyStore;
+use shared::health::ShutdownFlag;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+use state::AppState;
+
+/// A built query-api, bound to its port.
+pub struct App {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl App {
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        config.check().map_err(anyhow::Error::msg)?;
+        let pool = shared::db::pool(&config.common, "tally-query-api")?;
+        let cache = cache::Cache::connect(&config.common.redis_url, config.cache_ttl_secs).await;
+        let listener = TcpListener::bind(&config.http_addr)
+            .await
+            .with_context(|| format!("binding {}", config.http_addr))?;
+        let state = AppState {
+            keys: ApiKeyStore::new(pool.clone()),
+            pool,
+            cache,
+            shutdown: ShutdownFlag::default(),
+            metrics: shared::telemetry::prometheus(),
+            config: Arc::new(config),
+        };
+        Ok(App { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener")
+    }
+
+    pub fn router(state: AppState) -> Router {
+        Router::new()
+            .route("/v1/dashboard/overview", get(routes::dashboard::overview))
+            .route("/v1/dashboard/timeseries", get(routes::dashboard::timeseries))
+            .route("/openapi.json", get(routes::health::openapi))
+            .route("/healthz", get(routes::health::healthz))
+            .route("/readyz", get(routes::health::readyz))
+            .route("/metrics", get(routes::health::metrics))
+            .fallback(shared::problem::not_found_fallback)
+            .layer(axum::middleware::from_fn(shared::telemetry::track_http))
+            .with_state(state)
+    }
+
+    pub async fn run_until(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let shutdown = state.shutdown.clone();
+        axum::serve(self.listener, Self::router(state.clone()))
+            .with_graceful_shutdown(async move {
+                stop.await;
+                shutdown.trigger();
+            })
+            .await?;
+        state.pool.close().await;
+        Ok(())
+    }
+}

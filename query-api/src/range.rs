@@ -1,0 +1,217 @@
+//! Time ranges and buckets of dashboard requests: parsed once, with a clear error per field.
+
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use shared::events::FieldError;
+
+/// A validated, minute-aligned `[from, to)` range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeRange {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+}
+
+/// Range presets.
+pub const PRESETS: [(&str, i64); 5] = [("1h", 1), ("24h", 24), ("7d", 168), ("30d", 720), ("90d", 2160)];
+
+impl TimeRange {
+    /// From `range` (a preset) or `from`/`to` (RFC 3339; `to` defaults to now). Widened to
+    /// whole minutes: `from` is floored, `to` is ceiled. At most `max_days` long.
+    pub fn parse(
+        range: Option<&str>,
+        from: Option<&str>,
+        to: Option<&str>,
+        now: DateTime<Utc>,
+        max_days: i64,
+    ) -> Result<TimeRange, FieldError> {
+        let minute = TimeDelta::minutes(1);
+        let ceil = |t: DateTime<Utc>| {
+            let f = t.duration_trunc(minute).expect("minute truncation");
+            if f == t { f } else { f + minute }
+        };
+        let (from, to) = match (range, from) {
+            (Some(_), Some(_)) => {
+                return Err(FieldError::new("range", "give either `range` or `from`/`to`, not both"))
+            }
+            (Some(r), None) => {
+                let hours = PRESETS
+                    .iter()
+                    .find(|(name, _)| *name == r)
+                    .map(|(_, h)| *h)
+                    .ok_or_else(|| {
+                        FieldError::new(
+                            "range",
+                            format!("unknown range `{r}`; use one of 1h, 24h, 7d, 30d, 90d"),
+                        )
+                    })?;
+                (now - TimeDelta::hours(hours), now)
+            }
+            (None, Some(f)) => {
+                let from = parse_time("from", f)?;
+                let to = match to {
+                    Some(t) => parse_time("to", t)?,
+                    None => now,
+                };
+                (from, to)
+            }
+            (None, None) => {
+                if to.is_some() {
+                    return Err(FieldError::new("from", "`to` needs a `from`"));
+                }
+                (now - TimeDelta::hours(24), now)
+            }
+        };
+        let (from, to) = (from.duration_trunc(minute).expect("minute truncation"), ceil(to));
+        if from >= to {
+            return Err(FieldError::new("to", "`to` must be after `from`"));
+        }
+        if to - from > TimeDelta::days(max_days) {
+            return Err(FieldError::new(
+                "from",
+                format!("the range may span at most {max_days} days"),
+            ));
+        }
+        Ok(TimeRange { from, to })
+    }
+}
+
+fn parse_time(field: &str, s: &str) -> Result<DateTime<Utc>, FieldError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| FieldError::new(field, format!("must be an RFC 3339 timestamp: {e}")))
+}
+
+/// A time-series bucket width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bucket {
+    M1,
+    M5,
+    M15,
+    H1,
+    D1,
+    W1,
+}
+
+impl Bucket {
+    pub fn parse(s: &str) -> Result<Bucket, FieldError> {
+        Ok(match s {
+            "1m" => Bucket::M1,
+            "5m" => Bucket::M5,
+            "15m" => Bucket::M15,
+            "1h" => Bucket::H1,
+            "1d" => Bucket::D1,
+            "1w" => Bucket::W1,
+            other => {
+                return Err(FieldError::new(
+                    "bucket",
+                    format!("unknown bucket `{other}`; use 1m, 5m, 15m, 1h, 1d or 1w"),
+                ))
+            }
+        })
+    }
+
+    pub fn width(self) -> TimeDelta {
+        match self {
+            Bucket::M1 => TimeDelta::minutes(1),
+            Bucket::M5 => TimeDelta::minutes(5),
+            Bucket::M15 => TimeDelta::minutes(15),
+            Bucket::H1 => TimeDelta::hours(1),
+            Bucket::D1 => TimeDelta::days(1),
+            Bucket::W1 => TimeDelta::weeks(1),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Bucket::M1 => "1m",
+            Bucket::M5 => "5m",
+            Bucket::M15 => "15m",
+            Bucket::H1 => "1h",
+            Bucket::D1 => "1d",
+            Bucket::W1 => "1w",
+        }
+    }
+}
+
+/// The rollup grain a query reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grain {
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Grain {
+    /// The coarsest rollup whose buckets tile `range` exactly.
+    pub fn for_range(range: &TimeRange) -> Grain {
+        let aligned = |w: TimeDelta| {
+            range.from.duration_trunc(w).ok() == Some(range.from)
+                && range.to.duration_trunc(w).ok() == Some(range.to)
+        };
+        if aligned(TimeDelta::days(1)) {
+            Grain::Day
+        } else if aligned(TimeDelta::hours(1)) {
+            Grain::Hour
+        } else {
+            Grain::Minute
+        }
+    }
+
+    /// The rollup a time series of `bucket` reads: as coarse as both allow.
+    pub fn for_series(bucket: Bucket, range: &TimeRange) -> Grain {
+        let by_bucket = match bucket {
+            Bucket::M1 | Bucket::M5 | Bucket::M15 => Grain::Minute,
+            Bucket::H1 => Grain::Hour,
+            Bucket::D1 | Bucket::W1 => Grain::Day,
+        };
+        let by_range = Grain::for_range(range);
+        std::cmp::min_by_key(by_bucket, by_range, |g| *g as u8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 25, 12, 30, 15).unwrap()
+    }
+
+    #[test]
+    fn presets_and_explicit_ranges_parse() {
+        let r = TimeRange::parse(Some("1h"), None, None, now(), 90).unwrap();
+        assert_eq!(r.to, Utc.with_ymd_and_hms(2026, 11, 25, 12, 31, 0).unwrap());
+        assert_eq!(r.from, Utc.with_ymd_and_hms(2026, 11, 25, 11, 30, 0).unwrap());
+        let r = TimeRange::parse(None, Some("2026-11-01T00:00:00Z"), Some("2026-11-02T00:00:00Z"), now(), 90).unwrap();
+        assert_eq!(Grain::for_range(&r), Grain::Day);
+        let d = TimeRange::parse(None, None, None, now(), 90).unwrap();
+        assert_eq!(d.to - d.from, TimeDelta::hours(24) + TimeDelta::seconds(45));
+    }
+
+    #[test]
+    fn bad_ranges_name_their_field() {
+        let cases = [
+            (Some("2y"), None, None, "range"),
+            (Some("1h"), Some("2026-11-01T00:00:00Z"), None, "range"),
+            (None, Some("yesterday"), None, "from"),
+            (None, Some("2026-11-02T00:00:00Z"), Some("2026-11-01T00:00:00Z"), "to"),
+            (None, Some("2026-01-01T00:00:00Z"), Some("2026-11-01T00:00:00Z"), "from"),
+            (None, None, Some("2026-11-01T00:00:00Z"), "from"),
+        ];
+        for (range, from, to, field) in cases {
+            let e = TimeRange::parse(range, from, to, now(), 90).unwrap_err();
+            assert_eq!(e.field, field, "{range:?} {from:?} {to:?}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn series_read_the_coarsest_exact_rollup() {
+        let day = TimeRange::parse(None, Some("2026-11-01T00:00:00Z"), Some("2026-11-03T00:00:00Z"), now(), 90).unwrap();
+        assert_eq!(Grain::for_series(Bucket::M5, &day), Grain::Minute);
+        assert_eq!(Grain::for_series(Bucket::H1, &day), Grain::Hour);
+        assert_eq!(Grain::for_series(Bucket::W1, &day), Grain::Day);
+        let odd = TimeRange::parse(None, Some("2026-11-01T00:07:00Z"), Some("2026-11-03T00:00:00Z"), now(), 90).unwrap();
+        assert_eq!(Grain::for_series(Bucket::D1, &odd), Grain::Minute);
+        assert!(Bucket::parse("2h").is_err());
+    }
+}

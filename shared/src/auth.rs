@@ -1,0 +1,142 @@
+//! Authentication of machine callers by API key, shared by ingest-api and query-api.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::apikey::{self, Scope};
+use crate::problem::Problem;
+use crate::tenant::TenantId;
+
+/// Who is calling, as proven by an API key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPrincipal {
+    pub key_id: Uuid,
+    pub tenant_id: TenantId,
+    pub scope: Scope,
+}
+
+/// How long a looked-up key is trusted before it is checked again. This bounds how long a
+/// revoked key keeps working (documented in the README).
+pub const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// Looks keys up by their hash in `control.api_keys`, with a short in-process cache.
+#[derive(Clone)]
+pub struct ApiKeyStore {
+    pool: PgPool,
+    cache: Arc<Mutex<HashMap<Vec<u8>, (KeyPrincipal, Instant)>>>,
+}
+
+impl ApiKeyStore {
+    pub fn new(pool: PgPool) -> Self {
+        ApiKeyStore {
+            pool,
+            cache: Arc::default(),
+        }
+    }
+
+    /// Authenticates the request's key and checks that it carries `scope`.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        scope: Scope,
+    ) -> Result<KeyPrincipal, Problem> {
+        let secret = presented_key(headers).ok_or_else(|| {
+            Problem::unauthorized(
+                "an API key is required: `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+            )
+        })?;
+        if !apikey::looks_like_key(secret) {
+            return Err(Problem::unauthorized("unknown or revoked API key"));
+        }
+        let hash = apikey::hash(secret);
+        let principal = match self.cached(&hash) {
+            Some(p) => p,
+            None => {
+                let p = self.lookup(&hash).await?;
+                self.cache
+                    .lock()
+                    .expect("key cache lock")
+                    .insert(hash, (p.clone(), Instant::now()));
+                p
+            }
+        };
+        if principal.scope != scope {
+            return Err(Problem::forbidden(format!(
+                "this API key has scope `{}`; this endpoint needs `{}`",
+                principal.scope.as_str(),
+                scope.as_str()
+            )));
+        }
+        Ok(principal)
+    }
+
+    fn cached(&self, hash: &[u8]) -> Option<KeyPrincipal> {
+        let mut cache = self.cache.lock().expect("key cache lock");
+        match cache.get(hash) {
+            Some((p, at)) if at.elapsed() < KEY_CACHE_TTL => Some(p.clone()),
+            Some(_) => {
+                cache.remove(hash);
+                None
+            }
+            None => None,
+        }
+    }
+
+    async fn lookup(&self, hash: &[u8]) -> Result<KeyPrincipal, Problem> {
+        let row: Option<(Uuid, Uuid, String)> = sqlx::query_as(
+            "SELECT k.id, k.tenant_id, k.scope
+               FROM control.api_keys k
+               JOIN control.tenants t ON t.id = k.tenant_id
+              WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.status = 'active'",
+        )
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "API key lookup failed");
+            Problem::unavailable("credentials cannot be checked right now", 2)
+        })?;
+        let (key_id, tenant_id, scope) =
+            row.ok_or_else(|| Problem::unauthorized("unknown or revoked API key"))?;
+        let scope = Scope::parse(&scope).ok_or_else(Problem::internal)?;
+        Ok(KeyPrincipal {
+            key_id,
+            tenant_id: TenantId(tenant_id),
+            scope,
+        })
+    }
+}
+
+/// The key from `X-API-Key`, or from `Authorization: Bearer`.
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(v.trim());
+    }
+    let auth = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = auth.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_read_from_either_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(presented_key(&h), None);
+        h.insert("authorization", "Bearer abc".parse().unwrap());
+        assert_eq!(presented_key(&h), Some("abc"));
+        h.insert("authorization", "Basic abc".parse().unwrap());
+        assert_eq!(presented_key(&h), None);
+        h.insert("x-api-key", "xyz".parse().unwrap());
+        assert_eq!(presented_key(&h), Some("xyz"));
+    }
+}

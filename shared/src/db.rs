@@ -1,0 +1,43 @@
+//! PostgreSQL pool setup.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use crate::config::Common;
+
+/// Opens a pool lazily: the service starts even if PostgreSQL is not up yet, and `/readyz`
+/// says so.
+pub fn pool(common: &Common, application_name: &str) -> Result<PgPool, sqlx::Error> {
+    let opts: PgConnectOptions = common.database_url.parse()?;
+    let opts = opts.application_name(application_name);
+    Ok(PgPoolOptions::new()
+        .max_connections(common.db_max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(opts))
+}
+
+/// The control-schema migrations (`migrations/control`), embedded in every binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/control");
+
+/// Applies the control-schema migrations (idempotent; concurrent callers are serialized by
+/// sqlx's migration lock). With TimescaleDB available, creates the extension too, so tenant
+/// schemas get hypertables.
+pub async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let available: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
+    )
+    .fetch_one(pool)
+    .await
+    .context("connecting to PostgreSQL")?;
+    if available {
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            .execute(pool)
+            .await
+            .context("creating the timescaledb extension")?;
+    }
+    MIGRATOR.run(pool).await.context("applying migrations")?;
+    Ok(())
+}

@@ -1,0 +1,1060 @@
+//! The event contract: the envelope every fact travels in, the typed payloads of the metric
+//! event types, their limits, and the one validation path that both ingest-api (to answer the
+//! client) and the projector (to dead-letter what slipped through) use.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::tenant::TenantId;
+
+/// Topic of the metric events.
+pub const METRICS_TOPIC: &str = "tally.metrics.v1";
+/// Suffix of a topic's dead-letter topic.
+pub const DLQ_SUFFIX: &str = ".dlq";
+
+/// Longest accepted identifier or name (user ids, command names, …).
+pub const MAX_NAME_LEN: usize = 255;
+/// Longest accepted error message.
+pub const MAX_ERROR_MESSAGE_LEN: usize = 10_000;
+/// Longest accepted duration: one hour.
+pub const MAX_DURATION_MS: i64 = 3_600_000;
+/// Most tokens one interaction may report in each direction.
+pub const MAX_TOKENS: i64 = 1_000_000;
+/// Most labels on one `metric.sample`.
+pub const MAX_LABELS: usize = 64;
+
+/// The metric event types this version of Tally understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+pub enum EventType {
+    #[serde(rename = "command.executed")]
+    CommandExecuted,
+    #[serde(rename = "agent.interacted")]
+    AgentInteracted,
+    #[serde(rename = "tool.executed")]
+    ToolExecuted,
+    #[serde(rename = "session.started")]
+    SessionStarted,
+    #[serde(rename = "session.ended")]
+    SessionEnded,
+    #[serde(rename = "productivity.recorded")]
+    ProductivityRecorded,
+    #[serde(rename = "metric.sample")]
+    MetricSample,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 7] = [
+        EventType::CommandExecuted,
+        EventType::AgentInteracted,
+        EventType::ToolExecuted,
+        EventType::SessionStarted,
+        EventType::SessionEnded,
+        EventType::ProductivityRecorded,
+        EventType::MetricSample,
+    ];
+
+    /// The dotted wire name, e.g. `command.executed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::CommandExecuted => "command.executed",
+            EventType::AgentInteracted => "agent.interacted",
+            EventType::ToolExecuted => "tool.executed",
+            EventType::SessionStarted => "session.started",
+            EventType::SessionEnded => "session.ended",
+            EventType::ProductivityRecorded => "productivity.recorded",
+            EventType::MetricSample => "metric.sample",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EventType> {
+        EventType::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// The newest schema version of this type; older versions are upcast on decode.
+    pub fn current_version(self) -> u32 {
+        1
+    }
+}
+
+impl std::fmt::Display for EventType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who sent an event.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Actor {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_id: Option<Uuid>,
+}
+
+/// Which door an event came in by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Api,
+    Hook,
+    Otlp,
+    PromRw,
+    Influx,
+    Control,
+}
+
+/// One event as it is stored in Kafka: the contract between the write and the read side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: Uuid,
+    pub tenant_id: TenantId,
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    pub schema_version: u32,
+    pub occurred_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub actor: Actor,
+    pub source: Source,
+    pub data: Value,
+}
+
+impl Envelope {
+    /// The record key: the tenant plus a component that keeps one session's (or user's) events
+    /// in order on one partition while spreading a large tenant over all of them.
+    pub fn kafka_key(&self) -> String {
+        let spread = ["session_id", "user_id", "name"]
+            .iter()
+            .find_map(|k| self.data.get(*k).and_then(Value::as_str))
+            .unwrap_or("");
+        format!("{}:{}", self.tenant_id, spread)
+    }
+
+    /// Decodes (and upcasts) the payload. The projector calls this on every record.
+    pub fn payload(&self) -> Result<Payload, Vec<FieldError>> {
+        Payload::decode(self.event_type, self.schema_version, self.data.clone(), "data")
+    }
+}
+
+/// One offending field of a rejected event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    /// Index of the event in the request's batch (absent for a single event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    /// Path of the field, e.g. `data.duration_ms`.
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        FieldError {
+            index: None,
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Outcome of a command or interaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Success,
+    Error,
+    Timeout,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Success => "success",
+            Status::Error => "error",
+            Status::Timeout => "timeout",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_error(self) -> bool {
+        self != Status::Success
+    }
+}
+
+/// The productivity metrics a client may record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProductivityMetric {
+    CommandsPerHour,
+    ErrorRate,
+    SessionDuration,
+    ProductivityScore,
+    CodeQualityScore,
+    ResponseTime,
+    TaskCompletionTime,
+    AgentUsageFrequency,
+}
+
+impl ProductivityMetric {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProductivityMetric::CommandsPerHour => "commands_per_hour",
+            ProductivityMetric::ErrorRate => "error_rate",
+            ProductivityMetric::SessionDuration => "session_duration",
+            ProductivityMetric::ProductivityScore => "productivity_score",
+            ProductivityMetric::CodeQualityScore => "code_quality_score",
+            ProductivityMetric::ResponseTime => "response_time",
+            ProductivityMetric::TaskCompletionTime => "task_completion_time",
+            ProductivityMetric::AgentUsageFrequency => "agent_usage_frequency",
+        }
+    }
+}
+
+/// The kind of a `metric.sample`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SampleKind {
+    #[default]
+    Gauge,
+    Counter,
+    Histogram,
+    Summary,
+}
+
+type Object = Map<String, Value>;
+
+/// `command.executed`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandExecuted {
+    pub user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    pub command_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Object>,
+    pub duration_ms: i64,
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Object>,
+    /// Fields this version does not know, kept rather than dropped.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub extra: Object,
+}
+
+/// `agent.interacted`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentInteracted {
+    pub user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_event_id: Option<Uuid>,
+    pub agent_name: String,
+    pub interaction_type: String,
+    #[serde(default)]
+    pub input_tokens: i64,
+    #[serde(default)]
+    pub output_tokens: i64,
+    pub duration_ms: i64,
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Object>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub extra: Object,
+}
+
+/// `tool.executed` — what Claude Code's PostToolUse hooks send.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolExecuted {
+    pub user_id: String,
+    pub session_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    pub tool_name: String,
+    pub duration_ms: i64,
+    pub success: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Object>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub extra: Object,
+}
+
+/// `session.started`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionStarted {
+    pub session_id: String,
+    pub user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Object>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub extra: Object,
+}
+
+/// `session.ended`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionEnded {
+    pub session_id: String,
+    pub user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Object>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commands_executed: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents_used: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub productivity_score: Option<f64>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub extra: Object,
+}
+
+/// `productivity.recorded`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProductivityRecorded {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    pub metric_type: ProductivityMetric,
+    pub value: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<Object>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub extra: Object,
+}
+
+/// `metric.sample` — what OTLP, Prometheus remote write and line protocol become.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricSample {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+    #[serde(default)]
+    pub kind: SampleKind,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub extra: Object,
+}
+
+/// A decoded, validated payload.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    CommandExecuted(CommandExecuted),
+    AgentInteracted(AgentInteracted),
+    ToolExecuted(ToolExecuted),
+    SessionStarted(SessionStarted),
+    SessionEnded(SessionEnded),
+    ProductivityRecorded(ProductivityRecorded),
+    MetricSample(MetricSample),
+}
+
+/// Field names of each payload type, so unknown fields can be moved into `extra`.
+fn known_fields(t: EventType) -> &'static [&'static str] {
+    match t {
+        EventType::CommandExecuted => &[
+            "user_id",
+            "team_id",
+            "project_id",
+            "session_id",
+            "command_name",
+            "args",
+            "duration_ms",
+            "status",
+            "error_message",
+            "context",
+            "extra",
+        ],
+        EventType::AgentInteracted => &[
+            "user_id",
+            "team_id",
+            "project_id",
+            "session_id",
+            "command_event_id",
+            "agent_name",
+            "interaction_type",
+            "input_tokens",
+            "output_tokens",
+            "duration_ms",
+            "status",
+            "error_message",
+            "metadata",
+            "extra",
+        ],
+        EventType::ToolExecuted => &[
+            "user_id",
+            "session_id",
+            "team_id",
+            "project_id",
+            "tool_name",
+            "duration_ms",
+            "success",
+            "error_message",
+            "details",
+            "extra",
+        ],
+        EventType::SessionStarted => &[
+            "session_id",
+            "user_id",
+            "team_id",
+            "project_id",
+            "context",
+            "extra",
+        ],
+        EventType::SessionEnded => &[
+            "session_id",
+            "user_id",
+            "team_id",
+            "project_id",
+            "context",
+            "commands_executed",
+            "agents_used",
+            "productivity_score",
+            "extra",
+        ],
+        EventType::ProductivityRecorded => &[
+            "user_id",
+            "team_id",
+            "project_id",
+            "metric_type",
+            "value",
+            "unit",
+            "dimensions",
+            "extra",
+        ],
+        EventType::MetricSample => &["name", "labels", "value", "kind", "extra"],
+    }
+}
+
+impl Payload {
+    /// Decodes `data` of the given type and version: upcasts old versions, keeps unknown
+    /// fields in `extra`, and checks every limit. `prefix` names the data field in errors.
+    pub fn decode(
+        t: EventType,
+        version: u32,
+        data: Value,
+        prefix: &str,
+    ) -> Result<Payload, Vec<FieldError>> {
+        if version == 0 || version > t.current_version() {
+            return Err(vec![FieldError::new(
+                "schema_version",
+                format!(
+                    "unsupported schema_version {version} for {t}; versions 1..={} are known",
+                    t.current_version()
+                ),
+            )]);
+        }
+        let Value::Object(mut obj) = data else {
+            return Err(vec![FieldError::new(prefix, "must be a JSON object")]);
+        };
+        // Unknown fields are kept, in `extra`, never silently dropped.
+        let known = known_fields(t);
+        let unknown: Vec<String> = obj
+            .keys()
+            .filter(|k| !known.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            let mut extra = match obj.remove("extra") {
+                Some(Value::Object(m)) => m,
+                Some(other) => {
+                    let mut m = Map::new();
+                    m.insert("extra".into(), other);
+                    m
+                }
+                None => Map::new(),
+            };
+            for k in unknown {
+                if let Some(v) = obj.remove(&k) {
+                    extra.insert(k, v);
+                }
+            }
+            obj.insert("extra".into(), Value::Object(extra));
+        }
+        let data = Value::Object(obj);
+        let payload = match t {
+            EventType::CommandExecuted => Payload::CommandExecuted(parse(data, prefix)?),
+            EventType::AgentInteracted => Payload::AgentInteracted(parse(data, prefix)?),
+            EventType::ToolExecuted => Payload::ToolExecuted(parse(data, prefix)?),
+            EventType::SessionStarted => Payload::SessionStarted(parse(data, prefix)?),
+            EventType::SessionEnded => Payload::SessionEnded(parse(data, prefix)?),
+            EventType::ProductivityRecorded => Payload::ProductivityRecorded(parse(data, prefix)?),
+            EventType::MetricSample => Payload::MetricSample(parse(data, prefix)?),
+        };
+        let errors = payload.check_limits(prefix);
+        if errors.is_empty() {
+            Ok(payload)
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn event_type(&self) -> EventType {
+        match self {
+            Payload::CommandExecuted(_) => EventType::CommandExecuted,
+            Payload::AgentInteracted(_) => EventType::AgentInteracted,
+            Payload::ToolExecuted(_) => EventType::ToolExecuted,
+            Payload::SessionStarted(_) => EventType::SessionStarted,
+            Payload::SessionEnded(_) => EventType::SessionEnded,
+            Payload::ProductivityRecorded(_) => EventType::ProductivityRecorded,
+            Payload::MetricSample(_) => EventType::MetricSample,
+        }
+    }
+
+    /// The payload in its normalized JSON form (as stored in the envelope).
+    pub fn to_value(&self) -> Value {
+        let v = match self {
+            Payload::CommandExecuted(p) => serde_json::to_value(p),
+            Payload::AgentInteracted(p) => serde_json::to_value(p),
+            Payload::ToolExecuted(p) => serde_json::to_value(p),
+            Payload::SessionStarted(p) => serde_json::to_value(p),
+            Payload::SessionEnded(p) => serde_json::to_value(p),
+            Payload::ProductivityRecorded(p) => serde_json::to_value(p),
+            Payload::MetricSample(p) => serde_json::to_value(p),
+        };
+        v.expect("payload types serialize infallibly")
+    }
+
+    fn check_limits(&self, prefix: &str) -> Vec<FieldError> {
+        let mut c = Checker {
+            prefix,
+            errors: Vec::new(),
+        };
+        match self {
+            Payload::CommandExecuted(p) => {
+                c.name("user_id", &p.user_id);
+                c.opt_name("team_id", &p.team_id);
+                c.opt_name("project_id", &p.project_id);
+                c.opt_name("session_id", &p.session_id);
+                c.name("command_name", &p.command_name);
+                c.range("duration_ms", p.duration_ms, 0, MAX_DURATION_MS);
+                c.error_message(&p.error_message);
+            }
+            Payload::AgentInteracted(p) => {
+                c.name("user_id", &p.user_id);
+                c.opt_name("team_id", &p.team_id);
+                c.opt_name("project_id", &p.project_id);
+                c.opt_name("session_id", &p.session_id);
+                c.name("agent_name", &p.agent_name);
+                c.len("interaction_type", &p.interaction_type, 1, 100);
+                c.range("input_tokens", p.input_tokens, 0, MAX_TOKENS);
+                c.range("output_tokens", p.output_tokens, 0, MAX_TOKENS);
+                c.range("duration_ms", p.duration_ms, 0, MAX_DURATION_MS);
+                c.error_message(&p.error_message);
+            }
+            Payload::ToolExecuted(p) => {
+                c.name("user_id", &p.user_id);
+                c.name("session_id", &p.session_id);
+                c.opt_name("team_id", &p.team_id);
+                c.opt_name("project_id", &p.project_id);
+                c.name("tool_name", &p.tool_name);
+                c.range("duration_ms", p.duration_ms, 0, MAX_DURATION_MS);
+                c.error_message(&p.error_message);
+            }
+            Payload::SessionStarted(p) => {
+                c.name("session_id", &p.session_id);
+                c.name("user_id", &p.user_id);
+                c.opt_name("team_id", &p.team_id);
+                c.opt_name("project_id", &p.project_id);
+            }
+            Payload::SessionEnded(p) => {
+                c.name("session_id", &p.session_id);
+                c.name("user_id", &p.user_id);
+                c.opt_name("team_id", &p.team_id);
+                c.opt_name("project_id", &p.project_id);
+                if let Some(n) = p.commands_executed {
+                    c.range("commands_executed", n, 0, i64::from(i32::MAX));
+                }
+                if let Some(s) = p.productivity_score {
+                    c.float("productivity_score", s, Some((0.0, 100.0)));
+                }
+                for (i, a) in p.agents_used.iter().enumerate() {
+                    c.name(&format!("agents_used[{i}]"), a);
+                }
+            }
+            Payload::ProductivityRecorded(p) => {
+                c.opt_name("user_id", &p.user_id);
+                c.opt_name("team_id", &p.team_id);
+                c.opt_name("project_id", &p.project_id);
+                c.float("value", p.value, None);
+                if let Some(u) = &p.unit {
+                    c.len("unit", u, 0, 50);
+                }
+            }
+            Payload::MetricSample(p) => {
+                c.name("name", &p.name);
+                c.float("value", p.value, None);
+                if p.labels.len() > MAX_LABELS {
+                    c.push("labels", format!("at most {MAX_LABELS} labels"));
+                }
+                for (k, v) in &p.labels {
+                    c.len(&format!("labels.{k}"), k, 1, MAX_NAME_LEN);
+                    c.len(&format!("labels.{k}"), v, 0, 1024);
+                }
+            }
+        }
+        c.errors
+    }
+}
+
+fn parse<T: DeserializeOwned>(data: Value, prefix: &str) -> Result<T, Vec<FieldError>> {
+    serde_path_to_error::deserialize(data).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." || path.is_empty() {
+            prefix.to_string()
+        } else {
+            format!("{prefix}.{path}")
+        };
+        let reason = e.into_inner().to_string();
+        // serde names a missing field in its message; point at it.
+        let field = match reason.strip_prefix("missing field `") {
+            Some(rest) => format!("{prefix}.{}", rest.trim_end_matches('`')),
+            None => field,
+        };
+        vec![FieldError::new(field, reason)]
+    })
+}
+
+struct Checker<'a> {
+    prefix: &'a str,
+    errors: Vec<FieldError>,
+}
+
+impl Checker<'_> {
+    fn push(&mut self, field: &str, reason: String) {
+        self.errors
+            .push(FieldError::new(format!("{}.{field}", self.prefix), reason));
+    }
+    fn len(&mut self, field: &str, s: &str, min: usize, max: usize) {
+        let n = s.chars().count();
+        if n < min || n > max {
+            self.push(field, format!("length must be {min}..={max}, got {n}"));
+        }
+    }
+    fn name(&mut self, field: &str, s: &str) {
+        self.len(field, s, 1, MAX_NAME_LEN);
+    }
+    fn opt_name(&mut self, field: &str, s: &Option<String>) {
+        if let Some(s) = s {
+            self.name(field, s);
+        }
+    }
+    fn range(&mut self, field: &str, v: i64, min: i64, max: i64) {
+        if v < min || v > max {
+            self.push(field, format!("must be {min}..={max}, got {v}"));
+        }
+    }
+    fn float(&mut self, field: &str, v: f64, bounds: Option<(f64, f64)>) {
+        if !v.is_finite() {
+            self.push(field, "must be a finite number".into());
+        } else if let Some((lo, hi)) = bounds {
+            if v < lo || v > hi {
+                self.push(field, format!("must be {lo}..={hi}, got {v}"));
+            }
+        }
+    }
+    fn error_message(&mut self, s: &Option<String>) {
+        if let Some(s) = s {
+            self.len("error_message", s, 0, MAX_ERROR_MESSAGE_LEN);
+        }
+    }
+}
+
+/// Bounds on a client's `occurred_at`.
+#[derive(Debug, Clone, Copy)]
+pub struct TimeBounds {
+    /// How far in the future (client clock skew) an event may claim to be.
+    pub max_future_skew: Duration,
+    /// How old an event may be: the raw retention window.
+    pub retention: Duration,
+}
+
+impl Default for TimeBounds {
+    fn default() -> Self {
+        TimeBounds {
+            max_future_skew: Duration::minutes(5),
+            retention: Duration::days(90),
+        }
+    }
+}
+
+/// What the write side knows about a request besides its body.
+#[derive(Debug, Clone)]
+pub struct IngestContext {
+    pub tenant_id: TenantId,
+    pub actor: Actor,
+    pub source: Source,
+    pub received_at: DateTime<Utc>,
+    pub bounds: TimeBounds,
+    /// From an `Idempotency-Key` header: event ids without one are derived from it.
+    pub idempotency_key: Option<String>,
+}
+
+/// Namespace for ids derived from an `Idempotency-Key`.
+const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_5b1e_2a7d_4c4e_9d1a_7a11_7a11_0001);
+
+impl IngestContext {
+    /// Turns one client event (`{"id"?, "type", "occurred_at", "schema_version"?, "data"}`) into
+    /// an envelope, or says everything that is wrong with it. `index` is its place in the batch.
+    pub fn envelope(&self, index: usize, raw: Value) -> Result<Envelope, Vec<FieldError>> {
+        let Value::Object(mut obj) = raw else {
+            return Err(vec![FieldError::new("", "an event must be a JSON object")]);
+        };
+        let mut errors = Vec::new();
+        let id = match obj.remove("id") {
+            None | Some(Value::Null) => Some(self.default_id(index)),
+            Some(Value::String(s)) => match Uuid::parse_str(&s) {
+                Ok(id) if !id.is_nil() => Some(id),
+                _ => {
+                    errors.push(FieldError::new("id", "must be a non-nil UUID"));
+                    None
+                }
+            },
+            Some(_) => {
+                errors.push(FieldError::new("id", "must be a UUID string"));
+                None
+            }
+        };
+        let event_type = match obj.remove("type") {
+            Some(Value::String(s)) => match EventType::parse(&s) {
+                Some(t) => Some(t),
+                None => {
+                    errors.push(FieldError::new(
+                        "type",
+                        format!(
+                            "unknown event type `{}`; known: {}",
+                            truncate(&s, 64),
+                            EventType::ALL.map(EventType::as_str).join(", ")
+                        ),
+                    ));
+                    None
+                }
+            },
+            None => {
+                errors.push(FieldError::new("type", "is required"));
+                None
+            }
+            Some(_) => {
+                errors.push(FieldError::new("type", "must be a string"));
+                None
+            }
+        };
+        let occurred_at = match obj.remove("occurred_at") {
+            Some(Value::String(s)) => match DateTime::parse_from_rfc3339(&s) {
+                Ok(t) => {
+                    let t = t.with_timezone(&Utc);
+                    if t > self.received_at + self.bounds.max_future_skew {
+                        errors.push(FieldError::new(
+                            "occurred_at",
+                            format!(
+                                "is more than {} s in the future",
+                                self.bounds.max_future_skew.num_seconds()
+                            ),
+                        ));
+                    } else if t < self.received_at - self.bounds.retention {
+                        errors.push(FieldError::new(
+                            "occurred_at",
+                            format!(
+                                "is older than the retention window of {} days",
+                                self.bounds.retention.num_days()
+                            ),
+                        ));
+                    }
+                    Some(t)
+                }
+                Err(e) => {
+                    errors.push(FieldError::new(
+                        "occurred_at",
+                        format!("must be an RFC 3339 timestamp: {e}"),
+                    ));
+                    None
+                }
+            },
+            None => {
+                errors.push(FieldError::new("occurred_at", "is required"));
+                None
+            }
+            Some(_) => {
+                errors.push(FieldError::new(
+                    "occurred_at",
+                    "must be an RFC 3339 timestamp string",
+                ));
+                None
+            }
+        };
+        let schema_version = match obj.remove("schema_version") {
+            None | Some(Value::Null) => event_type.map(EventType::current_version),
+            Some(Value::Number(n)) => match n.as_u64().and_then(|v| u32::try_from(v).ok()) {
+                Some(v) => Some(v),
+                None => {
+                    errors.push(FieldError::new(
+                        "schema_version",
+                        "must be a positive integer",
+                    ));
+                    None
+                }
+            },
+            Some(_) => {
+                errors.push(FieldError::new(
+                    "schema_version",
+                    "must be a positive integer",
+                ));
+                None
+            }
+        };
+        let data = obj.remove("data");
+        if let Some(k) = obj.keys().next() {
+            errors.push(FieldError::new(
+                k.clone(),
+                "unknown envelope field; payload fields belong in `data`",
+            ));
+        }
+        let payload = match (event_type, schema_version, data) {
+            (_, _, None) => {
+                errors.push(FieldError::new("data", "is required"));
+                None
+            }
+            (Some(t), Some(v), Some(data)) => match Payload::decode(t, v, data, "data") {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    errors.extend(e);
+                    None
+                }
+            },
+            _ => None,
+        };
+        if !errors.is_empty() {
+            for e in &mut errors {
+                e.index = Some(index);
+            }
+            return Err(errors);
+        }
+        let (Some(id), Some(occurred_at), Some(payload)) = (id, occurred_at, payload) else {
+            unreachable!("no errors means every part was parsed");
+        };
+        Ok(Envelope {
+            id,
+            tenant_id: self.tenant_id,
+            event_type: payload.event_type(),
+            schema_version: payload.event_type().current_version(),
+            occurred_at,
+            received_at: self.received_at,
+            actor: self.actor.clone(),
+            source: self.source,
+            data: payload.to_value(),
+        })
+    }
+
+    fn default_id(&self, index: usize) -> Uuid {
+        match &self.idempotency_key {
+            Some(key) => Uuid::new_v5(
+                &IDEMPOTENCY_NAMESPACE,
+                format!("{}/{}/{}", self.tenant_id, key, index).as_bytes(),
+            ),
+            None => Uuid::now_v7(),
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ctx() -> IngestContext {
+        IngestContext {
+            tenant_id: TenantId::new(),
+            actor: Actor::default(),
+            source: Source::Api,
+            received_at: Utc::now(),
+            bounds: TimeBounds::default(),
+            idempotency_key: None,
+        }
+    }
+
+    fn now() -> String {
+        Utc::now().to_rfc3339()
+    }
+
+    #[test]
+    fn valid_events_of_every_type_are_accepted() {
+        let cases = [
+            json!({"type": "command.executed", "occurred_at": now(), "data": {"user_id": "u1", "command_name": "build", "duration_ms": 12, "status": "success"}}),
+            json!({"type": "agent.interacted", "occurred_at": now(), "data": {"user_id": "u1", "agent_name": "claude", "interaction_type": "chat", "input_tokens": 10, "output_tokens": 20, "duration_ms": 3, "status": "error", "error_message": "boom"}}),
+            json!({"type": "tool.executed", "occurred_at": now(), "data": {"user_id": "u1", "session_id": "s1", "tool_name": "Edit", "duration_ms": 5, "success": true}}),
+            json!({"type": "session.started", "occurred_at": now(), "data": {"user_id": "u1", "session_id": "s1"}}),
+            json!({"type": "session.ended", "occurred_at": now(), "data": {"user_id": "u1", "session_id": "s1", "commands_executed": 3, "agents_used": ["a"], "productivity_score": 77.5}}),
+            json!({"type": "productivity.recorded", "occurred_at": now(), "data": {"metric_type": "error_rate", "value": 0.1, "unit": "ratio"}}),
+            json!({"type": "metric.sample", "occurred_at": now(), "schema_version": 1, "data": {"name": "claude_code.token.usage", "labels": {"type": "input"}, "value": 42.0, "kind": "counter"}}),
+        ];
+        for (i, c) in cases.into_iter().enumerate() {
+            let env = ctx().envelope(i, c.clone());
+            assert!(env.is_ok(), "case {i} {c}: {env:?}");
+            let env = env.unwrap();
+            assert_eq!(env.payload().unwrap().event_type(), env.event_type);
+        }
+    }
+
+    #[test]
+    fn invalid_events_name_every_offending_field() {
+        let cases: Vec<(Value, Vec<&str>)> = vec![
+            (json!([1]), vec![""]),
+            (json!({"occurred_at": now(), "data": {}}), vec!["type"]),
+            (
+                json!({"type": "nope.nope", "occurred_at": now(), "data": {}}),
+                vec!["type"],
+            ),
+            (
+                json!({"type": "command.executed", "occurred_at": "yesterday", "data": {"user_id": "u", "command_name": "c", "duration_ms": 1, "status": "success"}}),
+                vec!["occurred_at"],
+            ),
+            (
+                json!({"type": "command.executed", "occurred_at": "2001-01-01T00:00:00Z", "data": {"user_id": "u", "command_name": "c", "duration_ms": 1, "status": "success"}}),
+                vec!["occurred_at"],
+            ),
+            (
+                json!({"type": "command.executed", "occurred_at": (Utc::now() + Duration::hours(1)).to_rfc3339(), "data": {"user_id": "u", "command_name": "c", "duration_ms": 1, "status": "success"}}),
+                vec!["occurred_at"],
+            ),
+            (
+                json!({"type": "command.executed", "occurred_at": now(), "data": {"user_id": "u", "command_name": "c", "duration_ms": "slow", "status": "success"}}),
+                vec!["data.duration_ms"],
+            ),
+            (
+                json!({"type": "command.executed", "occurred_at": now(), "data": {"command_name": "c", "duration_ms": 1, "status": "success"}}),
+                vec!["data.user_id"],
+            ),
+            (
+                json!({"type": "command.executed", "occurred_at": now(), "data": {"user_id": "", "command_name": "x".repeat(256), "duration_ms": 3_600_001, "status": "success", "error_message": "e".repeat(10_001)}}),
+                vec![
+                    "data.user_id",
+                    "data.command_name",
+                    "data.duration_ms",
+                    "data.error_message",
+                ],
+            ),
+            (
+                json!({"type": "command.executed", "occurred_at": now(), "data": {"user_id": "u", "command_name": "c", "duration_ms": 1, "status": "meh"}}),
+                vec!["data.status"],
+            ),
+            (
+                json!({"type": "agent.interacted", "occurred_at": now(), "data": {"user_id": "u", "agent_name": "a", "interaction_type": "", "input_tokens": -1, "output_tokens": 1_000_001, "duration_ms": 1, "status": "success"}}),
+                vec![
+                    "data.interaction_type",
+                    "data.input_tokens",
+                    "data.output_tokens",
+                ],
+            ),
+            (
+                json!({"type": "session.ended", "occurred_at": now(), "data": {"user_id": "u", "session_id": "s", "productivity_score": 101}}),
+                vec!["data.productivity_score"],
+            ),
+            (
+                json!({"type": "productivity.recorded", "occurred_at": now(), "data": {"metric_type": "happiness", "value": 1}}),
+                vec!["data.metric_type"],
+            ),
+            (
+                json!({"type": "metric.sample", "occurred_at": now(), "schema_version": 9, "data": {"name": "m", "value": 1}}),
+                vec!["schema_version"],
+            ),
+            (
+                json!({"id": "not-a-uuid", "type": "metric.sample", "occurred_at": now(), "data": {"name": "m", "value": 1}}),
+                vec!["id"],
+            ),
+            (
+                json!({"type": "metric.sample", "occurred_at": now(), "tenant_id": "x", "data": {"name": "m", "value": 1}}),
+                vec!["tenant_id"],
+            ),
+            (
+                json!({"type": "metric.sample", "occurred_at": now()}),
+                vec!["data"],
+            ),
+        ];
+        for (i, (event, fields)) in cases.into_iter().enumerate() {
+            let errs = ctx()
+                .envelope(7, event.clone())
+                .expect_err(&format!("case {i} {event} should fail"));
+            let got: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+            assert_eq!(got, fields, "case {i}: {errs:?}");
+            assert!(errs.iter().all(|e| e.index == Some(7) && !e.reason.is_empty()));
+        }
+    }
+
+    #[test]
+    fn unknown_payload_fields_are_kept_in_extra() {
+        let env = ctx()
+            .envelope(
+                0,
+                json!({"type": "tool.executed", "occurred_at": now(), "data": {"user_id": "u", "session_id": "s", "tool_name": "Bash", "duration_ms": 1, "success": false, "exit_code": 2, "extra": {"a": 1}}}),
+            )
+            .unwrap();
+        assert_eq!(env.data["extra"], json!({"a": 1, "exit_code": 2}));
+        assert!(env.data.get("exit_code").is_none());
+        // And the stored form decodes to the same payload again.
+        let Payload::ToolExecuted(p) = env.payload().unwrap() else {
+            panic!("wrong type")
+        };
+        assert_eq!(p.extra.get("exit_code"), Some(&json!(2)));
+    }
+
+    #[test]
+    fn idempotency_key_derives_stable_ids() {
+        let mut c = ctx();
+        c.idempotency_key = Some("req-1".into());
+        let e = json!({"type": "metric.sample", "occurred_at": now(), "data": {"name": "m", "value": 1}});
+        let a = c.envelope(0, e.clone()).unwrap().id;
+        let b = c.envelope(0, e.clone()).unwrap().id;
+        let other = c.envelope(1, e).unwrap().id;
+        assert_eq!(a, b);
+        assert_ne!(a, other);
+    }
+
+    #[test]
+    fn envelope_round_trips_through_json() {
+        let env = ctx()
+            .envelope(
+                0,
+                json!({"type": "command.executed", "occurred_at": now(), "data": {"user_id": "u1", "session_id": "s9", "command_name": "build", "duration_ms": 12, "status": "success"}}),
+            )
+            .unwrap();
+        let bytes = serde_json::to_vec(&env).unwrap();
+        let back: Envelope = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back, env);
+        assert_eq!(env.kafka_key(), format!("{}:s9", env.tenant_id));
+    }
+}

@@ -1,0 +1,17 @@
+//! What every Tally service shares: the event contract, configuration, telemetry, health,
+//! problem responses, API keys, tenant identifiers, and Kafka/PostgreSQL client setup.
+#![forbid(unsafe_code)]
+
+pub mod apikey;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod events;
+pub mod health;
+pub mod histogram;
+pub mod kafka;
+pub mod problem;
+pub mod telemetry;
+pub mod tenant_sql;
+pub mod tenant;
+pub mod watermark;

@@ -1,0 +1,174 @@
+//! The one home of SQL built at run time. Tenant schema names are the only identifiers that
+//! are not static; they come from [`TenantId::schema`] (hex digits only) and are spliced
+//! here and nowhere else. Everything else is static SQL that runs after
+//! [`set_search_path`] has pointed the transaction at the tenant's schema.
+
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use sqlx::{AssertSqlSafe, PgConnection};
+
+use crate::tenant::{SchemaName, TenantId};
+
+/// The tenant-schema template (see `migrations/tenant/`).
+pub const TEMPLATE: &str = include_str!("../../migrations/tenant/0001_tenant.sql");
+
+/// Raw tables of the template: time-partitioned (or hypertables) on `occurred_at`.
+pub const RAW_TABLES: [&str; 6] = [
+    "command_executions",
+    "agent_interactions",
+    "tool_executions",
+    "session_events",
+    "productivity_metrics",
+    "metric_samples",
+];
+
+/// `SET LOCAL search_path` to a tenant schema (plus `control` for shared functions).
+/// Only valid inside a transaction, and only lasts until its end.
+pub async fn set_search_path(conn: &mut PgConnection, schema: &SchemaName) -> sqlx::Result<()> {
+    let sql = format!("SET LOCAL search_path TO {schema}, control");
+    sqlx::query(AssertSqlSafe(sql)).execute(conn).await?;
+    Ok(())
+}
+
+/// Whether the TimescaleDB extension is installed in this database.
+pub async fn timescale_installed(conn: &mut PgConnection) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')")
+        .fetch_one(conn)
+        .await
+}
+
+/// Creates a tenant's schema for a projection version from the template, idempotently and
+/// safely against concurrent projector instances. Returns whether it created it.
+pub async fn create_tenant_schema(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    version: i32,
+) -> sqlx::Result<bool> {
+    let schema = tenant.schema(version);
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(schema.as_str())
+        .execute(&mut *tx)
+        .await?;
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM control.tenant_schemas WHERE tenant_id = $1 AND version = $2)",
+    )
+    .bind(tenant.0)
+    .bind(version)
+    .fetch_one(&mut *tx)
+    .await?;
+    if exists {
+        tx.commit().await?;
+        return Ok(false);
+    }
+    let timescale = timescale_installed(&mut tx).await?;
+    sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {schema}")))
+        .execute(&mut *tx)
+        .await?;
+    set_search_path(&mut tx, &schema).await?;
+    let partitioning = if timescale {
+        ""
+    } else {
+        "PARTITION BY RANGE (occurred_at)"
+    };
+    sqlx::raw_sql(AssertSqlSafe(TEMPLATE.replace("/*PARTITIONING*/", partitioning)))
+        .execute(&mut *tx)
+        .await?;
+    if timescale {
+        for table in RAW_TABLES {
+            sqlx::query(
+                "SELECT create_hypertable($1::regclass, 'occurred_at', \
+                 chunk_time_interval => INTERVAL '1 day', if_not_exists => true)",
+            )
+            .bind(format!("{schema}.{table}"))
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    sqlx::query(
+        "INSERT INTO control.tenant_schemas (tenant_id, version, schema_name, timescale)
+         VALUES ($1, $2, $3, $4)",
+    )
+    .bind(tenant.0)
+    .bind(version)
+    .bind(schema.as_str())
+    .bind(timescale)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Name of the daily partition of `table` holding `day`.
+fn partition_name(table: &str, day: NaiveDate) -> String {
+    format!("{table}_p{}", day.format("%Y%m%d"))
+}
+
+/// Creates the daily partitions of every raw table for `days` (native partitioning only;
+/// TimescaleDB creates its chunks by itself). Idempotent and safe against concurrent callers.
+pub async fn ensure_partitions(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    days: &[NaiveDate],
+) -> sqlx::Result<()> {
+    if days.is_empty() || timescale_installed(&mut *conn).await? {
+        return Ok(());
+    }
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(schema.as_str())
+        .execute(&mut *tx)
+        .await?;
+    for day in days {
+        let from: DateTime<Utc> = day.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+        let to = from + Duration::days(1);
+        for table in RAW_TABLES {
+            let sql = format!(
+                "CREATE TABLE IF NOT EXISTS {schema}.{part} PARTITION OF {schema}.{table} \
+                 FOR VALUES FROM ('{from}') TO ('{to}')",
+                part = partition_name(table, *day),
+                from = from.format("%Y-%m-%d %H:%M:%S+00"),
+                to = to.format("%Y-%m-%d %H:%M:%S+00"),
+            );
+            sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Drops the tenant schema of a projection version (replay's clean-up, tests).
+pub async fn drop_tenant_schema(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    version: i32,
+) -> sqlx::Result<()> {
+    let schema = tenant.schema(version);
+    sqlx::query(AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE")))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM control.tenant_schemas WHERE tenant_id = $1 AND version = $2")
+        .bind(tenant.0)
+        .bind(version)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_names_are_dated() {
+        let d = NaiveDate::from_ymd_opt(2026, 1, 5).unwrap();
+        assert_eq!(partition_name("metric_samples", d), "metric_samples_p20260105");
+    }
+
+    #[test]
+    fn template_marks_every_raw_table_for_partitioning() {
+        for t in RAW_TABLES {
+            assert!(TEMPLATE.contains(&format!("CREATE TABLE {t} ")), "{t}");
+        }
+        assert_eq!(TEMPLATE.matches("/*PARTITIONING*/").count(), RAW_TABLES.len());
+    }
+}

@@ -1,0 +1,12 @@
+//! Names the projector and query-api agree on for per-tenant notifications in Redis.
+//!
+//! The watermark itself lives in PostgreSQL (`projection_state` in each tenant schema,
+//! written in the same transaction as the rows), so a cache key built from it can never be
+//! newer than the data. Redis only carries the notification that it moved.
+
+use crate::tenant::TenantId;
+
+/// Pub/sub channel on which the projector announces that a tenant's projection advanced.
+pub fn channel(tenant: &TenantId) -> String {
+    format!("tally:projected:{tenant}")
+}
