@@ -1,6 +1,6 @@
 -- The tenant-schema template. The projector runs it once per tenant and projection version,
 -- with `search_path` set to the new schema, so nothing here names a schema.
--- `/*PARTITIONING*/` becomes `PARTITION BY RANGE (occurred_at)` on plain PostgreSQL; with
+-- The PARTITIONING marker comment becomes `PARTITION BY RANGE (occurred_at)` on plain PostgreSQL; with
 -- TimescaleDB it is removed and the projector turns the same tables into hypertables.
 -- Every raw table has the same columns (the payload's own shape is kept in `data`), and a
 -- unique key that includes the time column, as both paths require.

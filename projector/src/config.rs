@@ -20,6 +20,8 @@ pub struct Config {
     pub http_addr: String,
     /// Days of partitions created ahead of time when a tenant is first seen.
     pub partitions_ahead_days: i64,
+    /// How soon the group notices a dead instance and hands its partitions to another.
+    pub consumer_session_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -32,6 +34,7 @@ impl Default for Config {
             batch_linger_ms: 100,
             http_addr: "127.0.0.1:9102".into(),
             partitions_ahead_days: 7,
+            consumer_session_timeout_ms: 10_000,
         }
     }
 }

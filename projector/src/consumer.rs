@@ -113,7 +113,7 @@ impl Projector {
                 .set("enable.auto.commit", "false")
                 .set("enable.auto.offset.store", "false")
                 .set("auto.offset.reset", "earliest")
-                .set("session.timeout.ms", "10000")
+                .set("session.timeout.ms", config.consumer_session_timeout_ms.to_string())
                 .set("heartbeat.interval.ms", "1000")
                 .set("fetch.wait.max.ms", "50")
                 .set("max.partition.fetch.bytes", "4194304")

@@ -185,7 +185,7 @@ mod tests {
         let r = TimeRange::parse(None, Some("2026-11-01T00:00:00Z"), Some("2026-11-02T00:00:00Z"), now(), 90).unwrap();
         assert_eq!(Grain::for_range(&r), Grain::Day);
         let d = TimeRange::parse(None, None, None, now(), 90).unwrap();
-        assert_eq!(d.to - d.from, TimeDelta::hours(24) + TimeDelta::seconds(45));
+        assert_eq!(d.to - d.from, TimeDelta::hours(24) + TimeDelta::minutes(1));
     }
 
     #[test]

@@ -504,13 +504,13 @@ impl Payload {
         }
         let data = Value::Object(obj);
         let payload = match t {
-            EventType::CommandExecuted => Payload::CommandExecuted(parse(data, prefix)?),
-            EventType::AgentInteracted => Payload::AgentInteracted(parse(data, prefix)?),
-            EventType::ToolExecuted => Payload::ToolExecuted(parse(data, prefix)?),
-            EventType::SessionStarted => Payload::SessionStarted(parse(data, prefix)?),
-            EventType::SessionEnded => Payload::SessionEnded(parse(data, prefix)?),
-            EventType::ProductivityRecorded => Payload::ProductivityRecorded(parse(data, prefix)?),
-            EventType::MetricSample => Payload::MetricSample(parse(data, prefix)?),
+            EventType::CommandExecuted => Payload::CommandExecuted(parse(t, data, prefix)?),
+            EventType::AgentInteracted => Payload::AgentInteracted(parse(t, data, prefix)?),
+            EventType::ToolExecuted => Payload::ToolExecuted(parse(t, data, prefix)?),
+            EventType::SessionStarted => Payload::SessionStarted(parse(t, data, prefix)?),
+            EventType::SessionEnded => Payload::SessionEnded(parse(t, data, prefix)?),
+            EventType::ProductivityRecorded => Payload::ProductivityRecorded(parse(t, data, prefix)?),
+            EventType::MetricSample => Payload::MetricSample(parse(t, data, prefix)?),
         };
         let errors = payload.check_limits(prefix);
         if errors.is_empty() {
@@ -628,22 +628,62 @@ impl Payload {
     }
 }
 
-fn parse<T: DeserializeOwned>(data: Value, prefix: &str) -> Result<T, Vec<FieldError>> {
-    serde_path_to_error::deserialize(data).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." || path.is_empty() {
-            prefix.to_string()
-        } else {
-            format!("{prefix}.{path}")
-        };
-        let reason = e.into_inner().to_string();
-        // serde names a missing field in its message; point at it.
-        let field = match reason.strip_prefix("missing field `") {
-            Some(rest) => format!("{prefix}.{}", rest.trim_end_matches('`')),
-            None => field,
-        };
-        vec![FieldError::new(field, reason)]
-    })
+/// A valid value for every field of every payload type. When a field fails to decode, it is
+/// reported and replaced by this stand-in so decoding can go on and report every other bad
+/// field too (serde stops at the first).
+fn stand_in(t: EventType, field: &str) -> Option<Value> {
+    let v = match field {
+        "user_id" | "team_id" | "project_id" | "session_id" | "command_name" | "agent_name"
+        | "interaction_type" | "tool_name" | "name" | "unit" | "error_message" => Value::from("x"),
+        "args" | "context" | "metadata" | "details" | "dimensions" | "labels" | "extra" => {
+            Value::Object(Map::new())
+        }
+        "duration_ms" | "input_tokens" | "output_tokens" | "commands_executed" | "value"
+        | "productivity_score" => Value::from(0),
+        "status" => Value::from("success"),
+        "success" => Value::from(true),
+        "agents_used" => Value::Array(vec![]),
+        "metric_type" => Value::from("error_rate"),
+        "kind" => Value::from("gauge"),
+        "command_event_id" => Value::from(Uuid::nil().to_string()),
+        _ => return None,
+    };
+    known_fields(t).contains(&field).then_some(v)
+}
+
+fn parse<T: DeserializeOwned>(t: EventType, data: Value, prefix: &str) -> Result<T, Vec<FieldError>> {
+    let Value::Object(mut obj) = data else {
+        return Err(vec![FieldError::new(prefix, "must be a JSON object")]);
+    };
+    let mut errors: Vec<FieldError> = Vec::new();
+    for _ in 0..=known_fields(t).len() {
+        match serde_path_to_error::deserialize::<_, T>(Value::Object(obj.clone())) {
+            Ok(v) if errors.is_empty() => return Ok(v),
+            Ok(_) => break,
+            Err(e) => {
+                let path = e.path().to_string();
+                let reason = e.into_inner().to_string();
+                // serde names a missing field only in its message.
+                let top = match reason.strip_prefix("missing field `") {
+                    Some(rest) => rest.trim_end_matches('`').to_string(),
+                    None => path.split(['.', '[']).next().unwrap_or("").to_string(),
+                };
+                let field = if path == "." || path.is_empty() {
+                    format!("{prefix}.{top}")
+                } else {
+                    format!("{prefix}.{path}")
+                };
+                errors.push(FieldError::new(field, reason));
+                match stand_in(t, &top) {
+                    Some(v) if obj.get(&top) != Some(&v) => {
+                        obj.insert(top, v);
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+    Err(errors)
 }
 
 struct Checker<'a> {
@@ -728,6 +768,15 @@ impl IngestContext {
     /// Turns one client event (`{"id"?, "type", "occurred_at", "schema_version"?, "data"}`) into
     /// an envelope, or says everything that is wrong with it. `index` is its place in the batch.
     pub fn envelope(&self, index: usize, raw: Value) -> Result<Envelope, Vec<FieldError>> {
+        self.parse_envelope(index, raw).map_err(|mut errors| {
+            for e in &mut errors {
+                e.index = Some(index);
+            }
+            errors
+        })
+    }
+
+    fn parse_envelope(&self, index: usize, raw: Value) -> Result<Envelope, Vec<FieldError>> {
         let Value::Object(mut obj) = raw else {
             return Err(vec![FieldError::new("", "an event must be a JSON object")]);
         };
@@ -855,9 +904,6 @@ impl IngestContext {
             _ => None,
         };
         if !errors.is_empty() {
-            for e in &mut errors {
-                e.index = Some(index);
-            }
             return Err(errors);
         }
         let (Some(id), Some(occurred_at), Some(payload)) = (id, occurred_at, payload) else {
@@ -958,6 +1004,10 @@ mod tests {
             (
                 json!({"type": "command.executed", "occurred_at": now(), "data": {"command_name": "c", "duration_ms": 1, "status": "success"}}),
                 vec!["data.user_id"],
+            ),
+            (
+                json!({"type": "command.executed", "occurred_at": now(), "data": {"user_id": 5, "duration_ms": "x", "status": "success", "args": []}}),
+                vec!["data.args", "data.duration_ms", "data.user_id", "data.command_name"],
             ),
             (
                 json!({"type": "command.executed", "occurred_at": now(), "data": {"user_id": "", "command_name": "x".repeat(256), "duration_ms": 3_600_001, "status": "success", "error_message": "e".repeat(10_001)}}),

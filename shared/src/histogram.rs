@@ -8,7 +8,7 @@
 use crate::events::MAX_DURATION_MS;
 
 /// Number of buckets; enough for [`MAX_DURATION_MS`].
-pub const BUCKETS: usize = 84;
+pub const BUCKETS: usize = 83;
 
 /// The bucket a duration falls into.
 pub fn index(duration_ms: i64) -> usize {

@@ -1,1 +1,421 @@
+//! The end-to-end harness: starts Tally's services against the real Kafka, PostgreSQL and
+//! Redis that `deploy/local/up.sh` runs, each test on its own topics and tenants so tests
+//! run in parallel without stepping on each other.
 
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use shared::apikey::Scope;
+use shared::config::Common;
+use shared::tenant::TenantId;
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+pub mod events;
+
+/// Repository root (the tests crate lives one level below it).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_string())
+}
+
+/// The database the tests use: `tally_test` beside the configured one.
+pub fn test_database_url() -> String {
+    let url = env_or(
+        "TALLY_DATABASE_URL",
+        "postgres://tally:tally@127.0.0.1:55432/tally",
+    );
+    match url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/tally_test"),
+        None => url,
+    }
+}
+
+/// Settings for one test: its own topic prefix, the shared servers.
+pub fn common_for_test() -> Common {
+    let prefix = format!("t{}.", Uuid::new_v4().simple());
+    Common {
+        database_url: test_database_url(),
+        db_max_connections: 8,
+        redis_url: env_or("TALLY_REDIS_URL", "redis://127.0.0.1:56379"),
+        kafka_brokers: env_or("TALLY_KAFKA_BROKERS", "127.0.0.1:59092"),
+        topic_prefix: prefix,
+        kafka_partitions: 4,
+        kafka_replication_factor: 1,
+        log_format: "pretty".into(),
+    }
+}
+
+/// Creates the test database once and applies the migrations.
+pub async fn test_pool() -> PgPool {
+    let url = test_database_url();
+    let admin_url = env_or(
+        "TALLY_DATABASE_URL",
+        "postgres://tally:tally@127.0.0.1:55432/tally",
+    );
+    let admin = PgPool::connect(&admin_url)
+        .await
+        .expect("PostgreSQL is up (run `make up` or deploy/local/up.sh)");
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'tally_test')")
+            .fetch_one(&admin)
+            .await
+            .expect("query pg_database");
+    if !exists {
+        // Parallel tests race here; losing the race is fine.
+        let _ = sqlx::query("CREATE DATABASE tally_test").execute(&admin).await;
+    }
+    admin.close().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
+        .await
+        .expect("connect to tally_test");
+    shared::db::migrate(&pool).await.expect("migrations");
+    pool
+}
+
+/// Logs for tests: warnings and errors only, unless `RUST_LOG` says otherwise.
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_none() {
+        // Before any service starts: the default (info) drowns test output.
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    shared::telemetry::init_tracing("pretty");
+}
+
+/// A tenant with an ingest and a read key.
+#[derive(Debug, Clone)]
+pub struct TestTenant {
+    pub id: TenantId,
+    pub ingest_key: String,
+    pub read_key: String,
+}
+
+/// Creates a tenant with keys of both scopes.
+pub async fn create_tenant(pool: &PgPool, name: &str) -> TestTenant {
+    let id = ingest_api::admin::create_tenant(pool, name).await.expect("tenant");
+    let (_, ingest_key) = ingest_api::admin::create_api_key(pool, id, Scope::Ingest, "test-ingest")
+        .await
+        .expect("ingest key");
+    let (_, read_key) = ingest_api::admin::create_api_key(pool, id, Scope::Read, "test-read")
+        .await
+        .expect("read key");
+    TestTenant {
+        id,
+        ingest_key,
+        read_key,
+    }
+}
+
+/// A running service started in this process; dropping the handle does not stop it,
+/// `stop` does (gracefully).
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.task.await?
+    }
+}
+
+fn stopper() -> (oneshot::Sender<()>, impl std::future::Future<Output = ()> + Send + 'static) {
+    let (tx, rx) = oneshot::channel::<()>();
+    (tx, async move {
+        let _ = rx.await;
+    })
+}
+
+pub async fn start_ingest(common: &Common, tweak: impl FnOnce(&mut ingest_api::Config)) -> Running {
+    let mut config = ingest_api::Config {
+        common: common.clone(),
+        http_addr: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    tweak(&mut config);
+    let app = ingest_api::App::build(config).await.expect("ingest-api builds");
+    let addr = app.local_addr();
+    let (tx, stop) = stopper();
+    let task = tokio::spawn(app.run_until(stop));
+    Running {
+        addr,
+        stop: Some(tx),
+        task,
+    }
+}
+
+pub async fn start_query(common: &Common) -> Running {
+    let config = query_api::Config {
+        common: common.clone(),
+        http_addr: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    let app = query_api::App::build(config).await.expect("query-api builds");
+    let addr = app.local_addr();
+    let (tx, stop) = stopper();
+    let task = tokio::spawn(app.run_until(stop));
+    Running {
+        addr,
+        stop: Some(tx),
+        task,
+    }
+}
+
+pub fn projector_config(common: &Common) -> projector::Config {
+    projector::Config {
+        common: common.clone(),
+        consumer_group: format!("{}projector", common.topic_prefix),
+        http_addr: "127.0.0.1:0".into(),
+        consumer_session_timeout_ms: 6000,
+        ..Default::default()
+    }
+}
+
+pub async fn start_projector(common: &Common) -> Running {
+    let app = projector::App::build(projector_config(common))
+        .await
+        .expect("projector builds");
+    let addr = app.local_addr();
+    let (tx, stop) = stopper();
+    let task = tokio::spawn(app.run_until(stop));
+    Running {
+        addr,
+        stop: Some(tx),
+        task,
+    }
+}
+
+/// The directory holding the workspace's binaries (beside this test's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Spawns the real `projector` binary as a child process (so it can be SIGKILLed).
+pub fn spawn_projector_process(common: &Common) -> Child {
+    let bin = bin_dir().join("projector");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`; `make test` does)",
+        bin.display()
+    );
+    let c = projector_config(common);
+    Command::new(bin)
+        .arg("run")
+        .env("TALLY_DATABASE_URL", &c.common.database_url)
+        .env("TALLY_REDIS_URL", &c.common.redis_url)
+        .env("TALLY_KAFKA_BROKERS", &c.common.kafka_brokers)
+        .env("TALLY_TOPIC_PREFIX", &c.common.topic_prefix)
+        .env("TALLY_KAFKA_PARTITIONS", c.common.kafka_partitions.to_string())
+        .env("TALLY_CONSUMER_GROUP", &c.consumer_group)
+        .env("TALLY_CONSUMER_SESSION_TIMEOUT_MS", c.consumer_session_timeout_ms.to_string())
+        .env("TALLY_HTTP_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", env_or("RUST_LOG", "warn"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn projector")
+}
+
+/// An HTTP client for the tests.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
+}
+
+/// POSTs a JSON body to ingest-api with an API key.
+pub async fn post_events(client: &reqwest::Client, ingest: &str, key: &str, body: &Value) -> reqwest::Response {
+    client
+        .post(format!("{ingest}/v1/events"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .expect("POST /v1/events")
+}
+
+/// GETs a dashboard answer with a read key; panics unless it is a 200.
+pub async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> Value {
+    let res = client.get(url).bearer_auth(key).send().await.expect("GET");
+    let status = res.status();
+    let body: Value = res.json().await.expect("JSON body");
+    assert_eq!(status, 200, "GET {url}: {body}");
+    body
+}
+
+/// Waits until the tenant's projection holds `expected` events (or panics after `timeout`).
+pub async fn wait_projected(pool: &PgPool, tenant: TenantId, expected: i64, timeout: Duration) -> i64 {
+    let deadline = Instant::now() + timeout;
+    let mut seen = 0;
+    loop {
+        let n: Option<i64> = projected_events(pool, tenant).await;
+        if let Some(n) = n {
+            seen = n;
+            if n >= expected {
+                return n;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tenant {tenant}: {seen} of {expected} events projected after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Events the tenant's projection (version 1) counts, or `None` before its schema exists.
+pub async fn projected_events(pool: &PgPool, tenant: TenantId) -> Option<i64> {
+    let schema = tenant.schema(1);
+    let sql = format!("SELECT events FROM {schema}.projection_state");
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(pool).await.ok()
+}
+
+/// Runs a read-only SQL statement in the tenant's schema and returns a single i64.
+pub async fn scalar_in_tenant(pool: &PgPool, tenant: TenantId, sql: &str) -> i64 {
+    let mut tx = pool.begin().await.expect("tx");
+    shared::tenant_sql::set_search_path(&mut tx, &tenant.schema(1))
+        .await
+        .expect("search_path");
+    let v: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    v.unwrap_or(0)
+}
+
+/// A free loopback port (for a private Kafka broker).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A private single-node Kafka broker (`deploy/local/kafka-node.sh`) that a test may kill
+/// and restart on the same data directory.
+pub struct PrivateKafka {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub controller_port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateKafka {
+    pub fn new() -> PrivateKafka {
+        let dir = std::env::temp_dir().join(format!("tally-kafka-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("kafka dir");
+        PrivateKafka {
+            dir,
+            port: free_port(),
+            controller_port: free_port(),
+            child: None,
+        }
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the broker and waits until it accepts connections.
+    pub async fn start(&mut self) {
+        let script = repo_root().join("deploy/local/kafka-node.sh");
+        let log = std::fs::File::create(self.dir.join("stdout.log")).expect("log file");
+        let child = Command::new("bash")
+            .arg(script)
+            .arg(&self.dir)
+            .arg(self.port.to_string())
+            .arg(self.controller_port.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn kafka-node.sh");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                break;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("private kafka exited with {status}; see {}", self.dir.display());
+            }
+            assert!(Instant::now() < deadline, "private kafka did not start; see {}", self.dir.display());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// SIGKILLs the broker.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Default for PrivateKafka {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PrivateKafka {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `now` minus some seconds, RFC 3339.
+pub fn ago(secs: i64) -> String {
+    (Utc::now() - chrono::Duration::seconds(secs)).to_rfc3339()
+}
+
+/// A timestamp as the API prints it.
+pub fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339()
+}
+
+/// A minimal valid `command.executed` event.
+pub fn command(user: &str, name: &str, duration_ms: i64, ok: bool) -> Value {
+    json!({
+        "id": Uuid::now_v7(),
+        "type": "command.executed",
+        "occurred_at": ago(60),
+        "data": {
+            "user_id": user,
+            "command_name": name,
+            "duration_ms": duration_ms,
+            "status": if ok { "success" } else { "error" },
+        }
+    })
+}

@@ -1,0 +1,89 @@
+//! A poison record written straight to the topic lands in the DLQ with its origin in the
+//! headers, and the partition keeps flowing behind it.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+use serde_json::{json, Value};
+use shared::events::{Actor, IngestContext, Source, TimeBounds};
+use tally_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_records_are_dead_lettered_and_do_not_block() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    shared::kafka::ensure_topics(&common, &[common.metrics_topic(), common.metrics_dlq_topic()])
+        .await
+        .unwrap();
+    let t = create_tenant(&pool, "poisoned").await;
+    let producer: FutureProducer = shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
+    let topic = common.metrics_topic();
+    let ctx = IngestContext {
+        tenant_id: t.id,
+        actor: Actor::default(),
+        source: Source::Api,
+        received_at: Utc::now(),
+        bounds: TimeBounds::default(),
+        idempotency_key: None,
+    };
+    let valid = |i: i64| {
+        let env = ctx.envelope(0, command("u", "build", i, true)).unwrap();
+        serde_json::to_vec(&env).unwrap()
+    };
+    // A valid envelope whose payload breaks the contract (as an old buggy writer might).
+    let mut bad_env = serde_json::to_value(ctx.envelope(0, command("u", "build", 1, true)).unwrap()).unwrap();
+    bad_env["data"]["duration_ms"] = json!(-5);
+    let poison: Vec<Vec<u8>> = vec![
+        b"\x00\x01 not json".to_vec(),
+        serde_json::to_vec(&bad_env).unwrap(),
+        br#"{"id": "x", "type": "command.executed"}"#.to_vec(),
+    ];
+    let mut sends: Vec<Vec<u8>> = vec![valid(1)];
+    sends.extend(poison.iter().cloned());
+    sends.extend((2..=20).map(valid));
+    for payload in &sends {
+        producer
+            .send(FutureRecord::<str, [u8]>::to(&topic).partition(1).key("k").payload(payload), Duration::from_secs(10))
+            .await
+            .expect("produce");
+    }
+
+    let projector = start_projector(&common).await;
+    wait_projected(&pool, t.id, 20, Duration::from_secs(60)).await;
+    assert_eq!(scalar_in_tenant(&pool, t.id, "SELECT count(*) FROM command_executions").await, 20);
+
+    // The DLQ holds exactly the three poison records, with where they came from and why.
+    let consumer: BaseConsumer = shared::kafka::client_config(&common)
+        .set("group.id", format!("{}dlq-reader", common.topic_prefix))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&common.metrics_dlq_topic()]).unwrap();
+    let dead: Vec<(Vec<u8>, String, String, String)> = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while out.len() < 3 && std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                let h = |k| String::from_utf8(projector::consumer::header(&m, k).unwrap().to_vec()).unwrap();
+                out.push((m.payload().unwrap().to_vec(), h("tally-source-partition"), h("tally-source-offset"), h("tally-error")));
+            }
+        }
+        out
+    })
+    .await
+    .unwrap();
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    for (i, (payload, partition, offset, error)) in dead.iter().enumerate() {
+        assert_eq!(payload, &poison[i]);
+        assert_eq!(partition, "1");
+        assert_eq!(offset, &(i + 1).to_string());
+        assert!(!error.is_empty());
+    }
+    assert!(dead[1].3.contains("data.duration_ms"), "{}", dead[1].3);
+    let _: Value = json!(null);
+    projector.stop().await.unwrap();
+}

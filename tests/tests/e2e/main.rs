@@ -1,0 +1,9 @@
+//! End-to-end tests over real Kafka, PostgreSQL and Redis (`deploy/local/up.sh`).
+//! One binary, one module per capability; every test has its own topics and tenants.
+
+mod crash;
+mod dedup;
+mod dlq;
+mod kafka_down;
+mod pipeline;
+mod validation;
