@@ -40,7 +40,9 @@ impl Generator {
     pub fn new(seed: u64, user_prefix: &str, users: usize, spread: Duration) -> Generator {
         Generator {
             rng: StdRng::seed_from_u64(seed),
-            users: (0..users).map(|i| format!("{user_prefix}-user-{i}")).collect(),
+            users: (0..users)
+                .map(|i| format!("{user_prefix}-user-{i}"))
+                .collect(),
             spread,
             now: Utc::now(),
             expected: Expected::default(),
@@ -50,8 +52,12 @@ impl Generator {
     /// One event (client form, with a fresh id).
     pub fn event(&mut self) -> Value {
         let user = self.users[self.rng.random_range(0..self.users.len())].clone();
-        let span = (self.spread - Duration::minutes(1)).num_milliseconds().max(1);
-        let at = self.now - Duration::minutes(1) - Duration::milliseconds(self.rng.random_range(0..span));
+        let span = (self.spread - Duration::minutes(1))
+            .num_milliseconds()
+            .max(1);
+        let at = self.now
+            - Duration::minutes(1)
+            - Duration::milliseconds(self.rng.random_range(0..span));
         let session = format!("{user}-s{}", self.rng.random_range(0..5));
         let kind = self.rng.random_range(0..100);
         let (event_type, data) = if kind < 40 {
@@ -59,42 +65,67 @@ impl Generator {
             let d = self.rng.random_range(1..20_000);
             self.expected.command_duration_sum += d;
             self.expected.command_errors += i64::from(!ok);
-            ("command.executed", json!({
-                "user_id": user, "team_id": "team-a", "project_id": "proj-1", "session_id": session,
-                "command_name": COMMANDS[self.rng.random_range(0..COMMANDS.len())],
-                "duration_ms": d, "status": if ok { "success" } else { "error" },
-                "args": {"verbose": true}
-            }))
+            (
+                "command.executed",
+                json!({
+                    "user_id": user, "team_id": "team-a", "project_id": "proj-1", "session_id": session,
+                    "command_name": COMMANDS[self.rng.random_range(0..COMMANDS.len())],
+                    "duration_ms": d, "status": if ok { "success" } else { "error" },
+                    "args": {"verbose": true}
+                }),
+            )
         } else if kind < 60 {
             let tin = self.rng.random_range(0..5000);
             let tout = self.rng.random_range(0..2000);
             self.expected.agent_input_tokens += tin;
             self.expected.agent_output_tokens += tout;
-            ("agent.interacted", json!({
-                "user_id": user, "session_id": session,
-                "agent_name": AGENTS[self.rng.random_range(0..AGENTS.len())],
-                "interaction_type": "chat", "input_tokens": tin, "output_tokens": tout,
-                "duration_ms": self.rng.random_range(100..60_000), "status": "success"
-            }))
+            (
+                "agent.interacted",
+                json!({
+                    "user_id": user, "session_id": session,
+                    "agent_name": AGENTS[self.rng.random_range(0..AGENTS.len())],
+                    "interaction_type": "chat", "input_tokens": tin, "output_tokens": tout,
+                    "duration_ms": self.rng.random_range(100..60_000), "status": "success"
+                }),
+            )
         } else if kind < 85 {
             let ok = self.rng.random_bool(0.95);
             self.expected.tool_errors += i64::from(!ok);
-            ("tool.executed", json!({
-                "user_id": user, "session_id": session,
-                "tool_name": TOOLS[self.rng.random_range(0..TOOLS.len())],
-                "duration_ms": self.rng.random_range(1..5000), "success": ok
-            }))
+            (
+                "tool.executed",
+                json!({
+                    "user_id": user, "session_id": session,
+                    "tool_name": TOOLS[self.rng.random_range(0..TOOLS.len())],
+                    "duration_ms": self.rng.random_range(1..5000), "success": ok
+                }),
+            )
         } else if kind < 90 {
-            ("session.started", json!({"user_id": user, "session_id": session}))
+            (
+                "session.started",
+                json!({"user_id": user, "session_id": session}),
+            )
         } else if kind < 93 {
-            ("session.ended", json!({"user_id": user, "session_id": session, "commands_executed": 4, "productivity_score": 80}))
+            (
+                "session.ended",
+                json!({"user_id": user, "session_id": session, "commands_executed": 4, "productivity_score": 80}),
+            )
         } else if kind < 96 {
-            ("productivity.recorded", json!({"user_id": user, "metric_type": "commands_per_hour", "value": 12, "unit": "per_hour"}))
+            (
+                "productivity.recorded",
+                json!({"user_id": user, "metric_type": "commands_per_hour", "value": 12, "unit": "per_hour"}),
+            )
         } else {
-            ("metric.sample", json!({"name": "claude_code.token.usage", "labels": {"user.id": user, "type": "input"}, "value": 100, "kind": "counter"}))
+            (
+                "metric.sample",
+                json!({"name": "claude_code.token.usage", "labels": {"user.id": user, "type": "input"}, "value": 100, "kind": "counter"}),
+            )
         };
         self.expected.total += 1;
-        *self.expected.per_type.entry(event_type.to_string()).or_default() += 1;
+        *self
+            .expected
+            .per_type
+            .entry(event_type.to_string())
+            .or_default() += 1;
         *self.expected.per_user.entry(user.clone()).or_default() += 1;
         self.expected.users.insert(user);
         json!({"id": Uuid::new_v4(), "type": event_type, "occurred_at": at.to_rfc3339(), "data": data})

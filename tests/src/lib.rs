@@ -67,14 +67,17 @@ pub async fn test_pool() -> PgPool {
     let admin = PgPool::connect(&admin_url)
         .await
         .expect("PostgreSQL is up (run `make up` or deploy/local/up.sh)");
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'tally_test')")
-            .fetch_one(&admin)
-            .await
-            .expect("query pg_database");
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'tally_test')",
+    )
+    .fetch_one(&admin)
+    .await
+    .expect("query pg_database");
     if !exists {
         // Parallel tests race here; losing the race is fine.
-        let _ = sqlx::query("CREATE DATABASE tally_test").execute(&admin).await;
+        let _ = sqlx::query("CREATE DATABASE tally_test")
+            .execute(&admin)
+            .await;
     }
     admin.close().await;
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -105,7 +108,9 @@ pub struct TestTenant {
 
 /// Creates a tenant with keys of both scopes.
 pub async fn create_tenant(pool: &PgPool, name: &str) -> TestTenant {
-    let id = ingest_api::admin::create_tenant(pool, name).await.expect("tenant");
+    let id = ingest_api::admin::create_tenant(pool, name)
+        .await
+        .expect("tenant");
     let (_, ingest_key) = ingest_api::admin::create_api_key(pool, id, Scope::Ingest, "test-ingest")
         .await
         .expect("ingest key");
@@ -140,7 +145,10 @@ impl Running {
     }
 }
 
-fn stopper() -> (oneshot::Sender<()>, impl std::future::Future<Output = ()> + Send + 'static) {
+fn stopper() -> (
+    oneshot::Sender<()>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let (tx, rx) = oneshot::channel::<()>();
     (tx, async move {
         let _ = rx.await;
@@ -154,7 +162,9 @@ pub async fn start_ingest(common: &Common, tweak: impl FnOnce(&mut ingest_api::C
         ..Default::default()
     };
     tweak(&mut config);
-    let app = ingest_api::App::build(config).await.expect("ingest-api builds");
+    let app = ingest_api::App::build(config)
+        .await
+        .expect("ingest-api builds");
     let addr = app.local_addr();
     let (tx, stop) = stopper();
     let task = tokio::spawn(app.run_until(stop));
@@ -171,7 +181,9 @@ pub async fn start_query(common: &Common) -> Running {
         http_addr: "127.0.0.1:0".into(),
         ..Default::default()
     };
-    let app = query_api::App::build(config).await.expect("query-api builds");
+    let app = query_api::App::build(config)
+        .await
+        .expect("query-api builds");
     let addr = app.local_addr();
     let (tx, stop) = stopper();
     let task = tokio::spawn(app.run_until(stop));
@@ -231,9 +243,15 @@ pub fn spawn_projector_process(common: &Common) -> Child {
         .env("TALLY_REDIS_URL", &c.common.redis_url)
         .env("TALLY_KAFKA_BROKERS", &c.common.kafka_brokers)
         .env("TALLY_TOPIC_PREFIX", &c.common.topic_prefix)
-        .env("TALLY_KAFKA_PARTITIONS", c.common.kafka_partitions.to_string())
+        .env(
+            "TALLY_KAFKA_PARTITIONS",
+            c.common.kafka_partitions.to_string(),
+        )
         .env("TALLY_CONSUMER_GROUP", &c.consumer_group)
-        .env("TALLY_CONSUMER_SESSION_TIMEOUT_MS", c.consumer_session_timeout_ms.to_string())
+        .env(
+            "TALLY_CONSUMER_SESSION_TIMEOUT_MS",
+            c.consumer_session_timeout_ms.to_string(),
+        )
         .env("TALLY_HTTP_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", env_or("RUST_LOG", "warn"))
         .stdin(Stdio::null())
@@ -252,7 +270,12 @@ pub fn http() -> reqwest::Client {
 }
 
 /// POSTs a JSON body to ingest-api with an API key.
-pub async fn post_events(client: &reqwest::Client, ingest: &str, key: &str, body: &Value) -> reqwest::Response {
+pub async fn post_events(
+    client: &reqwest::Client,
+    ingest: &str,
+    key: &str,
+    body: &Value,
+) -> reqwest::Response {
     client
         .post(format!("{ingest}/v1/events"))
         .bearer_auth(key)
@@ -272,7 +295,12 @@ pub async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> Value {
 }
 
 /// Waits until the tenant's projection holds `expected` events (or panics after `timeout`).
-pub async fn wait_projected(pool: &PgPool, tenant: TenantId, expected: i64, timeout: Duration) -> i64 {
+pub async fn wait_projected(
+    pool: &PgPool,
+    tenant: TenantId,
+    expected: i64,
+    timeout: Duration,
+) -> i64 {
     let deadline = Instant::now() + timeout;
     let mut seen = 0;
     loop {
@@ -295,7 +323,10 @@ pub async fn wait_projected(pool: &PgPool, tenant: TenantId, expected: i64, time
 pub async fn projected_events(pool: &PgPool, tenant: TenantId) -> Option<i64> {
     let schema = tenant.schema(1);
     let sql = format!("SELECT events FROM {schema}.projection_state");
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(pool).await.ok()
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_one(pool)
+        .await
+        .ok()
 }
 
 /// Runs a read-only SQL statement in the tenant's schema and returns a single i64.
@@ -362,13 +393,27 @@ impl PrivateKafka {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
                 break;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("private kafka exited with {status}; see {}", self.dir.display());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "private kafka exited with {status}; see {}",
+                    self.dir.display()
+                );
             }
-            assert!(Instant::now() < deadline, "private kafka did not start; see {}", self.dir.display());
+            assert!(
+                Instant::now() < deadline,
+                "private kafka did not start; see {}",
+                self.dir.display()
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }

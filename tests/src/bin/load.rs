@@ -1,1 +1,265 @@
-fn main() {}
+//! The load generator: POSTs batches of realistic events to ingest-api at a given
+//! concurrency and reports events/s, request latency p50/p99 and errors, with progress while
+//! it runs. With `--baseline` it first measures the raw limit of the same machine — the same
+//! envelopes produced straight to Kafka with rdkafka (acks=all, idempotent) — and reports
+//! ingest throughput as a ratio of it.
+//!
+//! ```text
+//! . .tally/demo.env && cargo run --release -p tally-tests --bin tally-load -- --events 200000 --baseline
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::Utc;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use rdkafka::producer::FutureRecord;
+use serde_json::Value;
+use shared::events::{Actor, IngestContext, Source, TimeBounds};
+use shared::tenant::TenantId;
+use tally_tests::events::Generator;
+
+#[derive(Parser, Debug)]
+#[command(about = "Tally load generator")]
+struct Args {
+    /// ingest-api base URL.
+    #[arg(
+        long,
+        env = "TALLY_INGEST_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    url: String,
+    /// An API key with the `ingest` scope.
+    #[arg(long, env = "TALLY_INGEST_KEY")]
+    key: String,
+    /// Events to send in all.
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    /// Events per request.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Stop after this many seconds even if not all events were sent.
+    #[arg(long, default_value_t = 300)]
+    max_seconds: u64,
+    /// Also measure raw rdkafka produce throughput on this machine for a ratio.
+    #[arg(long)]
+    baseline: bool,
+    /// Kafka brokers for the baseline.
+    #[arg(long, env = "TALLY_KAFKA_BROKERS", default_value = "127.0.0.1:59092")]
+    brokers: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.batch > 0 && args.concurrency > 0,
+        "batch and concurrency must be positive"
+    );
+    let requests = args.events.div_ceil(args.batch);
+    println!(
+        "tally-load: {} events in {} requests of {} at concurrency {} → {}",
+        args.events, requests, args.batch, args.concurrency, args.url
+    );
+    // Bodies are generated up front so the generator does not compete with the sender.
+    let mut generator = Generator::new(42, "load", 200, chrono::Duration::hours(2));
+    let bodies: Vec<Vec<u8>> = (0..requests)
+        .map(|i| {
+            let n = args.batch.min(args.events - i * args.batch);
+            serde_json::to_vec(&Value::Array(generator.batch(n))).expect("serialize")
+        })
+        .collect();
+
+    let baseline = if args.baseline {
+        Some(raw_kafka_baseline(&args, &bodies).await?)
+    } else {
+        None
+    };
+
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let queue = Arc::new(Mutex::new(
+        bodies.into_iter().enumerate().collect::<Vec<_>>(),
+    ));
+    let sent = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
+    let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
+    let started = Instant::now();
+
+    let progress = {
+        let sent = sent.clone();
+        let errors = errors.clone();
+        let total = args.events as u64;
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let now = sent.load(Ordering::Relaxed);
+                println!(
+                    "  {:>6.1}s  {now:>9}/{total} events  {:>9.0} ev/s now  errors {}",
+                    started.elapsed().as_secs_f64(),
+                    (now - last) as f64 / 2.0,
+                    errors.load(Ordering::Relaxed)
+                );
+                last = now;
+                if now >= total {
+                    break;
+                }
+            }
+        })
+    };
+
+    let mut workers = Vec::new();
+    for _ in 0..args.concurrency {
+        let (client, queue, sent, errors, latencies) = (
+            client.clone(),
+            queue.clone(),
+            sent.clone(),
+            errors.clone(),
+            latencies.clone(),
+        );
+        let (url, key, batch) = (
+            format!("{}/v1/events", args.url),
+            args.key.clone(),
+            args.batch,
+        );
+        workers.push(tokio::spawn(async move {
+            loop {
+                if Instant::now() > deadline {
+                    break;
+                }
+                let Some((_, body)) = queue.lock().expect("queue").pop() else {
+                    break;
+                };
+                let t = Instant::now();
+                let res = client
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                let micros = t.elapsed().as_micros() as u64;
+                latencies
+                    .lock()
+                    .expect("histogram")
+                    .record(micros.max(1))
+                    .ok();
+                match res {
+                    Ok(r) if r.status() == 202 => {
+                        let accepted = r
+                            .json::<Value>()
+                            .await
+                            .ok()
+                            .and_then(|v| v["accepted"].as_u64());
+                        sent.fetch_add(accepted.unwrap_or(batch as u64), Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        eprintln!(
+                            "  HTTP {}: {}",
+                            r.status(),
+                            r.text().await.unwrap_or_default()
+                        );
+                    }
+                    Err(e) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("  request failed: {e}");
+                    }
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await?;
+    }
+    let elapsed = started.elapsed();
+    progress.abort();
+    let sent = sent.load(Ordering::Relaxed);
+    let rate = sent as f64 / elapsed.as_secs_f64();
+    let h = latencies.lock().expect("histogram");
+    println!("---");
+    println!(
+        "ingest: {sent} events accepted in {:.2}s = {rate:.0} events/s; {} errors",
+        elapsed.as_secs_f64(),
+        errors.load(Ordering::Relaxed)
+    );
+    println!(
+        "request latency ({} events/request): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        args.batch,
+        h.value_at_quantile(0.50) as f64 / 1000.0,
+        h.value_at_quantile(0.99) as f64 / 1000.0,
+        h.max() as f64 / 1000.0
+    );
+    if let Some(raw) = baseline {
+        println!(
+            "raw rdkafka produce (acks=all, idempotent) on this machine: {raw:.0} events/s; ingest = {:.2} × raw",
+            rate / raw
+        );
+    }
+    Ok(())
+}
+
+/// Produces the same events, as envelopes, straight to a scratch topic: the ceiling that
+/// ingest-api (auth, validation, HTTP) is measured against.
+async fn raw_kafka_baseline(args: &Args, bodies: &[Vec<u8>]) -> anyhow::Result<f64> {
+    let common = shared::config::Common {
+        kafka_brokers: args.brokers.clone(),
+        topic_prefix: format!("bench{}.", uuid::Uuid::new_v4().simple()),
+        ..Default::default()
+    };
+    let topic = common.metrics_topic();
+    shared::kafka::ensure_topics(&common, std::slice::from_ref(&topic))
+        .await
+        .context("creating the baseline topic")?;
+    let producer = shared::kafka::producer(&common, Duration::from_secs(30))?;
+    let ctx = IngestContext {
+        tenant_id: TenantId::new(),
+        actor: Actor::default(),
+        source: Source::Api,
+        received_at: Utc::now(),
+        bounds: TimeBounds::default(),
+        idempotency_key: None,
+    };
+    let mut records: Vec<(String, Vec<u8>)> = Vec::with_capacity(args.events);
+    for body in bodies {
+        let events: Vec<Value> = serde_json::from_slice(body)?;
+        for (i, e) in events.into_iter().enumerate() {
+            let env = ctx.envelope(i, e).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            records.push((env.kafka_key(), serde_json::to_vec(&env)?));
+        }
+    }
+    println!(
+        "baseline: producing {} envelopes straight to Kafka…",
+        records.len()
+    );
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(args.batch);
+    for chunk in records.chunks(args.batch.max(1) * args.concurrency) {
+        for (key, payload) in chunk {
+            loop {
+                match producer.send_result(FutureRecord::to(&topic).key(key).payload(payload)) {
+                    Ok(f) => {
+                        pending.push(f);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                }
+            }
+        }
+        for f in pending.drain(..) {
+            f.await?.map_err(|(e, _)| e)?;
+        }
+    }
+    let rate = records.len() as f64 / started.elapsed().as_secs_f64();
+    println!("baseline: {rate:.0} events/s");
+    Ok(rate)
+}

@@ -20,7 +20,9 @@ async fn projector_killed_repeatedly_loses_and_doubles_nothing() {
     const TOTAL: usize = 50_000;
     const BATCH: usize = 500;
     let mut generator = Generator::new(7, "c", 20, Span::hours(6));
-    let batches: Vec<Value> = (0..TOTAL / BATCH).map(|_| Value::Array(generator.batch(BATCH))).collect();
+    let batches: Vec<Value> = (0..TOTAL / BATCH)
+        .map(|_| Value::Array(generator.batch(BATCH)))
+        .collect();
     let expected = generator.expected.clone();
 
     let sender = {
@@ -75,19 +77,45 @@ async fn projector_killed_repeatedly_loses_and_doubles_nothing() {
     assert_eq!(rows, TOTAL as i64, "raw rows after {kills} kills");
     for (event_type, n) in &expected.per_type {
         for rollup in ["activity_1m", "activity_1h", "activity_1d"] {
-            let sql = format!("SELECT sum(count)::bigint FROM {rollup} WHERE event_type = '{event_type}'");
-            assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, *n, "{rollup} {event_type}");
+            let sql = format!(
+                "SELECT sum(count)::bigint FROM {rollup} WHERE event_type = '{event_type}'"
+            );
+            assert_eq!(
+                scalar_in_tenant(&pool, t.id, &sql).await,
+                *n,
+                "{rollup} {event_type}"
+            );
         }
     }
     for rollup in ["activity_1m", "activity_1h", "activity_1d"] {
-        let sql = format!("SELECT sum(duration_sum)::bigint FROM {rollup} WHERE event_type = 'command.executed'");
-        assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, expected.command_duration_sum, "{rollup}");
-        let sql = format!("SELECT sum(errors)::bigint FROM {rollup} WHERE event_type = 'command.executed'");
-        assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, expected.command_errors, "{rollup}");
+        let sql = format!(
+            "SELECT sum(duration_sum)::bigint FROM {rollup} WHERE event_type = 'command.executed'"
+        );
+        assert_eq!(
+            scalar_in_tenant(&pool, t.id, &sql).await,
+            expected.command_duration_sum,
+            "{rollup}"
+        );
+        let sql = format!(
+            "SELECT sum(errors)::bigint FROM {rollup} WHERE event_type = 'command.executed'"
+        );
+        assert_eq!(
+            scalar_in_tenant(&pool, t.id, &sql).await,
+            expected.command_errors,
+            "{rollup}"
+        );
         let sql = format!("SELECT sum(input_tokens)::bigint FROM {rollup}");
-        assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, expected.agent_input_tokens, "{rollup}");
+        assert_eq!(
+            scalar_in_tenant(&pool, t.id, &sql).await,
+            expected.agent_input_tokens,
+            "{rollup}"
+        );
         let sql = format!("SELECT sum(h)::bigint FROM {rollup}, unnest(duration_hist) h");
-        assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, TOTAL as i64, "{rollup} histograms");
+        assert_eq!(
+            scalar_in_tenant(&pool, t.id, &sql).await,
+            TOTAL as i64,
+            "{rollup} histograms"
+        );
     }
     eprintln!("crash test: {kills} SIGKILLs, {rows} rows, rollups exact");
     ingest.stop().await.unwrap();

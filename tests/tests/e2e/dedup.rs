@@ -15,9 +15,17 @@ async fn the_same_batch_twice_counts_once() {
     let client = http();
     let t = create_tenant(&pool, "dedup").await;
 
-    let batch: Vec<Value> = (0..300).map(|i| command("u1", "build", i, i % 10 != 0)).collect();
+    let batch: Vec<Value> = (0..300)
+        .map(|i| command("u1", "build", i, i % 10 != 0))
+        .collect();
     for _ in 0..2 {
-        let res = post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(batch.clone())).await;
+        let res = post_events(
+            &client,
+            &ingest.url(),
+            &t.ingest_key,
+            &Value::Array(batch.clone()),
+        )
+        .await;
         assert_eq!(res.status(), 202);
         let body: Value = res.json().await.unwrap();
         assert_eq!(body["accepted"], 300);
@@ -43,7 +51,13 @@ async fn the_same_batch_twice_counts_once() {
     assert_eq!(ids[0], ids[1], "the retry got the same ids");
     // A duplicate inside one batch is counted once too.
     let dup = command("u1", "lint", 7, true);
-    let res = post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(vec![dup.clone(), dup])).await;
+    let res = post_events(
+        &client,
+        &ingest.url(),
+        &t.ingest_key,
+        &Value::Array(vec![dup.clone(), dup]),
+    )
+    .await;
     assert_eq!(res.status(), 202);
 
     // 600 + 100 + 2 records went to Kafka; 351 distinct events.
@@ -51,15 +65,28 @@ async fn the_same_batch_twice_counts_once() {
     // Give any double-count a chance to show before asserting.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(projected_events(&pool, t.id).await, Some(351));
-    assert_eq!(scalar_in_tenant(&pool, t.id, "SELECT count(*) FROM command_executions").await, 301);
-    assert_eq!(scalar_in_tenant(&pool, t.id, "SELECT count(*) FROM tool_executions").await, 50);
+    assert_eq!(
+        scalar_in_tenant(&pool, t.id, "SELECT count(*) FROM command_executions").await,
+        301
+    );
+    assert_eq!(
+        scalar_in_tenant(&pool, t.id, "SELECT count(*) FROM tool_executions").await,
+        50
+    );
     for table in ["activity_1m", "activity_1h", "activity_1d"] {
-        let sql = format!("SELECT sum(count)::bigint FROM {table} WHERE event_type = 'command.executed'");
+        let sql =
+            format!("SELECT sum(count)::bigint FROM {table} WHERE event_type = 'command.executed'");
         assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, 301, "{table}");
         let sql = format!("SELECT sum(errors)::bigint FROM {table}");
         assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, 30, "{table}");
-        let sql = format!("SELECT sum(duration_sum)::bigint FROM {table} WHERE event_type = 'command.executed'");
-        assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, (0..300).sum::<i64>() + 7, "{table}");
+        let sql = format!(
+            "SELECT sum(duration_sum)::bigint FROM {table} WHERE event_type = 'command.executed'"
+        );
+        assert_eq!(
+            scalar_in_tenant(&pool, t.id, &sql).await,
+            (0..300).sum::<i64>() + 7,
+            "{table}"
+        );
     }
     projector.stop().await.unwrap();
     ingest.stop().await.unwrap();

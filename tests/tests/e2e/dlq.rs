@@ -16,11 +16,15 @@ async fn poison_records_are_dead_lettered_and_do_not_block() {
     init_logs();
     let pool = test_pool().await;
     let common = common_for_test();
-    shared::kafka::ensure_topics(&common, &[common.metrics_topic(), common.metrics_dlq_topic()])
-        .await
-        .unwrap();
+    shared::kafka::ensure_topics(
+        &common,
+        &[common.metrics_topic(), common.metrics_dlq_topic()],
+    )
+    .await
+    .unwrap();
     let t = create_tenant(&pool, "poisoned").await;
-    let producer: FutureProducer = shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
+    let producer: FutureProducer =
+        shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
     let topic = common.metrics_topic();
     let ctx = IngestContext {
         tenant_id: t.id,
@@ -35,7 +39,8 @@ async fn poison_records_are_dead_lettered_and_do_not_block() {
         serde_json::to_vec(&env).unwrap()
     };
     // A valid envelope whose payload breaks the contract (as an old buggy writer might).
-    let mut bad_env = serde_json::to_value(ctx.envelope(0, command("u", "build", 1, true)).unwrap()).unwrap();
+    let mut bad_env =
+        serde_json::to_value(ctx.envelope(0, command("u", "build", 1, true)).unwrap()).unwrap();
     bad_env["data"]["duration_ms"] = json!(-5);
     let poison: Vec<Vec<u8>> = vec![
         b"\x00\x01 not json".to_vec(),
@@ -47,14 +52,23 @@ async fn poison_records_are_dead_lettered_and_do_not_block() {
     sends.extend((2..=20).map(valid));
     for payload in &sends {
         producer
-            .send(FutureRecord::<str, [u8]>::to(&topic).partition(1).key("k").payload(payload), Duration::from_secs(10))
+            .send(
+                FutureRecord::<str, [u8]>::to(&topic)
+                    .partition(1)
+                    .key("k")
+                    .payload(payload),
+                Duration::from_secs(10),
+            )
             .await
             .expect("produce");
     }
 
     let projector = start_projector(&common).await;
     wait_projected(&pool, t.id, 20, Duration::from_secs(60)).await;
-    assert_eq!(scalar_in_tenant(&pool, t.id, "SELECT count(*) FROM command_executions").await, 20);
+    assert_eq!(
+        scalar_in_tenant(&pool, t.id, "SELECT count(*) FROM command_executions").await,
+        20
+    );
 
     // The DLQ holds exactly the three poison records, with where they came from and why.
     let consumer: BaseConsumer = shared::kafka::client_config(&common)
@@ -68,8 +82,15 @@ async fn poison_records_are_dead_lettered_and_do_not_block() {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while out.len() < 3 && std::time::Instant::now() < deadline {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-                let h = |k| String::from_utf8(projector::consumer::header(&m, k).unwrap().to_vec()).unwrap();
-                out.push((m.payload().unwrap().to_vec(), h("tally-source-partition"), h("tally-source-offset"), h("tally-error")));
+                let h = |k| {
+                    String::from_utf8(projector::consumer::header(&m, k).unwrap().to_vec()).unwrap()
+                };
+                out.push((
+                    m.payload().unwrap().to_vec(),
+                    h("tally-source-partition"),
+                    h("tally-source-offset"),
+                    h("tally-error"),
+                ));
             }
         }
         out

@@ -30,7 +30,11 @@ async fn kafka_down_means_503_then_recovery() {
         let res = post_events(&client, &ingest.url(), &t.ingest_key, &batch()).await;
         let elapsed = started.elapsed();
         assert_eq!(res.status(), 503, "never 202 while Kafka is down");
-        let retry_after: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+        let retry_after: u64 = res.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(retry_after >= 1);
         assert_eq!(res.headers()["content-type"], "application/problem+json");
         assert!(
@@ -38,7 +42,11 @@ async fn kafka_down_means_503_then_recovery() {
             "answered after {elapsed:?}, configured timeout {timeout_ms} ms"
         );
     }
-    let ready = client.get(format!("{}/readyz", ingest.url())).send().await.unwrap();
+    let ready = client
+        .get(format!("{}/readyz", ingest.url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 503, "not ready without Kafka");
 
     kafka.start().await;
@@ -49,7 +57,10 @@ async fn kafka_down_means_503_then_recovery() {
             break;
         }
         assert_eq!(res.status(), 503);
-        assert!(Instant::now() < deadline, "ingest did not recover after Kafka came back");
+        assert!(
+            Instant::now() < deadline,
+            "ingest did not recover after Kafka came back"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     ingest.stop().await.unwrap();

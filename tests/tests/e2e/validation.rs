@@ -9,9 +9,16 @@ use tally_tests::*;
 
 async fn problem(res: reqwest::Response) -> (StatusCode, Value) {
     let status = res.status();
-    let ct = res.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
+    let ct = res
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string());
     let body: Value = res.json().await.expect("problem body is JSON");
-    assert_eq!(ct.as_deref(), Some("application/problem+json"), "{status} {body}");
+    assert_eq!(
+        ct.as_deref(),
+        Some("application/problem+json"),
+        "{status} {body}"
+    );
     assert!(status.is_client_error(), "{status} {body}");
     assert_eq!(body["status"], status.as_u16());
     assert!(body["type"].as_str().unwrap().starts_with("https://"));
@@ -22,7 +29,16 @@ async fn problem(res: reqwest::Response) -> (StatusCode, Value) {
 fn fields(body: &Value) -> Vec<(Option<i64>, String)> {
     body["errors"]
         .as_array()
-        .map(|a| a.iter().map(|e| (e["index"].as_i64(), e["field"].as_str().unwrap().to_string())).collect())
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    (
+                        e["index"].as_i64(),
+                        e["field"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -37,7 +53,10 @@ async fn bad_requests_get_clear_problems() {
     let t = create_tenant(&pool, "attacked").await;
     let url = format!("{}/v1/events", ingest.url());
     let send = |body: Vec<u8>, key: Option<&str>| {
-        let mut r = client.post(&url).header("content-type", "application/json").body(body);
+        let mut r = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body);
         if let Some(k) = key {
             r = r.header("x-api-key", k.to_string());
         }
@@ -56,7 +75,10 @@ async fn bad_requests_get_clear_problems() {
     assert_eq!(s, 422);
     assert_eq!(
         fields(&b),
-        vec![(Some(1), "data.duration_ms".to_string()), (Some(1), "data.user_id".to_string())],
+        vec![
+            (Some(1), "data.duration_ms".to_string()),
+            (Some(1), "data.user_id".to_string())
+        ],
         "{b}"
     );
 
@@ -70,7 +92,10 @@ async fn bad_requests_get_clear_problems() {
     let body = json!({"type": "agent.interacted", "occurred_at": ago(1), "data": {"user_id": "u", "agent_name": "", "interaction_type": "chat", "input_tokens": -1, "duration_ms": 3_600_001, "status": "success"}});
     let (_, b) = problem(send(serde_json::to_vec(&body).unwrap(), k).await.unwrap()).await;
     let f: Vec<String> = fields(&b).into_iter().map(|(_, f)| f).collect();
-    assert_eq!(f, ["data.agent_name", "data.input_tokens", "data.duration_ms"]);
+    assert_eq!(
+        f,
+        ["data.agent_name", "data.input_tokens", "data.duration_ms"]
+    );
 
     // 1 001 events.
     let body = Value::Array((0..1001).map(|_| command("u", "c", 1, true)).collect());
@@ -86,13 +111,27 @@ async fn bad_requests_get_clear_problems() {
     gz.write_all(&vec![b' '; 11 * 1024 * 1024]).unwrap();
     let bomb = gz.finish().unwrap();
     assert!(bomb.len() < 100_000);
-    let res = client.post(&url).header("content-type", "application/json").header("content-encoding", "gzip")
-        .header("x-api-key", &t.ingest_key).body(bomb).send().await.unwrap();
+    let res = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .header("x-api-key", &t.ingest_key)
+        .body(bomb)
+        .send()
+        .await
+        .unwrap();
     let (s, _) = problem(res).await;
     assert_eq!(s, 413);
 
     // Wrong content type, empty batch, a scalar body.
-    let res = client.post(&url).header("content-type", "text/plain").header("x-api-key", &t.ingest_key).body("hi").send().await.unwrap();
+    let res = client
+        .post(&url)
+        .header("content-type", "text/plain")
+        .header("x-api-key", &t.ingest_key)
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(problem(res).await.0, 415);
     assert_eq!(problem(send(b"[]".to_vec(), k).await.unwrap()).await.0, 422);
     assert_eq!(problem(send(b"42".to_vec(), k).await.unwrap()).await.0, 422);
@@ -101,9 +140,24 @@ async fn bad_requests_get_clear_problems() {
     let ok = serde_json::to_vec(&command("u", "c", 1, true)).unwrap();
     assert_eq!(problem(send(ok.clone(), None).await.unwrap()).await.0, 401);
     let unknown = shared::apikey::generate().secret;
-    assert_eq!(problem(send(ok.clone(), Some(&unknown)).await.unwrap()).await.0, 401);
-    assert_eq!(problem(send(ok.clone(), Some("' OR 1=1 --")).await.unwrap()).await.0, 401);
-    assert_eq!(problem(send(ok.clone(), Some(&t.read_key)).await.unwrap()).await.0, 403);
+    assert_eq!(
+        problem(send(ok.clone(), Some(&unknown)).await.unwrap())
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        problem(send(ok.clone(), Some("' OR 1=1 --")).await.unwrap())
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        problem(send(ok.clone(), Some(&t.read_key)).await.unwrap())
+            .await
+            .0,
+        403
+    );
     // The body cannot choose the tenant.
     let mut forged = command("u", "c", 1, true);
     forged["tenant_id"] = json!(uuid::Uuid::new_v4());
@@ -113,9 +167,18 @@ async fn bad_requests_get_clear_problems() {
 
     // The read side: ingest keys cannot read, bad parameters are 400s.
     let q = query.url();
-    let res = client.get(format!("{q}/v1/dashboard/overview")).bearer_auth(&t.ingest_key).send().await.unwrap();
+    let res = client
+        .get(format!("{q}/v1/dashboard/overview"))
+        .bearer_auth(&t.ingest_key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(problem(res).await.0, 403);
-    let res = client.get(format!("{q}/v1/dashboard/overview")).send().await.unwrap();
+    let res = client
+        .get(format!("{q}/v1/dashboard/overview"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(problem(res).await.0, 401);
     for params in [
         "range=2y",
@@ -124,14 +187,35 @@ async fn bad_requests_get_clear_problems() {
         "from=2025-01-01T00:00:00Z&to=2025-12-01T00:00:00Z",
         "range=24h&from=2026-01-01T00:00:00Z",
     ] {
-        let res = client.get(format!("{q}/v1/dashboard/overview?{params}")).bearer_auth(&t.read_key).send().await.unwrap();
+        let res = client
+            .get(format!("{q}/v1/dashboard/overview?{params}"))
+            .bearer_auth(&t.read_key)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(problem(res).await.0, 400, "{params}");
     }
-    for params in ["group_by=planet", "bucket=7m", "bucket=1m&range=90d", "type=nope", "group_by=tool&type=command.executed", "group_by=user'--"] {
-        let res = client.get(format!("{q}/v1/dashboard/timeseries?{params}")).bearer_auth(&t.read_key).send().await.unwrap();
+    for params in [
+        "group_by=planet",
+        "bucket=7m",
+        "bucket=1m&range=90d",
+        "type=nope",
+        "group_by=tool&type=command.executed",
+        "group_by=user'--",
+    ] {
+        let res = client
+            .get(format!("{q}/v1/dashboard/timeseries?{params}"))
+            .bearer_auth(&t.read_key)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(problem(res).await.0, 400, "{params}");
     }
-    let res = client.get(format!("{q}/v1/nothing-here")).send().await.unwrap();
+    let res = client
+        .get(format!("{q}/v1/nothing-here"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(problem(res).await.0, 404);
 
     // Nothing was accepted: the topic holds no record from these requests.
@@ -149,7 +233,12 @@ async fn topic_size(common: &shared::config::Common) -> i64 {
     let topic = common.metrics_topic();
     tokio::task::spawn_blocking(move || {
         (0..4)
-            .map(|p| consumer.fetch_watermarks(&topic, p, std::time::Duration::from_secs(5)).unwrap().1)
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(&topic, p, std::time::Duration::from_secs(5))
+                    .unwrap()
+                    .1
+            })
             .sum()
     })
     .await

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Starts or stops Tally's own services (ingest-api, projector, query-api) as background
+# processes on loopback, with logs in $TALLY_HOME/logs and pid files in $TALLY_HOME/run.
+#   services.sh start <bin-dir>   idempotent: a service whose pid is alive is left alone
+#   services.sh stop              SIGTERM (graceful: drain, flush, commit), then SIGKILL after 30 s
+#   services.sh status
+# Ports: TALLY_INGEST_PORT (8080), TALLY_QUERY_PORT (8081), TALLY_PROJECTOR_PORT (9102).
+set -euo pipefail
+
+# shellcheck source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+TALLY_INGEST_PORT="${TALLY_INGEST_PORT:-8080}"
+TALLY_QUERY_PORT="${TALLY_QUERY_PORT:-8081}"
+TALLY_PROJECTOR_PORT="${TALLY_PROJECTOR_PORT:-9102}"
+SERVICES=(projector ingest-api query-api)
+
+port_of() {
+    case $1 in
+        ingest-api) echo "$TALLY_INGEST_PORT" ;;
+        query-api) echo "$TALLY_QUERY_PORT" ;;
+        projector) echo "$TALLY_PROJECTOR_PORT" ;;
+    esac
+}
+
+ready() {
+    curl -fs -o /dev/null --max-time 2 "http://127.0.0.1:$1/readyz"
+}
+
+start() {
+    local bin_dir=$1
+    mkdir -p "$TALLY_LOGS" "$TALLY_RUN"
+    command -v curl >/dev/null || apt_install curl ca-certificates
+    for svc in "${SERVICES[@]}"; do
+        [ -x "$bin_dir/$svc" ] || die "$bin_dir/$svc is missing: build first (make build)"
+    done
+    say "applying migrations"
+    "$bin_dir/projector" migrate >>"$TALLY_LOGS/projector.log" 2>&1 ||
+        { show_log_tail "$TALLY_LOGS/projector.log"; die "migrations failed"; }
+    for svc in "${SERVICES[@]}"; do
+        local pidfile="$TALLY_RUN/$svc.pid" port log pid
+        port=$(port_of "$svc")
+        log="$TALLY_LOGS/$svc.log"
+        pid=$(read_pid "$pidfile")
+        if pid_alive "$pid"; then
+            say "$svc: already running (pid $pid, port $port)"
+            continue
+        fi
+        port_open "$port" && die "$svc: port $port is taken by another process"
+        TALLY_HTTP_ADDR="127.0.0.1:$port" TALLY_LOG_FORMAT="${TALLY_LOG_FORMAT:-json}" \
+            nohup "$bin_dir/$svc" >>"$log" 2>&1 </dev/null &
+        echo $! >"$pidfile"
+        say "$svc: starting (pid $!, port $port, log $log)"
+    done
+    for svc in "${SERVICES[@]}"; do
+        local port
+        port=$(port_of "$svc")
+        wait_until 60 ready "$port" ||
+            { show_log_tail "$TALLY_LOGS/$svc.log"; die "$svc: not ready after 60 s"; }
+        say "$svc: ready on http://127.0.0.1:$port"
+    done
+}
+
+stop() {
+    for svc in "${SERVICES[@]}"; do
+        local pidfile="$TALLY_RUN/$svc.pid" pid
+        pid=$(read_pid "$pidfile")
+        if ! pid_alive "$pid"; then
+            rm -f "$pidfile"
+            continue
+        fi
+        kill -TERM "$pid" 2>/dev/null || true
+        if ! wait_until 30 bash -c "! kill -0 $pid 2>/dev/null"; then
+            warn "$svc: still running after 30 s; killing"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        rm -f "$pidfile"
+        say "$svc: stopped"
+    done
+}
+
+status() {
+    for svc in "${SERVICES[@]}"; do
+        local pid port state=down
+        pid=$(read_pid "$TALLY_RUN/$svc.pid")
+        port=$(port_of "$svc")
+        pid_alive "$pid" && state=up
+        printf '%-10s %-5s port %-6s pid %s\n' "$svc" "$state" "$port" "${pid:--}"
+    done
+}
+
+case "${1:-}" in
+    start) start "${2:?usage: services.sh start <bin-dir>}" ;;
+    stop) stop ;;
+    status) status ;;
+    *) die "usage: services.sh start <bin-dir> | stop | status" ;;
+esac
