@@ -106,7 +106,11 @@ pub async fn run(pool: &PgPool, cmd: AdminCommand) -> anyhow::Result<()> {
                 println!("{id}\t{status}\t{name}");
             }
         }
-        AdminCommand::ApiKey(ApiKeyCommand::Create { tenant, scope, name }) => {
+        AdminCommand::ApiKey(ApiKeyCommand::Create {
+            tenant,
+            scope,
+            name,
+        }) => {
             let scope = Scope::parse(&scope).expect("clap checked the scope");
             let (_, secret) = create_api_key(pool, TenantId(tenant), scope, &name).await?;
             println!("{secret}");
@@ -120,7 +124,10 @@ pub async fn run(pool: &PgPool, cmd: AdminCommand) -> anyhow::Result<()> {
             .await?
             .rows_affected();
             anyhow::ensure!(n == 1, "no active key {id}");
-            println!("revoked {id} (caches forget it within {} s)", shared::auth::KEY_CACHE_TTL.as_secs());
+            println!(
+                "revoked {id} (caches forget it within {} s)",
+                shared::auth::KEY_CACHE_TTL.as_secs()
+            );
         }
         AdminCommand::ApiKey(ApiKeyCommand::List { tenant }) => {
             let rows: Vec<(Uuid, String, String, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(

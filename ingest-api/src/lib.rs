@@ -34,15 +34,22 @@ impl App {
         config.check().map_err(anyhow::Error::msg)?;
         let common = &config.common;
         let pool = shared::db::pool(common, "tally-ingest-api")?;
-        shared::kafka::ensure_topics(common, &[common.metrics_topic(), common.metrics_dlq_topic()])
-            .await
-            .context("creating topics")?;
-        let producer = shared::kafka::producer(common, Duration::from_millis(config.produce_timeout_ms))?;
+        shared::kafka::ensure_topics(
+            common,
+            &[common.metrics_topic(), common.metrics_dlq_topic()],
+        )
+        .await
+        .context("creating topics")?;
+        let producer =
+            shared::kafka::producer(common, Duration::from_millis(config.produce_timeout_ms))?;
         let redis = match redis::Client::open(common.redis_url.as_str()) {
-            Ok(c) => tokio::time::timeout(Duration::from_secs(2), redis::aio::ConnectionManager::new(c))
-                .await
-                .ok()
-                .and_then(Result::ok),
+            Ok(c) => tokio::time::timeout(
+                Duration::from_secs(2),
+                redis::aio::ConnectionManager::new(c),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok),
             Err(_) => None,
         };
         let listener = TcpListener::bind(&config.http_addr)
@@ -80,7 +87,10 @@ impl App {
 
     /// Serves until `stop` resolves; then turns unready, drains requests and flushes the
     /// producer so nothing acknowledged is left behind.
-    pub async fn run_until(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run_until(
+        self,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
         axum::serve(self.listener, Self::router(state.clone()))

@@ -33,7 +33,11 @@ pub struct ProjectorContext {
 impl ClientContext for ProjectorContext {}
 
 impl ConsumerContext for ProjectorContext {
-    fn post_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
         let parts: Vec<i32> = match rebalance {
             Rebalance::Assign(tpl) | Rebalance::Revoke(tpl) => {
                 tpl.elements().iter().map(|e| e.partition()).collect()
@@ -43,11 +47,15 @@ impl ConsumerContext for ProjectorContext {
                 Vec::new()
             }
         };
-        tracing::info!(?parts, kind = match rebalance {
-            Rebalance::Assign(_) => "assign",
-            Rebalance::Revoke(_) => "revoke",
-            Rebalance::Error(_) => "error",
-        }, "rebalance");
+        tracing::info!(
+            ?parts,
+            kind = match rebalance {
+                Rebalance::Assign(_) => "assign",
+                Rebalance::Revoke(_) => "revoke",
+                Rebalance::Error(_) => "error",
+            },
+            "rebalance"
+        );
         self.log.0.lock().expect("rebalance log").extend(parts);
     }
 }
@@ -113,7 +121,10 @@ impl Projector {
                 .set("enable.auto.commit", "false")
                 .set("enable.auto.offset.store", "false")
                 .set("auto.offset.reset", "earliest")
-                .set("session.timeout.ms", config.consumer_session_timeout_ms.to_string())
+                .set(
+                    "session.timeout.ms",
+                    config.consumer_session_timeout_ms.to_string(),
+                )
                 .set("heartbeat.interval.ms", "1000")
                 .set("fetch.wait.max.ms", "50")
                 .set("max.partition.fetch.bytes", "4194304")
@@ -137,7 +148,11 @@ impl Projector {
     }
 
     /// Runs until `stop` flips; finishes and commits the batch in hand before returning.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>, shutdown: ShutdownFlag) -> anyhow::Result<()> {
+    pub async fn run(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+        shutdown: ShutdownFlag,
+    ) -> anyhow::Result<()> {
         let linger = Duration::from_millis(self.config.batch_linger_ms);
         let mut pending = Pending::default();
         // A record borrows its consumer; borrow a handle of our own so `self` stays free.
@@ -204,37 +219,58 @@ impl Projector {
                 }
             }
         };
-        let pos = stored.get(&partition).map_or(Position::Fresh, |o| Position::Expect(*o));
+        let pos = stored
+            .get(&partition)
+            .map_or(Position::Fresh, |o| Position::Expect(*o));
         self.positions.insert(partition, pos);
         Ok(pos)
     }
 
-    async fn accept(&mut self, m: &BorrowedMessage<'_>, pending: &mut Pending) -> anyhow::Result<()> {
+    async fn accept(
+        &mut self,
+        m: &BorrowedMessage<'_>,
+        pending: &mut Pending,
+    ) -> anyhow::Result<()> {
         let (partition, offset) = (m.partition(), m.offset());
         match self.position(partition).await? {
             Position::Expect(next) if offset < next => return Ok(()), // already projected
             Position::Expect(next) if offset > next => {
-                tracing::warn!(partition, offset, next, "gap before stored offset; seeking back");
+                tracing::warn!(
+                    partition,
+                    offset,
+                    next,
+                    "gap before stored offset; seeking back"
+                );
                 self.positions.remove(&partition);
-                if let Err(e) = self.consumer.seek(&self.topic, partition, Offset::Offset(next), Duration::from_secs(5)) {
+                if let Err(e) = self.consumer.seek(
+                    &self.topic,
+                    partition,
+                    Offset::Offset(next),
+                    Duration::from_secs(5),
+                ) {
                     tracing::warn!(error = %e, partition, "seek failed");
                 }
                 return Ok(());
             }
             _ => {}
         }
-        self.positions.insert(partition, Position::Expect(offset + 1));
+        self.positions
+            .insert(partition, Position::Expect(offset + 1));
         pending
             .offsets
             .entry(partition)
             .and_modify(|r| r.end = offset + 1)
-            .or_insert(OffsetRange { start: offset, end: offset + 1 });
+            .or_insert(OffsetRange {
+                start: offset,
+                end: offset + 1,
+            });
         pending.started.get_or_insert_with(Instant::now);
 
         match decode(m.payload()) {
             Ok(d) => {
                 let known = loop {
-                    match store::tenant_known(&self.pool, &mut self.prepared, d.env.tenant_id).await {
+                    match store::tenant_known(&self.pool, &mut self.prepared, d.env.tenant_id).await
+                    {
                         Ok(k) => break k,
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot check tenant; retrying");
@@ -245,7 +281,9 @@ impl Projector {
                 if known {
                     pending.events.push(d);
                 } else {
-                    pending.poison.push(poison(m, format!("unknown tenant {}", d.env.tenant_id)));
+                    pending
+                        .poison
+                        .push(poison(m, format!("unknown tenant {}", d.env.tenant_id)));
                 }
             }
             Err(error) => pending.poison.push(poison(m, error)),
@@ -264,8 +302,23 @@ impl Projector {
         let mut backoff = Duration::from_millis(200);
         let result = loop {
             let attempt = async {
-                store::prepare(&self.pool, &mut self.prepared, self.version, self.config.partitions_ahead_days, &batch.events).await?;
-                store::write(&self.pool, &self.config.projection, &self.topic, self.version, &batch.events, &batch.offsets).await
+                store::prepare(
+                    &self.pool,
+                    &mut self.prepared,
+                    self.version,
+                    self.config.partitions_ahead_days,
+                    &batch.events,
+                )
+                .await?;
+                store::write(
+                    &self.pool,
+                    &self.config.projection,
+                    &self.topic,
+                    self.version,
+                    &batch.events,
+                    &batch.offsets,
+                )
+                .await
             };
             match attempt.await {
                 Err(WriteError::Db(e)) => {
@@ -280,9 +333,12 @@ impl Projector {
         };
         match result {
             Ok(written) => {
-                metrics::counter!("projector_events_total", "outcome" => "inserted").increment(written.inserted);
-                metrics::counter!("projector_events_total", "outcome" => "duplicate").increment(written.duplicates);
-                metrics::histogram!("projector_batch_seconds").record(started.elapsed().as_secs_f64());
+                metrics::counter!("projector_events_total", "outcome" => "inserted")
+                    .increment(written.inserted);
+                metrics::counter!("projector_events_total", "outcome" => "duplicate")
+                    .increment(written.duplicates);
+                metrics::histogram!("projector_batch_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 metrics::histogram!("projector_batch_events").record(batch.len() as f64);
                 self.acknowledge(&batch.offsets);
                 self.notify(&written.tenants).await;
@@ -293,12 +349,18 @@ impl Projector {
                 for p in batch.offsets.keys() {
                     self.positions.remove(p);
                 }
-                let stored = store::stored_offsets(&self.pool, &self.config.projection, &self.topic)
-                    .await
-                    .unwrap_or_default();
+                let stored =
+                    store::stored_offsets(&self.pool, &self.config.projection, &self.topic)
+                        .await
+                        .unwrap_or_default();
                 for p in batch.offsets.keys() {
                     if let Some(o) = stored.get(p) {
-                        let _ = self.consumer.seek(&self.topic, *p, Offset::Offset(*o), Duration::from_secs(5));
+                        let _ = self.consumer.seek(
+                            &self.topic,
+                            *p,
+                            Offset::Offset(*o),
+                            Duration::from_secs(5),
+                        );
                     }
                 }
             }
@@ -312,11 +374,24 @@ impl Projector {
         for p in poison {
             loop {
                 let headers = OwnedHeaders::new()
-                    .insert(Header { key: "tally-source-topic", value: Some(self.topic.as_bytes()) })
-                    .insert(Header { key: "tally-source-partition", value: Some(p.partition.to_string().as_bytes()) })
-                    .insert(Header { key: "tally-source-offset", value: Some(p.offset.to_string().as_bytes()) })
-                    .insert(Header { key: "tally-error", value: Some(p.error.as_bytes()) });
-                let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.dlq_topic).headers(headers);
+                    .insert(Header {
+                        key: "tally-source-topic",
+                        value: Some(self.topic.as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "tally-source-partition",
+                        value: Some(p.partition.to_string().as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "tally-source-offset",
+                        value: Some(p.offset.to_string().as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "tally-error",
+                        value: Some(p.error.as_bytes()),
+                    });
+                let mut rec: FutureRecord<'_, [u8], [u8]> =
+                    FutureRecord::to(&self.dlq_topic).headers(headers);
                 if let Some(k) = &p.key {
                     rec = rec.key(k.as_slice());
                 }
@@ -352,7 +427,9 @@ impl Projector {
     /// Tells query-api (caches, live feed) that tenants advanced. Best effort: the truth is
     /// in PostgreSQL, so a missed notification only delays a live update.
     async fn notify(&mut self, tenants: &[(shared::tenant::TenantId, i64)]) {
-        let Some(redis) = self.redis.as_mut() else { return };
+        let Some(redis) = self.redis.as_mut() else {
+            return;
+        };
         for (t, seq) in tenants {
             let r: redis::RedisResult<()> = redis::cmd("PUBLISH")
                 .arg(shared::watermark::channel(t))
@@ -369,9 +446,13 @@ impl Projector {
 
 fn decode(payload: Option<&[u8]>) -> Result<Decoded, String> {
     let bytes = payload.ok_or("record has no payload")?;
-    let env: Envelope = serde_json::from_slice(bytes).map_err(|e| format!("undecodable envelope: {e}"))?;
+    let env: Envelope =
+        serde_json::from_slice(bytes).map_err(|e| format!("undecodable envelope: {e}"))?;
     let payload = env.payload().map_err(|errs| {
-        let parts: Vec<String> = errs.iter().map(|e| format!("{}: {}", e.field, e.reason)).collect();
+        let parts: Vec<String> = errs
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.reason))
+            .collect();
         format!("invalid payload: {}", parts.join("; "))
     })?;
     Ok(Decoded { env, payload })

@@ -59,15 +59,21 @@ impl App {
         let metrics = shared::telemetry::prometheus();
         let pool = shared::db::pool(&config.common, "tally-projector")?;
         let common = &config.common;
-        shared::kafka::ensure_topics(common, &[common.metrics_topic(), common.metrics_dlq_topic()])
-            .await
-            .context("creating topics")?;
+        shared::kafka::ensure_topics(
+            common,
+            &[common.metrics_topic(), common.metrics_dlq_topic()],
+        )
+        .await
+        .context("creating topics")?;
         let version = active_version(&pool, &config.projection).await?;
         let redis = match redis::Client::open(common.redis_url.as_str()) {
-            Ok(c) => tokio::time::timeout(Duration::from_secs(2), redis::aio::ConnectionManager::new(c))
-                .await
-                .ok()
-                .and_then(Result::ok),
+            Ok(c) => tokio::time::timeout(
+                Duration::from_secs(2),
+                redis::aio::ConnectionManager::new(c),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok),
             Err(_) => None,
         };
         if redis.is_none() {
@@ -82,7 +88,11 @@ impl App {
             metrics,
         };
         let projector = consumer::Projector::new(config, pool, redis, version)?;
-        Ok(App { listener, projector, state })
+        Ok(App {
+            listener,
+            projector,
+            state,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -91,7 +101,10 @@ impl App {
 
     /// Runs until `stop` fires (SIGTERM in `main`): then stops consuming, commits the batch
     /// in hand and returns.
-    pub async fn run_until(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run_until(
+        self,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let (tx, rx) = watch::channel(false);
         tokio::spawn(async move {
             stop.await;
@@ -100,7 +113,10 @@ impl App {
         let router = Router::new()
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
-            .route("/metrics", get(|State(s): State<HttpState>| async move { s.metrics.render() }))
+            .route(
+                "/metrics",
+                get(|State(s): State<HttpState>| async move { s.metrics.render() }),
+            )
             .with_state(self.state.clone());
         let mut http_stop = rx.clone();
         let server = axum::serve(self.listener, router).with_graceful_shutdown(async move {
@@ -118,7 +134,11 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, &'static str) {
     if s.shutdown.is_set() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
-    let db = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&s.pool)).await;
+    let db = tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(&s.pool),
+    )
+    .await;
     match db {
         Ok(Ok(_)) => (StatusCode::OK, "ready"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "postgres unreachable"),

@@ -83,7 +83,10 @@ impl Default for Measures {
 
 /// Folds rows into rollup deltas for one grain. Keys come out sorted, so concurrent
 /// projector instances upsert rollup rows in the same order and cannot deadlock.
-pub fn fold<'a>(rows: impl IntoIterator<Item = &'a RawRow>, grain: Grain) -> BTreeMap<Key, Measures> {
+pub fn fold<'a>(
+    rows: impl IntoIterator<Item = &'a RawRow>,
+    grain: Grain,
+) -> BTreeMap<Key, Measures> {
     let mut out: BTreeMap<Key, Measures> = BTreeMap::new();
     for r in rows {
         let key = Key {
@@ -139,9 +142,18 @@ mod tests {
     #[test]
     fn buckets_align_like_date_bin() {
         let t = Utc.with_ymd_and_hms(2026, 11, 25, 13, 47, 59).unwrap();
-        assert_eq!(Grain::Minute.bucket(t), Utc.with_ymd_and_hms(2026, 11, 25, 13, 47, 0).unwrap());
-        assert_eq!(Grain::Hour.bucket(t), Utc.with_ymd_and_hms(2026, 11, 25, 13, 0, 0).unwrap());
-        assert_eq!(Grain::Day.bucket(t), Utc.with_ymd_and_hms(2026, 11, 25, 0, 0, 0).unwrap());
+        assert_eq!(
+            Grain::Minute.bucket(t),
+            Utc.with_ymd_and_hms(2026, 11, 25, 13, 47, 0).unwrap()
+        );
+        assert_eq!(
+            Grain::Hour.bucket(t),
+            Utc.with_ymd_and_hms(2026, 11, 25, 13, 0, 0).unwrap()
+        );
+        assert_eq!(
+            Grain::Day.bucket(t),
+            Utc.with_ymd_and_hms(2026, 11, 25, 0, 0, 0).unwrap()
+        );
     }
 
     #[test]
@@ -159,7 +171,14 @@ mod tests {
         assert_eq!(hour.len(), 2);
         let a = hour.iter().find(|(k, _)| k.user_id == "a").unwrap().1;
         assert_eq!(
-            (a.count, a.errors, a.duration_sum, a.duration_max, a.input_tokens, a.output_tokens),
+            (
+                a.count,
+                a.errors,
+                a.duration_sum,
+                a.duration_max,
+                a.input_tokens,
+                a.output_tokens
+            ),
             (3, 1, 45, 30, 3, 6)
         );
         assert_eq!(a.value_sum, 1.5);

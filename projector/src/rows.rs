@@ -195,7 +195,10 @@ pub fn fold_sessions<'a>(
                 u.user_id = p.user_id.clone();
                 u.team_id = s(&p.team_id);
                 u.project_id = s(&p.project_id);
-                u.started_at = Some(u.started_at.map_or(env.occurred_at, |t| t.min(env.occurred_at)));
+                u.started_at = Some(
+                    u.started_at
+                        .map_or(env.occurred_at, |t| t.min(env.occurred_at)),
+                );
             }
             Payload::SessionEnded(p) => {
                 let u = by_id.entry(p.session_id.clone()).or_default();
@@ -203,7 +206,10 @@ pub fn fold_sessions<'a>(
                 u.user_id = p.user_id.clone();
                 u.team_id = s(&p.team_id);
                 u.project_id = s(&p.project_id);
-                u.ended_at = Some(u.ended_at.map_or(env.occurred_at, |t| t.max(env.occurred_at)));
+                u.ended_at = Some(
+                    u.ended_at
+                        .map_or(env.occurred_at, |t| t.max(env.occurred_at)),
+                );
                 u.commands_executed = p.commands_executed.or(u.commands_executed);
                 u.productivity_score = p.productivity_score.or(u.productivity_score);
                 if !p.agents_used.is_empty() {

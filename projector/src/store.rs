@@ -73,10 +73,11 @@ pub async fn tenant_known(
     if prepared.unknown_tenants.contains(&tenant) {
         return Ok(false);
     }
-    let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM control.tenants WHERE id = $1)")
-        .bind(tenant.0)
-        .fetch_one(pool)
-        .await?;
+    let known: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM control.tenants WHERE id = $1)")
+            .bind(tenant.0)
+            .fetch_one(pool)
+            .await?;
     if !known {
         prepared.unknown_tenants.insert(tenant);
     }
@@ -172,7 +173,8 @@ async fn write_tenant(
     }
     let mut inserted_rows: Vec<&RawRow> = Vec::with_capacity(rows.len());
     for (table, rows) in by_table {
-        let mut new_ids: HashSet<Uuid> = insert_raw(conn, table, &rows).await?.into_iter().collect();
+        let mut new_ids: HashSet<Uuid> =
+            insert_raw(conn, table, &rows).await?.into_iter().collect();
         // `remove` makes a duplicate id inside the same batch count once.
         inserted_rows.extend(rows.into_iter().filter(|r| new_ids.remove(&r.event_id)));
     }
@@ -310,14 +312,44 @@ async fn upsert_sessions(
             agents_used = CASE WHEN cardinality(EXCLUDED.agents_used) > 0
                                THEN EXCLUDED.agents_used ELSE s.agents_used END",
     )
-    .bind(sessions.iter().map(|s| s.session_id.as_str()).collect::<Vec<_>>())
-    .bind(sessions.iter().map(|s| s.user_id.as_str()).collect::<Vec<_>>())
-    .bind(sessions.iter().map(|s| s.team_id.as_str()).collect::<Vec<_>>())
-    .bind(sessions.iter().map(|s| s.project_id.as_str()).collect::<Vec<_>>())
+    .bind(
+        sessions
+            .iter()
+            .map(|s| s.session_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        sessions
+            .iter()
+            .map(|s| s.user_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        sessions
+            .iter()
+            .map(|s| s.team_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        sessions
+            .iter()
+            .map(|s| s.project_id.as_str())
+            .collect::<Vec<_>>(),
+    )
     .bind(sessions.iter().map(|s| s.started_at).collect::<Vec<_>>())
     .bind(sessions.iter().map(|s| s.ended_at).collect::<Vec<_>>())
-    .bind(sessions.iter().map(|s| s.commands_executed).collect::<Vec<_>>())
-    .bind(sessions.iter().map(|s| s.productivity_score).collect::<Vec<_>>())
+    .bind(
+        sessions
+            .iter()
+            .map(|s| s.commands_executed)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        sessions
+            .iter()
+            .map(|s| s.productivity_score)
+            .collect::<Vec<_>>(),
+    )
     .bind(agents)
     .execute(conn)
     .await?;

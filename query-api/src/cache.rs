@@ -51,7 +51,9 @@ impl Cache {
     }
 
     pub async fn put(&self, key: &str, value: &[u8]) {
-        let Some(mut conn) = self.conn.clone() else { return };
+        let Some(mut conn) = self.conn.clone() else {
+            return;
+        };
         let _ = tokio::time::timeout(
             CACHE_TIMEOUT,
             conn.set_ex::<_, _, ()>(key, value, self.ttl_secs),

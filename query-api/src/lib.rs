@@ -52,7 +52,10 @@ impl App {
     pub fn router(state: AppState) -> Router {
         Router::new()
             .route("/v1/dashboard/overview", get(routes::dashboard::overview))
-            .route("/v1/dashboard/timeseries", get(routes::dashboard::timeseries))
+            .route(
+                "/v1/dashboard/timeseries",
+                get(routes::dashboard::timeseries),
+            )
             .route("/openapi.json", get(routes::health::openapi))
             .route("/healthz", get(routes::health::healthz))
             .route("/readyz", get(routes::health::readyz))
@@ -62,7 +65,10 @@ impl App {
             .with_state(state)
     }
 
-    pub async fn run_until(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run_until(
+        self,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
         axum::serve(self.listener, Self::router(state.clone()))

@@ -11,7 +11,13 @@ pub struct TimeRange {
 }
 
 /// Range presets.
-pub const PRESETS: [(&str, i64); 5] = [("1h", 1), ("24h", 24), ("7d", 168), ("30d", 720), ("90d", 2160)];
+pub const PRESETS: [(&str, i64); 5] = [
+    ("1h", 1),
+    ("24h", 24),
+    ("7d", 168),
+    ("30d", 720),
+    ("90d", 2160),
+];
 
 impl TimeRange {
     /// From `range` (a preset) or `from`/`to` (RFC 3339; `to` defaults to now). Widened to
@@ -26,11 +32,18 @@ impl TimeRange {
         let minute = TimeDelta::minutes(1);
         let ceil = |t: DateTime<Utc>| {
             let f = t.duration_trunc(minute).expect("minute truncation");
-            if f == t { f } else { f + minute }
+            if f == t {
+                f
+            } else {
+                f + minute
+            }
         };
         let (from, to) = match (range, from) {
             (Some(_), Some(_)) => {
-                return Err(FieldError::new("range", "give either `range` or `from`/`to`, not both"))
+                return Err(FieldError::new(
+                    "range",
+                    "give either `range` or `from`/`to`, not both",
+                ))
             }
             (Some(r), None) => {
                 let hours = PRESETS
@@ -60,7 +73,10 @@ impl TimeRange {
                 (now - TimeDelta::hours(24), now)
             }
         };
-        let (from, to) = (from.duration_trunc(minute).expect("minute truncation"), ceil(to));
+        let (from, to) = (
+            from.duration_trunc(minute).expect("minute truncation"),
+            ceil(to),
+        );
         if from >= to {
             return Err(FieldError::new("to", "`to` must be after `from`"));
         }
@@ -181,8 +197,18 @@ mod tests {
     fn presets_and_explicit_ranges_parse() {
         let r = TimeRange::parse(Some("1h"), None, None, now(), 90).unwrap();
         assert_eq!(r.to, Utc.with_ymd_and_hms(2026, 11, 25, 12, 31, 0).unwrap());
-        assert_eq!(r.from, Utc.with_ymd_and_hms(2026, 11, 25, 11, 30, 0).unwrap());
-        let r = TimeRange::parse(None, Some("2026-11-01T00:00:00Z"), Some("2026-11-02T00:00:00Z"), now(), 90).unwrap();
+        assert_eq!(
+            r.from,
+            Utc.with_ymd_and_hms(2026, 11, 25, 11, 30, 0).unwrap()
+        );
+        let r = TimeRange::parse(
+            None,
+            Some("2026-11-01T00:00:00Z"),
+            Some("2026-11-02T00:00:00Z"),
+            now(),
+            90,
+        )
+        .unwrap();
         assert_eq!(Grain::for_range(&r), Grain::Day);
         let d = TimeRange::parse(None, None, None, now(), 90).unwrap();
         assert_eq!(d.to - d.from, TimeDelta::hours(24) + TimeDelta::minutes(1));
@@ -194,8 +220,18 @@ mod tests {
             (Some("2y"), None, None, "range"),
             (Some("1h"), Some("2026-11-01T00:00:00Z"), None, "range"),
             (None, Some("yesterday"), None, "from"),
-            (None, Some("2026-11-02T00:00:00Z"), Some("2026-11-01T00:00:00Z"), "to"),
-            (None, Some("2026-01-01T00:00:00Z"), Some("2026-11-01T00:00:00Z"), "from"),
+            (
+                None,
+                Some("2026-11-02T00:00:00Z"),
+                Some("2026-11-01T00:00:00Z"),
+                "to",
+            ),
+            (
+                None,
+                Some("2026-01-01T00:00:00Z"),
+                Some("2026-11-01T00:00:00Z"),
+                "from",
+            ),
             (None, None, Some("2026-11-01T00:00:00Z"), "from"),
         ];
         for (range, from, to, field) in cases {
@@ -206,11 +242,25 @@ mod tests {
 
     #[test]
     fn series_read_the_coarsest_exact_rollup() {
-        let day = TimeRange::parse(None, Some("2026-11-01T00:00:00Z"), Some("2026-11-03T00:00:00Z"), now(), 90).unwrap();
+        let day = TimeRange::parse(
+            None,
+            Some("2026-11-01T00:00:00Z"),
+            Some("2026-11-03T00:00:00Z"),
+            now(),
+            90,
+        )
+        .unwrap();
         assert_eq!(Grain::for_series(Bucket::M5, &day), Grain::Minute);
         assert_eq!(Grain::for_series(Bucket::H1, &day), Grain::Hour);
         assert_eq!(Grain::for_series(Bucket::W1, &day), Grain::Day);
-        let odd = TimeRange::parse(None, Some("2026-11-01T00:07:00Z"), Some("2026-11-03T00:00:00Z"), now(), 90).unwrap();
+        let odd = TimeRange::parse(
+            None,
+            Some("2026-11-01T00:07:00Z"),
+            Some("2026-11-03T00:00:00Z"),
+            now(),
+            90,
+        )
+        .unwrap();
         assert_eq!(Grain::for_series(Bucket::D1, &odd), Grain::Minute);
         assert!(Bucket::parse("2h").is_err());
     }

@@ -28,8 +28,11 @@ pub const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct ApiKeyStore {
     pool: PgPool,
-    cache: Arc<Mutex<HashMap<Vec<u8>, (KeyPrincipal, Instant)>>>,
+    cache: Arc<Mutex<KeyCache>>,
 }
+
+/// Key hash → principal and when it was looked up.
+type KeyCache = HashMap<Vec<u8>, (KeyPrincipal, Instant)>;
 
 impl ApiKeyStore {
     pub fn new(pool: PgPool) -> Self {
@@ -117,7 +120,10 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
         return Some(v.trim());
     }
-    let auth = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let auth = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = auth.trim().split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

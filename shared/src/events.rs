@@ -136,7 +136,12 @@ impl Envelope {
 
     /// Decodes (and upcasts) the payload. The projector calls this on every record.
     pub fn payload(&self) -> Result<Payload, Vec<FieldError>> {
-        Payload::decode(self.event_type, self.schema_version, self.data.clone(), "data")
+        Payload::decode(
+            self.event_type,
+            self.schema_version,
+            self.data.clone(),
+            "data",
+        )
     }
 }
 
@@ -509,7 +514,9 @@ impl Payload {
             EventType::ToolExecuted => Payload::ToolExecuted(parse(t, data, prefix)?),
             EventType::SessionStarted => Payload::SessionStarted(parse(t, data, prefix)?),
             EventType::SessionEnded => Payload::SessionEnded(parse(t, data, prefix)?),
-            EventType::ProductivityRecorded => Payload::ProductivityRecorded(parse(t, data, prefix)?),
+            EventType::ProductivityRecorded => {
+                Payload::ProductivityRecorded(parse(t, data, prefix)?)
+            }
             EventType::MetricSample => Payload::MetricSample(parse(t, data, prefix)?),
         };
         let errors = payload.check_limits(prefix);
@@ -651,7 +658,11 @@ fn stand_in(t: EventType, field: &str) -> Option<Value> {
     known_fields(t).contains(&field).then_some(v)
 }
 
-fn parse<T: DeserializeOwned>(t: EventType, data: Value, prefix: &str) -> Result<T, Vec<FieldError>> {
+fn parse<T: DeserializeOwned>(
+    t: EventType,
+    data: Value,
+    prefix: &str,
+) -> Result<T, Vec<FieldError>> {
     let Value::Object(mut obj) = data else {
         return Err(vec![FieldError::new(prefix, "must be a JSON object")]);
     };
@@ -1007,7 +1018,12 @@ mod tests {
             ),
             (
                 json!({"type": "command.executed", "occurred_at": now(), "data": {"user_id": 5, "duration_ms": "x", "status": "success", "args": []}}),
-                vec!["data.args", "data.duration_ms", "data.user_id", "data.command_name"],
+                vec![
+                    "data.args",
+                    "data.duration_ms",
+                    "data.user_id",
+                    "data.command_name",
+                ],
             ),
             (
                 json!({"type": "command.executed", "occurred_at": now(), "data": {"user_id": "", "command_name": "x".repeat(256), "duration_ms": 3_600_001, "status": "success", "error_message": "e".repeat(10_001)}}),
@@ -1061,7 +1077,9 @@ mod tests {
                 .expect_err(&format!("case {i} {event} should fail"));
             let got: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
             assert_eq!(got, fields, "case {i}: {errs:?}");
-            assert!(errs.iter().all(|e| e.index == Some(7) && !e.reason.is_empty()));
+            assert!(errs
+                .iter()
+                .all(|e| e.index == Some(7) && !e.reason.is_empty()));
         }
     }
 

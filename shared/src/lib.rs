@@ -12,6 +12,6 @@ pub mod histogram;
 pub mod kafka;
 pub mod problem;
 pub mod telemetry;
-pub mod tenant_sql;
 pub mod tenant;
+pub mod tenant_sql;
 pub mod watermark;

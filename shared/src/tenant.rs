@@ -72,6 +72,9 @@ mod tests {
             .as_str()
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
-        assert!(s.as_str().len() < 63, "PostgreSQL truncates identifiers at 63 bytes");
+        assert!(
+            s.as_str().len() < 63,
+            "PostgreSQL truncates identifiers at 63 bytes"
+        );
     }
 }

@@ -61,18 +61,22 @@ pub async fn create_tenant_schema(
         return Ok(false);
     }
     let timescale = timescale_installed(&mut tx).await?;
-    sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {schema}")))
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema}"
+    )))
+    .execute(&mut *tx)
+    .await?;
     set_search_path(&mut tx, &schema).await?;
     let partitioning = if timescale {
         ""
     } else {
         "PARTITION BY RANGE (occurred_at)"
     };
-    sqlx::raw_sql(AssertSqlSafe(TEMPLATE.replace("/*PARTITIONING*/", partitioning)))
-        .execute(&mut *tx)
-        .await?;
+    sqlx::raw_sql(AssertSqlSafe(
+        TEMPLATE.replace("/*PARTITIONING*/", partitioning),
+    ))
+    .execute(&mut *tx)
+    .await?;
     if timescale {
         for table in RAW_TABLES {
             sqlx::query(
@@ -143,9 +147,11 @@ pub async fn drop_tenant_schema(
     version: i32,
 ) -> sqlx::Result<()> {
     let schema = tenant.schema(version);
-    sqlx::query(AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE")))
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE"
+    )))
+    .execute(&mut *conn)
+    .await?;
     sqlx::query("DELETE FROM control.tenant_schemas WHERE tenant_id = $1 AND version = $2")
         .bind(tenant.0)
         .bind(version)
@@ -161,7 +167,10 @@ mod tests {
     #[test]
     fn partition_names_are_dated() {
         let d = NaiveDate::from_ymd_opt(2026, 1, 5).unwrap();
-        assert_eq!(partition_name("metric_samples", d), "metric_samples_p20260105");
+        assert_eq!(
+            partition_name("metric_samples", d),
+            "metric_samples_p20260105"
+        );
     }
 
     #[test]
@@ -169,6 +178,9 @@ mod tests {
         for t in RAW_TABLES {
             assert!(TEMPLATE.contains(&format!("CREATE TABLE {t} ")), "{t}");
         }
-        assert_eq!(TEMPLATE.matches("/*PARTITIONING*/").count(), RAW_TABLES.len());
+        assert_eq!(
+            TEMPLATE.matches("/*PARTITIONING*/").count(),
+            RAW_TABLES.len()
+        );
     }
 }

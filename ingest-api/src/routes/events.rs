@@ -41,10 +41,7 @@ pub async fn post_events(
     check_content_type(&parts.headers)?;
     let bytes = read_body(body, &parts.headers, s.config.max_body_bytes).await?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        Problem::bad_request(
-            "malformed-json",
-            format!("the body is not valid JSON: {e}"),
-        )
+        Problem::bad_request("malformed-json", format!("the body is not valid JSON: {e}"))
     })?;
     let raw_events = match value {
         Value::Array(items) => items,
@@ -106,7 +103,11 @@ pub async fn post_events(
         }
     }
     if !errors.is_empty() {
-        let n = errors.iter().filter_map(|e| e.index).collect::<std::collections::BTreeSet<_>>().len();
+        let n = errors
+            .iter()
+            .filter_map(|e| e.index)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
         return Err(Problem::validation(
             format!("{n} event(s) are invalid; nothing was accepted"),
             errors,
@@ -173,9 +174,9 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<
         "gzip" => {
             let mut out = Vec::new();
             let mut decoder = flate2::read::GzDecoder::new(&bytes[..]).take(limit as u64 + 1);
-            decoder
-                .read_to_end(&mut out)
-                .map_err(|e| Problem::bad_request("bad-encoding", format!("invalid gzip body: {e}")))?;
+            decoder.read_to_end(&mut out).map_err(|e| {
+                Problem::bad_request("bad-encoding", format!("invalid gzip body: {e}"))
+            })?;
             if out.len() > limit {
                 return Err(too_large(limit));
             }
@@ -206,10 +207,22 @@ async fn produce_all(s: &AppState, envelopes: &[Envelope]) -> Result<(), Problem
         let key = env.kafka_key();
         let version = env.schema_version.to_string();
         let headers = OwnedHeaders::new_with_capacity(3)
-            .insert(Header { key: "type", value: Some(env.event_type.as_str()) })
-            .insert(Header { key: "schema_version", value: Some(version.as_str()) })
-            .insert(Header { key: "content-type", value: Some("application/json") });
-        let record = FutureRecord::to(&s.topic).key(&key).payload(&payload).headers(headers);
+            .insert(Header {
+                key: "type",
+                value: Some(env.event_type.as_str()),
+            })
+            .insert(Header {
+                key: "schema_version",
+                value: Some(version.as_str()),
+            })
+            .insert(Header {
+                key: "content-type",
+                value: Some("application/json"),
+            });
+        let record = FutureRecord::to(&s.topic)
+            .key(&key)
+            .payload(&payload)
+            .headers(headers);
         match s.producer.send_result(record) {
             Ok(delivery) => deliveries.push(delivery),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -221,13 +234,17 @@ async fn produce_all(s: &AppState, envelopes: &[Envelope]) -> Result<(), Problem
             }
             Err((e, _)) => {
                 tracing::error!(error = %e, "kafka produce failed");
-                return Err(Problem::unavailable("events could not be queued", retry_after));
+                return Err(Problem::unavailable(
+                    "events could not be queued",
+                    retry_after,
+                ));
             }
         }
     }
     // librdkafka gives up on a record after `message.timeout.ms` (= the produce timeout); the
     // outer timeout is only a guard against a lost delivery report.
-    let results = tokio::time::timeout(timeout + Duration::from_millis(500), join_all(deliveries)).await;
+    let results =
+        tokio::time::timeout(timeout + Duration::from_millis(500), join_all(deliveries)).await;
     metrics::histogram!("kafka_produce_seconds").record(started.elapsed().as_secs_f64());
     let failed = match results {
         Err(_) => Some("timed out".to_string()),
@@ -241,7 +258,8 @@ async fn produce_all(s: &AppState, envelopes: &[Envelope]) -> Result<(), Problem
         None => Ok(()),
         Some(reason) => {
             tracing::warn!(%reason, events = envelopes.len(), "kafka did not acknowledge the batch");
-            metrics::counter!("ingest_rejected_total", "reason" => "kafka_unavailable").increment(1);
+            metrics::counter!("ingest_rejected_total", "reason" => "kafka_unavailable")
+                .increment(1);
             Err(Problem::unavailable(
                 "the event log did not acknowledge the events in time; retry with the same event ids",
                 retry_after,

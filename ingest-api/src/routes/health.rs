@@ -20,29 +20,44 @@ pub async fn healthz() -> &'static str {
 /// Kafka, PostgreSQL and Redis reachable (each with a timeout); 503 once shutdown starts.
 pub async fn readyz(State(s): State<AppState>) -> (StatusCode, Json<Value>) {
     if s.shutdown.is_set() {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "shutting down"})));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "shutting down"})),
+        );
     }
     let pg = tokio::time::timeout(PROBE_TIMEOUT, sqlx::query("SELECT 1").execute(&s.pool))
         .await
         .is_ok_and(|r| r.is_ok());
     let producer = s.producer.clone();
     let kafka = tokio::task::spawn_blocking(move || {
-        producer.client().fetch_metadata(None, PROBE_TIMEOUT).is_ok()
+        producer
+            .client()
+            .fetch_metadata(None, PROBE_TIMEOUT)
+            .is_ok()
     })
     .await
     .unwrap_or(false);
     let redis = match s.redis.clone() {
-        Some(mut r) => tokio::time::timeout(PROBE_TIMEOUT, redis::cmd("PING").query_async::<String>(&mut r))
-            .await
-            .is_ok_and(|r| r.is_ok()),
+        Some(mut r) => tokio::time::timeout(
+            PROBE_TIMEOUT,
+            redis::cmd("PING").query_async::<String>(&mut r),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok()),
         None => false,
     };
     // Redis only carries rate limits, which fall back to a local limiter: not a readiness gate.
     let ready = pg && kafka;
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (
         status,
-        Json(json!({"status": if ready {"ready"} else {"not ready"}, "postgres": pg, "kafka": kafka, "redis": redis})),
+        Json(
+            json!({"status": if ready {"ready"} else {"not ready"}, "postgres": pg, "kafka": kafka, "redis": redis}),
+        ),
     )
 }
 

@@ -144,15 +144,18 @@ async fn tenant_tx(
     .map_err(db_error)?
     .unwrap_or(1);
     let schema = tenant.schema(version);
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-        .bind(schema.as_str())
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
     if !exists {
         return Ok(None);
     }
-    tenant_sql::set_search_path(&mut tx, &schema).await.map_err(db_error)?;
+    tenant_sql::set_search_path(&mut tx, &schema)
+        .await
+        .map_err(db_error)?;
     let (seq, as_of): (i64, Option<DateTime<Utc>>) =
         sqlx::query_as("SELECT seq, as_of FROM projection_state")
             .fetch_one(&mut *tx)
@@ -167,7 +170,8 @@ fn db_error(e: sqlx::Error) -> Problem {
 }
 
 fn bad(e: FieldError) -> Problem {
-    Problem::bad_request("invalid-parameter", format!("{}: {}", e.field, e.reason)).with_errors(vec![e])
+    Problem::bad_request("invalid-parameter", format!("{}: {}", e.field, e.reason))
+        .with_errors(vec![e])
 }
 
 /// Serves `compute` from the cache when the tenant's watermark has not moved.
@@ -196,9 +200,12 @@ where
 
 fn json_response(body: Vec<u8>, cache: &'static str) -> Response {
     let mut res = (StatusCode::OK, body).into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     res.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    res.headers_mut().insert("x-cache", HeaderValue::from_static(cache));
+        .insert("x-cache", HeaderValue::from_static(cache));
     res
 }
 
@@ -210,10 +217,20 @@ pub async fn overview(
 ) -> Result<Response, Problem> {
     let principal = s.keys.authenticate(&headers, Scope::Read).await?;
     let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
-    let range = TimeRange::parse(p.range.as_deref(), p.from.as_deref(), p.to.as_deref(), Utc::now(), s.config.max_range_days)
-        .map_err(bad)?;
+    let range = TimeRange::parse(
+        p.range.as_deref(),
+        p.from.as_deref(),
+        p.to.as_deref(),
+        Utc::now(),
+        s.config.max_range_days,
+    )
+    .map_err(bad)?;
     let tenant = principal.tenant_id;
-    let key = format!("overview:{}:{}", range.from.timestamp(), range.to.timestamp());
+    let key = format!(
+        "overview:{}:{}",
+        range.from.timestamp(),
+        range.to.timestamp()
+    );
     cached(&s, tenant, key, |ctx| async move {
         let mut o = Overview {
             tenant_id: tenant,
@@ -231,14 +248,20 @@ pub async fn overview(
         };
         if let Some((mut tx, fresh)) = ctx {
             o.as_of = fresh.as_of;
-            compute_overview(&mut tx, &range, &mut o).await.map_err(db_error)?;
+            compute_overview(&mut tx, &range, &mut o)
+                .await
+                .map_err(db_error)?;
         }
         Ok(o)
     })
     .await
 }
 
-async fn compute_overview(conn: &mut PgConnection, range: &TimeRange, o: &mut Overview) -> sqlx::Result<()> {
+async fn compute_overview(
+    conn: &mut PgConnection,
+    range: &TimeRange,
+    o: &mut Overview,
+) -> sqlx::Result<()> {
     let grain = Grain::for_range(range);
     let rows: Vec<(String, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(by_grain!(
         grain,
@@ -266,7 +289,9 @@ async fn compute_overview(conn: &mut PgConnection, range: &TimeRange, o: &mut Ov
     .await?;
     let mut hist_of: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for (t, i, n) in hists {
-        let h = hist_of.entry(t).or_insert_with(|| vec![0; histogram::BUCKETS]);
+        let h = hist_of
+            .entry(t)
+            .or_insert_with(|| vec![0; histogram::BUCKETS]);
         if let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| h.get_mut(i)) {
             *slot += n;
         }
@@ -278,7 +303,11 @@ async fn compute_overview(conn: &mut PgConnection, range: &TimeRange, o: &mut Ov
         let activity = Activity {
             count,
             errors,
-            error_rate: if count > 0 { errors as f64 / count as f64 } else { 0.0 },
+            error_rate: if count > 0 {
+                errors as f64 / count as f64
+            } else {
+                0.0
+            },
             duration_sum_ms: dsum,
             duration_avg_ms: (count > 0).then(|| dsum as f64 / count as f64),
             duration_p95_ms: hist_of.get(&t).and_then(|h| histogram::quantile(h, 0.95)),
@@ -317,7 +346,9 @@ fn group_column(group_by: &str) -> Result<(&'static str, Option<EventType>), Fie
         other => {
             return Err(FieldError::new(
                 "group_by",
-                format!("unknown group_by `{other}`; use user, team, project, command, agent or tool"),
+                format!(
+                    "unknown group_by `{other}`; use user, team, project, command, agent or tool"
+                ),
             ))
         }
     })
@@ -331,8 +362,14 @@ pub async fn timeseries(
 ) -> Result<Response, Problem> {
     let principal = s.keys.authenticate(&headers, Scope::Read).await?;
     let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
-    let range = TimeRange::parse(p.range.as_deref(), p.from.as_deref(), p.to.as_deref(), Utc::now(), s.config.max_range_days)
-        .map_err(bad)?;
+    let range = TimeRange::parse(
+        p.range.as_deref(),
+        p.from.as_deref(),
+        p.to.as_deref(),
+        Utc::now(),
+        s.config.max_range_days,
+    )
+    .map_err(bad)?;
     let bucket = Bucket::parse(p.bucket.as_deref().unwrap_or("1h")).map_err(bad)?;
     let points = (range.to - range.from).num_seconds() / bucket.width().num_seconds();
     if points > s.config.max_points {
@@ -349,16 +386,20 @@ pub async fn timeseries(
         None => (None, None),
     };
     let explicit = match p.event_type.as_deref() {
-        Some(t) => Some(EventType::parse(t).ok_or_else(|| {
-            bad(FieldError::new("type", format!("unknown event type `{t}`")))
-        })?),
+        Some(t) => Some(
+            EventType::parse(t)
+                .ok_or_else(|| bad(FieldError::new("type", format!("unknown event type `{t}`"))))?,
+        ),
         None => None,
     };
     if let (Some(i), Some(e)) = (implied, explicit) {
         if i != e {
             return Err(bad(FieldError::new(
                 "type",
-                format!("group_by {} implies type {i}", p.group_by.as_deref().unwrap_or_default()),
+                format!(
+                    "group_by {} implies type {i}",
+                    p.group_by.as_deref().unwrap_or_default()
+                ),
             )));
         }
     }
@@ -386,7 +427,9 @@ pub async fn timeseries(
         };
         if let Some((mut tx, fresh)) = ctx {
             ts.as_of = fresh.as_of;
-            ts.series = compute_series(&mut tx, &range, bucket, column, event_type).await.map_err(db_error)?;
+            ts.series = compute_series(&mut tx, &range, bucket, column, event_type)
+                .await
+                .map_err(db_error)?;
         }
         Ok(ts)
     })
@@ -432,7 +475,10 @@ async fn compute_series(
     for (t, g, count, errors, dsum, tin, tout, vsum) in rows {
         let group = column.map(|_| g);
         if series.last().is_none_or(|s| s.group != group) {
-            series.push(Series { group: group.clone(), points: Vec::new() });
+            series.push(Series {
+                group: group.clone(),
+                points: Vec::new(),
+            });
         }
         series.last_mut().expect("just pushed").points.push(Point {
             t,

@@ -17,13 +17,26 @@ pub async fn healthz() -> &'static str {
 /// PostgreSQL reachable (Redis is only a cache); 503 once shutdown starts.
 pub async fn readyz(State(s): State<AppState>) -> (StatusCode, Json<Value>) {
     if s.shutdown.is_set() {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "shutting down"})));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "shutting down"})),
+        );
     }
-    let pg = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&s.pool))
-        .await
-        .is_ok_and(|r| r.is_ok());
-    let status = if pg { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"status": if pg {"ready"} else {"not ready"}, "postgres": pg})))
+    let pg = tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(&s.pool),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    let status = if pg {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"status": if pg {"ready"} else {"not ready"}, "postgres": pg})),
+    )
 }
 
 pub async fn metrics(State(s): State<AppState>) -> String {
