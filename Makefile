@@ -52,7 +52,7 @@ test:
 	$(ENV) && psql -X -q "$$TALLY_DATABASE_URL" -c 'DROP DATABASE IF EXISTS tally_test WITH (FORCE)'
 	# The end-to-end tests run the real projector binary (to SIGKILL it): build the binaries.
 	cargo build --workspace --bins
-	$(ENV) && cargo test --workspace --no-fail-fast
+	$(ENV) && tests/summarize.sh cargo test --workspace --no-fail-fast
 
 EVENTS ?= 200000
 CONCURRENCY ?= 8

@@ -75,6 +75,7 @@ impl App {
     pub fn router(state: AppState) -> Router {
         Router::new()
             .route("/v1/events", post(routes::events::post_events))
+            .route("/openapi.json", get(routes::health::openapi))
             .route("/healthz", get(routes::health::healthz))
             .route("/readyz", get(routes::health::readyz))
             .route("/metrics", get(routes::health::metrics))

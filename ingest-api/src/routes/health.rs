@@ -64,3 +64,10 @@ pub async fn readyz(State(s): State<AppState>) -> (StatusCode, Json<Value>) {
 pub async fn metrics(State(s): State<AppState>) -> String {
     s.metrics.render()
 }
+
+pub async fn openapi() -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        include_str!("../../openapi.json"),
+    )
+}
