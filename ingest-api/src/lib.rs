@@ -42,16 +42,7 @@ impl App {
         .context("creating topics")?;
         let producer =
             shared::kafka::producer(common, Duration::from_millis(config.produce_timeout_ms))?;
-        let redis = match redis::Client::open(common.redis_url.as_str()) {
-            Ok(c) => tokio::time::timeout(
-                Duration::from_secs(2),
-                redis::aio::ConnectionManager::new(c),
-            )
-            .await
-            .ok()
-            .and_then(Result::ok),
-            Err(_) => None,
-        };
+        let redis = shared::redis_client::connect(&common.redis_url).await;
         let listener = TcpListener::bind(&config.http_addr)
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;

@@ -66,19 +66,7 @@ impl App {
         .await
         .context("creating topics")?;
         let version = active_version(&pool, &config.projection).await?;
-        let redis = match redis::Client::open(common.redis_url.as_str()) {
-            Ok(c) => tokio::time::timeout(
-                Duration::from_secs(2),
-                redis::aio::ConnectionManager::new(c),
-            )
-            .await
-            .ok()
-            .and_then(Result::ok),
-            Err(_) => None,
-        };
-        if redis.is_none() {
-            tracing::warn!("redis unreachable: live notifications are off until restart");
-        }
+        let redis = shared::redis_client::connect(&common.redis_url).await;
         let listener = TcpListener::bind(&config.http_addr)
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;

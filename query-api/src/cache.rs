@@ -17,16 +17,7 @@ pub struct Cache {
 
 impl Cache {
     pub async fn connect(url: &str, ttl_secs: u64) -> Cache {
-        let conn = match redis::Client::open(url) {
-            Ok(c) => tokio::time::timeout(Duration::from_secs(2), ConnectionManager::new(c))
-                .await
-                .ok()
-                .and_then(Result::ok),
-            Err(_) => None,
-        };
-        if conn.is_none() {
-            tracing::warn!("redis unreachable: answering uncached");
-        }
+        let conn = shared::redis_client::connect(url).await;
         Cache { conn, ttl_secs }
     }
 

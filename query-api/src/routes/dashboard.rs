@@ -169,6 +169,15 @@ fn db_error(e: sqlx::Error) -> Problem {
     Problem::unavailable("the projection database is unavailable", 2)
 }
 
+fn parse_range(
+    s: &AppState,
+    range: Option<&str>,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> Result<TimeRange, Problem> {
+    TimeRange::parse(range, from, to, Utc::now(), s.config.max_range_days).map_err(bad)
+}
+
 fn bad(e: FieldError) -> Problem {
     Problem::bad_request("invalid-parameter", format!("{}: {}", e.field, e.reason))
         .with_errors(vec![e])
@@ -217,14 +226,7 @@ pub async fn overview(
 ) -> Result<Response, Problem> {
     let principal = s.keys.authenticate(&headers, Scope::Read).await?;
     let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
-    let range = TimeRange::parse(
-        p.range.as_deref(),
-        p.from.as_deref(),
-        p.to.as_deref(),
-        Utc::now(),
-        s.config.max_range_days,
-    )
-    .map_err(bad)?;
+    let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
     let tenant = principal.tenant_id;
     let key = format!(
         "overview:{}:{}",
@@ -362,14 +364,7 @@ pub async fn timeseries(
 ) -> Result<Response, Problem> {
     let principal = s.keys.authenticate(&headers, Scope::Read).await?;
     let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
-    let range = TimeRange::parse(
-        p.range.as_deref(),
-        p.from.as_deref(),
-        p.to.as_deref(),
-        Utc::now(),
-        s.config.max_range_days,
-    )
-    .map_err(bad)?;
+    let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
     let bucket = Bucket::parse(p.bucket.as_deref().unwrap_or("1h")).map_err(bad)?;
     let points = (range.to - range.from).num_seconds() / bucket.width().num_seconds();
     if points > s.config.max_points {

@@ -62,16 +62,8 @@ async fn projector_killed_repeatedly_loses_and_doubles_nothing() {
     assert_eq!(projected, TOTAL as i64);
     assert_eq!(projected_events(&pool, t.id).await, Some(TOTAL as i64));
 
-    let raw = [
-        "command_executions",
-        "agent_interactions",
-        "tool_executions",
-        "session_events",
-        "productivity_metrics",
-        "metric_samples",
-    ];
     let mut rows = 0;
-    for table in raw {
+    for table in shared::tenant_sql::RAW_TABLES {
         rows += scalar_in_tenant(&pool, t.id, &format!("SELECT count(*) FROM {table}")).await;
     }
     assert_eq!(rows, TOTAL as i64, "raw rows after {kills} kills");
