@@ -38,7 +38,7 @@ stop_redis() {
     pid=$(read_pid "$pidfile")
     if redis_ready; then
         say "redis: stopping"
-        redis-cli -h 127.0.0.1 -p "$TALLY_REDIS_PORT" shutdown nosave </dev/null >/dev/null 2>&1 || true
+        timeout 10 redis-cli -h 127.0.0.1 -p "$TALLY_REDIS_PORT" shutdown nosave </dev/null >/dev/null 2>&1 || true
         wait_until 30 bash -c "! { exec 3<>/dev/tcp/127.0.0.1/$TALLY_REDIS_PORT; } 2>/dev/null" ||
             die "redis: still answering on port $TALLY_REDIS_PORT"
         if pid_alive "$pid"; then wait_until 10 bash -c "! kill -0 $pid 2>/dev/null" || true; fi

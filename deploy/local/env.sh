@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Settings of the local stack (PostgreSQL, Redis, Kafka on loopback), meant to be sourced:
 #   . deploy/local/env.sh
 # POSIX sh on purpose (make's /bin/sh may source it too) and no `set -e`: it runs in the caller's
@@ -5,6 +6,7 @@
 
 # Repo root = two directories above this file. bash gives the path in BASH_SOURCE, zsh in $0;
 # a POSIX sh gives neither, so fall back to the git checkout around the current directory.
+# shellcheck disable=SC3028 # BASH_SOURCE is empty outside bash, hence the fallback
 _tally_env_file=${BASH_SOURCE:-$0}
 case $_tally_env_file in
     */deploy/local/env.sh | deploy/local/env.sh)

@@ -71,8 +71,9 @@ log.retention.ms=-1
 log.retention.bytes=-1
 EOF
 
+read -r -a heap_opts <<<"${TALLY_KAFKA_HEAP_OPTS:--Xms512m -Xmx512m}"
 java_opts=(
-    ${TALLY_KAFKA_HEAP_OPTS:--Xms512m -Xmx512m}
+    "${heap_opts[@]}"
     -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExplicitGCInvokesConcurrent
     -Djava.awt.headless=true -Djava.net.preferIPv4Stack=true
     "-Dlog4j2.configurationFile=$TALLY_LOCAL_DIR/kafka/log4j2.properties"

@@ -1,4 +1,6 @@
-# Helpers shared by up.sh, down.sh, status.sh and kafka-node.sh (bash only, sourced).
+# shellcheck shell=bash
+# Helpers shared by the scripts in deploy/local (bash only, sourced).
+# shellcheck disable=SC2034 # variables here are used by the scripts that source this file
 
 TALLY_LOCAL_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=env.sh
@@ -40,7 +42,7 @@ pid_alive() {
 
 # Reads the first line of a pid file, or nothing.
 read_pid() {
-    [ -f "$1" ] && head -n 1 "$1" | tr -dc '0-9' || true
+    if [ -f "$1" ]; then head -n 1 "$1" | tr -dc '0-9'; fi
 }
 
 # wait_until <seconds> <command...>: polls every 0.5 s until the command succeeds.
@@ -82,7 +84,7 @@ apt_has_candidate() {
 find_pg_bin() {
     PG_BIN="/usr/lib/postgresql/$TALLY_PG_VERSION/bin"
     [ -x "$PG_BIN/pg_ctl" ] && return 0
-    PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+    PG_BIN=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
     [ -n "$PG_BIN" ] && [ -x "$PG_BIN/pg_ctl" ]
 }
 
@@ -97,9 +99,11 @@ ensure_postgres_installed() {
         # e.g. Ubuntu 24.04 only ships PostgreSQL 16: take the distribution's version.
         warn "postgresql-$TALLY_PG_VERSION is not available here; installing the distribution's postgresql"
         apt_install postgresql
-        PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+        PG_BIN=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
     fi
-    [ -n "$PG_BIN" ] && [ -x "$PG_BIN/pg_ctl" ] || die "PostgreSQL server binaries not found after install"
+    if [ -z "$PG_BIN" ] || [ ! -x "$PG_BIN/pg_ctl" ]; then
+        die "PostgreSQL server binaries not found after install"
+    fi
 }
 
 ensure_redis_installed() {
@@ -112,7 +116,7 @@ ensure_redis_installed() {
 java_major() {
     "$1" -version 2>&1 | sed -n 's/.*version "\([0-9]*\)[."].*/\1/p' | head -n 1
 }
-ensure_java() {
+find_java() {
     local candidate
     for candidate in ${JAVA_HOME:+"$JAVA_HOME/bin/java"} "$(command -v java || true)" \
         /usr/lib/jvm/java-*-openjdk-*/bin/java; do
@@ -121,9 +125,12 @@ ensure_java() {
             return 0
         fi
     done
+    return 1
+}
+ensure_java() {
+    find_java && return 0
     apt_install openjdk-17-jre-headless
-    JAVA=$(ls /usr/lib/jvm/java-17-openjdk-*/bin/java 2>/dev/null | head -n 1)
-    [ -x "$JAVA" ] || die "no Java 17 runtime found after install"
+    find_java || die "no Java 17 runtime found after install"
 }
 
 # ---- Kafka jars ----------------------------------------------------------------------------------
@@ -209,7 +216,7 @@ pg_running() {
 }
 
 pg_pid() {
-    [ -f "$PG_DATA/postmaster.pid" ] && head -n 1 "$PG_DATA/postmaster.pid" || true
+    if [ -f "$PG_DATA/postmaster.pid" ]; then head -n 1 "$PG_DATA/postmaster.pid"; fi
 }
 
 pg_ready() {
@@ -218,8 +225,9 @@ pg_ready() {
 
 # ---- Redis and Kafka -----------------------------------------------------------------------------
 
+# timeout: redis-cli waits forever for a reply when something else holds the port.
 redis_ready() {
-    [ "$(redis-cli -h 127.0.0.1 -p "$TALLY_REDIS_PORT" ping 2>/dev/null </dev/null)" = "PONG" ]
+    [ "$(timeout 3 redis-cli -h 127.0.0.1 -p "$TALLY_REDIS_PORT" ping 2>/dev/null </dev/null)" = "PONG" ]
 }
 
 KAFKA_PID_FILE="$TALLY_RUN/kafka.pid"

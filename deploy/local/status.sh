@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One line per local service: up/down, port, pid. Exit status 0 when all three are up, else 1.
+# One line per local service: up/down, port, pid.
+#   status.sh           always exits 0
+#   status.sh --check   exits 1 unless all three are up
 set -euo pipefail
 
 # shellcheck source=lib.sh
@@ -30,4 +32,6 @@ else
     line kafka down "$TALLY_KAFKA_PORT" "$pid"
 fi
 
-[ -n "$all_up" ]
+if [ "${1:-}" = --check ] && [ -z "$all_up" ]; then
+    exit 1
+fi

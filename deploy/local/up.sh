@@ -128,6 +128,8 @@ start_kafka() {
     say "kafka: starting on 127.0.0.1:$TALLY_KAFKA_PORT (controller $TALLY_KAFKA_CONTROLLER_PORT)"
     # setsid + nohup: the broker outlives this script and the caller's terminal or process group.
     # kafka-node.sh execs the JVM, so $! is the broker's pid (it also writes the pid file itself).
+    # The JVM's own stdout/stderr (e.g. a failed start) go to the same file as log4j (both append).
+    # shellcheck disable=SC2094
     TALLY_KAFKA_LOG_FILE="$log" TALLY_KAFKA_PID_FILE="$KAFKA_PID_FILE" \
         setsid nohup "$TALLY_LOCAL_DIR/kafka-node.sh" "$TALLY_DATA/kafka" \
         "$TALLY_KAFKA_PORT" "$TALLY_KAFKA_CONTROLLER_PORT" >>"$log" 2>&1 </dev/null &
