@@ -172,6 +172,7 @@ async fn write_tenant(
         by_table.entry(r.table).or_default().push(r);
     }
     let mut inserted_rows: Vec<&RawRow> = Vec::with_capacity(rows.len());
+    let phase = std::time::Instant::now();
     for (table, rows) in by_table {
         let mut new_ids: HashSet<Uuid> =
             insert_raw(conn, table, &rows).await?.into_iter().collect();
@@ -181,10 +182,14 @@ async fn write_tenant(
     let inserted = inserted_rows.len() as u64;
     let duplicates = rows.len() as u64 - inserted;
 
+    record_phase("raw", phase);
     for grain in Grain::ALL {
+        let phase = std::time::Instant::now();
         let deltas = rollup::fold(inserted_rows.iter().copied(), grain);
         upsert_rollup(conn, grain, &deltas).await?;
+        record_phase(grain.table(), phase);
     }
+    let phase = std::time::Instant::now();
 
     let inserted_ids: HashSet<Uuid> = inserted_rows.iter().map(|r| r.event_id).collect();
     let sessions = fold_sessions(
@@ -194,6 +199,7 @@ async fn write_tenant(
             .map(|e| (&e.env, &e.payload)),
     );
     upsert_sessions(conn, &sessions).await?;
+    record_phase("sessions", phase);
 
     let as_of: Option<DateTime<Utc>> = events.iter().map(|e| e.env.received_at).max();
     let seq: i64 = sqlx::query_scalar(
@@ -206,6 +212,12 @@ async fn write_tenant(
     .fetch_one(&mut *conn)
     .await?;
     Ok((inserted, duplicates, seq))
+}
+
+/// Time spent per write phase, to see where a batch's time goes.
+fn record_phase(phase: &'static str, since: std::time::Instant) {
+    metrics::histogram!("projector_phase_seconds", "phase" => phase)
+        .record(since.elapsed().as_secs_f64());
 }
 
 async fn insert_raw(

@@ -53,6 +53,15 @@ struct Args {
     /// Kafka brokers for the baseline.
     #[arg(long, env = "TALLY_KAFKA_BROKERS", default_value = "127.0.0.1:59092")]
     brokers: String,
+    /// With a read key: wait until the dashboards count every accepted event, and report the
+    /// end-to-end rate (HTTP → Kafka → projector → PostgreSQL → query-api).
+    #[arg(long, env = "TALLY_READ_KEY")]
+    read_key: Option<String>,
+    #[arg(long, env = "TALLY_QUERY_URL", default_value = "http://127.0.0.1:8081")]
+    query_url: String,
+    /// PostgreSQL for the raw-COPY baseline (the projector's ceiling), with `--baseline`.
+    #[arg(long, env = "TALLY_DATABASE_URL")]
+    database_url: Option<String>,
 }
 
 #[tokio::main]
@@ -85,6 +94,14 @@ async fn main() -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
+    let copy_baseline = match (&args.database_url, args.baseline) {
+        (Some(url), true) => Some(raw_copy_baseline(url, args.events).await?),
+        _ => None,
+    };
+    let counted_before = match &args.read_key {
+        Some(key) => Some(dashboard_total(&client, &args.query_url, key).await?),
+        None => None,
+    };
     let queue = Arc::new(Mutex::new(
         bodies.into_iter().enumerate().collect::<Vec<_>>(),
     ));
@@ -205,7 +222,91 @@ async fn main() -> anyhow::Result<()> {
             rate / raw
         );
     }
+    if let (Some(before), Some(key)) = (counted_before, &args.read_key) {
+        let target = before + sent as i64;
+        let wait_deadline = Instant::now() + Duration::from_secs(args.max_seconds);
+        let mut counted = before;
+        while counted < target && Instant::now() < wait_deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            counted = dashboard_total(&client, &args.query_url, key).await?;
+        }
+        let e2e = started.elapsed().as_secs_f64();
+        println!(
+            "end to end: {} of {sent} events counted by query-api after {e2e:.2}s = {:.0} events/s projected",
+            counted - before,
+            (counted - before) as f64 / e2e
+        );
+        if let Some(copy) = copy_baseline {
+            println!(
+                "raw PostgreSQL COPY of raw rows on this machine: {copy:.0} rows/s; projection = {:.2} × raw",
+                (counted - before) as f64 / e2e / copy
+            );
+        }
+    }
     Ok(())
+}
+
+/// Events the dashboards count for the key's tenant over the last 24 h.
+async fn dashboard_total(client: &reqwest::Client, url: &str, key: &str) -> anyhow::Result<i64> {
+    let v: Value = client
+        .get(format!("{url}/v1/dashboard/overview?range=24h"))
+        .bearer_auth(key)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    v["events_total"]
+        .as_i64()
+        .context("events_total in the overview")
+}
+
+/// COPYs `n` rows shaped like the projector's raw rows into a scratch table, in batches of
+/// 5 000 per transaction like the projector: the ceiling the projector is measured against.
+async fn raw_copy_baseline(url: &str, n: usize) -> anyhow::Result<f64> {
+    use std::fmt::Write as _;
+    let pool = sqlx::PgPool::connect(url).await?;
+    let mut conn = pool.acquire().await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_copy (event_id uuid, occurred_at timestamptz,
+         received_at timestamptz, user_id text, team_id text, project_id text, session_id text,
+         name text, status text, duration_ms bigint, input_tokens bigint, output_tokens bigint,
+         value double precision, data jsonb, PRIMARY KEY (event_id, occurred_at))",
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("TRUNCATE bench_copy")
+        .execute(&mut *conn)
+        .await?;
+    println!("baseline: COPY of {n} rows into PostgreSQL…");
+    let started = Instant::now();
+    let now = Utc::now().to_rfc3339();
+    let mut done = 0;
+    while done < n {
+        let chunk = (n - done).min(5000);
+        let mut csv = String::with_capacity(chunk * 200);
+        for _ in 0..chunk {
+            let _ = writeln!(
+                csv,
+                "{},{now},{now},load-user-1,team-a,proj-1,s1,build,success,1234,0,0,0,\"{{\"\"user_id\"\": \"\"load-user-1\"\", \"\"command_name\"\": \"\"build\"\"}}\"",
+                uuid::Uuid::new_v4()
+            );
+        }
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let mut copy = tx
+            .copy_in_raw("COPY bench_copy FROM STDIN (FORMAT csv)")
+            .await?;
+        copy.send(csv.into_bytes()).await?;
+        copy.finish().await?;
+        tx.commit().await?;
+        done += chunk;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    sqlx::query("DROP TABLE bench_copy")
+        .execute(&mut *conn)
+        .await?;
+    println!("baseline: {rate:.0} rows/s");
+    Ok(rate)
 }
 
 /// Produces the same events, as envelopes, straight to a scratch topic: the ceiling that
