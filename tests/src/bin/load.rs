@@ -202,7 +202,7 @@ async fn main() -> anyhow::Result<()> {
     progress.abort();
     let sent = sent.load(Ordering::Relaxed);
     let rate = sent as f64 / elapsed.as_secs_f64();
-    let h = latencies.lock().expect("histogram");
+    let h = latencies.lock().expect("histogram").clone();
     println!("---");
     println!(
         "ingest: {sent} events accepted in {:.2}s = {rate:.0} events/s; {} errors",
