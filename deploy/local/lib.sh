@@ -76,7 +76,7 @@ apt_install() {
 }
 
 apt_has_candidate() {
-    apt-cache policy "$1" 2>/dev/null | grep -q 'Candidate: [0-9]'
+    apt-cache policy "$1" 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null
 }
 
 # Sets PG_BIN to the installed PostgreSQL server binaries ($TALLY_PG_VERSION, else the newest);
@@ -236,7 +236,7 @@ KAFKA_PID_FILE="$TALLY_RUN/kafka.pid"
 kafka_pid() {
     local pid
     pid=$(read_pid "$KAFKA_PID_FILE")
-    if pid_alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'kafka'; then
+    if pid_alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep kafka >/dev/null; then
         printf '%s\n' "$pid"
     fi
 }

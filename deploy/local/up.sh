@@ -105,7 +105,9 @@ start_redis() {
 # ---- Kafka ---------------------------------------------------------------------------------------
 
 kafka_started_since() { # <byte offset in the log>
-    tail -c "+$(($1 + 1))" "$TALLY_LOGS/kafka.log" 2>/dev/null | grep -q 'Kafka Server started'
+    # Not `grep -q`: it would exit at the first match, tail would die of SIGPIPE on a long log,
+    # and under pipefail the pipeline would count as "not started".
+    tail -c "+$(($1 + 1))" "$TALLY_LOGS/kafka.log" 2>/dev/null | grep 'Kafka Server started' >/dev/null
 }
 
 start_kafka() {
