@@ -49,7 +49,7 @@ test:
 	deploy/local/up.sh
 	$(MAKE) --no-print-directory lint
 	# A fresh test database each run; the tests make their own topics and tenants in it.
-	$(ENV) && psql -X -q "$$TALLY_DATABASE_URL" -c 'DROP DATABASE IF EXISTS tally_test WITH (FORCE)'
+	$(ENV) && psql -X -q -v ON_ERROR_STOP=1 "$$TALLY_DATABASE_URL" -f tests/reset-db.sql
 	# The end-to-end tests run the real projector binary (to SIGKILL it): build the binaries.
 	cargo build --workspace --bins
 	$(ENV) && tests/summarize.sh cargo test --workspace --no-fail-fast

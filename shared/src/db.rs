@@ -39,5 +39,23 @@ pub async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
             .context("creating the timescaledb extension")?;
     }
     MIGRATOR.run(pool).await.context("applying migrations")?;
+    // Schemas made before reader roles existed get theirs (a no-op once every role exists),
+    // under a lock so that services migrating at the same time do not grant concurrently.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tally.grant_readers'))")
+        .execute(&mut *tx)
+        .await?;
+    let missing: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
+        "SELECT tenant_id, version FROM control.tenant_schemas s
+          WHERE NOT EXISTS (SELECT 1 FROM pg_roles
+                             WHERE rolname = 'tally_t_' || replace(s.tenant_id::text, '-', ''))",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for (tenant, version) in missing {
+        let tenant = crate::tenant::TenantId(tenant);
+        crate::tenant_sql::grant_reader(&mut tx, tenant, &tenant.schema(version)).await?;
+    }
+    tx.commit().await?;
     Ok(())
 }

@@ -57,6 +57,8 @@ pub async fn create_tenant_schema(
     .fetch_one(&mut *tx)
     .await?;
     if exists {
+        // Schemas made before reader roles existed get theirs here (idempotent).
+        grant_reader(&mut tx, tenant, &schema).await?;
         tx.commit().await?;
         return Ok(false);
     }
@@ -88,6 +90,7 @@ pub async fn create_tenant_schema(
             .await?;
         }
     }
+    grant_reader(&mut tx, tenant, &schema).await?;
     sqlx::query(
         "INSERT INTO control.tenant_schemas (tenant_id, version, schema_name, timescale)
          VALUES ($1, $2, $3, $4)",
@@ -100,6 +103,55 @@ pub async fn create_tenant_schema(
     .await?;
     tx.commit().await?;
     Ok(true)
+}
+
+/// The tenant's database role: it may read its own schemas and nothing else. query-api runs
+/// every request under it (`SET LOCAL ROLE`), so a query that strays to another tenant's
+/// schema is refused by PostgreSQL itself.
+pub fn reader_role(tenant: TenantId) -> String {
+    format!("tally_t_{}", tenant.0.simple())
+}
+
+/// Creates the tenant's reader role if needed and lets it read `schema` (also the partitions
+/// created later). The connecting user becomes a member so it may `SET ROLE` to it.
+pub async fn grant_reader(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    schema: &SchemaName,
+) -> sqlx::Result<()> {
+    let role = reader_role(tenant);
+    let create = format!(
+        "DO $$ BEGIN CREATE ROLE {role} NOLOGIN NOINHERIT; \
+         EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+    );
+    sqlx::query(AssertSqlSafe(create))
+        .execute(&mut *conn)
+        .await?;
+    for sql in [
+        format!("GRANT USAGE ON SCHEMA {schema} TO {role}"),
+        format!("GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}"),
+        format!("ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT SELECT ON TABLES TO {role}"),
+        format!("GRANT {role} TO CURRENT_USER"),
+    ] {
+        sqlx::query(AssertSqlSafe(sql)).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Enters a tenant for reading: `SET LOCAL ROLE` to its reader role and `search_path` to its
+/// schema. Only valid inside a transaction; from here on the database refuses anything
+/// outside the tenant's schema.
+pub async fn enter_tenant_readonly(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    schema: &SchemaName,
+) -> sqlx::Result<()> {
+    let sql = format!(
+        "SET LOCAL ROLE {role}; SET LOCAL search_path TO {schema}",
+        role = reader_role(tenant)
+    );
+    sqlx::raw_sql(AssertSqlSafe(sql)).execute(conn).await?;
+    Ok(())
 }
 
 /// Name of the daily partition of `table` holding `day`.

@@ -153,7 +153,7 @@ async fn tenant_tx(
     if !exists {
         return Ok(None);
     }
-    tenant_sql::set_search_path(&mut tx, &schema)
+    tenant_sql::enter_tenant_readonly(&mut tx, tenant, &schema)
         .await
         .map_err(db_error)?;
     let (seq, as_of): (i64, Option<DateTime<Utc>>) =

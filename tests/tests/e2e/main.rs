@@ -4,6 +4,7 @@
 mod crash;
 mod dedup;
 mod dlq;
+mod isolation;
 mod kafka_down;
 mod pipeline;
 mod validation;
