@@ -25,6 +25,27 @@ pub enum TenantCommand {
     },
     /// List tenants.
     List,
+    /// Set a tenant's plan (free 100, professional 1000, enterprise 5000 requests/min) and
+    /// optionally its own limit.
+    SetPlan {
+        #[arg(long)]
+        id: Uuid,
+        #[arg(long, value_parser = ["free", "professional", "enterprise"])]
+        plan: String,
+        /// Requests per minute, overriding the plan's.
+        #[arg(long)]
+        rate_limit: Option<u32>,
+    },
+    /// Deactivate a tenant: its keys stop working (within the key cache delay).
+    Deactivate {
+        #[arg(long)]
+        id: Uuid,
+    },
+    /// Reactivate a deactivated tenant.
+    Reactivate {
+        #[arg(long)]
+        id: Uuid,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -64,6 +85,52 @@ pub async fn create_tenant(pool: &PgPool, name: &str) -> anyhow::Result<TenantId
         .execute(pool)
         .await?;
     Ok(id)
+}
+
+/// Sets a tenant's plan and optional own rate limit (requests per minute).
+pub async fn set_plan(
+    pool: &PgPool,
+    tenant: TenantId,
+    plan: &str,
+    rate_limit: Option<i32>,
+) -> anyhow::Result<()> {
+    let n = sqlx::query(
+        "UPDATE control.tenants SET plan = $2, rate_limit_per_min = $3, updated_at = now()
+          WHERE id = $1",
+    )
+    .bind(tenant.0)
+    .bind(plan)
+    .bind(rate_limit)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    anyhow::ensure!(n == 1, "no tenant {tenant}");
+    Ok(())
+}
+
+/// Activates or deactivates a tenant.
+pub async fn set_status(pool: &PgPool, tenant: TenantId, status: &str) -> anyhow::Result<()> {
+    let n = sqlx::query("UPDATE control.tenants SET status = $2, updated_at = now() WHERE id = $1")
+        .bind(tenant.0)
+        .bind(status)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    anyhow::ensure!(n == 1, "no tenant {tenant}");
+    Ok(())
+}
+
+/// Revokes an API key.
+pub async fn revoke_api_key(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {
+    let n = sqlx::query(
+        "UPDATE control.api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    anyhow::ensure!(n == 1, "no active key {id}");
+    Ok(())
 }
 
 /// Creates an API key; returns (key id, secret).
@@ -106,6 +173,23 @@ pub async fn run(pool: &PgPool, cmd: AdminCommand) -> anyhow::Result<()> {
                 println!("{id}\t{status}\t{name}");
             }
         }
+        AdminCommand::Tenant(TenantCommand::SetPlan {
+            id,
+            plan,
+            rate_limit,
+        }) => {
+            let limit = rate_limit.map(i32::try_from).transpose()?;
+            set_plan(pool, TenantId(id), &plan, limit).await?;
+            println!("tenant {id}: plan {plan}");
+        }
+        AdminCommand::Tenant(TenantCommand::Deactivate { id }) => {
+            set_status(pool, TenantId(id), "deactivated").await?;
+            println!("tenant {id} deactivated");
+        }
+        AdminCommand::Tenant(TenantCommand::Reactivate { id }) => {
+            set_status(pool, TenantId(id), "active").await?;
+            println!("tenant {id} active");
+        }
         AdminCommand::ApiKey(ApiKeyCommand::Create {
             tenant,
             scope,
@@ -116,16 +200,9 @@ pub async fn run(pool: &PgPool, cmd: AdminCommand) -> anyhow::Result<()> {
             println!("{secret}");
         }
         AdminCommand::ApiKey(ApiKeyCommand::Revoke { id }) => {
-            let n = sqlx::query(
-                "UPDATE control.api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
-            )
-            .bind(id)
-            .execute(pool)
-            .await?
-            .rows_affected();
-            anyhow::ensure!(n == 1, "no active key {id}");
+            revoke_api_key(pool, id).await?;
             println!(
-                "revoked {id} (caches forget it within {} s)",
+                "revoked {id} (services forget it within {} s)",
                 shared::auth::KEY_CACHE_TTL.as_secs()
             );
         }

@@ -49,6 +49,7 @@ impl App {
         let state = AppState {
             topic: common.metrics_topic().into(),
             keys: ApiKeyStore::new(pool.clone()),
+            limiter: shared::ratelimit::RateLimiter::new(redis.clone()),
             pool,
             producer,
             redis,

@@ -17,6 +17,7 @@ pub struct AppState {
     pub producer: FutureProducer,
     pub redis: Option<redis::aio::ConnectionManager>,
     pub keys: ApiKeyStore,
+    pub limiter: shared::ratelimit::RateLimiter,
     pub topic: Arc<str>,
     pub shutdown: ShutdownFlag,
     pub metrics: PrometheusHandle,

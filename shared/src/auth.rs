@@ -18,6 +18,8 @@ pub struct KeyPrincipal {
     pub key_id: Uuid,
     pub tenant_id: TenantId,
     pub scope: Scope,
+    /// The tenant's request limit per minute (its plan's, or its own override).
+    pub rate_limit_per_min: u32,
 }
 
 /// How long a looked-up key is trusted before it is checked again. This bounds how long a
@@ -91,8 +93,8 @@ impl ApiKeyStore {
     }
 
     async fn lookup(&self, hash: &[u8]) -> Result<KeyPrincipal, Problem> {
-        let row: Option<(Uuid, Uuid, String)> = sqlx::query_as(
-            "SELECT k.id, k.tenant_id, k.scope
+        let row: Option<(Uuid, Uuid, String, String, Option<i32>)> = sqlx::query_as(
+            "SELECT k.id, k.tenant_id, k.scope, t.plan, t.rate_limit_per_min
                FROM control.api_keys k
                JOIN control.tenants t ON t.id = k.tenant_id
               WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.status = 'active'",
@@ -104,13 +106,17 @@ impl ApiKeyStore {
             tracing::error!(error = %e, "API key lookup failed");
             Problem::unavailable("credentials cannot be checked right now", 2)
         })?;
-        let (key_id, tenant_id, scope) =
+        let (key_id, tenant_id, scope, plan, limit) =
             row.ok_or_else(|| Problem::unauthorized("unknown or revoked API key"))?;
         let scope = Scope::parse(&scope).ok_or_else(Problem::internal)?;
+        let rate_limit_per_min = limit
+            .and_then(|l| u32::try_from(l).ok())
+            .unwrap_or_else(|| crate::ratelimit::plan_limit(&plan));
         Ok(KeyPrincipal {
             key_id,
             tenant_id: TenantId(tenant_id),
             scope,
+            rate_limit_per_min,
         })
     }
 }

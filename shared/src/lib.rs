@@ -11,6 +11,7 @@ pub mod health;
 pub mod histogram;
 pub mod kafka;
 pub mod problem;
+pub mod ratelimit;
 pub mod redis_client;
 pub mod telemetry;
 pub mod tenant;

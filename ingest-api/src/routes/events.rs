@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use axum::body::{to_bytes, Body};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
 use futures::future::join_all;
@@ -18,6 +19,7 @@ use rdkafka::producer::FutureRecord;
 use serde::Serialize;
 use serde_json::Value;
 use shared::apikey::Scope;
+use shared::auth::KeyPrincipal;
 use shared::events::{Actor, Envelope, IngestContext, Source, TimeBounds};
 use shared::problem::Problem;
 use uuid::Uuid;
@@ -31,15 +33,37 @@ pub struct Accepted {
     pub ids: Vec<Uuid>,
 }
 
-pub async fn post_events(
-    State(s): State<AppState>,
-    request: Request,
-) -> Result<(StatusCode, Json<Accepted>), Problem> {
+pub async fn post_events(State(s): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     // Auth first, then limits, then decoding.
-    let principal = s.keys.authenticate(&parts.headers, Scope::Ingest).await?;
-    check_content_type(&parts.headers)?;
-    let bytes = read_body(body, &parts.headers, s.config.max_body_bytes).await?;
+    let principal = match s.keys.authenticate(&parts.headers, Scope::Ingest).await {
+        Ok(p) => p,
+        Err(problem) => return problem.into_response(),
+    };
+    let decision = s
+        .limiter
+        .check(principal.tenant_id, principal.rate_limit_per_min)
+        .await;
+    let mut res = if decision.allowed {
+        match accept(&s, principal, &parts.headers, body).await {
+            Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
+            Err(problem) => problem.into_response(),
+        }
+    } else {
+        decision.problem().into_response()
+    };
+    decision.write_headers(res.headers_mut());
+    res
+}
+
+async fn accept(
+    s: &AppState,
+    principal: KeyPrincipal,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Accepted, Problem> {
+    check_content_type(headers)?;
+    let bytes = read_body(body, headers, s.config.max_body_bytes).await?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
         Problem::bad_request("malformed-json", format!("the body is not valid JSON: {e}"))
     })?;
@@ -68,7 +92,7 @@ pub async fn post_events(
             ),
         ));
     }
-    let idempotency_key = match parts.headers.get("idempotency-key") {
+    let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => match v.to_str() {
             Ok(k) if !k.is_empty() && k.len() <= 255 => Some(k.to_string()),
@@ -113,15 +137,12 @@ pub async fn post_events(
             errors,
         ));
     }
-    produce_all(&s, &envelopes).await?;
+    produce_all(s, &envelopes).await?;
     metrics::counter!("ingest_events_total", "source" => "api").increment(envelopes.len() as u64);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(Accepted {
-            accepted: envelopes.len(),
-            ids: envelopes.iter().map(|e| e.id).collect(),
-        }),
-    ))
+    Ok(Accepted {
+        accepted: envelopes.len(),
+        ids: envelopes.iter().map(|e| e.id).collect(),
+    })
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {

@@ -1,6 +1,7 @@
 //! End-to-end tests over real Kafka, PostgreSQL and Redis (`deploy/local/up.sh`).
 //! One binary, one module per capability; every test has its own topics and tenants.
 
+mod access;
 mod crash;
 mod dedup;
 mod dlq;

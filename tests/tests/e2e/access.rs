@@ -1,0 +1,160 @@
+//! Access limits from the attacker's side: per-tenant rate limits (in Redis, and locally when
+//! Redis is unreachable), revoked keys and deactivated tenants.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tally_tests::*;
+
+/// Fixed one-minute windows: start a burst early in a window so it does not straddle two.
+async fn at_window_start() {
+    let secs = chrono::Utc::now().timestamp().rem_euclid(60);
+    if secs > 45 {
+        tokio::time::sleep(Duration::from_secs((61 - secs) as u64)).await;
+    }
+}
+
+fn one_event() -> Value {
+    Value::Array(vec![command("u", "c", 1, true)])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tenants_are_rate_limited_per_plan_with_headers() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let client = http();
+    let limited = create_tenant(&pool, "limited").await;
+    let other = create_tenant(&pool, "other").await;
+    ingest_api::admin::set_plan(&pool, limited.id, "free", Some(5))
+        .await
+        .unwrap();
+
+    at_window_start().await;
+    for i in 0..5 {
+        let res = post_events(&client, &ingest.url(), &limited.ingest_key, &one_event()).await;
+        assert_eq!(res.status(), 202, "request {i}");
+        assert_eq!(res.headers()["x-ratelimit-limit"], "5");
+        assert_eq!(
+            res.headers()["x-ratelimit-remaining"],
+            (4 - i).to_string().as_str()
+        );
+        let reset: u64 = res.headers()["x-ratelimit-reset"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=60).contains(&reset));
+    }
+    let res = post_events(&client, &ingest.url(), &limited.ingest_key, &one_event()).await;
+    assert_eq!(res.status(), 429);
+    assert!(res.headers().contains_key("retry-after"));
+    assert_eq!(res.headers()["x-ratelimit-remaining"], "0");
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    // Another tenant is counted on its own (the professional plan: 1000/min).
+    let res = post_events(&client, &ingest.url(), &other.ingest_key, &one_event()).await;
+    assert_eq!(res.status(), 202);
+    assert_eq!(res.headers()["x-ratelimit-limit"], "1000");
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_redis_a_local_limiter_takes_over() {
+    init_logs();
+    let pool = test_pool().await;
+    let mut common = common_for_test();
+    common.redis_url = format!("redis://127.0.0.1:{}", free_port());
+    let ingest = start_ingest(&common, |_| {}).await;
+    let client = http();
+    let t = create_tenant(&pool, "no-redis").await;
+    ingest_api::admin::set_plan(&pool, t.id, "free", Some(3))
+        .await
+        .unwrap();
+    at_window_start().await;
+    for _ in 0..3 {
+        let res = post_events(&client, &ingest.url(), &t.ingest_key, &one_event()).await;
+        assert_eq!(res.status(), 202, "still answering without Redis");
+    }
+    let res = post_events(&client, &ingest.url(), &t.ingest_key, &one_event()).await;
+    assert_eq!(res.status(), 429, "still limiting without Redis");
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoked_keys_and_deactivated_tenants_are_refused_within_the_cache_delay() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let query = start_query(&common).await;
+    let client = http();
+    let revoked = create_tenant(&pool, "revoked-key").await;
+    let gone = create_tenant(&pool, "deactivated").await;
+    for t in [&revoked, &gone] {
+        let res = post_events(&client, &ingest.url(), &t.ingest_key, &one_event()).await;
+        assert_eq!(res.status(), 202);
+    }
+    let key_id: uuid::Uuid = sqlx::query_scalar(
+        "SELECT id FROM control.api_keys WHERE tenant_id = $1 AND scope = 'ingest'",
+    )
+    .bind(revoked.id.0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    ingest_api::admin::revoke_api_key(&pool, key_id)
+        .await
+        .unwrap();
+    ingest_api::admin::set_status(&pool, gone.id, "deactivated")
+        .await
+        .unwrap();
+    let since = Instant::now();
+    let bound = shared::auth::KEY_CACHE_TTL + Duration::from_secs(2);
+    let overview = format!("{}/v1/dashboard/overview", query.url());
+    loop {
+        let a = post_events(&client, &ingest.url(), &revoked.ingest_key, &one_event())
+            .await
+            .status();
+        let b = post_events(&client, &ingest.url(), &gone.ingest_key, &one_event())
+            .await
+            .status();
+        let c = client
+            .get(&overview)
+            .bearer_auth(&gone.read_key)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if a == 401 && b == 401 && c == 401 {
+            break;
+        }
+        for s in [a, b] {
+            assert!(s == 202 || s == 401, "{s}");
+        }
+        assert!(
+            since.elapsed() < bound,
+            "still accepted after {:?} ({a} {b} {c})",
+            since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The revoked tenant's other key still works; a reactivated tenant works again.
+    let res = client
+        .get(&overview)
+        .bearer_auth(&revoked.read_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    ingest_api::admin::set_status(&pool, gone.id, "active")
+        .await
+        .unwrap();
+    let res = post_events(&client, &ingest.url(), &gone.ingest_key, &one_event()).await;
+    assert_eq!(
+        res.status(),
+        202,
+        "unknown keys are not cached, so reactivation is immediate"
+    );
+    ingest.stop().await.unwrap();
+    query.stop().await.unwrap();
+}
