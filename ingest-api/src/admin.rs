@@ -14,6 +14,42 @@ pub enum AdminCommand {
     /// Manage API keys.
     #[command(subcommand, name = "api-key")]
     ApiKey(ApiKeyCommand),
+    /// Manage people who log in.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage the keys that sign access tokens.
+    #[command(subcommand, name = "signing-key")]
+    SigningKey(SigningKeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user; the password comes from TALLY_USER_PASSWORD or the first line of stdin.
+    Create {
+        #[arg(long)]
+        tenant: Uuid,
+        #[arg(long)]
+        email: String,
+        #[arg(long, value_parser = ["owner", "admin", "manager", "developer", "viewer"])]
+        role: String,
+        /// The user id this person's events carry (default: the e-mail address).
+        #[arg(long)]
+        external_id: Option<String>,
+        /// A team (as events name it) this person belongs to; repeatable.
+        #[arg(long = "team")]
+        teams: Vec<String>,
+    },
+    /// Deactivate a user: logins and refreshes stop at once, access tokens within 10 s.
+    Deactivate {
+        #[arg(long)]
+        email: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SigningKeyCommand {
+    /// Sign with a new key; the previous one stays published until its tokens expire.
+    Rotate,
 }
 
 #[derive(Debug, Subcommand)]
@@ -120,6 +156,65 @@ pub async fn set_status(pool: &PgPool, tenant: TenantId, status: &str) -> anyhow
     Ok(())
 }
 
+/// A new person who logs in.
+pub struct NewUser<'a> {
+    pub tenant: TenantId,
+    pub email: &'a str,
+    pub password: &'a str,
+    pub role: shared::jwt::Role,
+    pub external_id: Option<&'a str>,
+    pub teams: &'a [String],
+}
+
+/// Creates a user (the password must meet the policy); returns the user id.
+pub async fn create_user(pool: &PgPool, u: NewUser<'_>) -> anyhow::Result<Uuid> {
+    let email = u.email.trim().to_lowercase();
+    anyhow::ensure!(
+        email.contains('@') && (3..=254).contains(&email.len()),
+        "`{email}` is not an e-mail address"
+    );
+    shared::password::check_policy("password", u.password)
+        .map_err(|e| anyhow::anyhow!("password {}", e.reason))?;
+    let hash = shared::password::hash(u.password);
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO control.users (id, tenant_id, email, password_hash, role, external_id, teams)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(id)
+    .bind(u.tenant.0)
+    .bind(&email)
+    .bind(hash)
+    .bind(u.role.as_str())
+    .bind(u.external_id.unwrap_or(&email))
+    .bind(u.teams)
+    .execute(pool)
+    .await?;
+    Ok(id)
+}
+
+/// Deactivates a user and ends their sessions.
+pub async fn deactivate_user(pool: &PgPool, email: &str) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    let id: Option<Uuid> = sqlx::query_scalar(
+        "UPDATE control.users SET status = 'deactivated', token_version = token_version + 1,
+                updated_at = now()
+          WHERE email = $1 RETURNING id",
+    )
+    .bind(email.trim().to_lowercase())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let id = id.ok_or_else(|| anyhow::anyhow!("no user {email}"))?;
+    sqlx::query(
+        "UPDATE control.refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Revokes an API key.
 pub async fn revoke_api_key(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {
     let n = sqlx::query(
@@ -172,6 +267,43 @@ pub async fn run(pool: &PgPool, cmd: AdminCommand) -> anyhow::Result<()> {
             for (id, name, status) in rows {
                 println!("{id}\t{status}\t{name}");
             }
+        }
+        AdminCommand::User(UserCommand::Create {
+            tenant,
+            email,
+            role,
+            external_id,
+            teams,
+        }) => {
+            let password = match std::env::var("TALLY_USER_PASSWORD") {
+                Ok(p) => p,
+                Err(_) => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            let role = shared::jwt::Role::parse(&role).expect("clap checked the role");
+            let id = create_user(
+                pool,
+                NewUser {
+                    tenant: TenantId(tenant),
+                    email: &email,
+                    password: &password,
+                    role,
+                    external_id: external_id.as_deref(),
+                    teams: &teams,
+                },
+            )
+            .await?;
+            println!("{id}");
+        }
+        AdminCommand::User(UserCommand::Deactivate { email }) => {
+            deactivate_user(pool, &email).await?;
+            println!("{email} deactivated");
+        }
+        AdminCommand::SigningKey(SigningKeyCommand::Rotate) => {
+            println!("signing with {}", crate::keys::rotate(pool).await?);
         }
         AdminCommand::Tenant(TenantCommand::SetPlan {
             id,

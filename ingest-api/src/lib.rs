@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod keys;
 pub mod routes;
 pub mod state;
 
@@ -43,6 +44,13 @@ impl App {
         let producer =
             shared::kafka::producer(common, Duration::from_millis(config.produce_timeout_ms))?;
         let redis = shared::redis_client::connect(&common.redis_url).await;
+        shared::db::migrate(&pool)
+            .await
+            .context("applying migrations")?;
+        let keyring = keys::KeyRing::load(&pool)
+            .await
+            .context("loading signing keys")?;
+        keyring.reload_periodically(pool.clone());
         let listener = TcpListener::bind(&config.http_addr)
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;
@@ -50,6 +58,7 @@ impl App {
             topic: common.metrics_topic().into(),
             keys: ApiKeyStore::new(pool.clone()),
             limiter: shared::ratelimit::RateLimiter::new(redis.clone()),
+            keyring,
             pool,
             producer,
             redis,
@@ -67,6 +76,12 @@ impl App {
     pub fn router(state: AppState) -> Router {
         Router::new()
             .route("/v1/events", post(routes::events::post_events))
+            .route("/v1/auth/login", post(routes::auth::login))
+            .route("/v1/auth/refresh", post(routes::auth::refresh))
+            .route("/v1/auth/logout", post(routes::auth::logout))
+            .route("/v1/auth/logout-all", post(routes::auth::logout_all))
+            .route("/v1/auth/password", post(routes::auth::change_password))
+            .route("/.well-known/jwks.json", get(routes::auth::jwks))
             .route("/openapi.json", get(routes::health::openapi))
             .route("/healthz", get(routes::health::healthz))
             .route("/readyz", get(routes::health::readyz))

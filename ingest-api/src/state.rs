@@ -18,6 +18,7 @@ pub struct AppState {
     pub redis: Option<redis::aio::ConnectionManager>,
     pub keys: ApiKeyStore,
     pub limiter: shared::ratelimit::RateLimiter,
+    pub keyring: crate::keys::KeyRing,
     pub topic: Arc<str>,
     pub shutdown: ShutdownFlag,
     pub metrics: PrometheusHandle,

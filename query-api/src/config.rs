@@ -15,6 +15,8 @@ pub struct Config {
     pub max_points: i64,
     /// How long a cached answer is kept (it is keyed by the watermark, so it is never stale).
     pub cache_ttl_secs: u64,
+    /// Where ingest-api publishes the keys that sign access tokens.
+    pub jwks_url: String,
 }
 
 impl Default for Config {
@@ -25,6 +27,7 @@ impl Default for Config {
             max_range_days: 90,
             max_points: 5000,
             cache_ttl_secs: 600,
+            jwks_url: "http://127.0.0.1:8080/.well-known/jwks.json".into(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! query-api: the read side. Serves dashboards from the projections only.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod range;
@@ -36,6 +37,10 @@ impl App {
             .with_context(|| format!("binding {}", config.http_addr))?;
         let state = AppState {
             keys: ApiKeyStore::new(pool.clone()),
+            verifier: shared::jwt::Verifier::new(shared::jwt::KeySource::Url(
+                config.jwks_url.clone(),
+            )),
+            users: auth::UserCache::default(),
             pool,
             cache,
             shutdown: ShutdownFlag::default(),

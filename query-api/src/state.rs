@@ -15,6 +15,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub pool: PgPool,
     pub keys: ApiKeyStore,
+    pub verifier: shared::jwt::Verifier,
+    pub users: crate::auth::UserCache,
     pub cache: Cache,
     pub shutdown: ShutdownFlag,
     pub metrics: PrometheusHandle,

@@ -175,12 +175,13 @@ pub async fn start_ingest(common: &Common, tweak: impl FnOnce(&mut ingest_api::C
     }
 }
 
-pub async fn start_query(common: &Common) -> Running {
-    let config = query_api::Config {
+pub async fn start_query(common: &Common, tweak: impl FnOnce(&mut query_api::Config)) -> Running {
+    let mut config = query_api::Config {
         common: common.clone(),
         http_addr: "127.0.0.1:0".into(),
         ..Default::default()
     };
+    tweak(&mut config);
     let app = query_api::App::build(config)
         .await
         .expect("query-api builds");

@@ -10,7 +10,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use shared::apikey::Scope;
 use shared::events::{EventType, FieldError};
 use shared::histogram;
 use shared::problem::Problem;
@@ -18,6 +17,7 @@ use shared::tenant::TenantId;
 use shared::tenant_sql;
 use sqlx::{PgConnection, Postgres, Transaction};
 
+use crate::auth::Visibility;
 use crate::range::{Bucket, Grain, TimeRange};
 use crate::state::AppState;
 
@@ -224,12 +224,14 @@ pub async fn overview(
     headers: HeaderMap,
     params: Result<Query<RangeParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
-    let principal = s.keys.authenticate(&headers, Scope::Read).await?;
+    let reader = crate::auth::reader(&s, &headers).await?;
     let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
     let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
-    let tenant = principal.tenant_id;
+    let tenant = reader.tenant;
+    let visibility = reader.visibility;
     let key = format!(
-        "overview:{}:{}",
+        "overview:{}:{}:{}",
+        visibility.cache_label(),
         range.from.timestamp(),
         range.to.timestamp()
     );
@@ -250,7 +252,7 @@ pub async fn overview(
         };
         if let Some((mut tx, fresh)) = ctx {
             o.as_of = fresh.as_of;
-            compute_overview(&mut tx, &range, &mut o)
+            compute_overview(&mut tx, &range, &visibility, &mut o)
                 .await
                 .map_err(db_error)?;
         }
@@ -262,18 +264,22 @@ pub async fn overview(
 async fn compute_overview(
     conn: &mut PgConnection,
     range: &TimeRange,
+    visibility: &Visibility,
     o: &mut Overview,
 ) -> sqlx::Result<()> {
+    let (user_filter, team_filter) = visibility.filters();
     let grain = Grain::for_range(range);
     let rows: Vec<(String, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(by_grain!(
         grain,
         "SELECT event_type, sum(count)::bigint, sum(errors)::bigint, sum(duration_sum)::bigint,
                 max(duration_max), sum(input_tokens)::bigint, sum(output_tokens)::bigint
            FROM ",
-        " WHERE bucket >= $1 AND bucket < $2 GROUP BY event_type"
+        " WHERE bucket >= $1 AND bucket < $2 AND ($3::text IS NULL OR user_id = $3) AND ($4::text[] IS NULL OR team_id = ANY($4)) GROUP BY event_type"
     ))
     .bind(range.from)
     .bind(range.to)
+    .bind(user_filter)
+    .bind(team_filter)
     .fetch_all(&mut *conn)
     .await?;
     let hists: Vec<(String, i64, i64)> = sqlx::query_as(by_grain!(
@@ -282,11 +288,14 @@ async fn compute_overview(
            FROM ",
         " a, unnest(a.duration_hist) WITH ORDINALITY AS h(n, i)
           WHERE a.bucket >= $1 AND a.bucket < $2 AND h.n > 0
+            AND ($3::text IS NULL OR a.user_id = $3) AND ($4::text[] IS NULL OR a.team_id = ANY($4))
             AND a.event_type IN ('command.executed', 'agent.interacted', 'tool.executed')
           GROUP BY 1, 2"
     ))
     .bind(range.from)
     .bind(range.to)
+    .bind(user_filter)
+    .bind(team_filter)
     .fetch_all(&mut *conn)
     .await?;
     let mut hist_of: BTreeMap<String, Vec<i64>> = BTreeMap::new();
@@ -327,10 +336,12 @@ async fn compute_overview(
     o.active_users = sqlx::query_scalar(by_grain!(
         grain,
         "SELECT count(DISTINCT user_id) FROM ",
-        " WHERE bucket >= $1 AND bucket < $2 AND user_id <> ''"
+        " WHERE bucket >= $1 AND bucket < $2 AND user_id <> '' AND ($3::text IS NULL OR user_id = $3) AND ($4::text[] IS NULL OR team_id = ANY($4))"
     ))
     .bind(range.from)
     .bind(range.to)
+    .bind(user_filter)
+    .bind(team_filter)
     .fetch_one(&mut *conn)
     .await?;
     Ok(())
@@ -362,7 +373,7 @@ pub async fn timeseries(
     headers: HeaderMap,
     params: Result<Query<SeriesParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
-    let principal = s.keys.authenticate(&headers, Scope::Read).await?;
+    let reader = crate::auth::reader(&s, &headers).await?;
     let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
     let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
     let bucket = Bucket::parse(p.bucket.as_deref().unwrap_or("1h")).map_err(bad)?;
@@ -399,9 +410,11 @@ pub async fn timeseries(
         }
     }
     let event_type = explicit.or(implied);
-    let tenant = principal.tenant_id;
+    let tenant = reader.tenant;
+    let visibility = reader.visibility;
     let key = format!(
-        "series:{}:{}:{}:{}:{}",
+        "series:{}:{}:{}:{}:{}:{}",
+        visibility.cache_label(),
         range.from.timestamp(),
         range.to.timestamp(),
         bucket.as_str(),
@@ -422,7 +435,7 @@ pub async fn timeseries(
         };
         if let Some((mut tx, fresh)) = ctx {
             ts.as_of = fresh.as_of;
-            ts.series = compute_series(&mut tx, &range, bucket, column, event_type)
+            ts.series = compute_series(&mut tx, &range, &visibility, bucket, column, event_type)
                 .await
                 .map_err(db_error)?;
         }
@@ -436,10 +449,12 @@ type SeriesRow = (DateTime<Utc>, String, i64, i64, i64, i64, i64, f64);
 async fn compute_series(
     conn: &mut PgConnection,
     range: &TimeRange,
+    visibility: &Visibility,
     bucket: Bucket,
     column: Option<&'static str>,
     event_type: Option<EventType>,
 ) -> sqlx::Result<Vec<Series>> {
+    let (user_filter, team_filter) = visibility.filters();
     let grain = Grain::for_series(bucket, range);
     let width = bucket.width();
     let interval = sqlx::postgres::types::PgInterval {
@@ -457,6 +472,7 @@ async fn compute_series(
                 sum(input_tokens)::bigint, sum(output_tokens)::bigint, sum(value_sum)
            FROM ",
         " WHERE bucket >= $1 AND bucket < $2 AND ($5::text IS NULL OR event_type = $5)
+            AND ($6::text IS NULL OR user_id = $6) AND ($7::text[] IS NULL OR team_id = ANY($7))
           GROUP BY 1, 2 ORDER BY 2, 1"
     ))
     .bind(range.from)
@@ -464,6 +480,8 @@ async fn compute_series(
     .bind(interval)
     .bind(column.unwrap_or(""))
     .bind(event_type.map(EventType::as_str))
+    .bind(user_filter)
+    .bind(team_filter)
     .fetch_all(conn)
     .await?;
     let mut series: Vec<Series> = Vec::new();

@@ -87,7 +87,7 @@ async fn revoked_keys_and_deactivated_tenants_are_refused_within_the_cache_delay
     let pool = test_pool().await;
     let common = common_for_test();
     let ingest = start_ingest(&common, |_| {}).await;
-    let query = start_query(&common).await;
+    let query = start_query(&common, |_| {}).await;
     let client = http();
     let revoked = create_tenant(&pool, "revoked-key").await;
     let gone = create_tenant(&pool, "deactivated").await;

@@ -7,5 +7,6 @@ mod dedup;
 mod dlq;
 mod isolation;
 mod kafka_down;
+mod login;
 mod pipeline;
 mod validation;

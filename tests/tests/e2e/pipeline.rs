@@ -16,7 +16,7 @@ async fn two_tenants_see_exact_and_separate_numbers() {
     let common = common_for_test();
     let ingest = start_ingest(&common, |_| {}).await;
     let projector = start_projector(&common).await;
-    let query = start_query(&common).await;
+    let query = start_query(&common, |_| {}).await;
     let client = http();
 
     let a = create_tenant(&pool, "tenant-a").await;

@@ -48,7 +48,7 @@ async fn bad_requests_get_clear_problems() {
     let pool = test_pool().await;
     let common = common_for_test();
     let ingest = start_ingest(&common, |_| {}).await;
-    let query = start_query(&common).await;
+    let query = start_query(&common, |_| {}).await;
     let client = http();
     let t = create_tenant(&pool, "attacked").await;
     let url = format!("{}/v1/events", ingest.url());

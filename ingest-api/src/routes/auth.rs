@@ -1,0 +1,361 @@
+//! Login for people: `/v1/auth/login`, `/refresh`, `/logout`, `/logout-all`, `/password`, and
+//! the JWKS at `/.well-known/jwks.json`.
+//!
+//! Access tokens are 15-minute EdDSA JWTs. Refresh tokens are opaque, stored as SHA-256,
+//! valid 7 days and rotated on every use; presenting one that was already used revokes its
+//! whole family (every token descended from the same login).
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use shared::jwt::{self, Claims, Jwks, Role};
+use shared::password;
+use shared::problem::Problem;
+use shared::tenant::TenantId;
+use uuid::Uuid;
+
+use crate::state::AppState;
+
+/// Lifetime of a refresh token.
+pub const REFRESH_TTL_DAYS: i64 = 7;
+const REFRESH_PREFIX: &str = "tlr_";
+
+#[derive(Debug, Deserialize)]
+pub struct LoginRequest {
+    pub email: String,
+    pub password: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RefreshRequest {
+    pub refresh_token: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PasswordChange {
+    pub current_password: String,
+    pub new_password: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Tokens {
+    pub access_token: String,
+    pub token_type: String,
+    pub expires_in: u64,
+    pub refresh_token: String,
+    pub refresh_expires_at: DateTime<Utc>,
+}
+
+fn body<T>(r: Result<Json<T>, JsonRejection>) -> Result<T, Problem> {
+    r.map(|Json(v)| v).map_err(|e| {
+        Problem::new(
+            e.status(),
+            "invalid-body",
+            "Invalid request body",
+            e.body_text(),
+        )
+    })
+}
+
+fn denied() -> Problem {
+    Problem::unauthorized("invalid email or password")
+}
+
+fn db(e: sqlx::Error) -> Problem {
+    tracing::error!(error = %e, "auth query failed");
+    Problem::unavailable("credentials cannot be checked right now", 2)
+}
+
+/// A password check off the async threads (argon2 is deliberately slow).
+async fn verify_password(password: String, hash: String) -> bool {
+    tokio::task::spawn_blocking(move || password::verify(&password, &hash))
+        .await
+        .unwrap_or(false)
+}
+
+/// A valid argon2id hash of a random password: verifying against it costs what a real check
+/// costs, so unknown e-mail addresses cannot be told apart by timing.
+static DUMMY_HASH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| password::hash(&Uuid::new_v4().to_string()));
+
+/// `POST /v1/auth/login`
+pub async fn login(
+    State(s): State<AppState>,
+    req: Result<Json<LoginRequest>, JsonRejection>,
+) -> Result<Json<Tokens>, Problem> {
+    let req = body(req)?;
+    let email = req.email.trim().to_lowercase();
+    let row: Option<(Uuid, Uuid, String, String, i32, String, String)> = sqlx::query_as(
+        "SELECT u.id, u.tenant_id, u.password_hash, u.role, u.token_version, u.status, t.status
+           FROM control.users u JOIN control.tenants t ON t.id = u.tenant_id
+          WHERE u.email = $1",
+    )
+    .bind(&email)
+    .fetch_optional(&s.pool)
+    .await
+    .map_err(db)?;
+    let Some((user, tenant, hash, role, ver, status, tenant_status)) = row else {
+        verify_password(req.password, DUMMY_HASH.clone()).await;
+        metrics::counter!("auth_logins_total", "outcome" => "failed").increment(1);
+        return Err(denied());
+    };
+    if !verify_password(req.password, hash).await {
+        metrics::counter!("auth_logins_total", "outcome" => "failed").increment(1);
+        tracing::info!(%user, "login failed");
+        return Err(denied());
+    }
+    if status != "active" || tenant_status != "active" {
+        return Err(Problem::forbidden("this account is deactivated"));
+    }
+    let role = Role::parse(&role).ok_or_else(Problem::internal)?;
+    let tokens = issue(&s, user, TenantId(tenant), role, ver, Uuid::now_v7()).await?;
+    metrics::counter!("auth_logins_total", "outcome" => "succeeded").increment(1);
+    Ok(Json(tokens))
+}
+
+/// Signs an access token and stores a new refresh token of `family`.
+async fn issue(
+    s: &AppState,
+    user: Uuid,
+    tenant: TenantId,
+    role: Role,
+    ver: i32,
+    family: Uuid,
+) -> Result<Tokens, Problem> {
+    let access = s
+        .keyring
+        .sign(&Claims::new(user, tenant, role, ver))
+        .map_err(|e| {
+            tracing::error!(error = %e, "signing failed");
+            Problem::internal()
+        })?;
+    let (refresh, expires_at) = store_refresh(&s.pool, user, family).await?;
+    Ok(Tokens {
+        access_token: access,
+        token_type: "Bearer".into(),
+        expires_in: jwt::ACCESS_TTL.as_secs(),
+        refresh_token: refresh,
+        refresh_expires_at: expires_at,
+    })
+}
+
+fn refresh_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+async fn store_refresh(
+    pool: &sqlx::PgPool,
+    user: Uuid,
+    family: Uuid,
+) -> Result<(String, DateTime<Utc>), Problem> {
+    let mut bytes = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    let token = format!("{REFRESH_PREFIX}{}", hex::encode(bytes));
+    let expires_at = Utc::now() + Duration::days(REFRESH_TTL_DAYS);
+    sqlx::query(
+        "INSERT INTO control.refresh_tokens (id, family_id, user_id, token_hash, expires_at)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(family)
+    .bind(user)
+    .bind(refresh_hash(&token))
+    .bind(expires_at)
+    .execute(pool)
+    .await
+    .map_err(db)?;
+    Ok((token, expires_at))
+}
+
+type RefreshRow = (
+    Uuid,
+    Uuid,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    Uuid,
+    String,
+    i32,
+    String,
+    String,
+);
+
+/// `POST /v1/auth/refresh`
+pub async fn refresh(
+    State(s): State<AppState>,
+    req: Result<Json<RefreshRequest>, JsonRejection>,
+) -> Result<Json<Tokens>, Problem> {
+    let req = body(req)?;
+    let invalid = || Problem::unauthorized("invalid or expired refresh token");
+    let mut tx = s.pool.begin().await.map_err(db)?;
+    let row: Option<RefreshRow> = sqlx::query_as(
+        "SELECT r.family_id, r.user_id, r.expires_at, r.used_at, r.revoked_at,
+                u.tenant_id, u.role, u.token_version, u.status, t.status
+           FROM control.refresh_tokens r
+           JOIN control.users u ON u.id = r.user_id
+           JOIN control.tenants t ON t.id = u.tenant_id
+          WHERE r.token_hash = $1
+            FOR UPDATE OF r",
+    )
+    .bind(refresh_hash(&req.refresh_token))
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db)?;
+    let Some((family, user, expires_at, used_at, revoked_at, tenant, role, ver, status, tstatus)) =
+        row
+    else {
+        return Err(invalid());
+    };
+    if used_at.is_some() || revoked_at.is_some() {
+        // A used token presented again: it was stolen, or the client is confused. Either way
+        // the whole family goes.
+        sqlx::query(
+            "UPDATE control.refresh_tokens SET revoked_at = coalesce(revoked_at, now())
+              WHERE family_id = $1",
+        )
+        .bind(family)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        metrics::counter!("auth_refresh_reuse_detected_total").increment(1);
+        tracing::warn!(%user, %family, "auth.refresh_reuse_detected: token family revoked");
+        return Err(Problem::unauthorized(
+            "this refresh token was already used; every session of this login was revoked",
+        ));
+    }
+    if expires_at < Utc::now() || status != "active" || tstatus != "active" {
+        return Err(invalid());
+    }
+    sqlx::query("UPDATE control.refresh_tokens SET used_at = now() WHERE token_hash = $1")
+        .bind(refresh_hash(&req.refresh_token))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    tx.commit().await.map_err(db)?;
+    let role = Role::parse(&role).ok_or_else(Problem::internal)?;
+    Ok(Json(
+        issue(&s, user, TenantId(tenant), role, ver, family).await?,
+    ))
+}
+
+/// `POST /v1/auth/logout`: ends the login the refresh token belongs to.
+pub async fn logout(
+    State(s): State<AppState>,
+    req: Result<Json<RefreshRequest>, JsonRejection>,
+) -> Result<StatusCode, Problem> {
+    let req = body(req)?;
+    sqlx::query(
+        "UPDATE control.refresh_tokens SET revoked_at = coalesce(revoked_at, now())
+          WHERE family_id = (SELECT family_id FROM control.refresh_tokens WHERE token_hash = $1)",
+    )
+    .bind(refresh_hash(&req.refresh_token))
+    .execute(&s.pool)
+    .await
+    .map_err(db)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The caller's access token, verified with this instance's own keys.
+async fn caller(s: &AppState, headers: &HeaderMap) -> Result<Claims, Problem> {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| Problem::unauthorized("an access token is required"))?;
+    let claims = s.keyring.verifier.verify(token.trim()).await?;
+    let current: Option<(i32, String)> =
+        sqlx::query_as("SELECT token_version, status FROM control.users WHERE id = $1")
+            .bind(claims.sub)
+            .fetch_optional(&s.pool)
+            .await
+            .map_err(db)?;
+    match current {
+        Some((ver, status)) if ver == claims.ver && status == "active" => Ok(claims),
+        _ => Err(Problem::unauthorized(
+            "this access token is no longer valid",
+        )),
+    }
+}
+
+/// Ends every session of the user: refresh tokens revoked, access tokens invalidated.
+async fn end_all_sessions(conn: &mut sqlx::PgConnection, user: Uuid) -> Result<i32, Problem> {
+    sqlx::query(
+        "UPDATE control.refresh_tokens SET revoked_at = now()
+          WHERE user_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(user)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    sqlx::query_scalar(
+        "UPDATE control.users SET token_version = token_version + 1, updated_at = now()
+          WHERE id = $1 RETURNING token_version",
+    )
+    .bind(user)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db)
+}
+
+/// `POST /v1/auth/logout-all`
+pub async fn logout_all(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<StatusCode, Problem> {
+    let claims = caller(&s, &headers).await?;
+    let mut conn = s.pool.acquire().await.map_err(db)?;
+    end_all_sessions(&mut conn, claims.sub).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/auth/password`: changes the password, ends every other session, and returns
+/// fresh tokens for this one.
+pub async fn change_password(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    req: Result<Json<PasswordChange>, JsonRejection>,
+) -> Result<Json<Tokens>, Problem> {
+    let claims = caller(&s, &headers).await?;
+    let req = body(req)?;
+    password::check_policy("new_password", &req.new_password)
+        .map_err(|e| Problem::validation("the new password is too weak", vec![e]))?;
+    let hash: String = sqlx::query_scalar("SELECT password_hash FROM control.users WHERE id = $1")
+        .bind(claims.sub)
+        .fetch_one(&s.pool)
+        .await
+        .map_err(db)?;
+    if !verify_password(req.current_password, hash).await {
+        return Err(Problem::forbidden("current_password is wrong"));
+    }
+    let new_hash = tokio::task::spawn_blocking(move || password::hash(&req.new_password))
+        .await
+        .map_err(|_| Problem::internal())?;
+    let mut tx = s.pool.begin().await.map_err(db)?;
+    sqlx::query("UPDATE control.users SET password_hash = $2 WHERE id = $1")
+        .bind(claims.sub)
+        .bind(new_hash)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    let ver = end_all_sessions(&mut tx, claims.sub).await?;
+    tx.commit().await.map_err(db)?;
+    Ok(Json(
+        issue(&s, claims.sub, claims.tid, claims.role, ver, Uuid::now_v7()).await?,
+    ))
+}
+
+/// `GET /.well-known/jwks.json`: the current and previous signing keys.
+pub async fn jwks(State(s): State<AppState>) -> Response {
+    let jwks: Jwks = s.keyring.jwks();
+    (
+        [(axum::http::header::CACHE_CONTROL, "public, max-age=60")],
+        Json(jwks),
+    )
+        .into_response()
+}

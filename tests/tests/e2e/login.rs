@@ -1,0 +1,398 @@
+//! People: login, refresh rotation with reuse detection, logout, password change,
+//! deactivation, role-scoped dashboards — and forged tokens from the attacker's side.
+
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde_json::{json, Value};
+use shared::jwt::{self, Claims, Role};
+use tally_tests::*;
+
+const PASSWORD: &str = "Sturdy-Pass-42";
+
+struct Stack {
+    ingest: Running,
+    query: Running,
+    client: reqwest::Client,
+}
+
+impl Stack {
+    async fn login(&self, email: &str, password: &str) -> reqwest::Response {
+        self.client
+            .post(format!("{}/v1/auth/login", self.ingest.url()))
+            .json(&json!({"email": email, "password": password}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn tokens(&self, email: &str) -> Value {
+        let res = self.login(email, PASSWORD).await;
+        assert_eq!(res.status(), 200, "login {email}");
+        res.json().await.unwrap()
+    }
+
+    async fn refresh(&self, token: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/v1/auth/refresh", self.ingest.url()))
+            .json(&json!({"refresh_token": token}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn overview_with(&self, access: &str, extra: &str) -> reqwest::Response {
+        self.client
+            .get(format!(
+                "{}/v1/dashboard/overview?range=24h{extra}",
+                self.query.url()
+            ))
+            .bearer_auth(access)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn commands_seen(&self, access: &str) -> i64 {
+        let res = self.overview_with(access, "").await;
+        assert_eq!(res.status(), 200);
+        let body: Value = res.json().await.unwrap();
+        body["commands"]["count"].as_i64().unwrap()
+    }
+}
+
+fn event(user: &str, team: &str) -> Value {
+    let mut e = command(user, "build", 10, true);
+    e["data"]["team_id"] = json!(team);
+    e
+}
+
+async fn user(
+    pool: &sqlx::PgPool,
+    t: &TestTenant,
+    email: &str,
+    role: Role,
+    ext: &str,
+    teams: &[&str],
+) {
+    let teams: Vec<String> = teams.iter().map(|s| s.to_string()).collect();
+    ingest_api::admin::create_user(
+        pool,
+        ingest_api::admin::NewUser {
+            tenant: t.id,
+            email,
+            password: PASSWORD,
+            role,
+            external_id: Some(ext),
+            teams: &teams,
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// Polls until `check` holds, for at most the documented credential cache delay.
+async fn within_cache_delay<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let since = Instant::now();
+    while !check().await {
+        assert!(
+            since.elapsed() < shared::auth::KEY_CACHE_TTL + Duration::from_secs(2),
+            "{what}: not in effect after {:?}",
+            since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn people_log_in_and_see_what_their_role_allows() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
+    let query = start_query(&common, |c| c.jwks_url = jwks).await;
+    let projector = start_projector(&common).await;
+    let s = Stack {
+        ingest,
+        query,
+        client: http(),
+    };
+
+    let a = create_tenant(&pool, "people-a").await;
+    let b = create_tenant(&pool, "people-b").await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let email = |name: &str| format!("{name}-{tag}@example.com");
+    user(&pool, &a, &email("owner"), Role::Owner, "alice", &[]).await;
+    user(
+        &pool,
+        &a,
+        &email("dev"),
+        Role::Developer,
+        "bob",
+        &["team-y"],
+    )
+    .await;
+    user(
+        &pool,
+        &a,
+        &email("mgr"),
+        Role::Manager,
+        "carol",
+        &["team-x"],
+    )
+    .await;
+    user(&pool, &b, &email("b-owner"), Role::Owner, "zed", &[]).await;
+
+    let mut events_a: Vec<Value> = Vec::new();
+    events_a.extend((0..3).map(|_| event("alice", "team-x")));
+    events_a.extend((0..2).map(|_| event("bob", "team-y")));
+    events_a.extend((0..4).map(|_| event("dave", "team-x")));
+    let res = post_events(
+        &s.client,
+        &s.ingest.url(),
+        &a.ingest_key,
+        &Value::Array(events_a),
+    )
+    .await;
+    assert_eq!(res.status(), 202);
+    let events_b = Value::Array((0..5).map(|_| event("zed", "team-x")).collect());
+    assert_eq!(
+        post_events(&s.client, &s.ingest.url(), &b.ingest_key, &events_b)
+            .await
+            .status(),
+        202
+    );
+    wait_projected(&pool, a.id, 9, Duration::from_secs(60)).await;
+    wait_projected(&pool, b.id, 5, Duration::from_secs(60)).await;
+
+    // Each role sees its own slice; nobody sees another tenant, whatever ids they send.
+    let owner = s.tokens(&email("owner")).await;
+    let owner_access = owner["access_token"].as_str().unwrap().to_string();
+    assert_eq!(owner["token_type"], "Bearer");
+    assert_eq!(owner["expires_in"], 900);
+    assert_eq!(s.commands_seen(&owner_access).await, 9);
+    let dev = s.tokens(&email("dev")).await;
+    assert_eq!(
+        s.commands_seen(dev["access_token"].as_str().unwrap()).await,
+        2,
+        "own data"
+    );
+    let mgr = s.tokens(&email("mgr")).await;
+    let mgr_access = mgr["access_token"].as_str().unwrap().to_string();
+    assert_eq!(s.commands_seen(&mgr_access).await, 7, "team-x data");
+    let b_owner = s.tokens(&email("b-owner")).await;
+    assert_eq!(
+        s.commands_seen(b_owner["access_token"].as_str().unwrap())
+            .await,
+        5
+    );
+    let res = s
+        .overview_with(&owner_access, &format!("&tenant_id={}", b.id))
+        .await;
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(
+        body["tenant_id"],
+        a.id.to_string(),
+        "B's id in the query changes nothing"
+    );
+    assert_eq!(body["commands"]["count"], 9);
+
+    // Wrong passwords and unknown people get the same answer.
+    assert_eq!(
+        s.login(&email("owner"), "Wrong-Pass-42").await.status(),
+        401
+    );
+    assert_eq!(s.login(&email("nobody"), PASSWORD).await.status(), 401);
+
+    // Forged tokens.
+    let (kid, private): (String, Vec<u8>) = sqlx::query_as(
+        "SELECT kid, private_pkcs8 FROM control.signing_keys WHERE retired_at IS NULL ORDER BY created_at DESC LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let jwks: Value = s
+        .client
+        .get(format!("{}/.well-known/jwks.json", s.ingest.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let published = jwks["keys"].as_array().unwrap();
+    assert!(published
+        .iter()
+        .any(|k| k["kid"] == kid.as_str() && k["kty"] == "OKP" && k["crv"] == "Ed25519"));
+    assert!(
+        published.iter().all(|k| k.get("d").is_none()),
+        "no private parts in the JWKS"
+    );
+    let x = published.iter().find(|k| k["kid"] == kid.as_str()).unwrap()["x"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let owner_id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM control.users WHERE email = $1")
+        .bind(email("owner"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let good = Claims::new(owner_id, a.id, Role::Owner, 0);
+    let enc = |v: &Value| URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap());
+    let mut forged: Vec<(&str, String)> = Vec::new();
+    forged.push((
+        "alg none",
+        format!(
+            "{}.{}.",
+            enc(&json!({"alg": "none", "typ": "JWT", "kid": kid})),
+            enc(&serde_json::to_value(&good).unwrap())
+        ),
+    ));
+    let mut hs = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    hs.kid = Some(kid.clone());
+    for secret in [x.as_bytes().to_vec(), URL_SAFE_NO_PAD.decode(&x).unwrap()] {
+        let t = jsonwebtoken::encode(&hs, &good, &jsonwebtoken::EncodingKey::from_secret(&secret))
+            .unwrap();
+        forged.push(("HS256 with the public key", t));
+    }
+    let mut expired = good.clone();
+    expired.iat -= 3600;
+    expired.exp = chrono::Utc::now().timestamp() - 120;
+    forged.push(("expired", jwt::sign(&kid, &private, &expired).unwrap()));
+    let mut aud = good.clone();
+    aud.aud = "someone-else".into();
+    forged.push(("wrong aud", jwt::sign(&kid, &private, &aud).unwrap()));
+    let mut iss = good.clone();
+    iss.iss = "evil".into();
+    forged.push(("wrong iss", jwt::sign(&kid, &private, &iss).unwrap()));
+    let stranger = jwt::generate_key();
+    forged.push((
+        "unknown kid",
+        jwt::sign(&stranger.kid, &stranger.private_pkcs8, &good).unwrap(),
+    ));
+    forged.push((
+        "known kid, other key",
+        jwt::sign(&kid, &stranger.private_pkcs8, &good).unwrap(),
+    ));
+    let real = owner_access.clone();
+    let parts: Vec<&str> = real.split('.').collect();
+    let mut claims: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+    claims["tid"] = json!(b.id);
+    forged.push((
+        "payload swapped to tenant B",
+        format!("{}.{}.{}", parts[0], enc(&claims), parts[2]),
+    ));
+    let mut other_tenant = good.clone();
+    other_tenant.tid = b.id;
+    forged.push((
+        "tenant B claim for A's user",
+        jwt::sign(&kid, &private, &other_tenant).unwrap(),
+    ));
+    for (what, token) in forged {
+        let res = s.overview_with(&token, "").await;
+        assert_eq!(res.status(), 401, "{what}");
+        assert_eq!(
+            res.headers()["content-type"],
+            "application/problem+json",
+            "{what}"
+        );
+    }
+
+    // Refresh rotates; a reused refresh token revokes the whole family.
+    let r1 = owner["refresh_token"].clone();
+    let res = s.refresh(&r1).await;
+    assert_eq!(res.status(), 200);
+    let second: Value = res.json().await.unwrap();
+    let r2 = second["refresh_token"].clone();
+    assert_ne!(r1, r2);
+    assert_eq!(
+        s.commands_seen(second["access_token"].as_str().unwrap())
+            .await,
+        9
+    );
+    let res = s.refresh(&r1).await;
+    assert_eq!(res.status(), 401, "reuse is refused");
+    let body: Value = res.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("revoked"));
+    assert_eq!(
+        s.refresh(&r2).await.status(),
+        401,
+        "the family went with it"
+    );
+    assert_eq!(s.refresh(&json!("tlr_nonsense")).await.status(), 401);
+
+    // Logout ends that login.
+    let session = s.tokens(&email("owner")).await;
+    let res = s
+        .client
+        .post(format!("{}/v1/auth/logout", s.ingest.url()))
+        .json(&json!({"refresh_token": session["refresh_token"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    assert_eq!(s.refresh(&session["refresh_token"]).await.status(), 401);
+
+    // Password change: weak and wrong attempts refused; then old sessions end.
+    let dev_access = dev["access_token"].as_str().unwrap().to_string();
+    let change = |current: &str, new: &str| {
+        s.client
+            .post(format!("{}/v1/auth/password", s.ingest.url()))
+            .bearer_auth(&dev_access)
+            .json(&json!({"current_password": current, "new_password": new}))
+            .send()
+    };
+    assert_eq!(change(PASSWORD, "short").await.unwrap().status(), 422);
+    assert_eq!(
+        change("Not-The-Pass-1", "Another-Pass-43")
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let res = change(PASSWORD, "Another-Pass-43").await.unwrap();
+    assert_eq!(res.status(), 200);
+    let fresh: Value = res.json().await.unwrap();
+    assert_eq!(
+        s.refresh(&dev["refresh_token"]).await.status(),
+        401,
+        "old refresh tokens end at once"
+    );
+    within_cache_delay(
+        "old access token refused after the password change",
+        || async { s.overview_with(&dev_access, "").await.status() == 401 },
+    )
+    .await;
+    assert_eq!(
+        s.commands_seen(fresh["access_token"].as_str().unwrap())
+            .await,
+        2
+    );
+    assert_eq!(s.login(&email("dev"), PASSWORD).await.status(), 401);
+    assert_eq!(
+        s.login(&email("dev"), "Another-Pass-43").await.status(),
+        200
+    );
+
+    // A deactivated user is refused.
+    ingest_api::admin::deactivate_user(&pool, &email("mgr"))
+        .await
+        .unwrap();
+    assert_ne!(s.login(&email("mgr"), PASSWORD).await.status(), 200);
+    assert_eq!(s.refresh(&mgr["refresh_token"]).await.status(), 401);
+    within_cache_delay("deactivated user's access token refused", || async {
+        s.overview_with(&mgr_access, "").await.status() == 401
+    })
+    .await;
+
+    projector.stop().await.unwrap();
+    s.ingest.stop().await.unwrap();
+    s.query.stop().await.unwrap();
+}
