@@ -24,7 +24,19 @@ else
     TALLY_TENANT_ID=$("$BIN_DIR/ingest-api" admin tenant create --name "Demo")
     TALLY_INGEST_KEY=$("$BIN_DIR/ingest-api" admin api-key create --tenant "$TALLY_TENANT_ID" --scope ingest --name demo-ingest)
     TALLY_READ_KEY=$("$BIN_DIR/ingest-api" admin api-key create --tenant "$TALLY_TENANT_ID" --scope read --name demo-read)
-    mkdir -p "$(dirname "$DEMO_ENV")"
+    unset TALLY_DEMO_EMAIL TALLY_DEMO_PASSWORD
+fi
+if [ -z "${TALLY_DEMO_EMAIL:-}" ]; then
+    # The demo owner's login (the tenant id keeps the address unique per demo tenant).
+    TALLY_DEMO_EMAIL="owner-${TALLY_TENANT_ID: -8}@demo.tally.local"
+    TALLY_DEMO_PASSWORD="Demo-$(head -c 9 /dev/urandom | od -An -tx1 | tr -d ' \n')!"
+    say "creating the demo owner $TALLY_DEMO_EMAIL"
+    TALLY_USER_PASSWORD="$TALLY_DEMO_PASSWORD" "$BIN_DIR/ingest-api" admin user create \
+        --tenant "$TALLY_TENANT_ID" --email "$TALLY_DEMO_EMAIL" --role owner \
+        --external-id load-user-0 >/dev/null
+fi
+mkdir -p "$(dirname "$DEMO_ENV")"
+(
     umask 077
     cat >"$DEMO_ENV" <<ENV
 # Written by 'make up' (deploy/local/demo.sh). Source it: . .tally/demo.env
@@ -33,8 +45,10 @@ export TALLY_QUERY_URL=$QUERY_URL
 export TALLY_TENANT_ID=$TALLY_TENANT_ID
 export TALLY_INGEST_KEY=$TALLY_INGEST_KEY
 export TALLY_READ_KEY=$TALLY_READ_KEY
+export TALLY_DEMO_EMAIL=$TALLY_DEMO_EMAIL
+export TALLY_DEMO_PASSWORD='$TALLY_DEMO_PASSWORD'
 ENV
-fi
+)
 
 overview_total() {
     curl -s -H "Authorization: Bearer $TALLY_READ_KEY" "$QUERY_URL/v1/dashboard/overview?range=24h" |
@@ -60,6 +74,7 @@ Tally is up.
   tenant       $TALLY_TENANT_ID
   ingest key   $TALLY_INGEST_KEY
   read key     $TALLY_READ_KEY
+  demo login   $TALLY_DEMO_EMAIL / $TALLY_DEMO_PASSWORD   (POST /v1/auth/login)
   (all in .tally/demo.env — '. .tally/demo.env' to use them)
 
 Last 24 h for the demo tenant: ${total:-0} events. Try:

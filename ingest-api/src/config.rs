@@ -19,6 +19,12 @@ pub struct Config {
     pub max_future_skew_secs: i64,
     /// How old `occurred_at` may be: the raw retention window.
     pub retention_days: i64,
+    /// Failed logins per account within `login_window_secs` before it is locked out.
+    pub login_max_failures: u32,
+    /// Failed logins per client address within the window before it is locked out.
+    pub login_max_failures_per_ip: u32,
+    /// Window (and lockout) length for failed logins.
+    pub login_window_secs: u64,
 }
 
 impl Default for Config {
@@ -31,6 +37,9 @@ impl Default for Config {
             produce_timeout_ms: 5000,
             max_future_skew_secs: 300,
             retention_days: 90,
+            login_max_failures: 5,
+            login_max_failures_per_ip: 20,
+            login_window_secs: 900,
         }
     }
 }

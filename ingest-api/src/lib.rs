@@ -7,6 +7,7 @@ pub mod config;
 pub mod keys;
 pub mod routes;
 pub mod state;
+pub mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -59,6 +60,13 @@ impl App {
             keys: ApiKeyStore::new(pool.clone()),
             limiter: shared::ratelimit::RateLimiter::new(redis.clone()),
             keyring,
+            throttle: throttle::LoginThrottle::new(
+                redis.clone(),
+                &common.topic_prefix,
+                config.login_max_failures,
+                config.login_max_failures_per_ip,
+                Duration::from_secs(config.login_window_secs),
+            ),
             pool,
             producer,
             redis,
@@ -101,12 +109,15 @@ impl App {
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
-        axum::serve(self.listener, Self::router(state.clone()))
-            .with_graceful_shutdown(async move {
-                stop.await;
-                shutdown.trigger();
-            })
-            .await?;
+        axum::serve(
+            self.listener,
+            Self::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            stop.await;
+            shutdown.trigger();
+        })
+        .await?;
         let producer = state.producer.clone();
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await??;
         state.pool.close().await;

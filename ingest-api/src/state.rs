@@ -19,6 +19,7 @@ pub struct AppState {
     pub keys: ApiKeyStore,
     pub limiter: shared::ratelimit::RateLimiter,
     pub keyring: crate::keys::KeyRing,
+    pub throttle: crate::throttle::LoginThrottle,
     pub topic: Arc<str>,
     pub shutdown: ShutdownFlag,
     pub metrics: PrometheusHandle,

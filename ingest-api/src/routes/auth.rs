@@ -6,7 +6,9 @@
 //! whole family (every token descended from the same login).
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -86,10 +88,13 @@ static DUMMY_HASH: std::sync::LazyLock<String> =
 /// `POST /v1/auth/login`
 pub async fn login(
     State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Result<Json<LoginRequest>, JsonRejection>,
 ) -> Result<Json<Tokens>, Problem> {
     let req = body(req)?;
     let email = req.email.trim().to_lowercase();
+    let ip = peer.ip().to_string();
+    s.throttle.check(&email, &ip).await?;
     let row: Option<(Uuid, Uuid, String, String, i32, String, String)> = sqlx::query_as(
         "SELECT u.id, u.tenant_id, u.password_hash, u.role, u.token_version, u.status, t.status
            FROM control.users u JOIN control.tenants t ON t.id = u.tenant_id
@@ -102,13 +107,16 @@ pub async fn login(
     let Some((user, tenant, hash, role, ver, status, tenant_status)) = row else {
         verify_password(req.password, DUMMY_HASH.clone()).await;
         metrics::counter!("auth_logins_total", "outcome" => "failed").increment(1);
+        s.throttle.failed(&email, &ip).await;
         return Err(denied());
     };
     if !verify_password(req.password, hash).await {
         metrics::counter!("auth_logins_total", "outcome" => "failed").increment(1);
         tracing::info!(%user, "login failed");
+        s.throttle.failed(&email, &ip).await;
         return Err(denied());
     }
+    s.throttle.succeeded(&email, &ip).await;
     if status != "active" || tenant_status != "active" {
         return Err(Problem::forbidden("this account is deactivated"));
     }

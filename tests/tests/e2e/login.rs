@@ -396,3 +396,56 @@ async fn people_log_in_and_see_what_their_role_allows() {
     s.ingest.stop().await.unwrap();
     s.query.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn brute_force_is_locked_out_then_the_lockout_expires() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |c| {
+        c.login_max_failures = 3;
+        c.login_window_secs = 3;
+    })
+    .await;
+    let query = start_query(&common, |_| {}).await;
+    let s = Stack {
+        ingest,
+        query,
+        client: http(),
+    };
+    let t = create_tenant(&pool, "brute").await;
+    let email = format!("victim-{}@example.com", uuid::Uuid::new_v4().simple());
+    user(&pool, &t, &email, Role::Developer, "victim", &[]).await;
+
+    let mut delays = Vec::new();
+    for i in 0..3 {
+        let started = Instant::now();
+        assert_eq!(
+            s.login(&email, &format!("Guess-{i}-abc")).await.status(),
+            401
+        );
+        delays.push(started.elapsed());
+    }
+    assert!(
+        delays[2] > delays[0],
+        "each failure is answered later: {delays:?}"
+    );
+    // The 4th attempt is refused before the password is even looked at — the right one too.
+    let res = s.login(&email, PASSWORD).await;
+    assert_eq!(res.status(), 429);
+    let retry: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=3).contains(&retry), "{retry}");
+    // Other accounts are not locked by it.
+    let other = format!("bystander-{}@example.com", uuid::Uuid::new_v4().simple());
+    user(&pool, &t, &other, Role::Developer, "bystander", &[]).await;
+    assert_eq!(s.login(&other, PASSWORD).await.status(), 200);
+    // The lockout expires with the window.
+    tokio::time::sleep(Duration::from_secs(retry + 1)).await;
+    assert_eq!(s.login(&email, PASSWORD).await.status(), 200);
+    s.ingest.stop().await.unwrap();
+    s.query.stop().await.unwrap();
+}
