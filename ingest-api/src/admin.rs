@@ -2,6 +2,8 @@
 
 use clap::Subcommand;
 use shared::apikey::{self, Scope};
+use shared::events::{Actor, AuthEvent, AuthKind};
+use shared::outbox;
 use shared::tenant::TenantId;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -108,18 +110,39 @@ pub enum ApiKeyCommand {
     },
 }
 
+/// Records a control-plane event in the outbox within `tx` (relayed by the ingest-api of
+/// deployment `ns`, the topic prefix).
+async fn record(
+    tx: &mut sqlx::PgConnection,
+    ns: &str,
+    tenant: TenantId,
+    kind: AuthKind,
+    event: AuthEvent,
+) -> anyhow::Result<()> {
+    let env = outbox::auth_event(tenant, kind, Actor::default(), event);
+    outbox::record(tx, ns, &env).await?;
+    Ok(())
+}
+
 /// Creates a tenant and returns its id.
-pub async fn create_tenant(pool: &PgPool, name: &str) -> anyhow::Result<TenantId> {
+pub async fn create_tenant(pool: &PgPool, ns: &str, name: &str) -> anyhow::Result<TenantId> {
     anyhow::ensure!(
         (1..=200).contains(&name.chars().count()),
         "a tenant name has 1..=200 characters"
     );
+    let mut tx = pool.begin().await?;
     let id = TenantId::new();
     sqlx::query("INSERT INTO control.tenants (id, name) VALUES ($1, $2)")
         .bind(id.0)
         .bind(name)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
+    let event = AuthEvent {
+        detail: Some(name.to_string()),
+        ..Default::default()
+    };
+    record(&mut tx, ns, id, AuthKind::TenantCreated, event).await?;
+    tx.commit().await?;
     Ok(id)
 }
 
@@ -145,14 +168,31 @@ pub async fn set_plan(
 }
 
 /// Activates or deactivates a tenant.
-pub async fn set_status(pool: &PgPool, tenant: TenantId, status: &str) -> anyhow::Result<()> {
+pub async fn set_status(
+    pool: &PgPool,
+    ns: &str,
+    tenant: TenantId,
+    status: &str,
+) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
     let n = sqlx::query("UPDATE control.tenants SET status = $2, updated_at = now() WHERE id = $1")
         .bind(tenant.0)
         .bind(status)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
     anyhow::ensure!(n == 1, "no tenant {tenant}");
+    if status == "deactivated" {
+        record(
+            &mut tx,
+            ns,
+            tenant,
+            AuthKind::TenantDeactivated,
+            AuthEvent::default(),
+        )
+        .await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 
@@ -167,7 +207,7 @@ pub struct NewUser<'a> {
 }
 
 /// Creates a user (the password must meet the policy); returns the user id.
-pub async fn create_user(pool: &PgPool, u: NewUser<'_>) -> anyhow::Result<Uuid> {
+pub async fn create_user(pool: &PgPool, ns: &str, u: NewUser<'_>) -> anyhow::Result<Uuid> {
     let email = u.email.trim().to_lowercase();
     anyhow::ensure!(
         email.contains('@') && (3..=254).contains(&email.len()),
@@ -177,6 +217,7 @@ pub async fn create_user(pool: &PgPool, u: NewUser<'_>) -> anyhow::Result<Uuid> 
         .map_err(|e| anyhow::anyhow!("password {}", e.reason))?;
     let hash = shared::password::hash(u.password);
     let id = Uuid::now_v7();
+    let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO control.users (id, tenant_id, email, password_hash, role, external_id, teams)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -188,55 +229,92 @@ pub async fn create_user(pool: &PgPool, u: NewUser<'_>) -> anyhow::Result<Uuid> 
     .bind(u.role.as_str())
     .bind(u.external_id.unwrap_or(&email))
     .bind(u.teams)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    let event = AuthEvent {
+        user_id: Some(id),
+        email: Some(email.clone()),
+        detail: Some(format!("role {}", u.role.as_str())),
+        ..Default::default()
+    };
+    record(&mut tx, ns, u.tenant, AuthKind::UserCreated, event).await?;
+    tx.commit().await?;
     Ok(id)
 }
 
 /// Deactivates a user and ends their sessions.
-pub async fn deactivate_user(pool: &PgPool, email: &str) -> anyhow::Result<()> {
+pub async fn deactivate_user(pool: &PgPool, ns: &str, email: &str) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    let id: Option<Uuid> = sqlx::query_scalar(
+    let row: Option<(Uuid, Uuid)> = sqlx::query_as(
         "UPDATE control.users SET status = 'deactivated', token_version = token_version + 1,
                 updated_at = now()
-          WHERE email = $1 RETURNING id",
+          WHERE email = $1 RETURNING id, tenant_id",
     )
     .bind(email.trim().to_lowercase())
     .fetch_optional(&mut *tx)
     .await?;
-    let id = id.ok_or_else(|| anyhow::anyhow!("no user {email}"))?;
+    let (id, tenant) = row.ok_or_else(|| anyhow::anyhow!("no user {email}"))?;
     sqlx::query(
         "UPDATE control.refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
     )
     .bind(id)
     .execute(&mut *tx)
     .await?;
+    let event = AuthEvent {
+        user_id: Some(id),
+        email: Some(email.trim().to_lowercase()),
+        ..Default::default()
+    };
+    record(
+        &mut tx,
+        ns,
+        TenantId(tenant),
+        AuthKind::UserDeactivated,
+        event,
+    )
+    .await?;
     tx.commit().await?;
     Ok(())
 }
 
 /// Revokes an API key.
-pub async fn revoke_api_key(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {
-    let n = sqlx::query(
-        "UPDATE control.api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+pub async fn revoke_api_key(pool: &PgPool, ns: &str, id: Uuid) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    let tenant: Option<Uuid> = sqlx::query_scalar(
+        "UPDATE control.api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL
+         RETURNING tenant_id",
     )
     .bind(id)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    anyhow::ensure!(n == 1, "no active key {id}");
+    .fetch_optional(&mut *tx)
+    .await?;
+    let tenant = tenant.ok_or_else(|| anyhow::anyhow!("no active key {id}"))?;
+    let event = AuthEvent {
+        target: Some(format!("api_key:{id}")),
+        ..Default::default()
+    };
+    record(
+        &mut tx,
+        ns,
+        TenantId(tenant),
+        AuthKind::ApiKeyRevoked,
+        event,
+    )
+    .await?;
+    tx.commit().await?;
     Ok(())
 }
 
 /// Creates an API key; returns (key id, secret).
 pub async fn create_api_key(
     pool: &PgPool,
+    ns: &str,
     tenant: TenantId,
     scope: Scope,
     name: &str,
 ) -> anyhow::Result<(Uuid, String)> {
     let key = apikey::generate();
     let id = Uuid::now_v7();
+    let mut tx = pool.begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO control.api_keys (id, tenant_id, name, scope, key_hash)
          SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM control.tenants WHERE id = $2)",
@@ -246,18 +324,26 @@ pub async fn create_api_key(
     .bind(name)
     .bind(scope.as_str())
     .bind(&key.hash)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?
     .rows_affected();
     anyhow::ensure!(inserted == 1, "no tenant {tenant}");
+    let event = AuthEvent {
+        target: Some(format!("api_key:{id}")),
+        detail: Some(format!("scope {}, name {name}", scope.as_str())),
+        ..Default::default()
+    };
+    record(&mut tx, ns, tenant, AuthKind::ApiKeyCreated, event).await?;
+    tx.commit().await?;
     Ok((id, key.secret))
 }
 
-pub async fn run(pool: &PgPool, cmd: AdminCommand) -> anyhow::Result<()> {
+/// Runs an operator command; events go to the outbox of deployment `ns` (the topic prefix).
+pub async fn run(pool: &PgPool, ns: &str, cmd: AdminCommand) -> anyhow::Result<()> {
     shared::db::migrate(pool).await?;
     match cmd {
         AdminCommand::Tenant(TenantCommand::Create { name }) => {
-            println!("{}", create_tenant(pool, &name).await?);
+            println!("{}", create_tenant(pool, ns, &name).await?);
         }
         AdminCommand::Tenant(TenantCommand::List) => {
             let rows: Vec<(Uuid, String, String)> =
@@ -286,6 +372,7 @@ pub async fn run(pool: &PgPool, cmd: AdminCommand) -> anyhow::Result<()> {
             let role = shared::jwt::Role::parse(&role).expect("clap checked the role");
             let id = create_user(
                 pool,
+                ns,
                 NewUser {
                     tenant: TenantId(tenant),
                     email: &email,
@@ -299,7 +386,7 @@ pub async fn run(pool: &PgPool, cmd: AdminCommand) -> anyhow::Result<()> {
             println!("{id}");
         }
         AdminCommand::User(UserCommand::Deactivate { email }) => {
-            deactivate_user(pool, &email).await?;
+            deactivate_user(pool, ns, &email).await?;
             println!("{email} deactivated");
         }
         AdminCommand::SigningKey(SigningKeyCommand::Rotate) => {
@@ -315,11 +402,11 @@ pub async fn run(pool: &PgPool, cmd: AdminCommand) -> anyhow::Result<()> {
             println!("tenant {id}: plan {plan}");
         }
         AdminCommand::Tenant(TenantCommand::Deactivate { id }) => {
-            set_status(pool, TenantId(id), "deactivated").await?;
+            set_status(pool, ns, TenantId(id), "deactivated").await?;
             println!("tenant {id} deactivated");
         }
         AdminCommand::Tenant(TenantCommand::Reactivate { id }) => {
-            set_status(pool, TenantId(id), "active").await?;
+            set_status(pool, ns, TenantId(id), "active").await?;
             println!("tenant {id} active");
         }
         AdminCommand::ApiKey(ApiKeyCommand::Create {
@@ -328,11 +415,11 @@ pub async fn run(pool: &PgPool, cmd: AdminCommand) -> anyhow::Result<()> {
             name,
         }) => {
             let scope = Scope::parse(&scope).expect("clap checked the scope");
-            let (_, secret) = create_api_key(pool, TenantId(tenant), scope, &name).await?;
+            let (_, secret) = create_api_key(pool, ns, TenantId(tenant), scope, &name).await?;
             println!("{secret}");
         }
         AdminCommand::ApiKey(ApiKeyCommand::Revoke { id }) => {
-            revoke_api_key(pool, id).await?;
+            revoke_api_key(pool, ns, id).await?;
             println!(
                 "revoked {id} (services forget it within {} s)",
                 shared::auth::KEY_CACHE_TTL.as_secs()

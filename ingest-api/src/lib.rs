@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod keys;
+pub mod relay;
 pub mod routes;
 pub mod state;
 pub mod throttle;
@@ -38,7 +39,12 @@ impl App {
         let pool = shared::db::pool(common, "tally-ingest-api")?;
         shared::kafka::ensure_topics(
             common,
-            &[common.metrics_topic(), common.metrics_dlq_topic()],
+            &[
+                common.metrics_topic(),
+                common.metrics_dlq_topic(),
+                common.auth_topic(),
+                common.auth_dlq_topic(),
+            ],
         )
         .await
         .context("creating topics")?;
@@ -52,6 +58,14 @@ impl App {
             .await
             .context("loading signing keys")?;
         keyring.reload_periodically(pool.clone());
+        let outbox_wake = Arc::new(tokio::sync::Notify::new());
+        relay::spawn(
+            pool.clone(),
+            producer.clone(),
+            common.auth_topic(),
+            common.topic_prefix.clone(),
+            outbox_wake.clone(),
+        );
         let listener = TcpListener::bind(&config.http_addr)
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;
@@ -60,6 +74,7 @@ impl App {
             keys: ApiKeyStore::new(pool.clone()),
             limiter: shared::ratelimit::RateLimiter::new(redis.clone()),
             keyring,
+            outbox_wake,
             throttle: throttle::LoginThrottle::new(
                 redis.clone(),
                 &common.topic_prefix,

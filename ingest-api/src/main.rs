@@ -25,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Admin(cmd) => {
             let pool = shared::db::pool(&config.common, "tally-admin")?;
-            admin::run(&pool, cmd).await
+            admin::run(&pool, &config.common.topic_prefix, cmd).await
         }
         Command::Serve => {
             shared::telemetry::init_tracing(&config.common.log_format);

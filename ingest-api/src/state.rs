@@ -20,6 +20,8 @@ pub struct AppState {
     pub limiter: shared::ratelimit::RateLimiter,
     pub keyring: crate::keys::KeyRing,
     pub throttle: crate::throttle::LoginThrottle,
+    /// Wakes the outbox relay after a handler wrote an auth event.
+    pub outbox_wake: Arc<tokio::sync::Notify>,
     pub topic: Arc<str>,
     pub shutdown: ShutdownFlag,
     pub metrics: PrometheusHandle,

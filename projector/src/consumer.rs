@@ -108,16 +108,21 @@ pub struct Projector {
 }
 
 impl Projector {
+    /// A consume loop for one topic (the metrics and the auth topic each have their own, with
+    /// their own consumer group and stored offsets).
     pub fn new(
         config: Config,
         pool: PgPool,
         redis: Option<ConnectionManager>,
         version: i32,
+        topic: String,
+        dlq_topic: String,
+        group: String,
     ) -> anyhow::Result<Projector> {
         let log = Arc::new(RebalanceLog::default());
         let consumer: StreamConsumer<ProjectorContext> =
             shared::kafka::client_config(&config.common)
-                .set("group.id", &config.consumer_group)
+                .set("group.id", &group)
                 .set("enable.auto.commit", "false")
                 .set("enable.auto.offset.store", "false")
                 .set("auto.offset.reset", "earliest")
@@ -129,11 +134,10 @@ impl Projector {
                 .set("fetch.wait.max.ms", "50")
                 .set("max.partition.fetch.bytes", "4194304")
                 .create_with_context(ProjectorContext { log: log.clone() })?;
-        let topic = config.common.metrics_topic();
         consumer.subscribe(&[&topic])?;
         let dlq = shared::kafka::producer(&config.common, Duration::from_secs(30))?;
         Ok(Projector {
-            dlq_topic: config.common.metrics_dlq_topic(),
+            dlq_topic,
             topic,
             config,
             pool,

@@ -48,7 +48,8 @@ struct HttpState {
 /// A built projector, ready to run.
 pub struct App {
     listener: TcpListener,
-    projector: consumer::Projector,
+    /// One consume loop for the metric events, one for the auth events.
+    projectors: Vec<consumer::Projector>,
     state: HttpState,
 }
 
@@ -61,7 +62,12 @@ impl App {
         let common = &config.common;
         shared::kafka::ensure_topics(
             common,
-            &[common.metrics_topic(), common.metrics_dlq_topic()],
+            &[
+                common.metrics_topic(),
+                common.metrics_dlq_topic(),
+                common.auth_topic(),
+                common.auth_dlq_topic(),
+            ],
         )
         .await
         .context("creating topics")?;
@@ -75,10 +81,27 @@ impl App {
             shutdown: ShutdownFlag::default(),
             metrics,
         };
-        let projector = consumer::Projector::new(config, pool, redis, version)?;
+        let metrics_loop = consumer::Projector::new(
+            config.clone(),
+            pool.clone(),
+            redis.clone(),
+            version,
+            config.common.metrics_topic(),
+            config.common.metrics_dlq_topic(),
+            config.consumer_group.clone(),
+        )?;
+        let auth_loop = consumer::Projector::new(
+            config.clone(),
+            pool,
+            redis,
+            version,
+            config.common.auth_topic(),
+            config.common.auth_dlq_topic(),
+            format!("{}-auth", config.consumer_group),
+        )?;
         Ok(App {
             listener,
-            projector,
+            projectors: vec![metrics_loop, auth_loop],
             state,
         })
     }
@@ -111,7 +134,11 @@ impl App {
             let _ = http_stop.changed().await;
         });
         let http = tokio::spawn(async move { server.await });
-        let result = self.projector.run(rx, self.state.shutdown.clone()).await;
+        let loops = self
+            .projectors
+            .into_iter()
+            .map(|p| p.run(rx.clone(), self.state.shutdown.clone()));
+        let result = futures::future::try_join_all(loops).await.map(|_| ());
         let _ = http.await;
         self.state.pool.close().await;
         result

@@ -65,8 +65,9 @@ fn s(v: &Option<String>) -> String {
 }
 
 impl RawRow {
-    /// Maps an event and its decoded payload to its row.
-    pub fn from_event(env: &Envelope, payload: &Payload) -> RawRow {
+    /// Maps a metric event and its decoded payload to its row (`None` for auth events, which
+    /// go to the audit log instead).
+    pub fn from_event(env: &Envelope, payload: &Payload) -> Option<RawRow> {
         let mut row = RawRow {
             table: RawTable::MetricSamples,
             event_type: env.event_type.as_str(),
@@ -162,8 +163,9 @@ impl RawRow {
                 row.project_id = label(&["project_id", "project.id"]);
                 row.session_id = label(&["session_id", "session.id"]);
             }
+            Payload::Auth(..) => return None,
         }
-        row
+        Some(row)
     }
 }
 

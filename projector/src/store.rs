@@ -163,9 +163,10 @@ async fn write_tenant(
     conn: &mut PgConnection,
     events: &[&Decoded],
 ) -> Result<(u64, u64, i64), WriteError> {
+    let audited = insert_audit(conn, events).await?;
     let rows: Vec<RawRow> = events
         .iter()
-        .map(|e| RawRow::from_event(&e.env, &e.payload))
+        .filter_map(|e| RawRow::from_event(&e.env, &e.payload))
         .collect();
     let mut by_table: BTreeMap<RawTable, Vec<&RawRow>> = BTreeMap::new();
     for r in &rows {
@@ -180,7 +181,7 @@ async fn write_tenant(
         inserted_rows.extend(rows.into_iter().filter(|r| new_ids.remove(&r.event_id)));
     }
     let inserted = inserted_rows.len() as u64;
-    let duplicates = rows.len() as u64 - inserted;
+    let duplicates = (events.len() - rows.len()) as u64 - audited + rows.len() as u64 - inserted;
 
     record_phase("raw", phase);
     for grain in Grain::ALL {
@@ -211,7 +212,76 @@ async fn write_tenant(
     .bind(as_of)
     .fetch_one(&mut *conn)
     .await?;
-    Ok((inserted, duplicates, seq))
+    Ok((inserted + audited, duplicates, seq))
+}
+
+/// Auth events of the tenant go to its audit log (once per event id).
+async fn insert_audit(conn: &mut PgConnection, events: &[&Decoded]) -> sqlx::Result<u64> {
+    let audit: Vec<(&Decoded, &shared::events::AuthEvent)> = events
+        .iter()
+        .filter_map(|e| match &e.payload {
+            shared::events::Payload::Auth(_, a) => Some((*e, a)),
+            _ => None,
+        })
+        .collect();
+    if audit.is_empty() {
+        return Ok(0);
+    }
+    let done = sqlx::query(
+        "INSERT INTO audit_log (event_id, occurred_at, type, user_id, email, ip, target, detail,
+                               actor, data)
+         SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::uuid[], $5::text[],
+                              $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::jsonb[])
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(audit.iter().map(|(e, _)| e.env.id).collect::<Vec<_>>())
+    .bind(
+        audit
+            .iter()
+            .map(|(e, _)| e.env.occurred_at)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        audit
+            .iter()
+            .map(|(e, _)| e.env.event_type.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(audit.iter().map(|(_, a)| a.user_id).collect::<Vec<_>>())
+    .bind(
+        audit
+            .iter()
+            .map(|(_, a)| a.email.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(audit.iter().map(|(_, a)| a.ip.clone()).collect::<Vec<_>>())
+    .bind(
+        audit
+            .iter()
+            .map(|(_, a)| a.target.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        audit
+            .iter()
+            .map(|(_, a)| a.detail.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        audit
+            .iter()
+            .map(|(e, _)| serde_json::to_value(&e.env.actor).expect("actors serialize"))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        audit
+            .iter()
+            .map(|(e, _)| e.env.data.clone())
+            .collect::<Vec<_>>(),
+    )
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 /// Time spent per write phase, to see where a batch's time goes.

@@ -50,6 +50,20 @@ impl Visibility {
 pub struct Reader {
     pub tenant: TenantId,
     pub visibility: Visibility,
+    /// The person's role; `None` for an API key.
+    pub role: Option<Role>,
+}
+
+impl Reader {
+    /// Owners and admins only (the audit log).
+    pub fn require_admin(&self) -> Result<(), Problem> {
+        match self.role {
+            Some(Role::Owner | Role::Admin) => Ok(()),
+            _ => Err(Problem::forbidden(
+                "only a tenant's owners and admins may read its audit log",
+            )),
+        }
+    }
 }
 
 /// What query-api caches about a user between checks.
@@ -80,6 +94,7 @@ pub async fn reader(s: &AppState, headers: &HeaderMap) -> Result<Reader, Problem
             Ok(Reader {
                 tenant: key.tenant_id,
                 visibility: Visibility::Tenant,
+                role: None,
             })
         }
     }
@@ -87,7 +102,11 @@ pub async fn reader(s: &AppState, headers: &HeaderMap) -> Result<Reader, Problem
 
 async fn person(s: &AppState, token: &str) -> Result<Reader, Problem> {
     let claims = s.verifier.verify(token).await?;
-    let user = lookup(s, claims.sub).await?;
+    let mut user = lookup(s, claims.sub, false).await?;
+    if user.token_version != claims.ver {
+        // The cached row may predate a password change that issued this very token.
+        user = lookup(s, claims.sub, true).await?;
+    }
     let gone = || Problem::unauthorized("this access token is no longer valid");
     // The token must still match the user as the control plane has them now.
     if !user.active || user.tenant != claims.tid.0 || user.token_version != claims.ver {
@@ -102,13 +121,16 @@ async fn person(s: &AppState, token: &str) -> Result<Reader, Problem> {
     Ok(Reader {
         tenant: claims.tid,
         visibility,
+        role: Some(role),
     })
 }
 
-async fn lookup(s: &AppState, id: Uuid) -> Result<UserRow, Problem> {
-    if let Some((row, at)) = s.users.0.lock().expect("user cache").get(&id).cloned() {
-        if at.elapsed() < KEY_CACHE_TTL {
-            return Ok(row);
+async fn lookup(s: &AppState, id: Uuid, fresh: bool) -> Result<UserRow, Problem> {
+    if !fresh {
+        if let Some((row, at)) = s.users.0.lock().expect("user cache").get(&id).cloned() {
+            if at.elapsed() < KEY_CACHE_TTL {
+                return Ok(row);
+            }
         }
     }
     #[derive(sqlx::FromRow)]

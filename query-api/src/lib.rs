@@ -61,6 +61,7 @@ impl App {
                 "/v1/dashboard/timeseries",
                 get(routes::dashboard::timeseries),
             )
+            .route("/v1/audit", get(routes::audit::audit))
             .route("/openapi.json", get(routes::health::openapi))
             .route("/healthz", get(routes::health::healthz))
             .route("/readyz", get(routes::health::readyz))

@@ -45,6 +45,14 @@ impl Common {
         format!("{}{}", self.topic_prefix, crate::events::METRICS_TOPIC)
     }
 
+    pub fn auth_topic(&self) -> String {
+        format!("{}{}", self.topic_prefix, crate::events::AUTH_TOPIC)
+    }
+
+    pub fn auth_dlq_topic(&self) -> String {
+        format!("{}{}", self.auth_topic(), crate::events::DLQ_SUFFIX)
+    }
+
     pub fn metrics_dlq_topic(&self) -> String {
         format!("{}{}", self.metrics_topic(), crate::events::DLQ_SUFFIX)
     }

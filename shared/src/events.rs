@@ -28,23 +28,116 @@ pub const MAX_TOKENS: i64 = 1_000_000;
 /// Most labels on one `metric.sample`.
 pub const MAX_LABELS: usize = 64;
 
-/// The metric event types this version of Tally understands.
+/// Topic of auth and control-plane events.
+pub const AUTH_TOPIC: &str = "tally.auth.v1";
+
+/// The event types this version of Tally understands: the metric types clients send, and the
+/// auth and control-plane types only the server writes (through the outbox).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(try_from = "String", into = "String")]
 pub enum EventType {
-    #[serde(rename = "command.executed")]
     CommandExecuted,
-    #[serde(rename = "agent.interacted")]
     AgentInteracted,
-    #[serde(rename = "tool.executed")]
     ToolExecuted,
-    #[serde(rename = "session.started")]
     SessionStarted,
-    #[serde(rename = "session.ended")]
     SessionEnded,
-    #[serde(rename = "productivity.recorded")]
     ProductivityRecorded,
-    #[serde(rename = "metric.sample")]
     MetricSample,
+    Auth(AuthKind),
+}
+
+impl TryFrom<String> for EventType {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        EventType::parse(&s).ok_or_else(|| format!("unknown event type `{s}`"))
+    }
+}
+
+impl From<EventType> for String {
+    fn from(t: EventType) -> String {
+        t.as_str().to_string()
+    }
+}
+
+/// Auth and control-plane event types (topic `tally.auth.v1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AuthKind {
+    LoginSucceeded,
+    LoginFailed,
+    TokenRefreshed,
+    RefreshReuseDetected,
+    LoggedOut,
+    PasswordChanged,
+    SsoLogin,
+    ApiKeyCreated,
+    ApiKeyRevoked,
+    TenantCreated,
+    TenantDeactivated,
+    UserCreated,
+    UserUpdated,
+    UserDeactivated,
+    TeamChanged,
+}
+
+impl AuthKind {
+    pub const ALL: [AuthKind; 15] = [
+        AuthKind::LoginSucceeded,
+        AuthKind::LoginFailed,
+        AuthKind::TokenRefreshed,
+        AuthKind::RefreshReuseDetected,
+        AuthKind::LoggedOut,
+        AuthKind::PasswordChanged,
+        AuthKind::SsoLogin,
+        AuthKind::ApiKeyCreated,
+        AuthKind::ApiKeyRevoked,
+        AuthKind::TenantCreated,
+        AuthKind::TenantDeactivated,
+        AuthKind::UserCreated,
+        AuthKind::UserUpdated,
+        AuthKind::UserDeactivated,
+        AuthKind::TeamChanged,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthKind::LoginSucceeded => "auth.login_succeeded",
+            AuthKind::LoginFailed => "auth.login_failed",
+            AuthKind::TokenRefreshed => "auth.token_refreshed",
+            AuthKind::RefreshReuseDetected => "auth.refresh_reuse_detected",
+            AuthKind::LoggedOut => "auth.logged_out",
+            AuthKind::PasswordChanged => "auth.password_changed",
+            AuthKind::SsoLogin => "auth.sso_login",
+            AuthKind::ApiKeyCreated => "auth.api_key_created",
+            AuthKind::ApiKeyRevoked => "auth.api_key_revoked",
+            AuthKind::TenantCreated => "tenant.created",
+            AuthKind::TenantDeactivated => "tenant.deactivated",
+            AuthKind::UserCreated => "user.created",
+            AuthKind::UserUpdated => "user.updated",
+            AuthKind::UserDeactivated => "user.deactivated",
+            AuthKind::TeamChanged => "team.changed",
+        }
+    }
+}
+
+/// The payload of every auth and control-plane event.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct AuthEvent {
+    /// The person the event is about (or who acted), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// The client address of the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// What the event concerns besides the user (an API key id, a refresh-token family, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// A short human reason (why a login failed, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub extra: Object,
 }
 
 impl EventType {
@@ -68,11 +161,26 @@ impl EventType {
             EventType::SessionEnded => "session.ended",
             EventType::ProductivityRecorded => "productivity.recorded",
             EventType::MetricSample => "metric.sample",
+            EventType::Auth(k) => k.as_str(),
         }
     }
 
     pub fn parse(s: &str) -> Option<EventType> {
-        EventType::ALL.into_iter().find(|t| t.as_str() == s)
+        EventType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .or_else(|| {
+                AuthKind::ALL
+                    .into_iter()
+                    .find(|k| k.as_str() == s)
+                    .map(EventType::Auth)
+            })
+    }
+
+    /// Whether clients may send this type (auth and control events are written by the
+    /// server only).
+    pub fn is_metric(self) -> bool {
+        !matches!(self, EventType::Auth(_))
     }
 
     /// The newest schema version of this type; older versions are upcast on decode.
@@ -127,7 +235,7 @@ impl Envelope {
     /// The record key: the tenant plus a component that keeps one session's (or user's) events
     /// in order on one partition while spreading a large tenant over all of them.
     pub fn kafka_key(&self) -> String {
-        let spread = ["session_id", "user_id", "name"]
+        let spread = ["session_id", "user_id", "name", "target"]
             .iter()
             .find_map(|k| self.data.get(*k).and_then(Value::as_str))
             .unwrap_or("");
@@ -383,6 +491,7 @@ pub enum Payload {
     SessionEnded(SessionEnded),
     ProductivityRecorded(ProductivityRecorded),
     MetricSample(MetricSample),
+    Auth(AuthKind, AuthEvent),
 }
 
 /// Field names of each payload type, so unknown fields can be moved into `extra`.
@@ -459,6 +568,7 @@ fn known_fields(t: EventType) -> &'static [&'static str] {
             "extra",
         ],
         EventType::MetricSample => &["name", "labels", "value", "kind", "extra"],
+        EventType::Auth(_) => &["user_id", "email", "ip", "target", "detail", "extra"],
     }
 }
 
@@ -518,6 +628,7 @@ impl Payload {
                 Payload::ProductivityRecorded(parse(t, data, prefix)?)
             }
             EventType::MetricSample => Payload::MetricSample(parse(t, data, prefix)?),
+            EventType::Auth(k) => Payload::Auth(k, parse(t, data, prefix)?),
         };
         let errors = payload.check_limits(prefix);
         if errors.is_empty() {
@@ -536,6 +647,7 @@ impl Payload {
             Payload::SessionEnded(_) => EventType::SessionEnded,
             Payload::ProductivityRecorded(_) => EventType::ProductivityRecorded,
             Payload::MetricSample(_) => EventType::MetricSample,
+            Payload::Auth(k, _) => EventType::Auth(*k),
         }
     }
 
@@ -549,6 +661,7 @@ impl Payload {
             Payload::SessionEnded(p) => serde_json::to_value(p),
             Payload::ProductivityRecorded(p) => serde_json::to_value(p),
             Payload::MetricSample(p) => serde_json::to_value(p),
+            Payload::Auth(_, p) => serde_json::to_value(p),
         };
         v.expect("payload types serialize infallibly")
     }
@@ -628,6 +741,14 @@ impl Payload {
                 for (k, v) in &p.labels {
                     c.len(&format!("labels.{k}"), k, 1, MAX_NAME_LEN);
                     c.len(&format!("labels.{k}"), v, 0, 1024);
+                }
+            }
+            Payload::Auth(_, p) => {
+                if let Some(e) = &p.email {
+                    c.len("email", e, 0, 254);
+                }
+                if let Some(d) = &p.detail {
+                    c.len("detail", d, 0, 1000);
                 }
             }
         }
@@ -807,7 +928,7 @@ impl IngestContext {
             }
         };
         let event_type = match obj.remove("type") {
-            Some(Value::String(s)) => match EventType::parse(&s) {
+            Some(Value::String(s)) => match EventType::parse(&s).filter(|t| t.is_metric()) {
                 Some(t) => Some(t),
                 None => {
                     errors.push(FieldError::new(
@@ -1070,6 +1191,10 @@ mod tests {
                 json!({"type": "metric.sample", "occurred_at": now()}),
                 vec!["data"],
             ),
+            (
+                json!({"type": "auth.login_succeeded", "occurred_at": now(), "data": {}}),
+                vec!["type"],
+            ),
         ];
         for (i, (event, fields)) in cases.into_iter().enumerate() {
             let errs = ctx()
@@ -1098,6 +1223,37 @@ mod tests {
             panic!("wrong type")
         };
         assert_eq!(p.extra.get("exit_code"), Some(&json!(2)));
+    }
+
+    #[test]
+    fn auth_events_round_trip() {
+        let env = Envelope {
+            id: Uuid::now_v7(),
+            tenant_id: TenantId::new(),
+            event_type: EventType::Auth(AuthKind::PasswordChanged),
+            schema_version: 1,
+            occurred_at: Utc::now(),
+            received_at: Utc::now(),
+            actor: Actor::default(),
+            source: Source::Control,
+            data: serde_json::to_value(AuthEvent {
+                user_id: Some(Uuid::now_v7()),
+                ip: Some("127.0.0.1".into()),
+                ..Default::default()
+            })
+            .unwrap(),
+        };
+        let json = serde_json::to_value(&env).unwrap();
+        assert_eq!(json["type"], "auth.password_changed");
+        let back: Envelope = serde_json::from_value(json).unwrap();
+        assert_eq!(back, env);
+        assert!(matches!(
+            back.payload().unwrap(),
+            Payload::Auth(AuthKind::PasswordChanged, _)
+        ));
+        for k in AuthKind::ALL {
+            assert_eq!(EventType::parse(k.as_str()), Some(EventType::Auth(k)));
+        }
     }
 
     #[test]

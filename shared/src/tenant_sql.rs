@@ -11,6 +11,10 @@ use crate::tenant::{SchemaName, TenantId};
 /// The tenant-schema template (see `migrations/tenant/`).
 pub const TEMPLATE: &str = include_str!("../../migrations/tenant/0001_tenant.sql");
 
+/// Templates applied after the first, in order; `control.tenant_schemas.template_version`
+/// records how many of all templates a schema has had.
+pub const LATER_TEMPLATES: [&str; 1] = [include_str!("../../migrations/tenant/0002_audit.sql")];
+
 /// Raw tables of the template: time-partitioned (or hypertables) on `occurred_at`.
 pub const RAW_TABLES: [&str; 6] = [
     "command_executions",
@@ -57,6 +61,7 @@ pub async fn create_tenant_schema(
     .fetch_one(&mut *tx)
     .await?;
     if exists {
+        upgrade(&mut tx, tenant, version, &schema).await?;
         // Schemas made before reader roles existed get theirs here (idempotent).
         grant_reader(&mut tx, tenant, &schema).await?;
         tx.commit().await?;
@@ -90,19 +95,65 @@ pub async fn create_tenant_schema(
             .await?;
         }
     }
+    for later in LATER_TEMPLATES {
+        sqlx::raw_sql(AssertSqlSafe(later))
+            .execute(&mut *tx)
+            .await?;
+    }
     grant_reader(&mut tx, tenant, &schema).await?;
     sqlx::query(
-        "INSERT INTO control.tenant_schemas (tenant_id, version, schema_name, timescale)
-         VALUES ($1, $2, $3, $4)",
+        "INSERT INTO control.tenant_schemas
+                (tenant_id, version, schema_name, timescale, template_version)
+         VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(tenant.0)
     .bind(version)
     .bind(schema.as_str())
     .bind(timescale)
+    .bind(1 + LATER_TEMPLATES.len() as i32)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok(true)
+}
+
+/// Applies the templates a schema made by an older version has not had yet.
+async fn upgrade(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    version: i32,
+    schema: &SchemaName,
+) -> sqlx::Result<()> {
+    let applied: i32 = sqlx::query_scalar(
+        "SELECT template_version FROM control.tenant_schemas WHERE tenant_id = $1 AND version = $2",
+    )
+    .bind(tenant.0)
+    .bind(version)
+    .fetch_one(&mut *conn)
+    .await?;
+    let pending: Vec<&str> = LATER_TEMPLATES
+        .iter()
+        .skip(usize::try_from(applied - 1).unwrap_or(0))
+        .copied()
+        .collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    set_search_path(&mut *conn, schema).await?;
+    for sql in pending {
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query(
+        "UPDATE control.tenant_schemas SET template_version = $3 WHERE tenant_id = $1 AND version = $2",
+    )
+    .bind(tenant.0)
+    .bind(version)
+    .bind(1 + LATER_TEMPLATES.len() as i32)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// The tenant's database role: it may read its own schemas and nothing else. query-api runs

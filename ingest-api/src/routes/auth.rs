@@ -21,7 +21,34 @@ use shared::problem::Problem;
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
+use shared::events::{Actor, AuthEvent, AuthKind};
+use shared::outbox;
+
 use crate::state::AppState;
+
+/// Writes an auth event of `tenant` to the outbox on `conn` (the caller's transaction when
+/// there is a change to go with it).
+async fn audit(
+    s: &AppState,
+    conn: &mut sqlx::PgConnection,
+    tenant: TenantId,
+    kind: AuthKind,
+    event: AuthEvent,
+) -> Result<(), Problem> {
+    let actor = Actor {
+        user_id: event.user_id,
+        api_key_id: None,
+    };
+    let env = outbox::auth_event(tenant, kind, actor, event);
+    outbox::record(conn, &s.config.common.topic_prefix, &env)
+        .await
+        .map_err(db)
+}
+
+/// Lets the relay send what was just written.
+fn wake_relay(s: &AppState) {
+    s.outbox_wake.notify_one();
+}
 
 /// Lifetime of a refresh token.
 pub const REFRESH_TTL_DAYS: i64 = 7;
@@ -110,18 +137,65 @@ pub async fn login(
         s.throttle.failed(&email, &ip).await;
         return Err(denied());
     };
+    let attempt = AuthEvent {
+        user_id: Some(user),
+        email: Some(email.clone()),
+        ip: Some(ip.clone()),
+        ..Default::default()
+    };
+    let mut conn = s.pool.acquire().await.map_err(db)?;
     if !verify_password(req.password, hash).await {
         metrics::counter!("auth_logins_total", "outcome" => "failed").increment(1);
         tracing::info!(%user, "login failed");
+        let event = AuthEvent {
+            detail: Some("wrong password".into()),
+            ..attempt
+        };
+        audit(
+            &s,
+            &mut conn,
+            TenantId(tenant),
+            AuthKind::LoginFailed,
+            event,
+        )
+        .await?;
+        wake_relay(&s);
         s.throttle.failed(&email, &ip).await;
         return Err(denied());
     }
     s.throttle.succeeded(&email, &ip).await;
     if status != "active" || tenant_status != "active" {
+        let event = AuthEvent {
+            detail: Some("account deactivated".into()),
+            ..attempt
+        };
+        audit(
+            &s,
+            &mut conn,
+            TenantId(tenant),
+            AuthKind::LoginFailed,
+            event,
+        )
+        .await?;
+        wake_relay(&s);
         return Err(Problem::forbidden("this account is deactivated"));
     }
     let role = Role::parse(&role).ok_or_else(Problem::internal)?;
-    let tokens = issue(&s, user, TenantId(tenant), role, ver, Uuid::now_v7()).await?;
+    let family = Uuid::now_v7();
+    let tokens = issue(&s, user, TenantId(tenant), role, ver, family).await?;
+    let event = AuthEvent {
+        target: Some(format!("family:{family}")),
+        ..attempt
+    };
+    audit(
+        &s,
+        &mut conn,
+        TenantId(tenant),
+        AuthKind::LoginSucceeded,
+        event,
+    )
+    .await?;
+    wake_relay(&s);
     metrics::counter!("auth_logins_total", "outcome" => "succeeded").increment(1);
     Ok(Json(tokens))
 }
@@ -230,7 +304,22 @@ pub async fn refresh(
         .execute(&mut *tx)
         .await
         .map_err(db)?;
+        let event = AuthEvent {
+            user_id: Some(user),
+            target: Some(format!("family:{family}")),
+            detail: Some("a used refresh token was presented again; family revoked".into()),
+            ..Default::default()
+        };
+        audit(
+            &s,
+            &mut tx,
+            TenantId(tenant),
+            AuthKind::RefreshReuseDetected,
+            event,
+        )
+        .await?;
         tx.commit().await.map_err(db)?;
+        wake_relay(&s);
         metrics::counter!("auth_refresh_reuse_detected_total").increment(1);
         tracing::warn!(%user, %family, "auth.refresh_reuse_detected: token family revoked");
         return Err(Problem::unauthorized(
@@ -245,7 +334,21 @@ pub async fn refresh(
         .execute(&mut *tx)
         .await
         .map_err(db)?;
+    let event = AuthEvent {
+        user_id: Some(user),
+        target: Some(format!("family:{family}")),
+        ..Default::default()
+    };
+    audit(
+        &s,
+        &mut tx,
+        TenantId(tenant),
+        AuthKind::TokenRefreshed,
+        event,
+    )
+    .await?;
     tx.commit().await.map_err(db)?;
+    wake_relay(&s);
     let role = Role::parse(&role).ok_or_else(Problem::internal)?;
     Ok(Json(
         issue(&s, user, TenantId(tenant), role, ver, family).await?,
@@ -258,14 +361,34 @@ pub async fn logout(
     req: Result<Json<RefreshRequest>, JsonRejection>,
 ) -> Result<StatusCode, Problem> {
     let req = body(req)?;
-    sqlx::query(
-        "UPDATE control.refresh_tokens SET revoked_at = coalesce(revoked_at, now())
-          WHERE family_id = (SELECT family_id FROM control.refresh_tokens WHERE token_hash = $1)",
+    let mut tx = s.pool.begin().await.map_err(db)?;
+    let owner: Option<(Uuid, Uuid, Uuid)> = sqlx::query_as(
+        "SELECT r.family_id, r.user_id, u.tenant_id FROM control.refresh_tokens r
+           JOIN control.users u ON u.id = r.user_id WHERE r.token_hash = $1",
     )
     .bind(refresh_hash(&req.refresh_token))
-    .execute(&s.pool)
+    .fetch_optional(&mut *tx)
     .await
     .map_err(db)?;
+    // An unknown token gets the same answer: logout is idempotent and reveals nothing.
+    if let Some((family, user, tenant)) = owner {
+        sqlx::query(
+            "UPDATE control.refresh_tokens SET revoked_at = coalesce(revoked_at, now())
+              WHERE family_id = $1",
+        )
+        .bind(family)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let event = AuthEvent {
+            user_id: Some(user),
+            target: Some(format!("family:{family}")),
+            ..Default::default()
+        };
+        audit(&s, &mut tx, TenantId(tenant), AuthKind::LoggedOut, event).await?;
+    }
+    tx.commit().await.map_err(db)?;
+    wake_relay(&s);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -317,8 +440,16 @@ pub async fn logout_all(
     headers: HeaderMap,
 ) -> Result<StatusCode, Problem> {
     let claims = caller(&s, &headers).await?;
-    let mut conn = s.pool.acquire().await.map_err(db)?;
-    end_all_sessions(&mut conn, claims.sub).await?;
+    let mut tx = s.pool.begin().await.map_err(db)?;
+    end_all_sessions(&mut tx, claims.sub).await?;
+    let event = AuthEvent {
+        user_id: Some(claims.sub),
+        detail: Some("all sessions".into()),
+        ..Default::default()
+    };
+    audit(&s, &mut tx, claims.tid, AuthKind::LoggedOut, event).await?;
+    tx.commit().await.map_err(db)?;
+    wake_relay(&s);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -352,7 +483,14 @@ pub async fn change_password(
         .await
         .map_err(db)?;
     let ver = end_all_sessions(&mut tx, claims.sub).await?;
+    let event = AuthEvent {
+        user_id: Some(claims.sub),
+        detail: Some("password changed; other sessions ended".into()),
+        ..Default::default()
+    };
+    audit(&s, &mut tx, claims.tid, AuthKind::PasswordChanged, event).await?;
     tx.commit().await.map_err(db)?;
+    wake_relay(&s);
     Ok(Json(
         issue(&s, claims.sub, claims.tid, claims.role, ver, Uuid::now_v7()).await?,
     ))

@@ -1,2 +1,3 @@
+pub mod audit;
 pub mod dashboard;
 pub mod health;

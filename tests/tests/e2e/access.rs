@@ -102,10 +102,10 @@ async fn revoked_keys_and_deactivated_tenants_are_refused_within_the_cache_delay
     .fetch_one(&pool)
     .await
     .unwrap();
-    ingest_api::admin::revoke_api_key(&pool, key_id)
+    ingest_api::admin::revoke_api_key(&pool, "", key_id)
         .await
         .unwrap();
-    ingest_api::admin::set_status(&pool, gone.id, "deactivated")
+    ingest_api::admin::set_status(&pool, "", gone.id, "deactivated")
         .await
         .unwrap();
     let since = Instant::now();
@@ -146,7 +146,7 @@ async fn revoked_keys_and_deactivated_tenants_are_refused_within_the_cache_delay
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    ingest_api::admin::set_status(&pool, gone.id, "active")
+    ingest_api::admin::set_status(&pool, "", gone.id, "active")
         .await
         .unwrap();
     let res = post_events(&client, &ingest.url(), &gone.ingest_key, &one_event()).await;

@@ -79,6 +79,7 @@ async fn user(
     let teams: Vec<String> = teams.iter().map(|s| s.to_string()).collect();
     ingest_api::admin::create_user(
         pool,
+        "",
         ingest_api::admin::NewUser {
             tenant: t.id,
             email,
@@ -382,7 +383,7 @@ async fn people_log_in_and_see_what_their_role_allows() {
     );
 
     // A deactivated user is refused.
-    ingest_api::admin::deactivate_user(&pool, &email("mgr"))
+    ingest_api::admin::deactivate_user(&pool, "", &email("mgr"))
         .await
         .unwrap();
     assert_ne!(s.login(&email("mgr"), PASSWORD).await.status(), 200);

@@ -2,6 +2,7 @@
 //! One binary, one module per capability; every test has its own topics and tenants.
 
 mod access;
+mod audit;
 mod crash;
 mod dedup;
 mod dlq;

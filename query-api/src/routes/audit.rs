@@ -1,0 +1,142 @@
+//! `GET /v1/audit`: the tenant's audit log (auth and control events), newest first, for its
+//! owners and admins, with cursor pagination.
+
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use shared::events::FieldError;
+use shared::problem::Problem;
+use shared::tenant_sql;
+use uuid::Uuid;
+
+use crate::state::AppState;
+
+#[derive(Debug, Deserialize)]
+pub struct AuditParams {
+    pub range: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    #[serde(rename = "type")]
+    pub event_type: Option<String>,
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Entry {
+    pub event_id: Uuid,
+    pub occurred_at: DateTime<Utc>,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub user_id: Option<Uuid>,
+    pub email: Option<String>,
+    pub ip: Option<String>,
+    pub target: Option<String>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AuditPage {
+    pub entries: Vec<Entry>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+fn bad(field: &str, reason: &str) -> Problem {
+    let e = FieldError::new(field, reason);
+    Problem::bad_request("invalid-parameter", format!("{field}: {reason}")).with_errors(vec![e])
+}
+
+fn decode_cursor(c: &str) -> Result<(DateTime<Utc>, Uuid), Problem> {
+    let invalid = || bad("cursor", "not a cursor this API returned");
+    let raw = URL_SAFE_NO_PAD.decode(c).map_err(|_| invalid())?;
+    let text = String::from_utf8(raw).map_err(|_| invalid())?;
+    let (t, id) = text.split_once('|').ok_or_else(invalid)?;
+    let t = DateTime::parse_from_rfc3339(t).map_err(|_| invalid())?;
+    let id = Uuid::parse_str(id).map_err(|_| invalid())?;
+    Ok((t.with_timezone(&Utc), id))
+}
+
+fn encode_cursor(e: &Entry) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}|{}", e.occurred_at.to_rfc3339(), e.event_id))
+}
+
+pub async fn audit(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    params: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<AuditPage>, Problem> {
+    let reader = crate::auth::reader(&s, &headers).await?;
+    reader.require_admin()?;
+    let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
+    let range = crate::range::TimeRange::parse(
+        p.range.as_deref(),
+        p.from.as_deref(),
+        p.to.as_deref(),
+        Utc::now(),
+        s.config.max_range_days,
+    )
+    .map_err(|e| bad(&e.field, &e.reason))?;
+    let limit = p.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(bad("limit", "must be 1..=1000"));
+    }
+    let cursor = p.cursor.as_deref().map(decode_cursor).transpose()?;
+    let db = |e: sqlx::Error| {
+        tracing::error!(error = %e, "audit query failed");
+        Problem::unavailable("the projection database is unavailable", 2)
+    };
+    let mut tx = s.pool.begin().await.map_err(db)?;
+    let version: i32 = sqlx::query_scalar(
+        "SELECT active_version FROM control.projection_versions WHERE projection = 'metrics'",
+    )
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db)?
+    .unwrap_or(1);
+    let schema = reader.tenant.schema(version);
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{schema}.audit_log"))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+    if !exists {
+        return Ok(Json(AuditPage {
+            entries: vec![],
+            next_cursor: None,
+        }));
+    }
+    tenant_sql::enter_tenant_readonly(&mut tx, reader.tenant, &schema)
+        .await
+        .map_err(db)?;
+    let (before_t, before_id) = cursor.map_or((None, None), |(t, id)| (Some(t), Some(id)));
+    let entries: Vec<Entry> = sqlx::query_as(
+        "SELECT event_id, occurred_at, type AS event_type, user_id, email, ip, target, detail
+           FROM audit_log
+          WHERE occurred_at >= $1 AND occurred_at < $2
+            AND ($3::text IS NULL OR type = $3)
+            AND ($4::timestamptz IS NULL OR (occurred_at, event_id) < ($4, $5))
+          ORDER BY occurred_at DESC, event_id DESC
+          LIMIT $6",
+    )
+    .bind(range.from)
+    .bind(range.to)
+    .bind(p.event_type.as_deref())
+    .bind(before_t)
+    .bind(before_id)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db)?;
+    let next_cursor = (entries.len() as i64 == limit)
+        .then(|| entries.last().map(encode_cursor))
+        .flatten();
+    Ok(Json(AuditPage {
+        entries,
+        next_cursor,
+    }))
+}
