@@ -35,6 +35,10 @@ if [ -z "${TALLY_DEMO_EMAIL:-}" ]; then
         --tenant "$TALLY_TENANT_ID" --email "$TALLY_DEMO_EMAIL" --role owner \
         --external-id load-user-0 >/dev/null
 fi
+if [ -z "${TALLY_OPERATOR_KEY:-}" ]; then
+    say "creating a platform-operator key"
+    TALLY_OPERATOR_KEY=$("$BIN_DIR/ingest-api" admin operator-key create --name demo-operator)
+fi
 mkdir -p "$(dirname "$DEMO_ENV")"
 (
     umask 077
@@ -47,6 +51,7 @@ export TALLY_INGEST_KEY=$TALLY_INGEST_KEY
 export TALLY_READ_KEY=$TALLY_READ_KEY
 export TALLY_DEMO_EMAIL=$TALLY_DEMO_EMAIL
 export TALLY_DEMO_PASSWORD='$TALLY_DEMO_PASSWORD'
+export TALLY_OPERATOR_KEY=$TALLY_OPERATOR_KEY
 ENV
 )
 
@@ -75,6 +80,7 @@ Tally is up.
   ingest key   $TALLY_INGEST_KEY
   read key     $TALLY_READ_KEY
   demo login   $TALLY_DEMO_EMAIL / $TALLY_DEMO_PASSWORD   (POST /v1/auth/login)
+  operator key $TALLY_OPERATOR_KEY   (/v1/admin/tenants)
   (all in .tally/demo.env — '. .tally/demo.env' to use them)
 
 Last 24 h for the demo tenant: ${total:-0} events. Try:

@@ -22,6 +22,9 @@ pub enum AdminCommand {
     /// Manage the keys that sign access tokens.
     #[command(subcommand, name = "signing-key")]
     SigningKey(SigningKeyCommand),
+    /// Manage platform-operator keys.
+    #[command(subcommand, name = "operator-key")]
+    OperatorKey(OperatorKeyCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -45,6 +48,15 @@ pub enum UserCommand {
     Deactivate {
         #[arg(long)]
         email: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OperatorKeyCommand {
+    /// Create a platform-operator key (manages tenants over HTTP); printed once.
+    Create {
+        #[arg(long, default_value = "operator")]
+        name: String,
     },
 }
 
@@ -92,8 +104,8 @@ pub enum ApiKeyCommand {
     Create {
         #[arg(long)]
         tenant: Uuid,
-        /// `ingest` (send events) or `read` (dashboards).
-        #[arg(long, value_parser = ["ingest", "read"])]
+        /// `ingest` (send events), `read` (dashboards) or `admin` (manage users and keys).
+        #[arg(long, value_parser = ["ingest", "read", "admin"])]
         scope: String,
         #[arg(long, default_value = "default")]
         name: String,
@@ -277,6 +289,74 @@ pub async fn deactivate_user(pool: &PgPool, ns: &str, email: &str) -> anyhow::Re
     Ok(())
 }
 
+/// Creates a platform-operator key; returns the secret (stored only as a hash).
+pub async fn create_operator_key(pool: &PgPool, name: &str) -> anyhow::Result<String> {
+    let key = apikey::generate_operator();
+    sqlx::query("INSERT INTO control.operator_keys (id, name, key_hash) VALUES ($1, $2, $3)")
+        .bind(Uuid::now_v7())
+        .bind(name)
+        .bind(&key.hash)
+        .execute(pool)
+        .await?;
+    Ok(key.secret)
+}
+
+/// Changes a user's role, teams or status (deactivation ends their sessions).
+pub async fn update_user(
+    pool: &PgPool,
+    ns: &str,
+    tenant: TenantId,
+    id: Uuid,
+    role: Option<shared::jwt::Role>,
+    teams: Option<&[String]>,
+    active: Option<bool>,
+) -> anyhow::Result<bool> {
+    let mut tx = pool.begin().await?;
+    let updated: Option<String> = sqlx::query_scalar(
+        "UPDATE control.users SET
+                role = coalesce($3, role),
+                teams = coalesce($4, teams),
+                status = coalesce($5, status),
+                token_version = token_version + CASE WHEN $5 = 'deactivated' OR $3 IS NOT NULL
+                                                     THEN 1 ELSE 0 END,
+                updated_at = now()
+          WHERE id = $1 AND tenant_id = $2
+          RETURNING email",
+    )
+    .bind(id)
+    .bind(tenant.0)
+    .bind(role.map(|r| r.as_str()))
+    .bind(teams)
+    .bind(active.map(|a| if a { "active" } else { "deactivated" }))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(email) = updated else {
+        return Ok(false);
+    };
+    if active == Some(false) {
+        sqlx::query(
+            "UPDATE control.refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let kind = if active == Some(false) {
+        AuthKind::UserDeactivated
+    } else {
+        AuthKind::UserUpdated
+    };
+    let event = AuthEvent {
+        user_id: Some(id),
+        email: Some(email),
+        detail: role.map(|r| format!("role {}", r.as_str())),
+        ..Default::default()
+    };
+    record(&mut tx, ns, tenant, kind, event).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
 /// Revokes an API key.
 pub async fn revoke_api_key(pool: &PgPool, ns: &str, id: Uuid) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
@@ -388,6 +468,9 @@ pub async fn run(pool: &PgPool, ns: &str, cmd: AdminCommand) -> anyhow::Result<(
         AdminCommand::User(UserCommand::Deactivate { email }) => {
             deactivate_user(pool, ns, &email).await?;
             println!("{email} deactivated");
+        }
+        AdminCommand::OperatorKey(OperatorKeyCommand::Create { name }) => {
+            println!("{}", create_operator_key(pool, &name).await?);
         }
         AdminCommand::SigningKey(SigningKeyCommand::Rotate) => {
             println!("signing with {}", crate::keys::rotate(pool).await?);

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, patch, post};
 use axum::Router;
 use rdkafka::producer::Producer;
 use shared::auth::ApiKeyStore;
@@ -105,6 +105,27 @@ impl App {
             .route("/v1/auth/logout-all", post(routes::auth::logout_all))
             .route("/v1/auth/password", post(routes::auth::change_password))
             .route("/.well-known/jwks.json", get(routes::auth::jwks))
+            .route(
+                "/v1/admin/tenants",
+                post(routes::control::create_tenant).get(routes::control::list_tenants),
+            )
+            .route(
+                "/v1/admin/tenants/{id}",
+                patch(routes::control::update_tenant),
+            )
+            .route(
+                "/v1/admin/users",
+                post(routes::control::create_user).get(routes::control::list_users),
+            )
+            .route("/v1/admin/users/{id}", patch(routes::control::update_user))
+            .route(
+                "/v1/admin/api-keys",
+                post(routes::control::create_api_key).get(routes::control::list_api_keys),
+            )
+            .route(
+                "/v1/admin/api-keys/{id}",
+                delete(routes::control::revoke_api_key),
+            )
             .route("/openapi.json", get(routes::health::openapi))
             .route("/healthz", get(routes::health::healthz))
             .route("/readyz", get(routes::health::readyz))

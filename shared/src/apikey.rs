@@ -12,6 +12,8 @@ pub enum Scope {
     Ingest,
     /// Read dashboards.
     Read,
+    /// Manage the tenant's users and keys.
+    Admin,
 }
 
 impl Scope {
@@ -19,6 +21,7 @@ impl Scope {
         match self {
             Scope::Ingest => "ingest",
             Scope::Read => "read",
+            Scope::Admin => "admin",
         }
     }
 
@@ -26,6 +29,7 @@ impl Scope {
         match s {
             "ingest" => Some(Scope::Ingest),
             "read" => Some(Scope::Read),
+            "admin" => Some(Scope::Admin),
             _ => None,
         }
     }
@@ -53,6 +57,17 @@ pub fn generate() -> NewKey {
 /// (no password stretching needed) and makes lookup by hash a single index probe.
 pub fn hash(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+/// Prefix of platform-operator keys.
+pub const OPERATOR_PREFIX: &str = "tlo_";
+
+/// Makes a new operator key.
+pub fn generate_operator() -> NewKey {
+    let k = generate();
+    let secret = format!("{OPERATOR_PREFIX}{}", &k.secret[KEY_PREFIX.len()..]);
+    let hash = hash(&secret);
+    NewKey { secret, hash }
 }
 
 /// Whether a presented string looks like one of our keys at all (cheap pre-check).

@@ -393,7 +393,7 @@ pub async fn logout(
 }
 
 /// The caller's access token, verified with this instance's own keys.
-async fn caller(s: &AppState, headers: &HeaderMap) -> Result<Claims, Problem> {
+pub(crate) async fn caller(s: &AppState, headers: &HeaderMap) -> Result<Claims, Problem> {
     let token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

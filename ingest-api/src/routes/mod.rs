@@ -1,3 +1,4 @@
 pub mod auth;
+pub mod control;
 pub mod events;
 pub mod health;

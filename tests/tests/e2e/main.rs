@@ -3,6 +3,7 @@
 
 mod access;
 mod audit;
+mod control;
 mod crash;
 mod dedup;
 mod dlq;

@@ -1,0 +1,480 @@
+//! The control plane over HTTP (`/v1/admin/…`).
+//!
+//! Tenants are managed by platform operators (an operator key, `tlo_…`). A tenant's users and
+//! API keys are managed by its owners and admins (their access token) or by an API key with
+//! the `admin` scope; the tenant always comes from the credential, so another tenant's ids in
+//! the path simply are not found.
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use shared::apikey::{self, Scope};
+use shared::events::FieldError;
+use shared::jwt::Role;
+use shared::problem::Problem;
+use shared::tenant::TenantId;
+use uuid::Uuid;
+
+use crate::admin;
+use crate::state::AppState;
+
+fn body<T>(r: Result<Json<T>, JsonRejection>) -> Result<T, Problem> {
+    r.map(|Json(v)| v).map_err(|e| {
+        Problem::new(
+            e.status(),
+            "invalid-body",
+            "Invalid request body",
+            e.body_text(),
+        )
+    })
+}
+
+fn failed(e: anyhow::Error) -> Problem {
+    let unique = e
+        .downcast_ref::<sqlx::Error>()
+        .and_then(|e| e.as_database_error())
+        .is_some_and(|d| d.is_unique_violation());
+    if unique {
+        return Problem::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "Conflict",
+            "that e-mail address is already taken",
+        );
+    }
+    tracing::error!(error = %e, "control-plane change failed");
+    Problem::internal()
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> Problem {
+    let e = FieldError::new(field, reason);
+    Problem::validation(format!("{}: {}", e.field, e.reason), vec![e])
+}
+
+/// A malformed id names nothing: 404, like an id of another tenant.
+fn path_id(id: Result<Path<Uuid>, PathRejection>) -> Result<Uuid, Problem> {
+    id.map(|Path(id)| id)
+        .map_err(|_| Problem::not_found("no such resource"))
+}
+
+fn ns(s: &AppState) -> &str {
+    &s.config.common.topic_prefix
+}
+
+/// The caller must present a valid, unrevoked operator key.
+async fn operator(s: &AppState, headers: &HeaderMap) -> Result<(), Problem> {
+    let key = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| k.starts_with(apikey::OPERATOR_PREFIX))
+        .ok_or_else(|| Problem::unauthorized("an operator key is required"))?;
+    let known: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM control.operator_keys WHERE key_hash = $1 AND revoked_at IS NULL)",
+    )
+    .bind(apikey::hash(key))
+    .fetch_one(&s.pool)
+    .await
+    .map_err(|e| failed(e.into()))?;
+    if known {
+        Ok(())
+    } else {
+        Err(Problem::unauthorized("unknown or revoked operator key"))
+    }
+}
+
+/// Who administers a tenant: an owner or admin (access token), or an `admin` API key.
+struct TenantAdmin {
+    tenant: TenantId,
+    /// Only owners may create or promote owners.
+    is_owner: bool,
+}
+
+async fn tenant_admin(s: &AppState, headers: &HeaderMap) -> Result<TenantAdmin, Problem> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    if shared::jwt::looks_like_jwt(bearer) {
+        let claims = super::auth::caller(s, headers).await?;
+        return match claims.role {
+            Role::Owner | Role::Admin => Ok(TenantAdmin {
+                tenant: claims.tid,
+                is_owner: claims.role == Role::Owner,
+            }),
+            _ => Err(Problem::forbidden(
+                "only the tenant's owners and admins may do this",
+            )),
+        };
+    }
+    let key = s.keys.authenticate(headers, Scope::Admin).await?;
+    Ok(TenantAdmin {
+        tenant: key.tenant_id,
+        is_owner: false,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NewTenant {
+    pub name: String,
+    pub plan: Option<String>,
+    pub rate_limit_per_min: Option<i32>,
+    pub owner: NewPerson,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NewPerson {
+    pub email: String,
+    pub password: String,
+    pub role: Option<String>,
+    pub external_id: Option<String>,
+    #[serde(default)]
+    pub teams: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreatedTenant {
+    pub tenant_id: TenantId,
+    pub owner_id: Uuid,
+}
+
+fn check_plan(plan: Option<&str>, limit: Option<i32>) -> Result<(), Problem> {
+    if let Some(p) = plan {
+        if !["free", "professional", "enterprise"].contains(&p) {
+            return Err(invalid("plan", "must be free, professional or enterprise"));
+        }
+    }
+    if limit.is_some_and(|l| l < 1) {
+        return Err(invalid("rate_limit_per_min", "must be positive"));
+    }
+    Ok(())
+}
+
+fn check_person(p: &NewPerson, prefix: &str) -> Result<Role, Problem> {
+    let email = p.email.trim();
+    if !email.contains('@') || !(3..=254).contains(&email.len()) {
+        return Err(invalid(
+            &format!("{prefix}email"),
+            "must be an e-mail address",
+        ));
+    }
+    shared::password::check_policy(&format!("{prefix}password"), &p.password)
+        .map_err(|e| Problem::validation(format!("{}: {}", e.field, e.reason), vec![e]))?;
+    match p.role.as_deref() {
+        None => Ok(Role::Developer),
+        Some(r) => Role::parse(r).ok_or_else(|| {
+            invalid(
+                &format!("{prefix}role"),
+                "must be owner, admin, manager, developer or viewer",
+            )
+        }),
+    }
+}
+
+/// `POST /v1/admin/tenants` (operator): a tenant with its first owner.
+pub async fn create_tenant(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    req: Result<Json<NewTenant>, JsonRejection>,
+) -> Result<(StatusCode, Json<CreatedTenant>), Problem> {
+    operator(&s, &headers).await?;
+    let req = body(req)?;
+    if !(1..=200).contains(&req.name.chars().count()) {
+        return Err(invalid("name", "must have 1 to 200 characters"));
+    }
+    check_plan(req.plan.as_deref(), req.rate_limit_per_min)?;
+    check_person(&req.owner, "owner.")?;
+    let tenant = admin::create_tenant(&s.pool, ns(&s), &req.name)
+        .await
+        .map_err(failed)?;
+    if req.plan.is_some() || req.rate_limit_per_min.is_some() {
+        let plan = req.plan.as_deref().unwrap_or("professional");
+        admin::set_plan(&s.pool, tenant, plan, req.rate_limit_per_min)
+            .await
+            .map_err(failed)?;
+    }
+    let owner_id = admin::create_user(
+        &s.pool,
+        ns(&s),
+        admin::NewUser {
+            tenant,
+            email: &req.owner.email,
+            password: &req.owner.password,
+            role: Role::Owner,
+            external_id: req.owner.external_id.as_deref(),
+            teams: &req.owner.teams,
+        },
+    )
+    .await
+    .map_err(failed)?;
+    s.outbox_wake.notify_one();
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedTenant {
+            tenant_id: tenant,
+            owner_id,
+        }),
+    ))
+}
+
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+pub struct TenantRow {
+    pub id: Uuid,
+    pub name: String,
+    pub status: String,
+    pub plan: String,
+    pub rate_limit_per_min: Option<i32>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /v1/admin/tenants` (operator)
+pub async fn list_tenants(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<TenantRow>>, Problem> {
+    operator(&s, &headers).await?;
+    let rows = sqlx::query_as(
+        "SELECT id, name, status, plan, rate_limit_per_min, created_at FROM control.tenants ORDER BY created_at",
+    )
+    .fetch_all(&s.pool)
+    .await
+    .map_err(|e| failed(e.into()))?;
+    Ok(Json(rows))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TenantPatch {
+    pub plan: Option<String>,
+    pub rate_limit_per_min: Option<i32>,
+    pub status: Option<String>,
+}
+
+/// `PATCH /v1/admin/tenants/{id}` (operator): plan, limit, deactivate/reactivate.
+pub async fn update_tenant(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    id: Result<Path<Uuid>, PathRejection>,
+    req: Result<Json<TenantPatch>, JsonRejection>,
+) -> Result<StatusCode, Problem> {
+    operator(&s, &headers).await?;
+    let id = path_id(id)?;
+    let req = body(req)?;
+    check_plan(req.plan.as_deref(), req.rate_limit_per_min)?;
+    let exists: Option<String> =
+        sqlx::query_scalar("SELECT plan FROM control.tenants WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&s.pool)
+            .await
+            .map_err(|e| failed(e.into()))?;
+    let current_plan = exists.ok_or_else(|| Problem::not_found("no such tenant"))?;
+    let tenant = TenantId(id);
+    if req.plan.is_some() || req.rate_limit_per_min.is_some() {
+        let plan = req.plan.unwrap_or(current_plan);
+        admin::set_plan(&s.pool, tenant, &plan, req.rate_limit_per_min)
+            .await
+            .map_err(failed)?;
+    }
+    if let Some(status) = req.status.as_deref() {
+        if !["active", "deactivated"].contains(&status) {
+            return Err(invalid("status", "must be active or deactivated"));
+        }
+        admin::set_status(&s.pool, ns(&s), tenant, status)
+            .await
+            .map_err(failed)?;
+        s.outbox_wake.notify_one();
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/admin/users` (tenant admin)
+pub async fn create_user(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    req: Result<Json<NewPerson>, JsonRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), Problem> {
+    let caller = tenant_admin(&s, &headers).await?;
+    let req = body(req)?;
+    let role = check_person(&req, "")?;
+    if role == Role::Owner && !caller.is_owner {
+        return Err(Problem::forbidden("only an owner may create another owner"));
+    }
+    let id = admin::create_user(
+        &s.pool,
+        ns(&s),
+        admin::NewUser {
+            tenant: caller.tenant,
+            email: &req.email,
+            password: &req.password,
+            role,
+            external_id: req.external_id.as_deref(),
+            teams: &req.teams,
+        },
+    )
+    .await
+    .map_err(failed)?;
+    s.outbox_wake.notify_one();
+    Ok((StatusCode::CREATED, Json(serde_json::json!({"id": id}))))
+}
+
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+pub struct UserRow {
+    pub id: Uuid,
+    pub email: String,
+    pub role: String,
+    pub status: String,
+    pub external_id: String,
+    pub teams: Vec<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /v1/admin/users` (tenant admin)
+pub async fn list_users(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<UserRow>>, Problem> {
+    let caller = tenant_admin(&s, &headers).await?;
+    let rows = sqlx::query_as(
+        "SELECT id, email, role, status, external_id, teams, created_at
+           FROM control.users WHERE tenant_id = $1 ORDER BY created_at",
+    )
+    .bind(caller.tenant.0)
+    .fetch_all(&s.pool)
+    .await
+    .map_err(|e| failed(e.into()))?;
+    Ok(Json(rows))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct UserPatch {
+    pub role: Option<String>,
+    pub teams: Option<Vec<String>>,
+    pub status: Option<String>,
+}
+
+/// `PATCH /v1/admin/users/{id}` (tenant admin): role, teams, deactivate/reactivate.
+pub async fn update_user(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    id: Result<Path<Uuid>, PathRejection>,
+    req: Result<Json<UserPatch>, JsonRejection>,
+) -> Result<StatusCode, Problem> {
+    let caller = tenant_admin(&s, &headers).await?;
+    let id = path_id(id)?;
+    let req = body(req)?;
+    let role = match req.role.as_deref() {
+        None => None,
+        Some(r) => Some(Role::parse(r).ok_or_else(|| invalid("role", "unknown role"))?),
+    };
+    if role == Some(Role::Owner) && !caller.is_owner {
+        return Err(Problem::forbidden("only an owner may make another owner"));
+    }
+    let active = match req.status.as_deref() {
+        None => None,
+        Some("active") => Some(true),
+        Some("deactivated") => Some(false),
+        Some(_) => return Err(invalid("status", "must be active or deactivated")),
+    };
+    let found = admin::update_user(
+        &s.pool,
+        ns(&s),
+        caller.tenant,
+        id,
+        role,
+        req.teams.as_deref(),
+        active,
+    )
+    .await
+    .map_err(failed)?;
+    if !found {
+        return Err(Problem::not_found("no such user in this tenant"));
+    }
+    s.outbox_wake.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NewApiKey {
+    pub name: String,
+    pub scope: String,
+}
+
+/// `POST /v1/admin/api-keys` (tenant admin): the secret is in this answer only.
+pub async fn create_api_key(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    req: Result<Json<NewApiKey>, JsonRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), Problem> {
+    let caller = tenant_admin(&s, &headers).await?;
+    let req = body(req)?;
+    let scope = Scope::parse(&req.scope)
+        .ok_or_else(|| invalid("scope", "must be ingest, read or admin"))?;
+    if !(1..=100).contains(&req.name.chars().count()) {
+        return Err(invalid("name", "must have 1 to 100 characters"));
+    }
+    let (id, key) = admin::create_api_key(&s.pool, ns(&s), caller.tenant, scope, &req.name)
+        .await
+        .map_err(failed)?;
+    s.outbox_wake.notify_one();
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"id": id, "key": key, "scope": scope.as_str(), "name": req.name})),
+    ))
+}
+
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+pub struct KeyRow {
+    pub id: Uuid,
+    pub name: String,
+    pub scope: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// `GET /v1/admin/api-keys` (tenant admin): never the secrets.
+pub async fn list_api_keys(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<KeyRow>>, Problem> {
+    let caller = tenant_admin(&s, &headers).await?;
+    let rows = sqlx::query_as(
+        "SELECT id, name, scope, created_at, revoked_at FROM control.api_keys
+          WHERE tenant_id = $1 ORDER BY created_at",
+    )
+    .bind(caller.tenant.0)
+    .fetch_all(&s.pool)
+    .await
+    .map_err(|e| failed(e.into()))?;
+    Ok(Json(rows))
+}
+
+/// `DELETE /v1/admin/api-keys/{id}` (tenant admin): revokes (services forget it within 10 s).
+pub async fn revoke_api_key(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    id: Result<Path<Uuid>, PathRejection>,
+) -> Result<StatusCode, Problem> {
+    let caller = tenant_admin(&s, &headers).await?;
+    let id = path_id(id)?;
+    let mine: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM control.api_keys WHERE id = $1 AND tenant_id = $2 AND revoked_at IS NULL)",
+    )
+    .bind(id)
+    .bind(caller.tenant.0)
+    .fetch_one(&s.pool)
+    .await
+    .map_err(|e| failed(e.into()))?;
+    if !mine {
+        return Err(Problem::not_found("no such active key in this tenant"));
+    }
+    admin::revoke_api_key(&s.pool, ns(&s), id)
+        .await
+        .map_err(failed)?;
+    s.outbox_wake.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
