@@ -25,6 +25,10 @@ pub struct Config {
     pub login_max_failures_per_ip: u32,
     /// Window (and lockout) length for failed logins.
     pub login_window_secs: u64,
+    /// This service's address as browsers and identity providers reach it (SSO redirects).
+    pub public_url: String,
+    /// 64 hex characters; seals SSO client secrets at rest. SSO is off while it is empty.
+    pub secret_key: String,
 }
 
 impl Default for Config {
@@ -40,6 +44,8 @@ impl Default for Config {
             login_max_failures: 5,
             login_max_failures_per_ip: 20,
             login_window_secs: 900,
+            public_url: "http://127.0.0.1:8080".into(),
+            secret_key: String::new(),
         }
     }
 }
@@ -52,6 +58,9 @@ impl Config {
         }
         if self.produce_timeout_ms < 100 {
             return Err("produce_timeout_ms must be at least 100".into());
+        }
+        if !self.secret_key.is_empty() {
+            shared::secretbox::SecretKey::from_hex(&self.secret_key)?;
         }
         if self.retention_days < 1 || self.max_future_skew_secs < 0 {
             return Err("retention_days must be ≥ 1 and max_future_skew_secs ≥ 0".into());

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod keys;
+pub mod oidc;
 pub mod relay;
 pub mod routes;
 pub mod state;
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get, patch, post};
+use axum::routing::{delete, get, patch, post, put};
 use axum::Router;
 use rdkafka::producer::Producer;
 use shared::auth::ApiKeyStore;
@@ -75,6 +76,7 @@ impl App {
             limiter: shared::ratelimit::RateLimiter::new(redis.clone()),
             keyring,
             outbox_wake,
+            oidc: oidc::client(),
             throttle: throttle::LoginThrottle::new(
                 redis.clone(),
                 &common.topic_prefix,
@@ -105,6 +107,12 @@ impl App {
             .route("/v1/auth/logout-all", post(routes::auth::logout_all))
             .route("/v1/auth/password", post(routes::auth::change_password))
             .route("/.well-known/jwks.json", get(routes::auth::jwks))
+            .route("/v1/auth/sso/start", get(routes::sso::start))
+            .route("/v1/auth/sso/callback", get(routes::sso::callback))
+            .route(
+                "/v1/admin/sso",
+                put(routes::sso::put_settings).get(routes::sso::get_settings),
+            )
             .route(
                 "/v1/admin/tenants",
                 post(routes::control::create_tenant).get(routes::control::list_tenants),

@@ -22,6 +22,8 @@ pub struct AppState {
     pub throttle: crate::throttle::LoginThrottle,
     /// Wakes the outbox relay after a handler wrote an auth event.
     pub outbox_wake: Arc<tokio::sync::Notify>,
+    /// HTTP client for identity providers (no redirects followed).
+    pub oidc: reqwest::Client,
     pub topic: Arc<str>,
     pub shutdown: ShutdownFlag,
     pub metrics: PrometheusHandle,

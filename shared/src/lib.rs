@@ -16,6 +16,7 @@ pub mod password;
 pub mod problem;
 pub mod ratelimit;
 pub mod redis_client;
+pub mod secretbox;
 pub mod telemetry;
 pub mod tenant;
 pub mod tenant_sql;

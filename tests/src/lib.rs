@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 pub mod events;
+pub mod oidc;
 
 /// Repository root (the tests crate lives one level below it).
 pub fn repo_root() -> PathBuf {

@@ -28,7 +28,7 @@ use crate::state::AppState;
 
 /// Writes an auth event of `tenant` to the outbox on `conn` (the caller's transaction when
 /// there is a change to go with it).
-async fn audit(
+pub(crate) async fn audit(
     s: &AppState,
     conn: &mut sqlx::PgConnection,
     tenant: TenantId,
@@ -201,7 +201,7 @@ pub async fn login(
 }
 
 /// Signs an access token and stores a new refresh token of `family`.
-async fn issue(
+pub(crate) async fn issue(
     s: &AppState,
     user: Uuid,
     tenant: TenantId,

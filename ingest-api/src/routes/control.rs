@@ -88,13 +88,16 @@ async fn operator(s: &AppState, headers: &HeaderMap) -> Result<(), Problem> {
 }
 
 /// Who administers a tenant: an owner or admin (access token), or an `admin` API key.
-struct TenantAdmin {
-    tenant: TenantId,
+pub(crate) struct TenantAdmin {
+    pub tenant: TenantId,
     /// Only owners may create or promote owners.
-    is_owner: bool,
+    pub is_owner: bool,
 }
 
-async fn tenant_admin(s: &AppState, headers: &HeaderMap) -> Result<TenantAdmin, Problem> {
+pub(crate) async fn tenant_admin(
+    s: &AppState,
+    headers: &HeaderMap,
+) -> Result<TenantAdmin, Problem> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

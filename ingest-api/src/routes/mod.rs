@@ -2,3 +2,4 @@ pub mod auth;
 pub mod control;
 pub mod events;
 pub mod health;
+pub mod sso;

@@ -11,4 +11,5 @@ mod isolation;
 mod kafka_down;
 mod login;
 mod pipeline;
+mod sso;
 mod validation;

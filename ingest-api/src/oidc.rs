@@ -1,0 +1,143 @@
+//! The OpenID Connect relying party: discovery, PKCE, and ID-token verification against the
+//! issuer's JWKS (signature, `iss`, `aud`, `exp`, `nonce`).
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Discovery {
+    pub issuer: String,
+    pub authorization_endpoint: String,
+    pub token_endpoint: String,
+    pub jwks_uri: String,
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("HTTP client")
+}
+
+/// Fetches the issuer's discovery document and checks it names the same issuer.
+pub async fn discover(http: &reqwest::Client, issuer: &str) -> Result<Discovery, String> {
+    let issuer = issuer.trim_end_matches('/');
+    let url = format!("{issuer}/.well-known/openid-configuration");
+    let d: Discovery = http
+        .get(&url)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| format!("discovery at {url} failed: {e}"))?
+        .json()
+        .await
+        .map_err(|e| format!("discovery at {url} is not valid: {e}"))?;
+    if d.issuer.trim_end_matches('/') != issuer {
+        return Err(format!(
+            "discovery names issuer {} instead of {issuer}",
+            d.issuer
+        ));
+    }
+    Ok(d)
+}
+
+/// A random PKCE code verifier and its S256 challenge.
+pub fn pkce() -> (String, String) {
+    let verifier = random_token(48);
+    let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
+    (verifier, challenge)
+}
+
+/// `n` random bytes, base64url.
+pub fn random_token(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The claims Tally reads from an ID token.
+#[derive(Debug, Clone, Deserialize)]
+pub struct IdClaims {
+    pub sub: String,
+    pub email: Option<String>,
+    /// Some providers send a boolean, some the string "true".
+    pub email_verified: Option<serde_json::Value>,
+    pub nonce: Option<String>,
+}
+
+impl IdClaims {
+    pub fn verified_email(&self) -> Option<String> {
+        let verified = match &self.email_verified {
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(serde_json::Value::String(s)) => s == "true",
+            _ => false,
+        };
+        self.email
+            .as_ref()
+            .filter(|_| verified)
+            .map(|e| e.trim().to_lowercase())
+    }
+}
+
+/// Verifies an ID token: an asymmetric signature by a key of the issuer's JWKS, the issuer,
+/// our client id as audience, expiry, and the nonce this login was started with.
+pub async fn verify_id_token(
+    http: &reqwest::Client,
+    d: &Discovery,
+    client_id: &str,
+    nonce: &str,
+    token: &str,
+) -> Result<IdClaims, String> {
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|_| "malformed ID token".to_string())?;
+    let allowed = [
+        Algorithm::RS256,
+        Algorithm::RS384,
+        Algorithm::RS512,
+        Algorithm::PS256,
+        Algorithm::ES256,
+        Algorithm::ES384,
+        Algorithm::EdDSA,
+    ];
+    if !allowed.contains(&header.alg) {
+        return Err(format!(
+            "ID token algorithm {:?} is not accepted",
+            header.alg
+        ));
+    }
+    let jwks: JwkSet = http
+        .get(&d.jwks_uri)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| format!("issuer JWKS unavailable: {e}"))?
+        .json()
+        .await
+        .map_err(|e| format!("issuer JWKS is not valid: {e}"))?;
+    let jwk = match &header.kid {
+        Some(kid) => jwks.find(kid),
+        None if jwks.keys.len() == 1 => jwks.keys.first(),
+        None => None,
+    }
+    .ok_or_else(|| "ID token signed by a key the issuer does not publish".to_string())?;
+    let key = DecodingKey::from_jwk(jwk).map_err(|_| "unusable issuer key".to_string())?;
+    let mut validation = Validation::new(header.alg);
+    validation.set_issuer(&[d.issuer.as_str()]);
+    validation.set_audience(&[client_id]);
+    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    validation.leeway = 30;
+    let claims = jsonwebtoken::decode::<IdClaims>(token, &key, &validation)
+        .map_err(|e| format!("ID token rejected: {e}"))?
+        .claims;
+    if claims.nonce.as_deref() != Some(nonce) {
+        return Err("ID token nonce does not match this login".into());
+    }
+    Ok(claims)
+}
