@@ -34,6 +34,12 @@ start() {
     for svc in "${SERVICES[@]}"; do
         [ -x "$bin_dir/$svc" ] || die "$bin_dir/$svc is missing: build first (make build)"
     done
+    # The key that seals SSO client secrets at rest: made once, kept with the local data.
+    local secret="$TALLY_HOME/secret.key"
+    if [ ! -s "$secret" ]; then
+        (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secret")
+    fi
+    export TALLY_SECRET_KEY="${TALLY_SECRET_KEY:-$(cat "$secret")}"
     say "applying migrations"
     "$bin_dir/projector" migrate >>"$TALLY_LOGS/projector.log" 2>&1 ||
         { show_log_tail "$TALLY_LOGS/projector.log"; die "migrations failed"; }
