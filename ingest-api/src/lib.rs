@@ -107,6 +107,11 @@ impl App {
             .route("/v1/auth/logout-all", post(routes::auth::logout_all))
             .route("/v1/auth/password", post(routes::auth::change_password))
             .route("/.well-known/jwks.json", get(routes::auth::jwks))
+            .route(
+                "/v1/auth/invitations/accept",
+                post(routes::invitations::accept),
+            )
+            .route("/v1/admin/invitations", post(routes::invitations::invite))
             .route("/v1/auth/sso/start", get(routes::sso::start))
             .route("/v1/auth/sso/callback", get(routes::sso::callback))
             .route(

@@ -2,4 +2,5 @@ pub mod auth;
 pub mod control;
 pub mod events;
 pub mod health;
+pub mod invitations;
 pub mod sso;

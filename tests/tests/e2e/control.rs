@@ -177,6 +177,87 @@ async fn operators_create_tenants_and_owners_manage_them() {
     assert_eq!(res.status(), 404);
     assert_eq!(res.headers()["content-type"], "application/problem+json");
 
+    // Invitations: valid once, for a bounded time, created by admins only.
+    let invite = |email: String, hours: i64| {
+        call(
+            reqwest::Method::POST,
+            "/v1/admin/invitations",
+            acme,
+            Some(json!({
+                "email": email, "role": "viewer", "teams": ["team-x"], "valid_hours": hours
+            })),
+        )
+    };
+    assert_eq!(
+        invite(format!("x-{tag}@example.com"), 200)
+            .await
+            .unwrap()
+            .status(),
+        422
+    );
+    let res = invite(format!("carol-{tag}@example.com"), 24)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let inv: Value = res.json().await.unwrap();
+    let accept = |token: Value, password: &str| {
+        client
+            .post(format!("{url}/v1/auth/invitations/accept"))
+            .json(&json!({"token": token, "password": password}))
+            .send()
+    };
+    assert_eq!(
+        accept(inv["token"].clone(), "weak").await.unwrap().status(),
+        422
+    );
+    let res = accept(inv["token"].clone(), "Carol-Pass-123")
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let carol: Value = res.json().await.unwrap();
+    assert!(carol["access_token"].is_string());
+    assert_eq!(
+        accept(inv["token"].clone(), "Carol-Pass-123")
+            .await
+            .unwrap()
+            .status(),
+        410,
+        "once"
+    );
+    let res = invite(format!("late-{tag}@example.com"), 1).await.unwrap();
+    let late: Value = res.json().await.unwrap();
+    sqlx::query(
+        "UPDATE control.invitations SET expires_at = now() - interval '1 minute' WHERE id = $1",
+    )
+    .bind(uuid::Uuid::parse_str(late["id"].as_str().unwrap()).unwrap())
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        accept(late["token"].clone(), "Late-Pass-1234")
+            .await
+            .unwrap()
+            .status(),
+        410,
+        "expired"
+    );
+    assert_eq!(
+        accept(json!("tli_forged"), "Late-Pass-1234")
+            .await
+            .unwrap()
+            .status(),
+        410
+    );
+    let res = call(
+        reqwest::Method::POST,
+        "/v1/admin/invitations",
+        carol["access_token"].as_str().unwrap(),
+        Some(json!({"email": "z@example.com"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 403, "a viewer cannot invite");
+
     // The owner revokes the key and deactivates the developer.
     let res = call(
         reqwest::Method::DELETE,

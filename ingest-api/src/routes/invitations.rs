@@ -1,0 +1,194 @@
+//! Invitations: an owner or admin invites a person by e-mail with a role; the person accepts
+//! with the link token (valid 1–168 hours, default 72, once) and their own password.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use shared::events::{AuthEvent, AuthKind, FieldError};
+use shared::jwt::Role;
+use shared::problem::Problem;
+use shared::tenant::TenantId;
+use uuid::Uuid;
+
+use crate::state::AppState;
+
+const INVITE_PREFIX: &str = "tli_";
+
+#[derive(Debug, Deserialize)]
+pub struct NewInvitation {
+    pub email: String,
+    pub role: Option<String>,
+    #[serde(default)]
+    pub teams: Vec<String>,
+    pub valid_hours: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Invitation {
+    pub id: Uuid,
+    /// The link token: shown only in this answer.
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Acceptance {
+    pub token: String,
+    pub password: String,
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> Problem {
+    let e = FieldError::new(field, reason);
+    Problem::validation(format!("{}: {}", e.field, e.reason), vec![e])
+}
+
+fn db(e: sqlx::Error) -> Problem {
+    if e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
+    {
+        return Problem::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "Conflict",
+            "that e-mail address is already taken",
+        );
+    }
+    tracing::error!(error = %e, "invitation query failed");
+    Problem::unavailable("invitations are unavailable right now", 2)
+}
+
+fn body<T>(r: Result<Json<T>, JsonRejection>) -> Result<T, Problem> {
+    r.map(|Json(v)| v).map_err(|e| {
+        Problem::new(
+            e.status(),
+            "invalid-body",
+            "Invalid request body",
+            e.body_text(),
+        )
+    })
+}
+
+/// `POST /v1/admin/invitations` (tenant owners/admins)
+pub async fn invite(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    req: Result<Json<NewInvitation>, JsonRejection>,
+) -> Result<(StatusCode, Json<Invitation>), Problem> {
+    let caller = super::control::tenant_admin(&s, &headers).await?;
+    let req = body(req)?;
+    let email = req.email.trim().to_lowercase();
+    if !email.contains('@') || !(3..=254).contains(&email.len()) {
+        return Err(invalid("email", "must be an e-mail address"));
+    }
+    let role = match req.role.as_deref() {
+        None => Role::Developer,
+        Some(r) => Role::parse(r).ok_or_else(|| invalid("role", "unknown role"))?,
+    };
+    if role == Role::Owner && !caller.is_owner {
+        return Err(Problem::forbidden("only an owner may invite an owner"));
+    }
+    let hours = req.valid_hours.unwrap_or(72);
+    if !(1..=168).contains(&hours) {
+        return Err(invalid("valid_hours", "must be 1 to 168"));
+    }
+    let mut bytes = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    let token = format!("{INVITE_PREFIX}{}", hex::encode(bytes));
+    let id = Uuid::now_v7();
+    let expires_at = Utc::now() + Duration::hours(hours);
+    sqlx::query(
+        "INSERT INTO control.invitations (id, tenant_id, email, role, teams, token_hash, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(id)
+    .bind(caller.tenant.0)
+    .bind(&email)
+    .bind(role.as_str())
+    .bind(&req.teams)
+    .bind(Sha256::digest(token.as_bytes()).to_vec())
+    .bind(expires_at)
+    .execute(&s.pool)
+    .await
+    .map_err(db)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Invitation {
+            id,
+            token,
+            expires_at,
+        }),
+    ))
+}
+
+/// `POST /v1/auth/invitations/accept`: creates the person and signs them in.
+pub async fn accept(
+    State(s): State<AppState>,
+    req: Result<Json<Acceptance>, JsonRejection>,
+) -> Result<Json<super::auth::Tokens>, Problem> {
+    let req = body(req)?;
+    shared::password::check_policy("password", &req.password)
+        .map_err(|e| Problem::validation(format!("{}: {}", e.field, e.reason), vec![e]))?;
+    let gone = || {
+        Problem::new(
+            StatusCode::GONE,
+            "invitation-invalid",
+            "Invitation not valid",
+            "this invitation is unknown, used or expired",
+        )
+    };
+    let mut tx = s.pool.begin().await.map_err(db)?;
+    let row: Option<(Uuid, Uuid, String, String, Vec<String>)> = sqlx::query_as(
+        "SELECT i.id, i.tenant_id, i.email, i.role, i.teams FROM control.invitations i
+           JOIN control.tenants t ON t.id = i.tenant_id
+          WHERE i.token_hash = $1 AND i.accepted_at IS NULL AND i.expires_at > now()
+            AND t.status = 'active'
+            FOR UPDATE OF i",
+    )
+    .bind(Sha256::digest(req.token.as_bytes()).to_vec())
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db)?;
+    let (invitation, tenant, email, role, teams) = row.ok_or_else(gone)?;
+    let password = req.password.clone();
+    let hash = tokio::task::spawn_blocking(move || shared::password::hash(&password))
+        .await
+        .map_err(|_| Problem::internal())?;
+    let user = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO control.users (id, tenant_id, email, password_hash, role, external_id, teams)
+         VALUES ($1, $2, $3, $4, $5, $3, $6)",
+    )
+    .bind(user)
+    .bind(tenant)
+    .bind(&email)
+    .bind(hash)
+    .bind(&role)
+    .bind(&teams)
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    sqlx::query("UPDATE control.invitations SET accepted_at = now(), user_id = $2 WHERE id = $1")
+        .bind(invitation)
+        .bind(user)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    let event = AuthEvent {
+        user_id: Some(user),
+        email: Some(email),
+        detail: Some(format!("joined by invitation, role {role}")),
+        target: Some(format!("invitation:{invitation}")),
+        ..Default::default()
+    };
+    super::auth::audit(&s, &mut tx, TenantId(tenant), AuthKind::UserCreated, event).await?;
+    tx.commit().await.map_err(db)?;
+    s.outbox_wake.notify_one();
+    let role = Role::parse(&role).ok_or_else(Problem::internal)?;
+    Ok(Json(
+        super::auth::issue(&s, user, TenantId(tenant), role, 0, Uuid::now_v7()).await?,
+    ))
+}
