@@ -247,6 +247,7 @@ pub async fn create_user(pool: &PgPool, ns: &str, u: NewUser<'_>) -> anyhow::Res
         user_id: Some(id),
         email: Some(email.clone()),
         detail: Some(format!("role {}", u.role.as_str())),
+        extra: outbox::user_snapshot(&mut tx, id).await?,
         ..Default::default()
     };
     record(&mut tx, ns, u.tenant, AuthKind::UserCreated, event).await?;
@@ -350,6 +351,7 @@ pub async fn update_user(
         user_id: Some(id),
         email: Some(email),
         detail: role.map(|r| format!("role {}", r.as_str())),
+        extra: outbox::user_snapshot(&mut tx, id).await?,
         ..Default::default()
     };
     record(&mut tx, ns, tenant, kind, event).await?;

@@ -131,6 +131,11 @@ impl App {
                 post(routes::control::create_user).get(routes::control::list_users),
             )
             .route("/v1/admin/users/{id}", patch(routes::control::update_user))
+            .route("/v1/admin/teams", get(routes::control::list_teams))
+            .route(
+                "/v1/admin/teams/{key}",
+                put(routes::control::put_team).delete(routes::control::delete_team),
+            )
             .route(
                 "/v1/admin/api-keys",
                 post(routes::control::create_api_key).get(routes::control::list_api_keys),

@@ -39,3 +39,53 @@ pub async fn record(conn: &mut PgConnection, namespace: &str, env: &Envelope) ->
     .await?;
     Ok(())
 }
+
+/// The user as the control plane has them now, for the `extra.user` of user events (the
+/// projector keeps the tenant's `users` read model from it).
+pub async fn user_snapshot(
+    conn: &mut PgConnection,
+    user: Uuid,
+) -> sqlx::Result<serde_json::Map<String, serde_json::Value>> {
+    let row: (Uuid, String, String, String, String, Vec<String>) = sqlx::query_as(
+        "SELECT id, email, role, status, external_id, teams FROM control.users WHERE id = $1",
+    )
+    .bind(user)
+    .fetch_one(conn)
+    .await?;
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        "user".into(),
+        serde_json::json!({
+            "user_id": row.0, "email": row.1, "role": row.2, "status": row.3,
+            "external_id": row.4, "teams": row.5,
+        }),
+    );
+    Ok(extra)
+}
+
+/// The team as the control plane has it now (members by user id), for `team.changed`.
+pub async fn team_snapshot(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    key: &str,
+) -> sqlx::Result<serde_json::Map<String, serde_json::Value>> {
+    let name: Option<String> =
+        sqlx::query_scalar("SELECT name FROM control.teams WHERE tenant_id = $1 AND key = $2")
+            .bind(tenant.0)
+            .bind(key)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let members: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM control.users WHERE tenant_id = $1 AND $2 = ANY(teams) ORDER BY id",
+    )
+    .bind(tenant.0)
+    .bind(key)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        "team".into(),
+        serde_json::json!({"key": key, "name": name, "members": members, "deleted": name.is_none()}),
+    );
+    Ok(extra)
+}

@@ -13,7 +13,10 @@ pub const TEMPLATE: &str = include_str!("../../migrations/tenant/0001_tenant.sql
 
 /// Templates applied after the first, in order; `control.tenant_schemas.template_version`
 /// records how many of all templates a schema has had.
-pub const LATER_TEMPLATES: [&str; 1] = [include_str!("../../migrations/tenant/0002_audit.sql")];
+pub const LATER_TEMPLATES: [&str; 2] = [
+    include_str!("../../migrations/tenant/0002_audit.sql"),
+    include_str!("../../migrations/tenant/0003_people.sql"),
+];
 
 /// Raw tables of the template: time-partitioned (or hypertables) on `occurred_at`.
 pub const RAW_TABLES: [&str; 6] = [

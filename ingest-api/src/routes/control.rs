@@ -481,3 +481,178 @@ pub async fn revoke_api_key(
     s.outbox_wake.notify_one();
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[derive(Debug, Deserialize)]
+pub struct TeamPut {
+    pub name: String,
+    #[serde(default)]
+    pub members: Vec<Uuid>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TeamView {
+    pub key: String,
+    pub name: String,
+    pub members: Vec<Uuid>,
+}
+
+/// `PUT /v1/admin/teams/{key}` (tenant admin): creates or renames a team and sets exactly
+/// its members. `key` is the team id the tenant's events carry.
+pub async fn put_team(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    key: Result<Path<String>, PathRejection>,
+    req: Result<Json<TeamPut>, JsonRejection>,
+) -> Result<StatusCode, Problem> {
+    let caller = tenant_admin(&s, &headers).await?;
+    let key = key
+        .map(|Path(k)| k)
+        .map_err(|_| Problem::not_found("no such team"))?;
+    let req = body(req)?;
+    if !(1..=255).contains(&key.chars().count()) {
+        return Err(invalid("key", "must have 1 to 255 characters"));
+    }
+    if !(1..=200).contains(&req.name.chars().count()) {
+        return Err(invalid("name", "must have 1 to 200 characters"));
+    }
+    let db = |e: sqlx::Error| failed(e.into());
+    let mut tx = s.pool.begin().await.map_err(db)?;
+    let known: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM control.users WHERE tenant_id = $1 AND id = ANY($2)")
+            .bind(caller.tenant.0)
+            .bind(&req.members)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+    if let Some(stranger) = req.members.iter().find(|m| !known.contains(m)) {
+        return Err(invalid(
+            "members",
+            format!("{stranger} is not a user of this tenant"),
+        ));
+    }
+    sqlx::query(
+        "INSERT INTO control.teams (tenant_id, key, name) VALUES ($1, $2, $3)
+         ON CONFLICT (tenant_id, key) DO UPDATE SET name = $3, updated_at = now()",
+    )
+    .bind(caller.tenant.0)
+    .bind(&key)
+    .bind(&req.name)
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    set_members(&mut tx, caller.tenant, &key, &req.members)
+        .await
+        .map_err(db)?;
+    team_changed(&s, &mut tx, caller.tenant, &key).await?;
+    tx.commit().await.map_err(db)?;
+    s.outbox_wake.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Makes `members` exactly the users whose `teams` hold `key`.
+async fn set_members(
+    conn: &mut sqlx::PgConnection,
+    tenant: TenantId,
+    key: &str,
+    members: &[Uuid],
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE control.users SET teams = array_remove(teams, $2), updated_at = now()
+          WHERE tenant_id = $1 AND $2 = ANY(teams) AND NOT (id = ANY($3))",
+    )
+    .bind(tenant.0)
+    .bind(key)
+    .bind(members)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE control.users SET teams = array_append(teams, $2), updated_at = now()
+          WHERE tenant_id = $1 AND id = ANY($3) AND NOT ($2 = ANY(teams))",
+    )
+    .bind(tenant.0)
+    .bind(key)
+    .bind(members)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn team_changed(
+    s: &AppState,
+    conn: &mut sqlx::PgConnection,
+    tenant: TenantId,
+    key: &str,
+) -> Result<(), Problem> {
+    let extra = shared::outbox::team_snapshot(conn, tenant, key)
+        .await
+        .map_err(|e| failed(e.into()))?;
+    let event = shared::events::AuthEvent {
+        target: Some(format!("team:{key}")),
+        extra,
+        ..Default::default()
+    };
+    super::auth::audit(
+        s,
+        conn,
+        tenant,
+        shared::events::AuthKind::TeamChanged,
+        event,
+    )
+    .await
+}
+
+/// `GET /v1/admin/teams` (tenant admin)
+pub async fn list_teams(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<TeamView>>, Problem> {
+    let caller = tenant_admin(&s, &headers).await?;
+    let rows: Vec<(String, String, Vec<Uuid>)> = sqlx::query_as(
+        "SELECT t.key, t.name,
+                coalesce(array_agg(u.id ORDER BY u.id) FILTER (WHERE u.id IS NOT NULL), '{}')
+           FROM control.teams t
+           LEFT JOIN control.users u ON u.tenant_id = t.tenant_id AND t.key = ANY(u.teams)
+          WHERE t.tenant_id = $1
+          GROUP BY t.key, t.name ORDER BY t.key",
+    )
+    .bind(caller.tenant.0)
+    .fetch_all(&s.pool)
+    .await
+    .map_err(|e| failed(e.into()))?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|(key, name, members)| TeamView { key, name, members })
+            .collect(),
+    ))
+}
+
+/// `DELETE /v1/admin/teams/{key}` (tenant admin): the team goes, and with it the memberships.
+pub async fn delete_team(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    key: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, Problem> {
+    let caller = tenant_admin(&s, &headers).await?;
+    let key = key
+        .map(|Path(k)| k)
+        .map_err(|_| Problem::not_found("no such team"))?;
+    let db = |e: sqlx::Error| failed(e.into());
+    let mut tx = s.pool.begin().await.map_err(db)?;
+    let n = sqlx::query("DELETE FROM control.teams WHERE tenant_id = $1 AND key = $2")
+        .bind(caller.tenant.0)
+        .bind(&key)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+    if n == 0 {
+        return Err(Problem::not_found("no such team in this tenant"));
+    }
+    set_members(&mut tx, caller.tenant, &key, &[])
+        .await
+        .map_err(db)?;
+    team_changed(&s, &mut tx, caller.tenant, &key).await?;
+    tx.commit().await.map_err(db)?;
+    s.outbox_wake.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -182,6 +182,9 @@ pub async fn accept(
         email: Some(email),
         detail: Some(format!("joined by invitation, role {role}")),
         target: Some(format!("invitation:{invitation}")),
+        extra: shared::outbox::user_snapshot(&mut tx, user)
+            .await
+            .map_err(db)?,
         ..Default::default()
     };
     super::auth::audit(&s, &mut tx, TenantId(tenant), AuthKind::UserCreated, event).await?;

@@ -11,6 +11,7 @@ async fn operators_create_tenants_and_owners_manage_them() {
     let pool = test_pool().await;
     let common = common_for_test();
     let ingest = start_ingest(&common, |_| {}).await;
+    let projector = start_projector(&common).await;
     let client = http();
     let url = ingest.url();
     let operator = ingest_api::admin::create_operator_key(&pool, "test")
@@ -258,6 +259,68 @@ async fn operators_create_tenants_and_owners_manage_them() {
     .unwrap();
     assert_eq!(res.status(), 403, "a viewer cannot invite");
 
+    // Teams: members must be the tenant's own people.
+    let res = call(
+        reqwest::Method::PUT,
+        "/v1/admin/teams/team-x",
+        acme,
+        Some(json!({"name": "Team X", "members": [dev_id]})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 204);
+    let globex_owner: String =
+        sqlx::query_scalar("SELECT id::text FROM control.users WHERE email = $1")
+            .bind(format!("globex-{tag}@example.com"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let res = call(
+        reqwest::Method::PUT,
+        "/v1/admin/teams/team-y",
+        acme,
+        Some(json!({"name": "Y", "members": [globex_owner]})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 422, "another tenant's user cannot join");
+    let teams: Vec<Value> = call(reqwest::Method::GET, "/v1/admin/teams", acme, None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(teams.len(), 1);
+    assert_eq!(teams[0]["members"], json!([dev_id]));
+    let globex_teams: Vec<Value> = call(reqwest::Method::GET, "/v1/admin/teams", globex, None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(globex_teams.is_empty());
+
+    // The projector keeps the tenant's users and teams read models from the auth events.
+    let acme_id: shared::tenant::TenantId = tenants[0].parse().unwrap();
+    let since = std::time::Instant::now();
+    loop {
+        let users = projected_count(&pool, acme_id, "SELECT count(*) FROM users").await;
+        let team = projected_count(
+            &pool,
+            acme_id,
+            "SELECT count(*) FROM teams WHERE key = 'team-x' AND cardinality(members) = 1",
+        )
+        .await;
+        if users == Some(3) && team == Some(1) {
+            break;
+        }
+        assert!(
+            since.elapsed() < std::time::Duration::from_secs(30),
+            "read models: users {users:?}, team {team:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
     // The owner revokes the key and deactivates the developer.
     let res = call(
         reqwest::Method::DELETE,
@@ -302,5 +365,22 @@ async fn operators_create_tenants_and_owners_manage_them() {
         .await
         .unwrap();
     assert_eq!(res.status(), 403);
+    projector.stop().await.unwrap();
     ingest.stop().await.unwrap();
+}
+
+/// A count in the tenant's schema, or `None` while the schema or table does not exist yet.
+async fn projected_count(
+    pool: &sqlx::PgPool,
+    tenant: shared::tenant::TenantId,
+    sql: &str,
+) -> Option<i64> {
+    let mut tx = pool.begin().await.ok()?;
+    shared::tenant_sql::set_search_path(&mut tx, &tenant.schema(1))
+        .await
+        .ok()?;
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(&mut *tx)
+        .await
+        .ok()
 }
