@@ -253,6 +253,7 @@ pub async fn list_tenants(
 
 #[derive(Debug, Deserialize)]
 pub struct TenantPatch {
+    pub name: Option<String>,
     pub plan: Option<String>,
     pub rate_limit_per_min: Option<i32>,
     pub status: Option<String>,
@@ -277,6 +278,17 @@ pub async fn update_tenant(
             .map_err(|e| failed(e.into()))?;
     let current_plan = exists.ok_or_else(|| Problem::not_found("no such tenant"))?;
     let tenant = TenantId(id);
+    if let Some(name) = req.name.as_deref() {
+        if !(1..=200).contains(&name.chars().count()) {
+            return Err(invalid("name", "must have 1 to 200 characters"));
+        }
+        sqlx::query("UPDATE control.tenants SET name = $2, updated_at = now() WHERE id = $1")
+            .bind(id)
+            .bind(name)
+            .execute(&s.pool)
+            .await
+            .map_err(|e| failed(e.into()))?;
+    }
     if req.plan.is_some() || req.rate_limit_per_min.is_some() {
         let plan = req.plan.unwrap_or(current_plan);
         admin::set_plan(&s.pool, tenant, &plan, req.rate_limit_per_min)

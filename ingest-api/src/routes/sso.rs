@@ -30,6 +30,10 @@ pub struct SsoSettings {
     #[serde(default)]
     pub allowed_domains: Vec<String>,
     pub default_role: Option<String>,
+    /// Microsoft Entra ID preset: the directory (tenant) id or domain.
+    pub directory: Option<String>,
+    /// Okta preset: the Okta domain (uses its default authorization server).
+    pub okta_domain: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -76,16 +80,34 @@ pub async fn put_settings(
         )
     })?;
     let key = secret_key(&s)?;
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    };
     let issuer = match (req.provider.as_str(), req.issuer.as_deref()) {
-        ("google", None) => "https://accounts.google.com".to_string(),
         ("google" | "microsoft" | "okta" | "oidc", Some(i)) => i.trim_end_matches('/').to_string(),
-        ("microsoft" | "okta" | "oidc", None) => {
+        ("google", None) => "https://accounts.google.com".to_string(),
+        ("microsoft", None) => match req.directory.as_deref() {
+            Some(d) if plain(d) => format!("https://login.microsoftonline.com/{d}/v2.0"),
+            _ => {
+                return Err(invalid(
+                    "directory",
+                    "the Entra ID directory (tenant) id is required",
+                ))
+            }
+        },
+        ("okta", None) => match req.okta_domain.as_deref() {
+            Some(d) if plain(d) => format!("https://{d}/oauth2/default"),
+            _ => return Err(invalid("okta_domain", "the Okta domain is required")),
+        },
+        ("oidc", None) => return Err(invalid("issuer", "is required")),
+        _ => {
             return Err(invalid(
-                "issuer",
-                "is required (Entra ID: https://login.microsoftonline.com/<tenant>/v2.0; Okta: https://<domain>/oauth2/default)",
+                "provider",
+                "must be google, microsoft, okta or oidc",
             ))
         }
-        _ => return Err(invalid("provider", "must be google, microsoft, okta or oidc")),
     };
     if req.client_id.is_empty() || req.client_secret.is_empty() {
         return Err(invalid(
