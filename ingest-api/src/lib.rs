@@ -38,17 +38,9 @@ impl App {
         config.check().map_err(anyhow::Error::msg)?;
         let common = &config.common;
         let pool = shared::db::pool(common, "tally-ingest-api")?;
-        shared::kafka::ensure_topics(
-            common,
-            &[
-                common.metrics_topic(),
-                common.metrics_dlq_topic(),
-                common.auth_topic(),
-                common.auth_dlq_topic(),
-            ],
-        )
-        .await
-        .context("creating topics")?;
+        shared::kafka::ensure_topics(common, &common.all_topics())
+            .await
+            .context("creating topics")?;
         let producer =
             shared::kafka::producer(common, Duration::from_millis(config.produce_timeout_ms))?;
         let redis = shared::redis_client::connect(&common.redis_url).await;

@@ -60,17 +60,9 @@ impl App {
         let metrics = shared::telemetry::prometheus();
         let pool = shared::db::pool(&config.common, "tally-projector")?;
         let common = &config.common;
-        shared::kafka::ensure_topics(
-            common,
-            &[
-                common.metrics_topic(),
-                common.metrics_dlq_topic(),
-                common.auth_topic(),
-                common.auth_dlq_topic(),
-            ],
-        )
-        .await
-        .context("creating topics")?;
+        shared::kafka::ensure_topics(common, &common.all_topics())
+            .await
+            .context("creating topics")?;
         let version = active_version(&pool, &config.projection).await?;
         let redis = shared::redis_client::connect(&common.redis_url).await;
         let listener = TcpListener::bind(&config.http_addr)

@@ -45,6 +45,16 @@ impl Common {
         format!("{}{}", self.topic_prefix, crate::events::METRICS_TOPIC)
     }
 
+    /// Every topic the services use (created at start if missing).
+    pub fn all_topics(&self) -> Vec<String> {
+        vec![
+            self.metrics_topic(),
+            self.metrics_dlq_topic(),
+            self.auth_topic(),
+            self.auth_dlq_topic(),
+        ]
+    }
+
     pub fn auth_topic(&self) -> String {
         format!("{}{}", self.topic_prefix, crate::events::AUTH_TOPIC)
     }

@@ -88,6 +88,12 @@ impl Problem {
         .with_retry_after(retry_after)
     }
 
+    /// A 422 naming one offending field.
+    pub fn invalid_field(field: &str, reason: impl Into<String>) -> Self {
+        let e = FieldError::new(field, reason);
+        Problem::validation(format!("{}: {}", e.field, e.reason), vec![e])
+    }
+
     /// A 500 whose cause was logged; the client learns nothing about it.
     pub fn internal() -> Self {
         Problem::new(
@@ -120,4 +126,19 @@ impl IntoResponse for Problem {
 /// Turns axum's extractor rejections and unmatched routes into problems.
 pub async fn not_found_fallback() -> Problem {
     Problem::not_found("no such route")
+}
+
+/// The body of a JSON request, or the problem with it (malformed, wrong type of a field,
+/// wrong content type) in the same format as every other error.
+pub fn json_body<T>(
+    r: Result<axum::Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, Problem> {
+    r.map(|axum::Json(v)| v).map_err(|e| {
+        Problem::new(
+            e.status(),
+            "invalid-body",
+            "Invalid request body",
+            e.body_text(),
+        )
+    })
 }

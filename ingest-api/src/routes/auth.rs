@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shared::jwt::{self, Claims, Jwks, Role};
 use shared::password;
-use shared::problem::Problem;
+use shared::problem::{json_body, Problem};
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
@@ -80,17 +80,6 @@ pub struct Tokens {
     pub refresh_expires_at: DateTime<Utc>,
 }
 
-fn body<T>(r: Result<Json<T>, JsonRejection>) -> Result<T, Problem> {
-    r.map(|Json(v)| v).map_err(|e| {
-        Problem::new(
-            e.status(),
-            "invalid-body",
-            "Invalid request body",
-            e.body_text(),
-        )
-    })
-}
-
 fn denied() -> Problem {
     Problem::unauthorized("invalid email or password")
 }
@@ -118,7 +107,7 @@ pub async fn login(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Result<Json<LoginRequest>, JsonRejection>,
 ) -> Result<Json<Tokens>, Problem> {
-    let req = body(req)?;
+    let req = json_body(req)?;
     let email = req.email.trim().to_lowercase();
     let ip = peer.ip().to_string();
     s.throttle.check(&email, &ip).await?;
@@ -272,7 +261,7 @@ pub async fn refresh(
     State(s): State<AppState>,
     req: Result<Json<RefreshRequest>, JsonRejection>,
 ) -> Result<Json<Tokens>, Problem> {
-    let req = body(req)?;
+    let req = json_body(req)?;
     let invalid = || Problem::unauthorized("invalid or expired refresh token");
     let mut tx = s.pool.begin().await.map_err(db)?;
     let row: Option<RefreshRow> = sqlx::query_as(
@@ -360,7 +349,7 @@ pub async fn logout(
     State(s): State<AppState>,
     req: Result<Json<RefreshRequest>, JsonRejection>,
 ) -> Result<StatusCode, Problem> {
-    let req = body(req)?;
+    let req = json_body(req)?;
     let mut tx = s.pool.begin().await.map_err(db)?;
     let owner: Option<(Uuid, Uuid, Uuid)> = sqlx::query_as(
         "SELECT r.family_id, r.user_id, u.tenant_id FROM control.refresh_tokens r
@@ -461,7 +450,7 @@ pub async fn change_password(
     req: Result<Json<PasswordChange>, JsonRejection>,
 ) -> Result<Json<Tokens>, Problem> {
     let claims = caller(&s, &headers).await?;
-    let req = body(req)?;
+    let req = json_body(req)?;
     password::check_policy("new_password", &req.new_password)
         .map_err(|e| Problem::validation("the new password is too weak", vec![e]))?;
     let hash: String = sqlx::query_scalar("SELECT password_hash FROM control.users WHERE id = $1")

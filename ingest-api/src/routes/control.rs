@@ -12,25 +12,13 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::apikey::{self, Scope};
-use shared::events::FieldError;
 use shared::jwt::Role;
-use shared::problem::Problem;
+use shared::problem::{json_body, Problem};
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
 use crate::admin;
 use crate::state::AppState;
-
-fn body<T>(r: Result<Json<T>, JsonRejection>) -> Result<T, Problem> {
-    r.map(|Json(v)| v).map_err(|e| {
-        Problem::new(
-            e.status(),
-            "invalid-body",
-            "Invalid request body",
-            e.body_text(),
-        )
-    })
-}
 
 fn failed(e: anyhow::Error) -> Problem {
     let unique = e
@@ -47,11 +35,6 @@ fn failed(e: anyhow::Error) -> Problem {
     }
     tracing::error!(error = %e, "control-plane change failed");
     Problem::internal()
-}
-
-fn invalid(field: &str, reason: impl Into<String>) -> Problem {
-    let e = FieldError::new(field, reason);
-    Problem::validation(format!("{}: {}", e.field, e.reason), vec![e])
 }
 
 /// A malformed id names nothing: 404, like an id of another tenant.
@@ -150,11 +133,17 @@ pub struct CreatedTenant {
 fn check_plan(plan: Option<&str>, limit: Option<i32>) -> Result<(), Problem> {
     if let Some(p) = plan {
         if !["free", "professional", "enterprise"].contains(&p) {
-            return Err(invalid("plan", "must be free, professional or enterprise"));
+            return Err(Problem::invalid_field(
+                "plan",
+                "must be free, professional or enterprise",
+            ));
         }
     }
     if limit.is_some_and(|l| l < 1) {
-        return Err(invalid("rate_limit_per_min", "must be positive"));
+        return Err(Problem::invalid_field(
+            "rate_limit_per_min",
+            "must be positive",
+        ));
     }
     Ok(())
 }
@@ -162,7 +151,7 @@ fn check_plan(plan: Option<&str>, limit: Option<i32>) -> Result<(), Problem> {
 fn check_person(p: &NewPerson, prefix: &str) -> Result<Role, Problem> {
     let email = p.email.trim();
     if !email.contains('@') || !(3..=254).contains(&email.len()) {
-        return Err(invalid(
+        return Err(Problem::invalid_field(
             &format!("{prefix}email"),
             "must be an e-mail address",
         ));
@@ -172,7 +161,7 @@ fn check_person(p: &NewPerson, prefix: &str) -> Result<Role, Problem> {
     match p.role.as_deref() {
         None => Ok(Role::Developer),
         Some(r) => Role::parse(r).ok_or_else(|| {
-            invalid(
+            Problem::invalid_field(
                 &format!("{prefix}role"),
                 "must be owner, admin, manager, developer or viewer",
             )
@@ -187,9 +176,12 @@ pub async fn create_tenant(
     req: Result<Json<NewTenant>, JsonRejection>,
 ) -> Result<(StatusCode, Json<CreatedTenant>), Problem> {
     operator(&s, &headers).await?;
-    let req = body(req)?;
+    let req = json_body(req)?;
     if !(1..=200).contains(&req.name.chars().count()) {
-        return Err(invalid("name", "must have 1 to 200 characters"));
+        return Err(Problem::invalid_field(
+            "name",
+            "must have 1 to 200 characters",
+        ));
     }
     check_plan(req.plan.as_deref(), req.rate_limit_per_min)?;
     check_person(&req.owner, "owner.")?;
@@ -268,7 +260,7 @@ pub async fn update_tenant(
 ) -> Result<StatusCode, Problem> {
     operator(&s, &headers).await?;
     let id = path_id(id)?;
-    let req = body(req)?;
+    let req = json_body(req)?;
     check_plan(req.plan.as_deref(), req.rate_limit_per_min)?;
     let exists: Option<String> =
         sqlx::query_scalar("SELECT plan FROM control.tenants WHERE id = $1")
@@ -280,7 +272,10 @@ pub async fn update_tenant(
     let tenant = TenantId(id);
     if let Some(name) = req.name.as_deref() {
         if !(1..=200).contains(&name.chars().count()) {
-            return Err(invalid("name", "must have 1 to 200 characters"));
+            return Err(Problem::invalid_field(
+                "name",
+                "must have 1 to 200 characters",
+            ));
         }
         sqlx::query("UPDATE control.tenants SET name = $2, updated_at = now() WHERE id = $1")
             .bind(id)
@@ -297,7 +292,10 @@ pub async fn update_tenant(
     }
     if let Some(status) = req.status.as_deref() {
         if !["active", "deactivated"].contains(&status) {
-            return Err(invalid("status", "must be active or deactivated"));
+            return Err(Problem::invalid_field(
+                "status",
+                "must be active or deactivated",
+            ));
         }
         admin::set_status(&s.pool, ns(&s), tenant, status)
             .await
@@ -314,7 +312,7 @@ pub async fn create_user(
     req: Result<Json<NewPerson>, JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), Problem> {
     let caller = tenant_admin(&s, &headers).await?;
-    let req = body(req)?;
+    let req = json_body(req)?;
     let role = check_person(&req, "")?;
     if role == Role::Owner && !caller.is_owner {
         return Err(Problem::forbidden("only an owner may create another owner"));
@@ -381,10 +379,12 @@ pub async fn update_user(
 ) -> Result<StatusCode, Problem> {
     let caller = tenant_admin(&s, &headers).await?;
     let id = path_id(id)?;
-    let req = body(req)?;
+    let req = json_body(req)?;
     let role = match req.role.as_deref() {
         None => None,
-        Some(r) => Some(Role::parse(r).ok_or_else(|| invalid("role", "unknown role"))?),
+        Some(r) => {
+            Some(Role::parse(r).ok_or_else(|| Problem::invalid_field("role", "unknown role"))?)
+        }
     };
     if role == Some(Role::Owner) && !caller.is_owner {
         return Err(Problem::forbidden("only an owner may make another owner"));
@@ -393,7 +393,12 @@ pub async fn update_user(
         None => None,
         Some("active") => Some(true),
         Some("deactivated") => Some(false),
-        Some(_) => return Err(invalid("status", "must be active or deactivated")),
+        Some(_) => {
+            return Err(Problem::invalid_field(
+                "status",
+                "must be active or deactivated",
+            ))
+        }
     };
     let found = admin::update_user(
         &s.pool,
@@ -426,11 +431,14 @@ pub async fn create_api_key(
     req: Result<Json<NewApiKey>, JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), Problem> {
     let caller = tenant_admin(&s, &headers).await?;
-    let req = body(req)?;
+    let req = json_body(req)?;
     let scope = Scope::parse(&req.scope)
-        .ok_or_else(|| invalid("scope", "must be ingest, read or admin"))?;
+        .ok_or_else(|| Problem::invalid_field("scope", "must be ingest, read or admin"))?;
     if !(1..=100).contains(&req.name.chars().count()) {
-        return Err(invalid("name", "must have 1 to 100 characters"));
+        return Err(Problem::invalid_field(
+            "name",
+            "must have 1 to 100 characters",
+        ));
     }
     let (id, key) = admin::create_api_key(&s.pool, ns(&s), caller.tenant, scope, &req.name)
         .await
@@ -520,12 +528,18 @@ pub async fn put_team(
     let key = key
         .map(|Path(k)| k)
         .map_err(|_| Problem::not_found("no such team"))?;
-    let req = body(req)?;
+    let req = json_body(req)?;
     if !(1..=255).contains(&key.chars().count()) {
-        return Err(invalid("key", "must have 1 to 255 characters"));
+        return Err(Problem::invalid_field(
+            "key",
+            "must have 1 to 255 characters",
+        ));
     }
     if !(1..=200).contains(&req.name.chars().count()) {
-        return Err(invalid("name", "must have 1 to 200 characters"));
+        return Err(Problem::invalid_field(
+            "name",
+            "must have 1 to 200 characters",
+        ));
     }
     let db = |e: sqlx::Error| failed(e.into());
     let mut tx = s.pool.begin().await.map_err(db)?;
@@ -537,7 +551,7 @@ pub async fn put_team(
             .await
             .map_err(db)?;
     if let Some(stranger) = req.members.iter().find(|m| !known.contains(m)) {
-        return Err(invalid(
+        return Err(Problem::invalid_field(
             "members",
             format!("{stranger} is not a user of this tenant"),
         ));

@@ -8,9 +8,9 @@ use axum::Json;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use shared::events::{AuthEvent, AuthKind, FieldError};
+use shared::events::{AuthEvent, AuthKind};
 use shared::jwt::Role;
-use shared::problem::Problem;
+use shared::problem::{json_body, Problem};
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
@@ -41,11 +41,6 @@ pub struct Acceptance {
     pub password: String,
 }
 
-fn invalid(field: &str, reason: impl Into<String>) -> Problem {
-    let e = FieldError::new(field, reason);
-    Problem::validation(format!("{}: {}", e.field, e.reason), vec![e])
-}
-
 fn db(e: sqlx::Error) -> Problem {
     if e.as_database_error()
         .is_some_and(|d| d.is_unique_violation())
@@ -61,17 +56,6 @@ fn db(e: sqlx::Error) -> Problem {
     Problem::unavailable("invitations are unavailable right now", 2)
 }
 
-fn body<T>(r: Result<Json<T>, JsonRejection>) -> Result<T, Problem> {
-    r.map(|Json(v)| v).map_err(|e| {
-        Problem::new(
-            e.status(),
-            "invalid-body",
-            "Invalid request body",
-            e.body_text(),
-        )
-    })
-}
-
 /// `POST /v1/admin/invitations` (tenant owners/admins)
 pub async fn invite(
     State(s): State<AppState>,
@@ -79,21 +63,21 @@ pub async fn invite(
     req: Result<Json<NewInvitation>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Invitation>), Problem> {
     let caller = super::control::tenant_admin(&s, &headers).await?;
-    let req = body(req)?;
+    let req = json_body(req)?;
     let email = req.email.trim().to_lowercase();
     if !email.contains('@') || !(3..=254).contains(&email.len()) {
-        return Err(invalid("email", "must be an e-mail address"));
+        return Err(Problem::invalid_field("email", "must be an e-mail address"));
     }
     let role = match req.role.as_deref() {
         None => Role::Developer,
-        Some(r) => Role::parse(r).ok_or_else(|| invalid("role", "unknown role"))?,
+        Some(r) => Role::parse(r).ok_or_else(|| Problem::invalid_field("role", "unknown role"))?,
     };
     if role == Role::Owner && !caller.is_owner {
         return Err(Problem::forbidden("only an owner may invite an owner"));
     }
     let hours = req.valid_hours.unwrap_or(72);
     if !(1..=168).contains(&hours) {
-        return Err(invalid("valid_hours", "must be 1 to 168"));
+        return Err(Problem::invalid_field("valid_hours", "must be 1 to 168"));
     }
     let mut bytes = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
@@ -129,7 +113,7 @@ pub async fn accept(
     State(s): State<AppState>,
     req: Result<Json<Acceptance>, JsonRejection>,
 ) -> Result<Json<super::auth::Tokens>, Problem> {
-    let req = body(req)?;
+    let req = json_body(req)?;
     shared::password::check_policy("password", &req.password)
         .map_err(|e| Problem::validation(format!("{}: {}", e.field, e.reason), vec![e]))?;
     let gone = || {

@@ -12,9 +12,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use shared::events::{AuthEvent, AuthKind, FieldError};
+use shared::events::{AuthEvent, AuthKind};
 use shared::jwt::Role;
-use shared::problem::Problem;
+use shared::problem::{json_body, Problem};
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
@@ -45,11 +45,6 @@ pub struct SsoSettingsView {
     pub default_role: String,
 }
 
-fn invalid(field: &str, reason: impl Into<String>) -> Problem {
-    let e = FieldError::new(field, reason);
-    Problem::validation(format!("{}: {}", e.field, e.reason), vec![e])
-}
-
 fn db(e: sqlx::Error) -> Problem {
     tracing::error!(error = %e, "sso query failed");
     Problem::unavailable("single sign-on is unavailable right now", 2)
@@ -71,14 +66,7 @@ pub async fn put_settings(
     req: Result<Json<SsoSettings>, JsonRejection>,
 ) -> Result<StatusCode, Problem> {
     let caller = super::control::tenant_admin(&s, &headers).await?;
-    let req = req.map(|Json(v)| v).map_err(|e| {
-        Problem::new(
-            e.status(),
-            "invalid-body",
-            "Invalid request body",
-            e.body_text(),
-        )
-    })?;
+    let req = json_body(req)?;
     let key = secret_key(&s)?;
     let plain = |s: &str| {
         !s.is_empty()
@@ -91,7 +79,7 @@ pub async fn put_settings(
         ("microsoft", None) => match req.directory.as_deref() {
             Some(d) if plain(d) => format!("https://login.microsoftonline.com/{d}/v2.0"),
             _ => {
-                return Err(invalid(
+                return Err(Problem::invalid_field(
                     "directory",
                     "the Entra ID directory (tenant) id is required",
                 ))
@@ -99,25 +87,30 @@ pub async fn put_settings(
         },
         ("okta", None) => match req.okta_domain.as_deref() {
             Some(d) if plain(d) => format!("https://{d}/oauth2/default"),
-            _ => return Err(invalid("okta_domain", "the Okta domain is required")),
+            _ => {
+                return Err(Problem::invalid_field(
+                    "okta_domain",
+                    "the Okta domain is required",
+                ))
+            }
         },
-        ("oidc", None) => return Err(invalid("issuer", "is required")),
+        ("oidc", None) => return Err(Problem::invalid_field("issuer", "is required")),
         _ => {
-            return Err(invalid(
+            return Err(Problem::invalid_field(
                 "provider",
                 "must be google, microsoft, okta or oidc",
             ))
         }
     };
     if req.client_id.is_empty() || req.client_secret.is_empty() {
-        return Err(invalid(
+        return Err(Problem::invalid_field(
             "client_id",
             "client_id and client_secret are required",
         ));
     }
     let role = req.default_role.as_deref().unwrap_or("developer");
     if !matches!(Role::parse(role), Some(r) if r != Role::Owner) {
-        return Err(invalid(
+        return Err(Problem::invalid_field(
             "default_role",
             "must be admin, manager, developer or viewer",
         ));
@@ -125,7 +118,7 @@ pub async fn put_settings(
     // The issuer must answer discovery now, not at the first login.
     oidc::discover(&s.oidc, &issuer)
         .await
-        .map_err(|e| invalid("issuer", e))?;
+        .map_err(|e| Problem::invalid_field("issuer", e))?;
     let domains: Vec<String> = req
         .allowed_domains
         .iter()
@@ -198,7 +191,7 @@ pub async fn start(
         .tenant
         .as_deref()
         .and_then(|t| Uuid::parse_str(t).ok())
-        .ok_or_else(|| invalid("tenant", "a tenant id is required"))?;
+        .ok_or_else(|| Problem::invalid_field("tenant", "a tenant id is required"))?;
     let row: Option<(String, String)> = sqlx::query_as(
         "SELECT s.issuer, s.client_id FROM control.sso_settings s
            JOIN control.tenants t ON t.id = s.tenant_id
@@ -274,8 +267,12 @@ pub async fn callback(
             "the identity provider refused: {e}"
         )));
     }
-    let state = p.state.ok_or_else(|| invalid("state", "is required"))?;
-    let code = p.code.ok_or_else(|| invalid("code", "is required"))?;
+    let state = p
+        .state
+        .ok_or_else(|| Problem::invalid_field("state", "is required"))?;
+    let code = p
+        .code
+        .ok_or_else(|| Problem::invalid_field("code", "is required"))?;
     // Single use: the row is gone whatever happens next.
     let login: Option<(Uuid, String, String)> = sqlx::query_as(
         "DELETE FROM control.sso_logins WHERE state = $1 AND created_at > now() - interval '10 minutes'
@@ -285,8 +282,9 @@ pub async fn callback(
     .fetch_optional(&s.pool)
     .await
     .map_err(db)?;
-    let (tenant, nonce, verifier) =
-        login.ok_or_else(|| invalid("state", "unknown, used or expired login; start again"))?;
+    let (tenant, nonce, verifier) = login.ok_or_else(|| {
+        Problem::invalid_field("state", "unknown, used or expired login; start again")
+    })?;
     let (issuer, client_id, secret_enc, domains, default_role): (
         String,
         String,
