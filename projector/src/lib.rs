@@ -9,6 +9,7 @@ pub mod consumer;
 pub mod rollup;
 pub mod rows;
 pub mod store;
+pub mod tools;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use projector::{App, Config};
+use projector::{tools, App, Config};
 
 /// Tally's projector: Kafka → PostgreSQL projections, exactly once.
 #[derive(Parser)]
@@ -15,6 +15,51 @@ enum Command {
     Run,
     /// Apply the control-schema migrations and exit.
     Migrate,
+    /// Per topic and partition: the stored offset, the log end and the lag.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect dead letters and send them back after a fix.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List the dead letters of a topic.
+    List {
+        #[arg(long, default_value = "metrics", value_parser = ["metrics", "auth"])]
+        topic: String,
+    },
+    /// Print one dead letter's headers and payload.
+    Show {
+        #[arg(long, default_value = "metrics", value_parser = ["metrics", "auth"])]
+        topic: String,
+        #[arg(long)]
+        partition: i32,
+        #[arg(long)]
+        offset: i64,
+    },
+    /// Send dead letters back to their source topic: one (--partition, --offset) or --all.
+    Redrive {
+        #[arg(long, default_value = "metrics", value_parser = ["metrics", "auth"])]
+        topic: String,
+        #[arg(long)]
+        partition: Option<i32>,
+        #[arg(long)]
+        offset: Option<i64>,
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn dlq_topic(config: &Config, which: &str) -> String {
+    if which == "auth" {
+        config.common.auth_dlq_topic()
+    } else {
+        config.common.metrics_dlq_topic()
+    }
 }
 
 #[tokio::main]
@@ -27,12 +72,75 @@ async fn main() -> anyhow::Result<()> {
             let pool = shared::db::pool(&config.common, "tally-projector-migrate")?;
             projector::migrate(&pool).await?;
             println!("migrations applied");
-            Ok(())
         }
         Command::Run => {
             let app = App::build(config).await?;
             tracing::info!(addr = %app.local_addr(), "projector running");
-            app.run_until(shared::health::shutdown_signal()).await
+            app.run_until(shared::health::shutdown_signal()).await?;
+        }
+        Command::Status { json } => {
+            let pool = shared::db::pool(&config.common, "tally-projector-status")?;
+            let rows = tools::status(&config, &pool).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<12} {:<34} {:>9} {:>12} {:>12} {:>10}",
+                    "projection", "topic", "partition", "stored", "log end", "lag"
+                );
+                for r in &rows {
+                    println!(
+                        "{:<12} {:<34} {:>9} {:>12} {:>12} {:>10}",
+                        r.projection, r.topic, r.partition, r.stored, r.log_end, r.lag
+                    );
+                }
+                println!("total lag: {}", rows.iter().map(|r| r.lag).sum::<i64>());
+            }
+        }
+        Command::Dlq(DlqCommand::List { topic }) => {
+            for d in tools::dead_letters(&config, &dlq_topic(&config, &topic)).await? {
+                println!(
+                    "{}/{}\tfrom {}/{}/{}\t{}",
+                    d.partition,
+                    d.offset,
+                    d.source_topic,
+                    d.source_partition,
+                    d.source_offset,
+                    d.error
+                );
+            }
+        }
+        Command::Dlq(DlqCommand::Show {
+            topic,
+            partition,
+            offset,
+        }) => {
+            let all = tools::dead_letters(&config, &dlq_topic(&config, &topic)).await?;
+            let d = all
+                .iter()
+                .find(|d| d.partition == partition && d.offset == offset)
+                .ok_or_else(|| anyhow::anyhow!("no dead letter at {partition}/{offset}"))?;
+            println!("{}", serde_json::to_string_pretty(d)?);
+            println!("{}", d.payload_text());
+        }
+        Command::Dlq(DlqCommand::Redrive {
+            topic,
+            partition,
+            offset,
+            all,
+        }) => {
+            let letters = tools::dead_letters(&config, &dlq_topic(&config, &topic)).await?;
+            let chosen: Vec<_> = match (all, partition, offset) {
+                (true, None, None) => letters,
+                (false, Some(p), Some(o)) => letters
+                    .into_iter()
+                    .filter(|d| d.partition == p && d.offset == o)
+                    .collect(),
+                _ => anyhow::bail!("give --all, or --partition and --offset"),
+            };
+            anyhow::ensure!(!chosen.is_empty(), "no such dead letter");
+            println!("redriven: {}", tools::redrive(&config, &chosen).await?);
         }
     }
+    Ok(())
 }

@@ -50,7 +50,6 @@ pub enum WriteError {
 #[derive(Default)]
 pub struct Prepared {
     tenants: HashSet<TenantId>,
-    unknown_tenants: HashSet<TenantId>,
     partitions: HashSet<(TenantId, NaiveDate)>,
 }
 
@@ -70,17 +69,13 @@ pub async fn tenant_known(
     if prepared.tenants.contains(&tenant) {
         return Ok(true);
     }
-    if prepared.unknown_tenants.contains(&tenant) {
-        return Ok(false);
-    }
     let known: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM control.tenants WHERE id = $1)")
             .bind(tenant.0)
             .fetch_one(pool)
             .await?;
-    if !known {
-        prepared.unknown_tenants.insert(tenant);
-    }
+    // Unknown tenants are not remembered: one may be created later and its dead letters
+    // redriven.
     Ok(known)
 }
 

@@ -108,3 +108,102 @@ async fn poison_records_are_dead_lettered_and_do_not_block() {
     let _: Value = json!(null);
     projector.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_are_listed_and_redriven_after_a_fix() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    shared::kafka::ensure_topics(&common, &common.all_topics())
+        .await
+        .unwrap();
+    let config = projector_config(&common);
+    let projector = start_projector(&common).await;
+    // Events of a tenant the control plane does not know (yet) are dead-lettered.
+    let tenant = shared::tenant::TenantId::new();
+    let ctx = IngestContext {
+        tenant_id: tenant,
+        actor: Actor::default(),
+        source: Source::Api,
+        received_at: Utc::now(),
+        bounds: TimeBounds::default(),
+        idempotency_key: None,
+    };
+    let producer: FutureProducer =
+        shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
+    for i in 0..3 {
+        let env = ctx.envelope(0, command("u", "build", i, true)).unwrap();
+        let payload = serde_json::to_vec(&env).unwrap();
+        producer
+            .send(
+                FutureRecord::<str, [u8]>::to(&common.metrics_topic())
+                    .key(&env.kafka_key())
+                    .payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let dlq = common.metrics_dlq_topic();
+    let since = std::time::Instant::now();
+    let letters = loop {
+        let l = projector::tools::dead_letters(&config, &dlq).await.unwrap();
+        if l.len() == 3 {
+            break l;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "{} dead letters",
+            l.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(letters
+        .iter()
+        .all(|d| d.error.contains("unknown tenant") && d.source_topic == common.metrics_topic()));
+
+    // The fix: the tenant now exists. Redrive, twice — still counted once.
+    sqlx::query("INSERT INTO control.tenants (id, name) VALUES ($1, 'late')")
+        .bind(tenant.0)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        projector::tools::redrive(&config, &letters).await.unwrap(),
+        3
+    );
+    wait_projected(&pool, tenant, 3, Duration::from_secs(60)).await;
+    assert_eq!(
+        projector::tools::redrive(&config, &letters).await.unwrap(),
+        3
+    );
+
+    // Status: once everything is projected, no partition lags.
+    let since = std::time::Instant::now();
+    loop {
+        let rows = projector::tools::status(&config, &pool).await.unwrap();
+        assert_eq!(
+            rows.len(),
+            8,
+            "4 partitions of the metrics and of the auth topic"
+        );
+        let lag: i64 = rows.iter().map(|r| r.lag).sum();
+        let end: i64 = rows
+            .iter()
+            .filter(|r| r.topic == common.metrics_topic())
+            .map(|r| r.log_end)
+            .sum();
+        if lag == 0 {
+            assert_eq!(end, 9, "3 originals and 6 redriven records");
+            break;
+        }
+        assert!(since.elapsed() < Duration::from_secs(30), "lag {lag}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        projected_events(&pool, tenant).await,
+        Some(3),
+        "redriven twice, counted once"
+    );
+    projector.stop().await.unwrap();
+}
