@@ -1,6 +1,17 @@
 //! query-api: the read side. Serves dashboards from the projections only.
 #![forbid(unsafe_code)]
 
+/// Static SQL per rollup grain (the table is picked from a closed set, never formatted).
+macro_rules! by_grain {
+    ($grain:expr, $before:literal, $after:literal) => {
+        match $grain {
+            crate::range::Grain::Minute => concat!($before, "activity_1m", $after),
+            crate::range::Grain::Hour => concat!($before, "activity_1h", $after),
+            crate::range::Grain::Day => concat!($before, "activity_1d", $after),
+        }
+    };
+}
+
 pub mod auth;
 pub mod cache;
 pub mod config;
@@ -61,6 +72,8 @@ impl App {
                 "/v1/dashboard/timeseries",
                 get(routes::dashboard::timeseries),
             )
+            .route("/v1/dashboard/top", get(routes::explore::top))
+            .route("/v1/dashboard/activity", get(routes::explore::activity))
             .route("/v1/audit", get(routes::audit::audit))
             .route("/openapi.json", get(routes::health::openapi))
             .route("/healthz", get(routes::health::healthz))

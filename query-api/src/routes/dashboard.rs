@@ -21,17 +21,6 @@ use crate::auth::Visibility;
 use crate::range::{Bucket, Grain, TimeRange};
 use crate::state::AppState;
 
-/// Static SQL per rollup grain (the table is picked from a closed set, never formatted).
-macro_rules! by_grain {
-    ($grain:expr, $before:literal, $after:literal) => {
-        match $grain {
-            Grain::Minute => concat!($before, "activity_1m", $after),
-            Grain::Hour => concat!($before, "activity_1h", $after),
-            Grain::Day => concat!($before, "activity_1d", $after),
-        }
-    };
-}
-
 #[derive(Debug, Deserialize)]
 pub struct RangeParams {
     pub range: Option<String>,
@@ -127,7 +116,7 @@ pub struct Point {
 
 /// Opens the tenant's read transaction and reads its watermark. `None` when the tenant
 /// has no projection yet (no event was ever projected).
-async fn tenant_tx(
+pub(crate) async fn tenant_tx(
     s: &AppState,
     tenant: TenantId,
 ) -> Result<Option<(Transaction<'static, Postgres>, Freshness)>, Problem> {
@@ -164,12 +153,12 @@ async fn tenant_tx(
     Ok(Some((tx, Freshness { as_of, seq })))
 }
 
-fn db_error(e: sqlx::Error) -> Problem {
+pub(crate) fn db_error(e: sqlx::Error) -> Problem {
     tracing::error!(error = %e, "query failed");
     Problem::unavailable("the projection database is unavailable", 2)
 }
 
-fn parse_range(
+pub(crate) fn parse_range(
     s: &AppState,
     range: Option<&str>,
     from: Option<&str>,
@@ -178,13 +167,13 @@ fn parse_range(
     TimeRange::parse(range, from, to, Utc::now(), s.config.max_range_days).map_err(bad)
 }
 
-fn bad(e: FieldError) -> Problem {
+pub(crate) fn bad(e: FieldError) -> Problem {
     Problem::bad_request("invalid-parameter", format!("{}: {}", e.field, e.reason))
         .with_errors(vec![e])
 }
 
 /// Serves `compute` from the cache when the tenant's watermark has not moved.
-async fn cached<T, F, Fut>(
+pub(crate) async fn cached<T, F, Fut>(
     s: &AppState,
     tenant: TenantId,
     request_key: String,

@@ -7,6 +7,7 @@ mod control;
 mod crash;
 mod dedup;
 mod dlq;
+mod explore;
 mod isolation;
 mod kafka_down;
 mod login;

@@ -1,0 +1,143 @@
+//! Top-N lists and the activity feed, with exact contents, cursor pagination and filters.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tally_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn top_lists_and_the_activity_feed() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let projector = start_projector(&common).await;
+    let query = start_query(&common, |_| {}).await;
+    let client = http();
+    let t = create_tenant(&pool, "explore").await;
+
+    let mut events: Vec<Value> = Vec::new();
+    for i in 0..5 {
+        events.push(command("u1", "build", 100 + i, i != 0));
+    }
+    for _ in 0..3 {
+        events.push(command("u2", "test", 50, true));
+    }
+    events.push(command("u2", "lint", 9000, true));
+    for _ in 0..2 {
+        events.push(
+            json!({"type": "agent.interacted", "occurred_at": ago(30), "data": {
+            "user_id": "u1", "agent_name": "claude", "interaction_type": "chat",
+            "input_tokens": 10, "output_tokens": 5, "duration_ms": 700, "status": "success"}}),
+        );
+    }
+    assert_eq!(
+        post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(events))
+            .await
+            .status(),
+        202
+    );
+    wait_projected(&pool, t.id, 11, Duration::from_secs(60)).await;
+
+    let get = |path: String| {
+        let client = client.clone();
+        let key = t.read_key.clone();
+        let url = format!("{}{path}", query.url());
+        async move {
+            let res = client.get(&url).bearer_auth(&key).send().await.unwrap();
+            (res.status().as_u16(), res.json::<Value>().await.unwrap())
+        }
+    };
+    let keys = |v: &Value| -> Vec<(String, i64)> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["key"].as_str().unwrap().to_string(),
+                    i["count"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+
+    let (s, top) = get("/v1/dashboard/top?range=1h&dimension=command".into()).await;
+    assert_eq!(s, 200, "{top}");
+    assert_eq!(
+        keys(&top),
+        vec![("build".into(), 5), ("test".into(), 3), ("lint".into(), 1)]
+    );
+    assert_eq!(top["items"][0]["errors"], 1);
+    let (_, by_duration) =
+        get("/v1/dashboard/top?range=1h&dimension=command&by=duration&limit=1".into()).await;
+    assert_eq!(keys(&by_duration), vec![("lint".into(), 1)]);
+    assert_eq!(by_duration["items"][0]["duration_max_ms"], 9000);
+    let (_, by_errors) =
+        get("/v1/dashboard/top?range=1h&dimension=command&by=errors&limit=1".into()).await;
+    assert_eq!(keys(&by_errors), vec![("build".into(), 5)]);
+    let (_, users) = get("/v1/dashboard/top?range=1h&dimension=user".into()).await;
+    assert_eq!(keys(&users), vec![("u1".into(), 7), ("u2".into(), 4)]);
+    let (_, agents) = get("/v1/dashboard/top?range=1h&dimension=agent".into()).await;
+    assert_eq!(keys(&agents), vec![("claude".into(), 2)]);
+
+    // The feed, 4 at a time: every event exactly once, newest first.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/dashboard/activity?range=1h&limit=4&cursor={c}"),
+            None => "/v1/dashboard/activity?range=1h&limit=4".into(),
+        };
+        let (s, page) = get(path).await;
+        assert_eq!(s, 200, "{page}");
+        let items = page["items"].as_array().unwrap();
+        seen.extend(items.iter().map(|i| {
+            (
+                i["occurred_at"].as_str().unwrap().to_string(),
+                i["event_id"].as_str().unwrap().to_string(),
+            )
+        }));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 11);
+    assert_eq!(
+        seen.iter().collect::<HashSet<_>>().len(),
+        11,
+        "no event twice"
+    );
+    let mut sorted = seen.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(seen, sorted, "newest first");
+    for (filter, n) in [
+        ("type=agent.interacted", 2),
+        ("user=u2", 4),
+        ("status=error", 1),
+        ("name=lint", 1),
+        ("user=%27%20OR%201%3D1%20--", 0),
+    ] {
+        let (s, page) = get(format!("/v1/dashboard/activity?range=1h&{filter}")).await;
+        assert_eq!(s, 200);
+        assert_eq!(page["items"].as_array().unwrap().len(), n, "{filter}");
+    }
+
+    for bad in [
+        "/v1/dashboard/top?dimension=planet",
+        "/v1/dashboard/top?by=loudness",
+        "/v1/dashboard/top?limit=0",
+        "/v1/dashboard/top?dimension=tool&type=command.executed",
+        "/v1/dashboard/activity?cursor=garbage",
+        "/v1/dashboard/activity?limit=5000",
+        "/v1/dashboard/activity?type=auth.login_succeeded",
+    ] {
+        let (s, _) = get(bad.into()).await;
+        assert_eq!(s, 400, "{bad}");
+    }
+    projector.stop().await.unwrap();
+    ingest.stop().await.unwrap();
+    query.stop().await.unwrap();
+}
