@@ -73,6 +73,11 @@ impl App {
                 get(routes::dashboard::timeseries),
             )
             .route("/v1/dashboard/top", get(routes::explore::top))
+            .route(
+                "/v1/dashboard/productivity",
+                get(routes::people::productivity),
+            )
+            .route("/v1/dashboard/teams", get(routes::people::teams))
             .route("/v1/dashboard/activity", get(routes::explore::activity))
             .route("/v1/audit", get(routes::audit::audit))
             .route("/openapi.json", get(routes::health::openapi))

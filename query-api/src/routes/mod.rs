@@ -2,3 +2,4 @@ pub mod audit;
 pub mod dashboard;
 pub mod explore;
 pub mod health;
+pub mod people;

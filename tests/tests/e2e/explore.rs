@@ -141,3 +141,103 @@ async fn top_lists_and_the_activity_feed() {
     ingest.stop().await.unwrap();
     query.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn productivity_scores_and_team_ranks_follow_the_formula() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let projector = start_projector(&common).await;
+    let query = start_query(&common, |_| {}).await;
+    let client = http();
+    let t = create_tenant(&pool, "scores").await;
+    let mut events: Vec<Value> = Vec::new();
+    for _ in 0..10 {
+        let mut e = command("u1", "build", 1000, true);
+        e["data"]["team_id"] = json!("team-a");
+        events.push(e);
+    }
+    for i in 0..10 {
+        let mut e = command("u2", "build", 10_000, i % 2 == 0);
+        e["data"]["team_id"] = json!("team-b");
+        events.push(e);
+    }
+    for agent in ["claude", "reviewer"] {
+        events.push(
+            json!({"type": "agent.interacted", "occurred_at": ago(30), "data": {
+            "user_id": "u1", "team_id": "team-a", "agent_name": agent, "interaction_type": "chat",
+            "duration_ms": 10, "status": "success"}}),
+        );
+    }
+    assert_eq!(
+        post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(events))
+            .await
+            .status(),
+        202
+    );
+    wait_projected(&pool, t.id, 22, Duration::from_secs(60)).await;
+
+    let res = client
+        .get(format!(
+            "{}/v1/dashboard/productivity?range=1h",
+            query.url()
+        ))
+        .bearer_auth(&t.read_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let p: Value = res.json().await.unwrap();
+    let users = p["users"].as_array().unwrap();
+    // u1: 40·1 + 30·min(1, 5000/1000) + 20·(2/10) + 10·(10/50) = 76
+    // u2: 40·0.5 + 30·(5000/10000) + 0 + 10·(10/50) = 37
+    assert_eq!(
+        (users[0]["user_id"].as_str(), users[0]["score"].as_f64()),
+        (Some("u1"), Some(76.0))
+    );
+    assert_eq!(
+        (users[1]["user_id"].as_str(), users[1]["score"].as_f64()),
+        (Some("u2"), Some(37.0))
+    );
+    assert_eq!(users[1]["success_rate"], 0.5);
+    assert_eq!(users[0]["distinct_agents"], 2);
+    assert!(p["formula"].as_str().unwrap().contains("5000 ms"));
+
+    let res = client
+        .get(format!("{}/v1/dashboard/teams?range=1h", query.url()))
+        .bearer_auth(&t.read_key)
+        .send()
+        .await
+        .unwrap();
+    let teams: Value = res.json().await.unwrap();
+    let teams = teams["teams"].as_array().unwrap();
+    assert_eq!(teams.len(), 2);
+    assert_eq!(
+        (
+            teams[0]["team_id"].as_str(),
+            teams[0]["rank"].as_i64(),
+            teams[0]["percentile"].as_f64()
+        ),
+        (Some("team-a"), Some(1), Some(100.0))
+    );
+    assert_eq!(
+        (
+            teams[1]["team_id"].as_str(),
+            teams[1]["rank"].as_i64(),
+            teams[1]["percentile"].as_f64()
+        ),
+        (Some("team-b"), Some(2), Some(0.0))
+    );
+    assert_eq!(teams[0]["score"], 76.0);
+    let res = client
+        .get(format!("{}/v1/dashboard/teams?range=forever", query.url()))
+        .bearer_auth(&t.read_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    projector.stop().await.unwrap();
+    ingest.stop().await.unwrap();
+    query.stop().await.unwrap();
+}

@@ -1,0 +1,279 @@
+//! Per-user productivity and team comparison, computed from the rollups.
+//!
+//! Productivity score (0–100), per user over the range:
+//! `40 × success rate + 30 × min(1, 5000 ms / average command time)
+//!  + 20 × min(1, distinct agents / 10) + 10 × min(1, commands / 50)`.
+//! A team's score is the same formula over all its commands and agents, with the command
+//! term taken per active user.
+
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use shared::problem::Problem;
+use shared::tenant::TenantId;
+
+use super::dashboard::{cached, db_error, parse_range};
+use crate::range::Grain;
+use crate::state::AppState;
+
+#[derive(Debug, Deserialize)]
+pub struct RangeOnly {
+    pub range: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
+/// The inputs of the score and the score itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Score {
+    pub commands: i64,
+    pub success_rate: f64,
+    pub avg_command_ms: Option<f64>,
+    pub distinct_agents: i64,
+    pub score: f64,
+}
+
+/// The documented formula. `commands_per_person` scales the volume term for teams.
+pub fn score(
+    commands: i64,
+    errors: i64,
+    duration_sum: i64,
+    agents: i64,
+    commands_per_person: f64,
+) -> Score {
+    let success_rate = if commands > 0 {
+        1.0 - errors as f64 / commands as f64
+    } else {
+        0.0
+    };
+    let avg = (commands > 0).then(|| duration_sum as f64 / commands as f64);
+    let speed = match avg {
+        Some(a) if a > 0.0 => (5000.0 / a).min(1.0),
+        Some(_) => 1.0,
+        None => 0.0,
+    };
+    let value = 40.0 * success_rate
+        + 30.0 * speed
+        + 20.0 * (agents as f64 / 10.0).min(1.0)
+        + 10.0 * (commands_per_person / 50.0).min(1.0);
+    Score {
+        commands,
+        success_rate,
+        avg_command_ms: avg,
+        distinct_agents: agents,
+        score: (value * 10.0).round() / 10.0,
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UserProductivity {
+    pub user_id: String,
+    #[serde(flatten)]
+    pub score: Score,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProductivityAnswer {
+    pub tenant_id: TenantId,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub as_of: Option<DateTime<Utc>>,
+    pub formula: String,
+    pub users: Vec<UserProductivity>,
+}
+
+pub const FORMULA: &str = "40 × success rate + 30 × min(1, 5000 ms / average command time) + 20 × min(1, distinct agents / 10) + 10 × min(1, commands / 50)";
+
+type Row = (String, i64, i64, i64, i64, i64);
+
+/// Per key (user or team): commands, errors, duration sum, distinct agents, active users.
+async fn rows(
+    tx: &mut sqlx::PgConnection,
+    grain: Grain,
+    range: &crate::range::TimeRange,
+    column: &str,
+    visibility: &crate::auth::Visibility,
+) -> sqlx::Result<Vec<Row>> {
+    let (user_filter, team_filter) = visibility.filters();
+    sqlx::query_as(by_grain!(
+        grain,
+        "SELECT CASE $3 WHEN 'team' THEN team_id ELSE user_id END AS k,
+                coalesce(sum(count) FILTER (WHERE event_type = 'command.executed'), 0)::bigint,
+                coalesce(sum(errors) FILTER (WHERE event_type = 'command.executed'), 0)::bigint,
+                coalesce(sum(duration_sum) FILTER (WHERE event_type = 'command.executed'), 0)::bigint,
+                count(DISTINCT name) FILTER (WHERE event_type = 'agent.interacted'),
+                count(DISTINCT user_id) FILTER (WHERE user_id <> '')
+           FROM ",
+        " WHERE bucket >= $1 AND bucket < $2
+            AND ($4::text IS NULL OR user_id = $4) AND ($5::text[] IS NULL OR team_id = ANY($5))
+          GROUP BY 1
+         HAVING (CASE $3 WHEN 'team' THEN min(team_id) ELSE min(user_id) END) <> ''"
+    ))
+    .bind(range.from)
+    .bind(range.to)
+    .bind(column)
+    .bind(user_filter)
+    .bind(team_filter)
+    .fetch_all(tx)
+    .await
+}
+
+/// `GET /v1/dashboard/productivity`: every visible user's score with its inputs.
+pub async fn productivity(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    params: Result<Query<RangeOnly>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let reader = crate::auth::reader(&s, &headers).await?;
+    let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
+    let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
+    let (tenant, visibility) = (reader.tenant, reader.visibility);
+    let key = format!(
+        "productivity:{}:{}:{}",
+        visibility.cache_label(),
+        range.from.timestamp(),
+        range.to.timestamp()
+    );
+    cached(&s, tenant, key, |ctx| async move {
+        let mut answer = ProductivityAnswer {
+            tenant_id: tenant,
+            from: range.from,
+            to: range.to,
+            as_of: None,
+            formula: FORMULA.into(),
+            users: Vec::new(),
+        };
+        let Some((mut tx, fresh)) = ctx else {
+            return Ok(answer);
+        };
+        answer.as_of = fresh.as_of;
+        let rows = rows(
+            &mut tx,
+            Grain::for_range(&range),
+            &range,
+            "user",
+            &visibility,
+        )
+        .await
+        .map_err(db_error)?;
+        answer.users = rows
+            .into_iter()
+            .map(|(user, cmds, errs, dsum, agents, _)| UserProductivity {
+                user_id: user,
+                score: score(cmds, errs, dsum, agents, cmds as f64),
+            })
+            .collect();
+        answer.users.sort_by(|a, b| {
+            b.score
+                .score
+                .total_cmp(&a.score.score)
+                .then(a.user_id.cmp(&b.user_id))
+        });
+        Ok(answer)
+    })
+    .await
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TeamRow {
+    pub team_id: String,
+    pub active_users: i64,
+    #[serde(flatten)]
+    pub score: Score,
+    /// 1 = best score.
+    pub rank: usize,
+    /// Share of the other teams this team scores at or above (100 = best).
+    pub percentile: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TeamsAnswer {
+    pub tenant_id: TenantId,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub as_of: Option<DateTime<Utc>>,
+    pub teams: Vec<TeamRow>,
+}
+
+/// `GET /v1/dashboard/teams`: team comparison with rank and percentile.
+pub async fn teams(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    params: Result<Query<RangeOnly>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let reader = crate::auth::reader(&s, &headers).await?;
+    let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
+    let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
+    let (tenant, visibility) = (reader.tenant, reader.visibility);
+    let key = format!(
+        "teams:{}:{}:{}",
+        visibility.cache_label(),
+        range.from.timestamp(),
+        range.to.timestamp()
+    );
+    cached(&s, tenant, key, |ctx| async move {
+        let mut answer = TeamsAnswer {
+            tenant_id: tenant,
+            from: range.from,
+            to: range.to,
+            as_of: None,
+            teams: Vec::new(),
+        };
+        let Some((mut tx, fresh)) = ctx else {
+            return Ok(answer);
+        };
+        answer.as_of = fresh.as_of;
+        let rows = rows(
+            &mut tx,
+            Grain::for_range(&range),
+            &range,
+            "team",
+            &visibility,
+        )
+        .await
+        .map_err(db_error)?;
+        let mut teams: Vec<(String, i64, Score)> = rows
+            .into_iter()
+            .map(|(team, cmds, errs, dsum, agents, people)| {
+                let per_person = cmds as f64 / people.max(1) as f64;
+                (team, people, score(cmds, errs, dsum, agents, per_person))
+            })
+            .collect();
+        teams.sort_by(|a, b| b.2.score.total_cmp(&a.2.score).then(a.0.cmp(&b.0)));
+        let n = teams.len();
+        answer.teams = teams
+            .into_iter()
+            .enumerate()
+            .map(|(i, (team_id, active_users, score))| TeamRow {
+                team_id,
+                active_users,
+                score,
+                rank: i + 1,
+                percentile: if n > 1 {
+                    100.0 * (n - 1 - i) as f64 / (n - 1) as f64
+                } else {
+                    100.0
+                },
+            })
+            .collect();
+        Ok(answer)
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_score_follows_the_documented_formula() {
+        // 50 commands, all successful, 2.5 s each, 5 agents: 40 + 30 + 10 + 10.
+        assert_eq!(score(50, 0, 125_000, 5, 50.0).score, 90.0);
+        // Half failed, 10 s each, no agents, 10 commands: 20 + 15 + 0 + 2.
+        assert_eq!(score(10, 5, 100_000, 0, 10.0).score, 37.0);
+        assert_eq!(score(0, 0, 0, 0, 0.0).score, 0.0);
+        assert_eq!(score(100, 0, 0, 20, 100.0).score, 100.0);
+    }
+}
