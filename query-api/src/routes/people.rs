@@ -1,10 +1,8 @@
 //! Per-user productivity and team comparison, computed from the rollups.
 //!
-//! Productivity score (0–100), per user over the range:
-//! `40 × success rate + 30 × min(1, 5000 ms / average command time)
-//!  + 20 × min(1, distinct agents / 10) + 10 × min(1, commands / 50)`.
-//! A team's score is the same formula over all its commands and agents, with the command
-//! term taken per active user.
+//! Productivity score (0–100), per user over the range: see [`FORMULA`]. A team's score is
+//! the same formula over all its commands and agents, with the command term taken per
+//! active user.
 
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
