@@ -73,6 +73,8 @@ impl App {
                 get(routes::dashboard::timeseries),
             )
             .route("/v1/dashboard/top", get(routes::explore::top))
+            .route("/v1/dashboard/sessions", get(routes::tables::sessions))
+            .route("/v1/dashboard/metrics", get(routes::tables::metrics))
             .route(
                 "/v1/dashboard/productivity",
                 get(routes::people::productivity),

@@ -22,6 +22,8 @@ type QueryRejection = axum::extract::rejection::QueryRejection;
 
 #[derive(Debug, Deserialize)]
 pub struct TopParams {
+    /// `json` (default) or `csv`.
+    pub format: Option<String>,
     pub range: Option<String>,
     pub from: Option<String>,
     pub to: Option<String>,
@@ -64,6 +66,7 @@ pub async fn top(
 ) -> Result<Response, Problem> {
     let reader = crate::auth::reader(&s, &headers).await?;
     let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
+    let csv = super::tables::wants_csv(p.format.as_deref())?;
     let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
     let dimension = p.dimension.unwrap_or_else(|| "command".into());
     let (column, implied) = match dimension.as_str() {
@@ -113,7 +116,7 @@ pub async fn top(
         range.to.timestamp(),
         event_type.map_or("-", EventType::as_str)
     );
-    cached(&s, tenant, key, |ctx| async move {
+    let res = cached(&s, tenant, key, |ctx| async move {
         let mut list = TopList {
             tenant_id: tenant,
             from: range.from,
@@ -200,11 +203,18 @@ pub async fn top(
             .collect();
         Ok(list)
     })
-    .await
+    .await?;
+    if csv {
+        super::tables::as_csv(res, "items").await
+    } else {
+        Ok(res)
+    }
 }
 
 #[derive(Debug, Deserialize)]
 pub struct ActivityParams {
+    /// `json` (default) or `csv`.
+    pub format: Option<String>,
     pub range: Option<String>,
     pub from: Option<String>,
     pub to: Option<String>,
@@ -305,6 +315,7 @@ pub async fn activity(
 ) -> Result<Response, Problem> {
     let reader = crate::auth::reader(&s, &headers).await?;
     let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
+    let csv = super::tables::wants_csv(p.format.as_deref())?;
     let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
     let limit = p.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
@@ -332,7 +343,7 @@ pub async fn activity(
         p.name,
         p.cursor
     );
-    cached(&s, tenant, key, |ctx| async move {
+    let res = cached(&s, tenant, key, |ctx| async move {
         let mut page = ActivityPage {
             as_of: None,
             items: Vec::new(),
@@ -366,5 +377,10 @@ pub async fn activity(
         }
         Ok(page)
     })
-    .await
+    .await?;
+    if csv {
+        super::tables::as_csv(res, "items").await
+    } else {
+        Ok(res)
+    }
 }

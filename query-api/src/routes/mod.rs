@@ -3,3 +3,4 @@ pub mod dashboard;
 pub mod explore;
 pub mod health;
 pub mod people;
+pub mod tables;

@@ -18,6 +18,8 @@ use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
 pub struct RangeOnly {
+    /// `json` (default) or `csv`.
+    pub format: Option<String>,
     pub range: Option<String>,
     pub from: Option<String>,
     pub to: Option<String>,
@@ -126,6 +128,7 @@ pub async fn productivity(
 ) -> Result<Response, Problem> {
     let reader = crate::auth::reader(&s, &headers).await?;
     let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
+    let csv = super::tables::wants_csv(p.format.as_deref())?;
     let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
     let (tenant, visibility) = (reader.tenant, reader.visibility);
     let key = format!(
@@ -134,7 +137,7 @@ pub async fn productivity(
         range.from.timestamp(),
         range.to.timestamp()
     );
-    cached(&s, tenant, key, |ctx| async move {
+    let res = cached(&s, tenant, key, |ctx| async move {
         let mut answer = ProductivityAnswer {
             tenant_id: tenant,
             from: range.from,
@@ -171,7 +174,12 @@ pub async fn productivity(
         });
         Ok(answer)
     })
-    .await
+    .await?;
+    if csv {
+        super::tables::as_csv(res, "users").await
+    } else {
+        Ok(res)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -203,6 +211,7 @@ pub async fn teams(
 ) -> Result<Response, Problem> {
     let reader = crate::auth::reader(&s, &headers).await?;
     let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
+    let csv = super::tables::wants_csv(p.format.as_deref())?;
     let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
     let (tenant, visibility) = (reader.tenant, reader.visibility);
     let key = format!(
@@ -211,7 +220,7 @@ pub async fn teams(
         range.from.timestamp(),
         range.to.timestamp()
     );
-    cached(&s, tenant, key, |ctx| async move {
+    let res = cached(&s, tenant, key, |ctx| async move {
         let mut answer = TeamsAnswer {
             tenant_id: tenant,
             from: range.from,
@@ -258,7 +267,12 @@ pub async fn teams(
             .collect();
         Ok(answer)
     })
-    .await
+    .await?;
+    if csv {
+        super::tables::as_csv(res, "teams").await
+    } else {
+        Ok(res)
+    }
 }
 
 #[cfg(test)]

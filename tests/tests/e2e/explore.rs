@@ -241,3 +241,178 @@ async fn productivity_scores_and_team_ranks_follow_the_formula() {
     ingest.stop().await.unwrap();
     query.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_metric_series_and_csv_export() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let projector = start_projector(&common).await;
+    let query = start_query(&common, |_| {}).await;
+    let client = http();
+    let t = create_tenant(&pool, "tables").await;
+    let mut events = vec![
+        json!({"type": "session.started", "occurred_at": ago(600), "data": {"session_id": "s1", "user_id": "u1"}}),
+        json!({"type": "session.ended", "occurred_at": ago(300), "data": {"session_id": "s1", "user_id": "u1", "commands_executed": 7, "productivity_score": 81}}),
+        json!({"type": "session.started", "occurred_at": ago(200), "data": {"session_id": "s2", "user_id": "u2"}}),
+        command("u1", "build, \"quoted\"", 5, true),
+    ];
+    for _ in 0..3 {
+        events.push(json!({"type": "metric.sample", "occurred_at": ago(120), "data": {"name": "claude_code.token.usage", "labels": {"type": "input", "user.id": "u1"}, "value": 100, "kind": "counter"}}));
+    }
+    for _ in 0..2 {
+        events.push(json!({"type": "metric.sample", "occurred_at": ago(90), "data": {"name": "claude_code.token.usage", "labels": {"type": "output", "user.id": "u1"}, "value": 50, "kind": "counter"}}));
+    }
+    assert_eq!(
+        post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(events))
+            .await
+            .status(),
+        202
+    );
+    wait_projected(&pool, t.id, 9, Duration::from_secs(60)).await;
+    let get = |path: &str| {
+        client
+            .get(format!("{}{path}", query.url()))
+            .bearer_auth(&t.read_key)
+            .send()
+    };
+
+    // Sessions, newest first, paged.
+    let page: Value = get("/v1/dashboard/sessions?range=1h&limit=1")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["sessions"][0]["session_id"], "s2");
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    let page: Value = get(&format!(
+        "/v1/dashboard/sessions?range=1h&limit=1&cursor={cursor}"
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let s1 = &page["sessions"][0];
+    assert_eq!(
+        (
+            s1["session_id"].as_str(),
+            s1["commands_executed"].as_i64(),
+            s1["productivity_score"].as_f64()
+        ),
+        (Some("s1"), Some(7), Some(81.0))
+    );
+    assert!((s1["duration_s"].as_f64().unwrap() - 300.0).abs() < 1.0);
+    let page: Value = get("/v1/dashboard/sessions?range=1h&user=u2")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["sessions"].as_array().unwrap().len(), 1);
+
+    // metric.sample series: aggregation, label matchers, grouping by a label.
+    let total = |v: &Value| -> f64 {
+        v["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| s["points"].as_array().unwrap().iter())
+            .map(|p| p[1].as_f64().unwrap())
+            .sum()
+    };
+    let m: Value = get("/v1/dashboard/metrics?range=1h&name=claude_code.token.usage&step=5m")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(total(&m), 400.0);
+    let m: Value =
+        get("/v1/dashboard/metrics?range=1h&name=claude_code.token.usage&labels=type=input")
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(total(&m), 300.0);
+    let m: Value = get("/v1/dashboard/metrics?range=1h&name=claude_code.token.usage&agg=count")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(total(&m), 5.0);
+    let m: Value = get("/v1/dashboard/metrics?range=1h&name=claude_code.token.usage&group_by=type")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let groups: Vec<(String, f64)> = m["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["group"].as_str().unwrap().to_string(),
+                s["points"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p[1].as_f64().unwrap())
+                    .sum(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        vec![("input".into(), 300.0), ("output".into(), 100.0)]
+    );
+    for bad in [
+        "/v1/dashboard/metrics?range=1h",
+        "/v1/dashboard/metrics?name=x&agg=median",
+        "/v1/dashboard/metrics?name=x&labels=novalue",
+        "/v1/dashboard/metrics?name=x&step=1m&range=90d",
+    ] {
+        assert_eq!(get(bad).await.unwrap().status(), 400, "{bad}");
+    }
+
+    // CSV export of table answers, with quoting.
+    let res = get("/v1/dashboard/top?range=1h&dimension=command&format=csv")
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["content-type"], "text/csv; charset=utf-8");
+    let text = res.text().await.unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert!(
+        header.contains(&"key") && header.contains(&"count") && header.contains(&"errors"),
+        "{text}"
+    );
+    let row = lines.next().unwrap();
+    assert!(
+        row.contains("\"build, \"\"quoted\"\"\""),
+        "quoted per RFC 4180: {row}"
+    );
+    assert_eq!(lines.next(), None);
+    let text = get("/v1/dashboard/sessions?range=1h&format=csv")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert_eq!(
+        get("/v1/dashboard/activity?format=xml")
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    projector.stop().await.unwrap();
+    ingest.stop().await.unwrap();
+    query.stop().await.unwrap();
+}

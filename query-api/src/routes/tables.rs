@@ -1,0 +1,345 @@
+//! Sessions, `metric.sample` series, and CSV export of table answers.
+
+use axum::body::to_bytes;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use shared::events::FieldError;
+use shared::problem::Problem;
+use shared::tenant::TenantId;
+
+use super::dashboard::{bad, cached, db_error, parse_range};
+use crate::range::Bucket;
+use crate::state::AppState;
+
+type QueryRejection = axum::extract::rejection::QueryRejection;
+
+/// `format=json` (default) or `format=csv`.
+pub fn wants_csv(format: Option<&str>) -> Result<bool, Problem> {
+    match format {
+        None | Some("json") => Ok(false),
+        Some("csv") => Ok(true),
+        Some(_) => Err(bad(FieldError::new("format", "use json or csv"))),
+    }
+}
+
+/// Turns a JSON answer into CSV (RFC 4180 quoting): the rows are the objects of its array
+/// `field`; the columns are their keys, in alphabetical order; nested values are written as
+/// JSON.
+pub async fn as_csv(res: Response, field: &str) -> Result<Response, Problem> {
+    let body = to_bytes(res.into_body(), 64 * 1024 * 1024)
+        .await
+        .map_err(|_| Problem::internal())?;
+    let v: Value = serde_json::from_slice(&body).map_err(|_| Problem::internal())?;
+    let rows = v
+        .get(field)
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut columns: Vec<String> = Vec::new();
+    for r in &rows {
+        if let Some(o) = r.as_object() {
+            for k in o.keys() {
+                if !columns.contains(k) {
+                    columns.push(k.clone());
+                }
+            }
+        }
+    }
+    let cell = |v: Option<&Value>| -> String {
+        let raw = match v {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+        };
+        if raw.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", raw.replace('"', "\"\""))
+        } else {
+            raw
+        }
+    };
+    let mut out = columns.join(",");
+    out.push('\n');
+    for r in &rows {
+        let line: Vec<String> = columns.iter().map(|c| cell(r.get(c))).collect();
+        out.push_str(&line.join(","));
+        out.push('\n');
+    }
+    let mut res = out.into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/csv; charset=utf-8"),
+    );
+    Ok(res)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SessionParams {
+    pub range: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub user: Option<String>,
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+pub struct SessionRow {
+    pub session_id: String,
+    pub user_id: String,
+    pub team_id: String,
+    pub project_id: String,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub duration_s: Option<f64>,
+    pub commands_executed: Option<i64>,
+    pub productivity_score: Option<f64>,
+    pub agents_used: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SessionPage {
+    pub as_of: Option<DateTime<Utc>>,
+    pub sessions: Vec<SessionRow>,
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /v1/dashboard/sessions`: sessions that started (or ended) in the range, newest first.
+pub async fn sessions(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    params: Result<Query<SessionParams>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let reader = crate::auth::reader(&s, &headers).await?;
+    let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
+    let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
+    let csv = wants_csv(p.format.as_deref())?;
+    let limit = p.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(bad(FieldError::new("limit", "must be 1..=1000")));
+    }
+    let cursor = match p.cursor.as_deref() {
+        None => None,
+        Some(c) => {
+            let invalid = || bad(FieldError::new("cursor", "not a cursor this API returned"));
+            let text = URL_SAFE_NO_PAD
+                .decode(c)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(invalid)?;
+            let (t, id) = text.split_once('|').ok_or_else(invalid)?;
+            let t = DateTime::parse_from_rfc3339(t).map_err(|_| invalid())?;
+            Some((t.with_timezone(&Utc), id.to_string()))
+        }
+    };
+    let (tenant, visibility) = (reader.tenant, reader.visibility);
+    let key = format!(
+        "sessions:{}:{}:{}:{:?}:{limit}:{:?}",
+        visibility.cache_label(),
+        range.from.timestamp(),
+        range.to.timestamp(),
+        p.user,
+        p.cursor
+    );
+    let res = cached(&s, tenant, key, |ctx| async move {
+        let mut page = SessionPage {
+            as_of: None,
+            sessions: Vec::new(),
+            next_cursor: None,
+        };
+        let Some((mut tx, fresh)) = ctx else { return Ok(page) };
+        page.as_of = fresh.as_of;
+        let (user_filter, team_filter) = visibility.filters();
+        let (before_t, before_id) = cursor.map_or((None, None), |(t, id)| (Some(t), Some(id)));
+        page.sessions = sqlx::query_as(
+            "SELECT session_id, user_id, team_id, project_id, started_at, ended_at,
+                    extract(epoch FROM ended_at - started_at)::float8 AS duration_s,
+                    commands_executed, productivity_score, agents_used
+               FROM sessions
+              WHERE coalesce(started_at, ended_at) >= $1 AND coalesce(started_at, ended_at) < $2
+                AND ($3::text IS NULL OR user_id = $3)
+                AND ($4::timestamptz IS NULL OR (coalesce(started_at, ended_at), session_id) < ($4, $5))
+                AND ($6::text IS NULL OR user_id = $6) AND ($7::text[] IS NULL OR team_id = ANY($7))
+              ORDER BY coalesce(started_at, ended_at) DESC, session_id DESC
+              LIMIT $8",
+        )
+        .bind(range.from)
+        .bind(range.to)
+        .bind(p.user.as_deref())
+        .bind(before_t)
+        .bind(before_id)
+        .bind(user_filter)
+        .bind(team_filter)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if page.sessions.len() as i64 == limit {
+            page.next_cursor = page.sessions.last().and_then(|r| {
+                r.started_at
+                    .or(r.ended_at)
+                    .map(|t| URL_SAFE_NO_PAD.encode(format!("{}|{}", t.to_rfc3339(), r.session_id)))
+            });
+        }
+        Ok(page)
+    })
+    .await?;
+    if csv {
+        as_csv(res, "sessions").await
+    } else {
+        Ok(res)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct MetricParams {
+    pub range: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub name: Option<String>,
+    /// Label matchers `k=v,k2=v2` (all must match).
+    pub labels: Option<String>,
+    pub step: Option<String>,
+    /// sum, avg, min, max, count or rate (sum per second).
+    pub agg: Option<String>,
+    /// A label whose values split the series.
+    pub group_by: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MetricSeries {
+    pub tenant_id: TenantId,
+    pub name: String,
+    pub agg: String,
+    pub step: String,
+    pub as_of: Option<DateTime<Utc>>,
+    pub series: Vec<MetricLine>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MetricLine {
+    pub group: Option<String>,
+    pub points: Vec<(DateTime<Utc>, f64)>,
+}
+
+/// `GET /v1/dashboard/metrics`: a `metric.sample` series by name and label matchers.
+pub async fn metrics(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    params: Result<Query<MetricParams>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let reader = crate::auth::reader(&s, &headers).await?;
+    let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
+    let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
+    let name = p
+        .name
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| bad(FieldError::new("name", "is required")))?;
+    let step = Bucket::parse(p.step.as_deref().unwrap_or("1h")).map_err(|mut e| {
+        e.field = "step".into();
+        bad(e)
+    })?;
+    let agg = p.agg.unwrap_or_else(|| "sum".into());
+    if !["sum", "avg", "min", "max", "count", "rate"].contains(&agg.as_str()) {
+        return Err(bad(FieldError::new(
+            "agg",
+            "use sum, avg, min, max, count or rate",
+        )));
+    }
+    let points = (range.to - range.from).num_seconds() / step.width().num_seconds();
+    if points > s.config.max_points {
+        return Err(bad(FieldError::new(
+            "step",
+            "too many points; pick a wider step",
+        )));
+    }
+    let mut matchers = serde_json::Map::new();
+    for pair in p
+        .labels
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter(|x| !x.is_empty())
+    {
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            bad(FieldError::new(
+                "labels",
+                format!("`{pair}` is not key=value"),
+            ))
+        })?;
+        matchers.insert(k.trim().to_string(), Value::from(v.trim()));
+    }
+    let (tenant, visibility) = (reader.tenant, reader.visibility);
+    let key = format!(
+        "metrics:{}:{}:{}:{name}:{:?}:{}:{agg}:{:?}",
+        visibility.cache_label(),
+        range.from.timestamp(),
+        range.to.timestamp(),
+        p.labels,
+        step.as_str(),
+        p.group_by
+    );
+    let group_by = p.group_by.clone();
+    cached(&s, tenant, key, |ctx| async move {
+        let mut out = MetricSeries {
+            tenant_id: tenant,
+            name: name.clone(),
+            agg: agg.clone(),
+            step: step.as_str().into(),
+            as_of: None,
+            series: Vec::new(),
+        };
+        let Some((mut tx, fresh)) = ctx else {
+            return Ok(out);
+        };
+        out.as_of = fresh.as_of;
+        let (user_filter, team_filter) = visibility.filters();
+        let interval = sqlx::postgres::types::PgInterval {
+            months: 0,
+            days: 0,
+            microseconds: step.width().num_microseconds().expect("small"),
+        };
+        let rows: Vec<(DateTime<Utc>, Option<String>, f64)> = sqlx::query_as(
+            "SELECT date_bin($3, occurred_at, TIMESTAMPTZ '2000-01-03 00:00:00+00') AS t,
+                    CASE WHEN $6::text IS NULL THEN NULL ELSE data->'labels'->>$6 END AS g,
+                    CASE $5 WHEN 'avg' THEN avg(value) WHEN 'min' THEN min(value)
+                            WHEN 'max' THEN max(value) WHEN 'count' THEN count(*)::float8
+                            WHEN 'rate' THEN sum(value) / extract(epoch FROM $3::interval)
+                            ELSE sum(value) END
+               FROM metric_samples
+              WHERE occurred_at >= $1 AND occurred_at < $2 AND name = $4
+                AND data->'labels' @> $7::jsonb
+                AND ($8::text IS NULL OR user_id = $8) AND ($9::text[] IS NULL OR team_id = ANY($9))
+              GROUP BY 1, 2 ORDER BY 2 NULLS FIRST, 1",
+        )
+        .bind(range.from)
+        .bind(range.to)
+        .bind(interval)
+        .bind(&name)
+        .bind(&agg)
+        .bind(group_by.as_deref())
+        .bind(Value::Object(matchers))
+        .bind(user_filter)
+        .bind(team_filter)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        for (t, g, v) in rows {
+            if out.series.last().is_none_or(|l| l.group != g) {
+                out.series.push(MetricLine {
+                    group: g.clone(),
+                    points: Vec::new(),
+                });
+            }
+            out.series.last_mut().expect("pushed").points.push((t, v));
+        }
+        Ok(out)
+    })
+    .await
+}
