@@ -30,6 +30,10 @@ pub fn spawn(
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(POLL) => {}
             }
+            if pool.is_closed() {
+                // The service shut down (it closes the pool last).
+                return;
+            }
             loop {
                 match relay_batch(&pool, &producer, &topic, &namespace).await {
                     Ok(0) => {

@@ -46,12 +46,15 @@ impl App {
         let listener = TcpListener::bind(&config.http_addr)
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;
+        let hub = routes::stream::Hub::default();
+        hub.listen(config.common.redis_url.clone());
         let state = AppState {
             keys: ApiKeyStore::new(pool.clone()),
             verifier: shared::jwt::Verifier::new(shared::jwt::KeySource::Url(
                 config.jwks_url.clone(),
             )),
             users: auth::UserCache::default(),
+            hub,
             pool,
             cache,
             shutdown: ShutdownFlag::default(),
@@ -82,6 +85,7 @@ impl App {
             .route("/v1/dashboard/teams", get(routes::people::teams))
             .route("/v1/dashboard/activity", get(routes::explore::activity))
             .route("/v1/audit", get(routes::audit::audit))
+            .route("/v1/stream", get(routes::stream::stream))
             .route("/openapi.json", get(routes::health::openapi))
             .route("/healthz", get(routes::health::healthz))
             .route("/readyz", get(routes::health::readyz))

@@ -17,6 +17,7 @@ pub struct AppState {
     pub keys: ApiKeyStore,
     pub verifier: shared::jwt::Verifier,
     pub users: crate::auth::UserCache,
+    pub hub: crate::routes::stream::Hub,
     pub cache: Cache,
     pub shutdown: ShutdownFlag,
     pub metrics: PrometheusHandle,

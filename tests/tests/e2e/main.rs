@@ -13,4 +13,5 @@ mod kafka_down;
 mod login;
 mod pipeline;
 mod sso;
+mod stream;
 mod validation;

@@ -1,0 +1,219 @@
+//! `GET /v1/stream`: Server-Sent Events of the caller's new activity, tenant- and scope-bound.
+//!
+//! The projector publishes `tally:projected:<tenant>` in Redis after each commit; a single
+//! subscriber here wakes the streams of that tenant, which then read what was projected since
+//! their last event (by `received_at`) — with the caller's visibility, from the tenant's own
+//! schema under its role. Without Redis, streams check every 2 s. Each event's `id` is its
+//! position, so a client reconnecting with `Last-Event-ID` resumes where it left off.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::Serialize;
+use shared::problem::Problem;
+use shared::tenant::TenantId;
+use shared::tenant_sql;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::auth::Visibility;
+use crate::state::AppState;
+
+/// Per-tenant wake-ups, fed by one Redis subscription.
+#[derive(Clone, Default)]
+pub struct Hub(Arc<Mutex<HashMap<TenantId, broadcast::Sender<()>>>>);
+
+impl Hub {
+    fn subscribe(&self, tenant: TenantId) -> broadcast::Receiver<()> {
+        self.0
+            .lock()
+            .expect("hub lock")
+            .entry(tenant)
+            .or_insert_with(|| broadcast::channel(16).0)
+            .subscribe()
+    }
+
+    fn wake(&self, tenant: TenantId) {
+        if let Some(tx) = self.0.lock().expect("hub lock").get(&tenant) {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Listens to the projector's notifications for as long as the process runs
+    /// (reconnecting when Redis goes away).
+    pub fn listen(&self, redis_url: String) {
+        let hub = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = hub.listen_once(&redis_url).await {
+                    tracing::debug!(error = %e, "live feed subscription lost; retrying");
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+    }
+
+    async fn listen_once(&self, url: &str) -> redis::RedisResult<()> {
+        let client = redis::Client::open(url)?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.psubscribe("tally:projected:*").await?;
+        let mut messages = pubsub.into_on_message();
+        while let Some(msg) = messages.next().await {
+            let channel = msg.get_channel_name();
+            if let Some(t) = channel.strip_prefix("tally:projected:") {
+                if let Ok(tenant) = t.parse() {
+                    self.wake(tenant);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+struct Item {
+    event_id: Uuid,
+    occurred_at: DateTime<Utc>,
+    received_at: DateTime<Utc>,
+    #[serde(rename = "type")]
+    event_type: String,
+    user_id: String,
+    team_id: String,
+    name: String,
+    status: String,
+    duration_ms: i64,
+}
+
+macro_rules! since_part {
+    ($table:literal, $type_expr:literal) => {
+        concat!(
+            "SELECT event_id, occurred_at, received_at, ", $type_expr, " AS event_type, user_id,
+                    team_id, name, status, duration_ms
+               FROM ", $table, "
+              WHERE (received_at, event_id) > ($1, $5) AND occurred_at > $2
+                AND ($3::text IS NULL OR user_id = $3) AND ($4::text[] IS NULL OR team_id = ANY($4))"
+        )
+    };
+}
+
+const SINCE_SQL: &str = concat!(
+    "SELECT * FROM (",
+    since_part!("command_executions", "'command.executed'"),
+    " UNION ALL ",
+    since_part!("agent_interactions", "'agent.interacted'"),
+    " UNION ALL ",
+    since_part!("tool_executions", "'tool.executed'"),
+    " UNION ALL ",
+    since_part!("session_events", "('session.' || name)"),
+    " UNION ALL ",
+    since_part!("productivity_metrics", "'productivity.recorded'"),
+    " UNION ALL ",
+    since_part!("metric_samples", "'metric.sample'"),
+    ") s ORDER BY received_at, event_id LIMIT 1000"
+);
+
+/// Events of the tenant projected after `since` (by server time), oldest first.
+async fn since(
+    s: &AppState,
+    tenant: TenantId,
+    visibility: &Visibility,
+    (since, after_id): (DateTime<Utc>, Uuid),
+) -> Result<Vec<Item>, sqlx::Error> {
+    let mut tx = s.pool.begin().await?;
+    let version: i32 = sqlx::query_scalar(
+        "SELECT active_version FROM control.projection_versions WHERE projection = 'metrics'",
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    .unwrap_or(1);
+    let schema = tenant.schema(version);
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    tenant_sql::enter_tenant_readonly(&mut tx, tenant, &schema).await?;
+    let (user_filter, team_filter) = visibility.filters();
+    // occurred_at bound: received_at is not the partition key; events are at most the
+    // retention window old, which keeps the scan to live partitions.
+    let oldest = since - chrono::Duration::days(91);
+    sqlx::query_as(SINCE_SQL)
+        .bind(since)
+        .bind(oldest)
+        .bind(user_filter)
+        .bind(team_filter)
+        .bind(after_id)
+        .fetch_all(&mut *tx)
+        .await
+}
+
+/// An event id of the stream: `<received_at µs>.<event id>`.
+fn parse_event_id(s: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    let (t, id) = s.split_once('.')?;
+    Some((
+        DateTime::<Utc>::from_timestamp_micros(t.parse().ok()?)?,
+        Uuid::parse_str(id).ok()?,
+    ))
+}
+
+/// `GET /v1/stream`
+pub async fn stream(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>, Problem> {
+    let reader = crate::auth::reader(&s, &headers).await?;
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_event_id);
+    let start = resume.unwrap_or_else(|| (Utc::now(), Uuid::nil()));
+    let (tenant, visibility) = (reader.tenant, reader.visibility);
+    let wake = s.hub.subscribe(tenant);
+    metrics::gauge!("sse_connections").increment(1.0);
+    let state = (s, wake, start, Vec::<Item>::new());
+    let events = futures::stream::unfold(state, move |(s, mut wake, mut cursor, mut queue)| {
+        let visibility = visibility.clone();
+        async move {
+            loop {
+                if let Some(item) = (!queue.is_empty()).then(|| queue.remove(0)) {
+                    cursor = cursor.max((item.received_at, item.event_id));
+                    let event = Event::default()
+                        .event("activity")
+                        .id(format!(
+                            "{}.{}",
+                            item.received_at.timestamp_micros(),
+                            item.event_id
+                        ))
+                        .json_data(&item)
+                        .unwrap_or_else(|_| Event::default().comment("unserializable"));
+                    return Some((Ok(event), (s, wake, cursor, queue)));
+                }
+                if s.shutdown.is_set() {
+                    metrics::gauge!("sse_connections").decrement(1.0);
+                    return None;
+                }
+                match since(&s, tenant, &visibility, cursor).await {
+                    Ok(items) if !items.is_empty() => {
+                        queue = items;
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "live feed query failed"),
+                }
+                // Wait for the projector's notification, or check again in 2 s.
+                let _ = tokio::time::timeout(Duration::from_secs(2), wake.recv()).await;
+            }
+        }
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
