@@ -74,6 +74,7 @@ done
 cat <<MSG
 
 Tally is up.
+  dashboard    $QUERY_URL/      (sign in with the demo login below)
   ingest-api   $INGEST_URL      (POST /v1/events, /readyz, /metrics)
   query-api    $QUERY_URL      (GET /v1/dashboard/overview, /v1/dashboard/timeseries, /openapi.json)
   tenant       $TALLY_TENANT_ID

@@ -29,6 +29,8 @@ pub struct Config {
     pub public_url: String,
     /// 64 hex characters; seals SSO client secrets at rest. SSO is off while it is empty.
     pub secret_key: String,
+    /// Browser origins allowed to call this API (the dashboard page), comma-separated.
+    pub cors_origins: String,
 }
 
 impl Default for Config {
@@ -46,6 +48,7 @@ impl Default for Config {
             login_window_secs: 900,
             public_url: "http://127.0.0.1:8080".into(),
             secret_key: String::new(),
+            cors_origins: "http://127.0.0.1:8081,http://localhost:8081".into(),
         }
     }
 }

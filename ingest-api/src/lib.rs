@@ -27,6 +27,19 @@ use tokio::net::TcpListener;
 pub use config::Config;
 use state::AppState;
 
+/// The dashboard page (served by query-api) signs in here from the browser.
+fn cors(origins: &str) -> tower_http::cors::CorsLayer {
+    use axum::http::{header, HeaderValue, Method};
+    let origins: Vec<HeaderValue> = origins
+        .split(',')
+        .filter_map(|o| HeaderValue::from_str(o.trim()).ok())
+        .collect();
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
+}
+
 /// A built ingest-api, bound to its port.
 pub struct App {
     listener: TcpListener,
@@ -141,6 +154,7 @@ impl App {
             .route("/readyz", get(routes::health::readyz))
             .route("/metrics", get(routes::health::metrics))
             .fallback(shared::problem::not_found_fallback)
+            .layer(cors(&state.config.cors_origins))
             // The handler enforces the body limit itself (before and after decompression).
             .layer(DefaultBodyLimit::disable())
             .layer(axum::middleware::from_fn(shared::telemetry::track_http))

@@ -17,6 +17,8 @@ pub struct Config {
     pub cache_ttl_secs: u64,
     /// Where ingest-api publishes the keys that sign access tokens.
     pub jwks_url: String,
+    /// ingest-api's address as browsers reach it (the dashboard page signs in there).
+    pub ingest_url: String,
 }
 
 impl Default for Config {
@@ -28,6 +30,7 @@ impl Default for Config {
             max_points: 5000,
             cache_ttl_secs: 600,
             jwks_url: "http://127.0.0.1:8080/.well-known/jwks.json".into(),
+            ingest_url: "http://127.0.0.1:8080".into(),
         }
     }
 }

@@ -86,6 +86,8 @@ impl App {
             .route("/v1/dashboard/activity", get(routes::explore::activity))
             .route("/v1/audit", get(routes::audit::audit))
             .route("/v1/stream", get(routes::stream::stream))
+            .route("/", get(routes::health::dashboard))
+            .route("/dashboard", get(routes::health::dashboard))
             .route("/openapi.json", get(routes::health::openapi))
             .route("/healthz", get(routes::health::healthz))
             .route("/readyz", get(routes::health::readyz))

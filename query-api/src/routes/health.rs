@@ -49,3 +49,26 @@ pub async fn openapi() -> impl IntoResponse {
         include_str!("../../openapi.json"),
     )
 }
+
+/// `GET /`: the dashboard page (dependency-free HTML and JavaScript).
+pub async fn dashboard(
+    axum::extract::State(s): axum::extract::State<AppState>,
+) -> impl IntoResponse {
+    let ingest = s
+        .config
+        .ingest_url
+        .trim_end_matches('/')
+        .replace(['"', '\\', '<'], "");
+    let page = include_str!("../../assets/dashboard.html").replace("__TALLY_INGEST_URL__", &ingest);
+    let csp = format!(
+        "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; \
+         connect-src 'self' {ingest}; img-src 'self' data:; frame-ancestors 'none'"
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8".to_string()),
+            (header::CONTENT_SECURITY_POLICY, csp),
+        ],
+        page,
+    )
+}

@@ -5,6 +5,7 @@ mod access;
 mod audit;
 mod control;
 mod crash;
+mod dashboard;
 mod dedup;
 mod dlq;
 mod explore;

@@ -1,0 +1,69 @@
+// Signs in to the dashboard page in headless Chromium, checks that the numbers on the page are
+// the API's, posts an event and waits for it in the live feed without reloading, and saves a
+// screenshot. Run by the Rust e2e test `dashboard` with:
+//   QUERY_URL, INGEST_URL, EMAIL, PASSWORD, INGEST_KEY, SCREENSHOT
+import { chromium } from "playwright-core";
+
+const env = (k) => {
+  const v = process.env[k];
+  if (!v) throw new Error(`${k} is not set`);
+  return v;
+};
+const [query, ingest, email, password, ingestKey, shot] =
+  ["QUERY_URL", "INGEST_URL", "EMAIL", "PASSWORD", "INGEST_KEY", "SCREENSHOT"].map(env);
+
+function check(cond, what) {
+  if (!cond) throw new Error(`check failed: ${what}`);
+  console.log(`ok - ${what}`);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 1000 } });
+  page.on("pageerror", (e) => console.log("page error:", e.message));
+  await page.goto(query + "/");
+  await page.fill("#email", email);
+  await page.fill("#password", password);
+  await page.click("#signin");
+  await page.waitForSelector("#app:not([hidden])", { timeout: 15000 });
+  await page.waitForFunction(() => document.querySelector('[data-testid="events_total"]').textContent !== "–", null, { timeout: 15000 });
+
+  check(await page.isHidden("#login"), "the sign-in form is gone once signed in");
+
+  // The page's numbers are the API's numbers.
+  const token = await page.evaluate(() => sessionStorage.getItem("tally.token"));
+  const api = async (path) => (await fetch(query + path, { headers: { Authorization: "Bearer " + token } })).json();
+  const o = await api("/v1/dashboard/overview?range=24h");
+  const text = async (id) => (await page.textContent(`[data-testid="${id}"]`)).trim();
+  const n = (v) => Number(v).toLocaleString("en-US", { maximumFractionDigits: 0 });
+  check(await text("events_total") === n(o.events_total), `events card shows ${n(o.events_total)}`);
+  check(await text("commands") === n(o.commands.count), `commands card shows ${n(o.commands.count)}`);
+  check(await text("active_users") === n(o.active_users), `active users card shows ${o.active_users}`);
+  check(await text("sessions") === n(o.sessions), `sessions card shows ${o.sessions}`);
+  check(await text("tokens") === `${n(o.tokens.input)} / ${n(o.tokens.output)}`, "tokens card");
+  const top = await api("/v1/dashboard/top?range=24h&dimension=command");
+  const firstTop = await page.textContent("#top-command tr:nth-child(2) td:first-child");
+  check(firstTop === top.items[0].key, `top command is ${top.items[0].key}`);
+  check((await page.$$("#chart polyline")).length === 1, "the time-series chart is drawn");
+
+  // A new event appears in the live feed without a reload.
+  const id = crypto.randomUUID();
+  const res = await fetch(ingest + "/v1/events", {
+    method: "POST",
+    headers: { Authorization: "Bearer " + ingestKey, "Content-Type": "application/json" },
+    body: JSON.stringify({ id, type: "command.executed", occurred_at: new Date().toISOString(),
+      data: { user_id: "browser-user", command_name: "live-check", duration_ms: 42, status: "success" } }),
+  });
+  check(res.status === 202, "the event was accepted");
+  await page.waitForSelector(`#feed li[data-event-id="${id}"]`, { timeout: 20000 });
+  check((await page.textContent(`#feed li[data-event-id="${id}"]`)).includes("live-check"), "the live feed shows it");
+
+  await page.screenshot({ path: shot, fullPage: true });
+  console.log(`screenshot: ${shot}`);
+} finally {
+  await browser.close();
+}

@@ -1,0 +1,108 @@
+//! The dashboard page in a real browser: headless Chromium (Debian's package), driven by
+//! `tests/browser/dashboard.mjs` (playwright-core), signs in, compares the page's numbers
+//! with the API's, sees a new event arrive in the live feed, and saves a screenshot.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use shared::jwt::Role;
+use tally_tests::events::Generator;
+use tally_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dashboard_page_works_in_headless_chromium() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let query_port = free_port();
+    let ingest = start_ingest(&common, |c| {
+        c.cors_origins = format!("http://127.0.0.1:{query_port}");
+    })
+    .await;
+    let ingest_url = ingest.url();
+    let query = start_query(&common, |c| {
+        c.http_addr = format!("127.0.0.1:{query_port}");
+        c.jwks_url = format!("{ingest_url}/.well-known/jwks.json");
+        c.ingest_url = ingest_url.clone();
+    })
+    .await;
+    let projector = start_projector(&common).await;
+    let client = http();
+    let t = create_tenant(&pool, "browser").await;
+    let email = format!("owner-{}@example.com", uuid::Uuid::new_v4().simple());
+    ingest_api::admin::create_user(
+        &pool,
+        "",
+        ingest_api::admin::NewUser {
+            tenant: t.id,
+            email: &email,
+            password: "Browser-Pass-1",
+            role: Role::Owner,
+            external_id: None,
+            teams: &[],
+        },
+    )
+    .await
+    .unwrap();
+    let mut generator = Generator::new(5, "web", 6, chrono::Duration::hours(3));
+    let batch = Value::Array(generator.batch(300));
+    assert_eq!(
+        post_events(&client, &ingest.url(), &t.ingest_key, &batch)
+            .await
+            .status(),
+        202
+    );
+    wait_projected(&pool, t.id, 300, Duration::from_secs(60)).await;
+
+    // The page itself is served with a restrictive content security policy.
+    let res = client
+        .get(format!("{}/", query.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("default-src 'self'"));
+
+    let shot = bin_dir().join("tally-dashboard.png");
+    let script = repo_root().join("tests/browser/dashboard.mjs");
+    let query_url = query.url();
+    let ingest_key = t.ingest_key.clone();
+    let shot_path = shot.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(script)
+            .current_dir(repo_root().join("tests/browser"))
+            .env("QUERY_URL", query_url)
+            .env("INGEST_URL", ingest_url)
+            .env("EMAIL", email)
+            .env("PASSWORD", "Browser-Pass-1")
+            .env("INGEST_KEY", ingest_key)
+            .env("SCREENSHOT", &shot_path)
+            .output()
+            .expect("node runs (make test installs Node.js packages and Chromium)")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success(),
+        "browser test failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("ok - the live feed shows it"));
+    assert!(
+        std::fs::metadata(&shot)
+            .map(|m| m.len() > 10_000)
+            .unwrap_or(false),
+        "screenshot saved"
+    );
+
+    projector.stop().await.unwrap();
+    ingest.stop().await.unwrap();
+    query.stop().await.unwrap();
+}
