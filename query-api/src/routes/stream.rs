@@ -1,4 +1,5 @@
-//! `GET /v1/stream`: Server-Sent Events of the caller's new activity, tenant- and scope-bound.
+//! `GET /v1/stream`: Server-Sent Events of the caller's new activity (`activity` events) and,
+//! after each burst, the updated 24-hour totals (`totals` events), tenant- and scope-bound.
 //!
 //! The projector publishes `tally:projected:<tenant>` in Redis after each commit; a single
 //! subscriber here wakes the streams of that tenant, which then read what was projected since
@@ -157,6 +158,53 @@ async fn since(
         .await
 }
 
+/// Running totals of the last 24 hours, sent after each burst of activity.
+#[derive(Debug, Serialize)]
+struct Totals {
+    events_24h: i64,
+    commands_24h: i64,
+    command_errors_24h: i64,
+    as_of: Option<DateTime<Utc>>,
+}
+
+async fn totals(
+    s: &AppState,
+    tenant: TenantId,
+    visibility: &Visibility,
+) -> Result<Totals, sqlx::Error> {
+    let mut tx = s.pool.begin().await?;
+    let version: i32 = sqlx::query_scalar(
+        "SELECT active_version FROM control.projection_versions WHERE projection = 'metrics'",
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    .unwrap_or(1);
+    let schema = tenant.schema(version);
+    tenant_sql::enter_tenant_readonly(&mut tx, tenant, &schema).await?;
+    let (user_filter, team_filter) = visibility.filters();
+    let (events, commands, errors): (i64, i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(count), 0)::bigint,
+                coalesce(sum(count) FILTER (WHERE event_type = 'command.executed'), 0)::bigint,
+                coalesce(sum(errors) FILTER (WHERE event_type = 'command.executed'), 0)::bigint
+           FROM activity_1m
+          WHERE bucket >= now() - interval '24 hours'
+            AND ($1::text IS NULL OR user_id = $1) AND ($2::text[] IS NULL OR team_id = ANY($2))",
+    )
+    .bind(user_filter)
+    .bind(team_filter)
+    .fetch_one(&mut *tx)
+    .await?;
+    let as_of: Option<DateTime<Utc>> = sqlx::query_scalar("SELECT as_of FROM projection_state")
+        .fetch_one(&mut *tx)
+        .await?;
+    Ok(Totals {
+        events_24h: events,
+        commands_24h: commands,
+        command_errors_24h: errors,
+        as_of,
+    })
+}
+
 /// An event id of the stream: `<received_at µs>.<event id>`.
 fn parse_event_id(s: &str) -> Option<(DateTime<Utc>, Uuid)> {
     let (t, id) = s.split_once('.')?;
@@ -180,40 +228,57 @@ pub async fn stream(
     let (tenant, visibility) = (reader.tenant, reader.visibility);
     let wake = s.hub.subscribe(tenant);
     metrics::gauge!("sse_connections").increment(1.0);
-    let state = (s, wake, start, Vec::<Item>::new());
-    let events = futures::stream::unfold(state, move |(s, mut wake, mut cursor, mut queue)| {
-        let visibility = visibility.clone();
-        async move {
-            loop {
-                if let Some(item) = (!queue.is_empty()).then(|| queue.remove(0)) {
-                    cursor = cursor.max((item.received_at, item.event_id));
-                    let event = Event::default()
-                        .event("activity")
-                        .id(format!(
-                            "{}.{}",
-                            item.received_at.timestamp_micros(),
-                            item.event_id
-                        ))
-                        .json_data(&item)
-                        .unwrap_or_else(|_| Event::default().comment("unserializable"));
-                    return Some((Ok(event), (s, wake, cursor, queue)));
-                }
-                if s.shutdown.is_set() {
-                    metrics::gauge!("sse_connections").decrement(1.0);
-                    return None;
-                }
-                match since(&s, tenant, &visibility, cursor).await {
-                    Ok(items) if !items.is_empty() => {
-                        queue = items;
-                        continue;
+    let state = (s, wake, start, Vec::<Item>::new(), false);
+    let events = futures::stream::unfold(
+        state,
+        move |(s, mut wake, mut cursor, mut queue, mut totals_due)| {
+            let visibility = visibility.clone();
+            async move {
+                loop {
+                    if queue.is_empty() && totals_due {
+                        totals_due = false;
+                        match totals(&s, tenant, &visibility).await {
+                            Ok(t) => {
+                                let event = Event::default()
+                                    .event("totals")
+                                    .json_data(&t)
+                                    .unwrap_or_else(|_| Event::default().comment("unserializable"));
+                                return Some((Ok(event), (s, wake, cursor, queue, totals_due)));
+                            }
+                            Err(e) => tracing::warn!(error = %e, "live totals query failed"),
+                        }
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "live feed query failed"),
+                    if let Some(item) = (!queue.is_empty()).then(|| queue.remove(0)) {
+                        cursor = cursor.max((item.received_at, item.event_id));
+                        let event = Event::default()
+                            .event("activity")
+                            .id(format!(
+                                "{}.{}",
+                                item.received_at.timestamp_micros(),
+                                item.event_id
+                            ))
+                            .json_data(&item)
+                            .unwrap_or_else(|_| Event::default().comment("unserializable"));
+                        return Some((Ok(event), (s, wake, cursor, queue, totals_due)));
+                    }
+                    if s.shutdown.is_set() {
+                        metrics::gauge!("sse_connections").decrement(1.0);
+                        return None;
+                    }
+                    match since(&s, tenant, &visibility, cursor).await {
+                        Ok(items) if !items.is_empty() => {
+                            queue = items;
+                            totals_due = true;
+                            continue;
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "live feed query failed"),
+                    }
+                    // Wait for the projector's notification, or check again in 2 s.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), wake.recv()).await;
                 }
-                // Wait for the projector's notification, or check again in 2 s.
-                let _ = tokio::time::timeout(Duration::from_secs(2), wake.recv()).await;
             }
-        }
-    });
+        },
+    );
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }

@@ -158,3 +158,35 @@ async fn revoked_keys_and_deactivated_tenants_are_refused_within_the_cache_delay
     ingest.stop().await.unwrap();
     query.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_redis_dashboards_answer_uncached() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let projector = start_projector(&common).await;
+    let mut no_redis = common.clone();
+    no_redis.redis_url = format!("redis://127.0.0.1:{}", free_port());
+    let query = start_query(&no_redis, |_| {}).await;
+    let client = http();
+    let t = create_tenant(&pool, "cacheless").await;
+    let res = post_events(&client, &ingest.url(), &t.ingest_key, &one_event()).await;
+    assert_eq!(res.status(), 202);
+    wait_projected(&pool, t.id, 1, Duration::from_secs(60)).await;
+    for _ in 0..2 {
+        let res = client
+            .get(format!("{}/v1/dashboard/overview?range=1h", query.url()))
+            .bearer_auth(&t.read_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-cache"], "miss", "no cache without Redis");
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(body["events_total"], 1);
+    }
+    projector.stop().await.unwrap();
+    ingest.stop().await.unwrap();
+    query.stop().await.unwrap();
+}

@@ -7,12 +7,15 @@ use serde_json::Value;
 use tally_tests::*;
 use tokio::sync::mpsc;
 
-/// Opens `/v1/stream` and forwards each (id, data) it receives.
-async fn listen(
-    query: &str,
-    key: &str,
-    last_event_id: Option<&str>,
-) -> mpsc::UnboundedReceiver<(String, Value)> {
+/// The activity events (id, data) and the totals events of one stream.
+type Feeds = (
+    mpsc::UnboundedReceiver<(String, Value)>,
+    mpsc::UnboundedReceiver<Value>,
+);
+
+/// Opens `/v1/stream` and forwards each `activity` (id, data) it receives; `totals` events go
+/// to the second receiver.
+async fn listen(query: &str, key: &str, last_event_id: Option<&str>) -> Feeds {
     let mut req = reqwest::Client::new()
         .get(format!("{query}/v1/stream"))
         .bearer_auth(key);
@@ -26,6 +29,7 @@ async fn listen(
         .unwrap()
         .starts_with("text/event-stream"));
     let (tx, rx) = mpsc::unbounded_channel();
+    let (totals_tx, totals_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut buf = String::new();
         while let Ok(Some(chunk)) = res.chunk().await {
@@ -34,21 +38,35 @@ async fn listen(
                 let frame: String = buf.drain(..end + 2).collect();
                 let mut id = String::new();
                 let mut data = String::new();
+                let mut kind = String::from("message");
                 for line in frame.lines() {
-                    if let Some(v) = line.strip_prefix("id:") {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        kind = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("id:") {
                         id = v.trim().to_string();
                     } else if let Some(v) = line.strip_prefix("data:") {
                         data.push_str(v.trim());
                     }
                 }
-                if !data.is_empty() && tx.send((id, serde_json::from_str(&data).unwrap())).is_err()
-                {
+                if data.is_empty() {
+                    continue;
+                }
+                let value: Value = serde_json::from_str(&data).unwrap();
+                let sent = match kind.as_str() {
+                    // Nobody listening for totals is fine.
+                    "totals" => {
+                        let _ = totals_tx.send(value);
+                        true
+                    }
+                    _ => tx.send((id, value)).is_ok(),
+                };
+                if !sent {
                     return;
                 }
             }
         }
     });
-    rx
+    (rx, totals_rx)
 }
 
 async fn take(rx: &mut mpsc::UnboundedReceiver<(String, Value)>, n: usize) -> Vec<(String, Value)> {
@@ -76,8 +94,8 @@ async fn live_feeds_carry_only_their_tenant_and_resume() {
     let a = create_tenant(&pool, "live-a").await;
     let b = create_tenant(&pool, "live-b").await;
 
-    let mut feed_a = listen(&query.url(), &a.read_key, None).await;
-    let mut feed_b = listen(&query.url(), &b.read_key, None).await;
+    let (mut feed_a, mut totals_a) = listen(&query.url(), &a.read_key, None).await;
+    let (mut feed_b, _totals_b) = listen(&query.url(), &b.read_key, None).await;
     let sent_at = Instant::now();
     let batch_a = Value::Array(
         (0..3)
@@ -119,8 +137,22 @@ async fn live_feeds_carry_only_their_tenant_and_resume() {
     unique.dedup();
     assert_eq!(unique.len(), 3);
 
+    // After the burst comes the tenant's updated totals (its own events only).
+    let totals = tokio::time::timeout(Duration::from_secs(10), totals_a.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            totals["events_24h"].as_i64(),
+            totals["commands_24h"].as_i64()
+        ),
+        (Some(3), Some(3)),
+        "{totals}"
+    );
+
     // Reconnecting after the first event resumes with the other two.
-    let mut again = listen(&query.url(), &a.read_key, Some(&got_a[0].0)).await;
+    let (mut again, _) = listen(&query.url(), &a.read_key, Some(&got_a[0].0)).await;
     let resumed = take(&mut again, 2).await;
     let resumed_ids: Vec<&str> = resumed
         .iter()
