@@ -15,6 +15,7 @@ macro_rules! by_grain {
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod cursor;
 pub mod range;
 pub mod routes;
 pub mod state;

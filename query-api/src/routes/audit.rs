@@ -4,8 +4,6 @@
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::events::FieldError;
@@ -51,20 +49,6 @@ fn bad(field: &str, reason: &str) -> Problem {
     Problem::bad_request("invalid-parameter", format!("{field}: {reason}")).with_errors(vec![e])
 }
 
-fn decode_cursor(c: &str) -> Result<(DateTime<Utc>, Uuid), Problem> {
-    let invalid = || bad("cursor", "not a cursor this API returned");
-    let raw = URL_SAFE_NO_PAD.decode(c).map_err(|_| invalid())?;
-    let text = String::from_utf8(raw).map_err(|_| invalid())?;
-    let (t, id) = text.split_once('|').ok_or_else(invalid)?;
-    let t = DateTime::parse_from_rfc3339(t).map_err(|_| invalid())?;
-    let id = Uuid::parse_str(id).map_err(|_| invalid())?;
-    Ok((t.with_timezone(&Utc), id))
-}
-
-fn encode_cursor(e: &Entry) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}|{}", e.occurred_at.to_rfc3339(), e.event_id))
-}
-
 pub async fn audit(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -85,7 +69,11 @@ pub async fn audit(
     if !(1..=1000).contains(&limit) {
         return Err(bad("limit", "must be 1..=1000"));
     }
-    let cursor = p.cursor.as_deref().map(decode_cursor).transpose()?;
+    let cursor = p
+        .cursor
+        .as_deref()
+        .map(crate::cursor::decode::<Uuid>)
+        .transpose()?;
     let db = |e: sqlx::Error| {
         tracing::error!(error = %e, "audit query failed");
         Problem::unavailable("the projection database is unavailable", 2)
@@ -133,7 +121,11 @@ pub async fn audit(
     .await
     .map_err(db)?;
     let next_cursor = (entries.len() as i64 == limit)
-        .then(|| entries.last().map(encode_cursor))
+        .then(|| {
+            entries
+                .last()
+                .map(|e| crate::cursor::encode(e.occurred_at, e.event_id))
+        })
         .flatten();
     Ok(Json(AuditPage {
         entries,

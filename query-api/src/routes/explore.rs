@@ -4,8 +4,6 @@
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::events::{EventType, FieldError};
@@ -295,18 +293,6 @@ const FEED_SQL: &str = concat!(
     ") feed ORDER BY occurred_at DESC, event_id DESC LIMIT $11"
 );
 
-fn decode_cursor(c: &str) -> Result<(DateTime<Utc>, Uuid), Problem> {
-    let invalid = || bad(FieldError::new("cursor", "not a cursor this API returned"));
-    let raw = URL_SAFE_NO_PAD.decode(c).map_err(|_| invalid())?;
-    let text = String::from_utf8(raw).map_err(|_| invalid())?;
-    let (t, id) = text.split_once('|').ok_or_else(invalid)?;
-    let t = DateTime::parse_from_rfc3339(t).map_err(|_| invalid())?;
-    Ok((
-        t.with_timezone(&Utc),
-        Uuid::parse_str(id).map_err(|_| invalid())?,
-    ))
-}
-
 /// `GET /v1/dashboard/activity`
 pub async fn activity(
     State(s): State<AppState>,
@@ -329,7 +315,11 @@ pub async fn activity(
             )));
         }
     }
-    let cursor = p.cursor.as_deref().map(decode_cursor).transpose()?;
+    let cursor = p
+        .cursor
+        .as_deref()
+        .map(crate::cursor::decode::<Uuid>)
+        .transpose()?;
     let tenant = reader.tenant;
     let visibility = reader.visibility;
     let key = format!(
@@ -371,9 +361,10 @@ pub async fn activity(
             .await
             .map_err(db_error)?;
         if page.items.len() as i64 == limit {
-            page.next_cursor = page.items.last().map(|i| {
-                URL_SAFE_NO_PAD.encode(format!("{}|{}", i.occurred_at.to_rfc3339(), i.event_id))
-            });
+            page.next_cursor = page
+                .items
+                .last()
+                .map(|i| crate::cursor::encode(i.occurred_at, i.event_id));
         }
         Ok(page)
     })

@@ -4,8 +4,6 @@ use axum::body::to_bytes;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -124,20 +122,8 @@ pub async fn sessions(
     if !(1..=1000).contains(&limit) {
         return Err(bad(FieldError::new("limit", "must be 1..=1000")));
     }
-    let cursor = match p.cursor.as_deref() {
-        None => None,
-        Some(c) => {
-            let invalid = || bad(FieldError::new("cursor", "not a cursor this API returned"));
-            let text = URL_SAFE_NO_PAD
-                .decode(c)
-                .ok()
-                .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(invalid)?;
-            let (t, id) = text.split_once('|').ok_or_else(invalid)?;
-            let t = DateTime::parse_from_rfc3339(t).map_err(|_| invalid())?;
-            Some((t.with_timezone(&Utc), id.to_string()))
-        }
-    };
+    let cursor: Option<(DateTime<Utc>, String)> =
+        p.cursor.as_deref().map(crate::cursor::decode).transpose()?;
     let (tenant, visibility) = (reader.tenant, reader.visibility);
     let key = format!(
         "sessions:{}:{}:{}:{:?}:{limit}:{:?}",
@@ -184,7 +170,7 @@ pub async fn sessions(
             page.next_cursor = page.sessions.last().and_then(|r| {
                 r.started_at
                     .or(r.ended_at)
-                    .map(|t| URL_SAFE_NO_PAD.encode(format!("{}|{}", t.to_rfc3339(), r.session_id)))
+                    .map(|t| crate::cursor::encode(t, &r.session_id))
             });
         }
         Ok(page)
