@@ -11,6 +11,7 @@ mod dlq;
 mod explore;
 mod isolation;
 mod kafka_down;
+mod late;
 mod login;
 mod pipeline;
 mod sso;

@@ -1,0 +1,130 @@
+//! Late and out-of-order events land in the buckets of when they happened (partitions are
+//! created for old days on demand), and events older than the retention window are refused
+//! at ingest with a clear error.
+
+use std::time::Duration;
+
+use chrono::{DurationRound, TimeDelta, Utc};
+use serde_json::{json, Value};
+use tally_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn late_events_land_in_their_own_day() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let projector = start_projector(&common).await;
+    let query = start_query(&common, |_| {}).await;
+    let client = http();
+    let t = create_tenant(&pool, "late").await;
+
+    let now = Utc::now();
+    let at = |days: i64, n: i64| -> Vec<Value> {
+        (0..n)
+            .map(|i| {
+                json!({"type": "command.executed", "occurred_at": (now - TimeDelta::days(days) - TimeDelta::minutes(i)).to_rfc3339(),
+                       "data": {"user_id": "u", "command_name": "c", "duration_ms": 1, "status": "success"}})
+            })
+            .collect()
+    };
+    // Newest first, then the oldest, then the middle: out of order on purpose.
+    for batch in [at(0, 2), at(40, 3), at(10, 4)] {
+        assert_eq!(
+            post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(batch))
+                .await
+                .status(),
+            202
+        );
+    }
+    wait_projected(&pool, t.id, 9, Duration::from_secs(60)).await;
+
+    let day = |d: i64| {
+        (now - TimeDelta::days(d))
+            .duration_trunc(TimeDelta::days(1))
+            .unwrap()
+    };
+    let from = day(41).to_rfc3339();
+    let to = (day(0) + TimeDelta::days(1)).to_rfc3339();
+    let res = client
+        .get(format!("{}/v1/dashboard/timeseries", query.url()))
+        .query(&[
+            ("from", from.as_str()),
+            ("to", to.as_str()),
+            ("bucket", "1d"),
+        ])
+        .bearer_auth(&t.read_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let ts: Value = res.json().await.unwrap();
+    let points: Vec<(String, i64)> = ts["series"][0]["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["t"].as_str().unwrap().to_string(),
+                p["count"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let key = |d: i64| day(d).format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    // Minutes back from `now` may cross midnight; count per day of the events themselves.
+    let mut expected: std::collections::BTreeMap<String, i64> = Default::default();
+    for (d, n) in [(0, 2), (40, 3), (10, 4)] {
+        for i in 0..n {
+            let when = (now - TimeDelta::days(d) - TimeDelta::minutes(i))
+                .duration_trunc(TimeDelta::days(1))
+                .unwrap();
+            *expected
+                .entry(when.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                .or_default() += 1;
+        }
+    }
+    let got: std::collections::BTreeMap<String, i64> = points.into_iter().collect();
+    assert_eq!(
+        got,
+        expected,
+        "per-day counts (days {}, {}, {})",
+        key(40),
+        key(10),
+        key(0)
+    );
+
+    // Each of those days has its own partition (created on demand for the late ones).
+    let parts: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = $1 AND c.relname LIKE 'command_executions_p%'",
+    )
+    .bind(t.id.schema(1).as_str())
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        parts >= 9 + 2,
+        "7 days ahead + yesterday + today + the two late days: {parts}"
+    );
+
+    // Older than the retention window: refused, with the field and the reason.
+    let res = post_events(
+        &client,
+        &ingest.url(),
+        &t.ingest_key,
+        &Value::Array(at(91, 1)),
+    )
+    .await;
+    assert_eq!(res.status(), 422);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["errors"][0]["field"], "occurred_at");
+    assert!(body["errors"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("retention"));
+
+    projector.stop().await.unwrap();
+    ingest.stop().await.unwrap();
+    query.stop().await.unwrap();
+}
