@@ -376,22 +376,24 @@ async fn insert_raw(
         RawTable::ProductivityMetrics => insert_sql!("productivity_metrics"),
         RawTable::MetricSamples => insert_sql!("metric_samples"),
     };
-    let col = |f: fn(&RawRow) -> String| rows.iter().map(|r| f(r)).collect::<Vec<String>>();
+    // Columns are borrowed from the rows: nothing is copied on the way to the statement.
+    let col =
+        |f: for<'r> fn(&'r RawRow) -> &'r str| rows.iter().map(|r| f(r)).collect::<Vec<&str>>();
     sqlx::query_scalar(sql)
         .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.occurred_at).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.received_at).collect::<Vec<_>>())
-        .bind(col(|r| r.user_id.clone()))
-        .bind(col(|r| r.team_id.clone()))
-        .bind(col(|r| r.project_id.clone()))
-        .bind(col(|r| r.session_id.clone()))
-        .bind(col(|r| r.name.clone()))
-        .bind(col(|r| r.status.clone()))
+        .bind(col(|r| &r.user_id))
+        .bind(col(|r| &r.team_id))
+        .bind(col(|r| &r.project_id))
+        .bind(col(|r| &r.session_id))
+        .bind(col(|r| &r.name))
+        .bind(col(|r| &r.status))
         .bind(rows.iter().map(|r| r.duration_ms).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.input_tokens).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.output_tokens).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.value).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.data.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| &r.data).collect::<Vec<_>>())
         .fetch_all(conn)
         .await
 }

@@ -57,5 +57,22 @@ pub async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
         crate::tenant_sql::grant_reader(&mut tx, tenant, &tenant.schema(version)).await?;
     }
     tx.commit().await?;
+    // Tenant schemas made from older templates get the newer ones now, not only when the
+    // projector next writes to that tenant (an idle tenant's dashboards need them too).
+    let behind: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
+        "SELECT tenant_id, version FROM control.tenant_schemas WHERE template_version < $1",
+    )
+    .bind(1 + crate::tenant_sql::LATER_TEMPLATES.len() as i32)
+    .fetch_all(pool)
+    .await?;
+    let mut conn = pool.acquire().await?;
+    for (tenant, version) in behind {
+        crate::tenant_sql::create_tenant_schema(
+            &mut conn,
+            crate::tenant::TenantId(tenant),
+            version,
+        )
+        .await?;
+    }
     Ok(())
 }

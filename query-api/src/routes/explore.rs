@@ -202,11 +202,7 @@ pub async fn top(
         Ok(list)
     })
     .await?;
-    if csv {
-        super::tables::as_csv(res, "items").await
-    } else {
-        Ok(res)
-    }
+    super::tables::respond(res, csv, "items").await
 }
 
 #[derive(Debug, Deserialize)]
@@ -251,47 +247,19 @@ pub struct ActivityPage {
     pub next_cursor: Option<String>,
 }
 
-/// One part of the feed per raw table; every part has the same filters.
-macro_rules! feed_part {
-    ($table:literal, $type_expr:literal) => {
-        concat!(
-            "SELECT event_id, occurred_at, ",
-            $type_expr,
-            " AS event_type, user_id, team_id,
-                    project_id, session_id, name, status, duration_ms, input_tokens,
-                    output_tokens, value
-               FROM ",
-            $table,
-            "
-              WHERE occurred_at >= $1 AND occurred_at < $2
-                AND ($3::text IS NULL OR user_id = $3)
-                AND ($4::text IS NULL OR ",
-            $type_expr,
-            " = $4)
-                AND ($5::text IS NULL OR status = $5)
-                AND ($6::text IS NULL OR name = $6)
-                AND ($7::timestamptz IS NULL OR (occurred_at, event_id) < ($7, $8))
-                AND ($9::text IS NULL OR user_id = $9)
-                AND ($10::text[] IS NULL OR team_id = ANY($10))"
-        )
-    };
-}
-
-const FEED_SQL: &str = concat!(
-    "SELECT * FROM (",
-    feed_part!("command_executions", "'command.executed'"),
-    " UNION ALL ",
-    feed_part!("agent_interactions", "'agent.interacted'"),
-    " UNION ALL ",
-    feed_part!("tool_executions", "'tool.executed'"),
-    " UNION ALL ",
-    feed_part!("session_events", "('session.' || name)"),
-    " UNION ALL ",
-    feed_part!("productivity_metrics", "'productivity.recorded'"),
-    " UNION ALL ",
-    feed_part!("metric_samples", "'metric.sample'"),
-    ") feed ORDER BY occurred_at DESC, event_id DESC LIMIT $11"
-);
+const FEED_SQL: &str = "SELECT event_id, occurred_at, event_type, user_id, team_id, project_id,
+        session_id, name, status, duration_ms, input_tokens, output_tokens, value
+   FROM activity_events
+  WHERE occurred_at >= $1 AND occurred_at < $2
+    AND ($3::text IS NULL OR user_id = $3)
+    AND ($4::text IS NULL OR event_type = $4)
+    AND ($5::text IS NULL OR status = $5)
+    AND ($6::text IS NULL OR name = $6)
+    AND ($7::timestamptz IS NULL OR (occurred_at, event_id) < ($7, $8))
+    AND ($9::text IS NULL OR user_id = $9)
+    AND ($10::text[] IS NULL OR team_id = ANY($10))
+  ORDER BY occurred_at DESC, event_id DESC
+  LIMIT $11";
 
 /// `GET /v1/dashboard/activity`
 pub async fn activity(
@@ -369,9 +337,5 @@ pub async fn activity(
         Ok(page)
     })
     .await?;
-    if csv {
-        super::tables::as_csv(res, "items").await
-    } else {
-        Ok(res)
-    }
+    super::tables::respond(res, csv, "items").await
 }

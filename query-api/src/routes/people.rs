@@ -175,11 +175,7 @@ pub async fn productivity(
         Ok(answer)
     })
     .await?;
-    if csv {
-        super::tables::as_csv(res, "users").await
-    } else {
-        Ok(res)
-    }
+    super::tables::respond(res, csv, "users").await
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -268,11 +264,7 @@ pub async fn teams(
         Ok(answer)
     })
     .await?;
-    if csv {
-        super::tables::as_csv(res, "teams").await
-    } else {
-        Ok(res)
-    }
+    super::tables::respond(res, csv, "teams").await
 }
 
 #[cfg(test)]

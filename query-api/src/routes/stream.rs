@@ -92,33 +92,13 @@ struct Item {
     duration_ms: i64,
 }
 
-macro_rules! since_part {
-    ($table:literal, $type_expr:literal) => {
-        concat!(
-            "SELECT event_id, occurred_at, received_at, ", $type_expr, " AS event_type, user_id,
-                    team_id, name, status, duration_ms
-               FROM ", $table, "
-              WHERE (received_at, event_id) > ($1, $5) AND occurred_at > $2
-                AND ($3::text IS NULL OR user_id = $3) AND ($4::text[] IS NULL OR team_id = ANY($4))"
-        )
-    };
-}
-
-const SINCE_SQL: &str = concat!(
-    "SELECT * FROM (",
-    since_part!("command_executions", "'command.executed'"),
-    " UNION ALL ",
-    since_part!("agent_interactions", "'agent.interacted'"),
-    " UNION ALL ",
-    since_part!("tool_executions", "'tool.executed'"),
-    " UNION ALL ",
-    since_part!("session_events", "('session.' || name)"),
-    " UNION ALL ",
-    since_part!("productivity_metrics", "'productivity.recorded'"),
-    " UNION ALL ",
-    since_part!("metric_samples", "'metric.sample'"),
-    ") s ORDER BY received_at, event_id LIMIT 1000"
-);
+const SINCE_SQL: &str = "SELECT event_id, occurred_at, received_at, event_type, user_id, team_id,
+        name, status, duration_ms
+   FROM activity_events
+  WHERE (received_at, event_id) > ($1, $5) AND occurred_at > $2
+    AND ($3::text IS NULL OR user_id = $3) AND ($4::text[] IS NULL OR team_id = ANY($4))
+  ORDER BY received_at, event_id
+  LIMIT 1000";
 
 /// Events of the tenant projected after `since` (by server time), oldest first.
 async fn since(

@@ -26,6 +26,15 @@ pub fn wants_csv(format: Option<&str>) -> Result<bool, Problem> {
     }
 }
 
+/// The answer as computed (JSON), or as CSV of its array `field` when `csv` was asked for.
+pub async fn respond(res: Response, csv: bool, field: &str) -> Result<Response, Problem> {
+    if csv {
+        as_csv(res, field).await
+    } else {
+        Ok(res)
+    }
+}
+
 /// Turns a JSON answer into CSV (RFC 4180 quoting): the rows are the objects of its array
 /// `field`; the columns are their keys, in alphabetical order; nested values are written as
 /// JSON.
@@ -176,11 +185,7 @@ pub async fn sessions(
         Ok(page)
     })
     .await?;
-    if csv {
-        as_csv(res, "sessions").await
-    } else {
-        Ok(res)
-    }
+    respond(res, csv, "sessions").await
 }
 
 #[derive(Debug, Deserialize)]
