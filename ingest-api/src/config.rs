@@ -17,7 +17,8 @@ pub struct Config {
     pub produce_timeout_ms: u64,
     /// How far in the future `occurred_at` may be (client clock skew).
     pub max_future_skew_secs: i64,
-    /// How old `occurred_at` may be: the raw retention window.
+    /// Upper bound on how old `occurred_at` may be; each tenant's own raw retention
+    /// (`control.tenants.raw_retention_days`) applies within it.
     pub retention_days: i64,
     /// Failed logins per account within `login_window_secs` before it is locked out.
     pub login_max_failures: u32,

@@ -8,7 +8,7 @@ use shared::config::Common;
 pub struct Config {
     #[serde(flatten)]
     pub common: Common,
-    /// Name of this projection in `control.projector_offsets` / `projection_versions`.
+    /// Name of this projection in `control.projector_offsets`.
     pub projection: String,
     /// Consumer group; every projection version has its own.
     pub consumer_group: String,
@@ -22,6 +22,11 @@ pub struct Config {
     pub partitions_ahead_days: i64,
     /// How soon the group notices a dead instance and hands its partitions to another.
     pub consumer_session_timeout_ms: u64,
+    /// How often retention runs (drops old partitions, creates the coming days').
+    pub retention_interval_secs: u64,
+    /// How long `replay` waits after switching before it drops the old version, so that
+    /// requests that started on it finish.
+    pub replay_drop_grace_secs: u64,
 }
 
 impl Default for Config {
@@ -35,6 +40,8 @@ impl Default for Config {
             http_addr: "127.0.0.1:9102".into(),
             partitions_ahead_days: 7,
             consumer_session_timeout_ms: 10_000,
+            retention_interval_secs: 3600,
+            replay_drop_grace_secs: 10,
         }
     }
 }

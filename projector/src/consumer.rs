@@ -102,7 +102,6 @@ pub struct Projector {
     log: Arc<RebalanceLog>,
     topic: String,
     dlq_topic: String,
-    version: i32,
     positions: HashMap<i32, Position>,
     prepared: Prepared,
 }
@@ -114,7 +113,6 @@ impl Projector {
         config: Config,
         pool: PgPool,
         redis: Option<ConnectionManager>,
-        version: i32,
         topic: String,
         dlq_topic: String,
         group: String,
@@ -145,7 +143,6 @@ impl Projector {
             consumer: Arc::new(consumer),
             dlq,
             log,
-            version,
             positions: HashMap::new(),
             prepared: Prepared::default(),
         })
@@ -306,10 +303,15 @@ impl Projector {
         let mut backoff = Duration::from_millis(200);
         let result = loop {
             let attempt = async {
+                let tenants = store::tenants_of(&batch.events);
+                let mut conn = self.pool.acquire().await?;
+                let versions =
+                    shared::tenant_sql::active_versions(&mut conn, &tenants, false).await?;
+                drop(conn);
                 store::prepare(
                     &self.pool,
                     &mut self.prepared,
-                    self.version,
+                    &versions,
                     self.config.partitions_ahead_days,
                     &batch.events,
                 )
@@ -318,13 +320,17 @@ impl Projector {
                     &self.pool,
                     &self.config.projection,
                     &self.topic,
-                    self.version,
+                    store::Target::Live(&versions),
                     &batch.events,
                     &batch.offsets,
                 )
                 .await
             };
             match attempt.await {
+                Err(WriteError::VersionMoved) => {
+                    tracing::info!("a replay switched projection versions; preparing again");
+                    self.prepared.clear();
+                }
                 Err(WriteError::Db(e)) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "batch write failed; retrying");
                     metrics::counter!("projector_write_retries_total").increment(1);
@@ -368,7 +374,9 @@ impl Projector {
                     }
                 }
             }
-            Err(WriteError::Db(_)) => unreachable!("database errors are retried above"),
+            Err(WriteError::Db(_) | WriteError::VersionMoved) => {
+                unreachable!("database errors and version moves are retried above")
+            }
         }
     }
 
@@ -448,7 +456,7 @@ impl Projector {
     }
 }
 
-fn decode(payload: Option<&[u8]>) -> Result<Decoded, String> {
+pub(crate) fn decode(payload: Option<&[u8]>) -> Result<Decoded, String> {
     let bytes = payload.ok_or("record has no payload")?;
     let env: Envelope =
         serde_json::from_slice(bytes).map_err(|e| format!("undecodable envelope: {e}"))?;

@@ -6,6 +6,8 @@ mod sql;
 
 pub mod config;
 pub mod consumer;
+pub mod replay;
+pub mod retention;
 pub mod rollup;
 pub mod rows;
 pub mod store;
@@ -28,17 +30,6 @@ pub use config::Config;
 
 pub use shared::db::migrate;
 
-/// The active version of a projection (replay builds others).
-pub async fn active_version(pool: &PgPool, projection: &str) -> sqlx::Result<i32> {
-    let v: Option<i32> = sqlx::query_scalar(
-        "SELECT active_version FROM control.projection_versions WHERE projection = $1",
-    )
-    .bind(projection)
-    .fetch_optional(pool)
-    .await?;
-    Ok(v.unwrap_or(1))
-}
-
 #[derive(Clone)]
 struct HttpState {
     pool: PgPool,
@@ -52,6 +43,8 @@ pub struct App {
     /// One consume loop for the metric events, one for the auth events.
     projectors: Vec<consumer::Projector>,
     state: HttpState,
+    retention_every: Duration,
+    ahead_days: i64,
 }
 
 impl App {
@@ -64,7 +57,6 @@ impl App {
         shared::kafka::ensure_topics(common, &common.all_topics())
             .await
             .context("creating topics")?;
-        let version = active_version(&pool, &config.projection).await?;
         let redis = shared::redis_client::connect(&common.redis_url).await;
         let listener = TcpListener::bind(&config.http_addr)
             .await
@@ -78,7 +70,6 @@ impl App {
             config.clone(),
             pool.clone(),
             redis.clone(),
-            version,
             config.common.metrics_topic(),
             config.common.metrics_dlq_topic(),
             config.consumer_group.clone(),
@@ -87,7 +78,6 @@ impl App {
             config.clone(),
             pool,
             redis,
-            version,
             config.common.auth_topic(),
             config.common.auth_dlq_topic(),
             format!("{}-auth", config.consumer_group),
@@ -96,6 +86,8 @@ impl App {
             listener,
             projectors: vec![metrics_loop, auth_loop],
             state,
+            retention_every: Duration::from_secs(config.retention_interval_secs.max(1)),
+            ahead_days: config.partitions_ahead_days,
         })
     }
 
@@ -127,12 +119,19 @@ impl App {
             let _ = http_stop.changed().await;
         });
         let http = tokio::spawn(async move { server.await });
+        let retention = tokio::spawn(retention::run_periodically(
+            self.state.pool.clone(),
+            self.retention_every,
+            self.ahead_days,
+            rx.clone(),
+        ));
         let loops = self
             .projectors
             .into_iter()
             .map(|p| p.run(rx.clone(), self.state.shutdown.clone()));
         let result = futures::future::try_join_all(loops).await.map(|_| ());
         let _ = http.await;
+        let _ = retention.await;
         self.state.pool.close().await;
         result
     }

@@ -20,6 +20,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rebuild projections from offset 0 into a new version, switch to it when it has
+    /// caught up, and drop the old one. The current version serves until the switch.
+    Replay {
+        /// Only this tenant (default: every tenant).
+        #[arg(long)]
+        tenant: Option<shared::tenant::TenantId>,
+        /// Print the final report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply retention once: drop partitions and rollup rows older than each tenant's
+    /// windows, create the coming days' partitions.
+    Retention,
     /// Inspect dead letters and send them back after a fix.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -77,6 +90,48 @@ async fn main() -> anyhow::Result<()> {
             let app = App::build(config).await?;
             tracing::info!(addr = %app.local_addr(), "projector running");
             app.run_until(shared::health::shutdown_signal()).await?;
+        }
+        Command::Replay { tenant, json } => {
+            let pool = shared::db::pool(&config.common, "tally-projector-replay")?;
+            let report = projector::replay::replay(
+                &config,
+                &pool,
+                tenant,
+                std::time::Duration::from_secs(2),
+                &mut |p| {
+                    eprintln!(
+                        "replay {}: {} records read, {} events projected, {:.0} records/s, lag {}, ETA {}",
+                        p.phase,
+                        p.records,
+                        p.projected,
+                        p.rate,
+                        p.lag,
+                        p.eta_secs.map_or("-".into(), |s| format!("{s:.0} s"))
+                    )
+                },
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "replayed {} tenant(s): {} records read, {} events projected in {:.1} s ({:.0} records/s); switch held live writes {:.0} ms",
+                    report.tenants,
+                    report.records,
+                    report.projected,
+                    report.seconds,
+                    report.records_per_sec,
+                    report.switch_ms
+                );
+                for (t, old, new) in &report.versions {
+                    println!("  {t}: v{old} -> v{new} (v{old} dropped)");
+                }
+            }
+        }
+        Command::Retention => {
+            let pool = shared::db::pool(&config.common, "tally-projector-retention")?;
+            let pass = projector::retention::run_once(&pool, config.partitions_ahead_days).await?;
+            println!("{}", serde_json::to_string_pretty(&pass)?);
         }
         Command::Status { json } => {
             let pool = shared::db::pool(&config.common, "tally-projector-status")?;

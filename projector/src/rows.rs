@@ -85,7 +85,12 @@ impl RawRow {
             input_tokens: 0,
             output_tokens: 0,
             value: 0.0,
-            data: env.data.clone(),
+            // Events of an older schema version are stored as upcast (current form).
+            data: if env.schema_version < env.event_type.current_version() {
+                payload.to_value()
+            } else {
+                env.data.clone()
+            },
         };
         match payload {
             Payload::CommandExecuted(p) => {
@@ -111,6 +116,8 @@ impl RawRow {
                 row.duration_ms = p.duration_ms;
                 row.input_tokens = p.input_tokens;
                 row.output_tokens = p.output_tokens;
+                // Rollups sum `value`: for agent interactions, their cost.
+                row.value = p.cost_usd.unwrap_or(0.0);
             }
             Payload::ToolExecuted(p) => {
                 row.table = RawTable::ToolExecutions;

@@ -42,15 +42,24 @@ pub enum WriteError {
     /// advanced) the partition. Nothing was written.
     #[error("offsets of partition {partition} moved under us; batch rolled back")]
     Fenced { partition: i32 },
+    /// A replay switched a tenant of the batch to a new projection version after the batch
+    /// was prepared. Nothing was written; prepare again with the new versions.
+    #[error("a tenant's projection version changed; batch rolled back")]
+    VersionMoved,
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
 
-/// Where schemas and partitions already exist, so each batch does not ask again.
+/// Each tenant's projection version a batch writes to.
+pub type Versions = HashMap<TenantId, i32>;
+
+/// Where schemas and partitions already exist (per tenant and version), so each batch does
+/// not ask again.
 #[derive(Default)]
 pub struct Prepared {
-    tenants: HashSet<TenantId>,
-    partitions: HashSet<(TenantId, NaiveDate)>,
+    tenants: HashSet<(TenantId, i32)>,
+    known: HashSet<TenantId>,
+    partitions: HashSet<(TenantId, i32, NaiveDate)>,
 }
 
 impl Prepared {
@@ -66,7 +75,7 @@ pub async fn tenant_known(
     prepared: &mut Prepared,
     tenant: TenantId,
 ) -> sqlx::Result<bool> {
-    if prepared.tenants.contains(&tenant) {
+    if prepared.known.contains(&tenant) {
         return Ok(true);
     }
     let known: bool =
@@ -76,6 +85,9 @@ pub async fn tenant_known(
             .await?;
     // Unknown tenants are not remembered: one may be created later and its dead letters
     // redriven.
+    if known {
+        prepared.known.insert(tenant);
+    }
     Ok(known)
 }
 
@@ -84,41 +96,60 @@ pub async fn tenant_known(
 pub async fn prepare(
     pool: &PgPool,
     prepared: &mut Prepared,
-    version: i32,
+    versions: &Versions,
     ahead_days: i64,
     events: &[Decoded],
 ) -> sqlx::Result<()> {
     let mut conn = pool.acquire().await?;
     let today = Utc::now().date_naive();
-    let mut needed: BTreeMap<TenantId, Vec<NaiveDate>> = BTreeMap::new();
+    let mut needed: BTreeMap<(TenantId, i32), Vec<NaiveDate>> = BTreeMap::new();
     for e in events {
         let t = e.env.tenant_id;
-        if !prepared.tenants.contains(&t) {
-            tenant_sql::create_tenant_schema(&mut conn, t, version).await?;
+        let v = versions.get(&t).copied().unwrap_or(1);
+        if !prepared.tenants.contains(&(t, v)) {
+            tenant_sql::create_tenant_schema(&mut conn, t, v).await?;
             let ahead: Vec<NaiveDate> = (-1..=ahead_days)
                 .map(|d| today + chrono::Duration::days(d))
                 .collect();
-            tenant_sql::ensure_partitions(&mut conn, &t.schema(version), &ahead).await?;
+            tenant_sql::ensure_partitions(&mut conn, &t.schema(v), &ahead).await?;
             for d in ahead {
-                prepared.partitions.insert((t, d));
+                prepared.partitions.insert((t, v, d));
             }
-            prepared.tenants.insert(t);
+            prepared.tenants.insert((t, v));
         }
         let day = e.env.occurred_at.date_naive();
-        if !prepared.partitions.contains(&(t, day)) {
-            let days = needed.entry(t).or_default();
+        if !prepared.partitions.contains(&(t, v, day)) {
+            let days = needed.entry((t, v)).or_default();
             if !days.contains(&day) {
                 days.push(day);
             }
         }
     }
-    for (t, days) in needed {
-        tenant_sql::ensure_partitions(&mut conn, &t.schema(version), &days).await?;
+    for ((t, v), days) in needed {
+        tenant_sql::ensure_partitions(&mut conn, &t.schema(v), &days).await?;
         for d in days {
-            prepared.partitions.insert((t, d));
+            prepared.partitions.insert((t, v, d));
         }
     }
     Ok(())
+}
+
+/// The tenants of a batch, each once.
+pub fn tenants_of(events: &[Decoded]) -> Vec<TenantId> {
+    let set: std::collections::BTreeSet<TenantId> =
+        events.iter().map(|e| e.env.tenant_id).collect();
+    set.into_iter().collect()
+}
+
+/// Which versions a batch writes: the live projection's (checked under lock in the batch's
+/// transaction) or the fixed ones a replay builds.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// The active versions, as read before `prepare`; the write re-reads them `FOR SHARE`
+    /// and gives up with [`WriteError::VersionMoved`] if a replay switched one since.
+    Live(&'a Versions),
+    /// A replay's new versions (not yet served; nobody else writes them).
+    Fixed(&'a Versions),
 }
 
 /// Writes the batch and advances the offsets, all in one transaction.
@@ -126,18 +157,30 @@ pub async fn write(
     pool: &PgPool,
     projection: &str,
     topic: &str,
-    version: i32,
+    target: Target<'_>,
     events: &[Decoded],
     offsets: &BTreeMap<i32, OffsetRange>,
 ) -> Result<Written, WriteError> {
     let mut tx = pool.begin().await?;
     let mut written = Written::default();
+    let versions = match target {
+        Target::Fixed(v) => v,
+        Target::Live(prepared_for) => {
+            let tenants = tenants_of(events);
+            let now = tenant_sql::active_versions(&mut tx, &tenants, true).await?;
+            if tenants.iter().any(|t| now.get(t) != prepared_for.get(t)) {
+                return Err(WriteError::VersionMoved);
+            }
+            prepared_for
+        }
+    };
 
     let mut by_tenant: BTreeMap<TenantId, Vec<&Decoded>> = BTreeMap::new();
     for e in events {
         by_tenant.entry(e.env.tenant_id).or_default().push(e);
     }
     for (tenant, events) in by_tenant {
+        let version = versions.get(&tenant).copied().unwrap_or(1);
         tenant_sql::set_search_path(&mut tx, &tenant.schema(version)).await?;
         let (inserted, duplicates, seq) = write_tenant(&mut tx, &events).await?;
         written.inserted += inserted;

@@ -20,6 +20,8 @@ pub struct KeyPrincipal {
     pub scope: Scope,
     /// The tenant's request limit per minute (its plan's, or its own override).
     pub rate_limit_per_min: u32,
+    /// How old an event of this tenant may be (its raw retention window).
+    pub raw_retention_days: i64,
 }
 
 /// How long a looked-up key is trusted before it is checked again. This bounds how long a
@@ -93,8 +95,8 @@ impl ApiKeyStore {
     }
 
     async fn lookup(&self, hash: &[u8]) -> Result<KeyPrincipal, Problem> {
-        let row: Option<(Uuid, Uuid, String, String, Option<i32>)> = sqlx::query_as(
-            "SELECT k.id, k.tenant_id, k.scope, t.plan, t.rate_limit_per_min
+        let row: Option<(Uuid, Uuid, String, String, Option<i32>, i32)> = sqlx::query_as(
+            "SELECT k.id, k.tenant_id, k.scope, t.plan, t.rate_limit_per_min, t.raw_retention_days
                FROM control.api_keys k
                JOIN control.tenants t ON t.id = k.tenant_id
               WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.status = 'active'",
@@ -106,7 +108,7 @@ impl ApiKeyStore {
             tracing::error!(error = %e, "API key lookup failed");
             Problem::unavailable("credentials cannot be checked right now", 2)
         })?;
-        let (key_id, tenant_id, scope, plan, limit) =
+        let (key_id, tenant_id, scope, plan, limit, raw_retention_days) =
             row.ok_or_else(|| Problem::unauthorized("unknown or revoked API key"))?;
         let scope = Scope::parse(&scope).ok_or_else(Problem::internal)?;
         let rate_limit_per_min = limit
@@ -117,6 +119,7 @@ impl ApiKeyStore {
             tenant_id: TenantId(tenant_id),
             scope,
             rate_limit_per_min,
+            raw_retention_days: i64::from(raw_retention_days),
         })
     }
 }

@@ -185,7 +185,12 @@ impl EventType {
 
     /// The newest schema version of this type; older versions are upcast on decode.
     pub fn current_version(self) -> u32 {
-        1
+        match self {
+            // v2 (2026-11): `model`, `cost_usd` and the cache token counts became fields
+            // of their own; v1 senders put them in `metadata` (see `upcast`).
+            EventType::AgentInteracted => 2,
+            _ => 1,
+        }
     }
 }
 
@@ -383,6 +388,18 @@ pub struct AgentInteracted {
     pub input_tokens: i64,
     #[serde(default)]
     pub output_tokens: i64,
+    /// Input tokens read from the prompt cache (v2).
+    #[serde(default)]
+    pub cache_read_tokens: i64,
+    /// Input tokens written to the prompt cache (v2).
+    #[serde(default)]
+    pub cache_creation_tokens: i64,
+    /// The model that answered (v2; v1 had it in `metadata.model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// What the interaction cost in US dollars (v2; v1 had it in `metadata.cost_usd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
     pub duration_ms: i64,
     pub status: Status,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -520,6 +537,10 @@ fn known_fields(t: EventType) -> &'static [&'static str] {
             "interaction_type",
             "input_tokens",
             "output_tokens",
+            "cache_read_tokens",
+            "cache_creation_tokens",
+            "model",
+            "cost_usd",
             "duration_ms",
             "status",
             "error_message",
@@ -572,6 +593,34 @@ fn known_fields(t: EventType) -> &'static [&'static str] {
     }
 }
 
+/// Brings `data` of an older schema version to the current one, one version at a time.
+/// The log keeps events as they were written; the projector decodes every record through
+/// here, so old events project exactly like new ones.
+fn upcast(t: EventType, version: u32, obj: &mut Map<String, Value>) {
+    if t == EventType::AgentInteracted && version < 2 {
+        // v1 → v2: `metadata.{model, cost_usd, cache_read_tokens, cache_creation_tokens}`
+        // became top-level fields. A v1 value that does not fit the v2 field stays in
+        // `metadata`, untouched.
+        let Some(Value::Object(meta)) = obj.get_mut("metadata") else {
+            return;
+        };
+        let mut moved = Vec::new();
+        for (field, fits) in [
+            ("model", Value::is_string as fn(&Value) -> bool),
+            ("cost_usd", Value::is_number),
+            ("cache_read_tokens", Value::is_i64),
+            ("cache_creation_tokens", Value::is_i64),
+        ] {
+            if meta.get(field).is_some_and(fits) {
+                moved.push((field, meta.remove(field).expect("present")));
+            }
+        }
+        for (field, v) in moved {
+            obj.entry(field).or_insert(v);
+        }
+    }
+}
+
 impl Payload {
     /// Decodes `data` of the given type and version: upcasts old versions, keeps unknown
     /// fields in `extra`, and checks every limit. `prefix` names the data field in errors.
@@ -593,6 +642,7 @@ impl Payload {
         let Value::Object(mut obj) = data else {
             return Err(vec![FieldError::new(prefix, "must be a JSON object")]);
         };
+        upcast(t, version, &mut obj);
         // Unknown fields are kept, in `extra`, never silently dropped.
         let known = known_fields(t);
         let unknown: Vec<String> = obj
@@ -690,6 +740,17 @@ impl Payload {
                 c.len("interaction_type", &p.interaction_type, 1, 100);
                 c.range("input_tokens", p.input_tokens, 0, MAX_TOKENS);
                 c.range("output_tokens", p.output_tokens, 0, MAX_TOKENS);
+                c.range("cache_read_tokens", p.cache_read_tokens, 0, MAX_TOKENS);
+                c.range(
+                    "cache_creation_tokens",
+                    p.cache_creation_tokens,
+                    0,
+                    MAX_TOKENS,
+                );
+                c.opt_name("model", &p.model);
+                if let Some(cost) = p.cost_usd {
+                    c.float("cost_usd", cost, Some((0.0, 1e6)));
+                }
                 c.range("duration_ms", p.duration_ms, 0, MAX_DURATION_MS);
                 c.error_message(&p.error_message);
             }
@@ -1073,6 +1134,40 @@ fn truncate(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn agent_interacted_v1_is_upcast_to_v2() {
+        let v1 = json!({"user_id": "u", "agent_name": "claude", "interaction_type": "chat",
+                        "input_tokens": 10, "output_tokens": 5, "duration_ms": 7,
+                        "status": "success",
+                        "metadata": {"model": "opus", "cost_usd": 0.25, "cache_read_tokens": 3,
+                                     "temperature": 0.2}});
+        let Payload::AgentInteracted(p) =
+            Payload::decode(EventType::AgentInteracted, 1, v1, "data").unwrap()
+        else {
+            panic!("wrong type")
+        };
+        assert_eq!(p.model.as_deref(), Some("opus"));
+        assert_eq!(p.cost_usd, Some(0.25));
+        assert_eq!(p.cache_read_tokens, 3);
+        assert_eq!(p.input_tokens, 10);
+        // What v2 has no field for stays where v1 put it.
+        assert_eq!(p.metadata.unwrap().get("temperature"), Some(&json!(0.2)));
+        assert!(p.extra.is_empty());
+
+        // The same fields sent as v2 decode the same; v2 does not look into metadata.
+        let v2 = json!({"user_id": "u", "agent_name": "claude", "interaction_type": "chat",
+                        "duration_ms": 7, "status": "success", "model": "opus",
+                        "cost_usd": 0.25, "metadata": {"model": "other"}});
+        let Payload::AgentInteracted(p) =
+            Payload::decode(EventType::AgentInteracted, 2, v2, "data").unwrap()
+        else {
+            panic!("wrong type")
+        };
+        assert_eq!(p.model.as_deref(), Some("opus"));
+        assert_eq!(p.metadata.unwrap().get("model"), Some(&json!("other")));
+        assert!(Payload::decode(EventType::AgentInteracted, 3, json!({}), "data").is_err());
+    }
 
     fn ctx() -> IngestContext {
         IngestContext {

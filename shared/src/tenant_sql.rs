@@ -3,6 +3,8 @@
 //! here and nowhere else. Everything else is static SQL that runs after
 //! [`set_search_path`] has pointed the transaction at the tenant's schema.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use sqlx::{AssertSqlSafe, PgConnection};
 
@@ -37,6 +39,49 @@ pub async fn set_search_path(conn: &mut PgConnection, schema: &SchemaName) -> sq
     Ok(())
 }
 
+/// The projection version each of `tenants` is served from (`control.tenant_versions`;
+/// version 1 without a row). With `lock`, the rows are read `FOR SHARE`: a replay's switch
+/// (which updates them) then waits for this transaction, and this one for the switch.
+pub async fn active_versions(
+    conn: &mut PgConnection,
+    tenants: &[TenantId],
+    lock: bool,
+) -> sqlx::Result<HashMap<TenantId, i32>> {
+    let ids: Vec<uuid::Uuid> = tenants.iter().map(|t| t.0).collect();
+    let sql = if lock {
+        "SELECT tenant_id, active_version FROM control.tenant_versions
+          WHERE tenant_id = ANY($1) ORDER BY tenant_id FOR SHARE"
+    } else {
+        "SELECT tenant_id, active_version FROM control.tenant_versions WHERE tenant_id = ANY($1)"
+    };
+    let rows: Vec<(uuid::Uuid, i32)> = sqlx::query_as(sql).bind(ids).fetch_all(conn).await?;
+    let mut versions: HashMap<TenantId, i32> = tenants.iter().map(|t| (*t, 1)).collect();
+    for (t, v) in rows {
+        versions.insert(TenantId(t), v);
+    }
+    Ok(versions)
+}
+
+/// Enters the tenant's active projection for reading ([`enter_tenant_readonly`]); returns
+/// its version, or `None` when the tenant has no projection yet.
+pub async fn enter_active_readonly(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+) -> sqlx::Result<Option<i32>> {
+    let version = active_versions(&mut *conn, &[tenant], false).await?[&tenant];
+    let schema = tenant.schema(version);
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema.as_str())
+            .fetch_one(&mut *conn)
+            .await?;
+    if !exists {
+        return Ok(None);
+    }
+    enter_tenant_readonly(conn, tenant, &schema).await?;
+    Ok(Some(version))
+}
+
 /// Whether the TimescaleDB extension is installed in this database.
 pub async fn timescale_installed(conn: &mut PgConnection) -> sqlx::Result<bool> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')")
@@ -64,6 +109,14 @@ pub async fn create_tenant_schema(
     .bind(version)
     .fetch_one(&mut *tx)
     .await?;
+    let active = active_versions(&mut tx, &[tenant], false).await?[&tenant];
+    if version < active {
+        // A writer that has not seen a replay's switch yet must not resurrect the old
+        // version's schema; it re-reads the versions and retries.
+        return Err(sqlx::Error::Protocol(format!(
+            "{schema} is older than the active version {active}"
+        )));
+    }
     if exists {
         upgrade(&mut tx, tenant, version, &schema).await?;
         // Schemas made before reader roles existed get theirs here (idempotent).
@@ -247,6 +300,105 @@ pub async fn ensure_partitions(
     Ok(())
 }
 
+/// What [`apply_retention`] removed from one schema.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    /// Daily partitions (or TimescaleDB chunks) of raw tables dropped.
+    pub partitions: u64,
+    /// Rollup rows deleted.
+    pub rollup_rows: u64,
+}
+
+/// The day a partition made by [`ensure_partitions`] holds, if `name` is one of them.
+fn partition_day(name: &str) -> Option<(&'static str, NaiveDate)> {
+    let (table, day) = name.rsplit_once("_p")?;
+    let table = RAW_TABLES.iter().find(|t| **t == table)?;
+    if day.len() != 8 || !day.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((table, NaiveDate::parse_from_str(day, "%Y%m%d").ok()?))
+}
+
+/// Drops raw data older than `raw_days` (whole daily partitions, or chunks with TimescaleDB)
+/// and rollup rows older than their windows: minute rollups follow the raw window, hourly
+/// and daily ones `rollup_days`. Also creates the partitions of the next `ahead_days`.
+/// Skips (returns `None`) when another instance is working on the same schema.
+pub async fn apply_retention(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    today: NaiveDate,
+    raw_days: i64,
+    rollup_days: i64,
+    ahead_days: i64,
+) -> sqlx::Result<Option<Pruned>> {
+    let ahead: Vec<NaiveDate> = (-1..=ahead_days)
+        .map(|d| today + Duration::days(d))
+        .collect();
+    ensure_partitions(&mut *conn, schema, &ahead).await?;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext($1))")
+        .bind(schema.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        return Ok(None);
+    }
+    let raw_cutoff = today - Duration::days(raw_days);
+    let rollup_cutoff = today - Duration::days(rollup_days);
+    let mut pruned = Pruned::default();
+    if timescale_installed(&mut tx).await? {
+        for table in RAW_TABLES {
+            let dropped: Vec<String> = sqlx::query_scalar(
+                "SELECT drop_chunks($1::regclass, older_than => $2::timestamptz)::text",
+            )
+            .bind(format!("{schema}.{table}"))
+            .bind(raw_cutoff.and_hms_opt(0, 0, 0).expect("midnight").and_utc())
+            .fetch_all(&mut *tx)
+            .await?;
+            pruned.partitions += dropped.len() as u64;
+        }
+    } else {
+        let parts: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::text
+               FROM pg_inherits i
+               JOIN pg_class c ON c.oid = i.inhrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1",
+        )
+        .bind(schema.as_str())
+        .fetch_all(&mut *tx)
+        .await?;
+        for part in parts {
+            // Only names this module made (table_pYYYYMMDD) are considered, and those are
+            // plain identifiers.
+            match partition_day(&part) {
+                Some((table, day)) if day < raw_cutoff && part == partition_name(table, day) => {
+                    sqlx::query(AssertSqlSafe(format!("DROP TABLE {schema}.{part}")))
+                        .execute(&mut *tx)
+                        .await?;
+                    pruned.partitions += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    set_search_path(&mut tx, schema).await?;
+    let start = |d: NaiveDate| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+    for (sql, cutoff) in [
+        ("DELETE FROM activity_1m WHERE bucket < $1", raw_cutoff),
+        ("DELETE FROM activity_1h WHERE bucket < $1", rollup_cutoff),
+        ("DELETE FROM activity_1d WHERE bucket < $1", rollup_cutoff),
+    ] {
+        pruned.rollup_rows += sqlx::query(sql)
+            .bind(start(cutoff))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    }
+    tx.commit().await?;
+    Ok(Some(pruned))
+}
+
 /// Drops the tenant schema of a projection version (replay's clean-up, tests).
 pub async fn drop_tenant_schema(
     conn: &mut PgConnection,
@@ -278,6 +430,18 @@ mod tests {
             partition_name("metric_samples", d),
             "metric_samples_p20260105"
         );
+    }
+
+    #[test]
+    fn only_our_partition_names_are_recognised() {
+        let d = NaiveDate::from_ymd_opt(2026, 1, 5).unwrap();
+        assert_eq!(
+            partition_day("tool_executions_p20260105"),
+            Some(("tool_executions", d))
+        );
+        assert_eq!(partition_day("tool_executions_p2026010"), None);
+        assert_eq!(partition_day("other_table_p20260105"), None);
+        assert_eq!(partition_day("tool_executions_p2026-1-5"), None);
     }
 
     #[test]

@@ -231,8 +231,42 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// A child process that is SIGKILLed when dropped, so a failing test leaves none behind.
+pub struct Proc(pub Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Spawns the real `projector` binary as a child process (so it can be SIGKILLed).
-pub fn spawn_projector_process(common: &Common) -> Child {
+pub fn spawn_projector_process(common: &Common) -> Proc {
+    Proc(
+        projector_command(common, &["run"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn projector"),
+    )
+}
+
+/// The real `projector` binary with `args`, configured for `common` (stdin closed, stderr
+/// inherited).
+pub fn projector_command(common: &Common, args: &[&str]) -> Command {
     let bin = bin_dir().join("projector");
     assert!(
         bin.exists(),
@@ -240,8 +274,8 @@ pub fn spawn_projector_process(common: &Common) -> Child {
         bin.display()
     );
     let c = projector_config(common);
-    Command::new(bin)
-        .arg("run")
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
         .env("TALLY_DATABASE_URL", &c.common.database_url)
         .env("TALLY_REDIS_URL", &c.common.redis_url)
         .env("TALLY_KAFKA_BROKERS", &c.common.kafka_brokers)
@@ -256,12 +290,14 @@ pub fn spawn_projector_process(common: &Common) -> Child {
             c.consumer_session_timeout_ms.to_string(),
         )
         .env("TALLY_HTTP_ADDR", "127.0.0.1:0")
+        .env(
+            "TALLY_DB_MAX_CONNECTIONS",
+            c.common.db_max_connections.to_string(),
+        )
         .env("RUST_LOG", env_or("RUST_LOG", "warn"))
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn projector")
+        .stderr(Stdio::inherit());
+    cmd
 }
 
 /// An HTTP client for the tests.
@@ -322,9 +358,17 @@ pub async fn wait_projected(
     }
 }
 
-/// Events the tenant's projection (version 1) counts, or `None` before its schema exists.
+/// The projection version the read side serves for a tenant.
+pub async fn active_version(pool: &PgPool, tenant: TenantId) -> i32 {
+    let mut conn = pool.acquire().await.expect("connection");
+    shared::tenant_sql::active_versions(&mut conn, &[tenant], false)
+        .await
+        .expect("tenant_versions")[&tenant]
+}
+
+/// Events the tenant's active projection counts, or `None` before its schema exists.
 pub async fn projected_events(pool: &PgPool, tenant: TenantId) -> Option<i64> {
-    let schema = tenant.schema(1);
+    let schema = tenant.schema(active_version(pool, tenant).await);
     let sql = format!("SELECT events FROM {schema}.projection_state");
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
         .fetch_one(pool)
@@ -332,10 +376,11 @@ pub async fn projected_events(pool: &PgPool, tenant: TenantId) -> Option<i64> {
         .ok()
 }
 
-/// Runs a read-only SQL statement in the tenant's schema and returns a single i64.
+/// Runs a read-only SQL statement in the tenant's active schema and returns a single i64.
 pub async fn scalar_in_tenant(pool: &PgPool, tenant: TenantId, sql: &str) -> i64 {
+    let version = active_version(pool, tenant).await;
     let mut tx = pool.begin().await.expect("tx");
-    shared::tenant_sql::set_search_path(&mut tx, &tenant.schema(1))
+    shared::tenant_sql::set_search_path(&mut tx, &tenant.schema(version))
         .await
         .expect("search_path");
     let v: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
@@ -440,6 +485,111 @@ impl Drop for PrivateKafka {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A throwaway PostgreSQL server (`deploy/local/pg-node.sh`) a test may crash and restart.
+pub struct PrivatePostgres {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    /// Creates and starts it.
+    pub fn start() -> PrivatePostgres {
+        let dir = std::env::temp_dir().join(format!("tally-pg-{}", Uuid::new_v4().simple()));
+        let pg = PrivatePostgres {
+            dir,
+            port: free_port(),
+        };
+        pg.run("start");
+        pg
+    }
+
+    fn run(&self, cmd: &str) {
+        let port = self.port.to_string();
+        let mut args = vec![cmd, self.dir.to_str().expect("utf-8 path")];
+        if cmd == "start" {
+            args.push(&port);
+        }
+        let status = Command::new("bash")
+            .arg(repo_root().join("deploy/local/pg-node.sh"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .status()
+            .expect("run pg-node.sh");
+        assert!(status.success(), "pg-node.sh {cmd} failed");
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops it without a checkpoint (like a crash) and starts it again (recovery).
+    pub fn crash_and_restart(&self, down_for: Duration) {
+        self.run("crash");
+        std::thread::sleep(down_for);
+        self.run("start");
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.run("stop");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A private Redis server a test may kill and start again on the same port.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub fn start() -> PrivateRedis {
+        let mut r = PrivateRedis {
+            port: free_port(),
+            child: None,
+        };
+        r.up();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again) and waits until it accepts connections.
+    pub fn up(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILLs it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -225,6 +225,8 @@ pub struct TenantRow {
     pub status: String,
     pub plan: String,
     pub rate_limit_per_min: Option<i32>,
+    pub raw_retention_days: i32,
+    pub rollup_retention_days: i32,
     pub created_at: DateTime<Utc>,
 }
 
@@ -235,7 +237,9 @@ pub async fn list_tenants(
 ) -> Result<Json<Vec<TenantRow>>, Problem> {
     operator(&s, &headers).await?;
     let rows = sqlx::query_as(
-        "SELECT id, name, status, plan, rate_limit_per_min, created_at FROM control.tenants ORDER BY created_at",
+        "SELECT id, name, status, plan, rate_limit_per_min, raw_retention_days, rollup_retention_days,
+                created_at
+           FROM control.tenants ORDER BY created_at",
     )
     .fetch_all(&s.pool)
     .await
@@ -249,6 +253,10 @@ pub struct TenantPatch {
     pub plan: Option<String>,
     pub rate_limit_per_min: Option<i32>,
     pub status: Option<String>,
+    /// Days raw rows (and minute rollups) are kept.
+    pub raw_retention_days: Option<i32>,
+    /// Days hourly and daily rollups are kept (at least the raw window).
+    pub rollup_retention_days: Option<i32>,
 }
 
 /// `PATCH /v1/admin/tenants/{id}` (operator): plan, limit, deactivate/reactivate.
@@ -284,6 +292,9 @@ pub async fn update_tenant(
             .await
             .map_err(|e| failed(e.into()))?;
     }
+    if req.raw_retention_days.is_some() || req.rollup_retention_days.is_some() {
+        set_retention(&s, id, req.raw_retention_days, req.rollup_retention_days).await?;
+    }
     if req.plan.is_some() || req.rate_limit_per_min.is_some() {
         let plan = req.plan.unwrap_or(current_plan);
         admin::set_plan(&s.pool, tenant, &plan, req.rate_limit_per_min)
@@ -303,6 +314,43 @@ pub async fn update_tenant(
         s.outbox_wake.notify_one();
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Sets a tenant's retention windows, checked against each other.
+async fn set_retention(
+    s: &AppState,
+    id: Uuid,
+    raw: Option<i32>,
+    rollups: Option<i32>,
+) -> Result<(), Problem> {
+    for (field, v) in [
+        ("raw_retention_days", raw),
+        ("rollup_retention_days", rollups),
+    ] {
+        if v.is_some_and(|d| !(1..=3650).contains(&d)) {
+            return Err(Problem::invalid_field(field, "must be 1 to 3650 days"));
+        }
+    }
+    let updated = sqlx::query(
+        "UPDATE control.tenants
+            SET raw_retention_days = coalesce($2, raw_retention_days),
+                rollup_retention_days = coalesce($3, rollup_retention_days),
+                updated_at = now()
+          WHERE id = $1 AND coalesce($3, rollup_retention_days) >= coalesce($2, raw_retention_days)",
+    )
+    .bind(id)
+    .bind(raw)
+    .bind(rollups)
+    .execute(&s.pool)
+    .await
+    .map_err(|e| failed(e.into()))?;
+    if updated.rows_affected() == 0 {
+        return Err(Problem::invalid_field(
+            "rollup_retention_days",
+            "must be at least raw_retention_days",
+        ));
+    }
+    Ok(())
 }
 
 /// `POST /v1/admin/users` (tenant admin)

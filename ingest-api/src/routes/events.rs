@@ -114,7 +114,9 @@ async fn accept(
         received_at: Utc::now(),
         bounds: TimeBounds {
             max_future_skew: chrono::Duration::seconds(s.config.max_future_skew_secs),
-            retention: chrono::Duration::days(s.config.retention_days),
+            retention: chrono::Duration::days(
+                principal.raw_retention_days.min(s.config.retention_days),
+            ),
         },
         idempotency_key,
     };

@@ -79,28 +79,15 @@ pub async fn audit(
         Problem::unavailable("the projection database is unavailable", 2)
     };
     let mut tx = s.pool.begin().await.map_err(db)?;
-    let version: i32 = sqlx::query_scalar(
-        "SELECT active_version FROM control.projection_versions WHERE projection = 'metrics'",
-    )
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(db)?
-    .unwrap_or(1);
-    let schema = reader.tenant.schema(version);
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(format!("{schema}.audit_log"))
-        .fetch_one(&mut *tx)
+    let entered = tenant_sql::enter_active_readonly(&mut tx, reader.tenant)
         .await
         .map_err(db)?;
-    if !exists {
+    if entered.is_none() {
         return Ok(Json(AuditPage {
             entries: vec![],
             next_cursor: None,
         }));
     }
-    tenant_sql::enter_tenant_readonly(&mut tx, reader.tenant, &schema)
-        .await
-        .map_err(db)?;
     let (before_t, before_id) = cursor.map_or((None, None), |(t, id)| (Some(t), Some(id)));
     let entries: Vec<Entry> = sqlx::query_as(
         "SELECT event_id, occurred_at, type AS event_type, user_id, email, ip, target, detail

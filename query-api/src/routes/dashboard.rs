@@ -46,6 +46,8 @@ pub struct Freshness {
     pub as_of: Option<DateTime<Utc>>,
     /// Sequence of the projection's last transaction for this tenant (cache key).
     pub seq: i64,
+    /// The projection version answering (a replay moves it on; part of the cache key).
+    pub version: i32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -125,32 +127,25 @@ pub(crate) async fn tenant_tx(
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
-    let version: i32 = sqlx::query_scalar(
-        "SELECT active_version FROM control.projection_versions WHERE projection = 'metrics'",
-    )
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(db_error)?
-    .unwrap_or(1);
-    let schema = tenant.schema(version);
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-            .bind(schema.as_str())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
-    if !exists {
-        return Ok(None);
-    }
-    tenant_sql::enter_tenant_readonly(&mut tx, tenant, &schema)
+    let Some(version) = tenant_sql::enter_active_readonly(&mut tx, tenant)
         .await
-        .map_err(db_error)?;
+        .map_err(db_error)?
+    else {
+        return Ok(None);
+    };
     let (seq, as_of): (i64, Option<DateTime<Utc>>) =
         sqlx::query_as("SELECT seq, as_of FROM projection_state")
             .fetch_one(&mut *tx)
             .await
             .map_err(db_error)?;
-    Ok(Some((tx, Freshness { as_of, seq })))
+    Ok(Some((
+        tx,
+        Freshness {
+            as_of,
+            seq,
+            version,
+        },
+    )))
 }
 
 pub(crate) fn db_error(e: sqlx::Error) -> Problem {
@@ -185,8 +180,8 @@ where
     Fut: std::future::Future<Output = Result<T, Problem>>,
 {
     let ctx = tenant_tx(s, tenant).await?;
-    let seq = ctx.as_ref().map_or(0, |(_, f)| f.seq);
-    let key = format!("tally:q:{tenant}:{seq}:{request_key}");
+    let (version, seq) = ctx.as_ref().map_or((0, 0), |(_, f)| (f.version, f.seq));
+    let key = format!("tally:q:{tenant}:v{version}:{seq}:{request_key}");
     if let Some(body) = s.cache.get(&key).await {
         return Ok(json_response(body, "hit"));
     }

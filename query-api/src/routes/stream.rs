@@ -108,22 +108,12 @@ async fn since(
     (since, after_id): (DateTime<Utc>, Uuid),
 ) -> Result<Vec<Item>, sqlx::Error> {
     let mut tx = s.pool.begin().await?;
-    let version: i32 = sqlx::query_scalar(
-        "SELECT active_version FROM control.projection_versions WHERE projection = 'metrics'",
-    )
-    .fetch_optional(&mut *tx)
-    .await?
-    .unwrap_or(1);
-    let schema = tenant.schema(version);
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-            .bind(schema.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
-    if !exists {
+    if tenant_sql::enter_active_readonly(&mut tx, tenant)
+        .await?
+        .is_none()
+    {
         return Ok(Vec::new());
     }
-    tenant_sql::enter_tenant_readonly(&mut tx, tenant, &schema).await?;
     let (user_filter, team_filter) = visibility.filters();
     // occurred_at bound: received_at is not the partition key; events are at most the
     // retention window old, which keeps the scan to live partitions.
@@ -153,14 +143,17 @@ async fn totals(
     visibility: &Visibility,
 ) -> Result<Totals, sqlx::Error> {
     let mut tx = s.pool.begin().await?;
-    let version: i32 = sqlx::query_scalar(
-        "SELECT active_version FROM control.projection_versions WHERE projection = 'metrics'",
-    )
-    .fetch_optional(&mut *tx)
-    .await?
-    .unwrap_or(1);
-    let schema = tenant.schema(version);
-    tenant_sql::enter_tenant_readonly(&mut tx, tenant, &schema).await?;
+    if tenant_sql::enter_active_readonly(&mut tx, tenant)
+        .await?
+        .is_none()
+    {
+        return Ok(Totals {
+            events_24h: 0,
+            commands_24h: 0,
+            command_errors_24h: 0,
+            as_of: None,
+        });
+    }
     let (user_filter, team_filter) = visibility.filters();
     let (events, commands, errors): (i64, i64, i64) = sqlx::query_as(
         "SELECT coalesce(sum(count), 0)::bigint,

@@ -14,6 +14,7 @@ mod kafka_down;
 mod late;
 mod login;
 mod pipeline;
+mod replay;
 mod sso;
 mod stream;
 mod validation;

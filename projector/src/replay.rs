@@ -1,0 +1,448 @@
+//! `projector replay`: rebuilds tenants' projections from offset 0 into a new version while
+//! the current one keeps serving, then switches in one transaction and drops the old one.
+//!
+//! The switch is safe against the live projector without stopping it:
+//! 1. Before reading, every replayed tenant gets a `control.tenant_versions` row, so that the
+//!    live projector's batches lock it (`FOR SHARE`) from then on.
+//! 2. Once the rebuild is close to the log end, the switch transaction locks those rows
+//!    `FOR UPDATE`: live batches touching these tenants wait. It reads the live offsets and
+//!    keeps replaying until the new version has every partition at least that far.
+//! 3. It flips the versions and commits. The waiting live batches see the new versions and
+//!    write there; records the replay already projected are duplicates by event id.
+//!
+//! So the new version holds everything the old one did when it starts serving: no count
+//! goes backwards. The replay's own position lives in memory: if it dies, the next run
+//! drops the half-built version and starts over.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::Serialize;
+use shared::tenant::TenantId;
+use shared::tenant_sql;
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::store::{self, Decoded, Prepared, Target, Versions, WriteError};
+use crate::Config;
+
+/// Shown while a replay runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub phase: &'static str,
+    /// Records read from the log (every tenant's).
+    pub records: u64,
+    /// Events of the replayed tenants written into the new version.
+    pub projected: u64,
+    /// Records read per second so far.
+    pub rate: f64,
+    /// Records between the replay's position and the log end.
+    pub lag: i64,
+    pub eta_secs: Option<f64>,
+}
+
+/// The result of a replay.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub tenants: usize,
+    pub records: u64,
+    pub projected: u64,
+    pub seconds: f64,
+    pub records_per_sec: f64,
+    /// How long the live projector's batches for these tenants waited on the switch.
+    pub switch_ms: f64,
+    /// (tenant, old version, new version)
+    pub versions: Vec<(TenantId, i32, i32)>,
+}
+
+/// A topic-and-partition of the replay's assignment: index into `topics`, partition.
+type Tp = (usize, i32);
+
+struct Switching {
+    tx: Transaction<'static, Postgres>,
+    live: HashMap<Tp, i64>,
+    started: Instant,
+}
+
+struct Replayer<'a> {
+    config: &'a Config,
+    pool: &'a PgPool,
+    topics: [String; 2],
+    consumer: StreamConsumer,
+    tenants: HashSet<TenantId>,
+    target: Versions,
+    prepared: Prepared,
+    partitions: Vec<Tp>,
+    /// Next offset read per partition (the batch in hand may not be written yet).
+    read: HashMap<Tp, i64>,
+    /// Next offset written per partition.
+    written: HashMap<Tp, i64>,
+    batch: Vec<Decoded>,
+    records: u64,
+    projected: u64,
+}
+
+/// Rebuilds `only` (or every tenant) from offset 0; `on_progress` is called every
+/// `progress_every` while it runs.
+pub async fn replay(
+    config: &Config,
+    pool: &PgPool,
+    only: Option<TenantId>,
+    progress_every: Duration,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    // One replay at a time (a session lock: released when this connection goes).
+    let mut lock = pool.acquire().await?;
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('tally.replay'))")
+        .fetch_one(&mut *lock)
+        .await?;
+    ensure!(got, "another replay is running");
+
+    let tenants: Vec<TenantId> = match only {
+        Some(t) => {
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM control.tenants WHERE id = $1)")
+                    .bind(t.0)
+                    .fetch_one(pool)
+                    .await?;
+            ensure!(exists, "no tenant {t}");
+            vec![t]
+        }
+        None => sqlx::query_scalar("SELECT id FROM control.tenants ORDER BY id")
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(TenantId)
+            .collect(),
+    };
+    ensure!(!tenants.is_empty(), "there are no tenants to replay");
+    let (current, target) = prepare_versions(pool, &tenants).await?;
+
+    let topics = [config.common.metrics_topic(), config.common.auth_topic()];
+    let consumer: StreamConsumer = shared::kafka::client_config(&config.common)
+        .set("group.id", format!("tally-replay-{}", uuid::Uuid::now_v7()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "50")
+        .set("max.partition.fetch.bytes", "4194304")
+        .create()?;
+    let mut partitions = Vec::new();
+    let mut tpl = TopicPartitionList::new();
+    for (i, topic) in topics.iter().enumerate() {
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .with_context(|| format!("reading the metadata of {topic}"))?;
+        for t in md.topics() {
+            for p in t.partitions() {
+                partitions.push((i, p.id()));
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+            }
+        }
+    }
+    consumer.assign(&tpl)?;
+
+    let mut r = Replayer {
+        config,
+        pool,
+        topics,
+        consumer,
+        tenants: tenants.iter().copied().collect(),
+        target: target.clone(),
+        prepared: Prepared::default(),
+        partitions,
+        read: HashMap::new(),
+        written: HashMap::new(),
+        batch: Vec::new(),
+        records: 0,
+        projected: 0,
+    };
+    let switch_ms = r.run(&current, progress_every, on_progress).await?;
+    let seconds = started.elapsed().as_secs_f64();
+
+    // Tell query-api (caches, live feeds) that these tenants moved.
+    if let Some(mut redis) = shared::redis_client::connect(&config.common.redis_url).await {
+        for t in &tenants {
+            let _: redis::RedisResult<()> = redis::cmd("PUBLISH")
+                .arg(shared::watermark::channel(t))
+                .arg(0)
+                .query_async(&mut redis)
+                .await;
+        }
+    }
+    // Requests that read the old version number just before the switch finish first.
+    tokio::time::sleep(Duration::from_secs(config.replay_drop_grace_secs)).await;
+    let mut conn = pool.acquire().await?;
+    for t in &tenants {
+        tenant_sql::drop_tenant_schema(&mut conn, *t, current[t]).await?;
+    }
+    let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext('tally.replay'))")
+        .execute(&mut *lock)
+        .await;
+    Ok(Report {
+        tenants: tenants.len(),
+        records: r.records,
+        projected: r.projected,
+        seconds,
+        records_per_sec: r.records as f64 / seconds.max(1e-9),
+        switch_ms,
+        versions: tenants
+            .iter()
+            .map(|t| (*t, current[t], target[t]))
+            .collect(),
+    })
+}
+
+/// Each tenant's current and new version. Makes the `tenant_versions` rows exist (so live
+/// batches lock them from now on), drops what a failed replay left, and creates the new
+/// schemas of tenants that have a projection.
+async fn prepare_versions(
+    pool: &PgPool,
+    tenants: &[TenantId],
+) -> anyhow::Result<(Versions, Versions)> {
+    let mut conn = pool.acquire().await?;
+    let current = tenant_sql::active_versions(&mut conn, tenants, false).await?;
+    sqlx::query(
+        "INSERT INTO control.tenant_versions (tenant_id, active_version)
+         SELECT * FROM UNNEST($1::uuid[], $2::int[]) ON CONFLICT DO NOTHING",
+    )
+    .bind(tenants.iter().map(|t| t.0).collect::<Vec<_>>())
+    .bind(tenants.iter().map(|t| current[t]).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    let mut target = Versions::new();
+    for t in tenants {
+        let v = current[t];
+        let leftovers: Vec<i32> = sqlx::query_scalar(
+            "SELECT version FROM control.tenant_schemas WHERE tenant_id = $1 AND version > $2",
+        )
+        .bind(t.0)
+        .bind(v)
+        .fetch_all(&mut *conn)
+        .await?;
+        for old in leftovers {
+            tenant_sql::drop_tenant_schema(&mut conn, *t, old).await?;
+        }
+        tenant_sql::drop_tenant_schema(&mut conn, *t, v + 1).await?;
+        let has_projection: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM control.tenant_schemas WHERE tenant_id = $1 AND version = $2)",
+        )
+        .bind(t.0)
+        .bind(v)
+        .fetch_one(&mut *conn)
+        .await?;
+        if has_projection {
+            tenant_sql::create_tenant_schema(&mut conn, *t, v + 1).await?;
+        }
+        target.insert(*t, v + 1);
+    }
+    Ok((current, target))
+}
+
+impl Replayer<'_> {
+    /// Reads, writes and finally switches. Returns how long the switch held live batches.
+    async fn run(
+        &mut self,
+        current: &Versions,
+        progress_every: Duration,
+        on_progress: &mut dyn FnMut(&Progress),
+    ) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let linger = Duration::from_millis(self.config.batch_linger_ms);
+        let mut batch_started: Option<Instant> = None;
+        let mut last_progress = Instant::now();
+        let mut switching: Option<Switching> = None;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(100), self.consumer.recv()).await {
+                Ok(Ok(m)) => {
+                    let Some(i) = self.topics.iter().position(|t| t == m.topic()) else {
+                        continue;
+                    };
+                    self.records += 1;
+                    self.read.insert((i, m.partition()), m.offset() + 1);
+                    // Poison records were dead-lettered by the live projector; skip them.
+                    if let Ok(d) = crate::consumer::decode(m.payload()) {
+                        if self.tenants.contains(&d.env.tenant_id) {
+                            self.batch.push(d);
+                        }
+                    }
+                    batch_started.get_or_insert_with(Instant::now);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "kafka consume error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(_idle) => {}
+            }
+            let full = self.batch.len() >= self.config.batch_max_events;
+            let due = batch_started.is_some_and(|t| t.elapsed() >= linger);
+            if full || due || switching.is_some() {
+                self.flush().await?;
+                batch_started = None;
+            }
+            if last_progress.elapsed() >= progress_every {
+                last_progress = Instant::now();
+                let lag = self.lag();
+                let secs = started.elapsed().as_secs_f64();
+                let rate = self.records as f64 / secs.max(1e-9);
+                on_progress(&Progress {
+                    phase: if switching.is_some() {
+                        "switching"
+                    } else {
+                        "rebuilding"
+                    },
+                    records: self.records,
+                    projected: self.projected,
+                    rate,
+                    lag,
+                    eta_secs: (rate > 0.0).then(|| lag as f64 / rate),
+                });
+                if switching.is_none() && lag <= self.config.batch_max_events as i64 {
+                    switching = Some(self.begin_switch(current).await?);
+                }
+            }
+            if let Some(s) = switching.take() {
+                if self.caught_up(&s.live) {
+                    let held = s.started.elapsed().as_secs_f64() * 1000.0;
+                    self.finish_switch(s.tx).await?;
+                    let secs = started.elapsed().as_secs_f64();
+                    on_progress(&Progress {
+                        phase: "switched",
+                        records: self.records,
+                        projected: self.projected,
+                        rate: self.records as f64 / secs.max(1e-9),
+                        lag: 0,
+                        eta_secs: Some(0.0),
+                    });
+                    return Ok(held);
+                }
+                if s.started.elapsed() > Duration::from_secs(20) {
+                    // The live projection ran ahead faster than we caught up: let it go
+                    // on, and try again later.
+                    tracing::warn!("replay did not catch up within 20 s of locking; retrying");
+                    s.tx.rollback().await?;
+                } else {
+                    switching = Some(s);
+                }
+            }
+        }
+    }
+
+    /// Writes the batch in hand to the new versions (retrying while PostgreSQL is away).
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let attempt = async {
+                store::prepare(
+                    self.pool,
+                    &mut self.prepared,
+                    &self.target,
+                    self.config.partitions_ahead_days,
+                    &self.batch,
+                )
+                .await?;
+                store::write(
+                    self.pool,
+                    &self.config.projection,
+                    "",
+                    Target::Fixed(&self.target),
+                    &self.batch,
+                    &BTreeMap::new(),
+                )
+                .await
+            };
+            match attempt.await {
+                Ok(w) => {
+                    self.projected += w.inserted;
+                    break;
+                }
+                Err(WriteError::Db(e)) => {
+                    tracing::warn!(error = %e, "replay batch failed; retrying");
+                    self.prepared.clear();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.batch.clear();
+        self.written.extend(self.read.iter().map(|(k, v)| (*k, *v)));
+        Ok(())
+    }
+
+    /// Records between what is written and the log end, over every partition.
+    fn lag(&self) -> i64 {
+        self.partitions
+            .iter()
+            .map(|&(i, p)| {
+                let (low, high) = self
+                    .consumer
+                    .fetch_watermarks(&self.topics[i], p, Duration::from_secs(2))
+                    .unwrap_or((0, 0));
+                (high - self.written.get(&(i, p)).copied().unwrap_or(low)).max(0)
+            })
+            .sum()
+    }
+
+    /// Locks the replayed tenants' version rows (live batches for them now wait) and reads
+    /// how far the live projection got.
+    async fn begin_switch(&self, current: &Versions) -> anyhow::Result<Switching> {
+        let mut tx = self.pool.begin().await?;
+        let tenants: Vec<TenantId> = self.tenants.iter().copied().collect();
+        let ids: Vec<uuid::Uuid> = tenants.iter().map(|t| t.0).collect();
+        let rows: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
+            "SELECT tenant_id, active_version FROM control.tenant_versions
+              WHERE tenant_id = ANY($1) ORDER BY tenant_id FOR UPDATE",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let started = Instant::now();
+        for (t, v) in rows {
+            ensure!(
+                current.get(&TenantId(t)) == Some(&v),
+                "tenant {t} was switched to version {v} by someone else during this replay"
+            );
+        }
+        let offsets: Vec<(String, i32, i64)> = sqlx::query_as(
+            "SELECT topic, partition, next_offset FROM control.projector_offsets
+              WHERE projection = $1 AND topic = ANY($2)",
+        )
+        .bind(&self.config.projection)
+        .bind(self.topics.to_vec())
+        .fetch_all(&mut *tx)
+        .await?;
+        let live = offsets
+            .into_iter()
+            .filter_map(|(topic, p, o)| {
+                let i = self.topics.iter().position(|t| *t == topic)?;
+                Some(((i, p), o))
+            })
+            .collect();
+        Ok(Switching { tx, live, started })
+    }
+
+    fn caught_up(&self, live: &HashMap<Tp, i64>) -> bool {
+        live.iter()
+            .all(|(tp, o)| self.written.get(tp).copied().unwrap_or(0) >= *o)
+    }
+
+    async fn finish_switch(&self, mut tx: Transaction<'static, Postgres>) -> anyhow::Result<()> {
+        let (ids, versions): (Vec<uuid::Uuid>, Vec<i32>) =
+            self.target.iter().map(|(t, v)| (t.0, *v)).unzip();
+        sqlx::query(
+            "UPDATE control.tenant_versions v
+                SET active_version = x.version, switched_at = now()
+               FROM UNNEST($1::uuid[], $2::int[]) AS x(tenant_id, version)
+              WHERE v.tenant_id = x.tenant_id",
+        )
+        .bind(ids)
+        .bind(versions)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,371 @@
+//! Replay of one tenant while its dashboards are polled and events keep arriving; an event
+//! written in an older schema version projecting like a new one; retention dropping old
+//! partitions.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DurationRound, TimeDelta, Utc};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+use shared::events::{Actor, Envelope, EventType, Source};
+use tally_tests::events::Generator;
+use tally_tests::*;
+use uuid::Uuid;
+
+/// Writes an `agent.interacted` in schema version 1 straight into the log, as ingest-api
+/// wrote it before version 2: model and cost inside `metadata`.
+async fn produce_v1_agent_event(
+    common: &shared::config::Common,
+    tenant: shared::tenant::TenantId,
+) -> Uuid {
+    let env = Envelope {
+        id: Uuid::now_v7(),
+        tenant_id: tenant,
+        event_type: EventType::AgentInteracted,
+        schema_version: 1,
+        occurred_at: Utc::now() - TimeDelta::minutes(5),
+        received_at: Utc::now(),
+        actor: Actor::default(),
+        source: Source::Api,
+        data: json!({"user_id": "old-client", "agent_name": "claude", "interaction_type": "chat",
+                     "input_tokens": 100, "output_tokens": 40, "duration_ms": 900,
+                     "status": "success",
+                     "metadata": {"model": "claude-opus", "cost_usd": 0.25, "region": "eu"}}),
+    };
+    let producer: FutureProducer =
+        shared::kafka::producer(common, Duration::from_secs(10)).unwrap();
+    let body = serde_json::to_vec(&env).unwrap();
+    let key = env.kafka_key();
+    producer
+        .send(
+            FutureRecord::to(&common.metrics_topic())
+                .key(&key)
+                .payload(&body),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("produce the v1 record");
+    env.id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replay_switches_versions_under_polling_and_upcasts_old_events() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let query = start_query(&common, |_| {}).await;
+    let mut live = spawn_projector_process(&common);
+    let client = http();
+    let a = create_tenant(&pool, "replayed").await;
+    let b = create_tenant(&pool, "bystander").await;
+
+    let mut gen_a = Generator::new(11, "ra", 12, chrono::Duration::hours(6));
+    for _ in 0..40 {
+        let res = post_events(
+            &client,
+            &ingest.url(),
+            &a.ingest_key,
+            &Value::Array(gen_a.batch(500)),
+        )
+        .await;
+        assert_eq!(res.status(), 202);
+    }
+    let mut gen_b = Generator::new(12, "rb", 3, chrono::Duration::hours(6));
+    let res = post_events(
+        &client,
+        &ingest.url(),
+        &b.ingest_key,
+        &Value::Array(gen_b.batch(300)),
+    )
+    .await;
+    assert_eq!(res.status(), 202);
+    let old_event = produce_v1_agent_event(&common, a.id).await;
+    wait_projected(&pool, a.id, 20_001, Duration::from_secs(120)).await;
+    wait_projected(&pool, b.id, 300, Duration::from_secs(60)).await;
+
+    let cost_of_old_event = |pool: sqlx::PgPool| async move {
+        let sql = format!(
+            "SELECT (value * 100)::bigint FROM agent_interactions WHERE event_id = '{old_event}' AND data->>'model' = 'claude-opus'"
+        );
+        scalar_in_tenant(&pool, a.id, &sql).await
+    };
+    assert_eq!(
+        cost_of_old_event(pool.clone()).await,
+        25,
+        "v1 event upcast on projection"
+    );
+
+    // A dashboard client polls all along; events keep arriving during the replay.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let polls = Arc::new(AtomicU64::new(0));
+    let poller = {
+        let (stop, failures, polls) = (stop.clone(), failures.clone(), polls.clone());
+        let (client, url, key) = (
+            client.clone(),
+            format!("{}/v1/dashboard/overview?range=24h", query.url()),
+            a.read_key.clone(),
+        );
+        tokio::spawn(async move {
+            let mut last = 0i64;
+            let mut backwards = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                polls.fetch_add(1, Ordering::Relaxed);
+                match client.get(&url).bearer_auth(&key).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        let o: Value = r.json().await.unwrap();
+                        let n = o["events_total"].as_i64().unwrap();
+                        if n < last {
+                            backwards.push((last, n));
+                        }
+                        last = last.max(n);
+                    }
+                    Ok(r) => {
+                        eprintln!(
+                            "poll failed: {} {}",
+                            r.status(),
+                            r.text().await.unwrap_or_default()
+                        );
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("poll failed: {e}");
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            backwards
+        })
+    };
+    let trickle = {
+        let (stop, client, url, key) = (
+            stop.clone(),
+            client.clone(),
+            ingest.url(),
+            a.ingest_key.clone(),
+        );
+        let mut gen = Generator::new(13, "ra", 12, chrono::Duration::hours(1));
+        tokio::spawn(async move {
+            let mut sent = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                let res = post_events(&client, &url, &key, &Value::Array(gen.batch(20))).await;
+                assert_eq!(res.status(), 202);
+                sent += 20;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (sent, gen.expected)
+        })
+    };
+
+    let out = tokio::task::spawn_blocking({
+        let common = common.clone();
+        let tenant = a.id.to_string();
+        move || {
+            projector_command(&common, &["replay", "--tenant", &tenant, "--json"])
+                .env("TALLY_REPLAY_DROP_GRACE_SECS", "3")
+                .stderr(std::process::Stdio::piped())
+                .output()
+                .expect("run projector replay")
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "replay failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("replay report");
+    eprintln!("replay report: {report}");
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        progress.contains("records/s, lag"),
+        "progress is shown: {progress}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (trickled, trickle_expected) = trickle.await.unwrap();
+    let backwards = poller.await.unwrap();
+    let total = 20_001 + trickled;
+    wait_projected(&pool, a.id, total, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "failed dashboard requests"
+    );
+    assert!(backwards.is_empty(), "counts went backwards: {backwards:?}");
+    assert!(
+        polls.load(Ordering::Relaxed) > 20,
+        "the poller kept polling"
+    );
+    assert_eq!(active_version(&pool, a.id).await, 2);
+    assert_eq!(
+        active_version(&pool, b.id).await,
+        1,
+        "only the replayed tenant moved"
+    );
+    let v1_left: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(a.id.schema(1).as_str())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(!v1_left, "the old version is dropped");
+
+    // Exactly once in the new version: raw rows and every rollup.
+    assert_eq!(projected_events(&pool, a.id).await, Some(total));
+    let mut raw = 0;
+    for table in shared::tenant_sql::RAW_TABLES {
+        raw += scalar_in_tenant(&pool, a.id, &format!("SELECT count(*) FROM {table}")).await;
+    }
+    assert_eq!(raw, total);
+    let mut per_type = gen_a.expected.per_type.clone();
+    for (t, n) in trickle_expected.per_type {
+        *per_type.entry(t).or_default() += n;
+    }
+    *per_type.entry("agent.interacted".into()).or_default() += 1;
+    for (event_type, n) in &per_type {
+        for rollup in ["activity_1m", "activity_1h", "activity_1d"] {
+            let sql = format!(
+                "SELECT sum(count)::bigint FROM {rollup} WHERE event_type = '{event_type}'"
+            );
+            assert_eq!(
+                scalar_in_tenant(&pool, a.id, &sql).await,
+                *n,
+                "{rollup} {event_type}"
+            );
+        }
+    }
+    assert_eq!(
+        cost_of_old_event(pool.clone()).await,
+        25,
+        "v1 event upcast after replay"
+    );
+    let cost_cents = scalar_in_tenant(
+        &pool,
+        a.id,
+        "SELECT (sum(value_sum) * 100)::bigint FROM activity_1d WHERE user_id = 'old-client'",
+    )
+    .await;
+    assert_eq!(cost_cents, 25, "its cost is in the rollups");
+    // The bystander is untouched.
+    assert_eq!(projected_events(&pool, b.id).await, Some(300));
+
+    live.kill().unwrap();
+    live.wait().unwrap();
+    ingest.stop().await.unwrap();
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_drops_old_partitions_and_refuses_old_events() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let projector = start_projector(&common).await;
+    let client = http();
+    let t = create_tenant(&pool, "retention").await;
+
+    let now = Utc::now();
+    let at = |days: i64, n: i64| -> Value {
+        Value::Array(
+            (0..n)
+                .map(|i| json!({"type": "command.executed",
+                    "occurred_at": (now - TimeDelta::days(days) - TimeDelta::minutes(i)).to_rfc3339(),
+                    "data": {"user_id": "u", "command_name": "c", "duration_ms": 1, "status": "success"}}))
+                .collect(),
+        )
+    };
+    for body in [at(5, 7), at(0, 3)] {
+        assert_eq!(
+            post_events(&client, &ingest.url(), &t.ingest_key, &body)
+                .await
+                .status(),
+            202
+        );
+    }
+    wait_projected(&pool, t.id, 10, Duration::from_secs(60)).await;
+    ingest.stop().await.unwrap();
+
+    sqlx::query("UPDATE control.tenants SET raw_retention_days = 2, rollup_retention_days = 30 WHERE id = $1")
+        .bind(t.id.0)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let out = tokio::task::spawn_blocking({
+        let common = common.clone();
+        move || {
+            projector_command(&common, &["retention"])
+                .stderr(std::process::Stdio::piped())
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pass: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(pass["partitions_dropped"].as_u64().unwrap() >= 6, "{pass}");
+
+    let old_day = (now - TimeDelta::days(5))
+        .duration_trunc(TimeDelta::days(1))
+        .unwrap();
+    let partition = format!("command_executions_p{}", old_day.format("%Y%m%d"));
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{}.{partition}", t.id.schema(1)))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(!exists, "{partition} is dropped");
+    assert_eq!(
+        scalar_in_tenant(&pool, t.id, "SELECT count(*) FROM command_executions").await,
+        3
+    );
+    let old = old_day.to_rfc3339();
+    let minute_rows = scalar_in_tenant(
+        &pool,
+        t.id,
+        &format!("SELECT count(*) FROM activity_1m WHERE bucket < '{old}'::timestamptz + interval '1 day'"),
+    )
+    .await;
+    assert_eq!(minute_rows, 0, "minute rollups follow the raw window");
+    let daily = scalar_in_tenant(
+        &pool,
+        t.id,
+        &format!("SELECT sum(count)::bigint FROM activity_1d WHERE bucket = '{old}'"),
+    )
+    .await;
+    assert_eq!(daily, 7, "daily rollups outlive the raw rows");
+    // Partitions for the coming days exist.
+    let ahead = (now + TimeDelta::days(3)).format("%Y%m%d");
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{}.command_executions_p{ahead}", t.id.schema(1)))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(exists, "partitions are made ahead");
+
+    // ingest-api now refuses what is older than the tenant's raw window.
+    let ingest = start_ingest(&common, |_| {}).await;
+    let res = post_events(&client, &ingest.url(), &t.ingest_key, &at(3, 1)).await;
+    assert_eq!(res.status(), 422);
+    let body: Value = res.json().await.unwrap();
+    assert!(
+        body.to_string().contains("retention window of 2 days"),
+        "{body}"
+    );
+    ingest.stop().await.unwrap();
+    projector.stop().await.unwrap();
+}
