@@ -53,7 +53,7 @@ test:
 	$(ENV) && psql -X -q -v ON_ERROR_STOP=1 "$$TALLY_DATABASE_URL" -f tests/reset-db.sql
 	# The end-to-end tests run the real projector binary (to SIGKILL it): build the binaries.
 	cargo build --workspace --bins
-	$(ENV) && tests/summarize.sh cargo test --workspace --no-fail-fast
+	$(ENV) && tests/summarize.sh tests/all.sh
 
 EVENTS ?= 200000
 CONCURRENCY ?= 8

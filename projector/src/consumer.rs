@@ -301,6 +301,7 @@ impl Projector {
             self.dead_letter(&batch.poison).await;
         }
         let mut backoff = Duration::from_millis(200);
+        let mut paused: Option<TopicPartitionList> = None;
         let result = loop {
             let attempt = async {
                 let tenants = store::tenants_of(&batch.events);
@@ -335,12 +336,27 @@ impl Projector {
                     tracing::warn!(error = %e, retry_in = ?backoff, "batch write failed; retrying");
                     metrics::counter!("projector_write_retries_total").increment(1);
                     self.prepared.clear();
-                    tokio::time::sleep(backoff).await;
+                    if paused.is_none() {
+                        paused = self.pause();
+                    }
+                    // Polling goes on while paused, so the group keeps this member
+                    // (max.poll.interval.ms). A record that was already fetched may still
+                    // arrive: it is dropped here and read again after the resume.
+                    let consumer = self.consumer.clone();
+                    let _ = tokio::time::timeout(backoff, consumer.recv()).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
                 other => break other,
             }
         };
+        if let Some(tpl) = paused {
+            if let Err(e) = self.consumer.resume(&tpl) {
+                tracing::warn!(error = %e, "resume failed");
+            }
+            tracing::info!("PostgreSQL is back: partitions resumed");
+            let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            self.rewind(&parts).await;
+        }
         match result {
             Ok(written) => {
                 metrics::counter!("projector_events_total", "outcome" => "inserted")
@@ -356,26 +372,58 @@ impl Projector {
             Err(WriteError::Fenced { partition }) => {
                 tracing::warn!(partition, "batch fenced by stored offsets; rewinding");
                 metrics::counter!("projector_fenced_batches_total").increment(1);
-                for p in batch.offsets.keys() {
-                    self.positions.remove(p);
-                }
-                let stored =
-                    store::stored_offsets(&self.pool, &self.config.projection, &self.topic)
-                        .await
-                        .unwrap_or_default();
-                for p in batch.offsets.keys() {
-                    if let Some(o) = stored.get(p) {
-                        let _ = self.consumer.seek(
-                            &self.topic,
-                            *p,
-                            Offset::Offset(*o),
-                            Duration::from_secs(5),
-                        );
-                    }
-                }
+                let parts: Vec<i32> = batch.offsets.keys().copied().collect();
+                self.rewind(&parts).await;
             }
             Err(WriteError::Db(_) | WriteError::VersionMoved) => {
                 unreachable!("database errors and version moves are retried above")
+            }
+        }
+    }
+
+    /// Pauses every assigned partition (PostgreSQL is unavailable): they stay assigned to
+    /// this instance, nothing more is fetched until [`Self::rewind`] after the resume.
+    fn pause(&self) -> Option<TopicPartitionList> {
+        let tpl = self.consumer.assignment().ok()?;
+        match self.consumer.pause(&tpl) {
+            Ok(()) => {
+                tracing::warn!(
+                    partitions = tpl.count(),
+                    "PostgreSQL unavailable: partitions paused"
+                );
+                Some(tpl)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pause failed");
+                None
+            }
+        }
+    }
+
+    /// Forgets what the loop knew about `partitions` and seeks each back to its stored
+    /// offset (the beginning when it has none), so nothing skipped or dropped is lost.
+    async fn rewind(&mut self, partitions: &[i32]) {
+        for p in partitions {
+            self.positions.remove(p);
+        }
+        let stored = loop {
+            match store::stored_offsets(&self.pool, &self.config.projection, &self.topic).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read stored offsets; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        for p in partitions {
+            let to = stored
+                .get(p)
+                .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+            if let Err(e) = self
+                .consumer
+                .seek(&self.topic, *p, to, Duration::from_secs(5))
+            {
+                tracing::warn!(error = %e, partition = p, "seek failed");
             }
         }
     }

@@ -278,7 +278,7 @@ impl Replayer<'_> {
             }
             let full = self.batch.len() >= self.config.batch_max_events;
             let due = batch_started.is_some_and(|t| t.elapsed() >= linger);
-            if full || due || switching.is_some() {
+            if full || due {
                 self.flush().await?;
                 batch_started = None;
             }

@@ -457,10 +457,17 @@ async fn upsert_rollup(
     let keys = || deltas.keys();
     let vals = || deltas.values();
     // Histograms travel as array literals: UNNEST cannot take an array of arrays of
-    // different rows, and a text[] of literals casts back losslessly.
+    // different rows, and a text[] of literals casts back losslessly. Trailing empty
+    // buckets are left off (most rows hold a few durations): `hist_add` and the readers
+    // treat missing buckets as zero.
     let hist: Vec<String> = vals()
         .map(|m| {
-            let parts: Vec<String> = m.duration_hist.iter().map(i64::to_string).collect();
+            let used = m
+                .duration_hist
+                .iter()
+                .rposition(|n| *n != 0)
+                .map_or(1, |last| last + 1);
+            let parts: Vec<String> = m.duration_hist[..used].iter().map(i64::to_string).collect();
             format!("{{{}}}", parts.join(","))
         })
         .collect();

@@ -2,12 +2,15 @@
 #![forbid(unsafe_code)]
 
 /// Static SQL per rollup grain (the table is picked from a closed set, never formatted).
+/// Every such query has the range's bounds as `$1` and `$2`.
 macro_rules! by_grain {
     ($grain:expr, $before:literal, $after:literal) => {
         match $grain {
             crate::range::Grain::Minute => concat!($before, "activity_1m", $after),
             crate::range::Grain::Hour => concat!($before, "activity_1h", $after),
             crate::range::Grain::Day => concat!($before, "activity_1d", $after),
+            crate::range::Grain::HourSpans => concat!($before, "activity_hours($1, $2)", $after),
+            crate::range::Grain::DaySpans => concat!($before, "activity_days($1, $2)", $after),
         }
     };
 }

@@ -148,39 +148,55 @@ impl Bucket {
     }
 }
 
-/// The rollup grain a query reads.
+/// The rollups a query reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grain {
     Minute,
     Hour,
     Day,
+    /// Minutes at the edges, whole hours between (`activity_hours`).
+    HourSpans,
+    /// Minutes and hours at the edges, whole days between (`activity_days`).
+    DaySpans,
 }
 
 impl Grain {
-    /// The coarsest rollup whose buckets tile `range` exactly.
+    /// The coarsest rollups that cover `range` exactly.
     pub fn for_range(range: &TimeRange) -> Grain {
+        Grain::up_to(range, Grain::Day)
+    }
+
+    /// The rollups a time series of `bucket` reads: as coarse as both allow (a bucket is
+    /// made of whole rollup buckets).
+    pub fn for_series(bucket: Bucket, range: &TimeRange) -> Grain {
+        match bucket {
+            Bucket::M1 | Bucket::M5 | Bucket::M15 => Grain::Minute,
+            Bucket::H1 => Grain::up_to(range, Grain::Hour),
+            Bucket::D1 | Bucket::W1 => Grain::up_to(range, Grain::Day),
+        }
+    }
+
+    fn up_to(range: &TimeRange, coarsest: Grain) -> Grain {
         let aligned = |w: TimeDelta| {
             range.from.duration_trunc(w).ok() == Some(range.from)
                 && range.to.duration_trunc(w).ok() == Some(range.to)
         };
-        if aligned(TimeDelta::days(1)) {
-            Grain::Day
-        } else if aligned(TimeDelta::hours(1)) {
+        let span = range.to - range.from;
+        if coarsest == Grain::Day {
+            if aligned(TimeDelta::days(1)) {
+                return Grain::Day;
+            }
+            if span >= TimeDelta::days(2) {
+                return Grain::DaySpans;
+            }
+        }
+        if aligned(TimeDelta::hours(1)) {
             Grain::Hour
+        } else if span >= TimeDelta::hours(2) {
+            Grain::HourSpans
         } else {
             Grain::Minute
         }
-    }
-
-    /// The rollup a time series of `bucket` reads: as coarse as both allow.
-    pub fn for_series(bucket: Bucket, range: &TimeRange) -> Grain {
-        let by_bucket = match bucket {
-            Bucket::M1 | Bucket::M5 | Bucket::M15 => Grain::Minute,
-            Bucket::H1 => Grain::Hour,
-            Bucket::D1 | Bucket::W1 => Grain::Day,
-        };
-        let by_range = Grain::for_range(range);
-        std::cmp::min_by_key(by_bucket, by_range, |g| *g as u8)
     }
 }
 
@@ -261,7 +277,22 @@ mod tests {
             90,
         )
         .unwrap();
-        assert_eq!(Grain::for_series(Bucket::D1, &odd), Grain::Minute);
+        assert_eq!(Grain::for_series(Bucket::D1, &odd), Grain::DaySpans);
+        assert_eq!(Grain::for_series(Bucket::H1, &odd), Grain::HourSpans);
+        assert_eq!(Grain::for_series(Bucket::M15, &odd), Grain::Minute);
+        let short = TimeRange::parse(
+            None,
+            Some("2026-11-01T00:07:00Z"),
+            Some("2026-11-01T01:00:00Z"),
+            now(),
+            90,
+        )
+        .unwrap();
+        assert_eq!(Grain::for_range(&short), Grain::Minute);
+        let day = TimeRange::parse(Some("24h"), None, None, now(), 90).unwrap();
+        assert_eq!(Grain::for_range(&day), Grain::HourSpans);
+        let month = TimeRange::parse(Some("30d"), None, None, now(), 90).unwrap();
+        assert_eq!(Grain::for_range(&month), Grain::DaySpans);
         assert!(Bucket::parse("2h").is_err());
     }
 }

@@ -9,7 +9,8 @@ use axum::response::Response;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{fmt, EnvFilter};
 
-/// Starts logging. `json` in production, `pretty` otherwise; `RUST_LOG` filters.
+/// Starts logging, to stderr (stdout is for the answers of command-line subcommands).
+/// `json` in production, `pretty` otherwise; `RUST_LOG` filters.
 /// Safe to call more than once (tests build several apps in one process).
 pub fn init_tracing(format: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -18,11 +19,16 @@ pub fn init_tracing(format: &str) {
     let result = if format == "json" {
         fmt()
             .json()
+            .with_writer(std::io::stderr)
             .with_env_filter(filter)
             .with_current_span(false)
             .try_init()
     } else {
-        fmt().with_env_filter(filter).compact().try_init()
+        fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .compact()
+            .try_init()
     };
     // Already initialised (another app in the same test process): keep the first one.
     let _ = result;

@@ -1,0 +1,324 @@
+//! `tally-bench-read`: the read-side benchmark. Loads N events spread over D days into a new
+//! tenant — raw rows and rollups built by the projector's own code (`RawRow::from_event`,
+//! `rollup::fold`) and written with COPY, i.e. exactly what projecting them would leave,
+//! without waiting hours for it — then measures query-api's overview and a D-day hourly time
+//! series, uncached (a fresh watermark before every request, as after each projector batch)
+//! and cached, and compares them with a Redis GET of the same answer (the floor).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use chrono::{TimeDelta, Utc};
+use clap::Parser;
+use projector::rollup::{self, Grain, Key, Measures};
+use projector::rows::RawRow;
+use shared::apikey::Scope;
+use shared::events::{Actor, IngestContext, Source, TimeBounds};
+use shared::tenant::TenantId;
+use shared::tenant_sql;
+use tally_tests::events::Generator;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 10_000_000)]
+    events: usize,
+    #[arg(long, default_value_t = 30)]
+    days: i64,
+    /// Distinct users sending events.
+    #[arg(long, default_value_t = 50)]
+    users: usize,
+    /// Requests per measurement.
+    #[arg(long, default_value_t = 200)]
+    requests: usize,
+    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    query_url: String,
+    #[arg(long, env = "TALLY_DATABASE_URL")]
+    database_url: String,
+    #[arg(long, env = "TALLY_REDIS_URL")]
+    redis_url: String,
+}
+
+const RAW_COLUMNS: &str = "event_id, occurred_at, received_at, user_id, team_id, project_id, \
+     session_id, name, status, duration_ms, input_tokens, output_tokens, value, data";
+
+fn csv_text(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&args.database_url)
+        .await?;
+    shared::db::migrate(&pool).await?;
+    let tenant = ingest_api::admin::create_tenant(&pool, "", "bench-read").await?;
+    let (_, key) =
+        ingest_api::admin::create_api_key(&pool, "", tenant, Scope::Read, "bench").await?;
+    println!(
+        "tenant {tenant}: loading {} events over {} days…",
+        args.events, args.days
+    );
+    let loaded = Instant::now();
+    load(&pool, tenant, &args).await?;
+    println!("loaded in {:.0} s", loaded.elapsed().as_secs_f64());
+
+    let client = reqwest::Client::new();
+    let redis = redis::Client::open(args.redis_url.as_str())?;
+    let mut redis = redis::aio::ConnectionManager::new(redis).await?;
+    let schema = tenant.schema(1);
+    println!();
+    println!("| request | uncached p50 | uncached p99 | cached p50 | cached p99 | Redis GET of the answer p50 | cached / Redis |");
+    println!("|---|---|---|---|---|---|---|");
+    for (label, path) in [
+        (
+            format!("overview, {} days", args.days),
+            format!("overview?range={}d", args.days),
+        ),
+        (
+            format!("time series, {} days, hourly", args.days),
+            format!("timeseries?range={}d&bucket=1h", args.days),
+        ),
+    ] {
+        let url = format!("{}/v1/dashboard/{path}", args.query_url);
+        let mut uncached = Vec::new();
+        for _ in 0..args.requests {
+            // A new watermark: the cache key changes, as after every projector batch.
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE {schema}.projection_state SET seq = seq + 1"
+            )))
+            .execute(&pool)
+            .await?;
+            let (t, cache, _) = get(&client, &url, &key).await?;
+            anyhow::ensure!(cache == "miss", "expected a cache miss, got {cache}");
+            uncached.push(t);
+        }
+        let mut cached = Vec::new();
+        let mut body = Vec::new();
+        for _ in 0..args.requests {
+            let (t, cache, b) = get(&client, &url, &key).await?;
+            anyhow::ensure!(cache == "hit", "expected a cache hit, got {cache}");
+            cached.push(t);
+            body = b;
+        }
+        // The floor: a Redis round trip of the same bytes.
+        let _: () = redis::cmd("SET")
+            .arg("tally:bench:floor")
+            .arg(&body)
+            .query_async(&mut redis)
+            .await?;
+        let mut floor = Vec::new();
+        for _ in 0..args.requests {
+            let t = Instant::now();
+            let _: Vec<u8> = redis::cmd("GET")
+                .arg("tally:bench:floor")
+                .query_async(&mut redis)
+                .await?;
+            floor.push(t.elapsed());
+        }
+        let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
+        println!(
+            "| {label} | {} | {} | {} | {} | {} | {:.1} × |",
+            ms(pct(&mut uncached, 0.5)),
+            ms(pct(&mut uncached, 0.99)),
+            ms(pct(&mut cached, 0.5)),
+            ms(pct(&mut cached, 0.99)),
+            ms(pct(&mut floor, 0.5)),
+            pct(&mut cached, 0.5).as_secs_f64() / pct(&mut floor, 0.5).as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn pct(v: &mut [Duration], q: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * q).round() as usize]
+}
+
+async fn get(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+) -> anyhow::Result<(Duration, String, Vec<u8>)> {
+    let t = Instant::now();
+    let res = client.get(url).bearer_auth(key).send().await?;
+    anyhow::ensure!(res.status() == 200, "{url}: {}", res.status());
+    let cache = res
+        .headers()
+        .get("x-cache")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = res.bytes().await?.to_vec();
+    Ok((t.elapsed(), cache, body))
+}
+
+/// Writes the tenant's projection day by day: raw rows, then that day's minute and hour
+/// rollups; daily rollups at the end.
+async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Result<()> {
+    let mut conn = pool.acquire().await?;
+    tenant_sql::create_tenant_schema(&mut conn, tenant, 1).await?;
+    let schema = tenant.schema(1);
+    let now = Utc::now();
+    let days: Vec<_> = (0..=args.days + 1)
+        .map(|d| (now - TimeDelta::days(d)).date_naive())
+        .collect();
+    tenant_sql::ensure_partitions(&mut conn, &schema, &days).await?;
+    let per_day = args.events / args.days as usize;
+    let mut daily: BTreeMap<Key, Measures> = BTreeMap::new();
+    let ctx = IngestContext {
+        tenant_id: tenant,
+        actor: Actor::default(),
+        source: Source::Api,
+        received_at: now,
+        bounds: TimeBounds {
+            max_future_skew: TimeDelta::days(1),
+            retention: TimeDelta::days(3650),
+        },
+        idempotency_key: None,
+    };
+    for day in 0..args.days {
+        // Events of the day ending `day` days ago.
+        let mut generator =
+            Generator::new(day as u64, "bench", args.users, chrono::Duration::days(1));
+        let shift = TimeDelta::days(day);
+        let mut rows: Vec<RawRow> = Vec::with_capacity(per_day);
+        for (i, raw) in generator.batch(per_day).into_iter().enumerate() {
+            let env = ctx.envelope(i, raw).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let payload = env.payload().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            if let Some(mut r) = RawRow::from_event(&env, &payload) {
+                r.occurred_at -= shift;
+                rows.push(r);
+            }
+        }
+        for chunk in rows.chunks(50_000) {
+            let mut by_table: BTreeMap<&'static str, String> = BTreeMap::new();
+            for r in chunk {
+                let csv = by_table.entry(r.table.name()).or_default();
+                let _ = writeln!(
+                    csv,
+                    "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                    r.event_id,
+                    r.occurred_at.to_rfc3339(),
+                    r.received_at.to_rfc3339(),
+                    csv_text(&r.user_id),
+                    csv_text(&r.team_id),
+                    csv_text(&r.project_id),
+                    csv_text(&r.session_id),
+                    csv_text(&r.name),
+                    csv_text(&r.status),
+                    r.duration_ms,
+                    r.input_tokens,
+                    r.output_tokens,
+                    r.value,
+                    csv_text(&r.data.to_string())
+                );
+            }
+            for (table, csv) in by_table {
+                copy_into(&mut conn, &schema, table, RAW_COLUMNS, csv).await?;
+            }
+        }
+        for grain in [Grain::Minute, Grain::Hour] {
+            let folded = rollup::fold(rows.iter(), grain);
+            write_rollups(&mut conn, &schema, grain.table(), &folded).await?;
+        }
+        for (k, m) in rollup::fold(rows.iter(), Grain::Day) {
+            merge(daily.entry(k).or_default(), &m);
+        }
+        println!("  day {}/{}: {} events", day + 1, args.days, rows.len());
+    }
+    write_rollups(&mut conn, &schema, Grain::Day.table(), &daily).await?;
+    let total = (per_day as i64) * args.days;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE {schema}.projection_state SET seq = seq + 1, events = $1, as_of = now()"
+    )))
+    .bind(total)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ANALYZE {schema}.activity_1m, {schema}.activity_1h, {schema}.activity_1d"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+fn merge(into: &mut Measures, m: &Measures) {
+    into.count += m.count;
+    into.errors += m.errors;
+    into.duration_sum += m.duration_sum;
+    into.duration_max = into.duration_max.max(m.duration_max);
+    into.input_tokens += m.input_tokens;
+    into.output_tokens += m.output_tokens;
+    into.value_sum += m.value_sum;
+    for (a, b) in into.duration_hist.iter_mut().zip(&m.duration_hist) {
+        *a += b;
+    }
+}
+
+async fn write_rollups(
+    conn: &mut sqlx::PgConnection,
+    schema: &shared::tenant::SchemaName,
+    table: &str,
+    rows: &BTreeMap<Key, Measures>,
+) -> anyhow::Result<()> {
+    let entries: Vec<(&Key, &Measures)> = rows.iter().collect();
+    for chunk in entries.chunks(50_000) {
+        let mut csv = String::with_capacity(chunk.len() * 200);
+        for (k, m) in chunk {
+            let used = m
+                .duration_hist
+                .iter()
+                .rposition(|n| *n != 0)
+                .map_or(1, |i| i + 1);
+            let hist: Vec<String> = m.duration_hist[..used].iter().map(i64::to_string).collect();
+            let _ = writeln!(
+                csv,
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},\"{{{}}}\"",
+                k.bucket.to_rfc3339(),
+                k.event_type,
+                csv_text(&k.user_id),
+                csv_text(&k.team_id),
+                csv_text(&k.project_id),
+                csv_text(&k.name),
+                m.count,
+                m.errors,
+                m.duration_sum,
+                m.duration_max,
+                m.input_tokens,
+                m.output_tokens,
+                m.value_sum,
+                hist.join(",")
+            );
+        }
+        copy_into(
+            conn,
+            schema,
+            table,
+            "bucket, event_type, user_id, team_id, project_id, name, count, errors, \
+             duration_sum, duration_max, input_tokens, output_tokens, value_sum, duration_hist",
+            csv,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn copy_into(
+    conn: &mut sqlx::PgConnection,
+    schema: &shared::tenant::SchemaName,
+    table: &str,
+    columns: &str,
+    csv: String,
+) -> anyhow::Result<()> {
+    let mut copy = conn
+        .copy_in_raw(&format!(
+            "COPY {schema}.{table} ({columns}) FROM STDIN (FORMAT csv)"
+        ))
+        .await?;
+    copy.send(csv.into_bytes()).await?;
+    copy.finish().await?;
+    Ok(())
+}
