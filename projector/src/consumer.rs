@@ -207,19 +207,24 @@ impl Projector {
         }
     }
 
-    async fn position(&mut self, partition: i32) -> anyhow::Result<Position> {
-        if let Some(p) = self.positions.get(&partition) {
-            return Ok(*p);
-        }
-        let stored = loop {
+    /// This topic's stored offsets, waiting for PostgreSQL as long as it takes.
+    async fn stored_offsets(&self) -> HashMap<i32, i64> {
+        loop {
             match store::stored_offsets(&self.pool, &self.config.projection, &self.topic).await {
-                Ok(s) => break s,
+                Ok(s) => return s,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read stored offsets; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
-        };
+        }
+    }
+
+    async fn position(&mut self, partition: i32) -> anyhow::Result<Position> {
+        if let Some(p) = self.positions.get(&partition) {
+            return Ok(*p);
+        }
+        let stored = self.stored_offsets().await;
         let pos = stored
             .get(&partition)
             .map_or(Position::Fresh, |o| Position::Expect(*o));
@@ -406,15 +411,7 @@ impl Projector {
         for p in partitions {
             self.positions.remove(p);
         }
-        let stored = loop {
-            match store::stored_offsets(&self.pool, &self.config.projection, &self.topic).await {
-                Ok(s) => break s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read stored offsets; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        };
+        let stored = self.stored_offsets().await;
         for p in partitions {
             let to = stored
                 .get(p)

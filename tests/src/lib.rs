@@ -603,6 +603,74 @@ pub fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339()
 }
 
+/// `n` minimal `command.executed` events `days` days before `now`, a minute apart.
+pub fn commands_days_ago(now: DateTime<Utc>, days: i64, n: i64) -> Value {
+    Value::Array(
+        (0..n)
+            .map(|i| {
+                json!({"type": "command.executed",
+                    "occurred_at": (now - chrono::TimeDelta::days(days) - chrono::TimeDelta::minutes(i)).to_rfc3339(),
+                    "data": {"user_id": "u", "command_name": "c", "duration_ms": 1, "status": "success"}})
+            })
+            .collect(),
+    )
+}
+
+/// Polls a dashboard URL until `stop` is set; counts requests and failures (anything but
+/// a 200), and returns every time the total it reads went backwards as (before, after).
+/// The total is `events_total` of an overview, or the sum of a time series' counts.
+pub fn spawn_poller(
+    url: String,
+    key: String,
+    every: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    failures: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    polls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> tokio::task::JoinHandle<(String, Vec<(i64, i64)>)> {
+    use std::sync::atomic::Ordering;
+    tokio::spawn(async move {
+        let client = http();
+        let mut last = 0i64;
+        let mut backwards = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            polls.fetch_add(1, Ordering::Relaxed);
+            match client.get(&url).bearer_auth(&key).send().await {
+                Ok(r) if r.status() == 200 => {
+                    let o: Value = r.json().await.expect("JSON answer");
+                    let n = match o.get("events_total") {
+                        Some(n) => n.as_i64().expect("events_total"),
+                        None => o["series"]
+                            .as_array()
+                            .expect("series")
+                            .iter()
+                            .flat_map(|s| s["points"].as_array().expect("points"))
+                            .map(|p| p["count"].as_i64().expect("count"))
+                            .sum(),
+                    };
+                    if n < last {
+                        backwards.push((last, n));
+                    }
+                    last = last.max(n);
+                }
+                Ok(r) => {
+                    eprintln!(
+                        "{url}: {} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    );
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    eprintln!("{url}: {e}");
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+        (url, backwards)
+    })
+}
+
 /// A minimal valid `command.executed` event.
 pub fn command(user: &str, name: &str, duration_ms: i64, ok: bool) -> Value {
     json!({

@@ -315,50 +315,14 @@ async fn a_million_events_through_every_fault_then_a_replay_under_load() {
         (&t1, "timeseries?range=24h&bucket=1h"),
         (&t2, "overview?range=24h"),
     ] {
-        let (stop, failures, polls) = (stop.clone(), failures.clone(), polls.clone());
-        let url = format!("{}/v1/dashboard/{path}", query.url());
-        let key = t.read_key.clone();
-        pollers.push(tokio::spawn(async move {
-            let client = http();
-            let mut last = 0i64;
-            let mut backwards = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                polls.fetch_add(1, Ordering::Relaxed);
-                match client.get(&url).bearer_auth(&key).send().await {
-                    Ok(r) if r.status() == 200 => {
-                        let o: Value = r.json().await.unwrap();
-                        let n = match o.get("events_total") {
-                            Some(n) => n.as_i64().unwrap(),
-                            None => o["series"]
-                                .as_array()
-                                .unwrap()
-                                .iter()
-                                .flat_map(|s| s["points"].as_array().unwrap())
-                                .map(|p| p["count"].as_i64().unwrap())
-                                .sum(),
-                        };
-                        if n < last {
-                            backwards.push((last, n));
-                        }
-                        last = last.max(n);
-                    }
-                    Ok(r) => {
-                        eprintln!(
-                            "{url}: {} {}",
-                            r.status(),
-                            r.text().await.unwrap_or_default()
-                        );
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        eprintln!("{url}: {e}");
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            (url, backwards)
-        }));
+        pollers.push(spawn_poller(
+            format!("{}/v1/dashboard/{path}", query.url()),
+            t.read_key.clone(),
+            Duration::from_millis(50),
+            stop.clone(),
+            failures.clone(),
+            polls.clone(),
+        ));
     }
     let trickle = {
         let (stop, url, key) = (stop.clone(), ingest.url(), t1.ingest_key.clone());

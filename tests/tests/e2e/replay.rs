@@ -102,45 +102,14 @@ async fn replay_switches_versions_under_polling_and_upcasts_old_events() {
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicU64::new(0));
     let polls = Arc::new(AtomicU64::new(0));
-    let poller = {
-        let (stop, failures, polls) = (stop.clone(), failures.clone(), polls.clone());
-        let (client, url, key) = (
-            client.clone(),
-            format!("{}/v1/dashboard/overview?range=24h", query.url()),
-            a.read_key.clone(),
-        );
-        tokio::spawn(async move {
-            let mut last = 0i64;
-            let mut backwards = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                polls.fetch_add(1, Ordering::Relaxed);
-                match client.get(&url).bearer_auth(&key).send().await {
-                    Ok(r) if r.status() == 200 => {
-                        let o: Value = r.json().await.unwrap();
-                        let n = o["events_total"].as_i64().unwrap();
-                        if n < last {
-                            backwards.push((last, n));
-                        }
-                        last = last.max(n);
-                    }
-                    Ok(r) => {
-                        eprintln!(
-                            "poll failed: {} {}",
-                            r.status(),
-                            r.text().await.unwrap_or_default()
-                        );
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        eprintln!("poll failed: {e}");
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            backwards
-        })
-    };
+    let poller = spawn_poller(
+        format!("{}/v1/dashboard/overview?range=24h", query.url()),
+        a.read_key.clone(),
+        Duration::from_millis(20),
+        stop.clone(),
+        failures.clone(),
+        polls.clone(),
+    );
     let trickle = {
         let (stop, client, url, key) = (
             stop.clone(),
@@ -190,7 +159,7 @@ async fn replay_switches_versions_under_polling_and_upcasts_old_events() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     let (trickled, trickle_expected) = trickle.await.unwrap();
-    let backwards = poller.await.unwrap();
+    let (_, backwards) = poller.await.unwrap();
     let total = 20_001 + trickled;
     wait_projected(&pool, a.id, total, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -275,15 +244,7 @@ async fn retention_drops_old_partitions_and_refuses_old_events() {
     let t = create_tenant(&pool, "retention").await;
 
     let now = Utc::now();
-    let at = |days: i64, n: i64| -> Value {
-        Value::Array(
-            (0..n)
-                .map(|i| json!({"type": "command.executed",
-                    "occurred_at": (now - TimeDelta::days(days) - TimeDelta::minutes(i)).to_rfc3339(),
-                    "data": {"user_id": "u", "command_name": "c", "duration_ms": 1, "status": "success"}}))
-                .collect(),
-        )
-    };
+    let at = |days: i64, n: i64| commands_days_ago(now, days, n);
     for body in [at(5, 7), at(0, 3)] {
         assert_eq!(
             post_events(&client, &ingest.url(), &t.ingest_key, &body)

@@ -6,8 +6,7 @@
 
 use std::time::Duration;
 
-use chrono::{TimeDelta, Utc};
-use serde_json::{json, Value};
+use chrono::Utc;
 use tally_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -29,15 +28,7 @@ async fn raw_tables_are_hypertables_and_retention_drops_chunks() {
     let t = create_tenant(&pool, "timescale").await;
 
     let now = Utc::now();
-    let at = |days: i64, n: i64| -> Value {
-        Value::Array(
-            (0..n)
-                .map(|i| json!({"type": "command.executed",
-                    "occurred_at": (now - TimeDelta::days(days) - TimeDelta::minutes(i)).to_rfc3339(),
-                    "data": {"user_id": "u", "command_name": "c", "duration_ms": 1, "status": "success"}}))
-                .collect(),
-        )
-    };
+    let at = |days: i64, n: i64| commands_days_ago(now, days, n);
     for body in [at(5, 4), at(0, 2)] {
         assert_eq!(
             post_events(&client, &ingest.url(), &t.ingest_key, &body)
