@@ -10,7 +10,7 @@ PROFILE ?= release
 BIN_DIR := $(CARGO_TARGET_DIR)/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 ENV := source deploy/local/env.sh
 
-.PHONY: help up down test build lint fmt status load clean-data
+.PHONY: help up down test build lint fmt status load bench-read clean-data
 
 help:
 	@echo "make up      install what is missing, start Kafka, PostgreSQL, Redis and Tally, create a demo tenant"
@@ -18,6 +18,7 @@ help:
 	@echo "make down    stop everything (data is kept; 'make clean-data' deletes it)"
 	@echo "make status  what is running"
 	@echo "make load    run the load generator against 'make up' (EVENTS=200000 CONCURRENCY=8 BATCH=500)"
+	@echo "make bench-read  load READ_EVENTS over READ_DAYS into a new tenant, time overview and time series (after 'make up')"
 
 up:
 	deploy/local/prereqs.sh
@@ -63,6 +64,13 @@ load:
 	cargo build --profile $(PROFILE) -p tally-tests --bin tally-load
 	$(ENV) && source .tally/demo.env && $(BIN_DIR)/tally-load --events $(EVENTS) \
 		--concurrency $(CONCURRENCY) --batch $(BATCH) --baseline
+
+READ_EVENTS ?= 10000000
+READ_DAYS ?= 30
+bench-read:
+	test -f .tally/demo.env || { echo "run 'make up' first"; exit 1; }
+	cargo build --profile $(PROFILE) -p tally-tests --bin tally-bench-read
+	$(ENV) && $(BIN_DIR)/tally-bench-read --events $(READ_EVENTS) --days $(READ_DAYS)
 
 clean-data:
 	deploy/local/services.sh stop

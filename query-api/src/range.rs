@@ -186,7 +186,7 @@ impl Grain {
             if aligned(TimeDelta::days(1)) {
                 return Grain::Day;
             }
-            if span >= TimeDelta::days(2) {
+            if span >= TimeDelta::days(1) {
                 return Grain::DaySpans;
             }
         }
@@ -290,7 +290,18 @@ mod tests {
         .unwrap();
         assert_eq!(Grain::for_range(&short), Grain::Minute);
         let day = TimeRange::parse(Some("24h"), None, None, now(), 90).unwrap();
-        assert_eq!(Grain::for_range(&day), Grain::HourSpans);
+        assert_eq!(Grain::for_range(&day), Grain::DaySpans);
+        let hours = TimeRange::parse(Some("1h"), None, None, now(), 90).unwrap();
+        assert_eq!(Grain::for_range(&hours), Grain::Minute);
+        let twelve = TimeRange::parse(
+            None,
+            Some("2026-11-01T00:07:00Z"),
+            Some("2026-11-01T12:00:00Z"),
+            now(),
+            90,
+        )
+        .unwrap();
+        assert_eq!(Grain::for_range(&twelve), Grain::HourSpans);
         let month = TimeRange::parse(Some("30d"), None, None, now(), 90).unwrap();
         assert_eq!(Grain::for_range(&month), Grain::DaySpans);
         assert!(Bucket::parse("2h").is_err());

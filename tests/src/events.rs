@@ -28,7 +28,8 @@ pub struct Generator {
     users: Vec<String>,
     /// Events fall in `[now - spread, now - 1 min]`.
     spread: Duration,
-    now: DateTime<Utc>,
+    /// When the generator was made: events happen in the `spread` before it.
+    pub now: DateTime<Utc>,
     pub expected: Expected,
 }
 

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use chrono::{TimeDelta, Utc};
+use chrono::{DurationRound, TimeDelta, Utc};
 use clap::Parser;
 use projector::rollup::{self, Grain, Key, Measures};
 use projector::rows::RawRow;
@@ -167,6 +167,9 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
         .collect();
     tenant_sql::ensure_partitions(&mut conn, &schema, &days).await?;
     let per_day = args.events / args.days as usize;
+    let midnight = now
+        .duration_trunc(TimeDelta::days(1))
+        .expect("a day fits in a timestamp");
     let mut daily: BTreeMap<Key, Measures> = BTreeMap::new();
     let ctx = IngestContext {
         tenant_id: tenant,
@@ -180,10 +183,13 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
         idempotency_key: None,
     };
     for day in 0..args.days {
-        // Events of the day ending `day` days ago.
+        // The generator spreads a day's events over the 24 hours before now; they are moved
+        // to the UTC day that ends `day` days before today's midnight, so that days (and
+        // their minute and hour buckets) never overlap.
         let mut generator =
             Generator::new(day as u64, "bench", args.users, chrono::Duration::days(1));
-        let shift = TimeDelta::days(day);
+        let end = midnight - TimeDelta::days(day) - TimeDelta::milliseconds(1);
+        let shift = generator.now - end;
         let mut rows: Vec<RawRow> = Vec::with_capacity(per_day);
         for (i, raw) in generator.batch(per_day).into_iter().enumerate() {
             let env = ctx.envelope(i, raw).map_err(|e| anyhow::anyhow!("{e:?}"))?;
