@@ -124,7 +124,8 @@ impl ApiKeyStore {
     }
 }
 
-/// The key from `X-API-Key`, or from `Authorization: Bearer`.
+/// The key from `X-API-Key`, or from `Authorization: Bearer` (or `Token`, as InfluxDB
+/// clients send it).
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
         return Some(v.trim());
@@ -134,8 +135,7 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .to_str()
         .ok()?;
     let (scheme, token) = auth.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
+    (scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token"))
         .then_some(token.trim())
 }
 

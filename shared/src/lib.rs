@@ -11,6 +11,7 @@ pub mod health;
 pub mod histogram;
 pub mod jwt;
 pub mod kafka;
+pub mod lineproto;
 pub mod outbox;
 pub mod password;
 pub mod problem;

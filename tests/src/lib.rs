@@ -19,9 +19,13 @@ use uuid::Uuid;
 pub mod events;
 pub mod oidc;
 
-/// Repository root (the tests crate lives one level below it).
+/// Repository root (the tests crate lives one level below it). Taken at run time (cargo
+/// sets `CARGO_MANIFEST_DIR` for the tests it runs): the build directory is shared between
+/// checkouts, and a library built in another checkout must not send the tests there.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf())
         .parent()
         .expect("tests/ has a parent")
         .to_path_buf()
@@ -669,6 +673,17 @@ pub fn spawn_poller(
         }
         (url, backwards)
     })
+}
+
+/// The sum of every point of a `/v1/dashboard/metrics` answer.
+pub fn series_total(m: &Value) -> f64 {
+    m["series"]
+        .as_array()
+        .expect("series")
+        .iter()
+        .flat_map(|s| s["points"].as_array().expect("points").iter())
+        .map(|p| p[1].as_f64().expect("value"))
+        .sum()
 }
 
 /// A minimal valid `command.executed` event.

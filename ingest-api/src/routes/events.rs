@@ -35,8 +35,22 @@ pub struct Accepted {
 
 pub async fn post_events(State(s): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    // Auth first, then limits, then decoding.
-    let principal = match s.keys.authenticate(&parts.headers, Scope::Ingest).await {
+    let (s, headers) = (&s, parts.headers);
+    ingest_door(s, &headers.clone(), |principal| async move {
+        let accepted = accept(s, principal, &headers, body).await?;
+        Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
+    })
+    .await
+}
+
+/// What every ingest door does around its own decoding: the key first (scope `ingest`),
+/// then the tenant's rate limit, then `handle`; the answer carries the rate-limit headers.
+pub(crate) async fn ingest_door<F, Fut>(s: &AppState, headers: &HeaderMap, handle: F) -> Response
+where
+    F: FnOnce(KeyPrincipal) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, Problem>>,
+{
+    let principal = match s.keys.authenticate(headers, Scope::Ingest).await {
         Ok(p) => p,
         Err(problem) => return problem.into_response(),
     };
@@ -45,10 +59,9 @@ pub async fn post_events(State(s): State<AppState>, request: Request) -> Respons
         .check(principal.tenant_id, principal.rate_limit_per_min)
         .await;
     let mut res = if decision.allowed {
-        match accept(&s, principal, &parts.headers, body).await {
-            Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
-            Err(problem) => problem.into_response(),
-        }
+        handle(principal)
+            .await
+            .unwrap_or_else(IntoResponse::into_response)
     } else {
         decision.problem().into_response()
     };
@@ -175,7 +188,11 @@ fn too_large(limit: usize) -> Problem {
 }
 
 /// Reads the body within `limit` bytes, both as sent and after gzip decompression.
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>, Problem> {
+pub(crate) async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Vec<u8>, Problem> {
     let bytes = to_bytes(body, limit).await.map_err(|e| {
         // `to_bytes` fails only for the length limit or a broken connection.
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
@@ -217,7 +234,7 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<
 /// Starts every send, then waits for all acknowledgements together. Any failure (queue
 /// full, broker unreachable within the timeout) is a 503: the client retries with the same
 /// event ids, and the projector counts each id once.
-async fn produce_all(s: &AppState, envelopes: &[Envelope]) -> Result<(), Problem> {
+pub(crate) async fn produce_all(s: &AppState, envelopes: &[Envelope]) -> Result<(), Problem> {
     let timeout = Duration::from_millis(s.config.produce_timeout_ms);
     let retry_after = timeout.as_secs().clamp(1, 30);
     let started = Instant::now();

@@ -2,5 +2,6 @@ pub mod auth;
 pub mod control;
 pub mod events;
 pub mod health;
+pub mod influx;
 pub mod invitations;
 pub mod sso;

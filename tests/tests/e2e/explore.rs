@@ -314,15 +314,7 @@ async fn sessions_metric_series_and_csv_export() {
     assert_eq!(page["sessions"].as_array().unwrap().len(), 1);
 
     // metric.sample series: aggregation, label matchers, grouping by a label.
-    let total = |v: &Value| -> f64 {
-        v["series"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|s| s["points"].as_array().unwrap().iter())
-            .map(|p| p[1].as_f64().unwrap())
-            .sum()
-    };
+    let total = series_total;
     let m: Value = get("/v1/dashboard/metrics?range=1h&name=claude_code.token.usage&step=5m")
         .await
         .unwrap()

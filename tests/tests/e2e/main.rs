@@ -9,6 +9,8 @@ mod dashboard;
 mod dedup;
 mod dlq;
 mod explore;
+mod hook;
+mod influx;
 mod instances;
 mod isolation;
 mod kafka_down;

@@ -1,0 +1,153 @@
+//! `POST /api/v2/write?precision=ns|us|ms|s`: InfluxDB line protocol, as Telegraf and the
+//! Influx clients send it (`Authorization: Token <ingest key>`). Every numeric or boolean
+//! field becomes a `metric.sample` (see `shared::lineproto`).
+//!
+//! Lines are taken one by one, like InfluxDB does: the good ones are appended to Kafka, and
+//! if any line was bad the answer is a 400 problem naming each bad line by number (a partial
+//! write; clients do not retry a 4xx). All good: 204.
+
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use serde::Deserialize;
+use shared::auth::KeyPrincipal;
+use shared::events::{Actor, FieldError, IngestContext, Source, TimeBounds};
+use shared::lineproto::{self, Precision};
+use shared::problem::Problem;
+
+use crate::routes::events::{ingest_door, produce_all, read_body};
+use crate::state::AppState;
+
+#[derive(Debug, Deserialize)]
+pub struct WriteParams {
+    pub precision: Option<String>,
+    /// InfluxDB's bucket and org are accepted and ignored: the key names the tenant.
+    pub bucket: Option<String>,
+    pub org: Option<String>,
+}
+
+pub async fn write(
+    State(s): State<AppState>,
+    params: Result<Query<WriteParams>, axum::extract::rejection::QueryRejection>,
+    request: Request,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let (s, headers) = (&s, parts.headers);
+    ingest_door(s, &headers.clone(), |principal| async move {
+        let Query(params) =
+            params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
+        accept(s, principal, &headers, &params, body).await?;
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
+}
+
+async fn accept(
+    s: &AppState,
+    principal: KeyPrincipal,
+    headers: &HeaderMap,
+    params: &WriteParams,
+    body: axum::body::Body,
+) -> Result<(), Problem> {
+    let precision = Precision::parse(params.precision.as_deref()).ok_or_else(|| {
+        Problem::bad_request("invalid-parameter", "precision: must be ns, us, ms or s").with_errors(
+            vec![FieldError::new("precision", "must be ns, us, ms or s")],
+        )
+    })?;
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("text/plain");
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if !["text/plain", "application/octet-stream", ""].contains(&mime.as_str()) {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported media type",
+            format!("line protocol is text/plain, got `{ct}`"),
+        ));
+    }
+    let bytes = read_body(body, headers, s.config.max_body_bytes).await?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| Problem::bad_request("bad-encoding", format!("the body is not UTF-8: {e}")))?;
+    if text.lines().count() > lineproto::MAX_LINES {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-many-lines",
+            "Too many lines",
+            format!("at most {} lines per request", lineproto::MAX_LINES),
+        ));
+    }
+    let (points, mut bad) = lineproto::parse(text, precision);
+    let now = Utc::now();
+    let ctx = IngestContext {
+        tenant_id: principal.tenant_id,
+        actor: Actor {
+            user_id: None,
+            api_key_id: Some(principal.key_id),
+        },
+        source: Source::Influx,
+        received_at: now,
+        bounds: TimeBounds {
+            max_future_skew: chrono::Duration::seconds(s.config.max_future_skew_secs),
+            retention: chrono::Duration::days(
+                principal.raw_retention_days.min(s.config.retention_days),
+            ),
+        },
+        idempotency_key: None,
+    };
+    // Each line's samples are validated like any event; a line is taken whole or not at all.
+    let mut envelopes = Vec::new();
+    let mut accepted = 0;
+    for p in &points {
+        let mut line_envelopes = Vec::new();
+        let mut reasons = Vec::new();
+        for raw in p.to_events(now) {
+            match ctx.envelope(envelopes.len() + line_envelopes.len(), raw) {
+                Ok(env) => line_envelopes.push(env),
+                Err(errors) => reasons.extend(
+                    errors
+                        .into_iter()
+                        .map(|e| format!("{}: {}", e.field, e.reason)),
+                ),
+            }
+        }
+        if reasons.is_empty() {
+            accepted += 1;
+            envelopes.extend(line_envelopes);
+        } else {
+            bad.push(lineproto::LineError {
+                line: p.line,
+                reason: reasons.join("; "),
+            });
+        }
+    }
+    if !envelopes.is_empty() {
+        produce_all(s, &envelopes).await?;
+        metrics::counter!("ingest_events_total", "source" => "influx")
+            .increment(envelopes.len() as u64);
+    }
+    if bad.is_empty() {
+        return Ok(());
+    }
+    bad.sort_by_key(|e| e.line);
+    Err(Problem::bad_request(
+        "partial-write",
+        format!(
+            "partial write: {} line(s) refused, {accepted} line(s) accepted ({} samples)",
+            bad.len(),
+            envelopes.len()
+        ),
+    )
+    .with_errors(
+        bad.into_iter()
+            .map(|e| FieldError::new(format!("line {}", e.line), e.reason))
+            .collect(),
+    ))
+}
