@@ -48,6 +48,7 @@ fmt:
 test:
 	deploy/local/prereqs.sh
 	deploy/local/browser-prereqs.sh
+	deploy/local/test-clients.sh
 	deploy/local/up.sh
 	$(MAKE) --no-print-directory lint
 	# A fresh test database each run; the tests make their own topics and tenants in it.

@@ -107,6 +107,7 @@ impl App {
         Router::new()
             .route("/v1/events", post(routes::events::post_events))
             .route("/api/v2/write", post(routes::influx::write))
+            .route("/api/v1/write", post(routes::promrw::write))
             .route("/v1/auth/login", post(routes::auth::login))
             .route("/v1/auth/refresh", post(routes::auth::refresh))
             .route("/v1/auth/logout", post(routes::auth::logout))

@@ -15,6 +15,7 @@ pub mod lineproto;
 pub mod outbox;
 pub mod password;
 pub mod problem;
+pub mod promrw;
 pub mod ratelimit;
 pub mod redis_client;
 pub mod secretbox;

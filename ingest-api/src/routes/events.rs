@@ -118,20 +118,8 @@ async fn accept(
         },
     };
     let ctx = IngestContext {
-        tenant_id: principal.tenant_id,
-        actor: Actor {
-            user_id: None,
-            api_key_id: Some(principal.key_id),
-        },
-        source: Source::Api,
-        received_at: Utc::now(),
-        bounds: TimeBounds {
-            max_future_skew: chrono::Duration::seconds(s.config.max_future_skew_secs),
-            retention: chrono::Duration::days(
-                principal.raw_retention_days.min(s.config.retention_days),
-            ),
-        },
         idempotency_key,
+        ..key_context(s, &principal, Source::Api)
     };
     let mut envelopes = Vec::with_capacity(raw_events.len());
     let mut errors = Vec::new();
@@ -158,6 +146,27 @@ async fn accept(
         accepted: envelopes.len(),
         ids: envelopes.iter().map(|e| e.id).collect(),
     })
+}
+
+/// How events sent with an API key are stamped and bounded: the key's tenant and id, now,
+/// and the tenant's retention window.
+pub(crate) fn key_context(s: &AppState, principal: &KeyPrincipal, source: Source) -> IngestContext {
+    IngestContext {
+        tenant_id: principal.tenant_id,
+        actor: Actor {
+            user_id: None,
+            api_key_id: Some(principal.key_id),
+        },
+        source,
+        received_at: Utc::now(),
+        bounds: TimeBounds {
+            max_future_skew: chrono::Duration::seconds(s.config.max_future_skew_secs),
+            retention: chrono::Duration::days(
+                principal.raw_retention_days.min(s.config.retention_days),
+            ),
+        },
+        idempotency_key: None,
+    }
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {

@@ -12,11 +12,11 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde::Deserialize;
 use shared::auth::KeyPrincipal;
-use shared::events::{Actor, FieldError, IngestContext, Source, TimeBounds};
+use shared::events::{FieldError, IngestContext, Source};
 use shared::lineproto::{self, Precision};
 use shared::problem::Problem;
 
-use crate::routes::events::{ingest_door, produce_all, read_body};
+use crate::routes::events::{ingest_door, key_context, produce_all, read_body};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -87,20 +87,8 @@ async fn accept(
     let (points, mut bad) = lineproto::parse(text, precision);
     let now = Utc::now();
     let ctx = IngestContext {
-        tenant_id: principal.tenant_id,
-        actor: Actor {
-            user_id: None,
-            api_key_id: Some(principal.key_id),
-        },
-        source: Source::Influx,
         received_at: now,
-        bounds: TimeBounds {
-            max_future_skew: chrono::Duration::seconds(s.config.max_future_skew_secs),
-            retention: chrono::Duration::days(
-                principal.raw_retention_days.min(s.config.retention_days),
-            ),
-        },
-        idempotency_key: None,
+        ..key_context(s, &principal, Source::Influx)
     };
     // Each line's samples are validated like any event; a line is taken whole or not at all.
     let mut envelopes = Vec::new();

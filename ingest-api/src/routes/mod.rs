@@ -4,4 +4,5 @@ pub mod events;
 pub mod health;
 pub mod influx;
 pub mod invitations;
+pub mod promrw;
 pub mod sso;

@@ -17,6 +17,7 @@ mod kafka_down;
 mod late;
 mod login;
 mod pipeline;
+mod promrw;
 mod replay;
 mod sso;
 mod stream;

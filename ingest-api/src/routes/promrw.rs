@@ -1,0 +1,127 @@
+//! `POST /api/v1/write`: Prometheus remote write 1.0 (snappy-compressed protobuf), as
+//! Prometheus, its agent mode and Grafana Agent send it, authenticated with an ingest key as
+//! a bearer token. All or nothing: any invalid series refuses the request with a 400 naming
+//! it (senders drop a 4xx batch instead of retrying it); 429 and 503 are retried by senders.
+//! Remote write 2.0 (`proto=io.prometheus.write.v2.Request`) is refused with 415, so a 2.0
+//! sender falls back to 1.0.
+
+use axum::body::to_bytes;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use shared::auth::KeyPrincipal;
+use shared::events::Source;
+use shared::problem::Problem;
+use shared::promrw;
+
+use crate::routes::events::{ingest_door, key_context, produce_all};
+use crate::state::AppState;
+
+pub async fn write(State(s): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let (s, headers) = (&s, parts.headers);
+    ingest_door(s, &headers.clone(), |principal| async move {
+        check_headers(&headers)?;
+        let limit = s.config.max_body_bytes;
+        let bytes = to_bytes(body, limit).await.map_err(|_| too_large(limit))?;
+        let req = promrw::decode(&bytes, limit).map_err(|e| match e {
+            promrw::DecodeError::TooLarge { .. } => too_large(limit),
+            other => Problem::bad_request("bad-remote-write", other.to_string()),
+        })?;
+        accept(s, principal, &req).await?;
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
+}
+
+fn unsupported(detail: String) -> Problem {
+    Problem::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported-media-type",
+        "Unsupported media type",
+        detail,
+    )
+}
+
+fn too_large(limit: usize) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body-too-large",
+        "Body too large",
+        format!("the request body, compressed or not, exceeds {limit} bytes"),
+    )
+}
+
+fn check_headers(headers: &HeaderMap) -> Result<(), Problem> {
+    let get = |h: header::HeaderName| {
+        headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    };
+    let ct = get(header::CONTENT_TYPE);
+    let mut parts = ct.split(';').map(str::trim);
+    if parts.next() != Some("application/x-protobuf") {
+        return Err(unsupported(format!(
+            "remote write is application/x-protobuf, got `{ct}`"
+        )));
+    }
+    if let Some(proto) = parts.find_map(|p| p.strip_prefix("proto=")) {
+        if proto != "prometheus.writerequest" {
+            return Err(unsupported(format!(
+                "only remote write 1.0 (prometheus.WriteRequest) is accepted, not `{proto}`"
+            )));
+        }
+    }
+    let encoding = get(header::CONTENT_ENCODING);
+    if encoding != "snappy" {
+        return Err(unsupported(format!(
+            "remote write bodies are snappy-compressed (Content-Encoding: snappy), got `{encoding}`"
+        )));
+    }
+    Ok(())
+}
+
+async fn accept(
+    s: &AppState,
+    principal: KeyPrincipal,
+    req: &promrw::WriteRequest,
+) -> Result<(), Problem> {
+    let events = promrw::to_events(req).map_err(|errors| {
+        Problem::bad_request(
+            "invalid-series",
+            format!(
+                "{} problem(s) in the request; nothing was accepted",
+                errors.len()
+            ),
+        )
+        .with_errors(errors)
+    })?;
+    let ctx = key_context(s, &principal, Source::PromRw);
+    let mut envelopes = Vec::with_capacity(events.len());
+    let mut errors = Vec::new();
+    for (i, raw) in events.into_iter().enumerate() {
+        match ctx.envelope(i, raw) {
+            Ok(env) => envelopes.push(env),
+            Err(e) => errors.extend(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Problem::bad_request(
+            "invalid-series",
+            format!(
+                "{} problem(s) in the samples; nothing was accepted",
+                errors.len()
+            ),
+        )
+        .with_errors(errors));
+    }
+    if !envelopes.is_empty() {
+        produce_all(s, &envelopes).await?;
+        metrics::counter!("ingest_events_total", "source" => "prom_rw")
+            .increment(envelopes.len() as u64);
+    }
+    Ok(())
+}
