@@ -309,11 +309,8 @@ impl Projector {
         let mut paused: Option<TopicPartitionList> = None;
         let result = loop {
             let attempt = async {
-                let tenants = store::tenants_of(&batch.events);
-                let mut conn = self.pool.acquire().await?;
                 let versions =
-                    shared::tenant_sql::active_versions(&mut conn, &tenants, false).await?;
-                drop(conn);
+                    store::live_versions(&self.pool, &mut self.prepared, &batch.events).await?;
                 store::prepare(
                     &self.pool,
                     &mut self.prepared,

@@ -225,7 +225,6 @@ async fn prepare_versions(
         for old in leftovers {
             tenant_sql::drop_tenant_schema(&mut conn, *t, old).await?;
         }
-        tenant_sql::drop_tenant_schema(&mut conn, *t, v + 1).await?;
         let has_projection: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM control.tenant_schemas WHERE tenant_id = $1 AND version = $2)",
         )

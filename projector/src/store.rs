@@ -57,6 +57,9 @@ pub type Versions = HashMap<TenantId, i32>;
 /// not ask again.
 #[derive(Default)]
 pub struct Prepared {
+    /// Each tenant's active version as last read. Batches check it under lock when they
+    /// write ([`Target::Live`]); a mismatch clears this cache.
+    versions: Versions,
     tenants: HashSet<(TenantId, i32)>,
     known: HashSet<TenantId>,
     partitions: HashSet<(TenantId, i32, NaiveDate)>,
@@ -134,8 +137,32 @@ pub async fn prepare(
     Ok(())
 }
 
+/// The active versions of the batch's tenants, read from the database only for tenants
+/// not seen since the cache was last cleared.
+pub async fn live_versions(
+    pool: &PgPool,
+    prepared: &mut Prepared,
+    events: &[Decoded],
+) -> sqlx::Result<Versions> {
+    let tenants = tenants_of(events);
+    let unknown: Vec<TenantId> = tenants
+        .iter()
+        .filter(|t| !prepared.versions.contains_key(t))
+        .copied()
+        .collect();
+    if !unknown.is_empty() {
+        let mut conn = pool.acquire().await?;
+        let read = tenant_sql::active_versions(&mut conn, &unknown, false).await?;
+        prepared.versions.extend(read);
+    }
+    Ok(tenants
+        .into_iter()
+        .map(|t| (t, prepared.versions[&t]))
+        .collect())
+}
+
 /// The tenants of a batch, each once.
-pub fn tenants_of(events: &[Decoded]) -> Vec<TenantId> {
+fn tenants_of(events: &[Decoded]) -> Vec<TenantId> {
     let set: std::collections::BTreeSet<TenantId> =
         events.iter().map(|e| e.env.tenant_id).collect();
     set.into_iter().collect()
@@ -145,8 +172,9 @@ pub fn tenants_of(events: &[Decoded]) -> Vec<TenantId> {
 /// transaction) or the fixed ones a replay builds.
 #[derive(Debug, Clone, Copy)]
 pub enum Target<'a> {
-    /// The active versions, as read before `prepare`; the write re-reads them `FOR SHARE`
-    /// and gives up with [`WriteError::VersionMoved`] if a replay switched one since.
+    /// The active versions of exactly the batch's tenants, as read before `prepare`; the
+    /// write re-reads them `FOR SHARE` and gives up with [`WriteError::VersionMoved`] if a
+    /// replay switched one since.
     Live(&'a Versions),
     /// A replay's new versions (not yet served; nobody else writes them).
     Fixed(&'a Versions),
@@ -166,7 +194,7 @@ pub async fn write(
     let versions = match target {
         Target::Fixed(v) => v,
         Target::Live(prepared_for) => {
-            let tenants = tenants_of(events);
+            let tenants: Vec<TenantId> = prepared_for.keys().copied().collect();
             let now = tenant_sql::active_versions(&mut tx, &tenants, true).await?;
             if tenants.iter().any(|t| now.get(t) != prepared_for.get(t)) {
                 return Err(WriteError::VersionMoved);

@@ -44,16 +44,22 @@ pub struct NewKey {
     pub hash: Vec<u8>,
 }
 
-/// Makes a new random key with 256 bits of entropy.
+/// Makes a new random API key with 256 bits of entropy.
 pub fn generate() -> NewKey {
+    generate_secret(KEY_PREFIX)
+}
+
+/// A random secret with 256 bits of entropy after `prefix` (keys, refresh tokens,
+/// invitation links), and its stored hash.
+pub fn generate_secret(prefix: &str) -> NewKey {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
-    let secret = format!("{KEY_PREFIX}{}", hex::encode(bytes));
+    let secret = format!("{prefix}{}", hex::encode(bytes));
     let hash = hash(&secret);
     NewKey { secret, hash }
 }
 
-/// The stored form of a key. Keys are long random strings, so a plain SHA-256 is enough
+/// The stored form of a key (or any secret from [`generate_secret`]). They are long random strings, so a plain SHA-256 is enough
 /// (no password stretching needed) and makes lookup by hash a single index probe.
 pub fn hash(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
@@ -64,10 +70,7 @@ pub const OPERATOR_PREFIX: &str = "tlo_";
 
 /// Makes a new operator key.
 pub fn generate_operator() -> NewKey {
-    let k = generate();
-    let secret = format!("{OPERATOR_PREFIX}{}", &k.secret[KEY_PREFIX.len()..]);
-    let hash = hash(&secret);
-    NewKey { secret, hash }
+    generate_secret(OPERATOR_PREFIX)
 }
 
 /// Whether a presented string looks like one of our keys at all (cheap pre-check).

@@ -14,7 +14,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use shared::jwt::{self, Claims, Jwks, Role};
 use shared::password;
 use shared::problem::{json_body, Problem};
@@ -43,6 +42,19 @@ pub(crate) async fn audit(
     outbox::record(conn, &s.config.common.topic_prefix, &env)
         .await
         .map_err(db)
+}
+
+/// [`audit`] outside a transaction: the record is committed at once, so the relay is woken.
+async fn audit_now(
+    s: &AppState,
+    conn: &mut sqlx::PgConnection,
+    tenant: TenantId,
+    kind: AuthKind,
+    event: AuthEvent,
+) -> Result<(), Problem> {
+    audit(s, conn, tenant, kind, event).await?;
+    wake_relay(s);
+    Ok(())
 }
 
 /// Lets the relay send what was just written.
@@ -140,7 +152,7 @@ pub async fn login(
             detail: Some("wrong password".into()),
             ..attempt
         };
-        audit(
+        audit_now(
             &s,
             &mut conn,
             TenantId(tenant),
@@ -148,7 +160,6 @@ pub async fn login(
             event,
         )
         .await?;
-        wake_relay(&s);
         s.throttle.failed(&email, &ip).await;
         return Err(denied());
     }
@@ -158,7 +169,7 @@ pub async fn login(
             detail: Some("account deactivated".into()),
             ..attempt
         };
-        audit(
+        audit_now(
             &s,
             &mut conn,
             TenantId(tenant),
@@ -166,7 +177,6 @@ pub async fn login(
             event,
         )
         .await?;
-        wake_relay(&s);
         return Err(Problem::forbidden("this account is deactivated"));
     }
     let role = Role::parse(&role).ok_or_else(Problem::internal)?;
@@ -176,7 +186,7 @@ pub async fn login(
         target: Some(format!("family:{family}")),
         ..attempt
     };
-    audit(
+    audit_now(
         &s,
         &mut conn,
         TenantId(tenant),
@@ -184,7 +194,6 @@ pub async fn login(
         event,
     )
     .await?;
-    wake_relay(&s);
     metrics::counter!("auth_logins_total", "outcome" => "succeeded").increment(1);
     Ok(Json(tokens))
 }
@@ -215,18 +224,12 @@ pub(crate) async fn issue(
     })
 }
 
-fn refresh_hash(token: &str) -> Vec<u8> {
-    Sha256::digest(token.as_bytes()).to_vec()
-}
-
 async fn store_refresh(
     pool: &sqlx::PgPool,
     user: Uuid,
     family: Uuid,
 ) -> Result<(String, DateTime<Utc>), Problem> {
-    let mut bytes = [0u8; 32];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
-    let token = format!("{REFRESH_PREFIX}{}", hex::encode(bytes));
+    let token = shared::apikey::generate_secret(REFRESH_PREFIX);
     let expires_at = Utc::now() + Duration::days(REFRESH_TTL_DAYS);
     sqlx::query(
         "INSERT INTO control.refresh_tokens (id, family_id, user_id, token_hash, expires_at)
@@ -235,12 +238,12 @@ async fn store_refresh(
     .bind(Uuid::now_v7())
     .bind(family)
     .bind(user)
-    .bind(refresh_hash(&token))
+    .bind(&token.hash)
     .bind(expires_at)
     .execute(pool)
     .await
     .map_err(db)?;
-    Ok((token, expires_at))
+    Ok((token.secret, expires_at))
 }
 
 type RefreshRow = (
@@ -273,7 +276,7 @@ pub async fn refresh(
           WHERE r.token_hash = $1
             FOR UPDATE OF r",
     )
-    .bind(refresh_hash(&req.refresh_token))
+    .bind(shared::apikey::hash(&req.refresh_token))
     .fetch_optional(&mut *tx)
     .await
     .map_err(db)?;
@@ -319,7 +322,7 @@ pub async fn refresh(
         return Err(invalid());
     }
     sqlx::query("UPDATE control.refresh_tokens SET used_at = now() WHERE token_hash = $1")
-        .bind(refresh_hash(&req.refresh_token))
+        .bind(shared::apikey::hash(&req.refresh_token))
         .execute(&mut *tx)
         .await
         .map_err(db)?;
@@ -355,7 +358,7 @@ pub async fn logout(
         "SELECT r.family_id, r.user_id, u.tenant_id FROM control.refresh_tokens r
            JOIN control.users u ON u.id = r.user_id WHERE r.token_hash = $1",
     )
-    .bind(refresh_hash(&req.refresh_token))
+    .bind(shared::apikey::hash(&req.refresh_token))
     .fetch_optional(&mut *tx)
     .await
     .map_err(db)?;

@@ -130,6 +130,18 @@ pub struct CreatedTenant {
     pub owner_id: Uuid,
 }
 
+/// A name-like field must have 1 to `max` characters.
+fn check_len(field: &str, value: &str, max: usize) -> Result<(), Problem> {
+    if (1..=max).contains(&value.chars().count()) {
+        Ok(())
+    } else {
+        Err(Problem::invalid_field(
+            field,
+            format!("must have 1 to {max} characters"),
+        ))
+    }
+}
+
 fn check_plan(plan: Option<&str>, limit: Option<i32>) -> Result<(), Problem> {
     if let Some(p) = plan {
         if !["free", "professional", "enterprise"].contains(&p) {
@@ -177,12 +189,7 @@ pub async fn create_tenant(
 ) -> Result<(StatusCode, Json<CreatedTenant>), Problem> {
     operator(&s, &headers).await?;
     let req = json_body(req)?;
-    if !(1..=200).contains(&req.name.chars().count()) {
-        return Err(Problem::invalid_field(
-            "name",
-            "must have 1 to 200 characters",
-        ));
-    }
+    check_len("name", &req.name, 200)?;
     check_plan(req.plan.as_deref(), req.rate_limit_per_min)?;
     check_person(&req.owner, "owner.")?;
     let tenant = admin::create_tenant(&s.pool, ns(&s), &req.name)
@@ -279,12 +286,7 @@ pub async fn update_tenant(
     let current_plan = exists.ok_or_else(|| Problem::not_found("no such tenant"))?;
     let tenant = TenantId(id);
     if let Some(name) = req.name.as_deref() {
-        if !(1..=200).contains(&name.chars().count()) {
-            return Err(Problem::invalid_field(
-                "name",
-                "must have 1 to 200 characters",
-            ));
-        }
+        check_len("name", name, 200)?;
         sqlx::query("UPDATE control.tenants SET name = $2, updated_at = now() WHERE id = $1")
             .bind(id)
             .bind(name)
@@ -482,12 +484,7 @@ pub async fn create_api_key(
     let req = json_body(req)?;
     let scope = Scope::parse(&req.scope)
         .ok_or_else(|| Problem::invalid_field("scope", "must be ingest, read or admin"))?;
-    if !(1..=100).contains(&req.name.chars().count()) {
-        return Err(Problem::invalid_field(
-            "name",
-            "must have 1 to 100 characters",
-        ));
-    }
+    check_len("name", &req.name, 100)?;
     let (id, key) = admin::create_api_key(&s.pool, ns(&s), caller.tenant, scope, &req.name)
         .await
         .map_err(failed)?;
@@ -577,18 +574,8 @@ pub async fn put_team(
         .map(|Path(k)| k)
         .map_err(|_| Problem::not_found("no such team"))?;
     let req = json_body(req)?;
-    if !(1..=255).contains(&key.chars().count()) {
-        return Err(Problem::invalid_field(
-            "key",
-            "must have 1 to 255 characters",
-        ));
-    }
-    if !(1..=200).contains(&req.name.chars().count()) {
-        return Err(Problem::invalid_field(
-            "name",
-            "must have 1 to 200 characters",
-        ));
-    }
+    check_len("key", &key, 255)?;
+    check_len("name", &req.name, 200)?;
     let db = |e: sqlx::Error| failed(e.into());
     let mut tx = s.pool.begin().await.map_err(db)?;
     let known: Vec<Uuid> =

@@ -35,8 +35,8 @@ pub struct Accepted {
 
 pub async fn post_events(State(s): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let (s, headers) = (&s, parts.headers);
-    ingest_door(s, &headers.clone(), |principal| async move {
+    let s = &s;
+    ingest_door(s, parts.headers, |principal, headers| async move {
         let accepted = accept(s, principal, &headers, body).await?;
         Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
     })
@@ -44,13 +44,14 @@ pub async fn post_events(State(s): State<AppState>, request: Request) -> Respons
 }
 
 /// What every ingest door does around its own decoding: the key first (scope `ingest`),
-/// then the tenant's rate limit, then `handle`; the answer carries the rate-limit headers.
-pub(crate) async fn ingest_door<F, Fut>(s: &AppState, headers: &HeaderMap, handle: F) -> Response
+/// then the tenant's rate limit, then `handle` (given the headers back); the answer carries
+/// the rate-limit headers.
+pub(crate) async fn ingest_door<F, Fut>(s: &AppState, headers: HeaderMap, handle: F) -> Response
 where
-    F: FnOnce(KeyPrincipal) -> Fut,
+    F: FnOnce(KeyPrincipal, HeaderMap) -> Fut,
     Fut: std::future::Future<Output = Result<Response, Problem>>,
 {
-    let principal = match s.keys.authenticate(headers, Scope::Ingest).await {
+    let principal = match s.keys.authenticate(&headers, Scope::Ingest).await {
         Ok(p) => p,
         Err(problem) => return problem.into_response(),
     };
@@ -59,7 +60,7 @@ where
         .check(principal.tenant_id, principal.rate_limit_per_min)
         .await;
     let mut res = if decision.allowed {
-        handle(principal)
+        handle(principal, headers)
             .await
             .unwrap_or_else(IntoResponse::into_response)
     } else {

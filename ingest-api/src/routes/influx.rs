@@ -33,8 +33,8 @@ pub async fn write(
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let (s, headers) = (&s, parts.headers);
-    ingest_door(s, &headers.clone(), |principal| async move {
+    let s = &s;
+    ingest_door(s, parts.headers, |principal, headers| async move {
         let Query(params) =
             params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
         accept(s, principal, &headers, &params, body).await?;

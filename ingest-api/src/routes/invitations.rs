@@ -7,7 +7,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use shared::events::{AuthEvent, AuthKind};
 use shared::jwt::Role;
 use shared::problem::{json_body, Problem};
@@ -79,9 +78,7 @@ pub async fn invite(
     if !(1..=168).contains(&hours) {
         return Err(Problem::invalid_field("valid_hours", "must be 1 to 168"));
     }
-    let mut bytes = [0u8; 32];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
-    let token = format!("{INVITE_PREFIX}{}", hex::encode(bytes));
+    let token = shared::apikey::generate_secret(INVITE_PREFIX);
     let id = Uuid::now_v7();
     let expires_at = Utc::now() + Duration::hours(hours);
     sqlx::query(
@@ -93,7 +90,7 @@ pub async fn invite(
     .bind(&email)
     .bind(role.as_str())
     .bind(&req.teams)
-    .bind(Sha256::digest(token.as_bytes()).to_vec())
+    .bind(&token.hash)
     .bind(expires_at)
     .execute(&s.pool)
     .await
@@ -102,7 +99,7 @@ pub async fn invite(
         StatusCode::CREATED,
         Json(Invitation {
             id,
-            token,
+            token: token.secret,
             expires_at,
         }),
     ))
@@ -132,7 +129,7 @@ pub async fn accept(
             AND t.status = 'active'
             FOR UPDATE OF i",
     )
-    .bind(Sha256::digest(req.token.as_bytes()).to_vec())
+    .bind(shared::apikey::hash(&req.token))
     .fetch_optional(&mut *tx)
     .await
     .map_err(db)?;

@@ -19,8 +19,8 @@ use crate::state::AppState;
 
 pub async fn write(State(s): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let (s, headers) = (&s, parts.headers);
-    ingest_door(s, &headers.clone(), |principal| async move {
+    let s = &s;
+    ingest_door(s, parts.headers, |principal, headers| async move {
         check_headers(&headers)?;
         let limit = s.config.max_body_bytes;
         let bytes = to_bytes(body, limit).await.map_err(|_| too_large(limit))?;

@@ -167,11 +167,28 @@ pub(crate) fn bad(e: FieldError) -> Problem {
         .with_errors(vec![e])
 }
 
-/// Serves `compute` from the cache when the tenant's watermark has not moved.
+/// Who reads which range: part of every cached answer's key, so that an answer computed for
+/// one caller's visibility is never served to another.
+pub(crate) struct ReadScope(String);
+
+impl ReadScope {
+    pub(crate) fn new(visibility: &Visibility, range: &TimeRange) -> ReadScope {
+        ReadScope(format!(
+            "{}:{}:{}",
+            visibility.cache_label(),
+            range.from.timestamp(),
+            range.to.timestamp()
+        ))
+    }
+}
+
+/// Serves `compute` from the cache when the tenant's watermark has not moved. The key is
+/// the watermark, the caller's scope and `request_key` (the endpoint and its own parameters).
 pub(crate) async fn cached<T, F, Fut>(
     s: &AppState,
     tenant: TenantId,
-    request_key: String,
+    scope: ReadScope,
+    request_key: &str,
     compute: F,
 ) -> Result<Response, Problem>
 where
@@ -181,7 +198,10 @@ where
 {
     let ctx = tenant_tx(s, tenant).await?;
     let (version, seq) = ctx.as_ref().map_or((0, 0), |(_, f)| (f.version, f.seq));
-    let key = format!("tally:q:{tenant}:v{version}:{seq}:{request_key}");
+    let key = format!(
+        "tally:q:{tenant}:v{version}:{seq}:{}:{request_key}",
+        scope.0
+    );
     if let Some(body) = s.cache.get(&key).await {
         return Ok(json_response(body, "hit"));
     }
@@ -213,13 +233,8 @@ pub async fn overview(
     let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
     let tenant = reader.tenant;
     let visibility = reader.visibility;
-    let key = format!(
-        "overview:{}:{}:{}",
-        visibility.cache_label(),
-        range.from.timestamp(),
-        range.to.timestamp()
-    );
-    cached(&s, tenant, key, |ctx| async move {
+    let scope = ReadScope::new(&visibility, &range);
+    cached(&s, tenant, scope, "overview", |ctx| async move {
         let mut o = Overview {
             tenant_id: tenant,
             from: range.from,
@@ -396,17 +411,15 @@ pub async fn timeseries(
     let event_type = explicit.or(implied);
     let tenant = reader.tenant;
     let visibility = reader.visibility;
+    let scope = ReadScope::new(&visibility, &range);
     let key = format!(
-        "series:{}:{}:{}:{}:{}:{}",
-        visibility.cache_label(),
-        range.from.timestamp(),
-        range.to.timestamp(),
+        "series:{}:{}:{}",
         bucket.as_str(),
         p.group_by.as_deref().unwrap_or("-"),
         event_type.map_or("-", EventType::as_str)
     );
     let group_by = p.group_by.clone();
-    cached(&s, tenant, key, |ctx| async move {
+    cached(&s, tenant, scope, &key, |ctx| async move {
         let mut ts = TimeSeries {
             tenant_id: tenant,
             from: range.from,

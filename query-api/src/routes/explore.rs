@@ -12,7 +12,7 @@ use shared::problem::Problem;
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
-use super::dashboard::{bad, cached, db_error, parse_range};
+use super::dashboard::{bad, cached, db_error, parse_range, ReadScope};
 use crate::range::Grain;
 use crate::state::AppState;
 
@@ -107,14 +107,12 @@ pub async fn top(
     };
     let tenant = reader.tenant;
     let visibility = reader.visibility;
+    let scope = ReadScope::new(&visibility, &range);
     let key = format!(
-        "top:{}:{}:{}:{dimension}:{by}:{limit}:{}",
-        visibility.cache_label(),
-        range.from.timestamp(),
-        range.to.timestamp(),
+        "top:{dimension}:{by}:{limit}:{}",
         event_type.map_or("-", EventType::as_str)
     );
-    let res = cached(&s, tenant, key, |ctx| async move {
+    let res = cached(&s, tenant, scope, &key, |ctx| async move {
         let mut list = TopList {
             tenant_id: tenant,
             from: range.from,
@@ -290,18 +288,12 @@ pub async fn activity(
         .transpose()?;
     let tenant = reader.tenant;
     let visibility = reader.visibility;
+    let scope = ReadScope::new(&visibility, &range);
     let key = format!(
-        "activity:{}:{}:{}:{:?}:{:?}:{:?}:{:?}:{limit}:{:?}",
-        visibility.cache_label(),
-        range.from.timestamp(),
-        range.to.timestamp(),
-        p.user,
-        p.event_type,
-        p.status,
-        p.name,
-        p.cursor
+        "activity:{:?}:{:?}:{:?}:{:?}:{limit}:{:?}",
+        p.user, p.event_type, p.status, p.name, p.cursor
     );
-    let res = cached(&s, tenant, key, |ctx| async move {
+    let res = cached(&s, tenant, scope, &key, |ctx| async move {
         let mut page = ActivityPage {
             as_of: None,
             items: Vec::new(),

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use shared::problem::Problem;
 use shared::tenant::TenantId;
 
-use super::dashboard::{cached, db_error, parse_range};
+use super::dashboard::{cached, db_error, parse_range, ReadScope};
 use crate::range::Grain;
 use crate::state::AppState;
 
@@ -131,13 +131,8 @@ pub async fn productivity(
     let csv = super::tables::wants_csv(p.format.as_deref())?;
     let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
     let (tenant, visibility) = (reader.tenant, reader.visibility);
-    let key = format!(
-        "productivity:{}:{}:{}",
-        visibility.cache_label(),
-        range.from.timestamp(),
-        range.to.timestamp()
-    );
-    let res = cached(&s, tenant, key, |ctx| async move {
+    let scope = ReadScope::new(&visibility, &range);
+    let res = cached(&s, tenant, scope, "productivity", |ctx| async move {
         let mut answer = ProductivityAnswer {
             tenant_id: tenant,
             from: range.from,
@@ -210,13 +205,8 @@ pub async fn teams(
     let csv = super::tables::wants_csv(p.format.as_deref())?;
     let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
     let (tenant, visibility) = (reader.tenant, reader.visibility);
-    let key = format!(
-        "teams:{}:{}:{}",
-        visibility.cache_label(),
-        range.from.timestamp(),
-        range.to.timestamp()
-    );
-    let res = cached(&s, tenant, key, |ctx| async move {
+    let scope = ReadScope::new(&visibility, &range);
+    let res = cached(&s, tenant, scope, "teams", |ctx| async move {
         let mut answer = TeamsAnswer {
             tenant_id: tenant,
             from: range.from,

@@ -11,7 +11,7 @@ use shared::events::FieldError;
 use shared::problem::Problem;
 use shared::tenant::TenantId;
 
-use super::dashboard::{bad, cached, db_error, parse_range};
+use super::dashboard::{bad, cached, db_error, parse_range, ReadScope};
 use crate::range::Bucket;
 use crate::state::AppState;
 
@@ -134,15 +134,9 @@ pub async fn sessions(
     let cursor: Option<(DateTime<Utc>, String)> =
         p.cursor.as_deref().map(crate::cursor::decode).transpose()?;
     let (tenant, visibility) = (reader.tenant, reader.visibility);
-    let key = format!(
-        "sessions:{}:{}:{}:{:?}:{limit}:{:?}",
-        visibility.cache_label(),
-        range.from.timestamp(),
-        range.to.timestamp(),
-        p.user,
-        p.cursor
-    );
-    let res = cached(&s, tenant, key, |ctx| async move {
+    let scope = ReadScope::new(&visibility, &range);
+    let key = format!("sessions:{:?}:{limit}:{:?}", p.user, p.cursor);
+    let res = cached(&s, tenant, scope, &key, |ctx| async move {
         let mut page = SessionPage {
             as_of: None,
             sessions: Vec::new(),
@@ -267,17 +261,15 @@ pub async fn metrics(
         matchers.insert(k.trim().to_string(), Value::from(v.trim()));
     }
     let (tenant, visibility) = (reader.tenant, reader.visibility);
+    let scope = ReadScope::new(&visibility, &range);
     let key = format!(
-        "metrics:{}:{}:{}:{name}:{:?}:{}:{agg}:{:?}",
-        visibility.cache_label(),
-        range.from.timestamp(),
-        range.to.timestamp(),
+        "metrics:{name}:{:?}:{}:{agg}:{:?}",
         p.labels,
         step.as_str(),
         p.group_by
     );
     let group_by = p.group_by.clone();
-    cached(&s, tenant, key, |ctx| async move {
+    cached(&s, tenant, scope, &key, |ctx| async move {
         let mut out = MetricSeries {
             tenant_id: tenant,
             name: name.clone(),
