@@ -108,6 +108,8 @@ impl App {
             .route("/v1/events", post(routes::events::post_events))
             .route("/api/v2/write", post(routes::influx::write))
             .route("/api/v1/write", post(routes::promrw::write))
+            .route("/v1/otlp/v1/metrics", post(routes::otlp::metrics))
+            .route("/v1/otlp/v1/logs", post(routes::otlp::logs))
             .route("/v1/auth/login", post(routes::auth::login))
             .route("/v1/auth/refresh", post(routes::auth::refresh))
             .route("/v1/auth/logout", post(routes::auth::logout))

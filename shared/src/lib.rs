@@ -12,6 +12,7 @@ pub mod histogram;
 pub mod jwt;
 pub mod kafka;
 pub mod lineproto;
+pub mod otlp;
 pub mod outbox;
 pub mod password;
 pub mod problem;

@@ -4,5 +4,6 @@ pub mod events;
 pub mod health;
 pub mod influx;
 pub mod invitations;
+pub mod otlp;
 pub mod promrw;
 pub mod sso;

@@ -62,6 +62,8 @@ pub struct Overview {
     pub agents: Activity,
     pub tools: Activity,
     pub tokens: Tokens,
+    /// What the agent interactions cost, in US dollars (as their senders reported it).
+    pub cost_usd: f64,
     pub active_users: i64,
     pub sessions: i64,
 }
@@ -246,6 +248,7 @@ pub async fn overview(
             agents: Activity::default(),
             tools: Activity::default(),
             tokens: Tokens::default(),
+            cost_usd: 0.0,
             active_users: 0,
             sessions: 0,
         };
@@ -260,6 +263,9 @@ pub async fn overview(
     .await
 }
 
+/// Per event type: count, errors, duration sum and max, input and output tokens, value sum.
+type OverviewRow = (String, i64, i64, i64, i64, i64, i64, f64);
+
 async fn compute_overview(
     conn: &mut PgConnection,
     range: &TimeRange,
@@ -268,10 +274,11 @@ async fn compute_overview(
 ) -> sqlx::Result<()> {
     let (user_filter, team_filter) = visibility.filters();
     let grain = Grain::for_range(range);
-    let rows: Vec<(String, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(by_grain!(
+    let rows: Vec<OverviewRow> = sqlx::query_as(by_grain!(
         grain,
         "SELECT event_type, sum(count)::bigint, sum(errors)::bigint, sum(duration_sum)::bigint,
-                max(duration_max), sum(input_tokens)::bigint, sum(output_tokens)::bigint
+                max(duration_max), sum(input_tokens)::bigint, sum(output_tokens)::bigint,
+                sum(value_sum)
            FROM ",
         " WHERE bucket >= $1 AND bucket < $2 AND ($3::text IS NULL OR user_id = $3) AND ($4::text[] IS NULL OR team_id = ANY($4)) GROUP BY event_type"
     ))
@@ -306,7 +313,7 @@ async fn compute_overview(
             *slot += n;
         }
     }
-    for (t, count, errors, dsum, dmax, tin, tout) in rows {
+    for (t, count, errors, dsum, dmax, tin, tout, vsum) in rows {
         o.events_total += count;
         o.tokens.input += tin;
         o.tokens.output += tout;
@@ -325,7 +332,10 @@ async fn compute_overview(
         };
         match EventType::parse(&t) {
             Some(EventType::CommandExecuted) => o.commands = activity,
-            Some(EventType::AgentInteracted) => o.agents = activity,
+            Some(EventType::AgentInteracted) => {
+                o.agents = activity;
+                o.cost_usd = vsum;
+            }
             Some(EventType::ToolExecuted) => o.tools = activity,
             Some(EventType::SessionStarted) => o.sessions = count,
             _ => {}

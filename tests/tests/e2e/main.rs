@@ -16,6 +16,7 @@ mod isolation;
 mod kafka_down;
 mod late;
 mod login;
+mod otlp;
 mod pipeline;
 mod promrw;
 mod replay;

@@ -1,0 +1,140 @@
+//! OTLP/HTTP: `POST /v1/otlp/v1/metrics` and `POST /v1/otlp/v1/logs`, protobuf
+//! (`application/x-protobuf`) or JSON (`application/json`), gzip or not, authenticated with an
+//! ingest key (`Authorization: Bearer <key>`). Point an exporter's
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` at `<ingest-api>/v1/otlp`. See `shared::otlp` for what
+//! becomes of each point and record.
+//!
+//! Answers, as OTLP senders expect them:
+//! - 200 with an empty `Export…ServiceResponse` when everything was taken, or with
+//!   `partial_success` (how many were refused and why) when some points were refused; the
+//!   answer is in the request's encoding.
+//! - 400 (`application/problem+json`) when the body cannot be read or every point was
+//!   refused; 413 when it is too large; 415 for another content type or encoding. Senders do
+//!   not retry these.
+//! - 429 and 503 (with `Retry-After`): retried by senders. Each point's event id is derived
+//!   from its content, so a resent request is projected once.
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use shared::auth::KeyPrincipal;
+use shared::events::{FieldError, Source};
+use shared::otlp::{self, Converted, Encoding};
+use shared::problem::Problem;
+
+use crate::routes::events::{ingest_door, key_context, produce_all, read_body};
+use crate::state::AppState;
+
+#[derive(Debug, Clone, Copy)]
+enum Signal {
+    Metrics,
+    Logs,
+}
+
+pub async fn metrics(State(s): State<AppState>, request: Request) -> Response {
+    export(s, request, Signal::Metrics).await
+}
+
+pub async fn logs(State(s): State<AppState>, request: Request) -> Response {
+    export(s, request, Signal::Logs).await
+}
+
+async fn export(s: AppState, request: Request, signal: Signal) -> Response {
+    let (parts, body) = request.into_parts();
+    let s = &s;
+    ingest_door(s, parts.headers, |principal, headers| async move {
+        let encoding = encoding(&headers)?;
+        let bytes = read_body(body, &headers, s.config.max_body_bytes).await?;
+        let bad = |e: String| Problem::bad_request("bad-otlp", e);
+        let too_many = |e: FieldError| {
+            Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-many-points",
+                "Too many points",
+                e.reason.clone(),
+            )
+            .with_errors(vec![e])
+        };
+        let converted = match signal {
+            Signal::Metrics => {
+                let req = otlp::decode_metrics(&bytes, encoding).map_err(bad)?;
+                otlp::metric_events(&req).map_err(too_many)?
+            }
+            Signal::Logs => {
+                let req = otlp::decode_logs(&bytes, encoding).map_err(bad)?;
+                otlp::log_events(&req, chrono::Utc::now()).map_err(too_many)?
+            }
+        };
+        let converted = accept(s, &principal, converted, signal).await?;
+        let body = match signal {
+            Signal::Metrics => otlp::metrics_response(&converted, encoding),
+            Signal::Logs => otlp::logs_response(&converted, encoding),
+        };
+        Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, encoding.content_type())],
+            body,
+        )
+            .into_response())
+    })
+    .await
+}
+
+fn encoding(headers: &HeaderMap) -> Result<Encoding, Problem> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    Encoding::from_content_type(ct).ok_or_else(|| {
+        Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported media type",
+            format!("OTLP/HTTP is application/x-protobuf or application/json, got `{ct}`"),
+        )
+    })
+}
+
+/// Validates every event like any client's, appends the good ones, and returns what was
+/// refused (by conversion or validation). Nothing taken at all is a 400.
+async fn accept(
+    s: &AppState,
+    principal: &KeyPrincipal,
+    mut converted: Converted,
+    signal: Signal,
+) -> Result<Converted, Problem> {
+    let ctx = key_context(s, principal, Source::Otlp);
+    let mut envelopes = Vec::with_capacity(converted.events.len());
+    for (i, mut raw) in std::mem::take(&mut converted.events)
+        .into_iter()
+        .enumerate()
+    {
+        let id = ctx.content_id(&raw);
+        raw["id"] = serde_json::Value::from(id.to_string());
+        match ctx.envelope(i, raw) {
+            Ok(env) => envelopes.push(env),
+            Err(errors) => converted.rejected.extend(errors),
+        }
+    }
+    if envelopes.is_empty() && !converted.rejected.is_empty() {
+        let what = match signal {
+            Signal::Metrics => "data points",
+            Signal::Logs => "log records",
+        };
+        return Err(Problem::bad_request(
+            "invalid-points",
+            format!("all {what} were refused ({})", converted.rejected.len()),
+        )
+        .with_errors(std::mem::take(&mut converted.rejected)));
+    }
+    if !envelopes.is_empty() {
+        produce_all(s, &envelopes).await?;
+        let signal = match signal {
+            Signal::Metrics => "otlp_metrics",
+            Signal::Logs => "otlp_logs",
+        };
+        metrics::counter!("ingest_events_total", "source" => signal)
+            .increment(envelopes.len() as u64);
+    }
+    Ok(converted)
+}

@@ -1,0 +1,1050 @@
+//! OpenTelemetry (OTLP) metrics and logs, as protobuf or JSON, into Tally events.
+//!
+//! - Every metric data point becomes a `metric.sample` named after the metric, with the
+//!   resource's and the point's attributes as labels (the point's win). Sums are counters
+//!   whose `extra.temporality` says whether the value is an increment (`delta`, Claude Code's
+//!   default) or a running total (`cumulative`); histograms and summaries keep their counts,
+//!   buckets and quantiles in `extra`, with their sum as the value.
+//! - Log records that are Claude Code events become typed events: `tool_result` →
+//!   `tool.executed`, `api_request` → `agent.interacted` (tokens, cost, model), `api_error` →
+//!   `agent.interacted` with status `error`. Every other record becomes a `metric.sample`
+//!   counting one occurrence of the event, its attributes as labels, never dropped.
+//!
+//! A point or record that cannot become an event is refused on its own, with its path and
+//! the reason (OTLP's `partial_success`); the others go on.
+
+pub mod json;
+pub mod pb;
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use prost::Message;
+use serde_json::{json, Map, Value};
+
+use crate::events::{FieldError, MAX_LABELS};
+use pb::any_value::Value as Any;
+
+/// Most metric data points one request may carry.
+pub const MAX_POINTS: usize = 50_000;
+/// Most log records one request may carry.
+pub const MAX_RECORDS: usize = 10_000;
+/// Longest label value; longer attribute values of log records go to `extra` instead.
+pub const MAX_LABEL_VALUE: usize = 1024;
+
+/// The two OTLP/HTTP encodings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Protobuf,
+    Json,
+}
+
+impl Encoding {
+    /// From a `Content-Type` (`application/x-protobuf` or `application/json`).
+    pub fn from_content_type(ct: &str) -> Option<Encoding> {
+        match ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "application/x-protobuf" | "application/protobuf" => Some(Encoding::Protobuf),
+            "application/json" => Some(Encoding::Json),
+            _ => None,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Protobuf => "application/x-protobuf",
+            Encoding::Json => "application/json",
+        }
+    }
+}
+
+fn decode<M: Message + Default>(
+    body: &[u8],
+    encoding: Encoding,
+    from_json: fn(&Value) -> Result<M, String>,
+) -> Result<M, String> {
+    match encoding {
+        Encoding::Protobuf => M::decode(body).map_err(|e| format!("invalid protobuf: {e}")),
+        Encoding::Json => {
+            let v: Value =
+                serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+            from_json(&v)
+        }
+    }
+}
+
+pub fn decode_metrics(
+    body: &[u8],
+    encoding: Encoding,
+) -> Result<pb::ExportMetricsServiceRequest, String> {
+    decode(body, encoding, json::metrics_request)
+}
+
+pub fn decode_logs(
+    body: &[u8],
+    encoding: Encoding,
+) -> Result<pb::ExportLogsServiceRequest, String> {
+    decode(body, encoding, json::logs_request)
+}
+
+/// What a request became: the client events to append and the points or records refused.
+#[derive(Debug, Default)]
+pub struct Converted {
+    pub events: Vec<Value>,
+    pub rejected: Vec<FieldError>,
+}
+
+impl Converted {
+    /// The `error_message` of a partial success: how many, and the first few reasons.
+    pub fn summary(&self) -> String {
+        let mut msg = format!("{} rejected", self.rejected.len());
+        for e in self.rejected.iter().take(5) {
+            msg.push_str(&format!("; {}: {}", e.field, e.reason));
+        }
+        if self.rejected.len() > 5 {
+            msg.push_str("; …");
+        }
+        msg
+    }
+}
+
+/// An attribute value as a label: strings as they are, everything else as its JSON text.
+fn label_text(v: &Option<pb::AnyValue>) -> String {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(Any::StringValue(s)) => s.clone(),
+        None => String::new(),
+        Some(_) => attr_json(v).to_string(),
+    }
+}
+
+/// An attribute value as JSON (bytes in base64).
+fn attr_json(v: &Option<pb::AnyValue>) -> Value {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        None => Value::Null,
+        Some(Any::StringValue(s)) => Value::from(s.as_str()),
+        Some(Any::BoolValue(b)) => Value::from(*b),
+        Some(Any::IntValue(i)) => Value::from(*i),
+        Some(Any::DoubleValue(d)) => {
+            serde_json::Number::from_f64(*d).map_or(Value::from(d.to_string()), Value::Number)
+        }
+        Some(Any::ArrayValue(a)) => Value::Array(
+            a.values
+                .iter()
+                .map(|v| attr_json(&Some(v.clone())))
+                .collect(),
+        ),
+        Some(Any::KvlistValue(l)) => Value::Object(
+            l.values
+                .iter()
+                .map(|kv| (kv.key.clone(), attr_json(&kv.value)))
+                .collect(),
+        ),
+        Some(Any::BytesValue(b)) => {
+            Value::from(base64::engine::general_purpose::STANDARD.encode(b))
+        }
+    }
+}
+
+fn nanos_to_time(nanos: u64) -> Option<DateTime<Utc>> {
+    (nanos > 0)
+        .then(|| i64::try_from(nanos).ok())
+        .flatten()
+        .map(DateTime::from_timestamp_nanos)
+}
+
+fn finite(f: f64) -> Value {
+    serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
+}
+
+fn temporality(t: i32) -> &'static str {
+    match t {
+        pb::TEMPORALITY_DELTA => "delta",
+        pb::TEMPORALITY_CUMULATIVE => "cumulative",
+        _ => "unspecified",
+    }
+}
+
+/// The common part of every data point: its labels and time.
+struct PointBase<'a> {
+    path: String,
+    attributes: &'a [pb::KeyValue],
+    start: u64,
+    time: u64,
+    flags: u32,
+}
+
+/// Turns a metrics request into `metric.sample`s, or refuses it whole when it carries more
+/// points than [`MAX_POINTS`].
+pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted, FieldError> {
+    use pb::metric::Data;
+    let points: usize = req
+        .resource_metrics
+        .iter()
+        .flat_map(|r| &r.scope_metrics)
+        .flat_map(|s| &s.metrics)
+        .map(|m| match &m.data {
+            Some(Data::Gauge(g)) => g.data_points.len(),
+            Some(Data::Sum(s)) => s.data_points.len(),
+            Some(Data::Histogram(h)) => h.data_points.len(),
+            Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
+            Some(Data::Summary(s)) => s.data_points.len(),
+            None => 1,
+        })
+        .sum();
+    if points > MAX_POINTS {
+        return Err(FieldError::new(
+            "resourceMetrics",
+            format!("{points} data points; at most {MAX_POINTS} per request"),
+        ));
+    }
+    let mut out = Converted::default();
+    for (ri, rm) in req.resource_metrics.iter().enumerate() {
+        let resource: &[pb::KeyValue] = rm.resource.as_ref().map_or(&[], |r| &r.attributes);
+        for (si, sm) in rm.scope_metrics.iter().enumerate() {
+            for (mi, m) in sm.metrics.iter().enumerate() {
+                let path = format!("resourceMetrics[{ri}].scopeMetrics[{si}].metrics[{mi}]");
+                let mut sample =
+                    |base: PointBase, kind: &str, value: f64, extra: Value| match sample_event(
+                        m, resource, base, kind, value, extra,
+                    ) {
+                        Ok(Some(e)) => out.events.push(e),
+                        Ok(None) => {}
+                        Err(e) => out.rejected.push(e),
+                    };
+                let base = |i: usize, attributes, start, time, flags| PointBase {
+                    path: format!("{path}.dataPoints[{i}]"),
+                    attributes,
+                    start,
+                    time,
+                    flags,
+                };
+                if m.name.is_empty() {
+                    out.rejected
+                        .push(FieldError::new(format!("{path}.name"), "is required"));
+                    continue;
+                }
+                match &m.data {
+                    None => out.rejected.push(FieldError::new(
+                        path.clone(),
+                        "no data: one of gauge, sum, histogram, exponentialHistogram or summary",
+                    )),
+                    Some(Data::Gauge(g)) => {
+                        for (i, p) in g.data_points.iter().enumerate() {
+                            let b = base(
+                                i,
+                                &p.attributes,
+                                p.start_time_unix_nano,
+                                p.time_unix_nano,
+                                p.flags,
+                            );
+                            match number(p) {
+                                Some(v) => sample(b, "gauge", v, json!({})),
+                                None => sample(b, "gauge", f64::NAN, json!({})),
+                            }
+                        }
+                    }
+                    Some(Data::Sum(s)) => {
+                        let extra = json!({"temporality": temporality(s.aggregation_temporality),
+                                           "monotonic": s.is_monotonic});
+                        for (i, p) in s.data_points.iter().enumerate() {
+                            let b = base(
+                                i,
+                                &p.attributes,
+                                p.start_time_unix_nano,
+                                p.time_unix_nano,
+                                p.flags,
+                            );
+                            sample(b, "counter", number(p).unwrap_or(f64::NAN), extra.clone());
+                        }
+                    }
+                    Some(Data::Histogram(h)) => {
+                        for (i, p) in h.data_points.iter().enumerate() {
+                            let b = base(
+                                i,
+                                &p.attributes,
+                                p.start_time_unix_nano,
+                                p.time_unix_nano,
+                                p.flags,
+                            );
+                            let extra = json!({
+                                "temporality": temporality(h.aggregation_temporality),
+                                "count": p.count, "sum": p.sum.map(finite),
+                                "min": p.min.map(finite), "max": p.max.map(finite),
+                                "explicit_bounds": p.explicit_bounds.iter().map(|b| finite(*b)).collect::<Vec<_>>(),
+                                "bucket_counts": p.bucket_counts,
+                            });
+                            sample(b, "histogram", p.sum.unwrap_or(0.0), extra);
+                        }
+                    }
+                    Some(Data::ExponentialHistogram(h)) => {
+                        for (i, p) in h.data_points.iter().enumerate() {
+                            let b = base(
+                                i,
+                                &p.attributes,
+                                p.start_time_unix_nano,
+                                p.time_unix_nano,
+                                p.flags,
+                            );
+                            let side = |b: &Option<pb::Buckets>| {
+                                b.as_ref().map(|b| json!({"offset": b.offset, "bucket_counts": b.bucket_counts}))
+                            };
+                            let extra = json!({
+                                "temporality": temporality(h.aggregation_temporality),
+                                "count": p.count, "sum": p.sum.map(finite),
+                                "min": p.min.map(finite), "max": p.max.map(finite),
+                                "scale": p.scale, "zero_count": p.zero_count,
+                                "zero_threshold": finite(p.zero_threshold),
+                                "positive": side(&p.positive), "negative": side(&p.negative),
+                            });
+                            sample(b, "histogram", p.sum.unwrap_or(0.0), extra);
+                        }
+                    }
+                    Some(Data::Summary(s)) => {
+                        for (i, p) in s.data_points.iter().enumerate() {
+                            let b = base(
+                                i,
+                                &p.attributes,
+                                p.start_time_unix_nano,
+                                p.time_unix_nano,
+                                p.flags,
+                            );
+                            let extra = json!({
+                                "count": p.count,
+                                "quantiles": p.quantile_values.iter()
+                                    .map(|q| json!({"quantile": finite(q.quantile), "value": finite(q.value)}))
+                                    .collect::<Vec<_>>(),
+                            });
+                            sample(b, "summary", p.sum, extra);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn number(p: &pb::NumberDataPoint) -> Option<f64> {
+    match p.value? {
+        pb::number_data_point::Value::AsDouble(d) => Some(d),
+        pb::number_data_point::Value::AsInt(i) => Some(i as f64),
+    }
+}
+
+/// One data point as a `metric.sample`; `None` for a point that marks a gap
+/// (`NO_RECORDED_VALUE`), which carries no measurement.
+fn sample_event(
+    m: &pb::Metric,
+    resource: &[pb::KeyValue],
+    base: PointBase,
+    kind: &str,
+    value: f64,
+    mut extra: Value,
+) -> Result<Option<Value>, FieldError> {
+    if base.flags & pb::FLAG_NO_RECORDED_VALUE != 0 {
+        return Ok(None);
+    }
+    let err = |reason: String| FieldError::new(base.path.clone(), reason);
+    if !value.is_finite() {
+        return Err(err("the point has no finite value".into()));
+    }
+    let at = nanos_to_time(base.time)
+        .ok_or_else(|| err("timeUnixNano is missing or out of range".into()))?;
+    let mut labels = BTreeMap::new();
+    for kv in resource.iter().chain(base.attributes) {
+        labels.insert(kv.key.clone(), label_text(&kv.value));
+    }
+    if labels.len() > MAX_LABELS {
+        return Err(err(format!(
+            "{} attributes with the resource's; at most {MAX_LABELS}",
+            labels.len()
+        )));
+    }
+    let x = extra.as_object_mut().expect("extra is an object");
+    if !m.unit.is_empty() {
+        x.insert("unit".into(), Value::from(m.unit.as_str()));
+    }
+    if let Some(start) = nanos_to_time(base.start) {
+        x.insert("start_time".into(), Value::from(start.to_rfc3339()));
+    }
+    x.retain(|_, v| !v.is_null());
+    Ok(Some(json!({
+        "type": "metric.sample",
+        "occurred_at": at.to_rfc3339(),
+        "data": {"name": m.name, "labels": labels, "value": value, "kind": kind, "extra": extra},
+    })))
+}
+
+// ---- logs ----
+
+/// A log record's attributes (the resource's, then the record's), read leniently: Claude
+/// Code sends numbers as numbers in recent versions and as strings in older ones, and
+/// booleans as `"true"`/`"false"`.
+struct Attrs(Map<String, Value>);
+
+impl Attrs {
+    fn take(&mut self, k: &str) -> Option<Value> {
+        self.0.remove(k).filter(|v| !v.is_null())
+    }
+
+    fn string(&mut self, k: &str) -> Option<String> {
+        match self.take(k)? {
+            Value::String(s) => Some(s),
+            other => Some(other.to_string()),
+        }
+        .filter(|s| !s.is_empty())
+    }
+
+    fn peek_string(&self, k: &str) -> Option<&str> {
+        self.0
+            .get(k)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    }
+
+    fn float(&mut self, k: &str) -> Option<f64> {
+        match self.0.get(k)? {
+            Value::Number(n) => n.as_f64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+        .inspect(|_| {
+            self.0.remove(k);
+        })
+    }
+
+    fn int(&mut self, k: &str) -> i64 {
+        self.float(k).map_or(0, |f| f.round() as i64)
+    }
+
+    fn boolean(&mut self, k: &str) -> Option<bool> {
+        match self.0.get(k)? {
+            Value::Bool(b) => Some(*b),
+            Value::String(s) if s.eq_ignore_ascii_case("true") => Some(true),
+            Value::String(s) if s.eq_ignore_ascii_case("false") => Some(false),
+            _ => None,
+        }
+        .inspect(|_| {
+            self.0.remove(k);
+        })
+    }
+
+    /// Who and where: the fields every typed event shares.
+    fn identity(&mut self) -> Map<String, Value> {
+        let mut id = Map::new();
+        let user = ["user.id", "user.email", "user.account_uuid"]
+            .iter()
+            .find_map(|k| self.peek_string(k).map(str::to_string))
+            .unwrap_or_else(|| "unknown".into());
+        self.0.remove("user.id");
+        id.insert("user_id".into(), Value::from(user));
+        id.insert(
+            "session_id".into(),
+            Value::from(
+                self.string("session.id")
+                    .unwrap_or_else(|| "unknown".into()),
+            ),
+        );
+        for (attr, field) in [("team.id", "team_id"), ("project.id", "project_id")] {
+            if let Some(v) = self.string(attr) {
+                id.insert(field.into(), Value::from(v));
+            }
+        }
+        id
+    }
+}
+
+/// Turns a logs request into events, or refuses it whole when it carries more records than
+/// [`MAX_RECORDS`]. `now` stands in for records that carry no time at all.
+pub fn log_events(
+    req: &pb::ExportLogsServiceRequest,
+    now: DateTime<Utc>,
+) -> Result<Converted, FieldError> {
+    let records: usize = req
+        .resource_logs
+        .iter()
+        .flat_map(|r| &r.scope_logs)
+        .map(|s| s.log_records.len())
+        .sum();
+    if records > MAX_RECORDS {
+        return Err(FieldError::new(
+            "resourceLogs",
+            format!("{records} log records; at most {MAX_RECORDS} per request"),
+        ));
+    }
+    let mut out = Converted::default();
+    for (ri, rl) in req.resource_logs.iter().enumerate() {
+        let resource: &[pb::KeyValue] = rl.resource.as_ref().map_or(&[], |r| &r.attributes);
+        for (si, sl) in rl.scope_logs.iter().enumerate() {
+            let scope = sl.scope.as_ref().map_or("", |s| s.name.as_str());
+            for (li, r) in sl.log_records.iter().enumerate() {
+                let path = format!("resourceLogs[{ri}].scopeLogs[{si}].logRecords[{li}]");
+                match log_event(resource, scope, r, now) {
+                    Ok(e) => out.events.push(e),
+                    Err(reason) => out.rejected.push(FieldError::new(path, reason)),
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn log_event(
+    resource: &[pb::KeyValue],
+    scope: &str,
+    r: &pb::LogRecord,
+    now: DateTime<Utc>,
+) -> Result<Value, String> {
+    let mut attrs = Attrs(
+        resource
+            .iter()
+            .chain(&r.attributes)
+            .map(|kv| (kv.key.clone(), attr_json(&kv.value)))
+            .collect(),
+    );
+    let body = attr_json(&r.body);
+    let body_name = body
+        .as_str()
+        .filter(|s| !s.is_empty() && s.len() <= 255 && !s.contains(char::is_whitespace));
+    let name = attrs
+        .peek_string("event.name")
+        .or((!r.event_name.is_empty()).then_some(r.event_name.as_str()))
+        .or(body_name)
+        .map(str::to_string);
+    let body_name = body_name.map(str::to_string);
+    let claude = scope.starts_with("com.anthropic.claude_code")
+        || attrs
+            .peek_string("service.name")
+            .is_some_and(|s| s.starts_with("claude-code"))
+        || name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("claude_code."));
+    let short = name
+        .as_deref()
+        .map(|n| n.strip_prefix("claude_code.").unwrap_or(n).to_string());
+    let at = nanos_to_time(r.time_unix_nano)
+        .or_else(|| nanos_to_time(r.observed_time_unix_nano))
+        .or_else(|| {
+            attrs
+                .peek_string("event.timestamp")
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&Utc))
+        })
+        .unwrap_or(now);
+    if claude {
+        attrs.0.remove("event.name");
+        match short.as_deref() {
+            Some("tool_result") => return Ok(tool_result(attrs, at)),
+            Some("api_request") => return Ok(api_call(attrs, at, false)),
+            Some("api_error") => return Ok(api_call(attrs, at, true)),
+            _ => {}
+        }
+    }
+    let sample_name = match (&short, claude) {
+        (Some(s), true) => format!("claude_code.{s}"),
+        (Some(_), false) => name.clone().unwrap_or_default(),
+        (None, _) => "log.record".into(),
+    };
+    let body_is_name = body_name.is_some();
+    Ok(generic_event(attrs, at, sample_name, r, body, body_is_name))
+}
+
+fn typed(kind: &str, at: DateTime<Utc>, data: Map<String, Value>) -> Value {
+    json!({"type": kind, "occurred_at": at.to_rfc3339(), "data": data})
+}
+
+/// `claude_code.tool_result` → `tool.executed`.
+fn tool_result(mut a: Attrs, at: DateTime<Utc>) -> Value {
+    let mut d = a.identity();
+    d.insert(
+        "tool_name".into(),
+        Value::from(a.string("tool_name").unwrap_or_else(|| "unknown".into())),
+    );
+    d.insert("duration_ms".into(), Value::from(a.int("duration_ms")));
+    let error = a.string("error").or_else(|| a.string("error_type"));
+    let success = a.boolean("success").unwrap_or(error.is_none());
+    d.insert("success".into(), Value::from(success));
+    if let Some(e) = error {
+        d.insert("error_message".into(), Value::from(e));
+    }
+    d.insert("details".into(), Value::Object(a.0));
+    typed("tool.executed", at, d)
+}
+
+/// `claude_code.api_request` / `api_error` → `agent.interacted`.
+fn api_call(mut a: Attrs, at: DateTime<Utc>, failed: bool) -> Value {
+    let mut d = a.identity();
+    let agent = a
+        .peek_string("service.name")
+        .unwrap_or("claude-code")
+        .to_string();
+    d.insert("agent_name".into(), Value::from(agent));
+    d.insert(
+        "interaction_type".into(),
+        Value::from(if failed { "api_error" } else { "api_request" }),
+    );
+    for (attr, field) in [
+        ("input_tokens", "input_tokens"),
+        ("output_tokens", "output_tokens"),
+        ("cache_read_tokens", "cache_read_tokens"),
+        ("cache_creation_tokens", "cache_creation_tokens"),
+        ("duration_ms", "duration_ms"),
+    ] {
+        d.insert(field.into(), Value::from(a.int(attr)));
+    }
+    if let Some(model) = a.string("model") {
+        d.insert("model".into(), Value::from(model));
+    }
+    if let Some(cost) = a.float("cost_usd") {
+        d.insert("cost_usd".into(), finite(cost));
+    }
+    d.insert(
+        "status".into(),
+        Value::from(if failed { "error" } else { "success" }),
+    );
+    if failed {
+        let msg = a.string("error").unwrap_or_else(|| "API error".into());
+        d.insert("error_message".into(), Value::from(msg));
+    }
+    d.insert("metadata".into(), Value::Object(a.0));
+    typed("agent.interacted", at, d)
+}
+
+/// Any other record: one occurrence of the event as a `metric.sample`. Short attribute
+/// values are labels; long ones (a prompt, when its logging is on), the body and the
+/// severity go to `extra`.
+fn generic_event(
+    a: Attrs,
+    at: DateTime<Utc>,
+    name: String,
+    r: &pb::LogRecord,
+    body: Value,
+    body_is_name: bool,
+) -> Value {
+    let mut labels = Map::new();
+    let mut extra = Map::new();
+    for (k, v) in a.0 {
+        let text = match &v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        if labels.len() < MAX_LABELS
+            && !k.is_empty()
+            && k.chars().count() <= crate::events::MAX_NAME_LEN
+            && text.chars().count() <= MAX_LABEL_VALUE
+        {
+            labels.insert(k, Value::from(text));
+        } else {
+            extra.insert(k, v);
+        }
+    }
+    if !body.is_null() && !body_is_name {
+        extra.insert("body".into(), body);
+    }
+    if !r.severity_text.is_empty() {
+        extra.insert("severity".into(), Value::from(r.severity_text.as_str()));
+    }
+    if r.severity_number != 0 {
+        extra.insert("severity_number".into(), Value::from(r.severity_number));
+    }
+    json!({
+        "type": "metric.sample",
+        "occurred_at": at.to_rfc3339(),
+        "data": {"name": name, "labels": labels, "value": 1.0, "kind": "counter", "extra": extra},
+    })
+}
+
+/// The answer to a metrics export: empty when everything was taken, else a partial success.
+pub fn metrics_response(out: &Converted, encoding: Encoding) -> Vec<u8> {
+    respond(
+        out,
+        encoding,
+        "rejectedDataPoints",
+        |rejected, error_message| {
+            pb::ExportMetricsServiceResponse {
+                partial_success: Some(pb::ExportMetricsPartialSuccess {
+                    rejected_data_points: rejected,
+                    error_message,
+                }),
+            }
+            .encode_to_vec()
+        },
+    )
+}
+
+/// The answer to a logs export, like [`metrics_response`].
+pub fn logs_response(out: &Converted, encoding: Encoding) -> Vec<u8> {
+    respond(
+        out,
+        encoding,
+        "rejectedLogRecords",
+        |rejected, error_message| {
+            pb::ExportLogsServiceResponse {
+                partial_success: Some(pb::ExportLogsPartialSuccess {
+                    rejected_log_records: rejected,
+                    error_message,
+                }),
+            }
+            .encode_to_vec()
+        },
+    )
+}
+
+fn respond(
+    out: &Converted,
+    encoding: Encoding,
+    json_count: &str,
+    protobuf: impl FnOnce(i64, String) -> Vec<u8>,
+) -> Vec<u8> {
+    let (rejected, message) = (out.rejected.len() as i64, out.summary());
+    match (encoding, rejected) {
+        // An empty response message is zero bytes on the wire.
+        (Encoding::Protobuf, 0) => Vec::new(),
+        (Encoding::Json, 0) => b"{}".to_vec(),
+        (Encoding::Protobuf, _) => protobuf(rejected, message),
+        (Encoding::Json, _) => {
+            json!({"partialSuccess": {json_count: rejected.to_string(), "errorMessage": message}})
+                .to_string()
+                .into_bytes()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Actor, IngestContext, Source, TimeBounds};
+    use crate::tenant::TenantId;
+
+    const METRICS_JSON: &str = include_str!("../../tests/fixtures/otlp/claude_code_metrics.json");
+    const METRICS_PB: &[u8] = include_bytes!("../../tests/fixtures/otlp/claude_code_metrics.pb");
+    const SNAKE_JSON: &str = include_str!("../../tests/fixtures/otlp/snake_case_metrics.json");
+    const SNAKE_PB: &[u8] = include_bytes!("../../tests/fixtures/otlp/snake_case_metrics.pb");
+    const LOGS_JSON: &str = include_str!("../../tests/fixtures/otlp/claude_code_logs.json");
+    const LOGS_PB: &[u8] = include_bytes!("../../tests/fixtures/otlp/claude_code_logs.pb");
+
+    /// Every event a conversion makes must pass the same validation as any client's event.
+    fn envelopes(events: &[Value]) -> Vec<crate::events::Envelope> {
+        let ctx = IngestContext {
+            tenant_id: TenantId::new(),
+            actor: Actor::default(),
+            source: Source::Otlp,
+            received_at: Utc::now(),
+            bounds: TimeBounds {
+                retention: chrono::Duration::days(3650),
+                ..TimeBounds::default()
+            },
+            idempotency_key: None,
+        };
+        events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| ctx.envelope(i, e.clone()).expect("a valid event"))
+            .collect()
+    }
+
+    /// The fixtures' protobuf twins were written by the reference implementation
+    /// (`make_pb.py`): the JSON and the protobuf decoders must read the very same request.
+    #[test]
+    fn json_and_protobuf_decode_to_the_same_request() {
+        for (json, pb) in [(METRICS_JSON, METRICS_PB), (SNAKE_JSON, SNAKE_PB)] {
+            let from_json = decode_metrics(json.as_bytes(), Encoding::Json).unwrap();
+            let from_pb = decode_metrics(pb, Encoding::Protobuf).unwrap();
+            assert_eq!(from_json, from_pb);
+        }
+        let from_json = decode_logs(LOGS_JSON.as_bytes(), Encoding::Json).unwrap();
+        let from_pb = decode_logs(LOGS_PB, Encoding::Protobuf).unwrap();
+        assert_eq!(from_json, from_pb);
+    }
+
+    #[test]
+    fn json_keeps_64_bit_integers_and_every_point_kind() {
+        use pb::metric::Data;
+        let req = decode_metrics(METRICS_JSON.as_bytes(), Encoding::Json).unwrap();
+        let metrics = &req.resource_metrics[0].scope_metrics[0].metrics;
+        assert_eq!(metrics.len(), 7);
+        let Some(Data::Gauge(g)) = &metrics[3].data else {
+            panic!("a gauge")
+        };
+        // 2^53 + 1: a JSON number would have lost it.
+        assert_eq!(
+            g.data_points[0].value,
+            Some(pb::number_data_point::Value::AsInt(9_007_199_254_740_993))
+        );
+        assert_eq!(g.data_points[0].time_unix_nano, 1_764_115_200_000_000_000);
+        let Some(Data::Histogram(h)) = &metrics[4].data else {
+            panic!("a histogram")
+        };
+        assert_eq!(h.data_points[0].bucket_counts, vec![1, 2, 3]);
+        assert_eq!(h.data_points[0].explicit_bounds, vec![10.0, 50.0]);
+        assert_eq!(h.aggregation_temporality, pb::TEMPORALITY_CUMULATIVE);
+        let Some(Data::ExponentialHistogram(e)) = &metrics[5].data else {
+            panic!("an exponential histogram")
+        };
+        assert_eq!(e.data_points[0].scale, -2);
+        assert_eq!(e.data_points[0].positive.as_ref().unwrap().offset, -1);
+        let Some(Data::Summary(s)) = &metrics[6].data else {
+            panic!("a summary")
+        };
+        assert_eq!(s.data_points[0].quantile_values[1].value, 12.0);
+    }
+
+    #[test]
+    fn claude_code_metrics_become_samples_with_their_attributes() {
+        let req = decode_metrics(METRICS_PB, Encoding::Protobuf).unwrap();
+        let out = metric_events(&req).unwrap();
+        assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+        assert_eq!(out.events.len(), 7);
+        let tokens = &out.events[0];
+        assert_eq!(tokens["type"], "metric.sample");
+        assert_eq!(tokens["occurred_at"], "2025-11-26T00:00:00+00:00");
+        let d = &tokens["data"];
+        assert_eq!(d["name"], "claude_code.token.usage");
+        assert_eq!(d["value"], 1520.0);
+        assert_eq!(d["kind"], "counter");
+        assert_eq!(d["labels"]["type"], "input");
+        assert_eq!(d["labels"]["user.id"], "u-1f3a");
+        assert_eq!(d["labels"]["session.id"], "s-77");
+        assert_eq!(
+            d["labels"]["service.name"], "claude-code",
+            "resource attributes too"
+        );
+        assert_eq!(d["extra"]["temporality"], "delta");
+        assert_eq!(d["extra"]["unit"], "tokens");
+        assert_eq!(d["extra"]["start_time"], "2025-11-25T23:59:00+00:00");
+        let gauge = &out.events[3]["data"];
+        assert_eq!(gauge["labels"]["flag"], "true");
+        assert_eq!(gauge["labels"]["n"], "-42");
+        assert_eq!(gauge["labels"]["ratio"], "0.5");
+        assert_eq!(gauge["kind"], "gauge");
+        let hist = &out.events[4]["data"];
+        assert_eq!(hist["kind"], "histogram");
+        assert_eq!(hist["value"], 123.5);
+        assert_eq!(hist["extra"]["count"], 6);
+        assert_eq!(hist["extra"]["bucket_counts"], json!([1, 2, 3]));
+        assert_eq!(hist["extra"]["temporality"], "cumulative");
+        let exp = &out.events[5]["data"];
+        assert_eq!(
+            exp["extra"]["positive"],
+            json!({"offset": -1, "bucket_counts": [2, 1]})
+        );
+        let summary = &out.events[6]["data"];
+        assert_eq!(summary["kind"], "summary");
+        assert_eq!(
+            summary["extra"]["quantiles"][0],
+            json!({"quantile": 0.5, "value": 3.5})
+        );
+        let envs = envelopes(&out.events);
+        let p = envs[0].payload().unwrap();
+        let crate::events::Payload::MetricSample(p) = p else {
+            panic!("a sample")
+        };
+        // The projector files it under the user and session of its attributes.
+        assert_eq!(p.labels["user.id"], "u-1f3a");
+    }
+
+    #[test]
+    fn bad_points_are_refused_one_by_one() {
+        let req = decode_metrics(SNAKE_JSON.as_bytes(), Encoding::Json).unwrap();
+        let out = metric_events(&req).unwrap();
+        assert_eq!(out.events.len(), 2);
+        assert_eq!(out.rejected.len(), 1);
+        assert_eq!(
+            out.rejected[0].field,
+            "resourceMetrics[0].scopeMetrics[0].metrics[0].dataPoints[1]"
+        );
+        assert!(out.summary().starts_with("1 rejected; resourceMetrics[0]"));
+        assert_eq!(out.events[0]["data"]["extra"]["temporality"], "cumulative");
+        assert_eq!(out.events[1]["data"]["labels"]["tags"], r#"["a",2]"#);
+        envelopes(&out.events);
+
+        let no_time = json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [
+            {"name": "x", "gauge": {"dataPoints": [{"asDouble": 1}]}},
+            {"name": "y"},
+            {"name": "", "gauge": {"dataPoints": []}},
+            {"name": "gap", "gauge": {"dataPoints": [{"timeUnixNano": "1", "flags": 1}]}}]}]}]});
+        let req = json::metrics_request(&no_time).unwrap();
+        let out = metric_events(&req).unwrap();
+        assert!(
+            out.events.is_empty(),
+            "a point flagged NO_RECORDED_VALUE is a gap"
+        );
+        let reasons: Vec<_> = out.rejected.iter().map(|e| e.reason.as_str()).collect();
+        assert_eq!(reasons.len(), 3, "{reasons:?}");
+        assert!(reasons[0].contains("timeUnixNano"));
+        assert!(reasons[1].starts_with("no data"));
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        let cases = [
+            (
+                json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [
+                    {"name": "x", "gauge": {"dataPoints": [{"timeUnixNano": "soon"}]}}]}]}]}),
+                "$.resourceMetrics[0].scopeMetrics[0].metrics[0].gauge.dataPoints[0].timeUnixNano",
+            ),
+            (
+                json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [
+                    {"name": "x", "gauge": {"dataPoints": []}, "sum": {"dataPoints": []}}]}]}]}),
+                "both `gauge` and `sum`",
+            ),
+            (
+                json!({"resourceMetrics": {}}),
+                "$.resourceMetrics: expected an array",
+            ),
+            (
+                json!({"resourceMetrics": [{"resource": {"attributes": [
+                    {"key": "k", "value": {"intValue": "12x"}}]}}]}),
+                "$.resourceMetrics[0].resource.attributes[0].value.intValue",
+            ),
+            (
+                json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [{"name": "x",
+                    "sum": {"aggregationTemporality": "SOMETIMES"}}]}]}]}),
+                "unknown value `SOMETIMES`",
+            ),
+            (json!([1, 2]), "$: expected an object"),
+        ];
+        for (doc, want) in cases {
+            let err = json::metrics_request(&doc).unwrap_err();
+            assert!(err.contains(want), "{err} should contain {want}");
+        }
+        let err = decode_metrics(b"{not json", Encoding::Json).unwrap_err();
+        assert!(err.starts_with("invalid JSON"));
+        let err = decode_metrics(&[0xff, 0xff, 0xff], Encoding::Protobuf).unwrap_err();
+        assert!(err.starts_with("invalid protobuf"));
+        // Unknown fields are ignored, as OTLP/JSON asks.
+        assert!(json::metrics_request(&json!({"resourceMetrics": [], "future": 1})).is_ok());
+    }
+
+    #[test]
+    fn too_many_points_refuse_the_request() {
+        let points: Vec<Value> = (0..=MAX_POINTS)
+            .map(|i| json!({"timeUnixNano": "1764115200000000000", "asInt": i}))
+            .collect();
+        let doc = json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [
+            {"name": "x", "gauge": {"dataPoints": points}}]}]}]});
+        let req = json::metrics_request(&doc).unwrap();
+        assert!(metric_events(&req).unwrap_err().reason.contains("at most"));
+    }
+
+    #[test]
+    fn claude_code_events_become_typed_events() {
+        let req = decode_logs(LOGS_PB, Encoding::Protobuf).unwrap();
+        let now = Utc::now();
+        let out = log_events(&req, now).unwrap();
+        assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+        let [tool, api, error, prompt, other] = &out.events[..] else {
+            panic!("five events: {:?}", out.events)
+        };
+        assert_eq!(tool["type"], "tool.executed");
+        assert_eq!(tool["occurred_at"], "2025-11-26T00:00:00+00:00");
+        let t = &tool["data"];
+        assert_eq!(
+            (&t["tool_name"], &t["success"], &t["duration_ms"]),
+            (&json!("Edit"), &json!(true), &json!(153))
+        );
+        assert_eq!(
+            (&t["session_id"], &t["user_id"]),
+            (&json!("s-77"), &json!("u-1f3a"))
+        );
+        assert_eq!(t["team_id"], "platform", "from the resource");
+        assert_eq!(t["details"]["tool_use_id"], "toolu_01");
+        assert_eq!(t["details"]["tool_result_size_bytes"], 2048);
+
+        assert_eq!(api["type"], "agent.interacted");
+        let a = &api["data"];
+        assert_eq!(a["interaction_type"], "api_request");
+        assert_eq!(a["agent_name"], "claude-code");
+        assert_eq!(a["model"], "claude-sonnet-4-5");
+        assert_eq!(a["cost_usd"], 0.0421);
+        assert_eq!(
+            [
+                &a["input_tokens"],
+                &a["output_tokens"],
+                &a["cache_read_tokens"],
+                &a["cache_creation_tokens"]
+            ],
+            [&json!(1520), &json!(310), &json!(9000), &json!(120)]
+        );
+        assert_eq!(a["duration_ms"], 2310);
+        assert_eq!(a["status"], "success");
+        assert_eq!(a["metadata"]["request_id"], "req_1");
+
+        let e = &error["data"];
+        assert_eq!(
+            (&e["status"], &e["interaction_type"]),
+            (&json!("error"), &json!("api_error"))
+        );
+        assert_eq!(e["error_message"], "overloaded_error");
+        assert_eq!(e["metadata"]["status_code"], "529");
+
+        assert_eq!(prompt["type"], "metric.sample");
+        let p = &prompt["data"];
+        assert_eq!(p["name"], "claude_code.user_prompt");
+        assert_eq!((&p["value"], &p["kind"]), (&json!(1.0), &json!("counter")));
+        assert_eq!(p["labels"]["prompt_length"], "57");
+        assert_eq!(p["labels"]["session.id"], "s-77");
+
+        // Not Claude Code, no name, no time but the observed one: still kept.
+        let o = &other["data"];
+        assert_eq!(o["name"], "log.record");
+        assert_eq!(other["occurred_at"], "2025-11-26T00:00:04+00:00");
+        assert_eq!(o["extra"]["body"]["msg"], "disk almost full");
+        assert_eq!(o["extra"]["severity"], "WARN");
+        assert_eq!(o["labels"]["raw"], "3q2+7w==");
+        assert_eq!(o["labels"]["list"], r#"[1,"two"]"#);
+        envelopes(&out.events);
+    }
+
+    #[test]
+    fn log_json_reads_hex_ids_severity_names_and_lenient_values() {
+        let doc = json!({"resource_logs": [{"scope_logs": [{"log_records": [{
+            "trace_id": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b174",
+            "severityNumber": "SEVERITY_NUMBER_WARN3", "eventName": "claude_code.tool_result",
+            "attributes": [{"key": "success", "value": {"stringValue": "false"}},
+                           {"key": "error", "value": {"stringValue": "exit 1"}}]}]}]}]});
+        let req = json::logs_request(&doc).unwrap();
+        let r = &req.resource_logs[0].scope_logs[0].log_records[0];
+        assert_eq!(r.trace_id.len(), 16);
+        assert_eq!(r.span_id, hex::decode("eee19b7ec3c1b174").unwrap());
+        assert_eq!(r.severity_number, 15);
+        let now = Utc::now();
+        let out = log_events(&req, now).unwrap();
+        let d = &out.events[0]["data"];
+        assert_eq!(out.events[0]["type"], "tool.executed");
+        assert_eq!(
+            (&d["success"], &d["error_message"]),
+            (&json!(false), &json!("exit 1"))
+        );
+        assert_eq!(d["user_id"], "unknown");
+        assert_eq!(out.events[0]["occurred_at"], now.to_rfc3339());
+        assert!(
+            json::logs_request(&json!({"resourceLogs": [{"scopeLogs": [{"logRecords": [
+            {"traceId": "not hex"}]}]}]}))
+            .unwrap_err()
+            .contains("traceId")
+        );
+    }
+
+    #[test]
+    fn partial_success_answers_in_the_request_encoding() {
+        let mut out = Converted::default();
+        assert_eq!(metrics_response(&out, Encoding::Json), b"{}");
+        assert!(metrics_response(&out, Encoding::Protobuf).is_empty());
+        out.rejected.push(FieldError::new("p", "bad"));
+        let v: Value = serde_json::from_slice(&logs_response(&out, Encoding::Json)).unwrap();
+        assert_eq!(v["partialSuccess"]["rejectedLogRecords"], "1");
+        let r = pb::ExportMetricsServiceResponse::decode(
+            metrics_response(&out, Encoding::Protobuf).as_slice(),
+        )
+        .unwrap();
+        assert_eq!(r.partial_success.unwrap().rejected_data_points, 1);
+    }
+}

@@ -1,0 +1,392 @@
+//! OTLP/HTTP from the real thing: the Python OpenTelemetry SDK with its OTLP/HTTP exporters
+//! (`tests/clients/claude_code_otel.py`) sends Claude-Code-shaped metrics and events, once as
+//! gzipped protobuf and once as JSON, each to its own tenant. Both arrive complete: the
+//! dashboards show every tool run, API request, token and cent the script sent. Then the
+//! sender's side: resends are counted once, refused points come back as `partial_success`,
+//! and garbage, bombs and wrong content types get a 4xx, never a 5xx.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use serde_json::{json, Value};
+use shared::otlp::pb;
+use tally_tests::*;
+
+/// The virtualenv `deploy/local/test-clients.sh` makes (at `TALLY_OTEL_VENV` if set).
+fn python() -> PathBuf {
+    std::env::var_os("TALLY_OTEL_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/tally/otel-venv")
+        })
+        .join("bin/python")
+}
+
+async fn send_with_sdk(ingest: &str, key: &str, encoding: &str, gzip: bool) -> Value {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo_root().join("tests/clients/claude_code_otel.py"))
+        .args(["--endpoint", &format!("{ingest}/v1/otlp")])
+        .args(["--key", key, "--encoding", encoding, "--sessions", "3"]);
+    if gzip {
+        cmd.arg("--gzip");
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .expect("the OTel virtualenv exists (deploy/local/test-clients.sh)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the SDK script failed: {stderr}");
+    // The exporters log every failed or partial export; none may happen.
+    assert!(
+        !stderr.contains("Failed to export") && !stderr.to_lowercase().contains("partial"),
+        "{stderr}"
+    );
+    serde_json::from_slice(&out.stdout).expect("the script prints what it sent")
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-6 * b.abs().max(1.0)
+}
+
+/// Waits until the tenant's dashboards show everything `sent` says, then checks each figure.
+async fn assert_dashboards_show(client: &reqwest::Client, query: &str, key: &str, sent: &Value) {
+    let overview_url = format!("{query}/v1/dashboard/overview?range=1h");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let o = loop {
+        let o = get_json(client, &overview_url, key).await;
+        if o["tools"]["count"] == sent["tools"] && o["agents"]["count"] == sent["agents"] {
+            break o;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all events arrived: {o}\nsent: {sent}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(o["tools"]["errors"], sent["tool_errors"], "{o}");
+    assert_eq!(o["agents"]["errors"], sent["agent_errors"], "{o}");
+    assert_eq!(o["tokens"]["input"], sent["input_tokens"], "{o}");
+    assert_eq!(o["tokens"]["output"], sent["output_tokens"], "{o}");
+    assert!(
+        close(
+            o["cost_usd"].as_f64().unwrap(),
+            sent["cost_usd"].as_f64().unwrap()
+        ),
+        "{o}"
+    );
+    assert!(o["active_users"].as_i64().unwrap() >= 2, "{o}");
+
+    let metric = |name: &str, extra: &str| {
+        format!("{query}/v1/dashboard/metrics?range=1h&step=1h&agg=sum&name={name}{extra}")
+    };
+    for (name, total) in sent["metrics"].as_object().unwrap() {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let m = get_json(client, &metric(name, ""), key).await;
+            let got = series_total(&m);
+            if close(got, total.as_f64().unwrap()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{name}: {got} of {total}: {m}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    // The attributes are labels: tokens by type, as Claude Code's own dashboards split them.
+    let by_type = get_json(
+        client,
+        &metric("claude_code.token.usage", "&group_by=type"),
+        key,
+    )
+    .await;
+    for (kind, total) in sent["tokens_by_type"].as_object().unwrap() {
+        let series = by_type["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["group"] == kind.as_str())
+            .unwrap_or_else(|| panic!("no {kind} series: {by_type}"));
+        let got: f64 = series["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[1].as_f64().unwrap())
+            .sum();
+        assert!(close(got, total.as_f64().unwrap()), "{kind}: {by_type}");
+    }
+    // Events without a typed counterpart are counted under their own name.
+    let prompts = get_json(client, &metric("claude_code.user_prompt", ""), key).await;
+    assert!(
+        close(series_total(&prompts), sent["prompts"].as_f64().unwrap()),
+        "{prompts}"
+    );
+    // The typed events are on the tools table, by name.
+    let top = get_json(
+        client,
+        &format!("{query}/v1/dashboard/top?range=1h&dimension=tool"),
+        key,
+    )
+    .await;
+    assert!(top.to_string().contains("Bash"), "{top}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn python_sdk_telemetry_arrives_complete_in_both_encodings() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let _projector = start_projector(&common).await;
+    let query = start_query(&common, |_| {}).await;
+    let client = http();
+
+    let proto = create_tenant(&pool, "otlp-protobuf").await;
+    let json_tenant = create_tenant(&pool, "otlp-json").await;
+    let sent_proto = send_with_sdk(&ingest.url(), &proto.ingest_key, "protobuf", true).await;
+    let sent_json = send_with_sdk(&ingest.url(), &json_tenant.ingest_key, "json", false).await;
+    assert_eq!(
+        sent_proto, sent_json,
+        "the script sends the same data both ways"
+    );
+    assert_dashboards_show(&client, &query.url(), &proto.read_key, &sent_proto).await;
+    assert_dashboards_show(&client, &query.url(), &json_tenant.read_key, &sent_json).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn otlp_senders_get_the_answers_they_rely_on() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let _projector = start_projector(&common).await;
+    let query = start_query(&common, |_| {}).await;
+    let t = create_tenant(&pool, "otlp-edges").await;
+    let client = http();
+    let metrics_url = format!("{}/v1/otlp/v1/metrics", ingest.url());
+    let logs_url = format!("{}/v1/otlp/v1/logs", ingest.url());
+    let post = |url: &str, body: Vec<u8>, ct: &str, enc: Option<&str>| {
+        let mut req = client
+            .post(url)
+            .bearer_auth(&t.ingest_key)
+            .header("content-type", ct)
+            .body(body);
+        if let Some(enc) = enc {
+            req = req.header("content-encoding", enc);
+        }
+        async move {
+            let res = req.send().await.unwrap();
+            let status = res.status().as_u16();
+            let ct = res
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            (status, ct, res.bytes().await.unwrap().to_vec())
+        }
+    };
+    let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap();
+    let gauge = |name: &str, value: Value| {
+        json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [{"name": name,
+            "gauge": {"dataPoints": [{"timeUnixNano": now_ns.to_string(), "asDouble": value,
+                                      "attributes": [{"key": "k", "value": {"stringValue": "v"}}]}]}}]}]}]})
+    };
+    let json_ct = "application/json";
+
+    // A resend of the same request (as an exporter does after a 503) is counted once.
+    let once = serde_json::to_vec(&gauge("tally.resent", json!(5))).unwrap();
+    for _ in 0..3 {
+        let (status, ct, body) = post(&metrics_url, once.clone(), json_ct, None).await;
+        assert_eq!((status, ct.as_str()), (200, json_ct));
+        assert_eq!(body, b"{}");
+    }
+    // Partial success: one good point, one without a value.
+    let mut partial = gauge("tally.partial", json!(2));
+    partial["resourceMetrics"][0]["scopeMetrics"][0]["metrics"][0]["gauge"]["dataPoints"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"timeUnixNano": now_ns.to_string()}));
+    let (status, _, body) = post(
+        &metrics_url,
+        serde_json::to_vec(&partial).unwrap(),
+        json_ct,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        answer["partialSuccess"]["rejectedDataPoints"], "1",
+        "{answer}"
+    );
+    assert!(answer["partialSuccess"]["errorMessage"]
+        .as_str()
+        .unwrap()
+        .contains("dataPoints[1]"));
+    // The same in protobuf, gzipped: the answer is a protobuf ExportMetricsServiceResponse.
+    let req = shared::otlp::decode_metrics(
+        &serde_json::to_vec(&partial).unwrap(),
+        shared::otlp::Encoding::Json,
+    )
+    .unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&req.encode_to_vec()).unwrap();
+    let (status, ct, body) = post(
+        &metrics_url,
+        gz.finish().unwrap(),
+        "application/x-protobuf",
+        Some("gzip"),
+    )
+    .await;
+    assert_eq!((status, ct.as_str()), (200, "application/x-protobuf"));
+    let answer = pb::ExportMetricsServiceResponse::decode(body.as_slice()).unwrap();
+    assert_eq!(answer.partial_success.unwrap().rejected_data_points, 1);
+
+    let m = format!(
+        "{}/v1/dashboard/metrics?range=1h&step=1h&agg=count&name=",
+        query.url()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let resent =
+            series_total(&get_json(&client, &format!("{m}tally.resent"), &t.read_key).await);
+        let partial =
+            series_total(&get_json(&client, &format!("{m}tally.partial"), &t.read_key).await);
+        // tally.partial was sent twice (JSON, then protobuf): the same point, so once.
+        if resent >= 1.0 && partial >= 1.0 {
+            assert_eq!((resent, partial), (1.0, 1.0), "resends were counted once");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "resent {resent}, partial {partial}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // What a broken or hostile sender gets: a 4xx with a problem, never a 5xx.
+    let problem = |status: u16, body: &[u8]| -> Value {
+        serde_json::from_slice(body)
+            .unwrap_or_else(|_| panic!("{status}: {}", String::from_utf8_lossy(body)))
+    };
+    // (endpoint, body, content type, content encoding, expected status)
+    type Case<'a> = (&'a str, Vec<u8>, &'a str, Option<&'a str>, u16);
+    let cases: Vec<Case> = vec![
+        (
+            &metrics_url,
+            b"\xff\xff\xff garbage".to_vec(),
+            "application/x-protobuf",
+            None,
+            400,
+        ),
+        (
+            &logs_url,
+            b"\x0a\xff\xff\xff\x0f".to_vec(),
+            "application/x-protobuf",
+            None,
+            400,
+        ),
+        (
+            &metrics_url,
+            b"{\"resourceMetrics\": [".to_vec(),
+            json_ct,
+            None,
+            400,
+        ),
+        (
+            &metrics_url,
+            br#"{"resourceMetrics": [{"scopeMetrics": {"x": 1}}]}"#.to_vec(),
+            json_ct,
+            None,
+            400,
+        ),
+        (
+            &metrics_url,
+            serde_json::to_vec(&gauge("x", json!("lots"))).unwrap(),
+            json_ct,
+            None,
+            400,
+        ),
+        (&metrics_url, b"x 1".to_vec(), "text/plain", None, 415),
+        (&metrics_url, b"{}".to_vec(), json_ct, Some("br"), 415),
+        (
+            &metrics_url,
+            b"not gzip".to_vec(),
+            json_ct,
+            Some("gzip"),
+            400,
+        ),
+    ];
+    for (url, body, ct, enc, want) in cases {
+        let (status, ct_back, body) = post(url, body, ct, enc).await;
+        assert_eq!(status, want, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(ct_back, "application/problem+json");
+        let p = problem(status, &body);
+        assert!(p["detail"].as_str().is_some_and(|d| !d.is_empty()), "{p}");
+    }
+    // The JSON error names the field.
+    let (_, _, body) = post(
+        &metrics_url,
+        serde_json::to_vec(&gauge("x", json!("lots"))).unwrap(),
+        json_ct,
+        None,
+    )
+    .await;
+    assert!(
+        problem(400, &body)["detail"]
+            .as_str()
+            .unwrap()
+            .contains("dataPoints[0].asDouble"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    // Every point refused: a 400 listing them.
+    let (status, _, body) = post(
+        &metrics_url,
+        br#"{"resourceMetrics": [{"scopeMetrics": [{"metrics": [{"name": "x", "gauge": {"dataPoints": [{"asInt": "1"}]}}]}]}]}"#.to_vec(),
+        json_ct,
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        problem(status, &body)["errors"][0]["field"],
+        "resourceMetrics[0].scopeMetrics[0].metrics[0].dataPoints[0]"
+    );
+    // A gzip bomb (64 MiB of zeros in ~64 KiB): refused once the limit is passed.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&vec![0u8; 64 << 20]).unwrap();
+    let (status, _, body) = post(
+        &metrics_url,
+        gz.finish().unwrap(),
+        "application/x-protobuf",
+        Some("gzip"),
+    )
+    .await;
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+    // No key, a read key, a forged key: refused before anything is read.
+    let anonymous = client
+        .post(&metrics_url)
+        .header("content-type", json_ct)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    for key in [&t.read_key, &format!("{}x", t.ingest_key)] {
+        let res = client
+            .post(&logs_url)
+            .bearer_auth(key)
+            .header("content-type", json_ct)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            matches!(res.status().as_u16(), 401 | 403),
+            "{}",
+            res.status()
+        );
+    }
+}
