@@ -4,7 +4,8 @@
 #   services.sh start <bin-dir>   idempotent: a service whose pid is alive is left alone
 #   services.sh stop              SIGTERM (graceful: drain, flush, commit), then SIGKILL after 30 s
 #   services.sh status
-# Ports: TALLY_INGEST_PORT (8080), TALLY_QUERY_PORT (8081), TALLY_PROJECTOR_PORT (9102).
+# Ports: TALLY_INGEST_PORT (8080), TALLY_QUERY_PORT (8081), TALLY_PROJECTOR_PORT (9102), and
+# ingest-api's OTLP/gRPC port TALLY_GRPC_PORT (4317).
 set -euo pipefail
 
 # shellcheck source=lib.sh
@@ -13,6 +14,7 @@ set -euo pipefail
 TALLY_INGEST_PORT="${TALLY_INGEST_PORT:-8080}"
 TALLY_QUERY_PORT="${TALLY_QUERY_PORT:-8081}"
 TALLY_PROJECTOR_PORT="${TALLY_PROJECTOR_PORT:-9102}"
+TALLY_GRPC_PORT="${TALLY_GRPC_PORT:-4317}"
 SERVICES=(projector ingest-api query-api)
 
 port_of() {
@@ -53,7 +55,11 @@ start() {
             continue
         fi
         port_open "$port" && die "$svc: port $port is taken by another process"
-        TALLY_HTTP_ADDR="127.0.0.1:$port" TALLY_LOG_FORMAT="${TALLY_LOG_FORMAT:-json}" \
+        if [ "$svc" = ingest-api ] && port_open "$TALLY_GRPC_PORT"; then
+            die "ingest-api: OTLP/gRPC port $TALLY_GRPC_PORT is taken (set TALLY_GRPC_PORT)"
+        fi
+        TALLY_HTTP_ADDR="127.0.0.1:$port" TALLY_GRPC_ADDR="127.0.0.1:$TALLY_GRPC_PORT" \
+            TALLY_LOG_FORMAT="${TALLY_LOG_FORMAT:-json}" \
             nohup "$bin_dir/$svc" >>"$log" 2>&1 </dev/null &
         echo $! >"$pidfile"
         say "$svc: starting (pid $!, port $port, log $log)"

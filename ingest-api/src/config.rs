@@ -9,6 +9,8 @@ pub struct Config {
     #[serde(flatten)]
     pub common: Common,
     pub http_addr: String,
+    /// OTLP/gRPC listener (4317 by convention); empty turns it off.
+    pub grpc_addr: String,
     /// Most events in one request.
     pub max_batch_events: usize,
     /// Largest request body, before and after decompression.
@@ -39,6 +41,7 @@ impl Default for Config {
         Config {
             common: Common::default(),
             http_addr: "127.0.0.1:8080".into(),
+            grpc_addr: "127.0.0.1:4317".into(),
             max_batch_events: 1000,
             max_body_bytes: 10 * 1024 * 1024,
             produce_timeout_ms: 5000,

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod grpc;
 pub mod keys;
 pub mod oidc;
 pub mod relay;
@@ -43,6 +44,7 @@ fn cors(origins: &str) -> tower_http::cors::CorsLayer {
 /// A built ingest-api, bound to its port.
 pub struct App {
     listener: TcpListener,
+    grpc_listener: Option<TcpListener>,
     state: AppState,
 }
 
@@ -75,6 +77,14 @@ impl App {
         let listener = TcpListener::bind(&config.http_addr)
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;
+        let grpc_listener = match config.grpc_addr.as_str() {
+            "" => None,
+            addr => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr} (grpc_addr)"))?,
+            ),
+        };
         let state = AppState {
             topic: common.metrics_topic().into(),
             keys: ApiKeyStore::new(pool.clone()),
@@ -96,11 +106,22 @@ impl App {
             metrics: shared::telemetry::prometheus(),
             config: Arc::new(config),
         };
-        Ok(App { listener, state })
+        Ok(App {
+            listener,
+            grpc_listener,
+            state,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener")
+    }
+
+    /// The OTLP/gRPC address, unless it is turned off.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener"))
     }
 
     pub fn router(state: AppState) -> Router {
@@ -173,15 +194,36 @@ impl App {
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
+        let (stopped, mut stopping) = tokio::sync::watch::channel(false);
+        let grpc = self.grpc_listener.map(|listener| {
+            let mut stopping = stopped.subscribe();
+            let server = tonic::transport::Server::builder()
+                .add_service(grpc::OtlpService::<grpc::Metrics>::new(state.clone()))
+                .add_service(grpc::OtlpService::<grpc::Logs>::new(state.clone()))
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    async move {
+                        let _ = stopping.wait_for(|s| *s).await;
+                    },
+                );
+            tokio::spawn(server)
+        });
+        tokio::spawn(async move {
+            stop.await;
+            shutdown.trigger();
+            let _ = stopped.send(true);
+        });
         axum::serve(
             self.listener,
             Self::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(async move {
-            stop.await;
-            shutdown.trigger();
+            let _ = stopping.wait_for(|s| *s).await;
         })
         .await?;
+        if let Some(grpc) = grpc {
+            grpc.await?.context("OTLP/gRPC server")?;
+        }
         let producer = state.producer.clone();
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await??;
         state.pool.close().await;

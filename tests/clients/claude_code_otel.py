@@ -1,6 +1,7 @@
 """Sends Claude-Code-shaped OpenTelemetry metrics and events to Tally with the official Python
-SDK and its OTLP/HTTP exporters (protobuf: opentelemetry-exporter-otlp-proto-http; JSON:
-opentelemetry-exporter-otlp-json-http), then prints, as JSON, the totals a dashboard should show.
+SDK and its OTLP exporters (HTTP/protobuf: opentelemetry-exporter-otlp-proto-http; HTTP/JSON:
+opentelemetry-exporter-otlp-json-http; gRPC: opentelemetry-exporter-otlp-proto-grpc), then
+prints, as JSON, the totals a dashboard should show.
 
 The names, attributes and value types follow Claude Code's documented telemetry (see the README,
 "Claude Code"): delta counters under the meter `com.anthropic.claude_code`, events as log records
@@ -9,6 +10,7 @@ attributes as numbers in one session and as strings (older versions) in the next
 
     python claude_code_otel.py --endpoint http://127.0.0.1:8080/v1/otlp --key tk_... \
         --encoding protobuf|json [--gzip] [--sessions 3]
+    python claude_code_otel.py --endpoint http://127.0.0.1:4317 --key tk_... --encoding grpc
 """
 import argparse
 import json
@@ -26,7 +28,7 @@ from opentelemetry.sdk.resources import Resource
 args = argparse.ArgumentParser()
 args.add_argument("--endpoint", required=True)
 args.add_argument("--key", required=True)
-args.add_argument("--encoding", choices=["protobuf", "json"], required=True)
+args.add_argument("--encoding", choices=["protobuf", "json", "grpc"], required=True)
 args.add_argument("--gzip", action="store_true")
 args.add_argument("--sessions", type=int, default=3)
 args = args.parse_args()
@@ -39,6 +41,12 @@ if args.encoding == "protobuf":
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
     compression = Compression.Gzip if args.gzip else Compression.NoCompression
+elif args.encoding == "grpc":
+    from grpc import Compression
+    from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+    compression = Compression.Gzip if args.gzip else Compression.NoCompression
 else:
     from opentelemetry.exporter.otlp.common.http import Compression
     from opentelemetry.exporter.otlp.json.http._log_exporter import OTLPLogExporter
@@ -46,7 +54,12 @@ else:
 
     compression = Compression.GZIP if args.gzip else Compression.NONE
 
-headers = {"Authorization": f"Bearer {args.key}"}
+headers = {"authorization": f"Bearer {args.key}"}
+grpc = args.encoding == "grpc"
+# Over HTTP each signal has its path under the endpoint; gRPC has one address for both.
+metrics_endpoint = args.endpoint if grpc else f"{args.endpoint}/v1/metrics"
+logs_endpoint = args.endpoint if grpc else f"{args.endpoint}/v1/logs"
+transport = {"insecure": True} if grpc else {}
 resource = Resource.create(
     {
         "service.name": "claude-code",
@@ -63,17 +76,18 @@ delta = {
     Histogram: AggregationTemporality.DELTA,
 }
 metric_exporter = OTLPMetricExporter(
-    endpoint=f"{args.endpoint}/v1/metrics",
+    endpoint=metrics_endpoint,
     headers=headers,
     compression=compression,
     preferred_temporality=delta,
+    **transport,
 )
 reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=3_600_000)
 meters = MeterProvider(resource=resource, metric_readers=[reader])
 meter = meters.get_meter("com.anthropic.claude_code", "2.1.0")
 
 log_exporter = OTLPLogExporter(
-    endpoint=f"{args.endpoint}/v1/logs", headers=headers, compression=compression
+    endpoint=logs_endpoint, headers=headers, compression=compression, **transport
 )
 loggers = LoggerProvider(resource=resource)
 loggers.add_log_record_processor(SimpleLogRecordProcessor(log_exporter))

@@ -134,6 +134,8 @@ pub async fn create_tenant(pool: &PgPool, name: &str) -> TestTenant {
 /// `stop` does (gracefully).
 pub struct Running {
     pub addr: SocketAddr,
+    /// ingest-api's OTLP/gRPC listener.
+    pub grpc_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -165,6 +167,7 @@ pub async fn start_ingest(common: &Common, tweak: impl FnOnce(&mut ingest_api::C
     let mut config = ingest_api::Config {
         common: common.clone(),
         http_addr: "127.0.0.1:0".into(),
+        grpc_addr: "127.0.0.1:0".into(),
         ..Default::default()
     };
     tweak(&mut config);
@@ -172,10 +175,12 @@ pub async fn start_ingest(common: &Common, tweak: impl FnOnce(&mut ingest_api::C
         .await
         .expect("ingest-api builds");
     let addr = app.local_addr();
+    let grpc_addr = app.grpc_addr();
     let (tx, stop) = stopper();
     let task = tokio::spawn(app.run_until(stop));
     Running {
         addr,
+        grpc_addr,
         stop: Some(tx),
         task,
     }
@@ -196,6 +201,7 @@ pub async fn start_query(common: &Common, tweak: impl FnOnce(&mut query_api::Con
     let task = tokio::spawn(app.run_until(stop));
     Running {
         addr,
+        grpc_addr: None,
         stop: Some(tx),
         task,
     }
@@ -220,6 +226,7 @@ pub async fn start_projector(common: &Common) -> Running {
     let task = tokio::spawn(app.run_until(stop));
     Running {
         addr,
+        grpc_addr: None,
         stop: Some(tx),
         task,
     }

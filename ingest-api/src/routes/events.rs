@@ -22,6 +22,7 @@ use shared::apikey::Scope;
 use shared::auth::KeyPrincipal;
 use shared::events::{Actor, Envelope, IngestContext, Source, TimeBounds};
 use shared::problem::Problem;
+use shared::ratelimit::Decision;
 use uuid::Uuid;
 
 use crate::state::AppState;
@@ -51,23 +52,37 @@ where
     F: FnOnce(KeyPrincipal, HeaderMap) -> Fut,
     Fut: std::future::Future<Output = Result<Response, Problem>>,
 {
-    let principal = match s.keys.authenticate(&headers, Scope::Ingest).await {
+    let (admitted, decision) = admit(s, &headers).await;
+    let mut res = match admitted {
+        Ok(principal) => handle(principal, headers)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+        Err(problem) => problem.into_response(),
+    };
+    if let Some(decision) = decision {
+        decision.write_headers(res.headers_mut());
+    }
+    res
+}
+
+/// The key check and the tenant's rate limit, with the limiter's decision when it was asked.
+pub(crate) async fn admit(
+    s: &AppState,
+    headers: &HeaderMap,
+) -> (Result<KeyPrincipal, Problem>, Option<Decision>) {
+    let principal = match s.keys.authenticate(headers, Scope::Ingest).await {
         Ok(p) => p,
-        Err(problem) => return problem.into_response(),
+        Err(problem) => return (Err(problem), None),
     };
     let decision = s
         .limiter
         .check(principal.tenant_id, principal.rate_limit_per_min)
         .await;
-    let mut res = if decision.allowed {
-        handle(principal, headers)
-            .await
-            .unwrap_or_else(IntoResponse::into_response)
+    if decision.allowed {
+        (Ok(principal), Some(decision))
     } else {
-        decision.problem().into_response()
-    };
-    decision.write_headers(res.headers_mut());
-    res
+        (Err(decision.problem()), Some(decision))
+    }
 }
 
 async fn accept(

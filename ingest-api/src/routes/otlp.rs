@@ -25,8 +25,9 @@ use shared::problem::Problem;
 use crate::routes::events::{ingest_door, key_context, produce_all, read_body};
 use crate::state::AppState;
 
+/// Which OTLP signal a request carries.
 #[derive(Debug, Clone, Copy)]
-enum Signal {
+pub enum Signal {
     Metrics,
     Logs,
 }
@@ -65,7 +66,7 @@ async fn export(s: AppState, request: Request, signal: Signal) -> Response {
                 otlp::log_events(&req, chrono::Utc::now()).map_err(too_many)?
             }
         };
-        let converted = accept(s, &principal, converted, signal).await?;
+        let converted = take(s, &principal, converted, signal).await?;
         let body = match signal {
             Signal::Metrics => otlp::metrics_response(&converted, encoding),
             Signal::Logs => otlp::logs_response(&converted, encoding),
@@ -96,8 +97,8 @@ fn encoding(headers: &HeaderMap) -> Result<Encoding, Problem> {
 }
 
 /// Validates every event like any client's, appends the good ones, and returns what was
-/// refused (by conversion or validation). Nothing taken at all is a 400.
-async fn accept(
+/// refused (by conversion or validation). Nothing taken at all is a 400. OTLP/gRPC shares it.
+pub(crate) async fn take(
     s: &AppState,
     principal: &KeyPrincipal,
     mut converted: Converted,

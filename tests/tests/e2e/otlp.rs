@@ -1,7 +1,7 @@
-//! OTLP/HTTP from the real thing: the Python OpenTelemetry SDK with its OTLP/HTTP exporters
-//! (`tests/clients/claude_code_otel.py`) sends Claude-Code-shaped metrics and events, once as
-//! gzipped protobuf and once as JSON, each to its own tenant. Both arrive complete: the
-//! dashboards show every tool run, API request, token and cent the script sent. Then the
+//! OTLP from the real thing: the Python OpenTelemetry SDK with its OTLP exporters
+//! (`tests/clients/claude_code_otel.py`) sends Claude-Code-shaped metrics and events, as
+//! gzipped HTTP/protobuf, as HTTP/JSON and over gRPC, each to its own tenant. All arrive
+//! complete: the dashboards show every tool run, API request, token and cent the script sent. Then the
 //! sender's side: resends are counted once, refused points come back as `partial_success`,
 //! and garbage, bombs and wrong content types get a 4xx, never a 5xx.
 
@@ -25,11 +25,12 @@ fn python() -> PathBuf {
         .join("bin/python")
 }
 
-async fn send_with_sdk(ingest: &str, key: &str, encoding: &str, gzip: bool) -> Value {
+/// Runs the SDK script; its exit status, what it printed, and its log.
+async fn run_sdk(endpoint: &str, key: &str, encoding: &str, gzip: bool) -> (bool, String, String) {
     let mut cmd = Command::new(python());
     cmd.arg(repo_root().join("tests/clients/claude_code_otel.py"))
-        .args(["--endpoint", &format!("{ingest}/v1/otlp")])
-        .args(["--key", key, "--encoding", encoding, "--sessions", "3"]);
+        .args(["--endpoint", endpoint, "--key", key])
+        .args(["--encoding", encoding, "--sessions", "3"]);
     if gzip {
         cmd.arg("--gzip");
     }
@@ -37,14 +38,22 @@ async fn send_with_sdk(ingest: &str, key: &str, encoding: &str, gzip: bool) -> V
         .await
         .unwrap()
         .expect("the OTel virtualenv exists (deploy/local/test-clients.sh)");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the SDK script failed: {stderr}");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn send_with_sdk(endpoint: &str, key: &str, encoding: &str, gzip: bool) -> Value {
+    let (ok, stdout, stderr) = run_sdk(endpoint, key, encoding, gzip).await;
+    assert!(ok, "the SDK script failed: {stderr}");
     // The exporters log every failed or partial export; none may happen.
     assert!(
         !stderr.contains("Failed to export") && !stderr.to_lowercase().contains("partial"),
         "{stderr}"
     );
-    serde_json::from_slice(&out.stdout).expect("the script prints what it sent")
+    serde_json::from_str(&stdout).expect("the script prints what it sent")
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -133,7 +142,7 @@ async fn assert_dashboards_show(client: &reqwest::Client, query: &str, key: &str
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn python_sdk_telemetry_arrives_complete_in_both_encodings() {
+async fn python_sdk_telemetry_arrives_complete_over_http_protobuf_json_and_grpc() {
     init_logs();
     let pool = test_pool().await;
     let common = common_for_test();
@@ -144,14 +153,32 @@ async fn python_sdk_telemetry_arrives_complete_in_both_encodings() {
 
     let proto = create_tenant(&pool, "otlp-protobuf").await;
     let json_tenant = create_tenant(&pool, "otlp-json").await;
-    let sent_proto = send_with_sdk(&ingest.url(), &proto.ingest_key, "protobuf", true).await;
-    let sent_json = send_with_sdk(&ingest.url(), &json_tenant.ingest_key, "json", false).await;
+    let grpc_tenant = create_tenant(&pool, "otlp-grpc").await;
+    let http_endpoint = format!("{}/v1/otlp", ingest.url());
+    let grpc_endpoint = format!("http://{}", ingest.grpc_addr.expect("gRPC is on"));
+    let sent_proto = send_with_sdk(&http_endpoint, &proto.ingest_key, "protobuf", true).await;
+    let sent_json = send_with_sdk(&http_endpoint, &json_tenant.ingest_key, "json", false).await;
+    let sent_grpc = send_with_sdk(&grpc_endpoint, &grpc_tenant.ingest_key, "grpc", true).await;
     assert_eq!(
         sent_proto, sent_json,
-        "the script sends the same data both ways"
+        "the script sends the same data every way"
+    );
+    assert_eq!(
+        sent_proto, sent_grpc,
+        "the script sends the same data every way"
     );
     assert_dashboards_show(&client, &query.url(), &proto.read_key, &sent_proto).await;
     assert_dashboards_show(&client, &query.url(), &json_tenant.read_key, &sent_json).await;
+    assert_dashboards_show(&client, &query.url(), &grpc_tenant.read_key, &sent_grpc).await;
+
+    // Over gRPC, a wrong key is UNAUTHENTICATED, and a read key may not write.
+    for (key, code) in [
+        (format!("{}x", grpc_tenant.ingest_key), "UNAUTHENTICATED"),
+        (grpc_tenant.read_key.clone(), "PERMISSION_DENIED"),
+    ] {
+        let (_, _, stderr) = run_sdk(&grpc_endpoint, &key, "grpc", false).await;
+        assert!(stderr.contains(code), "{code}: {stderr}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
