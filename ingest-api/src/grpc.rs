@@ -3,28 +3,35 @@
 //! `authorization` metadata (`Bearer <key>`). A request goes the same way as over OTLP/HTTP
 //! (`routes::otlp`): same conversion, validation, limits and partial success.
 //!
-//! Status codes as OTLP senders read them: bad data is `INVALID_ARGUMENT` (not retried), a
-//! missing or wrong key `UNAUTHENTICATED` / `PERMISSION_DENIED`, and a rate limit or an
-//! unavailable Kafka `UNAVAILABLE` (retried; ids derived from content keep resends single).
+//! Status codes as OTLP senders read them: bad data (undecodable protobuf included; tonic's
+//! own codec would call it `INTERNAL`) is `INVALID_ARGUMENT`, a message over `max_body_bytes`
+//! before or after gzip `RESOURCE_EXHAUSTED` (neither is retried), a missing or wrong key
+//! `UNAUTHENTICATED` / `PERMISSION_DENIED`, and a rate limit or an unavailable Kafka
+//! `UNAVAILABLE` (retried; ids derived from content keep resends single).
+//!
+//! gzip is undone here, within the size limit, before tonic sees the message: tonic inflates
+//! without a bound, so a few kilobytes could otherwise become gigabytes.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io::Read;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use axum::body::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use prost::Message;
 use shared::events::FieldError;
 use shared::otlp::{self, pb, Converted};
 use shared::problem::Problem;
-use tonic::codec::{CompressionEncoding, ProstCodec};
+use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 
 use crate::routes::events::admit;
 use crate::routes::otlp::{take, Signal};
 use crate::state::AppState;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One OTLP collector service.
 pub trait Export: Send + Sync + 'static {
@@ -102,12 +109,7 @@ impl<E: Export> NamedService for OtlpService<E> {
     const NAME: &'static str = E::SERVICE;
 }
 
-impl<E, B> tower::Service<axum::http::Request<B>> for OtlpService<E>
-where
-    E: Export,
-    B: http_body::Body + Send + 'static,
-    B::Error: Into<BoxError> + Send,
-{
+impl<E: Export> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpService<E> {
     type Response = axum::http::Response<tonic::body::Body>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
@@ -116,7 +118,7 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+    fn call(&mut self, req: axum::http::Request<tonic::body::Body>) -> Self::Future {
         let state = self.state.clone();
         Box::pin(async move {
             let method = req.uri().path().rsplit('/').next().unwrap_or("");
@@ -128,17 +130,137 @@ where
                 .into_http());
             }
             let limit = state.config.max_body_bytes;
-            let mut grpc =
-                tonic::server::Grpc::new(ProstCodec::<E::Response, E::Request>::default())
-                    .accept_compressed(CompressionEncoding::Gzip)
-                    .send_compressed(CompressionEncoding::Gzip)
-                    .max_decoding_message_size(limit);
+            let (mut parts, body) = req.into_parts();
+            let body = match Limited::new(body, limit + 5).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    return Ok(too_large(limit).into_http())
+                }
+                Err(e) => {
+                    return Ok(
+                        Status::invalid_argument(format!("reading the request: {e}")).into_http(),
+                    )
+                }
+            };
+            let encoding = parts
+                .headers
+                .remove("grpc-encoding")
+                .map(|v| v.to_str().unwrap_or("?").to_string());
+            let body = match inflate(&body, encoding.as_deref(), limit) {
+                Ok(body) => body,
+                Err(status) => return Ok(status.into_http()),
+            };
+            let req = axum::http::Request::from_parts(parts, Full::new(Bytes::from(body)));
+            let mut grpc = tonic::server::Grpc::new(OtlpCodec::<E>::new())
+                .send_compressed(CompressionEncoding::Gzip)
+                .max_decoding_message_size(limit);
             let export = tower::service_fn(move |request: tonic::Request<E::Request>| {
                 let state = state.clone();
                 async move { export::<E>(&state, request).await }
             });
             Ok(grpc.unary(export, req).await)
         })
+    }
+}
+
+fn too_large(limit: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "the message exceeds {limit} bytes, compressed or not"
+    ))
+}
+
+/// The request's gRPC messages with gzip undone (within `limit` bytes each), framed again
+/// uncompressed.
+#[allow(clippy::result_large_err)] // tonic's own error type; once per request
+fn inflate(body: &[u8], encoding: Option<&str>, limit: usize) -> Result<Vec<u8>, Status> {
+    let mut out = Vec::with_capacity(body.len());
+    let mut rest = body;
+    while !rest.is_empty() {
+        let (header, after) = rest
+            .split_at_checked(5)
+            .ok_or_else(|| Status::invalid_argument("truncated gRPC message header"))?;
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        let (payload, after) = after
+            .split_at_checked(len)
+            .ok_or_else(|| Status::invalid_argument("truncated gRPC message"))?;
+        rest = after;
+        let inflated;
+        let message = match (header[0], encoding) {
+            (0, _) => payload,
+            (1, Some("gzip")) => {
+                let mut buf = Vec::new();
+                flate2::read::GzDecoder::new(payload)
+                    .take(limit as u64 + 1)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| Status::invalid_argument(format!("invalid gzip message: {e}")))?;
+                inflated = buf;
+                &inflated
+            }
+            (1, other) => {
+                return Err(Status::unimplemented(format!(
+                    "grpc-encoding {} is not supported; use gzip or none",
+                    other.unwrap_or("(none)")
+                )))
+            }
+            (flag, _) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown gRPC message flag {flag}"
+                )))
+            }
+        };
+        if message.len() > limit {
+            return Err(too_large(limit));
+        }
+        out.push(0);
+        out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        out.extend_from_slice(message);
+    }
+    Ok(out)
+}
+
+/// prost messages, with undecodable input answered `INVALID_ARGUMENT` (the sender's fault,
+/// not retried) instead of tonic's `INTERNAL`.
+struct OtlpCodec<E>(PhantomData<fn() -> E>);
+
+impl<E> OtlpCodec<E> {
+    fn new() -> Self {
+        OtlpCodec(PhantomData)
+    }
+}
+
+impl<E: Export> Codec for OtlpCodec<E> {
+    type Encode = E::Response;
+    type Decode = E::Request;
+    type Encoder = Self;
+    type Decoder = Self;
+
+    fn encoder(&mut self) -> Self {
+        OtlpCodec::new()
+    }
+
+    fn decoder(&mut self) -> Self {
+        OtlpCodec::new()
+    }
+}
+
+impl<E: Export> Encoder for OtlpCodec<E> {
+    type Item = E::Response;
+    type Error = Status;
+
+    fn encode(&mut self, item: E::Response, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(dst)
+            .map_err(|e| Status::internal(format!("encoding the response: {e}")))
+    }
+}
+
+impl<E: Export> Decoder for OtlpCodec<E> {
+    type Item = E::Request;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<E::Request>, Status> {
+        E::Request::decode(src)
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(format!("invalid protobuf: {e}")))
     }
 }
 

@@ -417,3 +417,119 @@ async fn otlp_senders_get_the_answers_they_rely_on() {
         );
     }
 }
+
+/// Sends raw bytes with grpcio (`tests/clients/otlp_grpc_raw.py`); the status name and details.
+async fn grpc_raw(target: &str, key: &str, args: &[&str]) -> String {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo_root().join("tests/clients/otlp_grpc_raw.py"))
+        .args(["--target", target, "--key", key])
+        .args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .expect("the OTel virtualenv exists (deploy/local/test-clients.sh)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn otlp_grpc_refuses_garbage_and_bombs_with_the_right_codes() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let t = create_tenant(&pool, "otlp-grpc-edges").await;
+    let target = ingest.grpc_addr.expect("gRPC is on").to_string();
+    let key = &t.ingest_key;
+
+    // An empty request is valid: an empty answer.
+    assert_eq!(grpc_raw(&target, key, &["--hex", ""]).await, "OK");
+    // One good point and one without a value: partial success, in protobuf.
+    let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap() as u64;
+    let point = |value| pb::NumberDataPoint {
+        time_unix_nano: now_ns,
+        value,
+        ..Default::default()
+    };
+    let req = pb::ExportMetricsServiceRequest {
+        resource_metrics: vec![pb::ResourceMetrics {
+            resource: None,
+            scope_metrics: vec![pb::ScopeMetrics {
+                scope: None,
+                metrics: vec![pb::Metric {
+                    name: "tally.grpc".into(),
+                    data: Some(pb::metric::Data::Gauge(pb::Gauge {
+                        data_points: vec![
+                            point(Some(pb::number_data_point::Value::AsInt(3))),
+                            point(None),
+                        ],
+                    })),
+                    ..Default::default()
+                }],
+            }],
+        }],
+    };
+    let answer = grpc_raw(
+        &target,
+        key,
+        &["--hex", &to_hex(&req.encode_to_vec()), "--gzip"],
+    )
+    .await;
+    let hex = answer
+        .strip_prefix("OK ")
+        .unwrap_or_else(|| panic!("{answer}"));
+    let answer = pb::ExportMetricsServiceResponse::decode(from_hex(hex).as_slice()).unwrap();
+    let partial = answer.partial_success.expect("a partial success");
+    assert_eq!(partial.rejected_data_points, 1);
+    assert!(
+        partial.error_message.contains("dataPoints[1]"),
+        "{partial:?}"
+    );
+
+    // Valid protobuf, but its one point has no time: every point refused.
+    let mut timeless = req.clone();
+    if let Some(pb::metric::Data::Gauge(g)) =
+        &mut timeless.resource_metrics[0].scope_metrics[0].metrics[0].data
+    {
+        g.data_points.truncate(1);
+        g.data_points[0].time_unix_nano = 0;
+    }
+    let timeless = to_hex(&timeless.encode_to_vec());
+    let cases: [(&[&str], &str); 6] = [
+        // Not protobuf: the sender's fault, not a server error.
+        (&["--hex", "ffffffff"], "INVALID_ARGUMENT"),
+        (
+            &["--signal", "logs", "--hex", "0affffffff0f"],
+            "INVALID_ARGUMENT",
+        ),
+        // 64 MiB of zeros, gzipped to a few dozen KiB: refused once inflated past 10 MiB.
+        (&["--zeros", "67108864", "--gzip"], "RESOURCE_EXHAUSTED"),
+        // 11 MiB as sent.
+        (&["--zeros", "11534336"], "RESOURCE_EXHAUSTED"),
+        (&["--hex", &timeless], "INVALID_ARGUMENT"),
+        // An empty resource: nothing to take, nothing refused.
+        (&["--hex", "0a00", "--signal", "logs"], "OK"),
+    ];
+    for (args, want) in cases {
+        let got = grpc_raw(&target, key, args).await;
+        assert!(got.starts_with(want), "{args:?}: {got}");
+    }
+    assert!(grpc_raw(&target, &t.read_key, &["--hex", ""])
+        .await
+        .starts_with("PERMISSION_DENIED"));
+}
