@@ -113,6 +113,7 @@ expected = {
     "output_tokens": 0,
     "cost_usd": 0.0,
     "prompts": 0,
+    "sessions": 0,
 }
 
 
@@ -135,6 +136,7 @@ for i in range(args.sessions):
 
     session_count.add(1, {**common, "start_type": "fresh"})
     add("claude_code.session.count", 1)
+    expected["sessions"] += 1
     for kind, n in [("input", 1000 + i), ("output", 200 + i), ("cacheRead", 5000), ("cacheCreation", 100)]:
         tokens.add(n, {**common, "type": kind, "model": model, "query_source": "main"})
         add("claude_code.token.usage", n)

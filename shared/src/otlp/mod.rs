@@ -171,6 +171,50 @@ fn temporality(t: i32) -> &'static str {
     }
 }
 
+/// What every kind of data point has.
+trait DataPoint {
+    fn attributes(&self) -> &[pb::KeyValue];
+    fn start(&self) -> u64;
+    fn time(&self) -> u64;
+    fn flags(&self) -> u32;
+}
+
+macro_rules! data_points {
+    ($($t:ty),*) => {$(
+        impl DataPoint for $t {
+            fn attributes(&self) -> &[pb::KeyValue] {
+                &self.attributes
+            }
+            fn start(&self) -> u64 {
+                self.start_time_unix_nano
+            }
+            fn time(&self) -> u64 {
+                self.time_unix_nano
+            }
+            fn flags(&self) -> u32 {
+                self.flags
+            }
+        }
+    )*};
+}
+
+data_points!(
+    pb::NumberDataPoint,
+    pb::HistogramDataPoint,
+    pb::ExponentialHistogramDataPoint,
+    pb::SummaryDataPoint
+);
+
+fn point_base<'a>(metric_path: &str, i: usize, p: &'a dyn DataPoint) -> PointBase<'a> {
+    PointBase {
+        path: format!("{metric_path}.dataPoints[{i}]"),
+        attributes: p.attributes(),
+        start: p.start(),
+        time: p.time(),
+        flags: p.flags(),
+    }
+}
+
 /// The common part of every data point: its labels and time.
 struct PointBase<'a> {
     path: String,
@@ -205,6 +249,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
         ));
     }
     let mut out = Converted::default();
+    let mut sessions = Vec::new();
     for (ri, rm) in req.resource_metrics.iter().enumerate() {
         let resource: &[pb::KeyValue] = rm.resource.as_ref().map_or(&[], |r| &r.attributes);
         for (si, sm) in rm.scope_metrics.iter().enumerate() {
@@ -218,13 +263,6 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                         Ok(None) => {}
                         Err(e) => out.rejected.push(e),
                     };
-                let base = |i: usize, attributes, start, time, flags| PointBase {
-                    path: format!("{path}.dataPoints[{i}]"),
-                    attributes,
-                    start,
-                    time,
-                    flags,
-                };
                 if m.name.is_empty() {
                     out.rejected
                         .push(FieldError::new(format!("{path}.name"), "is required"));
@@ -237,13 +275,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                     )),
                     Some(Data::Gauge(g)) => {
                         for (i, p) in g.data_points.iter().enumerate() {
-                            let b = base(
-                                i,
-                                &p.attributes,
-                                p.start_time_unix_nano,
-                                p.time_unix_nano,
-                                p.flags,
-                            );
+                            let b = point_base(&path, i, p);
                             match number(p) {
                                 Some(v) => sample(b, "gauge", v, json!({})),
                                 None => sample(b, "gauge", f64::NAN, json!({})),
@@ -253,26 +285,21 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                     Some(Data::Sum(s)) => {
                         let extra = json!({"temporality": temporality(s.aggregation_temporality),
                                            "monotonic": s.is_monotonic});
+                        // Claude Code counts session starts; as increments, each one is a
+                        // session start the dashboards count too.
+                        let starts = m.name == "claude_code.session.count"
+                            && s.aggregation_temporality == pb::TEMPORALITY_DELTA;
                         for (i, p) in s.data_points.iter().enumerate() {
-                            let b = base(
-                                i,
-                                &p.attributes,
-                                p.start_time_unix_nano,
-                                p.time_unix_nano,
-                                p.flags,
-                            );
+                            let b = point_base(&path, i, p);
                             sample(b, "counter", number(p).unwrap_or(f64::NAN), extra.clone());
+                            if starts {
+                                sessions.extend(session_started(resource, p));
+                            }
                         }
                     }
                     Some(Data::Histogram(h)) => {
                         for (i, p) in h.data_points.iter().enumerate() {
-                            let b = base(
-                                i,
-                                &p.attributes,
-                                p.start_time_unix_nano,
-                                p.time_unix_nano,
-                                p.flags,
-                            );
+                            let b = point_base(&path, i, p);
                             let extra = json!({
                                 "temporality": temporality(h.aggregation_temporality),
                                 "count": p.count, "sum": p.sum.map(finite),
@@ -285,13 +312,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                     }
                     Some(Data::ExponentialHistogram(h)) => {
                         for (i, p) in h.data_points.iter().enumerate() {
-                            let b = base(
-                                i,
-                                &p.attributes,
-                                p.start_time_unix_nano,
-                                p.time_unix_nano,
-                                p.flags,
-                            );
+                            let b = point_base(&path, i, p);
                             let side = |b: &Option<pb::Buckets>| {
                                 b.as_ref().map(|b| json!({"offset": b.offset, "bucket_counts": b.bucket_counts}))
                             };
@@ -308,13 +329,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                     }
                     Some(Data::Summary(s)) => {
                         for (i, p) in s.data_points.iter().enumerate() {
-                            let b = base(
-                                i,
-                                &p.attributes,
-                                p.start_time_unix_nano,
-                                p.time_unix_nano,
-                                p.flags,
-                            );
+                            let b = point_base(&path, i, p);
                             let extra = json!({
                                 "count": p.count,
                                 "quantiles": p.quantile_values.iter()
@@ -328,7 +343,28 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
             }
         }
     }
+    out.events.extend(sessions);
     Ok(out)
+}
+
+/// A `session.started` for a delta point of `claude_code.session.count` that names its
+/// session; the point's other attributes (`start_type`, terminal, version…) are its context.
+fn session_started(resource: &[pb::KeyValue], p: &pb::NumberDataPoint) -> Option<Value> {
+    if p.flags & pb::FLAG_NO_RECORDED_VALUE != 0 || number(p).is_none_or(|n| n < 1.0) {
+        return None;
+    }
+    let at = nanos_to_time(p.time_unix_nano)?;
+    let mut attrs = Attrs(
+        resource
+            .iter()
+            .chain(&p.attributes)
+            .map(|kv| (kv.key.clone(), attr_json(&kv.value)))
+            .collect(),
+    );
+    attrs.peek_string("session.id")?;
+    let mut data = attrs.identity();
+    data.insert("context".into(), Value::Object(attrs.0));
+    Some(typed("session.started", at, data))
 }
 
 fn number(p: &pb::NumberDataPoint) -> Option<f64> {
@@ -848,6 +884,36 @@ mod tests {
         };
         // The projector files it under the user and session of its attributes.
         assert_eq!(p.labels["user.id"], "u-1f3a");
+    }
+
+    #[test]
+    fn claude_code_session_counts_start_sessions() {
+        let doc = json!({"resourceMetrics": [{
+            "resource": {"attributes": [{"key": "team.id", "value": {"stringValue": "platform"}}]},
+            "scopeMetrics": [{"metrics": [
+                {"name": "claude_code.session.count", "sum": {"aggregationTemporality": 1,
+                 "isMonotonic": true, "dataPoints": [
+                    {"timeUnixNano": "1764115200000000000", "asInt": "1", "attributes": [
+                        {"key": "session.id", "value": {"stringValue": "s-1"}},
+                        {"key": "user.id", "value": {"stringValue": "u-1"}},
+                        {"key": "start_type", "value": {"stringValue": "resume"}}]},
+                    {"timeUnixNano": "1764115200000000000", "asInt": "1", "attributes": []}]}},
+                {"name": "claude_code.session.count", "sum": {"aggregationTemporality": 2,
+                 "dataPoints": [{"timeUnixNano": "1764115200000000000", "asInt": "4",
+                     "attributes": [{"key": "session.id", "value": {"stringValue": "s-2"}}]}]}}]}]}]});
+        let out = metric_events(&json::metrics_request(&doc).unwrap()).unwrap();
+        // Three samples, and one session start: the delta point that names its session.
+        assert_eq!(out.events.len(), 4, "{:?}", out.events);
+        let start = &out.events[3];
+        assert_eq!(start["type"], "session.started");
+        let d = &start["data"];
+        assert_eq!(
+            (&d["session_id"], &d["user_id"]),
+            (&json!("s-1"), &json!("u-1"))
+        );
+        assert_eq!(d["team_id"], "platform");
+        assert_eq!(d["context"]["start_type"], "resume");
+        envelopes(&out.events);
     }
 
     #[test]

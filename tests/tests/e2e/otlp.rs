@@ -66,7 +66,10 @@ async fn assert_dashboards_show(client: &reqwest::Client, query: &str, key: &str
     let deadline = Instant::now() + Duration::from_secs(60);
     let o = loop {
         let o = get_json(client, &overview_url, key).await;
-        if o["tools"]["count"] == sent["tools"] && o["agents"]["count"] == sent["agents"] {
+        if o["tools"]["count"] == sent["tools"]
+            && o["agents"]["count"] == sent["agents"]
+            && o["sessions"] == sent["sessions"]
+        {
             break o;
         }
         assert!(
@@ -86,7 +89,8 @@ async fn assert_dashboards_show(client: &reqwest::Client, query: &str, key: &str
         ),
         "{o}"
     );
-    assert!(o["active_users"].as_i64().unwrap() >= 2, "{o}");
+    // Three sessions by two users: the session count started each one.
+    assert_eq!(o["active_users"], 2, "{o}");
 
     let metric = |name: &str, extra: &str| {
         format!("{query}/v1/dashboard/metrics?range=1h&step=1h&agg=sum&name={name}{extra}")
