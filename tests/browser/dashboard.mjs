@@ -45,6 +45,15 @@ try {
   check(await text("active_users") === n(o.active_users), `active users card shows ${o.active_users}`);
   check(await text("sessions") === n(o.sessions), `sessions card shows ${o.sessions}`);
   check(await text("tokens") === `${n(o.tokens.input)} / ${n(o.tokens.output)}`, "tokens card");
+  check(await text("cost") === "$" + Number(o.cost_usd).toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 }), "cost card");
+  const metric = async (name, extra = "") => api(`/v1/dashboard/metrics?range=24h&step=1d&agg=sum&name=${name}${extra}`);
+  const sum = (m, group) => m.series.filter((s) => group === undefined || s.group === group)
+    .flatMap((s) => s.points).reduce((a, p) => a + p[1], 0);
+  const lines = await metric("claude_code.lines_of_code.count", "&group_by=type");
+  const [added, removed] = [sum(lines, "added"), sum(lines, "removed")];
+  check(added > 0 && await text("lines") === `${n(added)} / ${n(removed)}`, `lines card shows ${added} / ${removed}`);
+  const [commits, prs] = [sum(await metric("claude_code.commit.count")), sum(await metric("claude_code.pull_request.count"))];
+  check(commits > 0 && await text("commits") === `${n(commits)} / ${n(prs)}`, `commits card shows ${commits} / ${prs}`);
   const top = await api("/v1/dashboard/top?range=24h&dimension=command");
   const firstTop = await page.textContent("#top-command tr:nth-child(2) td:first-child");
   check(firstTop === top.items[0].key, `top command is ${top.items[0].key}`);

@@ -46,14 +46,30 @@ async fn the_dashboard_page_works_in_headless_chromium() {
     .await
     .unwrap();
     let mut generator = Generator::new(5, "web", 6, chrono::Duration::hours(3));
-    let batch = Value::Array(generator.batch(300));
+    let mut batch = generator.batch(300);
+    // Claude Code's counters, as its OpenTelemetry metrics arrive: the Claude Code cards.
+    let now = chrono::Utc::now().to_rfc3339();
+    for (name, kind, value) in [
+        ("claude_code.lines_of_code.count", "added", 120.0),
+        ("claude_code.lines_of_code.count", "removed", 30.0),
+        ("claude_code.commit.count", "", 2.0),
+        ("claude_code.pull_request.count", "", 1.0),
+    ] {
+        batch.push(
+            serde_json::json!({"type": "metric.sample", "occurred_at": now,
+            "data": {"name": name, "labels": {"type": kind, "user.id": "u-web"}, "value": value,
+                     "kind": "counter"}}),
+        );
+    }
+    let sent = batch.len() as i64;
+    let batch = Value::Array(batch);
     assert_eq!(
         post_events(&client, &ingest.url(), &t.ingest_key, &batch)
             .await
             .status(),
         202
     );
-    wait_projected(&pool, t.id, 300, Duration::from_secs(60)).await;
+    wait_projected(&pool, t.id, sent, Duration::from_secs(60)).await;
 
     // The page itself is served with a restrictive content security policy.
     let res = client
@@ -95,6 +111,10 @@ async fn the_dashboard_page_works_in_headless_chromium() {
         "browser test failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("ok - the live feed shows it"));
+    assert!(
+        stdout.contains("ok - lines card shows 120 / 30"),
+        "{stdout}"
+    );
     assert!(
         std::fs::metadata(&shot)
             .map(|m| m.len() > 10_000)
