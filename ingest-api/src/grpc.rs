@@ -22,6 +22,7 @@ use std::task::{Context, Poll};
 use axum::body::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use prost::Message;
+use shared::auth::KeyPrincipal;
 use shared::events::FieldError;
 use shared::otlp::{self, pb, Converted};
 use shared::problem::Problem;
@@ -131,6 +132,11 @@ impl<E: Export> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
             }
             let limit = state.config.max_body_bytes;
             let (mut parts, body) = req.into_parts();
+            // The key and the rate limit before the body is read or inflated.
+            let principal = match admit(&state, &parts.headers).await.0 {
+                Ok(principal) => principal,
+                Err(problem) => return Ok(status(problem).into_http()),
+            };
             let body = match Limited::new(body, limit + 5).collect().await {
                 Ok(collected) => collected.to_bytes(),
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {
@@ -155,8 +161,8 @@ impl<E: Export> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
                 .send_compressed(CompressionEncoding::Gzip)
                 .max_decoding_message_size(limit);
             let export = tower::service_fn(move |request: tonic::Request<E::Request>| {
-                let state = state.clone();
-                async move { export::<E>(&state, request).await }
+                let (state, principal) = (state.clone(), principal.clone());
+                async move { export::<E>(&state, principal, request).await }
             });
             Ok(grpc.unary(export, req).await)
         })
@@ -169,52 +175,53 @@ fn too_large(limit: usize) -> Status {
     ))
 }
 
-/// The request's gRPC messages with gzip undone (within `limit` bytes each), framed again
-/// uncompressed.
+/// The request's one gRPC message (`Export` is unary) with gzip undone within `limit` bytes,
+/// framed again uncompressed.
 #[allow(clippy::result_large_err)] // tonic's own error type; once per request
 fn inflate(body: &[u8], encoding: Option<&str>, limit: usize) -> Result<Vec<u8>, Status> {
-    let mut out = Vec::with_capacity(body.len());
-    let mut rest = body;
-    while !rest.is_empty() {
-        let (header, after) = rest
-            .split_at_checked(5)
-            .ok_or_else(|| Status::invalid_argument("truncated gRPC message header"))?;
-        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        let (payload, after) = after
-            .split_at_checked(len)
-            .ok_or_else(|| Status::invalid_argument("truncated gRPC message"))?;
-        rest = after;
-        let inflated;
-        let message = match (header[0], encoding) {
-            (0, _) => payload,
-            (1, Some("gzip")) => {
-                let mut buf = Vec::new();
-                flate2::read::GzDecoder::new(payload)
-                    .take(limit as u64 + 1)
-                    .read_to_end(&mut buf)
-                    .map_err(|e| Status::invalid_argument(format!("invalid gzip message: {e}")))?;
-                inflated = buf;
-                &inflated
-            }
-            (1, other) => {
-                return Err(Status::unimplemented(format!(
-                    "grpc-encoding {} is not supported; use gzip or none",
-                    other.unwrap_or("(none)")
-                )))
-            }
-            (flag, _) => {
-                return Err(Status::invalid_argument(format!(
-                    "unknown gRPC message flag {flag}"
-                )))
-            }
-        };
-        if message.len() > limit {
-            return Err(too_large(limit));
-        }
-        out.push(0);
-        out.extend_from_slice(&(message.len() as u32).to_be_bytes());
-        out.extend_from_slice(message);
+    let (header, after) = body
+        .split_at_checked(5)
+        .ok_or_else(|| Status::invalid_argument("no request message"))?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    let (payload, rest) = after
+        .split_at_checked(len)
+        .ok_or_else(|| Status::invalid_argument("truncated gRPC message"))?;
+    if !rest.is_empty() {
+        return Err(Status::invalid_argument(
+            "Export takes one request message, not several",
+        ));
     }
+    let inflated;
+    let message = match (header[0], encoding) {
+        (0, _) => payload,
+        (1, Some("gzip")) => {
+            let mut buf = Vec::new();
+            flate2::read::GzDecoder::new(payload)
+                .take(limit as u64 + 1)
+                .read_to_end(&mut buf)
+                .map_err(|e| Status::invalid_argument(format!("invalid gzip message: {e}")))?;
+            inflated = buf;
+            &inflated
+        }
+        (1, other) => {
+            return Err(Status::unimplemented(format!(
+                "grpc-encoding {} is not supported; use gzip or none",
+                other.unwrap_or("(none)")
+            )))
+        }
+        (flag, _) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown gRPC message flag {flag}"
+            )))
+        }
+    };
+    if message.len() > limit {
+        return Err(too_large(limit));
+    }
+    let mut out = Vec::with_capacity(message.len() + 5);
+    out.push(0);
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
     Ok(out)
 }
 
@@ -266,10 +273,9 @@ impl<E: Export> Decoder for OtlpCodec<E> {
 
 async fn export<E: Export>(
     s: &AppState,
+    principal: KeyPrincipal,
     request: tonic::Request<E::Request>,
 ) -> Result<tonic::Response<E::Response>, Status> {
-    let headers = request.metadata().clone().into_headers();
-    let principal = admit(s, &headers).await.0.map_err(status)?;
     let converted =
         E::convert(request.get_ref()).map_err(|e| Status::invalid_argument(e.reason))?;
     let out = take(s, &principal, converted, E::SIGNAL)

@@ -256,6 +256,23 @@ pub(crate) async fn read_body(
     }
 }
 
+/// The largest event the log takes, as stored: Kafka's `message.max.bytes` (1 000 000) less
+/// room for the key and headers.
+const MAX_STORED_EVENT_BYTES: usize = 990_000;
+
+fn event_too_large(env: &Envelope, size: usize) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "event-too-large",
+        "Event too large",
+        format!(
+            "event {} is {size} bytes as stored; the event log takes at most \
+             {MAX_STORED_EVENT_BYTES}",
+            env.id
+        ),
+    )
+}
+
 /// Starts every send, then waits for all acknowledgements together. Any failure (queue
 /// full, broker unreachable within the timeout) is a 503: the client retries with the same
 /// event ids, and the projector counts each id once.
@@ -263,12 +280,23 @@ pub(crate) async fn produce_all(s: &AppState, envelopes: &[Envelope]) -> Result<
     let timeout = Duration::from_millis(s.config.produce_timeout_ms);
     let retry_after = timeout.as_secs().clamp(1, 30);
     let started = Instant::now();
+    // Every event is serialized and sized before any is sent: one too large for the log
+    // (`message.max.bytes`, 1 MB) refuses the request whole, and resending cannot help.
+    let payloads = envelopes
+        .iter()
+        .map(|env| {
+            let payload = serde_json::to_vec(env).map_err(|e| {
+                tracing::error!(error = %e, "envelope serialization failed");
+                Problem::internal()
+            })?;
+            if payload.len() > MAX_STORED_EVENT_BYTES {
+                return Err(event_too_large(env, payload.len()));
+            }
+            Ok(payload)
+        })
+        .collect::<Result<Vec<_>, Problem>>()?;
     let mut deliveries = Vec::with_capacity(envelopes.len());
-    for env in envelopes {
-        let payload = serde_json::to_vec(env).map_err(|e| {
-            tracing::error!(error = %e, "envelope serialization failed");
-            Problem::internal()
-        })?;
+    for (env, payload) in envelopes.iter().zip(&payloads) {
         let key = env.kafka_key();
         let version = env.schema_version.to_string();
         let headers = OwnedHeaders::new_with_capacity(3)
@@ -286,10 +314,13 @@ pub(crate) async fn produce_all(s: &AppState, envelopes: &[Envelope]) -> Result<
             });
         let record = FutureRecord::to(&s.topic)
             .key(&key)
-            .payload(&payload)
+            .payload(payload)
             .headers(headers);
         match s.producer.send_result(record) {
             Ok(delivery) => deliveries.push(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                return Err(event_too_large(env, payload.len()));
+            }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 metrics::counter!("ingest_rejected_total", "reason" => "queue_full").increment(1);
                 return Err(Problem::unavailable(

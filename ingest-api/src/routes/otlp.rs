@@ -12,7 +12,8 @@
 //!   refused; 413 when it is too large; 415 for another content type or encoding. Senders do
 //!   not retry these.
 //! - 429 and 503 (with `Retry-After`): retried by senders. Each point's event id is derived
-//!   from its content, so a resent request is projected once.
+//!   from its content, so a resent request is projected once (records that carry no time at
+//!   all take the time they arrive, so a resend of those cannot be recognised).
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -106,15 +107,22 @@ pub(crate) async fn take(
 ) -> Result<Converted, Problem> {
     let ctx = key_context(s, principal, Source::Otlp);
     let mut envelopes = Vec::with_capacity(converted.events.len());
-    for (i, mut raw) in std::mem::take(&mut converted.events)
-        .into_iter()
-        .enumerate()
-    {
+    let events = std::mem::take(&mut converted.events);
+    let origins = std::mem::take(&mut converted.origins);
+    for (i, (mut raw, origin)) in events.into_iter().zip(origins).enumerate() {
         let id = ctx.content_id(&raw);
         raw["id"] = serde_json::Value::from(id.to_string());
         match ctx.envelope(i, raw) {
             Ok(env) => envelopes.push(env),
-            Err(errors) => converted.rejected.extend(errors),
+            // One refusal per point, named by its OTLP path, with every reason.
+            Err(errors) => converted.rejected.push(FieldError::new(
+                origin,
+                errors
+                    .iter()
+                    .map(|e| format!("{}: {}", e.field, e.reason))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )),
         }
     }
     if envelopes.is_empty() && !converted.rejected.is_empty() {

@@ -215,11 +215,19 @@ fn any_value(v: &Value, path: &str) -> R<AnyValue> {
         }),
         _ => V::BytesValue(
             v.as_str()
-                .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+                .and_then(base64_any)
                 .ok_or_else(|| format!("{p}: expected base64"))?,
         ),
     };
     Ok(AnyValue { value: Some(value) })
+}
+
+/// Base64 as proto3 JSON parsers take it: standard or URL-safe alphabet, padded or not.
+fn base64_any(s: &str) -> Option<Vec<u8>> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+        .iter()
+        .find_map(|engine| engine.decode(s).ok())
 }
 
 fn key_value(v: &Value, path: &str) -> R<KeyValue> {

@@ -32,6 +32,15 @@ pub const MAX_POINTS: usize = 50_000;
 pub const MAX_RECORDS: usize = 10_000;
 /// Longest label value; longer attribute values of log records go to `extra` instead.
 pub const MAX_LABEL_VALUE: usize = 1024;
+/// Longest text kept in a log event's details, metadata or extra (a prompt, tool parameters,
+/// an API body…); longer ones are cut here and end with `…`.
+pub const MAX_TEXT: usize = 8 * 1024;
+/// Largest event one point or record may become (about; JSON), far below Kafka's message
+/// limit; a larger one is refused on its own.
+pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+/// Most a request may expand to once every point carries its resource's attributes (about):
+/// a small body must not become gigabytes of events.
+pub const MAX_EXPANDED_BYTES: usize = 64 * 1024 * 1024;
 
 /// The two OTLP/HTTP encodings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,14 +103,30 @@ pub fn decode_logs(
     decode(body, encoding, json::logs_request)
 }
 
-/// What a request became: the client events to append and the points or records refused.
+/// What a request became: the client events to append (with the path of the point or record
+/// each came from) and the points or records refused, one entry each.
 #[derive(Debug, Default)]
 pub struct Converted {
     pub events: Vec<Value>,
+    pub origins: Vec<String>,
     pub rejected: Vec<FieldError>,
 }
 
 impl Converted {
+    /// Keeps an event, or refuses it when it is too large to be one.
+    fn push(&mut self, origin: String, event: Value) {
+        let size = approx_size(&event);
+        if size > MAX_EVENT_BYTES {
+            self.rejected.push(FieldError::new(
+                origin,
+                format!("it makes an event of about {size} bytes; at most {MAX_EVENT_BYTES}"),
+            ));
+        } else {
+            self.events.push(event);
+            self.origins.push(origin);
+        }
+    }
+
     /// The `error_message` of a partial success: how many, and the first few reasons.
     pub fn summary(&self) -> String {
         let mut msg = format!("{} rejected", self.rejected.len());
@@ -115,9 +140,41 @@ impl Converted {
     }
 }
 
+/// About how many bytes a JSON value takes (without serializing it).
+fn approx_size(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 8,
+        Value::String(s) => s.len() + 2,
+        Value::Array(a) => 2 + a.iter().map(|v| approx_size(v) + 1).sum::<usize>(),
+        Value::Object(o) => {
+            2 + o
+                .iter()
+                .map(|(k, v)| k.len() + 4 + approx_size(v))
+                .sum::<usize>()
+        }
+    }
+}
+
+/// Cuts every text in `v` longer than [`MAX_TEXT`] bytes, ending it with `…`.
+fn clip(v: &mut Value) {
+    match v {
+        Value::String(s) if s.len() > MAX_TEXT => {
+            let mut end = MAX_TEXT;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+            s.push('…');
+        }
+        Value::Array(a) => a.iter_mut().for_each(clip),
+        Value::Object(o) => o.values_mut().for_each(clip),
+        _ => {}
+    }
+}
+
 /// An attribute value as a label: strings as they are, everything else as its JSON text.
-fn label_text(v: &Option<pb::AnyValue>) -> String {
-    match v.as_ref().and_then(|v| v.value.as_ref()) {
+fn label_text(v: Option<&pb::AnyValue>) -> String {
+    match v.and_then(|v| v.value.as_ref()) {
         Some(Any::StringValue(s)) => s.clone(),
         None => String::new(),
         Some(_) => attr_json(v).to_string(),
@@ -125,8 +182,8 @@ fn label_text(v: &Option<pb::AnyValue>) -> String {
 }
 
 /// An attribute value as JSON (bytes in base64).
-fn attr_json(v: &Option<pb::AnyValue>) -> Value {
-    match v.as_ref().and_then(|v| v.value.as_ref()) {
+fn attr_json(v: Option<&pb::AnyValue>) -> Value {
+    match v.and_then(|v| v.value.as_ref()) {
         None => Value::Null,
         Some(Any::StringValue(s)) => Value::from(s.as_str()),
         Some(Any::BoolValue(b)) => Value::from(*b),
@@ -134,16 +191,13 @@ fn attr_json(v: &Option<pb::AnyValue>) -> Value {
         Some(Any::DoubleValue(d)) => {
             serde_json::Number::from_f64(*d).map_or(Value::from(d.to_string()), Value::Number)
         }
-        Some(Any::ArrayValue(a)) => Value::Array(
-            a.values
-                .iter()
-                .map(|v| attr_json(&Some(v.clone())))
-                .collect(),
-        ),
+        Some(Any::ArrayValue(a)) => {
+            Value::Array(a.values.iter().map(|v| attr_json(Some(v))).collect())
+        }
         Some(Any::KvlistValue(l)) => Value::Object(
             l.values
                 .iter()
-                .map(|kv| (kv.key.clone(), attr_json(&kv.value)))
+                .map(|kv| (kv.key.clone(), attr_json(kv.value.as_ref())))
                 .collect(),
         ),
         Some(Any::BytesValue(b)) => {
@@ -228,26 +282,30 @@ struct PointBase<'a> {
 /// points than [`MAX_POINTS`].
 pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted, FieldError> {
     use pb::metric::Data;
-    let points: usize = req
-        .resource_metrics
-        .iter()
-        .flat_map(|r| &r.scope_metrics)
-        .flat_map(|s| &s.metrics)
-        .map(|m| match &m.data {
-            Some(Data::Gauge(g)) => g.data_points.len(),
-            Some(Data::Sum(s)) => s.data_points.len(),
-            Some(Data::Histogram(h)) => h.data_points.len(),
-            Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
-            Some(Data::Summary(s)) => s.data_points.len(),
-            None => 1,
-        })
-        .sum();
+    // Points and about how large they become, each with its resource's attributes.
+    let (mut points, mut expanded) = (0, 0);
+    for rm in &req.resource_metrics {
+        let resource = rm.resource.as_ref().map_or(0, Message::encoded_len);
+        for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
+            let (n, bytes) = match &m.data {
+                Some(Data::Gauge(g)) => sized(&g.data_points),
+                Some(Data::Sum(s)) => sized(&s.data_points),
+                Some(Data::Histogram(h)) => sized(&h.data_points),
+                Some(Data::ExponentialHistogram(h)) => sized(&h.data_points),
+                Some(Data::Summary(s)) => sized(&s.data_points),
+                None => (1, 0),
+            };
+            points += n;
+            expanded += bytes + n * (resource + m.name.len() + 256);
+        }
+    }
     if points > MAX_POINTS {
         return Err(FieldError::new(
             "resourceMetrics",
             format!("{points} data points; at most {MAX_POINTS} per request"),
         ));
     }
+    check_expansion("resourceMetrics", expanded)?;
     let mut out = Converted::default();
     let mut sessions = Vec::new();
     for (ri, rm) in req.resource_metrics.iter().enumerate() {
@@ -255,19 +313,23 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
         for (si, sm) in rm.scope_metrics.iter().enumerate() {
             for (mi, m) in sm.metrics.iter().enumerate() {
                 let path = format!("resourceMetrics[{ri}].scopeMetrics[{si}].metrics[{mi}]");
-                let mut sample =
-                    |base: PointBase, kind: &str, value: f64, extra: Value| match sample_event(
-                        m, resource, base, kind, value, extra,
-                    ) {
-                        Ok(Some(e)) => out.events.push(e),
-                        Ok(None) => {}
-                        Err(e) => out.rejected.push(e),
-                    };
                 if m.name.is_empty() {
-                    out.rejected
-                        .push(FieldError::new(format!("{path}.name"), "is required"));
+                    // Every point of a nameless metric is refused.
+                    let n = sized_points(m).max(1);
+                    out.rejected.extend(
+                        (0..n).map(|_| FieldError::new(format!("{path}.name"), "is required")),
+                    );
                     continue;
                 }
+                let scope = sm.scope.as_ref().map_or("", |s| s.name.as_str());
+                let mut sample = |base: PointBase, kind: &str, value: f64, extra: Value| {
+                    let origin = base.path.clone();
+                    match sample_event(m, scope, resource, base, kind, value, extra) {
+                        Ok(Some(e)) => out.push(origin, e),
+                        Ok(None) => {}
+                        Err(e) => out.rejected.push(e),
+                    }
+                };
                 match &m.data {
                     None => out.rejected.push(FieldError::new(
                         path.clone(),
@@ -293,7 +355,9 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                             let b = point_base(&path, i, p);
                             sample(b, "counter", number(p).unwrap_or(f64::NAN), extra.clone());
                             if starts {
-                                sessions.extend(session_started(resource, p));
+                                if let Some(e) = session_started(resource, p) {
+                                    sessions.push((format!("{path}.dataPoints[{i}]"), e));
+                                }
                             }
                         }
                     }
@@ -343,8 +407,33 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
             }
         }
     }
-    out.events.extend(sessions);
+    for (origin, e) in sessions {
+        out.push(origin, e);
+    }
     Ok(out)
+}
+
+/// How many messages, and their size on the wire.
+fn sized<M: Message>(messages: &[M]) -> (usize, usize) {
+    (
+        messages.len(),
+        messages.iter().map(Message::encoded_len).sum(),
+    )
+}
+
+fn check_expansion(field: &str, expanded: usize) -> Result<(), FieldError> {
+    if expanded > MAX_EXPANDED_BYTES {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "the request would make about {} MiB of events (each point carries its \
+                 resource's attributes); at most {} MiB",
+                expanded >> 20,
+                MAX_EXPANDED_BYTES >> 20
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A `session.started` for a delta point of `claude_code.session.count` that names its
@@ -358,13 +447,25 @@ fn session_started(resource: &[pb::KeyValue], p: &pb::NumberDataPoint) -> Option
         resource
             .iter()
             .chain(&p.attributes)
-            .map(|kv| (kv.key.clone(), attr_json(&kv.value)))
+            .map(|kv| (kv.key.clone(), attr_json(kv.value.as_ref())))
             .collect(),
     );
     attrs.peek_string("session.id")?;
     let mut data = attrs.identity();
     data.insert("context".into(), Value::Object(attrs.0));
     Some(typed("session.started", at, data))
+}
+
+fn sized_points(m: &pb::Metric) -> usize {
+    use pb::metric::Data;
+    match &m.data {
+        Some(Data::Gauge(g)) => g.data_points.len(),
+        Some(Data::Sum(s)) => s.data_points.len(),
+        Some(Data::Histogram(h)) => h.data_points.len(),
+        Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
+        Some(Data::Summary(s)) => s.data_points.len(),
+        None => 0,
+    }
 }
 
 fn number(p: &pb::NumberDataPoint) -> Option<f64> {
@@ -378,6 +479,7 @@ fn number(p: &pb::NumberDataPoint) -> Option<f64> {
 /// (`NO_RECORDED_VALUE`), which carries no measurement.
 fn sample_event(
     m: &pb::Metric,
+    scope: &str,
     resource: &[pb::KeyValue],
     base: PointBase,
     kind: &str,
@@ -395,7 +497,7 @@ fn sample_event(
         .ok_or_else(|| err("timeUnixNano is missing or out of range".into()))?;
     let mut labels = BTreeMap::new();
     for kv in resource.iter().chain(base.attributes) {
-        labels.insert(kv.key.clone(), label_text(&kv.value));
+        labels.insert(kv.key.clone(), label_text(kv.value.as_ref()));
     }
     if labels.len() > MAX_LABELS {
         return Err(err(format!(
@@ -406,6 +508,9 @@ fn sample_event(
     let x = extra.as_object_mut().expect("extra is an object");
     if !m.unit.is_empty() {
         x.insert("unit".into(), Value::from(m.unit.as_str()));
+    }
+    if !scope.is_empty() {
+        x.insert("scope".into(), Value::from(scope));
     }
     if let Some(start) = nanos_to_time(base.start) {
         x.insert("start_time".into(), Value::from(start.to_rfc3339()));
@@ -503,18 +608,22 @@ pub fn log_events(
     req: &pb::ExportLogsServiceRequest,
     now: DateTime<Utc>,
 ) -> Result<Converted, FieldError> {
-    let records: usize = req
-        .resource_logs
-        .iter()
-        .flat_map(|r| &r.scope_logs)
-        .map(|s| s.log_records.len())
-        .sum();
+    let (mut records, mut expanded) = (0, 0);
+    for rl in &req.resource_logs {
+        let resource = rl.resource.as_ref().map_or(0, Message::encoded_len);
+        for sl in &rl.scope_logs {
+            let (n, bytes) = sized(&sl.log_records);
+            records += n;
+            expanded += bytes + n * (resource + 256);
+        }
+    }
     if records > MAX_RECORDS {
         return Err(FieldError::new(
             "resourceLogs",
             format!("{records} log records; at most {MAX_RECORDS} per request"),
         ));
     }
+    check_expansion("resourceLogs", expanded)?;
     let mut out = Converted::default();
     for (ri, rl) in req.resource_logs.iter().enumerate() {
         let resource: &[pb::KeyValue] = rl.resource.as_ref().map_or(&[], |r| &r.attributes);
@@ -522,10 +631,7 @@ pub fn log_events(
             let scope = sl.scope.as_ref().map_or("", |s| s.name.as_str());
             for (li, r) in sl.log_records.iter().enumerate() {
                 let path = format!("resourceLogs[{ri}].scopeLogs[{si}].logRecords[{li}]");
-                match log_event(resource, scope, r, now) {
-                    Ok(e) => out.events.push(e),
-                    Err(reason) => out.rejected.push(FieldError::new(path, reason)),
-                }
+                out.push(path, log_event(resource, scope, r, now));
             }
         }
     }
@@ -537,15 +643,20 @@ fn log_event(
     scope: &str,
     r: &pb::LogRecord,
     now: DateTime<Utc>,
-) -> Result<Value, String> {
+) -> Value {
     let mut attrs = Attrs(
         resource
             .iter()
             .chain(&r.attributes)
-            .map(|kv| (kv.key.clone(), attr_json(&kv.value)))
+            .map(|kv| {
+                let mut v = attr_json(kv.value.as_ref());
+                clip(&mut v);
+                (kv.key.clone(), v)
+            })
             .collect(),
     );
-    let body = attr_json(&r.body);
+    let mut body = attr_json(r.body.as_ref());
+    clip(&mut body);
     let body_name = body
         .as_str()
         .filter(|s| !s.is_empty() && s.len() <= 255 && !s.contains(char::is_whitespace));
@@ -577,9 +688,9 @@ fn log_event(
     if claude {
         attrs.0.remove("event.name");
         match short.as_deref() {
-            Some("tool_result") => return Ok(tool_result(attrs, at)),
-            Some("api_request") => return Ok(api_call(attrs, at, false)),
-            Some("api_error") => return Ok(api_call(attrs, at, true)),
+            Some("tool_result") => return tool_result(attrs, at),
+            Some("api_request") => return api_call(attrs, at, false),
+            Some("api_error") => return api_call(attrs, at, true),
             _ => {}
         }
     }
@@ -589,7 +700,7 @@ fn log_event(
         (None, _) => "log.record".into(),
     };
     let body_is_name = body_name.is_some();
-    Ok(generic_event(attrs, at, sample_name, r, body, body_is_name))
+    generic_event(attrs, at, sample_name, r, body, body_is_name)
 }
 
 fn typed(kind: &str, at: DateTime<Utc>, data: Map<String, Value>) -> Value {
@@ -914,6 +1025,68 @@ mod tests {
         assert_eq!(d["team_id"], "platform");
         assert_eq!(d["context"]["start_type"], "resume");
         envelopes(&out.events);
+    }
+
+    #[test]
+    fn sizes_are_bounded_before_and_after_conversion() {
+        // A long prompt is cut, not lost; a record with too much of everything is refused
+        // alone; the others go on.
+        let long = "p".repeat(100_000);
+        let many: Vec<Value> = (0..40)
+            .map(|i| json!({"key": format!("a{i}"), "value": {"stringValue": "v".repeat(8_000)}}))
+            .collect();
+        let doc = json!({"resourceLogs": [{"scopeLogs": [{"logRecords": [
+            {"timeUnixNano": "1764115200000000000", "body": {"stringValue": "claude_code.user_prompt"},
+             "attributes": [{"key": "prompt", "value": {"stringValue": long}}]},
+            {"timeUnixNano": "1764115200000000000", "attributes": many}]}]}]});
+        let out = log_events(&json::logs_request(&doc).unwrap(), Utc::now()).unwrap();
+        assert_eq!(out.events.len(), 1);
+        assert_eq!(out.origins, ["resourceLogs[0].scopeLogs[0].logRecords[0]"]);
+        let prompt = out.events[0]["data"]["extra"]["prompt"].as_str().unwrap();
+        assert_eq!(prompt.len(), MAX_TEXT + '…'.len_utf8());
+        assert_eq!(out.rejected.len(), 1);
+        assert!(
+            out.rejected[0].reason.contains("at most"),
+            "{:?}",
+            out.rejected
+        );
+        envelopes(&out.events);
+
+        // A 1 MiB resource attribute on 50 000 points would be 50 GiB of events: refused
+        // before anything is built.
+        let points: Vec<Value> = (0..MAX_POINTS)
+            .map(|_| json!({"timeUnixNano": "1", "asInt": "1"}))
+            .collect();
+        let doc = json!({"resourceMetrics": [{
+            "resource": {"attributes": [{"key": "k", "value": {"stringValue": "r".repeat(1 << 20)}}]},
+            "scopeMetrics": [{"metrics": [{"name": "x", "gauge": {"dataPoints": points}}]}]}]});
+        let err = metric_events(&json::metrics_request(&doc).unwrap()).unwrap_err();
+        assert!(err.reason.contains("MiB of events"), "{}", err.reason);
+    }
+
+    #[test]
+    fn every_point_of_a_nameless_metric_counts_as_refused() {
+        let doc = json!({"resourceMetrics": [{"scopeMetrics": [{"scope": {"name": "s"}, "metrics": [
+            {"gauge": {"dataPoints": [{"timeUnixNano": "1", "asInt": 1}, {"timeUnixNano": "2", "asInt": 1}]}},
+            {"name": "ok", "gauge": {"dataPoints": [{"timeUnixNano": "1764115200000000000", "asInt": 1}]}}]}]}]});
+        let out = metric_events(&json::metrics_request(&doc).unwrap()).unwrap();
+        assert_eq!(out.rejected.len(), 2);
+        assert_eq!(
+            out.events[0]["data"]["extra"]["scope"], "s",
+            "the scope tells points apart"
+        );
+        // bytesValue in any base64 proto3 JSON allows.
+        for b64 in ["3q2+7w==", "3q2+7w", "3q2-7w=="] {
+            let v = json::logs_request(&json!({"resourceLogs": [{"scopeLogs": [{"logRecords": [
+                {"body": {"bytesValue": b64}}]}]}]}))
+            .unwrap();
+            let body = v.resource_logs[0].scope_logs[0].log_records[0].body.clone();
+            assert_eq!(
+                body.unwrap().value,
+                Some(Any::BytesValue(vec![0xde, 0xad, 0xbe, 0xef])),
+                "{b64}"
+            );
+        }
     }
 
     #[test]

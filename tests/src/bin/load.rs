@@ -2,7 +2,8 @@
 //! concurrency and reports events/s, request latency p50/p99 and errors, with progress while
 //! it runs. With `--baseline` it first measures the raw limit of the same machine — the same
 //! envelopes produced straight to Kafka with rdkafka (acks=all, idempotent) — and reports
-//! ingest throughput as a ratio of it.
+//! ingest throughput as a ratio of it. `--format otlp` sends the same number of points as
+//! OTLP/HTTP protobuf metrics (Claude Code's token counter) instead of JSON events.
 //!
 //! ```text
 //! . .tally/demo.env && cargo run --release -p tally-tests --bin tally-load -- --events 200000 --baseline
@@ -16,9 +17,11 @@ use anyhow::Context;
 use chrono::Utc;
 use clap::Parser;
 use hdrhistogram::Histogram;
+use prost::Message;
 use rdkafka::producer::FutureRecord;
 use serde_json::Value;
 use shared::events::{Actor, IngestContext, Source, TimeBounds};
+use shared::otlp::{self, pb};
 use shared::tenant::TenantId;
 use tally_tests::events::Generator;
 
@@ -62,6 +65,64 @@ struct Args {
     /// PostgreSQL for the raw-COPY baseline (the projector's ceiling), with `--baseline`.
     #[arg(long, env = "TALLY_DATABASE_URL")]
     database_url: Option<String>,
+    /// `events` (JSON to /v1/events) or `otlp` (protobuf metrics to /v1/otlp/v1/metrics).
+    #[arg(long, value_enum, default_value_t = Format::Events)]
+    format: Format,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Events,
+    Otlp,
+}
+
+/// One OTLP request of `n` delta points of Claude Code's token counter, spread over users,
+/// sessions, token types and the last two hours (each point distinct, so none is a resend).
+fn otlp_request(n: usize, offset: usize) -> pb::ExportMetricsServiceRequest {
+    let now = Utc::now().timestamp_nanos_opt().expect("now fits") as u64;
+    let attr = |k: &str, v: String| pb::KeyValue {
+        key: k.into(),
+        value: Some(pb::AnyValue {
+            value: Some(pb::any_value::Value::StringValue(v)),
+        }),
+    };
+    let data_points = (offset..offset + n)
+        .map(|i| pb::NumberDataPoint {
+            attributes: vec![
+                attr("user.id", format!("load-user-{}", i % 200)),
+                attr("session.id", format!("load-session-{}", i % 2000)),
+                attr(
+                    "type",
+                    ["input", "output", "cacheRead", "cacheCreation"][i % 4].into(),
+                ),
+                attr("model", "claude-sonnet-4-5".into()),
+            ],
+            start_time_unix_nano: 0,
+            time_unix_nano: now - (i as u64 % 7_200_000) * 1_000_000,
+            value: Some(pb::number_data_point::Value::AsInt((i % 5000) as i64 + 1)),
+            flags: 0,
+        })
+        .collect();
+    pb::ExportMetricsServiceRequest {
+        resource_metrics: vec![pb::ResourceMetrics {
+            resource: Some(pb::Resource {
+                attributes: vec![attr("service.name", "claude-code".into())],
+            }),
+            scope_metrics: vec![pb::ScopeMetrics {
+                scope: None,
+                metrics: vec![pb::Metric {
+                    name: "claude_code.token.usage".into(),
+                    unit: "tokens".into(),
+                    data: Some(pb::metric::Data::Sum(pb::Sum {
+                        data_points,
+                        aggregation_temporality: pb::TEMPORALITY_DELTA,
+                        is_monotonic: true,
+                    })),
+                    ..Default::default()
+                }],
+            }],
+        }],
+    }
 }
 
 #[tokio::main]
@@ -76,17 +137,37 @@ async fn main() -> anyhow::Result<()> {
         "tally-load: {} events in {} requests of {} at concurrency {} → {}",
         args.events, requests, args.batch, args.concurrency, args.url
     );
-    // Bodies are generated up front so the generator does not compete with the sender.
+    // Bodies are generated up front so the generator does not compete with the sender. For
+    // OTLP, the baseline produces the events the same points become.
     let mut generator = Generator::new(42, "load", 200, chrono::Duration::hours(2));
-    let bodies: Vec<Vec<u8>> = (0..requests)
-        .map(|i| {
-            let n = args.batch.min(args.events - i * args.batch);
-            serde_json::to_vec(&Value::Array(generator.batch(n))).expect("serialize")
-        })
-        .collect();
+    let mut bodies: Vec<Vec<u8>> = Vec::with_capacity(requests);
+    let mut event_bodies: Vec<Vec<u8>> = Vec::with_capacity(requests);
+    for i in 0..requests {
+        let n = args.batch.min(args.events - i * args.batch);
+        match args.format {
+            Format::Events => {
+                bodies.push(serde_json::to_vec(&Value::Array(generator.batch(n)))?);
+            }
+            Format::Otlp => {
+                let req = otlp_request(n, i * args.batch);
+                let events = otlp::metric_events(&req).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                event_bodies.push(serde_json::to_vec(&Value::Array(events.events))?);
+                bodies.push(req.encode_to_vec());
+            }
+        }
+    }
+    let (path, content_type, accepted_status) = match args.format {
+        Format::Events => ("/v1/events", "application/json", 202),
+        Format::Otlp => ("/v1/otlp/v1/metrics", "application/x-protobuf", 200),
+    };
 
     let baseline = if args.baseline {
-        Some(raw_kafka_baseline(&args, &bodies).await?)
+        let events = if event_bodies.is_empty() {
+            &bodies
+        } else {
+            &event_bodies
+        };
+        Some(raw_kafka_baseline(&args, events).await?)
     } else {
         None
     };
@@ -143,24 +224,26 @@ async fn main() -> anyhow::Result<()> {
             errors.clone(),
             latencies.clone(),
         );
-        let (url, key, batch) = (
-            format!("{}/v1/events", args.url),
+        let (url, key, batch, events) = (
+            format!("{}{path}", args.url),
             args.key.clone(),
             args.batch,
+            args.events,
         );
         workers.push(tokio::spawn(async move {
             loop {
                 if Instant::now() > deadline {
                     break;
                 }
-                let Some((_, body)) = queue.lock().expect("queue").pop() else {
+                let Some((i, body)) = queue.lock().expect("queue").pop() else {
                     break;
                 };
+                let n = batch.min(events - i * batch) as u64;
                 let t = Instant::now();
                 let res = client
                     .post(&url)
                     .bearer_auth(&key)
-                    .header("content-type", "application/json")
+                    .header("content-type", content_type)
                     .body(body)
                     .send()
                     .await;
@@ -171,13 +254,23 @@ async fn main() -> anyhow::Result<()> {
                     .record(micros.max(1))
                     .ok();
                 match res {
-                    Ok(r) if r.status() == 202 => {
-                        let accepted = r
-                            .json::<Value>()
-                            .await
-                            .ok()
-                            .and_then(|v| v["accepted"].as_u64());
-                        sent.fetch_add(accepted.unwrap_or(batch as u64), Ordering::Relaxed);
+                    Ok(r) if r.status() == accepted_status => {
+                        let bytes = r.bytes().await.unwrap_or_default();
+                        let accepted = match path {
+                            "/v1/events" => serde_json::from_slice::<Value>(&bytes)
+                                .ok()
+                                .and_then(|v| v["accepted"].as_u64()),
+                            // OTLP: everything but the points a partial success refused.
+                            _ => pb::ExportMetricsServiceResponse::decode(&bytes[..])
+                                .ok()
+                                .map(|r| {
+                                    let refused = r
+                                        .partial_success
+                                        .map_or(0, |p| p.rejected_data_points as u64);
+                                    n - refused.min(n)
+                                }),
+                        };
+                        sent.fetch_add(accepted.unwrap_or(n), Ordering::Relaxed);
                     }
                     Ok(r) => {
                         errors.fetch_add(1, Ordering::Relaxed);

@@ -536,4 +536,7 @@ async fn otlp_grpc_refuses_garbage_and_bombs_with_the_right_codes() {
     assert!(grpc_raw(&target, &t.read_key, &["--hex", ""])
         .await
         .starts_with("PERMISSION_DENIED"));
+    // The key is checked before the body is read: a bomb without a valid key is not inflated.
+    let got = grpc_raw(&target, "tly_forged", &["--zeros", "67108864", "--gzip"]).await;
+    assert!(got.starts_with("UNAUTHENTICATED"), "{got}");
 }

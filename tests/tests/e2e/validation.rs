@@ -123,6 +123,17 @@ async fn bad_requests_get_clear_problems() {
     let (s, _) = problem(res).await;
     assert_eq!(s, 413);
 
+    // One event larger than the log takes (1 MB): a 413 naming it, before anything is sent.
+    let mut huge = command("u", "c", 1, true);
+    huge["data"]["context"] = json!({"blob": "x".repeat(1_200_000)});
+    let body = Value::Array(vec![command("u", "c", 1, true), huge]);
+    let (s, b) = problem(send(serde_json::to_vec(&body).unwrap(), k).await.unwrap()).await;
+    assert_eq!(s, 413, "{b}");
+    assert!(
+        b["type"].as_str().unwrap().ends_with("event-too-large"),
+        "{b}"
+    );
+
     // Wrong content type, empty batch, a scalar body.
     let res = client
         .post(&url)
