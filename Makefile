@@ -17,7 +17,7 @@ help:
 	@echo "make test    run every test (lint, unit, end-to-end over real Kafka, PostgreSQL, Redis)"
 	@echo "make down    stop everything (data is kept; 'make clean-data' deletes it)"
 	@echo "make status  what is running"
-	@echo "make load    run the load generator against 'make up' (EVENTS=200000 CONCURRENCY=8 BATCH=500)"
+	@echo "make load    run the load generator against 'make up' (EVENTS=200000 CONCURRENCY=8 BATCH=500 FORMAT=events|otlp)"
 	@echo "make bench-read  load READ_EVENTS over READ_DAYS into a new tenant, time overview and time series (after 'make up')"
 
 up:
@@ -60,11 +60,12 @@ test:
 EVENTS ?= 200000
 CONCURRENCY ?= 8
 BATCH ?= 500
+FORMAT ?= events
 load:
 	test -f .tally/demo.env || { echo "run 'make up' first"; exit 1; }
 	cargo build --profile $(PROFILE) -p tally-tests --bin tally-load
 	$(ENV) && source .tally/demo.env && $(BIN_DIR)/tally-load --events $(EVENTS) \
-		--concurrency $(CONCURRENCY) --batch $(BATCH) --baseline
+		--concurrency $(CONCURRENCY) --batch $(BATCH) --format $(FORMAT) --baseline
 
 READ_EVENTS ?= 10000000
 READ_DAYS ?= 30
