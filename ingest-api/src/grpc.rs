@@ -23,67 +23,15 @@ use axum::body::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use prost::Message;
 use shared::auth::KeyPrincipal;
-use shared::events::FieldError;
-use shared::otlp::{self, pb, Converted};
+use shared::otlp::{self, Signal};
 use shared::problem::Problem;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 
 use crate::routes::events::admit;
-use crate::routes::otlp::{take, Signal};
+use crate::routes::otlp::{take, too_many};
 use crate::state::AppState;
-
-/// One OTLP collector service.
-pub trait Export: Send + Sync + 'static {
-    type Request: prost::Message + Default + Send + 'static;
-    type Response: prost::Message + Default + Send + 'static;
-    /// The fully qualified gRPC service name.
-    const SERVICE: &'static str;
-    const SIGNAL: Signal;
-    fn convert(req: &Self::Request) -> Result<Converted, FieldError>;
-    /// The answer when `rejected` points or records were refused.
-    fn partial(rejected: i64, error_message: String) -> Self::Response;
-}
-
-pub struct Metrics;
-pub struct Logs;
-
-impl Export for Metrics {
-    type Request = pb::ExportMetricsServiceRequest;
-    type Response = pb::ExportMetricsServiceResponse;
-    const SERVICE: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
-    const SIGNAL: Signal = Signal::Metrics;
-    fn convert(req: &Self::Request) -> Result<Converted, FieldError> {
-        otlp::metric_events(req)
-    }
-    fn partial(rejected: i64, error_message: String) -> Self::Response {
-        pb::ExportMetricsServiceResponse {
-            partial_success: Some(pb::ExportMetricsPartialSuccess {
-                rejected_data_points: rejected,
-                error_message,
-            }),
-        }
-    }
-}
-
-impl Export for Logs {
-    type Request = pb::ExportLogsServiceRequest;
-    type Response = pb::ExportLogsServiceResponse;
-    const SERVICE: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
-    const SIGNAL: Signal = Signal::Logs;
-    fn convert(req: &Self::Request) -> Result<Converted, FieldError> {
-        otlp::log_events(req, chrono::Utc::now())
-    }
-    fn partial(rejected: i64, error_message: String) -> Self::Response {
-        pb::ExportLogsServiceResponse {
-            partial_success: Some(pb::ExportLogsPartialSuccess {
-                rejected_log_records: rejected,
-                error_message,
-            }),
-        }
-    }
-}
 
 /// The gRPC service of one signal.
 pub struct OtlpService<E> {
@@ -106,11 +54,11 @@ impl<E> Clone for OtlpService<E> {
     }
 }
 
-impl<E: Export> NamedService for OtlpService<E> {
+impl<E: Signal> NamedService for OtlpService<E> {
     const NAME: &'static str = E::SERVICE;
 }
 
-impl<E: Export> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpService<E> {
+impl<E: Signal> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpService<E> {
     type Response = axum::http::Response<tonic::body::Body>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
@@ -235,7 +183,7 @@ impl<E> OtlpCodec<E> {
     }
 }
 
-impl<E: Export> Codec for OtlpCodec<E> {
+impl<E: Signal> Codec for OtlpCodec<E> {
     type Encode = E::Response;
     type Decode = E::Request;
     type Encoder = Self;
@@ -250,7 +198,7 @@ impl<E: Export> Codec for OtlpCodec<E> {
     }
 }
 
-impl<E: Export> Encoder for OtlpCodec<E> {
+impl<E: Signal> Encoder for OtlpCodec<E> {
     type Item = E::Response;
     type Error = Status;
 
@@ -260,7 +208,7 @@ impl<E: Export> Encoder for OtlpCodec<E> {
     }
 }
 
-impl<E: Export> Decoder for OtlpCodec<E> {
+impl<E: Signal> Decoder for OtlpCodec<E> {
     type Item = E::Request;
     type Error = Status;
 
@@ -271,21 +219,15 @@ impl<E: Export> Decoder for OtlpCodec<E> {
     }
 }
 
-async fn export<E: Export>(
+async fn export<E: Signal>(
     s: &AppState,
     principal: KeyPrincipal,
     request: tonic::Request<E::Request>,
 ) -> Result<tonic::Response<E::Response>, Status> {
     let converted =
-        E::convert(request.get_ref()).map_err(|e| Status::invalid_argument(e.reason))?;
-    let out = take(s, &principal, converted, E::SIGNAL)
-        .await
-        .map_err(status)?;
-    Ok(tonic::Response::new(if out.rejected.is_empty() {
-        E::Response::default()
-    } else {
-        E::partial(out.rejected.len() as i64, out.summary())
-    }))
+        E::events(request.get_ref(), chrono::Utc::now()).map_err(|e| status(too_many(e)))?;
+    let out = take::<E>(s, &principal, converted).await.map_err(status)?;
+    Ok(tonic::Response::new(otlp::response::<E>(&out)))
 }
 
 /// A problem as the gRPC status an OTLP sender acts on.

@@ -198,8 +198,10 @@ impl App {
         let grpc = self.grpc_listener.map(|listener| {
             let mut stopping = stopped.subscribe();
             let server = tonic::transport::Server::builder()
-                .add_service(grpc::OtlpService::<grpc::Metrics>::new(state.clone()))
-                .add_service(grpc::OtlpService::<grpc::Logs>::new(state.clone()))
+                .add_service(grpc::OtlpService::<shared::otlp::Metrics>::new(
+                    state.clone(),
+                ))
+                .add_service(grpc::OtlpService::<shared::otlp::Logs>::new(state.clone()))
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listener),
                     async move {

@@ -950,8 +950,22 @@ pub struct IngestContext {
     pub source: Source,
     pub received_at: DateTime<Utc>,
     pub bounds: TimeBounds,
-    /// From an `Idempotency-Key` header: event ids without one are derived from it.
-    pub idempotency_key: Option<String>,
+    /// Where the ids of events sent without one come from.
+    pub ids: Ids,
+}
+
+/// Where an event's id comes from when its sender gave none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ids {
+    /// A new UUIDv7: a retry of the event cannot be recognised.
+    Fresh,
+    /// Derived from the request's `Idempotency-Key` and the event's place in the batch.
+    Idempotency(String),
+    /// Derived from the event's content, for the foreign formats (OTLP, remote write, line
+    /// protocol), whose senders resend a whole request after a failure and carry no ids: the
+    /// same point sent again gets the same id. Two points equal in every field, time
+    /// included, are the same point.
+    Content,
 }
 
 /// Namespace for ids derived from an `Idempotency-Key`.
@@ -977,7 +991,7 @@ impl IngestContext {
         };
         let mut errors = Vec::new();
         let id = match obj.remove("id") {
-            None | Some(Value::Null) => Some(self.default_id(index)),
+            None | Some(Value::Null) => Some(self.default_id(index, &obj)),
             Some(Value::String(s)) => match Uuid::parse_str(&s) {
                 Ok(id) if !id.is_nil() => Some(id),
                 _ => {
@@ -1117,24 +1131,21 @@ impl IngestContext {
         })
     }
 
-    /// An id derived from an event's content, for the foreign formats whose senders resend a
-    /// whole request after a failure: the same point sent again gets the same id, so the
-    /// projection counts it once. (Two points equal in every field, time included, are the
-    /// same point.)
-    pub fn content_id(&self, raw: &Value) -> Uuid {
-        Uuid::new_v5(
-            &CONTENT_NAMESPACE,
-            format!("{}/{}", self.tenant_id, raw).as_bytes(),
-        )
-    }
-
-    fn default_id(&self, index: usize) -> Uuid {
-        match &self.idempotency_key {
-            Some(key) => Uuid::new_v5(
+    /// The id of an event sent without one; `content` is the event without its `id`.
+    fn default_id(&self, index: usize, content: &Map<String, Value>) -> Uuid {
+        match &self.ids {
+            Ids::Fresh => Uuid::now_v7(),
+            Ids::Idempotency(key) => Uuid::new_v5(
                 &IDEMPOTENCY_NAMESPACE,
                 format!("{}/{}/{}", self.tenant_id, key, index).as_bytes(),
             ),
-            None => Uuid::now_v7(),
+            Ids::Content => {
+                let content = serde_json::to_string(content).expect("a JSON map serializes");
+                Uuid::new_v5(
+                    &CONTENT_NAMESPACE,
+                    format!("{}/{content}", self.tenant_id).as_bytes(),
+                )
+            }
         }
     }
 }
@@ -1189,7 +1200,7 @@ mod tests {
             source: Source::Api,
             received_at: Utc::now(),
             bounds: TimeBounds::default(),
-            idempotency_key: None,
+            ids: Ids::Fresh,
         }
     }
 
@@ -1367,13 +1378,47 @@ mod tests {
     #[test]
     fn idempotency_key_derives_stable_ids() {
         let mut c = ctx();
-        c.idempotency_key = Some("req-1".into());
+        c.ids = Ids::Idempotency("req-1".into());
         let e = json!({"type": "metric.sample", "occurred_at": now(), "data": {"name": "m", "value": 1}});
         let a = c.envelope(0, e.clone()).unwrap().id;
         let b = c.envelope(0, e.clone()).unwrap().id;
         let other = c.envelope(1, e).unwrap().id;
         assert_eq!(a, b);
         assert_ne!(a, other);
+    }
+
+    #[test]
+    fn content_ids_follow_the_content_not_the_place() {
+        let mut c = ctx();
+        c.ids = Ids::Content;
+        let e = json!({"type": "metric.sample", "occurred_at": now(), "data": {"name": "m", "value": 1}});
+        let a = c.envelope(0, e.clone()).unwrap().id;
+        assert_eq!(
+            a,
+            c.envelope(7, e.clone()).unwrap().id,
+            "a resend, elsewhere in a batch"
+        );
+        let mut changed = e.clone();
+        changed["data"]["value"] = json!(2);
+        assert_ne!(a, c.envelope(0, changed).unwrap().id);
+        let other_tenant = IngestContext {
+            tenant_id: TenantId::new(),
+            ..c.clone()
+        };
+        assert_ne!(a, other_tenant.envelope(0, e.clone()).unwrap().id);
+        // An id the sender gave wins.
+        let mut given = e;
+        given["id"] = json!("0193a8f0-0000-7000-8000-000000000001");
+        assert_eq!(
+            c.envelope(0, given).unwrap().id.to_string(),
+            "0193a8f0-0000-7000-8000-000000000001"
+        );
+        let fresh = ctx();
+        let e = json!({"type": "metric.sample", "occurred_at": now(), "data": {"name": "m", "value": 1}});
+        assert_ne!(
+            fresh.envelope(0, e.clone()).unwrap().id,
+            fresh.envelope(0, e).unwrap().id
+        );
     }
 
     #[test]

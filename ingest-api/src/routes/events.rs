@@ -20,7 +20,7 @@ use serde::Serialize;
 use serde_json::Value;
 use shared::apikey::Scope;
 use shared::auth::KeyPrincipal;
-use shared::events::{Actor, Envelope, IngestContext, Source, TimeBounds};
+use shared::events::{Actor, Envelope, Ids, IngestContext, Source, TimeBounds};
 use shared::problem::Problem;
 use shared::ratelimit::Decision;
 use uuid::Uuid;
@@ -121,10 +121,10 @@ async fn accept(
             ),
         ));
     }
-    let idempotency_key = match headers.get("idempotency-key") {
-        None => None,
+    let ids = match headers.get("idempotency-key") {
+        None => Ids::Fresh,
         Some(v) => match v.to_str() {
-            Ok(k) if !k.is_empty() && k.len() <= 255 => Some(k.to_string()),
+            Ok(k) if !k.is_empty() && k.len() <= 255 => Ids::Idempotency(k.to_string()),
             _ => {
                 return Err(Problem::bad_request(
                     "idempotency-key",
@@ -134,7 +134,7 @@ async fn accept(
         },
     };
     let ctx = IngestContext {
-        idempotency_key,
+        ids,
         ..key_context(s, &principal, Source::Api)
     };
     let mut envelopes = Vec::with_capacity(raw_events.len());
@@ -165,7 +165,8 @@ async fn accept(
 }
 
 /// How events sent with an API key are stamped and bounded: the key's tenant and id, now,
-/// and the tenant's retention window.
+/// and the tenant's retention window. Events of the foreign formats, which carry no ids, get
+/// ids derived from their content.
 pub(crate) fn key_context(s: &AppState, principal: &KeyPrincipal, source: Source) -> IngestContext {
     IngestContext {
         tenant_id: principal.tenant_id,
@@ -181,7 +182,10 @@ pub(crate) fn key_context(s: &AppState, principal: &KeyPrincipal, source: Source
                 principal.raw_retention_days.min(s.config.retention_days),
             ),
         },
-        idempotency_key: None,
+        ids: match source {
+            Source::Otlp | Source::PromRw | Source::Influx => Ids::Content,
+            _ => Ids::Fresh,
+        },
     }
 }
 

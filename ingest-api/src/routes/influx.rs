@@ -96,9 +96,7 @@ async fn accept(
     for p in &points {
         let mut line_envelopes = Vec::new();
         let mut reasons = Vec::new();
-        for mut raw in p.to_events(now) {
-            // A resent line with its own timestamp keeps its ids.
-            raw["id"] = serde_json::Value::from(ctx.content_id(&raw).to_string());
+        for raw in p.to_events(now) {
             match ctx.envelope(envelopes.len() + line_envelopes.len(), raw) {
                 Ok(env) => line_envelopes.push(env),
                 Err(errors) => reasons.extend(

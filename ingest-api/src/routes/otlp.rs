@@ -20,66 +20,49 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use shared::auth::KeyPrincipal;
 use shared::events::{FieldError, Source};
-use shared::otlp::{self, Converted, Encoding};
+use shared::otlp::{self, Converted, Encoding, Logs, Metrics, Signal};
 use shared::problem::Problem;
 
 use crate::routes::events::{ingest_door, key_context, produce_all, read_body};
 use crate::state::AppState;
 
-/// Which OTLP signal a request carries.
-#[derive(Debug, Clone, Copy)]
-pub enum Signal {
-    Metrics,
-    Logs,
-}
-
 pub async fn metrics(State(s): State<AppState>, request: Request) -> Response {
-    export(s, request, Signal::Metrics).await
+    export::<Metrics>(s, request).await
 }
 
 pub async fn logs(State(s): State<AppState>, request: Request) -> Response {
-    export(s, request, Signal::Logs).await
+    export::<Logs>(s, request).await
 }
 
-async fn export(s: AppState, request: Request, signal: Signal) -> Response {
+async fn export<S: Signal>(s: AppState, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let s = &s;
     ingest_door(s, parts.headers, |principal, headers| async move {
         let encoding = encoding(&headers)?;
         let bytes = read_body(body, &headers, s.config.max_body_bytes).await?;
-        let bad = |e: String| Problem::bad_request("bad-otlp", e);
-        let too_many = |e: FieldError| {
-            Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too-many-points",
-                "Too many points",
-                e.reason.clone(),
-            )
-            .with_errors(vec![e])
-        };
-        let converted = match signal {
-            Signal::Metrics => {
-                let req = otlp::decode_metrics(&bytes, encoding).map_err(bad)?;
-                otlp::metric_events(&req).map_err(too_many)?
-            }
-            Signal::Logs => {
-                let req = otlp::decode_logs(&bytes, encoding).map_err(bad)?;
-                otlp::log_events(&req, chrono::Utc::now()).map_err(too_many)?
-            }
-        };
-        let converted = take(s, &principal, converted, signal).await?;
-        let body = match signal {
-            Signal::Metrics => otlp::metrics_response(&converted, encoding),
-            Signal::Logs => otlp::logs_response(&converted, encoding),
-        };
+        let req =
+            otlp::decode::<S>(&bytes, encoding).map_err(|e| Problem::bad_request("bad-otlp", e))?;
+        let converted = S::events(&req, chrono::Utc::now()).map_err(too_many)?;
+        let converted = take::<S>(s, &principal, converted).await?;
         Ok((
             StatusCode::OK,
             [(header::CONTENT_TYPE, encoding.content_type())],
-            body,
+            otlp::encode_response::<S>(&converted, encoding),
         )
             .into_response())
     })
     .await
+}
+
+/// A request refused whole for its size (too many items, or too much once expanded).
+pub(crate) fn too_many(e: FieldError) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too-many-points",
+        "Too many points",
+        e.reason.clone(),
+    )
+    .with_errors(vec![e])
 }
 
 fn encoding(headers: &HeaderMap) -> Result<Encoding, Problem> {
@@ -99,19 +82,16 @@ fn encoding(headers: &HeaderMap) -> Result<Encoding, Problem> {
 
 /// Validates every event like any client's, appends the good ones, and returns what was
 /// refused (by conversion or validation). Nothing taken at all is a 400. OTLP/gRPC shares it.
-pub(crate) async fn take(
+pub(crate) async fn take<S: Signal>(
     s: &AppState,
     principal: &KeyPrincipal,
     mut converted: Converted,
-    signal: Signal,
 ) -> Result<Converted, Problem> {
     let ctx = key_context(s, principal, Source::Otlp);
     let mut envelopes = Vec::with_capacity(converted.events.len());
     let events = std::mem::take(&mut converted.events);
     let origins = std::mem::take(&mut converted.origins);
-    for (i, (mut raw, origin)) in events.into_iter().zip(origins).enumerate() {
-        let id = ctx.content_id(&raw);
-        raw["id"] = serde_json::Value::from(id.to_string());
+    for (i, (raw, origin)) in events.into_iter().zip(origins).enumerate() {
         match ctx.envelope(i, raw) {
             Ok(env) => envelopes.push(env),
             // One refusal per point, named by its OTLP path, with every reason.
@@ -126,23 +106,19 @@ pub(crate) async fn take(
         }
     }
     if envelopes.is_empty() && !converted.rejected.is_empty() {
-        let what = match signal {
-            Signal::Metrics => "data points",
-            Signal::Logs => "log records",
-        };
         return Err(Problem::bad_request(
             "invalid-points",
-            format!("all {what} were refused ({})", converted.rejected.len()),
+            format!(
+                "all {} were refused ({})",
+                S::ITEMS,
+                converted.rejected.len()
+            ),
         )
         .with_errors(std::mem::take(&mut converted.rejected)));
     }
     if !envelopes.is_empty() {
         produce_all(s, &envelopes).await?;
-        let signal = match signal {
-            Signal::Metrics => "otlp_metrics",
-            Signal::Logs => "otlp_logs",
-        };
-        metrics::counter!("ingest_events_total", "source" => signal)
+        metrics::counter!("ingest_events_total", "source" => S::SOURCE)
             .increment(envelopes.len() as u64);
     }
     Ok(converted)

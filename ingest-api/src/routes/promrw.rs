@@ -102,9 +102,7 @@ async fn accept(
     let ctx = key_context(s, &principal, Source::PromRw);
     let mut envelopes = Vec::with_capacity(events.len());
     let mut errors = Vec::new();
-    for (i, mut raw) in events.into_iter().enumerate() {
-        // A resent batch (after a 5xx or a timeout) keeps its ids: same series, same time.
-        raw["id"] = serde_json::Value::from(ctx.content_id(&raw).to_string());
+    for (i, raw) in events.into_iter().enumerate() {
         match ctx.envelope(i, raw) {
             Ok(env) => envelopes.push(env),
             Err(e) => errors.extend(e),

@@ -74,33 +74,113 @@ impl Encoding {
     }
 }
 
-fn decode<M: Message + Default>(
-    body: &[u8],
-    encoding: Encoding,
-    from_json: fn(&Value) -> Result<M, String>,
-) -> Result<M, String> {
-    match encoding {
-        Encoding::Protobuf => M::decode(body).map_err(|e| format!("invalid protobuf: {e}")),
-        Encoding::Json => {
-            let v: Value =
-                serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
-            from_json(&v)
+/// One OTLP signal: its request and response messages, how a request becomes events, and
+/// the names its answers use. OTLP/HTTP and OTLP/gRPC serve both signals through this.
+pub trait Signal: Send + Sync + 'static {
+    type Request: Message + Default + Send + 'static;
+    type Response: Message + Default + Send + 'static;
+    /// The collector's gRPC service.
+    const SERVICE: &'static str;
+    /// What the items of a request are called ("data points").
+    const ITEMS: &'static str;
+    /// The `source` label of the ingest metrics for events that came this way.
+    const SOURCE: &'static str;
+    /// The OTLP/JSON name of `partial_success`'s count.
+    const JSON_REJECTED: &'static str;
+    fn from_json(v: &Value) -> Result<Self::Request, String>;
+    /// The request's events, or why it is refused whole. `now` stands in for items that
+    /// carry no time at all.
+    fn events(req: &Self::Request, now: DateTime<Utc>) -> Result<Converted, FieldError>;
+    /// The answer when `rejected` items were refused.
+    fn partial(rejected: i64, error_message: String) -> Self::Response;
+}
+
+/// `collector.metrics.v1.MetricsService`
+pub struct Metrics;
+/// `collector.logs.v1.LogsService`
+pub struct Logs;
+
+impl Signal for Metrics {
+    type Request = pb::ExportMetricsServiceRequest;
+    type Response = pb::ExportMetricsServiceResponse;
+    const SERVICE: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
+    const ITEMS: &'static str = "data points";
+    const SOURCE: &'static str = "otlp_metrics";
+    const JSON_REJECTED: &'static str = "rejectedDataPoints";
+    fn from_json(v: &Value) -> Result<Self::Request, String> {
+        json::metrics_request(v)
+    }
+    fn events(req: &Self::Request, _now: DateTime<Utc>) -> Result<Converted, FieldError> {
+        metric_events(req)
+    }
+    fn partial(rejected: i64, error_message: String) -> Self::Response {
+        pb::ExportMetricsServiceResponse {
+            partial_success: Some(pb::ExportMetricsPartialSuccess {
+                rejected_data_points: rejected,
+                error_message,
+            }),
         }
     }
 }
 
-pub fn decode_metrics(
-    body: &[u8],
-    encoding: Encoding,
-) -> Result<pb::ExportMetricsServiceRequest, String> {
-    decode(body, encoding, json::metrics_request)
+impl Signal for Logs {
+    type Request = pb::ExportLogsServiceRequest;
+    type Response = pb::ExportLogsServiceResponse;
+    const SERVICE: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
+    const ITEMS: &'static str = "log records";
+    const SOURCE: &'static str = "otlp_logs";
+    const JSON_REJECTED: &'static str = "rejectedLogRecords";
+    fn from_json(v: &Value) -> Result<Self::Request, String> {
+        json::logs_request(v)
+    }
+    fn events(req: &Self::Request, now: DateTime<Utc>) -> Result<Converted, FieldError> {
+        log_events(req, now)
+    }
+    fn partial(rejected: i64, error_message: String) -> Self::Response {
+        pb::ExportLogsServiceResponse {
+            partial_success: Some(pb::ExportLogsPartialSuccess {
+                rejected_log_records: rejected,
+                error_message,
+            }),
+        }
+    }
 }
 
-pub fn decode_logs(
-    body: &[u8],
-    encoding: Encoding,
-) -> Result<pb::ExportLogsServiceRequest, String> {
-    decode(body, encoding, json::logs_request)
+/// A request body of the signal in either encoding.
+pub fn decode<S: Signal>(body: &[u8], encoding: Encoding) -> Result<S::Request, String> {
+    match encoding {
+        Encoding::Protobuf => {
+            S::Request::decode(body).map_err(|e| format!("invalid protobuf: {e}"))
+        }
+        Encoding::Json => {
+            let v: Value =
+                serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+            S::from_json(&v)
+        }
+    }
+}
+
+/// The answer to an export: empty when everything was taken, else a partial success.
+pub fn response<S: Signal>(out: &Converted) -> S::Response {
+    if out.rejected.is_empty() {
+        S::Response::default()
+    } else {
+        S::partial(out.rejected.len() as i64, out.summary())
+    }
+}
+
+/// [`response`] in the request's encoding.
+pub fn encode_response<S: Signal>(out: &Converted, encoding: Encoding) -> Vec<u8> {
+    match (encoding, out.rejected.is_empty()) {
+        (Encoding::Protobuf, _) => response::<S>(out).encode_to_vec(),
+        (Encoding::Json, true) => b"{}".to_vec(),
+        // 64-bit integers are strings in OTLP/JSON.
+        (Encoding::Json, false) => json!({"partialSuccess": {
+            S::JSON_REJECTED: out.rejected.len().to_string(),
+            "errorMessage": out.summary()}})
+        .to_string()
+        .into_bytes(),
+    }
 }
 
 /// What a request became: the client events to append (with the path of the point or record
@@ -808,62 +888,6 @@ fn generic_event(
     })
 }
 
-/// The answer to a metrics export: empty when everything was taken, else a partial success.
-pub fn metrics_response(out: &Converted, encoding: Encoding) -> Vec<u8> {
-    respond(
-        out,
-        encoding,
-        "rejectedDataPoints",
-        |rejected, error_message| {
-            pb::ExportMetricsServiceResponse {
-                partial_success: Some(pb::ExportMetricsPartialSuccess {
-                    rejected_data_points: rejected,
-                    error_message,
-                }),
-            }
-            .encode_to_vec()
-        },
-    )
-}
-
-/// The answer to a logs export, like [`metrics_response`].
-pub fn logs_response(out: &Converted, encoding: Encoding) -> Vec<u8> {
-    respond(
-        out,
-        encoding,
-        "rejectedLogRecords",
-        |rejected, error_message| {
-            pb::ExportLogsServiceResponse {
-                partial_success: Some(pb::ExportLogsPartialSuccess {
-                    rejected_log_records: rejected,
-                    error_message,
-                }),
-            }
-            .encode_to_vec()
-        },
-    )
-}
-
-fn respond(
-    out: &Converted,
-    encoding: Encoding,
-    json_count: &str,
-    protobuf: impl FnOnce(i64, String) -> Vec<u8>,
-) -> Vec<u8> {
-    let (rejected, message) = (out.rejected.len() as i64, out.summary());
-    match (encoding, rejected) {
-        // An empty response message is zero bytes on the wire.
-        (Encoding::Protobuf, 0) => Vec::new(),
-        (Encoding::Json, 0) => b"{}".to_vec(),
-        (Encoding::Protobuf, _) => protobuf(rejected, message),
-        (Encoding::Json, _) => {
-            json!({"partialSuccess": {json_count: rejected.to_string(), "errorMessage": message}})
-                .to_string()
-                .into_bytes()
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -888,7 +912,7 @@ mod tests {
                 retention: chrono::Duration::days(3650),
                 ..TimeBounds::default()
             },
-            idempotency_key: None,
+            ids: crate::events::Ids::Fresh,
         };
         events
             .iter()
@@ -902,19 +926,19 @@ mod tests {
     #[test]
     fn json_and_protobuf_decode_to_the_same_request() {
         for (json, pb) in [(METRICS_JSON, METRICS_PB), (SNAKE_JSON, SNAKE_PB)] {
-            let from_json = decode_metrics(json.as_bytes(), Encoding::Json).unwrap();
-            let from_pb = decode_metrics(pb, Encoding::Protobuf).unwrap();
+            let from_json = decode::<Metrics>(json.as_bytes(), Encoding::Json).unwrap();
+            let from_pb = decode::<Metrics>(pb, Encoding::Protobuf).unwrap();
             assert_eq!(from_json, from_pb);
         }
-        let from_json = decode_logs(LOGS_JSON.as_bytes(), Encoding::Json).unwrap();
-        let from_pb = decode_logs(LOGS_PB, Encoding::Protobuf).unwrap();
+        let from_json = decode::<Logs>(LOGS_JSON.as_bytes(), Encoding::Json).unwrap();
+        let from_pb = decode::<Logs>(LOGS_PB, Encoding::Protobuf).unwrap();
         assert_eq!(from_json, from_pb);
     }
 
     #[test]
     fn json_keeps_64_bit_integers_and_every_point_kind() {
         use pb::metric::Data;
-        let req = decode_metrics(METRICS_JSON.as_bytes(), Encoding::Json).unwrap();
+        let req = decode::<Metrics>(METRICS_JSON.as_bytes(), Encoding::Json).unwrap();
         let metrics = &req.resource_metrics[0].scope_metrics[0].metrics;
         assert_eq!(metrics.len(), 7);
         let Some(Data::Gauge(g)) = &metrics[3].data else {
@@ -945,7 +969,7 @@ mod tests {
 
     #[test]
     fn claude_code_metrics_become_samples_with_their_attributes() {
-        let req = decode_metrics(METRICS_PB, Encoding::Protobuf).unwrap();
+        let req = decode::<Metrics>(METRICS_PB, Encoding::Protobuf).unwrap();
         let out = metric_events(&req).unwrap();
         assert!(out.rejected.is_empty(), "{:?}", out.rejected);
         assert_eq!(out.events.len(), 7);
@@ -1091,7 +1115,7 @@ mod tests {
 
     #[test]
     fn bad_points_are_refused_one_by_one() {
-        let req = decode_metrics(SNAKE_JSON.as_bytes(), Encoding::Json).unwrap();
+        let req = decode::<Metrics>(SNAKE_JSON.as_bytes(), Encoding::Json).unwrap();
         let out = metric_events(&req).unwrap();
         assert_eq!(out.events.len(), 2);
         assert_eq!(out.rejected.len(), 1);
@@ -1154,9 +1178,9 @@ mod tests {
             let err = json::metrics_request(&doc).unwrap_err();
             assert!(err.contains(want), "{err} should contain {want}");
         }
-        let err = decode_metrics(b"{not json", Encoding::Json).unwrap_err();
+        let err = decode::<Metrics>(b"{not json", Encoding::Json).unwrap_err();
         assert!(err.starts_with("invalid JSON"));
-        let err = decode_metrics(&[0xff, 0xff, 0xff], Encoding::Protobuf).unwrap_err();
+        let err = decode::<Metrics>(&[0xff, 0xff, 0xff], Encoding::Protobuf).unwrap_err();
         assert!(err.starts_with("invalid protobuf"));
         // Unknown fields are ignored, as OTLP/JSON asks.
         assert!(json::metrics_request(&json!({"resourceMetrics": [], "future": 1})).is_ok());
@@ -1175,7 +1199,7 @@ mod tests {
 
     #[test]
     fn claude_code_events_become_typed_events() {
-        let req = decode_logs(LOGS_PB, Encoding::Protobuf).unwrap();
+        let req = decode::<Logs>(LOGS_PB, Encoding::Protobuf).unwrap();
         let now = Utc::now();
         let out = log_events(&req, now).unwrap();
         assert!(out.rejected.is_empty(), "{:?}", out.rejected);
@@ -1275,13 +1299,14 @@ mod tests {
     #[test]
     fn partial_success_answers_in_the_request_encoding() {
         let mut out = Converted::default();
-        assert_eq!(metrics_response(&out, Encoding::Json), b"{}");
-        assert!(metrics_response(&out, Encoding::Protobuf).is_empty());
+        assert_eq!(encode_response::<Metrics>(&out, Encoding::Json), b"{}");
+        assert!(encode_response::<Metrics>(&out, Encoding::Protobuf).is_empty());
         out.rejected.push(FieldError::new("p", "bad"));
-        let v: Value = serde_json::from_slice(&logs_response(&out, Encoding::Json)).unwrap();
+        let v: Value =
+            serde_json::from_slice(&encode_response::<Logs>(&out, Encoding::Json)).unwrap();
         assert_eq!(v["partialSuccess"]["rejectedLogRecords"], "1");
         let r = pb::ExportMetricsServiceResponse::decode(
-            metrics_response(&out, Encoding::Protobuf).as_slice(),
+            encode_response::<Metrics>(&out, Encoding::Protobuf).as_slice(),
         )
         .unwrap();
         assert_eq!(r.partial_success.unwrap().rejected_data_points, 1);

@@ -180,7 +180,7 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
             max_future_skew: TimeDelta::days(1),
             retention: TimeDelta::days(3650),
         },
-        idempotency_key: None,
+        ids: shared::events::Ids::Fresh,
     };
     for day in 0..args.days {
         // The generator spreads a day's events over the 24 hours before now; they are moved

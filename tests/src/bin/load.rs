@@ -421,7 +421,7 @@ async fn raw_kafka_baseline(args: &Args, bodies: &[Vec<u8>]) -> anyhow::Result<f
         source: Source::Api,
         received_at: Utc::now(),
         bounds: TimeBounds::default(),
-        idempotency_key: None,
+        ids: shared::events::Ids::Fresh,
     };
     let mut records: Vec<(String, Vec<u8>)> = Vec::with_capacity(args.events);
     for body in bodies {

@@ -32,7 +32,7 @@ async fn poison_records_are_dead_lettered_and_do_not_block() {
         source: Source::Api,
         received_at: Utc::now(),
         bounds: TimeBounds::default(),
-        idempotency_key: None,
+        ids: shared::events::Ids::Fresh,
     };
     let valid = |i: i64| {
         let env = ctx.envelope(0, command("u", "build", i, true)).unwrap();
@@ -127,7 +127,7 @@ async fn dead_letters_are_listed_and_redriven_after_a_fix() {
         source: Source::Api,
         received_at: Utc::now(),
         bounds: TimeBounds::default(),
-        idempotency_key: None,
+        ids: shared::events::Ids::Fresh,
     };
     let producer: FutureProducer =
         shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();

@@ -256,7 +256,7 @@ async fn otlp_senders_get_the_answers_they_rely_on() {
         .unwrap()
         .contains("dataPoints[1]"));
     // The same in protobuf, gzipped: the answer is a protobuf ExportMetricsServiceResponse.
-    let req = shared::otlp::decode_metrics(
+    let req = shared::otlp::decode::<shared::otlp::Metrics>(
         &serde_json::to_vec(&partial).unwrap(),
         shared::otlp::Encoding::Json,
     )
