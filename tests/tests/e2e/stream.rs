@@ -133,9 +133,8 @@ async fn live_feeds_carry_only_their_tenant_and_resume() {
         .iter()
         .map(|(_, e)| e["event_id"].as_str().unwrap())
         .collect();
-    let mut unique = ids.clone();
-    unique.dedup();
-    assert_eq!(unique.len(), 3);
+    let unique: std::collections::HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), 3, "{ids:?}");
 
     // After the burst comes the tenant's updated totals (its own events only).
     let totals = tokio::time::timeout(Duration::from_secs(10), totals_a.recv())
