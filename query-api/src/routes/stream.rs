@@ -4,11 +4,13 @@
 //! The projector publishes `tally:projected:<tenant>` in Redis after each commit; a single
 //! subscriber here wakes the streams of that tenant, which then read what was projected since
 //! their last event (by `received_at`) — with the caller's visibility, from the tenant's own
-//! schema under its role. Without Redis, streams check every 2 s. Each event's `id` is its
+//! schema under its role. While that subscription is down, streams check every 2 s (and
+//! every 30 s otherwise, in case a notification was lost). Each event's `id` is its
 //! position, so a client reconnecting with `Last-Event-ID` resumes where it left off.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,11 +31,24 @@ use crate::state::AppState;
 
 /// Per-tenant wake-ups, fed by one Redis subscription.
 #[derive(Clone, Default)]
-pub struct Hub(Arc<Mutex<HashMap<TenantId, broadcast::Sender<()>>>>);
+pub struct Hub {
+    tenants: Arc<Mutex<HashMap<TenantId, broadcast::Sender<()>>>>,
+    /// Whether the Redis subscription is up (wake-ups arrive).
+    live: Arc<AtomicBool>,
+}
 
 impl Hub {
+    /// How long a stream waits for a wake-up before it looks for itself.
+    fn poll_interval(&self) -> Duration {
+        if self.live.load(Ordering::Relaxed) {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_secs(2)
+        }
+    }
+
     fn subscribe(&self, tenant: TenantId) -> broadcast::Receiver<()> {
-        self.0
+        self.tenants
             .lock()
             .expect("hub lock")
             .entry(tenant)
@@ -42,7 +57,7 @@ impl Hub {
     }
 
     fn wake(&self, tenant: TenantId) {
-        if let Some(tx) = self.0.lock().expect("hub lock").get(&tenant) {
+        if let Some(tx) = self.tenants.lock().expect("hub lock").get(&tenant) {
             let _ = tx.send(());
         }
     }
@@ -53,7 +68,9 @@ impl Hub {
         let hub = self.clone();
         tokio::spawn(async move {
             loop {
-                if let Err(e) = hub.listen_once(&redis_url).await {
+                let result = hub.listen_once(&redis_url).await;
+                hub.live.store(false, Ordering::Relaxed);
+                if let Err(e) = result {
                     tracing::debug!(error = %e, "live feed subscription lost; retrying");
                 }
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -65,6 +82,7 @@ impl Hub {
         let client = redis::Client::open(url)?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.psubscribe("tally:projected:*").await?;
+        self.live.store(true, Ordering::Relaxed);
         let mut messages = pubsub.into_on_message();
         while let Some(msg) = messages.next().await {
             let channel = msg.get_channel_name();
@@ -178,13 +196,20 @@ async fn totals(
     })
 }
 
-/// An event id of the stream: `<received_at µs>.<event id>`.
-fn parse_event_id(s: &str) -> Option<(DateTime<Utc>, Uuid)> {
-    let (t, id) = s.split_once('.')?;
-    Some((
-        DateTime::<Utc>::from_timestamp_micros(t.parse().ok()?)?,
-        Uuid::parse_str(id).ok()?,
-    ))
+/// Counts an open live feed in `sse_connections` for as long as it lives, however it ends.
+struct Connected;
+
+impl Connected {
+    fn new() -> Self {
+        metrics::gauge!("sse_connections").increment(1.0);
+        Connected
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        metrics::gauge!("sse_connections").decrement(1.0);
+    }
 }
 
 /// `GET /v1/stream`
@@ -193,18 +218,25 @@ pub async fn stream(
     headers: HeaderMap,
 ) -> Result<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>, Problem> {
     let reader = crate::auth::reader(&s, &headers).await?;
+    // Event ids are the feed's cursors; one this API did not give starts from now.
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_event_id);
+        .and_then(|c| crate::cursor::decode::<Uuid>(c).ok());
     let start = resume.unwrap_or_else(|| (Utc::now(), Uuid::nil()));
     let (tenant, visibility) = (reader.tenant, reader.visibility);
     let wake = s.hub.subscribe(tenant);
-    metrics::gauge!("sse_connections").increment(1.0);
-    let state = (s, wake, start, Vec::<Item>::new(), false);
+    let state = (
+        s,
+        wake,
+        start,
+        VecDeque::<Item>::new(),
+        false,
+        Connected::new(),
+    );
     let events = futures::stream::unfold(
         state,
-        move |(s, mut wake, mut cursor, mut queue, mut totals_due)| {
+        move |(s, mut wake, mut cursor, mut queue, mut totals_due, connected)| {
             let visibility = visibility.clone();
             async move {
                 loop {
@@ -216,39 +248,38 @@ pub async fn stream(
                                     .event("totals")
                                     .json_data(&t)
                                     .unwrap_or_else(|_| Event::default().comment("unserializable"));
-                                return Some((Ok(event), (s, wake, cursor, queue, totals_due)));
+                                return Some((
+                                    Ok(event),
+                                    (s, wake, cursor, queue, totals_due, connected),
+                                ));
                             }
                             Err(e) => tracing::warn!(error = %e, "live totals query failed"),
                         }
                     }
-                    if let Some(item) = (!queue.is_empty()).then(|| queue.remove(0)) {
+                    if let Some(item) = queue.pop_front() {
                         cursor = cursor.max((item.received_at, item.event_id));
                         let event = Event::default()
                             .event("activity")
-                            .id(format!(
-                                "{}.{}",
-                                item.received_at.timestamp_micros(),
-                                item.event_id
-                            ))
+                            .id(crate::cursor::encode(item.received_at, item.event_id))
                             .json_data(&item)
                             .unwrap_or_else(|_| Event::default().comment("unserializable"));
-                        return Some((Ok(event), (s, wake, cursor, queue, totals_due)));
+                        return Some((Ok(event), (s, wake, cursor, queue, totals_due, connected)));
                     }
                     if s.shutdown.is_set() {
-                        metrics::gauge!("sse_connections").decrement(1.0);
                         return None;
                     }
                     match since(&s, tenant, &visibility, cursor).await {
                         Ok(items) if !items.is_empty() => {
-                            queue = items;
+                            queue = items.into();
                             totals_due = true;
                             continue;
                         }
                         Ok(_) => {}
                         Err(e) => tracing::warn!(error = %e, "live feed query failed"),
                     }
-                    // Wait for the projector's notification, or check again in 2 s.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), wake.recv()).await;
+                    // Wait for the projector's notification (one sent while the query ran
+                    // is already queued), or look again after the poll interval.
+                    let _ = tokio::time::timeout(s.hub.poll_interval(), wake.recv()).await;
                 }
             }
         },
