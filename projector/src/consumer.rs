@@ -332,7 +332,7 @@ impl Projector {
             match attempt.await {
                 Err(WriteError::VersionMoved) => {
                     tracing::info!("a replay switched projection versions; preparing again");
-                    self.prepared.clear();
+                    self.prepared.forget_versions();
                 }
                 Err(WriteError::Db(e)) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "batch write failed; retrying");
@@ -499,9 +499,17 @@ impl Projector {
 }
 
 pub(crate) fn decode(payload: Option<&[u8]>) -> Result<Decoded, String> {
+    decode_envelope(payload).and_then(decode_payload)
+}
+
+/// The envelope of a record, its payload not decoded yet.
+pub(crate) fn decode_envelope(payload: Option<&[u8]>) -> Result<Envelope, String> {
     let bytes = payload.ok_or("record has no payload")?;
-    let env: Envelope =
-        serde_json::from_slice(bytes).map_err(|e| format!("undecodable envelope: {e}"))?;
+    serde_json::from_slice(bytes).map_err(|e| format!("undecodable envelope: {e}"))
+}
+
+/// Decodes (and validates, upcasting) an envelope's payload.
+pub(crate) fn decode_payload(env: Envelope) -> Result<Decoded, String> {
     let payload = env.payload().map_err(|errs| {
         let parts: Vec<String> = errs
             .iter()

@@ -196,7 +196,8 @@ pub async fn replay(
 }
 
 /// Each tenant's current and new version. Makes the `tenant_versions` rows exist (so live
-/// batches lock them from now on), drops what a failed replay left, and creates the new
+/// batches lock them from now on), drops what a failed replay left (a version it never
+/// switched to, or an old one it switched from but never dropped), and creates the new
 /// schemas of tenants that have a projection.
 async fn prepare_versions(
     pool: &PgPool,
@@ -216,7 +217,7 @@ async fn prepare_versions(
     for t in tenants {
         let v = current[t];
         let leftovers: Vec<i32> = sqlx::query_scalar(
-            "SELECT version FROM control.tenant_schemas WHERE tenant_id = $1 AND version > $2",
+            "SELECT version FROM control.tenant_schemas WHERE tenant_id = $1 AND version <> $2",
         )
         .bind(t.0)
         .bind(v)
@@ -261,12 +262,13 @@ impl Replayer<'_> {
                     };
                     self.records += 1;
                     self.read.insert((i, m.partition()), m.offset() + 1);
-                    // Poison records were dead-lettered by the live projector; skip them.
-                    if let Ok(d) = crate::consumer::decode(m.payload()) {
-                        if self.tenants.contains(&d.env.tenant_id) {
-                            self.batch.push(d);
-                        }
-                    }
+                    // Only the replayed tenants' payloads are decoded. Poison records were
+                    // dead-lettered by the live projector; skip them.
+                    let decoded = crate::consumer::decode_envelope(m.payload())
+                        .ok()
+                        .filter(|env| self.tenants.contains(&env.tenant_id))
+                        .and_then(|env| crate::consumer::decode_payload(env).ok());
+                    self.batch.extend(decoded);
                     batch_started.get_or_insert_with(Instant::now);
                 }
                 Ok(Err(e)) => {
@@ -331,6 +333,11 @@ impl Replayer<'_> {
 
     /// Writes the batch in hand to the new versions (retrying while PostgreSQL is away).
     async fn flush(&mut self) -> anyhow::Result<()> {
+        // Only other tenants' records were read: nothing to write, they are just passed.
+        if self.batch.is_empty() {
+            self.written.extend(self.read.iter().map(|(k, v)| (*k, *v)));
+            return Ok(());
+        }
         let mut backoff = Duration::from_millis(200);
         loop {
             let attempt = async {

@@ -70,6 +70,12 @@ impl Prepared {
     pub fn clear(&mut self) {
         *self = Prepared::default();
     }
+
+    /// Forgets the tenants' versions only (after a replay switched one); the schemas and
+    /// partitions already made stay made.
+    pub fn forget_versions(&mut self) {
+        self.versions.clear();
+    }
 }
 
 /// Whether the tenant exists in the control plane (events of unknown tenants are poison).
@@ -102,7 +108,7 @@ pub async fn prepare(
     versions: &Versions,
     ahead_days: i64,
     events: &[Decoded],
-) -> sqlx::Result<()> {
+) -> Result<(), WriteError> {
     let mut conn = pool.acquire().await?;
     let today = Utc::now().date_naive();
     let mut needed: BTreeMap<(TenantId, i32), Vec<NaiveDate>> = BTreeMap::new();
@@ -110,7 +116,11 @@ pub async fn prepare(
         let t = e.env.tenant_id;
         let v = versions.get(&t).copied().unwrap_or(1);
         if !prepared.tenants.contains(&(t, v)) {
-            tenant_sql::create_tenant_schema(&mut conn, t, v).await?;
+            if tenant_sql::create_tenant_schema(&mut conn, t, v).await?
+                == tenant_sql::SchemaState::Superseded
+            {
+                return Err(WriteError::VersionMoved);
+            }
             let ahead: Vec<NaiveDate> = (-1..=ahead_days)
                 .map(|d| today + chrono::Duration::days(d))
                 .collect();

@@ -90,13 +90,24 @@ pub async fn timescale_installed(conn: &mut PgConnection) -> sqlx::Result<bool> 
         .await
 }
 
+/// What [`create_tenant_schema`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaState {
+    Created,
+    /// It existed (and now has every template).
+    Existed,
+    /// The version is older than the tenant's active one: a replay has switched past it, so
+    /// it is neither made nor upgraded. A writer that meets this re-reads the versions.
+    Superseded,
+}
+
 /// Creates a tenant's schema for a projection version from the template, idempotently and
-/// safely against concurrent projector instances. Returns whether it created it.
+/// safely against concurrent projector instances.
 pub async fn create_tenant_schema(
     conn: &mut PgConnection,
     tenant: TenantId,
     version: i32,
-) -> sqlx::Result<bool> {
+) -> sqlx::Result<SchemaState> {
     let schema = tenant.schema(version);
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
@@ -113,17 +124,15 @@ pub async fn create_tenant_schema(
     let active = active_versions(&mut tx, &[tenant], false).await?[&tenant];
     if version < active {
         // A writer that has not seen a replay's switch yet must not resurrect the old
-        // version's schema; it re-reads the versions and retries.
-        return Err(sqlx::Error::Protocol(format!(
-            "{schema} is older than the active version {active}"
-        )));
+        // version's schema.
+        return Ok(SchemaState::Superseded);
     }
     if exists {
         upgrade(&mut tx, tenant, version, &schema).await?;
         // Schemas made before reader roles existed get theirs here (idempotent).
         grant_reader(&mut tx, tenant, &schema).await?;
         tx.commit().await?;
-        return Ok(false);
+        return Ok(SchemaState::Existed);
     }
     let timescale = timescale_installed(&mut tx).await?;
     sqlx::query(AssertSqlSafe(format!(
@@ -172,7 +181,7 @@ pub async fn create_tenant_schema(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(true)
+    Ok(SchemaState::Created)
 }
 
 /// Applies the templates a schema made by an older version has not had yet.

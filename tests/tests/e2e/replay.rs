@@ -187,6 +187,23 @@ async fn replay_switches_versions_under_polling_and_upcasts_old_events() {
             .await
             .unwrap();
     assert!(!v1_left, "the old version is dropped");
+    // A writer that has not seen the switch cannot bring the old version back: it is told
+    // the version is superseded (and re-reads the versions), and nothing is made.
+    let mut conn = pool.acquire().await.unwrap();
+    assert_eq!(
+        shared::tenant_sql::create_tenant_schema(&mut conn, a.id, 1)
+            .await
+            .unwrap(),
+        shared::tenant_sql::SchemaState::Superseded
+    );
+    drop(conn);
+    let v1_back: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(a.id.schema(1).as_str())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(!v1_back, "the superseded version stays dropped");
 
     // Exactly once in the new version: raw rows and every rollup.
     assert_eq!(projected_events(&pool, a.id).await, Some(total));
