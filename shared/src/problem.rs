@@ -78,6 +78,24 @@ impl Problem {
         Problem::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
     }
 
+    pub fn unsupported_media_type(detail: impl Into<String>) -> Self {
+        Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported media type",
+            detail,
+        )
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "Body too large",
+            format!("the request body, compressed or not, exceeds {limit} bytes"),
+        )
+    }
+
     pub fn unavailable(detail: impl Into<String>, retry_after: u64) -> Self {
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -189,31 +189,38 @@ pub(crate) fn key_context(s: &AppState, principal: &KeyPrincipal, source: Source
     }
 }
 
-fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
+/// A request header as text (empty when absent or not visible ASCII).
+pub(crate) fn header_text(headers: &HeaderMap, name: header::HeaderName) -> &str {
+    headers
+        .get(name)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+        .unwrap_or("")
+}
+
+fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {
+    let ct = header_text(headers, header::CONTENT_TYPE);
     let mime = ct.split(';').next().unwrap_or("").trim();
     if mime.eq_ignore_ascii_case("application/json") {
         Ok(())
     } else {
-        Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "Unsupported media type",
-            format!("Content-Type must be application/json, got `{ct}`"),
-        ))
+        Err(Problem::unsupported_media_type(format!(
+            "Content-Type must be application/json, got `{ct}`"
+        )))
     }
 }
 
-fn too_large(limit: usize) -> Problem {
-    Problem::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "body-too-large",
-        "Body too large",
-        format!("the request body exceeds {limit} bytes"),
-    )
+/// Reads the body as sent, within `limit` bytes (413 beyond; a broken connection is a 400).
+pub(crate) async fn read_limited(body: Body, limit: usize) -> Result<axum::body::Bytes, Problem> {
+    to_bytes(body, limit).await.map_err(|e| {
+        // `to_bytes` fails only for the length limit or a broken connection.
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit")
+        {
+            Problem::too_large(limit)
+        } else {
+            Problem::bad_request("body", format!("could not read the body: {e}"))
+        }
+    })
 }
 
 /// Reads the body within `limit` bytes, both as sent and after gzip decompression.
@@ -222,24 +229,12 @@ pub(crate) async fn read_body(
     headers: &HeaderMap,
     limit: usize,
 ) -> Result<Vec<u8>, Problem> {
-    let bytes = to_bytes(body, limit).await.map_err(|e| {
-        // `to_bytes` fails only for the length limit or a broken connection.
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            || e.to_string().contains("length limit")
-        {
-            too_large(limit)
-        } else {
-            Problem::bad_request("body", format!("could not read the body: {e}"))
-        }
-    })?;
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("identity")
+    let bytes = read_limited(body, limit).await?;
+    let encoding = header_text(headers, header::CONTENT_ENCODING)
         .trim()
         .to_ascii_lowercase();
     match encoding.as_str() {
-        "identity" | "" => Ok(bytes.to_vec()),
+        "identity" | "" => Ok(bytes.into()),
         "gzip" => {
             let mut out = Vec::new();
             let mut decoder = flate2::read::GzDecoder::new(&bytes[..]).take(limit as u64 + 1);
@@ -247,7 +242,7 @@ pub(crate) async fn read_body(
                 Problem::bad_request("bad-encoding", format!("invalid gzip body: {e}"))
             })?;
             if out.len() > limit {
-                return Err(too_large(limit));
+                return Err(Problem::too_large(limit));
             }
             Ok(out)
         }

@@ -66,12 +66,9 @@ async fn accept(
         .trim()
         .to_ascii_lowercase();
     if !["text/plain", "application/octet-stream", ""].contains(&mime.as_str()) {
-        return Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "Unsupported media type",
-            format!("line protocol is text/plain, got `{ct}`"),
-        ));
+        return Err(Problem::unsupported_media_type(format!(
+            "line protocol is text/plain, got `{ct}`"
+        )));
     }
     let bytes = read_body(body, headers, s.config.max_body_bytes).await?;
     let text = std::str::from_utf8(&bytes)

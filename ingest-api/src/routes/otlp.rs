@@ -23,7 +23,7 @@ use shared::events::{FieldError, Source};
 use shared::otlp::{self, Converted, Encoding, Logs, Metrics, Signal};
 use shared::problem::Problem;
 
-use crate::routes::events::{ingest_door, key_context, produce_all, read_body};
+use crate::routes::events::{header_text, ingest_door, key_context, produce_all, read_body};
 use crate::state::AppState;
 
 pub async fn metrics(State(s): State<AppState>, request: Request) -> Response {
@@ -66,17 +66,11 @@ pub(crate) fn too_many(e: FieldError) -> Problem {
 }
 
 fn encoding(headers: &HeaderMap) -> Result<Encoding, Problem> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let ct = header_text(headers, header::CONTENT_TYPE);
     Encoding::from_content_type(ct).ok_or_else(|| {
-        Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "Unsupported media type",
-            format!("OTLP/HTTP is application/x-protobuf or application/json, got `{ct}`"),
-        )
+        Problem::unsupported_media_type(format!(
+            "OTLP/HTTP is application/x-protobuf or application/json, got `{ct}`"
+        ))
     })
 }
 

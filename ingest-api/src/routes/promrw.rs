@@ -5,7 +5,6 @@
 //! Remote write 2.0 (`proto=io.prometheus.write.v2.Request`) is refused with 415, so a 2.0
 //! sender falls back to 1.0.
 
-use axum::body::to_bytes;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,7 +13,7 @@ use shared::events::Source;
 use shared::problem::Problem;
 use shared::promrw;
 
-use crate::routes::events::{ingest_door, key_context, produce_all};
+use crate::routes::events::{header_text, ingest_door, key_context, produce_all, read_limited};
 use crate::state::AppState;
 
 pub async fn write(State(s): State<AppState>, request: Request) -> Response {
@@ -23,9 +22,9 @@ pub async fn write(State(s): State<AppState>, request: Request) -> Response {
     ingest_door(s, parts.headers, |principal, headers| async move {
         check_headers(&headers)?;
         let limit = s.config.max_body_bytes;
-        let bytes = to_bytes(body, limit).await.map_err(|_| too_large(limit))?;
+        let bytes = read_limited(body, limit).await?;
         let req = promrw::decode(&bytes, limit).map_err(|e| match e {
-            promrw::DecodeError::TooLarge { .. } => too_large(limit),
+            promrw::DecodeError::TooLarge { .. } => Problem::too_large(limit),
             other => Problem::bad_request("bad-remote-write", other.to_string()),
         })?;
         accept(s, principal, &req).await?;
@@ -34,33 +33,9 @@ pub async fn write(State(s): State<AppState>, request: Request) -> Response {
     .await
 }
 
-fn unsupported(detail: String) -> Problem {
-    Problem::new(
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "unsupported-media-type",
-        "Unsupported media type",
-        detail,
-    )
-}
-
-fn too_large(limit: usize) -> Problem {
-    Problem::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "body-too-large",
-        "Body too large",
-        format!("the request body, compressed or not, exceeds {limit} bytes"),
-    )
-}
-
 fn check_headers(headers: &HeaderMap) -> Result<(), Problem> {
-    let get = |h: header::HeaderName| {
-        headers
-            .get(h)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase()
-    };
+    let unsupported = Problem::unsupported_media_type;
+    let get = |h| header_text(headers, h).trim().to_ascii_lowercase();
     let ct = get(header::CONTENT_TYPE);
     let mut parts = ct.split(';').map(str::trim);
     if parts.next() != Some("application/x-protobuf") {
