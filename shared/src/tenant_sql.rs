@@ -69,17 +69,21 @@ pub async fn enter_active_readonly(
     conn: &mut PgConnection,
     tenant: TenantId,
 ) -> sqlx::Result<Option<i32>> {
-    let version = active_versions(&mut *conn, &[tenant], false).await?[&tenant];
-    let schema = tenant.schema(version);
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-            .bind(schema.as_str())
-            .fetch_one(&mut *conn)
-            .await?;
-    if !exists {
+    // The active version (1 without a row), if its schema has been made: one round trip.
+    let version: Option<i32> = sqlx::query_scalar(
+        "SELECT a.version
+           FROM (SELECT COALESCE((SELECT active_version FROM control.tenant_versions
+                                   WHERE tenant_id = $1), 1) AS version) a
+          WHERE EXISTS (SELECT 1 FROM control.tenant_schemas s
+                         WHERE s.tenant_id = $1 AND s.version = a.version)",
+    )
+    .bind(tenant.0)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(version) = version else {
         return Ok(None);
-    }
-    enter_tenant_readonly(conn, tenant, &schema).await?;
+    };
+    enter_tenant_readonly(conn, tenant, &tenant.schema(version)).await?;
     Ok(Some(version))
 }
 
