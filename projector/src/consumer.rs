@@ -481,19 +481,8 @@ impl Projector {
     /// Tells query-api (caches, live feed) that tenants advanced. Best effort: the truth is
     /// in PostgreSQL, so a missed notification only delays a live update.
     async fn notify(&mut self, tenants: &[(shared::tenant::TenantId, i64)]) {
-        let Some(redis) = self.redis.as_mut() else {
-            return;
-        };
-        for (t, seq) in tenants {
-            let r: redis::RedisResult<()> = redis::cmd("PUBLISH")
-                .arg(shared::watermark::channel(t))
-                .arg(seq)
-                .query_async(redis)
-                .await;
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "redis notify failed");
-                break;
-            }
+        if let Some(redis) = self.redis.as_mut() {
+            shared::watermark::publish(redis, tenants.iter().copied()).await;
         }
     }
 }

@@ -22,7 +22,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use shared::tenant::TenantId;
-use shared::tenant_sql;
+use shared::tenant_sql::{self, Lock};
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::store::{self, Decoded, Prepared, Target, Versions, WriteError};
@@ -164,13 +164,7 @@ pub async fn replay(
 
     // Tell query-api (caches, live feeds) that these tenants moved.
     if let Some(mut redis) = shared::redis_client::connect(&config.common.redis_url).await {
-        for t in &tenants {
-            let _: redis::RedisResult<()> = redis::cmd("PUBLISH")
-                .arg(shared::watermark::channel(t))
-                .arg(0)
-                .query_async(&mut redis)
-                .await;
-        }
+        shared::watermark::publish(&mut redis, tenants.iter().map(|t| (*t, 0))).await;
     }
     // Requests that read the old version number just before the switch finish first.
     tokio::time::sleep(Duration::from_secs(config.replay_drop_grace_secs)).await;
@@ -204,7 +198,7 @@ async fn prepare_versions(
     tenants: &[TenantId],
 ) -> anyhow::Result<(Versions, Versions)> {
     let mut conn = pool.acquire().await?;
-    let current = tenant_sql::active_versions(&mut conn, tenants, false).await?;
+    let current = tenant_sql::active_versions(&mut conn, tenants, Lock::None).await?;
     sqlx::query(
         "INSERT INTO control.tenant_versions (tenant_id, active_version)
          SELECT * FROM UNNEST($1::uuid[], $2::int[]) ON CONFLICT DO NOTHING",
@@ -397,18 +391,11 @@ impl Replayer<'_> {
     async fn begin_switch(&self, current: &Versions) -> anyhow::Result<Switching> {
         let mut tx = self.pool.begin().await?;
         let tenants: Vec<TenantId> = self.tenants.iter().copied().collect();
-        let ids: Vec<uuid::Uuid> = tenants.iter().map(|t| t.0).collect();
-        let rows: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
-            "SELECT tenant_id, active_version FROM control.tenant_versions
-              WHERE tenant_id = ANY($1) ORDER BY tenant_id FOR UPDATE",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
+        let now = tenant_sql::active_versions(&mut tx, &tenants, Lock::Update).await?;
         let started = Instant::now();
-        for (t, v) in rows {
+        for (t, v) in now {
             ensure!(
-                current.get(&TenantId(t)) == Some(&v),
+                current.get(&t) == Some(&v),
                 "tenant {t} was switched to version {v} by someone else during this replay"
             );
         }

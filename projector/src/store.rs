@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use chrono::{DateTime, NaiveDate, Utc};
 use shared::events::{Envelope, Payload};
 use shared::tenant::TenantId;
-use shared::tenant_sql;
+use shared::tenant_sql::{self, Lock};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -121,9 +121,7 @@ pub async fn prepare(
             {
                 return Err(WriteError::VersionMoved);
             }
-            let ahead: Vec<NaiveDate> = (-1..=ahead_days)
-                .map(|d| today + chrono::Duration::days(d))
-                .collect();
+            let ahead = tenant_sql::days_ahead(today, ahead_days);
             tenant_sql::ensure_partitions(&mut conn, &t.schema(v), &ahead).await?;
             for d in ahead {
                 prepared.partitions.insert((t, v, d));
@@ -162,7 +160,7 @@ pub async fn live_versions(
         .collect();
     if !unknown.is_empty() {
         let mut conn = pool.acquire().await?;
-        let read = tenant_sql::active_versions(&mut conn, &unknown, false).await?;
+        let read = tenant_sql::active_versions(&mut conn, &unknown, Lock::None).await?;
         prepared.versions.extend(read);
     }
     Ok(tenants
@@ -205,7 +203,7 @@ pub async fn write(
         Target::Fixed(v) => v,
         Target::Live(prepared_for) => {
             let tenants: Vec<TenantId> = prepared_for.keys().copied().collect();
-            let now = tenant_sql::active_versions(&mut tx, &tenants, true).await?;
+            let now = tenant_sql::active_versions(&mut tx, &tenants, Lock::Share).await?;
             if tenants.iter().any(|t| now.get(t) != prepared_for.get(t)) {
                 return Err(WriteError::VersionMoved);
             }

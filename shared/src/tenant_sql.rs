@@ -40,20 +40,37 @@ pub async fn set_search_path(conn: &mut PgConnection, schema: &SchemaName) -> sq
     Ok(())
 }
 
+/// How [`active_versions`] reads the version rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    None,
+    /// `FOR SHARE`, as live batches read them: a replay's switch (which updates them) then
+    /// waits for this transaction, and this one for the switch.
+    Share,
+    /// `FOR UPDATE`, as a replay's switch reads them: live batches of those tenants wait.
+    Update,
+}
+
 /// The projection version each of `tenants` is served from (`control.tenant_versions`;
-/// version 1 without a row). With `lock`, the rows are read `FOR SHARE`: a replay's switch
-/// (which updates them) then waits for this transaction, and this one for the switch.
+/// version 1 without a row).
 pub async fn active_versions(
     conn: &mut PgConnection,
     tenants: &[TenantId],
-    lock: bool,
+    lock: Lock,
 ) -> sqlx::Result<HashMap<TenantId, i32>> {
     let ids: Vec<uuid::Uuid> = tenants.iter().map(|t| t.0).collect();
-    let sql = if lock {
-        "SELECT tenant_id, active_version FROM control.tenant_versions
-          WHERE tenant_id = ANY($1) ORDER BY tenant_id FOR SHARE"
-    } else {
-        "SELECT tenant_id, active_version FROM control.tenant_versions WHERE tenant_id = ANY($1)"
+    let sql = match lock {
+        Lock::None => {
+            "SELECT tenant_id, active_version FROM control.tenant_versions WHERE tenant_id = ANY($1)"
+        }
+        Lock::Share => {
+            "SELECT tenant_id, active_version FROM control.tenant_versions
+              WHERE tenant_id = ANY($1) ORDER BY tenant_id FOR SHARE"
+        }
+        Lock::Update => {
+            "SELECT tenant_id, active_version FROM control.tenant_versions
+              WHERE tenant_id = ANY($1) ORDER BY tenant_id FOR UPDATE"
+        }
     };
     let rows: Vec<(uuid::Uuid, i32)> = sqlx::query_as(sql).bind(ids).fetch_all(conn).await?;
     let mut versions: HashMap<TenantId, i32> = tenants.iter().map(|t| (*t, 1)).collect();
@@ -125,7 +142,7 @@ pub async fn create_tenant_schema(
     .bind(version)
     .fetch_one(&mut *tx)
     .await?;
-    let active = active_versions(&mut tx, &[tenant], false).await?[&tenant];
+    let active = active_versions(&mut tx, &[tenant], Lock::None).await?[&tenant];
     if version < active {
         // A writer that has not seen a replay's switch yet must not resurrect the old
         // version's schema.
@@ -276,6 +293,17 @@ pub async fn enter_tenant_readonly(
     Ok(())
 }
 
+/// The days whose partitions are kept made: yesterday, today and the next `ahead_days`.
+pub fn days_ahead(today: NaiveDate, ahead_days: i64) -> Vec<NaiveDate> {
+    (-1..=ahead_days)
+        .map(|d| today + Duration::days(d))
+        .collect()
+}
+
+fn midnight(day: NaiveDate) -> DateTime<Utc> {
+    day.and_hms_opt(0, 0, 0).expect("midnight").and_utc()
+}
+
 /// Name of the daily partition of `table` holding `day`.
 fn partition_name(table: &str, day: NaiveDate) -> String {
     format!("{table}_p{}", day.format("%Y%m%d"))
@@ -297,7 +325,7 @@ pub async fn ensure_partitions(
         .execute(&mut *tx)
         .await?;
     for day in days {
-        let from: DateTime<Utc> = day.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+        let from = midnight(*day);
         let to = from + Duration::days(1);
         for table in RAW_TABLES {
             let sql = format!(
@@ -345,10 +373,7 @@ pub async fn apply_retention(
     rollup_days: i64,
     ahead_days: i64,
 ) -> sqlx::Result<Option<Pruned>> {
-    let ahead: Vec<NaiveDate> = (-1..=ahead_days)
-        .map(|d| today + Duration::days(d))
-        .collect();
-    ensure_partitions(&mut *conn, schema, &ahead).await?;
+    ensure_partitions(&mut *conn, schema, &days_ahead(today, ahead_days)).await?;
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext($1))")
         .bind(schema.as_str())
@@ -366,7 +391,7 @@ pub async fn apply_retention(
                 "SELECT drop_chunks($1::regclass, older_than => $2::timestamptz)::text",
             )
             .bind(format!("{schema}.{table}"))
-            .bind(raw_cutoff.and_hms_opt(0, 0, 0).expect("midnight").and_utc())
+            .bind(midnight(raw_cutoff))
             .fetch_all(&mut *tx)
             .await?;
             pruned.partitions += dropped.len() as u64;
@@ -397,14 +422,13 @@ pub async fn apply_retention(
         }
     }
     set_search_path(&mut tx, schema).await?;
-    let start = |d: NaiveDate| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
     for (sql, cutoff) in [
         ("DELETE FROM activity_1m WHERE bucket < $1", raw_cutoff),
         ("DELETE FROM activity_1h WHERE bucket < $1", rollup_cutoff),
         ("DELETE FROM activity_1d WHERE bucket < $1", rollup_cutoff),
     ] {
         pruned.rollup_rows += sqlx::query(sql)
-            .bind(start(cutoff))
+            .bind(midnight(cutoff))
             .execute(&mut *tx)
             .await?
             .rows_affected();

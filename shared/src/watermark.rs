@@ -10,3 +10,22 @@ use crate::tenant::TenantId;
 pub fn channel(tenant: &TenantId) -> String {
     format!("tally:projected:{tenant}")
 }
+
+/// Announces that these tenants' projections moved (each with its new watermark). Best
+/// effort: the first failure stops it (query-api then finds out by polling).
+pub async fn publish(
+    redis: &mut redis::aio::ConnectionManager,
+    tenants: impl IntoIterator<Item = (TenantId, i64)>,
+) {
+    for (t, seq) in tenants {
+        let r: redis::RedisResult<()> = redis::cmd("PUBLISH")
+            .arg(channel(&t))
+            .arg(seq)
+            .query_async(redis)
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "redis notify failed");
+            break;
+        }
+    }
+}

@@ -372,7 +372,7 @@ pub async fn wait_projected(
 /// The projection version the read side serves for a tenant.
 pub async fn active_version(pool: &PgPool, tenant: TenantId) -> i32 {
     let mut conn = pool.acquire().await.expect("connection");
-    shared::tenant_sql::active_versions(&mut conn, &[tenant], false)
+    shared::tenant_sql::active_versions(&mut conn, &[tenant], shared::tenant_sql::Lock::None)
         .await
         .expect("tenant_versions")[&tenant]
 }
