@@ -22,6 +22,25 @@ pub struct Expected {
     pub users: std::collections::BTreeSet<String>,
 }
 
+impl Expected {
+    /// Adds what another generator sent.
+    pub fn merge(&mut self, other: &Expected) {
+        self.total += other.total;
+        for (k, v) in &other.per_type {
+            *self.per_type.entry(k.clone()).or_default() += v;
+        }
+        self.command_errors += other.command_errors;
+        self.command_duration_sum += other.command_duration_sum;
+        self.agent_input_tokens += other.agent_input_tokens;
+        self.agent_output_tokens += other.agent_output_tokens;
+        self.tool_errors += other.tool_errors;
+        for (k, v) in &other.per_user {
+            *self.per_user.entry(k.clone()).or_default() += v;
+        }
+        self.users.extend(other.users.iter().cloned());
+    }
+}
+
 /// Generates a mix of every metric event type for a handful of users and sessions.
 pub struct Generator {
     rng: StdRng,

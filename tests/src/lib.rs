@@ -609,6 +609,61 @@ pub fn ago(secs: i64) -> String {
     (Utc::now() - chrono::Duration::seconds(secs)).to_rfc3339()
 }
 
+/// Asserts that a tenant's projection holds exactly what was sent: as many raw rows, and in
+/// every rollup (minute, hour, day) the counts per event type, command errors and
+/// durations, agent tokens, tool errors, and a duration histogram count per event.
+pub async fn assert_projection_exact(pool: &PgPool, tenant: TenantId, exp: &events::Expected) {
+    let mut raw = 0;
+    for table in shared::tenant_sql::RAW_TABLES {
+        raw += scalar_in_tenant(pool, tenant, &format!("SELECT count(*) FROM {table}")).await;
+    }
+    assert_eq!(raw, exp.total, "{tenant}: raw rows");
+    for (event_type, n) in &exp.per_type {
+        for rollup in ["activity_1m", "activity_1h", "activity_1d"] {
+            let sql = format!(
+                "SELECT sum(count)::bigint FROM {rollup} WHERE event_type = '{event_type}'"
+            );
+            assert_eq!(
+                scalar_in_tenant(pool, tenant, &sql).await,
+                *n,
+                "{tenant}: {rollup} {event_type}"
+            );
+        }
+    }
+    for rollup in ["activity_1m", "activity_1h", "activity_1d"] {
+        let sum = |what: &str, t: &str| {
+            format!(
+                "SELECT coalesce(sum({what}), 0)::bigint FROM {rollup} WHERE event_type = '{t}'"
+            )
+        };
+        let checks = [
+            (sum("errors", "command.executed"), exp.command_errors),
+            (
+                sum("duration_sum", "command.executed"),
+                exp.command_duration_sum,
+            ),
+            (
+                sum("input_tokens", "agent.interacted"),
+                exp.agent_input_tokens,
+            ),
+            (
+                sum("output_tokens", "agent.interacted"),
+                exp.agent_output_tokens,
+            ),
+            (sum("errors", "tool.executed"), exp.tool_errors),
+        ];
+        let histograms =
+            format!("SELECT coalesce(sum(h), 0)::bigint FROM {rollup}, unnest(duration_hist) h");
+        for (sql, want) in checks.into_iter().chain([(histograms, exp.total)]) {
+            assert_eq!(
+                scalar_in_tenant(pool, tenant, &sql).await,
+                want,
+                "{tenant}: {sql}"
+            );
+        }
+    }
+}
+
 /// A timestamp as the API prints it.
 pub fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339()

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use shared::config::Common;
-use shared::tenant::TenantId;
 use sqlx::PgPool;
 use tally_tests::events::{Expected, Generator};
 use tally_tests::*;
@@ -25,19 +24,6 @@ const BATCH: usize = 1_000;
 /// Events per second the senders aim at, so that the stream outlasts the fault schedule.
 const PACE: f64 = 6_000.0;
 const SENDERS: usize = 4;
-
-/// Sums the expectations of several generators.
-fn merge(into: &mut Expected, e: &Expected) {
-    into.total += e.total;
-    for (k, v) in &e.per_type {
-        *into.per_type.entry(k.clone()).or_default() += v;
-    }
-    into.command_errors += e.command_errors;
-    into.command_duration_sum += e.command_duration_sum;
-    into.agent_input_tokens += e.agent_input_tokens;
-    into.agent_output_tokens += e.agent_output_tokens;
-    into.tool_errors += e.tool_errors;
-}
 
 /// The fault-injection stack: private servers plus the services under test.
 struct Stack {
@@ -143,57 +129,6 @@ fn terminate(child: &mut Proc) {
     kill(child);
 }
 
-/// Raw rows and rollups of one tenant against what was sent.
-async fn assert_exact(pool: &PgPool, tenant: TenantId, exp: &Expected) {
-    let mut raw = 0;
-    for table in shared::tenant_sql::RAW_TABLES {
-        raw += scalar_in_tenant(pool, tenant, &format!("SELECT count(*) FROM {table}")).await;
-    }
-    assert_eq!(raw, exp.total, "{tenant}: raw rows");
-    for (event_type, n) in &exp.per_type {
-        for rollup in ["activity_1m", "activity_1h", "activity_1d"] {
-            let sql = format!(
-                "SELECT sum(count)::bigint FROM {rollup} WHERE event_type = '{event_type}'"
-            );
-            assert_eq!(
-                scalar_in_tenant(pool, tenant, &sql).await,
-                *n,
-                "{tenant}: {rollup} {event_type}"
-            );
-        }
-    }
-    for rollup in ["activity_1m", "activity_1h", "activity_1d"] {
-        let sum = |what: &str, t: &str| {
-            format!(
-                "SELECT coalesce(sum({what}), 0)::bigint FROM {rollup} WHERE event_type = '{t}'"
-            )
-        };
-        let checks = [
-            (sum("errors", "command.executed"), exp.command_errors),
-            (
-                sum("duration_sum", "command.executed"),
-                exp.command_duration_sum,
-            ),
-            (
-                sum("input_tokens", "agent.interacted"),
-                exp.agent_input_tokens,
-            ),
-            (
-                sum("output_tokens", "agent.interacted"),
-                exp.agent_output_tokens,
-            ),
-            (sum("errors", "tool.executed"), exp.tool_errors),
-        ];
-        for (sql, want) in checks {
-            assert_eq!(
-                scalar_in_tenant(pool, tenant, &sql).await,
-                want,
-                "{tenant}: {sql}"
-            );
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_million_events_through_every_fault_then_a_replay_under_load() {
     init_logs();
@@ -296,7 +231,7 @@ async fn a_million_events_through_every_fault_then_a_replay_under_load() {
     let mut exp2 = Expected::default();
     for (i, h) in senders.into_iter().enumerate() {
         let e = h.await.unwrap();
-        merge(if i < 3 { &mut exp1 } else { &mut exp2 }, &e);
+        if i < 3 { &mut exp1 } else { &mut exp2 }.merge(&e);
     }
     eprintln!(
         "[{:>5.1}s] all {TOTAL} events acknowledged",
@@ -311,8 +246,8 @@ async fn a_million_events_through_every_fault_then_a_replay_under_load() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(projected_events(&s.pool, t1.id).await, Some(exp1.total));
     assert_eq!(projected_events(&s.pool, t2.id).await, Some(exp2.total));
-    assert_exact(&s.pool, t1.id, &exp1).await;
-    assert_exact(&s.pool, t2.id, &exp2).await;
+    assert_projection_exact(&s.pool, t1.id, &exp1).await;
+    assert_projection_exact(&s.pool, t2.id, &exp2).await;
 
     // ---- 2. replay everything while dashboards are polled and events keep coming ----
     let query = start_query(&s.common, |_| {}).await;
@@ -374,7 +309,7 @@ async fn a_million_events_through_every_fault_then_a_replay_under_load() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     let live = trickle.await.unwrap();
-    merge(&mut exp1, &live);
+    exp1.merge(&live);
     for p in pollers {
         let (url, backwards) = p.await.unwrap();
         assert!(backwards.is_empty(), "{url} went backwards: {backwards:?}");
@@ -398,7 +333,7 @@ async fn a_million_events_through_every_fault_then_a_replay_under_load() {
                 .unwrap();
         assert!(!old_left, "version 1 of {} is dropped", t.id);
         assert_eq!(projected_events(&s.pool, t.id).await, Some(exp.total));
-        assert_exact(&s.pool, t.id, exp).await;
+        assert_projection_exact(&s.pool, t.id, exp).await;
     }
 
     kill(&mut a);

@@ -62,53 +62,7 @@ async fn projector_killed_repeatedly_loses_and_doubles_nothing() {
     assert_eq!(projected, TOTAL as i64);
     assert_eq!(projected_events(&pool, t.id).await, Some(TOTAL as i64));
 
-    let mut rows = 0;
-    for table in shared::tenant_sql::RAW_TABLES {
-        rows += scalar_in_tenant(&pool, t.id, &format!("SELECT count(*) FROM {table}")).await;
-    }
-    assert_eq!(rows, TOTAL as i64, "raw rows after {kills} kills");
-    for (event_type, n) in &expected.per_type {
-        for rollup in ["activity_1m", "activity_1h", "activity_1d"] {
-            let sql = format!(
-                "SELECT sum(count)::bigint FROM {rollup} WHERE event_type = '{event_type}'"
-            );
-            assert_eq!(
-                scalar_in_tenant(&pool, t.id, &sql).await,
-                *n,
-                "{rollup} {event_type}"
-            );
-        }
-    }
-    for rollup in ["activity_1m", "activity_1h", "activity_1d"] {
-        let sql = format!(
-            "SELECT sum(duration_sum)::bigint FROM {rollup} WHERE event_type = 'command.executed'"
-        );
-        assert_eq!(
-            scalar_in_tenant(&pool, t.id, &sql).await,
-            expected.command_duration_sum,
-            "{rollup}"
-        );
-        let sql = format!(
-            "SELECT sum(errors)::bigint FROM {rollup} WHERE event_type = 'command.executed'"
-        );
-        assert_eq!(
-            scalar_in_tenant(&pool, t.id, &sql).await,
-            expected.command_errors,
-            "{rollup}"
-        );
-        let sql = format!("SELECT sum(input_tokens)::bigint FROM {rollup}");
-        assert_eq!(
-            scalar_in_tenant(&pool, t.id, &sql).await,
-            expected.agent_input_tokens,
-            "{rollup}"
-        );
-        let sql = format!("SELECT sum(h)::bigint FROM {rollup}, unnest(duration_hist) h");
-        assert_eq!(
-            scalar_in_tenant(&pool, t.id, &sql).await,
-            TOTAL as i64,
-            "{rollup} histograms"
-        );
-    }
-    eprintln!("crash test: {kills} SIGKILLs, {rows} rows, rollups exact");
+    assert_projection_exact(&pool, t.id, &expected).await;
+    eprintln!("crash test: {kills} SIGKILLs, raw rows and rollups exact");
     ingest.stop().await.unwrap();
 }
