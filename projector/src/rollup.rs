@@ -84,7 +84,7 @@ impl Default for Measures {
 /// Folds rows into rollup deltas for one grain. Keys come out sorted, so concurrent
 /// projector instances upsert rollup rows in the same order and cannot deadlock.
 pub fn fold<'a>(
-    rows: impl IntoIterator<Item = &'a RawRow>,
+    rows: impl IntoIterator<Item = &'a RawRow<'a>>,
     grain: Grain,
 ) -> BTreeMap<Key, Measures> {
     let mut out: BTreeMap<Key, Measures> = BTreeMap::new();
@@ -117,7 +117,7 @@ mod tests {
     use chrono::TimeZone;
     use uuid::Uuid;
 
-    fn row(t: DateTime<Utc>, user: &str, name: &str, dur: i64, err: bool) -> RawRow {
+    fn row(t: DateTime<Utc>, user: &str, name: &str, dur: i64, err: bool) -> RawRow<'static> {
         RawRow {
             table: RawTable::CommandExecutions,
             event_type: "command.executed",
@@ -135,7 +135,7 @@ mod tests {
             input_tokens: 1,
             output_tokens: 2,
             value: 0.5,
-            data: serde_json::Value::Null,
+            data: std::borrow::Cow::Owned(serde_json::Value::Null),
         }
     }
 

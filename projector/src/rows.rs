@@ -1,5 +1,7 @@
 //! From a decoded event to the row it becomes: one shape for every raw table.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use shared::events::{Envelope, Payload};
@@ -38,9 +40,9 @@ impl RawTable {
     }
 }
 
-/// One row of a raw table.
+/// One row of a raw table, borrowing its event's payload.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RawRow {
+pub struct RawRow<'a> {
     pub table: RawTable,
     pub event_type: &'static str,
     pub event_id: Uuid,
@@ -57,17 +59,17 @@ pub struct RawRow {
     pub input_tokens: i64,
     pub output_tokens: i64,
     pub value: f64,
-    pub data: Value,
+    pub data: Cow<'a, Value>,
 }
 
 fn s(v: &Option<String>) -> String {
     v.clone().unwrap_or_default()
 }
 
-impl RawRow {
+impl<'a> RawRow<'a> {
     /// Maps a metric event and its decoded payload to its row (`None` for auth events, which
     /// go to the audit log instead).
-    pub fn from_event(env: &Envelope, payload: &Payload) -> Option<RawRow> {
+    pub fn from_event(env: &'a Envelope, payload: &Payload) -> Option<RawRow<'a>> {
         let mut row = RawRow {
             table: RawTable::MetricSamples,
             event_type: env.event_type.as_str(),
@@ -87,9 +89,9 @@ impl RawRow {
             value: 0.0,
             // Events of an older schema version are stored as upcast (current form).
             data: if env.schema_version < env.event_type.current_version() {
-                payload.to_value()
+                Cow::Owned(payload.to_value())
             } else {
-                env.data.clone()
+                Cow::Borrowed(&env.data)
             },
         };
         match payload {

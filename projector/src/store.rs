@@ -444,7 +444,7 @@ fn record_phase(phase: &'static str, since: std::time::Instant) {
 async fn insert_raw(
     conn: &mut PgConnection,
     table: RawTable,
-    rows: &[&RawRow],
+    rows: &[&RawRow<'_>],
 ) -> sqlx::Result<Vec<Uuid>> {
     // One static statement per table; the table is chosen from a closed set, not formatted.
     let sql = match table {
@@ -457,7 +457,7 @@ async fn insert_raw(
     };
     // Columns are borrowed from the rows: nothing is copied on the way to the statement.
     let col =
-        |f: for<'r> fn(&'r RawRow) -> &'r str| rows.iter().map(|r| f(r)).collect::<Vec<&str>>();
+        |f: for<'r> fn(&'r RawRow<'_>) -> &'r str| rows.iter().map(|r| f(r)).collect::<Vec<&str>>();
     sqlx::query_scalar(sql)
         .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.occurred_at).collect::<Vec<_>>())
@@ -472,7 +472,7 @@ async fn insert_raw(
         .bind(rows.iter().map(|r| r.input_tokens).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.output_tokens).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.value).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| &r.data).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.data.as_ref()).collect::<Vec<_>>())
         .fetch_all(conn)
         .await
 }

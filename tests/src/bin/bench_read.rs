@@ -190,11 +190,15 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
             Generator::new(day as u64, "bench", args.users, chrono::Duration::days(1));
         let end = midnight - TimeDelta::days(day) - TimeDelta::milliseconds(1);
         let shift = generator.now - end;
-        let mut rows: Vec<RawRow> = Vec::with_capacity(per_day);
+        let mut decoded = Vec::with_capacity(per_day);
         for (i, raw) in generator.batch(per_day).into_iter().enumerate() {
             let env = ctx.envelope(i, raw).map_err(|e| anyhow::anyhow!("{e:?}"))?;
             let payload = env.payload().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            if let Some(mut r) = RawRow::from_event(&env, &payload) {
+            decoded.push((env, payload));
+        }
+        let mut rows: Vec<RawRow> = Vec::with_capacity(per_day);
+        for (env, payload) in &decoded {
+            if let Some(mut r) = RawRow::from_event(env, payload) {
                 r.occurred_at -= shift;
                 rows.push(r);
             }
