@@ -367,14 +367,9 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
     for rm in &req.resource_metrics {
         let resource = rm.resource.as_ref().map_or(0, Message::encoded_len);
         for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
-            let (n, bytes) = match &m.data {
-                Some(Data::Gauge(g)) => sized(&g.data_points),
-                Some(Data::Sum(s)) => sized(&s.data_points),
-                Some(Data::Histogram(h)) => sized(&h.data_points),
-                Some(Data::ExponentialHistogram(h)) => sized(&h.data_points),
-                Some(Data::Summary(s)) => sized(&s.data_points),
-                None => (1, 0),
-            };
+            // A metric without data counts as one refused point.
+            let (n, bytes) = metric_points(m);
+            let n = n.max(1);
             points += n;
             expanded += bytes + n * (resource + m.name.len() + 256);
         }
@@ -395,7 +390,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                 let path = format!("resourceMetrics[{ri}].scopeMetrics[{si}].metrics[{mi}]");
                 if m.name.is_empty() {
                     // Every point of a nameless metric is refused.
-                    let n = sized_points(m).max(1);
+                    let n = metric_points(m).0.max(1);
                     out.rejected.extend(
                         (0..n).map(|_| FieldError::new(format!("{path}.name"), "is required")),
                     );
@@ -536,15 +531,16 @@ fn session_started(resource: &[pb::KeyValue], p: &pb::NumberDataPoint) -> Option
     Some(typed("session.started", at, data))
 }
 
-fn sized_points(m: &pb::Metric) -> usize {
+/// A metric's data points: how many, and their size on the wire.
+fn metric_points(m: &pb::Metric) -> (usize, usize) {
     use pb::metric::Data;
     match &m.data {
-        Some(Data::Gauge(g)) => g.data_points.len(),
-        Some(Data::Sum(s)) => s.data_points.len(),
-        Some(Data::Histogram(h)) => h.data_points.len(),
-        Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
-        Some(Data::Summary(s)) => s.data_points.len(),
-        None => 0,
+        Some(Data::Gauge(g)) => sized(&g.data_points),
+        Some(Data::Sum(s)) => sized(&s.data_points),
+        Some(Data::Histogram(h)) => sized(&h.data_points),
+        Some(Data::ExponentialHistogram(h)) => sized(&h.data_points),
+        Some(Data::Summary(s)) => sized(&s.data_points),
+        None => (0, 0),
     }
 }
 

@@ -135,14 +135,38 @@ async fn assert_dashboards_show(client: &reqwest::Client, query: &str, key: &str
         close(series_total(&prompts), sent["prompts"].as_f64().unwrap()),
         "{prompts}"
     );
-    // The typed events are on the tools table, by name.
+    // The typed events are on the tools table, by name: every session ran Edit, Bash (which
+    // failed) and Read once.
     let top = get_json(
         client,
         &format!("{query}/v1/dashboard/top?range=1h&dimension=tool"),
         key,
     )
     .await;
-    assert!(top.to_string().contains("Bash"), "{top}");
+    let mut tools: Vec<(String, i64, f64)> = top["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let key = i["key"].as_str().unwrap().to_string();
+            (
+                key,
+                i["count"].as_i64().unwrap(),
+                i["error_rate"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    tools.sort_by(|a, b| a.0.cmp(&b.0));
+    let sessions = sent["sessions"].as_i64().unwrap();
+    assert_eq!(
+        tools,
+        [
+            ("Bash".to_string(), sessions, 1.0),
+            ("Edit".to_string(), sessions, 0.0),
+            ("Read".to_string(), sessions, 0.0)
+        ],
+        "{top}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
