@@ -35,14 +35,25 @@ fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_string())
 }
 
-/// The database the tests use: `tally_test` beside the configured one.
+/// The name of the database the tests use: `TALLY_TEST_DB`, by default `tally_test` (a
+/// second checkout testing beside `make test` picks another, since `make test` drops this one).
+pub fn test_database_name() -> String {
+    let name = env_or("TALLY_TEST_DB", "tally_test");
+    assert!(
+        !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+        "TALLY_TEST_DB must be a plain identifier"
+    );
+    name
+}
+
+/// The database the tests use: [`test_database_name`] beside the configured one.
 pub fn test_database_url() -> String {
     let url = env_or(
         "TALLY_DATABASE_URL",
         "postgres://tally:tally@127.0.0.1:55432/tally",
     );
     match url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/tally_test"),
+        Some((base, _)) => format!("{base}/{}", test_database_name()),
         None => url,
     }
 }
@@ -72,15 +83,17 @@ pub async fn test_pool() -> PgPool {
     let admin = PgPool::connect(&admin_url)
         .await
         .expect("PostgreSQL is up (run `make up` or deploy/local/up.sh)");
-    let exists: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'tally_test')",
-    )
-    .fetch_one(&admin)
+    let name = test_database_name();
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&admin)
     .await
     .expect("query pg_database");
     if !exists {
         // Parallel tests race here; losing the race is fine.
-        let _ = sqlx::query("CREATE DATABASE tally_test")
+        let create = format!("CREATE DATABASE {name}");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(create))
             .execute(&admin)
             .await;
     }
@@ -89,7 +102,7 @@ pub async fn test_pool() -> PgPool {
         .max_connections(8)
         .connect(&url)
         .await
-        .expect("connect to tally_test");
+        .expect("connect to the test database");
     shared::db::migrate(&pool).await.expect("migrations");
     pool
 }
