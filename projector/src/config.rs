@@ -27,6 +27,8 @@ pub struct Config {
     /// How long `replay` waits after switching before it drops the old version, so that
     /// requests that started on it finish.
     pub replay_drop_grace_secs: u64,
+    /// How long a consume loop may fail to commit its batch before `/readyz` answers 503.
+    pub stall_unready_secs: u64,
 }
 
 impl Default for Config {
@@ -42,6 +44,7 @@ impl Default for Config {
             consumer_session_timeout_ms: 10_000,
             retention_interval_secs: 3600,
             replay_drop_grace_secs: 10,
+            stall_unready_secs: 30,
         }
     }
 }

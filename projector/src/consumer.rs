@@ -60,13 +60,50 @@ impl ConsumerContext for ProjectorContext {
     }
 }
 
-/// What the loop knows about one assigned partition.
-#[derive(Debug, Clone, Copy)]
-enum Position {
-    /// The next offset to project (from the database, then advanced by the loop).
-    Expect(i64),
-    /// Never projected: take whatever offset comes first.
-    Fresh,
+/// Which consume loops cannot commit their batch, since when and why. `/readyz` and
+/// `/metrics` show it; `projector status` reads the same from the stored offsets.
+#[derive(Clone, Default)]
+pub struct Stalls(Arc<Mutex<BTreeMap<String, Stall>>>);
+
+/// One consume loop's failing batch.
+#[derive(Clone, Debug)]
+pub struct Stall {
+    pub since: Instant,
+    pub partitions: Vec<i32>,
+    pub error: String,
+}
+
+impl Stalls {
+    fn set(&self, topic: &str, partitions: &[i32], error: &str) {
+        let mut all = self.0.lock().expect("stalls");
+        let stall = all.entry(topic.to_string()).or_insert_with(|| Stall {
+            since: Instant::now(),
+            partitions: Vec::new(),
+            error: String::new(),
+        });
+        stall.partitions = partitions.to_vec();
+        stall.error = error.to_string();
+        metrics::gauge!("projector_stalled_partitions", "topic" => topic.to_string())
+            .set(partitions.len() as f64);
+        metrics::gauge!("projector_stalled_seconds", "topic" => topic.to_string())
+            .set(stall.since.elapsed().as_secs_f64());
+    }
+
+    fn clear(&self, topic: &str) {
+        if self.0.lock().expect("stalls").remove(topic).is_some() {
+            metrics::gauge!("projector_stalled_partitions", "topic" => topic.to_string()).set(0.0);
+            metrics::gauge!("projector_stalled_seconds", "topic" => topic.to_string()).set(0.0);
+        }
+    }
+
+    /// The loops stalled for longer than `at_least`, by topic.
+    pub fn longer_than(&self, at_least: Duration) -> Vec<(String, Stall)> {
+        let all = self.0.lock().expect("stalls");
+        all.iter()
+            .filter(|(_, s)| s.since.elapsed() >= at_least)
+            .map(|(t, s)| (t.clone(), s.clone()))
+            .collect()
+    }
 }
 
 /// A batch being filled.
@@ -85,12 +122,75 @@ impl Pending {
 }
 
 /// A record that cannot be projected, on its way to the dead-letter topic.
-struct Poison {
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
-    partition: i32,
-    offset: i64,
-    error: String,
+pub(crate) struct Poison {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub partition: i32,
+    pub offset: i64,
+    pub error: String,
+}
+
+impl Poison {
+    /// A decoded event the database refused, with the reason.
+    pub(crate) fn refused(d: &Decoded, error: String) -> Poison {
+        Poison {
+            key: Some(d.env.kafka_key().into_bytes()),
+            payload: Some(serde_json::to_vec(&d.env).expect("an envelope serializes")),
+            partition: d.origin.0,
+            offset: d.origin.1,
+            error,
+        }
+    }
+}
+
+/// Sends poison records of `topic` to `dlq_topic`, with where they came from and why in the
+/// headers, retrying each until Kafka has it.
+pub(crate) async fn dead_letter(
+    dlq: &FutureProducer,
+    topic: &str,
+    dlq_topic: &str,
+    poison: &[Poison],
+) {
+    for p in poison {
+        loop {
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "tally-source-topic",
+                    value: Some(topic.as_bytes()),
+                })
+                .insert(Header {
+                    key: "tally-source-partition",
+                    value: Some(p.partition.to_string().as_bytes()),
+                })
+                .insert(Header {
+                    key: "tally-source-offset",
+                    value: Some(p.offset.to_string().as_bytes()),
+                })
+                .insert(Header {
+                    key: "tally-error",
+                    value: Some(p.error.as_bytes()),
+                });
+            let mut rec: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(dlq_topic).headers(headers);
+            if let Some(k) = &p.key {
+                rec = rec.key(k.as_slice());
+            }
+            if let Some(v) = &p.payload {
+                rec = rec.payload(v.as_slice());
+            }
+            match dlq.send(rec, Duration::from_secs(5)).await {
+                Ok(_) => {
+                    metrics::counter!("projector_dlq_total").increment(1);
+                    tracing::warn!(partition = p.partition, offset = p.offset, error = %p.error, "record dead-lettered");
+                    break;
+                }
+                Err((e, _)) => {
+                    tracing::warn!(error = %e, "DLQ produce failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
 }
 
 pub struct Projector {
@@ -102,8 +202,11 @@ pub struct Projector {
     log: Arc<RebalanceLog>,
     topic: String,
     dlq_topic: String,
-    positions: HashMap<i32, Position>,
+    /// The next offset to project, per partition: the stored one (0 when none is stored),
+    /// then advanced by the loop as records are accepted.
+    positions: HashMap<i32, i64>,
     prepared: Prepared,
+    stalls: Stalls,
 }
 
 impl Projector {
@@ -116,6 +219,7 @@ impl Projector {
         topic: String,
         dlq_topic: String,
         group: String,
+        stalls: Stalls,
     ) -> anyhow::Result<Projector> {
         let log = Arc::new(RebalanceLog::default());
         let consumer: StreamConsumer<ProjectorContext> =
@@ -145,6 +249,7 @@ impl Projector {
             log,
             positions: HashMap::new(),
             prepared: Prepared::default(),
+            stalls,
         })
     }
 
@@ -220,16 +325,34 @@ impl Projector {
         }
     }
 
-    async fn position(&mut self, partition: i32) -> anyhow::Result<Position> {
+    async fn position(&mut self, partition: i32) -> i64 {
         if let Some(p) = self.positions.get(&partition) {
-            return Ok(*p);
+            return *p;
         }
-        let stored = self.stored_offsets().await;
-        let pos = stored
+        // A partition never projected starts at 0, like any other: whatever Kafka's own
+        // committed offset says, the records before the first one read here are projected.
+        let next = self
+            .stored_offsets()
+            .await
             .get(&partition)
-            .map_or(Position::Fresh, |o| Position::Expect(*o));
-        self.positions.insert(partition, pos);
-        Ok(pos)
+            .copied()
+            .unwrap_or(0);
+        self.positions.insert(partition, next);
+        next
+    }
+
+    /// The first offset still in the partition's log (retention deletes older records).
+    fn log_start(&self, partition: i32) -> Option<i64> {
+        match self
+            .consumer
+            .fetch_watermarks(&self.topic, partition, Duration::from_secs(5))
+        {
+            Ok((low, _high)) => Some(low),
+            Err(e) => {
+                tracing::warn!(error = %e, partition, "cannot read the log start");
+                None
+            }
+        }
     }
 
     async fn accept(
@@ -238,9 +361,29 @@ impl Projector {
         pending: &mut Pending,
     ) -> anyhow::Result<()> {
         let (partition, offset) = (m.partition(), m.offset());
-        match self.position(partition).await? {
-            Position::Expect(next) if offset < next => return Ok(()), // already projected
-            Position::Expect(next) if offset > next => {
+        let next = self.position(partition).await;
+        if offset < next {
+            return Ok(()); // already projected
+        }
+        // Where the batch's compare-and-set expects the stored offset to stand.
+        let mut from = offset;
+        if offset > next {
+            // Records between were not read here. Either they are still in the log (this
+            // consumer started further on, or dropped them while paused): seek back to
+            // them. Or retention deleted them before they were projected: nothing can bring
+            // them back, so go on from the log's first record, loudly.
+            if self.log_start(partition) == Some(offset) {
+                tracing::error!(
+                    partition,
+                    next,
+                    log_start = offset,
+                    lost = offset - next,
+                    "records expired from the log before they were projected"
+                );
+                metrics::counter!("projector_records_expired_total", "topic" => self.topic.clone())
+                    .increment((offset - next) as u64);
+                from = next;
+            } else {
                 tracing::warn!(
                     partition,
                     offset,
@@ -258,22 +401,21 @@ impl Projector {
                 }
                 return Ok(());
             }
-            _ => {}
         }
-        self.positions
-            .insert(partition, Position::Expect(offset + 1));
+        self.positions.insert(partition, offset + 1);
         pending
             .offsets
             .entry(partition)
             .and_modify(|r| r.end = offset + 1)
             .or_insert(OffsetRange {
-                start: offset,
+                start: from,
                 end: offset + 1,
             });
         pending.started.get_or_insert_with(Instant::now);
 
         match decode(m.payload()) {
-            Ok(d) => {
+            Ok(mut d) => {
+                d.origin = (partition, offset);
                 let known = loop {
                     match store::tenant_known(&self.pool, &mut self.prepared, d.env.tenant_id).await
                     {
@@ -298,9 +440,10 @@ impl Projector {
     }
 
     /// Writes the batch, retrying while PostgreSQL is unavailable; on a fence, drops it and
-    /// rewinds to the stored offsets.
+    /// rewinds to the stored offsets. Events PostgreSQL refuses for their own sake are taken
+    /// out of the batch and dead-lettered, and the rest is written.
     async fn flush(&mut self, pending: &mut Pending) {
-        let batch = std::mem::take(pending);
+        let mut batch = std::mem::take(pending);
         let started = Instant::now();
         if !batch.poison.is_empty() {
             self.dead_letter(&batch.poison).await;
@@ -335,8 +478,24 @@ impl Projector {
                     self.prepared.forget_versions();
                 }
                 Err(WriteError::Db(e)) => {
+                    if store::refused_record(&e).is_some()
+                        && self.set_aside_refused(&mut batch.events).await
+                    {
+                        // The refused events are in the DLQ; write the rest at once.
+                        continue;
+                    }
                     tracing::warn!(error = %e, retry_in = ?backoff, "batch write failed; retrying");
                     metrics::counter!("projector_write_retries_total").increment(1);
+                    let parts: Vec<i32> = batch.offsets.keys().copied().collect();
+                    self.stalls.set(&self.topic, &parts, &e.to_string());
+                    let _ = store::note_stall(
+                        &self.pool,
+                        &self.config.projection,
+                        &self.topic,
+                        &parts,
+                        &e.to_string(),
+                    )
+                    .await;
                     self.prepared.clear();
                     if paused.is_none() {
                         paused = self.pause();
@@ -351,6 +510,7 @@ impl Projector {
                 other => break other,
             }
         };
+        self.stalls.clear(&self.topic);
         if let Some(tpl) = paused {
             if let Err(e) = self.consumer.resume(&tpl) {
                 tracing::warn!(error = %e, "resume failed");
@@ -381,6 +541,39 @@ impl Projector {
                 unreachable!("database errors and version moves are retried above")
             }
         }
+    }
+
+    /// Finds the events of `events` that PostgreSQL refuses for their own sake, dead-letters
+    /// them with the reason and takes them out. False when none was found (the failure was
+    /// not theirs after all, or the search itself failed): then the batch is retried.
+    async fn set_aside_refused(&mut self, events: &mut Vec<Decoded>) -> bool {
+        let search = async {
+            let versions = store::live_versions(&self.pool, &mut self.prepared, events).await?;
+            store::find_refused(&self.pool, store::Target::Live(&versions), events).await
+        };
+        let refused = match search.await {
+            Ok(r) if !r.is_empty() => r,
+            Ok(_) => return false,
+            Err(WriteError::VersionMoved) => {
+                self.prepared.forget_versions();
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not find the refused events");
+                return false;
+            }
+        };
+        let poison: Vec<Poison> = refused
+            .iter()
+            .map(|(i, reason)| Poison::refused(&events[*i], reason.clone()))
+            .collect();
+        for (i, _) in refused.iter().rev() {
+            events.remove(*i);
+        }
+        metrics::counter!("projector_refused_total", "topic" => self.topic.clone())
+            .increment(poison.len() as u64);
+        self.dead_letter(&poison).await;
+        true
     }
 
     /// Pauses every assigned partition (PostgreSQL is unavailable): they stay assigned to
@@ -425,46 +618,7 @@ impl Projector {
     /// Poison records go to the DLQ before their offsets are committed with the batch, so
     /// none is lost (a crash in between may dead-letter one twice; the DLQ is at-least-once).
     async fn dead_letter(&self, poison: &[Poison]) {
-        for p in poison {
-            loop {
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: "tally-source-topic",
-                        value: Some(self.topic.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "tally-source-partition",
-                        value: Some(p.partition.to_string().as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "tally-source-offset",
-                        value: Some(p.offset.to_string().as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "tally-error",
-                        value: Some(p.error.as_bytes()),
-                    });
-                let mut rec: FutureRecord<'_, [u8], [u8]> =
-                    FutureRecord::to(&self.dlq_topic).headers(headers);
-                if let Some(k) = &p.key {
-                    rec = rec.key(k.as_slice());
-                }
-                if let Some(v) = &p.payload {
-                    rec = rec.payload(v.as_slice());
-                }
-                match self.dlq.send(rec, Duration::from_secs(5)).await {
-                    Ok(_) => {
-                        metrics::counter!("projector_dlq_total").increment(1);
-                        tracing::warn!(partition = p.partition, offset = p.offset, error = %p.error, "record dead-lettered");
-                        break;
-                    }
-                    Err((e, _)) => {
-                        tracing::warn!(error = %e, "DLQ produce failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        }
+        dead_letter(&self.dlq, &self.topic, &self.dlq_topic, poison).await;
     }
 
     /// Commits the new offsets to Kafka too, only so that consumer-lag tools see progress.
@@ -506,10 +660,14 @@ pub(crate) fn decode_payload(env: Envelope) -> Result<Decoded, String> {
             .collect();
         format!("invalid payload: {}", parts.join("; "))
     })?;
-    Ok(Decoded { env, payload })
+    Ok(Decoded {
+        env,
+        payload,
+        origin: (0, 0),
+    })
 }
 
-fn poison(m: &BorrowedMessage<'_>, error: String) -> Poison {
+pub(crate) fn poison(m: &BorrowedMessage<'_>, error: String) -> Poison {
     Poison {
         key: m.key().map(<[u8]>::to_vec),
         payload: m.payload().map(<[u8]>::to_vec),

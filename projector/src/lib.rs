@@ -33,6 +33,8 @@ pub use shared::db::migrate;
 #[derive(Clone)]
 struct HttpState {
     pool: PgPool,
+    stalls: consumer::Stalls,
+    stall_unready: Duration,
     shutdown: ShutdownFlag,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
@@ -61,8 +63,11 @@ impl App {
         let listener = TcpListener::bind(&config.http_addr)
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;
+        let stalls = consumer::Stalls::default();
         let state = HttpState {
             pool: pool.clone(),
+            stalls: stalls.clone(),
+            stall_unready: Duration::from_secs(config.stall_unready_secs),
             shutdown: ShutdownFlag::default(),
             metrics,
         };
@@ -73,6 +78,7 @@ impl App {
             config.common.metrics_topic(),
             config.common.metrics_dlq_topic(),
             config.consumer_group.clone(),
+            stalls.clone(),
         )?;
         let auth_loop = consumer::Projector::new(
             config.clone(),
@@ -81,6 +87,7 @@ impl App {
             config.common.auth_topic(),
             config.common.auth_dlq_topic(),
             format!("{}-auth", config.consumer_group),
+            stalls,
         )?;
         Ok(App {
             listener,
@@ -137,9 +144,24 @@ impl App {
     }
 }
 
-async fn readyz(State(s): State<HttpState>) -> (StatusCode, &'static str) {
+async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
     if s.shutdown.is_set() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down".into());
+    }
+    let stalled = s.stalls.longer_than(s.stall_unready);
+    if !stalled.is_empty() {
+        let parts: Vec<String> = stalled
+            .iter()
+            .map(|(topic, st)| {
+                format!(
+                    "{topic} partitions {:?} stalled for {} s: {}",
+                    st.partitions,
+                    st.since.elapsed().as_secs(),
+                    st.error
+                )
+            })
+            .collect();
+        return (StatusCode::SERVICE_UNAVAILABLE, parts.join("\n"));
     }
     let db = tokio::time::timeout(
         Duration::from_secs(2),
@@ -147,7 +169,10 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, &'static str) {
     )
     .await;
     match db {
-        Ok(Ok(_)) => (StatusCode::OK, "ready"),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "postgres unreachable"),
+        Ok(Ok(_)) => (StatusCode::OK, "ready".into()),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "postgres unreachable".into(),
+        ),
     }
 }

@@ -123,6 +123,12 @@ async fn main() -> anyhow::Result<()> {
                     report.records_per_sec,
                     report.switch_ms
                 );
+                if report.dead_lettered > 0 {
+                    println!(
+                        "  {} record(s) could not be projected and were dead-lettered (see `projector dlq list`)",
+                        report.dead_lettered
+                    );
+                }
                 for (t, old, new) in &report.versions {
                     println!("  {t}: v{old} -> v{new} (v{old} dropped)");
                 }
@@ -150,6 +156,15 @@ async fn main() -> anyhow::Result<()> {
                     );
                 }
                 println!("total lag: {}", rows.iter().map(|r| r.lag).sum::<i64>());
+                for r in rows.iter().filter(|r| r.stalled_since.is_some()) {
+                    println!(
+                        "STALLED {} partition {} since {}: {}",
+                        r.topic,
+                        r.partition,
+                        r.stalled_since.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                        r.last_error.as_deref().unwrap_or("")
+                    );
+                }
             }
         }
         Command::Dlq(DlqCommand::List { topic }) => {

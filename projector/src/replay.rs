@@ -19,12 +19,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use shared::tenant::TenantId;
 use shared::tenant_sql::{self, Lock};
 use sqlx::{PgPool, Postgres, Transaction};
 
+use crate::consumer::Poison;
 use crate::store::{self, Decoded, Prepared, Target, Versions, WriteError};
 use crate::Config;
 
@@ -53,6 +55,9 @@ pub struct Report {
     pub records_per_sec: f64,
     /// How long the live projector's batches for these tenants waited on the switch.
     pub switch_ms: f64,
+    /// Records of the replayed tenants that could not be projected (today's validation
+    /// refuses them, or PostgreSQL does): sent to the dead-letter topics, not dropped.
+    pub dead_lettered: u64,
     /// (tenant, old version, new version)
     pub versions: Vec<(TenantId, i32, i32)>,
 }
@@ -80,8 +85,12 @@ struct Replayer<'a> {
     /// Next offset written per partition.
     written: HashMap<Tp, i64>,
     batch: Vec<Decoded>,
+    /// The batch's records that cannot be projected, by topic index.
+    poison: Vec<(usize, Poison)>,
+    dlq: FutureProducer,
     records: u64,
     projected: u64,
+    dead_lettered: u64,
 }
 
 /// Rebuilds `only` (or every tenant) from offset 0; `on_progress` is called every
@@ -156,8 +165,11 @@ pub async fn replay(
         read: HashMap::new(),
         written: HashMap::new(),
         batch: Vec::new(),
+        poison: Vec::new(),
+        dlq: shared::kafka::producer(&config.common, Duration::from_secs(30))?,
         records: 0,
         projected: 0,
+        dead_lettered: 0,
     };
     let switch_ms = r.run(&current, progress_every, on_progress).await?;
     let seconds = started.elapsed().as_secs_f64();
@@ -182,6 +194,7 @@ pub async fn replay(
         seconds,
         records_per_sec: r.records as f64 / seconds.max(1e-9),
         switch_ms,
+        dead_lettered: r.dead_lettered,
         versions: tenants
             .iter()
             .map(|t| (*t, current[t], target[t]))
@@ -256,13 +269,23 @@ impl Replayer<'_> {
                     };
                     self.records += 1;
                     self.read.insert((i, m.partition()), m.offset() + 1);
-                    // Only the replayed tenants' payloads are decoded. Poison records were
-                    // dead-lettered by the live projector; skip them.
-                    let decoded = crate::consumer::decode_envelope(m.payload())
+                    // Only the replayed tenants' payloads are decoded. Records without a
+                    // readable envelope name no tenant (the live projector dead-lettered
+                    // them); a replayed tenant's record that today's rules refuse was
+                    // projected in the old version, so it goes to the DLQ, not away.
+                    let env = crate::consumer::decode_envelope(m.payload())
                         .ok()
-                        .filter(|env| self.tenants.contains(&env.tenant_id))
-                        .and_then(|env| crate::consumer::decode_payload(env).ok());
-                    self.batch.extend(decoded);
+                        .filter(|env| self.tenants.contains(&env.tenant_id));
+                    match env.map(crate::consumer::decode_payload) {
+                        Some(Ok(mut d)) => {
+                            d.origin = (m.partition(), m.offset());
+                            self.batch.push(d);
+                        }
+                        Some(Err(error)) => {
+                            self.poison.push((i, crate::consumer::poison(&m, error)));
+                        }
+                        None => {}
+                    }
                     batch_started.get_or_insert_with(Instant::now);
                 }
                 Ok(Err(e)) => {
@@ -327,6 +350,11 @@ impl Replayer<'_> {
 
     /// Writes the batch in hand to the new versions (retrying while PostgreSQL is away).
     async fn flush(&mut self) -> anyhow::Result<()> {
+        for (i, p) in std::mem::take(&mut self.poison) {
+            crate::consumer::dead_letter(&self.dlq, &self.topics[i], &self.dlq_topic(i), &[p])
+                .await;
+            self.dead_lettered += 1;
+        }
         // Only other tenants' records were read: nothing to write, they are just passed.
         if self.batch.is_empty() {
             self.written.extend(self.read.iter().map(|(k, v)| (*k, *v)));
@@ -358,6 +386,33 @@ impl Replayer<'_> {
                     self.projected += w.inserted;
                     break;
                 }
+                Err(WriteError::Db(e)) if store::refused_record(&e).is_some() => {
+                    let refused =
+                        store::find_refused(self.pool, Target::Fixed(&self.target), &self.batch)
+                            .await;
+                    match refused {
+                        Ok(found) if !found.is_empty() => {
+                            for (i, reason) in found.iter().rev() {
+                                let d = self.batch.remove(*i);
+                                let topic = self.topic_of(&d);
+                                let p = Poison::refused(&d, reason.clone());
+                                crate::consumer::dead_letter(
+                                    &self.dlq,
+                                    &self.topics[topic],
+                                    &self.dlq_topic(topic),
+                                    &[p],
+                                )
+                                .await;
+                                self.dead_lettered += 1;
+                            }
+                        }
+                        _ => {
+                            tracing::warn!(error = %e, "replay batch failed; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
                 Err(WriteError::Db(e)) => {
                     tracing::warn!(error = %e, "replay batch failed; retrying");
                     self.prepared.clear();
@@ -370,6 +425,20 @@ impl Replayer<'_> {
         self.batch.clear();
         self.written.extend(self.read.iter().map(|(k, v)| (*k, *v)));
         Ok(())
+    }
+
+    /// The dead-letter topic of `topics[i]`.
+    fn dlq_topic(&self, i: usize) -> String {
+        if i == 0 {
+            self.config.common.metrics_dlq_topic()
+        } else {
+            self.config.common.auth_dlq_topic()
+        }
+    }
+
+    /// Which of the two topics an event came from.
+    fn topic_of(&self, d: &Decoded) -> usize {
+        usize::from(!d.env.event_type.is_metric())
     }
 
     /// Records between what is written and the log end, over every partition.

@@ -18,6 +18,8 @@ use crate::rows::{fold_sessions, RawRow, RawTable};
 pub struct Decoded {
     pub env: Envelope,
     pub payload: Payload,
+    /// Where the record was read from: (partition, offset). Used to dead-letter it.
+    pub origin: (i32, i64),
 }
 
 /// The range of offsets a batch covers on one partition: `[start, end)`.
@@ -199,23 +201,8 @@ pub async fn write(
 ) -> Result<Written, WriteError> {
     let mut tx = pool.begin().await?;
     let mut written = Written::default();
-    let versions = match target {
-        Target::Fixed(v) => v,
-        Target::Live(prepared_for) => {
-            let tenants: Vec<TenantId> = prepared_for.keys().copied().collect();
-            let now = tenant_sql::active_versions(&mut tx, &tenants, Lock::Share).await?;
-            if tenants.iter().any(|t| now.get(t) != prepared_for.get(t)) {
-                return Err(WriteError::VersionMoved);
-            }
-            prepared_for
-        }
-    };
-
-    let mut by_tenant: BTreeMap<TenantId, Vec<&Decoded>> = BTreeMap::new();
-    for e in events {
-        by_tenant.entry(e.env.tenant_id).or_default().push(e);
-    }
-    for (tenant, events) in by_tenant {
+    let versions = target_versions(&mut tx, target).await?;
+    for (tenant, events) in by_tenant(events) {
         let version = versions.get(&tenant).copied().unwrap_or(1);
         tenant_sql::set_search_path(&mut tx, &tenant.schema(version)).await?;
         let (inserted, duplicates, seq) = write_tenant(&mut tx, &events).await?;
@@ -229,6 +216,109 @@ pub async fn write(
     }
     tx.commit().await?;
     Ok(written)
+}
+
+/// The versions a batch writes to; for the live projection, checked under lock against
+/// those the batch was prepared for.
+async fn target_versions<'a>(
+    tx: &mut PgConnection,
+    target: Target<'a>,
+) -> Result<&'a Versions, WriteError> {
+    match target {
+        Target::Fixed(v) => Ok(v),
+        Target::Live(prepared_for) => {
+            let tenants: Vec<TenantId> = prepared_for.keys().copied().collect();
+            let now = tenant_sql::active_versions(tx, &tenants, Lock::Share).await?;
+            if tenants.iter().any(|t| now.get(t) != prepared_for.get(t)) {
+                return Err(WriteError::VersionMoved);
+            }
+            Ok(prepared_for)
+        }
+    }
+}
+
+/// A batch's events grouped by tenant, each group in the batch's order.
+fn by_tenant(events: &[Decoded]) -> BTreeMap<TenantId, Vec<&Decoded>> {
+    let mut groups: BTreeMap<TenantId, Vec<&Decoded>> = BTreeMap::new();
+    for e in events {
+        groups.entry(e.env.tenant_id).or_default().push(e);
+    }
+    groups
+}
+
+/// Why PostgreSQL refused a statement because of the values it was given, not because it
+/// is unavailable or busy: data exceptions (class 22: a NUL byte, a number out of range),
+/// program limits (class 54: an index row over the btree limit), not-null and check
+/// violations. No retry can change these; everything else (connection loss, serialization
+/// failures, shutdown, lock timeouts) may pass on a retry.
+pub fn refused_record(e: &sqlx::Error) -> Option<String> {
+    let db = e.as_database_error()?;
+    let code = db.code()?;
+    let the_records_fault =
+        code.starts_with("22") || code.starts_with("54") || code == "23502" || code == "23514";
+    the_records_fault.then(|| format!("refused by PostgreSQL ({code}): {}", db.message()))
+}
+
+/// The events of a batch PostgreSQL refuses for their own sake (see [`refused_record`]), by
+/// index into `events`, each with the reason.
+///
+/// Writes the batch in a transaction that is rolled back at the end, each group of one
+/// tenant's events under a savepoint. A group that fails with a record fault is rolled back
+/// to its savepoint and halved, until the events that fail on their own are found: k poison
+/// events among n cost about k·log₂n statements. Groups that pass stay written, so a value
+/// refused only together with others (a sum overflowing) is found too. Any other failure
+/// ends the search with that error.
+pub async fn find_refused(
+    pool: &PgPool,
+    target: Target<'_>,
+    events: &[Decoded],
+) -> Result<Vec<(usize, String)>, WriteError> {
+    let mut by_tenant: BTreeMap<TenantId, Vec<usize>> = BTreeMap::new();
+    for (i, e) in events.iter().enumerate() {
+        by_tenant.entry(e.env.tenant_id).or_default().push(i);
+    }
+    let mut tx = pool.begin().await?;
+    let versions = target_versions(&mut tx, target).await?;
+    let mut refused = Vec::new();
+    for (tenant, group) in by_tenant {
+        let version = versions.get(&tenant).copied().unwrap_or(1);
+        tenant_sql::set_search_path(&mut tx, &tenant.schema(version)).await?;
+        // Groups still to try, the earliest events on top.
+        let mut todo: Vec<Vec<usize>> = vec![group];
+        while let Some(group) = todo.pop() {
+            let refs: Vec<&Decoded> = group.iter().map(|&i| &events[i]).collect();
+            sqlx::query("SAVEPOINT probe").execute(&mut *tx).await?;
+            match write_tenant(&mut tx, &refs).await {
+                Ok(_) => {
+                    sqlx::query("RELEASE SAVEPOINT probe")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Err(WriteError::Db(e)) => {
+                    let Some(reason) = refused_record(&e) else {
+                        return Err(WriteError::Db(e));
+                    };
+                    sqlx::query("ROLLBACK TO SAVEPOINT probe")
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query("RELEASE SAVEPOINT probe")
+                        .execute(&mut *tx)
+                        .await?;
+                    if let [one] = group.as_slice() {
+                        refused.push((*one, reason));
+                    } else {
+                        let (first, rest) = group.split_at(group.len() / 2);
+                        todo.push(rest.to_vec());
+                        todo.push(first.to_vec());
+                    }
+                }
+                Err(other) => return Err(other),
+            }
+        }
+    }
+    tx.rollback().await?;
+    refused.sort_by_key(|(i, _)| *i);
+    Ok(refused)
 }
 
 /// Writes one tenant's events (search_path already points at its schema).
@@ -609,7 +699,7 @@ async fn advance_offset(
 ) -> Result<(), WriteError> {
     let updated = sqlx::query(
         "UPDATE control.projector_offsets
-            SET next_offset = $5, updated_at = now()
+            SET next_offset = $5, updated_at = now(), stalled_since = NULL, last_error = NULL
           WHERE projection = $1 AND topic = $2 AND partition = $3 AND next_offset = $4",
     )
     .bind(projection)
@@ -623,8 +713,12 @@ async fn advance_offset(
     if updated == 1 {
         return Ok(());
     }
-    // No row matched: either this partition was never projected (then insert it), or it
-    // moved (then the insert finds the row and does nothing, and we are fenced).
+    // No row matched: either this partition was never projected (then the batch must start
+    // at its beginning, and is inserted), or it moved (then the insert finds the row and
+    // does nothing, and we are fenced).
+    if range.start != 0 {
+        return Err(WriteError::Fenced { partition });
+    }
     let inserted = sqlx::query(
         "INSERT INTO control.projector_offsets (projection, topic, partition, next_offset)
          VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
@@ -658,4 +752,28 @@ pub async fn stored_offsets(
     .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().collect())
+}
+
+/// Records on the stored offsets of `partitions` that their batch keeps failing, and why,
+/// for `projector status` (cleared by the next batch that lands). Best effort: the database
+/// may be the thing that is failing.
+pub async fn note_stall(
+    pool: &PgPool,
+    projection: &str,
+    topic: &str,
+    partitions: &[i32],
+    error: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE control.projector_offsets
+            SET stalled_since = coalesce(stalled_since, now()), last_error = left($4, 2000)
+          WHERE projection = $1 AND topic = $2 AND partition = ANY($3)",
+    )
+    .bind(projection)
+    .bind(topic)
+    .bind(partitions)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
 }

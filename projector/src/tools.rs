@@ -25,14 +25,35 @@ pub struct PartitionStatus {
     /// The partition's log end (high watermark).
     pub log_end: i64,
     pub lag: i64,
+    /// Since when this partition's batch keeps failing (None while it flows).
+    pub stalled_since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Why it last failed.
+    pub last_error: Option<String>,
 }
+
+/// A stored offset row: partition, next offset, stalled since, last error.
+type StoredRow = (
+    i32,
+    i64,
+    Option<chrono::DateTime<chrono::Utc>>,
+    Option<String>,
+);
 
 /// Progress of the configured projection on every partition of its topics.
 pub async fn status(config: &Config, pool: &PgPool) -> anyhow::Result<Vec<PartitionStatus>> {
     let common = &config.common;
     let mut out = Vec::new();
     for topic in [common.metrics_topic(), common.auth_topic()] {
-        let stored = crate::store::stored_offsets(pool, &config.projection, &topic).await?;
+        let rows: Vec<StoredRow> = sqlx::query_as(
+            "SELECT partition, next_offset, stalled_since, last_error
+               FROM control.projector_offsets WHERE projection = $1 AND topic = $2",
+        )
+        .bind(&config.projection)
+        .bind(&topic)
+        .fetch_all(pool)
+        .await?;
+        let stored: std::collections::HashMap<i32, StoredRow> =
+            rows.into_iter().map(|r| (r.0, r)).collect();
         let consumer: BaseConsumer = shared::kafka::client_config(common).create()?;
         let t = topic.clone();
         let ends = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(i32, i64)>> {
@@ -49,7 +70,10 @@ pub async fn status(config: &Config, pool: &PgPool) -> anyhow::Result<Vec<Partit
         })
         .await??;
         for (partition, log_end) in ends {
-            let s = stored.get(&partition).copied().unwrap_or(0);
+            let (_, s, stalled_since, last_error) = stored
+                .get(&partition)
+                .cloned()
+                .unwrap_or((partition, 0, None, None));
             out.push(PartitionStatus {
                 projection: config.projection.clone(),
                 topic: topic.clone(),
@@ -57,6 +81,8 @@ pub async fn status(config: &Config, pool: &PgPool) -> anyhow::Result<Vec<Partit
                 stored: s,
                 log_end,
                 lag: (log_end - s).max(0),
+                stalled_since,
+                last_error,
             });
         }
     }

@@ -27,6 +27,21 @@ pub const MAX_DURATION_MS: i64 = 3_600_000;
 pub const MAX_TOKENS: i64 = 1_000_000;
 /// Most labels on one `metric.sample`.
 pub const MAX_LABELS: usize = 64;
+/// Most bytes of a value that becomes part of a rollup key (user, team, project, session,
+/// name). Four such values and the event type must fit in one btree index row, which
+/// PostgreSQL limits to 2 704 bytes; 255 characters may take up to 1 020 bytes.
+pub const MAX_KEY_BYTES: usize = 600;
+/// The label names whose values fill a `metric.sample`'s user, team, project and session.
+pub const DIMENSION_LABELS: [&str; 8] = [
+    "user_id",
+    "user.id",
+    "team_id",
+    "team.id",
+    "project_id",
+    "project.id",
+    "session_id",
+    "session.id",
+];
 
 /// Topic of auth and control-plane events.
 pub const AUTH_TOPIC: &str = "tally.auth.v1";
@@ -716,6 +731,76 @@ impl Payload {
         v.expect("payload types serialize infallibly")
     }
 
+    /// What PostgreSQL could not store, checked at the door only (the projector relies on
+    /// the database's own refusal and the DLQ, so records already in the log are handled
+    /// too): every value that becomes part of a rollup key fits [`MAX_KEY_BYTES`].
+    fn check_storable(&self, prefix: &str) -> Vec<FieldError> {
+        fn ids<'a>(
+            keys: &mut Vec<(String, &'a str)>,
+            user: Option<&'a str>,
+            team: &'a Option<String>,
+            project: &'a Option<String>,
+        ) {
+            for (f, v) in [
+                ("user_id", user),
+                ("team_id", team.as_deref()),
+                ("project_id", project.as_deref()),
+            ] {
+                if let Some(v) = v {
+                    keys.push((f.to_string(), v));
+                }
+            }
+        }
+        let mut keys: Vec<(String, &str)> = Vec::new();
+        match self {
+            Payload::CommandExecuted(p) => {
+                ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
+                keys.push(("command_name".into(), &p.command_name));
+            }
+            Payload::AgentInteracted(p) => {
+                ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
+                keys.push(("agent_name".into(), &p.agent_name));
+            }
+            Payload::ToolExecuted(p) => {
+                ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
+                keys.push(("tool_name".into(), &p.tool_name));
+                keys.push(("session_id".into(), &p.session_id));
+            }
+            Payload::SessionStarted(p) => {
+                ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
+                keys.push(("session_id".into(), &p.session_id));
+            }
+            Payload::SessionEnded(p) => {
+                ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
+                keys.push(("session_id".into(), &p.session_id));
+            }
+            Payload::ProductivityRecorded(p) => {
+                ids(&mut keys, p.user_id.as_deref(), &p.team_id, &p.project_id);
+            }
+            Payload::MetricSample(p) => {
+                keys.push(("name".into(), &p.name));
+                for l in DIMENSION_LABELS {
+                    if let Some(v) = p.labels.get(l) {
+                        keys.push((format!("labels.{l}"), v));
+                    }
+                }
+            }
+            Payload::Auth(..) => {}
+        }
+        keys.into_iter()
+            .filter(|(_, v)| v.len() > MAX_KEY_BYTES)
+            .map(|(f, v)| {
+                FieldError::new(
+                    format!("{prefix}.{f}"),
+                    format!(
+                        "at most {MAX_KEY_BYTES} bytes of UTF-8 (it is part of a rollup key), got {}",
+                        v.len()
+                    ),
+                )
+            })
+            .collect()
+    }
+
     fn check_limits(&self, prefix: &str) -> Vec<FieldError> {
         let mut c = Checker {
             prefix,
@@ -1103,13 +1188,24 @@ impl IngestContext {
                 errors.push(FieldError::new("data", "is required"));
                 None
             }
-            (Some(t), Some(v), Some(data)) => match Payload::decode(t, v, data, "data") {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    errors.extend(e);
-                    None
+            (Some(t), Some(v), Some(data)) => {
+                let nul = nul_paths(&data, "data");
+                match Payload::decode(t, v, data, "data") {
+                    Ok(p) if nul.is_empty() => {
+                        errors.extend(p.check_storable("data"));
+                        Some(p)
+                    }
+                    Ok(_) => {
+                        errors.extend(nul);
+                        None
+                    }
+                    Err(e) => {
+                        errors.extend(nul);
+                        errors.extend(e);
+                        None
+                    }
                 }
-            },
+            }
             _ => None,
         };
         if !errors.is_empty() {
@@ -1148,6 +1244,41 @@ impl IngestContext {
             }
         }
     }
+}
+
+/// Every string and object key under `v` holding a NUL character, which PostgreSQL can store
+/// neither in text nor in jsonb.
+fn nul_paths(v: &Value, path: &str) -> Vec<FieldError> {
+    fn walk(v: &Value, path: &mut String, out: &mut Vec<FieldError>) {
+        const REASON: &str = "contains a NUL character (\\u0000), which cannot be stored";
+        match v {
+            Value::String(s) if s.contains('\0') => out.push(FieldError::new(path.clone(), REASON)),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let len = path.len();
+                    path.push_str(&format!("[{i}]"));
+                    walk(item, path, out);
+                    path.truncate(len);
+                }
+            }
+            Value::Object(m) => {
+                for (k, item) in m {
+                    let len = path.len();
+                    path.push('.');
+                    path.push_str(&k.replace('\0', "\\u0000"));
+                    if k.contains('\0') {
+                        out.push(FieldError::new(path.clone(), REASON));
+                    }
+                    walk(item, path, out);
+                    path.truncate(len);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(v, &mut path.to_string(), &mut out);
+    out
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -1206,6 +1337,46 @@ mod tests {
 
     fn now() -> String {
         Utc::now().to_rfc3339()
+    }
+
+    #[test]
+    fn what_postgresql_cannot_store_is_refused_at_the_door() {
+        let fields = |e: Value| -> Vec<String> {
+            let mut f: Vec<String> = ctx()
+                .envelope(0, e)
+                .expect_err("refused")
+                .into_iter()
+                .map(|f| f.field)
+                .collect();
+            f.sort();
+            f
+        };
+        let nul = json!({"type": "command.executed", "occurred_at": now(), "data": {
+            "user_id": "u", "command_name": "a\u{0}b", "duration_ms": 1, "status": "success",
+            "args": {"list": ["ok", "x\u{0}"], "k\u{0}": 1}}});
+        assert_eq!(
+            fields(nul),
+            [
+                "data.args.k\\u0000",
+                "data.args.list[1]",
+                "data.command_name"
+            ]
+        );
+        // 255 characters, but 765 bytes: over the rollup key's share of the index row.
+        let wide = "\u{4e00}".repeat(255);
+        let long = json!({"type": "command.executed", "occurred_at": now(), "data": {
+            "user_id": wide, "team_id": "t", "command_name": "build", "duration_ms": 1,
+            "status": "success"}});
+        assert_eq!(fields(long), ["data.user_id"]);
+        let label = json!({"type": "metric.sample", "occurred_at": now(), "data": {
+            "name": "m", "value": 1,
+            "labels": {"user.id": "x".repeat(601), "other": "y".repeat(1000)}}});
+        assert_eq!(fields(label), ["data.labels.user.id"]);
+        // Within the bounds, the same event passes.
+        let fine = json!({"type": "command.executed", "occurred_at": now(), "data": {
+            "user_id": "\u{4e00}".repeat(200), "command_name": "build", "duration_ms": 1,
+            "status": "success"}});
+        ctx().envelope(0, fine).expect("accepted");
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod late;
 mod login;
 mod otlp;
 mod pipeline;
+mod poison;
 mod promrw;
 mod replay;
 mod sso;

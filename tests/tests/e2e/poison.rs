@@ -1,0 +1,486 @@
+//! Records PostgreSQL refuses for their own sake never stall the projector: they are found,
+//! dead-lettered with the reason, and everything else — another tenant's events behind them
+//! on the same partition above all — is projected. A batch that keeps failing for any other
+//! reason is visible on `/readyz`, `/metrics` and in `projector status`. And positions hold
+//! where the log and the stored offsets disagree (item 9 of issue 11).
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde_json::{json, Value};
+use shared::config::Common;
+use shared::events::{Actor, IngestContext, Source, TimeBounds};
+use shared::tenant::TenantId;
+use tally_tests::*;
+use uuid::Uuid;
+
+/// A valid envelope of `tenant`, as JSON (poison is made by editing it afterwards).
+fn envelope(tenant: TenantId, event: Value) -> Value {
+    let ctx = IngestContext {
+        tenant_id: tenant,
+        actor: Actor::default(),
+        source: Source::Api,
+        received_at: Utc::now(),
+        bounds: TimeBounds::default(),
+        ids: shared::events::Ids::Fresh,
+    };
+    serde_json::to_value(ctx.envelope(0, event).expect("valid event")).unwrap()
+}
+
+/// `n` random CJK characters: 3 bytes each, and nothing for compression to find.
+fn wide(n: usize) -> String {
+    (0..n)
+        .map(|_| {
+            let r = u32::from(u16::from_le_bytes(
+                Uuid::new_v4().as_bytes()[..2].try_into().unwrap(),
+            ));
+            char::from_u32(0x4e00 + r % 0x5000).unwrap()
+        })
+        .collect()
+}
+
+fn sample(name: &str, value: f64) -> Value {
+    json!({"type": "metric.sample", "occurred_at": ago(30),
+           "data": {"name": name, "value": value, "labels": {"user.id": "u"}}})
+}
+
+async fn produce(producer: &FutureProducer, topic: &str, partition: i32, records: &[Value]) {
+    for r in records {
+        let bytes = serde_json::to_vec(r).unwrap();
+        producer
+            .send(
+                FutureRecord::<str, [u8]>::to(topic)
+                    .partition(partition)
+                    .key("k")
+                    .payload(&bytes),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("produce");
+    }
+}
+
+/// Every record of a topic as (payload, headers by name), read from the beginning until
+/// `n` arrived or 30 s passed.
+async fn read_all(common: &Common, topic: String, n: usize) -> Vec<(Value, Vec<(String, String)>)> {
+    let consumer: BaseConsumer = shared::kafka::client_config(common)
+        .set(
+            "group.id",
+            format!("{}reader-{}", common.topic_prefix, Uuid::new_v4()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while out.len() < n && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                let headers = [
+                    "tally-source-partition",
+                    "tally-source-offset",
+                    "tally-error",
+                ]
+                .iter()
+                .filter_map(|k| {
+                    projector::consumer::header(&m, k)
+                        .map(|v| (k.to_string(), String::from_utf8_lossy(v).into_owned()))
+                })
+                .collect();
+                out.push((
+                    serde_json::from_slice(m.payload().unwrap_or(b"null")).unwrap_or(Value::Null),
+                    headers,
+                ));
+            }
+        }
+        out
+    })
+    .await
+    .unwrap()
+}
+
+fn header<'a>(h: &'a [(String, String)], k: &str) -> &'a str {
+    h.iter()
+        .find(|(name, _)| name == k)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("")
+}
+
+async fn overview_total(client: &reqwest::Client, query: &str, key: &str) -> f64 {
+    let body = get_json(
+        client,
+        &format!("{query}/v1/dashboard/overview?range=1h"),
+        key,
+    )
+    .await;
+    body["events_total"].as_f64().unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn records_postgresql_refuses_are_dead_lettered_and_others_flow() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    shared::kafka::ensure_topics(&common, &common.all_topics())
+        .await
+        .unwrap();
+    let attacker = create_tenant(&pool, "poisoner").await;
+    let victim = create_tenant(&pool, "neighbour").await;
+    let producer: FutureProducer =
+        shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
+    let topic = common.metrics_topic();
+    let projector = start_projector(&common).await;
+    let query = start_query(&common, |_| {}).await;
+    let client = http();
+
+    // A first batch lands: one command and a huge (finite) metric value.
+    produce(
+        &producer,
+        &topic,
+        0,
+        &[
+            envelope(attacker.id, command("u", "build", 5, true)),
+            envelope(attacker.id, sample("huge", 1.5e308)),
+        ],
+    )
+    .await;
+    wait_projected(&pool, attacker.id, 2, Duration::from_secs(60)).await;
+
+    // Three records the door refuses today, written straight to the log (as an older
+    // writer or a replayed log could), then the neighbour's event behind them.
+    let mut nul = envelope(attacker.id, command("u", "build", 5, true));
+    nul["data"]["command_name"] = json!("a\u{0}b");
+    let mut nul_json = envelope(attacker.id, command("u", "build", 5, true));
+    nul_json["data"]["args"] = json!({"k": "x\u{0}y"});
+    let mut long_key = envelope(attacker.id, command("u", "build", 5, true));
+    long_key["data"]["user_id"] = json!(wide(255));
+    long_key["data"]["team_id"] = json!(wide(255));
+    long_key["data"]["project_id"] = json!(wide(255));
+    long_key["data"]["command_name"] = json!(wide(255));
+    // The sum of two finite values that float8 cannot hold.
+    let overflow = envelope(attacker.id, sample("huge", 1.5e308));
+    let fine = envelope(attacker.id, command("u", "test", 7, false));
+    let poison = [nul, nul_json, long_key, overflow];
+    let mut records: Vec<Value> = poison.to_vec();
+    records.push(fine);
+    produce(&producer, &topic, 0, &records).await;
+    let sent = Instant::now();
+    produce(
+        &producer,
+        &topic,
+        0,
+        &[envelope(victim.id, command("v", "deploy", 9, true))],
+    )
+    .await;
+
+    // The neighbour's event is on its dashboard within 5 s.
+    loop {
+        if overview_total(&client, &query.url(), &victim.read_key).await >= 1.0 {
+            break;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "the neighbour's event is not on its dashboard 5 s after it was sent"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "neighbour's event on its dashboard after {:?}",
+        sent.elapsed()
+    );
+
+    // The poisoner's good events are all there, each once, and nothing of the refused ones.
+    wait_projected(&pool, attacker.id, 3, Duration::from_secs(10)).await;
+    assert_eq!(
+        scalar_in_tenant(
+            &pool,
+            attacker.id,
+            "SELECT count(*) FROM command_executions"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        scalar_in_tenant(&pool, attacker.id, "SELECT count(*) FROM metric_samples").await,
+        1
+    );
+    assert_eq!(
+        scalar_in_tenant(
+            &pool,
+            attacker.id,
+            "SELECT sum(count)::bigint FROM activity_1d WHERE event_type = 'command.executed'"
+        )
+        .await,
+        2
+    );
+
+    // The DLQ holds exactly the four refused records, each with its origin and the reason.
+    let mut dead = read_all(&common, common.metrics_dlq_topic(), 5).await;
+    // Dead letters keep their record's key, so they spread over the DLQ's partitions.
+    dead.sort_by_key(|(_, h)| {
+        header(h, "tally-source-offset")
+            .parse::<i64>()
+            .unwrap_or(-1)
+    });
+    let errors: Vec<&str> = dead.iter().map(|(_, h)| header(h, "tally-error")).collect();
+    assert_eq!(dead.len(), 4, "{errors:#?}");
+    let expected_codes = ["22021", "22P05", "54000", "22003"];
+    for (i, (payload, h)) in dead.iter().enumerate() {
+        assert_eq!(
+            payload["id"], poison[i]["id"],
+            "dead letter {i}: {errors:#?}"
+        );
+        assert_eq!(header(h, "tally-source-partition"), "0");
+        assert_eq!(header(h, "tally-source-offset"), (i + 2).to_string());
+        let error = header(h, "tally-error");
+        assert!(
+            error.contains("refused by PostgreSQL") && error.contains(expected_codes[i]),
+            "dead letter {i}: {error}"
+        );
+    }
+
+    // Nothing stalled: ready, and no partition marked.
+    let ready = client
+        .get(format!("{}/readyz", projector.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let stalled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM control.projector_offsets WHERE topic = $1 AND stalled_since IS NOT NULL",
+    )
+    .bind(&topic)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(stalled, 0);
+    projector.stop().await.unwrap();
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_that_keeps_failing_is_visible_until_it_lands() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    shared::kafka::ensure_topics(&common, &common.all_topics())
+        .await
+        .unwrap();
+    let t = create_tenant(&pool, "stalled").await;
+    let producer: FutureProducer =
+        shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
+    let topic = common.metrics_topic();
+    let mut config = projector_config(&common);
+    config.stall_unready_secs = 2;
+    let app = projector::App::build(config).await.unwrap();
+    let addr = app.local_addr();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until(async move {
+        let _ = stop_rx.await;
+    }));
+    let client = http();
+
+    produce(
+        &producer,
+        &topic,
+        2,
+        &[envelope(t.id, command("u", "a", 1, true))],
+    )
+    .await;
+    wait_projected(&pool, t.id, 1, Duration::from_secs(60)).await;
+
+    // From now on this test's offsets may not move past 1: every batch fails on the
+    // compare-and-set, which is not any record's fault.
+    let constraint = format!("stall_{}", Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE control.projector_offsets ADD CONSTRAINT {constraint}
+             CHECK (topic <> '{topic}' OR next_offset <= 1) NOT VALID"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    produce(
+        &producer,
+        &topic,
+        2,
+        &[envelope(t.id, command("u", "b", 1, true))],
+    )
+    .await;
+
+    // /readyz turns 503 and names the partition and the error.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let res = client
+            .get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 503 {
+            break res.text().await.unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never reported the stall"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        body.contains("partitions [2]") && body.contains(&constraint),
+        "{body}"
+    );
+    let metrics = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("projector_stalled_partitions") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    // `projector status` (the operator's command) shows it too.
+    let out = projector_command(&common, &["status"]).output().unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains(&format!("STALLED {topic} partition 2")),
+        "{status}"
+    );
+    // No record was blamed: nothing in the DLQ, nothing lost.
+    assert_eq!(projected_events(&pool, t.id).await, Some(1));
+
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE control.projector_offsets DROP CONSTRAINT {constraint}"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    wait_projected(&pool, t.id, 2, Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed 503 after the batch landed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = projector_command(&common, &["status"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("STALLED"));
+    assert!(read_all(&common, common.metrics_dlq_topic(), 1)
+        .await
+        .is_empty());
+    let _ = stop_tx.send(());
+    task.await.unwrap().unwrap();
+}
+
+/// A partition never projected, whose consumer group already committed an offset in Kafka
+/// (a reset projection, a restored database): the records before that offset are
+/// projected too. (Before, the first record read was taken as the start.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fresh_partition_starts_at_its_beginning_whatever_kafka_committed() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    shared::kafka::ensure_topics(&common, &common.all_topics())
+        .await
+        .unwrap();
+    let t = create_tenant(&pool, "fresh").await;
+    let producer: FutureProducer =
+        shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
+    let topic = common.metrics_topic();
+    let records: Vec<Value> = (0..10)
+        .map(|i| envelope(t.id, command("u", "c", i, true)))
+        .collect();
+    produce(&producer, &topic, 3, &records).await;
+
+    // The projector's group has committed offset 6 in Kafka, and the database knows nothing.
+    let group: BaseConsumer = shared::kafka::client_config(&common)
+        .set("group.id", projector_config(&common).consumer_group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 3, Offset::Offset(6))
+        .unwrap();
+    group.commit(&tpl, CommitMode::Sync).unwrap();
+    drop(group);
+
+    let projector = start_projector(&common).await;
+    wait_projected(&pool, t.id, 10, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        scalar_in_tenant(&pool, t.id, "SELECT count(*) FROM command_executions").await,
+        10
+    );
+    projector.stop().await.unwrap();
+}
+
+/// Retention deleted records the projection had not reached: the projector goes on from
+/// the log's first record (and counts what was lost) instead of seeking back forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn records_expired_before_projection_do_not_stop_the_partition() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    shared::kafka::ensure_topics(&common, &common.all_topics())
+        .await
+        .unwrap();
+    let t = create_tenant(&pool, "expired").await;
+    let producer: FutureProducer =
+        shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
+    let topic = common.metrics_topic();
+    let batch = |n: i64| -> Vec<Value> {
+        (0..n)
+            .map(|i| envelope(t.id, command("u", "c", i, true)))
+            .collect()
+    };
+    produce(&producer, &topic, 1, &batch(4)).await;
+    let projector = start_projector(&common).await;
+    wait_projected(&pool, t.id, 4, Duration::from_secs(60)).await;
+    projector.stop().await.unwrap();
+
+    // Six more while the projector is away; retention then deletes offsets 4..=7.
+    produce(&producer, &topic, 1, &batch(6)).await;
+    let admin: AdminClient<DefaultClientContext> =
+        shared::kafka::client_config(&common).create().unwrap();
+    let mut before = TopicPartitionList::new();
+    before
+        .add_partition_offset(&topic, 1, Offset::Offset(8))
+        .unwrap();
+    admin
+        .delete_records(&before, &AdminOptions::new())
+        .await
+        .expect("delete records");
+
+    let projector = start_projector(&common).await;
+    wait_projected(&pool, t.id, 6, Duration::from_secs(30)).await;
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT next_offset FROM control.projector_offsets WHERE topic = $1 AND partition = 1",
+    )
+    .bind(&topic)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, 10);
+    assert_eq!(
+        scalar_in_tenant(&pool, t.id, "SELECT count(*) FROM command_executions").await,
+        6
+    );
+    projector.stop().await.unwrap();
+}
