@@ -484,3 +484,61 @@ async fn records_expired_before_projection_do_not_stop_the_partition() {
     );
     projector.stop().await.unwrap();
 }
+
+/// A replay does not drop what it cannot project: a record of the replayed tenant that
+/// today's rules refuse goes to the DLQ and is counted in the replay's report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replay_dead_letters_and_counts_what_it_cannot_project() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    shared::kafka::ensure_topics(&common, &common.all_topics())
+        .await
+        .unwrap();
+    let t = create_tenant(&pool, "replayed").await;
+    let producer: FutureProducer =
+        shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
+    let topic = common.metrics_topic();
+    let mut unknown_version = envelope(t.id, command("u", "c", 1, true));
+    unknown_version["schema_version"] = json!(99);
+    let mut records: Vec<Value> = (0..5)
+        .map(|i| envelope(t.id, command("u", "c", i, true)))
+        .collect();
+    records.insert(2, unknown_version.clone());
+    produce(&producer, &topic, 0, &records).await;
+    let projector = start_projector(&common).await;
+    wait_projected(&pool, t.id, 5, Duration::from_secs(60)).await;
+    assert_eq!(
+        read_all(&common, common.metrics_dlq_topic(), 1).await.len(),
+        1
+    );
+
+    let out = tokio::task::spawn_blocking({
+        let common = common.clone();
+        let tenant = t.id.to_string();
+        move || {
+            projector_command(&common, &["replay", "--tenant", &tenant, "--json"])
+                .env("TALLY_REPLAY_DROP_GRACE_SECS", "0")
+                .stderr(std::process::Stdio::piped())
+                .output()
+                .expect("run projector replay")
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "replay failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("replay report");
+    assert_eq!(report["dead_lettered"], 1, "{report}");
+    assert_eq!(report["projected"], 5, "{report}");
+    let dead = read_all(&common, common.metrics_dlq_topic(), 3).await;
+    assert_eq!(dead.len(), 2, "the live projector's and the replay's");
+    for (payload, h) in &dead {
+        assert_eq!(payload["id"], unknown_version["id"]);
+        assert!(header(h, "tally-error").contains("schema_version"), "{h:?}");
+    }
+    projector.stop().await.unwrap();
+}

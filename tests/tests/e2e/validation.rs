@@ -82,6 +82,22 @@ async fn bad_requests_get_clear_problems() {
         "{b}"
     );
 
+    // What PostgreSQL cannot store: a NUL anywhere in `data`, a rollup key over 600 bytes.
+    let body = json!([command("u", "ok", 1, true),
+        {"type": "command.executed", "occurred_at": ago(1), "data": {"user_id": "u", "command_name": "a\u{0}b", "duration_ms": 1, "status": "success", "args": {"k": ["x\u{0}"]}}},
+        {"type": "command.executed", "occurred_at": ago(1), "data": {"user_id": "\u{4e00}".repeat(250), "command_name": "b", "duration_ms": 1, "status": "success"}}]);
+    let (s, b) = problem(send(serde_json::to_vec(&body).unwrap(), k).await.unwrap()).await;
+    assert_eq!(s, 422);
+    assert_eq!(
+        fields(&b),
+        vec![
+            (Some(1), "data.args.k[0]".to_string()),
+            (Some(1), "data.command_name".to_string()),
+            (Some(2), "data.user_id".to_string())
+        ],
+        "{b}"
+    );
+
     // Unknown event type.
     let body = json!({"type": "command.exploded", "occurred_at": ago(1), "data": {}});
     let (s, b) = problem(send(serde_json::to_vec(&body).unwrap(), k).await.unwrap()).await;
