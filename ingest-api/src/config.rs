@@ -15,6 +15,11 @@ pub struct Config {
     pub max_batch_events: usize,
     /// Largest request body, before and after decompression.
     pub max_body_bytes: usize,
+    /// Requests the ingest doors serve at once; beyond it they answer 503 at once.
+    pub max_inflight_requests: usize,
+    /// Body bytes the ingest doors hold at once (by `Content-Length`, or `max_body_bytes`
+    /// for a body of unknown length); beyond it they answer 503 at once.
+    pub max_inflight_bytes: usize,
     /// How long a request waits for Kafka to acknowledge its events before answering 503.
     pub produce_timeout_ms: u64,
     /// How far in the future `occurred_at` may be (client clock skew).
@@ -44,6 +49,8 @@ impl Default for Config {
             grpc_addr: "127.0.0.1:4317".into(),
             max_batch_events: 1000,
             max_body_bytes: 10 * 1024 * 1024,
+            max_inflight_requests: 256,
+            max_inflight_bytes: 64 * 1024 * 1024,
             produce_timeout_ms: 5000,
             max_future_skew_secs: 300,
             retention_days: 90,
@@ -62,6 +69,12 @@ impl Config {
         self.common.check()?;
         if self.max_batch_events == 0 || self.max_body_bytes == 0 {
             return Err("max_batch_events and max_body_bytes must be positive".into());
+        }
+        if self.max_inflight_requests == 0 || self.max_inflight_bytes < self.max_body_bytes {
+            return Err(
+                "max_inflight_requests must be positive and max_inflight_bytes at least max_body_bytes"
+                    .into(),
+            );
         }
         if self.produce_timeout_ms < 100 {
             return Err("produce_timeout_ms must be at least 100".into());

@@ -9,6 +9,7 @@ pub mod keys;
 pub mod oidc;
 pub mod relay;
 pub mod routes;
+pub mod shed;
 pub mod state;
 pub mod throttle;
 
@@ -99,6 +100,11 @@ impl App {
                 config.login_max_failures_per_ip,
                 Duration::from_secs(config.login_window_secs),
             ),
+            shed: shed::Shed::new(
+                config.max_inflight_requests,
+                config.max_inflight_bytes,
+                config.max_body_bytes,
+            ),
             pool,
             producer,
             redis,
@@ -182,6 +188,10 @@ impl App {
             .layer(cors(&state.config.cors_origins))
             // The handler enforces the body limit itself (before and after decompression).
             .layer(DefaultBodyLimit::disable())
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                shed::shed,
+            ))
             .layer(axum::middleware::from_fn(shared::telemetry::track_http))
             .with_state(state)
     }

@@ -17,6 +17,7 @@ mod kafka_down;
 mod late;
 mod login;
 mod otlp;
+mod overload;
 mod pipeline;
 mod poison;
 mod promrw;
