@@ -10,7 +10,7 @@ PROFILE ?= release
 BIN_DIR := $(CARGO_TARGET_DIR)/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 ENV := source deploy/local/env.sh
 
-.PHONY: help up down test build lint fmt status load bench-read clean-data
+.PHONY: help up down test build lint fmt status load overload bench-read clean-data
 
 help:
 	@echo "make up      install what is missing, start Kafka, PostgreSQL, Redis and Tally, create a demo tenant"
@@ -18,6 +18,7 @@ help:
 	@echo "make down    stop everything (data is kept; 'make clean-data' deletes it)"
 	@echo "make status  what is running"
 	@echo "make load    run the load generator against 'make up' (EVENTS=200000 CONCURRENCY=8 BATCH=500 FORMAT=events|otlp)"
+	@echo "make overload  offer ingest-api twice the rate it sustains (FACTOR=2 SECONDS=30); report shedding, memory, exactly-once (after 'make up')"
 	@echo "make bench-read  load READ_EVENTS over READ_DAYS into a new tenant, time overview and time series (after 'make up')"
 
 up:
@@ -66,6 +67,14 @@ load:
 	cargo build --profile $(PROFILE) -p tally-tests --bin tally-load
 	$(ENV) && source .tally/demo.env && $(BIN_DIR)/tally-load --events $(EVENTS) \
 		--concurrency $(CONCURRENCY) --batch $(BATCH) --format $(FORMAT) --baseline
+
+FACTOR ?= 2
+SECONDS ?= 30
+overload:
+	test -f .tally/demo.env || { echo "run 'make up' first"; exit 1; }
+	cargo build --profile $(PROFILE) -p tally-tests --bin tally-overload
+	$(ENV) && $(BIN_DIR)/tally-overload --factor $(FACTOR) --seconds $(SECONDS) \
+		--pid-file "$${TALLY_HOME:-.tally}/run/ingest-api.pid"
 
 READ_EVENTS ?= 10000000
 READ_DAYS ?= 30

@@ -775,3 +775,22 @@ pub fn command(user: &str, name: &str, duration_ms: i64, ok: bool) -> Value {
         }
     })
 }
+
+/// Events the dashboards count for the key's tenant over the last 24 h.
+pub async fn dashboard_total(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+) -> anyhow::Result<i64> {
+    let v: Value = client
+        .get(format!("{url}/v1/dashboard/overview?range=24h"))
+        .bearer_auth(key)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    v["events_total"]
+        .as_i64()
+        .ok_or_else(|| anyhow::anyhow!("no events_total in the overview: {v}"))
+}

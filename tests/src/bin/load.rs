@@ -180,7 +180,7 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let counted_before = match &args.read_key {
-        Some(key) => Some(dashboard_total(&client, &args.query_url, key).await?),
+        Some(key) => Some(tally_tests::dashboard_total(&client, &args.query_url, key).await?),
         None => None,
     };
     let queue = Arc::new(Mutex::new(
@@ -321,7 +321,7 @@ async fn main() -> anyhow::Result<()> {
         let mut counted = before;
         while counted < target && Instant::now() < wait_deadline {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            counted = dashboard_total(&client, &args.query_url, key).await?;
+            counted = tally_tests::dashboard_total(&client, &args.query_url, key).await?;
         }
         let e2e = started.elapsed().as_secs_f64();
         println!(
@@ -337,21 +337,6 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Events the dashboards count for the key's tenant over the last 24 h.
-async fn dashboard_total(client: &reqwest::Client, url: &str, key: &str) -> anyhow::Result<i64> {
-    let v: Value = client
-        .get(format!("{url}/v1/dashboard/overview?range=24h"))
-        .bearer_auth(key)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    v["events_total"]
-        .as_i64()
-        .context("events_total in the overview")
 }
 
 /// COPYs `n` rows shaped like the projector's raw rows into a scratch table, in batches of
