@@ -150,7 +150,7 @@ async fn line_protocol_bombs_are_refused_in_bounded_memory() {
     let small_tags: String = (0..6)
         .map(|i| format!(",t{i}={}", "v".repeat(256)))
         .collect();
-    let many_lines = format!("bomb{small_tags} {}\n", vec!["f=1"; 10].join(",")).repeat(5_000);
+    let many_lines = format!("bomb{small_tags} {}\n", ["f=1"; 10].join(",")).repeat(5_000);
     // A million fields on one line.
     let many_fields = format!("bomb {}", vec!["f=1"; 1_000_000].join(","));
     for (what, text) in [
