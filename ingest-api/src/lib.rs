@@ -42,6 +42,30 @@ fn cors(origins: &str) -> tower_http::cors::CorsLayer {
         .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
 }
 
+/// Largest body of the sign-in routes (`/v1/auth/*`): a login, a refresh token, a new
+/// password, an accepted invitation. They answer anyone, so they read little.
+pub const AUTH_BODY_BYTES: usize = 16 * 1024;
+/// Largest body of the control plane (`/v1/admin/*`); a team of a thousand members fits.
+pub const ADMIN_BODY_BYTES: usize = 64 * 1024;
+
+/// Gives `routes` a body limit of `limit` bytes: a body that declares a larger length is
+/// refused before any of it is read, and one that does not is read no further than the limit
+/// (the JSON extractors then answer 413 too, see `shared::problem::json_body`).
+fn body_limit(routes: Router<AppState>, limit: usize) -> Router<AppState> {
+    routes
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+                use axum::response::IntoResponse;
+                use http_body::Body;
+                if request.body().size_hint().lower() > limit as u64 {
+                    return shared::problem::Problem::too_large(limit).into_response();
+                }
+                next.run(request).await
+            },
+        ))
+}
+
 /// A built ingest-api, bound to its port.
 pub struct App {
     listener: TcpListener,
@@ -131,12 +155,15 @@ impl App {
     }
 
     pub fn router(state: AppState) -> Router {
-        Router::new()
+        // The ingest doors read the raw body themselves, within `max_body_bytes` as sent and
+        // once decompressed (`routes::events::read_body`).
+        let doors = Router::new()
             .route("/v1/events", post(routes::events::post_events))
             .route("/api/v2/write", post(routes::influx::write))
             .route("/api/v1/write", post(routes::promrw::write))
             .route("/v1/otlp/v1/metrics", post(routes::otlp::metrics))
-            .route("/v1/otlp/v1/logs", post(routes::otlp::logs))
+            .route("/v1/otlp/v1/logs", post(routes::otlp::logs));
+        let auth = Router::new()
             .route("/v1/auth/login", post(routes::auth::login))
             .route("/v1/auth/refresh", post(routes::auth::refresh))
             .route("/v1/auth/logout", post(routes::auth::logout))
@@ -147,9 +174,10 @@ impl App {
                 "/v1/auth/invitations/accept",
                 post(routes::invitations::accept),
             )
-            .route("/v1/admin/invitations", post(routes::invitations::invite))
             .route("/v1/auth/sso/start", get(routes::sso::start))
-            .route("/v1/auth/sso/callback", get(routes::sso::callback))
+            .route("/v1/auth/sso/callback", get(routes::sso::callback));
+        let admin = Router::new()
+            .route("/v1/admin/invitations", post(routes::invitations::invite))
             .route(
                 "/v1/admin/sso",
                 put(routes::sso::put_settings).get(routes::sso::get_settings),
@@ -179,15 +207,19 @@ impl App {
             .route(
                 "/v1/admin/api-keys/{id}",
                 delete(routes::control::revoke_api_key),
-            )
+            );
+        let operations = Router::new()
             .route("/openapi.json", get(routes::health::openapi))
             .route("/healthz", get(routes::health::healthz))
             .route("/readyz", get(routes::health::readyz))
-            .route("/metrics", get(routes::health::metrics))
+            .route("/metrics", get(routes::health::metrics));
+        Router::new()
+            .merge(doors)
+            .merge(body_limit(auth, AUTH_BODY_BYTES))
+            .merge(body_limit(admin, ADMIN_BODY_BYTES))
+            .merge(body_limit(operations, 0))
             .fallback(shared::problem::not_found_fallback)
             .layer(cors(&state.config.cors_origins))
-            // The handler enforces the body limit itself (before and after decompression).
-            .layer(DefaultBodyLimit::disable())
             .layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 shed::shed,

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod events;
+pub mod expansion;
 pub mod health;
 pub mod histogram;
 pub mod jwt;

@@ -1,6 +1,8 @@
 //! InfluxDB line protocol (`measurement,tag=v field=1.5,other=2i 1700000000000000000`),
 //! parsed line by line: a bad line is reported with its number and never stops the others.
-//! Each numeric or boolean field of a line becomes one `metric.sample` (see `to_event`).
+//! Each numeric or boolean field of a line becomes one `metric.sample` (see `to_events`),
+//! carrying the line's tags: the request's size is bounded as it is parsed (fields, tags per
+//! line, and the bytes of events it would make), before any event is built.
 
 use std::collections::BTreeMap;
 
@@ -8,8 +10,14 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::events::{FieldError, MAX_LABELS};
+use crate::expansion;
+
 /// Most lines one request may carry.
 pub const MAX_LINES: usize = 5_000;
+/// Most fields (numeric, boolean or string) one request may carry; each numeric or boolean
+/// one becomes a sample.
+pub const MAX_FIELDS: usize = 50_000;
 
 /// Unit of the timestamps (`precision` query parameter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,27 +72,56 @@ pub struct LineError {
     pub reason: String,
 }
 
-/// Parses every line; returns the good points and the bad lines.
-pub fn parse(body: &str, precision: Precision) -> (Vec<Point>, Vec<LineError>) {
+/// Why a line, or the whole request, was refused while parsing.
+enum Refusal {
+    Line(String),
+    Request(FieldError),
+}
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Self {
+        Refusal::Line(reason)
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(reason: &str) -> Self {
+        Refusal::Line(reason.into())
+    }
+}
+
+/// Parses every line; returns the good points and the bad lines, or refuses the request
+/// whole once it carries more than [`MAX_FIELDS`] fields or would make more than
+/// [`expansion::MAX_EXPANDED_BYTES`] of events (checked line by line, before any is built).
+pub fn parse(body: &str, precision: Precision) -> Result<(Vec<Point>, Vec<LineError>), FieldError> {
     let mut points = Vec::new();
     let mut errors = Vec::new();
+    let (mut fields, mut expanded) = (0, 0);
     for (i, line) in body.lines().enumerate() {
         let text = line.trim();
         if text.is_empty() || text.starts_with('#') {
             continue;
         }
-        match parse_line(text, precision) {
+        match parse_line(text, precision, MAX_FIELDS - fields) {
             Ok(mut p) => {
                 p.line = i + 1;
+                fields += p.fields.len() + p.strings.len();
+                expanded += p.weight();
+                expansion::check(
+                    "body",
+                    expanded,
+                    "each field's sample repeats its line's tags",
+                )?;
                 points.push(p);
             }
-            Err(reason) => errors.push(LineError {
+            Err(Refusal::Line(reason)) => errors.push(LineError {
                 line: i + 1,
                 reason,
             }),
+            Err(Refusal::Request(e)) => return Err(e),
         }
     }
-    (points, errors)
+    Ok((points, errors))
 }
 
 /// Splits `s` at the first unescaped, unquoted `sep`.
@@ -106,17 +143,14 @@ fn split_unescaped(s: &str, sep: char) -> (&str, Option<&str>) {
     (s, None)
 }
 
-/// Every unescaped, unquoted piece of `s` between `sep`s.
-fn split_all(mut s: &str, sep: char) -> Vec<&str> {
-    let mut out = Vec::new();
-    loop {
-        let (head, rest) = split_unescaped(s, sep);
-        out.push(head);
-        match rest {
-            Some(r) => s = r,
-            None => return out,
-        }
-    }
+/// Every unescaped, unquoted piece of `s` between `sep`s, one at a time.
+fn split_all(s: &str, sep: char) -> impl Iterator<Item = &str> {
+    let mut rest = Some(s);
+    std::iter::from_fn(move || {
+        let (head, tail) = split_unescaped(rest?, sep);
+        rest = tail;
+        Some(head)
+    })
 }
 
 fn unescape(s: &str) -> String {
@@ -139,12 +173,13 @@ fn unescape(s: &str) -> String {
     out
 }
 
-fn parse_line(text: &str, precision: Precision) -> Result<Point, String> {
+/// One line, with at most `room` fields (more refuses the request).
+fn parse_line(text: &str, precision: Precision, room: usize) -> Result<Point, Refusal> {
     let (series, rest) = split_unescaped(text, ' ');
     let rest =
         rest.ok_or("no fields: a line is `measurement[,tag=value…] field=value[,…] [timestamp]`")?;
     let (fields_text, time_text) = split_unescaped(rest.trim_start(), ' ');
-    let mut series_parts = split_all(series, ',').into_iter();
+    let mut series_parts = split_all(series, ',');
     let measurement = unescape(series_parts.next().unwrap_or(""));
     if measurement.is_empty() {
         return Err("the measurement is empty".into());
@@ -155,13 +190,22 @@ fn parse_line(text: &str, precision: Precision) -> Result<Point, String> {
         let v = v.ok_or_else(|| format!("tag `{}` has no `=value`", unescape(k)))?;
         let (k, v) = (unescape(k), unescape(v));
         if k.is_empty() || v.is_empty() {
-            return Err(format!("tag `{k}={v}`: keys and values must not be empty"));
+            return Err(format!("tag `{k}={v}`: keys and values must not be empty").into());
         }
         tags.insert(k, v);
+        if tags.len() > MAX_LABELS {
+            return Err(format!("more than {MAX_LABELS} tags").into());
+        }
     }
     let mut fields = Vec::new();
     let mut strings = Vec::new();
     for field in split_all(fields_text, ',') {
+        if fields.len() + strings.len() == room {
+            return Err(Refusal::Request(FieldError::new(
+                "body",
+                format!("more than {MAX_FIELDS} fields; at most {MAX_FIELDS} per request"),
+            )));
+        }
         let (k, v) = split_unescaped(field, '=');
         let key = unescape(k);
         let v = v.ok_or_else(|| format!("field `{key}` has no `=value`"))?;
@@ -173,6 +217,9 @@ fn parse_line(text: &str, precision: Precision) -> Result<Point, String> {
                 .strip_suffix('"')
                 .ok_or_else(|| format!("field `{key}`: unterminated string"))?;
             strings.push((key, unescape(s)));
+            if tags.len() + strings.len() > MAX_LABELS {
+                return Err(format!("more than {MAX_LABELS} tags and string fields").into());
+            }
             continue;
         }
         let number = match v {
@@ -214,6 +261,23 @@ fn parse_line(text: &str, precision: Precision) -> Result<Point, String> {
 }
 
 impl Point {
+    /// About how many bytes of events [`Point::to_events`] makes: every sample repeats the
+    /// measurement, the tags and the string fields.
+    fn weight(&self) -> usize {
+        let labels: usize = self
+            .tags
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 6)
+            .sum::<usize>()
+            + self
+                .strings
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 12)
+                .sum::<usize>();
+        let names: usize = self.fields.iter().map(|(k, _)| k.len()).sum();
+        expansion::weight(self.fields.len(), self.measurement.len() + labels) + names
+    }
+
     /// The `metric.sample` client events of this point: one per numeric field, named
     /// `<measurement>_<field>` (just `<measurement>` for a field called `value`), with the
     /// tags (and string fields, as `field.<key>`) as labels. `now` stands in for a missing
@@ -252,7 +316,7 @@ mod tests {
                     bad line\n\
                     disk,host=a free=abc 1\n\
                     net,host=a rx=1u 99999999999999999999";
-        let (points, errors) = parse(body, Precision::S);
+        let (points, errors) = parse(body, Precision::S).unwrap();
         assert_eq!(points.len(), 2, "{errors:?}");
         let cpu = &points[0];
         assert_eq!(cpu.line, 1);
@@ -286,7 +350,33 @@ mod tests {
         assert_eq!(Precision::parse(None), Some(Precision::Ns));
         assert_eq!(Precision::parse(Some("ms")), Some(Precision::Ms));
         assert_eq!(Precision::parse(Some("h")), None);
-        let (p, _) = parse("m v=1 1500", Precision::Ms);
+        let (p, _) = parse("m v=1 1500", Precision::Ms).unwrap();
         assert_eq!(p[0].time.unwrap().timestamp_millis(), 1500);
+    }
+
+    #[test]
+    fn requests_that_would_expand_are_refused_while_parsing() {
+        // 60 tags of 16 KiB on one line, repeated by each of 5 000 fields: 4.6 GiB of events.
+        let tags: String = (0..60)
+            .map(|i| format!(",t{i}={}", "v".repeat(16 * 1024)))
+            .collect();
+        let fields = vec!["f=1"; 5_000].join(",");
+        let err = parse(&format!("m{tags} {fields}"), Precision::Ns).unwrap_err();
+        assert_eq!(err.field, "body");
+        assert!(err.reason.contains("MiB of events"), "{}", err.reason);
+
+        // Small lines are fine until their fields, together, pass the limit.
+        let line = format!("m,host=a {}\n", vec!["f=1"; 100].join(","));
+        let (points, errors) = parse(&line.repeat(MAX_FIELDS / 100), Precision::Ns).unwrap();
+        assert_eq!((points.len(), errors.len()), (MAX_FIELDS / 100, 0));
+        let err = parse(&line.repeat(MAX_FIELDS / 100 + 1), Precision::Ns).unwrap_err();
+        assert!(err.reason.contains("fields"), "{}", err.reason);
+
+        // Tags beyond what an event takes refuse the line, not the request.
+        let many: String = (0..=MAX_LABELS).map(|i| format!(",t{i}=v")).collect();
+        let (points, errors) = parse(&format!("m{many} f=1\nm g=2"), Precision::Ns).unwrap();
+        assert_eq!(points.len(), 1);
+        assert_eq!(errors[0].line, 1);
+        assert!(errors[0].reason.contains("tags"), "{errors:?}");
     }
 }

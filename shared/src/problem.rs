@@ -147,16 +147,16 @@ pub async fn not_found_fallback() -> Problem {
 }
 
 /// The body of a JSON request, or the problem with it (malformed, wrong type of a field,
-/// wrong content type) in the same format as every other error.
+/// wrong content type, larger than the route's limit) in the same format as every other
+/// error.
 pub fn json_body<T>(
     r: Result<axum::Json<T>, axum::extract::rejection::JsonRejection>,
 ) -> Result<T, Problem> {
     r.map(|axum::Json(v)| v).map_err(|e| {
-        Problem::new(
-            e.status(),
-            "invalid-body",
-            "Invalid request body",
-            e.body_text(),
-        )
+        let (slug, title) = match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ("body-too-large", "Body too large"),
+            _ => ("invalid-body", "Invalid request body"),
+        };
+        Problem::new(e.status(), slug, title, e.body_text())
     })
 }

@@ -1,10 +1,17 @@
 //! Prometheus remote write 1.0: a snappy-compressed (block format) protobuf `WriteRequest`.
 //! Every sample becomes a `metric.sample` named by its `__name__` label, the other labels
 //! kept as they are. Remote write 2.0 is refused (its content type names another message).
+//!
+//! A request's size is counted on the wire before it is decoded: series, samples, labels
+//! per series and the bytes of events it would make (each sample repeats its series' labels)
+//! are bounded before prost allocates anything, since an empty label costs 2 bytes on the
+//! wire and 48 in memory.
 
+use prost::Message;
 use serde_json::{json, Value};
 
 use crate::events::FieldError;
+use crate::expansion;
 
 /// Most series one request may carry.
 pub const MAX_SERIES: usize = 10_000;
@@ -55,6 +62,10 @@ pub enum DecodeError {
     },
     Snappy(String),
     Protobuf(String),
+    /// More series, samples or bytes of events than a request may make.
+    Exceeds(FieldError),
+    /// Series with more labels than an event takes, each named.
+    Invalid(Vec<FieldError>),
 }
 
 impl std::fmt::Display for DecodeError {
@@ -66,11 +77,14 @@ impl std::fmt::Display for DecodeError {
             ),
             DecodeError::Snappy(e) => write!(f, "invalid snappy block: {e}"),
             DecodeError::Protobuf(e) => write!(f, "invalid WriteRequest protobuf: {e}"),
+            DecodeError::Exceeds(e) => write!(f, "{}: {}", e.field, e.reason),
+            DecodeError::Invalid(errors) => write!(f, "{} invalid series", errors.len()),
         }
     }
 }
 
-/// Decompresses (checking the size the block claims before allocating) and decodes.
+/// Decompresses (checking the size the block claims before allocating), bounds the request
+/// from its wire form (see [`Size`]), and decodes.
 pub fn decode(body: &[u8], max_decompressed: usize) -> Result<WriteRequest, DecodeError> {
     let claimed =
         snap::raw::decompress_len(body).map_err(|e| DecodeError::Snappy(e.to_string()))?;
@@ -83,8 +97,172 @@ pub fn decode(body: &[u8], max_decompressed: usize) -> Result<WriteRequest, Deco
     let raw = snap::raw::Decoder::new()
         .decompress_vec(body)
         .map_err(|e| DecodeError::Snappy(e.to_string()))?;
-    <WriteRequest as prost::Message>::decode(raw.as_slice())
-        .map_err(|e| DecodeError::Protobuf(e.to_string()))
+    let (size, crowded) = Size::on_wire(&raw).map_err(DecodeError::Protobuf)?;
+    size.check().map_err(DecodeError::Exceeds)?;
+    if !crowded.is_empty() {
+        return Err(DecodeError::Invalid(crowded));
+    }
+    WriteRequest::decode(raw.as_slice()).map_err(|e| DecodeError::Protobuf(e.to_string()))
+}
+
+/// What a request would become: its series, its samples, and about how many bytes of events
+/// (every sample repeats its series' labels).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Size {
+    pub series: usize,
+    pub samples: usize,
+    pub expanded: usize,
+}
+
+impl Size {
+    /// Of a decoded request.
+    pub fn of(req: &WriteRequest) -> Size {
+        let mut size = Size::default();
+        for ts in &req.timeseries {
+            let labels = ts.labels.iter().map(Message::encoded_len).sum();
+            size.add(ts.samples.len(), labels);
+        }
+        size
+    }
+
+    /// Of an encoded `WriteRequest`, read without decoding it (nothing is allocated but the
+    /// refusals): its size, and a refusal for each series with more than [`MAX_LABELS`]
+    /// labels. Fields other than series, labels and samples are skipped, as prost does.
+    pub fn on_wire(raw: &[u8]) -> Result<(Size, Vec<FieldError>), String> {
+        let mut size = Size::default();
+        let mut crowded = Vec::new();
+        each_field(raw, |tag, series| {
+            let (1, Some(series)) = (tag, series) else {
+                return Ok(());
+            };
+            let (mut labels, mut label_bytes, mut samples) = (0, 0, 0);
+            each_field(series, |tag, value| {
+                match (tag, value) {
+                    (1, Some(label)) => {
+                        labels += 1;
+                        label_bytes += label.len();
+                    }
+                    (2, Some(_)) => samples += 1,
+                    _ => {}
+                }
+                Ok(())
+            })?;
+            if labels > MAX_LABELS {
+                crowded.push(FieldError::new(
+                    format!("timeseries[{}].labels", size.series),
+                    format!("{labels} labels; at most {MAX_LABELS}"),
+                ));
+            }
+            size.add(samples, label_bytes);
+            Ok(())
+        })?;
+        Ok((size, crowded))
+    }
+
+    fn add(&mut self, samples: usize, label_bytes: usize) {
+        self.series += 1;
+        self.samples += samples;
+        self.expanded = self
+            .expanded
+            .saturating_add(expansion::weight(samples, label_bytes));
+    }
+
+    /// Refuses more than [`MAX_SERIES`] series, [`MAX_SAMPLES`] samples, or more than
+    /// [`expansion::MAX_EXPANDED_BYTES`] of events.
+    pub fn check(&self) -> Result<(), FieldError> {
+        if self.series > MAX_SERIES {
+            return Err(FieldError::new(
+                "timeseries",
+                format!("{} series; at most {MAX_SERIES} per request", self.series),
+            ));
+        }
+        if self.samples > MAX_SAMPLES {
+            return Err(FieldError::new(
+                "samples",
+                format!(
+                    "{} samples; at most {MAX_SAMPLES} per request",
+                    self.samples
+                ),
+            ));
+        }
+        expansion::check(
+            "timeseries",
+            self.expanded,
+            "each sample repeats its series' labels",
+        )
+    }
+}
+
+fn take<'a>(n: usize, buf: &mut &'a [u8]) -> Result<&'a [u8], String> {
+    if buf.len() < n {
+        return Err("truncated field".into());
+    }
+    let (head, rest) = buf.split_at(n);
+    *buf = rest;
+    Ok(head)
+}
+
+fn varint(buf: &mut &[u8]) -> Result<u64, String> {
+    let mut value = 0u64;
+    for i in 0..10 {
+        let (&b, rest) = buf.split_first().ok_or("truncated varint")?;
+        *buf = rest;
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b < 0x80 {
+            return Ok(value);
+        }
+    }
+    Err("varint longer than 10 bytes".into())
+}
+
+/// Calls `f` with the number of every top-level field of the protobuf message `buf`, and the
+/// bytes of the length-delimited ones; groups (deprecated) are skipped whole.
+fn each_field<'a>(
+    mut buf: &'a [u8],
+    mut f: impl FnMut(u64, Option<&'a [u8]>) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut depth = 0usize;
+    while !buf.is_empty() {
+        let key = varint(&mut buf)?;
+        let (tag, wire_type) = (key >> 3, key & 7);
+        if tag == 0 {
+            return Err("field number 0".into());
+        }
+        let value = match wire_type {
+            0 => {
+                varint(&mut buf)?;
+                None
+            }
+            1 => {
+                take(8, &mut buf)?;
+                None
+            }
+            2 => {
+                let len = usize::try_from(varint(&mut buf)?).map_err(|_| "length overflow")?;
+                Some(take(len, &mut buf)?)
+            }
+            3 => {
+                depth += 1;
+                continue;
+            }
+            4 => {
+                depth = depth.checked_sub(1).ok_or("unexpected end of group")?;
+                continue;
+            }
+            5 => {
+                take(4, &mut buf)?;
+                None
+            }
+            other => return Err(format!("unknown wire type {other}")),
+        };
+        if depth == 0 {
+            f(tag, value)?;
+        }
+    }
+    if depth > 0 {
+        return Err("unterminated group".into());
+    }
+    Ok(())
 }
 
 /// Prometheus's label-name rule: `[a-zA-Z_][a-zA-Z0-9_]*`.
@@ -98,27 +276,10 @@ pub fn valid_label_name(name: &str) -> bool {
 
 /// The client events of a request, or every reason it is refused (with the series index).
 pub fn to_events(req: &WriteRequest) -> Result<Vec<Value>, Vec<FieldError>> {
+    let size = Size::of(req);
+    size.check().map_err(|e| vec![e])?;
     let mut errors = Vec::new();
-    if req.timeseries.len() > MAX_SERIES {
-        errors.push(FieldError::new(
-            "timeseries",
-            format!(
-                "{} series; at most {MAX_SERIES} per request",
-                req.timeseries.len()
-            ),
-        ));
-    }
-    let samples: usize = req.timeseries.iter().map(|t| t.samples.len()).sum();
-    if samples > MAX_SAMPLES {
-        errors.push(FieldError::new(
-            "samples",
-            format!("{samples} samples; at most {MAX_SAMPLES} per request"),
-        ));
-    }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    let mut events = Vec::with_capacity(samples);
+    let mut events = Vec::with_capacity(size.samples);
     for (i, ts) in req.timeseries.iter().enumerate() {
         let mut series_errors = Vec::new();
         let field = |f: &str| format!("timeseries[{i}].{f}");
@@ -179,7 +340,6 @@ pub fn to_events(req: &WriteRequest) -> Result<Vec<Value>, Vec<FieldError>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message;
 
     fn series(name: &str, extra: &[(&str, &str)], samples: &[(f64, i64)]) -> TimeSeries {
         let mut labels = vec![Label {
@@ -266,5 +426,108 @@ mod tests {
             }],
         };
         assert!(to_events(&nameless).is_err());
+    }
+
+    /// A `WriteRequest` of one series holding `n` empty labels (2 bytes each on the wire).
+    fn empty_labels(n: usize) -> Vec<u8> {
+        let series = [0x0a, 0x00].repeat(n);
+        let mut raw = vec![0x0a];
+        prost::encode_length_delimiter(series.len(), &mut raw).unwrap();
+        raw.extend(series);
+        raw
+    }
+
+    #[test]
+    fn decoding_would_allocate_24_times_the_body_so_it_is_sized_on_the_wire_first() {
+        // What prost alone does with 1 MiB of empty labels: 48 bytes each (two `String`s),
+        // more with the vector's spare capacity.
+        let raw = empty_labels(1 << 19);
+        let decoded = WriteRequest::decode(raw.as_slice()).unwrap();
+        let labels = &decoded.timeseries[0].labels;
+        let heap = labels.capacity() * std::mem::size_of::<Label>();
+        eprintln!(
+            "{} labels: {heap} bytes decoded from a {}-byte body",
+            labels.len(),
+            raw.len()
+        );
+        assert!(
+            heap > 23 * raw.len(),
+            "{heap} bytes for a {}-byte body",
+            raw.len()
+        );
+        drop(decoded);
+        // `decode` counts on the wire first and refuses the series by name.
+        let body = snap::raw::Encoder::new().compress_vec(&raw).unwrap();
+        match decode(&body, 2 << 20) {
+            Err(DecodeError::Invalid(errors)) => {
+                assert_eq!(errors[0].field, "timeseries[0].labels");
+                assert!(errors[0].reason.starts_with("524288 labels"), "{errors:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // So are a million empty series.
+        let series = snap::raw::Encoder::new()
+            .compress_vec(&[0x0a, 0x00].repeat(1 << 20))
+            .unwrap();
+        match decode(&series, 4 << 20) {
+            Err(DecodeError::Exceeds(e)) => assert_eq!(e.field, "timeseries"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn samples_that_repeat_large_labels_are_refused_before_decoding() {
+        // 8 labels of 64 KiB on 20 000 samples: 10 GiB of events from a 530 KiB request.
+        let extra: Vec<(String, String)> = (0..8)
+            .map(|i| (format!("l{i}"), "v".repeat(64 * 1024)))
+            .collect();
+        let extra: Vec<(&str, &str)> = extra
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let samples: Vec<(f64, i64)> = (0..20_000).map(|i| (1.0, i)).collect();
+        let req = WriteRequest {
+            timeseries: vec![series("bomb", &extra, &samples)],
+        };
+        match decode(&compress(&req), 10 << 20) {
+            Err(DecodeError::Exceeds(e)) => {
+                assert!(e.reason.contains("MiB of events"), "{}", e.reason)
+            }
+            other => panic!("{:?}", other.map(|r| r.timeseries.len())),
+        }
+        assert!(
+            to_events(&req).is_err(),
+            "the same bound guards a decoded request"
+        );
+    }
+
+    #[test]
+    fn the_wire_count_matches_the_decoded_request_and_skips_other_fields() {
+        let req = WriteRequest {
+            timeseries: vec![
+                series("a", &[("job", "x")], &[(1.0, 1), (2.0, 2)]),
+                series("b", &[], &[(3.0, 3)]),
+            ],
+        };
+        let mut raw = req.encode_to_vec();
+        // A `metadata` entry (field 3) and a varint, fixed64, fixed32 and a group, unknown.
+        raw.extend([0x1a, 0x02, 0x08, 0x01, 0x20, 0x05, 0x29]);
+        raw.extend([0u8; 8]);
+        raw.extend([0x35, 0, 0, 0, 0, 0x3b, 0x08, 0x01, 0x3c]);
+        let (size, crowded) = Size::on_wire(&raw).unwrap();
+        assert!(crowded.is_empty());
+        assert_eq!(
+            size,
+            Size::of(&WriteRequest::decode(raw.as_slice()).unwrap())
+        );
+        assert_eq!((size.series, size.samples), (2, 3));
+        for bad in [
+            &[0x0a, 0x05, 0x00][..],
+            &[0x08][..],
+            &[0x3b, 0x08, 0x01][..],
+            &[0x00],
+        ] {
+            assert!(Size::on_wire(bad).is_err(), "{bad:?}");
+        }
     }
 }

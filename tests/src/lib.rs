@@ -794,3 +794,123 @@ pub async fn dashboard_total(
         .as_i64()
         .ok_or_else(|| anyhow::anyhow!("no events_total in the overview: {v}"))
 }
+/// The real `ingest-api` binary serving one test's settings on a free port, SIGKILLed when
+/// dropped: for figures that must be the service's own (its memory), not the test process's.
+pub struct IngestProcess {
+    pub proc: Proc,
+    pub url: String,
+    pub addr: SocketAddr,
+}
+
+/// Spawns `ingest-api serve` for `common` (with `env` added, e.g. `TALLY_MAX_BODY_BYTES`)
+/// and waits until it answers `/healthz`.
+pub async fn spawn_ingest_process(common: &Common, env: &[(&str, &str)]) -> IngestProcess {
+    let bin = bin_dir().join("ingest-api");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`; `make test` does)",
+        bin.display()
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .env("TALLY_DATABASE_URL", &common.database_url)
+        .env("TALLY_REDIS_URL", &common.redis_url)
+        .env("TALLY_KAFKA_BROKERS", &common.kafka_brokers)
+        .env("TALLY_TOPIC_PREFIX", &common.topic_prefix)
+        .env(
+            "TALLY_KAFKA_PARTITIONS",
+            common.kafka_partitions.to_string(),
+        )
+        .env(
+            "TALLY_DB_MAX_CONNECTIONS",
+            common.db_max_connections.to_string(),
+        )
+        .env("TALLY_HTTP_ADDR", addr.to_string())
+        .env("TALLY_GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("RUST_LOG", env_or("RUST_LOG", "warn"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut proc = Proc(cmd.spawn().expect("spawn ingest-api"));
+    let url = format!("http://{addr}");
+    let client = http();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(res) = client.get(format!("{url}/healthz")).send().await {
+            if res.status().is_success() {
+                break;
+            }
+        }
+        if let Some(status) = proc.try_wait().expect("ingest-api status") {
+            panic!("ingest-api exited before serving: {status}");
+        }
+        assert!(Instant::now() < deadline, "ingest-api did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    IngestProcess { proc, url, addr }
+}
+
+impl IngestProcess {
+    /// Its resident memory now and at its peak since it started (`VmRSS`, `VmHWM`), in KiB.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        memory_kib(self.proc.id()).expect("ingest-api is running")
+    }
+
+    /// Kills it as soon as its resident memory passes `kib`, so that a regression fails the
+    /// test (its requests break) instead of exhausting the machine.
+    pub fn kill_above(&self, kib: u64) {
+        let pid = self.proc.id();
+        std::thread::spawn(move || {
+            while let Some((rss, _)) = memory_kib(pid) {
+                if rss > kib {
+                    eprintln!("ingest-api passed {kib} KiB of resident memory: killed");
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+    }
+}
+
+/// `VmRSS` and `VmHWM` of a live process, in KiB.
+fn memory_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Records in the test's metrics topic (the sum of its partitions' high watermarks).
+pub async fn metrics_topic_records(common: &Common) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = shared::kafka::client_config(common).create().unwrap();
+    let (topic, partitions) = (common.metrics_topic(), common.kafka_partitions);
+    tokio::task::spawn_blocking(move || {
+        (0..partitions)
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(&topic, p, Duration::from_secs(5))
+                    .unwrap()
+                    .1
+            })
+            .sum()
+    })
+    .await
+    .unwrap()
+}
+
+/// Most resident memory (KiB) ingest-api may reach while it refuses the memory bombs of
+/// `influx.rs` and `promrw.rs`: its own start (about 20 MiB, debug build) plus a 10 MiB body
+/// read, decompressed and parsed (measured: 33–45 MiB at the peak).
+pub const BOMB_RSS_BOUND_KIB: u64 = 96 * 1024;

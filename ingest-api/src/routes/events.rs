@@ -211,6 +211,10 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {
 
 /// Reads the body as sent, within `limit` bytes (413 beyond; a broken connection is a 400).
 pub(crate) async fn read_limited(body: Body, limit: usize) -> Result<axum::body::Bytes, Problem> {
+    // A declared length over the limit is refused before anything is read.
+    if http_body::Body::size_hint(&body).lower() > limit as u64 {
+        return Err(Problem::too_large(limit));
+    }
     to_bytes(body, limit).await.map_err(|e| {
         // `to_bytes` fails only for the length limit or a broken connection.
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())

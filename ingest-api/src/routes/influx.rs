@@ -4,7 +4,8 @@
 //!
 //! Lines are taken one by one, like InfluxDB does: the good ones are appended to Kafka, and
 //! if any line was bad the answer is a 400 problem naming each bad line by number (a partial
-//! write; clients do not retry a 4xx). All good: 204.
+//! write; clients do not retry a 4xx). All good: 204. A request too large as sent, once
+//! decompressed, or for the samples it would make (see `shared::lineproto`) is a 413.
 
 use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -17,6 +18,7 @@ use shared::lineproto::{self, Precision};
 use shared::problem::Problem;
 
 use crate::routes::events::{ingest_door, key_context, produce_all, read_body};
+use crate::routes::otlp::too_many;
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -81,7 +83,7 @@ async fn accept(
             format!("at most {} lines per request", lineproto::MAX_LINES),
         ));
     }
-    let (points, mut bad) = lineproto::parse(text, precision);
+    let (points, mut bad) = lineproto::parse(text, precision).map_err(too_many)?;
     let now = Utc::now();
     let ctx = IngestContext {
         received_at: now,

@@ -2,6 +2,8 @@
 //! Prometheus, its agent mode and Grafana Agent send it, authenticated with an ingest key as
 //! a bearer token. All or nothing: any invalid series refuses the request with a 400 naming
 //! it (senders drop a 4xx batch instead of retrying it); 429 and 503 are retried by senders.
+//! A body too large, or one whose series, samples or repeated labels would make too much
+//! (counted before it is decoded, see `shared::promrw`), is a 413.
 //! Remote write 2.0 (`proto=io.prometheus.write.v2.Request`) is refused with 415, so a 2.0
 //! sender falls back to 1.0.
 
@@ -9,11 +11,12 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use shared::auth::KeyPrincipal;
-use shared::events::Source;
+use shared::events::{FieldError, Source};
 use shared::problem::Problem;
 use shared::promrw;
 
 use crate::routes::events::{header_text, ingest_door, key_context, produce_all, read_limited};
+use crate::routes::otlp::too_many;
 use crate::state::AppState;
 
 pub async fn write(State(s): State<AppState>, request: Request) -> Response {
@@ -25,6 +28,8 @@ pub async fn write(State(s): State<AppState>, request: Request) -> Response {
         let bytes = read_limited(body, limit).await?;
         let req = promrw::decode(&bytes, limit).map_err(|e| match e {
             promrw::DecodeError::TooLarge { .. } => Problem::too_large(limit),
+            promrw::DecodeError::Exceeds(e) => too_many(e),
+            promrw::DecodeError::Invalid(errors) => invalid_series(errors, "request"),
             other => Problem::bad_request("bad-remote-write", other.to_string()),
         })?;
         accept(s, principal, &req).await?;
@@ -59,21 +64,24 @@ fn check_headers(headers: &HeaderMap) -> Result<(), Problem> {
     Ok(())
 }
 
+/// A 400 listing every problem found in the `part` (request or samples).
+fn invalid_series(errors: Vec<FieldError>, part: &str) -> Problem {
+    Problem::bad_request(
+        "invalid-series",
+        format!(
+            "{} problem(s) in the {part}; nothing was accepted",
+            errors.len()
+        ),
+    )
+    .with_errors(errors)
+}
+
 async fn accept(
     s: &AppState,
     principal: KeyPrincipal,
     req: &promrw::WriteRequest,
 ) -> Result<(), Problem> {
-    let events = promrw::to_events(req).map_err(|errors| {
-        Problem::bad_request(
-            "invalid-series",
-            format!(
-                "{} problem(s) in the request; nothing was accepted",
-                errors.len()
-            ),
-        )
-        .with_errors(errors)
-    })?;
+    let events = promrw::to_events(req).map_err(|errors| invalid_series(errors, "request"))?;
     let ctx = key_context(s, &principal, Source::PromRw);
     let mut envelopes = Vec::with_capacity(events.len());
     let mut errors = Vec::new();
@@ -84,14 +92,7 @@ async fn accept(
         }
     }
     if !errors.is_empty() {
-        return Err(Problem::bad_request(
-            "invalid-series",
-            format!(
-                "{} problem(s) in the samples; nothing was accepted",
-                errors.len()
-            ),
-        )
-        .with_errors(errors));
+        return Err(invalid_series(errors, "samples"));
     }
     if !envelopes.is_empty() {
         produce_all(s, &envelopes).await?;

@@ -24,6 +24,7 @@ use prost::Message;
 use serde_json::{json, Map, Value};
 
 use crate::events::{FieldError, MAX_LABELS};
+use crate::expansion;
 use pb::any_value::Value as Any;
 
 /// Most metric data points one request may carry.
@@ -38,9 +39,6 @@ pub const MAX_TEXT: usize = 8 * 1024;
 /// Largest event one point or record may become (about; JSON), far below Kafka's message
 /// limit; a larger one is refused on its own.
 pub const MAX_EVENT_BYTES: usize = 256 * 1024;
-/// Most a request may expand to once every point carries its resource's attributes (about):
-/// a small body must not become gigabytes of events.
-pub const MAX_EXPANDED_BYTES: usize = 64 * 1024 * 1024;
 
 /// The two OTLP/HTTP encodings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -371,7 +369,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
             let (n, bytes) = metric_points(m);
             let n = n.max(1);
             points += n;
-            expanded += bytes + n * (resource + m.name.len() + 256);
+            expanded += bytes + expansion::weight(n, resource + m.name.len());
         }
     }
     if points > MAX_POINTS {
@@ -497,18 +495,11 @@ fn sized<M: Message>(messages: &[M]) -> (usize, usize) {
 }
 
 fn check_expansion(field: &str, expanded: usize) -> Result<(), FieldError> {
-    if expanded > MAX_EXPANDED_BYTES {
-        return Err(FieldError::new(
-            field,
-            format!(
-                "the request would make about {} MiB of events (each point carries its \
-                 resource's attributes); at most {} MiB",
-                expanded >> 20,
-                MAX_EXPANDED_BYTES >> 20
-            ),
-        ));
-    }
-    Ok(())
+    expansion::check(
+        field,
+        expanded,
+        "each point carries its resource's attributes",
+    )
 }
 
 /// A `session.started` for a delta point of `claude_code.session.count` that names its
@@ -690,7 +681,7 @@ pub fn log_events(
         for sl in &rl.scope_logs {
             let (n, bytes) = sized(&sl.log_records);
             records += n;
-            expanded += bytes + n * (resource + 256);
+            expanded += bytes + expansion::weight(n, resource);
         }
     }
     if records > MAX_RECORDS {

@@ -1,6 +1,8 @@
 //! InfluxDB line protocol sent with curl: good lines are accepted one by one, the bad line is
-//! reported by number, and the samples are visible through query-api's metric series.
+//! reported by number, and the samples are visible through query-api's metric series. Bodies
+//! that would expand into too many samples are refused whole, in bounded memory.
 
+use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
@@ -99,4 +101,84 @@ async fn line_protocol_is_taken_line_by_line() {
     ingest.stop().await.unwrap();
     projector.stop().await.unwrap();
     query.stop().await.unwrap();
+}
+
+fn gzip(text: &str) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(text.as_bytes()).unwrap();
+    enc.finish().unwrap()
+}
+
+/// Line-protocol bombs: a few KB of gzip whose lines' tags, repeated in every field's
+/// sample, would make gigabytes of events. The real ingest-api (its own process, so the
+/// figure is its own) refuses each with a 413 naming the limit, stays under
+/// `BOMB_RSS_BOUND_KIB`, and appends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn line_protocol_bombs_are_refused_in_bounded_memory() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = spawn_ingest_process(&common, &[]).await;
+    ingest.kill_above(4 * BOMB_RSS_BOUND_KIB);
+    let t = create_tenant(&pool, "influx-bomb").await;
+    let (started_rss, _) = ingest.memory_kib();
+    let client = http();
+    let url = format!("{}/api/v2/write?precision=ms", ingest.url);
+    let send = |body: Vec<u8>| {
+        let (client, url, key) = (client.clone(), url.clone(), t.ingest_key.clone());
+        async move {
+            let res = client
+                .post(&url)
+                .header("authorization", format!("Token {key}"))
+                .header("content-type", "text/plain")
+                .header("content-encoding", "gzip")
+                .body(body)
+                .send()
+                .await
+                .expect("ingest-api answers (it was not killed)");
+            let status = res.status().as_u16();
+            (status, res.json::<Value>().await.unwrap_or_default())
+        }
+    };
+
+    // One line: 60 tags of 64 KiB, each repeated by 2 000 fields: 7.5 GiB of samples.
+    let tags: String = (0..60)
+        .map(|i| format!(",t{i}={}", "v".repeat(64 * 1024)))
+        .collect();
+    let one_line = format!("bomb{tags} {}", vec!["f=1"; 2_000].join(","));
+    // 5 000 lines of 6 tags of 256 bytes and 10 fields each: 88 MiB, every line small.
+    let small_tags: String = (0..6)
+        .map(|i| format!(",t{i}={}", "v".repeat(256)))
+        .collect();
+    let many_lines = format!("bomb{small_tags} {}\n", ["f=1"; 10].join(",")).repeat(5_000);
+    // A million fields on one line.
+    let many_fields = format!("bomb {}", vec!["f=1"; 1_000_000].join(","));
+    for (what, text) in [
+        ("large tags", one_line),
+        ("many lines", many_lines),
+        ("many fields", many_fields),
+    ] {
+        let body = gzip(&text);
+        assert!(body.len() < 64 * 1024, "{what}: {} bytes", body.len());
+        let (status, problem) = send(body).await;
+        assert_eq!(status, 413, "{what}: {problem}");
+        assert_eq!(problem["errors"][0]["field"], "body", "{what}: {problem}");
+        let reason = problem["errors"][0]["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("MiB of events") || reason.contains("fields"),
+            "{what}: {problem}"
+        );
+    }
+
+    // Still serving: a good line is taken, and it is the only record in the log.
+    let now = Utc::now().timestamp_millis();
+    let (status, problem) = send(gzip(&format!("after,host=a value=1 {now}"))).await;
+    assert_eq!(status, 204, "{problem}");
+    assert_eq!(metrics_topic_records(&common).await, 1);
+    let (_, peak) = ingest.memory_kib();
+    eprintln!("ingest-api resident memory: {started_rss} KiB at start, {peak} KiB at its peak");
+    assert!(
+        peak < BOMB_RSS_BOUND_KIB,
+        "ingest-api peaked at {peak} KiB (started at {started_rss} KiB)"
+    );
 }

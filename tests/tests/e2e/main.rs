@@ -15,6 +15,7 @@ mod instances;
 mod isolation;
 mod kafka_down;
 mod late;
+mod limits;
 mod login;
 mod otlp;
 mod overload;

@@ -1,7 +1,8 @@
 //! Prometheus remote write 1.0 from the real thing: Debian's `prometheus` in agent mode
 //! scrapes itself and remote-writes to ingest-api; its metrics show up in query-api's series
 //! endpoint. Garbage, truncated snappy, a decompression bomb, bad label names and wrong
-//! content types get a 4xx, never a 5xx; remote write 2.0 gets 415.
+//! content types get a 4xx, never a 5xx; remote write 2.0 gets 415. Bodies that would expand
+//! into gigabytes, as events or as the decoded message, are refused in bounded memory.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -176,4 +177,120 @@ async fn prometheus_agent_remote_writes_its_own_metrics() {
     projector.stop().await.unwrap();
     query.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `WriteRequest` of one series of `n` empty labels: 2 bytes each on the wire, 48 decoded.
+fn empty_labels(n: usize) -> Vec<u8> {
+    let series = [0x0a, 0x00].repeat(n);
+    let mut raw = vec![0x0a];
+    prost::encode_length_delimiter(series.len(), &mut raw).unwrap();
+    raw.extend(series);
+    raw
+}
+
+/// Remote-write bombs: snappy bodies whose series' labels, repeated in every sample, would
+/// make gigabytes of events, or whose decoded message would be 24 times the body. The real
+/// ingest-api (its own process, so the figure is its own) refuses each before decoding it,
+/// stays under `BOMB_RSS_BOUND_KIB`, and appends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn remote_write_bombs_are_refused_in_bounded_memory() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = spawn_ingest_process(&common, &[]).await;
+    ingest.kill_above(4 * BOMB_RSS_BOUND_KIB);
+    let t = create_tenant(&pool, "promrw-bomb").await;
+    let (started_rss, _) = ingest.memory_kib();
+    let client = http();
+    let url = format!("{}/api/v1/write", ingest.url);
+    let send = |body: Vec<u8>| {
+        let (client, url, key) = (client.clone(), url.clone(), t.ingest_key.clone());
+        async move {
+            let res = client
+                .post(&url)
+                .bearer_auth(&key)
+                .header("content-type", "application/x-protobuf")
+                .header("content-encoding", "snappy")
+                .body(body)
+                .send()
+                .await
+                .expect("ingest-api answers (it was not killed)");
+            let status = res.status().as_u16();
+            (
+                status,
+                res.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        }
+    };
+    let compress = |raw: &[u8]| snap::raw::Encoder::new().compress_vec(raw).unwrap();
+
+    // One series, 8 labels of 64 KiB, 50 000 samples: 25 GiB of events.
+    let mut labels = vec![Label {
+        name: "__name__".into(),
+        value: "bomb".into(),
+    }];
+    labels.extend((0..8).map(|i| Label {
+        name: format!("l{i}"),
+        value: "v".repeat(64 * 1024),
+    }));
+    let now = chrono::Utc::now().timestamp_millis();
+    let large_labels = WriteRequest {
+        timeseries: vec![TimeSeries {
+            labels,
+            samples: vec![
+                Sample {
+                    value: 1.0,
+                    timestamp: now,
+                };
+                50_000
+            ],
+        }],
+    };
+    let body = snappy(&large_labels);
+    assert!(body.len() < 128 * 1024, "{} bytes", body.len());
+    let (status, problem) = send(body).await;
+    assert_eq!(status, 413, "{problem}");
+    assert!(
+        problem["errors"][0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("MiB of events"),
+        "{problem}"
+    );
+
+    // Five million empty series (10 MB decoded as 240 MB): too many series.
+    let (status, problem) = send(compress(&[0x0a, 0x00].repeat(5_000_000))).await;
+    assert_eq!(status, 413, "{problem}");
+    assert_eq!(problem["errors"][0]["field"], "timeseries", "{problem}");
+
+    // One series of five million empty labels: refused by name, before it is decoded.
+    let (status, problem) = send(compress(&empty_labels(5_000_000))).await;
+    assert_eq!(status, 400, "{problem}");
+    assert_eq!(
+        problem["errors"][0]["field"], "timeseries[0].labels",
+        "{problem}"
+    );
+
+    // Still serving: a good sample is taken, and it is the only record in the log.
+    let good = WriteRequest {
+        timeseries: vec![TimeSeries {
+            labels: vec![Label {
+                name: "__name__".into(),
+                value: "after".into(),
+            }],
+            samples: vec![Sample {
+                value: 1.0,
+                timestamp: now,
+            }],
+        }],
+    };
+    let (status, problem) = send(snappy(&good)).await;
+    assert_eq!(status, 204, "{problem}");
+    assert_eq!(metrics_topic_records(&common).await, 1);
+    let (_, peak) = ingest.memory_kib();
+    eprintln!("ingest-api resident memory: {started_rss} KiB at start, {peak} KiB at its peak");
+    assert!(
+        peak < BOMB_RSS_BOUND_KIB,
+        "ingest-api peaked at {peak} KiB (started at {started_rss} KiB)"
+    );
 }

@@ -1,0 +1,139 @@
+//! Body limits from the attacker's side: every JSON route (sign-in and control plane, most
+//! of them answering anyone) refuses a body over its limit with a 413 problem, without
+//! reading it; the ingest doors refuse one over `max_body_bytes` as soon as they know it.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tally_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Sends `head` (request line and headers, without the blank line) and `body` as they are on
+/// a fresh connection, and returns the status and body of the answer; the answer must come
+/// within 10 s, whether or not the body sent is as long as the head claims.
+async fn raw(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> (u16, Value) {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("{head}\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(body).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("no answer within 10 s to {head}"))
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text}"));
+    let (headers, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let problem = headers
+        .to_ascii_lowercase()
+        .contains("content-type: application/problem+json");
+    assert!(problem || status < 400, "{text}");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// The body of a chunked request, `total` bytes of JSON-looking text in 8 KiB chunks.
+fn chunked(total: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let text = format!("{{\"email\": \"{}", "a".repeat(total));
+    for chunk in text.as_bytes().chunks(8 * 1024) {
+        out.extend(format!("{:x}\r\n", chunk.len()).as_bytes());
+        out.extend(chunk);
+        out.extend(b"\r\n");
+    }
+    out.extend(b"0\r\n\r\n");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn json_routes_refuse_oversized_bodies_without_reading_them() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |c| c.max_body_bytes = 1 << 20).await;
+    let t = create_tenant(&pool, "limits").await;
+    let id = uuid::Uuid::new_v4();
+    let routes = [
+        ("POST", "/v1/auth/login".to_string()),
+        ("POST", "/v1/auth/refresh".into()),
+        ("POST", "/v1/auth/logout".into()),
+        ("POST", "/v1/auth/password".into()),
+        ("POST", "/v1/auth/invitations/accept".into()),
+        ("POST", "/v1/admin/invitations".into()),
+        ("PUT", "/v1/admin/sso".into()),
+        ("POST", "/v1/admin/tenants".into()),
+        ("PATCH", format!("/v1/admin/tenants/{id}")),
+        ("POST", "/v1/admin/users".into()),
+        ("PATCH", format!("/v1/admin/users/{id}")),
+        ("PUT", "/v1/admin/teams/platform".into()),
+        ("POST", "/v1/admin/api-keys".into()),
+    ];
+    // 10 MB declared and none of it sent: the answer cannot wait for the body.
+    for (method, path) in &routes {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 10000000"
+        );
+        let (status, problem) = raw(ingest.addr, &head, b"").await;
+        assert_eq!(status, 413, "{method} {path}: {problem}");
+        assert_eq!(
+            problem["type"], "https://tally.dev/problems/body-too-large",
+            "{method} {path}"
+        );
+        assert!(
+            problem["detail"].as_str().unwrap().contains("bytes"),
+            "{problem}"
+        );
+    }
+    // A body that declares no length is read no further than the limit.
+    for (path, sent) in [
+        ("/v1/auth/login", 64 * 1024),
+        ("/v1/auth/invitations/accept", 256 * 1024),
+    ] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked"
+        );
+        let (status, problem) = raw(ingest.addr, &head, &chunked(sent)).await;
+        assert_eq!(status, 413, "{path}: {problem}");
+        assert_eq!(problem["type"], "https://tally.dev/problems/body-too-large");
+    }
+    // As a client library sends it: 10 MB to the login.
+    let client = http();
+    let res = client
+        .post(format!("{}/v1/auth/login", ingest.url()))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 10_000_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 413);
+
+    // Bodies of the usual size still pass the limit and reach the handler.
+    let res = client
+        .post(format!("{}/v1/auth/login", ingest.url()))
+        .json(&json!({"email": "nobody@example.com", "password": "x".repeat(12 * 1024)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+
+    // An ingest door, with a valid key, refuses a declared length over `max_body_bytes` at
+    // once; without a key, the key is what it refuses.
+    let head = |key: &str| {
+        format!(
+            "POST /v1/events HTTP/1.1\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}",
+            (1 << 20) + 1
+        )
+    };
+    let (status, problem) = raw(ingest.addr, &head(&t.ingest_key), b"").await;
+    assert_eq!(status, 413, "{problem}");
+    assert_eq!(problem["type"], "https://tally.dev/problems/body-too-large");
+    let (status, _) = raw(ingest.addr, &head("tly_not_a_key"), b"").await;
+    assert_eq!(status, 401);
+    assert_eq!(metrics_topic_records(&common).await, 0);
+
+    ingest.stop().await.unwrap();
+}
