@@ -49,7 +49,7 @@ impl Default for Config {
             grpc_addr: "127.0.0.1:4317".into(),
             max_batch_events: 1000,
             max_body_bytes: 10 * 1024 * 1024,
-            max_inflight_requests: 256,
+            max_inflight_requests: 64,
             max_inflight_bytes: 64 * 1024 * 1024,
             produce_timeout_ms: 5000,
             max_future_skew_secs: 300,

@@ -71,6 +71,8 @@ struct Tally {
     attempts: AtomicU64,
     by_status: Mutex<HashMap<u16, u64>>,
     missing_retry_after: AtomicU64,
+    /// Requests that got no answer, by kind, with one example each.
+    failures: Mutex<HashMap<&'static str, (u64, String)>>,
     latency: Mutex<Option<Histogram<u64>>>,
 }
 
@@ -128,8 +130,17 @@ async fn send(
                 }
                 Duration::from_secs(after.unwrap_or(1))
             }
-            Err(_) => {
-                tally.status(0);
+            Err(e) => {
+                let kind = if e.is_timeout() {
+                    "timeout"
+                } else if e.is_connect() {
+                    "connect"
+                } else {
+                    "other"
+                };
+                let mut failures = tally.failures.lock().expect("failures");
+                let entry = failures.entry(kind).or_insert((0, format!("{e:?}")));
+                entry.0 += 1;
                 Duration::from_secs(1)
             }
         };
@@ -324,6 +335,9 @@ async fn main() -> anyhow::Result<()> {
         h.value_at_quantile(0.99) as f64 / 1000.0,
         h.max() as f64 / 1000.0,
     );
+    for (kind, (n, example)) in tally.failures.lock().expect("failures").iter() {
+        println!("requests without an answer ({kind}): {n}, e.g. {example}");
+    }
     println!(
         "ingest-api resident memory: {} MiB idle, {} MiB at most under overload",
         rss_idle / 1024,
