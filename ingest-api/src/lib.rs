@@ -99,6 +99,10 @@ impl App {
                 config.login_max_failures_per_ip,
                 Duration::from_secs(config.login_window_secs),
             ),
+            hashes: throttle::HashSlots::new(
+                config.max_concurrent_hashes,
+                Duration::from_millis(config.hash_wait_ms),
+            ),
             pool,
             producer,
             redis,
@@ -144,6 +148,7 @@ impl App {
             .route("/v1/admin/invitations", post(routes::invitations::invite))
             .route("/v1/auth/sso/start", get(routes::sso::start))
             .route("/v1/auth/sso/callback", get(routes::sso::callback))
+            .route("/v1/auth/sso/link", post(routes::sso::link))
             .route(
                 "/v1/admin/sso",
                 put(routes::sso::put_settings).get(routes::sso::get_settings),

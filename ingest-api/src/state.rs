@@ -20,6 +20,8 @@ pub struct AppState {
     pub limiter: shared::ratelimit::RateLimiter,
     pub keyring: crate::keys::KeyRing,
     pub throttle: crate::throttle::LoginThrottle,
+    /// Bounds the password hashes running at once.
+    pub hashes: crate::throttle::HashSlots,
     /// Wakes the outbox relay after a handler wrote an auth event.
     pub outbox_wake: Arc<tokio::sync::Notify>,
     /// HTTP client for identity providers (no redirects followed).
