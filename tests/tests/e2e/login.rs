@@ -652,10 +652,7 @@ async fn a_refresh_racing_a_reuse_never_leaves_a_live_token() {
             assert_eq!(rotated.status(), 401, "round {round}");
         }
     }
-    tracing::info!(
-        rotations_won,
-        "refresh race rounds where the rotation answered first"
-    );
+    eprintln!("refresh race: the rotation answered first in {rotations_won} of 25 rounds");
     s.ingest.stop().await.unwrap();
     s.query.stop().await.unwrap();
 }
