@@ -8,7 +8,9 @@
 //! limit the account (or address) is locked out until the window ends: 429 with
 //! `Retry-After`, even for the right password. A success clears the account's count and
 //! gives the address its attempt back; an attempt that was never decided (no hash slot, the
-//! database unavailable) gives both back.
+//! database unavailable) gives both back. Every instance also keeps its own count, and the
+//! higher of the two decides: a Redis answer that is slow or lost never buys an attacker a
+//! fresh allowance on that instance.
 //!
 //! [`HashSlots`] bounds how many argon2id checks (19 MiB each) run at once.
 
@@ -21,7 +23,11 @@ use redis::aio::ConnectionManager;
 use shared::problem::Problem;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-const REDIS_TIMEOUT: Duration = Duration::from_millis(50);
+const REDIS_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// Most keys the local count keeps; past it, expired windows are dropped, and if that is not
+/// enough the local count starts over (Redis, when it answers, still holds every count).
+const LOCAL_MAX_KEYS: usize = 100_000;
 
 /// Decrements each key that still exists (an expired window is not given a negative count).
 const RELEASE_LUA: &str = "for _, k in ipairs(KEYS) do
@@ -152,8 +158,10 @@ impl LoginThrottle {
         }
     }
 
-    /// Increments both keys (starting their window if new); their counts and time left.
+    /// Increments both keys (starting their window if new); their counts and time left, the
+    /// higher of Redis's and this instance's own.
     async fn incr(&self, account: &str, ip: &str) -> [(u32, Duration); 2] {
+        let local = self.incr_local([account, ip]);
         if let Some(mut conn) = self.redis.clone() {
             let secs = self.window.as_secs().max(1);
             let mut pipe = redis::pipe();
@@ -172,13 +180,27 @@ impl LoginThrottle {
                 tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async(&mut conn)).await;
             if let Ok(Ok((a, a_ttl, i, i_ttl))) = r {
                 let ms = |t: i64| Duration::from_millis(t.max(0) as u64);
-                return [(a, ms(a_ttl)), (i, ms(i_ttl))];
+                let [(la, la_ttl), (li, li_ttl)] = local;
+                return [
+                    (a.max(la), ms(a_ttl).max(la_ttl)),
+                    (i.max(li), ms(i_ttl).max(li_ttl)),
+                ];
             }
             metrics::counter!("auth_throttle_local_fallback_total").increment(1);
         }
+        local
+    }
+
+    fn incr_local(&self, keys: [&str; 2]) -> [(u32, Duration); 2] {
         let mut local = self.local.lock().expect("throttle lock");
         let now = Instant::now();
-        [account, ip].map(|key| {
+        if local.len() >= LOCAL_MAX_KEYS {
+            local.retain(|_, (_, until)| *until > now);
+            if local.len() >= LOCAL_MAX_KEYS {
+                local.clear();
+            }
+        }
+        keys.map(|key| {
             let entry = local
                 .entry(key.to_string())
                 .or_insert((0, now + self.window));

@@ -562,7 +562,8 @@ async fn parallel_guesses_get_at_most_the_allowed_password_checks() {
     assert_eq!(refused + wrong, 200, "only 401 and 429: {answers:?}");
     assert!(
         wrong <= ALLOWED,
-        "{wrong} guesses had their password checked"
+        "{wrong} guesses had their password checked (Redis fallbacks: {})",
+        counter(&metrics().await, "auth_throttle_local_fallback_total")
     );
     assert!(refused >= 200 - ALLOWED);
     assert!(answers
