@@ -175,7 +175,7 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
 
     // A new person from an allowed domain is provisioned, and recognised next time.
     let alice = format!("alice@{domain}");
-    idp.log_in_as("idp-sub-alice", &alice, true);
+    idp.log_in_as(&format!("alice-{tag}"), &alice, true);
     let res = browser.login().await;
     assert_eq!(res.status(), 200);
     let tokens: Value = res.json().await.unwrap();
@@ -196,9 +196,9 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
     assert_eq!((n, role.as_str()), (1, "developer"));
 
     // Not provisioned: a foreign domain, or an unverified address.
-    idp.log_in_as("idp-sub-mallory", "mallory@evil.example", true);
+    idp.log_in_as(&format!("mallory-{tag}"), "mallory@evil.example", true);
     assert_eq!(browser.login().await.status(), 403);
-    idp.log_in_as("idp-sub-eve", &format!("eve@{domain}"), false);
+    idp.log_in_as(&format!("eve-{tag}"), &format!("eve@{domain}"), false);
     assert_eq!(browser.login().await.status(), 403);
     let strangers: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM control.users WHERE email IN ('mallory@evil.example', $1)",
@@ -210,7 +210,7 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
     assert_eq!(strangers, 0);
 
     // State: unknown, and used twice.
-    idp.log_in_as("idp-sub-alice", &alice, true);
+    idp.log_in_as(&format!("alice-{tag}"), &alice, true);
     let (code, state) = browser.authorize().await;
     assert_eq!(browser.callback(&code, "forged-state").await.status(), 422);
     assert_eq!(browser.callback(&code, &state).await.status(), 200);
@@ -388,11 +388,14 @@ async fn an_admin_cannot_take_over_an_owner_through_sso() {
         ingest: url.clone(),
         tenant: t.id.to_string(),
     };
-    for (sub, email, id) in [
-        ("idp-sub-fake-owner", &owner, owner_id),
-        ("idp-sub-fake-admin", &admin, admin_id),
+    // Subjects unique to this run: the provider's port (its issuer) may be one an earlier
+    // run's provider had, and identities stay in the test database.
+    let sub = |name: &str| format!("{name}-{tag}");
+    for (name, email, id) in [
+        ("fake-owner", &owner, owner_id),
+        ("fake-admin", &admin, admin_id),
     ] {
-        idp.log_in_as(sub, email, true);
+        idp.log_in_as(&sub(name), email, true);
         let res = browser.login().await;
         assert_eq!(res.status(), 403);
         let body: Value = res.json().await.unwrap();
@@ -416,11 +419,11 @@ async fn an_admin_cannot_take_over_an_owner_through_sso() {
     assert_eq!(denied[2]["data"]["user_id"], owner_id.to_string());
     assert_eq!(
         denied[2]["data"]["target"],
-        format!("idp:{}#idp-sub-fake-owner", idp.issuer)
+        format!("idp:{}#{}", idp.issuer, sub("fake-owner"))
     );
     assert_eq!(denied[3]["data"]["user_id"], admin_id.to_string());
     // A newcomer from the domain is still provisioned with the default role.
-    idp.log_in_as("idp-sub-newcomer", &format!("new@{domain}"), true);
+    idp.log_in_as(&sub("newcomer"), &format!("new@{domain}"), true);
     assert_eq!(browser.login().await.status(), 200);
 
     // The owner links their identity from a session, with their password.
@@ -437,7 +440,7 @@ async fn an_admin_cannot_take_over_an_owner_through_sso() {
         .as_str()
         .unwrap()
         .to_string();
-    idp.log_in_as("idp-sub-real-owner", &owner, true);
+    idp.log_in_as(&sub("real-owner"), &owner, true);
     let res = browser.via_idp(&to_idp).await;
     assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
     // From now on that identity signs the owner in.
@@ -458,7 +461,7 @@ async fn an_admin_cannot_take_over_an_owner_through_sso() {
     assert_eq!(claims["sub"], owner_id.to_string());
     assert_eq!(claims["role"], "owner");
     // The fake owner identity is still refused.
-    idp.log_in_as("idp-sub-fake-owner", &owner, true);
+    idp.log_in_as(&sub("fake-owner"), &owner, true);
     assert_eq!(browser.login().await.status(), 403);
 
     ingest.stop().await.unwrap();
