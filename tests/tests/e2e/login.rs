@@ -507,19 +507,38 @@ fn counter(page: &str, name: &str) -> f64 {
 /// a process of its own), and the rest get 429 — the right password too, afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn parallel_guesses_get_at_most_the_allowed_password_checks() {
+    parallel_guesses(false).await;
+}
+
+/// The same with Redis killed after ingest-api connected to it: the instance's own count
+/// holds the line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_guesses_are_bounded_with_redis_down_too() {
+    parallel_guesses(true).await;
+}
+
+async fn parallel_guesses(redis_down: bool) {
     init_logs();
     let pool = test_pool().await;
     let common = common_for_test();
     const ALLOWED: usize = 5;
+    let mut redis = redis_down.then(PrivateRedis::start);
+    let redis_url = redis
+        .as_ref()
+        .map_or(common.redis_url.clone(), PrivateRedis::url);
     let (_proc, url) = spawn_ingest_process(
         &common,
         &[
             ("TALLY_LOGIN_MAX_FAILURES", "5"),
             ("TALLY_LOGIN_MAX_FAILURES_PER_IP", "1000"),
             ("TALLY_HASH_WAIT_MS", "30000"),
+            ("TALLY_REDIS_URL", &redis_url),
         ],
     )
     .await;
+    if let Some(r) = redis.as_mut() {
+        r.kill();
+    }
     let client = http();
     let t = create_tenant(&pool, "guesses").await;
     let email = format!("target-{}@example.com", uuid::Uuid::new_v4().simple());
@@ -597,6 +616,9 @@ async fn parallel_guesses_get_at_most_the_allowed_password_checks() {
         checked,
         "a locked account's password is not even checked"
     );
+    if redis_down {
+        assert!(counter(&metrics().await, "auth_throttle_local_fallback_total") > 0.0);
+    }
 }
 
 /// A rotation of the newest refresh token raced against a reuse of an older one (what a
