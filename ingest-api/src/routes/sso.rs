@@ -512,7 +512,17 @@ async fn find_or_provision(
         )));
     }
     // No usable password: a person provisioned here signs in through the identity provider.
-    let unusable = super::auth::hash_password(s, oidc::random_token(32)).await?;
+    // Hashed before the transaction (no connection held across it), and only when needed.
+    let taken: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM control.users WHERE email = $1)")
+            .bind(&email)
+            .fetch_one(&s.pool)
+            .await
+            .map_err(db)?;
+    let unusable = match taken {
+        true => None,
+        false => Some(super::auth::hash_password(s, oidc::random_token(32)).await?),
+    };
     let mut tx = s.pool.begin().await.map_err(db)?;
     let existing: Option<(Uuid, Uuid, String)> =
         sqlx::query_as("SELECT id, tenant_id, role FROM control.users WHERE email = $1")
@@ -534,6 +544,9 @@ async fn find_or_provision(
             ))
         }
         None => {
+            let unusable = unusable.ok_or_else(|| {
+                Problem::unavailable("this account changed meanwhile; try again", 1)
+            })?;
             let id = Uuid::now_v7();
             sqlx::query(
                 "INSERT INTO control.users (id, tenant_id, email, password_hash, role, external_id)
