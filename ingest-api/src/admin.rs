@@ -58,6 +58,13 @@ pub enum OperatorKeyCommand {
         #[arg(long, default_value = "operator")]
         name: String,
     },
+    /// List operator keys (ids and names, never the secrets).
+    List,
+    /// Revoke an operator key by id: refused at its next request.
+    Revoke {
+        #[arg(long)]
+        id: Uuid,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -227,7 +234,8 @@ pub async fn create_user(pool: &PgPool, ns: &str, u: NewUser<'_>) -> anyhow::Res
     );
     shared::password::check_policy("password", u.password)
         .map_err(|e| anyhow::anyhow!("password {}", e.reason))?;
-    let hash = shared::password::hash(u.password);
+    let password = u.password.to_string();
+    let hash = tokio::task::spawn_blocking(move || shared::password::hash(&password)).await?;
     let id = Uuid::now_v7();
     let mut tx = pool.begin().await?;
     sqlx::query(
@@ -292,28 +300,100 @@ pub async fn deactivate_user(pool: &PgPool, ns: &str, email: &str) -> anyhow::Re
 
 /// Creates a platform-operator key; returns the secret (stored only as a hash).
 pub async fn create_operator_key(pool: &PgPool, name: &str) -> anyhow::Result<String> {
+    Ok(create_operator_key_with_id(pool, name).await?.1)
+}
+
+/// Creates a platform-operator key; returns its id and the secret (stored only as a hash).
+pub async fn create_operator_key_with_id(
+    pool: &PgPool,
+    name: &str,
+) -> anyhow::Result<(Uuid, String)> {
     let key = apikey::generate_operator();
+    let id = Uuid::now_v7();
     sqlx::query("INSERT INTO control.operator_keys (id, name, key_hash) VALUES ($1, $2, $3)")
-        .bind(Uuid::now_v7())
+        .bind(id)
         .bind(name)
         .bind(&key.hash)
         .execute(pool)
         .await?;
-    Ok(key.secret)
+    Ok((id, key.secret))
 }
 
-/// Changes a user's role, teams or status (deactivation ends their sessions).
-pub async fn update_user(
-    pool: &PgPool,
-    ns: &str,
-    tenant: TenantId,
-    id: Uuid,
-    role: Option<shared::jwt::Role>,
-    teams: Option<&[String]>,
-    active: Option<bool>,
-) -> anyhow::Result<bool> {
+/// Revokes an operator key; every instance refuses it from its next request (operator keys
+/// are not cached).
+pub async fn revoke_operator_key(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {
+    let n = sqlx::query(
+        "UPDATE control.operator_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    anyhow::ensure!(n == 1, "no active operator key {id}");
+    Ok(())
+}
+
+/// A change to a tenant's user.
+pub struct UserChange<'a> {
+    pub tenant: TenantId,
+    pub id: Uuid,
+    pub role: Option<shared::jwt::Role>,
+    pub teams: Option<&'a [String]>,
+    pub active: Option<bool>,
+    /// Whether an owner asks: only owners may make, demote, deactivate or reactivate owners.
+    pub by_owner: bool,
+    /// Who asks, for the audit log.
+    pub actor: Actor,
+}
+
+/// What [`update_user`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserUpdate {
+    Updated,
+    /// No such user in the tenant.
+    NotFound,
+    /// The change concerns an owner and the caller is not one; nothing changed.
+    OwnerOnly,
+    /// The change would leave the tenant without an active owner; nothing changed.
+    LastOwner,
+}
+
+/// Changes a user's role, teams or status (deactivation ends their sessions). The user's row
+/// is locked while the rights are checked, so the role checked is the role changed.
+pub async fn update_user(pool: &PgPool, ns: &str, c: UserChange<'_>) -> anyhow::Result<UserUpdate> {
+    use shared::jwt::Role;
     let mut tx = pool.begin().await?;
-    let updated: Option<String> = sqlx::query_scalar(
+    // Owners first, in id order, then the user: two owners demoting each other wait in line.
+    let owners: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM control.users WHERE tenant_id = $1 AND role = 'owner' AND status = 'active'
+          ORDER BY id FOR UPDATE",
+    )
+    .bind(c.tenant.0)
+    .fetch_all(&mut *tx)
+    .await?;
+    let current: Option<String> = sqlx::query_scalar(
+        "SELECT role FROM control.users WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
+    )
+    .bind(c.id)
+    .bind(c.tenant.0)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(current) = current else {
+        return Ok(UserUpdate::NotFound);
+    };
+    let is_owner = current == Role::Owner.as_str();
+    let leaves_owner =
+        is_owner && (c.role.is_some_and(|r| r != Role::Owner) || c.active == Some(false));
+    let touches_owner = (is_owner && (leaves_owner || c.active.is_some()))
+        || (c.role == Some(Role::Owner) && !is_owner);
+    if touches_owner && !c.by_owner {
+        return Ok(UserUpdate::OwnerOnly);
+    }
+    if leaves_owner && owners.iter().all(|o| *o == c.id) {
+        return Ok(UserUpdate::LastOwner);
+    }
+    let (id, tenant, role, active) = (c.id, c.tenant, c.role, c.active);
+    let email: String = sqlx::query_scalar(
         "UPDATE control.users SET
                 role = coalesce($3, role),
                 teams = coalesce($4, teams),
@@ -327,13 +407,10 @@ pub async fn update_user(
     .bind(id)
     .bind(tenant.0)
     .bind(role.map(|r| r.as_str()))
-    .bind(teams)
+    .bind(c.teams)
     .bind(active.map(|a| if a { "active" } else { "deactivated" }))
-    .fetch_optional(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
-    let Some(email) = updated else {
-        return Ok(false);
-    };
     if active == Some(false) {
         sqlx::query(
             "UPDATE control.refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
@@ -354,9 +431,10 @@ pub async fn update_user(
         extra: outbox::user_snapshot(&mut tx, id).await?,
         ..Default::default()
     };
-    record(&mut tx, ns, tenant, kind, event).await?;
+    let env = outbox::auth_event(tenant, kind, c.actor, event);
+    outbox::record(&mut tx, ns, &env).await?;
     tx.commit().await?;
-    Ok(true)
+    Ok(UserUpdate::Updated)
 }
 
 /// Revokes an API key.
@@ -472,7 +550,24 @@ pub async fn run(pool: &PgPool, ns: &str, cmd: AdminCommand) -> anyhow::Result<(
             println!("{email} deactivated");
         }
         AdminCommand::OperatorKey(OperatorKeyCommand::Create { name }) => {
-            println!("{}", create_operator_key(pool, &name).await?);
+            let (id, secret) = create_operator_key_with_id(pool, &name).await?;
+            eprintln!("operator key {id}");
+            println!("{secret}");
+        }
+        AdminCommand::OperatorKey(OperatorKeyCommand::List) => {
+            let rows: Vec<(Uuid, String, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(
+                "SELECT id, name, revoked_at FROM control.operator_keys ORDER BY created_at",
+            )
+            .fetch_all(pool)
+            .await?;
+            for (id, name, revoked) in rows {
+                let state = revoked.map_or("active".to_string(), |t| format!("revoked {t}"));
+                println!("{id}\t{state}\t{name}");
+            }
+        }
+        AdminCommand::OperatorKey(OperatorKeyCommand::Revoke { id }) => {
+            revoke_operator_key(pool, id).await?;
+            println!("revoked operator key {id}");
         }
         AdminCommand::SigningKey(SigningKeyCommand::Rotate) => {
             println!("signing with {}", crate::keys::rotate(pool).await?);

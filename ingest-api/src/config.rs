@@ -33,6 +33,10 @@ pub struct Config {
     pub login_max_failures_per_ip: u32,
     /// Window (and lockout) length for failed logins.
     pub login_window_secs: u64,
+    /// Password hashes (argon2id, 19 MiB each) that may run at once.
+    pub max_concurrent_hashes: usize,
+    /// How long a login waits for a free hash slot before it gets 503 with `Retry-After`.
+    pub hash_wait_ms: u64,
     /// This service's address as browsers and identity providers reach it (SSO redirects).
     pub public_url: String,
     /// 64 hex characters; seals SSO client secrets at rest. SSO is off while it is empty.
@@ -57,6 +61,8 @@ impl Default for Config {
             login_max_failures: 5,
             login_max_failures_per_ip: 20,
             login_window_secs: 900,
+            max_concurrent_hashes: 4,
+            hash_wait_ms: 2000,
             public_url: "http://127.0.0.1:8080".into(),
             secret_key: String::new(),
             cors_origins: "http://127.0.0.1:8081,http://localhost:8081".into(),
@@ -75,6 +81,9 @@ impl Config {
                 "max_inflight_requests must be positive and max_inflight_bytes at least max_body_bytes"
                     .into(),
             );
+        }
+        if self.max_concurrent_hashes == 0 {
+            return Err("max_concurrent_hashes must be positive".into());
         }
         if self.produce_timeout_ms < 100 {
             return Err("produce_timeout_ms must be at least 100".into());

@@ -129,6 +129,10 @@ impl App {
                 config.max_inflight_bytes,
                 config.max_body_bytes,
             ),
+            hashes: throttle::HashSlots::new(
+                config.max_concurrent_hashes,
+                Duration::from_millis(config.hash_wait_ms),
+            ),
             pool,
             producer,
             redis,
@@ -175,7 +179,8 @@ impl App {
                 post(routes::invitations::accept),
             )
             .route("/v1/auth/sso/start", get(routes::sso::start))
-            .route("/v1/auth/sso/callback", get(routes::sso::callback));
+            .route("/v1/auth/sso/callback", get(routes::sso::callback))
+            .route("/v1/auth/sso/link", post(routes::sso::link));
         let admin = Router::new()
             .route("/v1/admin/invitations", post(routes::invitations::invite))
             .route(

@@ -22,6 +22,8 @@ pub struct AppState {
     pub throttle: crate::throttle::LoginThrottle,
     /// What the ingest doors may hold at once (load shedding).
     pub shed: crate::shed::Shed,
+    /// Bounds the password hashes running at once.
+    pub hashes: crate::throttle::HashSlots,
     /// Wakes the outbox relay after a handler wrote an auth event.
     pub outbox_wake: Arc<tokio::sync::Notify>,
     /// HTTP client for identity providers (no redirects followed).

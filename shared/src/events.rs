@@ -92,10 +92,14 @@ pub enum AuthKind {
     UserUpdated,
     UserDeactivated,
     TeamChanged,
+    /// A tenant's single sign-on settings were changed (by an owner).
+    SsoSettingsChanged,
+    /// A control-plane change or an SSO account link was refused for lack of rights.
+    AccessDenied,
 }
 
 impl AuthKind {
-    pub const ALL: [AuthKind; 15] = [
+    pub const ALL: [AuthKind; 17] = [
         AuthKind::LoginSucceeded,
         AuthKind::LoginFailed,
         AuthKind::TokenRefreshed,
@@ -111,6 +115,8 @@ impl AuthKind {
         AuthKind::UserUpdated,
         AuthKind::UserDeactivated,
         AuthKind::TeamChanged,
+        AuthKind::SsoSettingsChanged,
+        AuthKind::AccessDenied,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -130,6 +136,8 @@ impl AuthKind {
             AuthKind::UserUpdated => "user.updated",
             AuthKind::UserDeactivated => "user.deactivated",
             AuthKind::TeamChanged => "team.changed",
+            AuthKind::SsoSettingsChanged => "auth.sso_settings_changed",
+            AuthKind::AccessDenied => "auth.access_denied",
         }
     }
 }

@@ -38,6 +38,18 @@ pub(crate) async fn audit(
         user_id: event.user_id,
         api_key_id: None,
     };
+    audit_as(s, conn, tenant, kind, actor, event).await
+}
+
+/// [`audit`] with an explicit actor (who acted, when that is not the person concerned).
+pub(crate) async fn audit_as(
+    s: &AppState,
+    conn: &mut sqlx::PgConnection,
+    tenant: TenantId,
+    kind: AuthKind,
+    actor: Actor,
+    event: AuthEvent,
+) -> Result<(), Problem> {
     let env = outbox::auth_event(tenant, kind, actor, event);
     outbox::record(conn, &s.config.common.topic_prefix, &env)
         .await
@@ -101,19 +113,49 @@ fn db(e: sqlx::Error) -> Problem {
     Problem::unavailable("credentials cannot be checked right now", 2)
 }
 
-/// A password check off the async threads (argon2 is deliberately slow).
-async fn verify_password(password: String, hash: String) -> bool {
-    tokio::task::spawn_blocking(move || password::verify(&password, &hash))
-        .await
-        .unwrap_or(false)
+/// Checks a password off the async threads (argon2id is deliberately slow and takes 19 MiB)
+/// within a hash slot; no stored hash (an unknown person) is checked against a dummy one, so
+/// unknown e-mail addresses cannot be told apart by timing.
+pub(crate) async fn verify_password(
+    s: &AppState,
+    password: String,
+    hash: Option<String>,
+) -> Result<bool, Problem> {
+    let permit = s.hashes.acquire().await?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        metrics::counter!("auth_password_verifications_total").increment(1);
+        match hash {
+            Some(h) => password::verify(&password, &h),
+            None => password::verify(&password, &DUMMY_HASH),
+        }
+    })
+    .await
+    .map_err(|_| Problem::internal())
+}
+
+/// Hashes a new password off the async threads, within a hash slot.
+pub(crate) async fn hash_password(s: &AppState, password: String) -> Result<String, Problem> {
+    let permit = s.hashes.acquire().await?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        password::hash(&password)
+    })
+    .await
+    .map_err(|_| Problem::internal())
 }
 
 /// A valid argon2id hash of a random password: verifying against it costs what a real check
-/// costs, so unknown e-mail addresses cannot be told apart by timing.
+/// costs.
 static DUMMY_HASH: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| password::hash(&Uuid::new_v4().to_string()));
 
+type LoginRow = (Uuid, Uuid, String, String, i32, String, String);
+
 /// `POST /v1/auth/login`
+///
+/// The attempt is counted before anything else; the password is checked with no database
+/// connection held.
 pub async fn login(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -122,8 +164,8 @@ pub async fn login(
     let req = json_body(req)?;
     let email = req.email.trim().to_lowercase();
     let ip = peer.ip().to_string();
-    s.throttle.check(&email, &ip).await?;
-    let row: Option<(Uuid, Uuid, String, String, i32, String, String)> = sqlx::query_as(
+    let attempt = s.throttle.reserve(&email, &ip).await?;
+    let row: Result<Option<LoginRow>, Problem> = sqlx::query_as(
         "SELECT u.id, u.tenant_id, u.password_hash, u.role, u.token_version, u.status, t.status
            FROM control.users u JOIN control.tenants t ON t.id = u.tenant_id
           WHERE u.email = $1",
@@ -131,27 +173,41 @@ pub async fn login(
     .bind(&email)
     .fetch_optional(&s.pool)
     .await
-    .map_err(db)?;
-    let Some((user, tenant, hash, role, ver, status, tenant_status)) = row else {
-        verify_password(req.password, DUMMY_HASH.clone()).await;
+    .map_err(db);
+    let row = match row {
+        Ok(row) => row,
+        Err(p) => {
+            s.throttle.release(attempt).await;
+            return Err(p);
+        }
+    };
+    let stored = row.as_ref().map(|r| r.2.clone());
+    let matches = match verify_password(&s, req.password, stored).await {
+        Ok(m) => m,
+        Err(p) => {
+            s.throttle.release(attempt).await;
+            return Err(p);
+        }
+    };
+    let Some((user, tenant, _, role, ver, status, tenant_status)) = row else {
         metrics::counter!("auth_logins_total", "outcome" => "failed").increment(1);
-        s.throttle.failed(&email, &ip).await;
+        s.throttle.failed(attempt).await;
         return Err(denied());
     };
-    let attempt = AuthEvent {
+    let event = AuthEvent {
         user_id: Some(user),
         email: Some(email.clone()),
         ip: Some(ip.clone()),
         ..Default::default()
     };
-    let mut conn = s.pool.acquire().await.map_err(db)?;
-    if !verify_password(req.password, hash).await {
+    if !matches {
         metrics::counter!("auth_logins_total", "outcome" => "failed").increment(1);
         tracing::info!(%user, "login failed");
         let event = AuthEvent {
             detail: Some("wrong password".into()),
-            ..attempt
+            ..event
         };
+        let mut conn = s.pool.acquire().await.map_err(db)?;
         audit_now(
             &s,
             &mut conn,
@@ -160,14 +216,16 @@ pub async fn login(
             event,
         )
         .await?;
-        s.throttle.failed(&email, &ip).await;
+        drop(conn);
+        s.throttle.failed(attempt).await;
         return Err(denied());
     }
-    s.throttle.succeeded(&email, &ip).await;
+    s.throttle.succeeded(attempt).await;
+    let mut conn = s.pool.acquire().await.map_err(db)?;
     if status != "active" || tenant_status != "active" {
         let event = AuthEvent {
             detail: Some("account deactivated".into()),
-            ..attempt
+            ..event
         };
         audit_now(
             &s,
@@ -181,10 +239,10 @@ pub async fn login(
     }
     let role = Role::parse(&role).ok_or_else(Problem::internal)?;
     let family = Uuid::now_v7();
-    let tokens = issue(&s, user, TenantId(tenant), role, ver, family).await?;
+    let tokens = issue_on(&s, &mut conn, user, TenantId(tenant), role, ver, family).await?;
     let event = AuthEvent {
         target: Some(format!("family:{family}")),
-        ..attempt
+        ..event
     };
     audit_now(
         &s,
@@ -207,6 +265,20 @@ pub(crate) async fn issue(
     ver: i32,
     family: Uuid,
 ) -> Result<Tokens, Problem> {
+    let mut conn = s.pool.acquire().await.map_err(db)?;
+    issue_on(s, &mut conn, user, tenant, role, ver, family).await
+}
+
+/// [`issue`] on `conn` (the caller's transaction when the token must appear with a change).
+async fn issue_on(
+    s: &AppState,
+    conn: &mut sqlx::PgConnection,
+    user: Uuid,
+    tenant: TenantId,
+    role: Role,
+    ver: i32,
+    family: Uuid,
+) -> Result<Tokens, Problem> {
     let access = s
         .keyring
         .sign(&Claims::new(user, tenant, role, ver))
@@ -214,7 +286,7 @@ pub(crate) async fn issue(
             tracing::error!(error = %e, "signing failed");
             Problem::internal()
         })?;
-    let (refresh, expires_at) = store_refresh(&s.pool, user, family).await?;
+    let (refresh, expires_at) = store_refresh(conn, user, family).await?;
     Ok(Tokens {
         access_token: access,
         token_type: "Bearer".into(),
@@ -225,7 +297,7 @@ pub(crate) async fn issue(
 }
 
 async fn store_refresh(
-    pool: &sqlx::PgPool,
+    conn: &mut sqlx::PgConnection,
     user: Uuid,
     family: Uuid,
 ) -> Result<(String, DateTime<Utc>), Problem> {
@@ -240,62 +312,89 @@ async fn store_refresh(
     .bind(user)
     .bind(&token.hash)
     .bind(expires_at)
-    .execute(pool)
+    .execute(conn)
     .await
     .map_err(db)?;
     Ok((token.secret, expires_at))
 }
 
-type RefreshRow = (
-    Uuid,
-    Uuid,
-    DateTime<Utc>,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-    Uuid,
-    String,
-    i32,
-    String,
-    String,
-);
+/// Locks every token of `family` (in id order, so two transactions never wait on each other
+/// crosswise). A rotation and a revocation of the same family thus run one after the other:
+/// a child inserted by a rotation is seen by the revocation that waited for it, and a
+/// rotation that waited for a revocation sees its token revoked.
+async fn lock_family(conn: &mut sqlx::PgConnection, family: Uuid) -> Result<(), Problem> {
+    sqlx::query(
+        "SELECT id FROM control.refresh_tokens WHERE family_id = $1 ORDER BY id FOR UPDATE",
+    )
+    .bind(family)
+    .execute(conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Revokes every token of `family` (locked by the caller).
+async fn revoke_family(conn: &mut sqlx::PgConnection, family: Uuid) -> Result<(), Problem> {
+    sqlx::query(
+        "UPDATE control.refresh_tokens SET revoked_at = coalesce(revoked_at, now())
+          WHERE family_id = $1",
+    )
+    .bind(family)
+    .execute(conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+type RefreshUser = (Uuid, String, i32, String, String);
+type RefreshState = (DateTime<Utc>, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
 
 /// `POST /v1/auth/refresh`
+///
+/// One transaction marks the token used and stores its successor, after locking the user
+/// (so a deactivation or "log out everywhere" is either seen or sees the successor) and the
+/// token's family (so a concurrent reuse detection is either seen or sees the successor).
 pub async fn refresh(
     State(s): State<AppState>,
     req: Result<Json<RefreshRequest>, JsonRejection>,
 ) -> Result<Json<Tokens>, Problem> {
     let req = json_body(req)?;
     let invalid = || Problem::unauthorized("invalid or expired refresh token");
+    let token_hash = shared::apikey::hash(&req.refresh_token);
     let mut tx = s.pool.begin().await.map_err(db)?;
-    let row: Option<RefreshRow> = sqlx::query_as(
-        "SELECT r.family_id, r.user_id, r.expires_at, r.used_at, r.revoked_at,
-                u.tenant_id, u.role, u.token_version, u.status, t.status
-           FROM control.refresh_tokens r
-           JOIN control.users u ON u.id = r.user_id
-           JOIN control.tenants t ON t.id = u.tenant_id
-          WHERE r.token_hash = $1
-            FOR UPDATE OF r",
+    let owner: Option<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT family_id, user_id FROM control.refresh_tokens WHERE token_hash = $1",
     )
-    .bind(shared::apikey::hash(&req.refresh_token))
+    .bind(&token_hash)
     .fetch_optional(&mut *tx)
     .await
     .map_err(db)?;
-    let Some((family, user, expires_at, used_at, revoked_at, tenant, role, ver, status, tstatus)) =
-        row
-    else {
+    let Some((family, user)) = owner else {
         return Err(invalid());
     };
+    let (tenant, role, ver, status, tstatus): RefreshUser = sqlx::query_as(
+        "SELECT u.tenant_id, u.role, u.token_version, u.status, t.status
+           FROM control.users u JOIN control.tenants t ON t.id = u.tenant_id
+          WHERE u.id = $1
+            FOR SHARE OF u",
+    )
+    .bind(user)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db)?;
+    lock_family(&mut tx, family).await?;
+    // Read after the locks: what a transaction we waited for changed is seen.
+    let (expires_at, used_at, revoked_at): RefreshState = sqlx::query_as(
+        "SELECT expires_at, used_at, revoked_at FROM control.refresh_tokens WHERE token_hash = $1",
+    )
+    .bind(&token_hash)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db)?;
     if used_at.is_some() || revoked_at.is_some() {
         // A used token presented again: it was stolen, or the client is confused. Either way
         // the whole family goes.
-        sqlx::query(
-            "UPDATE control.refresh_tokens SET revoked_at = coalesce(revoked_at, now())
-              WHERE family_id = $1",
-        )
-        .bind(family)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
+        revoke_family(&mut tx, family).await?;
         let event = AuthEvent {
             user_id: Some(user),
             target: Some(format!("family:{family}")),
@@ -322,10 +421,12 @@ pub async fn refresh(
         return Err(invalid());
     }
     sqlx::query("UPDATE control.refresh_tokens SET used_at = now() WHERE token_hash = $1")
-        .bind(shared::apikey::hash(&req.refresh_token))
+        .bind(&token_hash)
         .execute(&mut *tx)
         .await
         .map_err(db)?;
+    let role = Role::parse(&role).ok_or_else(Problem::internal)?;
+    let tokens = issue_on(&s, &mut tx, user, TenantId(tenant), role, ver, family).await?;
     let event = AuthEvent {
         user_id: Some(user),
         target: Some(format!("family:{family}")),
@@ -341,10 +442,7 @@ pub async fn refresh(
     .await?;
     tx.commit().await.map_err(db)?;
     wake_relay(&s);
-    let role = Role::parse(&role).ok_or_else(Problem::internal)?;
-    Ok(Json(
-        issue(&s, user, TenantId(tenant), role, ver, family).await?,
-    ))
+    Ok(Json(tokens))
 }
 
 /// `POST /v1/auth/logout`: ends the login the refresh token belongs to.
@@ -364,14 +462,8 @@ pub async fn logout(
     .map_err(db)?;
     // An unknown token gets the same answer: logout is idempotent and reveals nothing.
     if let Some((family, user, tenant)) = owner {
-        sqlx::query(
-            "UPDATE control.refresh_tokens SET revoked_at = coalesce(revoked_at, now())
-              WHERE family_id = $1",
-        )
-        .bind(family)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
+        lock_family(&mut tx, family).await?;
+        revoke_family(&mut tx, family).await?;
         let event = AuthEvent {
             user_id: Some(user),
             target: Some(format!("family:{family}")),
@@ -392,22 +484,40 @@ pub(crate) async fn caller(s: &AppState, headers: &HeaderMap) -> Result<Claims, 
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| Problem::unauthorized("an access token is required"))?;
     let claims = s.keyring.verifier.verify(token.trim()).await?;
-    let current: Option<(i32, String)> =
-        sqlx::query_as("SELECT token_version, status FROM control.users WHERE id = $1")
-            .bind(claims.sub)
-            .fetch_optional(&s.pool)
-            .await
-            .map_err(db)?;
+    let current: Option<(i32, String, String)> = sqlx::query_as(
+        "SELECT u.token_version, u.status, t.status
+           FROM control.users u JOIN control.tenants t ON t.id = u.tenant_id
+          WHERE u.id = $1 AND u.tenant_id = $2",
+    )
+    .bind(claims.sub)
+    .bind(claims.tid.0)
+    .fetch_optional(&s.pool)
+    .await
+    .map_err(db)?;
     match current {
-        Some((ver, status)) if ver == claims.ver && status == "active" => Ok(claims),
+        Some((ver, status, tenant_status))
+            if ver == claims.ver && status == "active" && tenant_status == "active" =>
+        {
+            Ok(claims)
+        }
         _ => Err(Problem::unauthorized(
             "this access token is no longer valid",
         )),
     }
 }
 
-/// Ends every session of the user: refresh tokens revoked, access tokens invalidated.
+/// Ends every session of the user: access tokens invalidated, refresh tokens revoked. The
+/// user row is locked first, as a refresh does, so a rotation in flight either finishes
+/// before (and its successor is revoked here) or waits and finds its token revoked.
 async fn end_all_sessions(conn: &mut sqlx::PgConnection, user: Uuid) -> Result<i32, Problem> {
+    let ver = sqlx::query_scalar(
+        "UPDATE control.users SET token_version = token_version + 1, updated_at = now()
+          WHERE id = $1 RETURNING token_version",
+    )
+    .bind(user)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db)?;
     sqlx::query(
         "UPDATE control.refresh_tokens SET revoked_at = now()
           WHERE user_id = $1 AND revoked_at IS NULL",
@@ -416,14 +526,7 @@ async fn end_all_sessions(conn: &mut sqlx::PgConnection, user: Uuid) -> Result<i
     .execute(&mut *conn)
     .await
     .map_err(db)?;
-    sqlx::query_scalar(
-        "UPDATE control.users SET token_version = token_version + 1, updated_at = now()
-          WHERE id = $1 RETURNING token_version",
-    )
-    .bind(user)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db)
+    Ok(ver)
 }
 
 /// `POST /v1/auth/logout-all`
@@ -461,12 +564,10 @@ pub async fn change_password(
         .fetch_one(&s.pool)
         .await
         .map_err(db)?;
-    if !verify_password(req.current_password, hash).await {
+    if !verify_password(&s, req.current_password, Some(hash)).await? {
         return Err(Problem::forbidden("current_password is wrong"));
     }
-    let new_hash = tokio::task::spawn_blocking(move || password::hash(&req.new_password))
-        .await
-        .map_err(|_| Problem::internal())?;
+    let new_hash = hash_password(&s, req.new_password).await?;
     let mut tx = s.pool.begin().await.map_err(db)?;
     sqlx::query("UPDATE control.users SET password_hash = $2 WHERE id = $1")
         .bind(claims.sub)

@@ -12,6 +12,7 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::apikey::{self, Scope};
+use shared::events::{Actor, AuthEvent, AuthKind};
 use shared::jwt::Role;
 use shared::problem::{json_body, Problem};
 use shared::tenant::TenantId;
@@ -73,8 +74,42 @@ async fn operator(s: &AppState, headers: &HeaderMap) -> Result<(), Problem> {
 /// Who administers a tenant: an owner or admin (access token), or an `admin` API key.
 pub(crate) struct TenantAdmin {
     pub tenant: TenantId,
-    /// Only owners may create or promote owners.
+    /// Only owners may create, promote, demote or deactivate owners, or change SSO settings.
     pub is_owner: bool,
+    /// The person or key acting, for the audit log.
+    pub actor: Actor,
+}
+
+impl TenantAdmin {
+    /// Audits a refused change (`auth.access_denied`) and returns the 403 to answer with.
+    pub async fn refuse(&self, s: &AppState, detail: &str, target: String) -> Problem {
+        let event = AuthEvent {
+            user_id: self.actor.user_id,
+            target: Some(target),
+            detail: Some(detail.to_string()),
+            ..Default::default()
+        };
+        let written = async {
+            let mut conn = s.pool.acquire().await.map_err(|e| failed(e.into()))?;
+            super::auth::audit_as(
+                s,
+                &mut conn,
+                self.tenant,
+                AuthKind::AccessDenied,
+                self.actor.clone(),
+                event,
+            )
+            .await
+        };
+        match written.await {
+            Ok(()) => {
+                s.outbox_wake.notify_one();
+                metrics::counter!("control_access_denied_total").increment(1);
+                Problem::forbidden(detail)
+            }
+            Err(p) => p,
+        }
+    }
 }
 
 pub(crate) async fn tenant_admin(
@@ -93,6 +128,10 @@ pub(crate) async fn tenant_admin(
             Role::Owner | Role::Admin => Ok(TenantAdmin {
                 tenant: claims.tid,
                 is_owner: claims.role == Role::Owner,
+                actor: Actor {
+                    user_id: Some(claims.sub),
+                    api_key_id: None,
+                },
             }),
             _ => Err(Problem::forbidden(
                 "only the tenant's owners and admins may do this",
@@ -100,9 +139,26 @@ pub(crate) async fn tenant_admin(
         };
     }
     let key = s.keys.authenticate(headers, Scope::Admin).await?;
+    // The key cache may be up to its TTL behind; the control plane checks the key and its
+    // tenant now, so a revoked key or a deactivated tenant loses it at once.
+    let live: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM control.api_keys k JOIN control.tenants t ON t.id = k.tenant_id
+                         WHERE k.id = $1 AND k.revoked_at IS NULL AND t.status = 'active')",
+    )
+    .bind(key.key_id)
+    .fetch_one(&s.pool)
+    .await
+    .map_err(|e| failed(e.into()))?;
+    if !live {
+        return Err(Problem::unauthorized("unknown or revoked API key"));
+    }
     Ok(TenantAdmin {
         tenant: key.tenant_id,
         is_owner: false,
+        actor: Actor {
+            user_id: None,
+            api_key_id: Some(key.key_id),
+        },
     })
 }
 
@@ -365,7 +421,13 @@ pub async fn create_user(
     let req = json_body(req)?;
     let role = check_person(&req, "")?;
     if role == Role::Owner && !caller.is_owner {
-        return Err(Problem::forbidden("only an owner may create another owner"));
+        return Err(caller
+            .refuse(
+                &s,
+                "only an owner may create another owner",
+                format!("user:{}", req.email.trim().to_lowercase()),
+            )
+            .await);
     }
     let id = admin::create_user(
         &s.pool,
@@ -436,9 +498,6 @@ pub async fn update_user(
             Some(Role::parse(r).ok_or_else(|| Problem::invalid_field("role", "unknown role"))?)
         }
     };
-    if role == Some(Role::Owner) && !caller.is_owner {
-        return Err(Problem::forbidden("only an owner may make another owner"));
-    }
     let active = match req.status.as_deref() {
         None => None,
         Some("active") => Some(true),
@@ -450,22 +509,41 @@ pub async fn update_user(
             ))
         }
     };
-    let found = admin::update_user(
+    let outcome = admin::update_user(
         &s.pool,
         ns(&s),
-        caller.tenant,
-        id,
-        role,
-        req.teams.as_deref(),
-        active,
+        admin::UserChange {
+            tenant: caller.tenant,
+            id,
+            role,
+            teams: req.teams.as_deref(),
+            active,
+            by_owner: caller.is_owner,
+            actor: caller.actor.clone(),
+        },
     )
     .await
     .map_err(failed)?;
-    if !found {
-        return Err(Problem::not_found("no such user in this tenant"));
+    match outcome {
+        admin::UserUpdate::Updated => {
+            s.outbox_wake.notify_one();
+            Ok(StatusCode::NO_CONTENT)
+        }
+        admin::UserUpdate::NotFound => Err(Problem::not_found("no such user in this tenant")),
+        admin::UserUpdate::LastOwner => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "last-owner",
+            "Last owner",
+            "a tenant keeps at least one active owner; make another owner first",
+        )),
+        admin::UserUpdate::OwnerOnly => Err(caller
+            .refuse(
+                &s,
+                "only an owner may make, demote or deactivate an owner",
+                format!("user:{id}"),
+            )
+            .await),
     }
-    s.outbox_wake.notify_one();
-    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Deserialize)]

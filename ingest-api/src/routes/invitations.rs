@@ -72,7 +72,13 @@ pub async fn invite(
         Some(r) => Role::parse(r).ok_or_else(|| Problem::invalid_field("role", "unknown role"))?,
     };
     if role == Role::Owner && !caller.is_owner {
-        return Err(Problem::forbidden("only an owner may invite an owner"));
+        return Err(caller
+            .refuse(
+                &s,
+                "only an owner may invite an owner",
+                format!("invitation:{email}"),
+            )
+            .await);
     }
     let hours = req.valid_hours.unwrap_or(72);
     if !(1..=168).contains(&hours) {
@@ -121,6 +127,20 @@ pub async fn accept(
             "this invitation is unknown, used or expired",
         )
     };
+    let token_hash = shared::apikey::hash(&req.token);
+    // Hash only for an invitation that can be accepted, and with no connection held.
+    let open: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM control.invitations
+                         WHERE token_hash = $1 AND accepted_at IS NULL AND expires_at > now())",
+    )
+    .bind(&token_hash)
+    .fetch_one(&s.pool)
+    .await
+    .map_err(db)?;
+    if !open {
+        return Err(gone());
+    }
+    let hash = super::auth::hash_password(&s, req.password.clone()).await?;
     let mut tx = s.pool.begin().await.map_err(db)?;
     let row: Option<(Uuid, Uuid, String, String, Vec<String>)> = sqlx::query_as(
         "SELECT i.id, i.tenant_id, i.email, i.role, i.teams FROM control.invitations i
@@ -129,15 +149,11 @@ pub async fn accept(
             AND t.status = 'active'
             FOR UPDATE OF i",
     )
-    .bind(shared::apikey::hash(&req.token))
+    .bind(&token_hash)
     .fetch_optional(&mut *tx)
     .await
     .map_err(db)?;
     let (invitation, tenant, email, role, teams) = row.ok_or_else(gone)?;
-    let password = req.password.clone();
-    let hash = tokio::task::spawn_blocking(move || shared::password::hash(&password))
-        .await
-        .map_err(|_| Problem::internal())?;
     let user = Uuid::now_v7();
     sqlx::query(
         "INSERT INTO control.users (id, tenant_id, email, password_hash, role, external_id, teams)

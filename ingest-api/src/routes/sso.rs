@@ -7,12 +7,14 @@
 //! from the tenant's allowed e-mail domains — and answers with Tally tokens.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Query, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use shared::events::{AuthEvent, AuthKind};
+use shared::events::{Actor, AuthEvent, AuthKind};
 use shared::jwt::Role;
 use shared::problem::{json_body, Problem};
 use shared::tenant::TenantId;
@@ -59,13 +61,23 @@ fn secret_key(s: &AppState) -> Result<shared::secretbox::SecretKey, Problem> {
     })
 }
 
-/// `PUT /v1/admin/sso` (tenant owners/admins): the tenant's identity provider.
+/// `PUT /v1/admin/sso` (tenant owners only): the tenant's identity provider. Whoever runs the
+/// provider vouches for who logs in, so admins and `admin` keys are refused (and audited).
 pub async fn put_settings(
     State(s): State<AppState>,
     headers: HeaderMap,
     req: Result<Json<SsoSettings>, JsonRejection>,
 ) -> Result<StatusCode, Problem> {
     let caller = super::control::tenant_admin(&s, &headers).await?;
+    if !caller.is_owner {
+        return Err(caller
+            .refuse(
+                &s,
+                "only an owner may change single sign-on settings",
+                "sso".into(),
+            )
+            .await);
+    }
     let req = json_body(req)?;
     let key = secret_key(&s)?;
     let plain = |s: &str| {
@@ -125,6 +137,7 @@ pub async fn put_settings(
         .map(|d| d.trim().trim_start_matches('@').to_lowercase())
         .filter(|d| !d.is_empty())
         .collect();
+    let mut tx = s.pool.begin().await.map_err(db)?;
     sqlx::query(
         "INSERT INTO control.sso_settings
                 (tenant_id, provider, issuer, client_id, client_secret_enc, allowed_domains, default_role)
@@ -139,9 +152,31 @@ pub async fn put_settings(
     .bind(key.seal(req.client_secret.as_bytes()))
     .bind(&domains)
     .bind(role)
-    .execute(&s.pool)
+    .execute(&mut *tx)
     .await
     .map_err(db)?;
+    let event = AuthEvent {
+        user_id: caller.actor.user_id,
+        target: Some(format!("idp:{issuer}")),
+        detail: Some(format!(
+            "provider {}, client {}, default role {role}, domains [{}]",
+            req.provider,
+            req.client_id,
+            domains.join(", ")
+        )),
+        ..Default::default()
+    };
+    super::auth::audit_as(
+        &s,
+        &mut tx,
+        caller.tenant,
+        AuthKind::SsoSettingsChanged,
+        caller.actor.clone(),
+        event,
+    )
+    .await?;
+    tx.commit().await.map_err(db)?;
+    s.outbox_wake.notify_one();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -192,6 +227,76 @@ pub async fn start(
         .as_deref()
         .and_then(|t| Uuid::parse_str(t).ok())
         .ok_or_else(|| Problem::invalid_field("tenant", "a tenant id is required"))?;
+    let url = authorization_url(&s, tenant, None).await?;
+    Ok((StatusCode::FOUND, [(header::LOCATION, url)]).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LinkRequest {
+    /// The signed-in person's own password: linking gives the identity provider their rights.
+    pub password: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LinkStart {
+    /// Where the browser goes next; the callback links the identity to this person.
+    pub authorization_url: String,
+}
+
+/// `POST /v1/auth/sso/link` (a signed-in person, with their password): starts a login at the
+/// tenant's identity provider whose identity the callback links to this person. This is the
+/// only way an identity reaches an account with more rights than the provider's default role.
+pub async fn link(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    req: Result<Json<LinkRequest>, JsonRejection>,
+) -> Result<Json<LinkStart>, Problem> {
+    let claims = super::auth::caller(&s, &headers).await?;
+    let req = json_body(req)?;
+    let (email, hash): (String, String) =
+        sqlx::query_as("SELECT email, password_hash FROM control.users WHERE id = $1")
+            .bind(claims.sub)
+            .fetch_one(&s.pool)
+            .await
+            .map_err(db)?;
+    let ip = peer.ip().to_string();
+    let attempt = s.throttle.reserve(&email, &ip).await?;
+    let matches = match super::auth::verify_password(&s, req.password, Some(hash)).await {
+        Ok(m) => m,
+        Err(p) => {
+            s.throttle.release(attempt).await;
+            return Err(p);
+        }
+    };
+    if !matches {
+        let event = AuthEvent {
+            user_id: Some(claims.sub),
+            email: Some(email),
+            ip: Some(ip),
+            detail: Some("wrong password to link a single sign-on identity".into()),
+            ..Default::default()
+        };
+        let mut conn = s.pool.acquire().await.map_err(db)?;
+        super::auth::audit(&s, &mut conn, claims.tid, AuthKind::LoginFailed, event).await?;
+        drop(conn);
+        s.outbox_wake.notify_one();
+        s.throttle.failed(attempt).await;
+        return Err(Problem::forbidden("password is wrong"));
+    }
+    s.throttle.succeeded(attempt).await;
+    Ok(Json(LinkStart {
+        authorization_url: authorization_url(&s, claims.tid.0, Some(claims.sub)).await?,
+    }))
+}
+
+/// Records a login in flight (state, nonce, PKCE verifier, and the person to link, if any)
+/// and returns the provider's authorization URL for it.
+async fn authorization_url(
+    s: &AppState,
+    tenant: Uuid,
+    link_user: Option<Uuid>,
+) -> Result<String, Problem> {
     let row: Option<(String, String)> = sqlx::query_as(
         "SELECT s.issuer, s.client_id FROM control.sso_settings s
            JOIN control.tenants t ON t.id = s.tenant_id
@@ -210,20 +315,19 @@ pub async fn start(
     let state = oidc::random_token(24);
     let nonce = oidc::random_token(24);
     let (verifier, challenge) = oidc::pkce();
+    sqlx::query("DELETE FROM control.sso_logins WHERE created_at < now() - interval '10 minutes'")
+        .execute(&s.pool)
+        .await
+        .map_err(db)?;
     sqlx::query(
-        "DELETE FROM control.sso_logins WHERE created_at < now() - interval '10 minutes';
-         ",
-    )
-    .execute(&s.pool)
-    .await
-    .map_err(db)?;
-    sqlx::query(
-        "INSERT INTO control.sso_logins (state, tenant_id, nonce, code_verifier) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO control.sso_logins (state, tenant_id, nonce, code_verifier, link_user_id)
+         VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(&state)
     .bind(tenant)
     .bind(&nonce)
     .bind(&verifier)
+    .bind(link_user)
     .execute(&s.pool)
     .await
     .map_err(db)?;
@@ -236,13 +340,13 @@ pub async fn start(
     url.query_pairs_mut()
         .append_pair("response_type", "code")
         .append_pair("client_id", &client_id)
-        .append_pair("redirect_uri", &redirect_uri(&s))
+        .append_pair("redirect_uri", &redirect_uri(s))
         .append_pair("scope", "openid email profile")
         .append_pair("state", &state)
         .append_pair("nonce", &nonce)
         .append_pair("code_challenge", &challenge)
         .append_pair("code_challenge_method", "S256");
-    Ok((StatusCode::FOUND, [(header::LOCATION, url.to_string())]).into_response())
+    Ok(url.to_string())
 }
 
 #[derive(Debug, Deserialize)]
@@ -274,15 +378,15 @@ pub async fn callback(
         .code
         .ok_or_else(|| Problem::invalid_field("code", "is required"))?;
     // Single use: the row is gone whatever happens next.
-    let login: Option<(Uuid, String, String)> = sqlx::query_as(
+    let login: Option<(Uuid, String, String, Option<Uuid>)> = sqlx::query_as(
         "DELETE FROM control.sso_logins WHERE state = $1 AND created_at > now() - interval '10 minutes'
-         RETURNING tenant_id, nonce, code_verifier",
+         RETURNING tenant_id, nonce, code_verifier, link_user_id",
     )
     .bind(&state)
     .fetch_optional(&s.pool)
     .await
     .map_err(db)?;
-    let (tenant, nonce, verifier) = login.ok_or_else(|| {
+    let (tenant, nonce, verifier, link_user) = login.ok_or_else(|| {
         Problem::invalid_field("state", "unknown, used or expired login; start again")
     })?;
     let (issuer, client_id, secret_enc, domains, default_role): (
@@ -343,7 +447,10 @@ pub async fn callback(
             Problem::unauthorized(format!("invalid ID token: {e}"))
         })?;
     let tenant = TenantId(tenant);
-    let user = find_or_provision(&s, tenant, &d.issuer, &claims, &domains, &default_role).await?;
+    let user = match link_user {
+        Some(person) => link_identity(&s, tenant, &d.issuer, &claims, person).await?,
+        None => find_or_provision(&s, tenant, &d.issuer, &claims, &domains, &default_role).await?,
+    };
     let (role, ver, status): (String, i32, String) =
         sqlx::query_as("SELECT role, token_version, status FROM control.users WHERE id = $1")
             .bind(user)
@@ -360,6 +467,7 @@ pub async fn callback(
         user_id: Some(user),
         email: claims.verified_email(),
         target: Some(format!("idp:{}", d.issuer)),
+        detail: link_user.map(|_| "identity linked from a password-confirmed session".into()),
         ..Default::default()
     };
     super::auth::audit(&s, &mut conn, tenant, AuthKind::SsoLogin, event).await?;
@@ -403,24 +511,43 @@ async fn find_or_provision(
             "people from `{domain}` are not provisioned in this tenant"
         )));
     }
+    // No usable password: a person provisioned here signs in through the identity provider.
+    // Hashed before the transaction (no connection held across it), and only when needed.
+    let taken: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM control.users WHERE email = $1)")
+            .bind(&email)
+            .fetch_one(&s.pool)
+            .await
+            .map_err(db)?;
+    let unusable = match taken {
+        true => None,
+        false => Some(super::auth::hash_password(s, oidc::random_token(32)).await?),
+    };
     let mut tx = s.pool.begin().await.map_err(db)?;
-    let existing: Option<(Uuid, Uuid)> =
-        sqlx::query_as("SELECT id, tenant_id FROM control.users WHERE email = $1")
+    let existing: Option<(Uuid, Uuid, String)> =
+        sqlx::query_as("SELECT id, tenant_id, role FROM control.users WHERE email = $1")
             .bind(&email)
             .fetch_optional(&mut *tx)
             .await
             .map_err(db)?;
     let user = match existing {
-        Some((id, t)) if t == tenant.0 => id,
+        Some((id, t, role)) if t == tenant.0 => {
+            if rank(&role) > rank(default_role) {
+                drop(tx);
+                return Err(refuse_link(s, tenant, id, &email, issuer, &claims.sub, &role).await);
+            }
+            id
+        }
         Some(_) => {
             return Err(Problem::forbidden(
                 "this e-mail address belongs to another tenant",
             ))
         }
         None => {
+            let unusable = unusable.ok_or_else(|| {
+                Problem::unavailable("this account changed meanwhile; try again", 1)
+            })?;
             let id = Uuid::now_v7();
-            // No usable password: this person signs in through the identity provider.
-            let unusable = shared::password::hash(&oidc::random_token(32));
             sqlx::query(
                 "INSERT INTO control.users (id, tenant_id, email, password_hash, role, external_id)
                  VALUES ($1, $2, $3, $4, $5, $3)",
@@ -456,4 +583,117 @@ async fn find_or_provision(
     .map_err(db)?;
     tx.commit().await.map_err(db)?;
     Ok(user)
+}
+
+/// A role's rights, for comparing an account with what single sign-on grants.
+fn rank(role: &str) -> u8 {
+    match Role::parse(role) {
+        Some(Role::Owner) => 4,
+        Some(Role::Admin) => 3,
+        Some(Role::Manager) => 2,
+        Some(Role::Developer) => 1,
+        Some(Role::Viewer) | None => 0,
+    }
+}
+
+/// Audits and refuses an identity linking itself to an account with more rights than the
+/// provider's default role: whoever runs the provider could otherwise log in as that person.
+async fn refuse_link(
+    s: &AppState,
+    tenant: TenantId,
+    user: Uuid,
+    email: &str,
+    issuer: &str,
+    subject: &str,
+    role: &str,
+) -> Problem {
+    let detail = format!(
+        "`{email}` is an existing account with role {role}, above what single sign-on grants; \
+         sign in with its password and link the identity with POST /v1/auth/sso/link"
+    );
+    let event = AuthEvent {
+        user_id: Some(user),
+        email: Some(email.to_string()),
+        target: Some(format!("idp:{issuer}#{subject}")),
+        detail: Some(
+            "single sign-on refused to link itself to an account above its default role".into(),
+        ),
+        ..Default::default()
+    };
+    let written = async {
+        let mut conn = s.pool.acquire().await.map_err(db)?;
+        super::auth::audit_as(
+            s,
+            &mut conn,
+            tenant,
+            AuthKind::AccessDenied,
+            Actor::default(),
+            event,
+        )
+        .await
+    };
+    if let Err(p) = written.await {
+        return p;
+    }
+    s.outbox_wake.notify_one();
+    tracing::warn!(%tenant, %user, %issuer, "SSO identity refused to link itself to a privileged account");
+    Problem::new(
+        StatusCode::FORBIDDEN,
+        "sso-link-needs-password",
+        "Linking needs the account's password",
+        detail,
+    )
+}
+
+/// Links the identity to `person`, who proved their password when the login started.
+async fn link_identity(
+    s: &AppState,
+    tenant: TenantId,
+    issuer: &str,
+    claims: &oidc::IdClaims,
+    person: Uuid,
+) -> Result<Uuid, Problem> {
+    let mut tx = s.pool.begin().await.map_err(db)?;
+    let known: Option<Uuid> = sqlx::query_scalar(
+        "SELECT user_id FROM control.user_identities WHERE issuer = $1 AND subject = $2",
+    )
+    .bind(issuer)
+    .bind(&claims.sub)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db)?;
+    match known {
+        Some(u) if u == person => return Ok(person),
+        Some(_) => {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "identity-taken",
+                "Identity already linked",
+                "this identity is already linked to another person",
+            ))
+        }
+        None => {}
+    }
+    let same_tenant: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM control.users WHERE id = $1 AND tenant_id = $2)",
+    )
+    .bind(person)
+    .bind(tenant.0)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db)?;
+    if !same_tenant {
+        return Err(Problem::forbidden("this person is not in the tenant"));
+    }
+    sqlx::query(
+        "INSERT INTO control.user_identities (issuer, subject, user_id) VALUES ($1, $2, $3)",
+    )
+    .bind(issuer)
+    .bind(&claims.sub)
+    .bind(person)
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    tx.commit().await.map_err(db)?;
+    Ok(person)
 }

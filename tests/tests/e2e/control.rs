@@ -384,3 +384,245 @@ async fn projected_count(
         .await
         .ok()
 }
+
+/// The outbox events of `tenant` of type `kind`, oldest first.
+async fn outbox_events(pool: &sqlx::PgPool, tenant: uuid::Uuid, kind: &str) -> Vec<Value> {
+    sqlx::query_scalar(
+        "SELECT envelope FROM control.outbox
+          WHERE envelope->>'tenant_id' = $1 AND envelope->>'type' = $2 ORDER BY seq",
+    )
+    .bind(tenant.to_string())
+    .bind(kind)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// An admin — person or `admin` key — tries to climb above their role: demote, deactivate
+/// or create owners. Each try is refused with 403, changes nothing and is audited with who
+/// tried. The last owner cannot leave; a deactivated tenant's admins and a revoked operator
+/// key lose the control plane at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admins_cannot_touch_owners_and_lose_the_control_plane_at_once() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let client = http();
+    let url = ingest.url();
+    let (operator_id, operator) = ingest_api::admin::create_operator_key_with_id(&pool, "test")
+        .await
+        .unwrap();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let call = |method: reqwest::Method, path: &str, token: &str, body: Option<Value>| {
+        let mut r = client
+            .request(method, format!("{url}{path}"))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        r.send()
+    };
+    let res = call(reqwest::Method::POST, "/v1/admin/tenants", &operator, Some(json!({
+        "name": "climb", "owner": {"email": format!("owner-{tag}@example.com"), "password": "Owner-Pass-123"}
+    }))).await.unwrap();
+    assert_eq!(res.status(), 201);
+    let created: Value = res.json().await.unwrap();
+    let tenant: uuid::Uuid = created["tenant_id"].as_str().unwrap().parse().unwrap();
+    let owner_id = created["owner_id"].as_str().unwrap().to_string();
+    let login = |email: String, password: &'static str| {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            let res = client
+                .post(format!("{url}/v1/auth/login"))
+                .json(&json!({"email": email, "password": password}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+            res.json::<Value>().await.unwrap()["access_token"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let owner = login(format!("owner-{tag}@example.com"), "Owner-Pass-123").await;
+    let mut people = Vec::new();
+    for (name, role) in [("admin", "admin"), ("dev", "developer")] {
+        let res = call(reqwest::Method::POST, "/v1/admin/users", &owner, Some(json!({
+            "email": format!("{name}-{tag}@example.com"), "password": "Some-Pass-1234", "role": role
+        }))).await.unwrap();
+        assert_eq!(res.status(), 201);
+        people.push(
+            res.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let (admin_id, dev_id) = (people[0].clone(), people[1].clone());
+    let res = call(
+        reqwest::Method::POST,
+        "/v1/admin/api-keys",
+        &owner,
+        Some(json!({"name": "automation", "scope": "admin"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 201);
+    let key: Value = res.json().await.unwrap();
+    let (admin_key, admin_key_id) = (
+        key["key"].as_str().unwrap().to_string(),
+        key["id"].as_str().unwrap().to_string(),
+    );
+    let admin = login(format!("admin-{tag}@example.com"), "Some-Pass-1234").await;
+
+    // Every way up is refused, for the person and for the key.
+    let attempts = [
+        (
+            reqwest::Method::PATCH,
+            format!("/v1/admin/users/{owner_id}"),
+            json!({"role": "viewer"}),
+        ),
+        (
+            reqwest::Method::PATCH,
+            format!("/v1/admin/users/{owner_id}"),
+            json!({"status": "deactivated"}),
+        ),
+        (
+            reqwest::Method::PATCH,
+            format!("/v1/admin/users/{dev_id}"),
+            json!({"role": "owner"}),
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/admin/users".to_string(),
+            json!({
+            "email": format!("sock-{tag}@example.com"), "password": "Sock-Pass-1234", "role": "owner"}),
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/admin/invitations".to_string(),
+            json!({
+            "email": format!("inv-{tag}@example.com"), "role": "owner"}),
+        ),
+    ];
+    for credential in [&admin, &admin_key] {
+        for (method, path, body) in &attempts {
+            let res = call(method.clone(), path, credential, Some(body.clone()))
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 403, "{method} {path} {body}");
+            assert_eq!(res.headers()["content-type"], "application/problem+json");
+        }
+    }
+    let roles: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT id::text, role, status FROM control.users WHERE tenant_id = $1 ORDER BY email",
+    )
+    .bind(tenant)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(roles.len(), 3, "no owner was created: {roles:?}");
+    assert!(roles
+        .iter()
+        .any(|(id, role, status)| *id == owner_id && role == "owner" && status == "active"));
+    assert!(roles
+        .iter()
+        .any(|(id, role, _)| *id == dev_id && role == "developer"));
+    let denied = outbox_events(&pool, tenant, "auth.access_denied").await;
+    assert_eq!(denied.len(), 2 * attempts.len(), "{denied:#?}");
+    let (by_person, by_key) = denied.split_at(attempts.len());
+    assert!(by_person
+        .iter()
+        .all(|e| e["actor"]["user_id"] == admin_id.as_str()));
+    assert!(by_key
+        .iter()
+        .all(|e| e["actor"]["api_key_id"] == admin_key_id.as_str()));
+    assert_eq!(by_person[0]["data"]["target"], format!("user:{owner_id}"));
+    // What an admin may do still works: a developer's role and teams.
+    let res = call(
+        reqwest::Method::PATCH,
+        &format!("/v1/admin/users/{dev_id}"),
+        &admin,
+        Some(json!({"role": "manager"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 204);
+
+    // The only owner cannot leave the tenant ownerless; with a second owner they can.
+    let res = call(
+        reqwest::Method::PATCH,
+        &format!("/v1/admin/users/{owner_id}"),
+        &owner,
+        Some(json!({"role": "admin"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 409);
+    let res = call(
+        reqwest::Method::PATCH,
+        &format!("/v1/admin/users/{admin_id}"),
+        &owner,
+        Some(json!({"role": "owner"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 204, "an owner makes an owner");
+
+    // The operator deactivates the tenant: its admin (a fresh token of the new owner, and
+    // the key that just worked) is refused at the very next request.
+    let second_owner = login(format!("admin-{tag}@example.com"), "Some-Pass-1234").await;
+    for credential in [&second_owner, &admin_key] {
+        let res = call(reqwest::Method::GET, "/v1/admin/users", credential, None)
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    let res = call(
+        reqwest::Method::PATCH,
+        &format!("/v1/admin/tenants/{tenant}"),
+        &operator,
+        Some(json!({"status": "deactivated"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 204);
+    for credential in [&second_owner, &admin_key] {
+        let res = call(reqwest::Method::GET, "/v1/admin/users", credential, None)
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401, "at once, not after a cache delay");
+        let res = call(
+            reqwest::Method::POST,
+            "/v1/admin/api-keys",
+            credential,
+            Some(json!({"name": "late", "scope": "ingest"})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(res.status(), 401);
+    }
+
+    // A revoked operator key is refused at its next request.
+    let res = call(reqwest::Method::GET, "/v1/admin/tenants", &operator, None)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    ingest_api::admin::revoke_operator_key(&pool, operator_id)
+        .await
+        .unwrap();
+    let res = call(reqwest::Method::GET, "/v1/admin/tenants", &operator, None)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert!(
+        ingest_api::admin::revoke_operator_key(&pool, operator_id)
+            .await
+            .is_err(),
+        "a key is revoked once"
+    );
+    ingest.stop().await.unwrap();
+}

@@ -450,3 +450,232 @@ async fn brute_force_is_locked_out_then_the_lockout_expires() {
     s.ingest.stop().await.unwrap();
     s.query.stop().await.unwrap();
 }
+
+/// The real `ingest-api` binary in a process of its own (so its `/metrics` counts only this
+/// test's work), on a free port; killed when dropped.
+async fn spawn_ingest_process(
+    common: &shared::config::Common,
+    env: &[(&str, &str)],
+) -> (Proc, String) {
+    let bin = bin_dir().join("ingest-api");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`; `make test` does)",
+        bin.display()
+    );
+    let port = free_port();
+    let mut cmd = std::process::Command::new(bin);
+    cmd.env("TALLY_DATABASE_URL", &common.database_url)
+        .env("TALLY_REDIS_URL", &common.redis_url)
+        .env("TALLY_KAFKA_BROKERS", &common.kafka_brokers)
+        .env("TALLY_TOPIC_PREFIX", &common.topic_prefix)
+        .env(
+            "TALLY_KAFKA_PARTITIONS",
+            common.kafka_partitions.to_string(),
+        )
+        .env("TALLY_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("TALLY_GRPC_ADDR", "")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let proc = Proc(cmd.spawn().expect("spawn ingest-api"));
+    let url = format!("http://127.0.0.1:{port}");
+    let since = Instant::now();
+    while reqwest::get(format!("{url}/healthz")).await.is_err() {
+        assert!(
+            since.elapsed() < Duration::from_secs(60),
+            "ingest-api did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (proc, url)
+}
+
+/// A counter's value on a Prometheus page (0 when it has not been touched yet).
+fn counter(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// 200 wrong passwords for one account at once: each attempt is counted before its password
+/// is checked, so at most the allowed number of argon2 checks run (counted on `/metrics` of
+/// a process of its own), and the rest get 429 — the right password too, afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_guesses_get_at_most_the_allowed_password_checks() {
+    parallel_guesses(false).await;
+}
+
+/// The same with Redis killed after ingest-api connected to it: the instance's own count
+/// holds the line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_guesses_are_bounded_with_redis_down_too() {
+    parallel_guesses(true).await;
+}
+
+async fn parallel_guesses(redis_down: bool) {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    const ALLOWED: usize = 5;
+    let mut redis = redis_down.then(PrivateRedis::start);
+    let redis_url = redis
+        .as_ref()
+        .map_or(common.redis_url.clone(), PrivateRedis::url);
+    let (_proc, url) = spawn_ingest_process(
+        &common,
+        &[
+            ("TALLY_LOGIN_MAX_FAILURES", "5"),
+            ("TALLY_LOGIN_MAX_FAILURES_PER_IP", "1000"),
+            ("TALLY_HASH_WAIT_MS", "30000"),
+            ("TALLY_REDIS_URL", &redis_url),
+        ],
+    )
+    .await;
+    if let Some(r) = redis.as_mut() {
+        r.kill();
+    }
+    let client = http();
+    let t = create_tenant(&pool, "guesses").await;
+    let email = format!("target-{}@example.com", uuid::Uuid::new_v4().simple());
+    user(&pool, &t, &email, Role::Developer, "target", &[]).await;
+    let metrics = || async {
+        client
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let before = counter(&metrics().await, "auth_password_verifications_total");
+
+    let guesses = (0..200).map(|i| {
+        let client = client.clone();
+        let url = url.clone();
+        let email = email.clone();
+        tokio::spawn(async move {
+            let res = client
+                .post(format!("{url}/v1/auth/login"))
+                .json(&json!({"email": email, "password": format!("Guess-{i}-Abc")}))
+                .send()
+                .await
+                .unwrap();
+            let retry = res.headers().get("retry-after").is_some();
+            (res.status().as_u16(), retry)
+        })
+    });
+    let answers: Vec<(u16, bool)> = futures::future::join_all(guesses)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let checked = counter(&metrics().await, "auth_password_verifications_total") - before;
+    let refused = answers.iter().filter(|(s, _)| *s == 429).count();
+    let wrong = answers.iter().filter(|(s, _)| *s == 401).count();
+    assert_eq!(refused + wrong, 200, "only 401 and 429: {answers:?}");
+    assert!(
+        wrong <= ALLOWED,
+        "{wrong} guesses had their password checked (Redis fallbacks: {})",
+        counter(&metrics().await, "auth_throttle_local_fallback_total")
+    );
+    assert!(refused >= 200 - ALLOWED);
+    assert!(answers
+        .iter()
+        .filter(|(s, _)| *s == 429)
+        .all(|(_, retry)| *retry));
+    assert!(
+        checked as usize <= ALLOWED && checked as usize == wrong,
+        "{checked} password checks ran for {wrong} answered guesses"
+    );
+    // Every checked guess is audited; the locked account refuses even the right password.
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM control.outbox
+          WHERE envelope->>'type' = 'auth.login_failed' AND envelope->'data'->>'email' = $1
+            AND envelope->'data'->>'detail' = 'wrong password'",
+    )
+    .bind(&email)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(audited as usize, wrong);
+    let res = client
+        .post(format!("{url}/v1/auth/login"))
+        .json(&json!({"email": email, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(
+        counter(&metrics().await, "auth_password_verifications_total") - before,
+        checked,
+        "a locked account's password is not even checked"
+    );
+    if redis_down {
+        assert!(counter(&metrics().await, "auth_throttle_local_fallback_total") > 0.0);
+    }
+}
+
+/// A rotation of the newest refresh token raced against a reuse of an older one (what a
+/// thief and the victim do): whichever wins, the family ends fully revoked — no successor
+/// stays alive in it, and none the rotation handed out works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refresh_racing_a_reuse_never_leaves_a_live_token() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let query = start_query(&common, |_| {}).await;
+    let s = Stack {
+        ingest,
+        query,
+        client: http(),
+    };
+    let t = create_tenant(&pool, "refresh-race").await;
+    let email = format!("racer-{}@example.com", uuid::Uuid::new_v4().simple());
+    user(&pool, &t, &email, Role::Developer, "racer", &[]).await;
+    let mut rotations_won = 0;
+    for round in 0..25 {
+        let first = s.tokens(&email).await;
+        let r1 = first["refresh_token"].clone();
+        let res = s.refresh(&r1).await;
+        assert_eq!(res.status(), 200);
+        let r2 = res.json::<Value>().await.unwrap()["refresh_token"].clone();
+        let family: uuid::Uuid = sqlx::query_scalar(
+            "SELECT family_id FROM control.refresh_tokens WHERE token_hash = $1",
+        )
+        .bind(shared::apikey::hash(r1.as_str().unwrap()))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let (rotated, reused) = tokio::join!(s.refresh(&r2), s.refresh(&r1));
+        assert_eq!(reused.status(), 401, "round {round}: reuse is refused");
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM control.refresh_tokens WHERE family_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(family)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(live, 0, "round {round}: a live token in a revoked family");
+        if rotated.status() == 200 {
+            rotations_won += 1;
+            let r3 = rotated.json::<Value>().await.unwrap()["refresh_token"].clone();
+            assert_eq!(
+                s.refresh(&r3).await.status(),
+                401,
+                "round {round}: the successor handed out is dead"
+            );
+        } else {
+            assert_eq!(rotated.status(), 401, "round {round}");
+        }
+    }
+    eprintln!("refresh race: the rotation answered first in {rotations_won} of 25 rounds");
+    s.ingest.stop().await.unwrap();
+    s.query.stop().await.unwrap();
+}

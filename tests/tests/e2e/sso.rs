@@ -54,6 +54,29 @@ impl Browser {
         let (code, state) = self.authorize().await;
         self.callback(&code, &state).await
     }
+
+    /// Goes to the provider at `to_idp` (a link flow's authorization URL) and returns to the
+    /// callback.
+    async fn via_idp(&self, to_idp: &str) -> reqwest::Response {
+        let res = self.http.get(to_idp).send().await.unwrap();
+        assert_eq!(res.status(), 302, "the provider logs the person in");
+        let back = reqwest::Url::parse(res.headers()["location"].to_str().unwrap()).unwrap();
+        let q: std::collections::HashMap<_, _> = back.query_pairs().into_owned().collect();
+        self.callback(&q["code"], &q["state"]).await
+    }
+}
+
+/// The outbox events of `tenant` of type `kind`, oldest first.
+async fn outbox_events(pool: &sqlx::PgPool, tenant: uuid::Uuid, kind: &str) -> Vec<Value> {
+    sqlx::query_scalar(
+        "SELECT envelope FROM control.outbox
+          WHERE envelope->>'tenant_id' = $1 AND envelope->>'type' = $2 ORDER BY seq",
+    )
+    .bind(tenant.to_string())
+    .bind(kind)
+    .fetch_all(pool)
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -152,7 +175,7 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
 
     // A new person from an allowed domain is provisioned, and recognised next time.
     let alice = format!("alice@{domain}");
-    idp.log_in_as("idp-sub-alice", &alice, true);
+    idp.log_in_as(&format!("alice-{tag}"), &alice, true);
     let res = browser.login().await;
     assert_eq!(res.status(), 200);
     let tokens: Value = res.json().await.unwrap();
@@ -173,9 +196,9 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
     assert_eq!((n, role.as_str()), (1, "developer"));
 
     // Not provisioned: a foreign domain, or an unverified address.
-    idp.log_in_as("idp-sub-mallory", "mallory@evil.example", true);
+    idp.log_in_as(&format!("mallory-{tag}"), "mallory@evil.example", true);
     assert_eq!(browser.login().await.status(), 403);
-    idp.log_in_as("idp-sub-eve", &format!("eve@{domain}"), false);
+    idp.log_in_as(&format!("eve-{tag}"), &format!("eve@{domain}"), false);
     assert_eq!(browser.login().await.status(), 403);
     let strangers: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM control.users WHERE email IN ('mallory@evil.example', $1)",
@@ -187,7 +210,7 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
     assert_eq!(strangers, 0);
 
     // State: unknown, and used twice.
-    idp.log_in_as("idp-sub-alice", &alice, true);
+    idp.log_in_as(&format!("alice-{tag}"), &alice, true);
     let (code, state) = browser.authorize().await;
     assert_eq!(browser.callback(&code, "forged-state").await.status(), 422);
     assert_eq!(browser.callback(&code, &state).await.status(), 200);
@@ -225,4 +248,221 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
 
     ingest.stop().await.unwrap();
     query.stop().await.unwrap();
+}
+
+/// An admin (person or `admin` key) who runs an identity provider tries to become the owner:
+/// pointing SSO at their provider is refused, and even a provider that vouches for the owner's
+/// address cannot link itself to the owner's account. Only the owner, from a session with
+/// their password, links an identity to it. Every refusal and change is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_admin_cannot_take_over_an_owner_through_sso() {
+    init_logs();
+    let pool = test_pool().await;
+    let evil_idp = TestIdp::start().await;
+    let idp = TestIdp::start().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |c| {
+        c.secret_key = "cd".repeat(32);
+        c.public_url = "http://tally.test".into();
+    })
+    .await;
+    let url = ingest.url();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let t = create_tenant(&pool, "sso-takeover").await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let domain = format!("{tag}.example.org");
+    let owner = format!("owner@{domain}");
+    let admin = format!("admin@{domain}");
+    let mut ids = Vec::new();
+    for (email, role) in [(&owner, Role::Owner), (&admin, Role::Admin)] {
+        ids.push(
+            ingest_api::admin::create_user(
+                &pool,
+                "",
+                ingest_api::admin::NewUser {
+                    tenant: t.id,
+                    email,
+                    password: "Sturdy-Pass-42",
+                    role,
+                    external_id: None,
+                    teams: &[],
+                },
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let (owner_id, admin_id) = (ids[0], ids[1]);
+    let (admin_key_id, admin_key) = ingest_api::admin::create_api_key(
+        &pool,
+        "",
+        t.id,
+        shared::apikey::Scope::Admin,
+        "automation",
+    )
+    .await
+    .unwrap();
+    let access = |email: String| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let res = http
+                .post(format!("{url}/v1/auth/login"))
+                .json(&json!({"email": email, "password": "Sturdy-Pass-42"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+            let v: Value = res.json().await.unwrap();
+            v["access_token"].as_str().unwrap().to_string()
+        }
+    };
+    let admin_access = access(admin.clone()).await;
+    let owner_access = access(owner.clone()).await;
+
+    // The admin (as a person, and through the admin key) points SSO at their own provider,
+    // granting `admin` to whoever it vouches for: refused, nothing stored.
+    let evil = json!({"provider": "oidc", "issuer": evil_idp.issuer, "client_id": CLIENT_ID,
+                      "client_secret": CLIENT_SECRET, "allowed_domains": [domain],
+                      "default_role": "admin"});
+    for credential in [&admin_access, &admin_key] {
+        let res = http
+            .put(format!("{url}/v1/admin/sso"))
+            .bearer_auth(credential)
+            .json(&evil)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 403);
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+    }
+    let configured: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM control.sso_settings WHERE tenant_id = $1")
+            .bind(t.id.0)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(configured, 0, "the refused settings were not stored");
+    let denied = outbox_events(&pool, t.id.0, "auth.access_denied").await;
+    assert_eq!(denied.len(), 2, "{denied:?}");
+    assert_eq!(denied[0]["actor"]["user_id"], admin_id.to_string());
+    assert_eq!(denied[1]["actor"]["api_key_id"], admin_key_id.to_string());
+    assert!(denied.iter().all(|e| e["data"]["target"] == "sso"));
+
+    // The owner configures the real provider; the change is audited with who made it.
+    let res = http
+        .put(format!("{url}/v1/admin/sso"))
+        .bearer_auth(&owner_access)
+        .json(
+            &json!({"provider": "oidc", "issuer": idp.issuer, "client_id": CLIENT_ID,
+                      "client_secret": CLIENT_SECRET, "allowed_domains": [domain]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204, "{}", res.text().await.unwrap());
+    let changed = outbox_events(&pool, t.id.0, "auth.sso_settings_changed").await;
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0]["actor"]["user_id"], owner_id.to_string());
+    assert_eq!(changed[0]["data"]["target"], format!("idp:{}", idp.issuer));
+    assert!(changed[0]["data"]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("default role developer"));
+    // Admins still read the settings.
+    let res = http
+        .get(format!("{url}/v1/admin/sso"))
+        .bearer_auth(&admin_access)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    // A provider account that claims the owner's (or the admin's) verified address does not
+    // link itself to an account above the provider's default role.
+    let browser = Browser {
+        http: http.clone(),
+        ingest: url.clone(),
+        tenant: t.id.to_string(),
+    };
+    // Subjects unique to this run: the provider's port (its issuer) may be one an earlier
+    // run's provider had, and identities stay in the test database.
+    let sub = |name: &str| format!("{name}-{tag}");
+    for (name, email, id) in [
+        ("fake-owner", &owner, owner_id),
+        ("fake-admin", &admin, admin_id),
+    ] {
+        idp.log_in_as(&sub(name), email, true);
+        let res = browser.login().await;
+        assert_eq!(res.status(), 403);
+        let body: Value = res.json().await.unwrap();
+        assert!(
+            body["type"]
+                .as_str()
+                .unwrap()
+                .ends_with("sso-link-needs-password"),
+            "{body}"
+        );
+        let linked: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM control.user_identities WHERE user_id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(linked, 0);
+    }
+    let denied = outbox_events(&pool, t.id.0, "auth.access_denied").await;
+    assert_eq!(denied.len(), 4);
+    assert_eq!(denied[2]["data"]["user_id"], owner_id.to_string());
+    assert_eq!(
+        denied[2]["data"]["target"],
+        format!("idp:{}#{}", idp.issuer, sub("fake-owner"))
+    );
+    assert_eq!(denied[3]["data"]["user_id"], admin_id.to_string());
+    // A newcomer from the domain is still provisioned with the default role.
+    idp.log_in_as(&sub("newcomer"), &format!("new@{domain}"), true);
+    assert_eq!(browser.login().await.status(), 200);
+
+    // The owner links their identity from a session, with their password.
+    let link = |password: &str| {
+        http.post(format!("{url}/v1/auth/sso/link"))
+            .bearer_auth(&owner_access)
+            .json(&json!({"password": password}))
+            .send()
+    };
+    assert_eq!(link("Not-The-Pass-1").await.unwrap().status(), 403);
+    let res = link("Sturdy-Pass-42").await.unwrap();
+    assert_eq!(res.status(), 200);
+    let to_idp = res.json::<Value>().await.unwrap()["authorization_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    idp.log_in_as(&sub("real-owner"), &owner, true);
+    let res = browser.via_idp(&to_idp).await;
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    // From now on that identity signs the owner in.
+    let res = browser.login().await;
+    assert_eq!(res.status(), 200);
+    let tokens: Value = res.json().await.unwrap();
+    let payload = tokens["access_token"]
+        .as_str()
+        .unwrap()
+        .split('.')
+        .nth(1)
+        .unwrap();
+    let claims: Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["sub"], owner_id.to_string());
+    assert_eq!(claims["role"], "owner");
+    // The fake owner identity is still refused.
+    idp.log_in_as(&sub("fake-owner"), &owner, true);
+    assert_eq!(browser.login().await.status(), 403);
+
+    ingest.stop().await.unwrap();
 }
