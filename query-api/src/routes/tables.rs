@@ -59,18 +59,14 @@ pub async fn as_csv(res: Response, field: &str) -> Result<Response, Problem> {
         }
     }
     let cell = |v: Option<&Value>| -> String {
-        let raw = match v {
+        match v {
             None | Some(Value::Null) => String::new(),
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
-        };
-        if raw.contains([',', '"', '\n', '\r']) {
-            format!("\"{}\"", raw.replace('"', "\"\""))
-        } else {
-            raw
+            Some(Value::String(s)) => csv_cell(s),
+            Some(other) => csv_cell(&other.to_string()),
         }
     };
-    let mut out = columns.join(",");
+    let header: Vec<String> = columns.iter().map(|c| csv_cell(c)).collect();
+    let mut out = header.join(",");
     out.push('\n');
     for r in &rows {
         let line: Vec<String> = columns.iter().map(|c| cell(r.get(c))).collect();
@@ -83,6 +79,23 @@ pub async fn as_csv(res: Response, field: &str) -> Result<Response, Problem> {
         HeaderValue::from_static("text/csv; charset=utf-8"),
     );
     Ok(res)
+}
+
+/// One CSV field: RFC 4180 quoting, and a text that a spreadsheet would run as a formula
+/// (starting with `=`, `+`, `-`, `@`, a tab or a carriage return) gets a leading `'`, so it
+/// is shown as text. JSON numbers are written as they are: `-5` is a number, not a formula.
+pub fn csv_cell(raw: &str) -> String {
+    let numeric = raw.parse::<f64>().is_ok() && !raw.starts_with(['+', '@', '=', '\t', '\r']);
+    let text = if !numeric && raw.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{raw}")
+    } else {
+        raw.to_string()
+    };
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -325,4 +338,33 @@ pub async fn metrics(
         Ok(out)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv_cell;
+
+    #[test]
+    fn formulas_are_neutralised_and_numbers_kept() {
+        let cases = [
+            (
+                "=HYPERLINK(\"http://x\")",
+                "\"'=HYPERLINK(\"\"http://x\"\")\"",
+            ),
+            ("+1+cmd|' /C calc'!A0", "'+1+cmd|' /C calc'!A0"),
+            ("-2+3", "'-2+3"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\t=1", "'\t=1"),
+            ("\r=1", "\"'\r=1\""),
+            ("plain", "plain"),
+            ("a,b", "\"a,b\""),
+            ("-5", "-5"),
+            ("-1.5e3", "-1.5e3"),
+            ("12", "12"),
+            ("", ""),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(csv_cell(raw), want, "{raw:?}");
+        }
+    }
 }
