@@ -346,4 +346,37 @@ mod tests {
         assert_eq!(score(0, 0, 0, 0, 0.0).score, 0.0);
         assert_eq!(score(100, 0, 0, 20, 100.0).score, 100.0);
     }
+
+    #[test]
+    fn pages_follow_each_other_without_gaps_or_repeats() {
+        // Sorted as the endpoints sort: score descending, then key; ties on the score.
+        let rows: Vec<(f64, String)> = [
+            (90.0, "a"),
+            (80.5, "b"),
+            (80.5, "c"),
+            (80.5, "d"),
+            (12.0, "e"),
+        ]
+        .iter()
+        .map(|(s, k)| (*s, k.to_string()))
+        .collect();
+        for limit in 1..=6 {
+            let mut seen = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let page = Page::parse(Some(limit), cursor.as_deref()).unwrap();
+                let (got, next) = page.take(rows.clone(), |r| (r.0, r.1.as_str()));
+                assert!(got.len() <= limit);
+                seen.extend(got);
+                match next {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            assert_eq!(seen, rows, "limit {limit}");
+        }
+        assert!(Page::parse(Some(0), None).is_err());
+        assert!(Page::parse(Some(1001), None).is_err());
+        assert!(Page::parse(None, Some("garbage")).is_err());
+    }
 }

@@ -423,7 +423,10 @@ async fn open_streams_are_capped_per_tenant_and_in_all() {
             }
         }
     };
-    eprintln!("a closed stream's place was free again after {:?}", since.elapsed());
+    eprintln!(
+        "a closed stream's place was free again after {:?}",
+        since.elapsed()
+    );
     drop((streams_a, stream_b, reopened));
     query.stop().await.unwrap();
 }
