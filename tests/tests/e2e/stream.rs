@@ -526,3 +526,111 @@ async fn an_event_projected_late_is_delivered_once_whatever_its_times() {
     ingest.stop().await.unwrap();
     query.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn schemas_made_before_feed_positions_get_them_on_migrate() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let projector = start_projector(&common).await;
+    let client = http();
+    let t = create_tenant(&pool, "old-schema").await;
+    let res = post_events(
+        &client,
+        &ingest.url(),
+        &t.ingest_key,
+        &command("u1", "a", 1, true),
+    )
+    .await;
+    assert_eq!(res.status(), 202);
+    wait_projected(&pool, t.id, 1, Duration::from_secs(30)).await;
+    projector.stop().await.unwrap();
+
+    // Turn the schema back into what the templates before 0006 made.
+    let version = active_version(&pool, t.id).await;
+    let schema = t.id.schema(version);
+    let mut tx = pool.begin().await.unwrap();
+    shared::tenant_sql::set_search_path(&mut tx, &schema)
+        .await
+        .unwrap();
+    sqlx::raw_sql("DROP VIEW activity_events")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for table in shared::tenant_sql::RAW_TABLES {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE {table} DROP COLUMN feed_seq, DROP COLUMN feed_ord"
+        )))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    sqlx::raw_sql(shared::tenant_sql::LATER_TEMPLATES[2])
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE control.tenant_schemas SET template_version = 5 WHERE tenant_id = $1 AND version = $2",
+    )
+    .bind(t.id.0)
+    .bind(version)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let columns = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM information_schema.columns
+              WHERE table_schema = $1 AND table_name = ANY($2)
+                AND column_name IN ('feed_seq', 'feed_ord')",
+        )
+        .bind(schema.as_str())
+        .bind(
+            shared::tenant_sql::RAW_TABLES
+                .iter()
+                .chain(&["activity_events"])
+                .copied()
+                .collect::<Vec<&str>>(),
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(columns().await, 0);
+
+    // What every service runs at start (and `projector migrate`).
+    shared::db::migrate(&pool).await.unwrap();
+    // Six tables and the view, two columns each.
+    assert_eq!(columns().await, 14);
+    let applied: i32 = sqlx::query_scalar(
+        "SELECT template_version FROM control.tenant_schemas WHERE tenant_id = $1 AND version = $2",
+    )
+    .bind(t.id.0)
+    .bind(version)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        applied as usize,
+        1 + shared::tenant_sql::LATER_TEMPLATES.len()
+    );
+
+    // And its live feed works.
+    let projector = start_projector(&common).await;
+    let query = start_query(&common, |_| {}).await;
+    let mut feed = open(&query.url(), &t.read_key, None).await.unwrap();
+    let res = post_events(
+        &client,
+        &ingest.url(),
+        &t.ingest_key,
+        &command("u2", "b", 1, true),
+    )
+    .await;
+    assert_eq!(res.status(), 202);
+    let got = activities(&mut feed, 1).await;
+    assert_eq!(got[0].1["user_id"], "u2");
+    projector.stop().await.unwrap();
+    ingest.stop().await.unwrap();
+    query.stop().await.unwrap();
+}
