@@ -98,13 +98,27 @@ pub struct UserCache(Arc<Mutex<HashMap<Uuid, (UserRow, Instant)>>>);
 
 /// Authenticates the request: a JWT in `Authorization: Bearer`, else an API key.
 pub async fn reader(s: &AppState, headers: &HeaderMap) -> Result<Reader, Problem> {
+    authenticate(s, headers, false).await
+}
+
+/// Like [`reader`], but from the control plane as it is now, not from the short-lived
+/// credential caches: for requests that outlive them (the live feed).
+pub async fn reader_uncached(s: &AppState, headers: &HeaderMap) -> Result<Reader, Problem> {
+    let reader = authenticate(s, headers, true).await?;
+    if matches!(reader.credential, Credential::ApiKey { .. }) {
+        recheck(s, &reader).await?;
+    }
+    Ok(reader)
+}
+
+async fn authenticate(s: &AppState, headers: &HeaderMap, fresh: bool) -> Result<Reader, Problem> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().strip_prefix("Bearer "))
         .map(str::trim);
     match bearer {
-        Some(token) if jwt::looks_like_jwt(token) => person(s, token).await,
+        Some(token) if jwt::looks_like_jwt(token) => person(s, token, fresh).await,
         _ => {
             let key = s.keys.authenticate(headers, Scope::Read).await?;
             Ok(Reader {
@@ -117,10 +131,10 @@ pub async fn reader(s: &AppState, headers: &HeaderMap) -> Result<Reader, Problem
     }
 }
 
-async fn person(s: &AppState, token: &str) -> Result<Reader, Problem> {
+async fn person(s: &AppState, token: &str, fresh: bool) -> Result<Reader, Problem> {
     let claims = s.verifier.verify(token).await?;
-    let mut user = lookup(s, claims.sub, false).await?;
-    if user.token_version != claims.ver {
+    let mut user = lookup(s, claims.sub, fresh).await?;
+    if !fresh && user.token_version != claims.ver {
         // The cached row may predate a password change that issued this very token.
         user = lookup(s, claims.sub, true).await?;
     }

@@ -444,25 +444,26 @@ pub async fn stream(
     State(s): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>, Problem> {
-    let reader = crate::auth::reader(&s, &headers).await?;
-    // A stream outlives the short credential caches that other requests use: check the
-    // credential itself before it starts (a key revoked a moment ago opens nothing).
-    crate::auth::recheck(&s, &reader).await?;
+    // A stream outlives the short credential caches that other requests use: the credential
+    // is checked as it is now (a key revoked a moment ago opens nothing).
+    let reader = crate::auth::reader_uncached(&s, &headers).await?;
     let slot = s.hub.admit(
         reader.tenant,
         s.config.stream_max_per_tenant,
         s.config.stream_max_total,
     )?;
-    // Event ids are the feed's positions; one this API did not give starts from now.
+    // Event ids are the feed's positions; one this API did not give (or not for the version
+    // now served, or ahead of it) starts from now.
+    let now = present(&s, reader.tenant)
+        .await
+        .map_err(super::dashboard::db_error)?;
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(Position::decode);
     let at = match resume {
-        Some(p) => p,
-        None => present(&s, reader.tenant)
-            .await
-            .map_err(super::dashboard::db_error)?,
+        Some(p) if p.version == 0 || (p.version == now.version && p.seq <= now.seq) => p,
+        _ => now,
     };
     let feed = Feed {
         wake: s.hub.subscribe(reader.tenant),

@@ -301,6 +301,7 @@ async fn streams_close_when_their_credential_stops_holding() {
     for (who, role) in [
         ("leaver", shared::jwt::Role::Owner),
         ("demoted", shared::jwt::Role::Admin),
+        ("moved", shared::jwt::Role::Manager),
     ] {
         let email = format!("{who}-{}@example.com", uuid::Uuid::new_v4().simple());
         let id = ingest_api::admin::create_user(
@@ -312,7 +313,7 @@ async fn streams_close_when_their_credential_stops_holding() {
                 password: "Stream-Pass-1",
                 role,
                 external_id: None,
-                teams: &[],
+                teams: &["team-1".to_string()],
             },
         )
         .await
@@ -325,9 +326,16 @@ async fn streams_close_when_their_credential_stops_holding() {
     let mut kept = open(&query.url(), &t.read_key, None).await.unwrap();
     let mut leaver = open(&query.url(), &people[0].2, None).await.unwrap();
     let mut demoted = open(&query.url(), &people[1].2, None).await.unwrap();
+    let mut moved = open(&query.url(), &people[2].2, None).await.unwrap();
     // Several re-checks pass while nothing changes.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    for rx in [&mut by_key, &mut kept, &mut leaver, &mut demoted] {
+    for rx in [
+        &mut by_key,
+        &mut kept,
+        &mut leaver,
+        &mut demoted,
+        &mut moved,
+    ] {
         assert!(matches!(
             rx.try_recv(),
             Err(mpsc::error::TryRecvError::Empty)
@@ -351,6 +359,18 @@ async fn streams_close_when_their_credential_stops_holding() {
     )
     .await
     .unwrap();
+    // Another team: the token stays valid (same version) but no longer says what it may see.
+    ingest_api::admin::update_user(
+        &pool,
+        "",
+        t.id,
+        people[2].1,
+        None,
+        Some(&["team-2".to_string()]),
+        None,
+    )
+    .await
+    .unwrap();
     let changed = Instant::now();
     let within = Duration::from_secs(4);
     let revoked = closes(&mut by_key, within).await;
@@ -362,7 +382,12 @@ async fn streams_close_when_their_credential_stops_holding() {
         other_role["status"] == 401 || other_role["status"] == 403,
         "{other_role}"
     );
+    let other_teams = closes(&mut moved, within).await;
+    assert_eq!(other_teams["status"], 403, "{other_teams}");
     eprintln!("streams closed {:?} after the change", changed.elapsed());
+    // With its new teams the manager may stream again.
+    let again = open(&query.url(), &people[2].2, None).await.unwrap();
+    drop(again);
     // The tenant's other key still streams; the revoked key cannot reconnect.
     assert!(matches!(
         kept.try_recv(),
