@@ -659,3 +659,58 @@ async fn schemas_made_before_feed_positions_get_them_on_migrate() {
     ingest.stop().await.unwrap();
     query.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_ends_when_its_access_token_expires() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
+    let query = start_query(&common, |c| {
+        c.stream_recheck_secs = 1;
+        c.jwks_url = jwks;
+    })
+    .await;
+    let t = create_tenant(&pool, "expiring").await;
+    let email = format!("short-{}@example.com", uuid::Uuid::new_v4().simple());
+    let user = ingest_api::admin::create_user(
+        &pool,
+        "",
+        ingest_api::admin::NewUser {
+            tenant: t.id,
+            email: &email,
+            password: "Stream-Pass-1",
+            role: shared::jwt::Role::Owner,
+            external_id: None,
+            teams: &[],
+        },
+    )
+    .await
+    .unwrap();
+    let version: i32 = sqlx::query_scalar("SELECT token_version FROM control.users WHERE id = $1")
+        .bind(user)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    // A token as ingest-api signs them, but good for 3 seconds only.
+    let mut claims = shared::jwt::Claims::new(user, t.id, shared::jwt::Role::Owner, version);
+    claims.exp = chrono::Utc::now().timestamp() + 3;
+    let token = ingest_api::keys::KeyRing::load(&pool)
+        .await
+        .unwrap()
+        .sign(&claims)
+        .unwrap();
+    let opened = Instant::now();
+    let mut feed = open(&query.url(), &token, None).await.unwrap();
+    let closed = closes(&mut feed, Duration::from_secs(8)).await;
+    assert_eq!(closed["status"], 401, "{closed}");
+    assert!(
+        closed["detail"].as_str().unwrap().contains("expired"),
+        "{closed}"
+    );
+    let lived = opened.elapsed();
+    assert!(lived >= Duration::from_secs(2), "closed after {lived:?}");
+    ingest.stop().await.unwrap();
+    query.stop().await.unwrap();
+}
