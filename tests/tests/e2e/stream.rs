@@ -327,6 +327,8 @@ async fn streams_close_when_their_credential_stops_holding() {
     let mut leaver = open(&query.url(), &people[0].2, None).await.unwrap();
     let mut demoted = open(&query.url(), &people[1].2, None).await.unwrap();
     let mut moved = open(&query.url(), &people[2].2, None).await.unwrap();
+    let closing = create_tenant(&pool, "recheck-closing").await;
+    let mut of_closed_tenant = open(&query.url(), &closing.read_key, None).await.unwrap();
     // Several re-checks pass while nothing changes.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     for rx in [
@@ -335,6 +337,7 @@ async fn streams_close_when_their_credential_stops_holding() {
         &mut leaver,
         &mut demoted,
         &mut moved,
+        &mut of_closed_tenant,
     ] {
         assert!(matches!(
             rx.try_recv(),
@@ -371,6 +374,9 @@ async fn streams_close_when_their_credential_stops_holding() {
     )
     .await
     .unwrap();
+    ingest_api::admin::set_status(&pool, "", closing.id, "deactivated")
+        .await
+        .unwrap();
     let changed = Instant::now();
     let within = Duration::from_secs(4);
     let revoked = closes(&mut by_key, within).await;
@@ -382,6 +388,8 @@ async fn streams_close_when_their_credential_stops_holding() {
         other_role["status"] == 401 || other_role["status"] == 403,
         "{other_role}"
     );
+    let tenant_gone = closes(&mut of_closed_tenant, within).await;
+    assert_eq!(tenant_gone["status"], 401, "{tenant_gone}");
     let other_teams = closes(&mut moved, within).await;
     assert_eq!(other_teams["status"], 403, "{other_teams}");
     eprintln!("streams closed {:?} after the change", changed.elapsed());
