@@ -542,13 +542,33 @@ async fn grouped_series_are_capped_and_rankings_paginated() {
             events.push(e);
         }
     }
+    // Samples of one metric: label `k` a ×3, b ×2, c ×1, and one without the label.
+    for (k, value) in [
+        ("a", 1),
+        ("a", 2),
+        ("a", 3),
+        ("b", 10),
+        ("b", 20),
+        ("c", 7),
+        ("", 4),
+    ] {
+        let labels = if k.is_empty() {
+            json!({})
+        } else {
+            json!({"k": k})
+        };
+        events.push(
+            json!({"type": "metric.sample", "occurred_at": ago(60), "data": {
+            "name": "many.labels", "labels": labels, "value": value, "kind": "gauge"}}),
+        );
+    }
     assert_eq!(
         post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(events))
             .await
             .status(),
         202
     );
-    wait_projected(&pool, t.id, 13, Duration::from_secs(60)).await;
+    wait_projected(&pool, t.id, 20, Duration::from_secs(60)).await;
     let get = |path: String| {
         let client = client.clone();
         let url = format!("{}{path}", query.url());
@@ -572,11 +592,13 @@ async fn grouped_series_are_capped_and_rankings_paginated() {
             .collect()
     };
 
-    let ts: Value = get("/v1/dashboard/timeseries?range=1h&bucket=1h&group_by=user".into())
-        .await
-        .json()
-        .await
-        .unwrap();
+    let ts: Value = get(
+        "/v1/dashboard/timeseries?range=1h&bucket=1h&group_by=user&type=command.executed".into(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     assert_eq!(ts["groups"], 4, "{ts}");
     assert_eq!(
         counts(&ts),
@@ -587,11 +609,14 @@ async fn grouped_series_are_capped_and_rankings_paginated() {
         ],
         "{ts}"
     );
-    let ts: Value = get("/v1/dashboard/timeseries?range=1h&bucket=1h&group_by=user&limit=1".into())
-        .await
-        .json()
-        .await
-        .unwrap();
+    let ts: Value = get(
+        "/v1/dashboard/timeseries?range=1h&bucket=1h&group_by=user&limit=1&type=command.executed"
+            .into(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     assert_eq!(
         counts(&ts),
         vec![(json!("u-a"), false, 5), (Value::Null, true, 8)],
@@ -602,12 +627,63 @@ async fn grouped_series_are_capped_and_rankings_paginated() {
     let problem: Value = res.json().await.unwrap();
     assert_eq!(problem["errors"][0]["field"], "limit");
     // Without group_by: one series, never an `other`.
-    let ts: Value = get("/v1/dashboard/timeseries?range=1h&bucket=1h".into())
+    let ts: Value = get("/v1/dashboard/timeseries?range=1h&bucket=1h&type=command.executed".into())
         .await
         .json()
         .await
         .unwrap();
     assert_eq!(counts(&ts), vec![(Value::Null, false, 13)], "{ts}");
+
+    // metric.sample series by a label: the two most sampled values, then the rest together
+    // (c and the samples without the label), aggregated over their samples.
+    let lines = |m: &Value| -> Vec<(Value, bool, f64)> {
+        m["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let points = s["points"].as_array().unwrap();
+                let v = match m["agg"].as_str() {
+                    Some("max") => points
+                        .iter()
+                        .map(|p| p[1].as_f64().unwrap())
+                        .fold(f64::MIN, f64::max),
+                    _ => points.iter().map(|p| p[1].as_f64().unwrap()).sum(),
+                };
+                (s["group"].clone(), s["other"] == true, v)
+            })
+            .collect()
+    };
+    let m: Value = get("/v1/dashboard/metrics?range=1h&step=1h&name=many.labels&group_by=k".into())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(m["groups"], 4, "{m}");
+    assert_eq!(
+        lines(&m),
+        vec![
+            (json!("a"), false, 6.0),
+            (json!("b"), false, 30.0),
+            (Value::Null, true, 11.0)
+        ],
+        "{m}"
+    );
+    let m: Value = get(
+        "/v1/dashboard/metrics?range=1h&step=1h&name=many.labels&group_by=k&agg=max&limit=1".into(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        lines(&m),
+        vec![(json!("a"), false, 3.0), (Value::Null, true, 20.0)],
+        "{m}"
+    );
+    let res =
+        get("/v1/dashboard/metrics?range=1h&name=many.labels&group_by=k&limit=3".into()).await;
+    assert_eq!(res.status(), 400);
 
     // Productivity and teams, page by page, give the one-page list in the same order.
     for (endpoint, field, key) in [
