@@ -175,7 +175,7 @@ pub(crate) fn db_error(e: sqlx::Error) -> Problem {
 }
 
 /// SQLSTATE 57014 (`query_canceled`): what `statement_timeout` raises.
-pub(crate) fn is_timeout(e: &sqlx::Error) -> bool {
+fn is_timeout(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .and_then(|d| d.code())
         .is_some_and(|c| c == "57014")

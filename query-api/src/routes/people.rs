@@ -9,13 +9,13 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use shared::events::FieldError;
 use shared::problem::Problem;
 use shared::tenant::TenantId;
 
 use super::dashboard::{bad, cached, db_error, parse_range, ReadScope};
 use crate::range::Grain;
 use crate::state::AppState;
-use shared::events::FieldError;
 
 #[derive(Debug, Deserialize)]
 pub struct RankedParams {
