@@ -2,18 +2,21 @@
 //! statement is a `&'static str` (no SQL is formatted at run time here).
 
 /// `INSERT` of raw rows from parallel arrays, ignoring event ids already stored, returning
-/// the ids that were really inserted.
+/// the ids that were really inserted. Every row gets the live feed's position: the batch's
+/// `feed_seq` (`$16`) and its own ordinal (`$15`).
 macro_rules! insert_sql {
     ($table:literal) => {
         concat!(
             "INSERT INTO ",
             $table,
             " (event_id, occurred_at, received_at, user_id, team_id, project_id, session_id,
-               name, status, duration_ms, input_tokens, output_tokens, value, data)
-             SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::text[],
-                                  $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],
-                                  $10::bigint[], $11::bigint[], $12::bigint[], $13::float8[],
-                                  $14::jsonb[])
+               name, status, duration_ms, input_tokens, output_tokens, value, data, feed_ord,
+               feed_seq)
+             SELECT *, $16::bigint
+               FROM UNNEST($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::text[],
+                           $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],
+                           $10::bigint[], $11::bigint[], $12::bigint[], $13::float8[],
+                           $14::jsonb[], $15::int[])
              ON CONFLICT DO NOTHING
              RETURNING event_id"
         )

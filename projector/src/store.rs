@@ -327,21 +327,32 @@ async fn write_tenant(
     conn: &mut PgConnection,
     events: &[&Decoded],
 ) -> Result<(u64, u64, i64), WriteError> {
+    // The tenant's row lock first: this transaction's seq is the live feed position of every
+    // row it writes, and the lock makes the tenant's transactions commit in seq order.
+    let feed_seq: i64 =
+        sqlx::query_scalar("SELECT seq + 1 FROM projection_state FOR NO KEY UPDATE")
+            .fetch_one(&mut *conn)
+            .await?;
     let audited = insert_audit(conn, events).await?;
     apply_people(conn, events).await?;
     let rows: Vec<RawRow> = events
         .iter()
         .filter_map(|e| RawRow::from_event(&e.env, &e.payload))
         .collect();
-    let mut by_table: BTreeMap<RawTable, Vec<&RawRow>> = BTreeMap::new();
-    for r in &rows {
-        by_table.entry(r.table).or_default().push(r);
+    let mut by_table: BTreeMap<RawTable, (Vec<&RawRow>, Vec<i32>)> = BTreeMap::new();
+    for (ord, r) in rows.iter().enumerate() {
+        let (rows, ords) = by_table.entry(r.table).or_default();
+        rows.push(r);
+        ords.push(i32::try_from(ord).unwrap_or(i32::MAX));
     }
     let mut inserted_rows: Vec<&RawRow> = Vec::with_capacity(rows.len());
     let phase = std::time::Instant::now();
-    for (table, rows) in by_table {
+    for (table, (rows, ords)) in by_table {
         let mut new_ids: HashSet<Uuid> =
-            insert_raw(conn, table, &rows).await?.into_iter().collect();
+            insert_raw(conn, table, &rows, (feed_seq, ords.as_slice()))
+                .await?
+                .into_iter()
+                .collect();
         // `remove` makes a duplicate id inside the same batch count once.
         inserted_rows.extend(rows.into_iter().filter(|r| new_ids.remove(&r.event_id)));
     }
@@ -377,6 +388,10 @@ async fn write_tenant(
     .bind(as_of)
     .fetch_one(&mut *conn)
     .await?;
+    debug_assert_eq!(
+        seq, feed_seq,
+        "projection_state is locked by this transaction"
+    );
     Ok((inserted + audited, duplicates, seq))
 }
 
@@ -531,10 +546,12 @@ fn record_phase(phase: &'static str, since: std::time::Instant) {
         .record(since.elapsed().as_secs_f64());
 }
 
+/// Inserts one table's rows; `feed` is the batch's live feed seq and each row's ordinal.
 async fn insert_raw(
     conn: &mut PgConnection,
     table: RawTable,
     rows: &[&RawRow<'_>],
+    feed: (i64, &[i32]),
 ) -> sqlx::Result<Vec<Uuid>> {
     // One static statement per table; the table is chosen from a closed set, not formatted.
     let sql = match table {
@@ -563,6 +580,8 @@ async fn insert_raw(
         .bind(rows.iter().map(|r| r.output_tokens).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.value).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.data.as_ref()).collect::<Vec<_>>())
+        .bind(feed.1)
+        .bind(feed.0)
         .fetch_all(conn)
         .await
 }

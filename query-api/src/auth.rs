@@ -52,6 +52,22 @@ pub struct Reader {
     pub visibility: Visibility,
     /// The person's role; `None` for an API key.
     pub role: Option<Role>,
+    /// What proved it, so that a long-lived request (the live feed) can check it again.
+    pub credential: Credential,
+}
+
+/// The credential a [`Reader`] was authenticated with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    ApiKey {
+        key_id: Uuid,
+    },
+    AccessToken {
+        user_id: Uuid,
+        token_version: i32,
+        /// Unix seconds.
+        expires_at: i64,
+    },
 }
 
 impl Reader {
@@ -82,47 +98,126 @@ pub struct UserCache(Arc<Mutex<HashMap<Uuid, (UserRow, Instant)>>>);
 
 /// Authenticates the request: a JWT in `Authorization: Bearer`, else an API key.
 pub async fn reader(s: &AppState, headers: &HeaderMap) -> Result<Reader, Problem> {
+    authenticate(s, headers, false).await
+}
+
+/// Like [`reader`], but from the control plane as it is now, not from the short-lived
+/// credential caches: for requests that outlive them (the live feed).
+pub async fn reader_uncached(s: &AppState, headers: &HeaderMap) -> Result<Reader, Problem> {
+    let reader = authenticate(s, headers, true).await?;
+    if matches!(reader.credential, Credential::ApiKey { .. }) {
+        recheck(s, &reader).await?;
+    }
+    Ok(reader)
+}
+
+async fn authenticate(s: &AppState, headers: &HeaderMap, fresh: bool) -> Result<Reader, Problem> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().strip_prefix("Bearer "))
         .map(str::trim);
     match bearer {
-        Some(token) if jwt::looks_like_jwt(token) => person(s, token).await,
+        Some(token) if jwt::looks_like_jwt(token) => person(s, token, fresh).await,
         _ => {
             let key = s.keys.authenticate(headers, Scope::Read).await?;
             Ok(Reader {
                 tenant: key.tenant_id,
                 visibility: Visibility::Tenant,
                 role: None,
+                credential: Credential::ApiKey { key_id: key.key_id },
             })
         }
     }
 }
 
-async fn person(s: &AppState, token: &str) -> Result<Reader, Problem> {
+async fn person(s: &AppState, token: &str, fresh: bool) -> Result<Reader, Problem> {
     let claims = s.verifier.verify(token).await?;
-    let mut user = lookup(s, claims.sub, false).await?;
-    if user.token_version != claims.ver {
+    let mut user = lookup(s, claims.sub, fresh).await?;
+    if !fresh && user.token_version != claims.ver {
         // The cached row may predate a password change that issued this very token.
         user = lookup(s, claims.sub, true).await?;
     }
+    let (role, visibility) = standing(&user, claims.tid, claims.ver)?;
+    Ok(Reader {
+        tenant: claims.tid,
+        visibility,
+        role: Some(role),
+        credential: Credential::AccessToken {
+            user_id: claims.sub,
+            token_version: claims.ver,
+            expires_at: claims.exp,
+        },
+    })
+}
+
+/// The role and visibility of a user whose token names `tenant` and `token_version`, if the
+/// token still matches the user as the control plane has them now.
+fn standing(
+    user: &UserRow,
+    tenant: TenantId,
+    token_version: i32,
+) -> Result<(Role, Visibility), Problem> {
     let gone = || Problem::unauthorized("this access token is no longer valid");
-    // The token must still match the user as the control plane has them now.
-    if !user.active || user.tenant != claims.tid.0 || user.token_version != claims.ver {
+    if !user.active || user.tenant != tenant.0 || user.token_version != token_version {
         return Err(gone());
     }
     let role = Role::parse(&user.role).ok_or_else(gone)?;
     let visibility = match role {
         Role::Owner | Role::Admin => Visibility::Tenant,
-        Role::Manager | Role::Viewer => Visibility::Teams(user.teams),
-        Role::Developer => Visibility::Own(user.external_id),
+        Role::Manager | Role::Viewer => Visibility::Teams(user.teams.clone()),
+        Role::Developer => Visibility::Own(user.external_id.clone()),
     };
-    Ok(Reader {
-        tenant: claims.tid,
-        visibility,
-        role: Some(role),
-    })
+    Ok((role, visibility))
+}
+
+/// Checks again, from the control plane itself (no cache), that `reader`'s credential still
+/// holds as it did when the request began: the key is not revoked, the user and tenant are
+/// active, the token has not expired or been superseded, and the role and teams are the
+/// same. A 401/403 means it no longer does; a 503, that it cannot be checked right now.
+pub async fn recheck(s: &AppState, reader: &Reader) -> Result<(), Problem> {
+    match &reader.credential {
+        Credential::ApiKey { key_id } => {
+            let valid: Option<bool> = sqlx::query_scalar(
+                "SELECT k.scope = 'read'
+                   FROM control.api_keys k JOIN control.tenants t ON t.id = k.tenant_id
+                  WHERE k.id = $1 AND k.tenant_id = $2 AND k.revoked_at IS NULL
+                    AND t.status = 'active'",
+            )
+            .bind(key_id)
+            .bind(reader.tenant.0)
+            .fetch_optional(&s.pool)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "API key re-check failed");
+                Problem::unavailable("credentials cannot be checked right now", 2)
+            })?;
+            match valid {
+                Some(true) => Ok(()),
+                Some(false) => Err(Problem::forbidden(
+                    "this API key no longer has scope `read`",
+                )),
+                None => Err(Problem::unauthorized("unknown or revoked API key")),
+            }
+        }
+        Credential::AccessToken {
+            user_id,
+            token_version,
+            expires_at,
+        } => {
+            if chrono::Utc::now().timestamp() >= *expires_at {
+                return Err(Problem::unauthorized("the access token has expired"));
+            }
+            let user = lookup(s, *user_id, true).await?;
+            let (role, visibility) = standing(&user, reader.tenant, *token_version)?;
+            if Some(role) != reader.role || visibility != reader.visibility {
+                return Err(Problem::forbidden(
+                    "this user's role or teams changed; reconnect to read with the new ones",
+                ));
+            }
+            Ok(())
+        }
+    }
 }
 
 async fn lookup(s: &AppState, id: Uuid, fresh: bool) -> Result<UserRow, Problem> {

@@ -19,6 +19,19 @@ pub struct Config {
     pub jwks_url: String,
     /// ingest-api's address as browsers reach it (the dashboard page signs in there).
     pub ingest_url: String,
+    /// Longest time one SQL statement of a request may run (`statement_timeout`, also lock
+    /// waits); past it the request answers 503 with `Retry-After`.
+    pub statement_timeout_ms: u64,
+    /// How often an open live feed checks that its credential still holds (revoked key,
+    /// deactivated user or tenant, expired token, changed role); it closes when not.
+    pub stream_recheck_secs: u64,
+    /// Most live feeds open at once for one tenant; more answer 429.
+    pub stream_max_per_tenant: usize,
+    /// Most live feeds open at once in this process; more answer 429.
+    pub stream_max_total: usize,
+    /// Most series a grouped time series returns (the largest groups by count); the rest are
+    /// summed into one `other` series.
+    pub max_series: usize,
 }
 
 impl Default for Config {
@@ -31,6 +44,11 @@ impl Default for Config {
             cache_ttl_secs: 600,
             jwks_url: "http://127.0.0.1:8080/.well-known/jwks.json".into(),
             ingest_url: "http://127.0.0.1:8080".into(),
+            statement_timeout_ms: 5000,
+            stream_recheck_secs: 60,
+            stream_max_per_tenant: 100,
+            stream_max_total: 1000,
+            max_series: 20,
         }
     }
 }
@@ -40,6 +58,18 @@ impl Config {
         self.common.check()?;
         if self.max_range_days < 1 || self.max_points < 1 {
             return Err("max_range_days and max_points must be positive".into());
+        }
+        if self.statement_timeout_ms == 0 {
+            return Err("statement_timeout_ms must be positive (0 would disable it)".into());
+        }
+        if !(1..=60).contains(&self.stream_recheck_secs) {
+            return Err("stream_recheck_secs must be 1..=60".into());
+        }
+        if self.stream_max_per_tenant == 0 || self.stream_max_total == 0 {
+            return Err("stream_max_per_tenant and stream_max_total must be positive".into());
+        }
+        if !(1..=1000).contains(&self.max_series) {
+            return Err("max_series must be 1..=1000".into());
         }
         Ok(())
     }

@@ -35,6 +35,34 @@ pub fn decode<I: FromStr>(c: &str) -> Result<(DateTime<Utc>, I), Problem> {
     Ok((t.with_timezone(&Utc), id))
 }
 
+/// The cursor of the page after the row ranked `(score, key)` (lists sorted by score, then key).
+pub fn encode_ranked(score: f64, key: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{score}|{key}"))
+}
+
+/// A ranked cursor this API returned, or a 400 naming the `cursor` parameter.
+pub fn decode_ranked(c: &str) -> Result<(f64, String), Problem> {
+    let invalid = || {
+        let e = FieldError::new("cursor", "not a cursor this API returned");
+        Problem::bad_request(
+            "invalid-parameter",
+            "cursor: not a cursor this API returned",
+        )
+        .with_errors(vec![e])
+    };
+    let text = URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(invalid)?;
+    let (score, key) = text.split_once('|').ok_or_else(invalid)?;
+    let score: f64 = score.parse().map_err(|_| invalid())?;
+    if !score.is_finite() {
+        return Err(invalid());
+    }
+    Ok((score, key.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,5 +77,11 @@ mod tests {
         assert_eq!(s, "session|with|bars");
         assert!(decode::<uuid::Uuid>("garbage").is_err());
         assert!(decode::<uuid::Uuid>(&encode(t, "not-a-uuid")).is_err());
+        assert_eq!(
+            decode_ranked(&encode_ranked(87.3, "team|a")).unwrap(),
+            (87.3, "team|a".to_string())
+        );
+        assert!(decode_ranked(&URL_SAFE_NO_PAD.encode("NaN|x")).is_err());
+        assert!(decode_ranked("garbage").is_err());
     }
 }

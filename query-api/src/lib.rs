@@ -36,6 +36,20 @@ use tokio::net::TcpListener;
 pub use config::Config;
 use state::AppState;
 
+/// The read pool: like every service's, plus a `statement_timeout` on each connection, so
+/// that no statement of any request (nor a wait for a lock) runs longer than configured.
+fn pool(config: &Config) -> Result<sqlx::PgPool, sqlx::Error> {
+    let opts: sqlx::postgres::PgConnectOptions = config.common.database_url.parse()?;
+    let opts = opts.application_name("tally-query-api").options([(
+        "statement_timeout",
+        format!("{}ms", config.statement_timeout_ms),
+    )]);
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(config.common.db_max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_lazy_with(opts))
+}
+
 /// A built query-api, bound to its port.
 pub struct App {
     listener: TcpListener,
@@ -45,7 +59,7 @@ pub struct App {
 impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         config.check().map_err(anyhow::Error::msg)?;
-        let pool = shared::db::pool(&config.common, "tally-query-api")?;
+        let pool = pool(&config)?;
         let cache = cache::Cache::connect(&config.common.redis_url, config.cache_ttl_secs).await;
         let listener = TcpListener::bind(&config.http_addr)
             .await
@@ -92,6 +106,7 @@ impl App {
             .route("/v1/stream", get(routes::stream::stream))
             .route("/", get(routes::health::dashboard))
             .route("/dashboard", get(routes::health::dashboard))
+            .route("/dashboard.js", get(routes::health::dashboard_js))
             .route("/openapi.json", get(routes::health::openapi))
             .route("/healthz", get(routes::health::healthz))
             .route("/readyz", get(routes::health::readyz))

@@ -30,13 +30,13 @@ impl TimeRange {
         max_days: i64,
     ) -> Result<TimeRange, FieldError> {
         let minute = TimeDelta::minutes(1);
-        let ceil = |t: DateTime<Utc>| {
-            let f = t.duration_trunc(minute).expect("minute truncation");
-            if f == t {
-                f
-            } else {
-                f + minute
-            }
+        let floor = |t: DateTime<Utc>, field: &str| {
+            t.duration_trunc(minute)
+                .map_err(|_| FieldError::new(field, "is outside the supported time range"))
+        };
+        let ceil = |t: DateTime<Utc>, field: &str| {
+            let f = floor(t, field)?;
+            Ok::<_, FieldError>(if f == t { f } else { f + minute })
         };
         let (from, to) = match (range, from) {
             (Some(_), Some(_)) => {
@@ -73,10 +73,7 @@ impl TimeRange {
                 (now - TimeDelta::hours(24), now)
             }
         };
-        let (from, to) = (
-            from.duration_trunc(minute).expect("minute truncation"),
-            ceil(to),
-        );
+        let (from, to) = (floor(from, "from")?, ceil(to, "to")?);
         if from >= to {
             return Err(FieldError::new("to", "`to` must be after `from`"));
         }
@@ -90,10 +87,27 @@ impl TimeRange {
     }
 }
 
+/// The times a range may name: from the Unix epoch to 2200 (chrono's nanosecond arithmetic,
+/// which bucketing relies on, ends in 2262; nothing is stored beyond either end).
+const EARLIEST: &str = "1970-01-01T00:00:00Z";
+const LATEST: &str = "2200-01-01T00:00:00Z";
+
 fn parse_time(field: &str, s: &str) -> Result<DateTime<Utc>, FieldError> {
-    DateTime::parse_from_rfc3339(s)
+    let t = DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| FieldError::new(field, format!("must be an RFC 3339 timestamp: {e}")))
+        .map_err(|e| FieldError::new(field, format!("must be an RFC 3339 timestamp: {e}")))?;
+    let bound = |b: &str| {
+        DateTime::parse_from_rfc3339(b)
+            .expect("constant bound")
+            .with_timezone(&Utc)
+    };
+    if t < bound(EARLIEST) || t >= bound(LATEST) {
+        return Err(FieldError::new(
+            field,
+            format!("must be between {EARLIEST} and {LATEST}"),
+        ));
+    }
+    Ok(t)
 }
 
 /// A time-series bucket width.
@@ -249,6 +263,20 @@ mod tests {
                 "from",
             ),
             (None, None, Some("2026-11-01T00:00:00Z"), "from"),
+            // Outside chrono's nanosecond range (1677..2262): refused, not a panic.
+            (None, Some("0001-01-01T00:00:00Z"), None, "from"),
+            (
+                None,
+                Some("2026-11-01T00:00:00Z"),
+                Some("9999-12-31T23:59:59Z"),
+                "to",
+            ),
+            (
+                None,
+                Some("1600-01-01T00:00:30Z"),
+                Some("1600-01-02T00:00:00Z"),
+                "from",
+            ),
         ];
         for (range, from, to, field) in cases {
             let e = TimeRange::parse(range, from, to, now(), 90).unwrap_err();

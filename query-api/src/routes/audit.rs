@@ -74,10 +74,7 @@ pub async fn audit(
         .as_deref()
         .map(crate::cursor::decode::<Uuid>)
         .transpose()?;
-    let db = |e: sqlx::Error| {
-        tracing::error!(error = %e, "audit query failed");
-        Problem::unavailable("the projection database is unavailable", 2)
-    };
+    let db = super::dashboard::db_error;
     let mut tx = s.pool.begin().await.map_err(db)?;
     let entered = tenant_sql::enter_active_readonly(&mut tx, reader.tenant)
         .await

@@ -37,6 +37,9 @@ pub struct SeriesParams {
     pub group_by: Option<String>,
     #[serde(rename = "type")]
     pub event_type: Option<String>,
+    /// With `group_by`: how many groups get their own series (the largest by count; the rest
+    /// are summed into one `other` series). Default and maximum: the `max_series` setting.
+    pub limit: Option<usize>,
 }
 
 /// How fresh an answer is.
@@ -96,13 +99,19 @@ pub struct TimeSeries {
     pub group_by: Option<String>,
     #[serde(rename = "type")]
     pub event_type: Option<String>,
+    /// How many distinct groups the range has (with `group_by`; 1 without).
+    pub groups: i64,
     pub series: Vec<Series>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Series {
-    /// The group's value (user id, command name, …); absent without `group_by`.
+    /// The group's value (user id, command name, …); absent without `group_by` and for the
+    /// `other` series.
     pub group: Option<String>,
+    /// The sum of every group beyond the limit (last, and only when there are such groups).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub other: bool,
     pub points: Vec<Point>,
 }
 
@@ -150,9 +159,26 @@ pub(crate) async fn tenant_tx(
     )))
 }
 
+/// A failed read as the client sees it: always a 503 with `Retry-After` (the cause is logged).
+/// A statement cancelled by `statement_timeout` says so.
 pub(crate) fn db_error(e: sqlx::Error) -> Problem {
+    if is_timeout(&e) {
+        tracing::warn!(error = %e, "query cancelled by statement_timeout");
+        metrics::counter!("query_timeouts_total").increment(1);
+        return Problem::unavailable(
+            "the query took longer than this service allows; try a shorter range or later",
+            5,
+        );
+    }
     tracing::error!(error = %e, "query failed");
     Problem::unavailable("the projection database is unavailable", 2)
+}
+
+/// SQLSTATE 57014 (`query_canceled`): what `statement_timeout` raises.
+fn is_timeout(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "57014")
 }
 
 pub(crate) fn parse_range(
@@ -419,11 +445,19 @@ pub async fn timeseries(
         }
     }
     let event_type = explicit.or(implied);
+    let max_series = s.config.max_series;
+    let limit = p.limit.unwrap_or(max_series);
+    if !(1..=max_series).contains(&limit) {
+        return Err(bad(FieldError::new(
+            "limit",
+            format!("must be 1..={max_series}"),
+        )));
+    }
     let tenant = reader.tenant;
     let visibility = reader.visibility;
     let scope = ReadScope::new(&visibility, &range);
     let key = format!(
-        "series:{}:{}:{}",
+        "series:{}:{}:{}:{limit}",
         bucket.as_str(),
         p.group_by.as_deref().unwrap_or("-"),
         event_type.map_or("-", EventType::as_str)
@@ -438,29 +472,66 @@ pub async fn timeseries(
             bucket: bucket.as_str().into(),
             group_by,
             event_type: event_type.map(|t| t.as_str().to_string()),
+            groups: 0,
             series: Vec::new(),
         };
         if let Some((mut tx, fresh)) = ctx {
             ts.as_of = fresh.as_of;
-            ts.series = compute_series(&mut tx, &range, &visibility, bucket, column, event_type)
-                .await
-                .map_err(db_error)?;
+            let query = SeriesQuery {
+                range: &range,
+                visibility: &visibility,
+                bucket,
+                column,
+                event_type,
+                limit,
+            };
+            (ts.groups, ts.series) = compute_series(&mut tx, query).await.map_err(db_error)?;
         }
         Ok(ts)
     })
     .await
 }
 
-type SeriesRow = (DateTime<Utc>, String, i64, i64, i64, i64, i64, f64);
+/// Bucket, whether the group is one of the kept ones, the group (`''` for `other`), the
+/// number of distinct groups, then the sums.
+type SeriesRow = (
+    DateTime<Utc>,
+    bool,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    f64,
+);
 
-async fn compute_series(
-    conn: &mut PgConnection,
-    range: &TimeRange,
-    visibility: &Visibility,
+/// What one time series reads.
+struct SeriesQuery<'a> {
+    range: &'a TimeRange,
+    visibility: &'a Visibility,
     bucket: Bucket,
     column: Option<&'static str>,
     event_type: Option<EventType>,
-) -> sqlx::Result<Vec<Series>> {
+    /// How many groups get their own series.
+    limit: usize,
+}
+
+/// The number of distinct groups, and the series: the `limit` largest groups by count (in
+/// group order), then `other` (the sum of the rest) if any.
+async fn compute_series(
+    conn: &mut PgConnection,
+    q: SeriesQuery<'_>,
+) -> sqlx::Result<(i64, Vec<Series>)> {
+    let SeriesQuery {
+        range,
+        visibility,
+        bucket,
+        column,
+        event_type,
+        limit,
+    } = q;
     let (user_filter, team_filter) = visibility.filters();
     let grain = Grain::for_series(bucket, range);
     let width = bucket.width();
@@ -472,15 +543,23 @@ async fn compute_series(
     // Weeks start on Monday: 2000-01-03 was one, and every smaller width divides a week.
     let rows: Vec<SeriesRow> = sqlx::query_as(by_grain!(
         grain,
-        "SELECT date_bin($3, bucket, TIMESTAMPTZ '2000-01-03 00:00:00+00') AS t,
-                CASE $4 WHEN 'user' THEN user_id WHEN 'team' THEN team_id
-                        WHEN 'project' THEN project_id WHEN 'name' THEN name ELSE '' END AS g,
-                sum(count)::bigint, sum(errors)::bigint, sum(duration_sum)::bigint,
-                sum(input_tokens)::bigint, sum(output_tokens)::bigint, sum(value_sum)
-           FROM ",
+        "WITH r AS (
+             SELECT date_bin($3, bucket, TIMESTAMPTZ '2000-01-03 00:00:00+00') AS t,
+                    CASE $4 WHEN 'user' THEN user_id WHEN 'team' THEN team_id
+                            WHEN 'project' THEN project_id WHEN 'name' THEN name ELSE '' END AS g,
+                    sum(count) AS c, sum(errors) AS e, sum(duration_sum) AS ds,
+                    sum(input_tokens) AS ti, sum(output_tokens) AS tout, sum(value_sum) AS vs
+               FROM ",
         " WHERE bucket >= $1 AND bucket < $2 AND ($5::text IS NULL OR event_type = $5)
-            AND ($6::text IS NULL OR user_id = $6) AND ($7::text[] IS NULL OR team_id = ANY($7))
-          GROUP BY 1, 2 ORDER BY 2, 1"
+                AND ($6::text IS NULL OR user_id = $6) AND ($7::text[] IS NULL OR team_id = ANY($7))
+              GROUP BY 1, 2),
+         kept AS (SELECT g FROM r GROUP BY g ORDER BY sum(c) DESC, g LIMIT $8),
+         k AS (SELECT r.*, r.g IN (SELECT g FROM kept) AS is_kept FROM r)
+         SELECT t, is_kept, CASE WHEN is_kept THEN g ELSE '' END AS gg,
+                (SELECT count(DISTINCT g) FROM r),
+                sum(c)::bigint, sum(e)::bigint, sum(ds)::bigint, sum(ti)::bigint,
+                sum(tout)::bigint, sum(vs)
+           FROM k GROUP BY 1, 2, 3 ORDER BY 2 DESC, 3, 1"
     ))
     .bind(range.from)
     .bind(range.to)
@@ -489,14 +568,22 @@ async fn compute_series(
     .bind(event_type.map(EventType::as_str))
     .bind(user_filter)
     .bind(team_filter)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
     .fetch_all(conn)
     .await?;
     let mut series: Vec<Series> = Vec::new();
-    for (t, g, count, errors, dsum, tin, tout, vsum) in rows {
-        let group = column.map(|_| g);
-        if series.last().is_none_or(|s| s.group != group) {
+    let mut groups = 0;
+    for (t, kept, g, distinct, count, errors, dsum, tin, tout, vsum) in rows {
+        groups = distinct;
+        let group = column.filter(|_| kept).map(|_| g);
+        let other = !kept;
+        if series
+            .last()
+            .is_none_or(|s| s.group != group || s.other != other)
+        {
             series.push(Series {
                 group: group.clone(),
+                other,
                 points: Vec::new(),
             });
         }
@@ -511,5 +598,5 @@ async fn compute_series(
             value_sum: vsum,
         });
     }
-    Ok(series)
+    Ok((groups, series))
 }

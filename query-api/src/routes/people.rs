@@ -9,20 +9,74 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use shared::events::FieldError;
 use shared::problem::Problem;
 use shared::tenant::TenantId;
 
-use super::dashboard::{cached, db_error, parse_range, ReadScope};
+use super::dashboard::{bad, cached, db_error, parse_range, ReadScope};
 use crate::range::Grain;
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
-pub struct RangeOnly {
+pub struct RankedParams {
     /// `json` (default) or `csv`.
     pub format: Option<String>,
     pub range: Option<String>,
     pub from: Option<String>,
     pub to: Option<String>,
+    /// Rows per page (1..=1000, default 100).
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A page of a list ranked by score (descending), then key: the rows after `cursor`.
+struct Page {
+    limit: usize,
+    after: Option<(f64, String)>,
+}
+
+impl Page {
+    fn parse(limit: Option<usize>, cursor: Option<&str>) -> Result<Page, Problem> {
+        let limit = limit.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(bad(FieldError::new("limit", "must be 1..=1000")));
+        }
+        let after = cursor.map(crate::cursor::decode_ranked).transpose()?;
+        Ok(Page { limit, after })
+    }
+
+    /// The page's rows of `sorted` (sorted by score descending, then key) and the cursor of
+    /// the next page (absent on the last).
+    fn take<T>(
+        &self,
+        sorted: Vec<T>,
+        rank: impl Fn(&T) -> (f64, &str),
+    ) -> (Vec<T>, Option<String>) {
+        let start = match &self.after {
+            None => 0,
+            Some((score, key)) => sorted.partition_point(|row| {
+                let (s, k) = rank(row);
+                s > *score || (s == *score && k <= key.as_str())
+            }),
+        };
+        let mut rows: Vec<T> = sorted.into_iter().skip(start).collect();
+        let more = rows.len() > self.limit;
+        rows.truncate(self.limit);
+        let next = more
+            .then(|| {
+                rows.last().map(|r| {
+                    let (s, k) = rank(r);
+                    crate::cursor::encode_ranked(s, k)
+                })
+            })
+            .flatten();
+        (rows, next)
+    }
+
+    fn cache_key(&self) -> String {
+        format!("{}:{:?}", self.limit, self.after)
+    }
 }
 
 /// The inputs of the score and the score itself.
@@ -81,7 +135,11 @@ pub struct ProductivityAnswer {
     pub to: DateTime<Utc>,
     pub as_of: Option<DateTime<Utc>>,
     pub formula: String,
+    /// How many users the whole list has (over every page).
+    pub total: usize,
     pub users: Vec<UserProductivity>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
 }
 
 pub const FORMULA: &str = "40 × success rate + 30 × min(1, 5000 ms / average command time) + 20 × min(1, distinct agents / 10) + 10 × min(1, commands / 50)";
@@ -124,22 +182,26 @@ async fn rows(
 pub async fn productivity(
     State(s): State<AppState>,
     headers: HeaderMap,
-    params: Result<Query<RangeOnly>, axum::extract::rejection::QueryRejection>,
+    params: Result<Query<RankedParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let reader = crate::auth::reader(&s, &headers).await?;
     let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
     let csv = super::tables::wants_csv(p.format.as_deref())?;
     let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
+    let page = Page::parse(p.limit, p.cursor.as_deref())?;
     let (tenant, visibility) = (reader.tenant, reader.visibility);
     let scope = ReadScope::new(&visibility, &range);
-    let res = cached(&s, tenant, scope, "productivity", |ctx| async move {
+    let key = format!("productivity:{}", page.cache_key());
+    let res = cached(&s, tenant, scope, &key, |ctx| async move {
         let mut answer = ProductivityAnswer {
             tenant_id: tenant,
             from: range.from,
             to: range.to,
             as_of: None,
             formula: FORMULA.into(),
+            total: 0,
             users: Vec::new(),
+            next_cursor: None,
         };
         let Some((mut tx, fresh)) = ctx else {
             return Ok(answer);
@@ -154,19 +216,22 @@ pub async fn productivity(
         )
         .await
         .map_err(db_error)?;
-        answer.users = rows
+        let mut users: Vec<UserProductivity> = rows
             .into_iter()
             .map(|(user, cmds, errs, dsum, agents, _)| UserProductivity {
                 user_id: user,
                 score: score(cmds, errs, dsum, agents, cmds as f64),
             })
             .collect();
-        answer.users.sort_by(|a, b| {
+        users.sort_by(|a, b| {
             b.score
                 .score
                 .total_cmp(&a.score.score)
                 .then(a.user_id.cmp(&b.user_id))
         });
+        answer.total = users.len();
+        (answer.users, answer.next_cursor) =
+            page.take(users, |u| (u.score.score, u.user_id.as_str()));
         Ok(answer)
     })
     .await?;
@@ -191,28 +256,36 @@ pub struct TeamsAnswer {
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
     pub as_of: Option<DateTime<Utc>>,
+    /// How many teams the whole comparison has (over every page).
+    pub total: usize,
     pub teams: Vec<TeamRow>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
 }
 
 /// `GET /v1/dashboard/teams`: team comparison with rank and percentile.
 pub async fn teams(
     State(s): State<AppState>,
     headers: HeaderMap,
-    params: Result<Query<RangeOnly>, axum::extract::rejection::QueryRejection>,
+    params: Result<Query<RankedParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let reader = crate::auth::reader(&s, &headers).await?;
     let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
     let csv = super::tables::wants_csv(p.format.as_deref())?;
     let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
+    let page = Page::parse(p.limit, p.cursor.as_deref())?;
     let (tenant, visibility) = (reader.tenant, reader.visibility);
     let scope = ReadScope::new(&visibility, &range);
-    let res = cached(&s, tenant, scope, "teams", |ctx| async move {
+    let key = format!("teams:{}", page.cache_key());
+    let res = cached(&s, tenant, scope, &key, |ctx| async move {
         let mut answer = TeamsAnswer {
             tenant_id: tenant,
             from: range.from,
             to: range.to,
             as_of: None,
+            total: 0,
             teams: Vec::new(),
+            next_cursor: None,
         };
         let Some((mut tx, fresh)) = ctx else {
             return Ok(answer);
@@ -236,7 +309,7 @@ pub async fn teams(
             .collect();
         teams.sort_by(|a, b| b.2.score.total_cmp(&a.2.score).then(a.0.cmp(&b.0)));
         let n = teams.len();
-        answer.teams = teams
+        let ranked: Vec<TeamRow> = teams
             .into_iter()
             .enumerate()
             .map(|(i, (team_id, active_users, score))| TeamRow {
@@ -251,6 +324,9 @@ pub async fn teams(
                 },
             })
             .collect();
+        answer.total = n;
+        (answer.teams, answer.next_cursor) =
+            page.take(ranked, |t| (t.score.score, t.team_id.as_str()));
         Ok(answer)
     })
     .await?;
@@ -269,5 +345,38 @@ mod tests {
         assert_eq!(score(10, 5, 100_000, 0, 10.0).score, 37.0);
         assert_eq!(score(0, 0, 0, 0, 0.0).score, 0.0);
         assert_eq!(score(100, 0, 0, 20, 100.0).score, 100.0);
+    }
+
+    #[test]
+    fn pages_follow_each_other_without_gaps_or_repeats() {
+        // Sorted as the endpoints sort: score descending, then key; ties on the score.
+        let rows: Vec<(f64, String)> = [
+            (90.0, "a"),
+            (80.5, "b"),
+            (80.5, "c"),
+            (80.5, "d"),
+            (12.0, "e"),
+        ]
+        .iter()
+        .map(|(s, k)| (*s, k.to_string()))
+        .collect();
+        for limit in 1..=6 {
+            let mut seen = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let page = Page::parse(Some(limit), cursor.as_deref()).unwrap();
+                let (got, next) = page.take(rows.clone(), |r| (r.0, r.1.as_str()));
+                assert!(got.len() <= limit);
+                seen.extend(got);
+                match next {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            assert_eq!(seen, rows, "limit {limit}");
+        }
+        assert!(Page::parse(Some(0), None).is_err());
+        assert!(Page::parse(Some(1001), None).is_err());
+        assert!(Page::parse(None, Some("garbage")).is_err());
     }
 }

@@ -59,18 +59,14 @@ pub async fn as_csv(res: Response, field: &str) -> Result<Response, Problem> {
         }
     }
     let cell = |v: Option<&Value>| -> String {
-        let raw = match v {
+        match v {
             None | Some(Value::Null) => String::new(),
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
-        };
-        if raw.contains([',', '"', '\n', '\r']) {
-            format!("\"{}\"", raw.replace('"', "\"\""))
-        } else {
-            raw
+            Some(Value::String(s)) => csv_cell(s),
+            Some(other) => csv_cell(&other.to_string()),
         }
     };
-    let mut out = columns.join(",");
+    let header: Vec<String> = columns.iter().map(|c| csv_cell(c)).collect();
+    let mut out = header.join(",");
     out.push('\n');
     for r in &rows {
         let line: Vec<String> = columns.iter().map(|c| cell(r.get(c))).collect();
@@ -83,6 +79,23 @@ pub async fn as_csv(res: Response, field: &str) -> Result<Response, Problem> {
         HeaderValue::from_static("text/csv; charset=utf-8"),
     );
     Ok(res)
+}
+
+/// One CSV field: RFC 4180 quoting, and a text that a spreadsheet would run as a formula
+/// (starting with `=`, `+`, `-`, `@`, a tab or a carriage return) gets a leading `'`, so it
+/// is shown as text. JSON numbers are written as they are: `-5` is a number, not a formula.
+pub fn csv_cell(raw: &str) -> String {
+    let numeric = raw.parse::<f64>().is_ok() && !raw.starts_with(['+', '@', '=', '\t', '\r']);
+    let text = if !numeric && raw.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{raw}")
+    } else {
+        raw.to_string()
+    };
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +208,9 @@ pub struct MetricParams {
     pub agg: Option<String>,
     /// A label whose values split the series.
     pub group_by: Option<String>,
+    /// With `group_by`: how many label values get their own series (the most sampled; the
+    /// rest are aggregated into one `other` series). Default and maximum: `max_series`.
+    pub limit: Option<usize>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -204,14 +220,24 @@ pub struct MetricSeries {
     pub agg: String,
     pub step: String,
     pub as_of: Option<DateTime<Utc>>,
+    /// How many distinct values of the `group_by` label the range has (1 without it).
+    pub groups: i64,
     pub series: Vec<MetricLine>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MetricLine {
+    /// The label's value (null: samples without the label, and the `other` series).
     pub group: Option<String>,
+    /// The aggregate of every value beyond the limit (last, and only when there are such).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub other: bool,
     pub points: Vec<(DateTime<Utc>, f64)>,
 }
+
+/// Bucket, whether the label value is one of the kept ones, the value (null for `other`),
+/// the number of distinct values, and the aggregate.
+type MetricRow = (DateTime<Utc>, bool, Option<String>, i64, f64);
 
 /// `GET /v1/dashboard/metrics`: a `metric.sample` series by name and label matchers.
 pub async fn metrics(
@@ -260,10 +286,18 @@ pub async fn metrics(
         })?;
         matchers.insert(k.trim().to_string(), Value::from(v.trim()));
     }
+    let max_series = s.config.max_series;
+    let limit = p.limit.unwrap_or(max_series);
+    if !(1..=max_series).contains(&limit) {
+        return Err(bad(FieldError::new(
+            "limit",
+            format!("must be 1..={max_series}"),
+        )));
+    }
     let (tenant, visibility) = (reader.tenant, reader.visibility);
     let scope = ReadScope::new(&visibility, &range);
     let key = format!(
-        "metrics:{name}:{:?}:{}:{agg}:{:?}",
+        "metrics:{name}:{:?}:{}:{agg}:{:?}:{limit}",
         p.labels,
         step.as_str(),
         p.group_by
@@ -276,6 +310,7 @@ pub async fn metrics(
             agg: agg.clone(),
             step: step.as_str().into(),
             as_of: None,
+            groups: 0,
             series: Vec::new(),
         };
         let Some((mut tx, fresh)) = ctx else {
@@ -288,18 +323,29 @@ pub async fn metrics(
             days: 0,
             microseconds: step.width().num_microseconds().expect("small"),
         };
-        let rows: Vec<(DateTime<Utc>, Option<String>, f64)> = sqlx::query_as(
-            "SELECT date_bin($3, occurred_at, TIMESTAMPTZ '2000-01-03 00:00:00+00') AS t,
-                    CASE WHEN $6::text IS NULL THEN NULL ELSE data->'labels'->>$6 END AS g,
+        // The kept label values are the most sampled; samples of every other value are
+        // aggregated together (so `avg`, `min` and `max` of `other` are over its samples).
+        let rows: Vec<MetricRow> = sqlx::query_as(
+            "WITH s AS (
+                 SELECT occurred_at, value,
+                        CASE WHEN $6::text IS NULL THEN NULL ELSE data->'labels'->>$6 END AS g
+                   FROM metric_samples
+                  WHERE occurred_at >= $1 AND occurred_at < $2 AND name = $4
+                    AND data->'labels' @> $7::jsonb
+                    AND ($8::text IS NULL OR user_id = $8) AND ($9::text[] IS NULL OR team_id = ANY($9))),
+             kept AS (SELECT g FROM s GROUP BY g ORDER BY count(*) DESC, g NULLS FIRST LIMIT $10),
+             k AS (SELECT s.*, EXISTS (SELECT 1 FROM kept WHERE kept.g IS NOT DISTINCT FROM s.g)
+                                  AS is_kept
+                     FROM s)
+             SELECT date_bin($3, occurred_at, TIMESTAMPTZ '2000-01-03 00:00:00+00') AS t,
+                    is_kept, CASE WHEN is_kept THEN g END AS gg,
+                    (SELECT count(*) FROM (SELECT DISTINCT g FROM s) AS d),
                     CASE $5 WHEN 'avg' THEN avg(value) WHEN 'min' THEN min(value)
                             WHEN 'max' THEN max(value) WHEN 'count' THEN count(*)::float8
                             WHEN 'rate' THEN sum(value) / extract(epoch FROM $3::interval)
                             ELSE sum(value) END
-               FROM metric_samples
-              WHERE occurred_at >= $1 AND occurred_at < $2 AND name = $4
-                AND data->'labels' @> $7::jsonb
-                AND ($8::text IS NULL OR user_id = $8) AND ($9::text[] IS NULL OR team_id = ANY($9))
-              GROUP BY 1, 2 ORDER BY 2 NULLS FIRST, 1",
+               FROM k
+              GROUP BY 1, 2, 3 ORDER BY 2 DESC, 3 NULLS FIRST, 1",
         )
         .bind(range.from)
         .bind(range.to)
@@ -310,13 +356,21 @@ pub async fn metrics(
         .bind(Value::Object(matchers))
         .bind(user_filter)
         .bind(team_filter)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?;
-        for (t, g, v) in rows {
-            if out.series.last().is_none_or(|l| l.group != g) {
+        for (t, kept, g, groups, v) in rows {
+            out.groups = groups;
+            let other = !kept;
+            if out
+                .series
+                .last()
+                .is_none_or(|l| l.group != g || l.other != other)
+            {
                 out.series.push(MetricLine {
                     group: g.clone(),
+                    other,
                     points: Vec::new(),
                 });
             }
@@ -325,4 +379,33 @@ pub async fn metrics(
         Ok(out)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv_cell;
+
+    #[test]
+    fn formulas_are_neutralised_and_numbers_kept() {
+        let cases = [
+            (
+                "=HYPERLINK(\"http://x\")",
+                "\"'=HYPERLINK(\"\"http://x\"\")\"",
+            ),
+            ("+1+cmd|' /C calc'!A0", "'+1+cmd|' /C calc'!A0"),
+            ("-2+3", "'-2+3"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\t=1", "'\t=1"),
+            ("\r=1", "\"'\r=1\""),
+            ("plain", "plain"),
+            ("a,b", "\"a,b\""),
+            ("-5", "-5"),
+            ("-1.5e3", "-1.5e3"),
+            ("12", "12"),
+            ("", ""),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(csv_cell(raw), want, "{raw:?}");
+        }
+    }
 }

@@ -78,10 +78,33 @@ async fn the_dashboard_page_works_in_headless_chromium() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    assert!(res.headers()["content-security-policy"]
+    let csp = res.headers()["content-security-policy"]
         .to_str()
         .unwrap()
-        .contains("default-src 'self'"));
+        .to_string();
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    // No inline script may run: the page's script is a file of its own.
+    let script_src = csp
+        .split(';')
+        .map(str::trim)
+        .find(|d| d.starts_with("script-src"))
+        .unwrap_or_else(|| panic!("no script-src in {csp}"));
+    assert_eq!(script_src, "script-src 'self'", "{csp}");
+    let html = res.text().await.unwrap();
+    assert!(
+        !html.contains("<script>") && html.contains("<script src=\"/dashboard.js\">"),
+        "the page has inline script"
+    );
+    let js = client
+        .get(format!("{}/dashboard.js", query.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(js.status(), 200);
+    assert!(js.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
 
     let shot = bin_dir().join("tally-dashboard.png");
     let script = repo_root().join("tests/browser/dashboard.mjs");

@@ -408,3 +408,393 @@ async fn sessions_metric_series_and_csv_export() {
     ingest.stop().await.unwrap();
     query.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn times_outside_the_calendar_are_refused_and_csv_formulas_neutralised() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let projector = start_projector(&common).await;
+    let query = start_query(&common, |_| {}).await;
+    let client = http();
+    let t = create_tenant(&pool, "hostile-cells").await;
+    let formula = "=HYPERLINK(\"http://evil.example\",\"open\")";
+    let events = vec![
+        command("@evil", formula, 5, true),
+        command("u1", "+cmd|' /C calc'!A0", 5, false),
+        command("u1", "-2+3", 5, true),
+    ];
+    assert_eq!(
+        post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(events))
+            .await
+            .status(),
+        202
+    );
+    wait_projected(&pool, t.id, 3, Duration::from_secs(60)).await;
+    let get = |path: &str| {
+        client
+            .get(format!("{}{path}", query.url()))
+            .bearer_auth(&t.read_key)
+            .send()
+    };
+
+    // Out of chrono's range (and of anything stored): a 400 naming the field, not a panic.
+    for (path, field) in [
+        ("/v1/dashboard/overview?from=0001-01-01T00:00:00Z", "from"),
+        (
+            "/v1/dashboard/timeseries?from=2026-01-01T00:00:00Z&to=9999-12-31T23:59:59Z",
+            "to",
+        ),
+        (
+            "/v1/dashboard/top?from=1600-01-01T00:00:30Z&to=1600-01-02T00:00:00Z",
+            "from",
+        ),
+        (
+            "/v1/dashboard/activity?from=1000-01-01T00:00:00Z&to=1000-01-01T01:00:00Z",
+            "from",
+        ),
+        ("/v1/dashboard/teams?from=9000-01-01T00:00:00Z", "from"),
+    ] {
+        let res = get(path).await.unwrap();
+        assert_eq!(res.status(), 400, "{path}");
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+        let problem: Value = res.json().await.unwrap();
+        assert_eq!(problem["errors"][0]["field"], field, "{path}: {problem}");
+    }
+    // The service is still up.
+    assert_eq!(
+        get("/v1/dashboard/overview?range=1h")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // No CSV cell starts with a character a spreadsheet would run as a formula.
+    for path in [
+        "/v1/dashboard/top?range=1h&dimension=command&format=csv",
+        "/v1/dashboard/top?range=1h&dimension=user&format=csv",
+        "/v1/dashboard/activity?range=1h&format=csv",
+        "/v1/dashboard/productivity?range=1h&format=csv",
+    ] {
+        let res = get(path).await.unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        let text = res.text().await.unwrap();
+        for line in text.lines() {
+            for cell in csv_cells(line) {
+                assert!(
+                    !cell.starts_with(['=', '+', '-', '@', '\t', '\r'])
+                        || cell.parse::<f64>().is_ok(),
+                    "{path}: cell {cell:?} in {text}"
+                );
+            }
+        }
+        if path.contains("dimension=command") || path.contains("activity") {
+            assert!(
+                text.contains("'=HYPERLINK(") && text.contains("'+cmd|"),
+                "{text}"
+            );
+            assert!(text.contains("'-2+3"), "{text}");
+        }
+        if path.contains("dimension=user") || path.contains("activity") {
+            assert!(text.contains("'@evil"), "{text}");
+        }
+    }
+    projector.stop().await.unwrap();
+    ingest.stop().await.unwrap();
+    query.stop().await.unwrap();
+}
+
+/// The cells of one CSV line (RFC 4180 quoting undone).
+fn csv_cells(line: &str) -> Vec<String> {
+    let mut cells = vec![String::new()];
+    let (mut quoted, mut chars) = (false, line.chars().peekable());
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                chars.next();
+                cells.last_mut().unwrap().push('"');
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => cells.push(String::new()),
+            (c, _) => cells.last_mut().unwrap().push(c),
+        }
+    }
+    cells
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grouped_series_are_capped_and_rankings_paginated() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let projector = start_projector(&common).await;
+    let query = start_query(&common, |c| c.max_series = 2).await;
+    let client = http();
+    let t = create_tenant(&pool, "many-groups").await;
+    let mut events = Vec::new();
+    for (user, n) in [("u-a", 5), ("u-b", 4), ("u-c", 3), ("u-d", 1)] {
+        for i in 0..n {
+            let mut e = command(user, "build", 1000 * (i + 1), i % 2 == 0);
+            e["data"]["team_id"] = json!(format!("team-{user}"));
+            events.push(e);
+        }
+    }
+    // Samples of one metric: label `k` a ×3, b ×2, c ×1, and one without the label.
+    for (k, value) in [
+        ("a", 1),
+        ("a", 2),
+        ("a", 3),
+        ("b", 10),
+        ("b", 20),
+        ("c", 7),
+        ("", 4),
+    ] {
+        let labels = if k.is_empty() {
+            json!({})
+        } else {
+            json!({"k": k})
+        };
+        events.push(
+            json!({"type": "metric.sample", "occurred_at": ago(60), "data": {
+            "name": "many.labels", "labels": labels, "value": value, "kind": "gauge"}}),
+        );
+    }
+    assert_eq!(
+        post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(events))
+            .await
+            .status(),
+        202
+    );
+    wait_projected(&pool, t.id, 20, Duration::from_secs(60)).await;
+    let get = |path: String| {
+        let client = client.clone();
+        let url = format!("{}{path}", query.url());
+        let key = t.read_key.clone();
+        async move { client.get(url).bearer_auth(key).send().await.unwrap() }
+    };
+    let counts = |ts: &Value| -> Vec<(Value, bool, i64)> {
+        ts["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let total = s["points"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p["count"].as_i64().unwrap())
+                    .sum();
+                (s["group"].clone(), s["other"] == true, total)
+            })
+            .collect()
+    };
+
+    let ts: Value = get(
+        "/v1/dashboard/timeseries?range=1h&bucket=1h&group_by=user&type=command.executed".into(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(ts["groups"], 4, "{ts}");
+    assert_eq!(
+        counts(&ts),
+        vec![
+            (json!("u-a"), false, 5),
+            (json!("u-b"), false, 4),
+            (Value::Null, true, 4)
+        ],
+        "{ts}"
+    );
+    let ts: Value = get(
+        "/v1/dashboard/timeseries?range=1h&bucket=1h&group_by=user&limit=1&type=command.executed"
+            .into(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        counts(&ts),
+        vec![(json!("u-a"), false, 5), (Value::Null, true, 8)],
+        "{ts}"
+    );
+    let res = get("/v1/dashboard/timeseries?range=1h&group_by=user&limit=3".into()).await;
+    assert_eq!(res.status(), 400);
+    let problem: Value = res.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["field"], "limit");
+    // Without group_by: one series, never an `other`.
+    let ts: Value = get("/v1/dashboard/timeseries?range=1h&bucket=1h&type=command.executed".into())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(counts(&ts), vec![(Value::Null, false, 13)], "{ts}");
+
+    // metric.sample series by a label: the two most sampled values, then the rest together
+    // (c and the samples without the label), aggregated over their samples.
+    let lines = |m: &Value| -> Vec<(Value, bool, f64)> {
+        m["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let points = s["points"].as_array().unwrap();
+                let v = match m["agg"].as_str() {
+                    Some("max") => points
+                        .iter()
+                        .map(|p| p[1].as_f64().unwrap())
+                        .fold(f64::MIN, f64::max),
+                    _ => points.iter().map(|p| p[1].as_f64().unwrap()).sum(),
+                };
+                (s["group"].clone(), s["other"] == true, v)
+            })
+            .collect()
+    };
+    let m: Value = get("/v1/dashboard/metrics?range=1h&step=1h&name=many.labels&group_by=k".into())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(m["groups"], 4, "{m}");
+    assert_eq!(
+        lines(&m),
+        vec![
+            (json!("a"), false, 6.0),
+            (json!("b"), false, 30.0),
+            (Value::Null, true, 11.0)
+        ],
+        "{m}"
+    );
+    let m: Value = get(
+        "/v1/dashboard/metrics?range=1h&step=1h&name=many.labels&group_by=k&agg=max&limit=1".into(),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        lines(&m),
+        vec![(json!("a"), false, 3.0), (Value::Null, true, 20.0)],
+        "{m}"
+    );
+    let res =
+        get("/v1/dashboard/metrics?range=1h&name=many.labels&group_by=k&limit=3".into()).await;
+    assert_eq!(res.status(), 400);
+
+    // Productivity and teams, page by page, give the one-page list in the same order.
+    for (endpoint, field, key) in [
+        ("productivity", "users", "user_id"),
+        ("teams", "teams", "team_id"),
+    ] {
+        let whole: Value = get(format!("/v1/dashboard/{endpoint}?range=1h"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let all: Vec<Value> = whole[field].as_array().unwrap().clone();
+        assert_eq!(
+            (all.len(), whole["total"].as_i64()),
+            (4, Some(4)),
+            "{whole}"
+        );
+        assert!(whole["next_cursor"].is_null());
+        let mut paged: Vec<Value> = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/v1/dashboard/{endpoint}?range=1h&limit=3&cursor={c}"),
+                None => format!("/v1/dashboard/{endpoint}?range=1h&limit=3"),
+            };
+            let page: Value = get(path).await.json().await.unwrap();
+            let rows = page[field].as_array().unwrap();
+            assert!(rows.len() <= 3, "{page}");
+            paged.extend(rows.iter().cloned());
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => break,
+            }
+            assert!(paged.len() < 10, "pagination does not end");
+        }
+        let keys = |rows: &[Value]| rows.iter().map(|r| r[key].clone()).collect::<Vec<_>>();
+        assert_eq!(keys(&paged), keys(&all), "{endpoint}");
+        assert_eq!(paged, all, "{endpoint}");
+        for bad in ["limit=0", "limit=1001", "cursor=nonsense"] {
+            let res = get(format!("/v1/dashboard/{endpoint}?range=1h&{bad}")).await;
+            assert_eq!(res.status(), 400, "{endpoint} {bad}");
+        }
+    }
+    projector.stop().await.unwrap();
+    ingest.stop().await.unwrap();
+    query.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_past_the_statement_timeout_answers_503() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let projector = start_projector(&common).await;
+    let query = start_query(&common, |c| c.statement_timeout_ms = 300).await;
+    let client = http();
+    let t = create_tenant(&pool, "slow-reads").await;
+    let res = post_events(
+        &client,
+        &ingest.url(),
+        &t.ingest_key,
+        &command("u1", "build", 5, true),
+    )
+    .await;
+    assert_eq!(res.status(), 202);
+    wait_projected(&pool, t.id, 1, Duration::from_secs(60)).await;
+    let overview = format!("{}/v1/dashboard/overview?range=1h", query.url());
+    let res = client
+        .get(&overview)
+        .bearer_auth(&t.read_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    // Something holds the projection's tables (a long migration, a lock): every read waits.
+    let schema = t.id.schema(active_version(&pool, t.id).await);
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {schema}.projection_state IN ACCESS EXCLUSIVE MODE"
+    )))
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let res = client
+        .get(&overview)
+        .bearer_auth(&t.read_key)
+        .send()
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(res.status(), 503);
+    assert!(res.headers().contains_key("retry-after"));
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    let problem: Value = res.json().await.unwrap();
+    assert!(
+        problem["detail"].as_str().unwrap().contains("longer"),
+        "{problem}"
+    );
+    assert!(waited < Duration::from_secs(3), "answered after {waited:?}");
+    blocker.rollback().await.unwrap();
+    let res = client
+        .get(&overview)
+        .bearer_auth(&t.read_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    projector.stop().await.unwrap();
+    ingest.stop().await.unwrap();
+    query.stop().await.unwrap();
+}
