@@ -351,29 +351,27 @@ async fn streams_close_when_their_credential_stops_holding() {
     ingest_api::admin::deactivate_user(&pool, "", &people[0].0)
         .await
         .unwrap();
+    let change = |id, role, teams| ingest_api::admin::UserChange {
+        tenant: t.id,
+        id,
+        role,
+        teams,
+        active: None,
+        by_owner: true,
+        actor: shared::events::Actor::default(),
+    };
     ingest_api::admin::update_user(
         &pool,
         "",
-        t.id,
-        people[1].1,
-        Some(shared::jwt::Role::Viewer),
-        None,
-        None,
+        change(people[1].1, Some(shared::jwt::Role::Viewer), None),
     )
     .await
     .unwrap();
     // Another team: the token stays valid (same version) but no longer says what it may see.
-    ingest_api::admin::update_user(
-        &pool,
-        "",
-        t.id,
-        people[2].1,
-        None,
-        Some(&["team-2".to_string()]),
-        None,
-    )
-    .await
-    .unwrap();
+    let team_2 = ["team-2".to_string()];
+    ingest_api::admin::update_user(&pool, "", change(people[2].1, None, Some(&team_2)))
+        .await
+        .unwrap();
     ingest_api::admin::set_status(&pool, "", closing.id, "deactivated")
         .await
         .unwrap();
