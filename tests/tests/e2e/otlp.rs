@@ -647,6 +647,19 @@ async fn otlp_attribute_bombs_are_refused_in_bounded_memory() {
     assert!(json.len() < 10 << 20);
     let answer = send("metrics", "application/json", gzip(json.as_bytes())).await;
     too_many(answer, "json");
+    // Just under the bounds (199 999 attributes; 249 995 JSON values): decoded, then refused
+    // for other reasons (an empty key, too many labels on a point), still in bounded memory.
+    let mut point = [0x3a, 0x00].repeat(199_999);
+    point.extend([0x19, 1, 0, 0, 0, 0, 0, 0, 0]);
+    let largest = wrap(point, &[0x0a, 0x2a, 0x12, 0x12, 0x0a]);
+    let largest_json = json.replacen(&"{},".repeat(3_399_999), &"{},".repeat(249_980), 1);
+    for (ct, body) in [
+        ("application/x-protobuf", largest),
+        ("application/json", largest_json.into_bytes()),
+    ] {
+        let (status, problem) = send("metrics", ct, gzip(&body)).await;
+        assert_eq!(status, 400, "{ct}: {problem}");
+    }
     // And over gRPC, gzipped by grpcio.
     let file = std::env::temp_dir().join(format!("otlp-bomb-{}.pb", std::process::id()));
     std::fs::write(&file, &metrics).unwrap();
