@@ -10,7 +10,9 @@
 //! `UNAVAILABLE` (retried; ids derived from content keep resends single).
 //!
 //! gzip is undone here, within the size limit, before tonic sees the message: tonic inflates
-//! without a bound, so a few kilobytes could otherwise become gigabytes.
+//! without a bound, so a few kilobytes could otherwise become gigabytes. The message's points,
+//! records and attributes are then counted on the wire (`shared::otlp::wire`), as over HTTP,
+//! so that prost never decodes more than a request may hold.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -23,7 +25,7 @@ use axum::body::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use prost::Message;
 use shared::auth::KeyPrincipal;
-use shared::otlp::{self, Signal};
+use shared::otlp::{self, DecodeError, Signal};
 use shared::problem::Problem;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::NamedService;
@@ -104,6 +106,14 @@ impl<E: Signal> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
                 Ok(body) => body,
                 Err(status) => return Ok(status.into_http()),
             };
+            // Counted on the wire before tonic hands it to prost.
+            match otlp::check_protobuf::<E>(&body[5..]) {
+                Ok(()) => {}
+                Err(DecodeError::Malformed(e)) => {
+                    return Ok(Status::invalid_argument(e).into_http())
+                }
+                Err(DecodeError::TooMany(e)) => return Ok(status(too_many(e)).into_http()),
+            }
             let req = axum::http::Request::from_parts(parts, Full::new(Bytes::from(body)));
             let mut grpc = tonic::server::Grpc::new(OtlpCodec::<E>::new())
                 .send_compressed(CompressionEncoding::Gzip)

@@ -18,6 +18,7 @@ pub mod outbox;
 pub mod password;
 pub mod problem;
 pub mod promrw;
+pub mod protowire;
 pub mod ratelimit;
 pub mod redis_client;
 pub mod secretbox;

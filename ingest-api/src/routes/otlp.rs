@@ -9,8 +9,9 @@
 //!   `partial_success` (how many were refused and why) when some points were refused; the
 //!   answer is in the request's encoding.
 //! - 400 (`application/problem+json`) when the body cannot be read or every point was
-//!   refused; 413 when it is too large; 415 for another content type or encoding. Senders do
-//!   not retry these.
+//!   refused; 413 when it is too large or holds too many points, records or attributes
+//!   (counted before it is decoded, see `shared::otlp::wire`); 415 for another content type
+//!   or encoding. Senders do not retry these.
 //! - 429 and 503 (with `Retry-After`): retried by senders. Each point's event id is derived
 //!   from its content, so a resent request is projected once (records that carry no time at
 //!   all take the time they arrive, so a resend of those cannot be recognised).
@@ -20,7 +21,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use shared::auth::KeyPrincipal;
 use shared::events::{FieldError, Source};
-use shared::otlp::{self, Converted, Encoding, Logs, Metrics, Signal};
+use shared::otlp::{self, Converted, DecodeError, Encoding, Logs, Metrics, Signal};
 use shared::problem::Problem;
 
 use crate::routes::events::{header_text, ingest_door, key_context, produce_all, read_body};
@@ -40,8 +41,10 @@ async fn export<S: Signal>(s: AppState, request: Request) -> Response {
     ingest_door(s, parts.headers, |principal, headers| async move {
         let encoding = encoding(&headers)?;
         let bytes = read_body(body, &headers, s.config.max_body_bytes).await?;
-        let req =
-            otlp::decode::<S>(&bytes, encoding).map_err(|e| Problem::bad_request("bad-otlp", e))?;
+        let req = otlp::decode::<S>(&bytes, encoding).map_err(|e| match e {
+            DecodeError::Malformed(e) => Problem::bad_request("bad-otlp", e),
+            DecodeError::TooMany(e) => too_many(e),
+        })?;
         let converted = S::events(&req, chrono::Utc::now()).map_err(too_many)?;
         let converted = take::<S>(s, &principal, converted).await?;
         Ok((

@@ -15,6 +15,7 @@
 
 pub mod json;
 pub mod pb;
+pub mod wire;
 
 use std::collections::BTreeMap;
 
@@ -86,6 +87,10 @@ pub trait Signal: Send + Sync + 'static {
     /// The OTLP/JSON name of `partial_success`'s count.
     const JSON_REJECTED: &'static str;
     fn from_json(v: &Value) -> Result<Self::Request, String>;
+    /// What an encoded request holds, counted on the wire (see [`wire`]).
+    fn shape(raw: &[u8]) -> Result<wire::Shape, String>;
+    /// The OTLP/JSON name of the request's list (`resourceMetrics`).
+    const ROOT: &'static str;
     /// The request's events, or why it is refused whole. `now` stands in for items that
     /// carry no time at all.
     fn events(req: &Self::Request, now: DateTime<Utc>) -> Result<Converted, FieldError>;
@@ -108,6 +113,10 @@ impl Signal for Metrics {
     fn from_json(v: &Value) -> Result<Self::Request, String> {
         json::metrics_request(v)
     }
+    fn shape(raw: &[u8]) -> Result<wire::Shape, String> {
+        wire::Shape::metrics(raw)
+    }
+    const ROOT: &'static str = "resourceMetrics";
     fn events(req: &Self::Request, _now: DateTime<Utc>) -> Result<Converted, FieldError> {
         metric_events(req)
     }
@@ -131,6 +140,10 @@ impl Signal for Logs {
     fn from_json(v: &Value) -> Result<Self::Request, String> {
         json::logs_request(v)
     }
+    fn shape(raw: &[u8]) -> Result<wire::Shape, String> {
+        wire::Shape::logs(raw)
+    }
+    const ROOT: &'static str = "resourceLogs";
     fn events(req: &Self::Request, now: DateTime<Utc>) -> Result<Converted, FieldError> {
         log_events(req, now)
     }
@@ -144,18 +157,57 @@ impl Signal for Logs {
     }
 }
 
-/// A request body of the signal in either encoding.
-pub fn decode<S: Signal>(body: &[u8], encoding: Encoding) -> Result<S::Request, String> {
-    match encoding {
-        Encoding::Protobuf => {
-            S::Request::decode(body).map_err(|e| format!("invalid protobuf: {e}"))
-        }
-        Encoding::Json => {
-            let v: Value =
-                serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
-            S::from_json(&v)
+/// Why a request body was refused: it cannot be read (a 400), or it holds more than a
+/// request may (a 413).
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    Malformed(String),
+    TooMany(FieldError),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Malformed(e) => f.write_str(e),
+            DecodeError::TooMany(e) => write!(f, "{}: {}", e.field, e.reason),
         }
     }
+}
+
+/// A request body of the signal in either encoding, its size bounded before it is decoded
+/// (see [`wire`] and [`json::values`]).
+pub fn decode<S: Signal>(body: &[u8], encoding: Encoding) -> Result<S::Request, DecodeError> {
+    match encoding {
+        Encoding::Protobuf => {
+            check_protobuf::<S>(body)?;
+            S::Request::decode(body)
+                .map_err(|e| DecodeError::Malformed(format!("invalid protobuf: {e}")))
+        }
+        Encoding::Json => {
+            let values = json::values(body);
+            if values > json::MAX_VALUES {
+                return Err(DecodeError::TooMany(FieldError::new(
+                    S::ROOT,
+                    format!(
+                        "{values} JSON values; at most {} per OTLP/JSON request \
+                         (send larger batches as protobuf)",
+                        json::MAX_VALUES
+                    ),
+                )));
+            }
+            let v: Value = serde_json::from_slice(body)
+                .map_err(|e| DecodeError::Malformed(format!("invalid JSON: {e}")))?;
+            S::from_json(&v).map_err(DecodeError::Malformed)
+        }
+    }
+}
+
+/// Counts an encoded request on the wire and refuses it before prost allocates anything
+/// when it holds more than a request may. OTLP/gRPC calls it before tonic decodes.
+pub fn check_protobuf<S: Signal>(raw: &[u8]) -> Result<(), DecodeError> {
+    let shape =
+        S::shape(raw).map_err(|e| DecodeError::Malformed(format!("invalid protobuf: {e}")))?;
+    shape.check(S::ROOT).map_err(DecodeError::TooMany)
 }
 
 /// The answer to an export: empty when everything was taken, else a partial success.
@@ -1166,9 +1218,9 @@ mod tests {
             assert!(err.contains(want), "{err} should contain {want}");
         }
         let err = decode::<Metrics>(b"{not json", Encoding::Json).unwrap_err();
-        assert!(err.starts_with("invalid JSON"));
+        assert!(err.to_string().starts_with("invalid JSON"));
         let err = decode::<Metrics>(&[0xff, 0xff, 0xff], Encoding::Protobuf).unwrap_err();
-        assert!(err.starts_with("invalid protobuf"));
+        assert!(err.to_string().starts_with("invalid protobuf"));
         // Unknown fields are ignored, as OTLP/JSON asks.
         assert!(json::metrics_request(&json!({"resourceMetrics": [], "future": 1})).is_ok());
     }

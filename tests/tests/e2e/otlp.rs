@@ -564,3 +564,133 @@ async fn otlp_grpc_refuses_garbage_and_bombs_with_the_right_codes() {
     let got = grpc_raw(&target, "tly_forged", &["--zeros", "67108864", "--gzip"]).await;
     assert!(got.starts_with("UNAUTHENTICATED"), "{got}");
 }
+
+/// `inner` as a field of each message around it: their field keys, innermost first.
+fn wrap(mut inner: Vec<u8>, keys: &[u8]) -> Vec<u8> {
+    for &key in keys {
+        let mut outer = vec![key];
+        prost::encode_length_delimiter(inner.len(), &mut outer).unwrap();
+        outer.extend(&inner);
+        inner = outer;
+    }
+    inner
+}
+
+fn gzip(raw: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(raw).unwrap();
+    gz.finish().unwrap()
+}
+
+/// The attacker's side of OTLP decoding: gzip bombs of empty attributes (2 bytes each on the
+/// wire, about 60 once decoded) and of empty JSON objects, each about 10 KB as sent and just
+/// under the 10 MiB body limit once inflated, over HTTP (protobuf, JSON) and gRPC. Each is
+/// refused as too many (413; `INVALID_ARGUMENT` over gRPC) while ingest-api's resident memory
+/// stays under `BOMB_RSS_BOUND_KIB`, and nothing is appended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn otlp_attribute_bombs_are_refused_in_bounded_memory() {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    let grpc_addr = format!("127.0.0.1:{}", free_port());
+    let ingest = spawn_ingest_process(&common, &[("TALLY_GRPC_ADDR", &grpc_addr)]).await;
+    ingest.kill_above(4 * BOMB_RSS_BOUND_KIB);
+    let t = create_tenant(&pool, "otlp-bomb").await;
+    let (started_rss, _) = ingest.memory_kib();
+    let client = http();
+    let send = |signal: &str, ct: &str, body: Vec<u8>| {
+        let (client, key) = (client.clone(), t.ingest_key.clone());
+        let url = format!("{}/v1/otlp/v1/{signal}", ingest.url);
+        let ct = ct.to_string();
+        async move {
+            let res = client
+                .post(&url)
+                .bearer_auth(&key)
+                .header("content-type", ct)
+                .header("content-encoding", "gzip")
+                .body(body)
+                .send()
+                .await
+                .expect("ingest-api answers (it was not killed)");
+            let status = res.status().as_u16();
+            (status, res.json::<Value>().await.unwrap_or_default())
+        }
+    };
+    let too_many = |(status, problem): (u16, Value), what: &str| {
+        assert_eq!(status, 413, "{what}: {problem}");
+        assert_eq!(
+            problem["type"], "https://tally.dev/problems/too-many-points",
+            "{what}"
+        );
+        let reason = problem["errors"][0]["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("at most"), "{what}: {problem}");
+    };
+
+    // One gauge point of 5 000 000 empty attributes: 10 MB, about 300 MiB once decoded.
+    let mut point = [0x3a, 0x00].repeat(5_000_000);
+    point.extend([0x19, 1, 0, 0, 0, 0, 0, 0, 0]);
+    let metrics = wrap(point, &[0x0a, 0x2a, 0x12, 0x12, 0x0a]);
+    // One log record of as many.
+    let logs = wrap([0x32, 0x00].repeat(5_000_000), &[0x12, 0x12, 0x0a]);
+    for (signal, raw) in [("metrics", &metrics), ("logs", &logs)] {
+        let body = gzip(raw);
+        assert!(body.len() < 16 * 1024, "{} bytes", body.len());
+        let answer = send(signal, "application/x-protobuf", body).await;
+        too_many(answer, signal);
+    }
+    // The same in OTLP/JSON: 3 400 000 empty attribute objects.
+    let json = format!(
+        r#"{{"resourceMetrics":[{{"scopeMetrics":[{{"metrics":[{{"name":"bomb","gauge":
+        {{"dataPoints":[{{"timeUnixNano":"1","asInt":"1","attributes":[{}{{}}]}}]}}}}]}}]}}]}}"#,
+        "{},".repeat(3_399_999)
+    );
+    assert!(json.len() < 10 << 20);
+    let answer = send("metrics", "application/json", gzip(json.as_bytes())).await;
+    too_many(answer, "json");
+    // Just under the bounds (199 999 attributes; 249 995 JSON values): decoded, then refused
+    // for other reasons (an empty key, too many labels on a point), still in bounded memory.
+    let mut point = [0x3a, 0x00].repeat(199_999);
+    point.extend([0x19, 1, 0, 0, 0, 0, 0, 0, 0]);
+    let largest = wrap(point, &[0x0a, 0x2a, 0x12, 0x12, 0x0a]);
+    let largest_json = json.replacen(&"{},".repeat(3_399_999), &"{},".repeat(249_980), 1);
+    for (ct, body) in [
+        ("application/x-protobuf", largest),
+        ("application/json", largest_json.into_bytes()),
+    ] {
+        let (status, problem) = send("metrics", ct, gzip(&body)).await;
+        assert_eq!(status, 400, "{ct}: {problem}");
+    }
+    // And over gRPC, gzipped by grpcio.
+    let file = std::env::temp_dir().join(format!("otlp-bomb-{}.pb", std::process::id()));
+    std::fs::write(&file, &metrics).unwrap();
+    let got = grpc_raw(
+        &grpc_addr,
+        &t.ingest_key,
+        &["--file", file.to_str().unwrap(), "--gzip"],
+    )
+    .await;
+    std::fs::remove_file(&file).unwrap();
+    assert!(
+        got.starts_with("INVALID_ARGUMENT") && got.contains("at most"),
+        "{got}"
+    );
+
+    // Still serving: a good point is taken, and it is the only record in the log.
+    let good = json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [{"name": "after",
+        "gauge": {"dataPoints": [{"asInt": "1", "attributes": [{"key": "k", "value": {"stringValue": "v"}}],
+        "timeUnixNano": chrono::Utc::now().timestamp_nanos_opt().unwrap().to_string()}]}}]}]}]});
+    let (status, answer) = send(
+        "metrics",
+        "application/json",
+        gzip(good.to_string().as_bytes()),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(metrics_topic_records(&common).await, 1);
+    let (_, peak) = ingest.memory_kib();
+    eprintln!("ingest-api resident memory: {started_rss} KiB at start, {peak} KiB at its peak");
+    assert!(
+        peak < BOMB_RSS_BOUND_KIB,
+        "ingest-api peaked at {peak} KiB (started at {started_rss} KiB)"
+    );
+}
