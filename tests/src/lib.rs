@@ -914,3 +914,26 @@ pub async fn metrics_topic_records(common: &Common) -> i64 {
 /// `influx.rs` and `promrw.rs`: its own start (about 20 MiB, debug build) plus a 10 MiB body
 /// read, decompressed and parsed (measured: 33–45 MiB at the peak).
 pub const BOMB_RSS_BOUND_KIB: u64 = 96 * 1024;
+
+/// Runs `projector replay --tenant <tenant> --json` (the real binary) with the given grace
+/// before the old version is dropped; returns its report and what it printed on stderr
+/// (the progress lines). Panics if the replay fails.
+pub async fn run_replay(common: &Common, tenant: TenantId, grace_secs: u64) -> (Value, String) {
+    let out = tokio::task::spawn_blocking({
+        let common = common.clone();
+        let tenant = tenant.to_string();
+        move || {
+            projector_command(&common, &["replay", "--tenant", &tenant, "--json"])
+                .env("TALLY_REPLAY_DROP_GRACE_SECS", grace_secs.to_string())
+                .stderr(Stdio::piped())
+                .output()
+                .expect("run projector replay")
+        }
+    })
+    .await
+    .expect("replay task");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "replay failed: {stderr}");
+    let report = serde_json::from_slice(&out.stdout).expect("replay report");
+    (report, stderr)
+}

@@ -19,6 +19,31 @@ use shared::tenant::TenantId;
 use tally_tests::*;
 use uuid::Uuid;
 
+/// What every test here starts from: its own topics (made), the database, a producer.
+struct Setup {
+    pool: sqlx::PgPool,
+    common: Common,
+    producer: FutureProducer,
+    topic: String,
+}
+
+async fn setup() -> Setup {
+    init_logs();
+    let pool = test_pool().await;
+    let common = common_for_test();
+    shared::kafka::ensure_topics(&common, &common.all_topics())
+        .await
+        .unwrap();
+    let producer = shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
+    let topic = common.metrics_topic();
+    Setup {
+        pool,
+        common,
+        producer,
+        topic,
+    }
+}
+
 /// A valid envelope of `tenant`, as JSON (poison is made by editing it afterwards).
 fn envelope(tenant: TenantId, event: Value) -> Value {
     let ctx = IngestContext {
@@ -124,17 +149,14 @@ async fn overview_total(client: &reqwest::Client, query: &str, key: &str) -> f64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn records_postgresql_refuses_are_dead_lettered_and_others_flow() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    shared::kafka::ensure_topics(&common, &common.all_topics())
-        .await
-        .unwrap();
+    let Setup {
+        pool,
+        common,
+        producer,
+        topic,
+    } = setup().await;
     let attacker = create_tenant(&pool, "poisoner").await;
     let victim = create_tenant(&pool, "neighbour").await;
-    let producer: FutureProducer =
-        shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
-    let topic = common.metrics_topic();
     let projector = start_projector(&common).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
@@ -266,16 +288,13 @@ async fn records_postgresql_refuses_are_dead_lettered_and_others_flow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_that_keeps_failing_is_visible_until_it_lands() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    shared::kafka::ensure_topics(&common, &common.all_topics())
-        .await
-        .unwrap();
+    let Setup {
+        pool,
+        common,
+        producer,
+        topic,
+    } = setup().await;
     let t = create_tenant(&pool, "stalled").await;
-    let producer: FutureProducer =
-        shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
-    let topic = common.metrics_topic();
     let mut config = projector_config(&common);
     config.stall_unready_secs = 2;
     let app = projector::App::build(config).await.unwrap();
@@ -394,16 +413,13 @@ async fn a_batch_that_keeps_failing_is_visible_until_it_lands() {
 /// projected too. (Before, the first record read was taken as the start.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fresh_partition_starts_at_its_beginning_whatever_kafka_committed() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    shared::kafka::ensure_topics(&common, &common.all_topics())
-        .await
-        .unwrap();
+    let Setup {
+        pool,
+        common,
+        producer,
+        topic,
+    } = setup().await;
     let t = create_tenant(&pool, "fresh").await;
-    let producer: FutureProducer =
-        shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
-    let topic = common.metrics_topic();
     let records: Vec<Value> = (0..10)
         .map(|i| envelope(t.id, command("u", "c", i, true)))
         .collect();
@@ -435,16 +451,13 @@ async fn a_fresh_partition_starts_at_its_beginning_whatever_kafka_committed() {
 /// the log's first record (and counts what was lost) instead of seeking back forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn records_expired_before_projection_do_not_stop_the_partition() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    shared::kafka::ensure_topics(&common, &common.all_topics())
-        .await
-        .unwrap();
+    let Setup {
+        pool,
+        common,
+        producer,
+        topic,
+    } = setup().await;
     let t = create_tenant(&pool, "expired").await;
-    let producer: FutureProducer =
-        shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
-    let topic = common.metrics_topic();
     let batch = |n: i64| -> Vec<Value> {
         (0..n)
             .map(|i| envelope(t.id, command("u", "c", i, true)))
@@ -489,16 +502,13 @@ async fn records_expired_before_projection_do_not_stop_the_partition() {
 /// today's rules refuse goes to the DLQ and is counted in the replay's report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replay_dead_letters_and_counts_what_it_cannot_project() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    shared::kafka::ensure_topics(&common, &common.all_topics())
-        .await
-        .unwrap();
+    let Setup {
+        pool,
+        common,
+        producer,
+        topic,
+    } = setup().await;
     let t = create_tenant(&pool, "replayed").await;
-    let producer: FutureProducer =
-        shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
-    let topic = common.metrics_topic();
     let mut unknown_version = envelope(t.id, command("u", "c", 1, true));
     unknown_version["schema_version"] = json!(99);
     let mut records: Vec<Value> = (0..5)
@@ -513,25 +523,7 @@ async fn a_replay_dead_letters_and_counts_what_it_cannot_project() {
         1
     );
 
-    let out = tokio::task::spawn_blocking({
-        let common = common.clone();
-        let tenant = t.id.to_string();
-        move || {
-            projector_command(&common, &["replay", "--tenant", &tenant, "--json"])
-                .env("TALLY_REPLAY_DROP_GRACE_SECS", "0")
-                .stderr(std::process::Stdio::piped())
-                .output()
-                .expect("run projector replay")
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "replay failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("replay report");
+    let (report, _) = run_replay(&common, t.id, 0).await;
     assert_eq!(report["dead_lettered"], 1, "{report}");
     assert_eq!(report["projected"], 5, "{report}");
     let dead = read_all(&common, common.metrics_dlq_topic(), 3).await;

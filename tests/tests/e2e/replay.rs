@@ -130,27 +130,8 @@ async fn replay_switches_versions_under_polling_and_upcasts_old_events() {
         })
     };
 
-    let out = tokio::task::spawn_blocking({
-        let common = common.clone();
-        let tenant = a.id.to_string();
-        move || {
-            projector_command(&common, &["replay", "--tenant", &tenant, "--json"])
-                .env("TALLY_REPLAY_DROP_GRACE_SECS", "3")
-                .stderr(std::process::Stdio::piped())
-                .output()
-                .expect("run projector replay")
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "replay failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("replay report");
+    let (report, progress) = run_replay(&common, a.id, 3).await;
     eprintln!("replay report: {report}");
-    let progress = String::from_utf8_lossy(&out.stderr);
     assert!(
         progress.contains("records/s, lag"),
         "progress is shown: {progress}"
