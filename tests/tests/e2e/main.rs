@@ -20,6 +20,7 @@ mod otlp;
 mod pipeline;
 mod promrw;
 mod replay;
+mod schema;
 mod sso;
 mod stream;
 mod timescale;
