@@ -46,11 +46,12 @@ for t in "${targets[@]}"; do
     mkdir -p "$work" "fuzz/artifacts/$t"
     if "${fuzz[@]}" "$t" "$work" "fuzz/corpus/$t" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-        -artifact_prefix="fuzz/artifacts/$t/" >"$log" 2>&1; then
+        >"$log" 2>&1; then
         passed=$((passed + 1))
-        runs=$(awk -F: '/stat::number_of_executed_units/ {gsub(/ /, "", $2); print $2}' "$log")
+        stat() { awk -v k="stat::$1:" '$1 == k {print $2}' "$log"; }
         cov=$(grep -Eo 'cov: [0-9]+' "$log" | tail -n 1)
-        say "fuzz $t: ${seconds}s, ${runs:-?} inputs, ${cov:-cov: ?} edges, $(find "$work" -type f | wc -l) in its corpus, no crash"
+        say "fuzz $t: ${seconds}s, $(stat number_of_executed_units) inputs, ${cov#cov: } edges," \
+            "$(find "$work" -type f | wc -l) in its corpus, peak RSS $(stat peak_rss_mb) MB, no crash"
     else
         failed=$((failed + 1))
         status=1
