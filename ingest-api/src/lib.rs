@@ -179,6 +179,7 @@ impl App {
             .route("/readyz", get(routes::health::readyz))
             .route("/metrics", get(routes::health::metrics))
             .fallback(shared::problem::not_found_fallback)
+            .layer(axum::middleware::from_fn(routes::refuse_nul))
             .layer(cors(&state.config.cors_origins))
             // The handler enforces the body limit itself (before and after decompression).
             .layer(DefaultBodyLimit::disable())

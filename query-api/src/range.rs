@@ -91,9 +91,17 @@ impl TimeRange {
 }
 
 fn parse_time(field: &str, s: &str) -> Result<DateTime<Utc>, FieldError> {
-    DateTime::parse_from_rfc3339(s)
+    let t = DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| FieldError::new(field, format!("must be an RFC 3339 timestamp: {e}")))
+        .map_err(|e| FieldError::new(field, format!("must be an RFC 3339 timestamp: {e}")))?;
+    // Minute truncation counts in nanoseconds, which an i64 holds only from 1677 to 2262.
+    match t.timestamp_nanos_opt() {
+        Some(_) => Ok(t),
+        None => Err(FieldError::new(
+            field,
+            "must be between 1677-09-22 and 2262-04-11",
+        )),
+    }
 }
 
 /// A time-series bucket width.
@@ -305,5 +313,27 @@ mod tests {
         let month = TimeRange::parse(Some("30d"), None, None, now(), 90).unwrap();
         assert_eq!(Grain::for_range(&month), Grain::DaySpans);
         assert!(Bucket::parse("2h").is_err());
+    }
+
+    /// Found by schemathesis: a time past 2262 (or before 1677) panicked the handler.
+    #[test]
+    fn times_beyond_nanosecond_range_are_refused() {
+        for (from, to, field) in [
+            ("2263-01-01T00:00:00Z", None, "from"),
+            ("0241-11-11T16:28:23Z", None, "from"),
+            ("2026-11-25T00:00:00Z", Some("2263-01-01T00:00:00Z"), "to"),
+            ("9999-12-31T23:59:59+01:00", None, "from"),
+        ] {
+            let e = TimeRange::parse(None, Some(from), to, now(), 90).unwrap_err();
+            assert_eq!(e.field, field, "{from} {to:?}");
+        }
+        let r = TimeRange::parse(
+            None,
+            Some("2262-04-01T00:00:00Z"),
+            Some("2262-04-11T00:00:00Z"),
+            now(),
+            90,
+        );
+        assert!(r.is_ok(), "{r:?}");
     }
 }

@@ -88,8 +88,8 @@ pub async fn test_pool() -> PgPool {
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
             .bind(&name)
             .fetch_one(&admin)
-    .await
-    .expect("query pg_database");
+            .await
+            .expect("query pg_database");
     if !exists {
         // Parallel tests race here; losing the race is fine.
         let create = format!("CREATE DATABASE {name}");
