@@ -46,7 +46,12 @@ async fn attack(run: &Run<'_>) -> (bool, String) {
         "{} is missing: run deploy/local/fuzz-prereqs.sh (`make test` does)",
         st.display()
     );
+    // Its working folder, where it keeps a cache, outside the checkout.
+    let work =
+        PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/tally/schemathesis");
+    std::fs::create_dir_all(&work).expect("schemathesis folder");
     let mut cmd = tokio::process::Command::new(&st);
+    cmd.current_dir(&work);
     cmd.args(["--no-color", "run"])
         .arg(format!("{}/openapi.json", run.base))
         .args(["--url", &run.base])
@@ -91,7 +96,8 @@ async fn both_apis_answer_as_their_openapi_says() {
     // With SSO on (a secret key), as a deployment that offers it.
     let ingest = start_ingest(&common, |c| c.secret_key = "5a".repeat(32)).await;
     let projector = start_projector(&common).await;
-    let query = start_query(&common, |_| {}).await;
+    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
+    let query = start_query(&common, |c| c.jwks_url = jwks).await;
     let t = create_tenant(&pool, "schema").await;
     // Thousands of requests a minute: the rate limit is not what is tested here.
     ingest_api::admin::set_plan(&pool, t.id, "enterprise", Some(100_000))
@@ -104,6 +110,33 @@ async fn both_apis_answer_as_their_openapi_says() {
     let operator_key = ingest_api::admin::create_operator_key(&pool, "schema-operator")
         .await
         .expect("operator key");
+
+    // An owner, for the routes only a person's access token opens.
+    let (email, password) = ("owner@schema.example", "Owner passphrase 42");
+    ingest_api::admin::create_user(
+        &pool,
+        "",
+        ingest_api::admin::NewUser {
+            tenant: t.id,
+            email,
+            password,
+            role: shared::jwt::Role::Owner,
+            external_id: None,
+            teams: &[],
+        },
+    )
+    .await
+    .expect("owner");
+    let tokens: serde_json::Value = http()
+        .post(format!("{}/v1/auth/login", ingest.url()))
+        .json(&serde_json::json!({"email": email, "password": password}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let access = tokens["access_token"].as_str().expect("access token");
 
     let runs = [
         Run {
@@ -131,6 +164,19 @@ async fn both_apis_answer_as_their_openapi_says() {
             base: ingest.url(),
             key: &t.read_key,
             paths: "^/(v1/auth/|openapi.json|healthz|readyz|metrics|\\.well-known/)",
+        },
+        Run {
+            name: "query-api's audit log, as its owner",
+            base: query.url(),
+            key: access,
+            paths: "^/v1/audit",
+        },
+        // Last: a password change or logging out everywhere ends the owner's tokens.
+        Run {
+            name: "ingest-api, as the tenant's owner",
+            base: ingest.url(),
+            key: access,
+            paths: "^/v1/(admin/(users|teams|invitations|sso)|auth/(logout-all|password))",
         },
         // The live feed never ends an answer; the stream tests cover it.
         Run {
