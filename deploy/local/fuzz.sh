@@ -5,7 +5,7 @@
 # ~/.cache/tally/fuzz-corpus/<target> (the committed seeds in fuzz/corpus/ are only read), so a
 # later run starts where the last one stopped. A crash, a hang (an input over 10 s) or an input
 # that takes over 2 GiB fails the run; libFuzzer writes it to fuzz/artifacts/<target>/ and
-# `cargo fuzz run <target> <file>` replays it.
+# `cargo fuzz run --sanitizer none <target> <file>` replays it.
 #   usage: deploy/local/fuzz.sh [SECONDS] [TARGET...]
 set -uo pipefail
 
@@ -20,9 +20,8 @@ cache="$HOME/.cache/tally"
 mkdir -p "$cache"
 # Its own target dir: the instrumented build shares nothing with the workspace's.
 target_dir="${TALLY_FUZZ_TARGET_DIR:-$cache/fuzz-target}"
-# Only the stable toolchain is at hand: no sanitizer (those need nightly's -Z flags), and
-# RUSTC_BOOTSTRAP lets libfuzzer-sys's build and cargo-fuzz's flags through on stable.
-export RUSTC_BOOTSTRAP=1
+# The stable toolchain: no sanitizer (those need nightly's -Z flags; a panic, an overflow or an
+# out-of-bounds index is caught without one), coverage instrumentation through stable -C flags.
 # Sixteen codegen units: a build twice as fast, fuzzing a little slower.
 flags=(--sanitizer none --codegen-units 16 --target-dir "$target_dir")
 fuzz=(cargo fuzz run "${flags[@]}")
@@ -37,6 +36,9 @@ if ! cargo fuzz build "${flags[@]}" >"$cache/fuzz-build.log" 2>&1; then
     die "the fuzz targets did not build (all of $cache/fuzz-build.log)"
 fi
 
+# One of libFuzzer's closing statistics of the current target's log.
+stat() { awk -v k="stat::$1:" '$1 == k {print $2}' "$log"; }
+
 status=0
 passed=0
 failed=0
@@ -48,16 +50,18 @@ for t in "${targets[@]}"; do
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         >"$log" 2>&1; then
         passed=$((passed + 1))
-        stat() { awk -v k="stat::$1:" '$1 == k {print $2}' "$log"; }
         cov=$(grep -Eo 'cov: [0-9]+' "$log" | tail -n 1)
         say "fuzz $t: ${seconds}s, $(stat number_of_executed_units) inputs, ${cov#cov: } edges," \
             "$(find "$work" -type f | wc -l) in its corpus, peak RSS $(stat peak_rss_mb) MB, no crash"
     else
         failed=$((failed + 1))
         status=1
-        warn "fuzz $t FAILED; the end of $log:"
-        tail -n 60 "$log" >&2
-        ls -1 "fuzz/artifacts/$t" >&2
+        warn "fuzz $t FAILED (all of it in $log):"
+        grep -E -A 3 "panicked at|== ERROR|SUMMARY: |Test unit written|^Base64:" "$log" | head -n 40 >&2 ||
+            tail -n 40 "$log" >&2
+        for input in "fuzz/artifacts/$t"/*; do
+            [ -f "$input" ] && warn "replay: cargo fuzz run ${flags[*]} $t $input"
+        done
     fi
 done
 echo "fuzz: $passed passed, $failed failed"
