@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every test: the workspace's (unit, end-to-end, the fault matrix), then the tests that need
-# TimescaleDB, where the database has the extension; where it has not, says they were skipped.
+# Every test: the workspace's (unit, end-to-end, the fault matrix, schemathesis), then the tests
+# that need TimescaleDB, where the database has the extension (where it has not, says they were
+# skipped), then every fuzz target for TALLY_FUZZ_SECONDS (10) each.
 # Exits non-zero when any test failed.
 set -uo pipefail
 cargo test --workspace --no-fail-fast
@@ -13,4 +14,5 @@ else
     echo "TimescaleDB tests skipped: this PostgreSQL has no timescaledb extension" \
         "(the hypertable path runs with docker-compose.yml's timescale/timescaledb image)"
 fi
+"$(dirname "$0")/../deploy/local/fuzz.sh" "${TALLY_FUZZ_SECONDS:-10}" || status=1
 exit "$status"

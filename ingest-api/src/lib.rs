@@ -50,7 +50,7 @@ pub const ADMIN_BODY_BYTES: usize = 64 * 1024;
 
 /// Gives `routes` a body limit of `limit` bytes: a body that declares a larger length is
 /// refused before any of it is read, and one that does not is read no further than the limit
-/// (the JSON extractors then answer 413 too, see `shared::problem::json_body`).
+/// (413 too). A JSON body with NUL in a string is refused with 422 ([`routes::refuse_nul`]).
 fn body_limit(routes: Router<AppState>, limit: usize) -> Router<AppState> {
     routes
         .layer(DefaultBodyLimit::max(limit))
@@ -61,7 +61,7 @@ fn body_limit(routes: Router<AppState>, limit: usize) -> Router<AppState> {
                 if request.body().size_hint().lower() > limit as u64 {
                     return shared::problem::Problem::too_large(limit).into_response();
                 }
-                next.run(request).await
+                routes::refuse_nul(request, next, limit).await
             },
         ))
 }

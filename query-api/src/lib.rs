@@ -112,6 +112,7 @@ impl App {
             .route("/readyz", get(routes::health::readyz))
             .route("/metrics", get(routes::health::metrics))
             .fallback(shared::problem::not_found_fallback)
+            .layer(axum::middleware::from_fn(routes::refuse_nul))
             .layer(axum::middleware::from_fn(shared::telemetry::track_http))
             .with_state(state)
     }

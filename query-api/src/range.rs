@@ -334,4 +334,26 @@ mod tests {
         assert_eq!(Grain::for_range(&month), Grain::DaySpans);
         assert!(Bucket::parse("2h").is_err());
     }
+
+    /// Found by schemathesis: a time past 2262 (or before 1677) panicked the handler.
+    #[test]
+    fn times_beyond_the_calendar_bounds_are_refused() {
+        for (from, to, field) in [
+            ("2263-01-01T00:00:00Z", None, "from"),
+            ("0241-11-11T16:28:23Z", None, "from"),
+            ("2026-11-25T00:00:00Z", Some("2263-01-01T00:00:00Z"), "to"),
+            ("9999-12-31T23:59:59+01:00", None, "from"),
+        ] {
+            let e = TimeRange::parse(None, Some(from), to, now(), 90).unwrap_err();
+            assert_eq!(e.field, field, "{from} {to:?}");
+        }
+        let r = TimeRange::parse(
+            None,
+            Some("2199-12-01T00:00:00Z"),
+            Some("2199-12-31T00:00:00Z"),
+            now(),
+            90,
+        );
+        assert!(r.is_ok(), "{r:?}");
+    }
 }

@@ -6,7 +6,7 @@
 //! verifies the ID token, finds the person by (issuer, subject) — provisioning a new one only
 //! from the tenant's allowed e-mail domains — and answers with Tally tokens.
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Query, State};
@@ -50,6 +50,11 @@ pub struct SsoSettingsView {
 fn db(e: sqlx::Error) -> Problem {
     tracing::error!(error = %e, "sso query failed");
     Problem::unavailable("single sign-on is unavailable right now", 2)
+}
+
+/// A query string that does not parse (a repeated parameter, say), as a problem.
+fn query_problem(e: QueryRejection) -> Problem {
+    Problem::bad_request("invalid-parameter", e.body_text())
 }
 
 fn secret_key(s: &AppState) -> Result<shared::secretbox::SecretKey, Problem> {
@@ -220,8 +225,9 @@ fn redirect_uri(s: &AppState) -> String {
 /// `GET /v1/auth/sso/start?tenant=<id>`: 302 to the identity provider.
 pub async fn start(
     State(s): State<AppState>,
-    Query(p): Query<StartParams>,
+    params: Result<Query<StartParams>, QueryRejection>,
 ) -> Result<Response, Problem> {
+    let Query(p) = params.map_err(query_problem)?;
     let tenant = p
         .tenant
         .as_deref()
@@ -364,8 +370,9 @@ struct TokenResponse {
 /// `GET /v1/auth/sso/callback`: Tally tokens for the person the identity provider vouches for.
 pub async fn callback(
     State(s): State<AppState>,
-    Query(p): Query<CallbackParams>,
+    params: Result<Query<CallbackParams>, QueryRejection>,
 ) -> Result<Json<super::auth::Tokens>, Problem> {
+    let Query(p) = params.map_err(query_problem)?;
     if let Some(e) = p.error {
         return Err(Problem::unauthorized(format!(
             "the identity provider refused: {e}"

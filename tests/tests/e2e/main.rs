@@ -23,6 +23,7 @@ mod pipeline;
 mod poison;
 mod promrw;
 mod replay;
+mod schema;
 mod sso;
 mod stream;
 mod timescale;

@@ -1,0 +1,27 @@
+//! `POST /v1/events` bodies: the batch parse of `routes/events.rs` and the envelope of every
+//! event, for a request with and without an `Idempotency-Key`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use serde_json::Value;
+use shared::events::{Ids, Source};
+
+/// ingest-api's default `max_batch_events`.
+const MAX_BATCH_EVENTS: usize = 1_000;
+
+fuzz_target!(|body: &[u8]| {
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return;
+    };
+    let events = match value {
+        Value::Array(items) => items,
+        obj @ Value::Object(_) => vec![obj],
+        _ => return,
+    };
+    if events.is_empty() || events.len() > MAX_BATCH_EVENTS {
+        return;
+    }
+    let keyed = tally_fuzz::context(Source::Api, Ids::Idempotency("fuzz".into()));
+    tally_fuzz::envelopes(&keyed, events.clone());
+    tally_fuzz::envelopes(&tally_fuzz::context(Source::Api, Ids::Fresh), events);
+});

@@ -1,0 +1,10 @@
+//! OTLP/HTTP JSON bodies, tried as a metrics and as a logs export.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use shared::otlp::{Encoding, Logs, Metrics};
+
+fuzz_target!(|body: &[u8]| {
+    tally_fuzz::otlp::<Metrics>(body, Encoding::Json);
+    tally_fuzz::otlp::<Logs>(body, Encoding::Json);
+});
