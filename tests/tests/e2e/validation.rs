@@ -120,9 +120,13 @@ async fn bad_requests_get_clear_problems() {
     assert!(b["detail"].as_str().unwrap().contains("1001"));
 
     // A body over 10 MB (and a gzip bomb that inflates past it).
+    // The door refuses the declared length before reading: the client either reads the 413
+    // or, still writing the body, finds the connection closed.
     let big = format!("[{}]", "0,".repeat(5_500_000) + "0");
-    let (s, _) = problem(send(big.into_bytes(), k).await.unwrap()).await;
-    assert_eq!(s, 413);
+    match send(big.into_bytes(), k).await {
+        Ok(res) => assert_eq!(problem(res).await.0, 413),
+        Err(e) => assert!(format!("{e:?}").contains("BodyWrite"), "{e:?}"),
+    }
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     gz.write_all(&vec![b' '; 11 * 1024 * 1024]).unwrap();
     let bomb = gz.finish().unwrap();
