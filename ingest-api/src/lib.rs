@@ -166,7 +166,11 @@ impl App {
             .route("/api/v2/write", post(routes::influx::write))
             .route("/api/v1/write", post(routes::promrw::write))
             .route("/v1/otlp/v1/metrics", post(routes::otlp::metrics))
-            .route("/v1/otlp/v1/logs", post(routes::otlp::logs));
+            .route("/v1/otlp/v1/logs", post(routes::otlp::logs))
+            .route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                shed::shed,
+            ));
         let auth = Router::new()
             .route("/v1/auth/login", post(routes::auth::login))
             .route("/v1/auth/refresh", post(routes::auth::refresh))
@@ -225,10 +229,6 @@ impl App {
             .merge(body_limit(operations, 0))
             .fallback(shared::problem::not_found_fallback)
             .layer(cors(&state.config.cors_origins))
-            .layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                shed::shed,
-            ))
             .layer(axum::middleware::from_fn(shared::telemetry::track_http))
             .with_state(state)
     }

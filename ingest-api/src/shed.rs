@@ -17,9 +17,6 @@ use tokio::sync::Semaphore;
 
 use crate::state::AppState;
 
-/// The paths whose bodies become events (OTLP/gRPC is bounded by its own server's limits).
-const DOORS: [&str; 4] = ["/v1/events", "/v1/otlp/", "/api/v1/write", "/api/v2/write"];
-
 /// What the doors may hold at once.
 #[derive(Clone)]
 pub struct Shed {
@@ -38,12 +35,9 @@ impl Shed {
     }
 }
 
-/// The middleware (see the module's doc).
+/// The middleware of the HTTP ingest doors (see the module's doc; OTLP/gRPC is bounded by its
+/// own server's message limits).
 pub async fn shed(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let path = req.uri().path();
-    if !DOORS.iter().any(|d| path.starts_with(d)) {
-        return next.run(req).await;
-    }
     let shed = &s.shed;
     let declared = req
         .headers()

@@ -515,7 +515,7 @@ impl Projector {
             if let Err(e) = self.consumer.resume(&tpl) {
                 tracing::warn!(error = %e, "resume failed");
             }
-            tracing::info!("PostgreSQL is back: partitions resumed");
+            tracing::info!("batch landed: partitions resumed");
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             self.rewind(&parts).await;
         }
@@ -584,7 +584,7 @@ impl Projector {
             Ok(()) => {
                 tracing::warn!(
                     partitions = tpl.count(),
-                    "PostgreSQL unavailable: partitions paused"
+                    "batch failing: partitions paused until it lands"
                 );
                 Some(tpl)
             }

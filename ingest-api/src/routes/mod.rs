@@ -18,19 +18,16 @@ use shared::problem::Problem;
 
 /// Refuses a JSON body of the control plane and auth routes with NUL in a string or key (422
 /// naming it): PostgreSQL cannot store NUL in text, and would fail the write (a 500 for the
-/// sender's fault). The ingest doors check their events themselves. Reads at most `limit`
-/// bytes (the route group's body limit), answering 413 beyond.
+/// sender's fault). It runs inside the body limit of the auth and control-plane route groups
+/// (the ingest doors check their events themselves). Reads at most `limit` bytes, answering
+/// 413 beyond.
 pub async fn refuse_nul(request: Request, next: Next, limit: usize) -> Response {
     let json = request
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.trim_start().starts_with("application/json"));
-    let path = request.uri().path();
-    let door = ["/v1/events", "/v1/otlp/", "/api/"]
-        .iter()
-        .any(|p| path.starts_with(p));
-    if !json || door {
+    if !json {
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();
@@ -39,42 +36,16 @@ pub async fn refuse_nul(request: Request, next: Next, limit: usize) -> Response 
     };
     // NUL can only come escaped: JSON forbids raw control characters in strings.
     if bytes.windows(6).any(|w| w == b"\\u0000") {
-        if let Some(field) = serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|v| nul_path(&v))
-        {
-            return Problem::invalid_field(&field, "must not contain NUL").into_response();
+        if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
+            let errors = shared::events::nul_paths(&v, "");
+            if !errors.is_empty() {
+                return Problem::validation("a string of the body holds NUL", errors)
+                    .into_response();
+            }
         }
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
-}
-
-/// The path of the first string or key holding NUL (`name`, `teams[2]`), if any.
-fn nul_path(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) if s.contains('\0') => Some(String::new()),
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .find_map(|(i, v)| nul_path(v).map(|rest| format!("[{i}]{}", dotted(&rest)))),
-        Value::Object(map) => map.iter().find_map(|(k, v)| {
-            if k.contains('\0') {
-                Some(k.replace('\0', "\\0"))
-            } else {
-                nul_path(v).map(|rest| format!("{k}{}", dotted(&rest)))
-            }
-        }),
-        _ => None,
-    }
-}
-
-fn dotted(rest: &str) -> String {
-    if rest.is_empty() || rest.starts_with('[') {
-        rest.to_string()
-    } else {
-        format!(".{rest}")
-    }
 }
 
 #[cfg(test)]
@@ -84,18 +55,18 @@ mod tests {
 
     #[test]
     fn the_path_of_a_nul_names_the_field() {
+        let fields = |v: Value| -> Vec<String> {
+            shared::events::nul_paths(&v, "")
+                .into_iter()
+                .map(|e| e.field)
+                .collect()
+        };
+        assert_eq!(fields(json!({"name": "a\u{0}b"})), ["name"]);
         assert_eq!(
-            nul_path(&json!({"name": "a\u{0}b"})).as_deref(),
-            Some("name")
+            fields(json!({"email": "x", "teams": ["ok", "\u{0}"]})),
+            ["teams[1]"]
         );
-        assert_eq!(
-            nul_path(&json!({"email": "x", "teams": ["ok", "\u{0}"]})).as_deref(),
-            Some("teams[1]")
-        );
-        assert_eq!(
-            nul_path(&json!({"a": [{"b\u{0}": 1}]})).as_deref(),
-            Some("a[0].b\\0")
-        );
-        assert_eq!(nul_path(&json!({"name": "fine", "n": [1, null]})), None);
+        assert_eq!(fields(json!({"a": [{"b\u{0}": 1}]})), ["a[0].b\\u0000"]);
+        assert!(fields(json!({"name": "fine", "n": [1, null]})).is_empty());
     }
 }

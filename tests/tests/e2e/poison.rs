@@ -495,6 +495,20 @@ async fn records_expired_before_projection_do_not_stop_the_partition() {
         scalar_in_tenant(&pool, t.id, "SELECT count(*) FROM command_executions").await,
         6
     );
+    // The four records lost are counted.
+    let metrics = http()
+        .get(format!("{}/metrics", projector.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = format!("projector_records_expired_total{{topic=\"{topic}\"}} 4");
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "{line} not in {metrics}"
+    );
     projector.stop().await.unwrap();
 }
 
