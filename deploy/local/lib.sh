@@ -106,6 +106,25 @@ ensure_postgres_installed() {
     fi
 }
 
+# Prints the PostgreSQL setting lines that load TimescaleDB, following $TALLY_TIMESCALE:
+# `auto` (default) loads it when the library is installed beside the server in $PG_BIN,
+# `on` requires it, `off` never loads it. Prints nothing when it is not to be loaded.
+# TimescaleDB must be preloaded: a package install leaves it available but unusable.
+timescale_settings() {
+    local libdir="$PG_BIN/../lib" mode=${TALLY_TIMESCALE:-auto}
+    case "$mode" in
+    off) return 0 ;;
+    auto | on) ;;
+    *) die "TALLY_TIMESCALE must be auto, on or off (is '$mode')" ;;
+    esac
+    if [ ! -f "$libdir/timescaledb.so" ]; then
+        [ "$mode" = on ] && die "TALLY_TIMESCALE=on but TimescaleDB is not installed for $PG_BIN (no $libdir/timescaledb.so)"
+        return 0
+    fi
+    echo "shared_preload_libraries = 'timescaledb'"
+    echo "timescaledb.telemetry_level = off"
+}
+
 ensure_redis_installed() {
     if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
         apt_install redis-server

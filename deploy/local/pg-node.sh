@@ -26,6 +26,8 @@ start)
     if [ ! -f "$dir/PG_VERSION" ]; then
         as_pg "$PG_BIN/initdb" -D "$dir" -U postgres --encoding=UTF8 --no-locale \
             --auth=trust >/dev/null
+        # TimescaleDB, where make up's server loads it, so the schemas made here match.
+        timescale_settings >>"$dir/postgresql.conf"
     fi
     as_pg "$PG_BIN/pg_ctl" -D "$dir" -w -t 60 -l "$dir/server.log" \
         -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=200" \

@@ -19,6 +19,9 @@ start_postgres() {
     if pg_running; then
         pg_ready || die "postgres: running on $PG_DATA but not answering on port $TALLY_PG_PORT (port changed? run down.sh first)"
         say "postgres: already up (port $TALLY_PG_PORT, pid $(pg_pid))"
+        if [ -n "$(timescale_settings)" ] && ! grep -q "^shared_preload_libraries = 'timescaledb'" "$PG_DATA/tally.conf" 2>/dev/null; then
+            warn "postgres: TimescaleDB is installed but this server was started without it; 'make down && make up' loads it"
+        fi
     else
         port_open "$TALLY_PG_PORT" && die "postgres: port $TALLY_PG_PORT is taken by another process"
 
@@ -42,6 +45,7 @@ start_postgres() {
             echo "include = 'tally.conf'" >>"$PG_DATA/postgresql.conf"
         fi
 
+        ts_conf=$(timescale_settings) || exit 1
         # Rewritten on each start so port changes apply. Loopback only.
         cat >"$PG_DATA/tally.conf" <<EOF
 # Written by deploy/local/up.sh on each start; edits are lost.
@@ -50,6 +54,7 @@ listen_addresses = '127.0.0.1'
 unix_socket_directories = '$PG_SOCK'
 max_connections = 300
 shared_buffers = 256MB
+$ts_conf
 EOF
         if [ "$(id -u)" -eq 0 ]; then chown postgres:postgres "$PG_DATA/tally.conf"; fi
 

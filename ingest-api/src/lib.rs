@@ -84,7 +84,7 @@ impl App {
         let producer =
             shared::kafka::producer(common, Duration::from_millis(config.produce_timeout_ms))?;
         let redis = shared::redis_client::connect(&common.redis_url).await;
-        shared::db::migrate(&pool)
+        shared::db::migrate(&pool, common.timescale)
             .await
             .context("applying migrations")?;
         let keyring = keys::KeyRing::load(&pool)

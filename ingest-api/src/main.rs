@@ -25,7 +25,13 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Admin(cmd) => {
             let pool = shared::db::pool(&config.common, "tally-admin")?;
-            admin::run(&pool, &config.common.topic_prefix, cmd).await
+            admin::run(
+                &pool,
+                &config.common.topic_prefix,
+                config.common.timescale,
+                cmd,
+            )
+            .await
         }
         Command::Serve => {
             shared::telemetry::init_tracing(&config.common.log_format);

@@ -1,5 +1,6 @@
 //! Retention and partitions ahead: drops each tenant's raw partitions (or chunks) and rollup
-//! rows older than its windows, and creates the coming days' partitions. Runs in the
+//! rows older than its windows, creates the coming days' partitions, and with TimescaleDB
+//! compresses the raw chunks older than the tenant's `compress_after_days`. Runs in the
 //! projector every `retention_interval_secs` and on demand (`projector retention`).
 
 use std::time::Duration;
@@ -19,12 +20,15 @@ pub struct Pass {
     pub busy: u64,
     pub partitions_dropped: u64,
     pub rollup_rows_deleted: u64,
+    /// TimescaleDB chunks compressed (none on plain PostgreSQL).
+    pub chunks_compressed: u64,
 }
 
 /// One pass over every tenant schema (every version: a replay's new one too).
 pub async fn run_once(pool: &PgPool, ahead_days: i64) -> anyhow::Result<Pass> {
-    let schemas: Vec<(uuid::Uuid, i32, i32, i32)> = sqlx::query_as(
-        "SELECT s.tenant_id, s.version, t.raw_retention_days, t.rollup_retention_days
+    let schemas: Vec<(uuid::Uuid, i32, i32, i32, i32)> = sqlx::query_as(
+        "SELECT s.tenant_id, s.version, t.raw_retention_days, t.rollup_retention_days,
+                t.compress_after_days
            FROM control.tenant_schemas s JOIN control.tenants t ON t.id = s.tenant_id
           ORDER BY s.tenant_id, s.version",
     )
@@ -33,22 +37,21 @@ pub async fn run_once(pool: &PgPool, ahead_days: i64) -> anyhow::Result<Pass> {
     let today = Utc::now().date_naive();
     let mut pass = Pass::default();
     let mut conn = pool.acquire().await?;
-    for (tenant, version, raw, rollups) in schemas {
+    for (tenant, version, raw, rollups, compress) in schemas {
         let schema = TenantId(tenant).schema(version);
-        let pruned = tenant_sql::apply_retention(
-            &mut conn,
-            &schema,
-            today,
-            i64::from(raw),
-            i64::from(rollups),
+        let windows = tenant_sql::Windows {
+            raw_days: i64::from(raw),
+            rollup_days: i64::from(rollups),
+            compress_after_days: i64::from(compress),
             ahead_days,
-        )
-        .await;
+        };
+        let pruned = tenant_sql::apply_retention(&mut conn, &schema, today, windows).await;
         match pruned {
             Ok(Some(p)) => {
                 pass.schemas += 1;
                 pass.partitions_dropped += p.partitions;
                 pass.rollup_rows_deleted += p.rollup_rows;
+                pass.chunks_compressed += p.chunks_compressed;
             }
             Ok(None) => pass.busy += 1,
             // A schema dropped by a replay between the listing and now.
@@ -59,6 +62,7 @@ pub async fn run_once(pool: &PgPool, ahead_days: i64) -> anyhow::Result<Pass> {
         .increment(pass.partitions_dropped);
     metrics::counter!("projector_retention_rollup_rows_deleted_total")
         .increment(pass.rollup_rows_deleted);
+    metrics::counter!("projector_chunks_compressed_total").increment(pass.chunks_compressed);
     Ok(pass)
 }
 
@@ -72,7 +76,11 @@ pub async fn run_periodically(
 ) {
     loop {
         match run_once(&pool, ahead_days).await {
-            Ok(p) if p.partitions_dropped > 0 || p.rollup_rows_deleted > 0 => {
+            Ok(p)
+                if p.partitions_dropped > 0
+                    || p.rollup_rows_deleted > 0
+                    || p.chunks_compressed > 0 =>
+            {
                 tracing::info!(?p, "retention pass")
             }
             Ok(_) => {}

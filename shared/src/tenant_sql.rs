@@ -105,11 +105,28 @@ pub async fn enter_active_readonly(
     Ok(Some(version))
 }
 
-/// Whether the TimescaleDB extension is installed in this database.
-pub async fn timescale_installed(conn: &mut PgConnection) -> sqlx::Result<bool> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')")
-        .fetch_one(conn)
-        .await
+/// The schema of the TimescaleDB extension, quoted for splicing into SQL, if this database
+/// has the extension. Its functions are called qualified: `search_path` is a tenant's schema.
+pub async fn timescale_schema(conn: &mut PgConnection) -> sqlx::Result<Option<String>> {
+    let schema: Option<String> = sqlx::query_scalar(
+        "SELECT quote_ident(n.nspname)
+           FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+          WHERE e.extname = 'timescaledb'",
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(schema)
+}
+
+/// Whether `schema`'s raw tables are TimescaleDB hypertables (decided when it was made, and
+/// recorded in `control.tenant_schemas`), rather than natively partitioned tables.
+pub async fn uses_timescale(conn: &mut PgConnection, schema: &SchemaName) -> sqlx::Result<bool> {
+    let timescale: Option<bool> =
+        sqlx::query_scalar("SELECT timescale FROM control.tenant_schemas WHERE schema_name = $1")
+            .bind(schema.as_str())
+            .fetch_optional(conn)
+            .await?;
+    Ok(timescale.unwrap_or(false))
 }
 
 /// What [`create_tenant_schema`] found.
@@ -156,14 +173,14 @@ pub async fn create_tenant_schema(
         tx.commit().await?;
         return Ok(SchemaState::Existed);
     }
-    let timescale = timescale_installed(&mut tx).await?;
+    let timescale = timescale_schema(&mut tx).await?;
     sqlx::query(AssertSqlSafe(format!(
         "CREATE SCHEMA IF NOT EXISTS {schema}"
     )))
     .execute(&mut *tx)
     .await?;
     set_search_path(&mut tx, &schema).await?;
-    let partitioning = if timescale {
+    let partitioning = if timescale.is_some() {
         ""
     } else {
         "PARTITION BY RANGE (occurred_at)"
@@ -173,13 +190,25 @@ pub async fn create_tenant_schema(
     ))
     .execute(&mut *tx)
     .await?;
-    if timescale {
+    if let Some(ts) = &timescale {
         for table in RAW_TABLES {
-            sqlx::query(
-                "SELECT create_hypertable($1::regclass, 'occurred_at', \
-                 chunk_time_interval => INTERVAL '1 day', if_not_exists => true)",
-            )
-            .bind(format!("{schema}.{table}"))
+            // Daily chunks, as the native path's partitions; compressed (columnstore) by
+            // retention once older than the tenant's `compress_after_days`. Ordered by time
+            // and not segmented, so a late event's duplicate check decompresses only the
+            // batches whose time range holds it.
+            let sql = format!(
+                "SELECT {ts}.create_hypertable($1::regclass, 'occurred_at', \
+                 chunk_time_interval => INTERVAL '1 day', if_not_exists => true)"
+            );
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(format!("{schema}.{table}"))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(AssertSqlSafe(format!(
+                "ALTER TABLE {schema}.{table} SET (timescaledb.compress, \
+                 timescaledb.compress_orderby = 'occurred_at DESC', \
+                 timescaledb.compress_segmentby = '')"
+            )))
             .execute(&mut *tx)
             .await?;
         }
@@ -198,7 +227,7 @@ pub async fn create_tenant_schema(
     .bind(tenant.0)
     .bind(version)
     .bind(schema.as_str())
-    .bind(timescale)
+    .bind(timescale.is_some())
     .bind(1 + LATER_TEMPLATES.len() as i32)
     .execute(&mut *tx)
     .await?;
@@ -317,7 +346,7 @@ pub async fn ensure_partitions(
     schema: &SchemaName,
     days: &[NaiveDate],
 ) -> sqlx::Result<()> {
-    if days.is_empty() || timescale_installed(&mut *conn).await? {
+    if days.is_empty() || uses_timescale(&mut *conn, schema).await? {
         return Ok(());
     }
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
@@ -350,6 +379,8 @@ pub struct Pruned {
     pub partitions: u64,
     /// Rollup rows deleted.
     pub rollup_rows: u64,
+    /// TimescaleDB chunks compressed (or recompressed after late events).
+    pub chunks_compressed: u64,
 }
 
 /// The day a partition made by [`ensure_partitions`] holds, if `name` is one of them.
@@ -362,19 +393,32 @@ fn partition_day(name: &str) -> Option<(&'static str, NaiveDate)> {
     Some((table, NaiveDate::parse_from_str(day, "%Y%m%d").ok()?))
 }
 
-/// Drops raw data older than `raw_days` (whole daily partitions, or chunks with TimescaleDB)
-/// and rollup rows older than their windows: minute rollups follow the raw window, hourly
-/// and daily ones `rollup_days`. Also creates the partitions of the next `ahead_days`.
-/// Skips (returns `None`) when another instance is working on the same schema.
+/// A tenant's windows, in days, as `control.tenants` keeps them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Windows {
+    /// Raw rows and minute rollups are kept this long.
+    pub raw_days: i64,
+    /// Hourly and daily rollups are kept this long.
+    pub rollup_days: i64,
+    /// Raw chunks older than this are compressed (TimescaleDB only).
+    pub compress_after_days: i64,
+    /// Native partitions are made this many days ahead.
+    pub ahead_days: i64,
+}
+
+/// Drops raw data older than the raw window (whole daily partitions, or chunks with
+/// TimescaleDB) and rollup rows older than their windows: minute rollups follow the raw
+/// window, hourly and daily ones the rollup window. Creates the partitions of the coming days,
+/// and with TimescaleDB compresses the raw chunks older than `compress_after_days` (again
+/// those a late event has partly decompressed). Skips (returns `None`) when another instance
+/// is working on the same schema.
 pub async fn apply_retention(
     conn: &mut PgConnection,
     schema: &SchemaName,
     today: NaiveDate,
-    raw_days: i64,
-    rollup_days: i64,
-    ahead_days: i64,
+    windows: Windows,
 ) -> sqlx::Result<Option<Pruned>> {
-    ensure_partitions(&mut *conn, schema, &days_ahead(today, ahead_days)).await?;
+    ensure_partitions(&mut *conn, schema, &days_ahead(today, windows.ahead_days)).await?;
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext($1))")
         .bind(schema.as_str())
@@ -383,44 +427,26 @@ pub async fn apply_retention(
     if !locked {
         return Ok(None);
     }
-    let raw_cutoff = today - Duration::days(raw_days);
-    let rollup_cutoff = today - Duration::days(rollup_days);
+    let raw_cutoff = today - Duration::days(windows.raw_days);
+    let rollup_cutoff = today - Duration::days(windows.rollup_days);
     let mut pruned = Pruned::default();
-    if timescale_installed(&mut tx).await? {
+    let timescale = match uses_timescale(&mut tx, schema).await? {
+        true => timescale_schema(&mut tx).await?,
+        false => None,
+    };
+    if let Some(ts) = &timescale {
+        let sql =
+            format!("SELECT {ts}.drop_chunks($1::regclass, older_than => $2::timestamptz)::text");
         for table in RAW_TABLES {
-            let dropped: Vec<String> = sqlx::query_scalar(
-                "SELECT drop_chunks($1::regclass, older_than => $2::timestamptz)::text",
-            )
-            .bind(format!("{schema}.{table}"))
-            .bind(midnight(raw_cutoff))
-            .fetch_all(&mut *tx)
-            .await?;
+            let dropped: Vec<String> = sqlx::query_scalar(AssertSqlSafe(sql.as_str()))
+                .bind(format!("{schema}.{table}"))
+                .bind(midnight(raw_cutoff))
+                .fetch_all(&mut *tx)
+                .await?;
             pruned.partitions += dropped.len() as u64;
         }
     } else {
-        let parts: Vec<String> = sqlx::query_scalar(
-            "SELECT c.relname::text
-               FROM pg_inherits i
-               JOIN pg_class c ON c.oid = i.inhrelid
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = $1",
-        )
-        .bind(schema.as_str())
-        .fetch_all(&mut *tx)
-        .await?;
-        for part in parts {
-            // Only names this module made (table_pYYYYMMDD) are considered, and those are
-            // plain identifiers.
-            match partition_day(&part) {
-                Some((table, day)) if day < raw_cutoff && part == partition_name(table, day) => {
-                    sqlx::query(AssertSqlSafe(format!("DROP TABLE {schema}.{part}")))
-                        .execute(&mut *tx)
-                        .await?;
-                    pruned.partitions += 1;
-                }
-                _ => {}
-            }
-        }
+        pruned.partitions += drop_partitions(&mut tx, schema, raw_cutoff).await?;
     }
     set_search_path(&mut tx, schema).await?;
     for (sql, cutoff) in [
@@ -435,7 +461,77 @@ pub async fn apply_retention(
             .rows_affected();
     }
     tx.commit().await?;
+    if let Some(ts) = &timescale {
+        let cutoff = today - Duration::days(windows.compress_after_days);
+        pruned.chunks_compressed = compress_chunks(&mut *conn, ts, schema, cutoff).await?;
+    }
     Ok(Some(pruned))
+}
+
+/// Drops the daily partitions older than `cutoff` (native partitioning).
+async fn drop_partitions(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    cutoff: NaiveDate,
+) -> sqlx::Result<u64> {
+    let parts: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text
+           FROM pg_inherits i
+           JOIN pg_class c ON c.oid = i.inhrelid
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = $1",
+    )
+    .bind(schema.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut dropped = 0;
+    for part in parts {
+        // Only names this module made (table_pYYYYMMDD) are considered, and those are plain
+        // identifiers.
+        match partition_day(&part) {
+            Some((table, day)) if day < cutoff && part == partition_name(table, day) => {
+                sqlx::query(AssertSqlSafe(format!("DROP TABLE {schema}.{part}")))
+                    .execute(&mut *conn)
+                    .await?;
+                dropped += 1;
+            }
+            _ => {}
+        }
+    }
+    Ok(dropped)
+}
+
+/// Compresses the raw chunks of `schema` that end before `cutoff` and are not compressed, or
+/// only partly (a late event decompressed what its duplicate check touched). One chunk per
+/// statement, so a chunk is locked only while it is being compressed. Returns how many.
+async fn compress_chunks(
+    conn: &mut PgConnection,
+    ts: &str,
+    schema: &SchemaName,
+    cutoff: NaiveDate,
+) -> sqlx::Result<u64> {
+    // Status bit 8: partially compressed (TimescaleDB's chunk status flags).
+    let chunks: Vec<String> = sqlx::query_scalar(
+        "SELECT format('%I.%I', chunk_schema, chunk_name)
+           FROM timescaledb_information.chunks
+          WHERE hypertable_schema = $1 AND range_end <= $2
+            AND (NOT is_compressed
+                 OR _timescaledb_functions.chunk_status(
+                        format('%I.%I', chunk_schema, chunk_name)::regclass) & 8 <> 0)
+          ORDER BY range_start",
+    )
+    .bind(schema.as_str())
+    .bind(midnight(cutoff))
+    .fetch_all(&mut *conn)
+    .await?;
+    let sql = format!("SELECT {ts}.compress_chunk($1::regclass, if_not_compressed => true)");
+    for chunk in &chunks {
+        sqlx::query(AssertSqlSafe(sql.as_str()))
+            .bind(chunk)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(chunks.len() as u64)
 }
 
 /// Drops the tenant schema of a projection version (replay's clean-up, tests).

@@ -70,6 +70,7 @@ pub fn common_for_test() -> Common {
         kafka_partitions: 4,
         kafka_replication_factor: 1,
         log_format: "pretty".into(),
+        timescale: shared::config::Timescale::Auto,
     }
 }
 
@@ -103,7 +104,9 @@ pub async fn test_pool() -> PgPool {
         .connect(&url)
         .await
         .expect("connect to the test database");
-    shared::db::migrate(&pool).await.expect("migrations");
+    shared::db::migrate(&pool, shared::config::Timescale::Auto)
+        .await
+        .expect("migrations");
     pool
 }
 
@@ -412,6 +415,63 @@ pub async fn scalar_in_tenant(pool: &PgPool, tenant: TenantId, sql: &str) -> i64
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
     v.unwrap_or(0)
+}
+
+/// Whether the tenant's active schema keeps its raw tables in TimescaleDB hypertables
+/// (rather than native daily partitions).
+pub async fn tenant_uses_timescale(pool: &PgPool, tenant: TenantId) -> bool {
+    let version = active_version(pool, tenant).await;
+    let mut conn = pool.acquire().await.expect("conn");
+    shared::tenant_sql::uses_timescale(&mut conn, &tenant.schema(version))
+        .await
+        .expect("tenant_schemas")
+}
+
+/// The days (UTC) for which `table` of the tenant's active schema has raw storage: its daily
+/// partitions on plain PostgreSQL, its one-day chunks with TimescaleDB. The one place tests
+/// look at storage units, so they hold on both paths.
+pub async fn raw_storage_days(
+    pool: &PgPool,
+    tenant: TenantId,
+    table: &str,
+) -> std::collections::BTreeSet<chrono::NaiveDate> {
+    let schema = tenant.schema(active_version(pool, tenant).await);
+    let starts: Vec<DateTime<Utc>> = if tenant_uses_timescale(pool, tenant).await {
+        sqlx::query_scalar(
+            "SELECT range_start FROM timescaledb_information.chunks
+              WHERE hypertable_schema = $1 AND hypertable_name = $2",
+        )
+        .bind(schema.as_str())
+        .bind(table)
+        .fetch_all(pool)
+        .await
+        .expect("chunks")
+    } else {
+        // The lower bound of each partition: `FOR VALUES FROM ('…') TO ('…')`.
+        let bounds: Vec<String> = sqlx::query_scalar(
+            "SELECT pg_get_expr(c.relpartbound, c.oid)
+               FROM pg_inherits i
+               JOIN pg_class c ON c.oid = i.inhrelid
+               JOIN pg_class p ON p.oid = i.inhparent
+               JOIN pg_namespace n ON n.oid = p.relnamespace
+              WHERE n.nspname = $1 AND p.relname = $2",
+        )
+        .bind(schema.as_str())
+        .bind(table)
+        .fetch_all(pool)
+        .await
+        .expect("partitions");
+        bounds
+            .iter()
+            .map(|b| {
+                let from = b.split('\'').nth(1).unwrap_or_else(|| panic!("bound {b}"));
+                DateTime::parse_from_str(from, "%Y-%m-%d %H:%M:%S%#z")
+                    .unwrap_or_else(|e| panic!("bound {b}: {e}"))
+                    .with_timezone(&Utc)
+            })
+            .collect()
+    };
+    starts.into_iter().map(|t| t.date_naive()).collect()
 }
 
 /// A free loopback port (for a private Kafka broker).

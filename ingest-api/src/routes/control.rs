@@ -290,6 +290,7 @@ pub struct TenantRow {
     pub rate_limit_per_min: Option<i32>,
     pub raw_retention_days: i32,
     pub rollup_retention_days: i32,
+    pub compress_after_days: i32,
     pub created_at: DateTime<Utc>,
 }
 
@@ -301,7 +302,7 @@ pub async fn list_tenants(
     operator(&s, &headers).await?;
     let rows = sqlx::query_as(
         "SELECT id, name, status, plan, rate_limit_per_min, raw_retention_days, rollup_retention_days,
-                created_at
+                compress_after_days, created_at
            FROM control.tenants ORDER BY created_at",
     )
     .fetch_all(&s.pool)
@@ -320,6 +321,8 @@ pub struct TenantPatch {
     pub raw_retention_days: Option<i32>,
     /// Days hourly and daily rollups are kept (at least the raw window).
     pub rollup_retention_days: Option<i32>,
+    /// Raw chunks older than this many days are compressed (TimescaleDB).
+    pub compress_after_days: Option<i32>,
 }
 
 /// `PATCH /v1/admin/tenants/{id}` (operator): plan, limit, deactivate/reactivate.
@@ -352,6 +355,22 @@ pub async fn update_tenant(
     }
     if req.raw_retention_days.is_some() || req.rollup_retention_days.is_some() {
         set_retention(&s, id, req.raw_retention_days, req.rollup_retention_days).await?;
+    }
+    if let Some(days) = req.compress_after_days {
+        if !(1..=3650).contains(&days) {
+            return Err(Problem::invalid_field(
+                "compress_after_days",
+                "must be 1 to 3650 days",
+            ));
+        }
+        sqlx::query(
+            "UPDATE control.tenants SET compress_after_days = $2, updated_at = now() WHERE id = $1",
+        )
+        .bind(id)
+        .bind(days)
+        .execute(&s.pool)
+        .await
+        .map_err(|e| failed(e.into()))?;
     }
     if req.plan.is_some() || req.rate_limit_per_min.is_some() {
         let plan = req.plan.unwrap_or(current_plan);

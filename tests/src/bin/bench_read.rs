@@ -53,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
         .max_connections(4)
         .connect(&args.database_url)
         .await?;
-    shared::db::migrate(&pool).await?;
+    shared::db::migrate(&pool, shared::config::Timescale::Auto).await?;
     let tenant = ingest_api::admin::create_tenant(&pool, "", "bench-read").await?;
     let (_, key) =
         ingest_api::admin::create_api_key(&pool, "", tenant, Scope::Read, "bench").await?;

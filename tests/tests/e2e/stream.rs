@@ -631,7 +631,9 @@ async fn schemas_made_before_feed_positions_get_them_on_migrate() {
     assert_eq!(columns().await, 0);
 
     // What every service runs at start (and `projector migrate`).
-    shared::db::migrate(&pool).await.unwrap();
+    shared::db::migrate(&pool, shared::config::Timescale::Auto)
+        .await
+        .unwrap();
     // Six tables and the view, two columns each.
     assert_eq!(columns().await, 14);
     let applied: i32 = sqlx::query_scalar(
