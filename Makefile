@@ -10,7 +10,7 @@ PROFILE ?= release
 BIN_DIR := $(CARGO_TARGET_DIR)/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 ENV := source deploy/local/env.sh
 
-.PHONY: help up down test build lint fmt status load overload bench-read fuzz clean-data
+.PHONY: help up down test build lint fmt status load overload bench-read bench fuzz clean-data
 
 help:
 	@echo "make up      install what is missing, start Kafka, PostgreSQL, Redis and Tally, create a demo tenant"
@@ -20,6 +20,7 @@ help:
 	@echo "make load    run the load generator against 'make up' (EVENTS=200000 CONCURRENCY=8 BATCH=500 FORMAT=events|otlp)"
 	@echo "make overload  offer ingest-api twice the rate it sustains (FACTOR=2 SECONDS=30); report shedding, memory, exactly-once (after 'make up')"
 	@echo "make bench-read  load READ_EVENTS over READ_DAYS into a new tenant, time overview and time series (after 'make up')"
+	@echo "make bench   make load, then make bench-read: the write, read and storage figures of the path PostgreSQL offers"
 	@echo "make fuzz    run every fuzz target for FUZZ_SECONDS each (default 300; FUZZ_TARGETS='jwt cursor' for some)"
 
 up:
@@ -84,6 +85,12 @@ bench-read:
 	test -f .tally/demo.env || { echo "run 'make up' first"; exit 1; }
 	cargo build --profile $(PROFILE) -p tally-tests --bin tally-bench-read
 	$(ENV) && $(BIN_DIR)/tally-bench-read --events $(READ_EVENTS) --days $(READ_DAYS)
+
+# The README's figures for one storage path (native partitions, or TimescaleDB where make up
+# loaded it): ingest and projection against their raw limits, dashboard reads, raw storage.
+bench:
+	$(MAKE) --no-print-directory load
+	$(MAKE) --no-print-directory bench-read
 
 # The fuzz targets of fuzz/ (cargo-fuzz on the stable toolchain); `make test` runs them briefly.
 FUZZ_SECONDS ?= 300

@@ -195,7 +195,8 @@ pub async fn create_tenant_schema(
             // Daily chunks, as the native path's partitions; compressed (columnstore) by
             // retention once older than the tenant's `compress_after_days`. Ordered by time
             // and not segmented, so a late event's duplicate check decompresses only the
-            // batches whose time range holds it.
+            // batches whose time range holds it (the key's other column, event_id, is ordered
+            // on too, as TimescaleDB asks of the columns of a unique key).
             let sql = format!(
                 "SELECT {ts}.create_hypertable($1::regclass, 'occurred_at', \
                  chunk_time_interval => INTERVAL '1 day', if_not_exists => true)"
@@ -206,7 +207,7 @@ pub async fn create_tenant_schema(
                 .await?;
             sqlx::query(AssertSqlSafe(format!(
                 "ALTER TABLE {schema}.{table} SET (timescaledb.compress, \
-                 timescaledb.compress_orderby = 'occurred_at DESC', \
+                 timescaledb.compress_orderby = 'occurred_at DESC, event_id', \
                  timescaledb.compress_segmentby = '')"
             )))
             .execute(&mut *tx)

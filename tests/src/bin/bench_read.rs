@@ -3,7 +3,8 @@
 //! `rollup::fold`) and written with COPY, i.e. exactly what projecting them would leave,
 //! without waiting hours for it — then measures query-api's overview and a D-day hourly time
 //! series, uncached (a fresh watermark before every request, as after each projector batch)
-//! and cached, and compares them with a Redis GET of the same answer (the floor).
+//! and cached, and compares them with a Redis GET of the same answer (the floor). Ends with the
+//! raw tables' size; with TimescaleDB, compresses them and reports the storage ratio.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -64,6 +65,10 @@ async fn main() -> anyhow::Result<()> {
     let loaded = Instant::now();
     load(&pool, tenant, &args).await?;
     println!("loaded in {:.0} s", loaded.elapsed().as_secs_f64());
+    let storage_before = {
+        let mut conn = pool.acquire().await?;
+        Storage::measure(&mut conn, &tenant.schema(1)).await?
+    };
 
     let client = reqwest::Client::new();
     let redis = redis::Client::open(args.redis_url.as_str())?;
@@ -129,6 +134,114 @@ async fn main() -> anyhow::Result<()> {
             pct(&mut cached, 0.5).as_secs_f64() / pct(&mut floor, 0.5).as_secs_f64()
         );
     }
+    storage_report(&pool, tenant, storage_before).await
+}
+
+/// The raw tables' footprint and a scan of a week of them, in one schema.
+struct Storage {
+    timescale: bool,
+    bytes: i64,
+    scan: Duration,
+}
+
+impl Storage {
+    async fn measure(
+        conn: &mut sqlx::PgConnection,
+        schema: &shared::tenant::SchemaName,
+    ) -> anyhow::Result<Storage> {
+        let ts = match tenant_sql::uses_timescale(&mut *conn, schema).await? {
+            true => tenant_sql::timescale_schema(&mut *conn).await?,
+            false => None,
+        };
+        let bytes: Option<i64> = match &ts {
+            // Chunks, compressed ones included.
+            Some(ts) => sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT sum({ts}.hypertable_size(format('%I.%I', $1::text, t)::regclass))::bigint
+                       FROM unnest($2::text[]) t"
+            )))
+            .bind(schema.as_str())
+            .bind(tenant_sql::RAW_TABLES.to_vec())
+            .fetch_one(&mut *conn)
+            .await?,
+            None => {
+                sqlx::query_scalar(
+                    "SELECT sum(pg_total_relation_size(i.inhrelid))::bigint
+                       FROM pg_inherits i
+                       JOIN pg_class p ON p.oid = i.inhparent
+                       JOIN pg_namespace n ON n.oid = p.relnamespace
+                      WHERE n.nspname = $1",
+                )
+                .bind(schema.as_str())
+                .fetch_one(&mut *conn)
+                .await?
+            }
+        };
+        // What a drill-down into raw rows costs: a week of agent interactions, aggregated.
+        let t = Instant::now();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*), sum(input_tokens), sum(output_tokens)
+               FROM {schema}.agent_interactions WHERE occurred_at >= now() - interval '7 days'"
+        )))
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(Storage {
+            timescale: ts.is_some(),
+            bytes: bytes.unwrap_or(0),
+            scan: t.elapsed(),
+        })
+    }
+}
+
+/// Prints the raw tables' size and scan time; with TimescaleDB, compresses every chunk older
+/// than a day (as retention would with `compress_after_days = 1`) and prints them again.
+async fn storage_report(
+    pool: &sqlx::PgPool,
+    tenant: TenantId,
+    before: Storage,
+) -> anyhow::Result<()> {
+    let mib = |b: i64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
+    let path = if before.timescale {
+        "TimescaleDB hypertables"
+    } else {
+        "native partitions"
+    };
+    println!();
+    println!("| raw tables ({path}) | size | scan of 7 days of agent interactions |");
+    println!("|---|---|---|");
+    println!(
+        "| as written | {} | {} |",
+        mib(before.bytes),
+        ms(before.scan)
+    );
+    if !before.timescale {
+        return Ok(());
+    }
+    let schema = tenant.schema(1);
+    let mut conn = pool.acquire().await?;
+    let t = Instant::now();
+    let windows = tenant_sql::Windows {
+        raw_days: 3650,
+        rollup_days: 3650,
+        compress_after_days: 1,
+        ahead_days: 0,
+    };
+    let pruned = tenant_sql::apply_retention(&mut conn, &schema, Utc::now().date_naive(), windows)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the schema is busy"))?;
+    let took = t.elapsed();
+    let after = Storage::measure(&mut conn, &schema).await?;
+    println!(
+        "| compressed ({} chunks in {:.0} s) | {} | {} |",
+        pruned.chunks_compressed,
+        took.as_secs_f64(),
+        mib(after.bytes),
+        ms(after.scan)
+    );
+    println!(
+        "storage ratio: {:.1} × smaller",
+        before.bytes as f64 / after.bytes.max(1) as f64
+    );
     Ok(())
 }
 
