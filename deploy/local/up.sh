@@ -65,7 +65,11 @@ EOF
             { show_log_tail "$log"; die "postgres: failed to start"; }
         wait_until "$TALLY_START_TIMEOUT" pg_ready ||
             { show_log_tail "$log"; die "postgres: not ready after ${TALLY_START_TIMEOUT}s"; }
-        say "postgres: up (port $TALLY_PG_PORT, pid $(pg_pid))"
+        if [ -n "$ts_conf" ]; then
+            say "postgres: up (port $TALLY_PG_PORT, pid $(pg_pid)), TimescaleDB preloaded (TALLY_TIMESCALE=off leaves it out)"
+        else
+            say "postgres: up (port $TALLY_PG_PORT, pid $(pg_pid)), without TimescaleDB (TALLY_TIMESCALE=${TALLY_TIMESCALE:-auto})"
+        fi
     fi
 
     # Role and database for the services; a no-op when they exist.

@@ -469,13 +469,9 @@ pub async fn apply_retention(
     Ok(Some(pruned))
 }
 
-/// Drops the daily partitions older than `cutoff` (native partitioning).
-async fn drop_partitions(
-    conn: &mut PgConnection,
-    schema: &SchemaName,
-    cutoff: NaiveDate,
-) -> sqlx::Result<u64> {
-    let parts: Vec<String> = sqlx::query_scalar(
+/// The names of every partition in `schema` (native partitioning).
+pub async fn partitions(conn: &mut PgConnection, schema: &SchemaName) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
         "SELECT c.relname::text
            FROM pg_inherits i
            JOIN pg_class c ON c.oid = i.inhrelid
@@ -483,10 +479,18 @@ async fn drop_partitions(
           WHERE n.nspname = $1",
     )
     .bind(schema.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
+    .fetch_all(conn)
+    .await
+}
+
+/// Drops the daily partitions older than `cutoff` (native partitioning).
+async fn drop_partitions(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    cutoff: NaiveDate,
+) -> sqlx::Result<u64> {
     let mut dropped = 0;
-    for part in parts {
+    for part in partitions(&mut *conn, schema).await? {
         // Only names this module made (table_pYYYYMMDD) are considered, and those are plain
         // identifiers.
         match partition_day(&part) {

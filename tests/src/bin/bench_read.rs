@@ -155,23 +155,24 @@ impl Storage {
         };
         let bytes: Option<i64> = match &ts {
             // Chunks, compressed ones included.
-            Some(ts) => sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            Some(ts) => {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                 "SELECT sum({ts}.hypertable_size(format('%I.%I', $1::text, t)::regclass))::bigint
                        FROM unnest($2::text[]) t"
             )))
-            .bind(schema.as_str())
-            .bind(tenant_sql::RAW_TABLES.to_vec())
-            .fetch_one(&mut *conn)
-            .await?,
+                .bind(schema.as_str())
+                .bind(tenant_sql::RAW_TABLES.to_vec())
+                .fetch_one(&mut *conn)
+                .await?
+            }
             None => {
+                let parts = tenant_sql::partitions(&mut *conn, schema).await?;
                 sqlx::query_scalar(
-                    "SELECT sum(pg_total_relation_size(i.inhrelid))::bigint
-                       FROM pg_inherits i
-                       JOIN pg_class p ON p.oid = i.inhparent
-                       JOIN pg_namespace n ON n.oid = p.relnamespace
-                      WHERE n.nspname = $1",
+                    "SELECT sum(pg_total_relation_size(format('%I.%I', $1::text, p)::regclass))::bigint
+                       FROM unnest($2::text[]) p",
                 )
                 .bind(schema.as_str())
+                .bind(parts)
                 .fetch_one(&mut *conn)
                 .await?
             }
