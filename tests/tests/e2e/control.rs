@@ -54,6 +54,42 @@ async fn operators_create_tenants_and_owners_manage_them() {
         .iter()
         .any(|r| r["id"] == t.as_str() && r["plan"] == "free")));
 
+    // Operators set a tenant's windows; a value out of range names its field.
+    let windows = format!("/v1/admin/tenants/{}", tenants[1]);
+    for (body, field) in [
+        (json!({"compress_after_days": 0}), "compress_after_days"),
+        (
+            json!({"raw_retention_days": 400, "rollup_retention_days": 30}),
+            "rollup_retention_days",
+        ),
+    ] {
+        let res = call(reqwest::Method::PATCH, &windows, &operator, Some(body))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 422);
+        let problem: Value = res.json().await.unwrap();
+        assert_eq!(problem["errors"][0]["field"], field, "{problem}");
+    }
+    let res = call(
+        reqwest::Method::PATCH,
+        &windows,
+        &operator,
+        Some(json!({"compress_after_days": 3, "raw_retention_days": 30})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 204);
+    let res = call(reqwest::Method::GET, "/v1/admin/tenants", &operator, None)
+        .await
+        .unwrap();
+    let list: Vec<Value> = res.json().await.unwrap();
+    let globex = list
+        .iter()
+        .find(|r| r["id"] == tenants[1].as_str())
+        .unwrap();
+    assert_eq!(globex["compress_after_days"], 3, "{globex}");
+    assert_eq!(globex["raw_retention_days"], 30, "{globex}");
+
     // The owner of acme manages its people and keys.
     let acme = &owners[0];
     let res = call(reqwest::Method::POST, "/v1/admin/users", acme, Some(json!({
