@@ -129,3 +129,70 @@ pub async fn upsert(conn: &mut PgConnection, sessions: &[SessionUpdate]) -> sqlx
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session event of session `s1` at `minute` past 10:00, decoded as the projector does.
+    fn event(kind: &str, minute: u32, data: serde_json::Value) -> (Envelope, Payload) {
+        let env: Envelope = serde_json::from_value(serde_json::json!({
+            "id": uuid::Uuid::new_v4(),
+            "tenant_id": uuid::Uuid::nil(),
+            "type": kind,
+            "schema_version": 1,
+            "occurred_at": format!("2026-11-25T10:{minute:02}:00Z"),
+            "received_at": "2026-11-25T11:00:00Z",
+            "actor": {},
+            "source": "api",
+            "data": data,
+        }))
+        .expect("an envelope");
+        let payload = env.payload().expect("a valid payload");
+        (env, payload)
+    }
+
+    #[test]
+    fn one_update_per_session_with_the_earliest_start_and_latest_end() {
+        let events = [
+            event(
+                "session.started",
+                5,
+                serde_json::json!({"session_id": "s1", "user_id": "u", "team_id": "t"}),
+            ),
+            event(
+                "session.started",
+                2,
+                serde_json::json!({"session_id": "s1", "user_id": "u", "team_id": "t"}),
+            ),
+            event(
+                "session.ended",
+                30,
+                serde_json::json!({"session_id": "s1", "user_id": "u", "commands_executed": 4,
+                                   "agents_used": ["claude"]}),
+            ),
+            event(
+                "session.ended",
+                20,
+                serde_json::json!({"session_id": "s1", "user_id": "u", "productivity_score": 0.5}),
+            ),
+            event(
+                "session.started",
+                1,
+                serde_json::json!({"session_id": "s2", "user_id": "v"}),
+            ),
+        ];
+        let folded = fold(events.iter().map(|(e, p)| (e, p)));
+        assert_eq!(folded.len(), 2, "{folded:?}");
+        let s1 = &folded[0];
+        assert_eq!(s1.session_id, "s1");
+        assert_eq!(s1.started_at, Some(events[1].0.occurred_at));
+        assert_eq!(s1.ended_at, Some(events[2].0.occurred_at));
+        // An end without a value keeps what an earlier end said.
+        assert_eq!(s1.commands_executed, Some(4));
+        assert_eq!(s1.productivity_score, Some(0.5));
+        assert_eq!(s1.agents_used, ["claude"]);
+        let s2 = &folded[1];
+        assert_eq!((s2.session_id.as_str(), s2.ended_at), ("s2", None));
+    }
+}
