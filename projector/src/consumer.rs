@@ -2,7 +2,8 @@
 //!
 //! Offsets live in PostgreSQL with the rows. On assignment the loop learns each partition's
 //! stored offset; a record below it was already projected and is skipped, a record above it
-//! means a gap and the partition is sought back. Kafka's own commit is only for lag display.
+//! means a gap and the partition is sought back ([`crate::offsets::resume`]). Kafka's own
+//! commit is only for lag display.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -18,8 +19,10 @@ use shared::health::ShutdownFlag;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
+use crate::batch::{self, Decoded, WriteError};
 use crate::config::Config;
-use crate::store::{self, Decoded, OffsetRange, Prepared, WriteError};
+use crate::offsets::{self, OffsetRange, Resume, Stalls};
+use crate::prepare::{self, Prepared, Target};
 
 /// Partition changes seen by the rebalance callback, handled by the loop after `recv`.
 /// The callback only records them: it must never block or await.
@@ -57,52 +60,6 @@ impl ConsumerContext for ProjectorContext {
             "rebalance"
         );
         self.log.0.lock().expect("rebalance log").extend(parts);
-    }
-}
-
-/// Which consume loops cannot commit their batch, since when and why. `/readyz` and
-/// `/metrics` show it; `projector status` reads the same from the stored offsets.
-#[derive(Clone, Default)]
-pub struct Stalls(Arc<Mutex<BTreeMap<String, Stall>>>);
-
-/// One consume loop's failing batch.
-#[derive(Clone, Debug)]
-pub struct Stall {
-    pub since: Instant,
-    pub partitions: Vec<i32>,
-    pub error: String,
-}
-
-impl Stalls {
-    fn set(&self, topic: &str, partitions: &[i32], error: &str) {
-        let mut all = self.0.lock().expect("stalls");
-        let stall = all.entry(topic.to_string()).or_insert_with(|| Stall {
-            since: Instant::now(),
-            partitions: Vec::new(),
-            error: String::new(),
-        });
-        stall.partitions = partitions.to_vec();
-        stall.error = error.to_string();
-        metrics::gauge!("projector_stalled_partitions", "topic" => topic.to_string())
-            .set(partitions.len() as f64);
-        metrics::gauge!("projector_stalled_seconds", "topic" => topic.to_string())
-            .set(stall.since.elapsed().as_secs_f64());
-    }
-
-    fn clear(&self, topic: &str) {
-        if self.0.lock().expect("stalls").remove(topic).is_some() {
-            metrics::gauge!("projector_stalled_partitions", "topic" => topic.to_string()).set(0.0);
-            metrics::gauge!("projector_stalled_seconds", "topic" => topic.to_string()).set(0.0);
-        }
-    }
-
-    /// The loops stalled for longer than `at_least`, by topic.
-    pub fn longer_than(&self, at_least: Duration) -> Vec<(String, Stall)> {
-        let all = self.0.lock().expect("stalls");
-        all.iter()
-            .filter(|(_, s)| s.since.elapsed() >= at_least)
-            .map(|(t, s)| (t.clone(), s.clone()))
-            .collect()
     }
 }
 
@@ -315,7 +272,7 @@ impl Projector {
     /// This topic's stored offsets, waiting for PostgreSQL as long as it takes.
     async fn stored_offsets(&self) -> HashMap<i32, i64> {
         loop {
-            match store::stored_offsets(&self.pool, &self.config.projection, &self.topic).await {
+            match offsets::stored(&self.pool, &self.config.projection, &self.topic).await {
                 Ok(s) => return s,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read stored offsets; retrying");
@@ -329,14 +286,7 @@ impl Projector {
         if let Some(p) = self.positions.get(&partition) {
             return *p;
         }
-        // A partition never projected starts at 0, like any other: whatever Kafka's own
-        // committed offset says, the records before the first one read here are projected.
-        let next = self
-            .stored_offsets()
-            .await
-            .get(&partition)
-            .copied()
-            .unwrap_or(0);
+        let next = offsets::next_offset(self.stored_offsets().await.get(&partition).copied());
         self.positions.insert(partition, next);
         next
     }
@@ -362,28 +312,25 @@ impl Projector {
     ) -> anyhow::Result<()> {
         let (partition, offset) = (m.partition(), m.offset());
         let next = self.position(partition).await;
-        if offset < next {
-            return Ok(()); // already projected
-        }
         // Where the batch's compare-and-set expects the stored offset to stand.
-        let mut from = offset;
-        if offset > next {
-            // Records between were not read here. Either they are still in the log (this
-            // consumer started further on, or dropped them while paused): seek back to
-            // them. Or retention deleted them before they were projected: nothing can bring
-            // them back, so go on from the log's first record, loudly.
-            if self.log_start(partition) == Some(offset) {
+        let from = match offsets::resume(next, offset, || self.log_start(partition)) {
+            Resume::Skip => return Ok(()), // already projected
+            Resume::Take { from, expired: 0 } => from,
+            Resume::Take { from, expired } => {
+                // Retention deleted them before they were projected: nothing can bring them
+                // back, so go on from the log's first record, loudly.
                 tracing::error!(
                     partition,
                     next,
                     log_start = offset,
-                    lost = offset - next,
+                    lost = expired,
                     "records expired from the log before they were projected"
                 );
                 metrics::counter!("projector_records_expired_total", "topic" => self.topic.clone())
-                    .increment((offset - next) as u64);
-                from = next;
-            } else {
+                    .increment(expired as u64);
+                from
+            }
+            Resume::SeekBack => {
                 tracing::warn!(
                     partition,
                     offset,
@@ -401,7 +348,7 @@ impl Projector {
                 }
                 return Ok(());
             }
-        }
+        };
         self.positions.insert(partition, offset + 1);
         pending
             .offsets
@@ -417,7 +364,8 @@ impl Projector {
             Ok(mut d) => {
                 d.origin = (partition, offset);
                 let known = loop {
-                    match store::tenant_known(&self.pool, &mut self.prepared, d.env.tenant_id).await
+                    match prepare::tenant_known(&self.pool, &mut self.prepared, d.env.tenant_id)
+                        .await
                     {
                         Ok(k) => break k,
                         Err(e) => {
@@ -453,8 +401,8 @@ impl Projector {
         let result = loop {
             let attempt = async {
                 let versions =
-                    store::live_versions(&self.pool, &mut self.prepared, &batch.events).await?;
-                store::prepare(
+                    prepare::live_versions(&self.pool, &mut self.prepared, &batch.events).await?;
+                prepare::prepare(
                     &self.pool,
                     &mut self.prepared,
                     &versions,
@@ -462,11 +410,11 @@ impl Projector {
                     &batch.events,
                 )
                 .await?;
-                store::write(
+                batch::write(
                     &self.pool,
                     &self.config.projection,
                     &self.topic,
-                    store::Target::Live(&versions),
+                    Target::Live(&versions),
                     &batch.events,
                     &batch.offsets,
                 )
@@ -478,7 +426,7 @@ impl Projector {
                     self.prepared.forget_versions();
                 }
                 Err(WriteError::Db(e)) => {
-                    if store::refused_record(&e).is_some()
+                    if batch::refused_record(&e).is_some()
                         && self.set_aside_refused(&mut batch.events).await
                     {
                         // The refused events are in the DLQ; write the rest at once.
@@ -488,7 +436,7 @@ impl Projector {
                     metrics::counter!("projector_write_retries_total").increment(1);
                     let parts: Vec<i32> = batch.offsets.keys().copied().collect();
                     self.stalls.set(&self.topic, &parts, &e.to_string());
-                    let _ = store::note_stall(
+                    let _ = offsets::note_stall(
                         &self.pool,
                         &self.config.projection,
                         &self.topic,
@@ -548,8 +496,8 @@ impl Projector {
     /// not theirs after all, or the search itself failed): then the batch is retried.
     async fn set_aside_refused(&mut self, events: &mut Vec<Decoded>) -> bool {
         let search = async {
-            let versions = store::live_versions(&self.pool, &mut self.prepared, events).await?;
-            store::find_refused(&self.pool, store::Target::Live(&versions), events).await
+            let versions = prepare::live_versions(&self.pool, &mut self.prepared, events).await?;
+            batch::find_refused(&self.pool, Target::Live(&versions), events).await
         };
         let refused = match search.await {
             Ok(r) if !r.is_empty() => r,

@@ -1,16 +1,24 @@
 //! The projector: consumes the event log exactly once into per-tenant PostgreSQL schemas.
+//!
+//! - [`consumer`]: the consume loop (decode → batch → write → acknowledge);
+//! - [`offsets`]: where each partition stands and resumes, the offsets' compare-and-set, stalls;
+//! - [`prepare`]: tenant schemas and partitions made before a batch, version fencing;
+//! - [`batch`]: one batch in one transaction, over
+//! - [`models`]: the read models, each with its fold and its SQL (raw rows, rollups,
+//!   sessions, audit, people, watermark);
+//! - [`schema`]: tenant-schema DDL (templates, upgrades, partitions, retention);
+//! - [`replay`], [`retention`], [`tools`]: `projector replay`, `retention`, `status`, `dlq`.
 #![forbid(unsafe_code)]
 
-#[macro_use]
-mod sql;
-
+pub mod batch;
 pub mod config;
 pub mod consumer;
+pub mod models;
+pub mod offsets;
+pub mod prepare;
 pub mod replay;
 pub mod retention;
-pub mod rollup;
-pub mod rows;
-pub mod store;
+pub mod schema;
 pub mod tools;
 
 use std::net::SocketAddr;
@@ -28,12 +36,21 @@ use tokio::sync::watch;
 
 pub use config::Config;
 
-pub use shared::db::migrate;
+/// Applies the control-schema migrations ([`shared::db::migrate`]), then brings the tenant
+/// schemas made by older versions up to date ([`schema::upgrade_all`]). Run where the
+/// projector starts and by `projector migrate`.
+pub async fn migrate(pool: &PgPool, timescale: shared::config::Timescale) -> anyhow::Result<()> {
+    shared::db::migrate(pool, timescale).await?;
+    schema::upgrade_all(pool)
+        .await
+        .context("upgrading tenant schemas")?;
+    Ok(())
+}
 
 #[derive(Clone)]
 struct HttpState {
     pool: PgPool,
-    stalls: consumer::Stalls,
+    stalls: offsets::Stalls,
     stall_unready: Duration,
     shutdown: ShutdownFlag,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
@@ -50,7 +67,8 @@ pub struct App {
 }
 
 impl App {
-    /// Connects, makes sure the topics exist, and binds the HTTP listener.
+    /// Connects, makes sure the topics exist, migrates (tenant schemas too), and binds the
+    /// HTTP listener.
     pub async fn build(config: Config) -> anyhow::Result<App> {
         config.check().map_err(anyhow::Error::msg)?;
         let metrics = shared::telemetry::prometheus();
@@ -59,11 +77,14 @@ impl App {
         shared::kafka::ensure_topics(common, &common.all_topics())
             .await
             .context("creating topics")?;
+        migrate(&pool, common.timescale)
+            .await
+            .context("applying migrations")?;
         let redis = shared::redis_client::connect(&common.redis_url).await;
         let listener = TcpListener::bind(&config.http_addr)
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;
-        let stalls = consumer::Stalls::default();
+        let stalls = offsets::Stalls::default();
         let state = HttpState {
             pool: pool.clone(),
             stalls: stalls.clone(),

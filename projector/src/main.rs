@@ -13,7 +13,7 @@ struct Cli {
 enum Command {
     /// Consume and project (the default).
     Run,
-    /// Apply the control-schema migrations and exit.
+    /// Apply the control-schema migrations, bring tenant schemas up to date, and exit.
     Migrate,
     /// Per topic and partition: the stored offset, the log end and the lag.
     Status {

@@ -23,11 +23,12 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use shared::tenant::TenantId;
-use shared::tenant_sql::{self, Lock};
 use sqlx::{PgPool, Postgres, Transaction};
 
+use crate::batch::{self, Decoded, WriteError};
 use crate::consumer::Poison;
-use crate::store::{self, Decoded, Prepared, Target, Versions, WriteError};
+use crate::prepare::{self, Prepared, Target, Versions};
+use crate::schema::{self, Lock};
 use crate::Config;
 
 /// Shown while a replay runs.
@@ -182,7 +183,7 @@ pub async fn replay(
     tokio::time::sleep(Duration::from_secs(config.replay_drop_grace_secs)).await;
     let mut conn = pool.acquire().await?;
     for t in &tenants {
-        tenant_sql::drop_tenant_schema(&mut conn, *t, current[t]).await?;
+        schema::drop_tenant_schema(&mut conn, *t, current[t]).await?;
     }
     let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext('tally.replay'))")
         .execute(&mut *lock)
@@ -211,7 +212,7 @@ async fn prepare_versions(
     tenants: &[TenantId],
 ) -> anyhow::Result<(Versions, Versions)> {
     let mut conn = pool.acquire().await?;
-    let current = tenant_sql::active_versions(&mut conn, tenants, Lock::None).await?;
+    let current = schema::active_versions(&mut conn, tenants, Lock::None).await?;
     sqlx::query(
         "INSERT INTO control.tenant_versions (tenant_id, active_version)
          SELECT * FROM UNNEST($1::uuid[], $2::int[]) ON CONFLICT DO NOTHING",
@@ -231,7 +232,7 @@ async fn prepare_versions(
         .fetch_all(&mut *conn)
         .await?;
         for old in leftovers {
-            tenant_sql::drop_tenant_schema(&mut conn, *t, old).await?;
+            schema::drop_tenant_schema(&mut conn, *t, old).await?;
         }
         let has_projection: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM control.tenant_schemas WHERE tenant_id = $1 AND version = $2)",
@@ -241,7 +242,7 @@ async fn prepare_versions(
         .fetch_one(&mut *conn)
         .await?;
         if has_projection {
-            tenant_sql::create_tenant_schema(&mut conn, *t, v + 1).await?;
+            schema::create_tenant_schema(&mut conn, *t, v + 1).await?;
         }
         target.insert(*t, v + 1);
     }
@@ -363,7 +364,7 @@ impl Replayer<'_> {
         let mut backoff = Duration::from_millis(200);
         loop {
             let attempt = async {
-                store::prepare(
+                prepare::prepare(
                     self.pool,
                     &mut self.prepared,
                     &self.target,
@@ -371,7 +372,7 @@ impl Replayer<'_> {
                     &self.batch,
                 )
                 .await?;
-                store::write(
+                batch::write(
                     self.pool,
                     &self.config.projection,
                     "",
@@ -386,9 +387,9 @@ impl Replayer<'_> {
                     self.projected += w.inserted;
                     break;
                 }
-                Err(WriteError::Db(e)) if store::refused_record(&e).is_some() => {
+                Err(WriteError::Db(e)) if batch::refused_record(&e).is_some() => {
                     let refused =
-                        store::find_refused(self.pool, Target::Fixed(&self.target), &self.batch)
+                        batch::find_refused(self.pool, Target::Fixed(&self.target), &self.batch)
                             .await;
                     match refused {
                         Ok(found) if !found.is_empty() => {
@@ -460,7 +461,7 @@ impl Replayer<'_> {
     async fn begin_switch(&self, current: &Versions) -> anyhow::Result<Switching> {
         let mut tx = self.pool.begin().await?;
         let tenants: Vec<TenantId> = self.tenants.iter().copied().collect();
-        let now = tenant_sql::active_versions(&mut tx, &tenants, Lock::Update).await?;
+        let now = schema::active_versions(&mut tx, &tenants, Lock::Update).await?;
         let started = Instant::now();
         for (t, v) in now {
             ensure!(

@@ -8,9 +8,10 @@ use std::time::Duration;
 use chrono::Utc;
 use serde::Serialize;
 use shared::tenant::TenantId;
-use shared::tenant_sql;
 use sqlx::PgPool;
 use tokio::sync::watch;
+
+use crate::schema::partitions;
 
 /// What one pass removed, over every tenant schema.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -39,13 +40,13 @@ pub async fn run_once(pool: &PgPool, ahead_days: i64) -> anyhow::Result<Pass> {
     let mut conn = pool.acquire().await?;
     for (tenant, version, raw, rollups, compress) in schemas {
         let schema = TenantId(tenant).schema(version);
-        let windows = tenant_sql::Windows {
+        let windows = partitions::Windows {
             raw_days: i64::from(raw),
             rollup_days: i64::from(rollups),
             compress_after_days: i64::from(compress),
             ahead_days,
         };
-        let pruned = tenant_sql::apply_retention(&mut conn, &schema, today, windows).await;
+        let pruned = partitions::apply_retention(&mut conn, &schema, today, windows).await;
         match pruned {
             Ok(Some(p)) => {
                 pass.schemas += 1;

@@ -23,7 +23,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/con
 
 /// Applies the control-schema migrations (idempotent; concurrent callers are serialized by
 /// sqlx's migration lock). Creates the TimescaleDB extension first where `timescale` and the
-/// server allow it ([`timescale_plan`]), so tenant schemas get hypertables.
+/// server allow it ([`timescale_plan`]), so tenant schemas get hypertables. Tenant schemas
+/// are the projector's: it upgrades them (`projector::migrate`).
 pub async fn migrate(pool: &sqlx::PgPool, timescale: Timescale) -> anyhow::Result<()> {
     use anyhow::Context;
     // Under a lock of its own: two services creating the extension at once would collide on
@@ -58,41 +59,6 @@ pub async fn migrate(pool: &sqlx::PgPool, timescale: Timescale) -> anyhow::Resul
     }
     tx.commit().await?;
     MIGRATOR.run(pool).await.context("applying migrations")?;
-    // Schemas made before reader roles existed get theirs (a no-op once every role exists),
-    // under a lock so that services migrating at the same time do not grant concurrently.
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tally.grant_readers'))")
-        .execute(&mut *tx)
-        .await?;
-    let missing: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
-        "SELECT tenant_id, version FROM control.tenant_schemas s
-          WHERE NOT EXISTS (SELECT 1 FROM pg_roles
-                             WHERE rolname = 'tally_t_' || replace(s.tenant_id::text, '-', ''))",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    for (tenant, version) in missing {
-        let tenant = crate::tenant::TenantId(tenant);
-        crate::tenant_sql::grant_reader(&mut tx, tenant, &tenant.schema(version)).await?;
-    }
-    tx.commit().await?;
-    // Tenant schemas made from older templates get the newer ones now, not only when the
-    // projector next writes to that tenant (an idle tenant's dashboards need them too).
-    let behind: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
-        "SELECT tenant_id, version FROM control.tenant_schemas WHERE template_version < $1",
-    )
-    .bind(1 + crate::tenant_sql::LATER_TEMPLATES.len() as i32)
-    .fetch_all(pool)
-    .await?;
-    let mut conn = pool.acquire().await?;
-    for (tenant, version) in behind {
-        crate::tenant_sql::create_tenant_schema(
-            &mut conn,
-            crate::tenant::TenantId(tenant),
-            version,
-        )
-        .await?;
-    }
     Ok(())
 }
 

@@ -104,7 +104,7 @@ pub async fn test_pool() -> PgPool {
         .connect(&url)
         .await
         .expect("connect to the test database");
-    shared::db::migrate(&pool, shared::config::Timescale::Auto)
+    projector::migrate(&pool, shared::config::Timescale::Auto)
         .await
         .expect("migrations");
     pool
@@ -388,7 +388,7 @@ pub async fn wait_projected(
 /// The projection version the read side serves for a tenant.
 pub async fn active_version(pool: &PgPool, tenant: TenantId) -> i32 {
     let mut conn = pool.acquire().await.expect("connection");
-    shared::tenant_sql::active_versions(&mut conn, &[tenant], shared::tenant_sql::Lock::None)
+    projector::schema::active_versions(&mut conn, &[tenant], projector::schema::Lock::None)
         .await
         .expect("tenant_versions")[&tenant]
 }
@@ -407,7 +407,7 @@ pub async fn projected_events(pool: &PgPool, tenant: TenantId) -> Option<i64> {
 pub async fn scalar_in_tenant(pool: &PgPool, tenant: TenantId, sql: &str) -> i64 {
     let version = active_version(pool, tenant).await;
     let mut tx = pool.begin().await.expect("tx");
-    shared::tenant_sql::set_search_path(&mut tx, &tenant.schema(version))
+    projector::schema::set_search_path(&mut tx, &tenant.schema(version))
         .await
         .expect("search_path");
     let v: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
@@ -422,7 +422,7 @@ pub async fn scalar_in_tenant(pool: &PgPool, tenant: TenantId, sql: &str) -> i64
 pub async fn tenant_uses_timescale(pool: &PgPool, tenant: TenantId) -> bool {
     let version = active_version(pool, tenant).await;
     let mut conn = pool.acquire().await.expect("conn");
-    shared::tenant_sql::uses_timescale(&mut conn, &tenant.schema(version))
+    projector::schema::uses_timescale(&mut conn, &tenant.schema(version))
         .await
         .expect("tenant_schemas")
 }
@@ -687,7 +687,7 @@ pub fn ago(secs: i64) -> String {
 /// durations, agent tokens, tool errors, and a duration histogram count per event.
 pub async fn assert_projection_exact(pool: &PgPool, tenant: TenantId, exp: &events::Expected) {
     let mut raw = 0;
-    for table in shared::tenant_sql::RAW_TABLES {
+    for table in projector::schema::RAW_TABLES {
         raw += scalar_in_tenant(pool, tenant, &format!("SELECT count(*) FROM {table}")).await;
     }
     assert_eq!(raw, exp.total, "{tenant}: raw rows");

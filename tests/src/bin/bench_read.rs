@@ -1,6 +1,6 @@
 //! `tally-bench-read`: the read-side benchmark. Loads N events spread over D days into a new
 //! tenant — raw rows and rollups built by the projector's own code (`RawRow::from_event`,
-//! `rollup::fold`) and written with COPY, i.e. exactly what projecting them would leave,
+//! `rollups::fold`) and written with COPY, i.e. exactly what projecting them would leave,
 //! without waiting hours for it — then measures query-api's overview and a D-day hourly time
 //! series, uncached (a fresh watermark before every request, as after each projector batch)
 //! and cached, and compares them with a Redis GET of the same answer (the floor). Ends with the
@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use chrono::{DurationRound, TimeDelta, Utc};
 use clap::Parser;
-use projector::rollup::{self, Grain, Key, Measures};
-use projector::rows::RawRow;
+use projector::models::raw::RawRow;
+use projector::models::rollups::{self, Grain, Key, Measures};
+use projector::schema::{self, partitions};
 use shared::apikey::Scope;
 use shared::events::{Actor, IngestContext, Source, TimeBounds};
 use shared::tenant::TenantId;
-use shared::tenant_sql;
 use tally_tests::events::Generator;
 
 #[derive(Parser)]
@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
         .max_connections(4)
         .connect(&args.database_url)
         .await?;
-    shared::db::migrate(&pool, shared::config::Timescale::Auto).await?;
+    projector::migrate(&pool, shared::config::Timescale::Auto).await?;
     let tenant = ingest_api::admin::create_tenant(&pool, "", "bench-read").await?;
     let (_, key) =
         ingest_api::admin::create_api_key(&pool, "", tenant, Scope::Read, "bench").await?;
@@ -149,8 +149,8 @@ impl Storage {
         conn: &mut sqlx::PgConnection,
         schema: &shared::tenant::SchemaName,
     ) -> anyhow::Result<Storage> {
-        let ts = match tenant_sql::uses_timescale(&mut *conn, schema).await? {
-            true => tenant_sql::timescale_schema(&mut *conn).await?,
+        let ts = match schema::uses_timescale(&mut *conn, schema).await? {
+            true => schema::timescale_schema(&mut *conn).await?,
             false => None,
         };
         let bytes: Option<i64> = match &ts {
@@ -161,12 +161,12 @@ impl Storage {
                        FROM unnest($2::text[]) t"
             )))
                 .bind(schema.as_str())
-                .bind(tenant_sql::RAW_TABLES.to_vec())
+                .bind(schema::RAW_TABLES.to_vec())
                 .fetch_one(&mut *conn)
                 .await?
             }
             None => {
-                let parts = tenant_sql::partitions(&mut *conn, schema).await?;
+                let parts = partitions::partitions(&mut *conn, schema).await?;
                 sqlx::query_scalar(
                     "SELECT sum(pg_total_relation_size(format('%I.%I', $1::text, p)::regclass))::bigint
                        FROM unnest($2::text[]) p",
@@ -221,13 +221,13 @@ async fn storage_report(
     let schema = tenant.schema(1);
     let mut conn = pool.acquire().await?;
     let t = Instant::now();
-    let windows = tenant_sql::Windows {
+    let windows = partitions::Windows {
         raw_days: 3650,
         rollup_days: 3650,
         compress_after_days: 1,
         ahead_days: 0,
     };
-    let pruned = tenant_sql::apply_retention(&mut conn, &schema, Utc::now().date_naive(), windows)
+    let pruned = partitions::apply_retention(&mut conn, &schema, Utc::now().date_naive(), windows)
         .await?
         .ok_or_else(|| anyhow::anyhow!("the schema is busy"))?;
     let took = t.elapsed();
@@ -273,13 +273,13 @@ async fn get(
 /// rollups; daily rollups at the end.
 async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Result<()> {
     let mut conn = pool.acquire().await?;
-    tenant_sql::create_tenant_schema(&mut conn, tenant, 1).await?;
+    schema::create_tenant_schema(&mut conn, tenant, 1).await?;
     let schema = tenant.schema(1);
     let now = Utc::now();
     let days: Vec<_> = (0..=args.days + 1)
         .map(|d| (now - TimeDelta::days(d)).date_naive())
         .collect();
-    tenant_sql::ensure_partitions(&mut conn, &schema, &days).await?;
+    partitions::ensure_partitions(&mut conn, &schema, &days).await?;
     let per_day = args.events / args.days as usize;
     let midnight = now
         .duration_trunc(TimeDelta::days(1))
@@ -345,10 +345,10 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
             }
         }
         for grain in [Grain::Minute, Grain::Hour] {
-            let folded = rollup::fold(rows.iter(), grain);
+            let folded = rollups::fold(rows.iter(), grain);
             write_rollups(&mut conn, &schema, grain.table(), &folded).await?;
         }
-        for (k, m) in rollup::fold(rows.iter(), Grain::Day) {
+        for (k, m) in rollups::fold(rows.iter(), Grain::Day) {
             merge(daily.entry(k).or_default(), &m);
         }
         println!("  day {}/{}: {} events", day + 1, args.days, rows.len());

@@ -412,7 +412,7 @@ async fn projected_count(
     sql: &str,
 ) -> Option<i64> {
     let mut tx = pool.begin().await.ok()?;
-    shared::tenant_sql::set_search_path(&mut tx, &tenant.schema(1))
+    projector::schema::set_search_path(&mut tx, &tenant.schema(1))
         .await
         .ok()?;
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))

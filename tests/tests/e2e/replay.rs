@@ -172,10 +172,10 @@ async fn replay_switches_versions_under_polling_and_upcasts_old_events() {
     // the version is superseded (and re-reads the versions), and nothing is made.
     let mut conn = pool.acquire().await.unwrap();
     assert_eq!(
-        shared::tenant_sql::create_tenant_schema(&mut conn, a.id, 1)
+        projector::schema::create_tenant_schema(&mut conn, a.id, 1)
             .await
             .unwrap(),
-        shared::tenant_sql::SchemaState::Superseded
+        projector::schema::SchemaState::Superseded
     );
     drop(conn);
     let v1_back: bool =

@@ -582,14 +582,14 @@ async fn schemas_made_before_feed_positions_get_them_on_migrate() {
     let version = active_version(&pool, t.id).await;
     let schema = t.id.schema(version);
     let mut tx = pool.begin().await.unwrap();
-    shared::tenant_sql::set_search_path(&mut tx, &schema)
+    projector::schema::set_search_path(&mut tx, &schema)
         .await
         .unwrap();
     sqlx::raw_sql("DROP VIEW activity_events")
         .execute(&mut *tx)
         .await
         .unwrap();
-    for table in shared::tenant_sql::RAW_TABLES {
+    for table in projector::schema::RAW_TABLES {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "ALTER TABLE {table} DROP COLUMN feed_seq, DROP COLUMN feed_ord"
         )))
@@ -597,7 +597,7 @@ async fn schemas_made_before_feed_positions_get_them_on_migrate() {
         .await
         .unwrap();
     }
-    sqlx::raw_sql(shared::tenant_sql::LATER_TEMPLATES[2])
+    sqlx::raw_sql(projector::schema::LATER_TEMPLATES[2])
         .execute(&mut *tx)
         .await
         .unwrap();
@@ -618,7 +618,7 @@ async fn schemas_made_before_feed_positions_get_them_on_migrate() {
         )
         .bind(schema.as_str())
         .bind(
-            shared::tenant_sql::RAW_TABLES
+            projector::schema::RAW_TABLES
                 .iter()
                 .chain(&["activity_events"])
                 .copied()
@@ -630,8 +630,8 @@ async fn schemas_made_before_feed_positions_get_them_on_migrate() {
     };
     assert_eq!(columns().await, 0);
 
-    // What every service runs at start (and `projector migrate`).
-    shared::db::migrate(&pool, shared::config::Timescale::Auto)
+    // What the projector runs at start (and `projector migrate`).
+    projector::migrate(&pool, shared::config::Timescale::Auto)
         .await
         .unwrap();
     // Six tables and the view, two columns each.
@@ -646,7 +646,7 @@ async fn schemas_made_before_feed_positions_get_them_on_migrate() {
     .unwrap();
     assert_eq!(
         applied as usize,
-        1 + shared::tenant_sql::LATER_TEMPLATES.len()
+        1 + projector::schema::LATER_TEMPLATES.len()
     );
 
     // And its live feed works.

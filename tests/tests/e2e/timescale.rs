@@ -63,7 +63,7 @@ async fn hypertables_compress_take_late_events_once_and_drop_chunks() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(hypertables, shared::tenant_sql::RAW_TABLES.len() as i64);
+    assert_eq!(hypertables, projector::schema::RAW_TABLES.len() as i64);
     let old_day = (now - TimeDelta::days(5)).date_naive();
     let days = raw_storage_days(&pool, t.id, "command_executions").await;
     assert!(days.contains(&old_day), "{days:?}");

@@ -1,10 +1,13 @@
-//! From a decoded event to the row it becomes: one shape for every raw table.
+//! Raw rows: from a decoded event to the row it becomes (one shape for every raw table), and
+//! the statement that inserts a batch's rows, keeping only event ids not stored yet.
 
 use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use shared::events::{Envelope, Payload};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 /// The raw tables of a tenant schema.
@@ -28,7 +31,7 @@ impl RawTable {
         RawTable::MetricSamples,
     ];
 
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             RawTable::CommandExecutions => "command_executions",
             RawTable::AgentInteractions => "agent_interactions",
@@ -62,7 +65,8 @@ pub struct RawRow<'a> {
     pub data: Cow<'a, Value>,
 }
 
-fn s(v: &Option<String>) -> String {
+/// An optional dimension as stored: empty when absent.
+pub(super) fn s(v: &Option<String>) -> String {
     v.clone().unwrap_or_default()
 }
 
@@ -178,57 +182,111 @@ impl<'a> RawRow<'a> {
     }
 }
 
-/// The session row a batch's session events fold into.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct SessionUpdate {
-    pub session_id: String,
-    pub user_id: String,
-    pub team_id: String,
-    pub project_id: String,
-    pub started_at: Option<DateTime<Utc>>,
-    pub ended_at: Option<DateTime<Utc>>,
-    pub commands_executed: Option<i64>,
-    pub productivity_score: Option<f64>,
-    pub agents_used: Vec<String>,
+/// `INSERT` of raw rows from parallel arrays, ignoring event ids already stored, returning
+/// the ids that were really inserted. Every row gets the live feed's position: the batch's
+/// `feed_seq` (`$16`) and its own ordinal (`$15`). Expanded at compile time per table, so
+/// every statement is a `&'static str`.
+macro_rules! insert_sql {
+    ($table:literal) => {
+        concat!(
+            "INSERT INTO ",
+            $table,
+            " (event_id, occurred_at, received_at, user_id, team_id, project_id, session_id,
+               name, status, duration_ms, input_tokens, output_tokens, value, data, feed_ord,
+               feed_seq)
+             SELECT *, $16::bigint
+               FROM UNNEST($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::text[],
+                           $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],
+                           $10::bigint[], $11::bigint[], $12::bigint[], $13::float8[],
+                           $14::jsonb[], $15::int[])
+             ON CONFLICT DO NOTHING
+             RETURNING event_id"
+        )
+    };
 }
 
-/// Folds session events (already deduplicated) into one update per session, so that one
-/// upsert statement never touches the same row twice.
-pub fn fold_sessions<'a>(
-    events: impl Iterator<Item = (&'a Envelope, &'a Payload)>,
-) -> Vec<SessionUpdate> {
-    let mut by_id: std::collections::BTreeMap<String, SessionUpdate> = Default::default();
-    for (env, payload) in events {
-        match payload {
-            Payload::SessionStarted(p) => {
-                let u = by_id.entry(p.session_id.clone()).or_default();
-                u.session_id = p.session_id.clone();
-                u.user_id = p.user_id.clone();
-                u.team_id = s(&p.team_id);
-                u.project_id = s(&p.project_id);
-                u.started_at = Some(
-                    u.started_at
-                        .map_or(env.occurred_at, |t| t.min(env.occurred_at)),
-                );
-            }
-            Payload::SessionEnded(p) => {
-                let u = by_id.entry(p.session_id.clone()).or_default();
-                u.session_id = p.session_id.clone();
-                u.user_id = p.user_id.clone();
-                u.team_id = s(&p.team_id);
-                u.project_id = s(&p.project_id);
-                u.ended_at = Some(
-                    u.ended_at
-                        .map_or(env.occurred_at, |t| t.max(env.occurred_at)),
-                );
-                u.commands_executed = p.commands_executed.or(u.commands_executed);
-                u.productivity_score = p.productivity_score.or(u.productivity_score);
-                if !p.agents_used.is_empty() {
-                    u.agents_used = p.agents_used.clone();
-                }
-            }
-            _ => {}
+/// One static statement per table; the table is chosen from a closed set, not formatted.
+fn insert_sql(table: RawTable) -> &'static str {
+    match table {
+        RawTable::CommandExecutions => insert_sql!("command_executions"),
+        RawTable::AgentInteractions => insert_sql!("agent_interactions"),
+        RawTable::ToolExecutions => insert_sql!("tool_executions"),
+        RawTable::SessionEvents => insert_sql!("session_events"),
+        RawTable::ProductivityMetrics => insert_sql!("productivity_metrics"),
+        RawTable::MetricSamples => insert_sql!("metric_samples"),
+    }
+}
+
+/// Inserts a batch's rows (search_path already points at the tenant's schema), one
+/// statement per table, and returns the rows really inserted: not those whose event id was
+/// stored already, and a duplicate id inside the batch once. `feed_seq` is the batch's live
+/// feed position; each row's ordinal in `rows` goes with it.
+pub async fn insert<'r, 'a>(
+    conn: &mut PgConnection,
+    rows: &'r [RawRow<'a>],
+    feed_seq: i64,
+) -> sqlx::Result<Vec<&'r RawRow<'a>>> {
+    let mut by_table: BTreeMap<RawTable, (Vec<&RawRow>, Vec<i32>)> = BTreeMap::new();
+    for (ord, r) in rows.iter().enumerate() {
+        let (rows, ords) = by_table.entry(r.table).or_default();
+        rows.push(r);
+        ords.push(i32::try_from(ord).unwrap_or(i32::MAX));
+    }
+    let mut inserted: Vec<&RawRow> = Vec::with_capacity(rows.len());
+    for (table, (rows, ords)) in by_table {
+        let mut new_ids: HashSet<Uuid> = insert_table(conn, table, &rows, (feed_seq, &ords))
+            .await?
+            .into_iter()
+            .collect();
+        // `remove` makes a duplicate id inside the same batch count once.
+        inserted.extend(rows.into_iter().filter(|r| new_ids.remove(&r.event_id)));
+    }
+    Ok(inserted)
+}
+
+/// Inserts one table's rows; `feed` is the batch's live feed seq and each row's ordinal.
+async fn insert_table(
+    conn: &mut PgConnection,
+    table: RawTable,
+    rows: &[&RawRow<'_>],
+    feed: (i64, &[i32]),
+) -> sqlx::Result<Vec<Uuid>> {
+    // Columns are borrowed from the rows: nothing is copied on the way to the statement.
+    let col =
+        |f: for<'r> fn(&'r RawRow<'_>) -> &'r str| rows.iter().map(|r| f(r)).collect::<Vec<&str>>();
+    sqlx::query_scalar(insert_sql(table))
+        .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.occurred_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.received_at).collect::<Vec<_>>())
+        .bind(col(|r| &r.user_id))
+        .bind(col(|r| &r.team_id))
+        .bind(col(|r| &r.project_id))
+        .bind(col(|r| &r.session_id))
+        .bind(col(|r| &r.name))
+        .bind(col(|r| &r.status))
+        .bind(rows.iter().map(|r| r.duration_ms).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.input_tokens).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.output_tokens).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.value).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.data.as_ref()).collect::<Vec<_>>())
+        .bind(feed.1)
+        .bind(feed.0)
+        .fetch_all(conn)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_table_is_inserted_into_by_its_own_name() {
+        for table in RawTable::ALL {
+            let sql = insert_sql(table);
+            assert!(
+                sql.starts_with(&format!("INSERT INTO {} (", table.name())),
+                "{sql}"
+            );
         }
     }
-    by_id.into_values().collect()
 }

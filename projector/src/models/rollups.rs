@@ -1,12 +1,13 @@
 //! Rollups: per-minute, per-hour and per-day aggregates of the rows a batch really inserted.
-//! Folding is pure (table-tested here); `store` upserts the result.
+//! Folding is pure (table-tested here); [`upsert`] adds the folded deltas to the tables.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use shared::histogram;
+use sqlx::PgConnection;
 
-use crate::rows::RawRow;
+use super::raw::RawRow;
 
 /// A rollup's time grain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,10 +111,94 @@ pub fn fold<'a>(
     out
 }
 
+/// Upsert of rollup deltas from parallel arrays (keys unique within one statement),
+/// expanded at compile time per table.
+macro_rules! rollup_sql {
+    ($table:literal) => {
+        concat!(
+            "INSERT INTO ",
+            $table,
+            " AS a (bucket, event_type, user_id, team_id, project_id, name, count, errors,
+                   duration_sum, duration_max, input_tokens, output_tokens, value_sum,
+                   duration_hist)
+             SELECT b, t, u, tm, p, n, c, e, ds, dm, it, ot, vs, h::bigint[]
+               FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
+                           $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
+                           $11::bigint[], $12::bigint[], $13::float8[], $14::text[])
+                    AS x(b, t, u, tm, p, n, c, e, ds, dm, it, ot, vs, h)
+             ON CONFLICT (bucket, event_type, user_id, team_id, project_id, name) DO UPDATE SET
+                count = a.count + EXCLUDED.count,
+                errors = a.errors + EXCLUDED.errors,
+                duration_sum = a.duration_sum + EXCLUDED.duration_sum,
+                duration_max = GREATEST(a.duration_max, EXCLUDED.duration_max),
+                input_tokens = a.input_tokens + EXCLUDED.input_tokens,
+                output_tokens = a.output_tokens + EXCLUDED.output_tokens,
+                value_sum = a.value_sum + EXCLUDED.value_sum,
+                duration_hist = hist_add(a.duration_hist, EXCLUDED.duration_hist)"
+        )
+    };
+}
+
+/// One static statement per grain; the table is chosen from a closed set, not formatted.
+fn upsert_sql(grain: Grain) -> &'static str {
+    match grain {
+        Grain::Minute => rollup_sql!("activity_1m"),
+        Grain::Hour => rollup_sql!("activity_1h"),
+        Grain::Day => rollup_sql!("activity_1d"),
+    }
+}
+
+/// Adds one grain's deltas to its rollup table (search_path already points at the tenant's
+/// schema): counts and sums add up, maxima take the greater, histograms merge.
+pub async fn upsert(
+    conn: &mut PgConnection,
+    grain: Grain,
+    deltas: &BTreeMap<Key, Measures>,
+) -> sqlx::Result<()> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let keys = || deltas.keys();
+    let vals = || deltas.values();
+    // Histograms travel as array literals: UNNEST cannot take an array of arrays of
+    // different rows, and a text[] of literals casts back losslessly. Trailing empty
+    // buckets are left off (most rows hold a few durations): `hist_add` and the readers
+    // treat missing buckets as zero.
+    let hist: Vec<String> = vals()
+        .map(|m| {
+            let used = m
+                .duration_hist
+                .iter()
+                .rposition(|n| *n != 0)
+                .map_or(1, |last| last + 1);
+            let parts: Vec<String> = m.duration_hist[..used].iter().map(i64::to_string).collect();
+            format!("{{{}}}", parts.join(","))
+        })
+        .collect();
+    sqlx::query(upsert_sql(grain))
+        .bind(keys().map(|k| k.bucket).collect::<Vec<_>>())
+        .bind(keys().map(|k| k.event_type).collect::<Vec<_>>())
+        .bind(keys().map(|k| k.user_id.as_str()).collect::<Vec<_>>())
+        .bind(keys().map(|k| k.team_id.as_str()).collect::<Vec<_>>())
+        .bind(keys().map(|k| k.project_id.as_str()).collect::<Vec<_>>())
+        .bind(keys().map(|k| k.name.as_str()).collect::<Vec<_>>())
+        .bind(vals().map(|m| m.count).collect::<Vec<_>>())
+        .bind(vals().map(|m| m.errors).collect::<Vec<_>>())
+        .bind(vals().map(|m| m.duration_sum).collect::<Vec<_>>())
+        .bind(vals().map(|m| m.duration_max).collect::<Vec<_>>())
+        .bind(vals().map(|m| m.input_tokens).collect::<Vec<_>>())
+        .bind(vals().map(|m| m.output_tokens).collect::<Vec<_>>())
+        .bind(vals().map(|m| m.value_sum).collect::<Vec<_>>())
+        .bind(hist)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rows::RawTable;
+    use crate::models::raw::RawTable;
     use chrono::TimeZone;
     use uuid::Uuid;
 
@@ -136,6 +221,17 @@ mod tests {
             output_tokens: 2,
             value: 0.5,
             data: std::borrow::Cow::Owned(serde_json::Value::Null),
+        }
+    }
+
+    #[test]
+    fn each_grain_upserts_its_own_table() {
+        for grain in Grain::ALL {
+            let sql = upsert_sql(grain);
+            assert!(
+                sql.starts_with(&format!("INSERT INTO {} AS a (", grain.table())),
+                "{sql}"
+            );
         }
     }
 

@@ -1,0 +1,218 @@
+//! One batch, one transaction: for each tenant of the batch, its read models in order
+//! (watermark lock, audit, people, raw rows, the rollups of the rows really inserted,
+//! sessions, watermark), then the next Kafka offset of every partition the batch covers, as
+//! a compare-and-set. The models' folds and SQL live in [`crate::models`], the schemas and
+//! version checks in [`crate::prepare`], the offsets in [`crate::offsets`].
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use shared::events::{Envelope, Payload};
+use shared::tenant::TenantId;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::models::rollups::{self, Grain};
+use crate::models::{audit, people, raw, sessions, watermark};
+use crate::offsets::{self, OffsetRange};
+use crate::prepare::{target_versions, Target};
+use crate::schema;
+
+/// A decoded event waiting in a batch.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub env: Envelope,
+    pub payload: Payload,
+    /// Where the record was read from: (partition, offset). Used to dead-letter it.
+    pub origin: (i32, i64),
+}
+
+/// What a committed batch did.
+#[derive(Debug, Default, Clone)]
+pub struct Written {
+    pub inserted: u64,
+    pub duplicates: u64,
+    /// Tenants whose projection advanced, with their new watermark sequence.
+    pub tenants: Vec<(TenantId, i64)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The stored offsets were not where this batch started: another instance owns (or
+    /// advanced) the partition. Nothing was written.
+    #[error("offsets of partition {partition} moved under us; batch rolled back")]
+    Fenced { partition: i32 },
+    /// A replay switched a tenant of the batch to a new projection version after the batch
+    /// was prepared. Nothing was written; prepare again with the new versions.
+    #[error("a tenant's projection version changed; batch rolled back")]
+    VersionMoved,
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// Writes the batch and advances the offsets, all in one transaction.
+pub async fn write(
+    pool: &PgPool,
+    projection: &str,
+    topic: &str,
+    target: Target<'_>,
+    events: &[Decoded],
+    offsets: &BTreeMap<i32, OffsetRange>,
+) -> Result<Written, WriteError> {
+    let mut tx = pool.begin().await?;
+    let mut written = Written::default();
+    let versions = target_versions(&mut tx, target).await?;
+    for (tenant, events) in by_tenant(events) {
+        let version = versions.get(&tenant).copied().unwrap_or(1);
+        schema::set_search_path(&mut tx, &tenant.schema(version)).await?;
+        let (inserted, duplicates, seq) = write_tenant(&mut tx, &events).await?;
+        written.inserted += inserted;
+        written.duplicates += duplicates;
+        written.tenants.push((tenant, seq));
+    }
+
+    for (partition, range) in offsets {
+        offsets::advance(&mut tx, projection, topic, *partition, *range).await?;
+    }
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// A batch's events grouped by tenant, each group in the batch's order.
+fn by_tenant(events: &[Decoded]) -> BTreeMap<TenantId, Vec<&Decoded>> {
+    let mut groups: BTreeMap<TenantId, Vec<&Decoded>> = BTreeMap::new();
+    for e in events {
+        groups.entry(e.env.tenant_id).or_default().push(e);
+    }
+    groups
+}
+
+/// Why PostgreSQL refused a statement because of the values it was given, not because it
+/// is unavailable or busy: data exceptions (class 22: a NUL byte, a number out of range),
+/// program limits (class 54: an index row over the btree limit), not-null and check
+/// violations. No retry can change these; everything else (connection loss, serialization
+/// failures, shutdown, lock timeouts) may pass on a retry.
+pub fn refused_record(e: &sqlx::Error) -> Option<String> {
+    let db = e.as_database_error()?;
+    let code = db.code()?;
+    let the_records_fault =
+        code.starts_with("22") || code.starts_with("54") || code == "23502" || code == "23514";
+    the_records_fault.then(|| format!("refused by PostgreSQL ({code}): {}", db.message()))
+}
+
+/// The events of a batch PostgreSQL refuses for their own sake (see [`refused_record`]), by
+/// index into `events`, each with the reason.
+///
+/// Writes the batch in a transaction that is rolled back at the end, each group of one
+/// tenant's events under a savepoint. A group that fails with a record fault is rolled back
+/// to its savepoint and halved, until the events that fail on their own are found: k poison
+/// events among n cost about k·log₂n statements. Groups that pass stay written, so a value
+/// refused only together with others (a sum overflowing) is found too. Any other failure
+/// ends the search with that error.
+pub async fn find_refused(
+    pool: &PgPool,
+    target: Target<'_>,
+    events: &[Decoded],
+) -> Result<Vec<(usize, String)>, WriteError> {
+    let mut by_tenant: BTreeMap<TenantId, Vec<usize>> = BTreeMap::new();
+    for (i, e) in events.iter().enumerate() {
+        by_tenant.entry(e.env.tenant_id).or_default().push(i);
+    }
+    let mut tx = pool.begin().await?;
+    let versions = target_versions(&mut tx, target).await?;
+    let mut refused = Vec::new();
+    for (tenant, group) in by_tenant {
+        let version = versions.get(&tenant).copied().unwrap_or(1);
+        schema::set_search_path(&mut tx, &tenant.schema(version)).await?;
+        // Groups still to try, the earliest events on top.
+        let mut todo: Vec<Vec<usize>> = vec![group];
+        while let Some(group) = todo.pop() {
+            let refs: Vec<&Decoded> = group.iter().map(|&i| &events[i]).collect();
+            sqlx::query("SAVEPOINT probe").execute(&mut *tx).await?;
+            match write_tenant(&mut tx, &refs).await {
+                Ok(_) => {
+                    sqlx::query("RELEASE SAVEPOINT probe")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Err(WriteError::Db(e)) => {
+                    let Some(reason) = refused_record(&e) else {
+                        return Err(WriteError::Db(e));
+                    };
+                    sqlx::query("ROLLBACK TO SAVEPOINT probe")
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query("RELEASE SAVEPOINT probe")
+                        .execute(&mut *tx)
+                        .await?;
+                    if let [one] = group.as_slice() {
+                        refused.push((*one, reason));
+                    } else {
+                        let (first, rest) = group.split_at(group.len() / 2);
+                        todo.push(rest.to_vec());
+                        todo.push(first.to_vec());
+                    }
+                }
+                Err(other) => return Err(other),
+            }
+        }
+    }
+    tx.rollback().await?;
+    refused.sort_by_key(|(i, _)| *i);
+    Ok(refused)
+}
+
+/// Writes one tenant's events (search_path already points at its schema).
+/// Returns (inserted, duplicates, new watermark seq).
+async fn write_tenant(
+    conn: &mut PgConnection,
+    events: &[&Decoded],
+) -> Result<(u64, u64, i64), WriteError> {
+    // The tenant's row lock first: this transaction's seq is the live feed position of every
+    // row it writes, and the lock makes the tenant's transactions commit in seq order.
+    let feed_seq = watermark::lock_next_seq(conn).await?;
+    let audited = audit::insert(conn, events).await?;
+    people::apply(conn, events).await?;
+    let rows: Vec<raw::RawRow> = events
+        .iter()
+        .filter_map(|e| raw::RawRow::from_event(&e.env, &e.payload))
+        .collect();
+    let phase = Instant::now();
+    let inserted_rows = raw::insert(conn, &rows, feed_seq).await?;
+    let inserted = inserted_rows.len() as u64;
+    let duplicates = (events.len() - rows.len()) as u64 - audited + rows.len() as u64 - inserted;
+
+    record_phase("raw", phase);
+    for grain in Grain::ALL {
+        let phase = Instant::now();
+        let deltas = rollups::fold(inserted_rows.iter().copied(), grain);
+        rollups::upsert(conn, grain, &deltas).await?;
+        record_phase(grain.table(), phase);
+    }
+    let phase = Instant::now();
+
+    let inserted_ids: HashSet<Uuid> = inserted_rows.iter().map(|r| r.event_id).collect();
+    let updates = sessions::fold(
+        events
+            .iter()
+            .filter(|e| inserted_ids.contains(&e.env.id))
+            .map(|e| (&e.env, &e.payload)),
+    );
+    sessions::upsert(conn, &updates).await?;
+    record_phase("sessions", phase);
+
+    let as_of: Option<DateTime<Utc>> = events.iter().map(|e| e.env.received_at).max();
+    let seq = watermark::advance(conn, inserted, as_of).await?;
+    debug_assert_eq!(
+        seq, feed_seq,
+        "projection_state is locked by this transaction"
+    );
+    Ok((inserted + audited, duplicates, seq))
+}
+
+/// Time spent per write phase, to see where a batch's time goes.
+fn record_phase(phase: &'static str, since: Instant) {
+    metrics::histogram!("projector_phase_seconds", "phase" => phase)
+        .record(since.elapsed().as_secs_f64());
+}

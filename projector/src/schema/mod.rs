@@ -1,0 +1,356 @@
+//! The projector's home of SQL built at run time: tenant schemas made from the templates and
+//! upgraded, their reader roles, the versions they are served from, and (in [`partitions`])
+//! their daily partitions, retention and compression. Tenant schema names are the only
+//! identifiers that are not static; they come from [`TenantId::schema`] (hex digits only)
+//! and are spliced here. Everything else is static SQL that runs after [`set_search_path`]
+//! has pointed the transaction at the tenant's schema. (Entering a tenant to read it is
+//! shared with query-api: `shared::tenant_sql`.)
+
+pub mod partitions;
+
+use std::collections::HashMap;
+
+use shared::tenant::{SchemaName, TenantId};
+use shared::tenant_sql;
+use sqlx::{AssertSqlSafe, PgConnection, PgPool};
+
+use crate::models::raw::RawTable;
+
+/// The tenant-schema template (see `migrations/tenant/`).
+pub const TEMPLATE: &str = include_str!("../../../migrations/tenant/0001_tenant.sql");
+
+/// Templates applied after the first, in order; `control.tenant_schemas.template_version`
+/// records how many of all templates a schema has had.
+pub const LATER_TEMPLATES: [&str; 5] = [
+    include_str!("../../../migrations/tenant/0002_audit.sql"),
+    include_str!("../../../migrations/tenant/0003_people.sql"),
+    include_str!("../../../migrations/tenant/0004_activity_events.sql"),
+    include_str!("../../../migrations/tenant/0005_activity_spans.sql"),
+    include_str!("../../../migrations/tenant/0006_feed_position.sql"),
+];
+
+/// Raw tables of the template: time-partitioned (or hypertables) on `occurred_at`.
+pub const RAW_TABLES: [&str; RawTable::ALL.len()] = {
+    let mut names = [""; RawTable::ALL.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = RawTable::ALL[i].name();
+        i += 1;
+    }
+    names
+};
+
+/// `SET LOCAL search_path` to a tenant schema (plus `control` for shared functions).
+/// Only valid inside a transaction, and only lasts until its end.
+pub async fn set_search_path(conn: &mut PgConnection, schema: &SchemaName) -> sqlx::Result<()> {
+    let sql = format!("SET LOCAL search_path TO {schema}, control");
+    sqlx::query(AssertSqlSafe(sql)).execute(conn).await?;
+    Ok(())
+}
+
+/// How [`active_versions`] reads the version rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    None,
+    /// `FOR SHARE`, as live batches read them: a replay's switch (which updates them) then
+    /// waits for this transaction, and this one for the switch.
+    Share,
+    /// `FOR UPDATE`, as a replay's switch reads them: live batches of those tenants wait.
+    Update,
+}
+
+/// The projection version each of `tenants` is served from (`control.tenant_versions`;
+/// version 1 without a row).
+pub async fn active_versions(
+    conn: &mut PgConnection,
+    tenants: &[TenantId],
+    lock: Lock,
+) -> sqlx::Result<HashMap<TenantId, i32>> {
+    let ids: Vec<uuid::Uuid> = tenants.iter().map(|t| t.0).collect();
+    let sql = match lock {
+        Lock::None => {
+            "SELECT tenant_id, active_version FROM control.tenant_versions WHERE tenant_id = ANY($1)"
+        }
+        Lock::Share => {
+            "SELECT tenant_id, active_version FROM control.tenant_versions
+              WHERE tenant_id = ANY($1) ORDER BY tenant_id FOR SHARE"
+        }
+        Lock::Update => {
+            "SELECT tenant_id, active_version FROM control.tenant_versions
+              WHERE tenant_id = ANY($1) ORDER BY tenant_id FOR UPDATE"
+        }
+    };
+    let rows: Vec<(uuid::Uuid, i32)> = sqlx::query_as(sql).bind(ids).fetch_all(conn).await?;
+    let mut versions: HashMap<TenantId, i32> = tenants.iter().map(|t| (*t, 1)).collect();
+    for (t, v) in rows {
+        versions.insert(TenantId(t), v);
+    }
+    Ok(versions)
+}
+
+/// The schema of the TimescaleDB extension, quoted for splicing into SQL, if this database
+/// has the extension. Its functions are called qualified: `search_path` is a tenant's schema.
+pub async fn timescale_schema(conn: &mut PgConnection) -> sqlx::Result<Option<String>> {
+    let schema: Option<String> = sqlx::query_scalar(
+        "SELECT quote_ident(n.nspname)
+           FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+          WHERE e.extname = 'timescaledb'",
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(schema)
+}
+
+/// Whether `schema`'s raw tables are TimescaleDB hypertables (decided when it was made, and
+/// recorded in `control.tenant_schemas`), rather than natively partitioned tables.
+pub async fn uses_timescale(conn: &mut PgConnection, schema: &SchemaName) -> sqlx::Result<bool> {
+    let timescale: Option<bool> =
+        sqlx::query_scalar("SELECT timescale FROM control.tenant_schemas WHERE schema_name = $1")
+            .bind(schema.as_str())
+            .fetch_optional(conn)
+            .await?;
+    Ok(timescale.unwrap_or(false))
+}
+
+/// What [`create_tenant_schema`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaState {
+    Created,
+    /// It existed (and now has every template).
+    Existed,
+    /// The version is older than the tenant's active one: a replay has switched past it, so
+    /// it is neither made nor upgraded. A writer that meets this re-reads the versions.
+    Superseded,
+}
+
+/// Creates a tenant's schema for a projection version from the template, idempotently and
+/// safely against concurrent projector instances.
+pub async fn create_tenant_schema(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    version: i32,
+) -> sqlx::Result<SchemaState> {
+    let schema = tenant.schema(version);
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(schema.as_str())
+        .execute(&mut *tx)
+        .await?;
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM control.tenant_schemas WHERE tenant_id = $1 AND version = $2)",
+    )
+    .bind(tenant.0)
+    .bind(version)
+    .fetch_one(&mut *tx)
+    .await?;
+    let active = active_versions(&mut tx, &[tenant], Lock::None).await?[&tenant];
+    if version < active {
+        // A writer that has not seen a replay's switch yet must not resurrect the old
+        // version's schema.
+        return Ok(SchemaState::Superseded);
+    }
+    if exists {
+        upgrade(&mut tx, tenant, version, &schema).await?;
+        // Schemas made before reader roles existed get theirs here (idempotent).
+        grant_reader(&mut tx, tenant, &schema).await?;
+        tx.commit().await?;
+        return Ok(SchemaState::Existed);
+    }
+    let timescale = timescale_schema(&mut tx).await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema}"
+    )))
+    .execute(&mut *tx)
+    .await?;
+    set_search_path(&mut tx, &schema).await?;
+    let partitioning = if timescale.is_some() {
+        ""
+    } else {
+        "PARTITION BY RANGE (occurred_at)"
+    };
+    sqlx::raw_sql(AssertSqlSafe(
+        TEMPLATE.replace("/*PARTITIONING*/", partitioning),
+    ))
+    .execute(&mut *tx)
+    .await?;
+    if let Some(ts) = &timescale {
+        for table in RAW_TABLES {
+            // Daily chunks, as the native path's partitions; compressed (columnstore) by
+            // retention once older than the tenant's `compress_after_days`. Ordered by time
+            // and not segmented, so a late event's duplicate check decompresses only the
+            // batches whose time range holds it (the key's other column, event_id, is ordered
+            // on too, as TimescaleDB asks of the columns of a unique key).
+            let sql = format!(
+                "SELECT {ts}.create_hypertable($1::regclass, 'occurred_at', \
+                 chunk_time_interval => INTERVAL '1 day', if_not_exists => true)"
+            );
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(format!("{schema}.{table}"))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(AssertSqlSafe(format!(
+                "ALTER TABLE {schema}.{table} SET (timescaledb.compress, \
+                 timescaledb.compress_orderby = 'occurred_at DESC, event_id', \
+                 timescaledb.compress_segmentby = '')"
+            )))
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    for later in LATER_TEMPLATES {
+        sqlx::raw_sql(AssertSqlSafe(later))
+            .execute(&mut *tx)
+            .await?;
+    }
+    grant_reader(&mut tx, tenant, &schema).await?;
+    sqlx::query(
+        "INSERT INTO control.tenant_schemas
+                (tenant_id, version, schema_name, timescale, template_version)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(tenant.0)
+    .bind(version)
+    .bind(schema.as_str())
+    .bind(timescale.is_some())
+    .bind(1 + LATER_TEMPLATES.len() as i32)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(SchemaState::Created)
+}
+
+/// Applies the templates a schema made by an older version has not had yet.
+async fn upgrade(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    version: i32,
+    schema: &SchemaName,
+) -> sqlx::Result<()> {
+    let applied: i32 = sqlx::query_scalar(
+        "SELECT template_version FROM control.tenant_schemas WHERE tenant_id = $1 AND version = $2",
+    )
+    .bind(tenant.0)
+    .bind(version)
+    .fetch_one(&mut *conn)
+    .await?;
+    let pending: Vec<&str> = LATER_TEMPLATES
+        .iter()
+        .skip(usize::try_from(applied - 1).unwrap_or(0))
+        .copied()
+        .collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    set_search_path(&mut *conn, schema).await?;
+    for sql in pending {
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query(
+        "UPDATE control.tenant_schemas SET template_version = $3 WHERE tenant_id = $1 AND version = $2",
+    )
+    .bind(tenant.0)
+    .bind(version)
+    .bind(1 + LATER_TEMPLATES.len() as i32)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Creates the tenant's reader role if needed and lets it read `schema` (also the partitions
+/// created later). The connecting user becomes a member so it may `SET ROLE` to it.
+async fn grant_reader(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    schema: &SchemaName,
+) -> sqlx::Result<()> {
+    let role = tenant_sql::reader_role(tenant);
+    let create = format!(
+        "DO $$ BEGIN CREATE ROLE {role} NOLOGIN NOINHERIT; \
+         EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+    );
+    sqlx::query(AssertSqlSafe(create))
+        .execute(&mut *conn)
+        .await?;
+    for sql in [
+        format!("GRANT USAGE ON SCHEMA {schema} TO {role}"),
+        format!("GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}"),
+        format!("ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT SELECT ON TABLES TO {role}"),
+        format!("GRANT {role} TO CURRENT_USER"),
+    ] {
+        sqlx::query(AssertSqlSafe(sql)).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Drops the tenant schema of a projection version (replay's clean-up, tests).
+pub async fn drop_tenant_schema(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    version: i32,
+) -> sqlx::Result<()> {
+    let schema = tenant.schema(version);
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("DELETE FROM control.tenant_schemas WHERE tenant_id = $1 AND version = $2")
+        .bind(tenant.0)
+        .bind(version)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Brings the tenant schemas made by older versions up to date: each gets its reader role
+/// if it has none, and the templates it has not had yet. Part of [`crate::migrate`], so an
+/// idle tenant's dashboards get them too, not only when the projector next writes to it.
+pub async fn upgrade_all(pool: &PgPool) -> sqlx::Result<()> {
+    // Schemas made before reader roles existed get theirs (a no-op once every role exists),
+    // under a lock so that instances migrating at the same time do not grant concurrently.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tally.grant_readers'))")
+        .execute(&mut *tx)
+        .await?;
+    let missing: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
+        "SELECT tenant_id, version FROM control.tenant_schemas s
+          WHERE NOT EXISTS (SELECT 1 FROM pg_roles
+                             WHERE rolname = 'tally_t_' || replace(s.tenant_id::text, '-', ''))",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for (tenant, version) in missing {
+        let tenant = TenantId(tenant);
+        grant_reader(&mut tx, tenant, &tenant.schema(version)).await?;
+    }
+    tx.commit().await?;
+    let behind: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
+        "SELECT tenant_id, version FROM control.tenant_schemas WHERE template_version < $1",
+    )
+    .bind(1 + LATER_TEMPLATES.len() as i32)
+    .fetch_all(pool)
+    .await?;
+    let mut conn = pool.acquire().await?;
+    for (tenant, version) in behind {
+        create_tenant_schema(&mut conn, TenantId(tenant), version).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_marks_every_raw_table_for_partitioning() {
+        for t in RAW_TABLES {
+            assert!(TEMPLATE.contains(&format!("CREATE TABLE {t} ")), "{t}");
+        }
+        assert_eq!(
+            TEMPLATE.matches("/*PARTITIONING*/").count(),
+            RAW_TABLES.len()
+        );
+    }
+}

@@ -1,0 +1,250 @@
+//! Daily partitions of a tenant schema's raw tables (native partitioning; TimescaleDB makes
+//! its chunks by itself), and retention: dropping partitions or chunks and rollup rows older
+//! than the tenant's windows, compressing old chunks.
+
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use shared::tenant::SchemaName;
+use sqlx::{AssertSqlSafe, PgConnection};
+
+use super::{set_search_path, timescale_schema, uses_timescale, RAW_TABLES};
+
+/// The days whose partitions are kept made: yesterday, today and the next `ahead_days`.
+pub fn days_ahead(today: NaiveDate, ahead_days: i64) -> Vec<NaiveDate> {
+    (-1..=ahead_days)
+        .map(|d| today + Duration::days(d))
+        .collect()
+}
+
+fn midnight(day: NaiveDate) -> DateTime<Utc> {
+    day.and_hms_opt(0, 0, 0).expect("midnight").and_utc()
+}
+
+/// Name of the daily partition of `table` holding `day`.
+fn partition_name(table: &str, day: NaiveDate) -> String {
+    format!("{table}_p{}", day.format("%Y%m%d"))
+}
+
+/// Creates the daily partitions of every raw table for `days` (native partitioning only;
+/// TimescaleDB creates its chunks by itself). Idempotent and safe against concurrent callers.
+pub async fn ensure_partitions(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    days: &[NaiveDate],
+) -> sqlx::Result<()> {
+    if days.is_empty() || uses_timescale(&mut *conn, schema).await? {
+        return Ok(());
+    }
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(schema.as_str())
+        .execute(&mut *tx)
+        .await?;
+    for day in days {
+        let from = midnight(*day);
+        let to = from + Duration::days(1);
+        for table in RAW_TABLES {
+            let sql = format!(
+                "CREATE TABLE IF NOT EXISTS {schema}.{part} PARTITION OF {schema}.{table} \
+                 FOR VALUES FROM ('{from}') TO ('{to}')",
+                part = partition_name(table, *day),
+                from = from.format("%Y-%m-%d %H:%M:%S+00"),
+                to = to.format("%Y-%m-%d %H:%M:%S+00"),
+            );
+            sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// What [`apply_retention`] removed from one schema.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    /// Daily partitions (or TimescaleDB chunks) of raw tables dropped.
+    pub partitions: u64,
+    /// Rollup rows deleted.
+    pub rollup_rows: u64,
+    /// TimescaleDB chunks compressed (or recompressed after late events).
+    pub chunks_compressed: u64,
+}
+
+/// The day a partition made by [`ensure_partitions`] holds, if `name` is one of them.
+fn partition_day(name: &str) -> Option<(&'static str, NaiveDate)> {
+    let (table, day) = name.rsplit_once("_p")?;
+    let table = RAW_TABLES.iter().find(|t| **t == table)?;
+    if day.len() != 8 || !day.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((table, NaiveDate::parse_from_str(day, "%Y%m%d").ok()?))
+}
+
+/// A tenant's windows, in days, as `control.tenants` keeps them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Windows {
+    /// Raw rows and minute rollups are kept this long.
+    pub raw_days: i64,
+    /// Hourly and daily rollups are kept this long.
+    pub rollup_days: i64,
+    /// Raw chunks older than this are compressed (TimescaleDB only).
+    pub compress_after_days: i64,
+    /// Native partitions are made this many days ahead.
+    pub ahead_days: i64,
+}
+
+/// Drops raw data older than the raw window (whole daily partitions, or chunks with
+/// TimescaleDB) and rollup rows older than their windows: minute rollups follow the raw
+/// window, hourly and daily ones the rollup window. Creates the partitions of the coming days,
+/// and with TimescaleDB compresses the raw chunks older than `compress_after_days` (again
+/// those a late event has partly decompressed). Skips (returns `None`) when another instance
+/// is working on the same schema.
+pub async fn apply_retention(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    today: NaiveDate,
+    windows: Windows,
+) -> sqlx::Result<Option<Pruned>> {
+    ensure_partitions(&mut *conn, schema, &days_ahead(today, windows.ahead_days)).await?;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext($1))")
+        .bind(schema.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        return Ok(None);
+    }
+    let raw_cutoff = today - Duration::days(windows.raw_days);
+    let rollup_cutoff = today - Duration::days(windows.rollup_days);
+    let mut pruned = Pruned::default();
+    let timescale = match uses_timescale(&mut tx, schema).await? {
+        true => timescale_schema(&mut tx).await?,
+        false => None,
+    };
+    if let Some(ts) = &timescale {
+        let sql =
+            format!("SELECT {ts}.drop_chunks($1::regclass, older_than => $2::timestamptz)::text");
+        for table in RAW_TABLES {
+            let dropped: Vec<String> = sqlx::query_scalar(AssertSqlSafe(sql.as_str()))
+                .bind(format!("{schema}.{table}"))
+                .bind(midnight(raw_cutoff))
+                .fetch_all(&mut *tx)
+                .await?;
+            pruned.partitions += dropped.len() as u64;
+        }
+    } else {
+        pruned.partitions += drop_partitions(&mut tx, schema, raw_cutoff).await?;
+    }
+    set_search_path(&mut tx, schema).await?;
+    for (sql, cutoff) in [
+        ("DELETE FROM activity_1m WHERE bucket < $1", raw_cutoff),
+        ("DELETE FROM activity_1h WHERE bucket < $1", rollup_cutoff),
+        ("DELETE FROM activity_1d WHERE bucket < $1", rollup_cutoff),
+    ] {
+        pruned.rollup_rows += sqlx::query(sql)
+            .bind(midnight(cutoff))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    }
+    tx.commit().await?;
+    if let Some(ts) = &timescale {
+        let cutoff = today - Duration::days(windows.compress_after_days);
+        pruned.chunks_compressed = compress_chunks(&mut *conn, ts, schema, cutoff).await?;
+    }
+    Ok(Some(pruned))
+}
+
+/// The names of every partition in `schema` (native partitioning).
+pub async fn partitions(conn: &mut PgConnection, schema: &SchemaName) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT c.relname::text
+           FROM pg_inherits i
+           JOIN pg_class c ON c.oid = i.inhrelid
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = $1",
+    )
+    .bind(schema.as_str())
+    .fetch_all(conn)
+    .await
+}
+
+/// Drops the daily partitions older than `cutoff` (native partitioning).
+async fn drop_partitions(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    cutoff: NaiveDate,
+) -> sqlx::Result<u64> {
+    let mut dropped = 0;
+    for part in partitions(&mut *conn, schema).await? {
+        // Only names this module made (table_pYYYYMMDD) are considered, and those are plain
+        // identifiers.
+        match partition_day(&part) {
+            Some((table, day)) if day < cutoff && part == partition_name(table, day) => {
+                sqlx::query(AssertSqlSafe(format!("DROP TABLE {schema}.{part}")))
+                    .execute(&mut *conn)
+                    .await?;
+                dropped += 1;
+            }
+            _ => {}
+        }
+    }
+    Ok(dropped)
+}
+
+/// Compresses the raw chunks of `schema` that end before `cutoff` and are not compressed, or
+/// only partly (a late event decompressed what its duplicate check touched). One chunk per
+/// statement, so a chunk is locked only while it is being compressed. Returns how many.
+async fn compress_chunks(
+    conn: &mut PgConnection,
+    ts: &str,
+    schema: &SchemaName,
+    cutoff: NaiveDate,
+) -> sqlx::Result<u64> {
+    // Status bit 8: partially compressed (TimescaleDB's chunk status flags).
+    let chunks: Vec<String> = sqlx::query_scalar(
+        "SELECT format('%I.%I', chunk_schema, chunk_name)
+           FROM timescaledb_information.chunks
+          WHERE hypertable_schema = $1 AND range_end <= $2
+            AND (NOT is_compressed
+                 OR _timescaledb_functions.chunk_status(
+                        format('%I.%I', chunk_schema, chunk_name)::regclass) & 8 <> 0)
+          ORDER BY range_start",
+    )
+    .bind(schema.as_str())
+    .bind(midnight(cutoff))
+    .fetch_all(&mut *conn)
+    .await?;
+    let sql = format!("SELECT {ts}.compress_chunk($1::regclass, if_not_compressed => true)");
+    for chunk in &chunks {
+        sqlx::query(AssertSqlSafe(sql.as_str()))
+            .bind(chunk)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(chunks.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_names_are_dated() {
+        let d = NaiveDate::from_ymd_opt(2026, 1, 5).unwrap();
+        assert_eq!(
+            partition_name("metric_samples", d),
+            "metric_samples_p20260105"
+        );
+    }
+
+    #[test]
+    fn only_our_partition_names_are_recognised() {
+        let d = NaiveDate::from_ymd_opt(2026, 1, 5).unwrap();
+        assert_eq!(
+            partition_day("tool_executions_p20260105"),
+            Some(("tool_executions", d))
+        );
+        assert_eq!(partition_day("tool_executions_p2026010"), None);
+        assert_eq!(partition_day("other_table_p20260105"), None);
+        assert_eq!(partition_day("tool_executions_p2026-1-5"), None);
+    }
+}
