@@ -67,8 +67,8 @@ pub struct App {
 }
 
 impl App {
-    /// Connects, makes sure the topics exist, migrates (tenant schemas too), and binds the
-    /// HTTP listener.
+    /// Connects, makes sure the topics exist, migrates (tenant schemas too; in the background
+    /// until PostgreSQL answers), and binds the HTTP listener.
     pub async fn build(config: Config) -> anyhow::Result<App> {
         config.check().map_err(anyhow::Error::msg)?;
         let metrics = shared::telemetry::prometheus();
@@ -77,9 +77,23 @@ impl App {
         shared::kafka::ensure_topics(common, &common.all_topics())
             .await
             .context("creating topics")?;
-        migrate(&pool, common.timescale)
-            .await
-            .context("applying migrations")?;
+        // The projector starts while PostgreSQL is down (its batches retry until it answers),
+        // so a migration that cannot run now is retried in the background.
+        if let Err(e) = migrate(&pool, common.timescale).await {
+            tracing::warn!(error = %format!("{e:#}"), "migrations failed; retrying every 5 s");
+            let (pool, timescale) = (pool.clone(), common.timescale);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    match migrate(&pool, timescale).await {
+                        Ok(()) => return tracing::info!("migrations applied"),
+                        Err(e) => {
+                            tracing::debug!(error = %format!("{e:#}"), "migrations still failing")
+                        }
+                    }
+                }
+            });
+        }
         let redis = shared::redis_client::connect(&common.redis_url).await;
         let listener = TcpListener::bind(&config.http_addr)
             .await
