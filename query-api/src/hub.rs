@@ -99,6 +99,7 @@ impl Hub {
         })
     }
 
+    /// The wake-ups of `tenant`'s streams.
     pub fn subscribe(&self, tenant: TenantId) -> broadcast::Receiver<()> {
         self.tenants
             .lock()

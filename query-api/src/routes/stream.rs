@@ -3,9 +3,9 @@
 //!
 //! The projector publishes on the tenant's channel in Redis (`shared::watermark`) after each
 //! commit; the hub's one subscriber ([`crate::hub`]) wakes the streams of that tenant, which
-//! then read what was projected after their position — with the caller's visibility, from the tenant's own schema under its
-//! role. While that subscription is down, streams check every 2 s (and every 30 s otherwise,
-//! in case a notification was lost).
+//! then read what was projected after their position — with the caller's visibility, from
+//! the tenant's own schema under its role. While that subscription is down, streams check
+//! every 2 s (and every 30 s otherwise, in case a notification was lost).
 //!
 //! A position is the projector transaction that wrote a row and the row's ordinal in it
 //! (`feed_seq`, `feed_ord`, indexed): one tenant's transactions commit in that order (see
