@@ -7,13 +7,12 @@ use std::time::Instant;
 
 use axum::http::{header, HeaderMap};
 use shared::apikey::Scope;
-use shared::auth::KEY_CACHE_TTL;
-use shared::jwt::{self, Role};
+use shared::auth::{ApiKeyStore, KEY_CACHE_TTL};
+use shared::jwt::{self, Role, Verifier};
 use shared::problem::Problem;
 use shared::tenant::TenantId;
+use sqlx::PgPool;
 use uuid::Uuid;
-
-use crate::state::AppState;
 
 /// The rows a reader may see within their tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -93,62 +92,197 @@ struct UserRow {
     active: bool,
 }
 
-#[derive(Clone, Default)]
-pub struct UserCache(Arc<Mutex<HashMap<Uuid, (UserRow, Instant)>>>);
-
-/// Authenticates the request: a JWT in `Authorization: Bearer`, else an API key.
-pub async fn reader(s: &AppState, headers: &HeaderMap) -> Result<Reader, Problem> {
-    authenticate(s, headers, false).await
+/// Tells who is reading from a request's credential, with the control plane's API keys and
+/// users cached for a short while ([`KEY_CACHE_TTL`]).
+#[derive(Clone)]
+pub struct Authenticator {
+    pool: PgPool,
+    keys: ApiKeyStore,
+    verifier: Verifier,
+    users: Arc<Mutex<HashMap<Uuid, (UserRow, Instant)>>>,
 }
 
-/// Like [`reader`], but from the control plane as it is now, not from the short-lived
-/// credential caches: for requests that outlive them (the live feed).
-pub async fn reader_uncached(s: &AppState, headers: &HeaderMap) -> Result<Reader, Problem> {
-    let reader = authenticate(s, headers, true).await?;
-    if matches!(reader.credential, Credential::ApiKey { .. }) {
-        recheck(s, &reader).await?;
-    }
-    Ok(reader)
-}
-
-async fn authenticate(s: &AppState, headers: &HeaderMap, fresh: bool) -> Result<Reader, Problem> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().strip_prefix("Bearer "))
-        .map(str::trim);
-    match bearer {
-        Some(token) if jwt::looks_like_jwt(token) => person(s, token, fresh).await,
-        _ => {
-            let key = s.keys.authenticate(headers, Scope::Read).await?;
-            Ok(Reader {
-                tenant: key.tenant_id,
-                visibility: Visibility::Tenant,
-                role: None,
-                credential: Credential::ApiKey { key_id: key.key_id },
-            })
+impl Authenticator {
+    /// Reads the control plane through `pool`; access tokens are checked with `verifier`.
+    pub fn new(pool: PgPool, verifier: Verifier) -> Authenticator {
+        Authenticator {
+            keys: ApiKeyStore::new(pool.clone()),
+            pool,
+            verifier,
+            users: Arc::default(),
         }
     }
-}
 
-async fn person(s: &AppState, token: &str, fresh: bool) -> Result<Reader, Problem> {
-    let claims = s.verifier.verify(token).await?;
-    let mut user = lookup(s, claims.sub, fresh).await?;
-    if !fresh && user.token_version != claims.ver {
-        // The cached row may predate a password change that issued this very token.
-        user = lookup(s, claims.sub, true).await?;
+    /// Authenticates the request: a JWT in `Authorization: Bearer`, else an API key.
+    pub async fn reader(&self, headers: &HeaderMap) -> Result<Reader, Problem> {
+        self.authenticate(headers, false).await
     }
-    let (role, visibility) = standing(&user, claims.tid, claims.ver)?;
-    Ok(Reader {
-        tenant: claims.tid,
-        visibility,
-        role: Some(role),
-        credential: Credential::AccessToken {
-            user_id: claims.sub,
-            token_version: claims.ver,
-            expires_at: claims.exp,
-        },
-    })
+
+    /// Like [`Authenticator::reader`], but from the control plane as it is now, not from the
+    /// short-lived credential caches: for requests that outlive them (the live feed).
+    pub async fn reader_uncached(&self, headers: &HeaderMap) -> Result<Reader, Problem> {
+        let reader = self.authenticate(headers, true).await?;
+        if matches!(reader.credential, Credential::ApiKey { .. }) {
+            self.recheck(&reader).await?;
+        }
+        Ok(reader)
+    }
+
+    async fn authenticate(&self, headers: &HeaderMap, fresh: bool) -> Result<Reader, Problem> {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().strip_prefix("Bearer "))
+            .map(str::trim);
+        match bearer {
+            Some(token) if jwt::looks_like_jwt(token) => self.person(token, fresh).await,
+            _ => {
+                let key = self.keys.authenticate(headers, Scope::Read).await?;
+                Ok(Reader {
+                    tenant: key.tenant_id,
+                    visibility: Visibility::Tenant,
+                    role: None,
+                    credential: Credential::ApiKey { key_id: key.key_id },
+                })
+            }
+        }
+    }
+
+    async fn person(&self, token: &str, fresh: bool) -> Result<Reader, Problem> {
+        let claims = self.verifier.verify(token).await?;
+        let mut user = self.lookup(claims.sub, fresh).await?;
+        if !fresh && user.token_version != claims.ver {
+            // The cached row may predate a password change that issued this very token.
+            user = self.lookup(claims.sub, true).await?;
+        }
+        let (role, visibility) = standing(&user, claims.tid, claims.ver)?;
+        Ok(Reader {
+            tenant: claims.tid,
+            visibility,
+            role: Some(role),
+            credential: Credential::AccessToken {
+                user_id: claims.sub,
+                token_version: claims.ver,
+                expires_at: claims.exp,
+            },
+        })
+    }
+
+    /// Checks again, from the control plane itself (no cache), that `reader`'s credential
+    /// still holds as it did when the request began: the key is not revoked, the user and
+    /// tenant are active, the token has not expired or been superseded, and the role and
+    /// teams are the same. A 401/403 means it no longer does; a 503, that it cannot be
+    /// checked right now.
+    pub async fn recheck(&self, reader: &Reader) -> Result<(), Problem> {
+        match &reader.credential {
+            Credential::ApiKey { key_id } => {
+                let valid: Option<bool> = sqlx::query_scalar(
+                    "SELECT k.scope = 'read'
+                       FROM control.api_keys k JOIN control.tenants t ON t.id = k.tenant_id
+                      WHERE k.id = $1 AND k.tenant_id = $2 AND k.revoked_at IS NULL
+                        AND t.status = 'active'",
+                )
+                .bind(key_id)
+                .bind(reader.tenant.0)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "API key re-check failed");
+                    Problem::unavailable("credentials cannot be checked right now", 2)
+                })?;
+                match valid {
+                    Some(true) => Ok(()),
+                    Some(false) => Err(Problem::forbidden(
+                        "this API key no longer has scope `read`",
+                    )),
+                    None => Err(Problem::unauthorized("unknown or revoked API key")),
+                }
+            }
+            Credential::AccessToken {
+                user_id,
+                token_version,
+                expires_at,
+            } => {
+                if chrono::Utc::now().timestamp() >= *expires_at {
+                    return Err(Problem::unauthorized("the access token has expired"));
+                }
+                let user = self.lookup(*user_id, true).await?;
+                let (role, visibility) = standing(&user, reader.tenant, *token_version)?;
+                if Some(role) != reader.role || visibility != reader.visibility {
+                    return Err(Problem::forbidden(
+                        "this user's role or teams changed; reconnect to read with the new ones",
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn lookup(&self, id: Uuid, fresh: bool) -> Result<UserRow, Problem> {
+        if !fresh {
+            if let Some((row, at)) = self.users.lock().expect("user cache").get(&id).cloned() {
+                if at.elapsed() < KEY_CACHE_TTL {
+                    return Ok(row);
+                }
+            }
+        }
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            tenant_id: Uuid,
+            role: String,
+            external_id: String,
+            teams: Vec<String>,
+            token_version: i32,
+            status: String,
+            tenant_status: String,
+        }
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT u.tenant_id, u.role, u.external_id, u.teams, u.token_version, u.status,
+                    t.status AS tenant_status
+               FROM control.users u JOIN control.tenants t ON t.id = u.tenant_id
+              WHERE u.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "user lookup failed");
+            Problem::unavailable("credentials cannot be checked right now", 2)
+        })?;
+        let row = row.ok_or_else(|| Problem::unauthorized("unknown user"))?;
+        let user = UserRow {
+            tenant: row.tenant_id,
+            role: row.role,
+            external_id: row.external_id,
+            teams: row.teams,
+            token_version: row.token_version,
+            active: row.status == "active" && row.tenant_status == "active",
+        };
+        self.remember(id, user.clone());
+        Ok(user)
+    }
+
+    fn remember(&self, id: Uuid, user: UserRow) {
+        self.users
+            .lock()
+            .expect("user cache")
+            .insert(id, (user, Instant::now()));
+    }
+
+    /// Takes `user` as an active member of `tenant` with `role` for the cache's lifetime, as
+    /// if the control plane had just said so (for tests that must not need a database).
+    #[cfg(test)]
+    pub(crate) fn remember_member(&self, user: Uuid, tenant: TenantId, role: Role) {
+        let row = UserRow {
+            tenant: tenant.0,
+            role: role.as_str().into(),
+            external_id: format!("user-{user}"),
+            teams: vec!["team".into()],
+            token_version: 0,
+            active: true,
+        };
+        self.remember(user, row);
+    }
 }
 
 /// The role and visibility of a user whose token names `tenant` and `token_version`, if the
@@ -169,101 +303,4 @@ fn standing(
         Role::Developer => Visibility::Own(user.external_id.clone()),
     };
     Ok((role, visibility))
-}
-
-/// Checks again, from the control plane itself (no cache), that `reader`'s credential still
-/// holds as it did when the request began: the key is not revoked, the user and tenant are
-/// active, the token has not expired or been superseded, and the role and teams are the
-/// same. A 401/403 means it no longer does; a 503, that it cannot be checked right now.
-pub async fn recheck(s: &AppState, reader: &Reader) -> Result<(), Problem> {
-    match &reader.credential {
-        Credential::ApiKey { key_id } => {
-            let valid: Option<bool> = sqlx::query_scalar(
-                "SELECT k.scope = 'read'
-                   FROM control.api_keys k JOIN control.tenants t ON t.id = k.tenant_id
-                  WHERE k.id = $1 AND k.tenant_id = $2 AND k.revoked_at IS NULL
-                    AND t.status = 'active'",
-            )
-            .bind(key_id)
-            .bind(reader.tenant.0)
-            .fetch_optional(&s.pool)
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "API key re-check failed");
-                Problem::unavailable("credentials cannot be checked right now", 2)
-            })?;
-            match valid {
-                Some(true) => Ok(()),
-                Some(false) => Err(Problem::forbidden(
-                    "this API key no longer has scope `read`",
-                )),
-                None => Err(Problem::unauthorized("unknown or revoked API key")),
-            }
-        }
-        Credential::AccessToken {
-            user_id,
-            token_version,
-            expires_at,
-        } => {
-            if chrono::Utc::now().timestamp() >= *expires_at {
-                return Err(Problem::unauthorized("the access token has expired"));
-            }
-            let user = lookup(s, *user_id, true).await?;
-            let (role, visibility) = standing(&user, reader.tenant, *token_version)?;
-            if Some(role) != reader.role || visibility != reader.visibility {
-                return Err(Problem::forbidden(
-                    "this user's role or teams changed; reconnect to read with the new ones",
-                ));
-            }
-            Ok(())
-        }
-    }
-}
-
-async fn lookup(s: &AppState, id: Uuid, fresh: bool) -> Result<UserRow, Problem> {
-    if !fresh {
-        if let Some((row, at)) = s.users.0.lock().expect("user cache").get(&id).cloned() {
-            if at.elapsed() < KEY_CACHE_TTL {
-                return Ok(row);
-            }
-        }
-    }
-    #[derive(sqlx::FromRow)]
-    struct Row {
-        tenant_id: Uuid,
-        role: String,
-        external_id: String,
-        teams: Vec<String>,
-        token_version: i32,
-        status: String,
-        tenant_status: String,
-    }
-    let row: Option<Row> = sqlx::query_as(
-        "SELECT u.tenant_id, u.role, u.external_id, u.teams, u.token_version, u.status,
-                t.status AS tenant_status
-           FROM control.users u JOIN control.tenants t ON t.id = u.tenant_id
-          WHERE u.id = $1",
-    )
-    .bind(id)
-    .fetch_optional(&s.pool)
-    .await
-    .map_err(|e| {
-        tracing::error!(error = %e, "user lookup failed");
-        Problem::unavailable("credentials cannot be checked right now", 2)
-    })?;
-    let row = row.ok_or_else(|| Problem::unauthorized("unknown user"))?;
-    let user = UserRow {
-        tenant: row.tenant_id,
-        role: row.role,
-        external_id: row.external_id,
-        teams: row.teams,
-        token_version: row.token_version,
-        active: row.status == "active" && row.tenant_status == "active",
-    };
-    s.users
-        .0
-        .lock()
-        .expect("user cache")
-        .insert(id, (user.clone(), Instant::now()));
-    Ok(user)
 }

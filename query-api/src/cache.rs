@@ -21,6 +21,15 @@ impl Cache {
         Cache { conn, ttl_secs }
     }
 
+    /// A cache that has no Redis: every answer is computed (for tests without services).
+    #[cfg(test)]
+    pub(crate) fn none() -> Cache {
+        Cache {
+            conn: None,
+            ttl_secs: 0,
+        }
+    }
+
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
         let mut conn = self.conn.clone()?;
         let r: Result<redis::RedisResult<Option<Vec<u8>>>, _> =

@@ -16,19 +16,7 @@ pub fn encode(t: DateTime<Utc>, id: impl Display) -> String {
 
 /// A cursor this API returned, or a 400 naming the `cursor` parameter.
 pub fn decode<I: FromStr>(c: &str) -> Result<(DateTime<Utc>, I), Problem> {
-    let invalid = || {
-        let e = FieldError::new("cursor", "not a cursor this API returned");
-        Problem::bad_request(
-            "invalid-parameter",
-            "cursor: not a cursor this API returned",
-        )
-        .with_errors(vec![e])
-    };
-    let text = URL_SAFE_NO_PAD
-        .decode(c)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(invalid)?;
+    let text = text(c)?;
     let (t, id) = text.split_once('|').ok_or_else(invalid)?;
     let t = DateTime::parse_from_rfc3339(t).map_err(|_| invalid())?;
     let id = id.parse().map_err(|_| invalid())?;
@@ -42,25 +30,26 @@ pub fn encode_ranked(score: f64, key: &str) -> String {
 
 /// A ranked cursor this API returned, or a 400 naming the `cursor` parameter.
 pub fn decode_ranked(c: &str) -> Result<(f64, String), Problem> {
-    let invalid = || {
-        let e = FieldError::new("cursor", "not a cursor this API returned");
-        Problem::bad_request(
-            "invalid-parameter",
-            "cursor: not a cursor this API returned",
-        )
-        .with_errors(vec![e])
-    };
-    let text = URL_SAFE_NO_PAD
-        .decode(c)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(invalid)?;
+    let text = text(c)?;
     let (score, key) = text.split_once('|').ok_or_else(invalid)?;
     let score: f64 = score.parse().map_err(|_| invalid())?;
     if !score.is_finite() {
         return Err(invalid());
     }
     Ok((score, key.to_string()))
+}
+
+/// What a cursor encodes.
+fn text(c: &str) -> Result<String, Problem> {
+    URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(invalid)
+}
+
+fn invalid() -> Problem {
+    crate::read::invalid(FieldError::new("cursor", "not a cursor this API returned"))
 }
 
 #[cfg(test)]

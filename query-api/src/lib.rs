@@ -19,7 +19,9 @@ pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod cursor;
+pub mod hub;
 pub mod range;
+pub mod read;
 pub mod routes;
 pub mod state;
 
@@ -29,10 +31,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::routing::get;
 use axum::Router;
-use shared::auth::ApiKeyStore;
 use shared::health::ShutdownFlag;
+use shared::jwt::{KeySource, Verifier};
 use tokio::net::TcpListener;
 
+use auth::Authenticator;
 pub use config::Config;
 use state::AppState;
 
@@ -64,14 +67,11 @@ impl App {
         let listener = TcpListener::bind(&config.http_addr)
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;
-        let hub = routes::stream::Hub::default();
+        let hub = hub::Hub::default();
         hub.listen(config.common.redis_url.clone());
+        let verifier = Verifier::new(KeySource::Url(config.jwks_url.clone()));
         let state = AppState {
-            keys: ApiKeyStore::new(pool.clone()),
-            verifier: shared::jwt::Verifier::new(shared::jwt::KeySource::Url(
-                config.jwks_url.clone(),
-            )),
-            users: auth::UserCache::default(),
+            auth: Authenticator::new(pool.clone(), verifier),
             hub,
             pool,
             cache,

@@ -6,9 +6,20 @@
 
 use crate::tenant::TenantId;
 
+/// What every tenant's [`channel`] starts with.
+const PREFIX: &str = "tally:projected:";
+
+/// The pattern of every tenant's [`channel`] (for `PSUBSCRIBE`).
+pub const CHANNEL_PATTERN: &str = "tally:projected:*";
+
 /// Pub/sub channel on which the projector announces that a tenant's projection advanced.
 pub fn channel(tenant: &TenantId) -> String {
-    format!("tally:projected:{tenant}")
+    format!("{PREFIX}{tenant}")
+}
+
+/// The tenant a [`channel`] is about; `None` for any other channel.
+pub fn tenant_of(channel: &str) -> Option<TenantId> {
+    channel.strip_prefix(PREFIX)?.parse().ok()
 }
 
 /// Announces that these tenants' projections moved (each with its new watermark). Best
@@ -26,6 +37,28 @@ pub async fn publish(
         if let Err(e) = r {
             tracing::debug!(error = %e, "redis notify failed");
             break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channels_name_their_tenant_and_match_the_pattern() {
+        let tenant = TenantId::new();
+        let name = channel(&tenant);
+        assert_eq!(tenant_of(&name), Some(tenant));
+        assert_eq!(CHANNEL_PATTERN.strip_suffix('*'), Some(PREFIX));
+        assert!(name.starts_with(PREFIX));
+        for other in [
+            "tally:projected:",
+            "tally:projected:nope",
+            "tally:other:x",
+            "",
+        ] {
+            assert_eq!(tenant_of(other), None, "{other}");
         }
     }
 }

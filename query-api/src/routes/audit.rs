@@ -1,16 +1,15 @@
 //! `GET /v1/audit`: the tenant's audit log (auth and control events), newest first, for its
 //! owners and admins, with cursor pagination.
 
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::events::FieldError;
 use shared::problem::Problem;
-use shared::tenant_sql;
 use uuid::Uuid;
 
+use crate::read::{db_error, invalid, parse_range, ranged, tenant, Admin, Params};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -23,6 +22,8 @@ pub struct AuditParams {
     pub limit: Option<i64>,
     pub cursor: Option<String>,
 }
+
+ranged!(AuditParams);
 
 #[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Entry {
@@ -44,47 +45,31 @@ pub struct AuditPage {
     pub next_cursor: Option<String>,
 }
 
-fn bad(field: &str, reason: &str) -> Problem {
-    let e = FieldError::new(field, reason);
-    Problem::bad_request("invalid-parameter", format!("{field}: {reason}")).with_errors(vec![e])
-}
-
+/// `GET /v1/audit` (not cached: the audit log is not part of the projection's watermark).
 pub async fn audit(
     State(s): State<AppState>,
-    headers: HeaderMap,
-    params: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
+    Admin(reader): Admin,
+    Params(p): Params<AuditParams>,
 ) -> Result<Json<AuditPage>, Problem> {
-    let reader = crate::auth::reader(&s, &headers).await?;
-    reader.require_admin()?;
-    let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
-    let range = crate::range::TimeRange::parse(
-        p.range.as_deref(),
-        p.from.as_deref(),
-        p.to.as_deref(),
-        Utc::now(),
-        s.config.max_range_days,
-    )
-    .map_err(|e| bad(&e.field, &e.reason))?;
+    let range = parse_range(&s.config, &p)?;
     let limit = p.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(bad("limit", "must be 1..=1000"));
+        return Err(invalid(FieldError::new("limit", "must be 1..=1000")));
     }
     let cursor = p
         .cursor
         .as_deref()
         .map(crate::cursor::decode::<Uuid>)
         .transpose()?;
-    let db = super::dashboard::db_error;
-    let mut tx = s.pool.begin().await.map_err(db)?;
-    let entered = tenant_sql::enter_active_readonly(&mut tx, reader.tenant)
+    let Some((mut tx, _)) = tenant::enter(&s.pool, reader.tenant)
         .await
-        .map_err(db)?;
-    if entered.is_none() {
+        .map_err(db_error)?
+    else {
         return Ok(Json(AuditPage {
             entries: vec![],
             next_cursor: None,
         }));
-    }
+    };
     let (before_t, before_id) = cursor.map_or((None, None), |(t, id)| (Some(t), Some(id)));
     let entries: Vec<Entry> = sqlx::query_as(
         "SELECT event_id, occurred_at, type AS event_type, user_id, email, ip, target, detail
@@ -103,7 +88,7 @@ pub async fn audit(
     .bind(limit)
     .fetch_all(&mut *tx)
     .await
-    .map_err(db)?;
+    .map_err(db_error)?;
     let next_cursor = (entries.len() as i64 == limit)
         .then(|| {
             entries

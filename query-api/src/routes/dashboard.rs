@@ -1,25 +1,23 @@
 //! Dashboard answers, read from the tenant's projection only.
 //!
-//! Every request runs in one read-only transaction whose `search_path` is the caller's
-//! tenant schema (taken from the credential); the SQL below never names a schema.
+//! Every request runs in the read context ([`crate::read`]): one read-only transaction whose
+//! `search_path` is the caller's tenant schema (taken from the credential); the SQL below
+//! never names a schema.
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::events::{EventType, FieldError};
 use shared::histogram;
 use shared::problem::Problem;
 use shared::tenant::TenantId;
-use shared::tenant_sql;
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::PgConnection;
 
 use crate::auth::Visibility;
 use crate::range::{Bucket, Grain, TimeRange};
-use crate::state::AppState;
+use crate::read::{db_error, invalid, ranged, Read, TenantRead};
 
 #[derive(Debug, Deserialize)]
 pub struct RangeParams {
@@ -42,16 +40,7 @@ pub struct SeriesParams {
     pub limit: Option<usize>,
 }
 
-/// How fresh an answer is.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Freshness {
-    /// Server time of the newest event projected for this tenant (null before the first).
-    pub as_of: Option<DateTime<Utc>>,
-    /// Sequence of the projection's last transaction for this tenant (cache key).
-    pub seq: i64,
-    /// The projection version answering (a replay moves it on; part of the cache key).
-    pub version: i32,
-}
+ranged!(RangeParams, SeriesParams);
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Overview {
@@ -127,142 +116,11 @@ pub struct Point {
     pub value_sum: f64,
 }
 
-/// Opens the tenant's read transaction and reads its watermark. `None` when the tenant
-/// has no projection yet (no event was ever projected).
-pub(crate) async fn tenant_tx(
-    s: &AppState,
-    tenant: TenantId,
-) -> Result<Option<(Transaction<'static, Postgres>, Freshness)>, Problem> {
-    let mut tx = s.pool.begin().await.map_err(db_error)?;
-    sqlx::query("SET TRANSACTION READ ONLY")
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-    let Some(version) = tenant_sql::enter_active_readonly(&mut tx, tenant)
-        .await
-        .map_err(db_error)?
-    else {
-        return Ok(None);
-    };
-    let (seq, as_of): (i64, Option<DateTime<Utc>>) =
-        sqlx::query_as("SELECT seq, as_of FROM projection_state")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
-    Ok(Some((
-        tx,
-        Freshness {
-            as_of,
-            seq,
-            version,
-        },
-    )))
-}
-
-/// A failed read as the client sees it: always a 503 with `Retry-After` (the cause is logged).
-/// A statement cancelled by `statement_timeout` says so.
-pub(crate) fn db_error(e: sqlx::Error) -> Problem {
-    if is_timeout(&e) {
-        tracing::warn!(error = %e, "query cancelled by statement_timeout");
-        metrics::counter!("query_timeouts_total").increment(1);
-        return Problem::unavailable(
-            "the query took longer than this service allows; try a shorter range or later",
-            5,
-        );
-    }
-    tracing::error!(error = %e, "query failed");
-    Problem::unavailable("the projection database is unavailable", 2)
-}
-
-/// SQLSTATE 57014 (`query_canceled`): what `statement_timeout` raises.
-fn is_timeout(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .and_then(|d| d.code())
-        .is_some_and(|c| c == "57014")
-}
-
-pub(crate) fn parse_range(
-    s: &AppState,
-    range: Option<&str>,
-    from: Option<&str>,
-    to: Option<&str>,
-) -> Result<TimeRange, Problem> {
-    TimeRange::parse(range, from, to, Utc::now(), s.config.max_range_days).map_err(bad)
-}
-
-pub(crate) fn bad(e: FieldError) -> Problem {
-    Problem::bad_request("invalid-parameter", format!("{}: {}", e.field, e.reason))
-        .with_errors(vec![e])
-}
-
-/// Who reads which range: part of every cached answer's key, so that an answer computed for
-/// one caller's visibility is never served to another.
-pub(crate) struct ReadScope(String);
-
-impl ReadScope {
-    pub(crate) fn new(visibility: &Visibility, range: &TimeRange) -> ReadScope {
-        ReadScope(format!(
-            "{}:{}:{}",
-            visibility.cache_label(),
-            range.from.timestamp(),
-            range.to.timestamp()
-        ))
-    }
-}
-
-/// Serves `compute` from the cache when the tenant's watermark has not moved. The key is
-/// the watermark, the caller's scope and `request_key` (the endpoint and its own parameters).
-pub(crate) async fn cached<T, F, Fut>(
-    s: &AppState,
-    tenant: TenantId,
-    scope: ReadScope,
-    request_key: &str,
-    compute: F,
-) -> Result<Response, Problem>
-where
-    T: Serialize,
-    F: FnOnce(Option<(Transaction<'static, Postgres>, Freshness)>) -> Fut,
-    Fut: std::future::Future<Output = Result<T, Problem>>,
-{
-    let ctx = tenant_tx(s, tenant).await?;
-    let (version, seq) = ctx.as_ref().map_or((0, 0), |(_, f)| (f.version, f.seq));
-    let key = format!(
-        "tally:q:{tenant}:v{version}:{seq}:{}:{request_key}",
-        scope.0
-    );
-    if let Some(body) = s.cache.get(&key).await {
-        return Ok(json_response(body, "hit"));
-    }
-    let answer = compute(ctx).await?;
-    let body = serde_json::to_vec(&answer).map_err(|_| Problem::internal())?;
-    s.cache.put(&key, &body).await;
-    Ok(json_response(body, "miss"))
-}
-
-fn json_response(body: Vec<u8>, cache: &'static str) -> Response {
-    let mut res = (StatusCode::OK, body).into_response();
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    res.headers_mut()
-        .insert("x-cache", HeaderValue::from_static(cache));
-    res
-}
-
 /// `GET /v1/dashboard/overview`
-pub async fn overview(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    params: Result<Query<RangeParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, Problem> {
-    let reader = crate::auth::reader(&s, &headers).await?;
-    let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
-    let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
-    let tenant = reader.tenant;
-    let visibility = reader.visibility;
-    let scope = ReadScope::new(&visibility, &range);
-    cached(&s, tenant, scope, "overview", |ctx| async move {
+pub async fn overview(read: Read<RangeParams>) -> Result<Response, Problem> {
+    let range = read.range()?;
+    let (tenant, visibility) = (read.reader.tenant, &read.reader.visibility);
+    read.answer(&range, "overview", |ctx| async move {
         let mut o = Overview {
             tenant_id: tenant,
             from: range.from,
@@ -278,9 +136,9 @@ pub async fn overview(
             active_users: 0,
             sessions: 0,
         };
-        if let Some((mut tx, fresh)) = ctx {
+        if let Some(TenantRead { mut tx, fresh }) = ctx {
             o.as_of = fresh.as_of;
-            compute_overview(&mut tx, &range, &visibility, &mut o)
+            compute_overview(&mut tx, &range, visibility, &mut o)
                 .await
                 .map_err(db_error)?;
         }
@@ -403,39 +261,33 @@ fn group_column(group_by: &str) -> Result<(&'static str, Option<EventType>), Fie
 }
 
 /// `GET /v1/dashboard/timeseries`
-pub async fn timeseries(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    params: Result<Query<SeriesParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, Problem> {
-    let reader = crate::auth::reader(&s, &headers).await?;
-    let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
-    let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
-    let bucket = Bucket::parse(p.bucket.as_deref().unwrap_or("1h")).map_err(bad)?;
+pub async fn timeseries(read: Read<SeriesParams>) -> Result<Response, Problem> {
+    let (p, config) = (&read.params, read.config());
+    let range = read.range()?;
+    let bucket = Bucket::parse(p.bucket.as_deref().unwrap_or("1h")).map_err(invalid)?;
     let points = (range.to - range.from).num_seconds() / bucket.width().num_seconds();
-    if points > s.config.max_points {
-        return Err(bad(FieldError::new(
+    if points > config.max_points {
+        return Err(invalid(FieldError::new(
             "bucket",
-            format!("{points} buckets requested; at most {} per series — pick a wider bucket or a shorter range", s.config.max_points),
+            format!("{points} buckets requested; at most {} per series — pick a wider bucket or a shorter range", config.max_points),
         )));
     }
     let (column, implied) = match p.group_by.as_deref() {
         Some(g) => {
-            let (c, t) = group_column(g).map_err(bad)?;
+            let (c, t) = group_column(g).map_err(invalid)?;
             (Some(c), t)
         }
         None => (None, None),
     };
     let explicit = match p.event_type.as_deref() {
-        Some(t) => Some(
-            EventType::parse(t)
-                .ok_or_else(|| bad(FieldError::new("type", format!("unknown event type `{t}`"))))?,
-        ),
+        Some(t) => Some(EventType::parse(t).ok_or_else(|| {
+            invalid(FieldError::new("type", format!("unknown event type `{t}`")))
+        })?),
         None => None,
     };
     if let (Some(i), Some(e)) = (implied, explicit) {
         if i != e {
-            return Err(bad(FieldError::new(
+            return Err(invalid(FieldError::new(
                 "type",
                 format!(
                     "group_by {} implies type {i}",
@@ -445,17 +297,15 @@ pub async fn timeseries(
         }
     }
     let event_type = explicit.or(implied);
-    let max_series = s.config.max_series;
+    let max_series = config.max_series;
     let limit = p.limit.unwrap_or(max_series);
     if !(1..=max_series).contains(&limit) {
-        return Err(bad(FieldError::new(
+        return Err(invalid(FieldError::new(
             "limit",
             format!("must be 1..={max_series}"),
         )));
     }
-    let tenant = reader.tenant;
-    let visibility = reader.visibility;
-    let scope = ReadScope::new(&visibility, &range);
+    let (tenant, visibility) = (read.reader.tenant, &read.reader.visibility);
     let key = format!(
         "series:{}:{}:{}:{limit}",
         bucket.as_str(),
@@ -463,7 +313,7 @@ pub async fn timeseries(
         event_type.map_or("-", EventType::as_str)
     );
     let group_by = p.group_by.clone();
-    cached(&s, tenant, scope, &key, |ctx| async move {
+    read.answer(&range, &key, |ctx| async move {
         let mut ts = TimeSeries {
             tenant_id: tenant,
             from: range.from,
@@ -475,11 +325,11 @@ pub async fn timeseries(
             groups: 0,
             series: Vec::new(),
         };
-        if let Some((mut tx, fresh)) = ctx {
+        if let Some(TenantRead { mut tx, fresh }) = ctx {
             ts.as_of = fresh.as_of;
             let query = SeriesQuery {
                 range: &range,
-                visibility: &visibility,
+                visibility,
                 bucket,
                 column,
                 event_type,

@@ -1,8 +1,6 @@
 //! Top-N lists (from the rollups) and the activity feed (from the raw tables, newest first,
 //! with cursor pagination and filters). Both follow the caller's visibility.
 
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -12,11 +10,9 @@ use shared::problem::Problem;
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
-use super::dashboard::{bad, cached, db_error, parse_range, ReadScope};
 use crate::range::Grain;
-use crate::state::AppState;
-
-type QueryRejection = axum::extract::rejection::QueryRejection;
+use crate::read::csv::{respond, wants_csv};
+use crate::read::{db_error, invalid, ranged, Read, TenantRead};
 
 #[derive(Debug, Deserialize)]
 pub struct TopParams {
@@ -57,23 +53,18 @@ pub struct TopList {
 }
 
 /// `GET /v1/dashboard/top`
-pub async fn top(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    params: Result<Query<TopParams>, QueryRejection>,
-) -> Result<Response, Problem> {
-    let reader = crate::auth::reader(&s, &headers).await?;
-    let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
-    let csv = super::tables::wants_csv(p.format.as_deref())?;
-    let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
-    let dimension = p.dimension.unwrap_or_else(|| "command".into());
+pub async fn top(read: Read<TopParams>) -> Result<Response, Problem> {
+    let p = &read.params;
+    let csv = wants_csv(p.format.as_deref())?;
+    let range = read.range()?;
+    let dimension = p.dimension.clone().unwrap_or_else(|| "command".into());
     let (column, implied) = match dimension.as_str() {
         "command" => ("name", Some(EventType::CommandExecuted)),
         "agent" => ("name", Some(EventType::AgentInteracted)),
         "tool" => ("name", Some(EventType::ToolExecuted)),
         "user" | "team" | "project" => (dimension.as_str(), None),
         other => {
-            return Err(bad(FieldError::new(
+            return Err(invalid(FieldError::new(
                 "dimension",
                 format!(
                     "unknown dimension `{other}`; use command, agent, tool, user, team or project"
@@ -82,22 +73,27 @@ pub async fn top(
         }
     };
     let column = column.to_string();
-    let by = p.by.unwrap_or_else(|| "count".into());
+    let by = p.by.clone().unwrap_or_else(|| "count".into());
     if !["count", "errors", "duration"].contains(&by.as_str()) {
-        return Err(bad(FieldError::new("by", "use count, errors or duration")));
+        return Err(invalid(FieldError::new(
+            "by",
+            "use count, errors or duration",
+        )));
     }
     let limit = p.limit.unwrap_or(10);
     if !(1..=100).contains(&limit) {
-        return Err(bad(FieldError::new("limit", "must be 1..=100")));
+        return Err(invalid(FieldError::new("limit", "must be 1..=100")));
     }
     let event_type = match (p.event_type.as_deref(), implied) {
         (None, t) => t,
         (Some(t), implied) => {
             let t = EventType::parse(t)
                 .filter(|t| t.is_metric())
-                .ok_or_else(|| bad(FieldError::new("type", format!("unknown event type `{t}`"))))?;
+                .ok_or_else(|| {
+                    invalid(FieldError::new("type", format!("unknown event type `{t}`")))
+                })?;
             if implied.is_some_and(|i| i != t) {
-                return Err(bad(FieldError::new(
+                return Err(invalid(FieldError::new(
                     "type",
                     format!("dimension {dimension} implies its own type"),
                 )));
@@ -105,14 +101,12 @@ pub async fn top(
             Some(t)
         }
     };
-    let tenant = reader.tenant;
-    let visibility = reader.visibility;
-    let scope = ReadScope::new(&visibility, &range);
+    let (tenant, visibility) = (read.reader.tenant, &read.reader.visibility);
     let key = format!(
         "top:{dimension}:{by}:{limit}:{}",
         event_type.map_or("-", EventType::as_str)
     );
-    let res = cached(&s, tenant, scope, &key, |ctx| async move {
+    let res = read.answer(&range, &key, |ctx| async move {
         let mut list = TopList {
             tenant_id: tenant,
             from: range.from,
@@ -122,7 +116,7 @@ pub async fn top(
             by: by.clone(),
             items: Vec::new(),
         };
-        let Some((mut tx, fresh)) = ctx else { return Ok(list) };
+        let Some(TenantRead { mut tx, fresh }) = ctx else { return Ok(list) };
         list.as_of = fresh.as_of;
         let (user_filter, team_filter) = visibility.filters();
         let grain = Grain::for_range(&range);
@@ -200,7 +194,7 @@ pub async fn top(
         Ok(list)
     })
     .await?;
-    super::tables::respond(res, csv, "items").await
+    respond(res, csv, "items").await
 }
 
 #[derive(Debug, Deserialize)]
@@ -218,6 +212,8 @@ pub struct ActivityParams {
     pub limit: Option<i64>,
     pub cursor: Option<String>,
 }
+
+ranged!(TopParams, ActivityParams);
 
 #[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
 pub struct ActivityItem {
@@ -260,22 +256,17 @@ const FEED_SQL: &str = "SELECT event_id, occurred_at, event_type, user_id, team_
   LIMIT $11";
 
 /// `GET /v1/dashboard/activity`
-pub async fn activity(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    params: Result<Query<ActivityParams>, QueryRejection>,
-) -> Result<Response, Problem> {
-    let reader = crate::auth::reader(&s, &headers).await?;
-    let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
-    let csv = super::tables::wants_csv(p.format.as_deref())?;
-    let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
+pub async fn activity(read: Read<ActivityParams>) -> Result<Response, Problem> {
+    let p = &read.params;
+    let csv = wants_csv(p.format.as_deref())?;
+    let range = read.range()?;
     let limit = p.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
-        return Err(bad(FieldError::new("limit", "must be 1..=1000")));
+        return Err(invalid(FieldError::new("limit", "must be 1..=1000")));
     }
     if let Some(t) = p.event_type.as_deref() {
         if !EventType::parse(t).is_some_and(|t| t.is_metric()) {
-            return Err(bad(FieldError::new(
+            return Err(invalid(FieldError::new(
                 "type",
                 format!("unknown event type `{t}`"),
             )));
@@ -286,48 +277,47 @@ pub async fn activity(
         .as_deref()
         .map(crate::cursor::decode::<Uuid>)
         .transpose()?;
-    let tenant = reader.tenant;
-    let visibility = reader.visibility;
-    let scope = ReadScope::new(&visibility, &range);
+    let visibility = &read.reader.visibility;
     let key = format!(
         "activity:{:?}:{:?}:{:?}:{:?}:{limit}:{:?}",
         p.user, p.event_type, p.status, p.name, p.cursor
     );
-    let res = cached(&s, tenant, scope, &key, |ctx| async move {
-        let mut page = ActivityPage {
-            as_of: None,
-            items: Vec::new(),
-            next_cursor: None,
-        };
-        let Some((mut tx, fresh)) = ctx else {
-            return Ok(page);
-        };
-        page.as_of = fresh.as_of;
-        let (user_filter, team_filter) = visibility.filters();
-        let (before_t, before_id) = cursor.map_or((None, None), |(t, id)| (Some(t), Some(id)));
-        page.items = sqlx::query_as(FEED_SQL)
-            .bind(range.from)
-            .bind(range.to)
-            .bind(p.user.as_deref())
-            .bind(p.event_type.as_deref())
-            .bind(p.status.as_deref())
-            .bind(p.name.as_deref())
-            .bind(before_t)
-            .bind(before_id)
-            .bind(user_filter)
-            .bind(team_filter)
-            .bind(limit)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        if page.items.len() as i64 == limit {
-            page.next_cursor = page
-                .items
-                .last()
-                .map(|i| crate::cursor::encode(i.occurred_at, i.event_id));
-        }
-        Ok(page)
-    })
-    .await?;
-    super::tables::respond(res, csv, "items").await
+    let res = read
+        .answer(&range, &key, |ctx| async move {
+            let mut page = ActivityPage {
+                as_of: None,
+                items: Vec::new(),
+                next_cursor: None,
+            };
+            let Some(TenantRead { mut tx, fresh }) = ctx else {
+                return Ok(page);
+            };
+            page.as_of = fresh.as_of;
+            let (user_filter, team_filter) = visibility.filters();
+            let (before_t, before_id) = cursor.map_or((None, None), |(t, id)| (Some(t), Some(id)));
+            page.items = sqlx::query_as(FEED_SQL)
+                .bind(range.from)
+                .bind(range.to)
+                .bind(p.user.as_deref())
+                .bind(p.event_type.as_deref())
+                .bind(p.status.as_deref())
+                .bind(p.name.as_deref())
+                .bind(before_t)
+                .bind(before_id)
+                .bind(user_filter)
+                .bind(team_filter)
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            if page.items.len() as i64 == limit {
+                page.next_cursor = page
+                    .items
+                    .last()
+                    .map(|i| crate::cursor::encode(i.occurred_at, i.event_id));
+            }
+            Ok(page)
+        })
+        .await?;
+    respond(res, csv, "items").await
 }

@@ -10,7 +10,8 @@ use axum::extract::{Query, Request};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use shared::events::FieldError;
-use shared::problem::Problem;
+
+use crate::read::invalid;
 
 /// Refuses a query parameter holding NUL with a 400 naming it: PostgreSQL cannot store or
 /// compare text with NUL, and would otherwise fail the query (a 503 for the sender's fault).
@@ -21,9 +22,7 @@ pub async fn refuse_nul(request: Request, next: Next) -> Response {
             .find(|(k, v)| k.contains('\0') || v.contains('\0'))
         {
             let e = FieldError::new(name.replace('\0', "\\0"), "must not contain NUL");
-            return Problem::bad_request("invalid-parameter", format!("{}: {}", e.field, e.reason))
-                .with_errors(vec![e])
-                .into_response();
+            return invalid(e).into_response();
         }
     }
     next.run(request).await

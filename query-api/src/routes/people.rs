@@ -4,8 +4,6 @@
 //! the same formula over all its commands and agents, with the command term taken per
 //! active user.
 
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -13,9 +11,10 @@ use shared::events::FieldError;
 use shared::problem::Problem;
 use shared::tenant::TenantId;
 
-use super::dashboard::{bad, cached, db_error, parse_range, ReadScope};
-use crate::range::Grain;
-use crate::state::AppState;
+use crate::auth::Visibility;
+use crate::range::{Grain, TimeRange};
+use crate::read::csv::{respond, wants_csv};
+use crate::read::{db_error, invalid, ranged, Read, TenantRead};
 
 #[derive(Debug, Deserialize)]
 pub struct RankedParams {
@@ -30,6 +29,8 @@ pub struct RankedParams {
     pub cursor: Option<String>,
 }
 
+ranged!(RankedParams);
+
 /// A page of a list ranked by score (descending), then key: the rows after `cursor`.
 struct Page {
     limit: usize,
@@ -40,7 +41,7 @@ impl Page {
     fn parse(limit: Option<usize>, cursor: Option<&str>) -> Result<Page, Problem> {
         let limit = limit.unwrap_or(100);
         if !(1..=1000).contains(&limit) {
-            return Err(bad(FieldError::new("limit", "must be 1..=1000")));
+            return Err(invalid(FieldError::new("limit", "must be 1..=1000")));
         }
         let after = cursor.map(crate::cursor::decode_ranked).transpose()?;
         Ok(Page { limit, after })
@@ -149,14 +150,13 @@ type Row = (String, i64, i64, i64, i64, i64);
 /// Per key (user or team): commands, errors, duration sum, distinct agents, active users.
 async fn rows(
     tx: &mut sqlx::PgConnection,
-    grain: Grain,
-    range: &crate::range::TimeRange,
+    range: &TimeRange,
     column: &str,
-    visibility: &crate::auth::Visibility,
+    visibility: &Visibility,
 ) -> sqlx::Result<Vec<Row>> {
     let (user_filter, team_filter) = visibility.filters();
     sqlx::query_as(by_grain!(
-        grain,
+        Grain::for_range(range),
         "SELECT CASE $3 WHEN 'team' THEN team_id ELSE user_id END AS k,
                 coalesce(sum(count) FILTER (WHERE event_type = 'command.executed'), 0)::bigint,
                 coalesce(sum(errors) FILTER (WHERE event_type = 'command.executed'), 0)::bigint,
@@ -178,64 +178,59 @@ async fn rows(
     .await
 }
 
-/// `GET /v1/dashboard/productivity`: every visible user's score with its inputs.
-pub async fn productivity(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    params: Result<Query<RankedParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, Problem> {
-    let reader = crate::auth::reader(&s, &headers).await?;
-    let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
-    let csv = super::tables::wants_csv(p.format.as_deref())?;
-    let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
+/// What both ranked lists take: the format, the range and the page.
+fn ranked(read: &Read<RankedParams>) -> Result<(bool, TimeRange, Page), Problem> {
+    let p = &read.params;
+    let csv = wants_csv(p.format.as_deref())?;
+    let range = read.range()?;
     let page = Page::parse(p.limit, p.cursor.as_deref())?;
-    let (tenant, visibility) = (reader.tenant, reader.visibility);
-    let scope = ReadScope::new(&visibility, &range);
+    Ok((csv, range, page))
+}
+
+/// `GET /v1/dashboard/productivity`: every visible user's score with its inputs.
+pub async fn productivity(read: Read<RankedParams>) -> Result<Response, Problem> {
+    let (csv, range, page) = ranked(&read)?;
+    let (tenant, visibility) = (read.reader.tenant, &read.reader.visibility);
     let key = format!("productivity:{}", page.cache_key());
-    let res = cached(&s, tenant, scope, &key, |ctx| async move {
-        let mut answer = ProductivityAnswer {
-            tenant_id: tenant,
-            from: range.from,
-            to: range.to,
-            as_of: None,
-            formula: FORMULA.into(),
-            total: 0,
-            users: Vec::new(),
-            next_cursor: None,
-        };
-        let Some((mut tx, fresh)) = ctx else {
-            return Ok(answer);
-        };
-        answer.as_of = fresh.as_of;
-        let rows = rows(
-            &mut tx,
-            Grain::for_range(&range),
-            &range,
-            "user",
-            &visibility,
-        )
-        .await
-        .map_err(db_error)?;
-        let mut users: Vec<UserProductivity> = rows
-            .into_iter()
-            .map(|(user, cmds, errs, dsum, agents, _)| UserProductivity {
-                user_id: user,
-                score: score(cmds, errs, dsum, agents, cmds as f64),
-            })
-            .collect();
-        users.sort_by(|a, b| {
-            b.score
-                .score
-                .total_cmp(&a.score.score)
-                .then(a.user_id.cmp(&b.user_id))
-        });
-        answer.total = users.len();
-        (answer.users, answer.next_cursor) =
-            page.take(users, |u| (u.score.score, u.user_id.as_str()));
-        Ok(answer)
-    })
-    .await?;
-    super::tables::respond(res, csv, "users").await
+    let res = read
+        .answer(&range, &key, |ctx| async move {
+            let mut answer = ProductivityAnswer {
+                tenant_id: tenant,
+                from: range.from,
+                to: range.to,
+                as_of: None,
+                formula: FORMULA.into(),
+                total: 0,
+                users: Vec::new(),
+                next_cursor: None,
+            };
+            let Some(TenantRead { mut tx, fresh }) = ctx else {
+                return Ok(answer);
+            };
+            answer.as_of = fresh.as_of;
+            let rows = rows(&mut tx, &range, "user", visibility)
+                .await
+                .map_err(db_error)?;
+            let mut users: Vec<UserProductivity> = rows
+                .into_iter()
+                .map(|(user, cmds, errs, dsum, agents, _)| UserProductivity {
+                    user_id: user,
+                    score: score(cmds, errs, dsum, agents, cmds as f64),
+                })
+                .collect();
+            users.sort_by(|a, b| {
+                b.score
+                    .score
+                    .total_cmp(&a.score.score)
+                    .then(a.user_id.cmp(&b.user_id))
+            });
+            answer.total = users.len();
+            (answer.users, answer.next_cursor) =
+                page.take(users, |u| (u.score.score, u.user_id.as_str()));
+            Ok(answer)
+        })
+        .await?;
+    respond(res, csv, "users").await
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -264,73 +259,59 @@ pub struct TeamsAnswer {
 }
 
 /// `GET /v1/dashboard/teams`: team comparison with rank and percentile.
-pub async fn teams(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    params: Result<Query<RankedParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, Problem> {
-    let reader = crate::auth::reader(&s, &headers).await?;
-    let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
-    let csv = super::tables::wants_csv(p.format.as_deref())?;
-    let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
-    let page = Page::parse(p.limit, p.cursor.as_deref())?;
-    let (tenant, visibility) = (reader.tenant, reader.visibility);
-    let scope = ReadScope::new(&visibility, &range);
+pub async fn teams(read: Read<RankedParams>) -> Result<Response, Problem> {
+    let (csv, range, page) = ranked(&read)?;
+    let (tenant, visibility) = (read.reader.tenant, &read.reader.visibility);
     let key = format!("teams:{}", page.cache_key());
-    let res = cached(&s, tenant, scope, &key, |ctx| async move {
-        let mut answer = TeamsAnswer {
-            tenant_id: tenant,
-            from: range.from,
-            to: range.to,
-            as_of: None,
-            total: 0,
-            teams: Vec::new(),
-            next_cursor: None,
-        };
-        let Some((mut tx, fresh)) = ctx else {
-            return Ok(answer);
-        };
-        answer.as_of = fresh.as_of;
-        let rows = rows(
-            &mut tx,
-            Grain::for_range(&range),
-            &range,
-            "team",
-            &visibility,
-        )
-        .await
-        .map_err(db_error)?;
-        let mut teams: Vec<(String, i64, Score)> = rows
-            .into_iter()
-            .map(|(team, cmds, errs, dsum, agents, people)| {
-                let per_person = cmds as f64 / people.max(1) as f64;
-                (team, people, score(cmds, errs, dsum, agents, per_person))
-            })
-            .collect();
-        teams.sort_by(|a, b| b.2.score.total_cmp(&a.2.score).then(a.0.cmp(&b.0)));
-        let n = teams.len();
-        let ranked: Vec<TeamRow> = teams
-            .into_iter()
-            .enumerate()
-            .map(|(i, (team_id, active_users, score))| TeamRow {
-                team_id,
-                active_users,
-                score,
-                rank: i + 1,
-                percentile: if n > 1 {
-                    100.0 * (n - 1 - i) as f64 / (n - 1) as f64
-                } else {
-                    100.0
-                },
-            })
-            .collect();
-        answer.total = n;
-        (answer.teams, answer.next_cursor) =
-            page.take(ranked, |t| (t.score.score, t.team_id.as_str()));
-        Ok(answer)
-    })
-    .await?;
-    super::tables::respond(res, csv, "teams").await
+    let res = read
+        .answer(&range, &key, |ctx| async move {
+            let mut answer = TeamsAnswer {
+                tenant_id: tenant,
+                from: range.from,
+                to: range.to,
+                as_of: None,
+                total: 0,
+                teams: Vec::new(),
+                next_cursor: None,
+            };
+            let Some(TenantRead { mut tx, fresh }) = ctx else {
+                return Ok(answer);
+            };
+            answer.as_of = fresh.as_of;
+            let rows = rows(&mut tx, &range, "team", visibility)
+                .await
+                .map_err(db_error)?;
+            let mut teams: Vec<(String, i64, Score)> = rows
+                .into_iter()
+                .map(|(team, cmds, errs, dsum, agents, people)| {
+                    let per_person = cmds as f64 / people.max(1) as f64;
+                    (team, people, score(cmds, errs, dsum, agents, per_person))
+                })
+                .collect();
+            teams.sort_by(|a, b| b.2.score.total_cmp(&a.2.score).then(a.0.cmp(&b.0)));
+            let n = teams.len();
+            let ranked: Vec<TeamRow> = teams
+                .into_iter()
+                .enumerate()
+                .map(|(i, (team_id, active_users, score))| TeamRow {
+                    team_id,
+                    active_users,
+                    score,
+                    rank: i + 1,
+                    percentile: if n > 1 {
+                        100.0 * (n - 1 - i) as f64 / (n - 1) as f64
+                    } else {
+                        100.0
+                    },
+                })
+                .collect();
+            answer.total = n;
+            (answer.teams, answer.next_cursor) =
+                page.take(ranked, |t| (t.score.score, t.team_id.as_str()));
+            Ok(answer)
+        })
+        .await?;
+    respond(res, csv, "teams").await
 }
 
 #[cfg(test)]

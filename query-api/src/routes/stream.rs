@@ -1,11 +1,11 @@
 //! `GET /v1/stream`: Server-Sent Events of the caller's new activity (`activity` events) and,
 //! after each burst, the updated 24-hour totals (`totals` events), tenant- and scope-bound.
 //!
-//! The projector publishes `tally:projected:<tenant>` in Redis after each commit; a single
-//! subscriber here wakes the streams of that tenant, which then read what was projected after
-//! their position — with the caller's visibility, from the tenant's own schema under its
-//! role. While that subscription is down, streams check every 2 s (and every 30 s otherwise,
-//! in case a notification was lost).
+//! The projector publishes on the tenant's channel in Redis (`shared::watermark`) after each
+//! commit; the hub's one subscriber ([`crate::hub`]) wakes the streams of that tenant, which
+//! then read what was projected after their position — with the caller's visibility, from
+//! the tenant's own schema under its role. While that subscription is down, streams check
+//! every 2 s (and every 30 s otherwise, in case a notification was lost).
 //!
 //! A position is the projector transaction that wrote a row and the row's ordinal in it
 //! (`feed_seq`, `feed_ord`, indexed): one tenant's transactions commit in that order (see
@@ -16,155 +16,24 @@
 //! The credential is checked again every `stream_recheck_secs`; when it no longer holds the
 //! stream sends a `closed` event and ends. Open streams are capped per tenant and in all.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use serde::Serialize;
 use shared::problem::Problem;
 use shared::tenant::TenantId;
-use shared::tenant_sql;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::auth::{Reader, Visibility};
+use crate::hub::Slot;
+use crate::read::{db_error, tenant};
 use crate::state::AppState;
-
-/// Per-tenant wake-ups, fed by one Redis subscription, and the count of open streams.
-#[derive(Clone, Default)]
-pub struct Hub {
-    tenants: Arc<Mutex<HashMap<TenantId, broadcast::Sender<()>>>>,
-    /// Whether the Redis subscription is up (wake-ups arrive).
-    live: Arc<AtomicBool>,
-    open: Arc<Mutex<OpenStreams>>,
-}
-
-#[derive(Default)]
-struct OpenStreams {
-    per_tenant: HashMap<TenantId, usize>,
-    total: usize,
-}
-
-/// One open stream, counted (also in `sse_connections`) for as long as it lives, however it
-/// ends.
-struct Slot {
-    open: Arc<Mutex<OpenStreams>>,
-    tenant: TenantId,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self.open.lock().expect("hub lock");
-        open.total = open.total.saturating_sub(1);
-        if let Some(n) = open.per_tenant.get_mut(&self.tenant) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                open.per_tenant.remove(&self.tenant);
-            }
-        }
-        metrics::gauge!("sse_connections").decrement(1.0);
-    }
-}
-
-impl Hub {
-    /// How long a stream waits for a wake-up before it looks for itself.
-    fn poll_interval(&self) -> Duration {
-        if self.live.load(Ordering::Relaxed) {
-            Duration::from_secs(30)
-        } else {
-            Duration::from_secs(2)
-        }
-    }
-
-    /// A place for one more stream of `tenant`, or a 429 when the tenant or the process
-    /// already has as many open as allowed.
-    fn admit(&self, tenant: TenantId, per_tenant: usize, total: usize) -> Result<Slot, Problem> {
-        let mut open = self.open.lock().expect("hub lock");
-        let mine = open.per_tenant.get(&tenant).copied().unwrap_or(0);
-        let refuse = |detail: String| {
-            metrics::counter!("sse_refused_total").increment(1);
-            Problem::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too-many-streams",
-                "Too many live feeds",
-                detail,
-            )
-            .with_retry_after(30)
-        };
-        if mine >= per_tenant {
-            return Err(refuse(format!(
-                "this tenant already has {mine} live feeds open (at most {per_tenant}); close one"
-            )));
-        }
-        if open.total >= total {
-            return Err(refuse(
-                "this server has as many live feeds open as it serves; retry later".into(),
-            ));
-        }
-        open.total += 1;
-        *open.per_tenant.entry(tenant).or_default() += 1;
-        metrics::gauge!("sse_connections").increment(1.0);
-        Ok(Slot {
-            open: self.open.clone(),
-            tenant,
-        })
-    }
-
-    fn subscribe(&self, tenant: TenantId) -> broadcast::Receiver<()> {
-        self.tenants
-            .lock()
-            .expect("hub lock")
-            .entry(tenant)
-            .or_insert_with(|| broadcast::channel(16).0)
-            .subscribe()
-    }
-
-    fn wake(&self, tenant: TenantId) {
-        if let Some(tx) = self.tenants.lock().expect("hub lock").get(&tenant) {
-            let _ = tx.send(());
-        }
-    }
-
-    /// Listens to the projector's notifications for as long as the process runs
-    /// (reconnecting when Redis goes away).
-    pub fn listen(&self, redis_url: String) {
-        let hub = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let result = hub.listen_once(&redis_url).await;
-                hub.live.store(false, Ordering::Relaxed);
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "live feed subscription lost; retrying");
-                }
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        });
-    }
-
-    async fn listen_once(&self, url: &str) -> redis::RedisResult<()> {
-        let client = redis::Client::open(url)?;
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.psubscribe("tally:projected:*").await?;
-        self.live.store(true, Ordering::Relaxed);
-        let mut messages = pubsub.into_on_message();
-        while let Some(msg) = messages.next().await {
-            let channel = msg.get_channel_name();
-            if let Some(t) = channel.strip_prefix("tally:projected:") {
-                if let Ok(tenant) = t.parse() {
-                    self.wake(tenant);
-                }
-            }
-        }
-        Ok(())
-    }
-}
 
 /// A place in a tenant's feed: after row `ord` of projector transaction `seq` of projection
 /// version `version` (version 0: before the tenant had any projection).
@@ -228,16 +97,12 @@ const SINCE_SQL: &str = "SELECT event_id, occurred_at, received_at, event_type, 
 
 /// The position after everything the tenant's active projection has now.
 async fn present(s: &AppState, tenant: TenantId) -> Result<Position, sqlx::Error> {
-    let mut tx = s.pool.begin().await?;
-    let Some(version) = tenant_sql::enter_active_readonly(&mut tx, tenant).await? else {
+    let Some(read) = tenant::open(&s.pool, tenant).await? else {
         return Ok(Position::BEFORE_ANY);
     };
-    let seq: i64 = sqlx::query_scalar("SELECT seq FROM projection_state")
-        .fetch_one(&mut *tx)
-        .await?;
     Ok(Position {
-        version,
-        seq,
+        version: read.fresh.version,
+        seq: read.fresh.seq,
         ord: i32::MAX,
     })
 }
@@ -252,8 +117,7 @@ async fn since(
     visibility: &Visibility,
     at: Position,
 ) -> Result<(Position, Vec<Item>), sqlx::Error> {
-    let mut tx = s.pool.begin().await?;
-    let Some(version) = tenant_sql::enter_active_readonly(&mut tx, tenant).await? else {
+    let Some((mut tx, version)) = tenant::enter(&s.pool, tenant).await? else {
         return Ok((at, Vec::new()));
     };
     let at = if at.version == version {
@@ -299,18 +163,14 @@ async fn totals(
     tenant: TenantId,
     visibility: &Visibility,
 ) -> Result<Totals, sqlx::Error> {
-    let mut tx = s.pool.begin().await?;
-    if tenant_sql::enter_active_readonly(&mut tx, tenant)
-        .await?
-        .is_none()
-    {
+    let Some((mut tx, _)) = tenant::enter(&s.pool, tenant).await? else {
         return Ok(Totals {
             events_24h: 0,
             commands_24h: 0,
             command_errors_24h: 0,
             as_of: None,
         });
-    }
+    };
     let (user_filter, team_filter) = visibility.filters();
     let (events, commands, errors): (i64, i64, i64) = sqlx::query_as(
         "SELECT coalesce(sum(count), 0)::bigint,
@@ -361,7 +221,7 @@ impl Feed {
             }
             if Instant::now() >= self.next_check {
                 self.next_check = Instant::now() + self.recheck_interval();
-                match crate::auth::recheck(&self.s, &self.reader).await {
+                match self.s.auth.recheck(&self.reader).await {
                     Ok(()) => {}
                     // It cannot be checked right now: stay open and check again next time.
                     Err(p) if p.status >= 500 => {
@@ -446,7 +306,7 @@ pub async fn stream(
 ) -> Result<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>, Problem> {
     // A stream outlives the short credential caches that other requests use: the credential
     // is checked as it is now (a key revoked a moment ago opens nothing).
-    let reader = crate::auth::reader_uncached(&s, &headers).await?;
+    let reader = s.auth.reader_uncached(&headers).await?;
     let slot = s.hub.admit(
         reader.tenant,
         s.config.stream_max_per_tenant,
@@ -454,9 +314,7 @@ pub async fn stream(
     )?;
     // Event ids are the feed's positions; one this API did not give (or not for the version
     // now served, or ahead of it) starts from now.
-    let now = present(&s, reader.tenant)
-        .await
-        .map_err(super::dashboard::db_error)?;
+    let now = present(&s, reader.tenant).await.map_err(db_error)?;
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -498,18 +356,5 @@ mod tests {
         for bad in ["", "1.2", "1.2.3.4", "a.b.c", "-1.2.3", "MjAyNi0xMS0wMQ"] {
             assert_eq!(Position::decode(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn streams_are_capped_per_tenant_and_in_all() {
-        let hub = Hub::default();
-        let (a, b) = (TenantId(Uuid::now_v7()), TenantId(Uuid::now_v7()));
-        let a1 = hub.admit(a, 2, 3).unwrap();
-        let _a2 = hub.admit(a, 2, 3).unwrap();
-        assert_eq!(hub.admit(a, 2, 3).err().map(|p| p.status), Some(429));
-        let _b1 = hub.admit(b, 2, 3).unwrap();
-        assert_eq!(hub.admit(b, 2, 3).err().map(|p| p.status), Some(429));
-        drop(a1);
-        assert!(hub.admit(b, 2, 3).is_ok());
     }
 }

@@ -1,9 +1,6 @@
-//! Sessions, `metric.sample` series, and CSV export of table answers.
+//! Sessions and `metric.sample` series.
 
-use axum::body::to_bytes;
-use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, HeaderValue};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -11,92 +8,9 @@ use shared::events::FieldError;
 use shared::problem::Problem;
 use shared::tenant::TenantId;
 
-use super::dashboard::{bad, cached, db_error, parse_range, ReadScope};
 use crate::range::Bucket;
-use crate::state::AppState;
-
-type QueryRejection = axum::extract::rejection::QueryRejection;
-
-/// `format=json` (default) or `format=csv`.
-pub fn wants_csv(format: Option<&str>) -> Result<bool, Problem> {
-    match format {
-        None | Some("json") => Ok(false),
-        Some("csv") => Ok(true),
-        Some(_) => Err(bad(FieldError::new("format", "use json or csv"))),
-    }
-}
-
-/// The answer as computed (JSON), or as CSV of its array `field` when `csv` was asked for.
-pub async fn respond(res: Response, csv: bool, field: &str) -> Result<Response, Problem> {
-    if csv {
-        as_csv(res, field).await
-    } else {
-        Ok(res)
-    }
-}
-
-/// Turns a JSON answer into CSV (RFC 4180 quoting): the rows are the objects of its array
-/// `field`; the columns are their keys, in alphabetical order; nested values are written as
-/// JSON.
-pub async fn as_csv(res: Response, field: &str) -> Result<Response, Problem> {
-    let body = to_bytes(res.into_body(), 64 * 1024 * 1024)
-        .await
-        .map_err(|_| Problem::internal())?;
-    let v: Value = serde_json::from_slice(&body).map_err(|_| Problem::internal())?;
-    let rows = v
-        .get(field)
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let mut columns: Vec<String> = Vec::new();
-    for r in &rows {
-        if let Some(o) = r.as_object() {
-            for k in o.keys() {
-                if !columns.contains(k) {
-                    columns.push(k.clone());
-                }
-            }
-        }
-    }
-    let cell = |v: Option<&Value>| -> String {
-        match v {
-            None | Some(Value::Null) => String::new(),
-            Some(Value::String(s)) => csv_cell(s),
-            Some(other) => csv_cell(&other.to_string()),
-        }
-    };
-    let header: Vec<String> = columns.iter().map(|c| csv_cell(c)).collect();
-    let mut out = header.join(",");
-    out.push('\n');
-    for r in &rows {
-        let line: Vec<String> = columns.iter().map(|c| cell(r.get(c))).collect();
-        out.push_str(&line.join(","));
-        out.push('\n');
-    }
-    let mut res = out.into_response();
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/csv; charset=utf-8"),
-    );
-    Ok(res)
-}
-
-/// One CSV field: RFC 4180 quoting, and a text that a spreadsheet would run as a formula
-/// (starting with `=`, `+`, `-`, `@`, a tab or a carriage return) gets a leading `'`, so it
-/// is shown as text. JSON numbers are written as they are: `-5` is a number, not a formula.
-pub fn csv_cell(raw: &str) -> String {
-    let numeric = raw.parse::<f64>().is_ok() && !raw.starts_with(['+', '@', '=', '\t', '\r']);
-    let text = if !numeric && raw.starts_with(['=', '+', '-', '@', '\t', '\r']) {
-        format!("'{raw}")
-    } else {
-        raw.to_string()
-    };
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text
-    }
-}
+use crate::read::csv::{respond, wants_csv};
+use crate::read::{db_error, invalid, ranged, Read, TenantRead};
 
 #[derive(Debug, Deserialize)]
 pub struct SessionParams {
@@ -131,31 +45,25 @@ pub struct SessionPage {
 }
 
 /// `GET /v1/dashboard/sessions`: sessions that started (or ended) in the range, newest first.
-pub async fn sessions(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    params: Result<Query<SessionParams>, QueryRejection>,
-) -> Result<Response, Problem> {
-    let reader = crate::auth::reader(&s, &headers).await?;
-    let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
-    let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
+pub async fn sessions(read: Read<SessionParams>) -> Result<Response, Problem> {
+    let p = &read.params;
+    let range = read.range()?;
     let csv = wants_csv(p.format.as_deref())?;
     let limit = p.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(bad(FieldError::new("limit", "must be 1..=1000")));
+        return Err(invalid(FieldError::new("limit", "must be 1..=1000")));
     }
     let cursor: Option<(DateTime<Utc>, String)> =
         p.cursor.as_deref().map(crate::cursor::decode).transpose()?;
-    let (tenant, visibility) = (reader.tenant, reader.visibility);
-    let scope = ReadScope::new(&visibility, &range);
+    let visibility = &read.reader.visibility;
     let key = format!("sessions:{:?}:{limit}:{:?}", p.user, p.cursor);
-    let res = cached(&s, tenant, scope, &key, |ctx| async move {
+    let res = read.answer(&range, &key, |ctx| async move {
         let mut page = SessionPage {
             as_of: None,
             sessions: Vec::new(),
             next_cursor: None,
         };
-        let Some((mut tx, fresh)) = ctx else { return Ok(page) };
+        let Some(TenantRead { mut tx, fresh }) = ctx else { return Ok(page) };
         page.as_of = fresh.as_of;
         let (user_filter, team_filter) = visibility.filters();
         let (before_t, before_id) = cursor.map_or((None, None), |(t, id)| (Some(t), Some(id)));
@@ -213,6 +121,8 @@ pub struct MetricParams {
     pub limit: Option<usize>,
 }
 
+ranged!(SessionParams, MetricParams);
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MetricSeries {
     pub tenant_id: TenantId,
@@ -240,32 +150,28 @@ pub struct MetricLine {
 type MetricRow = (DateTime<Utc>, bool, Option<String>, i64, f64);
 
 /// `GET /v1/dashboard/metrics`: a `metric.sample` series by name and label matchers.
-pub async fn metrics(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    params: Result<Query<MetricParams>, QueryRejection>,
-) -> Result<Response, Problem> {
-    let reader = crate::auth::reader(&s, &headers).await?;
-    let Query(p) = params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
-    let range = parse_range(&s, p.range.as_deref(), p.from.as_deref(), p.to.as_deref())?;
+pub async fn metrics(read: Read<MetricParams>) -> Result<Response, Problem> {
+    let (p, config) = (&read.params, read.config());
+    let range = read.range()?;
     let name = p
         .name
+        .clone()
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| bad(FieldError::new("name", "is required")))?;
+        .ok_or_else(|| invalid(FieldError::new("name", "is required")))?;
     let step = Bucket::parse(p.step.as_deref().unwrap_or("1h")).map_err(|mut e| {
         e.field = "step".into();
-        bad(e)
+        invalid(e)
     })?;
-    let agg = p.agg.unwrap_or_else(|| "sum".into());
+    let agg = p.agg.clone().unwrap_or_else(|| "sum".into());
     if !["sum", "avg", "min", "max", "count", "rate"].contains(&agg.as_str()) {
-        return Err(bad(FieldError::new(
+        return Err(invalid(FieldError::new(
             "agg",
             "use sum, avg, min, max, count or rate",
         )));
     }
     let points = (range.to - range.from).num_seconds() / step.width().num_seconds();
-    if points > s.config.max_points {
-        return Err(bad(FieldError::new(
+    if points > config.max_points {
+        return Err(invalid(FieldError::new(
             "step",
             "too many points; pick a wider step",
         )));
@@ -279,23 +185,22 @@ pub async fn metrics(
         .filter(|x| !x.is_empty())
     {
         let (k, v) = pair.split_once('=').ok_or_else(|| {
-            bad(FieldError::new(
+            invalid(FieldError::new(
                 "labels",
                 format!("`{pair}` is not key=value"),
             ))
         })?;
         matchers.insert(k.trim().to_string(), Value::from(v.trim()));
     }
-    let max_series = s.config.max_series;
+    let max_series = config.max_series;
     let limit = p.limit.unwrap_or(max_series);
     if !(1..=max_series).contains(&limit) {
-        return Err(bad(FieldError::new(
+        return Err(invalid(FieldError::new(
             "limit",
             format!("must be 1..={max_series}"),
         )));
     }
-    let (tenant, visibility) = (reader.tenant, reader.visibility);
-    let scope = ReadScope::new(&visibility, &range);
+    let (tenant, visibility) = (read.reader.tenant, &read.reader.visibility);
     let key = format!(
         "metrics:{name}:{:?}:{}:{agg}:{:?}:{limit}",
         p.labels,
@@ -303,7 +208,7 @@ pub async fn metrics(
         p.group_by
     );
     let group_by = p.group_by.clone();
-    cached(&s, tenant, scope, &key, |ctx| async move {
+    read.answer(&range, &key, |ctx| async move {
         let mut out = MetricSeries {
             tenant_id: tenant,
             name: name.clone(),
@@ -313,7 +218,7 @@ pub async fn metrics(
             groups: 0,
             series: Vec::new(),
         };
-        let Some((mut tx, fresh)) = ctx else {
+        let Some(TenantRead { mut tx, fresh }) = ctx else {
             return Ok(out);
         };
         out.as_of = fresh.as_of;
@@ -379,33 +284,4 @@ pub async fn metrics(
         Ok(out)
     })
     .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::csv_cell;
-
-    #[test]
-    fn formulas_are_neutralised_and_numbers_kept() {
-        let cases = [
-            (
-                "=HYPERLINK(\"http://x\")",
-                "\"'=HYPERLINK(\"\"http://x\"\")\"",
-            ),
-            ("+1+cmd|' /C calc'!A0", "'+1+cmd|' /C calc'!A0"),
-            ("-2+3", "'-2+3"),
-            ("@SUM(A1)", "'@SUM(A1)"),
-            ("\t=1", "'\t=1"),
-            ("\r=1", "\"'\r=1\""),
-            ("plain", "plain"),
-            ("a,b", "\"a,b\""),
-            ("-5", "-5"),
-            ("-1.5e3", "-1.5e3"),
-            ("12", "12"),
-            ("", ""),
-        ];
-        for (raw, want) in cases {
-            assert_eq!(csv_cell(raw), want, "{raw:?}");
-        }
-    }
 }

@@ -1,0 +1,326 @@
+//! The read context: who reads (their credential, checked once) and what they asked (the
+//! query, parsed once), reached by handlers as extractors, then the range and the answer
+//! (scope, tenant transaction, cache) from there.
+
+use axum::extract::{FromRequestParts, Query};
+use axum::http::request::Parts;
+use axum::response::Response;
+use chrono::Utc;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use shared::problem::Problem;
+
+use super::cache::CachedAnswer;
+use super::errors::{db_error, invalid, invalid_query};
+use super::scope::ReadScope;
+use super::tenant::{self, TenantRead};
+use crate::auth::Reader;
+use crate::config::Config;
+use crate::range::TimeRange;
+use crate::state::AppState;
+
+/// The reader, from the request's credential (401 or 403 when it does not hold).
+impl FromRequestParts<AppState> for Reader {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Reader, Problem> {
+        s.auth.reader(&parts.headers).await
+    }
+}
+
+/// A reader who is one of the tenant's owners or admins (403 for anyone else).
+pub struct Admin(pub Reader);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Admin, Problem> {
+        let reader = Reader::from_request_parts(parts, s).await?;
+        reader.require_admin()?;
+        Ok(Admin(reader))
+    }
+}
+
+/// The query parameters `P`, or a 400 saying why the query string is not them.
+pub struct Params<P>(pub P);
+
+impl<P: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<P> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Params<P>, Problem> {
+        let Query(params) = Query::try_from_uri(&parts.uri).map_err(invalid_query)?;
+        Ok(Params(params))
+    }
+}
+
+/// Query parameters that name a time range: `range` (a preset), or `from` and `to`.
+pub trait Ranged {
+    /// `range`, `from` and `to`, as the request gave them.
+    fn range_params(&self) -> (Option<&str>, Option<&str>, Option<&str>);
+}
+
+/// Implements [`Ranged`] for query parameter structs with `range`, `from` and `to` fields.
+macro_rules! ranged {
+    ($($params:ty),+ $(,)?) => {
+        $(impl $crate::read::Ranged for $params {
+            fn range_params(&self) -> (Option<&str>, Option<&str>, Option<&str>) {
+                (self.range.as_deref(), self.from.as_deref(), self.to.as_deref())
+            }
+        })+
+    };
+}
+pub(crate) use ranged;
+
+/// The range `params` name, widened to whole minutes and at most `max_range_days` long, or a
+/// 400 naming the parameter at fault.
+pub fn parse_range(config: &Config, params: &impl Ranged) -> Result<TimeRange, Problem> {
+    let (range, from, to) = params.range_params();
+    TimeRange::parse(range, from, to, Utc::now(), config.max_range_days).map_err(invalid)
+}
+
+/// One dashboard read: the reader and their query parameters `P` (authenticated first, so an
+/// anonymous caller learns nothing about the parameters).
+pub struct Read<P> {
+    state: AppState,
+    pub reader: Reader,
+    pub params: P,
+}
+
+impl<P: DeserializeOwned + Send> FromRequestParts<AppState> for Read<P> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Read<P>, Problem> {
+        let reader = Reader::from_request_parts(parts, s).await?;
+        let Params(params) = Params::from_request_parts(parts, s).await?;
+        Ok(Read {
+            state: s.clone(),
+            reader,
+            params,
+        })
+    }
+}
+
+impl<P> Read<P> {
+    pub fn config(&self) -> &Config {
+        &self.state.config
+    }
+
+    /// The range the parameters name (see [`parse_range`]).
+    pub fn range(&self) -> Result<TimeRange, Problem>
+    where
+        P: Ranged,
+    {
+        parse_range(&self.state.config, &self.params)
+    }
+
+    /// The answer to this request over `range`: from the cache while the tenant's watermark
+    /// has not moved, else computed by `compute` in the tenant's read transaction (`None`
+    /// before the tenant has a projection) and cached. The watermark is read in that same
+    /// transaction, so a cached answer is never older than the projection. `request_key`
+    /// names the endpoint and every parameter that changes its answer besides the range and
+    /// the reader's visibility.
+    pub async fn answer<T, F, Fut>(
+        &self,
+        range: &TimeRange,
+        request_key: &str,
+        compute: F,
+    ) -> Result<Response, Problem>
+    where
+        T: Serialize,
+        F: FnOnce(Option<TenantRead>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Problem>>,
+    {
+        let tenant = self.reader.tenant;
+        let read = tenant::open(&self.state.pool, tenant)
+            .await
+            .map_err(db_error)?;
+        let scope = ReadScope::new(&self.reader.visibility, range);
+        let fresh = read.as_ref().map(|r| &r.fresh);
+        let cached = CachedAnswer::new(tenant, fresh, &scope, request_key);
+        if let Some(hit) = cached.get(&self.state.cache).await {
+            return Ok(hit);
+        }
+        let answer = compute(read).await?;
+        cached.put(&self.state.cache, &answer).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::{to_bytes, Body};
+    use axum::http::{header, Request, StatusCode};
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use serde_json::{json, Value};
+    use shared::jwt::{self, Claims, Jwks, KeySource, Role, Verifier};
+    use shared::tenant::TenantId;
+    use tower::ServiceExt;
+    use uuid::Uuid;
+
+    use crate::state::AppState;
+    use crate::App;
+
+    /// Every route that reads a tenant's data.
+    const READS: [&str; 10] = [
+        "/v1/dashboard/overview",
+        "/v1/dashboard/timeseries",
+        "/v1/dashboard/top",
+        "/v1/dashboard/sessions",
+        "/v1/dashboard/metrics",
+        "/v1/dashboard/productivity",
+        "/v1/dashboard/teams",
+        "/v1/dashboard/activity",
+        "/v1/audit",
+        "/v1/stream",
+    ];
+
+    /// A state without database or Redis whose verifier knows one signing key, and that key.
+    fn state() -> (AppState, jwt::NewKey) {
+        let key = jwt::generate_key();
+        let verifier = Verifier::new(KeySource::Static);
+        verifier.set_keys(&Jwks {
+            keys: vec![Jwks::ed25519(&key.kid, &key.public_key)],
+        });
+        (AppState::unconnected(verifier), key)
+    }
+
+    fn bearer(token: &str) -> String {
+        format!("Bearer {token}")
+    }
+
+    /// `GET uri` with `authorization`; the answer must be a problem.
+    async fn get(state: &AppState, uri: &str, authorization: Option<&str>) -> (StatusCode, Value) {
+        let mut request = Request::get(uri);
+        if let Some(a) = authorization {
+            request = request.header(header::AUTHORIZATION, a);
+        }
+        let res = App::router(state.clone())
+            .oneshot(request.body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let status = res.status();
+        assert_eq!(
+            res.headers()[header::CONTENT_TYPE],
+            "application/problem+json",
+            "{uri}"
+        );
+        let body = to_bytes(res.into_body(), 1 << 20).await.expect("body");
+        (status, serde_json::from_slice(&body).expect("JSON problem"))
+    }
+
+    #[tokio::test]
+    async fn reads_refuse_a_missing_or_forged_credential_before_looking_at_anything_else() {
+        let (state, key) = state();
+        let claims = Claims::new(Uuid::now_v7(), TenantId::new(), Role::Owner, 0);
+        let stranger = jwt::generate_key();
+        let sign = |kid: &str, private: &[u8]| jwt::sign(kid, private, &claims).expect("signs");
+        let b64 = |v: Value| URL_SAFE_NO_PAD.encode(v.to_string());
+        // The same claims with a MAC anyone can compute, and with no signature at all.
+        let hs256 = format!(
+            "{}.{}.c2lnbmF0dXJl",
+            b64(json!({"alg": "HS256", "typ": "JWT", "kid": key.kid})),
+            b64(json!(claims))
+        );
+        let unsigned = format!(
+            "{}.{}.",
+            b64(json!({"alg": "none", "kid": key.kid})),
+            b64(json!(claims))
+        );
+        let credentials = [
+            None,
+            Some("Bearer not-a-key".to_string()),
+            Some(bearer(&sign(&stranger.kid, &stranger.private_pkcs8))),
+            Some(bearer(&sign(&key.kid, &stranger.private_pkcs8))),
+            Some(bearer(&hs256)),
+            Some(bearer(&unsigned)),
+        ];
+        for route in READS {
+            for credential in &credentials {
+                // Parameters that are wrong too: the credential is what the caller hears about.
+                let uri = format!("{route}?range=2y&limit=x");
+                let (status, body) = get(&state, &uri, credential.as_deref()).await;
+                assert_eq!(
+                    status,
+                    StatusCode::UNAUTHORIZED,
+                    "{route} {credential:?}: {body}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn parameters_are_checked_after_the_credential_in_each_endpoints_order() {
+        let (state, key) = state();
+        let tenant = TenantId::new();
+        let token = |role: Role| {
+            let user = Uuid::now_v7();
+            state.auth.remember_member(user, tenant, role);
+            let claims = Claims::new(user, tenant, role, 0);
+            bearer(&jwt::sign(&key.kid, &key.private_pkcs8, &claims).expect("signs"))
+        };
+        let (viewer, admin) = (token(Role::Viewer), token(Role::Admin));
+        let cases = [
+            (
+                "/v1/dashboard/overview?range=2y",
+                &viewer,
+                400,
+                Some("range"),
+            ),
+            (
+                "/v1/dashboard/overview?from=2026-11-02T00:00:00Z&to=2026-11-01T00:00:00Z",
+                &viewer,
+                400,
+                Some("to"),
+            ),
+            (
+                "/v1/dashboard/overview?to=2026-11-01T00:00:00Z",
+                &viewer,
+                400,
+                Some("from"),
+            ),
+            ("/v1/dashboard/timeseries?limit=x", &viewer, 400, None),
+            (
+                "/v1/dashboard/timeseries?bucket=1m&range=30d",
+                &viewer,
+                400,
+                Some("bucket"),
+            ),
+            (
+                "/v1/dashboard/top?format=xml&range=2y",
+                &viewer,
+                400,
+                Some("format"),
+            ),
+            (
+                "/v1/dashboard/sessions?format=xml&range=2y",
+                &viewer,
+                400,
+                Some("range"),
+            ),
+            ("/v1/dashboard/metrics?range=1h", &viewer, 400, Some("name")),
+            ("/v1/dashboard/teams?limit=0", &viewer, 400, Some("limit")),
+            (
+                "/v1/dashboard/activity?cursor=garbage",
+                &viewer,
+                400,
+                Some("cursor"),
+            ),
+            ("/v1/audit?limit=x", &viewer, 403, None),
+            ("/v1/audit?limit=x", &admin, 400, None),
+            ("/v1/audit?range=2y", &admin, 400, Some("range")),
+        ];
+        for (uri, credential, status, field) in cases {
+            let (got, body) = get(&state, uri, Some(credential)).await;
+            assert_eq!(got.as_u16(), status, "{uri}: {body}");
+            assert_eq!(body["errors"][0]["field"].as_str(), field, "{uri}: {body}");
+            if status == 400 && field.is_none() {
+                assert!(
+                    body["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("Failed to deserialize query string")),
+                    "{uri}: {body}"
+                );
+            }
+        }
+    }
+}

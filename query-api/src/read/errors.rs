@@ -1,0 +1,38 @@
+//! How a read fails, as the client sees it.
+
+use axum::extract::rejection::QueryRejection;
+use shared::events::FieldError;
+use shared::problem::Problem;
+
+/// A parameter the endpoint cannot take: a 400 naming it.
+pub fn invalid(e: FieldError) -> Problem {
+    Problem::bad_request("invalid-parameter", format!("{}: {}", e.field, e.reason))
+        .with_errors(vec![e])
+}
+
+/// A query string that does not deserialize into the endpoint's parameters: a 400 saying why.
+pub fn invalid_query(e: QueryRejection) -> Problem {
+    Problem::bad_request("invalid-parameter", e.body_text())
+}
+
+/// A failed read: always a 503 with `Retry-After` (the cause is logged). A statement
+/// cancelled by `statement_timeout` says so.
+pub fn db_error(e: sqlx::Error) -> Problem {
+    if is_timeout(&e) {
+        tracing::warn!(error = %e, "query cancelled by statement_timeout");
+        metrics::counter!("query_timeouts_total").increment(1);
+        return Problem::unavailable(
+            "the query took longer than this service allows; try a shorter range or later",
+            5,
+        );
+    }
+    tracing::error!(error = %e, "query failed");
+    Problem::unavailable("the projection database is unavailable", 2)
+}
+
+/// SQLSTATE 57014 (`query_canceled`): what `statement_timeout` raises.
+fn is_timeout(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "57014")
+}

@@ -1,0 +1,199 @@
+//! What the stack holds, read from where it keeps it: the tenant's projection in PostgreSQL
+//! (counts, rollups, storage units) and the records in Kafka.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use shared::config::Common;
+use shared::tenant::TenantId;
+use sqlx::PgPool;
+
+use crate::events;
+
+/// Waits until the tenant's projection holds `expected` events (or panics after `timeout`).
+pub async fn wait_projected(
+    pool: &PgPool,
+    tenant: TenantId,
+    expected: i64,
+    timeout: Duration,
+) -> i64 {
+    let deadline = Instant::now() + timeout;
+    let mut seen = 0;
+    loop {
+        let n: Option<i64> = projected_events(pool, tenant).await;
+        if let Some(n) = n {
+            seen = n;
+            if n >= expected {
+                return n;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tenant {tenant}: {seen} of {expected} events projected after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The projection version the read side serves for a tenant.
+pub async fn active_version(pool: &PgPool, tenant: TenantId) -> i32 {
+    let mut conn = pool.acquire().await.expect("connection");
+    projector::schema::active_versions(&mut conn, &[tenant], projector::schema::Lock::None)
+        .await
+        .expect("tenant_versions")[&tenant]
+}
+
+/// Events the tenant's active projection counts, or `None` before its schema exists.
+pub async fn projected_events(pool: &PgPool, tenant: TenantId) -> Option<i64> {
+    let schema = tenant.schema(active_version(pool, tenant).await);
+    let sql = format!("SELECT events FROM {schema}.projection_state");
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_one(pool)
+        .await
+        .ok()
+}
+
+/// Runs a read-only SQL statement in the tenant's active schema and returns a single i64.
+pub async fn scalar_in_tenant(pool: &PgPool, tenant: TenantId, sql: &str) -> i64 {
+    let version = active_version(pool, tenant).await;
+    let mut tx = pool.begin().await.expect("tx");
+    projector::schema::set_search_path(&mut tx, &tenant.schema(version))
+        .await
+        .expect("search_path");
+    let v: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    v.unwrap_or(0)
+}
+
+/// Whether the tenant's active schema keeps its raw tables in TimescaleDB hypertables
+/// (rather than native daily partitions).
+pub async fn tenant_uses_timescale(pool: &PgPool, tenant: TenantId) -> bool {
+    let version = active_version(pool, tenant).await;
+    let mut conn = pool.acquire().await.expect("conn");
+    projector::schema::uses_timescale(&mut conn, &tenant.schema(version))
+        .await
+        .expect("tenant_schemas")
+}
+
+/// The days (UTC) for which `table` of the tenant's active schema has raw storage: its daily
+/// partitions on plain PostgreSQL, its one-day chunks with TimescaleDB. The one place tests
+/// look at storage units, so they hold on both paths.
+pub async fn raw_storage_days(
+    pool: &PgPool,
+    tenant: TenantId,
+    table: &str,
+) -> std::collections::BTreeSet<chrono::NaiveDate> {
+    let schema = tenant.schema(active_version(pool, tenant).await);
+    let starts: Vec<DateTime<Utc>> = if tenant_uses_timescale(pool, tenant).await {
+        sqlx::query_scalar(
+            "SELECT range_start FROM timescaledb_information.chunks
+              WHERE hypertable_schema = $1 AND hypertable_name = $2",
+        )
+        .bind(schema.as_str())
+        .bind(table)
+        .fetch_all(pool)
+        .await
+        .expect("chunks")
+    } else {
+        // The lower bound of each partition: `FOR VALUES FROM ('…') TO ('…')`.
+        let bounds: Vec<String> = sqlx::query_scalar(
+            "SELECT pg_get_expr(c.relpartbound, c.oid)
+               FROM pg_inherits i
+               JOIN pg_class c ON c.oid = i.inhrelid
+               JOIN pg_class p ON p.oid = i.inhparent
+               JOIN pg_namespace n ON n.oid = p.relnamespace
+              WHERE n.nspname = $1 AND p.relname = $2",
+        )
+        .bind(schema.as_str())
+        .bind(table)
+        .fetch_all(pool)
+        .await
+        .expect("partitions");
+        bounds
+            .iter()
+            .map(|b| {
+                let from = b.split('\'').nth(1).unwrap_or_else(|| panic!("bound {b}"));
+                DateTime::parse_from_str(from, "%Y-%m-%d %H:%M:%S%#z")
+                    .unwrap_or_else(|e| panic!("bound {b}: {e}"))
+                    .with_timezone(&Utc)
+            })
+            .collect()
+    };
+    starts.into_iter().map(|t| t.date_naive()).collect()
+}
+
+/// Asserts that a tenant's projection holds exactly what was sent: as many raw rows, and in
+/// every rollup (minute, hour, day) the counts per event type, command errors and
+/// durations, agent tokens, tool errors, and a duration histogram count per event.
+pub async fn assert_projection_exact(pool: &PgPool, tenant: TenantId, exp: &events::Expected) {
+    let mut raw = 0;
+    for table in projector::schema::RAW_TABLES {
+        raw += scalar_in_tenant(pool, tenant, &format!("SELECT count(*) FROM {table}")).await;
+    }
+    assert_eq!(raw, exp.total, "{tenant}: raw rows");
+    for (event_type, n) in &exp.per_type {
+        for rollup in ["activity_1m", "activity_1h", "activity_1d"] {
+            let sql = format!(
+                "SELECT sum(count)::bigint FROM {rollup} WHERE event_type = '{event_type}'"
+            );
+            assert_eq!(
+                scalar_in_tenant(pool, tenant, &sql).await,
+                *n,
+                "{tenant}: {rollup} {event_type}"
+            );
+        }
+    }
+    for rollup in ["activity_1m", "activity_1h", "activity_1d"] {
+        let sum = |what: &str, t: &str| {
+            format!(
+                "SELECT coalesce(sum({what}), 0)::bigint FROM {rollup} WHERE event_type = '{t}'"
+            )
+        };
+        let checks = [
+            (sum("errors", "command.executed"), exp.command_errors),
+            (
+                sum("duration_sum", "command.executed"),
+                exp.command_duration_sum,
+            ),
+            (
+                sum("input_tokens", "agent.interacted"),
+                exp.agent_input_tokens,
+            ),
+            (
+                sum("output_tokens", "agent.interacted"),
+                exp.agent_output_tokens,
+            ),
+            (sum("errors", "tool.executed"), exp.tool_errors),
+        ];
+        let histograms =
+            format!("SELECT coalesce(sum(h), 0)::bigint FROM {rollup}, unnest(duration_hist) h");
+        for (sql, want) in checks.into_iter().chain([(histograms, exp.total)]) {
+            assert_eq!(
+                scalar_in_tenant(pool, tenant, &sql).await,
+                want,
+                "{tenant}: {sql}"
+            );
+        }
+    }
+}
+
+/// Records in the test's metrics topic (the sum of its partitions' high watermarks).
+pub async fn metrics_topic_records(common: &Common) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = shared::kafka::client_config(common).create().unwrap();
+    let (topic, partitions) = (common.metrics_topic(), common.kafka_partitions);
+    tokio::task::spawn_blocking(move || {
+        (0..partitions)
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(&topic, p, Duration::from_secs(5))
+                    .unwrap()
+                    .1
+            })
+            .sum()
+    })
+    .await
+    .unwrap()
+}

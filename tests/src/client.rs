@@ -1,0 +1,123 @@
+//! Talking to the services over HTTP as their clients do.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// An HTTP client for the tests.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
+}
+
+/// POSTs a JSON body to ingest-api with an API key.
+pub async fn post_events(
+    client: &reqwest::Client,
+    ingest: &str,
+    key: &str,
+    body: &Value,
+) -> reqwest::Response {
+    client
+        .post(format!("{ingest}/v1/events"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .expect("POST /v1/events")
+}
+
+/// GETs a dashboard answer with a read key; panics unless it is a 200.
+pub async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> Value {
+    let res = client.get(url).bearer_auth(key).send().await.expect("GET");
+    let status = res.status();
+    let body: Value = res.json().await.expect("JSON body");
+    assert_eq!(status, 200, "GET {url}: {body}");
+    body
+}
+
+/// Events the dashboards count for the key's tenant over the last 24 h.
+pub async fn dashboard_total(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+) -> anyhow::Result<i64> {
+    let v: Value = client
+        .get(format!("{url}/v1/dashboard/overview?range=24h"))
+        .bearer_auth(key)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    v["events_total"]
+        .as_i64()
+        .ok_or_else(|| anyhow::anyhow!("no events_total in the overview: {v}"))
+}
+
+/// Polls a dashboard URL until `stop` is set; counts requests and failures (anything but
+/// a 200), and returns every time the total it reads went backwards as (before, after).
+/// The total is `events_total` of an overview, or the sum of a time series' counts.
+pub fn spawn_poller(
+    url: String,
+    key: String,
+    every: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    failures: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    polls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> tokio::task::JoinHandle<(String, Vec<(i64, i64)>)> {
+    use std::sync::atomic::Ordering;
+    tokio::spawn(async move {
+        let client = http();
+        let mut last = 0i64;
+        let mut backwards = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            polls.fetch_add(1, Ordering::Relaxed);
+            match client.get(&url).bearer_auth(&key).send().await {
+                Ok(r) if r.status() == 200 => {
+                    let o: Value = r.json().await.expect("JSON answer");
+                    let n = match o.get("events_total") {
+                        Some(n) => n.as_i64().expect("events_total"),
+                        None => o["series"]
+                            .as_array()
+                            .expect("series")
+                            .iter()
+                            .flat_map(|s| s["points"].as_array().expect("points"))
+                            .map(|p| p["count"].as_i64().expect("count"))
+                            .sum(),
+                    };
+                    if n < last {
+                        backwards.push((last, n));
+                    }
+                    last = last.max(n);
+                }
+                Ok(r) => {
+                    eprintln!(
+                        "{url}: {} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    );
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    eprintln!("{url}: {e}");
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+        (url, backwards)
+    })
+}
+
+/// The sum of every point of a `/v1/dashboard/metrics` answer.
+pub fn series_total(m: &Value) -> f64 {
+    m["series"]
+        .as_array()
+        .expect("series")
+        .iter()
+        .flat_map(|s| s["points"].as_array().expect("points").iter())
+        .map(|p| p[1].as_f64().expect("value"))
+        .sum()
+}

@@ -1,0 +1,137 @@
+//! The environment tests run in: the repository, the shared servers' settings (each test on
+//! topics of its own), the test database, logs, and tenants with keys.
+
+use std::path::{Path, PathBuf};
+
+use shared::apikey::Scope;
+use shared::config::Common;
+use shared::tenant::TenantId;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Repository root (the tests crate lives one level below it). Taken at run time (cargo
+/// sets `CARGO_MANIFEST_DIR` for the tests it runs): the build directory is shared between
+/// checkouts, and a library built in another checkout must not send the tests there.
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf())
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+pub(crate) fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_string())
+}
+
+/// The name of the database the tests use: `TALLY_TEST_DB`, by default `tally_test` (a
+/// second checkout testing beside `make test` picks another, since `make test` drops this one).
+pub fn test_database_name() -> String {
+    let name = env_or("TALLY_TEST_DB", "tally_test");
+    assert!(
+        !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+        "TALLY_TEST_DB must be a plain identifier"
+    );
+    name
+}
+
+/// The database the tests use: [`test_database_name`] beside the configured one.
+pub fn test_database_url() -> String {
+    let url = env_or(
+        "TALLY_DATABASE_URL",
+        "postgres://tally:tally@127.0.0.1:55432/tally",
+    );
+    match url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{}", test_database_name()),
+        None => url,
+    }
+}
+
+/// Settings for one test: its own topic prefix, the shared servers.
+pub fn common_for_test() -> Common {
+    let prefix = format!("t{}.", Uuid::new_v4().simple());
+    Common {
+        database_url: test_database_url(),
+        db_max_connections: 8,
+        redis_url: env_or("TALLY_REDIS_URL", "redis://127.0.0.1:56379"),
+        kafka_brokers: env_or("TALLY_KAFKA_BROKERS", "127.0.0.1:59092"),
+        topic_prefix: prefix,
+        kafka_partitions: 4,
+        kafka_replication_factor: 1,
+        log_format: "pretty".into(),
+        timescale: shared::config::Timescale::Auto,
+    }
+}
+
+/// Creates the test database once and applies the migrations.
+pub async fn test_pool() -> PgPool {
+    let url = test_database_url();
+    let admin_url = env_or(
+        "TALLY_DATABASE_URL",
+        "postgres://tally:tally@127.0.0.1:55432/tally",
+    );
+    let admin = PgPool::connect(&admin_url)
+        .await
+        .expect("PostgreSQL is up (run `make up` or deploy/local/up.sh)");
+    let name = test_database_name();
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&admin)
+            .await
+            .expect("query pg_database");
+    if !exists {
+        // Parallel tests race here; losing the race is fine.
+        let create = format!("CREATE DATABASE {name}");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(create))
+            .execute(&admin)
+            .await;
+    }
+    admin.close().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
+        .await
+        .expect("connect to the test database");
+    projector::migrate(&pool, shared::config::Timescale::Auto)
+        .await
+        .expect("migrations");
+    pool
+}
+
+/// Logs for tests: warnings and errors only, unless `RUST_LOG` says otherwise.
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_none() {
+        // Before any service starts: the default (info) drowns test output.
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    shared::telemetry::init_tracing("pretty");
+}
+
+/// A tenant with an ingest and a read key.
+#[derive(Debug, Clone)]
+pub struct TestTenant {
+    pub id: TenantId,
+    pub ingest_key: String,
+    pub read_key: String,
+}
+
+/// Creates a tenant with keys of both scopes.
+pub async fn create_tenant(pool: &PgPool, name: &str) -> TestTenant {
+    let id = ingest_api::admin::create_tenant(pool, "", name)
+        .await
+        .expect("tenant");
+    let (_, ingest_key) =
+        ingest_api::admin::create_api_key(pool, "", id, Scope::Ingest, "test-ingest")
+            .await
+            .expect("ingest key");
+    let (_, read_key) = ingest_api::admin::create_api_key(pool, "", id, Scope::Read, "test-read")
+        .await
+        .expect("read key");
+    TestTenant {
+        id,
+        ingest_key,
+        read_key,
+    }
+}
