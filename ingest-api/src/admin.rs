@@ -1,9 +1,9 @@
 //! Operator subcommands: `ingest-api admin tenant create …`, `ingest-api admin api-key …`.
 
+use crate::outbox;
 use clap::Subcommand;
 use shared::apikey::{self, Scope};
 use shared::events::{Actor, AuthEvent, AuthKind};
-use shared::outbox;
 use shared::tenant::TenantId;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -232,10 +232,10 @@ pub async fn create_user(pool: &PgPool, ns: &str, u: NewUser<'_>) -> anyhow::Res
         email.contains('@') && (3..=254).contains(&email.len()),
         "`{email}` is not an e-mail address"
     );
-    shared::password::check_policy("password", u.password)
+    crate::password::check_policy("password", u.password)
         .map_err(|e| anyhow::anyhow!("password {}", e.reason))?;
     let password = u.password.to_string();
-    let hash = tokio::task::spawn_blocking(move || shared::password::hash(&password)).await?;
+    let hash = tokio::task::spawn_blocking(move || crate::password::hash(&password)).await?;
     let id = Uuid::now_v7();
     let mut tx = pool.begin().await?;
     sqlx::query(

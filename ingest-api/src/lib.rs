@@ -4,11 +4,18 @@
 
 pub mod admin;
 pub mod config;
+pub mod error;
+pub mod formats;
 pub mod grpc;
+pub mod ingest;
 pub mod keys;
 pub mod oidc;
+pub mod outbox;
+pub mod password;
+pub mod ratelimit;
 pub mod relay;
 pub mod routes;
+pub mod secretbox;
 pub mod shed;
 pub mod state;
 pub mod throttle;
@@ -111,9 +118,13 @@ impl App {
             ),
         };
         let state = AppState {
-            topic: common.metrics_topic().into(),
-            keys: ApiKeyStore::new(pool.clone()),
-            limiter: shared::ratelimit::RateLimiter::new(redis.clone()),
+            sink: Arc::new(ingest::sink::KafkaSink::new(
+                producer.clone(),
+                common.metrics_topic(),
+                Duration::from_millis(config.produce_timeout_ms),
+            )),
+            keys: Arc::new(ApiKeyStore::new(pool.clone())),
+            limiter: crate::ratelimit::RateLimiter::new(redis.clone()),
             keyring,
             outbox_wake,
             oidc: oidc::client(),
@@ -160,7 +171,7 @@ impl App {
 
     pub fn router(state: AppState) -> Router {
         // The ingest doors read the raw body themselves, within `max_body_bytes` as sent and
-        // once decompressed (`routes::events::read_body`).
+        // once decompressed (`ingest::door::read_body`).
         let doors = Router::new()
             .route("/v1/events", post(routes::events::post_events))
             .route("/api/v2/write", post(routes::influx::write))
@@ -245,10 +256,12 @@ impl App {
         let grpc = self.grpc_listener.map(|listener| {
             let mut stopping = stopped.subscribe();
             let server = tonic::transport::Server::builder()
-                .add_service(grpc::OtlpService::<shared::otlp::Metrics>::new(
+                .add_service(grpc::OtlpService::<crate::formats::otlp::Metrics>::new(
                     state.clone(),
                 ))
-                .add_service(grpc::OtlpService::<shared::otlp::Logs>::new(state.clone()))
+                .add_service(grpc::OtlpService::<crate::formats::otlp::Logs>::new(
+                    state.clone(),
+                ))
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listener),
                     async move {

@@ -224,7 +224,7 @@ fn check_person(p: &NewPerson, prefix: &str) -> Result<Role, Problem> {
             "must be an e-mail address",
         ));
     }
-    shared::password::check_policy(&format!("{prefix}password"), &p.password)
+    crate::password::check_policy(&format!("{prefix}password"), &p.password)
         .map_err(|e| Problem::validation(format!("{}: {}", e.field, e.reason), vec![e]))?;
     match p.role.as_deref() {
         None => Ok(Role::Developer),
@@ -741,7 +741,7 @@ async fn team_changed(
     tenant: TenantId,
     key: &str,
 ) -> Result<(), Problem> {
-    let extra = shared::outbox::team_snapshot(conn, tenant, key)
+    let extra = crate::outbox::team_snapshot(conn, tenant, key)
         .await
         .map_err(|e| failed(e.into()))?;
     let event = shared::events::AuthEvent {

@@ -117,7 +117,7 @@ pub async fn accept(
     req: Result<Json<Acceptance>, JsonRejection>,
 ) -> Result<Json<super::auth::Tokens>, Problem> {
     let req = json_body(req)?;
-    shared::password::check_policy("password", &req.password)
+    crate::password::check_policy("password", &req.password)
         .map_err(|e| Problem::validation(format!("{}: {}", e.field, e.reason), vec![e]))?;
     let gone = || {
         Problem::new(
@@ -179,7 +179,7 @@ pub async fn accept(
         email: Some(email),
         detail: Some(format!("joined by invitation, role {role}")),
         target: Some(format!("invitation:{invitation}")),
-        extra: shared::outbox::user_snapshot(&mut tx, user)
+        extra: crate::outbox::user_snapshot(&mut tx, user)
             .await
             .map_err(db)?,
         ..Default::default()

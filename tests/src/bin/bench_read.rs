@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use chrono::{DurationRound, TimeDelta, Utc};
 use clap::Parser;
+use ingest_api::ingest::{IngestContext, TimeBounds};
 use projector::rollup::{self, Grain, Key, Measures};
 use projector::rows::RawRow;
 use shared::apikey::Scope;
-use shared::events::{Actor, IngestContext, Source, TimeBounds};
+use shared::events::{Actor, Source};
 use shared::tenant::TenantId;
 use shared::tenant_sql;
 use tally_tests::events::Generator;
@@ -294,7 +295,7 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
             max_future_skew: TimeDelta::days(1),
             retention: TimeDelta::days(3650),
         },
-        ids: shared::events::Ids::Fresh,
+        ids: ingest_api::ingest::Ids::Fresh,
     };
     for day in 0..args.days {
         // The generator spreads a day's events over the 24 hours before now; they are moved
