@@ -3,7 +3,7 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -13,6 +13,7 @@ use shared::problem::{json_body, Problem};
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
+use crate::routes::control::TenantAdmin;
 use crate::state::AppState;
 
 const INVITE_PREFIX: &str = "tli_";
@@ -58,10 +59,9 @@ fn db(e: sqlx::Error) -> Problem {
 /// `POST /v1/admin/invitations` (tenant owners/admins)
 pub async fn invite(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    caller: TenantAdmin,
     req: Result<Json<NewInvitation>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Invitation>), Problem> {
-    let caller = super::control::tenant_admin(&s, &headers).await?;
     let req = json_body(req)?;
     let email = req.email.trim().to_lowercase();
     if !email.contains('@') || !(3..=254).contains(&email.len()) {
