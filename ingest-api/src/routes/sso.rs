@@ -20,8 +20,8 @@ use shared::problem::{json_body, Problem};
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
+use crate::control::http::TenantAdmin;
 use crate::oidc;
-use crate::routes::control::TenantAdmin;
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]

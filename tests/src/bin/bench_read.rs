@@ -56,9 +56,9 @@ async fn main() -> anyhow::Result<()> {
         .connect(&args.database_url)
         .await?;
     shared::db::migrate(&pool, shared::config::Timescale::Auto).await?;
-    let tenant = ingest_api::admin::create_tenant(&pool, "", "bench-read").await?;
+    let tenant = ingest_api::control::store::create_tenant(&pool, "", "bench-read").await?;
     let (_, key) =
-        ingest_api::admin::create_api_key(&pool, "", tenant, Scope::Read, "bench").await?;
+        ingest_api::control::store::create_api_key(&pool, "", tenant, Scope::Read, "bench").await?;
     println!(
         "tenant {tenant}: loading {} events over {} days…",
         args.events, args.days

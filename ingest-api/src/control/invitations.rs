@@ -13,7 +13,7 @@ use shared::problem::{json_body, Problem};
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
-use crate::routes::control::TenantAdmin;
+use crate::control::http::TenantAdmin;
 use crate::state::AppState;
 
 const INVITE_PREFIX: &str = "tli_";
@@ -115,7 +115,7 @@ pub async fn invite(
 pub async fn accept(
     State(s): State<AppState>,
     req: Result<Json<Acceptance>, JsonRejection>,
-) -> Result<Json<super::auth::Tokens>, Problem> {
+) -> Result<Json<crate::routes::auth::Tokens>, Problem> {
     let req = json_body(req)?;
     crate::password::check_policy("password", &req.password)
         .map_err(|e| Problem::validation(format!("{}: {}", e.field, e.reason), vec![e]))?;
@@ -140,7 +140,7 @@ pub async fn accept(
     if !open {
         return Err(gone());
     }
-    let hash = super::auth::hash_password(&s, req.password.clone()).await?;
+    let hash = crate::routes::auth::hash_password(&s, req.password.clone()).await?;
     let mut tx = s.pool.begin().await.map_err(db)?;
     let row: Option<(Uuid, Uuid, String, String, Vec<String>)> = sqlx::query_as(
         "SELECT i.id, i.tenant_id, i.email, i.role, i.teams FROM control.invitations i
@@ -184,11 +184,11 @@ pub async fn accept(
             .map_err(db)?,
         ..Default::default()
     };
-    super::auth::audit(&s, &mut tx, TenantId(tenant), AuthKind::UserCreated, event).await?;
+    crate::routes::auth::audit(&s, &mut tx, TenantId(tenant), AuthKind::UserCreated, event).await?;
     tx.commit().await.map_err(db)?;
     s.outbox_wake.notify_one();
     let role = Role::parse(&role).ok_or_else(Problem::internal)?;
     Ok(Json(
-        super::auth::issue(&s, user, TenantId(tenant), role, 0, Uuid::now_v7()).await?,
+        crate::routes::auth::issue(&s, user, TenantId(tenant), role, 0, Uuid::now_v7()).await?,
     ))
 }

@@ -19,7 +19,7 @@ use shared::problem::{json_body, Problem};
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
-use crate::admin;
+use super::store;
 use crate::state::AppState;
 
 fn failed(e: anyhow::Error) -> Problem {
@@ -104,7 +104,7 @@ impl TenantAdmin {
         };
         let written = async {
             let mut conn = s.pool.acquire().await.map_err(|e| failed(e.into()))?;
-            super::auth::audit_as(
+            crate::routes::auth::audit_as(
                 s,
                 &mut conn,
                 self.tenant,
@@ -143,7 +143,7 @@ async fn tenant_admin(s: &AppState, headers: &HeaderMap) -> Result<TenantAdmin, 
         .map(str::trim)
         .unwrap_or("");
     if shared::jwt::looks_like_jwt(bearer) {
-        let claims = super::auth::caller(s, headers).await?;
+        let claims = crate::routes::auth::caller(s, headers).await?;
         return match claims.role {
             Role::Owner | Role::Admin => Ok(TenantAdmin {
                 tenant: claims.tid,
@@ -267,19 +267,19 @@ pub async fn create_tenant(
     check_len("name", &req.name, 200)?;
     check_plan(req.plan.as_deref(), req.rate_limit_per_min)?;
     check_person(&req.owner, "owner.")?;
-    let tenant = admin::create_tenant(&s.pool, ns(&s), &req.name)
+    let tenant = store::create_tenant(&s.pool, ns(&s), &req.name)
         .await
         .map_err(failed)?;
     if req.plan.is_some() || req.rate_limit_per_min.is_some() {
         let plan = req.plan.as_deref().unwrap_or("professional");
-        admin::set_plan(&s.pool, tenant, plan, req.rate_limit_per_min)
+        store::set_plan(&s.pool, tenant, plan, req.rate_limit_per_min)
             .await
             .map_err(failed)?;
     }
-    let owner_id = admin::create_user(
+    let owner_id = store::create_user(
         &s.pool,
         ns(&s),
-        admin::NewUser {
+        store::NewUser {
             tenant,
             email: &req.owner.email,
             password: &req.owner.password,
@@ -391,7 +391,7 @@ pub async fn update_tenant(
     }
     if req.plan.is_some() || req.rate_limit_per_min.is_some() {
         let plan = req.plan.unwrap_or(current_plan);
-        admin::set_plan(&s.pool, tenant, &plan, req.rate_limit_per_min)
+        store::set_plan(&s.pool, tenant, &plan, req.rate_limit_per_min)
             .await
             .map_err(failed)?;
     }
@@ -402,7 +402,7 @@ pub async fn update_tenant(
                 "must be active or deactivated",
             ));
         }
-        admin::set_status(&s.pool, ns(&s), tenant, status)
+        store::set_status(&s.pool, ns(&s), tenant, status)
             .await
             .map_err(failed)?;
         s.outbox_wake.notify_one();
@@ -464,10 +464,10 @@ pub async fn create_user(
             )
             .await);
     }
-    let id = admin::create_user(
+    let id = store::create_user(
         &s.pool,
         ns(&s),
-        admin::NewUser {
+        store::NewUser {
             tenant: caller.tenant,
             email: &req.email,
             password: &req.password,
@@ -542,10 +542,10 @@ pub async fn update_user(
             ))
         }
     };
-    let outcome = admin::update_user(
+    let outcome = store::update_user(
         &s.pool,
         ns(&s),
-        admin::UserChange {
+        store::UserChange {
             tenant: caller.tenant,
             id,
             role,
@@ -558,18 +558,18 @@ pub async fn update_user(
     .await
     .map_err(failed)?;
     match outcome {
-        admin::UserUpdate::Updated => {
+        store::UserUpdate::Updated => {
             s.outbox_wake.notify_one();
             Ok(StatusCode::NO_CONTENT)
         }
-        admin::UserUpdate::NotFound => Err(Problem::not_found("no such user in this tenant")),
-        admin::UserUpdate::LastOwner => Err(Problem::new(
+        store::UserUpdate::NotFound => Err(Problem::not_found("no such user in this tenant")),
+        store::UserUpdate::LastOwner => Err(Problem::new(
             StatusCode::CONFLICT,
             "last-owner",
             "Last owner",
             "a tenant keeps at least one active owner; make another owner first",
         )),
-        admin::UserUpdate::OwnerOnly => Err(caller
+        store::UserUpdate::OwnerOnly => Err(caller
             .refuse(
                 &s,
                 "only an owner may make, demote or deactivate an owner",
@@ -595,7 +595,7 @@ pub async fn create_api_key(
     let scope = Scope::parse(&req.scope)
         .ok_or_else(|| Problem::invalid_field("scope", "must be ingest, read or admin"))?;
     check_len("name", &req.name, 100)?;
-    let (id, key) = admin::create_api_key(&s.pool, ns(&s), caller.tenant, scope, &req.name)
+    let (id, key) = store::create_api_key(&s.pool, ns(&s), caller.tenant, scope, &req.name)
         .await
         .map_err(failed)?;
     s.outbox_wake.notify_one();
@@ -648,7 +648,7 @@ pub async fn revoke_api_key(
     if !mine {
         return Err(Problem::not_found("no such active key in this tenant"));
     }
-    admin::revoke_api_key(&s.pool, ns(&s), id)
+    store::revoke_api_key(&s.pool, ns(&s), id)
         .await
         .map_err(failed)?;
     s.outbox_wake.notify_one();
@@ -759,7 +759,7 @@ async fn team_changed(
         extra,
         ..Default::default()
     };
-    super::auth::audit(
+    crate::routes::auth::audit(
         s,
         conn,
         tenant,
