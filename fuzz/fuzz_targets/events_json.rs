@@ -1,10 +1,11 @@
-//! `POST /v1/events` bodies: the batch parse of `routes/events.rs` and the envelope of every
+//! `POST /v1/events` bodies: the batch parse of `ingest-api/src/routes/events.rs` and the envelope of every
 //! event, for a request with and without an `Idempotency-Key`.
 #![no_main]
 
+use ingest_api::ingest::Ids;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use shared::events::{Ids, Source};
+use shared::events::Source;
 
 /// ingest-api's default `max_batch_events`.
 const MAX_BATCH_EVENTS: usize = 1_000;

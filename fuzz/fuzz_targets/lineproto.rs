@@ -2,9 +2,10 @@
 //! line's samples validated like any event.
 #![no_main]
 
+use ingest_api::formats::lineproto::{self, Precision};
+use ingest_api::ingest::Ids;
 use libfuzzer_sys::fuzz_target;
-use shared::events::{Ids, Source};
-use shared::lineproto::{self, Precision};
+use shared::events::Source;
 
 fuzz_target!(|body: &[u8]| {
     let Ok(text) = std::str::from_utf8(body) else {

@@ -1,8 +1,8 @@
 //! OTLP/HTTP protobuf bodies, tried as a metrics and as a logs export.
 #![no_main]
 
+use ingest_api::formats::otlp::{Encoding, Logs, Metrics};
 use libfuzzer_sys::fuzz_target;
-use shared::otlp::{Encoding, Logs, Metrics};
 
 fuzz_target!(|body: &[u8]| {
     tally_fuzz::otlp::<Metrics>(body, Encoding::Protobuf);

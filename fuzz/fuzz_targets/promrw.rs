@@ -2,9 +2,10 @@
 //! protobuf inside one (compressed here, so mutations reach the message, not just snappy).
 #![no_main]
 
+use ingest_api::formats::promrw;
+use ingest_api::ingest::Ids;
 use libfuzzer_sys::fuzz_target;
-use shared::events::{Ids, Source};
-use shared::promrw;
+use shared::events::Source;
 
 /// ingest-api's default `max_body_bytes`.
 const LIMIT: usize = 10 * 1024 * 1024;

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes the committed seed corpus of every fuzz target into fuzz/corpus/<target>/ (besides
-these, the OTLP targets' corpora hold copies of shared/tests/fixtures/otlp/).
+these, the OTLP targets' corpora hold copies of ingest-api/tests/fixtures/otlp/).
 
 Run it with the OpenTelemetry venv's Python (deploy/local/test-clients.sh makes it), which has
 the OTLP protobuf classes:  ~/.cache/tally/otel-venv/bin/python fuzz/seeds/make_seeds.py

@@ -7,8 +7,9 @@
 //! for an event that can only end in the dead-letter queue.
 
 use chrono::{DateTime, TimeZone, Utc};
+use ingest_api::ingest::{Ids, IngestContext, TimeBounds};
 use serde_json::Value;
-use shared::events::{Actor, Envelope, Ids, IngestContext, Source, TimeBounds};
+use shared::events::{Actor, Envelope, Source};
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
@@ -64,8 +65,11 @@ fn round_trip(env: &Envelope) {
 
 /// An OTLP/HTTP export of one signal, as `routes/otlp.rs` takes it: decode, convert (the
 /// expansion guard included), build envelopes, answer.
-pub fn otlp<S: shared::otlp::Signal>(body: &[u8], encoding: shared::otlp::Encoding) {
-    let Ok(req) = shared::otlp::decode::<S>(body, encoding) else {
+pub fn otlp<S: ingest_api::formats::otlp::Signal>(
+    body: &[u8],
+    encoding: ingest_api::formats::otlp::Encoding,
+) {
+    let Ok(req) = ingest_api::formats::otlp::decode::<S>(body, encoding) else {
         return;
     };
     let Ok(mut converted) = S::events(&req, now()) else {
@@ -74,5 +78,5 @@ pub fn otlp<S: shared::otlp::Signal>(body: &[u8], encoding: shared::otlp::Encodi
     assert_eq!(converted.events.len(), converted.origins.len());
     let events = std::mem::take(&mut converted.events);
     envelopes(&context(Source::Otlp, Ids::Content), events);
-    let _ = shared::otlp::encode_response::<S>(&converted, encoding);
+    let _ = ingest_api::formats::otlp::encode_response::<S>(&converted, encoding);
 }

@@ -89,7 +89,7 @@ impl Config {
             return Err("produce_timeout_ms must be at least 100".into());
         }
         if !self.secret_key.is_empty() {
-            shared::secretbox::SecretKey::from_hex(&self.secret_key)?;
+            crate::secretbox::SecretKey::from_hex(&self.secret_key)?;
         }
         if self.retention_days < 1 || self.max_future_skew_secs < 0 {
             return Err("retention_days must be ≥ 1 and max_future_skew_secs ≥ 0".into());

@@ -11,7 +11,7 @@
 //!
 //! gzip is undone here, within the size limit, before tonic sees the message: tonic inflates
 //! without a bound, so a few kilobytes could otherwise become gigabytes. The message's points,
-//! records and attributes are then counted on the wire (`shared::otlp::wire`), as over HTTP,
+//! records and attributes are then counted on the wire (`crate::formats::otlp::wire`), as over HTTP,
 //! so that prost never decodes more than a request may hold.
 
 use std::convert::Infallible;
@@ -25,14 +25,14 @@ use axum::body::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use prost::Message;
 use shared::auth::KeyPrincipal;
-use shared::otlp::{self, DecodeError, Signal};
-use shared::problem::Problem;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::NamedService;
-use tonic::{Code, Status};
+use tonic::Status;
 
-use crate::routes::events::admit;
-use crate::routes::otlp::{take, too_many};
+use crate::error::IngestError;
+use crate::formats::otlp::{self, DecodeError, Signal};
+use crate::ingest::door::admit;
+use crate::routes::otlp::take;
 use crate::state::AppState;
 
 /// The gRPC service of one signal.
@@ -85,7 +85,7 @@ impl<E: Signal> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
             // The key and the rate limit before the body is read or inflated.
             let principal = match admit(&state, &parts.headers).await.0 {
                 Ok(principal) => principal,
-                Err(problem) => return Ok(status(problem).into_http()),
+                Err(error) => return Ok(Status::from(error).into_http()),
             };
             let body = match Limited::new(body, limit + 5).collect().await {
                 Ok(collected) => collected.to_bytes(),
@@ -112,7 +112,9 @@ impl<E: Signal> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
                 Err(DecodeError::Malformed(e)) => {
                     return Ok(Status::invalid_argument(e).into_http())
                 }
-                Err(DecodeError::TooMany(e)) => return Ok(status(too_many(e)).into_http()),
+                Err(DecodeError::TooMany(e)) => {
+                    return Ok(Status::from(IngestError::too_many(e)).into_http())
+                }
             }
             let req = axum::http::Request::from_parts(parts, Full::new(Bytes::from(body)));
             let mut grpc = tonic::server::Grpc::new(OtlpCodec::<E>::new())
@@ -235,23 +237,7 @@ async fn export<E: Signal>(
     request: tonic::Request<E::Request>,
 ) -> Result<tonic::Response<E::Response>, Status> {
     let converted =
-        E::events(request.get_ref(), chrono::Utc::now()).map_err(|e| status(too_many(e)))?;
-    let out = take::<E>(s, &principal, converted).await.map_err(status)?;
+        E::events(request.get_ref(), chrono::Utc::now()).map_err(IngestError::too_many)?;
+    let out = take::<E>(s, &principal, converted).await?;
     Ok(tonic::Response::new(otlp::response::<E>(&out)))
-}
-
-/// A problem as the gRPC status an OTLP sender acts on.
-fn status(p: Problem) -> Status {
-    let code = match p.status {
-        401 => Code::Unauthenticated,
-        403 => Code::PermissionDenied,
-        429 | 503 => Code::Unavailable,
-        400..=499 => Code::InvalidArgument,
-        _ => Code::Internal,
-    };
-    let mut detail = p.detail;
-    for e in p.errors.iter().take(5) {
-        detail.push_str(&format!("; {}: {}", e.field, e.reason));
-    }
-    Status::new(code, detail)
 }

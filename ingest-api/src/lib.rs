@@ -2,13 +2,20 @@
 //! answers only once Kafka has them.
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod config;
+pub mod control;
+pub mod error;
+pub mod formats;
 pub mod grpc;
+pub mod ingest;
 pub mod keys;
 pub mod oidc;
+pub mod outbox;
+pub mod password;
+pub mod ratelimit;
 pub mod relay;
 pub mod routes;
+pub mod secretbox;
 pub mod shed;
 pub mod state;
 pub mod throttle;
@@ -111,9 +118,13 @@ impl App {
             ),
         };
         let state = AppState {
-            topic: common.metrics_topic().into(),
-            keys: ApiKeyStore::new(pool.clone()),
-            limiter: shared::ratelimit::RateLimiter::new(redis.clone()),
+            sink: Arc::new(ingest::sink::KafkaSink::new(
+                producer.clone(),
+                common.metrics_topic(),
+                Duration::from_millis(config.produce_timeout_ms),
+            )),
+            keys: Arc::new(ApiKeyStore::new(pool.clone())),
+            limiter: crate::ratelimit::RateLimiter::new(redis.clone()),
             keyring,
             outbox_wake,
             oidc: oidc::client(),
@@ -160,7 +171,7 @@ impl App {
 
     pub fn router(state: AppState) -> Router {
         // The ingest doors read the raw body themselves, within `max_body_bytes` as sent and
-        // once decompressed (`routes::events::read_body`).
+        // once decompressed (`ingest::door::read_body`).
         let doors = Router::new()
             .route("/v1/events", post(routes::events::post_events))
             .route("/api/v2/write", post(routes::influx::write))
@@ -180,42 +191,42 @@ impl App {
             .route("/.well-known/jwks.json", get(routes::auth::jwks))
             .route(
                 "/v1/auth/invitations/accept",
-                post(routes::invitations::accept),
+                post(control::invitations::accept),
             )
             .route("/v1/auth/sso/start", get(routes::sso::start))
             .route("/v1/auth/sso/callback", get(routes::sso::callback))
             .route("/v1/auth/sso/link", post(routes::sso::link));
         let admin = Router::new()
-            .route("/v1/admin/invitations", post(routes::invitations::invite))
+            .route("/v1/admin/invitations", post(control::invitations::invite))
             .route(
                 "/v1/admin/sso",
                 put(routes::sso::put_settings).get(routes::sso::get_settings),
             )
             .route(
                 "/v1/admin/tenants",
-                post(routes::control::create_tenant).get(routes::control::list_tenants),
+                post(control::http::create_tenant).get(control::http::list_tenants),
             )
             .route(
                 "/v1/admin/tenants/{id}",
-                patch(routes::control::update_tenant),
+                patch(control::http::update_tenant),
             )
             .route(
                 "/v1/admin/users",
-                post(routes::control::create_user).get(routes::control::list_users),
+                post(control::http::create_user).get(control::http::list_users),
             )
-            .route("/v1/admin/users/{id}", patch(routes::control::update_user))
-            .route("/v1/admin/teams", get(routes::control::list_teams))
+            .route("/v1/admin/users/{id}", patch(control::http::update_user))
+            .route("/v1/admin/teams", get(control::http::list_teams))
             .route(
                 "/v1/admin/teams/{key}",
-                put(routes::control::put_team).delete(routes::control::delete_team),
+                put(control::http::put_team).delete(control::http::delete_team),
             )
             .route(
                 "/v1/admin/api-keys",
-                post(routes::control::create_api_key).get(routes::control::list_api_keys),
+                post(control::http::create_api_key).get(control::http::list_api_keys),
             )
             .route(
                 "/v1/admin/api-keys/{id}",
-                delete(routes::control::revoke_api_key),
+                delete(control::http::revoke_api_key),
             );
         let operations = Router::new()
             .route("/openapi.json", get(routes::health::openapi))
@@ -245,10 +256,12 @@ impl App {
         let grpc = self.grpc_listener.map(|listener| {
             let mut stopping = stopped.subscribe();
             let server = tonic::transport::Server::builder()
-                .add_service(grpc::OtlpService::<shared::otlp::Metrics>::new(
+                .add_service(grpc::OtlpService::<crate::formats::otlp::Metrics>::new(
                     state.clone(),
                 ))
-                .add_service(grpc::OtlpService::<shared::otlp::Logs>::new(state.clone()))
+                .add_service(grpc::OtlpService::<crate::formats::otlp::Logs>::new(
+                    state.clone(),
+                ))
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listener),
                     async move {

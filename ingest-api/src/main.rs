@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use ingest_api::{admin, App, Config};
+use ingest_api::{control, App, Config};
 
 /// Tally's ingest-api: authenticated event ingestion into Kafka.
 #[derive(Parser)]
@@ -15,7 +15,7 @@ enum Command {
     Serve,
     /// Operator commands (tenants, API keys).
     #[command(subcommand)]
-    Admin(admin::AdminCommand),
+    Admin(control::cli::AdminCommand),
 }
 
 #[tokio::main]
@@ -25,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Admin(cmd) => {
             let pool = shared::db::pool(&config.common, "tally-admin")?;
-            admin::run(
+            control::cli::run(
                 &pool,
                 &config.common.topic_prefix,
                 config.common.timescale,

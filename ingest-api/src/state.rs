@@ -4,20 +4,24 @@ use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::producer::FutureProducer;
-use shared::auth::ApiKeyStore;
 use shared::health::ShutdownFlag;
 use sqlx::PgPool;
 
 use crate::config::Config;
+use crate::ingest::door::Keys;
+use crate::ingest::sink::EventSink;
 
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
     pub pool: PgPool,
+    /// The shared producer (the readiness probe and the flush on shutdown use it).
     pub producer: FutureProducer,
+    /// Where the ingest doors append accepted events.
+    pub sink: Arc<dyn EventSink>,
     pub redis: Option<redis::aio::ConnectionManager>,
-    pub keys: ApiKeyStore,
-    pub limiter: shared::ratelimit::RateLimiter,
+    pub keys: Arc<dyn Keys>,
+    pub limiter: crate::ratelimit::RateLimiter,
     pub keyring: crate::keys::KeyRing,
     pub throttle: crate::throttle::LoginThrottle,
     /// What the ingest doors may hold at once (load shedding).
@@ -28,7 +32,6 @@ pub struct AppState {
     pub outbox_wake: Arc<tokio::sync::Notify>,
     /// HTTP client for identity providers (no redirects followed).
     pub oidc: reqwest::Client,
-    pub topic: Arc<str>,
     pub shutdown: ShutdownFlag,
     pub metrics: PrometheusHandle,
 }

@@ -12,6 +12,15 @@ use crate::apikey::{self, Scope};
 use crate::problem::Problem;
 use crate::tenant::TenantId;
 
+/// Requests per minute of each plan.
+pub fn plan_limit(plan: &str) -> u32 {
+    match plan {
+        "free" => 100,
+        "enterprise" => 5000,
+        _ => 1000,
+    }
+}
+
 /// Who is calling, as proven by an API key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyPrincipal {
@@ -113,7 +122,7 @@ impl ApiKeyStore {
         let scope = Scope::parse(&scope).ok_or_else(Problem::internal)?;
         let rate_limit_per_min = limit
             .and_then(|l| u32::try_from(l).ok())
-            .unwrap_or_else(|| crate::ratelimit::plan_limit(&plan));
+            .unwrap_or_else(|| plan_limit(&plan));
         Ok(KeyPrincipal {
             key_id,
             tenant_id: TenantId(tenant_id),
@@ -142,6 +151,13 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plans_have_limits() {
+        assert_eq!(plan_limit("free"), 100);
+        assert_eq!(plan_limit("professional"), 1000);
+        assert_eq!(plan_limit("enterprise"), 5000);
+    }
 
     #[test]
     fn key_is_read_from_either_header() {

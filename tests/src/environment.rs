@@ -119,16 +119,17 @@ pub struct TestTenant {
 
 /// Creates a tenant with keys of both scopes.
 pub async fn create_tenant(pool: &PgPool, name: &str) -> TestTenant {
-    let id = ingest_api::admin::create_tenant(pool, "", name)
+    let id = ingest_api::control::store::create_tenant(pool, "", name)
         .await
         .expect("tenant");
     let (_, ingest_key) =
-        ingest_api::admin::create_api_key(pool, "", id, Scope::Ingest, "test-ingest")
+        ingest_api::control::store::create_api_key(pool, "", id, Scope::Ingest, "test-ingest")
             .await
             .expect("ingest key");
-    let (_, read_key) = ingest_api::admin::create_api_key(pool, "", id, Scope::Read, "test-read")
-        .await
-        .expect("read key");
+    let (_, read_key) =
+        ingest_api::control::store::create_api_key(pool, "", id, Scope::Read, "test-read")
+            .await
+            .expect("read key");
     TestTenant {
         id,
         ingest_key,

@@ -139,7 +139,7 @@ async fn a_million_events_through_every_fault_then_a_replay_under_load() {
     let t1 = create_tenant(&s.pool, "faults-1").await;
     let t2 = create_tenant(&s.pool, "faults-2").await;
     for t in [&t1, &t2] {
-        ingest_api::admin::set_plan(&s.pool, t.id, "enterprise", Some(1_000_000))
+        ingest_api::control::store::set_plan(&s.pool, t.id, "enterprise", Some(1_000_000))
             .await
             .unwrap();
     }

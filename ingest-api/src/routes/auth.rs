@@ -8,6 +8,7 @@
 use axum::extract::rejection::JsonRejection;
 use std::net::SocketAddr;
 
+use crate::password;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -15,13 +16,12 @@ use axum::Json;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use shared::jwt::{self, Claims, Jwks, Role};
-use shared::password;
 use shared::problem::{json_body, Problem};
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
+use crate::outbox;
 use shared::events::{Actor, AuthEvent, AuthKind};
-use shared::outbox;
 
 use crate::state::AppState;
 

@@ -1,11 +1,11 @@
 //! `POST /api/v2/write?precision=ns|us|ms|s`: InfluxDB line protocol, as Telegraf and the
 //! Influx clients send it (`Authorization: Token <ingest key>`). Every numeric or boolean
-//! field becomes a `metric.sample` (see `shared::lineproto`).
+//! field becomes a `metric.sample` (see `crate::formats::lineproto`).
 //!
 //! Lines are taken one by one, like InfluxDB does: the good ones are appended to Kafka, and
 //! if any line was bad the answer is a 400 problem naming each bad line by number (a partial
 //! write; clients do not retry a 4xx). All good: 204. A request too large as sent, once
-//! decompressed, or for the samples it would make (see `shared::lineproto`) is a 413.
+//! decompressed, or for the samples it would make (see `crate::formats::lineproto`) is a 413.
 
 use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -13,12 +13,12 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde::Deserialize;
 use shared::auth::KeyPrincipal;
-use shared::events::{FieldError, IngestContext, Source};
-use shared::lineproto::{self, Precision};
-use shared::problem::Problem;
+use shared::events::{FieldError, Source};
 
-use crate::routes::events::{ingest_door, key_context, produce_all, read_body};
-use crate::routes::otlp::too_many;
+use crate::error::IngestError;
+use crate::formats::lineproto::{self, Precision};
+use crate::ingest::door::{append, ingest_door, key_context, read_body};
+use crate::ingest::IngestContext;
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -38,7 +38,7 @@ pub async fn write(
     let s = &s;
     ingest_door(s, parts.headers, |principal, headers| async move {
         let Query(params) =
-            params.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
+            params.map_err(|e| IngestError::bad_request("invalid-parameter", e.body_text()))?;
         accept(s, principal, &headers, &params, body).await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
@@ -51,11 +51,13 @@ async fn accept(
     headers: &HeaderMap,
     params: &WriteParams,
     body: axum::body::Body,
-) -> Result<(), Problem> {
+) -> Result<(), IngestError> {
     let precision = Precision::parse(params.precision.as_deref()).ok_or_else(|| {
-        Problem::bad_request("invalid-parameter", "precision: must be ns, us, ms or s").with_errors(
-            vec![FieldError::new("precision", "must be ns, us, ms or s")],
-        )
+        IngestError::bad_request("invalid-parameter", "precision: must be ns, us, ms or s")
+            .with_errors(vec![FieldError::new(
+                "precision",
+                "must be ns, us, ms or s",
+            )])
     })?;
     let ct = headers
         .get(header::CONTENT_TYPE)
@@ -68,22 +70,23 @@ async fn accept(
         .trim()
         .to_ascii_lowercase();
     if !["text/plain", "application/octet-stream", ""].contains(&mime.as_str()) {
-        return Err(Problem::unsupported_media_type(format!(
+        return Err(IngestError::unsupported_media_type(format!(
             "line protocol is text/plain, got `{ct}`"
         )));
     }
     let bytes = read_body(body, headers, s.config.max_body_bytes).await?;
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|e| Problem::bad_request("bad-encoding", format!("the body is not UTF-8: {e}")))?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        IngestError::bad_request("bad-encoding", format!("the body is not UTF-8: {e}"))
+    })?;
     if text.lines().count() > lineproto::MAX_LINES {
-        return Err(Problem::new(
+        return Err(IngestError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too-many-lines",
             "Too many lines",
             format!("at most {} lines per request", lineproto::MAX_LINES),
         ));
     }
-    let (points, mut bad) = lineproto::parse(text, precision).map_err(too_many)?;
+    let (points, mut bad) = lineproto::parse(text, precision).map_err(IngestError::too_many)?;
     let now = Utc::now();
     let ctx = IngestContext {
         received_at: now,
@@ -115,16 +118,12 @@ async fn accept(
             });
         }
     }
-    if !envelopes.is_empty() {
-        produce_all(s, &envelopes).await?;
-        metrics::counter!("ingest_events_total", "source" => "influx")
-            .increment(envelopes.len() as u64);
-    }
+    append(s, &envelopes, "influx").await?;
     if bad.is_empty() {
         return Ok(());
     }
     bad.sort_by_key(|e| e.line);
-    Err(Problem::bad_request(
+    Err(IngestError::bad_request(
         "partial-write",
         format!(
             "partial write: {} line(s) refused, {accepted} line(s) accepted ({} samples)",

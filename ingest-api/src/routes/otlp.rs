@@ -1,7 +1,7 @@
 //! OTLP/HTTP: `POST /v1/otlp/v1/metrics` and `POST /v1/otlp/v1/logs`, protobuf
 //! (`application/x-protobuf`) or JSON (`application/json`), gzip or not, authenticated with an
 //! ingest key (`Authorization: Bearer <key>`). Point an exporter's
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` at `<ingest-api>/v1/otlp`. See `shared::otlp` for what
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` at `<ingest-api>/v1/otlp`. See `crate::formats::otlp` for what
 //! becomes of each point and record.
 //!
 //! Answers, as OTLP senders expect them:
@@ -10,21 +10,21 @@
 //!   answer is in the request's encoding.
 //! - 400 (`application/problem+json`) when the body cannot be read or every point was
 //!   refused; 413 when it is too large or holds too many points, records or attributes
-//!   (counted before it is decoded, see `shared::otlp::wire`); 415 for another content type
+//!   (counted before it is decoded, see `crate::formats::otlp::wire`); 415 for another content type
 //!   or encoding. Senders do not retry these.
 //! - 429 and 503 (with `Retry-After`): retried by senders. Each point's event id is derived
 //!   from its content, so a resent request is projected once (records that carry no time at
 //!   all take the time they arrive, so a resend of those cannot be recognised).
 
+use crate::formats::otlp::{self, Converted, DecodeError, Encoding, Logs, Metrics, Signal};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use shared::auth::KeyPrincipal;
 use shared::events::{FieldError, Source};
-use shared::otlp::{self, Converted, DecodeError, Encoding, Logs, Metrics, Signal};
-use shared::problem::Problem;
 
-use crate::routes::events::{header_text, ingest_door, key_context, produce_all, read_body};
+use crate::error::IngestError;
+use crate::ingest::door::{append, header_text, ingest_door, key_context, read_body};
 use crate::state::AppState;
 
 pub async fn metrics(State(s): State<AppState>, request: Request) -> Response {
@@ -42,10 +42,10 @@ async fn export<S: Signal>(s: AppState, request: Request) -> Response {
         let encoding = encoding(&headers)?;
         let bytes = read_body(body, &headers, s.config.max_body_bytes).await?;
         let req = otlp::decode::<S>(&bytes, encoding).map_err(|e| match e {
-            DecodeError::Malformed(e) => Problem::bad_request("bad-otlp", e),
-            DecodeError::TooMany(e) => too_many(e),
+            DecodeError::Malformed(e) => IngestError::bad_request("bad-otlp", e),
+            DecodeError::TooMany(e) => IngestError::too_many(e),
         })?;
-        let converted = S::events(&req, chrono::Utc::now()).map_err(too_many)?;
+        let converted = S::events(&req, chrono::Utc::now()).map_err(IngestError::too_many)?;
         let converted = take::<S>(s, &principal, converted).await?;
         Ok((
             StatusCode::OK,
@@ -57,21 +57,10 @@ async fn export<S: Signal>(s: AppState, request: Request) -> Response {
     .await
 }
 
-/// A request refused whole for its size (too many items, or too much once expanded).
-pub(crate) fn too_many(e: FieldError) -> Problem {
-    Problem::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "too-many-points",
-        "Too many points",
-        e.reason.clone(),
-    )
-    .with_errors(vec![e])
-}
-
-fn encoding(headers: &HeaderMap) -> Result<Encoding, Problem> {
+fn encoding(headers: &HeaderMap) -> Result<Encoding, IngestError> {
     let ct = header_text(headers, header::CONTENT_TYPE);
     Encoding::from_content_type(ct).ok_or_else(|| {
-        Problem::unsupported_media_type(format!(
+        IngestError::unsupported_media_type(format!(
             "OTLP/HTTP is application/x-protobuf or application/json, got `{ct}`"
         ))
     })
@@ -83,7 +72,7 @@ pub(crate) async fn take<S: Signal>(
     s: &AppState,
     principal: &KeyPrincipal,
     mut converted: Converted,
-) -> Result<Converted, Problem> {
+) -> Result<Converted, IngestError> {
     let ctx = key_context(s, principal, Source::Otlp);
     let mut envelopes = Vec::with_capacity(converted.events.len());
     let events = std::mem::take(&mut converted.events);
@@ -103,7 +92,7 @@ pub(crate) async fn take<S: Signal>(
         }
     }
     if envelopes.is_empty() && !converted.rejected.is_empty() {
-        return Err(Problem::bad_request(
+        return Err(IngestError::bad_request(
             "invalid-points",
             format!(
                 "all {} were refused ({})",
@@ -113,10 +102,6 @@ pub(crate) async fn take<S: Signal>(
         )
         .with_errors(std::mem::take(&mut converted.rejected)));
     }
-    if !envelopes.is_empty() {
-        produce_all(s, &envelopes).await?;
-        metrics::counter!("ingest_events_total", "source" => S::SOURCE)
-            .increment(envelopes.len() as u64);
-    }
+    append(s, &envelopes, S::SOURCE).await?;
     Ok(converted)
 }

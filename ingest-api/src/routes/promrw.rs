@@ -3,7 +3,7 @@
 //! a bearer token. All or nothing: any invalid series refuses the request with a 400 naming
 //! it (senders drop a 4xx batch instead of retrying it); 429 and 503 are retried by senders.
 //! A body too large, or one whose series, samples or repeated labels would make too much
-//! (counted before it is decoded, see `shared::promrw`), is a 413.
+//! (counted before it is decoded, see `crate::formats::promrw`), is a 413.
 //! Remote write 2.0 (`proto=io.prometheus.write.v2.Request`) is refused with 415, so a 2.0
 //! sender falls back to 1.0.
 
@@ -12,11 +12,10 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use shared::auth::KeyPrincipal;
 use shared::events::{FieldError, Source};
-use shared::problem::Problem;
-use shared::promrw;
 
-use crate::routes::events::{header_text, ingest_door, key_context, produce_all, read_limited};
-use crate::routes::otlp::too_many;
+use crate::error::IngestError;
+use crate::formats::promrw;
+use crate::ingest::door::{append, header_text, ingest_door, key_context, read_limited};
 use crate::state::AppState;
 
 pub async fn write(State(s): State<AppState>, request: Request) -> Response {
@@ -27,10 +26,10 @@ pub async fn write(State(s): State<AppState>, request: Request) -> Response {
         let limit = s.config.max_body_bytes;
         let bytes = read_limited(body, limit).await?;
         let req = promrw::decode(&bytes, limit).map_err(|e| match e {
-            promrw::DecodeError::TooLarge { .. } => Problem::too_large(limit),
-            promrw::DecodeError::Exceeds(e) => too_many(e),
+            promrw::DecodeError::TooLarge { .. } => IngestError::too_large(limit),
+            promrw::DecodeError::Exceeds(e) => IngestError::too_many(e),
             promrw::DecodeError::Invalid(errors) => invalid_series(errors, "request"),
-            other => Problem::bad_request("bad-remote-write", other.to_string()),
+            other => IngestError::bad_request("bad-remote-write", other.to_string()),
         })?;
         accept(s, principal, &req).await?;
         Ok(StatusCode::NO_CONTENT.into_response())
@@ -38,8 +37,8 @@ pub async fn write(State(s): State<AppState>, request: Request) -> Response {
     .await
 }
 
-fn check_headers(headers: &HeaderMap) -> Result<(), Problem> {
-    let unsupported = Problem::unsupported_media_type;
+fn check_headers(headers: &HeaderMap) -> Result<(), IngestError> {
+    let unsupported = IngestError::unsupported_media_type;
     let get = |h| header_text(headers, h).trim().to_ascii_lowercase();
     let ct = get(header::CONTENT_TYPE);
     let mut parts = ct.split(';').map(str::trim);
@@ -65,8 +64,8 @@ fn check_headers(headers: &HeaderMap) -> Result<(), Problem> {
 }
 
 /// A 400 listing every problem found in the `part` (request or samples).
-fn invalid_series(errors: Vec<FieldError>, part: &str) -> Problem {
-    Problem::bad_request(
+fn invalid_series(errors: Vec<FieldError>, part: &str) -> IngestError {
+    IngestError::bad_request(
         "invalid-series",
         format!(
             "{} problem(s) in the {part}; nothing was accepted",
@@ -80,7 +79,7 @@ async fn accept(
     s: &AppState,
     principal: KeyPrincipal,
     req: &promrw::WriteRequest,
-) -> Result<(), Problem> {
+) -> Result<(), IngestError> {
     let events = promrw::to_events(req).map_err(|errors| invalid_series(errors, "request"))?;
     let ctx = key_context(s, &principal, Source::PromRw);
     let mut envelopes = Vec::with_capacity(events.len());
@@ -94,10 +93,5 @@ async fn accept(
     if !errors.is_empty() {
         return Err(invalid_series(errors, "samples"));
     }
-    if !envelopes.is_empty() {
-        produce_all(s, &envelopes).await?;
-        metrics::counter!("ingest_events_total", "source" => "prom_rw")
-            .increment(envelopes.len() as u64);
-    }
-    Ok(())
+    append(s, &envelopes, "prom_rw").await
 }

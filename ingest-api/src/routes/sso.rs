@@ -20,6 +20,7 @@ use shared::problem::{json_body, Problem};
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
+use crate::control::http::TenantAdmin;
 use crate::oidc;
 use crate::state::AppState;
 
@@ -57,8 +58,8 @@ fn query_problem(e: QueryRejection) -> Problem {
     Problem::bad_request("invalid-parameter", e.body_text())
 }
 
-fn secret_key(s: &AppState) -> Result<shared::secretbox::SecretKey, Problem> {
-    shared::secretbox::SecretKey::from_hex(&s.config.secret_key).map_err(|_| {
+fn secret_key(s: &AppState) -> Result<crate::secretbox::SecretKey, Problem> {
+    crate::secretbox::SecretKey::from_hex(&s.config.secret_key).map_err(|_| {
         Problem::unavailable(
             "single sign-on needs the service's secret_key to be configured",
             60,
@@ -70,10 +71,9 @@ fn secret_key(s: &AppState) -> Result<shared::secretbox::SecretKey, Problem> {
 /// provider vouches for who logs in, so admins and `admin` keys are refused (and audited).
 pub async fn put_settings(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    caller: TenantAdmin,
     req: Result<Json<SsoSettings>, JsonRejection>,
 ) -> Result<StatusCode, Problem> {
-    let caller = super::control::tenant_admin(&s, &headers).await?;
     if !caller.is_owner {
         return Err(caller
             .refuse(
@@ -188,9 +188,8 @@ pub async fn put_settings(
 /// `GET /v1/admin/sso` (tenant owners/admins): the settings, without the secret.
 pub async fn get_settings(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    caller: TenantAdmin,
 ) -> Result<Json<SsoSettingsView>, Problem> {
-    let caller = super::control::tenant_admin(&s, &headers).await?;
     let row: Option<(String, String, String, Vec<String>, String)> = sqlx::query_as(
         "SELECT provider, issuer, client_id, allowed_domains, default_role
            FROM control.sso_settings WHERE tenant_id = $1",

@@ -2,7 +2,6 @@
 //! plane's user and team events carry.
 
 use sqlx::PgConnection;
-use uuid::Uuid;
 
 use crate::batch::Decoded;
 
@@ -10,35 +9,13 @@ use crate::batch::Decoded;
 /// events carry (`extra.user`, `extra.team`). Newer snapshots win, so replays and
 /// duplicates change nothing.
 pub async fn apply(conn: &mut PgConnection, events: &[&Decoded]) -> sqlx::Result<()> {
-    #[derive(serde::Deserialize)]
-    struct UserSnap {
-        user_id: Uuid,
-        email: String,
-        role: String,
-        status: String,
-        external_id: String,
-        #[serde(default)]
-        teams: Vec<String>,
-    }
-    #[derive(serde::Deserialize)]
-    struct TeamSnap {
-        key: String,
-        name: Option<String>,
-        #[serde(default)]
-        members: Vec<Uuid>,
-        #[serde(default)]
-        deleted: bool,
-    }
+    use shared::people::{Snapshot, TeamSnapshot, UserSnapshot};
     for e in events {
         let shared::events::Payload::Auth(_, a) = &e.payload else {
             continue;
         };
-        if let Some(u) = a
-            .extra
-            .get("user")
-            .cloned()
-            .and_then(|v| serde_json::from_value::<UserSnap>(v).ok())
-        {
+        // Decoding refused (dead-lettered) every event whose snapshot does not parse.
+        if let Ok(Some(u)) = UserSnapshot::from_extra(&a.extra) {
             sqlx::query(
                 "INSERT INTO users AS u (user_id, email, role, status, external_id, teams, updated_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -57,12 +34,7 @@ pub async fn apply(conn: &mut PgConnection, events: &[&Decoded]) -> sqlx::Result
             .execute(&mut *conn)
             .await?;
         }
-        if let Some(t) = a
-            .extra
-            .get("team")
-            .cloned()
-            .and_then(|v| serde_json::from_value::<TeamSnap>(v).ok())
-        {
+        if let Ok(Some(t)) = TeamSnapshot::from_extra(&a.extra) {
             sqlx::query(
                 "INSERT INTO teams AS t (key, name, members, deleted, updated_at)
                  VALUES ($1, $2, $3, $4, $5)

@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 
 use chrono::{DurationRound, TimeDelta, Utc};
 use clap::Parser;
+use ingest_api::ingest::{IngestContext, TimeBounds};
 use projector::models::raw::RawRow;
 use projector::models::rollups::{self, Grain, Key, Measures};
 use projector::schema::{self, partitions};
 use shared::apikey::Scope;
-use shared::events::{Actor, IngestContext, Source, TimeBounds};
+use shared::events::{Actor, Source};
 use shared::tenant::TenantId;
 use tally_tests::events::Generator;
 
@@ -55,9 +56,9 @@ async fn main() -> anyhow::Result<()> {
         .connect(&args.database_url)
         .await?;
     projector::migrate(&pool, shared::config::Timescale::Auto).await?;
-    let tenant = ingest_api::admin::create_tenant(&pool, "", "bench-read").await?;
+    let tenant = ingest_api::control::store::create_tenant(&pool, "", "bench-read").await?;
     let (_, key) =
-        ingest_api::admin::create_api_key(&pool, "", tenant, Scope::Read, "bench").await?;
+        ingest_api::control::store::create_api_key(&pool, "", tenant, Scope::Read, "bench").await?;
     println!(
         "tenant {tenant}: loading {} events over {} days…",
         args.events, args.days
@@ -294,7 +295,7 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
             max_future_skew: TimeDelta::days(1),
             retention: TimeDelta::days(3650),
         },
-        ids: shared::events::Ids::Fresh,
+        ids: ingest_api::ingest::Ids::Fresh,
     };
     for day in 0..args.days {
         // The generator spreads a day's events over the 24 hours before now; they are moved

@@ -17,11 +17,12 @@ use anyhow::Context;
 use chrono::Utc;
 use clap::Parser;
 use hdrhistogram::Histogram;
+use ingest_api::formats::otlp::{self, pb};
+use ingest_api::ingest::{IngestContext, TimeBounds};
 use prost::Message;
 use rdkafka::producer::FutureRecord;
 use serde_json::Value;
-use shared::events::{Actor, IngestContext, Source, TimeBounds};
-use shared::otlp::{self, pb};
+use shared::events::{Actor, Source};
 use shared::tenant::TenantId;
 use tally_tests::events::Generator;
 
@@ -406,7 +407,7 @@ async fn raw_kafka_baseline(args: &Args, bodies: &[Vec<u8>]) -> anyhow::Result<f
         source: Source::Api,
         received_at: Utc::now(),
         bounds: TimeBounds::default(),
-        ids: shared::events::Ids::Fresh,
+        ids: ingest_api::ingest::Ids::Fresh,
     };
     let mut records: Vec<(String, Vec<u8>)> = Vec::with_capacity(args.events);
     for body in bodies {

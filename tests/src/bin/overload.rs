@@ -173,12 +173,14 @@ async fn main() -> anyhow::Result<()> {
         .trim()
         .parse()?;
     let pool = sqlx::PgPool::connect(&args.database_url).await?;
-    let tenant = ingest_api::admin::create_tenant(&pool, "", "overload").await?;
-    ingest_api::admin::set_plan(&pool, tenant, "enterprise", Some(i32::MAX)).await?;
+    let tenant = ingest_api::control::store::create_tenant(&pool, "", "overload").await?;
+    ingest_api::control::store::set_plan(&pool, tenant, "enterprise", Some(i32::MAX)).await?;
     let (_, key) =
-        ingest_api::admin::create_api_key(&pool, "", tenant, Scope::Ingest, "overload").await?;
+        ingest_api::control::store::create_api_key(&pool, "", tenant, Scope::Ingest, "overload")
+            .await?;
     let (_, read_key) =
-        ingest_api::admin::create_api_key(&pool, "", tenant, Scope::Read, "overload").await?;
+        ingest_api::control::store::create_api_key(&pool, "", tenant, Scope::Read, "overload")
+            .await?;
     let url = format!("{}/v1/events", args.url);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))

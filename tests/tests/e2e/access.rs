@@ -27,7 +27,7 @@ async fn tenants_are_rate_limited_per_plan_with_headers() {
     let client = http();
     let limited = create_tenant(&pool, "limited").await;
     let other = create_tenant(&pool, "other").await;
-    ingest_api::admin::set_plan(&pool, limited.id, "free", Some(5))
+    ingest_api::control::store::set_plan(&pool, limited.id, "free", Some(5))
         .await
         .unwrap();
 
@@ -68,7 +68,7 @@ async fn without_redis_a_local_limiter_takes_over() {
     let ingest = start_ingest(&common, |_| {}).await;
     let client = http();
     let t = create_tenant(&pool, "no-redis").await;
-    ingest_api::admin::set_plan(&pool, t.id, "free", Some(3))
+    ingest_api::control::store::set_plan(&pool, t.id, "free", Some(3))
         .await
         .unwrap();
     at_window_start().await;
@@ -102,10 +102,10 @@ async fn revoked_keys_and_deactivated_tenants_are_refused_within_the_cache_delay
     .fetch_one(&pool)
     .await
     .unwrap();
-    ingest_api::admin::revoke_api_key(&pool, "", key_id)
+    ingest_api::control::store::revoke_api_key(&pool, "", key_id)
         .await
         .unwrap();
-    ingest_api::admin::set_status(&pool, "", gone.id, "deactivated")
+    ingest_api::control::store::set_status(&pool, "", gone.id, "deactivated")
         .await
         .unwrap();
     let since = Instant::now();
@@ -146,7 +146,7 @@ async fn revoked_keys_and_deactivated_tenants_are_refused_within_the_cache_delay
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    ingest_api::admin::set_status(&pool, "", gone.id, "active")
+    ingest_api::control::store::set_status(&pool, "", gone.id, "active")
         .await
         .unwrap();
     let res = post_events(&client, &ingest.url(), &gone.ingest_key, &one_event()).await;

@@ -16,10 +16,10 @@ async fn make_user(pool: &sqlx::PgPool, ns: &str, t: &TestTenant, role: Role) ->
         role.as_str(),
         uuid::Uuid::new_v4().simple()
     );
-    ingest_api::admin::create_user(
+    ingest_api::control::store::create_user(
         pool,
         ns,
-        ingest_api::admin::NewUser {
+        ingest_api::control::store::NewUser {
             tenant: t.id,
             email: &email,
             password: PASSWORD,

@@ -14,7 +14,7 @@ async fn operators_create_tenants_and_owners_manage_them() {
     let projector = start_projector(&common).await;
     let client = http();
     let url = ingest.url();
-    let operator = ingest_api::admin::create_operator_key(&pool, "test")
+    let operator = ingest_api::control::store::create_operator_key(&pool, "test")
         .await
         .unwrap();
     let tag = uuid::Uuid::new_v4().simple().to_string();
@@ -446,9 +446,10 @@ async fn admins_cannot_touch_owners_and_lose_the_control_plane_at_once() {
     let ingest = start_ingest(&common, |_| {}).await;
     let client = http();
     let url = ingest.url();
-    let (operator_id, operator) = ingest_api::admin::create_operator_key_with_id(&pool, "test")
-        .await
-        .unwrap();
+    let (operator_id, operator) =
+        ingest_api::control::store::create_operator_key_with_id(&pool, "test")
+            .await
+            .unwrap();
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let call = |method: reqwest::Method, path: &str, token: &str, body: Option<Value>| {
         let mut r = client
@@ -647,7 +648,7 @@ async fn admins_cannot_touch_owners_and_lose_the_control_plane_at_once() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    ingest_api::admin::revoke_operator_key(&pool, operator_id)
+    ingest_api::control::store::revoke_operator_key(&pool, operator_id)
         .await
         .unwrap();
     let res = call(reqwest::Method::GET, "/v1/admin/tenants", &operator, None)
@@ -655,7 +656,7 @@ async fn admins_cannot_touch_owners_and_lose_the_control_plane_at_once() {
         .unwrap();
     assert_eq!(res.status(), 401);
     assert!(
-        ingest_api::admin::revoke_operator_key(&pool, operator_id)
+        ingest_api::control::store::revoke_operator_key(&pool, operator_id)
             .await
             .is_err(),
         "a key is revoked once"

@@ -31,10 +31,10 @@ async fn the_dashboard_page_works_in_headless_chromium() {
     let client = http();
     let t = create_tenant(&pool, "browser").await;
     let email = format!("owner-{}@example.com", uuid::Uuid::new_v4().simple());
-    ingest_api::admin::create_user(
+    ingest_api::control::store::create_user(
         &pool,
         "",
-        ingest_api::admin::NewUser {
+        ingest_api::control::store::NewUser {
             tenant: t.id,
             email: &email,
             password: "Browser-Pass-1",

@@ -4,11 +4,12 @@
 use std::time::Duration;
 
 use chrono::Utc;
+use ingest_api::ingest::{IngestContext, TimeBounds};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use serde_json::{json, Value};
-use shared::events::{Actor, IngestContext, Source, TimeBounds};
+use shared::events::{Actor, Source};
 use tally_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -32,7 +33,7 @@ async fn poison_records_are_dead_lettered_and_do_not_block() {
         source: Source::Api,
         received_at: Utc::now(),
         bounds: TimeBounds::default(),
-        ids: shared::events::Ids::Fresh,
+        ids: ingest_api::ingest::Ids::Fresh,
     };
     let valid = |i: i64| {
         let env = ctx.envelope(0, command("u", "build", i, true)).unwrap();
@@ -127,7 +128,7 @@ async fn dead_letters_are_listed_and_redriven_after_a_fix() {
         source: Source::Api,
         received_at: Utc::now(),
         bounds: TimeBounds::default(),
-        ids: shared::events::Ids::Fresh,
+        ids: ingest_api::ingest::Ids::Fresh,
     };
     let producer: FutureProducer =
         shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();

@@ -77,10 +77,10 @@ async fn user(
     teams: &[&str],
 ) {
     let teams: Vec<String> = teams.iter().map(|s| s.to_string()).collect();
-    ingest_api::admin::create_user(
+    ingest_api::control::store::create_user(
         pool,
         "",
-        ingest_api::admin::NewUser {
+        ingest_api::control::store::NewUser {
             tenant: t.id,
             email,
             password: PASSWORD,
@@ -383,7 +383,7 @@ async fn people_log_in_and_see_what_their_role_allows() {
     );
 
     // A deactivated user is refused.
-    ingest_api::admin::deactivate_user(&pool, "", &email("mgr"))
+    ingest_api::control::store::deactivate_user(&pool, "", &email("mgr"))
         .await
         .unwrap();
     assert_ne!(s.login(&email("mgr"), PASSWORD).await.status(), 200);

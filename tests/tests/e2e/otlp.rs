@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ingest_api::formats::otlp::pb;
 use prost::Message;
 use serde_json::{json, Value};
-use shared::otlp::pb;
 use tally_tests::*;
 
 /// The virtualenv `deploy/local/test-clients.sh` makes (at `TALLY_OTEL_VENV` if set).
@@ -280,9 +280,9 @@ async fn otlp_senders_get_the_answers_they_rely_on() {
         .unwrap()
         .contains("dataPoints[1]"));
     // The same in protobuf, gzipped: the answer is a protobuf ExportMetricsServiceResponse.
-    let req = shared::otlp::decode::<shared::otlp::Metrics>(
+    let req = ingest_api::formats::otlp::decode::<ingest_api::formats::otlp::Metrics>(
         &serde_json::to_vec(&partial).unwrap(),
-        shared::otlp::Encoding::Json,
+        ingest_api::formats::otlp::Encoding::Json,
     )
     .unwrap();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());

@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use ingest_api::ingest::{IngestContext, TimeBounds};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -14,7 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use shared::config::Common;
-use shared::events::{Actor, IngestContext, Source, TimeBounds};
+use shared::events::{Actor, Source};
 use shared::tenant::TenantId;
 use tally_tests::*;
 use uuid::Uuid;
@@ -52,7 +53,7 @@ fn envelope(tenant: TenantId, event: Value) -> Value {
         source: Source::Api,
         received_at: Utc::now(),
         bounds: TimeBounds::default(),
-        ids: shared::events::Ids::Fresh,
+        ids: ingest_api::ingest::Ids::Fresh,
     };
     serde_json::to_value(ctx.envelope(0, event).expect("valid event")).unwrap()
 }

@@ -7,8 +7,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ingest_api::formats::promrw::{Label, Sample, TimeSeries, WriteRequest};
 use prost::Message;
-use shared::promrw::{Label, Sample, TimeSeries, WriteRequest};
 use tally_tests::*;
 
 fn snappy(req: &WriteRequest) -> Vec<u8> {

@@ -106,24 +106,24 @@ async fn both_apis_answer_as_their_openapi_says() {
     let query = start_query(&common, |c| c.jwks_url = jwks).await;
     let t = create_tenant(&pool, "schema").await;
     // Thousands of requests a minute: the rate limit is not what is tested here.
-    ingest_api::admin::set_plan(&pool, t.id, "enterprise", Some(100_000))
+    ingest_api::control::store::set_plan(&pool, t.id, "enterprise", Some(100_000))
         .await
         .expect("plan");
     let (_, admin_key) =
-        ingest_api::admin::create_api_key(&pool, "", t.id, Scope::Admin, "schema-admin")
+        ingest_api::control::store::create_api_key(&pool, "", t.id, Scope::Admin, "schema-admin")
             .await
             .expect("admin key");
-    let operator_key = ingest_api::admin::create_operator_key(&pool, "schema-operator")
+    let operator_key = ingest_api::control::store::create_operator_key(&pool, "schema-operator")
         .await
         .expect("operator key");
 
     // An owner, for the routes only a person's access token opens.
     let email = format!("owner-{}@schema.example", t.id.0.simple());
     let (email, password) = (email.as_str(), "Owner passphrase 42");
-    ingest_api::admin::create_user(
+    ingest_api::control::store::create_user(
         &pool,
         "",
-        ingest_api::admin::NewUser {
+        ingest_api::control::store::NewUser {
             tenant: t.id,
             email,
             password,
@@ -283,10 +283,15 @@ async fn nul_in_a_control_plane_body_is_a_422_naming_it() {
     let common = common_for_test();
     let ingest = start_ingest(&common, |_| {}).await;
     let t = create_tenant(&pool, "schema-nul-body").await;
-    let (_, admin_key) =
-        ingest_api::admin::create_api_key(&pool, "", t.id, Scope::Admin, "schema-nul-admin")
-            .await
-            .expect("admin key");
+    let (_, admin_key) = ingest_api::control::store::create_api_key(
+        &pool,
+        "",
+        t.id,
+        Scope::Admin,
+        "schema-nul-admin",
+    )
+    .await
+    .expect("admin key");
     for (method, path, body, field) in [
         (
             "POST",

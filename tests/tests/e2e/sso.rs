@@ -99,10 +99,10 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
     let t = create_tenant(&pool, "sso").await;
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let owner = format!("owner-{tag}@example.com");
-    ingest_api::admin::create_user(
+    ingest_api::control::store::create_user(
         &pool,
         "",
-        ingest_api::admin::NewUser {
+        ingest_api::control::store::NewUser {
             tenant: t.id,
             email: &owner,
             password: "Owner-Pass-123",
@@ -279,10 +279,10 @@ async fn an_admin_cannot_take_over_an_owner_through_sso() {
     let mut ids = Vec::new();
     for (email, role) in [(&owner, Role::Owner), (&admin, Role::Admin)] {
         ids.push(
-            ingest_api::admin::create_user(
+            ingest_api::control::store::create_user(
                 &pool,
                 "",
-                ingest_api::admin::NewUser {
+                ingest_api::control::store::NewUser {
                     tenant: t.id,
                     email,
                     password: "Sturdy-Pass-42",
@@ -296,7 +296,7 @@ async fn an_admin_cannot_take_over_an_owner_through_sso() {
         );
     }
     let (owner_id, admin_id) = (ids[0], ids[1]);
-    let (admin_key_id, admin_key) = ingest_api::admin::create_api_key(
+    let (admin_key_id, admin_key) = ingest_api::control::store::create_api_key(
         &pool,
         "",
         t.id,

@@ -293,10 +293,15 @@ async fn streams_close_when_their_credential_stops_holding() {
     .await;
     let client = http();
     let t = create_tenant(&pool, "recheck").await;
-    let (doomed_id, doomed_key) =
-        ingest_api::admin::create_api_key(&pool, "", t.id, shared::apikey::Scope::Read, "doomed")
-            .await
-            .unwrap();
+    let (doomed_id, doomed_key) = ingest_api::control::store::create_api_key(
+        &pool,
+        "",
+        t.id,
+        shared::apikey::Scope::Read,
+        "doomed",
+    )
+    .await
+    .unwrap();
     let mut people = Vec::new();
     for (who, role) in [
         ("leaver", shared::jwt::Role::Owner),
@@ -304,10 +309,10 @@ async fn streams_close_when_their_credential_stops_holding() {
         ("moved", shared::jwt::Role::Manager),
     ] {
         let email = format!("{who}-{}@example.com", uuid::Uuid::new_v4().simple());
-        let id = ingest_api::admin::create_user(
+        let id = ingest_api::control::store::create_user(
             &pool,
             "",
-            ingest_api::admin::NewUser {
+            ingest_api::control::store::NewUser {
                 tenant: t.id,
                 email: &email,
                 password: "Stream-Pass-1",
@@ -345,13 +350,13 @@ async fn streams_close_when_their_credential_stops_holding() {
         ));
     }
 
-    ingest_api::admin::revoke_api_key(&pool, "", doomed_id)
+    ingest_api::control::store::revoke_api_key(&pool, "", doomed_id)
         .await
         .unwrap();
-    ingest_api::admin::deactivate_user(&pool, "", &people[0].0)
+    ingest_api::control::store::deactivate_user(&pool, "", &people[0].0)
         .await
         .unwrap();
-    let change = |id, role, teams| ingest_api::admin::UserChange {
+    let change = |id, role, teams| ingest_api::control::store::UserChange {
         tenant: t.id,
         id,
         role,
@@ -360,7 +365,7 @@ async fn streams_close_when_their_credential_stops_holding() {
         by_owner: true,
         actor: shared::events::Actor::default(),
     };
-    ingest_api::admin::update_user(
+    ingest_api::control::store::update_user(
         &pool,
         "",
         change(people[1].1, Some(shared::jwt::Role::Viewer), None),
@@ -369,10 +374,10 @@ async fn streams_close_when_their_credential_stops_holding() {
     .unwrap();
     // Another team: the token stays valid (same version) but no longer says what it may see.
     let team_2 = ["team-2".to_string()];
-    ingest_api::admin::update_user(&pool, "", change(people[2].1, None, Some(&team_2)))
+    ingest_api::control::store::update_user(&pool, "", change(people[2].1, None, Some(&team_2)))
         .await
         .unwrap();
-    ingest_api::admin::set_status(&pool, "", closing.id, "deactivated")
+    ingest_api::control::store::set_status(&pool, "", closing.id, "deactivated")
         .await
         .unwrap();
     let changed = Instant::now();
@@ -682,10 +687,10 @@ async fn a_stream_ends_when_its_access_token_expires() {
     .await;
     let t = create_tenant(&pool, "expiring").await;
     let email = format!("short-{}@example.com", uuid::Uuid::new_v4().simple());
-    let user = ingest_api::admin::create_user(
+    let user = ingest_api::control::store::create_user(
         &pool,
         "",
-        ingest_api::admin::NewUser {
+        ingest_api::control::store::NewUser {
             tenant: t.id,
             email: &email,
             password: "Stream-Pass-1",

@@ -6,8 +6,9 @@ use chrono::Utc;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::events::{Actor, AuthEvent, AuthKind, Envelope, EventType, Source};
-use crate::tenant::TenantId;
+use shared::events::{Actor, AuthEvent, AuthKind, Envelope, EventType, Source};
+use shared::people::{Snapshot, TeamSnapshot, UserSnapshot};
+use shared::tenant::TenantId;
 
 /// An auth event of `tenant`, ready for the outbox.
 pub fn auth_event(tenant: TenantId, kind: AuthKind, actor: Actor, event: AuthEvent) -> Envelope {
@@ -46,21 +47,21 @@ pub async fn user_snapshot(
     conn: &mut PgConnection,
     user: Uuid,
 ) -> sqlx::Result<serde_json::Map<String, serde_json::Value>> {
-    let row: (Uuid, String, String, String, String, Vec<String>) = sqlx::query_as(
+    let (user_id, email, role, status, external_id, teams) = sqlx::query_as(
         "SELECT id, email, role, status, external_id, teams FROM control.users WHERE id = $1",
     )
     .bind(user)
     .fetch_one(conn)
     .await?;
-    let mut extra = serde_json::Map::new();
-    extra.insert(
-        "user".into(),
-        serde_json::json!({
-            "user_id": row.0, "email": row.1, "role": row.2, "status": row.3,
-            "external_id": row.4, "teams": row.5,
-        }),
-    );
-    Ok(extra)
+    Ok(UserSnapshot {
+        user_id,
+        email,
+        role,
+        status,
+        external_id,
+        teams,
+    }
+    .into_extra())
 }
 
 /// The team as the control plane has it now (members by user id), for `team.changed`.
@@ -82,10 +83,11 @@ pub async fn team_snapshot(
     .bind(key)
     .fetch_all(&mut *conn)
     .await?;
-    let mut extra = serde_json::Map::new();
-    extra.insert(
-        "team".into(),
-        serde_json::json!({"key": key, "name": name, "members": members, "deleted": name.is_none()}),
-    );
-    Ok(extra)
+    Ok(TeamSnapshot {
+        key: key.to_string(),
+        deleted: name.is_none(),
+        name,
+        members,
+    }
+    .into_extra())
 }

@@ -2,7 +2,7 @@
 
 use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
 
-use crate::events::FieldError;
+use shared::events::FieldError;
 
 /// 8..=128 characters with at least three of: lowercase, uppercase, digit, other.
 pub fn check_policy(field: &str, password: &str) -> Result<(), FieldError> {

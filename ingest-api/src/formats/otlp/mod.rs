@@ -24,9 +24,9 @@ use chrono::{DateTime, Utc};
 use prost::Message;
 use serde_json::{json, Map, Value};
 
-use crate::events::{FieldError, MAX_LABELS};
-use crate::expansion;
+use crate::formats::expansion;
 use pb::any_value::Value as Any;
+use shared::events::{FieldError, MAX_LABELS};
 
 /// Most metric data points one request may carry.
 pub const MAX_POINTS: usize = 50_000;
@@ -903,7 +903,7 @@ fn generic_event(
         };
         if labels.len() < MAX_LABELS
             && !k.is_empty()
-            && k.chars().count() <= crate::events::MAX_NAME_LEN
+            && k.chars().count() <= shared::events::MAX_NAME_LEN
             && text.chars().count() <= MAX_LABEL_VALUE
         {
             labels.insert(k, Value::from(text));
@@ -930,18 +930,20 @@ fn generic_event(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Actor, IngestContext, Source, TimeBounds};
-    use crate::tenant::TenantId;
+    use crate::ingest::{IngestContext, TimeBounds};
+    use shared::events::{Actor, Source};
+    use shared::tenant::TenantId;
 
-    const METRICS_JSON: &str = include_str!("../../tests/fixtures/otlp/claude_code_metrics.json");
-    const METRICS_PB: &[u8] = include_bytes!("../../tests/fixtures/otlp/claude_code_metrics.pb");
-    const SNAKE_JSON: &str = include_str!("../../tests/fixtures/otlp/snake_case_metrics.json");
-    const SNAKE_PB: &[u8] = include_bytes!("../../tests/fixtures/otlp/snake_case_metrics.pb");
-    const LOGS_JSON: &str = include_str!("../../tests/fixtures/otlp/claude_code_logs.json");
-    const LOGS_PB: &[u8] = include_bytes!("../../tests/fixtures/otlp/claude_code_logs.pb");
+    const METRICS_JSON: &str =
+        include_str!("../../../tests/fixtures/otlp/claude_code_metrics.json");
+    const METRICS_PB: &[u8] = include_bytes!("../../../tests/fixtures/otlp/claude_code_metrics.pb");
+    const SNAKE_JSON: &str = include_str!("../../../tests/fixtures/otlp/snake_case_metrics.json");
+    const SNAKE_PB: &[u8] = include_bytes!("../../../tests/fixtures/otlp/snake_case_metrics.pb");
+    const LOGS_JSON: &str = include_str!("../../../tests/fixtures/otlp/claude_code_logs.json");
+    const LOGS_PB: &[u8] = include_bytes!("../../../tests/fixtures/otlp/claude_code_logs.pb");
 
     /// Every event a conversion makes must pass the same validation as any client's event.
-    fn envelopes(events: &[Value]) -> Vec<crate::events::Envelope> {
+    fn envelopes(events: &[Value]) -> Vec<shared::events::Envelope> {
         let ctx = IngestContext {
             tenant_id: TenantId::new(),
             actor: Actor::default(),
@@ -951,7 +953,7 @@ mod tests {
                 retention: chrono::Duration::days(3650),
                 ..TimeBounds::default()
             },
-            ids: crate::events::Ids::Fresh,
+            ids: crate::ingest::Ids::Fresh,
         };
         events
             .iter()
@@ -1053,7 +1055,7 @@ mod tests {
         );
         let envs = envelopes(&out.events);
         let p = envs[0].payload().unwrap();
-        let crate::events::Payload::MetricSample(p) = p else {
+        let shared::events::Payload::MetricSample(p) = p else {
             panic!("a sample")
         };
         // The projector files it under the user and session of its attributes.

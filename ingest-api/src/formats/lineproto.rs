@@ -10,8 +10,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::events::{FieldError, MAX_LABELS};
-use crate::expansion;
+use crate::formats::expansion;
+use shared::events::{FieldError, MAX_LABELS};
 
 /// Most lines one request may carry.
 pub const MAX_LINES: usize = 5_000;

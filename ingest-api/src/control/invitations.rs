@@ -3,7 +3,7 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -13,6 +13,7 @@ use shared::problem::{json_body, Problem};
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
+use crate::control::http::TenantAdmin;
 use crate::state::AppState;
 
 const INVITE_PREFIX: &str = "tli_";
@@ -58,10 +59,9 @@ fn db(e: sqlx::Error) -> Problem {
 /// `POST /v1/admin/invitations` (tenant owners/admins)
 pub async fn invite(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    caller: TenantAdmin,
     req: Result<Json<NewInvitation>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Invitation>), Problem> {
-    let caller = super::control::tenant_admin(&s, &headers).await?;
     let req = json_body(req)?;
     let email = req.email.trim().to_lowercase();
     if !email.contains('@') || !(3..=254).contains(&email.len()) {
@@ -115,9 +115,9 @@ pub async fn invite(
 pub async fn accept(
     State(s): State<AppState>,
     req: Result<Json<Acceptance>, JsonRejection>,
-) -> Result<Json<super::auth::Tokens>, Problem> {
+) -> Result<Json<crate::routes::auth::Tokens>, Problem> {
     let req = json_body(req)?;
-    shared::password::check_policy("password", &req.password)
+    crate::password::check_policy("password", &req.password)
         .map_err(|e| Problem::validation(format!("{}: {}", e.field, e.reason), vec![e]))?;
     let gone = || {
         Problem::new(
@@ -140,7 +140,7 @@ pub async fn accept(
     if !open {
         return Err(gone());
     }
-    let hash = super::auth::hash_password(&s, req.password.clone()).await?;
+    let hash = crate::routes::auth::hash_password(&s, req.password.clone()).await?;
     let mut tx = s.pool.begin().await.map_err(db)?;
     let row: Option<(Uuid, Uuid, String, String, Vec<String>)> = sqlx::query_as(
         "SELECT i.id, i.tenant_id, i.email, i.role, i.teams FROM control.invitations i
@@ -179,16 +179,16 @@ pub async fn accept(
         email: Some(email),
         detail: Some(format!("joined by invitation, role {role}")),
         target: Some(format!("invitation:{invitation}")),
-        extra: shared::outbox::user_snapshot(&mut tx, user)
+        extra: crate::outbox::user_snapshot(&mut tx, user)
             .await
             .map_err(db)?,
         ..Default::default()
     };
-    super::auth::audit(&s, &mut tx, TenantId(tenant), AuthKind::UserCreated, event).await?;
+    crate::routes::auth::audit(&s, &mut tx, TenantId(tenant), AuthKind::UserCreated, event).await?;
     tx.commit().await.map_err(db)?;
     s.outbox_wake.notify_one();
     let role = Role::parse(&role).ok_or_else(Problem::internal)?;
     Ok(Json(
-        super::auth::issue(&s, user, TenantId(tenant), role, 0, Uuid::now_v7()).await?,
+        crate::routes::auth::issue(&s, user, TenantId(tenant), role, 0, Uuid::now_v7()).await?,
     ))
 }

@@ -10,9 +10,9 @@
 use prost::Message;
 use serde_json::{json, Value};
 
-use crate::events::FieldError;
-use crate::expansion;
-use crate::protowire::each_field;
+use crate::formats::expansion;
+use crate::formats::protowire::each_field;
+use shared::events::FieldError;
 
 /// Most series one request may carry.
 pub const MAX_SERIES: usize = 10_000;

@@ -4,7 +4,7 @@
 //! sample), so a small body can ask for gigabytes. Each decoder adds up what its events
 //! would weigh, from what it has read, and asks [`check`] before it builds any.
 
-use crate::events::FieldError;
+use shared::events::FieldError;
 
 /// Most a request may expand to, in bytes of events (about; JSON).
 pub const MAX_EXPANDED_BYTES: usize = 64 * 1024 * 1024;

@@ -6,7 +6,8 @@
 //! the path simply are not found.
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -18,7 +19,7 @@ use shared::problem::{json_body, Problem};
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
-use crate::admin;
+use super::store;
 use crate::state::AppState;
 
 fn failed(e: anyhow::Error) -> Problem {
@@ -48,6 +49,18 @@ fn ns(s: &AppState) -> &str {
     &s.config.common.topic_prefix
 }
 
+/// A request made with a valid, unrevoked operator key: the guard of the tenant routes, as
+/// an extractor (it runs before the body is read).
+pub struct Operator;
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Problem> {
+        operator(s, &parts.headers).await.map(|()| Operator)
+    }
+}
+
 /// The caller must present a valid, unrevoked operator key.
 async fn operator(s: &AppState, headers: &HeaderMap) -> Result<(), Problem> {
     let key = headers
@@ -72,7 +85,7 @@ async fn operator(s: &AppState, headers: &HeaderMap) -> Result<(), Problem> {
 }
 
 /// Who administers a tenant: an owner or admin (access token), or an `admin` API key.
-pub(crate) struct TenantAdmin {
+pub struct TenantAdmin {
     pub tenant: TenantId,
     /// Only owners may create, promote, demote or deactivate owners, or change SSO settings.
     pub is_owner: bool,
@@ -91,7 +104,7 @@ impl TenantAdmin {
         };
         let written = async {
             let mut conn = s.pool.acquire().await.map_err(|e| failed(e.into()))?;
-            super::auth::audit_as(
+            crate::routes::auth::audit_as(
                 s,
                 &mut conn,
                 self.tenant,
@@ -112,10 +125,17 @@ impl TenantAdmin {
     }
 }
 
-pub(crate) async fn tenant_admin(
-    s: &AppState,
-    headers: &HeaderMap,
-) -> Result<TenantAdmin, Problem> {
+/// The guard of a tenant's control plane, as an extractor: the credential (access token or
+/// `admin` key) is parsed once, before the body is read.
+impl FromRequestParts<AppState> for TenantAdmin {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Problem> {
+        tenant_admin(s, &parts.headers).await
+    }
+}
+
+async fn tenant_admin(s: &AppState, headers: &HeaderMap) -> Result<TenantAdmin, Problem> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -123,7 +143,7 @@ pub(crate) async fn tenant_admin(
         .map(str::trim)
         .unwrap_or("");
     if shared::jwt::looks_like_jwt(bearer) {
-        let claims = super::auth::caller(s, headers).await?;
+        let claims = crate::routes::auth::caller(s, headers).await?;
         return match claims.role {
             Role::Owner | Role::Admin => Ok(TenantAdmin {
                 tenant: claims.tid,
@@ -224,7 +244,7 @@ fn check_person(p: &NewPerson, prefix: &str) -> Result<Role, Problem> {
             "must be an e-mail address",
         ));
     }
-    shared::password::check_policy(&format!("{prefix}password"), &p.password)
+    crate::password::check_policy(&format!("{prefix}password"), &p.password)
         .map_err(|e| Problem::validation(format!("{}: {}", e.field, e.reason), vec![e]))?;
     match p.role.as_deref() {
         None => Ok(Role::Developer),
@@ -240,27 +260,26 @@ fn check_person(p: &NewPerson, prefix: &str) -> Result<Role, Problem> {
 /// `POST /v1/admin/tenants` (operator): a tenant with its first owner.
 pub async fn create_tenant(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _: Operator,
     req: Result<Json<NewTenant>, JsonRejection>,
 ) -> Result<(StatusCode, Json<CreatedTenant>), Problem> {
-    operator(&s, &headers).await?;
     let req = json_body(req)?;
     check_len("name", &req.name, 200)?;
     check_plan(req.plan.as_deref(), req.rate_limit_per_min)?;
     check_person(&req.owner, "owner.")?;
-    let tenant = admin::create_tenant(&s.pool, ns(&s), &req.name)
+    let tenant = store::create_tenant(&s.pool, ns(&s), &req.name)
         .await
         .map_err(failed)?;
     if req.plan.is_some() || req.rate_limit_per_min.is_some() {
         let plan = req.plan.as_deref().unwrap_or("professional");
-        admin::set_plan(&s.pool, tenant, plan, req.rate_limit_per_min)
+        store::set_plan(&s.pool, tenant, plan, req.rate_limit_per_min)
             .await
             .map_err(failed)?;
     }
-    let owner_id = admin::create_user(
+    let owner_id = store::create_user(
         &s.pool,
         ns(&s),
-        admin::NewUser {
+        store::NewUser {
             tenant,
             email: &req.owner.email,
             password: &req.owner.password,
@@ -297,9 +316,8 @@ pub struct TenantRow {
 /// `GET /v1/admin/tenants` (operator)
 pub async fn list_tenants(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _: Operator,
 ) -> Result<Json<Vec<TenantRow>>, Problem> {
-    operator(&s, &headers).await?;
     let rows = sqlx::query_as(
         "SELECT id, name, status, plan, rate_limit_per_min, raw_retention_days, rollup_retention_days,
                 compress_after_days, created_at
@@ -328,11 +346,10 @@ pub struct TenantPatch {
 /// `PATCH /v1/admin/tenants/{id}` (operator): plan, limit, deactivate/reactivate.
 pub async fn update_tenant(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _: Operator,
     id: Result<Path<Uuid>, PathRejection>,
     req: Result<Json<TenantPatch>, JsonRejection>,
 ) -> Result<StatusCode, Problem> {
-    operator(&s, &headers).await?;
     let id = path_id(id)?;
     let req = json_body(req)?;
     check_plan(req.plan.as_deref(), req.rate_limit_per_min)?;
@@ -374,7 +391,7 @@ pub async fn update_tenant(
     }
     if req.plan.is_some() || req.rate_limit_per_min.is_some() {
         let plan = req.plan.unwrap_or(current_plan);
-        admin::set_plan(&s.pool, tenant, &plan, req.rate_limit_per_min)
+        store::set_plan(&s.pool, tenant, &plan, req.rate_limit_per_min)
             .await
             .map_err(failed)?;
     }
@@ -385,7 +402,7 @@ pub async fn update_tenant(
                 "must be active or deactivated",
             ));
         }
-        admin::set_status(&s.pool, ns(&s), tenant, status)
+        store::set_status(&s.pool, ns(&s), tenant, status)
             .await
             .map_err(failed)?;
         s.outbox_wake.notify_one();
@@ -433,10 +450,9 @@ async fn set_retention(
 /// `POST /v1/admin/users` (tenant admin)
 pub async fn create_user(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    caller: TenantAdmin,
     req: Result<Json<NewPerson>, JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), Problem> {
-    let caller = tenant_admin(&s, &headers).await?;
     let req = json_body(req)?;
     let role = check_person(&req, "")?;
     if role == Role::Owner && !caller.is_owner {
@@ -448,10 +464,10 @@ pub async fn create_user(
             )
             .await);
     }
-    let id = admin::create_user(
+    let id = store::create_user(
         &s.pool,
         ns(&s),
-        admin::NewUser {
+        store::NewUser {
             tenant: caller.tenant,
             email: &req.email,
             password: &req.password,
@@ -480,9 +496,8 @@ pub struct UserRow {
 /// `GET /v1/admin/users` (tenant admin)
 pub async fn list_users(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    caller: TenantAdmin,
 ) -> Result<Json<Vec<UserRow>>, Problem> {
-    let caller = tenant_admin(&s, &headers).await?;
     let rows = sqlx::query_as(
         "SELECT id, email, role, status, external_id, teams, created_at
            FROM control.users WHERE tenant_id = $1 ORDER BY created_at",
@@ -504,11 +519,10 @@ pub struct UserPatch {
 /// `PATCH /v1/admin/users/{id}` (tenant admin): role, teams, deactivate/reactivate.
 pub async fn update_user(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    caller: TenantAdmin,
     id: Result<Path<Uuid>, PathRejection>,
     req: Result<Json<UserPatch>, JsonRejection>,
 ) -> Result<StatusCode, Problem> {
-    let caller = tenant_admin(&s, &headers).await?;
     let id = path_id(id)?;
     let req = json_body(req)?;
     let role = match req.role.as_deref() {
@@ -528,10 +542,10 @@ pub async fn update_user(
             ))
         }
     };
-    let outcome = admin::update_user(
+    let outcome = store::update_user(
         &s.pool,
         ns(&s),
-        admin::UserChange {
+        store::UserChange {
             tenant: caller.tenant,
             id,
             role,
@@ -544,18 +558,18 @@ pub async fn update_user(
     .await
     .map_err(failed)?;
     match outcome {
-        admin::UserUpdate::Updated => {
+        store::UserUpdate::Updated => {
             s.outbox_wake.notify_one();
             Ok(StatusCode::NO_CONTENT)
         }
-        admin::UserUpdate::NotFound => Err(Problem::not_found("no such user in this tenant")),
-        admin::UserUpdate::LastOwner => Err(Problem::new(
+        store::UserUpdate::NotFound => Err(Problem::not_found("no such user in this tenant")),
+        store::UserUpdate::LastOwner => Err(Problem::new(
             StatusCode::CONFLICT,
             "last-owner",
             "Last owner",
             "a tenant keeps at least one active owner; make another owner first",
         )),
-        admin::UserUpdate::OwnerOnly => Err(caller
+        store::UserUpdate::OwnerOnly => Err(caller
             .refuse(
                 &s,
                 "only an owner may make, demote or deactivate an owner",
@@ -574,15 +588,14 @@ pub struct NewApiKey {
 /// `POST /v1/admin/api-keys` (tenant admin): the secret is in this answer only.
 pub async fn create_api_key(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    caller: TenantAdmin,
     req: Result<Json<NewApiKey>, JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), Problem> {
-    let caller = tenant_admin(&s, &headers).await?;
     let req = json_body(req)?;
     let scope = Scope::parse(&req.scope)
         .ok_or_else(|| Problem::invalid_field("scope", "must be ingest, read or admin"))?;
     check_len("name", &req.name, 100)?;
-    let (id, key) = admin::create_api_key(&s.pool, ns(&s), caller.tenant, scope, &req.name)
+    let (id, key) = store::create_api_key(&s.pool, ns(&s), caller.tenant, scope, &req.name)
         .await
         .map_err(failed)?;
     s.outbox_wake.notify_one();
@@ -604,9 +617,8 @@ pub struct KeyRow {
 /// `GET /v1/admin/api-keys` (tenant admin): never the secrets.
 pub async fn list_api_keys(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    caller: TenantAdmin,
 ) -> Result<Json<Vec<KeyRow>>, Problem> {
-    let caller = tenant_admin(&s, &headers).await?;
     let rows = sqlx::query_as(
         "SELECT id, name, scope, created_at, revoked_at FROM control.api_keys
           WHERE tenant_id = $1 ORDER BY created_at",
@@ -621,10 +633,9 @@ pub async fn list_api_keys(
 /// `DELETE /v1/admin/api-keys/{id}` (tenant admin): revokes (services forget it within 10 s).
 pub async fn revoke_api_key(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    caller: TenantAdmin,
     id: Result<Path<Uuid>, PathRejection>,
 ) -> Result<StatusCode, Problem> {
-    let caller = tenant_admin(&s, &headers).await?;
     let id = path_id(id)?;
     let mine: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM control.api_keys WHERE id = $1 AND tenant_id = $2 AND revoked_at IS NULL)",
@@ -637,7 +648,7 @@ pub async fn revoke_api_key(
     if !mine {
         return Err(Problem::not_found("no such active key in this tenant"));
     }
-    admin::revoke_api_key(&s.pool, ns(&s), id)
+    store::revoke_api_key(&s.pool, ns(&s), id)
         .await
         .map_err(failed)?;
     s.outbox_wake.notify_one();
@@ -662,11 +673,10 @@ pub struct TeamView {
 /// its members. `key` is the team id the tenant's events carry.
 pub async fn put_team(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    caller: TenantAdmin,
     key: Result<Path<String>, PathRejection>,
     req: Result<Json<TeamPut>, JsonRejection>,
 ) -> Result<StatusCode, Problem> {
-    let caller = tenant_admin(&s, &headers).await?;
     let key = key
         .map(|Path(k)| k)
         .map_err(|_| Problem::not_found("no such team"))?;
@@ -741,7 +751,7 @@ async fn team_changed(
     tenant: TenantId,
     key: &str,
 ) -> Result<(), Problem> {
-    let extra = shared::outbox::team_snapshot(conn, tenant, key)
+    let extra = crate::outbox::team_snapshot(conn, tenant, key)
         .await
         .map_err(|e| failed(e.into()))?;
     let event = shared::events::AuthEvent {
@@ -749,7 +759,7 @@ async fn team_changed(
         extra,
         ..Default::default()
     };
-    super::auth::audit(
+    crate::routes::auth::audit(
         s,
         conn,
         tenant,
@@ -762,9 +772,8 @@ async fn team_changed(
 /// `GET /v1/admin/teams` (tenant admin)
 pub async fn list_teams(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    caller: TenantAdmin,
 ) -> Result<Json<Vec<TeamView>>, Problem> {
-    let caller = tenant_admin(&s, &headers).await?;
     let rows: Vec<(String, String, Vec<Uuid>)> = sqlx::query_as(
         "SELECT t.key, t.name,
                 coalesce(array_agg(u.id ORDER BY u.id) FILTER (WHERE u.id IS NOT NULL), '{}')
@@ -787,10 +796,9 @@ pub async fn list_teams(
 /// `DELETE /v1/admin/teams/{key}` (tenant admin): the team goes, and with it the memberships.
 pub async fn delete_team(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    caller: TenantAdmin,
     key: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, Problem> {
-    let caller = tenant_admin(&s, &headers).await?;
     let key = key
         .map(|Path(k)| k)
         .map_err(|_| Problem::not_found("no such team"))?;

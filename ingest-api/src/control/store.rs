@@ -1,133 +1,12 @@
-//! Operator subcommands: `ingest-api admin tenant create …`, `ingest-api admin api-key …`.
+//! The control plane's writes that the HTTP routes, the operator CLI and the tests share:
+//! tenants, users, API keys and operator keys, each change with its event in the outbox.
 
-use clap::Subcommand;
+use crate::outbox;
 use shared::apikey::{self, Scope};
 use shared::events::{Actor, AuthEvent, AuthKind};
-use shared::outbox;
 use shared::tenant::TenantId;
 use sqlx::PgPool;
 use uuid::Uuid;
-
-#[derive(Debug, Subcommand)]
-pub enum AdminCommand {
-    /// Manage tenants.
-    #[command(subcommand)]
-    Tenant(TenantCommand),
-    /// Manage API keys.
-    #[command(subcommand, name = "api-key")]
-    ApiKey(ApiKeyCommand),
-    /// Manage people who log in.
-    #[command(subcommand)]
-    User(UserCommand),
-    /// Manage the keys that sign access tokens.
-    #[command(subcommand, name = "signing-key")]
-    SigningKey(SigningKeyCommand),
-    /// Manage platform-operator keys.
-    #[command(subcommand, name = "operator-key")]
-    OperatorKey(OperatorKeyCommand),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum UserCommand {
-    /// Create a user; the password comes from TALLY_USER_PASSWORD or the first line of stdin.
-    Create {
-        #[arg(long)]
-        tenant: Uuid,
-        #[arg(long)]
-        email: String,
-        #[arg(long, value_parser = ["owner", "admin", "manager", "developer", "viewer"])]
-        role: String,
-        /// The user id this person's events carry (default: the e-mail address).
-        #[arg(long)]
-        external_id: Option<String>,
-        /// A team (as events name it) this person belongs to; repeatable.
-        #[arg(long = "team")]
-        teams: Vec<String>,
-    },
-    /// Deactivate a user: logins and refreshes stop at once, access tokens within 10 s.
-    Deactivate {
-        #[arg(long)]
-        email: String,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum OperatorKeyCommand {
-    /// Create a platform-operator key (manages tenants over HTTP); printed once.
-    Create {
-        #[arg(long, default_value = "operator")]
-        name: String,
-    },
-    /// List operator keys (ids and names, never the secrets).
-    List,
-    /// Revoke an operator key by id: refused at its next request.
-    Revoke {
-        #[arg(long)]
-        id: Uuid,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum SigningKeyCommand {
-    /// Sign with a new key; the previous one stays published until its tokens expire.
-    Rotate,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum TenantCommand {
-    /// Create a tenant; prints its id.
-    Create {
-        #[arg(long)]
-        name: String,
-    },
-    /// List tenants.
-    List,
-    /// Set a tenant's plan (free 100, professional 1000, enterprise 5000 requests/min) and
-    /// optionally its own limit.
-    SetPlan {
-        #[arg(long)]
-        id: Uuid,
-        #[arg(long, value_parser = ["free", "professional", "enterprise"])]
-        plan: String,
-        /// Requests per minute, overriding the plan's.
-        #[arg(long)]
-        rate_limit: Option<u32>,
-    },
-    /// Deactivate a tenant: its keys stop working (within the key cache delay).
-    Deactivate {
-        #[arg(long)]
-        id: Uuid,
-    },
-    /// Reactivate a deactivated tenant.
-    Reactivate {
-        #[arg(long)]
-        id: Uuid,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum ApiKeyCommand {
-    /// Create a key; prints the secret once (it is stored only as a hash).
-    Create {
-        #[arg(long)]
-        tenant: Uuid,
-        /// `ingest` (send events), `read` (dashboards) or `admin` (manage users and keys).
-        #[arg(long, value_parser = ["ingest", "read", "admin"])]
-        scope: String,
-        #[arg(long, default_value = "default")]
-        name: String,
-    },
-    /// Revoke a key by id.
-    Revoke {
-        #[arg(long)]
-        id: Uuid,
-    },
-    /// List a tenant's keys (never their secrets).
-    List {
-        #[arg(long)]
-        tenant: Uuid,
-    },
-}
 
 /// Records a control-plane event in the outbox within `tx` (relayed by the ingest-api of
 /// deployment `ns`, the topic prefix).
@@ -232,10 +111,10 @@ pub async fn create_user(pool: &PgPool, ns: &str, u: NewUser<'_>) -> anyhow::Res
         email.contains('@') && (3..=254).contains(&email.len()),
         "`{email}` is not an e-mail address"
     );
-    shared::password::check_policy("password", u.password)
+    crate::password::check_policy("password", u.password)
         .map_err(|e| anyhow::anyhow!("password {}", e.reason))?;
     let password = u.password.to_string();
-    let hash = tokio::task::spawn_blocking(move || shared::password::hash(&password)).await?;
+    let hash = tokio::task::spawn_blocking(move || crate::password::hash(&password)).await?;
     let id = Uuid::now_v7();
     let mut tx = pool.begin().await?;
     sqlx::query(
@@ -496,132 +375,4 @@ pub async fn create_api_key(
     record(&mut tx, ns, tenant, AuthKind::ApiKeyCreated, event).await?;
     tx.commit().await?;
     Ok((id, key.secret))
-}
-
-/// Runs an operator command; events go to the outbox of deployment `ns` (the topic prefix).
-pub async fn run(
-    pool: &PgPool,
-    ns: &str,
-    timescale: shared::config::Timescale,
-    cmd: AdminCommand,
-) -> anyhow::Result<()> {
-    shared::db::migrate(pool, timescale).await?;
-    match cmd {
-        AdminCommand::Tenant(TenantCommand::Create { name }) => {
-            println!("{}", create_tenant(pool, ns, &name).await?);
-        }
-        AdminCommand::Tenant(TenantCommand::List) => {
-            let rows: Vec<(Uuid, String, String)> =
-                sqlx::query_as("SELECT id, name, status FROM control.tenants ORDER BY created_at")
-                    .fetch_all(pool)
-                    .await?;
-            for (id, name, status) in rows {
-                println!("{id}\t{status}\t{name}");
-            }
-        }
-        AdminCommand::User(UserCommand::Create {
-            tenant,
-            email,
-            role,
-            external_id,
-            teams,
-        }) => {
-            let password = match std::env::var("TALLY_USER_PASSWORD") {
-                Ok(p) => p,
-                Err(_) => {
-                    let mut line = String::new();
-                    std::io::stdin().read_line(&mut line)?;
-                    line.trim_end_matches(['\r', '\n']).to_string()
-                }
-            };
-            let role = shared::jwt::Role::parse(&role).expect("clap checked the role");
-            let id = create_user(
-                pool,
-                ns,
-                NewUser {
-                    tenant: TenantId(tenant),
-                    email: &email,
-                    password: &password,
-                    role,
-                    external_id: external_id.as_deref(),
-                    teams: &teams,
-                },
-            )
-            .await?;
-            println!("{id}");
-        }
-        AdminCommand::User(UserCommand::Deactivate { email }) => {
-            deactivate_user(pool, ns, &email).await?;
-            println!("{email} deactivated");
-        }
-        AdminCommand::OperatorKey(OperatorKeyCommand::Create { name }) => {
-            let (id, secret) = create_operator_key_with_id(pool, &name).await?;
-            eprintln!("operator key {id}");
-            println!("{secret}");
-        }
-        AdminCommand::OperatorKey(OperatorKeyCommand::List) => {
-            let rows: Vec<(Uuid, String, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(
-                "SELECT id, name, revoked_at FROM control.operator_keys ORDER BY created_at",
-            )
-            .fetch_all(pool)
-            .await?;
-            for (id, name, revoked) in rows {
-                let state = revoked.map_or("active".to_string(), |t| format!("revoked {t}"));
-                println!("{id}\t{state}\t{name}");
-            }
-        }
-        AdminCommand::OperatorKey(OperatorKeyCommand::Revoke { id }) => {
-            revoke_operator_key(pool, id).await?;
-            println!("revoked operator key {id}");
-        }
-        AdminCommand::SigningKey(SigningKeyCommand::Rotate) => {
-            println!("signing with {}", crate::keys::rotate(pool).await?);
-        }
-        AdminCommand::Tenant(TenantCommand::SetPlan {
-            id,
-            plan,
-            rate_limit,
-        }) => {
-            let limit = rate_limit.map(i32::try_from).transpose()?;
-            set_plan(pool, TenantId(id), &plan, limit).await?;
-            println!("tenant {id}: plan {plan}");
-        }
-        AdminCommand::Tenant(TenantCommand::Deactivate { id }) => {
-            set_status(pool, ns, TenantId(id), "deactivated").await?;
-            println!("tenant {id} deactivated");
-        }
-        AdminCommand::Tenant(TenantCommand::Reactivate { id }) => {
-            set_status(pool, ns, TenantId(id), "active").await?;
-            println!("tenant {id} active");
-        }
-        AdminCommand::ApiKey(ApiKeyCommand::Create {
-            tenant,
-            scope,
-            name,
-        }) => {
-            let scope = Scope::parse(&scope).expect("clap checked the scope");
-            let (_, secret) = create_api_key(pool, ns, TenantId(tenant), scope, &name).await?;
-            println!("{secret}");
-        }
-        AdminCommand::ApiKey(ApiKeyCommand::Revoke { id }) => {
-            revoke_api_key(pool, ns, id).await?;
-            println!(
-                "revoked {id} (services forget it within {} s)",
-                shared::auth::KEY_CACHE_TTL.as_secs()
-            );
-        }
-        AdminCommand::ApiKey(ApiKeyCommand::List { tenant }) => {
-            let rows: Vec<(Uuid, String, String, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(
-                "SELECT id, name, scope, revoked_at FROM control.api_keys WHERE tenant_id = $1 ORDER BY created_at",
-            )
-            .bind(tenant)
-            .fetch_all(pool)
-            .await?;
-            for (id, name, scope, revoked) in rows {
-                let state = revoked.map_or("active".to_string(), |t| format!("revoked {t}"));
-                println!("{id}\t{scope}\t{state}\t{name}");
-            }
-        }
-    }
-    Ok(())
 }

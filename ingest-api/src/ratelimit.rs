@@ -9,17 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use redis::aio::ConnectionManager;
 
-use crate::problem::Problem;
-use crate::tenant::TenantId;
-
-/// Requests per minute of each plan.
-pub fn plan_limit(plan: &str) -> u32 {
-    match plan {
-        "free" => 100,
-        "enterprise" => 5000,
-        _ => 1000,
-    }
-}
+use shared::problem::Problem;
+use shared::tenant::TenantId;
 
 const WINDOW_SECS: u64 = 60;
 const REDIS_TIMEOUT: Duration = Duration::from_millis(50);
@@ -148,12 +139,5 @@ mod tests {
         refused.write_headers(&mut h);
         assert_eq!(h["x-ratelimit-limit"], "3");
         assert!(h.contains_key("retry-after"));
-    }
-
-    #[test]
-    fn plans_have_limits() {
-        assert_eq!(plan_limit("free"), 100);
-        assert_eq!(plan_limit("professional"), 1000);
-        assert_eq!(plan_limit("enterprise"), 5000);
     }
 }

@@ -4,8 +4,8 @@
 //! MiB; its points, records, attributes (at every level, nested values included), entries,
 //! bucket counts and quantiles, and the depth of nested values are bounded first.
 
-use crate::events::FieldError;
-use crate::protowire::each_field;
+use crate::formats::protowire::each_field;
+use shared::events::FieldError;
 
 use super::{MAX_POINTS, MAX_RECORDS};
 

@@ -1,0 +1,8 @@
+//! The control plane: tenants, users, teams, API keys, invitations and SSO settings over HTTP
+//! (`http`, `invitations`, with their guards as extractors), the writes they share with the
+//! operator CLI (`store`), and the CLI itself (`cli`).
+
+pub mod cli;
+pub mod http;
+pub mod invitations;
+pub mod store;

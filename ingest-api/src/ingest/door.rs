@@ -1,0 +1,180 @@
+//! What every ingest door does around its own decoding: the key (scope `ingest`), the tenant's
+//! rate limit, reading the body within its limit (gzip undone), and stamping with the key's
+//! tenant.
+
+use std::io::Read;
+
+use axum::body::{to_bytes, Body, Bytes};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use futures::future::BoxFuture;
+use shared::apikey::Scope;
+use shared::auth::{ApiKeyStore, KeyPrincipal};
+use shared::events::{Actor, Envelope, Source};
+
+use crate::error::IngestError;
+use crate::ingest::{Ids, IngestContext, TimeBounds};
+use crate::ratelimit::Decision;
+use crate::state::AppState;
+
+/// Who a request's API key belongs to.
+///
+/// Contract: `authenticate` answers with the key's principal when the request presents a key
+/// of `scope`, and otherwise with the problem the caller is told (401 without a usable key,
+/// 403 for another scope, 503 when keys cannot be checked now).
+pub trait Keys: Send + Sync + 'static {
+    fn authenticate<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+        scope: Scope,
+    ) -> BoxFuture<'a, Result<KeyPrincipal, shared::problem::Problem>>;
+}
+
+impl Keys for ApiKeyStore {
+    fn authenticate<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+        scope: Scope,
+    ) -> BoxFuture<'a, Result<KeyPrincipal, shared::problem::Problem>> {
+        Box::pin(ApiKeyStore::authenticate(self, headers, scope))
+    }
+}
+
+/// The key check, then the tenant's rate limit, then `handle` (given the headers back); the
+/// answer carries the rate-limit headers.
+pub async fn ingest_door<F, Fut>(s: &AppState, headers: HeaderMap, handle: F) -> Response
+where
+    F: FnOnce(KeyPrincipal, HeaderMap) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, IngestError>>,
+{
+    let (admitted, decision) = admit(s, &headers).await;
+    let mut res = match admitted {
+        Ok(principal) => handle(principal, headers)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+        Err(error) => error.into_response(),
+    };
+    if let Some(decision) = decision {
+        decision.write_headers(res.headers_mut());
+    }
+    res
+}
+
+/// The key check and the tenant's rate limit, with the limiter's decision when it was asked.
+pub async fn admit(
+    s: &AppState,
+    headers: &HeaderMap,
+) -> (Result<KeyPrincipal, IngestError>, Option<Decision>) {
+    let principal = match s.keys.authenticate(headers, Scope::Ingest).await {
+        Ok(p) => p,
+        Err(problem) => return (Err(IngestError::from_key_check(problem)), None),
+    };
+    let decision = s
+        .limiter
+        .check(principal.tenant_id, principal.rate_limit_per_min)
+        .await;
+    if decision.allowed {
+        (Ok(principal), Some(decision))
+    } else {
+        (Err(IngestError::RateLimited(decision)), Some(decision))
+    }
+}
+
+/// How events sent with an API key are stamped and bounded: the key's tenant and id, now,
+/// and the tenant's retention window. Events of the foreign formats, which carry no ids, get
+/// ids derived from their content.
+pub fn key_context(s: &AppState, principal: &KeyPrincipal, source: Source) -> IngestContext {
+    IngestContext {
+        tenant_id: principal.tenant_id,
+        actor: Actor {
+            user_id: None,
+            api_key_id: Some(principal.key_id),
+        },
+        source,
+        received_at: Utc::now(),
+        bounds: TimeBounds {
+            max_future_skew: chrono::Duration::seconds(s.config.max_future_skew_secs),
+            retention: chrono::Duration::days(
+                principal.raw_retention_days.min(s.config.retention_days),
+            ),
+        },
+        ids: match source {
+            Source::Otlp | Source::PromRw | Source::Influx => Ids::Content,
+            _ => Ids::Fresh,
+        },
+    }
+}
+
+/// Appends the envelopes through the state's sink and counts them under `source` (the
+/// `ingest_events_total` label); an empty batch sends nothing.
+pub async fn append(
+    s: &AppState,
+    envelopes: &[Envelope],
+    source: &'static str,
+) -> Result<(), IngestError> {
+    if envelopes.is_empty() {
+        return Ok(());
+    }
+    s.sink.send(envelopes).await?;
+    metrics::counter!("ingest_events_total", "source" => source).increment(envelopes.len() as u64);
+    Ok(())
+}
+
+/// A request header as text (empty when absent or not visible ASCII).
+pub fn header_text(headers: &HeaderMap, name: header::HeaderName) -> &str {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// Reads the body as sent, within `limit` bytes (413 beyond; a broken connection is a 400).
+pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, IngestError> {
+    // A declared length over the limit is refused before anything is read.
+    if http_body::Body::size_hint(&body).lower() > limit as u64 {
+        return Err(IngestError::too_large(limit));
+    }
+    to_bytes(body, limit).await.map_err(|e| {
+        // `to_bytes` fails only for the length limit or a broken connection.
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit")
+        {
+            IngestError::too_large(limit)
+        } else {
+            IngestError::bad_request("body", format!("could not read the body: {e}"))
+        }
+    })
+}
+
+/// Reads the body within `limit` bytes, both as sent and after gzip decompression.
+pub async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Vec<u8>, IngestError> {
+    let bytes = read_limited(body, limit).await?;
+    let encoding = header_text(headers, header::CONTENT_ENCODING)
+        .trim()
+        .to_ascii_lowercase();
+    match encoding.as_str() {
+        "identity" | "" => Ok(bytes.into()),
+        "gzip" => {
+            let mut out = Vec::new();
+            let mut decoder = flate2::read::GzDecoder::new(&bytes[..]).take(limit as u64 + 1);
+            decoder.read_to_end(&mut out).map_err(|e| {
+                IngestError::bad_request("bad-encoding", format!("invalid gzip body: {e}"))
+            })?;
+            if out.len() > limit {
+                return Err(IngestError::too_large(limit));
+            }
+            Ok(out)
+        }
+        other => Err(IngestError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-encoding",
+            "Unsupported content encoding",
+            format!("Content-Encoding `{other}` is not supported; use gzip or none"),
+        )),
+    }
+}

@@ -1,0 +1,11 @@
+//! The ingest core every door shares: the door itself (key, rate limit, body), the stamping
+//! of client events into envelopes, and the sink that appends them to the event log.
+
+pub mod door;
+pub mod envelope;
+pub mod sink;
+
+pub use envelope::{Ids, IngestContext, TimeBounds};
+
+#[cfg(test)]
+mod tests;
