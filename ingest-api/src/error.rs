@@ -3,6 +3,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use shared::auth::{KeyError, KEY_CHECK_RETRY_SECS};
 use shared::events::FieldError;
 use shared::problem::Problem;
 use tonic::{Code, Status};
@@ -98,21 +99,6 @@ impl IngestError {
         }
     }
 
-    /// Classifies the answer of the shared API-key check, the one place a [`Problem`] made
-    /// elsewhere enters this enum: it refuses with 401, 403, or 503 when keys cannot be
-    /// checked, and 500 for a key row it cannot read.
-    pub fn from_key_check(p: Problem) -> Self {
-        match StatusCode::from_u16(p.status) {
-            Ok(StatusCode::UNAUTHORIZED) => IngestError::Unauthenticated(p),
-            Ok(StatusCode::FORBIDDEN) => IngestError::Forbidden(p),
-            Ok(StatusCode::SERVICE_UNAVAILABLE) => IngestError::Unavailable {
-                retry_after: p.retry_after.unwrap_or(1),
-                detail: p.detail,
-            },
-            _ => IngestError::Internal,
-        }
-    }
-
     fn problem(&self) -> Problem {
         match self {
             IngestError::Unauthenticated(p)
@@ -136,6 +122,21 @@ impl IngestError {
             IngestError::RateLimited(_) | IngestError::Unavailable { .. } => Code::Unavailable,
             IngestError::Rejected(_) => Code::InvalidArgument,
             IngestError::Internal => Code::Internal,
+        }
+    }
+}
+
+/// The shared API-key check's refusals, each to the variant that answers it.
+impl From<KeyError> for IngestError {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::Unauthenticated(_) => IngestError::Unauthenticated(e.into()),
+            KeyError::WrongScope { .. } => IngestError::Forbidden(e.into()),
+            KeyError::Unavailable => IngestError::Unavailable {
+                detail: e.to_string(),
+                retry_after: KEY_CHECK_RETRY_SECS,
+            },
+            KeyError::Corrupt => IngestError::Internal,
         }
     }
 }
@@ -299,22 +300,35 @@ mod tests {
     }
 
     #[test]
-    fn the_key_check_is_classified_once() {
+    fn the_key_check_maps_to_one_variant_and_the_same_problem() {
+        use shared::apikey::Scope;
         let cases = [
-            (Problem::unauthorized("x"), Code::Unauthenticated),
-            (Problem::forbidden("x"), Code::PermissionDenied),
-            (Problem::unavailable("x", 2), Code::Unavailable),
-            (Problem::internal(), Code::Internal),
+            (KeyError::Unauthenticated("x"), Code::Unauthenticated),
+            (
+                KeyError::WrongScope {
+                    has: Scope::Read,
+                    needs: Scope::Ingest,
+                },
+                Code::PermissionDenied,
+            ),
+            (KeyError::Unavailable, Code::Unavailable),
+            (KeyError::Corrupt, Code::Internal),
         ];
-        for (p, code) in cases {
-            let e = IngestError::from_key_check(p.clone());
-            assert_eq!(e.code(), code);
-            let back = Problem::from(e);
+        for (k, code) in cases {
+            let e = IngestError::from(k.clone());
+            assert_eq!(e.code(), code, "{k}");
+            // The doors answer exactly what query-api and the control plane answer.
+            let (ours, shared) = (Problem::from(e), Problem::from(k.clone()));
             assert_eq!(
-                (back.status, back.kind, back.detail),
-                (p.status, p.kind, p.detail)
+                (ours.status, ours.kind, ours.detail, ours.retry_after),
+                (
+                    shared.status,
+                    shared.kind,
+                    shared.detail,
+                    shared.retry_after
+                ),
+                "{k}"
             );
-            assert_eq!(back.retry_after, p.retry_after);
         }
     }
 }

@@ -33,6 +33,54 @@ pub struct KeyPrincipal {
     pub raw_retention_days: i64,
 }
 
+/// Why a request's API key was not accepted. Each service turns it into its own answer
+/// (`Problem` here, the ingest doors' error and gRPC status there) without guessing the
+/// kind back from an HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    /// No usable key: none presented, malformed, unknown, revoked, or its tenant inactive
+    /// (401).
+    Unauthenticated(&'static str),
+    /// A valid key of another scope (403).
+    WrongScope { has: Scope, needs: Scope },
+    /// Keys cannot be checked right now (503; the lookup failed and was logged).
+    Unavailable,
+    /// A key row that cannot be read (500; logged).
+    Corrupt,
+}
+
+/// Seconds a client is asked to wait when keys cannot be checked.
+pub const KEY_CHECK_RETRY_SECS: u64 = 2;
+
+impl std::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyError::Unauthenticated(why) => f.write_str(why),
+            KeyError::WrongScope { has, needs } => write!(
+                f,
+                "this API key has scope `{}`; this endpoint needs `{}`",
+                has.as_str(),
+                needs.as_str()
+            ),
+            KeyError::Unavailable => f.write_str("credentials cannot be checked right now"),
+            KeyError::Corrupt => f.write_str("the API key could not be read"),
+        }
+    }
+}
+
+impl From<KeyError> for Problem {
+    fn from(e: KeyError) -> Problem {
+        match e {
+            KeyError::Unauthenticated(_) => Problem::unauthorized(e.to_string()),
+            KeyError::WrongScope { .. } => Problem::forbidden(e.to_string()),
+            KeyError::Unavailable => Problem::unavailable(e.to_string(), KEY_CHECK_RETRY_SECS),
+            KeyError::Corrupt => Problem::internal(),
+        }
+    }
+}
+
+const UNKNOWN_KEY: &str = "unknown or revoked API key";
+
 /// How long a looked-up key is trusted before it is checked again. This bounds how long a
 /// revoked key keeps working (documented in the README).
 pub const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
@@ -60,14 +108,12 @@ impl ApiKeyStore {
         &self,
         headers: &HeaderMap,
         scope: Scope,
-    ) -> Result<KeyPrincipal, Problem> {
-        let secret = presented_key(headers).ok_or_else(|| {
-            Problem::unauthorized(
-                "an API key is required: `Authorization: Bearer <key>` or `X-API-Key: <key>`",
-            )
-        })?;
+    ) -> Result<KeyPrincipal, KeyError> {
+        let secret = presented_key(headers).ok_or(KeyError::Unauthenticated(
+            "an API key is required: `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+        ))?;
         if !apikey::looks_like_key(secret) {
-            return Err(Problem::unauthorized("unknown or revoked API key"));
+            return Err(KeyError::Unauthenticated(UNKNOWN_KEY));
         }
         let hash = apikey::hash(secret);
         let principal = match self.cached(&hash) {
@@ -82,11 +128,10 @@ impl ApiKeyStore {
             }
         };
         if principal.scope != scope {
-            return Err(Problem::forbidden(format!(
-                "this API key has scope `{}`; this endpoint needs `{}`",
-                principal.scope.as_str(),
-                scope.as_str()
-            )));
+            return Err(KeyError::WrongScope {
+                has: principal.scope,
+                needs: scope,
+            });
         }
         Ok(principal)
     }
@@ -103,7 +148,7 @@ impl ApiKeyStore {
         }
     }
 
-    async fn lookup(&self, hash: &[u8]) -> Result<KeyPrincipal, Problem> {
+    async fn lookup(&self, hash: &[u8]) -> Result<KeyPrincipal, KeyError> {
         let row: Option<(Uuid, Uuid, String, String, Option<i32>, i32)> = sqlx::query_as(
             "SELECT k.id, k.tenant_id, k.scope, t.plan, t.rate_limit_per_min, t.raw_retention_days
                FROM control.api_keys k
@@ -115,11 +160,14 @@ impl ApiKeyStore {
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "API key lookup failed");
-            Problem::unavailable("credentials cannot be checked right now", 2)
+            KeyError::Unavailable
         })?;
         let (key_id, tenant_id, scope, plan, limit, raw_retention_days) =
-            row.ok_or_else(|| Problem::unauthorized("unknown or revoked API key"))?;
-        let scope = Scope::parse(&scope).ok_or_else(Problem::internal)?;
+            row.ok_or(KeyError::Unauthenticated(UNKNOWN_KEY))?;
+        let scope = Scope::parse(&scope).ok_or_else(|| {
+            tracing::error!(%key_id, scope, "API key with an unknown scope");
+            KeyError::Corrupt
+        })?;
         let rate_limit_per_min = limit
             .and_then(|l| u32::try_from(l).ok())
             .unwrap_or_else(|| plan_limit(&plan));

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use futures::future::BoxFuture;
 use shared::apikey::Scope;
-use shared::auth::{ApiKeyStore, KeyPrincipal};
+use shared::auth::{ApiKeyStore, KeyError, KeyPrincipal};
 use shared::events::{Actor, Envelope, Source};
 
 use crate::error::IngestError;
@@ -21,14 +21,13 @@ use crate::state::AppState;
 /// Who a request's API key belongs to.
 ///
 /// Contract: `authenticate` answers with the key's principal when the request presents a key
-/// of `scope`, and otherwise with the problem the caller is told (401 without a usable key,
-/// 403 for another scope, 503 when keys cannot be checked now).
+/// of `scope`, and otherwise says why not ([`KeyError`]).
 pub trait Keys: Send + Sync + 'static {
     fn authenticate<'a>(
         &'a self,
         headers: &'a HeaderMap,
         scope: Scope,
-    ) -> BoxFuture<'a, Result<KeyPrincipal, shared::problem::Problem>>;
+    ) -> BoxFuture<'a, Result<KeyPrincipal, KeyError>>;
 }
 
 impl Keys for ApiKeyStore {
@@ -36,7 +35,7 @@ impl Keys for ApiKeyStore {
         &'a self,
         headers: &'a HeaderMap,
         scope: Scope,
-    ) -> BoxFuture<'a, Result<KeyPrincipal, shared::problem::Problem>> {
+    ) -> BoxFuture<'a, Result<KeyPrincipal, KeyError>> {
         Box::pin(ApiKeyStore::authenticate(self, headers, scope))
     }
 }
@@ -68,7 +67,7 @@ pub async fn admit(
 ) -> (Result<KeyPrincipal, IngestError>, Option<Decision>) {
     let principal = match s.keys.authenticate(headers, Scope::Ingest).await {
         Ok(p) => p,
-        Err(problem) => return (Err(IngestError::from_key_check(problem)), None),
+        Err(e) => return (Err(e.into()), None),
     };
     let decision = s
         .limiter

@@ -11,9 +11,8 @@ use futures::future::BoxFuture;
 use prost::Message;
 use serde_json::{json, Value};
 use shared::apikey::Scope;
-use shared::auth::KeyPrincipal;
+use shared::auth::{KeyError, KeyPrincipal};
 use shared::events::{EventType, Source};
-use shared::problem::Problem;
 use shared::tenant::TenantId;
 use tower::ServiceExt;
 use uuid::Uuid;
@@ -39,7 +38,7 @@ impl Keys for FakeKeys {
         &'a self,
         headers: &'a HeaderMap,
         scope: Scope,
-    ) -> BoxFuture<'a, Result<KeyPrincipal, Problem>> {
+    ) -> BoxFuture<'a, Result<KeyPrincipal, KeyError>> {
         Box::pin(async move {
             let presented = headers
                 .get(header::AUTHORIZATION)
@@ -48,10 +47,13 @@ impl Keys for FakeKeys {
             let key_scope = match presented {
                 Some(KEY) => Scope::Ingest,
                 Some(READ_KEY) => Scope::Read,
-                _ => return Err(Problem::unauthorized("unknown or revoked API key")),
+                _ => return Err(KeyError::Unauthenticated("unknown or revoked API key")),
             };
             if key_scope != scope {
-                return Err(Problem::forbidden("wrong scope"));
+                return Err(KeyError::WrongScope {
+                    has: key_scope,
+                    needs: scope,
+                });
             }
             Ok(KeyPrincipal {
                 key_id: Uuid::nil(),
