@@ -19,7 +19,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let key = jwt::generate_key();
+        let key = ingest_api::keys::generate_key();
         let verifier = Verifier::new(KeySource::Static);
         verifier.set_keys(&Jwks {
             keys: vec![Jwks::ed25519("fuzz", &key.public_key)],

@@ -16,6 +16,7 @@ pub mod ratelimit;
 pub mod relay;
 pub mod routes;
 pub mod secretbox;
+pub mod secrets;
 pub mod shed;
 pub mod state;
 pub mod throttle;
@@ -91,7 +92,7 @@ impl App {
         let producer =
             shared::kafka::producer(common, Duration::from_millis(config.produce_timeout_ms))?;
         let redis = shared::redis_client::connect(&common.redis_url).await;
-        shared::db::migrate(&pool, common.timescale)
+        shared::db::migrate(&pool)
             .await
             .context("applying migrations")?;
         let keyring = keys::KeyRing::load(&pool)

@@ -25,13 +25,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Admin(cmd) => {
             let pool = shared::db::pool(&config.common, "tally-admin")?;
-            control::cli::run(
-                &pool,
-                &config.common.topic_prefix,
-                config.common.timescale,
-                cmd,
-            )
-            .await
+            control::cli::run(&pool, &config.common.topic_prefix, cmd).await
         }
         Command::Serve => {
             shared::telemetry::init_tracing(&config.common.log_format);

@@ -3,11 +3,15 @@
 use serde::{Deserialize, Serialize};
 use shared::config::Common;
 
+use crate::schema::timescale::Timescale;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
     #[serde(flatten)]
     pub common: Common,
+    /// Whether tenant schemas get TimescaleDB hypertables (see [`Timescale`]).
+    pub timescale: Timescale,
     /// Name of this projection in `control.projector_offsets`.
     pub projection: String,
     /// Consumer group; every projection version has its own.
@@ -35,6 +39,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             common: Common::default(),
+            timescale: Timescale::Auto,
             projection: "metrics".into(),
             consumer_group: "tally-projector-metrics".into(),
             batch_max_events: 5000,

@@ -36,11 +36,13 @@ use tokio::sync::watch;
 
 pub use config::Config;
 
-/// Applies the control-schema migrations ([`shared::db::migrate`]), then brings the tenant
-/// schemas made by older versions up to date ([`schema::upgrade_all`]). Run where the
-/// projector starts and by `projector migrate`.
-pub async fn migrate(pool: &PgPool, timescale: shared::config::Timescale) -> anyhow::Result<()> {
-    shared::db::migrate(pool, timescale).await?;
+/// Applies the control-schema migrations ([`shared::db::migrate`]), creates the TimescaleDB
+/// extension where `timescale` and the server allow it ([`schema::timescale`]), then brings
+/// the tenant schemas made by older versions up to date ([`schema::upgrade_all`]). Run where
+/// the projector starts and by `projector migrate`.
+pub async fn migrate(pool: &PgPool, timescale: schema::timescale::Timescale) -> anyhow::Result<()> {
+    shared::db::migrate(pool).await?;
+    schema::timescale::ensure_extension(pool, timescale).await?;
     schema::upgrade_all(pool)
         .await
         .context("upgrading tenant schemas")?;
@@ -79,9 +81,9 @@ impl App {
             .context("creating topics")?;
         // The projector starts while PostgreSQL is down (its batches retry until it answers),
         // so a migration that cannot run now is retried in the background.
-        if let Err(e) = migrate(&pool, common.timescale).await {
+        if let Err(e) = migrate(&pool, config.timescale).await {
             tracing::warn!(error = %format!("{e:#}"), "migrations failed; retrying every 5 s");
-            let (pool, timescale) = (pool.clone(), common.timescale);
+            let (pool, timescale) = (pool.clone(), config.timescale);
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(Duration::from_secs(5)).await;

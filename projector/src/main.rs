@@ -83,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Migrate => {
             let pool = shared::db::pool(&config.common, "tally-projector-migrate")?;
-            projector::migrate(&pool, config.common.timescale).await?;
+            projector::migrate(&pool, config.timescale).await?;
             println!("migrations applied");
         }
         Command::Run => {

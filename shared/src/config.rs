@@ -23,23 +23,6 @@ pub struct Common {
     pub kafka_replication_factor: i32,
     /// `pretty` for development, `json` for production.
     pub log_format: String,
-    /// Whether tenant schemas get TimescaleDB hypertables (see [`Timescale`]).
-    pub timescale: Timescale,
-}
-
-/// `TALLY_TIMESCALE`: whether migrations create the TimescaleDB extension. The same variable
-/// tells `deploy/local/up.sh` whether to preload it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Timescale {
-    /// Use it where PostgreSQL has it preloaded; native partitions (with a warning when it is
-    /// installed but not preloaded) elsewhere.
-    #[default]
-    Auto,
-    /// Require it: migrating fails, saying why, where it cannot be used.
-    On,
-    /// Never create it (a database that already has it keeps using it).
-    Off,
 }
 
 impl Default for Common {
@@ -53,7 +36,6 @@ impl Default for Common {
             kafka_partitions: 6,
             kafka_replication_factor: 1,
             log_format: "pretty".into(),
-            timescale: Timescale::Auto,
         }
     }
 }

@@ -27,22 +27,6 @@ pub const MAX_DURATION_MS: i64 = 3_600_000;
 pub const MAX_TOKENS: i64 = 1_000_000;
 /// Most labels on one `metric.sample`.
 pub const MAX_LABELS: usize = 64;
-/// Most bytes of a value that becomes part of a rollup key (user, team, project, session,
-/// name). Four such values and the event type must fit in one btree index row, which
-/// PostgreSQL limits to 2 704 bytes; 255 characters may take up to 1 020 bytes.
-pub const MAX_KEY_BYTES: usize = 600;
-/// The label names whose values fill a `metric.sample`'s user, team, project and session.
-pub const DIMENSION_LABELS: [&str; 8] = [
-    "user_id",
-    "user.id",
-    "team_id",
-    "team.id",
-    "project_id",
-    "project.id",
-    "session_id",
-    "session.id",
-];
-
 /// Topic of auth and control-plane events.
 pub const AUTH_TOPIC: &str = "tally.auth.v1";
 
@@ -537,83 +521,58 @@ pub enum Payload {
 /// Field names of each payload type, so unknown fields can be moved into `extra`.
 fn known_fields(t: EventType) -> &'static [&'static str] {
     match t {
-        EventType::CommandExecuted => &[
-            "user_id",
-            "team_id",
-            "project_id",
-            "session_id",
-            "command_name",
-            "args",
-            "duration_ms",
-            "status",
-            "error_message",
-            "context",
-            "extra",
-        ],
-        EventType::AgentInteracted => &[
-            "user_id",
-            "team_id",
-            "project_id",
-            "session_id",
-            "command_event_id",
-            "agent_name",
-            "interaction_type",
-            "input_tokens",
-            "output_tokens",
-            "cache_read_tokens",
-            "cache_creation_tokens",
-            "model",
-            "cost_usd",
-            "duration_ms",
-            "status",
-            "error_message",
-            "metadata",
-            "extra",
-        ],
-        EventType::ToolExecuted => &[
-            "user_id",
-            "session_id",
-            "team_id",
-            "project_id",
-            "tool_name",
-            "duration_ms",
-            "success",
-            "error_message",
-            "details",
-            "extra",
-        ],
-        EventType::SessionStarted => &[
-            "session_id",
-            "user_id",
-            "team_id",
-            "project_id",
-            "context",
-            "extra",
-        ],
-        EventType::SessionEnded => &[
-            "session_id",
-            "user_id",
-            "team_id",
-            "project_id",
-            "context",
-            "commands_executed",
-            "agents_used",
-            "productivity_score",
-            "extra",
-        ],
-        EventType::ProductivityRecorded => &[
-            "user_id",
-            "team_id",
-            "project_id",
-            "metric_type",
-            "value",
-            "unit",
-            "dimensions",
-            "extra",
-        ],
-        EventType::MetricSample => &["name", "labels", "value", "kind", "extra"],
-        EventType::Auth(_) => &["user_id", "email", "ip", "target", "detail", "extra"],
+        EventType::CommandExecuted => fields_of::<CommandExecuted>(),
+        EventType::AgentInteracted => fields_of::<AgentInteracted>(),
+        EventType::ToolExecuted => fields_of::<ToolExecuted>(),
+        EventType::SessionStarted => fields_of::<SessionStarted>(),
+        EventType::SessionEnded => fields_of::<SessionEnded>(),
+        EventType::ProductivityRecorded => fields_of::<ProductivityRecorded>(),
+        EventType::MetricSample => fields_of::<MetricSample>(),
+        EventType::Auth(_) => fields_of::<AuthEvent>(),
     }
+}
+
+/// The field names serde's derive gave struct `T`, read by letting `T` deserialize from a
+/// deserializer that only records them (no allocation), so the list cannot drift from the
+/// struct.
+fn fields_of<T: DeserializeOwned>() -> &'static [&'static str] {
+    #[derive(Debug)]
+    struct Stop;
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("field names read")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl serde::de::Error for Stop {
+        fn custom<M: std::fmt::Display>(_: M) -> Stop {
+            Stop
+        }
+    }
+    struct Fields(&'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for &mut Fields {
+        type Error = Stop;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            self.0 = fields;
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut found = Fields(&[]);
+    let _ = T::deserialize(&mut found);
+    found.0
 }
 
 /// Brings `data` of an older schema version to the current one, one version at a time.
@@ -737,76 +696,6 @@ impl Payload {
             Payload::Auth(_, p) => serde_json::to_value(p),
         };
         v.expect("payload types serialize infallibly")
-    }
-
-    /// What PostgreSQL could not store, checked at the door only (the projector relies on
-    /// the database's own refusal and the DLQ, so records already in the log are handled
-    /// too): every value that becomes part of a rollup key fits [`MAX_KEY_BYTES`].
-    pub fn check_storable(&self, prefix: &str) -> Vec<FieldError> {
-        fn ids<'a>(
-            keys: &mut Vec<(String, &'a str)>,
-            user: Option<&'a str>,
-            team: &'a Option<String>,
-            project: &'a Option<String>,
-        ) {
-            for (f, v) in [
-                ("user_id", user),
-                ("team_id", team.as_deref()),
-                ("project_id", project.as_deref()),
-            ] {
-                if let Some(v) = v {
-                    keys.push((f.to_string(), v));
-                }
-            }
-        }
-        let mut keys: Vec<(String, &str)> = Vec::new();
-        match self {
-            Payload::CommandExecuted(p) => {
-                ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
-                keys.push(("command_name".into(), &p.command_name));
-            }
-            Payload::AgentInteracted(p) => {
-                ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
-                keys.push(("agent_name".into(), &p.agent_name));
-            }
-            Payload::ToolExecuted(p) => {
-                ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
-                keys.push(("tool_name".into(), &p.tool_name));
-                keys.push(("session_id".into(), &p.session_id));
-            }
-            Payload::SessionStarted(p) => {
-                ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
-                keys.push(("session_id".into(), &p.session_id));
-            }
-            Payload::SessionEnded(p) => {
-                ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
-                keys.push(("session_id".into(), &p.session_id));
-            }
-            Payload::ProductivityRecorded(p) => {
-                ids(&mut keys, p.user_id.as_deref(), &p.team_id, &p.project_id);
-            }
-            Payload::MetricSample(p) => {
-                keys.push(("name".into(), &p.name));
-                for l in DIMENSION_LABELS {
-                    if let Some(v) = p.labels.get(l) {
-                        keys.push((format!("labels.{l}"), v));
-                    }
-                }
-            }
-            Payload::Auth(..) => {}
-        }
-        keys.into_iter()
-            .filter(|(_, v)| v.len() > MAX_KEY_BYTES)
-            .map(|(f, v)| {
-                FieldError::new(
-                    format!("{prefix}.{f}"),
-                    format!(
-                        "at most {MAX_KEY_BYTES} bytes of UTF-8 (it is part of a rollup key), got {}",
-                        v.len()
-                    ),
-                )
-            })
-            .collect()
     }
 
     fn check_limits(&self, prefix: &str) -> Vec<FieldError> {
@@ -1028,58 +917,20 @@ impl Checker<'_> {
         }
     }
 }
-/// Every string and object key under `v` holding a NUL character, which PostgreSQL can store
-/// neither in text nor in jsonb, named by its path below `path` (`data.args.k`, `teams[1]`).
-/// Allocates nothing when there is none, as for nearly every event.
-pub fn nul_paths(v: &Value, path: &str) -> Vec<FieldError> {
-    fn any(v: &Value) -> bool {
-        match v {
-            Value::String(s) => s.contains('\0'),
-            Value::Array(items) => items.iter().any(any),
-            Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || any(v)),
-            _ => false,
-        }
-    }
-    fn walk(v: &Value, path: &mut String, out: &mut Vec<FieldError>) {
-        const REASON: &str = "contains a NUL character (\\u0000), which cannot be stored";
-        match v {
-            Value::String(s) if s.contains('\0') => out.push(FieldError::new(path.clone(), REASON)),
-            Value::Array(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    let len = path.len();
-                    path.push_str(&format!("[{i}]"));
-                    walk(item, path, out);
-                    path.truncate(len);
-                }
-            }
-            Value::Object(m) => {
-                for (k, item) in m {
-                    let len = path.len();
-                    if !path.is_empty() {
-                        path.push('.');
-                    }
-                    path.push_str(&k.replace('\0', "\\u0000"));
-                    if k.contains('\0') {
-                        out.push(FieldError::new(path.clone(), REASON));
-                    }
-                    walk(item, path, out);
-                    path.truncate(len);
-                }
-            }
-            _ => {}
-        }
-    }
-    let mut out = Vec::new();
-    if any(v) {
-        walk(v, &mut path.to_string(), &mut out);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn known_fields_are_read_from_the_structs() {
+        assert_eq!(
+            known_fields(EventType::MetricSample),
+            ["name", "labels", "value", "kind", "extra"]
+        );
+        assert_eq!(known_fields(EventType::AgentInteracted).len(), 18);
+        assert!(known_fields(EventType::Auth(AuthKind::LoggedOut)).contains(&"detail"));
+    }
 
     #[test]
     fn agent_interacted_v1_is_upcast_to_v2() {

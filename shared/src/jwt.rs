@@ -1,5 +1,5 @@
 //! Access tokens for people: short-lived JWTs signed with Ed25519 (EdDSA) keys that carry a
-//! `kid`. ingest-api signs them and publishes its keys at `/.well-known/jwks.json`; query-api
+//! `kid`. ingest-api signs them (`ingest_api::keys`) and publishes its keys at `/.well-known/jwks.json`; query-api
 //! verifies them from that JWKS, so no secret is shared between the services.
 
 use std::collections::HashMap;
@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use ed25519_dalek::pkcs8::EncodePrivateKey;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -82,38 +81,6 @@ impl Claims {
             jti: Uuid::now_v7(),
         }
     }
-}
-
-/// A freshly generated Ed25519 key: its id, PKCS#8 private key and raw public key.
-pub struct NewKey {
-    pub kid: String,
-    pub private_pkcs8: Vec<u8>,
-    pub public_key: [u8; 32],
-}
-
-pub fn generate_key() -> NewKey {
-    let mut seed = [0u8; 32];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut seed);
-    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
-    let der = key
-        .to_pkcs8_der()
-        .expect("an Ed25519 key always encodes as PKCS#8");
-    NewKey {
-        kid: format!("k{}", Uuid::now_v7().simple()),
-        private_pkcs8: der.as_bytes().to_vec(),
-        public_key: key.verifying_key().to_bytes(),
-    }
-}
-
-/// Signs claims with a PKCS#8 Ed25519 key.
-pub fn sign(
-    kid: &str,
-    private_pkcs8: &[u8],
-    claims: &Claims,
-) -> Result<String, jsonwebtoken::errors::Error> {
-    let mut header = Header::new(Algorithm::EdDSA);
-    header.kid = Some(kid.to_string());
-    jsonwebtoken::encode(&header, claims, &EncodingKey::from_ed_der(private_pkcs8))
 }
 
 /// One public key of a JWKS.
@@ -261,44 +228,4 @@ impl Verifier {
 /// API key.
 pub fn looks_like_jwt(s: &str) -> bool {
     s.split('.').count() == 3 && !s.starts_with(crate::apikey::KEY_PREFIX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn signed_tokens_verify_and_tampering_is_caught() {
-        let key = generate_key();
-        let v = Verifier::new(KeySource::Static);
-        v.set_keys(&Jwks {
-            keys: vec![Jwks::ed25519(&key.kid, &key.public_key)],
-        });
-        let claims = Claims::new(Uuid::now_v7(), TenantId::new(), Role::Developer, 0);
-        let token = sign(&key.kid, &key.private_pkcs8, &claims).unwrap();
-        assert!(looks_like_jwt(&token));
-        assert_eq!(v.verify(&token).await.unwrap(), claims);
-
-        let mut expired = claims.clone();
-        expired.exp = chrono::Utc::now().timestamp() - 60;
-        let t = sign(&key.kid, &key.private_pkcs8, &expired).unwrap();
-        assert!(v.verify(&t).await.unwrap_err().detail.contains("expired"));
-
-        let other = generate_key();
-        let t = sign(&other.kid, &other.private_pkcs8, &claims).unwrap();
-        assert!(v
-            .verify(&t)
-            .await
-            .unwrap_err()
-            .detail
-            .contains("unknown signing key"));
-        // Another key under a known kid: the signature does not match.
-        let t = sign(&key.kid, &other.private_pkcs8, &claims).unwrap();
-        assert!(v
-            .verify(&t)
-            .await
-            .unwrap_err()
-            .detail
-            .contains("bad signature"));
-    }
 }

@@ -60,7 +60,6 @@ pub fn common_for_test() -> Common {
         kafka_partitions: 4,
         kafka_replication_factor: 1,
         log_format: "pretty".into(),
-        timescale: shared::config::Timescale::Auto,
     }
 }
 
@@ -94,7 +93,7 @@ pub async fn test_pool() -> PgPool {
         .connect(&url)
         .await
         .expect("connect to the test database");
-    projector::migrate(&pool, shared::config::Timescale::Auto)
+    projector::migrate(&pool, projector::schema::timescale::Timescale::Auto)
         .await
         .expect("migrations");
     pool

@@ -50,9 +50,7 @@ async fn stack() -> Stack {
         .connect(&pg.url())
         .await
         .expect("private postgres");
-    shared::db::migrate(&pool, shared::config::Timescale::Auto)
-        .await
-        .expect("migrations");
+    shared::db::migrate(&pool).await.expect("migrations");
     Stack {
         pg,
         redis,

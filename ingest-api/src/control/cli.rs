@@ -132,13 +132,8 @@ pub enum ApiKeyCommand {
     },
 }
 /// Runs an operator command; events go to the outbox of deployment `ns` (the topic prefix).
-pub async fn run(
-    pool: &PgPool,
-    ns: &str,
-    timescale: shared::config::Timescale,
-    cmd: AdminCommand,
-) -> anyhow::Result<()> {
-    shared::db::migrate(pool, timescale).await?;
+pub async fn run(pool: &PgPool, ns: &str, cmd: AdminCommand) -> anyhow::Result<()> {
+    shared::db::migrate(pool).await?;
     match cmd {
         AdminCommand::Tenant(TenantCommand::Create { name }) => {
             println!("{}", create_tenant(pool, ns, &name).await?);

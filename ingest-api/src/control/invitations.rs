@@ -84,7 +84,7 @@ pub async fn invite(
     if !(1..=168).contains(&hours) {
         return Err(Problem::invalid_field("valid_hours", "must be 1 to 168"));
     }
-    let token = shared::apikey::generate_secret(INVITE_PREFIX);
+    let token = crate::secrets::generate(INVITE_PREFIX);
     let id = Uuid::now_v7();
     let expires_at = Utc::now() + Duration::hours(hours);
     sqlx::query(

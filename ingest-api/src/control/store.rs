@@ -2,7 +2,7 @@
 //! tenants, users, API keys and operator keys, each change with its event in the outbox.
 
 use crate::outbox;
-use shared::apikey::{self, Scope};
+use shared::apikey::Scope;
 use shared::events::{Actor, AuthEvent, AuthKind};
 use shared::tenant::TenantId;
 use sqlx::PgPool;
@@ -187,7 +187,7 @@ pub async fn create_operator_key_with_id(
     pool: &PgPool,
     name: &str,
 ) -> anyhow::Result<(Uuid, String)> {
-    let key = apikey::generate_operator();
+    let key = crate::secrets::operator_key();
     let id = Uuid::now_v7();
     sqlx::query("INSERT INTO control.operator_keys (id, name, key_hash) VALUES ($1, $2, $3)")
         .bind(id)
@@ -351,7 +351,7 @@ pub async fn create_api_key(
     scope: Scope,
     name: &str,
 ) -> anyhow::Result<(Uuid, String)> {
-    let key = apikey::generate();
+    let key = crate::secrets::api_key();
     let id = Uuid::now_v7();
     let mut tx = pool.begin().await?;
     let inserted = sqlx::query(

@@ -4,9 +4,11 @@
 
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Map, Value};
-use shared::events::{nul_paths, Actor, Envelope, EventType, FieldError, Payload, Source};
+use shared::events::{Actor, Envelope, EventType, FieldError, Payload, Source};
 use shared::tenant::TenantId;
 use uuid::Uuid;
+
+use super::storable::{check_storable, nul_paths};
 
 /// Bounds on a client's `occurred_at`.
 #[derive(Debug, Clone, Copy)]
@@ -191,7 +193,7 @@ impl IngestContext {
                 let nul = nul_paths(&data, "data");
                 match Payload::decode(t, v, data, "data") {
                     Ok(p) if nul.is_empty() => {
-                        errors.extend(p.check_storable("data"));
+                        errors.extend(check_storable(&p, "data"));
                         Some(p)
                     }
                     Ok(_) => {

@@ -4,6 +4,7 @@
 pub mod door;
 pub mod envelope;
 pub mod sink;
+pub mod storable;
 
 pub use envelope::{Ids, IngestContext, TimeBounds};
 

@@ -301,7 +301,7 @@ async fn store_refresh(
     user: Uuid,
     family: Uuid,
 ) -> Result<(String, DateTime<Utc>), Problem> {
-    let token = shared::apikey::generate_secret(REFRESH_PREFIX);
+    let token = crate::secrets::generate(REFRESH_PREFIX);
     let expires_at = Utc::now() + Duration::days(REFRESH_TTL_DAYS);
     sqlx::query(
         "INSERT INTO control.refresh_tokens (id, family_id, user_id, token_hash, expires_at)

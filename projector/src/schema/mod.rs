@@ -7,6 +7,7 @@
 //! shared with query-api: `shared::tenant_sql`.)
 
 pub mod partitions;
+pub mod timescale;
 
 use std::collections::HashMap;
 

@@ -151,8 +151,10 @@ mod tests {
     use axum::http::{header, Request, StatusCode};
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine;
+    use ed25519_dalek::pkcs8::EncodePrivateKey;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
     use serde_json::{json, Value};
-    use shared::jwt::{self, Claims, Jwks, KeySource, Role, Verifier};
+    use shared::jwt::{Claims, Jwks, KeySource, Role, Verifier};
     use shared::tenant::TenantId;
     use tower::ServiceExt;
     use uuid::Uuid;
@@ -174,9 +176,35 @@ mod tests {
         "/v1/stream",
     ];
 
+    /// An Ed25519 key as ingest-api holds one (query-api only verifies; these tests sign).
+    struct TestKey {
+        kid: String,
+        private_pkcs8: Vec<u8>,
+        public_key: [u8; 32],
+    }
+
+    fn test_key(seed: u8) -> TestKey {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let der = key
+            .to_pkcs8_der()
+            .expect("an Ed25519 key encodes as PKCS#8");
+        TestKey {
+            kid: format!("test-{seed}"),
+            private_pkcs8: der.as_bytes().to_vec(),
+            public_key: key.verifying_key().to_bytes(),
+        }
+    }
+
+    fn sign(kid: &str, private_pkcs8: &[u8], claims: &Claims) -> String {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(kid.into());
+        let key = EncodingKey::from_ed_der(private_pkcs8);
+        jsonwebtoken::encode(&header, claims, &key).expect("signs")
+    }
+
     /// A state without database or Redis whose verifier knows one signing key, and that key.
-    fn state() -> (AppState, jwt::NewKey) {
-        let key = jwt::generate_key();
+    fn state() -> (AppState, TestKey) {
+        let key = test_key(1);
         let verifier = Verifier::new(KeySource::Static);
         verifier.set_keys(&Jwks {
             keys: vec![Jwks::ed25519(&key.kid, &key.public_key)],
@@ -212,8 +240,8 @@ mod tests {
     async fn reads_refuse_a_missing_or_forged_credential_before_looking_at_anything_else() {
         let (state, key) = state();
         let claims = Claims::new(Uuid::now_v7(), TenantId::new(), Role::Owner, 0);
-        let stranger = jwt::generate_key();
-        let sign = |kid: &str, private: &[u8]| jwt::sign(kid, private, &claims).expect("signs");
+        let stranger = test_key(2);
+        let sign = |kid: &str, private: &[u8]| sign(kid, private, &claims);
         let b64 = |v: Value| URL_SAFE_NO_PAD.encode(v.to_string());
         // The same claims with a MAC anyone can compute, and with no signature at all.
         let hs256 = format!(
@@ -256,7 +284,7 @@ mod tests {
             let user = Uuid::now_v7();
             state.auth.remember_member(user, tenant, role);
             let claims = Claims::new(user, tenant, role, 0);
-            bearer(&jwt::sign(&key.kid, &key.private_pkcs8, &claims).expect("signs"))
+            bearer(&sign(&key.kid, &key.private_pkcs8, &claims))
         };
         let (viewer, admin) = (token(Role::Viewer), token(Role::Admin));
         let cases = [

@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
         .max_connections(4)
         .connect(&args.database_url)
         .await?;
-    projector::migrate(&pool, shared::config::Timescale::Auto).await?;
+    projector::migrate(&pool, projector::schema::timescale::Timescale::Auto).await?;
     let tenant = ingest_api::control::store::create_tenant(&pool, "", "bench-read").await?;
     let (_, key) =
         ingest_api::control::store::create_api_key(&pool, "", tenant, Scope::Read, "bench").await?;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::{json, Value};
-use shared::jwt::{self, Claims, Role};
+use shared::jwt::{Claims, Role};
 use tally_tests::*;
 
 const PASSWORD: &str = "Sturdy-Pass-42";
@@ -265,21 +265,30 @@ async fn people_log_in_and_see_what_their_role_allows() {
     let mut expired = good.clone();
     expired.iat -= 3600;
     expired.exp = chrono::Utc::now().timestamp() - 120;
-    forged.push(("expired", jwt::sign(&kid, &private, &expired).unwrap()));
+    forged.push((
+        "expired",
+        ingest_api::keys::sign(&kid, &private, &expired).unwrap(),
+    ));
     let mut aud = good.clone();
     aud.aud = "someone-else".into();
-    forged.push(("wrong aud", jwt::sign(&kid, &private, &aud).unwrap()));
+    forged.push((
+        "wrong aud",
+        ingest_api::keys::sign(&kid, &private, &aud).unwrap(),
+    ));
     let mut iss = good.clone();
     iss.iss = "evil".into();
-    forged.push(("wrong iss", jwt::sign(&kid, &private, &iss).unwrap()));
-    let stranger = jwt::generate_key();
+    forged.push((
+        "wrong iss",
+        ingest_api::keys::sign(&kid, &private, &iss).unwrap(),
+    ));
+    let stranger = ingest_api::keys::generate_key();
     forged.push((
         "unknown kid",
-        jwt::sign(&stranger.kid, &stranger.private_pkcs8, &good).unwrap(),
+        ingest_api::keys::sign(&stranger.kid, &stranger.private_pkcs8, &good).unwrap(),
     ));
     forged.push((
         "known kid, other key",
-        jwt::sign(&kid, &stranger.private_pkcs8, &good).unwrap(),
+        ingest_api::keys::sign(&kid, &stranger.private_pkcs8, &good).unwrap(),
     ));
     let real = owner_access.clone();
     let parts: Vec<&str> = real.split('.').collect();
@@ -294,7 +303,7 @@ async fn people_log_in_and_see_what_their_role_allows() {
     other_tenant.tid = b.id;
     forged.push((
         "tenant B claim for A's user",
-        jwt::sign(&kid, &private, &other_tenant).unwrap(),
+        ingest_api::keys::sign(&kid, &private, &other_tenant).unwrap(),
     ));
     for (what, token) in forged {
         let res = s.overview_with(&token, "").await;

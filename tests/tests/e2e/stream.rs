@@ -636,7 +636,7 @@ async fn schemas_made_before_feed_positions_get_them_on_migrate() {
     assert_eq!(columns().await, 0);
 
     // What the projector runs at start (and `projector migrate`).
-    projector::migrate(&pool, shared::config::Timescale::Auto)
+    projector::migrate(&pool, projector::schema::timescale::Timescale::Auto)
         .await
         .unwrap();
     // Six tables and the view, two columns each.

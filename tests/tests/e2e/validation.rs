@@ -170,7 +170,7 @@ async fn bad_requests_get_clear_problems() {
     // Missing, unknown, malformed and read-only keys.
     let ok = serde_json::to_vec(&command("u", "c", 1, true)).unwrap();
     assert_eq!(problem(send(ok.clone(), None).await.unwrap()).await.0, 401);
-    let unknown = shared::apikey::generate().secret;
+    let unknown = ingest_api::secrets::api_key().secret;
     assert_eq!(
         problem(send(ok.clone(), Some(&unknown)).await.unwrap())
             .await
