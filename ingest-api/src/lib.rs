@@ -5,6 +5,7 @@
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod extract;
 pub mod formats;
 pub mod grpc;
 pub mod ingest;

@@ -145,18 +145,3 @@ impl IntoResponse for Problem {
 pub async fn not_found_fallback() -> Problem {
     Problem::not_found("no such route")
 }
-
-/// The body of a JSON request, or the problem with it (malformed, wrong type of a field,
-/// wrong content type, larger than the route's limit) in the same format as every other
-/// error.
-pub fn json_body<T>(
-    r: Result<axum::Json<T>, axum::extract::rejection::JsonRejection>,
-) -> Result<T, Problem> {
-    r.map(|axum::Json(v)| v).map_err(|e| {
-        let (slug, title) = match e.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ("body-too-large", "Body too large"),
-            _ => ("invalid-body", "Invalid request body"),
-        };
-        Problem::new(e.status(), slug, title, e.body_text())
-    })
-}

@@ -15,11 +15,12 @@ use serde::{Deserialize, Serialize};
 use shared::apikey::{self, Scope};
 use shared::events::{Actor, AuthEvent, AuthKind};
 use shared::jwt::Role;
-use shared::problem::{json_body, Problem};
+use shared::problem::Problem;
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
 use super::store;
+use crate::extract::{json_body, Body, Id};
 use crate::state::AppState;
 
 fn failed(e: anyhow::Error) -> Problem {
@@ -37,12 +38,6 @@ fn failed(e: anyhow::Error) -> Problem {
     }
     tracing::error!(error = %e, "control-plane change failed");
     Problem::internal()
-}
-
-/// A malformed id names nothing: 404, like an id of another tenant.
-fn path_id(id: Result<Path<Uuid>, PathRejection>) -> Result<Uuid, Problem> {
-    id.map(|Path(id)| id)
-        .map_err(|_| Problem::not_found("no such resource"))
 }
 
 fn ns(s: &AppState) -> &str {
@@ -261,9 +256,8 @@ fn check_person(p: &NewPerson, prefix: &str) -> Result<Role, Problem> {
 pub async fn create_tenant(
     State(s): State<AppState>,
     _: Operator,
-    req: Result<Json<NewTenant>, JsonRejection>,
+    Body(req): Body<NewTenant>,
 ) -> Result<(StatusCode, Json<CreatedTenant>), Problem> {
-    let req = json_body(req)?;
     check_len("name", &req.name, 200)?;
     check_plan(req.plan.as_deref(), req.rate_limit_per_min)?;
     check_person(&req.owner, "owner.")?;
@@ -347,11 +341,9 @@ pub struct TenantPatch {
 pub async fn update_tenant(
     State(s): State<AppState>,
     _: Operator,
-    id: Result<Path<Uuid>, PathRejection>,
-    req: Result<Json<TenantPatch>, JsonRejection>,
+    Id(id): Id,
+    Body(req): Body<TenantPatch>,
 ) -> Result<StatusCode, Problem> {
-    let id = path_id(id)?;
-    let req = json_body(req)?;
     check_plan(req.plan.as_deref(), req.rate_limit_per_min)?;
     let exists: Option<String> =
         sqlx::query_scalar("SELECT plan FROM control.tenants WHERE id = $1")
@@ -451,9 +443,8 @@ async fn set_retention(
 pub async fn create_user(
     State(s): State<AppState>,
     caller: TenantAdmin,
-    req: Result<Json<NewPerson>, JsonRejection>,
+    Body(req): Body<NewPerson>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), Problem> {
-    let req = json_body(req)?;
     let role = check_person(&req, "")?;
     if role == Role::Owner && !caller.is_owner {
         return Err(caller
@@ -520,11 +511,9 @@ pub struct UserPatch {
 pub async fn update_user(
     State(s): State<AppState>,
     caller: TenantAdmin,
-    id: Result<Path<Uuid>, PathRejection>,
-    req: Result<Json<UserPatch>, JsonRejection>,
+    Id(id): Id,
+    Body(req): Body<UserPatch>,
 ) -> Result<StatusCode, Problem> {
-    let id = path_id(id)?;
-    let req = json_body(req)?;
     let role = match req.role.as_deref() {
         None => None,
         Some(r) => {
@@ -589,9 +578,8 @@ pub struct NewApiKey {
 pub async fn create_api_key(
     State(s): State<AppState>,
     caller: TenantAdmin,
-    req: Result<Json<NewApiKey>, JsonRejection>,
+    Body(req): Body<NewApiKey>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), Problem> {
-    let req = json_body(req)?;
     let scope = Scope::parse(&req.scope)
         .ok_or_else(|| Problem::invalid_field("scope", "must be ingest, read or admin"))?;
     check_len("name", &req.name, 100)?;
@@ -634,9 +622,8 @@ pub async fn list_api_keys(
 pub async fn revoke_api_key(
     State(s): State<AppState>,
     caller: TenantAdmin,
-    id: Result<Path<Uuid>, PathRejection>,
+    Id(id): Id,
 ) -> Result<StatusCode, Problem> {
-    let id = path_id(id)?;
     let mine: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM control.api_keys WHERE id = $1 AND tenant_id = $2 AND revoked_at IS NULL)",
     )

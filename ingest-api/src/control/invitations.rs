@@ -1,7 +1,6 @@
 //! Invitations: an owner or admin invites a person by e-mail with a role; the person accepts
 //! with the link token (valid 1–168 hours, default 72, once) and their own password.
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -9,11 +8,12 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use shared::events::{AuthEvent, AuthKind};
 use shared::jwt::Role;
-use shared::problem::{json_body, Problem};
+use shared::problem::Problem;
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
 use crate::control::http::TenantAdmin;
+use crate::extract::Body;
 use crate::state::AppState;
 
 const INVITE_PREFIX: &str = "tli_";
@@ -60,9 +60,8 @@ fn db(e: sqlx::Error) -> Problem {
 pub async fn invite(
     State(s): State<AppState>,
     caller: TenantAdmin,
-    req: Result<Json<NewInvitation>, JsonRejection>,
+    Body(req): Body<NewInvitation>,
 ) -> Result<(StatusCode, Json<Invitation>), Problem> {
-    let req = json_body(req)?;
     let email = req.email.trim().to_lowercase();
     if !email.contains('@') || !(3..=254).contains(&email.len()) {
         return Err(Problem::invalid_field("email", "must be an e-mail address"));
@@ -114,9 +113,8 @@ pub async fn invite(
 /// `POST /v1/auth/invitations/accept`: creates the person and signs them in.
 pub async fn accept(
     State(s): State<AppState>,
-    req: Result<Json<Acceptance>, JsonRejection>,
+    Body(req): Body<Acceptance>,
 ) -> Result<Json<crate::routes::auth::Tokens>, Problem> {
-    let req = json_body(req)?;
     crate::password::check_policy("password", &req.password)
         .map_err(|e| Problem::validation(format!("{}: {}", e.field, e.reason), vec![e]))?;
     let gone = || {

@@ -8,6 +8,7 @@
 use axum::extract::rejection::JsonRejection;
 use std::net::SocketAddr;
 
+use crate::extract::{json_body, Body};
 use crate::password;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -16,7 +17,7 @@ use axum::Json;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use shared::jwt::{self, Claims, Jwks, Role};
-use shared::problem::{json_body, Problem};
+use shared::problem::Problem;
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
@@ -159,9 +160,8 @@ type LoginRow = (Uuid, Uuid, String, String, i32, String, String);
 pub async fn login(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Result<Json<LoginRequest>, JsonRejection>,
+    Body(req): Body<LoginRequest>,
 ) -> Result<Json<Tokens>, Problem> {
-    let req = json_body(req)?;
     let email = req.email.trim().to_lowercase();
     let ip = peer.ip().to_string();
     let attempt = s.throttle.reserve(&email, &ip).await?;
@@ -356,9 +356,8 @@ type RefreshState = (DateTime<Utc>, Option<DateTime<Utc>>, Option<DateTime<Utc>>
 /// token's family (so a concurrent reuse detection is either seen or sees the successor).
 pub async fn refresh(
     State(s): State<AppState>,
-    req: Result<Json<RefreshRequest>, JsonRejection>,
+    Body(req): Body<RefreshRequest>,
 ) -> Result<Json<Tokens>, Problem> {
-    let req = json_body(req)?;
     let invalid = || Problem::unauthorized("invalid or expired refresh token");
     let token_hash = shared::apikey::hash(&req.refresh_token);
     let mut tx = s.pool.begin().await.map_err(db)?;
@@ -448,9 +447,8 @@ pub async fn refresh(
 /// `POST /v1/auth/logout`: ends the login the refresh token belongs to.
 pub async fn logout(
     State(s): State<AppState>,
-    req: Result<Json<RefreshRequest>, JsonRejection>,
+    Body(req): Body<RefreshRequest>,
 ) -> Result<StatusCode, Problem> {
-    let req = json_body(req)?;
     let mut tx = s.pool.begin().await.map_err(db)?;
     let owner: Option<(Uuid, Uuid, Uuid)> = sqlx::query_as(
         "SELECT r.family_id, r.user_id, u.tenant_id FROM control.refresh_tokens r

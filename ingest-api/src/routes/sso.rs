@@ -16,11 +16,12 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use shared::events::{Actor, AuthEvent, AuthKind};
 use shared::jwt::Role;
-use shared::problem::{json_body, Problem};
+use shared::problem::Problem;
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
 use crate::control::http::TenantAdmin;
+use crate::extract::json_body;
 use crate::oidc;
 use crate::state::AppState;
 
