@@ -1,5 +1,5 @@
 //! What the stack holds, read from where it keeps it: the tenant's projection in PostgreSQL
-//! (counts, rollups, storage units) and the records in Kafka.
+//! (counts, rollups, storage units), the control plane's outbox, and the records in Kafka.
 
 use std::time::{Duration, Instant};
 
@@ -177,6 +177,23 @@ pub async fn assert_projection_exact(pool: &PgPool, tenant: TenantId, exp: &even
             );
         }
     }
+}
+
+/// The outbox events of `tenant` of type `kind`, oldest first.
+pub async fn outbox_events(
+    pool: &PgPool,
+    tenant: uuid::Uuid,
+    kind: &str,
+) -> Vec<serde_json::Value> {
+    sqlx::query_scalar(
+        "SELECT envelope FROM control.outbox
+          WHERE envelope->>'tenant_id' = $1 AND envelope->>'type' = $2 ORDER BY seq",
+    )
+    .bind(tenant.to_string())
+    .bind(kind)
+    .fetch_all(pool)
+    .await
+    .unwrap()
 }
 
 /// Records in the test's metrics topic (the sum of its partitions' high watermarks).

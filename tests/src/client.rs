@@ -1,8 +1,11 @@
-//! Talking to the services over HTTP as their clients do.
+//! Talking to the services over HTTP as their clients do, and to Kafka as ingest-api does.
 
 use std::time::Duration;
 
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
+use shared::config::Common;
+use shared::events::Envelope;
 
 /// An HTTP client for the tests.
 pub fn http() -> reqwest::Client {
@@ -35,6 +38,35 @@ pub async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> Value {
     let body: Value = res.json().await.expect("JSON body");
     assert_eq!(status, 200, "GET {url}: {body}");
     body
+}
+
+/// The text a service's `/metrics` answers (whatever its status).
+pub async fn scrape_metrics(client: &reqwest::Client, base_url: &str) -> String {
+    client
+        .get(format!("{base_url}/metrics"))
+        .send()
+        .await
+        .expect("scrape /metrics")
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Writes an envelope straight into the test's metrics topic, keyed as ingest-api keys it.
+pub async fn produce_envelope(common: &Common, env: &Envelope) {
+    let producer: FutureProducer =
+        shared::kafka::producer(common, Duration::from_secs(10)).unwrap();
+    let body = serde_json::to_vec(env).unwrap();
+    let key = env.kafka_key();
+    producer
+        .send(
+            FutureRecord::to(&common.metrics_topic())
+                .key(&key)
+                .payload(&body),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("produce the record");
 }
 
 /// Events the dashboards count for the key's tenant over the last 24 h.

@@ -109,6 +109,21 @@ pub fn init_logs() {
     shared::telemetry::init_tracing("pretty");
 }
 
+/// What nearly every test starts from: logs set up, the test database, topics of its own.
+pub struct TestEnv {
+    pub pool: PgPool,
+    pub common: Common,
+}
+
+/// Sets up logs, the test database and this test's settings ([`common_for_test`]).
+pub async fn test_env() -> TestEnv {
+    init_logs();
+    TestEnv {
+        pool: test_pool().await,
+        common: common_for_test(),
+    }
+}
+
 /// A tenant with an ingest and a read key.
 #[derive(Debug, Clone)]
 pub struct TestTenant {

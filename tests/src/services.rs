@@ -31,6 +31,12 @@ impl Running {
         format!("http://{}", self.addr)
     }
 
+    /// Where ingest-api publishes the keys its access tokens are signed with (for query-api's
+    /// `jwks_url`).
+    pub fn jwks_url(&self) -> String {
+        format!("{}/.well-known/jwks.json", self.url())
+    }
+
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
@@ -109,6 +115,14 @@ pub async fn start_projector(common: &Common) -> Running {
         .await
         .expect("projector builds");
     Running::spawn(app.local_addr(), None, |stop| app.run_until(stop))
+}
+
+/// ingest-api and the projector with their default settings, as `(ingest, projector)`: the
+/// write path most tests run (a test wanting query-api starts it beside, with its own settings).
+pub async fn start_write_path(common: &Common) -> (Running, Running) {
+    let ingest = start_ingest(common, |_| {}).await;
+    let projector = start_projector(common).await;
+    (ingest, projector)
 }
 
 /// The directory holding the workspace's binaries (beside this test's `deps/`).

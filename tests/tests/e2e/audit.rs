@@ -84,12 +84,9 @@ async fn wait_entries(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn login_attempts_reach_the_audit_log_within_two_seconds() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
-    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
-    let query = start_query(&common, |c| c.jwks_url = jwks).await;
+    let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
     let projector = start_projector(&common).await;
     let client = http();
     let t = create_tenant(&pool, "audited").await;
@@ -230,15 +227,12 @@ async fn login_attempts_reach_the_audit_log_within_two_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_password_change_while_kafka_is_down_is_audited_exactly_once_later() {
-    init_logs();
-    let pool = test_pool().await;
+    let TestEnv { pool, mut common } = test_env().await;
     let mut kafka = PrivateKafka::new();
     kafka.start().await;
-    let mut common = common_for_test();
     common.kafka_brokers = kafka.brokers();
     let ingest = start_ingest(&common, |c| c.produce_timeout_ms = 2000).await;
-    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
-    let query = start_query(&common, |c| c.jwks_url = jwks).await;
+    let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
     let projector = start_projector(&common).await;
     let client = http();
     let t = create_tenant(&pool, "kafka-less").await;

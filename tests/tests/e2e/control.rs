@@ -7,11 +7,8 @@ use tally_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operators_create_tenants_and_owners_manage_them() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let client = http();
     let url = ingest.url();
     let operator = ingest_api::control::store::create_operator_key(&pool, "test")
@@ -421,28 +418,13 @@ async fn projected_count(
         .ok()
 }
 
-/// The outbox events of `tenant` of type `kind`, oldest first.
-async fn outbox_events(pool: &sqlx::PgPool, tenant: uuid::Uuid, kind: &str) -> Vec<Value> {
-    sqlx::query_scalar(
-        "SELECT envelope FROM control.outbox
-          WHERE envelope->>'tenant_id' = $1 AND envelope->>'type' = $2 ORDER BY seq",
-    )
-    .bind(tenant.to_string())
-    .bind(kind)
-    .fetch_all(pool)
-    .await
-    .unwrap()
-}
-
 /// An admin — person or `admin` key — tries to climb above their role: demote, deactivate
 /// or create owners. Each try is refused with 403, changes nothing and is audited with who
 /// tried. The last owner cannot leave; a deactivated tenant's admins and a revoked operator
 /// key lose the control plane at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admins_cannot_touch_owners_and_lose_the_control_plane_at_once() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
     let client = http();
     let url = ingest.url();

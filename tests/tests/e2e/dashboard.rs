@@ -12,9 +12,7 @@ use tally_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_dashboard_page_works_in_headless_chromium() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let query_port = free_port();
     let ingest = start_ingest(&common, |c| {
         c.cors_origins = format!("http://127.0.0.1:{query_port}");
@@ -23,7 +21,7 @@ async fn the_dashboard_page_works_in_headless_chromium() {
     let ingest_url = ingest.url();
     let query = start_query(&common, |c| {
         c.http_addr = format!("127.0.0.1:{query_port}");
-        c.jwks_url = format!("{ingest_url}/.well-known/jwks.json");
+        c.jwks_url = ingest.jwks_url();
         c.ingest_url = ingest_url.clone();
     })
     .await;

@@ -8,11 +8,8 @@ use tally_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn top_lists_and_the_activity_feed() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
     let t = create_tenant(&pool, "explore").await;
@@ -144,11 +141,8 @@ async fn top_lists_and_the_activity_feed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn productivity_scores_and_team_ranks_follow_the_formula() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
     let t = create_tenant(&pool, "scores").await;
@@ -244,11 +238,8 @@ async fn productivity_scores_and_team_ranks_follow_the_formula() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_metric_series_and_csv_export() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
     let t = create_tenant(&pool, "tables").await;
@@ -411,11 +402,8 @@ async fn sessions_metric_series_and_csv_export() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn times_outside_the_calendar_are_refused_and_csv_formulas_neutralised() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
     let t = create_tenant(&pool, "hostile-cells").await;
@@ -526,11 +514,8 @@ fn csv_cells(line: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grouped_series_are_capped_and_rankings_paginated() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |c| c.max_series = 2).await;
     let client = http();
     let t = create_tenant(&pool, "many-groups").await;
@@ -734,11 +719,8 @@ async fn grouped_series_are_capped_and_rankings_paginated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_read_past_the_statement_timeout_answers_503() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |c| c.statement_timeout_ms = 300).await;
     let client = http();
     let t = create_tenant(&pool, "slow-reads").await;

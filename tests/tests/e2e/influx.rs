@@ -26,11 +26,8 @@ fn curl(url: &str, key: &str, body: &str, content_type: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn line_protocol_is_taken_line_by_line() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let t = create_tenant(&pool, "influx").await;
 
@@ -115,9 +112,7 @@ fn gzip(text: &str) -> Vec<u8> {
 /// `BOMB_RSS_BOUND_KIB`, and appends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn line_protocol_bombs_are_refused_in_bounded_memory() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = spawn_ingest_process(&common, &[]).await;
     ingest.kill_above(4 * BOMB_RSS_BOUND_KIB);
     let t = create_tenant(&pool, "influx-bomb").await;

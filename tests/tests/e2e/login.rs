@@ -112,12 +112,9 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn people_log_in_and_see_what_their_role_allows() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
-    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
-    let query = start_query(&common, |c| c.jwks_url = jwks).await;
+    let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
     let projector = start_projector(&common).await;
     let s = Stack {
         ingest,
@@ -220,7 +217,7 @@ async fn people_log_in_and_see_what_their_role_allows() {
     .unwrap();
     let jwks: Value = s
         .client
-        .get(format!("{}/.well-known/jwks.json", s.ingest.url()))
+        .get(s.ingest.jwks_url())
         .send()
         .await
         .unwrap()
@@ -400,9 +397,7 @@ async fn people_log_in_and_see_what_their_role_allows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn brute_force_is_locked_out_then_the_lockout_expires() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |c| {
         c.login_max_failures = 3;
         c.login_window_secs = 3;
@@ -518,9 +513,7 @@ async fn parallel_guesses_are_bounded_with_redis_down_too() {
 }
 
 async fn parallel_guesses(redis_down: bool) {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     const ALLOWED: usize = 5;
     let mut redis = redis_down.then(PrivateRedis::start);
     let redis_url = redis
@@ -543,16 +536,7 @@ async fn parallel_guesses(redis_down: bool) {
     let t = create_tenant(&pool, "guesses").await;
     let email = format!("target-{}@example.com", uuid::Uuid::new_v4().simple());
     user(&pool, &t, &email, Role::Developer, "target", &[]).await;
-    let metrics = || async {
-        client
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let metrics = || scrape_metrics(&client, &url);
     let before = counter(&metrics().await, "auth_password_verifications_total");
 
     let guesses = (0..200).map(|i| {
@@ -626,9 +610,7 @@ async fn parallel_guesses(redis_down: bool) {
 /// stays alive in it, and none the rotation handed out works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refresh_racing_a_reuse_never_leaves_a_live_token() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
     let query = start_query(&common, |_| {}).await;
     let s = Stack {

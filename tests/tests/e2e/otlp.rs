@@ -171,11 +171,8 @@ async fn assert_dashboards_show(client: &reqwest::Client, query: &str, key: &str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn python_sdk_telemetry_arrives_complete_over_http_protobuf_json_and_grpc() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let _projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, _projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
 
@@ -211,11 +208,8 @@ async fn python_sdk_telemetry_arrives_complete_over_http_protobuf_json_and_grpc(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn otlp_senders_get_the_answers_they_rely_on() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let _projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, _projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let t = create_tenant(&pool, "otlp-edges").await;
     let client = http();
@@ -477,9 +471,7 @@ fn from_hex(s: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn otlp_grpc_refuses_garbage_and_bombs_with_the_right_codes() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
     let t = create_tenant(&pool, "otlp-grpc-edges").await;
     let target = ingest.grpc_addr.expect("gRPC is on").to_string();
@@ -589,9 +581,7 @@ fn gzip(raw: &[u8]) -> Vec<u8> {
 /// stays under `BOMB_RSS_BOUND_KIB`, and nothing is appended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn otlp_attribute_bombs_are_refused_in_bounded_memory() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let grpc_addr = format!("127.0.0.1:{}", free_port());
     let ingest = spawn_ingest_process(&common, &[("TALLY_GRPC_ADDR", &grpc_addr)]).await;
     ingest.kill_above(4 * BOMB_RSS_BOUND_KIB);

@@ -24,9 +24,7 @@ async fn hold(addr: std::net::SocketAddr, path: &str, key: &str, length: usize) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_doors_shed_load_with_503_and_retry_after() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |c| {
         c.max_body_bytes = 1 << 20;
         c.max_inflight_requests = 2;
@@ -85,14 +83,7 @@ async fn the_doors_shed_load_with_503_and_retry_after() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    let metrics = client
-        .get(format!("{}/metrics", ingest.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape_metrics(&client, &ingest.url()).await;
     assert!(metrics.contains("ingest_shed_total"), "{metrics}");
 
     // Once the held requests go, the doors take requests again.

@@ -19,11 +19,8 @@ fn snappy(req: &WriteRequest) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn prometheus_agent_remote_writes_its_own_metrics() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let t = create_tenant(&pool, "prometheus").await;
 
@@ -194,9 +191,7 @@ fn empty_labels(n: usize) -> Vec<u8> {
 /// stays under `BOMB_RSS_BOUND_KIB`, and appends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn remote_write_bombs_are_refused_in_bounded_memory() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = spawn_ingest_process(&common, &[]).await;
     ingest.kill_above(4 * BOMB_RSS_BOUND_KIB);
     let t = create_tenant(&pool, "promrw-bomb").await;

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DurationRound, TimeDelta, Utc};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
 use shared::events::{Actor, Envelope, EventType, Source};
 use tally_tests::events::Generator;
@@ -34,27 +33,13 @@ async fn produce_v1_agent_event(
                      "status": "success",
                      "metadata": {"model": "claude-opus", "cost_usd": 0.25, "region": "eu"}}),
     };
-    let producer: FutureProducer =
-        shared::kafka::producer(common, Duration::from_secs(10)).unwrap();
-    let body = serde_json::to_vec(&env).unwrap();
-    let key = env.kafka_key();
-    producer
-        .send(
-            FutureRecord::to(&common.metrics_topic())
-                .key(&key)
-                .payload(&body),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("produce the v1 record");
+    produce_envelope(common, &env).await;
     env.id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replay_switches_versions_under_polling_and_upcasts_old_events() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
     let query = start_query(&common, |_| {}).await;
     let mut live = spawn_projector_process(&common);
@@ -223,11 +208,8 @@ async fn replay_switches_versions_under_polling_and_upcasts_old_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retention_drops_old_partitions_and_refuses_old_events() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let client = http();
     let t = create_tenant(&pool, "retention").await;
 

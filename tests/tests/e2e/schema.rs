@@ -96,14 +96,11 @@ async fn attack(run: &Run<'_>, deadline: Instant) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn both_apis_answer_as_their_openapi_says() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     // With SSO on (a secret key), as a deployment that offers it.
     let ingest = start_ingest(&common, |c| c.secret_key = "5a".repeat(32)).await;
     let projector = start_projector(&common).await;
-    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
-    let query = start_query(&common, |c| c.jwks_url = jwks).await;
+    let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
     let t = create_tenant(&pool, "schema").await;
     // Thousands of requests a minute: the rate limit is not what is tested here.
     ingest_api::control::store::set_plan(&pool, t.id, "enterprise", Some(100_000))
@@ -249,9 +246,7 @@ async fn a_malformed_sso_query_is_a_problem() {
 /// and the sender's mistake was answered 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nul_in_a_query_parameter_is_a_400_naming_it() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let projector = start_projector(&common).await;
     let query = start_query(&common, |_| {}).await;
     let t = create_tenant(&pool, "schema-nul").await;
@@ -278,9 +273,7 @@ async fn nul_in_a_query_parameter_is_a_400_naming_it() {
 /// write, and the sender's mistake was answered 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nul_in_a_control_plane_body_is_a_422_naming_it() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
     let t = create_tenant(&pool, "schema-nul-body").await;
     let (_, admin_key) = ingest_api::control::store::create_api_key(

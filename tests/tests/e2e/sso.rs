@@ -66,32 +66,16 @@ impl Browser {
     }
 }
 
-/// The outbox events of `tenant` of type `kind`, oldest first.
-async fn outbox_events(pool: &sqlx::PgPool, tenant: uuid::Uuid, kind: &str) -> Vec<Value> {
-    sqlx::query_scalar(
-        "SELECT envelope FROM control.outbox
-          WHERE envelope->>'tenant_id' = $1 AND envelope->>'type' = $2 ORDER BY seq",
-    )
-    .bind(tenant.to_string())
-    .bind(kind)
-    .fetch_all(pool)
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sso_logs_people_in_and_refuses_forgeries() {
-    init_logs();
-    let pool = test_pool().await;
+    let TestEnv { pool, common } = test_env().await;
     let idp = TestIdp::start().await;
-    let common = common_for_test();
     let ingest = start_ingest(&common, |c| {
         c.secret_key = "ab".repeat(32);
         c.public_url = "http://tally.test".into();
     })
     .await;
-    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
-    let query = start_query(&common, |c| c.jwks_url = jwks).await;
+    let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -256,11 +240,9 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
 /// their password, links an identity to it. Every refusal and change is audited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_admin_cannot_take_over_an_owner_through_sso() {
-    init_logs();
-    let pool = test_pool().await;
+    let TestEnv { pool, common } = test_env().await;
     let evil_idp = TestIdp::start().await;
     let idp = TestIdp::start().await;
-    let common = common_for_test();
     let ingest = start_ingest(&common, |c| {
         c.secret_key = "cd".repeat(32);
         c.public_url = "http://tally.test".into();

@@ -84,11 +84,8 @@ async fn take(rx: &mut mpsc::UnboundedReceiver<(String, Value)>, n: usize) -> Ve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn live_feeds_carry_only_their_tenant_and_resume() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
     let a = create_tenant(&pool, "live-a").await;
@@ -281,14 +278,11 @@ async fn access_token(client: &reqwest::Client, ingest: &str, email: &str) -> St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_close_when_their_credential_stops_holding() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
-    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
     let query = start_query(&common, |c| {
         c.stream_recheck_secs = 1;
-        c.jwks_url = jwks;
+        c.jwks_url = ingest.jwks_url();
     })
     .await;
     let client = http();
@@ -413,9 +407,7 @@ async fn streams_close_when_their_credential_stops_holding() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn open_streams_are_capped_per_tenant_and_in_all() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let query = start_query(&common, |c| {
         c.stream_max_per_tenant = 3;
         c.stream_max_total = 4;
@@ -469,14 +461,10 @@ async fn open_streams_are_capped_per_tenant_and_in_all() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_event_projected_late_is_delivered_once_whatever_its_times() {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
     use shared::events::{Actor, Envelope, EventType, Source};
 
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
     let t = create_tenant(&pool, "late-feed").await;
@@ -516,19 +504,7 @@ async fn an_event_projected_late_is_delivered_once_whatever_its_times() {
         data: serde_json::json!({"user_id": "older", "command_name": "late",
                                  "duration_ms": 5, "status": "success"}),
     };
-    let producer: FutureProducer =
-        shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
-    let body = serde_json::to_vec(&late).unwrap();
-    let key = late.kafka_key();
-    producer
-        .send(
-            FutureRecord::to(&common.metrics_topic())
-                .key(&key)
-                .payload(&body),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("produce the late record");
+    produce_envelope(&common, &late).await;
     let second = activities(&mut feed, 1).await;
     assert_eq!(second[0].1["user_id"], "older", "{second:?}");
     assert_eq!(second[0].1["event_id"], late.id.to_string());
@@ -565,11 +541,8 @@ async fn an_event_projected_late_is_delivered_once_whatever_its_times() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn schemas_made_before_feed_positions_get_them_on_migrate() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let client = http();
     let t = create_tenant(&pool, "old-schema").await;
     let res = post_events(
@@ -675,14 +648,11 @@ async fn schemas_made_before_feed_positions_get_them_on_migrate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_ends_when_its_access_token_expires() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
-    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
     let query = start_query(&common, |c| {
         c.stream_recheck_secs = 1;
-        c.jwks_url = jwks;
+        c.jwks_url = ingest.jwks_url();
     })
     .await;
     let t = create_tenant(&pool, "expiring").await;
