@@ -9,6 +9,7 @@ use shared::tenant::TenantId;
 use sqlx::PgPool;
 
 use crate::events;
+use crate::services::{IngestProcess, BOMB_RSS_BOUND_KIB};
 
 /// Waits until the tenant's projection holds `expected` events (or panics after `timeout`).
 pub async fn wait_projected(
@@ -177,6 +178,17 @@ pub async fn assert_projection_exact(pool: &PgPool, tenant: TenantId, exp: &even
             );
         }
     }
+}
+
+/// Asserts that a bomb test's ingest-api (started with [`crate::spawn_bomb_target`]) kept its
+/// resident memory under [`BOMB_RSS_BOUND_KIB`] at its peak, and prints both figures.
+pub fn assert_bomb_memory_bound(ingest: &IngestProcess, started_rss: u64) {
+    let (_, peak) = ingest.memory_kib();
+    eprintln!("ingest-api resident memory: {started_rss} KiB at start, {peak} KiB at its peak");
+    assert!(
+        peak < BOMB_RSS_BOUND_KIB,
+        "ingest-api peaked at {peak} KiB (started at {started_rss} KiB)"
+    );
 }
 
 /// The outbox events of `tenant` of type `kind`, oldest first.

@@ -31,6 +31,18 @@ pub async fn post_events(
         .expect("POST /v1/events")
 }
 
+/// Sends a request and returns its answer, whatever it is: the status and the JSON body
+/// (`null` when there is none). Panics only when nothing answers (as when a bomb test's
+/// ingest-api was killed for its memory).
+pub async fn status_and_json(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let res = request
+        .send()
+        .await
+        .expect("ingest-api answers (it was not killed)");
+    let status = res.status().as_u16();
+    (status, res.json::<Value>().await.unwrap_or_default())
+}
+
 /// GETs a dashboard answer with a read key; panics unless it is a 200.
 pub async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> Value {
     let res = client.get(url).bearer_auth(key).send().await.expect("GET");

@@ -306,6 +306,16 @@ fn memory_kib(pid: u32) -> Option<(u64, u64)> {
 /// read, decompressed and parsed (measured: 33–45 MiB at the peak).
 pub const BOMB_RSS_BOUND_KIB: u64 = 96 * 1024;
 
+/// ingest-api in its own process for a memory-bomb test, and its resident memory (KiB) once
+/// started: it is killed above four times [`BOMB_RSS_BOUND_KIB`], so a regression fails the
+/// test instead of exhausting the machine; [`crate::assert_bomb_memory_bound`] checks the peak.
+pub async fn spawn_bomb_target(common: &Common, env: &[(&str, &str)]) -> (IngestProcess, u64) {
+    let ingest = spawn_ingest_process(common, env).await;
+    ingest.kill_above(4 * BOMB_RSS_BOUND_KIB);
+    let (started_rss, _) = ingest.memory_kib();
+    (ingest, started_rss)
+}
+
 /// Runs `projector replay --tenant <tenant> --json` (the real binary) with the given grace
 /// before the old version is dropped; returns its report and what it printed on stderr
 /// (the progress lines). Panics if the replay fails.

@@ -583,28 +583,19 @@ fn gzip(raw: &[u8]) -> Vec<u8> {
 async fn otlp_attribute_bombs_are_refused_in_bounded_memory() {
     let TestEnv { pool, common } = test_env().await;
     let grpc_addr = format!("127.0.0.1:{}", free_port());
-    let ingest = spawn_ingest_process(&common, &[("TALLY_GRPC_ADDR", &grpc_addr)]).await;
-    ingest.kill_above(4 * BOMB_RSS_BOUND_KIB);
+    let (ingest, started_rss) =
+        spawn_bomb_target(&common, &[("TALLY_GRPC_ADDR", &grpc_addr)]).await;
     let t = create_tenant(&pool, "otlp-bomb").await;
-    let (started_rss, _) = ingest.memory_kib();
     let client = http();
     let send = |signal: &str, ct: &str, body: Vec<u8>| {
-        let (client, key) = (client.clone(), t.ingest_key.clone());
-        let url = format!("{}/v1/otlp/v1/{signal}", ingest.url);
-        let ct = ct.to_string();
-        async move {
-            let res = client
-                .post(&url)
-                .bearer_auth(&key)
+        status_and_json(
+            client
+                .post(format!("{}/v1/otlp/v1/{signal}", ingest.url))
+                .bearer_auth(&t.ingest_key)
                 .header("content-type", ct)
                 .header("content-encoding", "gzip")
-                .body(body)
-                .send()
-                .await
-                .expect("ingest-api answers (it was not killed)");
-            let status = res.status().as_u16();
-            (status, res.json::<Value>().await.unwrap_or_default())
-        }
+                .body(body),
+        )
     };
     let too_many = |(status, problem): (u16, Value), what: &str| {
         assert_eq!(status, 413, "{what}: {problem}");
@@ -677,10 +668,5 @@ async fn otlp_attribute_bombs_are_refused_in_bounded_memory() {
     .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(metrics_topic_records(&common).await, 1);
-    let (_, peak) = ingest.memory_kib();
-    eprintln!("ingest-api resident memory: {started_rss} KiB at start, {peak} KiB at its peak");
-    assert!(
-        peak < BOMB_RSS_BOUND_KIB,
-        "ingest-api peaked at {peak} KiB (started at {started_rss} KiB)"
-    );
+    assert_bomb_memory_bound(&ingest, started_rss);
 }
