@@ -43,6 +43,21 @@ pub async fn status_and_json(request: reqwest::RequestBuilder) -> (u16, Value) {
     (status, res.json::<Value>().await.unwrap_or_default())
 }
 
+/// Logs a person in at ingest-api (`POST /v1/auth/login`); the answer is the caller's to check.
+pub async fn login(
+    client: &reqwest::Client,
+    ingest: &str,
+    email: &str,
+    password: &str,
+) -> reqwest::Response {
+    client
+        .post(format!("{ingest}/v1/auth/login"))
+        .json(&serde_json::json!({"email": email, "password": password}))
+        .send()
+        .await
+        .expect("POST /v1/auth/login")
+}
+
 /// GETs a dashboard answer with a read key; panics unless it is a 200.
 pub async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> Value {
     let res = client.get(url).bearer_auth(key).send().await.expect("GET");

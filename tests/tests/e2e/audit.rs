@@ -33,20 +33,6 @@ async fn make_user(pool: &sqlx::PgPool, ns: &str, t: &TestTenant, role: Role) ->
     email
 }
 
-async fn login(
-    client: &reqwest::Client,
-    ingest: &str,
-    email: &str,
-    password: &str,
-) -> reqwest::Response {
-    client
-        .post(format!("{ingest}/v1/auth/login"))
-        .json(&json!({"email": email, "password": password}))
-        .send()
-        .await
-        .unwrap()
-}
-
 async fn entries(client: &reqwest::Client, query: &str, token: &str, kind: &str) -> Vec<Value> {
     let res = client
         .get(format!("{query}/v1/audit?range=1h&type={kind}"))

@@ -182,12 +182,13 @@ async fn operators_create_tenants_and_owners_manage_them() {
     );
 
     // A developer is no admin, and nobody but an operator manages tenants.
-    let res = client
-        .post(format!("{url}/v1/auth/login"))
-        .json(&json!({"email": format!("dev-{tag}@example.com"), "password": "Dev-Pass-1234"}))
-        .send()
-        .await
-        .unwrap();
+    let res = login(
+        &client,
+        &url,
+        &format!("dev-{tag}@example.com"),
+        "Dev-Pass-1234",
+    )
+    .await;
     let dev: Value = res.json().await.unwrap();
     let dev_access = dev["access_token"].as_str().unwrap();
     let res = call(reqwest::Method::GET, "/v1/admin/users", dev_access, None)
@@ -391,12 +392,13 @@ async fn operators_create_tenants_and_owners_manage_them() {
     .await
     .unwrap();
     assert_eq!(res.status(), 204);
-    let res = client
-        .post(format!("{url}/v1/auth/login"))
-        .json(&json!({"email": format!("globex-{tag}@example.com"), "password": "Owner-Pass-123"}))
-        .send()
-        .await
-        .unwrap();
+    let res = login(
+        &client,
+        &url,
+        &format!("globex-{tag}@example.com"),
+        "Owner-Pass-123",
+    )
+    .await;
     assert_eq!(res.status(), 403);
     projector.stop().await.unwrap();
     ingest.stop().await.unwrap();

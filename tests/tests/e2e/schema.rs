@@ -131,12 +131,8 @@ async fn both_apis_answer_as_their_openapi_says() {
     )
     .await
     .expect("owner");
-    let tokens: serde_json::Value = http()
-        .post(format!("{}/v1/auth/login", ingest.url()))
-        .json(&serde_json::json!({"email": email, "password": password}))
-        .send()
+    let tokens: serde_json::Value = login(&http(), &ingest.url(), email, password)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();

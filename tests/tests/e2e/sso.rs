@@ -97,12 +97,8 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
     )
     .await
     .unwrap();
-    let owner_tokens: Value = http
-        .post(format!("{}/v1/auth/login", ingest.url()))
-        .json(&json!({"email": owner, "password": "Owner-Pass-123"}))
-        .send()
+    let owner_tokens: Value = login(&http, &ingest.url(), &owner, "Owner-Pass-123")
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -291,12 +287,7 @@ async fn an_admin_cannot_take_over_an_owner_through_sso() {
         let http = http.clone();
         let url = url.clone();
         async move {
-            let res = http
-                .post(format!("{url}/v1/auth/login"))
-                .json(&json!({"email": email, "password": "Sturdy-Pass-42"}))
-                .send()
-                .await
-                .unwrap();
+            let res = login(&http, &url, &email, "Sturdy-Pass-42").await;
             assert_eq!(res.status(), 200);
             let v: Value = res.json().await.unwrap();
             v["access_token"].as_str().unwrap().to_string()

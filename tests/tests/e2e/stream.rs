@@ -265,12 +265,7 @@ async fn activities(rx: &mut mpsc::UnboundedReceiver<Frame>, n: usize) -> Vec<(S
 }
 
 async fn access_token(client: &reqwest::Client, ingest: &str, email: &str) -> String {
-    let res = client
-        .post(format!("{ingest}/v1/auth/login"))
-        .json(&serde_json::json!({"email": email, "password": "Stream-Pass-1"}))
-        .send()
-        .await
-        .unwrap();
+    let res = login(client, ingest, email, "Stream-Pass-1").await;
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
     body["access_token"].as_str().unwrap().to_string()
