@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use shared::apikey::Scope;
 use shared::config::Common;
+use shared::jwt::Role;
 use shared::tenant::TenantId;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -130,6 +131,31 @@ pub struct TestTenant {
     pub id: TenantId,
     pub ingest_key: String,
     pub read_key: String,
+}
+
+/// Creates a person of `tenant` who logs in with `email` and `password`, with no identity
+/// provider's link and no team; returns their user id.
+pub async fn create_person(
+    pool: &PgPool,
+    tenant: TenantId,
+    email: &str,
+    password: &str,
+    role: Role,
+) -> Uuid {
+    ingest_api::control::store::create_user(
+        pool,
+        "",
+        ingest_api::control::store::NewUser {
+            tenant,
+            email,
+            password,
+            role,
+            external_id: None,
+            teams: &[],
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("create {email}: {e:#}"))
 }
 
 /// Creates a tenant with keys of both scopes.

@@ -29,20 +29,7 @@ async fn the_dashboard_page_works_in_headless_chromium() {
     let client = http();
     let t = create_tenant(&pool, "browser").await;
     let email = format!("owner-{}@example.com", uuid::Uuid::new_v4().simple());
-    ingest_api::control::store::create_user(
-        &pool,
-        "",
-        ingest_api::control::store::NewUser {
-            tenant: t.id,
-            email: &email,
-            password: "Browser-Pass-1",
-            role: Role::Owner,
-            external_id: None,
-            teams: &[],
-        },
-    )
-    .await
-    .unwrap();
+    create_person(&pool, t.id, &email, "Browser-Pass-1", Role::Owner).await;
     let mut generator = Generator::new(5, "web", 6, chrono::Duration::hours(3));
     let mut batch = generator.batch(300);
     // Claude Code's counters, as its OpenTelemetry metrics arrive: the Claude Code cards.

@@ -117,20 +117,7 @@ async fn both_apis_answer_as_their_openapi_says() {
     // An owner, for the routes only a person's access token opens.
     let email = format!("owner-{}@schema.example", t.id.0.simple());
     let (email, password) = (email.as_str(), "Owner passphrase 42");
-    ingest_api::control::store::create_user(
-        &pool,
-        "",
-        ingest_api::control::store::NewUser {
-            tenant: t.id,
-            email,
-            password,
-            role: shared::jwt::Role::Owner,
-            external_id: None,
-            teams: &[],
-        },
-    )
-    .await
-    .expect("owner");
+    create_person(&pool, t.id, email, password, shared::jwt::Role::Owner).await;
     let tokens: serde_json::Value = login(&http(), &ingest.url(), email, password)
         .await
         .json()

@@ -83,20 +83,7 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
     let t = create_tenant(&pool, "sso").await;
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let owner = format!("owner-{tag}@example.com");
-    ingest_api::control::store::create_user(
-        &pool,
-        "",
-        ingest_api::control::store::NewUser {
-            tenant: t.id,
-            email: &owner,
-            password: "Owner-Pass-123",
-            role: Role::Owner,
-            external_id: None,
-            teams: &[],
-        },
-    )
-    .await
-    .unwrap();
+    create_person(&pool, t.id, &owner, "Owner-Pass-123", Role::Owner).await;
     let owner_tokens: Value = login(&http, &ingest.url(), &owner, "Owner-Pass-123")
         .await
         .json()
@@ -256,22 +243,7 @@ async fn an_admin_cannot_take_over_an_owner_through_sso() {
     let admin = format!("admin@{domain}");
     let mut ids = Vec::new();
     for (email, role) in [(&owner, Role::Owner), (&admin, Role::Admin)] {
-        ids.push(
-            ingest_api::control::store::create_user(
-                &pool,
-                "",
-                ingest_api::control::store::NewUser {
-                    tenant: t.id,
-                    email,
-                    password: "Sturdy-Pass-42",
-                    role,
-                    external_id: None,
-                    teams: &[],
-                },
-            )
-            .await
-            .unwrap(),
-        );
+        ids.push(create_person(&pool, t.id, email, "Sturdy-Pass-42", role).await);
     }
     let (owner_id, admin_id) = (ids[0], ids[1]);
     let (admin_key_id, admin_key) = ingest_api::control::store::create_api_key(

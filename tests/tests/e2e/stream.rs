@@ -652,20 +652,14 @@ async fn a_stream_ends_when_its_access_token_expires() {
     .await;
     let t = create_tenant(&pool, "expiring").await;
     let email = format!("short-{}@example.com", uuid::Uuid::new_v4().simple());
-    let user = ingest_api::control::store::create_user(
+    let user = create_person(
         &pool,
-        "",
-        ingest_api::control::store::NewUser {
-            tenant: t.id,
-            email: &email,
-            password: "Stream-Pass-1",
-            role: shared::jwt::Role::Owner,
-            external_id: None,
-            teams: &[],
-        },
+        t.id,
+        &email,
+        "Stream-Pass-1",
+        shared::jwt::Role::Owner,
     )
-    .await
-    .unwrap();
+    .await;
     let version: i32 = sqlx::query_scalar("SELECT token_version FROM control.users WHERE id = $1")
         .bind(user)
         .fetch_one(&pool)
