@@ -7,6 +7,27 @@ use shared::jwt::Role;
 use tally_tests::oidc::{Faults, TestIdp, CLIENT_ID, CLIENT_SECRET};
 use tally_tests::*;
 
+/// `PUT /v1/admin/sso`: a tenant's single sign-on settings, set with `credential`.
+async fn put_sso(
+    http: &reqwest::Client,
+    ingest: &str,
+    credential: &str,
+    settings: &Value,
+) -> reqwest::Response {
+    http.put(format!("{ingest}/v1/admin/sso"))
+        .bearer_auth(credential)
+        .json(settings)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The settings that send people of `domain` to `idp`, with the test client's credentials.
+fn oidc_settings(idp: &TestIdp, domain: &str) -> Value {
+    json!({"provider": "oidc", "issuer": idp.issuer, "client_id": CLIENT_ID,
+           "client_secret": CLIENT_SECRET, "allowed_domains": [domain]})
+}
+
 struct Browser {
     http: reqwest::Client,
     ingest: String,
@@ -93,16 +114,13 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
 
     // The owner points the tenant at the provider; the secret is sealed at rest.
     let domain = format!("{tag}.example.org");
-    let res = http
-        .put(format!("{}/v1/admin/sso", ingest.url()))
-        .bearer_auth(owner_access)
-        .json(
-            &json!({"provider": "oidc", "issuer": idp.issuer, "client_id": CLIENT_ID,
-                      "client_secret": CLIENT_SECRET, "allowed_domains": [domain]}),
-        )
-        .send()
-        .await
-        .unwrap();
+    let res = put_sso(
+        &http,
+        &ingest.url(),
+        owner_access,
+        &oidc_settings(&idp, &domain),
+    )
+    .await;
     assert_eq!(res.status(), 204, "{}", res.text().await.unwrap());
     let sealed: Vec<u8> = sqlx::query_scalar(
         "SELECT client_secret_enc FROM control.sso_settings WHERE tenant_id = $1",
@@ -125,9 +143,9 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
         .unwrap();
     assert_eq!(view["client_id"], CLIENT_ID);
     assert!(view.get("client_secret").is_none() && view.get("client_secret_enc").is_none());
-    let res = http.put(format!("{}/v1/admin/sso", ingest.url())).bearer_auth(owner_access)
-        .json(&json!({"provider": "oidc", "issuer": "http://127.0.0.1:9/nothing", "client_id": "x", "client_secret": "y"}))
-        .send().await.unwrap();
+    let unreachable = json!({"provider": "oidc", "issuer": "http://127.0.0.1:9/nothing",
+                             "client_id": "x", "client_secret": "y"});
+    let res = put_sso(&http, &ingest.url(), owner_access, &unreachable).await;
     assert_eq!(
         res.status(),
         422,
@@ -274,13 +292,7 @@ async fn an_admin_cannot_take_over_an_owner_through_sso() {
                       "client_secret": CLIENT_SECRET, "allowed_domains": [domain],
                       "default_role": "admin"});
     for credential in [&admin_access, &admin_key] {
-        let res = http
-            .put(format!("{url}/v1/admin/sso"))
-            .bearer_auth(credential)
-            .json(&evil)
-            .send()
-            .await
-            .unwrap();
+        let res = put_sso(&http, &url, credential, &evil).await;
         assert_eq!(res.status(), 403);
         assert_eq!(res.headers()["content-type"], "application/problem+json");
     }
@@ -298,16 +310,7 @@ async fn an_admin_cannot_take_over_an_owner_through_sso() {
     assert!(denied.iter().all(|e| e["data"]["target"] == "sso"));
 
     // The owner configures the real provider; the change is audited with who made it.
-    let res = http
-        .put(format!("{url}/v1/admin/sso"))
-        .bearer_auth(&owner_access)
-        .json(
-            &json!({"provider": "oidc", "issuer": idp.issuer, "client_id": CLIENT_ID,
-                      "client_secret": CLIENT_SECRET, "allowed_domains": [domain]}),
-        )
-        .send()
-        .await
-        .unwrap();
+    let res = put_sso(&http, &url, &owner_access, &oidc_settings(&idp, &domain)).await;
     assert_eq!(res.status(), 204, "{}", res.text().await.unwrap());
     let changed = outbox_events(&pool, t.id.0, "auth.sso_settings_changed").await;
     assert_eq!(changed.len(), 1);
