@@ -45,6 +45,13 @@ impl Running {
     }
 }
 
+/// Stops services gracefully, one after the other, and panics unless each stopped cleanly.
+pub async fn stop_all(services: impl IntoIterator<Item = Running>) {
+    for service in services {
+        service.stop().await.expect("the service stops cleanly");
+    }
+}
+
 /// What a service's `run_until` waits for: [`Running::stop`].
 type Stop = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 

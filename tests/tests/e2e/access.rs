@@ -149,8 +149,7 @@ async fn revoked_keys_and_deactivated_tenants_are_refused_within_the_cache_delay
         202,
         "unknown keys are not cached, so reactivation is immediate"
     );
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -177,7 +176,5 @@ async fn without_redis_dashboards_answer_uncached() {
         let body: serde_json::Value = res.json().await.unwrap();
         assert_eq!(body["events_total"], 1);
     }
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }

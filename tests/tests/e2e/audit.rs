@@ -206,9 +206,7 @@ async fn login_attempts_reach_the_audit_log_within_two_seconds() {
         .unwrap();
     assert_eq!(res.status(), 400);
 
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -284,7 +282,5 @@ async fn a_password_change_while_kafka_is_down_is_audited_exactly_once_later() {
         "exactly once"
     );
 
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }

@@ -400,8 +400,7 @@ async fn operators_create_tenants_and_owners_manage_them() {
     )
     .await;
     assert_eq!(res.status(), 403);
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
+    stop_all([projector, ingest]).await;
 }
 
 /// A count in the tenant's schema, or `None` while the schema or table does not exist yet.

@@ -130,7 +130,5 @@ async fn the_dashboard_page_works_in_headless_chromium() {
         "screenshot saved"
     );
 
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }

@@ -85,6 +85,5 @@ async fn the_same_batch_twice_counts_once() {
             "{table}"
         );
     }
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
+    stop_all([projector, ingest]).await;
 }

@@ -134,9 +134,7 @@ async fn top_lists_and_the_activity_feed() {
         let (s, _) = get(bad.into()).await;
         assert_eq!(s, 400, "{bad}");
     }
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -231,9 +229,7 @@ async fn productivity_scores_and_team_ranks_follow_the_formula() {
         .await
         .unwrap();
     assert_eq!(res.status(), 400);
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -395,9 +391,7 @@ async fn sessions_metric_series_and_csv_export() {
             .status(),
         400
     );
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -489,9 +483,7 @@ async fn times_outside_the_calendar_are_refused_and_csv_formulas_neutralised() {
             assert!(text.contains("'@evil"), "{text}");
         }
     }
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 /// The cells of one CSV line (RFC 4180 quoting undone).
@@ -712,9 +704,7 @@ async fn grouped_series_are_capped_and_rankings_paginated() {
             assert_eq!(res.status(), 400, "{endpoint} {bad}");
         }
     }
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -776,7 +766,5 @@ async fn a_read_past_the_statement_timeout_answers_503() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }

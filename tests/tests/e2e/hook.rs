@@ -129,6 +129,5 @@ async fn claude_code_hooks_reach_the_dashboards_privately() {
     assert!(took < Duration::from_secs(3), "took {took:?}");
     drop(silent);
 
-    ingest.stop().await.unwrap();
-    projector.stop().await.unwrap();
+    stop_all([ingest, projector]).await;
 }

@@ -95,9 +95,7 @@ async fn line_protocol_is_taken_line_by_line() {
     assert_eq!(total(&series("name=build_time_ok").await), 1.0);
     assert_eq!(total(&series("name=queue_depth").await), 8.0);
 
-    ingest.stop().await.unwrap();
-    projector.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([ingest, projector, query]).await;
 }
 
 fn gzip(text: &str) -> Vec<u8> {

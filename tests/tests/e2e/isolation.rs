@@ -58,6 +58,5 @@ async fn a_tenant_session_cannot_read_another_tenant() {
         assert_eq!(code.as_deref(), Some("42501"), "`{sql}`: {err}");
         tx.rollback().await.unwrap();
     }
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
+    stop_all([projector, ingest]).await;
 }

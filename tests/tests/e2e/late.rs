@@ -113,7 +113,5 @@ async fn late_events_land_in_their_own_day() {
         .unwrap()
         .contains("retention"));
 
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }

@@ -163,7 +163,5 @@ async fn two_tenants_see_exact_and_separate_numbers() {
         "cache never serves older than the projection"
     );
 
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }

@@ -271,8 +271,7 @@ async fn records_postgresql_refuses_are_dead_lettered_and_others_flow() {
     .await
     .unwrap();
     assert_eq!(stalled, 0);
-    projector.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

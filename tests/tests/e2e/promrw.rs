@@ -170,9 +170,7 @@ async fn prometheus_agent_remote_writes_its_own_metrics() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
-    ingest.stop().await.unwrap();
-    projector.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([ingest, projector, query]).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 

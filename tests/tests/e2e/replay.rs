@@ -202,8 +202,7 @@ async fn replay_switches_versions_under_polling_and_upcasts_old_events() {
 
     live.kill().unwrap();
     live.wait().unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -294,6 +293,5 @@ async fn retention_drops_old_partitions_and_refuses_old_events() {
         body.to_string().contains("retention window of 2 days"),
         "{body}"
     );
-    ingest.stop().await.unwrap();
-    projector.stop().await.unwrap();
+    stop_all([ingest, projector]).await;
 }

@@ -186,9 +186,7 @@ async fn both_apis_answer_as_their_openapi_says() {
         "schemathesis found answers the spec does not allow:\n{}",
         failed.join("\n")
     );
-    query.stop().await.unwrap();
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
+    stop_all([query, projector, ingest]).await;
 }
 
 /// Found by schemathesis: a repeated query parameter on the SSO routes was answered by axum's
@@ -248,8 +246,7 @@ async fn nul_in_a_query_parameter_is_a_400_naming_it() {
         let problem: serde_json::Value = res.json().await.unwrap();
         assert_eq!(problem["errors"][0]["field"], param, "{problem}");
     }
-    query.stop().await.unwrap();
-    projector.stop().await.unwrap();
+    stop_all([query, projector]).await;
 }
 
 /// Found by schemathesis: NUL in a control-plane body reached PostgreSQL, which refused the

@@ -231,8 +231,7 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
     idp.set_faults(Faults::default());
     assert_eq!(browser.login().await.status(), 200);
 
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([ingest, query]).await;
 }
 
 /// An admin (person or `admin` key) who runs an identity provider tries to become the owner:

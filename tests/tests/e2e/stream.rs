@@ -171,9 +171,7 @@ async fn live_feeds_carry_only_their_tenant_and_resume() {
         .unwrap();
     assert_eq!(res.status(), 403);
     drop((feed_a, feed_b, again));
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 /// One frame of a stream: (event kind, id, data).
@@ -396,8 +394,7 @@ async fn streams_close_when_their_credential_stops_holding() {
     let refused = open(&query.url(), &doomed_key, None).await.unwrap_err();
     assert_eq!(refused.status(), 401);
     drop(kept);
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -529,9 +526,7 @@ async fn an_event_projected_late_is_delivered_once_whatever_its_times() {
         .map(|(_, e)| e["user_id"].clone())
         .collect();
     assert_eq!(users, ["older", "newest"]);
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -636,9 +631,7 @@ async fn schemas_made_before_feed_positions_get_them_on_migrate() {
     assert_eq!(res.status(), 202);
     let got = activities(&mut feed, 1).await;
     assert_eq!(got[0].1["user_id"], "u2");
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -683,6 +676,5 @@ async fn a_stream_ends_when_its_access_token_expires() {
     );
     let lived = opened.elapsed();
     assert!(lived >= Duration::from_secs(2), "closed after {lived:?}");
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([ingest, query]).await;
 }

@@ -251,8 +251,7 @@ async fn bad_requests_get_clear_problems() {
     let offsets = topic_size(&common).await;
     assert_eq!(offsets, 0, "rejected requests never reach Kafka");
 
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([ingest, query]).await;
 }
 
 /// Records in the test's metrics topic (sum of high watermarks).
