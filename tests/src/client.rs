@@ -31,6 +31,12 @@ pub async fn post_events(
         .expect("POST /v1/events")
 }
 
+/// POSTs a JSON body to ingest-api with an API key and asserts it was accepted (202).
+pub async fn post_events_accepted(client: &reqwest::Client, ingest: &str, key: &str, body: &Value) {
+    let res = post_events(client, ingest, key, body).await;
+    assert_eq!(res.status(), 202, "POST /v1/events");
+}
+
 /// Sends a request and returns its answer, whatever it is: the status and the JSON body
 /// (`null` when there is none). Panics only when nothing answers (as when a bomb test's
 /// ingest-api was killed for its memory).

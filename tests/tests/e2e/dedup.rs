@@ -48,14 +48,13 @@ async fn the_same_batch_twice_counts_once() {
     assert_eq!(ids[0], ids[1], "the retry got the same ids");
     // A duplicate inside one batch is counted once too.
     let dup = command("u1", "lint", 7, true);
-    let res = post_events(
+    post_events_accepted(
         &client,
         &ingest.url(),
         &t.ingest_key,
         &Value::Array(vec![dup.clone(), dup]),
     )
     .await;
-    assert_eq!(res.status(), 202);
 
     // 600 + 100 + 2 records went to Kafka; 351 distinct events.
     wait_projected(&pool, t.id, 351, Duration::from_secs(60)).await;

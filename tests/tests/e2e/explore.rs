@@ -29,12 +29,7 @@ async fn top_lists_and_the_activity_feed() {
             "input_tokens": 10, "output_tokens": 5, "duration_ms": 700, "status": "success"}}),
         );
     }
-    assert_eq!(
-        post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(events))
-            .await
-            .status(),
-        202
-    );
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &Value::Array(events)).await;
     wait_projected(&pool, t.id, 11, Duration::from_secs(60)).await;
 
     let get = |path: String| {
@@ -162,12 +157,7 @@ async fn productivity_scores_and_team_ranks_follow_the_formula() {
             "duration_ms": 10, "status": "success"}}),
         );
     }
-    assert_eq!(
-        post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(events))
-            .await
-            .status(),
-        202
-    );
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &Value::Array(events)).await;
     wait_projected(&pool, t.id, 22, Duration::from_secs(60)).await;
 
     let res = client
@@ -251,12 +241,7 @@ async fn sessions_metric_series_and_csv_export() {
     for _ in 0..2 {
         events.push(json!({"type": "metric.sample", "occurred_at": ago(90), "data": {"name": "claude_code.token.usage", "labels": {"type": "output", "user.id": "u1"}, "value": 50, "kind": "counter"}}));
     }
-    assert_eq!(
-        post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(events))
-            .await
-            .status(),
-        202
-    );
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &Value::Array(events)).await;
     wait_projected(&pool, t.id, 9, Duration::from_secs(60)).await;
     let get = |path: &str| {
         client
@@ -407,12 +392,7 @@ async fn times_outside_the_calendar_are_refused_and_csv_formulas_neutralised() {
         command("u1", "+cmd|' /C calc'!A0", 5, false),
         command("u1", "-2+3", 5, true),
     ];
-    assert_eq!(
-        post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(events))
-            .await
-            .status(),
-        202
-    );
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &Value::Array(events)).await;
     wait_projected(&pool, t.id, 3, Duration::from_secs(60)).await;
     let get = |path: &str| {
         client
@@ -539,12 +519,7 @@ async fn grouped_series_are_capped_and_rankings_paginated() {
             "name": "many.labels", "labels": labels, "value": value, "kind": "gauge"}}),
         );
     }
-    assert_eq!(
-        post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(events))
-            .await
-            .status(),
-        202
-    );
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &Value::Array(events)).await;
     wait_projected(&pool, t.id, 20, Duration::from_secs(60)).await;
     let get = |path: String| {
         let client = client.clone();
@@ -714,14 +689,13 @@ async fn a_read_past_the_statement_timeout_answers_503() {
     let query = start_query(&common, |c| c.statement_timeout_ms = 300).await;
     let client = http();
     let t = create_tenant(&pool, "slow-reads").await;
-    let res = post_events(
+    post_events_accepted(
         &client,
         &ingest.url(),
         &t.ingest_key,
         &command("u1", "build", 5, true),
     )
     .await;
-    assert_eq!(res.status(), 202);
     wait_projected(&pool, t.id, 1, Duration::from_secs(60)).await;
     let overview = format!("{}/v1/dashboard/overview?range=1h", query.url());
     let res = client
