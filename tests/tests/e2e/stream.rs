@@ -7,38 +7,41 @@ use serde_json::Value;
 use tally_tests::*;
 use tokio::sync::mpsc;
 
-/// The activity events (id, data) and the totals events of one stream.
-type Feeds = (
-    mpsc::UnboundedReceiver<(String, Value)>,
-    mpsc::UnboundedReceiver<Value>,
-);
+/// One frame of a stream: (event kind, id, data).
+type Frame = (String, String, Value);
 
-/// Opens `/v1/stream` and forwards each `activity` (id, data) it receives; `totals` events go
-/// to the second receiver.
-async fn listen(query: &str, key: &str, last_event_id: Option<&str>) -> Feeds {
+/// Sends `GET /v1/stream` with `credential` (and `Last-Event-ID` when it resumes).
+async fn request_stream(
+    query: &str,
+    credential: &str,
+    last_event_id: Option<&str>,
+) -> reqwest::Response {
     let mut req = reqwest::Client::new()
         .get(format!("{query}/v1/stream"))
-        .bearer_auth(key);
+        .bearer_auth(credential);
     if let Some(id) = last_event_id {
         req = req.header("Last-Event-ID", id);
     }
-    let mut res = req.send().await.unwrap();
-    assert_eq!(res.status(), 200);
-    assert!(res.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/event-stream"));
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (totals_tx, totals_rx) = mpsc::unbounded_channel();
+    req.send().await.unwrap()
+}
+
+/// The frames of an open stream as they come, until it ends (the receiver then yields
+/// `None`); dropping the receiver closes the connection.
+fn frames(mut res: reqwest::Response) -> mpsc::UnboundedReceiver<Frame> {
+    let (tx, rx) = mpsc::unbounded_channel::<Frame>();
     tokio::spawn(async move {
         let mut buf = String::new();
-        while let Ok(Some(chunk)) = res.chunk().await {
+        loop {
+            let chunk = tokio::select! {
+                c = res.chunk() => c,
+                () = tx.closed() => return,
+            };
+            let Ok(Some(chunk)) = chunk else { return };
             buf.push_str(&String::from_utf8_lossy(&chunk));
             while let Some(end) = buf.find("\n\n") {
                 let frame: String = buf.drain(..end + 2).collect();
-                let mut id = String::new();
-                let mut data = String::new();
-                let mut kind = String::from("message");
+                let (mut kind, mut id, mut data) =
+                    ("message".to_string(), String::new(), String::new());
                 for line in frame.lines() {
                     if let Some(v) = line.strip_prefix("event:") {
                         kind = v.trim().to_string();
@@ -52,17 +55,59 @@ async fn listen(query: &str, key: &str, last_event_id: Option<&str>) -> Feeds {
                     continue;
                 }
                 let value: Value = serde_json::from_str(&data).unwrap();
-                let sent = match kind.as_str() {
-                    // Nobody listening for totals is fine.
-                    "totals" => {
-                        let _ = totals_tx.send(value);
-                        true
-                    }
-                    _ => tx.send((id, value)).is_ok(),
-                };
-                if !sent {
+                if tx.send((kind, id, value)).is_err() {
                     return;
                 }
+            }
+        }
+    });
+    rx
+}
+
+/// Opens `/v1/stream` with `credential`: its frames until the stream ends (the receiver then
+/// yields `None`), or the refusal.
+async fn open(
+    query: &str,
+    credential: &str,
+    last_event_id: Option<&str>,
+) -> Result<mpsc::UnboundedReceiver<Frame>, reqwest::Response> {
+    let res = request_stream(query, credential, last_event_id).await;
+    if res.status() != 200 {
+        return Err(res);
+    }
+    Ok(frames(res))
+}
+
+/// The activity events (id, data) and the totals events of one stream.
+type Feeds = (
+    mpsc::UnboundedReceiver<(String, Value)>,
+    mpsc::UnboundedReceiver<Value>,
+);
+
+/// Opens `/v1/stream` and forwards each `activity` (id, data) it receives; `totals` events go
+/// to the second receiver.
+async fn listen(query: &str, key: &str, last_event_id: Option<&str>) -> Feeds {
+    let res = request_stream(query, key, last_event_id).await;
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut frames = frames(res);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (totals_tx, totals_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((kind, id, value)) = frames.recv().await {
+            let sent = match kind.as_str() {
+                // Nobody listening for totals is fine.
+                "totals" => {
+                    let _ = totals_tx.send(value);
+                    true
+                }
+                _ => tx.send((id, value)).is_ok(),
+            };
+            if !sent {
+                return;
             }
         }
     });
@@ -164,63 +209,6 @@ async fn live_feeds_carry_only_their_tenant_and_resume() {
     stop_all([projector, ingest, query]).await;
 }
 
-/// One frame of a stream: (event kind, id, data).
-type Frame = (String, String, Value);
-
-/// Opens `/v1/stream` with `credential`: its frames until the stream ends (the receiver then
-/// yields `None`), or the refusal.
-async fn open(
-    query: &str,
-    credential: &str,
-    last_event_id: Option<&str>,
-) -> Result<mpsc::UnboundedReceiver<Frame>, reqwest::Response> {
-    let mut req = reqwest::Client::new()
-        .get(format!("{query}/v1/stream"))
-        .bearer_auth(credential);
-    if let Some(id) = last_event_id {
-        req = req.header("Last-Event-ID", id);
-    }
-    let mut res = req.send().await.unwrap();
-    if res.status() != 200 {
-        return Err(res);
-    }
-    let (tx, rx) = mpsc::unbounded_channel::<Frame>();
-    tokio::spawn(async move {
-        let mut buf = String::new();
-        loop {
-            // Dropping the receiver closes the connection.
-            let chunk = tokio::select! {
-                c = res.chunk() => c,
-                () = tx.closed() => return,
-            };
-            let Ok(Some(chunk)) = chunk else { return };
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buf.find("\n\n") {
-                let frame: String = buf.drain(..end + 2).collect();
-                let (mut kind, mut id, mut data) =
-                    ("message".to_string(), String::new(), String::new());
-                for line in frame.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
-                        kind = v.trim().to_string();
-                    } else if let Some(v) = line.strip_prefix("id:") {
-                        id = v.trim().to_string();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim());
-                    }
-                }
-                if data.is_empty() {
-                    continue;
-                }
-                let value: Value = serde_json::from_str(&data).unwrap();
-                if tx.send((kind, id, value)).is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    Ok(rx)
-}
-
 /// Waits (at most `within`) for the stream to send its `closed` event and end; returns the
 /// event's data.
 async fn closes(rx: &mut mpsc::UnboundedReceiver<Frame>, within: Duration) -> Value {
@@ -252,6 +240,28 @@ async fn activities(rx: &mut mpsc::UnboundedReceiver<Frame>, n: usize) -> Vec<(S
     got
 }
 
+/// Sends the tenant one successful `command.executed` of `user`, and checks it was accepted.
+async fn send_command(
+    client: &reqwest::Client,
+    ingest: &Running,
+    t: &TestTenant,
+    user: &str,
+    name: &str,
+) {
+    let event = command(user, name, 1, true);
+    post_events_accepted(client, &ingest.url(), &t.ingest_key, &event).await;
+}
+
+/// query-api trusting ingest-api's access tokens and checking open streams' credentials
+/// every second.
+async fn start_rechecking_query(common: &shared::config::Common, ingest: &Running) -> Running {
+    start_query(common, |c| {
+        c.stream_recheck_secs = 1;
+        c.jwks_url = ingest.jwks_url();
+    })
+    .await
+}
+
 async fn access_token(client: &reqwest::Client, ingest: &str, email: &str) -> String {
     let res = login(client, ingest, email, "Stream-Pass-1").await;
     assert_eq!(res.status(), 200);
@@ -263,11 +273,7 @@ async fn access_token(client: &reqwest::Client, ingest: &str, email: &str) -> St
 async fn streams_close_when_their_credential_stops_holding() {
     let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
-    let query = start_query(&common, |c| {
-        c.stream_recheck_secs = 1;
-        c.jwks_url = ingest.jwks_url();
-    })
-    .await;
+    let query = start_rechecking_query(&common, &ingest).await;
     let client = http();
     let t = create_tenant(&pool, "recheck").await;
     let (doomed_id, doomed_key) = ingest_api::control::store::create_api_key(
@@ -451,22 +457,10 @@ async fn an_event_projected_late_is_delivered_once_whatever_its_times() {
     let client = http();
     let t = create_tenant(&pool, "late-feed").await;
     // The tenant's projection exists before the stream starts (positions are then "now").
-    post_events_accepted(
-        &client,
-        &ingest.url(),
-        &t.ingest_key,
-        &command("before", "setup", 1, true),
-    )
-    .await;
+    send_command(&client, &ingest, &t, "before", "setup").await;
     wait_projected(&pool, t.id, 1, Duration::from_secs(30)).await;
     let mut feed = open(&query.url(), &t.read_key, None).await.unwrap();
-    post_events_accepted(
-        &client,
-        &ingest.url(),
-        &t.ingest_key,
-        &command("newer", "first", 1, true),
-    )
-    .await;
+    send_command(&client, &ingest, &t, "newer", "first").await;
     let first = activities(&mut feed, 1).await;
     assert_eq!(first[0].1["user_id"], "newer");
 
@@ -489,13 +483,7 @@ async fn an_event_projected_late_is_delivered_once_whatever_its_times() {
     assert_eq!(second[0].1["user_id"], "older", "{second:?}");
     assert_eq!(second[0].1["event_id"], late.id.to_string());
 
-    post_events_accepted(
-        &client,
-        &ingest.url(),
-        &t.ingest_key,
-        &command("newest", "third", 1, true),
-    )
-    .await;
+    send_command(&client, &ingest, &t, "newest", "third").await;
     let third = activities(&mut feed, 1).await;
     assert_eq!(third[0].1["user_id"], "newest");
     // Exactly once: nothing else arrives.
@@ -522,13 +510,7 @@ async fn schemas_made_before_feed_positions_get_them_on_migrate() {
     let (ingest, projector) = start_write_path(&common).await;
     let client = http();
     let t = create_tenant(&pool, "old-schema").await;
-    post_events_accepted(
-        &client,
-        &ingest.url(),
-        &t.ingest_key,
-        &command("u1", "a", 1, true),
-    )
-    .await;
+    send_command(&client, &ingest, &t, "u1", "a").await;
     wait_projected(&pool, t.id, 1, Duration::from_secs(30)).await;
     projector.stop().await.unwrap();
 
@@ -607,13 +589,7 @@ async fn schemas_made_before_feed_positions_get_them_on_migrate() {
     let projector = start_projector(&common).await;
     let query = start_query(&common, |_| {}).await;
     let mut feed = open(&query.url(), &t.read_key, None).await.unwrap();
-    post_events_accepted(
-        &client,
-        &ingest.url(),
-        &t.ingest_key,
-        &command("u2", "b", 1, true),
-    )
-    .await;
+    send_command(&client, &ingest, &t, "u2", "b").await;
     let got = activities(&mut feed, 1).await;
     assert_eq!(got[0].1["user_id"], "u2");
     stop_all([projector, ingest, query]).await;
@@ -623,11 +599,7 @@ async fn schemas_made_before_feed_positions_get_them_on_migrate() {
 async fn a_stream_ends_when_its_access_token_expires() {
     let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
-    let query = start_query(&common, |c| {
-        c.stream_recheck_secs = 1;
-        c.jwks_url = ingest.jwks_url();
-    })
-    .await;
+    let query = start_rechecking_query(&common, &ingest).await;
     let t = create_tenant(&pool, "expiring").await;
     let email = format!("short-{}@example.com", uuid::Uuid::new_v4().simple());
     let user = create_person(
