@@ -1,5 +1,5 @@
 //! What the stack holds, read from where it keeps it: the tenant's projection in PostgreSQL
-//! (counts, rollups, storage units) and the records in Kafka.
+//! (counts, rollups, storage units), the control plane's outbox, and the records in Kafka.
 
 use std::time::{Duration, Instant};
 
@@ -9,6 +9,7 @@ use shared::tenant::TenantId;
 use sqlx::PgPool;
 
 use crate::events;
+use crate::services::{IngestProcess, BOMB_RSS_BOUND_KIB};
 
 /// Waits until the tenant's projection holds `expected` events (or panics after `timeout`).
 pub async fn wait_projected(
@@ -177,6 +178,34 @@ pub async fn assert_projection_exact(pool: &PgPool, tenant: TenantId, exp: &even
             );
         }
     }
+}
+
+/// Asserts that a bomb test's ingest-api (started with [`crate::spawn_bomb_target`]) kept its
+/// resident memory under [`BOMB_RSS_BOUND_KIB`] at its peak, and prints both figures.
+pub fn assert_bomb_memory_bound(ingest: &IngestProcess, started_rss: u64) {
+    let (_, peak) = ingest.memory_kib();
+    eprintln!("ingest-api resident memory: {started_rss} KiB at start, {peak} KiB at its peak");
+    assert!(
+        peak < BOMB_RSS_BOUND_KIB,
+        "ingest-api peaked at {peak} KiB (started at {started_rss} KiB)"
+    );
+}
+
+/// The outbox events of `tenant` of type `kind`, oldest first.
+pub async fn outbox_events(
+    pool: &PgPool,
+    tenant: uuid::Uuid,
+    kind: &str,
+) -> Vec<serde_json::Value> {
+    sqlx::query_scalar(
+        "SELECT envelope FROM control.outbox
+          WHERE envelope->>'tenant_id' = $1 AND envelope->>'type' = $2 ORDER BY seq",
+    )
+    .bind(tenant.to_string())
+    .bind(kind)
+    .fetch_all(pool)
+    .await
+    .unwrap()
 }
 
 /// Records in the test's metrics topic (the sum of its partitions' high watermarks).

@@ -1,7 +1,10 @@
-//! Events and timestamps as tests write them.
+//! Events and timestamps as tests write them, and the stamping ingest-api gives them.
 
 use chrono::{DateTime, Utc};
+use ingest_api::ingest::{Ids, IngestContext, TimeBounds};
 use serde_json::{json, Value};
+use shared::events::{Actor, Source};
+use shared::tenant::TenantId;
 use uuid::Uuid;
 
 /// `now` minus some seconds, RFC 3339.
@@ -40,4 +43,17 @@ pub fn command(user: &str, name: &str, duration_ms: i64, ok: bool) -> Value {
             "status": if ok { "success" } else { "error" },
         }
     })
+}
+
+/// What ingest-api stamps `tenant`'s events with when they come through the API now, with
+/// fresh ids and the default time bounds (for tests that write envelopes into Kafka).
+pub fn api_context(tenant: TenantId) -> IngestContext {
+    IngestContext {
+        tenant_id: tenant,
+        actor: Actor::default(),
+        source: Source::Api,
+        received_at: Utc::now(),
+        bounds: TimeBounds::default(),
+        ids: Ids::Fresh,
+    }
 }

@@ -1,8 +1,11 @@
-//! Talking to the services over HTTP as their clients do.
+//! Talking to the services over HTTP as their clients do, and to Kafka as ingest-api does.
 
 use std::time::Duration;
 
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
+use shared::config::Common;
+use shared::events::Envelope;
 
 /// An HTTP client for the tests.
 pub fn http() -> reqwest::Client {
@@ -28,6 +31,39 @@ pub async fn post_events(
         .expect("POST /v1/events")
 }
 
+/// POSTs a JSON body to ingest-api with an API key and asserts it was accepted (202).
+pub async fn post_events_accepted(client: &reqwest::Client, ingest: &str, key: &str, body: &Value) {
+    let res = post_events(client, ingest, key, body).await;
+    assert_eq!(res.status(), 202, "POST /v1/events");
+}
+
+/// Sends a request and returns its answer, whatever it is: the status and the JSON body
+/// (`null` when there is none). Panics only when nothing answers (as when a bomb test's
+/// ingest-api was killed for its memory).
+pub async fn status_and_json(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let res = request
+        .send()
+        .await
+        .expect("ingest-api answers (it was not killed)");
+    let status = res.status().as_u16();
+    (status, res.json::<Value>().await.unwrap_or_default())
+}
+
+/// Logs a person in at ingest-api (`POST /v1/auth/login`); the answer is the caller's to check.
+pub async fn login(
+    client: &reqwest::Client,
+    ingest: &str,
+    email: &str,
+    password: &str,
+) -> reqwest::Response {
+    client
+        .post(format!("{ingest}/v1/auth/login"))
+        .json(&serde_json::json!({"email": email, "password": password}))
+        .send()
+        .await
+        .expect("POST /v1/auth/login")
+}
+
 /// GETs a dashboard answer with a read key; panics unless it is a 200.
 pub async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> Value {
     let res = client.get(url).bearer_auth(key).send().await.expect("GET");
@@ -35,6 +71,35 @@ pub async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> Value {
     let body: Value = res.json().await.expect("JSON body");
     assert_eq!(status, 200, "GET {url}: {body}");
     body
+}
+
+/// The text a service's `/metrics` answers (whatever its status).
+pub async fn scrape_metrics(client: &reqwest::Client, base_url: &str) -> String {
+    client
+        .get(format!("{base_url}/metrics"))
+        .send()
+        .await
+        .expect("scrape /metrics")
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Writes an envelope straight into the test's metrics topic, keyed as ingest-api keys it.
+pub async fn produce_envelope(common: &Common, env: &Envelope) {
+    let producer: FutureProducer =
+        shared::kafka::producer(common, Duration::from_secs(10)).unwrap();
+    let body = serde_json::to_vec(env).unwrap();
+    let key = env.kafka_key();
+    producer
+        .send(
+            FutureRecord::to(&common.metrics_topic())
+                .key(&key)
+                .payload(&body),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("produce the record");
 }
 
 /// Events the dashboards count for the key's tenant over the last 24 h.

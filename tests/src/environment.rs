@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use shared::apikey::Scope;
 use shared::config::Common;
+use shared::jwt::Role;
 use shared::tenant::TenantId;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -108,12 +109,52 @@ pub fn init_logs() {
     shared::telemetry::init_tracing("pretty");
 }
 
+/// What nearly every test starts from: logs set up, the test database, topics of its own.
+pub struct TestEnv {
+    pub pool: PgPool,
+    pub common: Common,
+}
+
+/// Sets up logs, the test database and this test's settings ([`common_for_test`]).
+pub async fn test_env() -> TestEnv {
+    init_logs();
+    TestEnv {
+        pool: test_pool().await,
+        common: common_for_test(),
+    }
+}
+
 /// A tenant with an ingest and a read key.
 #[derive(Debug, Clone)]
 pub struct TestTenant {
     pub id: TenantId,
     pub ingest_key: String,
     pub read_key: String,
+}
+
+/// Creates a person of `tenant` who logs in with `email` and `password`, with no identity
+/// provider's link and no team; returns their user id.
+pub async fn create_person(
+    pool: &PgPool,
+    tenant: TenantId,
+    email: &str,
+    password: &str,
+    role: Role,
+) -> Uuid {
+    ingest_api::control::store::create_user(
+        pool,
+        "",
+        ingest_api::control::store::NewUser {
+            tenant,
+            email,
+            password,
+            role,
+            external_id: None,
+            teams: &[],
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("create {email}: {e:#}"))
 }
 
 /// Creates a tenant with keys of both scopes.

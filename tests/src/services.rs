@@ -31,11 +31,24 @@ impl Running {
         format!("http://{}", self.addr)
     }
 
+    /// Where ingest-api publishes the keys its access tokens are signed with (for query-api's
+    /// `jwks_url`).
+    pub fn jwks_url(&self) -> String {
+        format!("{}/.well-known/jwks.json", self.url())
+    }
+
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
         self.task.await?
+    }
+}
+
+/// Stops services gracefully, one after the other, and panics unless each stopped cleanly.
+pub async fn stop_all(services: impl IntoIterator<Item = Running>) {
+    for service in services {
+        service.stop().await.expect("the service stops cleanly");
     }
 }
 
@@ -109,6 +122,14 @@ pub async fn start_projector(common: &Common) -> Running {
         .await
         .expect("projector builds");
     Running::spawn(app.local_addr(), None, |stop| app.run_until(stop))
+}
+
+/// ingest-api and the projector with their default settings, as `(ingest, projector)`: the
+/// write path most tests run (a test wanting query-api starts it beside, with its own settings).
+pub async fn start_write_path(common: &Common) -> (Running, Running) {
+    let ingest = start_ingest(common, |_| {}).await;
+    let projector = start_projector(common).await;
+    (ingest, projector)
 }
 
 /// The directory holding the workspace's binaries (beside this test's `deps/`).
@@ -291,6 +312,16 @@ fn memory_kib(pid: u32) -> Option<(u64, u64)> {
 /// `influx.rs` and `promrw.rs`: its own start (about 20 MiB, debug build) plus a 10 MiB body
 /// read, decompressed and parsed (measured: 33–45 MiB at the peak).
 pub const BOMB_RSS_BOUND_KIB: u64 = 96 * 1024;
+
+/// ingest-api in its own process for a memory-bomb test, and its resident memory (KiB) once
+/// started: it is killed above four times [`BOMB_RSS_BOUND_KIB`], so a regression fails the
+/// test instead of exhausting the machine; [`crate::assert_bomb_memory_bound`] checks the peak.
+pub async fn spawn_bomb_target(common: &Common, env: &[(&str, &str)]) -> (IngestProcess, u64) {
+    let ingest = spawn_ingest_process(common, env).await;
+    ingest.kill_above(4 * BOMB_RSS_BOUND_KIB);
+    let (started_rss, _) = ingest.memory_kib();
+    (ingest, started_rss)
+}
 
 /// Runs `projector replay --tenant <tenant> --json` (the real binary) with the given grace
 /// before the old version is dropped; returns its report and what it printed on stderr

@@ -20,9 +20,7 @@ fn one_event() -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tenants_are_rate_limited_per_plan_with_headers() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
     let client = http();
     let limited = create_tenant(&pool, "limited").await;
@@ -61,9 +59,7 @@ async fn tenants_are_rate_limited_per_plan_with_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_redis_a_local_limiter_takes_over() {
-    init_logs();
-    let pool = test_pool().await;
-    let mut common = common_for_test();
+    let TestEnv { pool, mut common } = test_env().await;
     common.redis_url = format!("redis://127.0.0.1:{}", free_port());
     let ingest = start_ingest(&common, |_| {}).await;
     let client = http();
@@ -83,9 +79,7 @@ async fn without_redis_a_local_limiter_takes_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn revoked_keys_and_deactivated_tenants_are_refused_within_the_cache_delay() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
@@ -155,24 +149,19 @@ async fn revoked_keys_and_deactivated_tenants_are_refused_within_the_cache_delay
         202,
         "unknown keys are not cached, so reactivation is immediate"
     );
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_redis_dashboards_answer_uncached() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let mut no_redis = common.clone();
     no_redis.redis_url = format!("redis://127.0.0.1:{}", free_port());
     let query = start_query(&no_redis, |_| {}).await;
     let client = http();
     let t = create_tenant(&pool, "cacheless").await;
-    let res = post_events(&client, &ingest.url(), &t.ingest_key, &one_event()).await;
-    assert_eq!(res.status(), 202);
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &one_event()).await;
     wait_projected(&pool, t.id, 1, Duration::from_secs(60)).await;
     for _ in 0..2 {
         let res = client
@@ -186,7 +175,5 @@ async fn without_redis_dashboards_answer_uncached() {
         let body: serde_json::Value = res.json().await.unwrap();
         assert_eq!(body["events_total"], 1);
     }
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }

@@ -33,20 +33,6 @@ async fn make_user(pool: &sqlx::PgPool, ns: &str, t: &TestTenant, role: Role) ->
     email
 }
 
-async fn login(
-    client: &reqwest::Client,
-    ingest: &str,
-    email: &str,
-    password: &str,
-) -> reqwest::Response {
-    client
-        .post(format!("{ingest}/v1/auth/login"))
-        .json(&json!({"email": email, "password": password}))
-        .send()
-        .await
-        .unwrap()
-}
-
 async fn entries(client: &reqwest::Client, query: &str, token: &str, kind: &str) -> Vec<Value> {
     let res = client
         .get(format!("{query}/v1/audit?range=1h&type={kind}"))
@@ -84,12 +70,9 @@ async fn wait_entries(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn login_attempts_reach_the_audit_log_within_two_seconds() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
-    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
-    let query = start_query(&common, |c| c.jwks_url = jwks).await;
+    let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
     let projector = start_projector(&common).await;
     let client = http();
     let t = create_tenant(&pool, "audited").await;
@@ -223,22 +206,17 @@ async fn login_attempts_reach_the_audit_log_within_two_seconds() {
         .unwrap();
     assert_eq!(res.status(), 400);
 
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_password_change_while_kafka_is_down_is_audited_exactly_once_later() {
-    init_logs();
-    let pool = test_pool().await;
+    let TestEnv { pool, mut common } = test_env().await;
     let mut kafka = PrivateKafka::new();
     kafka.start().await;
-    let mut common = common_for_test();
     common.kafka_brokers = kafka.brokers();
     let ingest = start_ingest(&common, |c| c.produce_timeout_ms = 2000).await;
-    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
-    let query = start_query(&common, |c| c.jwks_url = jwks).await;
+    let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
     let projector = start_projector(&common).await;
     let client = http();
     let t = create_tenant(&pool, "kafka-less").await;
@@ -304,7 +282,5 @@ async fn a_password_change_while_kafka_is_down_is_audited_exactly_once_later() {
         "exactly once"
     );
 
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }

@@ -7,11 +7,8 @@ use tally_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operators_create_tenants_and_owners_manage_them() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let client = http();
     let url = ingest.url();
     let operator = ingest_api::control::store::create_operator_key(&pool, "test")
@@ -185,12 +182,13 @@ async fn operators_create_tenants_and_owners_manage_them() {
     );
 
     // A developer is no admin, and nobody but an operator manages tenants.
-    let res = client
-        .post(format!("{url}/v1/auth/login"))
-        .json(&json!({"email": format!("dev-{tag}@example.com"), "password": "Dev-Pass-1234"}))
-        .send()
-        .await
-        .unwrap();
+    let res = login(
+        &client,
+        &url,
+        &format!("dev-{tag}@example.com"),
+        "Dev-Pass-1234",
+    )
+    .await;
     let dev: Value = res.json().await.unwrap();
     let dev_access = dev["access_token"].as_str().unwrap();
     let res = call(reqwest::Method::GET, "/v1/admin/users", dev_access, None)
@@ -394,15 +392,15 @@ async fn operators_create_tenants_and_owners_manage_them() {
     .await
     .unwrap();
     assert_eq!(res.status(), 204);
-    let res = client
-        .post(format!("{url}/v1/auth/login"))
-        .json(&json!({"email": format!("globex-{tag}@example.com"), "password": "Owner-Pass-123"}))
-        .send()
-        .await
-        .unwrap();
+    let res = login(
+        &client,
+        &url,
+        &format!("globex-{tag}@example.com"),
+        "Owner-Pass-123",
+    )
+    .await;
     assert_eq!(res.status(), 403);
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
+    stop_all([projector, ingest]).await;
 }
 
 /// A count in the tenant's schema, or `None` while the schema or table does not exist yet.
@@ -421,28 +419,13 @@ async fn projected_count(
         .ok()
 }
 
-/// The outbox events of `tenant` of type `kind`, oldest first.
-async fn outbox_events(pool: &sqlx::PgPool, tenant: uuid::Uuid, kind: &str) -> Vec<Value> {
-    sqlx::query_scalar(
-        "SELECT envelope FROM control.outbox
-          WHERE envelope->>'tenant_id' = $1 AND envelope->>'type' = $2 ORDER BY seq",
-    )
-    .bind(tenant.to_string())
-    .bind(kind)
-    .fetch_all(pool)
-    .await
-    .unwrap()
-}
-
 /// An admin — person or `admin` key — tries to climb above their role: demote, deactivate
 /// or create owners. Each try is refused with 403, changes nothing and is audited with who
 /// tried. The last owner cannot leave; a deactivated tenant's admins and a revoked operator
 /// key lose the control plane at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admins_cannot_touch_owners_and_lose_the_control_plane_at_once() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
     let client = http();
     let url = ingest.url();

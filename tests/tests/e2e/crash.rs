@@ -10,9 +10,7 @@ use tally_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn projector_killed_repeatedly_loses_and_doubles_nothing() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
     let client = http();
     let t = create_tenant(&pool, "crashy").await;

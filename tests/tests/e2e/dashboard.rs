@@ -12,9 +12,7 @@ use tally_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_dashboard_page_works_in_headless_chromium() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let query_port = free_port();
     let ingest = start_ingest(&common, |c| {
         c.cors_origins = format!("http://127.0.0.1:{query_port}");
@@ -23,7 +21,7 @@ async fn the_dashboard_page_works_in_headless_chromium() {
     let ingest_url = ingest.url();
     let query = start_query(&common, |c| {
         c.http_addr = format!("127.0.0.1:{query_port}");
-        c.jwks_url = format!("{ingest_url}/.well-known/jwks.json");
+        c.jwks_url = ingest.jwks_url();
         c.ingest_url = ingest_url.clone();
     })
     .await;
@@ -31,20 +29,7 @@ async fn the_dashboard_page_works_in_headless_chromium() {
     let client = http();
     let t = create_tenant(&pool, "browser").await;
     let email = format!("owner-{}@example.com", uuid::Uuid::new_v4().simple());
-    ingest_api::control::store::create_user(
-        &pool,
-        "",
-        ingest_api::control::store::NewUser {
-            tenant: t.id,
-            email: &email,
-            password: "Browser-Pass-1",
-            role: Role::Owner,
-            external_id: None,
-            teams: &[],
-        },
-    )
-    .await
-    .unwrap();
+    create_person(&pool, t.id, &email, "Browser-Pass-1", Role::Owner).await;
     let mut generator = Generator::new(5, "web", 6, chrono::Duration::hours(3));
     let mut batch = generator.batch(300);
     // Claude Code's counters, as its OpenTelemetry metrics arrive: the Claude Code cards.
@@ -63,12 +48,7 @@ async fn the_dashboard_page_works_in_headless_chromium() {
     }
     let sent = batch.len() as i64;
     let batch = Value::Array(batch);
-    assert_eq!(
-        post_events(&client, &ingest.url(), &t.ingest_key, &batch)
-            .await
-            .status(),
-        202
-    );
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &batch).await;
     wait_projected(&pool, t.id, sent, Duration::from_secs(60)).await;
 
     // The page itself is served with a restrictive content security policy.
@@ -145,7 +125,5 @@ async fn the_dashboard_page_works_in_headless_chromium() {
         "screenshot saved"
     );
 
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }

@@ -3,20 +3,15 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
-use ingest_api::ingest::{IngestContext, TimeBounds};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use serde_json::{json, Value};
-use shared::events::{Actor, Source};
 use tally_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_records_are_dead_lettered_and_do_not_block() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     shared::kafka::ensure_topics(
         &common,
         &[common.metrics_topic(), common.metrics_dlq_topic()],
@@ -27,14 +22,7 @@ async fn poison_records_are_dead_lettered_and_do_not_block() {
     let producer: FutureProducer =
         shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
     let topic = common.metrics_topic();
-    let ctx = IngestContext {
-        tenant_id: t.id,
-        actor: Actor::default(),
-        source: Source::Api,
-        received_at: Utc::now(),
-        bounds: TimeBounds::default(),
-        ids: ingest_api::ingest::Ids::Fresh,
-    };
+    let ctx = api_context(t.id);
     let valid = |i: i64| {
         let env = ctx.envelope(0, command("u", "build", i, true)).unwrap();
         serde_json::to_vec(&env).unwrap()
@@ -112,9 +100,7 @@ async fn poison_records_are_dead_lettered_and_do_not_block() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dead_letters_are_listed_and_redriven_after_a_fix() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     shared::kafka::ensure_topics(&common, &common.all_topics())
         .await
         .unwrap();
@@ -122,14 +108,7 @@ async fn dead_letters_are_listed_and_redriven_after_a_fix() {
     let projector = start_projector(&common).await;
     // Events of a tenant the control plane does not know (yet) are dead-lettered.
     let tenant = shared::tenant::TenantId::new();
-    let ctx = IngestContext {
-        tenant_id: tenant,
-        actor: Actor::default(),
-        source: Source::Api,
-        received_at: Utc::now(),
-        bounds: TimeBounds::default(),
-        ids: ingest_api::ingest::Ids::Fresh,
-    };
+    let ctx = api_context(tenant);
     let producer: FutureProducer =
         shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
     for i in 0..3 {

@@ -8,11 +8,8 @@ use tally_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn top_lists_and_the_activity_feed() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
     let t = create_tenant(&pool, "explore").await;
@@ -32,12 +29,7 @@ async fn top_lists_and_the_activity_feed() {
             "input_tokens": 10, "output_tokens": 5, "duration_ms": 700, "status": "success"}}),
         );
     }
-    assert_eq!(
-        post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(events))
-            .await
-            .status(),
-        202
-    );
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &Value::Array(events)).await;
     wait_projected(&pool, t.id, 11, Duration::from_secs(60)).await;
 
     let get = |path: String| {
@@ -137,18 +129,13 @@ async fn top_lists_and_the_activity_feed() {
         let (s, _) = get(bad.into()).await;
         assert_eq!(s, 400, "{bad}");
     }
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn productivity_scores_and_team_ranks_follow_the_formula() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
     let t = create_tenant(&pool, "scores").await;
@@ -170,12 +157,7 @@ async fn productivity_scores_and_team_ranks_follow_the_formula() {
             "duration_ms": 10, "status": "success"}}),
         );
     }
-    assert_eq!(
-        post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(events))
-            .await
-            .status(),
-        202
-    );
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &Value::Array(events)).await;
     wait_projected(&pool, t.id, 22, Duration::from_secs(60)).await;
 
     let res = client
@@ -237,18 +219,13 @@ async fn productivity_scores_and_team_ranks_follow_the_formula() {
         .await
         .unwrap();
     assert_eq!(res.status(), 400);
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_metric_series_and_csv_export() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
     let t = create_tenant(&pool, "tables").await;
@@ -264,12 +241,7 @@ async fn sessions_metric_series_and_csv_export() {
     for _ in 0..2 {
         events.push(json!({"type": "metric.sample", "occurred_at": ago(90), "data": {"name": "claude_code.token.usage", "labels": {"type": "output", "user.id": "u1"}, "value": 50, "kind": "counter"}}));
     }
-    assert_eq!(
-        post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(events))
-            .await
-            .status(),
-        202
-    );
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &Value::Array(events)).await;
     wait_projected(&pool, t.id, 9, Duration::from_secs(60)).await;
     let get = |path: &str| {
         client
@@ -404,18 +376,13 @@ async fn sessions_metric_series_and_csv_export() {
             .status(),
         400
     );
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn times_outside_the_calendar_are_refused_and_csv_formulas_neutralised() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
     let t = create_tenant(&pool, "hostile-cells").await;
@@ -425,12 +392,7 @@ async fn times_outside_the_calendar_are_refused_and_csv_formulas_neutralised() {
         command("u1", "+cmd|' /C calc'!A0", 5, false),
         command("u1", "-2+3", 5, true),
     ];
-    assert_eq!(
-        post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(events))
-            .await
-            .status(),
-        202
-    );
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &Value::Array(events)).await;
     wait_projected(&pool, t.id, 3, Duration::from_secs(60)).await;
     let get = |path: &str| {
         client
@@ -501,9 +463,7 @@ async fn times_outside_the_calendar_are_refused_and_csv_formulas_neutralised() {
             assert!(text.contains("'@evil"), "{text}");
         }
     }
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 /// The cells of one CSV line (RFC 4180 quoting undone).
@@ -526,11 +486,8 @@ fn csv_cells(line: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grouped_series_are_capped_and_rankings_paginated() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |c| c.max_series = 2).await;
     let client = http();
     let t = create_tenant(&pool, "many-groups").await;
@@ -562,12 +519,7 @@ async fn grouped_series_are_capped_and_rankings_paginated() {
             "name": "many.labels", "labels": labels, "value": value, "kind": "gauge"}}),
         );
     }
-    assert_eq!(
-        post_events(&client, &ingest.url(), &t.ingest_key, &Value::Array(events))
-            .await
-            .status(),
-        202
-    );
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &Value::Array(events)).await;
     wait_projected(&pool, t.id, 20, Duration::from_secs(60)).await;
     let get = |path: String| {
         let client = client.clone();
@@ -727,29 +679,23 @@ async fn grouped_series_are_capped_and_rankings_paginated() {
             assert_eq!(res.status(), 400, "{endpoint} {bad}");
         }
     }
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_read_past_the_statement_timeout_answers_503() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |c| c.statement_timeout_ms = 300).await;
     let client = http();
     let t = create_tenant(&pool, "slow-reads").await;
-    let res = post_events(
+    post_events_accepted(
         &client,
         &ingest.url(),
         &t.ingest_key,
         &command("u1", "build", 5, true),
     )
     .await;
-    assert_eq!(res.status(), 202);
     wait_projected(&pool, t.id, 1, Duration::from_secs(60)).await;
     let overview = format!("{}/v1/dashboard/overview?range=1h", query.url());
     let res = client
@@ -794,7 +740,5 @@ async fn a_read_past_the_statement_timeout_answers_503() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }

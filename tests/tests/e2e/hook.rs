@@ -37,11 +37,8 @@ fn run_hook(envs: &[(&str, &str)], input: &Value) -> (bool, String, Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn claude_code_hooks_reach_the_dashboards_privately() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let t = create_tenant(&pool, "hooks").await;
     let url = ingest.url();
     let base = [
@@ -132,6 +129,5 @@ async fn claude_code_hooks_reach_the_dashboards_privately() {
     assert!(took < Duration::from_secs(3), "took {took:?}");
     drop(silent);
 
-    ingest.stop().await.unwrap();
-    projector.stop().await.unwrap();
+    stop_all([ingest, projector]).await;
 }

@@ -26,11 +26,8 @@ fn curl(url: &str, key: &str, body: &str, content_type: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn line_protocol_is_taken_line_by_line() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let t = create_tenant(&pool, "influx").await;
 
@@ -98,9 +95,7 @@ async fn line_protocol_is_taken_line_by_line() {
     assert_eq!(total(&series("name=build_time_ok").await), 1.0);
     assert_eq!(total(&series("name=queue_depth").await), 8.0);
 
-    ingest.stop().await.unwrap();
-    projector.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([ingest, projector, query]).await;
 }
 
 fn gzip(text: &str) -> Vec<u8> {
@@ -115,30 +110,20 @@ fn gzip(text: &str) -> Vec<u8> {
 /// `BOMB_RSS_BOUND_KIB`, and appends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn line_protocol_bombs_are_refused_in_bounded_memory() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = spawn_ingest_process(&common, &[]).await;
-    ingest.kill_above(4 * BOMB_RSS_BOUND_KIB);
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, started_rss) = spawn_bomb_target(&common, &[]).await;
     let t = create_tenant(&pool, "influx-bomb").await;
-    let (started_rss, _) = ingest.memory_kib();
     let client = http();
     let url = format!("{}/api/v2/write?precision=ms", ingest.url);
     let send = |body: Vec<u8>| {
-        let (client, url, key) = (client.clone(), url.clone(), t.ingest_key.clone());
-        async move {
-            let res = client
+        status_and_json(
+            client
                 .post(&url)
-                .header("authorization", format!("Token {key}"))
+                .header("authorization", format!("Token {}", t.ingest_key))
                 .header("content-type", "text/plain")
                 .header("content-encoding", "gzip")
-                .body(body)
-                .send()
-                .await
-                .expect("ingest-api answers (it was not killed)");
-            let status = res.status().as_u16();
-            (status, res.json::<Value>().await.unwrap_or_default())
-        }
+                .body(body),
+        )
     };
 
     // One line: 60 tags of 64 KiB, each repeated by 2 000 fields: 7.5 GiB of samples.
@@ -175,10 +160,5 @@ async fn line_protocol_bombs_are_refused_in_bounded_memory() {
     let (status, problem) = send(gzip(&format!("after,host=a value=1 {now}"))).await;
     assert_eq!(status, 204, "{problem}");
     assert_eq!(metrics_topic_records(&common).await, 1);
-    let (_, peak) = ingest.memory_kib();
-    eprintln!("ingest-api resident memory: {started_rss} KiB at start, {peak} KiB at its peak");
-    assert!(
-        peak < BOMB_RSS_BOUND_KIB,
-        "ingest-api peaked at {peak} KiB (started at {started_rss} KiB)"
-    );
+    assert_bomb_memory_bound(&ingest, started_rss);
 }

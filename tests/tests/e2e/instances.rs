@@ -10,14 +10,7 @@ use tally_tests::*;
 
 /// `projector_events_total{outcome="inserted"}` of an instance.
 async fn inserted(client: &reqwest::Client, port: u16) -> u64 {
-    let text = client
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .unwrap();
+    let text = scrape_metrics(client, &format!("http://127.0.0.1:{port}")).await;
     text.lines()
         .find(|l| l.starts_with("projector_events_total{outcome=\"inserted\"}"))
         .and_then(|l| l.rsplit(' ').next())
@@ -26,9 +19,7 @@ async fn inserted(client: &reqwest::Client, port: u16) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_share_partitions_and_project_exactly_once() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
     let client = http();
     let t = create_tenant(&pool, "pair").await;

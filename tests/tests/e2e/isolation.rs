@@ -10,22 +10,14 @@ use tally_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tenant_session_cannot_read_another_tenant() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let client = http();
     let a = create_tenant(&pool, "iso-a").await;
     let b = create_tenant(&pool, "iso-b").await;
     for t in [&a, &b] {
         let batch = Value::Array((0..5).map(|i| command("u", "c", i, true)).collect());
-        assert_eq!(
-            post_events(&client, &ingest.url(), &t.ingest_key, &batch)
-                .await
-                .status(),
-            202
-        );
+        post_events_accepted(&client, &ingest.url(), &t.ingest_key, &batch).await;
     }
     wait_projected(&pool, a.id, 5, Duration::from_secs(60)).await;
     wait_projected(&pool, b.id, 5, Duration::from_secs(60)).await;
@@ -61,6 +53,5 @@ async fn a_tenant_session_cannot_read_another_tenant() {
         assert_eq!(code.as_deref(), Some("42501"), "`{sql}`: {err}");
         tx.rollback().await.unwrap();
     }
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
+    stop_all([projector, ingest]).await;
 }

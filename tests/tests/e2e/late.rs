@@ -10,11 +10,8 @@ use tally_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn late_events_land_in_their_own_day() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
     let t = create_tenant(&pool, "late").await;
@@ -116,7 +113,5 @@ async fn late_events_land_in_their_own_day() {
         .unwrap()
         .contains("retention"));
 
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }

@@ -50,9 +50,7 @@ fn chunked(total: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn json_routes_refuse_oversized_bodies_without_reading_them() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |c| c.max_body_bytes = 1 << 20).await;
     let t = create_tenant(&pool, "limits").await;
     let id = uuid::Uuid::new_v4();

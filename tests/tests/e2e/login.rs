@@ -19,12 +19,7 @@ struct Stack {
 
 impl Stack {
     async fn login(&self, email: &str, password: &str) -> reqwest::Response {
-        self.client
-            .post(format!("{}/v1/auth/login", self.ingest.url()))
-            .json(&json!({"email": email, "password": password}))
-            .send()
-            .await
-            .unwrap()
+        login(&self.client, &self.ingest.url(), email, password).await
     }
 
     async fn tokens(&self, email: &str) -> Value {
@@ -112,12 +107,9 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn people_log_in_and_see_what_their_role_allows() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
-    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
-    let query = start_query(&common, |c| c.jwks_url = jwks).await;
+    let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
     let projector = start_projector(&common).await;
     let s = Stack {
         ingest,
@@ -220,7 +212,7 @@ async fn people_log_in_and_see_what_their_role_allows() {
     .unwrap();
     let jwks: Value = s
         .client
-        .get(format!("{}/.well-known/jwks.json", s.ingest.url()))
+        .get(s.ingest.jwks_url())
         .send()
         .await
         .unwrap()
@@ -409,9 +401,7 @@ async fn people_log_in_and_see_what_their_role_allows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn brute_force_is_locked_out_then_the_lockout_expires() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |c| {
         c.login_max_failures = 3;
         c.login_window_secs = 3;
@@ -460,49 +450,6 @@ async fn brute_force_is_locked_out_then_the_lockout_expires() {
     s.query.stop().await.unwrap();
 }
 
-/// The real `ingest-api` binary in a process of its own (so its `/metrics` counts only this
-/// test's work), on a free port; killed when dropped.
-async fn spawn_ingest_process(
-    common: &shared::config::Common,
-    env: &[(&str, &str)],
-) -> (Proc, String) {
-    let bin = bin_dir().join("ingest-api");
-    assert!(
-        bin.exists(),
-        "{} is missing: build the binaries first (`cargo build --bins`; `make test` does)",
-        bin.display()
-    );
-    let port = free_port();
-    let mut cmd = std::process::Command::new(bin);
-    cmd.env("TALLY_DATABASE_URL", &common.database_url)
-        .env("TALLY_REDIS_URL", &common.redis_url)
-        .env("TALLY_KAFKA_BROKERS", &common.kafka_brokers)
-        .env("TALLY_TOPIC_PREFIX", &common.topic_prefix)
-        .env(
-            "TALLY_KAFKA_PARTITIONS",
-            common.kafka_partitions.to_string(),
-        )
-        .env("TALLY_HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("TALLY_GRPC_ADDR", "")
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let proc = Proc(cmd.spawn().expect("spawn ingest-api"));
-    let url = format!("http://127.0.0.1:{port}");
-    let since = Instant::now();
-    while reqwest::get(format!("{url}/healthz")).await.is_err() {
-        assert!(
-            since.elapsed() < Duration::from_secs(60),
-            "ingest-api did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    (proc, url)
-}
-
 /// A counter's value on a Prometheus page (0 when it has not been touched yet).
 fn counter(page: &str, name: &str) -> f64 {
     page.lines()
@@ -527,17 +474,17 @@ async fn parallel_guesses_are_bounded_with_redis_down_too() {
 }
 
 async fn parallel_guesses(redis_down: bool) {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     const ALLOWED: usize = 5;
     let mut redis = redis_down.then(PrivateRedis::start);
     let redis_url = redis
         .as_ref()
         .map_or(common.redis_url.clone(), PrivateRedis::url);
-    let (_proc, url) = spawn_ingest_process(
+    // A process of its own, so that its `/metrics` counts only this test's work.
+    let ingest = spawn_ingest_process(
         &common,
         &[
+            ("TALLY_GRPC_ADDR", ""),
             ("TALLY_LOGIN_MAX_FAILURES", "5"),
             ("TALLY_LOGIN_MAX_FAILURES_PER_IP", "1000"),
             ("TALLY_HASH_WAIT_MS", "30000"),
@@ -545,6 +492,7 @@ async fn parallel_guesses(redis_down: bool) {
         ],
     )
     .await;
+    let url = ingest.url.clone();
     if let Some(r) = redis.as_mut() {
         r.kill();
     }
@@ -552,16 +500,7 @@ async fn parallel_guesses(redis_down: bool) {
     let t = create_tenant(&pool, "guesses").await;
     let email = format!("target-{}@example.com", uuid::Uuid::new_v4().simple());
     user(&pool, &t, &email, Role::Developer, "target", &[]).await;
-    let metrics = || async {
-        client
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let metrics = || scrape_metrics(&client, &url);
     let before = counter(&metrics().await, "auth_password_verifications_total");
 
     let guesses = (0..200).map(|i| {
@@ -613,12 +552,7 @@ async fn parallel_guesses(redis_down: bool) {
     .await
     .unwrap();
     assert_eq!(audited as usize, wrong);
-    let res = client
-        .post(format!("{url}/v1/auth/login"))
-        .json(&json!({"email": email, "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap();
+    let res = login(&client, &url, &email, PASSWORD).await;
     assert_eq!(res.status(), 429);
     assert_eq!(
         counter(&metrics().await, "auth_password_verifications_total") - before,
@@ -635,9 +569,7 @@ async fn parallel_guesses(redis_down: bool) {
 /// stays alive in it, and none the rotation handed out works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refresh_racing_a_reuse_never_leaves_a_live_token() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
     let query = start_query(&common, |_| {}).await;
     let s = Stack {

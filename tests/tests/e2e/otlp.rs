@@ -171,11 +171,8 @@ async fn assert_dashboards_show(client: &reqwest::Client, query: &str, key: &str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn python_sdk_telemetry_arrives_complete_over_http_protobuf_json_and_grpc() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let _projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, _projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
 
@@ -211,11 +208,8 @@ async fn python_sdk_telemetry_arrives_complete_over_http_protobuf_json_and_grpc(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn otlp_senders_get_the_answers_they_rely_on() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let _projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, _projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let t = create_tenant(&pool, "otlp-edges").await;
     let client = http();
@@ -477,9 +471,7 @@ fn from_hex(s: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn otlp_grpc_refuses_garbage_and_bombs_with_the_right_codes() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
     let t = create_tenant(&pool, "otlp-grpc-edges").await;
     let target = ingest.grpc_addr.expect("gRPC is on").to_string();
@@ -589,32 +581,21 @@ fn gzip(raw: &[u8]) -> Vec<u8> {
 /// stays under `BOMB_RSS_BOUND_KIB`, and nothing is appended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn otlp_attribute_bombs_are_refused_in_bounded_memory() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let grpc_addr = format!("127.0.0.1:{}", free_port());
-    let ingest = spawn_ingest_process(&common, &[("TALLY_GRPC_ADDR", &grpc_addr)]).await;
-    ingest.kill_above(4 * BOMB_RSS_BOUND_KIB);
+    let (ingest, started_rss) =
+        spawn_bomb_target(&common, &[("TALLY_GRPC_ADDR", &grpc_addr)]).await;
     let t = create_tenant(&pool, "otlp-bomb").await;
-    let (started_rss, _) = ingest.memory_kib();
     let client = http();
     let send = |signal: &str, ct: &str, body: Vec<u8>| {
-        let (client, key) = (client.clone(), t.ingest_key.clone());
-        let url = format!("{}/v1/otlp/v1/{signal}", ingest.url);
-        let ct = ct.to_string();
-        async move {
-            let res = client
-                .post(&url)
-                .bearer_auth(&key)
+        status_and_json(
+            client
+                .post(format!("{}/v1/otlp/v1/{signal}", ingest.url))
+                .bearer_auth(&t.ingest_key)
                 .header("content-type", ct)
                 .header("content-encoding", "gzip")
-                .body(body)
-                .send()
-                .await
-                .expect("ingest-api answers (it was not killed)");
-            let status = res.status().as_u16();
-            (status, res.json::<Value>().await.unwrap_or_default())
-        }
+                .body(body),
+        )
     };
     let too_many = |(status, problem): (u16, Value), what: &str| {
         assert_eq!(status, 413, "{what}: {problem}");
@@ -687,10 +668,5 @@ async fn otlp_attribute_bombs_are_refused_in_bounded_memory() {
     .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(metrics_topic_records(&common).await, 1);
-    let (_, peak) = ingest.memory_kib();
-    eprintln!("ingest-api resident memory: {started_rss} KiB at start, {peak} KiB at its peak");
-    assert!(
-        peak < BOMB_RSS_BOUND_KIB,
-        "ingest-api peaked at {peak} KiB (started at {started_rss} KiB)"
-    );
+    assert_bomb_memory_bound(&ingest, started_rss);
 }

@@ -24,9 +24,7 @@ async fn hold(addr: std::net::SocketAddr, path: &str, key: &str, length: usize) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_doors_shed_load_with_503_and_retry_after() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |c| {
         c.max_body_bytes = 1 << 20;
         c.max_inflight_requests = 2;
@@ -61,8 +59,7 @@ async fn the_doors_shed_load_with_503_and_retry_after() {
         "{answer}"
     );
     // A small one still fits.
-    let res = post_events(&client, &ingest.url(), &t.ingest_key, &events).await;
-    assert_eq!(res.status(), 202);
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &events).await;
 
     // Two requests in flight: the third is shed, whatever its size and door.
     let second = hold(ingest.addr, "/v1/events", &t.ingest_key, 10).await;
@@ -85,14 +82,7 @@ async fn the_doors_shed_load_with_503_and_retry_after() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    let metrics = client
-        .get(format!("{}/metrics", ingest.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape_metrics(&client, &ingest.url()).await;
     assert!(metrics.contains("ingest_shed_total"), "{metrics}");
 
     // Once the held requests go, the doors take requests again.

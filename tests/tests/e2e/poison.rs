@@ -6,8 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
-use ingest_api::ingest::{IngestContext, TimeBounds};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -15,7 +13,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use shared::config::Common;
-use shared::events::{Actor, Source};
 use shared::tenant::TenantId;
 use tally_tests::*;
 use uuid::Uuid;
@@ -29,9 +26,7 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     shared::kafka::ensure_topics(&common, &common.all_topics())
         .await
         .unwrap();
@@ -47,14 +42,7 @@ async fn setup() -> Setup {
 
 /// A valid envelope of `tenant`, as JSON (poison is made by editing it afterwards).
 fn envelope(tenant: TenantId, event: Value) -> Value {
-    let ctx = IngestContext {
-        tenant_id: tenant,
-        actor: Actor::default(),
-        source: Source::Api,
-        received_at: Utc::now(),
-        bounds: TimeBounds::default(),
-        ids: ingest_api::ingest::Ids::Fresh,
-    };
+    let ctx = api_context(tenant);
     serde_json::to_value(ctx.envelope(0, event).expect("valid event")).unwrap()
 }
 
@@ -283,8 +271,7 @@ async fn records_postgresql_refuses_are_dead_lettered_and_others_flow() {
     .await
     .unwrap();
     assert_eq!(stalled, 0);
-    projector.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -354,14 +341,7 @@ async fn a_batch_that_keeps_failing_is_visible_until_it_lands() {
         body.contains("partitions [2]") && body.contains(&constraint),
         "{body}"
     );
-    let metrics = client
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape_metrics(&client, &format!("http://{addr}")).await;
     assert!(
         metrics
             .lines()
@@ -497,14 +477,7 @@ async fn records_expired_before_projection_do_not_stop_the_partition() {
         6
     );
     // The four records lost are counted.
-    let metrics = http()
-        .get(format!("{}/metrics", projector.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape_metrics(&http(), &projector.url()).await;
     let line = format!("projector_records_expired_total{{topic=\"{topic}\"}} 4");
     assert!(
         metrics.lines().any(|l| l == line),

@@ -19,11 +19,8 @@ fn snappy(req: &WriteRequest) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn prometheus_agent_remote_writes_its_own_metrics() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let t = create_tenant(&pool, "prometheus").await;
 
@@ -173,9 +170,7 @@ async fn prometheus_agent_remote_writes_its_own_metrics() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
-    ingest.stop().await.unwrap();
-    projector.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([ingest, projector, query]).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -194,33 +189,20 @@ fn empty_labels(n: usize) -> Vec<u8> {
 /// stays under `BOMB_RSS_BOUND_KIB`, and appends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn remote_write_bombs_are_refused_in_bounded_memory() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = spawn_ingest_process(&common, &[]).await;
-    ingest.kill_above(4 * BOMB_RSS_BOUND_KIB);
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, started_rss) = spawn_bomb_target(&common, &[]).await;
     let t = create_tenant(&pool, "promrw-bomb").await;
-    let (started_rss, _) = ingest.memory_kib();
     let client = http();
     let url = format!("{}/api/v1/write", ingest.url);
     let send = |body: Vec<u8>| {
-        let (client, url, key) = (client.clone(), url.clone(), t.ingest_key.clone());
-        async move {
-            let res = client
+        status_and_json(
+            client
                 .post(&url)
-                .bearer_auth(&key)
+                .bearer_auth(&t.ingest_key)
                 .header("content-type", "application/x-protobuf")
                 .header("content-encoding", "snappy")
-                .body(body)
-                .send()
-                .await
-                .expect("ingest-api answers (it was not killed)");
-            let status = res.status().as_u16();
-            (
-                status,
-                res.json::<serde_json::Value>().await.unwrap_or_default(),
-            )
-        }
+                .body(body),
+        )
     };
     let compress = |raw: &[u8]| snap::raw::Encoder::new().compress_vec(raw).unwrap();
 
@@ -287,10 +269,5 @@ async fn remote_write_bombs_are_refused_in_bounded_memory() {
     let (status, problem) = send(snappy(&good)).await;
     assert_eq!(status, 204, "{problem}");
     assert_eq!(metrics_topic_records(&common).await, 1);
-    let (_, peak) = ingest.memory_kib();
-    eprintln!("ingest-api resident memory: {started_rss} KiB at start, {peak} KiB at its peak");
-    assert!(
-        peak < BOMB_RSS_BOUND_KIB,
-        "ingest-api peaked at {peak} KiB (started at {started_rss} KiB)"
-    );
+    assert_bomb_memory_bound(&ingest, started_rss);
 }

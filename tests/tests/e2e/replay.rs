@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DurationRound, TimeDelta, Utc};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
 use shared::events::{Actor, Envelope, EventType, Source};
 use tally_tests::events::Generator;
@@ -34,27 +33,13 @@ async fn produce_v1_agent_event(
                      "status": "success",
                      "metadata": {"model": "claude-opus", "cost_usd": 0.25, "region": "eu"}}),
     };
-    let producer: FutureProducer =
-        shared::kafka::producer(common, Duration::from_secs(10)).unwrap();
-    let body = serde_json::to_vec(&env).unwrap();
-    let key = env.kafka_key();
-    producer
-        .send(
-            FutureRecord::to(&common.metrics_topic())
-                .key(&key)
-                .payload(&body),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("produce the v1 record");
+    produce_envelope(common, &env).await;
     env.id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replay_switches_versions_under_polling_and_upcasts_old_events() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
     let query = start_query(&common, |_| {}).await;
     let mut live = spawn_projector_process(&common);
@@ -74,14 +59,13 @@ async fn replay_switches_versions_under_polling_and_upcasts_old_events() {
         assert_eq!(res.status(), 202);
     }
     let mut gen_b = Generator::new(12, "rb", 3, chrono::Duration::hours(6));
-    let res = post_events(
+    post_events_accepted(
         &client,
         &ingest.url(),
         &b.ingest_key,
         &Value::Array(gen_b.batch(300)),
     )
     .await;
-    assert_eq!(res.status(), 202);
     let old_event = produce_v1_agent_event(&common, a.id).await;
     wait_projected(&pool, a.id, 20_001, Duration::from_secs(120)).await;
     wait_projected(&pool, b.id, 300, Duration::from_secs(60)).await;
@@ -217,29 +201,20 @@ async fn replay_switches_versions_under_polling_and_upcasts_old_events() {
 
     live.kill().unwrap();
     live.wait().unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retention_drops_old_partitions_and_refuses_old_events() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let client = http();
     let t = create_tenant(&pool, "retention").await;
 
     let now = Utc::now();
     let at = |days: i64, n: i64| commands_days_ago(now, days, n);
     for body in [at(5, 7), at(0, 3)] {
-        assert_eq!(
-            post_events(&client, &ingest.url(), &t.ingest_key, &body)
-                .await
-                .status(),
-            202
-        );
+        post_events_accepted(&client, &ingest.url(), &t.ingest_key, &body).await;
     }
     wait_projected(&pool, t.id, 10, Duration::from_secs(60)).await;
     ingest.stop().await.unwrap();
@@ -312,6 +287,5 @@ async fn retention_drops_old_partitions_and_refuses_old_events() {
         body.to_string().contains("retention window of 2 days"),
         "{body}"
     );
-    ingest.stop().await.unwrap();
-    projector.stop().await.unwrap();
+    stop_all([ingest, projector]).await;
 }

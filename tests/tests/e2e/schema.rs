@@ -96,14 +96,11 @@ async fn attack(run: &Run<'_>, deadline: Instant) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn both_apis_answer_as_their_openapi_says() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     // With SSO on (a secret key), as a deployment that offers it.
     let ingest = start_ingest(&common, |c| c.secret_key = "5a".repeat(32)).await;
     let projector = start_projector(&common).await;
-    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
-    let query = start_query(&common, |c| c.jwks_url = jwks).await;
+    let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
     let t = create_tenant(&pool, "schema").await;
     // Thousands of requests a minute: the rate limit is not what is tested here.
     ingest_api::control::store::set_plan(&pool, t.id, "enterprise", Some(100_000))
@@ -120,26 +117,9 @@ async fn both_apis_answer_as_their_openapi_says() {
     // An owner, for the routes only a person's access token opens.
     let email = format!("owner-{}@schema.example", t.id.0.simple());
     let (email, password) = (email.as_str(), "Owner passphrase 42");
-    ingest_api::control::store::create_user(
-        &pool,
-        "",
-        ingest_api::control::store::NewUser {
-            tenant: t.id,
-            email,
-            password,
-            role: shared::jwt::Role::Owner,
-            external_id: None,
-            teams: &[],
-        },
-    )
-    .await
-    .expect("owner");
-    let tokens: serde_json::Value = http()
-        .post(format!("{}/v1/auth/login", ingest.url()))
-        .json(&serde_json::json!({"email": email, "password": password}))
-        .send()
+    create_person(&pool, t.id, email, password, shared::jwt::Role::Owner).await;
+    let tokens: serde_json::Value = login(&http(), &ingest.url(), email, password)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -206,9 +186,7 @@ async fn both_apis_answer_as_their_openapi_says() {
         "schemathesis found answers the spec does not allow:\n{}",
         failed.join("\n")
     );
-    query.stop().await.unwrap();
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
+    stop_all([query, projector, ingest]).await;
 }
 
 /// Found by schemathesis: a repeated query parameter on the SSO routes was answered by axum's
@@ -249,9 +227,7 @@ async fn a_malformed_sso_query_is_a_problem() {
 /// and the sender's mistake was answered 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nul_in_a_query_parameter_is_a_400_naming_it() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let projector = start_projector(&common).await;
     let query = start_query(&common, |_| {}).await;
     let t = create_tenant(&pool, "schema-nul").await;
@@ -270,17 +246,14 @@ async fn nul_in_a_query_parameter_is_a_400_naming_it() {
         let problem: serde_json::Value = res.json().await.unwrap();
         assert_eq!(problem["errors"][0]["field"], param, "{problem}");
     }
-    query.stop().await.unwrap();
-    projector.stop().await.unwrap();
+    stop_all([query, projector]).await;
 }
 
 /// Found by schemathesis: NUL in a control-plane body reached PostgreSQL, which refused the
 /// write, and the sender's mistake was answered 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nul_in_a_control_plane_body_is_a_422_naming_it() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
     let t = create_tenant(&pool, "schema-nul-body").await;
     let (_, admin_key) = ingest_api::control::store::create_api_key(

@@ -7,6 +7,27 @@ use shared::jwt::Role;
 use tally_tests::oidc::{Faults, TestIdp, CLIENT_ID, CLIENT_SECRET};
 use tally_tests::*;
 
+/// `PUT /v1/admin/sso`: a tenant's single sign-on settings, set with `credential`.
+async fn put_sso(
+    http: &reqwest::Client,
+    ingest: &str,
+    credential: &str,
+    settings: &Value,
+) -> reqwest::Response {
+    http.put(format!("{ingest}/v1/admin/sso"))
+        .bearer_auth(credential)
+        .json(settings)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The settings that send people of `domain` to `idp`, with the test client's credentials.
+fn oidc_settings(idp: &TestIdp, domain: &str) -> Value {
+    json!({"provider": "oidc", "issuer": idp.issuer, "client_id": CLIENT_ID,
+           "client_secret": CLIENT_SECRET, "allowed_domains": [domain]})
+}
+
 struct Browser {
     http: reqwest::Client,
     ingest: String,
@@ -66,32 +87,16 @@ impl Browser {
     }
 }
 
-/// The outbox events of `tenant` of type `kind`, oldest first.
-async fn outbox_events(pool: &sqlx::PgPool, tenant: uuid::Uuid, kind: &str) -> Vec<Value> {
-    sqlx::query_scalar(
-        "SELECT envelope FROM control.outbox
-          WHERE envelope->>'tenant_id' = $1 AND envelope->>'type' = $2 ORDER BY seq",
-    )
-    .bind(tenant.to_string())
-    .bind(kind)
-    .fetch_all(pool)
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sso_logs_people_in_and_refuses_forgeries() {
-    init_logs();
-    let pool = test_pool().await;
+    let TestEnv { pool, common } = test_env().await;
     let idp = TestIdp::start().await;
-    let common = common_for_test();
     let ingest = start_ingest(&common, |c| {
         c.secret_key = "ab".repeat(32);
         c.public_url = "http://tally.test".into();
     })
     .await;
-    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
-    let query = start_query(&common, |c| c.jwks_url = jwks).await;
+    let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -99,26 +104,9 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
     let t = create_tenant(&pool, "sso").await;
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let owner = format!("owner-{tag}@example.com");
-    ingest_api::control::store::create_user(
-        &pool,
-        "",
-        ingest_api::control::store::NewUser {
-            tenant: t.id,
-            email: &owner,
-            password: "Owner-Pass-123",
-            role: Role::Owner,
-            external_id: None,
-            teams: &[],
-        },
-    )
-    .await
-    .unwrap();
-    let owner_tokens: Value = http
-        .post(format!("{}/v1/auth/login", ingest.url()))
-        .json(&json!({"email": owner, "password": "Owner-Pass-123"}))
-        .send()
+    create_person(&pool, t.id, &owner, "Owner-Pass-123", Role::Owner).await;
+    let owner_tokens: Value = login(&http, &ingest.url(), &owner, "Owner-Pass-123")
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -126,16 +114,13 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
 
     // The owner points the tenant at the provider; the secret is sealed at rest.
     let domain = format!("{tag}.example.org");
-    let res = http
-        .put(format!("{}/v1/admin/sso", ingest.url()))
-        .bearer_auth(owner_access)
-        .json(
-            &json!({"provider": "oidc", "issuer": idp.issuer, "client_id": CLIENT_ID,
-                      "client_secret": CLIENT_SECRET, "allowed_domains": [domain]}),
-        )
-        .send()
-        .await
-        .unwrap();
+    let res = put_sso(
+        &http,
+        &ingest.url(),
+        owner_access,
+        &oidc_settings(&idp, &domain),
+    )
+    .await;
     assert_eq!(res.status(), 204, "{}", res.text().await.unwrap());
     let sealed: Vec<u8> = sqlx::query_scalar(
         "SELECT client_secret_enc FROM control.sso_settings WHERE tenant_id = $1",
@@ -158,9 +143,9 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
         .unwrap();
     assert_eq!(view["client_id"], CLIENT_ID);
     assert!(view.get("client_secret").is_none() && view.get("client_secret_enc").is_none());
-    let res = http.put(format!("{}/v1/admin/sso", ingest.url())).bearer_auth(owner_access)
-        .json(&json!({"provider": "oidc", "issuer": "http://127.0.0.1:9/nothing", "client_id": "x", "client_secret": "y"}))
-        .send().await.unwrap();
+    let unreachable = json!({"provider": "oidc", "issuer": "http://127.0.0.1:9/nothing",
+                             "client_id": "x", "client_secret": "y"});
+    let res = put_sso(&http, &ingest.url(), owner_access, &unreachable).await;
     assert_eq!(
         res.status(),
         422,
@@ -246,8 +231,7 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
     idp.set_faults(Faults::default());
     assert_eq!(browser.login().await.status(), 200);
 
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([ingest, query]).await;
 }
 
 /// An admin (person or `admin` key) who runs an identity provider tries to become the owner:
@@ -256,11 +240,9 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
 /// their password, links an identity to it. Every refusal and change is audited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_admin_cannot_take_over_an_owner_through_sso() {
-    init_logs();
-    let pool = test_pool().await;
+    let TestEnv { pool, common } = test_env().await;
     let evil_idp = TestIdp::start().await;
     let idp = TestIdp::start().await;
-    let common = common_for_test();
     let ingest = start_ingest(&common, |c| {
         c.secret_key = "cd".repeat(32);
         c.public_url = "http://tally.test".into();
@@ -278,22 +260,7 @@ async fn an_admin_cannot_take_over_an_owner_through_sso() {
     let admin = format!("admin@{domain}");
     let mut ids = Vec::new();
     for (email, role) in [(&owner, Role::Owner), (&admin, Role::Admin)] {
-        ids.push(
-            ingest_api::control::store::create_user(
-                &pool,
-                "",
-                ingest_api::control::store::NewUser {
-                    tenant: t.id,
-                    email,
-                    password: "Sturdy-Pass-42",
-                    role,
-                    external_id: None,
-                    teams: &[],
-                },
-            )
-            .await
-            .unwrap(),
-        );
+        ids.push(create_person(&pool, t.id, email, "Sturdy-Pass-42", role).await);
     }
     let (owner_id, admin_id) = (ids[0], ids[1]);
     let (admin_key_id, admin_key) = ingest_api::control::store::create_api_key(
@@ -309,12 +276,7 @@ async fn an_admin_cannot_take_over_an_owner_through_sso() {
         let http = http.clone();
         let url = url.clone();
         async move {
-            let res = http
-                .post(format!("{url}/v1/auth/login"))
-                .json(&json!({"email": email, "password": "Sturdy-Pass-42"}))
-                .send()
-                .await
-                .unwrap();
+            let res = login(&http, &url, &email, "Sturdy-Pass-42").await;
             assert_eq!(res.status(), 200);
             let v: Value = res.json().await.unwrap();
             v["access_token"].as_str().unwrap().to_string()
@@ -329,13 +291,7 @@ async fn an_admin_cannot_take_over_an_owner_through_sso() {
                       "client_secret": CLIENT_SECRET, "allowed_domains": [domain],
                       "default_role": "admin"});
     for credential in [&admin_access, &admin_key] {
-        let res = http
-            .put(format!("{url}/v1/admin/sso"))
-            .bearer_auth(credential)
-            .json(&evil)
-            .send()
-            .await
-            .unwrap();
+        let res = put_sso(&http, &url, credential, &evil).await;
         assert_eq!(res.status(), 403);
         assert_eq!(res.headers()["content-type"], "application/problem+json");
     }
@@ -353,16 +309,7 @@ async fn an_admin_cannot_take_over_an_owner_through_sso() {
     assert!(denied.iter().all(|e| e["data"]["target"] == "sso"));
 
     // The owner configures the real provider; the change is audited with who made it.
-    let res = http
-        .put(format!("{url}/v1/admin/sso"))
-        .bearer_auth(&owner_access)
-        .json(
-            &json!({"provider": "oidc", "issuer": idp.issuer, "client_id": CLIENT_ID,
-                      "client_secret": CLIENT_SECRET, "allowed_domains": [domain]}),
-        )
-        .send()
-        .await
-        .unwrap();
+    let res = put_sso(&http, &url, &owner_access, &oidc_settings(&idp, &domain)).await;
     assert_eq!(res.status(), 204, "{}", res.text().await.unwrap());
     let changed = outbox_events(&pool, t.id.0, "auth.sso_settings_changed").await;
     assert_eq!(changed.len(), 1);

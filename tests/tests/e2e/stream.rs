@@ -7,38 +7,41 @@ use serde_json::Value;
 use tally_tests::*;
 use tokio::sync::mpsc;
 
-/// The activity events (id, data) and the totals events of one stream.
-type Feeds = (
-    mpsc::UnboundedReceiver<(String, Value)>,
-    mpsc::UnboundedReceiver<Value>,
-);
+/// One frame of a stream: (event kind, id, data).
+type Frame = (String, String, Value);
 
-/// Opens `/v1/stream` and forwards each `activity` (id, data) it receives; `totals` events go
-/// to the second receiver.
-async fn listen(query: &str, key: &str, last_event_id: Option<&str>) -> Feeds {
+/// Sends `GET /v1/stream` with `credential` (and `Last-Event-ID` when it resumes).
+async fn request_stream(
+    query: &str,
+    credential: &str,
+    last_event_id: Option<&str>,
+) -> reqwest::Response {
     let mut req = reqwest::Client::new()
         .get(format!("{query}/v1/stream"))
-        .bearer_auth(key);
+        .bearer_auth(credential);
     if let Some(id) = last_event_id {
         req = req.header("Last-Event-ID", id);
     }
-    let mut res = req.send().await.unwrap();
-    assert_eq!(res.status(), 200);
-    assert!(res.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/event-stream"));
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (totals_tx, totals_rx) = mpsc::unbounded_channel();
+    req.send().await.unwrap()
+}
+
+/// The frames of an open stream as they come, until it ends (the receiver then yields
+/// `None`); dropping the receiver closes the connection.
+fn frames(mut res: reqwest::Response) -> mpsc::UnboundedReceiver<Frame> {
+    let (tx, rx) = mpsc::unbounded_channel::<Frame>();
     tokio::spawn(async move {
         let mut buf = String::new();
-        while let Ok(Some(chunk)) = res.chunk().await {
+        loop {
+            let chunk = tokio::select! {
+                c = res.chunk() => c,
+                () = tx.closed() => return,
+            };
+            let Ok(Some(chunk)) = chunk else { return };
             buf.push_str(&String::from_utf8_lossy(&chunk));
             while let Some(end) = buf.find("\n\n") {
                 let frame: String = buf.drain(..end + 2).collect();
-                let mut id = String::new();
-                let mut data = String::new();
-                let mut kind = String::from("message");
+                let (mut kind, mut id, mut data) =
+                    ("message".to_string(), String::new(), String::new());
                 for line in frame.lines() {
                     if let Some(v) = line.strip_prefix("event:") {
                         kind = v.trim().to_string();
@@ -52,17 +55,59 @@ async fn listen(query: &str, key: &str, last_event_id: Option<&str>) -> Feeds {
                     continue;
                 }
                 let value: Value = serde_json::from_str(&data).unwrap();
-                let sent = match kind.as_str() {
-                    // Nobody listening for totals is fine.
-                    "totals" => {
-                        let _ = totals_tx.send(value);
-                        true
-                    }
-                    _ => tx.send((id, value)).is_ok(),
-                };
-                if !sent {
+                if tx.send((kind, id, value)).is_err() {
                     return;
                 }
+            }
+        }
+    });
+    rx
+}
+
+/// Opens `/v1/stream` with `credential`: its frames until the stream ends (the receiver then
+/// yields `None`), or the refusal.
+async fn open(
+    query: &str,
+    credential: &str,
+    last_event_id: Option<&str>,
+) -> Result<mpsc::UnboundedReceiver<Frame>, reqwest::Response> {
+    let res = request_stream(query, credential, last_event_id).await;
+    if res.status() != 200 {
+        return Err(res);
+    }
+    Ok(frames(res))
+}
+
+/// The activity events (id, data) and the totals events of one stream.
+type Feeds = (
+    mpsc::UnboundedReceiver<(String, Value)>,
+    mpsc::UnboundedReceiver<Value>,
+);
+
+/// Opens `/v1/stream` and forwards each `activity` (id, data) it receives; `totals` events go
+/// to the second receiver.
+async fn listen(query: &str, key: &str, last_event_id: Option<&str>) -> Feeds {
+    let res = request_stream(query, key, last_event_id).await;
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut frames = frames(res);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (totals_tx, totals_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((kind, id, value)) = frames.recv().await {
+            let sent = match kind.as_str() {
+                // Nobody listening for totals is fine.
+                "totals" => {
+                    let _ = totals_tx.send(value);
+                    true
+                }
+                _ => tx.send((id, value)).is_ok(),
+            };
+            if !sent {
+                return;
             }
         }
     });
@@ -84,11 +129,8 @@ async fn take(rx: &mut mpsc::UnboundedReceiver<(String, Value)>, n: usize) -> Ve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn live_feeds_carry_only_their_tenant_and_resume() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
     let a = create_tenant(&pool, "live-a").await;
@@ -103,18 +145,8 @@ async fn live_feeds_carry_only_their_tenant_and_resume() {
             .collect(),
     );
     let batch_b = Value::Array((0..2).map(|i| command("b-user", "test", i, true)).collect());
-    assert_eq!(
-        post_events(&client, &ingest.url(), &a.ingest_key, &batch_a)
-            .await
-            .status(),
-        202
-    );
-    assert_eq!(
-        post_events(&client, &ingest.url(), &b.ingest_key, &batch_b)
-            .await
-            .status(),
-        202
-    );
+    post_events_accepted(&client, &ingest.url(), &a.ingest_key, &batch_a).await;
+    post_events_accepted(&client, &ingest.url(), &b.ingest_key, &batch_b).await;
 
     let got_a = take(&mut feed_a, 3).await;
     let got_b = take(&mut feed_b, 2).await;
@@ -174,66 +206,7 @@ async fn live_feeds_carry_only_their_tenant_and_resume() {
         .unwrap();
     assert_eq!(res.status(), 403);
     drop((feed_a, feed_b, again));
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
-}
-
-/// One frame of a stream: (event kind, id, data).
-type Frame = (String, String, Value);
-
-/// Opens `/v1/stream` with `credential`: its frames until the stream ends (the receiver then
-/// yields `None`), or the refusal.
-async fn open(
-    query: &str,
-    credential: &str,
-    last_event_id: Option<&str>,
-) -> Result<mpsc::UnboundedReceiver<Frame>, reqwest::Response> {
-    let mut req = reqwest::Client::new()
-        .get(format!("{query}/v1/stream"))
-        .bearer_auth(credential);
-    if let Some(id) = last_event_id {
-        req = req.header("Last-Event-ID", id);
-    }
-    let mut res = req.send().await.unwrap();
-    if res.status() != 200 {
-        return Err(res);
-    }
-    let (tx, rx) = mpsc::unbounded_channel::<Frame>();
-    tokio::spawn(async move {
-        let mut buf = String::new();
-        loop {
-            // Dropping the receiver closes the connection.
-            let chunk = tokio::select! {
-                c = res.chunk() => c,
-                () = tx.closed() => return,
-            };
-            let Ok(Some(chunk)) = chunk else { return };
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buf.find("\n\n") {
-                let frame: String = buf.drain(..end + 2).collect();
-                let (mut kind, mut id, mut data) =
-                    ("message".to_string(), String::new(), String::new());
-                for line in frame.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
-                        kind = v.trim().to_string();
-                    } else if let Some(v) = line.strip_prefix("id:") {
-                        id = v.trim().to_string();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim());
-                    }
-                }
-                if data.is_empty() {
-                    continue;
-                }
-                let value: Value = serde_json::from_str(&data).unwrap();
-                if tx.send((kind, id, value)).is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    Ok(rx)
+    stop_all([projector, ingest, query]).await;
 }
 
 /// Waits (at most `within`) for the stream to send its `closed` event and end; returns the
@@ -267,13 +240,30 @@ async fn activities(rx: &mut mpsc::UnboundedReceiver<Frame>, n: usize) -> Vec<(S
     got
 }
 
+/// Sends the tenant one successful `command.executed` of `user`, and checks it was accepted.
+async fn send_command(
+    client: &reqwest::Client,
+    ingest: &Running,
+    t: &TestTenant,
+    user: &str,
+    name: &str,
+) {
+    let event = command(user, name, 1, true);
+    post_events_accepted(client, &ingest.url(), &t.ingest_key, &event).await;
+}
+
+/// query-api trusting ingest-api's access tokens and checking open streams' credentials
+/// every second.
+async fn start_rechecking_query(common: &shared::config::Common, ingest: &Running) -> Running {
+    start_query(common, |c| {
+        c.stream_recheck_secs = 1;
+        c.jwks_url = ingest.jwks_url();
+    })
+    .await
+}
+
 async fn access_token(client: &reqwest::Client, ingest: &str, email: &str) -> String {
-    let res = client
-        .post(format!("{ingest}/v1/auth/login"))
-        .json(&serde_json::json!({"email": email, "password": "Stream-Pass-1"}))
-        .send()
-        .await
-        .unwrap();
+    let res = login(client, ingest, email, "Stream-Pass-1").await;
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
     body["access_token"].as_str().unwrap().to_string()
@@ -281,16 +271,9 @@ async fn access_token(client: &reqwest::Client, ingest: &str, email: &str) -> St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_close_when_their_credential_stops_holding() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
-    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
-    let query = start_query(&common, |c| {
-        c.stream_recheck_secs = 1;
-        c.jwks_url = jwks;
-    })
-    .await;
+    let query = start_rechecking_query(&common, &ingest).await;
     let client = http();
     let t = create_tenant(&pool, "recheck").await;
     let (doomed_id, doomed_key) = ingest_api::control::store::create_api_key(
@@ -407,15 +390,12 @@ async fn streams_close_when_their_credential_stops_holding() {
     let refused = open(&query.url(), &doomed_key, None).await.unwrap_err();
     assert_eq!(refused.status(), 401);
     drop(kept);
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn open_streams_are_capped_per_tenant_and_in_all() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let query = start_query(&common, |c| {
         c.stream_max_per_tenant = 3;
         c.stream_max_total = 4;
@@ -469,36 +449,18 @@ async fn open_streams_are_capped_per_tenant_and_in_all() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_event_projected_late_is_delivered_once_whatever_its_times() {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
     use shared::events::{Actor, Envelope, EventType, Source};
 
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
     let t = create_tenant(&pool, "late-feed").await;
     // The tenant's projection exists before the stream starts (positions are then "now").
-    let res = post_events(
-        &client,
-        &ingest.url(),
-        &t.ingest_key,
-        &command("before", "setup", 1, true),
-    )
-    .await;
-    assert_eq!(res.status(), 202);
+    send_command(&client, &ingest, &t, "before", "setup").await;
     wait_projected(&pool, t.id, 1, Duration::from_secs(30)).await;
     let mut feed = open(&query.url(), &t.read_key, None).await.unwrap();
-    let res = post_events(
-        &client,
-        &ingest.url(),
-        &t.ingest_key,
-        &command("newer", "first", 1, true),
-    )
-    .await;
-    assert_eq!(res.status(), 202);
+    send_command(&client, &ingest, &t, "newer", "first").await;
     let first = activities(&mut feed, 1).await;
     assert_eq!(first[0].1["user_id"], "newer");
 
@@ -516,31 +478,12 @@ async fn an_event_projected_late_is_delivered_once_whatever_its_times() {
         data: serde_json::json!({"user_id": "older", "command_name": "late",
                                  "duration_ms": 5, "status": "success"}),
     };
-    let producer: FutureProducer =
-        shared::kafka::producer(&common, Duration::from_secs(10)).unwrap();
-    let body = serde_json::to_vec(&late).unwrap();
-    let key = late.kafka_key();
-    producer
-        .send(
-            FutureRecord::to(&common.metrics_topic())
-                .key(&key)
-                .payload(&body),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("produce the late record");
+    produce_envelope(&common, &late).await;
     let second = activities(&mut feed, 1).await;
     assert_eq!(second[0].1["user_id"], "older", "{second:?}");
     assert_eq!(second[0].1["event_id"], late.id.to_string());
 
-    let res = post_events(
-        &client,
-        &ingest.url(),
-        &t.ingest_key,
-        &command("newest", "third", 1, true),
-    )
-    .await;
-    assert_eq!(res.status(), 202);
+    send_command(&client, &ingest, &t, "newest", "third").await;
     let third = activities(&mut feed, 1).await;
     assert_eq!(third[0].1["user_id"], "newest");
     // Exactly once: nothing else arrives.
@@ -558,28 +501,16 @@ async fn an_event_projected_late_is_delivered_once_whatever_its_times() {
         .map(|(_, e)| e["user_id"].clone())
         .collect();
     assert_eq!(users, ["older", "newest"]);
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn schemas_made_before_feed_positions_get_them_on_migrate() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
     let client = http();
     let t = create_tenant(&pool, "old-schema").await;
-    let res = post_events(
-        &client,
-        &ingest.url(),
-        &t.ingest_key,
-        &command("u1", "a", 1, true),
-    )
-    .await;
-    assert_eq!(res.status(), 202);
+    send_command(&client, &ingest, &t, "u1", "a").await;
     wait_projected(&pool, t.id, 1, Duration::from_secs(30)).await;
     projector.stop().await.unwrap();
 
@@ -658,49 +589,27 @@ async fn schemas_made_before_feed_positions_get_them_on_migrate() {
     let projector = start_projector(&common).await;
     let query = start_query(&common, |_| {}).await;
     let mut feed = open(&query.url(), &t.read_key, None).await.unwrap();
-    let res = post_events(
-        &client,
-        &ingest.url(),
-        &t.ingest_key,
-        &command("u2", "b", 1, true),
-    )
-    .await;
-    assert_eq!(res.status(), 202);
+    send_command(&client, &ingest, &t, "u2", "b").await;
     let got = activities(&mut feed, 1).await;
     assert_eq!(got[0].1["user_id"], "u2");
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_ends_when_its_access_token_expires() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
-    let jwks = format!("{}/.well-known/jwks.json", ingest.url());
-    let query = start_query(&common, |c| {
-        c.stream_recheck_secs = 1;
-        c.jwks_url = jwks;
-    })
-    .await;
+    let query = start_rechecking_query(&common, &ingest).await;
     let t = create_tenant(&pool, "expiring").await;
     let email = format!("short-{}@example.com", uuid::Uuid::new_v4().simple());
-    let user = ingest_api::control::store::create_user(
+    let user = create_person(
         &pool,
-        "",
-        ingest_api::control::store::NewUser {
-            tenant: t.id,
-            email: &email,
-            password: "Stream-Pass-1",
-            role: shared::jwt::Role::Owner,
-            external_id: None,
-            teams: &[],
-        },
+        t.id,
+        &email,
+        "Stream-Pass-1",
+        shared::jwt::Role::Owner,
     )
-    .await
-    .unwrap();
+    .await;
     let version: i32 = sqlx::query_scalar("SELECT token_version FROM control.users WHERE id = $1")
         .bind(user)
         .fetch_one(&pool)
@@ -724,6 +633,5 @@ async fn a_stream_ends_when_its_access_token_expires() {
     );
     let lived = opened.elapsed();
     assert!(lived >= Duration::from_secs(2), "closed after {lived:?}");
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([ingest, query]).await;
 }

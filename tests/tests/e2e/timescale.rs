@@ -155,6 +155,5 @@ async fn hypertables_compress_take_late_events_once_and_drop_chunks() {
             .all(|d| *d >= (now - TimeDelta::days(3)).date_naive()),
         "{days:?}"
     );
-    ingest.stop().await.unwrap();
-    projector.stop().await.unwrap();
+    stop_all([ingest, projector]).await;
 }

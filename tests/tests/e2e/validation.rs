@@ -44,9 +44,7 @@ fn fields(body: &Value) -> Vec<(Option<i64>, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_requests_get_clear_problems() {
-    init_logs();
-    let pool = test_pool().await;
-    let common = common_for_test();
+    let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
     let query = start_query(&common, |_| {}).await;
     let client = http();
@@ -253,8 +251,7 @@ async fn bad_requests_get_clear_problems() {
     let offsets = topic_size(&common).await;
     assert_eq!(offsets, 0, "rejected requests never reach Kafka");
 
-    ingest.stop().await.unwrap();
-    query.stop().await.unwrap();
+    stop_all([ingest, query]).await;
 }
 
 /// Records in the test's metrics topic (sum of high watermarks).
