@@ -13,7 +13,7 @@ use shared::tenant::TenantId;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::models::rollups::{self, Grain};
+use crate::models::rollups::{self, Cube, Grain};
 use crate::models::{audit, people, raw, sessions, watermark};
 use crate::offsets::{self, OffsetRange};
 use crate::prepare::{target_versions, Target};
@@ -185,10 +185,14 @@ async fn write_tenant(
 
     record_phase("raw", phase);
     for grain in Grain::ALL {
-        let phase = Instant::now();
-        let deltas = rollups::fold(inserted_rows.iter().copied(), grain);
-        rollups::upsert(conn, grain, &deltas).await?;
-        record_phase(grain.table(), phase);
+        for cube in Cube::ALL {
+            let phase = Instant::now();
+            let deltas = rollups::fold(inserted_rows.iter().copied(), grain, cube);
+            rollups::upsert(conn, grain, cube, &deltas).await?;
+            record_phase(cube.table(grain), phase);
+        }
+        let users = rollups::active_users(inserted_rows.iter().copied(), grain);
+        rollups::insert_active_users(conn, grain, &users).await?;
     }
     let phase = Instant::now();
 

@@ -1,16 +1,20 @@
 //! query-api: the read side. Serves dashboards from the projections only.
 #![forbid(unsafe_code)]
 
-/// Static SQL per rollup grain (the table is picked from a closed set, never formatted).
-/// Every such query has the range's bounds as `$1` and `$2`.
+/// Static SQL per rollup grain of a rollup family — `activity` (per key, the default),
+/// `activity_all` (the whole tenant), `active_users` — (the table is picked from a closed
+/// set, never formatted). Every such query has the range's bounds as `$1` and `$2`.
 macro_rules! by_grain {
     ($grain:expr, $before:literal, $after:literal) => {
+        by_grain!($grain, "activity", $before, $after)
+    };
+    ($grain:expr, $family:literal, $before:literal, $after:literal) => {
         match $grain {
-            crate::range::Grain::Minute => concat!($before, "activity_1m", $after),
-            crate::range::Grain::Hour => concat!($before, "activity_1h", $after),
-            crate::range::Grain::Day => concat!($before, "activity_1d", $after),
-            crate::range::Grain::HourSpans => concat!($before, "activity_hours($1, $2)", $after),
-            crate::range::Grain::DaySpans => concat!($before, "activity_days($1, $2)", $after),
+            crate::range::Grain::Minute => concat!($before, $family, "_1m", $after),
+            crate::range::Grain::Hour => concat!($before, $family, "_1h", $after),
+            crate::range::Grain::Day => concat!($before, $family, "_1d", $after),
+            crate::range::Grain::HourSpans => concat!($before, $family, "_hours($1, $2)", $after),
+            crate::range::Grain::DaySpans => concat!($before, $family, "_days($1, $2)", $after),
         }
     };
 }

@@ -125,9 +125,20 @@ pub async fn raw_storage_days(
     starts.into_iter().map(|t| t.date_naive()).collect()
 }
 
+/// The rollup tables: per key and tenant-wide, each at minute, hour and day.
+const ROLLUPS: [&str; 6] = [
+    "activity_1m",
+    "activity_1h",
+    "activity_1d",
+    "activity_all_1m",
+    "activity_all_1h",
+    "activity_all_1d",
+];
+
 /// Asserts that a tenant's projection holds exactly what was sent: as many raw rows, and in
-/// every rollup (minute, hour, day) the counts per event type, command errors and
-/// durations, agent tokens, tool errors, and a duration histogram count per event.
+/// every rollup (minute, hour, day; per key and tenant-wide) the counts per event type,
+/// command errors and durations, agent tokens, tool errors, and a duration histogram count
+/// per event; and at every grain, the same active users recorded as the per-key rollups hold.
 pub async fn assert_projection_exact(pool: &PgPool, tenant: TenantId, exp: &events::Expected) {
     let mut raw = 0;
     for table in projector::schema::RAW_TABLES {
@@ -135,7 +146,7 @@ pub async fn assert_projection_exact(pool: &PgPool, tenant: TenantId, exp: &even
     }
     assert_eq!(raw, exp.total, "{tenant}: raw rows");
     for (event_type, n) in &exp.per_type {
-        for rollup in ["activity_1m", "activity_1h", "activity_1d"] {
+        for rollup in ROLLUPS {
             let sql = format!(
                 "SELECT sum(count)::bigint FROM {rollup} WHERE event_type = '{event_type}'"
             );
@@ -146,7 +157,7 @@ pub async fn assert_projection_exact(pool: &PgPool, tenant: TenantId, exp: &even
             );
         }
     }
-    for rollup in ["activity_1m", "activity_1h", "activity_1d"] {
+    for rollup in ROLLUPS {
         let sum = |what: &str, t: &str| {
             format!(
                 "SELECT coalesce(sum({what}), 0)::bigint FROM {rollup} WHERE event_type = '{t}'"
@@ -177,6 +188,28 @@ pub async fn assert_projection_exact(pool: &PgPool, tenant: TenantId, exp: &even
                 "{tenant}: {sql}"
             );
         }
+    }
+    for grain in ["1m", "1h", "1d"] {
+        let differ = format!(
+            "SELECT count(*) FROM ((SELECT DISTINCT bucket, user_id FROM activity_{grain}
+                                     WHERE user_id <> '')
+                                   EXCEPT ALL (SELECT bucket, user_id FROM active_users_{grain})) d"
+        );
+        assert_eq!(
+            scalar_in_tenant(pool, tenant, &differ).await,
+            0,
+            "{tenant}: users of activity_{grain} missing from active_users_{grain}"
+        );
+        let same = |table: &str| format!("SELECT count(*) FROM {table}");
+        let keyed = format!(
+            "SELECT count(*) FROM (SELECT DISTINCT bucket, user_id FROM activity_{grain}
+                                    WHERE user_id <> '') d"
+        );
+        assert_eq!(
+            scalar_in_tenant(pool, tenant, &same(&format!("active_users_{grain}"))).await,
+            scalar_in_tenant(pool, tenant, &keyed).await,
+            "{tenant}: active_users_{grain} holds users the rollups do not"
+        );
     }
 }
 

@@ -1,7 +1,9 @@
-//! Rollups: per-minute, per-hour and per-day aggregates of the rows a batch really inserted.
-//! Folding is pure (table-tested here); [`upsert`] adds the folded deltas to the tables.
+//! Rollups: per-minute, per-hour and per-day aggregates of the rows a batch really inserted,
+//! per key (`activity_*`) and for the whole tenant (`activity_all_*`, and who was active:
+//! `active_users_*`). Folding is pure (table-tested here); [`upsert`] adds the folded deltas
+//! to the tables, [`insert_active_users`] records the active users.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use shared::histogram;
@@ -36,10 +38,50 @@ impl Grain {
         }
     }
 
+    /// The tenant-wide rollup table of this grain.
+    pub fn tenant_table(self) -> &'static str {
+        match self {
+            Grain::Minute => "activity_all_1m",
+            Grain::Hour => "activity_all_1h",
+            Grain::Day => "activity_all_1d",
+        }
+    }
+
+    /// The table of who was active in each bucket of this grain.
+    pub fn users_table(self) -> &'static str {
+        match self {
+            Grain::Minute => "active_users_1m",
+            Grain::Hour => "active_users_1h",
+            Grain::Day => "active_users_1d",
+        }
+    }
+
     /// The bucket `t` falls into (UTC, aligned to the epoch like `date_bin`).
     pub fn bucket(self, t: DateTime<Utc>) -> DateTime<Utc> {
         t.duration_trunc(self.width())
             .expect("grains are far smaller than the representable range")
+    }
+}
+
+/// Which rollup a fold feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cube {
+    /// One row per bucket, event type, user, team, project and name (`activity_*`): every
+    /// filtered or grouped view.
+    Keys,
+    /// One row per bucket and event type (`activity_all_*`, the key's other dimensions
+    /// empty): the views of the whole tenant, whose cost then grows with buckets only.
+    Tenant,
+}
+
+impl Cube {
+    pub const ALL: [Cube; 2] = [Cube::Keys, Cube::Tenant];
+
+    pub fn table(self, grain: Grain) -> &'static str {
+        match self {
+            Cube::Keys => grain.table(),
+            Cube::Tenant => grain.tenant_table(),
+        }
     }
 }
 
@@ -82,21 +124,33 @@ impl Default for Measures {
     }
 }
 
-/// Folds rows into rollup deltas for one grain. Keys come out sorted, so concurrent
-/// projector instances upsert rollup rows in the same order and cannot deadlock.
+/// Folds rows into rollup deltas for one grain of one cube. Keys come out sorted, so
+/// concurrent projector instances upsert rollup rows in the same order and cannot deadlock.
 pub fn fold<'a>(
     rows: impl IntoIterator<Item = &'a RawRow<'a>>,
     grain: Grain,
+    cube: Cube,
 ) -> BTreeMap<Key, Measures> {
     let mut out: BTreeMap<Key, Measures> = BTreeMap::new();
     for r in rows {
-        let key = Key {
-            bucket: grain.bucket(r.occurred_at),
-            event_type: r.event_type,
-            user_id: r.user_id.clone(),
-            team_id: r.team_id.clone(),
-            project_id: r.project_id.clone(),
-            name: r.name.clone(),
+        let bucket = grain.bucket(r.occurred_at);
+        let key = match cube {
+            Cube::Keys => Key {
+                bucket,
+                event_type: r.event_type,
+                user_id: r.user_id.clone(),
+                team_id: r.team_id.clone(),
+                project_id: r.project_id.clone(),
+                name: r.name.clone(),
+            },
+            Cube::Tenant => Key {
+                bucket,
+                event_type: r.event_type,
+                user_id: String::new(),
+                team_id: String::new(),
+                project_id: String::new(),
+                name: String::new(),
+            },
         };
         let m = out.entry(key).or_default();
         m.count += 1;
@@ -111,7 +165,22 @@ pub fn fold<'a>(
     out
 }
 
-/// Upsert of rollup deltas from parallel arrays (keys unique within one statement),
+/// How an upsert merges a delta into an existing rollup row: counts and sums add up, maxima
+/// take the greater, histograms merge.
+macro_rules! merge_measures {
+    () => {
+        " count = a.count + EXCLUDED.count,
+          errors = a.errors + EXCLUDED.errors,
+          duration_sum = a.duration_sum + EXCLUDED.duration_sum,
+          duration_max = GREATEST(a.duration_max, EXCLUDED.duration_max),
+          input_tokens = a.input_tokens + EXCLUDED.input_tokens,
+          output_tokens = a.output_tokens + EXCLUDED.output_tokens,
+          value_sum = a.value_sum + EXCLUDED.value_sum,
+          duration_hist = hist_add(a.duration_hist, EXCLUDED.duration_hist)"
+    };
+}
+
+/// Upsert of per-key rollup deltas from parallel arrays (keys unique within one statement),
 /// expanded at compile time per table.
 macro_rules! rollup_sql {
     ($table:literal) => {
@@ -126,33 +195,51 @@ macro_rules! rollup_sql {
                            $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
                            $11::bigint[], $12::bigint[], $13::float8[], $14::text[])
                     AS x(b, t, u, tm, p, n, c, e, ds, dm, it, ot, vs, h)
-             ON CONFLICT (bucket, event_type, user_id, team_id, project_id, name) DO UPDATE SET
-                count = a.count + EXCLUDED.count,
-                errors = a.errors + EXCLUDED.errors,
-                duration_sum = a.duration_sum + EXCLUDED.duration_sum,
-                duration_max = GREATEST(a.duration_max, EXCLUDED.duration_max),
-                input_tokens = a.input_tokens + EXCLUDED.input_tokens,
-                output_tokens = a.output_tokens + EXCLUDED.output_tokens,
-                value_sum = a.value_sum + EXCLUDED.value_sum,
-                duration_hist = hist_add(a.duration_hist, EXCLUDED.duration_hist)"
+             ON CONFLICT (bucket, event_type, user_id, team_id, project_id, name) DO UPDATE SET",
+            merge_measures!()
         )
     };
 }
 
-/// One static statement per grain; the table is chosen from a closed set, not formatted.
-fn upsert_sql(grain: Grain) -> &'static str {
-    match grain {
-        Grain::Minute => rollup_sql!("activity_1m"),
-        Grain::Hour => rollup_sql!("activity_1h"),
-        Grain::Day => rollup_sql!("activity_1d"),
+/// The same for the tenant-wide rollups, keyed by bucket and event type only.
+macro_rules! tenant_rollup_sql {
+    ($table:literal) => {
+        concat!(
+            "INSERT INTO ",
+            $table,
+            " AS a (bucket, event_type, count, errors, duration_sum, duration_max, input_tokens,
+                   output_tokens, value_sum, duration_hist)
+             SELECT b, t, c, e, ds, dm, it, ot, vs, h::bigint[]
+               FROM UNNEST($1::timestamptz[], $2::text[], $3::bigint[], $4::bigint[],
+                           $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[],
+                           $9::float8[], $10::text[])
+                    AS x(b, t, c, e, ds, dm, it, ot, vs, h)
+             ON CONFLICT (bucket, event_type) DO UPDATE SET",
+            merge_measures!()
+        )
+    };
+}
+
+/// One static statement per grain and cube; the table is chosen from a closed set, not
+/// formatted.
+fn upsert_sql(grain: Grain, cube: Cube) -> &'static str {
+    match (cube, grain) {
+        (Cube::Keys, Grain::Minute) => rollup_sql!("activity_1m"),
+        (Cube::Keys, Grain::Hour) => rollup_sql!("activity_1h"),
+        (Cube::Keys, Grain::Day) => rollup_sql!("activity_1d"),
+        (Cube::Tenant, Grain::Minute) => tenant_rollup_sql!("activity_all_1m"),
+        (Cube::Tenant, Grain::Hour) => tenant_rollup_sql!("activity_all_1h"),
+        (Cube::Tenant, Grain::Day) => tenant_rollup_sql!("activity_all_1d"),
     }
 }
 
-/// Adds one grain's deltas to its rollup table (search_path already points at the tenant's
-/// schema): counts and sums add up, maxima take the greater, histograms merge.
+/// Adds one grain's deltas ([`fold`] of `cube`) to its rollup table (search_path already
+/// points at the tenant's schema): counts and sums add up, maxima take the greater,
+/// histograms merge.
 pub async fn upsert(
     conn: &mut PgConnection,
     grain: Grain,
+    cube: Cube,
     deltas: &BTreeMap<Key, Measures>,
 ) -> sqlx::Result<()> {
     if deltas.is_empty() {
@@ -175,13 +262,18 @@ pub async fn upsert(
             format!("{{{}}}", parts.join(","))
         })
         .collect();
-    sqlx::query(upsert_sql(grain))
+    let query = sqlx::query(upsert_sql(grain, cube))
         .bind(keys().map(|k| k.bucket).collect::<Vec<_>>())
-        .bind(keys().map(|k| k.event_type).collect::<Vec<_>>())
-        .bind(keys().map(|k| k.user_id.as_str()).collect::<Vec<_>>())
-        .bind(keys().map(|k| k.team_id.as_str()).collect::<Vec<_>>())
-        .bind(keys().map(|k| k.project_id.as_str()).collect::<Vec<_>>())
-        .bind(keys().map(|k| k.name.as_str()).collect::<Vec<_>>())
+        .bind(keys().map(|k| k.event_type).collect::<Vec<_>>());
+    let query = match cube {
+        Cube::Keys => query
+            .bind(keys().map(|k| k.user_id.as_str()).collect::<Vec<_>>())
+            .bind(keys().map(|k| k.team_id.as_str()).collect::<Vec<_>>())
+            .bind(keys().map(|k| k.project_id.as_str()).collect::<Vec<_>>())
+            .bind(keys().map(|k| k.name.as_str()).collect::<Vec<_>>()),
+        Cube::Tenant => query,
+    };
+    query
         .bind(vals().map(|m| m.count).collect::<Vec<_>>())
         .bind(vals().map(|m| m.errors).collect::<Vec<_>>())
         .bind(vals().map(|m| m.duration_sum).collect::<Vec<_>>())
@@ -190,6 +282,52 @@ pub async fn upsert(
         .bind(vals().map(|m| m.output_tokens).collect::<Vec<_>>())
         .bind(vals().map(|m| m.value_sum).collect::<Vec<_>>())
         .bind(hist)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Insert of (bucket, user) pairs that keeps the ones already recorded.
+macro_rules! active_users_sql {
+    ($table:literal) => {
+        concat!(
+            "INSERT INTO ",
+            $table,
+            " (bucket, user_id) SELECT * FROM UNNEST($1::timestamptz[], $2::text[])
+             ON CONFLICT DO NOTHING"
+        )
+    };
+}
+
+/// Who was active in each bucket of `grain`: (bucket, user id) pairs, sorted (events without
+/// a user count for no one).
+pub fn active_users<'a>(
+    rows: impl IntoIterator<Item = &'a RawRow<'a>>,
+    grain: Grain,
+) -> BTreeSet<(DateTime<Utc>, &'a str)> {
+    rows.into_iter()
+        .filter(|r| !r.user_id.is_empty())
+        .map(|r| (grain.bucket(r.occurred_at), r.user_id.as_str()))
+        .collect()
+}
+
+/// Records active users ([`active_users`]) in the grain's `active_users_*` table.
+pub async fn insert_active_users(
+    conn: &mut PgConnection,
+    grain: Grain,
+    users: &BTreeSet<(DateTime<Utc>, &str)>,
+) -> sqlx::Result<()> {
+    if users.is_empty() {
+        return Ok(());
+    }
+    let sql = match grain {
+        Grain::Minute => active_users_sql!("active_users_1m"),
+        Grain::Hour => active_users_sql!("active_users_1h"),
+        Grain::Day => active_users_sql!("active_users_1d"),
+    };
+    sqlx::query(sql)
+        .bind(users.iter().map(|(b, _)| *b).collect::<Vec<_>>())
+        .bind(users.iter().map(|(_, u)| *u).collect::<Vec<_>>())
         .execute(conn)
         .await?;
     Ok(())
@@ -227,11 +365,13 @@ mod tests {
     #[test]
     fn each_grain_upserts_its_own_table() {
         for grain in Grain::ALL {
-            let sql = upsert_sql(grain);
-            assert!(
-                sql.starts_with(&format!("INSERT INTO {} AS a (", grain.table())),
-                "{sql}"
-            );
+            for cube in Cube::ALL {
+                let sql = upsert_sql(grain, cube);
+                assert!(
+                    sql.starts_with(&format!("INSERT INTO {} AS a (", cube.table(grain))),
+                    "{sql}"
+                );
+            }
         }
     }
 
@@ -261,9 +401,9 @@ mod tests {
             row(t0 + TimeDelta::minutes(2), "a", "build", 5, false),
             row(t0, "b", "test", 7, false),
         ];
-        let minute = fold(&rows, Grain::Minute);
+        let minute = fold(&rows, Grain::Minute, Cube::Keys);
         assert_eq!(minute.len(), 3);
-        let hour = fold(&rows, Grain::Hour);
+        let hour = fold(&rows, Grain::Hour, Cube::Keys);
         assert_eq!(hour.len(), 2);
         let a = hour.iter().find(|(k, _)| k.user_id == "a").unwrap().1;
         assert_eq!(
@@ -281,8 +421,40 @@ mod tests {
         assert_eq!(a.duration_hist.iter().sum::<i64>(), 3);
         // Every grain sees every row exactly once.
         for g in Grain::ALL {
-            let total: i64 = fold(&rows, g).values().map(|m| m.count).sum();
-            assert_eq!(total, 4);
+            for cube in Cube::ALL {
+                let total: i64 = fold(&rows, g, cube).values().map(|m| m.count).sum();
+                assert_eq!(total, 4);
+            }
         }
+    }
+
+    #[test]
+    fn the_tenant_cube_sums_every_key_of_a_bucket_and_type() {
+        let t0 = Utc.with_ymd_and_hms(2026, 11, 25, 13, 0, 10).unwrap();
+        let rows = vec![
+            row(t0, "a", "build", 10, false),
+            row(t0 + TimeDelta::seconds(20), "b", "test", 30, true),
+            row(t0 + TimeDelta::minutes(2), "", "build", 5, false),
+        ];
+        let minute = fold(&rows, Grain::Minute, Cube::Tenant);
+        assert_eq!(minute.len(), 2);
+        let hour = fold(&rows, Grain::Hour, Cube::Tenant);
+        let (key, all) = hour.iter().next().unwrap();
+        assert_eq!((key.user_id.as_str(), key.name.as_str()), ("", ""));
+        assert_eq!(
+            (all.count, all.errors, all.duration_sum, all.duration_max),
+            (3, 1, 45, 30)
+        );
+        assert_eq!(all.duration_hist.iter().sum::<i64>(), 3);
+        // Who was active: per bucket, each user once, no one for an event without a user.
+        let users: Vec<_> = active_users(&rows, Grain::Minute).into_iter().collect();
+        assert_eq!(
+            users,
+            [
+                (Grain::Minute.bucket(t0), "a"),
+                (Grain::Minute.bucket(t0), "b")
+            ]
+        );
+        assert_eq!(active_users(&rows, Grain::Day).len(), 2);
     }
 }

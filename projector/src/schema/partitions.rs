@@ -138,6 +138,24 @@ pub async fn apply_retention(
         ("DELETE FROM activity_1m WHERE bucket < $1", raw_cutoff),
         ("DELETE FROM activity_1h WHERE bucket < $1", rollup_cutoff),
         ("DELETE FROM activity_1d WHERE bucket < $1", rollup_cutoff),
+        ("DELETE FROM activity_all_1m WHERE bucket < $1", raw_cutoff),
+        (
+            "DELETE FROM activity_all_1h WHERE bucket < $1",
+            rollup_cutoff,
+        ),
+        (
+            "DELETE FROM activity_all_1d WHERE bucket < $1",
+            rollup_cutoff,
+        ),
+        ("DELETE FROM active_users_1m WHERE bucket < $1", raw_cutoff),
+        (
+            "DELETE FROM active_users_1h WHERE bucket < $1",
+            rollup_cutoff,
+        ),
+        (
+            "DELETE FROM active_users_1d WHERE bucket < $1",
+            rollup_cutoff,
+        ),
     ] {
         pruned.rollup_rows += sqlx::query(sql)
             .bind(midnight(cutoff))

@@ -150,12 +150,108 @@ pub async fn overview(read: Read<RangeParams>) -> Result<Response, Problem> {
 /// Per event type: count, errors, duration sum and max, input and output tokens, value sum.
 type OverviewRow = (String, i64, i64, i64, i64, i64, i64, f64);
 
+/// What the overview reads: the sums per event type, the duration histogram per event type,
+/// and the number of distinct active users.
+type OverviewParts = (Vec<OverviewRow>, BTreeMap<String, Vec<i64>>, i64);
+
 async fn compute_overview(
     conn: &mut PgConnection,
     range: &TimeRange,
     visibility: &Visibility,
     o: &mut Overview,
 ) -> sqlx::Result<()> {
+    let (rows, hist_of, active_users) = match visibility {
+        Visibility::Tenant => tenant_overview(conn, range).await?,
+        _ => keyed_overview(conn, range, visibility).await?,
+    };
+    for (t, count, errors, dsum, dmax, tin, tout, vsum) in rows {
+        o.events_total += count;
+        o.tokens.input += tin;
+        o.tokens.output += tout;
+        let activity = Activity {
+            count,
+            errors,
+            error_rate: if count > 0 {
+                errors as f64 / count as f64
+            } else {
+                0.0
+            },
+            duration_sum_ms: dsum,
+            duration_avg_ms: (count > 0).then(|| dsum as f64 / count as f64),
+            duration_p95_ms: hist_of.get(&t).and_then(|h| histogram::quantile(h, 0.95)),
+            duration_max_ms: (count > 0).then_some(dmax),
+        };
+        match EventType::parse(&t) {
+            Some(EventType::CommandExecuted) => o.commands = activity,
+            Some(EventType::AgentInteracted) => {
+                o.agents = activity;
+                o.cost_usd = vsum;
+            }
+            Some(EventType::ToolExecuted) => o.tools = activity,
+            Some(EventType::SessionStarted) => o.sessions = count,
+            _ => {}
+        }
+        o.events.insert(t, count);
+    }
+    o.active_users = active_users;
+    Ok(())
+}
+
+/// The overview of a reader who sees the whole tenant, from the tenant-wide rollups: a few
+/// rows per bucket and event type, summed and their histograms merged here.
+async fn tenant_overview(
+    conn: &mut PgConnection,
+    range: &TimeRange,
+) -> sqlx::Result<OverviewParts> {
+    let grain = Grain::for_range(range);
+    type Row = (String, i64, i64, i64, i64, i64, i64, f64, Vec<i64>);
+    let rows: Vec<Row> = sqlx::query_as(by_grain!(
+        grain,
+        "activity_all",
+        "SELECT event_type, count, errors, duration_sum, duration_max, input_tokens,
+                output_tokens, value_sum, duration_hist
+           FROM ",
+        " WHERE bucket >= $1 AND bucket < $2"
+    ))
+    .bind(range.from)
+    .bind(range.to)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut sums: BTreeMap<String, OverviewRow> = BTreeMap::new();
+    let mut hist_of: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for (t, count, errors, dsum, dmax, tin, tout, vsum, hist) in rows {
+        let s = sums
+            .entry(t.clone())
+            .or_insert_with(|| (t.clone(), 0, 0, 0, 0, 0, 0, 0.0));
+        s.1 += count;
+        s.2 += errors;
+        s.3 += dsum;
+        s.4 = s.4.max(dmax);
+        s.5 += tin;
+        s.6 += tout;
+        s.7 += vsum;
+        histogram::merge(hist_of.entry(t).or_default(), &hist);
+    }
+    let active_users: i64 = sqlx::query_scalar(by_grain!(
+        grain,
+        "active_users",
+        "SELECT count(DISTINCT user_id) FROM ",
+        " WHERE bucket >= $1 AND bucket < $2"
+    ))
+    .bind(range.from)
+    .bind(range.to)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok((sums.into_values().collect(), hist_of, active_users))
+}
+
+/// The overview of a reader who sees some teams or only themself, from the per-key rollups
+/// filtered to what they see.
+async fn keyed_overview(
+    conn: &mut PgConnection,
+    range: &TimeRange,
+    visibility: &Visibility,
+) -> sqlx::Result<OverviewParts> {
     let (user_filter, team_filter) = visibility.filters();
     let grain = Grain::for_range(range);
     let rows: Vec<OverviewRow> = sqlx::query_as(by_grain!(
@@ -197,36 +293,7 @@ async fn compute_overview(
             *slot += n;
         }
     }
-    for (t, count, errors, dsum, dmax, tin, tout, vsum) in rows {
-        o.events_total += count;
-        o.tokens.input += tin;
-        o.tokens.output += tout;
-        let activity = Activity {
-            count,
-            errors,
-            error_rate: if count > 0 {
-                errors as f64 / count as f64
-            } else {
-                0.0
-            },
-            duration_sum_ms: dsum,
-            duration_avg_ms: (count > 0).then(|| dsum as f64 / count as f64),
-            duration_p95_ms: hist_of.get(&t).and_then(|h| histogram::quantile(h, 0.95)),
-            duration_max_ms: (count > 0).then_some(dmax),
-        };
-        match EventType::parse(&t) {
-            Some(EventType::CommandExecuted) => o.commands = activity,
-            Some(EventType::AgentInteracted) => {
-                o.agents = activity;
-                o.cost_usd = vsum;
-            }
-            Some(EventType::ToolExecuted) => o.tools = activity,
-            Some(EventType::SessionStarted) => o.sessions = count,
-            _ => {}
-        }
-        o.events.insert(t, count);
-    }
-    o.active_users = sqlx::query_scalar(by_grain!(
+    let active_users: i64 = sqlx::query_scalar(by_grain!(
         grain,
         "SELECT count(DISTINCT user_id) FROM ",
         " WHERE bucket >= $1 AND bucket < $2 AND user_id <> '' AND ($3::text IS NULL OR user_id = $3) AND ($4::text[] IS NULL OR team_id = ANY($4))"
@@ -237,7 +304,7 @@ async fn compute_overview(
     .bind(team_filter)
     .fetch_one(&mut *conn)
     .await?;
-    Ok(())
+    Ok((rows, hist_of, active_users))
 }
 
 /// Which rollup column a `group_by` reads, and the event type it implies.
@@ -391,16 +458,36 @@ async fn compute_series(
         microseconds: width.num_microseconds().expect("bucket widths are small"),
     };
     // Weeks start on Monday: 2000-01-03 was one, and every smaller width divides a week.
-    let rows: Vec<SeriesRow> = sqlx::query_as(by_grain!(
-        grain,
-        "WITH r AS (
+    let rows: Vec<SeriesRow> = if column.is_none() && *visibility == Visibility::Tenant {
+        // One series of the whole tenant: from the tenant-wide rollups (one group, kept).
+        sqlx::query_as(by_grain!(
+            grain,
+            "activity_all",
+            "SELECT date_bin($3, bucket, TIMESTAMPTZ '2000-01-03 00:00:00+00') AS t, true, '',
+                    1::bigint, sum(count)::bigint, sum(errors)::bigint,
+                    sum(duration_sum)::bigint, sum(input_tokens)::bigint,
+                    sum(output_tokens)::bigint, sum(value_sum)
+               FROM ",
+            " WHERE bucket >= $1 AND bucket < $2 AND ($4::text IS NULL OR event_type = $4)
+              GROUP BY 1 ORDER BY 1"
+        ))
+        .bind(range.from)
+        .bind(range.to)
+        .bind(interval)
+        .bind(event_type.map(EventType::as_str))
+        .fetch_all(&mut *conn)
+        .await?
+    } else {
+        sqlx::query_as(by_grain!(
+            grain,
+            "WITH r AS (
              SELECT date_bin($3, bucket, TIMESTAMPTZ '2000-01-03 00:00:00+00') AS t,
                     CASE $4 WHEN 'user' THEN user_id WHEN 'team' THEN team_id
                             WHEN 'project' THEN project_id WHEN 'name' THEN name ELSE '' END AS g,
                     sum(count) AS c, sum(errors) AS e, sum(duration_sum) AS ds,
                     sum(input_tokens) AS ti, sum(output_tokens) AS tout, sum(value_sum) AS vs
                FROM ",
-        " WHERE bucket >= $1 AND bucket < $2 AND ($5::text IS NULL OR event_type = $5)
+            " WHERE bucket >= $1 AND bucket < $2 AND ($5::text IS NULL OR event_type = $5)
                 AND ($6::text IS NULL OR user_id = $6) AND ($7::text[] IS NULL OR team_id = ANY($7))
               GROUP BY 1, 2),
          kept AS (SELECT g FROM r GROUP BY g ORDER BY sum(c) DESC, g LIMIT $8),
@@ -410,17 +497,18 @@ async fn compute_series(
                 sum(c)::bigint, sum(e)::bigint, sum(ds)::bigint, sum(ti)::bigint,
                 sum(tout)::bigint, sum(vs)
            FROM k GROUP BY 1, 2, 3 ORDER BY 2 DESC, 3, 1"
-    ))
-    .bind(range.from)
-    .bind(range.to)
-    .bind(interval)
-    .bind(column.unwrap_or(""))
-    .bind(event_type.map(EventType::as_str))
-    .bind(user_filter)
-    .bind(team_filter)
-    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-    .fetch_all(conn)
-    .await?;
+        ))
+        .bind(range.from)
+        .bind(range.to)
+        .bind(interval)
+        .bind(column.unwrap_or(""))
+        .bind(event_type.map(EventType::as_str))
+        .bind(user_filter)
+        .bind(team_filter)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *conn)
+        .await?
+    };
     let mut series: Vec<Series> = Vec::new();
     let mut groups = 0;
     for (t, kept, g, distinct, count, errors, dsum, tin, tout, vsum) in rows {

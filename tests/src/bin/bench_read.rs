@@ -6,7 +6,7 @@
 //! and cached, and compares them with a Redis GET of the same answer (the floor). Ends with the
 //! raw tables' size; with TimescaleDB, compresses them and reports the storage ratio.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use chrono::{DurationRound, TimeDelta, Utc};
 use clap::Parser;
 use ingest_api::ingest::{IngestContext, TimeBounds};
 use projector::models::raw::RawRow;
-use projector::models::rollups::{self, Grain, Key, Measures};
+use projector::models::rollups::{self, Cube, Grain, Key, Measures};
 use projector::schema::{self, partitions};
 use shared::apikey::Scope;
 use shared::events::{Actor, Source};
@@ -285,7 +285,9 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
     let midnight = now
         .duration_trunc(TimeDelta::days(1))
         .expect("a day fits in a timestamp");
-    let mut daily: BTreeMap<Key, Measures> = BTreeMap::new();
+    // Per cube (in `Cube::ALL` order): the days' rollups.
+    let mut daily: [BTreeMap<Key, Measures>; 2] = Default::default();
+    let mut daily_users: BTreeSet<(chrono::DateTime<Utc>, String)> = BTreeSet::new();
     let ctx = IngestContext {
         tenant_id: tenant,
         actor: Actor::default(),
@@ -346,15 +348,34 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
             }
         }
         for grain in [Grain::Minute, Grain::Hour] {
-            let folded = rollups::fold(rows.iter(), grain);
-            write_rollups(&mut conn, &schema, grain.table(), &folded).await?;
+            for cube in Cube::ALL {
+                let folded = rollups::fold(rows.iter(), grain, cube);
+                write_rollups(&mut conn, &schema, grain, cube, folded.iter()).await?;
+            }
+            let users = rollups::active_users(rows.iter(), grain);
+            write_active_users(
+                &mut conn,
+                &schema,
+                grain,
+                users.iter().map(|(b, u)| (*b, *u)),
+            )
+            .await?;
         }
-        for (k, m) in rollups::fold(rows.iter(), Grain::Day) {
-            merge(daily.entry(k).or_default(), &m);
+        for (cube, daily) in Cube::ALL.into_iter().zip(&mut daily) {
+            for (k, m) in rollups::fold(rows.iter(), Grain::Day, cube) {
+                merge(daily.entry(k).or_default(), &m);
+            }
+        }
+        for (b, u) in rollups::active_users(rows.iter(), Grain::Day) {
+            daily_users.insert((b, u.to_string()));
         }
         println!("  day {}/{}: {} events", day + 1, args.days, rows.len());
     }
-    write_rollups(&mut conn, &schema, Grain::Day.table(), &daily).await?;
+    for (cube, daily) in Cube::ALL.into_iter().zip(&daily) {
+        write_rollups(&mut conn, &schema, Grain::Day, cube, daily.iter()).await?;
+    }
+    let users = daily_users.iter().map(|(b, u)| (*b, u.as_str()));
+    write_active_users(&mut conn, &schema, Grain::Day, users).await?;
     let total = (per_day as i64) * args.days;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE {schema}.projection_state SET seq = seq + 1, events = $1, as_of = now()"
@@ -363,7 +384,9 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
     .execute(&mut *conn)
     .await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
-        "ANALYZE {schema}.activity_1m, {schema}.activity_1h, {schema}.activity_1d"
+        "ANALYZE {schema}.activity_1m, {schema}.activity_1h, {schema}.activity_1d, \
+         {schema}.activity_all_1m, {schema}.activity_all_1h, {schema}.activity_all_1d, \
+         {schema}.active_users_1m, {schema}.active_users_1h, {schema}.active_users_1d"
     )))
     .execute(&mut *conn)
     .await?;
@@ -383,13 +406,27 @@ fn merge(into: &mut Measures, m: &Measures) {
     }
 }
 
-async fn write_rollups(
+/// Writes folded rollups of one grain and cube with COPY, as the projector's upserts would
+/// have left them.
+async fn write_rollups<'a>(
     conn: &mut sqlx::PgConnection,
     schema: &shared::tenant::SchemaName,
-    table: &str,
-    rows: &BTreeMap<Key, Measures>,
+    grain: Grain,
+    cube: Cube,
+    rows: impl Iterator<Item = (&'a Key, &'a Measures)>,
 ) -> anyhow::Result<()> {
-    let entries: Vec<(&Key, &Measures)> = rows.iter().collect();
+    let entries: Vec<(&Key, &Measures)> = rows.collect();
+    let (dimensions, columns) = match cube {
+        Cube::Keys => (
+            true,
+            "bucket, event_type, user_id, team_id, project_id, name, ",
+        ),
+        Cube::Tenant => (false, "bucket, event_type, "),
+    };
+    let columns = format!(
+        "{columns}count, errors, duration_sum, duration_max, input_tokens, output_tokens, \
+         value_sum, duration_hist"
+    );
     for chunk in entries.chunks(50_000) {
         let mut csv = String::with_capacity(chunk.len() * 200);
         for (k, m) in chunk {
@@ -399,15 +436,20 @@ async fn write_rollups(
                 .rposition(|n| *n != 0)
                 .map_or(1, |i| i + 1);
             let hist: Vec<String> = m.duration_hist[..used].iter().map(i64::to_string).collect();
+            let _ = write!(csv, "{},{},", k.bucket.to_rfc3339(), k.event_type);
+            if dimensions {
+                let _ = write!(
+                    csv,
+                    "{},{},{},{},",
+                    csv_text(&k.user_id),
+                    csv_text(&k.team_id),
+                    csv_text(&k.project_id),
+                    csv_text(&k.name)
+                );
+            }
             let _ = writeln!(
                 csv,
-                "{},{},{},{},{},{},{},{},{},{},{},{},{},\"{{{}}}\"",
-                k.bucket.to_rfc3339(),
-                k.event_type,
-                csv_text(&k.user_id),
-                csv_text(&k.team_id),
-                csv_text(&k.project_id),
-                csv_text(&k.name),
+                "{},{},{},{},{},{},{},\"{{{}}}\"",
                 m.count,
                 m.errors,
                 m.duration_sum,
@@ -418,17 +460,23 @@ async fn write_rollups(
                 hist.join(",")
             );
         }
-        copy_into(
-            conn,
-            schema,
-            table,
-            "bucket, event_type, user_id, team_id, project_id, name, count, errors, \
-             duration_sum, duration_max, input_tokens, output_tokens, value_sum, duration_hist",
-            csv,
-        )
-        .await?;
+        copy_into(conn, schema, cube.table(grain), &columns, csv).await?;
     }
     Ok(())
+}
+
+/// Writes (bucket, user) pairs of one grain with COPY, as the projector records them.
+async fn write_active_users<'a>(
+    conn: &mut sqlx::PgConnection,
+    schema: &shared::tenant::SchemaName,
+    grain: Grain,
+    users: impl Iterator<Item = (chrono::DateTime<Utc>, &'a str)>,
+) -> anyhow::Result<()> {
+    let mut csv = String::new();
+    for (bucket, user) in users {
+        let _ = writeln!(csv, "{},{}", bucket.to_rfc3339(), csv_text(user));
+    }
+    copy_into(conn, schema, grain.users_table(), "bucket, user_id", csv).await
 }
 
 async fn copy_into(
