@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
+use redis::aio::ConnectionManager;
 use shared::events::{Envelope, Payload};
 use shared::tenant::TenantId;
 use sqlx::{PgConnection, PgPool};
@@ -18,6 +19,9 @@ use crate::models::{audit, people, raw, sessions, watermark};
 use crate::offsets::{self, OffsetRange};
 use crate::prepare::{target_versions, Target};
 use crate::schema;
+
+/// How long a batch waits for Redis to take its watermarks before committing without.
+const ANNOUNCE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// A decoded event waiting in a batch.
 #[derive(Debug, Clone)]
@@ -51,7 +55,9 @@ pub enum WriteError {
     Db(#[from] sqlx::Error),
 }
 
-/// Writes the batch and advances the offsets, all in one transaction.
+/// Writes the batch and advances the offsets, all in one transaction. With `announce`, the
+/// watermark each tenant will have is announced in Redis just before the commit
+/// ([`shared::watermark::raise`]), for the cache lookups that open no transaction.
 pub async fn write(
     pool: &PgPool,
     projection: &str,
@@ -59,6 +65,7 @@ pub async fn write(
     target: Target<'_>,
     events: &[Decoded],
     offsets: &BTreeMap<i32, OffsetRange>,
+    announce: Option<&mut ConnectionManager>,
 ) -> Result<Written, WriteError> {
     let mut tx = pool.begin().await?;
     let mut written = Written::default();
@@ -74,6 +81,19 @@ pub async fn write(
 
     for (partition, range) in offsets {
         offsets::advance(&mut tx, projection, topic, *partition, *range).await?;
+    }
+    if let Some(redis) = announce {
+        for (tenant, seq) in &written.tenants {
+            let version = versions.get(tenant).copied().unwrap_or(1);
+            let raise = shared::watermark::raise(redis, tenant, version, *seq);
+            if !matches!(
+                tokio::time::timeout(ANNOUNCE_TIMEOUT, raise).await,
+                Ok(Ok(()))
+            ) {
+                tracing::debug!("announcing a watermark failed; reads look it up in PostgreSQL");
+                break;
+            }
+        }
     }
     tx.commit().await?;
     Ok(written)

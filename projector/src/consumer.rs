@@ -398,6 +398,7 @@ impl Projector {
         }
         let mut backoff = Duration::from_millis(200);
         let mut paused: Option<TopicPartitionList> = None;
+        let mut redis = self.redis.clone();
         let result = loop {
             let attempt = async {
                 let versions =
@@ -417,6 +418,7 @@ impl Projector {
                     Target::Live(&versions),
                     &batch.events,
                     &batch.offsets,
+                    redis.as_mut(),
                 )
                 .await
             };

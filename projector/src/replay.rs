@@ -23,7 +23,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use shared::tenant::TenantId;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 
 use crate::batch::{self, Decoded, WriteError};
 use crate::consumer::Poison;
@@ -379,6 +379,7 @@ impl Replayer<'_> {
                     Target::Fixed(&self.target),
                     &self.batch,
                     &BTreeMap::new(),
+                    None,
                 )
                 .await
             };
@@ -505,6 +506,22 @@ impl Replayer<'_> {
         .bind(versions)
         .execute(&mut *tx)
         .await?;
+        // Cache lookups keyed by the old version's announced watermark stop finding answers
+        // before the switch commits (see `shared::watermark`).
+        if let Some(mut redis) = shared::redis_client::connect(&self.config.common.redis_url).await
+        {
+            for (tenant, version) in &self.target {
+                let schema = tenant.schema(*version);
+                let seq: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT seq FROM {schema}.projection_state"
+                )))
+                .fetch_one(&mut *tx)
+                .await?;
+                if let Err(e) = shared::watermark::raise(&mut redis, tenant, *version, seq).await {
+                    tracing::warn!(error = %e, "announcing the new version's watermark failed");
+                }
+            }
+        }
         tx.commit().await?;
         Ok(())
     }

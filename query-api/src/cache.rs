@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
+use shared::tenant::TenantId;
+use shared::watermark;
 
 /// How long a cache call may take before it is given up (the answer is computed instead).
 const CACHE_TIMEOUT: Duration = Duration::from_millis(200);
@@ -48,6 +50,25 @@ impl Cache {
                 None
             }
         }
+    }
+
+    /// The tenant's announced watermark ([`shared::watermark::announced`]): (version, seq).
+    pub async fn announced(&self, tenant: &TenantId) -> Option<(i32, i64)> {
+        let mut conn = self.conn.clone()?;
+        tokio::time::timeout(CACHE_TIMEOUT, watermark::announced(&mut conn, tenant))
+            .await
+            .ok()?
+            .ok()?
+    }
+
+    /// Raises the tenant's announced watermark to what a read transaction saw, so that the
+    /// next lookups of an idle tenant need no PostgreSQL either. Best effort.
+    pub async fn raise(&self, tenant: &TenantId, version: i32, seq: i64) {
+        let Some(mut conn) = self.conn.clone() else {
+            return;
+        };
+        let raise = watermark::raise(&mut conn, tenant, version, seq);
+        let _ = tokio::time::timeout(CACHE_TIMEOUT, raise).await;
     }
 
     pub async fn put(&self, key: &str, value: &[u8]) {

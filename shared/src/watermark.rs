@@ -1,8 +1,13 @@
-//! Names the projector and query-api agree on for per-tenant notifications in Redis.
+//! What the projector and query-api agree on in Redis about each tenant's watermark.
 //!
 //! The watermark itself lives in PostgreSQL (`projection_state` in each tenant schema,
 //! written in the same transaction as the rows), so a cache key built from it can never be
-//! newer than the data. Redis only carries the notification that it moved.
+//! newer than the data. Redis carries the notification that it moved ([`publish`]), and the
+//! *announced* watermark ([`raise`]): the projector raises it to the (version, seq) a
+//! transaction will commit *before* committing, so it is never behind the committed one, and
+//! query-api keys a cache lookup by it without opening a PostgreSQL transaction. An answer is
+//! only ever cached under the watermark its transaction read, so a lookup under an announced
+//! watermark that has not committed yet finds nothing and falls through to PostgreSQL.
 
 use crate::tenant::TenantId;
 
@@ -41,9 +46,73 @@ pub async fn publish(
     }
 }
 
+/// How long an announced watermark lives unless raised again: how long a projector that
+/// cannot reach Redis while query-api can could leave answers served from an older one.
+pub const ANNOUNCED_TTL_SECS: u64 = 30;
+
+/// The key of a tenant's announced watermark.
+pub fn announced_key(tenant: &TenantId) -> String {
+    format!("tally:watermark:{tenant}")
+}
+
+/// (version, seq) as one number ordered like the pair (seq below 2^40, version below 2^12,
+/// so it stays exact in Redis's Lua numbers).
+fn pack(version: i32, seq: i64) -> i64 {
+    (i64::from(version) << 40) | (seq & ((1 << 40) - 1))
+}
+
+fn unpack(packed: i64) -> (i32, i64) {
+    ((packed >> 40) as i32, packed & ((1 << 40) - 1))
+}
+
+/// Raises the announced watermark of `tenant` to (version, seq) unless it is there or beyond
+/// already (it never goes down), and keeps it for [`ANNOUNCED_TTL_SECS`].
+pub async fn raise(
+    redis: &mut redis::aio::ConnectionManager,
+    tenant: &TenantId,
+    version: i32,
+    seq: i64,
+) -> redis::RedisResult<()> {
+    static RAISE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+        redis::Script::new(
+            "local now = tonumber(redis.call('GET', KEYS[1]) or '-1') \
+             if tonumber(ARGV[1]) >= now then \
+                 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) \
+             end \
+             return 0",
+        )
+    });
+    RAISE
+        .key(announced_key(tenant))
+        .arg(pack(version, seq))
+        .arg(ANNOUNCED_TTL_SECS)
+        .invoke_async(redis)
+        .await
+}
+
+/// The announced watermark of `tenant`: (version, seq), if one is announced.
+pub async fn announced(
+    redis: &mut redis::aio::ConnectionManager,
+    tenant: &TenantId,
+) -> redis::RedisResult<Option<(i32, i64)>> {
+    let packed: Option<i64> = redis::cmd("GET")
+        .arg(announced_key(tenant))
+        .query_async(redis)
+        .await?;
+    Ok(packed.map(unpack))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packed_watermarks_order_like_version_then_seq() {
+        assert_eq!(unpack(pack(3, 41)), (3, 41));
+        assert!(pack(2, 0) > pack(1, (1 << 40) - 1));
+        assert!(pack(1, 42) > pack(1, 41));
+        assert!(((pack(4095, (1 << 40) - 1)) as f64) < 2f64.powi(53));
+    }
 
     #[test]
     fn channels_name_their_tenant_and_match_the_pattern() {

@@ -27,6 +27,16 @@ impl CachedAnswer {
         request_key: &str,
     ) -> CachedAnswer {
         let (version, seq) = fresh.map_or((0, 0), |f| (f.version, f.seq));
+        CachedAnswer::at(tenant, (version, seq), scope, request_key)
+    }
+
+    /// The same at a watermark known without reading the projection (the announced one).
+    pub fn at(
+        tenant: TenantId,
+        (version, seq): (i32, i64),
+        scope: &ReadScope,
+        request_key: &str,
+    ) -> CachedAnswer {
         CachedAnswer {
             key: answer_key(tenant, version, seq, scope, request_key),
         }

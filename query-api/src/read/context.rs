@@ -115,10 +115,12 @@ impl<P> Read<P> {
 
     /// The answer to this request over `range`: from the cache while the tenant's watermark
     /// has not moved, else computed by `compute` in the tenant's read transaction (`None`
-    /// before the tenant has a projection) and cached. The watermark is read in that same
-    /// transaction, so a cached answer is never older than the projection. `request_key`
-    /// names the endpoint and every parameter that changes its answer besides the range and
-    /// the reader's visibility.
+    /// before the tenant has a projection) and cached. An answer is cached under the
+    /// watermark read in the transaction that computed it, so it is never older than the
+    /// projection. It is looked up first under the watermark the projector announced in Redis
+    /// before committing (never behind the committed one; see [`shared::watermark`]), so a
+    /// hit opens no PostgreSQL transaction. `request_key` names the endpoint and every
+    /// parameter that changes its answer besides the range and the reader's visibility.
     pub async fn answer<T, F, Fut>(
         &self,
         range: &TimeRange,
@@ -131,17 +133,27 @@ impl<P> Read<P> {
         Fut: std::future::Future<Output = Result<T, Problem>>,
     {
         let tenant = self.reader.tenant;
+        let cache = &self.state.cache;
+        let scope = ReadScope::new(&self.reader.visibility, range);
+        if let Some(announced) = cache.announced(&tenant).await {
+            let cached = CachedAnswer::at(tenant, announced, &scope, request_key);
+            if let Some(hit) = cached.get(cache).await {
+                return Ok(hit);
+            }
+        }
         let read = tenant::open(&self.state.pool, tenant)
             .await
             .map_err(db_error)?;
-        let scope = ReadScope::new(&self.reader.visibility, range);
         let fresh = read.as_ref().map(|r| &r.fresh);
+        if let Some(f) = fresh {
+            cache.raise(&tenant, f.version, f.seq).await;
+        }
         let cached = CachedAnswer::new(tenant, fresh, &scope, request_key);
-        if let Some(hit) = cached.get(&self.state.cache).await {
+        if let Some(hit) = cached.get(cache).await {
             return Ok(hit);
         }
         let answer = compute(read).await?;
-        cached.put(&self.state.cache, &answer).await
+        cached.put(cache, &answer).await
     }
 }
 

@@ -43,6 +43,7 @@ pub async fn enter(
 /// Like [`enter`], with the watermark read in the same transaction, so that an answer keyed
 /// by it is never older than the projection.
 pub async fn open(pool: &PgPool, tenant: TenantId) -> sqlx::Result<Option<TenantRead>> {
+    metrics::counter!("query_tenant_reads_total").increment(1);
     let Some((mut tx, version)) = enter(pool, tenant).await? else {
         return Ok(None);
     };

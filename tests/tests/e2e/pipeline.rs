@@ -147,6 +147,30 @@ async fn two_tenants_see_exact_and_separate_numbers() {
         "first was {:?}",
         first.headers().get("x-cache")
     );
+    // A hit is found under the watermark the projector announced in Redis: no PostgreSQL
+    // transaction is opened for it.
+    let tenant_reads = || async {
+        let text = scrape_metrics(&client, &query.url()).await;
+        text.lines()
+            .find(|l| l.starts_with("query_tenant_reads_total"))
+            .and_then(|l| l.rsplit(' ').next())
+            .map_or(0.0, |v| v.parse::<f64>().unwrap())
+    };
+    let before = tenant_reads().await;
+    for _ in 0..20 {
+        let res = client
+            .get(&url)
+            .bearer_auth(&a.read_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.headers()["x-cache"], "hit");
+    }
+    assert_eq!(
+        tenant_reads().await,
+        before,
+        "cache hits opened transactions"
+    );
     post_events_accepted(
         &client,
         &ingest.url(),
