@@ -91,12 +91,14 @@ async fn main() -> anyhow::Result<()> {
         let url = format!("{}/v1/dashboard/{path}", args.query_url);
         let mut uncached = Vec::new();
         for _ in 0..args.requests {
-            // A new watermark: the cache key changes, as after every projector batch.
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE {schema}.projection_state SET seq = seq + 1"
+            // A new watermark, announced: the cache key changes, as after every projector
+            // batch.
+            let seq: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "UPDATE {schema}.projection_state SET seq = seq + 1 RETURNING seq"
             )))
-            .execute(&pool)
+            .fetch_one(&pool)
             .await?;
+            shared::watermark::raise(&mut redis, &tenant, 1, seq).await?;
             let (t, cache, _) = get(&client, &url, &key).await?;
             anyhow::ensure!(cache == "miss", "expected a cache miss, got {cache}");
             uncached.push(t);
