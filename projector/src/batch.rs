@@ -83,16 +83,17 @@ pub async fn write(
         offsets::advance(&mut tx, projection, topic, *partition, *range).await?;
     }
     if let Some(redis) = announce {
-        for (tenant, seq) in &written.tenants {
-            let version = versions.get(tenant).copied().unwrap_or(1);
-            let raise = shared::watermark::raise(redis, tenant, version, *seq);
-            if !matches!(
-                tokio::time::timeout(ANNOUNCE_TIMEOUT, raise).await,
-                Ok(Ok(()))
-            ) {
-                tracing::debug!("announcing a watermark failed; reads look it up in PostgreSQL");
-                break;
-            }
+        let announced: Vec<_> = written
+            .tenants
+            .iter()
+            .map(|(tenant, seq)| (*tenant, versions.get(tenant).copied().unwrap_or(1), *seq))
+            .collect();
+        let raise = shared::watermark::raise(redis, &announced);
+        if !matches!(
+            tokio::time::timeout(ANNOUNCE_TIMEOUT, raise).await,
+            Ok(Ok(()))
+        ) {
+            tracing::debug!("announcing watermarks failed; reads look them up in PostgreSQL");
         }
     }
     tx.commit().await?;
@@ -205,14 +206,14 @@ async fn write_tenant(
 
     record_phase("raw", phase);
     for grain in Grain::ALL {
-        for cube in Cube::ALL {
-            let phase = Instant::now();
-            let deltas = rollups::fold(inserted_rows.iter().copied(), grain, cube);
-            rollups::upsert(conn, grain, cube, &deltas).await?;
-            record_phase(cube.table(grain), phase);
-        }
-        let users = rollups::active_users(inserted_rows.iter().copied(), grain);
-        rollups::insert_active_users(conn, grain, &users).await?;
+        let phase = Instant::now();
+        let keyed = rollups::fold(inserted_rows.iter().copied(), grain);
+        rollups::upsert(conn, grain, Cube::Keys, &keyed).await?;
+        record_phase(Cube::Keys.table(grain), phase);
+        let phase = Instant::now();
+        rollups::upsert(conn, grain, Cube::Tenant, &rollups::tenant_wide(&keyed)).await?;
+        rollups::insert_active_users(conn, grain, &rollups::active_users(&keyed)).await?;
+        record_phase(Cube::Tenant.table(grain), phase);
     }
     let phase = Instant::now();
 

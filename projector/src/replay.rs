@@ -89,6 +89,9 @@ struct Replayer<'a> {
     /// The batch's records that cannot be projected, by topic index.
     poison: Vec<(usize, Poison)>,
     dlq: FutureProducer,
+    /// Connected before the switch, which announces the new versions' watermarks with it
+    /// while live batches of those tenants wait.
+    redis: Option<redis::aio::ConnectionManager>,
     records: u64,
     projected: u64,
     dead_lettered: u64,
@@ -168,6 +171,7 @@ pub async fn replay(
         batch: Vec::new(),
         poison: Vec::new(),
         dlq: shared::kafka::producer(&config.common, Duration::from_secs(30))?,
+        redis: shared::redis_client::connect(&config.common.redis_url).await,
         records: 0,
         projected: 0,
         dead_lettered: 0,
@@ -176,8 +180,8 @@ pub async fn replay(
     let seconds = started.elapsed().as_secs_f64();
 
     // Tell query-api (caches, live feeds) that these tenants moved.
-    if let Some(mut redis) = shared::redis_client::connect(&config.common.redis_url).await {
-        shared::watermark::publish(&mut redis, tenants.iter().map(|t| (*t, 0))).await;
+    if let Some(redis) = r.redis.as_mut() {
+        shared::watermark::publish(redis, tenants.iter().map(|t| (*t, 0))).await;
     }
     // Requests that read the old version number just before the switch finish first.
     tokio::time::sleep(Duration::from_secs(config.replay_drop_grace_secs)).await;
@@ -508,8 +512,8 @@ impl Replayer<'_> {
         .await?;
         // Cache lookups keyed by the old version's announced watermark stop finding answers
         // before the switch commits (see `shared::watermark`).
-        if let Some(mut redis) = shared::redis_client::connect(&self.config.common.redis_url).await
-        {
+        if let Some(mut redis) = self.redis.clone() {
+            let mut announced = Vec::with_capacity(self.target.len());
             for (tenant, version) in &self.target {
                 let schema = tenant.schema(*version);
                 let seq: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
@@ -517,9 +521,14 @@ impl Replayer<'_> {
                 )))
                 .fetch_one(&mut *tx)
                 .await?;
-                if let Err(e) = shared::watermark::raise(&mut redis, tenant, *version, seq).await {
-                    tracing::warn!(error = %e, "announcing the new version's watermark failed");
-                }
+                announced.push((*tenant, *version, seq));
+            }
+            let raise = shared::watermark::raise(&mut redis, &announced);
+            if !matches!(
+                tokio::time::timeout(Duration::from_secs(1), raise).await,
+                Ok(Ok(()))
+            ) {
+                tracing::warn!("announcing the new versions' watermarks failed");
             }
         }
         tx.commit().await?;

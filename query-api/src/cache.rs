@@ -67,8 +67,8 @@ impl Cache {
         let Some(mut conn) = self.conn.clone() else {
             return;
         };
-        let raise = watermark::raise(&mut conn, tenant, version, seq);
-        let _ = tokio::time::timeout(CACHE_TIMEOUT, raise).await;
+        let seen = [(*tenant, version, seq)];
+        let _ = tokio::time::timeout(CACHE_TIMEOUT, watermark::raise(&mut conn, &seen)).await;
     }
 
     pub async fn put(&self, key: &str, value: &[u8]) {

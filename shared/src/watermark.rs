@@ -65,29 +65,33 @@ fn unpack(packed: i64) -> (i32, i64) {
     ((packed >> 40) as i32, packed & ((1 << 40) - 1))
 }
 
-/// Raises the announced watermark of `tenant` to (version, seq) unless it is there or beyond
-/// already (it never goes down), and keeps it for [`ANNOUNCED_TTL_SECS`].
+/// Raises the announced watermark of each (tenant, version, seq) unless it is there or
+/// beyond already (it never goes down), and keeps it for [`ANNOUNCED_TTL_SECS`]: one round
+/// trip for all of them.
 pub async fn raise(
     redis: &mut redis::aio::ConnectionManager,
-    tenant: &TenantId,
-    version: i32,
-    seq: i64,
+    announcements: &[(TenantId, i32, i64)],
 ) -> redis::RedisResult<()> {
     static RAISE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
         redis::Script::new(
-            "local now = tonumber(redis.call('GET', KEYS[1]) or '-1') \
-             if tonumber(ARGV[1]) >= now then \
-                 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) \
+            "for i, key in ipairs(KEYS) do \
+                 local now = tonumber(redis.call('GET', key) or '-1') \
+                 if tonumber(ARGV[i + 1]) >= now then \
+                     redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1]) \
+                 end \
              end \
              return 0",
         )
     });
-    RAISE
-        .key(announced_key(tenant))
-        .arg(pack(version, seq))
-        .arg(ANNOUNCED_TTL_SECS)
-        .invoke_async(redis)
-        .await
+    if announcements.is_empty() {
+        return Ok(());
+    }
+    let mut call = RAISE.prepare_invoke();
+    call.arg(ANNOUNCED_TTL_SECS);
+    for (tenant, version, seq) in announcements {
+        call.key(announced_key(tenant)).arg(pack(*version, *seq));
+    }
+    call.invoke_async(redis).await
 }
 
 /// The announced watermark of `tenant`: (version, seq), if one is announced.

@@ -63,7 +63,7 @@ impl Grain {
     }
 }
 
-/// Which rollup a fold feeds.
+/// Which rollup table family deltas go to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cube {
     /// One row per bucket, event type, user, team, project and name (`activity_*`): every
@@ -124,33 +124,36 @@ impl Default for Measures {
     }
 }
 
-/// Folds rows into rollup deltas for one grain of one cube. Keys come out sorted, so
-/// concurrent projector instances upsert rollup rows in the same order and cannot deadlock.
+impl Measures {
+    /// Adds another delta into this one: counts and sums add up, maxima take the greater,
+    /// histograms merge (as the upserts do in SQL).
+    pub fn add(&mut self, m: &Measures) {
+        self.count += m.count;
+        self.errors += m.errors;
+        self.duration_sum += m.duration_sum;
+        self.duration_max = self.duration_max.max(m.duration_max);
+        self.input_tokens += m.input_tokens;
+        self.output_tokens += m.output_tokens;
+        self.value_sum += m.value_sum;
+        histogram::merge(&mut self.duration_hist, &m.duration_hist);
+    }
+}
+
+/// Folds rows into per-key rollup deltas for one grain. Keys come out sorted, so concurrent
+/// projector instances upsert rollup rows in the same order and cannot deadlock.
 pub fn fold<'a>(
     rows: impl IntoIterator<Item = &'a RawRow<'a>>,
     grain: Grain,
-    cube: Cube,
 ) -> BTreeMap<Key, Measures> {
     let mut out: BTreeMap<Key, Measures> = BTreeMap::new();
     for r in rows {
-        let bucket = grain.bucket(r.occurred_at);
-        let key = match cube {
-            Cube::Keys => Key {
-                bucket,
-                event_type: r.event_type,
-                user_id: r.user_id.clone(),
-                team_id: r.team_id.clone(),
-                project_id: r.project_id.clone(),
-                name: r.name.clone(),
-            },
-            Cube::Tenant => Key {
-                bucket,
-                event_type: r.event_type,
-                user_id: String::new(),
-                team_id: String::new(),
-                project_id: String::new(),
-                name: String::new(),
-            },
+        let key = Key {
+            bucket: grain.bucket(r.occurred_at),
+            event_type: r.event_type,
+            user_id: r.user_id.clone(),
+            team_id: r.team_id.clone(),
+            project_id: r.project_id.clone(),
+            name: r.name.clone(),
         };
         let m = out.entry(key).or_default();
         m.count += 1;
@@ -163,6 +166,34 @@ pub fn fold<'a>(
         m.duration_hist[histogram::index(r.duration_ms)] += 1;
     }
     out
+}
+
+/// The tenant-wide deltas of per-key ones ([`fold`]): summed per bucket and event type, the
+/// key's other dimensions empty. Sorted like them.
+pub fn tenant_wide(keyed: &BTreeMap<Key, Measures>) -> BTreeMap<Key, Measures> {
+    let mut out: BTreeMap<Key, Measures> = BTreeMap::new();
+    for (k, m) in keyed {
+        let key = Key {
+            bucket: k.bucket,
+            event_type: k.event_type,
+            user_id: String::new(),
+            team_id: String::new(),
+            project_id: String::new(),
+            name: String::new(),
+        };
+        out.entry(key).or_default().add(m);
+    }
+    out
+}
+
+/// Who was active in the buckets of per-key deltas ([`fold`]): (bucket, user id) pairs,
+/// sorted (events without a user count for no one).
+pub fn active_users(keyed: &BTreeMap<Key, Measures>) -> BTreeSet<(DateTime<Utc>, &str)> {
+    keyed
+        .keys()
+        .filter(|k| !k.user_id.is_empty())
+        .map(|k| (k.bucket, k.user_id.as_str()))
+        .collect()
 }
 
 /// How an upsert merges a delta into an existing rollup row: counts and sums add up, maxima
@@ -233,7 +264,7 @@ fn upsert_sql(grain: Grain, cube: Cube) -> &'static str {
     }
 }
 
-/// Adds one grain's deltas ([`fold`] of `cube`) to its rollup table (search_path already
+/// Adds one grain's deltas ([`fold`], or [`tenant_wide`] for `Cube::Tenant`) to its rollup table (search_path already
 /// points at the tenant's schema): counts and sums add up, maxima take the greater,
 /// histograms merge.
 pub async fn upsert(
@@ -297,18 +328,6 @@ macro_rules! active_users_sql {
              ON CONFLICT DO NOTHING"
         )
     };
-}
-
-/// Who was active in each bucket of `grain`: (bucket, user id) pairs, sorted (events without
-/// a user count for no one).
-pub fn active_users<'a>(
-    rows: impl IntoIterator<Item = &'a RawRow<'a>>,
-    grain: Grain,
-) -> BTreeSet<(DateTime<Utc>, &'a str)> {
-    rows.into_iter()
-        .filter(|r| !r.user_id.is_empty())
-        .map(|r| (grain.bucket(r.occurred_at), r.user_id.as_str()))
-        .collect()
 }
 
 /// Records active users ([`active_users`]) in the grain's `active_users_*` table.
@@ -401,9 +420,9 @@ mod tests {
             row(t0 + TimeDelta::minutes(2), "a", "build", 5, false),
             row(t0, "b", "test", 7, false),
         ];
-        let minute = fold(&rows, Grain::Minute, Cube::Keys);
+        let minute = fold(&rows, Grain::Minute);
         assert_eq!(minute.len(), 3);
-        let hour = fold(&rows, Grain::Hour, Cube::Keys);
+        let hour = fold(&rows, Grain::Hour);
         assert_eq!(hour.len(), 2);
         let a = hour.iter().find(|(k, _)| k.user_id == "a").unwrap().1;
         assert_eq!(
@@ -421,8 +440,9 @@ mod tests {
         assert_eq!(a.duration_hist.iter().sum::<i64>(), 3);
         // Every grain sees every row exactly once.
         for g in Grain::ALL {
-            for cube in Cube::ALL {
-                let total: i64 = fold(&rows, g, cube).values().map(|m| m.count).sum();
+            let keyed = fold(&rows, g);
+            for deltas in [&keyed, &tenant_wide(&keyed)] {
+                let total: i64 = deltas.values().map(|m| m.count).sum();
                 assert_eq!(total, 4);
             }
         }
@@ -436,9 +456,9 @@ mod tests {
             row(t0 + TimeDelta::seconds(20), "b", "test", 30, true),
             row(t0 + TimeDelta::minutes(2), "", "build", 5, false),
         ];
-        let minute = fold(&rows, Grain::Minute, Cube::Tenant);
+        let minute = tenant_wide(&fold(&rows, Grain::Minute));
         assert_eq!(minute.len(), 2);
-        let hour = fold(&rows, Grain::Hour, Cube::Tenant);
+        let hour = tenant_wide(&fold(&rows, Grain::Hour));
         let (key, all) = hour.iter().next().unwrap();
         assert_eq!((key.user_id.as_str(), key.name.as_str()), ("", ""));
         assert_eq!(
@@ -447,7 +467,8 @@ mod tests {
         );
         assert_eq!(all.duration_hist.iter().sum::<i64>(), 3);
         // Who was active: per bucket, each user once, no one for an event without a user.
-        let users: Vec<_> = active_users(&rows, Grain::Minute).into_iter().collect();
+        let minute = fold(&rows, Grain::Minute);
+        let users: Vec<_> = active_users(&minute).into_iter().collect();
         assert_eq!(
             users,
             [
@@ -455,6 +476,6 @@ mod tests {
                 (Grain::Minute.bucket(t0), "b")
             ]
         );
-        assert_eq!(active_users(&rows, Grain::Day).len(), 2);
+        assert_eq!(active_users(&fold(&rows, Grain::Day)).len(), 2);
     }
 }

@@ -135,9 +135,12 @@ impl<P> Read<P> {
         let tenant = self.reader.tenant;
         let cache = &self.state.cache;
         let scope = ReadScope::new(&self.reader.visibility, range);
-        if let Some(announced) = cache.announced(&tenant).await {
-            let cached = CachedAnswer::at(tenant, announced, &scope, request_key);
-            if let Some(hit) = cached.get(cache).await {
+        let announced = cache.announced(&tenant).await;
+        if let Some(at) = announced {
+            if let Some(hit) = CachedAnswer::at(tenant, at, &scope, request_key)
+                .get(cache)
+                .await
+            {
                 return Ok(hit);
             }
         }
@@ -145,12 +148,16 @@ impl<P> Read<P> {
             .await
             .map_err(db_error)?;
         let fresh = read.as_ref().map(|r| &r.fresh);
-        if let Some(f) = fresh {
-            cache.raise(&tenant, f.version, f.seq).await;
+        let seen = fresh.map(|f| (f.version, f.seq));
+        if let Some((version, seq)) = seen.filter(|&seen| announced < Some(seen)) {
+            cache.raise(&tenant, version, seq).await;
         }
         let cached = CachedAnswer::new(tenant, fresh, &scope, request_key);
-        if let Some(hit) = cached.get(cache).await {
-            return Ok(hit);
+        // Under the announced watermark it was looked up already.
+        if seen.is_none() || seen != announced {
+            if let Some(hit) = cached.get(cache).await {
+                return Ok(hit);
+            }
         }
         let answer = compute(read).await?;
         cached.put(cache, &answer).await

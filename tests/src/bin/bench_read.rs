@@ -1,12 +1,12 @@
 //! `tally-bench-read`: the read-side benchmark. Loads N events spread over D days into a new
 //! tenant — raw rows and rollups built by the projector's own code (`RawRow::from_event`,
-//! `rollups::fold`) and written with COPY, i.e. exactly what projecting them would leave,
+//! `rollups::fold`, `tenant_wide`, `active_users`) and written with COPY, i.e. exactly what projecting them would leave,
 //! without waiting hours for it — then measures query-api's overview and a D-day hourly time
 //! series, uncached (a fresh watermark before every request, as after each projector batch)
 //! and cached, and compares them with a Redis GET of the same answer (the floor). Ends with the
 //! raw tables' size; with TimescaleDB, compresses them and reports the storage ratio.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -98,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
             )))
             .fetch_one(&pool)
             .await?;
-            shared::watermark::raise(&mut redis, &tenant, 1, seq).await?;
+            shared::watermark::raise(&mut redis, &[(tenant, 1, seq)]).await?;
             let (t, cache, _) = get(&client, &url, &key).await?;
             anyhow::ensure!(cache == "miss", "expected a cache miss, got {cache}");
             uncached.push(t);
@@ -287,9 +287,7 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
     let midnight = now
         .duration_trunc(TimeDelta::days(1))
         .expect("a day fits in a timestamp");
-    // Per cube (in `Cube::ALL` order): the days' rollups.
-    let mut daily: [BTreeMap<Key, Measures>; 2] = Default::default();
-    let mut daily_users: BTreeSet<(chrono::DateTime<Utc>, String)> = BTreeSet::new();
+    let mut daily: BTreeMap<Key, Measures> = BTreeMap::new();
     let ctx = IngestContext {
         tenant_id: tenant,
         actor: Actor::default(),
@@ -350,34 +348,20 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
             }
         }
         for grain in [Grain::Minute, Grain::Hour] {
-            for cube in Cube::ALL {
-                let folded = rollups::fold(rows.iter(), grain, cube);
-                write_rollups(&mut conn, &schema, grain, cube, folded.iter()).await?;
-            }
-            let users = rollups::active_users(rows.iter(), grain);
-            write_active_users(
+            write_grain(
                 &mut conn,
                 &schema,
                 grain,
-                users.iter().map(|(b, u)| (*b, *u)),
+                &rollups::fold(rows.iter(), grain),
             )
             .await?;
         }
-        for (cube, daily) in Cube::ALL.into_iter().zip(&mut daily) {
-            for (k, m) in rollups::fold(rows.iter(), Grain::Day, cube) {
-                merge(daily.entry(k).or_default(), &m);
-            }
-        }
-        for (b, u) in rollups::active_users(rows.iter(), Grain::Day) {
-            daily_users.insert((b, u.to_string()));
+        for (k, m) in rollups::fold(rows.iter(), Grain::Day) {
+            daily.entry(k).or_default().add(&m);
         }
         println!("  day {}/{}: {} events", day + 1, args.days, rows.len());
     }
-    for (cube, daily) in Cube::ALL.into_iter().zip(&daily) {
-        write_rollups(&mut conn, &schema, Grain::Day, cube, daily.iter()).await?;
-    }
-    let users = daily_users.iter().map(|(b, u)| (*b, u.as_str()));
-    write_active_users(&mut conn, &schema, Grain::Day, users).await?;
+    write_grain(&mut conn, &schema, Grain::Day, &daily).await?;
     let total = (per_day as i64) * args.days;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE {schema}.projection_state SET seq = seq + 1, events = $1, as_of = now()"
@@ -395,29 +379,42 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
     Ok(())
 }
 
-fn merge(into: &mut Measures, m: &Measures) {
-    into.count += m.count;
-    into.errors += m.errors;
-    into.duration_sum += m.duration_sum;
-    into.duration_max = into.duration_max.max(m.duration_max);
-    into.input_tokens += m.input_tokens;
-    into.output_tokens += m.output_tokens;
-    into.value_sum += m.value_sum;
-    for (a, b) in into.duration_hist.iter_mut().zip(&m.duration_hist) {
-        *a += b;
-    }
+/// Writes one grain's per-key rollups, and the tenant-wide ones and active users derived from
+/// them, as the projector's transaction would have left them.
+async fn write_grain(
+    conn: &mut sqlx::PgConnection,
+    schema: &shared::tenant::SchemaName,
+    grain: Grain,
+    keyed: &BTreeMap<Key, Measures>,
+) -> anyhow::Result<()> {
+    write_rollups(conn, schema, grain, Cube::Keys, keyed).await?;
+    write_rollups(
+        conn,
+        schema,
+        grain,
+        Cube::Tenant,
+        &rollups::tenant_wide(keyed),
+    )
+    .await?;
+    write_active_users(
+        conn,
+        schema,
+        grain,
+        rollups::active_users(keyed).into_iter(),
+    )
+    .await
 }
 
 /// Writes folded rollups of one grain and cube with COPY, as the projector's upserts would
 /// have left them.
-async fn write_rollups<'a>(
+async fn write_rollups(
     conn: &mut sqlx::PgConnection,
     schema: &shared::tenant::SchemaName,
     grain: Grain,
     cube: Cube,
-    rows: impl Iterator<Item = (&'a Key, &'a Measures)>,
+    rows: &BTreeMap<Key, Measures>,
 ) -> anyhow::Result<()> {
-    let entries: Vec<(&Key, &Measures)> = rows.collect();
+    let entries: Vec<(&Key, &Measures)> = rows.iter().collect();
     let (dimensions, columns) = match cube {
         Cube::Keys => (
             true,

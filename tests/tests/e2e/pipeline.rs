@@ -154,9 +154,12 @@ async fn two_tenants_see_exact_and_separate_numbers() {
         text.lines()
             .find(|l| l.starts_with("query_tenant_reads_total"))
             .and_then(|l| l.rsplit(' ').next())
-            .map_or(0.0, |v| v.parse::<f64>().unwrap())
+            .expect("query_tenant_reads_total on query-api's /metrics")
+            .parse::<f64>()
+            .unwrap()
     };
     let before = tenant_reads().await;
+    assert!(before >= 1.0, "the miss above read the projection");
     for _ in 0..20 {
         let res = client
             .get(&url)
