@@ -14,10 +14,10 @@ use shared::tenant::TenantId;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::models::rollups::{self, Cube, Grain};
+use crate::models::rollups::{self, Deltas, Grain, Pending};
 use crate::models::{audit, people, raw, sessions, watermark};
 use crate::offsets::{self, OffsetRange};
-use crate::prepare::{target_versions, Target};
+use crate::prepare::{target_versions, Target, Versions};
 use crate::schema;
 
 /// How long a batch waits for Redis to take its watermarks before committing without.
@@ -55,9 +55,19 @@ pub enum WriteError {
     Db(#[from] sqlx::Error),
 }
 
-/// Writes the batch and advances the offsets, all in one transaction. With `announce`, the
-/// watermark each tenant will have is announced in Redis just before the commit
-/// ([`shared::watermark::raise`]), for the cache lookups that open no transaction.
+/// How a batch is written.
+pub enum Mode<'a> {
+    /// Live traffic: rollups upserted in the batch's transaction. With a Redis connection,
+    /// the watermark each tenant will have is announced just before the commit
+    /// ([`shared::watermark::raise`]), for the cache lookups that open no transaction.
+    Live(Option<&'a mut ConnectionManager>),
+    /// A rebuild's bulk load into versions nobody reads yet: raw rows by `COPY`, rollup
+    /// deltas held back in [`Pending`] once the transaction commits (written later, many
+    /// batches at once, by [`write_pending`]).
+    Bulk(&'a mut Pending),
+}
+
+/// Writes the batch and advances the offsets, all in one transaction.
 pub async fn write(
     pool: &PgPool,
     projection: &str,
@@ -65,23 +75,37 @@ pub async fn write(
     target: Target<'_>,
     events: &[Decoded],
     offsets: &BTreeMap<i32, OffsetRange>,
-    announce: Option<&mut ConnectionManager>,
+    mode: Mode<'_>,
 ) -> Result<Written, WriteError> {
     let mut tx = pool.begin().await?;
     let mut written = Written::default();
     let versions = target_versions(&mut tx, target).await?;
+    let bulk = matches!(mode, Mode::Bulk(_));
+    let mut held = Vec::new();
     for (tenant, events) in by_tenant(events) {
         let version = versions.get(&tenant).copied().unwrap_or(1);
         schema::set_search_path(&mut tx, &tenant.schema(version)).await?;
-        let (inserted, duplicates, seq) = write_tenant(&mut tx, &events).await?;
+        let (counts, deltas) = write_tenant(&mut tx, &events, bulk).await?;
+        let (inserted, duplicates, seq) = counts;
         written.inserted += inserted;
         written.duplicates += duplicates;
         written.tenants.push((tenant, seq));
+        held.extend(deltas.map(|d| (tenant, d)));
     }
 
     for (partition, range) in offsets {
         offsets::advance(&mut tx, projection, topic, *partition, *range).await?;
     }
+    let announce = match mode {
+        Mode::Live(announce) => announce,
+        Mode::Bulk(pending) => {
+            tx.commit().await?;
+            for (tenant, deltas) in held {
+                pending.add(tenant, deltas);
+            }
+            return Ok(written);
+        }
+    };
     if let Some(redis) = announce {
         let announced: Vec<_> = written
             .tenants
@@ -151,7 +175,7 @@ pub async fn find_refused(
         while let Some(group) = todo.pop() {
             let refs: Vec<&Decoded> = group.iter().map(|&i| &events[i]).collect();
             sqlx::query("SAVEPOINT probe").execute(&mut *tx).await?;
-            match write_tenant(&mut tx, &refs).await {
+            match write_tenant(&mut tx, &refs, false).await {
                 Ok(_) => {
                     sqlx::query("RELEASE SAVEPOINT probe")
                         .execute(&mut *tx)
@@ -184,12 +208,14 @@ pub async fn find_refused(
     Ok(refused)
 }
 
-/// Writes one tenant's events (search_path already points at its schema).
-/// Returns (inserted, duplicates, new watermark seq).
+/// Writes one tenant's events (search_path already points at its schema): (inserted,
+/// duplicates, new watermark seq). In `bulk`, raw rows go by `COPY` and the rollup deltas
+/// are returned instead of written.
 async fn write_tenant(
     conn: &mut PgConnection,
     events: &[&Decoded],
-) -> Result<(u64, u64, i64), WriteError> {
+    bulk: bool,
+) -> Result<((u64, u64, i64), Option<Deltas>), WriteError> {
     // The tenant's row lock first: this transaction's seq is the live feed position of every
     // row it writes, and the lock makes the tenant's transactions commit in seq order.
     let feed_seq = watermark::lock_next_seq(conn).await?;
@@ -200,21 +226,26 @@ async fn write_tenant(
         .filter_map(|e| raw::RawRow::from_event(&e.env, &e.payload))
         .collect();
     let phase = Instant::now();
-    let inserted_rows = raw::insert(conn, &rows, feed_seq).await?;
+    let inserted_rows = if bulk {
+        copy_or_insert(conn, &rows, feed_seq).await?
+    } else {
+        raw::insert(conn, &rows, feed_seq).await?
+    };
     let inserted = inserted_rows.len() as u64;
     let duplicates = (events.len() - rows.len()) as u64 - audited + rows.len() as u64 - inserted;
-
     record_phase("raw", phase);
-    for grain in Grain::ALL {
-        let phase = Instant::now();
-        let keyed = rollups::fold(inserted_rows.iter().copied(), grain);
-        rollups::upsert(conn, grain, Cube::Keys, &keyed).await?;
-        record_phase(Cube::Keys.table(grain), phase);
-        let phase = Instant::now();
-        rollups::upsert(conn, grain, Cube::Tenant, &rollups::tenant_wide(&keyed)).await?;
-        rollups::insert_active_users(conn, grain, &rollups::active_users(&keyed)).await?;
-        record_phase(Cube::Tenant.table(grain), phase);
-    }
+
+    let deltas = rollups::fold_all(&inserted_rows);
+    let held = if bulk {
+        Some(deltas)
+    } else {
+        for (grain, keyed) in Grain::ALL.into_iter().zip(&deltas) {
+            let phase = Instant::now();
+            rollups::write_grain(conn, grain, keyed).await?;
+            record_phase(grain.table(), phase);
+        }
+        None
+    };
     let phase = Instant::now();
 
     let inserted_ids: HashSet<Uuid> = inserted_rows.iter().map(|r| r.event_id).collect();
@@ -233,7 +264,42 @@ async fn write_tenant(
         seq, feed_seq,
         "projection_state is locked by this transaction"
     );
-    Ok((inserted + audited, duplicates, seq))
+    Ok(((inserted + audited, duplicates, seq), held))
+}
+
+/// A bulk load's raw rows: `COPY` under a savepoint; if an event id was stored already or
+/// comes twice (a unique violation), the normal insert, which keeps the first.
+async fn copy_or_insert<'r, 'a>(
+    conn: &mut PgConnection,
+    rows: &'r [raw::RawRow<'a>],
+    feed_seq: i64,
+) -> sqlx::Result<Vec<&'r raw::RawRow<'a>>> {
+    sqlx::query("SAVEPOINT bulk").execute(&mut *conn).await?;
+    match raw::copy(conn, rows, feed_seq).await {
+        Ok(all) => Ok(all),
+        Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("23505") => {
+            sqlx::query("ROLLBACK TO SAVEPOINT bulk")
+                .execute(&mut *conn)
+                .await?;
+            raw::insert(conn, rows, feed_seq).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes held-back rollup deltas ([`Pending::take`]), in one transaction.
+pub async fn write_pending(
+    pool: &PgPool,
+    versions: &Versions,
+    deltas: &[(TenantId, Grain, BTreeMap<rollups::Key, rollups::Measures>)],
+) -> sqlx::Result<()> {
+    let mut tx = pool.begin().await?;
+    for (tenant, grain, keyed) in deltas {
+        let version = versions.get(tenant).copied().unwrap_or(1);
+        schema::set_search_path(&mut tx, &tenant.schema(version)).await?;
+        rollups::write_grain(&mut tx, *grain, keyed).await?;
+    }
+    tx.commit().await
 }
 
 /// Time spent per write phase, to see where a batch's time goes.

@@ -31,6 +31,10 @@ pub struct Config {
     /// How long `replay` waits after switching before it drops the old version, so that
     /// requests that started on it finish.
     pub replay_drop_grace_secs: u64,
+    /// Whether `replay` bulk-loads the log up to where it ended when the replay started
+    /// (`COPY`, indexes built at the end, rollups folded across batches) before it catches up
+    /// batch by batch. Off, every record takes the live path.
+    pub replay_bulk: bool,
     /// How long a consume loop may fail to commit its batch before `/readyz` answers 503.
     pub stall_unready_secs: u64,
 }
@@ -49,6 +53,7 @@ impl Default for Config {
             consumer_session_timeout_ms: 10_000,
             retention_interval_secs: 3600,
             replay_drop_grace_secs: 10,
+            replay_bulk: true,
             stall_unready_secs: 30,
         }
     }

@@ -418,7 +418,7 @@ impl Projector {
                     Target::Live(&versions),
                     &batch.events,
                     &batch.offsets,
-                    redis.as_mut(),
+                    batch::Mode::Live(redis.as_mut()),
                 )
                 .await
             };

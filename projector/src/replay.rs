@@ -13,6 +13,12 @@
 //! So the new version holds everything the old one did when it starts serving: no count
 //! goes backwards. The replay's own position lives in memory: if it dies, the next run
 //! drops the half-built version and starts over.
+//!
+//! Up to the log end as it was when the replay started, the rebuild is a bulk load
+//! ([`Bulk`]): the new schemas' secondary indexes are dropped, raw rows go in by `COPY`,
+//! rollup deltas are folded across many batches and upserted once per key and grain, and
+//! the indexes are built again at the end. The rest (what arrived since) takes the normal
+//! path, batch by batch, before the switch.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -25,8 +31,9 @@ use serde::Serialize;
 use shared::tenant::TenantId;
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 
-use crate::batch::{self, Decoded, WriteError};
+use crate::batch::{self, Decoded, Mode, WriteError};
 use crate::consumer::Poison;
+use crate::models::rollups::Pending;
 use crate::prepare::{self, Prepared, Target, Versions};
 use crate::schema::{self, Lock};
 use crate::Config;
@@ -56,6 +63,10 @@ pub struct Report {
     pub records_per_sec: f64,
     /// How long the live projector's batches for these tenants waited on the switch.
     pub switch_ms: f64,
+    /// Seconds the bulk load took (up to the log end when the replay started), and of those
+    /// the building of the indexes it dropped.
+    pub bulk_secs: f64,
+    pub index_secs: f64,
     /// Records of the replayed tenants that could not be projected (today's validation
     /// refuses them, or PostgreSQL does): sent to the dead-letter topics, not dropped.
     pub dead_lettered: u64,
@@ -65,6 +76,23 @@ pub struct Report {
 
 /// A topic-and-partition of the replay's assignment: index into `topics`, partition.
 type Tp = (usize, i32);
+
+/// The bulk load of a rebuild: it lasts until every partition is read up to where the log
+/// ended when the replay started.
+struct Bulk {
+    until: HashMap<Tp, i64>,
+    /// Rollup deltas folded across batches, written when a grain holds many keys.
+    pending: Pending,
+    /// The secondary indexes dropped from each new schema, built again at the end.
+    indexes: BTreeMap<TenantId, Vec<String>>,
+    started: Instant,
+}
+
+/// Records per bulk-load batch, in multiples of the live batch size.
+const BULK_BATCHES: usize = 4;
+/// Keys a grain's held-back rollup deltas may reach before they are written (about 1 KB
+/// each in memory).
+const BULK_PENDING_KEYS: usize = 50_000;
 
 struct Switching {
     tx: Transaction<'static, Postgres>,
@@ -92,6 +120,9 @@ struct Replayer<'a> {
     /// Connected before the switch, which announces the new versions' watermarks with it
     /// while live batches of those tenants wait.
     redis: Option<redis::aio::ConnectionManager>,
+    bulk: Option<Bulk>,
+    /// (bulk load, index build) seconds, once the bulk load is done.
+    bulk_took: (f64, f64),
     records: u64,
     projected: u64,
     dead_lettered: u64,
@@ -156,6 +187,16 @@ pub async fn replay(
         }
     }
     consumer.assign(&tpl)?;
+    // The log end now: everything before it is bulk-loaded.
+    let mut until = HashMap::new();
+    for &(i, p) in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(&topics[i], p, Duration::from_secs(10))
+            .with_context(|| format!("reading the end of {}[{p}]", topics[i]))?;
+        if high > low {
+            until.insert((i, p), high);
+        }
+    }
 
     let mut r = Replayer {
         config,
@@ -172,6 +213,13 @@ pub async fn replay(
         poison: Vec::new(),
         dlq: shared::kafka::producer(&config.common, Duration::from_secs(30))?,
         redis: shared::redis_client::connect(&config.common.redis_url).await,
+        bulk: (config.replay_bulk && !until.is_empty()).then(|| Bulk {
+            until,
+            pending: Pending::new(BULK_PENDING_KEYS),
+            indexes: BTreeMap::new(),
+            started: Instant::now(),
+        }),
+        bulk_took: (0.0, 0.0),
         records: 0,
         projected: 0,
         dead_lettered: 0,
@@ -199,6 +247,8 @@ pub async fn replay(
         seconds,
         records_per_sec: r.records as f64 / seconds.max(1e-9),
         switch_ms,
+        bulk_secs: r.bulk_took.0,
+        index_secs: r.bulk_took.1,
         dead_lettered: r.dead_lettered,
         versions: tenants
             .iter()
@@ -299,7 +349,18 @@ impl Replayer<'_> {
                 }
                 Err(_idle) => {}
             }
-            let full = self.batch.len() >= self.config.batch_max_events;
+            let max = if self.bulk.is_some() {
+                self.config.batch_max_events * BULK_BATCHES
+            } else {
+                self.config.batch_max_events
+            };
+            let full = self.batch.len() >= max;
+            // A bulk load reads as fast as it can: its batches wait for more to fill up.
+            let linger = if self.bulk.is_some() {
+                linger * BULK_BATCHES as u32
+            } else {
+                linger
+            };
             let due = batch_started.is_some_and(|t| t.elapsed() >= linger);
             if full || due {
                 self.flush().await?;
@@ -311,7 +372,9 @@ impl Replayer<'_> {
                 let secs = started.elapsed().as_secs_f64();
                 let rate = self.records as f64 / secs.max(1e-9);
                 on_progress(&Progress {
-                    phase: if switching.is_some() {
+                    phase: if self.bulk.is_some() {
+                        "bulk loading"
+                    } else if switching.is_some() {
                         "switching"
                     } else {
                         "rebuilding"
@@ -322,7 +385,10 @@ impl Replayer<'_> {
                     lag,
                     eta_secs: (rate > 0.0).then(|| lag as f64 / rate),
                 });
-                if switching.is_none() && lag <= self.config.batch_max_events as i64 {
+                if switching.is_none()
+                    && self.bulk.is_none()
+                    && lag <= self.config.batch_max_events as i64
+                {
                     switching = Some(self.begin_switch(current).await?);
                 }
             }
@@ -376,6 +442,13 @@ impl Replayer<'_> {
                     &self.batch,
                 )
                 .await?;
+                let mode = match self.bulk.as_mut() {
+                    Some(bulk) => {
+                        drop_indexes(self.pool, bulk, &self.target, &self.batch).await?;
+                        Mode::Bulk(&mut bulk.pending)
+                    }
+                    None => Mode::Live(None),
+                };
                 batch::write(
                     self.pool,
                     &self.config.projection,
@@ -383,7 +456,7 @@ impl Replayer<'_> {
                     Target::Fixed(&self.target),
                     &self.batch,
                     &BTreeMap::new(),
-                    None,
+                    mode,
                 )
                 .await
             };
@@ -430,6 +503,48 @@ impl Replayer<'_> {
         }
         self.batch.clear();
         self.written.extend(self.read.iter().map(|(k, v)| (*k, *v)));
+        self.bulk_step().await
+    }
+
+    /// After a bulk-load batch: writes the rollup deltas that grew large, and once the
+    /// whole bulk is loaded, every held delta and the dropped indexes.
+    async fn bulk_step(&mut self) -> anyhow::Result<()> {
+        let Some(bulk) = self.bulk.as_mut() else {
+            return Ok(());
+        };
+        let done = bulk
+            .until
+            .iter()
+            .all(|(tp, end)| self.written.get(tp).is_some_and(|w| w >= end));
+        let due = bulk.pending.take(done);
+        retry("writing held rollups", || {
+            batch::write_pending(self.pool, &self.target, &due)
+        })
+        .await;
+        if !done {
+            return Ok(());
+        }
+        let loaded = bulk.started.elapsed();
+        let indexing = Instant::now();
+        for (tenant, definitions) in &bulk.indexes {
+            let schema = tenant.schema(self.target[tenant]);
+            retry("building indexes", || async {
+                let mut conn = self.pool.acquire().await?;
+                schema::create_indexes(&mut conn, &schema, definitions).await
+            })
+            .await;
+        }
+        self.bulk_took = (
+            bulk.started.elapsed().as_secs_f64(),
+            indexing.elapsed().as_secs_f64(),
+        );
+        tracing::info!(
+            records = self.records,
+            loaded_secs = loaded.as_secs_f64(),
+            indexed_secs = self.bulk_took.1,
+            "bulk load done; catching up"
+        );
+        self.bulk = None;
         Ok(())
     }
 
@@ -533,5 +648,41 @@ impl Replayer<'_> {
         }
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// Drops the secondary indexes of the new schemas a bulk batch writes to for the first time
+/// (their schemas exist: `prepare` made them).
+async fn drop_indexes(
+    pool: &PgPool,
+    bulk: &mut Bulk,
+    target: &Versions,
+    batch: &[Decoded],
+) -> Result<(), WriteError> {
+    for d in batch {
+        let tenant = d.env.tenant_id;
+        if bulk.indexes.contains_key(&tenant) {
+            continue;
+        }
+        let mut conn = pool.acquire().await?;
+        let dropped =
+            schema::drop_secondary_indexes(&mut conn, &tenant.schema(target[&tenant])).await?;
+        bulk.indexes.insert(tenant, dropped);
+    }
+    Ok(())
+}
+
+/// Runs `attempt` until it succeeds, backing off while PostgreSQL is away (a rebuild has
+/// nothing better to do; if it is stopped, the next one starts over).
+async fn retry<F, Fut>(what: &str, mut attempt: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = sqlx::Result<()>>,
+{
+    let mut backoff = Duration::from_millis(200);
+    while let Err(e) = attempt().await {
+        tracing::warn!(error = %e, "replay: {what} failed; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }

@@ -352,6 +352,81 @@ pub async fn insert_active_users(
     Ok(())
 }
 
+/// Every grain's per-key deltas of one batch ([`fold`]), in [`Grain::ALL`] order.
+pub type Deltas = [BTreeMap<Key, Measures>; 3];
+
+/// Folds rows into every grain's per-key deltas.
+pub fn fold_all<'a>(rows: &[&'a RawRow<'a>]) -> Deltas {
+    Grain::ALL.map(|grain| fold(rows.iter().copied(), grain))
+}
+
+/// Adds `from` into `into`, key by key.
+fn merge(into: &mut BTreeMap<Key, Measures>, from: BTreeMap<Key, Measures>) {
+    for (k, m) in from {
+        match into.entry(k) {
+            std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().add(&m),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(m);
+            }
+        }
+    }
+}
+
+/// Writes one grain's per-key deltas and what follows from them: the tenant-wide rollup and
+/// the active users (search_path already points at the tenant's schema).
+pub async fn write_grain(
+    conn: &mut PgConnection,
+    grain: Grain,
+    keyed: &BTreeMap<Key, Measures>,
+) -> sqlx::Result<()> {
+    upsert(conn, grain, Cube::Keys, keyed).await?;
+    upsert(conn, grain, Cube::Tenant, &tenant_wide(keyed)).await?;
+    insert_active_users(conn, grain, &active_users(keyed)).await
+}
+
+/// Rollup deltas a rebuild holds back across batches, per tenant and grain: a bulk load
+/// folds many batches into one upsert per key instead of one per batch. A grain is written
+/// once it holds `cap` keys (which bounds the memory), and every grain at the end.
+#[derive(Debug, Default)]
+pub struct Pending {
+    cap: usize,
+    tenants: BTreeMap<shared::tenant::TenantId, Deltas>,
+}
+
+impl Pending {
+    pub fn new(cap: usize) -> Pending {
+        Pending {
+            cap,
+            tenants: BTreeMap::new(),
+        }
+    }
+
+    /// Holds a committed batch's deltas of `tenant`.
+    pub fn add(&mut self, tenant: shared::tenant::TenantId, deltas: Deltas) {
+        let held = self.tenants.entry(tenant).or_default();
+        for (into, from) in held.iter_mut().zip(deltas) {
+            merge(into, from);
+        }
+    }
+
+    /// Takes the deltas to write now: the grains holding `cap` keys or more, or every one
+    /// with `all`.
+    pub fn take(
+        &mut self,
+        all: bool,
+    ) -> Vec<(shared::tenant::TenantId, Grain, BTreeMap<Key, Measures>)> {
+        let mut out = Vec::new();
+        for (tenant, held) in &mut self.tenants {
+            for (grain, keyed) in Grain::ALL.into_iter().zip(held.iter_mut()) {
+                if !keyed.is_empty() && (all || keyed.len() >= self.cap) {
+                    out.push((*tenant, grain, std::mem::take(keyed)));
+                }
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

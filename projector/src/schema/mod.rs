@@ -306,6 +306,54 @@ pub async fn drop_tenant_schema(
     Ok(())
 }
 
+/// Drops the secondary (non-unique) indexes of a schema's raw tables and returns their
+/// definitions for [`create_indexes`]: a rebuild loads the rows first and builds these once,
+/// by sorting, instead of maintaining them row by row. (Dropping a partitioned table's or a
+/// hypertable's index drops its partitions' or chunks' too.)
+pub async fn drop_secondary_indexes(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+) -> sqlx::Result<Vec<String>> {
+    let tables: Vec<&str> = RawTable::ALL.iter().map(|t| t.name()).collect();
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
+           FROM pg_index i
+           JOIN pg_class t ON t.oid = i.indrelid
+           JOIN pg_namespace n ON n.oid = t.relnamespace
+          WHERE n.nspname = $1 AND t.relname = ANY($2) AND NOT i.indisunique",
+    )
+    .bind(schema.as_str())
+    .bind(&tables)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (name, _) in &indexes {
+        sqlx::query(AssertSqlSafe(format!("DROP INDEX {name}")))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(indexes.into_iter().map(|(_, def)| def).collect())
+}
+
+/// Builds indexes from their definitions ([`drop_secondary_indexes`]), then refreshes the
+/// planner's statistics of the schema's raw tables.
+pub async fn create_indexes(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    definitions: &[String],
+) -> sqlx::Result<()> {
+    for def in definitions {
+        sqlx::query(AssertSqlSafe(def.clone()))
+            .execute(&mut *conn)
+            .await?;
+    }
+    for table in RawTable::ALL {
+        sqlx::query(AssertSqlSafe(format!("ANALYZE {schema}.{}", table.name())))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Brings the tenant schemas made by older versions up to date: each gets its reader role
 /// if it has none, and the templates it has not had yet. Part of [`crate::migrate`], so an
 /// idle tenant's dashboards get them too, not only when the projector next writes to it.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use chrono::{DurationRound, TimeDelta, Utc};
 use clap::Parser;
 use ingest_api::ingest::{IngestContext, TimeBounds};
-use projector::models::raw::RawRow;
+use projector::models::raw::{self, RawRow};
 use projector::models::rollups::{self, Cube, Grain, Key, Measures};
 use projector::schema::{self, partitions};
 use shared::apikey::Scope;
@@ -40,9 +40,6 @@ struct Args {
     #[arg(long, env = "TALLY_REDIS_URL")]
     redis_url: String,
 }
-
-const RAW_COLUMNS: &str = "event_id, occurred_at, received_at, user_id, team_id, project_id, \
-     session_id, name, status, duration_ms, input_tokens, output_tokens, value, data";
 
 fn csv_text(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -321,31 +318,10 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
             }
         }
         for chunk in rows.chunks(50_000) {
-            let mut by_table: BTreeMap<&'static str, String> = BTreeMap::new();
-            for r in chunk {
-                let csv = by_table.entry(r.table.name()).or_default();
-                let _ = writeln!(
-                    csv,
-                    "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
-                    r.event_id,
-                    r.occurred_at.to_rfc3339(),
-                    r.received_at.to_rfc3339(),
-                    csv_text(&r.user_id),
-                    csv_text(&r.team_id),
-                    csv_text(&r.project_id),
-                    csv_text(&r.session_id),
-                    csv_text(&r.name),
-                    csv_text(&r.status),
-                    r.duration_ms,
-                    r.input_tokens,
-                    r.output_tokens,
-                    r.value,
-                    csv_text(&r.data.to_string())
-                );
-            }
-            for (table, csv) in by_table {
-                copy_into(&mut conn, &schema, table, RAW_COLUMNS, csv).await?;
-            }
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            schema::set_search_path(&mut tx, &schema).await?;
+            raw::copy(&mut tx, chunk, 1).await?;
+            tx.commit().await?;
         }
         for grain in [Grain::Minute, Grain::Hour] {
             write_grain(
