@@ -10,14 +10,15 @@ PROFILE ?= release
 BIN_DIR := $(CARGO_TARGET_DIR)/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 ENV := source deploy/local/env.sh
 
-.PHONY: help up down test build lint fmt status load overload bench-read bench fuzz clean-data
+.PHONY: help up down test build lint fmt status load overload freshness bench-read bench fuzz clean-data
 
 help:
 	@echo "make up      install what is missing, start Kafka, PostgreSQL, Redis and Tally, create a demo tenant"
 	@echo "make test    run every test (lint, unit, end-to-end over real Kafka, PostgreSQL, Redis)"
 	@echo "make down    stop everything (data is kept; 'make clean-data' deletes it)"
 	@echo "make status  what is running"
-	@echo "make load    run the load generator against 'make up' (EVENTS=200000 CONCURRENCY=8 BATCH=500 FORMAT=events|otlp)"
+	@echo "make load    run the load generator against 'make up' (EVENTS=200000 CONCURRENCY=8 BATCH=500 FORMAT=events|otlp SHAPE=backfill|live)"
+	@echo "make freshness  offer RATE=10000 events/s for SECONDS=60; time 202 → counted in the overview, peak memory of each service (after 'make up')"
 	@echo "make overload  offer ingest-api twice the rate it sustains (FACTOR=2 SECONDS=30); report shedding, memory, exactly-once (after 'make up')"
 	@echo "make bench-read  load READ_EVENTS over READ_DAYS into a new tenant, time overview and time series (after 'make up')"
 	@echo "make bench   make load, then make bench-read: the write, read and storage figures of the path PostgreSQL offers"
@@ -65,11 +66,14 @@ EVENTS ?= 200000
 CONCURRENCY ?= 8
 BATCH ?= 500
 FORMAT ?= events
+SHAPE ?= backfill
 load:
 	test -f .tally/demo.env || { echo "run 'make up' first"; exit 1; }
 	cargo build --profile $(PROFILE) -p tally-tests --bin tally-load
-	$(ENV) && source .tally/demo.env && $(BIN_DIR)/tally-load --events $(EVENTS) \
-		--concurrency $(CONCURRENCY) --batch $(BATCH) --format $(FORMAT) --baseline
+	$(ENV) && source .tally/demo.env && \
+		TALLY_BENCH_COMMAND="make load EVENTS=$(EVENTS) FORMAT=$(FORMAT) SHAPE=$(SHAPE)" \
+		$(BIN_DIR)/tally-load --events $(EVENTS) --concurrency $(CONCURRENCY) --batch $(BATCH) \
+		--format $(FORMAT) --shape $(SHAPE) --baseline
 
 FACTOR ?= 2
 SECONDS ?= 30
@@ -78,6 +82,17 @@ overload:
 	cargo build --profile $(PROFILE) -p tally-tests --bin tally-overload
 	$(ENV) && $(BIN_DIR)/tally-overload --factor $(FACTOR) --seconds $(SECONDS) \
 		--pid-file "$${TALLY_HOME:-.tally}/run/ingest-api.pid"
+
+# SECONDS is overload's too; freshness runs 60 s unless it is given.
+RATE ?= 10000
+FRESHNESS_SECONDS = $(if $(filter command line environment,$(origin SECONDS)),$(SECONDS),60)
+freshness:
+	test -f .tally/demo.env || { echo "run 'make up' first"; exit 1; }
+	cargo build --profile $(PROFILE) -p tally-tests --bin tally-freshness
+	$(ENV) && source .tally/demo.env && \
+		TALLY_BENCH_COMMAND="make freshness RATE=$(RATE) SECONDS=$(FRESHNESS_SECONDS)" \
+		$(BIN_DIR)/tally-freshness --rate $(RATE) --seconds $(FRESHNESS_SECONDS) \
+		--concurrency $(CONCURRENCY) --batch $(BATCH) --pid-dir "$${TALLY_HOME:-.tally}/run"
 
 READ_EVENTS ?= 10000000
 READ_DAYS ?= 30

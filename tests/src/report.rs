@@ -82,6 +82,19 @@ pub fn command() -> String {
     })
 }
 
+/// `9954` → "9 954": numbers in job texts, grouped as the README writes them.
+pub fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Appends `figure` as one JSON line to the file named by `TALLY_BENCH_REPORT`; does nothing
 /// when that is unset. Prints nothing: the benchmark prints its own figures.
 pub fn record(figure: &Figure) -> std::io::Result<()> {
@@ -118,6 +131,20 @@ mod tests {
         assert_eq!(json["raw"]["name"], "rdkafka producer, same events");
         assert_eq!(json["goal"], "≥ 0.5 ×");
         assert_eq!(Figure::new("x", 1.0, "ms").raw("zero", 0.0).ratio, None);
+    }
+
+    #[test]
+    fn numbers_are_grouped_by_thousands() {
+        let cases = [
+            (0, "0"),
+            (999, "999"),
+            (1000, "1 000"),
+            (9954, "9 954"),
+            (1234567, "1 234 567"),
+        ];
+        for (n, text) in cases {
+            assert_eq!(grouped(n), text);
+        }
     }
 
     #[test]

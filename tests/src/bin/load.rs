@@ -33,13 +33,8 @@ use tally_tests::report::{self, Figure};
 #[derive(Parser, Debug)]
 #[command(about = "Tally load generator")]
 struct Args {
-    /// ingest-api base URL.
-    #[arg(
-        long,
-        env = "TALLY_INGEST_URL",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    url: String,
+    #[command(flatten)]
+    services: tally_tests::ServiceUrls,
     /// An API key with the `ingest` scope.
     #[arg(long, env = "TALLY_INGEST_KEY")]
     key: String,
@@ -65,8 +60,6 @@ struct Args {
     /// end-to-end rate (HTTP → Kafka → projector → PostgreSQL → query-api).
     #[arg(long, env = "TALLY_READ_KEY")]
     read_key: Option<String>,
-    #[arg(long, env = "TALLY_QUERY_URL", default_value = "http://127.0.0.1:8081")]
-    query_url: String,
     /// PostgreSQL for the raw-COPY baseline (the projector's ceiling), with `--baseline`.
     #[arg(long, env = "TALLY_DATABASE_URL")]
     database_url: Option<String>,
@@ -175,7 +168,7 @@ async fn main() -> anyhow::Result<()> {
     let requests = args.events.div_ceil(args.batch);
     println!(
         "tally-load: {} events ({:?} shape) in {} requests of {} at concurrency {} → {}",
-        args.events, args.shape, requests, args.batch, args.concurrency, args.url
+        args.events, args.shape, requests, args.batch, args.concurrency, args.services.url
     );
     // Bodies are generated up front so the generator does not compete with the sender. For
     // OTLP, the baseline produces the events the same points become.
@@ -223,7 +216,9 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let counted_before = match &args.read_key {
-        Some(key) => Some(tally_tests::dashboard_total(&client, &args.query_url, key).await?),
+        Some(key) => {
+            Some(tally_tests::dashboard_total(&client, &args.services.query_url, key).await?)
+        }
         None => None,
     };
     let queue = Arc::new(Mutex::new(
@@ -268,7 +263,7 @@ async fn main() -> anyhow::Result<()> {
             latencies.clone(),
         );
         let (url, key, batch, events) = (
-            format!("{}{path}", args.url),
+            format!("{}{path}", args.services.url),
             args.key.clone(),
             args.batch,
             args.events,
@@ -376,7 +371,7 @@ async fn main() -> anyhow::Result<()> {
         let mut counted = before;
         while counted < target && Instant::now() < wait_deadline {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            counted = tally_tests::dashboard_total(&client, &args.query_url, key).await?;
+            counted = tally_tests::dashboard_total(&client, &args.services.query_url, key).await?;
         }
         let e2e = started.elapsed().as_secs_f64();
         let projected = (counted - before) as f64 / e2e;
