@@ -99,7 +99,8 @@ READ_DAYS ?= 30
 bench-read:
 	test -f .tally/demo.env || { echo "run 'make up' first"; exit 1; }
 	cargo build --profile $(PROFILE) -p tally-tests --bin tally-bench-read
-	$(ENV) && $(BIN_DIR)/tally-bench-read --events $(READ_EVENTS) --days $(READ_DAYS)
+	$(ENV) && TALLY_BENCH_COMMAND="make bench-read READ_EVENTS=$(READ_EVENTS) READ_DAYS=$(READ_DAYS)" \
+		$(BIN_DIR)/tally-bench-read --events $(READ_EVENTS) --days $(READ_DAYS)
 
 # The README's figures for one storage path (native partitions, or TimescaleDB where make up
 # loaded it): ingest and projection against their raw limits, dashboard reads, raw storage.
