@@ -92,7 +92,7 @@ freshness:
 	$(ENV) && source .tally/demo.env && \
 		TALLY_BENCH_COMMAND="make freshness RATE=$(RATE) SECONDS=$(FRESHNESS_SECONDS)" \
 		$(BIN_DIR)/tally-freshness --rate $(RATE) --seconds $(FRESHNESS_SECONDS) \
-		--concurrency $(CONCURRENCY) --batch $(BATCH) --pid-dir "$${TALLY_HOME:-.tally}/run"
+		--pid-dir "$${TALLY_HOME:-.tally}/run"
 
 READ_EVENTS ?= 10000000
 READ_DAYS ?= 30
