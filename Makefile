@@ -10,17 +10,18 @@ PROFILE ?= release
 BIN_DIR := $(CARGO_TARGET_DIR)/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 ENV := source deploy/local/env.sh
 
-.PHONY: help up down test build lint fmt status load overload bench-read bench fuzz clean-data
+.PHONY: help up down test build lint fmt status load overload freshness bench-read bench fuzz clean-data
 
 help:
 	@echo "make up      install what is missing, start Kafka, PostgreSQL, Redis and Tally, create a demo tenant"
 	@echo "make test    run every test (lint, unit, end-to-end over real Kafka, PostgreSQL, Redis)"
 	@echo "make down    stop everything (data is kept; 'make clean-data' deletes it)"
 	@echo "make status  what is running"
-	@echo "make load    run the load generator against 'make up' (EVENTS=200000 CONCURRENCY=8 BATCH=500 FORMAT=events|otlp)"
+	@echo "make load    run the load generator against 'make up' (EVENTS=200000 CONCURRENCY=8 BATCH=500 FORMAT=events|otlp SHAPE=backfill|live)"
+	@echo "make freshness  offer RATE=10000 events/s for SECONDS=60; time 202 → counted in the overview, peak memory of each service (after 'make up')"
 	@echo "make overload  offer ingest-api twice the rate it sustains (FACTOR=2 SECONDS=30); report shedding, memory, exactly-once (after 'make up')"
 	@echo "make bench-read  load READ_EVENTS over READ_DAYS into a new tenant, time overview and time series (after 'make up')"
-	@echo "make bench   make load, then make bench-read: the write, read and storage figures of the path PostgreSQL offers"
+	@echo "make bench   every benchmark (load: events backfill and live, OTLP; freshness; bench-read), then one table of figures, raw limits, ratios and goals"
 	@echo "make fuzz    run every fuzz target for FUZZ_SECONDS each (default 300; FUZZ_TARGETS='jwt cursor' for some)"
 
 up:
@@ -65,11 +66,14 @@ EVENTS ?= 200000
 CONCURRENCY ?= 8
 BATCH ?= 500
 FORMAT ?= events
+SHAPE ?= backfill
 load:
 	test -f .tally/demo.env || { echo "run 'make up' first"; exit 1; }
 	cargo build --profile $(PROFILE) -p tally-tests --bin tally-load
-	$(ENV) && source .tally/demo.env && $(BIN_DIR)/tally-load --events $(EVENTS) \
-		--concurrency $(CONCURRENCY) --batch $(BATCH) --format $(FORMAT) --baseline
+	$(ENV) && source .tally/demo.env && \
+		TALLY_BENCH_COMMAND="make load EVENTS=$(EVENTS) FORMAT=$(FORMAT) SHAPE=$(SHAPE)" \
+		$(BIN_DIR)/tally-load --events $(EVENTS) --concurrency $(CONCURRENCY) --batch $(BATCH) \
+		--format $(FORMAT) --shape $(SHAPE) --baseline
 
 FACTOR ?= 2
 SECONDS ?= 30
@@ -79,18 +83,47 @@ overload:
 	$(ENV) && $(BIN_DIR)/tally-overload --factor $(FACTOR) --seconds $(SECONDS) \
 		--pid-file "$${TALLY_HOME:-.tally}/run/ingest-api.pid"
 
+# SECONDS is overload's too; freshness runs 60 s unless it is given.
+RATE ?= 10000
+FRESHNESS_SECONDS = $(if $(filter command line environment,$(origin SECONDS)),$(SECONDS),60)
+freshness:
+	test -f .tally/demo.env || { echo "run 'make up' first"; exit 1; }
+	cargo build --profile $(PROFILE) -p tally-tests --bin tally-freshness
+	$(ENV) && source .tally/demo.env && \
+		TALLY_BENCH_COMMAND="make freshness RATE=$(RATE) SECONDS=$(FRESHNESS_SECONDS)" \
+		$(BIN_DIR)/tally-freshness --rate $(RATE) --seconds $(FRESHNESS_SECONDS) \
+		--pid-dir "$${TALLY_HOME:-.tally}/run"
+
 READ_EVENTS ?= 10000000
 READ_DAYS ?= 30
 bench-read:
 	test -f .tally/demo.env || { echo "run 'make up' first"; exit 1; }
 	cargo build --profile $(PROFILE) -p tally-tests --bin tally-bench-read
-	$(ENV) && $(BIN_DIR)/tally-bench-read --events $(READ_EVENTS) --days $(READ_DAYS)
+	$(ENV) && TALLY_BENCH_COMMAND="make bench-read READ_EVENTS=$(READ_EVENTS) READ_DAYS=$(READ_DAYS)" \
+		$(BIN_DIR)/tally-bench-read --events $(READ_EVENTS) --days $(READ_DAYS)
 
 # The README's figures for one storage path (native partitions, or TimescaleDB where make up
-# loaded it): ingest and projection against their raw limits, dashboard reads, raw storage.
+# loaded it): every benchmark in turn, each recording its figures in BENCH_REPORT (one JSON
+# line each), then one table of them all. A benchmark that fails does not stop the others; the
+# run fails at the end, after the table.
+ifndef BENCH_REPORT
+BENCH_REPORT := .tally/bench-$(shell date -u +%Y%m%dT%H%M%SZ).jsonl
+endif
+BENCH_STEP = TALLY_BENCH_REPORT="$(abspath $(BENCH_REPORT))" $(MAKE) --no-print-directory
+BENCH_FAILED = echo >>"$(BENCH_REPORT).failed"
 bench:
-	$(MAKE) --no-print-directory load
-	$(MAKE) --no-print-directory bench-read
+	test -f .tally/demo.env || { echo "run 'make up' first"; exit 1; }
+	mkdir -p "$(dir $(BENCH_REPORT))" && : >"$(BENCH_REPORT)" && rm -f "$(BENCH_REPORT).failed"
+	$(BENCH_STEP) load FORMAT=events SHAPE=backfill || $(BENCH_FAILED) "make load"
+	$(BENCH_STEP) load FORMAT=events SHAPE=live || $(BENCH_FAILED) "make load SHAPE=live"
+	$(BENCH_STEP) load FORMAT=otlp SHAPE=backfill || $(BENCH_FAILED) "make load FORMAT=otlp"
+	$(BENCH_STEP) freshness || $(BENCH_FAILED) "make freshness"
+	# bench-replay goes here: $(BENCH_STEP) bench-replay || $(BENCH_FAILED) "make bench-replay"
+	$(BENCH_STEP) bench-read || $(BENCH_FAILED) "make bench-read"
+	@echo
+	@deploy/local/bench-table.py "$(BENCH_REPORT)"
+	@echo "(figures in $(BENCH_REPORT))"
+	@if test -s "$(BENCH_REPORT).failed"; then echo "failed:"; cat "$(BENCH_REPORT).failed"; exit 1; fi
 
 # The fuzz targets of fuzz/ (cargo-fuzz on the stable toolchain); `make test` runs them briefly.
 FUZZ_SECONDS ?= 300

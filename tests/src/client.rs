@@ -7,6 +7,22 @@ use serde_json::Value;
 use shared::config::Common;
 use shared::events::Envelope;
 
+/// Where the running services listen, as the benchmark tools take it: flags, or the
+/// environment that `.tally/demo.env` sets.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServiceUrls {
+    /// ingest-api base URL.
+    #[arg(
+        long,
+        env = "TALLY_INGEST_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub url: String,
+    /// query-api base URL.
+    #[arg(long, env = "TALLY_QUERY_URL", default_value = "http://127.0.0.1:8081")]
+    pub query_url: String,
+}
+
 /// An HTTP client for the tests.
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()

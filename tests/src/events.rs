@@ -45,8 +45,9 @@ impl Expected {
 pub struct Generator {
     rng: StdRng,
     users: Vec<String>,
-    /// Events fall in `[now - spread, now - 1 min]`.
+    /// Events fall in `[now - spread, now - lag]`.
     spread: Duration,
+    lag: Duration,
     /// When the generator was made: events happen in the `spread` before it.
     pub now: DateTime<Utc>,
     pub expected: Expected,
@@ -57,6 +58,7 @@ const AGENTS: [&str; 3] = ["claude", "planner", "reviewer"];
 const TOOLS: [&str; 5] = ["Edit", "Bash", "Read", "Write", "Grep"];
 
 impl Generator {
+    /// Backfill: events fall in `[now - spread, now - 1 min]`, as when a sender catches up.
     pub fn new(seed: u64, user_prefix: &str, users: usize, spread: Duration) -> Generator {
         Generator {
             rng: StdRng::seed_from_u64(seed),
@@ -64,20 +66,27 @@ impl Generator {
                 .map(|i| format!("{user_prefix}-user-{i}"))
                 .collect(),
             spread,
+            lag: Duration::minutes(1),
             now: Utc::now(),
             expected: Expected::default(),
+        }
+    }
+
+    /// Live: events fall in the minute before `now`, as real senders produce them. Move
+    /// `now` forward to keep them live over a long run.
+    pub fn live(self) -> Generator {
+        Generator {
+            spread: Duration::minutes(1),
+            lag: Duration::zero(),
+            ..self
         }
     }
 
     /// One event (client form, with a fresh id).
     pub fn event(&mut self) -> Value {
         let user = self.users[self.rng.random_range(0..self.users.len())].clone();
-        let span = (self.spread - Duration::minutes(1))
-            .num_milliseconds()
-            .max(1);
-        let at = self.now
-            - Duration::minutes(1)
-            - Duration::milliseconds(self.rng.random_range(0..span));
+        let span = (self.spread - self.lag).num_milliseconds().max(1);
+        let at = self.now - self.lag - Duration::milliseconds(self.rng.random_range(0..span));
         let session = format!("{user}-s{}", self.rng.random_range(0..5));
         let kind = self.rng.random_range(0..100);
         let (event_type, data) = if kind < 40 {

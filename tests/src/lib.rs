@@ -6,7 +6,8 @@
 //! [`environment`] (settings, test database, tenants), [`services`] (Tally's services, in
 //! process or as child processes), [`infrastructure`] (private Kafka, PostgreSQL, Redis),
 //! [`client`] (HTTP), [`assertions`] (what the stack holds), [`builders`] (events, times);
-//! [`events`] generates load with known totals, [`oidc`] is a test identity provider.
+//! [`events`] generates load with known totals, [`oidc`] is a test identity provider,
+//! [`report`] records the figures of the benchmarks.
 
 pub mod assertions;
 pub mod builders;
@@ -15,6 +16,7 @@ pub mod environment;
 pub mod events;
 pub mod infrastructure;
 pub mod oidc;
+pub mod report;
 pub mod services;
 
 pub use assertions::*;

@@ -297,7 +297,7 @@ impl IngestProcess {
 }
 
 /// `VmRSS` and `VmHWM` of a live process, in KiB.
-fn memory_kib(pid: u32) -> Option<(u64, u64)> {
+pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| {
         status

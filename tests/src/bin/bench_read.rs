@@ -4,7 +4,8 @@
 //! without waiting hours for it — then measures query-api's overview and a D-day hourly time
 //! series, uncached (a fresh watermark before every request, as after each projector batch)
 //! and cached, and compares them with a Redis GET of the same answer (the floor). Ends with the
-//! raw tables' size; with TimescaleDB, compresses them and reports the storage ratio.
+//! raw tables' size; with TimescaleDB, compresses them and reports the storage ratio. The
+//! uncached and cached p99s go to the bench report too ([`tally_tests::report`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,6 +21,7 @@ use shared::apikey::Scope;
 use shared::events::{Actor, Source};
 use shared::tenant::TenantId;
 use tally_tests::events::Generator;
+use tally_tests::report::{self, Figure};
 
 #[derive(Parser)]
 struct Args {
@@ -75,6 +77,12 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!("| request | uncached p50 | uncached p99 | cached p50 | cached p99 | Redis GET of the answer p50 | cached / Redis |");
     println!("|---|---|---|---|---|---|---|");
+    let data = format!("{} events", report::grouped(args.events as u64));
+    // The goals: uncached p99 ≤ 25 ms at 10 M events and ≤ 50 ms at 100 M.
+    let uncached_goal = match args.events {
+        n if n >= 100_000_000 => "≤ 50 ms",
+        _ => "≤ 25 ms",
+    };
     for (label, path) in [
         (
             format!("overview, {} days", args.days),
@@ -133,6 +141,27 @@ async fn main() -> anyhow::Result<()> {
             ms(pct(&mut floor, 0.5)),
             pct(&mut cached, 0.5).as_secs_f64() / pct(&mut floor, 0.5).as_secs_f64()
         );
+        let millis = |d: Duration| d.as_secs_f64() * 1000.0;
+        report::record(
+            &Figure::new(
+                format!("{label}, {data}, uncached p99"),
+                millis(pct(&mut uncached, 0.99)),
+                "ms",
+            )
+            .goal(uncached_goal),
+        )?;
+        report::record(
+            &Figure::new(
+                format!("{label}, {data}, cached p99"),
+                millis(pct(&mut cached, 0.99)),
+                "ms",
+            )
+            .raw(
+                "Redis GET of the same answer, p99",
+                millis(pct(&mut floor, 0.99)),
+            )
+            .goal("≤ 2 ms"),
+        )?;
     }
     storage_report(&pool, tenant, storage_before).await
 }

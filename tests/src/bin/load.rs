@@ -4,6 +4,9 @@
 //! envelopes produced straight to Kafka with rdkafka (acks=all, idempotent) — and reports
 //! ingest throughput as a ratio of it. `--format otlp` sends the same number of points as
 //! OTLP/HTTP protobuf metrics (Claude Code's token counter) instead of JSON events.
+//! `--shape live` dates every event in the minute before the run, as real senders do; the
+//! default, `backfill`, spreads them over the two hours before it. The figures go to
+//! `TALLY_BENCH_REPORT` too ([`tally_tests::report`]).
 //!
 //! ```text
 //! . .tally/demo.env && cargo run --release -p tally-tests --bin tally-load -- --events 200000 --baseline
@@ -25,17 +28,13 @@ use serde_json::Value;
 use shared::events::{Actor, Source};
 use shared::tenant::TenantId;
 use tally_tests::events::Generator;
+use tally_tests::report::{self, Figure};
 
 #[derive(Parser, Debug)]
 #[command(about = "Tally load generator")]
 struct Args {
-    /// ingest-api base URL.
-    #[arg(
-        long,
-        env = "TALLY_INGEST_URL",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    url: String,
+    #[command(flatten)]
+    services: tally_tests::ServiceUrls,
     /// An API key with the `ingest` scope.
     #[arg(long, env = "TALLY_INGEST_KEY")]
     key: String,
@@ -61,14 +60,15 @@ struct Args {
     /// end-to-end rate (HTTP → Kafka → projector → PostgreSQL → query-api).
     #[arg(long, env = "TALLY_READ_KEY")]
     read_key: Option<String>,
-    #[arg(long, env = "TALLY_QUERY_URL", default_value = "http://127.0.0.1:8081")]
-    query_url: String,
     /// PostgreSQL for the raw-COPY baseline (the projector's ceiling), with `--baseline`.
     #[arg(long, env = "TALLY_DATABASE_URL")]
     database_url: Option<String>,
     /// `events` (JSON to /v1/events) or `otlp` (protobuf metrics to /v1/otlp/v1/metrics).
     #[arg(long, value_enum, default_value_t = Format::Events)]
     format: Format,
+    /// `backfill` (timestamps over the last two hours) or `live` (the last minute).
+    #[arg(long, value_enum, default_value_t = Shape::Backfill)]
+    shape: Shape,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,9 +77,41 @@ enum Format {
     Otlp,
 }
 
+impl Format {
+    /// What is sent, and its rate's unit, for the report.
+    fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            Format::Events => ("JSON events", "events/s"),
+            Format::Otlp => ("OTLP points", "points/s"),
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Shape {
+    Backfill,
+    Live,
+}
+
+impl Shape {
+    /// How far back the events' timestamps reach.
+    fn spread(self) -> chrono::Duration {
+        match self {
+            Shape::Backfill => chrono::Duration::hours(2),
+            Shape::Live => chrono::Duration::minutes(1),
+        }
+    }
+}
+
 /// One OTLP request of `n` delta points of Claude Code's token counter, spread over users,
-/// sessions, token types and the last two hours (each point distinct, so none is a resend).
-fn otlp_request(n: usize, offset: usize) -> pb::ExportMetricsServiceRequest {
+/// sessions, token types and the `spread` before now (each point distinct, so none is a
+/// resend).
+fn otlp_request(
+    n: usize,
+    offset: usize,
+    spread: chrono::Duration,
+) -> pb::ExportMetricsServiceRequest {
+    let spread_ms = spread.num_milliseconds().max(1) as u64;
     let now = Utc::now().timestamp_nanos_opt().expect("now fits") as u64;
     let attr = |k: &str, v: String| pb::KeyValue {
         key: k.into(),
@@ -99,7 +131,7 @@ fn otlp_request(n: usize, offset: usize) -> pb::ExportMetricsServiceRequest {
                 attr("model", "claude-sonnet-4-5".into()),
             ],
             start_time_unix_nano: 0,
-            time_unix_nano: now - (i as u64 % 7_200_000) * 1_000_000,
+            time_unix_nano: now - (i as u64 % spread_ms) * 1_000_000,
             value: Some(pb::number_data_point::Value::AsInt((i % 5000) as i64 + 1)),
             flags: 0,
         })
@@ -135,12 +167,15 @@ async fn main() -> anyhow::Result<()> {
     );
     let requests = args.events.div_ceil(args.batch);
     println!(
-        "tally-load: {} events in {} requests of {} at concurrency {} → {}",
-        args.events, requests, args.batch, args.concurrency, args.url
+        "tally-load: {} events ({:?} shape) in {} requests of {} at concurrency {} → {}",
+        args.events, args.shape, requests, args.batch, args.concurrency, args.services.url
     );
     // Bodies are generated up front so the generator does not compete with the sender. For
     // OTLP, the baseline produces the events the same points become.
-    let mut generator = Generator::new(42, "load", 200, chrono::Duration::hours(2));
+    let mut generator = Generator::new(42, "load", 200, args.shape.spread());
+    if args.shape == Shape::Live {
+        generator = generator.live();
+    }
     let mut bodies: Vec<Vec<u8>> = Vec::with_capacity(requests);
     let mut event_bodies: Vec<Vec<u8>> = Vec::with_capacity(requests);
     for i in 0..requests {
@@ -150,7 +185,7 @@ async fn main() -> anyhow::Result<()> {
                 bodies.push(serde_json::to_vec(&Value::Array(generator.batch(n)))?);
             }
             Format::Otlp => {
-                let req = otlp_request(n, i * args.batch);
+                let req = otlp_request(n, i * args.batch, args.shape.spread());
                 let events = otlp::metric_events(&req).map_err(|e| anyhow::anyhow!("{e:?}"))?;
                 event_bodies.push(serde_json::to_vec(&Value::Array(events.events))?);
                 bodies.push(req.encode_to_vec());
@@ -181,7 +216,9 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let counted_before = match &args.read_key {
-        Some(key) => Some(tally_tests::dashboard_total(&client, &args.query_url, key).await?),
+        Some(key) => {
+            Some(tally_tests::dashboard_total(&client, &args.services.query_url, key).await?)
+        }
         None => None,
     };
     let queue = Arc::new(Mutex::new(
@@ -226,7 +263,7 @@ async fn main() -> anyhow::Result<()> {
             latencies.clone(),
         );
         let (url, key, batch, events) = (
-            format!("{}{path}", args.url),
+            format!("{}{path}", args.services.url),
             args.key.clone(),
             args.batch,
             args.events,
@@ -310,32 +347,55 @@ async fn main() -> anyhow::Result<()> {
         h.value_at_quantile(0.99) as f64 / 1000.0,
         h.max() as f64 / 1000.0
     );
+    let (what, unit) = args.format.labels();
+    let shape = match args.shape {
+        Shape::Backfill => "backfill shape",
+        Shape::Live => "live shape",
+    };
+    let mut ingest =
+        Figure::new(format!("ingest, {what}, {shape}"), rate, unit).goal(match args.format {
+            Format::Events => "≥ 0.5 ×",
+            Format::Otlp => "≥ 0.35 ×",
+        });
     if let Some(raw) = baseline {
         println!(
             "raw rdkafka produce (acks=all, idempotent) on this machine: {raw:.0} events/s; ingest = {:.2} × raw",
             rate / raw
         );
+        ingest = ingest.raw("rdkafka producer, same envelopes, acks=all", raw);
     }
+    report::record(&ingest)?;
     if let (Some(before), Some(key)) = (counted_before, &args.read_key) {
         let target = before + sent as i64;
         let wait_deadline = Instant::now() + Duration::from_secs(args.max_seconds);
         let mut counted = before;
         while counted < target && Instant::now() < wait_deadline {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            counted = tally_tests::dashboard_total(&client, &args.query_url, key).await?;
+            counted = tally_tests::dashboard_total(&client, &args.services.query_url, key).await?;
         }
         let e2e = started.elapsed().as_secs_f64();
+        let projected = (counted - before) as f64 / e2e;
         println!(
-            "end to end: {} of {sent} events counted by query-api after {e2e:.2}s = {:.0} events/s projected",
+            "end to end: {} of {sent} events counted by query-api after {e2e:.2}s = {projected:.0} events/s projected",
             counted - before,
-            (counted - before) as f64 / e2e
         );
+        let mut end_to_end = Figure::new(
+            format!("projection end to end, {what}, {shape}"),
+            projected,
+            unit,
+        )
+        .goal("≥ 0.5 ×");
         if let Some(copy) = copy_baseline {
             println!(
                 "raw PostgreSQL COPY of raw rows on this machine: {copy:.0} rows/s; projection = {:.2} × raw",
-                (counted - before) as f64 / e2e / copy
+                projected / copy
+            );
+            end_to_end = end_to_end.raw(
+                "PostgreSQL COPY of as many raw rows, 5 000 per transaction",
+                copy,
             );
         }
+        report::record(&end_to_end)?;
     }
     Ok(())
 }

@@ -30,14 +30,8 @@ use tally_tests::events::Generator;
 #[derive(Parser, Debug)]
 #[command(about = "Tally overload benchmark")]
 struct Args {
-    #[arg(
-        long,
-        env = "TALLY_INGEST_URL",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    url: String,
-    #[arg(long, env = "TALLY_QUERY_URL", default_value = "http://127.0.0.1:8081")]
-    query_url: String,
+    #[command(flatten)]
+    services: tally_tests::ServiceUrls,
     #[arg(long, env = "TALLY_DATABASE_URL")]
     database_url: String,
     /// ingest-api's pid file (its memory is sampled).
@@ -181,7 +175,7 @@ async fn main() -> anyhow::Result<()> {
     let (_, read_key) =
         ingest_api::control::store::create_api_key(&pool, "", tenant, Scope::Read, "overload")
             .await?;
-    let url = format!("{}/v1/events", args.url);
+    let url = format!("{}/v1/events", args.services.url);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(args.max_open)
@@ -349,13 +343,14 @@ async fn main() -> anyhow::Result<()> {
     // 3. Exactly once: the dashboards count every accepted event, once.
     let deadline = Instant::now() + Duration::from_secs(300);
     while Instant::now() < deadline
-        && tally_tests::dashboard_total(&client, &args.query_url, &read_key).await?
+        && tally_tests::dashboard_total(&client, &args.services.query_url, &read_key).await?
             < accepted as i64
     {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let counted = tally_tests::dashboard_total(&client, &args.query_url, &read_key).await?;
+    let counted =
+        tally_tests::dashboard_total(&client, &args.services.query_url, &read_key).await?;
     println!(
         "projected: {counted} events counted for {accepted} accepted — {}",
         if counted == accepted as i64 {
