@@ -10,7 +10,7 @@ PROFILE ?= release
 BIN_DIR := $(CARGO_TARGET_DIR)/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 ENV := source deploy/local/env.sh
 
-.PHONY: help up down test build lint fmt status load overload freshness bench-read bench fuzz clean-data
+.PHONY: help up down test build lint fmt status load overload freshness bench-replay bench-read bench fuzz clean-data
 
 help:
 	@echo "make up      install what is missing, start Kafka, PostgreSQL, Redis and Tally, create a demo tenant"
@@ -20,8 +20,9 @@ help:
 	@echo "make load    run the load generator against 'make up' (EVENTS=200000 CONCURRENCY=8 BATCH=500 FORMAT=events|otlp SHAPE=backfill|live)"
 	@echo "make freshness  offer RATE=10000 events/s for SECONDS=60; time 202 → counted in the overview, peak memory of each service (after 'make up')"
 	@echo "make overload  offer ingest-api twice the rate it sustains (FACTOR=2 SECONDS=30); report shedding, memory, exactly-once (after 'make up')"
+	@echo "make bench-replay  produce REPLAY_EVENTS over REPLAY_DAYS to scratch topics, rebuild them with the projector's replay, compare with COPY (after 'make up')"
 	@echo "make bench-read  load READ_EVENTS over READ_DAYS into a new tenant, time overview and time series (after 'make up')"
-	@echo "make bench   every benchmark (load: events backfill and live, OTLP; freshness; bench-read), then one table of figures, raw limits, ratios and goals"
+	@echo "make bench   every benchmark (load: events backfill and live, OTLP; freshness; bench-replay; bench-read), then one table of figures, raw limits, ratios and goals"
 	@echo "make fuzz    run every fuzz target for FUZZ_SECONDS each (default 300; FUZZ_TARGETS='jwt cursor' for some)"
 
 up:
@@ -94,6 +95,16 @@ freshness:
 		$(BIN_DIR)/tally-freshness --rate $(RATE) --seconds $(FRESHNESS_SECONDS) \
 		--pid-dir "$${TALLY_HOME:-.tally}/run"
 
+# A rebuild from the log (projector replay, in process) of REPLAY_EVENTS produced straight to
+# scratch topics, against COPY of the same raw rows; the rebuilt tenant is dropped after.
+REPLAY_EVENTS ?= 1000000
+REPLAY_DAYS ?= 7
+bench-replay:
+	test -f .tally/demo.env || { echo "run 'make up' first"; exit 1; }
+	cargo build --profile $(PROFILE) -p tally-tests --bin tally-bench-replay
+	$(ENV) && TALLY_BENCH_COMMAND="make bench-replay REPLAY_EVENTS=$(REPLAY_EVENTS) REPLAY_DAYS=$(REPLAY_DAYS)" \
+		$(BIN_DIR)/tally-bench-replay --events $(REPLAY_EVENTS) --days $(REPLAY_DAYS)
+
 READ_EVENTS ?= 10000000
 READ_DAYS ?= 30
 bench-read:
@@ -118,7 +129,7 @@ bench:
 	$(BENCH_STEP) load FORMAT=events SHAPE=live || $(BENCH_FAILED) "make load SHAPE=live"
 	$(BENCH_STEP) load FORMAT=otlp SHAPE=backfill || $(BENCH_FAILED) "make load FORMAT=otlp"
 	$(BENCH_STEP) freshness || $(BENCH_FAILED) "make freshness"
-	# bench-replay goes here: $(BENCH_STEP) bench-replay || $(BENCH_FAILED) "make bench-replay"
+	$(BENCH_STEP) bench-replay || $(BENCH_FAILED) "make bench-replay"
 	$(BENCH_STEP) bench-read || $(BENCH_FAILED) "make bench-read"
 	@echo
 	@deploy/local/bench-table.py "$(BENCH_REPORT)"

@@ -192,6 +192,9 @@ impl Projector {
                 .set("heartbeat.interval.ms", "1000")
                 .set("fetch.wait.max.ms", "50")
                 .set("max.partition.fetch.bytes", "4194304")
+                // Prefetch about a second of heavy traffic, not librdkafka's 64 MB: the
+                // projector's memory stays small whatever the backlog.
+                .set("queued.max.messages.kbytes", "8192")
                 .create_with_context(ProjectorContext { log: log.clone() })?;
         consumer.subscribe(&[&topic])?;
         let dlq = shared::kafka::producer(&config.common, Duration::from_secs(30))?;

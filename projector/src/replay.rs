@@ -172,6 +172,7 @@ pub async fn replay(
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "50")
         .set("max.partition.fetch.bytes", "4194304")
+        .set("queued.max.messages.kbytes", "16384")
         .create()?;
     let mut partitions = Vec::new();
     let mut tpl = TopicPartitionList::new();

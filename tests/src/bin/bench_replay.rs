@@ -20,6 +20,7 @@ use rdkafka::producer::FutureRecord;
 use shared::events::{Actor, Envelope, Source};
 use shared::tenant::TenantId;
 use tally_tests::events::Generator;
+use tally_tests::report::{self, Figure};
 
 #[derive(Parser)]
 struct Args {
@@ -129,6 +130,23 @@ async fn main() -> anyhow::Result<()> {
         copy_rate,
         report.records_per_sec / copy_rate
     );
+    let shape = if args.days == 0 {
+        "live".to_string()
+    } else {
+        format!("over {} days", args.days)
+    };
+    report::record(
+        &Figure::new(
+            format!(
+                "replay, {} events {shape}",
+                report::grouped(args.events as u64)
+            ),
+            report.records_per_sec,
+            "events/s",
+        )
+        .raw("COPY of the same raw rows", copy_rate)
+        .goal("≥ 0.7 ×"),
+    )?;
     if !args.keep {
         let mut conn = pool.acquire().await?;
         schema::drop_tenant_schema(&mut conn, tenant, version).await?;
