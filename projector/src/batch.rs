@@ -99,7 +99,9 @@ pub async fn write(
     let announce = match mode {
         Mode::Live(announce) => announce,
         Mode::Bulk(pending) => {
-            tx.commit().await?;
+            // The held deltas are outside the transaction: they count only if it committed,
+            // and exactly then (a retry of a committed batch inserts nothing).
+            commit_surely(pool, tx).await?;
             for (tenant, deltas) in held {
                 pending.add(tenant, deltas);
             }
@@ -299,7 +301,37 @@ pub async fn write_pending(
         schema::set_search_path(&mut tx, &tenant.schema(version)).await?;
         rollups::write_grain(&mut tx, *grain, keyed).await?;
     }
-    tx.commit().await
+    commit_surely(pool, tx).await
+}
+
+/// Commits, and if the answer is lost (the connection broke during `COMMIT`), asks
+/// PostgreSQL whether the transaction committed (`txid_status`), until it can answer: for
+/// writes whose retry would not be a no-op, such as adding held-back rollup deltas.
+async fn commit_surely(
+    pool: &PgPool,
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+) -> sqlx::Result<()> {
+    let txid: i64 = sqlx::query_scalar("SELECT txid_current()")
+        .fetch_one(&mut *tx)
+        .await?;
+    let Err(lost) = tx.commit().await else {
+        return Ok(());
+    };
+    let mut backoff = std::time::Duration::from_millis(200);
+    loop {
+        let status: sqlx::Result<Option<String>> = sqlx::query_scalar("SELECT txid_status($1)")
+            .bind(txid)
+            .fetch_one(pool)
+            .await;
+        match status {
+            Ok(Some(s)) if s == "committed" => return Ok(()),
+            Ok(Some(s)) if s == "in progress" => {}
+            Ok(_) => return Err(lost),
+            Err(e) => tracing::warn!(error = %e, "asking whether a commit happened; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+    }
 }
 
 /// Time spent per write phase, to see where a batch's time goes.

@@ -42,7 +42,12 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            common: Common::default(),
+            // Two consume loops, retention and health checks need a few connections; each one
+            // keeps buffers as large as the largest batch it carried, so fewer stay resident.
+            common: Common {
+                db_max_connections: 6,
+                ..Common::default()
+            },
             timescale: Timescale::Auto,
             projection: "metrics".into(),
             consumer_group: "tally-projector-metrics".into(),

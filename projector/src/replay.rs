@@ -85,6 +85,8 @@ struct Bulk {
     pending: Pending,
     /// The secondary indexes dropped from each new schema, built again at the end.
     indexes: BTreeMap<TenantId, Vec<String>>,
+    /// The new schemas whose secondary indexes are all dropped.
+    dropped: HashSet<TenantId>,
     started: Instant,
 }
 
@@ -218,6 +220,7 @@ pub async fn replay(
             until,
             pending: Pending::new(BULK_PENDING_KEYS),
             indexes: BTreeMap::new(),
+            dropped: HashSet::new(),
             started: Instant::now(),
         }),
         bulk_took: (0.0, 0.0),
@@ -662,13 +665,13 @@ async fn drop_indexes(
 ) -> Result<(), WriteError> {
     for d in batch {
         let tenant = d.env.tenant_id;
-        if bulk.indexes.contains_key(&tenant) {
+        if bulk.dropped.contains(&tenant) {
             continue;
         }
         let mut conn = pool.acquire().await?;
-        let dropped =
-            schema::drop_secondary_indexes(&mut conn, &tenant.schema(target[&tenant])).await?;
-        bulk.indexes.insert(tenant, dropped);
+        let dropped = bulk.indexes.entry(tenant).or_default();
+        schema::drop_secondary_indexes(&mut conn, &tenant.schema(target[&tenant]), dropped).await?;
+        bulk.dropped.insert(tenant);
     }
     Ok(())
 }

@@ -1,9 +1,6 @@
 use query_api::{App, Config};
 
 /// Tally's query-api: dashboards from the projections.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = shared::config::load().map_err(anyhow::Error::msg)?;

@@ -306,14 +306,16 @@ pub async fn drop_tenant_schema(
     Ok(())
 }
 
-/// Drops the secondary (non-unique) indexes of a schema's raw tables and returns their
-/// definitions for [`create_indexes`]: a rebuild loads the rows first and builds these once,
-/// by sorting, instead of maintaining them row by row. (Dropping a partitioned table's or a
-/// hypertable's index drops its partitions' or chunks' too.)
+/// Drops the secondary (non-unique) indexes of a schema's raw tables, adding their
+/// definitions to `dropped` (each once) before dropping them, for [`create_indexes`]: a
+/// rebuild loads the rows first and builds these once, by sorting, instead of maintaining
+/// them row by row. Interrupted, it can run again with the same `dropped`. (Dropping a
+/// partitioned table's or a hypertable's index drops its partitions' or chunks' too.)
 pub async fn drop_secondary_indexes(
     conn: &mut PgConnection,
     schema: &SchemaName,
-) -> sqlx::Result<Vec<String>> {
+    dropped: &mut Vec<String>,
+) -> sqlx::Result<()> {
     let tables: Vec<&str> = RawTable::ALL.iter().map(|t| t.name()).collect();
     let indexes: Vec<(String, String)> = sqlx::query_as(
         "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
@@ -326,25 +328,31 @@ pub async fn drop_secondary_indexes(
     .bind(&tables)
     .fetch_all(&mut *conn)
     .await?;
-    for (name, _) in &indexes {
-        sqlx::query(AssertSqlSafe(format!("DROP INDEX {name}")))
+    for (name, definition) in indexes {
+        if !dropped.contains(&definition) {
+            dropped.push(definition);
+        }
+        sqlx::query(AssertSqlSafe(format!("DROP INDEX IF EXISTS {name}")))
             .execute(&mut *conn)
             .await?;
     }
-    Ok(indexes.into_iter().map(|(_, def)| def).collect())
+    Ok(())
 }
 
-/// Builds indexes from their definitions ([`drop_secondary_indexes`]), then refreshes the
-/// planner's statistics of the schema's raw tables.
+/// Builds indexes from their definitions ([`drop_secondary_indexes`]; those already there
+/// are kept, so an interrupted build can run again), then refreshes the planner's
+/// statistics of the schema's raw tables.
 pub async fn create_indexes(
     conn: &mut PgConnection,
     schema: &SchemaName,
     definitions: &[String],
 ) -> sqlx::Result<()> {
     for def in definitions {
-        sqlx::query(AssertSqlSafe(def.clone()))
-            .execute(&mut *conn)
-            .await?;
+        let def = match def.strip_prefix("CREATE INDEX ") {
+            Some(rest) => format!("CREATE INDEX IF NOT EXISTS {rest}"),
+            None => def.clone(),
+        };
+        sqlx::query(AssertSqlSafe(def)).execute(&mut *conn).await?;
     }
     for table in RawTable::ALL {
         sqlx::query(AssertSqlSafe(format!("ANALYZE {schema}.{}", table.name())))

@@ -272,7 +272,7 @@ async fn copy_baseline(pool: &sqlx::PgPool, args: &Args) -> anyhow::Result<f64> 
         .map(|d| today - TimeDelta::days(d))
         .collect();
     partitions::ensure_partitions(&mut conn, &schema_name, &days).await?;
-    schema::drop_secondary_indexes(&mut conn, &schema_name).await?;
+    schema::drop_secondary_indexes(&mut conn, &schema_name, &mut Vec::new()).await?;
     println!("baseline: COPY of the same rows…");
     let mut events = Events::new(scratch, args);
     let mut copying = Duration::ZERO;
