@@ -118,6 +118,31 @@ pub async fn produce_envelope(common: &Common, env: &Envelope) {
         .expect("produce the record");
 }
 
+/// Produces (key, payload) records to `topic` as fast as the producer takes them (waiting
+/// while its queue is full), then waits for every acknowledgement.
+pub async fn produce_all(
+    producer: &FutureProducer,
+    topic: &str,
+    records: &[(String, Vec<u8>)],
+) -> anyhow::Result<()> {
+    let mut acks = Vec::with_capacity(records.len());
+    for (key, payload) in records {
+        loop {
+            match producer.send_result(FutureRecord::to(topic).key(key).payload(payload)) {
+                Ok(ack) => {
+                    acks.push(ack);
+                    break;
+                }
+                Err(_queue_full) => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    }
+    for ack in acks {
+        ack.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
 /// Events the dashboards count for the key's tenant over the last 24 h.
 pub async fn dashboard_total(
     client: &reqwest::Client,

@@ -67,6 +67,11 @@ impl Figure {
     }
 }
 
+/// The `q`-quantile (0..=1) of durations sorted ascending (nearest rank); panics when empty.
+pub fn percentile(sorted: &[std::time::Duration], q: f64) -> std::time::Duration {
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
 /// `TALLY_BENCH_COMMAND`, or else this process's command line.
 pub fn command() -> String {
     std::env::var(COMMAND_ENV).unwrap_or_else(|_| {

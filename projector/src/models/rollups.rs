@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use shared::histogram;
+use shared::tenant::TenantId;
 use sqlx::PgConnection;
 
 use super::raw::RawRow;
@@ -264,9 +265,9 @@ fn upsert_sql(grain: Grain, cube: Cube) -> &'static str {
     }
 }
 
-/// Adds one grain's deltas ([`fold`], or [`tenant_wide`] for `Cube::Tenant`) to its rollup table (search_path already
-/// points at the tenant's schema): counts and sums add up, maxima take the greater,
-/// histograms merge.
+/// Adds one grain's deltas ([`fold`], or [`tenant_wide`] of them for `Cube::Tenant`) to its
+/// rollup table (search_path already points at the tenant's schema): counts and sums add up,
+/// maxima take the greater, histograms merge.
 pub async fn upsert(
     conn: &mut PgConnection,
     grain: Grain,
@@ -386,11 +387,13 @@ pub async fn write_grain(
 
 /// Rollup deltas a rebuild holds back across batches, per tenant and grain: a bulk load
 /// folds many batches into one upsert per key instead of one per batch. A grain is written
-/// once it holds `cap` keys (which bounds the memory), and every grain at the end.
+/// once it holds `cap` keys, everything once all tenants together hold three times that
+/// (so memory stays bounded however many tenants a replay rebuilds), and everything at the
+/// end.
 #[derive(Debug, Default)]
 pub struct Pending {
     cap: usize,
-    tenants: BTreeMap<shared::tenant::TenantId, Deltas>,
+    tenants: BTreeMap<TenantId, Deltas>,
 }
 
 impl Pending {
@@ -402,19 +405,17 @@ impl Pending {
     }
 
     /// Holds a committed batch's deltas of `tenant`.
-    pub fn add(&mut self, tenant: shared::tenant::TenantId, deltas: Deltas) {
+    pub fn add(&mut self, tenant: TenantId, deltas: Deltas) {
         let held = self.tenants.entry(tenant).or_default();
         for (into, from) in held.iter_mut().zip(deltas) {
             merge(into, from);
         }
     }
 
-    /// Takes the deltas to write now: the grains holding `cap` keys or more, or every one
-    /// with `all`.
-    pub fn take(
-        &mut self,
-        all: bool,
-    ) -> Vec<(shared::tenant::TenantId, Grain, BTreeMap<Key, Measures>)> {
+    /// Takes the deltas to write now (see [`Pending`]); every one with `all`.
+    pub fn take(&mut self, all: bool) -> Vec<(TenantId, Grain, BTreeMap<Key, Measures>)> {
+        let held: usize = self.tenants.values().flatten().map(BTreeMap::len).sum();
+        let all = all || held >= 3 * self.cap;
         let mut out = Vec::new();
         for (tenant, held) in &mut self.tenants {
             for (grain, keyed) in Grain::ALL.into_iter().zip(held.iter_mut()) {
@@ -552,5 +553,33 @@ mod tests {
             ]
         );
         assert_eq!(active_users(&fold(&rows, Grain::Day)).len(), 2);
+    }
+
+    #[test]
+    fn held_deltas_are_written_per_full_grain_and_all_when_tenants_together_hold_too_many() {
+        let t0 = Utc.with_ymd_and_hms(2026, 11, 25, 13, 0, 10).unwrap();
+        let one = [row(t0, "a", "build", 10, false)];
+        let one_deltas = || fold_all(&one.iter().collect::<Vec<_>>());
+        let mut pending = Pending::new(2);
+        let a = TenantId(Uuid::new_v4());
+        pending.add(a, one_deltas());
+        assert!(pending.take(false).is_empty(), "under the cap, kept");
+        // Another minute: the minute grain reaches the cap, the hour and day do not.
+        let later = [row(t0 + TimeDelta::minutes(1), "a", "build", 10, false)];
+        pending.add(a, fold_all(&later.iter().collect::<Vec<_>>()));
+        let taken = pending.take(false);
+        assert_eq!(taken.len(), 1);
+        assert_eq!((taken[0].1, taken[0].2.len()), (Grain::Minute, 2));
+        // The same key again merges: the hour holds one key counting both.
+        let hour = &pending.tenants[&a][1];
+        assert_eq!(hour.values().map(|m| m.count).collect::<Vec<_>>(), [2]);
+        // Three tenants of one key per grain each: 8 keys held, over 3 × 2: all of them.
+        for _ in 0..2 {
+            pending.add(TenantId(Uuid::new_v4()), one_deltas());
+        }
+        let taken = pending.take(false);
+        let keys: usize = taken.iter().map(|(_, _, k)| k.len()).sum();
+        assert_eq!(keys, 8);
+        assert!(pending.take(true).is_empty(), "nothing is left");
     }
 }

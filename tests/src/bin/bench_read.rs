@@ -277,7 +277,7 @@ async fn storage_report(
 
 fn pct(v: &mut [Duration], q: f64) -> Duration {
     v.sort();
-    v[((v.len() as f64 - 1.0) * q).round() as usize]
+    report::percentile(v, q)
 }
 
 async fn get(

@@ -16,7 +16,6 @@ use clap::Parser;
 use ingest_api::ingest::{IngestContext, TimeBounds};
 use projector::models::raw::{self, RawRow};
 use projector::schema::{self, partitions};
-use rdkafka::producer::FutureRecord;
 use shared::events::{Actor, Envelope, Source};
 use shared::tenant::TenantId;
 use tally_tests::events::Generator;
@@ -26,7 +25,7 @@ use tally_tests::report::{self, Figure};
 struct Args {
     #[arg(long, default_value_t = 10_000_000)]
     events: usize,
-    /// Days the events are spread over (backfill); 0 puts them in the last hour (live).
+    /// Days the events are spread over (backfill); 0 puts them in the last minute (live).
     #[arg(long, default_value_t = 7)]
     days: i64,
     /// Distinct users sending events.
@@ -67,24 +66,11 @@ async fn main() -> anyhow::Result<()> {
     let produced = Instant::now();
     let mut events = Events::new(tenant, &args);
     while let Some(chunk) = events.next_chunk()? {
-        let mut acks = Vec::with_capacity(chunk.len());
-        for env in &chunk {
-            let payload = serde_json::to_vec(env)?;
-            let key = env.kafka_key();
-            loop {
-                match producer.send_result(FutureRecord::to(&topics[0]).key(&key).payload(&payload))
-                {
-                    Ok(ack) => {
-                        acks.push(ack);
-                        break;
-                    }
-                    Err(_queue_full) => tokio::time::sleep(Duration::from_millis(1)).await,
-                }
-            }
-        }
-        for ack in acks {
-            ack.await?.map_err(|(e, _)| e)?;
-        }
+        let records = chunk
+            .iter()
+            .map(|env| Ok((env.kafka_key(), serde_json::to_vec(env)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        tally_tests::produce_all(&producer, &topics[0], &records).await?;
     }
     println!(
         "produced in {:.0} s ({:.0} events/s)",
@@ -181,7 +167,10 @@ impl Events {
                 },
                 ids: ingest_api::ingest::Ids::Fresh,
             },
-            generator: Generator::new(7, "bench", args.users, spread),
+            generator: match args.days {
+                0 => Generator::new(7, "bench", args.users, spread).live(),
+                _ => Generator::new(7, "bench", args.users, spread),
+            },
             left: args.events,
         }
     }

@@ -214,11 +214,11 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(!times.is_empty(), "no probe finished in {elapsed:?}");
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let p99 = ms(pct(&times, 0.99));
+    let p99 = ms(report::percentile(&times, 0.99));
     println!(
         "freshness (202 → counted in the overview), {} probes: p50 {:.0} ms, p99 {p99:.0} ms, max {:.0} ms; {failed} not counted within {} s",
         times.len(),
-        ms(pct(&times, 0.5)),
+        ms(report::percentile(&times, 0.5)),
         ms(times[times.len() - 1]),
         args.probe_timeout
     );
@@ -519,8 +519,4 @@ fn read_pids(args: &Args) -> anyhow::Result<Vec<(&'static str, u32)>> {
             Ok((*service, pid))
         })
         .collect()
-}
-
-fn pct(sorted: &[Duration], q: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
 }

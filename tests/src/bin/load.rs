@@ -23,7 +23,6 @@ use hdrhistogram::Histogram;
 use ingest_api::formats::otlp::{self, pb};
 use ingest_api::ingest::{IngestContext, TimeBounds};
 use prost::Message;
-use rdkafka::producer::FutureRecord;
 use serde_json::Value;
 use shared::events::{Actor, Source};
 use shared::tenant::TenantId;
@@ -482,22 +481,8 @@ async fn raw_kafka_baseline(args: &Args, bodies: &[Vec<u8>]) -> anyhow::Result<f
         records.len()
     );
     let started = Instant::now();
-    let mut pending = Vec::with_capacity(args.batch);
     for chunk in records.chunks(args.batch.max(1) * args.concurrency) {
-        for (key, payload) in chunk {
-            loop {
-                match producer.send_result(FutureRecord::to(&topic).key(key).payload(payload)) {
-                    Ok(f) => {
-                        pending.push(f);
-                        break;
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-                }
-            }
-        }
-        for f in pending.drain(..) {
-            f.await?.map_err(|(e, _)| e)?;
-        }
+        tally_tests::produce_all(&producer, &topic, chunk).await?;
     }
     let rate = records.len() as f64 / started.elapsed().as_secs_f64();
     println!("baseline: {rate:.0} events/s");

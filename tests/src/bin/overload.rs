@@ -149,14 +149,7 @@ async fn send(
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    tally_tests::memory_kib(pid).map(|(rss, _)| rss)
 }
 
 #[tokio::main]
