@@ -39,8 +39,6 @@ pub struct Config {
     pub hash_wait_ms: u64,
     /// This service's address as browsers and identity providers reach it (SSO redirects).
     pub public_url: String,
-    /// 64 hex characters; seals SSO client secrets at rest. SSO is off while it is empty.
-    pub secret_key: String,
     /// Browser origins allowed to call this API (the dashboard page), comma-separated.
     pub cors_origins: String,
 }
@@ -64,7 +62,6 @@ impl Default for Config {
             max_concurrent_hashes: 4,
             hash_wait_ms: 2000,
             public_url: "http://127.0.0.1:8080".into(),
-            secret_key: String::new(),
             cors_origins: "http://127.0.0.1:8081,http://localhost:8081".into(),
         }
     }
@@ -87,9 +84,6 @@ impl Config {
         }
         if self.produce_timeout_ms < 100 {
             return Err("produce_timeout_ms must be at least 100".into());
-        }
-        if !self.secret_key.is_empty() {
-            crate::secretbox::SecretKey::from_hex(&self.secret_key)?;
         }
         if self.retention_days < 1 || self.max_future_skew_secs < 0 {
             return Err("retention_days must be ≥ 1 and max_future_skew_secs ≥ 0".into());

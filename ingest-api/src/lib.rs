@@ -16,7 +16,6 @@ pub mod password;
 pub mod ratelimit;
 pub mod relay;
 pub mod routes;
-pub mod secretbox;
 pub mod secrets;
 pub mod shed;
 pub mod state;
@@ -229,6 +228,45 @@ impl App {
             .route(
                 "/v1/admin/api-keys/{id}",
                 delete(control::http::revoke_api_key),
+            )
+            .route(
+                "/v1/admin/settings",
+                get(control::alerts::get_settings).patch(control::alerts::set_settings),
+            )
+            .route(
+                "/v1/admin/channels",
+                post(control::alerts::create_channel).get(control::alerts::list_channels),
+            )
+            .route(
+                "/v1/admin/channels/{id}",
+                delete(control::alerts::delete_channel),
+            )
+            .route(
+                "/v1/admin/channels/{id}/rotate-secret",
+                post(control::alerts::rotate_secret),
+            )
+            .route(
+                "/v1/admin/channels/{id}/resume",
+                post(control::alerts::resume_channel),
+            )
+            .route(
+                "/v1/admin/budgets",
+                post(control::alerts::create_budget).get(control::alerts::list_budgets),
+            )
+            .route(
+                "/v1/admin/budgets/{id}",
+                get(control::alerts::get_budget)
+                    .put(control::alerts::update_budget)
+                    .delete(control::alerts::delete_budget),
+            )
+            .route("/v1/admin/firings", get(control::alerts::list_firings))
+            .route(
+                "/v1/admin/deliveries",
+                get(control::alerts::list_deliveries),
+            )
+            .route(
+                "/v1/admin/deliveries/{id}/redeliver",
+                post(control::alerts::redeliver),
             );
         let operations = Router::new()
             .route("/openapi.json", get(routes::health::openapi))

@@ -37,15 +37,21 @@ pub struct Config {
     pub replay_bulk: bool,
     /// How long a consume loop may fail to commit its batch before `/readyz` answers 503.
     pub stall_unready_secs: u64,
+    /// Whether this instance evaluates budgets and delivers notifications (any number of
+    /// instances may; each crossing fires once).
+    pub alerts: bool,
+    /// Where notifications link to: query-api's dashboard page as people reach it.
+    pub dashboard_url: String,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
-            // Two consume loops, retention and health checks need a few connections; each one
-            // keeps buffers as large as the largest batch it carried, so fewer stay resident.
+            // Two consume loops, retention, alerting and health checks need a few connections;
+            // each one keeps buffers as large as the largest batch it carried, so fewer stay
+            // resident.
             common: Common {
-                db_max_connections: 6,
+                db_max_connections: 8,
                 ..Common::default()
             },
             timescale: Timescale::Auto,
@@ -60,6 +66,8 @@ impl Default for Config {
             replay_drop_grace_secs: 10,
             replay_bulk: true,
             stall_unready_secs: 30,
+            alerts: true,
+            dashboard_url: "http://127.0.0.1:8081/".into(),
         }
     }
 }

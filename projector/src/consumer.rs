@@ -164,6 +164,8 @@ pub struct Projector {
     positions: HashMap<i32, i64>,
     prepared: Prepared,
     stalls: Stalls,
+    /// Told which tenants advanced after each batch (the metrics loop, where alerting runs).
+    pub alerts: Option<crate::alerts::Touched>,
 }
 
 impl Projector {
@@ -210,6 +212,7 @@ impl Projector {
             positions: HashMap::new(),
             prepared: Prepared::default(),
             stalls,
+            alerts: None,
         })
     }
 
@@ -585,9 +588,13 @@ impl Projector {
         }
     }
 
-    /// Tells query-api (caches, live feed) that tenants advanced. Best effort: the truth is
-    /// in PostgreSQL, so a missed notification only delays a live update.
+    /// Tells the budget evaluator and query-api (caches, live feed) that tenants advanced.
+    /// Best effort: the truth is in PostgreSQL, so a missed notification only delays a live
+    /// update (and the evaluator sweeps every tenant with budgets anyway).
     async fn notify(&mut self, tenants: &[(shared::tenant::TenantId, i64)]) {
+        if let Some(alerts) = &self.alerts {
+            alerts.touch(tenants.iter().map(|(t, _)| *t));
+        }
         if let Some(redis) = self.redis.as_mut() {
             shared::watermark::publish(redis, tenants.iter().copied()).await;
         }

@@ -7,9 +7,11 @@
 //! - [`models`]: the read models, each with its fold and its SQL (raw rows, rollups,
 //!   sessions, audit, people, watermark);
 //! - [`schema`]: tenant-schema DDL (templates, upgrades, partitions, retention);
+//! - [`alerts`]: budgets evaluated after each batch, their notifications delivered;
 //! - [`replay`], [`retention`], [`tools`]: `projector replay`, `retention`, `status`, `dlq`.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod batch;
 pub mod config;
 pub mod consumer;
@@ -66,6 +68,7 @@ pub struct App {
     state: HttpState,
     retention_every: Duration,
     ahead_days: i64,
+    alerts: Option<alerts::Alerts>,
 }
 
 impl App {
@@ -108,7 +111,7 @@ impl App {
             shutdown: ShutdownFlag::default(),
             metrics,
         };
-        let metrics_loop = consumer::Projector::new(
+        let mut metrics_loop = consumer::Projector::new(
             config.clone(),
             pool.clone(),
             redis.clone(),
@@ -117,6 +120,15 @@ impl App {
             config.consumer_group.clone(),
             stalls.clone(),
         )?;
+        let alerts = config.alerts.then(|| alerts::Alerts {
+            pool: pool.clone(),
+            touched: alerts::Touched::default(),
+            fired: Default::default(),
+            dashboard_url: config.dashboard_url.clone(),
+            policy: config.common.notify_policy(),
+            key: shared::secretbox::SecretKey::from_hex(&config.common.secret_key).ok(),
+        });
+        metrics_loop.alerts = alerts.as_ref().map(|a| a.touched.clone());
         let auth_loop = consumer::Projector::new(
             config.clone(),
             pool,
@@ -132,6 +144,7 @@ impl App {
             state,
             retention_every: Duration::from_secs(config.retention_interval_secs.max(1)),
             ahead_days: config.partitions_ahead_days,
+            alerts,
         })
     }
 
@@ -169,6 +182,7 @@ impl App {
             self.ahead_days,
             rx.clone(),
         ));
+        let alerting = self.alerts.map(|a| alerts::spawn(a, rx.clone()));
         let loops = self
             .projectors
             .into_iter()
@@ -176,6 +190,9 @@ impl App {
         let result = futures::future::try_join_all(loops).await.map(|_| ());
         let _ = http.await;
         let _ = retention.await;
+        for task in alerting.into_iter().flatten() {
+            let _ = task.await;
+        }
         self.state.pool.close().await;
         result
     }

@@ -107,6 +107,8 @@ impl App {
             .route("/v1/dashboard/teams", get(routes::people::teams))
             .route("/v1/dashboard/activity", get(routes::explore::activity))
             .route("/v1/audit", get(routes::audit::audit))
+            .route("/v1/budgets", get(routes::budgets::list))
+            .route("/v1/budgets/{id}", get(routes::budgets::get))
             .route("/v1/stream", get(routes::stream::stream))
             .route("/", get(routes::health::dashboard))
             .route("/dashboard", get(routes::health::dashboard))

@@ -23,6 +23,15 @@ pub struct Common {
     pub kafka_replication_factor: i32,
     /// `pretty` for development, `json` for production.
     pub log_format: String,
+    /// 64 hex characters; seals secrets at rest (SSO client secrets, notification channels'
+    /// URLs and signing secrets). SSO and channels are off while it is empty.
+    pub secret_key: String,
+    /// Notification channels may be `http://` URLs to loopback addresses (a receiver on this
+    /// host; tests). Off in production.
+    pub notify_allow_loopback: bool,
+    /// Notification channels may point at private networks (an internal receiver). Link-local
+    /// and cloud metadata addresses stay refused.
+    pub notify_allow_private: bool,
 }
 
 impl Default for Common {
@@ -36,11 +45,22 @@ impl Default for Common {
             kafka_partitions: 6,
             kafka_replication_factor: 1,
             log_format: "pretty".into(),
+            secret_key: String::new(),
+            notify_allow_loopback: false,
+            notify_allow_private: false,
         }
     }
 }
 
 impl Common {
+    /// Where notifications may be sent.
+    pub fn notify_policy(&self) -> crate::webhooks::Policy {
+        crate::webhooks::Policy {
+            allow_loopback: self.notify_allow_loopback,
+            allow_private: self.notify_allow_private,
+        }
+    }
+
     pub fn metrics_topic(&self) -> String {
         format!("{}{}", self.topic_prefix, crate::events::METRICS_TOPIC)
     }
@@ -82,6 +102,9 @@ impl Common {
         }
         if self.kafka_partitions < 1 {
             return Err("kafka_partitions must be at least 1".into());
+        }
+        if !self.secret_key.is_empty() {
+            crate::secretbox::SecretKey::from_hex(&self.secret_key)?;
         }
         Ok(())
     }

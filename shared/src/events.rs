@@ -80,10 +80,15 @@ pub enum AuthKind {
     SsoSettingsChanged,
     /// A control-plane change or an SSO account link was refused for lack of rights.
     AccessDenied,
+    /// A budget was created, changed or deleted, or the tenant's time zone changed.
+    BudgetChanged,
+    /// A notification channel was created, changed, paused, resumed or deleted, its secret
+    /// rotated, or a delivery sent again.
+    ChannelChanged,
 }
 
 impl AuthKind {
-    pub const ALL: [AuthKind; 17] = [
+    pub const ALL: [AuthKind; 19] = [
         AuthKind::LoginSucceeded,
         AuthKind::LoginFailed,
         AuthKind::TokenRefreshed,
@@ -101,6 +106,8 @@ impl AuthKind {
         AuthKind::TeamChanged,
         AuthKind::SsoSettingsChanged,
         AuthKind::AccessDenied,
+        AuthKind::BudgetChanged,
+        AuthKind::ChannelChanged,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -122,6 +129,8 @@ impl AuthKind {
             AuthKind::TeamChanged => "team.changed",
             AuthKind::SsoSettingsChanged => "auth.sso_settings_changed",
             AuthKind::AccessDenied => "auth.access_denied",
+            AuthKind::BudgetChanged => "budget.changed",
+            AuthKind::ChannelChanged => "channel.changed",
         }
     }
 }

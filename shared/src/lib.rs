@@ -5,6 +5,7 @@
 
 pub mod apikey;
 pub mod auth;
+pub mod budgets;
 pub mod config;
 pub mod db;
 pub mod events;
@@ -15,7 +16,9 @@ pub mod kafka;
 pub mod people;
 pub mod problem;
 pub mod redis_client;
+pub mod secretbox;
 pub mod telemetry;
 pub mod tenant;
 pub mod tenant_sql;
 pub mod watermark;
+pub mod webhooks;

@@ -61,6 +61,10 @@ pub fn common_for_test() -> Common {
         kafka_partitions: 4,
         kafka_replication_factor: 1,
         log_format: "pretty".into(),
+        secret_key: "7e".repeat(32),
+        // The tests' webhook receivers listen on 127.0.0.1.
+        notify_allow_loopback: true,
+        notify_allow_private: false,
     }
 }
 

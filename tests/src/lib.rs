@@ -6,16 +6,19 @@
 //! [`environment`] (settings, test database, tenants), [`services`] (Tally's services, in
 //! process or as child processes), [`infrastructure`] (private Kafka, PostgreSQL, Redis),
 //! [`client`] (HTTP), [`assertions`] (what the stack holds), [`builders`] (events, times);
-//! [`events`] generates load with known totals, [`oidc`] is a test identity provider,
-//! [`report`] records the figures of the benchmarks.
+//! [`events`] generates load with known totals, [`bulk`] writes a projection in bulk,
+//! [`oidc`] is a test identity provider, [`receiver`] a webhook receiver, [`report`]
+//! records the figures of the benchmarks.
 
 pub mod assertions;
 pub mod builders;
+pub mod bulk;
 pub mod client;
 pub mod environment;
 pub mod events;
 pub mod infrastructure;
 pub mod oidc;
+pub mod receiver;
 pub mod report;
 pub mod services;
 

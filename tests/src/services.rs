@@ -201,6 +201,11 @@ pub fn projector_command(common: &Common, args: &[&str]) -> Command {
             c.consumer_session_timeout_ms.to_string(),
         )
         .env("TALLY_HTTP_ADDR", "127.0.0.1:0")
+        .env("TALLY_SECRET_KEY", &c.common.secret_key)
+        .env(
+            "TALLY_NOTIFY_ALLOW_LOOPBACK",
+            c.common.notify_allow_loopback.to_string(),
+        )
         .env(
             "TALLY_DB_MAX_CONNECTIONS",
             c.common.db_max_connections.to_string(),

@@ -202,7 +202,7 @@ pub struct CreatedTenant {
 }
 
 /// A name-like field must have 1 to `max` characters.
-fn check_len(field: &str, value: &str, max: usize) -> Result<(), Problem> {
+pub(crate) fn check_len(field: &str, value: &str, max: usize) -> Result<(), Problem> {
     if (1..=max).contains(&value.chars().count()) {
         Ok(())
     } else {

@@ -59,8 +59,8 @@ fn query_problem(e: QueryRejection) -> Problem {
     Problem::bad_request("invalid-parameter", e.body_text())
 }
 
-fn secret_key(s: &AppState) -> Result<crate::secretbox::SecretKey, Problem> {
-    crate::secretbox::SecretKey::from_hex(&s.config.secret_key).map_err(|_| {
+fn secret_key(s: &AppState) -> Result<shared::secretbox::SecretKey, Problem> {
+    shared::secretbox::SecretKey::from_hex(&s.config.common.secret_key).map_err(|_| {
         Problem::unavailable(
             "single sign-on needs the service's secret_key to be configured",
             60,

@@ -1,4 +1,5 @@
 pub mod audit;
+pub mod budgets;
 pub mod dashboard;
 pub mod explore;
 pub mod health;

@@ -1,25 +1,19 @@
 //! `tally-bench-read`: the read-side benchmark. Loads N events spread over D days into a new
-//! tenant — raw rows and rollups built by the projector's own code (`RawRow::from_event`,
-//! `rollups::fold`, `tenant_wide`, `active_users`) and written with COPY, i.e. exactly what projecting them would leave,
-//! without waiting hours for it — then measures query-api's overview and a D-day hourly time
+//! tenant with [`BulkLoad`] — exactly what projecting them would leave, without waiting hours
+//! for it (`--skip-raw`: the rollups only, which is all the dashboards read) — then measures query-api's overview and a D-day hourly time
 //! series, uncached (a fresh watermark before every request, as after each projector batch)
 //! and cached, and compares them with a Redis GET of the same answer (the floor). Ends with the
 //! raw tables' size; with TimescaleDB, compresses them and reports the storage ratio. The
 //! uncached and cached p99s go to the bench report too ([`tally_tests::report`]).
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use chrono::{DurationRound, TimeDelta, Utc};
 use clap::Parser;
-use ingest_api::ingest::{IngestContext, TimeBounds};
-use projector::models::raw::{self, RawRow};
-use projector::models::rollups::{self, Cube, Grain, Key, Measures};
 use projector::schema::{self, partitions};
 use shared::apikey::Scope;
-use shared::events::{Actor, Source};
 use shared::tenant::TenantId;
+use tally_tests::bulk::BulkLoad;
 use tally_tests::events::Generator;
 use tally_tests::report::{self, Figure};
 
@@ -32,6 +26,10 @@ struct Args {
     /// Distinct users sending events.
     #[arg(long, default_value_t = 50)]
     users: usize,
+    /// Writes only the rollups (all the dashboards read), not the raw rows: for sizes whose
+    /// raw rows would not fit on the disk.
+    #[arg(long)]
+    skip_raw: bool,
     /// Requests per measurement.
     #[arg(long, default_value_t = 200)]
     requests: usize,
@@ -41,10 +39,6 @@ struct Args {
     database_url: String,
     #[arg(long, env = "TALLY_REDIS_URL")]
     redis_url: String,
-}
-
-fn csv_text(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 #[tokio::main]
@@ -77,7 +71,11 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!("| request | uncached p50 | uncached p99 | cached p50 | cached p99 | Redis GET of the answer p50 | cached / Redis |");
     println!("|---|---|---|---|---|---|---|");
-    let data = format!("{} events", report::grouped(args.events as u64));
+    let data = format!(
+        "{} events{}",
+        report::grouped(args.events as u64),
+        if args.skip_raw { " (rollups only)" } else { "" }
+    );
     // The issue's goals: uncached p99 ≤ 25 ms at 10 M events and ≤ 50 ms at 100 M.
     let uncached_goal = match args.events {
         n if n >= 100_000_000 => "≤ 50 ms",
@@ -163,7 +161,10 @@ async fn main() -> anyhow::Result<()> {
             .goal("≤ 2 ms"),
         )?;
     }
-    storage_report(&pool, tenant, storage_before).await
+    match args.skip_raw {
+        true => Ok(()),
+        false => storage_report(&pool, tenant, storage_before).await,
+    }
 }
 
 /// The raw tables' footprint and a scan of a week of them, in one schema.
@@ -298,33 +299,19 @@ async fn get(
     Ok((t.elapsed(), cache, body))
 }
 
-/// Writes the tenant's projection day by day: raw rows, then that day's minute and hour
-/// rollups; daily rollups at the end.
+/// Writes the tenant's projection day by day with [`BulkLoad`]: raw rows (unless
+/// `--skip-raw`), then that day's minute and hour rollups; daily rollups at the end.
 async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Result<()> {
     let mut conn = pool.acquire().await?;
-    schema::create_tenant_schema(&mut conn, tenant, 1).await?;
-    let schema = tenant.schema(1);
     let now = Utc::now();
     let days: Vec<_> = (0..=args.days + 1)
         .map(|d| (now - TimeDelta::days(d)).date_naive())
         .collect();
-    partitions::ensure_partitions(&mut conn, &schema, &days).await?;
+    let mut bulk = BulkLoad::new(&mut conn, tenant, &days, !args.skip_raw).await?;
     let per_day = args.events / args.days as usize;
     let midnight = now
         .duration_trunc(TimeDelta::days(1))
         .expect("a day fits in a timestamp");
-    let mut daily: BTreeMap<Key, Measures> = BTreeMap::new();
-    let ctx = IngestContext {
-        tenant_id: tenant,
-        actor: Actor::default(),
-        source: Source::Api,
-        received_at: now,
-        bounds: TimeBounds {
-            max_future_skew: TimeDelta::days(1),
-            retention: TimeDelta::days(3650),
-        },
-        ids: ingest_api::ingest::Ids::Fresh,
-    };
     for day in 0..args.days {
         // The generator spreads a day's events over the 24 hours before now; they are moved
         // to the UTC day that ends `day` days before today's midnight, so that days (and
@@ -333,169 +320,17 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
             Generator::new(day as u64, "bench", args.users, chrono::Duration::days(1));
         let end = midnight - TimeDelta::days(day) - TimeDelta::milliseconds(1);
         let shift = generator.now - end;
-        let mut decoded = Vec::with_capacity(per_day);
-        for (i, raw) in generator.batch(per_day).into_iter().enumerate() {
-            let env = ctx.envelope(i, raw).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            let payload = env.payload().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            decoded.push((env, payload));
+        let mut written = 0;
+        // In parts of at most a million events, bounding what is held at once.
+        let mut left = per_day;
+        while left > 0 {
+            let n = left.min(1_000_000);
+            left -= n;
+            let part = generator.batch(n);
+            written += bulk.add(&mut conn, part, shift).await?;
         }
-        let mut rows: Vec<RawRow> = Vec::with_capacity(per_day);
-        for (env, payload) in &decoded {
-            if let Some(mut r) = RawRow::from_event(env, payload) {
-                r.occurred_at -= shift;
-                rows.push(r);
-            }
-        }
-        for chunk in rows.chunks(50_000) {
-            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-            schema::set_search_path(&mut tx, &schema).await?;
-            raw::copy(&mut tx, chunk, 1).await?;
-            tx.commit().await?;
-        }
-        for grain in [Grain::Minute, Grain::Hour] {
-            write_grain(
-                &mut conn,
-                &schema,
-                grain,
-                &rollups::fold(rows.iter(), grain),
-            )
-            .await?;
-        }
-        for (k, m) in rollups::fold(rows.iter(), Grain::Day) {
-            daily.entry(k).or_default().add(&m);
-        }
-        println!("  day {}/{}: {} events", day + 1, args.days, rows.len());
+        bulk.flush(&mut conn).await?;
+        println!("  day {}/{}: {written} events", day + 1, args.days);
     }
-    write_grain(&mut conn, &schema, Grain::Day, &daily).await?;
-    let total = (per_day as i64) * args.days;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE {schema}.projection_state SET seq = seq + 1, events = $1, as_of = now()"
-    )))
-    .bind(total)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "ANALYZE {schema}.activity_1m, {schema}.activity_1h, {schema}.activity_1d, \
-         {schema}.activity_all_1m, {schema}.activity_all_1h, {schema}.activity_all_1d, \
-         {schema}.active_users_1m, {schema}.active_users_1h, {schema}.active_users_1d"
-    )))
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// Writes one grain's per-key rollups, and the tenant-wide ones and active users derived from
-/// them, as the projector's transaction would have left them.
-async fn write_grain(
-    conn: &mut sqlx::PgConnection,
-    schema: &shared::tenant::SchemaName,
-    grain: Grain,
-    keyed: &BTreeMap<Key, Measures>,
-) -> anyhow::Result<()> {
-    write_rollups(conn, schema, grain, Cube::Keys, keyed).await?;
-    write_rollups(
-        conn,
-        schema,
-        grain,
-        Cube::Tenant,
-        &rollups::tenant_wide(keyed),
-    )
-    .await?;
-    write_active_users(
-        conn,
-        schema,
-        grain,
-        rollups::active_users(keyed).into_iter(),
-    )
-    .await
-}
-
-/// Writes folded rollups of one grain and cube with COPY, as the projector's upserts would
-/// have left them.
-async fn write_rollups(
-    conn: &mut sqlx::PgConnection,
-    schema: &shared::tenant::SchemaName,
-    grain: Grain,
-    cube: Cube,
-    rows: &BTreeMap<Key, Measures>,
-) -> anyhow::Result<()> {
-    let entries: Vec<(&Key, &Measures)> = rows.iter().collect();
-    let (dimensions, columns) = match cube {
-        Cube::Keys => (
-            true,
-            "bucket, event_type, user_id, team_id, project_id, name, ",
-        ),
-        Cube::Tenant => (false, "bucket, event_type, "),
-    };
-    let columns = format!(
-        "{columns}count, errors, duration_sum, duration_max, input_tokens, output_tokens, \
-         value_sum, duration_hist"
-    );
-    for chunk in entries.chunks(50_000) {
-        let mut csv = String::with_capacity(chunk.len() * 200);
-        for (k, m) in chunk {
-            let used = m
-                .duration_hist
-                .iter()
-                .rposition(|n| *n != 0)
-                .map_or(1, |i| i + 1);
-            let hist: Vec<String> = m.duration_hist[..used].iter().map(i64::to_string).collect();
-            let _ = write!(csv, "{},{},", k.bucket.to_rfc3339(), k.event_type);
-            if dimensions {
-                let _ = write!(
-                    csv,
-                    "{},{},{},{},",
-                    csv_text(&k.user_id),
-                    csv_text(&k.team_id),
-                    csv_text(&k.project_id),
-                    csv_text(&k.name)
-                );
-            }
-            let _ = writeln!(
-                csv,
-                "{},{},{},{},{},{},{},\"{{{}}}\"",
-                m.count,
-                m.errors,
-                m.duration_sum,
-                m.duration_max,
-                m.input_tokens,
-                m.output_tokens,
-                m.value_sum,
-                hist.join(",")
-            );
-        }
-        copy_into(conn, schema, cube.table(grain), &columns, csv).await?;
-    }
-    Ok(())
-}
-
-/// Writes (bucket, user) pairs of one grain with COPY, as the projector records them.
-async fn write_active_users<'a>(
-    conn: &mut sqlx::PgConnection,
-    schema: &shared::tenant::SchemaName,
-    grain: Grain,
-    users: impl Iterator<Item = (chrono::DateTime<Utc>, &'a str)>,
-) -> anyhow::Result<()> {
-    let mut csv = String::new();
-    for (bucket, user) in users {
-        let _ = writeln!(csv, "{},{}", bucket.to_rfc3339(), csv_text(user));
-    }
-    copy_into(conn, schema, grain.users_table(), "bucket, user_id", csv).await
-}
-
-async fn copy_into(
-    conn: &mut sqlx::PgConnection,
-    schema: &shared::tenant::SchemaName,
-    table: &str,
-    columns: &str,
-    csv: String,
-) -> anyhow::Result<()> {
-    let mut copy = conn
-        .copy_in_raw(&format!(
-            "COPY {schema}.{table} ({columns}) FROM STDIN (FORMAT csv)"
-        ))
-        .await?;
-    copy.send(csv.into_bytes()).await?;
-    copy.finish().await?;
-    Ok(())
+    bulk.finish(&mut conn).await
 }

@@ -2,7 +2,9 @@
 //! One binary, one module per capability; every test has its own topics and tenants.
 
 mod access;
+mod alerts;
 mod audit;
+mod bulk;
 mod control;
 mod crash;
 mod dashboard;

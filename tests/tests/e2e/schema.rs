@@ -98,7 +98,7 @@ async fn attack(run: &Run<'_>, deadline: Instant) -> (bool, String) {
 async fn both_apis_answer_as_their_openapi_says() {
     let TestEnv { pool, common } = test_env().await;
     // With SSO on (a secret key), as a deployment that offers it.
-    let ingest = start_ingest(&common, |c| c.secret_key = "5a".repeat(32)).await;
+    let ingest = start_ingest(&common, |c| c.common.secret_key = "5a".repeat(32)).await;
     let projector = start_projector(&common).await;
     let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
     let t = create_tenant(&pool, "schema").await;
@@ -138,7 +138,7 @@ async fn both_apis_answer_as_their_openapi_says() {
             name: "tenant administration",
             base: ingest.url(),
             key: &admin_key,
-            paths: "^/v1/admin/(users|api-keys|teams|invitations|sso)",
+            paths: "^/v1/admin/(users|api-keys|teams|invitations|sso|settings|channels|budgets|firings|deliveries)",
         },
         Run {
             name: "operator",

@@ -92,7 +92,7 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
     let TestEnv { pool, common } = test_env().await;
     let idp = TestIdp::start().await;
     let ingest = start_ingest(&common, |c| {
-        c.secret_key = "ab".repeat(32);
+        c.common.secret_key = "ab".repeat(32);
         c.public_url = "http://tally.test".into();
     })
     .await;
@@ -244,7 +244,7 @@ async fn an_admin_cannot_take_over_an_owner_through_sso() {
     let evil_idp = TestIdp::start().await;
     let idp = TestIdp::start().await;
     let ingest = start_ingest(&common, |c| {
-        c.secret_key = "cd".repeat(32);
+        c.common.secret_key = "cd".repeat(32);
         c.public_url = "http://tally.test".into();
     })
     .await;

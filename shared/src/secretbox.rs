@@ -1,4 +1,5 @@
-//! Secrets at rest (SSO client secrets): XChaCha20-Poly1305 with the service's `secret_key`.
+//! Secrets at rest (SSO client secrets, notification channels): XChaCha20-Poly1305 with the
+//! services' shared `secret_key`.
 
 use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};

@@ -1,0 +1,76 @@
+//! `GET /v1/budgets` and `GET /v1/budgets/{id}`: where each budget the reader may see stands
+//! — spent in the current period, remaining, the burn rate and the forecast of when it runs
+//! out. Owners, admins and read keys see every budget; managers and viewers those of their
+//! teams; developers their own (scope `user`, their user id). Budgets are managed on
+//! ingest-api's control plane (`/v1/admin/budgets`).
+
+use axum::extract::{Path, State};
+use axum::Json;
+use chrono::Utc;
+use serde_json::{json, Value};
+use shared::budgets::{self, Budget, Scope};
+use shared::problem::Problem;
+use uuid::Uuid;
+
+use crate::auth::{Reader, Visibility};
+use crate::read::db_error;
+use crate::state::AppState;
+
+fn visible(reader: &Reader, b: &Budget) -> bool {
+    match &reader.visibility {
+        Visibility::Tenant => true,
+        Visibility::Teams(teams) => b.scope == Scope::Team && teams.contains(&b.scope_id),
+        Visibility::Own(user) => b.scope == Scope::User && &b.scope_id == user,
+    }
+}
+
+async fn with_status(
+    s: &AppState,
+    reader: &Reader,
+    list: Vec<Budget>,
+) -> Result<Vec<Value>, Problem> {
+    let mut conn = s.pool.acquire().await.map_err(db_error)?;
+    let tz = budgets::time_zone(&mut conn, reader.tenant)
+        .await
+        .map_err(db_error)?;
+    let now = Utc::now();
+    let mut out = Vec::new();
+    for b in list.into_iter().filter(|b| visible(reader, b)) {
+        let status = budgets::status(&mut conn, &b, &tz, now)
+            .await
+            .map_err(db_error)?;
+        out.push(json!({"budget": b, "time_zone": tz, "status": status}));
+    }
+    Ok(out)
+}
+
+/// `GET /v1/budgets`
+pub async fn list(State(s): State<AppState>, reader: Reader) -> Result<Json<Vec<Value>>, Problem> {
+    let mut conn = s.pool.acquire().await.map_err(db_error)?;
+    let all = Budget::of_tenant(&mut conn, reader.tenant)
+        .await
+        .map_err(db_error)?;
+    drop(conn);
+    Ok(Json(with_status(&s, &reader, all).await?))
+}
+
+/// `GET /v1/budgets/{id}`: 404 for a budget of another tenant or one the reader may not see.
+pub async fn get(
+    State(s): State<AppState>,
+    reader: Reader,
+    id: Result<Path<Uuid>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<Value>, Problem> {
+    let Ok(Path(id)) = id else {
+        return Err(Problem::not_found("no such budget"));
+    };
+    let mut conn = s.pool.acquire().await.map_err(db_error)?;
+    let found = Budget::get(&mut conn, reader.tenant, id)
+        .await
+        .map_err(db_error)?;
+    drop(conn);
+    let list = with_status(&s, &reader, found.into_iter().collect()).await?;
+    list.into_iter()
+        .next()
+        .map(Json)
+        .ok_or_else(|| Problem::not_found("no such budget"))
+}

@@ -1,0 +1,236 @@
+//! A tenant's projection written in bulk: what projecting a set of events would leave — raw
+//! rows and rollups built by the projector's own code (`RawRow::from_event`, `rollups::fold`,
+//! `tenant_wide`, `active_users`) — written with COPY instead of batch by batch, so that the
+//! read benchmark can hold tens of millions of events without hours of projecting. The e2e
+//! test `bulk::loads_what_the_projector_writes` checks it against a projector-built tenant.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use chrono::{NaiveDate, TimeDelta, Utc};
+use ingest_api::ingest::{IngestContext, TimeBounds};
+use projector::models::raw::{self, RawRow};
+use projector::models::rollups::{self, Cube, Grain, Key, Measures};
+use projector::schema::{self, partitions};
+use serde_json::Value;
+use shared::events::{Actor, Source};
+use shared::tenant::{SchemaName, TenantId};
+
+/// Loads a tenant's schema version 1 in parts. Rollups are folded across parts and held:
+/// minute and hour ones until [`BulkLoad::flush`] (so flushed parts must not share a minute or
+/// hour bucket), daily ones until [`BulkLoad::finish`].
+pub struct BulkLoad {
+    schema: SchemaName,
+    ctx: IngestContext,
+    raw: bool,
+    events: i64,
+    held: [BTreeMap<Key, Measures>; 3],
+}
+
+impl BulkLoad {
+    /// Creates the tenant's schema and, with native partitions, the partitions of `days`.
+    /// Without `raw`, only the rollups are written (they are all the dashboards read).
+    pub async fn new(
+        conn: &mut sqlx::PgConnection,
+        tenant: TenantId,
+        days: &[NaiveDate],
+        raw: bool,
+    ) -> anyhow::Result<BulkLoad> {
+        schema::create_tenant_schema(&mut *conn, tenant, 1).await?;
+        let schema = tenant.schema(1);
+        partitions::ensure_partitions(&mut *conn, &schema, days).await?;
+        let ctx = IngestContext {
+            tenant_id: tenant,
+            actor: Actor::default(),
+            source: Source::Api,
+            received_at: Utc::now(),
+            bounds: TimeBounds {
+                max_future_skew: TimeDelta::days(1),
+                retention: TimeDelta::days(3650),
+            },
+            ids: ingest_api::ingest::Ids::Fresh,
+        };
+        Ok(BulkLoad {
+            schema,
+            ctx,
+            raw,
+            events: 0,
+            held: Default::default(),
+        })
+    }
+
+    /// Writes one part: `events` in their client form, each moved `shift` earlier. Returns
+    /// how many were written (an event that projects to no raw row is skipped, as the
+    /// projector skips it).
+    pub async fn add(
+        &mut self,
+        conn: &mut sqlx::PgConnection,
+        events: Vec<Value>,
+        shift: TimeDelta,
+    ) -> anyhow::Result<usize> {
+        let mut decoded = Vec::with_capacity(events.len());
+        for (i, event) in events.into_iter().enumerate() {
+            let env = self
+                .ctx
+                .envelope(i, event)
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let payload = env.payload().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            decoded.push((env, payload));
+        }
+        let mut rows: Vec<RawRow> = Vec::with_capacity(decoded.len());
+        for (env, payload) in &decoded {
+            if let Some(mut r) = RawRow::from_event(env, payload) {
+                r.occurred_at -= shift;
+                rows.push(r);
+            }
+        }
+        if self.raw {
+            for chunk in rows.chunks(50_000) {
+                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                schema::set_search_path(&mut tx, &self.schema).await?;
+                raw::copy(&mut tx, chunk, 1).await?;
+                tx.commit().await?;
+            }
+        }
+        for (held, grain) in self.held.iter_mut().zip(GRAINS) {
+            for (k, m) in rollups::fold(rows.iter(), grain) {
+                held.entry(k).or_default().add(&m);
+            }
+        }
+        self.events += rows.len() as i64;
+        Ok(rows.len())
+    }
+
+    /// Writes the minute and hour rollups held so far.
+    pub async fn flush(&mut self, conn: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+        for (held, grain) in self.held.iter_mut().zip(GRAINS).take(2) {
+            write_grain(&mut *conn, &self.schema, grain, &std::mem::take(held)).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes every rollup still held, records the events as projected, and vacuums and
+    /// analyses the rollups (as autovacuum would have by the time anyone reads them).
+    pub async fn finish(mut self, conn: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+        self.flush(&mut *conn).await?;
+        let schema = &self.schema;
+        write_grain(&mut *conn, schema, Grain::Day, &self.held[2]).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {schema}.projection_state SET seq = seq + 1, events = $1, as_of = now()"
+        )))
+        .bind(self.events)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "VACUUM (ANALYZE) {schema}.activity_1m, {schema}.activity_1h, {schema}.activity_1d, \
+             {schema}.activity_all_1m, {schema}.activity_all_1h, {schema}.activity_all_1d, \
+             {schema}.active_users_1m, {schema}.active_users_1h, {schema}.active_users_1d"
+        )))
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+}
+
+const GRAINS: [Grain; 3] = [Grain::Minute, Grain::Hour, Grain::Day];
+
+fn csv_text(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Writes one grain's per-key rollups, and the tenant-wide ones and active users derived from
+/// them, as the projector's transaction would have left them.
+async fn write_grain(
+    conn: &mut sqlx::PgConnection,
+    schema: &SchemaName,
+    grain: Grain,
+    keyed: &BTreeMap<Key, Measures>,
+) -> anyhow::Result<()> {
+    write_rollups(conn, schema, grain, Cube::Keys, keyed).await?;
+    let tenant_wide = rollups::tenant_wide(keyed);
+    write_rollups(conn, schema, grain, Cube::Tenant, &tenant_wide).await?;
+    let mut csv = String::new();
+    for (bucket, user) in rollups::active_users(keyed) {
+        let _ = writeln!(csv, "{},{}", bucket.to_rfc3339(), csv_text(user));
+    }
+    copy_into(conn, schema, grain.users_table(), "bucket, user_id", csv).await
+}
+
+/// Writes folded rollups of one grain and cube with COPY, as the projector's upserts would
+/// have left them.
+async fn write_rollups(
+    conn: &mut sqlx::PgConnection,
+    schema: &SchemaName,
+    grain: Grain,
+    cube: Cube,
+    rows: &BTreeMap<Key, Measures>,
+) -> anyhow::Result<()> {
+    let entries: Vec<(&Key, &Measures)> = rows.iter().collect();
+    let (dimensions, columns) = match cube {
+        Cube::Keys => (
+            true,
+            "bucket, event_type, user_id, team_id, project_id, name, ",
+        ),
+        Cube::Tenant => (false, "bucket, event_type, "),
+    };
+    let columns = format!(
+        "{columns}count, errors, duration_sum, duration_max, input_tokens, output_tokens, \
+         value_sum, duration_hist"
+    );
+    for chunk in entries.chunks(50_000) {
+        let mut csv = String::with_capacity(chunk.len() * 200);
+        for (k, m) in chunk {
+            let _ = write!(csv, "{},{},", k.bucket.to_rfc3339(), k.event_type);
+            if dimensions {
+                let _ = write!(
+                    csv,
+                    "{},{},{},{},",
+                    csv_text(&k.user_id),
+                    csv_text(&k.team_id),
+                    csv_text(&k.project_id),
+                    csv_text(&k.name)
+                );
+            }
+            let used = m
+                .duration_hist
+                .iter()
+                .rposition(|n| *n != 0)
+                .map_or(1, |i| i + 1);
+            let hist: Vec<String> = m.duration_hist[..used].iter().map(i64::to_string).collect();
+            let _ = writeln!(
+                csv,
+                "{},{},{},{},{},{},{},\"{{{}}}\"",
+                m.count,
+                m.errors,
+                m.duration_sum,
+                m.duration_max,
+                m.input_tokens,
+                m.output_tokens,
+                m.value_sum,
+                hist.join(",")
+            );
+        }
+        copy_into(conn, schema, cube.table(grain), &columns, csv).await?;
+    }
+    Ok(())
+}
+
+async fn copy_into(
+    conn: &mut sqlx::PgConnection,
+    schema: &SchemaName,
+    table: &str,
+    columns: &str,
+    csv: String,
+) -> anyhow::Result<()> {
+    if csv.is_empty() {
+        return Ok(());
+    }
+    let mut copy = conn
+        .copy_in_raw(&format!(
+            "COPY {schema}.{table} ({columns}) FROM STDIN (FORMAT csv)"
+        ))
+        .await?;
+    copy.send(csv.into_bytes()).await?;
+    copy.finish().await?;
+    Ok(())
+}

@@ -1,0 +1,593 @@
+//! Budgets and their notifications: thresholds crossed by real events fire once each,
+//! signed as Standard Webhooks describes, within seconds of the event that crossed; the
+//! forecast names when the budget runs out; channels cannot point at private addresses; and
+//! another tenant sees none of it.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Timelike, Utc};
+use serde_json::{json, Value};
+use shared::apikey::Scope;
+use tally_tests::receiver::Receiver;
+use tally_tests::*;
+use uuid::Uuid;
+
+/// A time zone in which it is now between 02:00 and 03:00, so that a forecast made from
+/// the last hour's spend falls on the same local day whatever the hour of the run.
+fn early_morning_zone() -> String {
+    let mut offset = 2 - Utc::now().hour() as i32;
+    if offset < -12 {
+        offset += 24;
+    }
+    if offset > 14 {
+        offset -= 24;
+    }
+    match offset {
+        0 => "UTC".into(),
+        // POSIX signs: Etc/GMT-5 is five hours ahead of UTC.
+        o if o > 0 => format!("Etc/GMT-{o}"),
+        o => format!("Etc/GMT+{}", -o),
+    }
+}
+
+fn spend(dollars: f64) -> Value {
+    json!([{
+        "id": Uuid::new_v4(), "type": "agent.interacted", "occurred_at": Utc::now().to_rfc3339(),
+        "data": {"user_id": "dev-1", "team_id": "team-a", "session_id": "s1", "agent_name": "claude",
+                 "interaction_type": "chat", "input_tokens": 1000, "output_tokens": 100,
+                 "model": "claude-sonnet", "cost_usd": dollars, "duration_ms": 900,
+                 "status": "success"}
+    }])
+}
+
+async fn admin_key(pool: &sqlx::PgPool, tenant: &TestTenant) -> String {
+    ingest_api::control::store::create_api_key(pool, "", tenant.id, Scope::Admin, "alerts")
+        .await
+        .unwrap()
+        .1
+}
+
+async fn send(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    key: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = client.request(method, url).bearer_auth(key);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    status_and_json(req).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_team_budget_fires_each_threshold_once_signed_and_within_seconds() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let query = start_query(&common, |_| {}).await;
+    let client = http();
+    let tenant = create_tenant(&pool, "alerts").await;
+    let admin = admin_key(&pool, &tenant).await;
+    let receiver = Receiver::start().await;
+    let api = |path: &str| format!("{}/v1/admin/{path}", ingest.url());
+
+    let zone = early_morning_zone();
+    let (st, body) = send(
+        &client,
+        reqwest::Method::PATCH,
+        api("settings"),
+        &admin,
+        Some(json!({"time_zone": zone})),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = send(
+        &client,
+        reqwest::Method::PATCH,
+        api("settings"),
+        &admin,
+        Some(json!({"time_zone": "Mars/Olympus"})),
+    )
+    .await;
+    assert_eq!(
+        (st, body["errors"][0]["field"].as_str()),
+        (422, Some("time_zone")),
+        "{body}"
+    );
+
+    // Channels must not point at private, link-local or metadata addresses.
+    for bad in [
+        "https://10.0.0.7/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "https://[fd00:ec2::254]/",
+    ] {
+        let (st, body) = send(
+            &client,
+            reqwest::Method::POST,
+            api("channels"),
+            &admin,
+            Some(json!({"name": "bad", "kind": "webhook", "url": bad})),
+        )
+        .await;
+        assert_eq!(
+            (st, body["errors"][0]["field"].as_str()),
+            (422, Some("url")),
+            "{bad}: {body}"
+        );
+    }
+    let (st, channel) = send(
+        &client,
+        reqwest::Method::POST,
+        api("channels"),
+        &admin,
+        Some(json!({"name": "ops", "kind": "webhook", "url": receiver.url})),
+    )
+    .await;
+    assert_eq!(st, 201, "{channel}");
+    let secret = channel["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"));
+    let slack = Receiver::start().await;
+    let (st, body) = send(
+        &client,
+        reqwest::Method::POST,
+        api("channels"),
+        &admin,
+        Some(json!({"name": "leads", "kind": "slack", "url": slack.url})),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    assert!(
+        body.get("secret").is_none(),
+        "Slack messages are not signed"
+    );
+
+    let (st, budget) = send(
+        &client,
+        reqwest::Method::POST,
+        api("budgets"),
+        &admin,
+        Some(json!({
+        "name": "team-a daily", "scope": "team", "scope_id": "team-a", "metric": "cost_usd",
+        "period": "day", "amount": 10.0})),
+    )
+    .await;
+    assert_eq!(st, 201, "{budget}");
+    assert_eq!(budget["thresholds"], json!([50, 80, 100]));
+    let budget_id = budget["id"].as_str().unwrap().to_string();
+    let (st, body) = send(
+        &client,
+        reqwest::Method::POST,
+        api("budgets"),
+        &admin,
+        Some(json!({
+        "name": "x", "scope": "team", "metric": "cost_usd", "period": "day", "amount": 10.0})),
+    )
+    .await;
+    assert_eq!(
+        (st, body["errors"][0]["field"].as_str()),
+        (422, Some("scope_id")),
+        "{body}"
+    );
+
+    // $4: 40 %, nothing fires; the forecast at the last hour's rate names a time today.
+    post_events_accepted(&client, &ingest.url(), &tenant.ingest_key, &spend(4.0)).await;
+    wait_projected(&pool, tenant.id, 1, Duration::from_secs(30)).await;
+    let status = get_json(
+        &client,
+        &format!("{}/v1/budgets/{budget_id}", query.url()),
+        &tenant.read_key,
+    )
+    .await;
+    let st = &status["status"];
+    assert_eq!(st["spent"], 4.0, "{status}");
+    assert_eq!(st["forecast"]["outcome"], "will_reach", "{status}");
+    let reaches: DateTime<Utc> = st["forecast"]["reaches_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let end: DateTime<Utc> = st["period_end"].as_str().unwrap().parse().unwrap();
+    assert!(
+        reaches > Utc::now() && reaches < end,
+        "the forecast names a time today: {status}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(receiver.received().is_empty(), "nothing crossed yet");
+
+    // $5 more: 90 %, 50 and 80 cross together; $2 more: 110 %, 100 crosses.
+    let sent = Instant::now();
+    post_events_accepted(&client, &ingest.url(), &tenant.ingest_key, &spend(5.0)).await;
+    let got = receiver.wait_accepted(2, Duration::from_secs(15)).await;
+    for r in &got {
+        assert!(
+            r.at - sent <= Duration::from_secs(5),
+            "delivered {:?} after the event",
+            r.at - sent
+        );
+    }
+    let sent = Instant::now();
+    post_events_accepted(&client, &ingest.url(), &tenant.ingest_key, &spend(2.0)).await;
+    let got = receiver.wait_accepted(3, Duration::from_secs(15)).await;
+    assert!(
+        got[2].at - sent <= Duration::from_secs(5),
+        "delivered {:?} after the event",
+        got[2].at - sent
+    );
+
+    // Nothing more comes: each crossing fired once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let all = receiver.received();
+    assert_eq!(all.len(), 3, "exactly three deliveries");
+    let mut thresholds = Vec::new();
+    let mut ids = std::collections::BTreeSet::new();
+    for r in &all {
+        let ts: i64 = r.header("webhook-timestamp").parse().unwrap();
+        assert!(
+            shared::webhooks::verify(
+                &secret,
+                r.header("webhook-signature"),
+                r.header("webhook-id"),
+                ts,
+                &r.body
+            ),
+            "a valid signature: {:?}",
+            r.headers
+        );
+        ids.insert(r.header("webhook-id").to_string());
+        let body = r.json();
+        assert_eq!(body["type"], "budget.threshold_crossed");
+        assert_eq!(body["data"]["budget"]["id"], budget_id.as_str());
+        thresholds.push(body["data"]["threshold"].as_i64().unwrap());
+    }
+    thresholds.sort_unstable();
+    assert_eq!(thresholds, [50, 80, 100]);
+    assert_eq!(ids.len(), 3, "one webhook-id per notification");
+
+    // The firings and the delivery log, with each attempt.
+    let (_, firings) = send(&client, reqwest::Method::GET, api("firings"), &admin, None).await;
+    assert_eq!(firings.as_array().unwrap().len(), 3, "{firings}");
+    let (_, deliveries) = send(
+        &client,
+        reqwest::Method::GET,
+        api("deliveries"),
+        &admin,
+        None,
+    )
+    .await;
+    for d in deliveries.as_array().unwrap() {
+        assert_eq!(d["status"], "delivered", "{d}");
+        assert_eq!(d["attempt_log"][0]["status_code"], 200, "{d}");
+        assert!(
+            ids.contains(d["id"].as_str().unwrap()),
+            "the delivery id is the webhook-id"
+        );
+    }
+    let status = get_json(
+        &client,
+        &format!("{}/v1/budgets", query.url()),
+        &tenant.read_key,
+    )
+    .await;
+    assert_eq!(
+        status[0]["status"]["forecast"]["outcome"], "reached",
+        "{status}"
+    );
+    assert_eq!(status[0]["status"]["crossed"], json!([50, 80, 100]));
+
+    // Slack got the same three, as Block Kit messages.
+    let messages = slack.wait_accepted(3, Duration::from_secs(5)).await;
+    assert_eq!(slack.received().len(), 3);
+    for m in &messages {
+        assert_block_kit(&m.json());
+    }
+    let first = messages[0].json();
+    assert!(
+        first["blocks"][0]["text"]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Budget team-a daily: "),
+        "{first}"
+    );
+
+    // A full replay rebuilds the same sums: nothing fires again.
+    run_replay(&common, tenant.id, 1).await;
+    assert_eq!(
+        active_version(&pool, tenant.id).await,
+        2,
+        "the replay switched"
+    );
+    post_events_accepted(&client, &ingest.url(), &tenant.ingest_key, &spend(0.0)).await;
+    wait_projected(&pool, tenant.id, 4, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(receiver.received().len(), 3, "nothing new after the replay");
+    assert_eq!(slack.received().len(), 3, "nothing new after the replay");
+
+    // Every change is audited.
+    assert!(!outbox_events(&pool, tenant.id.0, "budget.changed")
+        .await
+        .is_empty());
+    assert!(!outbox_events(&pool, tenant.id.0, "channel.changed")
+        .await
+        .is_empty());
+
+    // A manager manages their own team's budgets only, and no channels.
+    let (email, password) = (
+        format!("mgr-{}@alerts.example", tenant.id.0.simple()),
+        "Manager passphrase 42",
+    );
+    ingest_api::control::store::create_user(
+        &pool,
+        "",
+        ingest_api::control::store::NewUser {
+            tenant: tenant.id,
+            email: &email,
+            password,
+            role: shared::jwt::Role::Manager,
+            external_id: None,
+            teams: &["team-b".to_string()],
+        },
+    )
+    .await
+    .unwrap();
+    let tokens: Value = login(&client, &ingest.url(), &email, password)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let manager = tokens["access_token"].as_str().unwrap();
+    let team_budget = |team: &str| {
+        json!({"name": "mine", "scope": "team", "scope_id": team,
+        "metric": "tokens", "period": "week", "amount": 1e6})
+    };
+    let (st, _) = send(
+        &client,
+        reqwest::Method::POST,
+        api("budgets"),
+        manager,
+        Some(team_budget("team-a")),
+    )
+    .await;
+    assert_eq!(st, 403, "another team's budget");
+    let (st, own) = send(
+        &client,
+        reqwest::Method::POST,
+        api("budgets"),
+        manager,
+        Some(team_budget("team-b")),
+    )
+    .await;
+    assert_eq!(st, 201, "{own}");
+    let (_, listed) = send(&client, reqwest::Method::GET, api("budgets"), manager, None).await;
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        1,
+        "only their team's: {listed}"
+    );
+    let (st, _) = send(
+        &client,
+        reqwest::Method::DELETE,
+        api(&format!("budgets/{budget_id}")),
+        manager,
+        None,
+    )
+    .await;
+    assert_eq!(st, 403);
+    let (st, _) = send(
+        &client,
+        reqwest::Method::GET,
+        api("channels"),
+        manager,
+        None,
+    )
+    .await;
+    assert_eq!(st, 403);
+    let (_, firings) = send(&client, reqwest::Method::GET, api("firings"), manager, None).await;
+    assert_eq!(firings, json!([]), "team-a's firings are not theirs");
+
+    // Another tenant sees none of it.
+    let other = create_tenant(&pool, "alerts-other").await;
+    let other_admin = admin_key(&pool, &other).await;
+    let (st, _) = send(
+        &client,
+        reqwest::Method::GET,
+        api(&format!("budgets/{budget_id}")),
+        &other_admin,
+        None,
+    )
+    .await;
+    assert_eq!(st, 404);
+    let (_, list) = send(
+        &client,
+        reqwest::Method::GET,
+        api("deliveries"),
+        &other_admin,
+        None,
+    )
+    .await;
+    assert_eq!(list, json!([]));
+    let (st, _) = send(
+        &client,
+        reqwest::Method::GET,
+        format!("{}/v1/budgets/{budget_id}", query.url()),
+        &other.read_key,
+        None,
+    )
+    .await;
+    assert_eq!(st, 404);
+
+    stop_all([ingest, projector, query]).await;
+}
+
+/// Checks a Slack message against Block Kit's documented shape and limits: `text` (the
+/// notification fallback) and at most 50 blocks — `header` (plain text ≤ 150 characters),
+/// `section` (mrkdwn or plain text ≤ 3000, or ≤ 10 fields ≤ 2000 each), `actions` (≤ 25
+/// elements; buttons with plain-text labels ≤ 75 and URLs ≤ 3000).
+fn assert_block_kit(m: &Value) {
+    let len = |v: &Value| v.as_str().map(|s| s.chars().count()).unwrap_or(usize::MAX);
+    let text_object = |t: &Value, max: usize, plain_only: bool| {
+        let kind = t["type"].as_str().unwrap_or("");
+        assert!(
+            kind == "plain_text" || (!plain_only && kind == "mrkdwn"),
+            "text type {t}"
+        );
+        assert!((1..=max).contains(&len(&t["text"])), "text length {t}");
+    };
+    assert!(m["text"].is_string(), "a fallback text: {m}");
+    let blocks = m["blocks"].as_array().expect("blocks");
+    assert!(!blocks.is_empty() && blocks.len() <= 50);
+    for b in blocks {
+        match b["type"].as_str() {
+            Some("header") => text_object(&b["text"], 150, true),
+            Some("section") => {
+                assert!(b["text"].is_object() || b["fields"].is_array(), "{b}");
+                if b["text"].is_object() {
+                    text_object(&b["text"], 3000, false);
+                }
+                if let Some(fields) = b["fields"].as_array() {
+                    assert!(fields.len() <= 10);
+                    fields.iter().for_each(|f| text_object(f, 2000, false));
+                }
+            }
+            Some("actions") => {
+                let elements = b["elements"].as_array().expect("elements");
+                assert!(!elements.is_empty() && elements.len() <= 25);
+                for e in elements {
+                    assert_eq!(e["type"], "button", "{e}");
+                    text_object(&e["text"], 75, true);
+                    assert!((1..=3000).contains(&len(&e["url"])), "{e}");
+                }
+            }
+            other => panic!("unexpected block type {other:?}: {b}"),
+        }
+    }
+}
+
+/// A budget of the whole tenant with thresholds 50 and 100 and one webhook channel; returns
+/// (admin key, budget id, channel secret).
+async fn tenant_budget(
+    pool: &sqlx::PgPool,
+    client: &reqwest::Client,
+    ingest: &str,
+    tenant: &TestTenant,
+    url: &str,
+) -> (String, String, String) {
+    let admin = admin_key(pool, tenant).await;
+    let (st, channel) = send(
+        client,
+        reqwest::Method::POST,
+        format!("{ingest}/v1/admin/channels"),
+        &admin,
+        Some(json!({"name": "ops", "kind": "webhook", "url": url})),
+    )
+    .await;
+    assert_eq!(st, 201, "{channel}");
+    let (st, budget) = send(
+        client,
+        reqwest::Method::POST,
+        format!("{ingest}/v1/admin/budgets"),
+        &admin,
+        Some(
+            json!({"name": "all, daily", "scope": "tenant", "metric": "cost_usd", "period": "day",
+                    "amount": 1.0, "thresholds": [50, 100]}),
+        ),
+    )
+    .await;
+    assert_eq!(st, 201, "{budget}");
+    (
+        admin,
+        budget["id"].as_str().unwrap().into(),
+        channel["secret"].as_str().unwrap().into(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn notifications_outlast_a_failing_receiver_and_a_killed_projector() {
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let mut projector = spawn_projector_process(&common);
+    let client = http();
+    let tenant = create_tenant(&pool, "alerts-retry").await;
+    let receiver = Receiver::start().await;
+    let (admin, _, secret) =
+        tenant_budget(&pool, &client, &ingest.url(), &tenant, &receiver.url).await;
+
+    // The receiver answers 503 for a minute, then 200: the notification arrives after
+    // recovery, every attempt with the same webhook-id, each attempt in the log.
+    receiver.answer(503);
+    let failing = Instant::now();
+    post_events_accepted(&client, &ingest.url(), &tenant.ingest_key, &spend(0.6)).await;
+    receiver.wait_received(1, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(60).saturating_sub(failing.elapsed())).await;
+    receiver.answer(200);
+    let got = receiver.wait_accepted(1, Duration::from_secs(90)).await;
+    let all = receiver.received();
+    assert!(
+        all.len() >= 3,
+        "retried while the receiver failed: {} requests",
+        all.len()
+    );
+    let id = got[0].header("webhook-id").to_string();
+    for r in &all {
+        assert_eq!(r.header("webhook-id"), id, "one webhook-id across attempts");
+        let ts: i64 = r.header("webhook-timestamp").parse().unwrap();
+        assert!(shared::webhooks::verify(
+            &secret,
+            r.header("webhook-signature"),
+            &id,
+            ts,
+            &r.body
+        ));
+    }
+    assert_eq!(got[0].json()["data"]["threshold"], 50);
+    let (_, deliveries) = send(
+        &client,
+        reqwest::Method::GET,
+        format!("{}/v1/admin/deliveries", ingest.url()),
+        &admin,
+        None,
+    )
+    .await;
+    let log = &deliveries[0]["attempt_log"];
+    let codes: Vec<i64> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["status_code"].as_i64().unwrap_or(0))
+        .collect();
+    assert_eq!(
+        codes.len(),
+        all.len(),
+        "every attempt is logged: {deliveries}"
+    );
+    assert!(
+        codes[..codes.len() - 1].iter().all(|c| *c == 503) && codes.last() == Some(&200),
+        "{codes:?}"
+    );
+    assert_eq!(deliveries[0]["status"], "delivered");
+
+    // The projector is SIGKILLed while its attempt is in flight (the firing decided and
+    // committed, the delivery not recorded): a new one delivers it, with the same id.
+    receiver.hold(true);
+    post_events_accepted(&client, &ingest.url(), &tenant.ingest_key, &spend(0.6)).await;
+    let held = receiver
+        .wait_received(all.len() + 1, Duration::from_secs(30))
+        .await;
+    let held_id = held.last().unwrap().header("webhook-id").to_string();
+    assert_ne!(held_id, id);
+    projector.0.kill().expect("SIGKILL");
+    let _ = projector.0.wait();
+    receiver.hold(false);
+    projector = spawn_projector_process(&common);
+    let got = receiver.wait_accepted(2, Duration::from_secs(90)).await;
+    assert_eq!(
+        got[1].header("webhook-id"),
+        held_id,
+        "the same notification, the same id"
+    );
+    assert_eq!(got[1].json()["data"]["threshold"], 100);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(receiver.accepted().len(), 2, "nothing else fired");
+    drop(projector);
+    ingest.stop().await.unwrap();
+}

@@ -1,0 +1,96 @@
+//! The read benchmark's bulk load (`tally_tests::bulk`) leaves what projecting the same events
+//! leaves: every rollup table of a bulk-loaded tenant equals, row for row, the one the
+//! projector built from the same events sent through ingest-api and Kafka.
+
+use std::time::Duration;
+
+use chrono::{Duration as Span, TimeDelta, Utc};
+use serde_json::Value;
+use tally_tests::bulk::BulkLoad;
+use tally_tests::events::Generator;
+use tally_tests::*;
+
+const TABLES: [&str; 9] = [
+    "activity_1m",
+    "activity_1h",
+    "activity_1d",
+    "activity_all_1m",
+    "activity_all_1h",
+    "activity_all_1d",
+    "active_users_1m",
+    "active_users_1h",
+    "active_users_1d",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bulk_load_writes_the_rollups_the_projector_writes() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let client = http();
+    let projected = create_tenant(&pool, "bulk-projected").await;
+    let loaded = create_tenant(&pool, "bulk-loaded").await;
+
+    // Over 30 hours: minute, hour and day buckets each hold several keys and users.
+    let events = Generator::new(21, "bulk", 9, Span::hours(30)).batch(3_000);
+    for chunk in events.chunks(500) {
+        let res = post_events(
+            &client,
+            &ingest.url(),
+            &projected.ingest_key,
+            &Value::Array(chunk.to_vec()),
+        )
+        .await;
+        assert_eq!(res.status(), 202, "{}", res.text().await.unwrap());
+    }
+    wait_projected(&pool, projected.id, 3_000, Duration::from_secs(90)).await;
+
+    let mut conn = pool.acquire().await.unwrap();
+    let days: Vec<_> = (-2..=1)
+        .map(|d| (Utc::now() + TimeDelta::days(d)).date_naive())
+        .collect();
+    let mut bulk = BulkLoad::new(&mut conn, loaded.id, &days, true)
+        .await
+        .unwrap();
+    // In two parts folded before one flush, as the benchmark loads a day.
+    let (first, second) = events.split_at(1_100);
+    for part in [first, second] {
+        let n = bulk
+            .add(&mut conn, part.to_vec(), TimeDelta::zero())
+            .await
+            .unwrap();
+        assert_eq!(n, part.len());
+    }
+    bulk.finish(&mut conn).await.unwrap();
+
+    let (a, b) = (projected.id.schema(1), loaded.id.schema(1));
+    for table in TABLES {
+        let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {a}.{table}"
+        )))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert!(rows > 0, "{table} is empty");
+        let differ: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM ((TABLE {a}.{table} EXCEPT ALL TABLE {b}.{table})
+                        UNION ALL (TABLE {b}.{table} EXCEPT ALL TABLE {a}.{table})) d"
+        )))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(differ, 0, "{table}: {rows} rows projected, {differ} differ");
+    }
+    for table in projector::schema::RAW_TABLES {
+        let count = |s: &shared::tenant::SchemaName| format!("SELECT count(*) FROM {s}.{table}");
+        let (x, y): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT ({}), ({})",
+            count(&a),
+            count(&b)
+        )))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(x, y, "{table}: raw rows");
+    }
+    stop_all([ingest, projector]).await;
+}
