@@ -83,6 +83,46 @@ async function refresh() {
   rows("productivity", [["user"], ["commands", 1], ["success", 1], ["score", 1]], p.users.map((u) => [u.user_id, fmt(u.commands), fmt(u.success_rate * 100, 1) + " %", fmt(u.score, 1)]));
   $("formula").textContent = "score = " + p.formula;
   rows("teams", [["team"], ["rank", 1], ["percentile", 1], ["score", 1]], teams.teams.map((t) => [t.team_id, t.rank, fmt(t.percentile), fmt(t.score, 1)]));
+  await budgets();
+}
+// Budgets as progress bars with their forecast, and what fired recently.
+async function budgets() {
+  const [list, fired] = await Promise.all([api("/v1/budgets"), api("/v1/firings?limit=10")]);
+  const box = $("budgets");
+  box.replaceChildren();
+  if (!list.length) box.append(Object.assign(document.createElement("span"), { className: "muted", textContent: "none" }));
+  for (const { budget: b, status: s } of list) {
+    const money = b.metric === "cost_usd";
+    const amount = (v) => (money ? "$" + fmt(v, 2) : fmt(v) + " tokens");
+    const div = document.createElement("div");
+    div.className = "budget";
+    const title = document.createElement("div");
+    title.textContent = b.name + " — " + amount(s.spent) + " of " + amount(b.amount) + " this " + b.period + " (" + fmt(s.percent) + " %)";
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    const fill = document.createElement("div");
+    fill.style.width = Math.min(100, s.percent) + "%";
+    if (s.percent >= 100) fill.className = "over"; else if (s.percent >= 80) fill.className = "warn";
+    bar.append(fill);
+    const f = s.forecast;
+    const note = document.createElement("div");
+    note.className = "muted";
+    note.textContent = f.outcome === "reached" ? "reached"
+      : f.outcome === "will_reach" ? "at this rate reached " + new Date(f.reaches_at).toLocaleString() + " (" + f.confidence + " confidence)"
+      : "not reached this " + b.period + " at this rate";
+    div.append(title, bar, note);
+    box.append(div);
+  }
+  const ul = $("firings");
+  ul.replaceChildren();
+  for (const x of fired) {
+    const li = document.createElement("li");
+    const d = x.data;
+    li.textContent = new Date(x.fired_at).toLocaleString() + " — " + (x.type === "budget.threshold_crossed"
+      ? d.budget.name + ": " + d.threshold + " % crossed (" + fmt(d.percent) + " %)"
+      : x.type === "channel.paused" ? "channel " + d.channel_name + " paused: " + d.reason : x.type);
+    ul.append(li);
+  }
 }
 async function liveFeed() {
   if (feedAbort) feedAbort.abort();

@@ -109,6 +109,7 @@ impl App {
             .route("/v1/audit", get(routes::audit::audit))
             .route("/v1/budgets", get(routes::budgets::list))
             .route("/v1/budgets/{id}", get(routes::budgets::get))
+            .route("/v1/firings", get(routes::budgets::firings))
             .route("/v1/stream", get(routes::stream::stream))
             .route("/", get(routes::health::dashboard))
             .route("/dashboard", get(routes::health::dashboard))

@@ -58,6 +58,11 @@ try {
   const firstTop = await page.textContent("#top-command tr:nth-child(2) td:first-child");
   check(firstTop === top.items[0].key, `top command is ${top.items[0].key}`);
   check((await page.$$("#chart polyline")).length === 1, "the time-series chart is drawn");
+  const budgets = await api("/v1/budgets");
+  const budgetText = await page.textContent("#budgets .budget");
+  check(budgets.length === 1 && (await page.$$("#budgets .budget .bar")).length === 1
+    && budgetText.includes("browser tokens") && budgetText.includes(n(budgets[0].status.spent) + " tokens"),
+    "the budget is shown as a bar with what was spent");
 
   // A new event appears in the live feed without a reload.
   const id = crypto.randomUUID();

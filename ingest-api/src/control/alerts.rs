@@ -82,6 +82,61 @@ async fn over_limit(
     }))
 }
 
+/// What a change does, for the audit log.
+struct Change {
+    kind: AuthKind,
+    target: String,
+    detail: &'static str,
+}
+
+impl Change {
+    fn new(kind: AuthKind, target: String, detail: &'static str) -> Change {
+        Change {
+            kind,
+            target,
+            detail,
+        }
+    }
+}
+
+/// Changes one row of the caller's tenant and audits it, in one transaction: `statements`
+/// each take the tenant as `$1` and the row's id as `$2`; the first must touch the row (else
+/// 404 `missing`), the rest follow from it.
+async fn change_one(
+    s: &AppState,
+    caller: &TenantAdmin,
+    id: Uuid,
+    statements: &[&str],
+    missing: &str,
+    change: Change,
+) -> Result<(), Problem> {
+    let mut tx = s.pool.begin().await.map_err(db)?;
+    for (i, sql) in statements.iter().enumerate() {
+        let n = sqlx::query(sqlx::AssertSqlSafe(*sql))
+            .bind(caller.tenant.0)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected();
+        if i == 0 && n == 0 {
+            return Err(Problem::not_found(missing));
+        }
+    }
+    audited(
+        s,
+        &mut tx,
+        caller,
+        change.kind,
+        change.target,
+        change.detail,
+    )
+    .await?;
+    tx.commit().await.map_err(db)?;
+    s.outbox_wake.notify_one();
+    Ok(())
+}
+
 // ---- settings ----
 
 #[derive(Debug, Deserialize)]
@@ -262,36 +317,20 @@ pub async fn delete_channel(
     caller: TenantAdmin,
     Id(id): Id,
 ) -> Result<StatusCode, Problem> {
-    let mut tx = s.pool.begin().await.map_err(db)?;
-    let n = sqlx::query("DELETE FROM control.channels WHERE tenant_id = $1 AND id = $2")
-        .bind(caller.tenant.0)
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?
-        .rows_affected();
-    if n == 0 {
-        return Err(Problem::not_found("no such channel in this tenant"));
-    }
-    sqlx::query(
+    let statements = [
+        "DELETE FROM control.channels WHERE tenant_id = $1 AND id = $2",
         "UPDATE control.budgets SET channels = array_remove(channels, $2) WHERE tenant_id = $1",
-    )
-    .bind(caller.tenant.0)
-    .bind(id)
-    .execute(&mut *tx)
-    .await
-    .map_err(db)?;
-    audited(
+    ];
+    let change = Change::new(AuthKind::ChannelChanged, format!("channel:{id}"), "deleted");
+    change_one(
         &s,
-        &mut tx,
         &caller,
-        AuthKind::ChannelChanged,
-        format!("channel:{id}"),
-        "deleted",
+        id,
+        &statements,
+        "no such channel in this tenant",
+        change,
     )
     .await?;
-    tx.commit().await.map_err(db)?;
-    s.outbox_wake.notify_one();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -368,40 +407,23 @@ pub async fn resume_channel(
     caller: TenantAdmin,
     Id(id): Id,
 ) -> Result<StatusCode, Problem> {
-    let mut tx = s.pool.begin().await.map_err(db)?;
-    let n = sqlx::query(
+    let statements = [
         "UPDATE control.channels SET paused_at = NULL, paused_reason = NULL,
                 consecutive_failures = 0, updated_at = now()
           WHERE tenant_id = $1 AND id = $2",
-    )
-    .bind(caller.tenant.0)
-    .bind(id)
-    .execute(&mut *tx)
-    .await
-    .map_err(db)?
-    .rows_affected();
-    if n == 0 {
-        return Err(Problem::not_found("no such channel in this tenant"));
-    }
-    sqlx::query(
         "UPDATE control.deliveries SET next_attempt_at = now()
-          WHERE channel_id = $1 AND status = 'pending'",
-    )
-    .bind(id)
-    .execute(&mut *tx)
-    .await
-    .map_err(db)?;
-    audited(
+          WHERE tenant_id = $1 AND channel_id = $2 AND status = 'pending'",
+    ];
+    let change = Change::new(AuthKind::ChannelChanged, format!("channel:{id}"), "resumed");
+    change_one(
         &s,
-        &mut tx,
         &caller,
-        AuthKind::ChannelChanged,
-        format!("channel:{id}"),
-        "resumed",
+        id,
+        &statements,
+        "no such channel in this tenant",
+        change,
     )
     .await?;
-    tx.commit().await.map_err(db)?;
-    s.outbox_wake.notify_one();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -616,7 +638,7 @@ pub async fn create_budget(
     audited(
         &s,
         &mut tx,
-        &caller,
+        caller,
         AuthKind::BudgetChanged,
         format!("budget:{id}"),
         "created",
@@ -706,7 +728,7 @@ pub async fn update_budget(
     audited(
         &s,
         &mut tx,
-        &caller,
+        caller,
         AuthKind::BudgetChanged,
         format!("budget:{id}"),
         "updated",
@@ -723,30 +745,18 @@ pub async fn delete_budget(
     editor: BudgetEditor,
     Id(id): Id,
 ) -> Result<StatusCode, Problem> {
-    let caller = &editor.admin;
     editable(&s, &editor, id).await?;
-    let mut tx = s.pool.begin().await.map_err(db)?;
-    let n = sqlx::query("DELETE FROM control.budgets WHERE tenant_id = $1 AND id = $2")
-        .bind(caller.tenant.0)
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?
-        .rows_affected();
-    if n == 0 {
-        return Err(Problem::not_found("no such budget in this tenant"));
-    }
-    audited(
+    let statements = ["DELETE FROM control.budgets WHERE tenant_id = $1 AND id = $2"];
+    let change = Change::new(AuthKind::BudgetChanged, format!("budget:{id}"), "deleted");
+    change_one(
         &s,
-        &mut tx,
-        &caller,
-        AuthKind::BudgetChanged,
-        format!("budget:{id}"),
-        "deleted",
+        &editor.admin,
+        id,
+        &statements,
+        "no such budget in this tenant",
+        change,
     )
     .await?;
-    tx.commit().await.map_err(db)?;
-    s.outbox_wake.notify_one();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -772,14 +782,26 @@ fn list_params(
     Ok((limit, p.firing_id))
 }
 
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct FiringRow {
+    pub id: Uuid,
+    pub source: String,
+    pub source_id: Uuid,
+    pub scope: String,
+    pub scope_id: String,
+    pub fired_at: DateTime<Utc>,
+    /// The body its webhooks carry.
+    pub payload: Value,
+}
+
 /// `GET /v1/admin/firings`: what fired, newest first, with the body sent.
 pub async fn list_firings(
     State(s): State<AppState>,
     editor: BudgetEditor,
     q: Result<Query<ListParams>, QueryRejection>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Vec<FiringRow>>, Problem> {
     let (limit, _) = list_params(q)?;
-    let rows: Vec<(Uuid, String, Uuid, String, String, DateTime<Utc>, Value)> = sqlx::query_as(
+    let rows = sqlx::query_as(
         "SELECT id, source, source_id, scope, scope_id, fired_at, payload FROM control.firings
           WHERE tenant_id = $1
             AND ($3::text[] IS NULL OR (scope = 'team' AND scope_id = ANY($3)))
@@ -791,16 +813,24 @@ pub async fn list_firings(
     .fetch_all(&s.pool)
     .await
     .map_err(db)?;
-    let list: Vec<Value> = rows
-        .into_iter()
-        .map(
-            |(id, source, source_id, scope, scope_id, fired_at, payload)| {
-                json!({"id": id, "source": source, "source_id": source_id, "scope": scope,
-                   "scope_id": scope_id, "fired_at": fired_at, "payload": payload})
-            },
-        )
-        .collect();
-    Ok(Json(Value::Array(list)))
+    Ok(Json(rows))
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct DeliveryRow {
+    /// Its `webhook-id`.
+    pub id: Uuid,
+    pub firing_id: Uuid,
+    pub channel_id: Uuid,
+    pub status: String,
+    pub attempts: i32,
+    /// While pending.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// Every attempt: number, time, status code, latency, the answer's first bytes or the
+    /// error.
+    pub attempt_log: Value,
 }
 
 /// `GET /v1/admin/deliveries`: each delivery with every attempt (status, latency, the
@@ -809,30 +839,21 @@ pub async fn list_deliveries(
     State(s): State<AppState>,
     caller: TenantAdmin,
     q: Result<Query<ListParams>, QueryRejection>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Vec<DeliveryRow>>, Problem> {
     let (limit, firing) = list_params(q)?;
-    let rows: Vec<(
-        Uuid,
-        Uuid,
-        Uuid,
-        String,
-        i32,
-        DateTime<Utc>,
-        DateTime<Utc>,
-        Option<DateTime<Utc>>,
-        Value,
-    )> = sqlx::query_as(
-        "SELECT d.id, d.firing_id, d.channel_id, d.status, d.attempts, d.next_attempt_at,
-                    d.created_at, d.delivered_at,
-                    coalesce((SELECT jsonb_agg(jsonb_build_object(
-                                 'attempt', a.attempt, 'at', a.at, 'status_code', a.status_code,
-                                 'latency_ms', a.latency_ms, 'error', a.error, 'excerpt', a.excerpt)
-                                 ORDER BY a.attempt)
-                                FROM control.delivery_attempts a WHERE a.delivery_id = d.id),
-                             '[]'::jsonb)
-               FROM control.deliveries d
-              WHERE d.tenant_id = $1 AND ($3::uuid IS NULL OR d.firing_id = $3)
-              ORDER BY d.created_at DESC, d.id DESC LIMIT $2",
+    let rows = sqlx::query_as(
+        "SELECT d.id, d.firing_id, d.channel_id, d.status, d.attempts,
+                CASE WHEN d.status = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
+                d.created_at, d.delivered_at,
+                coalesce((SELECT jsonb_agg(jsonb_build_object(
+                             'attempt', a.attempt, 'at', a.at, 'status_code', a.status_code,
+                             'latency_ms', a.latency_ms, 'error', a.error, 'excerpt', a.excerpt)
+                             ORDER BY a.attempt)
+                            FROM control.delivery_attempts a WHERE a.delivery_id = d.id),
+                         '[]'::jsonb) AS attempt_log
+           FROM control.deliveries d
+          WHERE d.tenant_id = $1 AND ($3::uuid IS NULL OR d.firing_id = $3)
+          ORDER BY d.created_at DESC, d.id DESC LIMIT $2",
     )
     .bind(caller.tenant.0)
     .bind(limit)
@@ -840,18 +861,7 @@ pub async fn list_deliveries(
     .fetch_all(&s.pool)
     .await
     .map_err(db)?;
-    let list: Vec<Value> = rows
-        .into_iter()
-        .map(
-            |(id, firing_id, channel_id, status, attempts, next, created, delivered, tries)| {
-                json!({"id": id, "firing_id": firing_id, "channel_id": channel_id, "status": status,
-                   "attempts": attempts,
-                   "next_attempt_at": (status == "pending").then_some(next),
-                   "created_at": created, "delivered_at": delivered, "attempt_log": tries})
-            },
-        )
-        .collect();
-    Ok(Json(Value::Array(list)))
+    Ok(Json(rows))
 }
 
 /// `POST /v1/admin/deliveries/{id}/redeliver`: sent again at once, with the same
@@ -861,30 +871,22 @@ pub async fn redeliver(
     caller: TenantAdmin,
     Id(id): Id,
 ) -> Result<StatusCode, Problem> {
-    let mut tx = s.pool.begin().await.map_err(db)?;
-    let n = sqlx::query(
-        "UPDATE control.deliveries SET status = 'pending', next_attempt_at = now(), leased_until = NULL
-          WHERE tenant_id = $1 AND id = $2",
-    )
-    .bind(caller.tenant.0)
-    .bind(id)
-    .execute(&mut *tx)
-    .await
-    .map_err(db)?
-    .rows_affected();
-    if n == 0 {
-        return Err(Problem::not_found("no such delivery in this tenant"));
-    }
-    audited(
-        &s,
-        &mut tx,
-        &caller,
+    let statements = ["UPDATE control.deliveries
+                          SET status = 'pending', next_attempt_at = now(), leased_until = NULL
+                        WHERE tenant_id = $1 AND id = $2"];
+    let change = Change::new(
         AuthKind::ChannelChanged,
         format!("delivery:{id}"),
         "redelivered",
+    );
+    change_one(
+        &s,
+        &caller,
+        id,
+        &statements,
+        "no such delivery in this tenant",
+        change,
     )
     .await?;
-    tx.commit().await.map_err(db)?;
-    s.outbox_wake.notify_one();
     Ok(StatusCode::ACCEPTED)
 }

@@ -1,6 +1,6 @@
 //! `GET /v1/budgets` and `GET /v1/budgets/{id}`: where each budget the reader may see stands
 //! — spent in the current period, remaining, the burn rate and the forecast of when it runs
-//! out. Owners, admins and read keys see every budget; managers and viewers those of their
+//! out — and `GET /v1/firings`, what fired recently. Owners, admins and read keys see every budget; managers and viewers those of their
 //! teams; developers their own (scope `user`, their user id). Budgets are managed on
 //! ingest-api's control plane (`/v1/admin/budgets`).
 
@@ -73,4 +73,51 @@ pub async fn get(
         .next()
         .map(Json)
         .ok_or_else(|| Problem::not_found("no such budget"))
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct FiringParams {
+    /// At most this many, newest first (default 20, at most 200).
+    pub limit: Option<i64>,
+}
+
+/// `GET /v1/firings`: what fired recently that the reader may see (budget thresholds of the
+/// tenant, their teams or themself; channel pauses for those who see the whole tenant).
+pub async fn firings(
+    State(s): State<AppState>,
+    reader: Reader,
+    crate::read::Params(p): crate::read::Params<FiringParams>,
+) -> Result<Json<Vec<Value>>, Problem> {
+    let limit = p.limit.unwrap_or(20);
+    if !(1..=200).contains(&limit) {
+        return Err(crate::read::invalid(shared::events::FieldError::new(
+            "limit",
+            "must be 1..=200",
+        )));
+    }
+    let (scope, ids): (Option<&str>, Vec<String>) = match &reader.visibility {
+        Visibility::Tenant => (None, Vec::new()),
+        Visibility::Teams(teams) => (Some("team"), teams.clone()),
+        Visibility::Own(user) => (Some("user"), vec![user.clone()]),
+    };
+    let rows: Vec<(Uuid, String, chrono::DateTime<Utc>, Value)> = sqlx::query_as(
+        "SELECT id, source, fired_at, payload FROM control.firings
+          WHERE tenant_id = $1 AND ($2::text IS NULL OR (scope = $2 AND scope_id = ANY($3)))
+          ORDER BY fired_at DESC, id DESC LIMIT $4",
+    )
+    .bind(reader.tenant.0)
+    .bind(scope)
+    .bind(&ids)
+    .bind(limit)
+    .fetch_all(&s.pool)
+    .await
+    .map_err(db_error)?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|(id, source, fired_at, payload)| {
+                json!({"id": id, "source": source, "fired_at": fired_at,
+                       "type": payload["type"], "data": payload["data"]})
+            })
+            .collect(),
+    ))
 }

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chrono::{TimeDelta, Utc};
 use clap::Parser;
-use ingest_api::ingest::{IngestContext, TimeBounds};
+use ingest_api::ingest::IngestContext;
 use projector::models::raw::{self, RawRow};
 use projector::schema::{self, partitions};
-use shared::events::{Actor, Envelope, Source};
+use shared::events::Envelope;
 use shared::tenant::TenantId;
 use tally_tests::events::Generator;
 use tally_tests::report::{self, Figure};
@@ -155,17 +155,7 @@ impl Events {
             TimeDelta::days(args.days)
         };
         Events {
-            ctx: IngestContext {
-                tenant_id: tenant,
-                actor: Actor::default(),
-                source: Source::Api,
-                received_at: Utc::now(),
-                bounds: TimeBounds {
-                    max_future_skew: TimeDelta::days(1),
-                    retention: TimeDelta::days(3650),
-                },
-                ids: ingest_api::ingest::Ids::Fresh,
-            },
+            ctx: tally_tests::bulk::ingest_context(tenant),
             generator: match args.days {
                 0 => Generator::new(7, "bench", args.users, spread).live(),
                 _ => Generator::new(7, "bench", args.users, spread),

@@ -48,6 +48,27 @@ async fn the_dashboard_page_works_in_headless_chromium() {
     }
     let sent = batch.len() as i64;
     let batch = Value::Array(batch);
+    // A budget on the tenant's tokens: the page shows it as a bar with its forecast.
+    let (_, admin) = ingest_api::control::store::create_api_key(
+        &pool,
+        "",
+        t.id,
+        shared::apikey::Scope::Admin,
+        "browser-admin",
+    )
+    .await
+    .unwrap();
+    let res = client
+        .post(format!("{}/v1/admin/budgets", ingest.url()))
+        .bearer_auth(&admin)
+        .json(
+            &serde_json::json!({"name": "browser tokens", "scope": "tenant",
+            "metric": "tokens", "period": "month", "amount": 1e12}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
     post_events_accepted(&client, &ingest.url(), &t.ingest_key, &batch).await;
     wait_projected(&pool, t.id, sent, Duration::from_secs(60)).await;
 
@@ -114,6 +135,10 @@ async fn the_dashboard_page_works_in_headless_chromium() {
         "browser test failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("ok - the live feed shows it"));
+    assert!(
+        stdout.contains("ok - the budget is shown as a bar"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("ok - lines card shows 120 / 30"),
         "{stdout}"
