@@ -21,7 +21,7 @@ help:
 	@echo "make freshness  offer RATE=10000 events/s for SECONDS=60; time 202 → counted in the overview, peak memory of each service (after 'make up')"
 	@echo "make overload  offer ingest-api twice the rate it sustains (FACTOR=2 SECONDS=30); report shedding, memory, exactly-once (after 'make up')"
 	@echo "make bench-replay  produce REPLAY_EVENTS over REPLAY_DAYS to scratch topics, rebuild them with the projector's replay, compare with COPY (after 'make up')"
-	@echo "make bench-read  load READ_EVENTS over READ_DAYS into a new tenant, time overview and time series (after 'make up'; READ_ARGS=--skip-raw: rollups only)"
+	@echo "make bench-read  load READ_EVENTS over READ_DAYS into a new tenant, time overview and time series (after 'make up'; READ_ARGS="--raw-days 2": raw rows and minute rollups of 2 days)"
 	@echo "make bench   every benchmark (load: events backfill and live, OTLP; freshness; bench-replay; bench-read), then one table of figures, raw limits, ratios and goals"
 	@echo "make fuzz    run every fuzz target for FUZZ_SECONDS each (default 300; FUZZ_TARGETS='jwt cursor' for some)"
 
@@ -105,15 +105,15 @@ bench-replay:
 	$(ENV) && TALLY_BENCH_COMMAND="make bench-replay REPLAY_EVENTS=$(REPLAY_EVENTS) REPLAY_DAYS=$(REPLAY_DAYS)" \
 		$(BIN_DIR)/tally-bench-replay --events $(REPLAY_EVENTS) --days $(REPLAY_DAYS)
 
-# READ_ARGS=--skip-raw writes the rollups only (all the dashboards read): for 100 M events,
-# whose raw rows would not fit on a small disk.
+# READ_ARGS="--raw-days 2" keeps raw rows and minute rollups of the last 2 days only, as a raw
+# retention of 2 days does: for 100 M events, whose every minute would not fit on a small disk.
 READ_EVENTS ?= 10000000
 READ_DAYS ?= 30
 READ_ARGS ?=
 bench-read:
 	test -f .tally/demo.env || { echo "run 'make up' first"; exit 1; }
 	cargo build --profile $(PROFILE) -p tally-tests --bin tally-bench-read
-	$(ENV) && TALLY_BENCH_COMMAND="make bench-read READ_EVENTS=$(READ_EVENTS) READ_DAYS=$(READ_DAYS)$(if $(READ_ARGS), READ_ARGS=$(READ_ARGS))" \
+	$(ENV) && TALLY_BENCH_COMMAND="make bench-read READ_EVENTS=$(READ_EVENTS) READ_DAYS=$(READ_DAYS)$(if $(READ_ARGS), READ_ARGS='$(READ_ARGS)')" \
 		$(BIN_DIR)/tally-bench-read --events $(READ_EVENTS) --days $(READ_DAYS) $(READ_ARGS)
 
 # The README's figures for one storage path (native partitions, or TimescaleDB where make up

@@ -259,6 +259,16 @@ impl App {
                     .put(control::alerts::update_budget)
                     .delete(control::alerts::delete_budget),
             )
+            .route(
+                "/v1/admin/rules",
+                post(control::rules::create).get(control::rules::list),
+            )
+            .route(
+                "/v1/admin/rules/{id}",
+                get(control::rules::get)
+                    .put(control::rules::update)
+                    .delete(control::rules::delete),
+            )
             .route("/v1/admin/firings", get(control::alerts::list_firings))
             .route(
                 "/v1/admin/deliveries",

@@ -85,10 +85,12 @@ pub enum AuthKind {
     /// A notification channel was created, changed, paused, resumed or deleted, its secret
     /// rotated, or a delivery sent again.
     ChannelChanged,
+    /// An alert rule was created, changed or deleted.
+    RuleChanged,
 }
 
 impl AuthKind {
-    pub const ALL: [AuthKind; 19] = [
+    pub const ALL: [AuthKind; 20] = [
         AuthKind::LoginSucceeded,
         AuthKind::LoginFailed,
         AuthKind::TokenRefreshed,
@@ -108,6 +110,7 @@ impl AuthKind {
         AuthKind::AccessDenied,
         AuthKind::BudgetChanged,
         AuthKind::ChannelChanged,
+        AuthKind::RuleChanged,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -131,6 +134,7 @@ impl AuthKind {
             AuthKind::AccessDenied => "auth.access_denied",
             AuthKind::BudgetChanged => "budget.changed",
             AuthKind::ChannelChanged => "channel.changed",
+            AuthKind::RuleChanged => "rule.changed",
         }
     }
 }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use chrono::{NaiveDate, TimeDelta, Utc};
+use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use ingest_api::ingest::{IngestContext, TimeBounds};
 use projector::models::raw::{self, RawRow};
 use projector::models::rollups::{self, Cube, Grain, Key, Measures};
@@ -22,19 +22,22 @@ use shared::tenant::{SchemaName, TenantId};
 pub struct BulkLoad {
     schema: SchemaName,
     ctx: IngestContext,
-    raw: bool,
+    /// Raw rows and minute rollups are written from here on only (what a raw retention
+    /// leaves); `None`: all of them.
+    raw_since: Option<DateTime<Utc>>,
     events: i64,
     held: [BTreeMap<Key, Measures>; 3],
 }
 
 impl BulkLoad {
     /// Creates the tenant's schema and, with native partitions, the partitions of `days`.
-    /// Without `raw`, only the rollups are written (they are all the dashboards read).
+    /// With `raw_since`, raw rows and minute rollups before it are not written, as a raw
+    /// retention ending there would have dropped them (hourly and daily rollups are kept).
     pub async fn new(
         conn: &mut sqlx::PgConnection,
         tenant: TenantId,
         days: &[NaiveDate],
-        raw: bool,
+        raw_since: Option<DateTime<Utc>>,
     ) -> anyhow::Result<BulkLoad> {
         schema::create_tenant_schema(&mut *conn, tenant, 1).await?;
         let schema = tenant.schema(1);
@@ -42,7 +45,7 @@ impl BulkLoad {
         Ok(BulkLoad {
             schema,
             ctx: ingest_context(tenant),
-            raw,
+            raw_since,
             events: 0,
             held: Default::default(),
         })
@@ -73,21 +76,29 @@ impl BulkLoad {
                 rows.push(r);
             }
         }
-        if self.raw {
-            for chunk in rows.chunks(50_000) {
-                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-                schema::set_search_path(&mut tx, &self.schema).await?;
-                raw::copy(&mut tx, chunk, 1).await?;
-                tx.commit().await?;
-            }
+        // What a raw retention from `raw_since` keeps: the raw rows and minute rollups.
+        let since = self.raw_since;
+        let (recent, old): (Vec<RawRow>, Vec<RawRow>) = rows
+            .into_iter()
+            .partition(|r| since.is_none_or(|t| r.occurred_at >= t));
+        for chunk in recent.chunks(50_000) {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            schema::set_search_path(&mut tx, &self.schema).await?;
+            raw::copy(&mut tx, chunk, 1).await?;
+            tx.commit().await?;
         }
         for (held, grain) in self.held.iter_mut().zip(GRAINS) {
-            for (k, m) in rollups::fold(rows.iter(), grain) {
+            let folded = match grain {
+                Grain::Minute => rollups::fold(recent.iter(), grain),
+                _ => rollups::fold(recent.iter().chain(&old), grain),
+            };
+            for (k, m) in folded {
                 held.entry(k).or_default().add(&m);
             }
         }
-        self.events += rows.len() as i64;
-        Ok(rows.len())
+        let n = recent.len() + old.len();
+        self.events += n as i64;
+        Ok(n)
     }
 
     /// Writes the minute and hour rollups held so far.

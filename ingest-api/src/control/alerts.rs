@@ -26,7 +26,7 @@ use crate::state::AppState;
 const MAX_BUDGETS: i64 = 200;
 const MAX_CHANNELS: i64 = 50;
 
-fn db(e: sqlx::Error) -> Problem {
+pub(crate) fn db(e: sqlx::Error) -> Problem {
     tracing::error!(error = %e, "alerting change failed");
     Problem::internal()
 }
@@ -43,7 +43,7 @@ fn sealing_key(s: &AppState) -> Result<SecretKey, Problem> {
 }
 
 /// Audits a change of `kind` to `target` by `caller` in `tx`.
-async fn audited(
+pub(crate) async fn audited(
     s: &AppState,
     tx: &mut sqlx::PgConnection,
     caller: &TenantAdmin,
@@ -59,7 +59,7 @@ async fn audited(
     crate::routes::auth::audit_as(s, tx, caller.tenant, kind, caller.actor.clone(), event).await
 }
 
-async fn over_limit(
+pub(crate) async fn over_limit(
     s: &AppState,
     table: &str,
     tenant: TenantId,
@@ -83,14 +83,14 @@ async fn over_limit(
 }
 
 /// What a change does, for the audit log.
-struct Change {
+pub(crate) struct Change {
     kind: AuthKind,
     target: String,
     detail: &'static str,
 }
 
 impl Change {
-    fn new(kind: AuthKind, target: String, detail: &'static str) -> Change {
+    pub(crate) fn new(kind: AuthKind, target: String, detail: &'static str) -> Change {
         Change {
             kind,
             target,
@@ -102,7 +102,7 @@ impl Change {
 /// Changes one row of the caller's tenant and audits it, in one transaction: `statements`
 /// each take the tenant as `$1` and the row's id as `$2`; the first must touch the row (else
 /// 404 `missing`), the rest follow from it.
-async fn change_one(
+pub(crate) async fn change_one(
     s: &AppState,
     caller: &TenantAdmin,
     id: Uuid,
@@ -429,8 +429,8 @@ pub async fn resume_channel(
 
 // ---- budgets ----
 
-/// Who may manage budgets: the tenant's owners and admins (and `admin` keys) all of them; a
-/// manager those of their own teams (scope `team`), as an extractor.
+/// Who may manage budgets and rules: the tenant's owners and admins (and `admin` keys) all of
+/// them; a manager those of their own teams (scope `team`), as an extractor.
 pub struct BudgetEditor {
     pub admin: TenantAdmin,
     /// `None`: every budget; `Some`: a manager's teams.
@@ -438,15 +438,15 @@ pub struct BudgetEditor {
 }
 
 impl BudgetEditor {
-    fn may(&self, scope: Scope, scope_id: &str) -> bool {
+    pub(crate) fn may(&self, scope: Scope, scope_id: &str) -> bool {
         match &self.teams {
             None => true,
             Some(teams) => scope == Scope::Team && teams.iter().any(|t| t == scope_id),
         }
     }
 
-    fn refuse(&self) -> Problem {
-        Problem::forbidden("a manager may manage the budgets of their own teams only")
+    pub(crate) fn refuse(&self) -> Problem {
+        Problem::forbidden("a manager may manage the budgets and rules of their own teams only")
     }
 }
 
@@ -525,21 +525,55 @@ struct Checked {
     channels: Vec<Uuid>,
 }
 
-async fn check_budget(s: &AppState, tenant: TenantId, b: &BudgetBody) -> Result<Checked, Problem> {
-    super::http::check_len("name", &b.name, 200)?;
-    let scope = Scope::parse(&b.scope)
+/// A scope and its id as a budget or rule has them: `tenant` without an id, else an id.
+pub(crate) fn check_scope(scope: &str, id: Option<&str>) -> Result<(Scope, String), Problem> {
+    let scope = Scope::parse(scope)
         .ok_or_else(|| Problem::invalid_field("scope", "must be tenant, team, user or project"))?;
-    let scope_id = b.scope_id.clone().unwrap_or_default();
+    let id = id.unwrap_or_default().to_string();
     match scope {
-        Scope::Tenant if !scope_id.is_empty() => {
+        Scope::Tenant if !id.is_empty() => {
             return Err(Problem::invalid_field(
                 "scope_id",
                 "must be absent for the tenant scope",
             ))
         }
         Scope::Tenant => {}
-        _ => super::http::check_len("scope_id", &scope_id, 255)?,
+        _ => super::http::check_len("scope_id", &id, 255)?,
     }
+    Ok((scope, id))
+}
+
+/// Channel ids of the tenant, sorted and each once; 422 naming `channels` for any other.
+pub(crate) async fn check_channels(
+    s: &AppState,
+    tenant: TenantId,
+    channels: Option<&[Uuid]>,
+) -> Result<Vec<Uuid>, Problem> {
+    let mut channels = channels.unwrap_or_default().to_vec();
+    channels.sort_unstable();
+    channels.dedup();
+    if !channels.is_empty() {
+        let known: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM control.channels WHERE tenant_id = $1 AND id = ANY($2)",
+        )
+        .bind(tenant.0)
+        .bind(&channels)
+        .fetch_one(&s.pool)
+        .await
+        .map_err(db)?;
+        if known != channels.len() as i64 {
+            return Err(Problem::invalid_field(
+                "channels",
+                "names a channel this tenant does not have",
+            ));
+        }
+    }
+    Ok(channels)
+}
+
+async fn check_budget(s: &AppState, tenant: TenantId, b: &BudgetBody) -> Result<Checked, Problem> {
+    super::http::check_len("name", &b.name, 200)?;
+    let (scope, scope_id) = check_scope(&b.scope, b.scope_id.as_deref())?;
     let metric = Metric::parse(&b.metric)
         .ok_or_else(|| Problem::invalid_field("metric", "must be cost_usd or tokens"))?;
     let period = Period::parse(&b.period)
@@ -562,25 +596,7 @@ async fn check_budget(s: &AppState, tenant: TenantId, b: &BudgetBody) -> Result<
             "must hold 1 to 10 percentages, each 1 to 1000",
         ));
     }
-    let mut channels = b.channels.clone().unwrap_or_default();
-    channels.sort_unstable();
-    channels.dedup();
-    if !channels.is_empty() {
-        let known: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM control.channels WHERE tenant_id = $1 AND id = ANY($2)",
-        )
-        .bind(tenant.0)
-        .bind(&channels)
-        .fetch_one(&s.pool)
-        .await
-        .map_err(db)?;
-        if known != channels.len() as i64 {
-            return Err(Problem::invalid_field(
-                "channels",
-                "names a channel this tenant does not have",
-            ));
-        }
-    }
+    let channels = check_channels(s, tenant, b.channels.as_deref()).await?;
     Ok(Checked {
         scope,
         scope_id,

@@ -373,6 +373,42 @@ pub fn slack_body(payload: &Value) -> Vec<u8> {
                 ],
             )
         }
+        Some("rule.triggered") => {
+            let (r, e) = (&d["rule"], &d["evaluation"]);
+            let value = e["value"]
+                .as_f64()
+                .map_or("—".to_string(), |v| format!("{v:.2}"));
+            let summary = match r["kind"].as_str() {
+                Some("silence") => format!(
+                    "No events for {} minutes after activity before.",
+                    text(&r["window_minutes"])
+                ),
+                Some("anomaly") => format!(
+                    "{} {value} over the last {} minutes against a baseline of {:.2} (z = {:.1}).",
+                    text(&r["measure"]),
+                    text(&r["window_minutes"]),
+                    e["baseline_mean"].as_f64().unwrap_or(0.0),
+                    e["score"].as_f64().unwrap_or(0.0),
+                ),
+                _ => format!(
+                    "{} is {value} over the last {} minutes ({} {}).",
+                    text(&r["kind"]).replace('_', " "),
+                    text(&r["window_minutes"]),
+                    text(&r["op"]),
+                    text(&r["threshold"]),
+                ),
+            };
+            (
+                format!("Alert {}", text(&r["name"])),
+                summary,
+                vec![(
+                    "Scope".to_string(),
+                    format!("{} {}", text(&r["scope"]), text(&r["scope_id"]))
+                        .trim()
+                        .to_string(),
+                )],
+            )
+        }
         Some("channel.paused") => (
             format!("Notification channel {} paused", text(&d["channel_name"])),
             text(&d["reason"]),

@@ -1,6 +1,8 @@
 //! `tally-bench-read`: the read-side benchmark. Loads N events spread over D days into a new
 //! tenant with [`BulkLoad`] — exactly what projecting them would leave, without waiting hours
-//! for it (`--skip-raw`: the rollups only, which is all the dashboards read) — then measures query-api's overview and a D-day hourly time
+//! for it (`--raw-days N`: raw rows and minute rollups of the last N days only, as a raw
+//! retention of N days leaves them; the dashboards' 30-day reads use hours and days) — then
+//! measures query-api's overview and a D-day hourly time
 //! series, uncached (a fresh watermark before every request, as after each projector batch)
 //! and cached, and compares them with a Redis GET of the same answer (the floor). Ends with the
 //! raw tables' size; with TimescaleDB, compresses them and reports the storage ratio. The
@@ -26,10 +28,10 @@ struct Args {
     /// Distinct users sending events.
     #[arg(long, default_value_t = 50)]
     users: usize,
-    /// Writes only the rollups (all the dashboards read), not the raw rows: for sizes whose
-    /// raw rows would not fit on the disk.
+    /// Raw rows and minute rollups for the last N days only, as a tenant whose raw retention
+    /// is N days holds them (for sizes whose every minute would not fit on the disk).
     #[arg(long)]
-    skip_raw: bool,
+    raw_days: Option<i64>,
     /// Requests per measurement.
     #[arg(long, default_value_t = 200)]
     requests: usize,
@@ -74,7 +76,10 @@ async fn main() -> anyhow::Result<()> {
     let data = format!(
         "{} events{}",
         report::grouped(args.events as u64),
-        if args.skip_raw { " (rollups only)" } else { "" }
+        match args.raw_days {
+            Some(d) => format!(" (raw and minute rollups of the last {d} days)"),
+            None => String::new(),
+        }
     );
     // The goals: uncached p99 ≤ 25 ms at 10 M events and ≤ 50 ms at 100 M.
     let uncached_goal = match args.events {
@@ -161,10 +166,7 @@ async fn main() -> anyhow::Result<()> {
             .goal("≤ 2 ms"),
         )?;
     }
-    match args.skip_raw {
-        true => Ok(()),
-        false => storage_report(&pool, tenant, storage_before).await,
-    }
+    storage_report(&pool, tenant, storage_before).await
 }
 
 /// The raw tables' footprint and a scan of a week of them, in one schema.
@@ -299,19 +301,20 @@ async fn get(
     Ok((t.elapsed(), cache, body))
 }
 
-/// Writes the tenant's projection day by day with [`BulkLoad`]: raw rows (unless
-/// `--skip-raw`), then that day's minute and hour rollups; daily rollups at the end.
+/// Writes the tenant's projection day by day with [`BulkLoad`]: raw rows (those of the last
+/// `--raw-days`), then that day's minute and hour rollups; daily rollups at the end.
 async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Result<()> {
     let mut conn = pool.acquire().await?;
     let now = Utc::now();
     let days: Vec<_> = (0..=args.days + 1)
         .map(|d| (now - TimeDelta::days(d)).date_naive())
         .collect();
-    let mut bulk = BulkLoad::new(&mut conn, tenant, &days, !args.skip_raw).await?;
     let per_day = args.events / args.days as usize;
     let midnight = now
         .duration_trunc(TimeDelta::days(1))
         .expect("a day fits in a timestamp");
+    let raw_since = args.raw_days.map(|d| midnight - TimeDelta::days(d));
+    let mut bulk = BulkLoad::new(&mut conn, tenant, &days, raw_since).await?;
     for day in 0..args.days {
         // The generator spreads a day's events over the 24 hours before now; they are moved
         // to the UTC day that ends `day` days before today's midnight, so that days (and

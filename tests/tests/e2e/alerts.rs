@@ -593,3 +593,244 @@ async fn notifications_outlast_a_failing_receiver_and_a_killed_projector() {
     drop(projector);
     ingest.stop().await.unwrap();
 }
+
+fn command(team: &str, at: DateTime<Utc>, ok: bool) -> Value {
+    json!({
+        "id": Uuid::new_v4(), "type": "command.executed", "occurred_at": at.to_rfc3339(),
+        "data": {"user_id": format!("{team}-dev"), "team_id": team, "command_name": "build",
+                 "duration_ms": 1200, "status": if ok { "success" } else { "error" }}
+    })
+}
+
+/// Rules fire once on the condition they name, as the projections move: an error rate over
+/// its line; a team that sent events every few seconds and then went silent for a whole
+/// minute; and an anomaly — a tenfold jump over the same ten minutes of each of the seven
+/// days before (≈ 100 events a day, varying 92–110), after an ordinary window (105 events,
+/// z ≈ 0.5) fired nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rules_fire_on_error_rates_silence_and_anomalies_but_not_on_noise() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let client = http();
+    let tenant = create_tenant(&pool, "alerts-rules").await;
+    let admin = admin_key(&pool, &tenant).await;
+    let receiver = Receiver::start().await;
+    let api = |path: &str| format!("{}/v1/admin/{path}", ingest.url());
+    let (st, body) = send(
+        &client,
+        reqwest::Method::POST,
+        api("channels"),
+        &admin,
+        Some(json!({"name": "ops", "kind": "webhook", "url": receiver.url})),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    let rule = |body: Value| {
+        let (client, url, admin) = (client.clone(), api("rules"), admin.clone());
+        async move {
+            let (st, r) = send(&client, reqwest::Method::POST, url, &admin, Some(body)).await;
+            assert_eq!(st, 201, "{r}");
+            r["id"].as_str().unwrap().to_string()
+        }
+    };
+    // Refused: an unknown kind, a threshold a silence does not have, a bad measure.
+    for (bad, field) in [
+        (
+            json!({"name": "x", "kind": "vibes", "scope": "tenant", "threshold": 1}),
+            "kind",
+        ),
+        (
+            json!({"name": "x", "kind": "silence", "scope": "tenant", "threshold": 1}),
+            "threshold",
+        ),
+        (
+            json!({"name": "x", "kind": "anomaly", "scope": "tenant", "measure": "mood"}),
+            "measure",
+        ),
+        (
+            json!({"name": "x", "kind": "events", "scope": "team", "threshold": 1}),
+            "scope_id",
+        ),
+    ] {
+        let (st, p) = send(
+            &client,
+            reqwest::Method::POST,
+            api("rules"),
+            &admin,
+            Some(bad),
+        )
+        .await;
+        assert_eq!(
+            (st, p["errors"][0]["field"].as_str()),
+            (422, Some(field)),
+            "{p}"
+        );
+    }
+    let errors = rule(
+        json!({"name": "team-e errors", "kind": "error_rate", "scope": "team",
+        "scope_id": "team-e", "event_type": "command.executed", "threshold": 20,
+        "window_minutes": 5, "min_events": 10}),
+    )
+    .await;
+    let silence = rule(
+        json!({"name": "team-s silent", "kind": "silence", "scope": "team",
+        "scope_id": "team-s", "window_minutes": 1, "cooldown_minutes": 0}),
+    )
+    .await;
+    let anomaly = rule(
+        json!({"name": "team-x surge", "kind": "anomaly", "scope": "team",
+        "scope_id": "team-x", "measure": "events", "threshold": 3, "window_minutes": 10}),
+    )
+    .await;
+
+    // The anomaly's history: the same ten minutes of each of the seven days before.
+    let now = Utc::now();
+    let mut history = Vec::new();
+    for (day, n) in [
+        (1, 98),
+        (2, 105),
+        (3, 101),
+        (4, 95),
+        (5, 110),
+        (6, 92),
+        (7, 100),
+    ] {
+        for i in 0..n {
+            let at = now - chrono::Duration::days(day) - chrono::Duration::seconds(5 + i * 4);
+            history.push(command("team-x", at, true));
+        }
+    }
+    for chunk in history.chunks(500) {
+        post_events_accepted(
+            &client,
+            &ingest.url(),
+            &tenant.ingest_key,
+            &Value::Array(chunk.to_vec()),
+        )
+        .await;
+    }
+    wait_projected(
+        &pool,
+        tenant.id,
+        history.len() as i64,
+        Duration::from_secs(60),
+    )
+    .await;
+    // Ordinary noise now: 105 in the window.
+    let noise: Vec<Value> = (0..105)
+        .map(|i| command("team-x", now - chrono::Duration::seconds(i), true))
+        .collect();
+    post_events_accepted(
+        &client,
+        &ingest.url(),
+        &tenant.ingest_key,
+        &Value::Array(noise),
+    )
+    .await;
+    // 10 errors in 20 commands: 50 %, over the 20 % line.
+    let mixed: Vec<Value> = (0..20)
+        .map(|i| command("team-e", Utc::now(), i % 2 == 0))
+        .collect();
+    post_events_accepted(
+        &client,
+        &ingest.url(),
+        &tenant.ingest_key,
+        &Value::Array(mixed),
+    )
+    .await;
+    let got = receiver.wait_accepted(1, Duration::from_secs(15)).await;
+    assert_eq!(
+        got[0].json()["data"]["rule"]["id"],
+        errors.as_str(),
+        "{}",
+        got[0].json()
+    );
+    assert_eq!(got[0].json()["data"]["evaluation"]["value"], 50.0);
+
+    let by_rule = |id: &str| {
+        receiver
+            .accepted()
+            .into_iter()
+            .filter(|r| r.json()["data"]["rule"]["id"] == id)
+            .count()
+    };
+    assert_eq!(by_rule(&anomaly), 0, "ordinary noise is no anomaly");
+
+    // A tenfold jump: 900 more in the window.
+    let surge: Vec<Value> = (0..900)
+        .map(|_| command("team-x", Utc::now(), true))
+        .collect();
+    post_events_accepted(
+        &client,
+        &ingest.url(),
+        &tenant.ingest_key,
+        &Value::Array(surge),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while by_rule(&anomaly) == 0 {
+        assert!(Instant::now() < deadline, "the surge was not noticed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let fired = receiver
+        .accepted()
+        .into_iter()
+        .find(|r| r.json()["data"]["rule"]["id"] == anomaly.as_str())
+        .unwrap()
+        .json();
+    let e = &fired["data"]["evaluation"];
+    assert!(
+        e["score"].as_f64().unwrap() > 3.0
+            && (e["baseline_mean"].as_f64().unwrap() - 100.14).abs() < 0.01,
+        "{e}"
+    );
+
+    // Team s sends every 5 seconds for 65 s, then stops: the first whole silent minute fires.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(65) {
+        post_events_accepted(
+            &client,
+            &ingest.url(),
+            &tenant.ingest_key,
+            &json!([command("team-s", Utc::now(), true)]),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    assert_eq!(by_rule(&silence), 0, "no silence while the team sends");
+    let stopped = Instant::now();
+    while by_rule(&silence) == 0 {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(150),
+            "the silence was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "silence noticed {:?} after the last event",
+        stopped.elapsed()
+    );
+
+    // Each fired once; the rules say where they stand.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        (by_rule(&errors), by_rule(&silence), by_rule(&anomaly)),
+        (1, 1, 1)
+    );
+    let (_, rules) = send(&client, reqwest::Method::GET, api("rules"), &admin, None).await;
+    let state = |id: &str| {
+        rules
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap()["state"]
+            .clone()
+    };
+    assert_eq!(state(&errors), "firing");
+    assert_eq!(state(&anomaly), "firing");
+    assert!(!outbox_events(&pool, tenant.id.0, "rule.changed")
+        .await
+        .is_empty());
+    stop_all([ingest, projector]).await;
+}

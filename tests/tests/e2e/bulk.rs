@@ -48,7 +48,7 @@ async fn bulk_load_writes_the_rollups_the_projector_writes() {
     let days: Vec<_> = (-2..=1)
         .map(|d| (Utc::now() + TimeDelta::days(d)).date_naive())
         .collect();
-    let mut bulk = BulkLoad::new(&mut conn, loaded.id, &days, true)
+    let mut bulk = BulkLoad::new(&mut conn, loaded.id, &days, None)
         .await
         .unwrap();
     // In two parts folded before one flush, as the benchmark loads a day.

@@ -138,7 +138,7 @@ async fn both_apis_answer_as_their_openapi_says() {
             name: "tenant administration",
             base: ingest.url(),
             key: &admin_key,
-            paths: "^/v1/admin/(users|api-keys|teams|invitations|sso|settings|channels|budgets|firings|deliveries)",
+            paths: "^/v1/admin/(users|api-keys|teams|invitations|sso|settings|channels|budgets|rules|firings|deliveries)",
         },
         Run {
             name: "operator",
