@@ -10,7 +10,7 @@ PROFILE ?= release
 BIN_DIR := $(CARGO_TARGET_DIR)/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 ENV := source deploy/local/env.sh
 
-.PHONY: help up down test build lint fmt status load overload freshness bench-replay bench-read bench fuzz clean-data
+.PHONY: help up down test build lint fmt status load overload freshness bench-replay bench-read bench-alerts bench fuzz clean-data
 
 help:
 	@echo "make up      install what is missing, start Kafka, PostgreSQL, Redis and Tally, create a demo tenant"
@@ -22,7 +22,8 @@ help:
 	@echo "make overload  offer ingest-api twice the rate it sustains (FACTOR=2 SECONDS=30); report shedding, memory, exactly-once (after 'make up')"
 	@echo "make bench-replay  produce REPLAY_EVENTS over REPLAY_DAYS to scratch topics, rebuild them with the projector's replay, compare with COPY (after 'make up')"
 	@echo "make bench-read  load READ_EVENTS over READ_DAYS into a new tenant, time overview and time series (after 'make up'; READ_ARGS="--raw-days 2": raw rows and minute rollups of 2 days)"
-	@echo "make bench   every benchmark (load: events backfill and live, OTLP; freshness; bench-replay; bench-read), then one table of figures, raw limits, ratios and goals"
+	@echo "make bench-alerts  time budget crossings from the event's 202 to the signed webhook (after 'make up')"
+	@echo "make bench   every benchmark (load: events backfill and live, OTLP; freshness; bench-replay; bench-read; bench-alerts), then one table of figures, raw limits, ratios and goals"
 	@echo "make fuzz    run every fuzz target for FUZZ_SECONDS each (default 300; FUZZ_TARGETS='jwt cursor' for some)"
 
 up:
@@ -105,6 +106,17 @@ bench-replay:
 	$(ENV) && TALLY_BENCH_COMMAND="make bench-replay REPLAY_EVENTS=$(REPLAY_EVENTS) REPLAY_DAYS=$(REPLAY_DAYS)" \
 		$(BIN_DIR)/tally-bench-replay --events $(REPLAY_EVENTS) --days $(REPLAY_DAYS)
 
+# Budget crossings from the event's 202 to the signed webhook at a receiver on this host,
+# with ALERT_BACKGROUND events/s into the demo tenant meanwhile.
+CROSSINGS ?= 100
+ALERT_BACKGROUND ?= 1000
+bench-alerts:
+	test -f .tally/demo.env || { echo "run 'make up' first"; exit 1; }
+	cargo build --profile $(PROFILE) -p tally-tests --bin tally-bench-alerts
+	$(ENV) && source .tally/demo.env && \
+		TALLY_BENCH_COMMAND="make bench-alerts CROSSINGS=$(CROSSINGS) ALERT_BACKGROUND=$(ALERT_BACKGROUND)" \
+		$(BIN_DIR)/tally-bench-alerts --crossings $(CROSSINGS) --background-rate $(ALERT_BACKGROUND)
+
 # READ_ARGS="--raw-days 2" keeps raw rows and minute rollups of the last 2 days only, as a raw
 # retention of 2 days does: for 100 M events, whose every minute would not fit on a small disk.
 READ_EVENTS ?= 10000000
@@ -134,6 +146,7 @@ bench:
 	$(BENCH_STEP) freshness || $(BENCH_FAILED) "make freshness"
 	$(BENCH_STEP) bench-replay || $(BENCH_FAILED) "make bench-replay"
 	$(BENCH_STEP) bench-read || $(BENCH_FAILED) "make bench-read"
+	$(BENCH_STEP) bench-alerts || $(BENCH_FAILED) "make bench-alerts"
 	@echo
 	@deploy/local/bench-table.py "$(BENCH_REPORT)"
 	@echo "(figures in $(BENCH_REPORT))"

@@ -36,12 +36,16 @@ start() {
     for svc in "${SERVICES[@]}"; do
         [ -x "$bin_dir/$svc" ] || die "$bin_dir/$svc is missing: build first (make build)"
     done
-    # The key that seals SSO client secrets at rest: made once, kept with the local data.
+    # The key that seals SSO client secrets and notification channels at rest: made once, kept
+    # with the local data.
     local secret="$TALLY_HOME/secret.key"
     if [ ! -s "$secret" ]; then
         (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secret")
     fi
     export TALLY_SECRET_KEY="${TALLY_SECRET_KEY:-$(cat "$secret")}"
+    # A local stack: notification channels may point at receivers on this host (make
+    # bench-alerts, a webhook receiver under development). Production leaves this off.
+    export TALLY_NOTIFY_ALLOW_LOOPBACK="${TALLY_NOTIFY_ALLOW_LOOPBACK:-true}"
     say "applying migrations"
     "$bin_dir/projector" migrate >>"$TALLY_LOGS/projector.log" 2>&1 ||
         { show_log_tail "$TALLY_LOGS/projector.log"; die "migrations failed"; }

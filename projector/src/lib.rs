@@ -127,6 +127,7 @@ impl App {
             dashboard_url: config.dashboard_url.clone(),
             policy: config.common.notify_policy(),
             key: shared::secretbox::SecretKey::from_hex(&config.common.secret_key).ok(),
+            redis: redis.clone(),
         });
         metrics_loop.alerts = alerts.as_ref().map(|a| a.touched.clone());
         let auth_loop = consumer::Projector::new(

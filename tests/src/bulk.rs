@@ -13,7 +13,7 @@ use projector::models::raw::{self, RawRow};
 use projector::models::rollups::{self, Cube, Grain, Key, Measures};
 use projector::schema::{self, partitions};
 use serde_json::Value;
-use shared::events::{Actor, Source};
+use shared::events::{Actor, Envelope, Payload, Source};
 use shared::tenant::{SchemaName, TenantId};
 
 /// Loads a tenant's schema version 1 in parts. Rollups are folded across parts and held:
@@ -60,17 +60,20 @@ impl BulkLoad {
         events: Vec<Value>,
         shift: TimeDelta,
     ) -> anyhow::Result<usize> {
-        let mut decoded = Vec::with_capacity(events.len());
-        for (i, event) in events.into_iter().enumerate() {
-            let env = self
-                .ctx
-                .envelope(i, event)
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            let payload = env.payload().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            decoded.push((env, payload));
-        }
+        let decoded = decode(&self.ctx, events)?;
+        self.add_decoded(conn, &decoded, shift).await
+    }
+
+    /// [`BulkLoad::add`] of events already through [`decode`] (which may run on other
+    /// threads).
+    pub async fn add_decoded(
+        &mut self,
+        conn: &mut sqlx::PgConnection,
+        decoded: &[(Envelope, Payload)],
+        shift: TimeDelta,
+    ) -> anyhow::Result<usize> {
         let mut rows: Vec<RawRow> = Vec::with_capacity(decoded.len());
-        for (env, payload) in &decoded {
+        for (env, payload) in decoded {
             if let Some(mut r) = RawRow::from_event(env, payload) {
                 r.occurred_at -= shift;
                 rows.push(r);
@@ -130,6 +133,20 @@ impl BulkLoad {
         .await?;
         Ok(())
     }
+}
+
+/// Events in their client form through ingest-api's validation (as [`ingest_context`]) into
+/// what the projector reads: CPU work only, so a loader may run it on several threads.
+pub fn decode(ctx: &IngestContext, events: Vec<Value>) -> anyhow::Result<Vec<(Envelope, Payload)>> {
+    let mut decoded = Vec::with_capacity(events.len());
+    for (i, event) in events.into_iter().enumerate() {
+        let env = ctx
+            .envelope(i, event)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let payload = env.payload().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        decoded.push((env, payload));
+    }
+    Ok(decoded)
 }
 
 /// How the benchmarks turn generated events into envelopes: ingest-api's own validation,

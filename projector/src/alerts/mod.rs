@@ -69,6 +69,8 @@ pub struct Alerts {
     pub policy: shared::webhooks::Policy,
     /// Opens channels' URLs and secrets; without it nothing can be delivered.
     pub key: Option<shared::secretbox::SecretKey>,
+    /// Wakes query-api's live feeds of a tenant that fired (they show it as an `alert`).
+    pub redis: Option<redis::aio::ConnectionManager>,
 }
 
 /// Starts the evaluator and the deliverer; both stop when `stop` flips.
@@ -96,7 +98,7 @@ pub fn spawn(alerts: Alerts, stop: watch::Receiver<bool>) -> Vec<tokio::task::Jo
 }
 
 /// Runs the evaluator until `stop` flips.
-pub async fn evaluate_continuously(alerts: Alerts, mut stop: watch::Receiver<bool>) {
+pub async fn evaluate_continuously(mut alerts: Alerts, mut stop: watch::Receiver<bool>) {
     // The tenants that have budgets or rules, looked up again at every sweep and at most every
     // [`KNOWN_FOR`] on a wake: a batch of a tenant without any costs no query.
     let mut known: Option<(Instant, BTreeSet<TenantId>)> = None;
@@ -133,6 +135,9 @@ pub async fn evaluate_continuously(alerts: Alerts, mut stop: watch::Receiver<boo
                 Ok(n) => {
                     metrics::counter!("alerts_fired_total").increment(n);
                     alerts.fired.notify_one();
+                    if let Some(redis) = alerts.redis.as_mut() {
+                        shared::watermark::publish(redis, [(tenant, 0)]).await;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(%tenant, error = %e, "alert evaluation failed; retried at the next batch or sweep")

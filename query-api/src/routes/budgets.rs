@@ -95,29 +95,50 @@ pub async fn firings(
             "must be 1..=200",
         )));
     }
+    let list = visible_firings(&s.pool, &reader, None, limit)
+        .await
+        .map_err(db_error)?;
+    Ok(Json(list.into_iter().map(|(_, _, v)| v).collect()))
+}
+
+/// Firings the reader may see — newest first, or, `after` a (time, id), oldest first — each
+/// with its time and id (a cursor) and as the API shows it.
+pub async fn visible_firings(
+    pool: &sqlx::PgPool,
+    reader: &Reader,
+    after: Option<(chrono::DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> sqlx::Result<Vec<(chrono::DateTime<Utc>, Uuid, Value)>> {
     let (scope, ids): (Option<&str>, Vec<String>) = match &reader.visibility {
         Visibility::Tenant => (None, Vec::new()),
         Visibility::Teams(teams) => (Some("team"), teams.clone()),
         Visibility::Own(user) => (Some("user"), vec![user.clone()]),
     };
-    let rows: Vec<(Uuid, String, chrono::DateTime<Utc>, Value)> = sqlx::query_as(
-        "SELECT id, source, fired_at, payload FROM control.firings
-          WHERE tenant_id = $1 AND ($2::text IS NULL OR (scope = $2 AND scope_id = ANY($3)))
-          ORDER BY fired_at DESC, id DESC LIMIT $4",
-    )
-    .bind(reader.tenant.0)
-    .bind(scope)
-    .bind(&ids)
-    .bind(limit)
-    .fetch_all(&s.pool)
-    .await
-    .map_err(db_error)?;
-    Ok(Json(
-        rows.into_iter()
-            .map(|(id, source, fired_at, payload)| {
-                json!({"id": id, "source": source, "fired_at": fired_at,
-                       "type": payload["type"], "data": payload["data"]})
-            })
-            .collect(),
-    ))
+    let order = match after {
+        None => "DESC",
+        Some(_) => "ASC",
+    };
+    let rows: Vec<(Uuid, String, chrono::DateTime<Utc>, Value)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT id, source, fired_at, payload FROM control.firings
+              WHERE tenant_id = $1 AND ($2::text IS NULL OR (scope = $2 AND scope_id = ANY($3)))
+                AND ($5::timestamptz IS NULL OR (fired_at, id) > ($5, $6))
+              ORDER BY fired_at {order}, id {order} LIMIT $4"
+        )))
+        .bind(reader.tenant.0)
+        .bind(scope)
+        .bind(&ids)
+        .bind(limit)
+        .bind(after.map(|a| a.0))
+        .bind(after.map(|a| a.1))
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, source, fired_at, payload)| {
+            let v = json!({"id": id, "source": source, "fired_at": fired_at,
+                           "type": payload["type"], "data": payload["data"]});
+            (fired_at, id, v)
+        })
+        .collect())
 }

@@ -1,5 +1,6 @@
-//! `GET /v1/stream`: Server-Sent Events of the caller's new activity (`activity` events) and,
-//! after each burst, the updated 24-hour totals (`totals` events), tenant- and scope-bound.
+//! `GET /v1/stream`: Server-Sent Events of the caller's new activity (`activity` events),
+//! after each burst the updated 24-hour totals (`totals` events), and what fires (`alert`
+//! events: budget thresholds and rules the caller may see), tenant- and scope-bound.
 //!
 //! The projector publishes on the tenant's channel in Redis (`shared::watermark`) after each
 //! commit; the hub's one subscriber ([`crate::hub`]) wakes the streams of that tenant, which
@@ -202,6 +203,10 @@ struct Feed {
     wake: broadcast::Receiver<()>,
     at: Position,
     queue: VecDeque<Item>,
+    /// Alerts after this (time, id) are still to be sent (they carry no event id: a client
+    /// that reconnects finds the ones it missed at `GET /v1/firings`).
+    alerts_after: (DateTime<Utc>, Uuid),
+    alerts: VecDeque<serde_json::Value>,
     totals_due: bool,
     next_check: Instant,
     closed: bool,
@@ -255,6 +260,14 @@ impl Feed {
                     Err(e) => tracing::warn!(error = %e, "live totals query failed"),
                 }
             }
+            if let Some(alert) = self.alerts.pop_front() {
+                return Some(
+                    Event::default()
+                        .event("alert")
+                        .json_data(&alert)
+                        .unwrap_or_else(|_| Event::default().comment("unserializable")),
+                );
+            }
             if let Some(item) = self.queue.pop_front() {
                 self.at = Position {
                     version: self.at.version,
@@ -268,6 +281,24 @@ impl Feed {
                         .json_data(&item)
                         .unwrap_or_else(|_| Event::default().comment("unserializable")),
                 );
+            }
+            match super::budgets::visible_firings(
+                &self.s.pool,
+                &self.reader,
+                Some(self.alerts_after),
+                20,
+            )
+            .await
+            {
+                Ok(fired) if !fired.is_empty() => {
+                    if let Some((t, id, _)) = fired.last() {
+                        self.alerts_after = (*t, *id);
+                    }
+                    self.alerts = fired.into_iter().map(|(_, _, v)| v).collect();
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "live alerts query failed"),
             }
             match since(
                 &self.s,
@@ -330,6 +361,8 @@ pub async fn stream(
         reader,
         at,
         queue: VecDeque::new(),
+        alerts_after: (Utc::now(), Uuid::nil()),
+        alerts: VecDeque::new(),
         totals_due: false,
         closed: false,
         _slot: slot,

@@ -315,22 +315,45 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
         .expect("a day fits in a timestamp");
     let raw_since = args.raw_days.map(|d| midnight - TimeDelta::days(d));
     let mut bulk = BulkLoad::new(&mut conn, tenant, &days, raw_since).await?;
+    // Events are generated and validated on two threads, each its own seeded generator for
+    // half of every day; they are folded and written here, part by part.
+    const PART: usize = 250_000;
     for day in 0..args.days {
-        // The generator spreads a day's events over the 24 hours before now; they are moved
+        // The generators spread a day's events over the 24 hours before now; they are moved
         // to the UTC day that ends `day` days before today's midnight, so that days (and
         // their minute and hour buckets) never overlap.
-        let mut generator =
-            Generator::new(day as u64, "bench", args.users, chrono::Duration::days(1));
         let end = midnight - TimeDelta::days(day) - TimeDelta::milliseconds(1);
-        let shift = generator.now - end;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        for half in 0..2u64 {
+            let generator = Generator::new(
+                day as u64 * 2 + half,
+                "bench",
+                args.users,
+                chrono::Duration::days(1),
+            );
+            let shift = generator.now - end;
+            let (tx, ctx, n) = (
+                tx.clone(),
+                tally_tests::bulk::ingest_context(tenant),
+                per_day / 2 + (per_day % 2) * half as usize,
+            );
+            tokio::task::spawn_blocking(move || {
+                let mut generator = generator;
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(PART);
+                    left -= k;
+                    let part = tally_tests::bulk::decode(&ctx, generator.batch(k));
+                    if tx.blocking_send((part, shift)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
         let mut written = 0;
-        // In parts of at most a million events, bounding what is held at once.
-        let mut left = per_day;
-        while left > 0 {
-            let n = left.min(1_000_000);
-            left -= n;
-            let part = generator.batch(n);
-            written += bulk.add(&mut conn, part, shift).await?;
+        while let Some((part, shift)) = rx.recv().await {
+            written += bulk.add_decoded(&mut conn, &part?, shift).await?;
         }
         bulk.flush(&mut conn).await?;
         println!("  day {}/{}: {written} events", day + 1, args.days);

@@ -195,6 +195,15 @@ async fn a_team_budget_fires_each_threshold_once_signed_and_within_seconds() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(receiver.received().is_empty(), "nothing crossed yet");
 
+    // The live feed shows what fires.
+    let mut feed = client
+        .get(format!("{}/v1/stream", query.url()))
+        .bearer_auth(&tenant.read_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(feed.status(), 200);
+
     // $5 more: 90 %, 50 and 80 cross together; $2 more: 110 %, 100 crosses.
     let sent = Instant::now();
     post_events_accepted(&client, &ingest.url(), &tenant.ingest_key, &spend(5.0)).await;
@@ -214,6 +223,29 @@ async fn a_team_budget_fires_each_threshold_once_signed_and_within_seconds() {
         "delivered {:?} after the event",
         got[2].at - sent
     );
+
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while text.matches("event: alert").count() < 3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, feed.chunk()).await {
+            Ok(Ok(Some(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            other => panic!("the live feed shows three alerts: {other:?}\n{text}"),
+        }
+    }
+    let alerts: Vec<Value> = text
+        .split("\n\n")
+        .filter(|f| f.contains("event: alert"))
+        .filter_map(|f| f.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let mut shown: Vec<i64> = alerts
+        .iter()
+        .map(|a| a["data"]["threshold"].as_i64().unwrap())
+        .collect();
+    shown.sort_unstable();
+    assert_eq!(shown, [50, 80, 100], "{text}");
+    drop(feed);
 
     // Nothing more comes: each crossing fired once.
     tokio::time::sleep(Duration::from_secs(3)).await;
