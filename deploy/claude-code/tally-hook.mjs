@@ -1,6 +1,12 @@
 #!/usr/bin/env node
 // Forwards Claude Code hook events to Tally: PostToolUse / PostToolUseFailure become
 // `tool.executed`, SessionStart `session.started`, SessionEnd `session.ended`.
+// It also tells Tally where the session works: at SessionStart, and whenever a later hook
+// finds the working directory in another repository or on another branch, it sends a
+// `session.context` (repository as host/owner/name from the `origin` remote, branch, commit,
+// and the directory relative to the repository's root when paths are on), so that cost and
+// tokens are attributed to the repository and branch. Finding a change reads `.git/HEAD`
+// only; one `git` call is made per change. Turn it off with TALLY_HOOK_CONTEXT=0.
 //
 // Node.js only (Claude Code itself runs on Node), no dependencies. It reads the hook's JSON on
 // stdin, POSTs one event, prints nothing and always exits 0; it gives up after
@@ -18,8 +24,16 @@
 //   TALLY_HOOK_SALT             the salt for TALLY_HOOK_HASH (default: the API key, so that
 //                               everyone sending with that key hashes a path alike)
 //   TALLY_HOOK_TIMEOUT_MS       give up after this long (default 1000)
+//   TALLY_HOOK_CONTEXT=0        do not send the session's repository and branch
+//   TALLY_HOOK_STATE_DIR        where the last context of each session is remembered
+//                               (default: <tmpdir>/tally-hook-<uid>)
+// With TALLY_HOOK_HASH=1, repository and branch are sent as salted SHA-256 too; set the
+// same salt as the tenant's source-control integration so its pull requests still match.
 import { createHash, randomUUID } from "node:crypto";
-import { userInfo } from "node:os";
+import { execFileSync } from "node:child_process";
+import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir, userInfo } from "node:os";
+import { dirname, join, relative, resolve } from "node:path";
 
 const env = process.env;
 const on = (name) => env[name] === "1" || env[name] === "true";
@@ -35,11 +49,123 @@ function guarded(value, allowed) {
   return text.length > 1000 ? text.slice(0, 1000) : text;
 }
 
-function toEvent(h) {
+function common(h) {
   const user = env.TALLY_USER_ID || userInfo().username || "unknown";
-  const common = { user_id: user, session_id: h.session_id };
-  if (env.TALLY_TEAM_ID) common.team_id = env.TALLY_TEAM_ID;
-  if (env.TALLY_PROJECT_ID) common.project_id = env.TALLY_PROJECT_ID;
+  const c = { user_id: user, session_id: h.session_id };
+  if (env.TALLY_TEAM_ID) c.team_id = env.TALLY_TEAM_ID;
+  if (env.TALLY_PROJECT_ID) c.project_id = env.TALLY_PROJECT_ID;
+  return c;
+}
+
+// ---- the session's repository and branch ----
+
+// `host/owner/name` for a remote URL in any of git's spellings (what the server does too).
+function normalizeRemote(url) {
+  let s = String(url ?? "").trim();
+  let host, path;
+  const scheme = s.match(/^([a-z][a-z0-9+.-]*):\/\/([^/]*)\/(.*)$/i);
+  if (scheme) {
+    if (scheme[1].toLowerCase() === "file") return undefined;
+    host = scheme[2].split("@").pop().split(":")[0];
+    path = scheme[3];
+  } else {
+    const scp = s.match(/^([^/:]+):(.*)$/);
+    if (!scp) return undefined;
+    host = scp[1].split("@").pop();
+    path = scp[2];
+  }
+  host = host.replace(/\.$/, "").toLowerCase();
+  path = path.replace(/^\/+|\/+$/g, "").replace(/\.git$/, "").replace(/\/+$/, "");
+  if (!host || !/^[a-z0-9.-]+$/.test(host) || !path || path.split("/").some((p) => !p || p === "..")) return undefined;
+  return `${host}/${path.toLowerCase()}`;
+}
+
+// The `.git` of the repository holding `dir` and what its HEAD says, read from files only.
+function gitHead(dir) {
+  for (let d = resolve(dir); ; d = dirname(d)) {
+    const dotgit = join(d, ".git");
+    if (existsSync(dotgit)) {
+      let gitdir = dotgit;
+      if (statSync(dotgit).isFile()) {
+        const m = readFileSync(dotgit, "utf8").match(/^gitdir:\s*(.+)$/m);
+        if (!m) return null;
+        gitdir = resolve(d, m[1].trim());
+      }
+      return { root: d, gitdir, head: readFileSync(join(gitdir, "HEAD"), "utf8").trim() };
+    }
+    if (dirname(d) === d) return null;
+  }
+}
+
+// The first `url` of remote "origin" (else of any remote) in a git config file.
+function remoteUrl(configText) {
+  let section = null;
+  let first;
+  for (const line of configText.split(/\r?\n/)) {
+    const sec = line.match(/^\s*\[\s*remote\s+"([^"]*)"\s*\]/);
+    if (sec) { section = sec[1]; continue; }
+    if (/^\s*\[/.test(line)) { section = null; continue; }
+    const url = section !== null && line.match(/^\s*url\s*=\s*(.+?)\s*$/);
+    if (url) {
+      if (section === "origin") return url[1];
+      first ??= url[1];
+    }
+  }
+  return first;
+}
+
+function stateFile(sessionId) {
+  const uid = typeof process.getuid === "function" ? process.getuid() : "user";
+  const dir = env.TALLY_HOOK_STATE_DIR || join(tmpdir(), `tally-hook-${uid}`);
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  return join(dir, createHash("sha256").update(String(sessionId)).digest("hex").slice(0, 32) + ".json");
+}
+
+// A `session.context` when the session starts or its repository or branch changed since
+// the last one sent; null otherwise (or when anything about git fails).
+function contextEvent(h, force) {
+  if (env.TALLY_HOOK_CONTEXT === "0" || !h.cwd || !h.session_id) return null;
+  const file = stateFile(h.session_id);
+  let found = null;
+  try { found = gitHead(h.cwd); } catch { found = null; }
+  const key = found ? `${found.root}\0${found.head}` : "none";
+  let last = null;
+  try { last = JSON.parse(readFileSync(file, "utf8")); } catch { last = null; }
+  if (!force && last && last.key === key) return null;
+  const data = common(h);
+  if (found) {
+    // The one git call of a change: root, common dir (worktrees), commit, branch. In a
+    // repository without commits it fails; HEAD's own text still names the branch.
+    let root = found.root, commonDir = found.gitdir, commit, branch;
+    const named = found.head.match(/^ref:\s*refs\/heads\/(.+)$/);
+    branch = named ? named[1] : undefined;
+    try {
+      const out = execFileSync("git", ["-C", h.cwd, "rev-parse", "--show-toplevel", "--git-common-dir", "HEAD", "--abbrev-ref", "HEAD"],
+        { encoding: "utf8", timeout: 500, stdio: ["ignore", "pipe", "ignore"] }).split("\n");
+      root = out[0] || root;
+      commonDir = resolve(h.cwd, out[1] || commonDir);
+      commit = out[2];
+      if (out[3] && out[3] !== "HEAD") branch = out[3];
+    } catch {
+      // no commits yet, or no git: what the files say
+    }
+    let repository;
+    try { repository = normalizeRemote(remoteUrl(readFileSync(join(commonDir, "config"), "utf8"))); } catch {}
+    const hash = on("TALLY_HOOK_HASH");
+    const salt = env.TALLY_HOOK_SALT ?? "";
+    const priv = (t) => "sha256:" + createHash("sha256").update(salt + "\0" + t).digest("hex");
+    if (repository) data.repository = hash ? priv(repository) : repository;
+    if (branch) data.branch = hash ? priv(branch) : branch;
+    if (/^[0-9a-f]{7,64}$/.test(commit ?? "")) data.commit = commit;
+    const rel = relative(root, resolve(h.cwd));
+    if (on("TALLY_HOOK_SEND_PATHS")) data.directory = guarded(rel === "" ? "." : rel, true);
+  }
+  try { writeFileSync(file, JSON.stringify({ key, at: new Date().toISOString() }), { mode: 0o600 }); } catch {}
+  return { id: randomUUID(), type: "session.context", occurred_at: new Date().toISOString(), data };
+}
+
+function toEvent(h) {
+  const common_ = common(h);
   const now = new Date().toISOString();
   const input = h.tool_input ?? {};
   switch (h.hook_event_name) {
@@ -53,7 +179,7 @@ function toEvent(h) {
       if (command) details.command = command;
       if (h.is_interrupt) details.interrupted = true;
       const data = {
-        ...common,
+        ...common_,
         tool_name: h.tool_name,
         duration_ms: Math.max(0, Math.round(h.duration_ms ?? 0)),
         success: !failed,
@@ -66,14 +192,14 @@ function toEvent(h) {
       const context = { source: h.source, model: h.model, agent: "claude-code" };
       const cwd = guarded(h.cwd, on("TALLY_HOOK_SEND_PATHS"));
       if (cwd) context.cwd = cwd;
-      return { id: randomUUID(), type: "session.started", occurred_at: now, data: { ...common, context } };
+      return { id: randomUUID(), type: "session.started", occurred_at: now, data: { ...common_, context } };
     }
     case "SessionEnd":
       return {
         id: randomUUID(),
         type: "session.ended",
         occurred_at: now,
-        data: { ...common, agents_used: ["claude-code"], context: { reason: h.reason } },
+        data: { ...common_, agents_used: ["claude-code"], context: { reason: h.reason } },
       };
     default:
       return null;
@@ -84,13 +210,22 @@ async function main() {
   if (!env.TALLY_URL || !env.TALLY_API_KEY) return;
   let raw = "";
   for await (const chunk of process.stdin) raw += chunk;
-  const event = toEvent(JSON.parse(raw));
-  if (!event || !event.data.session_id) return;
+  const h = JSON.parse(raw);
+  const events = [];
+  // The context goes first, so the events it explains come after it.
+  if (h.hook_event_name !== "SessionEnd") {
+    const context = contextEvent(h, h.hook_event_name === "SessionStart");
+    if (context) events.push(context);
+  }
+  const event = toEvent(h);
+  if (event) events.push(event);
+  const sendable = events.filter((e) => e.data.session_id);
+  if (sendable.length === 0) return;
   const timeout = Number(env.TALLY_HOOK_TIMEOUT_MS ?? 1000);
   await fetch(new URL("/v1/events", env.TALLY_URL), {
     method: "POST",
     headers: { "content-type": "application/json", authorization: `Bearer ${env.TALLY_API_KEY}` },
-    body: JSON.stringify(event),
+    body: JSON.stringify(sendable.length === 1 ? sendable[0] : sendable),
     signal: AbortSignal.timeout(timeout),
   });
 }

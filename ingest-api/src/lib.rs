@@ -179,6 +179,14 @@ impl App {
             .route("/api/v1/write", post(routes::promrw::write))
             .route("/v1/otlp/v1/metrics", post(routes::otlp::metrics))
             .route("/v1/otlp/v1/logs", post(routes::otlp::logs))
+            .route(
+                "/v1/webhooks/github/{tenant}",
+                post(routes::webhooks::github),
+            )
+            .route(
+                "/v1/webhooks/gitlab/{tenant}",
+                post(routes::webhooks::gitlab),
+            )
             .route_layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 shed::shed,
@@ -270,6 +278,11 @@ impl App {
                     .delete(control::rules::delete),
             )
             .route("/v1/admin/firings", get(control::alerts::list_firings))
+            .route("/v1/admin/integrations", get(control::integrations::list))
+            .route(
+                "/v1/admin/integrations/{provider}",
+                put(control::integrations::put).delete(control::integrations::delete),
+            )
             .route(
                 "/v1/admin/deliveries",
                 get(control::alerts::list_deliveries),

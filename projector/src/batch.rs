@@ -15,7 +15,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::models::rollups::{self, Deltas, Grain, Pending};
-use crate::models::{audit, people, raw, sessions, watermark};
+use crate::models::{attribution, audit, people, raw, sessions, watermark};
 use crate::offsets::{self, OffsetRange};
 use crate::prepare::{target_versions, Target, Versions};
 use crate::schema;
@@ -234,8 +234,17 @@ async fn write_tenant(
         raw::insert(conn, &rows, feed_seq).await?
     };
     let inserted = inserted_rows.len() as u64;
-    let duplicates = (events.len() - rows.len()) as u64 - audited + rows.len() as u64 - inserted;
     record_phase("raw", phase);
+
+    let phase = Instant::now();
+    let attributed = attribution::fold(events, &inserted_rows);
+    let repository_events = attribution::write(conn, &attributed, events).await?;
+    record_phase("attribution", phase);
+    // Events that are neither raw rows nor audited nor source-control events new here were
+    // seen before.
+    let duplicates = (events.len() - rows.len()) as u64 - audited - repository_events
+        + rows.len() as u64
+        - inserted;
 
     let deltas = rollups::fold_all(&inserted_rows);
     let held = if bulk {
@@ -266,7 +275,10 @@ async fn write_tenant(
         seq, feed_seq,
         "projection_state is locked by this transaction"
     );
-    Ok(((inserted + audited, duplicates, seq), held))
+    Ok((
+        (inserted + audited + repository_events, duplicates, seq),
+        held,
+    ))
 }
 
 /// A bulk load's raw rows: `COPY` under a savepoint; if an event id was stored already or

@@ -99,6 +99,10 @@ impl App {
             )
             .route("/v1/dashboard/top", get(routes::explore::top))
             .route("/v1/dashboard/sessions", get(routes::tables::sessions))
+            .route(
+                "/v1/dashboard/sessions/{id}/timeline",
+                get(routes::timeline::timeline),
+            )
             .route("/v1/dashboard/metrics", get(routes::tables::metrics))
             .route(
                 "/v1/dashboard/productivity",
@@ -106,6 +110,22 @@ impl App {
             )
             .route("/v1/dashboard/teams", get(routes::people::teams))
             .route("/v1/dashboard/activity", get(routes::explore::activity))
+            .route(
+                "/v1/dashboard/repositories",
+                get(routes::repos::repositories),
+            )
+            .route(
+                "/v1/dashboard/repositories/series",
+                get(routes::repos::repository_series),
+            )
+            .route(
+                "/v1/dashboard/pull-requests",
+                get(routes::repos::pull_requests),
+            )
+            .route(
+                "/v1/dashboard/pull-requests/weekly",
+                get(routes::repos::weekly),
+            )
             .route("/v1/audit", get(routes::audit::audit))
             .route("/v1/budgets", get(routes::budgets::list))
             .route("/v1/budgets/{id}", get(routes::budgets::get))

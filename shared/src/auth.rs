@@ -31,6 +31,8 @@ pub struct KeyPrincipal {
     pub rate_limit_per_min: u32,
     /// How old an event of this tenant may be (its raw retention window).
     pub raw_retention_days: i64,
+    /// Whether the tenant stores the text of prompts (else the doors drop it).
+    pub store_prompt_text: bool,
 }
 
 /// Why a request's API key was not accepted. Each service turns it into its own answer
@@ -149,8 +151,11 @@ impl ApiKeyStore {
     }
 
     async fn lookup(&self, hash: &[u8]) -> Result<KeyPrincipal, KeyError> {
-        let row: Option<(Uuid, Uuid, String, String, Option<i32>, i32)> = sqlx::query_as(
-            "SELECT k.id, k.tenant_id, k.scope, t.plan, t.rate_limit_per_min, t.raw_retention_days
+        /// Key id, tenant, scope, plan, rate limit, raw retention days, prompt text stored.
+        type KeyRow = (Uuid, Uuid, String, String, Option<i32>, i32, bool);
+        let row: Option<KeyRow> = sqlx::query_as(
+            "SELECT k.id, k.tenant_id, k.scope, t.plan, t.rate_limit_per_min, t.raw_retention_days,
+                    t.store_prompt_text
                FROM control.api_keys k
                JOIN control.tenants t ON t.id = k.tenant_id
               WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.status = 'active'",
@@ -162,7 +167,7 @@ impl ApiKeyStore {
             tracing::error!(error = %e, "API key lookup failed");
             KeyError::Unavailable
         })?;
-        let (key_id, tenant_id, scope, plan, limit, raw_retention_days) =
+        let (key_id, tenant_id, scope, plan, limit, raw_retention_days, store_prompt_text) =
             row.ok_or(KeyError::Unauthenticated(UNKNOWN_KEY))?;
         let scope = Scope::parse(&scope).ok_or_else(|| {
             tracing::error!(%key_id, scope, "API key with an unknown scope");
@@ -177,6 +182,7 @@ impl ApiKeyStore {
             scope,
             rate_limit_per_min,
             raw_retention_days: i64::from(raw_retention_days),
+            store_prompt_text,
         })
     }
 }

@@ -40,8 +40,15 @@ pub enum EventType {
     ToolExecuted,
     SessionStarted,
     SessionEnded,
+    /// Where a session is working (repository, branch), from the hook.
+    SessionContext,
     ProductivityRecorded,
     MetricSample,
+    /// A pull (merge) request as a source-control webhook described it; written by the
+    /// server's webhook receivers only.
+    PullRequestChanged,
+    /// A push to a branch, from a source-control webhook; server-written like the above.
+    BranchPushed,
     Auth(AuthKind),
 }
 
@@ -87,10 +94,12 @@ pub enum AuthKind {
     ChannelChanged,
     /// An alert rule was created, changed or deleted.
     RuleChanged,
+    /// A source-control integration (GitHub, GitLab webhook secret) was set or removed.
+    IntegrationChanged,
 }
 
 impl AuthKind {
-    pub const ALL: [AuthKind; 20] = [
+    pub const ALL: [AuthKind; 21] = [
         AuthKind::LoginSucceeded,
         AuthKind::LoginFailed,
         AuthKind::TokenRefreshed,
@@ -111,6 +120,7 @@ impl AuthKind {
         AuthKind::BudgetChanged,
         AuthKind::ChannelChanged,
         AuthKind::RuleChanged,
+        AuthKind::IntegrationChanged,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -135,6 +145,7 @@ impl AuthKind {
             AuthKind::BudgetChanged => "budget.changed",
             AuthKind::ChannelChanged => "channel.changed",
             AuthKind::RuleChanged => "rule.changed",
+            AuthKind::IntegrationChanged => "integration.changed",
         }
     }
 }
@@ -161,15 +172,21 @@ pub struct AuthEvent {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 7] = [
+    /// The types clients send.
+    pub const ALL: [EventType; 8] = [
         EventType::CommandExecuted,
         EventType::AgentInteracted,
         EventType::ToolExecuted,
         EventType::SessionStarted,
         EventType::SessionEnded,
+        EventType::SessionContext,
         EventType::ProductivityRecorded,
         EventType::MetricSample,
     ];
+
+    /// The types only the server's own receivers write to the metrics topic.
+    pub const SERVER_WRITTEN: [EventType; 2] =
+        [EventType::PullRequestChanged, EventType::BranchPushed];
 
     /// The dotted wire name, e.g. `command.executed`.
     pub fn as_str(self) -> &'static str {
@@ -179,8 +196,11 @@ impl EventType {
             EventType::ToolExecuted => "tool.executed",
             EventType::SessionStarted => "session.started",
             EventType::SessionEnded => "session.ended",
+            EventType::SessionContext => "session.context",
             EventType::ProductivityRecorded => "productivity.recorded",
             EventType::MetricSample => "metric.sample",
+            EventType::PullRequestChanged => "pull_request.changed",
+            EventType::BranchPushed => "branch.pushed",
             EventType::Auth(k) => k.as_str(),
         }
     }
@@ -188,6 +208,7 @@ impl EventType {
     pub fn parse(s: &str) -> Option<EventType> {
         EventType::ALL
             .into_iter()
+            .chain(EventType::SERVER_WRITTEN)
             .find(|t| t.as_str() == s)
             .or_else(|| {
                 AuthKind::ALL
@@ -197,10 +218,16 @@ impl EventType {
             })
     }
 
-    /// Whether clients may send this type (auth and control events are written by the
-    /// server only).
+    /// Whether the type travels on the metrics topic (auth and control events have their
+    /// own).
     pub fn is_metric(self) -> bool {
         !matches!(self, EventType::Auth(_))
+    }
+
+    /// Whether clients may send this type: auth and control events, and what the
+    /// source-control webhooks report, are written by the server only.
+    pub fn from_clients(self) -> bool {
+        EventType::ALL.contains(&self)
     }
 
     /// The newest schema version of this type; older versions are upcast on decode.
@@ -239,6 +266,8 @@ pub enum Source {
     PromRw,
     Influx,
     Control,
+    /// A source-control webhook (GitHub, GitLab).
+    Webhook,
 }
 
 /// One event as it is stored in Kafka: the contract between the write and the read side.
@@ -486,6 +515,90 @@ pub struct SessionEnded {
     pub extra: Object,
 }
 
+/// `session.context` — where a session is working. The hook sends one when the session
+/// starts and whenever its working directory's repository or branch changes; the session's
+/// agent usage from then on is attributed to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionContext {
+    pub session_id: String,
+    pub user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    /// The repository: a remote URL or `host/owner/name` (stored normalised, see
+    /// [`crate::repos::normalize`]), or `sha256:<hex>` when names are kept private. Absent
+    /// outside a repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// The working directory relative to the repository's root (only when paths are sent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<String>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub extra: Object,
+}
+
+/// `pull_request.changed` — a pull request (GitHub) or merge request (GitLab) as its
+/// webhook described it, in the provider's neutral form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PullRequestChanged {
+    /// `github` or `gitlab`.
+    pub provider: String,
+    /// `host/owner/name` (or its salted hash, as the tenant's hooks send it).
+    pub repository: String,
+    pub number: i64,
+    /// What happened: the provider's action (opened, closed, synchronize, merge…).
+    pub action: String,
+    /// `open`, `closed` or `merged`.
+    pub state: String,
+    pub head_branch: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_branch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_at: Option<DateTime<Utc>>,
+    /// When the provider last changed it: a newer description replaces an older one.
+    pub updated_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub additions: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletions: Option<i64>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub extra: Object,
+}
+
+/// `branch.pushed` — commits pushed to a branch, from a source-control webhook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BranchPushed {
+    pub provider: String,
+    pub repository: String,
+    pub branch: String,
+    /// The branch's commit after the push (absent when it was deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    #[serde(default)]
+    pub commits: i64,
+    #[serde(default)]
+    pub deleted: bool,
+    #[serde(default)]
+    pub forced: bool,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub extra: Object,
+}
+
 /// `productivity.recorded`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProductivityRecorded {
@@ -526,8 +639,11 @@ pub enum Payload {
     ToolExecuted(ToolExecuted),
     SessionStarted(SessionStarted),
     SessionEnded(SessionEnded),
+    SessionContext(SessionContext),
     ProductivityRecorded(ProductivityRecorded),
     MetricSample(MetricSample),
+    PullRequestChanged(PullRequestChanged),
+    BranchPushed(BranchPushed),
     Auth(AuthKind, AuthEvent),
 }
 
@@ -539,8 +655,11 @@ fn known_fields(t: EventType) -> &'static [&'static str] {
         EventType::ToolExecuted => fields_of::<ToolExecuted>(),
         EventType::SessionStarted => fields_of::<SessionStarted>(),
         EventType::SessionEnded => fields_of::<SessionEnded>(),
+        EventType::SessionContext => fields_of::<SessionContext>(),
         EventType::ProductivityRecorded => fields_of::<ProductivityRecorded>(),
         EventType::MetricSample => fields_of::<MetricSample>(),
+        EventType::PullRequestChanged => fields_of::<PullRequestChanged>(),
+        EventType::BranchPushed => fields_of::<BranchPushed>(),
         EventType::Auth(_) => fields_of::<AuthEvent>(),
     }
 }
@@ -669,10 +788,27 @@ impl Payload {
             EventType::ToolExecuted => Payload::ToolExecuted(parse(t, data, prefix)?),
             EventType::SessionStarted => Payload::SessionStarted(parse(t, data, prefix)?),
             EventType::SessionEnded => Payload::SessionEnded(parse(t, data, prefix)?),
+            EventType::SessionContext => {
+                let mut p: SessionContext = parse(t, data, prefix)?;
+                if let Some(r) = &p.repository {
+                    match crate::repos::normalize(r) {
+                        Some(n) => p.repository = Some(n),
+                        None => {
+                            return Err(vec![FieldError::new(
+                                format!("{prefix}.repository"),
+                                "is neither a remote URL, host/owner/name nor sha256:<64 hex>",
+                            )])
+                        }
+                    }
+                }
+                Payload::SessionContext(p)
+            }
             EventType::ProductivityRecorded => {
                 Payload::ProductivityRecorded(parse(t, data, prefix)?)
             }
             EventType::MetricSample => Payload::MetricSample(parse(t, data, prefix)?),
+            EventType::PullRequestChanged => Payload::PullRequestChanged(parse(t, data, prefix)?),
+            EventType::BranchPushed => Payload::BranchPushed(parse(t, data, prefix)?),
             EventType::Auth(k) => Payload::Auth(k, parse(t, data, prefix)?),
         };
         let errors = payload.check_limits(prefix);
@@ -690,8 +826,11 @@ impl Payload {
             Payload::ToolExecuted(_) => EventType::ToolExecuted,
             Payload::SessionStarted(_) => EventType::SessionStarted,
             Payload::SessionEnded(_) => EventType::SessionEnded,
+            Payload::SessionContext(_) => EventType::SessionContext,
             Payload::ProductivityRecorded(_) => EventType::ProductivityRecorded,
             Payload::MetricSample(_) => EventType::MetricSample,
+            Payload::PullRequestChanged(_) => EventType::PullRequestChanged,
+            Payload::BranchPushed(_) => EventType::BranchPushed,
             Payload::Auth(k, _) => EventType::Auth(*k),
         }
     }
@@ -704,8 +843,11 @@ impl Payload {
             Payload::ToolExecuted(p) => serde_json::to_value(p),
             Payload::SessionStarted(p) => serde_json::to_value(p),
             Payload::SessionEnded(p) => serde_json::to_value(p),
+            Payload::SessionContext(p) => serde_json::to_value(p),
             Payload::ProductivityRecorded(p) => serde_json::to_value(p),
             Payload::MetricSample(p) => serde_json::to_value(p),
+            Payload::PullRequestChanged(p) => serde_json::to_value(p),
+            Payload::BranchPushed(p) => serde_json::to_value(p),
             Payload::Auth(_, p) => serde_json::to_value(p),
         };
         v.expect("payload types serialize infallibly")
@@ -779,6 +921,52 @@ impl Payload {
                     c.name(&format!("agents_used[{i}]"), a);
                 }
             }
+            Payload::SessionContext(p) => {
+                c.name("session_id", &p.session_id);
+                c.name("user_id", &p.user_id);
+                c.opt_name("team_id", &p.team_id);
+                c.opt_name("project_id", &p.project_id);
+                c.opt_name("repository", &p.repository);
+                c.opt_name("branch", &p.branch);
+                if let Some(commit) = &p.commit {
+                    c.len("commit", commit, 1, 64);
+                }
+                if let Some(d) = &p.directory {
+                    c.len("directory", d, 0, 1000);
+                }
+            }
+            Payload::PullRequestChanged(p) => {
+                c.name("provider", &p.provider);
+                c.name("repository", &p.repository);
+                c.range("number", p.number, 1, i64::from(i32::MAX));
+                c.name("action", &p.action);
+                if !["open", "closed", "merged"].contains(&p.state.as_str()) {
+                    c.push("state", "must be open, closed or merged".into());
+                }
+                c.name("head_branch", &p.head_branch);
+                c.opt_name("base_branch", &p.base_branch);
+                if let Some(t) = &p.title {
+                    c.len("title", t, 0, 1000);
+                }
+                c.opt_name("author", &p.author);
+                if let Some(u) = &p.url {
+                    c.len("url", u, 0, 1000);
+                }
+                for (f, n) in [("additions", p.additions), ("deletions", p.deletions)] {
+                    if let Some(n) = n {
+                        c.range(f, n, 0, i64::from(i32::MAX));
+                    }
+                }
+            }
+            Payload::BranchPushed(p) => {
+                c.name("provider", &p.provider);
+                c.name("repository", &p.repository);
+                c.name("branch", &p.branch);
+                if let Some(a) = &p.after {
+                    c.len("after", a, 1, 64);
+                }
+                c.range("commits", p.commits, 0, 1_000_000);
+            }
             Payload::ProductivityRecorded(p) => {
                 c.opt_name("user_id", &p.user_id);
                 c.opt_name("team_id", &p.team_id);
@@ -830,7 +1018,17 @@ impl Payload {
 fn stand_in(t: EventType, field: &str) -> Option<Value> {
     let v = match field {
         "user_id" | "team_id" | "project_id" | "session_id" | "command_name" | "agent_name"
-        | "interaction_type" | "tool_name" | "name" | "unit" | "error_message" => Value::from("x"),
+        | "interaction_type" | "tool_name" | "name" | "unit" | "error_message" | "branch"
+        | "commit" | "directory" | "provider" | "action" | "head_branch" | "base_branch"
+        | "title" | "author" | "url" | "after" => Value::from("x"),
+        "repository" => Value::from("example.com/x"),
+        "state" => Value::from("open"),
+        "number" => Value::from(1),
+        "additions" | "deletions" | "commits" => Value::from(0),
+        "deleted" | "forced" => Value::from(false),
+        "opened_at" | "merged_at" | "closed_at" | "updated_at" => {
+            Value::from("2026-01-01T00:00:00Z")
+        }
         "args" | "context" | "metadata" | "details" | "dimensions" | "labels" | "extra" => {
             Value::Object(Map::new())
         }

@@ -16,6 +16,7 @@ pub mod kafka;
 pub mod people;
 pub mod problem;
 pub mod redis_client;
+pub mod repos;
 pub mod rules;
 pub mod secretbox;
 pub mod telemetry;

@@ -142,57 +142,92 @@ pub(crate) async fn change_one(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    pub time_zone: String,
+    pub time_zone: Option<String>,
+    /// Whether the text of prompts is stored (off: the doors drop it, its length stays).
+    pub store_prompt_text: Option<bool>,
 }
 
-/// `GET /v1/admin/settings`: the tenant's time zone (budgets' calendar periods).
+async fn settings(conn: &mut sqlx::PgConnection, tenant: TenantId) -> Result<Value, Problem> {
+    let (tz, prompts): (String, bool) =
+        sqlx::query_as("SELECT time_zone, store_prompt_text FROM control.tenants WHERE id = $1")
+            .bind(tenant.0)
+            .fetch_one(conn)
+            .await
+            .map_err(db)?;
+    Ok(json!({ "time_zone": tz, "store_prompt_text": prompts }))
+}
+
+/// `GET /v1/admin/settings`: the tenant's time zone (budgets' calendar periods) and whether
+/// it stores prompts' text.
 pub async fn get_settings(
     State(s): State<AppState>,
     caller: TenantAdmin,
 ) -> Result<Json<Value>, Problem> {
     let mut conn = s.pool.acquire().await.map_err(db)?;
-    let tz = budgets::time_zone(&mut conn, caller.tenant)
-        .await
-        .map_err(db)?;
-    Ok(Json(json!({ "time_zone": tz })))
+    Ok(Json(settings(&mut conn, caller.tenant).await?))
 }
 
-/// `PATCH /v1/admin/settings`: sets the time zone (an IANA name, e.g. `Europe/Paris`).
+/// `PATCH /v1/admin/settings`: sets the time zone (an IANA name, e.g. `Europe/Paris`) and
+/// whether prompts' text is stored (API keys learn it within their cache's minute).
 pub async fn set_settings(
     State(s): State<AppState>,
     caller: TenantAdmin,
     Body(req): Body<Settings>,
 ) -> Result<Json<Value>, Problem> {
     let mut tx = s.pool.begin().await.map_err(db)?;
-    if req.time_zone.len() > 64
-        || !budgets::valid_time_zone(&mut tx, &req.time_zone)
+    if let Some(tz) = &req.time_zone {
+        if tz.len() > 64 || !budgets::valid_time_zone(&mut tx, tz).await.map_err(db)? {
+            return Err(Problem::invalid_field(
+                "time_zone",
+                "must be a time zone name such as Europe/Paris or UTC",
+            ));
+        }
+        sqlx::query("UPDATE control.tenants SET time_zone = $2, updated_at = now() WHERE id = $1")
+            .bind(caller.tenant.0)
+            .bind(tz)
+            .execute(&mut *tx)
             .await
-            .map_err(db)?
-    {
-        return Err(Problem::invalid_field(
-            "time_zone",
-            "must be a time zone name such as Europe/Paris or UTC",
-        ));
+            .map_err(db)?;
+        let target = format!("time_zone:{tz}");
+        audited(
+            &s,
+            &mut tx,
+            &caller,
+            AuthKind::BudgetChanged,
+            target,
+            "time zone set",
+        )
+        .await?;
     }
-    sqlx::query("UPDATE control.tenants SET time_zone = $2, updated_at = now() WHERE id = $1")
+    if let Some(on) = req.store_prompt_text {
+        sqlx::query(
+            "UPDATE control.tenants SET store_prompt_text = $2, updated_at = now() WHERE id = $1",
+        )
         .bind(caller.tenant.0)
-        .bind(&req.time_zone)
+        .bind(on)
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-    let target = format!("time_zone:{}", req.time_zone);
-    audited(
-        &s,
-        &mut tx,
-        &caller,
-        AuthKind::BudgetChanged,
-        target,
-        "time zone set",
-    )
-    .await?;
+        let detail = if on {
+            "prompt text stored"
+        } else {
+            "prompt text dropped"
+        };
+        let target = "setting:store_prompt_text".to_string();
+        audited(
+            &s,
+            &mut tx,
+            &caller,
+            AuthKind::IntegrationChanged,
+            target,
+            detail,
+        )
+        .await?;
+    }
+    let now = settings(&mut tx, caller.tenant).await?;
     tx.commit().await.map_err(db)?;
     s.outbox_wake.notify_one();
-    Ok(Json(json!({ "time_zone": req.time_zone })))
+    Ok(Json(now))
 }
 
 // ---- channels ----

@@ -6,6 +6,7 @@
 pub mod alerts;
 pub mod cli;
 pub mod http;
+pub mod integrations;
 pub mod invitations;
 pub mod rules;
 pub mod store;

@@ -91,7 +91,7 @@ impl IngestContext {
             }
         };
         let event_type = match obj.remove("type") {
-            Some(Value::String(s)) => match EventType::parse(&s).filter(|t| t.is_metric()) {
+            Some(Value::String(s)) => match EventType::parse(&s).filter(|t| t.from_clients()) {
                 Some(t) => Some(t),
                 None => {
                     errors.push(FieldError::new(

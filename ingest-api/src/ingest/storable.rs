@@ -62,6 +62,23 @@ pub fn check_storable(payload: &Payload, prefix: &str) -> Vec<FieldError> {
             ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
             keys.push(("session_id".into(), &p.session_id));
         }
+        Payload::SessionContext(p) => {
+            ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
+            keys.push(("session_id".into(), &p.session_id));
+            for (f, v) in [("repository", &p.repository), ("branch", &p.branch)] {
+                if let Some(v) = v {
+                    keys.push((f.into(), v));
+                }
+            }
+        }
+        Payload::PullRequestChanged(p) => {
+            keys.push(("repository".into(), &p.repository));
+            keys.push(("head_branch".into(), &p.head_branch));
+        }
+        Payload::BranchPushed(p) => {
+            keys.push(("repository".into(), &p.repository));
+            keys.push(("branch".into(), &p.branch));
+        }
         Payload::ProductivityRecorded(p) => {
             ids(&mut keys, p.user_id.as_deref(), &p.team_id, &p.project_id);
         }

@@ -61,6 +61,7 @@ impl Keys for FakeKeys {
                 scope: key_scope,
                 rate_limit_per_min: self.limit,
                 raw_retention_days: 3650,
+                store_prompt_text: false,
             })
         })
     }

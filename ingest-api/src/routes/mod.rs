@@ -5,6 +5,7 @@ pub mod influx;
 pub mod otlp;
 pub mod promrw;
 pub mod sso;
+pub mod webhooks;
 
 use axum::body::Body;
 use axum::extract::Request;

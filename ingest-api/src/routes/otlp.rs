@@ -57,6 +57,26 @@ async fn export<S: Signal>(s: AppState, request: Request) -> Response {
     .await
 }
 
+/// Claude Code's `user_prompt` event without the prompt's text (its length stays), for
+/// tenants that do not store prompts.
+pub(crate) fn drop_prompt_text(event: &mut serde_json::Value) {
+    if event
+        .pointer("/data/name")
+        .and_then(serde_json::Value::as_str)
+        != Some("claude_code.user_prompt")
+    {
+        return;
+    }
+    for place in ["/data/extra", "/data/labels"] {
+        if let Some(m) = event
+            .pointer_mut(place)
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            m.remove("prompt");
+        }
+    }
+}
+
 fn encoding(headers: &HeaderMap) -> Result<Encoding, IngestError> {
     let ct = header_text(headers, header::CONTENT_TYPE);
     Encoding::from_content_type(ct).ok_or_else(|| {
@@ -77,7 +97,10 @@ pub(crate) async fn take<S: Signal>(
     let mut envelopes = Vec::with_capacity(converted.events.len());
     let events = std::mem::take(&mut converted.events);
     let origins = std::mem::take(&mut converted.origins);
-    for (i, (raw, origin)) in events.into_iter().zip(origins).enumerate() {
+    for (i, (mut raw, origin)) in events.into_iter().zip(origins).enumerate() {
+        if !principal.store_prompt_text {
+            drop_prompt_text(&mut raw);
+        }
         match ctx.envelope(i, raw) {
             Ok(env) => envelopes.push(env),
             // One refusal per point, named by its OTLP path, with every reason.

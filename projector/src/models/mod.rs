@@ -2,6 +2,7 @@
 //! and the SQL that writes it. Every write runs in the batch's transaction with
 //! `search_path` pointing at the tenant's schema; [`crate::batch`] calls them in order.
 
+pub mod attribution;
 pub mod audit;
 pub mod people;
 pub mod raw;

@@ -72,7 +72,7 @@ pub(super) fn s(v: &Option<String>) -> String {
 
 impl<'a> RawRow<'a> {
     /// Maps a metric event and its decoded payload to its row (`None` for auth events, which
-    /// go to the audit log instead).
+    /// go to the audit log instead, and for source-control events).
     pub fn from_event(env: &'a Envelope, payload: &Payload) -> Option<RawRow<'a>> {
         let mut row = RawRow {
             table: RawTable::MetricSamples,
@@ -153,6 +153,14 @@ impl<'a> RawRow<'a> {
                 row.name = "ended".into();
                 row.value = p.productivity_score.unwrap_or(0.0);
             }
+            Payload::SessionContext(p) => {
+                row.table = RawTable::SessionEvents;
+                row.user_id = p.user_id.clone();
+                row.team_id = s(&p.team_id);
+                row.project_id = s(&p.project_id);
+                row.session_id = p.session_id.clone();
+                row.name = "context".into();
+            }
             Payload::ProductivityRecorded(p) => {
                 row.table = RawTable::ProductivityMetrics;
                 row.user_id = s(&p.user_id);
@@ -176,7 +184,10 @@ impl<'a> RawRow<'a> {
                 row.project_id = label(&["project_id", "project.id"]);
                 row.session_id = label(&["session_id", "session.id"]);
             }
-            Payload::Auth(..) => return None,
+            // Auth events go to the audit log, source-control events to their own tables.
+            Payload::Auth(..) | Payload::PullRequestChanged(_) | Payload::BranchPushed(_) => {
+                return None
+            }
         }
         Some(row)
     }

@@ -22,13 +22,14 @@ pub const TEMPLATE: &str = include_str!("../../../migrations/tenant/0001_tenant.
 
 /// Templates applied after the first, in order; `control.tenant_schemas.template_version`
 /// records how many of all templates a schema has had.
-pub const LATER_TEMPLATES: [&str; 6] = [
+pub const LATER_TEMPLATES: [&str; 7] = [
     include_str!("../../../migrations/tenant/0002_audit.sql"),
     include_str!("../../../migrations/tenant/0003_people.sql"),
     include_str!("../../../migrations/tenant/0004_activity_events.sql"),
     include_str!("../../../migrations/tenant/0005_activity_spans.sql"),
     include_str!("../../../migrations/tenant/0006_feed_position.sql"),
     include_str!("../../../migrations/tenant/0007_tenant_rollups.sql"),
+    include_str!("../../../migrations/tenant/0008_attribution.sql"),
 ];
 
 /// Raw tables of the template: time-partitioned (or hypertables) on `occurred_at`.

@@ -88,7 +88,7 @@ pub async fn top(read: Read<TopParams>) -> Result<Response, Problem> {
         (None, t) => t,
         (Some(t), implied) => {
             let t = EventType::parse(t)
-                .filter(|t| t.is_metric())
+                .filter(|t| t.from_clients())
                 .ok_or_else(|| {
                     invalid(FieldError::new("type", format!("unknown event type `{t}`")))
                 })?;
@@ -265,7 +265,7 @@ pub async fn activity(read: Read<ActivityParams>) -> Result<Response, Problem> {
         return Err(invalid(FieldError::new("limit", "must be 1..=1000")));
     }
     if let Some(t) = p.event_type.as_deref() {
-        if !EventType::parse(t).is_some_and(|t| t.is_metric()) {
+        if !EventType::parse(t).is_some_and(|t| t.from_clients()) {
             return Err(invalid(FieldError::new(
                 "type",
                 format!("unknown event type `{t}`"),

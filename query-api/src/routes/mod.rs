@@ -4,8 +4,10 @@ pub mod dashboard;
 pub mod explore;
 pub mod health;
 pub mod people;
+pub mod repos;
 pub mod stream;
 pub mod tables;
+pub mod timeline;
 
 use axum::extract::{Query, Request};
 use axum::middleware::Next;

@@ -1,0 +1,573 @@
+//! Source-control webhook receivers: `POST /v1/webhooks/github/{tenant}` (`pull_request`
+//! and `push`, signed with `X-Hub-Signature-256`) and `POST /v1/webhooks/gitlab/{tenant}`
+//! (merge request and push hooks, with `X-Gitlab-Token`), each checked against the tenant's
+//! integration secret ([`crate::control::integrations`]).
+//!
+//! A verified delivery becomes one `pull_request.changed` or `branch.pushed` event on the
+//! metrics topic, with an id derived from the provider's delivery id, so a redelivery is the
+//! same event and the projector counts it once. Anything not verified is refused with 401
+//! and records nothing (the same answer whether or not the tenant exists or has the
+//! integration); other event kinds are acknowledged and ignored.
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use shared::events::{Actor, Envelope, EventType, FieldError, Payload, Source};
+use shared::repos::{normalize, private_name};
+use shared::tenant::TenantId;
+use uuid::Uuid;
+
+use crate::control::integrations::{self, Sealed};
+use crate::error::IngestError;
+use crate::ingest::door::{append, read_limited};
+use crate::state::AppState;
+
+/// The largest delivery read (GitHub's pull request payloads are tens of kilobytes; it caps
+/// deliveries at 25 MB, which nothing here needs).
+pub const MAX_WEBHOOK_BYTES: usize = 2 * 1024 * 1024;
+
+/// Namespace of the ids derived from a provider's delivery id.
+const DELIVERY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_5b1e_2a7d_4c4e_9d1a_7a11_7a11_0003);
+
+/// What a verified delivery asks of us.
+#[derive(Debug, PartialEq)]
+pub enum Delivery {
+    /// An event to append, with its data.
+    Event(EventType, DateTime<Utc>, Value),
+    /// A kind we do not record (a ping, an issue comment…), acknowledged.
+    Ignored(String),
+}
+
+pub async fn github(
+    State(s): State<AppState>,
+    Path(tenant): Path<String>,
+    request: Request,
+) -> Response {
+    receive(&s, "github", &tenant, request).await
+}
+
+pub async fn gitlab(
+    State(s): State<AppState>,
+    Path(tenant): Path<String>,
+    request: Request,
+) -> Response {
+    receive(&s, "gitlab", &tenant, request).await
+}
+
+async fn receive(s: &AppState, provider: &'static str, tenant: &str, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    match handle(s, provider, tenant, &parts.headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn refused() -> IngestError {
+    IngestError::new(
+        StatusCode::UNAUTHORIZED,
+        "bad-signature",
+        "Unauthorized",
+        "the delivery's signature does not verify with this tenant's integration secret",
+    )
+}
+
+async fn handle(
+    s: &AppState,
+    provider: &'static str,
+    tenant: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, IngestError> {
+    let tenant = Uuid::parse_str(tenant)
+        .map(TenantId)
+        .map_err(|_| refused())?;
+    let bytes = read_limited(body, MAX_WEBHOOK_BYTES).await?;
+    let settings = integrations::load(&s.pool, &s.config.common.secret_key, tenant, provider)
+        .await
+        .map_err(|e| IngestError::internal("reading the integration", e))?
+        .ok_or_else(refused)?;
+    let verified = match provider {
+        "github" => verify_github(&settings.secret, headers, &bytes),
+        _ => verify_gitlab(&settings.secret, headers),
+    };
+    if !verified {
+        integrations::count(&s.pool, tenant, provider, false).await;
+        return Err(refused());
+    }
+    let payload: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        IngestError::bad_request("malformed-json", format!("the body is not valid JSON: {e}"))
+    })?;
+    let delivery = match provider {
+        "github" => github_delivery(header(headers, "x-github-event"), &payload, &settings),
+        _ => gitlab_delivery(&payload, &settings),
+    }
+    .map_err(|e| IngestError::validation("the delivery cannot be recorded", vec![e]))?;
+    let (event_type, at, data) = match delivery {
+        Delivery::Ignored(kind) => {
+            integrations::count(&s.pool, tenant, provider, true).await;
+            return Ok((StatusCode::OK, Json(json!({"ignored": kind}))).into_response());
+        }
+        Delivery::Event(t, at, data) => (t, at, data),
+    };
+    // The provider's delivery id: the same on a redelivery, so the event is the same one.
+    let delivery_id = match provider {
+        "github" => header(headers, "x-github-delivery").to_string(),
+        _ => [
+            header(headers, "idempotency-key"),
+            header(headers, "x-gitlab-event-uuid"),
+        ]
+        .into_iter()
+        .find(|v| !v.is_empty())
+        .unwrap_or("")
+        .to_string(),
+    };
+    let delivery_id = if delivery_id.is_empty() || delivery_id.len() > 200 {
+        hex::encode(Sha256::digest(&bytes))
+    } else {
+        delivery_id
+    };
+    let id = Uuid::new_v5(
+        &DELIVERY_NAMESPACE,
+        format!("{}\0{provider}\0{delivery_id}", tenant.0).as_bytes(),
+    );
+    let envelope = Envelope {
+        id,
+        tenant_id: tenant,
+        event_type,
+        schema_version: event_type.current_version(),
+        occurred_at: at,
+        received_at: Utc::now(),
+        actor: Actor::default(),
+        source: Source::Webhook,
+        data,
+    };
+    Payload::decode(
+        event_type,
+        envelope.schema_version,
+        envelope.data.clone(),
+        "data",
+    )
+    .map_err(|errors| IngestError::validation("the delivery cannot be recorded", errors))?;
+    append(s, std::slice::from_ref(&envelope), "webhook").await?;
+    integrations::count(&s.pool, tenant, provider, true).await;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"accepted": 1, "ids": [id]})),
+    )
+        .into_response())
+}
+
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> &'h str {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim()
+}
+
+/// `X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the body>`, compared in constant time.
+pub fn verify_github(secret: &str, headers: &HeaderMap, body: &[u8]) -> bool {
+    let Some(hex_sig) = header(headers, "x-hub-signature-256").strip_prefix("sha256=") else {
+        return false;
+    };
+    let Ok(sig) = hex::decode(hex_sig) else {
+        return false;
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(body);
+    mac.verify_slice(&sig).is_ok()
+}
+
+/// `X-Gitlab-Token` equal to the secret (compared as digests, in constant time).
+pub fn verify_gitlab(secret: &str, headers: &HeaderMap) -> bool {
+    let token = header(headers, "x-gitlab-token");
+    if token.is_empty() {
+        return false;
+    }
+    let (a, b) = (
+        Sha256::digest(token.as_bytes()),
+        Sha256::digest(secret.as_bytes()),
+    );
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// Names as the tenant stores them: plain, or salted hashes with private names.
+struct Namer<'a>(Option<&'a str>);
+
+impl Namer<'_> {
+    fn repository(&self, field: &str, urls: &[Option<&str>]) -> Result<String, FieldError> {
+        let name = urls
+            .iter()
+            .flatten()
+            .find_map(|u| normalize(u))
+            .ok_or_else(|| FieldError::new(field, "names no repository URL"))?;
+        Ok(self.hide(name))
+    }
+    fn branch(&self, b: &str) -> String {
+        self.hide(b.to_string())
+    }
+    fn hide(&self, text: String) -> String {
+        match self.0 {
+            Some(salt) => private_name(salt, &text),
+            None => text,
+        }
+    }
+    fn private(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+fn text<'v>(v: &'v Value, pointer: &str) -> Option<&'v str> {
+    v.pointer(pointer)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+/// A provider's time: RFC 3339, or GitLab's older `2013-12-03 17:23:34 UTC`.
+fn time(v: &Value, pointer: &str) -> Option<DateTime<Utc>> {
+    let s = text(v, pointer)?;
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .ok()
+        .or_else(|| {
+            NaiveDateTime::parse_from_str(s.trim_end_matches(" UTC"), "%Y-%m-%d %H:%M:%S")
+                .ok()
+                .map(|t| t.and_utc())
+        })
+        .or_else(|| {
+            DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S %z")
+                .ok()
+                .map(|t| t.with_timezone(&Utc))
+        })
+}
+
+fn required<T>(v: Option<T>, field: &str) -> Result<T, FieldError> {
+    v.ok_or_else(|| FieldError::new(field, "is required"))
+}
+
+/// A GitHub delivery of kind `event` (`X-GitHub-Event`).
+pub fn github_delivery(event: &str, p: &Value, settings: &Sealed) -> Result<Delivery, FieldError> {
+    let names = Namer(settings.repository_salt.as_deref());
+    match event {
+        "pull_request" => {
+            let pr = required(p.get("pull_request"), "pull_request")?;
+            let repository = names.repository(
+                "repository.html_url",
+                &[
+                    text(p, "/repository/html_url"),
+                    text(pr, "/base/repo/html_url"),
+                ],
+            )?;
+            let number = required(
+                pr.get("number").or(p.get("number")).and_then(Value::as_i64),
+                "pull_request.number",
+            )?;
+            let merged = pr.get("merged").and_then(Value::as_bool) == Some(true)
+                || text(pr, "/merged_at").is_some();
+            let state = match (text(pr, "/state"), merged) {
+                (_, true) => "merged",
+                (Some("closed"), false) => "closed",
+                _ => "open",
+            };
+            let updated_at = required(
+                time(pr, "/updated_at").or_else(|| time(pr, "/created_at")),
+                "pull_request.updated_at",
+            )?;
+            let mut data = json!({
+                "provider": "github",
+                "repository": repository,
+                "number": number,
+                "action": text(p, "/action").unwrap_or("unknown"),
+                "state": state,
+                "head_branch": names.branch(required(text(pr, "/head/ref"), "pull_request.head.ref")?),
+                "updated_at": updated_at,
+            });
+            let d = data.as_object_mut().expect("object");
+            if let Some(b) = text(pr, "/base/ref") {
+                d.insert("base_branch".into(), Value::from(names.branch(b)));
+            }
+            if !names.private() {
+                if let Some(t) = text(pr, "/title") {
+                    d.insert(
+                        "title".into(),
+                        Value::from(t.chars().take(1000).collect::<String>()),
+                    );
+                }
+                if let Some(u) = text(pr, "/html_url") {
+                    d.insert("url".into(), Value::from(u));
+                }
+            }
+            if let Some(a) = text(pr, "/user/login") {
+                d.insert("author".into(), Value::from(a));
+            }
+            for (field, pointer) in [
+                ("opened_at", "/created_at"),
+                ("merged_at", "/merged_at"),
+                ("closed_at", "/closed_at"),
+            ] {
+                if let Some(t) = time(pr, pointer) {
+                    d.insert(field.into(), json!(t));
+                }
+            }
+            for field in ["additions", "deletions"] {
+                if let Some(n) = pr.get(field).and_then(Value::as_i64) {
+                    d.insert(field.into(), Value::from(n));
+                }
+            }
+            Ok(Delivery::Event(
+                EventType::PullRequestChanged,
+                updated_at,
+                data,
+            ))
+        }
+        "push" => {
+            let Some(branch) = text(p, "/ref").and_then(|r| r.strip_prefix("refs/heads/")) else {
+                return Ok(Delivery::Ignored("push of a tag".into()));
+            };
+            let repository = names.repository(
+                "repository.html_url",
+                &[text(p, "/repository/html_url"), text(p, "/repository/url")],
+            )?;
+            let deleted = p.get("deleted").and_then(Value::as_bool) == Some(true);
+            let at = time(p, "/head_commit/timestamp").unwrap_or_else(Utc::now);
+            let mut data = json!({
+                "provider": "github",
+                "repository": repository,
+                "branch": names.branch(branch),
+                "commits": p.get("commits").and_then(Value::as_array).map_or(0, Vec::len),
+                "deleted": deleted,
+                "forced": p.get("forced").and_then(Value::as_bool) == Some(true),
+            });
+            if let Some(after) = text(p, "/after").filter(|_| !deleted) {
+                data["after"] = Value::from(after);
+            }
+            Ok(Delivery::Event(EventType::BranchPushed, at, data))
+        }
+        "" => Err(FieldError::new("X-GitHub-Event", "the header is required")),
+        other => Ok(Delivery::Ignored(other.chars().take(100).collect())),
+    }
+}
+
+/// A GitLab delivery (its kind is the payload's `object_kind`).
+pub fn gitlab_delivery(p: &Value, settings: &Sealed) -> Result<Delivery, FieldError> {
+    let names = Namer(settings.repository_salt.as_deref());
+    let urls = [
+        text(p, "/project/web_url"),
+        text(p, "/project/git_http_url"),
+        text(p, "/repository/homepage"),
+    ];
+    match text(p, "/object_kind").unwrap_or("") {
+        "merge_request" => {
+            let mr = required(p.get("object_attributes"), "object_attributes")?;
+            let repository = names.repository("project.web_url", &urls)?;
+            let number = required(
+                mr.get("iid").and_then(Value::as_i64),
+                "object_attributes.iid",
+            )?;
+            let state = match text(mr, "/state") {
+                Some("merged") => "merged",
+                Some("closed") | Some("locked") => "closed",
+                _ => "open",
+            };
+            let updated_at = required(
+                time(mr, "/updated_at").or_else(|| time(mr, "/created_at")),
+                "object_attributes.updated_at",
+            )?;
+            let mut data = json!({
+                "provider": "gitlab",
+                "repository": repository,
+                "number": number,
+                "action": text(mr, "/action").unwrap_or("unknown"),
+                "state": state,
+                "head_branch": names.branch(required(text(mr, "/source_branch"), "object_attributes.source_branch")?),
+                "updated_at": updated_at,
+            });
+            let d = data.as_object_mut().expect("object");
+            if let Some(b) = text(mr, "/target_branch") {
+                d.insert("base_branch".into(), Value::from(names.branch(b)));
+            }
+            if !names.private() {
+                if let Some(t) = text(mr, "/title") {
+                    d.insert(
+                        "title".into(),
+                        Value::from(t.chars().take(1000).collect::<String>()),
+                    );
+                }
+                if let Some(u) = text(mr, "/url") {
+                    d.insert("url".into(), Value::from(u));
+                }
+            }
+            if let Some(a) = text(p, "/user/username") {
+                d.insert("author".into(), Value::from(a));
+            }
+            if let Some(t) = time(mr, "/created_at") {
+                d.insert("opened_at".into(), json!(t));
+            }
+            // GitLab's hook names no merge time of its own: the merge is the update that
+            // made it merged.
+            let merged_at = time(mr, "/merged_at").or((state == "merged").then_some(updated_at));
+            if let Some(t) = merged_at {
+                d.insert("merged_at".into(), json!(t));
+            }
+            if let Some(t) = time(mr, "/closed_at").or((state == "closed").then_some(updated_at)) {
+                d.insert("closed_at".into(), json!(t));
+            }
+            Ok(Delivery::Event(
+                EventType::PullRequestChanged,
+                updated_at,
+                data,
+            ))
+        }
+        "push" => {
+            let Some(branch) = text(p, "/ref").and_then(|r| r.strip_prefix("refs/heads/")) else {
+                return Ok(Delivery::Ignored("push of a tag".into()));
+            };
+            let repository = names.repository("project.web_url", &urls)?;
+            let after = text(p, "/after").unwrap_or("");
+            let deleted = !after.is_empty() && after.chars().all(|c| c == '0');
+            let mut data = json!({
+                "provider": "gitlab",
+                "repository": repository,
+                "branch": names.branch(branch),
+                "commits": p.get("total_commits_count").and_then(Value::as_i64).unwrap_or(0),
+                "deleted": deleted,
+            });
+            if !after.is_empty() && !deleted {
+                data["after"] = Value::from(after);
+            }
+            Ok(Delivery::Event(EventType::BranchPushed, Utc::now(), data))
+        }
+        "" => Err(FieldError::new("object_kind", "is required")),
+        other => Ok(Delivery::Ignored(other.chars().take(100).collect())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain() -> Sealed {
+        Sealed {
+            secret: "s".repeat(20),
+            repository_salt: None,
+        }
+    }
+
+    fn github_pr(state: &str, merged: bool) -> Value {
+        json!({
+            "action": if merged { "closed" } else { "opened" },
+            "number": 7,
+            "pull_request": {
+                "number": 7, "state": state, "merged": merged, "title": "Add widgets",
+                "html_url": "https://github.com/Acme/Widgets/pull/7",
+                "user": {"login": "octo"},
+                "created_at": "2026-11-30T10:00:00Z", "updated_at": "2026-12-01T10:00:00Z",
+                "closed_at": if merged { json!("2026-12-01T10:00:00Z") } else { Value::Null },
+                "merged_at": if merged { json!("2026-12-01T10:00:00Z") } else { Value::Null },
+                "head": {"ref": "feature/x"}, "base": {"ref": "main"},
+                "additions": 120, "deletions": 4
+            },
+            "repository": {"full_name": "Acme/Widgets", "html_url": "https://github.com/Acme/Widgets"}
+        })
+    }
+
+    #[test]
+    fn a_merged_github_pull_request_becomes_one_event() {
+        let Delivery::Event(t, at, d) =
+            github_delivery("pull_request", &github_pr("closed", true), &plain()).unwrap()
+        else {
+            panic!("not recorded")
+        };
+        assert_eq!(t, EventType::PullRequestChanged);
+        assert_eq!(at.to_rfc3339(), "2026-12-01T10:00:00+00:00");
+        assert_eq!(d["repository"], "github.com/acme/widgets");
+        assert_eq!(d["state"], "merged");
+        assert_eq!(d["head_branch"], "feature/x");
+        assert_eq!(d["additions"], 120);
+        Payload::decode(t, 1, d, "data").expect("a valid event");
+    }
+
+    #[test]
+    fn private_names_hide_repository_branch_and_title() {
+        let salted = Sealed {
+            secret: "s".repeat(20),
+            repository_salt: Some("pepper".into()),
+        };
+        let Delivery::Event(_, _, d) =
+            github_delivery("pull_request", &github_pr("open", false), &salted).unwrap()
+        else {
+            panic!("not recorded")
+        };
+        assert_eq!(
+            d["repository"],
+            private_name("pepper", "github.com/acme/widgets")
+        );
+        assert_eq!(d["head_branch"], private_name("pepper", "feature/x"));
+        assert!(d.get("title").is_none() && d.get("url").is_none());
+    }
+
+    #[test]
+    fn signatures_are_checked() {
+        let body = br#"{"a":1}"#;
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"topsecret-topsecret").unwrap();
+        mac.update(body);
+        let good = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        let mut h = HeaderMap::new();
+        h.insert("x-hub-signature-256", good.parse().unwrap());
+        assert!(verify_github("topsecret-topsecret", &h, body));
+        assert!(!verify_github("topsecret-topsecreT", &h, body));
+        assert!(!verify_github("topsecret-topsecret", &h, br#"{"a":2}"#));
+        assert!(!verify_github(
+            "topsecret-topsecret",
+            &HeaderMap::new(),
+            body
+        ));
+        let mut g = HeaderMap::new();
+        g.insert("x-gitlab-token", "topsecret-topsecret".parse().unwrap());
+        assert!(verify_gitlab("topsecret-topsecret", &g));
+        assert!(!verify_gitlab("other-other-other", &g));
+        assert!(!verify_gitlab("topsecret-topsecret", &HeaderMap::new()));
+    }
+
+    #[test]
+    fn gitlab_merge_requests_and_pushes() {
+        let mr = json!({
+            "object_kind": "merge_request",
+            "user": {"username": "dev"},
+            "project": {"web_url": "https://gitlab.example.com/group/app"},
+            "object_attributes": {
+                "iid": 3, "state": "merged", "action": "merge", "source_branch": "fix",
+                "target_branch": "main", "title": "Fix", "created_at": "2026-11-30 10:00:00 UTC",
+                "updated_at": "2026-12-01 11:00:00 UTC"
+            }
+        });
+        let Delivery::Event(_, _, d) = gitlab_delivery(&mr, &plain()).unwrap() else {
+            panic!("not recorded")
+        };
+        assert_eq!(d["repository"], "gitlab.example.com/group/app");
+        assert_eq!(d["state"], "merged");
+        assert_eq!(d["merged_at"], "2026-12-01T11:00:00Z");
+        let push = json!({"object_kind": "push", "ref": "refs/heads/fix",
+            "after": "0000000000000000000000000000000000000000", "total_commits_count": 0,
+            "project": {"web_url": "https://gitlab.example.com/group/app"}});
+        let Delivery::Event(t, _, d) = gitlab_delivery(&push, &plain()).unwrap() else {
+            panic!("not recorded")
+        };
+        assert_eq!(t, EventType::BranchPushed);
+        assert_eq!(d["deleted"], true);
+        assert!(matches!(
+            gitlab_delivery(&json!({"object_kind": "note"}), &plain()),
+            Ok(Delivery::Ignored(_))
+        ));
+        assert!(gitlab_delivery(&json!({}), &plain()).is_err());
+    }
+}

@@ -1,0 +1,538 @@
+//! Attribution: which repository and branch each session worked in (`session_contexts`,
+//! from the hook's `session.context`), the agent usage that puts a cost on it
+//! (`session_usage`: agent interactions, tool runs, Claude Code's lines of code), its rollups
+//! (`repo_usage_1h`, `repo_sessions`), and the pull requests and pushes the source-control
+//! webhooks describe.
+//!
+//! A usage row belongs to the latest context of its session at or before its time, else to
+//! no repository (''). A batch first stores its new contexts, then moves the usage those
+//! contexts now explain (subtracting it from the old rollup keys and adding it to the new),
+//! then stores its new usage, attributed against every context known by then: so the order
+//! in which contexts and usage arrive never changes the result, and each amount is counted
+//! once, however often a batch is retried or the log replayed (only rows the raw tables
+//! really inserted are folded here).
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use shared::events::{Payload, PullRequestChanged};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::raw::RawRow;
+use crate::batch::Decoded;
+
+/// Claude Code's counter of lines added and removed (attribute `type`).
+pub const LINES_METRIC: &str = "claude_code.lines_of_code.count";
+
+/// The bucket origin of every rollup (as `span_floor` in the tenant template).
+const ORIGIN: &str = "TIMESTAMPTZ '2000-01-03 00:00:00+00'";
+
+/// One usage row: what one event adds to its session's spending.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Usage {
+    pub session_id: String,
+    pub occurred_at: DateTime<Utc>,
+    pub event_id: Uuid,
+    pub user_id: String,
+    pub team_id: String,
+    pub requests: i64,
+    pub tool_runs: i64,
+    pub cost_usd: f64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_read_tokens: i64,
+    pub cache_creation_tokens: i64,
+    pub lines_added: i64,
+    pub lines_removed: i64,
+}
+
+impl Usage {
+    /// The usage of an inserted raw row, if it has any: agent interactions (a request, its
+    /// cost and tokens), tool runs, and delta points of [`LINES_METRIC`].
+    pub fn of(row: &RawRow) -> Option<Usage> {
+        let mut u = Usage {
+            session_id: row.session_id.clone(),
+            occurred_at: row.occurred_at,
+            event_id: row.event_id,
+            user_id: row.user_id.clone(),
+            team_id: row.team_id.clone(),
+            ..Usage::default()
+        };
+        let int = |v: &Value, k: &str| v.get(k).and_then(Value::as_i64).unwrap_or(0);
+        match row.event_type {
+            "agent.interacted" => {
+                u.requests = 1;
+                u.cost_usd = row.value;
+                u.input_tokens = row.input_tokens;
+                u.output_tokens = row.output_tokens;
+                u.cache_read_tokens = int(&row.data, "cache_read_tokens");
+                u.cache_creation_tokens = int(&row.data, "cache_creation_tokens");
+            }
+            "tool.executed" => u.tool_runs = 1,
+            "metric.sample" if row.name == LINES_METRIC => {
+                // Running totals (cumulative temporality) cannot be attributed point by
+                // point; Claude Code sends increments unless told otherwise.
+                let delta = row
+                    .data
+                    .pointer("/extra/temporality")
+                    .and_then(Value::as_str)
+                    == Some("delta");
+                if !delta || !row.value.is_finite() || row.value < 0.0 || row.value > 1e9 {
+                    return None;
+                }
+                let lines = row.value.round() as i64;
+                match row.data.pointer("/labels/type").and_then(Value::as_str) {
+                    Some("added") => u.lines_added = lines,
+                    Some("removed") => u.lines_removed = lines,
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        }
+        Some(u)
+    }
+}
+
+/// One context of a session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Context {
+    pub session_id: String,
+    pub at: DateTime<Utc>,
+    pub event_id: Uuid,
+    pub user_id: String,
+    pub repository: String,
+    pub branch: String,
+    pub commit: String,
+    pub directory: String,
+}
+
+/// What a batch's inserted events bring to attribution.
+#[derive(Debug, Default)]
+pub struct Fold {
+    pub contexts: Vec<Context>,
+    pub usage: Vec<Usage>,
+    /// Source-control events (not raw rows: their own table dedupes them).
+    pub repository_events: Vec<(Uuid, DateTime<Utc>, &'static str, String, Value)>,
+}
+
+/// Folds the batch: contexts and usage of the raw rows really inserted, and every
+/// source-control event (deduplicated when written).
+pub fn fold(events: &[&Decoded], inserted: &[&RawRow]) -> Fold {
+    let ids: HashSet<Uuid> = inserted.iter().map(|r| r.event_id).collect();
+    let mut f = Fold {
+        usage: inserted.iter().filter_map(|r| Usage::of(r)).collect(),
+        ..Fold::default()
+    };
+    for e in events {
+        match &e.payload {
+            Payload::SessionContext(p) if ids.contains(&e.env.id) => f.contexts.push(Context {
+                session_id: p.session_id.clone(),
+                at: e.env.occurred_at,
+                event_id: e.env.id,
+                user_id: p.user_id.clone(),
+                repository: p.repository.clone().unwrap_or_default(),
+                branch: p.branch.clone().unwrap_or_default(),
+                commit: p.commit.clone().unwrap_or_default(),
+                directory: p.directory.clone().unwrap_or_default(),
+            }),
+            Payload::PullRequestChanged(p) => f.repository_events.push((
+                e.env.id,
+                e.env.occurred_at,
+                "pull_request.changed",
+                p.repository.clone(),
+                e.env.data.clone(),
+            )),
+            Payload::BranchPushed(p) => f.repository_events.push((
+                e.env.id,
+                e.env.occurred_at,
+                "branch.pushed",
+                p.repository.clone(),
+                e.env.data.clone(),
+            )),
+            _ => {}
+        }
+    }
+    f
+}
+
+/// Writes the fold (search_path already at the tenant's schema); the number of
+/// source-control events that were new.
+pub async fn write(conn: &mut PgConnection, f: &Fold, events: &[&Decoded]) -> sqlx::Result<u64> {
+    let since = insert_contexts(conn, &f.contexts).await?;
+    if !since.is_empty() {
+        reattribute(conn, &since).await?;
+    }
+    insert_usage(conn, &f.usage).await?;
+    write_repository_events(conn, f, events).await
+}
+
+/// Stores contexts; for each session that got a new one, the earliest new context's time.
+async fn insert_contexts(
+    conn: &mut PgConnection,
+    contexts: &[Context],
+) -> sqlx::Result<BTreeMap<String, DateTime<Utc>>> {
+    if contexts.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let col = |f: fn(&Context) -> &str| contexts.iter().map(f).collect::<Vec<_>>();
+    let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+        "INSERT INTO session_contexts (session_id, at, event_id, user_id, repository, branch,
+                                       commit_sha, directory)
+         SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::uuid[], $4::text[], $5::text[],
+                              $6::text[], $7::text[], $8::text[])
+         ON CONFLICT DO NOTHING
+         RETURNING session_id, at",
+    )
+    .bind(col(|c| &c.session_id))
+    .bind(contexts.iter().map(|c| c.at).collect::<Vec<_>>())
+    .bind(contexts.iter().map(|c| c.event_id).collect::<Vec<_>>())
+    .bind(col(|c| &c.user_id))
+    .bind(col(|c| &c.repository))
+    .bind(col(|c| &c.branch))
+    .bind(col(|c| &c.commit))
+    .bind(col(|c| &c.directory))
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut since: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
+    for (session, at) in rows {
+        since
+            .entry(session)
+            .and_modify(|t| *t = (*t).min(at))
+            .or_insert(at);
+    }
+    Ok(since)
+}
+
+/// The latest context of `u`'s session at or before its time, as a lateral join.
+macro_rules! placed {
+    ($u:literal) => {
+        concat!(
+            "LEFT JOIN LATERAL (SELECT c.repository, c.branch FROM session_contexts c
+                                 WHERE c.session_id = ",
+            $u,
+            ".session_id AND c.at <= ",
+            $u,
+            ".occurred_at
+                                 ORDER BY c.at DESC, c.event_id DESC LIMIT 1) c ON true"
+        )
+    };
+}
+
+/// The amount columns, in table order.
+const AMOUNTS: &str = "requests, tool_runs, cost_usd, input_tokens, output_tokens, \
+                       cache_read_tokens, cache_creation_tokens, lines_added, lines_removed";
+
+/// Moves the usage of each session at or after `since` to the context that now explains it,
+/// and the amounts between the hourly rollup's keys with it; rebuilds those sessions'
+/// `repo_sessions` rows.
+async fn reattribute(
+    conn: &mut PgConnection,
+    since: &BTreeMap<String, DateTime<Utc>>,
+) -> sqlx::Result<()> {
+    let sessions: Vec<&str> = since.keys().map(String::as_str).collect();
+    let times: Vec<DateTime<Utc>> = since.values().copied().collect();
+    let sum = |sign: &str| {
+        AMOUNTS
+            .split(", ")
+            .map(|c| format!("{sign}{c} AS {c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let sql = format!(
+        "WITH s AS (SELECT * FROM UNNEST($1::text[], $2::timestamptz[]) AS s(session_id, since)),
+         t AS (
+            SELECT u.session_id, u.occurred_at, u.event_id, u.user_id, u.team_id, {AMOUNTS},
+                   u.repository AS old_repository, u.branch AS old_branch,
+                   COALESCE(c.repository, '') AS repository, COALESCE(c.branch, '') AS branch
+              FROM s JOIN session_usage u ON u.session_id = s.session_id AND u.occurred_at >= s.since
+              {placed}),
+         moved AS (SELECT * FROM t WHERE (old_repository, old_branch) <> (repository, branch)),
+         upd AS (
+            UPDATE session_usage u SET repository = m.repository, branch = m.branch
+              FROM moved m
+             WHERE u.session_id = m.session_id AND u.occurred_at = m.occurred_at
+               AND u.event_id = m.event_id),
+         d AS (
+            SELECT occurred_at, old_repository AS repository, old_branch AS branch, user_id,
+                   team_id, {minus} FROM moved
+            UNION ALL
+            SELECT occurred_at, repository, branch, user_id, team_id, {plus} FROM moved)
+         {rollup}",
+        placed = placed!("u"),
+        minus = sum("-"),
+        plus = sum(""),
+        rollup = rollup_upsert("d"),
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&sessions)
+        .bind(&times)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM repo_sessions WHERE session_id = ANY($1)")
+        .bind(&sessions)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO repo_sessions AS s {}",
+        sessions_select("session_usage WHERE session_id = ANY($1)")
+    )))
+    .bind(&sessions)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// `INSERT INTO repo_usage_1h` of the rows of `from` (with `occurred_at`, the keys and every
+/// amount), summed per hour and key and added to what is there.
+fn rollup_upsert(from: &str) -> String {
+    let sums = AMOUNTS
+        .split(", ")
+        .map(|c| format!("sum({c})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let adds = AMOUNTS
+        .split(", ")
+        .map(|c| format!("{c} = r.{c} + EXCLUDED.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO repo_usage_1h AS r (bucket, repository, branch, user_id, team_id, {AMOUNTS})
+         SELECT date_bin('1 hour', occurred_at, {ORIGIN}), repository, branch, user_id, team_id,
+                {sums}
+           FROM {from} GROUP BY 1, 2, 3, 4, 5
+         ON CONFLICT (bucket, repository, branch, user_id, team_id) DO UPDATE SET {adds}"
+    )
+}
+
+/// The `repo_sessions` rows of the usage rows in `from`.
+fn sessions_select(from: &str) -> String {
+    format!(
+        "SELECT repository, branch, session_id, max(user_id), max(team_id), min(occurred_at),
+                max(occurred_at), sum(requests), sum(cost_usd), sum(lines_added)
+           FROM {from} GROUP BY repository, branch, session_id"
+    )
+}
+
+/// Stores new usage rows, attributed against every context known now, and adds them to the
+/// rollups.
+async fn insert_usage(conn: &mut PgConnection, usage: &[Usage]) -> sqlx::Result<()> {
+    if usage.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "WITH n AS (
+            SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::uuid[], $4::text[],
+                                 $5::text[], $6::bigint[], $7::bigint[], $8::float8[],
+                                 $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[],
+                                 $13::bigint[], $14::bigint[])
+                AS n(session_id, occurred_at, event_id, user_id, team_id, {AMOUNTS})),
+         p AS (
+            SELECT n.*, COALESCE(c.repository, '') AS repository, COALESCE(c.branch, '') AS branch
+              FROM n {placed}),
+         ins AS (
+            INSERT INTO session_usage (session_id, occurred_at, event_id, user_id, team_id,
+                                       {AMOUNTS}, repository, branch)
+            SELECT session_id, occurred_at, event_id, user_id, team_id, {AMOUNTS}, repository,
+                   branch
+              FROM p
+            ON CONFLICT DO NOTHING
+            RETURNING *),
+         roll AS ({rollup})
+         INSERT INTO repo_sessions AS s
+         {sessions}
+         ON CONFLICT (repository, branch, session_id) DO UPDATE SET
+            first_at = LEAST(s.first_at, EXCLUDED.first_at),
+            last_at = GREATEST(s.last_at, EXCLUDED.last_at),
+            requests = s.requests + EXCLUDED.requests,
+            cost_usd = s.cost_usd + EXCLUDED.cost_usd,
+            lines_added = s.lines_added + EXCLUDED.lines_added",
+        placed = placed!("n"),
+        rollup = rollup_upsert("ins"),
+        sessions = sessions_select("ins WHERE session_id <> ''"),
+    );
+    let ints = |f: fn(&Usage) -> i64| usage.iter().map(f).collect::<Vec<_>>();
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(
+            usage
+                .iter()
+                .map(|u| u.session_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(usage.iter().map(|u| u.occurred_at).collect::<Vec<_>>())
+        .bind(usage.iter().map(|u| u.event_id).collect::<Vec<_>>())
+        .bind(usage.iter().map(|u| u.user_id.as_str()).collect::<Vec<_>>())
+        .bind(usage.iter().map(|u| u.team_id.as_str()).collect::<Vec<_>>())
+        .bind(ints(|u| u.requests))
+        .bind(ints(|u| u.tool_runs))
+        .bind(usage.iter().map(|u| u.cost_usd).collect::<Vec<_>>())
+        .bind(ints(|u| u.input_tokens))
+        .bind(ints(|u| u.output_tokens))
+        .bind(ints(|u| u.cache_read_tokens))
+        .bind(ints(|u| u.cache_creation_tokens))
+        .bind(ints(|u| u.lines_added))
+        .bind(ints(|u| u.lines_removed))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Stores the source-control events not seen before, then folds the new ones into
+/// `pull_requests` (the newest description of each wins) and `branch_pushes`. Returns how
+/// many were new.
+async fn write_repository_events(
+    conn: &mut PgConnection,
+    f: &Fold,
+    events: &[&Decoded],
+) -> sqlx::Result<u64> {
+    if f.repository_events.is_empty() {
+        return Ok(0);
+    }
+    let e = &f.repository_events;
+    let new: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO repository_events (event_id, occurred_at, type, repository, data)
+         SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::jsonb[])
+         ON CONFLICT DO NOTHING
+         RETURNING event_id",
+    )
+    .bind(e.iter().map(|x| x.0).collect::<Vec<_>>())
+    .bind(e.iter().map(|x| x.1).collect::<Vec<_>>())
+    .bind(e.iter().map(|x| x.2).collect::<Vec<_>>())
+    .bind(e.iter().map(|x| x.3.as_str()).collect::<Vec<_>>())
+    .bind(e.iter().map(|x| x.4.clone()).collect::<Vec<_>>())
+    .fetch_all(&mut *conn)
+    .await?;
+    let new: HashSet<Uuid> = new.into_iter().collect();
+    // One row per pull request per statement: the newest description of the batch.
+    let mut prs: BTreeMap<(String, i64), &PullRequestChanged> = BTreeMap::new();
+    let mut pushes = Vec::new();
+    for d in events.iter().filter(|d| new.contains(&d.env.id)) {
+        match &d.payload {
+            Payload::PullRequestChanged(p) => {
+                let slot = prs.entry((p.repository.clone(), p.number)).or_insert(p);
+                if newer(p, slot) {
+                    *slot = p;
+                }
+            }
+            Payload::BranchPushed(p) => pushes.push((d.env.occurred_at, p)),
+            _ => {}
+        }
+    }
+    if !prs.is_empty() {
+        upsert_pull_requests(conn, &prs.into_values().collect::<Vec<_>>()).await?;
+    }
+    for (at, p) in pushes {
+        sqlx::query(
+            "INSERT INTO branch_pushes AS b (repository, branch, pushed_at, after_sha, pushes,
+                                             commits, deleted)
+             VALUES ($1, $2, $3, $4, 1, $5, $6)
+             ON CONFLICT (repository, branch) DO UPDATE SET
+                pushes = b.pushes + 1,
+                commits = b.commits + EXCLUDED.commits,
+                after_sha = CASE WHEN EXCLUDED.pushed_at >= b.pushed_at
+                                 THEN EXCLUDED.after_sha ELSE b.after_sha END,
+                deleted = CASE WHEN EXCLUDED.pushed_at >= b.pushed_at
+                               THEN EXCLUDED.deleted ELSE b.deleted END,
+                pushed_at = GREATEST(b.pushed_at, EXCLUDED.pushed_at)",
+        )
+        .bind(&p.repository)
+        .bind(&p.branch)
+        .bind(at)
+        .bind(p.after.clone().unwrap_or_default())
+        .bind(p.commits)
+        .bind(p.deleted)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(new.len() as u64)
+}
+
+/// Whether `a` describes its pull request more recently than `b`: by the provider's
+/// `updated_at`, then by how final its state is (merged, closed, open).
+fn newer(a: &PullRequestChanged, b: &PullRequestChanged) -> bool {
+    let rank = |s: &str| match s {
+        "merged" => 2,
+        "closed" => 1,
+        _ => 0,
+    };
+    (a.updated_at, rank(&a.state)) > (b.updated_at, rank(&b.state))
+}
+
+async fn upsert_pull_requests(
+    conn: &mut PgConnection,
+    prs: &[&PullRequestChanged],
+) -> sqlx::Result<()> {
+    let text = |f: fn(&PullRequestChanged) -> Option<&str>| {
+        prs.iter()
+            .map(|p| f(p).unwrap_or("").to_string())
+            .collect::<Vec<_>>()
+    };
+    let time = |f: fn(&PullRequestChanged) -> Option<DateTime<Utc>>| {
+        prs.iter().map(|p| f(p)).collect::<Vec<_>>()
+    };
+    let rank =
+        |t: &str| format!("CASE {t}.state WHEN 'merged' THEN 2 WHEN 'closed' THEN 1 ELSE 0 END");
+    let newer = format!(
+        "(EXCLUDED.updated_at, {}) >= (pr.updated_at, {})",
+        rank("EXCLUDED"),
+        rank("pr")
+    );
+    let replaced = [
+        "provider",
+        "state",
+        "head_branch",
+        "base_branch",
+        "title",
+        "author",
+        "url",
+        "closed_at",
+        "updated_at",
+    ]
+    .map(|c| format!("{c} = CASE WHEN {newer} THEN EXCLUDED.{c} ELSE pr.{c} END"))
+    .join(",\n            ");
+    let sql = format!(
+        "INSERT INTO pull_requests AS pr (repository, number, provider, state, head_branch,
+                                          base_branch, title, author, url, opened_at, merged_at,
+                                          closed_at, updated_at, additions, deletions)
+         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                              $6::text[], $7::text[], $8::text[], $9::text[],
+                              $10::timestamptz[], $11::timestamptz[], $12::timestamptz[],
+                              $13::timestamptz[], $14::bigint[], $15::bigint[])
+         ON CONFLICT (repository, number) DO UPDATE SET
+            opened_at = LEAST(pr.opened_at, EXCLUDED.opened_at),
+            merged_at = COALESCE(pr.merged_at, EXCLUDED.merged_at),
+            additions = CASE WHEN {newer} THEN COALESCE(EXCLUDED.additions, pr.additions)
+                             ELSE COALESCE(pr.additions, EXCLUDED.additions) END,
+            deletions = CASE WHEN {newer} THEN COALESCE(EXCLUDED.deletions, pr.deletions)
+                             ELSE COALESCE(pr.deletions, EXCLUDED.deletions) END,
+            {replaced}"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(
+            prs.iter()
+                .map(|p| p.repository.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(prs.iter().map(|p| p.number).collect::<Vec<_>>())
+        .bind(prs.iter().map(|p| p.provider.as_str()).collect::<Vec<_>>())
+        .bind(prs.iter().map(|p| p.state.as_str()).collect::<Vec<_>>())
+        .bind(
+            prs.iter()
+                .map(|p| p.head_branch.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(text(|p| p.base_branch.as_deref()))
+        .bind(text(|p| p.title.as_deref()))
+        .bind(text(|p| p.author.as_deref()))
+        .bind(text(|p| p.url.as_deref()))
+        .bind(time(|p| p.opened_at))
+        .bind(time(|p| p.merged_at))
+        .bind(time(|p| p.closed_at))
+        .bind(prs.iter().map(|p| p.updated_at).collect::<Vec<_>>())
+        .bind(prs.iter().map(|p| p.additions).collect::<Vec<_>>())
+        .bind(prs.iter().map(|p| p.deletions).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
