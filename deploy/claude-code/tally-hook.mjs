@@ -121,8 +121,8 @@ function stateFile(sessionId) {
   return join(dir, createHash("sha256").update(String(sessionId)).digest("hex").slice(0, 32) + ".json");
 }
 
-// A `session.context` when the session starts or its repository or branch changed since
-// the last one sent; null otherwise (or when anything about git fails).
+// A `session.context` when the session starts in a repository, or its repository or branch
+// changed since the last one sent (leaving every repository included); null otherwise.
 function contextEvent(h, force) {
   if (env.TALLY_HOOK_CONTEXT === "0" || !h.cwd || !h.session_id) return null;
   const file = stateFile(h.session_id);
@@ -161,6 +161,8 @@ function contextEvent(h, force) {
     if (on("TALLY_HOOK_SEND_PATHS")) data.directory = guarded(rel === "" ? "." : rel, true);
   }
   try { writeFileSync(file, JSON.stringify({ key, at: new Date().toISOString() }), { mode: 0o600 }); } catch {}
+  // Outside any repository, a context is only worth sending to end the last one.
+  if (!found && (!last || last.key === "none")) return null;
   return { id: randomUUID(), type: "session.context", occurred_at: new Date().toISOString(), data };
 }
 

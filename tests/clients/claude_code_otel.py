@@ -11,6 +11,9 @@ attributes as numbers in one session and as strings (older versions) in the next
     python claude_code_otel.py --endpoint http://127.0.0.1:8080/v1/otlp --key tk_... \
         --encoding protobuf|json [--gzip] [--sessions 3]
     python claude_code_otel.py --endpoint http://127.0.0.1:4317 --key tk_... --encoding grpc
+
+With --prompts N each session has N prompts (each with its tools, requests and an error), and
+--detail adds, per session, what each prompt caused, in order.
 """
 import argparse
 import json
@@ -31,6 +34,8 @@ args.add_argument("--key", required=True)
 args.add_argument("--encoding", choices=["protobuf", "json", "grpc"], required=True)
 args.add_argument("--gzip", action="store_true")
 args.add_argument("--sessions", type=int, default=3)
+args.add_argument("--prompts", type=int, default=1, help="prompts per session")
+args.add_argument("--detail", action="store_true", help="also print what each session sent")
 args = args.parse_args()
 
 logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
@@ -114,6 +119,8 @@ expected = {
     "cost_usd": 0.0,
     "prompts": 0,
     "sessions": 0,
+    # Per session: its user, and per prompt (in order) what it caused.
+    "by_session": {},
 }
 
 
@@ -158,8 +165,10 @@ for i in range(args.sessions):
     add("claude_code.active_time.total", 30.5)
 
     seq = 0
+    detail = {"user": common["user.id"], "prompts": []}
+    expected["by_session"][common["session.id"]] = detail
 
-    def event(name, attrs, severity_text="INFO"):
+    def event(name, attrs, prompt, severity_text="INFO"):
         global seq
         seq += 1
         now = time.time_ns()
@@ -173,39 +182,60 @@ for i in range(args.sessions):
                 "event.name": name,
                 "event.timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(now / 1e9)),
                 "event.sequence": seq,
-                "prompt.id": f"prompt-{run}-{i}",
+                "prompt.id": prompt,
                 **attrs,
             },
         )
+        # Distinct, rising times within the session.
+        time.sleep(0.002)
 
-    event("user_prompt", {"prompt_length": num(42), "prompt": "<REDACTED>"})
-    expected["prompts"] += 1
-    for tool, ok, ms in [("Edit", True, 120), ("Bash", False, 800), ("Read", True, 5)]:
-        attrs = {"tool_name": tool, "tool_use_id": f"toolu_{run}_{i}_{tool}",
-                 "success": "true" if ok else "false", "duration_ms": num(ms),
-                 "decision_type": "accept", "decision_source": "config",
-                 "tool_result_size_bytes": num(512)}
-        if not ok:
-            attrs["error"] = "Exit code 1"
-        event("tool_result", attrs)
-        expected["tools"] += 1
-        expected["tool_errors"] += 0 if ok else 1
-    event("tool_decision", {"tool_name": "Edit", "decision": "accept", "source": "config"})
-    for req in range(2):
-        tin, tout = 1000 + i, 200 + i
-        event("api_request", {"model": model, "cost_usd": c / 2, "duration_ms": num(1500 + req),
-                              "input_tokens": num(tin), "output_tokens": num(tout),
-                              "cache_read_tokens": num(2500), "cache_creation_tokens": num(50),
-                              "request_id": f"req_{run}_{i}_{req}", "query_source": "main"})
+    for k in range(args.prompts):
+        prompt = f"prompt-{run}-{i}" if k == 0 else f"prompt-{run}-{i}-{k}"
+        p = {"id": prompt, "length": 42 + k, "tools": 0, "requests": 0, "errors": 0, "cost_usd": 0.0,
+             "kinds": []}
+        detail["prompts"].append(p)
+        event("user_prompt", {"prompt_length": num(42 + k), "prompt": "<REDACTED>"}, prompt)
+        p["kinds"].append("prompt")
+        expected["prompts"] += 1
+        for tool, ok, ms in [("Edit", True, 120), ("Bash", False, 800), ("Read", True, 5)]:
+            attrs = {"tool_name": tool, "tool_use_id": f"toolu_{run}_{i}_{k}_{tool}",
+                     "success": "true" if ok else "false", "duration_ms": num(ms),
+                     "decision_type": "accept", "decision_source": "config",
+                     "tool_result_size_bytes": num(512)}
+            if not ok:
+                attrs["error"] = "Exit code 1"
+            event("tool_result", attrs, prompt)
+            p["kinds"].append("tool_result")
+            p["tools"] += 1
+            expected["tools"] += 1
+            expected["tool_errors"] += 0 if ok else 1
+        event("tool_decision", {"tool_name": "Edit", "decision": "accept", "source": "config"}, prompt)
+        p["kinds"].append("tool_decision")
+        for req in range(2):
+            tin, tout = 1000 + i, 200 + i
+            # A later prompt costs more, so that the most expensive ones are known.
+            rc = c / 2 * (k + 1)
+            event("api_request", {"model": model, "cost_usd": rc, "duration_ms": num(1500 + req),
+                                  "input_tokens": num(tin), "output_tokens": num(tout),
+                                  "cache_read_tokens": num(2500), "cache_creation_tokens": num(50),
+                                  "request_id": f"req_{run}_{i}_{k}_{req}", "query_source": "main"},
+                  prompt)
+            p["kinds"].append("api_request")
+            p["requests"] += 1
+            p["cost_usd"] += rc
+            expected["agents"] += 1
+            expected["input_tokens"] += tin
+            expected["output_tokens"] += tout
+            expected["cost_usd"] += rc
+        event("api_error", {"model": model, "error": "overloaded_error", "status_code": num(529),
+                            "duration_ms": num(700), "attempt": num(1),
+                            "request_id": f"req_{run}_{i}_{k}_e"},
+              prompt, severity_text="ERROR")
+        p["kinds"].append("api_error")
+        p["requests"] += 1
+        p["errors"] += 1
         expected["agents"] += 1
-        expected["input_tokens"] += tin
-        expected["output_tokens"] += tout
-        expected["cost_usd"] += c / 2
-    event("api_error", {"model": model, "error": "overloaded_error", "status_code": num(529),
-                        "duration_ms": num(700), "attempt": num(1), "request_id": f"req_{run}_{i}_e"},
-          severity_text="ERROR")
-    expected["agents"] += 1
-    expected["agent_errors"] += 1
+        expected["agent_errors"] += 1
 
 ok = meters.force_flush(timeout_millis=30_000)
 loggers.force_flush(timeout_millis=30_000)
@@ -214,4 +244,7 @@ loggers.shutdown()
 if not ok:
     print("the metrics export did not complete", file=sys.stderr)
     sys.exit(1)
+if not args.detail:
+    # Session ids differ from run to run; the totals do not.
+    expected.pop("by_session")
 print(json.dumps(expected))

@@ -437,8 +437,8 @@ pub async fn pull_requests(read: Read<PullParams>) -> Result<Response, Problem> 
                 .map_err(db_error)?;
             if p.number.is_some() {
                 if let Some(pr) = page.pull_requests.first() {
-                    let lo = sqlx::query_scalar::<_, DateTime<Utc>>(
-                        "SELECT COALESCE(max(COALESCE(merged_at, closed_at)), '-infinity')
+                    let lo = sqlx::query_scalar::<_, Option<DateTime<Utc>>>(
+                        "SELECT max(COALESCE(merged_at, closed_at))
                            FROM pull_requests
                           WHERE repository = $1 AND head_branch = $2 AND number <> $3
                             AND COALESCE(merged_at, closed_at) < $4",
@@ -458,7 +458,7 @@ pub async fn pull_requests(read: Read<PullParams>) -> Result<Response, Problem> 
                                     sum(lines_added)::bigint AS lines_added
                                FROM session_usage
                               WHERE repository = $1 AND branch = $2
-                                AND occurred_at > $5 AND occurred_at <= $6
+                                AND occurred_at > COALESCE($5, '-infinity') AND occurred_at <= $6
                                 AND ($3::text IS NULL OR user_id = $3)
                                 AND ($4::text[] IS NULL OR team_id = ANY($4))
                               GROUP BY session_id

@@ -3,6 +3,7 @@
 
 mod access;
 mod alerts;
+mod attribution;
 mod audit;
 mod bulk;
 mod control;
