@@ -27,8 +27,9 @@
 //   TALLY_HOOK_CONTEXT=0        do not send the session's repository and branch
 //   TALLY_HOOK_STATE_DIR        where the last context of each session is remembered
 //                               (default: <tmpdir>/tally-hook-<uid>)
-// With TALLY_HOOK_HASH=1, repository and branch are sent as salted SHA-256 too; set the
-// same salt as the tenant's source-control integration so its pull requests still match.
+// With TALLY_HOOK_HASH=1, repository and branch are sent as salted SHA-256 too, and only with
+// TALLY_HOOK_SALT set (the tenant's, also given to its source-control integration so that
+// pull requests still match); without a salt they are left out.
 import { createHash, randomUUID } from "node:crypto";
 import { execFileSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
@@ -151,19 +152,30 @@ function contextEvent(h, force) {
     }
     let repository;
     try { repository = normalizeRemote(remoteUrl(readFileSync(join(commonDir, "config"), "utf8"))); } catch {}
+    // Private names need the tenant's salt: without it they are left out (unattributed),
+    // never sent as an unsalted hash anyone could reverse by guessing.
     const hash = on("TALLY_HOOK_HASH");
     const salt = env.TALLY_HOOK_SALT ?? "";
     const priv = (t) => "sha256:" + createHash("sha256").update(salt + "\0" + t).digest("hex");
-    if (repository) data.repository = hash ? priv(repository) : repository;
-    if (branch) data.branch = hash ? priv(branch) : branch;
+    const fits = (t) => t && t.length <= 255 && !/[\s\x00-\x1f\x7f]/.test(t);
+    if (!hash || salt) {
+      if (fits(repository)) data.repository = hash ? priv(repository) : repository;
+      if (fits(branch)) data.branch = hash ? priv(branch) : branch;
+    }
     if (/^[0-9a-f]{7,64}$/.test(commit ?? "")) data.commit = commit;
     const rel = relative(root, resolve(h.cwd));
     if (on("TALLY_HOOK_SEND_PATHS")) data.directory = guarded(rel === "" ? "." : rel, true);
   }
-  try { writeFileSync(file, JSON.stringify({ key, at: new Date().toISOString() }), { mode: 0o600 }); } catch {}
+  // Remembered only once Tally has taken it (see main), so a lost context is sent again.
+  const remember = () => {
+    try { writeFileSync(file, JSON.stringify({ key, at: new Date().toISOString() }), { mode: 0o600 }); } catch {}
+  };
   // Outside any repository, a context is only worth sending to end the last one.
-  if (!found && (!last || last.key === "none")) return null;
-  return { id: randomUUID(), type: "session.context", occurred_at: new Date().toISOString(), data };
+  if (!found && (!last || last.key === "none")) {
+    remember();
+    return null;
+  }
+  return { remember, event: { id: randomUUID(), type: "session.context", occurred_at: new Date().toISOString(), data } };
 }
 
 function toEvent(h) {
@@ -215,21 +227,23 @@ async function main() {
   const h = JSON.parse(raw);
   const events = [];
   // The context goes first, so the events it explains come after it.
+  let context = null;
   if (h.hook_event_name !== "SessionEnd") {
-    const context = contextEvent(h, h.hook_event_name === "SessionStart");
-    if (context) events.push(context);
+    try { context = contextEvent(h, h.hook_event_name === "SessionStart"); } catch { context = null; }
+    if (context) events.push(context.event);
   }
   const event = toEvent(h);
   if (event) events.push(event);
   const sendable = events.filter((e) => e.data.session_id);
   if (sendable.length === 0) return;
   const timeout = Number(env.TALLY_HOOK_TIMEOUT_MS ?? 1000);
-  await fetch(new URL("/v1/events", env.TALLY_URL), {
+  const res = await fetch(new URL("/v1/events", env.TALLY_URL), {
     method: "POST",
     headers: { "content-type": "application/json", authorization: `Bearer ${env.TALLY_API_KEY}` },
     body: JSON.stringify(sendable.length === 1 ? sendable[0] : sendable),
     signal: AbortSignal.timeout(timeout),
   });
+  if (res.ok && context) context.remember();
 }
 
 // Whatever happens, the agent goes on: no output, exit 0.

@@ -11,8 +11,9 @@ CREATE TABLE control.integrations (
     created_at        timestamptz NOT NULL DEFAULT now(),
     updated_at        timestamptz NOT NULL DEFAULT now(),
     last_delivery_at  timestamptz,
+    -- Verified deliveries (refused ones are counted in ingest-api's metrics, not here: an
+    -- unauthenticated request writes nothing).
     deliveries        bigint NOT NULL DEFAULT 0,
-    refused           bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant_id, provider)
 );
 

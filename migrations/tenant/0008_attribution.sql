@@ -90,6 +90,8 @@ CREATE TABLE IF NOT EXISTS pull_requests (
     provider     text NOT NULL,
     state        text NOT NULL,
     head_branch  text NOT NULL,
+    -- Where the head branch lives: '' for the pull request's own repository, else a fork.
+    head_repository text NOT NULL DEFAULT '',
     base_branch  text NOT NULL DEFAULT '',
     title        text NOT NULL DEFAULT '',
     author       text NOT NULL DEFAULT '',

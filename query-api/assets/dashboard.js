@@ -28,20 +28,161 @@ function rows(table, head, items) {
     t.append(r);
   }
 }
+const PALETTE = ["#3b5bdb", "#e8590c", "#2b8a3e", "#ae3ec9", "#f59f00", "#0c8599", "#c2255c", "#5c940d", "#868e96"];
+const charts = {};
+const money = (v) => (v === null || v === undefined ? "–" : "$" + fmt(v, 2));
+
+// A time chart with axes, units, a legend that follows the cursor and, with `stacked`, each
+// series drawn on top of the ones before (the legend still shows each one's own value).
+// `xs`: bucket starts (ISO strings); `series`: [{label, values}].
+function timeChart(id, xs, series, { unit, format, stacked }) {
+  const el = $(id);
+  if (charts[id]) { charts[id].destroy(); delete charts[id]; }
+  el.replaceChildren();
+  if (!xs.length || !series.length) return;
+  const raw = series.map((s) => s.values.map((v) => v ?? 0));
+  const drawn = stacked ? raw.map((_, i) => raw[0].map((_, j) => raw.slice(0, i + 1).reduce((a, r) => a + r[j], 0))) : raw;
+  const opts = {
+    width: Math.max(320, el.clientWidth || 600), height: 220,
+    scales: { x: { time: true } },
+    axes: [
+      { label: "time (local)" },
+      { label: unit, size: 70, values: (u, ticks) => ticks.map(format) },
+    ],
+    series: [
+      { label: "time", value: (u, t) => (t === null ? "–" : new Date(t * 1000).toLocaleString()) },
+      ...series.map((s, i) => ({
+        label: s.label,
+        stroke: PALETTE[i % PALETTE.length],
+        fill: stacked ? PALETTE[i % PALETTE.length] + "55" : undefined,
+        width: 2,
+        value: (u, v, si, di) => (di === null || di === undefined ? "–" : format(raw[i][di])),
+      })),
+    ],
+    bands: stacked ? series.slice(1).map((_, i) => ({ series: [i + 2, i + 1] })) : [],
+  };
+  const data = [xs.map((t) => Date.parse(t) / 1000), ...drawn];
+  charts[id] = new uPlot(opts, data, el);
+}
+
+// The commands time series: one line, counts per bucket.
 function chart(series) {
-  const svg = $("chart");
-  svg.replaceChildren();
   const pts = (series[0] && series[0].points) || [];
   $("chart-note").textContent = pts.length ? pts.length + " buckets" : "no commands in this range";
-  if (!pts.length) return;
-  const max = Math.max(...pts.map((p) => p.count), 1);
-  const t0 = Date.parse(pts[0].t), t1 = Date.parse(pts[pts.length - 1].t) || t0 + 1;
-  const x = (t) => pts.length === 1 ? 300 : ((Date.parse(t) - t0) / (t1 - t0 || 1)) * 590 + 5;
-  const y = (c) => 175 - (c / max) * 165;
-  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
-  line.setAttribute("points", pts.map((p) => x(p.t) + "," + y(p.count)).join(" "));
-  line.setAttribute("fill", "none"); line.setAttribute("stroke", "#3b5bdb"); line.setAttribute("stroke-width", "2");
-  svg.append(line);
+  timeChart("chart", pts.map((p) => p.t), [{ label: "commands", values: pts.map((p) => p.count) }],
+    { unit: "commands", format: (v) => fmt(v) });
+}
+
+// Agent cost over time, stacked by repository, team or model.
+async function costChart(range) {
+  const by = $("cost-by").value;
+  const step = range === "1h" || range === "24h" ? "1h" : "1d";
+  let lines = [];
+  if (by === "repository") {
+    const r = await api("/v1/dashboard/repositories/series?range=" + range + "&step=" + step + "&limit=6");
+    lines = r.series.map((s) => ({ label: s.other ? "other" : s.unattributed ? "unattributed" : s.key, points: s.points }));
+  } else if (by === "team") {
+    const r = await api("/v1/dashboard/timeseries?range=" + range + "&bucket=" + step + "&type=agent.interacted&group_by=team&limit=6");
+    lines = r.series.map((s) => ({ label: s.other ? "other" : s.group || "no team", points: s.points.map((p) => [p.t, p.value_sum]) }));
+  } else {
+    const r = await api("/v1/dashboard/metrics?range=" + range + "&step=" + step + "&agg=sum&name=claude_code.cost.usage&group_by=model&limit=6");
+    lines = r.series.map((s) => ({ label: s.other ? "other" : s.group || "no model", points: s.points }));
+  }
+  const xs = [...new Set(lines.flatMap((l) => l.points.map((p) => p[0])))].sort();
+  const at = (l) => { const m = new Map(l.points.map((p) => [Date.parse(p[0]), p[1]])); return xs.map((t) => m.get(Date.parse(t)) ?? 0); };
+  $("cost-note").textContent = lines.length ? lines.length + " series, " + xs.length + " buckets of " + step : "no agent cost in this range";
+  timeChart("cost-chart", xs, lines.map((l) => ({ label: l.label, values: at(l) })),
+    { unit: "USD", format: (v) => "$" + fmt(v, 2), stacked: true });
+}
+
+function cell(text, cls) {
+  const td = document.createElement("td");
+  if (text instanceof Node) td.append(text); else td.textContent = text;
+  if (cls) td.className = cls;
+  return td;
+}
+
+async function attribution(range) {
+  const byBranch = $("by-branch").checked;
+  const [repos, prs, weekly] = await Promise.all([
+    api("/v1/dashboard/repositories?range=" + range + (byBranch ? "&by=branch" : "")),
+    api("/v1/dashboard/pull-requests?range=" + range + "&limit=20"),
+    api("/v1/dashboard/pull-requests/weekly?range=" + (range === "1h" || range === "24h" ? "30d" : range)),
+  ]);
+  rows("repositories", [["repository"], ["cost", 1], ["requests", 1], ["sessions", 1], ["lines +/−", 1]],
+    repos.rows.map((r) => [r.unattributed ? "unattributed" : r.repository + (byBranch ? " · " + r.branch : ""),
+      money(r.cost_usd), fmt(r.requests), fmt(r.sessions), fmt(r.lines_added) + " / " + fmt(r.lines_removed)]));
+  rows("pull-requests", [["pull request"], ["state"], ["cost", 1], ["agent share", 1]],
+    prs.pull_requests.map((p) => [p.repository + "#" + p.number + (p.title ? " " + p.title : ""), p.state,
+      money(p.cost_usd), p.agent_share === null ? "–" : fmt(p.agent_share * 100, 0) + " %"]));
+  rows("weekly", [["week"], ["merged", 1], ["median cost", 1], ["median agent share", 1]],
+    weekly.weeks.map((w) => [new Date(w.week).toLocaleDateString(), fmt(w.merged), money(w.median_cost_usd),
+      w.median_agent_share === null ? "–" : fmt(w.median_agent_share * 100, 0) + " %"]));
+}
+
+async function sessionsTable(range) {
+  const s = await api("/v1/dashboard/sessions?range=" + range + "&limit=20");
+  const t = $("sessions-table");
+  rows("sessions-table", [["session"], ["user"], ["started"], ["duration", 1]], []);
+  for (const x of s.sessions) {
+    const link = Object.assign(document.createElement("a"), { className: "session", textContent: x.session_id, href: "#session=" + encodeURIComponent(x.session_id) });
+    const r = document.createElement("tr");
+    r.append(cell(link), cell(x.user_id), cell(x.started_at ? new Date(x.started_at).toLocaleString() : "–"),
+      cell(x.duration_s === null ? "–" : fmt(x.duration_s) + " s", "num"));
+    t.append(r);
+  }
+}
+
+// One session's timeline, grouped by prompt (the page's view of GET …/sessions/{id}/timeline).
+async function showTimeline(id) {
+  const box = $("timeline-box"), out = $("timeline");
+  box.hidden = false;
+  out.replaceChildren(Object.assign(document.createElement("div"), { className: "muted", textContent: "loading…" }));
+  let t;
+  try { t = await api("/v1/dashboard/sessions/" + encodeURIComponent(id) + "/timeline"); }
+  catch (e) { out.replaceChildren(Object.assign(document.createElement("div"), { className: "error", textContent: "not visible: " + e.message })); return; }
+  $("timeline-title").textContent = "Session " + t.session_id + (t.user_id ? " · " + t.user_id : "");
+  const tot = t.totals;
+  const head = Object.assign(document.createElement("div"), { className: "muted", textContent:
+    money(tot.cost_usd) + " · " + fmt(tot.requests) + " requests (" + fmt(tot.errors) + " errors) · " +
+    fmt(tot.input_tokens) + " in / " + fmt(tot.output_tokens) + " out / " + fmt(tot.cache_read_tokens) + " cache read · " +
+    fmt(tot.tool_runs) + " tool runs (" + fmt(tot.tool_failures) + " failed)" + (t.truncated ? " · truncated" : "") });
+  head.dataset.testid = "timeline-totals";
+  out.replaceChildren(head);
+  const describe = (i) => {
+    const d = i.detail || {};
+    switch (i.kind) {
+      case "prompt": return "prompt" + (d.length !== null && d.length !== undefined ? " (" + d.length + " chars)" : "") + (d.text ? ": " + d.text : "");
+      case "api_request": return "API " + (d.model || "") + " · " + fmt(d.input_tokens) + "/" + fmt(d.output_tokens) + " tokens · " + money(d.cost_usd) + " · " + fmt(d.duration_ms) + " ms" + (d.cache_hit_ratio === null ? "" : " · cache " + fmt(d.cache_hit_ratio * 100) + " %");
+      case "api_error": return "API error " + (d.status_code || "") + " " + (d.error || "") + (d.attempt ? " (attempt " + d.attempt + ")" : "");
+      case "tool_decision": return "decision: " + (d.tool || "") + " " + (d.decision || "");
+      case "tool_result": return "tool " + (d.tool || "") + " · " + fmt(d.duration_ms) + " ms · " + (d.success ? "ok" : "failed");
+      case "context": return "context: " + (d.repository || "no repository") + (d.branch ? " · " + d.branch : "");
+      default: return i.kind.replace("_", " ");
+    }
+  };
+  const list = (items) => {
+    const ol = document.createElement("ol");
+    for (const i of items) ol.append(Object.assign(document.createElement("li"), { textContent: new Date(i.at).toLocaleTimeString() + " — " + describe(i) }));
+    return ol;
+  };
+  for (const g of t.prompts) {
+    const div = document.createElement("div");
+    div.className = "prompt" + (t.top_prompts.includes(g.prompt_id) ? " top" : "");
+    div.dataset.promptId = g.prompt_id;
+    const title = document.createElement("div");
+    title.textContent = new Date(g.at).toLocaleString() + " · " + money(g.totals.cost_usd) + " · " + fmt(g.totals.requests) + " requests · " + fmt(g.totals.tool_runs) + " tools";
+    if (t.top_prompts.includes(g.prompt_id)) title.append(" ", Object.assign(document.createElement("span"), { className: "tag", textContent: "top " + (t.top_prompts.indexOf(g.prompt_id) + 1) }));
+    div.append(title, list(g.items));
+    out.append(div);
+  }
+  if (t.other.length) {
+    out.append(Object.assign(document.createElement("div"), { className: "muted", textContent: "outside any prompt" }), list(t.other));
+  }
+}
+function route() {
+  const m = location.hash.match(/^#session=(.+)$/);
+  if (m) showTimeline(decodeURIComponent(m[1])); else $("timeline-box").hidden = true;
 }
 async function refresh() {
   const range = $("range").value, bucket = $("bucket").value;
@@ -83,7 +224,7 @@ async function refresh() {
   rows("productivity", [["user"], ["commands", 1], ["success", 1], ["score", 1]], p.users.map((u) => [u.user_id, fmt(u.commands), fmt(u.success_rate * 100, 1) + " %", fmt(u.score, 1)]));
   $("formula").textContent = "score = " + p.formula;
   rows("teams", [["team"], ["rank", 1], ["percentile", 1], ["score", 1]], teams.teams.map((t) => [t.team_id, t.rank, fmt(t.percentile), fmt(t.score, 1)]));
-  await budgets();
+  await Promise.all([budgets(), costChart(range), attribution(range), sessionsTable(range)]);
 }
 // Budgets as progress bars with their forecast, and what fired recently.
 async function budgets() {
@@ -172,6 +313,7 @@ function signOut() {
 async function start() {
   $("login").hidden = true; $("app").hidden = false;
   await refresh();
+  route();
   liveFeed();
 }
 $("login").addEventListener("submit", async (ev) => {
@@ -191,5 +333,9 @@ $("login").addEventListener("submit", async (ev) => {
 $("signout").addEventListener("click", signOut);
 $("range").addEventListener("change", refresh);
 $("bucket").addEventListener("change", refresh);
+$("cost-by").addEventListener("change", () => costChart($("range").value).catch(() => {}));
+$("by-branch").addEventListener("change", () => attribution($("range").value).catch(() => {}));
+$("timeline-close").addEventListener("click", () => { location.hash = ""; });
+window.addEventListener("hashchange", route);
 setInterval(() => { if (token) refresh().catch(() => {}); }, 30000);
 if (token) start().catch(signOut); else $("login").hidden = false;

@@ -134,6 +134,8 @@ impl App {
             .route("/", get(routes::health::dashboard))
             .route("/dashboard", get(routes::health::dashboard))
             .route("/dashboard.js", get(routes::health::dashboard_js))
+            .route("/vendor/uplot.js", get(routes::health::uplot_js))
+            .route("/vendor/uplot.css", get(routes::health::uplot_css))
             .route("/openapi.json", get(routes::health::openapi))
             .route("/healthz", get(routes::health::healthz))
             .route("/readyz", get(routes::health::readyz))

@@ -556,6 +556,9 @@ pub struct PullRequestChanged {
     /// `open`, `closed` or `merged`.
     pub state: String,
     pub head_branch: String,
+    /// Where the head branch lives when it is not `repository` (a fork).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_repository: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_branch: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -944,6 +947,7 @@ impl Payload {
                     c.push("state", "must be open, closed or merged".into());
                 }
                 c.name("head_branch", &p.head_branch);
+                c.opt_name("head_repository", &p.head_repository);
                 c.opt_name("base_branch", &p.base_branch);
                 if let Some(t) = &p.title {
                     c.len("title", t, 0, 1000);
@@ -1021,7 +1025,7 @@ fn stand_in(t: EventType, field: &str) -> Option<Value> {
         | "interaction_type" | "tool_name" | "name" | "unit" | "error_message" | "branch"
         | "commit" | "directory" | "provider" | "action" | "head_branch" | "base_branch"
         | "title" | "author" | "url" | "after" => Value::from("x"),
-        "repository" => Value::from("example.com/x"),
+        "repository" | "head_repository" => Value::from("example.com/x"),
         "state" => Value::from("open"),
         "number" => Value::from(1),
         "additions" | "deletions" | "commits" => Value::from(0),

@@ -57,7 +57,42 @@ try {
   const top = await api("/v1/dashboard/top?range=24h&dimension=command");
   const firstTop = await page.textContent("#top-command tr:nth-child(2) td:first-child");
   check(firstTop === top.items[0].key, `top command is ${top.items[0].key}`);
-  check((await page.$$("#chart polyline")).length === 1, "the time-series chart is drawn");
+  // Charts: uPlot (served by query-api) with axes, units and a legend.
+  await page.waitForSelector("#chart .uplot canvas", { timeout: 15000 });
+  check((await page.$$("#chart .u-axis")).length >= 2, "the commands chart has its axes");
+  check((await page.textContent("#chart .u-legend")).includes("commands"), "the commands chart has a legend");
+  await page.waitForSelector("#cost-chart .uplot canvas", { timeout: 15000 });
+  const series = await api("/v1/dashboard/repositories/series?range=24h&step=1h&limit=6");
+  const legend = await page.textContent("#cost-chart .u-legend");
+  check(series.series.length > 0 && series.series.every((s) => legend.includes(s.other ? "other" : s.unattributed ? "unattributed" : s.key)),
+    "the cost chart is stacked by repository, with a legend");
+  const over = await page.$("#cost-chart .u-over");
+  const box = await over.boundingBox();
+  await page.mouse.move(box.x + box.width - 4, box.y + box.height / 2);
+  check(/\$\d/.test(await page.textContent("#cost-chart .u-legend")), "hovering the cost chart shows dollars in its legend");
+  await page.selectOption("#cost-by", "team");
+  await page.waitForFunction(() => document.querySelector("#cost-note").textContent.includes("series"), null, { timeout: 15000 });
+  check((await page.$$("#cost-chart .uplot")).length === 1, "the cost chart can be stacked by team");
+
+  // Repositories, pull requests and a session's timeline.
+  const repos = await api("/v1/dashboard/repositories?range=24h");
+  const firstRepo = await page.textContent("#repositories tr:nth-child(2) td:first-child");
+  check(repos.rows.length > 0 && firstRepo === (repos.rows[0].unattributed ? "unattributed" : repos.rows[0].repository),
+    `the most expensive repository is ${firstRepo}`);
+  const pulls = await api("/v1/dashboard/pull-requests?range=24h&limit=20");
+  const prText = await page.textContent("#pull-requests");
+  check(pulls.pull_requests.length === 1 && prText.includes(pulls.pull_requests[0].repository + "#" + pulls.pull_requests[0].number)
+    && prText.includes(Math.round(pulls.pull_requests[0].agent_share * 100) + " %"), "the pull request is listed with its agent share");
+  const link = await page.$("#sessions-table a.session");
+  check(link !== null, "the sessions table links to a timeline");
+  const sessionId = await link.textContent();
+  await link.click();
+  await page.waitForSelector("#timeline .prompt", { timeout: 15000 });
+  const timeline = await api("/v1/dashboard/sessions/" + encodeURIComponent(sessionId) + "/timeline");
+  check((await page.$$("#timeline .prompt")).length === timeline.prompts.length && timeline.prompts.length > 0,
+    `the timeline page shows the session's ${timeline.prompts.length} prompts`);
+  check((await page.textContent('[data-testid="timeline-totals"]')).includes("$" + Number(timeline.totals.cost_usd).toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 })),
+    "the timeline shows the session's cost");
   const budgets = await api("/v1/budgets");
   const budgetText = await page.textContent("#budgets .budget");
   check(budgets.length === 1 && (await page.$$("#budgets .budget .bar")).length === 1

@@ -22,6 +22,48 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The Python of the OpenTelemetry virtualenv `deploy/local/test-clients.sh` makes (at
+/// `TALLY_OTEL_VENV` if set).
+pub fn otel_python() -> PathBuf {
+    std::env::var_os("TALLY_OTEL_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/tally/otel-venv")
+        })
+        .join("bin/python")
+}
+
+/// Runs the Claude Code hook script (`deploy/claude-code/tally-hook.mjs`) with the real
+/// `node` and `envs`, feeding it `input` as Claude Code does; returns (exit ok, stdout, time).
+pub fn run_hook(
+    envs: &[(&str, &str)],
+    input: &serde_json::Value,
+) -> (bool, String, std::time::Duration) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let started = std::time::Instant::now();
+    let mut child = Command::new("node")
+        .arg(repo_root().join("deploy/claude-code/tally-hook.mjs"))
+        .envs(envs.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node is installed");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        started.elapsed(),
+    )
+}
+
 pub(crate) fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_string())
 }

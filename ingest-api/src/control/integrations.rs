@@ -53,7 +53,6 @@ pub struct IntegrationView {
     pub updated_at: DateTime<Utc>,
     pub last_delivery_at: Option<DateTime<Utc>>,
     pub deliveries: i64,
-    pub refused: i64,
 }
 
 fn key(s: &AppState) -> Result<SecretKey, Problem> {
@@ -76,7 +75,7 @@ fn provider(p: &str) -> Result<&'static str, Problem> {
 
 const VIEW: &str = "SELECT provider, private_names,
                            '/v1/webhooks/' || provider || '/' || tenant_id AS webhook_path,
-                           created_at, updated_at, last_delivery_at, deliveries, refused
+                           created_at, updated_at, last_delivery_at, deliveries
                       FROM control.integrations";
 
 /// `PUT /v1/admin/integrations/{provider}`: sets (or replaces) the secret and salt.
@@ -215,15 +214,11 @@ pub async fn load(
         .and_then(|b| serde_json::from_slice(&b).ok()))
 }
 
-/// Counts a delivery (accepted or refused) on the integration.
-pub async fn count(pool: &PgPool, tenant: TenantId, provider: &str, accepted: bool) {
-    let sql = if accepted {
+/// Counts a verified delivery on the integration.
+pub async fn count(pool: &PgPool, tenant: TenantId, provider: &str) {
+    let sql =
         "UPDATE control.integrations SET deliveries = deliveries + 1, last_delivery_at = now()
-          WHERE tenant_id = $1 AND provider = $2"
-    } else {
-        "UPDATE control.integrations SET refused = refused + 1
-          WHERE tenant_id = $1 AND provider = $2"
-    };
+                WHERE tenant_id = $1 AND provider = $2";
     if let Err(e) = sqlx::query(sql)
         .bind(tenant.0)
         .bind(provider)

@@ -10,6 +10,10 @@ use uuid::Uuid;
 
 use super::storable::{check_storable, nul_paths};
 
+/// How old a `session.context` may be: it moves its session's usage from its time on, so
+/// its reach is bounded.
+pub const MAX_CONTEXT_AGE: Duration = Duration::hours(1);
+
 /// Bounds on a client's `occurred_at`.
 #[derive(Debug, Clone, Copy)]
 pub struct TimeBounds {
@@ -177,6 +181,18 @@ impl IngestContext {
                 None
             }
         };
+        // A context re-attributes its session's usage from its time on: it must be recent.
+        if let (Some(EventType::SessionContext), Some(t)) = (event_type, occurred_at) {
+            if t < self.received_at - MAX_CONTEXT_AGE {
+                errors.push(FieldError::new(
+                    "occurred_at",
+                    format!(
+                        "a session.context may be at most {} minutes old",
+                        MAX_CONTEXT_AGE.num_minutes()
+                    ),
+                ));
+            }
+        }
         let data = obj.remove("data");
         if let Some(k) = obj.keys().next() {
             errors.push(FieldError::new(
@@ -269,6 +285,37 @@ mod tests {
 
     fn now() -> String {
         Utc::now().to_rfc3339()
+    }
+
+    #[test]
+    fn contexts_are_recent_and_name_a_repository() {
+        let context = |age_min: i64, repository: &str| {
+            json!({"type": "session.context",
+                   "occurred_at": (Utc::now() - Duration::minutes(age_min)).to_rfc3339(),
+                   "data": {"session_id": "s", "user_id": "u", "repository": repository,
+                            "branch": "main"}})
+        };
+        let env = ctx()
+            .envelope(0, context(5, "git@github.com:Acme/Widgets.git"))
+            .expect("a recent context");
+        let Payload::SessionContext(p) = env.payload().unwrap() else {
+            panic!("a context")
+        };
+        assert_eq!(p.repository.as_deref(), Some("github.com/acme/widgets"));
+        let old = ctx()
+            .envelope(0, context(61, "github.com/a/b"))
+            .unwrap_err();
+        assert_eq!(old[0].field, "occurred_at");
+        let local = ctx().envelope(0, context(1, "/home/me/repo")).unwrap_err();
+        assert_eq!(local[0].field, "data.repository");
+        // Pull requests come from the webhook receivers only.
+        let forged = ctx()
+            .envelope(
+                0,
+                json!({"type": "pull_request.changed", "occurred_at": now(), "data": {}}),
+            )
+            .unwrap_err();
+        assert_eq!(forged[0].field, "type");
     }
 
     #[test]

@@ -90,7 +90,10 @@ async fn accept(
     };
     let mut envelopes = Vec::with_capacity(raw_events.len());
     let mut errors = Vec::new();
-    for (i, raw) in raw_events.into_iter().enumerate() {
+    for (i, mut raw) in raw_events.into_iter().enumerate() {
+        if !principal.store_prompt_text {
+            crate::routes::otlp::drop_prompt_text(&mut raw);
+        }
         match ctx.envelope(i, raw) {
             Ok(env) => envelopes.push(env),
             Err(e) => errors.extend(e),

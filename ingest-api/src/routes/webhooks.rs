@@ -4,8 +4,9 @@
 //! integration secret ([`crate::control::integrations`]).
 //!
 //! A verified delivery becomes one `pull_request.changed` or `branch.pushed` event on the
-//! metrics topic, with an id derived from the provider's delivery id, so a redelivery is the
-//! same event and the projector counts it once. Anything not verified is refused with 401
+//! metrics topic, with an id derived from the signed body (a provider's redelivery is the same
+//! bytes), so a redelivery — or a captured delivery replayed — is the same event and the
+//! projector counts it once. Anything not verified is refused with 401
 //! and records nothing (the same answer whether or not the tenant exists or has the
 //! integration); other event kinds are acknowledged and ignored.
 
@@ -26,13 +27,14 @@ use uuid::Uuid;
 use crate::control::integrations::{self, Sealed};
 use crate::error::IngestError;
 use crate::ingest::door::{append, read_limited};
+use crate::ingest::storable::{check_storable, nul_paths};
 use crate::state::AppState;
 
 /// The largest delivery read (GitHub's pull request payloads are tens of kilobytes; it caps
 /// deliveries at 25 MB, which nothing here needs).
 pub const MAX_WEBHOOK_BYTES: usize = 2 * 1024 * 1024;
 
-/// Namespace of the ids derived from a provider's delivery id.
+/// Namespace of the ids derived from a delivery's signed body.
 const DELIVERY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_5b1e_2a7d_4c4e_9d1a_7a11_7a11_0003);
 
 /// What a verified delivery asks of us.
@@ -97,7 +99,7 @@ async fn handle(
         _ => verify_gitlab(&settings.secret, headers),
     };
     if !verified {
-        integrations::count(&s.pool, tenant, provider, false).await;
+        metrics::counter!("ingest_webhooks_refused_total", "provider" => provider).increment(1);
         return Err(refused());
     }
     let payload: Value = serde_json::from_slice(&bytes).map_err(|e| {
@@ -110,31 +112,18 @@ async fn handle(
     .map_err(|e| IngestError::validation("the delivery cannot be recorded", vec![e]))?;
     let (event_type, at, data) = match delivery {
         Delivery::Ignored(kind) => {
-            integrations::count(&s.pool, tenant, provider, true).await;
+            integrations::count(&s.pool, tenant, provider).await;
             return Ok((StatusCode::OK, Json(json!({"ignored": kind}))).into_response());
         }
         Delivery::Event(t, at, data) => (t, at, data),
     };
-    // The provider's delivery id: the same on a redelivery, so the event is the same one.
-    let delivery_id = match provider {
-        "github" => header(headers, "x-github-delivery").to_string(),
-        _ => [
-            header(headers, "idempotency-key"),
-            header(headers, "x-gitlab-event-uuid"),
-        ]
-        .into_iter()
-        .find(|v| !v.is_empty())
-        .unwrap_or("")
-        .to_string(),
-    };
-    let delivery_id = if delivery_id.is_empty() || delivery_id.len() > 200 {
-        hex::encode(Sha256::digest(&bytes))
-    } else {
-        delivery_id
-    };
+    // The id of what was signed: a redelivery (the same bytes) is the same event, and so is
+    // a captured delivery sent again under another delivery id, which the signature does
+    // not cover.
+    let digest = hex::encode(Sha256::digest(&bytes));
     let id = Uuid::new_v5(
         &DELIVERY_NAMESPACE,
-        format!("{}\0{provider}\0{delivery_id}", tenant.0).as_bytes(),
+        format!("{}\0{provider}\0{digest}", tenant.0).as_bytes(),
     );
     let envelope = Envelope {
         id,
@@ -147,15 +136,27 @@ async fn handle(
         source: Source::Webhook,
         data,
     };
-    Payload::decode(
+    // What the database could not store is refused here, like any client's event.
+    let nul = nul_paths(&envelope.data, "data");
+    let payload = Payload::decode(
         event_type,
         envelope.schema_version,
         envelope.data.clone(),
         "data",
     )
     .map_err(|errors| IngestError::validation("the delivery cannot be recorded", errors))?;
+    let unstorable: Vec<FieldError> = nul
+        .into_iter()
+        .chain(check_storable(&payload, "data"))
+        .collect();
+    if !unstorable.is_empty() {
+        return Err(IngestError::validation(
+            "the delivery cannot be recorded",
+            unstorable,
+        ));
+    }
     append(s, std::slice::from_ref(&envelope), "webhook").await?;
-    integrations::count(&s.pool, tenant, provider, true).await;
+    integrations::count(&s.pool, tenant, provider).await;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"accepted": 1, "ids": [id]})),
@@ -282,6 +283,11 @@ pub fn github_delivery(event: &str, p: &Value, settings: &Sealed) -> Result<Deli
                 time(pr, "/updated_at").or_else(|| time(pr, "/created_at")),
                 "pull_request.updated_at",
             )?;
+            let head_repo = text(pr, "/head/repo/html_url").and_then(normalize);
+            let base_repo = text(pr, "/base/repo/html_url")
+                .or(text(p, "/repository/html_url"))
+                .and_then(normalize);
+            let fork = head_repo.filter(|h| Some(h) != base_repo.as_ref());
             let mut data = json!({
                 "provider": "github",
                 "repository": repository,
@@ -292,6 +298,9 @@ pub fn github_delivery(event: &str, p: &Value, settings: &Sealed) -> Result<Deli
                 "updated_at": updated_at,
             });
             let d = data.as_object_mut().expect("object");
+            if let Some(f) = fork {
+                d.insert("head_repository".into(), Value::from(names.hide(f)));
+            }
             if let Some(b) = text(pr, "/base/ref") {
                 d.insert("base_branch".into(), Value::from(names.branch(b)));
             }
@@ -392,6 +401,13 @@ pub fn gitlab_delivery(p: &Value, settings: &Sealed) -> Result<Delivery, FieldEr
                 "updated_at": updated_at,
             });
             let d = data.as_object_mut().expect("object");
+            let source = text(mr, "/source/web_url").and_then(normalize);
+            let target = text(mr, "/target/web_url").and_then(normalize);
+            if let (Some(s), Some(t)) = (source, target) {
+                if s != t {
+                    d.insert("head_repository".into(), Value::from(names.hide(s)));
+                }
+            }
             if let Some(b) = text(mr, "/target_branch") {
                 d.insert("base_branch".into(), Value::from(names.branch(b)));
             }
@@ -412,13 +428,17 @@ pub fn gitlab_delivery(p: &Value, settings: &Sealed) -> Result<Delivery, FieldEr
             if let Some(t) = time(mr, "/created_at") {
                 d.insert("opened_at".into(), json!(t));
             }
-            // GitLab's hook names no merge time of its own: the merge is the update that
-            // made it merged.
-            let merged_at = time(mr, "/merged_at").or((state == "merged").then_some(updated_at));
+            // GitLab's hook names no merge or close time of its own: they are the update of
+            // the `merge` or `close` action (the projector keeps the earliest merge).
+            let action = text(mr, "/action").unwrap_or("");
+            let merged_at = time(mr, "/merged_at")
+                .or((state == "merged" && action == "merge").then_some(updated_at));
             if let Some(t) = merged_at {
                 d.insert("merged_at".into(), json!(t));
             }
-            if let Some(t) = time(mr, "/closed_at").or((state == "closed").then_some(updated_at)) {
+            let closed_at = time(mr, "/closed_at")
+                .or((state == "closed" && action == "close").then_some(updated_at));
+            if let Some(t) = closed_at {
                 d.insert("closed_at".into(), json!(t));
             }
             Ok(Delivery::Event(
@@ -494,6 +514,26 @@ mod tests {
         assert_eq!(d["head_branch"], "feature/x");
         assert_eq!(d["additions"], 120);
         Payload::decode(t, 1, d, "data").expect("a valid event");
+    }
+
+    #[test]
+    fn a_fork_names_where_its_head_branch_lives() {
+        let mut pr = github_pr("open", false);
+        pr["pull_request"]["head"]["repo"] =
+            json!({"html_url": "https://github.com/someone/widgets"});
+        pr["pull_request"]["base"]["repo"] = json!({"html_url": "https://github.com/acme/widgets"});
+        let Delivery::Event(_, _, d) = github_delivery("pull_request", &pr, &plain()).unwrap()
+        else {
+            panic!("not recorded")
+        };
+        assert_eq!(d["repository"], "github.com/acme/widgets");
+        assert_eq!(d["head_repository"], "github.com/someone/widgets");
+        let Delivery::Event(_, _, own) =
+            github_delivery("pull_request", &github_pr("open", false), &plain()).unwrap()
+        else {
+            panic!("not recorded")
+        };
+        assert!(own.get("head_repository").is_none());
     }
 
     #[test]

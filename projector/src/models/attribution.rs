@@ -168,11 +168,12 @@ pub async fn write(conn: &mut PgConnection, f: &Fold, events: &[&Decoded]) -> sq
     write_repository_events(conn, f, events).await
 }
 
-/// Stores contexts; for each session that got a new one, the earliest new context's time.
+/// Stores contexts; for each session that got new ones, the earliest and latest new
+/// context's times.
 async fn insert_contexts(
     conn: &mut PgConnection,
     contexts: &[Context],
-) -> sqlx::Result<BTreeMap<String, DateTime<Utc>>> {
+) -> sqlx::Result<BTreeMap<String, (DateTime<Utc>, DateTime<Utc>)>> {
     if contexts.is_empty() {
         return Ok(BTreeMap::new());
     }
@@ -195,12 +196,15 @@ async fn insert_contexts(
     .bind(col(|c| &c.directory))
     .fetch_all(&mut *conn)
     .await?;
-    let mut since: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
+    let mut since: BTreeMap<String, (DateTime<Utc>, DateTime<Utc>)> = BTreeMap::new();
     for (session, at) in rows {
         since
             .entry(session)
-            .and_modify(|t| *t = (*t).min(at))
-            .or_insert(at);
+            .and_modify(|(lo, hi)| {
+                *lo = (*lo).min(at);
+                *hi = (*hi).max(at);
+            })
+            .or_insert((at, at));
     }
     Ok(since)
 }
@@ -224,15 +228,18 @@ macro_rules! placed {
 const AMOUNTS: &str = "requests, tool_runs, cost_usd, input_tokens, output_tokens, \
                        cache_read_tokens, cache_creation_tokens, lines_added, lines_removed";
 
-/// Moves the usage of each session at or after `since` to the context that now explains it,
-/// and the amounts between the hourly rollup's keys with it; rebuilds those sessions'
-/// `repo_sessions` rows.
+/// Moves the usage each session's new contexts explain — from the earliest new context to the
+/// first older context after the latest new one — to the context that now explains it, and
+/// the amounts between the hourly rollup's keys with it; rebuilds those sessions'
+/// `repo_sessions` rows. (The doors take contexts at most an hour old, so this reaches back
+/// an hour at most.)
 async fn reattribute(
     conn: &mut PgConnection,
-    since: &BTreeMap<String, DateTime<Utc>>,
+    since: &BTreeMap<String, (DateTime<Utc>, DateTime<Utc>)>,
 ) -> sqlx::Result<()> {
     let sessions: Vec<&str> = since.keys().map(String::as_str).collect();
-    let times: Vec<DateTime<Utc>> = since.values().copied().collect();
+    let times: Vec<DateTime<Utc>> = since.values().map(|(lo, _)| *lo).collect();
+    let latest: Vec<DateTime<Utc>> = since.values().map(|(_, hi)| *hi).collect();
     let sum = |sign: &str| {
         AMOUNTS
             .split(", ")
@@ -241,12 +248,19 @@ async fn reattribute(
             .join(", ")
     };
     let sql = format!(
-        "WITH s AS (SELECT * FROM UNNEST($1::text[], $2::timestamptz[]) AS s(session_id, since)),
+        "WITH s AS (
+            SELECT x.session_id, x.since,
+                   COALESCE((SELECT min(c.at) FROM session_contexts c
+                              WHERE c.session_id = x.session_id AND c.at > x.latest),
+                            'infinity') AS until
+              FROM UNNEST($1::text[], $2::timestamptz[], $3::timestamptz[])
+                   AS x(session_id, since, latest)),
          t AS (
             SELECT u.session_id, u.occurred_at, u.event_id, u.user_id, u.team_id, {AMOUNTS},
                    u.repository AS old_repository, u.branch AS old_branch,
                    COALESCE(c.repository, '') AS repository, COALESCE(c.branch, '') AS branch
-              FROM s JOIN session_usage u ON u.session_id = s.session_id AND u.occurred_at >= s.since
+              FROM s JOIN session_usage u ON u.session_id = s.session_id
+                                         AND u.occurred_at >= s.since AND u.occurred_at < s.until
               {placed}),
          moved AS (SELECT * FROM t WHERE (old_repository, old_branch) <> (repository, branch)),
          upd AS (
@@ -268,6 +282,7 @@ async fn reattribute(
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&sessions)
         .bind(&times)
+        .bind(&latest)
         .execute(&mut *conn)
         .await?;
     sqlx::query("DELETE FROM repo_sessions WHERE session_id = ANY($1)")
@@ -488,20 +503,22 @@ async fn upsert_pull_requests(
         "url",
         "closed_at",
         "updated_at",
+        "head_repository",
     ]
     .map(|c| format!("{c} = CASE WHEN {newer} THEN EXCLUDED.{c} ELSE pr.{c} END"))
     .join(",\n            ");
     let sql = format!(
         "INSERT INTO pull_requests AS pr (repository, number, provider, state, head_branch,
                                           base_branch, title, author, url, opened_at, merged_at,
-                                          closed_at, updated_at, additions, deletions)
+                                          closed_at, updated_at, additions, deletions,
+                                          head_repository)
          SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
                               $6::text[], $7::text[], $8::text[], $9::text[],
                               $10::timestamptz[], $11::timestamptz[], $12::timestamptz[],
-                              $13::timestamptz[], $14::bigint[], $15::bigint[])
+                              $13::timestamptz[], $14::bigint[], $15::bigint[], $16::text[])
          ON CONFLICT (repository, number) DO UPDATE SET
             opened_at = LEAST(pr.opened_at, EXCLUDED.opened_at),
-            merged_at = COALESCE(pr.merged_at, EXCLUDED.merged_at),
+            merged_at = LEAST(pr.merged_at, EXCLUDED.merged_at),
             additions = CASE WHEN {newer} THEN COALESCE(EXCLUDED.additions, pr.additions)
                              ELSE COALESCE(pr.additions, EXCLUDED.additions) END,
             deletions = CASE WHEN {newer} THEN COALESCE(EXCLUDED.deletions, pr.deletions)
@@ -532,6 +549,7 @@ async fn upsert_pull_requests(
         .bind(prs.iter().map(|p| p.updated_at).collect::<Vec<_>>())
         .bind(prs.iter().map(|p| p.additions).collect::<Vec<_>>())
         .bind(prs.iter().map(|p| p.deletions).collect::<Vec<_>>())
+        .bind(text(|p| p.head_repository.as_deref()))
         .execute(&mut *conn)
         .await?;
     Ok(())

@@ -156,6 +156,21 @@ pub async fn apply_retention(
             "DELETE FROM active_users_1d WHERE bucket < $1",
             rollup_cutoff,
         ),
+        // Attribution: its per-event rows live as long as raw rows, its rollups as rollups.
+        (
+            "DELETE FROM session_usage WHERE occurred_at < $1",
+            raw_cutoff,
+        ),
+        ("DELETE FROM session_contexts WHERE at < $1", raw_cutoff),
+        ("DELETE FROM repo_usage_1h WHERE bucket < $1", rollup_cutoff),
+        (
+            "DELETE FROM repo_sessions WHERE last_at < $1",
+            rollup_cutoff,
+        ),
+        (
+            "DELETE FROM repository_events WHERE occurred_at < $1",
+            rollup_cutoff,
+        ),
     ] {
         pruned.rollup_rows += sqlx::query(sql)
             .bind(midnight(cutoff))

@@ -84,3 +84,26 @@ pub async fn dashboard_js() -> impl IntoResponse {
         include_str!("../../assets/dashboard.js"),
     )
 }
+
+/// `GET /vendor/uplot.js`: the dashboard's charting library (uPlot, MIT; the version pinned in
+/// `assets/package-lock.json`), served from the binary: no other host, no build step.
+pub async fn uplot_js() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        include_str!("../../assets/node_modules/uplot/dist/uPlot.iife.min.js"),
+    )
+}
+
+/// `GET /vendor/uplot.css`: its style sheet.
+pub async fn uplot_css() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        include_str!("../../assets/node_modules/uplot/dist/uPlot.min.css"),
+    )
+}

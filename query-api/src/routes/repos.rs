@@ -293,6 +293,8 @@ pub struct PullRow {
     pub author: String,
     pub url: String,
     pub head_branch: String,
+    /// Where the head branch lives when it is a fork's (else empty).
+    pub head_repository: String,
     pub base_branch: String,
     pub opened_at: Option<DateTime<Utc>>,
     pub merged_at: Option<DateTime<Utc>>,
@@ -339,8 +341,10 @@ pub struct PullPage {
 const WINDOWS: &str = "
     w AS (
         SELECT pr.*,
+               COALESCE(NULLIF(pr.head_repository, ''), pr.repository) AS head_repo,
                COALESCE((SELECT max(COALESCE(q.merged_at, q.closed_at)) FROM pull_requests q
                           WHERE q.repository = pr.repository AND q.head_branch = pr.head_branch
+                            AND q.head_repository = pr.head_repository
                             AND q.number <> pr.number
                             AND COALESCE(q.merged_at, q.closed_at) < COALESCE(pr.opened_at, pr.updated_at)),
                         '-infinity') AS lo,
@@ -350,12 +354,12 @@ const WINDOWS: &str = "
 /// The usage of each windowed pull request (visible to the reader: `$3` user, `$4` teams).
 const PULL_COLUMNS: &str = "
     w.repository, w.number, w.provider, w.state, w.title, w.author, w.url, w.head_branch,
-    w.base_branch, w.opened_at, w.merged_at, w.closed_at, w.additions, w.deletions,
+    w.head_repository, w.base_branch, w.opened_at, w.merged_at, w.closed_at, w.additions, w.deletions,
     COALESCE(x.cost_usd, 0) AS cost_usd, COALESCE(x.requests, 0) AS requests,
     COALESCE(x.input_tokens, 0) AS input_tokens, COALESCE(x.output_tokens, 0) AS output_tokens,
     COALESCE(x.sessions, 0) AS sessions, COALESCE(x.lines_added, 0) AS agent_lines_added,
-    CASE WHEN w.additions > 0 THEN COALESCE(x.lines_added, 0)::float8 / w.additions END
-        AS agent_share,
+    CASE WHEN w.additions > 0
+         THEN LEAST(1.0, COALESCE(x.lines_added, 0)::float8 / w.additions) END AS agent_share,
     x.first_at AS first_activity_at, w.hi AS window_end";
 
 const PULL_USAGE: &str = "
@@ -366,7 +370,7 @@ const PULL_USAGE: &str = "
                count(DISTINCT u.session_id) FILTER (WHERE u.session_id <> '')::bigint AS sessions,
                sum(u.lines_added)::bigint AS lines_added, min(u.occurred_at) AS first_at
           FROM session_usage u
-         WHERE u.repository = w.repository AND u.branch = w.head_branch
+         WHERE u.repository = w.head_repo AND u.branch = w.head_branch
            AND u.occurred_at > w.lo AND u.occurred_at <= w.hi
            AND ($3::text IS NULL OR u.user_id = $3)
            AND ($4::text[] IS NULL OR u.team_id = ANY($4))) x ON true";
@@ -438,10 +442,12 @@ pub async fn pull_requests(read: Read<PullParams>) -> Result<Response, Problem> 
             if p.number.is_some() {
                 if let Some(pr) = page.pull_requests.first() {
                     let lo = sqlx::query_scalar::<_, Option<DateTime<Utc>>>(
-                        "SELECT max(COALESCE(merged_at, closed_at))
-                           FROM pull_requests
-                          WHERE repository = $1 AND head_branch = $2 AND number <> $3
-                            AND COALESCE(merged_at, closed_at) < $4",
+                        "SELECT max(COALESCE(q.merged_at, q.closed_at))
+                           FROM pull_requests q
+                           JOIN pull_requests pr ON pr.repository = $1 AND pr.number = $3
+                          WHERE q.repository = $1 AND q.head_branch = $2 AND q.number <> $3
+                            AND q.head_repository = pr.head_repository
+                            AND COALESCE(q.merged_at, q.closed_at) < $4",
                     )
                     .bind(&pr.repository)
                     .bind(&pr.head_branch)
@@ -465,7 +471,11 @@ pub async fn pull_requests(read: Read<PullParams>) -> Result<Response, Problem> 
                               ORDER BY sum(cost_usd) DESC, session_id
                               LIMIT 1000",
                         )
-                        .bind(&pr.repository)
+                        .bind(if pr.head_repository.is_empty() {
+                            &pr.repository
+                        } else {
+                            &pr.head_repository
+                        })
                         .bind(&pr.head_branch)
                         .bind(user)
                         .bind(teams)

@@ -17,8 +17,11 @@ use shared::problem::Problem;
 use crate::range::TimeRange;
 use crate::read::{db_error, invalid, Read, TenantRead};
 
-/// Most rows one timeline reads of each kind.
-pub const MAX_ITEMS: i64 = 5000;
+/// Most rows one timeline reads of each kind (of the fields it shows only, prompts' text cut
+/// to [`MAX_TEXT`] characters).
+pub const MAX_ITEMS: i64 = 2000;
+/// Most characters of a prompt's text shown.
+pub const MAX_TEXT: i32 = 4000;
 
 #[derive(Debug, Deserialize)]
 pub struct TimelineParams {}
@@ -130,19 +133,45 @@ pub async fn timeline(
         // Every visible raw row of the session, by kind, oldest first.
         let rows: Vec<Row> = sqlx::query_as(
             "(SELECT occurred_at, 'agent' AS k, user_id, status, duration_ms, input_tokens,
-                     output_tokens, value, data
+                     output_tokens, value,
+                     jsonb_build_object(
+                        'model', data->'model', 'cache_read_tokens', data->'cache_read_tokens',
+                        'cache_creation_tokens', data->'cache_creation_tokens',
+                        'error_message', left(data->>'error_message', 500),
+                        'metadata', jsonb_build_object(
+                            'prompt.id', data->'metadata'->'prompt.id',
+                            'attempt', data->'metadata'->'attempt',
+                            'status_code', data->'metadata'->'status_code',
+                            'request_id', data->'metadata'->'request_id',
+                            'query_source', data->'metadata'->'query_source'))
                 FROM agent_interactions
                WHERE session_id = $1 AND ($2::text IS NULL OR user_id = $2)
                  AND ($3::text[] IS NULL OR team_id = ANY($3))
                ORDER BY occurred_at LIMIT $4)
              UNION ALL
-             (SELECT occurred_at, 'tool', user_id, status, duration_ms, 0, 0, 0, data
+             (SELECT occurred_at, 'tool', user_id, status, duration_ms, 0, 0, 0,
+                     jsonb_build_object(
+                        'tool_name', data->'tool_name',
+                        'error_message', left(data->>'error_message', 500),
+                        'details', jsonb_build_object(
+                            'prompt.id', data->'details'->'prompt.id',
+                            'tool_use_id', data->'details'->'tool_use_id',
+                            'decision_type', data->'details'->'decision_type'))
                 FROM tool_executions
                WHERE session_id = $1 AND ($2::text IS NULL OR user_id = $2)
                  AND ($3::text[] IS NULL OR team_id = ANY($3))
                ORDER BY occurred_at LIMIT $4)
              UNION ALL
-             (SELECT occurred_at, 'sample', user_id, name, 0, 0, 0, value, data
+             (SELECT occurred_at, 'sample', user_id, name, 0, 0, 0, value,
+                     jsonb_build_object(
+                        'labels', (SELECT COALESCE(jsonb_object_agg(k, left(v, 255)), '{}')
+                                     FROM jsonb_each_text(data->'labels') AS l(k, v)
+                                    WHERE k IN ('prompt.id', 'prompt_length', 'command_name',
+                                                'tool_name', 'decision', 'source',
+                                                'tool_use_id')),
+                        'extra', jsonb_build_object(
+                            'prompt', left(COALESCE(data->'extra'->>'prompt',
+                                                    data->'labels'->>'prompt'), $5)))
                 FROM metric_samples
                WHERE session_id = $1 AND session_id <> ''
                  AND name IN ('claude_code.user_prompt', 'claude_code.tool_decision',
@@ -151,7 +180,10 @@ pub async fn timeline(
                  AND ($3::text[] IS NULL OR team_id = ANY($3))
                ORDER BY occurred_at LIMIT $4)
              UNION ALL
-             (SELECT occurred_at, 'session', user_id, name, 0, 0, 0, 0, data
+             (SELECT occurred_at, 'session', user_id, name, 0, 0, 0, 0,
+                     jsonb_build_object('context', jsonb_build_object(
+                        'source', data->'context'->'source', 'reason', data->'context'->'reason',
+                        'model', data->'context'->'model'))
                 FROM session_events
                WHERE session_id = $1 AND name IN ('started', 'ended')
                  AND ($2::text IS NULL OR user_id = $2)
@@ -173,6 +205,7 @@ pub async fn timeline(
         .bind(user)
         .bind(teams)
         .bind(MAX_ITEMS)
+        .bind(MAX_TEXT)
         .fetch_all(&mut *tx)
         .await
         .map_err(db_error)?;
@@ -277,7 +310,6 @@ pub fn build(session: &str, mut rows: Vec<Row>) -> Timeline {
                             .and_then(|s| s.parse::<i64>().ok());
                         let text = extra
                             .get("prompt")
-                            .or(labels.get("prompt"))
                             .and_then(Value::as_str)
                             .filter(|s| *s != "<REDACTED>");
                         (

@@ -4,9 +4,8 @@
 //! and agent share (signatures checked, redeliveries counted once), and a session's timeline
 //! lists its prompts in order for whoever may see them.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -18,23 +17,10 @@ use shared::tenant::TenantId;
 use tally_tests::*;
 use uuid::Uuid;
 
-fn run_hook(envs: &[(&str, &str)], input: &Value) {
-    let mut child = Command::new("node")
-        .arg(repo_root().join("deploy/claude-code/tally-hook.mjs"))
-        .envs(envs.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("node is installed");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success() && out.stdout.is_empty());
+/// Runs the hook as Claude Code would; it must exit 0 and print nothing.
+fn hook(envs: &[(&str, &str)], input: &Value) {
+    let (ok, stdout, _) = run_hook(envs, input);
+    assert!(ok && stdout.is_empty(), "exit 0 and silent: {stdout}");
 }
 
 fn git(dir: &Path, args: &[&str]) {
@@ -199,7 +185,7 @@ async fn the_hook_attributes_cost_to_repository_and_branch_to_the_cent() {
 
     // Session A: its cost arrives after its contexts.
     let a = format!("sess-a-{}", Uuid::new_v4());
-    run_hook(&envs, &start(&a));
+    hook(&envs, &start(&a));
     pause().await;
     for cost in [0.11, 0.22] {
         let body = api_request(&a, "dev-1", Utc::now(), cost);
@@ -207,7 +193,7 @@ async fn the_hook_attributes_cost_to_repository_and_branch_to_the_cent() {
         pause().await;
     }
     git(&repo, &["switch", "-q", "-c", "feature/x"]);
-    run_hook(&envs, &tool(&a));
+    hook(&envs, &tool(&a));
     pause().await;
     for cost in [0.33, 0.44] {
         let body = api_request(&a, "dev-1", Utc::now(), cost);
@@ -223,11 +209,11 @@ async fn the_hook_attributes_cost_to_repository_and_branch_to_the_cent() {
         let body = api_request(&b, "dev-1", t0 + TimeDelta::seconds(offset), cost);
         post_otlp(&client, &url, &t.ingest_key, "logs", &body).await;
     }
-    run_hook(&envs, &start(&b));
+    hook(&envs, &start(&b));
     let switch_at = t0 + TimeDelta::seconds(8);
     tokio::time::sleep((switch_at - Utc::now()).to_std().unwrap_or_default()).await;
     git(&repo, &["switch", "-q", "feature/x"]);
-    run_hook(&envs, &tool(&b));
+    hook(&envs, &tool(&b));
     assert!(
         Utc::now() < t0 + TimeDelta::seconds(14),
         "the switch came in time"
@@ -628,16 +614,6 @@ async fn pull_requests_get_their_cost_and_agent_share_once() {
     stop_all([ingest, projector, query]).await;
 }
 
-fn python() -> std::path::PathBuf {
-    std::env::var_os("TALLY_OTEL_VENV")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var("HOME").expect("HOME"))
-                .join(".cache/tally/otel-venv")
-        })
-        .join("bin/python")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sessions_timeline_lists_its_prompts_in_order_for_those_who_may_see_it() {
     let TestEnv { pool, common } = test_env().await;
@@ -649,7 +625,7 @@ async fn a_sessions_timeline_lists_its_prompts_in_order_for_those_who_may_see_it
     let out = tokio::task::spawn_blocking({
         let key = t.ingest_key.clone();
         move || {
-            Command::new(python())
+            Command::new(otel_python())
                 .arg(repo_root().join("tests/clients/claude_code_otel.py"))
                 .args([
                     "--endpoint",

@@ -46,6 +46,27 @@ async fn the_dashboard_page_works_in_headless_chromium() {
                      "kind": "counter"}}),
         );
     }
+    // A session in a repository (its context from the hook), with two prompts' requests.
+    let at = |secs: i64| (chrono::Utc::now() - chrono::Duration::seconds(secs)).to_rfc3339();
+    for e in [
+        serde_json::json!({"type": "session.started", "occurred_at": at(120),
+            "data": {"session_id": "browser-session", "user_id": "u-web"}}),
+        serde_json::json!({"type": "session.context", "occurred_at": at(119),
+            "data": {"session_id": "browser-session", "user_id": "u-web",
+                     "repository": "https://github.com/acme/web.git", "branch": "feature/ui"}}),
+        serde_json::json!({"type": "agent.interacted", "occurred_at": at(90),
+            "data": {"session_id": "browser-session", "user_id": "u-web", "agent_name": "claude-code",
+                     "interaction_type": "api_request", "input_tokens": 1000, "output_tokens": 100,
+                     "model": "claude-sonnet-4-5", "cost_usd": 1.25, "duration_ms": 900,
+                     "status": "success", "metadata": {"prompt.id": "p-1"}}}),
+        serde_json::json!({"type": "agent.interacted", "occurred_at": at(60),
+            "data": {"session_id": "browser-session", "user_id": "u-web", "agent_name": "claude-code",
+                     "interaction_type": "api_request", "input_tokens": 500, "output_tokens": 50,
+                     "model": "claude-sonnet-4-5", "cost_usd": 0.75, "duration_ms": 700,
+                     "status": "success", "metadata": {"prompt.id": "p-2"}}}),
+    ] {
+        batch.push(e);
+    }
     let sent = batch.len() as i64;
     let batch = Value::Array(batch);
     // A budget on the tenant's tokens: the page shows it as a bar with its forecast.
@@ -71,6 +92,52 @@ async fn the_dashboard_page_works_in_headless_chromium() {
     assert_eq!(res.status(), 201);
     post_events_accepted(&client, &ingest.url(), &t.ingest_key, &batch).await;
     wait_projected(&pool, t.id, sent, Duration::from_secs(60)).await;
+    // Its pull request, merged, from GitHub's webhook.
+    let secret = "browser-webhook-secret-0123";
+    let res = client
+        .put(format!("{}/v1/admin/integrations/github", ingest.url()))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"secret": secret}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let merged_at = chrono::Utc::now().to_rfc3339();
+    let pr = serde_json::to_vec(&serde_json::json!({
+        "action": "closed", "number": 7,
+        "pull_request": {"number": 7, "state": "closed", "merged": true, "title": "New UI",
+            "html_url": "https://github.com/acme/web/pull/7", "user": {"login": "octocat"},
+            "created_at": at(150), "updated_at": merged_at, "merged_at": merged_at, "closed_at": merged_at,
+            "head": {"ref": "feature/ui"}, "base": {"ref": "main"}, "additions": 80, "deletions": 3},
+        "repository": {"full_name": "acme/web", "html_url": "https://github.com/acme/web"}
+    }))
+    .unwrap();
+    let mut mac =
+        <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(secret.as_bytes()).unwrap();
+    hmac::Mac::update(&mut mac, &pr);
+    let signature = format!(
+        "sha256={}",
+        hex::encode(hmac::Mac::finalize(mac).into_bytes())
+    );
+    let res = client
+        .post(format!("{}/v1/webhooks/github/{}", ingest.url(), t.id))
+        .header("content-type", "application/json")
+        .header("x-github-event", "pull_request")
+        .header("x-github-delivery", uuid::Uuid::new_v4().to_string())
+        .header("x-hub-signature-256", signature)
+        .body(pr)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while scalar_in_tenant(&pool, t.id, "SELECT count(*) FROM pull_requests").await < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pull request was not projected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The page itself is served with a restrictive content security policy.
     let res = client
@@ -135,6 +202,10 @@ async fn the_dashboard_page_works_in_headless_chromium() {
         "browser test failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("ok - the live feed shows it"));
+    assert!(
+        stdout.contains("ok - the timeline page shows the session's 2 prompts"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("ok - the budget is shown as a bar"),
         "{stdout}"

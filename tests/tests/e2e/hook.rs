@@ -3,37 +3,10 @@
 //! machine unless enabled (then hashed if asked); an unreachable Tally costs the agent at
 //! most the timeout, and the script prints nothing and exits 0.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use tally_tests::*;
-
-/// Runs the hook script with `envs`, feeding it `input`; returns (exit ok, stdout, time).
-fn run_hook(envs: &[(&str, &str)], input: &Value) -> (bool, String, Duration) {
-    let started = Instant::now();
-    let mut child = Command::new("node")
-        .arg(repo_root().join("deploy/claude-code/tally-hook.mjs"))
-        .envs(envs.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("node is installed");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        started.elapsed(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn claude_code_hooks_reach_the_dashboards_privately() {

@@ -6,7 +6,6 @@
 //! and garbage, bombs and wrong content types get a 4xx, never a 5xx.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -15,19 +14,9 @@ use prost::Message;
 use serde_json::{json, Value};
 use tally_tests::*;
 
-/// The virtualenv `deploy/local/test-clients.sh` makes (at `TALLY_OTEL_VENV` if set).
-fn python() -> PathBuf {
-    std::env::var_os("TALLY_OTEL_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/tally/otel-venv")
-        })
-        .join("bin/python")
-}
-
 /// Runs the SDK script; its exit status, what it printed, and its log.
 async fn run_sdk(endpoint: &str, key: &str, encoding: &str, gzip: bool) -> (bool, String, String) {
-    let mut cmd = Command::new(python());
+    let mut cmd = Command::new(otel_python());
     cmd.arg(repo_root().join("tests/clients/claude_code_otel.py"))
         .args(["--endpoint", endpoint, "--key", key])
         .args(["--encoding", encoding, "--sessions", "3"]);
@@ -442,7 +431,7 @@ async fn otlp_senders_get_the_answers_they_rely_on() {
 
 /// Sends raw bytes with grpcio (`tests/clients/otlp_grpc_raw.py`); the status name and details.
 async fn grpc_raw(target: &str, key: &str, args: &[&str]) -> String {
-    let mut cmd = Command::new(python());
+    let mut cmd = Command::new(otel_python());
     cmd.arg(repo_root().join("tests/clients/otlp_grpc_raw.py"))
         .args(["--target", target, "--key", key])
         .args(args);
