@@ -7,6 +7,13 @@
 //! and cached, and compares them with a Redis GET of the same answer (the floor). Ends with the
 //! raw tables' size; with TimescaleDB, compresses them and reports the storage ratio. The
 //! uncached and cached p99s go to the bench report too ([`tally_tests::report`]).
+//!
+//! It also measures the cost-by-branch views (`repositories`, by branch, and its daily
+//! series). Their data differs from the projector's in one way, said here: instead of hook
+//! contexts, each session is given one of 40 repositories and 25 branches per day (a hash of
+//! its id and day), and `session_usage`, `repo_usage_1h` and `repo_sessions` are filled
+//! set-wise from the loaded agent interactions and tool runs, as the attribution model would
+//! fill them from those contexts.
 
 use std::time::{Duration, Instant};
 
@@ -60,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let loaded = Instant::now();
     load(&pool, tenant, &args).await?;
+    attribute(&pool, tenant).await?;
     println!("loaded in {:.0} s", loaded.elapsed().as_secs_f64());
     let storage_before = {
         let mut conn = pool.acquire().await?;
@@ -94,6 +102,14 @@ async fn main() -> anyhow::Result<()> {
         (
             format!("time series, {} days, hourly", args.days),
             format!("timeseries?range={}d&bucket=1h", args.days),
+        ),
+        (
+            format!("cost by branch, {} days", args.days),
+            format!("repositories?range={}d&by=branch", args.days),
+        ),
+        (
+            format!("cost by repository, {} days, daily series", args.days),
+            format!("repositories/series?range={}d&step=1d", args.days),
         ),
     ] {
         let url = format!("{}/v1/dashboard/{path}", args.query_url);
@@ -299,6 +315,59 @@ async fn get(
         .to_string();
     let body = res.bytes().await?.to_vec();
     Ok((t.elapsed(), cache, body))
+}
+
+/// Fills the attribution read models from the loaded raw rows, set-wise: each session works in
+/// one of 40 repositories and 25 branches per day (see the module's documentation).
+async fn attribute(pool: &sqlx::PgPool, tenant: TenantId) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let schema = tenant.schema(1);
+    let place =
+        "'github.com/bench/repo-' || abs(hashtext(session_id || occurred_at::date::text)) % 40,
+                 'branch-' || abs(hashtext(occurred_at::date::text || session_id)) % 25";
+    for sql in [
+        format!(
+            "INSERT INTO {schema}.session_usage (session_id, occurred_at, event_id, user_id,
+                team_id, requests, cost_usd, input_tokens, output_tokens, repository, branch)
+             SELECT session_id, occurred_at, event_id, user_id, team_id, 1, value,
+                    input_tokens, output_tokens, {place}
+               FROM {schema}.agent_interactions"
+        ),
+        format!(
+            "INSERT INTO {schema}.session_usage (session_id, occurred_at, event_id, user_id,
+                team_id, tool_runs, repository, branch)
+             SELECT session_id, occurred_at, event_id, user_id, team_id, 1, {place}
+               FROM {schema}.tool_executions"
+        ),
+        format!(
+            "INSERT INTO {schema}.repo_usage_1h
+             SELECT date_bin('1 hour', occurred_at, TIMESTAMPTZ '2000-01-03 00:00:00+00'),
+                    repository, branch, user_id, team_id, sum(requests), sum(tool_runs),
+                    sum(cost_usd), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),
+                    sum(cache_creation_tokens), sum(lines_added), sum(lines_removed)
+               FROM {schema}.session_usage GROUP BY 1, 2, 3, 4, 5"
+        ),
+        format!(
+            "INSERT INTO {schema}.repo_sessions
+             SELECT repository, branch, session_id, max(user_id), max(team_id), min(occurred_at),
+                    max(occurred_at), sum(requests), sum(cost_usd), sum(lines_added)
+               FROM {schema}.session_usage GROUP BY repository, branch, session_id"
+        ),
+        format!("VACUUM ANALYZE {schema}.repo_usage_1h"),
+        format!("VACUUM ANALYZE {schema}.repo_sessions"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
+    }
+    let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {schema}.repo_usage_1h"
+    )))
+    .fetch_one(pool)
+    .await?;
+    println!(
+        "  attribution: {rows} hourly repository rows in {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Writes the tenant's projection day by day with [`BulkLoad`]: raw rows (those of the last
