@@ -58,6 +58,20 @@ CREATE TABLE IF NOT EXISTS repo_usage_1h (
     PRIMARY KEY (bucket, repository, branch, user_id, team_id)
 );
 
+CREATE TABLE IF NOT EXISTS repo_usage_1d (LIKE repo_usage_1h INCLUDING ALL);
+
+-- Rollup rows covering [lo, hi): whole days from repo_usage_1d, the hours around them from
+-- repo_usage_1h (an edge hour is read whole: hours are the finest grain here). Plain SQL, so
+-- the planner inlines it and pushes the caller's filters into both branches.
+CREATE OR REPLACE FUNCTION repo_usage_span(lo timestamptz, hi timestamptz) RETURNS SETOF repo_usage_1h
+LANGUAGE sql STABLE AS $$
+    SELECT * FROM repo_usage_1h WHERE bucket >= span_floor(lo, '1 hour') AND bucket < span_d1(lo, hi)
+    UNION ALL
+    SELECT * FROM repo_usage_1d WHERE bucket >= span_d1(lo, hi) AND bucket < span_d2(lo, hi)
+    UNION ALL
+    SELECT * FROM repo_usage_1h WHERE bucket >= span_d2(lo, hi) AND bucket < hi
+$$;
+
 -- Which sessions worked on which branch, when, and what they spent there.
 CREATE TABLE IF NOT EXISTS repo_sessions (
     repository   text NOT NULL,
@@ -140,6 +154,12 @@ SELECT date_bin('1 hour', occurred_at, TIMESTAMPTZ '2000-01-03 00:00:00+00'), ''
        sum(requests), sum(tool_runs), sum(cost_usd), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),
        sum(cache_creation_tokens), 0, 0
   FROM session_usage GROUP BY 1, 4, 5
+    ON CONFLICT DO NOTHING;
+INSERT INTO repo_usage_1d
+SELECT date_bin('1 day', bucket, TIMESTAMPTZ '2000-01-03 00:00:00+00'), repository, branch, user_id, team_id,
+       sum(requests), sum(tool_runs), sum(cost_usd), sum(input_tokens), sum(output_tokens),
+       sum(cache_read_tokens), sum(cache_creation_tokens), sum(lines_added), sum(lines_removed)
+  FROM repo_usage_1h GROUP BY 1, 2, 3, 4, 5
     ON CONFLICT DO NOTHING;
 INSERT INTO repo_sessions
 SELECT '', '', session_id, max(user_id), max(team_id), min(occurred_at), max(occurred_at),

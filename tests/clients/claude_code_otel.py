@@ -36,6 +36,8 @@ args.add_argument("--gzip", action="store_true")
 args.add_argument("--sessions", type=int, default=3)
 args.add_argument("--prompts", type=int, default=1, help="prompts per session")
 args.add_argument("--detail", action="store_true", help="also print what each session sent")
+args.add_argument("--prompt-text", default=None,
+                  help="send this as each prompt's text (as with OTEL_LOG_USER_PROMPTS=1)")
 args = args.parse_args()
 
 logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
@@ -194,7 +196,8 @@ for i in range(args.sessions):
         p = {"id": prompt, "length": 42 + k, "tools": 0, "requests": 0, "errors": 0, "cost_usd": 0.0,
              "kinds": []}
         detail["prompts"].append(p)
-        event("user_prompt", {"prompt_length": num(42 + k), "prompt": "<REDACTED>"}, prompt)
+        text = args.prompt_text if args.prompt_text is not None else "<REDACTED>"
+        event("user_prompt", {"prompt_length": num(42 + k), "prompt": text}, prompt)
         p["kinds"].append("prompt")
         expected["prompts"] += 1
         for tool, ok, ms in [("Edit", True, 120), ("Bash", False, 800), ("Read", True, 5)]:

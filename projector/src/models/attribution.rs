@@ -272,12 +272,14 @@ async fn reattribute(
             SELECT occurred_at, old_repository AS repository, old_branch AS branch, user_id,
                    team_id, {minus} FROM moved
             UNION ALL
-            SELECT occurred_at, repository, branch, user_id, team_id, {plus} FROM moved)
+            SELECT occurred_at, repository, branch, user_id, team_id, {plus} FROM moved),
+         by_day AS ({rollup_days})
          {rollup}",
         placed = placed!("u"),
         minus = sum("-"),
         plus = sum(""),
-        rollup = rollup_upsert("d"),
+        rollup = rollup_upsert("d", "1h"),
+        rollup_days = rollup_upsert("d", "1d"),
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&sessions)
@@ -299,9 +301,10 @@ async fn reattribute(
     Ok(())
 }
 
-/// `INSERT INTO repo_usage_1h` of the rows of `from` (with `occurred_at`, the keys and every
-/// amount), summed per hour and key and added to what is there.
-fn rollup_upsert(from: &str) -> String {
+/// `INSERT INTO repo_usage_<grain>` of the rows of `from` (with `occurred_at`, the keys and
+/// every amount), summed per bucket and key and added to what is there.
+fn rollup_upsert(from: &str, grain: &str) -> String {
+    let width = if grain == "1d" { "1 day" } else { "1 hour" };
     let sums = AMOUNTS
         .split(", ")
         .map(|c| format!("sum({c})"))
@@ -313,8 +316,8 @@ fn rollup_upsert(from: &str) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "INSERT INTO repo_usage_1h AS r (bucket, repository, branch, user_id, team_id, {AMOUNTS})
-         SELECT date_bin('1 hour', occurred_at, {ORIGIN}), repository, branch, user_id, team_id,
+        "INSERT INTO repo_usage_{grain} AS r (bucket, repository, branch, user_id, team_id, {AMOUNTS})
+         SELECT date_bin('{width}', occurred_at, {ORIGIN}), repository, branch, user_id, team_id,
                 {sums}
            FROM {from} GROUP BY 1, 2, 3, 4, 5
          ON CONFLICT (bucket, repository, branch, user_id, team_id) DO UPDATE SET {adds}"
@@ -354,7 +357,8 @@ async fn insert_usage(conn: &mut PgConnection, usage: &[Usage]) -> sqlx::Result<
               FROM p
             ON CONFLICT DO NOTHING
             RETURNING *),
-         roll AS ({rollup})
+         roll AS ({rollup}),
+         roll_days AS ({rollup_days})
          INSERT INTO repo_sessions AS s
          {sessions}
          ON CONFLICT (repository, branch, session_id) DO UPDATE SET
@@ -364,7 +368,8 @@ async fn insert_usage(conn: &mut PgConnection, usage: &[Usage]) -> sqlx::Result<
             cost_usd = s.cost_usd + EXCLUDED.cost_usd,
             lines_added = s.lines_added + EXCLUDED.lines_added",
         placed = placed!("n"),
-        rollup = rollup_upsert("ins"),
+        rollup = rollup_upsert("ins", "1h"),
+        rollup_days = rollup_upsert("ins", "1d"),
         sessions = sessions_select("ins WHERE session_id <> ''"),
     );
     let ints = |f: fn(&Usage) -> i64| usage.iter().map(f).collect::<Vec<_>>();

@@ -163,6 +163,7 @@ pub async fn apply_retention(
         ),
         ("DELETE FROM session_contexts WHERE at < $1", raw_cutoff),
         ("DELETE FROM repo_usage_1h WHERE bucket < $1", rollup_cutoff),
+        ("DELETE FROM repo_usage_1d WHERE bucket < $1", rollup_cutoff),
         (
             "DELETE FROM repo_sessions WHERE last_at < $1",
             rollup_cutoff,

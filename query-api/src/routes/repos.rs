@@ -107,10 +107,8 @@ pub async fn repositories(read: Read<RepoParams>) -> Result<Response, Problem> {
                            sum(tool_runs)::bigint AS tool_runs,
                            sum(lines_added)::bigint AS lines_added,
                            sum(lines_removed)::bigint AS lines_removed
-                      FROM repo_usage_1h
-                     WHERE bucket >= date_bin('1 hour', $1, TIMESTAMPTZ '2000-01-03 00:00:00+00')
-                       AND bucket < $2
-                       AND ($3::text IS NULL OR user_id = $3)
+                      FROM repo_usage_span($1, $2)
+                     WHERE ($3::text IS NULL OR user_id = $3)
                        AND ($4::text[] IS NULL OR team_id = ANY($4))
                        AND ($5::text IS NULL OR repository = $5)
                      GROUP BY 1, 2
@@ -130,7 +128,7 @@ pub async fn repositories(read: Read<RepoParams>) -> Result<Response, Problem> {
                         u.cache_creation_tokens, u.tool_runs, u.lines_added, u.lines_removed,
                         COALESCE(s.sessions, 0) AS sessions
                    FROM u LEFT JOIN s ON s.repository = u.repository
-                                     AND s.branch IS NOT DISTINCT FROM u.branch
+                                     AND COALESCE(s.branch, '') = COALESCE(u.branch, '')
                   ORDER BY u.cost_usd DESC, u.repository, u.branch
                   LIMIT $7",
             )
@@ -225,8 +223,17 @@ pub async fn repository_series(read: Read<RepoSeriesParams>) -> Result<Response,
             "WITH u AS (
                 SELECT bucket, CASE WHEN $6 THEN repository || ' ' || branch ELSE repository END AS k,
                        cost_usd
+                  FROM repo_usage_span($1, $2)
+                 WHERE $8::interval = '1 day'::interval
+                   AND ($3::text IS NULL OR user_id = $3)
+                   AND ($4::text[] IS NULL OR team_id = ANY($4))
+                   AND ($5::text IS NULL OR repository = $5)
+                UNION ALL
+                SELECT bucket, CASE WHEN $6 THEN repository || ' ' || branch ELSE repository END,
+                       cost_usd
                   FROM repo_usage_1h
-                 WHERE bucket >= date_bin('1 hour', $1, TIMESTAMPTZ '2000-01-03 00:00:00+00')
+                 WHERE $8::interval <> '1 day'::interval
+                   AND bucket >= date_bin('1 hour', $1, TIMESTAMPTZ '2000-01-03 00:00:00+00')
                    AND bucket < $2
                    AND ($3::text IS NULL OR user_id = $3)
                    AND ($4::text[] IS NULL OR team_id = ANY($4))

@@ -348,6 +348,15 @@ async fn attribute(pool: &sqlx::PgPool, tenant: TenantId) -> anyhow::Result<()> 
                FROM {schema}.session_usage GROUP BY 1, 2, 3, 4, 5"
         ),
         format!(
+            "INSERT INTO {schema}.repo_usage_1d
+             SELECT date_bin('1 day', bucket, TIMESTAMPTZ '2000-01-03 00:00:00+00'), repository,
+                    branch, user_id, team_id, sum(requests), sum(tool_runs), sum(cost_usd),
+                    sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),
+                    sum(cache_creation_tokens), sum(lines_added), sum(lines_removed)
+               FROM {schema}.repo_usage_1h GROUP BY 1, 2, 3, 4, 5"
+        ),
+        format!("VACUUM ANALYZE {schema}.repo_usage_1d"),
+        format!(
             "INSERT INTO {schema}.repo_sessions
              SELECT repository, branch, session_id, max(user_id), max(team_id), min(occurred_at),
                     max(occurred_at), sum(requests), sum(cost_usd), sum(lines_added)

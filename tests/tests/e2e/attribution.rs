@@ -116,6 +116,7 @@ async fn attribution_snapshot(pool: &sqlx::PgPool, tenant: TenantId) -> String {
         "SELECT string_agg(format('%s|%s|%s|%s', session_id, repository, branch, round(cost_usd::numeric, 6)), ';' ORDER BY session_id, occurred_at, event_id) FROM session_usage",
         "SELECT string_agg(format('%s|%s|%s|%s|%s', bucket, repository, branch, requests, round(cost_usd::numeric, 6)), ';' ORDER BY bucket, repository, branch, user_id) FROM repo_usage_1h WHERE requests <> 0",
         "SELECT string_agg(format('%s|%s|%s|%s|%s', repository, branch, session_id, requests, round(cost_usd::numeric, 6)), ';' ORDER BY repository, branch, session_id) FROM repo_sessions",
+        "SELECT string_agg(format('%s|%s|%s|%s|%s', bucket, repository, branch, requests, round(cost_usd::numeric, 6)), ';' ORDER BY bucket, repository, branch, user_id) FROM repo_usage_1d WHERE requests <> 0",
         "SELECT string_agg(format('%s|%s|%s', session_id, repository, branch), ';' ORDER BY session_id, at) FROM session_contexts",
     ] {
         let s: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))

@@ -24,6 +24,7 @@ mod otlp;
 mod overload;
 mod pipeline;
 mod poison;
+mod privacy;
 mod promrw;
 mod replay;
 mod schema;
