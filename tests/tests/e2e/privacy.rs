@@ -38,7 +38,10 @@ async fn send_prompt(ingest: &str, key: &str, text: &str) {
     );
 }
 
-async fn wait_for_prompt(pool: &sqlx::PgPool, tenant: shared::tenant::TenantId) {
+/// Waits until the tenant has `n` prompts projected (its schema first: the projector makes it
+/// with the tenant's first batch).
+async fn wait_for_prompts(pool: &sqlx::PgPool, tenant: shared::tenant::TenantId, n: i64) {
+    wait_projected(pool, tenant, 1, Duration::from_secs(60)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while scalar_in_tenant(
         pool,
@@ -46,7 +49,7 @@ async fn wait_for_prompt(pool: &sqlx::PgPool, tenant: shared::tenant::TenantId) 
         "SELECT count(*) FROM metric_samples WHERE name = 'claude_code.user_prompt'",
     )
     .await
-        < 1
+        < n
     {
         assert!(Instant::now() < deadline, "the prompt was not projected");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -65,7 +68,7 @@ async fn prompt_text_is_stored_only_where_the_tenant_opted_in() {
     // By default: the length is kept, the text is not.
     let private = create_tenant(&pool, "prompts-private").await;
     send_prompt(&ingest.url(), &private.ingest_key, &secret).await;
-    wait_for_prompt(&pool, private.id).await;
+    wait_for_prompts(&pool, private.id, 1).await;
     assert_eq!(scalar_in_tenant(&pool, private.id, &contains).await, 0);
     assert_eq!(
         scalar_in_tenant(
@@ -81,7 +84,8 @@ async fn prompt_text_is_stored_only_where_the_tenant_opted_in() {
         "data": {"name": "claude_code.user_prompt", "value": 1.0, "labels": {"session.id": "s"},
                  "extra": {"prompt": secret}}});
     post_events_accepted(&client, &ingest.url(), &private.ingest_key, &sample).await;
-    wait_projected(&pool, private.id, 2, Duration::from_secs(60)).await;
+    wait_for_prompts(&pool, private.id, 2).await;
+    assert_eq!(scalar_in_tenant(&pool, private.id, &contains).await, 0);
 
     // A tenant that opted in stores it, and the opt-in is in its audit log.
     let open = create_tenant(&pool, "prompts-stored").await;
@@ -100,7 +104,7 @@ async fn prompt_text_is_stored_only_where_the_tenant_opted_in() {
     assert_eq!(body["store_prompt_text"], true);
     assert_eq!(body["time_zone"], "UTC");
     send_prompt(&ingest.url(), &open.ingest_key, &secret).await;
-    wait_for_prompt(&pool, open.id).await;
+    wait_for_prompts(&pool, open.id, 1).await;
     assert_eq!(scalar_in_tenant(&pool, open.id, &contains).await, 1);
     let deadline = Instant::now() + Duration::from_secs(60);
     while scalar_in_tenant(
