@@ -236,8 +236,10 @@ async fn write_tenant(
     let inserted = inserted_rows.len() as u64;
     record_phase("raw", phase);
 
+    // The events whose raw rows were really inserted: what the later models fold.
+    let inserted_ids: HashSet<Uuid> = inserted_rows.iter().map(|r| r.event_id).collect();
     let phase = Instant::now();
-    let attributed = attribution::fold(events, &inserted_rows);
+    let attributed = attribution::fold(events, &inserted_ids, &inserted_rows);
     let repository_events = attribution::write(conn, &attributed, events).await?;
     record_phase("attribution", phase);
     // Events that are neither raw rows nor audited nor source-control events new here were
@@ -258,8 +260,6 @@ async fn write_tenant(
         None
     };
     let phase = Instant::now();
-
-    let inserted_ids: HashSet<Uuid> = inserted_rows.iter().map(|r| r.event_id).collect();
     let updates = sessions::fold(
         events
             .iter()

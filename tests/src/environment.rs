@@ -33,6 +33,38 @@ pub fn otel_python() -> PathBuf {
         .join("bin/python")
 }
 
+/// Runs `tests/clients/claude_code_otel.py` (Claude-Code-shaped telemetry through the Python
+/// OTel SDK, HTTP/protobuf) against ingest-api at `ingest` with `key` and `args`; panics unless
+/// it succeeds, and returns what it printed (what it sent, as JSON).
+pub async fn send_claude_code_telemetry(
+    ingest: &str,
+    key: &str,
+    args: &[&str],
+) -> serde_json::Value {
+    let endpoint = format!("{ingest}/v1/otlp");
+    let mut cmd = std::process::Command::new(otel_python());
+    cmd.arg(repo_root().join("tests/clients/claude_code_otel.py"))
+        .args([
+            "--endpoint",
+            &endpoint,
+            "--key",
+            key,
+            "--encoding",
+            "protobuf",
+        ])
+        .args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("the SDK task")
+        .expect("the OTel virtualenv exists (deploy/local/test-clients.sh)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the script prints what it sent")
+}
+
 /// Runs the Claude Code hook script (`deploy/claude-code/tally-hook.mjs`) with the real
 /// `node` and `envs`, feeding it `input` as Claude Code does; returns (exit ok, stdout, time).
 pub fn run_hook(

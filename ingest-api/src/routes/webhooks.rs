@@ -225,6 +225,38 @@ impl Namer<'_> {
     fn private(&self) -> bool {
         self.0.is_some()
     }
+    /// A pull request's optional fields, as both providers describe them: where a fork's head
+    /// branch lives, the base branch, and (unless names are private) title and URL; the author.
+    fn describe(
+        &self,
+        d: &mut serde_json::Map<String, Value>,
+        fork: Option<String>,
+        base: Option<&str>,
+        title: Option<&str>,
+        url: Option<&str>,
+        author: Option<&str>,
+    ) {
+        if let Some(f) = fork {
+            d.insert("head_repository".into(), Value::from(self.hide(f)));
+        }
+        if let Some(b) = base {
+            d.insert("base_branch".into(), Value::from(self.branch(b)));
+        }
+        if !self.private() {
+            if let Some(t) = title {
+                d.insert(
+                    "title".into(),
+                    Value::from(t.chars().take(1000).collect::<String>()),
+                );
+            }
+            if let Some(u) = url {
+                d.insert("url".into(), Value::from(u));
+            }
+        }
+        if let Some(a) = author {
+            d.insert("author".into(), Value::from(a));
+        }
+    }
 }
 
 fn text<'v>(v: &'v Value, pointer: &str) -> Option<&'v str> {
@@ -298,26 +330,14 @@ pub fn github_delivery(event: &str, p: &Value, settings: &Sealed) -> Result<Deli
                 "updated_at": updated_at,
             });
             let d = data.as_object_mut().expect("object");
-            if let Some(f) = fork {
-                d.insert("head_repository".into(), Value::from(names.hide(f)));
-            }
-            if let Some(b) = text(pr, "/base/ref") {
-                d.insert("base_branch".into(), Value::from(names.branch(b)));
-            }
-            if !names.private() {
-                if let Some(t) = text(pr, "/title") {
-                    d.insert(
-                        "title".into(),
-                        Value::from(t.chars().take(1000).collect::<String>()),
-                    );
-                }
-                if let Some(u) = text(pr, "/html_url") {
-                    d.insert("url".into(), Value::from(u));
-                }
-            }
-            if let Some(a) = text(pr, "/user/login") {
-                d.insert("author".into(), Value::from(a));
-            }
+            names.describe(
+                d,
+                fork,
+                text(pr, "/base/ref"),
+                text(pr, "/title"),
+                text(pr, "/html_url"),
+                text(pr, "/user/login"),
+            );
             for (field, pointer) in [
                 ("opened_at", "/created_at"),
                 ("merged_at", "/merged_at"),
@@ -403,28 +423,15 @@ pub fn gitlab_delivery(p: &Value, settings: &Sealed) -> Result<Delivery, FieldEr
             let d = data.as_object_mut().expect("object");
             let source = text(mr, "/source/web_url").and_then(normalize);
             let target = text(mr, "/target/web_url").and_then(normalize);
-            if let (Some(s), Some(t)) = (source, target) {
-                if s != t {
-                    d.insert("head_repository".into(), Value::from(names.hide(s)));
-                }
-            }
-            if let Some(b) = text(mr, "/target_branch") {
-                d.insert("base_branch".into(), Value::from(names.branch(b)));
-            }
-            if !names.private() {
-                if let Some(t) = text(mr, "/title") {
-                    d.insert(
-                        "title".into(),
-                        Value::from(t.chars().take(1000).collect::<String>()),
-                    );
-                }
-                if let Some(u) = text(mr, "/url") {
-                    d.insert("url".into(), Value::from(u));
-                }
-            }
-            if let Some(a) = text(p, "/user/username") {
-                d.insert("author".into(), Value::from(a));
-            }
+            let fork = source.filter(|s| target.is_some_and(|t| *s != t));
+            names.describe(
+                d,
+                fork,
+                text(mr, "/target_branch"),
+                text(mr, "/title"),
+                text(mr, "/url"),
+                text(p, "/user/username"),
+            );
             if let Some(t) = time(mr, "/created_at") {
                 d.insert("opened_at".into(), json!(t));
             }

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use shared::events::{Payload, PullRequestChanged};
+use shared::events::{BranchPushed, Payload, PullRequestChanged};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -117,10 +117,9 @@ pub struct Fold {
     pub repository_events: Vec<(Uuid, DateTime<Utc>, &'static str, String, Value)>,
 }
 
-/// Folds the batch: contexts and usage of the raw rows really inserted, and every
-/// source-control event (deduplicated when written).
-pub fn fold(events: &[&Decoded], inserted: &[&RawRow]) -> Fold {
-    let ids: HashSet<Uuid> = inserted.iter().map(|r| r.event_id).collect();
+/// Folds the batch: contexts and usage of the raw rows really inserted (`ids` are their
+/// events'), and every source-control event (deduplicated when written).
+pub fn fold(events: &[&Decoded], ids: &HashSet<Uuid>, inserted: &[&RawRow]) -> Fold {
     let mut f = Fold {
         usage: inserted.iter().filter_map(|r| Usage::of(r)).collect(),
         ..Fold::default()
@@ -137,18 +136,12 @@ pub fn fold(events: &[&Decoded], inserted: &[&RawRow]) -> Fold {
                 commit: p.commit.clone().unwrap_or_default(),
                 directory: p.directory.clone().unwrap_or_default(),
             }),
-            Payload::PullRequestChanged(p) => f.repository_events.push((
+            Payload::PullRequestChanged(PullRequestChanged { repository, .. })
+            | Payload::BranchPushed(BranchPushed { repository, .. }) => f.repository_events.push((
                 e.env.id,
                 e.env.occurred_at,
-                "pull_request.changed",
-                p.repository.clone(),
-                e.env.data.clone(),
-            )),
-            Payload::BranchPushed(p) => f.repository_events.push((
-                e.env.id,
-                e.env.occurred_at,
-                "branch.pushed",
-                p.repository.clone(),
+                e.env.event_type.as_str(),
+                repository.clone(),
                 e.env.data.clone(),
             )),
             _ => {}

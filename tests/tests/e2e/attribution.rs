@@ -622,33 +622,12 @@ async fn a_sessions_timeline_lists_its_prompts_in_order_for_those_who_may_see_it
     let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
     let client = http();
     let t = create_tenant(&pool, "timeline").await;
-    let endpoint = format!("{}/v1/otlp", ingest.url());
-    let out = tokio::task::spawn_blocking({
-        let key = t.ingest_key.clone();
-        move || {
-            Command::new(otel_python())
-                .arg(repo_root().join("tests/clients/claude_code_otel.py"))
-                .args([
-                    "--endpoint",
-                    &endpoint,
-                    "--key",
-                    &key,
-                    "--encoding",
-                    "protobuf",
-                ])
-                .args(["--sessions", "2", "--prompts", "3", "--detail"])
-                .output()
-                .expect("the OTel virtualenv exists (deploy/local/test-clients.sh)")
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let sent: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sent = send_claude_code_telemetry(
+        &ingest.url(),
+        &t.ingest_key,
+        &["--sessions", "2", "--prompts", "3", "--detail"],
+    )
+    .await;
     let sessions = sent["by_session"].as_object().unwrap();
     let (own, theirs) = {
         let mut ids: Vec<_> = sessions.iter().collect();

@@ -2,7 +2,6 @@
 //! `OTEL_LOG_USER_PROMPTS=1`, is dropped at the door (its length kept) unless the tenant
 //! stores prompts, an opt-in that is audited.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -12,30 +11,7 @@ use uuid::Uuid;
 
 /// Sends one session with `text` as its prompt through the Python OTel SDK.
 async fn send_prompt(ingest: &str, key: &str, text: &str) {
-    let endpoint = format!("{ingest}/v1/otlp");
-    let (key, text) = (key.to_string(), text.to_string());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(otel_python())
-            .arg(repo_root().join("tests/clients/claude_code_otel.py"))
-            .args([
-                "--endpoint",
-                &endpoint,
-                "--key",
-                &key,
-                "--encoding",
-                "protobuf",
-            ])
-            .args(["--sessions", "1", "--prompt-text", &text])
-            .output()
-            .expect("the OTel virtualenv exists (deploy/local/test-clients.sh)")
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    send_claude_code_telemetry(ingest, key, &["--sessions", "1", "--prompt-text", text]).await;
 }
 
 /// Waits until the tenant has `n` prompts projected (its schema first: the projector makes it
