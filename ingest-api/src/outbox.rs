@@ -2,44 +2,13 @@
 //! the same transaction as the change they describe; ingest-api's relay sends them to
 //! `tally.auth.v1`. Nothing is lost when Kafka is down at that moment — the row waits.
 
-use chrono::Utc;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use shared::events::{Actor, AuthEvent, AuthKind, Envelope, EventType, Source};
 use shared::people::{Snapshot, TeamSnapshot, UserSnapshot};
 use shared::tenant::TenantId;
 
-/// An auth event of `tenant`, ready for the outbox.
-pub fn auth_event(tenant: TenantId, kind: AuthKind, actor: Actor, event: AuthEvent) -> Envelope {
-    let now = Utc::now();
-    Envelope {
-        id: Uuid::now_v7(),
-        tenant_id: tenant,
-        event_type: EventType::Auth(kind),
-        schema_version: 1,
-        occurred_at: now,
-        received_at: now,
-        actor,
-        source: Source::Control,
-        data: serde_json::to_value(event).expect("auth events serialize"),
-    }
-}
-
-/// Records `env` for the relay of deployment `namespace` (the topic prefix).
-pub async fn record(conn: &mut PgConnection, namespace: &str, env: &Envelope) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO control.outbox (event_id, record_key, envelope, namespace)
-         VALUES ($1, $2, $3, $4)",
-    )
-    .bind(env.id)
-    .bind(env.kafka_key())
-    .bind(serde_json::to_value(env).expect("envelopes serialize"))
-    .bind(namespace)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
+pub use shared::outbox::{auth_event, record};
 
 /// The user as the control plane has them now, for the `extra.user` of user events (the
 /// projector keeps the tenant's `users` read model from it).

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::http::{header, HeaderMap};
 use shared::apikey::Scope;
-use shared::auth::{ApiKeyStore, KEY_CACHE_TTL};
+use shared::auth::{ApiKeyStore, Privacy, KEY_CACHE_TTL};
 use shared::jwt::{self, Role, Verifier};
 use shared::problem::Problem;
 use shared::tenant::TenantId;
@@ -53,6 +53,10 @@ pub struct Reader {
     pub role: Option<Role>,
     /// What proved it, so that a long-lived request (the live feed) can check it again.
     pub credential: Credential,
+    /// The user id this person's events carry (`None` for an API key).
+    pub person: Option<String>,
+    /// The tenant's privacy mode.
+    pub privacy: Privacy,
 }
 
 /// The credential a [`Reader`] was authenticated with.
@@ -70,6 +74,52 @@ pub enum Credential {
 }
 
 impl Reader {
+    /// `Some(k)` when this reader sees only aggregates of at least `k` people: in privacy
+    /// mode, managers, viewers and read keys, and owners and admins unless the tenant lets
+    /// them see individuals. Developers see their own data only, in any mode.
+    pub fn aggregates_only(&self) -> Option<u32> {
+        let restricted = match self.role {
+            None | Some(Role::Manager | Role::Viewer) => true,
+            Some(Role::Owner | Role::Admin) => !self.privacy.admins_see_individuals,
+            Some(Role::Developer) => false,
+        };
+        (self.privacy.on && restricted).then_some(self.privacy.k)
+    }
+
+    /// Whether this reader's reads of other people's individual data are audited: owners
+    /// and admins of a tenant in privacy mode that lets them see individuals.
+    pub fn audits_individual_reads(&self) -> bool {
+        self.privacy.on
+            && self.aggregates_only().is_none()
+            && matches!(self.role, Some(Role::Owner | Role::Admin))
+    }
+
+    /// Refuses (403) an individual view — `what` — to a reader who sees only aggregates.
+    pub fn require_individual_view(&self, what: &str) -> Result<(), Problem> {
+        match self.aggregates_only() {
+            None => Ok(()),
+            Some(k) => Err(Problem::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "privacy-mode",
+                "Withheld in privacy mode",
+                format!(
+                    "this tenant is in privacy mode: {what} shows individuals, and you see \
+                     only aggregates of at least {k} people (overview, timeseries by team, \
+                     teams)"
+                ),
+            )),
+        }
+    }
+
+    /// For cache keys: two readers share an answer only if they see the same rows the same
+    /// way.
+    pub fn cache_label(&self) -> String {
+        match self.aggregates_only() {
+            None => self.visibility.cache_label(),
+            Some(k) => format!("{}:k={k}", self.visibility.cache_label()),
+        }
+    }
+
     /// Owners and admins only (the audit log).
     pub fn require_admin(&self) -> Result<(), Problem> {
         match self.role {
@@ -90,6 +140,7 @@ struct UserRow {
     teams: Vec<String>,
     token_version: i32,
     active: bool,
+    privacy: Privacy,
 }
 
 /// Tells who is reading from a request's credential, with the control plane's API keys and
@@ -143,6 +194,8 @@ impl Authenticator {
                     visibility: Visibility::Tenant,
                     role: None,
                     credential: Credential::ApiKey { key_id: key.key_id },
+                    person: None,
+                    privacy: key.privacy,
                 })
             }
         }
@@ -165,6 +218,8 @@ impl Authenticator {
                 token_version: claims.ver,
                 expires_at: claims.exp,
             },
+            person: Some(user.external_id.clone()),
+            privacy: user.privacy,
         })
     }
 
@@ -208,7 +263,10 @@ impl Authenticator {
                 }
                 let user = self.lookup(*user_id, true).await?;
                 let (role, visibility) = standing(&user, reader.tenant, *token_version)?;
-                if Some(role) != reader.role || visibility != reader.visibility {
+                if Some(role) != reader.role
+                    || visibility != reader.visibility
+                    || user.privacy != reader.privacy
+                {
                     return Err(Problem::forbidden(
                         "this user's role or teams changed; reconnect to read with the new ones",
                     ));
@@ -235,10 +293,14 @@ impl Authenticator {
             token_version: i32,
             status: String,
             tenant_status: String,
+            privacy_mode: bool,
+            privacy_k: i32,
+            privacy_admins_see_individuals: bool,
         }
         let row: Option<Row> = sqlx::query_as(
             "SELECT u.tenant_id, u.role, u.external_id, u.teams, u.token_version, u.status,
-                    t.status AS tenant_status
+                    t.status AS tenant_status, t.privacy_mode, t.privacy_k,
+                    t.privacy_admins_see_individuals
                FROM control.users u JOIN control.tenants t ON t.id = u.tenant_id
               WHERE u.id = $1",
         )
@@ -257,6 +319,11 @@ impl Authenticator {
             teams: row.teams,
             token_version: row.token_version,
             active: row.status == "active" && row.tenant_status == "active",
+            privacy: Privacy::from_columns(
+                row.privacy_mode,
+                row.privacy_k,
+                row.privacy_admins_see_individuals,
+            ),
         };
         self.remember(id, user.clone());
         Ok(user)
@@ -280,6 +347,7 @@ impl Authenticator {
             teams: vec!["team".into()],
             token_version: 0,
             active: true,
+            privacy: Privacy::default(),
         };
         self.remember(user, row);
     }

@@ -92,6 +92,7 @@ impl App {
 
     pub fn router(state: AppState) -> Router {
         Router::new()
+            .route("/v1/dashboard/access", get(routes::access::access))
             .route("/v1/dashboard/overview", get(routes::dashboard::overview))
             .route(
                 "/v1/dashboard/timeseries",

@@ -162,6 +162,24 @@ impl Bucket {
     }
 }
 
+impl TimeRange {
+    /// The range widened to whole UTC days when `whole`, else itself: privacy mode's
+    /// aggregates are made of (team, day) cells, so their ranges hold whole cells only.
+    pub fn whole_days_if(self, whole: bool) -> TimeRange {
+        if !whole {
+            return self;
+        }
+        let day = TimeDelta::days(1);
+        let from = self.from.duration_trunc(day).unwrap_or(self.from);
+        let to = match self.to.duration_trunc(day) {
+            Ok(t) if t == self.to => t,
+            Ok(t) => t + day,
+            Err(_) => self.to,
+        };
+        TimeRange { from, to }
+    }
+}
+
 /// The rollups a query reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grain {

@@ -33,6 +33,31 @@ pub struct KeyPrincipal {
     pub raw_retention_days: i64,
     /// Whether the tenant stores the text of prompts (else the doors drop it).
     pub store_prompt_text: bool,
+    /// Whether the tenant stores command arguments (else the doors drop them).
+    pub store_command_text: bool,
+    /// The tenant's privacy mode (what its readers may see).
+    pub privacy: Privacy,
+}
+
+/// A tenant's privacy mode: when `on`, managers, viewers and read keys see only aggregates
+/// of at least `k` people, and individual views are for the person themself and, when
+/// `admins_see_individuals`, for owners and admins (audited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+pub struct Privacy {
+    pub on: bool,
+    pub k: u32,
+    pub admins_see_individuals: bool,
+}
+
+impl Privacy {
+    /// From the `control.tenants` columns.
+    pub fn from_columns(on: bool, k: i32, admins_see_individuals: bool) -> Privacy {
+        Privacy {
+            on,
+            k: u32::try_from(k).unwrap_or(5).max(2),
+            admins_see_individuals,
+        }
+    }
 }
 
 /// Why a request's API key was not accepted. Each service turns it into its own answer
@@ -151,11 +176,24 @@ impl ApiKeyStore {
     }
 
     async fn lookup(&self, hash: &[u8]) -> Result<KeyPrincipal, KeyError> {
-        /// Key id, tenant, scope, plan, rate limit, raw retention days, prompt text stored.
-        type KeyRow = (Uuid, Uuid, String, String, Option<i32>, i32, bool);
+        #[derive(sqlx::FromRow)]
+        struct KeyRow {
+            id: Uuid,
+            tenant_id: Uuid,
+            scope: String,
+            plan: String,
+            rate_limit_per_min: Option<i32>,
+            raw_retention_days: i32,
+            store_prompt_text: bool,
+            store_command_text: bool,
+            privacy_mode: bool,
+            privacy_k: i32,
+            privacy_admins_see_individuals: bool,
+        }
         let row: Option<KeyRow> = sqlx::query_as(
             "SELECT k.id, k.tenant_id, k.scope, t.plan, t.rate_limit_per_min, t.raw_retention_days,
-                    t.store_prompt_text
+                    t.store_prompt_text, t.store_command_text, t.privacy_mode, t.privacy_k,
+                    t.privacy_admins_see_individuals
                FROM control.api_keys k
                JOIN control.tenants t ON t.id = k.tenant_id
               WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.status = 'active'",
@@ -167,22 +205,29 @@ impl ApiKeyStore {
             tracing::error!(error = %e, "API key lookup failed");
             KeyError::Unavailable
         })?;
-        let (key_id, tenant_id, scope, plan, limit, raw_retention_days, store_prompt_text) =
-            row.ok_or(KeyError::Unauthenticated(UNKNOWN_KEY))?;
-        let scope = Scope::parse(&scope).ok_or_else(|| {
-            tracing::error!(%key_id, scope, "API key with an unknown scope");
+        let row = row.ok_or(KeyError::Unauthenticated(UNKNOWN_KEY))?;
+        let key_id = row.id;
+        let scope = Scope::parse(&row.scope).ok_or_else(|| {
+            tracing::error!(%key_id, scope = row.scope, "API key with an unknown scope");
             KeyError::Corrupt
         })?;
-        let rate_limit_per_min = limit
+        let rate_limit_per_min = row
+            .rate_limit_per_min
             .and_then(|l| u32::try_from(l).ok())
-            .unwrap_or_else(|| plan_limit(&plan));
+            .unwrap_or_else(|| plan_limit(&row.plan));
         Ok(KeyPrincipal {
             key_id,
-            tenant_id: TenantId(tenant_id),
+            tenant_id: TenantId(row.tenant_id),
             scope,
             rate_limit_per_min,
-            raw_retention_days: i64::from(raw_retention_days),
-            store_prompt_text,
+            raw_retention_days: i64::from(row.raw_retention_days),
+            store_prompt_text: row.store_prompt_text,
+            store_command_text: row.store_command_text,
+            privacy: Privacy::from_columns(
+                row.privacy_mode,
+                row.privacy_k,
+                row.privacy_admins_see_individuals,
+            ),
         })
     }
 }

@@ -96,10 +96,16 @@ pub enum AuthKind {
     RuleChanged,
     /// A source-control integration (GitHub, GitLab webhook secret) was set or removed.
     IntegrationChanged,
+    /// The tenant's privacy settings changed: privacy mode, its group size, whether owners
+    /// and admins see individuals, whether prompt text or command arguments are stored.
+    PrivacyChanged,
+    /// Someone read another person's individual data (privacy mode): who is the actor,
+    /// whose is `target`, what is `detail`.
+    IndividualRead,
 }
 
 impl AuthKind {
-    pub const ALL: [AuthKind; 21] = [
+    pub const ALL: [AuthKind; 23] = [
         AuthKind::LoginSucceeded,
         AuthKind::LoginFailed,
         AuthKind::TokenRefreshed,
@@ -121,6 +127,8 @@ impl AuthKind {
         AuthKind::ChannelChanged,
         AuthKind::RuleChanged,
         AuthKind::IntegrationChanged,
+        AuthKind::PrivacyChanged,
+        AuthKind::IndividualRead,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -146,6 +154,8 @@ impl AuthKind {
             AuthKind::ChannelChanged => "channel.changed",
             AuthKind::RuleChanged => "rule.changed",
             AuthKind::IntegrationChanged => "integration.changed",
+            AuthKind::PrivacyChanged => "privacy.changed",
+            AuthKind::IndividualRead => "privacy.individual_read",
         }
     }
 }

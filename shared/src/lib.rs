@@ -13,6 +13,7 @@ pub mod health;
 pub mod histogram;
 pub mod jwt;
 pub mod kafka;
+pub mod outbox;
 pub mod people;
 pub mod problem;
 pub mod redis_client;

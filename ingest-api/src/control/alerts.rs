@@ -145,20 +145,40 @@ pub struct Settings {
     pub time_zone: Option<String>,
     /// Whether the text of prompts is stored (off: the doors drop it, its length stays).
     pub store_prompt_text: Option<bool>,
+    /// Whether command arguments are stored (off: the doors drop them).
+    pub store_command_text: Option<bool>,
+    /// Privacy mode (owners only): aggregates of at least `privacy_k` people for managers,
+    /// viewers and read keys; individual views for the person themself.
+    pub privacy_mode: Option<bool>,
+    /// The smallest group an aggregate may cover in privacy mode (2..=1000; owners only).
+    pub privacy_k: Option<i32>,
+    /// Whether owners and admins see individuals in privacy mode, audited (owners only).
+    pub privacy_admins_see_individuals: Option<bool>,
 }
 
 async fn settings(conn: &mut sqlx::PgConnection, tenant: TenantId) -> Result<Value, Problem> {
-    let (tz, prompts): (String, bool) =
-        sqlx::query_as("SELECT time_zone, store_prompt_text FROM control.tenants WHERE id = $1")
-            .bind(tenant.0)
-            .fetch_one(conn)
-            .await
-            .map_err(db)?;
-    Ok(json!({ "time_zone": tz, "store_prompt_text": prompts }))
+    type Row = (String, bool, bool, bool, i32, bool);
+    let (tz, prompts, commands, privacy, k, admins): Row = sqlx::query_as(
+        "SELECT time_zone, store_prompt_text, store_command_text, privacy_mode, privacy_k,
+                privacy_admins_see_individuals
+           FROM control.tenants WHERE id = $1",
+    )
+    .bind(tenant.0)
+    .fetch_one(conn)
+    .await
+    .map_err(db)?;
+    Ok(json!({
+        "time_zone": tz,
+        "store_prompt_text": prompts,
+        "store_command_text": commands,
+        "privacy_mode": privacy,
+        "privacy_k": k,
+        "privacy_admins_see_individuals": admins,
+    }))
 }
 
-/// `GET /v1/admin/settings`: the tenant's time zone (budgets' calendar periods) and whether
-/// it stores prompts' text.
+/// `GET /v1/admin/settings`: the tenant's time zone (budgets' calendar periods), what it
+/// stores of prompts and commands, and its privacy mode.
 pub async fn get_settings(
     State(s): State<AppState>,
     caller: TenantAdmin,
@@ -167,13 +187,59 @@ pub async fn get_settings(
     Ok(Json(settings(&mut conn, caller.tenant).await?))
 }
 
-/// `PATCH /v1/admin/settings`: sets the time zone (an IANA name, e.g. `Europe/Paris`) and
-/// whether prompts' text is stored (API keys learn it within their cache's minute).
+/// Sets one boolean or integer column of the tenant and audits it as `kind`.
+async fn set_setting(
+    s: &AppState,
+    tx: &mut sqlx::PgConnection,
+    caller: &TenantAdmin,
+    column: &'static str,
+    value: Value,
+    kind: AuthKind,
+) -> Result<(), Problem> {
+    // `column` is one of this module's literals, never the request's.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE control.tenants SET {column} = ($2::jsonb #>> '{{}}')::{ty}, updated_at = now()
+          WHERE id = $1",
+        ty = if value.is_boolean() {
+            "boolean"
+        } else {
+            "integer"
+        }
+    )))
+    .bind(caller.tenant.0)
+    .bind(&value)
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    let target = format!("setting:{column}");
+    audited(s, tx, caller, kind, target, &format!("{column} = {value}")).await
+}
+
+/// `PATCH /v1/admin/settings`: sets the time zone (an IANA name, e.g. `Europe/Paris`), what
+/// is stored of prompts and commands, and (owners only) the privacy mode. API keys and
+/// query-api learn the change within their caches' 10 s.
 pub async fn set_settings(
     State(s): State<AppState>,
     caller: TenantAdmin,
     Body(req): Body<Settings>,
 ) -> Result<Json<Value>, Problem> {
+    let privacy = [
+        ("privacy_mode", req.privacy_mode.map(Value::from)),
+        ("privacy_k", req.privacy_k.map(Value::from)),
+        (
+            "privacy_admins_see_individuals",
+            req.privacy_admins_see_individuals.map(Value::from),
+        ),
+    ];
+    if let Some((field, _)) = privacy.iter().find(|(_, v)| v.is_some()) {
+        if !caller.is_owner {
+            let detail = "only the tenant's owners may change its privacy mode";
+            return Err(caller.refuse(&s, detail, format!("setting:{field}")).await);
+        }
+    }
+    if req.privacy_k.is_some_and(|k| !(2..=1000).contains(&k)) {
+        return Err(Problem::invalid_field("privacy_k", "must be 2..=1000"));
+    }
     let mut tx = s.pool.begin().await.map_err(db)?;
     if let Some(tz) = &req.time_zone {
         if tz.len() > 64 || !budgets::valid_time_zone(&mut tx, tz).await.map_err(db)? {
@@ -199,30 +265,25 @@ pub async fn set_settings(
         )
         .await?;
     }
-    if let Some(on) = req.store_prompt_text {
-        sqlx::query(
-            "UPDATE control.tenants SET store_prompt_text = $2, updated_at = now() WHERE id = $1",
-        )
-        .bind(caller.tenant.0)
-        .bind(on)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        let detail = if on {
-            "prompt text stored"
-        } else {
-            "prompt text dropped"
-        };
-        let target = "setting:store_prompt_text".to_string();
-        audited(
-            &s,
-            &mut tx,
-            &caller,
-            AuthKind::IntegrationChanged,
-            target,
-            detail,
-        )
-        .await?;
+    let stored = [
+        ("store_prompt_text", req.store_prompt_text.map(Value::from)),
+        (
+            "store_command_text",
+            req.store_command_text.map(Value::from),
+        ),
+    ];
+    for (column, value) in stored.into_iter().chain(privacy) {
+        if let Some(value) = value {
+            set_setting(
+                &s,
+                &mut tx,
+                &caller,
+                column,
+                value,
+                AuthKind::PrivacyChanged,
+            )
+            .await?;
+        }
     }
     let now = settings(&mut tx, caller.tenant).await?;
     tx.commit().await.map_err(db)?;

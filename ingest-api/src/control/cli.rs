@@ -82,6 +82,13 @@ pub enum TenantCommand {
     Create {
         #[arg(long)]
         name: String,
+        /// Start in privacy mode: aggregates of at least `--privacy-k` people for managers,
+        /// viewers and read keys; individual views for the person themself.
+        #[arg(long)]
+        privacy_mode: bool,
+        /// The smallest group an aggregate covers in privacy mode (2..=1000, default 5).
+        #[arg(long)]
+        privacy_k: Option<i32>,
     },
     /// List tenants.
     List,
@@ -135,8 +142,16 @@ pub enum ApiKeyCommand {
 pub async fn run(pool: &PgPool, ns: &str, cmd: AdminCommand) -> anyhow::Result<()> {
     shared::db::migrate(pool).await?;
     match cmd {
-        AdminCommand::Tenant(TenantCommand::Create { name }) => {
-            println!("{}", create_tenant(pool, ns, &name).await?);
+        AdminCommand::Tenant(TenantCommand::Create {
+            name,
+            privacy_mode,
+            privacy_k,
+        }) => {
+            let tenant = create_tenant(pool, ns, &name).await?;
+            if privacy_mode || privacy_k.is_some() {
+                super::store::set_privacy(pool, tenant, privacy_mode, privacy_k).await?;
+            }
+            println!("{tenant}");
         }
         AdminCommand::Tenant(TenantCommand::List) => {
             let rows: Vec<(Uuid, String, String)> =

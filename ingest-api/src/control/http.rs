@@ -182,6 +182,9 @@ pub struct NewTenant {
     pub name: String,
     pub plan: Option<String>,
     pub rate_limit_per_min: Option<i32>,
+    /// Privacy mode from the start (default off), and its group size (default 5).
+    pub privacy_mode: Option<bool>,
+    pub privacy_k: Option<i32>,
     pub owner: NewPerson,
 }
 
@@ -261,9 +264,18 @@ pub async fn create_tenant(
     check_len("name", &req.name, 200)?;
     check_plan(req.plan.as_deref(), req.rate_limit_per_min)?;
     check_person(&req.owner, "owner.")?;
+    if req.privacy_k.is_some_and(|k| !(2..=1000).contains(&k)) {
+        return Err(Problem::invalid_field("privacy_k", "must be 2..=1000"));
+    }
     let tenant = store::create_tenant(&s.pool, ns(&s), &req.name)
         .await
         .map_err(failed)?;
+    if req.privacy_mode.is_some() || req.privacy_k.is_some() {
+        let on = req.privacy_mode.unwrap_or(false);
+        store::set_privacy(&s.pool, tenant, on, req.privacy_k)
+            .await
+            .map_err(failed)?;
+    }
     if req.plan.is_some() || req.rate_limit_per_min.is_some() {
         let plan = req.plan.as_deref().unwrap_or("professional");
         store::set_plan(&s.pool, tenant, plan, req.rate_limit_per_min)

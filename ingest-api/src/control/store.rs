@@ -44,6 +44,30 @@ pub async fn create_tenant(pool: &PgPool, ns: &str, name: &str) -> anyhow::Resul
     Ok(id)
 }
 
+/// Chooses a new tenant's privacy mode and group size (see `control.tenants.privacy_mode`).
+pub async fn set_privacy(
+    pool: &PgPool,
+    tenant: TenantId,
+    on: bool,
+    k: Option<i32>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        k.is_none_or(|k| (2..=1000).contains(&k)),
+        "privacy_k is 2..=1000"
+    );
+    sqlx::query(
+        "UPDATE control.tenants SET privacy_mode = $2, privacy_k = coalesce($3, privacy_k),
+                updated_at = now()
+          WHERE id = $1",
+    )
+    .bind(tenant.0)
+    .bind(on)
+    .bind(k)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Sets a tenant's plan and optional own rate limit (requests per minute).
 pub async fn set_plan(
     pool: &PgPool,

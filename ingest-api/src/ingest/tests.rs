@@ -62,6 +62,8 @@ impl Keys for FakeKeys {
                 rate_limit_per_min: self.limit,
                 raw_retention_days: 3650,
                 store_prompt_text: false,
+                store_command_text: false,
+                privacy: Default::default(),
             })
         })
     }

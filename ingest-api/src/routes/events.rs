@@ -95,7 +95,12 @@ async fn accept(
             crate::routes::otlp::drop_prompt_text(&mut raw);
         }
         match ctx.envelope(i, raw) {
-            Ok(env) => envelopes.push(env),
+            Ok(mut env) => {
+                if !principal.store_command_text {
+                    crate::routes::otlp::drop_command_text(&mut env);
+                }
+                envelopes.push(env)
+            }
             Err(e) => errors.extend(e),
         }
     }

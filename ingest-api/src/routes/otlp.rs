@@ -77,6 +77,35 @@ pub(crate) fn drop_prompt_text(event: &mut serde_json::Value) {
     }
 }
 
+/// An event without the arguments of the commands it describes (`command.executed`'s `args`,
+/// and what a tool ran: the hook's `details.command`, Claude Code's `tool_parameters`), for
+/// tenants that do not store them. Done after validation, so the event's id and its
+/// validation do not depend on the tenant's choice.
+pub(crate) fn drop_command_text(env: &mut shared::events::Envelope) {
+    use shared::events::EventType;
+    let fields: &[&str] = match env.event_type {
+        EventType::CommandExecuted => &["args"],
+        EventType::ToolExecuted => &["details"],
+        _ => return,
+    };
+    let Some(data) = env.data.as_object_mut() else {
+        return;
+    };
+    for field in fields {
+        match (*field, data.get_mut(*field)) {
+            ("details", Some(serde_json::Value::Object(details))) => {
+                for secret in ["command", "tool_parameters", "full_command", "tool_input"] {
+                    details.remove(secret);
+                }
+            }
+            (_, Some(_)) => {
+                data.remove(*field);
+            }
+            _ => {}
+        }
+    }
+}
+
 fn encoding(headers: &HeaderMap) -> Result<Encoding, IngestError> {
     let ct = header_text(headers, header::CONTENT_TYPE);
     Encoding::from_content_type(ct).ok_or_else(|| {
@@ -102,7 +131,12 @@ pub(crate) async fn take<S: Signal>(
             drop_prompt_text(&mut raw);
         }
         match ctx.envelope(i, raw) {
-            Ok(env) => envelopes.push(env),
+            Ok(mut env) => {
+                if !principal.store_command_text {
+                    drop_command_text(&mut env);
+                }
+                envelopes.push(env)
+            }
             // One refusal per point, named by its OTLP path, with every reason.
             Err(errors) => converted.rejected.push(FieldError::new(
                 origin,

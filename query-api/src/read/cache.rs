@@ -96,7 +96,7 @@ mod tests {
             from: Utc.timestamp_opt(60, 0).unwrap(),
             to: Utc.timestamp_opt(120, 0).unwrap(),
         };
-        let scope = ReadScope::new(&Visibility::Tenant, &range);
+        let scope = ReadScope::labelled(&Visibility::Tenant.cache_label(), &range);
         assert_eq!(
             answer_key(tenant, 2, 41, &scope, "overview"),
             format!("tally:q:{tenant}:v2:41:all:60:120:overview")

@@ -105,6 +105,17 @@ impl<P> Read<P> {
         &self.state.config
     }
 
+    /// `res`, after auditing this read of other people's data (see
+    /// [`super::privacy::audited`]): `what` names the view, `whose` finds the people in it.
+    pub async fn audited(
+        &self,
+        what: &str,
+        res: Response,
+        whose: impl Fn(&serde_json::Value) -> Vec<String>,
+    ) -> Result<Response, Problem> {
+        super::privacy::audited(&self.state, &self.reader, what, res, whose).await
+    }
+
     /// The range the parameters name (see [`parse_range`]).
     pub fn range(&self) -> Result<TimeRange, Problem>
     where
@@ -134,7 +145,7 @@ impl<P> Read<P> {
     {
         let tenant = self.reader.tenant;
         let cache = &self.state.cache;
-        let scope = ReadScope::new(&self.reader.visibility, range);
+        let scope = ReadScope::new(&self.reader, range);
         let announced = cache.announced(&tenant).await;
         if let Some(at) = announced {
             if let Some(hit) = CachedAnswer::at(tenant, at, &scope, request_key)

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod context;
 pub mod csv;
 pub mod errors;
+pub mod privacy;
 pub mod scope;
 pub mod tenant;
 

@@ -1,6 +1,8 @@
 //! Who reads which range: part of every cached answer's key, so that an answer computed for
 //! one caller's visibility is never served to another.
 
+use crate::auth::Reader;
+#[cfg(test)]
 use crate::auth::Visibility;
 use crate::range::TimeRange;
 
@@ -8,10 +10,15 @@ use crate::range::TimeRange;
 pub struct ReadScope(String);
 
 impl ReadScope {
-    pub fn new(visibility: &Visibility, range: &TimeRange) -> ReadScope {
+    pub fn new(reader: &Reader, range: &TimeRange) -> ReadScope {
+        ReadScope::labelled(&reader.cache_label(), range)
+    }
+
+    /// The scope of readers with the cache label `label` ([`Reader::cache_label`]).
+    pub fn labelled(label: &str, range: &TimeRange) -> ReadScope {
         ReadScope(format!(
             "{}:{}:{}",
-            visibility.cache_label(),
+            label,
             range.from.timestamp(),
             range.to.timestamp()
         ))
@@ -34,7 +41,11 @@ mod tests {
             from: Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap(),
             to: Utc.with_ymd_and_hms(2026, 11, 2, 0, 0, 0).unwrap(),
         };
-        let scope = |v: Visibility| ReadScope::new(&v, &range).as_str().to_string();
+        let scope = |v: Visibility| {
+            ReadScope::labelled(&v.cache_label(), &range)
+                .as_str()
+                .to_string()
+        };
         assert_eq!(scope(Visibility::Tenant), "all:1793491200:1793577600");
         assert_eq!(
             scope(Visibility::Teams(vec!["a".into(), "b".into()])),

@@ -34,8 +34,31 @@ async fn with_status(
         .await
         .map_err(db_error)?;
     let now = Utc::now();
+    // In privacy mode, a reader of aggregates sees no person's budget, nor the spend of a
+    // team of fewer than k people.
+    let small_teams: Vec<String> = match reader.aggregates_only() {
+        None => Vec::new(),
+        Some(k) => sqlx::query_scalar(
+            "SELECT t FROM control.users u, unnest(u.teams) t
+              WHERE u.tenant_id = $1 AND u.status = 'active'
+              GROUP BY t HAVING count(*) < $2",
+        )
+        .bind(reader.tenant.0)
+        .bind(k as i64)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_error)?,
+    };
+    let private = |b: &Budget| {
+        reader.aggregates_only().is_some()
+            && (b.scope == Scope::User
+                || (b.scope == Scope::Team && small_teams.contains(&b.scope_id)))
+    };
     let mut out = Vec::new();
-    for b in list.into_iter().filter(|b| visible(reader, b)) {
+    for b in list
+        .into_iter()
+        .filter(|b| visible(reader, b) && !private(b))
+    {
         let status = budgets::status(&mut conn, &b, &tz, now)
             .await
             .map_err(db_error)?;
@@ -123,6 +146,7 @@ pub async fn visible_firings(
             "SELECT id, source, fired_at, payload FROM control.firings
               WHERE tenant_id = $1 AND ($2::text IS NULL OR (scope = $2 AND scope_id = ANY($3)))
                 AND ($5::timestamptz IS NULL OR (fired_at, id) > ($5, $6))
+                AND NOT ($7 AND scope = 'user')
               ORDER BY fired_at {order}, id {order} LIMIT $4"
         )))
         .bind(reader.tenant.0)
@@ -131,6 +155,7 @@ pub async fn visible_firings(
         .bind(limit)
         .bind(after.map(|a| a.0))
         .bind(after.map(|a| a.1))
+        .bind(reader.aggregates_only().is_some())
         .fetch_all(pool)
         .await?;
     Ok(rows

@@ -58,6 +58,11 @@ pub struct Overview {
     pub cost_usd: f64,
     pub active_users: i64,
     pub sessions: i64,
+    /// In privacy mode, for readers who see only aggregates: the smallest group counted.
+    /// The answer then sums only (team, UTC day) cells with at least this many active
+    /// people, over whole days, and leaves out single values (`duration_max_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_group: Option<u32>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -118,7 +123,8 @@ pub struct Point {
 
 /// `GET /v1/dashboard/overview`
 pub async fn overview(read: Read<RangeParams>) -> Result<Response, Problem> {
-    let range = read.range()?;
+    let k = read.reader.aggregates_only();
+    let range = read.range()?.whole_days_if(k.is_some());
     let (tenant, visibility) = (read.reader.tenant, &read.reader.visibility);
     read.answer(&range, "overview", |ctx| async move {
         let mut o = Overview {
@@ -135,10 +141,11 @@ pub async fn overview(read: Read<RangeParams>) -> Result<Response, Problem> {
             cost_usd: 0.0,
             active_users: 0,
             sessions: 0,
+            min_group: k,
         };
         if let Some(TenantRead { mut tx, fresh }) = ctx {
             o.as_of = fresh.as_of;
-            compute_overview(&mut tx, &range, visibility, &mut o)
+            compute_overview(&mut tx, &range, visibility, k, &mut o)
                 .await
                 .map_err(db_error)?;
         }
@@ -158,11 +165,12 @@ async fn compute_overview(
     conn: &mut PgConnection,
     range: &TimeRange,
     visibility: &Visibility,
+    k: Option<u32>,
     o: &mut Overview,
 ) -> sqlx::Result<()> {
-    let (rows, hist_of, active_users) = match visibility {
-        Visibility::Tenant => tenant_overview(conn, range).await?,
-        _ => keyed_overview(conn, range, visibility).await?,
+    let (rows, hist_of, active_users) = match (visibility, k) {
+        (Visibility::Tenant, None) => tenant_overview(conn, range).await?,
+        _ => keyed_overview(conn, range, visibility, k).await?,
     };
     for (t, count, errors, dsum, dmax, tin, tout, vsum) in rows {
         o.events_total += count;
@@ -179,7 +187,8 @@ async fn compute_overview(
             duration_sum_ms: dsum,
             duration_avg_ms: (count > 0).then(|| dsum as f64 / count as f64),
             duration_p95_ms: hist_of.get(&t).and_then(|h| histogram::quantile(h, 0.95)),
-            duration_max_ms: (count > 0).then_some(dmax),
+            // One person's slowest run is theirs alone.
+            duration_max_ms: (count > 0 && k.is_none()).then_some(dmax),
         };
         match EventType::parse(&t) {
             Some(EventType::CommandExecuted) => o.commands = activity,
@@ -246,13 +255,16 @@ async fn tenant_overview(
 }
 
 /// The overview of a reader who sees some teams or only themself, from the per-key rollups
-/// filtered to what they see.
+/// filtered to what they see; with `k`, only from the (team, day) cells of at least `k`
+/// active people (`range` is then whole days, read from the daily rollups).
 async fn keyed_overview(
     conn: &mut PgConnection,
     range: &TimeRange,
     visibility: &Visibility,
+    k: Option<u32>,
 ) -> sqlx::Result<OverviewParts> {
     let (user_filter, team_filter) = visibility.filters();
+    let k = k.map(|k| k as i32);
     let grain = Grain::for_range(range);
     let rows: Vec<OverviewRow> = sqlx::query_as(by_grain!(
         grain,
@@ -260,12 +272,17 @@ async fn keyed_overview(
                 max(duration_max), sum(input_tokens)::bigint, sum(output_tokens)::bigint,
                 sum(value_sum)
            FROM ",
-        " WHERE bucket >= $1 AND bucket < $2 AND ($3::text IS NULL OR user_id = $3) AND ($4::text[] IS NULL OR team_id = ANY($4)) GROUP BY event_type"
+        " WHERE bucket >= $1 AND bucket < $2 AND ($3::text IS NULL OR user_id = $3) AND ($4::text[] IS NULL OR team_id = ANY($4))
+            AND ($5::int IS NULL OR (bucket, team_id) IN (SELECT bucket, team_id FROM activity_1d
+                  WHERE bucket >= $1 AND bucket < $2 GROUP BY 1, 2
+                 HAVING count(DISTINCT user_id) FILTER (WHERE user_id <> '') >= $5))
+          GROUP BY event_type"
     ))
     .bind(range.from)
     .bind(range.to)
     .bind(user_filter)
     .bind(team_filter)
+    .bind(k)
     .fetch_all(&mut *conn)
     .await?;
     let hists: Vec<(String, i64, i64)> = sqlx::query_as(by_grain!(
@@ -276,12 +293,16 @@ async fn keyed_overview(
           WHERE a.bucket >= $1 AND a.bucket < $2 AND h.n > 0
             AND ($3::text IS NULL OR a.user_id = $3) AND ($4::text[] IS NULL OR a.team_id = ANY($4))
             AND a.event_type IN ('command.executed', 'agent.interacted', 'tool.executed')
+            AND ($5::int IS NULL OR (a.bucket, a.team_id) IN (SELECT bucket, team_id FROM activity_1d
+                  WHERE bucket >= $1 AND bucket < $2 GROUP BY 1, 2
+                 HAVING count(DISTINCT user_id) FILTER (WHERE user_id <> '') >= $5))
           GROUP BY 1, 2"
     ))
     .bind(range.from)
     .bind(range.to)
     .bind(user_filter)
     .bind(team_filter)
+    .bind(k)
     .fetch_all(&mut *conn)
     .await?;
     let mut hist_of: BTreeMap<String, Vec<i64>> = BTreeMap::new();
@@ -296,12 +317,16 @@ async fn keyed_overview(
     let active_users: i64 = sqlx::query_scalar(by_grain!(
         grain,
         "SELECT count(DISTINCT user_id) FROM ",
-        " WHERE bucket >= $1 AND bucket < $2 AND user_id <> '' AND ($3::text IS NULL OR user_id = $3) AND ($4::text[] IS NULL OR team_id = ANY($4))"
+        " WHERE bucket >= $1 AND bucket < $2 AND user_id <> '' AND ($3::text IS NULL OR user_id = $3) AND ($4::text[] IS NULL OR team_id = ANY($4))
+            AND ($5::int IS NULL OR (bucket, team_id) IN (SELECT bucket, team_id FROM activity_1d
+                  WHERE bucket >= $1 AND bucket < $2 GROUP BY 1, 2
+                 HAVING count(DISTINCT user_id) FILTER (WHERE user_id <> '') >= $5))"
     ))
     .bind(range.from)
     .bind(range.to)
     .bind(user_filter)
     .bind(team_filter)
+    .bind(k)
     .fetch_one(&mut *conn)
     .await?;
     Ok((rows, hist_of, active_users))
@@ -330,8 +355,19 @@ fn group_column(group_by: &str) -> Result<(&'static str, Option<EventType>), Fie
 /// `GET /v1/dashboard/timeseries`
 pub async fn timeseries(read: Read<SeriesParams>) -> Result<Response, Problem> {
     let (p, config) = (&read.params, read.config());
-    let range = read.range()?;
-    let bucket = Bucket::parse(p.bucket.as_deref().unwrap_or("1h")).map_err(invalid)?;
+    let k = read.reader.aggregates_only();
+    let range = read.range()?.whole_days_if(k.is_some());
+    let mut bucket = Bucket::parse(p.bucket.as_deref().unwrap_or("1h")).map_err(invalid)?;
+    if k.is_some() {
+        // Aggregates of k people are (team, day) cells: a series of them is daily or weekly.
+        if !matches!(bucket, Bucket::D1 | Bucket::W1) {
+            bucket = Bucket::D1;
+        }
+        if p.group_by.as_deref().is_some_and(|g| g != "team") {
+            read.reader
+                .require_individual_view("a series grouped by anything but team")?;
+        }
+    }
     let points = (range.to - range.from).num_seconds() / bucket.width().num_seconds();
     if points > config.max_points {
         return Err(invalid(FieldError::new(
@@ -401,6 +437,7 @@ pub async fn timeseries(read: Read<SeriesParams>) -> Result<Response, Problem> {
                 column,
                 event_type,
                 limit,
+                k,
             };
             (ts.groups, ts.series) = compute_series(&mut tx, query).await.map_err(db_error)?;
         }
@@ -433,6 +470,9 @@ struct SeriesQuery<'a> {
     event_type: Option<EventType>,
     /// How many groups get their own series.
     limit: usize,
+    /// Only (team, day) cells of at least this many people (with whole days and a daily or
+    /// weekly bucket).
+    k: Option<u32>,
 }
 
 /// The number of distinct groups, and the series: the `limit` largest groups by count (in
@@ -448,6 +488,7 @@ async fn compute_series(
         column,
         event_type,
         limit,
+        k,
     } = q;
     let (user_filter, team_filter) = visibility.filters();
     let grain = Grain::for_series(bucket, range);
@@ -458,7 +499,10 @@ async fn compute_series(
         microseconds: width.num_microseconds().expect("bucket widths are small"),
     };
     // Weeks start on Monday: 2000-01-03 was one, and every smaller width divides a week.
-    let rows: Vec<SeriesRow> = if column.is_none() && *visibility == Visibility::Tenant {
+    let rows: Vec<SeriesRow> = if column.is_none()
+        && *visibility == Visibility::Tenant
+        && k.is_none()
+    {
         // One series of the whole tenant: from the tenant-wide rollups (one group, kept).
         sqlx::query_as(by_grain!(
             grain,
@@ -489,6 +533,9 @@ async fn compute_series(
                FROM ",
             " WHERE bucket >= $1 AND bucket < $2 AND ($5::text IS NULL OR event_type = $5)
                 AND ($6::text IS NULL OR user_id = $6) AND ($7::text[] IS NULL OR team_id = ANY($7))
+                AND ($9::int IS NULL OR (bucket, team_id) IN (SELECT bucket, team_id FROM activity_1d
+                      WHERE bucket >= $1 AND bucket < $2 GROUP BY 1, 2
+                     HAVING count(DISTINCT user_id) FILTER (WHERE user_id <> '') >= $9))
               GROUP BY 1, 2),
          kept AS (SELECT g FROM r GROUP BY g ORDER BY sum(c) DESC, g LIMIT $8),
          k AS (SELECT r.*, r.g IN (SELECT g FROM kept) AS is_kept FROM r)
@@ -506,6 +553,7 @@ async fn compute_series(
         .bind(user_filter)
         .bind(team_filter)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(k.map(|k| k as i32))
         .fetch_all(&mut *conn)
         .await?
     };

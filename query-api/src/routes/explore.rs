@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::range::Grain;
 use crate::read::csv::{respond, wants_csv};
+use crate::read::privacy::ids_in;
 use crate::read::{db_error, invalid, ranged, Read, TenantRead};
 
 #[derive(Debug, Deserialize)]
@@ -54,6 +55,7 @@ pub struct TopList {
 
 /// `GET /v1/dashboard/top`
 pub async fn top(read: Read<TopParams>) -> Result<Response, Problem> {
+    read.reader.require_individual_view("a top list")?;
     let p = &read.params;
     let csv = wants_csv(p.format.as_deref())?;
     let range = read.range()?;
@@ -194,6 +196,16 @@ pub async fn top(read: Read<TopParams>) -> Result<Response, Problem> {
         Ok(list)
     })
     .await?;
+    let res = read
+        .audited("top users", res, |a| {
+            let by_user = a.get("dimension").and_then(|d| d.as_str()) == Some("user");
+            if by_user {
+                ids_in(a, "items", "key")
+            } else {
+                Vec::new()
+            }
+        })
+        .await?;
     respond(res, csv, "items").await
 }
 
@@ -257,6 +269,7 @@ const FEED_SQL: &str = "SELECT event_id, occurred_at, event_type, user_id, team_
 
 /// `GET /v1/dashboard/activity`
 pub async fn activity(read: Read<ActivityParams>) -> Result<Response, Problem> {
+    read.reader.require_individual_view("the activity list")?;
     let p = &read.params;
     let csv = wants_csv(p.format.as_deref())?;
     let range = read.range()?;
@@ -318,6 +331,9 @@ pub async fn activity(read: Read<ActivityParams>) -> Result<Response, Problem> {
             }
             Ok(page)
         })
+        .await?;
+    let res = read
+        .audited("activity", res, |a| ids_in(a, "items", "user_id"))
         .await?;
     respond(res, csv, "items").await
 }

@@ -14,6 +14,7 @@ use shared::tenant::TenantId;
 use crate::auth::Visibility;
 use crate::range::{Grain, TimeRange};
 use crate::read::csv::{respond, wants_csv};
+use crate::read::privacy::ids_in;
 use crate::read::{db_error, invalid, ranged, Read, TenantRead};
 
 #[derive(Debug, Deserialize)]
@@ -147,12 +148,15 @@ pub const FORMULA: &str = "40 × success rate + 30 × min(1, 5000 ms / average c
 
 type Row = (String, i64, i64, i64, i64, i64);
 
-/// Per key (user or team): commands, errors, duration sum, distinct agents, active users.
+/// Per key (user or team): commands, errors, duration sum, distinct agents, active users;
+/// with `k`, only from the (team, day) cells of at least `k` active people (`range` is then
+/// whole days).
 async fn rows(
     tx: &mut sqlx::PgConnection,
     range: &TimeRange,
     column: &str,
     visibility: &Visibility,
+    k: Option<u32>,
 ) -> sqlx::Result<Vec<Row>> {
     let (user_filter, team_filter) = visibility.filters();
     sqlx::query_as(by_grain!(
@@ -166,6 +170,9 @@ async fn rows(
            FROM ",
         " WHERE bucket >= $1 AND bucket < $2
             AND ($4::text IS NULL OR user_id = $4) AND ($5::text[] IS NULL OR team_id = ANY($5))
+            AND ($6::int IS NULL OR (bucket, team_id) IN (SELECT bucket, team_id FROM activity_1d
+                  WHERE bucket >= $1 AND bucket < $2 GROUP BY 1, 2
+                 HAVING count(DISTINCT user_id) FILTER (WHERE user_id <> '') >= $6))
           GROUP BY 1
          HAVING (CASE $3 WHEN 'team' THEN min(team_id) ELSE min(user_id) END) <> ''"
     ))
@@ -174,21 +181,27 @@ async fn rows(
     .bind(column)
     .bind(user_filter)
     .bind(team_filter)
+    .bind(k.map(|k| k as i32))
     .fetch_all(tx)
     .await
 }
 
-/// What both ranked lists take: the format, the range and the page.
+/// What both ranked lists take: the format, the range (whole days for a reader who sees
+/// only aggregates) and the page.
 fn ranked(read: &Read<RankedParams>) -> Result<(bool, TimeRange, Page), Problem> {
     let p = &read.params;
     let csv = wants_csv(p.format.as_deref())?;
-    let range = read.range()?;
+    let range = read
+        .range()?
+        .whole_days_if(read.reader.aggregates_only().is_some());
     let page = Page::parse(p.limit, p.cursor.as_deref())?;
     Ok((csv, range, page))
 }
 
 /// `GET /v1/dashboard/productivity`: every visible user's score with its inputs.
 pub async fn productivity(read: Read<RankedParams>) -> Result<Response, Problem> {
+    read.reader
+        .require_individual_view("per-user productivity")?;
     let (csv, range, page) = ranked(&read)?;
     let (tenant, visibility) = (read.reader.tenant, &read.reader.visibility);
     let key = format!("productivity:{}", page.cache_key());
@@ -208,7 +221,7 @@ pub async fn productivity(read: Read<RankedParams>) -> Result<Response, Problem>
                 return Ok(answer);
             };
             answer.as_of = fresh.as_of;
-            let rows = rows(&mut tx, &range, "user", visibility)
+            let rows = rows(&mut tx, &range, "user", visibility, None)
                 .await
                 .map_err(db_error)?;
             let mut users: Vec<UserProductivity> = rows
@@ -229,6 +242,9 @@ pub async fn productivity(read: Read<RankedParams>) -> Result<Response, Problem>
                 page.take(users, |u| (u.score.score, u.user_id.as_str()));
             Ok(answer)
         })
+        .await?;
+    let res = read
+        .audited("productivity", res, |a| ids_in(a, "users", "user_id"))
         .await?;
     respond(res, csv, "users").await
 }
@@ -261,6 +277,7 @@ pub struct TeamsAnswer {
 /// `GET /v1/dashboard/teams`: team comparison with rank and percentile.
 pub async fn teams(read: Read<RankedParams>) -> Result<Response, Problem> {
     let (csv, range, page) = ranked(&read)?;
+    let k = read.reader.aggregates_only();
     let (tenant, visibility) = (read.reader.tenant, &read.reader.visibility);
     let key = format!("teams:{}", page.cache_key());
     let res = read
@@ -278,7 +295,7 @@ pub async fn teams(read: Read<RankedParams>) -> Result<Response, Problem> {
                 return Ok(answer);
             };
             answer.as_of = fresh.as_of;
-            let rows = rows(&mut tx, &range, "team", visibility)
+            let rows = rows(&mut tx, &range, "team", visibility, k)
                 .await
                 .map_err(db_error)?;
             let mut teams: Vec<(String, i64, Score)> = rows

@@ -15,6 +15,7 @@ use shared::problem::Problem;
 
 use crate::range::Bucket;
 use crate::read::csv::{respond, wants_csv};
+use crate::read::privacy::ids_in;
 use crate::read::{db_error, invalid, ranged, Read, TenantRead};
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +78,7 @@ fn limit(l: Option<i64>, default: i64) -> Result<i64, Problem> {
 /// `GET /v1/dashboard/repositories`: the most expensive repositories (or branches) of the
 /// range, with their tokens, tool runs, lines and sessions; unattributed usage is one row.
 pub async fn repositories(read: Read<RepoParams>) -> Result<Response, Problem> {
+    read.reader.require_individual_view("cost by repository")?;
     let p = &read.params;
     let range = read.range()?;
     let csv = wants_csv(p.format.as_deref())?;
@@ -185,6 +187,7 @@ pub struct RepoLine {
 /// `GET /v1/dashboard/repositories/series`: cost over time, one series per repository (or
 /// branch), for charts stacked by repository.
 pub async fn repository_series(read: Read<RepoSeriesParams>) -> Result<Response, Problem> {
+    read.reader.require_individual_view("cost by repository")?;
     let p = &read.params;
     let range = read.range()?;
     let branch = by_branch(p.by.as_deref())?;
@@ -386,6 +389,8 @@ const PULL_USAGE: &str = "
 /// (newest first), each with its cost and agent share; with `repository` and `number`, that
 /// one with the sessions that worked on it.
 pub async fn pull_requests(read: Read<PullParams>) -> Result<Response, Problem> {
+    read.reader
+        .require_individual_view("the pull request list")?;
     let p = &read.params;
     let range = read.range()?;
     let csv = wants_csv(p.format.as_deref())?;
@@ -497,6 +502,9 @@ pub async fn pull_requests(read: Read<PullParams>) -> Result<Response, Problem> 
             Ok(page)
         })
         .await?;
+    let res = read
+        .audited("pull requests", res, |a| ids_in(a, "sessions", "user_id"))
+        .await?;
     respond(res, csv, "pull_requests").await
 }
 
@@ -529,6 +537,8 @@ pub struct WeeklyPage {
 /// `GET /v1/dashboard/pull-requests/weekly`: pull requests merged per week of the range,
 /// with their median cost and agent share.
 pub async fn weekly(read: Read<WeeklyParams>) -> Result<Response, Problem> {
+    read.reader
+        .require_individual_view("pull requests by week")?;
     let p = &read.params;
     let range = read.range()?;
     let csv = wants_csv(p.format.as_deref())?;

@@ -338,6 +338,11 @@ pub async fn stream(
     // A stream outlives the short credential caches that other requests use: the credential
     // is checked as it is now (a key revoked a moment ago opens nothing).
     let reader = s.auth.reader_uncached(&headers).await?;
+    reader.require_individual_view("the live feed")?;
+    if reader.audits_individual_reads() {
+        let everyone = ["everyone in the live feed".to_string()];
+        crate::read::privacy::record(&s, &reader, &everyone, "live feed").await?;
+    }
     let slot = s.hub.admit(
         reader.tenant,
         s.config.stream_max_per_tenant,

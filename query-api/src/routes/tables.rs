@@ -10,6 +10,7 @@ use shared::tenant::TenantId;
 
 use crate::range::Bucket;
 use crate::read::csv::{respond, wants_csv};
+use crate::read::privacy::ids_in;
 use crate::read::{db_error, invalid, ranged, Read, TenantRead};
 
 #[derive(Debug, Deserialize)]
@@ -46,6 +47,7 @@ pub struct SessionPage {
 
 /// `GET /v1/dashboard/sessions`: sessions that started (or ended) in the range, newest first.
 pub async fn sessions(read: Read<SessionParams>) -> Result<Response, Problem> {
+    read.reader.require_individual_view("the session list")?;
     let p = &read.params;
     let range = read.range()?;
     let csv = wants_csv(p.format.as_deref())?;
@@ -100,6 +102,9 @@ pub async fn sessions(read: Read<SessionParams>) -> Result<Response, Problem> {
         Ok(page)
     })
     .await?;
+    let res = read
+        .audited("sessions", res, |a| ids_in(a, "sessions", "user_id"))
+        .await?;
     respond(res, csv, "sessions").await
 }
 
@@ -151,6 +156,7 @@ type MetricRow = (DateTime<Utc>, bool, Option<String>, i64, f64);
 
 /// `GET /v1/dashboard/metrics`: a `metric.sample` series by name and label matchers.
 pub async fn metrics(read: Read<MetricParams>) -> Result<Response, Problem> {
+    read.reader.require_individual_view("a metric series")?;
     let (p, config) = (&read.params, read.config());
     let range = read.range()?;
     let name = p

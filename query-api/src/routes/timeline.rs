@@ -118,6 +118,8 @@ pub async fn timeline(
             "must have 1 to 255 characters",
         )));
     }
+    read.reader
+        .require_individual_view("a session's timeline")?;
     let visibility = &read.reader.visibility;
     // The answer depends on the session and the watermark only.
     let whole = TimeRange {
@@ -125,14 +127,16 @@ pub async fn timeline(
         to: DateTime::UNIX_EPOCH,
     };
     let key = format!("timeline:{session}");
-    read.answer(&whole, &key, |ctx| async move {
-        let Some(TenantRead { mut tx, fresh }) = ctx else {
-            return Err(not_found());
-        };
-        let (user, teams) = visibility.filters();
-        // Every visible raw row of the session, by kind, oldest first.
-        let rows: Vec<Row> = sqlx::query_as(
-            "(SELECT occurred_at, 'agent' AS k, user_id, status, duration_ms, input_tokens,
+    let what = format!("timeline of session {session}");
+    let res = read
+        .answer(&whole, &key, |ctx| async move {
+            let Some(TenantRead { mut tx, fresh }) = ctx else {
+                return Err(not_found());
+            };
+            let (user, teams) = visibility.filters();
+            // Every visible raw row of the session, by kind, oldest first.
+            let rows: Vec<Row> = sqlx::query_as(
+                "(SELECT occurred_at, 'agent' AS k, user_id, status, duration_ms, input_tokens,
                      output_tokens, value,
                      jsonb_build_object(
                         'model', data->'model', 'cache_read_tokens', data->'cache_read_tokens',
@@ -200,21 +204,26 @@ pub async fn timeline(
                          WHERE e.session_id = c.session_id AND e.event_id = c.event_id
                            AND e.team_id = ANY($3)))
                ORDER BY c.at LIMIT $4)",
-        )
-        .bind(&session)
-        .bind(user)
-        .bind(teams)
-        .bind(MAX_ITEMS)
-        .bind(MAX_TEXT)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        if rows.is_empty() {
-            return Err(not_found());
-        }
-        let mut t = build(&session, rows);
-        t.as_of = fresh.as_of;
-        Ok(t)
+            )
+            .bind(&session)
+            .bind(user)
+            .bind(teams)
+            .bind(MAX_ITEMS)
+            .bind(MAX_TEXT)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            if rows.is_empty() {
+                return Err(not_found());
+            }
+            let mut t = build(&session, rows);
+            t.as_of = fresh.as_of;
+            Ok(t)
+        })
+        .await?;
+    read.audited(&what, res, |t| {
+        let user = t.get("user_id").and_then(|u| u.as_str());
+        user.map(str::to_string).into_iter().collect()
     })
     .await
 }

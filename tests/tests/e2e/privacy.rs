@@ -86,7 +86,7 @@ async fn prompt_text_is_stored_only_where_the_tenant_opted_in() {
     while scalar_in_tenant(
         &pool,
         open.id,
-        "SELECT count(*) FROM audit_log WHERE type = 'integration.changed' AND detail = 'prompt text stored'",
+        "SELECT count(*) FROM audit_log WHERE type = 'privacy.changed' AND detail = 'store_prompt_text = true'",
     )
     .await
         < 1
