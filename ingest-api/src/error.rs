@@ -9,7 +9,7 @@ use shared::problem::Problem;
 use tonic::{Code, Status};
 use uuid::Uuid;
 
-use crate::ratelimit::Decision;
+use shared::ratelimit::Decision;
 
 /// Why an ingest request was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +181,7 @@ mod tests {
             limit: 100,
             remaining: 0,
             reset_secs: 7,
+            what: "requests",
         }
     }
 

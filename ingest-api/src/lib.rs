@@ -13,7 +13,6 @@ pub mod keys;
 pub mod oidc;
 pub mod outbox;
 pub mod password;
-pub mod ratelimit;
 pub mod relay;
 pub mod routes;
 pub mod secrets;
@@ -125,7 +124,7 @@ impl App {
                 Duration::from_millis(config.produce_timeout_ms),
             )),
             keys: Arc::new(ApiKeyStore::new(pool.clone())),
-            limiter: crate::ratelimit::RateLimiter::new(redis.clone()),
+            limiter: shared::ratelimit::RateLimiter::new(redis.clone()),
             keyring,
             outbox_wake,
             oidc: oidc::client(),

@@ -21,7 +21,7 @@ pub struct AppState {
     pub sink: Arc<dyn EventSink>,
     pub redis: Option<redis::aio::ConnectionManager>,
     pub keys: Arc<dyn Keys>,
-    pub limiter: crate::ratelimit::RateLimiter,
+    pub limiter: shared::ratelimit::RateLimiter,
     pub keyring: crate::keys::KeyRing,
     pub throttle: crate::throttle::LoginThrottle,
     /// What the ingest doors may hold at once (load shedding).

@@ -32,6 +32,9 @@ pub struct Config {
     /// Most series a grouped time series returns (the largest groups by count); the rest are
     /// summed into one `other` series.
     pub max_series: usize,
+    /// Read requests one tenant may make per minute, over every instance (MCP tool calls
+    /// included); more answer 429 with `Retry-After`.
+    pub read_rate_limit_per_min: u32,
 }
 
 impl Default for Config {
@@ -49,6 +52,7 @@ impl Default for Config {
             stream_max_per_tenant: 100,
             stream_max_total: 1000,
             max_series: 20,
+            read_rate_limit_per_min: 30_000,
         }
     }
 }
@@ -67,6 +71,9 @@ impl Config {
         }
         if self.stream_max_per_tenant == 0 || self.stream_max_total == 0 {
             return Err("stream_max_per_tenant and stream_max_total must be positive".into());
+        }
+        if self.read_rate_limit_per_min == 0 {
+            return Err("read_rate_limit_per_min must be positive".into());
         }
         if !(1..=1000).contains(&self.max_series) {
             return Err("max_series must be 1..=1000".into());

@@ -33,7 +33,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use shared::health::ShutdownFlag;
 use shared::jwt::{KeySource, Verifier};
@@ -68,6 +68,9 @@ impl App {
         config.check().map_err(anyhow::Error::msg)?;
         let pool = pool(&config)?;
         let cache = cache::Cache::connect(&config.common.redis_url, config.cache_ttl_secs).await;
+        let limiter = shared::ratelimit::RateLimiter::reads(
+            shared::redis_client::connect(&config.common.redis_url).await,
+        );
         let listener = TcpListener::bind(&config.http_addr)
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;
@@ -79,6 +82,7 @@ impl App {
             hub,
             pool,
             cache,
+            limiter,
             shutdown: ShutdownFlag::default(),
             metrics: shared::telemetry::prometheus(),
             config: Arc::new(config),
@@ -132,6 +136,12 @@ impl App {
             .route("/v1/budgets/{id}", get(routes::budgets::get))
             .route("/v1/firings", get(routes::budgets::firings))
             .route("/v1/stream", get(routes::stream::stream))
+            .route(
+                "/mcp",
+                post(routes::mcp::post)
+                    .get(routes::mcp::not_allowed)
+                    .delete(routes::mcp::not_allowed),
+            )
             .route("/", get(routes::health::dashboard))
             .route("/dashboard", get(routes::health::dashboard))
             .route("/dashboard.js", get(routes::health::dashboard_js))

@@ -18,6 +18,8 @@ pub struct AppState {
     pub auth: Authenticator,
     pub hub: Hub,
     pub cache: Cache,
+    /// Read requests per tenant and minute.
+    pub limiter: shared::ratelimit::RateLimiter,
     pub shutdown: ShutdownFlag,
     pub metrics: PrometheusHandle,
 }
@@ -37,6 +39,7 @@ impl AppState {
             pool,
             hub: Hub::default(),
             cache: Cache::none(),
+            limiter: shared::ratelimit::RateLimiter::reads(None),
             shutdown: ShutdownFlag::default(),
             metrics: metrics_exporter_prometheus::PrometheusBuilder::new()
                 .build_recorder()

@@ -16,6 +16,7 @@ pub mod kafka;
 pub mod outbox;
 pub mod people;
 pub mod problem;
+pub mod ratelimit;
 pub mod redis_client;
 pub mod repos;
 pub mod rules;

@@ -3,7 +3,8 @@
 Usage: TALLY_MCP_AUTH='Bearer <token>' python mcp_client.py URL < calls.json
 
 stdin holds a JSON array of calls, `[{"tool": "name", "arguments": {...}}, ...]`. The
-client runs the initialize handshake (mode="legacy": no `server/discover` probe), lists
+client connects as the SDK does by default (mode "auto": a `server/discover` probe of the
+stateless protocol, then, when the server does not speak it, the initialize handshake), lists
 the tools, makes the calls in order and prints one JSON object on stdout:
 
   {"server": {"name", "version", "protocolVersion"},
@@ -57,7 +58,7 @@ async def run(url: str, calls: list[dict], out: dict) -> None:
         headers=headers, timeout=TIMEOUT, trust_env=False, event_hooks={"response": [on_response]}
     ) as http:
         client = Client(
-            streamable_http_client(url, http_client=http), mode="legacy", read_timeout_seconds=TIMEOUT, cache=None
+            streamable_http_client(url, http_client=http), read_timeout_seconds=TIMEOUT, cache=None
         )
         try:
             await client.__aenter__()

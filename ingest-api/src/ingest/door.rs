@@ -15,8 +15,8 @@ use shared::events::{Actor, Envelope, Source};
 
 use crate::error::IngestError;
 use crate::ingest::{Ids, IngestContext, TimeBounds};
-use crate::ratelimit::Decision;
 use crate::state::AppState;
+use shared::ratelimit::Decision;
 
 /// Who a request's API key belongs to.
 ///

@@ -92,7 +92,7 @@ fn harness(limit: u32) -> Harness {
     let state = AppState {
         sink: Arc::new(sink.clone()),
         keys: Arc::new(FakeKeys { tenant, limit }),
-        limiter: crate::ratelimit::RateLimiter::new(None),
+        limiter: shared::ratelimit::RateLimiter::new(None),
         keyring: crate::keys::KeyRing::empty(),
         outbox_wake: Arc::default(),
         oidc: reqwest::Client::new(),

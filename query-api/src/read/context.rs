@@ -19,12 +19,28 @@ use crate::config::Config;
 use crate::range::TimeRange;
 use crate::state::AppState;
 
-/// The reader, from the request's credential (401 or 403 when it does not hold).
+/// The reader, from the request's credential (401 or 403 when it does not hold), counted
+/// against their tenant's read rate limit (429 past it).
 impl FromRequestParts<AppState> for Reader {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Reader, Problem> {
-        s.auth.reader(&parts.headers).await
+        let reader = s.auth.reader(&parts.headers).await?;
+        within_read_limit(s, &reader).await?;
+        Ok(reader)
+    }
+}
+
+/// Counts one read of `reader`'s tenant; 429 with `Retry-After` past the limit.
+pub async fn within_read_limit(s: &AppState, reader: &Reader) -> Result<(), Problem> {
+    let decision = s
+        .limiter
+        .check(reader.tenant, s.config.read_rate_limit_per_min)
+        .await;
+    if decision.allowed {
+        Ok(())
+    } else {
+        Err(decision.problem())
     }
 }
 

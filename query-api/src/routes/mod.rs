@@ -4,6 +4,7 @@ pub mod budgets;
 pub mod dashboard;
 pub mod explore;
 pub mod health;
+pub mod mcp;
 pub mod people;
 pub mod repos;
 pub mod stream;

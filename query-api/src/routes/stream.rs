@@ -338,6 +338,7 @@ pub async fn stream(
     // A stream outlives the short credential caches that other requests use: the credential
     // is checked as it is now (a key revoked a moment ago opens nothing).
     let reader = s.auth.reader_uncached(&headers).await?;
+    crate::read::context::within_read_limit(&s, &reader).await?;
     reader.require_individual_view("the live feed")?;
     if reader.audits_individual_reads() {
         let everyone = ["everyone in the live feed".to_string()];

@@ -20,6 +20,7 @@ mod kafka_down;
 mod late;
 mod limits;
 mod login;
+mod mcp;
 mod otlp;
 mod overload;
 mod pipeline;

@@ -97,3 +97,329 @@ async fn prompt_text_is_stored_only_where_the_tenant_opted_in() {
 
     stop_all([ingest, projector]).await;
 }
+
+const PASSWORD: &str = "Sturdy-Pass-42";
+
+/// Creates a person of `t` with the user id `ext` in `teams`; returns their user id.
+async fn person(
+    pool: &sqlx::PgPool,
+    t: &TestTenant,
+    ext: &str,
+    role: shared::jwt::Role,
+    teams: &[&str],
+) -> Uuid {
+    let teams: Vec<String> = teams.iter().map(|s| s.to_string()).collect();
+    let email = format!("{ext}@{}.example.com", t.id);
+    ingest_api::control::store::create_user(
+        pool,
+        "",
+        ingest_api::control::store::NewUser {
+            tenant: t.id,
+            email: &email,
+            password: PASSWORD,
+            role,
+            external_id: Some(ext),
+            teams: &teams,
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Logs `ext` in; their access token.
+async fn token(client: &reqwest::Client, ingest: &str, t: &TestTenant, ext: &str) -> String {
+    let res = login(
+        client,
+        ingest,
+        &format!("{ext}@{}.example.com", t.id),
+        PASSWORD,
+    )
+    .await;
+    assert_eq!(res.status(), 200, "{ext} logs in");
+    let body: serde_json::Value = res.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_string()
+}
+
+/// `GET {query}{path}` with `credential`: the status and the JSON answer.
+async fn read(
+    client: &reqwest::Client,
+    query: &str,
+    path: &str,
+    credential: &str,
+) -> (u16, serde_json::Value) {
+    status_and_json(client.get(format!("{query}{path}")).bearer_auth(credential)).await
+}
+
+/// Waits until the tenant's audit log has an entry matching `condition`.
+async fn wait_audited(pool: &sqlx::PgPool, t: &TestTenant, condition: &str) {
+    let sql = format!("SELECT count(*) FROM audit_log WHERE {condition}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while scalar_in_tenant(pool, t.id, &sql).await < 1 {
+        assert!(Instant::now() < deadline, "not audited: {condition}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn privacy_mode_shows_managers_only_groups_of_k_and_audits_reads_of_individuals() {
+    use shared::jwt::Role;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
+    let (client, q, i) = (http(), query.url(), ingest.url());
+    let t = create_tenant(&pool, "private-teams").await;
+    person(&pool, &t, "owner", Role::Owner, &[]).await;
+    person(&pool, &t, "admin", Role::Admin, &[]).await;
+    person(&pool, &t, "mgr", Role::Manager, &["big", "small"]).await;
+    let big: Vec<String> = (1..=6).map(|n| format!("big{n}")).collect();
+    let small: Vec<String> = (1..=4).map(|n| format!("small{n}")).collect();
+    for dev in &big {
+        person(&pool, &t, dev, Role::Developer, &["big"]).await;
+    }
+    for dev in &small {
+        person(&pool, &t, dev, Role::Developer, &["small"]).await;
+    }
+    let owner = token(&client, &i, &t, "owner").await;
+
+    // Only owners turn privacy mode on; an admin's attempt is refused and audited.
+    let admin = token(&client, &i, &t, "admin").await;
+    let patch = |who: &str, body: serde_json::Value| {
+        client
+            .patch(format!("{i}/v1/admin/settings"))
+            .bearer_auth(who)
+            .json(&body)
+    };
+    let (st, body) = status_and_json(patch(&admin, json!({"privacy_mode": true}))).await;
+    assert_eq!(st, 403, "{body}");
+    let (st, body) = status_and_json(patch(&owner, json!({"privacy_k": 1}))).await;
+    assert_eq!(st, 422, "{body}");
+    assert_eq!(body["errors"][0]["field"], "privacy_k");
+    let (st, body) = status_and_json(patch(&owner, json!({"privacy_mode": true}))).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["privacy_mode"], true);
+    assert_eq!(body["privacy_k"], 5);
+
+    // Today every developer runs one 10 ms command in a session of their own; three days
+    // ago big1 alone ran 7 more (a cell of one person).
+    let now = chrono::Utc::now() - chrono::TimeDelta::seconds(30);
+    let mut events = Vec::new();
+    for dev in big.iter().chain(&small) {
+        let team = if dev.starts_with("big") {
+            "big"
+        } else {
+            "small"
+        };
+        let session = format!("s-{dev}");
+        events.push(
+            json!({"type": "session.started", "occurred_at": now.to_rfc3339(),
+            "data": {"user_id": dev, "team_id": team, "session_id": session}}),
+        );
+        let mut c = command(dev, "build", 10, true);
+        c["occurred_at"] = json!(now.to_rfc3339());
+        c["data"]["team_id"] = json!(team);
+        c["data"]["session_id"] = json!(session);
+        events.push(c);
+    }
+    for n in 0..7 {
+        let mut c = command("big1", "deploy", 1000, true);
+        c["occurred_at"] =
+            json!((now - chrono::TimeDelta::days(3) + chrono::TimeDelta::minutes(n)).to_rfc3339());
+        c["data"]["team_id"] = json!("big");
+        events.push(c);
+    }
+    post_events_accepted(&client, &i, &t.ingest_key, &json!(events)).await;
+    wait_projected(&pool, t.id, events.len() as i64, Duration::from_secs(60)).await;
+
+    // The manager of both teams sees the 6-person team, not the 4-person one, nor the
+    // day on which one person worked alone: whatever range, filter or grouping is asked.
+    let mgr = token(&client, &i, &t, "mgr").await;
+    let (st, access) = read(&client, &q, "/v1/dashboard/access", &mgr).await;
+    assert_eq!(st, 200, "{access}");
+    assert_eq!(access["individual_views"], false);
+    assert_eq!(access["min_group"], 5);
+    let (st, teams) = read(&client, &q, "/v1/dashboard/teams?range=7d", &mgr).await;
+    assert_eq!(st, 200, "{teams}");
+    let shown: Vec<(&str, i64)> = teams["teams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["team_id"].as_str().unwrap(),
+                r["active_users"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(shown, vec![("big", 6)], "{teams}");
+    let mut totals = Vec::new();
+    for path in [
+        "/v1/dashboard/overview?range=24h",
+        "/v1/dashboard/overview?range=7d",
+        "/v1/dashboard/overview?range=1h",
+    ] {
+        let (st, o) = read(&client, &q, path, &mgr).await;
+        assert_eq!(st, 200, "{path}: {o}");
+        assert_eq!(o["min_group"], 5, "{path}");
+        assert!(o["commands"]["duration_max_ms"].is_null(), "{path}: {o}");
+        assert_eq!(o["active_users"], 6, "{path}: {o}");
+        totals.push(o["commands"]["count"].as_i64().unwrap());
+    }
+    // The differencing attack: the 7-day total minus the 24-hour one would be big1's day
+    // alone, and any total minus the 6-person team's would be the 4-person team's.
+    assert_eq!(totals, vec![6, 6, 6], "a difference isolates someone");
+    let (st, series) = read(
+        &client,
+        &q,
+        "/v1/dashboard/timeseries?range=7d&bucket=1h&group_by=team&type=command.executed",
+        &mgr,
+    )
+    .await;
+    assert_eq!(st, 200, "{series}");
+    assert_eq!(series["bucket"], "1d", "privacy mode's series are daily");
+    let groups: Vec<&str> = series["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["group"].as_str().unwrap_or("other"))
+        .collect();
+    assert_eq!(groups, vec!["big"], "{series}");
+    assert_eq!(series_total_count(&series), 6);
+    let (_, whole) = read(
+        &client,
+        &q,
+        "/v1/dashboard/timeseries?range=7d&type=command.executed",
+        &mgr,
+    )
+    .await;
+    assert_eq!(series_total_count(&whole), 6, "{whole}");
+    // Every view that would single someone out is refused, CSV included.
+    for path in [
+        "/v1/dashboard/productivity?range=7d",
+        "/v1/dashboard/productivity?range=7d&format=csv",
+        "/v1/dashboard/top?dimension=user&range=7d",
+        "/v1/dashboard/top?dimension=command&range=7d",
+        "/v1/dashboard/timeseries?group_by=user&range=7d",
+        "/v1/dashboard/timeseries?group_by=project&range=7d",
+        "/v1/dashboard/sessions?range=7d",
+        "/v1/dashboard/sessions/s-big1/timeline",
+        "/v1/dashboard/activity?user=big1",
+        "/v1/dashboard/repositories?range=7d",
+        "/v1/dashboard/pull-requests?range=7d",
+        "/v1/dashboard/metrics?name=x&range=7d",
+        "/v1/stream",
+    ] {
+        let (st, body) = read(&client, &q, path, &mgr).await;
+        assert_eq!(st, 403, "{path}: {body}");
+        assert_eq!(
+            body["type"], "https://tally.dev/problems/privacy-mode",
+            "{path}"
+        );
+    }
+    // A read key is held to the same rule.
+    let (_, o) = read(&client, &q, "/v1/dashboard/overview?range=7d", &t.read_key).await;
+    assert_eq!(o["commands"]["count"], 6, "{o}");
+    let (st, _) = read(&client, &q, "/v1/dashboard/productivity", &t.read_key).await;
+    assert_eq!(st, 403);
+
+    // A developer sees their own detail, and only theirs.
+    let dev = token(&client, &i, &t, "big1").await;
+    let (st, mine) = read(&client, &q, "/v1/dashboard/productivity?range=7d", &dev).await;
+    assert_eq!(st, 200, "{mine}");
+    let users: Vec<&str> = mine["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["user_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, vec!["big1"]);
+    assert_eq!(mine["users"][0]["commands"], 8);
+    let (st, own) = read(&client, &q, "/v1/dashboard/sessions/s-big1/timeline", &dev).await;
+    assert_eq!(st, 200, "{own}");
+    let (st, _) = read(&client, &q, "/v1/dashboard/sessions/s-big2/timeline", &dev).await;
+    assert_eq!(st, 404);
+
+    // The owner may see individuals (the default), and each such read is audited: who,
+    // whose, what. Their own reads of aggregates are not.
+    let (st, everyone) = read(&client, &q, "/v1/dashboard/productivity?range=7d", &owner).await;
+    assert_eq!(st, 200, "{everyone}");
+    assert_eq!(everyone["total"], 10);
+    let (st, timeline) = read(
+        &client,
+        &q,
+        "/v1/dashboard/sessions/s-big2/timeline",
+        &owner,
+    )
+    .await;
+    assert_eq!(st, 200, "{timeline}");
+    let owner_id: Uuid = sqlx::query_scalar(
+        "SELECT id FROM control.users WHERE tenant_id = $1 AND external_id = 'owner'",
+    )
+    .bind(t.id.0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    wait_audited(
+        &pool,
+        &t,
+        &format!(
+            "type = 'privacy.individual_read' AND user_id = '{owner_id}' AND target = 'big2' \
+             AND detail = 'timeline of session s-big2'"
+        ),
+    )
+    .await;
+    wait_audited(
+        &pool,
+        &t,
+        "type = 'privacy.individual_read' AND detail = 'productivity' AND target LIKE '%small4%'",
+    )
+    .await;
+    let developer_reads = scalar_in_tenant(
+        &pool,
+        t.id,
+        "SELECT count(*) FROM audit_log WHERE type = 'privacy.individual_read' AND target = 'big1'",
+    )
+    .await;
+    assert_eq!(
+        developer_reads, 0,
+        "a developer's reads of their own data are not audited"
+    );
+
+    // When the tenant withdraws that, owners see aggregates only (within the caches' 10 s).
+    let (st, _) = status_and_json(patch(
+        &owner,
+        json!({"privacy_admins_see_individuals": false}),
+    ))
+    .await;
+    assert_eq!(st, 200);
+    let since = Instant::now();
+    loop {
+        let (st, _) = read(&client, &q, "/v1/dashboard/productivity", &owner).await;
+        if st == 403 {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(15),
+            "owners still see individuals"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    wait_audited(
+        &pool,
+        &t,
+        "type = 'privacy.changed' AND detail = 'privacy_admins_see_individuals = false'",
+    )
+    .await;
+
+    stop_all([query, ingest, projector]).await;
+}
+
+/// The sum of `count` over every point of every series of a time series answer.
+fn series_total_count(series: &serde_json::Value) -> i64 {
+    series["series"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["points"].as_array().into_iter().flatten())
+        .map(|p| p["count"].as_i64().unwrap_or(0))
+        .sum()
+}

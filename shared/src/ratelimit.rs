@@ -1,5 +1,5 @@
-//! Per-tenant request rate limits: a fixed one-minute window counted in Redis, shared by
-//! every instance. When Redis does not answer within a few milliseconds a local window in
+//! Per-tenant request rate limits (ingest-api's for what tenants send, query-api's for
+//! what they read): a fixed one-minute window counted in Redis, shared by every instance. When Redis does not answer within a few milliseconds a local window in
 //! this process takes over, so the service keeps answering (and keeps limiting) without it.
 
 use std::collections::HashMap;
@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use redis::aio::ConnectionManager;
 
-use shared::problem::Problem;
-use shared::tenant::TenantId;
+use crate::problem::Problem;
+use crate::tenant::TenantId;
 
 const WINDOW_SECS: u64 = 60;
 const REDIS_TIMEOUT: Duration = Duration::from_millis(50);
@@ -23,6 +23,8 @@ pub struct Decision {
     pub remaining: u32,
     /// Seconds until the window resets.
     pub reset_secs: u64,
+    /// What is counted ("requests", "read requests").
+    pub what: &'static str,
 }
 
 impl Decision {
@@ -43,8 +45,8 @@ impl Decision {
             "rate-limited",
             "Too many requests",
             format!(
-                "this tenant may send {} requests per minute; retry in {} s",
-                self.limit, self.reset_secs
+                "this tenant may make {} {} per minute; retry in {} s",
+                self.limit, self.what, self.reset_secs
             ),
         )
         .with_retry_after(self.reset_secs.max(1))
@@ -55,13 +57,32 @@ impl Decision {
 pub struct RateLimiter {
     redis: Option<ConnectionManager>,
     local: Arc<Mutex<HashMap<(TenantId, u64), u32>>>,
+    /// Redis key prefix of the counters.
+    prefix: &'static str,
+    what: &'static str,
 }
 
 impl RateLimiter {
+    /// The limiter of what tenants send (ingest-api).
     pub fn new(redis: Option<ConnectionManager>) -> Self {
+        RateLimiter::counting(redis, "tally:rl", "requests")
+    }
+
+    /// The limiter of what tenants read (query-api), counted apart from what they send.
+    pub fn reads(redis: Option<ConnectionManager>) -> Self {
+        RateLimiter::counting(redis, "tally:rl:read", "read requests")
+    }
+
+    fn counting(
+        redis: Option<ConnectionManager>,
+        prefix: &'static str,
+        what: &'static str,
+    ) -> Self {
         RateLimiter {
             redis,
             local: Arc::default(),
+            prefix,
+            what,
         }
     }
 
@@ -89,12 +110,13 @@ impl RateLimiter {
             limit,
             remaining: u64::from(limit).saturating_sub(count) as u32,
             reset_secs,
+            what: self.what,
         }
     }
 
     async fn count_in_redis(&self, tenant: TenantId, window: u64) -> Option<u64> {
         let mut conn = self.redis.clone()?;
-        let key = format!("tally:rl:{tenant}:{window}");
+        let key = format!("{}:{tenant}:{window}", self.prefix);
         let mut pipe = redis::pipe();
         pipe.atomic()
             .incr(&key, 1u64)
