@@ -5,6 +5,12 @@ const INGEST = document.querySelector('meta[name="tally-ingest-url"]').content;
 const $ = (id) => document.getElementById(id);
 let token = sessionStorage.getItem("tally.token");
 let feedAbort = null;
+// What the signed-in person may see (GET /v1/dashboard/access): in privacy mode, managers and
+// viewers get totals of at least k people only, and individual views are hidden.
+let access = { individual_views: true };
+const individual = () => access.individual_views !== false;
+// `path`'s answer when individual views are open to the viewer, else `empty`.
+const apiIf = (path, empty) => (individual() ? api(path) : Promise.resolve(empty));
 
 function fmt(n, digits = 0) {
   if (n === null || n === undefined) return "–";
@@ -75,7 +81,8 @@ function chart(series) {
 
 // Agent cost over time, stacked by repository, team or model.
 async function costChart(range) {
-  const by = $("cost-by").value;
+  // In privacy mode the cost chart is stacked by team, the grain the viewer may see.
+  const by = individual() ? $("cost-by").value : "team";
   const step = range === "1h" || range === "24h" ? "1h" : "1d";
   let lines = [];
   if (by === "repository") {
@@ -188,16 +195,16 @@ async function refresh() {
   const range = $("range").value, bucket = $("bucket").value;
   const q = "range=" + range;
   // Claude Code's own counters (OpenTelemetry metrics), summed over the range.
-  const metric = (name, extra = "") => api("/v1/dashboard/metrics?" + q + "&step=1d&agg=sum&name=" + name + extra);
+  const metric = (name, extra = "") => apiIf("/v1/dashboard/metrics?" + q + "&step=1d&agg=sum&name=" + name + extra, { series: [] });
   const total = (m, group) => m.series.filter((s) => group === undefined || s.group === group)
     .flatMap((s) => s.points).reduce((sum, point) => sum + point[1], 0);
   const [o, ts, tc, ta, tt, p, teams, lines, commits, prs] = await Promise.all([
     api("/v1/dashboard/overview?" + q),
     api("/v1/dashboard/timeseries?" + q + "&bucket=" + bucket + "&type=command.executed"),
-    api("/v1/dashboard/top?" + q + "&dimension=command"),
-    api("/v1/dashboard/top?" + q + "&dimension=agent"),
-    api("/v1/dashboard/top?" + q + "&dimension=tool"),
-    api("/v1/dashboard/productivity?" + q),
+    apiIf("/v1/dashboard/top?" + q + "&dimension=command", { items: [] }),
+    apiIf("/v1/dashboard/top?" + q + "&dimension=agent", { items: [] }),
+    apiIf("/v1/dashboard/top?" + q + "&dimension=tool", { items: [] }),
+    apiIf("/v1/dashboard/productivity?" + q, { users: [], formula: "" }),
     api("/v1/dashboard/teams?" + q),
     metric("claude_code.lines_of_code.count", "&group_by=type"),
     metric("claude_code.commit.count"),
@@ -224,7 +231,9 @@ async function refresh() {
   rows("productivity", [["user"], ["commands", 1], ["success", 1], ["score", 1]], p.users.map((u) => [u.user_id, fmt(u.commands), fmt(u.success_rate * 100, 1) + " %", fmt(u.score, 1)]));
   $("formula").textContent = "score = " + p.formula;
   rows("teams", [["team"], ["rank", 1], ["percentile", 1], ["score", 1]], teams.teams.map((t) => [t.team_id, t.rank, fmt(t.percentile), fmt(t.score, 1)]));
-  await Promise.all([budgets(), costChart(range), attribution(range), sessionsTable(range)]);
+  const views = [budgets(), costChart(range)];
+  if (individual()) views.push(attribution(range), sessionsTable(range));
+  await Promise.all(views);
 }
 // Budgets as progress bars with their forecast, and what fired recently.
 async function budgets() {
@@ -312,9 +321,16 @@ function signOut() {
 }
 async function start() {
   $("login").hidden = true; $("app").hidden = false;
+  access = await api("/v1/dashboard/access");
+  document.querySelectorAll("[data-individual]").forEach((e) => { e.hidden = !individual(); });
+  $("cost-by").disabled = !individual();
+  $("privacy").hidden = !access.privacy.on;
+  $("privacy").textContent = !access.privacy.on ? "" : individual()
+    ? "Privacy mode" + (access.reads_audited ? ": your reads of others' data are audited" : "")
+    : "Privacy mode: totals of teams' days with at least " + access.min_group + " people";
   await refresh();
   route();
-  liveFeed();
+  if (individual()) liveFeed();
 }
 $("login").addEventListener("submit", async (ev) => {
   ev.preventDefault();

@@ -113,6 +113,29 @@ try {
 
   await page.screenshot({ path: shot, fullPage: true });
   console.log(`screenshot: ${shot}`);
+
+  // Privacy mode, with owners held to aggregates too: the page says so and hides every
+  // individual view (query-api learns the setting within its 10 s credential cache).
+  const patched = await fetch(ingest + "/v1/admin/settings", {
+    method: "PATCH",
+    headers: { Authorization: "Bearer " + token, "Content-Type": "application/json" },
+    body: JSON.stringify({ privacy_mode: true, privacy_admins_see_individuals: false }),
+  });
+  check(patched.status === 200, "the owner turns privacy mode on");
+  const since = Date.now();
+  while (!(await page.textContent("#privacy")).includes("at least 5 people")) {
+    if (Date.now() - since > 20000) throw new Error("the page never showed privacy mode");
+    await page.waitForTimeout(1000);
+    await page.reload();
+    await page.waitForSelector("#app:not([hidden])", { timeout: 15000 });
+    await page.waitForFunction(() => document.querySelector('[data-testid="events_total"]').textContent !== "–", null, { timeout: 15000 });
+  }
+  check(await page.isVisible('[data-testid="privacy"]'), "the page shows that the tenant is in privacy mode");
+  check(await page.isHidden("#sessions-table") && await page.isHidden("#productivity") && await page.isHidden("#top-command")
+    && await page.isHidden("#repositories") && await page.isHidden("#feed"), "individual views are hidden");
+  const shown = await api("/v1/dashboard/overview?range=24h");
+  check(shown.min_group === 5 && await text("events_total") === n(shown.events_total),
+    `the cards show the aggregate of groups of 5 or more (${n(shown.events_total)} events)`);
 } finally {
   await browser.close();
 }

@@ -215,6 +215,10 @@ async fn the_dashboard_page_works_in_headless_chromium() {
         "{stdout}"
     );
     assert!(
+        stdout.contains("ok - individual views are hidden"),
+        "{stdout}"
+    );
+    assert!(
         std::fs::metadata(&shot)
             .map(|m| m.len() > 10_000)
             .unwrap_or(false),
