@@ -378,3 +378,89 @@ async fn mcp_calls_count_against_the_tenants_read_limit() {
     );
     stop_all([query]).await;
 }
+
+/// Runs `deploy/claude-code/tally-mcp-headers.mjs` with `args` and `env`; its status and
+/// stdout.
+async fn headers_helper(args: &[&str], env: Vec<(&'static str, String)>) -> (bool, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("node")
+            .arg(repo_root().join("deploy/claude-code/tally-mcp-headers.mjs"))
+            .args(&args)
+            .envs(env)
+            .stdin(Stdio::null())
+            .output()
+            .expect("node runs");
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_headers_helper_keeps_a_developer_signed_in_as_themself() {
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
+    let client = http();
+    let t = create_tenant(&pool, "mcp-helper").await;
+    person(&pool, &t, "dev1", Role::Developer, &["core"]).await;
+    let dir = std::env::temp_dir().join(format!("tally-mcp-{}", t.id));
+    let file = dir.join("credentials.json");
+    let env = || {
+        vec![
+            ("TALLY_URL", ingest.url()),
+            ("TALLY_CREDENTIALS", file.to_string_lossy().to_string()),
+            ("TALLY_EMAIL", format!("dev1@{}.example.com", t.id)),
+            ("TALLY_PASSWORD", PASSWORD.to_string()),
+        ]
+    };
+    let (ok, _) = headers_helper(&["--login"], env()).await;
+    assert!(ok, "signs in");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the credentials are the person's alone");
+    let who = |headers: String| {
+        let client = client.clone();
+        let q = query.url();
+        async move {
+            let h: Value = serde_json::from_str(&headers).expect("the helper prints JSON headers");
+            let res = client
+                .get(format!("{q}/v1/dashboard/access"))
+                .header("authorization", h["Authorization"].as_str().unwrap())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+            res.json::<Value>().await.unwrap()["user_id"].clone()
+        }
+    };
+    let (ok, out) = headers_helper(&[], env()).await;
+    assert!(ok);
+    assert_eq!(who(out).await, "dev1");
+    // The access token runs out: helpers started together refresh it once, and the sign-in
+    // survives (a refresh token used twice would end it).
+    for round in 0..2 {
+        let mut kept: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        let before = kept["refresh_token"].clone();
+        kept["expires_at"] = json!(0);
+        std::fs::write(&file, kept.to_string()).unwrap();
+        let (a, b, c) = tokio::join!(
+            headers_helper(&[], env()),
+            headers_helper(&[], env()),
+            headers_helper(&[], env())
+        );
+        for (ok, out) in [a, b, c] {
+            assert!(ok, "round {round}");
+            assert_eq!(who(out).await, "dev1", "round {round}");
+        }
+        let after: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_ne!(after["refresh_token"], before, "round {round}: refreshed");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    stop_all([query, ingest]).await;
+}
