@@ -235,6 +235,57 @@ pub async fn create_person(
     .unwrap_or_else(|e| panic!("create {email}: {e:#}"))
 }
 
+/// The password of every person [`create_member`] makes.
+pub const MEMBER_PASSWORD: &str = "Sturdy-Pass-42";
+
+/// The e-mail address of `t`'s member `ext` (addresses are unique across tenants).
+pub fn member_email(t: &TestTenant, ext: &str) -> String {
+    format!("{ext}@{}.example.com", t.id)
+}
+
+/// Creates a person of `t` whose events carry the user id `ext`, with `role` and `teams`,
+/// who signs in with [`member_email`] and [`MEMBER_PASSWORD`]; returns their user id.
+pub async fn create_member(
+    pool: &PgPool,
+    t: &TestTenant,
+    ext: &str,
+    role: Role,
+    teams: &[&str],
+) -> Uuid {
+    let teams: Vec<String> = teams.iter().map(|s| s.to_string()).collect();
+    let email = member_email(t, ext);
+    ingest_api::control::store::create_user(
+        pool,
+        "",
+        ingest_api::control::store::NewUser {
+            tenant: t.id,
+            email: &email,
+            password: MEMBER_PASSWORD,
+            role,
+            external_id: Some(ext),
+            teams: &teams,
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("create {email}: {e:#}"))
+}
+
+/// Signs `t`'s member `ext` in at `ingest`; their access token.
+pub async fn member_token(
+    client: &reqwest::Client,
+    ingest: &str,
+    t: &TestTenant,
+    ext: &str,
+) -> String {
+    let res = crate::login(client, ingest, &member_email(t, ext), MEMBER_PASSWORD).await;
+    assert_eq!(res.status(), 200, "{ext} signs in");
+    let body: serde_json::Value = res.json().await.expect("a JSON answer");
+    body["access_token"]
+        .as_str()
+        .expect("an access token")
+        .to_string()
+}
+
 /// Creates a tenant with keys of both scopes.
 pub async fn create_tenant(pool: &PgPool, name: &str) -> TestTenant {
     let id = ingest_api::control::store::create_tenant(pool, "", name)

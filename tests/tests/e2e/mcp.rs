@@ -11,8 +11,6 @@ use serde_json::{json, Value};
 use shared::jwt::Role;
 use tally_tests::*;
 
-const PASSWORD: &str = "Sturdy-Pass-42";
-
 /// Runs the SDK client against `mcp` with `authorization` and `calls`; its JSON report.
 async fn mcp_client(mcp: &str, authorization: &str, calls: &Value) -> Value {
     let (mcp, authorization, calls) = (
@@ -47,38 +45,6 @@ async fn mcp_client(mcp: &str, authorization: &str, calls: &Value) -> Value {
     })
     .await
     .unwrap()
-}
-
-async fn person(pool: &sqlx::PgPool, t: &TestTenant, ext: &str, role: Role, teams: &[&str]) {
-    let teams: Vec<String> = teams.iter().map(|s| s.to_string()).collect();
-    let email = format!("{ext}@{}.example.com", t.id);
-    ingest_api::control::store::create_user(
-        pool,
-        "",
-        ingest_api::control::store::NewUser {
-            tenant: t.id,
-            email: &email,
-            password: PASSWORD,
-            role,
-            external_id: Some(ext),
-            teams: &teams,
-        },
-    )
-    .await
-    .unwrap();
-}
-
-async fn token(client: &reqwest::Client, ingest: &str, t: &TestTenant, ext: &str) -> String {
-    let res = login(
-        client,
-        ingest,
-        &format!("{ext}@{}.example.com", t.id),
-        PASSWORD,
-    )
-    .await;
-    assert_eq!(res.status(), 200, "{ext} logs in");
-    let body: Value = res.json().await.unwrap();
-    format!("Bearer {}", body["access_token"].as_str().unwrap())
 }
 
 /// Two agent requests of `user` in session `session`, $`cost` each.
@@ -126,14 +92,14 @@ async fn the_mcp_server_answers_each_caller_what_the_rest_api_does() {
     let mcp = format!("{q}/mcp");
     let t = create_tenant(&pool, "mcp").await;
     let other = create_tenant(&pool, "mcp-other").await;
-    person(&pool, &t, "owner", Role::Owner, &[]).await;
-    person(&pool, &t, "dev1", Role::Developer, &["core"]).await;
-    person(&pool, &t, "dev2", Role::Developer, &["core"]).await;
+    create_member(&pool, &t, "owner", Role::Owner, &[]).await;
+    create_member(&pool, &t, "dev1", Role::Developer, &["core"]).await;
+    create_member(&pool, &t, "dev2", Role::Developer, &["core"]).await;
     let mut events = requests("dev1", "sess-dev1", 0.25);
     events.extend(requests("dev2", "sess-dev2", 1.5));
     post_events_accepted(&client, &i, &t.ingest_key, &json!(events)).await;
     wait_projected(&pool, t.id, events.len() as i64, Duration::from_secs(60)).await;
-    let owner = token(&client, &i, &t, "owner").await;
+    let owner = format!("Bearer {}", member_token(&client, &i, &t, "owner").await);
     for (scope, scope_id, amount) in [("tenant", "", 10.0), ("user", "dev1", 2.0)] {
         let (st, body) = status_and_json(
             client
@@ -148,7 +114,7 @@ async fn the_mcp_server_answers_each_caller_what_the_rest_api_does() {
     }
 
     // A developer: every tool answers, equal to the REST API, with their data only.
-    let dev1 = token(&client, &i, &t, "dev1").await;
+    let dev1 = format!("Bearer {}", member_token(&client, &i, &t, "dev1").await);
     let (calls, rest) = every_tool("sess-dev1");
     let report = mcp_client(&mcp, &dev1, &calls).await;
     assert!(report.get("connect_error").is_none(), "{report}");
@@ -408,15 +374,15 @@ async fn the_headers_helper_keeps_a_developer_signed_in_as_themself() {
     let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
     let client = http();
     let t = create_tenant(&pool, "mcp-helper").await;
-    person(&pool, &t, "dev1", Role::Developer, &["core"]).await;
+    create_member(&pool, &t, "dev1", Role::Developer, &["core"]).await;
     let dir = std::env::temp_dir().join(format!("tally-mcp-{}", t.id));
     let file = dir.join("credentials.json");
     let env = || {
         vec![
             ("TALLY_URL", ingest.url()),
             ("TALLY_CREDENTIALS", file.to_string_lossy().to_string()),
-            ("TALLY_EMAIL", format!("dev1@{}.example.com", t.id)),
-            ("TALLY_PASSWORD", PASSWORD.to_string()),
+            ("TALLY_EMAIL", member_email(&t, "dev1")),
+            ("TALLY_PASSWORD", MEMBER_PASSWORD.to_string()),
         ]
     };
     let (ok, _) = headers_helper(&["--login"], env()).await;

@@ -98,48 +98,6 @@ async fn prompt_text_is_stored_only_where_the_tenant_opted_in() {
     stop_all([ingest, projector]).await;
 }
 
-const PASSWORD: &str = "Sturdy-Pass-42";
-
-/// Creates a person of `t` with the user id `ext` in `teams`; returns their user id.
-async fn person(
-    pool: &sqlx::PgPool,
-    t: &TestTenant,
-    ext: &str,
-    role: shared::jwt::Role,
-    teams: &[&str],
-) -> Uuid {
-    let teams: Vec<String> = teams.iter().map(|s| s.to_string()).collect();
-    let email = format!("{ext}@{}.example.com", t.id);
-    ingest_api::control::store::create_user(
-        pool,
-        "",
-        ingest_api::control::store::NewUser {
-            tenant: t.id,
-            email: &email,
-            password: PASSWORD,
-            role,
-            external_id: Some(ext),
-            teams: &teams,
-        },
-    )
-    .await
-    .unwrap()
-}
-
-/// Logs `ext` in; their access token.
-async fn token(client: &reqwest::Client, ingest: &str, t: &TestTenant, ext: &str) -> String {
-    let res = login(
-        client,
-        ingest,
-        &format!("{ext}@{}.example.com", t.id),
-        PASSWORD,
-    )
-    .await;
-    assert_eq!(res.status(), 200, "{ext} logs in");
-    let body: serde_json::Value = res.json().await.unwrap();
-    body["access_token"].as_str().unwrap().to_string()
-}
-
 /// `GET {query}{path}` with `credential`: the status and the JSON answer.
 async fn read(
     client: &reqwest::Client,
@@ -168,21 +126,21 @@ async fn privacy_mode_shows_managers_only_groups_of_k_and_audits_reads_of_indivi
     let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
     let (client, q, i) = (http(), query.url(), ingest.url());
     let t = create_tenant(&pool, "private-teams").await;
-    person(&pool, &t, "owner", Role::Owner, &[]).await;
-    person(&pool, &t, "admin", Role::Admin, &[]).await;
-    person(&pool, &t, "mgr", Role::Manager, &["big", "small"]).await;
+    create_member(&pool, &t, "owner", Role::Owner, &[]).await;
+    create_member(&pool, &t, "admin", Role::Admin, &[]).await;
+    create_member(&pool, &t, "mgr", Role::Manager, &["big", "small"]).await;
     let big: Vec<String> = (1..=6).map(|n| format!("big{n}")).collect();
     let small: Vec<String> = (1..=4).map(|n| format!("small{n}")).collect();
     for dev in &big {
-        person(&pool, &t, dev, Role::Developer, &["big"]).await;
+        create_member(&pool, &t, dev, Role::Developer, &["big"]).await;
     }
     for dev in &small {
-        person(&pool, &t, dev, Role::Developer, &["small"]).await;
+        create_member(&pool, &t, dev, Role::Developer, &["small"]).await;
     }
-    let owner = token(&client, &i, &t, "owner").await;
+    let owner = member_token(&client, &i, &t, "owner").await;
 
     // Only owners turn privacy mode on; an admin's attempt is refused and audited.
-    let admin = token(&client, &i, &t, "admin").await;
+    let admin = member_token(&client, &i, &t, "admin").await;
     let patch = |who: &str, body: serde_json::Value| {
         client
             .patch(format!("{i}/v1/admin/settings"))
@@ -232,7 +190,7 @@ async fn privacy_mode_shows_managers_only_groups_of_k_and_audits_reads_of_indivi
 
     // The manager of both teams sees the 6-person team, not the 4-person one, nor the
     // day on which one person worked alone: whatever range, filter or grouping is asked.
-    let mgr = token(&client, &i, &t, "mgr").await;
+    let mgr = member_token(&client, &i, &t, "mgr").await;
     let (st, access) = read(&client, &q, "/v1/dashboard/access", &mgr).await;
     assert_eq!(st, 200, "{access}");
     assert_eq!(access["individual_views"], false);
@@ -322,7 +280,7 @@ async fn privacy_mode_shows_managers_only_groups_of_k_and_audits_reads_of_indivi
     assert_eq!(st, 403);
 
     // A developer sees their own detail, and only theirs.
-    let dev = token(&client, &i, &t, "big1").await;
+    let dev = member_token(&client, &i, &t, "big1").await;
     let (st, mine) = read(&client, &q, "/v1/dashboard/productivity?range=7d", &dev).await;
     assert_eq!(st, 200, "{mine}");
     let users: Vec<&str> = mine["users"]
