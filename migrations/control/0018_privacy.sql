@@ -10,3 +10,8 @@ ALTER TABLE control.tenants
     -- Whether command arguments (the hook's commands, `command.executed` args, Claude Code's
     -- tool parameters) are stored; off: the doors drop them after validation.
     ADD COLUMN store_command_text boolean NOT NULL DEFAULT false;
+
+-- A user id (as events carry it) names one active member of a tenant: no one can be given an
+-- account that sees someone else's data as their own.
+CREATE UNIQUE INDEX users_external_id ON control.users (tenant_id, external_id)
+    WHERE status = 'active';

@@ -7,8 +7,10 @@ let token = sessionStorage.getItem("tally.token");
 let feedAbort = null;
 // What the signed-in person may see (GET /v1/dashboard/access): in privacy mode, managers and
 // viewers get totals of at least k people only, and individual views are hidden.
+// Where each read of someone else's data is audited, individual views open only on request,
+// so that the page's own refreshes do not fill the audit log.
 let access = { individual_views: true };
-const individual = () => access.individual_views !== false;
+const individual = () => access.individual_views !== false && (!access.reads_audited || $("show-people").checked);
 // `path`'s answer when individual views are open to the viewer, else `empty`.
 const apiIf = (path, empty) => (individual() ? api(path) : Promise.resolve(empty));
 
@@ -322,15 +324,19 @@ function signOut() {
 async function start() {
   $("login").hidden = true; $("app").hidden = false;
   access = await api("/v1/dashboard/access");
-  document.querySelectorAll("[data-individual]").forEach((e) => { e.hidden = !individual(); });
-  $("cost-by").disabled = !individual();
+  showIndividuals();
+  $("show-people-label").hidden = !access.reads_audited;
   $("privacy").hidden = !access.privacy.on;
-  $("privacy").textContent = !access.privacy.on ? "" : individual()
-    ? "Privacy mode" + (access.reads_audited ? ": your reads of others' data are audited" : "")
-    : "Privacy mode: totals of teams' days with at least " + access.min_group + " people";
+  $("privacy").textContent = !access.privacy.on ? ""
+    : access.individual_views === false ? "Privacy mode: totals of teams' days with at least " + access.min_group + " people"
+    : access.reads_audited ? "Privacy mode: your reads of others' data are audited" : "Privacy mode";
   await refresh();
   route();
   if (individual()) liveFeed();
+}
+function showIndividuals() {
+  document.querySelectorAll("[data-individual]").forEach((e) => { e.hidden = !individual(); });
+  $("cost-by").disabled = !individual();
 }
 $("login").addEventListener("submit", async (ev) => {
   ev.preventDefault();
@@ -348,6 +354,11 @@ $("login").addEventListener("submit", async (ev) => {
 });
 $("signout").addEventListener("click", signOut);
 $("range").addEventListener("change", refresh);
+$("show-people").addEventListener("change", () => {
+  showIndividuals();
+  if (individual()) liveFeed(); else if (feedAbort) feedAbort.abort();
+  refresh().catch(() => {});
+});
 $("bucket").addEventListener("change", refresh);
 $("cost-by").addEventListener("change", () => costChart($("range").value).catch(() => {}));
 $("by-branch").addEventListener("change", () => attribution($("range").value).catch(() => {}));

@@ -26,12 +26,14 @@ pub enum Visibility {
 }
 
 impl Visibility {
-    /// For cache keys: two readers share an answer only if they see the same rows.
+    /// For cache keys: two readers share an answer only if they see the same rows. Names
+    /// are JSON-quoted, so no team or user name can make one label look like another.
     pub fn cache_label(&self) -> String {
+        let quoted = |v: serde_json::Result<String>| v.expect("strings serialize");
         match self {
             Visibility::Tenant => "all".into(),
-            Visibility::Teams(t) => format!("teams={}", t.join("\u{1f}")),
-            Visibility::Own(u) => format!("user={u}"),
+            Visibility::Teams(t) => format!("teams={}", quoted(serde_json::to_string(t))),
+            Visibility::Own(u) => format!("user={}", quoted(serde_json::to_string(u))),
         }
     }
 
@@ -112,12 +114,15 @@ impl Reader {
     }
 
     /// For cache keys: two readers share an answer only if they see the same rows the same
-    /// way.
+    /// way (the privacy mode included: turning it on or off changes no watermark).
     pub fn cache_label(&self) -> String {
-        match self.aggregates_only() {
-            None => self.visibility.cache_label(),
-            Some(k) => format!("{}:k={k}", self.visibility.cache_label()),
-        }
+        let p = &self.privacy;
+        let privacy = match self.aggregates_only() {
+            Some(k) => format!("k{k}"),
+            None if p.on => "individuals".into(),
+            None => "open".into(),
+        };
+        format!("{privacy}/{}", self.visibility.cache_label())
     }
 
     /// Owners and admins only (the audit log).
@@ -231,8 +236,9 @@ impl Authenticator {
     pub async fn recheck(&self, reader: &Reader) -> Result<(), Problem> {
         match &reader.credential {
             Credential::ApiKey { key_id } => {
-                let valid: Option<bool> = sqlx::query_scalar(
-                    "SELECT k.scope = 'read'
+                let valid: Option<(bool, bool, i32, bool)> = sqlx::query_as(
+                    "SELECT k.scope = 'read', t.privacy_mode, t.privacy_k,
+                            t.privacy_admins_see_individuals
                        FROM control.api_keys k JOIN control.tenants t ON t.id = k.tenant_id
                       WHERE k.id = $1 AND k.tenant_id = $2 AND k.revoked_at IS NULL
                         AND t.status = 'active'",
@@ -246,10 +252,17 @@ impl Authenticator {
                     Problem::unavailable("credentials cannot be checked right now", 2)
                 })?;
                 match valid {
-                    Some(true) => Ok(()),
-                    Some(false) => Err(Problem::forbidden(
+                    Some((false, ..)) => Err(Problem::forbidden(
                         "this API key no longer has scope `read`",
                     )),
+                    Some((true, on, k, admins))
+                        if Privacy::from_columns(on, k, admins) != reader.privacy =>
+                    {
+                        Err(Problem::forbidden(
+                            "the tenant's privacy mode changed; reconnect to read under it",
+                        ))
+                    }
+                    Some(_) => Ok(()),
                     None => Err(Problem::unauthorized("unknown or revoked API key")),
                 }
             }

@@ -163,19 +163,23 @@ impl Bucket {
 }
 
 impl TimeRange {
-    /// The range widened to whole UTC days when `whole`, else itself: privacy mode's
-    /// aggregates are made of (team, day) cells, so their ranges hold whole cells only.
-    pub fn whole_days_if(self, whole: bool) -> TimeRange {
-        if !whole {
+    /// With `closed`, the whole UTC days the range touches that have ended by `now`: privacy
+    /// mode's aggregates are made of (team, day) cells, served only once their day is over,
+    /// so that reading the same answer again and again never shows one event arrive.
+    /// Without, the range itself.
+    pub fn closed_days_if(self, closed: bool, now: DateTime<Utc>) -> TimeRange {
+        if !closed {
             return self;
         }
         let day = TimeDelta::days(1);
-        let from = self.from.duration_trunc(day).unwrap_or(self.from);
-        let to = match self.to.duration_trunc(day) {
-            Ok(t) if t == self.to => t,
-            Ok(t) => t + day,
-            Err(_) => self.to,
+        let floor = |t: DateTime<Utc>| t.duration_trunc(day).unwrap_or(t);
+        let from = floor(self.from);
+        let ceil = if floor(self.to) == self.to {
+            self.to
+        } else {
+            floor(self.to) + day
         };
+        let to = ceil.min(floor(now)).max(from);
         TimeRange { from, to }
     }
 }
@@ -239,6 +243,24 @@ mod tests {
 
     fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 11, 25, 12, 30, 15).unwrap()
+    }
+
+    #[test]
+    fn privacy_ranges_are_the_days_that_ended() {
+        let r = TimeRange::parse(Some("7d"), None, None, now(), 90).unwrap();
+        let closed = r.closed_days_if(true, now());
+        assert_eq!(
+            closed.from,
+            Utc.with_ymd_and_hms(2026, 11, 18, 0, 0, 0).unwrap()
+        );
+        assert_eq!(
+            closed.to,
+            Utc.with_ymd_and_hms(2026, 11, 25, 0, 0, 0).unwrap()
+        );
+        let hour = TimeRange::parse(Some("1h"), None, None, now(), 90).unwrap();
+        let closed = hour.closed_days_if(true, now());
+        assert_eq!(closed.from, closed.to, "no day of the last hour has ended");
+        assert_eq!(hour.closed_days_if(false, now()), hour);
     }
 
     #[test]

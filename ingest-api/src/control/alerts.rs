@@ -231,9 +231,18 @@ pub async fn set_settings(
             req.privacy_admins_see_individuals.map(Value::from),
         ),
     ];
-    if let Some((field, _)) = privacy.iter().find(|(_, v)| v.is_some()) {
+    // What is stored of prompts and commands is the owners' to change too while the tenant
+    // is in privacy mode.
+    let private = tenant_privacy(&s, caller.tenant).await?.on;
+    let stored_changes = req.store_prompt_text.is_some() || req.store_command_text.is_some();
+    let owners_only = privacy
+        .iter()
+        .find(|(_, v)| v.is_some())
+        .map(|(field, _)| *field)
+        .or_else(|| (private && stored_changes).then_some("store_prompt_text"));
+    if let Some(field) = owners_only {
         if !caller.is_owner {
-            let detail = "only the tenant's owners may change its privacy mode";
+            let detail = "only the tenant's owners may change its privacy settings";
             return Err(caller.refuse(&s, detail, format!("setting:{field}")).await);
         }
     }
@@ -525,16 +534,39 @@ pub async fn resume_channel(
 
 // ---- budgets ----
 
+/// The tenant's privacy mode as the control plane has it now.
+pub(crate) async fn tenant_privacy(
+    s: &AppState,
+    tenant: TenantId,
+) -> Result<shared::auth::Privacy, Problem> {
+    let (on, k, admins): (bool, i32, bool) = sqlx::query_as(
+        "SELECT privacy_mode, privacy_k, privacy_admins_see_individuals
+           FROM control.tenants WHERE id = $1",
+    )
+    .bind(tenant.0)
+    .fetch_one(&s.pool)
+    .await
+    .map_err(db)?;
+    Ok(shared::auth::Privacy::from_columns(on, k, admins))
+}
+
 /// Who may manage budgets and rules: the tenant's owners and admins (and `admin` keys) all of
 /// them; a manager those of their own teams (scope `team`), as an extractor.
 pub struct BudgetEditor {
     pub admin: TenantAdmin,
     /// `None`: every budget; `Some`: a manager's teams.
     pub teams: Option<Vec<String>>,
+    /// The tenant is in privacy mode and this editor may not see individuals: no budget or
+    /// rule of one person (or of a project, which is often one person's) is theirs to set,
+    /// since its notifications would tell that person's spending.
+    pub aggregates_only: bool,
 }
 
 impl BudgetEditor {
     pub(crate) fn may(&self, scope: Scope, scope_id: &str) -> bool {
+        if self.aggregates_only && matches!(scope, Scope::User | Scope::Project) {
+            return false;
+        }
         match &self.teams {
             None => true,
             Some(teams) => scope == Scope::Team && teams.iter().any(|t| t == scope_id),
@@ -542,6 +574,12 @@ impl BudgetEditor {
     }
 
     pub(crate) fn refuse(&self) -> Problem {
+        if self.aggregates_only {
+            return Problem::forbidden(
+                "in privacy mode, budgets and rules of a person or a project are only for \
+                 owners and admins who may see individuals; a manager's are their own teams'",
+            );
+        }
         Problem::forbidden("a manager may manage the budgets and rules of their own teams only")
     }
 }
@@ -572,6 +610,7 @@ impl axum::extract::FromRequestParts<AppState> for BudgetEditor {
                 .await
                 .map_err(db)?
                 .unwrap_or_default();
+                let privacy = tenant_privacy(s, claims.tid).await?;
                 return Ok(BudgetEditor {
                     admin: TenantAdmin {
                         tenant: claims.tid,
@@ -582,11 +621,17 @@ impl axum::extract::FromRequestParts<AppState> for BudgetEditor {
                         },
                     },
                     teams: Some(teams),
+                    aggregates_only: privacy.on,
                 });
             }
         }
         let admin = TenantAdmin::from_request_parts(parts, s).await?;
-        Ok(BudgetEditor { admin, teams: None })
+        let privacy = tenant_privacy(s, admin.tenant).await?;
+        Ok(BudgetEditor {
+            admin,
+            teams: None,
+            aggregates_only: privacy.on && !privacy.admins_see_individuals,
+        })
     }
 }
 

@@ -8,8 +8,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::store::{
-    create_api_key, create_operator_key_with_id, create_tenant, create_user, deactivate_user,
-    revoke_api_key, revoke_operator_key, set_plan, set_status, NewUser,
+    create_api_key, create_operator_key_with_id, create_tenant_with_privacy, create_user,
+    deactivate_user, revoke_api_key, revoke_operator_key, set_plan, set_status, NewUser,
 };
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
@@ -147,10 +147,8 @@ pub async fn run(pool: &PgPool, ns: &str, cmd: AdminCommand) -> anyhow::Result<(
             privacy_mode,
             privacy_k,
         }) => {
-            let tenant = create_tenant(pool, ns, &name).await?;
-            if privacy_mode || privacy_k.is_some() {
-                super::store::set_privacy(pool, tenant, privacy_mode, privacy_k).await?;
-            }
+            let tenant =
+                create_tenant_with_privacy(pool, ns, &name, privacy_mode, privacy_k).await?;
             println!("{tenant}");
         }
         AdminCommand::Tenant(TenantCommand::List) => {

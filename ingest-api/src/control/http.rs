@@ -33,7 +33,7 @@ fn failed(e: anyhow::Error) -> Problem {
             StatusCode::CONFLICT,
             "conflict",
             "Conflict",
-            "that e-mail address is already taken",
+            "that e-mail address, or that user id in this tenant, is already taken",
         );
     }
     tracing::error!(error = %e, "control-plane change failed");
@@ -267,15 +267,11 @@ pub async fn create_tenant(
     if req.privacy_k.is_some_and(|k| !(2..=1000).contains(&k)) {
         return Err(Problem::invalid_field("privacy_k", "must be 2..=1000"));
     }
-    let tenant = store::create_tenant(&s.pool, ns(&s), &req.name)
-        .await
-        .map_err(failed)?;
-    if req.privacy_mode.is_some() || req.privacy_k.is_some() {
-        let on = req.privacy_mode.unwrap_or(false);
-        store::set_privacy(&s.pool, tenant, on, req.privacy_k)
+    let privacy = req.privacy_mode.unwrap_or(false);
+    let tenant =
+        store::create_tenant_with_privacy(&s.pool, ns(&s), &req.name, privacy, req.privacy_k)
             .await
             .map_err(failed)?;
-    }
     if req.plan.is_some() || req.rate_limit_per_min.is_some() {
         let plan = req.plan.as_deref().unwrap_or("professional");
         store::set_plan(&s.pool, tenant, plan, req.rate_limit_per_min)

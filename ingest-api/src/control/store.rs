@@ -24,17 +24,38 @@ async fn record(
 
 /// Creates a tenant and returns its id.
 pub async fn create_tenant(pool: &PgPool, ns: &str, name: &str) -> anyhow::Result<TenantId> {
+    create_tenant_with_privacy(pool, ns, name, false, None).await
+}
+
+/// Creates a tenant, in privacy mode from its first moment when `privacy_mode` (with group
+/// size `privacy_k`, default 5), and returns its id.
+pub async fn create_tenant_with_privacy(
+    pool: &PgPool,
+    ns: &str,
+    name: &str,
+    privacy_mode: bool,
+    privacy_k: Option<i32>,
+) -> anyhow::Result<TenantId> {
     anyhow::ensure!(
         (1..=200).contains(&name.chars().count()),
         "a tenant name has 1..=200 characters"
     );
+    anyhow::ensure!(
+        privacy_k.is_none_or(|k| (2..=1000).contains(&k)),
+        "privacy_k is 2..=1000"
+    );
     let mut tx = pool.begin().await?;
     let id = TenantId::new();
-    sqlx::query("INSERT INTO control.tenants (id, name) VALUES ($1, $2)")
-        .bind(id.0)
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO control.tenants (id, name, privacy_mode, privacy_k)
+         VALUES ($1, $2, $3, coalesce($4, 5))",
+    )
+    .bind(id.0)
+    .bind(name)
+    .bind(privacy_mode)
+    .bind(privacy_k)
+    .execute(&mut *tx)
+    .await?;
     let event = AuthEvent {
         detail: Some(name.to_string()),
         ..Default::default()
@@ -42,30 +63,6 @@ pub async fn create_tenant(pool: &PgPool, ns: &str, name: &str) -> anyhow::Resul
     record(&mut tx, ns, id, AuthKind::TenantCreated, event).await?;
     tx.commit().await?;
     Ok(id)
-}
-
-/// Chooses a new tenant's privacy mode and group size (see `control.tenants.privacy_mode`).
-pub async fn set_privacy(
-    pool: &PgPool,
-    tenant: TenantId,
-    on: bool,
-    k: Option<i32>,
-) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        k.is_none_or(|k| (2..=1000).contains(&k)),
-        "privacy_k is 2..=1000"
-    );
-    sqlx::query(
-        "UPDATE control.tenants SET privacy_mode = $2, privacy_k = coalesce($3, privacy_k),
-                updated_at = now()
-          WHERE id = $1",
-    )
-    .bind(tenant.0)
-    .bind(on)
-    .bind(k)
-    .execute(pool)
-    .await?;
-    Ok(())
 }
 
 /// Sets a tenant's plan and optional own rate limit (requests per minute).

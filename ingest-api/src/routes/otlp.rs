@@ -77,31 +77,49 @@ pub(crate) fn drop_prompt_text(event: &mut serde_json::Value) {
     }
 }
 
-/// An event without the arguments of the commands it describes (`command.executed`'s `args`,
-/// and what a tool ran: the hook's `details.command`, Claude Code's `tool_parameters`), for
-/// tenants that do not store them. Done after validation, so the event's id and its
-/// validation do not depend on the tenant's choice.
+/// Whether an attribute or field named `key` holds what a command or tool was run with
+/// (Claude Code's `tool_parameters`, the hook's `command`, `args`, `*_input`, …), as opposed to
+/// what was run (`command_name`, `tool_name`).
+fn is_argument(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    const NAMES: [&str; 11] = [
+        "command",
+        "full_command",
+        "bash_command",
+        "command_line",
+        "cmd",
+        "tool_parameters",
+        "tool_input",
+        "parameters",
+        "arguments",
+        "args",
+        "input",
+    ];
+    NAMES.contains(&k.as_str())
+        || [
+            "_parameters",
+            "_arguments",
+            "_args",
+            "_input",
+            ".parameters",
+            ".arguments",
+        ]
+        .iter()
+        .any(|suffix| k.ends_with(suffix))
+}
+
+/// An event without the arguments of the commands it describes — `command.executed`'s
+/// `args`, and any argument-like key (see [`is_argument`]) in a `tool.executed`'s `details`,
+/// an event's `extra` or `context`, or a sample's labels — for tenants that do not store
+/// them. Done after validation, so validation does not depend on the tenant's choice.
 pub(crate) fn drop_command_text(env: &mut shared::events::Envelope) {
-    use shared::events::EventType;
-    let fields: &[&str] = match env.event_type {
-        EventType::CommandExecuted => &["args"],
-        EventType::ToolExecuted => &["details"],
-        _ => return,
-    };
     let Some(data) = env.data.as_object_mut() else {
         return;
     };
-    for field in fields {
-        match (*field, data.get_mut(*field)) {
-            ("details", Some(serde_json::Value::Object(details))) => {
-                for secret in ["command", "tool_parameters", "full_command", "tool_input"] {
-                    details.remove(secret);
-                }
-            }
-            (_, Some(_)) => {
-                data.remove(*field);
-            }
-            _ => {}
+    data.remove("args");
+    for place in ["details", "extra", "context", "labels", "metadata"] {
+        if let Some(serde_json::Value::Object(m)) = data.get_mut(place) {
+            m.retain(|k, _| !is_argument(k));
         }
     }
 }
@@ -161,4 +179,60 @@ pub(crate) async fn take<S: Signal>(
     }
     append(s, &envelopes, S::SOURCE).await?;
     Ok(converted)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use shared::events::{Actor, Envelope, EventType, Source};
+    use shared::tenant::TenantId;
+
+    use super::*;
+
+    fn envelope(event_type: EventType, data: serde_json::Value) -> Envelope {
+        Envelope {
+            id: uuid::Uuid::nil(),
+            tenant_id: TenantId::new(),
+            event_type,
+            schema_version: 1,
+            occurred_at: chrono::Utc::now(),
+            received_at: chrono::Utc::now(),
+            actor: Actor::default(),
+            source: Source::Api,
+            data,
+        }
+    }
+
+    #[test]
+    fn command_arguments_are_dropped_and_what_was_run_is_kept() {
+        let mut tool = envelope(
+            EventType::ToolExecuted,
+            json!({"tool_name": "Bash", "details": {"tool_use_id": "t", "command": "cat ~/.ssh/id_rsa",
+                   "tool_parameters": "{\"bash_command\":\"cat\"}", "tool_input": {"x": 1},
+                   "decision_type": "accept"},
+                   "extra": {"full_command": "rm -rf /", "mcp_input": "secret", "kept": 1}}),
+        );
+        drop_command_text(&mut tool);
+        assert_eq!(
+            tool.data,
+            json!({"tool_name": "Bash", "details": {"tool_use_id": "t", "decision_type": "accept"},
+                   "extra": {"kept": 1}})
+        );
+        let mut command = envelope(
+            EventType::CommandExecuted,
+            json!({"command_name": "deploy", "args": {"token": "s3cret"},
+                   "context": {"cwd": "/repo", "command_line": "deploy --token s3cret"}}),
+        );
+        drop_command_text(&mut command);
+        assert_eq!(
+            command.data,
+            json!({"command_name": "deploy", "context": {"cwd": "/repo"}})
+        );
+        let mut sample = envelope(
+            EventType::MetricSample,
+            json!({"name": "codex.exec", "labels": {"command": "ls -la", "command_name": "exec"}}),
+        );
+        drop_command_text(&mut sample);
+        assert_eq!(sample.data["labels"], json!({"command_name": "exec"}));
+    }
 }

@@ -121,6 +121,12 @@ impl<P> Read<P> {
         &self.state.config
     }
 
+    /// Privacy mode's cells when this reader sees only aggregates (see
+    /// [`super::privacy::Cells`]).
+    pub async fn cells(&self) -> Result<Option<super::privacy::Cells>, Problem> {
+        super::privacy::Cells::of(&self.state.pool, &self.reader).await
+    }
+
     /// `res`, after auditing this read of other people's data (see
     /// [`super::privacy::audited`]): `what` names the view, `whose` finds the people in it.
     pub async fn audited(

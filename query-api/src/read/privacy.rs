@@ -12,11 +12,64 @@ use shared::problem::Problem;
 use crate::auth::{Credential, Reader};
 use crate::state::AppState;
 
+/// What privacy mode's aggregates are made of, for a reader who sees only those: the
+/// smallest group `k`, and the tenant's active members as (user id, team) pairs (`''` for a
+/// member of no team) — the only people a cell counts (`private_cells` in the tenant
+/// template).
+pub struct Cells {
+    pub k: i32,
+    pub ids: Vec<String>,
+    pub teams: Vec<String>,
+}
+
+impl Cells {
+    /// The cells of `reader`'s tenant, or `None` when the reader is not held to aggregates.
+    pub async fn of(pool: &sqlx::PgPool, reader: &Reader) -> Result<Option<Cells>, Problem> {
+        let Some(k) = reader.aggregates_only() else {
+            return Ok(None);
+        };
+        let pairs: Vec<(String, String)> = sqlx::query_as(
+            "SELECT u.external_id, t
+               FROM control.users u,
+                    unnest(CASE WHEN cardinality(u.teams) = 0 THEN ARRAY[''] ELSE u.teams END) t
+              WHERE u.tenant_id = $1 AND u.status = 'active'
+              ORDER BY 1, 2",
+        )
+        .bind(reader.tenant.0)
+        .fetch_all(pool)
+        .await
+        .map_err(crate::read::db_error)?;
+        let (ids, teams) = pairs.into_iter().unzip();
+        Ok(Some(Cells {
+            k: i32::try_from(k).unwrap_or(i32::MAX),
+            ids,
+            teams,
+        }))
+    }
+
+    /// The SQL parameters of `private_cells`: k, the ids and their teams (all null for a
+    /// reader not held to aggregates, whose queries then skip the cells).
+    pub fn binds(cells: Option<&Cells>) -> (Option<i32>, Option<&[String]>, Option<&[String]>) {
+        match cells {
+            None => (None, None, None),
+            Some(c) => (Some(c.k), Some(&c.ids), Some(&c.teams)),
+        }
+    }
+
+    /// For the cache key: answers computed with other members are other answers.
+    pub fn digest(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (self.k, &self.ids, &self.teams).hash(&mut h);
+        format!("cells={:016x}", h.finish())
+    }
+}
+
 /// The most people one audit entry names; beyond them it says how many more.
 const MAX_NAMED: usize = 50;
 
 /// Largest answer body read back to learn whose data it holds.
-const MAX_AUDITED_BODY: usize = 256 << 20;
+const MAX_AUDITED_BODY: usize = 64 << 20;
 
 /// The `target` of an audit entry naming `whose` (user ids as events carry them).
 fn target(whose: &[String]) -> String {
@@ -96,6 +149,20 @@ pub async fn audited(
         record(s, reader, &people, what).await?;
     }
     Ok(Response::from_parts(parts, Body::from(bytes)))
+}
+
+/// The strings in the array at `list` of `answer`.
+pub fn strings_at(answer: &Value, list: &str) -> Vec<String> {
+    answer
+        .get(list)
+        .and_then(Value::as_array)
+        .map(|v| {
+            v.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The string values at `field` of each object in the array at `list` of `answer`.

@@ -49,11 +49,11 @@ mod tests {
         assert_eq!(scope(Visibility::Tenant), "all:1793491200:1793577600");
         assert_eq!(
             scope(Visibility::Teams(vec!["a".into(), "b".into()])),
-            "teams=a\u{1f}b:1793491200:1793577600"
+            "teams=[\"a\",\"b\"]:1793491200:1793577600"
         );
         assert_eq!(
             scope(Visibility::Own("u".into())),
-            "user=u:1793491200:1793577600"
+            "user=\"u\":1793491200:1793577600"
         );
     }
 }

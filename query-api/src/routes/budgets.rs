@@ -24,6 +24,25 @@ fn visible(reader: &Reader, b: &Budget) -> bool {
     }
 }
 
+/// In privacy mode, for a reader of aggregates: the teams of at least k active members, the
+/// only ones whose budgets and firings they see (and no person's or project's). `None` for
+/// everyone else.
+async fn large_teams(pool: &sqlx::PgPool, reader: &Reader) -> sqlx::Result<Option<Vec<String>>> {
+    let Some(k) = reader.aggregates_only() else {
+        return Ok(None);
+    };
+    let large: Vec<String> = sqlx::query_scalar(
+        "SELECT t FROM control.users u, unnest(u.teams) t
+          WHERE u.tenant_id = $1 AND u.status = 'active'
+          GROUP BY t HAVING count(*) >= $2",
+    )
+    .bind(reader.tenant.0)
+    .bind(i64::from(k))
+    .fetch_all(pool)
+    .await?;
+    Ok(Some(large))
+}
+
 async fn with_status(
     s: &AppState,
     reader: &Reader,
@@ -34,25 +53,14 @@ async fn with_status(
         .await
         .map_err(db_error)?;
     let now = Utc::now();
-    // In privacy mode, a reader of aggregates sees no person's budget, nor the spend of a
-    // team of fewer than k people.
-    let small_teams: Vec<String> = match reader.aggregates_only() {
-        None => Vec::new(),
-        Some(k) => sqlx::query_scalar(
-            "SELECT t FROM control.users u, unnest(u.teams) t
-              WHERE u.tenant_id = $1 AND u.status = 'active'
-              GROUP BY t HAVING count(*) < $2",
-        )
-        .bind(reader.tenant.0)
-        .bind(k as i64)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db_error)?,
-    };
-    let private = |b: &Budget| {
-        reader.aggregates_only().is_some()
-            && (b.scope == Scope::User
-                || (b.scope == Scope::Team && small_teams.contains(&b.scope_id)))
+    let large = large_teams(&s.pool, reader).await.map_err(db_error)?;
+    let private = |b: &Budget| match &large {
+        None => false,
+        Some(large) => match b.scope {
+            Scope::Tenant => false,
+            Scope::Team => !large.contains(&b.scope_id),
+            Scope::User | Scope::Project => true,
+        },
     };
     let mut out = Vec::new();
     for b in list
@@ -137,6 +145,7 @@ pub async fn visible_firings(
         Visibility::Teams(teams) => (Some("team"), teams.clone()),
         Visibility::Own(user) => (Some("user"), vec![user.clone()]),
     };
+    let large = large_teams(pool, reader).await?;
     let order = match after {
         None => "DESC",
         Some(_) => "ASC",
@@ -146,7 +155,8 @@ pub async fn visible_firings(
             "SELECT id, source, fired_at, payload FROM control.firings
               WHERE tenant_id = $1 AND ($2::text IS NULL OR (scope = $2 AND scope_id = ANY($3)))
                 AND ($5::timestamptz IS NULL OR (fired_at, id) > ($5, $6))
-                AND NOT ($7 AND scope = 'user')
+                AND ($7::text[] IS NULL OR scope = 'tenant'
+                     OR (scope = 'team' AND scope_id = ANY($7)))
               ORDER BY fired_at {order}, id {order} LIMIT $4"
         )))
         .bind(reader.tenant.0)
@@ -155,7 +165,7 @@ pub async fn visible_firings(
         .bind(limit)
         .bind(after.map(|a| a.0))
         .bind(after.map(|a| a.1))
-        .bind(reader.aggregates_only().is_some())
+        .bind(large)
         .fetch_all(pool)
         .await?;
     Ok(rows

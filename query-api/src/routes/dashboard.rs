@@ -17,6 +17,7 @@ use sqlx::PgConnection;
 
 use crate::auth::Visibility;
 use crate::range::{Bucket, Grain, TimeRange};
+use crate::read::privacy::Cells;
 use crate::read::{db_error, invalid, ranged, Read, TenantRead};
 
 #[derive(Debug, Deserialize)]
@@ -123,10 +124,17 @@ pub struct Point {
 
 /// `GET /v1/dashboard/overview`
 pub async fn overview(read: Read<RangeParams>) -> Result<Response, Problem> {
+    let cells = read.cells().await?;
     let k = read.reader.aggregates_only();
-    let range = read.range()?.whole_days_if(k.is_some());
+    let range = read
+        .range()?
+        .closed_days_if(k.is_some(), chrono::Utc::now());
     let (tenant, visibility) = (read.reader.tenant, &read.reader.visibility);
-    read.answer(&range, "overview", |ctx| async move {
+    let key = cells
+        .as_ref()
+        .map_or("overview".into(), |c| format!("overview:{}", c.digest()));
+    let cells = cells.as_ref();
+    read.answer(&range, &key, |ctx| async move {
         let mut o = Overview {
             tenant_id: tenant,
             from: range.from,
@@ -144,8 +152,9 @@ pub async fn overview(read: Read<RangeParams>) -> Result<Response, Problem> {
             min_group: k,
         };
         if let Some(TenantRead { mut tx, fresh }) = ctx {
-            o.as_of = fresh.as_of;
-            compute_overview(&mut tx, &range, visibility, k, &mut o)
+            // The newest event's time would tell when someone in a withheld cell worked.
+            o.as_of = fresh.as_of.filter(|_| k.is_none());
+            compute_overview(&mut tx, &range, visibility, cells, &mut o)
                 .await
                 .map_err(db_error)?;
         }
@@ -165,12 +174,13 @@ async fn compute_overview(
     conn: &mut PgConnection,
     range: &TimeRange,
     visibility: &Visibility,
-    k: Option<u32>,
+    cells: Option<&Cells>,
     o: &mut Overview,
 ) -> sqlx::Result<()> {
-    let (rows, hist_of, active_users) = match (visibility, k) {
+    let k = cells.map(|c| c.k);
+    let (rows, hist_of, active_users) = match (visibility, cells) {
         (Visibility::Tenant, None) => tenant_overview(conn, range).await?,
-        _ => keyed_overview(conn, range, visibility, k).await?,
+        _ => keyed_overview(conn, range, visibility, cells).await?,
     };
     for (t, count, errors, dsum, dmax, tin, tout, vsum) in rows {
         o.events_total += count;
@@ -261,11 +271,16 @@ async fn keyed_overview(
     conn: &mut PgConnection,
     range: &TimeRange,
     visibility: &Visibility,
-    k: Option<u32>,
+    cells: Option<&Cells>,
 ) -> sqlx::Result<OverviewParts> {
     let (user_filter, team_filter) = visibility.filters();
-    let k = k.map(|k| k as i32);
-    let grain = Grain::for_range(range);
+    let (k, ids, teams) = Cells::binds(cells);
+    // Cells are days: with `k` the range is whole days, read from the daily rollups.
+    let grain = if k.is_some() {
+        Grain::Day
+    } else {
+        Grain::for_range(range)
+    };
     let rows: Vec<OverviewRow> = sqlx::query_as(by_grain!(
         grain,
         "SELECT event_type, sum(count)::bigint, sum(errors)::bigint, sum(duration_sum)::bigint,
@@ -273,9 +288,7 @@ async fn keyed_overview(
                 sum(value_sum)
            FROM ",
         " WHERE bucket >= $1 AND bucket < $2 AND ($3::text IS NULL OR user_id = $3) AND ($4::text[] IS NULL OR team_id = ANY($4))
-            AND ($5::int IS NULL OR (bucket, team_id) IN (SELECT bucket, team_id FROM activity_1d
-                  WHERE bucket >= $1 AND bucket < $2 GROUP BY 1, 2
-                 HAVING count(DISTINCT user_id) FILTER (WHERE user_id <> '') >= $5))
+            AND ($5::int IS NULL OR (bucket, team_id, event_type) IN (SELECT * FROM private_cells($1, $2, $5, $6, $7)))
           GROUP BY event_type"
     ))
     .bind(range.from)
@@ -283,6 +296,8 @@ async fn keyed_overview(
     .bind(user_filter)
     .bind(team_filter)
     .bind(k)
+    .bind(ids)
+    .bind(teams)
     .fetch_all(&mut *conn)
     .await?;
     let hists: Vec<(String, i64, i64)> = sqlx::query_as(by_grain!(
@@ -293,9 +308,7 @@ async fn keyed_overview(
           WHERE a.bucket >= $1 AND a.bucket < $2 AND h.n > 0
             AND ($3::text IS NULL OR a.user_id = $3) AND ($4::text[] IS NULL OR a.team_id = ANY($4))
             AND a.event_type IN ('command.executed', 'agent.interacted', 'tool.executed')
-            AND ($5::int IS NULL OR (a.bucket, a.team_id) IN (SELECT bucket, team_id FROM activity_1d
-                  WHERE bucket >= $1 AND bucket < $2 GROUP BY 1, 2
-                 HAVING count(DISTINCT user_id) FILTER (WHERE user_id <> '') >= $5))
+            AND ($5::int IS NULL OR (a.bucket, a.team_id, a.event_type) IN (SELECT * FROM private_cells($1, $2, $5, $6, $7)))
           GROUP BY 1, 2"
     ))
     .bind(range.from)
@@ -303,6 +316,8 @@ async fn keyed_overview(
     .bind(user_filter)
     .bind(team_filter)
     .bind(k)
+    .bind(ids)
+    .bind(teams)
     .fetch_all(&mut *conn)
     .await?;
     let mut hist_of: BTreeMap<String, Vec<i64>> = BTreeMap::new();
@@ -318,15 +333,15 @@ async fn keyed_overview(
         grain,
         "SELECT count(DISTINCT user_id) FROM ",
         " WHERE bucket >= $1 AND bucket < $2 AND user_id <> '' AND ($3::text IS NULL OR user_id = $3) AND ($4::text[] IS NULL OR team_id = ANY($4))
-            AND ($5::int IS NULL OR (bucket, team_id) IN (SELECT bucket, team_id FROM activity_1d
-                  WHERE bucket >= $1 AND bucket < $2 GROUP BY 1, 2
-                 HAVING count(DISTINCT user_id) FILTER (WHERE user_id <> '') >= $5))"
+            AND ($5::int IS NULL OR (bucket, team_id, event_type) IN (SELECT * FROM private_cells($1, $2, $5, $6, $7)))"
     ))
     .bind(range.from)
     .bind(range.to)
     .bind(user_filter)
     .bind(team_filter)
     .bind(k)
+    .bind(ids)
+    .bind(teams)
     .fetch_one(&mut *conn)
     .await?;
     Ok((rows, hist_of, active_users))
@@ -355,8 +370,11 @@ fn group_column(group_by: &str) -> Result<(&'static str, Option<EventType>), Fie
 /// `GET /v1/dashboard/timeseries`
 pub async fn timeseries(read: Read<SeriesParams>) -> Result<Response, Problem> {
     let (p, config) = (&read.params, read.config());
+    let cells = read.cells().await?;
     let k = read.reader.aggregates_only();
-    let range = read.range()?.whole_days_if(k.is_some());
+    let range = read
+        .range()?
+        .closed_days_if(k.is_some(), chrono::Utc::now());
     let mut bucket = Bucket::parse(p.bucket.as_deref().unwrap_or("1h")).map_err(invalid)?;
     if k.is_some() {
         // Aggregates of k people are (team, day) cells: a series of them is daily or weekly.
@@ -410,38 +428,50 @@ pub async fn timeseries(read: Read<SeriesParams>) -> Result<Response, Problem> {
     }
     let (tenant, visibility) = (read.reader.tenant, &read.reader.visibility);
     let key = format!(
-        "series:{}:{}:{}:{limit}",
+        "series:{}:{}:{}:{limit}:{}",
         bucket.as_str(),
         p.group_by.as_deref().unwrap_or("-"),
-        event_type.map_or("-", EventType::as_str)
+        event_type.map_or("-", EventType::as_str),
+        cells.as_ref().map_or(String::new(), Cells::digest)
     );
     let group_by = p.group_by.clone();
-    read.answer(&range, &key, |ctx| async move {
-        let mut ts = TimeSeries {
-            tenant_id: tenant,
-            from: range.from,
-            to: range.to,
-            as_of: None,
-            bucket: bucket.as_str().into(),
-            group_by,
-            event_type: event_type.map(|t| t.as_str().to_string()),
-            groups: 0,
-            series: Vec::new(),
-        };
-        if let Some(TenantRead { mut tx, fresh }) = ctx {
-            ts.as_of = fresh.as_of;
-            let query = SeriesQuery {
-                range: &range,
-                visibility,
-                bucket,
-                column,
-                event_type,
-                limit,
-                k,
+    let cells = cells.as_ref();
+    let res = read
+        .answer(&range, &key, |ctx| async move {
+            let mut ts = TimeSeries {
+                tenant_id: tenant,
+                from: range.from,
+                to: range.to,
+                as_of: None,
+                bucket: bucket.as_str().into(),
+                group_by,
+                event_type: event_type.map(|t| t.as_str().to_string()),
+                groups: 0,
+                series: Vec::new(),
             };
-            (ts.groups, ts.series) = compute_series(&mut tx, query).await.map_err(db_error)?;
+            if let Some(TenantRead { mut tx, fresh }) = ctx {
+                ts.as_of = fresh.as_of.filter(|_| k.is_none());
+                let query = SeriesQuery {
+                    range: &range,
+                    visibility,
+                    bucket,
+                    column,
+                    event_type,
+                    limit,
+                    cells,
+                };
+                (ts.groups, ts.series) = compute_series(&mut tx, query).await.map_err(db_error)?;
+            }
+            Ok(ts)
+        })
+        .await?;
+    let by_user = read.params.group_by.as_deref() == Some("user");
+    read.audited("time series by user", res, |a| {
+        if by_user {
+            crate::read::privacy::ids_in(a, "series", "group")
+        } else {
+            Vec::new()
         }
-        Ok(ts)
     })
     .await
 }
@@ -470,9 +500,8 @@ struct SeriesQuery<'a> {
     event_type: Option<EventType>,
     /// How many groups get their own series.
     limit: usize,
-    /// Only (team, day) cells of at least this many people (with whole days and a daily or
-    /// weekly bucket).
-    k: Option<u32>,
+    /// Only privacy mode's cells (with whole days and a daily or weekly bucket).
+    cells: Option<&'a Cells>,
 }
 
 /// The number of distinct groups, and the series: the `limit` largest groups by count (in
@@ -488,10 +517,15 @@ async fn compute_series(
         column,
         event_type,
         limit,
-        k,
+        cells,
     } = q;
+    let (k, ids, teams) = Cells::binds(cells);
     let (user_filter, team_filter) = visibility.filters();
-    let grain = Grain::for_series(bucket, range);
+    let grain = if k.is_some() {
+        Grain::Day
+    } else {
+        Grain::for_series(bucket, range)
+    };
     let width = bucket.width();
     let interval = sqlx::postgres::types::PgInterval {
         months: 0,
@@ -533,9 +567,7 @@ async fn compute_series(
                FROM ",
             " WHERE bucket >= $1 AND bucket < $2 AND ($5::text IS NULL OR event_type = $5)
                 AND ($6::text IS NULL OR user_id = $6) AND ($7::text[] IS NULL OR team_id = ANY($7))
-                AND ($9::int IS NULL OR (bucket, team_id) IN (SELECT bucket, team_id FROM activity_1d
-                      WHERE bucket >= $1 AND bucket < $2 GROUP BY 1, 2
-                     HAVING count(DISTINCT user_id) FILTER (WHERE user_id <> '') >= $9))
+                AND ($9::int IS NULL OR (bucket, team_id, event_type) IN (SELECT * FROM private_cells($1, $2, $9, $10, $11)))
               GROUP BY 1, 2),
          kept AS (SELECT g FROM r GROUP BY g ORDER BY sum(c) DESC, g LIMIT $8),
          k AS (SELECT r.*, r.g IN (SELECT g FROM kept) AS is_kept FROM r)
@@ -553,7 +585,9 @@ async fn compute_series(
         .bind(user_filter)
         .bind(team_filter)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .bind(k.map(|k| k as i32))
+        .bind(k)
+        .bind(ids)
+        .bind(teams)
         .fetch_all(&mut *conn)
         .await?
     };

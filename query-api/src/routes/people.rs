@@ -14,7 +14,7 @@ use shared::tenant::TenantId;
 use crate::auth::Visibility;
 use crate::range::{Grain, TimeRange};
 use crate::read::csv::{respond, wants_csv};
-use crate::read::privacy::ids_in;
+use crate::read::privacy::{ids_in, Cells};
 use crate::read::{db_error, invalid, ranged, Read, TenantRead};
 
 #[derive(Debug, Deserialize)]
@@ -156,11 +156,12 @@ async fn rows(
     range: &TimeRange,
     column: &str,
     visibility: &Visibility,
-    k: Option<u32>,
+    cells: Option<&Cells>,
 ) -> sqlx::Result<Vec<Row>> {
     let (user_filter, team_filter) = visibility.filters();
+    let (k, ids, teams) = Cells::binds(cells);
     sqlx::query_as(by_grain!(
-        Grain::for_range(range),
+        if k.is_some() { Grain::Day } else { Grain::for_range(range) },
         "SELECT CASE $3 WHEN 'team' THEN team_id ELSE user_id END AS k,
                 coalesce(sum(count) FILTER (WHERE event_type = 'command.executed'), 0)::bigint,
                 coalesce(sum(errors) FILTER (WHERE event_type = 'command.executed'), 0)::bigint,
@@ -170,9 +171,7 @@ async fn rows(
            FROM ",
         " WHERE bucket >= $1 AND bucket < $2
             AND ($4::text IS NULL OR user_id = $4) AND ($5::text[] IS NULL OR team_id = ANY($5))
-            AND ($6::int IS NULL OR (bucket, team_id) IN (SELECT bucket, team_id FROM activity_1d
-                  WHERE bucket >= $1 AND bucket < $2 GROUP BY 1, 2
-                 HAVING count(DISTINCT user_id) FILTER (WHERE user_id <> '') >= $6))
+            AND ($6::int IS NULL OR (bucket, team_id, event_type) IN (SELECT * FROM private_cells($1, $2, $6, $7, $8)))
           GROUP BY 1
          HAVING (CASE $3 WHEN 'team' THEN min(team_id) ELSE min(user_id) END) <> ''"
     ))
@@ -181,7 +180,9 @@ async fn rows(
     .bind(column)
     .bind(user_filter)
     .bind(team_filter)
-    .bind(k.map(|k| k as i32))
+    .bind(k)
+    .bind(ids)
+    .bind(teams)
     .fetch_all(tx)
     .await
 }
@@ -193,7 +194,7 @@ fn ranked(read: &Read<RankedParams>) -> Result<(bool, TimeRange, Page), Problem>
     let csv = wants_csv(p.format.as_deref())?;
     let range = read
         .range()?
-        .whole_days_if(read.reader.aggregates_only().is_some());
+        .closed_days_if(read.reader.aggregates_only().is_some(), Utc::now());
     let page = Page::parse(p.limit, p.cursor.as_deref())?;
     Ok((csv, range, page))
 }
@@ -277,9 +278,15 @@ pub struct TeamsAnswer {
 /// `GET /v1/dashboard/teams`: team comparison with rank and percentile.
 pub async fn teams(read: Read<RankedParams>) -> Result<Response, Problem> {
     let (csv, range, page) = ranked(&read)?;
-    let k = read.reader.aggregates_only();
+    let cells = read.cells().await?;
     let (tenant, visibility) = (read.reader.tenant, &read.reader.visibility);
-    let key = format!("teams:{}", page.cache_key());
+    let key = format!(
+        "teams:{}:{}",
+        page.cache_key(),
+        cells.as_ref().map_or(String::new(), Cells::digest)
+    );
+    let cells = cells.as_ref();
+    let k = cells.map(|c| c.k);
     let res = read
         .answer(&range, &key, |ctx| async move {
             let mut answer = TeamsAnswer {
@@ -294,8 +301,8 @@ pub async fn teams(read: Read<RankedParams>) -> Result<Response, Problem> {
             let Some(TenantRead { mut tx, fresh }) = ctx else {
                 return Ok(answer);
             };
-            answer.as_of = fresh.as_of;
-            let rows = rows(&mut tx, &range, "team", visibility, k)
+            answer.as_of = fresh.as_of.filter(|_| k.is_none());
+            let rows = rows(&mut tx, &range, "team", visibility, cells)
                 .await
                 .map_err(db_error)?;
             let mut teams: Vec<(String, i64, Score)> = rows

@@ -503,7 +503,11 @@ pub async fn pull_requests(read: Read<PullParams>) -> Result<Response, Problem> 
         })
         .await?;
     let res = read
-        .audited("pull requests", res, |a| ids_in(a, "sessions", "user_id"))
+        .audited("pull requests", res, |a| {
+            let mut people = ids_in(a, "sessions", "user_id");
+            people.extend(ids_in(a, "pull_requests", "author"));
+            people
+        })
         .await?;
     respond(res, csv, "pull_requests").await
 }

@@ -214,7 +214,7 @@ pub async fn metrics(read: Read<MetricParams>) -> Result<Response, Problem> {
         p.group_by
     );
     let group_by = p.group_by.clone();
-    read.answer(&range, &key, |ctx| async move {
+    let res = read.answer(&range, &key, |ctx| async move {
         let mut out = MetricSeries {
             tenant_id: tenant,
             name: name.clone(),
@@ -288,6 +288,16 @@ pub async fn metrics(read: Read<MetricParams>) -> Result<Response, Problem> {
             out.series.last_mut().expect("pushed").points.push((t, v));
         }
         Ok(out)
+    })
+    .await?;
+    // Samples carry people's ids in their labels: a grouped series names the groups, any
+    // other read is audited as of the samples' people, unnamed.
+    read.audited("metric series", res, |a| {
+        let mut groups = ids_in(a, "series", "group");
+        if groups.is_empty() {
+            groups.push("people of the metric's samples".into());
+        }
+        groups
     })
     .await
 }

@@ -81,6 +81,9 @@ pub struct PromptGroup {
 pub struct Timeline {
     pub session_id: String,
     pub user_id: Option<String>,
+    /// Every user id the session's rows carry (usually one).
+    #[serde(default)]
+    pub users: Vec<String>,
     pub as_of: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub ended_at: Option<DateTime<Utc>>,
@@ -221,11 +224,8 @@ pub async fn timeline(
             Ok(t)
         })
         .await?;
-    read.audited(&what, res, |t| {
-        let user = t.get("user_id").and_then(|u| u.as_str());
-        user.map(str::to_string).into_iter().collect()
-    })
-    .await
+    read.audited(&what, res, |t| crate::read::privacy::strings_at(t, "users"))
+        .await
 }
 
 fn not_found() -> Problem {
@@ -249,6 +249,12 @@ pub fn build(session: &str, mut rows: Vec<Row>) -> Timeline {
     let mut t = Timeline {
         session_id: session.to_string(),
         user_id: rows.first().map(|r| r.2.clone()),
+        users: {
+            let mut users: Vec<String> = rows.iter().map(|r| r.2.clone()).collect();
+            users.sort();
+            users.dedup();
+            users
+        },
         as_of: None,
         started_at: None,
         ended_at: None,

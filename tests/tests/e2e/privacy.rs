@@ -157,9 +157,19 @@ async fn privacy_mode_shows_managers_only_groups_of_k_and_audits_reads_of_indivi
     assert_eq!(body["privacy_mode"], true);
     assert_eq!(body["privacy_k"], 5);
 
-    // Today every developer runs one 10 ms command in a session of their own; three days
-    // ago big1 alone ran 7 more (a cell of one person).
-    let now = chrono::Utc::now() - chrono::TimeDelta::seconds(30);
+    // Yesterday every developer ran one 10 ms command in a session of their own, and again
+    // today (a day not over, so not shown to readers of aggregates); three days ago big1
+    // alone ran 7 more (a cell of one person); yesterday big1 alone used an agent ($2.50: a
+    // type no one else in the cell sent); and someone with the ingest key made up four
+    // people in the small team (ids no member carries) to lift it to k.
+    let now = chrono::Utc::now();
+    let yesterday = chrono::DateTime::<chrono::Utc>::from_naive_utc_and_offset(
+        (now - chrono::TimeDelta::days(1))
+            .date_naive()
+            .and_hms_opt(12, 0, 0)
+            .unwrap(),
+        chrono::Utc,
+    );
     let mut events = Vec::new();
     for dev in big.iter().chain(&small) {
         let team = if dev.starts_with("big") {
@@ -169,20 +179,37 @@ async fn privacy_mode_shows_managers_only_groups_of_k_and_audits_reads_of_indivi
         };
         let session = format!("s-{dev}");
         events.push(
-            json!({"type": "session.started", "occurred_at": now.to_rfc3339(),
+            json!({"type": "session.started", "occurred_at": yesterday.to_rfc3339(),
             "data": {"user_id": dev, "team_id": team, "session_id": session}}),
         );
-        let mut c = command(dev, "build", 10, true);
-        c["occurred_at"] = json!(now.to_rfc3339());
-        c["data"]["team_id"] = json!(team);
-        c["data"]["session_id"] = json!(session);
-        events.push(c);
+        for at in [yesterday, now - chrono::TimeDelta::seconds(30)] {
+            let mut c = command(dev, "build", 10, true);
+            c["id"] = json!(Uuid::now_v7());
+            c["occurred_at"] = json!(at.to_rfc3339());
+            c["data"]["team_id"] = json!(team);
+            c["data"]["session_id"] = json!(session);
+            events.push(c);
+        }
     }
     for n in 0..7 {
         let mut c = command("big1", "deploy", 1000, true);
-        c["occurred_at"] =
-            json!((now - chrono::TimeDelta::days(3) + chrono::TimeDelta::minutes(n)).to_rfc3339());
+        c["occurred_at"] = json!((yesterday - chrono::TimeDelta::days(2)
+            + chrono::TimeDelta::minutes(n))
+        .to_rfc3339());
         c["data"]["team_id"] = json!("big");
+        events.push(c);
+    }
+    events.push(
+        json!({"type": "agent.interacted", "occurred_at": yesterday.to_rfc3339(),
+        "data": {"user_id": "big1", "team_id": "big", "session_id": "s-big1",
+                 "agent_name": "claude-code", "interaction_type": "api_request",
+                 "input_tokens": 10, "output_tokens": 5, "cost_usd": 2.5, "duration_ms": 100,
+                 "status": "success"}}),
+    );
+    for n in 1..=4 {
+        let mut c = command(&format!("sybil{n}"), "build", 10, true);
+        c["occurred_at"] = json!(yesterday.to_rfc3339());
+        c["data"]["team_id"] = json!("small");
         events.push(c);
     }
     post_events_accepted(&client, &i, &t.ingest_key, &json!(events)).await;
@@ -213,18 +240,45 @@ async fn privacy_mode_shows_managers_only_groups_of_k_and_audits_reads_of_indivi
     for path in [
         "/v1/dashboard/overview?range=24h",
         "/v1/dashboard/overview?range=7d",
-        "/v1/dashboard/overview?range=1h",
+        "/v1/dashboard/overview?range=30d",
     ] {
         let (st, o) = read(&client, &q, path, &mgr).await;
         assert_eq!(st, 200, "{path}: {o}");
         assert_eq!(o["min_group"], 5, "{path}");
         assert!(o["commands"]["duration_max_ms"].is_null(), "{path}: {o}");
+        assert!(
+            o["as_of"].is_null(),
+            "{path}: the newest event's time is withheld"
+        );
         assert_eq!(o["active_users"], 6, "{path}: {o}");
+        assert_eq!(o["cost_usd"], 0.0, "{path}: big1's agent cost alone: {o}");
+        assert!(
+            o["to"].as_str().unwrap() <= now.to_rfc3339().as_str(),
+            "{path}: {o}"
+        );
         totals.push(o["commands"]["count"].as_i64().unwrap());
     }
     // The differencing attack: the 7-day total minus the 24-hour one would be big1's day
-    // alone, and any total minus the 6-person team's would be the 4-person team's.
+    // alone, any total minus the 6-person team's the 4-person team's (made up to 8 ids),
+    // and a total read again later today's newest event.
     assert_eq!(totals, vec![6, 6, 6], "a difference isolates someone");
+    let (_, hour) = read(&client, &q, "/v1/dashboard/overview?range=1h", &mgr).await;
+    assert_eq!(
+        hour["events_total"], 0,
+        "no day of the last hour is over: {hour}"
+    );
+    let (_, agents) = read(
+        &client,
+        &q,
+        "/v1/dashboard/timeseries?range=7d&bucket=1d&group_by=team&type=agent.interacted",
+        &mgr,
+    )
+    .await;
+    assert_eq!(
+        series_total_count(&agents),
+        0,
+        "one person's type: {agents}"
+    );
     let (st, series) = read(
         &client,
         &q,
@@ -290,7 +344,7 @@ async fn privacy_mode_shows_managers_only_groups_of_k_and_audits_reads_of_indivi
         .map(|u| u["user_id"].as_str().unwrap())
         .collect();
     assert_eq!(users, vec!["big1"]);
-    assert_eq!(mine["users"][0]["commands"], 8);
+    assert_eq!(mine["users"][0]["commands"], 9);
     let (st, own) = read(&client, &q, "/v1/dashboard/sessions/s-big1/timeline", &dev).await;
     assert_eq!(st, 200, "{own}");
     let (st, _) = read(&client, &q, "/v1/dashboard/sessions/s-big2/timeline", &dev).await;
@@ -300,7 +354,10 @@ async fn privacy_mode_shows_managers_only_groups_of_k_and_audits_reads_of_indivi
     // whose, what. Their own reads of aggregates are not.
     let (st, everyone) = read(&client, &q, "/v1/dashboard/productivity?range=7d", &owner).await;
     assert_eq!(st, 200, "{everyone}");
-    assert_eq!(everyone["total"], 10);
+    assert_eq!(
+        everyone["total"], 14,
+        "the ten members and the four made-up ids"
+    );
     let (st, timeline) = read(
         &client,
         &q,
@@ -367,6 +424,27 @@ async fn privacy_mode_shows_managers_only_groups_of_k_and_audits_reads_of_indivi
         "type = 'privacy.changed' AND detail = 'privacy_admins_see_individuals = false'",
     )
     .await;
+    // Nor can an admin then watch one person through a budget's notifications.
+    let (st, body) = status_and_json(
+        client
+            .post(format!("{i}/v1/admin/budgets"))
+            .bearer_auth(&admin)
+            .json(&json!({"name": "big1", "scope": "user", "scope_id": "big1",
+                          "metric": "cost_usd", "period": "day", "amount": 1.0})),
+    )
+    .await;
+    assert_eq!(st, 403, "{body}");
+    // And no one gets an account that sees big1's data as their own.
+    let (st, body) = status_and_json(
+        client
+            .post(format!("{i}/v1/admin/users"))
+            .bearer_auth(&owner)
+            .json(&json!({"email": format!("stand-in@{}.example.com", t.id),
+                          "password": MEMBER_PASSWORD, "role": "developer",
+                          "external_id": "big1"})),
+    )
+    .await;
+    assert_eq!(st, 409, "{body}");
 
     stop_all([query, ingest, projector]).await;
 }
