@@ -2,6 +2,9 @@
 
 Usage: TALLY_MCP_AUTH='Bearer <token>' python mcp_client.py URL < calls.json
 
+TALLY_MCP_MODE chooses the protocol: `auto` (the default: the 2026-07-28 revision where the
+server speaks it) or `legacy` (the initialize handshake of 2025-11-25).
+
 stdin holds a JSON array of calls, `[{"tool": "name", "arguments": {...}}, ...]`. The
 client connects as the SDK does by default (mode "auto": a `server/discover` probe of the
 stateless protocol, then, when the server does not speak it, the initialize handshake), lists
@@ -58,7 +61,10 @@ async def run(url: str, calls: list[dict], out: dict) -> None:
         headers=headers, timeout=TIMEOUT, trust_env=False, event_hooks={"response": [on_response]}
     ) as http:
         client = Client(
-            streamable_http_client(url, http_client=http), read_timeout_seconds=TIMEOUT, cache=None
+            streamable_http_client(url, http_client=http),
+            mode=os.environ.get("TALLY_MCP_MODE", "auto"),
+            read_timeout_seconds=TIMEOUT,
+            cache=None,
         )
         try:
             await client.__aenter__()

@@ -4,9 +4,12 @@
 //! rate limit as the REST API, because each tool call *is* a call of the REST endpoint it
 //! names (through this service's own router, with the caller's credential).
 //!
-//! The server is stateless: no session id, no server-to-client stream (GET and DELETE answer
-//! 405), every answer a single `application/json` JSON-RPC response. A notification or a
-//! response from the client gets 202.
+//! It speaks the current revision, 2026-07-28 (stateless: `server/discover`, and every
+//! request carrying its protocol version and client capabilities in `_meta`), and the
+//! `initialize`-era revisions before it for older clients. Either way the server keeps no
+//! session and opens no server-to-client stream (GET and DELETE answer 405); every answer is
+//! a single `application/json` JSON-RPC response. A notification or a response from the
+//! client gets 202.
 
 use std::fmt::Write as _;
 
@@ -23,8 +26,25 @@ use crate::routes::access::Access;
 use crate::state::AppState;
 use crate::App;
 
-/// The protocol versions spoken, newest first; a client asking for another gets the newest.
+/// The stateless revision spoken (`server/discover`, `_meta` on every request).
+pub const MODERN: &str = "2026-07-28";
+
+/// The `initialize`-era revisions spoken, newest first; a client initializing with another
+/// gets the newest.
 pub const PROTOCOL_VERSIONS: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
+
+/// Every revision, newest first (`server/discover`'s `supportedVersions`).
+const ALL_VERSIONS: [&str; 5] = [
+    MODERN,
+    PROTOCOL_VERSIONS[0],
+    PROTOCOL_VERSIONS[1],
+    PROTOCOL_VERSIONS[2],
+    PROTOCOL_VERSIONS[3],
+];
+
+/// The `_meta` keys of a 2026-07-28 request.
+const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
 
 /// Largest JSON-RPC message taken.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -40,6 +60,11 @@ const PARSE_ERROR: i64 = -32700;
 const INVALID_REQUEST: i64 = -32600;
 const METHOD_NOT_FOUND: i64 = -32601;
 const INVALID_PARAMS: i64 = -32602;
+/// 2026-07-28: an `MCP-Protocol-Version`, `Mcp-Method` or `Mcp-Name` header that says other
+/// than the body.
+const HEADER_MISMATCH: i64 = -32020;
+/// 2026-07-28: a protocol version this server does not speak.
+const UNSUPPORTED_VERSION: i64 = -32022;
 
 /// One tool: its name, what it answers, its input schema, and the REST call it makes.
 struct Tool {
@@ -365,8 +390,25 @@ fn reply(id: &Value, result: Value) -> Response {
 }
 
 fn error(id: &Value, code: i64, message: impl Into<String>) -> Response {
-    json_response(json!({"jsonrpc": "2.0", "id": id,
-                         "error": {"code": code, "message": message.into()}}))
+    error_with(StatusCode::OK, id, code, message, None)
+}
+
+/// A JSON-RPC error with an HTTP status (2026-07-28 gives protocol errors 400 and unknown
+/// methods 404) and optional `data`.
+fn error_with(
+    status: StatusCode,
+    id: &Value,
+    code: i64,
+    message: impl Into<String>,
+    data: Option<Value>,
+) -> Response {
+    let mut e = json!({"code": code, "message": message.into()});
+    if let Some(d) = data {
+        e["data"] = d;
+    }
+    let mut r = json_response(json!({"jsonrpc": "2.0", "id": id, "error": e}));
+    *r.status_mut() = status;
+    r
 }
 
 fn json_response(v: Value) -> Response {
@@ -376,6 +418,95 @@ fn json_response(v: Value) -> Response {
         v.to_string(),
     )
         .into_response()
+}
+
+/// The server's name, as `initialize` gives it and as 2026-07-28 results carry it in `_meta`.
+fn server_info() -> Value {
+    json!({"name": "tally", "title": "Tally", "version": env!("CARGO_PKG_VERSION")})
+}
+
+/// A header's value as text ("" when absent or not text).
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// Whether a request speaks 2026-07-28: it says so in its header or in its `_meta`
+/// (`initialize` never does; it is how older clients begin).
+fn is_modern(method: &str, headers: &HeaderMap, params: &Value) -> bool {
+    method != "initialize"
+        && (header_text(headers, "mcp-protocol-version") == MODERN
+            || params
+                .get("_meta")
+                .and_then(|m| m.get(META_VERSION))
+                .is_some())
+}
+
+/// A 2026-07-28 request's envelope checked: its `_meta` keys, its headers against its body,
+/// its version; the JSON-RPC error to answer when one does not hold (`None` when all do).
+fn check_envelope(
+    id: &Value,
+    method: &str,
+    params: &Value,
+    headers: &HeaderMap,
+) -> Option<Response> {
+    let meta = params.get("_meta").and_then(Value::as_object);
+    let version = meta
+        .and_then(|m| m.get(META_VERSION))
+        .and_then(Value::as_str);
+    let capabilities = meta.and_then(|m| m.get(META_CAPABILITIES));
+    let Some(version) = version.filter(|_| capabilities.is_some_and(Value::is_object)) else {
+        return Some(error_with(
+            StatusCode::BAD_REQUEST,
+            id,
+            INVALID_PARAMS,
+            format!("params._meta must hold {META_VERSION} and {META_CAPABILITIES}"),
+            None,
+        ));
+    };
+    let name = params.get("name").and_then(Value::as_str);
+    let mismatch = [
+        (
+            "MCP-Protocol-Version",
+            "mcp-protocol-version",
+            Some(version),
+        ),
+        ("Mcp-Method", "mcp-method", Some(method)),
+        ("Mcp-Name", "mcp-name", name),
+    ]
+    .into_iter()
+    .find(|(_, h, body)| {
+        let sent = header_text(headers, h);
+        !sent.is_empty() && !sent.starts_with("=?") && Some(sent) != *body
+    });
+    if let Some((header, ..)) = mismatch {
+        return Some(error_with(
+            StatusCode::BAD_REQUEST,
+            id,
+            HEADER_MISMATCH,
+            format!("the {header} header says other than the request's body"),
+            None,
+        ));
+    }
+    if version != MODERN {
+        return Some(error_with(
+            StatusCode::BAD_REQUEST,
+            id,
+            UNSUPPORTED_VERSION,
+            "Unsupported protocol version",
+            Some(json!({"supported": [MODERN], "requested": version})),
+        ));
+    }
+    None
+}
+
+/// A 2026-07-28 result: complete, with the server's name in `_meta`.
+fn modern(mut result: Value) -> Value {
+    result["resultType"] = json!("complete");
+    result["_meta"] = json!({"io.modelcontextprotocol/serverInfo": server_info()});
+    result
 }
 
 /// A tool's answer: readable text, and the REST answer as structured content.
@@ -449,14 +580,14 @@ async fn handle(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Respons
         .get("mcp-protocol-version")
         .and_then(|v| v.to_str().ok())
     {
-        if !PROTOCOL_VERSIONS.contains(&v) {
-            return Err(Problem::bad_request(
-                "unsupported-protocol-version",
-                format!(
-                    "MCP-Protocol-Version `{}` is not spoken here; use one of {}",
-                    v.chars().take(40).collect::<String>(),
-                    PROTOCOL_VERSIONS.join(", ")
-                ),
+        if !ALL_VERSIONS.contains(&v) {
+            return Ok(error_with(
+                StatusCode::BAD_REQUEST,
+                &Value::Null,
+                UNSUPPORTED_VERSION,
+                "Unsupported protocol version",
+                Some(json!({"supported": ALL_VERSIONS,
+                            "requested": v.chars().take(40).collect::<String>()})),
             ));
         }
     }
@@ -497,7 +628,28 @@ async fn handle(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Respons
         return Ok(error(&id, INVALID_REQUEST, "method is missing"));
     };
     let params = obj.get("params").cloned().unwrap_or(Value::Null);
+    let modern_request = is_modern(method, headers, &params);
+    if modern_request {
+        if let Some(refused) = check_envelope(&id, method, &params, headers) {
+            return Ok(refused);
+        }
+    }
+    let answer = |result: Value| {
+        if modern_request {
+            reply(&id, modern(result))
+        } else {
+            reply(&id, result)
+        }
+    };
     Ok(match method {
+        "server/discover" if modern_request => answer(json!({
+            "supportedVersions": ALL_VERSIONS,
+            "capabilities": {"tools": {"listChanged": false}},
+            "instructions": instructions(&Access::of(&reader)),
+            "ttlMs": 0,
+            // The instructions say what this caller sees.
+            "cacheScope": "private",
+        })),
         "initialize" => {
             let asked = params.get("protocolVersion").and_then(Value::as_str);
             let version = asked
@@ -509,17 +661,22 @@ async fn handle(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Respons
                 json!({
                     "protocolVersion": version,
                     "capabilities": {"tools": {"listChanged": false}},
-                    "serverInfo": {"name": "tally", "title": "Tally",
-                                   "version": env!("CARGO_PKG_VERSION")},
+                    "serverInfo": server_info(),
                     "instructions": instructions(&access),
                 }),
             )
         }
-        "ping" => reply(&id, json!({})),
-        "tools/list" => reply(
-            &id,
-            json!({"tools": TOOLS.iter().map(Tool::describe).collect::<Vec<_>>()}),
-        ),
+        // 2026-07-28 has no ping.
+        "ping" if !modern_request => reply(&id, json!({})),
+        "tools/list" => {
+            let mut list = json!({"tools": TOOLS.iter().map(Tool::describe).collect::<Vec<_>>()});
+            if modern_request {
+                // The same tools for everyone.
+                list["ttlMs"] = json!(0);
+                list["cacheScope"] = json!("public");
+            }
+            answer(list)
+        }
         "tools/call" => {
             let name = params.get("name").and_then(Value::as_str).unwrap_or("");
             let Some(tool) = TOOLS.iter().find(|t| t.name == name) else {
@@ -539,15 +696,21 @@ async fn handle(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Respons
                 Err(why) => tool_result(format!("invalid arguments: {why}"), None, true),
                 Ok(args) => call(s, headers, tool, &args).await,
             };
-            reply(&id, result)
+            answer(result)
         }
-        _ => error(
+        _ => error_with(
+            if modern_request {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::OK
+            },
             &id,
             METHOD_NOT_FOUND,
             format!(
                 "method `{}` is not supported",
                 method.chars().take(64).collect::<String>()
             ),
+            None,
         ),
     })
 }
@@ -844,6 +1007,73 @@ mod tests {
             assert_eq!(d["inputSchema"]["type"], "object", "{}", t.name);
             assert_eq!(d["inputSchema"]["additionalProperties"], false);
         }
+    }
+
+    #[test]
+    fn requests_of_the_stateless_revision_are_checked_before_they_are_served() {
+        let meta = |v: &str| json!({"_meta": {META_VERSION: v, META_CAPABILITIES: {}}});
+        let headers = |pairs: &[(&'static str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, v.parse().unwrap());
+            }
+            h
+        };
+        let modern_headers = headers(&[
+            ("mcp-protocol-version", MODERN),
+            ("mcp-method", "tools/list"),
+        ]);
+        assert!(is_modern("tools/list", &modern_headers, &Value::Null));
+        assert!(is_modern("tools/list", &HeaderMap::new(), &meta(MODERN)));
+        assert!(!is_modern("initialize", &modern_headers, &meta(MODERN)));
+        assert!(!is_modern(
+            "tools/list",
+            &headers(&[("mcp-protocol-version", "2025-11-25")]),
+            &json!({})
+        ));
+        let id = json!(1);
+        assert!(check_envelope(&id, "tools/list", &meta(MODERN), &modern_headers).is_none());
+        let status = |r: Option<Response>| r.expect("refused").status().as_u16();
+        // No envelope, another version, headers that disagree with the body.
+        assert_eq!(
+            status(check_envelope(
+                &id,
+                "tools/list",
+                &json!({}),
+                &modern_headers
+            )),
+            400
+        );
+        assert_eq!(
+            status(check_envelope(
+                &id,
+                "tools/list",
+                &meta("2099-01-01"),
+                &HeaderMap::new()
+            )),
+            400
+        );
+        assert_eq!(
+            status(check_envelope(
+                &id,
+                "tools/call",
+                &meta(MODERN),
+                &modern_headers
+            )),
+            400
+        );
+        let call = json!({"name": "top", "_meta": {META_VERSION: MODERN, META_CAPABILITIES: {}}});
+        let named = headers(&[("mcp-method", "tools/call"), ("mcp-name", "usage_summary")]);
+        assert_eq!(
+            status(check_envelope(&id, "tools/call", &call, &named)),
+            400
+        );
+        let result = modern(json!({"tools": []}));
+        assert_eq!(result["resultType"], "complete");
+        assert_eq!(
+            result["_meta"]["io.modelcontextprotocol/serverInfo"]["name"],
+            "tally"
+        );
     }
 
     #[test]

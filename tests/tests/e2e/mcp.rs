@@ -11,18 +11,36 @@ use serde_json::{json, Value};
 use shared::jwt::Role;
 use tally_tests::*;
 
-/// Runs the SDK client against `mcp` with `authorization` and `calls`; its JSON report.
+/// Runs the SDK client (in its default mode) against `mcp` with `authorization` and
+/// `calls`; its JSON report.
 async fn mcp_client(mcp: &str, authorization: &str, calls: &Value) -> Value {
+    mcp_client_in(Mode::Auto, mcp, authorization, calls).await
+}
+
+/// How the SDK client connects: `Auto` (its default) uses the 2026-07-28 revision where the
+/// server speaks it; `Legacy` the initialize handshake of 2025-11-25.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    Auto,
+    Legacy,
+}
+
+async fn mcp_client_in(mode: Mode, mcp: &str, authorization: &str, calls: &Value) -> Value {
     let (mcp, authorization, calls) = (
         mcp.to_string(),
         authorization.to_string(),
         calls.to_string(),
     );
+    let mode = match mode {
+        Mode::Auto => "auto",
+        Mode::Legacy => "legacy",
+    };
     tokio::task::spawn_blocking(move || {
         let mut child = Command::new(otel_python())
             .arg(repo_root().join("tests/clients/mcp_client.py"))
             .arg(&mcp)
             .env("TALLY_MCP_AUTH", &authorization)
+            .env("TALLY_MCP_MODE", mode)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -116,94 +134,101 @@ async fn the_mcp_server_answers_each_caller_what_the_rest_api_does() {
     // A developer: every tool answers, equal to the REST API, with their data only.
     let dev1 = format!("Bearer {}", member_token(&client, &i, &t, "dev1").await);
     let (calls, rest) = every_tool("sess-dev1");
-    let report = mcp_client(&mcp, &dev1, &calls).await;
-    assert!(report.get("connect_error").is_none(), "{report}");
-    assert_eq!(report["server"]["name"], "tally", "{report}");
-    let tools: Vec<&str> = report["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        tools,
-        [
-            "usage_summary",
-            "top",
-            "sessions",
-            "session_timeline",
-            "budget_status",
-            "cost_by_repository"
-        ]
-    );
-    for (n, path) in rest.iter().enumerate() {
-        let call = &report["calls"][n];
-        assert_eq!(call["isError"], false, "{path}: {call}");
-        let path = if *path == "TIMELINE" {
-            "/v1/dashboard/sessions/sess-dev1/timeline"
-        } else {
-            path
-        };
-        let res = client
-            .get(format!("{q}{path}"))
-            .header("authorization", &dev1)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 200, "{path}");
-        let want: Value = res.json().await.unwrap();
-        if let Some(budgets) = want.as_array() {
-            // A budget's forecast moves with the clock; what it says of the money does not.
-            let money = |b: &Value| {
-                json!([
-                    b["budget"],
-                    b["status"]["spent"],
-                    b["status"]["remaining"],
-                    b["status"]["period_start"],
-                    b["status"]["forecast"]["outcome"]
-                ])
+    // In both revisions: the current one (the SDK's default) and the initialize handshake.
+    for (mode, version) in [(Mode::Auto, "2026-07-28"), (Mode::Legacy, "2025-11-25")] {
+        let report = mcp_client_in(mode, &mcp, &dev1, &calls).await;
+        assert!(report.get("connect_error").is_none(), "{report}");
+        assert_eq!(
+            report["server"]["protocolVersion"], version,
+            "{mode:?}: {report}"
+        );
+        assert_eq!(report["server"]["name"], "tally", "{report}");
+        let tools: Vec<&str> = report["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            tools,
+            [
+                "usage_summary",
+                "top",
+                "sessions",
+                "session_timeline",
+                "budget_status",
+                "cost_by_repository"
+            ]
+        );
+        for (n, path) in rest.iter().enumerate() {
+            let call = &report["calls"][n];
+            assert_eq!(call["isError"], false, "{path}: {call}");
+            let path = if *path == "TIMELINE" {
+                "/v1/dashboard/sessions/sess-dev1/timeline"
+            } else {
+                path
             };
-            let got: Vec<Value> = call["structured"]["budgets"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(money)
-                .collect();
-            assert_eq!(got, budgets.iter().map(money).collect::<Vec<_>>(), "{path}");
-        } else {
-            assert_eq!(call["structured"], want, "{path}");
+            let res = client
+                .get(format!("{q}{path}"))
+                .header("authorization", &dev1)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200, "{path}");
+            let want: Value = res.json().await.unwrap();
+            if let Some(budgets) = want.as_array() {
+                // A budget's forecast moves with the clock; what it says of the money does not.
+                let money = |b: &Value| {
+                    json!([
+                        b["budget"],
+                        b["status"]["spent"],
+                        b["status"]["remaining"],
+                        b["status"]["period_start"],
+                        b["status"]["forecast"]["outcome"]
+                    ])
+                };
+                let got: Vec<Value> = call["structured"]["budgets"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(money)
+                    .collect();
+                assert_eq!(got, budgets.iter().map(money).collect::<Vec<_>>(), "{path}");
+            } else {
+                assert_eq!(call["structured"], want, "{path}");
+            }
+            assert!(!call["text"].as_str().unwrap().is_empty(), "{path}");
         }
-        assert!(!call["text"].as_str().unwrap().is_empty(), "{path}");
+        let usage = &report["calls"][0];
+        assert_eq!(
+            usage["structured"]["cost_usd"], 0.5,
+            "dev1's own cost: {usage}"
+        );
+        assert!(
+            usage["text"].as_str().unwrap().contains("cost $0.50"),
+            "{usage}"
+        );
+        let top_users: Vec<&str> = report["calls"][1]["structured"]["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(top_users, ["dev1"]);
+        let sessions = report["calls"][2]["structured"]["sessions"]
+            .as_array()
+            .unwrap();
+        assert!(
+            sessions.iter().all(|s| s["user_id"] == "dev1"),
+            "{sessions:?}"
+        );
+        assert_eq!(report["calls"][3]["structured"]["totals"]["cost_usd"], 0.5);
+        let budgets = report["calls"][4]["structured"]["budgets"]
+            .as_array()
+            .unwrap();
+        assert_eq!(budgets.len(), 1, "only dev1's own budget: {budgets:?}");
+        assert_eq!(budgets[0]["budget"]["scope_id"], "dev1");
     }
-    let usage = &report["calls"][0];
-    assert_eq!(
-        usage["structured"]["cost_usd"], 0.5,
-        "dev1's own cost: {usage}"
-    );
-    assert!(
-        usage["text"].as_str().unwrap().contains("cost $0.50"),
-        "{usage}"
-    );
-    let top_users: Vec<&str> = report["calls"][1]["structured"]["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["key"].as_str().unwrap())
-        .collect();
-    assert_eq!(top_users, ["dev1"]);
-    let sessions = report["calls"][2]["structured"]["sessions"]
-        .as_array()
-        .unwrap();
-    assert!(
-        sessions.iter().all(|s| s["user_id"] == "dev1"),
-        "{sessions:?}"
-    );
-    assert_eq!(report["calls"][3]["structured"]["totals"]["cost_usd"], 0.5);
-    let budgets = report["calls"][4]["structured"]["budgets"]
-        .as_array()
-        .unwrap();
-    assert_eq!(budgets.len(), 1, "only dev1's own budget: {budgets:?}");
-    assert_eq!(budgets[0]["budget"]["scope_id"], "dev1");
 
     // Another developer's session, bad arguments and an unknown tool: errors, no crash.
     let bad = json!([
