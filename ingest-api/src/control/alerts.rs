@@ -550,6 +550,28 @@ pub(crate) async fn tenant_privacy(
     Ok(shared::auth::Privacy::from_columns(on, k, admins))
 }
 
+/// With `k`: the tenant's teams of at least k active members (people counted once).
+async fn large_teams(
+    s: &AppState,
+    tenant: TenantId,
+    k: Option<u32>,
+) -> Result<Option<Vec<String>>, Problem> {
+    let Some(k) = k else {
+        return Ok(None);
+    };
+    let teams = sqlx::query_scalar(
+        "SELECT t FROM control.users u, unnest(u.teams) t
+          WHERE u.tenant_id = $1 AND u.status = 'active'
+          GROUP BY t HAVING count(DISTINCT u.id) >= $2",
+    )
+    .bind(tenant.0)
+    .bind(i64::from(k))
+    .fetch_all(&s.pool)
+    .await
+    .map_err(db)?;
+    Ok(Some(teams))
+}
+
 /// Who may manage budgets and rules: the tenant's owners and admins (and `admin` keys) all of
 /// them; a manager those of their own teams (scope `team`), as an extractor.
 pub struct BudgetEditor {
@@ -560,12 +582,20 @@ pub struct BudgetEditor {
     /// rule of one person (or of a project, which is often one person's) is theirs to set,
     /// since its notifications would tell that person's spending.
     pub aggregates_only: bool,
+    /// With `aggregates_only`: the teams of at least k active members, the only teams whose
+    /// budgets, rules and firings such an editor sees or sets.
+    pub large_teams: Option<Vec<String>>,
 }
 
 impl BudgetEditor {
     pub(crate) fn may(&self, scope: Scope, scope_id: &str) -> bool {
         if self.aggregates_only && matches!(scope, Scope::User | Scope::Project) {
             return false;
+        }
+        if let (Scope::Team, Some(large)) = (scope, &self.large_teams) {
+            if !large.iter().any(|t| t == scope_id) {
+                return false;
+            }
         }
         match &self.teams {
             None => true,
@@ -611,6 +641,8 @@ impl axum::extract::FromRequestParts<AppState> for BudgetEditor {
                 .map_err(db)?
                 .unwrap_or_default();
                 let privacy = tenant_privacy(s, claims.tid).await?;
+                let large_teams =
+                    large_teams(s, claims.tid, privacy.on.then_some(privacy.k)).await?;
                 return Ok(BudgetEditor {
                     admin: TenantAdmin {
                         tenant: claims.tid,
@@ -622,15 +654,20 @@ impl axum::extract::FromRequestParts<AppState> for BudgetEditor {
                     },
                     teams: Some(teams),
                     aggregates_only: privacy.on,
+                    large_teams,
                 });
             }
         }
         let admin = TenantAdmin::from_request_parts(parts, s).await?;
         let privacy = tenant_privacy(s, admin.tenant).await?;
+        let aggregates_only = privacy.on && !privacy.admins_see_individuals;
+        let large_teams =
+            large_teams(s, admin.tenant, aggregates_only.then_some(privacy.k)).await?;
         Ok(BudgetEditor {
             admin,
             teams: None,
-            aggregates_only: privacy.on && !privacy.admins_see_individuals,
+            aggregates_only,
+            large_teams,
         })
     }
 }
@@ -962,11 +999,13 @@ pub async fn list_firings(
         "SELECT id, source, source_id, scope, scope_id, fired_at, payload FROM control.firings
           WHERE tenant_id = $1
             AND ($3::text[] IS NULL OR (scope = 'team' AND scope_id = ANY($3)))
+            AND ($4::text[] IS NULL OR scope = 'tenant' OR (scope = 'team' AND scope_id = ANY($4)))
           ORDER BY fired_at DESC, id DESC LIMIT $2",
     )
     .bind(editor.admin.tenant.0)
     .bind(limit)
     .bind(editor.teams.as_deref())
+    .bind(editor.large_teams.as_deref())
     .fetch_all(&s.pool)
     .await
     .map_err(db)?;

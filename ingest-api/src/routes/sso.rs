@@ -566,7 +566,20 @@ async fn find_or_provision(
             .bind(default_role)
             .execute(&mut *tx)
             .await
-            .map_err(db)?;
+            .map_err(|e| {
+                // Another active member already carries this address as their user id.
+                if e.as_database_error().and_then(|d| d.constraint()) == Some("users_external_id") {
+                    Problem::new(
+                        StatusCode::CONFLICT,
+                        "conflict",
+                        "Conflict",
+                        "another member of this tenant already has this address as their user id; \
+                         ask an admin to link the accounts",
+                    )
+                } else {
+                    db(e)
+                }
+            })?;
             let event = AuthEvent {
                 user_id: Some(id),
                 email: Some(email.clone()),

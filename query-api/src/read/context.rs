@@ -154,7 +154,28 @@ impl<P> Read<P> {
     /// before committing (never behind the committed one; see [`shared::watermark`]), so a
     /// hit opens no PostgreSQL transaction. `request_key` names the endpoint and every
     /// parameter that changes its answer besides the range and the reader's visibility.
+    ///
+    /// A reader held to aggregates is not told whether the answer was cached (`x-cache`):
+    /// a miss after a hit would say an event just arrived somewhere in the tenant.
     pub async fn answer<T, F, Fut>(
+        &self,
+        range: &TimeRange,
+        request_key: &str,
+        compute: F,
+    ) -> Result<Response, Problem>
+    where
+        T: Serialize,
+        F: FnOnce(Option<TenantRead>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Problem>>,
+    {
+        let mut res = self.cached_or(range, request_key, compute).await?;
+        if self.reader.aggregates_only().is_some() {
+            res.headers_mut().remove("x-cache");
+        }
+        Ok(res)
+    }
+
+    async fn cached_or<T, F, Fut>(
         &self,
         range: &TimeRange,
         request_key: &str,

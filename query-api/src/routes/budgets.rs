@@ -34,7 +34,7 @@ async fn large_teams(pool: &sqlx::PgPool, reader: &Reader) -> sqlx::Result<Optio
     let large: Vec<String> = sqlx::query_scalar(
         "SELECT t FROM control.users u, unnest(u.teams) t
           WHERE u.tenant_id = $1 AND u.status = 'active'
-          GROUP BY t HAVING count(*) >= $2",
+          GROUP BY t HAVING count(DISTINCT u.id) >= $2",
     )
     .bind(reader.tenant.0)
     .bind(i64::from(k))

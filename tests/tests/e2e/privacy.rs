@@ -128,7 +128,7 @@ async fn privacy_mode_shows_managers_only_groups_of_k_and_audits_reads_of_indivi
     let t = create_tenant(&pool, "private-teams").await;
     create_member(&pool, &t, "owner", Role::Owner, &[]).await;
     create_member(&pool, &t, "admin", Role::Admin, &[]).await;
-    create_member(&pool, &t, "mgr", Role::Manager, &["big", "small"]).await;
+    create_member(&pool, &t, "mgr", Role::Manager, &["big", "small", "solo"]).await;
     let big: Vec<String> = (1..=6).map(|n| format!("big{n}")).collect();
     let small: Vec<String> = (1..=4).map(|n| format!("small{n}")).collect();
     for dev in &big {
@@ -326,6 +326,22 @@ async fn privacy_mode_shows_managers_only_groups_of_k_and_audits_reads_of_indivi
             body["type"], "https://tally.dev/problems/privacy-mode",
             "{path}"
         );
+    }
+    // Nor can the manager watch a team of fewer than k members (here only themself) through
+    // an alert rule's values.
+    let rule = |team: &str| {
+        json!({"name": format!("{team} silence"), "kind": "silence", "scope": "team",
+               "scope_id": team, "window_minutes": 60})
+    };
+    for (team, status) in [("solo", 403), ("big", 201)] {
+        let (st, body) = status_and_json(
+            client
+                .post(format!("{i}/v1/admin/rules"))
+                .bearer_auth(&mgr)
+                .json(&rule(team)),
+        )
+        .await;
+        assert_eq!(st, status, "{team}: {body}");
     }
     // A read key is held to the same rule.
     let (_, o) = read(&client, &q, "/v1/dashboard/overview?range=7d", &t.read_key).await;
