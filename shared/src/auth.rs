@@ -60,6 +60,21 @@ impl Privacy {
     }
 }
 
+/// The teams of `tenant` with at least `k` active members (each person counted once): in
+/// privacy mode, the only teams whose budgets, rules and firings a reader of aggregates sees
+/// or sets.
+pub async fn large_teams(pool: &PgPool, tenant: TenantId, k: u32) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT t FROM control.users u, unnest(u.teams) t
+          WHERE u.tenant_id = $1 AND u.status = 'active'
+          GROUP BY t HAVING count(DISTINCT u.id) >= $2",
+    )
+    .bind(tenant.0)
+    .bind(i64::from(k))
+    .fetch_all(pool)
+    .await
+}
+
 /// Why a request's API key was not accepted. Each service turns it into its own answer
 /// (`Problem` here, the ingest doors' error and gRPC status there) without guessing the
 /// kind back from an HTTP status.

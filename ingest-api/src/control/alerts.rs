@@ -234,12 +234,17 @@ pub async fn set_settings(
     // What is stored of prompts and commands is the owners' to change too while the tenant
     // is in privacy mode.
     let private = tenant_privacy(&s, caller.tenant).await?.on;
-    let stored_changes = req.store_prompt_text.is_some() || req.store_command_text.is_some();
-    let owners_only = privacy
-        .iter()
-        .find(|(_, v)| v.is_some())
-        .map(|(field, _)| *field)
-        .or_else(|| (private && stored_changes).then_some("store_prompt_text"));
+    let stored = [
+        ("store_prompt_text", req.store_prompt_text.map(Value::from)),
+        (
+            "store_command_text",
+            req.store_command_text.map(Value::from),
+        ),
+    ];
+    let changed = |fields: &[(&'static str, Option<Value>)]| {
+        fields.iter().find(|(_, v)| v.is_some()).map(|(f, _)| *f)
+    };
+    let owners_only = changed(&privacy).or_else(|| changed(&stored).filter(|_| private));
     if let Some(field) = owners_only {
         if !caller.is_owner {
             let detail = "only the tenant's owners may change its privacy settings";
@@ -274,13 +279,6 @@ pub async fn set_settings(
         )
         .await?;
     }
-    let stored = [
-        ("store_prompt_text", req.store_prompt_text.map(Value::from)),
-        (
-            "store_command_text",
-            req.store_command_text.map(Value::from),
-        ),
-    ];
     for (column, value) in stored.into_iter().chain(privacy) {
         if let Some(value) = value {
             set_setting(
@@ -550,26 +548,19 @@ pub(crate) async fn tenant_privacy(
     Ok(shared::auth::Privacy::from_columns(on, k, admins))
 }
 
-/// With `k`: the tenant's teams of at least k active members (people counted once).
+/// With `k`: the tenant's teams of at least k active members ([`shared::auth::large_teams`]).
 async fn large_teams(
     s: &AppState,
     tenant: TenantId,
     k: Option<u32>,
 ) -> Result<Option<Vec<String>>, Problem> {
-    let Some(k) = k else {
-        return Ok(None);
-    };
-    let teams = sqlx::query_scalar(
-        "SELECT t FROM control.users u, unnest(u.teams) t
-          WHERE u.tenant_id = $1 AND u.status = 'active'
-          GROUP BY t HAVING count(DISTINCT u.id) >= $2",
-    )
-    .bind(tenant.0)
-    .bind(i64::from(k))
-    .fetch_all(&s.pool)
-    .await
-    .map_err(db)?;
-    Ok(Some(teams))
+    match k {
+        None => Ok(None),
+        Some(k) => shared::auth::large_teams(&s.pool, tenant, k)
+            .await
+            .map(Some)
+            .map_err(db),
+    }
 }
 
 /// Who may manage budgets and rules: the tenant's owners and admins (and `admin` keys) all of
@@ -578,18 +569,22 @@ pub struct BudgetEditor {
     pub admin: TenantAdmin,
     /// `None`: every budget; `Some`: a manager's teams.
     pub teams: Option<Vec<String>>,
-    /// The tenant is in privacy mode and this editor may not see individuals: no budget or
-    /// rule of one person (or of a project, which is often one person's) is theirs to set,
-    /// since its notifications would tell that person's spending.
-    pub aggregates_only: bool,
-    /// With `aggregates_only`: the teams of at least k active members, the only teams whose
-    /// budgets, rules and firings such an editor sees or sets.
+    /// `Some` when the tenant is in privacy mode and this editor may not see individuals:
+    /// the teams of at least k active members, the only teams whose budgets, rules and
+    /// firings such an editor sees or sets. No budget or rule of one person (or of a
+    /// project, which is often one person's) is theirs, since its notifications would tell
+    /// that person's spending.
     pub large_teams: Option<Vec<String>>,
 }
 
 impl BudgetEditor {
+    /// Whether this editor is held to aggregates (see `large_teams`).
+    fn aggregates_only(&self) -> bool {
+        self.large_teams.is_some()
+    }
+
     pub(crate) fn may(&self, scope: Scope, scope_id: &str) -> bool {
-        if self.aggregates_only && matches!(scope, Scope::User | Scope::Project) {
+        if self.aggregates_only() && matches!(scope, Scope::User | Scope::Project) {
             return false;
         }
         if let (Scope::Team, Some(large)) = (scope, &self.large_teams) {
@@ -604,7 +599,7 @@ impl BudgetEditor {
     }
 
     pub(crate) fn refuse(&self) -> Problem {
-        if self.aggregates_only {
+        if self.aggregates_only() {
             return Problem::forbidden(
                 "in privacy mode, budgets and rules of a person or a project are only for \
                  owners and admins who may see individuals; a manager's are their own teams'",
@@ -653,7 +648,6 @@ impl axum::extract::FromRequestParts<AppState> for BudgetEditor {
                         },
                     },
                     teams: Some(teams),
-                    aggregates_only: privacy.on,
                     large_teams,
                 });
             }
@@ -666,7 +660,6 @@ impl axum::extract::FromRequestParts<AppState> for BudgetEditor {
         Ok(BudgetEditor {
             admin,
             teams: None,
-            aggregates_only,
             large_teams,
         })
     }

@@ -81,7 +81,6 @@ pub(crate) fn drop_prompt_text(event: &mut serde_json::Value) {
 /// (Claude Code's `tool_parameters`, the hook's `command`, `args`, `*_input`, …), as opposed to
 /// what was run (`command_name`, `tool_name`).
 fn is_argument(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
     const NAMES: [&str; 11] = [
         "command",
         "full_command",
@@ -95,17 +94,20 @@ fn is_argument(key: &str) -> bool {
         "args",
         "input",
     ];
-    NAMES.contains(&k.as_str())
-        || [
-            "_parameters",
-            "_arguments",
-            "_args",
-            "_input",
-            ".parameters",
-            ".arguments",
-        ]
-        .iter()
-        .any(|suffix| k.ends_with(suffix))
+    const SUFFIXES: [&str; 6] = [
+        "_parameters",
+        "_arguments",
+        "_args",
+        "_input",
+        ".parameters",
+        ".arguments",
+    ];
+    // Compared without allocating: this runs for every key of every event a tenant sends.
+    let ends_with = |suffix: &str| {
+        key.len() >= suffix.len()
+            && key.as_bytes()[key.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+    };
+    NAMES.iter().any(|n| key.eq_ignore_ascii_case(n)) || SUFFIXES.iter().any(|s| ends_with(s))
 }
 
 /// An event without the arguments of the commands it describes — `command.executed`'s
@@ -234,5 +236,8 @@ mod tests {
         );
         drop_command_text(&mut sample);
         assert_eq!(sample.data["labels"], json!({"command_name": "exec"}));
+        assert!(
+            is_argument("Tool_Parameters") && is_argument("MCP_INPUT") && !is_argument("inputs")
+        );
     }
 }

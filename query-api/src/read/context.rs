@@ -138,12 +138,14 @@ impl<P> Read<P> {
         super::privacy::audited(&self.state, &self.reader, what, res, whose).await
     }
 
-    /// The range the parameters name (see [`parse_range`]).
+    /// The range the parameters name (see [`parse_range`]); for a reader held to
+    /// aggregates, the whole UTC days of it that have ended ([`TimeRange::closed_days_if`]).
     pub fn range(&self) -> Result<TimeRange, Problem>
     where
         P: Ranged,
     {
-        parse_range(&self.state.config, &self.params)
+        let closed = self.reader.aggregates_only().is_some();
+        Ok(parse_range(&self.state.config, &self.params)?.closed_days_if(closed, Utc::now()))
     }
 
     /// The answer to this request over `range`: from the cache while the tenant's watermark

@@ -56,6 +56,15 @@ impl Cells {
         }
     }
 
+    /// The rollups a query reads: the daily ones with cells (they are days, over a range of
+    /// whole days), else `otherwise`.
+    pub fn grain(cells: Option<&Cells>, otherwise: crate::range::Grain) -> crate::range::Grain {
+        match cells {
+            Some(_) => crate::range::Grain::Day,
+            None => otherwise,
+        }
+    }
+
     /// For the cache key: answers computed with other members are other answers.
     pub fn digest(&self) -> String {
         use std::hash::{Hash, Hasher};

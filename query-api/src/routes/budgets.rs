@@ -28,19 +28,12 @@ fn visible(reader: &Reader, b: &Budget) -> bool {
 /// only ones whose budgets and firings they see (and no person's or project's). `None` for
 /// everyone else.
 async fn large_teams(pool: &sqlx::PgPool, reader: &Reader) -> sqlx::Result<Option<Vec<String>>> {
-    let Some(k) = reader.aggregates_only() else {
-        return Ok(None);
-    };
-    let large: Vec<String> = sqlx::query_scalar(
-        "SELECT t FROM control.users u, unnest(u.teams) t
-          WHERE u.tenant_id = $1 AND u.status = 'active'
-          GROUP BY t HAVING count(DISTINCT u.id) >= $2",
-    )
-    .bind(reader.tenant.0)
-    .bind(i64::from(k))
-    .fetch_all(pool)
-    .await?;
-    Ok(Some(large))
+    match reader.aggregates_only() {
+        None => Ok(None),
+        Some(k) => shared::auth::large_teams(pool, reader.tenant, k)
+            .await
+            .map(Some),
+    }
 }
 
 async fn with_status(

@@ -126,9 +126,7 @@ pub struct Point {
 pub async fn overview(read: Read<RangeParams>) -> Result<Response, Problem> {
     let cells = read.cells().await?;
     let k = read.reader.aggregates_only();
-    let range = read
-        .range()?
-        .closed_days_if(k.is_some(), chrono::Utc::now());
+    let range = read.range()?;
     let (tenant, visibility) = (read.reader.tenant, &read.reader.visibility);
     let key = cells
         .as_ref()
@@ -275,12 +273,7 @@ async fn keyed_overview(
 ) -> sqlx::Result<OverviewParts> {
     let (user_filter, team_filter) = visibility.filters();
     let (k, ids, teams) = Cells::binds(cells);
-    // Cells are days: with `k` the range is whole days, read from the daily rollups.
-    let grain = if k.is_some() {
-        Grain::Day
-    } else {
-        Grain::for_range(range)
-    };
+    let grain = Cells::grain(cells, Grain::for_range(range));
     let rows: Vec<OverviewRow> = sqlx::query_as(by_grain!(
         grain,
         "SELECT event_type, sum(count)::bigint, sum(errors)::bigint, sum(duration_sum)::bigint,
@@ -372,9 +365,7 @@ pub async fn timeseries(read: Read<SeriesParams>) -> Result<Response, Problem> {
     let (p, config) = (&read.params, read.config());
     let cells = read.cells().await?;
     let k = read.reader.aggregates_only();
-    let range = read
-        .range()?
-        .closed_days_if(k.is_some(), chrono::Utc::now());
+    let range = read.range()?;
     let mut bucket = Bucket::parse(p.bucket.as_deref().unwrap_or("1h")).map_err(invalid)?;
     if k.is_some() {
         // Aggregates of k people are (team, day) cells: a series of them is daily or weekly.
@@ -521,11 +512,7 @@ async fn compute_series(
     } = q;
     let (k, ids, teams) = Cells::binds(cells);
     let (user_filter, team_filter) = visibility.filters();
-    let grain = if k.is_some() {
-        Grain::Day
-    } else {
-        Grain::for_series(bucket, range)
-    };
+    let grain = Cells::grain(cells, Grain::for_series(bucket, range));
     let width = bucket.width();
     let interval = sqlx::postgres::types::PgInterval {
         months: 0,

@@ -161,7 +161,7 @@ async fn rows(
     let (user_filter, team_filter) = visibility.filters();
     let (k, ids, teams) = Cells::binds(cells);
     sqlx::query_as(by_grain!(
-        if k.is_some() { Grain::Day } else { Grain::for_range(range) },
+        Cells::grain(cells, Grain::for_range(range)),
         "SELECT CASE $3 WHEN 'team' THEN team_id ELSE user_id END AS k,
                 coalesce(sum(count) FILTER (WHERE event_type = 'command.executed'), 0)::bigint,
                 coalesce(sum(errors) FILTER (WHERE event_type = 'command.executed'), 0)::bigint,
@@ -187,14 +187,11 @@ async fn rows(
     .await
 }
 
-/// What both ranked lists take: the format, the range (whole days for a reader who sees
-/// only aggregates) and the page.
+/// What both ranked lists take: the format, the range and the page.
 fn ranked(read: &Read<RankedParams>) -> Result<(bool, TimeRange, Page), Problem> {
     let p = &read.params;
     let csv = wants_csv(p.format.as_deref())?;
-    let range = read
-        .range()?
-        .closed_days_if(read.reader.aggregates_only().is_some(), Utc::now());
+    let range = read.range()?;
     let page = Page::parse(p.limit, p.cursor.as_deref())?;
     Ok((csv, range, page))
 }
