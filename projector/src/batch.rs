@@ -14,10 +14,10 @@ use shared::tenant::TenantId;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::models::rollups::{self, Deltas, Grain, Pending};
+use crate::models::rollups::{self, Grain};
 use crate::models::{attribution, audit, people, raw, sessions, watermark};
 use crate::offsets::{self, OffsetRange};
-use crate::prepare::{target_versions, Target, Versions};
+use crate::prepare::{target_versions, Target};
 use crate::schema;
 
 /// How long a batch waits for Redis to take its watermarks before committing without.
@@ -61,10 +61,9 @@ pub enum Mode<'a> {
     /// the watermark each tenant will have is announced just before the commit
     /// ([`shared::watermark::raise`]), for the cache lookups that open no transaction.
     Live(Option<&'a mut ConnectionManager>),
-    /// A rebuild's bulk load into versions nobody reads yet: raw rows by `COPY`, rollup
-    /// deltas held back in [`Pending`] once the transaction commits (written later, many
-    /// batches at once, by [`write_pending`]).
-    Bulk(&'a mut Pending),
+    /// A rebuild's bulk load into versions nobody reads yet: raw rows by `COPY`, and no
+    /// rollups (built from the raw rows once the bulk load is done: [`rollups::rebuild`]).
+    Bulk,
 }
 
 /// Writes the batch and advances the offsets, all in one transaction.
@@ -80,35 +79,20 @@ pub async fn write(
     let mut tx = pool.begin().await?;
     let mut written = Written::default();
     let versions = target_versions(&mut tx, target).await?;
-    let bulk = matches!(mode, Mode::Bulk(_));
-    let mut held = Vec::new();
+    let bulk = matches!(mode, Mode::Bulk);
     for (tenant, events) in by_tenant(events) {
         let version = versions.get(&tenant).copied().unwrap_or(1);
         schema::set_search_path(&mut tx, &tenant.schema(version)).await?;
-        let (counts, deltas) = write_tenant(&mut tx, &events, bulk).await?;
-        let (inserted, duplicates, seq) = counts;
+        let (inserted, duplicates, seq) = write_tenant(&mut tx, &events, bulk).await?;
         written.inserted += inserted;
         written.duplicates += duplicates;
         written.tenants.push((tenant, seq));
-        held.extend(deltas.map(|d| (tenant, d)));
     }
 
     for (partition, range) in offsets {
         offsets::advance(&mut tx, projection, topic, *partition, *range).await?;
     }
-    let announce = match mode {
-        Mode::Live(announce) => announce,
-        Mode::Bulk(pending) => {
-            // The held deltas are outside the transaction: they count only if it committed,
-            // and exactly then (a retry of a committed batch inserts nothing).
-            commit_surely(pool, tx).await?;
-            for (tenant, deltas) in held {
-                pending.add(tenant, deltas);
-            }
-            return Ok(written);
-        }
-    };
-    if let Some(redis) = announce {
+    if let Mode::Live(Some(redis)) = mode {
         let announced: Vec<_> = written
             .tenants
             .iter()
@@ -211,13 +195,13 @@ pub async fn find_refused(
 }
 
 /// Writes one tenant's events (search_path already points at its schema): (inserted,
-/// duplicates, new watermark seq). In `bulk`, raw rows go by `COPY` and the rollup deltas
-/// are returned instead of written.
+/// duplicates, new watermark seq). In `bulk`, raw rows go by `COPY` and no rollups are
+/// written.
 async fn write_tenant(
     conn: &mut PgConnection,
     events: &[&Decoded],
     bulk: bool,
-) -> Result<((u64, u64, i64), Option<Deltas>), WriteError> {
+) -> Result<(u64, u64, i64), WriteError> {
     // The tenant's row lock first: this transaction's seq is the live feed position of every
     // row it writes, and the lock makes the tenant's transactions commit in seq order.
     let feed_seq = watermark::lock_next_seq(conn).await?;
@@ -248,17 +232,14 @@ async fn write_tenant(
         + rows.len() as u64
         - inserted;
 
-    let deltas = rollups::fold_all(&inserted_rows);
-    let held = if bulk {
-        Some(deltas)
-    } else {
+    if !bulk {
+        let deltas = rollups::fold_all(&inserted_rows);
         for (grain, keyed) in Grain::ALL.into_iter().zip(&deltas) {
             let phase = Instant::now();
             rollups::write_grain(conn, grain, keyed).await?;
             record_phase(grain.table(), phase);
         }
-        None
-    };
+    }
     let phase = Instant::now();
     let updates = sessions::fold(
         events
@@ -275,10 +256,7 @@ async fn write_tenant(
         seq, feed_seq,
         "projection_state is locked by this transaction"
     );
-    Ok((
-        (inserted + audited + repository_events, duplicates, seq),
-        held,
-    ))
+    Ok((inserted + audited + repository_events, duplicates, seq))
 }
 
 /// A bulk load's raw rows: `COPY` under a savepoint; if an event id was stored already or
@@ -298,51 +276,6 @@ async fn copy_or_insert<'r, 'a>(
             raw::insert(conn, rows, feed_seq).await
         }
         Err(e) => Err(e),
-    }
-}
-
-/// Writes held-back rollup deltas ([`Pending::take`]), in one transaction.
-pub async fn write_pending(
-    pool: &PgPool,
-    versions: &Versions,
-    deltas: &[(TenantId, Grain, BTreeMap<rollups::Key, rollups::Measures>)],
-) -> sqlx::Result<()> {
-    let mut tx = pool.begin().await?;
-    for (tenant, grain, keyed) in deltas {
-        let version = versions.get(tenant).copied().unwrap_or(1);
-        schema::set_search_path(&mut tx, &tenant.schema(version)).await?;
-        rollups::write_grain(&mut tx, *grain, keyed).await?;
-    }
-    commit_surely(pool, tx).await
-}
-
-/// Commits, and if the answer is lost (the connection broke during `COMMIT`), asks
-/// PostgreSQL whether the transaction committed (`txid_status`), until it can answer: for
-/// writes whose retry would not be a no-op, such as adding held-back rollup deltas.
-async fn commit_surely(
-    pool: &PgPool,
-    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
-) -> sqlx::Result<()> {
-    let txid: i64 = sqlx::query_scalar("SELECT txid_current()")
-        .fetch_one(&mut *tx)
-        .await?;
-    let Err(lost) = tx.commit().await else {
-        return Ok(());
-    };
-    let mut backoff = std::time::Duration::from_millis(200);
-    loop {
-        let status: sqlx::Result<Option<String>> = sqlx::query_scalar("SELECT txid_status($1)")
-            .bind(txid)
-            .fetch_one(pool)
-            .await;
-        match status {
-            Ok(Some(s)) if s == "committed" => return Ok(()),
-            Ok(Some(s)) if s == "in progress" => {}
-            Ok(_) => return Err(lost),
-            Err(e) => tracing::warn!(error = %e, "asking whether a commit happened; retrying"),
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
     }
 }
 

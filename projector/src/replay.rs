@@ -15,12 +15,13 @@
 //! drops the half-built version and starts over.
 //!
 //! Up to the log end as it was when the replay started, the rebuild is a bulk load
-//! ([`Bulk`]): the new schemas' secondary indexes are dropped, raw rows go in by `COPY`,
-//! rollup deltas are folded across many batches and upserted once per key and grain, and
-//! the indexes are built again at the end. The rest (what arrived since) takes the normal
-//! path, batch by batch, before the switch.
+//! ([`Bulk`]): the new schemas' secondary indexes are dropped and raw rows go in by `COPY`,
+//! without rollups; once every raw row is in, the rollups are folded set-wise from them, day
+//! by day in one sorted pass, and written by `COPY` into tables without keys
+//! ([`rollups::rebuild`]), then the keys and indexes are built. The rest (what arrived
+//! since) takes the normal path, batch by batch, before the switch.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
@@ -33,7 +34,7 @@ use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 
 use crate::batch::{self, Decoded, Mode, WriteError};
 use crate::consumer::Poison;
-use crate::models::rollups::Pending;
+use crate::models::rollups::{self, Grain};
 use crate::prepare::{self, Prepared, Target, Versions};
 use crate::schema::{self, Lock};
 use crate::Config;
@@ -64,8 +65,10 @@ pub struct Report {
     /// How long the live projector's batches for these tenants waited on the switch.
     pub switch_ms: f64,
     /// Seconds the bulk load took (up to the log end when the replay started), and of those
-    /// the building of the indexes it dropped.
+    /// the folding of the rollups from the raw rows, and the building of the indexes it
+    /// dropped.
     pub bulk_secs: f64,
+    pub rollup_secs: f64,
     pub index_secs: f64,
     /// Records of the replayed tenants that could not be projected (today's validation
     /// refuses them, or PostgreSQL does): sent to the dead-letter topics, not dropped.
@@ -81,8 +84,8 @@ type Tp = (usize, i32);
 /// ended when the replay started.
 struct Bulk {
     until: HashMap<Tp, i64>,
-    /// Rollup deltas folded across batches, written when a grain holds many keys.
-    pending: Pending,
+    /// The days (UTC) each new schema got events of: those the rollups are folded from.
+    days: BTreeMap<TenantId, BTreeSet<chrono::DateTime<chrono::Utc>>>,
     /// The secondary indexes dropped from each new schema, built again at the end.
     indexes: BTreeMap<TenantId, Vec<String>>,
     /// The new schemas whose secondary indexes are all dropped.
@@ -92,9 +95,6 @@ struct Bulk {
 
 /// Records per bulk-load batch, in multiples of the live batch size.
 const BULK_BATCHES: usize = 4;
-/// Keys a grain's held-back rollup deltas may reach before they are written (about 1 KB
-/// each in memory).
-const BULK_PENDING_KEYS: usize = 50_000;
 
 struct Switching {
     tx: Transaction<'static, Postgres>,
@@ -123,8 +123,8 @@ struct Replayer<'a> {
     /// while live batches of those tenants wait.
     redis: Option<redis::aio::ConnectionManager>,
     bulk: Option<Bulk>,
-    /// (bulk load, index build) seconds, once the bulk load is done.
-    bulk_took: (f64, f64),
+    /// (bulk load, rollups, index build) seconds, once the bulk load is done.
+    bulk_took: (f64, f64, f64),
     records: u64,
     projected: u64,
     dead_lettered: u64,
@@ -218,12 +218,12 @@ pub async fn replay(
         redis: shared::redis_client::connect(&config.common.redis_url).await,
         bulk: (config.replay_bulk && !until.is_empty()).then(|| Bulk {
             until,
-            pending: Pending::new(BULK_PENDING_KEYS),
+            days: BTreeMap::new(),
             indexes: BTreeMap::new(),
             dropped: HashSet::new(),
             started: Instant::now(),
         }),
-        bulk_took: (0.0, 0.0),
+        bulk_took: (0.0, 0.0, 0.0),
         records: 0,
         projected: 0,
         dead_lettered: 0,
@@ -252,7 +252,8 @@ pub async fn replay(
         records_per_sec: r.records as f64 / seconds.max(1e-9),
         switch_ms,
         bulk_secs: r.bulk_took.0,
-        index_secs: r.bulk_took.1,
+        rollup_secs: r.bulk_took.1,
+        index_secs: r.bulk_took.2,
         dead_lettered: r.dead_lettered,
         versions: tenants
             .iter()
@@ -449,7 +450,11 @@ impl Replayer<'_> {
                 let mode = match self.bulk.as_mut() {
                     Some(bulk) => {
                         drop_indexes(self.pool, bulk, &self.target, &self.batch).await?;
-                        Mode::Bulk(&mut bulk.pending)
+                        for d in &self.batch {
+                            let day = Grain::Day.bucket(d.env.occurred_at);
+                            bulk.days.entry(d.env.tenant_id).or_default().insert(day);
+                        }
+                        Mode::Bulk
                     }
                     None => Mode::Live(None),
                 };
@@ -510,8 +515,8 @@ impl Replayer<'_> {
         self.bulk_step().await
     }
 
-    /// After a bulk-load batch: writes the rollup deltas that grew large, and once the
-    /// whole bulk is loaded, every held delta and the dropped indexes.
+    /// After a bulk-load batch: once the whole bulk is loaded, folds the rollups from the
+    /// raw rows and builds the dropped indexes.
     async fn bulk_step(&mut self) -> anyhow::Result<()> {
         let Some(bulk) = self.bulk.as_mut() else {
             return Ok(());
@@ -520,15 +525,24 @@ impl Replayer<'_> {
             .until
             .iter()
             .all(|(tp, end)| self.written.get(tp).is_some_and(|w| w >= end));
-        let due = bulk.pending.take(done);
-        retry("writing held rollups", || {
-            batch::write_pending(self.pool, &self.target, &due)
-        })
-        .await;
         if !done {
             return Ok(());
         }
         let loaded = bulk.started.elapsed();
+        let folding = Instant::now();
+        for (tenant, days) in &bulk.days {
+            let schema = tenant.schema(self.target[tenant]);
+            retry("folding the rollups", || async {
+                let mut tx = self.pool.begin().await?;
+                schema::set_search_path(&mut tx, &schema).await?;
+                let rows = rollups::rebuild(&mut tx, days).await?;
+                tx.commit().await?;
+                tracing::info!(%tenant, days = days.len(), rows, "rollups folded");
+                Ok(())
+            })
+            .await?;
+        }
+        let folded = folding.elapsed().as_secs_f64();
         let indexing = Instant::now();
         for (tenant, definitions) in &bulk.indexes {
             let schema = tenant.schema(self.target[tenant]);
@@ -536,16 +550,18 @@ impl Replayer<'_> {
                 let mut conn = self.pool.acquire().await?;
                 schema::create_indexes(&mut conn, &schema, definitions).await
             })
-            .await;
+            .await?;
         }
         self.bulk_took = (
             bulk.started.elapsed().as_secs_f64(),
+            folded,
             indexing.elapsed().as_secs_f64(),
         );
         tracing::info!(
             records = self.records,
             loaded_secs = loaded.as_secs_f64(),
-            indexed_secs = self.bulk_took.1,
+            rollup_secs = folded,
+            indexed_secs = self.bulk_took.2,
             "bulk load done; catching up"
         );
         self.bulk = None;
@@ -677,16 +693,23 @@ async fn drop_indexes(
 }
 
 /// Runs `attempt` until it succeeds, backing off while PostgreSQL is away (a rebuild has
-/// nothing better to do; if it is stopped, the next one starts over).
-async fn retry<F, Fut>(what: &str, mut attempt: F)
+/// nothing better to do; if it is stopped, the next one starts over). A statement
+/// PostgreSQL cannot run at all (SQLSTATE class 42 or 0A: this build and the database
+/// disagree) ends the replay instead: no retry can change it.
+async fn retry<F, Fut>(what: &str, mut attempt: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = sqlx::Result<()>>,
 {
     let mut backoff = Duration::from_millis(200);
     while let Err(e) = attempt().await {
+        let code = e.as_database_error().and_then(|d| d.code());
+        if code.is_some_and(|c| c.starts_with("42") || c.starts_with("0A")) {
+            return Err(anyhow::Error::new(e).context(format!("replay: {what}")));
+        }
         tracing::warn!(error = %e, "replay: {what} failed; retrying");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+    Ok(())
 }

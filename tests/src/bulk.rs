@@ -5,12 +5,11 @@
 //! test `bulk::loads_what_the_projector_writes` checks it against a projector-built tenant.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use ingest_api::ingest::{IngestContext, TimeBounds};
 use projector::models::raw::{self, RawRow};
-use projector::models::rollups::{self, Cube, Grain, Key, Measures};
+use projector::models::rollups::{self, Copies, Cube, Grain, Key, Measures};
 use projector::schema::{self, partitions};
 use serde_json::Value;
 use shared::events::{Actor, Envelope, Payload, Source};
@@ -167,103 +166,29 @@ pub fn ingest_context(tenant: TenantId) -> IngestContext {
 
 const GRAINS: [Grain; 3] = [Grain::Minute, Grain::Hour, Grain::Day];
 
-fn csv_text(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
 /// Writes one grain's per-key rollups, and the tenant-wide ones and active users derived from
-/// them, as the projector's transaction would have left them.
+/// them, as the projector's transaction would have left them (with the projector's own
+/// `COPY` writer, [`Copies`]).
 async fn write_grain(
     conn: &mut sqlx::PgConnection,
     schema: &SchemaName,
     grain: Grain,
     keyed: &BTreeMap<Key, Measures>,
 ) -> anyhow::Result<()> {
-    write_rollups(conn, schema, grain, Cube::Keys, keyed).await?;
-    let tenant_wide = rollups::tenant_wide(keyed);
-    write_rollups(conn, schema, grain, Cube::Tenant, &tenant_wide).await?;
-    let mut csv = String::new();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    schema::set_search_path(&mut tx, schema).await?;
+    let mut out = Copies::default();
+    for (k, m) in keyed {
+        out.rollup(grain, Cube::Keys, k, m);
+        out.send_full(&mut tx).await?;
+    }
+    for (k, m) in &rollups::tenant_wide(keyed) {
+        out.rollup(grain, Cube::Tenant, k, m);
+    }
     for (bucket, user) in rollups::active_users(keyed) {
-        let _ = writeln!(csv, "{},{}", bucket.to_rfc3339(), csv_text(user));
+        out.active_user(grain, bucket, user);
     }
-    copy_into(conn, schema, grain.users_table(), "bucket, user_id", csv).await
-}
-
-/// Writes folded rollups of one grain and cube with COPY, as the projector's upserts would
-/// have left them.
-async fn write_rollups(
-    conn: &mut sqlx::PgConnection,
-    schema: &SchemaName,
-    grain: Grain,
-    cube: Cube,
-    rows: &BTreeMap<Key, Measures>,
-) -> anyhow::Result<()> {
-    let entries: Vec<(&Key, &Measures)> = rows.iter().collect();
-    let (dimensions, columns) = match cube {
-        Cube::Keys => (
-            true,
-            "bucket, event_type, user_id, team_id, project_id, name, ",
-        ),
-        Cube::Tenant => (false, "bucket, event_type, "),
-    };
-    let columns = format!(
-        "{columns}count, errors, duration_sum, duration_max, input_tokens, output_tokens, \
-         value_sum, duration_hist"
-    );
-    for chunk in entries.chunks(50_000) {
-        let mut csv = String::with_capacity(chunk.len() * 200);
-        for (k, m) in chunk {
-            let _ = write!(csv, "{},{},", k.bucket.to_rfc3339(), k.event_type);
-            if dimensions {
-                let _ = write!(
-                    csv,
-                    "{},{},{},{},",
-                    csv_text(&k.user_id),
-                    csv_text(&k.team_id),
-                    csv_text(&k.project_id),
-                    csv_text(&k.name)
-                );
-            }
-            let used = m
-                .duration_hist
-                .iter()
-                .rposition(|n| *n != 0)
-                .map_or(1, |i| i + 1);
-            let hist: Vec<String> = m.duration_hist[..used].iter().map(i64::to_string).collect();
-            let _ = writeln!(
-                csv,
-                "{},{},{},{},{},{},{},\"{{{}}}\"",
-                m.count,
-                m.errors,
-                m.duration_sum,
-                m.duration_max,
-                m.input_tokens,
-                m.output_tokens,
-                m.value_sum,
-                hist.join(",")
-            );
-        }
-        copy_into(conn, schema, cube.table(grain), &columns, csv).await?;
-    }
-    Ok(())
-}
-
-async fn copy_into(
-    conn: &mut sqlx::PgConnection,
-    schema: &SchemaName,
-    table: &str,
-    columns: &str,
-    csv: String,
-) -> anyhow::Result<()> {
-    if csv.is_empty() {
-        return Ok(());
-    }
-    let mut copy = conn
-        .copy_in_raw(&format!(
-            "COPY {schema}.{table} ({columns}) FROM STDIN (FORMAT csv)"
-        ))
-        .await?;
-    copy.send(csv.into_bytes()).await?;
-    copy.finish().await?;
+    out.finish(&mut tx).await?;
+    tx.commit().await?;
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use shared::events::{Envelope, Payload};
+use shared::events::{Envelope, EventType, Payload};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -40,6 +40,33 @@ impl RawTable {
             RawTable::ProductivityMetrics => "productivity_metrics",
             RawTable::MetricSamples => "metric_samples",
         }
+    }
+
+    /// The event type of a row of this table, as [`RawRow::from_event`] gave it (session
+    /// events are told apart by their name).
+    pub fn event_type(self, name: &str) -> &'static str {
+        let t = match self {
+            RawTable::CommandExecutions => EventType::CommandExecuted,
+            RawTable::AgentInteractions => EventType::AgentInteracted,
+            RawTable::ToolExecutions => EventType::ToolExecuted,
+            RawTable::SessionEvents => match name {
+                "started" => EventType::SessionStarted,
+                "ended" => EventType::SessionEnded,
+                _ => EventType::SessionContext,
+            },
+            RawTable::ProductivityMetrics => EventType::ProductivityRecorded,
+            RawTable::MetricSamples => EventType::MetricSample,
+        };
+        t.as_str()
+    }
+
+    /// Whether a row of this table with this `status` is an error: commands, agent
+    /// interactions and tools whose status is not `success`.
+    pub fn is_error(self, status: &str) -> bool {
+        matches!(
+            self,
+            RawTable::CommandExecutions | RawTable::AgentInteractions | RawTable::ToolExecutions
+        ) && status != "success"
     }
 }
 
@@ -107,7 +134,6 @@ impl<'a> RawRow<'a> {
                 row.session_id = s(&p.session_id);
                 row.name = p.command_name.clone();
                 row.status = p.status.as_str().into();
-                row.is_error = p.status.is_error();
                 row.duration_ms = p.duration_ms;
             }
             Payload::AgentInteracted(p) => {
@@ -118,7 +144,6 @@ impl<'a> RawRow<'a> {
                 row.session_id = s(&p.session_id);
                 row.name = p.agent_name.clone();
                 row.status = p.status.as_str().into();
-                row.is_error = p.status.is_error();
                 row.duration_ms = p.duration_ms;
                 row.input_tokens = p.input_tokens;
                 row.output_tokens = p.output_tokens;
@@ -133,7 +158,6 @@ impl<'a> RawRow<'a> {
                 row.session_id = p.session_id.clone();
                 row.name = p.tool_name.clone();
                 row.status = if p.success { "success" } else { "error" }.into();
-                row.is_error = !p.success;
                 row.duration_ms = p.duration_ms;
             }
             Payload::SessionStarted(p) => {
@@ -189,6 +213,10 @@ impl<'a> RawRow<'a> {
                 return None
             }
         }
+        // What a rebuild reads back from the stored row must say the same (see
+        // `rollups::rebuild`).
+        row.is_error = row.table.is_error(&row.status);
+        debug_assert_eq!(row.event_type, row.table.event_type(&row.name));
         Some(row)
     }
 }
@@ -313,7 +341,7 @@ fn copy_sql(table: RawTable) -> &'static str {
 
 /// Appends `s` to a COPY text-format line, escaped (backslash, and the separators tab,
 /// newline and carriage return).
-fn copy_text(line: &mut String, s: &str) {
+pub(crate) fn copy_text(line: &mut String, s: &str) {
     for c in s.chars() {
         match c {
             '\\' => line.push_str("\\\\"),

@@ -1,16 +1,16 @@
 //! Rollups: per-minute, per-hour and per-day aggregates of the rows a batch really inserted,
 //! per key (`activity_*`) and for the whole tenant (`activity_all_*`, and who was active:
 //! `active_users_*`). Folding is pure (table-tested here); [`upsert`] adds the folded deltas
-//! to the tables, [`insert_active_users`] records the active users.
+//! to the tables, [`insert_active_users`] records the active users. A rebuild instead folds
+//! them set-wise from the raw rows once they are all loaded ([`rebuild`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use shared::histogram;
-use shared::tenant::TenantId;
-use sqlx::PgConnection;
+use sqlx::{AssertSqlSafe, PgConnection};
 
-use super::raw::RawRow;
+use super::raw::{copy_text, RawRow, RawTable};
 
 /// A rollup's time grain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +138,74 @@ impl Measures {
         self.value_sum += m.value_sum;
         histogram::merge(&mut self.duration_hist, &m.duration_hist);
     }
+
+    /// Counts one raw row in.
+    fn count(&mut self, f: &Fact<'_>) {
+        self.count += 1;
+        self.errors += i64::from(f.is_error);
+        self.duration_sum += f.duration_ms;
+        self.duration_max = self.duration_max.max(f.duration_ms);
+        self.input_tokens += f.input_tokens;
+        self.output_tokens += f.output_tokens;
+        self.value_sum += f.value;
+        self.duration_hist[histogram::index(f.duration_ms)] += 1;
+    }
+}
+
+/// What the rollups take from one raw row: a [`RawRow`] of a batch, or a stored row read
+/// back by a rebuild.
+#[derive(Debug, Clone, Copy)]
+struct Fact<'r> {
+    occurred_at: DateTime<Utc>,
+    event_type: &'static str,
+    user_id: &'r str,
+    team_id: &'r str,
+    project_id: &'r str,
+    name: &'r str,
+    is_error: bool,
+    duration_ms: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+    value: f64,
+}
+
+impl<'r> Fact<'r> {
+    fn of(r: &'r RawRow<'_>) -> Fact<'r> {
+        Fact {
+            occurred_at: r.occurred_at,
+            event_type: r.event_type,
+            user_id: &r.user_id,
+            team_id: &r.team_id,
+            project_id: &r.project_id,
+            name: &r.name,
+            is_error: r.is_error,
+            duration_ms: r.duration_ms,
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            value: r.value,
+        }
+    }
+
+    fn key(&self, bucket: DateTime<Utc>) -> Key {
+        Key {
+            bucket,
+            event_type: self.event_type,
+            user_id: self.user_id.into(),
+            team_id: self.team_id.into(),
+            project_id: self.project_id.into(),
+            name: self.name.into(),
+        }
+    }
+
+    /// Whether `key` is this row's key at `bucket`.
+    fn is_keyed(&self, key: &Key, bucket: DateTime<Utc>) -> bool {
+        key.bucket == bucket
+            && key.event_type == self.event_type
+            && key.user_id == self.user_id
+            && key.team_id == self.team_id
+            && key.project_id == self.project_id
+            && key.name == self.name
+    }
 }
 
 /// Folds rows into per-key rollup deltas for one grain. Keys come out sorted, so concurrent
@@ -148,23 +216,10 @@ pub fn fold<'a>(
 ) -> BTreeMap<Key, Measures> {
     let mut out: BTreeMap<Key, Measures> = BTreeMap::new();
     for r in rows {
-        let key = Key {
-            bucket: grain.bucket(r.occurred_at),
-            event_type: r.event_type,
-            user_id: r.user_id.clone(),
-            team_id: r.team_id.clone(),
-            project_id: r.project_id.clone(),
-            name: r.name.clone(),
-        };
-        let m = out.entry(key).or_default();
-        m.count += 1;
-        m.errors += i64::from(r.is_error);
-        m.duration_sum += r.duration_ms;
-        m.duration_max = m.duration_max.max(r.duration_ms);
-        m.input_tokens += r.input_tokens;
-        m.output_tokens += r.output_tokens;
-        m.value_sum += r.value;
-        m.duration_hist[histogram::index(r.duration_ms)] += 1;
+        let f = Fact::of(r);
+        out.entry(f.key(grain.bucket(f.occurred_at)))
+            .or_default()
+            .count(&f);
     }
     out
 }
@@ -280,18 +335,12 @@ pub async fn upsert(
     let keys = || deltas.keys();
     let vals = || deltas.values();
     // Histograms travel as array literals: UNNEST cannot take an array of arrays of
-    // different rows, and a text[] of literals casts back losslessly. Trailing empty
-    // buckets are left off (most rows hold a few durations): `hist_add` and the readers
-    // treat missing buckets as zero.
+    // different rows, and a text[] of literals casts back losslessly.
     let hist: Vec<String> = vals()
         .map(|m| {
-            let used = m
-                .duration_hist
-                .iter()
-                .rposition(|n| *n != 0)
-                .map_or(1, |last| last + 1);
-            let parts: Vec<String> = m.duration_hist[..used].iter().map(i64::to_string).collect();
-            format!("{{{}}}", parts.join(","))
+            let mut literal = String::new();
+            hist_literal(&mut literal, &m.duration_hist);
+            literal
         })
         .collect();
     let query = sqlx::query(upsert_sql(grain, cube))
@@ -317,6 +366,24 @@ pub async fn upsert(
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Appends a histogram as an array literal, its trailing empty buckets left off (most rows
+/// hold a few durations): `hist_add` and the readers treat missing buckets as zero.
+fn hist_literal(out: &mut String, hist: &[i64]) {
+    use std::fmt::Write as _;
+    let used = hist
+        .iter()
+        .rposition(|n| *n != 0)
+        .map_or(1, |last| last + 1);
+    out.push('{');
+    for (i, n) in hist[..used].iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{n}");
+    }
+    out.push('}');
 }
 
 /// Insert of (bucket, user) pairs that keeps the ones already recorded.
@@ -361,18 +428,6 @@ pub fn fold_all<'a>(rows: &[&'a RawRow<'a>]) -> Deltas {
     Grain::ALL.map(|grain| fold(rows.iter().copied(), grain))
 }
 
-/// Adds `from` into `into`, key by key.
-fn merge(into: &mut BTreeMap<Key, Measures>, from: BTreeMap<Key, Measures>) {
-    for (k, m) in from {
-        match into.entry(k) {
-            std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().add(&m),
-            std::collections::btree_map::Entry::Vacant(e) => {
-                e.insert(m);
-            }
-        }
-    }
-}
-
 /// Writes one grain's per-key deltas and what follows from them: the tenant-wide rollup and
 /// the active users (search_path already points at the tenant's schema).
 pub async fn write_grain(
@@ -385,46 +440,341 @@ pub async fn write_grain(
     insert_active_users(conn, grain, &active_users(keyed)).await
 }
 
-/// Rollup deltas a rebuild holds back across batches, per tenant and grain: a bulk load
-/// folds many batches into one upsert per key instead of one per batch. A grain is written
-/// once it holds `cap` keys, everything once all tenants together hold three times that
-/// (so memory stays bounded however many tenants a replay rebuilds), and everything at the
-/// end.
+/// The rollup tables a rebuild writes: per key, tenant-wide and active users, each at every
+/// grain.
+const REBUILT: [&str; 9] = [
+    "activity_1m",
+    "activity_1h",
+    "activity_1d",
+    "activity_all_1m",
+    "activity_all_1h",
+    "activity_all_1d",
+    "active_users_1m",
+    "active_users_1h",
+    "active_users_1d",
+];
+
+/// Rollup rows on their way into their tables by `COPY` (text format), one buffer per table,
+/// for tables nobody upserts into meanwhile: a rebuild's, or a benchmark's bulk load. A
+/// buffer is sent once it holds [`Copies::FLUSH_BYTES`], the rest by [`Copies::finish`].
 #[derive(Debug, Default)]
-pub struct Pending {
-    cap: usize,
-    tenants: BTreeMap<TenantId, Deltas>,
+pub struct Copies {
+    /// Indexed like [`REBUILT`].
+    lines: [String; 9],
+    rows: u64,
 }
 
-impl Pending {
-    pub fn new(cap: usize) -> Pending {
-        Pending {
-            cap,
-            tenants: BTreeMap::new(),
-        }
+impl Copies {
+    const FLUSH_BYTES: usize = 4 << 20;
+
+    fn slot(grain: Grain, table: usize) -> usize {
+        let g = match grain {
+            Grain::Minute => 0,
+            Grain::Hour => 1,
+            Grain::Day => 2,
+        };
+        table * 3 + g
     }
 
-    /// Holds a committed batch's deltas of `tenant`.
-    pub fn add(&mut self, tenant: TenantId, deltas: Deltas) {
-        let held = self.tenants.entry(tenant).or_default();
-        for (into, from) in held.iter_mut().zip(deltas) {
-            merge(into, from);
-        }
-    }
-
-    /// Takes the deltas to write now (see [`Pending`]); every one with `all`.
-    pub fn take(&mut self, all: bool) -> Vec<(TenantId, Grain, BTreeMap<Key, Measures>)> {
-        let held: usize = self.tenants.values().flatten().map(BTreeMap::len).sum();
-        let all = all || held >= 3 * self.cap;
-        let mut out = Vec::new();
-        for (tenant, held) in &mut self.tenants {
-            for (grain, keyed) in Grain::ALL.into_iter().zip(held.iter_mut()) {
-                if !keyed.is_empty() && (all || keyed.len() >= self.cap) {
-                    out.push((*tenant, grain, std::mem::take(keyed)));
-                }
+    /// Adds one row of a grain's per-key (`Cube::Keys`) or tenant-wide rollup.
+    pub fn rollup(&mut self, grain: Grain, cube: Cube, key: &Key, m: &Measures) {
+        use chrono::SecondsFormat::Secs;
+        use std::fmt::Write as _;
+        let table = match cube {
+            Cube::Keys => 0,
+            Cube::Tenant => 1,
+        };
+        let line = &mut self.lines[Self::slot(grain, table)];
+        let _ = write!(
+            line,
+            "{}\t{}\t",
+            key.bucket.to_rfc3339_opts(Secs, true),
+            key.event_type
+        );
+        if cube == Cube::Keys {
+            for s in [&key.user_id, &key.team_id, &key.project_id, &key.name] {
+                copy_text(line, s);
+                line.push('\t');
             }
         }
-        out
+        let _ = write!(
+            line,
+            "{}\t{}\t{}\t{}\t{}\t{}\t{:?}\t",
+            m.count,
+            m.errors,
+            m.duration_sum,
+            m.duration_max,
+            m.input_tokens,
+            m.output_tokens,
+            m.value_sum
+        );
+        hist_literal(line, &m.duration_hist);
+        line.push('\n');
+        self.rows += 1;
+    }
+
+    /// Adds one (bucket, user) pair of a grain's active users.
+    pub fn active_user(&mut self, grain: Grain, bucket: DateTime<Utc>, user: &str) {
+        use chrono::SecondsFormat::Secs;
+        let line = &mut self.lines[Self::slot(grain, 2)];
+        line.push_str(&bucket.to_rfc3339_opts(Secs, true));
+        line.push('\t');
+        copy_text(line, user);
+        line.push('\n');
+        self.rows += 1;
+    }
+
+    /// Sends the buffers that grew large (search_path points at the tenant's schema).
+    pub async fn send_full(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        self.send(conn, Self::FLUSH_BYTES).await
+    }
+
+    /// Sends everything held; returns how many rows were written in all.
+    pub async fn finish(mut self, conn: &mut PgConnection) -> sqlx::Result<u64> {
+        self.send(conn, 1).await?;
+        Ok(self.rows)
+    }
+
+    async fn send(&mut self, conn: &mut PgConnection, at_least: usize) -> sqlx::Result<()> {
+        for (i, table) in REBUILT.iter().enumerate() {
+            if self.lines[i].len() < at_least {
+                continue;
+            }
+            let columns = match i / 3 {
+                0 => {
+                    "bucket, event_type, user_id, team_id, project_id, name, count, errors, \
+                      duration_sum, duration_max, input_tokens, output_tokens, value_sum, \
+                      duration_hist"
+                }
+                1 => {
+                    "bucket, event_type, count, errors, duration_sum, duration_max, \
+                      input_tokens, output_tokens, value_sum, duration_hist"
+                }
+                _ => "bucket, user_id",
+            };
+            let mut copy = conn
+                .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN"))
+                .await?;
+            copy.send(std::mem::take(&mut self.lines[i]).into_bytes())
+                .await?;
+            copy.finish().await?;
+        }
+        Ok(())
+    }
+}
+
+/// A rebuild's rollups, folded set-wise from the raw rows once a bulk load has stored them
+/// all (search_path points at the new schema, nobody else writes to it, and the raw rows
+/// of every day in `days` are there; other days hold none). Returns the rollup rows written.
+///
+/// The rollup tables are emptied and their primary keys dropped, then each day's raw rows
+/// of every table are read in one sorted pass — by user, table, team, project, name and
+/// time — so that every per-key rollup row, at every grain, is a run of consecutive rows,
+/// and a user's active minutes and hours are one run too: each is folded in memory held for
+/// one run (the tenant-wide rows, for one day) and written once by `COPY`. The primary keys
+/// are built again at the end. What comes out is what the live path's upserts would have
+/// left for the same rows (the e2e tests compare both), in one transaction of the caller's.
+pub async fn rebuild(conn: &mut PgConnection, days: &BTreeSet<DateTime<Utc>>) -> sqlx::Result<u64> {
+    // Sorting a day's rows in memory where it fits; building keys likewise.
+    sqlx::query("SET LOCAL work_mem = '128MB'")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("SET LOCAL maintenance_work_mem = '256MB'")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(AssertSqlSafe(format!("TRUNCATE {}", REBUILT.join(", "))))
+        .execute(&mut *conn)
+        .await?;
+    let keys: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT t.relname::text, c.conname::text, pg_get_constraintdef(c.oid)
+           FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid
+          WHERE c.contype = 'p' AND t.relnamespace = current_schema()::regnamespace
+            AND t.relname = ANY($1)",
+    )
+    .bind(&REBUILT[..])
+    .fetch_all(&mut *conn)
+    .await?;
+    for (table, name, _) in &keys {
+        sqlx::query(AssertSqlSafe(format!(
+            "ALTER TABLE \"{table}\" DROP CONSTRAINT \"{name}\""
+        )))
+        .execute(&mut *conn)
+        .await?;
+    }
+
+    let mut fold = SortedFold::default();
+    for day in days {
+        read_day(conn, *day, &mut fold).await?;
+    }
+    let rows = fold.out.finish(&mut *conn).await?;
+
+    for (table, name, definition) in &keys {
+        sqlx::query(AssertSqlSafe(format!(
+            "ALTER TABLE \"{table}\" ADD CONSTRAINT \"{name}\" {definition}"
+        )))
+        .execute(&mut *conn)
+        .await?;
+    }
+    sqlx::query(AssertSqlSafe(format!("ANALYZE {}", REBUILT.join(", "))))
+        .execute(&mut *conn)
+        .await?;
+    Ok(rows)
+}
+
+/// A stored raw row as a rebuild reads it: table (index into [`RawTable::ALL`]), time,
+/// user, team, project, name, status, duration, tokens in and out, value.
+type Stored = (
+    i16,
+    DateTime<Utc>,
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+    f64,
+);
+
+/// Rows fetched from the cursor at a time.
+const FETCH_ROWS: usize = 10_000;
+
+/// Folds the raw rows of the day starting at `day` into `fold`, through a cursor.
+async fn read_day(
+    conn: &mut PgConnection,
+    day: DateTime<Utc>,
+    fold: &mut SortedFold,
+) -> sqlx::Result<()> {
+    use chrono::SecondsFormat::Secs;
+    let (lo, hi) = (day, day + Grain::Day.width());
+    let (lo, hi) = (
+        lo.to_rfc3339_opts(Secs, true),
+        hi.to_rfc3339_opts(Secs, true),
+    );
+    let parts: Vec<String> = RawTable::ALL
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            format!(
+                "SELECT {i}::int2 AS t, occurred_at, user_id, team_id, project_id, name, status,
+                        duration_ms, input_tokens, output_tokens, value
+                   FROM {} WHERE occurred_at >= '{lo}' AND occurred_at < '{hi}'",
+                t.name()
+            )
+        })
+        .collect();
+    sqlx::query(AssertSqlSafe(format!(
+        "DECLARE rollup_rebuild NO SCROLL CURSOR FOR SELECT * FROM ({}) r
+          ORDER BY user_id COLLATE \"C\", t, team_id COLLATE \"C\", project_id COLLATE \"C\",
+                   name COLLATE \"C\", occurred_at",
+        parts.join(" UNION ALL ")
+    )))
+    .execute(&mut *conn)
+    .await?;
+    loop {
+        let rows: Vec<Stored> = sqlx::query_as(AssertSqlSafe(format!(
+            "FETCH {FETCH_ROWS} FROM rollup_rebuild"
+        )))
+        .fetch_all(&mut *conn)
+        .await?;
+        for r in &rows {
+            let table = RawTable::ALL[usize::try_from(r.0).unwrap_or(0)];
+            fold.row(&Fact {
+                occurred_at: r.1,
+                event_type: table.event_type(&r.5),
+                user_id: &r.2,
+                team_id: &r.3,
+                project_id: &r.4,
+                name: &r.5,
+                is_error: table.is_error(&r.6),
+                duration_ms: r.7,
+                input_tokens: r.8,
+                output_tokens: r.9,
+                value: r.10,
+            });
+        }
+        fold.out.send_full(&mut *conn).await?;
+        if rows.len() < FETCH_ROWS {
+            break;
+        }
+    }
+    sqlx::query("CLOSE rollup_rebuild")
+        .execute(&mut *conn)
+        .await?;
+    fold.end_day();
+    Ok(())
+}
+
+/// The fold of one day's raw rows in the order [`read_day`] reads them: per grain, the
+/// per-key row being summed (its rows are consecutive) and the day's tenant-wide rows; the
+/// active buckets of the user being read.
+#[derive(Debug, Default)]
+struct SortedFold {
+    keyed: [Option<(Key, Measures)>; 3],
+    tenant: [BTreeMap<(DateTime<Utc>, &'static str), Measures>; 3],
+    user: String,
+    active: [BTreeSet<DateTime<Utc>>; 3],
+    out: Copies,
+}
+
+impl SortedFold {
+    fn row(&mut self, f: &Fact<'_>) {
+        if f.user_id != self.user {
+            self.end_user();
+            self.user = f.user_id.into();
+        }
+        for (i, grain) in Grain::ALL.into_iter().enumerate() {
+            let bucket = grain.bucket(f.occurred_at);
+            let current = &mut self.keyed[i];
+            if !current.as_ref().is_some_and(|(k, _)| f.is_keyed(k, bucket)) {
+                if let Some((k, m)) = current.replace((f.key(bucket), Measures::default())) {
+                    self.out.rollup(grain, Cube::Keys, &k, &m);
+                }
+            }
+            if let Some((_, m)) = current.as_mut() {
+                m.count(f);
+            }
+            self.tenant[i]
+                .entry((bucket, f.event_type))
+                .or_default()
+                .count(f);
+            if !f.user_id.is_empty() {
+                self.active[i].insert(bucket);
+            }
+        }
+    }
+
+    /// Writes the active buckets of the user whose rows ended.
+    fn end_user(&mut self) {
+        for (grain, buckets) in Grain::ALL.into_iter().zip(&mut self.active) {
+            for bucket in std::mem::take(buckets) {
+                self.out.active_user(grain, bucket, &self.user);
+            }
+        }
+    }
+
+    /// Writes what the day held: its last per-key rows, its last user's active buckets and
+    /// its tenant-wide rows.
+    fn end_day(&mut self) {
+        self.end_user();
+        self.user.clear();
+        for (i, grain) in Grain::ALL.into_iter().enumerate() {
+            if let Some((k, m)) = self.keyed[i].take() {
+                self.out.rollup(grain, Cube::Keys, &k, &m);
+            }
+            for ((bucket, event_type), m) in std::mem::take(&mut self.tenant[i]) {
+                let key = Key {
+                    bucket,
+                    event_type,
+                    user_id: String::new(),
+                    team_id: String::new(),
+                    project_id: String::new(),
+                    name: String::new(),
+                };
+                self.out.rollup(grain, Cube::Tenant, &key, &m);
+            }
+        }
     }
 }
 
@@ -555,31 +905,105 @@ mod tests {
         assert_eq!(active_users(&fold(&rows, Grain::Day)).len(), 2);
     }
 
+    /// What [`Copies`] holds, each table's lines sorted.
+    fn lines(out: &Copies) -> Vec<Vec<String>> {
+        out.lines
+            .iter()
+            .map(|l| {
+                let mut v: Vec<String> = l.lines().map(String::from).collect();
+                v.sort();
+                v
+            })
+            .collect()
+    }
+
     #[test]
-    fn held_deltas_are_written_per_full_grain_and_all_when_tenants_together_hold_too_many() {
-        let t0 = Utc.with_ymd_and_hms(2026, 11, 25, 13, 0, 10).unwrap();
-        let one = [row(t0, "a", "build", 10, false)];
-        let one_deltas = || fold_all(&one.iter().collect::<Vec<_>>());
-        let mut pending = Pending::new(2);
-        let a = TenantId(Uuid::new_v4());
-        pending.add(a, one_deltas());
-        assert!(pending.take(false).is_empty(), "under the cap, kept");
-        // Another minute: the minute grain reaches the cap, the hour and day do not.
-        let later = [row(t0 + TimeDelta::minutes(1), "a", "build", 10, false)];
-        pending.add(a, fold_all(&later.iter().collect::<Vec<_>>()));
-        let taken = pending.take(false);
-        assert_eq!(taken.len(), 1);
-        assert_eq!((taken[0].1, taken[0].2.len()), (Grain::Minute, 2));
-        // The same key again merges: the hour holds one key counting both.
-        let hour = &pending.tenants[&a][1];
-        assert_eq!(hour.values().map(|m| m.count).collect::<Vec<_>>(), [2]);
-        // Three tenants of one key per grain each: 8 keys held, over 3 × 2: all of them.
-        for _ in 0..2 {
-            pending.add(TenantId(Uuid::new_v4()), one_deltas());
+    fn the_sorted_fold_of_a_rebuild_writes_what_the_batch_folds_would() {
+        // Rows of several users, tables, teams, names, minutes and hours, over two days,
+        // some without a user; tool errors and session kinds.
+        let t0 = Utc.with_ymd_and_hms(2026, 11, 25, 22, 58, 10).unwrap();
+        let mut rows = Vec::new();
+        for i in 0..600i64 {
+            let mut r = row(
+                t0 + TimeDelta::seconds(i * 37 % 9000),
+                ["a", "b", "", "c"][(i % 4) as usize],
+                ["build", "test"][(i % 3 % 2) as usize],
+                i * 13 % 5000,
+                i % 7 == 0,
+            );
+            r.team_id = ["", "t1"][(i % 5 % 2) as usize].into();
+            match i % 6 {
+                1 => {
+                    r.table = RawTable::ToolExecutions;
+                    r.event_type = "tool.executed";
+                }
+                2 => {
+                    r.table = RawTable::SessionEvents;
+                    r.name = ["started", "ended", "context"][(i % 3) as usize].into();
+                    r.event_type = r.table.event_type(&r.name);
+                    r.status.clear();
+                    r.is_error = false;
+                }
+                _ => {}
+            }
+            rows.push(r);
         }
-        let taken = pending.take(false);
-        let keys: usize = taken.iter().map(|(_, _, k)| k.len()).sum();
-        assert_eq!(keys, 8);
-        assert!(pending.take(true).is_empty(), "nothing is left");
+        // The batch path: each grain folded, the tenant-wide rows and active users from it.
+        let mut want = Copies::default();
+        for grain in Grain::ALL {
+            let keyed = fold(&rows, grain);
+            for (k, m) in &keyed {
+                want.rollup(grain, Cube::Keys, k, m);
+            }
+            for (k, m) in &tenant_wide(&keyed) {
+                want.rollup(grain, Cube::Tenant, k, m);
+            }
+            for (bucket, user) in active_users(&keyed) {
+                want.active_user(grain, bucket, user);
+            }
+        }
+        // The rebuild: each day's rows in the order `read_day` reads them.
+        let table_index = |t: RawTable| RawTable::ALL.iter().position(|x| *x == t).unwrap();
+        rows.sort_by(|x, y| {
+            (
+                Grain::Day.bucket(x.occurred_at),
+                &x.user_id,
+                table_index(x.table),
+            )
+                .cmp(&(
+                    Grain::Day.bucket(y.occurred_at),
+                    &y.user_id,
+                    table_index(y.table),
+                ))
+                .then_with(|| {
+                    (&x.team_id, &x.project_id, &x.name, x.occurred_at).cmp(&(
+                        &y.team_id,
+                        &y.project_id,
+                        &y.name,
+                        y.occurred_at,
+                    ))
+                })
+        });
+        let mut sorted = SortedFold::default();
+        let mut day = None;
+        for r in &rows {
+            let d = Grain::Day.bucket(r.occurred_at);
+            if day.is_some_and(|day| day != d) {
+                sorted.end_day();
+            }
+            day = Some(d);
+            // As read back: event type and error from the stored table, name and status.
+            let mut f = Fact::of(r);
+            f.event_type = r.table.event_type(&r.name);
+            f.is_error = r.table.is_error(&r.status);
+            sorted.row(&f);
+        }
+        sorted.end_day();
+        assert_eq!(want.rows, sorted.out.rows);
+        assert_eq!(lines(&want), lines(&sorted.out));
+        assert!(
+            lines(&want).iter().all(|l| !l.is_empty()),
+            "every table got rows"
+        );
     }
 }

@@ -100,8 +100,14 @@ async fn main() -> anyhow::Result<()> {
     let counted = check_exactly_once(&pool, tenant, version, args.events).await?;
     println!(
         "replayed {} records in {:.1} s = {:.0} records/s (bulk load {:.1} s, of which \
-         building indexes {:.1} s); {counted} events projected, each once",
-        report.records, report.seconds, report.records_per_sec, report.bulk_secs, report.index_secs
+         folding the rollups {:.1} s and building indexes {:.1} s); {counted} events \
+         projected, each once",
+        report.records,
+        report.seconds,
+        report.records_per_sec,
+        report.bulk_secs,
+        report.rollup_secs,
+        report.index_secs
     );
 
     let copy_rate = copy_baseline(&pool, &args).await?;
