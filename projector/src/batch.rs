@@ -224,7 +224,7 @@ async fn write_tenant(
     let inserted_ids: HashSet<Uuid> = inserted_rows.iter().map(|r| r.event_id).collect();
     let phase = Instant::now();
     let attributed = attribution::fold(events, &inserted_ids, &inserted_rows);
-    let repository_events = attribution::write(conn, &attributed, events).await?;
+    let repository_events = attribution::write(conn, &attributed, events, bulk).await?;
     record_phase("attribution", phase);
     // Events that are neither raw rows nor audited nor source-control events new here were
     // seen before.

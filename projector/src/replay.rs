@@ -18,7 +18,9 @@
 //! ([`Bulk`]): the new schemas' secondary indexes are dropped and raw rows go in by `COPY`,
 //! without rollups; once every raw row is in, the rollups are folded set-wise from them, day
 //! by day in one sorted pass, and written by `COPY` into tables without keys
-//! ([`rollups::rebuild`]), then the keys and indexes are built. The rest (what arrived
+//! ([`rollups::rebuild`]), the usage rollups likewise from the usage rows
+//! ([`attribution::rebuild`]), then the keys and indexes are built. Each bulk batch is
+//! written by a task of its own while the next is read. The rest (what arrived
 //! since) takes the normal path, batch by batch, before the switch.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -34,6 +36,7 @@ use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 
 use crate::batch::{self, Decoded, Mode, WriteError};
 use crate::consumer::Poison;
+use crate::models::attribution;
 use crate::models::rollups::{self, Grain};
 use crate::prepare::{self, Prepared, Target, Versions};
 use crate::schema::{self, Lock};
@@ -123,6 +126,8 @@ struct Replayer<'a> {
     /// while live batches of those tenants wait.
     redis: Option<redis::aio::ConnectionManager>,
     bulk: Option<Bulk>,
+    /// The bulk-load write going on while the next batch is read.
+    in_flight: Option<tokio::task::JoinHandle<anyhow::Result<Written>>>,
     /// (bulk load, rollups, index build) seconds, once the bulk load is done.
     bulk_took: (f64, f64, f64),
     records: u64,
@@ -223,6 +228,7 @@ pub async fn replay(
             dropped: HashSet::new(),
             started: Instant::now(),
         }),
+        in_flight: None,
         bulk_took: (0.0, 0.0, 0.0),
         records: 0,
         projected: 0,
@@ -370,6 +376,8 @@ impl Replayer<'_> {
             if full || due {
                 self.flush().await?;
                 batch_started = None;
+            } else if self.in_flight.as_ref().is_some_and(|t| t.is_finished()) {
+                self.collect().await?;
             }
             if last_progress.elapsed() >= progress_every {
                 last_progress = Instant::now();
@@ -424,8 +432,11 @@ impl Replayer<'_> {
         }
     }
 
-    /// Writes the batch in hand to the new versions (retrying while PostgreSQL is away).
+    /// Writes the batch in hand to the new versions, or during the bulk load starts writing
+    /// it in a task of its own while the next one is read (one write at a time: the one
+    /// before is waited for first).
     async fn flush(&mut self) -> anyhow::Result<()> {
+        self.collect().await?;
         for (i, p) in std::mem::take(&mut self.poison) {
             crate::consumer::dead_letter(&self.dlq, &self.topics[i], &self.dlq_topic(i), &[p])
                 .await;
@@ -434,84 +445,62 @@ impl Replayer<'_> {
         // Only other tenants' records were read: nothing to write, they are just passed.
         if self.batch.is_empty() {
             self.written.extend(self.read.iter().map(|(k, v)| (*k, *v)));
-            return Ok(());
+            return self.bulk_step().await;
         }
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            let attempt = async {
-                prepare::prepare(
-                    self.pool,
-                    &mut self.prepared,
-                    &self.target,
-                    self.config.partitions_ahead_days,
-                    &self.batch,
-                )
+        let writer = Writer {
+            pool: self.pool.clone(),
+            dlq: self.dlq.clone(),
+            topics: self.topics.clone(),
+            dlq_topics: [self.dlq_topic(0), self.dlq_topic(1)],
+            target: self.target.clone(),
+            partitions_ahead_days: self.config.partitions_ahead_days,
+            projection: self.config.projection.clone(),
+        };
+        let Some(bulk) = self.bulk.as_mut() else {
+            let (projected, dead) = writer
+                .write(&mut self.prepared, &mut self.batch, false)
                 .await?;
-                let mode = match self.bulk.as_mut() {
-                    Some(bulk) => {
-                        drop_indexes(self.pool, bulk, &self.target, &self.batch).await?;
-                        for d in &self.batch {
-                            let day = Grain::Day.bucket(d.env.occurred_at);
-                            bulk.days.entry(d.env.tenant_id).or_default().insert(day);
-                        }
-                        Mode::Bulk
-                    }
-                    None => Mode::Live(None),
-                };
-                batch::write(
-                    self.pool,
-                    &self.config.projection,
-                    "",
-                    Target::Fixed(&self.target),
-                    &self.batch,
-                    &BTreeMap::new(),
-                    mode,
-                )
-                .await
-            };
-            match attempt.await {
-                Ok(w) => {
-                    self.projected += w.inserted;
-                    break;
-                }
-                Err(WriteError::Db(e)) if batch::refused_record(&e).is_some() => {
-                    let refused =
-                        batch::find_refused(self.pool, Target::Fixed(&self.target), &self.batch)
-                            .await;
-                    match refused {
-                        Ok(found) if !found.is_empty() => {
-                            for (i, reason) in found.iter().rev() {
-                                let d = self.batch.remove(*i);
-                                let topic = self.topic_of(&d);
-                                let p = Poison::refused(&d, reason.clone());
-                                crate::consumer::dead_letter(
-                                    &self.dlq,
-                                    &self.topics[topic],
-                                    &self.dlq_topic(topic),
-                                    &[p],
-                                )
-                                .await;
-                                self.dead_lettered += 1;
-                            }
-                        }
-                        _ => {
-                            tracing::warn!(error = %e, "replay batch failed; retrying");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
-                        }
-                    }
-                }
-                Err(WriteError::Db(e)) => {
-                    tracing::warn!(error = %e, "replay batch failed; retrying");
-                    self.prepared.clear();
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(e.into()),
-            }
+            self.projected += projected;
+            self.dead_lettered += dead;
+            self.batch.clear();
+            self.written.extend(self.read.iter().map(|(k, v)| (*k, *v)));
+            return Ok(());
+        };
+        let mut backoff = Duration::from_millis(200);
+        while let Err(e) = drop_indexes(self.pool, bulk, &self.target, &self.batch).await {
+            tracing::warn!(error = %e, "replay: dropping indexes failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
-        self.batch.clear();
-        self.written.extend(self.read.iter().map(|(k, v)| (*k, *v)));
+        for d in &self.batch {
+            let day = Grain::Day.bucket(d.env.occurred_at);
+            bulk.days.entry(d.env.tenant_id).or_default().insert(day);
+        }
+        let mut batch = std::mem::take(&mut self.batch);
+        let mut prepared = std::mem::take(&mut self.prepared);
+        let read = self.read.clone();
+        self.in_flight = Some(tokio::spawn(async move {
+            let (projected, dead) = writer.write(&mut prepared, &mut batch, true).await?;
+            Ok(Written {
+                projected,
+                dead_lettered: dead,
+                read,
+                prepared,
+            })
+        }));
+        Ok(())
+    }
+
+    /// Waits for the bulk-load write in flight, if any, and takes its result.
+    async fn collect(&mut self) -> anyhow::Result<()> {
+        let Some(task) = self.in_flight.take() else {
+            return Ok(());
+        };
+        let done = task.await.context("a bulk-load write panicked")??;
+        self.projected += done.projected;
+        self.dead_lettered += done.dead_lettered;
+        self.prepared = done.prepared;
+        self.written.extend(done.read);
         self.bulk_step().await
     }
 
@@ -536,6 +525,7 @@ impl Replayer<'_> {
                 let mut tx = self.pool.begin().await?;
                 schema::set_search_path(&mut tx, &schema).await?;
                 let rows = rollups::rebuild(&mut tx, days).await?;
+                attribution::rebuild(&mut tx).await?;
                 tx.commit().await?;
                 tracing::info!(%tenant, days = days.len(), rows, "rollups folded");
                 Ok(())
@@ -575,11 +565,6 @@ impl Replayer<'_> {
         } else {
             self.config.common.auth_dlq_topic()
         }
-    }
-
-    /// Which of the two topics an event came from.
-    fn topic_of(&self, d: &Decoded) -> usize {
-        usize::from(!d.env.event_type.is_metric())
     }
 
     /// Records between what is written and the log end, over every partition.
@@ -668,6 +653,101 @@ impl Replayer<'_> {
         }
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// What writing a batch to the new versions needs, owned: a bulk-load batch is written by a
+/// task of its own.
+struct Writer {
+    pool: PgPool,
+    dlq: FutureProducer,
+    topics: [String; 2],
+    dlq_topics: [String; 2],
+    target: Versions,
+    partitions_ahead_days: i64,
+    projection: String,
+}
+
+/// What a bulk-load write did: events projected, records dead-lettered, the read offsets it
+/// covered, and the schema cache it used.
+struct Written {
+    projected: u64,
+    dead_lettered: u64,
+    read: HashMap<Tp, i64>,
+    prepared: Prepared,
+}
+
+impl Writer {
+    /// Writes `batch` (retrying while PostgreSQL is away; records it refuses for their own
+    /// sake are taken out of the batch and dead-lettered): (events projected, records
+    /// dead-lettered).
+    async fn write(
+        &self,
+        prepared: &mut Prepared,
+        batch: &mut Vec<Decoded>,
+        bulk: bool,
+    ) -> anyhow::Result<(u64, u64)> {
+        let mut dead = 0;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let attempt = async {
+                prepare::prepare(
+                    &self.pool,
+                    prepared,
+                    &self.target,
+                    self.partitions_ahead_days,
+                    batch,
+                )
+                .await?;
+                let mode = if bulk { Mode::Bulk } else { Mode::Live(None) };
+                batch::write(
+                    &self.pool,
+                    &self.projection,
+                    "",
+                    Target::Fixed(&self.target),
+                    batch,
+                    &BTreeMap::new(),
+                    mode,
+                )
+                .await
+            };
+            match attempt.await {
+                Ok(w) => return Ok((w.inserted, dead)),
+                Err(WriteError::Db(e)) if batch::refused_record(&e).is_some() => {
+                    let refused =
+                        batch::find_refused(&self.pool, Target::Fixed(&self.target), batch).await;
+                    match refused {
+                        Ok(found) if !found.is_empty() => {
+                            for (i, reason) in found.iter().rev() {
+                                let d = batch.remove(*i);
+                                let topic = usize::from(!d.env.event_type.is_metric());
+                                let p = Poison::refused(&d, reason.clone());
+                                crate::consumer::dead_letter(
+                                    &self.dlq,
+                                    &self.topics[topic],
+                                    &self.dlq_topics[topic],
+                                    &[p],
+                                )
+                                .await;
+                                dead += 1;
+                            }
+                        }
+                        _ => {
+                            tracing::warn!(error = %e, "replay batch failed; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+                Err(WriteError::Db(e)) => {
+                    tracing::warn!(error = %e, "replay batch failed; retrying");
+                    prepared.clear();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 

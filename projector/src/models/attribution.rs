@@ -152,13 +152,46 @@ pub fn fold(events: &[&Decoded], ids: &HashSet<Uuid>, inserted: &[&RawRow]) -> F
 
 /// Writes the fold (search_path already at the tenant's schema); the number of
 /// source-control events that were new.
-pub async fn write(conn: &mut PgConnection, f: &Fold, events: &[&Decoded]) -> sqlx::Result<u64> {
+///
+/// In `bulk` (a rebuild's load), usage rows are stored without adding them to the rollups:
+/// [`rebuild`] makes those from every usage row once the load is done.
+pub async fn write(
+    conn: &mut PgConnection,
+    f: &Fold,
+    events: &[&Decoded],
+    bulk: bool,
+) -> sqlx::Result<u64> {
     let since = insert_contexts(conn, &f.contexts).await?;
     if !since.is_empty() {
         reattribute(conn, &since).await?;
     }
-    insert_usage(conn, &f.usage).await?;
+    insert_usage(conn, &f.usage, bulk).await?;
     write_repository_events(conn, f, events).await
+}
+
+/// A rebuild's usage rollups (`repo_usage_1h`, `repo_usage_1d`, `repo_sessions`), made
+/// set-wise from its usage rows once a bulk load has stored them all (search_path points at
+/// the new schema, which nobody else writes to): what the live path's upserts and moves
+/// leave, as they keep each rollup the sum of the usage rows under its key.
+pub async fn rebuild(conn: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query("TRUNCATE repo_usage_1h, repo_usage_1d, repo_sessions")
+        .execute(&mut *conn)
+        .await?;
+    for grain in ["1h", "1d"] {
+        sqlx::query(sqlx::AssertSqlSafe(rollup_upsert("session_usage", grain)))
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO repo_sessions {}",
+        sessions_select("session_usage WHERE session_id <> ''")
+    )))
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("ANALYZE session_usage, repo_usage_1h, repo_usage_1d, repo_sessions")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// Stores contexts; for each session that got new ones, the earliest and latest new
@@ -328,12 +361,27 @@ fn sessions_select(from: &str) -> String {
 
 /// Stores new usage rows, attributed against every context known now, and adds them to the
 /// rollups.
-async fn insert_usage(conn: &mut PgConnection, usage: &[Usage]) -> sqlx::Result<()> {
+async fn insert_usage(conn: &mut PgConnection, usage: &[Usage], bulk: bool) -> sqlx::Result<()> {
     if usage.is_empty() {
         return Ok(());
     }
-    let sql = format!(
-        "WITH n AS (
+    let sql = if bulk {
+        format!(
+            "INSERT INTO session_usage (session_id, occurred_at, event_id, user_id, team_id,
+                                        {AMOUNTS}, repository, branch)
+             SELECT n.*, COALESCE(c.repository, ''), COALESCE(c.branch, '')
+               FROM UNNEST($1::text[], $2::timestamptz[], $3::uuid[], $4::text[],
+                           $5::text[], $6::bigint[], $7::bigint[], $8::float8[],
+                           $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[],
+                           $13::bigint[], $14::bigint[])
+                    AS n(session_id, occurred_at, event_id, user_id, team_id, {AMOUNTS})
+               {placed}
+             ON CONFLICT DO NOTHING",
+            placed = placed!("n"),
+        )
+    } else {
+        format!(
+            "WITH n AS (
             SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::uuid[], $4::text[],
                                  $5::text[], $6::bigint[], $7::bigint[], $8::float8[],
                                  $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[],
@@ -360,11 +408,12 @@ async fn insert_usage(conn: &mut PgConnection, usage: &[Usage]) -> sqlx::Result<
             requests = s.requests + EXCLUDED.requests,
             cost_usd = s.cost_usd + EXCLUDED.cost_usd,
             lines_added = s.lines_added + EXCLUDED.lines_added",
-        placed = placed!("n"),
-        rollup = rollup_upsert("ins", "1h"),
-        rollup_days = rollup_upsert("ins", "1d"),
-        sessions = sessions_select("ins WHERE session_id <> ''"),
-    );
+            placed = placed!("n"),
+            rollup = rollup_upsert("ins", "1h"),
+            rollup_days = rollup_upsert("ins", "1d"),
+            sessions = sessions_select("ins WHERE session_id <> ''"),
+        )
+    };
     let ints = |f: fn(&Usage) -> i64| usage.iter().map(f).collect::<Vec<_>>();
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(
