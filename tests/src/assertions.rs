@@ -125,15 +125,11 @@ pub async fn raw_storage_days(
     starts.into_iter().map(|t| t.date_naive()).collect()
 }
 
-/// The rollup tables: per key and tenant-wide, each at minute, hour and day.
-const ROLLUPS: [&str; 6] = [
-    "activity_1m",
-    "activity_1h",
-    "activity_1d",
-    "activity_all_1m",
-    "activity_all_1h",
-    "activity_all_1d",
-];
+/// The rollup tables of activity: per key and tenant-wide, each at minute, hour and day (the
+/// active users follow them in the projector's list).
+fn rollups() -> &'static [&'static str] {
+    &projector::models::rollups::TABLES[..6]
+}
 
 /// Asserts that a tenant's projection holds exactly what was sent: as many raw rows, and in
 /// every rollup (minute, hour, day; per key and tenant-wide) the counts per event type,
@@ -146,7 +142,7 @@ pub async fn assert_projection_exact(pool: &PgPool, tenant: TenantId, exp: &even
     }
     assert_eq!(raw, exp.total, "{tenant}: raw rows");
     for (event_type, n) in &exp.per_type {
-        for rollup in ROLLUPS {
+        for rollup in rollups() {
             let sql = format!(
                 "SELECT sum(count)::bigint FROM {rollup} WHERE event_type = '{event_type}'"
             );
@@ -157,7 +153,7 @@ pub async fn assert_projection_exact(pool: &PgPool, tenant: TenantId, exp: &even
             );
         }
     }
-    for rollup in ROLLUPS {
+    for rollup in rollups() {
         let sum = |what: &str, t: &str| {
             format!(
                 "SELECT coalesce(sum({what}), 0)::bigint FROM {rollup} WHERE event_type = '{t}'"

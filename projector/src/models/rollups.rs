@@ -440,9 +440,9 @@ pub async fn write_grain(
     insert_active_users(conn, grain, &active_users(keyed)).await
 }
 
-/// The rollup tables a rebuild writes: per key, tenant-wide and active users, each at every
-/// grain.
-const REBUILT: [&str; 9] = [
+/// The rollup tables: per key, tenant-wide and active users, each at minute, hour and day
+/// (the order [`Copies`] keeps its buffers in).
+pub const TABLES: [&str; 9] = [
     "activity_1m",
     "activity_1h",
     "activity_1d",
@@ -459,7 +459,7 @@ const REBUILT: [&str; 9] = [
 /// buffer is sent once it holds [`Copies::FLUSH_BYTES`], the rest by [`Copies::finish`].
 #[derive(Debug, Default)]
 pub struct Copies {
-    /// Indexed like [`REBUILT`].
+    /// Indexed like [`TABLES`].
     lines: [String; 9],
     rows: u64,
 }
@@ -536,7 +536,7 @@ impl Copies {
     }
 
     async fn send(&mut self, conn: &mut PgConnection, at_least: usize) -> sqlx::Result<()> {
-        for (i, table) in REBUILT.iter().enumerate() {
+        for (i, table) in TABLES.iter().enumerate() {
             if self.lines[i].len() < at_least {
                 continue;
             }
@@ -582,7 +582,7 @@ pub async fn rebuild(conn: &mut PgConnection, days: &BTreeSet<DateTime<Utc>>) ->
     sqlx::query("SET LOCAL maintenance_work_mem = '256MB'")
         .execute(&mut *conn)
         .await?;
-    sqlx::query(AssertSqlSafe(format!("TRUNCATE {}", REBUILT.join(", "))))
+    sqlx::query(AssertSqlSafe(format!("TRUNCATE {}", TABLES.join(", "))))
         .execute(&mut *conn)
         .await?;
     let keys: Vec<(String, String, String)> = sqlx::query_as(
@@ -591,7 +591,7 @@ pub async fn rebuild(conn: &mut PgConnection, days: &BTreeSet<DateTime<Utc>>) ->
           WHERE c.contype = 'p' AND t.relnamespace = current_schema()::regnamespace
             AND t.relname = ANY($1)",
     )
-    .bind(&REBUILT[..])
+    .bind(&TABLES[..])
     .fetch_all(&mut *conn)
     .await?;
     for (table, name, _) in &keys {
@@ -615,7 +615,7 @@ pub async fn rebuild(conn: &mut PgConnection, days: &BTreeSet<DateTime<Utc>>) ->
         .execute(&mut *conn)
         .await?;
     }
-    sqlx::query(AssertSqlSafe(format!("ANALYZE {}", REBUILT.join(", "))))
+    sqlx::query(AssertSqlSafe(format!("ANALYZE {}", TABLES.join(", "))))
         .execute(&mut *conn)
         .await?;
     Ok(rows)

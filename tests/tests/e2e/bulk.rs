@@ -10,17 +10,7 @@ use tally_tests::bulk::BulkLoad;
 use tally_tests::events::Generator;
 use tally_tests::*;
 
-const TABLES: [&str; 9] = [
-    "activity_1m",
-    "activity_1h",
-    "activity_1d",
-    "activity_all_1m",
-    "activity_all_1h",
-    "activity_all_1d",
-    "active_users_1m",
-    "active_users_1h",
-    "active_users_1d",
-];
+use projector::models::rollups::TABLES;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bulk_load_writes_the_rollups_the_projector_writes() {
