@@ -775,7 +775,8 @@ async fn drop_indexes(
 /// Runs `attempt` until it succeeds, backing off while PostgreSQL is away (a rebuild has
 /// nothing better to do; if it is stopped, the next one starts over). A statement
 /// PostgreSQL cannot run at all (SQLSTATE class 42 or 0A: this build and the database
-/// disagree) ends the replay instead: no retry can change it.
+/// disagree) or refuses for what it was given (22: data, 23: a constraint) ends the replay
+/// instead: no retry can change it.
 async fn retry<F, Fut>(what: &str, mut attempt: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
@@ -784,7 +785,8 @@ where
     let mut backoff = Duration::from_millis(200);
     while let Err(e) = attempt().await {
         let code = e.as_database_error().and_then(|d| d.code());
-        if code.is_some_and(|c| c.starts_with("42") || c.starts_with("0A")) {
+        let permanent = ["42", "0A", "22", "23"];
+        if code.is_some_and(|c| permanent.iter().any(|class| c.starts_with(class))) {
             return Err(anyhow::Error::new(e).context(format!("replay: {what}")));
         }
         tracing::warn!(error = %e, "replay: {what} failed; retrying");
