@@ -24,6 +24,7 @@
 //! since) takes the normal path, batch by batch, before the switch.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
@@ -108,10 +109,11 @@ struct Switching {
 struct Replayer<'a> {
     config: &'a Config,
     pool: &'a PgPool,
-    topics: [String; 2],
     consumer: StreamConsumer,
     tenants: HashSet<TenantId>,
-    target: Versions,
+    /// The topics, the new versions and what writes to them (shared with the bulk-load
+    /// write in flight).
+    writer: Arc<Writer>,
     prepared: Prepared,
     partitions: Vec<Tp>,
     /// Next offset read per partition (the batch in hand may not be written yet).
@@ -121,7 +123,6 @@ struct Replayer<'a> {
     batch: Vec<Decoded>,
     /// The batch's records that cannot be projected, by topic index.
     poison: Vec<(usize, Poison)>,
-    dlq: FutureProducer,
     /// Connected before the switch, which announces the new versions' watermarks with it
     /// while live batches of those tenants wait.
     redis: Option<redis::aio::ConnectionManager>,
@@ -206,20 +207,30 @@ pub async fn replay(
         }
     }
 
+    let writer = Writer {
+        pool: pool.clone(),
+        dlq: shared::kafka::producer(&config.common, Duration::from_secs(30))?,
+        dlq_topics: [
+            config.common.metrics_dlq_topic(),
+            config.common.auth_dlq_topic(),
+        ],
+        topics,
+        target: target.clone(),
+        partitions_ahead_days: config.partitions_ahead_days,
+        projection: config.projection.clone(),
+    };
     let mut r = Replayer {
         config,
         pool,
-        topics,
         consumer,
         tenants: tenants.iter().copied().collect(),
-        target: target.clone(),
+        writer: Arc::new(writer),
         prepared: Prepared::default(),
         partitions,
         read: HashMap::new(),
         written: HashMap::new(),
         batch: Vec::new(),
         poison: Vec::new(),
-        dlq: shared::kafka::producer(&config.common, Duration::from_secs(30))?,
         redis: shared::redis_client::connect(&config.common.redis_url).await,
         bulk: (config.replay_bulk && !until.is_empty()).then(|| Bulk {
             until,
@@ -330,7 +341,7 @@ impl Replayer<'_> {
         loop {
             match tokio::time::timeout(Duration::from_millis(100), self.consumer.recv()).await {
                 Ok(Ok(m)) => {
-                    let Some(i) = self.topics.iter().position(|t| t == m.topic()) else {
+                    let Some(i) = self.writer.topics.iter().position(|t| t == m.topic()) else {
                         continue;
                     };
                     self.records += 1;
@@ -438,8 +449,7 @@ impl Replayer<'_> {
     async fn flush(&mut self) -> anyhow::Result<()> {
         self.collect().await?;
         for (i, p) in std::mem::take(&mut self.poison) {
-            crate::consumer::dead_letter(&self.dlq, &self.topics[i], &self.dlq_topic(i), &[p])
-                .await;
+            self.writer.dead_letter(i, p).await;
             self.dead_lettered += 1;
         }
         // Only other tenants' records were read: nothing to write, they are just passed.
@@ -447,15 +457,7 @@ impl Replayer<'_> {
             self.written.extend(self.read.iter().map(|(k, v)| (*k, *v)));
             return self.bulk_step().await;
         }
-        let writer = Writer {
-            pool: self.pool.clone(),
-            dlq: self.dlq.clone(),
-            topics: self.topics.clone(),
-            dlq_topics: [self.dlq_topic(0), self.dlq_topic(1)],
-            target: self.target.clone(),
-            partitions_ahead_days: self.config.partitions_ahead_days,
-            projection: self.config.projection.clone(),
-        };
+        let writer = Arc::clone(&self.writer);
         let Some(bulk) = self.bulk.as_mut() else {
             let (projected, dead) = writer
                 .write(&mut self.prepared, &mut self.batch, false)
@@ -467,7 +469,7 @@ impl Replayer<'_> {
             return Ok(());
         };
         let mut backoff = Duration::from_millis(200);
-        while let Err(e) = drop_indexes(self.pool, bulk, &self.target, &self.batch).await {
+        while let Err(e) = drop_indexes(self.pool, bulk, &self.writer.target, &self.batch).await {
             tracing::warn!(error = %e, "replay: dropping indexes failed; retrying");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -520,7 +522,7 @@ impl Replayer<'_> {
         let loaded = bulk.started.elapsed();
         let folding = Instant::now();
         for (tenant, days) in &bulk.days {
-            let schema = tenant.schema(self.target[tenant]);
+            let schema = tenant.schema(self.writer.target[tenant]);
             retry("folding the rollups", || async {
                 let mut tx = self.pool.begin().await?;
                 schema::set_search_path(&mut tx, &schema).await?;
@@ -535,7 +537,7 @@ impl Replayer<'_> {
         let folded = folding.elapsed().as_secs_f64();
         let indexing = Instant::now();
         for (tenant, definitions) in &bulk.indexes {
-            let schema = tenant.schema(self.target[tenant]);
+            let schema = tenant.schema(self.writer.target[tenant]);
             retry("building indexes", || async {
                 let mut conn = self.pool.acquire().await?;
                 schema::create_indexes(&mut conn, &schema, definitions).await
@@ -558,15 +560,6 @@ impl Replayer<'_> {
         Ok(())
     }
 
-    /// The dead-letter topic of `topics[i]`.
-    fn dlq_topic(&self, i: usize) -> String {
-        if i == 0 {
-            self.config.common.metrics_dlq_topic()
-        } else {
-            self.config.common.auth_dlq_topic()
-        }
-    }
-
     /// Records between what is written and the log end, over every partition.
     fn lag(&self) -> i64 {
         self.partitions
@@ -574,7 +567,7 @@ impl Replayer<'_> {
             .map(|&(i, p)| {
                 let (low, high) = self
                     .consumer
-                    .fetch_watermarks(&self.topics[i], p, Duration::from_secs(2))
+                    .fetch_watermarks(&self.writer.topics[i], p, Duration::from_secs(2))
                     .unwrap_or((0, 0));
                 (high - self.written.get(&(i, p)).copied().unwrap_or(low)).max(0)
             })
@@ -599,13 +592,13 @@ impl Replayer<'_> {
               WHERE projection = $1 AND topic = ANY($2)",
         )
         .bind(&self.config.projection)
-        .bind(self.topics.to_vec())
+        .bind(self.writer.topics.to_vec())
         .fetch_all(&mut *tx)
         .await?;
         let live = offsets
             .into_iter()
             .filter_map(|(topic, p, o)| {
-                let i = self.topics.iter().position(|t| *t == topic)?;
+                let i = self.writer.topics.iter().position(|t| *t == topic)?;
                 Some(((i, p), o))
             })
             .collect();
@@ -619,7 +612,7 @@ impl Replayer<'_> {
 
     async fn finish_switch(&self, mut tx: Transaction<'static, Postgres>) -> anyhow::Result<()> {
         let (ids, versions): (Vec<uuid::Uuid>, Vec<i32>) =
-            self.target.iter().map(|(t, v)| (t.0, *v)).unzip();
+            self.writer.target.iter().map(|(t, v)| (t.0, *v)).unzip();
         sqlx::query(
             "UPDATE control.tenant_versions v
                 SET active_version = x.version, switched_at = now()
@@ -633,8 +626,8 @@ impl Replayer<'_> {
         // Cache lookups keyed by the old version's announced watermark stop finding answers
         // before the switch commits (see `shared::watermark`).
         if let Some(mut redis) = self.redis.clone() {
-            let mut announced = Vec::with_capacity(self.target.len());
-            for (tenant, version) in &self.target {
+            let mut announced = Vec::with_capacity(self.writer.target.len());
+            for (tenant, version) in &self.writer.target {
                 let schema = tenant.schema(*version);
                 let seq: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
                     "SELECT seq FROM {schema}.projection_state"
@@ -661,6 +654,7 @@ impl Replayer<'_> {
 struct Writer {
     pool: PgPool,
     dlq: FutureProducer,
+    /// The metrics and auth topics, and their dead-letter topics.
     topics: [String; 2],
     dlq_topics: [String; 2],
     target: Versions,
@@ -678,6 +672,12 @@ struct Written {
 }
 
 impl Writer {
+    /// Sends a record of `topics[topic]` that cannot be projected to that topic's DLQ.
+    async fn dead_letter(&self, topic: usize, p: Poison) {
+        let (from, to) = (&self.topics[topic], &self.dlq_topics[topic]);
+        crate::consumer::dead_letter(&self.dlq, from, to, &[p]).await;
+    }
+
     /// Writes `batch` (retrying while PostgreSQL is away; records it refuses for their own
     /// sake are taken out of the batch and dead-lettered): (events projected, records
     /// dead-lettered).
@@ -721,14 +721,8 @@ impl Writer {
                             for (i, reason) in found.iter().rev() {
                                 let d = batch.remove(*i);
                                 let topic = usize::from(!d.env.event_type.is_metric());
-                                let p = Poison::refused(&d, reason.clone());
-                                crate::consumer::dead_letter(
-                                    &self.dlq,
-                                    &self.topics[topic],
-                                    &self.dlq_topics[topic],
-                                    &[p],
-                                )
-                                .await;
+                                self.dead_letter(topic, Poison::refused(&d, reason.clone()))
+                                    .await;
                                 dead += 1;
                             }
                         }

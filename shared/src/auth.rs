@@ -60,10 +60,17 @@ impl Privacy {
     }
 }
 
-/// The teams of `tenant` with at least `k` active members (each person counted once): in
-/// privacy mode, the only teams whose budgets, rules and firings a reader of aggregates sees
-/// or sets.
-pub async fn large_teams(pool: &PgPool, tenant: TenantId, k: u32) -> sqlx::Result<Vec<String>> {
+/// With `k`, the teams of `tenant` with at least `k` active members (each person counted
+/// once): in privacy mode, the only teams whose budgets, rules and firings a reader of
+/// aggregates sees or sets. `None` without `k` (a reader not held to aggregates).
+pub async fn large_teams(
+    pool: &PgPool,
+    tenant: TenantId,
+    k: Option<u32>,
+) -> sqlx::Result<Option<Vec<String>>> {
+    let Some(k) = k else {
+        return Ok(None);
+    };
     sqlx::query_scalar(
         "SELECT t FROM control.users u, unnest(u.teams) t
           WHERE u.tenant_id = $1 AND u.status = 'active'
@@ -73,6 +80,7 @@ pub async fn large_teams(pool: &PgPool, tenant: TenantId, k: u32) -> sqlx::Resul
     .bind(i64::from(k))
     .fetch_all(pool)
     .await
+    .map(Some)
 }
 
 /// Why a request's API key was not accepted. Each service turns it into its own answer

@@ -548,21 +548,6 @@ pub(crate) async fn tenant_privacy(
     Ok(shared::auth::Privacy::from_columns(on, k, admins))
 }
 
-/// With `k`: the tenant's teams of at least k active members ([`shared::auth::large_teams`]).
-async fn large_teams(
-    s: &AppState,
-    tenant: TenantId,
-    k: Option<u32>,
-) -> Result<Option<Vec<String>>, Problem> {
-    match k {
-        None => Ok(None),
-        Some(k) => shared::auth::large_teams(&s.pool, tenant, k)
-            .await
-            .map(Some)
-            .map_err(db),
-    }
-}
-
 /// Who may manage budgets and rules: the tenant's owners and admins (and `admin` keys) all of
 /// them; a manager those of their own teams (scope `team`), as an extractor.
 pub struct BudgetEditor {
@@ -636,8 +621,10 @@ impl axum::extract::FromRequestParts<AppState> for BudgetEditor {
                 .map_err(db)?
                 .unwrap_or_default();
                 let privacy = tenant_privacy(s, claims.tid).await?;
-                let large_teams =
-                    large_teams(s, claims.tid, privacy.on.then_some(privacy.k)).await?;
+                let k = privacy.on.then_some(privacy.k);
+                let large_teams = shared::auth::large_teams(&s.pool, claims.tid, k)
+                    .await
+                    .map_err(db)?;
                 return Ok(BudgetEditor {
                     admin: TenantAdmin {
                         tenant: claims.tid,
@@ -655,8 +642,10 @@ impl axum::extract::FromRequestParts<AppState> for BudgetEditor {
         let admin = TenantAdmin::from_request_parts(parts, s).await?;
         let privacy = tenant_privacy(s, admin.tenant).await?;
         let aggregates_only = privacy.on && !privacy.admins_see_individuals;
-        let large_teams =
-            large_teams(s, admin.tenant, aggregates_only.then_some(privacy.k)).await?;
+        let k = aggregates_only.then_some(privacy.k);
+        let large_teams = shared::auth::large_teams(&s.pool, admin.tenant, k)
+            .await
+            .map_err(db)?;
         Ok(BudgetEditor {
             admin,
             teams: None,

@@ -23,7 +23,7 @@ pub enum Grain {
 impl Grain {
     pub const ALL: [Grain; 3] = [Grain::Minute, Grain::Hour, Grain::Day];
 
-    pub fn table(self) -> &'static str {
+    pub const fn table(self) -> &'static str {
         match self {
             Grain::Minute => "activity_1m",
             Grain::Hour => "activity_1h",
@@ -40,7 +40,7 @@ impl Grain {
     }
 
     /// The tenant-wide rollup table of this grain.
-    pub fn tenant_table(self) -> &'static str {
+    pub const fn tenant_table(self) -> &'static str {
         match self {
             Grain::Minute => "activity_all_1m",
             Grain::Hour => "activity_all_1h",
@@ -49,7 +49,7 @@ impl Grain {
     }
 
     /// The table of who was active in each bucket of this grain.
-    pub fn users_table(self) -> &'static str {
+    pub const fn users_table(self) -> &'static str {
         match self {
             Grain::Minute => "active_users_1m",
             Grain::Hour => "active_users_1h",
@@ -95,6 +95,20 @@ pub struct Key {
     pub team_id: String,
     pub project_id: String,
     pub name: String,
+}
+
+impl Key {
+    /// The key of a tenant-wide row: the other dimensions empty.
+    fn tenant(bucket: DateTime<Utc>, event_type: &'static str) -> Key {
+        Key {
+            bucket,
+            event_type,
+            user_id: String::new(),
+            team_id: String::new(),
+            project_id: String::new(),
+            name: String::new(),
+        }
+    }
 }
 
 /// The measures of one rollup row.
@@ -229,15 +243,9 @@ pub fn fold<'a>(
 pub fn tenant_wide(keyed: &BTreeMap<Key, Measures>) -> BTreeMap<Key, Measures> {
     let mut out: BTreeMap<Key, Measures> = BTreeMap::new();
     for (k, m) in keyed {
-        let key = Key {
-            bucket: k.bucket,
-            event_type: k.event_type,
-            user_id: String::new(),
-            team_id: String::new(),
-            project_id: String::new(),
-            name: String::new(),
-        };
-        out.entry(key).or_default().add(m);
+        out.entry(Key::tenant(k.bucket, k.event_type))
+            .or_default()
+            .add(m);
     }
     out
 }
@@ -443,15 +451,15 @@ pub async fn write_grain(
 /// The rollup tables: per key, tenant-wide and active users, each at minute, hour and day
 /// (the order [`Copies`] keeps its buffers in).
 pub const TABLES: [&str; 9] = [
-    "activity_1m",
-    "activity_1h",
-    "activity_1d",
-    "activity_all_1m",
-    "activity_all_1h",
-    "activity_all_1d",
-    "active_users_1m",
-    "active_users_1h",
-    "active_users_1d",
+    Grain::Minute.table(),
+    Grain::Hour.table(),
+    Grain::Day.table(),
+    Grain::Minute.tenant_table(),
+    Grain::Hour.tenant_table(),
+    Grain::Day.tenant_table(),
+    Grain::Minute.users_table(),
+    Grain::Hour.users_table(),
+    Grain::Day.users_table(),
 ];
 
 /// Rollup rows on their way into their tables by `COPY` (text format), one buffer per table,
@@ -764,14 +772,7 @@ impl SortedFold {
                 self.out.rollup(grain, Cube::Keys, &k, &m);
             }
             for ((bucket, event_type), m) in std::mem::take(&mut self.tenant[i]) {
-                let key = Key {
-                    bucket,
-                    event_type,
-                    user_id: String::new(),
-                    team_id: String::new(),
-                    project_id: String::new(),
-                    name: String::new(),
-                };
+                let key = Key::tenant(bucket, event_type);
                 self.out.rollup(grain, Cube::Tenant, &key, &m);
             }
         }

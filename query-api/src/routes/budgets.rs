@@ -28,12 +28,7 @@ fn visible(reader: &Reader, b: &Budget) -> bool {
 /// only ones whose budgets and firings they see (and no person's or project's). `None` for
 /// everyone else.
 async fn large_teams(pool: &sqlx::PgPool, reader: &Reader) -> sqlx::Result<Option<Vec<String>>> {
-    match reader.aggregates_only() {
-        None => Ok(None),
-        Some(k) => shared::auth::large_teams(pool, reader.tenant, k)
-            .await
-            .map(Some),
-    }
+    shared::auth::large_teams(pool, reader.tenant, reader.aggregates_only()).await
 }
 
 async fn with_status(
