@@ -523,24 +523,29 @@ impl Replayer<'_> {
         let folding = Instant::now();
         for (tenant, days) in &bulk.days {
             let schema = tenant.schema(self.writer.target[tenant]);
-            retry("folding the rollups", || async {
-                let mut tx = self.pool.begin().await?;
-                schema::set_search_path(&mut tx, &schema).await?;
-                let rows = rollups::rebuild(&mut tx, days).await?;
-                attribution::rebuild(&mut tx).await?;
-                tx.commit().await?;
-                tracing::info!(%tenant, days = days.len(), rows, "rollups folded");
-                Ok(())
+            let keys = retry("reading the rollups' keys", || async {
+                rollups::primary_keys(&mut *self.pool.acquire().await?, &schema).await
             })
             .await?;
+            let rows = retry("folding the rollups", || {
+                rollups::rebuild(self.pool, &schema, days, &keys)
+            })
+            .await?;
+            retry("folding the usage rollups", || async {
+                let mut tx = self.pool.begin().await?;
+                schema::set_search_path(&mut tx, &schema).await?;
+                attribution::rebuild(&mut tx).await?;
+                tx.commit().await
+            })
+            .await?;
+            tracing::info!(%tenant, days = days.len(), rows, "rollups folded");
         }
         let folded = folding.elapsed().as_secs_f64();
         let indexing = Instant::now();
         for (tenant, definitions) in &bulk.indexes {
             let schema = tenant.schema(self.writer.target[tenant]);
-            retry("building indexes", || async {
-                let mut conn = self.pool.acquire().await?;
-                schema::create_indexes(&mut conn, &schema, definitions).await
+            retry("building indexes", || {
+                schema::create_indexes(self.pool, &schema, definitions)
             })
             .await?;
         }
@@ -771,13 +776,17 @@ async fn drop_indexes(
 /// PostgreSQL cannot run at all (SQLSTATE class 42 or 0A: this build and the database
 /// disagree) or refuses for what it was given (22: data, 23: a constraint) ends the replay
 /// instead: no retry can change it.
-async fn retry<F, Fut>(what: &str, mut attempt: F) -> anyhow::Result<()>
+async fn retry<T, F, Fut>(what: &str, mut attempt: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = sqlx::Result<()>>,
+    Fut: std::future::Future<Output = sqlx::Result<T>>,
 {
     let mut backoff = Duration::from_millis(200);
-    while let Err(e) = attempt().await {
+    loop {
+        let e = match attempt().await {
+            Ok(done) => return Ok(done),
+            Err(e) => e,
+        };
         let code = e.as_database_error().and_then(|d| d.code());
         let permanent = ["42", "0A", "22", "23"];
         if code.is_some_and(|c| permanent.iter().any(|class| c.starts_with(class))) {
@@ -787,5 +796,4 @@ where
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
-    Ok(())
 }

@@ -8,9 +8,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use shared::histogram;
-use sqlx::{AssertSqlSafe, PgConnection};
+use shared::tenant::SchemaName;
+use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 
 use super::raw::{copy_text, RawRow, RawTable};
+use crate::schema::set_search_path;
 
 /// A rollup's time grain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -571,61 +573,121 @@ impl Copies {
     }
 }
 
-/// A rebuild's rollups, folded set-wise from the raw rows once a bulk load has stored them
-/// all (search_path points at the new schema, nobody else writes to it, and the raw rows
-/// of every day in `days` are there; other days hold none). Returns the rollup rows written.
-///
-/// The rollup tables are emptied and their primary keys dropped, then each day's raw rows
-/// of every table are read in one sorted pass — by user, table, team, project, name and
-/// time — so that every per-key rollup row, at every grain, is a run of consecutive rows,
-/// and a user's active minutes and hours are one run too: each is folded in memory held for
-/// one run (the tenant-wide rows, for one day) and written once by `COPY`. The primary keys
-/// are built again at the end. What comes out is what the live path's upserts would have
-/// left for the same rows (the e2e tests compare both), in one transaction of the caller's.
-pub async fn rebuild(conn: &mut PgConnection, days: &BTreeSet<DateTime<Utc>>) -> sqlx::Result<u64> {
-    // Sorting a day's rows in memory where it fits; building keys likewise.
-    sqlx::query("SET LOCAL work_mem = '128MB'")
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("SET LOCAL maintenance_work_mem = '256MB'")
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query(AssertSqlSafe(format!("TRUNCATE {}", TABLES.join(", "))))
-        .execute(&mut *conn)
-        .await?;
-    let keys: Vec<(String, String, String)> = sqlx::query_as(
+/// A rollup table's primary key: table, constraint name, definition.
+pub type PrimaryKey = (String, String, String);
+
+/// The primary keys of `schema`'s rollup tables, read once before a [`rebuild`] drops them
+/// (so that a rebuild run again after a failure still knows what to build).
+pub async fn primary_keys(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+) -> sqlx::Result<Vec<PrimaryKey>> {
+    sqlx::query_as(
         "SELECT t.relname::text, c.conname::text, pg_get_constraintdef(c.oid)
            FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid
-          WHERE c.contype = 'p' AND t.relnamespace = current_schema()::regnamespace
-            AND t.relname = ANY($1)",
+           JOIN pg_namespace n ON n.oid = t.relnamespace
+          WHERE c.contype = 'p' AND n.nspname = $1 AND t.relname = ANY($2)",
     )
+    .bind(schema.as_str())
     .bind(&TABLES[..])
-    .fetch_all(&mut *conn)
-    .await?;
-    for (table, name, _) in &keys {
+    .fetch_all(conn)
+    .await
+}
+
+/// Connections a [`rebuild`] folds on at once, each taking every other day: one folds in
+/// this process while PostgreSQL sorts and copies for the other.
+const FOLD_CONNECTIONS: usize = 2;
+
+/// A rebuild's rollups, folded set-wise from the raw rows once a bulk load has stored them
+/// all (nobody else writes to `schema`, nobody reads it before the switch, and the raw rows
+/// of every day in `days` are there; other days hold none). Returns the rollup rows written.
+///
+/// The rollup tables are emptied and their primary keys (`keys`, from [`primary_keys`])
+/// dropped, then each day's raw rows of every table are read in one sorted pass — by user,
+/// table, team, project, name and time — so that every per-key rollup row, at every grain,
+/// is a run of consecutive rows, and a user's active minutes and hours are one run too: each
+/// is folded in memory held for one run (the tenant-wide rows, for one day) and written once
+/// by `COPY`. Days are independent, so [`FOLD_CONNECTIONS`] connections fold them side by
+/// side, each in a transaction of its own. The primary keys are built again at the end.
+/// What comes out is what the live path's upserts would have left for the same rows (the
+/// e2e tests compare both). A rebuild that fails part way leaves the tables half made; run
+/// again, it starts by emptying them.
+pub async fn rebuild(
+    pool: &PgPool,
+    schema: &SchemaName,
+    days: &BTreeSet<DateTime<Utc>>,
+    keys: &[PrimaryKey],
+) -> sqlx::Result<u64> {
+    let mut tx = pool.begin().await?;
+    set_search_path(&mut tx, schema).await?;
+    sqlx::query(AssertSqlSafe(format!("TRUNCATE {}", TABLES.join(", "))))
+        .execute(&mut *tx)
+        .await?;
+    for (table, name, _) in keys {
         sqlx::query(AssertSqlSafe(format!(
-            "ALTER TABLE \"{table}\" DROP CONSTRAINT \"{name}\""
+            "ALTER TABLE \"{table}\" DROP CONSTRAINT IF EXISTS \"{name}\""
         )))
-        .execute(&mut *conn)
+        .execute(&mut *tx)
         .await?;
     }
+    tx.commit().await?;
 
-    let mut fold = SortedFold::default();
-    for day in days {
-        read_day(conn, *day, &mut fold).await?;
+    let mut folds = tokio::task::JoinSet::new();
+    for first in 0..FOLD_CONNECTIONS {
+        let share: Vec<_> = days
+            .iter()
+            .skip(first)
+            .step_by(FOLD_CONNECTIONS)
+            .copied()
+            .collect();
+        let (pool, schema) = (pool.clone(), schema.clone());
+        folds.spawn(async move { fold_days(&pool, &schema, &share).await });
     }
-    let rows = fold.out.finish(&mut *conn).await?;
+    let mut rows = 0;
+    while let Some(folded) = folds.join_next().await {
+        // A fold that failed ends the rebuild (dropping `folds` stops the other one).
+        rows += folded.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+    }
 
-    for (table, name, definition) in &keys {
+    let mut tx = pool.begin().await?;
+    set_search_path(&mut tx, schema).await?;
+    // Building the keys in memory where they fit.
+    sqlx::query("SET LOCAL maintenance_work_mem = '256MB'")
+        .execute(&mut *tx)
+        .await?;
+    for (table, name, definition) in keys {
         sqlx::query(AssertSqlSafe(format!(
             "ALTER TABLE \"{table}\" ADD CONSTRAINT \"{name}\" {definition}"
         )))
-        .execute(&mut *conn)
+        .execute(&mut *tx)
         .await?;
     }
     sqlx::query(AssertSqlSafe(format!("ANALYZE {}", TABLES.join(", "))))
-        .execute(&mut *conn)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+/// Folds the rollups of `days` on a connection of its own, in one transaction; returns the
+/// rows written.
+async fn fold_days(
+    pool: &PgPool,
+    schema: &SchemaName,
+    days: &[DateTime<Utc>],
+) -> sqlx::Result<u64> {
+    let mut tx = pool.begin().await?;
+    set_search_path(&mut tx, schema).await?;
+    // Sorting a day's rows in memory where it fits.
+    sqlx::query("SET LOCAL work_mem = '128MB'")
+        .execute(&mut *tx)
+        .await?;
+    let mut fold = SortedFold::default();
+    for day in days {
+        read_day(&mut tx, *day, &mut fold).await?;
+    }
+    let rows = fold.out.finish(&mut tx).await?;
+    tx.commit().await?;
     Ok(rows)
 }
 
