@@ -14,6 +14,7 @@ use shared::tenant::TenantId;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::models::raw::RawTable;
 use crate::models::rollups::{self, Grain};
 use crate::models::{attribution, audit, people, raw, sessions, watermark};
 use crate::offsets::{self, OffsetRange};
@@ -53,6 +54,11 @@ pub enum WriteError {
     VersionMoved,
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    /// A bulk-load batch's first transaction committed, but the raw rows its second
+    /// connection copied could not be written again after their commit failed: the rebuild
+    /// cannot go on exactly and has to start over.
+    #[error("a bulk-load batch was written only in part: {0}")]
+    HalfWritten(sqlx::Error),
 }
 
 /// How a batch is written.
@@ -61,8 +67,10 @@ pub enum Mode<'a> {
     /// the watermark each tenant will have is announced just before the commit
     /// ([`shared::watermark::raise`]), for the cache lookups that open no transaction.
     Live(Option<&'a mut ConnectionManager>),
-    /// A rebuild's bulk load into versions nobody reads yet: raw rows by `COPY`, and no
-    /// rollups (built from the raw rows once the bulk load is done: [`rollups::rebuild`]).
+    /// A rebuild's bulk load into versions nobody reads yet: raw rows by `COPY`, about
+    /// half of them on a second connection at the same time (committed right after the
+    /// first: [`commit_second`]), and no rollups (built from the raw rows once the bulk
+    /// load is done: [`rollups::rebuild`]).
     Bulk,
 }
 
@@ -80,13 +88,22 @@ pub async fn write(
     let mut written = Written::default();
     let versions = target_versions(&mut tx, target).await?;
     let bulk = matches!(mode, Mode::Bulk);
-    for (tenant, events) in by_tenant(events) {
-        let version = versions.get(&tenant).copied().unwrap_or(1);
-        schema::set_search_path(&mut tx, &tenant.schema(version)).await?;
-        let (inserted, duplicates, seq) = write_tenant(&mut tx, &events, bulk).await?;
+    let mut second = match mode {
+        Mode::Bulk => Some(pool.begin().await?),
+        Mode::Live(_) => None,
+    };
+    let groups = by_tenant(events);
+    for (tenant, events) in &groups {
+        let schema = tenant.schema(versions.get(tenant).copied().unwrap_or(1));
+        schema::set_search_path(&mut tx, &schema).await?;
+        if let Some(second) = second.as_mut() {
+            schema::set_search_path(second, &schema).await?;
+        }
+        let (inserted, duplicates, seq) =
+            write_tenant(&mut tx, second.as_deref_mut(), events, bulk).await?;
         written.inserted += inserted;
         written.duplicates += duplicates;
-        written.tenants.push((tenant, seq));
+        written.tenants.push((*tenant, seq));
     }
 
     for (partition, range) in offsets {
@@ -106,8 +123,94 @@ pub async fn write(
             tracing::debug!("announcing watermarks failed; reads look them up in PostgreSQL");
         }
     }
-    tx.commit().await?;
+    let Some(second) = second else {
+        tx.commit().await?;
+        return Ok(written);
+    };
+    commit_second(pool, tx, second, &groups, versions, &written).await?;
     Ok(written)
+}
+
+/// Commits a bulk batch's two transactions, the first (everything but the second
+/// connection's raw rows) first. Nobody else writes to a rebuild's versions, so whether a
+/// failed commit went through is known from the watermark, and neither half is lost or
+/// written twice:
+/// - the first did not commit: the second is rolled back, the batch fails and is written
+///   again whole;
+/// - the first did, the second not: the first counted the second's rows (watermark,
+///   sessions, usage), so only those raw rows are copied again, until they are in (rows
+///   that did get in are skipped by the insert after a unique violation).
+async fn commit_second(
+    pool: &PgPool,
+    first: sqlx::Transaction<'_, sqlx::Postgres>,
+    second: sqlx::Transaction<'_, sqlx::Postgres>,
+    groups: &BTreeMap<TenantId, Vec<&Decoded>>,
+    versions: &crate::prepare::Versions,
+    written: &Written,
+) -> Result<(), WriteError> {
+    let schema = |t: &TenantId| t.schema(versions.get(t).copied().unwrap_or(1));
+    if let Err(e) = first.commit().await {
+        let Some((tenant, seq)) = written.tenants.first() else {
+            return Err(e.into());
+        };
+        let sql = format!("SELECT seq FROM {}.projection_state", schema(tenant));
+        let now: i64 =
+            until_answered(|| sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone())).fetch_one(pool))
+                .await
+                .map_err(WriteError::HalfWritten)?;
+        if now < *seq {
+            return Err(e.into());
+        }
+    }
+    if second.commit().await.is_ok() {
+        return Ok(());
+    }
+    until_answered(|| async {
+        let mut tx = pool.begin().await?;
+        for ((tenant, events), (_, seq)) in groups.iter().zip(&written.tenants) {
+            schema::set_search_path(&mut tx, &schema(tenant)).await?;
+            let rows = raw_rows(events);
+            let [_, there] = raw::halves(&rows);
+            copy_or_insert(&mut tx, &rows, *seq, &there).await?;
+        }
+        tx.commit().await
+    })
+    .await
+    .map_err(WriteError::HalfWritten)
+}
+
+/// Runs `attempt` until PostgreSQL answers it, backing off; an error that is an answer
+/// (anything but a lost or unavailable connection) is returned.
+async fn until_answered<T, F, Fut>(mut attempt: F) -> sqlx::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = sqlx::Result<T>>,
+{
+    let mut backoff = std::time::Duration::from_millis(200);
+    loop {
+        match attempt().await {
+            Err(e @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)) => {
+                tracing::warn!(error = %e, "bulk batch: PostgreSQL is away; asking again");
+            }
+            Err(sqlx::Error::Database(d))
+                if d.code()
+                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
+            {
+                tracing::warn!(error = %d, "bulk batch: PostgreSQL is away; asking again");
+            }
+            done => return done,
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
+/// The raw rows of one tenant's events, in the batch's order.
+fn raw_rows<'a>(events: &[&'a Decoded]) -> Vec<raw::RawRow<'a>> {
+    events
+        .iter()
+        .filter_map(|e| raw::RawRow::from_event(&e.env, &e.payload))
+        .collect()
 }
 
 /// A batch's events grouped by tenant, each group in the batch's order.
@@ -161,7 +264,7 @@ pub async fn find_refused(
         while let Some(group) = todo.pop() {
             let refs: Vec<&Decoded> = group.iter().map(|&i| &events[i]).collect();
             sqlx::query("SAVEPOINT probe").execute(&mut *tx).await?;
-            match write_tenant(&mut tx, &refs, false).await {
+            match write_tenant(&mut tx, None, &refs, false).await {
                 Ok(_) => {
                     sqlx::query("RELEASE SAVEPOINT probe")
                         .execute(&mut *tx)
@@ -195,10 +298,11 @@ pub async fn find_refused(
 }
 
 /// Writes one tenant's events (search_path already points at its schema): (inserted,
-/// duplicates, new watermark seq). In `bulk`, raw rows go by `COPY` and no rollups are
-/// written.
+/// duplicates, new watermark seq). In `bulk`, raw rows go by `COPY` — the second of
+/// [`raw::halves`] on `second`, meanwhile, if given — and no rollups are written.
 async fn write_tenant(
     conn: &mut PgConnection,
+    second: Option<&mut PgConnection>,
     events: &[&Decoded],
     bulk: bool,
 ) -> Result<(u64, u64, i64), WriteError> {
@@ -207,15 +311,20 @@ async fn write_tenant(
     let feed_seq = watermark::lock_next_seq(conn).await?;
     let audited = audit::insert(conn, events).await?;
     people::apply(conn, events).await?;
-    let rows: Vec<raw::RawRow> = events
-        .iter()
-        .filter_map(|e| raw::RawRow::from_event(&e.env, &e.payload))
-        .collect();
+    let rows = raw_rows(events);
     let phase = Instant::now();
-    let inserted_rows = if bulk {
-        copy_or_insert(conn, &rows, feed_seq).await?
-    } else {
-        raw::insert(conn, &rows, feed_seq).await?
+    let inserted_rows = match second {
+        Some(second) => {
+            let [here, there] = raw::halves(&rows);
+            let (mut here, there) = tokio::try_join!(
+                copy_or_insert(conn, &rows, feed_seq, &here),
+                copy_or_insert(second, &rows, feed_seq, &there)
+            )?;
+            here.extend(there);
+            here
+        }
+        None if bulk => copy_or_insert(conn, &rows, feed_seq, &RawTable::ALL).await?,
+        None => raw::insert(conn, &rows, feed_seq).await?,
     };
     let inserted = inserted_rows.len() as u64;
     record_phase("raw", phase);
@@ -259,21 +368,22 @@ async fn write_tenant(
     Ok((inserted + audited + repository_events, duplicates, seq))
 }
 
-/// A bulk load's raw rows: `COPY` under a savepoint; if an event id was stored already or
-/// comes twice (a unique violation), the normal insert, which keeps the first.
+/// A bulk load's raw rows of `tables`: `COPY` under a savepoint; if an event id was stored
+/// already or comes twice (a unique violation), the normal insert, which keeps the first.
 async fn copy_or_insert<'r, 'a>(
     conn: &mut PgConnection,
     rows: &'r [raw::RawRow<'a>],
     feed_seq: i64,
+    tables: &[RawTable],
 ) -> sqlx::Result<Vec<&'r raw::RawRow<'a>>> {
     sqlx::query("SAVEPOINT bulk").execute(&mut *conn).await?;
-    match raw::copy(conn, rows, feed_seq).await {
+    match raw::copy(conn, rows, feed_seq, tables).await {
         Ok(all) => Ok(all),
         Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("23505") => {
             sqlx::query("ROLLBACK TO SAVEPOINT bulk")
                 .execute(&mut *conn)
                 .await?;
-            raw::insert(conn, rows, feed_seq).await
+            raw::insert_tables(conn, rows, feed_seq, tables).await
         }
         Err(e) => Err(e),
     }

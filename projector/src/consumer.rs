@@ -415,6 +415,7 @@ impl Projector {
                     &versions,
                     self.config.partitions_ahead_days,
                     &batch.events,
+                    false,
                 )
                 .await?;
                 batch::write(
@@ -495,6 +496,9 @@ impl Projector {
             }
             Err(WriteError::Db(_) | WriteError::VersionMoved) => {
                 unreachable!("database errors and version moves are retried above")
+            }
+            Err(WriteError::HalfWritten(_)) => {
+                unreachable!("only a rebuild's bulk load writes on two connections")
             }
         }
     }

@@ -62,14 +62,16 @@ pub async fn tenant_known(
     Ok(known)
 }
 
-/// Makes sure every tenant of the batch has its schema and the partitions its rows need.
-/// Runs in transactions of its own before the batch's (DDL is idempotent).
+/// Makes sure every tenant of the batch has its schema and the partitions its rows need
+/// (for a rebuild's `bulk` load, partitions autovacuum leaves alone until the load is
+/// done). Runs in transactions of its own before the batch's (DDL is idempotent).
 pub async fn prepare(
     pool: &PgPool,
     prepared: &mut Prepared,
     versions: &Versions,
     ahead_days: i64,
     events: &[Decoded],
+    bulk: bool,
 ) -> Result<(), WriteError> {
     let mut conn = pool.acquire().await?;
     let today = Utc::now().date_naive();
@@ -84,7 +86,7 @@ pub async fn prepare(
                 return Err(WriteError::VersionMoved);
             }
             let ahead = partitions::days_ahead(today, ahead_days);
-            partitions::ensure_partitions(&mut conn, &t.schema(v), &ahead).await?;
+            partitions::make_partitions(&mut conn, &t.schema(v), &ahead, !bulk).await?;
             for d in ahead {
                 prepared.partitions.insert((t, v, d));
             }
@@ -99,7 +101,7 @@ pub async fn prepare(
         }
     }
     for ((t, v), days) in needed {
-        partitions::ensure_partitions(&mut conn, &t.schema(v), &days).await?;
+        partitions::make_partitions(&mut conn, &t.schema(v), &days, !bulk).await?;
         for d in days {
             prepared.partitions.insert((t, v, d));
         }

@@ -548,6 +548,10 @@ impl Replayer<'_> {
                 schema::create_indexes(self.pool, &schema, definitions)
             })
             .await?;
+            retry("turning autovacuum back on", || async {
+                schema::set_autovacuum(&mut *self.pool.acquire().await?, &schema, true).await
+            })
+            .await?;
         }
         self.bulk_took = (
             bulk.started.elapsed().as_secs_f64(),
@@ -702,6 +706,7 @@ impl Writer {
                     &self.target,
                     self.partitions_ahead_days,
                     batch,
+                    bulk,
                 )
                 .await?;
                 let mode = if bulk { Mode::Bulk } else { Mode::Live(None) };
@@ -751,7 +756,7 @@ impl Writer {
 }
 
 /// Drops the secondary indexes of the new schemas a bulk batch writes to for the first time
-/// (their schemas exist: `prepare` made them).
+/// (their schemas exist: `prepare` made them) and turns their autovacuum off.
 async fn drop_indexes(
     pool: &PgPool,
     bulk: &mut Bulk,
@@ -764,8 +769,10 @@ async fn drop_indexes(
             continue;
         }
         let mut conn = pool.acquire().await?;
+        let schema = tenant.schema(target[&tenant]);
         let dropped = bulk.indexes.entry(tenant).or_default();
-        schema::drop_secondary_indexes(&mut conn, &tenant.schema(target[&tenant]), dropped).await?;
+        schema::drop_secondary_indexes(&mut conn, &schema, dropped).await?;
+        schema::set_autovacuum(&mut conn, &schema, false).await?;
         bulk.dropped.insert(tenant);
     }
     Ok(())

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use ingest_api::ingest::{IngestContext, TimeBounds};
-use projector::models::raw::{self, RawRow};
+use projector::models::raw::{self, RawRow, RawTable};
 use projector::models::rollups::{self, Copies, Cube, Grain, Key, Measures};
 use projector::schema::{self, partitions};
 use serde_json::Value;
@@ -86,7 +86,7 @@ impl BulkLoad {
         for chunk in recent.chunks(50_000) {
             let mut tx = sqlx::Connection::begin(&mut *conn).await?;
             schema::set_search_path(&mut tx, &self.schema).await?;
-            raw::copy(&mut tx, chunk, 1).await?;
+            raw::copy(&mut tx, chunk, 1, &RawTable::ALL).await?;
             tx.commit().await?;
         }
         for (held, grain) in self.held.iter_mut().zip(GRAINS) {

@@ -265,8 +265,21 @@ pub async fn insert<'r, 'a>(
     rows: &'r [RawRow<'a>],
     feed_seq: i64,
 ) -> sqlx::Result<Vec<&'r RawRow<'a>>> {
+    insert_tables(conn, rows, feed_seq, &RawTable::ALL).await
+}
+
+/// [`insert`] of the rows of `tables` only, each with its ordinal in `rows`.
+pub async fn insert_tables<'r, 'a>(
+    conn: &mut PgConnection,
+    rows: &'r [RawRow<'a>],
+    feed_seq: i64,
+    tables: &[RawTable],
+) -> sqlx::Result<Vec<&'r RawRow<'a>>> {
     let mut by_table: BTreeMap<RawTable, (Vec<&RawRow>, Vec<i32>)> = BTreeMap::new();
     for (ord, r) in rows.iter().enumerate() {
+        if !tables.contains(&r.table) {
+            continue;
+        }
         let (rows, ords) = by_table.entry(r.table).or_default();
         rows.push(r);
         ords.push(i32::try_from(ord).unwrap_or(i32::MAX));
@@ -384,25 +397,49 @@ fn copy_row(line: &mut String, r: &RawRow<'_>, ord: usize, feed_seq: i64) {
     let _ = writeln!(line, "\t{ord}\t{feed_seq}");
 }
 
-/// Bulk-loads a batch's rows with `COPY`, one per table (search_path already points at the
-/// tenant's schema), for a rebuild: the same rows and feed positions as [`insert`], without
-/// its conflict handling. Fails with a unique violation (23505) if an event id is stored
-/// already or comes twice; the caller then rolls back and inserts instead.
+/// Bulk-loads the rows of `tables` among a batch's `rows` with `COPY`, one per table
+/// (search_path already points at the tenant's schema), for a rebuild: the same rows and
+/// feed positions (each row's ordinal in `rows`) as [`insert`], without its conflict
+/// handling. Fails with a unique violation (23505) if an event id is stored already or
+/// comes twice; the caller then rolls back and inserts instead.
 pub async fn copy<'r, 'a>(
     conn: &mut PgConnection,
     rows: &'r [RawRow<'a>],
     feed_seq: i64,
+    tables: &[RawTable],
 ) -> sqlx::Result<Vec<&'r RawRow<'a>>> {
     let mut by_table: BTreeMap<RawTable, String> = BTreeMap::new();
+    let mut copied = Vec::with_capacity(rows.len());
     for (ord, r) in rows.iter().enumerate() {
-        copy_row(by_table.entry(r.table).or_default(), r, ord, feed_seq);
+        if tables.contains(&r.table) {
+            copy_row(by_table.entry(r.table).or_default(), r, ord, feed_seq);
+            copied.push(r);
+        }
     }
     for (table, lines) in by_table {
         let mut copy = conn.copy_in_raw(copy_sql(table)).await?;
         copy.send(lines.into_bytes()).await?;
         copy.finish().await?;
     }
-    Ok(rows.iter().collect())
+    Ok(copied)
+}
+
+/// The raw tables of `rows` split in two, for a bulk batch's two connections: taken from
+/// the largest down, each table goes to whichever half has fewer rows so far, so that both
+/// copy about as much. Depends only on `rows`, so a batch written again splits alike.
+pub fn halves(rows: &[RawRow<'_>]) -> [Vec<RawTable>; 2] {
+    let mut sizes: Vec<(usize, RawTable)> = RawTable::ALL
+        .iter()
+        .map(|t| (rows.iter().filter(|r| r.table == *t).count(), *t))
+        .collect();
+    sizes.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut halves: [(usize, Vec<RawTable>); 2] = Default::default();
+    for (n, table) in sizes {
+        let half = usize::from(halves[1].0 < halves[0].0);
+        halves[half].0 += n;
+        halves[half].1.push(table);
+    }
+    halves.map(|(_, tables)| tables)
 }
 
 #[cfg(test)]
@@ -420,6 +457,52 @@ mod tests {
             let copy = copy_sql(table);
             assert!(copy.starts_with(&format!("COPY {} (", table.name())));
         }
+    }
+
+    #[test]
+    fn a_bulk_batch_splits_its_tables_into_halves_of_about_as_many_rows() {
+        let t = chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("a time");
+        let row = |table: RawTable| RawRow {
+            table,
+            event_type: table.event_type(""),
+            event_id: Uuid::new_v4(),
+            occurred_at: t,
+            received_at: t,
+            user_id: "u".into(),
+            team_id: String::new(),
+            project_id: String::new(),
+            session_id: String::new(),
+            name: String::new(),
+            status: String::new(),
+            is_error: false,
+            duration_ms: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            value: 0.0,
+            data: Cow::Owned(Value::Null),
+        };
+        let sizes = [
+            (RawTable::ToolExecutions, 25),
+            (RawTable::CommandExecutions, 50),
+            (RawTable::ProductivityMetrics, 5),
+            (RawTable::AgentInteractions, 30),
+            (RawTable::SessionEvents, 10),
+        ];
+        let rows: Vec<RawRow> = sizes
+            .iter()
+            .flat_map(|&(table, n)| (0..n).map(move |_| row(table)))
+            .collect();
+        let [first, second] = halves(&rows);
+        let count = |tables: &[RawTable]| rows.iter().filter(|r| tables.contains(&r.table)).count();
+        assert_eq!((count(&first), count(&second)), (60, 60));
+        // Every table is in exactly one half, the empty one too.
+        for table in RawTable::ALL {
+            assert_ne!(first.contains(&table), second.contains(&table), "{table:?}");
+        }
+        // The same rows in another order split alike.
+        let mut reversed = rows.clone();
+        reversed.reverse();
+        assert_eq!(halves(&reversed), [first, second]);
     }
 
     #[test]

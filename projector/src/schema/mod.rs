@@ -342,6 +342,39 @@ pub async fn drop_secondary_indexes(
     Ok(())
 }
 
+/// Turns autovacuum off (`on` false) or back on for `schema`'s ordinary tables: the
+/// native partitions of its raw tables, its rollups, sessions, usage and the rest (not
+/// TimescaleDB's hypertables, whose chunks live elsewhere). For a rebuild's bulk load,
+/// during which autovacuum would analyse and vacuum the growing tables again and again, on
+/// the cores the load needs; the rebuild analyses what it built at the end itself.
+pub async fn set_autovacuum(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    on: bool,
+) -> sqlx::Result<()> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = $1 AND c.relkind = 'r' AND c.relname <> ALL($2)",
+    )
+    .bind(schema.as_str())
+    .bind(&RAW_TABLES[..])
+    .fetch_all(&mut *conn)
+    .await?;
+    let change = if on {
+        "RESET (autovacuum_enabled)"
+    } else {
+        "SET (autovacuum_enabled = false)"
+    };
+    for table in tables {
+        sqlx::query(AssertSqlSafe(format!(
+            "ALTER TABLE {schema}.\"{table}\" {change}"
+        )))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
 /// Builds indexes from their definitions ([`drop_secondary_indexes`]; those already there
 /// are kept, so an interrupted build can run again), then refreshes the planner's
 /// statistics of the schema's raw tables: on two connections, each taking every other

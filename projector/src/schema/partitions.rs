@@ -31,6 +31,17 @@ pub async fn ensure_partitions(
     schema: &SchemaName,
     days: &[NaiveDate],
 ) -> sqlx::Result<()> {
+    make_partitions(conn, schema, days, true).await
+}
+
+/// [`ensure_partitions`]; those it creates without `autovacuum` are left alone by
+/// autovacuum (a rebuild's bulk load: see [`super::set_autovacuum`]).
+pub async fn make_partitions(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    days: &[NaiveDate],
+    autovacuum: bool,
+) -> sqlx::Result<()> {
     if days.is_empty() || uses_timescale(&mut *conn, schema).await? {
         return Ok(());
     }
@@ -45,10 +56,15 @@ pub async fn ensure_partitions(
         for table in RAW_TABLES {
             let sql = format!(
                 "CREATE TABLE IF NOT EXISTS {schema}.{part} PARTITION OF {schema}.{table} \
-                 FOR VALUES FROM ('{from}') TO ('{to}')",
+                 FOR VALUES FROM ('{from}') TO ('{to}'){with}",
                 part = partition_name(table, *day),
                 from = from.format("%Y-%m-%d %H:%M:%S+00"),
                 to = to.format("%Y-%m-%d %H:%M:%S+00"),
+                with = if autovacuum {
+                    ""
+                } else {
+                    " WITH (autovacuum_enabled = false)"
+                },
             );
             sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
         }

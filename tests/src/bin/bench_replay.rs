@@ -245,11 +245,13 @@ async fn check_exactly_once(
 }
 
 /// `COPY` of the same raw rows into a scratch tenant's raw tables, secondary indexes
-/// dropped, 20 000 rows per transaction; returns rows per second.
+/// dropped, 20 000 rows per pair of transactions on two connections; returns rows per
+/// second.
 async fn copy_baseline(pool: &sqlx::PgPool, args: &Args) -> anyhow::Result<f64> {
     let scratch = ingest_api::control::store::create_tenant(pool, "", "bench-replay-copy").await?;
     let schema_name = scratch.schema(1);
     let mut conn = pool.acquire().await?;
+    let mut conn2 = pool.acquire().await?;
     schema::create_tenant_schema(&mut conn, scratch, 1).await?;
     let today = Utc::now().date_naive();
     let days: Vec<_> = (0..=args.days + 1)
@@ -271,11 +273,20 @@ async fn copy_baseline(pool: &sqlx::PgPool, args: &Args) -> anyhow::Result<f64> 
             .iter()
             .filter_map(|(env, p)| RawRow::from_event(env, p))
             .collect();
+        // On two connections, each copying about half the rows (whole tables), as the
+        // replay's bulk load does.
+        let [first, second] = raw::halves(&rows);
         let started = Instant::now();
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let mut tx2 = sqlx::Connection::begin(&mut *conn2).await?;
         schema::set_search_path(&mut tx, &schema_name).await?;
-        raw::copy(&mut tx, &rows, 1).await?;
+        schema::set_search_path(&mut tx2, &schema_name).await?;
+        tokio::try_join!(
+            raw::copy(&mut tx, &rows, 1, &first),
+            raw::copy(&mut tx2, &rows, 1, &second)
+        )?;
         tx.commit().await?;
+        tx2.commit().await?;
         copying += started.elapsed();
         rows_copied += rows.len();
     }
