@@ -527,17 +527,18 @@ impl Replayer<'_> {
                 rollups::primary_keys(&mut *self.pool.acquire().await?, &schema).await
             })
             .await?;
-            let rows = retry("folding the rollups", || {
-                rollups::rebuild(self.pool, &schema, days, &keys)
-            })
-            .await?;
-            retry("folding the usage rollups", || async {
-                let mut tx = self.pool.begin().await?;
-                schema::set_search_path(&mut tx, &schema).await?;
-                attribution::rebuild(&mut tx).await?;
-                tx.commit().await
-            })
-            .await?;
+            // The usage is placed and rolled up on a connection of its own meanwhile.
+            let (rows, ()) = tokio::try_join!(
+                retry("folding the rollups", || {
+                    rollups::rebuild(self.pool, &schema, days, &keys)
+                }),
+                retry("placing the usage and folding its rollups", || async {
+                    let mut tx = self.pool.begin().await?;
+                    schema::set_search_path(&mut tx, &schema).await?;
+                    attribution::rebuild(&mut tx).await?;
+                    tx.commit().await
+                })
+            )?;
             tracing::info!(%tenant, days = days.len(), rows, "rollups folded");
         }
         let folded = folding.elapsed().as_secs_f64();
@@ -773,6 +774,10 @@ async fn drop_indexes(
         let dropped = bulk.indexes.entry(tenant).or_default();
         schema::drop_secondary_indexes(&mut conn, &schema, dropped).await?;
         schema::set_autovacuum(&mut conn, &schema, false).await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        schema::set_search_path(&mut tx, &schema).await?;
+        attribution::begin_bulk(&mut tx).await?;
+        tx.commit().await?;
         bulk.dropped.insert(tenant);
     }
     Ok(())

@@ -162,18 +162,80 @@ pub async fn write(
     bulk: bool,
 ) -> sqlx::Result<u64> {
     let since = insert_contexts(conn, &f.contexts).await?;
-    if !since.is_empty() {
+    // A bulk load places its usage rows once, at the end (`rebuild`), against every
+    // context: there is nothing placed yet to move.
+    if !since.is_empty() && !bulk {
         reattribute(conn, &since).await?;
     }
     insert_usage(conn, &f.usage, bulk).await?;
     write_repository_events(conn, f, events).await
 }
 
-/// A rebuild's usage rollups (`repo_usage_1h`, `repo_usage_1d`, `repo_sessions`), made
-/// set-wise from its usage rows once a bulk load has stored them all (search_path points at
-/// the new schema, which nobody else writes to): what the live path's upserts and moves
-/// leave, as they keep each rollup the sum of the usage rows under its key.
+/// The latest context of `u`'s session at or before its time, as a lateral join.
+macro_rules! placed {
+    ($u:literal) => {
+        concat!(
+            "LEFT JOIN LATERAL (SELECT c.repository, c.branch FROM session_contexts c
+                                 WHERE c.session_id = ",
+            $u,
+            ".session_id AND c.at <= ",
+            $u,
+            ".occurred_at
+                                 ORDER BY c.at DESC, c.event_id DESC LIMIT 1) c ON true"
+        )
+    };
+}
+
+/// Where a bulk load keeps its usage rows, unplaced, until [`rebuild`] places them: an
+/// unlogged table without keys or indexes.
+const UNPLACED: &str = "session_usage_unplaced";
+
+/// Makes the table a bulk load keeps its usage rows in (search_path points at the new
+/// schema).
+pub async fn begin_bulk(conn: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE UNLOGGED TABLE IF NOT EXISTS {UNPLACED}
+             (LIKE session_usage INCLUDING DEFAULTS) WITH (autovacuum_enabled = false)"
+    )))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A rebuild's usage, once a bulk load has stored every row (search_path points at the new
+/// schema, which nobody else writes to): the usage rows the load kept unplaced are placed,
+/// each against the latest context of its session at or before it — where the live path's
+/// placement and moves leave it — in one statement, then the usage rollups
+/// (`repo_usage_1h`, `repo_usage_1d`, `repo_sessions`) are made set-wise from all usage
+/// rows: what the live path's upserts and moves leave, as they keep each rollup the sum of
+/// the usage rows under its key.
 pub async fn rebuild(conn: &mut PgConnection) -> sqlx::Result<()> {
+    let unplaced: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT to_regclass('{UNPLACED}') IS NOT NULL"
+    )))
+    .fetch_one(&mut *conn)
+    .await?;
+    if unplaced {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO session_usage (session_id, occurred_at, event_id, user_id, team_id,
+                                        {AMOUNTS}, repository, branch)
+             SELECT n.session_id, n.occurred_at, n.event_id, n.user_id, n.team_id, {n_amounts},
+                    COALESCE(c.repository, ''), COALESCE(c.branch, '')
+               FROM {UNPLACED} n {placed}
+             ON CONFLICT DO NOTHING",
+            n_amounts = AMOUNTS
+                .split(", ")
+                .map(|c| format!("n.{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            placed = placed!("n"),
+        )))
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {UNPLACED}")))
+            .execute(&mut *conn)
+            .await?;
+    }
     sqlx::query("TRUNCATE repo_usage_1h, repo_usage_1d, repo_sessions")
         .execute(&mut *conn)
         .await?;
@@ -233,21 +295,6 @@ async fn insert_contexts(
             .or_insert((at, at));
     }
     Ok(since)
-}
-
-/// The latest context of `u`'s session at or before its time, as a lateral join.
-macro_rules! placed {
-    ($u:literal) => {
-        concat!(
-            "LEFT JOIN LATERAL (SELECT c.repository, c.branch FROM session_contexts c
-                                 WHERE c.session_id = ",
-            $u,
-            ".session_id AND c.at <= ",
-            $u,
-            ".occurred_at
-                                 ORDER BY c.at DESC, c.event_id DESC LIMIT 1) c ON true"
-        )
-    };
 }
 
 /// The amount columns, in table order.
@@ -360,24 +407,19 @@ fn sessions_select(from: &str) -> String {
 }
 
 /// Stores new usage rows, attributed against every context known now, and adds them to the
-/// rollups.
+/// rollups; in a `bulk` load, keeps them unplaced for [`rebuild`] (see [`begin_bulk`]).
 async fn insert_usage(conn: &mut PgConnection, usage: &[Usage], bulk: bool) -> sqlx::Result<()> {
     if usage.is_empty() {
         return Ok(());
     }
     let sql = if bulk {
         format!(
-            "INSERT INTO session_usage (session_id, occurred_at, event_id, user_id, team_id,
-                                        {AMOUNTS}, repository, branch)
-             SELECT n.*, COALESCE(c.repository, ''), COALESCE(c.branch, '')
-               FROM UNNEST($1::text[], $2::timestamptz[], $3::uuid[], $4::text[],
-                           $5::text[], $6::bigint[], $7::bigint[], $8::float8[],
-                           $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[],
-                           $13::bigint[], $14::bigint[])
-                    AS n(session_id, occurred_at, event_id, user_id, team_id, {AMOUNTS})
-               {placed}
-             ON CONFLICT DO NOTHING",
-            placed = placed!("n"),
+            "INSERT INTO {UNPLACED} (session_id, occurred_at, event_id, user_id, team_id,
+                                     {AMOUNTS})
+             SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::uuid[], $4::text[],
+                                  $5::text[], $6::bigint[], $7::bigint[], $8::float8[],
+                                  $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[],
+                                  $13::bigint[], $14::bigint[])"
         )
     } else {
         format!(
