@@ -153,11 +153,21 @@ async fn commit_second(
         let Some((tenant, seq)) = written.tenants.first() else {
             return Err(e.into());
         };
-        let sql = format!("SELECT seq FROM {}.projection_state", schema(tenant));
-        let now: i64 =
-            until_answered(|| sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone())).fetch_one(pool))
-                .await
-                .map_err(WriteError::HalfWritten)?;
+        // Locking the row waits for the first transaction if its commit is still under way.
+        let sql = format!(
+            "SELECT seq FROM {}.projection_state FOR NO KEY UPDATE",
+            schema(tenant)
+        );
+        let now: i64 = until_answered(|| async {
+            let mut tx = pool.begin().await?;
+            let seq = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.rollback().await?;
+            Ok(seq)
+        })
+        .await
+        .map_err(WriteError::HalfWritten)?;
         if now < *seq {
             return Err(e.into());
         }
@@ -180,7 +190,8 @@ async fn commit_second(
 }
 
 /// Runs `attempt` until PostgreSQL answers it, backing off; an error that is an answer
-/// (anything but a lost or unavailable connection) is returned.
+/// (anything but a lost or unavailable connection, or a conflict or timeout that passes:
+/// classes 08, 40, 57, and 55P03) is returned.
 async fn until_answered<T, F, Fut>(mut attempt: F) -> sqlx::Result<T>
 where
     F: FnMut() -> Fut,
@@ -193,8 +204,9 @@ where
                 tracing::warn!(error = %e, "bulk batch: PostgreSQL is away; asking again");
             }
             Err(sqlx::Error::Database(d))
-                if d.code()
-                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
+                if d.code().is_some_and(|c| {
+                    ["08", "40", "57"].iter().any(|class| c.starts_with(class)) || c == "55P03"
+                }) =>
             {
                 tracing::warn!(error = %d, "bulk batch: PostgreSQL is away; asking again");
             }

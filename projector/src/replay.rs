@@ -152,6 +152,12 @@ pub async fn replay(
         .fetch_one(&mut *lock)
         .await?;
     ensure!(got, "another replay is running");
+    // Beside this one, a bulk batch writes on two connections and the rollups are folded on
+    // three.
+    ensure!(
+        pool.options().get_max_connections() >= 4,
+        "a replay needs at least 4 database connections (TALLY_DB_MAX_CONNECTIONS)"
+    );
 
     let tenants: Vec<TenantId> = match only {
         Some(t) => {
@@ -470,7 +476,10 @@ impl Replayer<'_> {
         };
         let mut backoff = Duration::from_millis(200);
         while let Err(e) = drop_indexes(self.pool, bulk, &self.writer.target, &self.batch).await {
-            tracing::warn!(error = %e, "replay: dropping indexes failed; retrying");
+            if permanent(&e) {
+                return Err(anyhow::Error::new(e).context("replay: preparing a bulk load"));
+            }
+            tracing::warn!(error = %e, "replay: preparing a bulk load failed; retrying");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
@@ -756,20 +765,23 @@ impl Writer {
     }
 }
 
-/// Drops the secondary indexes of the new schemas a bulk batch writes to for the first time
-/// (their schemas exist: `prepare` made them) and turns their autovacuum off.
+/// Readies the new schemas a bulk batch writes to for the first time for the load: makes
+/// them if they are not there yet (a tenant without a projection before the replay), drops
+/// their secondary indexes, turns their autovacuum off and makes the table usage rows wait
+/// in.
 async fn drop_indexes(
     pool: &PgPool,
     bulk: &mut Bulk,
     target: &Versions,
     batch: &[Decoded],
-) -> Result<(), WriteError> {
+) -> sqlx::Result<()> {
     for d in batch {
         let tenant = d.env.tenant_id;
         if bulk.dropped.contains(&tenant) {
             continue;
         }
         let mut conn = pool.acquire().await?;
+        schema::create_tenant_schema(&mut conn, tenant, target[&tenant]).await?;
         let schema = tenant.schema(target[&tenant]);
         let dropped = bulk.indexes.entry(tenant).or_default();
         schema::drop_secondary_indexes(&mut conn, &schema, dropped).await?;
@@ -781,6 +793,13 @@ async fn drop_indexes(
         bulk.dropped.insert(tenant);
     }
     Ok(())
+}
+
+/// Whether PostgreSQL refused a statement in a way no retry can change (see [`retry`]).
+fn permanent(e: &sqlx::Error) -> bool {
+    let code = e.as_database_error().and_then(|d| d.code());
+    let classes = ["42", "0A", "22", "23"];
+    code.is_some_and(|c| classes.iter().any(|class| c.starts_with(class)))
 }
 
 /// Runs `attempt` until it succeeds, backing off while PostgreSQL is away (a rebuild has
@@ -799,9 +818,7 @@ where
             Ok(done) => return Ok(done),
             Err(e) => e,
         };
-        let code = e.as_database_error().and_then(|d| d.code());
-        let permanent = ["42", "0A", "22", "23"];
-        if code.is_some_and(|c| permanent.iter().any(|class| c.starts_with(class))) {
+        if permanent(&e) {
             return Err(anyhow::Error::new(e).context(format!("replay: {what}")));
         }
         tracing::warn!(error = %e, "replay: {what} failed; retrying");

@@ -186,15 +186,16 @@ macro_rules! placed {
     };
 }
 
-/// Where a bulk load keeps its usage rows, unplaced, until [`rebuild`] places them: an
-/// unlogged table without keys or indexes.
+/// Where a bulk load keeps its usage rows, unplaced, until [`rebuild`] places them: a table
+/// without keys or indexes (logged, so that a PostgreSQL restart during the load keeps what
+/// was committed to it like everything else).
 const UNPLACED: &str = "session_usage_unplaced";
 
 /// Makes the table a bulk load keeps its usage rows in (search_path points at the new
 /// schema).
 pub async fn begin_bulk(conn: &mut PgConnection) -> sqlx::Result<()> {
     sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE UNLOGGED TABLE IF NOT EXISTS {UNPLACED}
+        "CREATE TABLE IF NOT EXISTS {UNPLACED}
              (LIKE session_usage INCLUDING DEFAULTS) WITH (autovacuum_enabled = false)"
     )))
     .execute(conn)
@@ -216,12 +217,22 @@ pub async fn rebuild(conn: &mut PgConnection) -> sqlx::Result<()> {
     .fetch_one(&mut *conn)
     .await?;
     if unplaced {
+        // The contexts the placement looks up were written with autovacuum off. In the
+        // order of the key, the lookups and the key's inserts go page after page.
+        sqlx::query("ANALYZE session_contexts, sessions")
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("SET LOCAL work_mem = '256MB'")
+            .execute(&mut *conn)
+            .await?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO session_usage (session_id, occurred_at, event_id, user_id, team_id,
                                         {AMOUNTS}, repository, branch)
              SELECT n.session_id, n.occurred_at, n.event_id, n.user_id, n.team_id, {n_amounts},
                     COALESCE(c.repository, ''), COALESCE(c.branch, '')
-               FROM {UNPLACED} n {placed}
+               FROM (SELECT * FROM {UNPLACED} ORDER BY session_id, occurred_at, event_id) n
+                    {placed}
+              ORDER BY n.session_id, n.occurred_at, n.event_id
              ON CONFLICT DO NOTHING",
             n_amounts = AMOUNTS
                 .split(", ")
