@@ -46,10 +46,6 @@ start() {
     # A local stack: notification channels may point at receivers on this host (make
     # bench-alerts, a webhook receiver under development). Production leaves this off.
     export TALLY_NOTIFY_ALLOW_LOOPBACK="${TALLY_NOTIFY_ALLOW_LOOPBACK:-true}"
-    # glibc's malloc with two arenas (not one per thread, up to 8 per core) and a fixed
-    # mmap threshold (large buffers go back to the system when freed, instead of the
-    # threshold rising to keep them): what keeps each service's memory small under load.
-    export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=131072}"
     say "applying migrations"
     "$bin_dir/projector" migrate >>"$TALLY_LOGS/projector.log" 2>&1 ||
         { show_log_tail "$TALLY_LOGS/projector.log"; die "migrations failed"; }

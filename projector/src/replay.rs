@@ -15,13 +15,15 @@
 //! drops the half-built version and starts over.
 //!
 //! Up to the log end as it was when the replay started, the rebuild is a bulk load
-//! ([`Bulk`]): the new schemas' secondary indexes are dropped and raw rows go in by `COPY`,
-//! without rollups; once every raw row is in, the rollups are folded set-wise from them, day
-//! by day in one sorted pass, and written by `COPY` into tables without keys
-//! ([`rollups::rebuild`]), the usage rollups likewise from the usage rows
-//! ([`attribution::rebuild`]), then the keys and indexes are built. Each bulk batch is
-//! written by a task of its own while the next is read. The rest (what arrived
-//! since) takes the normal path, batch by batch, before the switch.
+//! ([`Bulk`]): the new schemas' secondary indexes are dropped, their autovacuum turned off,
+//! and raw rows go in by `COPY`, half of each batch's on a second connection
+//! ([`batch::Mode::Bulk`]), without rollups and with usage rows left unplaced; once every raw
+//! row is in, the rollups are folded set-wise from them, day by day in one sorted pass on two
+//! connections, and written by `COPY` into tables without keys ([`rollups::rebuild`]), while
+//! the usage rows are placed and their rollups made on a third ([`attribution::rebuild`]);
+//! then the keys and indexes are built and autovacuum turned back on. Each bulk batch is
+//! written by a task of its own while the next is read. The rest (what arrived since) takes
+//! the normal path, batch by batch, before the switch.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
