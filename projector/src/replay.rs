@@ -477,7 +477,7 @@ impl Replayer<'_> {
             return Ok(());
         };
         let mut backoff = Duration::from_millis(200);
-        while let Err(e) = drop_indexes(self.pool, bulk, &self.writer.target, &self.batch).await {
+        while let Err(e) = ready_for_bulk(self.pool, bulk, &self.writer.target, &self.batch).await {
             if permanent(&e) {
                 return Err(anyhow::Error::new(e).context("replay: preparing a bulk load"));
             }
@@ -771,7 +771,7 @@ impl Writer {
 /// them if they are not there yet (a tenant without a projection before the replay), drops
 /// their secondary indexes, turns their autovacuum off and makes the table usage rows wait
 /// in.
-async fn drop_indexes(
+async fn ready_for_bulk(
     pool: &PgPool,
     bulk: &mut Bulk,
     target: &Versions,

@@ -217,8 +217,9 @@ pub async fn rebuild(conn: &mut PgConnection) -> sqlx::Result<()> {
     .fetch_one(&mut *conn)
     .await?;
     if unplaced {
-        // The contexts the placement looks up were written with autovacuum off. In the
-        // order of the key, the lookups and the key's inserts go page after page.
+        // The contexts the placement looks up (and the sessions) were written with
+        // autovacuum off. In the order of the key, the lookups and the key's inserts go page
+        // after page.
         sqlx::query("ANALYZE session_contexts, sessions")
             .execute(&mut *conn)
             .await?;

@@ -308,8 +308,8 @@ pub async fn drop_tenant_schema(
     Ok(())
 }
 
-/// Drops the secondary (non-unique) indexes of a schema's raw tables and usage rows, adding their
-/// definitions to `dropped` (each once) before dropping them, for [`create_indexes`]: a
+/// Drops the secondary (non-unique) indexes of a schema's raw tables and usage rows, adding
+/// their definitions to `dropped` (each once) before dropping them, for [`create_indexes`]: a
 /// rebuild loads the rows first and builds these once, by sorting, instead of maintaining
 /// them row by row. Interrupted, it can run again with the same `dropped`. (Dropping a
 /// partitioned table's or a hypertable's index drops its partitions' or chunks' too.)
