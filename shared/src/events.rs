@@ -308,12 +308,7 @@ impl Envelope {
 
     /// Decodes (and upcasts) the payload. The projector calls this on every record.
     pub fn payload(&self) -> Result<Payload, Vec<FieldError>> {
-        Payload::decode(
-            self.event_type,
-            self.schema_version,
-            self.data.clone(),
-            "data",
-        )
+        Payload::decode_ref(self.event_type, self.schema_version, &self.data, "data")
     }
 }
 
@@ -794,7 +789,33 @@ impl Payload {
             }
             obj.insert("extra".into(), Value::Object(extra));
         }
-        let data = Value::Object(obj);
+        Payload::typed(t, &Value::Object(obj), prefix)
+    }
+
+    /// [`Payload::decode`] of a borrowed `data`, copied only when it has to change (an old
+    /// version to upcast, fields to keep in `extra`): an envelope's data, as ingest-api
+    /// wrote it, is read as it is.
+    pub fn decode_ref(
+        t: EventType,
+        version: u32,
+        data: &Value,
+        prefix: &str,
+    ) -> Result<Payload, Vec<FieldError>> {
+        let known = known_fields(t);
+        let as_is = version == t.current_version()
+            && data
+                .as_object()
+                .is_some_and(|obj| obj.keys().all(|k| known.contains(&k.as_str())));
+        if as_is {
+            Payload::typed(t, data, prefix)
+        } else {
+            Payload::decode(t, version, data.clone(), prefix)
+        }
+    }
+
+    /// The payload of a current-version `data` whose unknown fields are in `extra`, its
+    /// limits checked.
+    fn typed(t: EventType, data: &Value, prefix: &str) -> Result<Payload, Vec<FieldError>> {
         let payload = match t {
             EventType::CommandExecuted => Payload::CommandExecuted(parse(t, data, prefix)?),
             EventType::AgentInteracted => Payload::AgentInteracted(parse(t, data, prefix)?),
@@ -1061,38 +1082,49 @@ fn stand_in(t: EventType, field: &str) -> Option<Value> {
 
 fn parse<T: DeserializeOwned>(
     t: EventType,
-    data: Value,
+    data: &Value,
     prefix: &str,
 ) -> Result<T, Vec<FieldError>> {
-    let Value::Object(mut obj) = data else {
+    if !data.is_object() {
         return Err(vec![FieldError::new(prefix, "must be a JSON object")]);
+    }
+    // Nearly every event: read by reference, nothing copied.
+    let first = match serde_path_to_error::deserialize::<_, T>(data) {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
     };
+    // Otherwise every offending field is named: each try reads a copy in which the fields
+    // found so far are replaced by stand-ins.
+    let mut data = data.clone();
     let mut errors: Vec<FieldError> = Vec::new();
+    let mut found = Some(first);
     for _ in 0..=known_fields(t).len() {
-        match serde_path_to_error::deserialize::<_, T>(Value::Object(obj.clone())) {
-            Ok(v) if errors.is_empty() => return Ok(v),
-            Ok(_) => break,
-            Err(e) => {
-                let path = e.path().to_string();
-                let reason = e.into_inner().to_string();
-                // serde names a missing field only in its message.
-                let top = match reason.strip_prefix("missing field `") {
-                    Some(rest) => rest.trim_end_matches('`').to_string(),
-                    None => path.split(['.', '[']).next().unwrap_or("").to_string(),
-                };
-                let field = if path == "." || path.is_empty() {
-                    format!("{prefix}.{top}")
-                } else {
-                    format!("{prefix}.{path}")
-                };
-                errors.push(FieldError::new(field, reason));
-                match stand_in(t, &top) {
-                    Some(v) if obj.get(&top) != Some(&v) => {
-                        obj.insert(top, v);
-                    }
-                    _ => break,
-                }
+        let e = match found.take() {
+            Some(e) => e,
+            None => match serde_path_to_error::deserialize::<_, T>(&data) {
+                Ok(_) => break,
+                Err(e) => e,
+            },
+        };
+        let path = e.path().to_string();
+        let reason = e.into_inner().to_string();
+        // serde names a missing field only in its message.
+        let top = match reason.strip_prefix("missing field `") {
+            Some(rest) => rest.trim_end_matches('`').to_string(),
+            None => path.split(['.', '[']).next().unwrap_or("").to_string(),
+        };
+        let field = if path == "." || path.is_empty() {
+            format!("{prefix}.{top}")
+        } else {
+            format!("{prefix}.{path}")
+        };
+        errors.push(FieldError::new(field, reason));
+        let obj = data.as_object_mut().expect("checked to be an object");
+        match stand_in(t, &top) {
+            Some(v) if obj.get(&top) != Some(&v) => {
+                obj.insert(top, v);
             }
+            _ => break,
         }
     }
     Err(errors)
@@ -1146,6 +1178,64 @@ impl Checker<'_> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn data_decodes_the_same_borrowed_as_owned() {
+        let cases = [
+            // Current version, every field known: read as it is.
+            (
+                EventType::CommandExecuted,
+                1,
+                json!({"user_id": "u", "command_name": "build",
+                "duration_ms": 120, "status": "success"}),
+            ),
+            // An unknown field, kept in `extra`.
+            (
+                EventType::CommandExecuted,
+                1,
+                json!({"user_id": "u", "command_name": "build",
+                "duration_ms": 120, "status": "success", "shell": "zsh"}),
+            ),
+            // An old version, upcast.
+            (
+                EventType::AgentInteracted,
+                1,
+                json!({"user_id": "u", "agent_name": "claude",
+                "input_tokens": 3, "output_tokens": 4, "metadata": {"model": "m", "cost_usd": 0.5}}),
+            ),
+            // Wrong fields: every one named, the same way.
+            (
+                EventType::CommandExecuted,
+                1,
+                json!({"user_id": 5, "command_name": "build",
+                "duration_ms": "slow", "status": "success"}),
+            ),
+            (
+                EventType::CommandExecuted,
+                1,
+                json!(["not", "an", "object"]),
+            ),
+            (EventType::CommandExecuted, 9, json!({"user_id": "u"})),
+        ];
+        for (t, version, data) in cases {
+            let owned = Payload::decode(t, version, data.clone(), "data");
+            let borrowed = Payload::decode_ref(t, version, &data, "data");
+            assert_eq!(owned, borrowed, "{t} v{version}: {data}");
+        }
+        let valid = json!({"user_id": "u", "command_name": "build", "duration_ms": 120,
+                           "status": "success"});
+        assert!(Payload::decode_ref(EventType::CommandExecuted, 1, &valid, "data").is_ok());
+        let errors = Payload::decode_ref(
+            EventType::CommandExecuted,
+            1,
+            &json!({"user_id": 5, "command_name": "build", "duration_ms": "slow", "status": "success"}),
+            "data",
+        )
+        .unwrap_err();
+        let mut fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        fields.sort();
+        assert_eq!(fields, ["data.duration_ms", "data.user_id"]);
+    }
 
     #[test]
     fn known_fields_are_read_from_the_structs() {

@@ -60,16 +60,19 @@ async fn export<S: Signal>(s: AppState, request: Request) -> Response {
 /// Claude Code's `user_prompt` event without the prompt's text (its length stays), for
 /// tenants that do not store prompts.
 pub(crate) fn drop_prompt_text(event: &mut serde_json::Value) {
-    if event
-        .pointer("/data/name")
-        .and_then(serde_json::Value::as_str)
-        != Some("claude_code.user_prompt")
-    {
+    // Looked up by key, not by JSON pointer: this runs on every event of most requests.
+    let Some(data) = event
+        .get_mut("data")
+        .and_then(serde_json::Value::as_object_mut)
+    else {
+        return;
+    };
+    if data.get("name").and_then(serde_json::Value::as_str) != Some("claude_code.user_prompt") {
         return;
     }
-    for place in ["/data/extra", "/data/labels"] {
-        if let Some(m) = event
-            .pointer_mut(place)
+    for place in ["extra", "labels"] {
+        if let Some(m) = data
+            .get_mut(place)
             .and_then(serde_json::Value::as_object_mut)
         {
             m.remove("prompt");
