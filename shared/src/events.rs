@@ -1181,60 +1181,84 @@ mod tests {
 
     #[test]
     fn data_decodes_the_same_borrowed_as_owned() {
+        let command = json!({"user_id": "u", "command_name": "build", "duration_ms": 120,
+                             "status": "success"});
+        let with = |extra: Value| {
+            let mut v = command.clone();
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            v
+        };
+        // Every key known, but version 1 of a type at version 2: it must still be upcast.
+        let v1 = json!({"user_id": "u", "agent_name": "claude", "interaction_type": "chat",
+                        "duration_ms": 7, "status": "success", "metadata": {"model": "m"}});
         let cases = [
             // Current version, every field known: read as it is.
+            (EventType::CommandExecuted, 1, command.clone()),
+            // Unknown fields, kept in `extra`; an `extra` of the wrong type.
+            (EventType::CommandExecuted, 1, with(json!({"shell": "zsh"}))),
+            (EventType::CommandExecuted, 1, with(json!({"extra": 5}))),
             (
                 EventType::CommandExecuted,
                 1,
-                json!({"user_id": "u", "command_name": "build",
-                "duration_ms": 120, "status": "success"}),
+                with(json!({"extra": 5, "shell": "zsh"})),
             ),
-            // An unknown field, kept in `extra`.
-            (
-                EventType::CommandExecuted,
-                1,
-                json!({"user_id": "u", "command_name": "build",
-                "duration_ms": 120, "status": "success", "shell": "zsh"}),
-            ),
-            // An old version, upcast.
-            (
-                EventType::AgentInteracted,
-                1,
-                json!({"user_id": "u", "agent_name": "claude",
-                "input_tokens": 3, "output_tokens": 4, "metadata": {"model": "m", "cost_usd": 0.5}}),
-            ),
+            (EventType::AgentInteracted, 1, v1.clone()),
+            // Versions that do not exist.
+            (EventType::CommandExecuted, 0, command.clone()),
+            (EventType::CommandExecuted, 9, command.clone()),
             // Wrong fields: every one named, the same way.
             (
                 EventType::CommandExecuted,
                 1,
-                json!({"user_id": 5, "command_name": "build",
-                "duration_ms": "slow", "status": "success"}),
+                json!({"user_id": 5, "duration_ms": "slow",
+                                                   "status": "success"}),
             ),
             (
                 EventType::CommandExecuted,
                 1,
                 json!(["not", "an", "object"]),
             ),
-            (EventType::CommandExecuted, 9, json!({"user_id": "u"})),
         ];
         for (t, version, data) in cases {
             let owned = Payload::decode(t, version, data.clone(), "data");
             let borrowed = Payload::decode_ref(t, version, &data, "data");
             assert_eq!(owned, borrowed, "{t} v{version}: {data}");
         }
-        let valid = json!({"user_id": "u", "command_name": "build", "duration_ms": 120,
-                           "status": "success"});
-        assert!(Payload::decode_ref(EventType::CommandExecuted, 1, &valid, "data").is_ok());
+        assert!(Payload::decode_ref(EventType::CommandExecuted, 1, &command, "data").is_ok());
+        let Ok(Payload::AgentInteracted(p)) =
+            Payload::decode_ref(EventType::AgentInteracted, 1, &v1, "data")
+        else {
+            panic!("a v1 interaction decodes")
+        };
+        assert_eq!(p.model.as_deref(), Some("m"));
+        // Every offending field, in the order they are found.
         let errors = Payload::decode_ref(
             EventType::CommandExecuted,
             1,
-            &json!({"user_id": 5, "command_name": "build", "duration_ms": "slow", "status": "success"}),
+            &json!({"user_id": 5, "duration_ms": "slow", "status": "success"}),
             "data",
         )
         .unwrap_err();
-        let mut fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
-        fields.sort();
-        assert_eq!(fields, ["data.duration_ms", "data.user_id"]);
+        let found: Vec<(&str, &str)> = errors
+            .iter()
+            .map(|e| (e.field.as_str(), e.reason.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "data.duration_ms",
+                    "invalid type: string \"slow\", expected i64"
+                ),
+                (
+                    "data.user_id",
+                    "invalid type: integer `5`, expected a string"
+                ),
+                ("data.command_name", "missing field `command_name`"),
+            ]
+        );
     }
 
     #[test]
