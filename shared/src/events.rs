@@ -2,6 +2,7 @@
 //! event types, their limits, and the one validation path that both ingest-api (to answer the
 //! client) and the projector (to dead-letter what slipped through) use.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
@@ -752,6 +753,29 @@ impl Payload {
         data: Value,
         prefix: &str,
     ) -> Result<Payload, Vec<FieldError>> {
+        Payload::decode_as_needed(t, version, Cow::Owned(data), prefix)
+    }
+
+    /// [`Payload::decode`] of a borrowed `data` (an envelope's, as ingest-api wrote it),
+    /// copied only if it has to change.
+    pub fn decode_ref(
+        t: EventType,
+        version: u32,
+        data: &Value,
+        prefix: &str,
+    ) -> Result<Payload, Vec<FieldError>> {
+        Payload::decode_as_needed(t, version, Cow::Borrowed(data), prefix)
+    }
+
+    /// Decodes `data`, changing it (in place when it is owned, in a copy when it is
+    /// borrowed) only where it has to: an old version is upcast, unknown fields are moved
+    /// into `extra`.
+    fn decode_as_needed(
+        t: EventType,
+        version: u32,
+        mut data: Cow<'_, Value>,
+        prefix: &str,
+    ) -> Result<Payload, Vec<FieldError>> {
         if version == 0 || version > t.current_version() {
             return Err(vec![FieldError::new(
                 "schema_version",
@@ -761,56 +785,42 @@ impl Payload {
                 ),
             )]);
         }
-        let Value::Object(mut obj) = data else {
+        let Some(obj) = data.as_object() else {
             return Err(vec![FieldError::new(prefix, "must be a JSON object")]);
         };
-        upcast(t, version, &mut obj);
-        // Unknown fields are kept, in `extra`, never silently dropped.
         let known = known_fields(t);
+        // Unknown fields are kept, in `extra`, never silently dropped. (Upcasting adds known
+        // fields only, so it leaves these as they are.)
         let unknown: Vec<String> = obj
             .keys()
             .filter(|k| !known.contains(&k.as_str()))
             .cloned()
             .collect();
-        if !unknown.is_empty() {
-            let mut extra = match obj.remove("extra") {
-                Some(Value::Object(m)) => m,
-                Some(other) => {
-                    let mut m = Map::new();
-                    m.insert("extra".into(), other);
-                    m
+        if version < t.current_version() || !unknown.is_empty() {
+            let obj = data
+                .to_mut()
+                .as_object_mut()
+                .expect("checked to be an object");
+            upcast(t, version, obj);
+            if !unknown.is_empty() {
+                let mut extra = match obj.remove("extra") {
+                    Some(Value::Object(m)) => m,
+                    Some(other) => {
+                        let mut m = Map::new();
+                        m.insert("extra".into(), other);
+                        m
+                    }
+                    None => Map::new(),
+                };
+                for k in unknown {
+                    if let Some(v) = obj.remove(&k) {
+                        extra.insert(k, v);
+                    }
                 }
-                None => Map::new(),
-            };
-            for k in unknown {
-                if let Some(v) = obj.remove(&k) {
-                    extra.insert(k, v);
-                }
+                obj.insert("extra".into(), Value::Object(extra));
             }
-            obj.insert("extra".into(), Value::Object(extra));
         }
-        Payload::typed(t, &Value::Object(obj), prefix)
-    }
-
-    /// [`Payload::decode`] of a borrowed `data`, copied only when it has to change (an old
-    /// version to upcast, fields to keep in `extra`): an envelope's data, as ingest-api
-    /// wrote it, is read as it is.
-    pub fn decode_ref(
-        t: EventType,
-        version: u32,
-        data: &Value,
-        prefix: &str,
-    ) -> Result<Payload, Vec<FieldError>> {
-        let known = known_fields(t);
-        let as_is = version == t.current_version()
-            && data
-                .as_object()
-                .is_some_and(|obj| obj.keys().all(|k| known.contains(&k.as_str())));
-        if as_is {
-            Payload::typed(t, data, prefix)
-        } else {
-            Payload::decode(t, version, data.clone(), prefix)
-        }
+        Payload::typed(t, &data, prefix)
     }
 
     /// The payload of a current-version `data` whose unknown fields are in `extra`, its
@@ -1212,8 +1222,7 @@ mod tests {
             (
                 EventType::CommandExecuted,
                 1,
-                json!({"user_id": 5, "duration_ms": "slow",
-                                                   "status": "success"}),
+                json!({"user_id": 5, "duration_ms": "slow", "status": "success"}),
             ),
             (
                 EventType::CommandExecuted,
