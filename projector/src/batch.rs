@@ -10,7 +10,7 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use redis::aio::ConnectionManager;
 use shared::events::{Envelope, Payload};
-use shared::tenant::TenantId;
+use shared::tenant::{SchemaName, TenantId};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -40,6 +40,8 @@ pub struct Written {
     pub duplicates: u64,
     /// Tenants whose projection advanced, with their new watermark sequence.
     pub tenants: Vec<(TenantId, i64)>,
+    /// The schemas written to (where rollup deltas now wait for the compactor).
+    pub schemas: Vec<SchemaName>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +106,7 @@ pub async fn write(
         written.inserted += inserted;
         written.duplicates += duplicates;
         written.tenants.push((*tenant, seq));
+        written.schemas.push(schema);
     }
 
     for (partition, range) in offsets {

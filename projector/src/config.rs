@@ -26,6 +26,9 @@ pub struct Config {
     pub partitions_ahead_days: i64,
     /// How soon the group notices a dead instance and hands its partitions to another.
     pub consumer_session_timeout_ms: u64,
+    /// How often the compactor folds the hourly and daily rollup deltas that batches
+    /// append into one row per key (see `compactor`).
+    pub compact_interval_ms: u64,
     /// How often retention runs (drops old partitions, creates the coming days').
     pub retention_interval_secs: u64,
     /// How long `replay` waits after switching before it drops the old version, so that
@@ -62,6 +65,7 @@ impl Default for Config {
             http_addr: "127.0.0.1:9102".into(),
             partitions_ahead_days: 7,
             consumer_session_timeout_ms: 10_000,
+            compact_interval_ms: 5000,
             retention_interval_secs: 3600,
             replay_drop_grace_secs: 10,
             replay_bulk: true,

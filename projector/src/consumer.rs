@@ -166,6 +166,8 @@ pub struct Projector {
     stalls: Stalls,
     /// Told which tenants advanced after each batch (the metrics loop, where alerting runs).
     pub alerts: Option<crate::alerts::Touched>,
+    /// Told which schemas got rollup deltas after each batch (the metrics loop).
+    pub dirty: Option<crate::compactor::Dirty>,
 }
 
 impl Projector {
@@ -213,6 +215,7 @@ impl Projector {
             prepared: Prepared::default(),
             stalls,
             alerts: None,
+            dirty: None,
         })
     }
 
@@ -486,6 +489,9 @@ impl Projector {
                     .record(started.elapsed().as_secs_f64());
                 metrics::histogram!("projector_batch_events").record(batch.len() as f64);
                 self.acknowledge(&batch.offsets);
+                if let Some(dirty) = &self.dirty {
+                    dirty.mark(written.schemas);
+                }
                 self.notify(&written.tenants).await;
             }
             Err(WriteError::Fenced { partition }) => {

@@ -13,6 +13,7 @@
 
 pub mod alerts;
 pub mod batch;
+pub mod compactor;
 pub mod config;
 pub mod consumer;
 pub mod models;
@@ -68,6 +69,9 @@ pub struct App {
     state: HttpState,
     retention_every: Duration,
     ahead_days: i64,
+    /// The schemas the metrics loop wrote rollup deltas to, for the compactor.
+    dirty: compactor::Dirty,
+    compact_every: Duration,
     alerts: Option<alerts::Alerts>,
 }
 
@@ -130,6 +134,8 @@ impl App {
             redis: redis.clone(),
         });
         metrics_loop.alerts = alerts.as_ref().map(|a| a.touched.clone());
+        let dirty = compactor::Dirty::default();
+        metrics_loop.dirty = Some(dirty.clone());
         let auth_loop = consumer::Projector::new(
             config.clone(),
             pool,
@@ -145,6 +151,8 @@ impl App {
             state,
             retention_every: Duration::from_secs(config.retention_interval_secs.max(1)),
             ahead_days: config.partitions_ahead_days,
+            dirty,
+            compact_every: Duration::from_millis(config.compact_interval_ms.max(1)),
             alerts,
         })
     }
@@ -183,6 +191,12 @@ impl App {
             self.ahead_days,
             rx.clone(),
         ));
+        let compacting = tokio::spawn(compactor::run(
+            self.state.pool.clone(),
+            self.dirty,
+            self.compact_every,
+            rx.clone(),
+        ));
         let alerting = self.alerts.map(|a| alerts::spawn(a, rx.clone()));
         let loops = self
             .projectors
@@ -191,6 +205,7 @@ impl App {
         let result = futures::future::try_join_all(loops).await.map(|_| ());
         let _ = http.await;
         let _ = retention.await;
+        let _ = compacting.await;
         for task in alerting.into_iter().flatten() {
             let _ = task.await;
         }

@@ -260,6 +260,13 @@ pub async fn replay(
     if let Some(redis) = r.redis.as_mut() {
         shared::watermark::publish(redis, tenants.iter().map(|t| (*t, 0))).await;
     }
+    // The deltas the catch-up appended, folded now rather than when live traffic next
+    // writes these versions (the live projector's compactor folds what comes after).
+    for t in &tenants {
+        if let Err(e) = rollups::compact(pool, &t.schema(target[t])).await {
+            tracing::warn!(tenant = %t, error = %e, "replay: folding the catch-up's deltas failed");
+        }
+    }
     // Requests that read the old version number just before the switch finish first.
     tokio::time::sleep(Duration::from_secs(config.replay_drop_grace_secs)).await;
     let mut conn = pool.acquire().await?;

@@ -123,10 +123,13 @@ impl BulkLoad {
         .bind(self.events)
         .execute(&mut *conn)
         .await?;
+        let tables: Vec<String> = rollups::STORES
+            .iter()
+            .map(|t| format!("{schema}.{t}"))
+            .collect();
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "VACUUM (ANALYZE) {schema}.activity_1m, {schema}.activity_1h, {schema}.activity_1d, \
-             {schema}.activity_all_1m, {schema}.activity_all_1h, {schema}.activity_all_1d, \
-             {schema}.active_users_1m, {schema}.active_users_1h, {schema}.active_users_1d"
+            "VACUUM (ANALYZE) {}",
+            tables.join(", ")
         )))
         .execute(&mut *conn)
         .await?;

@@ -113,6 +113,8 @@ pub fn projector_config(common: &Common) -> projector::Config {
         consumer_group: format!("{}projector", common.topic_prefix),
         http_addr: "127.0.0.1:0".into(),
         consumer_session_timeout_ms: 6000,
+        // Folding the rollup deltas often, so that every test runs beside the compactor.
+        compact_interval_ms: 300,
         ..Default::default()
     }
 }

@@ -33,6 +33,26 @@ impl Grain {
         }
     }
 
+    /// The table its per-key rows are stored in: `activity_1m` itself (append-only); for
+    /// the hour and the day the folded half of the view of that name (tenant template 0010).
+    pub const fn store(self) -> &'static str {
+        match self {
+            Grain::Minute => "activity_1m",
+            Grain::Hour => "activity_1h_folded",
+            Grain::Day => "activity_1d_folded",
+        }
+    }
+
+    /// The table a batch appends its per-key deltas to: `activity_1m` itself; for the hour
+    /// and the day the pending half of the view, until [`compact`] folds them.
+    pub const fn pending(self) -> &'static str {
+        match self {
+            Grain::Minute => "activity_1m",
+            Grain::Hour => "activity_1h_pending",
+            Grain::Day => "activity_1d_pending",
+        }
+    }
+
     pub fn width(self) -> TimeDelta {
         match self {
             Grain::Minute => TimeDelta::minutes(1),
@@ -277,28 +297,35 @@ macro_rules! merge_measures {
     };
 }
 
-/// Upsert of per-key rollup deltas from parallel arrays (keys unique within one statement),
-/// expanded at compile time per table.
-macro_rules! rollup_sql {
-    ($table:literal) => {
+/// Folds a pending table into its folded one: deletes every pending row (that this
+/// transaction can see) and upserts their sums per key; answers the rows moved.
+macro_rules! compact_sql {
+    ($pending:literal, $folded:literal) => {
         concat!(
-            "INSERT INTO ",
-            $table,
+            "WITH moved AS (DELETE FROM ",
+            $pending,
+            " RETURNING *),
+                  folded AS (
+             INSERT INTO ",
+            $folded,
             " AS a (bucket, event_type, user_id, team_id, project_id, name, count, errors,
                    duration_sum, duration_max, input_tokens, output_tokens, value_sum,
                    duration_hist)
-             SELECT b, t, u, tm, p, n, c, e, ds, dm, it, ot, vs, h::bigint[]
-               FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
-                           $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
-                           $11::bigint[], $12::bigint[], $13::float8[], $14::text[])
-                    AS x(b, t, u, tm, p, n, c, e, ds, dm, it, ot, vs, h)
+             SELECT bucket, event_type, user_id, team_id, project_id, name, sum(count),
+                    sum(errors), sum(duration_sum), max(duration_max), sum(input_tokens),
+                    sum(output_tokens), sum(value_sum), hist_sum(duration_hist)
+               FROM moved GROUP BY bucket, event_type, user_id, team_id, project_id, name
+              ORDER BY bucket, event_type, user_id, team_id, project_id, name
              ON CONFLICT (bucket, event_type, user_id, team_id, project_id, name) DO UPDATE SET",
-            merge_measures!()
+            merge_measures!(),
+            " RETURNING 1)
+             SELECT count(*) FROM moved"
         )
     };
 }
 
-/// The same for the tenant-wide rollups, keyed by bucket and event type only.
+/// Upsert of tenant-wide rollup deltas from parallel arrays (keys unique within one
+/// statement), keyed by bucket and event type, expanded at compile time per table.
 macro_rules! tenant_rollup_sql {
     ($table:literal) => {
         concat!(
@@ -317,26 +344,21 @@ macro_rules! tenant_rollup_sql {
     };
 }
 
-/// One static statement per grain and cube; the table is chosen from a closed set, not
-/// formatted.
-fn upsert_sql(grain: Grain, cube: Cube) -> &'static str {
-    match (cube, grain) {
-        (Cube::Keys, Grain::Minute) => rollup_sql!("activity_1m"),
-        (Cube::Keys, Grain::Hour) => rollup_sql!("activity_1h"),
-        (Cube::Keys, Grain::Day) => rollup_sql!("activity_1d"),
-        (Cube::Tenant, Grain::Minute) => tenant_rollup_sql!("activity_all_1m"),
-        (Cube::Tenant, Grain::Hour) => tenant_rollup_sql!("activity_all_1h"),
-        (Cube::Tenant, Grain::Day) => tenant_rollup_sql!("activity_all_1d"),
+/// One static statement per grain; the table is chosen from a closed set, not formatted.
+fn upsert_sql(grain: Grain) -> &'static str {
+    match grain {
+        Grain::Minute => tenant_rollup_sql!("activity_all_1m"),
+        Grain::Hour => tenant_rollup_sql!("activity_all_1h"),
+        Grain::Day => tenant_rollup_sql!("activity_all_1d"),
     }
 }
 
-/// Adds one grain's deltas ([`fold`], or [`tenant_wide`] of them for `Cube::Tenant`) to its
-/// rollup table (search_path already points at the tenant's schema): counts and sums add up,
-/// maxima take the greater, histograms merge.
+/// Adds one grain's tenant-wide deltas ([`tenant_wide`]) to its rollup table (search_path
+/// already points at the tenant's schema): counts and sums add up, maxima take the greater,
+/// histograms merge. These sums are where a value that would overflow is refused.
 pub async fn upsert(
     conn: &mut PgConnection,
     grain: Grain,
-    cube: Cube,
     deltas: &BTreeMap<Key, Measures>,
 ) -> sqlx::Result<()> {
     if deltas.is_empty() {
@@ -353,18 +375,9 @@ pub async fn upsert(
             literal
         })
         .collect();
-    let query = sqlx::query(upsert_sql(grain, cube))
+    sqlx::query(upsert_sql(grain))
         .bind(keys().map(|k| k.bucket).collect::<Vec<_>>())
-        .bind(keys().map(|k| k.event_type).collect::<Vec<_>>());
-    let query = match cube {
-        Cube::Keys => query
-            .bind(keys().map(|k| k.user_id.as_str()).collect::<Vec<_>>())
-            .bind(keys().map(|k| k.team_id.as_str()).collect::<Vec<_>>())
-            .bind(keys().map(|k| k.project_id.as_str()).collect::<Vec<_>>())
-            .bind(keys().map(|k| k.name.as_str()).collect::<Vec<_>>()),
-        Cube::Tenant => query,
-    };
-    query
+        .bind(keys().map(|k| k.event_type).collect::<Vec<_>>())
         .bind(vals().map(|m| m.count).collect::<Vec<_>>())
         .bind(vals().map(|m| m.errors).collect::<Vec<_>>())
         .bind(vals().map(|m| m.duration_sum).collect::<Vec<_>>())
@@ -376,6 +389,65 @@ pub async fn upsert(
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// The columns of a per-key rollup row, in the order [`rollup_line`] writes them.
+const KEYED_COLUMNS: &str = "bucket, event_type, user_id, team_id, project_id, name, count, \
+    errors, duration_sum, duration_max, input_tokens, output_tokens, value_sum, duration_hist";
+
+/// Appends one grain's per-key deltas ([`fold`]) to the table they go to first
+/// ([`Grain::pending`]) with one `COPY` (search_path already points at the tenant's schema):
+/// no key is probed or locked, and no histogram merged, until [`compact`] folds them.
+pub async fn append(
+    conn: &mut PgConnection,
+    grain: Grain,
+    deltas: &BTreeMap<Key, Measures>,
+) -> sqlx::Result<()> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let mut lines = String::with_capacity(deltas.len() * 128);
+    for (k, m) in deltas {
+        rollup_line(&mut lines, Cube::Keys, k, m);
+    }
+    copy_lines(conn, grain.pending(), KEYED_COLUMNS, lines).await
+}
+
+/// Sends `lines` (COPY text format) into `table`'s `columns`.
+async fn copy_lines(
+    conn: &mut PgConnection,
+    table: &str,
+    columns: &str,
+    lines: String,
+) -> sqlx::Result<()> {
+    let mut copy = conn
+        .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN"))
+        .await?;
+    copy.send(lines.into_bytes()).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+/// Moves the pending deltas of the hour and the day into their folded tables, one row per
+/// key (summed and merged into the row already there), in one transaction; returns the
+/// pending rows folded. A reader sees every event once before, during and after: the view
+/// it reads is one statement, under one snapshot, and the rows leave the pending table in
+/// the transaction that adds them to the folded one. Another instance compacting the same
+/// schema at once waits for the rows this one deleted and then finds them gone.
+pub async fn compact(pool: &PgPool, schema: &SchemaName) -> sqlx::Result<u64> {
+    let mut tx = pool.begin().await?;
+    set_search_path(&mut tx, schema).await?;
+    let mut moved = 0;
+    for sql in [
+        compact_sql!("activity_1h_pending", "activity_1h_folded"),
+        compact_sql!("activity_1d_pending", "activity_1d_folded"),
+    ] {
+        moved += sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(u64::try_from(moved).unwrap_or(0))
 }
 
 /// Appends a histogram as an array literal, its trailing empty buckets left off (most rows
@@ -445,13 +517,14 @@ pub async fn write_grain(
     grain: Grain,
     keyed: &BTreeMap<Key, Measures>,
 ) -> sqlx::Result<()> {
-    upsert(conn, grain, Cube::Keys, keyed).await?;
-    upsert(conn, grain, Cube::Tenant, &tenant_wide(keyed)).await?;
+    append(conn, grain, keyed).await?;
+    upsert(conn, grain, &tenant_wide(keyed)).await?;
     insert_active_users(conn, grain, &active_users(keyed)).await
 }
 
-/// The rollup tables: per key, tenant-wide and active users, each at minute, hour and day
-/// (the order [`Copies`] keeps its buffers in).
+/// The rollup tables as readers name them: per key, tenant-wide and active users, each at
+/// minute, hour and day (the per-key hour and day are views of their folded and pending
+/// rows, [`Grain::store`]).
 pub const TABLES: [&str; 9] = [
     Grain::Minute.table(),
     Grain::Hour.table(),
@@ -464,12 +537,59 @@ pub const TABLES: [&str; 9] = [
     Grain::Day.users_table(),
 ];
 
+/// The tables the rollups are stored in, in [`TABLES`]' order (the order [`Copies`] keeps
+/// its buffers in): the per-key ones of the hour and the day are the folded halves.
+pub const STORES: [&str; 9] = [
+    Grain::Minute.store(),
+    Grain::Hour.store(),
+    Grain::Day.store(),
+    Grain::Minute.tenant_table(),
+    Grain::Hour.tenant_table(),
+    Grain::Day.tenant_table(),
+    Grain::Minute.users_table(),
+    Grain::Hour.users_table(),
+    Grain::Day.users_table(),
+];
+
+/// Appends one per-key (`Cube::Keys`) or tenant-wide rollup row to `line` in COPY text
+/// format, its columns as [`KEYED_COLUMNS`] (less the key's user, team, project and name
+/// for a tenant-wide row).
+fn rollup_line(line: &mut String, cube: Cube, key: &Key, m: &Measures) {
+    use chrono::SecondsFormat::Secs;
+    use std::fmt::Write as _;
+    let _ = write!(
+        line,
+        "{}\t{}\t",
+        key.bucket.to_rfc3339_opts(Secs, true),
+        key.event_type
+    );
+    if cube == Cube::Keys {
+        for s in [&key.user_id, &key.team_id, &key.project_id, &key.name] {
+            copy_text(line, s);
+            line.push('\t');
+        }
+    }
+    let _ = write!(
+        line,
+        "{}\t{}\t{}\t{}\t{}\t{}\t{:?}\t",
+        m.count,
+        m.errors,
+        m.duration_sum,
+        m.duration_max,
+        m.input_tokens,
+        m.output_tokens,
+        m.value_sum
+    );
+    hist_literal(line, &m.duration_hist);
+    line.push('\n');
+}
+
 /// Rollup rows on their way into their tables by `COPY` (text format), one buffer per table,
 /// for tables nobody upserts into meanwhile: a rebuild's, or a benchmark's bulk load. A
 /// buffer is sent once it holds [`Copies::FLUSH_BYTES`], the rest by [`Copies::finish`].
 #[derive(Debug, Default)]
 pub struct Copies {
-    /// Indexed like [`TABLES`].
+    /// Indexed like [`STORES`].
     lines: [String; 9],
     rows: u64,
 }
@@ -488,38 +608,11 @@ impl Copies {
 
     /// Adds one row of a grain's per-key (`Cube::Keys`) or tenant-wide rollup.
     pub fn rollup(&mut self, grain: Grain, cube: Cube, key: &Key, m: &Measures) {
-        use chrono::SecondsFormat::Secs;
-        use std::fmt::Write as _;
         let table = match cube {
             Cube::Keys => 0,
             Cube::Tenant => 1,
         };
-        let line = &mut self.lines[Self::slot(grain, table)];
-        let _ = write!(
-            line,
-            "{}\t{}\t",
-            key.bucket.to_rfc3339_opts(Secs, true),
-            key.event_type
-        );
-        if cube == Cube::Keys {
-            for s in [&key.user_id, &key.team_id, &key.project_id, &key.name] {
-                copy_text(line, s);
-                line.push('\t');
-            }
-        }
-        let _ = write!(
-            line,
-            "{}\t{}\t{}\t{}\t{}\t{}\t{:?}\t",
-            m.count,
-            m.errors,
-            m.duration_sum,
-            m.duration_max,
-            m.input_tokens,
-            m.output_tokens,
-            m.value_sum
-        );
-        hist_literal(line, &m.duration_hist);
-        line.push('\n');
+        rollup_line(&mut self.lines[Self::slot(grain, table)], cube, key, m);
         self.rows += 1;
     }
 
@@ -546,28 +639,19 @@ impl Copies {
     }
 
     async fn send(&mut self, conn: &mut PgConnection, at_least: usize) -> sqlx::Result<()> {
-        for (i, table) in TABLES.iter().enumerate() {
+        for (i, table) in STORES.iter().enumerate() {
             if self.lines[i].len() < at_least {
                 continue;
             }
             let columns = match i / 3 {
-                0 => {
-                    "bucket, event_type, user_id, team_id, project_id, name, count, errors, \
-                      duration_sum, duration_max, input_tokens, output_tokens, value_sum, \
-                      duration_hist"
-                }
+                0 => KEYED_COLUMNS,
                 1 => {
                     "bucket, event_type, count, errors, duration_sum, duration_max, \
                       input_tokens, output_tokens, value_sum, duration_hist"
                 }
                 _ => "bucket, user_id",
             };
-            let mut copy = conn
-                .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN"))
-                .await?;
-            copy.send(std::mem::take(&mut self.lines[i]).into_bytes())
-                .await?;
-            copy.finish().await?;
+            copy_lines(conn, table, columns, std::mem::take(&mut self.lines[i])).await?;
         }
         Ok(())
     }
@@ -589,7 +673,7 @@ pub async fn primary_keys(
           WHERE c.contype = 'p' AND n.nspname = $1 AND t.relname = ANY($2)",
     )
     .bind(schema.as_str())
-    .bind(&TABLES[..])
+    .bind(&STORES[..])
     .fetch_all(conn)
     .await
 }
@@ -620,9 +704,16 @@ pub async fn rebuild(
 ) -> sqlx::Result<u64> {
     let mut tx = pool.begin().await?;
     set_search_path(&mut tx, schema).await?;
-    sqlx::query(AssertSqlSafe(format!("TRUNCATE {}", TABLES.join(", "))))
-        .execute(&mut *tx)
-        .await?;
+    // The pending deltas too: a rebuild's version has none (nothing writes it live before
+    // the switch), unless a test or an operator did.
+    sqlx::query(AssertSqlSafe(format!(
+        "TRUNCATE {}, {}, {}",
+        STORES.join(", "),
+        Grain::Hour.pending(),
+        Grain::Day.pending()
+    )))
+    .execute(&mut *tx)
+    .await?;
     for (table, name, _) in keys {
         sqlx::query(AssertSqlSafe(format!(
             "ALTER TABLE \"{table}\" DROP CONSTRAINT IF EXISTS \"{name}\""
@@ -662,7 +753,7 @@ pub async fn rebuild(
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query(AssertSqlSafe(format!("ANALYZE {}", TABLES.join(", "))))
+    sqlx::query(AssertSqlSafe(format!("ANALYZE {}", STORES.join(", "))))
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
@@ -871,16 +962,26 @@ mod tests {
     }
 
     #[test]
-    fn each_grain_upserts_its_own_table() {
+    fn each_grain_upserts_its_own_tenant_table() {
         for grain in Grain::ALL {
-            for cube in Cube::ALL {
-                let sql = upsert_sql(grain, cube);
-                assert!(
-                    sql.starts_with(&format!("INSERT INTO {} AS a (", cube.table(grain))),
-                    "{sql}"
-                );
-            }
+            let sql = upsert_sql(grain);
+            assert!(
+                sql.starts_with(&format!("INSERT INTO {} AS a (", grain.tenant_table())),
+                "{sql}"
+            );
         }
+    }
+
+    #[test]
+    fn per_key_deltas_wait_beside_the_table_they_are_folded_into() {
+        assert_eq!(Grain::Minute.pending(), Grain::Minute.store());
+        for grain in [Grain::Hour, Grain::Day] {
+            assert_eq!(grain.store(), format!("{}_folded", grain.table()));
+            assert_eq!(grain.pending(), format!("{}_pending", grain.table()));
+        }
+        let hour = compact_sql!("activity_1h_pending", "activity_1h_folded");
+        assert!(hour.starts_with("WITH moved AS (DELETE FROM activity_1h_pending RETURNING *)"));
+        assert!(hour.contains("INSERT INTO activity_1h_folded AS a"));
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub const TEMPLATE: &str = include_str!("../../../migrations/tenant/0001_tenant.
 
 /// Templates applied after the first, in order; `control.tenant_schemas.template_version`
 /// records how many of all templates a schema has had.
-pub const LATER_TEMPLATES: [&str; 8] = [
+pub const LATER_TEMPLATES: [&str; 9] = [
     include_str!("../../../migrations/tenant/0002_audit.sql"),
     include_str!("../../../migrations/tenant/0003_people.sql"),
     include_str!("../../../migrations/tenant/0004_activity_events.sql"),
@@ -31,6 +31,7 @@ pub const LATER_TEMPLATES: [&str; 8] = [
     include_str!("../../../migrations/tenant/0007_tenant_rollups.sql"),
     include_str!("../../../migrations/tenant/0008_attribution.sql"),
     include_str!("../../../migrations/tenant/0009_privacy.sql"),
+    include_str!("../../../migrations/tenant/0010_rollup_deltas.sql"),
 ];
 
 /// Raw tables of the template: time-partitioned (or hypertables) on `occurred_at`.

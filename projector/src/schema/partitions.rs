@@ -152,8 +152,22 @@ pub async fn apply_retention(
     set_search_path(&mut tx, schema).await?;
     for (sql, cutoff) in [
         ("DELETE FROM activity_1m WHERE bucket < $1", raw_cutoff),
-        ("DELETE FROM activity_1h WHERE bucket < $1", rollup_cutoff),
-        ("DELETE FROM activity_1d WHERE bucket < $1", rollup_cutoff),
+        (
+            "DELETE FROM activity_1h_folded WHERE bucket < $1",
+            rollup_cutoff,
+        ),
+        (
+            "DELETE FROM activity_1h_pending WHERE bucket < $1",
+            rollup_cutoff,
+        ),
+        (
+            "DELETE FROM activity_1d_folded WHERE bucket < $1",
+            rollup_cutoff,
+        ),
+        (
+            "DELETE FROM activity_1d_pending WHERE bucket < $1",
+            rollup_cutoff,
+        ),
         ("DELETE FROM activity_all_1m WHERE bucket < $1", raw_cutoff),
         (
             "DELETE FROM activity_all_1h WHERE bucket < $1",

@@ -86,3 +86,69 @@ async fn the_same_batch_twice_counts_once() {
     }
     stop_all([projector, ingest]).await;
 }
+
+/// Each batch appends its per-key deltas (the minute's to `activity_1m`, the hour's and
+/// the day's to their pending tables); the compactor folds the hour's and the day's into one
+/// row per key. Counted through what readers read, every event is there once after every
+/// batch; once folded, the folded tables alone hold every event once and nothing waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appended_rollup_deltas_are_folded_exactly_once() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let client = http();
+    let t = create_tenant(&pool, "folded").await;
+
+    let views = ["activity_1m", "activity_1h", "activity_1d"];
+    // One minute, hour and day for every event: one key per grain.
+    let at = (chrono::Utc::now() - chrono::TimeDelta::minutes(2)).to_rfc3339();
+    for round in 1..=3 {
+        let batch = Value::Array(
+            (0..20)
+                .map(|i| {
+                    let mut e = command("u1", "build", i, i % 5 != 0);
+                    e["occurred_at"] = json!(at);
+                    e
+                })
+                .collect(),
+        );
+        post_events_accepted(&client, &ingest.url(), &t.ingest_key, &batch).await;
+        wait_projected(&pool, t.id, 20 * round, Duration::from_secs(60)).await;
+        for view in views {
+            let sql = format!("SELECT sum(count)::bigint FROM {view}");
+            assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, 20 * round, "{view}");
+        }
+    }
+    // Three batches of one key: at least three minute rows, each batch's own.
+    let minute_rows = scalar_in_tenant(&pool, t.id, "SELECT count(*) FROM activity_1m").await;
+    assert!(minute_rows >= 3, "{minute_rows} minute rows");
+
+    let waiting = "SELECT (SELECT count(*) FROM activity_1h_pending)
+                        + (SELECT count(*) FROM activity_1d_pending)";
+    let since = std::time::Instant::now();
+    while scalar_in_tenant(&pool, t.id, waiting).await > 0 {
+        assert!(
+            since.elapsed() < Duration::from_secs(20),
+            "deltas still pending after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for table in ["activity_1h_folded", "activity_1d_folded"] {
+        let one = |sql: &str| sql.replace("{t}", table);
+        let check = [
+            ("SELECT sum(count)::bigint FROM {t}", 60),
+            ("SELECT sum(errors)::bigint FROM {t}", 12),
+            ("SELECT sum(duration_sum)::bigint FROM {t}", 3 * (0..20).sum::<i64>()),
+            ("SELECT sum(n)::bigint FROM {t}, unnest(duration_hist) n", 60),
+            ("SELECT count(*) FROM {t}", 1),
+        ];
+        for (sql, want) in check {
+            assert_eq!(
+                scalar_in_tenant(&pool, t.id, &one(sql)).await,
+                want,
+                "{}",
+                one(sql)
+            );
+        }
+    }
+    stop_all([projector, ingest]).await;
+}
