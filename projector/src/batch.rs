@@ -338,9 +338,8 @@ async fn write_tenant(
             here.extend(there);
             here
         }
-        // Live batches too: an event id stored already (a client's retry) is rare, and only
-        // then does the batch pay for the conflict-checking insert.
-        None => copy_or_insert(conn, &rows, feed_seq, &RawTable::ALL).await?,
+        None if bulk => copy_or_insert(conn, &rows, feed_seq, &RawTable::ALL).await?,
+        None => raw::insert(conn, &rows, feed_seq).await?,
     };
     let inserted = inserted_rows.len() as u64;
     record_phase("raw", phase);
@@ -384,8 +383,8 @@ async fn write_tenant(
     Ok((inserted + audited + repository_events, duplicates, seq))
 }
 
-/// Raw rows of `tables`: `COPY` under a savepoint; if an event id was stored already or
-/// comes twice (a unique violation), the conflict-checking insert, which keeps the first.
+/// A bulk load's raw rows of `tables`: `COPY` under a savepoint; if an event id was stored
+/// already or comes twice (a unique violation), the normal insert, which keeps the first.
 async fn copy_or_insert<'r, 'a>(
     conn: &mut PgConnection,
     rows: &'r [raw::RawRow<'a>],
