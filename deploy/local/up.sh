@@ -53,7 +53,14 @@ port = $TALLY_PG_PORT
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$PG_SOCK'
 max_connections = 300
-shared_buffers = 256MB
+shared_buffers = 1GB
+# The projection writes in bursts: with the default 1 GB of WAL between checkpoints, a load
+# forced one every few seconds, and after each, every index page touched again is written to
+# the WAL whole. Checkpoints on time instead, and full pages compressed.
+max_wal_size = 8GB
+min_wal_size = 1GB
+checkpoint_timeout = 15min
+wal_compression = lz4
 $ts_conf
 EOF
         if [ "$(id -u)" -eq 0 ]; then chown postgres:postgres "$PG_DATA/tally.conf"; fi
