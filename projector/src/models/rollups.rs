@@ -657,6 +657,10 @@ impl Copies {
     }
 }
 
+/// The minute rollup's key index, as tenant template 0010 makes it.
+const MINUTE_KEY: &str = "CREATE INDEX IF NOT EXISTS activity_1m_key
+    ON activity_1m (bucket, event_type, user_id, team_id, project_id, name)";
+
 /// A rollup table's primary key: table, constraint name, definition.
 pub type PrimaryKey = (String, String, String);
 
@@ -686,8 +690,8 @@ const FOLD_CONNECTIONS: usize = 2;
 /// all (nobody else writes to `schema`, nobody reads it before the switch, and the raw rows
 /// of every day in `days` are there; other days hold none). Returns the rollup rows written.
 ///
-/// The rollup tables are emptied and their primary keys (`keys`, from [`primary_keys`])
-/// dropped, then each day's raw rows of every table are read in one sorted pass — by user,
+/// The rollup tables are emptied and their primary keys (`keys`, from [`primary_keys`]) and
+/// the minute key index dropped, then each day's raw rows of every table are read in one sorted pass — by user,
 /// table, team, project, name and time — so that every per-key rollup row, at every grain,
 /// is a run of consecutive rows, and a user's active minutes and hours are one run too: each
 /// is folded in memory held for one run (the tenant-wide rows, for one day) and written once
@@ -721,6 +725,11 @@ pub async fn rebuild(
         .execute(&mut *tx)
         .await?;
     }
+    // The minute rollup's key is an index, not a constraint (template 0010): built at the
+    // end like the keys.
+    sqlx::query("DROP INDEX IF EXISTS activity_1m_key")
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
 
     let mut folds = tokio::task::JoinSet::new();
@@ -753,6 +762,7 @@ pub async fn rebuild(
         .execute(&mut *tx)
         .await?;
     }
+    sqlx::query(MINUTE_KEY).execute(&mut *tx).await?;
     sqlx::query(AssertSqlSafe(format!("ANALYZE {}", STORES.join(", "))))
         .execute(&mut *tx)
         .await?;
@@ -982,6 +992,10 @@ mod tests {
         let hour = compact_sql!("activity_1h_pending", "activity_1h_folded");
         assert!(hour.starts_with("WITH moved AS (DELETE FROM activity_1h_pending RETURNING *)"));
         assert!(hour.contains("INSERT INTO activity_1h_folded AS a"));
+        // A rebuild makes the minute key again as the template made it.
+        let template = include_str!("../../../migrations/tenant/0010_rollup_deltas.sql");
+        let index = MINUTE_KEY.trim_start_matches("CREATE INDEX IF NOT EXISTS ");
+        assert!(template.contains(index), "{index}");
     }
 
     #[test]

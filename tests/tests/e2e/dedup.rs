@@ -115,7 +115,11 @@ async fn appended_rollup_deltas_are_folded_exactly_once() {
         wait_projected(&pool, t.id, 20 * round, Duration::from_secs(60)).await;
         for view in views {
             let sql = format!("SELECT sum(count)::bigint FROM {view}");
-            assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, 20 * round, "{view}");
+            assert_eq!(
+                scalar_in_tenant(&pool, t.id, &sql).await,
+                20 * round,
+                "{view}"
+            );
         }
     }
     // Three batches of one key: at least three minute rows, each batch's own.
@@ -137,8 +141,14 @@ async fn appended_rollup_deltas_are_folded_exactly_once() {
         let check = [
             ("SELECT sum(count)::bigint FROM {t}", 60),
             ("SELECT sum(errors)::bigint FROM {t}", 12),
-            ("SELECT sum(duration_sum)::bigint FROM {t}", 3 * (0..20).sum::<i64>()),
-            ("SELECT sum(n)::bigint FROM {t}, unnest(duration_hist) n", 60),
+            (
+                "SELECT sum(duration_sum)::bigint FROM {t}",
+                3 * (0..20).sum::<i64>(),
+            ),
+            (
+                "SELECT sum(n)::bigint FROM {t}, unnest(duration_hist) n",
+                60,
+            ),
             ("SELECT count(*) FROM {t}", 1),
         ];
         for (sql, want) in check {
