@@ -65,7 +65,7 @@ pub enum WriteError {
 
 /// How a batch is written.
 pub enum Mode<'a> {
-    /// Live traffic: rollups upserted in the batch's transaction. With a Redis connection,
+    /// Live traffic: rollup deltas written in the batch's transaction. With a Redis connection,
     /// the watermark each tenant will have is announced just before the commit
     /// ([`shared::watermark::raise`]), for the cache lookups that open no transaction.
     Live(Option<&'a mut ConnectionManager>),
@@ -357,6 +357,7 @@ async fn write_tenant(
         - inserted;
 
     if !bulk {
+        rollups::refuse_overflows(conn, &inserted_rows).await?;
         let deltas = rollups::fold_all(&inserted_rows);
         for (grain, keyed) in Grain::ALL.into_iter().zip(&deltas) {
             let phase = Instant::now();

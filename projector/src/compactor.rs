@@ -1,5 +1,5 @@
-//! The compactor: folds the per-key hourly and daily deltas that batches append
-//! (`activity_1h_pending`, `activity_1d_pending`, tenant template 0010) into their folded
+//! The compactor: folds the per-key rollup deltas that batches append
+//! (`activity_1m_pending`, `_1h_`, `_1d_`, tenant template 0010) into their folded
 //! tables every `compact_interval_ms`, for the schemas the metrics loop wrote since
 //! ([`Dirty`]); at start, for every schema, so that deltas left by a stop are folded too.
 //! It runs on a connection of its own, beside the consume loop: a batch appends and goes on,
@@ -74,11 +74,13 @@ pub async fn run(pool: PgPool, dirty: Dirty, every: Duration, mut stop: watch::R
             }
             let started = Instant::now();
             match rollups::compact(&pool, &schema).await {
-                Ok(rows) => {
+                Ok(Some(rows)) => {
                     metrics::counter!("projector_compacted_rows_total").increment(rows);
                     metrics::histogram!("projector_compaction_seconds")
                         .record(started.elapsed().as_secs_f64());
                 }
+                // Busy (another instance folding it, retention): next time.
+                Ok(None) => dirty.mark([schema]),
                 // A schema dropped since (a replay's old version): nothing left to fold.
                 Err(e) if matches!(db_code(&e).as_deref(), Some("3F000" | "42P01")) => {}
                 Err(e) => {

@@ -1,7 +1,9 @@
 //! Rollups: per-minute, per-hour and per-day aggregates of the rows a batch really inserted,
 //! per key (`activity_*`) and for the whole tenant (`activity_all_*`, and who was active:
-//! `active_users_*`). Folding is pure (table-tested here); [`upsert`] adds the folded deltas
-//! to the tables, [`insert_active_users`] records the active users. A rebuild instead folds
+//! `active_users_*`). Folding is pure (table-tested here); [`append`] writes a batch's per-key
+//! deltas to the pending tables, which [`compact`] folds into one row per key; [`upsert`]
+//! adds the tenant-wide deltas to their tables, [`insert_active_users`] records the active
+//! users. A rebuild instead folds
 //! them set-wise from the raw rows once they are all loaded ([`rebuild`]).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,21 +35,21 @@ impl Grain {
         }
     }
 
-    /// The table its per-key rows are stored in: `activity_1m` itself (append-only); for
-    /// the hour and the day the folded half of the view of that name (tenant template 0010).
+    /// The table its per-key rows are stored in, one per key: the folded half of the view
+    /// of that name (tenant template 0010).
     pub const fn store(self) -> &'static str {
         match self {
-            Grain::Minute => "activity_1m",
+            Grain::Minute => "activity_1m_folded",
             Grain::Hour => "activity_1h_folded",
             Grain::Day => "activity_1d_folded",
         }
     }
 
-    /// The table a batch appends its per-key deltas to: `activity_1m` itself; for the hour
-    /// and the day the pending half of the view, until [`compact`] folds them.
+    /// The table a batch appends its per-key deltas to: the pending half of the view,
+    /// until [`compact`] folds them.
     pub const fn pending(self) -> &'static str {
         match self {
-            Grain::Minute => "activity_1m",
+            Grain::Minute => "activity_1m_pending",
             Grain::Hour => "activity_1h_pending",
             Grain::Day => "activity_1d_pending",
         }
@@ -244,8 +246,9 @@ impl<'r> Fact<'r> {
     }
 }
 
-/// Folds rows into per-key rollup deltas for one grain. Keys come out sorted, so concurrent
-/// projector instances upsert rollup rows in the same order and cannot deadlock.
+/// Folds rows into per-key rollup deltas for one grain. Keys come out sorted, and so do the
+/// tenant-wide ones made from them ([`tenant_wide`]): concurrent projector instances upsert
+/// those in the same order and cannot deadlock.
 pub fn fold<'a>(
     rows: impl IntoIterator<Item = &'a RawRow<'a>>,
     grain: Grain,
@@ -294,6 +297,33 @@ macro_rules! merge_measures {
           output_tokens = a.output_tokens + EXCLUDED.output_tokens,
           value_sum = a.value_sum + EXCLUDED.value_sum,
           duration_hist = hist_add(a.duration_hist, EXCLUDED.duration_hist)"
+    };
+}
+
+/// The per-key and tenant-wide sums of `value_sum` that rows (as parallel arrays) would make,
+/// computed so that one out of float8's range is an error (22003).
+macro_rules! overflow_sql {
+    ($keyed:literal, $tenant:literal) => {
+        concat!(
+            "WITH x AS (
+                SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[],
+                                     $5::text[], $6::text[], $7::float8[])
+                    AS x(b, t, u, tm, p, n, v)),
+             k AS (
+                SELECT (SELECT coalesce(sum(a.value_sum), 0) FROM ",
+            $keyed,
+            " a WHERE a.bucket = x.b AND a.event_type = x.t AND a.user_id = x.u
+                        AND a.team_id = x.tm AND a.project_id = x.p AND a.name = x.n)
+                       + sum(x.v) AS s
+                  FROM x GROUP BY b, t, u, tm, p, n),
+             w AS (
+                SELECT (SELECT coalesce(sum(a.value_sum), 0) FROM ",
+            $tenant,
+            " a WHERE a.bucket = x.b AND a.event_type = x.t) + sum(x.v) AS s
+                  FROM x GROUP BY b, t)
+             SELECT (SELECT count(*) FROM k WHERE s IS NOT NULL)
+                  + (SELECT count(*) FROM w WHERE s IS NOT NULL)"
+        )
     };
 }
 
@@ -428,17 +458,26 @@ async fn copy_lines(
     Ok(())
 }
 
-/// Moves the pending deltas of the hour and the day into their folded tables, one row per
-/// key (summed and merged into the row already there), in one transaction; returns the
-/// pending rows folded. A reader sees every event once before, during and after: the view
-/// it reads is one statement, under one snapshot, and the rows leave the pending table in
-/// the transaction that adds them to the folded one. Another instance compacting the same
-/// schema at once waits for the rows this one deleted and then finds them gone.
-pub async fn compact(pool: &PgPool, schema: &SchemaName) -> sqlx::Result<u64> {
+/// Moves the pending deltas of every grain into their folded tables, one row per key
+/// (summed and merged into the row already there), in one transaction; returns the pending
+/// rows folded, or `None` when another session holds the schema's lock (another instance
+/// folding it, retention, an upgrade): then it is tried again later. A reader sees every
+/// event once before, during and after: the view it reads is one statement, under one
+/// snapshot, and the rows leave the pending table in the transaction that adds them to the
+/// folded one.
+pub async fn compact(pool: &PgPool, schema: &SchemaName) -> sqlx::Result<Option<u64>> {
     let mut tx = pool.begin().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext($1))")
+        .bind(schema.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        return Ok(None);
+    }
     set_search_path(&mut tx, schema).await?;
     let mut moved = 0;
     for sql in [
+        compact_sql!("activity_1m_pending", "activity_1m_folded"),
         compact_sql!("activity_1h_pending", "activity_1h_folded"),
         compact_sql!("activity_1d_pending", "activity_1d_folded"),
     ] {
@@ -447,7 +486,7 @@ pub async fn compact(pool: &PgPool, schema: &SchemaName) -> sqlx::Result<u64> {
             .await?;
     }
     tx.commit().await?;
-    Ok(u64::try_from(moved).unwrap_or(0))
+    Ok(Some(u64::try_from(moved).unwrap_or(0)))
 }
 
 /// Appends a histogram as an array literal, its trailing empty buckets left off (most rows
@@ -499,6 +538,52 @@ pub async fn insert_active_users(
         .bind(users.iter().map(|(_, u)| *u).collect::<Vec<_>>())
         .execute(conn)
         .await?;
+    Ok(())
+}
+
+/// A value this large in magnitude can make a rollup's sum overflow float8 with a few
+/// others; below it, that takes hundreds of millions of events.
+pub const HUGE_VALUE: f64 = 1e300;
+
+/// Checks, per grain, each per-key and tenant-wide rollup sum that the rows of huge value
+/// ([`HUGE_VALUE`]) among `rows` would change: the stored sum plus theirs. PostgreSQL refuses
+/// one that overflows float8 (22003), so the batch fails as a record's fault and the
+/// bisection dead-letters the row that tips it (`batch::find_refused`). Appended deltas are
+/// summed only later, when no event could be blamed (and a tenant-wide sum cannot stand in
+/// for the per-key ones: values of both signs keep it finite). Real traffic has no such
+/// rows, and then nothing is sent.
+pub async fn refuse_overflows(conn: &mut PgConnection, rows: &[&RawRow<'_>]) -> sqlx::Result<()> {
+    let huge: Vec<&RawRow> = rows
+        .iter()
+        .filter(|r| r.value.abs() >= HUGE_VALUE)
+        .copied()
+        .collect();
+    if huge.is_empty() {
+        return Ok(());
+    }
+    let col =
+        |f: for<'r> fn(&'r RawRow<'_>) -> &'r str| huge.iter().map(|r| f(r)).collect::<Vec<&str>>();
+    for grain in Grain::ALL {
+        let sql = match grain {
+            Grain::Minute => overflow_sql!("activity_1m", "activity_all_1m"),
+            Grain::Hour => overflow_sql!("activity_1h", "activity_all_1h"),
+            Grain::Day => overflow_sql!("activity_1d", "activity_all_1d"),
+        };
+        sqlx::query(sql)
+            .bind(
+                huge.iter()
+                    .map(|r| grain.bucket(r.occurred_at))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(col(|r| r.event_type))
+            .bind(col(|r| &r.user_id))
+            .bind(col(|r| &r.team_id))
+            .bind(col(|r| &r.project_id))
+            .bind(col(|r| &r.name))
+            .bind(huge.iter().map(|r| r.value).collect::<Vec<_>>())
+            .execute(&mut *conn)
+            .await?;
+    }
     Ok(())
 }
 
@@ -657,10 +742,6 @@ impl Copies {
     }
 }
 
-/// The minute rollup's key index, as tenant template 0010 makes it.
-const MINUTE_KEY: &str = "CREATE INDEX IF NOT EXISTS activity_1m_key
-    ON activity_1m (bucket, event_type, user_id, team_id, project_id, name)";
-
 /// A rollup table's primary key: table, constraint name, definition.
 pub type PrimaryKey = (String, String, String);
 
@@ -690,15 +771,15 @@ const FOLD_CONNECTIONS: usize = 2;
 /// all (nobody else writes to `schema`, nobody reads it before the switch, and the raw rows
 /// of every day in `days` are there; other days hold none). Returns the rollup rows written.
 ///
-/// The rollup tables are emptied and their primary keys (`keys`, from [`primary_keys`]) and
-/// the minute key index dropped, then each day's raw rows of every table are read in one sorted pass — by user,
+/// The rollup tables are emptied and their primary keys (`keys`, from [`primary_keys`])
+/// dropped, then each day's raw rows of every table are read in one sorted pass — by user,
 /// table, team, project, name and time — so that every per-key rollup row, at every grain,
 /// is a run of consecutive rows, and a user's active minutes and hours are one run too: each
 /// is folded in memory held for one run (the tenant-wide rows, for one day) and written once
 /// by `COPY`. Days are independent, so [`FOLD_CONNECTIONS`] connections fold them side by
 /// side, each in a transaction of its own. The primary keys are built again at the end.
-/// What comes out is what the live path's upserts would have left for the same rows (the
-/// e2e tests compare both). A rebuild that fails part way leaves the tables half made; run
+/// What comes out, into the folded tables, is what the live path's appended deltas add up
+/// to for the same rows, per key (the e2e tests compare both). A rebuild that fails part way leaves the tables half made; run
 /// again, it starts by emptying them.
 pub async fn rebuild(
     pool: &PgPool,
@@ -710,11 +791,11 @@ pub async fn rebuild(
     set_search_path(&mut tx, schema).await?;
     // The pending deltas too: a rebuild's version has none (nothing writes it live before
     // the switch), unless a test or an operator did.
+    let pending = Grain::ALL.map(Grain::pending);
     sqlx::query(AssertSqlSafe(format!(
-        "TRUNCATE {}, {}, {}",
+        "TRUNCATE {}, {}",
         STORES.join(", "),
-        Grain::Hour.pending(),
-        Grain::Day.pending()
+        pending.join(", ")
     )))
     .execute(&mut *tx)
     .await?;
@@ -725,11 +806,6 @@ pub async fn rebuild(
         .execute(&mut *tx)
         .await?;
     }
-    // The minute rollup's key is an index, not a constraint (template 0010): built at the
-    // end like the keys.
-    sqlx::query("DROP INDEX IF EXISTS activity_1m_key")
-        .execute(&mut *tx)
-        .await?;
     tx.commit().await?;
 
     let mut folds = tokio::task::JoinSet::new();
@@ -762,7 +838,6 @@ pub async fn rebuild(
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query(MINUTE_KEY).execute(&mut *tx).await?;
     sqlx::query(AssertSqlSafe(format!("ANALYZE {}", STORES.join(", "))))
         .execute(&mut *tx)
         .await?;
@@ -984,18 +1059,13 @@ mod tests {
 
     #[test]
     fn per_key_deltas_wait_beside_the_table_they_are_folded_into() {
-        assert_eq!(Grain::Minute.pending(), Grain::Minute.store());
-        for grain in [Grain::Hour, Grain::Day] {
+        for grain in Grain::ALL {
             assert_eq!(grain.store(), format!("{}_folded", grain.table()));
             assert_eq!(grain.pending(), format!("{}_pending", grain.table()));
         }
         let hour = compact_sql!("activity_1h_pending", "activity_1h_folded");
         assert!(hour.starts_with("WITH moved AS (DELETE FROM activity_1h_pending RETURNING *)"));
         assert!(hour.contains("INSERT INTO activity_1h_folded AS a"));
-        // A rebuild makes the minute key again as the template made it.
-        let template = include_str!("../../../migrations/tenant/0010_rollup_deltas.sql");
-        let index = MINUTE_KEY.trim_start_matches("CREATE INDEX IF NOT EXISTS ");
-        assert!(template.contains(index), "{index}");
     }
 
     #[test]

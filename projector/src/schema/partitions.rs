@@ -151,7 +151,14 @@ pub async fn apply_retention(
     }
     set_search_path(&mut tx, schema).await?;
     for (sql, cutoff) in [
-        ("DELETE FROM activity_1m WHERE bucket < $1", raw_cutoff),
+        (
+            "DELETE FROM activity_1m_folded WHERE bucket < $1",
+            raw_cutoff,
+        ),
+        (
+            "DELETE FROM activity_1m_pending WHERE bucket < $1",
+            raw_cutoff,
+        ),
         (
             "DELETE FROM activity_1h_folded WHERE bucket < $1",
             rollup_cutoff,

@@ -274,6 +274,80 @@ async fn records_postgresql_refuses_are_dead_lettered_and_others_flow() {
     stop_all([projector, query]).await;
 }
 
+/// A per-key rollup sum out of float8's range is refused with the record that tips it, in
+/// its batch, even while the tenant-wide sum stays finite (values of both signs on two
+/// keys): the per-key deltas are appended and summed only later, by the compactor, which
+/// must never meet a sum it cannot fold (it would stop folding the tenant's rollups).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_per_key_sum_out_of_range_is_refused_while_the_tenants_is_not() {
+    let Setup {
+        pool,
+        common,
+        producer,
+        topic,
+    } = setup().await;
+    let t = create_tenant(&pool, "signs").await;
+    let projector = start_projector(&common).await;
+    let again = envelope(t.id, sample("k1", 1.7e308));
+    // Each in a batch of its own, the last two together.
+    produce(
+        &producer,
+        &topic,
+        0,
+        &[envelope(t.id, sample("k1", 1.7e308))],
+    )
+    .await;
+    wait_projected(&pool, t.id, 1, Duration::from_secs(60)).await;
+    produce(
+        &producer,
+        &topic,
+        0,
+        &[envelope(t.id, sample("k2", -1.7e308))],
+    )
+    .await;
+    wait_projected(&pool, t.id, 2, Duration::from_secs(60)).await;
+    produce(
+        &producer,
+        &topic,
+        0,
+        &[again.clone(), envelope(t.id, sample("k2", 1.0))],
+    )
+    .await;
+    wait_projected(&pool, t.id, 3, Duration::from_secs(60)).await;
+
+    let dead = read_all(&common, common.metrics_dlq_topic(), 1).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0["id"], again["id"]);
+    let error = header(&dead[0].1, "tally-error");
+    assert!(
+        error.contains("refused by PostgreSQL") && error.contains("22003"),
+        "{error}"
+    );
+    // Everything else is folded, and adds up.
+    let waiting = "SELECT (SELECT count(*) FROM activity_1m_pending)
+                        + (SELECT count(*) FROM activity_1h_pending)
+                        + (SELECT count(*) FROM activity_1d_pending)";
+    let since = Instant::now();
+    while scalar_in_tenant(&pool, t.id, waiting).await > 0 {
+        assert!(
+            since.elapsed() < Duration::from_secs(20),
+            "deltas still pending after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for table in [
+        "activity_1m_folded",
+        "activity_1h_folded",
+        "activity_1d_folded",
+    ] {
+        let sql = format!("SELECT sum(count)::bigint FROM {table}");
+        assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, 3, "{table}");
+        let sql = format!("SELECT (sum(value_sum) / 1e306)::bigint FROM {table} WHERE name = 'k1'");
+        assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, 170, "{table}");
+    }
+    stop_all([projector]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_that_keeps_failing_is_visible_until_it_lands() {
     let Setup {
