@@ -467,11 +467,7 @@ async fn copy_lines(
 /// folded one.
 pub async fn compact(pool: &PgPool, schema: &SchemaName) -> sqlx::Result<Option<u64>> {
     let mut tx = pool.begin().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext($1))")
-        .bind(schema.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
-    if !locked {
+    if !crate::schema::try_lock(&mut tx, schema).await? {
         return Ok(None);
     }
     set_search_path(&mut tx, schema).await?;

@@ -45,6 +45,16 @@ pub const RAW_TABLES: [&str; RawTable::ALL.len()] = {
     names
 };
 
+/// Takes the schema's transaction-level advisory lock if no other session holds it — the
+/// lock its creation, upgrades and partitions take, and retention and the rollup compactor
+/// try — and says whether it did.
+pub async fn try_lock(conn: &mut PgConnection, schema: &SchemaName) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext($1))")
+        .bind(schema.as_str())
+        .fetch_one(conn)
+        .await
+}
+
 /// `SET LOCAL search_path` to a tenant schema (plus `control` for shared functions).
 /// Only valid inside a transaction, and only lasts until its end.
 pub async fn set_search_path(conn: &mut PgConnection, schema: &SchemaName) -> sqlx::Result<()> {

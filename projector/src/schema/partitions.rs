@@ -121,11 +121,7 @@ pub async fn apply_retention(
 ) -> sqlx::Result<Option<Pruned>> {
     ensure_partitions(&mut *conn, schema, &days_ahead(today, windows.ahead_days)).await?;
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext($1))")
-        .bind(schema.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
-    if !locked {
+    if !super::try_lock(&mut tx, schema).await? {
         return Ok(None);
     }
     let raw_cutoff = today - Duration::days(windows.raw_days);

@@ -121,17 +121,7 @@ async fn appended_rollup_deltas_are_folded_exactly_once() {
             );
         }
     }
-    let waiting = "SELECT (SELECT count(*) FROM activity_1m_pending)
-                        + (SELECT count(*) FROM activity_1h_pending)
-                        + (SELECT count(*) FROM activity_1d_pending)";
-    let since = std::time::Instant::now();
-    while scalar_in_tenant(&pool, t.id, waiting).await > 0 {
-        assert!(
-            since.elapsed() < Duration::from_secs(20),
-            "deltas still pending after 20 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_folded(&pool, t.id, Duration::from_secs(20)).await;
     for table in [
         "activity_1m_folded",
         "activity_1h_folded",

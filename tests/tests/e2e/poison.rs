@@ -324,17 +324,7 @@ async fn a_per_key_sum_out_of_range_is_refused_while_the_tenants_is_not() {
         "{error}"
     );
     // Everything else is folded, and adds up.
-    let waiting = "SELECT (SELECT count(*) FROM activity_1m_pending)
-                        + (SELECT count(*) FROM activity_1h_pending)
-                        + (SELECT count(*) FROM activity_1d_pending)";
-    let since = Instant::now();
-    while scalar_in_tenant(&pool, t.id, waiting).await > 0 {
-        assert!(
-            since.elapsed() < Duration::from_secs(20),
-            "deltas still pending after 20 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_folded(&pool, t.id, Duration::from_secs(20)).await;
     for table in [
         "activity_1m_folded",
         "activity_1h_folded",
