@@ -35,12 +35,18 @@ impl Dirty {
     }
 }
 
-/// Every tenant schema there is (deltas may wait in any of them after a stop).
+/// Every tenant schema that is served or was (deltas may wait in any of them after a stop),
+/// not the versions a replay is still building: their keys are dropped until the rebuild
+/// ends, and the replay folds their deltas itself after the switch.
 async fn every_schema(pool: &PgPool) -> sqlx::Result<Vec<SchemaName>> {
-    let rows: Vec<(uuid::Uuid, i32)> =
-        sqlx::query_as("SELECT tenant_id, version FROM control.tenant_schemas")
-            .fetch_all(pool)
-            .await?;
+    let rows: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
+        "SELECT s.tenant_id, s.version
+           FROM control.tenant_schemas s
+           LEFT JOIN control.tenant_versions v ON v.tenant_id = s.tenant_id
+          WHERE s.version <= COALESCE(v.active_version, 1)",
+    )
+    .fetch_all(pool)
+    .await?;
     Ok(rows
         .into_iter()
         .map(|(tenant, version)| TenantId(tenant).schema(version))
