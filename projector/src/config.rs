@@ -26,8 +26,8 @@ pub struct Config {
     pub partitions_ahead_days: i64,
     /// How soon the group notices a dead instance and hands its partitions to another.
     pub consumer_session_timeout_ms: u64,
-    /// How often the compactor folds the hourly and daily rollup deltas that batches
-    /// append into one row per key (see `compactor`).
+    /// How often the compactor folds the per-key rollup deltas that batches append into
+    /// one row per key (see `compactor`).
     pub compact_interval_ms: u64,
     /// How often retention runs (drops old partitions, creates the coming days').
     pub retention_interval_secs: u64,

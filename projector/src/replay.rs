@@ -263,8 +263,17 @@ pub async fn replay(
     // The deltas the catch-up appended, folded now rather than when live traffic next
     // writes these versions (the live projector's compactor folds what comes after).
     for t in &tenants {
-        if let Err(e) = rollups::compact(pool, &t.schema(target[t])).await {
-            tracing::warn!(tenant = %t, error = %e, "replay: folding the catch-up's deltas failed");
+        let schema = t.schema(target[t]);
+        // Busy (retention, the live compactor) is brief: asked again, a few times.
+        for _ in 0..50 {
+            match rollups::compact(pool, &schema).await {
+                Ok(Some(_)) => break,
+                Ok(None) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => {
+                    tracing::warn!(tenant = %t, error = %e, "replay: folding the catch-up's deltas failed");
+                    break;
+                }
+            }
         }
     }
     // Requests that read the old version number just before the switch finish first.

@@ -14,11 +14,11 @@ use crate::services::{IngestProcess, BOMB_RSS_BOUND_KIB};
 /// Waits until the projector's compactor has folded every per-key rollup delta of the
 /// tenant (nothing left in the pending tables), or panics after `timeout`.
 pub async fn wait_folded(pool: &PgPool, tenant: TenantId, timeout: Duration) {
-    let waiting = "SELECT (SELECT count(*) FROM activity_1m_pending)
-                        + (SELECT count(*) FROM activity_1h_pending)
-                        + (SELECT count(*) FROM activity_1d_pending)";
+    use projector::models::rollups::Grain;
+    let counts = Grain::ALL.map(|g| format!("(SELECT count(*) FROM {})", g.pending()));
+    let waiting = format!("SELECT {}", counts.join(" + "));
     let since = Instant::now();
-    while scalar_in_tenant(pool, tenant, waiting).await > 0 {
+    while scalar_in_tenant(pool, tenant, &waiting).await > 0 {
         assert!(
             since.elapsed() < timeout,
             "rollup deltas still pending after {timeout:?}"

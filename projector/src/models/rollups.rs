@@ -3,8 +3,8 @@
 //! `active_users_*`). Folding is pure (table-tested here); [`append`] writes a batch's per-key
 //! deltas to the pending tables, which [`compact`] folds into one row per key; [`upsert`]
 //! adds the tenant-wide deltas to their tables, [`insert_active_users`] records the active
-//! users. A rebuild instead folds
-//! them set-wise from the raw rows once they are all loaded ([`rebuild`]).
+//! users. A rebuild instead folds them set-wise from the raw rows once they are all loaded
+//! ([`rebuild`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -301,21 +301,33 @@ macro_rules! merge_measures {
 }
 
 /// The per-key and tenant-wide sums of `value_sum` that rows (as parallel arrays) would make,
-/// computed so that one out of float8's range is an error (22003).
+/// computed so that one out of float8's range is an error (22003). A key's stored sum is its
+/// folded row (a key probe) plus its pending rows, read once for the batch's buckets and
+/// summed per key: the work grows with the rows pending in those buckets plus the keys, not
+/// with their product.
 macro_rules! overflow_sql {
-    ($keyed:literal, $tenant:literal) => {
+    ($folded:literal, $pending:literal, $tenant:literal) => {
         concat!(
             "WITH x AS (
-                SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[],
-                                     $5::text[], $6::text[], $7::float8[])
-                    AS x(b, t, u, tm, p, n, v)),
+                SELECT b, t, u, tm, p, n, sum(v) AS v
+                  FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[],
+                              $5::text[], $6::text[], $7::float8[]) AS x(b, t, u, tm, p, n, v)
+                 GROUP BY b, t, u, tm, p, n),
+             pend AS (
+                SELECT bucket AS b, event_type AS t, user_id AS u, team_id AS tm,
+                       project_id AS p, name AS n, sum(value_sum) AS s
+                  FROM ",
+            $pending,
+            " WHERE bucket IN (SELECT b FROM x)
+                 GROUP BY 1, 2, 3, 4, 5, 6),
              k AS (
-                SELECT (SELECT coalesce(sum(a.value_sum), 0) FROM ",
-            $keyed,
-            " a WHERE a.bucket = x.b AND a.event_type = x.t AND a.user_id = x.u
-                        AND a.team_id = x.tm AND a.project_id = x.p AND a.name = x.n)
-                       + sum(x.v) AS s
-                  FROM x GROUP BY b, t, u, tm, p, n),
+                SELECT coalesce((SELECT f.value_sum FROM ",
+            $folded,
+            " f WHERE f.bucket = x.b AND f.event_type = x.t AND f.user_id = x.u
+                                     AND f.team_id = x.tm AND f.project_id = x.p
+                                     AND f.name = x.n), 0)
+                       + coalesce(pend.s, 0) + x.v AS s
+                  FROM x LEFT JOIN pend USING (b, t, u, tm, p, n)),
              w AS (
                 SELECT (SELECT coalesce(sum(a.value_sum), 0) FROM ",
             $tenant,
@@ -372,6 +384,15 @@ macro_rules! tenant_rollup_sql {
             merge_measures!()
         )
     };
+}
+
+/// The fold of one grain's pending rows ([`compact`]).
+fn compact_sql(grain: Grain) -> &'static str {
+    match grain {
+        Grain::Minute => compact_sql!("activity_1m_pending", "activity_1m_folded"),
+        Grain::Hour => compact_sql!("activity_1h_pending", "activity_1h_folded"),
+        Grain::Day => compact_sql!("activity_1d_pending", "activity_1d_folded"),
+    }
 }
 
 /// One static statement per grain; the table is chosen from a closed set, not formatted.
@@ -472,12 +493,8 @@ pub async fn compact(pool: &PgPool, schema: &SchemaName) -> sqlx::Result<Option<
     }
     set_search_path(&mut tx, schema).await?;
     let mut moved = 0;
-    for sql in [
-        compact_sql!("activity_1m_pending", "activity_1m_folded"),
-        compact_sql!("activity_1h_pending", "activity_1h_folded"),
-        compact_sql!("activity_1d_pending", "activity_1d_folded"),
-    ] {
-        moved += sqlx::query_scalar::<_, i64>(sql)
+    for grain in Grain::ALL {
+        moved += sqlx::query_scalar::<_, i64>(compact_sql(grain))
             .fetch_one(&mut *tx)
             .await?;
     }
@@ -561,9 +578,27 @@ pub async fn refuse_overflows(conn: &mut PgConnection, rows: &[&RawRow<'_>]) -> 
         |f: for<'r> fn(&'r RawRow<'_>) -> &'r str| huge.iter().map(|r| f(r)).collect::<Vec<&str>>();
     for grain in Grain::ALL {
         let sql = match grain {
-            Grain::Minute => overflow_sql!("activity_1m", "activity_all_1m"),
-            Grain::Hour => overflow_sql!("activity_1h", "activity_all_1h"),
-            Grain::Day => overflow_sql!("activity_1d", "activity_all_1d"),
+            Grain::Minute => {
+                overflow_sql!(
+                    "activity_1m_folded",
+                    "activity_1m_pending",
+                    "activity_all_1m"
+                )
+            }
+            Grain::Hour => {
+                overflow_sql!(
+                    "activity_1h_folded",
+                    "activity_1h_pending",
+                    "activity_all_1h"
+                )
+            }
+            Grain::Day => {
+                overflow_sql!(
+                    "activity_1d_folded",
+                    "activity_1d_pending",
+                    "activity_all_1d"
+                )
+            }
         };
         sqlx::query(sql)
             .bind(
@@ -604,8 +639,8 @@ pub async fn write_grain(
 }
 
 /// The rollup tables as readers name them: per key, tenant-wide and active users, each at
-/// minute, hour and day (the per-key hour and day are views of their folded and pending
-/// rows, [`Grain::store`]).
+/// minute, hour and day (the per-key ones are views of their folded and pending rows,
+/// [`Grain::store`], [`Grain::pending`]).
 pub const TABLES: [&str; 9] = [
     Grain::Minute.table(),
     Grain::Hour.table(),
@@ -619,7 +654,7 @@ pub const TABLES: [&str; 9] = [
 ];
 
 /// The tables the rollups are stored in, in [`TABLES`]' order (the order [`Copies`] keeps
-/// its buffers in): the per-key ones of the hour and the day are the folded halves.
+/// its buffers in): the per-key ones are the folded halves.
 pub const STORES: [&str; 9] = [
     Grain::Minute.store(),
     Grain::Hour.store(),
@@ -775,8 +810,8 @@ const FOLD_CONNECTIONS: usize = 2;
 /// by `COPY`. Days are independent, so [`FOLD_CONNECTIONS`] connections fold them side by
 /// side, each in a transaction of its own. The primary keys are built again at the end.
 /// What comes out, into the folded tables, is what the live path's appended deltas add up
-/// to for the same rows, per key (the e2e tests compare both). A rebuild that fails part way leaves the tables half made; run
-/// again, it starts by emptying them.
+/// to for the same rows, per key (the e2e tests compare both). A rebuild that fails part way
+/// leaves the tables half made; run again, it starts by emptying them.
 pub async fn rebuild(
     pool: &PgPool,
     schema: &SchemaName,
@@ -1058,10 +1093,17 @@ mod tests {
         for grain in Grain::ALL {
             assert_eq!(grain.store(), format!("{}_folded", grain.table()));
             assert_eq!(grain.pending(), format!("{}_pending", grain.table()));
+            let sql = compact_sql(grain);
+            let moved = format!(
+                "WITH moved AS (DELETE FROM {} RETURNING *)",
+                grain.pending()
+            );
+            assert!(sql.starts_with(&moved), "{sql}");
+            assert!(
+                sql.contains(&format!("INSERT INTO {} AS a", grain.store())),
+                "{sql}"
+            );
         }
-        let hour = compact_sql!("activity_1h_pending", "activity_1h_folded");
-        assert!(hour.starts_with("WITH moved AS (DELETE FROM activity_1h_pending RETURNING *)"));
-        assert!(hour.contains("INSERT INTO activity_1h_folded AS a"));
     }
 
     #[test]

@@ -54,7 +54,7 @@ async fn bulk_load_writes_the_rollups_the_projector_writes() {
 
     let (a, b) = (projected.id.schema(1), loaded.id.schema(1));
     // The per-key rollups may hold a key in several rows (one per batch that appended it,
-    // until the hourly and daily ones are folded): compared per key, summed and merged.
+    // until they are folded): compared per key, summed and merged.
     let contents = |schema: &shared::tenant::SchemaName, table: &str| {
         if table.starts_with("activity_1") {
             format!(

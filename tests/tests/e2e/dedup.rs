@@ -88,8 +88,8 @@ async fn the_same_batch_twice_counts_once() {
 }
 
 /// Each batch appends its per-key deltas to the pending tables; the compactor folds them
-/// into one row per key. Counted through what readers read, every event is there once after every
-/// batch; once folded, the folded tables alone hold every event once and nothing waits.
+/// into one row per key. Counted through what readers read, every event is there once after
+/// every batch; once folded, the folded tables alone hold every event once and nothing waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn appended_rollup_deltas_are_folded_exactly_once() {
     let TestEnv { pool, common } = test_env().await;
