@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
@@ -69,6 +69,8 @@ struct Pending {
     events: Vec<Decoded>,
     poison: Vec<Poison>,
     offsets: BTreeMap<i32, OffsetRange>,
+    /// Since when its first record has waited: when Kafka appended it, or when it got here if
+    /// that was longer than a linger ago by this host's clock ([`waiting_since`]).
     started: Option<Instant>,
 }
 
@@ -252,14 +254,33 @@ impl Projector {
                     }
                 }
             }
-            let full = pending.len() >= self.config.batch_max_events;
             let due = pending.started.is_some_and(|t| t.elapsed() >= linger);
-            if full || due {
+            if due {
+                // What librdkafka already holds waited as long: take it along.
+                self.take_ready(&mut pending).await?;
+            }
+            if due || pending.len() >= self.config.batch_max_events {
                 self.flush(&mut pending).await;
             }
         }
         if pending.len() > 0 {
             self.flush(&mut pending).await;
+        }
+        Ok(())
+    }
+
+    /// Accepts the records already fetched, without waiting for more, until the batch is full.
+    async fn take_ready(&mut self, pending: &mut Pending) -> anyhow::Result<()> {
+        let consumer = self.consumer.clone();
+        while pending.len() < self.config.batch_max_events {
+            // A zero timeout still polls the receive once: a fetched record is returned.
+            match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+                Ok(Ok(m)) => {
+                    self.apply_rebalances(pending);
+                    self.accept(&m, pending).await?;
+                }
+                Ok(Err(_)) | Err(_) => break,
+            }
         }
         Ok(())
     }
@@ -367,7 +388,10 @@ impl Projector {
                 start: from,
                 end: offset + 1,
             });
-        pending.started.get_or_insert_with(Instant::now);
+        let linger = Duration::from_millis(self.config.batch_linger_ms);
+        pending
+            .started
+            .get_or_insert_with(|| waiting_since(m.timestamp().to_millis(), linger));
 
         match decode(m.payload()) {
             Ok(mut d) => {
@@ -611,6 +635,21 @@ impl Projector {
     }
 }
 
+/// Since when a record has waited to be projected: since Kafka appended it (its timestamp, by
+/// the producer's clock), at most `linger` ago. A record queued here while the batch before it
+/// was written has waited already, so the batch it starts need not linger as long; a clock
+/// that runs ahead or behind this host's shortens a batch's linger at most, never lengthens it.
+fn waiting_since(appended_ms: Option<i64>, linger: Duration) -> Instant {
+    let now = Instant::now();
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let waited = appended_ms
+        .map(|t| now_ms.saturating_sub(t).max(0) as u64)
+        .map_or(Duration::ZERO, |ms| Duration::from_millis(ms).min(linger));
+    now.checked_sub(waited).unwrap_or(now)
+}
+
 pub(crate) fn decode(payload: Option<&[u8]>) -> Result<Decoded, String> {
     decode_envelope(payload).and_then(decode_payload)
 }
@@ -651,4 +690,32 @@ pub(crate) fn poison(m: &BorrowedMessage<'_>, error: String) -> Poison {
 pub fn header<'a>(m: &'a impl Message, key: &str) -> Option<&'a [u8]> {
     let headers = m.headers()?;
     headers.iter().find(|h| h.key == key).and_then(|h| h.value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now_ms() -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    }
+
+    #[test]
+    fn a_record_waits_from_when_kafka_appended_it_at_most_a_linger() {
+        let linger = Duration::from_millis(100);
+        // Appended 40 ms ago: 60 ms of its linger remain.
+        let since = waiting_since(Some(now_ms() - 40), linger);
+        let waited = since.elapsed();
+        assert!(waited >= Duration::from_millis(40) && waited < Duration::from_millis(90));
+        // Appended long ago (or by a clock that runs behind): due at once, never earlier.
+        let since = waiting_since(Some(now_ms() - 60_000), linger);
+        assert!(since.elapsed() >= linger && since.elapsed() < Duration::from_secs(1));
+        // A clock that runs ahead, or no timestamp: the full linger from now.
+        for appended in [Some(now_ms() + 60_000), None] {
+            assert!(waiting_since(appended, linger).elapsed() < Duration::from_millis(30));
+        }
+    }
 }
