@@ -15,7 +15,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::models::raw::RawTable;
-use crate::models::rollups::{self, Grain};
+use crate::models::rollups;
 use crate::models::{attribution, audit, people, raw, sessions, watermark};
 use crate::offsets::{self, OffsetRange};
 use crate::prepare::{target_versions, Target};
@@ -358,12 +358,7 @@ async fn write_tenant(
 
     if !bulk {
         rollups::refuse_overflows(conn, &inserted_rows).await?;
-        let deltas = rollups::fold_all(&inserted_rows);
-        for (grain, keyed) in Grain::ALL.into_iter().zip(&deltas) {
-            let phase = Instant::now();
-            rollups::write_grain(conn, grain, keyed).await?;
-            record_phase(grain.table(), phase);
-        }
+        rollups::write(conn, &inserted_rows).await?;
     }
     let phase = Instant::now();
     let updates = sessions::fold(
@@ -406,7 +401,7 @@ async fn copy_or_insert<'r, 'a>(
 }
 
 /// Time spent per write phase, to see where a batch's time goes.
-fn record_phase(phase: &'static str, since: Instant) {
+pub(crate) fn record_phase(phase: &'static str, since: Instant) {
     metrics::histogram!("projector_phase_seconds", "phase" => phase)
         .record(since.elapsed().as_secs_f64());
 }

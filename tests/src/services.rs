@@ -120,7 +120,17 @@ pub fn projector_config(common: &Common) -> projector::Config {
 }
 
 pub async fn start_projector(common: &Common) -> Running {
-    let app = projector::App::build(projector_config(common))
+    start_projector_with(common, |_| {}).await
+}
+
+/// The projector with the tests' settings ([`projector_config`]) as `tweak` changes them.
+pub async fn start_projector_with(
+    common: &Common,
+    tweak: impl FnOnce(&mut projector::Config),
+) -> Running {
+    let mut config = projector_config(common);
+    tweak(&mut config);
+    let app = projector::App::build(config)
         .await
         .expect("projector builds");
     Running::spawn(app.local_addr(), None, |stop| app.run_until(stop))

@@ -45,13 +45,26 @@ impl Grain {
         }
     }
 
-    /// The table a batch appends its per-key deltas to: the pending half of the view,
-    /// until [`compact`] folds them.
+    /// The table of per-key deltas waiting for [`compact`]. Batches append to the minute's
+    /// only ([`append`]): the fold derives the hour's and the day's rows from each minute row
+    /// (tenant template 0011). The hour's and day's tables hold what a projector of template
+    /// 0010 appended, and are folded too.
     pub const fn pending(self) -> &'static str {
         match self {
             Grain::Minute => "activity_1m_pending",
             Grain::Hour => "activity_1h_pending",
             Grain::Day => "activity_1d_pending",
+        }
+    }
+
+    /// Every per-key delta of this grain not folded yet: its pending table and, for the
+    /// hour and the day, the minute's pending rows in their buckets (the other half of the
+    /// view [`Grain::table`]).
+    pub const fn unfolded(self) -> &'static str {
+        match self {
+            Grain::Minute => "activity_1m_pending",
+            Grain::Hour => "activity_1h_unfolded",
+            Grain::Day => "activity_1d_unfolded",
         }
     }
 
@@ -339,6 +352,30 @@ macro_rules! overflow_sql {
     };
 }
 
+/// Upserts the pending rows `moved` into `$folded`, summed per key with their buckets
+/// widened by `$bucket` (an expression of `bucket`).
+macro_rules! fold_into_sql {
+    ($folded:literal, $bucket:literal) => {
+        concat!(
+            "INSERT INTO ",
+            $folded,
+            " AS a (bucket, event_type, user_id, team_id, project_id, name, count, errors,
+                   duration_sum, duration_max, input_tokens, output_tokens, value_sum,
+                   duration_hist)
+             SELECT ",
+            $bucket,
+            ", event_type, user_id, team_id, project_id, name, sum(count), sum(errors),
+                    sum(duration_sum), max(duration_max), sum(input_tokens),
+                    sum(output_tokens), sum(value_sum), hist_sum(duration_hist)
+               FROM moved GROUP BY 1, event_type, user_id, team_id, project_id, name
+              ORDER BY 1, event_type, user_id, team_id, project_id, name
+             ON CONFLICT (bucket, event_type, user_id, team_id, project_id, name) DO UPDATE SET",
+            merge_measures!(),
+            " RETURNING 1"
+        )
+    };
+}
+
 /// Folds a pending table into its folded one: deletes every pending row (that this
 /// transaction can see) and upserts their sums per key; answers the rows moved.
 macro_rules! compact_sql {
@@ -347,24 +384,32 @@ macro_rules! compact_sql {
             "WITH moved AS (DELETE FROM ",
             $pending,
             " RETURNING *),
-                  folded AS (
-             INSERT INTO ",
-            $folded,
-            " AS a (bucket, event_type, user_id, team_id, project_id, name, count, errors,
-                   duration_sum, duration_max, input_tokens, output_tokens, value_sum,
-                   duration_hist)
-             SELECT bucket, event_type, user_id, team_id, project_id, name, sum(count),
-                    sum(errors), sum(duration_sum), max(duration_max), sum(input_tokens),
-                    sum(output_tokens), sum(value_sum), hist_sum(duration_hist)
-               FROM moved GROUP BY bucket, event_type, user_id, team_id, project_id, name
-              ORDER BY bucket, event_type, user_id, team_id, project_id, name
-             ON CONFLICT (bucket, event_type, user_id, team_id, project_id, name) DO UPDATE SET",
-            merge_measures!(),
-            " RETURNING 1)
-             SELECT count(*) FROM moved"
+                  folded AS (",
+            fold_into_sql!($folded, "bucket"),
+            ") SELECT count(*) FROM moved"
         )
     };
 }
+
+/// Folds the minute's pending rows into the minute's, the hour's and the day's folded
+/// tables (buckets as [`Grain::bucket`] makes them: `date_bin` from the epoch), in the
+/// statement that deletes them; answers the rows moved.
+const COMPACT_MINUTES_SQL: &str = concat!(
+    "WITH moved AS (DELETE FROM activity_1m_pending RETURNING *),
+          minute AS (",
+    fold_into_sql!("activity_1m_folded", "bucket"),
+    "), hour AS (",
+    fold_into_sql!(
+        "activity_1h_folded",
+        "date_bin('1 hour', bucket, TIMESTAMPTZ 'epoch')"
+    ),
+    "), day AS (",
+    fold_into_sql!(
+        "activity_1d_folded",
+        "date_bin('1 day', bucket, TIMESTAMPTZ 'epoch')"
+    ),
+    ") SELECT count(*) FROM moved"
+);
 
 /// Upsert of tenant-wide rollup deltas from parallel arrays (keys unique within one
 /// statement), keyed by bucket and event type, expanded at compile time per table.
@@ -386,10 +431,10 @@ macro_rules! tenant_rollup_sql {
     };
 }
 
-/// The fold of one grain's pending rows ([`compact`]).
+/// The fold of one grain's pending rows ([`compact`]): the minute's into every grain.
 fn compact_sql(grain: Grain) -> &'static str {
     match grain {
-        Grain::Minute => compact_sql!("activity_1m_pending", "activity_1m_folded"),
+        Grain::Minute => COMPACT_MINUTES_SQL,
         Grain::Hour => compact_sql!("activity_1h_pending", "activity_1h_folded"),
         Grain::Day => compact_sql!("activity_1d_pending", "activity_1d_folded"),
     }
@@ -446,22 +491,21 @@ pub async fn upsert(
 const KEYED_COLUMNS: &str = "bucket, event_type, user_id, team_id, project_id, name, count, \
     errors, duration_sum, duration_max, input_tokens, output_tokens, value_sum, duration_hist";
 
-/// Appends one grain's per-key deltas ([`fold`]) to the table they go to first
-/// ([`Grain::pending`]) with one `COPY` (search_path already points at the tenant's schema):
-/// no key is probed or locked, and no histogram merged, until [`compact`] folds them.
+/// Appends per-minute per-key deltas ([`fold`]) to the minute's pending table with one
+/// `COPY` (search_path already points at the tenant's schema): no key is probed or locked,
+/// and no histogram merged, until [`compact`] folds them into every grain.
 pub async fn append(
     conn: &mut PgConnection,
-    grain: Grain,
-    deltas: &BTreeMap<Key, Measures>,
+    minutes: &BTreeMap<Key, Measures>,
 ) -> sqlx::Result<()> {
-    if deltas.is_empty() {
+    if minutes.is_empty() {
         return Ok(());
     }
-    let mut lines = String::with_capacity(deltas.len() * 128);
-    for (k, m) in deltas {
+    let mut lines = String::with_capacity(minutes.len() * 128);
+    for (k, m) in minutes {
         rollup_line(&mut lines, Cube::Keys, k, m);
     }
-    copy_lines(conn, grain.pending(), KEYED_COLUMNS, lines).await
+    copy_lines(conn, Grain::Minute.pending(), KEYED_COLUMNS, lines).await
 }
 
 /// Sends `lines` (COPY text format) into `table`'s `columns`.
@@ -492,14 +536,22 @@ pub async fn compact(pool: &PgPool, schema: &SchemaName) -> sqlx::Result<Option<
         return Ok(None);
     }
     set_search_path(&mut tx, schema).await?;
+    let moved = fold_pending(&mut tx).await?;
+    tx.commit().await?;
+    Ok(Some(moved))
+}
+
+/// Folds every pending delta in the caller's transaction, which holds the schema's lock
+/// ([`crate::schema::try_lock`]) and whose search_path points at the schema; answers the
+/// pending rows folded.
+pub async fn fold_pending(conn: &mut PgConnection) -> sqlx::Result<u64> {
     let mut moved = 0;
     for grain in Grain::ALL {
         moved += sqlx::query_scalar::<_, i64>(compact_sql(grain))
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut *conn)
             .await?;
     }
-    tx.commit().await?;
-    Ok(Some(u64::try_from(moved).unwrap_or(0)))
+    Ok(u64::try_from(moved).unwrap_or(0))
 }
 
 /// Appends a histogram as an array literal, its trailing empty buckets left off (most rows
@@ -588,14 +640,14 @@ pub async fn refuse_overflows(conn: &mut PgConnection, rows: &[&RawRow<'_>]) -> 
             Grain::Hour => {
                 overflow_sql!(
                     "activity_1h_folded",
-                    "activity_1h_pending",
+                    "activity_1h_unfolded",
                     "activity_all_1h"
                 )
             }
             Grain::Day => {
                 overflow_sql!(
                     "activity_1d_folded",
-                    "activity_1d_pending",
+                    "activity_1d_unfolded",
                     "activity_all_1d"
                 )
             }
@@ -618,24 +670,39 @@ pub async fn refuse_overflows(conn: &mut PgConnection, rows: &[&RawRow<'_>]) -> 
     Ok(())
 }
 
-/// Every grain's per-key deltas of one batch ([`fold`]), in [`Grain::ALL`] order.
-pub type Deltas = [BTreeMap<Key, Measures>; 3];
-
-/// Folds rows into every grain's per-key deltas.
-pub fn fold_all<'a>(rows: &[&'a RawRow<'a>]) -> Deltas {
-    Grain::ALL.map(|grain| fold(rows.iter().copied(), grain))
+/// Writes the rollups of a batch's inserted rows (search_path already points at the
+/// tenant's schema): the per-minute per-key deltas appended ([`append`]; the fold derives
+/// the hour's and the day's), and at every grain the tenant-wide deltas ([`upsert`]) and
+/// the active users, widened from the minute's.
+pub async fn write(conn: &mut PgConnection, rows: &[&RawRow<'_>]) -> sqlx::Result<()> {
+    let minutes = fold(rows.iter().copied(), Grain::Minute);
+    let phase = std::time::Instant::now();
+    append(conn, &minutes).await?;
+    crate::batch::record_phase("activity_pending", phase);
+    let tenant = tenant_wide(&minutes);
+    let users = active_users(&minutes);
+    for grain in Grain::ALL {
+        let phase = std::time::Instant::now();
+        upsert(conn, grain, &widen(&tenant, grain)).await?;
+        let users: BTreeSet<_> = users.iter().map(|(b, u)| (grain.bucket(*b), *u)).collect();
+        insert_active_users(conn, grain, &users).await?;
+        crate::batch::record_phase(grain.tenant_table(), phase);
+    }
+    Ok(())
 }
 
-/// Writes one grain's per-key deltas and what follows from them: the tenant-wide rollup and
-/// the active users (search_path already points at the tenant's schema).
-pub async fn write_grain(
-    conn: &mut PgConnection,
-    grain: Grain,
-    keyed: &BTreeMap<Key, Measures>,
-) -> sqlx::Result<()> {
-    append(conn, grain, keyed).await?;
-    upsert(conn, grain, &tenant_wide(keyed)).await?;
-    insert_active_users(conn, grain, &active_users(keyed)).await
+/// Per-minute deltas summed into `grain`'s buckets (minute buckets lie within one bucket of
+/// every wider grain: all are aligned to the epoch). Sorted like them.
+pub fn widen(minutes: &BTreeMap<Key, Measures>, grain: Grain) -> BTreeMap<Key, Measures> {
+    let mut out: BTreeMap<Key, Measures> = BTreeMap::new();
+    for (k, m) in minutes {
+        let key = Key {
+            bucket: grain.bucket(k.bucket),
+            ..k.clone()
+        };
+        out.entry(key).or_default().add(m);
+    }
+    out
 }
 
 /// The rollup tables as readers name them: per key, tenant-wide and active users, each at
@@ -1099,9 +1166,41 @@ mod tests {
                 grain.pending()
             );
             assert!(sql.starts_with(&moved), "{sql}");
-            assert!(
-                sql.contains(&format!("INSERT INTO {} AS a", grain.store())),
-                "{sql}"
+            // The minute's pending rows are folded into every grain, the others' into theirs.
+            let into: &[Grain] = match grain {
+                Grain::Minute => &Grain::ALL,
+                _ => &[grain],
+            };
+            for g in Grain::ALL {
+                let folds = sql.contains(&format!("INSERT INTO {} AS a", g.store()));
+                assert_eq!(folds, into.contains(&g), "{grain:?} into {g:?}: {sql}");
+            }
+        }
+        assert_eq!(Grain::Minute.unfolded(), Grain::Minute.pending());
+        for grain in [Grain::Hour, Grain::Day] {
+            assert_eq!(grain.unfolded(), format!("{}_unfolded", grain.table()));
+        }
+    }
+
+    #[test]
+    fn minutes_widened_are_the_wider_grains_fold() {
+        let t0 = Utc.with_ymd_and_hms(2026, 11, 25, 13, 59, 10).unwrap();
+        let rows: Vec<RawRow> = [
+            (0, "a", "build", 10, false),
+            (30, "a", "build", 2000, true),
+            (50, "b", "build", 7, false),
+            (3_600, "a", "test", 1, false),
+            (11 * 3_600, "a", "build", 90_000, false),
+        ]
+        .into_iter()
+        .map(|(s, user, name, dur, err)| row(t0 + TimeDelta::seconds(s), user, name, dur, err))
+        .collect();
+        let minutes = fold(rows.iter(), Grain::Minute);
+        for grain in Grain::ALL {
+            assert_eq!(
+                widen(&minutes, grain),
+                fold(rows.iter(), grain),
+                "{grain:?}"
             );
         }
     }

@@ -22,7 +22,7 @@ pub const TEMPLATE: &str = include_str!("../../../migrations/tenant/0001_tenant.
 
 /// Templates applied after the first, in order; `control.tenant_schemas.template_version`
 /// records how many of all templates a schema has had.
-pub const LATER_TEMPLATES: [&str; 9] = [
+pub const LATER_TEMPLATES: [&str; 10] = [
     include_str!("../../../migrations/tenant/0002_audit.sql"),
     include_str!("../../../migrations/tenant/0003_people.sql"),
     include_str!("../../../migrations/tenant/0004_activity_events.sql"),
@@ -32,6 +32,7 @@ pub const LATER_TEMPLATES: [&str; 9] = [
     include_str!("../../../migrations/tenant/0008_attribution.sql"),
     include_str!("../../../migrations/tenant/0009_privacy.sql"),
     include_str!("../../../migrations/tenant/0010_rollup_deltas.sql"),
+    include_str!("../../../migrations/tenant/0011_derived_rollups.sql"),
 ];
 
 /// Raw tables of the template: time-partitioned (or hypertables) on `occurred_at`.

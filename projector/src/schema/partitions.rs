@@ -146,6 +146,9 @@ pub async fn apply_retention(
         pruned.partitions += drop_partitions(&mut tx, schema, raw_cutoff).await?;
     }
     set_search_path(&mut tx, schema).await?;
+    // The minute's pending deltas are the hour's and the day's too, until folded: fold them
+    // before the minute's window deletes them.
+    crate::models::rollups::fold_pending(&mut tx).await?;
     for (sql, cutoff) in [
         (
             "DELETE FROM activity_1m_folded WHERE bucket < $1",

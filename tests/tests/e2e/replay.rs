@@ -207,7 +207,10 @@ async fn replay_switches_versions_under_polling_and_upcasts_old_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retention_drops_old_partitions_and_refuses_old_events() {
     let TestEnv { pool, common } = test_env().await;
-    let (ingest, projector) = start_write_path(&common).await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    // No fold in the test's time: the old minute's deltas still wait when retention runs,
+    // and are the hour's and the day's too until folded.
+    let projector = start_projector_with(&common, |c| c.compact_interval_ms = 3_600_000).await;
     let client = http();
     let t = create_tenant(&pool, "retention").await;
 
@@ -218,6 +221,13 @@ async fn retention_drops_old_partitions_and_refuses_old_events() {
     }
     wait_projected(&pool, t.id, 10, Duration::from_secs(60)).await;
     ingest.stop().await.unwrap();
+    let waiting = scalar_in_tenant(
+        &pool,
+        t.id,
+        "SELECT sum(count)::bigint FROM activity_1m_pending",
+    )
+    .await;
+    assert_eq!(waiting, 10, "the minute's deltas are not folded yet");
 
     sqlx::query("UPDATE control.tenants SET raw_retention_days = 2, rollup_retention_days = 30 WHERE id = $1")
         .bind(t.id.0)
@@ -308,6 +318,16 @@ async fn retention_drops_old_partitions_and_refuses_old_events() {
     )
     .await;
     assert_eq!(daily, 7, "daily rollups outlive the raw rows");
+    let hourly = scalar_in_tenant(
+        &pool,
+        t.id,
+        &format!("SELECT sum(count)::bigint FROM activity_1h_folded WHERE bucket < '{old}'::timestamptz + interval '1 day'"),
+    )
+    .await;
+    assert_eq!(
+        hourly, 7,
+        "retention folded the minute's deltas before deleting them"
+    );
     // Partitions for the coming days exist (TimescaleDB makes its chunks as rows arrive).
     if !tenant_uses_timescale(&pool, t.id).await {
         let ahead = (now + TimeDelta::days(3)).date_naive();
