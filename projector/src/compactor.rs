@@ -1,6 +1,6 @@
-//! The compactor: folds the per-key rollup deltas that batches append
-//! (`activity_1m_pending`, `_1h_`, `_1d_`, tenant template 0010) into their folded
-//! tables every `compact_interval_ms`, for the schemas the metrics loop wrote since
+//! The compactor: folds the per-minute per-key rollup deltas that batches append
+//! (`activity_1m_pending`, tenant templates 0010 and 0011) into the minute's, the hour's and
+//! the day's folded tables every `compact_interval_ms`, for the schemas the metrics loop wrote since
 //! ([`Dirty`]); at start, for every schema, so that deltas left by a stop are folded too.
 //! It runs on a connection of its own, beside the consume loop: a batch appends and goes on,
 //! and the merging happens once per key and interval instead of once per key and batch.
@@ -37,14 +37,17 @@ impl Dirty {
 
 /// Every tenant schema that is served or was (deltas may wait in any of them after a stop),
 /// not the versions a replay is still building: their keys are dropped until the rebuild
-/// ends, and the replay folds their deltas itself after the switch.
+/// ends, and the replay folds their deltas itself after the switch. Nor the schemas not
+/// upgraded to this binary's templates yet (`migrate` failed for them): their deltas are
+/// folded as their template says, by the upgrade (tenant template 0011).
 async fn every_schema(pool: &PgPool) -> sqlx::Result<Vec<SchemaName>> {
     let rows: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
         "SELECT s.tenant_id, s.version
            FROM control.tenant_schemas s
            LEFT JOIN control.tenant_versions v ON v.tenant_id = s.tenant_id
-          WHERE s.version <= COALESCE(v.active_version, 1)",
+          WHERE s.version <= COALESCE(v.active_version, 1) AND s.template_version = $1",
     )
+    .bind(crate::schema::TEMPLATE_VERSION)
     .fetch_all(pool)
     .await?;
     Ok(rows

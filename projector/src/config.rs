@@ -18,9 +18,9 @@ pub struct Config {
     pub consumer_group: String,
     /// Largest batch written in one transaction.
     pub batch_max_events: usize,
-    /// How long a batch may wait to fill up before it is written, counted from when Kafka
-    /// appended its first record: records that queued while the batch before was written
-    /// have waited already.
+    /// How long a batch may wait to fill up before it is written, counted from when its
+    /// first record was produced (its Kafka timestamp): records that queued while the batch
+    /// before was written have waited already.
     pub batch_linger_ms: u64,
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     pub http_addr: String,

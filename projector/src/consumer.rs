@@ -69,8 +69,8 @@ struct Pending {
     events: Vec<Decoded>,
     poison: Vec<Poison>,
     offsets: BTreeMap<i32, OffsetRange>,
-    /// Since when its first record has waited: when Kafka appended it, or when it got here if
-    /// that was longer than a linger ago by this host's clock ([`waiting_since`]).
+    /// Since when its first record has waited: since it was produced (its Kafka timestamp),
+    /// at most a linger before it got here ([`waiting_since`]).
     started: Option<Instant>,
 }
 
@@ -269,17 +269,26 @@ impl Projector {
         Ok(())
     }
 
-    /// Accepts the records already fetched, without waiting for more, until the batch is full.
+    /// Accepts the records already fetched, without waiting for more, until the batch is full
+    /// (or as many were polled: records already projected are skipped, not batched). Best
+    /// effort: what is left goes in the next batch.
     async fn take_ready(&mut self, pending: &mut Pending) -> anyhow::Result<()> {
         let consumer = self.consumer.clone();
-        while pending.len() < self.config.batch_max_events {
+        for _ in 0..self.config.batch_max_events {
+            if pending.len() >= self.config.batch_max_events {
+                break;
+            }
             // A zero timeout still polls the receive once: a fetched record is returned.
             match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
                 Ok(Ok(m)) => {
                     self.apply_rebalances(pending);
                     self.accept(&m, pending).await?;
                 }
-                Ok(Err(_)) | Err(_) => break,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "kafka consume error");
+                    break;
+                }
+                Err(_nothing_fetched) => break,
             }
         }
         Ok(())
@@ -635,10 +644,11 @@ impl Projector {
     }
 }
 
-/// Since when a record has waited to be projected: since Kafka appended it (its timestamp, by
-/// the producer's clock), at most `linger` ago. A record queued here while the batch before it
-/// was written has waited already, so the batch it starts need not linger as long; a clock
-/// that runs ahead or behind this host's shortens a batch's linger at most, never lengthens it.
+/// Since when a record has waited to be projected: since it was produced (its Kafka
+/// timestamp: the create time ingest-api's producer set, by its clock), at most `linger` ago.
+/// A record queued here while the batch before it was written has waited already, so the
+/// batch it starts need not linger as long; a clock that runs ahead or behind this host's
+/// shortens a batch's linger at most, never lengthens it.
 fn waiting_since(appended_ms: Option<i64>, linger: Duration) -> Instant {
     let now = Instant::now();
     let now_ms = SystemTime::now()

@@ -28,16 +28,18 @@ pub struct Pass {
 /// One pass over every tenant schema, except the versions a replay is still building: it
 /// folds their rollups from their raw rows once the load is done (`rollups::rebuild`), so
 /// dropping old partitions under it would lose those days' hourly and daily rollups. They
-/// are pruned by the first pass after the switch.
+/// are pruned by the first pass after the switch. Schemas not upgraded to this binary's
+/// templates yet wait for their upgrade (their pending deltas follow their template).
 pub async fn run_once(pool: &PgPool, ahead_days: i64) -> anyhow::Result<Pass> {
     let schemas: Vec<(uuid::Uuid, i32, i32, i32, i32)> = sqlx::query_as(
         "SELECT s.tenant_id, s.version, t.raw_retention_days, t.rollup_retention_days,
                 t.compress_after_days
            FROM control.tenant_schemas s JOIN control.tenants t ON t.id = s.tenant_id
            LEFT JOIN control.tenant_versions v ON v.tenant_id = s.tenant_id
-          WHERE s.version <= COALESCE(v.active_version, 1)
+          WHERE s.version <= COALESCE(v.active_version, 1) AND s.template_version = $1
           ORDER BY s.tenant_id, s.version",
     )
+    .bind(crate::schema::TEMPLATE_VERSION)
     .fetch_all(pool)
     .await?;
     let today = Utc::now().date_naive();

@@ -1,7 +1,8 @@
 //! Rollups: per-minute, per-hour and per-day aggregates of the rows a batch really inserted,
 //! per key (`activity_*`) and for the whole tenant (`activity_all_*`, and who was active:
-//! `active_users_*`). Folding is pure (table-tested here); [`append`] writes a batch's per-key
-//! deltas to the pending tables, which [`compact`] folds into one row per key; [`upsert`]
+//! `active_users_*`). Folding is pure (table-tested here); [`append`] writes a batch's
+//! per-minute per-key deltas to the pending table, which [`compact`] folds into one row per
+//! key in every grain; [`upsert`]
 //! adds the tenant-wide deltas to their tables, [`insert_active_users`] records the active
 //! users. A rebuild instead folds them set-wise from the raw rows once they are all loaded
 //! ([`rebuild`]).
@@ -45,21 +46,9 @@ impl Grain {
         }
     }
 
-    /// The table of per-key deltas waiting for [`compact`]. Batches append to the minute's
-    /// only ([`append`]): the fold derives the hour's and the day's rows from each minute row
-    /// (tenant template 0011). The hour's and day's tables hold what a projector of template
-    /// 0010 appended, and are folded too.
-    pub const fn pending(self) -> &'static str {
-        match self {
-            Grain::Minute => "activity_1m_pending",
-            Grain::Hour => "activity_1h_pending",
-            Grain::Day => "activity_1d_pending",
-        }
-    }
-
-    /// Every per-key delta of this grain not folded yet: its pending table and, for the
-    /// hour and the day, the minute's pending rows in their buckets (the other half of the
-    /// view [`Grain::table`]).
+    /// Every per-key delta of this grain not folded yet, the other half of the view
+    /// [`Grain::table`]: the minute's pending rows ([`PENDING`]), for the hour and the day in
+    /// their buckets (tenant template 0011).
     pub const fn unfolded(self) -> &'static str {
         match self {
             Grain::Minute => "activity_1m_pending",
@@ -376,40 +365,42 @@ macro_rules! fold_into_sql {
     };
 }
 
-/// Folds a pending table into its folded one: deletes every pending row (that this
-/// transaction can see) and upserts their sums per key; answers the rows moved.
+/// Folds the minute's pending rows that `$which` (a `DELETE` of them) takes into the
+/// minute's, the hour's and the day's folded tables (buckets as [`Grain::bucket`] makes
+/// them: `date_bin` from the epoch), in the statement that deletes them; answers the rows
+/// moved.
 macro_rules! compact_sql {
-    ($pending:literal, $folded:literal) => {
+    ($which:literal) => {
         concat!(
-            "WITH moved AS (DELETE FROM ",
-            $pending,
+            "WITH moved AS (",
+            $which,
             " RETURNING *),
-                  folded AS (",
-            fold_into_sql!($folded, "bucket"),
+                  minute AS (",
+            fold_into_sql!("activity_1m_folded", "bucket"),
+            "), hour AS (",
+            fold_into_sql!(
+                "activity_1h_folded",
+                "date_bin('1 hour', bucket, TIMESTAMPTZ 'epoch')"
+            ),
+            "), day AS (",
+            fold_into_sql!(
+                "activity_1d_folded",
+                "date_bin('1 day', bucket, TIMESTAMPTZ 'epoch')"
+            ),
             ") SELECT count(*) FROM moved"
         )
     };
 }
 
-/// Folds the minute's pending rows into the minute's, the hour's and the day's folded
-/// tables (buckets as [`Grain::bucket`] makes them: `date_bin` from the epoch), in the
-/// statement that deletes them; answers the rows moved.
-const COMPACT_MINUTES_SQL: &str = concat!(
-    "WITH moved AS (DELETE FROM activity_1m_pending RETURNING *),
-          minute AS (",
-    fold_into_sql!("activity_1m_folded", "bucket"),
-    "), hour AS (",
-    fold_into_sql!(
-        "activity_1h_folded",
-        "date_bin('1 hour', bucket, TIMESTAMPTZ 'epoch')"
-    ),
-    "), day AS (",
-    fold_into_sql!(
-        "activity_1d_folded",
-        "date_bin('1 day', bucket, TIMESTAMPTZ 'epoch')"
-    ),
-    ") SELECT count(*) FROM moved"
-);
+/// The table a batch appends its per-key deltas to ([`append`]): per minute, the hour's and
+/// the day's derived from them when [`compact`] folds them.
+pub const PENDING: &str = "activity_1m_pending";
+
+/// The fold of every pending row ([`compact`]).
+const COMPACT_SQL: &str = compact_sql!("DELETE FROM activity_1m_pending");
+
+/// The fold of the pending rows of minutes before `$1` ([`fold_before`]).
+const COMPACT_BEFORE_SQL: &str = compact_sql!("DELETE FROM activity_1m_pending WHERE bucket < $1");
 
 /// Upsert of tenant-wide rollup deltas from parallel arrays (keys unique within one
 /// statement), keyed by bucket and event type, expanded at compile time per table.
@@ -429,15 +420,6 @@ macro_rules! tenant_rollup_sql {
             merge_measures!()
         )
     };
-}
-
-/// The fold of one grain's pending rows ([`compact`]): the minute's into every grain.
-fn compact_sql(grain: Grain) -> &'static str {
-    match grain {
-        Grain::Minute => COMPACT_MINUTES_SQL,
-        Grain::Hour => compact_sql!("activity_1h_pending", "activity_1h_folded"),
-        Grain::Day => compact_sql!("activity_1d_pending", "activity_1d_folded"),
-    }
 }
 
 /// One static statement per grain; the table is chosen from a closed set, not formatted.
@@ -505,7 +487,7 @@ pub async fn append(
     for (k, m) in minutes {
         rollup_line(&mut lines, Cube::Keys, k, m);
     }
-    copy_lines(conn, Grain::Minute.pending(), KEYED_COLUMNS, lines).await
+    copy_lines(conn, PENDING, KEYED_COLUMNS, lines).await
 }
 
 /// Sends `lines` (COPY text format) into `table`'s `columns`.
@@ -544,13 +526,19 @@ pub async fn compact(pool: &PgPool, schema: &SchemaName) -> sqlx::Result<Option<
 /// Folds every pending delta in the caller's transaction, which holds the schema's lock
 /// ([`crate::schema::try_lock`]) and whose search_path points at the schema; answers the
 /// pending rows folded.
-pub async fn fold_pending(conn: &mut PgConnection) -> sqlx::Result<u64> {
-    let mut moved = 0;
-    for grain in Grain::ALL {
-        moved += sqlx::query_scalar::<_, i64>(compact_sql(grain))
-            .fetch_one(&mut *conn)
-            .await?;
-    }
+async fn fold_pending(conn: &mut PgConnection) -> sqlx::Result<u64> {
+    let moved: i64 = sqlx::query_scalar(COMPACT_SQL).fetch_one(conn).await?;
+    Ok(u64::try_from(moved).unwrap_or(0))
+}
+
+/// Folds the pending deltas of minutes before `cutoff`, as [`fold_pending`] does every one:
+/// for retention, before the minute's window would delete them (they are the hour's and the
+/// day's too until folded).
+pub async fn fold_before(conn: &mut PgConnection, cutoff: DateTime<Utc>) -> sqlx::Result<u64> {
+    let moved: i64 = sqlx::query_scalar(COMPACT_BEFORE_SQL)
+        .bind(cutoff)
+        .fetch_one(conn)
+        .await?;
     Ok(u64::try_from(moved).unwrap_or(0))
 }
 
@@ -706,8 +694,8 @@ pub fn widen(minutes: &BTreeMap<Key, Measures>, grain: Grain) -> BTreeMap<Key, M
 }
 
 /// The rollup tables as readers name them: per key, tenant-wide and active users, each at
-/// minute, hour and day (the per-key ones are views of their folded and pending rows,
-/// [`Grain::store`], [`Grain::pending`]).
+/// minute, hour and day (the per-key ones are views of their folded rows and the pending
+/// minute rows, [`Grain::store`], [`Grain::unfolded`]).
 pub const TABLES: [&str; 9] = [
     Grain::Minute.table(),
     Grain::Hour.table(),
@@ -889,11 +877,9 @@ pub async fn rebuild(
     set_search_path(&mut tx, schema).await?;
     // The pending deltas too: a rebuild's version has none (nothing writes it live before
     // the switch), unless a test or an operator did.
-    let pending = Grain::ALL.map(Grain::pending);
     sqlx::query(AssertSqlSafe(format!(
-        "TRUNCATE {}, {}",
-        STORES.join(", "),
-        pending.join(", ")
+        "TRUNCATE {}, {PENDING}",
+        STORES.join(", ")
     )))
     .execute(&mut *tx)
     .await?;
@@ -1156,27 +1142,18 @@ mod tests {
     }
 
     #[test]
-    fn per_key_deltas_wait_beside_the_table_they_are_folded_into() {
-        for grain in Grain::ALL {
-            assert_eq!(grain.store(), format!("{}_folded", grain.table()));
-            assert_eq!(grain.pending(), format!("{}_pending", grain.table()));
-            let sql = compact_sql(grain);
-            let moved = format!(
-                "WITH moved AS (DELETE FROM {} RETURNING *)",
-                grain.pending()
-            );
+    fn minute_deltas_are_folded_into_every_grain() {
+        assert_eq!(PENDING, format!("{}_pending", Grain::Minute.table()));
+        for sql in [COMPACT_SQL, COMPACT_BEFORE_SQL] {
+            let moved = format!("WITH moved AS (DELETE FROM {PENDING}");
             assert!(sql.starts_with(&moved), "{sql}");
-            // The minute's pending rows are folded into every grain, the others' into theirs.
-            let into: &[Grain] = match grain {
-                Grain::Minute => &Grain::ALL,
-                _ => &[grain],
-            };
-            for g in Grain::ALL {
-                let folds = sql.contains(&format!("INSERT INTO {} AS a", g.store()));
-                assert_eq!(folds, into.contains(&g), "{grain:?} into {g:?}: {sql}");
+            for grain in Grain::ALL {
+                assert_eq!(grain.store(), format!("{}_folded", grain.table()));
+                let into = format!("INSERT INTO {} AS a", grain.store());
+                assert_eq!(sql.matches(&into).count(), 1, "{grain:?}: {sql}");
             }
         }
-        assert_eq!(Grain::Minute.unfolded(), Grain::Minute.pending());
+        assert_eq!(Grain::Minute.unfolded(), PENDING);
         for grain in [Grain::Hour, Grain::Day] {
             assert_eq!(grain.unfolded(), format!("{}_unfolded", grain.table()));
         }

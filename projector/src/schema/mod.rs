@@ -35,6 +35,9 @@ pub const LATER_TEMPLATES: [&str; 10] = [
     include_str!("../../../migrations/tenant/0011_derived_rollups.sql"),
 ];
 
+/// The template version of a schema that has had every template (`template_version`).
+pub const TEMPLATE_VERSION: i32 = 1 + LATER_TEMPLATES.len() as i32;
+
 /// Raw tables of the template: time-partitioned (or hypertables) on `occurred_at`.
 pub const RAW_TABLES: [&str; RawTable::ALL.len()] = {
     let mut names = [""; RawTable::ALL.len()];
@@ -228,7 +231,7 @@ pub async fn create_tenant_schema(
     .bind(version)
     .bind(schema.as_str())
     .bind(timescale.is_some())
-    .bind(1 + LATER_TEMPLATES.len() as i32)
+    .bind(TEMPLATE_VERSION)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -268,7 +271,7 @@ async fn upgrade(
     )
     .bind(tenant.0)
     .bind(version)
-    .bind(1 + LATER_TEMPLATES.len() as i32)
+    .bind(TEMPLATE_VERSION)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -441,7 +444,7 @@ pub async fn upgrade_all(pool: &PgPool) -> sqlx::Result<()> {
     let behind: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
         "SELECT tenant_id, version FROM control.tenant_schemas WHERE template_version < $1",
     )
-    .bind(1 + LATER_TEMPLATES.len() as i32)
+    .bind(TEMPLATE_VERSION)
     .fetch_all(pool)
     .await?;
     let mut conn = pool.acquire().await?;

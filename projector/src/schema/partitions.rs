@@ -73,6 +73,33 @@ pub async fn make_partitions(
     Ok(())
 }
 
+/// Folds the pending rollup deltas of minutes before `cutoff` (they are the hour's and the
+/// day's too until folded, and the minute's window is about to end), first of all, while the
+/// transaction holds no table lock. A fold PostgreSQL refuses (a sum out of range, which the
+/// compactor pauses on too) leaves them waiting, and the rest of retention goes on.
+async fn fold_old_minutes(
+    tx: &mut PgConnection,
+    schema: &SchemaName,
+    cutoff: DateTime<Utc>,
+) -> sqlx::Result<()> {
+    set_search_path(&mut *tx, schema).await?;
+    sqlx::query("SAVEPOINT fold").execute(&mut *tx).await?;
+    match crate::models::rollups::fold_before(&mut *tx, cutoff).await {
+        Ok(_) => {}
+        Err(e) if crate::batch::refused_record(&e).is_some() => {
+            tracing::warn!(%schema, error = %e, "retention: old minute deltas refused; left pending");
+            sqlx::query("ROLLBACK TO SAVEPOINT fold")
+                .execute(&mut *tx)
+                .await?;
+        }
+        Err(e) => return Err(e),
+    }
+    sqlx::query("RELEASE SAVEPOINT fold")
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
 /// What [`apply_retention`] removed from one schema.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Pruned {
@@ -127,6 +154,7 @@ pub async fn apply_retention(
     let raw_cutoff = today - Duration::days(windows.raw_days);
     let rollup_cutoff = today - Duration::days(windows.rollup_days);
     let mut pruned = Pruned::default();
+    fold_old_minutes(&mut tx, schema, midnight(raw_cutoff)).await?;
     let timescale = match uses_timescale(&mut tx, schema).await? {
         true => timescale_schema(&mut tx).await?,
         false => None,
@@ -146,16 +174,9 @@ pub async fn apply_retention(
         pruned.partitions += drop_partitions(&mut tx, schema, raw_cutoff).await?;
     }
     set_search_path(&mut tx, schema).await?;
-    // The minute's pending deltas are the hour's and the day's too, until folded: fold them
-    // before the minute's window deletes them.
-    crate::models::rollups::fold_pending(&mut tx).await?;
     for (sql, cutoff) in [
         (
             "DELETE FROM activity_1m_folded WHERE bucket < $1",
-            raw_cutoff,
-        ),
-        (
-            "DELETE FROM activity_1m_pending WHERE bucket < $1",
             raw_cutoff,
         ),
         (
@@ -163,15 +184,7 @@ pub async fn apply_retention(
             rollup_cutoff,
         ),
         (
-            "DELETE FROM activity_1h_pending WHERE bucket < $1",
-            rollup_cutoff,
-        ),
-        (
             "DELETE FROM activity_1d_folded WHERE bucket < $1",
-            rollup_cutoff,
-        ),
-        (
-            "DELETE FROM activity_1d_pending WHERE bucket < $1",
             rollup_cutoff,
         ),
         ("DELETE FROM activity_all_1m WHERE bucket < $1", raw_cutoff),

@@ -152,3 +152,82 @@ async fn appended_rollup_deltas_are_folded_exactly_once() {
     }
     stop_all([projector, ingest]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deltas_waiting_in_a_schema_of_template_0010_count_once_across_the_upgrade() {
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    // No fold in the test's time: the deltas are still pending at the upgrade.
+    let projector = start_projector_with(&common, |c| c.compact_interval_ms = 3_600_000).await;
+    let client = http();
+    let t = create_tenant(&pool, "upgraded").await;
+    let views = ["activity_1m", "activity_1h", "activity_1d"];
+    let sums = || async {
+        let mut out = Vec::new();
+        for view in views {
+            let sql = format!("SELECT coalesce(sum(count), 0)::bigint FROM {view}");
+            out.push(scalar_in_tenant(&pool, t.id, &sql).await);
+        }
+        out
+    };
+
+    let batch = |n: i64| Value::Array((0..n).map(|i| command("u1", "build", i, false)).collect());
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &batch(30)).await;
+    wait_projected(&pool, t.id, 30, Duration::from_secs(60)).await;
+    projector.stop().await.unwrap();
+
+    // Turn the schema back into what template 0010 made, with the deltas waiting as a
+    // projector of 0010 appended them: once per grain.
+    let version = active_version(&pool, t.id).await;
+    let mut tx = pool.begin().await.unwrap();
+    projector::schema::set_search_path(&mut tx, &t.id.schema(version))
+        .await
+        .unwrap();
+    sqlx::raw_sql(projector::schema::LATER_TEMPLATES[8])
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for (grain, width) in [("1h", "1 hour"), ("1d", "1 day")] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO activity_{grain}_pending
+             SELECT date_bin('{width}', bucket, TIMESTAMPTZ 'epoch'), event_type, user_id,
+                    team_id, project_id, name, count, errors, duration_sum, duration_max,
+                    input_tokens, output_tokens, value_sum, duration_hist
+               FROM activity_1m_pending"
+        )))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "UPDATE control.tenant_schemas SET template_version = 10 WHERE tenant_id = $1 AND version = $2",
+    )
+    .bind(t.id.0)
+    .bind(version)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(sums().await, [30, 30, 30], "as template 0010 reads them");
+
+    projector::migrate(&pool, projector::schema::timescale::Timescale::Auto)
+        .await
+        .unwrap();
+    assert_eq!(sums().await, [30, 30, 30], "the upgrade counts each once");
+    for table in ["activity_1h_pending", "activity_1d_pending"] {
+        let gone = format!("SELECT count(*) FROM pg_class WHERE oid = to_regclass('{table}')");
+        assert_eq!(scalar_in_tenant(&pool, t.id, &gone).await, 0, "{table}");
+    }
+
+    // And the upgraded schema goes on: more deltas, folded into every grain.
+    let projector = start_projector(&common).await;
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &batch(12)).await;
+    wait_projected(&pool, t.id, 42, Duration::from_secs(60)).await;
+    wait_folded(&pool, t.id, Duration::from_secs(20)).await;
+    assert_eq!(sums().await, [42, 42, 42]);
+    for table in ["activity_1h_folded", "activity_1d_folded"] {
+        let sql = format!("SELECT sum(count)::bigint FROM {table}");
+        assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, 42, "{table}");
+    }
+    stop_all([projector, ingest]).await;
+}
