@@ -2,7 +2,9 @@ use clap::{Parser, Subcommand};
 use ingest_api::{control, App, Config};
 
 /// mimalloc rather than glibc's allocator: a request's parse, validation and envelopes are
-/// many short-lived allocations, which glibc's spent a third of ingest-api's time on.
+/// many short-lived allocations, which glibc's spent a third of ingest-api's time on. Built
+/// without transparent huge pages (`no_thp`): with them, resident memory doubled; and for the
+/// C libraries' allocations too (`override`: librdkafka's buffers).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -1,6 +1,12 @@
 use clap::{Parser, Subcommand};
 use projector::{tools, App, Config};
 
+/// mimalloc rather than glibc's allocator (as ingest-api), for librdkafka's C allocations
+/// too (the `override` feature): glibc's arenas kept the fetch buffers of a drained backlog
+/// resident (127 MB after draining 400 000 events; 32 MB once mimalloc has purged them).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Tally's projector: Kafka → PostgreSQL projections, exactly once.
 #[derive(Parser)]
 #[command(version)]
