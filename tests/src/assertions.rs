@@ -61,6 +61,25 @@ pub async fn active_version(pool: &PgPool, tenant: TenantId) -> i32 {
         .expect("tenant_versions")[&tenant]
 }
 
+/// Records that the tenant's schema of `version` has had the templates up to `template`
+/// only (a test that turned it back into what an older projector made), in `tx`.
+pub async fn set_template_version(
+    tx: &mut sqlx::PgConnection,
+    tenant: TenantId,
+    version: i32,
+    template: i32,
+) {
+    sqlx::query(
+        "UPDATE control.tenant_schemas SET template_version = $3 WHERE tenant_id = $1 AND version = $2",
+    )
+    .bind(tenant.0)
+    .bind(version)
+    .bind(template)
+    .execute(tx)
+    .await
+    .expect("template version");
+}
+
 /// Events the tenant's active projection counts, or `None` before its schema exists.
 pub async fn projected_events(pool: &PgPool, tenant: TenantId) -> Option<i64> {
     let schema = tenant.schema(active_version(pool, tenant).await);

@@ -199,14 +199,7 @@ async fn deltas_waiting_in_a_schema_of_template_0010_count_once_across_the_upgra
         .await
         .unwrap();
     }
-    sqlx::query(
-        "UPDATE control.tenant_schemas SET template_version = 10 WHERE tenant_id = $1 AND version = $2",
-    )
-    .bind(t.id.0)
-    .bind(version)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
+    set_template_version(&mut tx, t.id, version, 10).await;
     tx.commit().await.unwrap();
     assert_eq!(sums().await, [30, 30, 30], "as template 0010 reads them");
 

@@ -537,14 +537,7 @@ async fn schemas_made_before_feed_positions_get_them_on_migrate() {
         .execute(&mut *tx)
         .await
         .unwrap();
-    sqlx::query(
-        "UPDATE control.tenant_schemas SET template_version = 5 WHERE tenant_id = $1 AND version = $2",
-    )
-    .bind(t.id.0)
-    .bind(version)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
+    set_template_version(&mut tx, t.id, version, 5).await;
     tx.commit().await.unwrap();
     let columns = || async {
         sqlx::query_scalar::<_, i64>(
