@@ -3,8 +3,9 @@ use ingest_api::{control, App, Config};
 
 /// mimalloc rather than glibc's allocator: a request's parse, validation and envelopes are
 /// many short-lived allocations, which glibc's spent a third of ingest-api's time on. Built
-/// without transparent huge pages (`no_thp`): with them, resident memory doubled; and for the
-/// C libraries' allocations too (`override`: librdkafka's buffers).
+/// not to ask for transparent huge pages (`no_thp`; where the host's mode is `always`,
+/// `MIMALLOC_ALLOW_THP=0` turns them off, as the Dockerfile and `make up` do): with them,
+/// resident memory doubled. For the C libraries' allocations too (`override`: librdkafka's).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -20,6 +20,10 @@ DECLARE
     g text;
 BEGIN
     IF to_regclass('activity_1h_pending') IS NOT NULL THEN
+        -- A batch of a projector of 0010 still writing appends to all three: wait for it,
+        -- and keep the next out until the tables are gone.
+        LOCK TABLE activity_1m_pending, activity_1h_pending, activity_1d_pending
+            IN SHARE ROW EXCLUSIVE MODE;
         FOREACH g IN ARRAY ARRAY['1m', '1h', '1d'] LOOP
             EXECUTE format(
                 'WITH moved AS (DELETE FROM activity_%1$s_pending RETURNING *)

@@ -448,10 +448,17 @@ pub async fn upgrade_all(pool: &PgPool) -> sqlx::Result<()> {
     .fetch_all(pool)
     .await?;
     let mut conn = pool.acquire().await?;
+    // One schema whose upgrade fails (its error is returned, and `migrate` is tried again)
+    // does not hold back the others.
+    let mut failed = None;
     for (tenant, version) in behind {
-        create_tenant_schema(&mut conn, TenantId(tenant), version).await?;
+        let tenant = TenantId(tenant);
+        if let Err(e) = create_tenant_schema(&mut conn, tenant, version).await {
+            tracing::warn!(schema = %tenant.schema(version), error = %e, "upgrading a tenant schema failed");
+            failed.get_or_insert(e);
+        }
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

@@ -157,7 +157,8 @@ async fn appended_rollup_deltas_are_folded_exactly_once() {
 async fn deltas_waiting_in_a_schema_of_template_0010_count_once_across_the_upgrade() {
     let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
-    // No fold in the test's time: the deltas are still pending at the upgrade.
+    // This projector does not fold in the test's time; the downgrade below puts back what
+    // a neighbouring test's compactor may have folded.
     let projector = start_projector_with(&common, |c| c.compact_interval_ms = 3_600_000).await;
     let client = http();
     let t = create_tenant(&pool, "upgraded").await;
@@ -176,17 +177,33 @@ async fn deltas_waiting_in_a_schema_of_template_0010_count_once_across_the_upgra
     wait_projected(&pool, t.id, 30, Duration::from_secs(60)).await;
     projector.stop().await.unwrap();
 
-    // Turn the schema back into what template 0010 made, with the deltas waiting as a
-    // projector of 0010 appended them: once per grain.
+    // Turn the schema back into what template 0010 made, with every delta waiting as a
+    // projector of 0010 appended them: once per grain. Under the schema's lock, which every
+    // fold takes: whatever a neighbouring test's compactor folded already goes back to
+    // pending, and none folds it again before the upgrade (nor after this commits: compactors
+    // leave a schema of an older template alone).
     let version = active_version(&pool, t.id).await;
+    let schema = t.id.schema(version);
     let mut tx = pool.begin().await.unwrap();
-    projector::schema::set_search_path(&mut tx, &t.id.schema(version))
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(schema.as_str())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    projector::schema::set_search_path(&mut tx, &schema)
         .await
         .unwrap();
     sqlx::raw_sql(projector::schema::LATER_TEMPLATES[8])
         .execute(&mut *tx)
         .await
         .unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO activity_1m_pending SELECT * FROM activity_1m_folded;
+         TRUNCATE activity_1m_folded, activity_1h_folded, activity_1d_folded;",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
     for (grain, width) in [("1h", "1 hour"), ("1d", "1 day")] {
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "INSERT INTO activity_{grain}_pending
@@ -200,6 +217,11 @@ async fn deltas_waiting_in_a_schema_of_template_0010_count_once_across_the_upgra
         .unwrap();
     }
     set_template_version(&mut tx, t.id, version, 10).await;
+    let waiting: i64 = sqlx::query_scalar("SELECT sum(count)::bigint FROM activity_1h_pending")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(waiting, 30, "every delta waits, for every grain");
     tx.commit().await.unwrap();
     assert_eq!(sums().await, [30, 30, 30], "as template 0010 reads them");
 
