@@ -46,7 +46,8 @@ start() {
     # A local stack: notification channels may point at receivers on this host (make
     # bench-alerts, a webhook receiver under development). Production leaves this off.
     export TALLY_NOTIFY_ALLOW_LOOPBACK="${TALLY_NOTIFY_ALLOW_LOOPBACK:-true}"
-    # mimalloc without transparent huge pages, whatever the host's mode (see deploy/Dockerfile).
+    # The projector's mimalloc without transparent huge pages, whatever the host's mode (see
+    # deploy/Dockerfile).
     export MIMALLOC_ALLOW_THP="${MIMALLOC_ALLOW_THP:-0}"
     say "applying migrations"
     "$bin_dir/projector" migrate >>"$TALLY_LOGS/projector.log" 2>&1 ||

@@ -1,14 +1,6 @@
 use clap::{Parser, Subcommand};
 use ingest_api::{control, App, Config};
 
-/// mimalloc rather than glibc's allocator: a request's parse, validation and envelopes are
-/// many short-lived allocations, which glibc's spent a third of ingest-api's time on. Built
-/// not to ask for transparent huge pages (`no_thp`; where the host's mode is `always`,
-/// `MIMALLOC_ALLOW_THP=0` turns them off, as the Dockerfile and `make up` do): with them,
-/// resident memory doubled. For the C libraries' allocations too (`override`: librdkafka's).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Tally's ingest-api: authenticated event ingestion into Kafka.
 #[derive(Parser)]
 #[command(version)]

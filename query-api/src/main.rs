@@ -1,9 +1,5 @@
 use query_api::{App, Config};
 
-/// mimalloc, as ingest-api and the projector.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Tally's query-api: dashboards from the projections.
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
