@@ -2,10 +2,9 @@
 //! per key (`activity_*`) and for the whole tenant (`activity_all_*`, and who was active:
 //! `active_users_*`). Folding is pure (table-tested here); [`append`] writes a batch's
 //! per-minute per-key deltas to the pending table, which [`compact`] folds into one row per
-//! key in every grain; [`upsert`]
-//! adds the tenant-wide deltas to their tables, [`insert_active_users`] records the active
-//! users. A rebuild instead folds them set-wise from the raw rows once they are all loaded
-//! ([`rebuild`]).
+//! key in every grain; [`upsert`] adds the tenant-wide deltas to their tables,
+//! [`insert_active_users`] records the active users. A rebuild instead folds them set-wise
+//! from the raw rows once they are all loaded ([`rebuild`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -617,30 +616,7 @@ pub async fn refuse_overflows(conn: &mut PgConnection, rows: &[&RawRow<'_>]) -> 
     let col =
         |f: for<'r> fn(&'r RawRow<'_>) -> &'r str| huge.iter().map(|r| f(r)).collect::<Vec<&str>>();
     for grain in Grain::ALL {
-        let sql = match grain {
-            Grain::Minute => {
-                overflow_sql!(
-                    "activity_1m_folded",
-                    "activity_1m_pending",
-                    "activity_all_1m"
-                )
-            }
-            Grain::Hour => {
-                overflow_sql!(
-                    "activity_1h_folded",
-                    "activity_1h_unfolded",
-                    "activity_all_1h"
-                )
-            }
-            Grain::Day => {
-                overflow_sql!(
-                    "activity_1d_folded",
-                    "activity_1d_unfolded",
-                    "activity_all_1d"
-                )
-            }
-        };
-        sqlx::query(sql)
+        sqlx::query(overflow_check_sql(grain))
             .bind(
                 huge.iter()
                     .map(|r| grain.bucket(r.occurred_at))
@@ -656,6 +632,28 @@ pub async fn refuse_overflows(conn: &mut PgConnection, rows: &[&RawRow<'_>]) -> 
             .await?;
     }
     Ok(())
+}
+
+/// One grain's overflow check ([`refuse_overflows`]): its folded rows, its unfolded ones
+/// and its tenant-wide rollup, each table chosen from a closed set, not formatted.
+fn overflow_check_sql(grain: Grain) -> &'static str {
+    match grain {
+        Grain::Minute => overflow_sql!(
+            "activity_1m_folded",
+            "activity_1m_pending",
+            "activity_all_1m"
+        ),
+        Grain::Hour => overflow_sql!(
+            "activity_1h_folded",
+            "activity_1h_unfolded",
+            "activity_all_1h"
+        ),
+        Grain::Day => overflow_sql!(
+            "activity_1d_folded",
+            "activity_1d_unfolded",
+            "activity_all_1d"
+        ),
+    }
 }
 
 /// Writes the rollups of a batch's inserted rows (search_path already points at the
@@ -1156,6 +1154,17 @@ mod tests {
         assert_eq!(Grain::Minute.unfolded(), PENDING);
         for grain in [Grain::Hour, Grain::Day] {
             assert_eq!(grain.unfolded(), format!("{}_unfolded", grain.table()));
+        }
+    }
+
+    #[test]
+    fn each_grains_overflow_check_reads_its_own_tables() {
+        for grain in Grain::ALL {
+            let sql = overflow_check_sql(grain);
+            for table in [grain.store(), grain.unfolded(), grain.tenant_table()] {
+                let read = format!("FROM {table} ");
+                assert!(sql.contains(&read), "{grain:?} reads {table}: {sql}");
+            }
         }
     }
 
