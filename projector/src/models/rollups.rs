@@ -340,23 +340,39 @@ macro_rules! overflow_sql {
     };
 }
 
-/// Upserts the pending rows `moved` into `$folded`, summed per key with their buckets
-/// widened by `$bucket` (an expression of `bucket`).
+/// The rows of `$source` summed per key, with their buckets widened by `$bucket` (an
+/// expression of `bucket`): one grain's deltas, from the pending rows or from a finer grain's
+/// sums. A sum out of bigint's range is an error (22003), as it would be in the column.
+macro_rules! sum_by_key_sql {
+    ($source:literal, $bucket:literal) => {
+        concat!(
+            "SELECT ",
+            $bucket,
+            " AS bucket, event_type, user_id, team_id, project_id, name,
+                    sum(count)::bigint AS count, sum(errors)::bigint AS errors,
+                    sum(duration_sum)::bigint AS duration_sum, max(duration_max) AS duration_max,
+                    sum(input_tokens)::bigint AS input_tokens,
+                    sum(output_tokens)::bigint AS output_tokens, sum(value_sum) AS value_sum,
+                    hist_sum(duration_hist) AS duration_hist
+               FROM ",
+            $source,
+            " GROUP BY 1, event_type, user_id, team_id, project_id, name"
+        )
+    };
+}
+
+/// Upserts the per-key sums `$sums` (one row per key of `$folded`'s grain) into `$folded`.
 macro_rules! fold_into_sql {
-    ($folded:literal, $bucket:literal) => {
+    ($folded:literal, $sums:literal) => {
         concat!(
             "INSERT INTO ",
             $folded,
             " AS a (bucket, event_type, user_id, team_id, project_id, name, count, errors,
                    duration_sum, duration_max, input_tokens, output_tokens, value_sum,
                    duration_hist)
-             SELECT ",
-            $bucket,
-            ", event_type, user_id, team_id, project_id, name, sum(count), sum(errors),
-                    sum(duration_sum), max(duration_max), sum(input_tokens),
-                    sum(output_tokens), sum(value_sum), hist_sum(duration_hist)
-               FROM moved GROUP BY 1, event_type, user_id, team_id, project_id, name
-              ORDER BY 1, event_type, user_id, team_id, project_id, name
+             SELECT * FROM ",
+            $sums,
+            " ORDER BY bucket, event_type, user_id, team_id, project_id, name
              ON CONFLICT (bucket, event_type, user_id, team_id, project_id, name) DO UPDATE SET",
             merge_measures!(),
             " RETURNING 1"
@@ -367,25 +383,28 @@ macro_rules! fold_into_sql {
 /// Folds the minute's pending rows that `$which` (a `DELETE` of them) takes into the
 /// minute's, the hour's and the day's folded tables (buckets as [`Grain::bucket`] makes
 /// them: `date_bin` from the epoch), in the statement that deletes them; answers the rows
-/// moved.
+/// moved. The hour's sums are made from the minute's and the day's from the hour's (an
+/// hour lies within one day from the epoch), so the histogram merges (`hist_sum`, the
+/// costliest part of a fold) number the pending rows plus the minute's and the hour's keys,
+/// not three times the pending rows.
 macro_rules! compact_sql {
     ($which:literal) => {
         concat!(
             "WITH moved AS (",
             $which,
             " RETURNING *),
-                  minute AS (",
-            fold_into_sql!("activity_1m_folded", "bucket"),
+                  m AS MATERIALIZED (",
+            sum_by_key_sql!("moved", "bucket"),
+            "), h AS MATERIALIZED (",
+            sum_by_key_sql!("m", "date_bin('1 hour', bucket, TIMESTAMPTZ 'epoch')"),
+            "), d AS MATERIALIZED (",
+            sum_by_key_sql!("h", "date_bin('1 day', bucket, TIMESTAMPTZ 'epoch')"),
+            "), minute AS (",
+            fold_into_sql!("activity_1m_folded", "m"),
             "), hour AS (",
-            fold_into_sql!(
-                "activity_1h_folded",
-                "date_bin('1 hour', bucket, TIMESTAMPTZ 'epoch')"
-            ),
+            fold_into_sql!("activity_1h_folded", "h"),
             "), day AS (",
-            fold_into_sql!(
-                "activity_1d_folded",
-                "date_bin('1 day', bucket, TIMESTAMPTZ 'epoch')"
-            ),
+            fold_into_sql!("activity_1d_folded", "d"),
             ") SELECT count(*) FROM moved"
         )
     };
@@ -1149,6 +1168,22 @@ mod tests {
                 assert_eq!(grain.store(), format!("{}_folded", grain.table()));
                 let into = format!("INSERT INTO {} AS a", grain.store());
                 assert_eq!(sql.matches(&into).count(), 1, "{grain:?}: {sql}");
+            }
+            // Each grain's sums come from the next finer one's: the pending rows are merged
+            // once, not once per grain.
+            assert_eq!(sql.matches("hist_sum(").count(), 3, "{sql}");
+            for (sums, source) in [("m", "moved"), ("h", "m"), ("d", "h")] {
+                let cte = &sql[sql.find(&format!(" {sums} AS MATERIALIZED (")).unwrap()..];
+                let body = &cte[..cte.find(" GROUP BY").unwrap()];
+                assert!(body.ends_with(&format!("FROM {source}")), "{sums}: {body}");
+            }
+            for (grain, sums) in Grain::ALL.into_iter().zip(["m", "h", "d"]) {
+                let into = format!("INSERT INTO {} AS a", grain.store());
+                let insert = &sql[sql.find(&into).unwrap()..];
+                assert!(
+                    insert.contains(&format!("SELECT * FROM {sums} ORDER BY")),
+                    "{grain:?}: {insert}"
+                );
             }
         }
         assert_eq!(Grain::Minute.unfolded(), PENDING);
