@@ -467,7 +467,7 @@ pub async fn upsert(
     let hist: Vec<String> = vals()
         .map(|m| {
             let mut literal = String::new();
-            hist_literal(&mut literal, &m.duration_hist);
+            hist_literal(&mut literal, &m.duration_hist, HistForm::Dense);
             literal
         })
         .collect();
@@ -493,7 +493,8 @@ const KEYED_COLUMNS: &str = "bucket, event_type, user_id, team_id, project_id, n
 
 /// Appends per-minute per-key deltas ([`fold`]) to the minute's pending table with one
 /// `COPY` (search_path already points at the tenant's schema): no key is probed or locked,
-/// and no histogram merged, until [`compact`] folds them into every grain.
+/// and no histogram merged, until [`compact`] folds them into every grain. Their histograms
+/// are sparse ([`HistForm::Sparse`]).
 pub async fn append(
     conn: &mut PgConnection,
     minutes: &BTreeMap<Key, Measures>,
@@ -503,7 +504,7 @@ pub async fn append(
     }
     let mut lines = String::with_capacity(minutes.len() * 128);
     for (k, m) in minutes {
-        rollup_line(&mut lines, Cube::Keys, k, m);
+        rollup_line(&mut lines, Cube::Keys, k, m, HistForm::Sparse);
     }
     copy_lines(conn, PENDING, KEYED_COLUMNS, lines).await
 }
@@ -560,16 +561,35 @@ pub async fn fold_before(conn: &mut PgConnection, cutoff: DateTime<Utc>) -> sqlx
     Ok(u64::try_from(moved).unwrap_or(0))
 }
 
-/// Appends a histogram as an array literal, its trailing empty buckets left off (most rows
-/// hold a few durations): `hist_add` and the readers treat missing buckets as zero.
-fn hist_literal(out: &mut String, hist: &[i64]) {
+/// How a histogram is written into a rollup row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HistForm {
+    /// 1-based, its trailing empty buckets left off: the folded and tenant-wide tables',
+    /// which readers unnest.
+    Dense,
+    /// Only the span of its non-empty buckets, the array's lower bound its first bucket's
+    /// (`[25:27]={1,0,2}`): the pending rows', which only `hist_add` (through `hist_sum`)
+    /// and the views' `hist_dense` read (tenant template 0012).
+    Sparse,
+}
+
+/// Appends a histogram as an array literal of `form`: `hist_add` and the readers treat
+/// missing buckets as zero. A histogram without durations is `{0}` in either form.
+fn hist_literal(out: &mut String, hist: &[i64], form: HistForm) {
     use std::fmt::Write as _;
-    let used = hist
-        .iter()
-        .rposition(|n| *n != 0)
-        .map_or(1, |last| last + 1);
+    let Some(last) = hist.iter().rposition(|n| *n != 0) else {
+        out.push_str("{0}");
+        return;
+    };
+    let first = match form {
+        HistForm::Dense => 0,
+        HistForm::Sparse => hist.iter().position(|n| *n != 0).unwrap_or(0),
+    };
+    if first > 0 {
+        let _ = write!(out, "[{}:{}]=", first + 1, last + 1);
+    }
     out.push('{');
-    for (i, n) in hist[..used].iter().enumerate() {
+    for (i, n) in hist[first..=last].iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
@@ -741,8 +761,8 @@ pub const STORES: [&str; 9] = [
 
 /// Appends one per-key (`Cube::Keys`) or tenant-wide rollup row to `line` in COPY text
 /// format, its columns as [`KEYED_COLUMNS`] (less the key's user, team, project and name
-/// for a tenant-wide row).
-fn rollup_line(line: &mut String, cube: Cube, key: &Key, m: &Measures) {
+/// for a tenant-wide row), its histogram in `form`.
+fn rollup_line(line: &mut String, cube: Cube, key: &Key, m: &Measures, form: HistForm) {
     use chrono::SecondsFormat::Secs;
     use std::fmt::Write as _;
     let _ = write!(
@@ -768,7 +788,7 @@ fn rollup_line(line: &mut String, cube: Cube, key: &Key, m: &Measures) {
         m.output_tokens,
         m.value_sum
     );
-    hist_literal(line, &m.duration_hist);
+    hist_literal(line, &m.duration_hist, form);
     line.push('\n');
 }
 
@@ -800,7 +820,13 @@ impl Copies {
             Cube::Keys => 0,
             Cube::Tenant => 1,
         };
-        rollup_line(&mut self.lines[Self::slot(grain, table)], cube, key, m);
+        rollup_line(
+            &mut self.lines[Self::slot(grain, table)],
+            cube,
+            key,
+            m,
+            HistForm::Dense,
+        );
         self.rows += 1;
     }
 
@@ -1156,6 +1182,31 @@ mod tests {
                 "{sql}"
             );
         }
+    }
+
+    #[test]
+    fn histograms_are_written_dense_or_as_the_span_of_their_buckets() {
+        let literal = |hist: &[i64], form| {
+            let mut out = String::new();
+            hist_literal(&mut out, hist, form);
+            out
+        };
+        let mut hist = vec![0; histogram::BUCKETS];
+        assert_eq!(literal(&hist, HistForm::Dense), "{0}");
+        assert_eq!(literal(&hist, HistForm::Sparse), "{0}");
+        hist[24] = 1;
+        hist[26] = 2;
+        assert_eq!(
+            literal(&hist, HistForm::Dense),
+            format!("{{{}1,0,2}}", "0,".repeat(24))
+        );
+        assert_eq!(literal(&hist, HistForm::Sparse), "[25:27]={1,0,2}");
+        hist[0] = 3;
+        assert_eq!(
+            literal(&hist, HistForm::Sparse),
+            literal(&hist, HistForm::Dense)
+        );
+        assert!(literal(&hist, HistForm::Sparse).starts_with("{3,0,"));
     }
 
     #[test]

@@ -246,3 +246,115 @@ async fn deltas_waiting_in_a_schema_of_template_0010_count_once_across_the_upgra
     }
     stop_all([projector, ingest]).await;
 }
+
+/// A batch appends its pending histograms sparse (only the span of their non-empty buckets,
+/// tenant template 0012). Readers see them dense through every grain's view, and the fold
+/// merges them into the dense histograms the folded tables hold, bucket for bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sparse_pending_histograms_read_and_fold_as_dense() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let client = http();
+    let t = create_tenant(&pool, "sparse").await;
+    // The schema exists once an event is projected.
+    let one = Value::Array(vec![command("u1", "build", 1, false)]);
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &one).await;
+    wait_projected(&pool, t.id, 1, Duration::from_secs(60)).await;
+    stop_all([projector, ingest]).await;
+
+    // The merge itself, either operand sparse, dense or empty: always dense and 1-based.
+    let sums = [
+        ("'{1,2}'", "'[3:4]={5,6}'", "{1,2,5,6}"),
+        ("'[2:3]={5,6}'", "'{1}'", "{1,5,6}"),
+        ("'[2:2]={5}'", "'[4:4]={7}'", "{0,5,0,7}"),
+        ("'{1,2,3}'", "'[2:2]={10}'", "{1,12,3}"),
+        ("'{}'", "'[3:3]={1}'", "{0,0,1}"),
+        ("'{}'", "'{}'", "{}"),
+    ];
+    for (a, b, want) in sums {
+        let sql = format!("SELECT control.hist_add({a}::bigint[], {b}::bigint[])::text");
+        let got: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(got, want, "hist_add({a}, {b})");
+    }
+
+    // Three sparse deltas of one key-minute, as batches append them: buckets 3, 4 and 40.
+    let version = active_version(&pool, t.id).await;
+    let schema = t.id.schema(version);
+    let mut tx = pool.begin().await.unwrap();
+    projector::schema::set_search_path(&mut tx, &schema)
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO activity_1m_pending (bucket, event_type, user_id, team_id, project_id,
+                name, count, errors, duration_sum, duration_max, input_tokens, output_tokens,
+                value_sum, duration_hist)
+         SELECT date_trunc('minute', now()) - interval '10 minutes', 'command.executed',
+                'sparse-user', '', '', 'build', n, 0, 0, 0, 0, 0, 0, h::bigint[]
+           FROM (VALUES (3, '[3:4]={1,2}'), (5, '[40:40]={5}'), (0, '{0}')) AS x(n, h)",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    // Read as the dashboards read them: unnested with their ordinality.
+    let buckets = |table: &str| {
+        format!(
+            "SELECT string_agg(i || ':' || n, ',' ORDER BY i) FROM (
+                 SELECT h.i, sum(h.n)::bigint AS n
+                   FROM {table} a, unnest(a.duration_hist) WITH ORDINALITY AS h(n, i)
+                  WHERE a.user_id = 'sparse-user' AND h.n > 0 GROUP BY h.i) s"
+        )
+    };
+    let read = |sql: String| {
+        let pool = pool.clone();
+        let schema = schema.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            projector::schema::set_search_path(&mut tx, &schema)
+                .await
+                .unwrap();
+            let got: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+            got.unwrap_or_default()
+        }
+    };
+    let want = "3:1,4:2,40:5";
+    for view in ["activity_1m", "activity_1h", "activity_1d"] {
+        assert_eq!(read(buckets(view)).await, want, "{view}, pending");
+        let lower = format!(
+            "SELECT string_agg(DISTINCT array_lower(duration_hist, 1)::text, ',') FROM {view}
+              WHERE user_id = 'sparse-user'"
+        );
+        assert_eq!(read(lower).await, "1", "{view} reads dense histograms");
+    }
+
+    // Folded (by this call, or by a neighbouring test's compactor first): the same buckets,
+    // in one dense row per grain.
+    while projector::models::rollups::compact(&pool, &schema)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_folded(&pool, t.id, Duration::from_secs(20)).await;
+    for table in [
+        "activity_1m_folded",
+        "activity_1h_folded",
+        "activity_1d_folded",
+    ] {
+        assert_eq!(read(buckets(table)).await, want, "{table}");
+        let row = format!(
+            "SELECT count(*)::text || ' ' || min(duration_hist::text) FROM {table}
+              WHERE user_id = 'sparse-user'"
+        );
+        let dense = format!("1 {{{}1,2{}5}}", "0,".repeat(2), ",0".repeat(35) + ",");
+        assert_eq!(read(row).await, dense, "{table}");
+    }
+}
