@@ -1,5 +1,5 @@
 //! The compactor: folds the per-minute per-key rollup deltas that batches append
-//! (`activity_1m_pending`, tenant templates 0010 and 0011) into the minute's, the hour's and
+//! (`activity_1m_pending`, tenant templates 0010 to 0012) into the minute's, the hour's and
 //! the day's folded tables every `compact_interval_ms`, for the schemas the metrics loop wrote since
 //! ([`Dirty`]); at start, for every schema, so that deltas left by a stop are folded too.
 //! It runs on a connection of its own, beside the consume loop: a batch appends and goes on,

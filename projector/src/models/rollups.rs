@@ -47,7 +47,8 @@ impl Grain {
 
     /// Every per-key delta of this grain not folded yet, the other half of the view
     /// [`Grain::table`]: the minute's pending rows ([`PENDING`]), for the hour and the day in
-    /// their buckets (tenant template 0011).
+    /// their buckets (tenant template 0011). The pending rows' histograms are sparse; read
+    /// them through the views, which give them back dense (template 0012).
     pub const fn unfolded(self) -> &'static str {
         match self {
             Grain::Minute => "activity_1m_pending",
