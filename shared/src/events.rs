@@ -33,8 +33,8 @@ pub const AUTH_TOPIC: &str = "tally.auth.v1";
 
 /// The event types this version of Tally understands: the metric types clients send, and the
 /// auth and control-plane types only the server writes (through the outbox).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, PartialOrd, Ord)]
+#[serde(try_from = "String")]
 pub enum EventType {
     CommandExecuted,
     AgentInteracted,
@@ -63,6 +63,13 @@ impl TryFrom<String> for EventType {
 impl From<EventType> for String {
     fn from(t: EventType) -> String {
         t.as_str().to_string()
+    }
+}
+
+/// Written as its name, without the `String` a serde `into` would allocate per event.
+impl Serialize for EventType {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
     }
 }
 
@@ -289,7 +296,9 @@ pub struct Envelope {
     #[serde(rename = "type")]
     pub event_type: EventType,
     pub schema_version: u32,
+    #[serde(serialize_with = "crate::rfc3339::serialize")]
     pub occurred_at: DateTime<Utc>,
+    #[serde(serialize_with = "crate::rfc3339::serialize")]
     pub received_at: DateTime<Utc>,
     pub actor: Actor,
     pub source: Source,
@@ -300,11 +309,19 @@ impl Envelope {
     /// The record key: the tenant plus a component that keeps one session's (or user's) events
     /// in order on one partition while spreading a large tenant over all of them.
     pub fn kafka_key(&self) -> String {
+        let mut key = String::new();
+        self.write_kafka_key(&mut key);
+        key
+    }
+
+    /// [`Envelope::kafka_key`], appended to `out`.
+    pub fn write_kafka_key(&self, out: &mut String) {
+        use std::fmt::Write as _;
         let spread = ["session_id", "user_id", "name", "target"]
             .iter()
             .find_map(|k| self.data.get(*k).and_then(Value::as_str))
             .unwrap_or("");
-        format!("{}:{}", self.tenant_id, spread)
+        let _ = write!(out, "{}:{}", self.tenant_id, spread);
     }
 
     /// Decodes (and upcasts) the payload. The projector calls this on every record.

@@ -19,6 +19,7 @@ pub mod problem;
 pub mod ratelimit;
 pub mod redis_client;
 pub mod repos;
+pub mod rfc3339;
 pub mod rules;
 pub mod secretbox;
 pub mod telemetry;

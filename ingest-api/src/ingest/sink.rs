@@ -2,6 +2,7 @@
 //! accept is made upstream by the doors; a sink appends a whole batch, or says why it could
 //! not.
 
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,9 +59,15 @@ impl KafkaSink {
         let started = Instant::now();
         let payloads = serialize(envelopes)?;
         let mut deliveries = Vec::with_capacity(envelopes.len());
-        for (env, payload) in envelopes.iter().zip(&payloads) {
-            let key = env.kafka_key();
-            let version = env.schema_version.to_string();
+        // The key and version texts are written into buffers reused for every event:
+        // librdkafka copies them as each record is queued.
+        let mut key = String::new();
+        let mut version = String::new();
+        for (env, payload) in envelopes.iter().zip(payloads.iter()) {
+            key.clear();
+            env.write_kafka_key(&mut key);
+            version.clear();
+            let _ = write!(version, "{}", env.schema_version);
             let headers = OwnedHeaders::new_with_capacity(3)
                 .insert(Header {
                     key: "type",
@@ -133,20 +140,46 @@ impl KafkaSink {
     }
 }
 
+/// A batch's envelopes serialized into one buffer, each event's bytes a slice of it: one
+/// allocation per request rather than a few per event.
+#[derive(Debug, Default)]
+pub struct Serialized {
+    bytes: Vec<u8>,
+    /// Where each event's bytes end in `bytes` (the next one's start).
+    ends: Vec<usize>,
+}
+
+impl Serialized {
+    /// Each event's bytes, in the batch's order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(&self.ends)
+            .map(|(start, &end)| &self.bytes[start..end])
+    }
+}
+
+/// About what one envelope takes serialized, for the buffer's first size.
+const ENVELOPE_BYTES_GUESS: usize = 512;
+
 /// Every event serialized and sized before any is sent: one too large for the log
 /// (`message.max.bytes`, 1 MB) refuses the request whole, and resending cannot help.
-pub fn serialize(envelopes: &[Envelope]) -> Result<Vec<Vec<u8>>, IngestError> {
-    envelopes
-        .iter()
-        .map(|env| {
-            let payload = serde_json::to_vec(env)
-                .map_err(|e| IngestError::internal("envelope serialization failed", e))?;
-            if payload.len() > MAX_STORED_EVENT_BYTES {
-                return Err(IngestError::event_too_large(env.id, payload.len()));
-            }
-            Ok(payload)
-        })
-        .collect()
+pub fn serialize(envelopes: &[Envelope]) -> Result<Serialized, IngestError> {
+    let mut out = Serialized {
+        bytes: Vec::with_capacity(envelopes.len().saturating_mul(ENVELOPE_BYTES_GUESS)),
+        ends: Vec::with_capacity(envelopes.len()),
+    };
+    for env in envelopes {
+        let start = out.bytes.len();
+        serde_json::to_writer(&mut out.bytes, env)
+            .map_err(|e| IngestError::internal("envelope serialization failed", e))?;
+        let len = out.bytes.len() - start;
+        if len > MAX_STORED_EVENT_BYTES {
+            return Err(IngestError::event_too_large(env.id, len));
+        }
+        out.ends.push(out.bytes.len());
+    }
+    Ok(out)
 }
 
 /// A sink that keeps what it is given, for tests of the doors without a broker. It applies

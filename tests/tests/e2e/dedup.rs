@@ -336,11 +336,16 @@ async fn sparse_pending_histograms_read_and_fold_as_dense() {
 
     // Folded (by this call, or by a neighbouring test's compactor first): the same buckets,
     // in one dense row per grain.
+    // The schema's lock is held only by short transactions (a neighbour's fold, an upgrade):
+    // ten seconds of tries is ample, and a lock never released fails the test.
+    let mut tries = 0;
     while projector::models::rollups::compact(&pool, &schema)
         .await
         .unwrap()
         .is_none()
     {
+        tries += 1;
+        assert!(tries < 200, "the schema's lock was held for 10 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     wait_folded(&pool, t.id, Duration::from_secs(20)).await;
