@@ -1331,6 +1331,46 @@ mod tests {
         assert!(Payload::decode(EventType::AgentInteracted, 3, json!({}), "data").is_err());
     }
 
+    /// The envelope's stored form, byte for byte: what ingest-api writes to the log and every
+    /// consumer reads (its times through `rfc3339`, its type without serde's `into`).
+    #[test]
+    fn an_envelope_is_written_in_its_stored_form() {
+        let at = |s: &str| {
+            DateTime::parse_from_rfc3339(s)
+                .expect("a time")
+                .with_timezone(&Utc)
+        };
+        let env = Envelope {
+            id: Uuid::from_u128(1),
+            tenant_id: TenantId(Uuid::from_u128(2)),
+            event_type: EventType::CommandExecuted,
+            schema_version: 1,
+            occurred_at: at("2026-12-03T14:05:09.120Z"),
+            received_at: at("2026-12-03T14:05:10Z"),
+            actor: Actor {
+                user_id: None,
+                api_key_id: Some(Uuid::from_u128(3)),
+            },
+            source: Source::Api,
+            data: json!({"user_id": "u"}),
+        };
+        assert_eq!(
+            serde_json::to_string(&env).expect("serializes"),
+            concat!(
+                r#"{"id":"00000000-0000-0000-0000-000000000001","#,
+                r#""tenant_id":"00000000-0000-0000-0000-000000000002","#,
+                r#""type":"command.executed","schema_version":1,"#,
+                r#""occurred_at":"2026-12-03T14:05:09.120Z","#,
+                r#""received_at":"2026-12-03T14:05:10Z","#,
+                r#""actor":{"api_key_id":"00000000-0000-0000-0000-000000000003"},"#,
+                r#""source":"api","data":{"user_id":"u"}}"#
+            )
+        );
+        let back: Envelope =
+            serde_json::from_str(&serde_json::to_string(&env).expect("json")).expect("reads back");
+        assert_eq!(back, env);
+    }
+
     #[test]
     fn auth_events_round_trip() {
         let env = Envelope {

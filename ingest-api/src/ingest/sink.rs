@@ -107,6 +107,8 @@ impl KafkaSink {
                 }
             }
         }
+        // librdkafka copied every record as it was queued.
+        drop(payloads);
         // librdkafka gives up on a record after `message.timeout.ms` (= the produce timeout);
         // the outer timeout is only a guard against a lost delivery report.
         let results = tokio::time::timeout(
@@ -161,12 +163,20 @@ impl Serialized {
 
 /// About what one envelope takes serialized, for the buffer's first size.
 const ENVELOPE_BYTES_GUESS: usize = 512;
+/// The buffer's largest first size: the foreign formats' requests may hold 50 000 small
+/// events, and the buffer grows as the events need.
+const FIRST_BUFFER_MAX: usize = 1 << 20;
 
 /// Every event serialized and sized before any is sent: one too large for the log
 /// (`message.max.bytes`, 1 MB) refuses the request whole, and resending cannot help.
 pub fn serialize(envelopes: &[Envelope]) -> Result<Serialized, IngestError> {
     let mut out = Serialized {
-        bytes: Vec::with_capacity(envelopes.len().saturating_mul(ENVELOPE_BYTES_GUESS)),
+        bytes: Vec::with_capacity(
+            envelopes
+                .len()
+                .saturating_mul(ENVELOPE_BYTES_GUESS)
+                .min(FIRST_BUFFER_MAX),
+        ),
         ends: Vec::with_capacity(envelopes.len()),
     };
     for env in envelopes {
