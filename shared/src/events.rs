@@ -60,12 +60,6 @@ impl TryFrom<String> for EventType {
     }
 }
 
-impl From<EventType> for String {
-    fn from(t: EventType) -> String {
-        t.as_str().to_string()
-    }
-}
-
 /// Written as its name, without the `String` a serde `into` would allocate per event.
 impl Serialize for EventType {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {

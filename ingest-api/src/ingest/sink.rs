@@ -144,7 +144,7 @@ impl KafkaSink {
 
 /// A batch's envelopes serialized into one buffer, each event's bytes a slice of it: one
 /// allocation per request rather than a few per event.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Serialized {
     bytes: Vec<u8>,
     /// Where each event's bytes end in `bytes` (the next one's start).
