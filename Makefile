@@ -17,13 +17,13 @@ help:
 	@echo "make test    run every test (lint, unit, end-to-end over real Kafka, PostgreSQL, Redis)"
 	@echo "make down    stop everything (data is kept; 'make clean-data' deletes it)"
 	@echo "make status  what is running"
-	@echo "make load    run the load generator against 'make up' (EVENTS=200000 CONCURRENCY=8 BATCH=500 FORMAT=events|otlp SHAPE=backfill|live)"
+	@echo "make load    run the load generator against 'make up' (EVENTS=200000 CONCURRENCY=8 BATCH=500 FORMAT=events|otlp SHAPE=backfill|live; PAUSE=1: the projector stopped while sending, then its drain timed alone)"
 	@echo "make freshness  offer RATE=10000 events/s for SECONDS=60; time 202 → counted in the overview, peak memory of each service (after 'make up')"
 	@echo "make overload  offer ingest-api twice the rate it sustains (FACTOR=2 SECONDS=30); report shedding, memory, exactly-once (after 'make up')"
 	@echo "make bench-replay  produce REPLAY_EVENTS over REPLAY_DAYS to scratch topics, rebuild them with the projector's replay, compare with COPY (after 'make up')"
 	@echo "make bench-read  load READ_EVENTS over READ_DAYS into a new tenant, time overview and time series (after 'make up'; READ_ARGS="--raw-days 2": raw rows and minute rollups of 2 days)"
 	@echo "make bench-alerts  time budget crossings from the event's 202 to the signed webhook (after 'make up')"
-	@echo "make bench   every benchmark (load: events backfill and live, OTLP; freshness; bench-replay; bench-read; bench-alerts), then one table of figures, raw limits, ratios and goals"
+	@echo "make bench   every benchmark (load: events backfill and live, OTLP; freshness; bench-replay; bench-read; bench-alerts; events and OTLP again with the projector paused while sending), then one table of figures, raw limits, ratios and goals"
 	@echo "make fuzz    run every fuzz target for FUZZ_SECONDS each (default 300; FUZZ_TARGETS='jwt cursor' for some)"
 
 up:
@@ -69,13 +69,15 @@ CONCURRENCY ?= 8
 BATCH ?= 500
 FORMAT ?= events
 SHAPE ?= backfill
+PAUSE ?=
 load:
 	test -f .tally/demo.env || { echo "run 'make up' first"; exit 1; }
 	cargo build --profile $(PROFILE) -p tally-tests --bin tally-load
 	$(ENV) && source .tally/demo.env && \
-		TALLY_BENCH_COMMAND="make load EVENTS=$(EVENTS) FORMAT=$(FORMAT) SHAPE=$(SHAPE)" \
+		TALLY_BENCH_COMMAND="make load EVENTS=$(EVENTS) FORMAT=$(FORMAT) SHAPE=$(SHAPE)$(if $(PAUSE), PAUSE=1)" \
 		$(BIN_DIR)/tally-load --events $(EVENTS) --concurrency $(CONCURRENCY) --batch $(BATCH) \
-		--format $(FORMAT) --shape $(SHAPE) --baseline
+		--format $(FORMAT) --shape $(SHAPE) --baseline \
+		$(if $(PAUSE),--pause-projector "$${TALLY_HOME:-.tally}/run/projector.pid")
 
 FACTOR ?= 2
 SECONDS ?= 30
@@ -147,6 +149,8 @@ bench:
 	$(BENCH_STEP) bench-replay || $(BENCH_FAILED) "make bench-replay"
 	$(BENCH_STEP) bench-read || $(BENCH_FAILED) "make bench-read"
 	$(BENCH_STEP) bench-alerts || $(BENCH_FAILED) "make bench-alerts"
+	$(BENCH_STEP) load FORMAT=events SHAPE=backfill PAUSE=1 || $(BENCH_FAILED) "make load PAUSE=1"
+	$(BENCH_STEP) load FORMAT=otlp SHAPE=backfill PAUSE=1 || $(BENCH_FAILED) "make load FORMAT=otlp PAUSE=1"
 	@echo
 	@deploy/local/bench-table.py "$(BENCH_REPORT)"
 	@echo "(figures in $(BENCH_REPORT))"
