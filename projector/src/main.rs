@@ -3,14 +3,10 @@ use projector::{tools, App, Config};
 
 /// mimalloc rather than glibc's allocator, for librdkafka's C allocations too (`override`):
 /// glibc's arenas kept the fetch buffers of a drained backlog resident (127 MB after draining
-/// 400 000 events; 32 MB once mimalloc has purged them). Its version 2 (`v2`), which returns
-/// freed memory 10 ms after its last use where version 3 waits a second: in `make
-/// freshness` right after two 200 000-event loads the projector peaked at 44–59 MB in three
-/// runs, against 62–67 MB in three with version 3. Built not to ask for transparent huge
+/// 400 000 events; 32 MB once mimalloc has purged them). Built not to ask for transparent huge
 /// pages (`no_thp`; `MIMALLOC_ALLOW_THP=0` where the host's mode is `always`): with them,
-/// resident memory doubled. (Not in ingest-api: with version 3 it held refused bombs'
-/// blocks past its tests' memory bound, and with version 2 it used no less CPU per event
-/// than with glibc's.)
+/// resident memory doubled. (Not in ingest-api: it held refused bombs' blocks past its tests'
+/// memory bound.)
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
