@@ -49,6 +49,8 @@ start() {
     # The projector's mimalloc without transparent huge pages, whatever the host's mode (see
     # deploy/Dockerfile).
     export MIMALLOC_ALLOW_THP="${MIMALLOC_ALLOW_THP:-0}"
+    # And returning what it freed at once, not a second later (see deploy/Dockerfile).
+    export MIMALLOC_PURGE_DELAY="${MIMALLOC_PURGE_DELAY:-0}"
     say "applying migrations"
     "$bin_dir/projector" migrate >>"$TALLY_LOGS/projector.log" 2>&1 ||
         { show_log_tail "$TALLY_LOGS/projector.log"; die "migrations failed"; }

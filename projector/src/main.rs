@@ -5,8 +5,9 @@ use projector::{tools, App, Config};
 /// glibc's arenas kept the fetch buffers of a drained backlog resident (127 MB after draining
 /// 400 000 events; 32 MB once mimalloc has purged them). Built not to ask for transparent huge
 /// pages (`no_thp`; `MIMALLOC_ALLOW_THP=0` where the host's mode is `always`): with them,
-/// resident memory doubled. (Not in ingest-api: it held refused bombs' blocks past its tests'
-/// memory bound.)
+/// resident memory doubled. Deployments set `MIMALLOC_PURGE_DELAY=0` too (`deploy/Dockerfile`,
+/// `deploy/local/services.sh`): freed memory goes back at once, not a second later. (Not in
+/// ingest-api: it held refused bombs' blocks past its tests' memory bound.)
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
