@@ -74,10 +74,10 @@ load:
 	test -f .tally/demo.env || { echo "run 'make up' first"; exit 1; }
 	cargo build --profile $(PROFILE) -p tally-tests --bin tally-load
 	$(ENV) && source .tally/demo.env && \
-		TALLY_BENCH_COMMAND="make load EVENTS=$(EVENTS) FORMAT=$(FORMAT) SHAPE=$(SHAPE)$(if $(PAUSE), PAUSE=1)" \
+		TALLY_BENCH_COMMAND="make load EVENTS=$(EVENTS) FORMAT=$(FORMAT) SHAPE=$(SHAPE)$(if $(filter 1,$(PAUSE)), PAUSE=1)" \
 		$(BIN_DIR)/tally-load --events $(EVENTS) --concurrency $(CONCURRENCY) --batch $(BATCH) \
 		--format $(FORMAT) --shape $(SHAPE) --baseline \
-		$(if $(PAUSE),--pause-projector "$${TALLY_HOME:-.tally}/run/projector.pid")
+		$(if $(filter 1,$(PAUSE)),--pause-projector "$${TALLY_HOME:-.tally}/run/projector.pid")
 
 FACTOR ?= 2
 SECONDS ?= 30

@@ -313,6 +313,25 @@ impl IngestProcess {
     }
 }
 
+/// The pid in a service's pid file (`deploy/local/services.sh` writes them), checked to be a
+/// running process named `service`: a stale file whose pid now belongs to another process is
+/// an error, not a process to measure or signal.
+pub fn service_pid(file: &std::path::Path, service: &str) -> anyhow::Result<u32> {
+    use anyhow::Context as _;
+    let pid: u32 = std::fs::read_to_string(file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{} holds no pid", file.display()))?;
+    let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    anyhow::ensure!(
+        name.trim_end() == service,
+        "{service} (pid {pid} in {}) is not running",
+        file.display()
+    );
+    Ok(pid)
+}
+
 /// `VmRSS` and `VmHWM` of a live process, in KiB.
 pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -361,4 +380,27 @@ pub async fn run_replay(common: &Common, tenant: TenantId, grace_secs: u64) -> (
     assert!(out.status.success(), "replay failed: {stderr}");
     let report = serde_json::from_slice(&out.stdout).expect("replay report");
     (report, stderr)
+}
+
+#[cfg(test)]
+mod pid_file_tests {
+    use super::service_pid;
+
+    #[test]
+    fn a_pid_file_names_a_running_process_of_that_name_or_is_refused() {
+        let dir = std::env::temp_dir().join(format!("tally-pid-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("svc.pid");
+        let me = std::process::id();
+        let my_name = std::fs::read_to_string(format!("/proc/{me}/comm")).unwrap();
+        std::fs::write(&file, format!("{me}\n")).unwrap();
+        assert_eq!(service_pid(&file, my_name.trim_end()).unwrap(), me);
+        // The same pid under another service's name: a stale file, not a process to signal.
+        let err = service_pid(&file, "projector").unwrap_err().to_string();
+        assert!(err.contains("is not running"), "{err}");
+        std::fs::write(&file, "not a pid").unwrap();
+        assert!(service_pid(&file, "projector").is_err());
+        assert!(service_pid(&dir.join("missing.pid"), "projector").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -506,16 +506,7 @@ fn read_pids(args: &Args) -> anyhow::Result<Vec<(&'static str, u32)>> {
         .iter()
         .map(|service| {
             let file = dir.join(format!("{service}.pid"));
-            let pid: u32 = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {} (pass --pid-dir)", file.display()))?
-                .trim()
-                .parse()
-                .with_context(|| format!("{} holds no pid", file.display()))?;
-            anyhow::ensure!(
-                tally_tests::memory_kib(pid).is_some(),
-                "{service} (pid {pid} in {}) is not running",
-                file.display()
-            );
+            let pid = tally_tests::service_pid(&file, service).context("pass --pid-dir")?;
             Ok((*service, pid))
         })
         .collect()

@@ -85,11 +85,7 @@ struct Paused(u32);
 
 impl Paused {
     fn stop(pid_file: &std::path::Path) -> anyhow::Result<Paused> {
-        let pid: u32 = std::fs::read_to_string(pid_file)
-            .with_context(|| format!("reading {}", pid_file.display()))?
-            .trim()
-            .parse()
-            .with_context(|| format!("a pid in {}", pid_file.display()))?;
+        let pid = tally_tests::service_pid(pid_file, "projector")?;
         signal("-STOP", pid)?;
         Ok(Paused(pid))
     }
