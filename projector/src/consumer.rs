@@ -1,11 +1,13 @@
 //! The consume loop: decode → batch → write (with offsets) → acknowledge, as explicit stages.
+//! While a batch is in PostgreSQL's hands, the records after it are received and decoded into
+//! the next batch, which is written once the first has landed (one batch in flight).
 //!
 //! Offsets live in PostgreSQL with the rows. On assignment the loop learns each partition's
 //! stored offset; a record below it was already projected and is skipped, a record above it
 //! means a gap and the partition is sought back ([`crate::offsets::resume`]). Kafka's own
 //! commit is only for lag display.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,10 +18,11 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use redis::aio::ConnectionManager;
 use shared::events::Envelope;
 use shared::health::ShutdownFlag;
+use shared::tenant::TenantId;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-use crate::batch::{self, Decoded, WriteError};
+use crate::batch::{self, Decoded, WriteError, Written};
 use crate::config::Config;
 use crate::offsets::{self, OffsetRange, Resume, Stalls};
 use crate::prepare::{self, Prepared, Target};
@@ -164,6 +167,8 @@ pub struct Projector {
     /// The next offset to project, per partition: the stored one (0 when none is stored),
     /// then advanced by the loop as records are accepted.
     positions: HashMap<i32, i64>,
+    /// Tenants known to exist (events of unknown ones are poison), so each record does not ask.
+    known: HashSet<TenantId>,
     prepared: Prepared,
     stalls: Stalls,
     /// Told which tenants advanced after each batch (the metrics loop, where alerting runs).
@@ -214,6 +219,7 @@ impl Projector {
             dlq,
             log,
             positions: HashMap::new(),
+            known: HashSet::new(),
             prepared: Prepared::default(),
             stalls,
             alerts: None,
@@ -245,7 +251,7 @@ impl Projector {
                 msg = tokio::time::timeout(wait, consumer.recv()) => {
                     self.apply_rebalances(&mut pending);
                     match msg {
-                        Ok(Ok(m)) => self.accept(&m, &mut pending).await?,
+                        Ok(Ok(m)) => self.accept(&m, &mut pending).await,
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "kafka consume error");
                             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -257,7 +263,7 @@ impl Projector {
             let due = pending.started.is_some_and(|t| t.elapsed() >= linger);
             if due {
                 // What librdkafka already holds waited as long: take it along.
-                self.take_ready(&mut pending).await?;
+                self.take_ready(&mut pending).await;
             }
             if due || pending.len() >= self.config.batch_max_events {
                 self.flush(&mut pending).await;
@@ -272,7 +278,7 @@ impl Projector {
     /// Accepts the records already fetched, without waiting for more, until the batch is full
     /// (or as many were polled: records already projected are skipped, not batched). Best
     /// effort: what is left goes in the next batch.
-    async fn take_ready(&mut self, pending: &mut Pending) -> anyhow::Result<()> {
+    async fn take_ready(&mut self, pending: &mut Pending) {
         let consumer = self.consumer.clone();
         for _ in 0..self.config.batch_max_events {
             if pending.len() >= self.config.batch_max_events {
@@ -282,7 +288,7 @@ impl Projector {
             match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
                 Ok(Ok(m)) => {
                     self.apply_rebalances(pending);
-                    self.accept(&m, pending).await?;
+                    self.accept(&m, pending).await;
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "kafka consume error");
@@ -291,7 +297,6 @@ impl Projector {
                 Err(_nothing_fetched) => break,
             }
         }
-        Ok(())
     }
 
     /// Partitions that were assigned or revoked: forget what we knew about them; the next
@@ -344,16 +349,12 @@ impl Projector {
         }
     }
 
-    async fn accept(
-        &mut self,
-        m: &BorrowedMessage<'_>,
-        pending: &mut Pending,
-    ) -> anyhow::Result<()> {
+    async fn accept(&mut self, m: &BorrowedMessage<'_>, pending: &mut Pending) {
         let (partition, offset) = (m.partition(), m.offset());
         let next = self.position(partition).await;
         // Where the batch's compare-and-set expects the stored offset to stand.
         let from = match offsets::resume(next, offset, || self.log_start(partition)) {
-            Resume::Skip => return Ok(()), // already projected
+            Resume::Skip => return, // already projected
             Resume::Take { from, expired: 0 } => from,
             Resume::Take { from, expired } => {
                 // Retention deleted them before they were projected: nothing can bring them
@@ -385,7 +386,7 @@ impl Projector {
                 ) {
                     tracing::warn!(error = %e, partition, "seek failed");
                 }
-                return Ok(());
+                return;
             }
         };
         self.positions.insert(partition, offset + 1);
@@ -406,8 +407,7 @@ impl Projector {
             Ok(mut d) => {
                 d.origin = (partition, offset);
                 let known = loop {
-                    match prepare::tenant_known(&self.pool, &mut self.prepared, d.env.tenant_id)
-                        .await
+                    match prepare::tenant_known(&self.pool, &mut self.known, d.env.tenant_id).await
                     {
                         Ok(k) => break k,
                         Err(e) => {
@@ -426,12 +426,16 @@ impl Projector {
             }
             Err(error) => pending.poison.push(poison(m, error)),
         }
-        Ok(())
     }
 
     /// Writes the batch, retrying while PostgreSQL is unavailable; on a fence, drops it and
     /// rewinds to the stored offsets. Events PostgreSQL refuses for their own sake are taken
     /// out of the batch and dead-lettered, and the rest is written.
+    ///
+    /// `pending` is the next batch, empty on entry: while the first attempt is in
+    /// PostgreSQL's hands, the records after the batch are received and decoded into it
+    /// ([`Self::write_overlapped`]). If that attempt does not land, they are dropped and
+    /// their partitions rewound, to be read again once the batch has landed.
     async fn flush(&mut self, pending: &mut Pending) {
         let mut batch = std::mem::take(pending);
         let started = Instant::now();
@@ -441,31 +445,27 @@ impl Projector {
         let mut backoff = Duration::from_millis(200);
         let mut paused: Option<TopicPartitionList> = None;
         let mut redis = self.redis.clone();
+        let mut first = Some(self.write_overlapped(&batch, redis.as_mut(), pending).await);
+        if !matches!(first, Some(Ok(_))) && pending.len() > 0 {
+            let parts: Vec<i32> = pending.offsets.keys().copied().collect();
+            *pending = Pending::default();
+            self.rewind(&parts).await;
+        }
         let result = loop {
-            let attempt = async {
-                let versions =
-                    prepare::live_versions(&self.pool, &mut self.prepared, &batch.events).await?;
-                prepare::prepare(
-                    &self.pool,
-                    &mut self.prepared,
-                    &versions,
-                    self.config.partitions_ahead_days,
-                    &batch.events,
-                    false,
-                )
-                .await?;
-                batch::write(
-                    &self.pool,
-                    &self.config.projection,
-                    &self.topic,
-                    Target::Live(&versions),
-                    &batch.events,
-                    &batch.offsets,
-                    batch::Mode::Live(redis.as_mut()),
-                )
-                .await
+            let outcome = match first.take() {
+                Some(outcome) => outcome,
+                None => {
+                    write_attempt(
+                        &self.pool,
+                        &mut self.prepared,
+                        (&self.config, &self.topic),
+                        &batch,
+                        redis.as_mut(),
+                    )
+                    .await
+                }
             };
-            match attempt.await {
+            match outcome {
                 Err(WriteError::VersionMoved) => {
                     tracing::info!("a replay switched projection versions; preparing again");
                     self.prepared.forget_versions();
@@ -490,6 +490,7 @@ impl Projector {
                     )
                     .await;
                     self.prepared.clear();
+                    self.known.clear();
                     if paused.is_none() {
                         paused = self.pause();
                     }
@@ -540,6 +541,42 @@ impl Projector {
                 unreachable!("only a rebuild's bulk load writes on two connections")
             }
         }
+    }
+
+    /// The batch's first write attempt; meanwhile the records after it are received and
+    /// accepted into `next` (up to a full batch), so that decoding them overlaps the
+    /// batch's statements in PostgreSQL instead of waiting for its commit. The attempt
+    /// goes on between records; `next` is written only after the batch has landed.
+    async fn write_overlapped(
+        &mut self,
+        batch: &Pending,
+        redis: Option<&mut ConnectionManager>,
+        next: &mut Pending,
+    ) -> Result<Written, WriteError> {
+        // The attempt holds the caches it fills; the records use `known` and `positions`.
+        let mut prepared = std::mem::take(&mut self.prepared);
+        let (pool, config, topic) = (self.pool.clone(), self.config.clone(), self.topic.clone());
+        let consumer = self.consumer.clone();
+        let result = {
+            let attempt = write_attempt(&pool, &mut prepared, (&config, &topic), batch, redis);
+            tokio::pin!(attempt);
+            loop {
+                let room = next.len() < config.batch_max_events;
+                tokio::select! {
+                    biased;
+                    outcome = &mut attempt => break outcome,
+                    msg = consumer.recv(), if room => {
+                        self.apply_rebalances(next);
+                        match msg {
+                            Ok(m) => self.accept(&m, next).await,
+                            Err(e) => tracing::warn!(error = %e, "kafka consume error"),
+                        }
+                    }
+                }
+            }
+        };
+        self.prepared = prepared;
+        result
     }
 
     /// Finds the events of `events` that PostgreSQL refuses for their own sake, dead-letters
@@ -642,6 +679,37 @@ impl Projector {
             shared::watermark::publish(redis, tenants.iter().copied()).await;
         }
     }
+}
+
+/// One attempt at writing a live batch: its tenants' versions and schemas, then the batch
+/// and its offsets in one transaction ([`batch::write`]).
+async fn write_attempt(
+    pool: &PgPool,
+    prepared: &mut Prepared,
+    (config, topic): (&Config, &str),
+    batch: &Pending,
+    redis: Option<&mut ConnectionManager>,
+) -> Result<Written, WriteError> {
+    let versions = prepare::live_versions(pool, prepared, &batch.events).await?;
+    prepare::prepare(
+        pool,
+        prepared,
+        &versions,
+        config.partitions_ahead_days,
+        &batch.events,
+        false,
+    )
+    .await?;
+    batch::write(
+        pool,
+        &config.projection,
+        topic,
+        Target::Live(&versions),
+        &batch.events,
+        &batch.offsets,
+        batch::Mode::Live(redis),
+    )
+    .await
 }
 
 /// Since when a record has waited to be projected: since it was produced (its Kafka

@@ -23,7 +23,6 @@ pub struct Prepared {
     /// write ([`Target::Live`]); a mismatch clears this cache.
     versions: Versions,
     tenants: HashSet<(TenantId, i32)>,
-    known: HashSet<TenantId>,
     partitions: HashSet<(TenantId, i32, NaiveDate)>,
 }
 
@@ -43,23 +42,23 @@ impl Prepared {
 /// Whether the tenant exists in the control plane (events of unknown tenants are poison).
 pub async fn tenant_known(
     pool: &PgPool,
-    prepared: &mut Prepared,
+    known: &mut HashSet<TenantId>,
     tenant: TenantId,
 ) -> sqlx::Result<bool> {
-    if prepared.known.contains(&tenant) {
+    if known.contains(&tenant) {
         return Ok(true);
     }
-    let known: bool =
+    let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM control.tenants WHERE id = $1)")
             .bind(tenant.0)
             .fetch_one(pool)
             .await?;
     // Unknown tenants are not remembered: one may be created later and its dead letters
     // redriven.
-    if known {
-        prepared.known.insert(tenant);
+    if exists {
+        known.insert(tenant);
     }
-    Ok(known)
+    Ok(exists)
 }
 
 /// Makes sure every tenant of the batch has its schema and the partitions its rows need
