@@ -248,6 +248,8 @@ impl Projector {
                     shutdown.trigger();
                     break;
                 }
+                // A batch filled while the one before it was written goes at once.
+                _ = std::future::ready(()), if pending.len() >= self.config.batch_max_events => {}
                 msg = tokio::time::timeout(wait, consumer.recv()) => {
                     self.apply_rebalances(&mut pending);
                     match msg {
@@ -266,11 +268,12 @@ impl Projector {
                 self.take_ready(&mut pending).await;
             }
             if due || pending.len() >= self.config.batch_max_events {
-                self.flush(&mut pending).await;
+                self.flush(&mut pending, true).await;
             }
         }
         if pending.len() > 0 {
-            self.flush(&mut pending).await;
+            // The last batch: nothing after it is read.
+            self.flush(&mut pending, false).await;
         }
         Ok(())
     }
@@ -432,11 +435,12 @@ impl Projector {
     /// rewinds to the stored offsets. Events PostgreSQL refuses for their own sake are taken
     /// out of the batch and dead-lettered, and the rest is written.
     ///
-    /// `pending` is the next batch, empty on entry: while the first attempt is in
-    /// PostgreSQL's hands, the records after the batch are received and decoded into it
+    /// `pending` is the next batch, empty on entry: with `overlap`, while the first attempt
+    /// is in PostgreSQL's hands, the records after the batch are received and decoded into it
     /// ([`Self::write_overlapped`]). If that attempt does not land, they are dropped and
-    /// their partitions rewound, to be read again once the batch has landed.
-    async fn flush(&mut self, pending: &mut Pending) {
+    /// their partitions sought back to their first record, to be read again once the batch
+    /// has landed.
+    async fn flush(&mut self, pending: &mut Pending, overlap: bool) {
         let mut batch = std::mem::take(pending);
         let started = Instant::now();
         if !batch.poison.is_empty() {
@@ -445,11 +449,14 @@ impl Projector {
         let mut backoff = Duration::from_millis(200);
         let mut paused: Option<TopicPartitionList> = None;
         let mut redis = self.redis.clone();
-        let mut first = Some(self.write_overlapped(&batch, redis.as_mut(), pending).await);
-        if !matches!(first, Some(Ok(_))) && pending.len() > 0 {
-            let parts: Vec<i32> = pending.offsets.keys().copied().collect();
-            *pending = Pending::default();
-            self.rewind(&parts).await;
+        let mut first = None;
+        if overlap {
+            let (outcome, back) = self.write_overlapped(batch, pending).await;
+            batch = back;
+            if outcome.is_err() {
+                self.drop_next(pending);
+            }
+            first = Some(outcome);
         }
         let result = loop {
             let outcome = match first.take() {
@@ -543,40 +550,71 @@ impl Projector {
         }
     }
 
-    /// The batch's first write attempt; meanwhile the records after it are received and
-    /// accepted into `next` (up to a full batch), so that decoding them overlaps the
-    /// batch's statements in PostgreSQL instead of waiting for its commit. The attempt
-    /// goes on between records; `next` is written only after the batch has landed.
+    /// The batch's first write attempt, in a task of its own; meanwhile the records after
+    /// it are received and accepted into `next` (up to a full batch), so that decoding them
+    /// overlaps the batch's statements instead of waiting for its commit. The attempt goes on
+    /// whatever a record waits for (a position or a tenant looked up in PostgreSQL); `next`
+    /// is written only after the batch has landed. Gives the batch back with the outcome.
     async fn write_overlapped(
         &mut self,
-        batch: &Pending,
-        redis: Option<&mut ConnectionManager>,
+        batch: Pending,
         next: &mut Pending,
-    ) -> Result<Written, WriteError> {
+    ) -> (Result<Written, WriteError>, Pending) {
         // The attempt holds the caches it fills; the records use `known` and `positions`.
         let mut prepared = std::mem::take(&mut self.prepared);
         let (pool, config, topic) = (self.pool.clone(), self.config.clone(), self.topic.clone());
+        let mut redis = self.redis.clone();
+        let mut attempt = tokio::spawn(async move {
+            let outcome = write_attempt(
+                &pool,
+                &mut prepared,
+                (&config, &topic),
+                &batch,
+                redis.as_mut(),
+            )
+            .await;
+            (outcome, prepared, batch)
+        });
         let consumer = self.consumer.clone();
-        let result = {
-            let attempt = write_attempt(&pool, &mut prepared, (&config, &topic), batch, redis);
-            tokio::pin!(attempt);
-            loop {
-                let room = next.len() < config.batch_max_events;
-                tokio::select! {
-                    biased;
-                    outcome = &mut attempt => break outcome,
-                    msg = consumer.recv(), if room => {
-                        self.apply_rebalances(next);
-                        match msg {
-                            Ok(m) => self.accept(&m, next).await,
-                            Err(e) => tracing::warn!(error = %e, "kafka consume error"),
-                        }
+        let joined = loop {
+            let room = next.len() < self.config.batch_max_events;
+            tokio::select! {
+                biased;
+                joined = &mut attempt => break joined,
+                msg = consumer.recv(), if room => {
+                    self.apply_rebalances(next);
+                    match msg {
+                        Ok(m) => self.accept(&m, next).await,
+                        Err(e) => tracing::warn!(error = %e, "kafka consume error"),
                     }
                 }
             }
         };
+        let (outcome, prepared, batch) = match joined {
+            Ok(done) => done,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("a batch's write attempt was cancelled: {e}"),
+        };
         self.prepared = prepared;
-        result
+        (outcome, batch)
+    }
+
+    /// Drops the next batch read during a first attempt that did not land: each of its
+    /// partitions is sought back to where the batch started in it and read again later
+    /// (its position is looked up again then, once the batch before it has landed or not).
+    /// Nothing is asked of PostgreSQL here, which may be the reason the attempt failed.
+    fn drop_next(&mut self, next: &mut Pending) {
+        for (partition, range) in std::mem::take(next).offsets {
+            self.positions.remove(&partition);
+            if let Err(e) = self.consumer.seek(
+                &self.topic,
+                partition,
+                Offset::Offset(range.start),
+                Duration::from_secs(5),
+            ) {
+                tracing::warn!(error = %e, partition, "seek failed");
+            }
+        }
     }
 
     /// Finds the events of `events` that PostgreSQL refuses for their own sake, dead-letters
