@@ -380,15 +380,7 @@ impl Projector {
                     next,
                     "gap before stored offset; seeking back"
                 );
-                self.positions.remove(&partition);
-                if let Err(e) = self.consumer.seek(
-                    &self.topic,
-                    partition,
-                    Offset::Offset(next),
-                    Duration::from_secs(5),
-                ) {
-                    tracing::warn!(error = %e, partition, "seek failed");
-                }
+                self.seek(partition, Offset::Offset(next));
                 return;
             }
         };
@@ -605,15 +597,7 @@ impl Projector {
     /// Nothing is asked of PostgreSQL here, which may be the reason the attempt failed.
     fn drop_next(&mut self, next: &mut Pending) {
         for (partition, range) in std::mem::take(next).offsets {
-            self.positions.remove(&partition);
-            if let Err(e) = self.consumer.seek(
-                &self.topic,
-                partition,
-                Offset::Offset(range.start),
-                Duration::from_secs(5),
-            ) {
-                tracing::warn!(error = %e, partition, "seek failed");
-            }
+            self.seek(partition, Offset::Offset(range.start));
         }
     }
 
@@ -672,20 +656,25 @@ impl Projector {
     /// Forgets what the loop knew about `partitions` and seeks each back to its stored
     /// offset (the beginning when it has none), so nothing skipped or dropped is lost.
     async fn rewind(&mut self, partitions: &[i32]) {
-        for p in partitions {
-            self.positions.remove(p);
-        }
         let stored = self.stored_offsets().await;
         for p in partitions {
             let to = stored
                 .get(p)
                 .map_or(Offset::Beginning, |o| Offset::Offset(*o));
-            if let Err(e) = self
-                .consumer
-                .seek(&self.topic, *p, to, Duration::from_secs(5))
-            {
-                tracing::warn!(error = %e, partition = p, "seek failed");
-            }
+            self.seek(*p, to);
+        }
+    }
+
+    /// Forgets where the loop stood in `partition` (its next record looks its position up
+    /// again) and seeks it to `to`. A failed seek is logged: the partition's next record
+    /// then shows a gap and is sought back again ([`Resume::SeekBack`]).
+    fn seek(&mut self, partition: i32, to: Offset) {
+        self.positions.remove(&partition);
+        if let Err(e) = self
+            .consumer
+            .seek(&self.topic, partition, to, Duration::from_secs(5))
+        {
+            tracing::warn!(error = %e, partition, "seek failed");
         }
     }
 
