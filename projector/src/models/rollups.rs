@@ -343,7 +343,9 @@ macro_rules! overflow_sql {
 
 /// The rows of `$source` summed per key, with their buckets widened by `$bucket` (an
 /// expression of `bucket`): one grain's deltas, from the pending rows or from a finer grain's
-/// sums. A sum out of bigint's range is an error (22003), as it would be in the column.
+/// sums. A sum out of bigint's range is an error (22003), as it would be in the column. The
+/// histograms' sums are sparse (`hist_merge_sum`, control migration 0020): a key with one
+/// row keeps its histogram as it is, and a sum loops over the buckets its rows span.
 macro_rules! sum_by_key_sql {
     ($source:literal, $bucket:literal) => {
         concat!(
@@ -354,7 +356,7 @@ macro_rules! sum_by_key_sql {
                     sum(duration_sum)::bigint AS duration_sum, max(duration_max) AS duration_max,
                     sum(input_tokens)::bigint AS input_tokens,
                     sum(output_tokens)::bigint AS output_tokens, sum(value_sum) AS value_sum,
-                    hist_sum(duration_hist) AS duration_hist
+                    hist_merge_sum(duration_hist) AS duration_hist
                FROM ",
             $source,
             " GROUP BY 1, event_type, user_id, team_id, project_id, name"
@@ -362,7 +364,8 @@ macro_rules! sum_by_key_sql {
     };
 }
 
-/// Upserts the per-key sums `$sums` (one row per key of `$folded`'s grain) into `$folded`.
+/// Upserts the per-key sums `$sums` (one row per key of `$folded`'s grain) into `$folded`,
+/// their histograms made dense and 1-based, as readers unnest them.
 macro_rules! fold_into_sql {
     ($folded:literal, $sums:literal) => {
         concat!(
@@ -371,7 +374,10 @@ macro_rules! fold_into_sql {
             " AS a (bucket, event_type, user_id, team_id, project_id, name, count, errors,
                    duration_sum, duration_max, input_tokens, output_tokens, value_sum,
                    duration_hist)
-             SELECT * FROM ",
+             SELECT bucket, event_type, user_id, team_id, project_id, name, count, errors,
+                    duration_sum, duration_max, input_tokens, output_tokens, value_sum,
+                    hist_dense(duration_hist)
+               FROM ",
             $sums,
             " ORDER BY bucket, event_type, user_id, team_id, project_id, name
              ON CONFLICT (bucket, event_type, user_id, team_id, project_id, name) DO UPDATE SET",
@@ -385,9 +391,8 @@ macro_rules! fold_into_sql {
 /// minute's, the hour's and the day's folded tables (buckets as [`Grain::bucket`] makes
 /// them: `date_bin` from the epoch), in the statement that deletes them; answers the rows
 /// moved. The hour's sums are made from the minute's and the day's from the hour's (an
-/// hour lies within one day from the epoch), so the histogram merges (`hist_sum`, the
-/// costliest part of a fold) number the pending rows plus the minute's and the hour's keys,
-/// not three times the pending rows.
+/// hour lies within one day from the epoch), so the histogram merges (`hist_merge_sum`, the
+/// costliest part of a fold) number the pending rows, not three times as many.
 macro_rules! compact_sql {
     ($which:literal) => {
         concat!(
@@ -569,7 +574,7 @@ enum HistForm {
     /// which readers unnest.
     Dense,
     /// Only the span of its non-empty buckets, the array's lower bound its first bucket's
-    /// (`[25:27]={1,0,2}`): the pending rows', which only `hist_add` (through `hist_sum`)
+    /// (`[25:27]={1,0,2}`): the pending rows', which only the fold's `hist_merge_sum`
     /// and the views' `hist_dense` read (tenant template 0012).
     Sparse,
 }
@@ -1223,17 +1228,23 @@ mod tests {
             }
             // Each grain's sums come from the next finer one's: the pending rows are merged
             // once, not once per grain.
-            assert_eq!(sql.matches("hist_sum(").count(), 3, "{sql}");
+            assert_eq!(sql.matches("hist_merge_sum(").count(), 3, "{sql}");
             for (sums, source) in [("m", "moved"), ("h", "m"), ("d", "h")] {
                 let cte = &sql[sql.find(&format!(" {sums} AS MATERIALIZED (")).unwrap()..];
                 let body = &cte[..cte.find(" GROUP BY").unwrap()];
                 assert!(body.ends_with(&format!("FROM {source}")), "{sums}: {body}");
             }
+            // What each grain stores is dense (readers unnest it), whatever its sums are.
             for (grain, sums) in Grain::ALL.into_iter().zip(["m", "h", "d"]) {
                 let into = format!("INSERT INTO {} AS a", grain.store());
                 let insert = &sql[sql.find(&into).unwrap()..];
+                let insert = &insert[..insert.find("ON CONFLICT").unwrap()];
                 assert!(
-                    insert.contains(&format!("SELECT * FROM {sums} ORDER BY")),
+                    insert.contains(&format!("FROM {sums} ORDER BY")),
+                    "{grain:?}: {insert}"
+                );
+                assert!(
+                    insert.contains("hist_dense(duration_hist)"),
                     "{grain:?}: {insert}"
                 );
             }

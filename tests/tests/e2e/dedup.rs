@@ -279,6 +279,45 @@ async fn sparse_pending_histograms_read_and_fold_as_dense() {
             .unwrap();
         assert_eq!(got, want, "hist_add({a}, {b})");
     }
+    // The fold's sums (control migration 0020) stay sparse: they span from the lower of the
+    // first buckets to the higher of the last.
+    let sparse_sums = [
+        ("'{1,2}'", "'[3:4]={5,6}'", "{1,2,5,6}"),
+        ("'[2:3]={5,6}'", "'{1}'", "{1,5,6}"),
+        ("'[2:2]={5}'", "'[4:4]={7}'", "[2:4]={5,0,7}"),
+        ("'[4:4]={7}'", "'[2:2]={5}'", "[2:4]={5,0,7}"),
+        ("'[3:5]={1,2,3}'", "'[4:4]={10}'", "[3:5]={1,12,3}"),
+        ("'[4:4]={10}'", "'[3:5]={1,2,3}'", "[3:5]={1,12,3}"),
+        ("'{}'", "'[3:3]={1}'", "[3:3]={1}"),
+        ("'[3:3]={1}'", "'{}'", "[3:3]={1}"),
+    ];
+    for (a, b, want) in sparse_sums {
+        let sql = format!("SELECT control.hist_merge({a}::bigint[], {b}::bigint[])::text");
+        let got: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(got, want, "hist_merge({a}, {b})");
+    }
+    // Summed over a set: a lone histogram as it is, several as their sparse sum.
+    let over_sets = [
+        ("('[25:27]={1,0,2}')", "[25:27]={1,0,2}"),
+        ("('[3:4]={1,2}'), ('[6:6]={5}'), ('{0}')", "{0,0,1,2,0,5}"),
+        (
+            "('[6:6]={5}'), ('[3:4]={1,2}'), ('[4:4]={3}')",
+            "[3:6]={1,5,0,5}",
+        ),
+    ];
+    for (rows, want) in over_sets {
+        let sql = format!(
+            "SELECT control.hist_merge_sum(h::bigint[])::text FROM (VALUES {rows}) AS x(h)"
+        );
+        let got: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(got, want, "hist_merge_sum over {rows}");
+    }
 
     // Three sparse deltas of one key-minute, as batches append them: buckets 3, 4 and 40.
     let version = active_version(&pool, t.id).await;
