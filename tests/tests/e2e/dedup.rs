@@ -262,6 +262,17 @@ async fn sparse_pending_histograms_read_and_fold_as_dense() {
     wait_projected(&pool, t.id, 1, Duration::from_secs(60)).await;
     stop_all([projector, ingest]).await;
 
+    // One SQL expression's value, as text.
+    let text = |sql: String| {
+        let pool = pool.clone();
+        async move {
+            let got: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            got
+        }
+    };
     // The merge itself, either operand sparse, dense or empty: always dense and 1-based.
     let sums = [
         ("'{1,2}'", "'[3:4]={5,6}'", "{1,2,5,6}"),
@@ -273,11 +284,7 @@ async fn sparse_pending_histograms_read_and_fold_as_dense() {
     ];
     for (a, b, want) in sums {
         let sql = format!("SELECT control.hist_add({a}::bigint[], {b}::bigint[])::text");
-        let got: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert_eq!(got, want, "hist_add({a}, {b})");
+        assert_eq!(text(sql).await, want, "hist_add({a}, {b})");
     }
     // The fold's sums (control migration 0020) stay sparse: they span from the lower of the
     // first buckets to the higher of the last.
@@ -293,11 +300,7 @@ async fn sparse_pending_histograms_read_and_fold_as_dense() {
     ];
     for (a, b, want) in sparse_sums {
         let sql = format!("SELECT control.hist_merge({a}::bigint[], {b}::bigint[])::text");
-        let got: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert_eq!(got, want, "hist_merge({a}, {b})");
+        assert_eq!(text(sql).await, want, "hist_merge({a}, {b})");
     }
     // Summed over a set: a lone histogram as it is, several as their sparse sum.
     let over_sets = [
@@ -312,11 +315,7 @@ async fn sparse_pending_histograms_read_and_fold_as_dense() {
         let sql = format!(
             "SELECT control.hist_merge_sum(h::bigint[])::text FROM (VALUES {rows}) AS x(h)"
         );
-        let got: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert_eq!(got, want, "hist_merge_sum over {rows}");
+        assert_eq!(text(sql).await, want, "hist_merge_sum over {rows}");
     }
 
     // Three sparse deltas of one key-minute, as batches append them: buckets 3, 4 and 40.
