@@ -2,7 +2,9 @@
 //! concurrency and reports events/s, request latency p50/p99 and errors, with progress while
 //! it runs. With `--baseline` it first measures the raw limit of the same machine — the same
 //! envelopes produced straight to Kafka with rdkafka (acks=all, idempotent) — and reports
-//! ingest throughput as a ratio of it. `--format otlp` sends the same number of points as
+//! ingest throughput as a ratio of it; with the database too, the projection's raw limit:
+//! `COPY` of the same events' raw rows into a scratch tenant's raw tables
+//! ([`same_tables_copy_baseline`]). `--format otlp` sends the same number of points as
 //! OTLP/HTTP protobuf metrics (Claude Code's token counter) instead of JSON events.
 //! `--shape live` dates every event in the minute before the run, as real senders do; the
 //! default, `backfill`, spreads them over the two hours before it. The figures go to
