@@ -28,7 +28,7 @@ use chrono::Utc;
 use clap::Parser;
 use hdrhistogram::Histogram;
 use ingest_api::formats::otlp::{self, pb};
-use ingest_api::ingest::{IngestContext, TimeBounds};
+use ingest_api::ingest::{Ids, IngestContext, TimeBounds};
 use prost::Message;
 use serde_json::Value;
 use shared::events::{Actor, Source};
@@ -258,7 +258,7 @@ async fn main() -> anyhow::Result<()> {
                 &event_bodies
             };
             Some(CopyBaseline {
-                same_tables: same_tables_copy_baseline(url, events).await?,
+                same_tables: same_tables_copy_baseline(url, events, args.format).await?,
                 one_table: one_table_copy_baseline(url, args.events).await?,
             })
         }
@@ -493,8 +493,14 @@ struct CopyBaseline {
 /// finds them — 5 000 events' rows per transaction on one connection, like a live batch.
 /// It leaves out what only a projection does: reading and decoding the log, the rollups,
 /// sessions, usage, the watermark and the offsets. Returns the events' rate (an event that
-/// makes no raw row costs the baseline nothing, which only raises it).
-async fn same_tables_copy_baseline(url: &str, bodies: &[Vec<u8>]) -> anyhow::Result<f64> {
+/// makes no raw row costs the baseline nothing, which only raises it). The events' ids are
+/// the ones ingest-api gives them: JSON events carry their own, OTLP points get ids derived
+/// from their content.
+async fn same_tables_copy_baseline(
+    url: &str,
+    bodies: &[Vec<u8>],
+    format: Format,
+) -> anyhow::Result<f64> {
     use projector::models::raw::{self, RawRow, RawTable};
     use projector::schema::{self, partitions};
     let pool = sqlx::PgPool::connect(url).await?;
@@ -507,7 +513,13 @@ async fn same_tables_copy_baseline(url: &str, bodies: &[Vec<u8>]) -> anyhow::Res
         .map(|d| today + chrono::Duration::days(d))
         .collect();
     partitions::ensure_partitions(&mut conn, &schema_name, &days).await?;
-    let ctx = tally_tests::bulk::ingest_context(scratch);
+    let ctx = IngestContext {
+        ids: match format {
+            Format::Events => Ids::Fresh,
+            Format::Otlp => Ids::Content,
+        },
+        ..tally_tests::bulk::ingest_context(scratch)
+    };
     let mut envelopes = Vec::new();
     for body in bodies {
         let Value::Array(events) = serde_json::from_slice(body)? else {
