@@ -501,10 +501,32 @@ async fn same_tables_copy_baseline(
     bodies: &[Vec<u8>],
     format: Format,
 ) -> anyhow::Result<f64> {
-    use projector::models::raw::{self, RawRow, RawTable};
-    use projector::schema::{self, partitions};
     let pool = sqlx::PgPool::connect(url).await?;
     let scratch = ingest_api::control::store::create_tenant(&pool, "", "load-copy").await?;
+    let copied = copy_into_scratch(&pool, scratch, bodies, format).await;
+    // The scratch tenant goes, whether or not the copy went through.
+    let mut conn = pool.acquire().await?;
+    projector::schema::drop_tenant_schema(&mut conn, scratch, 1).await?;
+    sqlx::query("DELETE FROM control.tenants WHERE id = $1")
+        .bind(scratch.0)
+        .execute(&mut *conn)
+        .await?;
+    let (events, copying) = copied?;
+    let rate = events as f64 / copying.as_secs_f64();
+    println!("baseline: {rate:.0} events/s");
+    Ok(rate)
+}
+
+/// [`same_tables_copy_baseline`]'s copy into the schema of `scratch`, which it makes: the
+/// events copied and the time their copies and commits took.
+async fn copy_into_scratch(
+    pool: &sqlx::PgPool,
+    scratch: TenantId,
+    bodies: &[Vec<u8>],
+    format: Format,
+) -> anyhow::Result<(usize, Duration)> {
+    use projector::models::raw::{self, RawRow, RawTable};
+    use projector::schema::{self, partitions};
     let schema_name = scratch.schema(1);
     let mut conn = pool.acquire().await?;
     schema::create_tenant_schema(&mut conn, scratch, 1).await?;
@@ -560,14 +582,7 @@ async fn same_tables_copy_baseline(
         tx.commit().await?;
         copying += started.elapsed();
     }
-    schema::drop_tenant_schema(&mut conn, scratch, 1).await?;
-    sqlx::query("DELETE FROM control.tenants WHERE id = $1")
-        .bind(scratch.0)
-        .execute(&mut *conn)
-        .await?;
-    let rate = envelopes.len() as f64 / copying.as_secs_f64();
-    println!("baseline: {rate:.0} events/s");
-    Ok(rate)
+    Ok((envelopes.len(), copying))
 }
 
 /// The earlier sessions' baseline: `n` rows shaped like the projector's raw rows (all alike
