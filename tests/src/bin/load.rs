@@ -542,37 +542,21 @@ async fn copy_into_scratch(
         },
         ..tally_tests::bulk::ingest_context(scratch)
     };
-    let mut envelopes = Vec::new();
+    let mut decoded = Vec::new();
     for body in bodies {
         let Value::Array(events) = serde_json::from_slice(body)? else {
             anyhow::bail!("a request body is not an array of events");
         };
-        for raw in events {
-            let index = envelopes.len();
-            envelopes.push(
-                ctx.envelope(index, raw)
-                    .map_err(|e| anyhow::anyhow!("{e:?}"))?,
-            );
-        }
+        decoded.extend(tally_tests::bulk::decode(&ctx, events)?);
     }
-    let payloads = envelopes
-        .iter()
-        .map(|env| env.payload())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     println!(
         "baseline: COPY of the raw rows of the same {} events into the same raw tables…",
-        envelopes.len()
+        decoded.len()
     );
     let mut copying = Duration::ZERO;
-    for (seq, (envelopes, payloads)) in envelopes
-        .chunks(5000)
-        .zip(payloads.chunks(5000))
-        .enumerate()
-    {
-        let rows: Vec<RawRow> = envelopes
+    for (seq, chunk) in decoded.chunks(5000).enumerate() {
+        let rows: Vec<RawRow> = chunk
             .iter()
-            .zip(payloads)
             .filter_map(|(env, p)| RawRow::from_event(env, p))
             .collect();
         let started = Instant::now();
@@ -582,7 +566,7 @@ async fn copy_into_scratch(
         tx.commit().await?;
         copying += started.elapsed();
     }
-    Ok((envelopes.len(), copying))
+    Ok((decoded.len(), copying))
 }
 
 /// The earlier sessions' baseline: `n` rows shaped like the projector's raw rows (all alike
