@@ -1,40 +1,49 @@
-//! The CPU one JSON event costs ingest-api between its body and the Kafka producer: parsing
-//! the request, validating and stamping each event, serializing the envelopes. No HTTP, no
-//! broker, one thread, so a profile of it (`perf record`) shows that part alone.
+//! The CPU one JSON event or OTLP point costs ingest-api between its body and the Kafka
+//! producer: parsing the request, validating and stamping each event, serializing the
+//! envelopes. No HTTP, no broker, one thread, so a profile of it (`perf record`) shows that
+//! part alone.
 //!
-//! `cargo run --release -p tally-tests --example ingest_cpu [ROUNDS]` prints µs per event for
-//! each round of 200 000 live-shaped events (requests of 1 000, as `make load` makes them).
+//! `cargo run --release -p tally-tests --example ingest_cpu [ROUNDS] [otlp]` prints µs per
+//! event for each round of 200 000 live-shaped events (requests of 1 000, as `make load`
+//! makes them). With `otlp`, the events are the points of protobuf requests (`make load
+//! FORMAT=otlp`'s) at fixed times, and each round also prints a digest of the envelopes
+//! written: a change to the OTLP door that must not change what it stores (the points'
+//! content-derived ids above all) shows the same digest before and after.
 
 use std::time::Instant;
 
+use std::hash::Hasher;
+
+use chrono::{DateTime, Duration, Utc};
+use ingest_api::formats::otlp::{self, Encoding, Metrics, Signal};
 use ingest_api::ingest::sink::serialize;
 use ingest_api::ingest::{Ids, IngestContext, TimeBounds};
+use prost::Message;
 use serde_json::Value;
 use shared::events::{Actor, Source};
 use shared::tenant::TenantId;
-use tally_tests::events::Generator;
+use tally_tests::events::{token_points, Generator};
 
 const REQUESTS: usize = 20;
 const EVENTS_PER_REQUEST: usize = 1_000;
 const REPEATS: usize = 10;
 
 fn main() {
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(5);
-    let mut events = Generator::new(1, "cpu", 50, chrono::Duration::hours(2)).live();
+    let mut args = std::env::args().skip(1);
+    let rounds: usize = args.next().and_then(|r| r.parse().ok()).unwrap_or(5);
+    if args.next().as_deref() == Some("otlp") {
+        otlp_rounds(rounds);
+    } else {
+        json_rounds(rounds);
+    }
+}
+
+fn json_rounds(rounds: usize) {
+    let mut events = Generator::new(1, "cpu", 50, Duration::hours(2)).live();
     let bodies: Vec<Vec<u8>> = (0..REQUESTS)
         .map(|_| serde_json::to_vec(&events.batch(EVENTS_PER_REQUEST)).expect("serializes"))
         .collect();
-    let ctx = IngestContext {
-        tenant_id: TenantId::new(),
-        actor: Actor::default(),
-        source: Source::Api,
-        received_at: chrono::Utc::now(),
-        bounds: TimeBounds::default(),
-        ids: Ids::Fresh,
-    };
+    let ctx = context(Utc::now(), Ids::Fresh, Source::Api);
     for round in 0..rounds {
         let started = Instant::now();
         let mut bytes = 0;
@@ -50,11 +59,69 @@ fn main() {
             let serialized = serialize(&envelopes).expect("serializes");
             bytes += serialized.iter().map(<[u8]>::len).sum::<usize>();
         }
-        let n = REPEATS * REQUESTS * EVENTS_PER_REQUEST;
-        println!(
-            "round {round}: {:.2} µs/event, {} bytes per envelope",
-            started.elapsed().as_secs_f64() * 1e6 / n as f64,
-            bytes / n
-        );
+        report(round, started, bytes, None);
+    }
+}
+
+/// As `routes::otlp` takes a request, but for the HTTP around it and the producer after it.
+fn otlp_rounds(rounds: usize) {
+    let at: DateTime<Utc> = "2026-12-01T12:00:00Z".parse().expect("a time");
+    let now = at.timestamp_nanos_opt().expect("fits") as u64;
+    let bodies: Vec<Vec<u8>> = (0..REQUESTS)
+        .map(|r| {
+            token_points(
+                EVENTS_PER_REQUEST,
+                r * EVENTS_PER_REQUEST,
+                Duration::minutes(1),
+                now,
+            )
+            .encode_to_vec()
+        })
+        .collect();
+    let ctx = context(at + Duration::seconds(1), Ids::Content, Source::Otlp);
+    for round in 0..rounds {
+        let started = Instant::now();
+        let (mut bytes, mut digest) = (0, std::hash::DefaultHasher::new());
+        for body in (0..REPEATS).flat_map(|_| &bodies) {
+            let req = otlp::decode::<Metrics>(body, Encoding::Protobuf).expect("decodes");
+            let converted = Metrics::events(&req, at).expect("converts");
+            assert!(converted.rejected.is_empty(), "every point is taken");
+            let envelopes = converted
+                .events
+                .into_iter()
+                .enumerate()
+                .map(|(i, raw)| ctx.envelope(i, raw).expect("a valid event"))
+                .collect::<Vec<_>>();
+            let serialized = serialize(&envelopes).expect("serializes");
+            for envelope in serialized.iter() {
+                bytes += envelope.len();
+                digest.write(envelope);
+            }
+        }
+        report(round, started, bytes, Some(digest.finish()));
+    }
+}
+
+fn context(received_at: DateTime<Utc>, ids: Ids, source: Source) -> IngestContext {
+    IngestContext {
+        tenant_id: TenantId(uuid::Uuid::from_u128(1)),
+        actor: Actor::default(),
+        source,
+        received_at,
+        bounds: TimeBounds::default(),
+        ids,
+    }
+}
+
+fn report(round: usize, started: Instant, bytes: usize, digest: Option<u64>) {
+    let n = REPEATS * REQUESTS * EVENTS_PER_REQUEST;
+    print!(
+        "round {round}: {:.2} µs/event, {} bytes per envelope",
+        started.elapsed().as_secs_f64() * 1e6 / n as f64,
+        bytes / n
+    );
+    match digest {
+        Some(d) => println!(", digest {d:016x}"),
+        None => println!(),
     }
 }

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
+use ingest_api::formats::otlp::pb;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -162,5 +163,60 @@ impl Generator {
 
     pub fn batch(&mut self, n: usize) -> Vec<Value> {
         (0..n).map(|_| self.event()).collect()
+    }
+}
+
+/// One OTLP request of `n` delta points of Claude Code's token counter, spread over users,
+/// sessions, token types and the `spread` before now (each point distinct, so none is a
+/// resend), the latest at `now` (nanoseconds since the epoch).
+pub fn token_points(
+    n: usize,
+    offset: usize,
+    spread: Duration,
+    now: u64,
+) -> pb::ExportMetricsServiceRequest {
+    let spread_ms = spread.num_milliseconds().max(1) as u64;
+    let attr = |k: &str, v: String| pb::KeyValue {
+        key: k.into(),
+        value: Some(pb::AnyValue {
+            value: Some(pb::any_value::Value::StringValue(v)),
+        }),
+    };
+    let data_points = (offset..offset + n)
+        .map(|i| pb::NumberDataPoint {
+            attributes: vec![
+                attr("user.id", format!("load-user-{}", i % 200)),
+                attr("session.id", format!("load-session-{}", i % 2000)),
+                attr(
+                    "type",
+                    ["input", "output", "cacheRead", "cacheCreation"][i % 4].into(),
+                ),
+                attr("model", "claude-sonnet-4-5".into()),
+            ],
+            start_time_unix_nano: 0,
+            time_unix_nano: now - (i as u64 % spread_ms) * 1_000_000,
+            value: Some(pb::number_data_point::Value::AsInt((i % 5000) as i64 + 1)),
+            flags: 0,
+        })
+        .collect();
+    pb::ExportMetricsServiceRequest {
+        resource_metrics: vec![pb::ResourceMetrics {
+            resource: Some(pb::Resource {
+                attributes: vec![attr("service.name", "claude-code".into())],
+            }),
+            scope_metrics: vec![pb::ScopeMetrics {
+                scope: None,
+                metrics: vec![pb::Metric {
+                    name: "claude_code.token.usage".into(),
+                    unit: "tokens".into(),
+                    data: Some(pb::metric::Data::Sum(pb::Sum {
+                        data_points,
+                        aggregation_temporality: pb::TEMPORALITY_DELTA,
+                        is_monotonic: true,
+                    })),
+                    ..Default::default()
+                }],
+            }],
+        }],
     }
 }

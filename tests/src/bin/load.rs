@@ -33,7 +33,7 @@ use prost::Message;
 use serde_json::Value;
 use shared::events::{Actor, Source};
 use shared::tenant::TenantId;
-use tally_tests::events::Generator;
+use tally_tests::events::{token_points, Generator};
 use tally_tests::report::{self, Figure};
 
 #[derive(Parser, Debug)]
@@ -142,61 +142,6 @@ impl Shape {
     }
 }
 
-/// One OTLP request of `n` delta points of Claude Code's token counter, spread over users,
-/// sessions, token types and the `spread` before now (each point distinct, so none is a
-/// resend).
-fn otlp_request(
-    n: usize,
-    offset: usize,
-    spread: chrono::Duration,
-) -> pb::ExportMetricsServiceRequest {
-    let spread_ms = spread.num_milliseconds().max(1) as u64;
-    let now = Utc::now().timestamp_nanos_opt().expect("now fits") as u64;
-    let attr = |k: &str, v: String| pb::KeyValue {
-        key: k.into(),
-        value: Some(pb::AnyValue {
-            value: Some(pb::any_value::Value::StringValue(v)),
-        }),
-    };
-    let data_points = (offset..offset + n)
-        .map(|i| pb::NumberDataPoint {
-            attributes: vec![
-                attr("user.id", format!("load-user-{}", i % 200)),
-                attr("session.id", format!("load-session-{}", i % 2000)),
-                attr(
-                    "type",
-                    ["input", "output", "cacheRead", "cacheCreation"][i % 4].into(),
-                ),
-                attr("model", "claude-sonnet-4-5".into()),
-            ],
-            start_time_unix_nano: 0,
-            time_unix_nano: now - (i as u64 % spread_ms) * 1_000_000,
-            value: Some(pb::number_data_point::Value::AsInt((i % 5000) as i64 + 1)),
-            flags: 0,
-        })
-        .collect();
-    pb::ExportMetricsServiceRequest {
-        resource_metrics: vec![pb::ResourceMetrics {
-            resource: Some(pb::Resource {
-                attributes: vec![attr("service.name", "claude-code".into())],
-            }),
-            scope_metrics: vec![pb::ScopeMetrics {
-                scope: None,
-                metrics: vec![pb::Metric {
-                    name: "claude_code.token.usage".into(),
-                    unit: "tokens".into(),
-                    data: Some(pb::metric::Data::Sum(pb::Sum {
-                        data_points,
-                        aggregation_temporality: pb::TEMPORALITY_DELTA,
-                        is_monotonic: true,
-                    })),
-                    ..Default::default()
-                }],
-            }],
-        }],
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -224,7 +169,8 @@ async fn main() -> anyhow::Result<()> {
                 bodies.push(serde_json::to_vec(&Value::Array(generator.batch(n)))?);
             }
             Format::Otlp => {
-                let req = otlp_request(n, i * args.batch, args.shape.spread());
+                let now = Utc::now().timestamp_nanos_opt().expect("now fits") as u64;
+                let req = token_points(n, i * args.batch, args.shape.spread(), now);
                 let events = otlp::metric_events(&req).map_err(|e| anyhow::anyhow!("{e:?}"))?;
                 event_bodies.push(serde_json::to_vec(&Value::Array(events.events))?);
                 bodies.push(req.encode_to_vec());
