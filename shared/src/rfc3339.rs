@@ -67,6 +67,20 @@ pub fn serialize<S: Serializer>(t: &DateTime<Utc>, serializer: S) -> Result<S::O
     }
 }
 
+/// `t.to_rfc3339()`, byte for byte (the offset as `+00:00`, not `Z`), without `core::fmt`.
+pub fn to_rfc3339(t: &DateTime<Utc>) -> String {
+    let mut buf = [0u8; MAX_LEN];
+    match write(t, &mut buf).and_then(|len| std::str::from_utf8(&buf[..len - 1]).ok()) {
+        Some(text) => {
+            let mut out = String::with_capacity(text.len() + 6);
+            out.push_str(text);
+            out.push_str("+00:00");
+            out
+        }
+        None => t.to_rfc3339(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +142,7 @@ mod tests {
         for t in &times {
             let chrono = serde_json::to_value(t).expect("serializes");
             assert_eq!(ours(t), chrono.as_str().expect("a string"), "{t:?}");
+            assert_eq!(to_rfc3339(t), t.to_rfc3339(), "{t:?}");
         }
     }
 }

@@ -17,8 +17,6 @@ pub mod json;
 pub mod pb;
 pub mod wire;
 
-use std::collections::BTreeMap;
-
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use prost::Message;
@@ -27,6 +25,7 @@ use serde_json::{json, Map, Value};
 use crate::formats::expansion;
 use pb::any_value::Value as Any;
 use shared::events::{FieldError, MAX_LABELS};
+use shared::rfc3339;
 
 /// Most metric data points one request may carry.
 pub const MAX_POINTS: usize = 50_000;
@@ -447,14 +446,14 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                     continue;
                 }
                 let scope = sm.scope.as_ref().map_or("", |s| s.name.as_str());
-                let mut sample = |base: PointBase, kind: &str, value: f64, extra: Value| {
-                    let origin = base.path.clone();
-                    match sample_event(m, scope, resource, base, kind, value, extra) {
-                        Ok(Some(e)) => out.push(origin, e),
+                let mut sample =
+                    |base: PointBase, kind: &str, value: f64, extra: Value| match sample_event(
+                        m, scope, resource, &base, kind, value, extra,
+                    ) {
+                        Ok(Some(e)) => out.push(base.path, e),
                         Ok(None) => {}
                         Err(e) => out.rejected.push(e),
-                    }
-                };
+                    };
                 match &m.data {
                     None => out.rejected.push(FieldError::new(
                         path.clone(),
@@ -600,7 +599,7 @@ fn sample_event(
     m: &pb::Metric,
     scope: &str,
     resource: &[pb::KeyValue],
-    base: PointBase,
+    base: &PointBase,
     kind: &str,
     value: f64,
     mut extra: Value,
@@ -614,9 +613,10 @@ fn sample_event(
     }
     let at = nanos_to_time(base.time)
         .ok_or_else(|| err("timeUnixNano is missing or out of range".into()))?;
-    let mut labels = BTreeMap::new();
+    // Written as JSON at once (sorted, as a map of strings would be), not copied into it.
+    let mut labels = Map::new();
     for kv in resource.iter().chain(base.attributes) {
-        labels.insert(kv.key.clone(), label_text(kv.value.as_ref()));
+        labels.insert(kv.key.clone(), Value::String(label_text(kv.value.as_ref())));
     }
     if labels.len() > MAX_LABELS {
         return Err(err(format!(
@@ -632,12 +632,15 @@ fn sample_event(
         x.insert("scope".into(), Value::from(scope));
     }
     if let Some(start) = nanos_to_time(base.start) {
-        x.insert("start_time".into(), Value::from(start.to_rfc3339()));
+        x.insert(
+            "start_time".into(),
+            Value::from(rfc3339::to_rfc3339(&start)),
+        );
     }
     x.retain(|_, v| !v.is_null());
     Ok(Some(json!({
         "type": "metric.sample",
-        "occurred_at": at.to_rfc3339(),
+        "occurred_at": rfc3339::to_rfc3339(&at),
         "data": {"name": m.name, "labels": labels, "value": value, "kind": kind, "extra": extra},
     })))
 }
@@ -823,7 +826,7 @@ fn log_event(
 }
 
 fn typed(kind: &str, at: DateTime<Utc>, data: Map<String, Value>) -> Value {
-    json!({"type": kind, "occurred_at": at.to_rfc3339(), "data": data})
+    json!({"type": kind, "occurred_at": rfc3339::to_rfc3339(&at), "data": data})
 }
 
 /// `claude_code.tool_result` → `tool.executed`.
@@ -922,7 +925,7 @@ fn generic_event(
     }
     json!({
         "type": "metric.sample",
-        "occurred_at": at.to_rfc3339(),
+        "occurred_at": rfc3339::to_rfc3339(&at),
         "data": {"name": name, "labels": labels, "value": 1.0, "kind": "counter", "extra": extra},
     })
 }
