@@ -17,6 +17,8 @@ pub mod json;
 pub mod pb;
 pub mod wire;
 
+use std::collections::BTreeMap;
+
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use prost::Message;
@@ -613,8 +615,7 @@ fn sample_event(
     }
     let at = nanos_to_time(base.time)
         .ok_or_else(|| err("timeUnixNano is missing or out of range".into()))?;
-    // Written as JSON at once (sorted, as a map of strings would be), not copied into it.
-    let mut labels = Map::new();
+    let mut labels = BTreeMap::new();
     for kv in resource.iter().chain(base.attributes) {
         labels.insert(kv.key.clone(), Value::String(label_text(kv.value.as_ref())));
     }
@@ -638,11 +639,7 @@ fn sample_event(
         );
     }
     x.retain(|_, v| !v.is_null());
-    Ok(Some(json!({
-        "type": "metric.sample",
-        "occurred_at": rfc3339::to_rfc3339(&at),
-        "data": {"name": m.name, "labels": labels, "value": value, "kind": kind, "extra": extra},
-    })))
+    Ok(Some(sample(at, m.name.clone(), labels, value, kind, extra)))
 }
 
 // ---- logs ----
@@ -825,8 +822,33 @@ fn log_event(
     generic_event(attrs, at, sample_name, r, body, body_is_name)
 }
 
+/// A client event of type `kind`, built around `data` rather than copied (`json!` would
+/// copy every value it is given).
 fn typed(kind: &str, at: DateTime<Utc>, data: Map<String, Value>) -> Value {
-    json!({"type": kind, "occurred_at": rfc3339::to_rfc3339(&at), "data": data})
+    let mut event = Map::new();
+    event.insert("type".into(), Value::from(kind));
+    event.insert("occurred_at".into(), Value::from(rfc3339::to_rfc3339(&at)));
+    event.insert("data".into(), Value::Object(data));
+    Value::Object(event)
+}
+
+/// A `metric.sample`; its labels in key order whatever order a JSON map keeps (they are
+/// part of the content a point's id is derived from).
+fn sample(
+    at: DateTime<Utc>,
+    name: String,
+    labels: BTreeMap<String, Value>,
+    value: f64,
+    kind: &str,
+    extra: Value,
+) -> Value {
+    let mut data = Map::new();
+    data.insert("name".into(), Value::from(name));
+    data.insert("labels".into(), Value::Object(labels.into_iter().collect()));
+    data.insert("value".into(), Value::from(value));
+    data.insert("kind".into(), Value::from(kind));
+    data.insert("extra".into(), extra);
+    typed("metric.sample", at, data)
 }
 
 /// `claude_code.tool_result` → `tool.executed`.
@@ -897,7 +919,7 @@ fn generic_event(
     body: Value,
     body_is_name: bool,
 ) -> Value {
-    let mut labels = Map::new();
+    let mut labels = BTreeMap::new();
     let mut extra = Map::new();
     for (k, v) in a.0 {
         let text = match &v {
@@ -923,11 +945,7 @@ fn generic_event(
     if r.severity_number != 0 {
         extra.insert("severity_number".into(), Value::from(r.severity_number));
     }
-    json!({
-        "type": "metric.sample",
-        "occurred_at": rfc3339::to_rfc3339(&at),
-        "data": {"name": name, "labels": labels, "value": 1.0, "kind": "counter", "extra": extra},
-    })
+    sample(at, name, labels, 1.0, "counter", Value::Object(extra))
 }
 
 #[cfg(test)]
