@@ -57,11 +57,16 @@ fn put(buf: &mut [u8; MAX_LEN], at: usize, value: u32, digits: u32) -> usize {
     at + digits as usize
 }
 
+/// [`write`]'s text (ending in `Z`), or `None` where chrono must write it.
+fn text<'b>(t: &DateTime<Utc>, buf: &'b mut [u8; MAX_LEN]) -> Option<&'b str> {
+    let len = write(t, buf)?;
+    // Only ASCII digits and separators are written, so the text is always UTF-8.
+    std::str::from_utf8(&buf[..len]).ok()
+}
+
 /// Serializes `t` as chrono does (for `#[serde(serialize_with)]`).
 pub fn serialize<S: Serializer>(t: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
-    let mut buf = [0u8; MAX_LEN];
-    // Only ASCII digits and separators are written, so the text is always UTF-8.
-    match write(t, &mut buf).and_then(|len| std::str::from_utf8(&buf[..len]).ok()) {
+    match text(t, &mut [0u8; MAX_LEN]) {
         Some(text) => serializer.serialize_str(text),
         None => t.serialize(serializer),
     }
@@ -69,14 +74,8 @@ pub fn serialize<S: Serializer>(t: &DateTime<Utc>, serializer: S) -> Result<S::O
 
 /// `t.to_rfc3339()`, byte for byte (the offset as `+00:00`, not `Z`), without `core::fmt`.
 pub fn to_rfc3339(t: &DateTime<Utc>) -> String {
-    let mut buf = [0u8; MAX_LEN];
-    match write(t, &mut buf).and_then(|len| std::str::from_utf8(&buf[..len - 1]).ok()) {
-        Some(text) => {
-            let mut out = String::with_capacity(text.len() + 6);
-            out.push_str(text);
-            out.push_str("+00:00");
-            out
-        }
+    match text(t, &mut [0u8; MAX_LEN]).and_then(|text| text.strip_suffix('Z')) {
+        Some(text) => [text, "+00:00"].concat(),
         None => t.to_rfc3339(),
     }
 }

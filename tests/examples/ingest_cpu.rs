@@ -10,9 +10,8 @@
 //! written: a change to the OTLP door that must not change what it stores (the points'
 //! content-derived ids above all) shows the same digest before and after.
 
-use std::time::Instant;
-
 use std::hash::Hasher;
+use std::time::Instant;
 
 use chrono::{DateTime, Duration, Utc};
 use ingest_api::formats::otlp::{self, Encoding, Metrics, Signal};

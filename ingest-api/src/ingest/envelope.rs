@@ -306,6 +306,27 @@ mod tests {
         );
     }
 
+    /// A content id is the hash of the content's JSON text, so the text must not depend on
+    /// the order a sender or a converter wrote the keys in: serde_json's maps keep theirs
+    /// sorted (its `preserve_order` feature, which would keep insertion order, is off).
+    #[test]
+    fn content_ids_do_not_depend_on_the_order_keys_were_written() {
+        let tenant = TenantId::new();
+        let mut forward = Map::new();
+        let mut backward = Map::new();
+        for k in ["type", "occurred_at", "data"] {
+            forward.insert(k.to_string(), Value::from(k));
+        }
+        for k in ["data", "occurred_at", "type"] {
+            backward.insert(k.to_string(), Value::from(k));
+        }
+        assert_eq!(
+            serde_json::to_string(&backward).unwrap(),
+            r#"{"data":"data","occurred_at":"occurred_at","type":"type"}"#
+        );
+        assert_eq!(content_id(tenant, &forward), content_id(tenant, &backward));
+    }
+
     fn now() -> String {
         Utc::now().to_rfc3339()
     }

@@ -17,8 +17,6 @@ pub mod json;
 pub mod pb;
 pub mod wire;
 
-use std::collections::BTreeMap;
-
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use prost::Message;
@@ -615,7 +613,7 @@ fn sample_event(
     }
     let at = nanos_to_time(base.time)
         .ok_or_else(|| err("timeUnixNano is missing or out of range".into()))?;
-    let mut labels = BTreeMap::new();
+    let mut labels = Map::new();
     for kv in resource.iter().chain(base.attributes) {
         labels.insert(kv.key.clone(), Value::String(label_text(kv.value.as_ref())));
     }
@@ -832,19 +830,18 @@ fn typed(kind: &str, at: DateTime<Utc>, data: Map<String, Value>) -> Value {
     Value::Object(event)
 }
 
-/// A `metric.sample`; its labels in key order whatever order a JSON map keeps (they are
-/// part of the content a point's id is derived from).
+/// A `metric.sample`, built around its labels and extras.
 fn sample(
     at: DateTime<Utc>,
     name: String,
-    labels: BTreeMap<String, Value>,
+    labels: Map<String, Value>,
     value: f64,
     kind: &str,
     extra: Value,
 ) -> Value {
     let mut data = Map::new();
     data.insert("name".into(), Value::from(name));
-    data.insert("labels".into(), Value::Object(labels.into_iter().collect()));
+    data.insert("labels".into(), Value::Object(labels));
     data.insert("value".into(), Value::from(value));
     data.insert("kind".into(), Value::from(kind));
     data.insert("extra".into(), extra);
@@ -919,7 +916,7 @@ fn generic_event(
     body: Value,
     body_is_name: bool,
 ) -> Value {
-    let mut labels = BTreeMap::new();
+    let mut labels = Map::new();
     let mut extra = Map::new();
     for (k, v) in a.0 {
         let text = match &v {
