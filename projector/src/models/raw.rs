@@ -256,19 +256,10 @@ fn insert_sql(table: RawTable) -> &'static str {
     }
 }
 
-/// Inserts a batch's rows (search_path already points at the tenant's schema), one
-/// statement per table, and returns the rows really inserted: not those whose event id was
-/// stored already, and a duplicate id inside the batch once. `feed_seq` is the batch's live
-/// feed position; each row's ordinal in `rows` goes with it.
-pub async fn insert<'r, 'a>(
-    conn: &mut PgConnection,
-    rows: &'r [RawRow<'a>],
-    feed_seq: i64,
-) -> sqlx::Result<Vec<&'r RawRow<'a>>> {
-    insert_tables(conn, rows, feed_seq, &RawTable::ALL).await
-}
-
-/// [`insert`] of the rows of `tables` only, each with its ordinal in `rows`.
+/// Inserts the rows of `tables` among a batch's `rows` (search_path already points at the
+/// tenant's schema), one statement per table, and returns the rows really inserted: not
+/// those whose event id was stored already, and a duplicate id inside the batch once.
+/// `feed_seq` is the batch's live feed position; each row's ordinal in `rows` goes with it.
 pub async fn insert_tables<'r, 'a>(
     conn: &mut PgConnection,
     rows: &'r [RawRow<'a>],
@@ -397,10 +388,9 @@ fn copy_row(line: &mut String, r: &RawRow<'_>, ord: usize, feed_seq: i64) {
     let _ = writeln!(line, "\t{ord}\t{feed_seq}");
 }
 
-/// Bulk-loads the rows of `tables` among a batch's `rows` with `COPY`, one per table
-/// (search_path already points at the tenant's schema), for a rebuild: the same rows and
-/// feed positions (each row's ordinal in `rows`) as [`insert`], without its conflict
-/// handling. Fails with a unique violation (23505) if an event id is stored already or
+/// Writes the rows of `tables` among a batch's `rows` with `COPY`, one per table
+/// (search_path already points at the tenant's schema): the same rows and feed positions
+/// (each row's ordinal in `rows`) as [`insert_tables`], without its conflict handling. Fails with a unique violation (23505) if an event id is stored already or
 /// comes twice; the caller then rolls back and inserts instead.
 pub async fn copy<'r, 'a>(
     conn: &mut PgConnection,
