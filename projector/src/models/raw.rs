@@ -398,21 +398,32 @@ pub async fn copy<'r, 'a>(
     feed_seq: i64,
     tables: &[RawTable],
 ) -> sqlx::Result<Vec<&'r RawRow<'a>>> {
-    let mut by_table: BTreeMap<RawTable, String> = BTreeMap::new();
-    let mut copied = Vec::with_capacity(rows.len());
-    for (ord, r) in rows.iter().enumerate() {
-        if tables.contains(&r.table) {
-            copy_row(by_table.entry(r.table).or_default(), r, ord, feed_seq);
-            copied.push(r);
+    let copied: Vec<&RawRow> = rows.iter().filter(|r| tables.contains(&r.table)).collect();
+    let mut lines = String::with_capacity(COPY_CHUNK_BYTES + 4096);
+    for table in RawTable::ALL {
+        if !tables.contains(&table) || !copied.iter().any(|r| r.table == table) {
+            continue;
         }
-    }
-    for (table, lines) in by_table {
+        // Sent a chunk at a time, so that PostgreSQL stores each while the next is written.
         let mut copy = conn.copy_in_raw(copy_sql(table)).await?;
-        copy.send(lines.into_bytes()).await?;
+        for (ord, r) in rows.iter().enumerate().filter(|(_, r)| r.table == table) {
+            copy_row(&mut lines, r, ord, feed_seq);
+            if lines.len() >= COPY_CHUNK_BYTES {
+                copy.send(lines.as_bytes()).await?;
+                lines.clear();
+            }
+        }
+        if !lines.is_empty() {
+            copy.send(lines.as_bytes()).await?;
+            lines.clear();
+        }
         copy.finish().await?;
     }
     Ok(copied)
 }
+
+/// How much of a [`copy`] is written before it is sent.
+const COPY_CHUNK_BYTES: usize = 128 << 10;
 
 /// The raw tables of `rows` split in two, for a bulk batch's two connections: taken from
 /// the largest down, each table goes to whichever half has fewer rows so far, so that both
