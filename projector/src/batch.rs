@@ -69,8 +69,8 @@ pub enum Mode<'a> {
     /// the watermark each tenant will have is announced just before the commit
     /// ([`shared::watermark::raise`]), for the cache lookups that open no transaction.
     Live(Option<&'a mut ConnectionManager>),
-    /// A rebuild's bulk load into versions nobody reads yet: raw rows by `COPY`, about
-    /// half of them on a second connection at the same time (committed right after the
+    /// A rebuild's bulk load into versions nobody reads yet: raw rows on two connections,
+    /// about half of them on the second at the same time (committed right after the
     /// first: [`commit_second`]), and no rollups (built from the raw rows once the bulk
     /// load is done: [`rollups::rebuild`]).
     Bulk,
@@ -95,14 +95,17 @@ pub async fn write(
         Mode::Live(_) => None,
     };
     let groups = by_tenant(events);
+    let mut copies = 0;
     for (tenant, events) in &groups {
         let schema = tenant.schema(versions.get(tenant).copied().unwrap_or(1));
         schema::set_search_path(&mut tx, &schema).await?;
         if let Some(second) = second.as_mut() {
             schema::set_search_path(second, &schema).await?;
         }
+        let copy = copies < COPY_MAX_GROUPS && events.len() >= COPY_MIN_EVENTS;
+        copies += usize::from(copy);
         let (inserted, duplicates, seq) =
-            write_tenant(&mut tx, second.as_deref_mut(), events, bulk).await?;
+            write_tenant(&mut tx, second.as_deref_mut(), events, (bulk, copy)).await?;
         written.inserted += inserted;
         written.duplicates += duplicates;
         written.tenants.push((*tenant, seq));
@@ -279,7 +282,7 @@ pub async fn find_refused(
         while let Some(group) = todo.pop() {
             let refs: Vec<&Decoded> = group.iter().map(|&i| &events[i]).collect();
             sqlx::query("SAVEPOINT probe").execute(&mut *tx).await?;
-            match write_tenant(&mut tx, None, &refs, false).await {
+            match write_tenant(&mut tx, None, &refs, (false, false)).await {
                 Ok(_) => {
                     sqlx::query("RELEASE SAVEPOINT probe")
                         .execute(&mut *tx)
@@ -313,13 +316,14 @@ pub async fn find_refused(
 }
 
 /// Writes one tenant's events (search_path already points at its schema): (inserted,
-/// duplicates, new watermark seq). Raw rows go by `COPY` ([`copy_or_insert`]); in `bulk`,
-/// the second of [`raw::halves`] on `second` meanwhile, if given, and no rollups are written.
+/// duplicates, new watermark seq). With `copy`, raw rows go by `COPY` ([`copy_or_insert`]),
+/// else by the insert; in `bulk`, the second of [`raw::halves`] on `second` meanwhile, if
+/// given, and no rollups are written.
 async fn write_tenant(
     conn: &mut PgConnection,
     second: Option<&mut PgConnection>,
     events: &[&Decoded],
-    bulk: bool,
+    (bulk, copy): (bool, bool),
 ) -> Result<(u64, u64, i64), WriteError> {
     // The tenant's row lock first: this transaction's seq is the live feed position of every
     // row it writes, and the lock makes the tenant's transactions commit in seq order.
@@ -332,13 +336,13 @@ async fn write_tenant(
         Some(second) => {
             let [here, there] = raw::halves(&rows);
             let (mut here, there) = tokio::try_join!(
-                copy_or_insert(conn, &rows, feed_seq, &here),
-                copy_or_insert(second, &rows, feed_seq, &there)
+                write_raw(conn, &rows, feed_seq, &here, copy),
+                write_raw(second, &rows, feed_seq, &there, copy)
             )?;
             here.extend(there);
             here
         }
-        None => copy_or_insert(conn, &rows, feed_seq, &RawTable::ALL).await?,
+        None => write_raw(conn, &rows, feed_seq, &RawTable::ALL, copy).await?,
     };
     let inserted = inserted_rows.len() as u64;
     record_phase("raw", phase);
@@ -378,14 +382,42 @@ async fn write_tenant(
     Ok((inserted + audited + repository_events, duplicates, seq))
 }
 
-/// A batch's raw rows of `tables`: `COPY` under a savepoint; if an event id was stored
-/// already or comes twice (a unique violation), rolled back to the savepoint and inserted
-/// instead ([`raw::insert_tables`]), which keeps the first. Returns the rows really inserted.
+/// A batch writes a tenant's raw rows by `COPY` ([`copy_or_insert`]) if the tenant has at
+/// least this many events in it; fewer are inserted, one round trip per table, no savepoint.
+const COPY_MIN_EVENTS: usize = 64;
+
+/// ... and for at most this many tenants per transaction. Each savepoint that writes is a
+/// subtransaction with an id of its own; past 64 of them in one transaction, every other
+/// session's snapshots must look them up in `pg_subtrans`, which slows the whole database.
+const COPY_MAX_GROUPS: usize = 16;
+
+/// A batch's raw rows of `tables`, by `COPY` or by the insert.
+async fn write_raw<'r, 'a>(
+    conn: &mut PgConnection,
+    rows: &'r [raw::RawRow<'a>],
+    feed_seq: i64,
+    tables: &[RawTable],
+    copy: bool,
+) -> sqlx::Result<Vec<&'r raw::RawRow<'a>>> {
+    if !rows.iter().any(|r| tables.contains(&r.table)) {
+        Ok(Vec::new())
+    } else if copy {
+        copy_or_insert(conn, rows, feed_seq, tables).await
+    } else {
+        raw::insert_tables(conn, rows, feed_seq, tables).await
+    }
+}
+
+/// A batch's raw rows of `tables`: `COPY` under a savepoint; if a key (event id and time) was
+/// stored already or comes twice (a unique violation), rolled back to the savepoint and
+/// inserted instead ([`raw::insert_tables`]), which keeps the first. Returns the rows really
+/// inserted.
 ///
-/// Live batches take this path too: most batches hold no event stored before, and `COPY`
-/// measured 13 % more live events projected per second than the insert (33 % for OTLP
-/// points; tests/PERFORMANCE.md). A batch with a duplicate pays for both statements, and
-/// only its own tenant's group does (each has its own savepoint).
+/// Live batches take this path too, for tenants with enough events in the batch: most hold
+/// no key stored before, and `COPY` measured 13 % more live events projected per second than
+/// the insert (33 % for OTLP points; tests/PERFORMANCE.md, sixteenth session). A tenant whose
+/// events include one stored before pays for both statements; other tenants' statements do
+/// not change, though they wait for them in the same transaction.
 async fn copy_or_insert<'r, 'a>(
     conn: &mut PgConnection,
     rows: &'r [raw::RawRow<'a>],

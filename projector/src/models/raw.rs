@@ -1,10 +1,11 @@
 //! Raw rows: from a decoded event to the row it becomes (one shape for every raw table), and
-//! the statement that inserts a batch's rows, keeping only event ids not stored yet.
+//! the statements that write a batch's rows: `COPY` ([`copy`]), and the insert that keeps
+//! only keys not stored yet ([`insert_tables`]), for a batch holding one stored before.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::Value;
 use shared::events::{Envelope, EventType, Payload};
 use sqlx::PgConnection;
@@ -105,8 +106,10 @@ impl<'a> RawRow<'a> {
             table: RawTable::MetricSamples,
             event_type: env.event_type.as_str(),
             event_id: env.id,
-            occurred_at: env.occurred_at,
-            received_at: env.received_at,
+            // Whole microseconds, as PostgreSQL stores them: `COPY`'s text and the insert's
+            // binary values then name the same instant whatever the nanoseconds were.
+            occurred_at: env.occurred_at.trunc_subsecs(6),
+            received_at: env.received_at.trunc_subsecs(6),
             user_id: String::new(),
             team_id: String::new(),
             project_id: String::new(),
@@ -221,8 +224,8 @@ impl<'a> RawRow<'a> {
     }
 }
 
-/// `INSERT` of raw rows from parallel arrays, ignoring event ids already stored, returning
-/// the ids that were really inserted. Every row gets the live feed's position: the batch's
+/// `INSERT` of raw rows from parallel arrays, ignoring keys (event id and time) already
+/// stored, returning the ordinals (`feed_ord`) of the rows that were really inserted. Every row gets the live feed's position: the batch's
 /// `feed_seq` (`$16`) and its own ordinal (`$15`). Expanded at compile time per table, so
 /// every statement is a `&'static str`.
 macro_rules! insert_sql {
@@ -239,7 +242,7 @@ macro_rules! insert_sql {
                            $10::bigint[], $11::bigint[], $12::bigint[], $13::float8[],
                            $14::jsonb[], $15::int[])
              ON CONFLICT DO NOTHING
-             RETURNING event_id"
+             RETURNING feed_ord"
         )
     };
 }
@@ -258,8 +261,10 @@ fn insert_sql(table: RawTable) -> &'static str {
 
 /// Inserts the rows of `tables` among a batch's `rows` (search_path already points at the
 /// tenant's schema), one statement per table, and returns the rows really inserted: not
-/// those whose event id was stored already, and a duplicate id inside the batch once.
-/// `feed_seq` is the batch's live feed position; each row's ordinal in `rows` goes with it.
+/// those whose key (event id and time) was stored already, and a duplicate inside the batch
+/// once. `feed_seq` is the batch's live feed position; each row's ordinal in `rows` goes with
+/// it, and the ordinals the statement returns say which rows went in: an id alone would not,
+/// since a sender may give two events the same id at different times.
 pub async fn insert_tables<'r, 'a>(
     conn: &mut PgConnection,
     rows: &'r [RawRow<'a>],
@@ -277,12 +282,13 @@ pub async fn insert_tables<'r, 'a>(
     }
     let mut inserted: Vec<&RawRow> = Vec::with_capacity(rows.len());
     for (table, (rows, ords)) in by_table {
-        let mut new_ids: HashSet<Uuid> = insert_table(conn, table, &rows, (feed_seq, &ords))
-            .await?
-            .into_iter()
-            .collect();
-        // `remove` makes a duplicate id inside the same batch count once.
-        inserted.extend(rows.into_iter().filter(|r| new_ids.remove(&r.event_id)));
+        let mut new = insert_table(conn, table, &rows, (feed_seq, &ords)).await?;
+        new.sort_unstable();
+        // `ords` ascend, so each ordinal returned is found where its row is in `rows`.
+        inserted.extend(
+            new.into_iter()
+                .filter_map(|o| ords.binary_search(&o).ok().map(|i| rows[i])),
+        );
     }
     Ok(inserted)
 }
@@ -293,7 +299,7 @@ async fn insert_table(
     table: RawTable,
     rows: &[&RawRow<'_>],
     feed: (i64, &[i32]),
-) -> sqlx::Result<Vec<Uuid>> {
+) -> sqlx::Result<Vec<i32>> {
     // Columns are borrowed from the rows: nothing is copied on the way to the statement.
     let col =
         |f: for<'r> fn(&'r RawRow<'_>) -> &'r str| rows.iter().map(|r| f(r)).collect::<Vec<&str>>();
@@ -390,8 +396,9 @@ fn copy_row(line: &mut String, r: &RawRow<'_>, ord: usize, feed_seq: i64) {
 
 /// Writes the rows of `tables` among a batch's `rows` with `COPY`, one per table
 /// (search_path already points at the tenant's schema): the same rows and feed positions
-/// (each row's ordinal in `rows`) as [`insert_tables`], without its conflict handling. Fails with a unique violation (23505) if an event id is stored already or
-/// comes twice; the caller then rolls back and inserts instead.
+/// (each row's ordinal in `rows`) as [`insert_tables`], without its conflict handling. Fails
+/// with a unique violation (23505) if a key (event id and time) is stored already or comes
+/// twice; the caller then rolls back and inserts instead.
 pub async fn copy<'r, 'a>(
     conn: &mut PgConnection,
     rows: &'r [RawRow<'a>],

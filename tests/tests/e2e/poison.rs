@@ -338,6 +338,133 @@ async fn a_per_key_sum_out_of_range_is_refused_while_the_tenants_is_not() {
     stop_all([projector]).await;
 }
 
+/// A command of `user` named `name` at `at`, with the id given (a sender may choose its ids).
+fn command_at(
+    id: Uuid,
+    at: chrono::DateTime<chrono::Utc>,
+    user: &str,
+    name: &str,
+    ms: i64,
+) -> Value {
+    json!({"id": id, "type": "command.executed", "occurred_at": ts(at),
+           "data": {"user_id": user, "command_name": name, "duration_ms": ms, "status": "success"}})
+}
+
+/// A tenant with many events in a batch has its raw rows written by `COPY`; an event stored
+/// before makes that `COPY` fail and the insert write them instead. Neither may count a row
+/// twice or lose one: an id sent again at another time is a new row (the key is the id and
+/// the time) and is what the rollups count, not the row stored before; a value PostgreSQL
+/// refuses is dead-lettered; text with COPY's own separators and escapes is stored as sent;
+/// a neighbour in the same batch is projected exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copied_batches_count_every_key_once_and_refuse_what_postgresql_cannot_store() {
+    let Setup {
+        pool,
+        common,
+        producer,
+        topic,
+    } = setup().await;
+    let a = create_tenant(&pool, "copier").await;
+    let b = create_tenant(&pool, "copier-neighbour").await;
+    let minute = chrono::TimeDelta::minutes(1);
+    let t1 = chrono::DurationRound::duration_trunc(
+        chrono::Utc::now() - chrono::TimeDelta::minutes(30),
+        minute,
+    )
+    .unwrap()
+        + chrono::TimeDelta::seconds(10);
+    let t2 = t1 + minute * 2;
+    let x = Uuid::now_v7();
+    let first = envelope(a.id, command_at(x, t1, "u", "twin", 5));
+
+    let projector = start_projector(&common).await;
+    produce(&producer, &topic, 0, std::slice::from_ref(&first)).await;
+    wait_projected(&pool, a.id, 1, Duration::from_secs(60)).await;
+    stop_all([projector]).await;
+
+    // Queued while the projector is away, so that it reads them into one batch: for each
+    // tenant more than the 64 events from which a live batch copies.
+    let special = "a\tb\nc\\d\re\\.\\N";
+    let mut nul = envelope(a.id, command("u", "build", 5, true));
+    nul["data"]["command_name"] = json!("a\u{0}b");
+    let mut records = vec![
+        first,
+        envelope(a.id, command_at(x, t2, "u", "twin", 1000)),
+        nul.clone(),
+        envelope(a.id, command_at(Uuid::now_v7(), t1, special, special, 1)),
+    ];
+    records.extend((0..80).map(|i| envelope(a.id, command("u", "fill", i, true))));
+    records.extend((0..70).map(|i| envelope(b.id, command("v", "fill", i, true))));
+    produce(&producer, &topic, 0, &records).await;
+    let projector = start_projector(&common).await;
+    wait_projected(&pool, a.id, 83, Duration::from_secs(60)).await;
+    wait_projected(&pool, b.id, 70, Duration::from_secs(60)).await;
+
+    let dead = read_all(&common, common.metrics_dlq_topic(), 1).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0["id"], nul["id"]);
+    let error = header(&dead[0].1, "tally-error");
+    assert!(
+        error.contains("refused by PostgreSQL") && error.contains("22021"),
+        "{error}"
+    );
+    // Give a double count time to show.
+    wait_folded(&pool, a.id, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(projected_events(&pool, a.id).await, Some(83));
+    assert_eq!(projected_events(&pool, b.id).await, Some(70));
+    let count = |tenant, sql: &'static str| {
+        let pool = pool.clone();
+        async move { scalar_in_tenant(&pool, tenant, sql).await }
+    };
+    assert_eq!(
+        count(a.id, "SELECT count(*) FROM command_executions").await,
+        83
+    );
+    assert_eq!(
+        count(b.id, "SELECT count(*) FROM command_executions").await,
+        70
+    );
+    // The id at two times: two rows, each counted once, in its own minute.
+    assert_eq!(
+        count(
+            a.id,
+            "SELECT count(*) FROM command_executions WHERE name = 'twin'"
+        )
+        .await,
+        2
+    );
+    let in_minute = |at: chrono::DateTime<chrono::Utc>, what: &str| {
+        format!(
+            "SELECT sum({what})::bigint FROM activity_1m WHERE name = 'twin' AND bucket = '{}'",
+            ts(chrono::DurationRound::duration_trunc(at, minute).unwrap())
+        )
+    };
+    assert_eq!(
+        scalar_in_tenant(&pool, a.id, &in_minute(t1, "count")).await,
+        1
+    );
+    assert_eq!(
+        scalar_in_tenant(&pool, a.id, &in_minute(t2, "count")).await,
+        1
+    );
+    assert_eq!(
+        scalar_in_tenant(&pool, a.id, &in_minute(t2, "duration_sum")).await,
+        1000
+    );
+    for table in ["activity_1m", "activity_1h", "activity_1d"] {
+        let sql = format!("SELECT sum(count)::bigint FROM {table}");
+        assert_eq!(scalar_in_tenant(&pool, a.id, &sql).await, 83, "{table}");
+        assert_eq!(scalar_in_tenant(&pool, b.id, &sql).await, 70, "{table}");
+    }
+    // Tab, newline, backslashes, carriage return, `\.` and `\N`, stored as sent.
+    let sql = "SELECT count(*) FROM command_executions
+                WHERE name = 'a' || chr(9) || 'b' || chr(10) || 'c\\d' || chr(13) || 'e\\.\\N'
+                  AND user_id = name";
+    assert_eq!(count(a.id, sql).await, 1);
+    stop_all([projector]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_that_keeps_failing_is_visible_until_it_lands() {
     let Setup {
