@@ -126,6 +126,18 @@ fn header<'a>(h: &'a [(String, String)], k: &str) -> &'a str {
         .unwrap_or("")
 }
 
+/// The DLQ's first record is `record`, refused by PostgreSQL with SQLSTATE `code`.
+async fn assert_the_one_dead_letter(common: &Common, record: &Value, code: &str) {
+    let dead = read_all(common, common.metrics_dlq_topic(), 1).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0["id"], record["id"]);
+    let error = header(&dead[0].1, "tally-error");
+    assert!(
+        error.contains("refused by PostgreSQL") && error.contains(code),
+        "{error}"
+    );
+}
+
 async fn overview_total(client: &reqwest::Client, query: &str, key: &str) -> f64 {
     let body = get_json(
         client,
@@ -315,14 +327,7 @@ async fn a_per_key_sum_out_of_range_is_refused_while_the_tenants_is_not() {
     .await;
     wait_projected(&pool, t.id, 3, Duration::from_secs(60)).await;
 
-    let dead = read_all(&common, common.metrics_dlq_topic(), 1).await;
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].0["id"], again["id"]);
-    let error = header(&dead[0].1, "tally-error");
-    assert!(
-        error.contains("refused by PostgreSQL") && error.contains("22003"),
-        "{error}"
-    );
+    assert_the_one_dead_letter(&common, &again, "22003").await;
     // Everything else is folded, and adds up.
     wait_folded(&pool, t.id, Duration::from_secs(20)).await;
     for table in [
@@ -400,14 +405,7 @@ async fn copied_batches_count_every_key_once_and_refuse_what_postgresql_cannot_s
     wait_projected(&pool, a.id, 83, Duration::from_secs(60)).await;
     wait_projected(&pool, b.id, 70, Duration::from_secs(60)).await;
 
-    let dead = read_all(&common, common.metrics_dlq_topic(), 1).await;
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].0["id"], nul["id"]);
-    let error = header(&dead[0].1, "tally-error");
-    assert!(
-        error.contains("refused by PostgreSQL") && error.contains("22021"),
-        "{error}"
-    );
+    assert_the_one_dead_letter(&common, &nul, "22021").await;
     // Give a double count time to show.
     wait_folded(&pool, a.id, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
