@@ -32,9 +32,12 @@ async fn hypertables_compress_take_late_events_once_and_drop_chunks() {
     let t = create_tenant(&pool, "timescale").await;
 
     // A client's batch five days back, sent with an idempotency key (so a retry carries the
-    // same event ids), and two events of today.
+    // same event ids), and two events of today. The batch has more than the 64 events from
+    // which a tenant's raw rows go by `COPY`: its retry into the compressed chunk is copied,
+    // refused for the keys stored there, and inserted instead.
+    const OLD: i64 = 70;
     let now = Utc::now();
-    let old = commands_days_ago(now, 5, 4);
+    let old = commands_days_ago(now, 5, OLD);
     let send = |body: &Value, key: Option<&'static str>| {
         let mut req = client
             .post(format!("{}/v1/events", ingest.url()))
@@ -53,7 +56,7 @@ async fn hypertables_compress_take_late_events_once_and_drop_chunks() {
             .status(),
         202
     );
-    wait_projected(&pool, t.id, 6, Duration::from_secs(60)).await;
+    wait_projected(&pool, t.id, OLD + 2, Duration::from_secs(60)).await;
     assert!(tenant_uses_timescale(&pool, t.id).await);
     let schema = t.id.schema(1);
     let hypertables: i64 = sqlx::query_scalar(
@@ -108,7 +111,7 @@ async fn hypertables_compress_take_late_events_once_and_drop_chunks() {
             .status(),
         202
     );
-    wait_projected(&pool, t.id, 7, Duration::from_secs(60)).await;
+    wait_projected(&pool, t.id, OLD + 3, Duration::from_secs(60)).await;
     let per_day = |sql: &'static str| scalar_in_tenant(&pool, t.id, sql);
     let old_rows = "SELECT count(*) FROM command_executions
                      WHERE occurred_at >= date_trunc('day', now() - interval '5 days')
@@ -116,7 +119,7 @@ async fn hypertables_compress_take_late_events_once_and_drop_chunks() {
     let old_daily = "SELECT sum(count)::bigint FROM activity_1d
                       WHERE bucket = date_trunc('day', now() - interval '5 days')";
     // Minutes back from `now` may cross midnight: count the events of that day as sent.
-    let sent_that_day = (0..4)
+    let sent_that_day = (0..OLD)
         .filter(|i| (now - TimeDelta::days(5) - TimeDelta::minutes(*i)).date_naive() == old_day)
         .count() as i64
         + 1;
@@ -124,11 +127,11 @@ async fn hypertables_compress_take_late_events_once_and_drop_chunks() {
     assert_eq!(per_day(old_daily).await, sent_that_day);
     assert_eq!(
         scalar_in_tenant(&pool, t.id, "SELECT count(*) FROM command_executions").await,
-        7
+        OLD + 3
     );
     assert_eq!(
         projected_events(&pool, t.id).await,
-        Some(7),
+        Some(OLD + 3),
         "the retry counts nothing"
     );
     // The chunk the late event reopened is compressed again by the next pass.
