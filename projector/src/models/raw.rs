@@ -225,9 +225,9 @@ impl<'a> RawRow<'a> {
 }
 
 /// `INSERT` of raw rows from parallel arrays, ignoring keys (event id and time) already
-/// stored, returning the ordinals (`feed_ord`) of the rows that were really inserted. Every row gets the live feed's position: the batch's
-/// `feed_seq` (`$16`) and its own ordinal (`$15`). Expanded at compile time per table, so
-/// every statement is a `&'static str`.
+/// stored, returning the ordinals (`feed_ord`) of the rows that were really inserted. Every
+/// row gets the live feed's position: the batch's `feed_seq` (`$16`) and its own ordinal
+/// (`$15`). Expanded at compile time per table, so every statement is a `&'static str`.
 macro_rules! insert_sql {
     ($table:literal) => {
         concat!(
