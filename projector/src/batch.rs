@@ -1,10 +1,11 @@
-//! One batch, one transaction: for each tenant of the batch, its read models in order
-//! (watermark lock, audit, people, raw rows, the rollups of the rows really inserted,
-//! sessions, watermark), then the next Kafka offset of every partition the batch covers, as
-//! a compare-and-set. The models' folds and SQL live in [`crate::models`], the schemas and
+//! One batch, one transaction: for each tenant of the batch its watermark lock and raw rows,
+//! then for each its other read models in order (audit, people, attribution, the rollups of
+//! the rows really inserted, sessions, watermark), then the next Kafka offset of every
+//! partition the batch covers, as a compare-and-set. A live batch may write its raw rows
+//! while the batch before it finishes ([`Pipeline`]). The models' folds and SQL live in [`crate::models`], the schemas and
 //! version checks in [`crate::prepare`], the offsets in [`crate::offsets`].
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -12,6 +13,7 @@ use redis::aio::ConnectionManager;
 use shared::events::{Envelope, Payload};
 use shared::tenant::{SchemaName, TenantId};
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::models::raw::RawTable;
@@ -23,6 +25,13 @@ use crate::schema;
 
 /// How long a batch waits for Redis to take its watermarks before committing without.
 const ANNOUNCE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// How long a batch written ahead waits for the batch before it to land, holding the keys of
+/// its raw rows, before it rolls back to be written again in turn. A batch takes about a tenth of a
+/// second; the wait only ends a cycle PostgreSQL cannot see, because one of its waits is in
+/// this process: e.g. the batch before waiting for a lock behind another session's DDL
+/// that waits for this batch's tables.
+const AHEAD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A decoded event waiting in a batch.
 #[derive(Debug, Clone)]
@@ -61,6 +70,11 @@ pub enum WriteError {
     /// cannot go on exactly and has to start over.
     #[error("a bulk-load batch was written only in part: {0}")]
     HalfWritten(sqlx::Error),
+    /// A batch written ahead of the one before it ([`Pipeline::ahead_of`]) was rolled back:
+    /// that batch did not land, or a tenant's feed position moved otherwise. Nothing was
+    /// written; the batch is written again in turn.
+    #[error("a batch written ahead was rolled back; written again in turn")]
+    Ahead,
 }
 
 /// How a batch is written.
@@ -68,7 +82,7 @@ pub enum Mode<'a> {
     /// Live traffic: rollup deltas written in the batch's transaction. With a Redis connection,
     /// the watermark each tenant will have is announced just before the commit
     /// ([`shared::watermark::raise`]), for the cache lookups that open no transaction.
-    Live(Option<&'a mut ConnectionManager>),
+    Live(Option<&'a mut ConnectionManager>, Pipeline),
     /// A rebuild's bulk load into versions nobody reads yet: raw rows on two connections,
     /// about half of them on the second at the same time (committed right after the
     /// first: [`commit_second`]), and no rollups (built from the raw rows once the bulk
@@ -76,7 +90,39 @@ pub enum Mode<'a> {
     Bulk,
 }
 
-/// Writes the batch and advances the offsets, all in one transaction.
+/// The live feed position each tenant of a batch gives its rows (its watermark's `seq`).
+pub type Seqs = HashMap<TenantId, i64>;
+
+/// How a live batch overlaps the batches beside it (the consume loop's pipeline): a batch's
+/// raw rows are written while the batch before it writes its other models and commits.
+#[derive(Default)]
+pub struct Pipeline {
+    /// Told the batch's feed positions once its raw rows are written: the batch after it may
+    /// start writing then.
+    pub raw_written: Option<oneshot::Sender<Seqs>>,
+    /// Set for a batch written ahead of the one before it, which has not landed yet.
+    pub ahead_of: Option<AheadOf>,
+}
+
+/// What a batch written ahead needs from the batch before it.
+pub struct AheadOf {
+    /// The feed positions the batch before gives its tenants; this batch's are the next.
+    pub before: Seqs,
+    /// Whether the batch before landed (committed).
+    pub landed: oneshot::Receiver<bool>,
+}
+
+/// Writes the batch and advances the offsets, all in one transaction: every tenant's raw
+/// rows first, then every tenant's other models (see [`write_models`]).
+///
+/// A batch written ahead ([`Pipeline::ahead_of`]) writes its raw rows with the feed
+/// positions after the batch before's, without the tenants' watermark rows, then waits until
+/// that batch has landed: only then does it lock the rows, check that the positions are
+/// still the next (else [`WriteError::Ahead`]), write the rest and commit, so the tenant's
+/// transactions still commit in feed order. Its raw rows wait for the batch before only on a
+/// key both write (the unique index), and the batch before never waits for it: it writes no
+/// raw rows after it signalled [`Pipeline::raw_written`]. A batch that did not land makes
+/// the one ahead of it roll back ([`WriteError::Ahead`]).
 pub async fn write(
     pool: &PgPool,
     projection: &str,
@@ -89,33 +135,78 @@ pub async fn write(
     let mut tx = pool.begin().await?;
     let mut written = Written::default();
     let versions = target_versions(&mut tx, target).await?;
-    let bulk = matches!(mode, Mode::Bulk);
-    let mut second = match mode {
-        Mode::Bulk => Some(pool.begin().await?),
-        Mode::Live(_) => None,
+    let (bulk, redis, pipeline) = match mode {
+        Mode::Bulk => (true, None, Pipeline::default()),
+        Mode::Live(redis, pipeline) => (false, redis, pipeline),
+    };
+    let mut second = match bulk {
+        true => Some(pool.begin().await?),
+        false => None,
     };
     let groups = by_tenant(events);
+    let schemas: Vec<SchemaName> = groups
+        .keys()
+        .map(|t| t.schema(versions.get(t).copied().unwrap_or(1)))
+        .collect();
+    let rows: Vec<Vec<raw::RawRow>> = groups.values().map(|e| raw_rows(e)).collect();
+
+    // Every tenant's raw rows.
+    let mut seqs = Seqs::new();
+    let mut inserted = Vec::with_capacity(groups.len());
     let mut copies = 0;
-    for (tenant, events) in &groups {
-        let schema = tenant.schema(versions.get(tenant).copied().unwrap_or(1));
-        schema::set_search_path(&mut tx, &schema).await?;
+    for (((tenant, events), schema), rows) in groups.iter().zip(&schemas).zip(&rows) {
+        schema::set_search_path(&mut tx, schema).await?;
         if let Some(second) = second.as_mut() {
-            schema::set_search_path(second, &schema).await?;
+            schema::set_search_path(second, schema).await?;
         }
+        let feed_seq = match &pipeline.ahead_of {
+            None => watermark::lock_next_seq(&mut tx).await?,
+            Some(ahead) => match ahead.before.get(tenant) {
+                Some(before) => before + 1,
+                None => watermark::next_seq(&mut tx).await?,
+            },
+        };
         let copy = copies < COPY_MAX_GROUPS && events.len() >= COPY_MIN_EVENTS;
         copies += usize::from(copy);
+        inserted
+            .push(write_tenant_raw(&mut tx, second.as_deref_mut(), rows, feed_seq, copy).await?);
+        seqs.insert(*tenant, feed_seq);
+    }
+    if let Some(raw_written) = pipeline.raw_written {
+        let _ = raw_written.send(seqs.clone());
+    }
+    let ahead = pipeline.ahead_of.is_some();
+    if let Some(AheadOf { landed, .. }) = pipeline.ahead_of {
+        if !matches!(tokio::time::timeout(AHEAD_WAIT, landed).await, Ok(Ok(true))) {
+            let _ = tx.rollback().await;
+            return Err(WriteError::Ahead);
+        }
+    }
+
+    // Every tenant's other models.
+    for (((tenant, events), schema), (rows, inserted)) in
+        groups.iter().zip(&schemas).zip(rows.iter().zip(&inserted))
+    {
+        if groups.len() > 1 {
+            schema::set_search_path(&mut tx, schema).await?;
+        }
+        let feed_seq = seqs[tenant];
+        if ahead && watermark::lock_next_seq(&mut tx).await? != feed_seq {
+            let _ = tx.rollback().await;
+            return Err(WriteError::Ahead);
+        }
         let (inserted, duplicates, seq) =
-            write_tenant(&mut tx, second.as_deref_mut(), events, (bulk, copy)).await?;
+            write_models(&mut tx, events, rows, inserted, feed_seq, bulk).await?;
         written.inserted += inserted;
         written.duplicates += duplicates;
         written.tenants.push((*tenant, seq));
-        written.schemas.push(schema);
+        written.schemas.push(schema.clone());
     }
 
     for (partition, range) in offsets {
         offsets::advance(&mut tx, projection, topic, *partition, *range).await?;
     }
-    if let Mode::Live(Some(redis)) = mode {
+    if let Some(redis) = redis {
         let announced: Vec<_> = written
             .tenants
             .iter()
@@ -282,7 +373,7 @@ pub async fn find_refused(
         while let Some(group) = todo.pop() {
             let refs: Vec<&Decoded> = group.iter().map(|&i| &events[i]).collect();
             sqlx::query("SAVEPOINT probe").execute(&mut *tx).await?;
-            match write_tenant(&mut tx, None, &refs, (false, false)).await {
+            match write_tenant(&mut tx, &refs, false).await {
                 Ok(_) => {
                     sqlx::query("RELEASE SAVEPOINT probe")
                         .execute(&mut *tx)
@@ -317,40 +408,66 @@ pub async fn find_refused(
 
 /// Writes one tenant's events (search_path already points at its schema): (inserted,
 /// duplicates, new watermark seq). With `copy`, raw rows go by `COPY` ([`copy_or_insert`]),
-/// else by the insert; in `bulk`, the second of [`raw::halves`] on `second` meanwhile, if
-/// given, and no rollups are written.
+/// else by the insert. A batch's tenants go through the same steps ([`write`]), its raw rows
+/// first for every tenant.
 async fn write_tenant(
     conn: &mut PgConnection,
-    second: Option<&mut PgConnection>,
     events: &[&Decoded],
-    (bulk, copy): (bool, bool),
+    copy: bool,
 ) -> Result<(u64, u64, i64), WriteError> {
-    // The tenant's row lock first: this transaction's seq is the live feed position of every
-    // row it writes, and the lock makes the tenant's transactions commit in seq order.
     let feed_seq = watermark::lock_next_seq(conn).await?;
-    let audited = audit::insert(conn, events).await?;
-    people::apply(conn, events).await?;
     let rows = raw_rows(events);
+    let inserted = write_tenant_raw(conn, None, &rows, feed_seq, copy).await?;
+    write_models(conn, events, &rows, &inserted, feed_seq, false).await
+}
+
+/// One tenant's raw rows (search_path already points at its schema), all with `feed_seq`;
+/// the rows really inserted. With `second` (a bulk load), the second of [`raw::halves`]
+/// goes there meanwhile.
+async fn write_tenant_raw<'r, 'a>(
+    conn: &mut PgConnection,
+    second: Option<&mut PgConnection>,
+    rows: &'r [raw::RawRow<'a>],
+    feed_seq: i64,
+    copy: bool,
+) -> sqlx::Result<Vec<&'r raw::RawRow<'a>>> {
     let phase = Instant::now();
-    let inserted_rows = match second {
+    let inserted = match second {
         Some(second) => {
-            let [here, there] = raw::halves(&rows);
+            let [here, there] = raw::halves(rows);
             let (mut here, there) = tokio::try_join!(
-                write_raw(conn, &rows, feed_seq, &here, copy),
-                write_raw(second, &rows, feed_seq, &there, copy)
+                write_raw(conn, rows, feed_seq, &here, copy),
+                write_raw(second, rows, feed_seq, &there, copy)
             )?;
             here.extend(there);
             here
         }
-        None => write_raw(conn, &rows, feed_seq, &RawTable::ALL, copy).await?,
+        None => write_raw(conn, rows, feed_seq, &RawTable::ALL, copy).await?,
     };
-    let inserted = inserted_rows.len() as u64;
     record_phase("raw", phase);
+    Ok(inserted)
+}
+
+/// Everything of one tenant's events but the raw rows (search_path at its schema, the
+/// tenant's watermark row locked by this transaction, `inserted` the raw rows of `rows`
+/// really inserted): audit, people, attribution, rollups (not in `bulk`), sessions and the
+/// watermark. Returns (inserted, duplicates, new watermark seq).
+async fn write_models(
+    conn: &mut PgConnection,
+    events: &[&Decoded],
+    rows: &[raw::RawRow<'_>],
+    inserted_rows: &[&raw::RawRow<'_>],
+    feed_seq: i64,
+    bulk: bool,
+) -> Result<(u64, u64, i64), WriteError> {
+    let audited = audit::insert(conn, events).await?;
+    people::apply(conn, events).await?;
+    let inserted = inserted_rows.len() as u64;
 
     // The events whose raw rows were really inserted: what the later models fold.
     let inserted_ids: HashSet<Uuid> = inserted_rows.iter().map(|r| r.event_id).collect();
     let phase = Instant::now();
-    let attributed = attribution::fold(events, &inserted_ids, &inserted_rows);
+    let attributed = attribution::fold(events, &inserted_ids, inserted_rows);
     let repository_events = attribution::write(conn, &attributed, events, bulk).await?;
     record_phase("attribution", phase);
     // Events that are neither raw rows nor audited nor source-control events new here were
@@ -360,8 +477,8 @@ async fn write_tenant(
         - inserted;
 
     if !bulk {
-        rollups::refuse_overflows(conn, &inserted_rows).await?;
-        rollups::write(conn, &inserted_rows).await?;
+        rollups::refuse_overflows(conn, inserted_rows).await?;
+        rollups::write(conn, inserted_rows).await?;
     }
     let phase = Instant::now();
     let updates = sessions::fold(

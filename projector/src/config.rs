@@ -22,6 +22,9 @@ pub struct Config {
     /// first record was produced (its Kafka timestamp): records that queued while the batch
     /// before was written have waited already.
     pub batch_linger_ms: u64,
+    /// Whether a live batch writes its raw rows while the batch before it writes the rest and
+    /// commits (two transactions in flight, committed in order; see `batch::Pipeline`).
+    pub pipeline: bool,
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     pub http_addr: String,
     /// Days of partitions created ahead of time when a tenant is first seen.
@@ -64,6 +67,7 @@ impl Default for Config {
             consumer_group: "tally-projector-metrics".into(),
             batch_max_events: 5000,
             batch_linger_ms: 100,
+            pipeline: true,
             http_addr: "127.0.0.1:9102".into(),
             partitions_ahead_days: 7,
             consumer_session_timeout_ms: 10_000,

@@ -1,6 +1,8 @@
 //! The consume loop: decode → batch → write (with offsets) → acknowledge, as explicit stages.
 //! While a batch is in PostgreSQL's hands, the records after it are received and decoded into
-//! the next batch, which is written once the first has landed (one batch in flight).
+//! the next batch. Once the first batch's raw rows are written, the next one starts writing
+//! its own, ahead, and commits only after the first has landed ([`batch::Pipeline`]): two
+//! batches in flight, in two transactions that commit in order.
 //!
 //! Offsets live in PostgreSQL with the rows. On assignment the loop learns each partition's
 //! stored offset; a record below it was already projected and is skipped, a record above it
@@ -20,9 +22,10 @@ use shared::events::Envelope;
 use shared::health::ShutdownFlag;
 use shared::tenant::TenantId;
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 
-use crate::batch::{self, Decoded, WriteError, Written};
+use crate::batch::{self, AheadOf, Decoded, Pipeline, Seqs, WriteError, Written};
 use crate::config::Config;
 use crate::offsets::{self, OffsetRange, Resume, Stalls};
 use crate::prepare::{self, Prepared, Target};
@@ -175,6 +178,19 @@ pub struct Projector {
     pub alerts: Option<crate::alerts::Touched>,
     /// Told which schemas got rollup deltas after each batch (the metrics loop).
     pub dirty: Option<crate::compactor::Dirty>,
+    /// The batch written ahead of the one in flight, if any: written next.
+    ahead: Option<InFlight>,
+}
+
+/// A batch's write attempt under way in a task of its own; gives back its outcome, the
+/// caches it filled, and the batch.
+struct InFlight {
+    task: JoinHandle<(Result<Written, WriteError>, Prepared, Pending)>,
+    /// Its feed positions, once its raw rows are written: the next batch may start then.
+    raw_written: Option<oneshot::Receiver<Seqs>>,
+    /// For a batch written ahead: to tell it whether the batch before it landed.
+    landed: Option<oneshot::Sender<bool>>,
+    since: Instant,
 }
 
 impl Projector {
@@ -224,6 +240,7 @@ impl Projector {
             stalls,
             alerts: None,
             dirty: None,
+            ahead: None,
         })
     }
 
@@ -238,6 +255,13 @@ impl Projector {
         // A record borrows its consumer; borrow a handle of our own so `self` stays free.
         let consumer = self.consumer.clone();
         loop {
+            if self.ahead.is_some() {
+                // The batch written ahead goes next, at once; after a stop, nothing is
+                // written ahead of it.
+                let overlap = !*stop.borrow();
+                self.flush(&mut pending, overlap).await;
+                continue;
+            }
             let wait = match pending.started {
                 Some(t) => linger.saturating_sub(t.elapsed()),
                 None => Duration::from_millis(500),
@@ -432,18 +456,30 @@ impl Projector {
     /// ([`Self::write_overlapped`]). If that attempt does not land, they are dropped and
     /// their partitions sought back to their first record, to be read again once the batch
     /// has landed.
+    ///
+    /// The batch written ahead during the one before, if there is one, is the batch here: its
+    /// first attempt is already under way.
     async fn flush(&mut self, pending: &mut Pending, overlap: bool) {
-        let mut batch = std::mem::take(pending);
-        let started = Instant::now();
-        if !batch.poison.is_empty() {
-            self.dead_letter(&batch.poison).await;
-        }
+        let (mut batch, in_flight) = match self.ahead.take() {
+            Some(ahead) => (Pending::default(), Some(ahead)),
+            None => {
+                let batch = std::mem::take(pending);
+                if !batch.poison.is_empty() {
+                    self.dead_letter(&batch.poison).await;
+                }
+                match overlap {
+                    true => (Pending::default(), Some(self.spawn_attempt(batch, None))),
+                    false => (batch, None),
+                }
+            }
+        };
+        let started = in_flight.as_ref().map_or_else(Instant::now, |f| f.since);
         let mut backoff = Duration::from_millis(200);
         let mut paused: Option<TopicPartitionList> = None;
         let mut redis = self.redis.clone();
         let mut first = None;
-        if overlap {
-            let (outcome, back) = self.write_overlapped(batch, pending).await;
+        if let Some(in_flight) = in_flight {
+            let (outcome, back) = self.write_overlapped(in_flight, pending, overlap).await;
             batch = back;
             if outcome.is_err() {
                 self.drop_next(pending);
@@ -460,6 +496,7 @@ impl Projector {
                         (&self.config, &self.topic),
                         &batch,
                         redis.as_mut(),
+                        Pipeline::default(),
                     )
                     .await
                 }
@@ -468,6 +505,10 @@ impl Projector {
                 Err(WriteError::VersionMoved) => {
                     tracing::info!("a replay switched projection versions; preparing again");
                     self.prepared.forget_versions();
+                }
+                Err(WriteError::Ahead) => {
+                    // Written ahead and rolled back: written again now, in turn.
+                    ahead_outcome(&self.topic, "written_again");
                 }
                 Err(WriteError::Db(e)) => {
                     if batch::refused_record(&e).is_some()
@@ -533,7 +574,7 @@ impl Projector {
                 let parts: Vec<i32> = batch.offsets.keys().copied().collect();
                 self.rewind(&parts).await;
             }
-            Err(WriteError::Db(_) | WriteError::VersionMoved) => {
+            Err(WriteError::Db(_) | WriteError::VersionMoved | WriteError::Ahead) => {
                 unreachable!("database errors and version moves are retried above")
             }
             Err(WriteError::HalfWritten(_)) => {
@@ -542,37 +583,113 @@ impl Projector {
         }
     }
 
-    /// The batch's first write attempt, in a task of its own; meanwhile the records after
-    /// it are received and accepted into `next` (up to a full batch), so that decoding them
-    /// overlaps the batch's statements instead of waiting for its commit. The attempt goes on
-    /// whatever a record waits for (a position or a tenant looked up in PostgreSQL); `next`
-    /// is written only after the batch has landed. Gives the batch back with the outcome.
-    async fn write_overlapped(
-        &mut self,
+    /// Starts a batch's first write attempt in a task of its own. With `before` (the feed
+    /// positions of the batch in flight, and a receiver of whether it landed), the batch is
+    /// written ahead of it ([`batch::Pipeline`]), unless it needs schemas or partitions made
+    /// first: DDL would wait for the batch before anyway, so then it waits until that one
+    /// has landed and is written in turn.
+    fn spawn_attempt(
+        &self,
         batch: Pending,
-        next: &mut Pending,
-    ) -> (Result<Written, WriteError>, Pending) {
-        // The attempt holds the caches it fills; the records use `known` and `positions`.
-        let mut prepared = std::mem::take(&mut self.prepared);
+        before: Option<(Seqs, oneshot::Receiver<bool>)>,
+    ) -> InFlight {
+        // The attempt fills a copy of the caches and gives it back.
+        let mut prepared = self.prepared.clone();
         let (pool, config, topic) = (self.pool.clone(), self.config.clone(), self.topic.clone());
         let mut redis = self.redis.clone();
-        let mut attempt = tokio::spawn(async move {
+        let (raw_tx, raw_rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let ahead_of = match before {
+                None => None,
+                Some((before, landed)) if prepared.ready_for(&batch.events) => {
+                    Some(AheadOf { before, landed })
+                }
+                Some((_, landed)) => {
+                    if landed.await != Ok(true) {
+                        return (Err(WriteError::Ahead), prepared, batch);
+                    }
+                    None
+                }
+            };
+            let pipeline = Pipeline {
+                raw_written: Some(raw_tx),
+                ahead_of,
+            };
             let outcome = write_attempt(
                 &pool,
                 &mut prepared,
                 (&config, &topic),
                 &batch,
                 redis.as_mut(),
+                pipeline,
             )
             .await;
             (outcome, prepared, batch)
         });
+        InFlight {
+            task,
+            raw_written: Some(raw_rx),
+            landed: None,
+            since: Instant::now(),
+        }
+    }
+
+    /// Waits for a batch's first write attempt; meanwhile the records after it are received
+    /// and accepted into `next` (with `receive`, up to a full batch), so that decoding them
+    /// overlaps the batch's statements instead of waiting for its commit. Once the batch's
+    /// raw rows are written and `next` is due (full, or its first record has waited a
+    /// linger), `next` is written ahead ([`Self::spawn_attempt`], into `self.ahead`) and
+    /// nothing more is received until the batch lands; if it does not, the batch written
+    /// ahead is rolled back and its records read again later. The attempt goes on whatever
+    /// a record waits for (a position or a tenant looked up in PostgreSQL). Gives the batch
+    /// back with the outcome.
+    async fn write_overlapped(
+        &mut self,
+        in_flight: InFlight,
+        next: &mut Pending,
+        receive: bool,
+    ) -> (Result<Written, WriteError>, Pending) {
+        let InFlight {
+            mut task,
+            mut raw_written,
+            ..
+        } = in_flight;
+        let linger = Duration::from_millis(self.config.batch_linger_ms);
+        let max = self.config.batch_max_events;
+        let mut before: Option<Seqs> = None;
         let consumer = self.consumer.clone();
         let joined = loop {
-            let room = next.len() < self.config.batch_max_events;
+            let may_go_ahead = receive
+                && self.config.pipeline
+                && self.ahead.is_none()
+                && before.is_some()
+                && next.len() > 0;
+            let due_at = next.started.map(|t| t + linger);
+            if may_go_ahead && (next.len() >= max || due_at.is_some_and(|t| t <= Instant::now())) {
+                // What librdkafka already holds waited as long: take it along.
+                self.take_ready(next).await;
+                let batch = std::mem::take(next);
+                if !batch.poison.is_empty() {
+                    self.dead_letter(&batch.poison).await;
+                }
+                let (landed_tx, landed_rx) = oneshot::channel();
+                let seqs = before.clone().unwrap_or_default();
+                ahead_outcome(&self.topic, "started");
+                let mut ahead = self.spawn_attempt(batch, Some((seqs, landed_rx)));
+                ahead.landed = Some(landed_tx);
+                self.ahead = Some(ahead);
+                continue;
+            }
+            let room = receive && self.ahead.is_none() && next.len() < max;
+            let wake = tokio::time::Instant::from_std(due_at.unwrap_or_else(Instant::now));
             tokio::select! {
                 biased;
-                joined = &mut attempt => break joined,
+                joined = &mut task => break joined,
+                seqs = received(&mut raw_written) => {
+                    raw_written = None;
+                    before = seqs.ok();
+                }
+                _ = tokio::time::sleep_until(wake), if may_go_ahead => {}
                 msg = consumer.recv(), if room => {
                     self.apply_rebalances(next);
                     match msg {
@@ -588,6 +705,23 @@ impl Projector {
             Err(e) => panic!("a batch's write attempt was cancelled: {e}"),
         };
         self.prepared = prepared;
+        if outcome.is_ok() {
+            if let Some(landed) = self.ahead.as_mut().and_then(|a| a.landed.take()) {
+                let _ = landed.send(true);
+            }
+        } else if let Some(ahead) = self.ahead.take() {
+            ahead_outcome(&self.topic, "rolled_back");
+            // Rolled back before anything else is written: it may hold keys the retry writes.
+            if let Some(landed) = ahead.landed {
+                let _ = landed.send(false);
+            }
+            let mut dropped = match ahead.task.await {
+                Ok((_, _, dropped)) => dropped,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => panic!("a batch's write attempt was cancelled: {e}"),
+            };
+            self.drop_next(&mut dropped);
+        }
         (outcome, batch)
     }
 
@@ -716,6 +850,7 @@ async fn write_attempt(
     (config, topic): (&Config, &str),
     batch: &Pending,
     redis: Option<&mut ConnectionManager>,
+    pipeline: Pipeline,
 ) -> Result<Written, WriteError> {
     let versions = prepare::live_versions(pool, prepared, &batch.events).await?;
     prepare::prepare(
@@ -734,9 +869,27 @@ async fn write_attempt(
         Target::Live(&versions),
         &batch.events,
         &batch.offsets,
-        batch::Mode::Live(redis),
+        batch::Mode::Live(redis, pipeline),
     )
     .await
+}
+
+/// Counts batches written ahead ([`batch::Pipeline`]): `started`; `rolled_back` with the
+/// batch before them, which did not land (their records are read again); `written_again`
+/// after their own attempt gave up (a feed position moved, or the wait was too long).
+fn ahead_outcome(topic: &str, outcome: &'static str) {
+    metrics::counter!("projector_ahead_batches_total", "topic" => topic.to_string(), "outcome" => outcome)
+        .increment(1);
+}
+
+/// What `rx` receives, if there is one; else never.
+async fn received<T>(
+    rx: &mut Option<oneshot::Receiver<T>>,
+) -> Result<T, oneshot::error::RecvError> {
+    match rx {
+        Some(rx) => rx.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Since when a record has waited to be projected: since it was produced (its Kafka

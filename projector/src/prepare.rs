@@ -17,7 +17,7 @@ pub type Versions = HashMap<TenantId, i32>;
 
 /// Where schemas and partitions already exist (per tenant and version), so each batch does
 /// not ask again.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Prepared {
     /// Each tenant's active version as last read. Batches check it under lock when they
     /// write ([`Target::Live`]); a mismatch clears this cache.
@@ -30,6 +30,20 @@ impl Prepared {
     /// Forgets everything (e.g. after a failure that may have left state half-made).
     pub fn clear(&mut self) {
         *self = Prepared::default();
+    }
+
+    /// Whether every tenant of `events` has its version, schema and the partitions the
+    /// events need known here: preparing them makes no DDL.
+    pub fn ready_for(&self, events: &[Decoded]) -> bool {
+        events.iter().all(|e| {
+            let t = e.env.tenant_id;
+            self.versions.get(&t).is_some_and(|&v| {
+                self.tenants.contains(&(t, v))
+                    && self
+                        .partitions
+                        .contains(&(t, v, e.env.occurred_at.date_naive()))
+            })
+        })
     }
 
     /// Forgets the tenants' versions only (after a replay switched one); the schemas and

@@ -737,7 +737,11 @@ impl Writer {
                     bulk,
                 )
                 .await?;
-                let mode = if bulk { Mode::Bulk } else { Mode::Live(None) };
+                let mode = if bulk {
+                    Mode::Bulk
+                } else {
+                    Mode::Live(None, batch::Pipeline::default())
+                };
                 batch::write(
                     &self.pool,
                     &self.projection,

@@ -13,6 +13,15 @@ pub async fn lock_next_seq(conn: &mut PgConnection) -> sqlx::Result<i64> {
         .await
 }
 
+/// The sequence the tenant's next transaction will give its watermark, as committed now,
+/// without the lock: a batch written ahead ([`crate::batch::Pipeline`]) checks it under the
+/// lock before it commits.
+pub async fn next_seq(conn: &mut PgConnection) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT seq + 1 FROM projection_state")
+        .fetch_one(conn)
+        .await
+}
+
 /// Advances the watermark by one batch of `inserted` events received up to `as_of`; returns
 /// the new sequence.
 pub async fn advance(

@@ -343,6 +343,86 @@ async fn a_per_key_sum_out_of_range_is_refused_while_the_tenants_is_not() {
     stop_all([projector]).await;
 }
 
+/// A batch is written ahead while the one before it finishes (`batch::Pipeline`). When the
+/// one before fails after its raw rows (here a per-key sum out of range, refused by the
+/// rollups), the batch ahead is rolled back before the failing one is written again, and its
+/// records are read again: every event is projected once, the refused one dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_written_ahead_of_one_that_fails_is_rolled_back_and_written_once() {
+    let Setup {
+        pool,
+        common,
+        producer,
+        topic,
+    } = setup().await;
+    let t = create_tenant(&pool, "ahead").await;
+    let small = |c: &mut projector::Config| c.batch_max_events = 40;
+    let projector = start_projector_with(&common, small).await;
+    produce(
+        &producer,
+        &topic,
+        0,
+        &[envelope(t.id, sample("k1", 1.7e308))],
+    )
+    .await;
+    wait_projected(&pool, t.id, 1, Duration::from_secs(60)).await;
+    stop_all([projector]).await;
+
+    // Queued while the projector is away: a batch of 40 whose last event overflows its key's
+    // sum, then three batches more.
+    let again = envelope(t.id, sample("k1", 1.7e308));
+    let mut records: Vec<Value> = (0..39)
+        .map(|i| envelope(t.id, command("u", "first", i, true)))
+        .collect();
+    records.push(again.clone());
+    records.extend((0..120).map(|i| envelope(t.id, command("u", "after", i, true))));
+    produce(&producer, &topic, 0, &records).await;
+    let projector = start_projector_with(&common, small).await;
+    wait_projected(&pool, t.id, 160, Duration::from_secs(60)).await;
+
+    assert_the_one_dead_letter(&common, &again, "22003").await;
+    let metrics = scrape_metrics(&http(), &projector.url()).await;
+    let ahead = |outcome: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("projector_ahead_batches_total{"))
+            .filter(|l| l.contains(&format!("topic=\"{topic}\"")))
+            .filter(|l| l.contains(&format!("outcome=\"{outcome}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    assert!(
+        ahead("rolled_back") >= 1,
+        "no batch ahead rolled back: {metrics}"
+    );
+    assert!(ahead("started") >= 2, "{metrics}");
+    // Give a double count time to show.
+    wait_folded(&pool, t.id, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(projected_events(&pool, t.id).await, Some(160));
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move { scalar_in_tenant(&pool, t.id, sql).await }
+    };
+    assert_eq!(count("SELECT count(*) FROM command_executions").await, 159);
+    assert_eq!(
+        count("SELECT count(*) FROM command_executions WHERE name = 'after'").await,
+        120
+    );
+    assert_eq!(count("SELECT count(*) FROM metric_samples").await, 1);
+    for table in ["activity_1m", "activity_1h", "activity_1d"] {
+        let sql = format!("SELECT sum(count)::bigint FROM {table}");
+        assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, 160, "{table}");
+    }
+    // The live feed's positions: one per batch that landed, none skipped, the last the
+    // watermark's (the first batch, position 1, wrote the sample).
+    let seqs = "SELECT count(DISTINCT feed_seq) - max(feed_seq) FROM command_executions";
+    assert_eq!(count(seqs).await, -1);
+    let last = "SELECT max(feed_seq) - (SELECT seq FROM projection_state) FROM command_executions";
+    assert_eq!(count(last).await, 0);
+    stop_all([projector]).await;
+}
+
 /// A tenant with many events in a batch has its raw rows written by `COPY`; an event stored
 /// before makes that `COPY` fail and the insert write them instead. Neither may count a row
 /// twice or lose one: an id sent again at another time is a new row (the key is the id and
