@@ -27,11 +27,10 @@ use crate::schema;
 const ANNOUNCE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// How long a batch written ahead waits for the batch before it to land, holding the keys of
-/// its raw rows, before it rolls back to be written again in turn. A batch takes about a tenth of a
-/// second; the wait only ends a cycle PostgreSQL cannot see, because one of its waits is in
-/// this process: e.g. the batch before waiting for a lock behind another session's DDL
-/// that waits for this batch's tables.
-const AHEAD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// its raw rows, before it rolls back to be written again in turn. A batch takes about a
+/// tenth of a second, a few seconds when PostgreSQL is slow; the wait only ends a lock cycle
+/// PostgreSQL cannot see because one of its waits is in this process, should one arise.
+const AHEAD_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A decoded event waiting in a batch.
 #[derive(Debug, Clone)]
@@ -71,8 +70,8 @@ pub enum WriteError {
     #[error("a bulk-load batch was written only in part: {0}")]
     HalfWritten(sqlx::Error),
     /// A batch written ahead of the one before it ([`Pipeline::ahead_of`]) was rolled back:
-    /// that batch did not land, or a tenant's feed position moved otherwise. Nothing was
-    /// written; the batch is written again in turn.
+    /// that batch did not land, or not within [`AHEAD_WAIT`]. Nothing was written; the batch
+    /// is written again in turn.
     #[error("a batch written ahead was rolled back; written again in turn")]
     Ahead,
 }
@@ -118,8 +117,8 @@ pub struct AheadOf {
 /// A batch written ahead ([`Pipeline::ahead_of`]) writes its raw rows with the feed
 /// positions after the batch before's, without the tenants' watermark rows, then waits until
 /// that batch has landed: only then does it lock the rows, check that the positions are
-/// still the next (else [`WriteError::Ahead`]), write the rest and commit, so the tenant's
-/// transactions still commit in feed order. Its raw rows wait for the batch before only on a
+/// still the next (else its rows take the next: [`raw::restamp`]), write the rest and
+/// commit, so the tenant's transactions still commit in feed order. Its raw rows wait for the batch before only on a
 /// key both write (the unique index), and the batch before never waits for it: it writes no
 /// raw rows after it signalled [`Pipeline::raw_written`]. A batch that did not land makes
 /// the one ahead of it roll back ([`WriteError::Ahead`]).
@@ -190,10 +189,16 @@ pub async fn write(
         if groups.len() > 1 {
             schema::set_search_path(&mut tx, schema).await?;
         }
-        let feed_seq = seqs[tenant];
-        if ahead && watermark::lock_next_seq(&mut tx).await? != feed_seq {
-            let _ = tx.rollback().await;
-            return Err(WriteError::Ahead);
+        let mut feed_seq = seqs[tenant];
+        if ahead {
+            let next = watermark::lock_next_seq(&mut tx).await?;
+            if next != feed_seq {
+                // Another writer of the tenant (the auth topic's loop, another instance)
+                // committed in between: this transaction's rows take the position after it.
+                metrics::counter!("projector_ahead_restamped_total").increment(1);
+                raw::restamp(&mut tx, inserted, next).await?;
+                feed_seq = next;
+            }
         }
         let (inserted, duplicates, seq) =
             write_models(&mut tx, events, rows, inserted, feed_seq, bulk).await?;

@@ -190,6 +190,8 @@ struct InFlight {
     raw_written: Option<oneshot::Receiver<Seqs>>,
     /// For a batch written ahead: to tell it whether the batch before it landed.
     landed: Option<oneshot::Sender<bool>>,
+    /// For a batch written ahead: its poison records, dead-lettered before it may commit.
+    poison: Vec<Poison>,
     since: Instant,
 }
 
@@ -507,8 +509,8 @@ impl Projector {
                     self.prepared.forget_versions();
                 }
                 Err(WriteError::Ahead) => {
-                    // Written ahead and rolled back: written again now, in turn.
-                    ahead_outcome(&self.topic, "written_again");
+                    // Written ahead, and gave up waiting: written again now, in turn.
+                    ahead_outcome(&self.topic, "timed_out");
                 }
                 Err(WriteError::Db(e)) => {
                     if batch::refused_record(&e).is_some()
@@ -598,13 +600,16 @@ impl Projector {
         let (pool, config, topic) = (self.pool.clone(), self.config.clone(), self.topic.clone());
         let mut redis = self.redis.clone();
         let (raw_tx, raw_rx) = oneshot::channel();
+        let topic_label = self.topic.clone();
         let task = tokio::spawn(async move {
             let ahead_of = match before {
                 None => None,
                 Some((before, landed)) if prepared.ready_for(&batch.events) => {
+                    ahead_outcome(&topic_label, "started");
                     Some(AheadOf { before, landed })
                 }
                 Some((_, landed)) => {
+                    ahead_outcome(&topic_label, "not_ready");
                     if landed.await != Ok(true) {
                         return (Err(WriteError::Ahead), prepared, batch);
                     }
@@ -630,6 +635,7 @@ impl Projector {
             task,
             raw_written: Some(raw_rx),
             landed: None,
+            poison: Vec::new(),
             since: Instant::now(),
         }
     }
@@ -668,15 +674,13 @@ impl Projector {
             if may_go_ahead && (next.len() >= max || due_at.is_some_and(|t| t <= Instant::now())) {
                 // What librdkafka already holds waited as long: take it along.
                 self.take_ready(next).await;
-                let batch = std::mem::take(next);
-                if !batch.poison.is_empty() {
-                    self.dead_letter(&batch.poison).await;
-                }
+                let mut batch = std::mem::take(next);
+                let poison = std::mem::take(&mut batch.poison);
                 let (landed_tx, landed_rx) = oneshot::channel();
                 let seqs = before.clone().unwrap_or_default();
-                ahead_outcome(&self.topic, "started");
                 let mut ahead = self.spawn_attempt(batch, Some((seqs, landed_rx)));
                 ahead.landed = Some(landed_tx);
+                ahead.poison = poison;
                 self.ahead = Some(ahead);
                 continue;
             }
@@ -704,8 +708,16 @@ impl Projector {
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => panic!("a batch's write attempt was cancelled: {e}"),
         };
-        self.prepared = prepared;
+        self.prepared.absorb(prepared);
         if outcome.is_ok() {
+            if let Some(ahead) = self.ahead.as_mut() {
+                // Its poison goes to the DLQ before its offsets may be committed; if it is
+                // rolled back, the records are read again and dead-lettered then.
+                let poison = std::mem::take(&mut ahead.poison);
+                if !poison.is_empty() {
+                    self.dead_letter(&poison).await;
+                }
+            }
             if let Some(landed) = self.ahead.as_mut().and_then(|a| a.landed.take()) {
                 let _ = landed.send(true);
             }
@@ -874,9 +886,10 @@ async fn write_attempt(
     .await
 }
 
-/// Counts batches written ahead ([`batch::Pipeline`]): `started`; `rolled_back` with the
-/// batch before them, which did not land (their records are read again); `written_again`
-/// after their own attempt gave up (a feed position moved, or the wait was too long).
+/// Counts batches written ahead ([`batch::Pipeline`]): `started`, or `not_ready` (schemas or
+/// partitions to make first: it waits for the batch before instead); `rolled_back` with the
+/// batch before, which did not land (the records are read again); `timed_out` when it gave up
+/// waiting for the batch before, and was written again in turn.
 fn ahead_outcome(topic: &str, outcome: &'static str) {
     metrics::counter!("projector_ahead_batches_total", "topic" => topic.to_string(), "outcome" => outcome)
         .increment(1);
@@ -908,7 +921,8 @@ fn waiting_since(appended_ms: Option<i64>, linger: Duration) -> Instant {
     now.checked_sub(waited).unwrap_or(now)
 }
 
-pub(crate) fn decode(payload: Option<&[u8]>) -> Result<Decoded, String> {
+/// Decodes a record's payload: its envelope, then the payload its type names.
+pub fn decode(payload: Option<&[u8]>) -> Result<Decoded, String> {
     decode_envelope(payload).and_then(decode_payload)
 }
 

@@ -32,6 +32,14 @@ impl Prepared {
         *self = Prepared::default();
     }
 
+    /// Takes in what another copy learned (a batch's attempt fills a copy of its own): the
+    /// schemas and partitions it knows made, and the versions it read.
+    pub fn absorb(&mut self, other: Prepared) {
+        self.versions.extend(other.versions);
+        self.tenants.extend(other.tenants);
+        self.partitions.extend(other.partitions);
+    }
+
     /// Whether every tenant of `events` has its version, schema and the partitions the
     /// events need known here: preparing them makes no DDL.
     pub fn ready_for(&self, events: &[Decoded]) -> bool {

@@ -394,6 +394,44 @@ fn copy_row(line: &mut String, r: &RawRow<'_>, ord: usize, feed_seq: i64) {
     let _ = writeln!(line, "\t{ord}\t{feed_seq}");
 }
 
+/// Gives `rows`, which this transaction inserted, the live feed position `feed_seq` instead
+/// of the one they were written with (a batch written ahead whose position another writer
+/// of the tenant took first: [`crate::batch::Pipeline`]). One statement per table, by key,
+/// within the rows' time span so that only the partitions holding them are searched.
+pub async fn restamp(
+    conn: &mut PgConnection,
+    rows: &[&RawRow<'_>],
+    feed_seq: i64,
+) -> sqlx::Result<()> {
+    let mut by_table: BTreeMap<RawTable, (Vec<Uuid>, Vec<DateTime<Utc>>)> = BTreeMap::new();
+    for r in rows {
+        let (ids, times) = by_table.entry(r.table).or_default();
+        ids.push(r.event_id);
+        times.push(r.occurred_at);
+    }
+    for (table, (ids, times)) in by_table {
+        let (Some(first), Some(last)) = (times.iter().min(), times.iter().max()) else {
+            continue;
+        };
+        let sql = format!(
+            "UPDATE {} AS t SET feed_seq = $1
+               FROM UNNEST($2::uuid[], $3::timestamptz[]) AS k(event_id, occurred_at)
+              WHERE t.event_id = k.event_id AND t.occurred_at = k.occurred_at
+                AND t.occurred_at BETWEEN $4 AND $5",
+            table.name()
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(feed_seq)
+            .bind(&ids)
+            .bind(&times)
+            .bind(first)
+            .bind(last)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Writes the rows of `tables` among a batch's `rows` with `COPY`, one per table
 /// (search_path already points at the tenant's schema): the same rows and feed positions
 /// (each row's ordinal in `rows`) as [`insert_tables`], without its conflict handling. Fails

@@ -423,6 +423,73 @@ async fn a_batch_written_ahead_of_one_that_fails_is_rolled_back_and_written_once
     stop_all([projector]).await;
 }
 
+/// A batch written ahead gives its rows the feed position after the batch before's. If
+/// another writer of the tenant (the auth topic's loop, another instance) committed that
+/// position first, the batch's rows take the next one when it locks the watermark: the feed
+/// stays in commit order, one position per transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_written_ahead_takes_the_next_feed_position_when_another_writer_took_its_own() {
+    use projector::batch::{self, AheadOf, Mode, Pipeline};
+    let Setup {
+        pool,
+        common,
+        producer,
+        topic,
+    } = setup().await;
+    let t = create_tenant(&pool, "restamp").await;
+    let projector = start_projector(&common).await;
+    let first = envelope(t.id, command("u", "first", 1, true));
+    produce(&producer, &topic, 0, &[first]).await;
+    wait_projected(&pool, t.id, 1, Duration::from_secs(60)).await;
+    stop_all([projector]).await;
+
+    // Written ahead as if the batch before had given the tenant position 5: it gave 1.
+    let events: Vec<batch::Decoded> = (0..70)
+        .map(|i| {
+            let record = envelope(t.id, command("u", "ahead", i, true));
+            let bytes = serde_json::to_vec(&record).unwrap();
+            let mut d = projector::consumer::decode(Some(&bytes)).unwrap();
+            d.origin = (0, i);
+            d
+        })
+        .collect();
+    let versions = std::collections::HashMap::from([(t.id, active_version(&pool, t.id).await)]);
+    let (landed, landed_rx) = tokio::sync::oneshot::channel();
+    landed.send(true).unwrap();
+    let pipeline = Pipeline {
+        raw_written: None,
+        ahead_of: Some(AheadOf {
+            before: std::collections::HashMap::from([(t.id, 5)]),
+            landed: landed_rx,
+        }),
+    };
+    let written = batch::write(
+        &pool,
+        "restamp",
+        &topic,
+        projector::prepare::Target::Live(&versions),
+        &events,
+        &std::collections::BTreeMap::new(),
+        Mode::Live(None, pipeline),
+    )
+    .await
+    .unwrap();
+    assert_eq!(written.tenants, vec![(t.id, 2)]);
+    assert_eq!(projected_events(&pool, t.id).await, Some(71));
+    let at = |seq: i64| {
+        let pool = pool.clone();
+        let sql = format!("SELECT count(*) FROM command_executions WHERE feed_seq = {seq}");
+        async move { scalar_in_tenant(&pool, t.id, &sql).await }
+    };
+    assert_eq!(at(1).await, 1);
+    assert_eq!(at(2).await, 70);
+    assert_eq!(at(6).await, 0);
+    assert_eq!(
+        scalar_in_tenant(&pool, t.id, "SELECT seq FROM projection_state").await,
+        2
+    );
+}
+
 /// A tenant with many events in a batch has its raw rows written by `COPY`; an event stored
 /// before makes that `COPY` fail and the insert write them instead. Neither may count a row
 /// twice or lose one: an id sent again at another time is a new row (the key is the id and
