@@ -2,8 +2,9 @@
 //! then for each its other read models in order (audit, people, attribution, the rollups of
 //! the rows really inserted, sessions, watermark), then the next Kafka offset of every
 //! partition the batch covers, as a compare-and-set. A live batch may write its raw rows
-//! while the batch before it finishes ([`Pipeline`]). The models' folds and SQL live in [`crate::models`], the schemas and
-//! version checks in [`crate::prepare`], the offsets in [`crate::offsets`].
+//! while the batch before it finishes ([`Pipeline`]). The models' folds and SQL live in
+//! [`crate::models`], the schemas and version checks in [`crate::prepare`], the offsets in
+//! [`crate::offsets`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
@@ -118,10 +119,10 @@ pub struct AheadOf {
 /// positions after the batch before's, without the tenants' watermark rows, then waits until
 /// that batch has landed: only then does it lock the rows, check that the positions are
 /// still the next (else its rows take the next: [`raw::restamp`]), write the rest and
-/// commit, so the tenant's transactions still commit in feed order. Its raw rows wait for the batch before only on a
-/// key both write (the unique index), and the batch before never waits for it: it writes no
-/// raw rows after it signalled [`Pipeline::raw_written`]. A batch that did not land makes
-/// the one ahead of it roll back ([`WriteError::Ahead`]).
+/// commit, so the tenant's transactions still commit in feed order. Its raw rows wait for
+/// the batch before only on a key both write (the unique index), and the batch before never
+/// waits for it: it writes no raw rows after it signalled [`Pipeline::raw_written`]. A batch
+/// that did not land makes the one ahead of it roll back ([`WriteError::Ahead`]).
 pub async fn write(
     pool: &PgPool,
     projection: &str,

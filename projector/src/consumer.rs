@@ -186,8 +186,9 @@ pub struct Projector {
 /// caches it filled, and the batch.
 struct InFlight {
     task: JoinHandle<(Result<Written, WriteError>, Prepared, Pending)>,
-    /// Its feed positions, once its raw rows are written: the next batch may start then.
-    raw_written: Option<oneshot::Receiver<Seqs>>,
+    /// Its feed positions once its raw rows are written (the next batch may start then),
+    /// with the caches as its attempt filled them (the next batch is prepared from them).
+    raw_written: Option<oneshot::Receiver<(Seqs, Prepared)>>,
     /// For a batch written ahead: to tell it whether the batch before it landed.
     landed: Option<oneshot::Sender<bool>>,
     /// For a batch written ahead: its poison records, dead-lettered before it may commit.
@@ -498,7 +499,7 @@ impl Projector {
                         (&self.config, &self.topic),
                         &batch,
                         redis.as_mut(),
-                        Pipeline::default(),
+                        (Pipeline::default(), None),
                     )
                     .await
                 }
@@ -590,16 +591,19 @@ impl Projector {
     /// written ahead of it ([`batch::Pipeline`]), unless it needs schemas or partitions made
     /// first: DDL would wait for the batch before anyway, so then it waits until that one
     /// has landed and is written in turn.
-    fn spawn_attempt(
-        &self,
-        batch: Pending,
-        before: Option<(Seqs, oneshot::Receiver<bool>)>,
-    ) -> InFlight {
+    fn spawn_attempt(&self, batch: Pending, before: Option<Seqs>) -> InFlight {
         // The attempt fills a copy of the caches and gives it back.
         let mut prepared = self.prepared.clone();
         let (pool, config, topic) = (self.pool.clone(), self.config.clone(), self.topic.clone());
         let mut redis = self.redis.clone();
         let (raw_tx, raw_rx) = oneshot::channel();
+        let (landed_tx, before) = match before {
+            Some(seqs) => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some((seqs, rx)))
+            }
+            None => (None, None),
+        };
         let topic_label = self.topic.clone();
         let task = tokio::spawn(async move {
             let ahead_of = match before {
@@ -617,7 +621,7 @@ impl Projector {
                 }
             };
             let pipeline = Pipeline {
-                raw_written: Some(raw_tx),
+                raw_written: None,
                 ahead_of,
             };
             let outcome = write_attempt(
@@ -626,7 +630,7 @@ impl Projector {
                 (&config, &topic),
                 &batch,
                 redis.as_mut(),
-                pipeline,
+                (pipeline, Some(raw_tx)),
             )
             .await;
             (outcome, prepared, batch)
@@ -634,7 +638,7 @@ impl Projector {
         InFlight {
             task,
             raw_written: Some(raw_rx),
-            landed: None,
+            landed: landed_tx,
             poison: Vec::new(),
             since: Instant::now(),
         }
@@ -676,10 +680,7 @@ impl Projector {
                 self.take_ready(next).await;
                 let mut batch = std::mem::take(next);
                 let poison = std::mem::take(&mut batch.poison);
-                let (landed_tx, landed_rx) = oneshot::channel();
-                let seqs = before.clone().unwrap_or_default();
-                let mut ahead = self.spawn_attempt(batch, Some((seqs, landed_rx)));
-                ahead.landed = Some(landed_tx);
+                let mut ahead = self.spawn_attempt(batch, before.take());
                 ahead.poison = poison;
                 self.ahead = Some(ahead);
                 continue;
@@ -689,9 +690,13 @@ impl Projector {
             tokio::select! {
                 biased;
                 joined = &mut task => break joined,
-                seqs = received(&mut raw_written) => {
+                written = received(&mut raw_written) => {
                     raw_written = None;
-                    before = seqs.ok();
+                    if let Ok((seqs, prepared)) = written {
+                        // What the batch in flight made ready, the next one need not wait for.
+                        self.prepared.absorb(prepared);
+                        before = Some(seqs);
+                    }
                 }
                 _ = tokio::time::sleep_until(wake), if may_go_ahead => {}
                 msg = consumer.recv(), if room => {
@@ -855,14 +860,16 @@ impl Projector {
 }
 
 /// One attempt at writing a live batch: its tenants' versions and schemas, then the batch
-/// and its offsets in one transaction ([`batch::write`]).
+/// and its offsets in one transaction ([`batch::write`]). With `raw_written`, told the
+/// batch's feed positions once its raw rows are written, with a copy of the caches as
+/// prepared for it: the batch after it is prepared from those.
 async fn write_attempt(
     pool: &PgPool,
     prepared: &mut Prepared,
     (config, topic): (&Config, &str),
     batch: &Pending,
     redis: Option<&mut ConnectionManager>,
-    pipeline: Pipeline,
+    (mut pipeline, raw_written): (Pipeline, Option<oneshot::Sender<(Seqs, Prepared)>>),
 ) -> Result<Written, WriteError> {
     let versions = prepare::live_versions(pool, prepared, &batch.events).await?;
     prepare::prepare(
@@ -874,7 +881,10 @@ async fn write_attempt(
         false,
     )
     .await?;
-    batch::write(
+    let (seqs_tx, seqs_rx) = oneshot::channel();
+    pipeline.raw_written = Some(seqs_tx);
+    let snapshot = raw_written.as_ref().map(|_| prepared.clone());
+    let write = batch::write(
         pool,
         &config.projection,
         topic,
@@ -882,8 +892,14 @@ async fn write_attempt(
         &batch.events,
         &batch.offsets,
         batch::Mode::Live(redis, pipeline),
-    )
-    .await
+    );
+    let forward = async {
+        if let (Ok(seqs), Some(tx), Some(snapshot)) = (seqs_rx.await, raw_written, snapshot) {
+            let _ = tx.send((seqs, snapshot));
+        }
+    };
+    let (outcome, ()) = tokio::join!(write, forward);
+    outcome
 }
 
 /// Counts batches written ahead ([`batch::Pipeline`]): `started`, or `not_ready` (schemas or

@@ -391,6 +391,9 @@ async fn a_batch_written_ahead_of_one_that_fails_is_rolled_back_and_written_once
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum::<u64>()
     };
+    // Every batch ahead wrote its raw rows before it learnt whether the one before landed
+    // (none waited for schemas first), so the one rolled back had written its rows.
+    assert_eq!(ahead("not_ready"), 0, "{metrics}");
     assert!(
         ahead("rolled_back") >= 1,
         "no batch ahead rolled back: {metrics}"
