@@ -372,6 +372,8 @@ const PULL_COLUMNS: &str = "
          THEN LEAST(1.0, COALESCE(x.lines_added, 0)::float8 / w.additions) END AS agent_share,
     x.first_at AS first_activity_at, w.hi AS window_end";
 
+/// The usage on a pull request's head branch in its window. `repository <> ''` (always true
+/// of a pull request's) lets the planner read the index of placed usage (tenant template 0013).
 const PULL_USAGE: &str = "
     LEFT JOIN LATERAL (
         SELECT sum(u.cost_usd) AS cost_usd, sum(u.requests)::bigint AS requests,
@@ -380,7 +382,7 @@ const PULL_USAGE: &str = "
                count(DISTINCT u.session_id) FILTER (WHERE u.session_id <> '')::bigint AS sessions,
                sum(u.lines_added)::bigint AS lines_added, min(u.occurred_at) AS first_at
           FROM session_usage u
-         WHERE u.repository = w.head_repo AND u.branch = w.head_branch
+         WHERE u.repository = w.head_repo AND u.repository <> '' AND u.branch = w.head_branch
            AND u.occurred_at > w.lo AND u.occurred_at <= w.hi
            AND ($3::text IS NULL OR u.user_id = $3)
            AND ($4::text[] IS NULL OR u.team_id = ANY($4))) x ON true";
@@ -475,7 +477,7 @@ pub async fn pull_requests(read: Read<PullParams>) -> Result<Response, Problem> 
                                     sum(requests)::bigint AS requests,
                                     sum(lines_added)::bigint AS lines_added
                                FROM session_usage
-                              WHERE repository = $1 AND branch = $2
+                              WHERE repository = $1 AND repository <> '' AND branch = $2
                                 AND occurred_at > COALESCE($5, '-infinity') AND occurred_at <= $6
                                 AND ($3::text IS NULL OR user_id = $3)
                                 AND ($4::text[] IS NULL OR team_id = ANY($4))
