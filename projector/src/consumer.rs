@@ -499,7 +499,7 @@ impl Projector {
                         (&self.config, &self.topic),
                         &batch,
                         redis.as_mut(),
-                        (Pipeline::default(), None),
+                        (None, None),
                     )
                     .await
                 }
@@ -604,25 +604,20 @@ impl Projector {
             }
             None => (None, None),
         };
-        let topic_label = self.topic.clone();
         let task = tokio::spawn(async move {
             let ahead_of = match before {
                 None => None,
                 Some((before, landed)) if prepared.ready_for(&batch.events) => {
-                    ahead_outcome(&topic_label, "started");
+                    ahead_outcome(&topic, "started");
                     Some(AheadOf { before, landed })
                 }
                 Some((_, landed)) => {
-                    ahead_outcome(&topic_label, "not_ready");
+                    ahead_outcome(&topic, "not_ready");
                     if landed.await != Ok(true) {
                         return (Err(WriteError::Ahead), prepared, batch);
                     }
                     None
                 }
-            };
-            let pipeline = Pipeline {
-                raw_written: None,
-                ahead_of,
             };
             let outcome = write_attempt(
                 &pool,
@@ -630,7 +625,7 @@ impl Projector {
                 (&config, &topic),
                 &batch,
                 redis.as_mut(),
-                (pipeline, Some(raw_tx)),
+                (ahead_of, Some(raw_tx)),
             )
             .await;
             (outcome, prepared, batch)
@@ -860,16 +855,17 @@ impl Projector {
 }
 
 /// One attempt at writing a live batch: its tenants' versions and schemas, then the batch
-/// and its offsets in one transaction ([`batch::write`]). With `raw_written`, told the
-/// batch's feed positions once its raw rows are written, with a copy of the caches as
-/// prepared for it: the batch after it is prepared from those.
+/// and its offsets in one transaction ([`batch::write`]), written ahead of the batch before
+/// with `ahead_of`. With `raw_written`, told the batch's feed positions once its raw rows
+/// are written, with a copy of the caches as prepared for it: the batch after it is prepared
+/// from those.
 async fn write_attempt(
     pool: &PgPool,
     prepared: &mut Prepared,
     (config, topic): (&Config, &str),
     batch: &Pending,
     redis: Option<&mut ConnectionManager>,
-    (mut pipeline, raw_written): (Pipeline, Option<oneshot::Sender<(Seqs, Prepared)>>),
+    (ahead_of, raw_written): (Option<AheadOf>, Option<oneshot::Sender<(Seqs, Prepared)>>),
 ) -> Result<Written, WriteError> {
     let versions = prepare::live_versions(pool, prepared, &batch.events).await?;
     prepare::prepare(
@@ -881,9 +877,17 @@ async fn write_attempt(
         false,
     )
     .await?;
-    let (seqs_tx, seqs_rx) = oneshot::channel();
-    pipeline.raw_written = Some(seqs_tx);
-    let snapshot = raw_written.as_ref().map(|_| prepared.clone());
+    let (seqs_tx, seqs_rx) = match raw_written {
+        Some(tx) => {
+            let (seqs_tx, seqs_rx) = oneshot::channel();
+            (Some(seqs_tx), Some((seqs_rx, tx, prepared.clone())))
+        }
+        None => (None, None),
+    };
+    let pipeline = Pipeline {
+        raw_written: seqs_tx,
+        ahead_of,
+    };
     let write = batch::write(
         pool,
         &config.projection,
@@ -894,8 +898,10 @@ async fn write_attempt(
         batch::Mode::Live(redis, pipeline),
     );
     let forward = async {
-        if let (Ok(seqs), Some(tx), Some(snapshot)) = (seqs_rx.await, raw_written, snapshot) {
-            let _ = tx.send((seqs, snapshot));
+        if let Some((seqs_rx, tx, snapshot)) = seqs_rx {
+            if let Ok(seqs) = seqs_rx.await {
+                let _ = tx.send((seqs, snapshot));
+            }
         }
     };
     let (outcome, ()) = tokio::join!(write, forward);
