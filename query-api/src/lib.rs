@@ -4,9 +4,17 @@
 /// Static SQL per rollup grain of a rollup family — `activity` (per key, the default),
 /// `activity_all` (the whole tenant), `active_users` — (the table is picked from a closed
 /// set, never formatted). Every such query has the range's bounds as `$1` and `$2`.
+///
+/// The per-key family reads whole hours and days through `activity_whole_hours` and
+/// `activity_whole_days` (tenant template 0014), which find their pending minute rows by the
+/// minute's bucket.
 macro_rules! by_grain {
     ($grain:expr, $before:literal, $after:literal) => {
-        by_grain!($grain, "activity", $before, $after)
+        match $grain {
+            crate::range::Grain::Hour => concat!($before, "activity_whole_hours($1, $2)", $after),
+            crate::range::Grain::Day => concat!($before, "activity_whole_days($1, $2)", $after),
+            grain => by_grain!(grain, "activity", $before, $after),
+        }
     };
     ($grain:expr, $family:literal, $before:literal, $after:literal) => {
         match $grain {

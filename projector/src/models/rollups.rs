@@ -308,7 +308,7 @@ macro_rules! merge_measures {
 /// summed per key: the work grows with the rows pending in those buckets plus the keys, not
 /// with their product.
 macro_rules! overflow_sql {
-    ($folded:literal, $pending:literal, $tenant:literal) => {
+    ($folded:literal, $pending:expr, $tenant:literal) => {
         concat!(
             "WITH x AS (
                 SELECT b, t, u, tm, p, n, sum(v) AS v
@@ -679,6 +679,25 @@ pub async fn refuse_overflows(conn: &mut PgConnection, rows: &[&RawRow<'_>]) -> 
     Ok(())
 }
 
+/// The pending minute rows in hour buckets, found by their own bucket between the first and
+/// the last hour an overflow check asks about (the pending table has no index by hour since
+/// tenant template 0014).
+macro_rules! pending_in {
+    ($width:literal) => {
+        concat!(
+            "(SELECT date_bin('",
+            $width,
+            "', bucket, TIMESTAMPTZ 'epoch') AS bucket, event_type, user_id, team_id,
+                     project_id, name, value_sum
+                FROM activity_1m_pending
+               WHERE bucket >= (SELECT min(b) FROM x)
+                 AND bucket < (SELECT max(b) FROM x) + INTERVAL '",
+            $width,
+            "') u"
+        )
+    };
+}
+
 /// One grain's overflow check ([`refuse_overflows`]): its folded rows, its unfolded ones
 /// and its tenant-wide rollup, each table chosen from a closed set, not formatted.
 fn overflow_check_sql(grain: Grain) -> &'static str {
@@ -690,12 +709,12 @@ fn overflow_check_sql(grain: Grain) -> &'static str {
         ),
         Grain::Hour => overflow_sql!(
             "activity_1h_folded",
-            "activity_1h_unfolded",
+            pending_in!("1 hour"),
             "activity_all_1h"
         ),
         Grain::Day => overflow_sql!(
             "activity_1d_folded",
-            "activity_1d_unfolded",
+            pending_in!("1 day"),
             "activity_all_1d"
         ),
     }
@@ -1259,9 +1278,20 @@ mod tests {
     fn each_grains_overflow_check_reads_its_own_tables() {
         for grain in Grain::ALL {
             let sql = overflow_check_sql(grain);
-            for table in [grain.store(), grain.unfolded(), grain.tenant_table()] {
-                let read = format!("FROM {table} ");
+            // The hour's and the day's unfolded rows are the pending minutes in their buckets,
+            // read by the minute's bucket (tenant template 0014).
+            for table in [grain.store(), PENDING, grain.tenant_table()] {
+                let read = format!("FROM {table}");
                 assert!(sql.contains(&read), "{grain:?} reads {table}: {sql}");
+            }
+            let widened = match grain {
+                Grain::Minute => None,
+                Grain::Hour => Some("date_bin('1 hour', bucket"),
+                Grain::Day => Some("date_bin('1 day', bucket"),
+            };
+            if let Some(widened) = widened {
+                assert!(sql.contains(widened), "{grain:?} widens: {sql}");
+                assert!(!sql.contains(grain.unfolded()), "{grain:?}: {sql}");
             }
         }
     }
