@@ -7,8 +7,8 @@
 -- backfill appends nearly a pending row per event. A pending minute row lies in the hour
 -- [h, h + 1 h) exactly when its own bucket does, and likewise for a day, so a range of whole
 -- hours or days finds its rows through the key's leading column, the minute's bucket. The
--- span functions below now read the folded tables and the pending rows that way, and
--- query-api reads whole hours and days through them. The views `activity_1h` and `activity_1d`
+-- span functions and privacy mode's cells below now read the folded tables and the pending
+-- rows that way, and query-api reads whole hours and days through them. The views `activity_1h` and `activity_1d`
 -- stay, with the same rows; only a range on their widened bucket no longer finds an index.
 -- The key index stays: readers filter on it, and it refuses a key too wide for a btree in
 -- its batch (54000), where its event can be dead-lettered, before the fold meets it.
@@ -67,4 +67,18 @@ LANGUAGE sql STABLE AS $$
     SELECT * FROM activity_whole_hours(span_d2(lo, hi), span_h2(lo, hi))
     UNION ALL
     SELECT * FROM activity_1m WHERE bucket >= span_h2(lo, hi) AND bucket < hi
+$$;
+
+-- 0009's privacy cells, with their whole days read as above (its readers' ranges are whole
+-- days that have ended).
+CREATE OR REPLACE FUNCTION private_cells(lo timestamptz, hi timestamptz, k integer,
+                                         ids text[], teams text[])
+RETURNS TABLE (bucket timestamptz, team_id text, event_type text)
+LANGUAGE sql STABLE AS $$
+    SELECT a.bucket, a.team_id, a.event_type
+      FROM activity_whole_days(lo, hi) a
+      JOIN unnest(ids, teams) AS m(id, team) ON m.id = a.user_id AND m.team = a.team_id
+     WHERE a.bucket >= lo AND a.bucket < hi
+     GROUP BY 1, 2, 3
+    HAVING count(DISTINCT a.user_id) >= k
 $$;

@@ -47,8 +47,11 @@ impl Grain {
 
     /// Every per-key delta of this grain not folded yet, the other half of the view
     /// [`Grain::table`]: the minute's pending rows ([`PENDING`]), for the hour and the day in
-    /// their buckets (tenant template 0011). The pending rows' histograms are sparse; read
-    /// them through the views, which give them back dense (template 0012).
+    /// their buckets (tenant template 0011). The pending rows' histograms are sparse; the views
+    /// give them back dense (template 0012). A range of the hour's or the day's view finds no
+    /// index since template 0014: readers of whole hours and days go through
+    /// `activity_whole_hours` and `activity_whole_days`, which find the pending minutes by
+    /// their own bucket.
     pub const fn unfolded(self) -> &'static str {
         match self {
             Grain::Minute => "activity_1m_pending",
@@ -679,21 +682,20 @@ pub async fn refuse_overflows(conn: &mut PgConnection, rows: &[&RawRow<'_>]) -> 
     Ok(())
 }
 
-/// The pending minute rows in hour buckets, found by their own bucket between the first and
-/// the last hour an overflow check asks about (the pending table has no index by hour since
-/// tenant template 0014).
+/// The pending minute rows of each bucket of width `$width` (an hour or a day) that an
+/// overflow check asks about, in that bucket: found by their own minute's bucket, one range
+/// of the key index per bucket asked about (the pending table has no index by hour or day
+/// since tenant template 0014), so that buckets far apart do not read the minutes between.
 macro_rules! pending_in {
     ($width:literal) => {
         concat!(
-            "(SELECT date_bin('",
+            "(SELECT xb.b AS bucket, p.event_type, p.user_id, p.team_id, p.project_id, p.name,
+                     p.value_sum
+                FROM (SELECT DISTINCT b FROM x) xb,
+                     LATERAL (SELECT * FROM activity_1m_pending
+                               WHERE bucket >= xb.b AND bucket < xb.b + INTERVAL '",
             $width,
-            "', bucket, TIMESTAMPTZ 'epoch') AS bucket, event_type, user_id, team_id,
-                     project_id, name, value_sum
-                FROM activity_1m_pending
-               WHERE bucket >= (SELECT min(b) FROM x)
-                 AND bucket < (SELECT max(b) FROM x) + INTERVAL '",
-            $width,
-            "') u"
+            "') p) u"
         )
     };
 }
@@ -1286,8 +1288,8 @@ mod tests {
             }
             let widened = match grain {
                 Grain::Minute => None,
-                Grain::Hour => Some("date_bin('1 hour', bucket"),
-                Grain::Day => Some("date_bin('1 day', bucket"),
+                Grain::Hour => Some("bucket < xb.b + INTERVAL '1 hour'"),
+                Grain::Day => Some("bucket < xb.b + INTERVAL '1 day'"),
             };
             if let Some(widened) = widened {
                 assert!(sql.contains(widened), "{grain:?} widens: {sql}");
