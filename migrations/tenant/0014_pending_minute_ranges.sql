@@ -18,8 +18,9 @@ DROP INDEX IF EXISTS activity_1m_pending_day;
 
 -- The per-key rows of the hour buckets in [lo, hi): the folded hours and the pending minutes
 -- widened to theirs, as `activity_1h` has them. A minute's hour is in [lo, hi) exactly when the
--- minute is in [lo, hi) with both bounds rounded up to whole hours (whole hours already, as
--- every caller's are).
+-- minute is in [lo, hi) with both bounds rounded up to whole hours. query-api passes whole
+-- hours; `activity_days` may pass an `hi` within an hour (a range over 2 hours that does not
+-- cross UTC midnight), whose whole hour both halves then read, as the view did.
 CREATE OR REPLACE FUNCTION activity_whole_hours(lo timestamptz, hi timestamptz)
 RETURNS SETOF activity_1m_folded
 LANGUAGE sql STABLE AS $$
