@@ -17,10 +17,10 @@
 //! Up to the log end as it was when the replay started, the rebuild is a bulk load
 //! ([`Bulk`]): the new schemas' secondary indexes are dropped, their autovacuum turned off,
 //! and raw rows go in by `COPY`, half of each batch's on a second connection
-//! ([`batch::Mode::Bulk`]), without rollups and with usage rows left unplaced; once every raw
-//! row is in, the rollups are folded set-wise from them, day by day in one sorted pass on two
+//! ([`batch::Mode::Bulk`]), without rollups and without usage (it is read from the raw rows);
+//! once every raw row is in, the rollups are folded set-wise from them, day by day in one sorted pass on two
 //! connections, and written by `COPY` into tables without keys ([`rollups::rebuild`]), while
-//! the usage rows are placed and their rollups made on a third ([`attribution::rebuild`]);
+//! the raw rows' usage is placed and its rollups made on a third ([`attribution::rebuild`]);
 //! then the keys and indexes are built and autovacuum turned back on. Each bulk batch is
 //! written by a task of its own while the next is read. The rest (what arrived since) takes
 //! the normal path, batch by batch, before the switch.
@@ -789,8 +789,7 @@ impl Writer {
 
 /// Readies the new schemas a bulk batch writes to for the first time for the load: makes
 /// them if they are not there yet (a tenant without a projection before the replay), drops
-/// their secondary indexes, turns their autovacuum off and makes the table usage rows wait
-/// in.
+/// their secondary indexes and turns their autovacuum off.
 async fn ready_for_bulk(
     pool: &PgPool,
     bulk: &mut Bulk,
@@ -808,10 +807,6 @@ async fn ready_for_bulk(
         let dropped = bulk.indexes.entry(tenant).or_default();
         schema::drop_secondary_indexes(&mut conn, &schema, dropped).await?;
         schema::set_autovacuum(&mut conn, &schema, false).await?;
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        schema::set_search_path(&mut tx, &schema).await?;
-        attribution::begin_bulk(&mut tx).await?;
-        tx.commit().await?;
         bulk.dropped.insert(tenant);
     }
     Ok(())

@@ -1,13 +1,14 @@
 //! Attribution: which repository and branch each session worked in (`session_contexts`,
-//! from the hook's `session.context`), the agent usage that puts a cost on it
-//! (`session_usage`: agent interactions, tool runs, Claude Code's lines of code), its rollups
-//! (`repo_usage_1h`, `repo_sessions`), and the pull requests and pushes the source-control
-//! webhooks describe.
+//! from the hook's `session.context`), the agent usage that puts a cost on it (agent
+//! interactions, tool runs, Claude Code's lines of code: `usage_rows`, read from the raw
+//! rows; those a context placed in a repository also in `session_usage`), its rollups
+//! (`repo_usage_1h`, `repo_usage_1d`, `repo_sessions`), and the pull requests and pushes the
+//! source-control webhooks describe.
 //!
 //! A usage row belongs to the latest context of its session at or before its time, else to
-//! no repository (''). A batch first stores its new contexts, then moves the usage those
-//! contexts now explain (subtracting it from the old rollup keys and adding it to the new),
-//! then stores its new usage, attributed against every context known by then: so the order
+//! no repository (''). A batch first stores its new contexts, then places its new usage
+//! against every context known by then, then moves the older usage the new contexts now
+//! explain (subtracting it from the old rollup keys and adding it to the new): so the order
 //! in which contexts and usage arrive never changes the result, and each amount is counted
 //! once, however often a batch is retried or the log replayed (only rows the raw tables
 //! really inserted are folded here).
@@ -153,8 +154,10 @@ pub fn fold(events: &[&Decoded], ids: &HashSet<Uuid>, inserted: &[&RawRow]) -> F
 /// Writes the fold (search_path already at the tenant's schema); the number of
 /// source-control events that were new.
 ///
-/// In `bulk` (a rebuild's load), usage rows are stored without adding them to the rollups:
-/// [`rebuild`] makes those from every usage row once the load is done.
+/// New usage is placed against every context known once the batch's contexts are stored,
+/// so it is where it belongs before the moves; the moves then leave it where it is. In
+/// `bulk` (a rebuild's load) usage is not written at all: [`rebuild`] places every usage
+/// row of the raw tables and makes the rollups once the load is done.
 pub async fn write(
     conn: &mut PgConnection,
     f: &Fold,
@@ -162,12 +165,12 @@ pub async fn write(
     bulk: bool,
 ) -> sqlx::Result<u64> {
     let since = insert_contexts(conn, &f.contexts).await?;
-    // A bulk load places its usage rows once, at the end (`rebuild`), against every
-    // context: there is nothing placed yet to move.
-    if !since.is_empty() && !bulk {
-        reattribute(conn, &since).await?;
+    if !bulk {
+        insert_usage(conn, &f.usage).await?;
+        if !since.is_empty() {
+            reattribute(conn, &since).await?;
+        }
     }
-    insert_usage(conn, &f.usage, bulk).await?;
     write_repository_events(conn, f, events).await
 }
 
@@ -186,82 +189,75 @@ macro_rules! placed {
     };
 }
 
-/// Where a bulk load keeps its usage rows, unplaced, until [`rebuild`] places them: a table
-/// without keys or indexes (logged, so that a PostgreSQL restart during the load keeps what
-/// was committed to it like everything else).
+/// Where a rebuild's load kept its usage rows before tenant template 0015 (the usage is now
+/// read from the raw rows): a schema an older projector began to build may still have it.
 const UNPLACED: &str = "session_usage_unplaced";
 
-/// Makes the table a bulk load keeps its usage rows in (search_path points at the new
-/// schema).
-pub async fn begin_bulk(conn: &mut PgConnection) -> sqlx::Result<()> {
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE TABLE IF NOT EXISTS {UNPLACED}
-             (LIKE session_usage INCLUDING DEFAULTS) WITH (autovacuum_enabled = false)"
-    )))
-    .execute(conn)
-    .await?;
-    Ok(())
+/// The usage rows of the raw tables (`usage_rows`, tenant template 0015) with their
+/// placement: the latest context of their session at or before them, else '' for both.
+fn usage_placed(filter: &str) -> String {
+    format!(
+        "SELECT n.*, COALESCE(c.repository, '') AS repository, COALESCE(c.branch, '') AS branch
+           FROM (SELECT * FROM usage_rows {filter}) n {placed}",
+        placed = placed!("n"),
+    )
 }
 
-/// A rebuild's usage, once a bulk load has stored every row (search_path points at the new
-/// schema, which nobody else writes to): the usage rows the load kept unplaced are placed,
-/// each against the latest context of its session at or before it — where the live path's
-/// placement and moves leave it — in one statement, then the usage rollups
-/// (`repo_usage_1h`, `repo_usage_1d`, `repo_sessions`) are made set-wise from all usage
-/// rows: what the live path's upserts and moves leave, as they keep each rollup the sum of
-/// the usage rows under its key.
+/// A rebuild's usage, once a bulk load has stored every raw row (search_path points at the
+/// new schema, which nobody else writes to): every usage row of the raw tables is placed
+/// against the latest context of its session at or before it — where the live path's
+/// placement and moves leave it — the placed ones are stored in `session_usage`, and the
+/// usage rollups (`repo_usage_1h`, `repo_usage_1d`, `repo_sessions`) are made set-wise from
+/// all of them: what the live path's upserts and moves leave, as they keep each rollup the
+/// sum of the usage rows under its key. Starts from empty tables, so it can run again.
 pub async fn rebuild(conn: &mut PgConnection) -> sqlx::Result<()> {
-    let unplaced: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT to_regclass('{UNPLACED}') IS NOT NULL"
+    // The contexts the placement looks up (and the sessions) were written with autovacuum
+    // off.
+    sqlx::query("ANALYZE session_contexts, sessions")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("SET LOCAL work_mem = '256MB'")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS {UNPLACED}"
     )))
-    .fetch_one(&mut *conn)
+    .execute(&mut *conn)
     .await?;
-    if unplaced {
-        // The contexts the placement looks up (and the sessions) were written with
-        // autovacuum off. In the order of the key, the lookups and the key's inserts go page
-        // after page.
-        sqlx::query("ANALYZE session_contexts, sessions")
-            .execute(&mut *conn)
-            .await?;
-        sqlx::query("SET LOCAL work_mem = '256MB'")
-            .execute(&mut *conn)
-            .await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO session_usage (session_id, occurred_at, event_id, user_id, team_id,
-                                        {AMOUNTS}, repository, branch)
-             SELECT n.session_id, n.occurred_at, n.event_id, n.user_id, n.team_id, {n_amounts},
-                    COALESCE(c.repository, ''), COALESCE(c.branch, '')
-               FROM (SELECT * FROM {UNPLACED} ORDER BY session_id, occurred_at, event_id) n
-                    {placed}
-              ORDER BY n.session_id, n.occurred_at, n.event_id
-             ON CONFLICT DO NOTHING",
-            n_amounts = AMOUNTS
-                .split(", ")
-                .map(|c| format!("n.{c}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            placed = placed!("n"),
-        )))
+    sqlx::query("TRUNCATE session_usage, repo_usage_1h, repo_usage_1d, repo_sessions")
         .execute(&mut *conn)
         .await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {UNPLACED}")))
-            .execute(&mut *conn)
-            .await?;
-    }
-    sqlx::query("TRUNCATE repo_usage_1h, repo_usage_1d, repo_sessions")
-        .execute(&mut *conn)
-        .await?;
+    // In the order of the key, the lookups and the key's inserts go page after page.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TEMPORARY TABLE usage_placed ON COMMIT DROP AS {}",
+        usage_placed("ORDER BY session_id, occurred_at, event_id")
+    )))
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO session_usage (session_id, occurred_at, event_id, user_id, team_id,
+                                    {AMOUNTS}, repository, branch)
+         SELECT session_id, occurred_at, event_id, user_id, team_id, {AMOUNTS}, repository,
+                branch
+           FROM usage_placed WHERE repository <> ''
+          ORDER BY session_id, occurred_at, event_id"
+    )))
+    .execute(&mut *conn)
+    .await?;
     for grain in ["1h", "1d"] {
-        sqlx::query(sqlx::AssertSqlSafe(rollup_upsert("session_usage", grain)))
+        sqlx::query(sqlx::AssertSqlSafe(rollup_upsert("usage_placed", grain)))
             .execute(&mut *conn)
             .await?;
     }
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO repo_sessions {}",
-        sessions_select("session_usage WHERE session_id <> ''")
+        sessions_select("usage_placed WHERE session_id <> ''")
     )))
     .execute(&mut *conn)
     .await?;
+    sqlx::query("DROP TABLE usage_placed")
+        .execute(&mut *conn)
+        .await?;
     sqlx::query("ANALYZE session_usage, repo_usage_1h, repo_usage_1d, repo_sessions")
         .execute(&mut *conn)
         .await?;
@@ -315,9 +311,11 @@ const AMOUNTS: &str = "requests, tool_runs, cost_usd, input_tokens, output_token
 
 /// Moves the usage each session's new contexts explain — from the earliest new context to the
 /// first older context after the latest new one — to the context that now explains it, and
-/// the amounts between the hourly rollup's keys with it; rebuilds those sessions'
-/// `repo_sessions` rows. (The doors take contexts at most an hour old, so this reaches back
-/// an hour at most.)
+/// the amounts between the rollups' keys with it; rebuilds those sessions' `repo_sessions`
+/// rows. The usage is read from the raw rows (`usage_rows`), its old place from
+/// `session_usage` ('' when absent there), which then gets the row (placed now), loses it
+/// (placed nowhere now) or sees it move. (The doors take contexts at most an hour old, so
+/// this reaches back an hour at most.)
 async fn reattribute(
     conn: &mut PgConnection,
     since: &BTreeMap<String, (DateTime<Utc>, DateTime<Utc>)>,
@@ -341,18 +339,42 @@ async fn reattribute(
               FROM UNNEST($1::text[], $2::timestamptz[], $3::timestamptz[])
                    AS x(session_id, since, latest)),
          t AS (
-            SELECT u.session_id, u.occurred_at, u.event_id, u.user_id, u.team_id, {AMOUNTS},
-                   u.repository AS old_repository, u.branch AS old_branch,
+            SELECT u.session_id, u.occurred_at, u.event_id, u.user_id, u.team_id, {u_amounts},
+                   p.session_id IS NOT NULL AS stored,
+                   COALESCE(p.repository, '') AS old_repository,
+                   COALESCE(p.branch, '') AS old_branch,
                    COALESCE(c.repository, '') AS repository, COALESCE(c.branch, '') AS branch
-              FROM s JOIN session_usage u ON u.session_id = s.session_id
-                                         AND u.occurred_at >= s.since AND u.occurred_at < s.until
+              FROM s CROSS JOIN LATERAL (
+                       -- A fence: each session's range goes to the raw tables' indexes by
+                       -- session and time, instead of a hash join over every raw row; $4,
+                       -- the earliest since, leaves older partitions out of the plan.
+                       SELECT * FROM usage_rows u
+                        WHERE u.session_id = s.session_id AND u.session_id <> ''
+                          AND u.occurred_at >= s.since AND u.occurred_at < s.until
+                          AND u.occurred_at >= $4
+                       OFFSET 0) u
+              LEFT JOIN session_usage p ON p.session_id = u.session_id
+                                       AND p.occurred_at = u.occurred_at
+                                       AND p.event_id = u.event_id
               {placed}),
          moved AS (SELECT * FROM t WHERE (old_repository, old_branch) <> (repository, branch)),
          upd AS (
             UPDATE session_usage u SET repository = m.repository, branch = m.branch
               FROM moved m
-             WHERE u.session_id = m.session_id AND u.occurred_at = m.occurred_at
+             WHERE m.stored AND m.repository <> ''
+               AND u.session_id = m.session_id AND u.occurred_at = m.occurred_at
                AND u.event_id = m.event_id),
+         del AS (
+            DELETE FROM session_usage u USING moved m
+             WHERE m.stored AND m.repository = ''
+               AND u.session_id = m.session_id AND u.occurred_at = m.occurred_at
+               AND u.event_id = m.event_id),
+         ins AS (
+            INSERT INTO session_usage (session_id, occurred_at, event_id, user_id, team_id,
+                                       {AMOUNTS}, repository, branch)
+            SELECT session_id, occurred_at, event_id, user_id, team_id, {AMOUNTS}, repository,
+                   branch
+              FROM moved WHERE NOT stored AND repository <> ''),
          d AS (
             SELECT occurred_at, old_repository AS repository, old_branch AS branch, user_id,
                    team_id, {minus} FROM moved
@@ -360,6 +382,11 @@ async fn reattribute(
             SELECT occurred_at, repository, branch, user_id, team_id, {plus} FROM moved),
          by_day AS ({rollup_days})
          {rollup}",
+        u_amounts = AMOUNTS
+            .split(", ")
+            .map(|c| format!("u.{c}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         placed = placed!("u"),
         minus = sum("-"),
         plus = sum(""),
@@ -370,6 +397,7 @@ async fn reattribute(
         .bind(&sessions)
         .bind(&times)
         .bind(&latest)
+        .bind(times.iter().min())
         .execute(&mut *conn)
         .await?;
     sqlx::query("DELETE FROM repo_sessions WHERE session_id = ANY($1)")
@@ -378,7 +406,15 @@ async fn reattribute(
         .await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO repo_sessions AS s {}",
-        sessions_select("session_usage WHERE session_id = ANY($1)")
+        sessions_select(
+            "(SELECT u.*, COALESCE(p.repository, '') AS repository,
+                     COALESCE(p.branch, '') AS branch
+                FROM usage_rows u
+                LEFT JOIN session_usage p ON p.session_id = u.session_id
+                                         AND p.occurred_at = u.occurred_at
+                                         AND p.event_id = u.event_id
+               WHERE u.session_id = ANY($1) AND u.session_id <> '') u"
+        )
     )))
     .bind(&sessions)
     .execute(&mut *conn)
@@ -418,30 +454,21 @@ fn sessions_select(from: &str) -> String {
     )
 }
 
-/// Stores new usage rows, attributed against every context known now, and adds them to the
-/// rollups; in a `bulk` load, keeps them unplaced for [`rebuild`] (see [`begin_bulk`]).
-async fn insert_usage(conn: &mut PgConnection, usage: &[Usage], bulk: bool) -> sqlx::Result<()> {
+/// Places new usage rows against every context known now, stores the placed ones (the
+/// others stay in the raw rows alone: `usage_rows`) and adds them all to the rollups. The
+/// batch's raw inserts already dropped every row seen before, so each is added once.
+async fn insert_usage(conn: &mut PgConnection, usage: &[Usage]) -> sqlx::Result<()> {
     if usage.is_empty() {
         return Ok(());
     }
-    let sql = if bulk {
-        format!(
-            "INSERT INTO {UNPLACED} (session_id, occurred_at, event_id, user_id, team_id,
-                                     {AMOUNTS})
-             SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::uuid[], $4::text[],
-                                  $5::text[], $6::bigint[], $7::bigint[], $8::float8[],
-                                  $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[],
-                                  $13::bigint[], $14::bigint[])"
-        )
-    } else {
-        format!(
-            "WITH n AS (
+    let sql = format!(
+        "WITH n AS (
             SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::uuid[], $4::text[],
                                  $5::text[], $6::bigint[], $7::bigint[], $8::float8[],
                                  $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[],
                                  $13::bigint[], $14::bigint[])
                 AS n(session_id, occurred_at, event_id, user_id, team_id, {AMOUNTS})),
-         p AS (
+         p AS MATERIALIZED (
             SELECT n.*, COALESCE(c.repository, '') AS repository, COALESCE(c.branch, '') AS branch
               FROM n {placed}),
          ins AS (
@@ -449,9 +476,8 @@ async fn insert_usage(conn: &mut PgConnection, usage: &[Usage], bulk: bool) -> s
                                        {AMOUNTS}, repository, branch)
             SELECT session_id, occurred_at, event_id, user_id, team_id, {AMOUNTS}, repository,
                    branch
-              FROM p
-            ON CONFLICT DO NOTHING
-            RETURNING *),
+              FROM p WHERE repository <> ''
+            ON CONFLICT DO NOTHING),
          roll AS ({rollup}),
          roll_days AS ({rollup_days})
          INSERT INTO repo_sessions AS s
@@ -462,12 +488,11 @@ async fn insert_usage(conn: &mut PgConnection, usage: &[Usage], bulk: bool) -> s
             requests = s.requests + EXCLUDED.requests,
             cost_usd = s.cost_usd + EXCLUDED.cost_usd,
             lines_added = s.lines_added + EXCLUDED.lines_added",
-            placed = placed!("n"),
-            rollup = rollup_upsert("ins", "1h"),
-            rollup_days = rollup_upsert("ins", "1d"),
-            sessions = sessions_select("ins WHERE session_id <> ''"),
-        )
-    };
+        placed = placed!("n"),
+        rollup = rollup_upsert("p", "1h"),
+        rollup_days = rollup_upsert("p", "1d"),
+        sessions = sessions_select("p WHERE session_id <> ''"),
+    );
     let ints = |f: fn(&Usage) -> i64| usage.iter().map(f).collect::<Vec<_>>();
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(

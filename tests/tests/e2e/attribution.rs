@@ -129,6 +129,47 @@ async fn attribution_snapshot(pool: &sqlx::PgPool, tenant: TenantId) -> String {
     out
 }
 
+/// Usage by hour as the raw rows give it (`usage_rows`, read by the moves and a rebuild)
+/// and as the hourly rollup holds it (added up from the projector's own reading of each
+/// event), for the two to be compared; and how many stored usage rows no context placed.
+async fn usage_two_ways(pool: &sqlx::PgPool, tenant: TenantId) -> (String, String, i64) {
+    let version = active_version(pool, tenant).await;
+    let mut tx = pool.begin().await.unwrap();
+    projector::schema::set_search_path(&mut tx, &tenant.schema(version))
+        .await
+        .unwrap();
+    let by_hour = |from: &str, at: &str| {
+        format!(
+            "SELECT string_agg(format('%s|%s|%s|%s|%s|%s|%s|%s|%s', b, r, t, c, i, o, cr, la, lr),
+                               ';' ORDER BY b)
+               FROM (SELECT date_bin('1 hour', {at}, TIMESTAMPTZ '2000-01-03 00:00:00+00') AS b,
+                            sum(requests) AS r, sum(tool_runs) AS t,
+                            round(sum(cost_usd)::numeric, 9) AS c, sum(input_tokens) AS i,
+                            sum(output_tokens) AS o,
+                            sum(cache_read_tokens) + sum(cache_creation_tokens) AS cr,
+                            sum(lines_added) AS la, sum(lines_removed) AS lr
+                       FROM {from} GROUP BY 1) x"
+        )
+    };
+    let mut out = Vec::new();
+    for sql in [
+        by_hour("usage_rows", "occurred_at"),
+        by_hour("repo_usage_1h", "bucket"),
+    ] {
+        let s: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.as_str()))
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        out.push(s.unwrap_or_default());
+    }
+    let unplaced: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM session_usage WHERE repository = ''")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    (out.remove(0), out.remove(0), unplaced)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_hook_attributes_cost_to_repository_and_branch_to_the_cent() {
     let TestEnv { pool, common } = test_env().await;
@@ -283,6 +324,16 @@ async fn the_hook_attributes_cost_to_repository_and_branch_to_the_cent() {
         .sum();
     assert_eq!((total * 100.0).round() as i64, 413 + 55, "{series}");
 
+    // The raw rows give the usage the rollups added up, and only placed usage is stored.
+    let (raw, rolled, unplaced) = usage_two_ways(&pool, t.id).await;
+    let requests: i64 = raw
+        .split(';')
+        .map(|h| h.split('|').nth(1).unwrap().parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(requests, 8, "A's 4, B's 3 and C's 1: {raw}");
+    assert_eq!(raw, rolled);
+    assert_eq!(unplaced, 0);
+
     // A replay rebuilds exactly the same attribution.
     let before = attribution_snapshot(&pool, t.id).await;
     assert!(before.contains("feature/x"), "{before}");
@@ -413,6 +464,12 @@ async fn pull_requests_get_their_cost_and_agent_share_once() {
         post_otlp(&client, &url, &t.ingest_key, "metrics", &body).await;
     }
     wait_projected(&pool, t.id, 7, Duration::from_secs(60)).await;
+    let (raw, rolled, _) = usage_two_ways(&pool, t.id).await;
+    assert!(
+        raw.split(';').any(|h| h.ends_with("|30|5")),
+        "the lines, from the raw rows: {raw}"
+    );
+    assert_eq!(raw, rolled);
 
     // Opened, then merged: each delivery signed with the tenant's secret.
     let opened = pull_request_payload("opened", now - TimeDelta::seconds(50), None);
