@@ -239,8 +239,9 @@ pub async fn rebuild(conn: &mut PgConnection) -> sqlx::Result<()> {
                                     {AMOUNTS}, repository, branch)
          SELECT session_id, occurred_at, event_id, user_id, team_id, {AMOUNTS}, repository,
                 branch
-           FROM usage_placed WHERE repository <> ''
-          ORDER BY session_id, occurred_at, event_id"
+           FROM usage_placed WHERE (repository, branch) <> ('', '')
+          ORDER BY session_id, occurred_at, event_id
+         ON CONFLICT DO NOTHING"
     )))
     .execute(&mut *conn)
     .await?;
@@ -361,12 +362,12 @@ async fn reattribute(
          upd AS (
             UPDATE session_usage u SET repository = m.repository, branch = m.branch
               FROM moved m
-             WHERE m.stored AND m.repository <> ''
+             WHERE m.stored AND (m.repository, m.branch) <> ('', '')
                AND u.session_id = m.session_id AND u.occurred_at = m.occurred_at
                AND u.event_id = m.event_id),
          del AS (
             DELETE FROM session_usage u USING moved m
-             WHERE m.stored AND m.repository = ''
+             WHERE m.stored AND (m.repository, m.branch) = ('', '')
                AND u.session_id = m.session_id AND u.occurred_at = m.occurred_at
                AND u.event_id = m.event_id),
          ins AS (
@@ -374,7 +375,8 @@ async fn reattribute(
                                        {AMOUNTS}, repository, branch)
             SELECT session_id, occurred_at, event_id, user_id, team_id, {AMOUNTS}, repository,
                    branch
-              FROM moved WHERE NOT stored AND repository <> ''),
+              FROM moved WHERE NOT stored AND (repository, branch) <> ('', '')
+            ON CONFLICT DO NOTHING),
          d AS (
             SELECT occurred_at, old_repository AS repository, old_branch AS branch, user_id,
                    team_id, {minus} FROM moved
@@ -400,6 +402,15 @@ async fn reattribute(
         .bind(times.iter().min())
         .execute(&mut *conn)
         .await?;
+    // Every retained usage row of a session is under one of its `repo_sessions` rows (this
+    // batch's new usage too: `insert_usage` ran first; retention keeps those at least as
+    // long as raw rows), so their earliest `first_at` bounds the raw rows to read: older
+    // partitions and TimescaleDB's compressed chunks stay out of the plan.
+    let first: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT min(first_at) FROM repo_sessions WHERE session_id = ANY($1)")
+            .bind(&sessions)
+            .fetch_one(&mut *conn)
+            .await?;
     sqlx::query("DELETE FROM repo_sessions WHERE session_id = ANY($1)")
         .bind(&sessions)
         .execute(&mut *conn)
@@ -413,10 +424,12 @@ async fn reattribute(
                 LEFT JOIN session_usage p ON p.session_id = u.session_id
                                          AND p.occurred_at = u.occurred_at
                                          AND p.event_id = u.event_id
-               WHERE u.session_id = ANY($1) AND u.session_id <> '') u"
+               WHERE u.session_id = ANY($1) AND u.session_id <> ''
+                 AND ($2::timestamptz IS NULL OR u.occurred_at >= $2)) u"
         )
     )))
     .bind(&sessions)
+    .bind(first)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -476,7 +489,7 @@ async fn insert_usage(conn: &mut PgConnection, usage: &[Usage]) -> sqlx::Result<
                                        {AMOUNTS}, repository, branch)
             SELECT session_id, occurred_at, event_id, user_id, team_id, {AMOUNTS}, repository,
                    branch
-              FROM p WHERE repository <> ''
+              FROM p WHERE (repository, branch) <> ('', '')
             ON CONFLICT DO NOTHING),
          roll AS ({rollup}),
          roll_days AS ({rollup_days})

@@ -162,11 +162,12 @@ async fn usage_two_ways(pool: &sqlx::PgPool, tenant: TenantId) -> (String, Strin
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
         out.push(s.unwrap_or_default());
     }
-    let unplaced: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM session_usage WHERE repository = ''")
-            .fetch_one(&mut *tx)
-            .await
-            .unwrap();
+    let unplaced: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM session_usage WHERE (repository, branch) = ('', '')",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
     (out.remove(0), out.remove(0), unplaced)
 }
 
@@ -831,4 +832,82 @@ async fn a_sessions_timeline_lists_its_prompts_in_order_for_those_who_may_see_it
     assert_eq!(foreign.status(), 404);
 
     stop_all([ingest, projector, query]).await;
+}
+
+/// A repository without a remote: the hook sends its branch alone. Usage placed on such a
+/// branch is placed (stored, and moved by a later context) like any other, counted once
+/// whether its context comes in the same batch or later, and a replay gives the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_on_a_branch_without_a_repository_is_counted_once() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let client = http();
+    let t = create_tenant(&pool, "branch-only").await;
+    let url = ingest.url();
+    let (s, other) = (
+        format!("sess-b1-{}", Uuid::new_v4()),
+        format!("sess-b2-{}", Uuid::new_v4()),
+    );
+    let at = |secs: i64| (Utc::now() - TimeDelta::seconds(secs)).to_rfc3339();
+    let context = |secs: i64, branch: &str| {
+        json!({"type": "session.context", "occurred_at": at(secs),
+               "data": {"session_id": s, "user_id": "dev-3", "branch": branch}})
+    };
+    let agent = |session: &str, secs: i64, cost: f64| {
+        json!({"type": "agent.interacted", "occurred_at": at(secs),
+               "data": {"session_id": session, "user_id": "dev-3", "agent_name": "claude-code",
+                        "interaction_type": "api_request", "input_tokens": 10,
+                        "output_tokens": 1, "cost_usd": cost, "duration_ms": 5,
+                        "status": "success"}})
+    };
+    // The context and the usage it places in one request; another session's, unplaced.
+    post_events_accepted(
+        &client,
+        &url,
+        &t.ingest_key,
+        &json!([
+            context(120, "main"),
+            agent(&s, 90, 1.25),
+            agent(&other, 90, 0.5)
+        ]),
+    )
+    .await;
+    wait_projected(&pool, t.id, 3, Duration::from_secs(60)).await;
+    post_events_accepted(&client, &url, &t.ingest_key, &json!([agent(&s, 60, 0.75)])).await;
+    wait_projected(&pool, t.id, 4, Duration::from_secs(60)).await;
+    // A later context moves the last usage to another branch.
+    post_events_accepted(&client, &url, &t.ingest_key, &json!([context(75, "fix")])).await;
+    wait_projected(&pool, t.id, 5, Duration::from_secs(60)).await;
+
+    let version = active_version(&pool, t.id).await;
+    let mut tx = pool.begin().await.unwrap();
+    projector::schema::set_search_path(&mut tx, &t.id.schema(version))
+        .await
+        .unwrap();
+    let (by_branch, stored): (Option<String>, i64) = sqlx::query_as(
+        "SELECT (SELECT string_agg(format('%s|%s|%s|%s', repository, branch, r, c), ';'
+                                   ORDER BY branch)
+                   FROM (SELECT repository, branch, sum(requests) AS r,
+                                round(sum(cost_usd)::numeric, 6) AS c
+                           FROM repo_usage_1h GROUP BY 1, 2) x WHERE r <> 0),
+                (SELECT count(*) FROM session_usage)",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        by_branch.as_deref(),
+        Some("||1|0.500000;|fix|1|0.750000;|main|1|1.250000")
+    );
+    assert_eq!(stored, 2, "the two placed usage rows");
+    let (raw, rolled, unplaced) = usage_two_ways(&pool, t.id).await;
+    assert_eq!(raw, rolled);
+    assert_eq!(unplaced, 0);
+
+    let before = attribution_snapshot(&pool, t.id).await;
+    stop_all([projector]).await;
+    run_replay(&common, t.id, 0).await;
+    assert_eq!(before, attribution_snapshot(&pool, t.id).await);
+    stop_all([ingest]).await;
 }
