@@ -12,8 +12,9 @@
 -- row absent from it is unplaced (repository and branch ''). The projector keeps the two in
 -- step: it stores a row when a context places it, moves it, and deletes it when a later
 -- context leaves it nowhere. (Two raw rows of different types with one event id, which only
--- a sender reusing ids makes, are both counted in the rollups, as `usage_rows` gives them,
--- and stored once.) Idempotent, like every template.
+-- a sender reusing ids makes, are both counted in the rollups, as `usage_rows` gives them;
+-- template 0016 puts the kind in `session_usage`'s key so that both are stored and moved.)
+-- Idempotent, like every template.
 
 -- The usage of every raw row, as the projector's `Usage::of` computes it: agent interactions
 -- (a request, its cost and tokens), tool runs, and delta points of Claude Code's lines-of-code

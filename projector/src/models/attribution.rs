@@ -1,12 +1,13 @@
 //! Attribution: which repository and branch each session worked in (`session_contexts`,
 //! from the hook's `session.context`), the agent usage that puts a cost on it (agent
 //! interactions, tool runs, Claude Code's lines of code: `usage_rows`, read from the raw
-//! rows; those a context placed in a repository also in `session_usage`), its rollups
+//! rows; the placed ones also in `session_usage`), its rollups
 //! (`repo_usage_1h`, `repo_usage_1d`, `repo_sessions`), and the pull requests and pushes the
 //! source-control webhooks describe.
 //!
 //! A usage row belongs to the latest context of its session at or before its time, else to
-//! no repository (''). A batch first stores its new contexts, then places its new usage
+//! no repository (''); it is placed when that context names a repository or a branch (a
+//! repository without a remote has a branch alone). A batch first stores its new contexts, then places its new usage
 //! against every context known by then, then moves the older usage the new contexts now
 //! explain (subtracting it from the old rollup keys and adding it to the new): so the order
 //! in which contexts and usage arrive never changes the result, and each amount is counted
@@ -340,15 +341,16 @@ async fn reattribute(
               FROM UNNEST($1::text[], $2::timestamptz[], $3::timestamptz[])
                    AS x(session_id, since, latest)),
          t AS (
-            SELECT u.session_id, u.occurred_at, u.event_id, u.user_id, u.team_id, {u_amounts},
-                   p.session_id IS NOT NULL AS stored,
+            SELECT u.session_id, u.occurred_at, u.event_id, u.kind, u.user_id, u.team_id,
+                   {u_amounts}, p.session_id IS NOT NULL AS stored,
                    COALESCE(p.repository, '') AS old_repository,
                    COALESCE(p.branch, '') AS old_branch,
                    COALESCE(c.repository, '') AS repository, COALESCE(c.branch, '') AS branch
               FROM s CROSS JOIN LATERAL (
                        -- A fence: each session's range goes to the raw tables' indexes by
                        -- session and time, instead of a hash join over every raw row; $4,
-                       -- the earliest since, leaves older partitions out of the plan.
+                       -- the earliest since, prunes older partitions (when planning, or
+                       -- when a generic plan starts).
                        SELECT * FROM usage_rows u
                         WHERE u.session_id = s.session_id AND u.session_id <> ''
                           AND u.occurred_at >= s.since AND u.occurred_at < s.until
@@ -356,7 +358,7 @@ async fn reattribute(
                        OFFSET 0) u
               LEFT JOIN session_usage p ON p.session_id = u.session_id
                                        AND p.occurred_at = u.occurred_at
-                                       AND p.event_id = u.event_id
+                                       AND p.event_id = u.event_id AND p.kind = u.kind
               {placed}),
          moved AS (SELECT * FROM t WHERE (old_repository, old_branch) <> (repository, branch)),
          upd AS (
@@ -364,12 +366,12 @@ async fn reattribute(
               FROM moved m
              WHERE m.stored AND (m.repository, m.branch) <> ('', '')
                AND u.session_id = m.session_id AND u.occurred_at = m.occurred_at
-               AND u.event_id = m.event_id),
+               AND u.event_id = m.event_id AND u.kind = m.kind),
          del AS (
             DELETE FROM session_usage u USING moved m
              WHERE m.stored AND (m.repository, m.branch) = ('', '')
                AND u.session_id = m.session_id AND u.occurred_at = m.occurred_at
-               AND u.event_id = m.event_id),
+               AND u.event_id = m.event_id AND u.kind = m.kind),
          ins AS (
             INSERT INTO session_usage (session_id, occurred_at, event_id, user_id, team_id,
                                        {AMOUNTS}, repository, branch)
@@ -404,32 +406,42 @@ async fn reattribute(
         .await?;
     // Every retained usage row of a session is under one of its `repo_sessions` rows (this
     // batch's new usage too: `insert_usage` ran first; retention keeps those at least as
-    // long as raw rows), so their earliest `first_at` bounds the raw rows to read: older
-    // partitions and TimescaleDB's compressed chunks stay out of the plan.
-    let first: Option<DateTime<Utc>> =
-        sqlx::query_scalar("SELECT min(first_at) FROM repo_sessions WHERE session_id = ANY($1)")
-            .bind(&sessions)
-            .fetch_one(&mut *conn)
-            .await?;
+    // long as raw rows), so each session's earliest `first_at` bounds the raw rows to read
+    // (older partitions and TimescaleDB's compressed chunks stay out), and a session without
+    // any has no usage to read (a session's first context usually comes before its usage).
+    let firsts: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT session_id, min(first_at) FROM repo_sessions WHERE session_id = ANY($1)
+          GROUP BY session_id",
+    )
+    .bind(&sessions)
+    .fetch_all(&mut *conn)
+    .await?;
     sqlx::query("DELETE FROM repo_sessions WHERE session_id = ANY($1)")
         .bind(&sessions)
         .execute(&mut *conn)
         .await?;
+    if firsts.is_empty() {
+        return Ok(());
+    }
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO repo_sessions AS s {}",
         sessions_select(
             "(SELECT u.*, COALESCE(p.repository, '') AS repository,
                      COALESCE(p.branch, '') AS branch
-                FROM usage_rows u
+                FROM UNNEST($1::text[], $2::timestamptz[]) AS f(session_id, first)
+                CROSS JOIN LATERAL (
+                    SELECT * FROM usage_rows u
+                     WHERE u.session_id = f.session_id AND u.session_id <> ''
+                       AND u.occurred_at >= f.first AND u.occurred_at >= $3
+                    OFFSET 0) u
                 LEFT JOIN session_usage p ON p.session_id = u.session_id
                                          AND p.occurred_at = u.occurred_at
-                                         AND p.event_id = u.event_id
-               WHERE u.session_id = ANY($1) AND u.session_id <> ''
-                 AND ($2::timestamptz IS NULL OR u.occurred_at >= $2)) u"
+                                         AND p.event_id = u.event_id AND p.kind = u.kind) u"
         )
     )))
-    .bind(&sessions)
-    .bind(first)
+    .bind(firsts.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>())
+    .bind(firsts.iter().map(|(_, t)| *t).collect::<Vec<_>>())
+    .bind(firsts.iter().map(|(_, t)| *t).min())
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -911,3 +911,74 @@ async fn usage_on_a_branch_without_a_repository_is_counted_once() {
     assert_eq!(before, attribution_snapshot(&pool, t.id).await);
     stop_all([ingest]).await;
 }
+
+/// A sender reusing one event id for an agent interaction and a tool run (at the same time,
+/// in the same session) has two usage rows: both are counted, stored once placed, and moved
+/// together by a context arriving after them, the same in a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_rows_sharing_an_event_id_are_each_placed_once() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let client = http();
+    let t = create_tenant(&pool, "reused-ids").await;
+    let url = ingest.url();
+    let s = format!("sess-r-{}", Uuid::new_v4());
+    let (id, at) = (
+        Uuid::new_v4(),
+        (Utc::now() - TimeDelta::seconds(90)).to_rfc3339(),
+    );
+    post_events_accepted(
+        &client,
+        &url,
+        &t.ingest_key,
+        &json!([
+            {"id": id, "type": "agent.interacted", "occurred_at": at,
+             "data": {"session_id": s, "user_id": "dev-4", "agent_name": "claude-code",
+                      "interaction_type": "api_request", "input_tokens": 10, "output_tokens": 1,
+                      "cost_usd": 0.5, "duration_ms": 5, "status": "success"}},
+            {"id": id, "type": "tool.executed", "occurred_at": at,
+             "data": {"session_id": s, "user_id": "dev-4", "tool_name": "Edit",
+                      "duration_ms": 5, "success": true}}
+        ]),
+    )
+    .await;
+    wait_projected(&pool, t.id, 2, Duration::from_secs(60)).await;
+    let context = json!([{"type": "session.context",
+        "occurred_at": (Utc::now() - TimeDelta::seconds(120)).to_rfc3339(),
+        "data": {"session_id": s, "user_id": "dev-4",
+                 "repository": "git@github.com:Acme/Reuse.git", "branch": "main"}}]);
+    post_events_accepted(&client, &url, &t.ingest_key, &context).await;
+    wait_projected(&pool, t.id, 3, Duration::from_secs(60)).await;
+
+    let version = active_version(&pool, t.id).await;
+    let mut tx = pool.begin().await.unwrap();
+    projector::schema::set_search_path(&mut tx, &t.id.schema(version))
+        .await
+        .unwrap();
+    let (by_repo, stored): (Option<String>, i64) = sqlx::query_as(
+        "SELECT (SELECT string_agg(format('%s|%s|%s|%s', repository, r, tr, c), ';'
+                                   ORDER BY repository)
+                   FROM (SELECT repository, sum(requests) AS r, sum(tool_runs) AS tr,
+                                round(sum(cost_usd)::numeric, 6) AS c
+                           FROM repo_usage_1h GROUP BY 1) x WHERE r <> 0 OR tr <> 0),
+                (SELECT count(*) FROM session_usage)",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        by_repo.as_deref(),
+        Some("github.com/acme/reuse|1|1|0.500000"),
+        "both moved, nothing left unplaced"
+    );
+    assert_eq!(stored, 2, "the interaction and the tool run");
+    let (raw, rolled, _) = usage_two_ways(&pool, t.id).await;
+    assert_eq!(raw, rolled);
+
+    let before = attribution_snapshot(&pool, t.id).await;
+    stop_all([projector]).await;
+    run_replay(&common, t.id, 0).await;
+    assert_eq!(before, attribution_snapshot(&pool, t.id).await);
+    stop_all([ingest]).await;
+}
