@@ -5,8 +5,10 @@
 -- `session_usage` key (template 0015 reads them both from the raw rows): one could not be
 -- stored, and a later move would take the other's place for its own. The kind (1 an agent
 -- interaction, 2 a tool run, 3 lines of code) joins the key, derived from the amounts, which
--- tell them apart: an interaction always counts a request, a tool run a tool run.
--- Idempotent, like every template.
+-- tell them apart: an interaction always counts a request, a tool run a tool run (readers
+-- of `usage_rows` derive a row's kind from its amounts the same way). Idempotent, like every
+-- template, and `usage_rows` is left as 0015 made it, so that 0015 can be applied again
+-- after this one.
 
 ALTER TABLE session_usage ADD COLUMN IF NOT EXISTS kind smallint NOT NULL
     GENERATED ALWAYS AS ((CASE WHEN requests <> 0 THEN 1 WHEN tool_runs <> 0 THEN 2
@@ -21,35 +23,3 @@ BEGIN
     END IF;
 END
 $$;
-
--- `usage_rows` (template 0015) with each row's kind, as `session_usage` derives it.
-CREATE OR REPLACE VIEW usage_rows AS
-SELECT session_id, occurred_at, event_id, user_id, team_id,
-       1::bigint AS requests, 0::bigint AS tool_runs, value AS cost_usd, input_tokens,
-       output_tokens,
-       CASE WHEN jsonb_typeof(data -> 'cache_read_tokens') = 'number'
-                 AND (data ->> 'cache_read_tokens') ~ '^-?[0-9]{1,18}$'
-            THEN (data ->> 'cache_read_tokens')::bigint ELSE 0 END AS cache_read_tokens,
-       CASE WHEN jsonb_typeof(data -> 'cache_creation_tokens') = 'number'
-                 AND (data ->> 'cache_creation_tokens') ~ '^-?[0-9]{1,18}$'
-            THEN (data ->> 'cache_creation_tokens')::bigint ELSE 0 END AS cache_creation_tokens,
-       0::bigint AS lines_added, 0::bigint AS lines_removed, 1::smallint AS kind
-  FROM agent_interactions
-UNION ALL
-SELECT session_id, occurred_at, event_id, user_id, team_id, 0, 1, 0::float8, 0, 0, 0, 0, 0, 0,
-       2::smallint
-  FROM tool_executions
-UNION ALL
-SELECT session_id, occurred_at, event_id, user_id, team_id, 0, 0, 0::float8, 0, 0, 0, 0,
-       CASE WHEN data #>> '{labels,type}' = 'added' AND value >= 0 AND value <= 1e9
-            THEN (floor(value) + CASE WHEN value - floor(value) >= 0.5 THEN 1 ELSE 0 END)::bigint
-            ELSE 0 END,
-       CASE WHEN data #>> '{labels,type}' = 'removed' AND value >= 0 AND value <= 1e9
-            THEN (floor(value) + CASE WHEN value - floor(value) >= 0.5 THEN 1 ELSE 0 END)::bigint
-            ELSE 0 END,
-       3::smallint
-  FROM metric_samples
- WHERE name = 'claude_code.lines_of_code.count'
-   AND data #>> '{extra,temporality}' = 'delta'
-   AND data #>> '{labels,type}' IN ('added', 'removed')
-   AND value >= 0 AND value <= 1e9;

@@ -307,6 +307,11 @@ async fn insert_contexts(
     Ok(since)
 }
 
+/// The kind of the usage row `u` (1 an agent interaction, 2 a tool run, 3 lines of code),
+/// derived from its amounts as `session_usage.kind` is (tenant template 0016).
+const USAGE_KIND: &str =
+    "(CASE WHEN u.requests <> 0 THEN 1 WHEN u.tool_runs <> 0 THEN 2 ELSE 3 END)::smallint";
+
 /// The amount columns, in table order.
 const AMOUNTS: &str = "requests, tool_runs, cost_usd, input_tokens, output_tokens, \
                        cache_read_tokens, cache_creation_tokens, lines_added, lines_removed";
@@ -341,7 +346,7 @@ async fn reattribute(
               FROM UNNEST($1::text[], $2::timestamptz[], $3::timestamptz[])
                    AS x(session_id, since, latest)),
          t AS (
-            SELECT u.session_id, u.occurred_at, u.event_id, u.kind, u.user_id, u.team_id,
+            SELECT u.session_id, u.occurred_at, u.event_id, {kind} AS kind, u.user_id, u.team_id,
                    {u_amounts}, p.session_id IS NOT NULL AS stored,
                    COALESCE(p.repository, '') AS old_repository,
                    COALESCE(p.branch, '') AS old_branch,
@@ -358,7 +363,7 @@ async fn reattribute(
                        OFFSET 0) u
               LEFT JOIN session_usage p ON p.session_id = u.session_id
                                        AND p.occurred_at = u.occurred_at
-                                       AND p.event_id = u.event_id AND p.kind = u.kind
+                                       AND p.event_id = u.event_id AND p.kind = {kind}
               {placed}),
          moved AS (SELECT * FROM t WHERE (old_repository, old_branch) <> (repository, branch)),
          upd AS (
@@ -392,6 +397,7 @@ async fn reattribute(
             .collect::<Vec<_>>()
             .join(", "),
         placed = placed!("u"),
+        kind = USAGE_KIND,
         minus = sum("-"),
         plus = sum(""),
         rollup = rollup_upsert("d", "1h"),
@@ -425,7 +431,7 @@ async fn reattribute(
     }
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO repo_sessions AS s {}",
-        sessions_select(
+        sessions_select(&format!(
             "(SELECT u.*, COALESCE(p.repository, '') AS repository,
                      COALESCE(p.branch, '') AS branch
                 FROM UNNEST($1::text[], $2::timestamptz[]) AS f(session_id, first)
@@ -436,8 +442,9 @@ async fn reattribute(
                     OFFSET 0) u
                 LEFT JOIN session_usage p ON p.session_id = u.session_id
                                          AND p.occurred_at = u.occurred_at
-                                         AND p.event_id = u.event_id AND p.kind = u.kind) u"
-        )
+                                         AND p.event_id = u.event_id
+                                         AND p.kind = {USAGE_KIND}) u"
+        ))
     )))
     .bind(firsts.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>())
     .bind(firsts.iter().map(|(_, t)| *t).collect::<Vec<_>>())
