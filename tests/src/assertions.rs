@@ -61,6 +61,19 @@ pub async fn active_version(pool: &PgPool, tenant: TenantId) -> i32 {
         .expect("tenant_versions")[&tenant]
 }
 
+/// A transaction whose `search_path` is the tenant's active schema, to read its projection.
+pub async fn tenant_tx(
+    pool: &PgPool,
+    tenant: TenantId,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let version = active_version(pool, tenant).await;
+    let mut tx = pool.begin().await.expect("tx");
+    projector::schema::set_search_path(&mut tx, &tenant.schema(version))
+        .await
+        .expect("search_path");
+    tx
+}
+
 /// Records that the tenant's schema of `version` has had the templates up to `template`
 /// only (a test that turned it back into what an older projector made), in `tx`.
 pub async fn set_template_version(
@@ -92,11 +105,7 @@ pub async fn projected_events(pool: &PgPool, tenant: TenantId) -> Option<i64> {
 
 /// Runs a read-only SQL statement in the tenant's active schema and returns a single i64.
 pub async fn scalar_in_tenant(pool: &PgPool, tenant: TenantId, sql: &str) -> i64 {
-    let version = active_version(pool, tenant).await;
-    let mut tx = pool.begin().await.expect("tx");
-    projector::schema::set_search_path(&mut tx, &tenant.schema(version))
-        .await
-        .expect("search_path");
+    let mut tx = tenant_tx(pool, tenant).await;
     let v: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
         .fetch_one(&mut *tx)
         .await

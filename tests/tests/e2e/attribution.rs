@@ -106,11 +106,7 @@ fn cents(v: &Value) -> i64 {
 
 /// The attribution read models of the tenant's active schema, as text, to compare.
 async fn attribution_snapshot(pool: &sqlx::PgPool, tenant: TenantId) -> String {
-    let version = active_version(pool, tenant).await;
-    let mut tx = pool.begin().await.unwrap();
-    projector::schema::set_search_path(&mut tx, &tenant.schema(version))
-        .await
-        .unwrap();
+    let mut tx = tenant_tx(pool, tenant).await;
     let mut out = String::new();
     for sql in [
         "SELECT string_agg(format('%s|%s|%s|%s', session_id, repository, branch, round(cost_usd::numeric, 6)), ';' ORDER BY session_id, occurred_at, event_id) FROM session_usage",
@@ -133,11 +129,7 @@ async fn attribution_snapshot(pool: &sqlx::PgPool, tenant: TenantId) -> String {
 /// and as the hourly rollup holds it (added up from the projector's own reading of each
 /// event), for the two to be compared; and how many stored usage rows no context placed.
 async fn usage_two_ways(pool: &sqlx::PgPool, tenant: TenantId) -> (String, String, i64) {
-    let version = active_version(pool, tenant).await;
-    let mut tx = pool.begin().await.unwrap();
-    projector::schema::set_search_path(&mut tx, &tenant.schema(version))
-        .await
-        .unwrap();
+    let mut tx = tenant_tx(pool, tenant).await;
     let by_hour = |from: &str, at: &str| {
         format!(
             "SELECT string_agg(format('%s|%s|%s|%s|%s|%s|%s|%s|%s', b, r, t, c, i, o, cr, la, lr),
@@ -879,11 +871,7 @@ async fn usage_on_a_branch_without_a_repository_is_counted_once() {
     post_events_accepted(&client, &url, &t.ingest_key, &json!([context(75, "fix")])).await;
     wait_projected(&pool, t.id, 5, Duration::from_secs(60)).await;
 
-    let version = active_version(&pool, t.id).await;
-    let mut tx = pool.begin().await.unwrap();
-    projector::schema::set_search_path(&mut tx, &t.id.schema(version))
-        .await
-        .unwrap();
+    let mut tx = tenant_tx(&pool, t.id).await;
     let (by_branch, stored): (Option<String>, i64) = sqlx::query_as(
         "SELECT (SELECT string_agg(format('%s|%s|%s|%s', repository, branch, r, c), ';'
                                    ORDER BY branch)
@@ -950,11 +938,7 @@ async fn usage_rows_sharing_an_event_id_are_each_placed_once() {
     post_events_accepted(&client, &url, &t.ingest_key, &context).await;
     wait_projected(&pool, t.id, 3, Duration::from_secs(60)).await;
 
-    let version = active_version(&pool, t.id).await;
-    let mut tx = pool.begin().await.unwrap();
-    projector::schema::set_search_path(&mut tx, &t.id.schema(version))
-        .await
-        .unwrap();
+    let mut tx = tenant_tx(&pool, t.id).await;
     let (by_repo, stored): (Option<String>, i64) = sqlx::query_as(
         "SELECT (SELECT string_agg(format('%s|%s|%s|%s', repository, r, tr, c), ';'
                                    ORDER BY repository)

@@ -10,21 +10,46 @@ use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
 use reqwest::header::HeaderValue;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tally_tests::*;
+use uuid::Uuid;
+
+/// Whether PostgreSQL has the timescaledb extension in this test database.
+async fn timescale_installed(pool: &sqlx::PgPool) -> bool {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Whether the chunks of the tenant's `table` for `day` are compressed, one per chunk.
+async fn chunks_compressed(
+    pool: &sqlx::PgPool,
+    schema: &shared::tenant::SchemaName,
+    table: &str,
+    day: chrono::NaiveDate,
+) -> Vec<bool> {
+    sqlx::query_scalar(
+        "SELECT is_compressed FROM timescaledb_information.chunks
+          WHERE hypertable_schema = $1 AND hypertable_name = $2 AND range_start::date = $3",
+    )
+    .bind(schema.as_str())
+    .bind(table)
+    .bind(day)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs PostgreSQL with timescaledb preloaded; `make test` runs it where it is"]
 async fn hypertables_compress_take_late_events_once_and_drop_chunks() {
     init_logs();
     let pool = test_pool().await;
-    let installed: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert!(installed, "this test needs the timescaledb extension");
+    assert!(
+        timescale_installed(&pool).await,
+        "this test needs the timescaledb extension"
+    );
     let common = common_for_test();
     let ingest = start_ingest(&common, |_| {}).await;
     let projector = start_projector(&common).await;
@@ -79,23 +104,8 @@ async fn hypertables_compress_take_late_events_once_and_drop_chunks() {
         .unwrap();
     let pass = projector::retention::run_once(&pool, 7).await.unwrap();
     assert!(pass.chunks_compressed >= 1, "{pass:?}");
-    let compressed = |day: chrono::NaiveDate| {
-        let pool = pool.clone();
-        let schema = schema.clone();
-        async move {
-            let v: Vec<bool> = sqlx::query_scalar(
-                "SELECT is_compressed FROM timescaledb_information.chunks
-                  WHERE hypertable_schema = $1 AND hypertable_name = 'command_executions'
-                    AND range_start::date = $2",
-            )
-            .bind(schema.as_str())
-            .bind(day)
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-            v
-        }
-    };
+    let compressed =
+        |day: chrono::NaiveDate| chunks_compressed(&pool, &schema, "command_executions", day);
     assert_eq!(compressed(old_day).await, vec![true]);
     assert_eq!(compressed(now.date_naive()).await, vec![false]);
     let again = projector::retention::run_once(&pool, 7).await.unwrap();
@@ -157,6 +167,113 @@ async fn hypertables_compress_take_late_events_once_and_drop_chunks() {
         days.iter()
             .all(|d| *d >= (now - TimeDelta::days(3)).date_naive()),
         "{days:?}"
+    );
+    stop_all([ingest, projector]).await;
+}
+
+/// A long-lived session's usage from days ago, in a compressed chunk, and a context for it
+/// now: the context places the new usage; the session's `repo_sessions` rows, rebuilt from
+/// the raw rows (`usage_rows`) since its first usage, read the compressed chunk and keep the
+/// old usage where it was (unplaced), each amount counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs PostgreSQL with timescaledb preloaded; `make test` runs it where it is"]
+async fn a_context_rebuilds_a_sessions_usage_from_compressed_chunks() {
+    init_logs();
+    let pool = test_pool().await;
+    assert!(
+        timescale_installed(&pool).await,
+        "this test needs the timescaledb extension"
+    );
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let projector = start_projector(&common).await;
+    let client = http();
+    let t = create_tenant(&pool, "timescale-usage").await;
+    let url = ingest.url();
+    let s = format!("sess-old-{}", Uuid::new_v4());
+    let now = Utc::now();
+    let agent = |secs: i64, cost: f64| {
+        json!({"type": "agent.interacted",
+               "occurred_at": (now - TimeDelta::seconds(secs)).to_rfc3339(),
+               "data": {"session_id": s, "user_id": "dev-5", "agent_name": "claude-code",
+                        "interaction_type": "api_request", "input_tokens": 10,
+                        "output_tokens": 1, "cost_usd": cost, "duration_ms": 5,
+                        "status": "success"}})
+    };
+    // Three interactions five days back, no context then: unplaced.
+    let days = 5 * 86_400;
+    post_events_accepted(
+        &client,
+        &url,
+        &t.ingest_key,
+        &json!([
+            agent(days, 0.25),
+            agent(days - 60, 0.25),
+            agent(days - 120, 0.25)
+        ]),
+    )
+    .await;
+    wait_projected(&pool, t.id, 3, Duration::from_secs(60)).await;
+    assert!(tenant_uses_timescale(&pool, t.id).await);
+
+    sqlx::query("UPDATE control.tenants SET compress_after_days = 2 WHERE id = $1")
+        .bind(t.id.0)
+        .execute(&pool)
+        .await
+        .unwrap();
+    projector::retention::run_once(&pool, 7).await.unwrap();
+    let schema = t.id.schema(active_version(&pool, t.id).await);
+    let old_day = (now - TimeDelta::seconds(days - 60)).date_naive();
+    assert_eq!(
+        chunks_compressed(&pool, &schema, "agent_interactions", old_day).await,
+        vec![true]
+    );
+
+    // The session goes on today, in a repository.
+    let context = json!({"type": "session.context",
+        "occurred_at": (now - TimeDelta::seconds(120)).to_rfc3339(),
+        "data": {"session_id": s, "user_id": "dev-5",
+                 "repository": "git@github.com:Acme/Old.git", "branch": "main"}});
+    post_events_accepted(
+        &client,
+        &url,
+        &t.ingest_key,
+        &json!([context, agent(90, 0.5), agent(60, 0.5)]),
+    )
+    .await;
+    wait_projected(&pool, t.id, 6, Duration::from_secs(60)).await;
+
+    let mut tx = tenant_tx(&pool, t.id).await;
+    let (sessions, by_repo, stored): (Option<String>, Option<String>, i64) = sqlx::query_as(
+        "SELECT (SELECT string_agg(format('%s|%s|%s|%s', repository, branch, requests,
+                                          round(cost_usd::numeric, 6)), ';'
+                                   ORDER BY repository)
+                   FROM repo_sessions WHERE session_id = $1),
+                (SELECT string_agg(format('%s|%s|%s', repository, r, c), ';' ORDER BY repository)
+                   FROM (SELECT repository, sum(requests) AS r,
+                                round(sum(cost_usd)::numeric, 6) AS c
+                           FROM repo_usage_1h GROUP BY 1) x WHERE r <> 0),
+                (SELECT count(*) FROM session_usage)",
+    )
+    .bind(&s)
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        sessions.as_deref(),
+        Some("||3|0.750000;github.com/acme/old|main|2|1.000000"),
+        "the session's rows rebuilt over the compressed chunk"
+    );
+    assert_eq!(
+        by_repo.as_deref(),
+        Some("|3|0.750000;github.com/acme/old|2|1.000000")
+    );
+    assert_eq!(stored, 2, "the placed usage only");
+    assert_eq!(
+        chunks_compressed(&pool, &schema, "agent_interactions", old_day).await,
+        vec![true],
+        "read where it lies, not decompressed"
     );
     stop_all([ingest, projector]).await;
 }
