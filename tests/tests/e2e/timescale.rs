@@ -14,12 +14,24 @@ use serde_json::{json, Value};
 use tally_tests::*;
 use uuid::Uuid;
 
-/// Whether PostgreSQL has the timescaledb extension in this test database.
-async fn timescale_installed(pool: &sqlx::PgPool) -> bool {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')")
-        .fetch_one(pool)
-        .await
-        .unwrap()
+/// The write path and a new tenant, on a database that must have the timescaledb extension.
+async fn timescale_stack(
+    tenant: &str,
+) -> (sqlx::PgPool, Running, Running, reqwest::Client, TestTenant) {
+    init_logs();
+    let pool = test_pool().await;
+    let installed: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(installed, "this test needs the timescaledb extension");
+    let common = common_for_test();
+    let ingest = start_ingest(&common, |_| {}).await;
+    let projector = start_projector(&common).await;
+    let t = create_tenant(&pool, tenant).await;
+    (pool, ingest, projector, http(), t)
 }
 
 /// Whether the chunks of the tenant's `table` for `day` are compressed, one per chunk.
@@ -44,17 +56,7 @@ async fn chunks_compressed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs PostgreSQL with timescaledb preloaded; `make test` runs it where it is"]
 async fn hypertables_compress_take_late_events_once_and_drop_chunks() {
-    init_logs();
-    let pool = test_pool().await;
-    assert!(
-        timescale_installed(&pool).await,
-        "this test needs the timescaledb extension"
-    );
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
-    let client = http();
-    let t = create_tenant(&pool, "timescale").await;
+    let (pool, ingest, projector, client, t) = timescale_stack("timescale").await;
 
     // A client's batch five days back, sent with an idempotency key (so a retry carries the
     // same event ids), and two events of today. The batch has more than the 64 events from
@@ -178,17 +180,7 @@ async fn hypertables_compress_take_late_events_once_and_drop_chunks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs PostgreSQL with timescaledb preloaded; `make test` runs it where it is"]
 async fn a_context_rebuilds_a_sessions_usage_from_compressed_chunks() {
-    init_logs();
-    let pool = test_pool().await;
-    assert!(
-        timescale_installed(&pool).await,
-        "this test needs the timescaledb extension"
-    );
-    let common = common_for_test();
-    let ingest = start_ingest(&common, |_| {}).await;
-    let projector = start_projector(&common).await;
-    let client = http();
-    let t = create_tenant(&pool, "timescale-usage").await;
+    let (pool, ingest, projector, client, t) = timescale_stack("timescale-usage").await;
     let url = ingest.url();
     let s = format!("sess-old-{}", Uuid::new_v4());
     let now = Utc::now();
