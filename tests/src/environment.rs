@@ -305,3 +305,12 @@ pub async fn create_tenant(pool: &PgPool, name: &str) -> TestTenant {
         read_key,
     }
 }
+
+/// Rate limits count in fixed one-minute windows: this starts a burst early in a window, so
+/// that it does not straddle two (past the 45th second it waits for the next minute).
+pub async fn at_window_start() {
+    let secs = chrono::Utc::now().timestamp().rem_euclid(60);
+    if secs > 45 {
+        tokio::time::sleep(std::time::Duration::from_secs((61 - secs) as u64)).await;
+    }
+}

@@ -6,14 +6,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tally_tests::*;
 
-/// Fixed one-minute windows: start a burst early in a window so it does not straddle two.
-async fn at_window_start() {
-    let secs = chrono::Utc::now().timestamp().rem_euclid(60);
-    if secs > 45 {
-        tokio::time::sleep(Duration::from_secs((61 - secs) as u64)).await;
-    }
-}
-
 fn one_event() -> Value {
     Value::Array(vec![command("u", "c", 1, true)])
 }

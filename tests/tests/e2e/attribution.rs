@@ -209,6 +209,9 @@ async fn the_hook_attributes_cost_to_repository_and_branch_to_the_cent() {
         ("TALLY_API_KEY", t.ingest_key.as_str()),
         ("TALLY_USER_ID", "dev-1"),
         ("TALLY_HOOK_STATE_DIR", state_dir),
+        // Every hook's event must arrive, however slow the machine (the default gives up
+        // after 1 s and drops it).
+        ("TALLY_HOOK_TIMEOUT_MS", "10000"),
     ];
     let start = |s: &str| json!({"hook_event_name": "SessionStart", "session_id": s, "cwd": cwd, "source": "startup"});
     let tool = |s: &str| {
@@ -240,17 +243,22 @@ async fn the_hook_attributes_cost_to_repository_and_branch_to_the_cent() {
     git(&repo, &["switch", "-q", "main"]);
     let b = format!("sess-b-{}", Uuid::new_v4());
     let t0 = Utc::now();
-    for (offset, cost) in [(-2, 0.05), (6, 1.01), (14, 2.02)] {
+    // Seconds apart, so that the start and the switch land between them on a slow machine.
+    for (offset, cost) in [(-2, 0.05), (10, 1.01), (30, 2.02)] {
         let body = api_request(&b, "dev-1", t0 + TimeDelta::seconds(offset), cost);
         post_otlp(&client, &url, &t.ingest_key, "logs", &body).await;
     }
     hook(&envs, &start(&b));
-    let switch_at = t0 + TimeDelta::seconds(8);
+    assert!(
+        Utc::now() < t0 + TimeDelta::seconds(10),
+        "the start came in time"
+    );
+    let switch_at = t0 + TimeDelta::seconds(20);
     tokio::time::sleep((switch_at - Utc::now()).to_std().unwrap_or_default()).await;
     git(&repo, &["switch", "-q", "feature/x"]);
     hook(&envs, &tool(&b));
     assert!(
-        Utc::now() < t0 + TimeDelta::seconds(14),
+        Utc::now() < t0 + TimeDelta::seconds(30),
         "the switch came in time"
     );
 
@@ -261,7 +269,7 @@ async fn the_hook_attributes_cost_to_repository_and_branch_to_the_cent() {
 
     // A: 2 contexts, a start, a tool run, 4 requests; B: 2, 1, 1, 3; C: 1.
     wait_projected(&pool, t.id, 16, Duration::from_secs(60)).await;
-    let wait = (t0 + TimeDelta::seconds(16) - Utc::now())
+    let wait = (t0 + TimeDelta::seconds(32) - Utc::now())
         .to_std()
         .unwrap_or_default();
     tokio::time::sleep(wait).await;

@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use tally_tests::*;
 
@@ -86,9 +87,19 @@ async fn top_lists_and_the_activity_feed() {
         assert_eq!(s, 200, "{page}");
         let items = page["items"].as_array().unwrap();
         seen.extend(items.iter().map(|i| {
+            // Parsed, not compared as text: a time's fraction is printed with 0, 3, 6 or 9
+            // digits, and ".123Z" sorts after ".123456Z" as text.
             (
-                i["occurred_at"].as_str().unwrap().to_string(),
-                i["event_id"].as_str().unwrap().to_string(),
+                i["occurred_at"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<DateTime<Utc>>()
+                    .unwrap(),
+                i["event_id"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<uuid::Uuid>()
+                    .unwrap(),
             )
         }));
         match page["next_cursor"].as_str() {
@@ -686,7 +697,9 @@ async fn grouped_series_are_capped_and_rankings_paginated() {
 async fn a_read_past_the_statement_timeout_answers_503() {
     let TestEnv { pool, common } = test_env().await;
     let (ingest, projector) = start_write_path(&common).await;
-    let query = start_query(&common, |c| c.statement_timeout_ms = 300).await;
+    // A second: the reads that must succeed (a cold first one among them) stay well inside it on
+    // a starved machine, and a read under the lock still answers within seconds.
+    let query = start_query(&common, |c| c.statement_timeout_ms = 1000).await;
     let client = http();
     let t = create_tenant(&pool, "slow-reads").await;
     post_events_accepted(
@@ -733,7 +746,7 @@ async fn a_read_past_the_statement_timeout_answers_503() {
         problem["detail"].as_str().unwrap().contains("longer"),
         "{problem}"
     );
-    assert!(waited < Duration::from_secs(3), "answered after {waited:?}");
+    assert!(waited < Duration::from_secs(4), "answered after {waited:?}");
     blocker.rollback().await.unwrap();
     let res = client
         .get(&overview)

@@ -18,6 +18,9 @@ async fn claude_code_hooks_reach_the_dashboards_privately() {
         ("TALLY_URL", url.as_str()),
         ("TALLY_API_KEY", t.ingest_key.as_str()),
         ("TALLY_USER_ID", "dev-1"),
+        // The hook drops what it could not send in time (1 s by default; the timeout is
+        // tested below): here every event must arrive, on however slow a machine.
+        ("TALLY_HOOK_TIMEOUT_MS", "10000"),
     ];
     let session = "5f1c7a1e-claude-session";
     let hooks = [

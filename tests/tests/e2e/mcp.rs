@@ -347,6 +347,7 @@ async fn mcp_calls_count_against_the_tenants_read_limit() {
         {"tool": "budget_status", "arguments": {}},
         {"tool": "budget_status", "arguments": {}},
     ]);
+    at_window_start().await;
     let report = mcp_client(&format!("{}/mcp", query.url()), &key, &calls).await;
     // Each message counts, and each tool call's read again: the limit stops them, with
     // a 429 the client sees, never a wrong answer.

@@ -127,8 +127,17 @@ async fn two_tenants_see_exact_and_separate_numbers() {
         );
     }
 
-    // A cached answer is served again until the projection moves.
-    let url = format!("{}/v1/dashboard/overview?range=24h", query.url());
+    // A cached answer is served again until the projection moves. The window is named, not
+    // `range=24h`: that one moves with each minute, and two requests a minute apart are
+    // two different questions.
+    let now = chrono::Utc::now();
+    let hour = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:00:00Z").to_string();
+    let url = format!(
+        "{}/v1/dashboard/overview?from={}&to={}",
+        query.url(),
+        hour(now - chrono::TimeDelta::hours(25)),
+        hour(now + chrono::TimeDelta::hours(2)),
+    );
     let first = client
         .get(&url)
         .bearer_auth(&a.read_key)

@@ -216,8 +216,11 @@ async fn retention_drops_old_partitions_and_refuses_old_events() {
     let t = create_tenant(&pool, "retention").await;
 
     let now = Utc::now();
-    let at = |days: i64, n: i64| commands_days_ago(now, days, n);
-    for body in [at(5, 7), at(0, 3)] {
+    // The old day's seven events a minute apart from its noon, so that they share the day
+    // whatever time the test starts (from midnight on, "now minus i minutes" would not).
+    let noon = now.duration_trunc(TimeDelta::days(1)).unwrap() + TimeDelta::hours(12);
+    let old_events = commands_days_ago(noon, 5, 7);
+    for body in [old_events, commands_days_ago(now, 0, 3)] {
         post_events_accepted(&client, &ingest.url(), &t.ingest_key, &body).await;
     }
     wait_projected(&pool, t.id, 10, Duration::from_secs(60)).await;
@@ -330,7 +333,13 @@ async fn retention_drops_old_partitions_and_refuses_old_events() {
 
     // ingest-api now refuses what is older than the tenant's raw window.
     let ingest = start_ingest(&common, |_| {}).await;
-    let res = post_events(&client, &ingest.url(), &t.ingest_key, &at(3, 1)).await;
+    let res = post_events(
+        &client,
+        &ingest.url(),
+        &t.ingest_key,
+        &commands_days_ago(now, 3, 1),
+    )
+    .await;
     assert_eq!(res.status(), 422);
     let body: Value = res.json().await.unwrap();
     assert!(

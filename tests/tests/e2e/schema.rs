@@ -27,9 +27,10 @@ const CHECKS: &str = "not_a_server_error,status_code_conformance,content_type_co
                       response_headers_conformance,response_schema_conformance,ignored_auth";
 /// Examples per operation and phase; the run is repeated by `make test`, not made longer.
 const MAX_EXAMPLES: &str = "12";
-/// Longest all runs together may take before the test counts as failed (about 75 s on an
-/// idle machine).
-const RUNS_LIMIT: Duration = Duration::from_secs(170);
+/// Longest all runs together may take before the test counts as failed: about 75 s on an
+/// idle machine, and a Python tool on two cores shared with the rest of the suite can take
+/// several times that; the limit only stops a run that hangs.
+const RUNS_LIMIT: Duration = Duration::from_secs(420);
 
 /// One schemathesis run: the operations whose path matches `paths`, sent with `key`.
 struct Run<'a> {

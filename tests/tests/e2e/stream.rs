@@ -115,13 +115,15 @@ async fn listen(query: &str, key: &str, last_event_id: Option<&str>) -> Feeds {
 }
 
 async fn take(rx: &mut mpsc::UnboundedReceiver<(String, Value)>, n: usize) -> Vec<(String, Value)> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // As long as the other tests wait for a first projection: a projector just started may
+    // still be joining its consumer group.
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut out = Vec::new();
     while out.len() < n {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, rx.recv()).await {
             Ok(Some(e)) => out.push(e),
-            _ => panic!("{} of {n} live events after 20 s: {out:?}", out.len()),
+            _ => panic!("{} of {n} live events after 60 s: {out:?}", out.len()),
         }
     }
     out
