@@ -415,17 +415,15 @@ async fn reattribute(
     // long as raw rows), so each session's earliest `first_at` bounds the raw rows to read
     // (older partitions and TimescaleDB's compressed chunks stay out), and a session without
     // any has no usage to read (a session's first context usually comes before its usage).
+    // Those rows are deleted in the same statement that reads the bound from them.
     let firsts: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT session_id, min(first_at) FROM repo_sessions WHERE session_id = ANY($1)
-          GROUP BY session_id",
+        "WITH gone AS (DELETE FROM repo_sessions WHERE session_id = ANY($1)
+                        RETURNING session_id, first_at)
+         SELECT session_id, min(first_at) FROM gone GROUP BY session_id",
     )
     .bind(&sessions)
     .fetch_all(&mut *conn)
     .await?;
-    sqlx::query("DELETE FROM repo_sessions WHERE session_id = ANY($1)")
-        .bind(&sessions)
-        .execute(&mut *conn)
-        .await?;
     if firsts.is_empty() {
         return Ok(());
     }
