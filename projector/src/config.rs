@@ -31,6 +31,9 @@ pub struct Config {
     pub partitions_ahead_days: i64,
     /// How soon the group notices a dead instance and hands its partitions to another.
     pub consumer_session_timeout_ms: u64,
+    /// How much librdkafka prefetches for the consume loop (`queued.max.messages.kbytes`):
+    /// what a projector behind its log holds besides the batches in flight.
+    pub consumer_queue_kbytes: u32,
     /// How often the compactor folds the per-key rollup deltas that batches append into
     /// one row per key (see `compactor`).
     pub compact_interval_ms: u64,
@@ -71,6 +74,7 @@ impl Default for Config {
             http_addr: "127.0.0.1:9102".into(),
             partitions_ahead_days: 7,
             consumer_session_timeout_ms: 10_000,
+            consumer_queue_kbytes: 8192,
             compact_interval_ms: 5000,
             retention_interval_secs: 3600,
             replay_drop_grace_secs: 10,
@@ -87,6 +91,9 @@ impl Config {
         self.common.check()?;
         if self.batch_max_events == 0 {
             return Err("batch_max_events must be at least 1".into());
+        }
+        if self.consumer_queue_kbytes == 0 {
+            return Err("consumer_queue_kbytes must be at least 1".into());
         }
         if self.projection.is_empty() || self.consumer_group.is_empty() {
             return Err("projection and consumer_group must not be empty".into());

@@ -231,7 +231,10 @@ impl Projector {
                 .set("max.partition.fetch.bytes", "1048576")
                 // Prefetch about a second of heavy traffic, not librdkafka's 64 MB: the
                 // projector's memory stays small whatever the backlog.
-                .set("queued.max.messages.kbytes", "8192")
+                .set(
+                    "queued.max.messages.kbytes",
+                    config.consumer_queue_kbytes.to_string(),
+                )
                 .create_with_context(ProjectorContext { log: log.clone() })?;
         consumer.subscribe(&[&topic])?;
         let dlq = shared::kafka::producer(&config.common, Duration::from_secs(30))?;
