@@ -19,6 +19,19 @@ start_postgres() {
     if pg_running; then
         pg_ready || die "postgres: running on $PG_DATA but not answering on port $TALLY_PG_PORT (port changed? run down.sh first)"
         say "postgres: already up (port $TALLY_PG_PORT, pid $(pg_pid))"
+        # A package upgrade replaces the binaries and libraries under a running server, whose
+        # next library load (plpgsql, an extension) then fails: restart it on the new ones.
+        local running installed
+        running=$(as_pg "$PG_BIN/psql" -X -tA -h "$PG_SOCK" -p "$TALLY_PG_PORT" -d postgres \
+            -c "SHOW server_version" 2>/dev/null | awk '{print $1}')
+        installed=$("$PG_BIN/postgres" --version 2>/dev/null | awk '{print $3}')
+        if [ -n "$running" ] && [ -n "$installed" ] && [ "$running" != "$installed" ]; then
+            say "postgres: running $running but $installed is installed; restarting on it"
+            as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -w -t "$TALLY_START_TIMEOUT" -m fast restart \
+                >>"$log" 2>&1 </dev/null || { show_log_tail "$log"; die "postgres: restart failed"; }
+            wait_until "$TALLY_START_TIMEOUT" pg_ready ||
+                { show_log_tail "$log"; die "postgres: not ready after ${TALLY_START_TIMEOUT}s"; }
+        fi
         if [ -n "$(timescale_settings)" ] && ! grep -q "^shared_preload_libraries = 'timescaledb'" "$PG_DATA/tally.conf" 2>/dev/null; then
             warn "postgres: TimescaleDB is installed but this server was started without it; 'make down && make up' loads it"
         fi
