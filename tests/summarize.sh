@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Runs a `cargo test` command, shows its output, and closes with one line totalling every
 # test binary's "test result:" line, e.g. `tests: 24 passed, 0 failed, 0 skipped`; when a test
-# failed, its name and the line it panicked at follow, so the last lines of a CI run name it.
-# The whole output is also kept in $TALLY_TEST_LOG (default $HOME/.cache/tally/last-test.log),
-# outside the clone, for reading after a CI run's clone is gone.
+# failed, its name, the line it panicked at and its message's first line follow, so the last
+# lines of a CI run name it. The whole output is written as it comes to $TALLY_TEST_LOG
+# (default ~/.cache/tally/last-test.log), outside the clone, for reading after a CI run's
+# clone is gone.
 # Exits with the command's status (non-zero when any test failed or did not build).
 set -uo pipefail
-keep=${TALLY_TEST_LOG:-$HOME/.cache/tally/last-test.log}
-mkdir -p "$(dirname "$keep")"
-log=$(mktemp)
-trap 'cp -f "$log" "$keep" 2>/dev/null; rm -f "$log"' EXIT
+log=${TALLY_TEST_LOG:-${HOME:-/tmp}/.cache/tally/last-test.log}
+if ! { mkdir -p "$(dirname "$log")" && : >"$log"; } 2>/dev/null; then
+    log=$(mktemp)
+fi
 "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 awk '/^test result:/ {
@@ -20,12 +21,17 @@ awk '/^test result:/ {
         }
      }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
-# Each failed test, where it panicked and its message's first line (cut at 300 characters).
-awk '/^test .* \.\.\. FAILED$/ { print "  " $0; n++ }
-     /^thread .* panicked at / { print "  " $0; getline; print "    " substr($0, 1, 300); n++ }
-     n >= 20 { exit }' "$log"
+# Each failed test, then where each panicked, read from cargo's failures sections only (the
+# services the tests start write their own output, panics included, to the same log).
+awk '/^test .* \.\.\. FAILED$/ && n < 20 { print "  " $0; n++ }
+     /^---- .* stdout ----$/ { want = 1; next }
+     want && /panicked at / && m < 20 {
+         print "  " $0
+         if ((getline line) > 0) print "    " substr(line, 1, 300)
+         want = 0; m++
+     }' "$log"
 if [ "$status" -ne 0 ] && ! grep -q '^test result: FAILED' "$log"; then
     echo "cargo test exited with $status before every test ran (build failure?)"
 fi
-echo "the whole test output: $keep"
+echo "the whole test output: $log"
 exit "$status"

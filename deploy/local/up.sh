@@ -21,10 +21,13 @@ start_postgres() {
         say "postgres: already up (port $TALLY_PG_PORT, pid $(pg_pid))"
         # A package upgrade replaces the binaries and libraries under a running server, whose
         # next library load (plpgsql, an extension) then fails: restart it on the new ones.
-        local running installed
+        # The binary asked is the one the server was started from (what pg_ctl restarts), so
+        # another major version installed beside it changes nothing.
+        local running installed server_bin
         running=$(as_pg "$PG_BIN/psql" -X -tA -h "$PG_SOCK" -p "$TALLY_PG_PORT" -d postgres \
-            -c "SHOW server_version" 2>/dev/null | awk '{print $1}')
-        installed=$("$PG_BIN/postgres" --version 2>/dev/null | awk '{print $3}')
+            -c "SHOW server_version" 2>/dev/null | awk '{print $1}') || running=""
+        server_bin=$(as_pg sed -n '1s/ .*//p' "$PG_DATA/postmaster.opts" 2>/dev/null) || server_bin=""
+        installed=$("${server_bin:-/nonexistent}" --version 2>/dev/null | awk '{print $3}') || installed=""
         if [ -n "$running" ] && [ -n "$installed" ] && [ "$running" != "$installed" ]; then
             say "postgres: running $running but $installed is installed; restarting on it"
             as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -w -t "$TALLY_START_TIMEOUT" -m fast restart \

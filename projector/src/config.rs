@@ -92,8 +92,9 @@ impl Config {
         if self.batch_max_events == 0 {
             return Err("batch_max_events must be at least 1".into());
         }
-        if self.consumer_queue_kbytes == 0 {
-            return Err("consumer_queue_kbytes must be at least 1".into());
+        // librdkafka's own bounds for `queued.max.messages.kbytes`.
+        if !(1..=2_097_151).contains(&self.consumer_queue_kbytes) {
+            return Err("consumer_queue_kbytes must be between 1 and 2097151".into());
         }
         if self.projection.is_empty() || self.consumer_group.is_empty() {
             return Err("projection and consumer_group must not be empty".into());

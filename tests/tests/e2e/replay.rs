@@ -218,9 +218,13 @@ async fn retention_drops_old_partitions_and_refuses_old_events() {
     let now = Utc::now();
     // The old day's seven events a minute apart from its noon, so that they share the day
     // whatever time the test starts (from midnight on, "now minus i minutes" would not).
-    let noon = now.duration_trunc(TimeDelta::days(1)).unwrap() + TimeDelta::hours(12);
+    // Today's three likewise (from 00:03 at the earliest, a few minutes ahead just after
+    // midnight, within the clock skew allowed).
+    let today = now.duration_trunc(TimeDelta::days(1)).unwrap();
+    let noon = today + TimeDelta::hours(12);
     let old_events = commands_days_ago(noon, 5, 7);
-    for body in [old_events, commands_days_ago(now, 0, 3)] {
+    let new_events = commands_days_ago(now.max(today + TimeDelta::minutes(3)), 0, 3);
+    for body in [old_events, new_events] {
         post_events_accepted(&client, &ingest.url(), &t.ingest_key, &body).await;
     }
     wait_projected(&pool, t.id, 10, Duration::from_secs(60)).await;
