@@ -361,22 +361,35 @@ pub async fn spawn_bomb_target(common: &Common, env: &[(&str, &str)]) -> (Ingest
 
 /// Runs `projector replay --tenant <tenant> --json` (the real binary) with the given grace
 /// before the old version is dropped; returns its report and what it printed on stderr
-/// (the progress lines). Panics if the replay fails.
+/// (the progress lines). Panics if the replay fails. One replay runs at a time in a database
+/// (an advisory lock): while another test's replay runs, this one is started again, for up
+/// to five minutes.
 pub async fn run_replay(common: &Common, tenant: TenantId, grace_secs: u64) -> (Value, String) {
-    let out = tokio::task::spawn_blocking({
-        let common = common.clone();
-        let tenant = tenant.to_string();
-        move || {
-            projector_command(&common, &["replay", "--tenant", &tenant, "--json"])
-                .env("TALLY_REPLAY_DROP_GRACE_SECS", grace_secs.to_string())
-                .stderr(Stdio::piped())
-                .output()
-                .expect("run projector replay")
+    let started = Instant::now();
+    let (out, stderr) = loop {
+        let out = tokio::task::spawn_blocking({
+            let common = common.clone();
+            let tenant = tenant.to_string();
+            move || {
+                projector_command(&common, &["replay", "--tenant", &tenant, "--json"])
+                    .env("TALLY_REPLAY_DROP_GRACE_SECS", grace_secs.to_string())
+                    .stderr(Stdio::piped())
+                    .output()
+                    .expect("run projector replay")
+            }
+        })
+        .await
+        .expect("replay task");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success()
+            && stderr.contains("another replay is running")
+            && started.elapsed() < Duration::from_secs(300)
+        {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
         }
-    })
-    .await
-    .expect("replay task");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        break (out, stderr);
+    };
     assert!(out.status.success(), "replay failed: {stderr}");
     let report = serde_json::from_slice(&out.stdout).expect("replay report");
     (report, stderr)

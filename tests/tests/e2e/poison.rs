@@ -347,8 +347,26 @@ async fn a_per_key_sum_out_of_range_is_refused_while_the_tenants_is_not() {
 /// one before fails after its raw rows (here a per-key sum out of range, refused by the
 /// rollups), the batch ahead is rolled back before the failing one is written again, and its
 /// records are read again: every event is projected once, the refused one dead-lettered.
+/// Whether a batch goes ahead of the failing one depends on how the records arrive from
+/// Kafka (they must fill the next batch before the failure is known), so the round is played
+/// again, on a topic and tenant of its own and with every exact check, until one did: at most
+/// five rounds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_written_ahead_of_one_that_fails_is_rolled_back_and_written_once() {
+    let mut rounds = Vec::new();
+    for _ in 0..5 {
+        let (rolled_back, started) = written_ahead_round().await;
+        rounds.push((rolled_back, started));
+        if rolled_back >= 1 && started >= 2 {
+            return;
+        }
+    }
+    panic!("no batch ahead rolled back in five rounds: (rolled back, started) {rounds:?}");
+}
+
+/// One round of the test above: every exact check, and how many batches ahead were rolled
+/// back and started.
+async fn written_ahead_round() -> (u64, u64) {
     let Setup {
         pool,
         common,
@@ -394,11 +412,7 @@ async fn a_batch_written_ahead_of_one_that_fails_is_rolled_back_and_written_once
     // Every batch ahead wrote its raw rows before it learnt whether the one before landed
     // (none waited for schemas first), so the one rolled back had written its rows.
     assert_eq!(ahead("not_ready"), 0, "{metrics}");
-    assert!(
-        ahead("rolled_back") >= 1,
-        "no batch ahead rolled back: {metrics}"
-    );
-    assert!(ahead("started") >= 2, "{metrics}");
+    let went_ahead = (ahead("rolled_back"), ahead("started"));
     // Give a double count time to show.
     wait_folded(&pool, t.id, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -424,6 +438,7 @@ async fn a_batch_written_ahead_of_one_that_fails_is_rolled_back_and_written_once
     let last = "SELECT max(feed_seq) - (SELECT seq FROM projection_state) FROM command_executions";
     assert_eq!(count(last).await, 0);
     stop_all([projector]).await;
+    went_ahead
 }
 
 /// A batch written ahead gives its rows the feed position after the batch before's. If
