@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a `cargo test` command, shows its output, and closes with one line totalling every
 # test binary's "test result:" line, e.g. `tests: 24 passed, 0 failed, 0 skipped`; when a test
-# failed, its name, the line it panicked at and its message's first line follow, so the last
+# failed, its name, the line it panicked at and its message's first lines follow, so the last
 # lines of a CI run name it. The whole output is written as it comes to $TALLY_TEST_LOG
 # (default ~/.cache/tally/last-test.log), outside the clone, for reading after a CI run's
 # clone is gone.
@@ -27,7 +27,11 @@ awk '/^test .* \.\.\. FAILED$/ && n < 20 { print "  " $0; n++ }
      /^---- .* stdout ----$/ { want = 1; next }
      want && /panicked at / && m < 20 {
          print "  " $0
-         if ((getline line) > 0) print "    " substr(line, 1, 300)
+         # The message: its first lines (with assert_eq, left and right), up to a blank line.
+         for (k = 0; k < 4 && (getline line) > 0; k++) {
+             if (line == "" || line ~ /^note: / || line ~ /^stack backtrace:/) break
+             print "    " substr(line, 1, 300)
+         }
          want = 0; m++
      }' "$log"
 if [ "$status" -ne 0 ] && ! grep -q '^test result: FAILED' "$log"; then

@@ -47,10 +47,35 @@ pub async fn post_events(
         .expect("POST /v1/events")
 }
 
+/// How many times [`post_events_accepted`] sends a body that was answered 503.
+const UNAVAILABLE_SENDS: u32 = 4;
+
 /// POSTs a JSON body to ingest-api with an API key and asserts it was accepted (202).
+///
+/// A 503 (the event log did not acknowledge in time, as on a starved machine) is sent again
+/// after its `Retry-After`, as the API tells clients to: the events carry the same ids, so a
+/// resend is counted once, which the callers' exact counts go on to prove. The resend is
+/// logged; any other answer, or a fourth 503, fails with the status and the problem's body.
 pub async fn post_events_accepted(client: &reqwest::Client, ingest: &str, key: &str, body: &Value) {
-    let res = post_events(client, ingest, key, body).await;
-    assert_eq!(res.status(), 202, "POST /v1/events");
+    for send in 1..=UNAVAILABLE_SENDS {
+        let res = post_events(client, ingest, key, body).await;
+        let status = res.status().as_u16();
+        if status == 202 {
+            return;
+        }
+        let retry_after = res
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let text = res.text().await.unwrap_or_default();
+        if status == 503 && send < UNAVAILABLE_SENDS {
+            eprintln!("POST /v1/events answered 503 ({text}); sending the same events again");
+            let wait = retry_after.unwrap_or(1).clamp(1, 5);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            continue;
+        }
+        panic!("POST /v1/events answered {status}, not 202: {text}");
+    }
 }
 
 /// Sends a request and returns its answer, whatever it is: the status and the JSON body
