@@ -397,10 +397,14 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
     // half of every day; they are folded and written here, part by part.
     const PART: usize = 250_000;
     for day in 0..args.days {
-        // The generators spread a day's events over the 24 hours before now; they are moved
-        // to the UTC day that ends `day` days before today's midnight, so that days (and
-        // their minute and hour buckets) never overlap.
-        let end = midnight - TimeDelta::days(day) - TimeDelta::milliseconds(1);
+        // The generators spread a day's events over the 24 hours before now, later than
+        // its first millisecond and a minute or more before its end; they are moved to the
+        // UTC day that ends `day` days before today's midnight, so that days (and their
+        // minute and hour buckets) never overlap. (With the day's end 1 ms earlier, an
+        // event drawn at the window's very start fell a fraction of a microsecond before
+        // the day once its time was rounded to microseconds, and the day before wrote its
+        // last hour again: a duplicate key, about once in 86 million events.)
+        let end = midnight - TimeDelta::days(day);
         let (tx, mut rx) = tokio::sync::mpsc::channel(2);
         for half in 0..2u64 {
             let generator = Generator::new(
