@@ -402,7 +402,7 @@ async fn load(pool: &sqlx::PgPool, tenant: TenantId, args: &Args) -> anyhow::Res
         // UTC day that ends `day` days before today's midnight, so that days (and their
         // minute and hour buckets) never overlap. (With the day's end 1 ms earlier, an
         // event drawn at the window's very start fell a fraction of a microsecond before
-        // the day once its time was rounded to microseconds, and the day before wrote its
+        // the day once its time was truncated to microseconds, and the day before wrote its
         // last hour again: a duplicate key, about once in 86 million events.)
         let end = midnight - TimeDelta::days(day);
         let (tx, mut rx) = tokio::sync::mpsc::channel(2);
