@@ -64,6 +64,21 @@ pub async fn try_lock(conn: &mut PgConnection, schema: &SchemaName) -> sqlx::Res
         .await
 }
 
+/// Whether `schema` has had every template of this binary ([`TEMPLATE_VERSION`]).
+pub async fn has_every_template(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM control.tenant_schemas
+                         WHERE schema_name = $1 AND template_version = $2)",
+    )
+    .bind(schema.as_str())
+    .bind(TEMPLATE_VERSION)
+    .fetch_one(conn)
+    .await
+}
+
 /// `SET LOCAL search_path` to a tenant schema (plus `control` for shared functions).
 /// Only valid inside a transaction, and only lasts until its end.
 pub async fn set_search_path(conn: &mut PgConnection, schema: &SchemaName) -> sqlx::Result<()> {
