@@ -189,6 +189,10 @@ pub async fn replay(
         .set("fetch.wait.max.ms", "50")
         .set("max.partition.fetch.bytes", "4194304")
         .set("queued.max.messages.kbytes", "16384")
+        .set(
+            "fetch.queue.backoff.ms",
+            crate::consumer::FETCH_QUEUE_BACKOFF_MS,
+        )
         .create()?;
     let mut partitions = Vec::new();
     let mut tpl = TopicPartitionList::new();
