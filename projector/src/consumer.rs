@@ -160,8 +160,8 @@ pub(crate) async fn dead_letter(
 
 /// How long librdkafka waits before fetching a partition again once its prefetch queue was
 /// over its bound (`fetch.queue.backoff.ms`; 1000 by default). The queue is kept small
-/// (`queued.max.messages.kbytes`, about a second of heavy traffic), so a drain empties it
-/// well within that second: with the default, the consume loop then had nothing to read for
+/// (`queued.max.messages.kbytes`, a fraction of a second of heavy traffic), so a drain
+/// empties it well within that second: with the default, the consume loop then had nothing to read for
 /// up to a second at a time, with PostgreSQL idle meanwhile. A drain of 200 000 queued
 /// events ran at about 26 000 events/s with the default and 38 000-53 000 with this
 /// (tests/PERFORMANCE.md, twenty-fourth session). The cost: librdkafka checks the queue
@@ -239,8 +239,8 @@ impl Projector {
                 // 10 000 events, more than a batch.
                 .set("fetch.max.bytes", "1048576")
                 .set("max.partition.fetch.bytes", "1048576")
-                // Prefetch about a second of heavy traffic, not librdkafka's 64 MB: the
-                // projector's memory stays small whatever the backlog.
+                // Prefetch a fraction of a second of heavy traffic, not librdkafka's 64 MB:
+                // the projector's memory stays small whatever the backlog.
                 .set(
                     "queued.max.messages.kbytes",
                     config.consumer_queue_kbytes.to_string(),
