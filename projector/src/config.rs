@@ -34,8 +34,8 @@ pub struct Config {
     /// How much librdkafka prefetches for the consume loop (`queued.max.messages.kbytes`):
     /// what a projector behind its log holds besides the batches in flight. 2 MB drains a
     /// backlog as fast as 8 MB did, with about 20 MB less at the peak, now that librdkafka
-    /// fetches again 10 ms after the queue was full (`consumer::FETCH_QUEUE_BACKOFF_MS`; tests/PERFORMANCE.md,
-    /// twenty-fourth session).
+    /// fetches again 10 ms after the queue was full (`consumer::FETCH_QUEUE_BACKOFF_MS`;
+    /// tests/PERFORMANCE.md, twenty-fourth session).
     pub consumer_queue_kbytes: u32,
     /// How often the compactor folds the per-key rollup deltas that batches append into
     /// one row per key (see `compactor`).

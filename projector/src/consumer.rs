@@ -161,9 +161,10 @@ pub(crate) async fn dead_letter(
 /// How long librdkafka waits before fetching a partition again once its prefetch queue was
 /// over its bound (`fetch.queue.backoff.ms`; 1000 by default). The queue is kept small
 /// (`queued.max.messages.kbytes`, a fraction of a second of heavy traffic), so a drain
-/// empties it well within that second: with the default, the consume loop then had nothing to read for
-/// up to a second at a time, with PostgreSQL idle meanwhile. A drain of 200 000 queued
-/// events ran at about 26 000 events/s with the default and 38 000-53 000 with this
+/// empties it well within that second: with the default, the consume loop then had nothing
+/// to read for up to a second at a time, with PostgreSQL idle meanwhile. Draining 200 000
+/// queued events, three rounds a shape: 25 977-26 620 events/s (live) and 23 546-26 095
+/// (backfill) with the default, 46 200-62 226 and 33 930-39 729 with this
 /// (tests/PERFORMANCE.md, twenty-fourth session). The cost: librdkafka checks the queue
 /// again every 10 ms while it stays full.
 pub(crate) const FETCH_QUEUE_BACKOFF_MS: &str = "10";
