@@ -291,17 +291,23 @@ pub fn active_users(keyed: &BTreeMap<Key, Measures>) -> BTreeSet<(DateTime<Utc>,
 }
 
 /// How an upsert merges a delta into an existing rollup row: counts and sums add up, maxima
-/// take the greater, histograms merge.
+/// take the greater, histograms merge by `$hist`: `hist_merge` keeps the span of its
+/// arguments (the per-key folded rows, sparse since tenant template 0017), `hist_add` answers
+/// dense (the tenant-wide rows).
 macro_rules! merge_measures {
-    () => {
-        " count = a.count + EXCLUDED.count,
+    ($hist:literal) => {
+        concat!(
+            " count = a.count + EXCLUDED.count,
           errors = a.errors + EXCLUDED.errors,
           duration_sum = a.duration_sum + EXCLUDED.duration_sum,
           duration_max = GREATEST(a.duration_max, EXCLUDED.duration_max),
           input_tokens = a.input_tokens + EXCLUDED.input_tokens,
           output_tokens = a.output_tokens + EXCLUDED.output_tokens,
           value_sum = a.value_sum + EXCLUDED.value_sum,
-          duration_hist = hist_add(a.duration_hist, EXCLUDED.duration_hist)"
+          duration_hist = ",
+            $hist,
+            "(a.duration_hist, EXCLUDED.duration_hist)"
+        )
     };
 }
 
@@ -368,7 +374,8 @@ macro_rules! sum_by_key_sql {
 }
 
 /// Upserts the per-key sums `$sums` (one row per key of `$folded`'s grain) into `$folded`,
-/// their histograms made dense and 1-based, as readers unnest them.
+/// their histograms stored as the sums made them, sparse (tenant template 0017: the views
+/// give them back dense and 1-based, as readers unnest them).
 macro_rules! fold_into_sql {
     ($folded:literal, $sums:literal) => {
         concat!(
@@ -379,12 +386,12 @@ macro_rules! fold_into_sql {
                    duration_hist)
              SELECT bucket, event_type, user_id, team_id, project_id, name, count, errors,
                     duration_sum, duration_max, input_tokens, output_tokens, value_sum,
-                    hist_dense(duration_hist)
+                    duration_hist
                FROM ",
             $sums,
             " ORDER BY bucket, event_type, user_id, team_id, project_id, name
              ON CONFLICT (bucket, event_type, user_id, team_id, project_id, name) DO UPDATE SET",
-            merge_measures!(),
+            merge_measures!("hist_merge"),
             " RETURNING 1"
         )
     };
@@ -444,7 +451,7 @@ macro_rules! tenant_rollup_sql {
                            $9::float8[], $10::text[])
                     AS x(b, t, c, e, ds, dm, it, ot, vs, h)
              ON CONFLICT (bucket, event_type) DO UPDATE SET",
-            merge_measures!()
+            merge_measures!("hist_add")
         )
     };
 }
@@ -476,7 +483,7 @@ pub async fn upsert(
     let hist: Vec<String> = vals()
         .map(|m| {
             let mut literal = String::new();
-            hist_literal(&mut literal, &m.duration_hist, HistForm::Dense);
+            hist_literal(&mut literal, &m.duration_hist, HistForm::of(Cube::Tenant));
             literal
         })
         .collect();
@@ -513,7 +520,7 @@ pub async fn append(
     }
     let mut lines = String::with_capacity(minutes.len() * 128);
     for (k, m) in minutes {
-        rollup_line(&mut lines, Cube::Keys, k, m, HistForm::Sparse);
+        rollup_line(&mut lines, Cube::Keys, k, m, HistForm::of(Cube::Keys));
     }
     copy_lines(conn, PENDING, KEYED_COLUMNS, lines).await
 }
@@ -581,13 +588,23 @@ pub async fn fold_before(conn: &mut PgConnection, cutoff: DateTime<Utc>) -> sqlx
 /// How a histogram is written into a rollup row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HistForm {
-    /// 1-based, its trailing empty buckets left off: the folded and tenant-wide tables',
-    /// which readers unnest.
+    /// 1-based, its trailing empty buckets left off: the tenant-wide tables', which readers
+    /// unnest.
     Dense,
     /// Only the span of its non-empty buckets, the array's lower bound its first bucket's
-    /// (`[25:27]={1,0,2}`): the pending rows', which only the fold's `hist_merge_sum`
-    /// and the views' `hist_dense` read (tenant template 0012).
+    /// (`[25:27]={1,0,2}`): the per-key rows', pending (tenant template 0012) and folded
+    /// (0017), which readers read through the views' `hist_dense`.
     Sparse,
+}
+
+impl HistForm {
+    /// The form `cube`'s rows keep their histograms in.
+    fn of(cube: Cube) -> HistForm {
+        match cube {
+            Cube::Keys => HistForm::Sparse,
+            Cube::Tenant => HistForm::Dense,
+        }
+    }
 }
 
 /// Appends a histogram as an array literal of `form`: `hist_add` and the readers treat
@@ -860,7 +877,7 @@ impl Copies {
             cube,
             key,
             m,
-            HistForm::Dense,
+            HistForm::of(cube),
         );
         self.rows += 1;
     }
@@ -1263,18 +1280,21 @@ mod tests {
                 let body = &cte[..cte.find(" GROUP BY").unwrap()];
                 assert!(body.ends_with(&format!("FROM {source}")), "{sums}: {body}");
             }
-            // What each grain stores is dense (readers unnest it), whatever its sums are.
+            // What each grain stores is its sums' sparse histograms, merged into a key's
+            // row sparse too (tenant template 0017; the views make them dense for readers).
             for (grain, sums) in Grain::ALL.into_iter().zip(["m", "h", "d"]) {
                 let into = format!("INSERT INTO {} AS a", grain.store());
                 let insert = &sql[sql.find(&into).unwrap()..];
-                let insert = &insert[..insert.find("ON CONFLICT").unwrap()];
+                let (insert, merge) = insert.split_at(insert.find("ON CONFLICT").unwrap());
                 assert!(
                     insert.contains(&format!("FROM {sums} ORDER BY")),
                     "{grain:?}: {insert}"
                 );
+                assert!(!insert.contains("hist_dense"), "{grain:?}: {insert}");
+                let merge = &merge[..merge.find("RETURNING").unwrap()];
                 assert!(
-                    insert.contains("hist_dense(duration_hist)"),
-                    "{grain:?}: {insert}"
+                    merge.contains("hist_merge(a.duration_hist, EXCLUDED.duration_hist)"),
+                    "{grain:?}: {merge}"
                 );
             }
         }

@@ -22,7 +22,7 @@ pub const TEMPLATE: &str = include_str!("../../../migrations/tenant/0001_tenant.
 
 /// Templates applied after the first, in order; `control.tenant_schemas.template_version`
 /// records how many of all templates a schema has had.
-pub const LATER_TEMPLATES: [&str; 15] = [
+pub const LATER_TEMPLATES: [&str; 16] = [
     include_str!("../../../migrations/tenant/0002_audit.sql"),
     include_str!("../../../migrations/tenant/0003_people.sql"),
     include_str!("../../../migrations/tenant/0004_activity_events.sql"),
@@ -38,6 +38,7 @@ pub const LATER_TEMPLATES: [&str; 15] = [
     include_str!("../../../migrations/tenant/0014_pending_minute_ranges.sql"),
     include_str!("../../../migrations/tenant/0015_usage_from_raw_rows.sql"),
     include_str!("../../../migrations/tenant/0016_usage_kind.sql"),
+    include_str!("../../../migrations/tenant/0017_sparse_folded_histograms.sql"),
 ];
 
 /// The template version of a schema that has had every template (`template_version`).

@@ -260,7 +260,8 @@ async fn deltas_waiting_in_a_schema_of_template_0010_count_once_across_the_upgra
 
 /// A batch appends its pending histograms sparse (only the span of their non-empty buckets,
 /// tenant template 0012). Readers see them dense through every grain's view, and the fold
-/// merges them into the dense histograms the folded tables hold, bucket for bucket.
+/// merges them bucket for bucket (here into a dense row: the `{0}` delta spans bucket 1;
+/// `folded_histograms_stay_sparse_and_read_dense` folds sparse ones).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sparse_pending_histograms_read_and_fold_as_dense() {
     let TestEnv { pool, common } = test_env().await;
@@ -385,18 +386,7 @@ async fn sparse_pending_histograms_read_and_fold_as_dense() {
 
     // Folded (by this call, or by a neighbouring test's compactor first): the same buckets,
     // in one dense row per grain.
-    // The schema's lock is held only by short transactions (a neighbour's fold, an upgrade):
-    // ten seconds of tries is ample, and a lock never released fails the test.
-    let mut tries = 0;
-    while projector::models::rollups::compact(&pool, &schema)
-        .await
-        .unwrap()
-        .is_none()
-    {
-        tries += 1;
-        assert!(tries < 200, "the schema's lock was held for 10 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    fold_now(&pool, &schema).await;
     wait_folded(&pool, t.id, Duration::from_secs(20)).await;
     for table in [
         "activity_1m_folded",
@@ -410,5 +400,127 @@ async fn sparse_pending_histograms_read_and_fold_as_dense() {
         );
         let dense = format!("1 {{{}1,2{}5}}", "0,".repeat(2), ",0".repeat(35) + ",");
         assert_eq!(read(row).await, dense, "{table}");
+    }
+}
+
+/// The folded per-key rows keep the span of their deltas' buckets (tenant template 0017):
+/// the fold stores its sparse sums as they are and merges a later delta into them sparse;
+/// every grain's view and the span functions read them dense and 1-based, bucket for bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn folded_histograms_stay_sparse_and_read_dense() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let client = http();
+    let t = create_tenant(&pool, "sparse-folded").await;
+    // The schema exists once an event is projected.
+    let one = Value::Array(vec![command("u1", "build", 1, false)]);
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &one).await;
+    wait_projected(&pool, t.id, 1, Duration::from_secs(60)).await;
+    stop_all([projector, ingest]).await;
+
+    let schema = t.id.schema(active_version(&pool, t.id).await);
+    let in_schema = |sql: String| {
+        let (pool, schema) = (pool.clone(), schema.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            projector::schema::set_search_path(&mut tx, &schema)
+                .await
+                .unwrap();
+            let got: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            got.unwrap_or_default()
+        }
+    };
+    // Deltas of one key-minute ten minutes ago, as batches append them, then folded (by this
+    // call, or by a neighbouring test's compactor first).
+    let fold = |deltas: &'static str| {
+        let (pool, schema) = (pool.clone(), schema.clone());
+        async move {
+            in_schema(format!(
+                "WITH x AS (
+                   INSERT INTO activity_1m_pending (bucket, event_type, user_id, team_id,
+                          project_id, name, count, errors, duration_sum, duration_max,
+                          input_tokens, output_tokens, value_sum, duration_hist)
+                   SELECT date_trunc('minute', now()) - interval '10 minutes',
+                          'command.executed', 'sparse-folded', '', '', 'build', n, 0, 0, 0, 0,
+                          0, 0, h::bigint[]
+                     FROM (VALUES {deltas}) AS v(n, h) RETURNING 1)
+                 SELECT count(*)::text FROM x"
+            ))
+            .await;
+            fold_now(&pool, &schema).await;
+            wait_folded(&pool, t.id, Duration::from_secs(20)).await;
+        }
+    };
+    let stored = |table: &str| {
+        format!(
+            "SELECT count(*)::text || ' ' || min(duration_hist::text) FROM {table}
+              WHERE user_id = 'sparse-folded'"
+        )
+    };
+    // Read as the dashboards read them: unnested with their ordinality, and 1-based.
+    let read = |from: &str| {
+        format!(
+            "SELECT string_agg(i || ':' || n, ',' ORDER BY i) || ' '
+                    || string_agg(DISTINCT array_lower(dh, 1)::text, ',') FROM (
+                 SELECT h.i, sum(h.n)::bigint AS n, min(a.duration_hist) AS dh
+                   FROM {from} a, unnest(a.duration_hist) WITH ORDINALITY AS h(n, i)
+                  WHERE a.user_id = 'sparse-folded' AND h.n > 0 GROUP BY h.i) s"
+        )
+    };
+    let readers = [
+        "activity_1m",
+        "activity_1h",
+        "activity_1d",
+        "activity_hours(now() - interval '3 days', now())",
+        "activity_days(now() - interval '3 days', now())",
+        "activity_whole_hours(now() - interval '3 days', now() + interval '1 day')",
+        "activity_whole_days(now() - interval '3 days', now() + interval '1 day')",
+    ];
+
+    fold("(3, '[3:4]={1,2}'), (5, '[40:40]={5}')").await;
+    let sparse = format!("1 [3:40]={{1,2{}5}}", ",0".repeat(35) + ",");
+    for grain in [
+        "activity_1m_folded",
+        "activity_1h_folded",
+        "activity_1d_folded",
+    ] {
+        assert_eq!(in_schema(stored(grain)).await, sparse, "{grain}");
+    }
+    for from in readers {
+        assert_eq!(in_schema(read(from)).await, "3:1,4:2,40:5 1", "{from}");
+    }
+
+    // A later delta merged into the folded row: its span widened, still sparse.
+    fold("(7, '[2:2]={7}')").await;
+    let merged = format!("1 [2:40]={{7,1,2{}5}}", ",0".repeat(35) + ",");
+    for grain in [
+        "activity_1m_folded",
+        "activity_1h_folded",
+        "activity_1d_folded",
+    ] {
+        assert_eq!(in_schema(stored(grain)).await, merged, "{grain}");
+    }
+    for from in readers {
+        assert_eq!(in_schema(read(from)).await, "2:7,3:1,4:2,40:5 1", "{from}");
+    }
+}
+
+/// Folds `schema`'s pending rows with the compactor's own call, once no one else holds the
+/// schema's lock. It is held only by short transactions (a neighbour's fold, an upgrade): ten
+/// seconds of tries is ample, and a lock never released fails the test.
+async fn fold_now(pool: &sqlx::PgPool, schema: &shared::tenant::SchemaName) {
+    let mut tries = 0;
+    while projector::models::rollups::compact(pool, schema)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        tries += 1;
+        assert!(tries < 200, "the schema's lock was held for 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
