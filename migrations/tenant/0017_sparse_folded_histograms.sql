@@ -10,7 +10,10 @@
 -- over the dense rows (about 0.4 s). The folded tables now hold what the fold makes
 -- (`hist_merge_sum` and `hist_merge`, control migration 0020, whose sums keep the span of
 -- their arguments), and a rebuild copies its rows in the same form. Rows stored dense before
--- this template stay as they are: a dense histogram is the sparse one starting at bucket 1.
+-- this template stay as they are: a dense histogram is the sparse one starting at bucket 1,
+-- and a later merge into one keeps it dense (`hist_merge` keeps the stored row's first
+-- bucket). Control migrations 0019 and 0020 say the folded tables hold dense sums: they
+-- describe the state before this template (applied migrations are not edited).
 --
 -- Readers see dense 1-based histograms, as before: the views and the span functions give the
 -- folded rows back through `hist_dense` (0012), as they already gave the pending ones. The

@@ -139,7 +139,9 @@ pub struct Windows {
 /// window, hourly and daily ones the rollup window. Creates the partitions of the coming days,
 /// and with TimescaleDB compresses the raw chunks older than `compress_after_days` (again
 /// those a late event has partly decompressed). Skips (returns `None`) when another instance
-/// is working on the same schema.
+/// is working on the same schema, or when the schema no longer has every template of this
+/// binary (checked under the schema's lock, as the compactor checks it: its listing may be
+/// older, and this fold writes the folded rows as the latest template reads them).
 pub async fn apply_retention(
     conn: &mut PgConnection,
     schema: &SchemaName,
@@ -148,7 +150,9 @@ pub async fn apply_retention(
 ) -> sqlx::Result<Option<Pruned>> {
     ensure_partitions(&mut *conn, schema, &days_ahead(today, windows.ahead_days)).await?;
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    if !super::try_lock(&mut tx, schema).await? {
+    if !super::try_lock(&mut tx, schema).await?
+        || !super::has_every_template(&mut tx, schema).await?
+    {
         return Ok(None);
     }
     let raw_cutoff = today - Duration::days(windows.raw_days);
