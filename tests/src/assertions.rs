@@ -123,6 +123,56 @@ pub async fn tenant_uses_timescale(pool: &PgPool, tenant: TenantId) -> bool {
         .expect("tenant_schemas")
 }
 
+/// What is amiss with `schema`'s indexes, measured against `reference` (a schema of the same
+/// templates): an invalid index, a partition with fewer or more indexes than its table, or
+/// a table with another number of indexes than the reference's. Empty when nothing is.
+pub async fn index_faults(pool: &PgPool, schema: &str, reference: &str) -> Vec<String> {
+    // (table, its partitioned parent if a partition, indexes, invalid ones)
+    let tables = |s: &str| {
+        sqlx::query_as::<_, (String, Option<String>, i64, i64)>(
+            "SELECT t.relname::text,
+                    (SELECT p.relname::text FROM pg_inherits h JOIN pg_class p ON p.oid = h.inhparent
+                      WHERE h.inhrelid = t.oid),
+                    count(i.indexrelid), count(*) FILTER (WHERE NOT i.indisvalid)
+               FROM pg_class t
+               JOIN pg_namespace n ON n.oid = t.relnamespace
+               LEFT JOIN pg_index i ON i.indrelid = t.oid
+              WHERE n.nspname = $1 AND t.relkind IN ('r', 'p')
+              GROUP BY t.oid, t.relname
+              ORDER BY 1",
+        )
+        .bind(s.to_string())
+        .fetch_all(pool)
+    };
+    let (ours, theirs) = (
+        tables(schema).await.expect("indexes"),
+        tables(reference).await.expect("indexes"),
+    );
+    assert!(
+        !ours.is_empty() && !theirs.is_empty(),
+        "no tables to compare"
+    );
+    let count_of = |rows: &[(String, Option<String>, i64, i64)], table: &str| {
+        rows.iter()
+            .find(|(name, ..)| name == table)
+            .map(|(_, _, n, _)| *n)
+    };
+    let mut faults = Vec::new();
+    for (table, parent, indexes, invalid) in &ours {
+        if *invalid > 0 {
+            faults.push(format!("{table}: {invalid} invalid indexes"));
+        }
+        let expected = match parent {
+            Some(parent) => count_of(&ours, parent),
+            None => count_of(&theirs, table),
+        };
+        if expected != Some(*indexes) {
+            faults.push(format!("{table}: {indexes} indexes, {expected:?} expected"));
+        }
+    }
+    faults
+}
+
 /// The days (UTC) for which `table` of the tenant's active schema has raw storage: its daily
 /// partitions on plain PostgreSQL, its one-day chunks with TimescaleDB. The one place tests
 /// look at storage units, so they hold on both paths.

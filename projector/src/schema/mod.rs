@@ -22,7 +22,7 @@ pub const TEMPLATE: &str = include_str!("../../../migrations/tenant/0001_tenant.
 
 /// Templates applied after the first, in order; `control.tenant_schemas.template_version`
 /// records how many of all templates a schema has had.
-pub const LATER_TEMPLATES: [&str; 16] = [
+pub const LATER_TEMPLATES: [&str; 17] = [
     include_str!("../../../migrations/tenant/0002_audit.sql"),
     include_str!("../../../migrations/tenant/0003_people.sql"),
     include_str!("../../../migrations/tenant/0004_activity_events.sql"),
@@ -39,6 +39,7 @@ pub const LATER_TEMPLATES: [&str; 16] = [
     include_str!("../../../migrations/tenant/0015_usage_from_raw_rows.sql"),
     include_str!("../../../migrations/tenant/0016_usage_kind.sql"),
     include_str!("../../../migrations/tenant/0017_sparse_folded_histograms.sql"),
+    include_str!("../../../migrations/tenant/0018_whole_raw_indexes.sql"),
 ];
 
 /// The template version of a schema that has had every template (`template_version`).
@@ -348,7 +349,8 @@ pub async fn drop_tenant_schema(
 /// their definitions to `dropped` (each once) before dropping them, for [`create_indexes`]: a
 /// rebuild loads the rows first and builds these once, by sorting, instead of maintaining
 /// them row by row. Interrupted, it can run again with the same `dropped`. (Dropping a
-/// partitioned table's or a hypertable's index drops its partitions' or chunks' too.)
+/// partitioned table's or a hypertable's index drops its partitions' or chunks' too, and
+/// [`create_indexes`] builds them on every partition again.)
 pub async fn drop_secondary_indexes(
     conn: &mut PgConnection,
     schema: &SchemaName,
@@ -411,10 +413,20 @@ pub async fn set_autovacuum(
     Ok(())
 }
 
+/// An index definition as `pg_get_indexdef` gives it, made to build the index on every
+/// partition. For a partitioned table it reads `CREATE INDEX … ON ONLY table …`: run as it
+/// is, that makes the parent's index alone, invalid (the planner does not use it), and none
+/// on the partitions. Until tenant template 0018 (which rebuilds what it left) a replay built
+/// its raw tables' indexes so.
+pub fn on_the_whole_table(definition: &str) -> String {
+    definition.replacen(" ON ONLY ", " ON ", 1)
+}
+
 /// Builds indexes from their definitions ([`drop_secondary_indexes`]; those already there
-/// are kept, so an interrupted build can run again), then refreshes the planner's
-/// statistics of the schema's raw tables: on two connections, each taking every other
-/// index and table, so that both cores sort.
+/// are kept, so an interrupted build can run again), on every partition of a partitioned
+/// table ([`on_the_whole_table`]), then refreshes the planner's statistics of the schema's
+/// raw tables: on two connections, each taking every other index and table, so that both
+/// cores sort.
 pub async fn create_indexes(
     pool: &PgPool,
     schema: &SchemaName,
@@ -423,6 +435,7 @@ pub async fn create_indexes(
     let build = |first: usize| async move {
         let mut conn = pool.acquire().await?;
         for def in definitions.iter().skip(first).step_by(2) {
+            let def = on_the_whole_table(def);
             let def = match def.strip_prefix("CREATE INDEX ") {
                 Some(rest) => format!("CREATE INDEX IF NOT EXISTS {rest}"),
                 None => def.clone(),
@@ -495,5 +508,18 @@ mod tests {
             TEMPLATE.matches("/*PARTITIONING*/").count(),
             RAW_TABLES.len()
         );
+    }
+
+    #[test]
+    fn a_partitioned_tables_index_is_built_on_every_partition() {
+        let def = "CREATE INDEX tool_executions_feed_idx ON ONLY tenant_x_v2.tool_executions \
+                   USING btree (feed_seq, feed_ord)";
+        assert_eq!(
+            on_the_whole_table(def),
+            "CREATE INDEX tool_executions_feed_idx ON tenant_x_v2.tool_executions \
+             USING btree (feed_seq, feed_ord)"
+        );
+        let plain = "CREATE INDEX s ON tenant_x_v2.session_usage USING btree (repository)";
+        assert_eq!(on_the_whole_table(plain), plain);
     }
 }

@@ -145,6 +145,13 @@ async fn replay_switches_versions_under_polling_and_upcasts_old_events() {
         1,
         "only the replayed tenant moved"
     );
+    // The bulk load dropped the raw tables' secondary indexes: they are back, valid, on every
+    // partition, as in the bystander's schema, which was never replayed.
+    let faults = index_faults(&pool, a.id.schema(2).as_str(), b.id.schema(1).as_str()).await;
+    assert!(
+        faults.is_empty(),
+        "the replayed schema's indexes: {faults:?}"
+    );
     let v1_left: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
             .bind(a.id.schema(1).as_str())
@@ -351,4 +358,76 @@ async fn retention_drops_old_partitions_and_refuses_old_events() {
         "{body}"
     );
     stop_all([ingest, projector]).await;
+}
+
+/// The raw tables' secondary indexes a rebuild drops come back on every partition
+/// (`schema::create_indexes`), and tenant template 0018 rebuilds those an older replay left
+/// as a lone, invalid index on each partitioned table (`pg_get_indexdef` run as it reads:
+/// `ON ONLY`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_indexes_every_partition_and_0018_repairs_older_rebuilds() {
+    let TestEnv { pool, .. } = test_env().await;
+    let t = create_tenant(&pool, "whole-indexes").await;
+    let reference = create_tenant(&pool, "whole-indexes-reference").await;
+    let days: Vec<_> = (-2..=1)
+        .map(|d| (Utc::now() + TimeDelta::days(d)).date_naive())
+        .collect();
+    let mut conn = pool.acquire().await.unwrap();
+    for tenant in [t.id, reference.id] {
+        projector::schema::create_tenant_schema(&mut conn, tenant, 1)
+            .await
+            .unwrap();
+        projector::schema::partitions::ensure_partitions(&mut conn, &tenant.schema(1), &days)
+            .await
+            .unwrap();
+    }
+    let (schema, reference) = (t.id.schema(1), reference.id.schema(1));
+    if tenant_uses_timescale(&pool, t.id).await {
+        // Hypertables' indexes are ordinary ones: nothing reads `ON ONLY` there.
+        assert!(index_faults(&pool, schema.as_str(), reference.as_str())
+            .await
+            .is_empty());
+        return;
+    }
+    let faults = || index_faults(&pool, schema.as_str(), reference.as_str());
+    assert_eq!(
+        faults().await,
+        Vec::<String>::new(),
+        "a new schema is whole"
+    );
+
+    // A rebuild's drop and build, as the replay's bulk load does them.
+    let mut dropped = Vec::new();
+    projector::schema::drop_secondary_indexes(&mut conn, &schema, &mut dropped)
+        .await
+        .unwrap();
+    assert!(dropped.len() >= 12, "{dropped:?}");
+    assert!(!faults().await.is_empty(), "dropped, they are missed");
+    projector::schema::create_indexes(&pool, &schema, &dropped)
+        .await
+        .unwrap();
+    assert_eq!(faults().await, Vec::<String>::new(), "built again, whole");
+
+    // What a replay before template 0018 left: the definitions run as they read.
+    projector::schema::drop_secondary_indexes(&mut conn, &schema, &mut Vec::new())
+        .await
+        .unwrap();
+    for definition in &dropped {
+        assert!(definition.contains(" ON ONLY ") || definition.contains("session_usage"));
+        sqlx::query(sqlx::AssertSqlSafe(definition.clone()))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    let broken = faults().await;
+    assert!(
+        broken.iter().any(|f| f.contains("invalid")) && broken.iter().any(|f| f.contains("_p")),
+        "invalid parents, partitions without indexes: {broken:?}"
+    );
+    set_template_version(&mut conn, t.id, 1, 17).await;
+    drop(conn);
+    projector::migrate(&pool, projector::schema::timescale::Timescale::Auto)
+        .await
+        .unwrap();
+    assert_eq!(faults().await, Vec::<String>::new(), "0018 rebuilt them");
 }
