@@ -419,10 +419,20 @@ async fn a_rebuild_indexes_every_partition_and_0018_repairs_older_rebuilds() {
             .await
             .unwrap();
     }
+    // A partition made after such a replay gets each index, attached to the invalid parent.
+    let later = (Utc::now() + TimeDelta::days(3)).date_naive();
+    projector::schema::partitions::ensure_partitions(&mut conn, &schema, &[later])
+        .await
+        .unwrap();
     let broken = faults().await;
     assert!(
-        broken.iter().any(|f| f.contains("invalid")) && broken.iter().any(|f| f.contains("_p")),
+        broken.iter().any(|f| f.contains("invalid")) && broken.iter().any(|f| f.contains("_p20")),
         "invalid parents, partitions without indexes: {broken:?}"
+    );
+    let made_later = later.format("_p%Y%m%d").to_string();
+    assert!(
+        !broken.iter().any(|f| f.contains(&made_later)),
+        "the partition made later has every index: {broken:?}"
     );
     set_template_version(&mut conn, t.id, 1, 17).await;
     drop(conn);
