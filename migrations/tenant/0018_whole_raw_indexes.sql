@@ -8,7 +8,10 @@
 --
 -- This completes every such index: each partition without it gets it (built from the
 -- parent's definition) and attached, and PostgreSQL marks the parent valid once every
--- partition has it. Nothing is dropped, and the locks taken let the tenant's reads go on
+-- partition has it. PostgreSQL checks that only when it attaches one: where every partition
+-- has it already (retention dropped those of the load), the parent stays marked invalid,
+-- which no query notices (the planner uses the partitions' indexes, never the parent's own).
+-- Nothing is dropped, and the locks taken let the tenant's reads go on
 -- (a partition's writes wait for its build). Only invalid non-unique indexes of the schema's
 -- own partitioned tables, backing no constraint, are touched; a schema without one is
 -- untouched, and so are TimescaleDB's (a hypertable's indexes are ordinary ones). The

@@ -452,7 +452,13 @@ pub async fn create_indexes(
     );
     let (next, failed) = (AtomicUsize::new(0), AtomicBool::new(false));
     let work = || async {
-        let mut conn = pool.acquire().await?;
+        let mut conn = match pool.acquire().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                failed.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
         while !failed.load(Ordering::Relaxed) {
             let Some(sql) = statements.get(next.fetch_add(1, Ordering::Relaxed)) else {
                 break;
