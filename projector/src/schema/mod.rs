@@ -416,7 +416,7 @@ pub async fn set_autovacuum(
 /// An index definition as `pg_get_indexdef` gives it, made to build the index on every
 /// partition. For a partitioned table it reads `CREATE INDEX … ON ONLY table …`: run as it
 /// is, that makes the parent's index alone, invalid (the planner does not use it), and none
-/// on the partitions. Until tenant template 0018 (which rebuilds what it left) a replay built
+/// on the partitions. Until tenant template 0018 (which completes what it left) a replay built
 /// its raw tables' indexes so.
 pub fn on_the_whole_table(definition: &str) -> String {
     definition.replacen(" ON ONLY ", " ON ", 1)

@@ -361,7 +361,7 @@ async fn retention_drops_old_partitions_and_refuses_old_events() {
 }
 
 /// The raw tables' secondary indexes a rebuild drops come back on every partition
-/// (`schema::create_indexes`), and tenant template 0018 rebuilds those an older replay left
+/// (`schema::create_indexes`), and tenant template 0018 completes those an older replay left
 /// as a lone, invalid index on each partitioned table (`pg_get_indexdef` run as it reads:
 /// `ON ONLY`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,5 +441,5 @@ async fn a_rebuild_indexes_every_partition_and_0018_repairs_older_rebuilds() {
     projector::migrate(&pool, projector::schema::timescale::Timescale::Auto)
         .await
         .unwrap();
-    assert_eq!(faults().await, Vec::<String>::new(), "0018 rebuilt them");
+    assert_eq!(faults().await, Vec::<String>::new(), "0018 completed them");
 }
