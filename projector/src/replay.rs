@@ -366,8 +366,15 @@ impl Replayer<'_> {
         let mut batch_started: Option<Instant> = None;
         let mut last_progress = Instant::now();
         let mut switching: Option<Switching> = None;
+        // The clock is read once a record, as it arrives: the next wait's deadline and every
+        // "how long since" below take that reading (the clock costs more than a record's
+        // bookkeeping here). A deadline already past ends a wait only if no record is ready.
+        let mut now = Instant::now();
         loop {
-            match tokio::time::timeout(Duration::from_millis(100), self.consumer.recv()).await {
+            let wait = tokio::time::Instant::from_std(now) + Duration::from_millis(100);
+            let received = tokio::time::timeout_at(wait, self.consumer.recv()).await;
+            now = Instant::now();
+            match received {
                 Ok(Ok(m)) => {
                     let Some(i) = self.writer.topics.iter().position(|t| t == m.topic()) else {
                         continue;
@@ -380,8 +387,8 @@ impl Replayer<'_> {
                     // projected in the old version, so it goes to the DLQ, not away.
                     let env = crate::consumer::decode_envelope(m.payload())
                         .ok()
-                        .filter(|env| self.tenants.contains(&env.tenant_id));
-                    match env.map(crate::consumer::decode_payload) {
+                        .filter(|(env, _)| self.tenants.contains(&env.tenant_id));
+                    match env.map(|(env, text)| crate::consumer::decode_payload(env, text)) {
                         Some(Ok(mut d)) => {
                             d.origin = (m.partition(), m.offset());
                             self.batch.push(d);
@@ -391,7 +398,7 @@ impl Replayer<'_> {
                         }
                         None => {}
                     }
-                    batch_started.get_or_insert_with(Instant::now);
+                    batch_started.get_or_insert(now);
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "kafka consume error");
@@ -411,15 +418,15 @@ impl Replayer<'_> {
             } else {
                 linger
             };
-            let due = batch_started.is_some_and(|t| t.elapsed() >= linger);
+            let due = batch_started.is_some_and(|t| now.saturating_duration_since(t) >= linger);
             if full || due {
                 self.flush().await?;
                 batch_started = None;
             } else if self.in_flight.as_ref().is_some_and(|t| t.is_finished()) {
                 self.collect().await?;
             }
-            if last_progress.elapsed() >= progress_every {
-                last_progress = Instant::now();
+            if now.saturating_duration_since(last_progress) >= progress_every {
+                last_progress = now;
                 let lag = self.lag();
                 let secs = started.elapsed().as_secs_f64();
                 let rate = self.records as f64 / secs.max(1e-9);

@@ -6,9 +6,16 @@
 //! writes (RFC 3339, `Z`, the fraction in 0, 3, 6 or 9 digits, whichever is shortest exact),
 //! so the stored form of an envelope does not change; times it does not cover (years outside
 //! 0..=9999, leap seconds) are handed to chrono.
+//!
+//! [`deserialize`] reads them back as chrono's `Deserialize` does, the same times and the same
+//! errors, without chrono's general parser for the one shape [`serialize`] writes (any 1 to 9
+//! digits of fraction): that parser was about a seventh of the projector's work per record (the
+//! `projector_cpu` example of `tally-tests`). Every other text is handed to chrono.
 
-use chrono::{DateTime, Datelike, Timelike, Utc};
-use serde::{Serialize, Serializer};
+use std::fmt;
+
+use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, Timelike, Utc};
+use serde::{de, Deserializer, Serialize, Serializer};
 
 /// The longest text written here: `9999-12-31T23:59:59.999999999Z`.
 const MAX_LEN: usize = 30;
@@ -80,6 +87,65 @@ pub fn to_rfc3339(t: &DateTime<Utc>) -> String {
     }
 }
 
+/// Deserializes a time as chrono's `Deserialize` for `DateTime<Utc>` does (for
+/// `#[serde(deserialize_with)]`).
+pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
+    deserializer.deserialize_str(TimeVisitor)
+}
+
+struct TimeVisitor;
+
+impl de::Visitor<'_> for TimeVisitor {
+    type Value = DateTime<Utc>;
+
+    /// chrono's words, so that a refusal reads the same.
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("an RFC 3339 formatted date and time string")
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<DateTime<Utc>, E> {
+        match parse(value.as_bytes()) {
+            Some(t) => Ok(t),
+            None => value
+                .parse::<DateTime<FixedOffset>>()
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(E::custom),
+        }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.F]Z` with 1 to 9 digits of fraction `F`, seconds below 60, a date
+/// that exists; `None` for anything else (chrono then decides).
+fn parse(text: &[u8]) -> Option<DateTime<Utc>> {
+    let (head, fraction) = match text {
+        [head @ .., b'Z'] if head.len() == 19 => (head, &[][..]),
+        [head @ .., b'Z'] if head.len() > 20 && head[19] == b'.' => (&head[..19], &head[20..]),
+        _ => return None,
+    };
+    let number = |at: usize, digits: usize| -> Option<u32> {
+        head[at..at + digits].iter().try_fold(0u32, |n, &b| {
+            b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0'))
+        })
+    };
+    let separators = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+    if separators.iter().any(|&(at, b)| head[at] != b) || fraction.len() > 9 {
+        return None;
+    }
+    let mut nanos = 0u32;
+    for i in 0..9 {
+        let digit = match fraction.get(i) {
+            Some(b) if b.is_ascii_digit() => u32::from(b - b'0'),
+            Some(_) => return None,
+            None => 0,
+        };
+        nanos = nanos * 10 + digit;
+    }
+    let second = number(17, 2).filter(|s| *s < 60)?;
+    let date = NaiveDate::from_ymd_opt(number(0, 4)? as i32, number(5, 2)?, number(8, 2)?)?;
+    let time = date.and_hms_nano_opt(number(11, 2)?, number(14, 2)?, second, nanos)?;
+    Some(time.and_utc())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +208,63 @@ mod tests {
             let chrono = serde_json::to_value(t).expect("serializes");
             assert_eq!(ours(t), chrono.as_str().expect("a string"), "{t:?}");
             assert_eq!(to_rfc3339(t), t.to_rfc3339(), "{t:?}");
+            // Read back as chrono reads it, the fast shape or not.
+            assert_eq!(read(&chrono), Ok(*t), "{t:?}");
+        }
+    }
+
+    /// [`deserialize`] of a JSON value, its error as text.
+    fn read(v: &serde_json::Value) -> Result<DateTime<Utc>, String> {
+        deserialize(v).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn times_are_read_as_chrono_reads_them() {
+        let texts = [
+            "2026-12-03T14:05:09Z",
+            "2026-12-03T14:05:09.1Z",
+            "2026-12-03T14:05:09.123456789Z",
+            "2026-12-03T14:05:09.1234567891Z",
+            "2026-12-03T14:05:09.Z",
+            "2026-12-03T14:05:09,5Z",
+            "2026-12-03t14:05:09z",
+            "2026-12-03 14:05:09Z",
+            "2026-12-03T14:05:09+02:00",
+            "2026-12-03T14:05:09.5-00:30",
+            "2016-12-31T23:59:60Z",
+            "2016-12-31T23:59:60.5Z",
+            "2026-02-29T00:00:00Z",
+            "2024-02-29T00:00:00Z",
+            "2026-13-01T00:00:00Z",
+            "2026-12-32T00:00:00Z",
+            "2026-12-03T24:00:00Z",
+            "2026-12-03T14:60:00Z",
+            "0000-01-01T00:00:00Z",
+            "+12026-12-03T14:05:09Z",
+            "2026-12-03T14:05:0aZ",
+            "2026-12-03T14:05:09.12a4Z",
+            "2026-1-03T14:05:09Z",
+            "２０２６-12-03T14:05:09Z",
+            "2026-12-03T14:05:09",
+            "2026-12-03",
+            "",
+            "Z",
+        ];
+        for text in texts {
+            let v = serde_json::Value::from(text);
+            let chrono =
+                serde_json::from_value::<DateTime<Utc>>(v.clone()).map_err(|e| e.to_string());
+            assert_eq!(read(&v), chrono, "{text:?}");
+        }
+        // Not a string at all: refused in chrono's words.
+        for v in [
+            serde_json::json!(5),
+            serde_json::json!(null),
+            serde_json::json!(["x"]),
+        ] {
+            let chrono =
+                serde_json::from_value::<DateTime<Utc>>(v.clone()).map_err(|e| e.to_string());
+            assert_eq!(read(&v), chrono, "{v}");
         }
     }
 }

@@ -55,11 +55,11 @@ impl Usage {
     /// cost and tokens), tool runs, and delta points of [`LINES_METRIC`].
     pub fn of(row: &RawRow) -> Option<Usage> {
         let mut u = Usage {
-            session_id: row.session_id.clone(),
+            session_id: row.session_id.to_owned(),
             occurred_at: row.occurred_at,
             event_id: row.event_id,
-            user_id: row.user_id.clone(),
-            team_id: row.team_id.clone(),
+            user_id: row.user_id.to_owned(),
+            team_id: row.team_id.to_owned(),
             ..Usage::default()
         };
         let int = |v: &Value, k: &str| v.get(k).and_then(Value::as_i64).unwrap_or(0);

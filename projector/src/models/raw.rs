@@ -79,29 +79,32 @@ pub struct RawRow<'a> {
     pub event_id: Uuid,
     pub occurred_at: DateTime<Utc>,
     pub received_at: DateTime<Utc>,
-    pub user_id: String,
-    pub team_id: String,
-    pub project_id: String,
-    pub session_id: String,
-    pub name: String,
-    pub status: String,
+    pub user_id: &'a str,
+    pub team_id: &'a str,
+    pub project_id: &'a str,
+    pub session_id: &'a str,
+    pub name: &'a str,
+    pub status: &'a str,
     pub is_error: bool,
     pub duration_ms: i64,
     pub input_tokens: i64,
     pub output_tokens: i64,
     pub value: f64,
     pub data: Cow<'a, Value>,
+    /// `data`'s text as the record held it, where it was kept and `data` is the record's own
+    /// (not upcast): `COPY` sends it as it is instead of serializing `data` again.
+    pub data_json: Option<&'a str>,
 }
 
 /// An optional dimension as stored: empty when absent.
-pub(super) fn s(v: &Option<String>) -> String {
-    v.clone().unwrap_or_default()
+pub(super) fn s(v: &Option<String>) -> &str {
+    v.as_deref().unwrap_or_default()
 }
 
 impl<'a> RawRow<'a> {
     /// Maps a metric event and its decoded payload to its row (`None` for auth events, which
     /// go to the audit log instead, and for source-control events).
-    pub fn from_event(env: &'a Envelope, payload: &Payload) -> Option<RawRow<'a>> {
+    pub fn from_event(env: &'a Envelope, payload: &'a Payload) -> Option<RawRow<'a>> {
         let mut row = RawRow {
             table: RawTable::MetricSamples,
             event_type: env.event_type.as_str(),
@@ -110,12 +113,12 @@ impl<'a> RawRow<'a> {
             // binary values then name the same instant whatever the nanoseconds were.
             occurred_at: env.occurred_at.trunc_subsecs(6),
             received_at: env.received_at.trunc_subsecs(6),
-            user_id: String::new(),
-            team_id: String::new(),
-            project_id: String::new(),
-            session_id: String::new(),
-            name: String::new(),
-            status: String::new(),
+            user_id: "",
+            team_id: "",
+            project_id: "",
+            session_id: "",
+            name: "",
+            status: "",
             is_error: false,
             duration_ms: 0,
             input_tokens: 0,
@@ -127,26 +130,27 @@ impl<'a> RawRow<'a> {
             } else {
                 Cow::Borrowed(&env.data)
             },
+            data_json: None,
         };
         match payload {
             Payload::CommandExecuted(p) => {
                 row.table = RawTable::CommandExecutions;
-                row.user_id = p.user_id.clone();
+                row.user_id = &p.user_id;
                 row.team_id = s(&p.team_id);
                 row.project_id = s(&p.project_id);
                 row.session_id = s(&p.session_id);
-                row.name = p.command_name.clone();
-                row.status = p.status.as_str().into();
+                row.name = &p.command_name;
+                row.status = p.status.as_str();
                 row.duration_ms = p.duration_ms;
             }
             Payload::AgentInteracted(p) => {
                 row.table = RawTable::AgentInteractions;
-                row.user_id = p.user_id.clone();
+                row.user_id = &p.user_id;
                 row.team_id = s(&p.team_id);
                 row.project_id = s(&p.project_id);
                 row.session_id = s(&p.session_id);
-                row.name = p.agent_name.clone();
-                row.status = p.status.as_str().into();
+                row.name = &p.agent_name;
+                row.status = p.status.as_str();
                 row.duration_ms = p.duration_ms;
                 row.input_tokens = p.input_tokens;
                 row.output_tokens = p.output_tokens;
@@ -155,56 +159,56 @@ impl<'a> RawRow<'a> {
             }
             Payload::ToolExecuted(p) => {
                 row.table = RawTable::ToolExecutions;
-                row.user_id = p.user_id.clone();
+                row.user_id = &p.user_id;
                 row.team_id = s(&p.team_id);
                 row.project_id = s(&p.project_id);
-                row.session_id = p.session_id.clone();
-                row.name = p.tool_name.clone();
-                row.status = if p.success { "success" } else { "error" }.into();
+                row.session_id = &p.session_id;
+                row.name = &p.tool_name;
+                row.status = if p.success { "success" } else { "error" };
                 row.duration_ms = p.duration_ms;
             }
             Payload::SessionStarted(p) => {
                 row.table = RawTable::SessionEvents;
-                row.user_id = p.user_id.clone();
+                row.user_id = &p.user_id;
                 row.team_id = s(&p.team_id);
                 row.project_id = s(&p.project_id);
-                row.session_id = p.session_id.clone();
-                row.name = "started".into();
+                row.session_id = &p.session_id;
+                row.name = "started";
             }
             Payload::SessionEnded(p) => {
                 row.table = RawTable::SessionEvents;
-                row.user_id = p.user_id.clone();
+                row.user_id = &p.user_id;
                 row.team_id = s(&p.team_id);
                 row.project_id = s(&p.project_id);
-                row.session_id = p.session_id.clone();
-                row.name = "ended".into();
+                row.session_id = &p.session_id;
+                row.name = "ended";
                 row.value = p.productivity_score.unwrap_or(0.0);
             }
             Payload::SessionContext(p) => {
                 row.table = RawTable::SessionEvents;
-                row.user_id = p.user_id.clone();
+                row.user_id = &p.user_id;
                 row.team_id = s(&p.team_id);
                 row.project_id = s(&p.project_id);
-                row.session_id = p.session_id.clone();
-                row.name = "context".into();
+                row.session_id = &p.session_id;
+                row.name = "context";
             }
             Payload::ProductivityRecorded(p) => {
                 row.table = RawTable::ProductivityMetrics;
                 row.user_id = s(&p.user_id);
                 row.team_id = s(&p.team_id);
                 row.project_id = s(&p.project_id);
-                row.name = p.metric_type.as_str().into();
+                row.name = p.metric_type.as_str();
                 row.value = p.value;
             }
             Payload::MetricSample(p) => {
                 row.table = RawTable::MetricSamples;
-                row.name = p.name.clone();
+                row.name = &p.name;
                 row.value = p.value;
                 // Standard attribute names (OTel, Claude Code) fill the usual dimensions.
                 let label = |keys: &[&str]| {
                     keys.iter()
-                        .find_map(|k| p.labels.get(*k).cloned())
-                        .unwrap_or_default()
+                        .find_map(|k| p.labels.get(*k))
+                        .map_or("", String::as_str)
                 };
                 row.user_id = label(&["user_id", "user.id"]);
                 row.team_id = label(&["team_id", "team.id"]);
@@ -218,8 +222,20 @@ impl<'a> RawRow<'a> {
         }
         // What a rebuild reads back from the stored row must say the same (see
         // `rollups::rebuild`).
-        row.is_error = row.table.is_error(&row.status);
-        debug_assert_eq!(row.event_type, row.table.event_type(&row.name));
+        row.is_error = row.table.is_error(row.status);
+        debug_assert_eq!(row.event_type, row.table.event_type(row.name));
+        Some(row)
+    }
+}
+
+impl<'a> RawRow<'a> {
+    /// [`RawRow::from_event`] of an event read from the log, with its `data` text where it
+    /// was kept and stands for `data` as stored (the record's current version).
+    pub fn from_record(d: &'a crate::batch::Decoded) -> Option<RawRow<'a>> {
+        let mut row = RawRow::from_event(&d.env, &d.payload)?;
+        if matches!(row.data, Cow::Borrowed(_)) {
+            row.data_json = d.data_json.as_deref().map(|text| text.get());
+        }
         Some(row)
     }
 }
@@ -307,12 +323,12 @@ async fn insert_table(
         .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.occurred_at).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.received_at).collect::<Vec<_>>())
-        .bind(col(|r| &r.user_id))
-        .bind(col(|r| &r.team_id))
-        .bind(col(|r| &r.project_id))
-        .bind(col(|r| &r.session_id))
-        .bind(col(|r| &r.name))
-        .bind(col(|r| &r.status))
+        .bind(col(|r| r.user_id))
+        .bind(col(|r| r.team_id))
+        .bind(col(|r| r.project_id))
+        .bind(col(|r| r.session_id))
+        .bind(col(|r| r.name))
+        .bind(col(|r| r.status))
         .bind(rows.iter().map(|r| r.duration_ms).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.input_tokens).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.output_tokens).collect::<Vec<_>>())
@@ -350,21 +366,42 @@ fn copy_sql(table: RawTable) -> &'static str {
 }
 
 /// Appends `s` to a COPY text-format line, escaped (backslash, and the separators tab,
-/// newline and carriage return).
+/// newline and carriage return). Most text has none of them: a scan the compiler can
+/// vectorise finds that out, and the text is appended whole. Otherwise the text between them
+/// is appended whole: they are ASCII, so never part of another character's bytes.
 pub(crate) fn copy_text(line: &mut String, s: &str) {
-    for c in s.chars() {
-        match c {
-            '\\' => line.push_str("\\\\"),
-            '\t' => line.push_str("\\t"),
-            '\n' => line.push_str("\\n"),
-            '\r' => line.push_str("\\r"),
-            c => line.push(c),
-        }
+    let special = |b: u8| matches!(b, b'\\' | b'\t' | b'\n' | b'\r');
+    if !s.bytes().fold(false, |any, b| any | special(b)) {
+        line.push_str(s);
+        return;
     }
+    let mut from = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escaped = match b {
+            b'\\' => "\\\\",
+            b'\t' => "\\t",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            _ => continue,
+        };
+        line.push_str(&s[from..i]);
+        line.push_str(escaped);
+        from = i + 1;
+    }
+    line.push_str(&s[from..]);
 }
 
-/// One row as a COPY text-format line.
-fn copy_row(line: &mut String, r: &RawRow<'_>, ord: usize, feed_seq: i64) {
+/// One row as a COPY text-format line, as [`copy`] sends it (the row's ordinal `ord` in its
+/// batch, the batch's `feed_seq`); `scratch` holds the `data` column's JSON on its way (kept
+/// by the caller, so that it is allocated once). Public for the CPU example
+/// (`tests/examples/projector_cpu.rs`).
+pub fn copy_row(
+    line: &mut String,
+    scratch: &mut String,
+    r: &RawRow<'_>,
+    ord: usize,
+    feed_seq: i64,
+) {
     use chrono::SecondsFormat::Micros;
     use std::fmt::Write as _;
     let _ = write!(
@@ -390,7 +427,14 @@ fn copy_row(line: &mut String, r: &RawRow<'_>, ord: usize, feed_seq: i64) {
         "{}\t{}\t{}\t{:?}\t",
         r.duration_ms, r.input_tokens, r.output_tokens, r.value
     );
-    copy_text(line, &r.data.to_string());
+    match r.data_json {
+        Some(text) => copy_text(line, text),
+        None => {
+            scratch.clear();
+            let _ = write!(scratch, "{}", r.data);
+            copy_text(line, scratch);
+        }
+    }
     let _ = writeln!(line, "\t{ord}\t{feed_seq}");
 }
 
@@ -445,6 +489,7 @@ pub async fn copy<'r, 'a>(
 ) -> sqlx::Result<Vec<&'r RawRow<'a>>> {
     let copied: Vec<&RawRow> = rows.iter().filter(|r| tables.contains(&r.table)).collect();
     let mut lines = String::with_capacity(COPY_CHUNK_BYTES + 4096);
+    let mut scratch = String::new();
     for table in RawTable::ALL {
         if !tables.contains(&table) || !copied.iter().any(|r| r.table == table) {
             continue;
@@ -452,7 +497,7 @@ pub async fn copy<'r, 'a>(
         // Sent a chunk at a time, so that PostgreSQL stores each while the next is written.
         let mut copy = conn.copy_in_raw(copy_sql(table)).await?;
         for (ord, r) in rows.iter().enumerate().filter(|(_, r)| r.table == table) {
-            copy_row(&mut lines, r, ord, feed_seq);
+            copy_row(&mut lines, &mut scratch, r, ord, feed_seq);
             if lines.len() >= COPY_CHUNK_BYTES {
                 copy.send(lines.as_bytes()).await?;
                 lines.clear();
@@ -514,18 +559,19 @@ mod tests {
             event_id: Uuid::new_v4(),
             occurred_at: t,
             received_at: t,
-            user_id: "u".into(),
-            team_id: String::new(),
-            project_id: String::new(),
-            session_id: String::new(),
-            name: String::new(),
-            status: String::new(),
+            user_id: "u",
+            team_id: "",
+            project_id: "",
+            session_id: "",
+            name: "",
+            status: "",
             is_error: false,
             duration_ms: 0,
             input_tokens: 0,
             output_tokens: 0,
             value: 0.0,
             data: Cow::Owned(Value::Null),
+            data_json: None,
         };
         let sizes = [
             (RawTable::ToolExecutions, 25),
@@ -556,5 +602,67 @@ mod tests {
         let mut line = String::new();
         copy_text(&mut line, "a\tb\nc\\d\re");
         assert_eq!(line, "a\\tb\\nc\\\\d\\re");
+        // Characters of several bytes between them, and at either end.
+        line.clear();
+        copy_text(&mut line, "é\t✓\\ü\n");
+        assert_eq!(line, "é\\t✓\\\\ü\\n");
+        line.clear();
+        copy_text(&mut line, "");
+        assert_eq!(line, "");
+    }
+
+    #[test]
+    fn a_rows_text_and_json_are_escaped_in_its_copy_line() {
+        let t = chrono::DateTime::from_timestamp(1_700_000_000, 123_456_000).expect("a time");
+        let data = serde_json::json!({"cmd": "a\tb\\c\nd", "ü": "✓"});
+        let row = RawRow {
+            table: RawTable::CommandExecutions,
+            event_type: "command.executed",
+            event_id: Uuid::nil(),
+            occurred_at: t,
+            received_at: t,
+            user_id: "u\tü",
+            team_id: "",
+            project_id: "p\\",
+            session_id: "s",
+            name: "n\r",
+            status: "success",
+            is_error: false,
+            duration_ms: 7,
+            input_tokens: 1,
+            output_tokens: 2,
+            value: 0.5,
+            data: Cow::Borrowed(&data),
+            data_json: None,
+        };
+        let (mut line, mut scratch) = (String::new(), String::from("left over"));
+        copy_row(&mut line, &mut scratch, &row, 3, 9);
+        let columns: Vec<&str> = line
+            .strip_suffix('\n')
+            .expect("one line")
+            .split('\t')
+            .collect();
+        assert_eq!(
+            columns,
+            [
+                "00000000-0000-0000-0000-000000000000",
+                "2023-11-14T22:13:20.123456Z",
+                "2023-11-14T22:13:20.123456Z",
+                "u\\tü",
+                "",
+                "p\\\\",
+                "s",
+                "n\\r",
+                "success",
+                "7",
+                "1",
+                "2",
+                "0.5",
+                // JSON escapes the separators itself; COPY's escaping doubles the backslashes.
+                "{\"cmd\":\"a\\\\tb\\\\\\\\c\\\\nd\",\"ü\":\"✓\"}",
+                "3",
+                "9",
+            ]
+        );
     }
 }

@@ -217,10 +217,10 @@ impl<'r> Fact<'r> {
         Fact {
             occurred_at: r.occurred_at,
             event_type: r.event_type,
-            user_id: &r.user_id,
-            team_id: &r.team_id,
-            project_id: &r.project_id,
-            name: &r.name,
+            user_id: r.user_id,
+            team_id: r.team_id,
+            project_id: r.project_id,
+            name: r.name,
             is_error: r.is_error,
             duration_ms: r.duration_ms,
             input_tokens: r.input_tokens,
@@ -696,10 +696,10 @@ pub async fn refuse_overflows(conn: &mut PgConnection, rows: &[&RawRow<'_>]) -> 
                     .collect::<Vec<_>>(),
             )
             .bind(col(|r| r.event_type))
-            .bind(col(|r| &r.user_id))
-            .bind(col(|r| &r.team_id))
-            .bind(col(|r| &r.project_id))
-            .bind(col(|r| &r.name))
+            .bind(col(|r| r.user_id))
+            .bind(col(|r| r.team_id))
+            .bind(col(|r| r.project_id))
+            .bind(col(|r| r.name))
             .bind(huge.iter().map(|r| r.value).collect::<Vec<_>>())
             .execute(&mut *conn)
             .await?;
@@ -1203,25 +1203,26 @@ mod tests {
     use chrono::TimeZone;
     use uuid::Uuid;
 
-    fn row(t: DateTime<Utc>, user: &str, name: &str, dur: i64, err: bool) -> RawRow<'static> {
+    fn row<'a>(t: DateTime<Utc>, user: &'a str, name: &'a str, dur: i64, err: bool) -> RawRow<'a> {
         RawRow {
             table: RawTable::CommandExecutions,
             event_type: "command.executed",
             event_id: Uuid::new_v4(),
             occurred_at: t,
             received_at: t,
-            user_id: user.into(),
-            team_id: String::new(),
-            project_id: String::new(),
-            session_id: String::new(),
-            name: name.into(),
-            status: if err { "error" } else { "success" }.into(),
+            user_id: user,
+            team_id: "",
+            project_id: "",
+            session_id: "",
+            name,
+            status: if err { "error" } else { "success" },
             is_error: err,
             duration_ms: dur,
             input_tokens: 1,
             output_tokens: 2,
             value: 0.5,
             data: std::borrow::Cow::Owned(serde_json::Value::Null),
+            data_json: None,
         }
     }
 
@@ -1460,7 +1461,7 @@ mod tests {
                 i * 13 % 5000,
                 i % 7 == 0,
             );
-            r.team_id = ["", "t1"][(i % 5 % 2) as usize].into();
+            r.team_id = ["", "t1"][(i % 5 % 2) as usize];
             match i % 6 {
                 1 => {
                     r.table = RawTable::ToolExecutions;
@@ -1468,9 +1469,9 @@ mod tests {
                 }
                 2 => {
                     r.table = RawTable::SessionEvents;
-                    r.name = ["started", "ended", "context"][(i % 3) as usize].into();
-                    r.event_type = r.table.event_type(&r.name);
-                    r.status.clear();
+                    r.name = ["started", "ended", "context"][(i % 3) as usize];
+                    r.event_type = r.table.event_type(r.name);
+                    r.status = "";
                     r.is_error = false;
                 }
                 _ => {}
@@ -1523,8 +1524,8 @@ mod tests {
             day = Some(d);
             // As read back: event type and error from the stored table, name and status.
             let mut f = Fact::of(r);
-            f.event_type = r.table.event_type(&r.name);
-            f.is_error = r.table.is_error(&r.status);
+            f.event_type = r.table.event_type(r.name);
+            f.is_error = r.table.is_error(r.status);
             sorted.row(&f);
         }
         sorted.end_day();

@@ -31,8 +31,8 @@ pub fn fold<'a>(events: impl Iterator<Item = (&'a Envelope, &'a Payload)>) -> Ve
                 let u = by_id.entry(p.session_id.clone()).or_default();
                 u.session_id = p.session_id.clone();
                 u.user_id = p.user_id.clone();
-                u.team_id = s(&p.team_id);
-                u.project_id = s(&p.project_id);
+                u.team_id = s(&p.team_id).to_owned();
+                u.project_id = s(&p.project_id).to_owned();
                 u.started_at = Some(
                     u.started_at
                         .map_or(env.occurred_at, |t| t.min(env.occurred_at)),
@@ -42,8 +42,8 @@ pub fn fold<'a>(events: impl Iterator<Item = (&'a Envelope, &'a Payload)>) -> Ve
                 let u = by_id.entry(p.session_id.clone()).or_default();
                 u.session_id = p.session_id.clone();
                 u.user_id = p.user_id.clone();
-                u.team_id = s(&p.team_id);
-                u.project_id = s(&p.project_id);
+                u.team_id = s(&p.team_id).to_owned();
+                u.project_id = s(&p.project_id).to_owned();
                 u.ended_at = Some(
                     u.ended_at
                         .map_or(env.occurred_at, |t| t.max(env.occurred_at)),

@@ -21,6 +21,11 @@ use shared::tenant::TenantId;
 use tally_tests::events::Generator;
 use tally_tests::report::{self, Figure};
 
+/// The allocator `projector replay` runs with (`projector/src/main.rs`), so that the replay
+/// measured here is the one shipped.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     #[arg(long, default_value_t = 10_000_000)]
