@@ -38,9 +38,6 @@ const AHEAD_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 pub struct Decoded {
     pub env: Envelope,
     pub payload: Payload,
-    /// The text of `env.data` as the record held it, where it was kept
-    /// ([`crate::consumer::decode`]).
-    pub data_json: Option<Box<serde_json::value::RawValue>>,
     /// Where the record was read from: (partition, offset). Used to dead-letter it.
     pub origin: (i32, i64),
 }
@@ -327,7 +324,7 @@ where
 fn raw_rows<'a>(events: &[&'a Decoded]) -> Vec<raw::RawRow<'a>> {
     events
         .iter()
-        .filter_map(|e| raw::RawRow::from_record(e))
+        .filter_map(|e| raw::RawRow::from_event(&e.env, &e.payload))
         .collect()
 }
 

@@ -18,8 +18,6 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use redis::aio::ConnectionManager;
-use serde_json::value::RawValue;
-use serde_json::Value;
 use shared::events::Envelope;
 use shared::health::ShutdownFlag;
 use shared::tenant::TenantId;
@@ -969,36 +967,17 @@ fn waiting_since(appended_ms: Option<i64>, linger: Duration) -> Instant {
 
 /// Decodes a record's payload: its envelope, then the payload its type names.
 pub fn decode(payload: Option<&[u8]>) -> Result<Decoded, String> {
-    decode_envelope(payload).and_then(|(env, data_json)| decode_payload(env, data_json))
+    decode_envelope(payload).and_then(decode_payload)
 }
 
-/// The envelope of a record, its payload not decoded yet, and the text of its `data` as the
-/// record holds it (copied into the raw row as it is, not serialized again). The `data` value
-/// is parsed from that text; a record that fails either step is decoded whole again, so that
-/// it fails (or not) with the same error as ever, and then comes without the text.
-pub(crate) fn decode_envelope(
-    payload: Option<&[u8]>,
-) -> Result<(Envelope, Option<Box<RawValue>>), String> {
+/// The envelope of a record, its payload not decoded yet.
+pub(crate) fn decode_envelope(payload: Option<&[u8]>) -> Result<Envelope, String> {
     let bytes = payload.ok_or("record has no payload")?;
-    let split = serde_json::from_slice::<Envelope<Box<RawValue>>>(bytes)
-        .ok()
-        .and_then(|env| {
-            let data: Value = serde_json::from_str(env.data.get()).ok()?;
-            Some(env.with_data(data))
-        });
-    match split {
-        Some((env, text)) => Ok((env, Some(text))),
-        None => serde_json::from_slice(bytes)
-            .map(|env| (env, None))
-            .map_err(|e| format!("undecodable envelope: {e}")),
-    }
+    serde_json::from_slice(bytes).map_err(|e| format!("undecodable envelope: {e}"))
 }
 
 /// Decodes (and validates, upcasting) an envelope's payload.
-pub(crate) fn decode_payload(
-    env: Envelope,
-    data_json: Option<Box<RawValue>>,
-) -> Result<Decoded, String> {
+pub(crate) fn decode_payload(env: Envelope) -> Result<Decoded, String> {
     let payload = env.payload().map_err(|errs| {
         let parts: Vec<String> = errs
             .iter()
@@ -1009,7 +988,6 @@ pub(crate) fn decode_payload(
     Ok(Decoded {
         env,
         payload,
-        data_json,
         origin: (0, 0),
     })
 }

@@ -387,8 +387,8 @@ impl Replayer<'_> {
                     // projected in the old version, so it goes to the DLQ, not away.
                     let env = crate::consumer::decode_envelope(m.payload())
                         .ok()
-                        .filter(|(env, _)| self.tenants.contains(&env.tenant_id));
-                    match env.map(|(env, text)| crate::consumer::decode_payload(env, text)) {
+                        .filter(|env| self.tenants.contains(&env.tenant_id));
+                    match env.map(crate::consumer::decode_payload) {
                         Some(Ok(mut d)) => {
                             d.origin = (m.partition(), m.offset());
                             self.batch.push(d);
@@ -403,6 +403,7 @@ impl Replayer<'_> {
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "kafka consume error");
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                    now = Instant::now();
                 }
                 Err(_idle) => {}
             }

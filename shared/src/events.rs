@@ -283,10 +283,8 @@ pub enum Source {
 }
 
 /// One event as it is stored in Kafka: the contract between the write and the read side.
-/// `data` is a JSON value everywhere but where a reader keeps its text as the record holds it
-/// (`Envelope<Box<RawValue>>`, the projector's bulk load).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Envelope<D = Value> {
+pub struct Envelope {
     pub id: Uuid,
     pub tenant_id: TenantId,
     #[serde(rename = "type")]
@@ -304,36 +302,7 @@ pub struct Envelope<D = Value> {
     pub received_at: DateTime<Utc>,
     pub actor: Actor,
     pub source: Source,
-    pub data: D,
-}
-
-impl<D> Envelope<D> {
-    /// The same envelope around `data`, and the data it held.
-    pub fn with_data<E>(self, data: E) -> (Envelope<E>, D) {
-        let Envelope {
-            id,
-            tenant_id,
-            event_type,
-            schema_version,
-            occurred_at,
-            received_at,
-            actor,
-            source,
-            data: held,
-        } = self;
-        let env = Envelope {
-            id,
-            tenant_id,
-            event_type,
-            schema_version,
-            occurred_at,
-            received_at,
-            actor,
-            source,
-            data,
-        };
-        (env, held)
-    }
+    pub data: Value,
 }
 
 impl Envelope {

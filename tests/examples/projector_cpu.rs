@@ -55,7 +55,10 @@ fn main() {
                 .iter()
                 .map(|r| decode(Some(r)).expect("decodes"))
                 .collect();
-            let rows: Vec<RawRow> = decoded.iter().filter_map(RawRow::from_record).collect();
+            let rows: Vec<RawRow> = decoded
+                .iter()
+                .filter_map(|d| RawRow::from_event(&d.env, &d.payload))
+                .collect();
             for (ord, r) in rows.iter().enumerate() {
                 raw::copy_row(&mut lines, &mut scratch, r, ord, 1);
             }

@@ -91,9 +91,6 @@ pub struct RawRow<'a> {
     pub output_tokens: i64,
     pub value: f64,
     pub data: Cow<'a, Value>,
-    /// `data`'s text as the record held it, where it was kept and `data` is the record's own
-    /// (not upcast): `COPY` sends it as it is instead of serializing `data` again.
-    pub data_json: Option<&'a str>,
 }
 
 /// An optional dimension as stored: empty when absent.
@@ -130,7 +127,6 @@ impl<'a> RawRow<'a> {
             } else {
                 Cow::Borrowed(&env.data)
             },
-            data_json: None,
         };
         match payload {
             Payload::CommandExecuted(p) => {
@@ -224,18 +220,6 @@ impl<'a> RawRow<'a> {
         // `rollups::rebuild`).
         row.is_error = row.table.is_error(row.status);
         debug_assert_eq!(row.event_type, row.table.event_type(row.name));
-        Some(row)
-    }
-}
-
-impl<'a> RawRow<'a> {
-    /// [`RawRow::from_event`] of an event read from the log, with its `data` text where it
-    /// was kept and stands for `data` as stored (the record's current version).
-    pub fn from_record(d: &'a crate::batch::Decoded) -> Option<RawRow<'a>> {
-        let mut row = RawRow::from_event(&d.env, &d.payload)?;
-        if matches!(row.data, Cow::Borrowed(_)) {
-            row.data_json = d.data_json.as_deref().map(|text| text.get());
-        }
         Some(row)
     }
 }
@@ -427,14 +411,9 @@ pub fn copy_row(
         "{}\t{}\t{}\t{:?}\t",
         r.duration_ms, r.input_tokens, r.output_tokens, r.value
     );
-    match r.data_json {
-        Some(text) => copy_text(line, text),
-        None => {
-            scratch.clear();
-            let _ = write!(scratch, "{}", r.data);
-            copy_text(line, scratch);
-        }
-    }
+    scratch.clear();
+    let _ = write!(scratch, "{}", r.data);
+    copy_text(line, scratch);
     let _ = writeln!(line, "\t{ord}\t{feed_seq}");
 }
 
@@ -571,7 +550,6 @@ mod tests {
             output_tokens: 0,
             value: 0.0,
             data: Cow::Owned(Value::Null),
-            data_json: None,
         };
         let sizes = [
             (RawTable::ToolExecutions, 25),
@@ -633,7 +611,6 @@ mod tests {
             output_tokens: 2,
             value: 0.5,
             data: Cow::Borrowed(&data),
-            data_json: None,
         };
         let (mut line, mut scratch) = (String::new(), String::from("left over"));
         copy_row(&mut line, &mut scratch, &row, 3, 9);

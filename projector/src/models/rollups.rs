@@ -1222,7 +1222,6 @@ mod tests {
             output_tokens: 2,
             value: 0.5,
             data: std::borrow::Cow::Owned(serde_json::Value::Null),
-            data_json: None,
         }
     }
 
