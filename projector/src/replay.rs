@@ -381,12 +381,14 @@ impl Replayer<'_> {
                     };
                     self.records += 1;
                     self.read.insert((i, m.partition()), m.offset() + 1);
-                    // Only the replayed tenants' payloads are decoded. Records without a
-                    // readable envelope name no tenant (the live projector dead-lettered
-                    // them); a replayed tenant's record that today's rules refuse was
-                    // projected in the old version, so it goes to the DLQ, not away.
-                    let env = crate::consumer::decode_envelope(m.payload())
-                        .ok()
+                    // Only the replayed tenants' records are decoded, other tenants' passed
+                    // by their key or tenant alone. Records without a readable envelope name
+                    // no tenant (the live projector dead-lettered them); a replayed tenant's
+                    // record that today's rules refuse was projected in the old version, so
+                    // it goes to the DLQ, not away.
+                    let env = crate::consumer::may_belong_to(&self.tenants, m.key(), m.payload())
+                        .then(|| crate::consumer::decode_envelope(m.payload()).ok())
+                        .flatten()
                         .filter(|env| self.tenants.contains(&env.tenant_id));
                     match env.map(crate::consumer::decode_payload) {
                         Some(Ok(mut d)) => {

@@ -8,12 +8,17 @@
 //! record for each round of 200 000 backfill-shaped records (`make bench-replay`'s), and a
 //! digest of the `COPY` text written: a change that must not change what is stored shows
 //! the same digest before and after.
+//!
+//! With `others` after the rounds (`… projector_cpu 5 others`) it times instead what a
+//! replay of one tenant spends on each record of another tenant in the same log: the
+//! envelope decoded whole and its tenant compared (as before), against
+//! `projector::consumer::may_belong_to` with the record's key and without it.
 
 use std::hash::Hasher;
 use std::time::Instant;
 
 use chrono::{DateTime, Duration, Utc};
-use projector::consumer::decode;
+use projector::consumer::{decode, decode_envelope, may_belong_to};
 use projector::models::raw::{self, RawRow};
 use shared::tenant::TenantId;
 use tally_tests::events::Generator;
@@ -33,7 +38,7 @@ fn main() {
     let mut events = Generator::new(7, "cpu", 50, Duration::days(7));
     let at: DateTime<Utc> = "2026-12-01T12:00:00Z".parse().expect("a time");
     // As ingest-api produces them (`bench_replay` too): each envelope serialized alone.
-    let records: Vec<Vec<u8>> = events
+    let (keys, records): (Vec<String>, Vec<Vec<u8>>) = events
         .batch(RECORDS)
         .into_iter()
         .enumerate()
@@ -43,9 +48,15 @@ fn main() {
             env.id = uuid::Uuid::from_u128(i as u128);
             env.received_at = at;
             env.occurred_at = at - Duration::seconds(i as i64 * 31);
-            serde_json::to_vec(&env).expect("serializes")
+            (
+                env.kafka_key(),
+                serde_json::to_vec(&env).expect("serializes"),
+            )
         })
-        .collect();
+        .unzip();
+    if std::env::args().nth(2).as_deref() == Some("others") {
+        return others(rounds, &keys, &records);
+    }
     let (mut lines, mut scratch) = (String::new(), String::new());
     for round in 0..rounds {
         let started = Instant::now();
@@ -72,6 +83,31 @@ fn main() {
             started.elapsed().as_secs_f64() * 1e6 / n as f64,
             bytes / n,
             digest.finish()
+        );
+    }
+}
+
+/// Times passing `records` (all tenant 1's) in a replay of tenant 2: each way, µs per record.
+fn others(rounds: usize, keys: &[String], records: &[Vec<u8>]) {
+    let tenants = std::collections::HashSet::from([TenantId(uuid::Uuid::from_u128(2))]);
+    let time = |pass: &dyn Fn(usize) -> bool| {
+        let started = Instant::now();
+        let mut passed = 0;
+        for _ in 0..REPEATS {
+            passed += (0..records.len()).filter(|&i| pass(i)).count();
+        }
+        assert_eq!(passed, 0, "every record is another tenant's");
+        started.elapsed().as_secs_f64() * 1e6 / (REPEATS * records.len()) as f64
+    };
+    for round in 0..rounds {
+        let whole = time(&|i| {
+            decode_envelope(Some(&records[i])).is_ok_and(|e| tenants.contains(&e.tenant_id))
+        });
+        let keyed = time(&|i| may_belong_to(&tenants, Some(keys[i].as_bytes()), Some(&records[i])));
+        let unkeyed = time(&|i| may_belong_to(&tenants, None, Some(&records[i])));
+        println!(
+            "round {round}: another tenant's record decoded whole {whole:.3} µs, \
+             passed by its key {keyed:.3} µs, by its envelope's tenant alone {unkeyed:.3} µs"
         );
     }
 }

@@ -36,6 +36,10 @@ struct Args {
     /// Distinct users sending events.
     #[arg(long, default_value_t = 50)]
     users: usize,
+    /// Records of another tenant produced to the same topic for each of the rebuilt tenant's
+    /// events, as in a log many tenants share (the replay passes them by).
+    #[arg(long, default_value_t = 0)]
+    others: usize,
     /// Keep the rebuilt tenant (its schema can be large) instead of dropping it.
     #[arg(long)]
     keep: bool,
@@ -70,11 +74,19 @@ async fn main() -> anyhow::Result<()> {
     let producer = shared::kafka::producer(&config.common, Duration::from_secs(30))?;
     let produced = Instant::now();
     let mut events = Events::new(tenant, &args);
+    // Another tenant's events, never created: a replay of `tenant` reads and passes them.
+    let mut others = Events::new(TenantId(uuid::Uuid::new_v4()), &args);
+    others.left = args.events * args.others;
     while let Some(chunk) = events.next_chunk()? {
-        let records = chunk
+        let mut records = chunk
             .iter()
             .map(|env| Ok((env.kafka_key(), serde_json::to_vec(env)?)))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        for _ in 0..args.others {
+            for env in others.next_chunk()?.unwrap_or_default() {
+                records.push((env.kafka_key(), serde_json::to_vec(&env)?));
+            }
+        }
         tally_tests::produce_all(&producer, &topics[0], &records).await?;
     }
     println!(
@@ -104,17 +116,24 @@ async fn main() -> anyhow::Result<()> {
     let version = report.versions[0].2;
     let counted = check_exactly_once(&pool, tenant, version, args.events).await?;
     println!(
-        "replayed {} records in {:.1} s = {:.0} records/s (bulk load {:.1} s, of which \
-         folding the rollups {:.1} s and building indexes {:.1} s); {counted} events \
-         projected, each once",
+        "replayed {} records in {:.1} s = {:.0} records/s, {:.0} of the tenant's events/s \
+         (bulk load {:.1} s, of which folding the rollups {:.1} s and building indexes \
+         {:.1} s); {counted} events projected, each once",
         report.records,
         report.seconds,
         report.records_per_sec,
+        args.events as f64 / report.seconds,
         report.bulk_secs,
         report.rollup_secs,
         report.index_secs
     );
 
+    if args.others > 0 {
+        // A measurement of the passing alone: no baseline, nothing recorded for the table.
+        let mut conn = pool.acquire().await?;
+        schema::drop_tenant_schema(&mut conn, tenant, version).await?;
+        return Ok(());
+    }
     let copy_rate = copy_baseline(&pool, &args).await?;
     println!();
     let shape = if args.days == 0 {
