@@ -217,6 +217,21 @@ def cursor():
     write("cursor", "number", c("0000-01-01T00:30:00+01:00|42"))
 
 
+def replay_filter():
+    """Envelopes as the log holds them: ingest-api's compact object, the outbox relay's (jsonb's
+    key order, spaced, `tenant_id` after `data`), and the array form serde_json also reads."""
+    tenant, other = "0f00d000-0000-4000-8000-000000000001", "0f00d000-0000-4000-8000-000000000009"
+    env = {"id": "0190a8f2-6c1e-7a3b-9c4d-000000000001", "tenant_id": tenant,
+           "type": "command.executed", "schema_version": 1, "occurred_at": AT,
+           "received_at": AT, "actor": {"user_id": "u-1"}, "source": "api",
+           "data": {"user_id": "u-1", "tenant_id": other, "duration_ms": 1200}}
+    write("replay_filter", "ingest", json.dumps(env, separators=(",", ":")))
+    order = ["id", "data", "type", "actor", "source", "tenant_id", "occurred_at",
+             "received_at", "schema_version"]
+    write("replay_filter", "outbox", json.dumps({k: env[k] for k in order}))
+    write("replay_filter", "array", json.dumps(list(env.values())))
+
+
 if __name__ == "__main__":
     events()
     otlp()
@@ -224,3 +239,4 @@ if __name__ == "__main__":
     lineproto()
     jwt()
     cursor()
+    replay_filter()

@@ -971,59 +971,9 @@ pub fn decode(payload: Option<&[u8]>) -> Result<Decoded, String> {
 }
 
 /// The envelope of a record, its payload not decoded yet.
-pub fn decode_envelope(payload: Option<&[u8]>) -> Result<Envelope, String> {
+pub(crate) fn decode_envelope(payload: Option<&[u8]>) -> Result<Envelope, String> {
     let bytes = payload.ok_or("record has no payload")?;
     serde_json::from_slice(bytes).map_err(|e| format!("undecodable envelope: {e}"))
-}
-
-/// Whether a record may belong to one of `tenants`, told without decoding it whole: first
-/// by the tenant its key names (ingest-api keys every record `{tenant}:…`), then, for a key
-/// naming another tenant or none, by its envelope's `tenant_id` read alone. `false` only
-/// for a record that [`decode_envelope`] would also have found to be another tenant's or
-/// undecodable, so a replay can pass it at once.
-pub fn may_belong_to(
-    tenants: &HashSet<TenantId>,
-    key: Option<&[u8]>,
-    payload: Option<&[u8]>,
-) -> bool {
-    let keyed = key
-        .and_then(|k| k.get(..36))
-        .and_then(|k| uuid::Uuid::try_parse_ascii(k).ok());
-    if keyed.is_some_and(|t| tenants.contains(&TenantId(t))) {
-        return true;
-    }
-    payload
-        .and_then(first_tenant_id)
-        .is_some_and(|t| tenants.contains(&t))
-}
-
-/// The value of the first top-level `tenant_id` of a JSON object, read up to it and no
-/// further. A record whose whole decode names a tenant names it there: a second
-/// `tenant_id`, or anything unreadable after the first, makes the whole decode fail.
-fn first_tenant_id(payload: &[u8]) -> Option<TenantId> {
-    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
-    struct First<'a>(&'a mut Option<TenantId>);
-    impl<'de> Visitor<'de> for First<'_> {
-        type Value = ();
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("an envelope")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                if key == "tenant_id" {
-                    *self.0 = Some(map.next_value()?);
-                    return Ok(());
-                }
-                map.next_value::<IgnoredAny>()?;
-            }
-            Ok(())
-        }
-    }
-    let mut found = None;
-    // Stopping inside the object is an error to serde_json (it expects the object's end):
-    // what was found before it is what counts.
-    let _ = serde_json::Deserializer::from_slice(payload).deserialize_map(First(&mut found));
-    found
 }
 
 /// Decodes (and validates, upcasting) an envelope's payload.
@@ -1067,57 +1017,6 @@ mod tests {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_millis() as i64
-    }
-
-    #[test]
-    fn a_record_passed_by_its_tenant_alone_is_one_a_whole_decode_would_pass() {
-        let ours = TenantId(uuid::Uuid::from_u128(7));
-        let theirs = TenantId(uuid::Uuid::from_u128(8));
-        let tenants = HashSet::from([ours]);
-        let envelope = |t: TenantId| {
-            format!(
-                r#"{{"id":"00000000-0000-0000-0000-000000000001","tenant_id":"{t}","type":"command.executed","schema_version":1,"occurred_at":"2026-12-03T14:05:09Z","received_at":"2026-12-03T14:05:10Z","actor":{{}},"source":"api","data":{{"user_id":"u","command":"ls","exit_code":0,"duration_ms":3}}}}"#
-            )
-        };
-        let (our_key, their_key) = (format!("{ours}:u"), format!("{theirs}:u"));
-        let (mine, other) = (envelope(ours), envelope(theirs));
-        let duplicated = mine.replacen(
-            r#""tenant_id""#,
-            &format!(r#""tenant_id":"{theirs}","tenant_id""#),
-            1,
-        );
-        // (key, payload, whether the record may be ours)
-        let cases: [(Option<&str>, Option<&str>, bool); 11] = [
-            (Some(&our_key), Some(&mine), true),
-            (Some(&their_key), Some(&other), false),
-            // A key that does not name the envelope's tenant: the envelope decides.
-            (Some(&their_key), Some(&mine), true),
-            (None, Some(&mine), true),
-            (Some("short"), Some(&mine), true),
-            (None, Some(&other), false),
-            // Passed by its key, decoded whole, then found to be another tenant's.
-            (Some(&our_key), Some(&other), true),
-            (Some(&their_key), None, false),
-            (Some(&their_key), Some("{not json"), false),
-            (Some(&their_key), Some(r#"{"tenant_id":"nope"}"#), false),
-            (Some(&their_key), Some(&duplicated), false),
-        ];
-        for (key, payload, may) in cases {
-            let (key, payload) = (key.map(str::as_bytes), payload.map(str::as_bytes));
-            assert_eq!(
-                may_belong_to(&tenants, key, payload),
-                may,
-                "{:?}",
-                payload.map(String::from_utf8_lossy)
-            );
-            // Whatever it passes, a whole decode would have passed too.
-            let whole = decode_envelope(payload).is_ok_and(|e| tenants.contains(&e.tenant_id));
-            assert!(may || !whole, "{:?}", payload.map(String::from_utf8_lossy));
-        }
-        assert!(
-            decode_envelope(Some(mine.as_bytes())).is_ok(),
-            "the sample decodes"
-        );
     }
 
     #[test]

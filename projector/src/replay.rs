@@ -34,6 +34,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
+use shared::events::may_belong_to;
 use shared::tenant::TenantId;
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 
@@ -381,15 +382,18 @@ impl Replayer<'_> {
                     };
                     self.records += 1;
                     self.read.insert((i, m.partition()), m.offset() + 1);
-                    // Only the replayed tenants' records are decoded, other tenants' passed
-                    // by their key or tenant alone. Records without a readable envelope name
-                    // no tenant (the live projector dead-lettered them); a replayed tenant's
-                    // record that today's rules refuse was projected in the old version, so
-                    // it goes to the DLQ, not away.
-                    let env = crate::consumer::may_belong_to(&self.tenants, m.key(), m.payload())
-                        .then(|| crate::consumer::decode_envelope(m.payload()).ok())
-                        .flatten()
-                        .filter(|env| self.tenants.contains(&env.tenant_id));
+                    // Only the replayed tenants' records are decoded whole; other tenants'
+                    // are passed by the first tenant their envelope names. Records without a
+                    // readable envelope name no tenant (the live projector dead-lettered
+                    // them); a replayed tenant's record that today's rules refuse was
+                    // projected in the old version, so it goes to the DLQ, not away.
+                    let env = if may_belong_to(&self.tenants, m.key(), m.payload()) {
+                        crate::consumer::decode_envelope(m.payload())
+                            .ok()
+                            .filter(|env| self.tenants.contains(&env.tenant_id))
+                    } else {
+                        None
+                    };
                     match env.map(crate::consumer::decode_payload) {
                         Some(Ok(mut d)) => {
                             d.origin = (m.partition(), m.offset());

@@ -3,7 +3,7 @@
 //! client) and the projector (to dead-letter what slipped through) use.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
@@ -328,6 +328,77 @@ impl Envelope {
     pub fn payload(&self) -> Result<Payload, Vec<FieldError>> {
         Payload::decode_ref(self.event_type, self.schema_version, &self.data, "data")
     }
+}
+
+/// Whether a record may hold the envelope of one of `tenants`, told without decoding it
+/// whole, for a replay of some tenants to pass the others' records cheaply. `false` only for
+/// a record whose whole decode (as [`Envelope`]) fails or names a tenant not in `tenants`:
+/// one with no payload, or whose envelope is an object whose first top-level `tenant_id`
+/// names another tenant (a second `tenant_id` fails the whole decode). Anything else — an
+/// array, an object without a readable `tenant_id` — is left to the whole decode. A key that
+/// names one of `tenants` (ingest-api keys each record `{tenant}:…`) spares that record the
+/// partial read; a key never makes it `false`.
+pub fn may_belong_to(
+    tenants: &HashSet<TenantId>,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+) -> bool {
+    let keyed = key
+        .and_then(|k| k.get(..36))
+        .and_then(|k| Uuid::try_parse_ascii(k).ok());
+    if keyed.is_some_and(|t| tenants.contains(&TenantId(t))) {
+        return true;
+    }
+    let Some(payload) = payload else {
+        return false;
+    };
+    first_tenant_id(payload).is_none_or(|t| tenants.contains(&t))
+}
+
+/// The first top-level `tenant_id` of a JSON object, read up to it and no further; `None`
+/// if the text is not an object or no `tenant_id` could be read before anything
+/// unreadable.
+fn first_tenant_id(payload: &[u8]) -> Option<TenantId> {
+    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+    /// Whether a key is `tenant_id`, compared where serde_json holds it (no copy).
+    struct IsTenantId(bool);
+    impl<'de> Deserialize<'de> for IsTenantId {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Key;
+            impl Visitor<'_> for Key {
+                type Value = IsTenantId;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a field name")
+                }
+                fn visit_str<E>(self, v: &str) -> Result<IsTenantId, E> {
+                    Ok(IsTenantId(v == "tenant_id"))
+                }
+            }
+            d.deserialize_identifier(Key)
+        }
+    }
+    struct First<'a>(&'a mut Option<TenantId>);
+    impl<'de> Visitor<'de> for First<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an envelope")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(IsTenantId(is)) = map.next_key()? {
+                if is {
+                    *self.0 = Some(map.next_value()?);
+                    return Ok(());
+                }
+                map.next_value::<IgnoredAny>()?;
+            }
+            Ok(())
+        }
+    }
+    let mut found = None;
+    // Stopping inside the object is an error to serde_json (it expects the object's end):
+    // what was read before it is what counts.
+    let _ = serde_json::Deserializer::from_slice(payload).deserialize_map(First(&mut found));
+    found
 }
 
 /// One offending field of a rejected event.
@@ -1374,6 +1445,107 @@ mod tests {
         let back: Envelope =
             serde_json::from_str(&serde_json::to_string(&env).expect("json")).expect("reads back");
         assert_eq!(back, env);
+    }
+
+    #[test]
+    fn a_record_passed_by_its_first_tenant_is_one_a_whole_decode_would_pass() {
+        let ours = TenantId(Uuid::from_u128(7));
+        let theirs = TenantId(Uuid::from_u128(8));
+        let tenants = HashSet::from([ours]);
+        let object = |t: &str| {
+            format!(
+                r#"{{"id":"00000000-0000-0000-0000-000000000001","tenant_id":"{t}","type":"command.executed","schema_version":1,"occurred_at":"2026-12-03T14:05:09Z","received_at":"2026-12-03T14:05:10Z","actor":{{}},"source":"api","data":{{"user_id":"u"}}}}"#
+            )
+        };
+        let (mine, other) = (object(&ours.to_string()), object(&theirs.to_string()));
+        let u = ours.0;
+        // serde_json reads an envelope from an array too, its fields in order.
+        let array = format!(
+            r#"["00000000-0000-0000-0000-000000000001","{ours}","command.executed",1,"2026-12-03T14:05:09Z","2026-12-03T14:05:10Z",{{}},"api",{{"user_id":"u"}}]"#
+        );
+        // As jsonb gives it back (the outbox relay's auth records): keys reordered and spaced,
+        // another tenant named inside `data` before the envelope's own.
+        let reordered = format!(
+            r#"{{"id": "00000000-0000-0000-0000-000000000001", "data": {{"tenant_id": "{theirs}", "user_id": "u"}}, "type": "command.executed", "actor": {{}}, "source": "api", "tenant_id": "{ours}", "occurred_at": "2026-12-03T14:05:09Z", "received_at": "2026-12-03T14:05:10Z", "schema_version": 1}}"#
+        );
+        let escaped_key = mine.replace(r#""tenant_id""#, r#""tenant\u005fid""#);
+        let ours_then_theirs =
+            mine.replacen(r#""type""#, &format!(r#""tenant_id":"{theirs}","type""#), 1);
+        let theirs_then_ours = mine.replacen(
+            r#""tenant_id""#,
+            &format!(r#""tenant_id":"{theirs}","tenant_id""#),
+            1,
+        );
+        let (our_key, their_key) = (format!("{ours}:u"), format!("{theirs}:u"));
+        let upper_key = our_key.to_uppercase();
+        let cases: Vec<(Option<&[u8]>, String, bool)> = vec![
+            (Some(our_key.as_bytes()), mine.clone(), true),
+            (Some(their_key.as_bytes()), other.clone(), false),
+            (None, other.clone(), false),
+            // The envelope decides wherever the key does not name one of the tenants.
+            (Some(their_key.as_bytes()), mine.clone(), true),
+            (None, mine.clone(), true),
+            (Some(b"short"), mine.clone(), true),
+            (
+                Some(b"\xff\xfe not a key at all, not even UTF-8 \xff"),
+                mine.clone(),
+                true,
+            ),
+            (Some(upper_key.as_bytes()), other.clone(), true),
+            (Some(their_key.as_bytes()), array.clone(), true),
+            (Some(their_key.as_bytes()), reordered.clone(), true),
+            (Some(their_key.as_bytes()), escaped_key.clone(), true),
+            (Some(their_key.as_bytes()), format!("  \n{mine}"), true),
+            (None, format!("\u{feff}{mine}"), true),
+            (
+                Some(their_key.as_bytes()),
+                object(&u.to_string().to_uppercase()),
+                true,
+            ),
+            (
+                Some(their_key.as_bytes()),
+                object(&u.braced().to_string()),
+                true,
+            ),
+            (
+                Some(their_key.as_bytes()),
+                object(&u.urn().to_string()),
+                true,
+            ),
+            (
+                Some(their_key.as_bytes()),
+                object(&u.simple().to_string()),
+                true,
+            ),
+            (Some(their_key.as_bytes()), ours_then_theirs.clone(), true),
+            (Some(their_key.as_bytes()), theirs_then_ours.clone(), false),
+            (Some(their_key.as_bytes()), "{not json".into(), true),
+            (
+                Some(their_key.as_bytes()),
+                r#"{"tenant_id":"nope"}"#.into(),
+                true,
+            ),
+        ];
+        for (key, payload, may) in &cases {
+            assert_eq!(
+                may_belong_to(&tenants, *key, Some(payload.as_bytes())),
+                *may,
+                "{payload}"
+            );
+        }
+        assert!(!may_belong_to(&tenants, Some(their_key.as_bytes()), None));
+        // What it passes, a whole decode passes too; the samples it must not pass decode whole.
+        for (_, payload, may) in &cases {
+            let whole = serde_json::from_slice::<Envelope>(payload.as_bytes());
+            assert!(
+                *may || whole.as_ref().map_or(true, |e| e.tenant_id != ours),
+                "{payload}"
+            );
+        }
+        for payload in [&mine, &array, &reordered, &escaped_key] {
+            let whole: Envelope = serde_json::from_str(payload).expect(payload);
+            assert_eq!(whole.tenant_id, ours, "{payload}");
+        }
     }
 
     #[test]

@@ -130,8 +130,10 @@ async fn main() -> anyhow::Result<()> {
 
     if args.others > 0 {
         // A measurement of the passing alone: no baseline, nothing recorded for the table.
-        let mut conn = pool.acquire().await?;
-        schema::drop_tenant_schema(&mut conn, tenant, version).await?;
+        if !args.keep {
+            let mut conn = pool.acquire().await?;
+            schema::drop_tenant_schema(&mut conn, tenant, version).await?;
+        }
         return Ok(());
     }
     let copy_rate = copy_baseline(&pool, &args).await?;
