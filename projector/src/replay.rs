@@ -382,11 +382,12 @@ impl Replayer<'_> {
                     };
                     self.records += 1;
                     self.read.insert((i, m.partition()), m.offset() + 1);
-                    // Only the replayed tenants' records are decoded whole; other tenants'
-                    // are passed by the first tenant their envelope names. Records without a
-                    // readable envelope name no tenant (the live projector dead-lettered
-                    // them); a replayed tenant's record that today's rules refuse was
-                    // projected in the old version, so it goes to the DLQ, not away.
+                    // A record is decoded whole unless `may_belong_to` finds, from its
+                    // envelope's first top-level `tenant_id`, that it is another tenant's.
+                    // Records without a readable envelope name no tenant (the live projector
+                    // dead-lettered them); a replayed tenant's record that today's rules
+                    // refuse was projected in the old version, so it goes to the DLQ, not
+                    // away.
                     let env = if may_belong_to(&self.tenants, m.key(), m.payload()) {
                         crate::consumer::decode_envelope(m.payload())
                             .ok()

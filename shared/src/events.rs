@@ -331,13 +331,14 @@ impl Envelope {
 }
 
 /// Whether a record may hold the envelope of one of `tenants`, told without decoding it
-/// whole, for a replay of some tenants to pass the others' records cheaply. `false` only for
+/// whole, for a replay of some tenants to skip the others' records cheaply. `false` only for
 /// a record whose whole decode (as [`Envelope`]) fails or names a tenant not in `tenants`:
 /// one with no payload, or whose envelope is an object whose first top-level `tenant_id`
 /// names another tenant (a second `tenant_id` fails the whole decode). Anything else — an
 /// array, an object without a readable `tenant_id` — is left to the whole decode. A key that
 /// names one of `tenants` (ingest-api keys each record `{tenant}:…`) spares that record the
-/// partial read; a key never makes it `false`.
+/// partial read; a key never makes it `false`. The fuzz target `replay_filter` checks it
+/// against the whole decode.
 pub fn may_belong_to(
     tenants: &HashSet<TenantId>,
     key: Option<&[u8]>,
@@ -1448,7 +1449,7 @@ mod tests {
     }
 
     #[test]
-    fn a_record_passed_by_its_first_tenant_is_one_a_whole_decode_would_pass() {
+    fn a_record_skipped_by_its_first_tenant_is_one_a_whole_decode_would_skip() {
         let ours = TenantId(Uuid::from_u128(7));
         let theirs = TenantId(Uuid::from_u128(8));
         let tenants = HashSet::from([ours]);
@@ -1534,7 +1535,7 @@ mod tests {
             );
         }
         assert!(!may_belong_to(&tenants, Some(their_key.as_bytes()), None));
-        // What it passes, a whole decode passes too; the samples it must not pass decode whole.
+        // What it skips, a whole decode skips too; the samples it must keep decode whole.
         for (_, payload, may) in &cases {
             let whole = serde_json::from_slice::<Envelope>(payload.as_bytes());
             assert!(

@@ -10,7 +10,7 @@
 //! the same digest before and after.
 //!
 //! With `others` (`… projector_cpu 5 others`) it times instead what a replay of one tenant
-//! spends on each record of another tenant in the same log, to pass it: the envelope decoded
+//! spends on each record of another tenant in the same log, to skip it: the envelope decoded
 //! whole and its tenant compared (as before), against `shared::events::may_belong_to`; and
 //! what that check adds to each of the replayed tenant's own records, with its key and
 //! without.
@@ -86,18 +86,20 @@ fn main() {
     }
 }
 
-/// Times passing `records` (all tenant 1's) in a replay of tenant 2, and what the check adds
+/// Times skipping `records` (all tenant 1's) in a replay of tenant 2, and what the check adds
 /// to a replay of tenant 1: each in µs per record.
 fn others(rounds: usize, keys: &[String], records: &[Vec<u8>]) {
     let theirs = std::collections::HashSet::from([TenantId(uuid::Uuid::from_u128(2))]);
     let ours = std::collections::HashSet::from([TenantId(uuid::Uuid::from_u128(1))]);
-    let time = |pass: &dyn Fn(usize) -> bool, expected: usize| {
+    // `keeps(i)`: whether the replay would decode record `i` whole; `kept` of each round's
+    // records are expected to be.
+    let time = |keeps: &dyn Fn(usize) -> bool, kept: usize| {
         let started = Instant::now();
-        let mut passed = 0;
+        let mut decoded = 0;
         for _ in 0..REPEATS {
-            passed += (0..records.len()).filter(|&i| pass(i)).count();
+            decoded += (0..records.len()).filter(|&i| keeps(i)).count();
         }
-        assert_eq!(passed, expected * REPEATS);
+        assert_eq!(decoded, kept * REPEATS);
         started.elapsed().as_secs_f64() * 1e6 / (REPEATS * records.len()) as f64
     };
     let n = records.len();
@@ -119,7 +121,7 @@ fn others(rounds: usize, keys: &[String], records: &[Vec<u8>]) {
         );
         let own_unkeyed = time(&|i| may_belong_to(&ours, None, Some(&records[i])), n);
         println!(
-            "round {round}: another tenant's record decoded whole {whole:.3} µs, passed by its \
+            "round {round}: another tenant's record decoded whole {whole:.3} µs, skipped by its \
              first tenant_id {first:.3} µs; the check on the replayed tenant's own records \
              {own_keyed:.3} µs with their key, {own_unkeyed:.3} µs without"
         );

@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, default_value_t = 50)]
     users: usize,
     /// Records of another tenant produced to the same topic for each of the rebuilt tenant's
-    /// events, as in a log many tenants share (the replay passes them by).
+    /// events, as in a log many tenants share (the replay skips them).
     #[arg(long, default_value_t = 0)]
     others: usize,
     /// Keep the rebuilt tenant (its schema can be large) instead of dropping it.
@@ -74,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
     let producer = shared::kafka::producer(&config.common, Duration::from_secs(30))?;
     let produced = Instant::now();
     let mut events = Events::new(tenant, &args);
-    // Another tenant's events, never created: a replay of `tenant` reads and passes them.
+    // Another tenant's events, never created: a replay of `tenant` reads and skips them.
     let mut others = Events::new(TenantId(uuid::Uuid::new_v4()), &args);
     others.left = args.events * args.others;
     while let Some(chunk) = events.next_chunk()? {
@@ -129,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     if args.others > 0 {
-        // A measurement of the passing alone: no baseline, nothing recorded for the table.
+        // A measurement of the skipping alone: no baseline, nothing recorded for the table.
         if !args.keep {
             let mut conn = pool.acquire().await?;
             schema::drop_tenant_schema(&mut conn, tenant, version).await?;
