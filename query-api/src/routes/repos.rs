@@ -75,6 +75,55 @@ fn limit(l: Option<i64>, default: i64) -> Result<i64, Problem> {
     }
 }
 
+/// The statement of [`repositories`], given how a group's sessions are counted. By branch a
+/// group holds each of its sessions once (`repo_sessions`' key is repository, branch and
+/// session), so counting its rows is enough and spares PostgreSQL a sort per group; by
+/// repository a session that moved between branches has a row for each, and is counted once.
+macro_rules! repositories_sql {
+    ($sessions:literal) => {
+        concat!(
+            "WITH u AS (
+                SELECT repository, CASE WHEN $6 THEN branch END AS branch,
+                       sum(cost_usd) AS cost_usd, sum(requests)::bigint AS requests,
+                       sum(input_tokens)::bigint AS input_tokens,
+                       sum(output_tokens)::bigint AS output_tokens,
+                       sum(cache_read_tokens)::bigint AS cache_read_tokens,
+                       sum(cache_creation_tokens)::bigint AS cache_creation_tokens,
+                       sum(tool_runs)::bigint AS tool_runs,
+                       sum(lines_added)::bigint AS lines_added,
+                       sum(lines_removed)::bigint AS lines_removed
+                  FROM repo_usage_span($1, $2)
+                 WHERE ($3::text IS NULL OR user_id = $3)
+                   AND ($4::text[] IS NULL OR team_id = ANY($4))
+                   AND ($5::text IS NULL OR repository = $5)
+                 GROUP BY 1, 2
+                HAVING sum(requests) <> 0 OR sum(tool_runs) <> 0 OR sum(lines_added) <> 0
+                    OR sum(lines_removed) <> 0),
+             s AS (
+                SELECT repository, CASE WHEN $6 THEN branch END AS branch,
+                       ",
+            $sessions,
+            "::bigint AS sessions
+                  FROM repo_sessions
+                 WHERE first_at < $2 AND last_at >= $1
+                   AND ($3::text IS NULL OR user_id = $3)
+                   AND ($4::text[] IS NULL OR team_id = ANY($4))
+                   AND ($5::text IS NULL OR repository = $5)
+                 GROUP BY 1, 2)
+             SELECT u.repository, u.branch, u.repository = '' AS unattributed, u.cost_usd,
+                    u.requests, u.input_tokens, u.output_tokens, u.cache_read_tokens,
+                    u.cache_creation_tokens, u.tool_runs, u.lines_added, u.lines_removed,
+                    COALESCE(s.sessions, 0) AS sessions
+               FROM u LEFT JOIN s ON s.repository = u.repository
+                                 AND COALESCE(s.branch, '') = COALESCE(u.branch, '')
+              ORDER BY u.cost_usd DESC, u.repository, u.branch
+              LIMIT $7"
+        )
+    };
+}
+const REPOSITORIES_BY_BRANCH_SQL: &str = repositories_sql!("count(*)");
+const REPOSITORIES_SQL: &str = repositories_sql!("count(DISTINCT session_id)");
+
 /// `GET /v1/dashboard/repositories`: the most expensive repositories (or branches) of the
 /// range, with their tokens, tool runs, lines and sessions; unattributed usage is one row.
 pub async fn repositories(read: Read<RepoParams>) -> Result<Response, Problem> {
@@ -98,42 +147,11 @@ pub async fn repositories(read: Read<RepoParams>) -> Result<Response, Problem> {
             };
             page.as_of = fresh.as_of;
             let (user, teams) = visibility.filters();
-            page.rows = sqlx::query_as(
-                "WITH u AS (
-                    SELECT repository, CASE WHEN $6 THEN branch END AS branch,
-                           sum(cost_usd) AS cost_usd, sum(requests)::bigint AS requests,
-                           sum(input_tokens)::bigint AS input_tokens,
-                           sum(output_tokens)::bigint AS output_tokens,
-                           sum(cache_read_tokens)::bigint AS cache_read_tokens,
-                           sum(cache_creation_tokens)::bigint AS cache_creation_tokens,
-                           sum(tool_runs)::bigint AS tool_runs,
-                           sum(lines_added)::bigint AS lines_added,
-                           sum(lines_removed)::bigint AS lines_removed
-                      FROM repo_usage_span($1, $2)
-                     WHERE ($3::text IS NULL OR user_id = $3)
-                       AND ($4::text[] IS NULL OR team_id = ANY($4))
-                       AND ($5::text IS NULL OR repository = $5)
-                     GROUP BY 1, 2
-                    HAVING sum(requests) <> 0 OR sum(tool_runs) <> 0 OR sum(lines_added) <> 0
-                        OR sum(lines_removed) <> 0),
-                 s AS (
-                    SELECT repository, CASE WHEN $6 THEN branch END AS branch,
-                           count(DISTINCT session_id)::bigint AS sessions
-                      FROM repo_sessions
-                     WHERE first_at < $2 AND last_at >= $1
-                       AND ($3::text IS NULL OR user_id = $3)
-                       AND ($4::text[] IS NULL OR team_id = ANY($4))
-                       AND ($5::text IS NULL OR repository = $5)
-                     GROUP BY 1, 2)
-                 SELECT u.repository, u.branch, u.repository = '' AS unattributed, u.cost_usd,
-                        u.requests, u.input_tokens, u.output_tokens, u.cache_read_tokens,
-                        u.cache_creation_tokens, u.tool_runs, u.lines_added, u.lines_removed,
-                        COALESCE(s.sessions, 0) AS sessions
-                   FROM u LEFT JOIN s ON s.repository = u.repository
-                                     AND COALESCE(s.branch, '') = COALESCE(u.branch, '')
-                  ORDER BY u.cost_usd DESC, u.repository, u.branch
-                  LIMIT $7",
-            )
+            page.rows = sqlx::query_as(if branch {
+                REPOSITORIES_BY_BRANCH_SQL
+            } else {
+                REPOSITORIES_SQL
+            })
             .bind(range.from)
             .bind(range.to)
             .bind(user)

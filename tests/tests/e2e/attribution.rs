@@ -310,6 +310,8 @@ async fn the_hook_attributes_cost_to_repository_and_branch_to_the_cent() {
     assert_eq!(by_repo["rows"][0]["repository"], "github.com/acme/widgets");
     assert_eq!(cents(&by_repo["rows"][0]["cost_usd"]), 413);
     assert!(by_repo["rows"][0]["branch"].is_null());
+    // Sessions A and B each worked on both branches: counted once each for the repository.
+    assert_eq!(by_repo["rows"][0]["sessions"], 2, "{by_repo}");
     let series = get_json(
         &client,
         &format!("{q}/v1/dashboard/repositories/series?range=24h&step=1h&by=branch"),
