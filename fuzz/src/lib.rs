@@ -4,7 +4,8 @@
 //! The property checked beyond "no panic": an event the door accepts is one the projector can
 //! read back. Every envelope is serialized as ingest-api sends it to Kafka, deserialized as
 //! the projector reads it, and its payload decoded again; a failure there would be a 2xx
-//! for an event that can only end in the dead-letter queue.
+//! for an event that can only end in the dead-letter queue. And its `data` must be its
+//! payload's normalized form, as the projector would build it again.
 
 use chrono::{DateTime, TimeZone, Utc};
 use ingest_api::ingest::{Ids, IngestContext, TimeBounds};
@@ -61,6 +62,11 @@ fn round_trip(env: &Envelope) {
     if let Err(errors) = back.payload() {
         panic!("an accepted event fails the projector's decoding: {errors:?}");
     }
+    // The envelope carries its payload's normalized form, whether the client's `data` was
+    // kept (it already was that form) or the form was built from the payload.
+    let payload = env.payload().expect("decoded above");
+    assert!(payload.is_written_as(&env.data));
+    assert_eq!(payload.to_value(), env.data, "data is not its payload's form");
 }
 
 /// An OTLP/HTTP export of one signal, as `routes/otlp.rs` takes it: decode, convert (the

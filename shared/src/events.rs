@@ -28,6 +28,8 @@ pub const MAX_DURATION_MS: i64 = 3_600_000;
 pub const MAX_TOKENS: i64 = 1_000_000;
 /// Most labels on one `metric.sample`.
 pub const MAX_LABELS: usize = 64;
+/// Longest accepted label value, in characters.
+pub const MAX_LABEL_VALUE_LEN: usize = 1024;
 /// Topic of auth and control-plane events.
 pub const AUTH_TOPIC: &str = "tally.auth.v1";
 
@@ -986,6 +988,24 @@ impl Payload {
         v.expect("payload types serialize infallibly")
     }
 
+    /// Whether [`Payload::to_value`] would be `v`, found without building it.
+    pub fn is_written_as(&self, v: &Value) -> bool {
+        use crate::json_eq::serialized_as;
+        match self {
+            Payload::CommandExecuted(p) => serialized_as(p, v),
+            Payload::AgentInteracted(p) => serialized_as(p, v),
+            Payload::ToolExecuted(p) => serialized_as(p, v),
+            Payload::SessionStarted(p) => serialized_as(p, v),
+            Payload::SessionEnded(p) => serialized_as(p, v),
+            Payload::SessionContext(p) => serialized_as(p, v),
+            Payload::ProductivityRecorded(p) => serialized_as(p, v),
+            Payload::MetricSample(p) => serialized_as(p, v),
+            Payload::PullRequestChanged(p) => serialized_as(p, v),
+            Payload::BranchPushed(p) => serialized_as(p, v),
+            Payload::Auth(_, p) => serialized_as(p, v),
+        }
+    }
+
     fn check_limits(&self, prefix: &str) -> Vec<FieldError> {
         let mut c = Checker {
             prefix,
@@ -1117,8 +1137,14 @@ impl Payload {
                     c.push("labels", format!("at most {MAX_LABELS} labels"));
                 }
                 for (k, v) in &p.labels {
-                    c.len(&format!("labels.{k}"), k, 1, MAX_NAME_LEN);
-                    c.len(&format!("labels.{k}"), v, 0, 1024);
+                    // The field's name is written only for a label that is refused: this
+                    // runs on every label of every OTLP point.
+                    if !fits(k, 1, MAX_NAME_LEN) {
+                        c.len(&format!("labels.{k}"), k, 1, MAX_NAME_LEN);
+                    }
+                    if !fits(v, 0, MAX_LABEL_VALUE_LEN) {
+                        c.len(&format!("labels.{k}"), v, 0, MAX_LABEL_VALUE_LEN);
+                    }
                 }
             }
             Payload::Auth(_, p) => {
@@ -1234,6 +1260,11 @@ fn parse<T: DeserializeOwned>(
     Err(errors)
 }
 
+/// Whether `s` has `min..=max` characters.
+fn fits(s: &str, min: usize, max: usize) -> bool {
+    (min..=max).contains(&s.chars().count())
+}
+
 struct Checker<'a> {
     prefix: &'a str,
     errors: Vec<FieldError>,
@@ -1245,8 +1276,8 @@ impl Checker<'_> {
             .push(FieldError::new(format!("{}.{field}", self.prefix), reason));
     }
     fn len(&mut self, field: &str, s: &str, min: usize, max: usize) {
-        let n = s.chars().count();
-        if n < min || n > max {
+        if !fits(s, min, max) {
+            let n = s.chars().count();
             self.push(field, format!("length must be {min}..={max}, got {n}"));
         }
     }

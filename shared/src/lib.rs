@@ -11,6 +11,7 @@ pub mod db;
 pub mod events;
 pub mod health;
 pub mod histogram;
+pub mod json_eq;
 pub mod jwt;
 pub mod kafka;
 pub mod outbox;
