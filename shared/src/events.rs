@@ -844,7 +844,28 @@ impl Payload {
         data: Value,
         prefix: &str,
     ) -> Result<Payload, Vec<FieldError>> {
-        Payload::decode_as_needed(t, version, Cow::Owned(data), prefix)
+        Payload::decode_as_needed(t, version, Cow::Owned(data), prefix).map(|(p, _)| p)
+    }
+
+    /// [`Payload::decode`], and the payload's normalized form ([`Payload::to_value`]): the
+    /// write side's envelope carries it. Most clients' `data` already is that form, upcast
+    /// and with unknown fields moved into `extra` in place: then it is kept as it came,
+    /// rather than built again from the payload and the client's copy dropped.
+    pub fn decode_normalized(
+        t: EventType,
+        version: u32,
+        data: Value,
+        prefix: &str,
+    ) -> Result<(Payload, Value), Vec<FieldError>> {
+        let (payload, data) = Payload::decode_as_needed(t, version, Cow::Owned(data), prefix)?;
+        let data = data.into_owned();
+        let form = if payload.is_written_as(&data) {
+            debug_assert_eq!(payload.to_value(), data);
+            data
+        } else {
+            payload.to_value()
+        };
+        Ok((payload, form))
     }
 
     /// [`Payload::decode`] of a borrowed `data` (an envelope's, as ingest-api wrote it),
@@ -855,18 +876,18 @@ impl Payload {
         data: &Value,
         prefix: &str,
     ) -> Result<Payload, Vec<FieldError>> {
-        Payload::decode_as_needed(t, version, Cow::Borrowed(data), prefix)
+        Payload::decode_as_needed(t, version, Cow::Borrowed(data), prefix).map(|(p, _)| p)
     }
 
     /// Decodes `data`, changing it (in place when it is owned, in a copy when it is
     /// borrowed) only where it has to: an old version is upcast, unknown fields are moved
-    /// into `extra`.
-    fn decode_as_needed(
+    /// into `extra`. Returns the payload and `data` as it read it.
+    fn decode_as_needed<'a>(
         t: EventType,
         version: u32,
-        mut data: Cow<'_, Value>,
+        mut data: Cow<'a, Value>,
         prefix: &str,
-    ) -> Result<Payload, Vec<FieldError>> {
+    ) -> Result<(Payload, Cow<'a, Value>), Vec<FieldError>> {
         if version == 0 || version > t.current_version() {
             return Err(vec![FieldError::new(
                 "schema_version",
@@ -911,7 +932,8 @@ impl Payload {
                 obj.insert("extra".into(), Value::Object(extra));
             }
         }
-        Payload::typed(t, &data, prefix)
+        let payload = Payload::typed(t, &data, prefix)?;
+        Ok((payload, data))
     }
 
     /// The payload of a current-version `data` whose unknown fields are in `extra`, its
@@ -1314,6 +1336,44 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A client's `data` that already is its payload's form is what the envelope carries;
+    /// one that is not is replaced by the form.
+    #[test]
+    fn data_already_normalized_is_kept_and_the_rest_normalized() {
+        let sample = json!({"name": "m", "labels": {"a": "1"}, "value": 1.5, "kind": "counter"});
+        let cases = [
+            (sample.clone(), true),
+            // An integer where the form has a float, a default left out, an empty `extra`,
+            // an unknown field, an explicit null.
+            (
+                json!({"name": "m", "labels": {}, "value": 2, "kind": "gauge"}),
+                false,
+            ),
+            (json!({"name": "m", "value": 1.5, "kind": "gauge"}), false),
+            (
+                json!({"name": "m", "labels": {}, "value": 1.5, "kind": "gauge", "extra": {}}),
+                false,
+            ),
+            (
+                json!({"name": "m", "labels": {}, "value": 1.5, "kind": "gauge", "x": 1}),
+                false,
+            ),
+            (
+                json!({"name": "m", "labels": {}, "value": 1.5, "kind": "gauge",
+                    "extra": {"x": 1}}),
+                true,
+            ),
+        ];
+        for (data, kept) in cases {
+            let (p, form) =
+                Payload::decode_normalized(EventType::MetricSample, 1, data.clone(), "data")
+                    .unwrap();
+            assert_eq!(form, p.to_value(), "{data}");
+            assert_eq!(form == data, kept, "{data}");
+            assert_eq!(p.is_written_as(&data), kept, "{data}");
+        }
+    }
+
     #[test]
     fn data_decodes_the_same_borrowed_as_owned() {
         let command = json!({"user_id": "u", "command_name": "build", "duration_ms": 120,
@@ -1359,6 +1419,16 @@ mod tests {
             let owned = Payload::decode(t, version, data.clone(), "data");
             let borrowed = Payload::decode_ref(t, version, &data, "data");
             assert_eq!(owned, borrowed, "{t} v{version}: {data}");
+            // And with its normalized form, whether kept or built.
+            let normalized = Payload::decode_normalized(t, version, data.clone(), "data");
+            match (&owned, normalized) {
+                (Ok(p), Ok((q, form))) => {
+                    assert_eq!(*p, q);
+                    assert_eq!(form, p.to_value(), "{t} v{version}: {data}");
+                }
+                (Err(e), Err(f)) => assert_eq!(*e, f),
+                (_, normalized) => panic!("{t} v{version}: {owned:?} but {normalized:?}"),
+            }
         }
         assert!(Payload::decode_ref(EventType::CommandExecuted, 1, &command, "data").is_ok());
         let Ok(Payload::AgentInteracted(p)) =

@@ -207,8 +207,8 @@ impl IngestContext {
             }
             (Some(t), Some(v), Some(data)) => {
                 let nul = nul_paths(&data, "data");
-                match Payload::decode_ref(t, v, &data, "data") {
-                    Ok(p) if nul.is_empty() => {
+                match Payload::decode_normalized(t, v, data, "data") {
+                    Ok((p, data)) if nul.is_empty() => {
                         errors.extend(check_storable(&p, "data"));
                         Some((p, data))
                     }
@@ -231,15 +231,6 @@ impl IngestContext {
         let (Some(id), Some(occurred_at), Some((payload, data))) = (id, occurred_at, payload)
         else {
             unreachable!("no errors means every part was parsed");
-        };
-        // The envelope carries the payload's normalized form. Most clients' `data` already
-        // is that form: then it is kept as it came, rather than built again from the payload
-        // and the client's copy dropped.
-        let data = if payload.is_written_as(&data) {
-            debug_assert_eq!(payload.to_value(), data);
-            data
-        } else {
-            payload.to_value()
         };
         Ok(Envelope {
             id,
