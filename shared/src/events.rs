@@ -1344,7 +1344,7 @@ mod tests {
         let cases = [
             (sample.clone(), true),
             // An integer where the form has a float, a default left out, an empty `extra`,
-            // an unknown field, an explicit null.
+            // an unknown field.
             (
                 json!({"name": "m", "labels": {}, "value": 2, "kind": "gauge"}),
                 false,

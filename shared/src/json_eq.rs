@@ -9,8 +9,10 @@
 //! numbers, enum variants that carry data, map keys that are not strings). A "no" only costs
 //! the caller the normal path, so every doubt is a "no".
 //!
-//! Maps and structs must emit each key once, as every `Serialize` of a struct, a `BTreeMap`
-//! or a `serde_json::Map` does: the check counts the keys emitted against the object's.
+//! The check counts the keys emitted against the object's, so each must be emitted once. A
+//! struct's fields are distinct; a map's keys must come in increasing order, as a `BTreeMap`'s
+//! and a `serde_json::Map`'s do, or the answer is "no" (a `HashMap`, a struct with a
+//! flattened map: either could emit a key twice and leave another unchecked).
 
 use std::fmt;
 
@@ -177,6 +179,7 @@ impl<'a> ser::Serializer for Expect<'a> {
                 object,
                 emitted: 0,
                 value: None,
+                last: None,
             }),
             _ => Err(Differs),
         }
@@ -241,6 +244,8 @@ struct Entries<'a> {
     emitted: usize,
     /// The value of the key just emitted by `serialize_key`.
     value: Option<&'a Value>,
+    /// The last key a map emitted: the next must be greater.
+    last: Option<&'a str>,
 }
 
 impl<'a> Entries<'a> {
@@ -258,7 +263,12 @@ impl ser::SerializeMap for Entries<'_> {
     type Ok = ();
     type Error = Differs;
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), Differs> {
-        self.value = Some(key.serialize(Lookup(self.object))?);
+        let (key, value) = key.serialize(Lookup(self.object))?;
+        if self.last.is_some_and(|last| last >= key) {
+            return Err(Differs);
+        }
+        self.last = Some(key);
+        self.value = Some(value);
         self.emitted += 1;
         Ok(())
     }
@@ -285,79 +295,81 @@ impl ser::SerializeStruct for Entries<'_> {
     }
 }
 
-/// A map key, looked up in the object: only string keys are followed.
+/// A map key, looked up in the object: only string keys are followed. Gives the object's
+/// key and its value.
 struct Lookup<'a>(&'a Map<String, Value>);
 
 impl<'a> ser::Serializer for Lookup<'a> {
-    type Ok = &'a Value;
+    type Ok = (&'a str, &'a Value);
     type Error = Differs;
-    type SerializeSeq = Impossible<&'a Value, Differs>;
-    type SerializeTuple = Impossible<&'a Value, Differs>;
-    type SerializeTupleStruct = Impossible<&'a Value, Differs>;
-    type SerializeTupleVariant = Impossible<&'a Value, Differs>;
-    type SerializeMap = Impossible<&'a Value, Differs>;
-    type SerializeStruct = Impossible<&'a Value, Differs>;
-    type SerializeStructVariant = Impossible<&'a Value, Differs>;
+    type SerializeSeq = Impossible<Self::Ok, Differs>;
+    type SerializeTuple = Impossible<Self::Ok, Differs>;
+    type SerializeTupleStruct = Impossible<Self::Ok, Differs>;
+    type SerializeTupleVariant = Impossible<Self::Ok, Differs>;
+    type SerializeMap = Impossible<Self::Ok, Differs>;
+    type SerializeStruct = Impossible<Self::Ok, Differs>;
+    type SerializeStructVariant = Impossible<Self::Ok, Differs>;
 
-    fn serialize_str(self, s: &str) -> Result<&'a Value, Differs> {
-        self.0.get(s).ok_or(Differs)
+    fn serialize_str(self, s: &str) -> Result<Self::Ok, Differs> {
+        let (key, value) = self.0.get_key_value(s).ok_or(Differs)?;
+        Ok((key, value))
     }
     fn serialize_newtype_struct<T: Serialize + ?Sized>(
         self,
         _: &'static str,
         x: &T,
-    ) -> Result<&'a Value, Differs> {
+    ) -> Result<Self::Ok, Differs> {
         x.serialize(self)
     }
-    fn serialize_bool(self, _: bool) -> Result<&'a Value, Differs> {
+    fn serialize_bool(self, _: bool) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
-    fn serialize_i8(self, _: i8) -> Result<&'a Value, Differs> {
+    fn serialize_i8(self, _: i8) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
-    fn serialize_i16(self, _: i16) -> Result<&'a Value, Differs> {
+    fn serialize_i16(self, _: i16) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
-    fn serialize_i32(self, _: i32) -> Result<&'a Value, Differs> {
+    fn serialize_i32(self, _: i32) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
-    fn serialize_i64(self, _: i64) -> Result<&'a Value, Differs> {
+    fn serialize_i64(self, _: i64) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
-    fn serialize_u8(self, _: u8) -> Result<&'a Value, Differs> {
+    fn serialize_u8(self, _: u8) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
-    fn serialize_u16(self, _: u16) -> Result<&'a Value, Differs> {
+    fn serialize_u16(self, _: u16) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
-    fn serialize_u32(self, _: u32) -> Result<&'a Value, Differs> {
+    fn serialize_u32(self, _: u32) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
-    fn serialize_u64(self, _: u64) -> Result<&'a Value, Differs> {
+    fn serialize_u64(self, _: u64) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
-    fn serialize_f32(self, _: f32) -> Result<&'a Value, Differs> {
+    fn serialize_f32(self, _: f32) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
-    fn serialize_f64(self, _: f64) -> Result<&'a Value, Differs> {
+    fn serialize_f64(self, _: f64) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
-    fn serialize_char(self, _: char) -> Result<&'a Value, Differs> {
+    fn serialize_char(self, _: char) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
-    fn serialize_bytes(self, _: &[u8]) -> Result<&'a Value, Differs> {
+    fn serialize_bytes(self, _: &[u8]) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
-    fn serialize_none(self) -> Result<&'a Value, Differs> {
+    fn serialize_none(self) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
-    fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<&'a Value, Differs> {
+    fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
-    fn serialize_unit(self) -> Result<&'a Value, Differs> {
+    fn serialize_unit(self) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
-    fn serialize_unit_struct(self, _: &'static str) -> Result<&'a Value, Differs> {
+    fn serialize_unit_struct(self, _: &'static str) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
     fn serialize_unit_variant(
@@ -365,7 +377,7 @@ impl<'a> ser::Serializer for Lookup<'a> {
         _: &'static str,
         _: u32,
         _: &'static str,
-    ) -> Result<&'a Value, Differs> {
+    ) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
@@ -374,7 +386,7 @@ impl<'a> ser::Serializer for Lookup<'a> {
         _: u32,
         _: &'static str,
         _: &T,
-    ) -> Result<&'a Value, Differs> {
+    ) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
     fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, Differs> {
@@ -536,6 +548,36 @@ mod tests {
             &Kind::Gauge,
             &[json!("gauge"), json!("up_down"), json!("Gauge")],
         );
+    }
+
+    /// A key emitted twice could hide one never checked: maps must emit theirs in order.
+    #[test]
+    fn keys_out_of_order_or_twice_are_a_difference() {
+        #[derive(Serialize)]
+        struct Flat {
+            a: i32,
+            #[serde(flatten)]
+            m: BTreeMap<String, i32>,
+        }
+        let twice = Flat {
+            a: 1,
+            m: [("a".into(), 1)].into(),
+        };
+        assert_eq!(serde_json::to_value(&twice).unwrap(), json!({"a": 1}));
+        assert!(!serialized_as(&twice, &json!({"a": 1, "b": 0})));
+        // Out of order, though each once: answered "no", though to_value would agree.
+        let backwards: Vec<(&str, i32)> = vec![("b", 2), ("a", 1)];
+        struct Pairs<'a>(&'a [(&'a str, i32)]);
+        impl Serialize for Pairs<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+            }
+        }
+        assert!(!serialized_as(&Pairs(&backwards), &json!({"a": 1, "b": 2})));
+        assert!(serialized_as(
+            &Pairs(&[("a", 1), ("b", 2)]),
+            &json!({"a": 1, "b": 2})
+        ));
     }
 
     #[test]

@@ -261,8 +261,8 @@ impl IngestContext {
 /// `Uuid::new_v5(&CONTENT_NAMESPACE, "<tenant>/<content as JSON>")`, the name written
 /// once, into one buffer. (Not streamed into the hash: SHA-1 fed serde_json's many small
 /// writes cost more than the copy.) The hash is the `sha1` crate's, which uses the CPU's
-/// SHA instructions where it has them: `uuid`'s own SHA-1 is portable code, and was a tenth
-/// of an OTLP point's stamping.
+/// SHA instructions where it has them: `uuid`'s own SHA-1 is portable code, and was about a
+/// tenth of an OTLP point's door work.
 fn content_id(tenant: TenantId, content: &Map<String, Value>) -> Uuid {
     use sha1::{Digest, Sha1};
     let mut name = Vec::with_capacity(CONTENT_NAME_GUESS);

@@ -32,7 +32,7 @@ pub const MAX_POINTS: usize = 50_000;
 /// Most log records one request may carry.
 pub const MAX_RECORDS: usize = 10_000;
 /// Longest label value; longer attribute values of log records go to `extra` instead.
-pub const MAX_LABEL_VALUE: usize = 1024;
+pub const MAX_LABEL_VALUE: usize = shared::events::MAX_LABEL_VALUE_LEN;
 /// Longest text kept in a log event's details, metadata or extra (a prompt, tool parameters,
 /// an API body…); longer ones are cut here and end with `…`.
 pub const MAX_TEXT: usize = 8 * 1024;
