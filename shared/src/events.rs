@@ -747,6 +747,25 @@ pub enum Payload {
     Auth(AuthKind, AuthEvent),
 }
 
+/// A payload serializes as its data alone (the envelope carries its type).
+impl Serialize for Payload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Payload::CommandExecuted(p) => p.serialize(s),
+            Payload::AgentInteracted(p) => p.serialize(s),
+            Payload::ToolExecuted(p) => p.serialize(s),
+            Payload::SessionStarted(p) => p.serialize(s),
+            Payload::SessionEnded(p) => p.serialize(s),
+            Payload::SessionContext(p) => p.serialize(s),
+            Payload::ProductivityRecorded(p) => p.serialize(s),
+            Payload::MetricSample(p) => p.serialize(s),
+            Payload::PullRequestChanged(p) => p.serialize(s),
+            Payload::BranchPushed(p) => p.serialize(s),
+            Payload::Auth(_, p) => p.serialize(s),
+        }
+    }
+}
+
 /// Field names of each payload type, so unknown fields can be moved into `extra`.
 fn known_fields(t: EventType) -> &'static [&'static str] {
     match t {
@@ -994,38 +1013,12 @@ impl Payload {
 
     /// The payload in its normalized JSON form (as stored in the envelope).
     pub fn to_value(&self) -> Value {
-        let v = match self {
-            Payload::CommandExecuted(p) => serde_json::to_value(p),
-            Payload::AgentInteracted(p) => serde_json::to_value(p),
-            Payload::ToolExecuted(p) => serde_json::to_value(p),
-            Payload::SessionStarted(p) => serde_json::to_value(p),
-            Payload::SessionEnded(p) => serde_json::to_value(p),
-            Payload::SessionContext(p) => serde_json::to_value(p),
-            Payload::ProductivityRecorded(p) => serde_json::to_value(p),
-            Payload::MetricSample(p) => serde_json::to_value(p),
-            Payload::PullRequestChanged(p) => serde_json::to_value(p),
-            Payload::BranchPushed(p) => serde_json::to_value(p),
-            Payload::Auth(_, p) => serde_json::to_value(p),
-        };
-        v.expect("payload types serialize infallibly")
+        serde_json::to_value(self).expect("payload types serialize infallibly")
     }
 
     /// Whether [`Payload::to_value`] would be `v`, found without building it.
     pub fn is_written_as(&self, v: &Value) -> bool {
-        use crate::json_eq::serialized_as;
-        match self {
-            Payload::CommandExecuted(p) => serialized_as(p, v),
-            Payload::AgentInteracted(p) => serialized_as(p, v),
-            Payload::ToolExecuted(p) => serialized_as(p, v),
-            Payload::SessionStarted(p) => serialized_as(p, v),
-            Payload::SessionEnded(p) => serialized_as(p, v),
-            Payload::SessionContext(p) => serialized_as(p, v),
-            Payload::ProductivityRecorded(p) => serialized_as(p, v),
-            Payload::MetricSample(p) => serialized_as(p, v),
-            Payload::PullRequestChanged(p) => serialized_as(p, v),
-            Payload::BranchPushed(p) => serialized_as(p, v),
-            Payload::Auth(_, p) => serialized_as(p, v),
-        }
+        crate::json_eq::serialized_as(self, v)
     }
 
     fn check_limits(&self, prefix: &str) -> Vec<FieldError> {

@@ -295,6 +295,15 @@ impl ser::SerializeStruct for Entries<'_> {
     }
 }
 
+/// Serializer methods of one value that answer "differs" whatever the value.
+macro_rules! refuse {
+    ($($method:ident($t:ty)),*) => {$(
+        fn $method(self, _: $t) -> Result<Self::Ok, Differs> {
+            Err(Differs)
+        }
+    )*};
+}
+
 /// A map key, looked up in the object: only string keys are followed. Gives the object's
 /// key and its value.
 struct Lookup<'a>(&'a Map<String, Value>);
@@ -321,45 +330,21 @@ impl<'a> ser::Serializer for Lookup<'a> {
     ) -> Result<Self::Ok, Differs> {
         x.serialize(self)
     }
-    fn serialize_bool(self, _: bool) -> Result<Self::Ok, Differs> {
-        Err(Differs)
-    }
-    fn serialize_i8(self, _: i8) -> Result<Self::Ok, Differs> {
-        Err(Differs)
-    }
-    fn serialize_i16(self, _: i16) -> Result<Self::Ok, Differs> {
-        Err(Differs)
-    }
-    fn serialize_i32(self, _: i32) -> Result<Self::Ok, Differs> {
-        Err(Differs)
-    }
-    fn serialize_i64(self, _: i64) -> Result<Self::Ok, Differs> {
-        Err(Differs)
-    }
-    fn serialize_u8(self, _: u8) -> Result<Self::Ok, Differs> {
-        Err(Differs)
-    }
-    fn serialize_u16(self, _: u16) -> Result<Self::Ok, Differs> {
-        Err(Differs)
-    }
-    fn serialize_u32(self, _: u32) -> Result<Self::Ok, Differs> {
-        Err(Differs)
-    }
-    fn serialize_u64(self, _: u64) -> Result<Self::Ok, Differs> {
-        Err(Differs)
-    }
-    fn serialize_f32(self, _: f32) -> Result<Self::Ok, Differs> {
-        Err(Differs)
-    }
-    fn serialize_f64(self, _: f64) -> Result<Self::Ok, Differs> {
-        Err(Differs)
-    }
-    fn serialize_char(self, _: char) -> Result<Self::Ok, Differs> {
-        Err(Differs)
-    }
-    fn serialize_bytes(self, _: &[u8]) -> Result<Self::Ok, Differs> {
-        Err(Differs)
-    }
+    refuse!(
+        serialize_bool(bool),
+        serialize_i8(i8),
+        serialize_i16(i16),
+        serialize_i32(i32),
+        serialize_i64(i64),
+        serialize_u8(u8),
+        serialize_u16(u16),
+        serialize_u32(u32),
+        serialize_u64(u64),
+        serialize_f32(f32),
+        serialize_f64(f64),
+        serialize_char(char),
+        serialize_bytes(&[u8])
+    );
     fn serialize_none(self) -> Result<Self::Ok, Differs> {
         Err(Differs)
     }
