@@ -82,7 +82,16 @@ pub fn otlp<S: ingest_api::formats::otlp::Signal>(
         return;
     };
     assert_eq!(converted.events.len(), converted.origins.len());
-    let events = std::mem::take(&mut converted.events);
-    envelopes(&context(Source::Otlp, Ids::Content), events);
+    let ctx = context(Source::Otlp, Ids::Content);
+    for (i, event) in std::mem::take(&mut converted.events).into_iter().enumerate() {
+        // A sample built typed is stamped as the JSON door stamps it as JSON.
+        let json = ctx.envelope(i, event.clone().into_json());
+        let typed = ctx.client_envelope(i, event);
+        assert_eq!(typed, json, "the typed sample's envelope is the JSON door's");
+        match typed {
+            Ok(env) => round_trip(&env),
+            Err(errors) => assert!(!errors.is_empty(), "a refusal names no field"),
+        }
+    }
     let _ = ingest_api::formats::otlp::encode_response::<S>(&converted, encoding);
 }

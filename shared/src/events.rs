@@ -731,6 +731,40 @@ pub struct MetricSample {
     pub extra: Object,
 }
 
+impl MetricSample {
+    /// The sample's normalized form, [`Payload::to_value`]'s, built from its own parts
+    /// rather than copies of them: an OTLP point, built typed by ingest-api, becomes its
+    /// envelope's `data` this way.
+    pub fn into_value(self) -> Value {
+        let labels = self
+            .labels
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
+            .collect();
+        let mut data = Map::new();
+        data.insert("name".into(), Value::String(self.name));
+        data.insert("labels".into(), Value::Object(labels));
+        data.insert("value".into(), Value::from(self.value));
+        data.insert("kind".into(), Value::from(self.kind.as_str()));
+        if !self.extra.is_empty() {
+            data.insert("extra".into(), Value::Object(self.extra));
+        }
+        Value::Object(data)
+    }
+}
+
+impl SampleKind {
+    /// As it is written in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SampleKind::Gauge => "gauge",
+            SampleKind::Counter => "counter",
+            SampleKind::Histogram => "histogram",
+            SampleKind::Summary => "summary",
+        }
+    }
+}
+
 /// A decoded, validated payload.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
@@ -1021,7 +1055,9 @@ impl Payload {
         crate::json_eq::serialized_as(self, v)
     }
 
-    fn check_limits(&self, prefix: &str) -> Vec<FieldError> {
+    /// Every field of the payload outside its limits (lengths, ranges, label counts), named
+    /// below `prefix`. Decoding checks them; a payload built typed is checked with this.
+    pub fn check_limits(&self, prefix: &str) -> Vec<FieldError> {
         let mut c = Checker {
             prefix,
             errors: Vec::new(),
@@ -1328,6 +1364,38 @@ impl Checker<'_> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A sample built typed becomes the same `data` as one decoded and written again.
+    #[test]
+    fn a_sample_moved_into_its_form_is_its_payloads_form() {
+        let kinds = [
+            SampleKind::Gauge,
+            SampleKind::Counter,
+            SampleKind::Histogram,
+            SampleKind::Summary,
+        ];
+        for (i, kind) in kinds.into_iter().enumerate() {
+            assert_eq!(json!(kind), json!(kind.as_str()));
+            for value in [0.0, -1.5, 1e300, f64::NAN, i as f64] {
+                let mut extra = Map::new();
+                if i % 2 == 1 {
+                    extra.insert("unit".into(), json!("ms"));
+                    extra.insert("bounds".into(), json!([1.0, {"a": null}]));
+                }
+                let sample = MetricSample {
+                    name: format!("m{i}"),
+                    labels: (0..i)
+                        .map(|l| (format!("k{l}"), "v\u{e9}".repeat(l)))
+                        .collect(),
+                    value,
+                    kind,
+                    extra,
+                };
+                let expected = Payload::MetricSample(sample.clone()).to_value();
+                assert_eq!(sample.into_value(), expected);
+            }
+        }
+    }
 
     /// A client's `data` that already is its payload's form is what the envelope carries;
     /// one that is not is replaced by the form.

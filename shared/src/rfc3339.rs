@@ -87,6 +87,14 @@ pub fn to_rfc3339(t: &DateTime<Utc>) -> String {
     }
 }
 
+/// `to_rfc3339(t).len()`, without writing the text anywhere but the stack.
+pub fn rfc3339_len(t: &DateTime<Utc>) -> usize {
+    match text(t, &mut [0u8; MAX_LEN]).and_then(|text| text.strip_suffix('Z')) {
+        Some(text) => text.len() + "+00:00".len(),
+        None => t.to_rfc3339().len(),
+    }
+}
+
 /// Deserializes a time as chrono's `Deserialize` for `DateTime<Utc>` does (for
 /// `#[serde(deserialize_with)]`).
 pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
@@ -208,6 +216,7 @@ mod tests {
             let chrono = serde_json::to_value(t).expect("serializes");
             assert_eq!(ours(t), chrono.as_str().expect("a string"), "{t:?}");
             assert_eq!(to_rfc3339(t), t.to_rfc3339(), "{t:?}");
+            assert_eq!(rfc3339_len(t), t.to_rfc3339().len(), "{t:?}");
             // Read back as chrono reads it, the fast shape or not.
             assert_eq!(read(&chrono), Ok(*t), "{t:?}");
         }

@@ -89,7 +89,7 @@ fn otlp_rounds(rounds: usize) {
                 .events
                 .into_iter()
                 .enumerate()
-                .map(|(i, raw)| ctx.envelope(i, raw).expect("a valid event"))
+                .map(|(i, raw)| ctx.client_envelope(i, raw).expect("a valid event"))
                 .collect::<Vec<_>>();
             let serialized = serialize(&envelopes).expect("serializes");
             for envelope in serialized.iter() {

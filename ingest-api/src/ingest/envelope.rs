@@ -3,12 +3,13 @@
 //! list of everything wrong with it.
 
 use chrono::{DateTime, Duration, Utc};
+use serde::Serialize;
 use serde_json::{Map, Value};
-use shared::events::{Actor, Envelope, EventType, FieldError, Payload, Source};
+use shared::events::{Actor, Envelope, EventType, FieldError, MetricSample, Payload, Source};
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
-use super::storable::{check_storable, nul_paths};
+use super::storable::{check_storable, has_nul, nul_paths};
 
 /// How old a `session.context` may be: it moves its session's usage from its time on, so
 /// its reach is bounded.
@@ -58,6 +59,102 @@ pub enum Ids {
     Content,
 }
 
+/// A client event as a converter of a foreign format hands it to the door.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientEvent {
+    /// As a client of the JSON door sends it: `{"type", "occurred_at", "data"}`.
+    Json(Value),
+    /// A `metric.sample`, built typed (an OTLP point, a log record counted as a sample).
+    Sample(SampleEvent),
+}
+
+impl ClientEvent {
+    /// The event as the JSON door would take it.
+    pub fn into_json(self) -> Value {
+        match self {
+            ClientEvent::Json(v) => v,
+            ClientEvent::Sample(s) => s.into_json(),
+        }
+    }
+}
+
+/// A `metric.sample` and its time, built typed by a converter: stamped without being
+/// written as JSON and read back, which an OTLP point's labels were three times over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleEvent {
+    pub at: DateTime<Utc>,
+    pub sample: MetricSample,
+}
+
+/// A sample event's content as [`SampleEvent::into_json`] writes it, its keys in the order
+/// serde_json's maps keep them (sorted): the text its content id is hashed from.
+#[derive(Serialize)]
+struct SampleContent<'a> {
+    data: SampleData<'a>,
+    occurred_at: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'static str,
+}
+
+#[derive(Serialize)]
+struct SampleData<'a> {
+    extra: &'a Map<String, Value>,
+    kind: &'static str,
+    labels: &'a std::collections::BTreeMap<String, String>,
+    name: &'a str,
+    value: f64,
+}
+
+impl SampleEvent {
+    /// The event as a client would send it to the JSON door, `extra` always written (as
+    /// converters wrote samples before they were typed): a refused sample is read this way,
+    /// so that its refusal is the JSON door's, word for word.
+    pub fn into_json(self) -> Value {
+        let s = self.sample;
+        let mut data = Map::new();
+        data.insert("name".into(), Value::String(s.name));
+        let labels = s.labels.into_iter().map(|(k, v)| (k, Value::String(v)));
+        data.insert("labels".into(), Value::Object(labels.collect()));
+        data.insert("value".into(), Value::from(s.value));
+        data.insert("kind".into(), Value::from(s.kind.as_str()));
+        data.insert("extra".into(), Value::Object(s.extra));
+        let mut event = Map::new();
+        event.insert("type".into(), Value::from(EventType::MetricSample.as_str()));
+        event.insert(
+            "occurred_at".into(),
+            Value::from(shared::rfc3339::to_rfc3339(&self.at)),
+        );
+        event.insert("data".into(), Value::Object(data));
+        Value::Object(event)
+    }
+
+    /// Whether any text of the sample holds a NUL character.
+    fn has_nul(&self) -> bool {
+        let s = &self.sample;
+        let nul = |t: &str| t.contains('\0');
+        nul(&s.name)
+            || s.labels.iter().any(|(k, v)| nul(k) || nul(v))
+            || s.extra.iter().any(|(k, v)| nul(k) || has_nul(v))
+    }
+
+    /// `content_id` of the event as [`SampleEvent::into_json`] builds it, without building it.
+    fn content_id(&self, tenant: TenantId) -> Uuid {
+        let s = &self.sample;
+        let content = SampleContent {
+            data: SampleData {
+                extra: &s.extra,
+                kind: s.kind.as_str(),
+                labels: &s.labels,
+                name: &s.name,
+                value: s.value,
+            },
+            occurred_at: &shared::rfc3339::to_rfc3339(&self.at),
+            event_type: EventType::MetricSample.as_str(),
+        };
+        content_id(tenant, &content)
+    }
+}
+
 /// Namespace for ids derived from an `Idempotency-Key`.
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_5b1e_2a7d_4c4e_9d1a_7a11_7a11_0001);
 /// Namespace for ids derived from an event's content.
@@ -75,13 +172,64 @@ impl IngestContext {
         })
     }
 
+    /// [`IngestContext::envelope`] of a converter's event. A sample built typed is stamped
+    /// as it is when every check passes; otherwise it is read as the JSON door reads it, so
+    /// that a refusal names the same fields for the same reasons.
+    pub fn client_envelope(
+        &self,
+        index: usize,
+        event: ClientEvent,
+    ) -> Result<Envelope, Vec<FieldError>> {
+        let s = match event {
+            ClientEvent::Json(raw) => return self.envelope(index, raw),
+            ClientEvent::Sample(s) => s,
+        };
+        // The JSON door's checks of such an event: its time within bounds, no NUL, the
+        // payload's limits and what the database can store. (Its shape is the payload's.)
+        // (A leap second, which only a log record's `event.timestamp` could name, is read
+        // back as the JSON door would read it.)
+        let in_time = s.at <= self.received_at + self.bounds.max_future_skew
+            && s.at >= self.received_at - self.bounds.retention
+            && s.at.timestamp_subsec_nanos() < 1_000_000_000;
+        let nul = s.has_nul();
+        let payload = Payload::MetricSample(s.sample);
+        if !in_time
+            || nul
+            || !payload.check_limits("data").is_empty()
+            || !check_storable(&payload, "data").is_empty()
+        {
+            let Payload::MetricSample(sample) = payload else {
+                unreachable!("built as a sample above")
+            };
+            return self.envelope(index, SampleEvent { at: s.at, sample }.into_json());
+        }
+        let Payload::MetricSample(sample) = payload else {
+            unreachable!("built as a sample above")
+        };
+        let s = SampleEvent { at: s.at, sample };
+        let id = self.default_id(index, || s.content_id(self.tenant_id));
+        Ok(Envelope {
+            id,
+            tenant_id: self.tenant_id,
+            event_type: EventType::MetricSample,
+            schema_version: EventType::MetricSample.current_version(),
+            occurred_at: s.at,
+            received_at: self.received_at,
+            actor: self.actor.clone(),
+            source: self.source,
+            data: s.sample.into_value(),
+        })
+    }
+
     fn parse_envelope(&self, index: usize, raw: Value) -> Result<Envelope, Vec<FieldError>> {
         let Value::Object(mut obj) = raw else {
             return Err(vec![FieldError::new("", "an event must be a JSON object")]);
         };
         let mut errors = Vec::new();
         let id = match obj.remove("id") {
-            None | Some(Value::Null) => Some(self.default_id(index, &obj)),
+            None | Some(Value::Null) => {
+                Some(self.default_id(index, || content_id(self.tenant_id, &obj)))
+            }
             Some(Value::String(s)) => match Uuid::parse_str(&s) {
                 Ok(id) if !id.is_nil() => Some(id),
                 _ => {
@@ -245,15 +393,15 @@ impl IngestContext {
         })
     }
 
-    /// The id of an event sent without one; `content` is the event without its `id`.
-    fn default_id(&self, index: usize, content: &Map<String, Value>) -> Uuid {
+    /// The id of an event sent without one; `content_id` is its [`Ids::Content`] id.
+    fn default_id(&self, index: usize, content_id: impl FnOnce() -> Uuid) -> Uuid {
         match &self.ids {
             Ids::Fresh => Uuid::now_v7(),
             Ids::Idempotency(key) => Uuid::new_v5(
                 &IDEMPOTENCY_NAMESPACE,
                 format!("{}/{}/{}", self.tenant_id, key, index).as_bytes(),
             ),
-            Ids::Content => content_id(self.tenant_id, content),
+            Ids::Content => content_id(),
         }
     }
 }
@@ -263,14 +411,14 @@ impl IngestContext {
 /// writes cost more than the copy.) The hash is the `sha1` crate's, which uses the CPU's
 /// SHA instructions where it has them: `uuid`'s own SHA-1 is portable code, and was about a
 /// tenth of an OTLP point's door work.
-fn content_id(tenant: TenantId, content: &Map<String, Value>) -> Uuid {
+fn content_id(tenant: TenantId, content: &impl Serialize) -> Uuid {
     use sha1::{Digest, Sha1};
     let mut name = Vec::with_capacity(CONTENT_NAME_GUESS);
     // As `TenantId`'s `Display` writes it, without `core::fmt`.
     let tenant = tenant.0.hyphenated();
     name.extend_from_slice(tenant.encode_lower(&mut Uuid::encode_buffer()).as_bytes());
     name.push(b'/');
-    serde_json::to_writer(&mut name, content).expect("a JSON map serializes");
+    serde_json::to_writer(&mut name, content).expect("an event's content serializes");
     let mut hash = Sha1::new();
     hash.update(CONTENT_NAMESPACE.as_bytes());
     hash.update(&name);
@@ -350,6 +498,100 @@ mod tests {
 
     fn now() -> String {
         Utc::now().to_rfc3339()
+    }
+
+    /// Samples near every check the JSON door makes, and texts JSON must escape.
+    fn samples(now: DateTime<Utc>) -> Vec<SampleEvent> {
+        let base = SampleEvent {
+            at: now - Duration::minutes(3),
+            sample: MetricSample {
+                name: "claude_code.token.usage".into(),
+                labels: [("user.id", "u1"), ("type", "input"), ("model", "opus")]
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .into(),
+                value: 42.5,
+                kind: shared::events::SampleKind::Counter,
+                extra: json!({"temporality": "delta", "monotonic": true})
+                    .as_object()
+                    .cloned()
+                    .unwrap(),
+            },
+        };
+        let with = |f: &dyn Fn(&mut SampleEvent)| {
+            let mut s = base.clone();
+            f(&mut s);
+            s
+        };
+        let label = |k: &str, v: String| {
+            with(&|s| {
+                s.sample.labels.insert(k.to_string(), v.clone());
+            })
+        };
+        // Yesterday's last second, had it been a leap second.
+        let leap = (now - Duration::days(1))
+            .date_naive()
+            .and_hms_nano_opt(23, 59, 59, 1_500_000_000)
+            .unwrap()
+            .and_utc();
+        vec![
+            base.clone(),
+            with(&|s| s.sample.extra.clear()),
+            with(&|s| s.sample.labels.clear()),
+            with(&|s| s.sample.kind = shared::events::SampleKind::Gauge),
+            with(&|s| s.sample.value = -0.0),
+            with(&|s| s.sample.value = 1e300),
+            with(&|s| s.at = now + Duration::minutes(4)),
+            with(&|s| s.at = now + Duration::minutes(6)),
+            with(&|s| s.at = now - Duration::days(89)),
+            with(&|s| s.at = now - Duration::days(91)),
+            with(&|s| s.at = leap),
+            with(&|s| s.at += Duration::nanoseconds(123_456_789)),
+            label(
+                "path",
+                "C:\\x \"quoted\" \u{1}\u{7f} \u{e9}\u{1f600} </".into(),
+            ),
+            label("user.id", "x".repeat(600)),
+            label("user.id", "x".repeat(601)),
+            label("other", "y".repeat(1024)),
+            label("other", "y".repeat(1025)),
+            label("nul", "a\u{0}b".into()),
+            label("k\u{0}", "v".into()),
+            label("", "empty name".into()),
+            with(&|s| s.sample.name = "n\u{0}".into()),
+            with(&|s| s.sample.name = String::new()),
+            with(&|s| s.sample.name = "\u{4e00}".repeat(256)),
+            with(&|s| {
+                s.sample
+                    .extra
+                    .insert("deep".into(), json!({"a": ["b", {"c\u{0}": 1}]}));
+            }),
+            with(&|s| {
+                for i in 0..=shared::events::MAX_LABELS {
+                    s.sample.labels.insert(format!("l{i}"), i.to_string());
+                }
+            }),
+        ]
+    }
+
+    /// A sample built typed is stamped as the JSON door stamps it as a client would send it:
+    /// the same id, the same envelope, or the same refusal.
+    #[test]
+    fn typed_samples_are_stamped_as_the_json_door_stamps_them() {
+        for ids in [Ids::Content, Ids::Idempotency("retry-1".into())] {
+            let ctx = IngestContext {
+                source: Source::Otlp,
+                ids: ids.clone(),
+                ..ctx()
+            };
+            let mut refused = 0;
+            for (i, sample) in samples(ctx.received_at).into_iter().enumerate() {
+                let typed = ctx.client_envelope(i, ClientEvent::Sample(sample.clone()));
+                let json = ctx.envelope(i, sample.clone().into_json());
+                assert_eq!(typed, json, "case {i}: {sample:?}");
+                refused += usize::from(typed.is_err());
+            }
+            assert_eq!(refused, 12, "the cases past a limit");
+        }
     }
 
     #[test]

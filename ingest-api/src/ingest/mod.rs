@@ -6,7 +6,7 @@ pub mod envelope;
 pub mod sink;
 pub mod storable;
 
-pub use envelope::{Ids, IngestContext, TimeBounds};
+pub use envelope::{ClientEvent, Ids, IngestContext, SampleEvent, TimeBounds};
 
 #[cfg(test)]
 mod tests;

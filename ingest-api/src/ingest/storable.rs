@@ -20,104 +20,103 @@ pub const DIMENSION_LABELS: [&str; 8] = [
     "session.id",
 ];
 
+/// The fields of a `metric.sample` named by [`DIMENSION_LABELS`], in their order.
+const DIMENSION_FIELDS: [&str; 8] = [
+    "labels.user_id",
+    "labels.user.id",
+    "labels.team_id",
+    "labels.team.id",
+    "labels.project_id",
+    "labels.project.id",
+    "labels.session_id",
+    "labels.session.id",
+];
+
 /// Every value of `payload` that becomes part of a rollup key and is longer than
-/// [`MAX_KEY_BYTES`].
+/// [`MAX_KEY_BYTES`]. Allocates nothing for a payload within the bound, as nearly every one
+/// is: this runs on every event.
 pub fn check_storable(payload: &Payload, prefix: &str) -> Vec<FieldError> {
-    fn ids<'a>(
-        keys: &mut Vec<(String, &'a str)>,
-        user: Option<&'a str>,
-        team: &'a Option<String>,
-        project: &'a Option<String>,
-    ) {
-        for (f, v) in [
-            ("user_id", user),
-            ("team_id", team.as_deref()),
-            ("project_id", project.as_deref()),
-        ] {
-            if let Some(v) = v {
-                keys.push((f.to_string(), v));
-            }
-        }
-    }
-    let mut keys: Vec<(String, &str)> = Vec::new();
-    match payload {
-        Payload::CommandExecuted(p) => {
-            ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
-            keys.push(("command_name".into(), &p.command_name));
-        }
-        Payload::AgentInteracted(p) => {
-            ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
-            keys.push(("agent_name".into(), &p.agent_name));
-        }
-        Payload::ToolExecuted(p) => {
-            ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
-            keys.push(("tool_name".into(), &p.tool_name));
-            keys.push(("session_id".into(), &p.session_id));
-        }
-        Payload::SessionStarted(p) => {
-            ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
-            keys.push(("session_id".into(), &p.session_id));
-        }
-        Payload::SessionEnded(p) => {
-            ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
-            keys.push(("session_id".into(), &p.session_id));
-        }
-        Payload::SessionContext(p) => {
-            ids(&mut keys, Some(&p.user_id), &p.team_id, &p.project_id);
-            keys.push(("session_id".into(), &p.session_id));
-            for (f, v) in [("repository", &p.repository), ("branch", &p.branch)] {
-                if let Some(v) = v {
-                    keys.push((f.into(), v));
-                }
-            }
-        }
-        Payload::PullRequestChanged(p) => {
-            keys.push(("repository".into(), &p.repository));
-            keys.push(("head_branch".into(), &p.head_branch));
-        }
-        Payload::BranchPushed(p) => {
-            keys.push(("repository".into(), &p.repository));
-            keys.push(("branch".into(), &p.branch));
-        }
-        Payload::ProductivityRecorded(p) => {
-            ids(&mut keys, p.user_id.as_deref(), &p.team_id, &p.project_id);
-        }
-        Payload::MetricSample(p) => {
-            keys.push(("name".into(), &p.name));
-            for l in DIMENSION_LABELS {
-                if let Some(v) = p.labels.get(l) {
-                    keys.push((format!("labels.{l}"), v));
-                }
-            }
-        }
-        Payload::Auth(..) => {}
-    }
-    keys.into_iter()
-        .filter(|(_, v)| v.len() > MAX_KEY_BYTES)
-        .map(|(f, v)| {
-            FieldError::new(
-                format!("{prefix}.{f}"),
+    let mut errors = Vec::new();
+    let mut key = |field: &str, v: Option<&str>| {
+        if let Some(v) = v.filter(|v| v.len() > MAX_KEY_BYTES) {
+            errors.push(FieldError::new(
+                format!("{prefix}.{field}"),
                 format!(
                     "at most {MAX_KEY_BYTES} bytes of UTF-8 (it is part of a rollup key), got {}",
                     v.len()
                 ),
-            )
-        })
-        .collect()
+            ));
+        }
+    };
+    let mut ids = |user: Option<&str>, team: &Option<String>, project: &Option<String>| {
+        key("user_id", user);
+        key("team_id", team.as_deref());
+        key("project_id", project.as_deref());
+    };
+    match payload {
+        Payload::CommandExecuted(p) => {
+            ids(Some(&p.user_id), &p.team_id, &p.project_id);
+            key("command_name", Some(&p.command_name));
+        }
+        Payload::AgentInteracted(p) => {
+            ids(Some(&p.user_id), &p.team_id, &p.project_id);
+            key("agent_name", Some(&p.agent_name));
+        }
+        Payload::ToolExecuted(p) => {
+            ids(Some(&p.user_id), &p.team_id, &p.project_id);
+            key("tool_name", Some(&p.tool_name));
+            key("session_id", Some(&p.session_id));
+        }
+        Payload::SessionStarted(p) => {
+            ids(Some(&p.user_id), &p.team_id, &p.project_id);
+            key("session_id", Some(&p.session_id));
+        }
+        Payload::SessionEnded(p) => {
+            ids(Some(&p.user_id), &p.team_id, &p.project_id);
+            key("session_id", Some(&p.session_id));
+        }
+        Payload::SessionContext(p) => {
+            ids(Some(&p.user_id), &p.team_id, &p.project_id);
+            key("session_id", Some(&p.session_id));
+            key("repository", p.repository.as_deref());
+            key("branch", p.branch.as_deref());
+        }
+        Payload::PullRequestChanged(p) => {
+            key("repository", Some(&p.repository));
+            key("head_branch", Some(&p.head_branch));
+        }
+        Payload::BranchPushed(p) => {
+            key("repository", Some(&p.repository));
+            key("branch", Some(&p.branch));
+        }
+        Payload::ProductivityRecorded(p) => {
+            ids(p.user_id.as_deref(), &p.team_id, &p.project_id);
+        }
+        Payload::MetricSample(p) => {
+            key("name", Some(&p.name));
+            for (label, field) in DIMENSION_LABELS.iter().zip(DIMENSION_FIELDS) {
+                key(field, p.labels.get(*label).map(String::as_str));
+            }
+        }
+        Payload::Auth(..) => {}
+    }
+    errors
+}
+
+/// Whether a string or object key under `v` holds a NUL character.
+pub fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
 }
 
 /// Every string and object key under `v` holding a NUL character, which PostgreSQL can store
 /// neither in text nor in jsonb, named by its path below `path` (`data.args.k`, `teams[1]`).
 /// Allocates nothing when there is none, as for nearly every event.
 pub fn nul_paths(v: &Value, path: &str) -> Vec<FieldError> {
-    fn any(v: &Value) -> bool {
-        match v {
-            Value::String(s) => s.contains('\0'),
-            Value::Array(items) => items.iter().any(any),
-            Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || any(v)),
-            _ => false,
-        }
-    }
     fn walk(v: &Value, path: &mut String, out: &mut Vec<FieldError>) {
         const REASON: &str = "contains a NUL character (\\u0000), which cannot be stored";
         match v {
@@ -148,8 +147,20 @@ pub fn nul_paths(v: &Value, path: &str) -> Vec<FieldError> {
         }
     }
     let mut out = Vec::new();
-    if any(v) {
+    if has_nul(v) {
         walk(v, &mut path.to_string(), &mut out);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dimension_fields_name_the_dimension_labels() {
+        for (label, field) in DIMENSION_LABELS.iter().zip(DIMENSION_FIELDS) {
+            assert_eq!(field, format!("labels.{label}"));
+        }
+    }
 }

@@ -25,6 +25,7 @@ use shared::events::{FieldError, Source};
 
 use crate::error::IngestError;
 use crate::ingest::door::{append, header_text, ingest_door, key_context, read_body};
+use crate::ingest::ClientEvent;
 use crate::state::AppState;
 
 pub async fn metrics(State(s): State<AppState>, request: Request) -> Response {
@@ -57,6 +58,21 @@ async fn export<S: Signal>(s: AppState, request: Request) -> Response {
     .await
 }
 
+/// The sample Claude Code's `user_prompt` log records become.
+const USER_PROMPT: &str = "claude_code.user_prompt";
+
+/// [`drop_prompt_text`] of a converter's event.
+fn drop_event_prompt(event: &mut ClientEvent) {
+    match event {
+        ClientEvent::Json(v) => drop_prompt_text(v),
+        ClientEvent::Sample(s) if s.sample.name == USER_PROMPT => {
+            s.sample.extra.remove("prompt");
+            s.sample.labels.remove("prompt");
+        }
+        ClientEvent::Sample(_) => {}
+    }
+}
+
 /// Claude Code's `user_prompt` event without the prompt's text (its length stays), for
 /// tenants that do not store prompts.
 pub(crate) fn drop_prompt_text(event: &mut serde_json::Value) {
@@ -67,7 +83,7 @@ pub(crate) fn drop_prompt_text(event: &mut serde_json::Value) {
     else {
         return;
     };
-    if data.get("name").and_then(serde_json::Value::as_str) != Some("claude_code.user_prompt") {
+    if data.get("name").and_then(serde_json::Value::as_str) != Some(USER_PROMPT) {
         return;
     }
     for place in ["extra", "labels"] {
@@ -151,9 +167,9 @@ pub(crate) async fn take<S: Signal>(
     let origins = std::mem::take(&mut converted.origins);
     for (i, (mut raw, origin)) in events.into_iter().zip(origins).enumerate() {
         if !principal.store_prompt_text {
-            drop_prompt_text(&mut raw);
+            drop_event_prompt(&mut raw);
         }
-        match ctx.envelope(i, raw) {
+        match ctx.client_envelope(i, raw) {
             Ok(mut env) => {
                 if !principal.store_command_text {
                     drop_command_text(&mut env);

@@ -28,7 +28,7 @@ use chrono::Utc;
 use clap::Parser;
 use hdrhistogram::Histogram;
 use ingest_api::formats::otlp::{self, pb};
-use ingest_api::ingest::{Ids, IngestContext, TimeBounds};
+use ingest_api::ingest::{ClientEvent, Ids, IngestContext, TimeBounds};
 use prost::Message;
 use serde_json::Value;
 use shared::events::{Actor, Source};
@@ -172,7 +172,8 @@ async fn main() -> anyhow::Result<()> {
                 let now = Utc::now().timestamp_nanos_opt().expect("now fits") as u64;
                 let req = token_points(n, i * args.batch, args.shape.spread(), now);
                 let events = otlp::metric_events(&req).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                event_bodies.push(serde_json::to_vec(&Value::Array(events.events))?);
+                let events = events.events.into_iter().map(ClientEvent::into_json);
+                event_bodies.push(serde_json::to_vec(&Value::Array(events.collect()))?);
                 bodies.push(req.encode_to_vec());
             }
         }

@@ -17,14 +17,17 @@ pub mod json;
 pub mod pb;
 pub mod wire;
 
+use std::collections::BTreeMap;
+
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use prost::Message;
 use serde_json::{json, Map, Value};
 
 use crate::formats::expansion;
+use crate::ingest::{ClientEvent, SampleEvent};
 use pb::any_value::Value as Any;
-use shared::events::{FieldError, MAX_LABELS};
+use shared::events::{FieldError, MetricSample, SampleKind, MAX_LABELS};
 use shared::rfc3339;
 
 /// Most metric data points one request may carry.
@@ -236,15 +239,18 @@ pub fn encode_response<S: Signal>(out: &Converted, encoding: Encoding) -> Vec<u8
 /// each came from) and the points or records refused, one entry each.
 #[derive(Debug, Default)]
 pub struct Converted {
-    pub events: Vec<Value>,
+    pub events: Vec<ClientEvent>,
     pub origins: Vec<String>,
     pub rejected: Vec<FieldError>,
 }
 
 impl Converted {
     /// Keeps an event, or refuses it when it is too large to be one.
-    fn push(&mut self, origin: String, event: Value) {
-        let size = approx_size(&event);
+    fn push(&mut self, origin: String, event: ClientEvent) {
+        let size = match &event {
+            ClientEvent::Json(v) => approx_size(v),
+            ClientEvent::Sample(s) => sample_size(s),
+        };
         if size > MAX_EVENT_BYTES {
             self.rejected.push(FieldError::new(
                 origin,
@@ -275,13 +281,39 @@ fn approx_size(v: &Value) -> usize {
         Value::Null | Value::Bool(_) | Value::Number(_) => 8,
         Value::String(s) => s.len() + 2,
         Value::Array(a) => 2 + a.iter().map(|v| approx_size(v) + 1).sum::<usize>(),
-        Value::Object(o) => {
-            2 + o
-                .iter()
-                .map(|(k, v)| k.len() + 4 + approx_size(v))
-                .sum::<usize>()
-        }
+        Value::Object(o) => object_size(o.iter().map(|(k, v)| (k.as_str(), approx_size(v)))),
     }
+}
+
+/// [`approx_size`] of an object whose entries are `(key, approx_size of the value)`.
+fn object_size<'a>(entries: impl Iterator<Item = (&'a str, usize)>) -> usize {
+    2 + entries.map(|(k, size)| k.len() + 4 + size).sum::<usize>()
+}
+
+/// [`approx_size`] of the sample's [`SampleEvent::into_json`], without building it.
+fn sample_size(e: &SampleEvent) -> usize {
+    let s = &e.sample;
+    let text = |t: &str| t.len() + 2;
+    let labels = object_size(s.labels.iter().map(|(k, v)| (k.as_str(), text(v))));
+    let extra = object_size(s.extra.iter().map(|(k, v)| (k.as_str(), approx_size(v))));
+    let data = object_size(
+        [
+            ("name", text(&s.name)),
+            ("labels", labels),
+            ("value", 8),
+            ("kind", text(s.kind.as_str())),
+            ("extra", extra),
+        ]
+        .into_iter(),
+    );
+    object_size(
+        [
+            ("type", text("metric.sample")),
+            ("occurred_at", rfc3339::rfc3339_len(&e.at) + 2),
+            ("data", data),
+        ]
+        .into_iter(),
+    )
 }
 
 /// Cuts every text in `v` longer than [`MAX_TEXT`] bytes, ending it with `…`.
@@ -446,14 +478,13 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                     continue;
                 }
                 let scope = sm.scope.as_ref().map_or("", |s| s.name.as_str());
-                let mut sample =
-                    |base: PointBase, kind: &str, value: f64, extra: Value| match sample_event(
-                        m, scope, resource, &base, kind, value, extra,
-                    ) {
+                let mut sample = |base: PointBase, kind: SampleKind, value: f64, extra: Value| {
+                    match sample_event(m, scope, resource, &base, kind, value, extra) {
                         Ok(Some(e)) => out.push(base.path, e),
                         Ok(None) => {}
                         Err(e) => out.rejected.push(e),
-                    };
+                    }
+                };
                 match &m.data {
                     None => out.rejected.push(FieldError::new(
                         path.clone(),
@@ -463,8 +494,8 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                         for (i, p) in g.data_points.iter().enumerate() {
                             let b = point_base(&path, i, p);
                             match number(p) {
-                                Some(v) => sample(b, "gauge", v, json!({})),
-                                None => sample(b, "gauge", f64::NAN, json!({})),
+                                Some(v) => sample(b, SampleKind::Gauge, v, json!({})),
+                                None => sample(b, SampleKind::Gauge, f64::NAN, json!({})),
                             }
                         }
                     }
@@ -477,7 +508,8 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                             && s.aggregation_temporality == pb::TEMPORALITY_DELTA;
                         for (i, p) in s.data_points.iter().enumerate() {
                             let b = point_base(&path, i, p);
-                            sample(b, "counter", number(p).unwrap_or(f64::NAN), extra.clone());
+                            let value = number(p).unwrap_or(f64::NAN);
+                            sample(b, SampleKind::Counter, value, extra.clone());
                             if starts {
                                 if let Some(e) = session_started(resource, p) {
                                     sessions.push((format!("{path}.dataPoints[{i}]"), e));
@@ -495,7 +527,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                                 "explicit_bounds": p.explicit_bounds.iter().map(|b| finite(*b)).collect::<Vec<_>>(),
                                 "bucket_counts": p.bucket_counts,
                             });
-                            sample(b, "histogram", p.sum.unwrap_or(0.0), extra);
+                            sample(b, SampleKind::Histogram, p.sum.unwrap_or(0.0), extra);
                         }
                     }
                     Some(Data::ExponentialHistogram(h)) => {
@@ -512,7 +544,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                                 "zero_threshold": finite(p.zero_threshold),
                                 "positive": side(&p.positive), "negative": side(&p.negative),
                             });
-                            sample(b, "histogram", p.sum.unwrap_or(0.0), extra);
+                            sample(b, SampleKind::Histogram, p.sum.unwrap_or(0.0), extra);
                         }
                     }
                     Some(Data::Summary(s)) => {
@@ -524,7 +556,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                                     .map(|q| json!({"quantile": finite(q.quantile), "value": finite(q.value)}))
                                     .collect::<Vec<_>>(),
                             });
-                            sample(b, "summary", p.sum, extra);
+                            sample(b, SampleKind::Summary, p.sum, extra);
                         }
                     }
                 }
@@ -532,7 +564,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
         }
     }
     for (origin, e) in sessions {
-        out.push(origin, e);
+        out.push(origin, ClientEvent::Json(e));
     }
     Ok(out)
 }
@@ -600,10 +632,10 @@ fn sample_event(
     scope: &str,
     resource: &[pb::KeyValue],
     base: &PointBase,
-    kind: &str,
+    kind: SampleKind,
     value: f64,
     mut extra: Value,
-) -> Result<Option<Value>, FieldError> {
+) -> Result<Option<ClientEvent>, FieldError> {
     if base.flags & pb::FLAG_NO_RECORDED_VALUE != 0 {
         return Ok(None);
     }
@@ -613,9 +645,9 @@ fn sample_event(
     }
     let at = nanos_to_time(base.time)
         .ok_or_else(|| err("timeUnixNano is missing or out of range".into()))?;
-    let mut labels = Map::new();
+    let mut labels = BTreeMap::new();
     for kv in resource.iter().chain(base.attributes) {
-        labels.insert(kv.key.clone(), Value::String(label_text(kv.value.as_ref())));
+        labels.insert(kv.key.clone(), label_text(kv.value.as_ref()));
     }
     if labels.len() > MAX_LABELS {
         return Err(err(format!(
@@ -637,6 +669,9 @@ fn sample_event(
         );
     }
     x.retain(|_, v| !v.is_null());
+    let Value::Object(extra) = extra else {
+        unreachable!("extra is an object")
+    };
     Ok(Some(sample(at, m.name.clone(), labels, value, kind, extra)))
 }
 
@@ -760,7 +795,7 @@ fn log_event(
     scope: &str,
     r: &pb::LogRecord,
     now: DateTime<Utc>,
-) -> Value {
+) -> ClientEvent {
     let mut attrs = Attrs(
         resource
             .iter()
@@ -805,9 +840,9 @@ fn log_event(
     if claude {
         attrs.0.remove("event.name");
         match short.as_deref() {
-            Some("tool_result") => return tool_result(attrs, at),
-            Some("api_request") => return api_call(attrs, at, false),
-            Some("api_error") => return api_call(attrs, at, true),
+            Some("tool_result") => return ClientEvent::Json(tool_result(attrs, at)),
+            Some("api_request") => return ClientEvent::Json(api_call(attrs, at, false)),
+            Some("api_error") => return ClientEvent::Json(api_call(attrs, at, true)),
             _ => {}
         }
     }
@@ -830,22 +865,25 @@ fn typed(kind: &str, at: DateTime<Utc>, data: Map<String, Value>) -> Value {
     Value::Object(event)
 }
 
-/// A `metric.sample`, built around its labels and extras.
+/// A `metric.sample`, built typed around its labels and extras.
 fn sample(
     at: DateTime<Utc>,
     name: String,
-    labels: Map<String, Value>,
+    labels: BTreeMap<String, String>,
     value: f64,
-    kind: &str,
-    extra: Value,
-) -> Value {
-    let mut data = Map::new();
-    data.insert("name".into(), Value::from(name));
-    data.insert("labels".into(), Value::Object(labels));
-    data.insert("value".into(), Value::from(value));
-    data.insert("kind".into(), Value::from(kind));
-    data.insert("extra".into(), extra);
-    typed("metric.sample", at, data)
+    kind: SampleKind,
+    extra: Map<String, Value>,
+) -> ClientEvent {
+    ClientEvent::Sample(SampleEvent {
+        at,
+        sample: MetricSample {
+            name,
+            labels,
+            value,
+            kind,
+            extra,
+        },
+    })
 }
 
 /// `claude_code.tool_result` → `tool.executed`.
@@ -915,8 +953,8 @@ fn generic_event(
     r: &pb::LogRecord,
     body: Value,
     body_is_name: bool,
-) -> Value {
-    let mut labels = Map::new();
+) -> ClientEvent {
+    let mut labels = BTreeMap::new();
     let mut extra = Map::new();
     for (k, v) in a.0 {
         let text = match &v {
@@ -928,7 +966,7 @@ fn generic_event(
             && k.chars().count() <= shared::events::MAX_NAME_LEN
             && text.chars().count() <= MAX_LABEL_VALUE
         {
-            labels.insert(k, Value::from(text));
+            labels.insert(k, text);
         } else {
             extra.insert(k, v);
         }
@@ -942,7 +980,7 @@ fn generic_event(
     if r.severity_number != 0 {
         extra.insert("severity_number".into(), Value::from(r.severity_number));
     }
-    sample(at, name, labels, 1.0, "counter", Value::Object(extra))
+    sample(at, name, labels, 1.0, SampleKind::Counter, extra)
 }
 
 #[cfg(test)]
@@ -960,8 +998,19 @@ mod tests {
     const LOGS_JSON: &str = include_str!("../../../tests/fixtures/otlp/claude_code_logs.json");
     const LOGS_PB: &[u8] = include_bytes!("../../../tests/fixtures/otlp/claude_code_logs.pb");
 
-    /// Every event a conversion makes must pass the same validation as any client's event.
-    fn envelopes(events: &[Value]) -> Vec<shared::events::Envelope> {
+    /// The events of a conversion as a client would send them to the JSON door.
+    fn json_events(out: &Converted) -> Vec<Value> {
+        out.events
+            .iter()
+            .cloned()
+            .map(ClientEvent::into_json)
+            .collect()
+    }
+
+    /// Every event a conversion makes must pass the same validation as any client's event,
+    /// and become the same envelope as it would sent to the JSON door; a sample is sized as
+    /// its JSON is.
+    fn envelopes(out: &Converted) -> Vec<shared::events::Envelope> {
         let ctx = IngestContext {
             tenant_id: TenantId::new(),
             actor: Actor::default(),
@@ -971,13 +1020,20 @@ mod tests {
                 retention: chrono::Duration::days(3650),
                 ..TimeBounds::default()
             },
-            ids: crate::ingest::Ids::Fresh,
+            ids: crate::ingest::Ids::Content,
         };
-        events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| ctx.envelope(i, e.clone()).expect("a valid event"))
-            .collect()
+        let mut envelopes = Vec::new();
+        for (i, e) in out.events.iter().enumerate() {
+            if let ClientEvent::Sample(s) = e {
+                let size = approx_size(&e.clone().into_json());
+                assert_eq!(sample_size(s), size, "sized as its JSON");
+            }
+            let env = ctx.client_envelope(i, e.clone()).expect("a valid event");
+            let json = ctx.envelope(i, e.clone().into_json());
+            assert_eq!(Ok(&env), json.as_ref(), "as the JSON door stamps it");
+            envelopes.push(env);
+        }
+        envelopes
     }
 
     /// The fixtures' protobuf twins were written by the reference implementation
@@ -1030,9 +1086,10 @@ mod tests {
     fn claude_code_metrics_become_samples_with_their_attributes() {
         let req = decode::<Metrics>(METRICS_PB, Encoding::Protobuf).unwrap();
         let out = metric_events(&req).unwrap();
+        let ev = json_events(&out);
         assert!(out.rejected.is_empty(), "{:?}", out.rejected);
         assert_eq!(out.events.len(), 7);
-        let tokens = &out.events[0];
+        let tokens = &ev[0];
         assert_eq!(tokens["type"], "metric.sample");
         assert_eq!(tokens["occurred_at"], "2025-11-26T00:00:00+00:00");
         let d = &tokens["data"];
@@ -1049,29 +1106,29 @@ mod tests {
         assert_eq!(d["extra"]["temporality"], "delta");
         assert_eq!(d["extra"]["unit"], "tokens");
         assert_eq!(d["extra"]["start_time"], "2025-11-25T23:59:00+00:00");
-        let gauge = &out.events[3]["data"];
+        let gauge = &ev[3]["data"];
         assert_eq!(gauge["labels"]["flag"], "true");
         assert_eq!(gauge["labels"]["n"], "-42");
         assert_eq!(gauge["labels"]["ratio"], "0.5");
         assert_eq!(gauge["kind"], "gauge");
-        let hist = &out.events[4]["data"];
+        let hist = &ev[4]["data"];
         assert_eq!(hist["kind"], "histogram");
         assert_eq!(hist["value"], 123.5);
         assert_eq!(hist["extra"]["count"], 6);
         assert_eq!(hist["extra"]["bucket_counts"], json!([1, 2, 3]));
         assert_eq!(hist["extra"]["temporality"], "cumulative");
-        let exp = &out.events[5]["data"];
+        let exp = &ev[5]["data"];
         assert_eq!(
             exp["extra"]["positive"],
             json!({"offset": -1, "bucket_counts": [2, 1]})
         );
-        let summary = &out.events[6]["data"];
+        let summary = &ev[6]["data"];
         assert_eq!(summary["kind"], "summary");
         assert_eq!(
             summary["extra"]["quantiles"][0],
             json!({"quantile": 0.5, "value": 3.5})
         );
-        let envs = envelopes(&out.events);
+        let envs = envelopes(&out);
         let p = envs[0].payload().unwrap();
         let shared::events::Payload::MetricSample(p) = p else {
             panic!("a sample")
@@ -1096,9 +1153,10 @@ mod tests {
                  "dataPoints": [{"timeUnixNano": "1764115200000000000", "asInt": "4",
                      "attributes": [{"key": "session.id", "value": {"stringValue": "s-2"}}]}]}}]}]}]});
         let out = metric_events(&json::metrics_request(&doc).unwrap()).unwrap();
+        let ev = json_events(&out);
         // Three samples, and one session start: the delta point that names its session.
-        assert_eq!(out.events.len(), 4, "{:?}", out.events);
-        let start = &out.events[3];
+        assert_eq!(out.events.len(), 4, "{:?}", ev);
+        let start = &ev[3];
         assert_eq!(start["type"], "session.started");
         let d = &start["data"];
         assert_eq!(
@@ -1107,7 +1165,7 @@ mod tests {
         );
         assert_eq!(d["team_id"], "platform");
         assert_eq!(d["context"]["start_type"], "resume");
-        envelopes(&out.events);
+        envelopes(&out);
     }
 
     #[test]
@@ -1123,9 +1181,10 @@ mod tests {
              "attributes": [{"key": "prompt", "value": {"stringValue": long}}]},
             {"timeUnixNano": "1764115200000000000", "attributes": many}]}]}]});
         let out = log_events(&json::logs_request(&doc).unwrap(), Utc::now()).unwrap();
+        let ev = json_events(&out);
         assert_eq!(out.events.len(), 1);
         assert_eq!(out.origins, ["resourceLogs[0].scopeLogs[0].logRecords[0]"]);
-        let prompt = out.events[0]["data"]["extra"]["prompt"].as_str().unwrap();
+        let prompt = ev[0]["data"]["extra"]["prompt"].as_str().unwrap();
         assert_eq!(prompt.len(), MAX_TEXT + '…'.len_utf8());
         assert_eq!(out.rejected.len(), 1);
         assert!(
@@ -1133,7 +1192,7 @@ mod tests {
             "{:?}",
             out.rejected
         );
-        envelopes(&out.events);
+        envelopes(&out);
 
         // A 1 MiB resource attribute on 50 000 points would be 50 GiB of events: refused
         // before anything is built.
@@ -1153,9 +1212,10 @@ mod tests {
             {"gauge": {"dataPoints": [{"timeUnixNano": "1", "asInt": 1}, {"timeUnixNano": "2", "asInt": 1}]}},
             {"name": "ok", "gauge": {"dataPoints": [{"timeUnixNano": "1764115200000000000", "asInt": 1}]}}]}]}]});
         let out = metric_events(&json::metrics_request(&doc).unwrap()).unwrap();
+        let ev = json_events(&out);
         assert_eq!(out.rejected.len(), 2);
         assert_eq!(
-            out.events[0]["data"]["extra"]["scope"], "s",
+            ev[0]["data"]["extra"]["scope"], "s",
             "the scope tells points apart"
         );
         // bytesValue in any base64 proto3 JSON allows.
@@ -1176,6 +1236,7 @@ mod tests {
     fn bad_points_are_refused_one_by_one() {
         let req = decode::<Metrics>(SNAKE_JSON.as_bytes(), Encoding::Json).unwrap();
         let out = metric_events(&req).unwrap();
+        let ev = json_events(&out);
         assert_eq!(out.events.len(), 2);
         assert_eq!(out.rejected.len(), 1);
         assert_eq!(
@@ -1183,9 +1244,9 @@ mod tests {
             "resourceMetrics[0].scopeMetrics[0].metrics[0].dataPoints[1]"
         );
         assert!(out.summary().starts_with("1 rejected; resourceMetrics[0]"));
-        assert_eq!(out.events[0]["data"]["extra"]["temporality"], "cumulative");
-        assert_eq!(out.events[1]["data"]["labels"]["tags"], r#"["a",2]"#);
-        envelopes(&out.events);
+        assert_eq!(ev[0]["data"]["extra"]["temporality"], "cumulative");
+        assert_eq!(ev[1]["data"]["labels"]["tags"], r#"["a",2]"#);
+        envelopes(&out);
 
         let no_time = json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [
             {"name": "x", "gauge": {"dataPoints": [{"asDouble": 1}]}},
@@ -1261,9 +1322,10 @@ mod tests {
         let req = decode::<Logs>(LOGS_PB, Encoding::Protobuf).unwrap();
         let now = Utc::now();
         let out = log_events(&req, now).unwrap();
+        let ev = json_events(&out);
         assert!(out.rejected.is_empty(), "{:?}", out.rejected);
-        let [tool, api, error, prompt, other] = &out.events[..] else {
-            panic!("five events: {:?}", out.events)
+        let [tool, api, error, prompt, other] = &ev[..] else {
+            panic!("five events: {:?}", ev)
         };
         assert_eq!(tool["type"], "tool.executed");
         assert_eq!(tool["occurred_at"], "2025-11-26T00:00:00+00:00");
@@ -1322,7 +1384,7 @@ mod tests {
         assert_eq!(o["extra"]["severity"], "WARN");
         assert_eq!(o["labels"]["raw"], "3q2+7w==");
         assert_eq!(o["labels"]["list"], r#"[1,"two"]"#);
-        envelopes(&out.events);
+        envelopes(&out);
     }
 
     #[test]
@@ -1339,14 +1401,15 @@ mod tests {
         assert_eq!(r.severity_number, 15);
         let now = Utc::now();
         let out = log_events(&req, now).unwrap();
-        let d = &out.events[0]["data"];
-        assert_eq!(out.events[0]["type"], "tool.executed");
+        let ev = json_events(&out);
+        let d = &ev[0]["data"];
+        assert_eq!(ev[0]["type"], "tool.executed");
         assert_eq!(
             (&d["success"], &d["error_message"]),
             (&json!(false), &json!("exit 1"))
         );
         assert_eq!(d["user_id"], "unknown");
-        assert_eq!(out.events[0]["occurred_at"], now.to_rfc3339());
+        assert_eq!(ev[0]["occurred_at"], now.to_rfc3339());
         assert!(
             json::logs_request(&json!({"resourceLogs": [{"scopeLogs": [{"logRecords": [
             {"traceId": "not hex"}]}]}]}))
