@@ -178,7 +178,7 @@ pub(crate) async fn take<S: Signal>(
             }
             // One refusal per point, named by its OTLP path, with every reason.
             Err(errors) => converted.rejected.push(FieldError::new(
-                origin,
+                origin.to_string(),
                 errors
                     .iter()
                     .map(|e| format!("{}: {}", e.field, e.reason))

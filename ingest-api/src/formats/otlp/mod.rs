@@ -235,25 +235,50 @@ pub fn encode_response<S: Signal>(out: &Converted, encoding: Encoding) -> Vec<u8
     }
 }
 
-/// What a request became: the client events to append (with the path of the point or record
-/// each came from) and the points or records refused, one entry each.
+/// What a request became: the client events to append (with the point or record each came
+/// from) and the points or records refused, one entry each.
 #[derive(Debug, Default)]
 pub struct Converted {
     pub events: Vec<ClientEvent>,
-    pub origins: Vec<String>,
+    pub origins: Vec<Origin>,
     pub rejected: Vec<FieldError>,
+}
+
+/// The point or record of a request an event came from; written out as its path
+/// (`resourceMetrics[0].scopeMetrics[0].metrics[2].dataPoints[7]`) only when the event is
+/// refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A metric's data point: resource, scope, metric and point.
+    Point([usize; 4]),
+    /// A log record: resource, scope and record.
+    Record([usize; 3]),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Point([r, s, m, p]) => write!(
+                f,
+                "resourceMetrics[{r}].scopeMetrics[{s}].metrics[{m}].dataPoints[{p}]"
+            ),
+            Origin::Record([r, s, l]) => {
+                write!(f, "resourceLogs[{r}].scopeLogs[{s}].logRecords[{l}]")
+            }
+        }
+    }
 }
 
 impl Converted {
     /// Keeps an event, or refuses it when it is too large to be one.
-    fn push(&mut self, origin: String, event: ClientEvent) {
+    fn push(&mut self, origin: Origin, event: ClientEvent) {
         let size = match &event {
             ClientEvent::Json(v) => approx_size(v),
             ClientEvent::Sample(s) => sample_size(s),
         };
         if size > MAX_EVENT_BYTES {
             self.rejected.push(FieldError::new(
-                origin,
+                origin.to_string(),
                 format!("it makes an event of about {size} bytes; at most {MAX_EVENT_BYTES}"),
             ));
         } else {
@@ -420,9 +445,10 @@ data_points!(
     pb::SummaryDataPoint
 );
 
-fn point_base<'a>(metric_path: &str, i: usize, p: &'a dyn DataPoint) -> PointBase<'a> {
+fn point_base<'a>(metric: [usize; 3], i: usize, p: &'a dyn DataPoint) -> PointBase<'a> {
+    let [r, s, m] = metric;
     PointBase {
-        path: format!("{metric_path}.dataPoints[{i}]"),
+        origin: Origin::Point([r, s, m, i]),
         attributes: p.attributes(),
         start: p.start(),
         time: p.time(),
@@ -432,7 +458,7 @@ fn point_base<'a>(metric_path: &str, i: usize, p: &'a dyn DataPoint) -> PointBas
 
 /// The common part of every data point: its labels and time.
 struct PointBase<'a> {
-    path: String,
+    origin: Origin,
     attributes: &'a [pb::KeyValue],
     start: u64,
     time: u64,
@@ -480,7 +506,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                 let scope = sm.scope.as_ref().map_or("", |s| s.name.as_str());
                 let mut sample = |base: PointBase, kind: SampleKind, value: f64, extra: Value| {
                     match sample_event(m, scope, resource, &base, kind, value, extra) {
-                        Ok(Some(e)) => out.push(base.path, e),
+                        Ok(Some(e)) => out.push(base.origin, e),
                         Ok(None) => {}
                         Err(e) => out.rejected.push(e),
                     }
@@ -492,7 +518,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                     )),
                     Some(Data::Gauge(g)) => {
                         for (i, p) in g.data_points.iter().enumerate() {
-                            let b = point_base(&path, i, p);
+                            let b = point_base([ri, si, mi], i, p);
                             match number(p) {
                                 Some(v) => sample(b, SampleKind::Gauge, v, json!({})),
                                 None => sample(b, SampleKind::Gauge, f64::NAN, json!({})),
@@ -507,19 +533,19 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                         let starts = m.name == "claude_code.session.count"
                             && s.aggregation_temporality == pb::TEMPORALITY_DELTA;
                         for (i, p) in s.data_points.iter().enumerate() {
-                            let b = point_base(&path, i, p);
+                            let b = point_base([ri, si, mi], i, p);
                             let value = number(p).unwrap_or(f64::NAN);
                             sample(b, SampleKind::Counter, value, extra.clone());
                             if starts {
                                 if let Some(e) = session_started(resource, p) {
-                                    sessions.push((format!("{path}.dataPoints[{i}]"), e));
+                                    sessions.push((Origin::Point([ri, si, mi, i]), e));
                                 }
                             }
                         }
                     }
                     Some(Data::Histogram(h)) => {
                         for (i, p) in h.data_points.iter().enumerate() {
-                            let b = point_base(&path, i, p);
+                            let b = point_base([ri, si, mi], i, p);
                             let extra = json!({
                                 "temporality": temporality(h.aggregation_temporality),
                                 "count": p.count, "sum": p.sum.map(finite),
@@ -532,7 +558,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                     }
                     Some(Data::ExponentialHistogram(h)) => {
                         for (i, p) in h.data_points.iter().enumerate() {
-                            let b = point_base(&path, i, p);
+                            let b = point_base([ri, si, mi], i, p);
                             let side = |b: &Option<pb::Buckets>| {
                                 b.as_ref().map(|b| json!({"offset": b.offset, "bucket_counts": b.bucket_counts}))
                             };
@@ -549,7 +575,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                     }
                     Some(Data::Summary(s)) => {
                         for (i, p) in s.data_points.iter().enumerate() {
-                            let b = point_base(&path, i, p);
+                            let b = point_base([ri, si, mi], i, p);
                             let extra = json!({
                                 "count": p.count,
                                 "quantiles": p.quantile_values.iter()
@@ -639,7 +665,7 @@ fn sample_event(
     if base.flags & pb::FLAG_NO_RECORDED_VALUE != 0 {
         return Ok(None);
     }
-    let err = |reason: String| FieldError::new(base.path.clone(), reason);
+    let err = |reason: String| FieldError::new(base.origin.to_string(), reason);
     if !value.is_finite() {
         return Err(err("the point has no finite value".into()));
     }
@@ -782,8 +808,10 @@ pub fn log_events(
         for (si, sl) in rl.scope_logs.iter().enumerate() {
             let scope = sl.scope.as_ref().map_or("", |s| s.name.as_str());
             for (li, r) in sl.log_records.iter().enumerate() {
-                let path = format!("resourceLogs[{ri}].scopeLogs[{si}].logRecords[{li}]");
-                out.push(path, log_event(resource, scope, r, now));
+                out.push(
+                    Origin::Record([ri, si, li]),
+                    log_event(resource, scope, r, now),
+                );
             }
         }
     }
@@ -1183,7 +1211,13 @@ mod tests {
         let out = log_events(&json::logs_request(&doc).unwrap(), Utc::now()).unwrap();
         let ev = json_events(&out);
         assert_eq!(out.events.len(), 1);
-        assert_eq!(out.origins, ["resourceLogs[0].scopeLogs[0].logRecords[0]"]);
+        assert_eq!(
+            out.origins
+                .iter()
+                .map(Origin::to_string)
+                .collect::<Vec<_>>(),
+            ["resourceLogs[0].scopeLogs[0].logRecords[0]"]
+        );
         let prompt = ev[0]["data"]["extra"]["prompt"].as_str().unwrap();
         assert_eq!(prompt.len(), MAX_TEXT + '…'.len_utf8());
         assert_eq!(out.rejected.len(), 1);
