@@ -110,22 +110,12 @@ impl SampleEvent {
     /// converters wrote samples before they were typed): a refused sample is read this way,
     /// so that its refusal is the JSON door's, word for word.
     pub fn into_json(self) -> Value {
-        let s = self.sample;
-        let mut data = Map::new();
-        data.insert("name".into(), Value::String(s.name));
-        let labels = s.labels.into_iter().map(|(k, v)| (k, Value::String(v)));
-        data.insert("labels".into(), Value::Object(labels.collect()));
-        data.insert("value".into(), Value::from(s.value));
-        data.insert("kind".into(), Value::from(s.kind.as_str()));
-        data.insert("extra".into(), Value::Object(s.extra));
-        let mut event = Map::new();
-        event.insert("type".into(), Value::from(EventType::MetricSample.as_str()));
-        event.insert(
-            "occurred_at".into(),
-            Value::from(shared::rfc3339::to_rfc3339(&self.at)),
-        );
-        event.insert("data".into(), Value::Object(data));
-        Value::Object(event)
+        let Value::Object(mut data) = self.sample.into_value() else {
+            unreachable!("a sample's form is an object")
+        };
+        data.entry("extra")
+            .or_insert_with(|| Value::Object(Map::new()));
+        client_json(EventType::MetricSample.as_str(), &self.at, data)
     }
 
     /// Whether any text of the sample holds a NUL character.
@@ -153,6 +143,19 @@ impl SampleEvent {
         };
         content_id(tenant, &content)
     }
+}
+
+/// A client event of type `event_type` as the JSON door takes it, built around `data` rather
+/// than copied (`json!` would copy every value it is given).
+pub fn client_json(event_type: &str, at: &DateTime<Utc>, data: Map<String, Value>) -> Value {
+    let mut event = Map::new();
+    event.insert("type".into(), Value::from(event_type));
+    event.insert(
+        "occurred_at".into(),
+        Value::from(shared::rfc3339::to_rfc3339(at)),
+    );
+    event.insert("data".into(), Value::Object(data));
+    Value::Object(event)
 }
 
 /// Namespace for ids derived from an `Idempotency-Key`.
@@ -192,21 +195,19 @@ impl IngestContext {
             && s.at >= self.received_at - self.bounds.retention
             && s.at.timestamp_subsec_nanos() < 1_000_000_000;
         let nul = s.has_nul();
+        let at = s.at;
         let payload = Payload::MetricSample(s.sample);
-        if !in_time
-            || nul
-            || !payload.check_limits("data").is_empty()
-            || !check_storable(&payload, "data").is_empty()
-        {
-            let Payload::MetricSample(sample) = payload else {
-                unreachable!("built as a sample above")
-            };
-            return self.envelope(index, SampleEvent { at: s.at, sample }.into_json());
-        }
+        let passes = in_time
+            && !nul
+            && payload.check_limits("data").is_empty()
+            && check_storable(&payload, "data").is_empty();
         let Payload::MetricSample(sample) = payload else {
             unreachable!("built as a sample above")
         };
-        let s = SampleEvent { at: s.at, sample };
+        let s = SampleEvent { at, sample };
+        if !passes {
+            return self.envelope(index, s.into_json());
+        }
         let id = self.default_id(index, || s.content_id(self.tenant_id));
         Ok(Envelope {
             id,

@@ -25,6 +25,7 @@ use prost::Message;
 use serde_json::{json, Map, Value};
 
 use crate::formats::expansion;
+use crate::ingest::envelope::client_json;
 use crate::ingest::{ClientEvent, SampleEvent};
 use pb::any_value::Value as Any;
 use shared::events::{FieldError, MetricSample, SampleKind, MAX_LABELS};
@@ -494,12 +495,13 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
         let resource: &[pb::KeyValue] = rm.resource.as_ref().map_or(&[], |r| &r.attributes);
         for (si, sm) in rm.scope_metrics.iter().enumerate() {
             for (mi, m) in sm.metrics.iter().enumerate() {
-                let path = format!("resourceMetrics[{ri}].scopeMetrics[{si}].metrics[{mi}]");
+                // Written out only for a refusal: most metrics carry a few points.
+                let path = || format!("resourceMetrics[{ri}].scopeMetrics[{si}].metrics[{mi}]");
                 if m.name.is_empty() {
                     // Every point of a nameless metric is refused.
                     let n = metric_points(m).0.max(1);
                     out.rejected.extend(
-                        (0..n).map(|_| FieldError::new(format!("{path}.name"), "is required")),
+                        (0..n).map(|_| FieldError::new(format!("{}.name", path()), "is required")),
                     );
                     continue;
                 }
@@ -513,7 +515,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                 };
                 match &m.data {
                     None => out.rejected.push(FieldError::new(
-                        path.clone(),
+                        path(),
                         "no data: one of gauge, sum, histogram, exponentialHistogram or summary",
                     )),
                     Some(Data::Gauge(g)) => {
@@ -628,7 +630,7 @@ fn session_started(resource: &[pb::KeyValue], p: &pb::NumberDataPoint) -> Option
     attrs.peek_string("session.id")?;
     let mut data = attrs.identity();
     data.insert("context".into(), Value::Object(attrs.0));
-    Some(typed("session.started", at, data))
+    Some(client_json("session.started", &at, data))
 }
 
 /// A metric's data points: how many, and their size on the wire.
@@ -883,16 +885,6 @@ fn log_event(
     generic_event(attrs, at, sample_name, r, body, body_is_name)
 }
 
-/// A client event of type `kind`, built around `data` rather than copied (`json!` would
-/// copy every value it is given).
-fn typed(kind: &str, at: DateTime<Utc>, data: Map<String, Value>) -> Value {
-    let mut event = Map::new();
-    event.insert("type".into(), Value::from(kind));
-    event.insert("occurred_at".into(), Value::from(rfc3339::to_rfc3339(&at)));
-    event.insert("data".into(), Value::Object(data));
-    Value::Object(event)
-}
-
 /// A `metric.sample`, built typed around its labels and extras.
 fn sample(
     at: DateTime<Utc>,
@@ -929,7 +921,7 @@ fn tool_result(mut a: Attrs, at: DateTime<Utc>) -> Value {
         d.insert("error_message".into(), Value::from(e));
     }
     d.insert("details".into(), Value::Object(a.0));
-    typed("tool.executed", at, d)
+    client_json("tool.executed", &at, d)
 }
 
 /// `claude_code.api_request` / `api_error` → `agent.interacted`.
@@ -968,7 +960,7 @@ fn api_call(mut a: Attrs, at: DateTime<Utc>, failed: bool) -> Value {
         d.insert("error_message".into(), Value::from(msg));
     }
     d.insert("metadata".into(), Value::Object(a.0));
-    typed("agent.interacted", at, d)
+    client_json("agent.interacted", &at, d)
 }
 
 /// Any other record: one occurrence of the event as a `metric.sample`. Short attribute
