@@ -166,6 +166,7 @@ impl AuthKind {
 
 /// The payload of every auth and control-plane event.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuthEvent {
     /// The person the event is about (or who acted), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -285,8 +286,10 @@ pub enum Source {
 }
 
 /// One event as it is stored in Kafka: the contract between the write and the read side.
+/// Its `data` is read as JSON (`Value`); a writer may hold it in any form that serializes
+/// as that JSON (ingest-api holds the typed [`Payload`] of most events it stamps).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Envelope {
+pub struct Envelope<D = Value> {
     pub id: Uuid,
     pub tenant_id: TenantId,
     #[serde(rename = "type")]
@@ -304,10 +307,77 @@ pub struct Envelope {
     pub received_at: DateTime<Utc>,
     pub actor: Actor,
     pub source: Source,
-    pub data: Value,
+    pub data: D,
 }
 
-impl Envelope {
+/// An envelope's `data` in whatever form its writer holds it.
+pub trait EventData {
+    /// What spreads a tenant's events over the partitions (see [`Envelope::kafka_key`]):
+    /// the first of `session_id`, `user_id`, `name` and `target` that the data's JSON has
+    /// as a string, appended to `out`.
+    fn write_spread(&self, out: &mut String);
+}
+
+/// The top-level fields whose text spreads a tenant's events, in the order they are looked for.
+const SPREAD_FIELDS: [&str; 4] = ["session_id", "user_id", "name", "target"];
+
+impl EventData for Value {
+    fn write_spread(&self, out: &mut String) {
+        if let Some(s) = SPREAD_FIELDS
+            .iter()
+            .find_map(|k| self.get(*k).and_then(Value::as_str))
+        {
+            out.push_str(s);
+        }
+    }
+}
+
+impl EventData for Payload {
+    /// As the payload's JSON ([`Payload::to_value`]) spreads, read from its fields.
+    fn write_spread(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let text = match self {
+            Payload::CommandExecuted(p) => Some(p.session_id.as_deref().unwrap_or(&p.user_id)),
+            Payload::AgentInteracted(p) => Some(p.session_id.as_deref().unwrap_or(&p.user_id)),
+            Payload::ToolExecuted(p) => Some(p.session_id.as_str()),
+            Payload::SessionStarted(p) => Some(p.session_id.as_str()),
+            Payload::SessionEnded(p) => Some(p.session_id.as_str()),
+            Payload::SessionContext(p) => Some(p.session_id.as_str()),
+            Payload::ProductivityRecorded(p) => p.user_id.as_deref(),
+            Payload::MetricSample(p) => Some(p.name.as_str()),
+            Payload::PullRequestChanged(_) | Payload::BranchPushed(_) => None,
+            Payload::Auth(_, p) => match p.user_id {
+                Some(id) => {
+                    let _ = write!(out, "{id}");
+                    None
+                }
+                None => p.target.as_deref(),
+            },
+        };
+        if let Some(text) = text {
+            out.push_str(text);
+        }
+    }
+}
+
+impl<D> Envelope<D> {
+    /// The same envelope with its `data` in another form.
+    pub fn map_data<E>(self, f: impl FnOnce(D) -> E) -> Envelope<E> {
+        Envelope {
+            id: self.id,
+            tenant_id: self.tenant_id,
+            event_type: self.event_type,
+            schema_version: self.schema_version,
+            occurred_at: self.occurred_at,
+            received_at: self.received_at,
+            actor: self.actor,
+            source: self.source,
+            data: f(self.data),
+        }
+    }
+}
+
+impl<D: EventData> Envelope<D> {
     /// The record key: the tenant plus a component that keeps one session's (or user's) events
     /// in order on one partition while spreading a large tenant over all of them.
     pub fn kafka_key(&self) -> String {
@@ -319,13 +389,12 @@ impl Envelope {
     /// [`Envelope::kafka_key`], appended to `out`.
     pub fn write_kafka_key(&self, out: &mut String) {
         use std::fmt::Write as _;
-        let spread = ["session_id", "user_id", "name", "target"]
-            .iter()
-            .find_map(|k| self.data.get(*k).and_then(Value::as_str))
-            .unwrap_or("");
-        let _ = write!(out, "{}:{}", self.tenant_id, spread);
+        let _ = write!(out, "{}:", self.tenant_id);
+        self.data.write_spread(out);
     }
+}
 
+impl Envelope {
     /// Decodes (and upcasts) the payload. The projector calls this on every record.
     pub fn payload(&self) -> Result<Payload, Vec<FieldError>> {
         Payload::decode_ref(self.event_type, self.schema_version, &self.data, "data")
@@ -494,6 +563,7 @@ type Object = Map<String, Value>;
 
 /// `command.executed`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CommandExecuted {
     pub user_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -518,6 +588,7 @@ pub struct CommandExecuted {
 
 /// `agent.interacted`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AgentInteracted {
     pub user_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -558,6 +629,7 @@ pub struct AgentInteracted {
 
 /// `tool.executed` — what Claude Code's PostToolUse hooks send.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ToolExecuted {
     pub user_id: String,
     pub session_id: String,
@@ -578,6 +650,7 @@ pub struct ToolExecuted {
 
 /// `session.started`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SessionStarted {
     pub session_id: String,
     pub user_id: String,
@@ -593,6 +666,7 @@ pub struct SessionStarted {
 
 /// `session.ended`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SessionEnded {
     pub session_id: String,
     pub user_id: String,
@@ -616,6 +690,7 @@ pub struct SessionEnded {
 /// starts and whenever its working directory's repository or branch changes; the session's
 /// agent usage from then on is attributed to it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SessionContext {
     pub session_id: String,
     pub user_id: String,
@@ -642,6 +717,7 @@ pub struct SessionContext {
 /// `pull_request.changed` — a pull request (GitHub) or merge request (GitLab) as its
 /// webhook described it, in the provider's neutral form.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PullRequestChanged {
     /// `github` or `gitlab`.
     pub provider: String,
@@ -682,6 +758,7 @@ pub struct PullRequestChanged {
 
 /// `branch.pushed` — commits pushed to a branch, from a source-control webhook.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BranchPushed {
     pub provider: String,
     pub repository: String,
@@ -701,6 +778,7 @@ pub struct BranchPushed {
 
 /// `productivity.recorded`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProductivityRecorded {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
@@ -720,6 +798,7 @@ pub struct ProductivityRecorded {
 
 /// `metric.sample` — what OTLP, Prometheus remote write and line protocol become.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MetricSample {
     pub name: String,
     #[serde(default)]
@@ -992,41 +1071,28 @@ impl Payload {
     /// The payload of a current-version `data` whose unknown fields are in `extra`, its
     /// limits checked.
     fn typed(t: EventType, data: &Value, prefix: &str) -> Result<Payload, Vec<FieldError>> {
-        let payload = match t {
-            EventType::CommandExecuted => Payload::CommandExecuted(parse(t, data, prefix)?),
-            EventType::AgentInteracted => Payload::AgentInteracted(parse(t, data, prefix)?),
-            EventType::ToolExecuted => Payload::ToolExecuted(parse(t, data, prefix)?),
-            EventType::SessionStarted => Payload::SessionStarted(parse(t, data, prefix)?),
-            EventType::SessionEnded => Payload::SessionEnded(parse(t, data, prefix)?),
-            EventType::SessionContext => {
-                let mut p: SessionContext = parse(t, data, prefix)?;
-                if let Some(r) = &p.repository {
-                    match crate::repos::normalize(r) {
-                        Some(n) => p.repository = Some(n),
-                        None => {
-                            return Err(vec![FieldError::new(
-                                format!("{prefix}.repository"),
-                                "is neither a remote URL, host/owner/name nor sha256:<64 hex>",
-                            )])
-                        }
-                    }
-                }
-                Payload::SessionContext(p)
-            }
-            EventType::ProductivityRecorded => {
-                Payload::ProductivityRecorded(parse(t, data, prefix)?)
-            }
-            EventType::MetricSample => Payload::MetricSample(parse(t, data, prefix)?),
-            EventType::PullRequestChanged => Payload::PullRequestChanged(parse(t, data, prefix)?),
-            EventType::BranchPushed => Payload::BranchPushed(parse(t, data, prefix)?),
-            EventType::Auth(k) => Payload::Auth(k, parse(t, data, prefix)?),
-        };
+        let payload = read_payload(t, &FromValue { data, prefix })?;
         let errors = payload.check_limits(prefix);
         if errors.is_empty() {
             Ok(payload)
         } else {
             Err(errors)
         }
+    }
+
+    /// The payload of a current-version `data`, read from its JSON text without building a
+    /// tree, when that text is as the contract stores it: known fields only, each once, no
+    /// NUL character (which PostgreSQL cannot store in text), every limit kept. Then it is
+    /// the payload [`Payload::decode_normalized`] reads from the same text. `None` for
+    /// anything else, which only that decoding names (or moves into `extra`, or upcasts).
+    pub fn from_text(t: EventType, text: &str) -> Option<Payload> {
+        // A NUL can only be written escaped; this also refuses an escaped backslash before
+        // `u0000`, which the decoding then reads.
+        if text.contains("\\u0000") {
+            return None;
+        }
+        let payload = read_payload(t, &FromText(text)).ok()?;
+        payload.check_limits("data").is_empty().then_some(payload)
     }
 
     pub fn event_type(&self) -> EventType {
@@ -1254,6 +1320,71 @@ fn stand_in(t: EventType, field: &str) -> Option<Value> {
         _ => return None,
     };
     known_fields(t).contains(&field).then_some(v)
+}
+
+/// One form of a payload's `data` that each payload struct can be read from.
+trait DataReader {
+    type Error;
+    fn read<T: DeserializeOwned>(&self, t: EventType) -> Result<T, Self::Error>;
+    /// The error of a `session.context` whose repository names none Tally can read.
+    fn bad_repository(&self) -> Self::Error;
+}
+
+/// `data` as a tree, every offending field named below `prefix`.
+struct FromValue<'a> {
+    data: &'a Value,
+    prefix: &'a str,
+}
+
+impl DataReader for FromValue<'_> {
+    type Error = Vec<FieldError>;
+    fn read<T: DeserializeOwned>(&self, t: EventType) -> Result<T, Vec<FieldError>> {
+        parse(t, self.data, self.prefix)
+    }
+    fn bad_repository(&self) -> Vec<FieldError> {
+        vec![FieldError::new(
+            format!("{}.repository", self.prefix),
+            "is neither a remote URL, host/owner/name nor sha256:<64 hex>",
+        )]
+    }
+}
+
+/// `data` as JSON text; what is wrong is not named.
+struct FromText<'a>(&'a str);
+
+impl DataReader for FromText<'_> {
+    type Error = ();
+    fn read<T: DeserializeOwned>(&self, _: EventType) -> Result<T, ()> {
+        serde_json::from_str(self.0).map_err(drop)
+    }
+    fn bad_repository(&self) {}
+}
+
+/// The payload of type `t`, its struct read by `r`; a `session.context`'s repository
+/// normalized.
+fn read_payload<R: DataReader>(t: EventType, r: &R) -> Result<Payload, R::Error> {
+    Ok(match t {
+        EventType::CommandExecuted => Payload::CommandExecuted(r.read(t)?),
+        EventType::AgentInteracted => Payload::AgentInteracted(r.read(t)?),
+        EventType::ToolExecuted => Payload::ToolExecuted(r.read(t)?),
+        EventType::SessionStarted => Payload::SessionStarted(r.read(t)?),
+        EventType::SessionEnded => Payload::SessionEnded(r.read(t)?),
+        EventType::SessionContext => {
+            let mut p: SessionContext = r.read(t)?;
+            if let Some(repository) = &p.repository {
+                match crate::repos::normalize(repository) {
+                    Some(n) => p.repository = Some(n),
+                    None => return Err(r.bad_repository()),
+                }
+            }
+            Payload::SessionContext(p)
+        }
+        EventType::ProductivityRecorded => Payload::ProductivityRecorded(r.read(t)?),
+        EventType::MetricSample => Payload::MetricSample(r.read(t)?),
+        EventType::PullRequestChanged => Payload::PullRequestChanged(r.read(t)?),
+        EventType::BranchPushed => Payload::BranchPushed(r.read(t)?),
+        EventType::Auth(k) => Payload::Auth(k, r.read(t)?),
+    })
 }
 
 fn parse<T: DeserializeOwned>(
@@ -1523,6 +1654,125 @@ mod tests {
                 ),
                 ("data.command_name", "missing field `command_name`"),
             ]
+        );
+    }
+
+    /// Data of every payload type, as the contract stores it.
+    fn every_type() -> Vec<(EventType, Value)> {
+        vec![
+            (
+                EventType::CommandExecuted,
+                json!({"user_id": "u", "session_id": "s",
+                "command_name": "c", "duration_ms": 1, "status": "success", "args": {"a": 1}}),
+            ),
+            (
+                EventType::CommandExecuted,
+                json!({"user_id": "u", "command_name": "c",
+                "duration_ms": 1, "status": "error", "extra": {"x": [1, 2.5, null]}}),
+            ),
+            (
+                EventType::AgentInteracted,
+                json!({"user_id": "u", "agent_name": "a",
+                "interaction_type": "chat", "duration_ms": 1, "status": "success",
+                "cost_usd": 0.1, "model": "m"}),
+            ),
+            (
+                EventType::ToolExecuted,
+                json!({"user_id": "u", "session_id": "s",
+                "tool_name": "t", "duration_ms": 1, "success": true}),
+            ),
+            (
+                EventType::SessionStarted,
+                json!({"user_id": "u", "session_id": "s"}),
+            ),
+            (
+                EventType::SessionEnded,
+                json!({"user_id": "u", "session_id": "s",
+                "agents_used": ["a"]}),
+            ),
+            (
+                EventType::SessionContext,
+                json!({"user_id": "u", "session_id": "s",
+                "repository": "github.com/acme/widgets", "branch": "main"}),
+            ),
+            (
+                EventType::ProductivityRecorded,
+                json!({"user_id": "u",
+                "metric_type": "error_rate", "value": 0.5}),
+            ),
+            (
+                EventType::ProductivityRecorded,
+                json!({"team_id": "t",
+                "metric_type": "error_rate", "value": 0.5}),
+            ),
+            (
+                EventType::MetricSample,
+                json!({"name": "n", "labels": {"user_id": "u"},
+                "value": 1.0, "kind": "counter"}),
+            ),
+            (
+                EventType::PullRequestChanged,
+                json!({"provider": "github",
+                "repository": "github.com/acme/widgets", "number": 7, "action": "opened",
+                "state": "open", "head_branch": "b", "updated_at": "2026-12-01T12:00:00Z",
+                "title": "t"}),
+            ),
+            (
+                EventType::BranchPushed,
+                json!({"provider": "github",
+                "repository": "github.com/acme/widgets", "branch": "main", "commits": 2}),
+            ),
+            (
+                EventType::Auth(AuthKind::LoggedOut),
+                json!({"user_id": Uuid::from_u128(7),
+                "target": "k"}),
+            ),
+            (
+                EventType::Auth(AuthKind::LoggedOut),
+                json!({"target": "k", "ip": "::1"}),
+            ),
+            (EventType::Auth(AuthKind::LoggedOut), json!({})),
+        ]
+    }
+
+    /// The typed payload spreads the log's partitions as its JSON does, and is read from its
+    /// text as from its tree (a text with more to it is left to the tree).
+    #[test]
+    fn payloads_read_from_text_spread_as_their_json() {
+        for (t, data) in every_type() {
+            let payload = Payload::decode(t, t.current_version(), data.clone(), "data").unwrap();
+            let (mut typed, mut json) = (String::new(), String::new());
+            payload.write_spread(&mut typed);
+            payload.to_value().write_spread(&mut json);
+            assert_eq!(typed, json, "{t}: {data}");
+            assert_eq!(
+                Payload::from_text(t, &data.to_string()),
+                Some(payload),
+                "{t}"
+            );
+            let mut unknown = data.clone();
+            unknown["mystery"] = json!(1);
+            assert_eq!(Payload::from_text(t, &unknown.to_string()), None, "{t}");
+            let written = serde_json::to_string(&Payload::from_text(t, &data.to_string())).unwrap();
+            let read: Value = serde_json::from_str(&written).unwrap();
+            let (_, normalized) =
+                Payload::decode_normalized(t, t.current_version(), data, "data").unwrap();
+            assert_eq!(read, normalized, "{t}: written as its normalized JSON");
+        }
+        assert_eq!(
+            Payload::from_text(
+                EventType::MetricSample,
+                r#"{"name": "a\u0000", "value": 1}"#
+            ),
+            None
+        );
+        assert_eq!(
+            Payload::from_text(
+                EventType::MetricSample,
+                &format!(r#"{{"name": "{}", "value": 1}}"#, "x".repeat(256))
+            ),
+            None,
+            "past a limit"
         );
     }
 

@@ -11,10 +11,10 @@ use chrono::Utc;
 use futures::future::BoxFuture;
 use shared::apikey::Scope;
 use shared::auth::{ApiKeyStore, KeyError, KeyPrincipal};
-use shared::events::{Actor, Envelope, Source};
+use shared::events::{Actor, Source};
 
 use crate::error::IngestError;
-use crate::ingest::{Ids, IngestContext, TimeBounds};
+use crate::ingest::{Ids, IngestContext, Keep, Stamped, TimeBounds};
 use crate::state::AppState;
 use shared::ratelimit::Decision;
 
@@ -109,7 +109,7 @@ pub fn key_context(s: &AppState, principal: &KeyPrincipal, source: Source) -> In
 /// `ingest_events_total` label); an empty batch sends nothing.
 pub async fn append(
     s: &AppState,
-    envelopes: &[Envelope],
+    envelopes: &[Stamped],
     source: &'static str,
 ) -> Result<(), IngestError> {
     if envelopes.is_empty() {
@@ -118,6 +118,14 @@ pub async fn append(
     s.sink.send(envelopes).await?;
     metrics::counter!("ingest_events_total", "source" => source).increment(envelopes.len() as u64);
     Ok(())
+}
+
+/// What the key's tenant keeps of the text its events carry.
+pub fn keep(principal: &KeyPrincipal) -> Keep {
+    Keep {
+        prompts: principal.store_prompt_text,
+        commands: principal.store_command_text,
+    }
 }
 
 /// A request header as text (empty when absent or not visible ASCII).

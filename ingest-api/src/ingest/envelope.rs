@@ -2,13 +2,19 @@
 //! actor, source, time, where ids come from), becomes an [`Envelope`] of the contract, or the
 //! list of everything wrong with it.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Duration, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use shared::events::{Actor, Envelope, EventType, FieldError, MetricSample, Payload, Source};
+use shared::events::{
+    Actor, Envelope, EventData, EventType, FieldError, MetricSample, Payload, Source,
+};
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
+use super::privacy::{drop_prompt_text, drop_sample_prompt, drop_stamped_command_text};
 use super::storable::{check_storable, has_nul, nul_paths};
 
 /// How old a `session.context` may be: it moves its session's usage from its time on, so
@@ -57,6 +63,78 @@ pub enum Ids {
     /// same point sent again gets the same id. Two points equal in every field, time
     /// included, are the same point.
     Content,
+}
+
+/// An envelope's `data` as a door holds it until it is written: the typed payload of an
+/// event read or built typed, or the tree of one read as a tree. Both are written as the
+/// same JSON, the payload's normalized form.
+// Most events are held typed: boxing the payload would allocate for each of them.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Data {
+    Typed(Payload),
+    Json(Value),
+}
+
+/// An envelope as the log holds it once written, read back as the projector reads it.
+pub fn written(env: &Stamped) -> Envelope {
+    let bytes = serde_json::to_vec(env).expect("an envelope serializes");
+    serde_json::from_slice(&bytes).expect("a written envelope reads back")
+}
+
+impl Data {
+    /// The data as the contract's JSON.
+    pub fn into_value(self) -> Value {
+        match self {
+            Data::Typed(p) => p.to_value(),
+            Data::Json(v) => v,
+        }
+    }
+}
+
+impl Serialize for Data {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Data::Typed(p) => p.serialize(s),
+            Data::Json(v) => v.serialize(s),
+        }
+    }
+}
+
+impl EventData for Data {
+    fn write_spread(&self, out: &mut String) {
+        match self {
+            Data::Typed(p) => p.write_spread(out),
+            Data::Json(v) => v.write_spread(out),
+        }
+    }
+}
+
+/// An event as a door stamped it, for the log.
+pub type Stamped = Envelope<Data>;
+
+/// What a tenant keeps of the text its events carry (see [`super::privacy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    pub prompts: bool,
+    pub commands: bool,
+}
+
+/// A client event's envelope fields as its JSON text has them, `data` left as text: read
+/// without building a tree. Anything else in the event makes it a tree's to read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientText<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(rename = "type", borrow)]
+    event_type: Cow<'a, str>,
+    #[serde(borrow)]
+    occurred_at: Cow<'a, str>,
+    #[serde(default)]
+    schema_version: Option<u32>,
+    #[serde(borrow)]
+    data: &'a RawValue,
 }
 
 /// A client event as a converter of a foreign format hands it to the door.
@@ -158,6 +236,17 @@ pub fn client_json(event_type: &str, at: &DateTime<Utc>, data: Map<String, Value
     Value::Object(event)
 }
 
+/// The events of a body that is an event object or an array of 1..=`max` of them, each as
+/// its text; `None` for any other body.
+pub fn event_texts(bytes: &[u8], max: usize) -> Option<Vec<&RawValue>> {
+    let texts = match bytes.iter().find(|b| !b.is_ascii_whitespace())? {
+        b'[' => serde_json::from_slice::<Vec<&RawValue>>(bytes).ok()?,
+        b'{' => vec![serde_json::from_slice::<&RawValue>(bytes).ok()?],
+        _ => return None,
+    };
+    (1..=max).contains(&texts.len()).then_some(texts)
+}
+
 /// Namespace for ids derived from an `Idempotency-Key`.
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_5b1e_2a7d_4c4e_9d1a_7a11_7a11_0001);
 /// Namespace for ids derived from an event's content.
@@ -182,18 +271,19 @@ impl IngestContext {
         &self,
         index: usize,
         event: ClientEvent,
-    ) -> Result<Envelope, Vec<FieldError>> {
+    ) -> Result<Stamped, Vec<FieldError>> {
         let s = match event {
-            ClientEvent::Json(raw) => return self.envelope(index, raw),
+            ClientEvent::Json(raw) => {
+                return self.envelope(index, raw).map(|e| e.map_data(Data::Json))
+            }
             ClientEvent::Sample(s) => s,
         };
         // The JSON door's checks of such an event: its time within bounds, no NUL, the
         // payload's limits and what the database can store. (Its shape is the payload's.)
         // (A leap second, which only a log record's `event.timestamp` could name, is read
         // back as the JSON door would read it.)
-        let in_time = s.at <= self.received_at + self.bounds.max_future_skew
-            && s.at >= self.received_at - self.bounds.retention
-            && s.at.timestamp_subsec_nanos() < 1_000_000_000;
+        let in_time =
+            self.time_error(s.at).is_none() && s.at.timestamp_subsec_nanos() < 1_000_000_000;
         let nul = s.has_nul();
         let at = s.at;
         let payload = Payload::MetricSample(s.sample);
@@ -206,7 +296,9 @@ impl IngestContext {
         };
         let s = SampleEvent { at, sample };
         if !passes {
-            return self.envelope(index, s.into_json());
+            return self
+                .envelope(index, s.into_json())
+                .map(|e| e.map_data(Data::Json));
         }
         let id = self.default_id(index, || s.content_id(self.tenant_id));
         Ok(Envelope {
@@ -218,8 +310,81 @@ impl IngestContext {
             received_at: self.received_at,
             actor: self.actor.clone(),
             source: self.source,
-            data: s.sample.into_value(),
+            data: Data::Typed(Payload::MetricSample(s.sample)),
         })
+    }
+
+    /// [`IngestContext::envelope`] of a client event, then the tenant's drops (see
+    /// [`super::privacy`]): the prompt's text before the event is read, arguments after.
+    pub fn stamp(
+        &self,
+        index: usize,
+        mut raw: Value,
+        keep: Keep,
+    ) -> Result<Stamped, Vec<FieldError>> {
+        if !keep.prompts {
+            drop_prompt_text(&mut raw);
+        }
+        let mut env = self.envelope(index, raw)?.map_data(Data::Json);
+        if !keep.commands {
+            drop_stamped_command_text(&mut env);
+        }
+        Ok(env)
+    }
+
+    /// [`IngestContext::stamp`] of one client event's JSON text: the same envelope after the
+    /// same drops, read without building the event's tree when its text is as the contract
+    /// writes it ([`Payload::from_text`]) — every field
+    /// known and valid, the current schema version, an id given or not derived from the
+    /// content. `None` when the event is to be read as a tree: to name what is wrong with it,
+    /// or to upcast it, keep its unknown fields in `extra` or derive its id from its content.
+    pub fn stamp_text(&self, index: usize, text: &str, keep: Keep) -> Option<Stamped> {
+        let client: ClientText = serde_json::from_str(text).ok()?;
+        let event_type = EventType::parse(&client.event_type).filter(|t| t.from_clients())?;
+        if client
+            .schema_version
+            .is_some_and(|v| v != event_type.current_version())
+        {
+            return None;
+        }
+        let occurred_at = DateTime::parse_from_rfc3339(&client.occurred_at)
+            .ok()?
+            .with_timezone(&Utc);
+        if self.time_error(occurred_at).is_some()
+            || self.context_age_error(event_type, occurred_at).is_some()
+        {
+            return None;
+        }
+        let id = match client.id {
+            Some(id) => Uuid::parse_str(&id).ok().filter(|id| !id.is_nil())?,
+            None => match self.ids {
+                Ids::Content => return None,
+                Ids::Fresh | Ids::Idempotency(_) => self.default_id(index, Uuid::nil),
+            },
+        };
+        let mut payload = Payload::from_text(event_type, client.data.get())?;
+        if !check_storable(&payload, "data").is_empty() {
+            return None;
+        }
+        // After the checks, which the tree's drop precedes: dropping cannot fail one.
+        if let (false, Payload::MetricSample(sample)) = (keep.prompts, &mut payload) {
+            drop_sample_prompt(sample);
+        }
+        let mut env = Envelope {
+            id,
+            tenant_id: self.tenant_id,
+            event_type,
+            schema_version: event_type.current_version(),
+            occurred_at,
+            received_at: self.received_at,
+            actor: self.actor.clone(),
+            source: self.source,
+            data: Data::Typed(payload),
+        };
+        if !keep.commands {
+            drop_stamped_command_text(&mut env);
+        }
+        Some(env)
     }
 
     fn parse_envelope(&self, index: usize, raw: Value) -> Result<Envelope, Vec<FieldError>> {
@@ -271,23 +436,7 @@ impl IngestContext {
             Some(Value::String(s)) => match DateTime::parse_from_rfc3339(&s) {
                 Ok(t) => {
                     let t = t.with_timezone(&Utc);
-                    if t > self.received_at + self.bounds.max_future_skew {
-                        errors.push(FieldError::new(
-                            "occurred_at",
-                            format!(
-                                "is more than {} s in the future",
-                                self.bounds.max_future_skew.num_seconds()
-                            ),
-                        ));
-                    } else if t < self.received_at - self.bounds.retention {
-                        errors.push(FieldError::new(
-                            "occurred_at",
-                            format!(
-                                "is older than the retention window of {} days",
-                                self.bounds.retention.num_days()
-                            ),
-                        ));
-                    }
+                    errors.extend(self.time_error(t));
                     Some(t)
                 }
                 Err(e) => {
@@ -330,17 +479,8 @@ impl IngestContext {
                 None
             }
         };
-        // A context re-attributes its session's usage from its time on: it must be recent.
-        if let (Some(EventType::SessionContext), Some(t)) = (event_type, occurred_at) {
-            if t < self.received_at - MAX_CONTEXT_AGE {
-                errors.push(FieldError::new(
-                    "occurred_at",
-                    format!(
-                        "a session.context may be at most {} minutes old",
-                        MAX_CONTEXT_AGE.num_minutes()
-                    ),
-                ));
-            }
+        if let (Some(t), Some(at)) = (event_type, occurred_at) {
+            errors.extend(self.context_age_error(t, at));
         }
         let data = obj.remove("data");
         if let Some(k) = obj.keys().next() {
@@ -392,6 +532,70 @@ impl IngestContext {
             source: self.source,
             data,
         })
+    }
+
+    /// Every event stamped, from its text where it can be and otherwise from its tree; `None`
+    /// if one is not JSON a tree can hold (a number out of range), which the body's tree names.
+    pub fn stamp_texts(
+        &self,
+        texts: &[&RawValue],
+        keep: Keep,
+    ) -> Option<Result<Vec<Stamped>, Vec<FieldError>>> {
+        let mut envelopes = Vec::with_capacity(texts.len());
+        let mut errors = Vec::new();
+        for (i, text) in texts.iter().enumerate() {
+            let stamped = match self.stamp_text(i, text.get(), keep) {
+                Some(env) => Ok(env),
+                None => self.stamp(i, serde_json::from_str(text.get()).ok()?, keep),
+            };
+            match stamped {
+                Ok(env) => envelopes.push(env),
+                Err(e) => errors.extend(e),
+            }
+        }
+        Some(if errors.is_empty() {
+            Ok(envelopes)
+        } else {
+            Err(errors)
+        })
+    }
+
+    /// What is wrong with an event's time: too far in the future or older than the window.
+    fn time_error(&self, t: DateTime<Utc>) -> Option<FieldError> {
+        if t > self.received_at + self.bounds.max_future_skew {
+            Some(FieldError::new(
+                "occurred_at",
+                format!(
+                    "is more than {} s in the future",
+                    self.bounds.max_future_skew.num_seconds()
+                ),
+            ))
+        } else if t < self.received_at - self.bounds.retention {
+            Some(FieldError::new(
+                "occurred_at",
+                format!(
+                    "is older than the retention window of {} days",
+                    self.bounds.retention.num_days()
+                ),
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// A context re-attributes its session's usage from its time on: it must be recent.
+    fn context_age_error(&self, event_type: EventType, t: DateTime<Utc>) -> Option<FieldError> {
+        (event_type == EventType::SessionContext && t < self.received_at - MAX_CONTEXT_AGE).then(
+            || {
+                FieldError::new(
+                    "occurred_at",
+                    format!(
+                        "a session.context may be at most {} minutes old",
+                        MAX_CONTEXT_AGE.num_minutes()
+                    ),
+                )
+            },
+        )
     }
 
     /// The id of an event sent without one; `content_id` is its [`Ids::Content`] id.
@@ -586,8 +790,12 @@ mod tests {
             };
             let mut refused = 0;
             for (i, sample) in samples(ctx.received_at).into_iter().enumerate() {
-                let typed = ctx.client_envelope(i, ClientEvent::Sample(sample.clone()));
-                let json = ctx.envelope(i, sample.clone().into_json());
+                let typed = ctx
+                    .client_envelope(i, ClientEvent::Sample(sample.clone()))
+                    .map(|e| written(&e));
+                let json = ctx
+                    .envelope(i, sample.clone().into_json())
+                    .map(|e| written(&e.map_data(Data::Json)));
                 assert_eq!(typed, json, "case {i}: {sample:?}");
                 refused += usize::from(typed.is_err());
             }
@@ -860,5 +1068,243 @@ mod tests {
         let back: Envelope = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(back, env);
         assert_eq!(env.kafka_key(), format!("{}:s9", env.tenant_id));
+    }
+
+    /// Client events of every kind as text: whether the text path should take each (the
+    /// others it leaves to the tree), and the text.
+    fn texts() -> Vec<(bool, String)> {
+        let at = now();
+        let old = (Utc::now() - Duration::hours(3)).to_rfc3339();
+        let ev = |id: Option<u128>, t: &str, at: &str, data: Value| {
+            let mut e = json!({"type": t, "occurred_at": at, "data": data});
+            if let Some(id) = id {
+                e["id"] = json!(Uuid::from_u128(id));
+            }
+            e.to_string()
+        };
+        let cmd = json!({"user_id": "u1", "session_id": "s1", "team_id": "t", "command_name": "build",
+                         "duration_ms": 12, "status": "success", "args": {"verbose": true},
+                         "context": {"cwd": "/repo", "command_line": "build -v"}});
+        let mut fast = vec![
+            ev(Some(1), "command.executed", &at, cmd.clone()),
+            ev(
+                None,
+                "command.executed",
+                &at,
+                json!({"user_id": "u1", "command_name": "b",
+                "duration_ms": 1, "status": "error", "error_message": "caf\u{e9} \"q\" \\ \u{1F600}",
+                "extra": {"kept": 1, "tool_input": "x"}}),
+            ),
+            // Only argument-like keys in `extra`: their drop keeps `"extra": {}`.
+            ev(
+                Some(2),
+                "command.executed",
+                &at,
+                json!({"user_id": "u1", "command_name": "b",
+                "duration_ms": 1, "status": "success", "extra": {"args": "-rf"}}),
+            ),
+            ev(
+                Some(3),
+                "agent.interacted",
+                &at,
+                json!({"user_id": "u1", "agent_name": "claude",
+                "interaction_type": "chat", "input_tokens": 10, "output_tokens": 5,
+                "model": "opus", "cost_usd": 0.25, "duration_ms": 7, "status": "success",
+                "metadata": {"tool_input": "x", "a": 1.5e-7}}),
+            ),
+            ev(
+                Some(4),
+                "tool.executed",
+                &at,
+                json!({"user_id": "u1", "session_id": "s1",
+                "tool_name": "Bash", "duration_ms": 3, "success": true,
+                "details": {"command": "cat x", "tool_use_id": "t"}}),
+            ),
+            ev(
+                Some(5),
+                "session.started",
+                &at,
+                json!({"user_id": "u1", "session_id": "s1",
+                "context": {"cwd": "/r"}}),
+            ),
+            ev(
+                Some(6),
+                "session.ended",
+                &at,
+                json!({"user_id": "u1", "session_id": "s1",
+                "commands_executed": 4, "agents_used": ["claude"], "productivity_score": 80}),
+            ),
+            ev(
+                Some(7),
+                "session.context",
+                &at,
+                json!({"user_id": "u1", "session_id": "s1",
+                "repository": "git@github.com:Acme/Widgets.git", "branch": "main"}),
+            ),
+            ev(
+                Some(8),
+                "productivity.recorded",
+                &at,
+                json!({"user_id": "u1",
+                "metric_type": "commands_per_hour", "value": 12, "unit": "per_hour"}),
+            ),
+            ev(
+                Some(9),
+                "metric.sample",
+                &at,
+                json!({"name": "claude_code.token.usage",
+                "labels": {"user.id": "u1", "command": "ls"}, "value": 100, "kind": "counter"}),
+            ),
+            ev(
+                Some(10),
+                "metric.sample",
+                &at,
+                json!({"name": "claude_code.user_prompt",
+                "labels": {"prompt": "secret", "user.id": "u1"}, "value": 1,
+                "extra": {"prompt": "secret", "prompt_length": 6}}),
+            ),
+            r#"{ "data" : { "user_id" : "u\u0031", "session_id": "s1", "tool_name": "T",
+                "duration_ms": 3, "success": false }, "type": "tool.executed",
+                "schema_version": 1, "id": null, "occurred_at": "OCC" }"#
+                .replace("OCC", &at),
+            ev(
+                Some(11),
+                "session.context",
+                &old,
+                json!({"user_id": "u1", "session_id": "s1"}),
+            )
+            .replace("session.context", "session.started"),
+        ];
+        let slow = vec![
+            // Unknown fields, in `data` or beside it; an older schema version.
+            ev(Some(20), "command.executed", &at, json!({"user_id": "u1", "command_name": "b",
+                "duration_ms": 1, "status": "success", "mystery": {"command": "x"}})),
+            ev(Some(21), "metric.sample", &at, json!({"name": "n", "value": 1}))
+                .replacen('{', r#"{"extra_field": 1, "#, 1),
+            ev(Some(22), "agent.interacted", &at, json!({"user_id": "u1", "agent_name": "a",
+                "interaction_type": "chat", "duration_ms": 7, "status": "success",
+                "metadata": {"model": "opus", "cost_usd": 0.5}}))
+                .replacen('{', r#"{"schema_version": 1, "#, 1),
+            ev(Some(23), "metric.sample", &at, json!({"name": "claude_code.user_prompt",
+                "value": 1, "prompt": "top-level"})),
+            // What the door refuses.
+            ev(Some(24), "metric.sample", &at, json!({"name": "n\u{0}", "value": 1})),
+            ev(Some(25), "metric.sample", &at, json!({"name": "n", "value": 1,
+                "labels": {"a": "\\u0000 is text here"}})),
+            ev(Some(26), "command.executed", &at, json!({"user_id": "", "command_name": "b",
+                "duration_ms": -1, "status": "success"})),
+            ev(Some(27), "metric.sample", &(Utc::now() + Duration::hours(1)).to_rfc3339(),
+                json!({"name": "n", "value": 1})),
+            ev(Some(28), "session.context", &old, json!({"user_id": "u1", "session_id": "s1"})),
+            ev(Some(29), "session.context", &at, json!({"user_id": "u1", "session_id": "s1",
+                "repository": "not a repository"})),
+            ev(Some(30), "nope.nope", &at, json!({})),
+            ev(Some(31), "user.logged_in", &at, json!({})),
+            ev(Some(0), "metric.sample", &at, json!({"name": "n", "value": 1})),
+            ev(None, "metric.sample", "yesterday", json!({"name": "n", "value": 1})),
+            ev(Some(32), "metric.sample", &at, json!({"name": "n", "value": "1"})),
+            r#"{"id": "x", "type": "metric.sample", "occurred_at": "OCC", "data": {"name": "n", "value": 1}}"#
+                .replace("OCC", &at),
+            r#"{"type": "metric.sample", "occurred_at": "OCC", "data": {"name": "n", "name": "m", "value": 1}}"#
+                .replace("OCC", &at),
+            r#"{"type": "metric.sample", "type": "metric.sample", "occurred_at": "OCC", "data": {"name": "n", "value": 1}}"#
+                .replace("OCC", &at),
+            r#"{"type": "metric.sample", "occurred_at": "OCC", "data": {"name": "n", "value": 1e400}}"#
+                .replace("OCC", &at),
+            r#"{"type": "metric.sample", "occurred_at": "OCC", "data": {"name": "\ud800", "value": 1}}"#
+                .replace("OCC", &at),
+            r#"{"type": "metric.sample", "occurred_at": "OCC", "data": ["name"]}"#.replace("OCC", &at),
+            r#"["type"]"#.to_string(),
+        ];
+        let mut all: Vec<(bool, String)> = fast.drain(..).map(|t| (true, t)).collect();
+        all.extend(slow.into_iter().map(|t| (false, t)));
+        all
+    }
+
+    /// An event read from its text is stamped as its tree is — the same id, envelope and
+    /// written JSON, after the same drops — and the text is left to the tree whenever the
+    /// tree has more to do than read it.
+    #[test]
+    fn texts_are_stamped_as_their_trees_are() {
+        let keeps = [(false, false), (true, false), (false, true), (true, true)]
+            .map(|(prompts, commands)| Keep { prompts, commands });
+        for ids in [Ids::Idempotency("k".into()), Ids::Content] {
+            let ctx = IngestContext {
+                ids: ids.clone(),
+                ..ctx()
+            };
+            for (i, (fast, text)) in texts().into_iter().enumerate() {
+                for keep in keeps {
+                    let typed = ctx.stamp_text(i, &text, keep);
+                    let tree = serde_json::from_str(&text)
+                        .ok()
+                        .map(|v| ctx.stamp(i, v, keep));
+                    let no_id = !text.contains("\"id\":\"") && !text.contains("\"id\": \"");
+                    let expected = fast && !(ids == Ids::Content && no_id);
+                    assert_eq!(typed.is_some(), expected, "case {i} {ids:?}: {text}");
+                    let Some(typed) = typed else { continue };
+                    let Some(Ok(tree)) = tree else {
+                        panic!("case {i}: taken from its text, refused as a tree: {tree:?}")
+                    };
+                    assert_eq!(written(&typed), written(&tree), "case {i} {keep:?}: {text}");
+                    assert_eq!(typed.kafka_key(), tree.kafka_key());
+                    let tree = tree.map_data(Data::into_value);
+                    assert_eq!(typed.map_data(Data::into_value), tree);
+                }
+            }
+        }
+    }
+
+    /// A body's events are all read from their text or, if one is not JSON a tree can
+    /// hold, none is.
+    #[test]
+    fn a_body_is_read_from_its_text_or_not_at_all() {
+        let ctx = IngestContext {
+            ids: Ids::Idempotency("k".into()),
+            ..ctx()
+        };
+        let keep = Keep {
+            prompts: false,
+            commands: false,
+        };
+        let events: Vec<String> = texts().into_iter().map(|(_, t)| t).collect();
+        let body = format!("[{}]", events.join(","));
+        let texts = event_texts(body.as_bytes(), 1000).expect("an array of events");
+        assert_eq!(texts.len(), events.len());
+        assert!(ctx.stamp_texts(&texts, keep).is_none(), "1e400 is no f64");
+        let unreadable = |t: &str| t.contains("1e400") || t.contains("\\ud800");
+        let readable: Vec<&String> = events.iter().filter(|t| !unreadable(t)).collect();
+        assert_eq!(readable.len() + 2, events.len());
+        let body = format!(
+            "[{}]",
+            readable
+                .iter()
+                .map(|t| t.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let texts = event_texts(body.as_bytes(), 1000).expect("an array of events");
+        let Some(Err(errors)) = ctx.stamp_texts(&texts, keep) else {
+            panic!("some events are refused")
+        };
+        let tree: Vec<FieldError> = readable
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| ctx.stamp(i, serde_json::from_str(t).unwrap(), keep).err())
+            .flatten()
+            .collect();
+        assert_eq!(errors, tree);
+        let one = &readable[0];
+        assert_eq!(
+            event_texts(format!(" \n{one}").as_bytes(), 1).map(|t| t.len()),
+            Some(1)
+        );
+        for other in ["[]", "5", "\"x\"", "", "[{}] x", "{"] {
+            assert!(event_texts(other.as_bytes(), 1000).is_none(), "{other}");
+        }
+        assert!(
+            event_texts(b"[{}, {}]", 1).is_none(),
+            "more than the batch holds"
+        );
     }
 }

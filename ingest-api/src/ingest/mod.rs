@@ -3,10 +3,11 @@
 
 pub mod door;
 pub mod envelope;
+pub mod privacy;
 pub mod sink;
 pub mod storable;
 
-pub use envelope::{ClientEvent, Ids, IngestContext, SampleEvent, TimeBounds};
+pub use envelope::{ClientEvent, Data, Ids, IngestContext, Keep, SampleEvent, Stamped, TimeBounds};
 
 #[cfg(test)]
 mod tests;

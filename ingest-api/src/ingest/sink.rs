@@ -12,6 +12,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use shared::events::Envelope;
 
+use super::Stamped;
 use crate::error::IngestError;
 
 /// Appends envelopes to the event log.
@@ -20,7 +21,7 @@ use crate::error::IngestError;
 /// acknowledged with `acks=all`); on `Err` any of them may or may not have been written, and
 /// the client retries with the same event ids, which the projector counts once.
 pub trait EventSink: Send + Sync + 'static {
-    fn send<'a>(&'a self, envelopes: &'a [Envelope]) -> BoxFuture<'a, Result<(), IngestError>>;
+    fn send<'a>(&'a self, envelopes: &'a [Stamped]) -> BoxFuture<'a, Result<(), IngestError>>;
 }
 
 /// The largest event the log takes, as stored: Kafka's `message.max.bytes` (1 000 000) less
@@ -48,13 +49,13 @@ impl KafkaSink {
 
 impl EventSink for KafkaSink {
     /// Starts every send, then waits for all acknowledgements together.
-    fn send<'a>(&'a self, envelopes: &'a [Envelope]) -> BoxFuture<'a, Result<(), IngestError>> {
+    fn send<'a>(&'a self, envelopes: &'a [Stamped]) -> BoxFuture<'a, Result<(), IngestError>> {
         Box::pin(self.produce_all(envelopes))
     }
 }
 
 impl KafkaSink {
-    async fn produce_all(&self, envelopes: &[Envelope]) -> Result<(), IngestError> {
+    async fn produce_all(&self, envelopes: &[Stamped]) -> Result<(), IngestError> {
         let retry_after = self.timeout.as_secs().clamp(1, 30);
         let started = Instant::now();
         let payloads = serialize(envelopes)?;
@@ -169,7 +170,7 @@ const FIRST_BUFFER_MAX: usize = 1 << 20;
 
 /// Every event serialized and sized before any is sent: one too large for the log
 /// (`message.max.bytes`, 1 MB) refuses the request whole, and resending cannot help.
-pub fn serialize(envelopes: &[Envelope]) -> Result<Serialized, IngestError> {
+pub fn serialize(envelopes: &[Stamped]) -> Result<Serialized, IngestError> {
     let mut out = Serialized {
         bytes: Vec::with_capacity(
             envelopes
@@ -192,8 +193,9 @@ pub fn serialize(envelopes: &[Envelope]) -> Result<Serialized, IngestError> {
     Ok(out)
 }
 
-/// A sink that keeps what it is given, for tests of the doors without a broker. It applies
-/// the same size check as the Kafka sink, and fails every batch while `fail` is set.
+/// A sink that keeps what it is given, for tests of the doors without a broker, each
+/// envelope's `data` as the JSON it is written as. It applies the same size check as the
+/// Kafka sink, and fails every batch while `fail` is set.
 #[derive(Clone, Default)]
 pub struct RecordingSink {
     sent: Arc<Mutex<Vec<Envelope>>>,
@@ -213,7 +215,7 @@ impl RecordingSink {
 }
 
 impl EventSink for RecordingSink {
-    fn send<'a>(&'a self, envelopes: &'a [Envelope]) -> BoxFuture<'a, Result<(), IngestError>> {
+    fn send<'a>(&'a self, envelopes: &'a [Stamped]) -> BoxFuture<'a, Result<(), IngestError>> {
         Box::pin(async move {
             serialize(envelopes)?;
             if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
@@ -222,10 +224,11 @@ impl EventSink for RecordingSink {
                     retry_after: 1,
                 });
             }
-            self.sent
-                .lock()
-                .expect("not poisoned")
-                .extend_from_slice(envelopes);
+            self.sent.lock().expect("not poisoned").extend(
+                envelopes
+                    .iter()
+                    .map(|e| e.clone().map_data(super::Data::into_value)),
+            );
             Ok(())
         })
     }

@@ -11,12 +11,13 @@ use axum::Json;
 use serde::Serialize;
 use serde_json::Value;
 use shared::auth::KeyPrincipal;
-use shared::events::Source;
+use shared::events::{FieldError, Source};
 use uuid::Uuid;
 
 use crate::error::IngestError;
-use crate::ingest::door::{append, header_text, ingest_door, key_context, read_body};
-use crate::ingest::{Ids, IngestContext};
+use crate::ingest::door::{append, header_text, ingest_door, keep, key_context, read_body};
+use crate::ingest::envelope::event_texts;
+use crate::ingest::{Ids, IngestContext, Keep, Stamped};
 use crate::state::AppState;
 
 /// The answer to an accepted request.
@@ -44,7 +45,45 @@ async fn accept(
 ) -> Result<Accepted, IngestError> {
     check_content_type(headers)?;
     let bytes = read_body(body, headers, s.config.max_body_bytes).await?;
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+    let keep = keep(&principal);
+    // Nearly every request: its events read from their text. Anything that text cannot
+    // settle (a body that is not a batch of 1 to `max_batch_events` objects, a bad header)
+    // is read as before, as one tree, so that every refusal is the same.
+    let stamped = event_texts(&bytes, s.config.max_batch_events).and_then(|texts| {
+        let ctx = context(s, &principal, headers).ok()?;
+        ctx.stamp_texts(&texts, keep)
+    });
+    let stamped = match stamped {
+        Some(stamped) => stamped,
+        None => stamp_tree(s, &principal, headers, &bytes, keep)?,
+    };
+    let envelopes = stamped.map_err(|errors| {
+        let n = errors
+            .iter()
+            .filter_map(|e| e.index)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        IngestError::validation(
+            format!("{n} event(s) are invalid; nothing was accepted"),
+            errors,
+        )
+    })?;
+    append(s, &envelopes, "api").await?;
+    Ok(Accepted {
+        accepted: envelopes.len(),
+        ids: envelopes.iter().map(|e| e.id).collect(),
+    })
+}
+
+/// Every event stamped from the body's tree.
+fn stamp_tree(
+    s: &AppState,
+    principal: &KeyPrincipal,
+    headers: &HeaderMap,
+    bytes: &[u8],
+    keep: Keep,
+) -> Result<Result<Vec<Stamped>, Vec<FieldError>>, IngestError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
         IngestError::bad_request("malformed-json", format!("the body is not valid JSON: {e}"))
     })?;
     let raw_events = match value {
@@ -72,6 +111,28 @@ async fn accept(
             ),
         ));
     }
+    let ctx = context(s, principal, headers)?;
+    let mut envelopes = Vec::with_capacity(raw_events.len());
+    let mut errors = Vec::new();
+    for (i, raw) in raw_events.into_iter().enumerate() {
+        match ctx.stamp(i, raw, keep) {
+            Ok(env) => envelopes.push(env),
+            Err(e) => errors.extend(e),
+        }
+    }
+    Ok(if errors.is_empty() {
+        Ok(envelopes)
+    } else {
+        Err(errors)
+    })
+}
+
+/// How the request's events are stamped: the key's, with ids from its `Idempotency-Key`.
+fn context(
+    s: &AppState,
+    principal: &KeyPrincipal,
+    headers: &HeaderMap,
+) -> Result<IngestContext, IngestError> {
     let ids = match headers.get("idempotency-key") {
         None => Ids::Fresh,
         Some(v) => match v.to_str() {
@@ -84,41 +145,9 @@ async fn accept(
             }
         },
     };
-    let ctx = IngestContext {
+    Ok(IngestContext {
         ids,
-        ..key_context(s, &principal, Source::Api)
-    };
-    let mut envelopes = Vec::with_capacity(raw_events.len());
-    let mut errors = Vec::new();
-    for (i, mut raw) in raw_events.into_iter().enumerate() {
-        if !principal.store_prompt_text {
-            crate::routes::otlp::drop_prompt_text(&mut raw);
-        }
-        match ctx.envelope(i, raw) {
-            Ok(mut env) => {
-                if !principal.store_command_text {
-                    crate::routes::otlp::drop_command_text(&mut env);
-                }
-                envelopes.push(env)
-            }
-            Err(e) => errors.extend(e),
-        }
-    }
-    if !errors.is_empty() {
-        let n = errors
-            .iter()
-            .filter_map(|e| e.index)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len();
-        return Err(IngestError::validation(
-            format!("{n} event(s) are invalid; nothing was accepted"),
-            errors,
-        ));
-    }
-    append(s, &envelopes, "api").await?;
-    Ok(Accepted {
-        accepted: envelopes.len(),
-        ids: envelopes.iter().map(|e| e.id).collect(),
+        ..key_context(s, principal, Source::Api)
     })
 }
 

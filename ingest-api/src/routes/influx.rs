@@ -18,7 +18,7 @@ use shared::events::{FieldError, Source};
 use crate::error::IngestError;
 use crate::formats::lineproto::{self, Precision};
 use crate::ingest::door::{append, ingest_door, key_context, read_body};
-use crate::ingest::IngestContext;
+use crate::ingest::{Data, IngestContext};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -100,7 +100,7 @@ async fn accept(
         let mut reasons = Vec::new();
         for raw in p.to_events(now) {
             match ctx.envelope(envelopes.len() + line_envelopes.len(), raw) {
-                Ok(env) => line_envelopes.push(env),
+                Ok(env) => line_envelopes.push(env.map_data(Data::Json)),
                 Err(errors) => reasons.extend(
                     errors
                         .into_iter()

@@ -16,6 +16,7 @@ use shared::events::{FieldError, Source};
 use crate::error::IngestError;
 use crate::formats::promrw;
 use crate::ingest::door::{append, header_text, ingest_door, key_context, read_limited};
+use crate::ingest::Data;
 use crate::state::AppState;
 
 pub async fn write(State(s): State<AppState>, request: Request) -> Response {
@@ -86,7 +87,7 @@ async fn accept(
     let mut errors = Vec::new();
     for (i, raw) in events.into_iter().enumerate() {
         match ctx.envelope(i, raw) {
-            Ok(env) => envelopes.push(env),
+            Ok(env) => envelopes.push(env.map_data(Data::Json)),
             Err(e) => errors.extend(e),
         }
     }

@@ -28,6 +28,7 @@ use crate::control::integrations::{self, Sealed};
 use crate::error::IngestError;
 use crate::ingest::door::{append, read_limited};
 use crate::ingest::storable::{check_storable, nul_paths};
+use crate::ingest::Data;
 use crate::state::AppState;
 
 /// The largest delivery read (GitHub's pull request payloads are tens of kilobytes; it caps
@@ -155,7 +156,7 @@ async fn handle(
             unstorable,
         ));
     }
-    append(s, std::slice::from_ref(&envelope), "webhook").await?;
+    append(s, &[envelope.map_data(Data::Json)], "webhook").await?;
     integrations::count(&s.pool, tenant, provider).await;
     Ok((
         StatusCode::ACCEPTED,

@@ -1048,8 +1048,12 @@ mod tests {
                 let size = approx_size(&e.clone().into_json());
                 assert_eq!(sample_size(s), size, "sized as its JSON");
             }
-            let env = ctx.client_envelope(i, e.clone()).expect("a valid event");
-            let json = ctx.envelope(i, e.clone().into_json());
+            let env = crate::ingest::envelope::written(
+                &ctx.client_envelope(i, e.clone()).expect("a valid event"),
+            );
+            let json = ctx
+                .envelope(i, e.clone().into_json())
+                .map(|e| crate::ingest::envelope::written(&e.map_data(crate::ingest::Data::Json)));
             assert_eq!(Ok(&env), json.as_ref(), "as the JSON door stamps it");
             envelopes.push(env);
         }
