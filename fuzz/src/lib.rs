@@ -80,6 +80,20 @@ fn round_trip(env: &Stamped) {
 /// tree, event by event, and every accepted envelope must survive the trip to the projector.
 pub fn events_body(ctx: &IngestContext, body: &[u8], max: usize) {
     let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        // A body its tree does not take is not taken from its texts either: the door
+        // answers that it is not JSON.
+        if let Some(texts) = event_texts(body, max) {
+            for prompts in [false, true] {
+                let keep = Keep {
+                    prompts,
+                    commands: prompts,
+                };
+                assert!(
+                    ctx.stamp_texts(&texts, keep).is_none(),
+                    "read from its texts, not JSON as a tree"
+                );
+            }
+        }
         return;
     };
     let events = match value {

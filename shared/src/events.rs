@@ -1091,6 +1091,10 @@ impl Payload {
         if text.contains("\\u0000") {
             return None;
         }
+        // serde_json reads a struct from an array too, by position; the tree refuses it.
+        if !text.trim_start().starts_with('{') {
+            return None;
+        }
         let payload = read_payload(t, &FromText(text)).ok()?;
         payload.check_limits("data").is_empty().then_some(payload)
     }

@@ -236,15 +236,65 @@ pub fn client_json(event_type: &str, at: &DateTime<Utc>, data: Map<String, Value
     Value::Object(event)
 }
 
+/// How deep a body read from its texts may nest arrays and objects. A `RawValue` is split
+/// without counting depth, so a deeper body is read as a tree, which refuses what serde_json
+/// (and so the projector) cannot read back.
+const MAX_TEXT_DEPTH: usize = 64;
+
 /// The events of a body that is an event object or an array of 1..=`max` of them, each as
-/// its text; `None` for any other body.
+/// its text; `None` for any other body, or one nested deeper than [`MAX_TEXT_DEPTH`].
 pub fn event_texts(bytes: &[u8], max: usize) -> Option<Vec<&RawValue>> {
+    if !nests_within(bytes, MAX_TEXT_DEPTH) {
+        return None;
+    }
     let texts = match bytes.iter().find(|b| !b.is_ascii_whitespace())? {
         b'[' => serde_json::from_slice::<Vec<&RawValue>>(bytes).ok()?,
         b'{' => vec![serde_json::from_slice::<&RawValue>(bytes).ok()?],
         _ => return None,
     };
     (1..=max).contains(&texts.len()).then_some(texts)
+}
+
+/// Whether the JSON text `bytes` opens at most `max` arrays and objects inside one another
+/// (brackets inside strings skipped; the text need not be valid).
+fn nests_within(bytes: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut rest = bytes;
+    while let Some(i) = rest
+        .iter()
+        .position(|b| matches!(b, b'"' | b'{' | b'[' | b'}' | b']'))
+    {
+        match rest[i] {
+            b'"' => {
+                // Past the string: its closing quote is the first one no backslash escapes.
+                let mut j = i + 1;
+                loop {
+                    let Some(k) = rest
+                        .get(j..)
+                        .and_then(|tail| tail.iter().position(|b| matches!(b, b'"' | b'\\')))
+                    else {
+                        return true;
+                    };
+                    j += k;
+                    if rest[j] == b'"' {
+                        break;
+                    }
+                    j += 2;
+                }
+                rest = &rest[j + 1..];
+                continue;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            }
+            _ => depth = depth.saturating_sub(1),
+        }
+        rest = &rest[i + 1..];
+    }
+    true
 }
 
 /// Namespace for ids derived from an `Idempotency-Key`.
@@ -339,6 +389,10 @@ impl IngestContext {
     /// content. `None` when the event is to be read as a tree: to name what is wrong with it,
     /// or to upcast it, keep its unknown fields in `extra` or derive its id from its content.
     pub fn stamp_text(&self, index: usize, text: &str, keep: Keep) -> Option<Stamped> {
+        // serde_json reads a struct from an array too, by position; the tree refuses it.
+        if !text.trim_start().starts_with('{') {
+            return None;
+        }
         let client: ClientText = serde_json::from_str(text).ok()?;
         let event_type = EventType::parse(&client.event_type).filter(|t| t.from_clients())?;
         if client
@@ -1215,6 +1269,11 @@ mod tests {
                 .replace("OCC", &at),
             r#"{"type": "metric.sample", "occurred_at": "OCC", "data": ["name"]}"#.replace("OCC", &at),
             r#"["type"]"#.to_string(),
+            // serde_json reads structs from arrays, by position; the contract does not.
+            r#"[null, "session.started", "OCC", null, {"session_id": "s1", "user_id": "u1"}]"#
+                .replace("OCC", &at),
+            r#"{"type": "session.started", "occurred_at": "OCC", "data": ["s1", "u1"]}"#
+                .replace("OCC", &at),
         ];
         let mut all: Vec<(bool, String)> = fast.drain(..).map(|t| (true, t)).collect();
         all.extend(slow.into_iter().map(|t| (false, t)));
@@ -1306,5 +1365,38 @@ mod tests {
             event_texts(b"[{}, {}]", 1).is_none(),
             "more than the batch holds"
         );
+    }
+
+    /// A body nested deeper than its texts may be is read as a tree, which refuses what
+    /// serde_json could not read back from the log.
+    #[test]
+    fn a_deep_body_is_read_as_a_tree() {
+        let deep = |depth: usize| {
+            let extra = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+            format!(
+                r#"[{{"type": "metric.sample", "occurred_at": "{}", "data": {{"name": "n", "value": 1, "extra": {{"x": {extra}}}}}}}]"#,
+                now()
+            )
+        };
+        // The body, the event, `data` and `extra` are four levels.
+        let at_bound = deep(MAX_TEXT_DEPTH - 4);
+        assert!(event_texts(at_bound.as_bytes(), 10).is_some());
+        let past = deep(MAX_TEXT_DEPTH - 3);
+        assert!(event_texts(past.as_bytes(), 10).is_none());
+        assert!(
+            serde_json::from_str::<Value>(&past).is_ok(),
+            "a tree takes it"
+        );
+        let too_deep = deep(130);
+        assert!(event_texts(too_deep.as_bytes(), 10).is_none());
+        assert!(serde_json::from_str::<Value>(&too_deep).is_err());
+
+        assert!(nests_within(br#"{"a": "[[[[\"[[[", "b": [1]}"#, 2));
+        assert!(!nests_within(br#"{"a": "]]]", "b": [[1]]}"#, 2));
+        assert!(
+            nests_within(br#"["\"#, 1),
+            "an unended string ends the text"
+        );
+        assert!(!nests_within(b"[[[", 2));
     }
 }

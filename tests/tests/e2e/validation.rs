@@ -67,6 +67,31 @@ async fn bad_requests_get_clear_problems() {
     assert_eq!(s, 400);
     assert!(b["type"].as_str().unwrap().ends_with("malformed-json"));
 
+    // Nested as deep as serde_json reads (128 levels, the event counted): `data` alone is
+    // 127 deep, the event 128. Refused as not JSON, never accepted to fail in the projector.
+    let nested = format!("{}1{}", "[".repeat(125), "]".repeat(125));
+    let body = format!(
+        r#"{{"type": "metric.sample", "occurred_at": "{}", "data": {{"name": "n", "value": 1, "extra": {{"x": {nested}}}}}}}"#,
+        ago(1)
+    );
+    let (s, b) = problem(send(body.into_bytes(), k).await.unwrap()).await;
+    assert_eq!(s, 400, "{b}");
+    assert!(b["type"].as_str().unwrap().ends_with("malformed-json"));
+
+    // An event, or its `data`, written as an array, which serde_json would read by position.
+    let at = ago(1);
+    let body = format!(
+        r#"[[null, "session.started", "{at}", null, {{"session_id": "s", "user_id": "u"}}]]"#
+    );
+    let (s, b) = problem(send(body.into_bytes(), k).await.unwrap()).await;
+    assert_eq!(s, 422, "{b}");
+    assert_eq!(fields(&b), vec![(Some(0), String::new())], "{b}");
+    let body =
+        format!(r#"{{"type": "session.started", "occurred_at": "{at}", "data": ["s", "u"]}}"#);
+    let (s, b) = problem(send(body.into_bytes(), k).await.unwrap()).await;
+    assert_eq!(s, 422, "{b}");
+    assert_eq!(fields(&b), vec![(Some(0), "data".to_string())], "{b}");
+
     // Wrong types, with the field and the index in the batch.
     let body = json!([command("u", "ok", 1, true), {"type": "command.executed", "occurred_at": ago(1), "data": {"user_id": 5, "command_name": "x", "duration_ms": "long", "status": "success"}}]);
     let (s, b) = problem(send(serde_json::to_vec(&body).unwrap(), k).await.unwrap()).await;
