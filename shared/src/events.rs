@@ -1096,7 +1096,30 @@ impl Payload {
             return None;
         }
         let payload = read_payload(t, &FromText(text)).ok()?;
-        payload.check_limits("data").is_empty().then_some(payload)
+        let shallow = payload
+            .open_maps()
+            .all(|m| m.values().all(|v| nesting(v) <= MAX_TEXT_NESTING));
+        (shallow && payload.check_limits("data").is_empty()).then_some(payload)
+    }
+
+    /// The payload's maps of any JSON (`extra`, and `args`, `context`, `metadata`,
+    /// `details` or `dimensions` where its type has them): the only places where its JSON
+    /// nests deeper than its own fields.
+    pub fn open_maps(&self) -> impl Iterator<Item = &Object> {
+        let (a, b, extra): (Option<&Object>, Option<&Object>, &Object) = match self {
+            Payload::CommandExecuted(p) => (p.args.as_ref(), p.context.as_ref(), &p.extra),
+            Payload::AgentInteracted(p) => (p.metadata.as_ref(), None, &p.extra),
+            Payload::ToolExecuted(p) => (p.details.as_ref(), None, &p.extra),
+            Payload::SessionStarted(p) => (p.context.as_ref(), None, &p.extra),
+            Payload::SessionEnded(p) => (p.context.as_ref(), None, &p.extra),
+            Payload::SessionContext(p) => (None, None, &p.extra),
+            Payload::ProductivityRecorded(p) => (p.dimensions.as_ref(), None, &p.extra),
+            Payload::MetricSample(p) => (None, None, &p.extra),
+            Payload::PullRequestChanged(p) => (None, None, &p.extra),
+            Payload::BranchPushed(p) => (None, None, &p.extra),
+            Payload::Auth(_, p) => (None, None, &p.extra),
+        };
+        a.into_iter().chain(b).chain(std::iter::once(extra))
     }
 
     pub fn event_type(&self) -> EventType {
@@ -1324,6 +1347,22 @@ fn stand_in(t: EventType, field: &str) -> Option<Value> {
         _ => return None,
     };
     known_fields(t).contains(&field).then_some(v)
+}
+
+/// How deep a value in a payload's open map ([`Payload::open_maps`]) may nest for the
+/// payload to be read from its text. serde_json reads its text without counting the depth
+/// its `data` sits at in the request, so a deeper payload is left to the tree, which counts
+/// it (serde_json reads at most 127 levels; the request, the event, `data` and the map take
+/// four).
+pub const MAX_TEXT_NESTING: usize = 60;
+
+/// How many arrays and objects `v` opens inside one another: 0 for a scalar, 1 for `[1]`.
+pub fn nesting(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(nesting).max().unwrap_or(0),
+        Value::Object(m) => 1 + m.values().map(nesting).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// One form of a payload's `data` that each payload struct can be read from.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use shared::events::{
-    Actor, Envelope, EventData, EventType, FieldError, MetricSample, Payload, Source,
+    nesting, Actor, Envelope, EventData, EventType, FieldError, MetricSample, Payload, Source,
 };
 use shared::tenant::TenantId;
 use uuid::Uuid;
@@ -236,17 +236,9 @@ pub fn client_json(event_type: &str, at: &DateTime<Utc>, data: Map<String, Value
     Value::Object(event)
 }
 
-/// How deep a body read from its texts may nest arrays and objects. A `RawValue` is split
-/// without counting depth, so a deeper body is read as a tree, which refuses what serde_json
-/// (and so the projector) cannot read back.
-const MAX_TEXT_DEPTH: usize = 64;
-
 /// The events of a body that is an event object or an array of 1..=`max` of them, each as
-/// its text; `None` for any other body, or one nested deeper than [`MAX_TEXT_DEPTH`].
+/// its text; `None` for any other body.
 pub fn event_texts(bytes: &[u8], max: usize) -> Option<Vec<&RawValue>> {
-    if !nests_within(bytes, MAX_TEXT_DEPTH) {
-        return None;
-    }
     let texts = match bytes.iter().find(|b| !b.is_ascii_whitespace())? {
         b'[' => serde_json::from_slice::<Vec<&RawValue>>(bytes).ok()?,
         b'{' => vec![serde_json::from_slice::<&RawValue>(bytes).ok()?],
@@ -255,47 +247,10 @@ pub fn event_texts(bytes: &[u8], max: usize) -> Option<Vec<&RawValue>> {
     (1..=max).contains(&texts.len()).then_some(texts)
 }
 
-/// Whether the JSON text `bytes` opens at most `max` arrays and objects inside one another
-/// (brackets inside strings skipped; the text need not be valid).
-fn nests_within(bytes: &[u8], max: usize) -> bool {
-    let mut depth = 0usize;
-    let mut rest = bytes;
-    while let Some(i) = rest
-        .iter()
-        .position(|b| matches!(b, b'"' | b'{' | b'[' | b'}' | b']'))
-    {
-        match rest[i] {
-            b'"' => {
-                // Past the string: its closing quote is the first one no backslash escapes.
-                let mut j = i + 1;
-                loop {
-                    let Some(k) = rest
-                        .get(j..)
-                        .and_then(|tail| tail.iter().position(|b| matches!(b, b'"' | b'\\')))
-                    else {
-                        return true;
-                    };
-                    j += k;
-                    if rest[j] == b'"' {
-                        break;
-                    }
-                    j += 2;
-                }
-                rest = &rest[j + 1..];
-                continue;
-            }
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > max {
-                    return false;
-                }
-            }
-            _ => depth = depth.saturating_sub(1),
-        }
-        rest = &rest[i + 1..];
-    }
-    true
-}
+/// How deep an event of a body split into texts may nest and still be read as a tree on its
+/// own; a deeper one, whose body might nest past what serde_json reads, is left to the body's
+/// tree.
+const MAX_EVENT_NESTING: usize = 100;
 
 /// Namespace for ids derived from an `Idempotency-Key`.
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_5b1e_2a7d_4c4e_9d1a_7a11_7a11_0001);
@@ -589,7 +544,9 @@ impl IngestContext {
     }
 
     /// Every event stamped, from its text where it can be and otherwise from its tree; `None`
-    /// if one is not JSON a tree can hold (a number out of range), which the body's tree names.
+    /// if one is not JSON a tree can hold (a number out of range), which the body's tree names,
+    /// or nests deeper than [`MAX_EVENT_NESTING`], which the body's tree counts with the
+    /// body's own level.
     pub fn stamp_texts(
         &self,
         texts: &[&RawValue],
@@ -600,7 +557,13 @@ impl IngestContext {
         for (i, text) in texts.iter().enumerate() {
             let stamped = match self.stamp_text(i, text.get(), keep) {
                 Some(env) => Ok(env),
-                None => self.stamp(i, serde_json::from_str(text.get()).ok()?, keep),
+                None => {
+                    let tree: Value = serde_json::from_str(text.get()).ok()?;
+                    if nesting(&tree) > MAX_EVENT_NESTING {
+                        return None;
+                    }
+                    self.stamp(i, tree, keep)
+                }
             };
             match stamped {
                 Ok(env) => envelopes.push(env),
@@ -698,6 +661,7 @@ fn truncate(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+    use shared::events::MAX_TEXT_NESTING;
 
     fn ctx() -> IngestContext {
         IngestContext {
@@ -1367,36 +1331,69 @@ mod tests {
         );
     }
 
-    /// A body nested deeper than its texts may be is read as a tree, which refuses what
-    /// serde_json could not read back from the log.
+    /// A payload nested deeper than its text may be is read as a tree, and an event deeper
+    /// than its own tree may be is left to the body's, which refuses what serde_json could
+    /// not read back from the log.
     #[test]
-    fn a_deep_body_is_read_as_a_tree() {
-        let deep = |depth: usize| {
-            let extra = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
-            format!(
-                r#"[{{"type": "metric.sample", "occurred_at": "{}", "data": {{"name": "n", "value": 1, "extra": {{"x": {extra}}}}}}}]"#,
-                now()
+    fn deep_events_are_read_as_trees() {
+        let ctx = ctx();
+        let keep = Keep {
+            prompts: false,
+            commands: false,
+        };
+        let at = now();
+        let deep = |depth: usize, field: &str| {
+            let nested = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+            let data = match field {
+                "args" => format!(
+                    r#"{{"user_id": "u", "command_name": "b", "duration_ms": 1, "status": "success", "args": {{"x": {nested}}}}}"#
+                ),
+                _ => format!(r#"{{"name": "n", "value": 1, "extra": {{"x": {nested}}}}}"#),
+            };
+            let t = if field == "args" {
+                "command.executed"
+            } else {
+                "metric.sample"
+            };
+            format!(r#"[{{"type": "{t}", "occurred_at": "{at}", "data": {data}}}]"#)
+        };
+        let stamped = |body: &str| {
+            let texts = event_texts(body.as_bytes(), 10).expect("a batch");
+            (
+                ctx.stamp_text(0, texts[0].get(), keep).is_some(),
+                ctx.stamp_texts(&texts, keep),
             )
         };
-        // The body, the event, `data` and `extra` are four levels.
-        let at_bound = deep(MAX_TEXT_DEPTH - 4);
-        assert!(event_texts(at_bound.as_bytes(), 10).is_some());
-        let past = deep(MAX_TEXT_DEPTH - 3);
-        assert!(event_texts(past.as_bytes(), 10).is_none());
+        for field in ["extra", "args"] {
+            let (fast, all) = stamped(&deep(MAX_TEXT_NESTING, field));
+            assert!(fast && matches!(all, Some(Ok(_))), "{field}");
+            let (fast, all) = stamped(&deep(MAX_TEXT_NESTING + 1, field));
+            assert!(
+                !fast && matches!(all, Some(Ok(_))),
+                "{field}: read as its tree"
+            );
+        }
+        // The event, `data` and `extra` are three levels.
+        let (_, all) = stamped(&deep(MAX_EVENT_NESTING - 3, "extra"));
+        assert!(matches!(all, Some(Ok(_))));
+        let past = deep(MAX_EVENT_NESTING - 2, "extra");
+        assert!(stamped(&past).1.is_none(), "left to the body's tree");
         assert!(
             serde_json::from_str::<Value>(&past).is_ok(),
-            "a tree takes it"
+            "which takes it"
         );
-        let too_deep = deep(130);
-        assert!(event_texts(too_deep.as_bytes(), 10).is_none());
+        let too_deep = deep(125, "extra");
+        assert!(stamped(&too_deep).1.is_none());
         assert!(serde_json::from_str::<Value>(&too_deep).is_err());
-
-        assert!(nests_within(br#"{"a": "[[[[\"[[[", "b": [1]}"#, 2));
-        assert!(!nests_within(br#"{"a": "]]]", "b": [[1]]}"#, 2));
-        assert!(
-            nests_within(br#"["\"#, 1),
-            "an unended string ends the text"
+        assert_eq!(
+            [
+                json!(1),
+                json!([]),
+                json!({"a": [1, {"b": {}}]}),
+                json!([[], [[1]]])
+            ]
+            .map(|v| nesting(&v)),
+            [0, 1, 4, 3]
         );
-        assert!(!nests_within(b"[[[", 2));
     }
 }
