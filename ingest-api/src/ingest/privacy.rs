@@ -21,6 +21,8 @@ pub fn drop_prompt_text(event: &mut Value) {
     if data.get("name").and_then(Value::as_str) != Some(USER_PROMPT) {
         return;
     }
+    // A `prompt` beside the sample's fields is one the decoding would move into `extra`.
+    data.remove("prompt");
     for place in ["extra", "labels"] {
         if let Some(m) = data.get_mut(place).and_then(Value::as_object_mut) {
             m.remove("prompt");
@@ -189,6 +191,19 @@ mod tests {
 
     /// Both forms of an event end as the payload writes it: an `extra` that held only
     /// arguments is not written at all, as the typed payload writes an empty one.
+    #[test]
+    fn a_prompt_is_dropped_wherever_it_is_sent() {
+        let mut event = json!({"type": "metric.sample", "data": {"name": USER_PROMPT, "value": 1,
+            "prompt": "top", "labels": {"prompt": "label", "prompt_length": "5"},
+            "extra": {"prompt": "extra", "kept": 1}}});
+        drop_prompt_text(&mut event);
+        assert_eq!(
+            event["data"],
+            json!({"name": USER_PROMPT, "value": 1, "labels": {"prompt_length": "5"},
+                   "extra": {"kept": 1}})
+        );
+    }
+
     #[test]
     fn an_emptied_extra_is_not_written() {
         let data = json!({"user_id": "u", "command_name": "c", "duration_ms": 1,

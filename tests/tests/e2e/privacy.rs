@@ -62,6 +62,12 @@ async fn prompt_text_is_stored_only_where_the_tenant_opted_in() {
     post_events_accepted(&client, &ingest.url(), &private.ingest_key, &sample).await;
     wait_for_prompts(&pool, private.id, 2).await;
     assert_eq!(scalar_in_tenant(&pool, private.id, &contains).await, 0);
+    // Nor sent beside the sample's fields, where the decoding keeps unknown fields in `extra`.
+    let sample = json!({"type": "metric.sample", "occurred_at": chrono::Utc::now().to_rfc3339(),
+        "data": {"name": "claude_code.user_prompt", "value": 1.0, "prompt": secret}});
+    post_events_accepted(&client, &ingest.url(), &private.ingest_key, &sample).await;
+    wait_for_prompts(&pool, private.id, 3).await;
+    assert_eq!(scalar_in_tenant(&pool, private.id, &contains).await, 0);
 
     // A tenant that opted in stores it, and the opt-in is in its audit log.
     let open = create_tenant(&pool, "prompts-stored").await;
