@@ -1139,6 +1139,14 @@ mod tests {
                 "details": {"command": "cat x", "tool_use_id": "t"}}),
             ),
             ev(
+                Some(12),
+                "tool.executed",
+                &at,
+                json!({"user_id": "u1", "session_id": "s1", "tool_name": "Bash", "duration_ms": 3,
+                "success": true, "details": {"env": {"command_line": "deploy --token t"}},
+                "extra": {"steps": [{"command": "rm"}, "plain"]}}),
+            ),
+            ev(
                 Some(5),
                 "session.started",
                 &at,

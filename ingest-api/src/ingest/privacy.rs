@@ -108,7 +108,24 @@ pub fn drop_stamped_command_text(env: &mut Stamped) {
         Payload::Auth(_, p) => [Some(&mut p.extra), None],
     };
     for m in maps.into_iter().flatten() {
-        m.retain(|k, _| !is_argument(k));
+        drop_arguments(m);
+    }
+}
+
+/// `m` without its argument-like keys, at any depth (`{"env": {"command_line": …}}`,
+/// `{"steps": [{"command": …}]}`).
+fn drop_arguments(m: &mut Object) {
+    m.retain(|k, _| !is_argument(k));
+    for v in m.values_mut() {
+        drop_nested_arguments(v);
+    }
+}
+
+fn drop_nested_arguments(v: &mut Value) {
+    match v {
+        Value::Object(m) => drop_arguments(m),
+        Value::Array(items) => items.iter_mut().for_each(drop_nested_arguments),
+        _ => {}
     }
 }
 
@@ -119,7 +136,7 @@ fn drop_json_command_text(data: &mut Value) {
     data.remove("args");
     for place in ["details", "extra", "context", "labels", "metadata"] {
         if let Some(Value::Object(m)) = data.get_mut(place) {
-            m.retain(|k, _| !is_argument(k));
+            drop_arguments(m);
         }
     }
     // As the payload writes it: no `extra` when nothing is left in it.
@@ -191,6 +208,25 @@ mod tests {
 
     /// Both forms of an event end as the payload writes it: an `extra` that held only
     /// arguments is not written at all, as the typed payload writes an empty one.
+    #[test]
+    fn nested_arguments_are_dropped_too() {
+        let data = json!({"user_id": "u", "session_id": "s", "tool_name": "Bash", "duration_ms": 1,
+            "success": true, "details": {"env": {"command_line": "deploy --token t", "cwd": "/r"}},
+            "extra": {"steps": [{"command": "rm -rf /", "n": 1}, [{"tool_input": "x"}], "plain"]}});
+        let expected = json!({"user_id": "u", "session_id": "s", "tool_name": "Bash",
+            "duration_ms": 1, "success": true, "details": {"env": {"cwd": "/r"}},
+            "extra": {"steps": [{"n": 1}, [{}], "plain"]}});
+        let mut json = envelope(EventType::ToolExecuted, data.clone()).map_data(Data::Json);
+        let payload =
+            shared::events::Payload::decode(EventType::ToolExecuted, 1, data, "data").unwrap();
+        let mut typed =
+            envelope(EventType::ToolExecuted, Value::Null).map_data(|_| Data::Typed(payload));
+        drop_stamped_command_text(&mut json);
+        drop_stamped_command_text(&mut typed);
+        assert_eq!(json.data.into_value(), expected);
+        assert_eq!(typed.data.into_value(), expected);
+    }
+
     #[test]
     fn a_prompt_is_dropped_wherever_it_is_sent() {
         let mut event = json!({"type": "metric.sample", "data": {"name": USER_PROMPT, "value": 1,
