@@ -11,7 +11,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use ingest_api::ingest::envelope::{event_texts, written};
 use ingest_api::ingest::{Data, Ids, IngestContext, Keep, Stamped, TimeBounds};
 use serde_json::Value;
-use shared::events::{Actor, Envelope, FieldError, Source};
+use shared::events::{Actor, Envelope, Source};
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
@@ -119,24 +119,16 @@ pub fn events_body(ctx: &IngestContext, body: &[u8], max: usize) {
         let from_texts = ctx
             .stamp_texts(&texts, keep)
             .expect("events of a body its tree takes are trees too");
-        let mut envelopes = Vec::new();
-        let mut errors: Vec<FieldError> = Vec::new();
-        for (i, raw) in events.iter().enumerate() {
-            match ctx.stamp(i, raw.clone(), keep) {
-                Ok(env) => envelopes.push(env),
-                Err(e) => errors.extend(e),
-            }
-        }
-        match from_texts {
-            Ok(stamped) => {
-                assert!(errors.is_empty(), "refused as trees: {errors:?}");
+        match (from_texts, ctx.stamp_trees(events.clone(), keep)) {
+            (Ok(stamped), Ok(envelopes)) => {
                 assert_eq!(stamped.len(), envelopes.len());
                 for (a, b) in stamped.iter().zip(&envelopes) {
                     assert_eq!(comparable(a), comparable(b), "stamped as its tree is");
                     round_trip(a);
                 }
             }
-            Err(refused) => assert_eq!(refused, errors, "refused as its tree is"),
+            (Err(refused), Err(errors)) => assert_eq!(refused, errors, "refused as its tree is"),
+            (texts, trees) => panic!("taken as {texts:?}, as trees {trees:?}"),
         }
     }
 }

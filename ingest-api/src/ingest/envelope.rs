@@ -247,6 +247,27 @@ pub fn event_texts(bytes: &[u8], max: usize) -> Option<Vec<&RawValue>> {
     (1..=max).contains(&texts.len()).then_some(texts)
 }
 
+/// A batch's envelopes, or everything wrong with its events: a batch is taken whole or not
+/// at all.
+pub fn whole_batch(
+    stamped: impl Iterator<Item = Result<Stamped, Vec<FieldError>>>,
+) -> Result<Vec<Stamped>, Vec<FieldError>> {
+    let (low, high) = stamped.size_hint();
+    let mut envelopes = Vec::with_capacity(high.unwrap_or(low));
+    let mut errors = Vec::new();
+    for s in stamped {
+        match s {
+            Ok(env) => envelopes.push(env),
+            Err(e) => errors.extend(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(envelopes)
+    } else {
+        Err(errors)
+    }
+}
+
 /// How deep an event of a body split into texts may nest and still be read as a tree on its
 /// own; a deeper one, whose body might nest past what serde_json reads, is left to the body's
 /// tree.
@@ -339,9 +360,8 @@ impl IngestContext {
 
     /// [`IngestContext::stamp`] of one client event's JSON text: the same envelope after the
     /// same drops, read without building the event's tree when its text is as the contract
-    /// writes it ([`Payload::from_text`]) — every field
-    /// known and valid, the current schema version, an id given or not derived from the
-    /// content. `None` when the event is to be read as a tree: to name what is wrong with it,
+    /// writes it ([`Payload::from_text`]) — every field known and valid, the current schema
+    /// version, an id given or not derived from the content. `None` when the event is to be read as a tree: to name what is wrong with it,
     /// or to upcast it, keep its unknown fields in `extra` or derive its id from its content.
     pub fn stamp_text(&self, index: usize, text: &str, keep: Keep) -> Option<Stamped> {
         // serde_json reads a struct from an array too, by position; the tree refuses it.
@@ -552,29 +572,37 @@ impl IngestContext {
         texts: &[&RawValue],
         keep: Keep,
     ) -> Option<Result<Vec<Stamped>, Vec<FieldError>>> {
-        let mut envelopes = Vec::with_capacity(texts.len());
-        let mut errors = Vec::new();
-        for (i, text) in texts.iter().enumerate() {
-            let stamped = match self.stamp_text(i, text.get(), keep) {
+        let mut unreadable = false;
+        let batch = whole_batch(texts.iter().enumerate().map_while(|(i, text)| {
+            Some(match self.stamp_text(i, text.get(), keep) {
                 Some(env) => Ok(env),
                 None => {
-                    let tree: Value = serde_json::from_str(text.get()).ok()?;
-                    if nesting(&tree) > MAX_EVENT_NESTING {
+                    let tree = serde_json::from_str::<Value>(text.get())
+                        .ok()
+                        .filter(|tree| nesting(tree) <= MAX_EVENT_NESTING);
+                    let Some(tree) = tree else {
+                        unreadable = true;
                         return None;
-                    }
+                    };
                     self.stamp(i, tree, keep)
                 }
-            };
-            match stamped {
-                Ok(env) => envelopes.push(env),
-                Err(e) => errors.extend(e),
-            }
-        }
-        Some(if errors.is_empty() {
-            Ok(envelopes)
-        } else {
-            Err(errors)
-        })
+            })
+        }));
+        (!unreadable).then_some(batch)
+    }
+
+    /// Every event of a batch read as a tree, stamped ([`IngestContext::stamp`]).
+    pub fn stamp_trees(
+        &self,
+        events: Vec<Value>,
+        keep: Keep,
+    ) -> Result<Vec<Stamped>, Vec<FieldError>> {
+        whole_batch(
+            events
+                .into_iter()
+                .enumerate()
+                .map(|(i, raw)| self.stamp(i, raw, keep)),
+        )
     }
 
     /// What is wrong with an event's time: too far in the future or older than the window.
@@ -1113,7 +1141,7 @@ mod tests {
                 "duration_ms": 1, "status": "error", "error_message": "caf\u{e9} \"q\" \\ \u{1F600}",
                 "extra": {"kept": 1, "tool_input": "x"}}),
             ),
-            // Only argument-like keys in `extra`: their drop keeps `"extra": {}`.
+            // Only argument-like keys in `extra`: their drop leaves no `extra`.
             ev(
                 Some(2),
                 "command.executed",

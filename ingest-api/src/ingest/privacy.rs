@@ -2,7 +2,7 @@
 //! drops whether the event is held as JSON or typed.
 
 use serde_json::{Map, Value};
-use shared::events::{Envelope, MetricSample, Payload};
+use shared::events::{MetricSample, Payload};
 
 use super::envelope::{Data, Stamped};
 
@@ -72,14 +72,10 @@ fn is_argument(key: &str) -> bool {
 }
 
 /// An event without the arguments of the commands it describes — `command.executed`'s
-/// `args`, and any argument-like key (see [`is_argument`]) in a `tool.executed`'s `details`,
-/// an event's `extra` or `context`, or a sample's labels — for tenants that do not store
-/// them. Done after validation, so validation does not depend on the tenant's choice.
-pub fn drop_command_text(env: &mut Envelope) {
-    drop_json_command_text(&mut env.data);
-}
-
-/// [`drop_command_text`] of a stamped event, its typed payload changed as its JSON is.
+/// `args`, and any argument-like key (see [`is_argument`]), at any depth, in a
+/// `tool.executed`'s `details`, an event's `extra`, `context` or `metadata`, or a sample's
+/// labels — for tenants that do not store them; its typed payload changed as its JSON is.
+/// Done after validation, so validation does not depend on the tenant's choice.
 pub fn drop_stamped_command_text(env: &mut Stamped) {
     let Data::Typed(payload) = &mut env.data else {
         if let Data::Json(data) = &mut env.data {
@@ -151,12 +147,12 @@ fn drop_json_command_text(data: &mut Value) {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use shared::events::{Actor, EventType, Source};
+    use shared::events::{Actor, Envelope, EventType, Source};
     use shared::tenant::TenantId;
 
     use super::*;
 
-    fn envelope(event_type: EventType, data: serde_json::Value) -> Envelope {
+    fn envelope(event_type: EventType, data: Value) -> Envelope {
         Envelope {
             id: uuid::Uuid::nil(),
             tenant_id: TenantId::new(),
@@ -179,7 +175,7 @@ mod tests {
                    "decision_type": "accept"},
                    "extra": {"full_command": "rm -rf /", "mcp_input": "secret", "kept": 1}}),
         );
-        drop_command_text(&mut tool);
+        drop_json_command_text(&mut tool.data);
         assert_eq!(
             tool.data,
             json!({"tool_name": "Bash", "details": {"tool_use_id": "t", "decision_type": "accept"},
@@ -190,7 +186,7 @@ mod tests {
             json!({"command_name": "deploy", "args": {"token": "s3cret"},
                    "context": {"cwd": "/repo", "command_line": "deploy --token s3cret"}}),
         );
-        drop_command_text(&mut command);
+        drop_json_command_text(&mut command.data);
         assert_eq!(
             command.data,
             json!({"command_name": "deploy", "context": {"cwd": "/repo"}})
@@ -199,15 +195,23 @@ mod tests {
             EventType::MetricSample,
             json!({"name": "codex.exec", "labels": {"command": "ls -la", "command_name": "exec"}}),
         );
-        drop_command_text(&mut sample);
+        drop_json_command_text(&mut sample.data);
         assert_eq!(sample.data["labels"], json!({"command_name": "exec"}));
         assert!(
             is_argument("Tool_Parameters") && is_argument("MCP_INPUT") && !is_argument("inputs")
         );
     }
 
-    /// Both forms of an event end as the payload writes it: an `extra` that held only
-    /// arguments is not written at all, as the typed payload writes an empty one.
+    /// `data` of type `t` after the command-text drop, held as JSON and held typed.
+    fn dropped_both_ways(t: EventType, data: Value) -> (Value, Value) {
+        let mut json = envelope(t, data.clone()).map_data(Data::Json);
+        let payload = Payload::decode(t, 1, data, "data").unwrap();
+        let mut typed = envelope(t, Value::Null).map_data(|_| Data::Typed(payload));
+        drop_stamped_command_text(&mut json);
+        drop_stamped_command_text(&mut typed);
+        (json.data.into_value(), typed.data.into_value())
+    }
+
     #[test]
     fn nested_arguments_are_dropped_too() {
         let data = json!({"user_id": "u", "session_id": "s", "tool_name": "Bash", "duration_ms": 1,
@@ -216,15 +220,9 @@ mod tests {
         let expected = json!({"user_id": "u", "session_id": "s", "tool_name": "Bash",
             "duration_ms": 1, "success": true, "details": {"env": {"cwd": "/r"}},
             "extra": {"steps": [{"n": 1}, [{}], "plain"]}});
-        let mut json = envelope(EventType::ToolExecuted, data.clone()).map_data(Data::Json);
-        let payload =
-            shared::events::Payload::decode(EventType::ToolExecuted, 1, data, "data").unwrap();
-        let mut typed =
-            envelope(EventType::ToolExecuted, Value::Null).map_data(|_| Data::Typed(payload));
-        drop_stamped_command_text(&mut json);
-        drop_stamped_command_text(&mut typed);
-        assert_eq!(json.data.into_value(), expected);
-        assert_eq!(typed.data.into_value(), expected);
+        let (json, typed) = dropped_both_ways(EventType::ToolExecuted, data);
+        assert_eq!(json, expected);
+        assert_eq!(typed, expected);
     }
 
     #[test]
@@ -240,20 +238,16 @@ mod tests {
         );
     }
 
+    /// Both forms of an event end as the payload writes it: an `extra` that held only
+    /// arguments is not written at all, as the typed payload writes an empty one.
     #[test]
     fn an_emptied_extra_is_not_written() {
         let data = json!({"user_id": "u", "command_name": "c", "duration_ms": 1,
                           "status": "success", "extra": {"args": "-rf"}});
-        let mut json = envelope(EventType::CommandExecuted, data.clone()).map_data(Data::Json);
-        let payload =
-            shared::events::Payload::decode(EventType::CommandExecuted, 1, data, "data").unwrap();
-        let mut typed =
-            envelope(EventType::CommandExecuted, Value::Null).map_data(|_| Data::Typed(payload));
-        drop_stamped_command_text(&mut json);
-        drop_stamped_command_text(&mut typed);
+        let (json, typed) = dropped_both_ways(EventType::CommandExecuted, data);
         let expected =
             json!({"user_id": "u", "command_name": "c", "duration_ms": 1, "status": "success"});
-        assert_eq!(json.data.into_value(), expected);
-        assert_eq!(typed.data.into_value(), expected);
+        assert_eq!(json, expected);
+        assert_eq!(typed, expected);
     }
 }

@@ -111,20 +111,7 @@ fn stamp_tree(
             ),
         ));
     }
-    let ctx = context(s, principal, headers)?;
-    let mut envelopes = Vec::with_capacity(raw_events.len());
-    let mut errors = Vec::new();
-    for (i, raw) in raw_events.into_iter().enumerate() {
-        match ctx.stamp(i, raw, keep) {
-            Ok(env) => envelopes.push(env),
-            Err(e) => errors.extend(e),
-        }
-    }
-    Ok(if errors.is_empty() {
-        Ok(envelopes)
-    } else {
-        Err(errors)
-    })
+    Ok(context(s, principal, headers)?.stamp_trees(raw_events, keep))
 }
 
 /// How the request's events are stamped: the key's, with ids from its `Idempotency-Key`.

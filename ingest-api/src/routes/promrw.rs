@@ -16,6 +16,7 @@ use shared::events::{FieldError, Source};
 use crate::error::IngestError;
 use crate::formats::promrw;
 use crate::ingest::door::{append, header_text, ingest_door, key_context, read_limited};
+use crate::ingest::envelope::whole_batch;
 use crate::ingest::Data;
 use crate::state::AppState;
 
@@ -83,16 +84,12 @@ async fn accept(
 ) -> Result<(), IngestError> {
     let events = promrw::to_events(req).map_err(|errors| invalid_series(errors, "request"))?;
     let ctx = key_context(s, &principal, Source::PromRw);
-    let mut envelopes = Vec::with_capacity(events.len());
-    let mut errors = Vec::new();
-    for (i, raw) in events.into_iter().enumerate() {
-        match ctx.envelope(i, raw) {
-            Ok(env) => envelopes.push(env.map_data(Data::Json)),
-            Err(e) => errors.extend(e),
-        }
-    }
-    if !errors.is_empty() {
-        return Err(invalid_series(errors, "samples"));
-    }
+    let envelopes = whole_batch(
+        events
+            .into_iter()
+            .enumerate()
+            .map(|(i, raw)| ctx.envelope(i, raw).map(|env| env.map_data(Data::Json))),
+    )
+    .map_err(|errors| invalid_series(errors, "samples"))?;
     append(s, &envelopes, "prom_rw").await
 }
