@@ -61,14 +61,18 @@ impl IngestError {
 
     /// A request refused whole for its size (too many items, or too much once expanded).
     pub fn too_many(e: FieldError) -> Self {
+        Self::refused_for_size("too-many-points", "Too many points", e)
+    }
+
+    /// A JSON body holds more values than a request may make a door build.
+    pub fn too_many_values(e: FieldError) -> Self {
+        Self::refused_for_size("too-many-values", "Too many JSON values", e)
+    }
+
+    fn refused_for_size(slug: &str, title: &str, e: FieldError) -> Self {
         IngestError::Rejected(
-            Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too-many-points",
-                "Too many points",
-                e.reason.clone(),
-            )
-            .with_errors(vec![e]),
+            Problem::new(StatusCode::PAYLOAD_TOO_LARGE, slug, title, e.reason.clone())
+                .with_errors(vec![e]),
         )
     }
 

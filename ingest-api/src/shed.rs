@@ -1,7 +1,9 @@
 //! Load shedding at the ingest doors. Every request to a door holds, until it is answered, one
 //! of `max_inflight_requests` slots and as many of `max_inflight_bytes` as its body may take
-//! (its `Content-Length`, or the body limit when it sends none). A request that finds either
-//! exhausted is answered at once with 503 and `Retry-After`, before anything is read: under
+//! (its `Content-Length`, or the body limit when it sends none). A compressed body is charged
+//! again once it is read, for what it inflated to beyond its declared length
+//! ([`Shed::charge`]). A request that finds either exhausted is answered at once with 503 and
+//! `Retry-After`, before anything (more) is read: under
 //! any offered load the bodies (and the events they become) held in memory stay bounded, and
 //! the requests that are taken are served at the speed Kafka allows instead of all of them
 //! timing out together.
@@ -10,11 +12,13 @@ use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::header::CONTENT_LENGTH;
+use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use shared::problem::Problem;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::error::IngestError;
 use crate::state::AppState;
 
 /// What the doors may hold at once.
@@ -33,19 +37,49 @@ impl Shed {
             max_body,
         }
     }
+
+    /// The bytes a request is charged on arrival: its declared length within the body
+    /// limit, or the limit when it declares none.
+    fn declared(&self, headers: &HeaderMap) -> usize {
+        headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(self.max_body)
+            .clamp(1, self.max_body.max(1))
+    }
+
+    /// Charges a request whose body came to `size` bytes once read (decompressed) for what
+    /// its arrival did not cover; the charge lasts as long as the permit it returns (none
+    /// when nothing more is due). A budget that cannot cover it is a 503, as on arrival.
+    pub fn charge(
+        &self,
+        headers: &HeaderMap,
+        size: usize,
+    ) -> Result<Option<OwnedSemaphorePermit>, IngestError> {
+        let more = size.saturating_sub(self.declared(headers));
+        if more == 0 {
+            return Ok(None);
+        }
+        let permits = u32::try_from(more).unwrap_or(u32::MAX);
+        match self.bytes.clone().try_acquire_many_owned(permits) {
+            Ok(permit) => Ok(Some(permit)),
+            Err(_) => {
+                metrics::counter!("ingest_shed_total", "limit" => "bytes").increment(1);
+                Err(IngestError::Unavailable {
+                    detail: busy("bytes"),
+                    retry_after: 1,
+                })
+            }
+        }
+    }
 }
 
 /// The middleware of the HTTP ingest doors (see the module's doc; OTLP/gRPC is bounded by its
 /// own server's message limits).
 pub async fn shed(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let shed = &s.shed;
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(shed.max_body)
-        .clamp(1, shed.max_body.max(1));
+    let declared = shed.declared(req.headers());
     let Ok(slot) = shed.requests.clone().try_acquire_owned() else {
         return overloaded("requests");
     };
@@ -60,9 +94,44 @@ pub async fn shed(State(s): State<AppState>, req: Request, next: Next) -> Respon
 
 fn overloaded(what: &'static str) -> Response {
     metrics::counter!("ingest_shed_total", "limit" => what).increment(1);
-    Problem::unavailable(
-        format!("ingest-api is at its limit of requests in flight ({what}); retry shortly"),
-        1,
-    )
-    .into_response()
+    Problem::unavailable(busy(what), 1).into_response()
+}
+
+fn busy(what: &str) -> String {
+    format!("ingest-api is at its limit of requests in flight ({what}); retry shortly")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn declaring(length: usize) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_LENGTH, length.into());
+        headers
+    }
+
+    /// A compressed body is charged for what it inflated to beyond its declared length, as
+    /// long as the request holds the charge; a budget that cannot cover it is a 503.
+    #[test]
+    fn inflated_bodies_are_charged_for_what_they_became() {
+        let shed = Shed::new(8, 1000, 600);
+        let small = declaring(100);
+        assert!(shed.charge(&small, 100).unwrap().is_none());
+        assert!(shed.charge(&small, 40).unwrap().is_none());
+        let held = shed.charge(&small, 700).unwrap().expect("charged");
+        assert_eq!(held.num_permits(), 600);
+        assert!(matches!(
+            shed.charge(&small, 600),
+            Err(IngestError::Unavailable { .. })
+        ));
+        assert_eq!(
+            shed.charge(&small, 500).unwrap().unwrap().num_permits(),
+            400
+        );
+        drop(held);
+        assert!(shed.charge(&small, 600).unwrap().is_some());
+        // A body without a declared length was charged the body limit on arrival.
+        assert!(shed.charge(&HeaderMap::new(), 600).unwrap().is_none());
+    }
 }

@@ -252,3 +252,11 @@ pub fn series_total(m: &Value) -> f64 {
         .map(|p| p[1].as_f64().expect("value"))
         .sum()
 }
+
+/// `body` gzipped, best compression: how the bomb tests make a few KB inflate to megabytes.
+pub fn gzip(body: impl AsRef<[u8]>) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(body.as_ref()).expect("gzip into memory");
+    enc.finish().expect("gzip into memory")
+}

@@ -17,6 +17,7 @@ use crate::error::IngestError;
 use crate::ingest::{Ids, IngestContext, Keep, Stamped, TimeBounds};
 use crate::state::AppState;
 use shared::ratelimit::Decision;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// Who a request's API key belongs to.
 ///
@@ -105,18 +106,20 @@ pub fn key_context(s: &AppState, principal: &KeyPrincipal, source: Source) -> In
     }
 }
 
-/// Appends the envelopes through the state's sink and counts them under `source` (the
-/// `ingest_events_total` label); an empty batch sends nothing.
+/// Appends the envelopes through the state's sink (which lets go of them once they are
+/// written) and counts them under `source` (the `ingest_events_total` label); an empty batch
+/// sends nothing.
 pub async fn append(
     s: &AppState,
-    envelopes: &[Stamped],
+    envelopes: Vec<Stamped>,
     source: &'static str,
 ) -> Result<(), IngestError> {
-    if envelopes.is_empty() {
+    let n = envelopes.len() as u64;
+    if n == 0 {
         return Ok(());
     }
     s.sink.send(envelopes).await?;
-    metrics::counter!("ingest_events_total", "source" => source).increment(envelopes.len() as u64);
+    metrics::counter!("ingest_events_total", "source" => source).increment(n);
     Ok(())
 }
 
@@ -154,18 +157,35 @@ pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, IngestError
     })
 }
 
-/// Reads the body within `limit` bytes, both as sent and after gzip decompression.
+/// A body as a door reads it, holding the share of the in-flight byte budget that its
+/// decompression took beyond its declared length ([`crate::shed::Shed::charge`]).
+pub struct ReadBody {
+    bytes: Vec<u8>,
+    _charge: Option<OwnedSemaphorePermit>,
+}
+
+impl std::ops::Deref for ReadBody {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Reads the body within `max_body_bytes`, both as sent and after gzip decompression, and
+/// charges the in-flight budget for what it inflated to.
 pub async fn read_body(
+    s: &AppState,
     body: Body,
     headers: &HeaderMap,
-    limit: usize,
-) -> Result<Vec<u8>, IngestError> {
+) -> Result<ReadBody, IngestError> {
+    let limit = s.config.max_body_bytes;
     let bytes = read_limited(body, limit).await?;
     let encoding = header_text(headers, header::CONTENT_ENCODING)
         .trim()
         .to_ascii_lowercase();
-    match encoding.as_str() {
-        "identity" | "" => Ok(bytes.into()),
+    let bytes = match encoding.as_str() {
+        "identity" | "" => bytes.into(),
         "gzip" => {
             let mut out = Vec::new();
             let mut decoder = flate2::read::GzDecoder::new(&bytes[..]).take(limit as u64 + 1);
@@ -175,13 +195,20 @@ pub async fn read_body(
             if out.len() > limit {
                 return Err(IngestError::too_large(limit));
             }
-            Ok(out)
+            out
         }
-        other => Err(IngestError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-encoding",
-            "Unsupported content encoding",
-            format!("Content-Encoding `{other}` is not supported; use gzip or none"),
-        )),
-    }
+        other => {
+            return Err(IngestError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-encoding",
+                "Unsupported content encoding",
+                format!("Content-Encoding `{other}` is not supported; use gzip or none"),
+            ))
+        }
+    };
+    let charge = s.shed.charge(headers, bytes.len())?;
+    Ok(ReadBody {
+        bytes,
+        _charge: charge,
+    })
 }

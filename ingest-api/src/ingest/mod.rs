@@ -6,6 +6,7 @@ pub mod envelope;
 pub mod privacy;
 pub mod sink;
 pub mod storable;
+pub mod values;
 
 pub use envelope::{ClientEvent, Data, Ids, IngestContext, Keep, SampleEvent, Stamped, TimeBounds};
 

@@ -19,9 +19,12 @@ use crate::error::IngestError;
 ///
 /// Contract: `send` returns `Ok` only once every envelope of the batch is durable (for Kafka:
 /// acknowledged with `acks=all`); on `Err` any of them may or may not have been written, and
-/// the client retries with the same event ids, which the projector counts once.
+/// the client retries with the same event ids, which the projector counts once. The batch is
+/// the sink's: a sink that waits for its log lets go of the envelopes (and the trees they
+/// may hold) once they are written, so that what a request holds while it waits is only
+/// what its log holds.
 pub trait EventSink: Send + Sync + 'static {
-    fn send<'a>(&'a self, envelopes: &'a [Stamped]) -> BoxFuture<'a, Result<(), IngestError>>;
+    fn send(&self, envelopes: Vec<Stamped>) -> BoxFuture<'_, Result<(), IngestError>>;
 }
 
 /// The largest event the log takes, as stored: Kafka's `message.max.bytes` (1 000 000) less
@@ -49,16 +52,17 @@ impl KafkaSink {
 
 impl EventSink for KafkaSink {
     /// Starts every send, then waits for all acknowledgements together.
-    fn send<'a>(&'a self, envelopes: &'a [Stamped]) -> BoxFuture<'a, Result<(), IngestError>> {
+    fn send(&self, envelopes: Vec<Stamped>) -> BoxFuture<'_, Result<(), IngestError>> {
         Box::pin(self.produce_all(envelopes))
     }
 }
 
 impl KafkaSink {
-    async fn produce_all(&self, envelopes: &[Stamped]) -> Result<(), IngestError> {
+    async fn produce_all(&self, envelopes: Vec<Stamped>) -> Result<(), IngestError> {
         let retry_after = self.timeout.as_secs().clamp(1, 30);
         let started = Instant::now();
-        let payloads = serialize(envelopes)?;
+        let events = envelopes.len();
+        let payloads = serialize(&envelopes)?;
         let mut deliveries = Vec::with_capacity(envelopes.len());
         // The key and version texts are written into buffers reused for every event:
         // librdkafka copies them as each record is queued.
@@ -108,8 +112,9 @@ impl KafkaSink {
                 }
             }
         }
-        // librdkafka copied every record as it was queued.
-        drop(payloads);
+        // librdkafka copied every record as it was queued: nothing of the batch is held
+        // while the acknowledgements are awaited.
+        drop((envelopes, payloads));
         // librdkafka gives up on a record after `message.timeout.ms` (= the produce timeout);
         // the outer timeout is only a guard against a lost delivery report.
         let results = tokio::time::timeout(
@@ -129,7 +134,7 @@ impl KafkaSink {
         match failed {
             None => Ok(()),
             Some(reason) => {
-                tracing::warn!(%reason, events = envelopes.len(), "kafka did not acknowledge the batch");
+                tracing::warn!(%reason, events, "kafka did not acknowledge the batch");
                 metrics::counter!("ingest_rejected_total", "reason" => "kafka_unavailable")
                     .increment(1);
                 Err(IngestError::Unavailable {
@@ -215,9 +220,9 @@ impl RecordingSink {
 }
 
 impl EventSink for RecordingSink {
-    fn send<'a>(&'a self, envelopes: &'a [Stamped]) -> BoxFuture<'a, Result<(), IngestError>> {
+    fn send(&self, envelopes: Vec<Stamped>) -> BoxFuture<'_, Result<(), IngestError>> {
         Box::pin(async move {
-            serialize(envelopes)?;
+            serialize(&envelopes)?;
             if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(IngestError::Unavailable {
                     detail: "the recording sink is set to fail".into(),
@@ -226,8 +231,8 @@ impl EventSink for RecordingSink {
             }
             self.sent.lock().expect("not poisoned").extend(
                 envelopes
-                    .iter()
-                    .map(|e| e.clone().map_data(super::Data::into_value)),
+                    .into_iter()
+                    .map(|e| e.map_data(super::Data::into_value)),
             );
             Ok(())
         })

@@ -17,6 +17,7 @@ use uuid::Uuid;
 use crate::error::IngestError;
 use crate::ingest::door::{append, header_text, ingest_door, keep, key_context, read_body};
 use crate::ingest::envelope::event_texts;
+use crate::ingest::values::{over_limit, MAX_JSON_VALUES};
 use crate::ingest::{Ids, IngestContext, Keep, Stamped};
 use crate::state::AppState;
 
@@ -44,7 +45,13 @@ async fn accept(
     body: Body,
 ) -> Result<Accepted, IngestError> {
     check_content_type(headers)?;
-    let bytes = read_body(body, headers, s.config.max_body_bytes).await?;
+    let bytes = read_body(s, body, headers).await?;
+    if let Some(n) = over_limit(&bytes) {
+        return Err(IngestError::too_many_values(FieldError::new(
+            "body",
+            format!("{n} JSON values in one request; at most {MAX_JSON_VALUES}"),
+        )));
+    }
     let keep = keep(&principal);
     // Nearly every request: its events read from their text. Anything that text cannot
     // settle (a body that is not a batch of 1 to `max_batch_events` objects, a bad header)
@@ -68,10 +75,13 @@ async fn accept(
             errors,
         )
     })?;
-    append(s, &envelopes, "api").await?;
+    // Nothing of the body is held while the log acknowledges its events.
+    drop(bytes);
+    let ids: Vec<Uuid> = envelopes.iter().map(|e| e.id).collect();
+    append(s, envelopes, "api").await?;
     Ok(Accepted {
-        accepted: envelopes.len(),
-        ids: envelopes.iter().map(|e| e.id).collect(),
+        accepted: ids.len(),
+        ids,
     })
 }
 

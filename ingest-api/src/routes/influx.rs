@@ -74,7 +74,7 @@ async fn accept(
             "line protocol is text/plain, got `{ct}`"
         )));
     }
-    let bytes = read_body(body, headers, s.config.max_body_bytes).await?;
+    let bytes = read_body(s, body, headers).await?;
     let text = std::str::from_utf8(&bytes).map_err(|e| {
         IngestError::bad_request("bad-encoding", format!("the body is not UTF-8: {e}"))
     })?;
@@ -118,7 +118,8 @@ async fn accept(
             });
         }
     }
-    append(s, &envelopes, "influx").await?;
+    let samples = envelopes.len();
+    append(s, envelopes, "influx").await?;
     if bad.is_empty() {
         return Ok(());
     }
@@ -126,9 +127,8 @@ async fn accept(
     Err(IngestError::bad_request(
         "partial-write",
         format!(
-            "partial write: {} line(s) refused, {accepted} line(s) accepted ({} samples)",
+            "partial write: {} line(s) refused, {accepted} line(s) accepted ({samples} samples)",
             bad.len(),
-            envelopes.len()
         ),
     )
     .with_errors(

@@ -42,12 +42,14 @@ async fn export<S: Signal>(s: AppState, request: Request) -> Response {
     let s = &s;
     ingest_door(s, parts.headers, |principal, headers| async move {
         let encoding = encoding(&headers)?;
-        let bytes = read_body(body, &headers, s.config.max_body_bytes).await?;
+        let bytes = read_body(s, body, &headers).await?;
         let req = otlp::decode::<S>(&bytes, encoding).map_err(|e| match e {
             DecodeError::Malformed(e) => IngestError::bad_request("bad-otlp", e),
             DecodeError::TooMany(e) => IngestError::too_many(e),
         })?;
         let converted = S::events(&req, chrono::Utc::now()).map_err(IngestError::too_many)?;
+        // Nothing of the body is held while the log acknowledges its points.
+        drop((req, bytes));
         let converted = take::<S>(s, &principal, converted).await?;
         Ok((
             StatusCode::OK,
@@ -120,6 +122,6 @@ pub(crate) async fn take<S: Signal>(
         )
         .with_errors(std::mem::take(&mut converted.rejected)));
     }
-    append(s, &envelopes, S::SOURCE).await?;
+    append(s, envelopes, S::SOURCE).await?;
     Ok(converted)
 }

@@ -91,5 +91,5 @@ async fn accept(
             .map(|(i, raw)| ctx.envelope(i, raw).map(|env| env.map_data(Data::Json))),
     )
     .map_err(|errors| invalid_series(errors, "samples"))?;
-    append(s, &envelopes, "prom_rw").await
+    append(s, envelopes, "prom_rw").await
 }

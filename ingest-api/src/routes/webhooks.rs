@@ -156,7 +156,7 @@ async fn handle(
             unstorable,
         ));
     }
-    append(s, &[envelope.map_data(Data::Json)], "webhook").await?;
+    append(s, vec![envelope.map_data(Data::Json)], "webhook").await?;
     integrations::count(&s.pool, tenant, provider).await;
     Ok((
         StatusCode::ACCEPTED,

@@ -2,7 +2,6 @@
 //! reported by number, and the samples are visible through query-api's metric series. Bodies
 //! that would expand into too many samples are refused whole, in bounded memory.
 
-use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
@@ -98,12 +97,6 @@ async fn line_protocol_is_taken_line_by_line() {
     stop_all([ingest, projector, query]).await;
 }
 
-fn gzip(text: &str) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    enc.write_all(text.as_bytes()).unwrap();
-    enc.finish().unwrap()
-}
-
 /// Line-protocol bombs: a few KB of gzip whose lines' tags, repeated in every field's
 /// sample, would make gigabytes of events. The real ingest-api (its own process, so the
 /// figure is its own) refuses each with a 413 naming the limit, stays under
@@ -157,7 +150,7 @@ async fn line_protocol_bombs_are_refused_in_bounded_memory() {
 
     // Still serving: a good line is taken, and it is the only record in the log.
     let now = Utc::now().timestamp_millis();
-    let (status, problem) = send(gzip(&format!("after,host=a value=1 {now}"))).await;
+    let (status, problem) = send(gzip(format!("after,host=a value=1 {now}"))).await;
     assert_eq!(status, 204, "{problem}");
     assert_eq!(metrics_topic_records(&common).await, 1);
     assert_bomb_memory_bound(&ingest, started_rss);

@@ -142,3 +142,98 @@ async fn json_routes_refuse_oversized_bodies_without_reading_them() {
 
     ingest.stop().await.unwrap();
 }
+
+/// JSON bombs at the events door: a few KB of gzip that inflate to a 10 MiB body of millions
+/// of tiny values, which a JSON tree holds at 16 to 64 times their text (a single one made
+/// ingest-api's peak 362 MiB before the door counted them). The real ingest-api (its own
+/// process, so the figure is its own) refuses each with a 413 naming the body, takes the
+/// largest batch within the limit, serves many such at once, stays under
+/// `BOMB_RSS_BOUND_KIB`, and appends only what it took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn json_bombs_are_refused_in_bounded_memory() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, started_rss) = spawn_bomb_target(&common, &[]).await;
+    let t = create_tenant(&pool, "json-bomb").await;
+    let client = http();
+    let url = format!("{}/v1/events", ingest.url);
+    let send = |body: Vec<u8>| {
+        status_and_json(
+            client
+                .post(&url)
+                .header("x-api-key", &t.ingest_key)
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body(body),
+        )
+    };
+    let at = ago(60);
+    let sample = |extra: &str| {
+        format!(
+            r#"{{"type": "metric.sample", "occurred_at": "{at}", "data": {{"name": "n", "value": 1, "extra": {extra}}}}}"#
+        )
+    };
+    let zeros = |n: usize| format!(r#"{{"x": [{}0]}}"#, "0,".repeat(n - 1));
+    let keys = |n: usize| {
+        let members: Vec<String> = (0..n).map(|i| format!(r#""{i:x}":0"#)).collect();
+        format!("{{{}}}", members.join(","))
+    };
+    let batch = |n: usize, extra: &str| format!("[{}]", vec![sample(extra); n].join(","));
+
+    for (what, body) in [
+        (
+            "five million events",
+            format!("[{}0]", "0,".repeat(4_999_999)),
+        ),
+        (
+            "the same, broken at its end",
+            format!("[{}x]", "0,".repeat(4_999_999)),
+        ),
+        ("one event, many values", sample(&zeros(5_000_000))),
+        ("one event, many members", sample(&keys(1_000_000))),
+        ("many events, many values", batch(1_000, &zeros(5_000))),
+        (
+            "events nested in an array",
+            format!("[{}]", batch(1_000, &zeros(5_000))),
+        ),
+    ] {
+        assert!(
+            body.len() <= 10 * 1024 * 1024,
+            "{what}: {} bytes",
+            body.len()
+        );
+        let (status, problem) = send(gzip(&body)).await;
+        assert_eq!(status, 413, "{what}: {problem}");
+        assert!(
+            problem["type"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("too-many-values"),
+            "{what}: {problem}"
+        );
+        assert_eq!(problem["errors"][0]["field"], "body", "{what}: {problem}");
+        eprintln!("{what}: peak {} KiB", ingest.memory_kib().1);
+    }
+
+    // Just within the limit (1 000 events of 240 values each), eight at once: each is taken
+    // or shed with a 503, and what is held while the log acknowledges them is not their trees.
+    let within = gzip(batch(1_000, &zeros(240)));
+    let answers = futures::future::join_all((0..8).map(|_| send(within.clone()))).await;
+    let taken = answers.iter().filter(|(status, _)| *status == 202).count();
+    for (status, problem) in &answers {
+        assert!([202, 503].contains(status), "{status} {problem}");
+    }
+    assert!(taken > 0, "{answers:?}");
+    eprintln!(
+        "{taken} of 8 batches within the limit taken: peak {} KiB",
+        ingest.memory_kib().1
+    );
+
+    // Still serving: a good event is taken, and the log holds only what was taken.
+    let (status, problem) = send(gzip(sample("{}"))).await;
+    assert_eq!(status, 202, "{problem}");
+    assert_eq!(
+        metrics_topic_records(&common).await,
+        taken as i64 * 1_000 + 1
+    );
+    assert_bomb_memory_bound(&ingest, started_rss);
+}

@@ -557,12 +557,6 @@ fn wrap(mut inner: Vec<u8>, keys: &[u8]) -> Vec<u8> {
     inner
 }
 
-fn gzip(raw: &[u8]) -> Vec<u8> {
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    gz.write_all(raw).unwrap();
-    gz.finish().unwrap()
-}
-
 /// The attacker's side of OTLP decoding: gzip bombs of empty attributes (2 bytes each on the
 /// wire, about 60 once decoded) and of empty JSON objects, each about 10 KB as sent and just
 /// under the 10 MiB body limit once inflated, over HTTP (protobuf, JSON) and gRPC. Each is

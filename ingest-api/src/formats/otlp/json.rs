@@ -12,45 +12,6 @@ use super::pb::*;
 
 type R<T> = Result<T, String>;
 
-/// Most JSON values (objects, arrays, strings, numbers, each object member counting as one)
-/// one OTLP/JSON body may hold. Parsed, each costs 32 bytes or more (a `{}` is 3 bytes of
-/// text), and again as the message it becomes, so they are counted in the text first: an
-/// attribute is about 4, so a body holds about 60 000 attributes; larger batches go as
-/// protobuf.
-pub const MAX_VALUES: usize = 250_000;
-
-/// How many values the JSON text `body` holds, counted without parsing it (its syntax is
-/// checked when it is parsed): the document, and one for each array element and object
-/// member.
-pub fn values(body: &[u8]) -> usize {
-    let (mut count, mut in_string, mut escaped, mut opened) = (1usize, false, false, false);
-    for &b in body {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
-        if opened && !b.is_ascii_whitespace() {
-            opened = false;
-            if b != b']' && b != b'}' {
-                count += 1;
-            }
-        }
-        match b {
-            b'"' => in_string = true,
-            b',' => count += 1,
-            b'[' | b'{' => opened = true,
-            _ => {}
-        }
-    }
-    count
-}
-
 /// One JSON object and where it sits in the document.
 struct Obj<'a> {
     map: &'a Map<String, Value>,

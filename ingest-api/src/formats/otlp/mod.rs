@@ -26,6 +26,7 @@ use serde_json::{json, Map, Value};
 
 use crate::formats::expansion;
 use crate::ingest::envelope::client_json;
+use crate::ingest::values::{self, MAX_JSON_VALUES};
 use crate::ingest::{ClientEvent, SampleEvent};
 use pb::any_value::Value as Any;
 use shared::events::{FieldError, MetricSample, SampleKind, MAX_LABELS};
@@ -178,7 +179,7 @@ impl std::fmt::Display for DecodeError {
 }
 
 /// A request body of the signal in either encoding, its size bounded before it is decoded
-/// (see [`wire`] and [`json::values`]).
+/// (see [`wire`] and [`values::over_limit`]).
 pub fn decode<S: Signal>(body: &[u8], encoding: Encoding) -> Result<S::Request, DecodeError> {
     match encoding {
         Encoding::Protobuf => {
@@ -187,14 +188,12 @@ pub fn decode<S: Signal>(body: &[u8], encoding: Encoding) -> Result<S::Request, 
                 .map_err(|e| DecodeError::Malformed(format!("invalid protobuf: {e}")))
         }
         Encoding::Json => {
-            let values = json::values(body);
-            if values > json::MAX_VALUES {
+            if let Some(values) = values::over_limit(body) {
                 return Err(DecodeError::TooMany(FieldError::new(
                     S::ROOT,
                     format!(
-                        "{values} JSON values; at most {} per OTLP/JSON request \
-                         (send larger batches as protobuf)",
-                        json::MAX_VALUES
+                        "{values} JSON values; at most {MAX_JSON_VALUES} per OTLP/JSON request \
+                         (send larger batches as protobuf)"
                     ),
                 )));
             }

@@ -220,8 +220,9 @@ impl Shape {
 mod tests {
     use prost::Message;
 
-    use super::super::{decode, json, pb, DecodeError, Encoding, Logs, Metrics};
+    use super::super::{decode, pb, DecodeError, Encoding, Logs, Metrics};
     use super::*;
+    use crate::ingest::values::{values, MAX_JSON_VALUES};
 
     fn fixture(name: &str) -> Vec<u8> {
         std::fs::read(format!(
@@ -410,12 +411,9 @@ mod tests {
 
     #[test]
     fn json_values_are_counted_in_the_text() {
-        assert_eq!(json::values(b"{}"), 1);
-        assert_eq!(json::values(br#"{"a":[1, 2,3], "b" : { }}"#), 6);
-        assert_eq!(json::values(br#"["{,[", "\",", [ ]]"#), 4);
         let bomb = format!(
             r#"{{"resourceLogs":[{{"resource":{{"attributes":[{}{{}}]}}}}]}}"#,
-            "{},".repeat(json::MAX_VALUES)
+            "{},".repeat(MAX_JSON_VALUES)
         );
         match decode::<Logs>(bomb.as_bytes(), Encoding::Json) {
             Err(DecodeError::TooMany(e)) => {
@@ -425,7 +423,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let json = fixture("claude_code_logs.json");
-        assert!(json::values(&json) < 10_000);
+        assert!(values(&json) < 10_000);
         assert!(decode::<Logs>(&json, Encoding::Json).is_ok());
     }
 }
