@@ -236,8 +236,10 @@ async fn export<E: Signal>(
     principal: KeyPrincipal,
     request: tonic::Request<E::Request>,
 ) -> Result<tonic::Response<E::Response>, Status> {
-    let converted =
-        E::events(request.get_ref(), chrono::Utc::now()).map_err(IngestError::too_many)?;
+    let request = request.into_inner();
+    let converted = E::events(&request, chrono::Utc::now()).map_err(IngestError::too_many)?;
+    // Nothing of the message is held while the log acknowledges its points.
+    drop(request);
     let out = take::<E>(s, &principal, converted).await?;
     Ok(tonic::Response::new(otlp::response::<E>(&out)))
 }

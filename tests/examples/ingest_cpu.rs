@@ -18,6 +18,7 @@ use chrono::{DateTime, Duration, Utc};
 use ingest_api::formats::otlp::{self, Encoding, Metrics, Signal};
 use ingest_api::ingest::envelope::event_texts;
 use ingest_api::ingest::sink::serialize;
+use ingest_api::ingest::values;
 use ingest_api::ingest::{Ids, IngestContext, Keep, TimeBounds};
 use prost::Message;
 use shared::events::{Actor, Envelope, Source};
@@ -49,10 +50,13 @@ fn json_rounds(rounds: usize) {
         .map(|_| serde_json::to_vec(&events.batch(EVENTS_PER_REQUEST)).expect("serializes"))
         .collect();
     let ctx = context(Utc::now(), Ids::Fresh, Source::Api);
+    let body_bytes = bodies.iter().map(Vec::len).sum::<usize>() / bodies.len();
+    println!("{EVENTS_PER_REQUEST} events a request: {body_bytes} bytes of JSON");
     for round in 0..rounds {
         let started = Instant::now();
         let mut bytes = 0;
         for body in (0..REPEATS).flat_map(|_| &bodies) {
+            values::check(body).expect("within the door's bounds");
             let texts = event_texts(body, EVENTS_PER_REQUEST).expect("a batch of events");
             let envelopes = ctx
                 .stamp_texts(&texts, KEEP_NOTHING)

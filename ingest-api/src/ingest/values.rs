@@ -1,88 +1,334 @@
-//! How many values a JSON body holds, counted in its text before it is parsed. Parsed, each
-//! value costs 32 bytes or more, and an object member or an array element the more (a `0,`
-//! is 2 bytes of text), so a JSON door bounds what one request can make it build by counting
-//! first.
+//! What a JSON body would make a door build, judged from its text before it is parsed.
+//!
+//! Parsed, a JSON text is a tree of `serde_json::Value`s far larger than the text: an array
+//! element or an object member takes 32 bytes and more (64 with a vector's slack), a
+//! non-empty object 632 bytes for its map's first node, a non-empty array 128 for its first
+//! vector. A 10 MiB body of zeros would be 320 MB for one request, and one of nested
+//! single-member objects over a gigabyte, so the JSON doors estimate that size in the text
+//! first and refuse a body whose tree would pass [`MAX_TREE_BYTES`].
+//!
+//! And a key serde_json reserves for itself ([`RESERVED_PREFIX`]) makes it parse a string as
+//! a JSON document of its own, so no such string is taken.
 
-/// Most JSON values (objects, arrays, strings, numbers, each object member counting as one)
-/// one request to a JSON door may hold: 250 per event of a full batch of `/v1/events`, where
-/// an event written as the contract expects holds 10 to 40.
-pub const MAX_JSON_VALUES: usize = 250_000;
+use memchr::{memchr2, memchr_iter, memmem};
+use shared::events::FieldError;
 
-/// How many values the JSON text `body` holds, counted without parsing it (its syntax is
-/// checked when it is parsed): the document, and one for each array element and object
-/// member.
-pub fn values(body: &[u8]) -> usize {
-    let (mut count, mut in_string, mut escaped, mut opened) = (1usize, false, false, false);
-    for &b in body {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
-        if opened && !b.is_ascii_whitespace() {
-            opened = false;
+use crate::error::IngestError;
+
+/// The largest tree of JSON values one request may make a door build, as [`tree_bytes`]
+/// estimates it: a full batch of `/v1/events` (1 000 events) makes about 5 MiB, an OTLP/JSON
+/// export of 10 000 attributes about 15 MiB.
+pub const MAX_TREE_BYTES: usize = 32 << 20;
+
+/// What [`tree_bytes`] counts for each value (the document, an array element, an object
+/// member), for each non-empty object, and for each non-empty array.
+const VALUE_BYTES: usize = 64;
+const OBJECT_BYTES: usize = 640;
+const ARRAY_BYTES: usize = 128;
+
+/// The most [`tree_bytes`] counts for one byte of text: a chain of single-member objects,
+/// `{"":{"":…}}`, 5 bytes a level (a member and its object, 704 bytes). Shorter bodies than
+/// this allows are not scanned.
+const DENSEST: usize = (VALUE_BYTES + OBJECT_BYTES).div_ceil(5);
+
+/// About how many bytes the tree of the JSON text `body` takes, counted without parsing it
+/// (its syntax is checked when it is parsed). Strings, most of an event's text, are skipped
+/// to their end with `memchr`.
+pub fn tree_bytes(body: &[u8]) -> usize {
+    let (mut values, mut objects, mut arrays) = (1usize, 0usize, 0usize);
+    let mut opened = 0u8;
+    let mut at = 0;
+    while at < body.len() {
+        let b = body[at];
+        if opened != 0 && !b.is_ascii_whitespace() {
             if b != b']' && b != b'}' {
-                count += 1;
+                values += 1;
+                if opened == b'{' {
+                    objects += 1;
+                } else {
+                    arrays += 1;
+                }
             }
+            opened = 0;
         }
         match b {
-            b'"' => in_string = true,
-            b',' => count += 1,
-            b'[' | b'{' => opened = true,
+            b'"' => at = string_end(body, at + 1),
+            b',' => values += 1,
+            b'[' | b'{' => opened = b,
             _ => {}
         }
+        at += 1;
     }
-    count
+    values
+        .saturating_mul(VALUE_BYTES)
+        .saturating_add(objects.saturating_mul(OBJECT_BYTES))
+        .saturating_add(arrays.saturating_mul(ARRAY_BYTES))
 }
 
-/// The values `body` holds when they are more than [`MAX_JSON_VALUES`]. Every value but the
-/// document takes two bytes of text or more (itself, and a separator or its container's
-/// bracket), so a body of `n` bytes holds at most `(n + 1) / 2` and a shorter one than twice
-/// the limit is not scanned: the requests senders make cost nothing here.
+/// Where the string whose text starts at `from` ends: its closing quote, or the end of the
+/// body when it has none.
+fn string_end(body: &[u8], mut from: usize) -> usize {
+    while let Some(found) = body.get(from..).and_then(|rest| memchr2(b'"', b'\\', rest)) {
+        from += found;
+        if body[from] == b'"' {
+            return from;
+        }
+        // An escape: the next byte is the escaped one.
+        from += 2;
+    }
+    body.len()
+}
+
+/// [`tree_bytes`] of `body` when it is over [`MAX_TREE_BYTES`]. A body that could not pass
+/// the limit is not scanned: one too short to, even were it the densest JSON of its length,
+/// or one whose brackets and commas, counted with `memchr` (each as if it opened a container
+/// or began a value), are too few to. The requests senders make cost next to nothing here.
 pub fn over_limit(body: &[u8]) -> Option<usize> {
-    if body.len().div_ceil(2) <= MAX_JSON_VALUES {
+    if body.len().saturating_mul(DENSEST) + VALUE_BYTES <= MAX_TREE_BYTES {
         return None;
     }
-    let n = values(body);
-    (n > MAX_JSON_VALUES).then_some(n)
+    let count = |b: u8| memchr_iter(b, body).count();
+    let (objects, arrays, commas) = (count(b'{'), count(b'['), count(b','));
+    let most = (1 + objects + arrays + commas) * VALUE_BYTES
+        + objects * OBJECT_BYTES
+        + arrays * ARRAY_BYTES;
+    if most <= MAX_TREE_BYTES {
+        return None;
+    }
+    let n = tree_bytes(body);
+    (n > MAX_TREE_BYTES).then_some(n)
+}
+
+/// How a refusal for [`over_limit`] reads.
+pub fn too_big(bytes: usize) -> String {
+    format!(
+        "the body would make about {} MiB of JSON values once parsed; at most {} MiB a request",
+        bytes.div_ceil(1 << 20),
+        MAX_TREE_BYTES >> 20
+    )
+}
+
+/// The keys serde_json reserves: with its `raw_value` feature, on in every service (axum and
+/// sqlx ask for it), an object whose first key is `$serde_json::private::RawValue` is read as
+/// the JSON document its value's text holds — a string becomes any tree, unbounded by the
+/// size estimate and 128 levels deeper than the depth limit — and a map that holds it as a
+/// member is written in a form no reader takes back.
+pub const RESERVED_PREFIX: &str = "$serde_json::private::";
+
+/// Whether a key of the JSON text `body` starts with [`RESERVED_PREFIX`], however its
+/// characters are escaped: each string starting with a `$` (or `\u0024`) is read, and it is
+/// a key when a `:` follows it; nothing else is looked at.
+pub fn holds_reserved(body: &[u8]) -> bool {
+    let dollars = memchr_iter(b'$', body).map(|at| at.checked_sub(1));
+    let escaped = memmem::find_iter(body, br"\u0024").map(|at| at.checked_sub(1));
+    dollars
+        .chain(escaped)
+        .flatten()
+        .any(|quote| body[quote] == b'"' && reserved_key_at(&body[quote..]))
+}
+
+/// Whether `text` starts with a JSON string that begins with [`RESERVED_PREFIX`] and is
+/// followed by a `:`.
+fn reserved_key_at(text: &[u8]) -> bool {
+    let mut strings = serde_json::Deserializer::from_slice(text).into_iter::<String>();
+    match strings.next() {
+        Some(Ok(s)) if s.starts_with(RESERVED_PREFIX) => {
+            text[strings.byte_offset()..]
+                .iter()
+                .find(|b| !b.is_ascii_whitespace())
+                == Some(&b':')
+        }
+        _ => false,
+    }
+}
+
+/// How a refusal for [`holds_reserved`] reads.
+pub fn reserved() -> String {
+    format!("a key starts with `{RESERVED_PREFIX}`, which the JSON reader reserves")
+}
+
+/// The checks of this module as the events door answers them: 413 `too-many-values`, or
+/// 422, each naming the body.
+pub fn check(body: &[u8]) -> Result<(), IngestError> {
+    if let Some(bytes) = over_limit(body) {
+        return Err(IngestError::too_many_values(FieldError::new(
+            "body",
+            too_big(bytes),
+        )));
+    }
+    if holds_reserved(body) {
+        return Err(IngestError::validation(
+            "the body cannot be read",
+            vec![FieldError::new("body", reserved())],
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn values_are_counted_in_the_text() {
-        assert_eq!(values(b"{}"), 1);
-        assert_eq!(values(br#"{"a":[1, 2,3], "b" : { }}"#), 6);
-        assert_eq!(values(br#"["{,[", "\",", [ ]]"#), 4);
+    fn values(text: &str) -> usize {
+        tree_bytes(text.as_bytes()) / VALUE_BYTES
     }
 
-    /// What is not scanned cannot be over the limit: the densest JSON there is, a flat array
-    /// of one-digit numbers or of empty arrays, just under twice the limit in bytes.
+    /// [`tree_bytes`] a byte at a time, as it was first written.
+    fn tree_bytes_bytewise(body: &[u8]) -> usize {
+        let (mut values, mut objects, mut arrays) = (1usize, 0usize, 0usize);
+        let (mut in_string, mut escaped, mut opened) = (false, false, 0u8);
+        for &b in body {
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' {
+                    escaped = true;
+                } else if b == b'"' {
+                    in_string = false;
+                }
+                continue;
+            }
+            if opened != 0 && !b.is_ascii_whitespace() {
+                if b != b']' && b != b'}' {
+                    values += 1;
+                    if opened == b'{' {
+                        objects += 1;
+                    } else {
+                        arrays += 1;
+                    }
+                }
+                opened = 0;
+            }
+            match b {
+                b'"' => in_string = true,
+                b',' => values += 1,
+                b'[' | b'{' => opened = b,
+                _ => {}
+            }
+        }
+        values * VALUE_BYTES + objects * OBJECT_BYTES + arrays * ARRAY_BYTES
+    }
+
+    /// Every text made of JSON's structural bytes, up to 5 long, and some longer ones, count
+    /// the same skipping strings as a byte at a time.
+    #[test]
+    fn strings_are_skipped_as_read_a_byte_at_a_time() {
+        const BYTES: &[u8] = br#"{}[],:"\a "#;
+        let mut texts: Vec<Vec<u8>> = vec![vec![]];
+        let mut last = vec![vec![]];
+        for _ in 0..5 {
+            last = last
+                .iter()
+                .flat_map(|t: &Vec<u8>| {
+                    BYTES.iter().map(move |&b| {
+                        let mut t = t.clone();
+                        t.push(b);
+                        t
+                    })
+                })
+                .collect();
+            texts.extend(last.iter().cloned());
+        }
+        texts.push(br#"{"a\"b": ["x\\", "\u0022", {"c": [1, 2]}], "d": "e\\"}"#.to_vec());
+        texts.push(br#"["abc\"#.to_vec());
+        for t in &texts {
+            assert_eq!(
+                tree_bytes(t),
+                tree_bytes_bytewise(t),
+                "{}",
+                String::from_utf8_lossy(t)
+            );
+        }
+    }
+
+    #[test]
+    fn values_and_containers_are_counted_in_the_text() {
+        assert_eq!(values("{}"), 1);
+        assert_eq!(values("[]"), 1);
+        assert_eq!(
+            tree_bytes(br#"{"a":[1, 2,3], "b" : { }}"#),
+            6 * VALUE_BYTES + OBJECT_BYTES + ARRAY_BYTES
+        );
+        assert_eq!(
+            values(r#"["{,[", "\",", [ ]]"#),
+            4 + ARRAY_BYTES / VALUE_BYTES
+        );
+    }
+
+    /// What is not scanned cannot be over the limit: the densest JSON of each shape, a
+    /// little longer than the longest body left unscanned, makes a smaller tree than the
+    /// limit by the estimate, and the estimate is not below what serde_json builds.
     #[test]
     fn short_bodies_are_within_the_limit_unscanned() {
-        for item in ["0", "[]", "{}", r#""""#] {
-            let n = (2 * MAX_JSON_VALUES) / (item.len() + 1);
-            let body = format!("[{}{item}]", format!("{item},").repeat(n - 1));
-            let counted = values(body.as_bytes());
-            assert!(counted <= body.len().div_ceil(2), "{item}: {counted}");
-            if body.len().div_ceil(2) <= MAX_JSON_VALUES {
-                assert!(counted <= MAX_JSON_VALUES, "{item}: {counted}");
+        let unscanned = (MAX_TREE_BYTES - VALUE_BYTES) / DENSEST;
+        let flat = |item: &str| {
+            let n = unscanned / (item.len() + 1) + 1;
+            format!("[{}{item}]", format!("{item},").repeat(n - 1))
+        };
+        let chain = {
+            let n = unscanned / 5 + 1;
+            format!("{}0{}", r#"{"":"#.repeat(n), "}".repeat(n))
+        };
+        let nested = format!("{}{}", "[".repeat(unscanned / 2), "]".repeat(unscanned / 2));
+        for body in [
+            flat("0"),
+            flat("[]"),
+            flat("{}"),
+            flat(r#""""#),
+            flat("[0]"),
+            flat(r#"{"":0}"#),
+            chain,
+            nested,
+        ] {
+            let estimate = tree_bytes(body.as_bytes());
+            assert!(
+                estimate <= body.len() * DENSEST + VALUE_BYTES,
+                "{}…: {estimate}",
+                &body[..12]
+            );
+            if body.len() <= unscanned {
                 assert_eq!(over_limit(body.as_bytes()), None);
             }
         }
-        let bomb = format!("[{}0]", "0,".repeat(MAX_JSON_VALUES));
-        assert_eq!(over_limit(bomb.as_bytes()), Some(MAX_JSON_VALUES + 2));
-        let members: Vec<String> = (0..MAX_JSON_VALUES)
-            .map(|i| format!(r#""{i}":0"#))
-            .collect();
-        let bomb = format!("{{{}}}", members.join(","));
-        assert_eq!(over_limit(bomb.as_bytes()), Some(MAX_JSON_VALUES + 1));
+        // What the brackets and commas bound is never below the estimate.
+        for t in [
+            br#"{"a": [1, {"b": "{[,"}], "c": {}}"#.as_slice(),
+            b",,,,[[{{",
+            br#"["\"", "]]]]"]"#,
+        ] {
+            let count = |b: u8| t.iter().filter(|&&c| c == b).count();
+            let (o, a, c) = (count(b'{'), count(b'['), count(b','));
+            let most = (1 + o + a + c) * VALUE_BYTES + o * OBJECT_BYTES + a * ARRAY_BYTES;
+            assert!(tree_bytes(t) <= most, "{}", String::from_utf8_lossy(t));
+        }
+        let zeros = format!("[{}0]", "0,".repeat(MAX_TREE_BYTES / VALUE_BYTES));
+        assert!(over_limit(zeros.as_bytes()).is_some());
+        let levels = MAX_TREE_BYTES / (VALUE_BYTES + OBJECT_BYTES) + 1;
+        let chain = format!("{}0{}", r#"{"":"#.repeat(levels), "}".repeat(levels));
+        assert!(chain.len() < 300_000);
+        assert!(over_limit(chain.as_bytes()).is_some());
+    }
+
+    #[test]
+    fn reserved_keys_are_found_however_escaped() {
+        for body in [
+            r#"{"$serde_json::private::RawValue": "[0]"}"#,
+            r#"{"a": [{"\u0024serde_json::private::RawValue": "x"}]}"#,
+            r#"{"a": {"$serde_json::private::RawValu\u0065": "x"}}"#,
+            "{\"$serde_json::private::Number\" \n : 1}",
+        ] {
+            assert!(holds_reserved(body.as_bytes()), "{body}");
+        }
+        for body in [
+            r#"{"a": "$serde_json::private::RawValue"}"#,
+            r#"["$serde_json::private::RawValue", ":"]"#,
+            r#"{"a": "$HOME", "b": "echo \"$PATH\"", "$c": 1}"#,
+            r#"{"a": "x$serde_json::private::RawValue"}"#,
+            r#"$"#,
+            r#"\u0024"#,
+            r#"{"a": "\u0024serde_json::private"}"#,
+        ] {
+            assert!(!holds_reserved(body.as_bytes()), "{body}");
+        }
     }
 }

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::error::IngestError;
 use crate::ingest::door::{append, header_text, ingest_door, keep, key_context, read_body};
 use crate::ingest::envelope::event_texts;
-use crate::ingest::values::{over_limit, MAX_JSON_VALUES};
+use crate::ingest::values;
 use crate::ingest::{Ids, IngestContext, Keep, Stamped};
 use crate::state::AppState;
 
@@ -46,12 +46,7 @@ async fn accept(
 ) -> Result<Accepted, IngestError> {
     check_content_type(headers)?;
     let bytes = read_body(s, body, headers).await?;
-    if let Some(n) = over_limit(&bytes) {
-        return Err(IngestError::too_many_values(FieldError::new(
-            "body",
-            format!("{n} JSON values in one request; at most {MAX_JSON_VALUES}"),
-        )));
-    }
+    values::check(&bytes)?;
     let keep = keep(&principal);
     // Nearly every request: its events read from their text. Anything that text cannot
     // settle (a body that is not a batch of 1 to `max_batch_events` objects, a bad header)

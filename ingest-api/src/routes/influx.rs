@@ -17,8 +17,8 @@ use shared::events::{FieldError, Source};
 
 use crate::error::IngestError;
 use crate::formats::lineproto::{self, Precision};
-use crate::ingest::door::{append, ingest_door, key_context, read_body};
-use crate::ingest::{Data, IngestContext};
+use crate::ingest::door::{append, ingest_door, keep, key_context, read_body};
+use crate::ingest::IngestContext;
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -92,15 +92,17 @@ async fn accept(
         received_at: now,
         ..key_context(s, &principal, Source::Influx)
     };
-    // Each line's samples are validated like any event; a line is taken whole or not at all.
+    let keep = keep(&principal);
+    // Each line's samples are validated like any event, with the tenant's drops (see
+    // `crate::ingest::privacy`); a line is taken whole or not at all.
     let mut envelopes = Vec::new();
     let mut accepted = 0;
     for p in &points {
         let mut line_envelopes = Vec::new();
         let mut reasons = Vec::new();
         for raw in p.to_events(now) {
-            match ctx.envelope(envelopes.len() + line_envelopes.len(), raw) {
-                Ok(env) => line_envelopes.push(env.map_data(Data::Json)),
+            match ctx.stamp(envelopes.len() + line_envelopes.len(), raw, keep) {
+                Ok(env) => line_envelopes.push(env),
                 Err(errors) => reasons.extend(
                     errors
                         .into_iter()
@@ -119,6 +121,8 @@ async fn accept(
         }
     }
     let samples = envelopes.len();
+    // Nothing of the body is held while the log acknowledges its samples.
+    drop((points, bytes));
     append(s, envelopes, "influx").await?;
     if bad.is_empty() {
         return Ok(());

@@ -15,9 +15,9 @@ use shared::events::{FieldError, Source};
 
 use crate::error::IngestError;
 use crate::formats::promrw;
-use crate::ingest::door::{append, header_text, ingest_door, key_context, read_limited};
+use crate::ingest::door::{append, header_text, ingest_door, keep, key_context, read_limited};
 use crate::ingest::envelope::whole_batch;
-use crate::ingest::Data;
+use crate::ingest::Stamped;
 use crate::state::AppState;
 
 pub async fn write(State(s): State<AppState>, request: Request) -> Response {
@@ -33,7 +33,10 @@ pub async fn write(State(s): State<AppState>, request: Request) -> Response {
             promrw::DecodeError::Invalid(errors) => invalid_series(errors, "request"),
             other => IngestError::bad_request("bad-remote-write", other.to_string()),
         })?;
-        accept(s, principal, &req).await?;
+        let envelopes = stamp(s, &principal, &req)?;
+        // Nothing of the body is held while the log acknowledges its samples.
+        drop((req, bytes));
+        append(s, envelopes, "prom_rw").await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
     .await
@@ -77,19 +80,21 @@ fn invalid_series(errors: Vec<FieldError>, part: &str) -> IngestError {
     .with_errors(errors)
 }
 
-async fn accept(
+/// Every sample of the request stamped, with the tenant's drops (see
+/// [`crate::ingest::privacy`]), or every problem with them.
+fn stamp(
     s: &AppState,
-    principal: KeyPrincipal,
+    principal: &KeyPrincipal,
     req: &promrw::WriteRequest,
-) -> Result<(), IngestError> {
+) -> Result<Vec<Stamped>, IngestError> {
     let events = promrw::to_events(req).map_err(|errors| invalid_series(errors, "request"))?;
-    let ctx = key_context(s, &principal, Source::PromRw);
-    let envelopes = whole_batch(
+    let ctx = key_context(s, principal, Source::PromRw);
+    let keep = keep(principal);
+    whole_batch(
         events
             .into_iter()
             .enumerate()
-            .map(|(i, raw)| ctx.envelope(i, raw).map(|env| env.map_data(Data::Json))),
+            .map(|(i, raw)| ctx.stamp(i, raw, keep)),
     )
-    .map_err(|errors| invalid_series(errors, "samples"))?;
-    append(s, envelopes, "prom_rw").await
+    .map_err(|errors| invalid_series(errors, "samples"))
 }

@@ -28,6 +28,7 @@ use crate::control::integrations::{self, Sealed};
 use crate::error::IngestError;
 use crate::ingest::door::{append, read_limited};
 use crate::ingest::storable::{check_storable, nul_paths};
+use crate::ingest::values;
 use crate::ingest::Data;
 use crate::state::AppState;
 
@@ -103,6 +104,7 @@ async fn handle(
         metrics::counter!("ingest_webhooks_refused_total", "provider" => provider).increment(1);
         return Err(refused());
     }
+    values::check(&bytes)?;
     let payload: Value = serde_json::from_slice(&bytes).map_err(|e| {
         IngestError::bad_request("malformed-json", format!("the body is not valid JSON: {e}"))
     })?;

@@ -144,11 +144,12 @@ async fn json_routes_refuse_oversized_bodies_without_reading_them() {
 }
 
 /// JSON bombs at the events door: a few KB of gzip that inflate to a 10 MiB body of millions
-/// of tiny values, which a JSON tree holds at 16 to 64 times their text (a single one made
-/// ingest-api's peak 362 MiB before the door counted them). The real ingest-api (its own
-/// process, so the figure is its own) refuses each with a 413 naming the body, takes the
-/// largest batch within the limit, serves many such at once, stays under
-/// `BOMB_RSS_BOUND_KIB`, and appends only what it took.
+/// of tiny values or nested objects, which a JSON tree holds at 16 to 140 times their text (a
+/// single one made ingest-api's peak 362 MiB before the door estimated the tree), and the key
+/// that makes serde_json parse a string as a document. The real ingest-api (its own process,
+/// so the figure is its own) refuses each with a 4xx naming the body, takes large batches
+/// within the limit, many at once, stays under `BOMB_RSS_BOUND_KIB`, and appends only what
+/// it took.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn json_bombs_are_refused_in_bounded_memory() {
     let TestEnv { pool, common } = test_env().await;
@@ -178,6 +179,13 @@ async fn json_bombs_are_refused_in_bounded_memory() {
         format!("{{{}}}", members.join(","))
     };
     let batch = |n: usize, extra: &str| format!("[{}]", vec![sample(extra); n].join(","));
+    // 2 750 chains of 90 single-member objects: 1.2 MB of text, 250 000 values, 170 MB of
+    // maps.
+    let chains = {
+        let chain = format!("{}0{}", r#"{"":"#.repeat(90), "}".repeat(90));
+        let members: Vec<String> = (0..2_750).map(|i| format!(r#""{i}":{chain}"#)).collect();
+        format!("{{{}}}", members.join(","))
+    };
 
     for (what, body) in [
         (
@@ -191,6 +199,7 @@ async fn json_bombs_are_refused_in_bounded_memory() {
         ("one event, many values", sample(&zeros(5_000_000))),
         ("one event, many members", sample(&keys(1_000_000))),
         ("many events, many values", batch(1_000, &zeros(5_000))),
+        ("one event, nested objects", sample(&chains)),
         (
             "events nested in an array",
             format!("[{}]", batch(1_000, &zeros(5_000))),
@@ -210,6 +219,27 @@ async fn json_bombs_are_refused_in_bounded_memory() {
                 .ends_with("too-many-values"),
             "{what}: {problem}"
         );
+        assert_eq!(problem["errors"][0]["field"], "body", "{what}: {problem}");
+        eprintln!("{what}: peak {} KiB", ingest.memory_kib().1);
+    }
+
+    // A key that makes serde_json read a string as a JSON document of its own: five million
+    // zeros in one string, or a text no reader takes back from the log.
+    for (what, extra) in [
+        (
+            "a reserved key",
+            r#"{"$serde_json::private::RawValue": "nope"}"#.to_string(),
+        ),
+        (
+            "a reserved key, escaped, over a bomb",
+            format!(
+                r#"{{"$serde_json::private::RawValu\u0065": "[{}0]"}}"#,
+                "0,".repeat(4_999_999)
+            ),
+        ),
+    ] {
+        let (status, problem) = send(gzip(sample(&extra))).await;
+        assert_eq!(status, 422, "{what}: {problem}");
         assert_eq!(problem["errors"][0]["field"], "body", "{what}: {problem}");
         eprintln!("{what}: peak {} KiB", ingest.memory_kib().1);
     }

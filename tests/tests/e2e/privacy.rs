@@ -1,6 +1,7 @@
 //! What a tenant keeps private: the text of prompts, which Claude Code sends when
 //! `OTEL_LOG_USER_PROMPTS=1`, is dropped at the door (its length kept) unless the tenant
-//! stores prompts, an opt-in that is audited.
+//! stores prompts, an opt-in that is audited; a command's arguments are dropped at every
+//! door unless the tenant stores them.
 
 use std::time::{Duration, Instant};
 
@@ -100,6 +101,97 @@ async fn prompt_text_is_stored_only_where_the_tenant_opted_in() {
         assert!(Instant::now() < deadline, "the opt-in was not audited");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    stop_all([ingest, projector]).await;
+}
+
+/// Sends one sample carrying `secret` as a command's arguments through each door that takes
+/// samples: remote write (a `tool_input` label), line protocol (a `command` tag) and the
+/// events door (a `cmd` label).
+async fn send_arguments(client: &reqwest::Client, ingest: &str, key: &str, secret: &str) {
+    use ingest_api::formats::promrw::{Label, Sample, TimeSeries, WriteRequest};
+    use prost::Message;
+    let now = chrono::Utc::now();
+    let label = |name: &str, value: &str| Label {
+        name: name.into(),
+        value: value.into(),
+    };
+    let write = WriteRequest {
+        timeseries: vec![TimeSeries {
+            labels: vec![
+                label("__name__", "by_remote_write"),
+                label("tool_input", secret),
+            ],
+            samples: vec![Sample {
+                value: 1.0,
+                timestamp: now.timestamp_millis(),
+            }],
+        }],
+    };
+    let body = snap::raw::Encoder::new()
+        .compress_vec(&write.encode_to_vec())
+        .unwrap();
+    let res = client
+        .post(format!("{ingest}/api/v1/write"))
+        .bearer_auth(key)
+        .header("content-type", "application/x-protobuf")
+        .header("content-encoding", "snappy")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    let line = format!(
+        "by_line_protocol,command={secret} value=1 {}",
+        now.timestamp_millis()
+    );
+    let res = client
+        .post(format!("{ingest}/api/v2/write?precision=ms"))
+        .header("authorization", format!("Token {key}"))
+        .body(line)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    let sample = json!({"type": "metric.sample", "occurred_at": now.to_rfc3339(),
+        "data": {"name": "by_events", "value": 1.0, "labels": {"cmd": secret}}});
+    post_events_accepted(client, ingest, key, &sample).await;
+}
+
+/// A command's arguments are dropped at every door that takes samples, not only at the
+/// events and OTLP doors, unless the tenant stores them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn command_arguments_are_dropped_at_every_door() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let client = http();
+    let secret = format!("rm-rf-{}", Uuid::new_v4().simple());
+    let contains =
+        format!("SELECT count(*) FROM metric_samples WHERE data::text LIKE '%{secret}%'");
+
+    let private = create_tenant(&pool, "arguments-private").await;
+    let open = create_tenant(&pool, "arguments-stored").await;
+    sqlx::query("UPDATE control.tenants SET store_command_text = true WHERE id = $1")
+        .bind(open.id.0)
+        .execute(&pool)
+        .await
+        .unwrap();
+    for t in [&private, &open] {
+        send_arguments(&client, &ingest.url(), &t.ingest_key, &secret).await;
+        wait_projected(&pool, t.id, 3, Duration::from_secs(60)).await;
+    }
+    assert_eq!(scalar_in_tenant(&pool, private.id, &contains).await, 0);
+    assert_eq!(scalar_in_tenant(&pool, open.id, &contains).await, 3);
+    // What was run is kept: each sample is there, by its name.
+    assert_eq!(
+        scalar_in_tenant(
+            &pool,
+            private.id,
+            "SELECT count(DISTINCT name) FROM metric_samples WHERE name LIKE 'by_%'"
+        )
+        .await,
+        3
+    );
 
     stop_all([ingest, projector]).await;
 }

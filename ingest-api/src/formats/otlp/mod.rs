@@ -26,7 +26,7 @@ use serde_json::{json, Map, Value};
 
 use crate::formats::expansion;
 use crate::ingest::envelope::client_json;
-use crate::ingest::values::{self, MAX_JSON_VALUES};
+use crate::ingest::values;
 use crate::ingest::{ClientEvent, SampleEvent};
 use pb::any_value::Value as Any;
 use shared::events::{FieldError, MetricSample, SampleKind, MAX_LABELS};
@@ -188,14 +188,17 @@ pub fn decode<S: Signal>(body: &[u8], encoding: Encoding) -> Result<S::Request, 
                 .map_err(|e| DecodeError::Malformed(format!("invalid protobuf: {e}")))
         }
         Encoding::Json => {
-            if let Some(values) = values::over_limit(body) {
+            if let Some(bytes) = values::over_limit(body) {
                 return Err(DecodeError::TooMany(FieldError::new(
                     S::ROOT,
                     format!(
-                        "{values} JSON values; at most {MAX_JSON_VALUES} per OTLP/JSON request \
-                         (send larger batches as protobuf)"
+                        "{} (send larger batches as protobuf)",
+                        values::too_big(bytes)
                     ),
                 )));
+            }
+            if values::holds_reserved(body) {
+                return Err(DecodeError::Malformed(values::reserved()));
             }
             let v: Value = serde_json::from_slice(body)
                 .map_err(|e| DecodeError::Malformed(format!("invalid JSON: {e}")))?;

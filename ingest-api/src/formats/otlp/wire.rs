@@ -222,7 +222,7 @@ mod tests {
 
     use super::super::{decode, pb, DecodeError, Encoding, Logs, Metrics};
     use super::*;
-    use crate::ingest::values::{values, MAX_JSON_VALUES};
+    use crate::ingest::values::{tree_bytes, MAX_TREE_BYTES};
 
     fn fixture(name: &str) -> Vec<u8> {
         std::fs::read(format!(
@@ -411,19 +411,26 @@ mod tests {
 
     #[test]
     fn json_values_are_counted_in_the_text() {
+        // Attributes of nothing but an empty key: 768 bytes of tree for 11 of text.
         let bomb = format!(
             r#"{{"resourceLogs":[{{"resource":{{"attributes":[{}{{}}]}}}}]}}"#,
-            "{},".repeat(MAX_JSON_VALUES)
+            r#"{"key":""},"#.repeat(MAX_TREE_BYTES / 704)
         );
+        assert!(bomb.len() < 1_000_000);
         match decode::<Logs>(bomb.as_bytes(), Encoding::Json) {
             Err(DecodeError::TooMany(e)) => {
                 assert_eq!(e.field, "resourceLogs");
-                assert!(e.reason.contains("JSON values"), "{}", e.reason);
+                assert!(e.reason.contains("MiB of JSON values"), "{}", e.reason);
             }
             other => panic!("{other:?}"),
         }
+        let reserved = br#"{"resourceLogs":[{"$serde_json::private::RawValue":"[]"}]}"#;
+        match decode::<Logs>(reserved, Encoding::Json) {
+            Err(DecodeError::Malformed(e)) => assert!(e.contains("reserves"), "{e}"),
+            other => panic!("{other:?}"),
+        }
         let json = fixture("claude_code_logs.json");
-        assert!(values(&json) < 10_000);
+        assert!(tree_bytes(&json) < 1 << 20);
         assert!(decode::<Logs>(&json, Encoding::Json).is_ok());
     }
 }
