@@ -15,7 +15,7 @@ use shared::tenant::TenantId;
 use uuid::Uuid;
 
 use super::privacy::{drop_prompt_text, drop_sample_prompt, drop_stamped_command_text};
-use super::storable::{check_storable, has_nul, nul_paths};
+use super::storable::{check_storable, has_unstorable, key_fault, unstorable_paths};
 
 /// How old a `session.context` may be: it moves its session's usage from its time on, so
 /// its reach is bounded.
@@ -196,13 +196,15 @@ impl SampleEvent {
         client_json(EventType::MetricSample.as_str(), &self.at, data)
     }
 
-    /// Whether any text of the sample holds a NUL character.
-    fn has_nul(&self) -> bool {
+    /// Whether any text of the sample holds a NUL character, or any key is one the log's
+    /// readers could not read back (see [`key_fault`]).
+    fn has_unstorable(&self) -> bool {
         let s = &self.sample;
         let nul = |t: &str| t.contains('\0');
+        let key = |k: &str| key_fault(k).is_some();
         nul(&s.name)
-            || s.labels.iter().any(|(k, v)| nul(k) || nul(v))
-            || s.extra.iter().any(|(k, v)| nul(k) || has_nul(v))
+            || s.labels.iter().any(|(k, v)| key(k) || nul(v))
+            || s.extra.iter().any(|(k, v)| key(k) || has_unstorable(v))
     }
 
     /// `content_id` of the event as [`SampleEvent::into_json`] builds it, without building it.
@@ -310,7 +312,7 @@ impl IngestContext {
         // back as the JSON door would read it.)
         let in_time =
             self.time_error(s.at).is_none() && s.at.timestamp_subsec_nanos() < 1_000_000_000;
-        let nul = s.has_nul();
+        let nul = s.has_unstorable();
         let at = s.at;
         let payload = Payload::MetricSample(s.sample);
         let passes = in_time
@@ -524,7 +526,7 @@ impl IngestContext {
                 None
             }
             (Some(t), Some(v), Some(data)) => {
-                let nul = nul_paths(&data, "data");
+                let nul = unstorable_paths(&data, "data");
                 match Payload::decode_normalized(t, v, data, "data") {
                     Ok((p, data)) if nul.is_empty() => {
                         errors.extend(check_storable(&p, "data"));
@@ -807,6 +809,7 @@ mod tests {
             label("other", "y".repeat(1025)),
             label("nul", "a\u{0}b".into()),
             label("k\u{0}", "v".into()),
+            label("$serde_json::private::RawValue", "x".into()),
             label("", "empty name".into()),
             with(&|s| s.sample.name = "n\u{0}".into()),
             with(&|s| s.sample.name = String::new()),
@@ -815,6 +818,11 @@ mod tests {
                 s.sample
                     .extra
                     .insert("deep".into(), json!({"a": ["b", {"c\u{0}": 1}]}));
+            }),
+            with(&|s| {
+                s.sample
+                    .extra
+                    .insert("$serde_json::private::RawValue".into(), json!("[]"));
             }),
             with(&|s| {
                 for i in 0..=shared::events::MAX_LABELS {
@@ -845,7 +853,7 @@ mod tests {
                 assert_eq!(typed, json, "case {i}: {sample:?}");
                 refused += usize::from(typed.is_err());
             }
-            assert_eq!(refused, 12, "the cases past a limit");
+            assert_eq!(refused, 14, "the cases past a limit");
         }
     }
 

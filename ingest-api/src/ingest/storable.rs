@@ -1,8 +1,10 @@
-//! What PostgreSQL could not store, refused at the door. The projector relies on the
+//! What PostgreSQL could not store, or the log's readers read back, refused at the door. The projector relies on the
 //! database's own refusal and the DLQ instead, so records already in the log are handled too.
 
 use serde_json::Value;
 use shared::events::{FieldError, Payload};
+
+use super::values::RESERVED_PREFIX;
 
 /// Most bytes of a value that becomes part of a rollup key (user, team, project, session,
 /// name). Four such values and the event type must fit in one btree index row, which
@@ -103,24 +105,41 @@ pub fn check_storable(payload: &Payload, prefix: &str) -> Vec<FieldError> {
     errors
 }
 
-/// Whether a string or object key under `v` holds a NUL character.
-pub fn has_nul(v: &Value) -> bool {
+/// Why PostgreSQL or the log's readers could not take a key back: a NUL character, which
+/// PostgreSQL stores neither in text nor in jsonb, or serde_json's reserved prefix (see
+/// [`RESERVED_PREFIX`]), which makes its reader parse the key's value as a document.
+pub fn key_fault(k: &str) -> Option<&'static str> {
+    if k.contains('\0') {
+        Some(NUL)
+    } else if k.starts_with(RESERVED_PREFIX) {
+        Some("starts with `$serde_json::private::`, which the JSON reader reserves")
+    } else {
+        None
+    }
+}
+
+const NUL: &str = "contains a NUL character (\\u0000), which cannot be stored";
+
+/// Whether a string or object key under `v` is one that could not be stored or read back
+/// ([`key_fault`]; a string, for its NUL).
+pub fn has_unstorable(v: &Value) -> bool {
     match v {
         Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(has_nul),
-        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        Value::Array(items) => items.iter().any(has_unstorable),
+        Value::Object(m) => m
+            .iter()
+            .any(|(k, v)| key_fault(k).is_some() || has_unstorable(v)),
         _ => false,
     }
 }
 
-/// Every string and object key under `v` holding a NUL character, which PostgreSQL can store
-/// neither in text nor in jsonb, named by its path below `path` (`data.args.k`, `teams[1]`).
+/// Every string and object key under `v` that could not be stored or read back (see
+/// [`has_unstorable`]), named by its path below `path` (`data.args.k`, `teams[1]`).
 /// Allocates nothing when there is none, as for nearly every event.
-pub fn nul_paths(v: &Value, path: &str) -> Vec<FieldError> {
+pub fn unstorable_paths(v: &Value, path: &str) -> Vec<FieldError> {
     fn walk(v: &Value, path: &mut String, out: &mut Vec<FieldError>) {
-        const REASON: &str = "contains a NUL character (\\u0000), which cannot be stored";
         match v {
-            Value::String(s) if s.contains('\0') => out.push(FieldError::new(path.clone(), REASON)),
+            Value::String(s) if s.contains('\0') => out.push(FieldError::new(path.clone(), NUL)),
             Value::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
                     let len = path.len();
@@ -136,8 +155,8 @@ pub fn nul_paths(v: &Value, path: &str) -> Vec<FieldError> {
                         path.push('.');
                     }
                     path.push_str(&k.replace('\0', "\\u0000"));
-                    if k.contains('\0') {
-                        out.push(FieldError::new(path.clone(), REASON));
+                    if let Some(reason) = key_fault(k) {
+                        out.push(FieldError::new(path.clone(), reason));
                     }
                     walk(item, path, out);
                     path.truncate(len);
@@ -147,7 +166,7 @@ pub fn nul_paths(v: &Value, path: &str) -> Vec<FieldError> {
         }
     }
     let mut out = Vec::new();
-    if has_nul(v) {
+    if has_unstorable(v) {
         walk(v, &mut path.to_string(), &mut out);
     }
     out

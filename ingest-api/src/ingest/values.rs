@@ -10,7 +10,7 @@
 //! And a key serde_json reserves for itself ([`RESERVED_PREFIX`]) makes it parse a string as
 //! a JSON document of its own, so no such string is taken.
 
-use memchr::{memchr2, memchr_iter, memmem};
+use memchr::{memchr, memchr2, memchr_iter, memmem};
 use shared::events::FieldError;
 
 use crate::error::IngestError;
@@ -26,9 +26,11 @@ const VALUE_BYTES: usize = 64;
 const OBJECT_BYTES: usize = 640;
 const ARRAY_BYTES: usize = 128;
 
-/// The most [`tree_bytes`] counts for one byte of text: a chain of single-member objects,
+/// The most [`tree_bytes`] counts for one byte of JSON: a chain of single-member objects,
 /// `{"":{"":…}}`, 5 bytes a level (a member and its object, 704 bytes). Shorter bodies than
-/// this allows are not scanned.
+/// this allows are not scanned. (Text that is not JSON can count more, `{{{{` 704 a byte,
+/// but serde_json builds only the tree of the valid JSON before the byte it refuses, of which
+/// at most 128 levels lack their closing brackets.)
 const DENSEST: usize = (VALUE_BYTES + OBJECT_BYTES).div_ceil(5);
 
 /// About how many bytes the tree of the JSON text `body` takes, counted without parsing it
@@ -116,30 +118,56 @@ pub fn too_big(bytes: usize) -> String {
 pub const RESERVED_PREFIX: &str = "$serde_json::private::";
 
 /// Whether a key of the JSON text `body` starts with [`RESERVED_PREFIX`], however its
-/// characters are escaped: each string starting with a `$` (or `\u0024`) is read, and it is
-/// a key when a `:` follows it; nothing else is looked at.
+/// characters are escaped. A body with neither a `$` nor a `\u0024` (found with `memchr`)
+/// holds none; any other is walked once, string by string, each string's first characters
+/// compared with the prefix and the byte after it with `:`.
 pub fn holds_reserved(body: &[u8]) -> bool {
-    let dollars = memchr_iter(b'$', body).map(|at| at.checked_sub(1));
-    let escaped = memmem::find_iter(body, br"\u0024").map(|at| at.checked_sub(1));
-    dollars
-        .chain(escaped)
-        .flatten()
-        .any(|quote| body[quote] == b'"' && reserved_key_at(&body[quote..]))
+    if memchr(b'$', body).is_none() && memmem::find(body, br"\u0024").is_none() {
+        return false;
+    }
+    let mut at = 0;
+    while at < body.len() {
+        if body[at] == b'"' {
+            let end = string_end(body, at + 1);
+            if starts_reserved(&body[at + 1..end])
+                && body[end..]
+                    .iter()
+                    .skip(1)
+                    .find(|b| !b.is_ascii_whitespace())
+                    == Some(&b':')
+            {
+                return true;
+            }
+            at = end;
+        }
+        at += 1;
+    }
+    false
 }
 
-/// Whether `text` starts with a JSON string that begins with [`RESERVED_PREFIX`] and is
-/// followed by a `:`.
-fn reserved_key_at(text: &[u8]) -> bool {
-    let mut strings = serde_json::Deserializer::from_slice(text).into_iter::<String>();
-    match strings.next() {
-        Some(Ok(s)) if s.starts_with(RESERVED_PREFIX) => {
-            text[strings.byte_offset()..]
-                .iter()
-                .find(|b| !b.is_ascii_whitespace())
-                == Some(&b':')
-        }
-        _ => false,
-    }
+/// Whether the text of a string, as written between its quotes, starts with
+/// [`RESERVED_PREFIX`] once its escapes are read. The prefix holds no `"`, `\` or `/`, so of
+/// the escapes only `\uXXXX` can spell one of its characters.
+fn starts_reserved(text: &[u8]) -> bool {
+    let mut at = 0;
+    RESERVED_PREFIX.bytes().all(|want| {
+        let got = match text.get(at) {
+            Some(b'\\') => {
+                let hex = text
+                    .get(at + 2..at + 6)
+                    .filter(|_| text.get(at + 1) == Some(&b'u'));
+                at += 6;
+                hex.and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u32::from_str_radix(h, 16).ok())
+            }
+            Some(&b) => {
+                at += 1;
+                Some(u32::from(b))
+            }
+            None => None,
+        };
+        got == Some(u32::from(want))
+    })
 }
 
 /// How a refusal for [`holds_reserved`] reads.
@@ -255,9 +283,9 @@ mod tests {
         );
     }
 
-    /// What is not scanned cannot be over the limit: the densest JSON of each shape, a
-    /// little longer than the longest body left unscanned, makes a smaller tree than the
-    /// limit by the estimate, and the estimate is not below what serde_json builds.
+    /// What is not scanned cannot be over the limit: the densest JSON of each shape (the
+    /// chain nested deeper than serde_json reads, to keep its density), a little longer than
+    /// the longest body left unscanned, counts no more than `DENSEST` a byte.
     #[test]
     fn short_bodies_are_within_the_limit_unscanned() {
         let unscanned = (MAX_TREE_BYTES - VALUE_BYTES) / DENSEST;
@@ -327,8 +355,14 @@ mod tests {
             r#"$"#,
             r#"\u0024"#,
             r#"{"a": "\u0024serde_json::private"}"#,
+            r#"{"\"$serde_json::private::x": 1}"#,
+            r#"{"a": "\"$serde_json::private::x\": 1"}"#,
         ] {
             assert!(!holds_reserved(body.as_bytes()), "{body}");
         }
+        // Read once: a string of escaped quotes each followed by a `$` is not read again
+        // from each of them.
+        let body = format!(r#"["{}"]"#, r#"\"$"#.repeat(1_000_000));
+        assert!(!holds_reserved(body.as_bytes()));
     }
 }

@@ -36,7 +36,7 @@ pub async fn refuse_nul(request: Request, next: Next, limit: usize) -> Response 
     // NUL can only come escaped: JSON forbids raw control characters in strings.
     if bytes.windows(6).any(|w| w == b"\\u0000") {
         if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
-            let errors = crate::ingest::storable::nul_paths(&v, "");
+            let errors = crate::ingest::storable::unstorable_paths(&v, "");
             if !errors.is_empty() {
                 return Problem::validation("a string of the body holds NUL", errors)
                     .into_response();
@@ -55,7 +55,7 @@ mod tests {
     #[test]
     fn the_path_of_a_nul_names_the_field() {
         let fields = |v: Value| -> Vec<String> {
-            crate::ingest::storable::nul_paths(&v, "")
+            crate::ingest::storable::unstorable_paths(&v, "")
                 .into_iter()
                 .map(|e| e.field)
                 .collect()

@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::control::integrations::{self, Sealed};
 use crate::error::IngestError;
 use crate::ingest::door::{append, read_limited};
-use crate::ingest::storable::{check_storable, nul_paths};
+use crate::ingest::storable::{check_storable, unstorable_paths};
 use crate::ingest::values;
 use crate::ingest::Data;
 use crate::state::AppState;
@@ -140,7 +140,7 @@ async fn handle(
         data,
     };
     // What the database could not store is refused here, like any client's event.
-    let nul = nul_paths(&envelope.data, "data");
+    let nul = unstorable_paths(&envelope.data, "data");
     let payload = Payload::decode(
         event_type,
         envelope.schema_version,

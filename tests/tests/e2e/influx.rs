@@ -36,7 +36,8 @@ async fn line_protocol_is_taken_line_by_line() {
          build_time,host=ci-2,repo=tally seconds=7.5 {b}\n\
          build_time,host=ci-3 seconds=oops {b}\n\
          \n\
-         queue_depth value=3i {b}\n",
+         queue_depth value=3i {b}\n\
+         build_time,$serde_json::private::RawValue=x seconds=1 {b}\n",
         a = now - 60_000,
         b = now - 30_000
     );
@@ -44,8 +45,17 @@ async fn line_protocol_is_taken_line_by_line() {
     let (status, answer) = curl(&url, &t.ingest_key, &body, "text/plain; charset=utf-8");
     assert_eq!(status, 400, "{answer}");
     let problem: Value = serde_json::from_str(&answer).unwrap();
-    assert_eq!(problem["errors"].as_array().unwrap().len(), 1, "{problem}");
+    assert_eq!(problem["errors"].as_array().unwrap().len(), 2, "{problem}");
     assert_eq!(problem["errors"][0]["field"], "line 3");
+    // A tag key the log's reader would take for its own (it would read the value as JSON).
+    assert_eq!(problem["errors"][1]["field"], "line 6");
+    assert!(
+        problem["errors"][1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("reserves"),
+        "{problem}"
+    );
     assert!(
         problem["errors"][0]["reason"]
             .as_str()
