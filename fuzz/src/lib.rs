@@ -9,7 +9,8 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use ingest_api::ingest::envelope::{event_texts, written};
-use ingest_api::ingest::{Data, Ids, IngestContext, Keep, Stamped, TimeBounds};
+use ingest_api::ingest::{values, Data, Ids, IngestContext, Keep, Stamped, TimeBounds};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use shared::events::{Actor, Envelope, Source};
 use shared::tenant::TenantId;
@@ -79,6 +80,18 @@ fn round_trip(env: &Stamped) {
 /// envelopes (ids aside where they are fresh) and the refusals must be those of the body's
 /// tree, event by event, and every accepted envelope must survive the trip to the projector.
 pub fn events_body(ctx: &IngestContext, body: &[u8], max: usize) {
+    // The door's checks come first: a body over its tree's bound, or holding a key the JSON
+    // reader reserves (found exactly as a reader that keeps every key finds it), is refused.
+    if let Ok(keys) = keys(body) {
+        assert_eq!(
+            values::holds_reserved(body),
+            keys.iter().any(|k| k.starts_with(values::RESERVED_PREFIX)),
+            "reserved keys found as they are: {keys:?}"
+        );
+    }
+    if values::check(body).is_err() {
+        return;
+    }
     let Ok(value) = serde_json::from_slice::<Value>(body) else {
         // A body its tree does not take is not taken from its texts either: the door
         // answers that it is not JSON.
@@ -167,4 +180,57 @@ pub fn otlp<S: ingest_api::formats::otlp::Signal>(
         }
     }
     let _ = ingest_api::formats::otlp::encode_response::<S>(&converted, encoding);
+}
+
+/// Every object key of the JSON text `body`, read by a visitor of its own: serde_json reads
+/// a reserved key as such only for its `Value` and `RawValue`, so these are the keys as
+/// written.
+fn keys(body: &[u8]) -> Result<Vec<String>, serde_json::Error> {
+    struct Keys<'a>(&'a mut Vec<String>);
+    impl<'de> DeserializeSeed<'de> for Keys<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Keys<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element_seed(Keys(&mut *self.0))?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<String>()? {
+                self.0.push(key);
+                map.next_value_seed(Keys(&mut *self.0))?;
+            }
+            Ok(())
+        }
+    }
+    let mut keys = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(body);
+    Keys(&mut keys).deserialize(&mut de)?;
+    de.end()?;
+    Ok(keys)
 }
