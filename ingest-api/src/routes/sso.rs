@@ -384,6 +384,16 @@ pub async fn callback(
     let code = p
         .code
         .ok_or_else(|| Problem::invalid_field("code", "is required"))?;
+    let unknown = || Problem::invalid_field("state", "unknown, used or expired login; start again");
+    // A state Tally issued is URL-safe base64 (`oidc::random_token`); anything else is no
+    // login of ours, and is not sent to the database (which refuses a NUL with an error).
+    if state.len() > 64
+        || !state
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(unknown());
+    }
     // Single use: the row is gone whatever happens next.
     let login: Option<(Uuid, String, String, Option<Uuid>)> = sqlx::query_as(
         "DELETE FROM control.sso_logins WHERE state = $1 AND created_at > now() - interval '10 minutes'
@@ -393,9 +403,7 @@ pub async fn callback(
     .fetch_optional(&s.pool)
     .await
     .map_err(db)?;
-    let (tenant, nonce, verifier, link_user) = login.ok_or_else(|| {
-        Problem::invalid_field("state", "unknown, used or expired login; start again")
-    })?;
+    let (tenant, nonce, verifier, link_user) = login.ok_or_else(unknown)?;
     let (issuer, client_id, secret_enc, domains, default_role): (
         String,
         String,
