@@ -20,6 +20,12 @@ pub struct Config {
     /// Body bytes the ingest doors hold at once (by `Content-Length`, or `max_body_bytes`
     /// for a body of unknown length); beyond it they answer 503 at once.
     pub max_inflight_bytes: usize,
+    /// Threads of the large-body lane (`crate::ingest::lane`), at a lower priority than the
+    /// runtime's.
+    pub lane_threads: usize,
+    /// The least size of a body (as sent, or once inflated) that is worked on in the lane
+    /// instead of on the runtime's threads.
+    pub lane_min_bytes: usize,
     /// How long a request waits for Kafka to acknowledge its events before answering 503.
     pub produce_timeout_ms: u64,
     /// How far in the future `occurred_at` may be (client clock skew).
@@ -53,6 +59,8 @@ impl Default for Config {
             max_body_bytes: 10 * 1024 * 1024,
             max_inflight_requests: 64,
             max_inflight_bytes: 64 * 1024 * 1024,
+            lane_threads: 1,
+            lane_min_bytes: 1024 * 1024,
             produce_timeout_ms: 5000,
             max_future_skew_secs: 300,
             retention_days: 90,
@@ -78,6 +86,9 @@ impl Config {
                 "max_inflight_requests must be positive and max_inflight_bytes at least max_body_bytes"
                     .into(),
             );
+        }
+        if self.lane_threads == 0 || self.lane_min_bytes == 0 {
+            return Err("lane_threads and lane_min_bytes must be positive".into());
         }
         if self.max_concurrent_hashes == 0 {
             return Err("max_concurrent_hashes must be positive".into());

@@ -140,6 +140,7 @@ impl App {
                 config.max_inflight_bytes,
                 config.max_body_bytes,
             ),
+            lane: ingest::lane::Lane::start(config.lane_threads, config.lane_min_bytes),
             hashes: throttle::HashSlots::new(
                 config.max_concurrent_hashes,
                 Duration::from_millis(config.hash_wait_ms),

@@ -40,7 +40,7 @@ impl Shed {
 
     /// The bytes a request is charged on arrival: its declared length within the body
     /// limit, or the limit when it declares none.
-    fn declared(&self, headers: &HeaderMap) -> usize {
+    pub fn declared(&self, headers: &HeaderMap) -> usize {
         headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -49,15 +49,16 @@ impl Shed {
             .clamp(1, self.max_body.max(1))
     }
 
-    /// Charges a request whose body came to `size` bytes once read (decompressed) for what
-    /// its arrival did not cover; the charge lasts as long as the permit it returns (none
-    /// when nothing more is due). A budget that cannot cover it is a 503, as on arrival.
+    /// Charges a request that was charged `declared` bytes on arrival ([`Shed::declared`]),
+    /// and whose body came to `size` bytes once read (decompressed), for what its arrival did
+    /// not cover; the charge lasts as long as the permit it returns (none when nothing more
+    /// is due). A budget that cannot cover it is a 503, as on arrival.
     pub fn charge(
         &self,
-        headers: &HeaderMap,
+        declared: usize,
         size: usize,
     ) -> Result<Option<OwnedSemaphorePermit>, IngestError> {
-        let more = size.saturating_sub(self.declared(headers));
+        let more = size.saturating_sub(declared);
         if more == 0 {
             return Ok(None);
         }
@@ -111,27 +112,37 @@ mod tests {
         headers
     }
 
+    impl Shed {
+        fn charge_for(
+            &self,
+            headers: &HeaderMap,
+            size: usize,
+        ) -> Result<Option<OwnedSemaphorePermit>, IngestError> {
+            self.charge(self.declared(headers), size)
+        }
+    }
+
     /// A compressed body is charged for what it inflated to beyond its declared length, as
     /// long as the request holds the charge; a budget that cannot cover it is a 503.
     #[test]
     fn inflated_bodies_are_charged_for_what_they_became() {
         let shed = Shed::new(8, 1000, 600);
         let small = declaring(100);
-        assert!(shed.charge(&small, 100).unwrap().is_none());
-        assert!(shed.charge(&small, 40).unwrap().is_none());
-        let held = shed.charge(&small, 700).unwrap().expect("charged");
+        assert!(shed.charge_for(&small, 100).unwrap().is_none());
+        assert!(shed.charge_for(&small, 40).unwrap().is_none());
+        let held = shed.charge_for(&small, 700).unwrap().expect("charged");
         assert_eq!(held.num_permits(), 600);
         assert!(matches!(
-            shed.charge(&small, 600),
+            shed.charge_for(&small, 600),
             Err(IngestError::Unavailable { .. })
         ));
         assert_eq!(
-            shed.charge(&small, 500).unwrap().unwrap().num_permits(),
+            shed.charge_for(&small, 500).unwrap().unwrap().num_permits(),
             400
         );
         drop(held);
-        assert!(shed.charge(&small, 600).unwrap().is_some());
+        assert!(shed.charge_for(&small, 600).unwrap().is_some());
         // A body without a declared length was charged the body limit on arrival.
-        assert!(shed.charge(&HeaderMap::new(), 600).unwrap().is_none());
+        assert!(shed.charge_for(&HeaderMap::new(), 600).unwrap().is_none());
     }
 }

@@ -26,6 +26,8 @@ pub struct AppState {
     pub throttle: crate::throttle::LoginThrottle,
     /// What the ingest doors may hold at once (load shedding).
     pub shed: crate::shed::Shed,
+    /// Where large bodies are worked on.
+    pub lane: crate::ingest::lane::Lane,
     /// Bounds the password hashes running at once.
     pub hashes: crate::throttle::HashSlots,
     /// Wakes the outbox relay after a handler wrote an auth event.

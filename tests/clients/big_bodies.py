@@ -1,12 +1,13 @@
 """Large bodies against small requests at ingest-api's events door: a small request's latency
-alone, then while SENDERS threads send 9 MB batches of 1 000 events (the last one invalid,
-so the door parses and checks them all and appends nothing). Both use the demo tenant's key,
-so its rate limit answers some requests 429; a body the in-flight budget cannot take is
-answered 503 and its connection closed ("reset").
+alone, then while SENDERS threads (in a process of their own, so that the probe does not
+wait for their interpreter) send 9 MB batches of 1 000 events (the last one invalid, so the
+door parses and checks them all and appends nothing). Both use the demo tenant's key, so its
+rate limit answers some requests 429; a body the in-flight budget cannot take is answered 503
+and its connection closed ("reset").
 
     make up && . .tally/demo.env && python3 tests/clients/big_bodies.py [SENDERS] [SECONDS]
 """
-import json, os, sys, threading, time, urllib.request, datetime, statistics
+import json, os, sys, threading, time, urllib.request, datetime, multiprocessing
 
 url = os.environ["TALLY_INGEST_URL"] + "/v1/events"
 key = os.environ["TALLY_INGEST_KEY"]
@@ -49,17 +50,24 @@ def probe(seconds):
     q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]
     return f"{len(lat)} probes, p50 {q(0.5):.1f} ms, p99 {q(0.99):.1f} ms, max {lat[-1]:.1f} ms, codes {codes}"
 
-print("alone:", probe(secs / 2), flush=True)
-stop = False
-sent = {}
-def flood():
-    while not stop:
-        c = post(big)
-        sent[c] = sent.get(c, 0) + 1
-threads = [threading.Thread(target=flood, daemon=True) for _ in range(conc)]
-for t in threads: t.start()
-time.sleep(1)
-print(f"with {conc} senders of big bodies:", probe(secs), flush=True)
-stop = True
-for t in threads: t.join()
-print("big bodies answered:", sent, flush=True)
+def flood(stop, answered):
+    sent = {}
+    def send():
+        while not stop.is_set():
+            c = post(big)
+            sent[c] = sent.get(c, 0) + 1
+    threads = [threading.Thread(target=send, daemon=True) for _ in range(conc)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    answered.put(sent)
+
+if __name__ == "__main__":
+    print("alone:", probe(secs / 2), flush=True)
+    stop, answered = multiprocessing.Event(), multiprocessing.Queue()
+    senders = multiprocessing.Process(target=flood, args=(stop, answered))
+    senders.start()
+    time.sleep(1)
+    print(f"with {conc} senders of big bodies:", probe(secs), flush=True)
+    stop.set()
+    print("big bodies answered:", answered.get(), flush=True)
+    senders.join()

@@ -2,7 +2,7 @@
 //! rate limit, reading the body within its limit (gzip undone), and stamping with the key's
 //! tenant.
 
-use std::io::Read;
+use std::io::{Cursor, Read};
 
 use axum::body::{to_bytes, Body, Bytes};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -14,8 +14,11 @@ use shared::auth::{ApiKeyStore, KeyError, KeyPrincipal};
 use shared::events::{Actor, Source};
 
 use crate::error::IngestError;
+use crate::ingest::lane::Lane;
 use crate::ingest::{Ids, IngestContext, Keep, Stamped, TimeBounds};
+use crate::shed::Shed;
 use crate::state::AppState;
+use flate2::read::GzDecoder;
 use shared::ratelimit::Decision;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -157,45 +160,96 @@ pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, IngestError
     })
 }
 
-/// A body as a door reads it, holding the share of the in-flight byte budget that its
-/// decompression took beyond its declared length ([`crate::shed::Shed::charge`]).
+/// A body as a door reads it. A gzip body is inflated as it is read up to the lane's size
+/// ([`Lane`]); one that inflates further is finished where it is worked on
+/// ([`ReadBody::work`]). Once whole, it holds the share of the in-flight byte budget that its
+/// decompression took beyond its declared length ([`Shed::charge`]).
 pub struct ReadBody {
     bytes: Vec<u8>,
+    /// What is left to inflate.
+    rest: Option<GzDecoder<Cursor<Bytes>>>,
+    limit: usize,
+    declared: usize,
+    shed: Shed,
     _charge: Option<OwnedSemaphorePermit>,
 }
 
-impl std::ops::Deref for ReadBody {
-    type Target = [u8];
+impl ReadBody {
+    /// `work`'s answer on the whole body: worked out here when it is small, or on the lane
+    /// when it is large. The body is let go of as soon as `work` is done.
+    pub async fn work<T, F>(self, lane: &Lane, work: F) -> Result<T, IngestError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&[u8]) -> Result<T, IngestError> + Send + 'static,
+    {
+        if self.rest.is_none() && !lane.takes(self.bytes.len()) {
+            return work(&self.bytes);
+        }
+        lane.run(move || work(&self.finish()?.bytes)).await
+    }
 
-    fn deref(&self) -> &[u8] {
-        &self.bytes
+    /// The body inflated to its end (within the limit) and charged for it.
+    fn finish(mut self) -> Result<ReadBody, IngestError> {
+        if let Some(mut rest) = self.rest.take() {
+            inflate(&mut rest, &mut self.bytes, self.limit + 1)?;
+            if self.bytes.len() > self.limit {
+                return Err(IngestError::too_large(self.limit));
+            }
+            self._charge = self.shed.charge(self.declared, self.bytes.len())?;
+        }
+        Ok(self)
     }
 }
 
-/// Reads the body within `max_body_bytes`, both as sent and after gzip decompression, and
-/// charges the in-flight budget for what it inflated to.
+/// Inflates `gzip` into `out` until the stream ends or `out` holds `upto` bytes; true when it
+/// ended.
+fn inflate(
+    gzip: &mut GzDecoder<Cursor<Bytes>>,
+    out: &mut Vec<u8>,
+    upto: usize,
+) -> Result<bool, IngestError> {
+    let want = upto.saturating_sub(out.len());
+    let got = gzip
+        .take(want as u64)
+        .read_to_end(out)
+        .map_err(|e| IngestError::bad_request("bad-encoding", format!("invalid gzip body: {e}")))?;
+    Ok(got < want)
+}
+
+/// Reads the body within `max_body_bytes`, both as sent and after gzip decompression (which
+/// goes on to the lane past the lane's size), and charges the in-flight budget for what it
+/// inflated to.
 pub async fn read_body(
     s: &AppState,
     body: Body,
     headers: &HeaderMap,
 ) -> Result<ReadBody, IngestError> {
     let limit = s.config.max_body_bytes;
-    let bytes = read_limited(body, limit).await?;
+    let sent = read_limited(body, limit).await?;
     let encoding = header_text(headers, header::CONTENT_ENCODING)
         .trim()
         .to_ascii_lowercase();
-    let bytes = match encoding.as_str() {
-        "identity" | "" => bytes.into(),
+    let mut body = ReadBody {
+        bytes: Vec::new(),
+        rest: None,
+        limit,
+        declared: s.shed.declared(headers),
+        shed: s.shed.clone(),
+        _charge: None,
+    };
+    match encoding.as_str() {
+        "identity" | "" => body.bytes = sent.into(),
         "gzip" => {
-            let mut out = Vec::new();
-            let mut decoder = flate2::read::GzDecoder::new(&bytes[..]).take(limit as u64 + 1);
-            decoder.read_to_end(&mut out).map_err(|e| {
-                IngestError::bad_request("bad-encoding", format!("invalid gzip body: {e}"))
-            })?;
-            if out.len() > limit {
-                return Err(IngestError::too_large(limit));
+            let mut gzip = GzDecoder::new(Cursor::new(sent));
+            let here = s.lane.min_bytes().min(limit + 1);
+            if inflate(&mut gzip, &mut body.bytes, here)? {
+                if body.bytes.len() > limit {
+                    return Err(IngestError::too_large(limit));
+                }
+            } else {
+                body.rest = Some(gzip);
+                return Ok(body);
             }
-            out
         }
         other => {
             return Err(IngestError::new(
@@ -205,10 +259,7 @@ pub async fn read_body(
                 format!("Content-Encoding `{other}` is not supported; use gzip or none"),
             ))
         }
-    };
-    let charge = s.shed.charge(headers, bytes.len())?;
-    Ok(ReadBody {
-        bytes,
-        _charge: charge,
-    })
+    }
+    body._charge = s.shed.charge(body.declared, body.bytes.len())?;
+    Ok(body)
 }

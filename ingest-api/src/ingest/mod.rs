@@ -3,6 +3,7 @@
 
 pub mod door;
 pub mod envelope;
+pub mod lane;
 pub mod privacy;
 pub mod sink;
 pub mod storable;

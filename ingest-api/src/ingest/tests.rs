@@ -98,6 +98,7 @@ fn harness(limit: u32) -> Harness {
         oidc: reqwest::Client::new(),
         throttle: crate::throttle::LoginThrottle::new(None, "", 5, 20, Duration::from_secs(60)),
         shed: crate::shed::Shed::new(64, 64 << 20, config.max_body_bytes),
+        lane: crate::ingest::lane::Lane::start(config.lane_threads, config.lane_min_bytes),
         hashes: crate::throttle::HashSlots::new(1, Duration::from_millis(10)),
         pool,
         producer,

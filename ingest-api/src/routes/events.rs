@@ -45,21 +45,41 @@ async fn accept(
     body: Body,
 ) -> Result<Accepted, IngestError> {
     check_content_type(headers)?;
-    let bytes = read_body(s, body, headers).await?;
-    values::check(&bytes)?;
-    let keep = keep(&principal);
+    let body = read_body(s, body, headers).await?;
+    let ctx = context(s, &principal, headers);
+    let (keep, max) = (keep(&principal), s.config.max_batch_events);
+    // The body is let go of once its events are stamped: nothing of it is held while the
+    // log acknowledges them.
+    let envelopes = body
+        .work(&s.lane, move |bytes| stamp(bytes, max, ctx, keep))
+        .await?;
+    let ids: Vec<Uuid> = envelopes.iter().map(|e| e.id).collect();
+    append(s, envelopes, "api").await?;
+    Ok(Accepted {
+        accepted: ids.len(),
+        ids,
+    })
+}
+
+/// Every event of the body stamped, or every problem with them. `ctx` is how they are
+/// stamped (its error is the request's, once the body is known to be a batch).
+fn stamp(
+    bytes: &[u8],
+    max: usize,
+    ctx: Result<IngestContext, IngestError>,
+    keep: Keep,
+) -> Result<Vec<Stamped>, IngestError> {
+    values::check(bytes)?;
     // Nearly every request: its events read from their text. Anything that text cannot
-    // settle (a body that is not a batch of 1 to `max_batch_events` objects, a bad header)
-    // is read as before, as one tree, so that every refusal is the same.
-    let stamped = event_texts(&bytes, s.config.max_batch_events).and_then(|texts| {
-        let ctx = context(s, &principal, headers).ok()?;
-        ctx.stamp_texts(&texts, keep)
-    });
+    // settle (a body that is not a batch of 1 to `max` objects, a bad header) is read as
+    // before, as one tree, so that every refusal is the same.
+    let stamped =
+        event_texts(bytes, max).and_then(|texts| ctx.as_ref().ok()?.stamp_texts(&texts, keep));
     let stamped = match stamped {
         Some(stamped) => stamped,
-        None => stamp_tree(s, &principal, headers, &bytes, keep)?,
+        None => stamp_tree(bytes, max, ctx, keep)?,
     };
-    let envelopes = stamped.map_err(|errors| {
+    stamped.map_err(|errors| {
         let n = errors
             .iter()
             .filter_map(|e| e.index)
@@ -69,23 +89,14 @@ async fn accept(
             format!("{n} event(s) are invalid; nothing was accepted"),
             errors,
         )
-    })?;
-    // Nothing of the body is held while the log acknowledges its events.
-    drop(bytes);
-    let ids: Vec<Uuid> = envelopes.iter().map(|e| e.id).collect();
-    append(s, envelopes, "api").await?;
-    Ok(Accepted {
-        accepted: ids.len(),
-        ids,
     })
 }
 
 /// Every event stamped from the body's tree.
 fn stamp_tree(
-    s: &AppState,
-    principal: &KeyPrincipal,
-    headers: &HeaderMap,
     bytes: &[u8],
+    max: usize,
+    ctx: Result<IngestContext, IngestError>,
     keep: Keep,
 ) -> Result<Result<Vec<Stamped>, Vec<FieldError>>, IngestError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| {
@@ -104,19 +115,18 @@ fn stamp_tree(
     if raw_events.is_empty() {
         return Err(IngestError::validation("the batch is empty", vec![]));
     }
-    if raw_events.len() > s.config.max_batch_events {
+    if raw_events.len() > max {
         return Err(IngestError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "batch-too-large",
             "Batch too large",
             format!(
-                "{} events in one request; at most {} are accepted",
+                "{} events in one request; at most {max} are accepted",
                 raw_events.len(),
-                s.config.max_batch_events
             ),
         ));
     }
-    Ok(context(s, principal, headers)?.stamp_trees(raw_events, keep))
+    Ok(ctx?.stamp_trees(raw_events, keep))
 }
 
 /// How the request's events are stamped: the key's, with ids from its `Idempotency-Key`.

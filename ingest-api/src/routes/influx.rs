@@ -18,7 +18,7 @@ use shared::events::{FieldError, Source};
 use crate::error::IngestError;
 use crate::formats::lineproto::{self, Precision};
 use crate::ingest::door::{append, ingest_door, keep, key_context, read_body};
-use crate::ingest::IngestContext;
+use crate::ingest::{IngestContext, Keep, Stamped};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -74,8 +74,48 @@ async fn accept(
             "line protocol is text/plain, got `{ct}`"
         )));
     }
-    let bytes = read_body(s, body, headers).await?;
-    let text = std::str::from_utf8(&bytes).map_err(|e| {
+    let body = read_body(s, body, headers).await?;
+    let now = Utc::now();
+    let ctx = IngestContext {
+        received_at: now,
+        ..key_context(s, &principal, Source::Influx)
+    };
+    let keep = keep(&principal);
+    // The body is let go of once its lines are stamped: nothing of it is held while the log
+    // acknowledges them.
+    let (envelopes, mut bad, accepted) = body
+        .work(&s.lane, move |bytes| stamp(bytes, precision, &ctx, keep))
+        .await?;
+    let samples = envelopes.len();
+    append(s, envelopes, "influx").await?;
+    if bad.is_empty() {
+        return Ok(());
+    }
+    bad.sort_by_key(|e| e.line);
+    Err(IngestError::bad_request(
+        "partial-write",
+        format!(
+            "partial write: {} line(s) refused, {accepted} line(s) accepted ({samples} samples)",
+            bad.len(),
+        ),
+    )
+    .with_errors(
+        bad.into_iter()
+            .map(|e| FieldError::new(format!("line {}", e.line), e.reason))
+            .collect(),
+    ))
+}
+
+/// The body's good lines stamped (each line's samples validated like any event, with the
+/// tenant's drops, see `crate::ingest::privacy`; a line is taken whole or not at all), its
+/// bad lines, and how many lines were good.
+fn stamp(
+    bytes: &[u8],
+    precision: Precision,
+    ctx: &IngestContext,
+    keep: Keep,
+) -> Result<(Vec<Stamped>, Vec<lineproto::LineError>, usize), IngestError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
         IngestError::bad_request("bad-encoding", format!("the body is not UTF-8: {e}"))
     })?;
     if text.lines().count() > lineproto::MAX_LINES {
@@ -87,20 +127,12 @@ async fn accept(
         ));
     }
     let (points, mut bad) = lineproto::parse(text, precision).map_err(IngestError::too_many)?;
-    let now = Utc::now();
-    let ctx = IngestContext {
-        received_at: now,
-        ..key_context(s, &principal, Source::Influx)
-    };
-    let keep = keep(&principal);
-    // Each line's samples are validated like any event, with the tenant's drops (see
-    // `crate::ingest::privacy`); a line is taken whole or not at all.
     let mut envelopes = Vec::new();
     let mut accepted = 0;
     for p in &points {
         let mut line_envelopes = Vec::new();
         let mut reasons = Vec::new();
-        for raw in p.to_events(now) {
+        for raw in p.to_events(ctx.received_at) {
             match ctx.stamp(envelopes.len() + line_envelopes.len(), raw, keep) {
                 Ok(env) => line_envelopes.push(env),
                 Err(errors) => reasons.extend(
@@ -120,24 +152,5 @@ async fn accept(
             });
         }
     }
-    let samples = envelopes.len();
-    // Nothing of the body is held while the log acknowledges its samples.
-    drop((points, bytes));
-    append(s, envelopes, "influx").await?;
-    if bad.is_empty() {
-        return Ok(());
-    }
-    bad.sort_by_key(|e| e.line);
-    Err(IngestError::bad_request(
-        "partial-write",
-        format!(
-            "partial write: {} line(s) refused, {accepted} line(s) accepted ({samples} samples)",
-            bad.len(),
-        ),
-    )
-    .with_errors(
-        bad.into_iter()
-            .map(|e| FieldError::new(format!("line {}", e.line), e.reason))
-            .collect(),
-    ))
+    Ok((envelopes, bad, accepted))
 }

@@ -24,9 +24,9 @@ use shared::auth::KeyPrincipal;
 use shared::events::{FieldError, Source};
 
 use crate::error::IngestError;
-use crate::ingest::door::{append, header_text, ingest_door, key_context, read_body};
+use crate::ingest::door::{append, header_text, ingest_door, keep, key_context, read_body};
 use crate::ingest::privacy::{drop_prompt_text, drop_sample_prompt, drop_stamped_command_text};
-use crate::ingest::ClientEvent;
+use crate::ingest::{ClientEvent, IngestContext, Keep, Stamped};
 use crate::state::AppState;
 
 pub async fn metrics(State(s): State<AppState>, request: Request) -> Response {
@@ -42,15 +42,23 @@ async fn export<S: Signal>(s: AppState, request: Request) -> Response {
     let s = &s;
     ingest_door(s, parts.headers, |principal, headers| async move {
         let encoding = encoding(&headers)?;
-        let bytes = read_body(s, body, &headers).await?;
-        let req = otlp::decode::<S>(&bytes, encoding).map_err(|e| match e {
-            DecodeError::Malformed(e) => IngestError::bad_request("bad-otlp", e),
-            DecodeError::TooMany(e) => IngestError::too_many(e),
-        })?;
-        let converted = S::events(&req, chrono::Utc::now()).map_err(IngestError::too_many)?;
-        // Nothing of the body is held while the log acknowledges its points.
-        drop((req, bytes));
-        let converted = take::<S>(s, &principal, converted).await?;
+        let body = read_body(s, body, &headers).await?;
+        let (ctx, keep) = (key_context(s, &principal, Source::Otlp), keep(&principal));
+        // The body is let go of once its points are stamped: nothing of it is held while the
+        // log acknowledges them.
+        let (converted, envelopes) = body
+            .work(&s.lane, move |bytes| {
+                let req = otlp::decode::<S>(bytes, encoding).map_err(|e| match e {
+                    DecodeError::Malformed(e) => IngestError::bad_request("bad-otlp", e),
+                    DecodeError::TooMany(e) => IngestError::too_many(e),
+                })?;
+                let converted =
+                    S::events(&req, chrono::Utc::now()).map_err(IngestError::too_many)?;
+                drop(req);
+                stamp::<S>(&ctx, keep, converted)
+            })
+            .await?;
+        append(s, envelopes, S::SOURCE).await?;
         Ok((
             StatusCode::OK,
             [(header::CONTENT_TYPE, encoding.content_type())],
@@ -78,24 +86,37 @@ fn encoding(headers: &HeaderMap) -> Result<Encoding, IngestError> {
     })
 }
 
-/// Validates every event like any client's, appends the good ones, and returns what was
-/// refused (by conversion or validation). Nothing taken at all is a 400. OTLP/gRPC shares it.
+/// Validates every event like any client's and appends the good ones ([`stamp`]).
+/// OTLP/gRPC uses it.
 pub(crate) async fn take<S: Signal>(
     s: &AppState,
     principal: &KeyPrincipal,
-    mut converted: Converted,
+    converted: Converted,
 ) -> Result<Converted, IngestError> {
     let ctx = key_context(s, principal, Source::Otlp);
+    let (converted, envelopes) = stamp::<S>(&ctx, keep(principal), converted)?;
+    append(s, envelopes, S::SOURCE).await?;
+    Ok(converted)
+}
+
+/// Every converted event validated like any client's, with the tenant's drops: the good
+/// ones stamped, and what was refused (by conversion or validation) added to `converted`.
+/// Nothing good at all is a 400.
+fn stamp<S: Signal>(
+    ctx: &IngestContext,
+    keep: Keep,
+    mut converted: Converted,
+) -> Result<(Converted, Vec<Stamped>), IngestError> {
     let mut envelopes = Vec::with_capacity(converted.events.len());
     let events = std::mem::take(&mut converted.events);
     let origins = std::mem::take(&mut converted.origins);
     for (i, (mut raw, origin)) in events.into_iter().zip(origins).enumerate() {
-        if !principal.store_prompt_text {
+        if !keep.prompts {
             drop_event_prompt(&mut raw);
         }
         match ctx.client_envelope(i, raw) {
             Ok(mut env) => {
-                if !principal.store_command_text {
+                if !keep.commands {
                     drop_stamped_command_text(&mut env);
                 }
                 envelopes.push(env)
@@ -122,6 +143,5 @@ pub(crate) async fn take<S: Signal>(
         )
         .with_errors(std::mem::take(&mut converted.rejected)));
     }
-    append(s, envelopes, S::SOURCE).await?;
-    Ok(converted)
+    Ok((converted, envelopes))
 }

@@ -10,14 +10,13 @@
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use shared::auth::KeyPrincipal;
 use shared::events::{FieldError, Source};
 
 use crate::error::IngestError;
 use crate::formats::promrw;
 use crate::ingest::door::{append, header_text, ingest_door, keep, key_context, read_limited};
 use crate::ingest::envelope::whole_batch;
-use crate::ingest::Stamped;
+use crate::ingest::{IngestContext, Keep, Stamped};
 use crate::state::AppState;
 
 pub async fn write(State(s): State<AppState>, request: Request) -> Response {
@@ -27,15 +26,26 @@ pub async fn write(State(s): State<AppState>, request: Request) -> Response {
         check_headers(&headers)?;
         let limit = s.config.max_body_bytes;
         let bytes = read_limited(body, limit).await?;
-        let req = promrw::decode(&bytes, limit).map_err(|e| match e {
-            promrw::DecodeError::TooLarge { .. } => IngestError::too_large(limit),
-            promrw::DecodeError::Exceeds(e) => IngestError::too_many(e),
-            promrw::DecodeError::Invalid(errors) => invalid_series(errors, "request"),
-            other => IngestError::bad_request("bad-remote-write", other.to_string()),
-        })?;
-        let envelopes = stamp(s, &principal, &req)?;
-        // Nothing of the body is held while the log acknowledges its samples.
-        drop((req, bytes));
+        let (ctx, keep) = (key_context(s, &principal, Source::PromRw), keep(&principal));
+        // A body is as large as snappy's header says it inflates to. It is let go of once its
+        // samples are stamped: nothing of it is held while the log acknowledges them.
+        let size = snap::raw::decompress_len(&bytes)
+            .unwrap_or(0)
+            .max(bytes.len());
+        let work = move || {
+            let req = promrw::decode(&bytes, limit).map_err(|e| match e {
+                promrw::DecodeError::TooLarge { .. } => IngestError::too_large(limit),
+                promrw::DecodeError::Exceeds(e) => IngestError::too_many(e),
+                promrw::DecodeError::Invalid(errors) => invalid_series(errors, "request"),
+                other => IngestError::bad_request("bad-remote-write", other.to_string()),
+            })?;
+            stamp(&ctx, keep, &req)
+        };
+        let envelopes = if s.lane.takes(size) {
+            s.lane.run(work).await
+        } else {
+            work()
+        }?;
         append(s, envelopes, "prom_rw").await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
@@ -83,13 +93,11 @@ fn invalid_series(errors: Vec<FieldError>, part: &str) -> IngestError {
 /// Every sample of the request stamped, with the tenant's drops (see
 /// [`crate::ingest::privacy`]), or every problem with them.
 fn stamp(
-    s: &AppState,
-    principal: &KeyPrincipal,
+    ctx: &IngestContext,
+    keep: Keep,
     req: &promrw::WriteRequest,
 ) -> Result<Vec<Stamped>, IngestError> {
     let events = promrw::to_events(req).map_err(|errors| invalid_series(errors, "request"))?;
-    let ctx = key_context(s, principal, Source::PromRw);
-    let keep = keep(principal);
     whole_batch(
         events
             .into_iter()

@@ -17,6 +17,7 @@ mod influx;
 mod instances;
 mod isolation;
 mod kafka_down;
+mod lane;
 mod late;
 mod limits;
 mod login;
