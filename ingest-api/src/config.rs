@@ -26,6 +26,9 @@ pub struct Config {
     /// The least size of a body (as sent, or once inflated) that is worked on in the lane
     /// instead of on the runtime's threads.
     pub lane_min_bytes: usize,
+    /// Most bodies of one tenant in the lane at once (waiting there or being worked on); the
+    /// tenant's next large bodies wait outside the lane, behind other tenants' bodies.
+    pub lane_tenant_bodies: usize,
     /// How long a request waits for Kafka to acknowledge its events before answering 503.
     pub produce_timeout_ms: u64,
     /// How far in the future `occurred_at` may be (client clock skew).
@@ -61,6 +64,7 @@ impl Default for Config {
             max_inflight_bytes: 64 * 1024 * 1024,
             lane_threads: 1,
             lane_min_bytes: 1024 * 1024,
+            lane_tenant_bodies: 2,
             produce_timeout_ms: 5000,
             max_future_skew_secs: 300,
             retention_days: 90,
@@ -87,8 +91,10 @@ impl Config {
                     .into(),
             );
         }
-        if self.lane_threads == 0 || self.lane_min_bytes == 0 {
-            return Err("lane_threads and lane_min_bytes must be positive".into());
+        if self.lane_threads == 0 || self.lane_min_bytes == 0 || self.lane_tenant_bodies == 0 {
+            return Err(
+                "lane_threads, lane_min_bytes and lane_tenant_bodies must be positive".into(),
+            );
         }
         if self.max_concurrent_hashes == 0 {
             return Err("max_concurrent_hashes must be positive".into());

@@ -140,7 +140,11 @@ impl App {
                 config.max_inflight_bytes,
                 config.max_body_bytes,
             ),
-            lane: ingest::lane::Lane::start(config.lane_threads, config.lane_min_bytes),
+            lane: ingest::lane::Lane::start(
+                config.lane_threads,
+                config.lane_min_bytes,
+                config.lane_tenant_bodies,
+            ),
             hashes: throttle::HashSlots::new(
                 config.max_concurrent_hashes,
                 Duration::from_millis(config.hash_wait_ms),

@@ -49,6 +49,12 @@ impl Shed {
             .clamp(1, self.max_body.max(1))
     }
 
+    /// Bytes of the in-flight budget not held by any request.
+    #[cfg(test)]
+    pub fn bytes_free(&self) -> usize {
+        self.bytes.available_permits()
+    }
+
     /// Charges a request that was charged `declared` bytes on arrival ([`Shed::declared`]),
     /// and whose body came to `size` bytes once read (decompressed), for what its arrival did
     /// not cover; the charge lasts as long as the permit it returns (none when nothing more

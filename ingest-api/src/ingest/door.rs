@@ -12,6 +12,7 @@ use futures::future::BoxFuture;
 use shared::apikey::Scope;
 use shared::auth::{ApiKeyStore, KeyError, KeyPrincipal};
 use shared::events::{Actor, Source};
+use shared::tenant::TenantId;
 
 use crate::error::IngestError;
 use crate::ingest::lane::Lane;
@@ -162,8 +163,8 @@ pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, IngestError
 
 /// A body as a door reads it. A gzip body is inflated as it is read up to the lane's size
 /// ([`Lane`]); one that inflates further is finished where it is worked on
-/// ([`ReadBody::work`]). Once whole, it holds the share of the in-flight byte budget that its
-/// decompression took beyond its declared length ([`Shed::charge`]).
+/// ([`ReadBody::work`]). It holds the share of the in-flight byte budget that its
+/// decompression took beyond its declared length ([`Shed::charge`]), so far as it has gone.
 pub struct ReadBody {
     bytes: Vec<u8>,
     /// What is left to inflate.
@@ -176,8 +177,9 @@ pub struct ReadBody {
 
 impl ReadBody {
     /// `work`'s answer on the whole body: worked out here when it is small, or on the lane
-    /// when it is large. The body is let go of as soon as `work` is done.
-    pub async fn work<T, F>(self, lane: &Lane, work: F) -> Result<T, IngestError>
+    /// as one of `tenant`'s bodies when it is large. The body is let go of as soon as `work`
+    /// is done.
+    pub async fn work<T, F>(self, lane: &Lane, tenant: TenantId, work: F) -> Result<T, IngestError>
     where
         T: Send + 'static,
         F: FnOnce(&[u8]) -> Result<T, IngestError> + Send + 'static,
@@ -185,17 +187,24 @@ impl ReadBody {
         if self.rest.is_none() && !lane.takes(self.bytes.len()) {
             return work(&self.bytes);
         }
-        lane.run(move || work(&self.finish()?.bytes)).await
+        lane.run(tenant, move || work(&self.finish()?.bytes)).await
     }
 
-    /// The body inflated to its end (within the limit) and charged for it.
+    /// The body inflated to its end (within the limit) and charged for what it inflated to
+    /// beyond what was charged already.
     fn finish(mut self) -> Result<ReadBody, IngestError> {
         if let Some(mut rest) = self.rest.take() {
+            let charged = self.declared.max(self.bytes.len());
             inflate(&mut rest, &mut self.bytes, self.limit + 1)?;
             if self.bytes.len() > self.limit {
                 return Err(IngestError::too_large(self.limit));
             }
-            self._charge = self.shed.charge(self.declared, self.bytes.len())?;
+            if let Some(more) = self.shed.charge(charged, self.bytes.len())? {
+                match &mut self._charge {
+                    Some(held) => held.merge(more),
+                    None => self._charge = Some(more),
+                }
+            }
         }
         Ok(self)
     }
@@ -242,13 +251,11 @@ pub async fn read_body(
         "gzip" => {
             let mut gzip = GzDecoder::new(Cursor::new(sent));
             let here = s.lane.min_bytes().min(limit + 1);
-            if inflate(&mut gzip, &mut body.bytes, here)? {
-                if body.bytes.len() > limit {
-                    return Err(IngestError::too_large(limit));
-                }
-            } else {
+            if !inflate(&mut gzip, &mut body.bytes, here)? {
                 body.rest = Some(gzip);
-                return Ok(body);
+            }
+            if body.bytes.len() > limit {
+                return Err(IngestError::too_large(limit));
             }
         }
         other => {

@@ -9,13 +9,19 @@
 //! A body of at least `lane_min_bytes` (as sent, or once inflating it passes that) is
 //! therefore worked on by one of the lane's own threads (`lane_threads`), which run at a lower
 //! priority than the runtime's (nice +10, where the system allows it). Bodies wait for a lane
-//! thread in order of arrival; a waiting body still holds its share of the in-flight budget
-//! ([`crate::shed`]), which bounds the queue. Smaller bodies are worked on where they are, as
-//! before. A request whose sender has gone by the time its body's turn comes is skipped.
+//! thread in order of arrival, each tenant with at most `lane_tenant_bodies` in the lane at
+//! once: its next ones wait outside the lane, so that one tenant's bodies cannot fill the
+//! queue before another's. A waiting body is one whose request is still open: it holds its
+//! request's share of the in-flight budget ([`crate::shed`]), and when its request is dropped
+//! the body is let go of at once. Smaller bodies are worked on where they are, as before.
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use shared::tenant::TenantId;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -24,15 +30,20 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct Lane {
     jobs: mpsc::Sender<Job>,
     min_bytes: usize,
+    per_tenant: usize,
+    /// Each tenant's places in the lane (its bodies waiting there or being worked on), for
+    /// the tenants that have a body in the lane or waiting for a place.
+    places: Places,
 }
 
 /// How much lower than the runtime's threads the lane's threads run (a nice value).
 const NICENESS: i32 = 10;
 
 impl Lane {
-    /// A lane of `threads` threads for bodies of at least `min_bytes`; its threads end when
-    /// the last clone of the lane is dropped.
-    pub fn start(threads: usize, min_bytes: usize) -> Lane {
+    /// A lane of `threads` threads for bodies of at least `min_bytes`, holding at most
+    /// `per_tenant` bodies of one tenant at once; its threads end when the last clone of the
+    /// lane is dropped.
+    pub fn start(threads: usize, min_bytes: usize, per_tenant: usize) -> Lane {
         let (jobs, queue) = mpsc::channel::<Job>();
         let queue = Arc::new(Mutex::new(queue));
         for i in 0..threads.max(1) {
@@ -42,16 +53,18 @@ impl Lane {
                 .spawn(move || {
                     lower_priority();
                     // One job at a time; the lock is held only to take the next one.
-                    while let Ok(job) = {
-                        let next = queue.lock().unwrap_or_else(|e| e.into_inner());
-                        next.recv()
-                    } {
+                    while let Ok(job) = locked(&queue).recv() {
                         job();
                     }
                 })
                 .expect("the lane's threads start");
         }
-        Lane { jobs, min_bytes }
+        Lane {
+            jobs,
+            min_bytes,
+            per_tenant: per_tenant.max(1),
+            places: Arc::default(),
+        }
     }
 
     /// Whether a body of `size` bytes goes to the lane.
@@ -64,31 +77,97 @@ impl Lane {
         self.min_bytes
     }
 
-    /// `work`'s answer, worked out on a lane thread once one is free (a panic in `work`
-    /// resumes in the caller). If the caller stops waiting (its request was dropped) before
-    /// `work` starts, `work` is not run.
-    pub async fn run<T, F>(&self, work: F) -> T
+    /// `work`'s answer for `tenant`, worked out on a lane thread once one is free (a panic in
+    /// `work` resumes in the caller). While the tenant already has `per_tenant` bodies in the
+    /// lane, `work` waits for one of them to be done before it joins the lane. If the caller
+    /// stops waiting (its request was dropped) before `work` starts, `work` (and the body it
+    /// holds) is dropped at once, not when its turn comes.
+    pub async fn run<T, F>(&self, tenant: TenantId, work: F) -> T
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
+        let _place = self.place(tenant).await;
+        let work = Abandon(Arc::new(Mutex::new(Some(work))));
         let (answer, answered) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move || {
-            if answer.is_closed() {
-                metrics::counter!("ingest_lane_skipped_total").increment(1);
-                return;
+        let job: Job = Box::new({
+            let work = work.0.clone();
+            move || {
+                let Some(work) = locked(&work).take() else {
+                    metrics::counter!("ingest_lane_skipped_total").increment(1);
+                    return;
+                };
+                let _ = answer.send(catch_unwind(AssertUnwindSafe(work)));
             }
-            let _ = answer.send(catch_unwind(AssertUnwindSafe(work)));
         });
         metrics::counter!("ingest_lane_bodies_total").increment(1);
         self.jobs
             .send(job)
             .expect("the lane's threads live as long as the lane");
-        match answered.await.expect("a lane job answers once it has run") {
+        match answered
+            .await
+            .expect("a lane job answers its waiting caller")
+        {
             Ok(value) => value,
             Err(panic) => resume_unwind(panic),
         }
     }
+
+    /// One of `tenant`'s places in the lane once one is free, given back when dropped.
+    async fn place(&self, tenant: TenantId) -> Place {
+        let places = locked(&self.places)
+            .entry(tenant)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_tenant)))
+            .clone();
+        let permit = places
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("a tenant's places are never closed");
+        Place {
+            lane: self.places.clone(),
+            tenant,
+            places,
+            permit: Some(permit),
+        }
+    }
+}
+
+type Places = Arc<Mutex<HashMap<TenantId, Arc<Semaphore>>>>;
+
+/// A tenant's place in the lane.
+struct Place {
+    lane: Places,
+    tenant: TenantId,
+    places: Arc<Semaphore>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut lane = locked(&self.lane);
+        // Held by the lane and this place only: no other body of the tenant is in the lane or
+        // waiting for a place (a body taking one clones it under the same lock).
+        if Arc::strong_count(&self.places) == 2 {
+            lane.remove(&self.tenant);
+        }
+    }
+}
+
+/// Work waiting for the lane, dropped with its caller unless the lane has taken it.
+struct Abandon<F>(Arc<Mutex<Option<F>>>);
+
+impl<F> Drop for Abandon<F> {
+    fn drop(&mut self) {
+        let work = locked(&self.0).take();
+        drop(work);
+    }
+}
+
+/// A lock whose holder cannot leave it inconsistent (a panic inside is caught apart).
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Lowers the calling thread's priority by [`NICENESS`] (Linux applies a nice value to the
@@ -112,18 +191,22 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    fn tenant() -> TenantId {
+        TenantId::new()
+    }
+
     /// The lane's work runs on the lane's thread, not the caller's: on a runtime with a
     /// single thread, a lane job that blocks until told does not stop another task from
     /// running (that task is what tells it).
     #[tokio::test(flavor = "current_thread")]
     async fn large_bodies_leave_the_runtime_threads_free() {
-        let lane = Lane::start(1, 100);
+        let lane = Lane::start(1, 100, 2);
         assert!(!lane.takes(99) && lane.takes(100));
         let (go, wait) = std::sync::mpsc::channel::<()>();
         let job = tokio::spawn({
             let lane = lane.clone();
             async move {
-                lane.run(move || {
+                lane.run(tenant(), move || {
                     wait.recv_timeout(Duration::from_secs(10))
                         .expect("the runtime's other task ran while this blocked");
                     std::thread::current().name().map(str::to_string)
@@ -140,56 +223,122 @@ mod tests {
     /// A panic in the lane's work is the caller's, and the lane goes on working.
     #[tokio::test]
     async fn a_panic_is_the_callers_and_the_lane_goes_on() {
-        let lane = Lane::start(1, 1);
+        let lane = Lane::start(1, 1, 2);
         let panicked = tokio::spawn({
             let lane = lane.clone();
-            async move { lane.run(|| -> u8 { panic!("bad body") }).await }
+            async move { lane.run(tenant(), || -> u8 { panic!("bad body") }).await }
         })
         .await;
         assert!(panicked.unwrap_err().is_panic());
-        assert_eq!(lane.run(|| 7).await, 7);
+        assert_eq!(lane.run(tenant(), || 7).await, 7);
     }
 
-    /// Work whose caller stopped waiting before its turn is not run.
-    #[tokio::test]
-    async fn work_of_a_dropped_request_is_skipped() {
-        let lane = Lane::start(1, 1);
-        let (hold, held) = std::sync::mpsc::channel::<()>();
-        let (ran, ran_rx) = std::sync::mpsc::channel::<&str>();
-        let (started, busy_now) = tokio::sync::oneshot::channel();
-        // The lane's one thread is busy until `hold` sends.
-        let busy = tokio::spawn({
+    /// Keeps the lane's one thread busy until the returned sender sends (or is dropped).
+    async fn occupy(lane: &Lane) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<()>) {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, busy) = tokio::sync::oneshot::channel();
+        let job = tokio::spawn({
             let lane = lane.clone();
             async move {
-                lane.run(move || {
+                lane.run(tenant(), move || {
                     started.send(()).unwrap();
-                    held.recv_timeout(Duration::from_secs(10))
+                    let _ = held.recv_timeout(Duration::from_secs(10));
                 })
                 .await
             }
         });
-        busy_now.await.unwrap();
+        busy.await.unwrap();
+        (release, job)
+    }
+
+    /// A body waiting for the lane whose request is dropped is let go of at once, and its
+    /// work is never run.
+    #[tokio::test]
+    async fn a_dropped_requests_body_is_let_go_of_at_once() {
+        let lane = Lane::start(1, 1, 2);
+        let (release, busy) = occupy(&lane).await;
+        let body = Arc::new(vec![0u8; 1 << 20]);
+        let (ran, ran_rx) = std::sync::mpsc::channel::<&str>();
         let queued = tokio::spawn({
-            let lane = lane.clone();
-            let ran = ran.clone();
-            async move { lane.run(move || ran.send("dropped").unwrap()).await }
+            let (lane, body, ran) = (lane.clone(), body.clone(), ran.clone());
+            async move {
+                lane.run(tenant(), move || {
+                    ran.send(if body.is_empty() { "" } else { "dropped" })
+                })
+                .await
+            }
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        while !queued_in(&lane) {
+            tokio::task::yield_now().await;
+        }
         queued.abort();
         let _ = queued.await;
-        hold.send(()).unwrap();
-        busy.await.unwrap().unwrap();
-        lane.run(move || ran.send("next").unwrap()).await;
+        // The lane's thread has not moved on, and the body is already let go of.
+        assert_eq!(Arc::strong_count(&body), 1);
+        release.send(()).unwrap();
+        busy.await.unwrap();
+        lane.run(tenant(), move || ran.send("next").unwrap()).await;
         assert_eq!(ran_rx.try_iter().collect::<Vec<_>>(), ["next"]);
+    }
+
+    /// Whether a body is in the lane besides the one being worked on.
+    fn queued_in(lane: &Lane) -> bool {
+        locked(&lane.places)
+            .values()
+            .map(|places| lane.per_tenant - places.available_permits())
+            .sum::<usize>()
+            > 1
+    }
+
+    /// A tenant has at most its places in the lane; its next body waits outside, and another
+    /// tenant's body arriving after it goes ahead of it.
+    #[tokio::test]
+    async fn a_tenant_holds_at_most_its_places() {
+        let lane = Lane::start(1, 1, 2);
+        let (release, busy) = occupy(&lane).await;
+        let (greedy, other) = (tenant(), tenant());
+        let (order, ran) = std::sync::mpsc::channel::<&str>();
+        let mut bodies = Vec::new();
+        for (who, name) in [
+            (greedy, "greedy 1"),
+            (greedy, "greedy 2"),
+            (greedy, "greedy 3"),
+            (other, "other"),
+        ] {
+            let (lane, order) = (lane.clone(), order.clone());
+            bodies.push(tokio::spawn(async move {
+                lane.run(who, move || order.send(name).unwrap()).await
+            }));
+            // Each has joined the lane, or waits for a place, before the next comes.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(
+            locked(&lane.places)[&greedy].available_permits(),
+            0,
+            "greedy holds both its places"
+        );
+        release.send(()).unwrap();
+        busy.await.unwrap();
+        for body in bodies {
+            body.await.unwrap();
+        }
+        assert_eq!(
+            ran.try_iter().collect::<Vec<_>>(),
+            ["greedy 1", "greedy 2", "other", "greedy 3"]
+        );
+        // Places are given back, and forgotten, once the tenant's bodies are done.
+        assert!(locked(&lane.places).is_empty());
     }
 
     /// The lane's threads run below the runtime's priority.
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn lane_threads_run_at_a_lower_priority() {
-        let lane = Lane::start(1, 1);
+        let lane = Lane::start(1, 1, 2);
         let ours = thread_nice().unwrap();
-        let theirs = lane.run(|| thread_nice().unwrap()).await;
+        let theirs = lane.run(tenant(), || thread_nice().unwrap()).await;
         assert_eq!(theirs, (ours + NICENESS).min(19));
     }
 }

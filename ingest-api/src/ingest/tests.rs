@@ -98,7 +98,11 @@ fn harness(limit: u32) -> Harness {
         oidc: reqwest::Client::new(),
         throttle: crate::throttle::LoginThrottle::new(None, "", 5, 20, Duration::from_secs(60)),
         shed: crate::shed::Shed::new(64, 64 << 20, config.max_body_bytes),
-        lane: crate::ingest::lane::Lane::start(config.lane_threads, config.lane_min_bytes),
+        lane: crate::ingest::lane::Lane::start(
+            config.lane_threads,
+            config.lane_min_bytes,
+            config.lane_tenant_bodies,
+        ),
         hashes: crate::throttle::HashSlots::new(1, Duration::from_millis(10)),
         pool,
         producer,
@@ -390,4 +394,37 @@ async fn remote_write_appends_every_sample() {
         .await;
     assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert_eq!(h.sink.sent().len(), 2);
+}
+
+/// A gzip body that inflates past the lane's size is charged for what it has inflated to
+/// while it waits for the lane, and for all of it while it is worked on; the charge is given
+/// back once it is done.
+#[tokio::test]
+async fn a_large_gzip_body_is_charged_while_it_waits_and_while_it_is_read() {
+    use std::io::Write;
+    let h = harness(1000);
+    let s = &h.state;
+    let text = vec![b'x'; 3 << 20];
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&text).unwrap();
+    let sent = gz.finish().unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_LENGTH, sent.len().into());
+    headers.insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
+    let free = s.shed.bytes_free();
+    let body = crate::ingest::door::read_body(s, Body::from(sent.clone()), &headers)
+        .await
+        .unwrap();
+    // Inflated as far as the lane's size, and charged for that beyond its declared length.
+    assert_eq!(free - s.shed.bytes_free(), s.lane.min_bytes() - sent.len());
+    let (shed, whole) = (s.shed.clone(), text.len());
+    let during = body
+        .work(&s.lane, h.tenant, move |bytes| {
+            assert_eq!(bytes.len(), whole);
+            Ok(free - shed.bytes_free())
+        })
+        .await
+        .unwrap();
+    assert_eq!(during, whole - sent.len());
+    assert_eq!(s.shed.bytes_free(), free);
 }

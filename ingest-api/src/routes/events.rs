@@ -51,7 +51,9 @@ async fn accept(
     // The body is let go of once its events are stamped: nothing of it is held while the
     // log acknowledges them.
     let envelopes = body
-        .work(&s.lane, move |bytes| stamp(bytes, max, ctx, keep))
+        .work(&s.lane, principal.tenant_id, move |bytes| {
+            stamp(bytes, max, ctx, keep)
+        })
         .await?;
     let ids: Vec<Uuid> = envelopes.iter().map(|e| e.id).collect();
     append(s, envelopes, "api").await?;

@@ -84,7 +84,9 @@ async fn accept(
     // The body is let go of once its lines are stamped: nothing of it is held while the log
     // acknowledges them.
     let (envelopes, mut bad, accepted) = body
-        .work(&s.lane, move |bytes| stamp(bytes, precision, &ctx, keep))
+        .work(&s.lane, principal.tenant_id, move |bytes| {
+            stamp(bytes, precision, &ctx, keep)
+        })
         .await?;
     let samples = envelopes.len();
     append(s, envelopes, "influx").await?;

@@ -47,13 +47,12 @@ async fn export<S: Signal>(s: AppState, request: Request) -> Response {
         // The body is let go of once its points are stamped: nothing of it is held while the
         // log acknowledges them.
         let (converted, envelopes) = body
-            .work(&s.lane, move |bytes| {
+            .work(&s.lane, principal.tenant_id, move |bytes| {
                 let req = otlp::decode::<S>(bytes, encoding).map_err(|e| match e {
                     DecodeError::Malformed(e) => IngestError::bad_request("bad-otlp", e),
                     DecodeError::TooMany(e) => IngestError::too_many(e),
                 })?;
-                let converted =
-                    S::events(&req, chrono::Utc::now()).map_err(IngestError::too_many)?;
+                let converted = S::events(&req, ctx.received_at).map_err(IngestError::too_many)?;
                 drop(req);
                 stamp::<S>(&ctx, keep, converted)
             })

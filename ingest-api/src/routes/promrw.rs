@@ -27,12 +27,17 @@ pub async fn write(State(s): State<AppState>, request: Request) -> Response {
         let limit = s.config.max_body_bytes;
         let bytes = read_limited(body, limit).await?;
         let (ctx, keep) = (key_context(s, &principal, Source::PromRw), keep(&principal));
-        // A body is as large as snappy's header says it inflates to. It is let go of once its
-        // samples are stamped: nothing of it is held while the log acknowledges them.
-        let size = snap::raw::decompress_len(&bytes)
-            .unwrap_or(0)
-            .max(bytes.len());
+        // A body is as large as snappy's header says it inflates to (refused at once past the
+        // limit, and charged for it). It is let go of once its samples are stamped: nothing of
+        // it is held while the log acknowledges them.
+        let inflated = snap::raw::decompress_len(&bytes).unwrap_or(0);
+        if inflated > limit {
+            return Err(IngestError::too_large(limit));
+        }
+        let charge = s.shed.charge(s.shed.declared(&headers), inflated)?;
+        let size = inflated.max(bytes.len());
         let work = move || {
+            let _charge = charge;
             let req = promrw::decode(&bytes, limit).map_err(|e| match e {
                 promrw::DecodeError::TooLarge { .. } => IngestError::too_large(limit),
                 promrw::DecodeError::Exceeds(e) => IngestError::too_many(e),
@@ -42,7 +47,7 @@ pub async fn write(State(s): State<AppState>, request: Request) -> Response {
             stamp(&ctx, keep, &req)
         };
         let envelopes = if s.lane.takes(size) {
-            s.lane.run(work).await
+            s.lane.run(principal.tenant_id, work).await
         } else {
             work()
         }?;
