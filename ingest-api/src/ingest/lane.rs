@@ -13,7 +13,8 @@
 //! once: its next ones wait outside the lane, so that one tenant's bodies cannot fill the
 //! queue before another's. A waiting body is one whose request is still open: it holds its
 //! request's share of the in-flight budget ([`crate::shed`]), and when its request is dropped
-//! the body is let go of at once. Smaller bodies are worked on where they are, as before.
+//! the body is let go of at once (its place in the lane is given back once the lane has
+//! passed it). Smaller bodies are worked on where they are, as before.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
@@ -52,8 +53,12 @@ impl Lane {
                 .name(format!("large-body-{i}"))
                 .spawn(move || {
                     lower_priority();
-                    // One job at a time; the lock is held only to take the next one.
-                    while let Ok(job) = locked(&queue).recv() {
+                    // One job at a time; the lock is held only to take the next one (a
+                    // `while let` would hold it while the job runs).
+                    loop {
+                        let Ok(job) = locked(&queue).recv() else {
+                            break;
+                        };
                         job();
                     }
                 })
@@ -87,7 +92,9 @@ impl Lane {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        let _place = self.place(tenant).await;
+        // The place is given back once the job has run, or been skipped: a tenant's dropped
+        // requests hold its places until the lane has passed them.
+        let place = self.place(tenant).await;
         let work = Abandon(Arc::new(Mutex::new(Some(work))));
         let (answer, answered) = tokio::sync::oneshot::channel();
         let job: Job = Box::new({
@@ -97,7 +104,10 @@ impl Lane {
                     metrics::counter!("ingest_lane_skipped_total").increment(1);
                     return;
                 };
-                let _ = answer.send(catch_unwind(AssertUnwindSafe(work)));
+                let answered = catch_unwind(AssertUnwindSafe(work));
+                // Given back before the caller has its answer.
+                drop(place);
+                let _ = answer.send(answered);
             }
         });
         metrics::counter!("ingest_lane_bodies_total").increment(1);
@@ -115,31 +125,38 @@ impl Lane {
 
     /// One of `tenant`'s places in the lane once one is free, given back when dropped.
     async fn place(&self, tenant: TenantId) -> Place {
-        let places = locked(&self.places)
-            .entry(tenant)
-            .or_insert_with(|| Arc::new(Semaphore::new(self.per_tenant)))
-            .clone();
-        let permit = places
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("a tenant's places are never closed");
-        Place {
+        let places = {
+            let mut lane = locked(&self.places);
+            let (places, users) = lane
+                .entry(tenant)
+                .or_insert_with(|| (Arc::new(Semaphore::new(self.per_tenant)), 0));
+            *users += 1;
+            places.clone()
+        };
+        // Counted as a user from here, so that a caller dropped while it waits is uncounted.
+        let mut place = Place {
             lane: self.places.clone(),
             tenant,
-            places,
-            permit: Some(permit),
-        }
+            permit: None,
+        };
+        place.permit = Some(
+            places
+                .acquire_owned()
+                .await
+                .expect("a tenant's places are never closed"),
+        );
+        place
     }
 }
 
-type Places = Arc<Mutex<HashMap<TenantId, Arc<Semaphore>>>>;
+/// Each tenant's places, and how many bodies hold one or wait for one; a tenant is forgotten
+/// when that comes to none.
+type Places = Arc<Mutex<HashMap<TenantId, (Arc<Semaphore>, usize)>>>;
 
-/// A tenant's place in the lane.
+/// A tenant's place in the lane (or its wait for one).
 struct Place {
     lane: Places,
     tenant: TenantId,
-    places: Arc<Semaphore>,
     permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -147,10 +164,11 @@ impl Drop for Place {
     fn drop(&mut self) {
         drop(self.permit.take());
         let mut lane = locked(&self.lane);
-        // Held by the lane and this place only: no other body of the tenant is in the lane or
-        // waiting for a place (a body taking one clones it under the same lock).
-        if Arc::strong_count(&self.places) == 2 {
-            lane.remove(&self.tenant);
+        if let Some((_, users)) = lane.get_mut(&self.tenant) {
+            *users -= 1;
+            if *users == 0 {
+                lane.remove(&self.tenant);
+            }
         }
     }
 }
@@ -285,7 +303,7 @@ mod tests {
     fn queued_in(lane: &Lane) -> bool {
         locked(&lane.places)
             .values()
-            .map(|places| lane.per_tenant - places.available_permits())
+            .map(|(places, _)| lane.per_tenant - places.available_permits())
             .sum::<usize>()
             > 1
     }
@@ -315,10 +333,20 @@ mod tests {
             }
         }
         assert_eq!(
-            locked(&lane.places)[&greedy].available_permits(),
+            locked(&lane.places)[&greedy].0.available_permits(),
             0,
             "greedy holds both its places"
         );
+        // A body that gives up waiting for a place is no longer counted.
+        let gave_up = tokio::spawn({
+            let lane = lane.clone();
+            async move { lane.run(greedy, || unreachable!("never run")).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(locked(&lane.places)[&greedy].1, 4);
+        gave_up.abort();
+        let _ = gave_up.await;
+        assert_eq!(locked(&lane.places)[&greedy].1, 3);
         release.send(()).unwrap();
         busy.await.unwrap();
         for body in bodies {
@@ -330,6 +358,26 @@ mod tests {
         );
         // Places are given back, and forgotten, once the tenant's bodies are done.
         assert!(locked(&lane.places).is_empty());
+    }
+
+    /// A lane of two threads works on two bodies at once: each of these two waits for the
+    /// other to have started.
+    #[tokio::test]
+    async fn two_lane_threads_work_on_two_bodies_at_once() {
+        let lane = Lane::start(2, 1, 2);
+        let (a_started, a_seen) = std::sync::mpsc::channel::<()>();
+        let (b_started, b_seen) = std::sync::mpsc::channel::<()>();
+        let both = |started: std::sync::mpsc::Sender<()>, seen: std::sync::mpsc::Receiver<()>| {
+            move || {
+                started.send(()).unwrap();
+                seen.recv_timeout(Duration::from_secs(10)).is_ok()
+            }
+        };
+        let (a, b) = tokio::join!(
+            lane.run(tenant(), both(a_started, b_seen)),
+            lane.run(tenant(), both(b_started, a_seen)),
+        );
+        assert!(a && b, "the second body waited for the first");
     }
 
     /// The lane's threads run below the runtime's priority.
