@@ -9,30 +9,35 @@
 //! `UNAUTHENTICATED` / `PERMISSION_DENIED`, and a rate limit or an unavailable Kafka
 //! `UNAVAILABLE` (retried; ids derived from content keep resends single).
 //!
-//! gzip is undone here, within the size limit, before tonic sees the message: tonic inflates
-//! without a bound, so a few kilobytes could otherwise become gigabytes. The message's points,
-//! records and attributes are then counted on the wire (`crate::formats::otlp::wire`), as over HTTP,
-//! so that prost never decodes more than a request may hold.
+//! The message is read here, not by tonic: tonic inflates without a bound, so a few kilobytes
+//! could otherwise become gigabytes. gzip is undone within the size limit; the message's
+//! points, records and attributes are then counted on the wire (`crate::formats::otlp::wire`),
+//! as over HTTP, so that prost never decodes more than a request may hold. A large message is
+//! read in the large-body lane (`crate::ingest::lane`), as over HTTP. tonic only frames the
+//! answer.
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io::Read;
+use std::io::Cursor;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use axum::body::Bytes;
+use flate2::read::GzDecoder;
 use http_body_util::{BodyExt, Full, Limited};
-use prost::Message;
-use shared::auth::KeyPrincipal;
+use prost::Message as _;
+use shared::events::Source;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::NamedService;
 use tonic::Status;
 
 use crate::error::IngestError;
-use crate::formats::otlp::{self, DecodeError, Signal};
-use crate::ingest::door::admit;
-use crate::routes::otlp::take;
+use crate::formats::otlp::{self, Converted, DecodeError, Signal};
+use crate::ingest::door::{admit, append, inflate, keep, key_context};
+use crate::ingest::lane::Lane;
+use crate::ingest::{IngestContext, Keep, Stamped};
+use crate::routes::otlp::stamp;
 use crate::state::AppState;
 
 /// The gRPC service of one signal.
@@ -102,27 +107,42 @@ impl<E: Signal> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
                 .headers
                 .remove("grpc-encoding")
                 .map(|v| v.to_str().unwrap_or("?").to_string());
-            let body = match inflate(&body, encoding.as_deref(), limit) {
-                Ok(body) => body,
+            let message = match message(body, encoding.as_deref(), limit, &state.lane) {
+                Ok(message) => message,
                 Err(status) => return Ok(status.into_http()),
             };
-            // Counted on the wire before tonic hands it to prost.
-            match otlp::check_protobuf::<E>(&body[5..]) {
-                Ok(()) => {}
-                Err(DecodeError::Malformed(e)) => {
-                    return Ok(Status::invalid_argument(e).into_http())
-                }
-                Err(DecodeError::TooMany(e)) => {
-                    return Ok(Status::from(IngestError::too_many(e)).into_http())
-                }
-            }
-            let req = axum::http::Request::from_parts(parts, Full::new(Bytes::from(body)));
+            // Inflated, counted on the wire, decoded, converted and stamped where its size says
+            // (`crate::ingest::lane`), and let go of before the log acknowledges its points.
+            let ctx = key_context(&state, &principal, Source::Otlp);
+            let keep = keep(&principal);
+            let large = message.is_large(&state.lane);
+            #[allow(clippy::result_large_err)] // tonic's own error type; once per request
+            let work = move || read::<E>(message, limit, &ctx, keep);
+            let read = if large {
+                state.lane.run(principal.tenant_id, work).await
+            } else {
+                work()
+            };
+            let answer = match read {
+                Ok((converted, envelopes)) => append(&state, envelopes, E::SOURCE)
+                    .await
+                    .map(|()| otlp::response::<E>(&converted))
+                    .map_err(Status::from),
+                Err(status) => Err(status),
+            };
+            // tonic frames the answer (gzip when the sender takes it); the message it reads
+            // is an empty one, the request's having been read above.
+            let req =
+                axum::http::Request::from_parts(parts, Full::new(Bytes::from_static(&[0; 5])));
             let mut grpc = tonic::server::Grpc::new(OtlpCodec::<E>::new())
-                .send_compressed(CompressionEncoding::Gzip)
-                .max_decoding_message_size(limit);
-            let export = tower::service_fn(move |request: tonic::Request<E::Request>| {
-                let (state, principal) = (state.clone(), principal.clone());
-                async move { export::<E>(&state, principal, request).await }
+                .send_compressed(CompressionEncoding::Gzip);
+            let mut answer = Some(answer);
+            #[allow(clippy::result_large_err)] // as above
+            let export = tower::service_fn(move |_: tonic::Request<()>| {
+                let answer = answer
+                    .take()
+                    .unwrap_or_else(|| Err(Status::internal("Export answers once")));
+                async move { answer.map(tonic::Response::new) }
             });
             Ok(grpc.unary(export, req).await)
         })
@@ -135,15 +155,56 @@ fn too_large(limit: usize) -> Status {
     ))
 }
 
-/// The request's one gRPC message (`Export` is unary) with gzip undone within `limit` bytes,
-/// framed again uncompressed.
+/// The request's one gRPC message (`Export` is unary): as sent, or inflated as far as the
+/// lane's size, with the rest of its gzip stream still to inflate.
+enum Message {
+    Whole(Bytes),
+    Inflating(Vec<u8>, Box<GzDecoder<Cursor<Bytes>>>),
+}
+
+impl Message {
+    /// Whether it is read in the lane.
+    fn is_large(&self, lane: &Lane) -> bool {
+        match self {
+            Message::Whole(bytes) => lane.takes(bytes.len()),
+            Message::Inflating(..) => true,
+        }
+    }
+
+    /// The message inflated to its end, within `limit` bytes.
+    #[allow(clippy::result_large_err)] // tonic's own error type; once per request
+    fn finish(self, limit: usize) -> Result<Bytes, Status> {
+        match self {
+            Message::Whole(bytes) => Ok(bytes),
+            Message::Inflating(mut out, mut gzip) => {
+                inflate(&mut gzip, &mut out, limit + 1).map_err(bad_gzip)?;
+                if out.len() > limit {
+                    return Err(too_large(limit));
+                }
+                Ok(out.into())
+            }
+        }
+    }
+}
+
+fn bad_gzip(e: std::io::Error) -> Status {
+    Status::invalid_argument(format!("invalid gzip message: {e}"))
+}
+
+/// The request's one message, with gzip undone within `limit` bytes as far as the lane's
+/// size (the rest where it is read).
 #[allow(clippy::result_large_err)] // tonic's own error type; once per request
-fn inflate(body: &[u8], encoding: Option<&str>, limit: usize) -> Result<Vec<u8>, Status> {
+fn message(
+    body: Bytes,
+    encoding: Option<&str>,
+    limit: usize,
+    lane: &Lane,
+) -> Result<Message, Status> {
     let (header, after) = body
         .split_at_checked(5)
         .ok_or_else(|| Status::invalid_argument("no request message"))?;
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    let (payload, rest) = after
+    let (_, rest) = after
         .split_at_checked(len)
         .ok_or_else(|| Status::invalid_argument("truncated gRPC message"))?;
     if !rest.is_empty() {
@@ -151,17 +212,18 @@ fn inflate(body: &[u8], encoding: Option<&str>, limit: usize) -> Result<Vec<u8>,
             "Export takes one request message, not several",
         ));
     }
-    let inflated;
+    let payload = body.slice(5..5 + len);
     let message = match (header[0], encoding) {
-        (0, _) => payload,
+        (0, _) => Message::Whole(payload),
         (1, Some("gzip")) => {
-            let mut buf = Vec::new();
-            flate2::read::GzDecoder::new(payload)
-                .take(limit as u64 + 1)
-                .read_to_end(&mut buf)
-                .map_err(|e| Status::invalid_argument(format!("invalid gzip message: {e}")))?;
-            inflated = buf;
-            &inflated
+            let mut gzip = GzDecoder::new(Cursor::new(payload));
+            let mut out = Vec::new();
+            let here = lane.min_bytes().min(limit + 1);
+            if inflate(&mut gzip, &mut out, here).map_err(bad_gzip)? {
+                Message::Whole(out.into())
+            } else {
+                Message::Inflating(out, Box::new(gzip))
+            }
         }
         (1, other) => {
             return Err(Status::unimplemented(format!(
@@ -175,18 +237,36 @@ fn inflate(body: &[u8], encoding: Option<&str>, limit: usize) -> Result<Vec<u8>,
             )))
         }
     };
-    if message.len() > limit {
-        return Err(too_large(limit));
+    match &message {
+        Message::Whole(bytes) if bytes.len() > limit => Err(too_large(limit)),
+        Message::Inflating(out, _) if out.len() > limit => Err(too_large(limit)),
+        _ => Ok(message),
     }
-    let mut out = Vec::with_capacity(message.len() + 5);
-    out.push(0);
-    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    out.extend_from_slice(message);
-    Ok(out)
 }
 
-/// prost messages, with undecodable input answered `INVALID_ARGUMENT` (the sender's fault,
-/// not retried) instead of tonic's `INTERNAL`.
+/// The message's points stamped, with what was refused: inflated to its end, counted on the
+/// wire (so that prost never decodes more than a request may hold), decoded and converted.
+#[allow(clippy::result_large_err)] // tonic's own error type; once per request
+fn read<E: Signal>(
+    message: Message,
+    limit: usize,
+    ctx: &IngestContext,
+    keep: Keep,
+) -> Result<(Converted, Vec<Stamped>), Status> {
+    let message = message.finish(limit)?;
+    otlp::check_protobuf::<E>(&message).map_err(|e| match e {
+        DecodeError::Malformed(e) => Status::invalid_argument(e),
+        DecodeError::TooMany(e) => Status::from(IngestError::too_many(e)),
+    })?;
+    let req = E::Request::decode(&message[..])
+        .map_err(|e| Status::invalid_argument(format!("invalid protobuf: {e}")))?;
+    drop(message);
+    let converted = E::events(&req, ctx.received_at).map_err(IngestError::too_many)?;
+    drop(req);
+    Ok(stamp::<E>(ctx, keep, converted)?)
+}
+
+/// Encodes the answer; the request's message, already read, is not decoded again.
 struct OtlpCodec<E>(PhantomData<fn() -> E>);
 
 impl<E> OtlpCodec<E> {
@@ -197,7 +277,7 @@ impl<E> OtlpCodec<E> {
 
 impl<E: Signal> Codec for OtlpCodec<E> {
     type Encode = E::Response;
-    type Decode = E::Request;
+    type Decode = ();
     type Encoder = Self;
     type Decoder = Self;
 
@@ -221,25 +301,10 @@ impl<E: Signal> Encoder for OtlpCodec<E> {
 }
 
 impl<E: Signal> Decoder for OtlpCodec<E> {
-    type Item = E::Request;
+    type Item = ();
     type Error = Status;
 
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<E::Request>, Status> {
-        E::Request::decode(src)
-            .map(Some)
-            .map_err(|e| Status::invalid_argument(format!("invalid protobuf: {e}")))
+    fn decode(&mut self, _: &mut DecodeBuf<'_>) -> Result<Option<()>, Status> {
+        Ok(Some(()))
     }
-}
-
-async fn export<E: Signal>(
-    s: &AppState,
-    principal: KeyPrincipal,
-    request: tonic::Request<E::Request>,
-) -> Result<tonic::Response<E::Response>, Status> {
-    let request = request.into_inner();
-    let converted = E::events(&request, chrono::Utc::now()).map_err(IngestError::too_many)?;
-    // Nothing of the message is held while the log acknowledges its points.
-    drop(request);
-    let out = take::<E>(s, &principal, converted).await?;
-    Ok(tonic::Response::new(otlp::response::<E>(&out)))
 }

@@ -195,7 +195,7 @@ impl ReadBody {
     fn finish(mut self) -> Result<ReadBody, IngestError> {
         if let Some(mut rest) = self.rest.take() {
             let charged = self.declared.max(self.bytes.len());
-            inflate(&mut rest, &mut self.bytes, self.limit + 1)?;
+            inflate(&mut rest, &mut self.bytes, self.limit + 1).map_err(bad_gzip)?;
             if self.bytes.len() > self.limit {
                 return Err(IngestError::too_large(self.limit));
             }
@@ -212,17 +212,19 @@ impl ReadBody {
 
 /// Inflates `gzip` into `out` until the stream ends or `out` holds `upto` bytes; true when it
 /// ended.
-fn inflate(
+pub(crate) fn inflate(
     gzip: &mut GzDecoder<Cursor<Bytes>>,
     out: &mut Vec<u8>,
     upto: usize,
-) -> Result<bool, IngestError> {
+) -> std::io::Result<bool> {
     let want = upto.saturating_sub(out.len());
-    let got = gzip
-        .take(want as u64)
-        .read_to_end(out)
-        .map_err(|e| IngestError::bad_request("bad-encoding", format!("invalid gzip body: {e}")))?;
+    let got = gzip.take(want as u64).read_to_end(out)?;
     Ok(got < want)
+}
+
+/// A gzip body that is not.
+fn bad_gzip(e: std::io::Error) -> IngestError {
+    IngestError::bad_request("bad-encoding", format!("invalid gzip body: {e}"))
 }
 
 /// Reads the body within `max_body_bytes`, both as sent and after gzip decompression (which
@@ -251,7 +253,7 @@ pub async fn read_body(
         "gzip" => {
             let mut gzip = GzDecoder::new(Cursor::new(sent));
             let here = s.lane.min_bytes().min(limit + 1);
-            if !inflate(&mut gzip, &mut body.bytes, here)? {
+            if !inflate(&mut gzip, &mut body.bytes, here).map_err(bad_gzip)? {
                 body.rest = Some(gzip);
             }
             if body.bytes.len() > limit {

@@ -20,7 +20,6 @@ use crate::formats::otlp::{self, Converted, DecodeError, Encoding, Logs, Metrics
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use shared::auth::KeyPrincipal;
 use shared::events::{FieldError, Source};
 
 use crate::error::IngestError;
@@ -85,23 +84,10 @@ fn encoding(headers: &HeaderMap) -> Result<Encoding, IngestError> {
     })
 }
 
-/// Validates every event like any client's and appends the good ones ([`stamp`]).
-/// OTLP/gRPC uses it.
-pub(crate) async fn take<S: Signal>(
-    s: &AppState,
-    principal: &KeyPrincipal,
-    converted: Converted,
-) -> Result<Converted, IngestError> {
-    let ctx = key_context(s, principal, Source::Otlp);
-    let (converted, envelopes) = stamp::<S>(&ctx, keep(principal), converted)?;
-    append(s, envelopes, S::SOURCE).await?;
-    Ok(converted)
-}
-
 /// Every converted event validated like any client's, with the tenant's drops: the good
 /// ones stamped, and what was refused (by conversion or validation) added to `converted`.
-/// Nothing good at all is a 400.
-fn stamp<S: Signal>(
+/// Nothing good at all is a 400. OTLP/gRPC uses it.
+pub(crate) fn stamp<S: Signal>(
     ctx: &IngestContext,
     keep: Keep,
     mut converted: Converted,

@@ -458,11 +458,19 @@ fn from_hex(s: &str) -> Vec<u8> {
         .collect()
 }
 
+/// As below, with every message read where it is, and with every message read in the
+/// large-body lane.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn otlp_grpc_refuses_garbage_and_bombs_with_the_right_codes() {
     let TestEnv { pool, common } = test_env().await;
-    let ingest = start_ingest(&common, |_| {}).await;
-    let t = create_tenant(&pool, "otlp-grpc-edges").await;
+    for lane_min_bytes in [ingest_api::Config::default().lane_min_bytes, 1] {
+        grpc_edges(&pool, &common, lane_min_bytes).await;
+    }
+}
+
+async fn grpc_edges(pool: &sqlx::PgPool, common: &shared::config::Common, lane_min_bytes: usize) {
+    let ingest = start_ingest(common, |c| c.lane_min_bytes = lane_min_bytes).await;
+    let t = create_tenant(pool, "otlp-grpc-edges").await;
     let target = ingest.grpc_addr.expect("gRPC is on").to_string();
     let key = &t.ingest_key;
 
