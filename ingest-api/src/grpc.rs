@@ -12,9 +12,10 @@
 //! The message is read here, not by tonic: tonic inflates without a bound, so a few kilobytes
 //! could otherwise become gigabytes. gzip is undone within the size limit; the message's
 //! points, records and attributes are then counted on the wire (`crate::formats::otlp::wire`),
-//! as over HTTP, so that prost never decodes more than a request may hold. A large message is
-//! read in the large-body lane (`crate::ingest::lane`), as over HTTP. tonic only frames the
-//! answer.
+//! as over HTTP, so that prost never decodes more than a request may hold. As over HTTP, a
+//! request holds a slot and its bytes of the in-flight budget (`crate::shed`; 503 becomes
+//! `UNAVAILABLE`), and a large message is read in the large-body lane (`crate::ingest::lane`).
+//! tonic only frames the answer.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -38,7 +39,9 @@ use crate::ingest::door::{admit, append, inflate, keep, key_context};
 use crate::ingest::lane::Lane;
 use crate::ingest::{IngestContext, Keep, Stamped};
 use crate::routes::otlp::stamp;
+use crate::shed::Shed;
 use crate::state::AppState;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// The gRPC service of one signal.
 pub struct OtlpService<E> {
@@ -107,7 +110,15 @@ impl<E: Signal> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
                 .headers
                 .remove("grpc-encoding")
                 .map(|v| v.to_str().unwrap_or("?").to_string());
-            let message = match message(body, encoding.as_deref(), limit, &state.lane) {
+            // Held as over HTTP (`crate::shed`): a slot and the message's bytes as sent, and
+            // what it inflates to beyond them, so that messages waiting for the lane are
+            // bounded like bodies.
+            let _held = match state.shed.hold(body.len()) {
+                Ok(held) => held,
+                Err(busy) => return Ok(Status::from(busy).into_http()),
+            };
+            let message = match message(body, encoding.as_deref(), limit, &state.lane, &state.shed)
+            {
                 Ok(message) => message,
                 Err(status) => return Ok(status.into_http()),
             };
@@ -156,8 +167,17 @@ fn too_large(limit: usize) -> Status {
 }
 
 /// The request's one gRPC message (`Export` is unary): as sent, or inflated as far as the
-/// lane's size, with the rest of its gzip stream still to inflate.
-enum Message {
+/// lane's size, with the rest of its gzip stream still to inflate; and what it holds of the
+/// in-flight budget beyond its size as sent.
+struct Message {
+    read: Read,
+    shed: Shed,
+    /// The bytes charged for it so far (as sent, then as inflated).
+    charged: usize,
+    held: Vec<OwnedSemaphorePermit>,
+}
+
+enum Read {
     Whole(Bytes),
     Inflating(Vec<u8>, Box<GzDecoder<Cursor<Bytes>>>),
 }
@@ -165,25 +185,37 @@ enum Message {
 impl Message {
     /// Whether it is read in the lane.
     fn is_large(&self, lane: &Lane) -> bool {
-        match self {
-            Message::Whole(bytes) => lane.takes(bytes.len()),
-            Message::Inflating(..) => true,
+        match &self.read {
+            Read::Whole(bytes) => lane.takes(bytes.len()),
+            Read::Inflating(..) => true,
         }
     }
 
-    /// The message inflated to its end, within `limit` bytes.
+    /// Charged for `size` bytes in all.
     #[allow(clippy::result_large_err)] // tonic's own error type; once per request
-    fn finish(self, limit: usize) -> Result<Bytes, Status> {
-        match self {
-            Message::Whole(bytes) => Ok(bytes),
-            Message::Inflating(mut out, mut gzip) => {
+    fn charge(&mut self, size: usize) -> Result<(), Status> {
+        if let Some(more) = self.shed.charge(self.charged, size)? {
+            self.held.push(more);
+        }
+        self.charged = self.charged.max(size);
+        Ok(())
+    }
+
+    /// The message inflated to its end, within `limit` bytes, and what it holds.
+    #[allow(clippy::result_large_err)] // tonic's own error type; once per request
+    fn finish(mut self, limit: usize) -> Result<(Bytes, Vec<OwnedSemaphorePermit>), Status> {
+        let bytes = match std::mem::replace(&mut self.read, Read::Whole(Bytes::new())) {
+            Read::Whole(bytes) => bytes,
+            Read::Inflating(mut out, mut gzip) => {
                 inflate(&mut gzip, &mut out, limit + 1).map_err(bad_gzip)?;
                 if out.len() > limit {
                     return Err(too_large(limit));
                 }
-                Ok(out.into())
+                self.charge(out.len())?;
+                out.into()
             }
-        }
+        };
+        Ok((bytes, self.held))
     }
 }
 
@@ -192,13 +224,15 @@ fn bad_gzip(e: std::io::Error) -> Status {
 }
 
 /// The request's one message, with gzip undone within `limit` bytes as far as the lane's
-/// size (the rest where it is read).
+/// size (the rest where it is read), charged to `shed` for what it inflated to beyond its
+/// size as sent (which the caller holds).
 #[allow(clippy::result_large_err)] // tonic's own error type; once per request
 fn message(
     body: Bytes,
     encoding: Option<&str>,
     limit: usize,
     lane: &Lane,
+    shed: &Shed,
 ) -> Result<Message, Status> {
     let (header, after) = body
         .split_at_checked(5)
@@ -213,16 +247,16 @@ fn message(
         ));
     }
     let payload = body.slice(5..5 + len);
-    let message = match (header[0], encoding) {
-        (0, _) => Message::Whole(payload),
+    let read = match (header[0], encoding) {
+        (0, _) => Read::Whole(payload),
         (1, Some("gzip")) => {
             let mut gzip = GzDecoder::new(Cursor::new(payload));
             let mut out = Vec::new();
             let here = lane.min_bytes().min(limit + 1);
             if inflate(&mut gzip, &mut out, here).map_err(bad_gzip)? {
-                Message::Whole(out.into())
+                Read::Whole(out.into())
             } else {
-                Message::Inflating(out, Box::new(gzip))
+                Read::Inflating(out, Box::new(gzip))
             }
         }
         (1, other) => {
@@ -237,11 +271,21 @@ fn message(
             )))
         }
     };
-    match &message {
-        Message::Whole(bytes) if bytes.len() > limit => Err(too_large(limit)),
-        Message::Inflating(out, _) if out.len() > limit => Err(too_large(limit)),
-        _ => Ok(message),
+    let size = match &read {
+        Read::Whole(bytes) => bytes.len(),
+        Read::Inflating(out, _) => out.len(),
+    };
+    if size > limit {
+        return Err(too_large(limit));
     }
+    let mut message = Message {
+        read,
+        shed: shed.clone(),
+        charged: body.len(),
+        held: Vec::new(),
+    };
+    message.charge(size)?;
+    Ok(message)
 }
 
 /// The message's points stamped, with what was refused: inflated to its end, counted on the
@@ -253,7 +297,8 @@ fn read<E: Signal>(
     ctx: &IngestContext,
     keep: Keep,
 ) -> Result<(Converted, Vec<Stamped>), Status> {
-    let message = message.finish(limit)?;
+    // What the message holds of the in-flight budget is held until it is stamped.
+    let (message, _held) = message.finish(limit)?;
     otlp::check_protobuf::<E>(&message).map_err(|e| match e {
         DecodeError::Malformed(e) => Status::invalid_argument(e),
         DecodeError::TooMany(e) => Status::from(IngestError::too_many(e)),

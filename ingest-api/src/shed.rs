@@ -6,7 +6,8 @@
 //! `Retry-After`, before anything (more) is read: under
 //! any offered load the bodies (and the events they become) held in memory stay bounded, and
 //! the requests that are taken are served at the speed Kafka allows instead of all of them
-//! timing out together.
+//! timing out together. OTLP/gRPC holds its slot and bytes ([`Shed::hold`]) once its server
+//! has read the message within the body limit, and answers `UNAVAILABLE` instead of 503.
 
 use std::sync::Arc;
 
@@ -15,7 +16,6 @@ use axum::http::header::CONTENT_LENGTH;
 use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use shared::problem::Problem;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::IngestError;
@@ -71,37 +71,55 @@ impl Shed {
         let permits = u32::try_from(more).unwrap_or(u32::MAX);
         match self.bytes.clone().try_acquire_many_owned(permits) {
             Ok(permit) => Ok(Some(permit)),
-            Err(_) => {
-                metrics::counter!("ingest_shed_total", "limit" => "bytes").increment(1);
-                Err(IngestError::Unavailable {
-                    detail: busy("bytes"),
-                    retry_after: 1,
-                })
-            }
+            Err(_) => Err(overloaded("bytes")),
         }
     }
 }
 
-/// The middleware of the HTTP ingest doors (see the module's doc; OTLP/gRPC is bounded by its
-/// own server's message limits).
-pub async fn shed(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let shed = &s.shed;
-    let declared = shed.declared(req.headers());
-    let Ok(slot) = shed.requests.clone().try_acquire_owned() else {
-        return overloaded("requests");
-    };
-    let permits = u32::try_from(declared).unwrap_or(u32::MAX);
-    let Ok(bytes) = shed.bytes.clone().try_acquire_many_owned(permits) else {
-        return overloaded("bytes");
-    };
-    let res = next.run(req).await;
-    drop((slot, bytes));
-    res
+impl Shed {
+    /// A request's slot and `size` bytes of the budget, held until dropped; a 503 when either
+    /// is exhausted.
+    pub fn hold(&self, size: usize) -> Result<Held, IngestError> {
+        let Ok(slot) = self.requests.clone().try_acquire_owned() else {
+            return Err(overloaded("requests"));
+        };
+        let permits = u32::try_from(size.max(1)).unwrap_or(u32::MAX);
+        let Ok(bytes) = self.bytes.clone().try_acquire_many_owned(permits) else {
+            return Err(overloaded("bytes"));
+        };
+        Ok(Held {
+            _slot: slot,
+            _bytes: bytes,
+        })
+    }
 }
 
-fn overloaded(what: &'static str) -> Response {
+/// A request's slot and bytes ([`Shed::hold`]), given back when dropped.
+pub struct Held {
+    _slot: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+}
+
+/// The middleware of the HTTP ingest doors (see the module's doc). OTLP/gRPC holds its slot
+/// and bytes itself, once it has read its message (`crate::grpc`).
+pub async fn shed(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let declared = s.shed.declared(req.headers());
+    match s.shed.hold(declared) {
+        Ok(held) => {
+            let res = next.run(req).await;
+            drop(held);
+            res
+        }
+        Err(busy) => busy.into_response(),
+    }
+}
+
+fn overloaded(what: &'static str) -> IngestError {
     metrics::counter!("ingest_shed_total", "limit" => what).increment(1);
-    Problem::unavailable(busy(what), 1).into_response()
+    IngestError::Unavailable {
+        detail: busy(what),
+        retry_after: 1,
+    }
 }
 
 fn busy(what: &str) -> String {

@@ -260,3 +260,22 @@ pub fn gzip(body: impl AsRef<[u8]>) -> Vec<u8> {
     enc.write_all(body.as_ref()).expect("gzip into memory");
     enc.finish().expect("gzip into memory")
 }
+
+/// Sends an OTLP/gRPC `Export` of raw bytes with grpcio (`tests/clients/otlp_grpc_raw.py`,
+/// its `args`) to `target` with `key`; the status name and details it printed.
+pub async fn grpc_raw(target: &str, key: &str, args: &[&str]) -> String {
+    let mut cmd = std::process::Command::new(crate::otel_python());
+    cmd.arg(crate::repo_root().join("tests/clients/otlp_grpc_raw.py"))
+        .args(["--target", target, "--key", key])
+        .args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .expect("the OTel virtualenv exists (deploy/local/test-clients.sh)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

@@ -429,24 +429,6 @@ async fn otlp_senders_get_the_answers_they_rely_on() {
     }
 }
 
-/// Sends raw bytes with grpcio (`tests/clients/otlp_grpc_raw.py`); the status name and details.
-async fn grpc_raw(target: &str, key: &str, args: &[&str]) -> String {
-    let mut cmd = Command::new(otel_python());
-    cmd.arg(repo_root().join("tests/clients/otlp_grpc_raw.py"))
-        .args(["--target", target, "--key", key])
-        .args(args);
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .expect("the OTel virtualenv exists (deploy/local/test-clients.sh)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

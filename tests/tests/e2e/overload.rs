@@ -77,6 +77,10 @@ async fn the_doors_shed_load_with_503_and_retry_after() {
         .await
         .unwrap();
     assert_eq!(res.status(), 503);
+    // OTLP/gRPC holds a slot too, once its message is read: `UNAVAILABLE`, which senders retry.
+    let grpc = ingest.grpc_addr.expect("gRPC is on").to_string();
+    let got = grpc_raw(&grpc, &t.ingest_key, &["--hex", ""]).await;
+    assert!(got.starts_with("UNAVAILABLE"), "{got}");
     // Doors only: health and the control plane answer as usual.
     let res = client
         .get(format!("{}/healthz", ingest.url()))
@@ -99,5 +103,6 @@ async fn the_doors_shed_load_with_503_and_retry_after() {
         assert!(std::time::Instant::now() < deadline, "still shedding");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(grpc_raw(&grpc, &t.ingest_key, &["--hex", ""]).await, "OK");
     ingest.stop().await.unwrap();
 }
