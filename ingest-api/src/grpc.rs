@@ -129,11 +129,7 @@ impl<E: Signal> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
             let large = message.is_large(&state.lane);
             #[allow(clippy::result_large_err)] // tonic's own error type; once per request
             let work = move || read::<E>(message, limit, &ctx, keep);
-            let read = if large {
-                state.lane.run(principal.tenant_id, work).await
-            } else {
-                work()
-            };
+            let read = state.lane.run_if(large, principal.tenant_id, work).await;
             let answer = match read {
                 Ok((converted, envelopes)) => append(&state, envelopes, E::SOURCE)
                     .await

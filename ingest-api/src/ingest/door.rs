@@ -184,10 +184,9 @@ impl ReadBody {
         T: Send + 'static,
         F: FnOnce(&[u8]) -> Result<T, IngestError> + Send + 'static,
     {
-        if self.rest.is_none() && !lane.takes(self.bytes.len()) {
-            return work(&self.bytes);
-        }
-        lane.run(tenant, move || work(&self.finish()?.bytes)).await
+        let large = self.rest.is_some() || lane.takes(self.bytes.len());
+        lane.run_if(large, tenant, move || work(&self.finish()?.bytes))
+            .await
     }
 
     /// The body inflated to its end (within the limit) and charged for what it inflated to

@@ -123,6 +123,20 @@ impl Lane {
         }
     }
 
+    /// `work`'s answer: worked out on the lane as one of `tenant`'s bodies when `large`
+    /// ([`Lane::run`]), and here otherwise.
+    pub async fn run_if<T, F>(&self, large: bool, tenant: TenantId, work: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        if large {
+            self.run(tenant, work).await
+        } else {
+            work()
+        }
+    }
+
     /// One of `tenant`'s places in the lane once one is free, given back when dropped.
     async fn place(&self, tenant: TenantId) -> Place {
         let places = {

@@ -46,11 +46,10 @@ pub async fn write(State(s): State<AppState>, request: Request) -> Response {
             })?;
             stamp(&ctx, keep, &req)
         };
-        let envelopes = if s.lane.takes(size) {
-            s.lane.run(principal.tenant_id, work).await
-        } else {
-            work()
-        }?;
+        let envelopes = s
+            .lane
+            .run_if(s.lane.takes(size), principal.tenant_id, work)
+            .await?;
         append(s, envelopes, "prom_rw").await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })
