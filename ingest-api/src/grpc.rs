@@ -19,13 +19,11 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io::Cursor;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use axum::body::Bytes;
-use flate2::read::GzDecoder;
 use http_body_util::{BodyExt, Full, Limited};
 use prost::Message as _;
 use shared::events::Source;
@@ -35,13 +33,12 @@ use tonic::Status;
 
 use crate::error::IngestError;
 use crate::formats::otlp::{self, Converted, DecodeError, Signal};
-use crate::ingest::door::{admit, append, inflate, keep, key_context};
+use crate::ingest::door::{admit, append, keep, key_context, ReadBody, Unreadable};
 use crate::ingest::lane::Lane;
 use crate::ingest::{IngestContext, Keep, Stamped};
 use crate::routes::otlp::stamp;
 use crate::shed::Shed;
 use crate::state::AppState;
-use tokio::sync::OwnedSemaphorePermit;
 
 /// The gRPC service of one signal.
 pub struct OtlpService<E> {
@@ -115,7 +112,7 @@ impl<E: Signal> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
             // bounded like bodies.
             let _held = match state.shed.hold(body.len()) {
                 Ok(held) => held,
-                Err(busy) => return Ok(Status::from(busy).into_http()),
+                Err(busy) => return Ok(Status::from(IngestError::from(busy)).into_http()),
             };
             let message = match message(body, encoding.as_deref(), limit, &state.lane, &state.shed)
             {
@@ -128,7 +125,7 @@ impl<E: Signal> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
             let keep = keep(&principal);
             let large = message.is_large(&state.lane);
             #[allow(clippy::result_large_err)] // tonic's own error type; once per request
-            let work = move || read::<E>(message, limit, &ctx, keep);
+            let work = move || read::<E>(message, &ctx, keep);
             let read = state.lane.run_if(large, principal.tenant_id, work).await;
             let answer = match read {
                 Ok((converted, envelopes)) => append(&state, envelopes, E::SOURCE)
@@ -162,61 +159,13 @@ fn too_large(limit: usize) -> Status {
     ))
 }
 
-/// The request's one gRPC message (`Export` is unary): as sent, or inflated as far as the
-/// lane's size, with the rest of its gzip stream still to inflate; and what it holds of the
-/// in-flight budget beyond its size as sent.
-struct Message {
-    read: Read,
-    shed: Shed,
-    /// The bytes charged for it so far (as sent, then as inflated).
-    charged: usize,
-    held: Vec<OwnedSemaphorePermit>,
-}
-
-enum Read {
-    Whole(Bytes),
-    Inflating(Vec<u8>, Box<GzDecoder<Cursor<Bytes>>>),
-}
-
-impl Message {
-    /// Whether it is read in the lane.
-    fn is_large(&self, lane: &Lane) -> bool {
-        match &self.read {
-            Read::Whole(bytes) => lane.takes(bytes.len()),
-            Read::Inflating(..) => true,
-        }
+/// A body that cannot be read, as OTLP senders read it.
+fn unreadable(e: Unreadable) -> Status {
+    match e {
+        Unreadable::TooLarge(limit) => too_large(limit),
+        Unreadable::BadGzip(e) => Status::invalid_argument(format!("invalid gzip message: {e}")),
+        Unreadable::Busy(busy) => Status::from(IngestError::from(busy)),
     }
-
-    /// Charged for `size` bytes in all.
-    #[allow(clippy::result_large_err)] // tonic's own error type; once per request
-    fn charge(&mut self, size: usize) -> Result<(), Status> {
-        if let Some(more) = self.shed.charge(self.charged, size)? {
-            self.held.push(more);
-        }
-        self.charged = self.charged.max(size);
-        Ok(())
-    }
-
-    /// The message inflated to its end, within `limit` bytes, and what it holds.
-    #[allow(clippy::result_large_err)] // tonic's own error type; once per request
-    fn finish(mut self, limit: usize) -> Result<(Bytes, Vec<OwnedSemaphorePermit>), Status> {
-        let bytes = match std::mem::replace(&mut self.read, Read::Whole(Bytes::new())) {
-            Read::Whole(bytes) => bytes,
-            Read::Inflating(mut out, mut gzip) => {
-                inflate(&mut gzip, &mut out, limit + 1).map_err(bad_gzip)?;
-                if out.len() > limit {
-                    return Err(too_large(limit));
-                }
-                self.charge(out.len())?;
-                out.into()
-            }
-        };
-        Ok((bytes, self.held))
-    }
-}
-
-fn bad_gzip(e: std::io::Error) -> Status {
-    Status::invalid_argument(format!("invalid gzip message: {e}"))
 }
 
 /// The request's one message, with gzip undone within `limit` bytes as far as the lane's
@@ -229,7 +178,7 @@ fn message(
     limit: usize,
     lane: &Lane,
     shed: &Shed,
-) -> Result<Message, Status> {
+) -> Result<ReadBody, Status> {
     let (header, after) = body
         .split_at_checked(5)
         .ok_or_else(|| Status::invalid_argument("no request message"))?;
@@ -243,18 +192,9 @@ fn message(
         ));
     }
     let payload = body.slice(5..5 + len);
-    let read = match (header[0], encoding) {
-        (0, _) => Read::Whole(payload),
-        (1, Some("gzip")) => {
-            let mut gzip = GzDecoder::new(Cursor::new(payload));
-            let mut out = Vec::new();
-            let here = lane.min_bytes().min(limit + 1);
-            if inflate(&mut gzip, &mut out, here).map_err(bad_gzip)? {
-                Read::Whole(out.into())
-            } else {
-                Read::Inflating(out, Box::new(gzip))
-            }
-        }
+    let gzip = match (header[0], encoding) {
+        (0, _) => false,
+        (1, Some("gzip")) => true,
         (1, other) => {
             return Err(Status::unimplemented(format!(
                 "grpc-encoding {} is not supported; use gzip or none",
@@ -267,41 +207,25 @@ fn message(
             )))
         }
     };
-    let size = match &read {
-        Read::Whole(bytes) => bytes.len(),
-        Read::Inflating(out, _) => out.len(),
-    };
-    if size > limit {
-        return Err(too_large(limit));
-    }
-    let mut message = Message {
-        read,
-        shed: shed.clone(),
-        charged: body.len(),
-        held: Vec::new(),
-    };
-    message.charge(size)?;
-    Ok(message)
+    ReadBody::new(payload, gzip, limit, lane, shed, body.len()).map_err(unreadable)
 }
 
 /// The message's points stamped, with what was refused: inflated to its end, counted on the
 /// wire (so that prost never decodes more than a request may hold), decoded and converted.
 #[allow(clippy::result_large_err)] // tonic's own error type; once per request
 fn read<E: Signal>(
-    message: Message,
-    limit: usize,
+    message: ReadBody,
     ctx: &IngestContext,
     keep: Keep,
 ) -> Result<(Converted, Vec<Stamped>), Status> {
     // What the message holds of the in-flight budget is held until it is stamped.
-    let (message, _held) = message.finish(limit)?;
-    otlp::check_protobuf::<E>(&message).map_err(|e| match e {
+    let message = message.finish().map_err(unreadable)?;
+    otlp::check_protobuf::<E>(message.bytes()).map_err(|e| match e {
         DecodeError::Malformed(e) => Status::invalid_argument(e),
         DecodeError::TooMany(e) => Status::from(IngestError::too_many(e)),
     })?;
-    let req = E::Request::decode(&message[..])
+    let req = E::Request::decode(message.bytes())
         .map_err(|e| Status::invalid_argument(format!("invalid protobuf: {e}")))?;
-    drop(message);
     let converted = E::events(&req, ctx.received_at).map_err(IngestError::too_many)?;
     drop(req);
     Ok(stamp::<E>(ctx, keep, converted)?)

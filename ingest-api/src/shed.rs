@@ -63,7 +63,7 @@ impl Shed {
         &self,
         declared: usize,
         size: usize,
-    ) -> Result<Option<OwnedSemaphorePermit>, IngestError> {
+    ) -> Result<Option<OwnedSemaphorePermit>, Busy> {
         let more = size.saturating_sub(declared);
         if more == 0 {
             return Ok(None);
@@ -79,7 +79,7 @@ impl Shed {
 impl Shed {
     /// A request's slot and `size` bytes of the budget, held until dropped; a 503 when either
     /// is exhausted.
-    pub fn hold(&self, size: usize) -> Result<Held, IngestError> {
+    pub fn hold(&self, size: usize) -> Result<Held, Busy> {
         let Ok(slot) = self.requests.clone().try_acquire_owned() else {
             return Err(overloaded("requests"));
         };
@@ -110,20 +110,28 @@ pub async fn shed(State(s): State<AppState>, req: Request, next: Next) -> Respon
             drop(held);
             res
         }
-        Err(busy) => busy.into_response(),
+        Err(busy) => IngestError::from(busy).into_response(),
     }
 }
 
-fn overloaded(what: &'static str) -> IngestError {
+/// A budget that cannot hold a request: which one (`ingest_shed_total`'s `limit`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Busy(&'static str);
+
+fn overloaded(what: &'static str) -> Busy {
     metrics::counter!("ingest_shed_total", "limit" => what).increment(1);
-    IngestError::Unavailable {
-        detail: busy(what),
-        retry_after: 1,
-    }
+    Busy(what)
 }
 
-fn busy(what: &str) -> String {
-    format!("ingest-api is at its limit of requests in flight ({what}); retry shortly")
+impl From<Busy> for IngestError {
+    fn from(Busy(what): Busy) -> IngestError {
+        IngestError::Unavailable {
+            detail: format!(
+                "ingest-api is at its limit of requests in flight ({what}); retry shortly"
+            ),
+            retry_after: 1,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -141,7 +149,7 @@ mod tests {
             &self,
             headers: &HeaderMap,
             size: usize,
-        ) -> Result<Option<OwnedSemaphorePermit>, IngestError> {
+        ) -> Result<Option<OwnedSemaphorePermit>, Busy> {
             self.charge(self.declared(headers), size)
         }
     }
@@ -156,10 +164,7 @@ mod tests {
         assert!(shed.charge_for(&small, 40).unwrap().is_none());
         let held = shed.charge_for(&small, 700).unwrap().expect("charged");
         assert_eq!(held.num_permits(), 600);
-        assert!(matches!(
-            shed.charge_for(&small, 600),
-            Err(IngestError::Unavailable { .. })
-        ));
+        assert!(matches!(shed.charge_for(&small, 600), Err(Busy("bytes"))));
         assert_eq!(
             shed.charge_for(&small, 500).unwrap().unwrap().num_permits(),
             400

@@ -17,7 +17,7 @@ use shared::tenant::TenantId;
 use crate::error::IngestError;
 use crate::ingest::lane::Lane;
 use crate::ingest::{Ids, IngestContext, Keep, Stamped, TimeBounds};
-use crate::shed::Shed;
+use crate::shed::{Busy, Shed};
 use crate::state::AppState;
 use flate2::read::GzDecoder;
 use shared::ratelimit::Decision;
@@ -161,21 +161,142 @@ pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, IngestError
     })
 }
 
-/// A body as a door reads it. A gzip body is inflated as it is read up to the lane's size
-/// ([`Lane`]); one that inflates further is finished where it is worked on
-/// ([`ReadBody::work`]). It holds the share of the in-flight byte budget that its
-/// decompression took beyond its declared length ([`Shed::charge`]), so far as it has gone.
+/// A body as a door reads it: as sent, or inflated as far as the lane's size ([`Lane`]) with
+/// the rest of its gzip stream still to inflate where it is worked on ([`ReadBody::work`]).
+/// It holds the share of the in-flight byte budget ([`Shed::charge`]) that it took beyond
+/// what its request was charged on arrival, so far as it has been inflated. Every door
+/// reads its body this way, OTLP/gRPC included (`crate::grpc`); each says [`Unreadable`] in
+/// its own terms.
 pub struct ReadBody {
-    bytes: Vec<u8>,
-    /// What is left to inflate.
-    rest: Option<GzDecoder<Cursor<Bytes>>>,
+    content: Content,
     limit: usize,
-    declared: usize,
     shed: Shed,
-    _charge: Option<OwnedSemaphorePermit>,
+    /// The bytes charged for it so far: on arrival, then as inflated.
+    charged: usize,
+    held: Option<OwnedSemaphorePermit>,
+}
+
+enum Content {
+    Whole(Bytes),
+    Inflating(Vec<u8>, Box<GzDecoder<Cursor<Bytes>>>),
+}
+
+/// Why a body cannot be read.
+#[derive(Debug)]
+pub enum Unreadable {
+    /// Over the limit (of this many bytes), as sent or inflated.
+    TooLarge(usize),
+    /// Compressed, but not valid gzip.
+    BadGzip(std::io::Error),
+    /// The in-flight budget cannot hold what it inflates to ([`Shed::charge`]).
+    Busy(Busy),
+}
+
+impl From<Unreadable> for IngestError {
+    fn from(e: Unreadable) -> IngestError {
+        match e {
+            Unreadable::TooLarge(limit) => IngestError::too_large(limit),
+            Unreadable::BadGzip(e) => {
+                IngestError::bad_request("bad-encoding", format!("invalid gzip body: {e}"))
+            }
+            Unreadable::Busy(busy) => busy.into(),
+        }
+    }
 }
 
 impl ReadBody {
+    /// `sent`, inflated when `gzip` as far as the lane's size, within `limit` bytes, by a
+    /// request charged `charged` bytes on arrival (and charged here for what it inflated to
+    /// beyond them).
+    pub fn new(
+        sent: Bytes,
+        gzip: bool,
+        limit: usize,
+        lane: &Lane,
+        shed: &Shed,
+        charged: usize,
+    ) -> Result<ReadBody, Unreadable> {
+        let content = if gzip {
+            let mut gzip = GzDecoder::new(Cursor::new(sent));
+            let mut out = Vec::new();
+            let here = lane.min_bytes().min(limit + 1);
+            if inflate(&mut gzip, &mut out, here).map_err(Unreadable::BadGzip)? {
+                Content::Whole(out.into())
+            } else {
+                Content::Inflating(out, Box::new(gzip))
+            }
+        } else {
+            Content::Whole(sent)
+        };
+        let mut body = ReadBody {
+            content,
+            limit,
+            shed: shed.clone(),
+            charged,
+            held: None,
+        };
+        let size = body.size();
+        if size > limit {
+            return Err(Unreadable::TooLarge(limit));
+        }
+        body.charge(size)?;
+        Ok(body)
+    }
+
+    /// The bytes read so far.
+    fn size(&self) -> usize {
+        match &self.content {
+            Content::Whole(bytes) => bytes.len(),
+            Content::Inflating(out, _) => out.len(),
+        }
+    }
+
+    /// Whether it is worked on in the lane: when it is large, or still inflating.
+    pub fn is_large(&self, lane: &Lane) -> bool {
+        match &self.content {
+            Content::Whole(bytes) => lane.takes(bytes.len()),
+            Content::Inflating(..) => true,
+        }
+    }
+
+    /// Charged for `size` bytes in all.
+    fn charge(&mut self, size: usize) -> Result<(), Unreadable> {
+        if let Some(more) = self
+            .shed
+            .charge(self.charged, size)
+            .map_err(Unreadable::Busy)?
+        {
+            match &mut self.held {
+                Some(held) => held.merge(more),
+                None => self.held = Some(more),
+            }
+        }
+        self.charged = self.charged.max(size);
+        Ok(())
+    }
+
+    /// The body inflated to its end (within the limit) and charged for it.
+    pub fn finish(mut self) -> Result<ReadBody, Unreadable> {
+        if let Content::Inflating(out, gzip) = &mut self.content {
+            inflate(gzip, out, self.limit + 1).map_err(Unreadable::BadGzip)?;
+            if out.len() > self.limit {
+                return Err(Unreadable::TooLarge(self.limit));
+            }
+            let whole = Bytes::from(std::mem::take(out));
+            self.content = Content::Whole(whole);
+            self.charge(self.size())?;
+        }
+        Ok(self)
+    }
+
+    /// The whole body, once [`ReadBody::finish`]ed (what has been inflated so far before).
+    pub fn bytes(&self) -> &[u8] {
+        match &self.content {
+            Content::Whole(bytes) => bytes,
+            Content::Inflating(out, _) => out,
+        }
+    }
+
     /// `work`'s answer on the whole body: worked out here when it is small, or on the lane
     /// as one of `tenant`'s bodies when it is large. The body is let go of as soon as `work`
     /// is done.
@@ -184,34 +305,15 @@ impl ReadBody {
         T: Send + 'static,
         F: FnOnce(&[u8]) -> Result<T, IngestError> + Send + 'static,
     {
-        let large = self.rest.is_some() || lane.takes(self.bytes.len());
-        lane.run_if(large, tenant, move || work(&self.finish()?.bytes))
+        let large = self.is_large(lane);
+        lane.run_if(large, tenant, move || work(self.finish()?.bytes()))
             .await
-    }
-
-    /// The body inflated to its end (within the limit) and charged for what it inflated to
-    /// beyond what was charged already.
-    fn finish(mut self) -> Result<ReadBody, IngestError> {
-        if let Some(mut rest) = self.rest.take() {
-            let charged = self.declared.max(self.bytes.len());
-            inflate(&mut rest, &mut self.bytes, self.limit + 1).map_err(bad_gzip)?;
-            if self.bytes.len() > self.limit {
-                return Err(IngestError::too_large(self.limit));
-            }
-            if let Some(more) = self.shed.charge(charged, self.bytes.len())? {
-                match &mut self._charge {
-                    Some(held) => held.merge(more),
-                    None => self._charge = Some(more),
-                }
-            }
-        }
-        Ok(self)
     }
 }
 
 /// Inflates `gzip` into `out` until the stream ends or `out` holds `upto` bytes; true when it
 /// ended.
-pub(crate) fn inflate(
+fn inflate(
     gzip: &mut GzDecoder<Cursor<Bytes>>,
     out: &mut Vec<u8>,
     upto: usize,
@@ -219,11 +321,6 @@ pub(crate) fn inflate(
     let want = upto.saturating_sub(out.len());
     let got = gzip.take(want as u64).read_to_end(out)?;
     Ok(got < want)
-}
-
-/// A gzip body that is not.
-fn bad_gzip(e: std::io::Error) -> IngestError {
-    IngestError::bad_request("bad-encoding", format!("invalid gzip body: {e}"))
 }
 
 /// Reads the body within `max_body_bytes`, both as sent and after gzip decompression (which
@@ -236,29 +333,13 @@ pub async fn read_body(
 ) -> Result<ReadBody, IngestError> {
     let limit = s.config.max_body_bytes;
     let sent = read_limited(body, limit).await?;
-    let encoding = header_text(headers, header::CONTENT_ENCODING)
+    let gzip = match header_text(headers, header::CONTENT_ENCODING)
         .trim()
-        .to_ascii_lowercase();
-    let mut body = ReadBody {
-        bytes: Vec::new(),
-        rest: None,
-        limit,
-        declared: s.shed.declared(headers),
-        shed: s.shed.clone(),
-        _charge: None,
-    };
-    match encoding.as_str() {
-        "identity" | "" => body.bytes = sent.into(),
-        "gzip" => {
-            let mut gzip = GzDecoder::new(Cursor::new(sent));
-            let here = s.lane.min_bytes().min(limit + 1);
-            if !inflate(&mut gzip, &mut body.bytes, here).map_err(bad_gzip)? {
-                body.rest = Some(gzip);
-            }
-            if body.bytes.len() > limit {
-                return Err(IngestError::too_large(limit));
-            }
-        }
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "identity" | "" => false,
+        "gzip" => true,
         other => {
             return Err(IngestError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -267,7 +348,9 @@ pub async fn read_body(
                 format!("Content-Encoding `{other}` is not supported; use gzip or none"),
             ))
         }
-    }
-    body._charge = s.shed.charge(body.declared, body.bytes.len())?;
-    Ok(body)
+    };
+    let declared = s.shed.declared(headers);
+    Ok(ReadBody::new(
+        sent, gzip, limit, &s.lane, &s.shed, declared,
+    )?)
 }
