@@ -20,6 +20,12 @@ pub struct Config {
     /// Body bytes the ingest doors hold at once (by `Content-Length`, or `max_body_bytes`
     /// for a body of unknown length); beyond it they answer 503 at once.
     pub max_inflight_bytes: usize,
+    /// Of `max_inflight_requests`, what one tenant's requests may hold at once; beyond it its
+    /// requests (only) are answered 503. Larger than `max_inflight_requests` means all of it.
+    pub tenant_inflight_requests: usize,
+    /// Of `max_inflight_bytes`, what one tenant's requests may hold at once (their bodies as
+    /// declared, and what they inflate to); at least `max_body_bytes`.
+    pub tenant_inflight_bytes: usize,
     /// Threads of the large-body lane (`crate::ingest::lane`), at a lower priority than the
     /// runtime's.
     pub lane_threads: usize,
@@ -62,6 +68,8 @@ impl Default for Config {
             max_body_bytes: 10 * 1024 * 1024,
             max_inflight_requests: 64,
             max_inflight_bytes: 64 * 1024 * 1024,
+            tenant_inflight_requests: 32,
+            tenant_inflight_bytes: 32 * 1024 * 1024,
             lane_threads: 1,
             lane_min_bytes: 1024 * 1024,
             lane_tenant_bodies: 2,
@@ -88,6 +96,12 @@ impl Config {
         if self.max_inflight_requests == 0 || self.max_inflight_bytes < self.max_body_bytes {
             return Err(
                 "max_inflight_requests must be positive and max_inflight_bytes at least max_body_bytes"
+                    .into(),
+            );
+        }
+        if self.tenant_inflight_requests == 0 || self.tenant_inflight_bytes < self.max_body_bytes {
+            return Err(
+                "tenant_inflight_requests must be positive and tenant_inflight_bytes at least max_body_bytes"
                     .into(),
             );
         }

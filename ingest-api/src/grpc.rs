@@ -27,6 +27,7 @@ use axum::body::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use prost::Message as _;
 use shared::events::Source;
+use shared::tenant::TenantId;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::NamedService;
 use tonic::Status;
@@ -34,10 +35,8 @@ use tonic::Status;
 use crate::error::IngestError;
 use crate::formats::otlp::{self, Converted, DecodeError, Signal};
 use crate::ingest::door::{admit, append, keep, key_context, ReadBody, Unreadable};
-use crate::ingest::lane::Lane;
 use crate::ingest::{IngestContext, Keep, Stamped};
 use crate::routes::otlp::stamp;
-use crate::shed::Shed;
 use crate::state::AppState;
 
 /// The gRPC service of one signal.
@@ -110,12 +109,16 @@ impl<E: Signal> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
             // Held as over HTTP (`crate::shed`): a slot and the message's bytes as sent, and
             // what it inflates to beyond them, so that messages waiting for the lane are
             // bounded like bodies.
-            let _held = match state.shed.hold(body.len()) {
+            let held = state.shed.hold(body.len()).and_then(|held| {
+                let share = state.shed.hold_share(principal.tenant_id, body.len())?;
+                Ok((held, share))
+            });
+            let _held = match held {
                 Ok(held) => held,
                 Err(busy) => return Ok(Status::from(IngestError::from(busy)).into_http()),
             };
-            let message = match message(body, encoding.as_deref(), limit, &state.lane, &state.shed)
-            {
+            let tenant = principal.tenant_id;
+            let message = match message(body, encoding.as_deref(), limit, &state, tenant) {
                 Ok(message) => message,
                 Err(status) => return Ok(status.into_http()),
             };
@@ -176,8 +179,8 @@ fn message(
     body: Bytes,
     encoding: Option<&str>,
     limit: usize,
-    lane: &Lane,
-    shed: &Shed,
+    state: &AppState,
+    tenant: TenantId,
 ) -> Result<ReadBody, Status> {
     let (header, after) = body
         .split_at_checked(5)
@@ -207,7 +210,8 @@ fn message(
             )))
         }
     };
-    ReadBody::new(payload, gzip, limit, lane, shed, body.len()).map_err(unreadable)
+    let budget = (&state.lane, &state.shed);
+    ReadBody::new(payload, gzip, limit, budget, tenant, body.len()).map_err(unreadable)
 }
 
 /// The message's points stamped, with what was refused: inflated to its end, counted on the

@@ -13,6 +13,7 @@ pub mod keys;
 pub mod oidc;
 pub mod outbox;
 pub mod password;
+pub mod per_tenant;
 pub mod relay;
 pub mod routes;
 pub mod secrets;
@@ -135,11 +136,13 @@ impl App {
                 config.login_max_failures_per_ip,
                 Duration::from_secs(config.login_window_secs),
             ),
-            shed: shed::Shed::new(
-                config.max_inflight_requests,
-                config.max_inflight_bytes,
-                config.max_body_bytes,
-            ),
+            shed: shed::Shed::new(shed::Limits {
+                requests: config.max_inflight_requests,
+                bytes: config.max_inflight_bytes,
+                tenant_requests: config.tenant_inflight_requests,
+                tenant_bytes: config.tenant_inflight_bytes,
+                max_body: config.max_body_bytes,
+            }),
             lane: ingest::lane::Lane::start(
                 config.lane_threads,
                 config.lane_min_bytes,

@@ -8,6 +8,11 @@
 //! the requests that are taken are served at the speed Kafka allows instead of all of them
 //! timing out together. OTLP/gRPC holds its slot and bytes ([`Shed::hold`]) once its server
 //! has read the message within the body limit, and answers `UNAVAILABLE` instead of 503.
+//!
+//! Of that budget, each tenant holds at most its share (`tenant_inflight_requests`,
+//! `tenant_inflight_bytes`; [`Shed::hold_share`]), taken once its key is known and charged
+//! for inflated bytes like the budget in all: past it, only that tenant's requests are shed,
+//! so one sender's flood of slow or large bodies leaves the rest of the budget to the others.
 
 use std::sync::Arc;
 
@@ -19,22 +24,41 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::IngestError;
+use crate::per_tenant::{PerTenant, TenantPermit};
 use crate::state::AppState;
+use shared::tenant::TenantId;
 
-/// What the doors may hold at once.
+/// What the doors may hold at once, in all and for each tenant.
 #[derive(Clone)]
 pub struct Shed {
     requests: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     max_body: usize,
+    tenant_requests: PerTenant,
+    tenant_bytes: PerTenant,
+}
+
+/// How much the doors may hold at once: in all, and of that for one tenant.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub requests: usize,
+    pub bytes: usize,
+    pub tenant_requests: usize,
+    pub tenant_bytes: usize,
+    /// The body limit (what a body of unknown length is charged on arrival).
+    pub max_body: usize,
 }
 
 impl Shed {
-    pub fn new(max_requests: usize, max_bytes: usize, max_body: usize) -> Shed {
+    pub fn new(limits: Limits) -> Shed {
         Shed {
-            requests: Arc::new(Semaphore::new(max_requests.max(1))),
-            bytes: Arc::new(Semaphore::new(max_bytes.clamp(1, Semaphore::MAX_PERMITS))),
-            max_body,
+            requests: Arc::new(Semaphore::new(limits.requests.max(1))),
+            bytes: Arc::new(Semaphore::new(
+                limits.bytes.clamp(1, Semaphore::MAX_PERMITS),
+            )),
+            max_body: limits.max_body,
+            tenant_requests: PerTenant::new(limits.tenant_requests.min(limits.requests)),
+            tenant_bytes: PerTenant::new(limits.tenant_bytes.min(limits.bytes)),
         }
     }
 
@@ -55,39 +79,62 @@ impl Shed {
         self.bytes.available_permits()
     }
 
-    /// Charges a request that was charged `declared` bytes on arrival ([`Shed::declared`]),
-    /// and whose body came to `size` bytes once read (decompressed), for what its arrival did
-    /// not cover; the charge lasts as long as the permit it returns (none when nothing more
-    /// is due). A budget that cannot cover it is a 503, as on arrival.
+    /// Charges `tenant`'s request that was charged `declared` bytes on arrival
+    /// ([`Shed::declared`]), and whose body came to `size` bytes once read (decompressed), for
+    /// what its arrival did not cover, in all and to the tenant's share; the charge lasts as
+    /// long as what it returns (nothing when nothing more is due). A budget that cannot cover
+    /// it is a 503, as on arrival.
     pub fn charge(
         &self,
+        tenant: TenantId,
         declared: usize,
         size: usize,
-    ) -> Result<Option<OwnedSemaphorePermit>, Busy> {
+    ) -> Result<Option<Charge>, Busy> {
         let more = size.saturating_sub(declared);
         if more == 0 {
             return Ok(None);
         }
         let permits = u32::try_from(more).unwrap_or(u32::MAX);
-        match self.bytes.clone().try_acquire_many_owned(permits) {
-            Ok(permit) => Ok(Some(permit)),
-            Err(_) => Err(overloaded("bytes")),
-        }
+        let Some(share) = self.tenant_bytes.try_acquire(tenant, permits) else {
+            return Err(overloaded(TENANT_BYTES));
+        };
+        let Ok(bytes) = self.bytes.clone().try_acquire_many_owned(permits) else {
+            return Err(overloaded(BYTES));
+        };
+        Ok(Some(Charge {
+            _bytes: bytes,
+            _share: share,
+        }))
     }
-}
 
-impl Shed {
     /// A request's slot and `size` bytes of the budget, held until dropped; a 503 when either
     /// is exhausted.
     pub fn hold(&self, size: usize) -> Result<Held, Busy> {
         let Ok(slot) = self.requests.clone().try_acquire_owned() else {
-            return Err(overloaded("requests"));
+            return Err(overloaded(REQUESTS));
         };
         let permits = u32::try_from(size.max(1)).unwrap_or(u32::MAX);
         let Ok(bytes) = self.bytes.clone().try_acquire_many_owned(permits) else {
-            return Err(overloaded("bytes"));
+            return Err(overloaded(BYTES));
         };
         Ok(Held {
+            _slot: slot,
+            _bytes: bytes,
+        })
+    }
+
+    /// `tenant`'s share for a request it sends ([`Shed::hold`]'s slot and `size` bytes,
+    /// counted again against the tenant's own limits), held until dropped; a 503 when the
+    /// tenant already holds its share.
+    pub fn hold_share(&self, tenant: TenantId, size: usize) -> Result<Share, Busy> {
+        let Some(slot) = self.tenant_requests.try_acquire(tenant, 1) else {
+            return Err(overloaded(TENANT_REQUESTS));
+        };
+        let permits = u32::try_from(size.max(1)).unwrap_or(u32::MAX);
+        let Some(bytes) = self.tenant_bytes.try_acquire(tenant, permits) else {
+            return Err(overloaded(TENANT_BYTES));
+        };
+        Ok(Share {
             _slot: slot,
             _bytes: bytes,
         })
@@ -98,6 +145,19 @@ impl Shed {
 pub struct Held {
     _slot: OwnedSemaphorePermit,
     _bytes: OwnedSemaphorePermit,
+}
+
+/// A tenant's slot and bytes ([`Shed::hold_share`]), given back when dropped.
+pub struct Share {
+    _slot: TenantPermit,
+    _bytes: TenantPermit,
+}
+
+/// What a body inflated to beyond its arrival's charge ([`Shed::charge`]), given back when
+/// dropped.
+pub struct Charge {
+    _bytes: OwnedSemaphorePermit,
+    _share: TenantPermit,
 }
 
 /// The middleware of the HTTP ingest doors (see the module's doc). OTLP/gRPC holds its slot
@@ -118,17 +178,29 @@ pub async fn shed(State(s): State<AppState>, req: Request, next: Next) -> Respon
 #[derive(Debug, PartialEq, Eq)]
 pub struct Busy(&'static str);
 
+const REQUESTS: &str = "requests";
+const BYTES: &str = "bytes";
+const TENANT_REQUESTS: &str = "tenant_requests";
+const TENANT_BYTES: &str = "tenant_bytes";
+
 fn overloaded(what: &'static str) -> Busy {
     metrics::counter!("ingest_shed_total", "limit" => what).increment(1);
     Busy(what)
 }
 
 impl From<Busy> for IngestError {
-    fn from(Busy(what): Busy) -> IngestError {
-        IngestError::Unavailable {
-            detail: format!(
-                "ingest-api is at its limit of requests in flight ({what}); retry shortly"
+    fn from(Busy(limit): Busy) -> IngestError {
+        let detail = match limit.strip_prefix("tenant_") {
+            Some(what) => format!(
+                "this tenant holds its whole share of ingest-api's requests in flight ({what}); \
+                 retry shortly"
             ),
+            None => {
+                format!("ingest-api is at its limit of requests in flight ({limit}); retry shortly")
+            }
+        };
+        IngestError::Unavailable {
+            detail,
             retry_after: 1,
         }
     }
@@ -144,13 +216,24 @@ mod tests {
         headers
     }
 
+    fn shed(tenant_requests: usize, tenant_bytes: usize) -> Shed {
+        Shed::new(Limits {
+            requests: 8,
+            bytes: 1000,
+            tenant_requests,
+            tenant_bytes,
+            max_body: 600,
+        })
+    }
+
     impl Shed {
         fn charge_for(
             &self,
+            tenant: TenantId,
             headers: &HeaderMap,
             size: usize,
-        ) -> Result<Option<OwnedSemaphorePermit>, Busy> {
-            self.charge(self.declared(headers), size)
+        ) -> Result<Option<Charge>, Busy> {
+            self.charge(tenant, self.declared(headers), size)
         }
     }
 
@@ -158,20 +241,92 @@ mod tests {
     /// long as the request holds the charge; a budget that cannot cover it is a 503.
     #[test]
     fn inflated_bodies_are_charged_for_what_they_became() {
-        let shed = Shed::new(8, 1000, 600);
+        let shed = shed(8, 1000);
+        let t = TenantId::new();
         let small = declaring(100);
-        assert!(shed.charge_for(&small, 100).unwrap().is_none());
-        assert!(shed.charge_for(&small, 40).unwrap().is_none());
-        let held = shed.charge_for(&small, 700).unwrap().expect("charged");
-        assert_eq!(held.num_permits(), 600);
-        assert!(matches!(shed.charge_for(&small, 600), Err(Busy("bytes"))));
-        assert_eq!(
-            shed.charge_for(&small, 500).unwrap().unwrap().num_permits(),
-            400
-        );
-        drop(held);
-        assert!(shed.charge_for(&small, 600).unwrap().is_some());
+        assert!(shed.charge_for(t, &small, 100).unwrap().is_none());
+        assert!(shed.charge_for(t, &small, 40).unwrap().is_none());
+        let held = shed.charge_for(t, &small, 700).unwrap().expect("charged");
+        assert_eq!(shed.bytes_free(), 400);
+        // Another tenant's share has room, the budget in all has not.
+        let other = TenantId::new();
+        assert_eq!(shed.charge_for(other, &small, 600).err(), Some(Busy(BYTES)));
+        let four = shed.charge_for(t, &small, 500).unwrap().expect("charged");
+        assert_eq!(shed.bytes_free(), 0);
+        drop((held, four));
+        assert_eq!(shed.bytes_free(), 1000);
+        assert!(shed.charge_for(t, &small, 600).unwrap().is_some());
         // A body without a declared length was charged the body limit on arrival.
-        assert!(shed.charge_for(&HeaderMap::new(), 600).unwrap().is_none());
+        assert!(shed
+            .charge_for(t, &HeaderMap::new(), 600)
+            .unwrap()
+            .is_none());
+    }
+
+    /// A tenant holds at most its share, of requests and of bytes (inflated ones included),
+    /// and what it holds takes nothing from another tenant's share; the budget in all still
+    /// bounds them together.
+    #[test]
+    fn a_tenant_holds_at_most_its_share() {
+        let shed = shed(2, 500);
+        let (greedy, other) = (TenantId::new(), TenantId::new());
+        let first = shed.hold_share(greedy, 100).unwrap();
+        let second = shed.hold_share(greedy, 100).unwrap();
+        assert_eq!(
+            shed.hold_share(greedy, 1).err(),
+            Some(Busy(TENANT_REQUESTS))
+        );
+        assert!(
+            shed.hold_share(other, 500).is_ok(),
+            "other's share is whole"
+        );
+        drop(second);
+        // 100 of 500 held: a body inflating by 450 more is over the share, one of 400 fits.
+        assert_eq!(
+            shed.charge_for(greedy, &declaring(50), 500).err(),
+            Some(Busy(TENANT_BYTES))
+        );
+        let inflated = shed.charge_for(greedy, &declaring(50), 450).unwrap();
+        assert_eq!(shed.hold_share(greedy, 1).err(), Some(Busy(TENANT_BYTES)));
+        let theirs = shed.hold_share(other, 500).unwrap();
+        drop((first, inflated));
+        assert!(shed.hold_share(greedy, 500).is_ok());
+        drop(theirs);
+        assert_eq!(
+            shed.tenant_bytes.tenants(),
+            0,
+            "tenants forgotten once done"
+        );
+        // Shares larger than the budget in all are the budget in all.
+        let shed = Shed::new(Limits {
+            requests: 1,
+            bytes: 10,
+            tenant_requests: 5,
+            tenant_bytes: 50,
+            max_body: 10,
+        });
+        let _all = shed.hold_share(greedy, 10).unwrap();
+        assert_eq!(
+            shed.hold_share(greedy, 1).err(),
+            Some(Busy(TENANT_REQUESTS))
+        );
+    }
+
+    /// A tenant's refusal says it is the tenant's share that is full, not ingest-api.
+    #[test]
+    fn a_full_share_says_so() {
+        let IngestError::Unavailable {
+            detail,
+            retry_after,
+        } = IngestError::from(Busy(TENANT_BYTES))
+        else {
+            panic!("a 503");
+        };
+        assert!(
+            detail.contains("this tenant holds its whole share"),
+            "{detail}"
+        );
+        assert!(detail.contains("(bytes)"), "{detail}");
+        assert_eq!(retry_after, 1);
     }
 }

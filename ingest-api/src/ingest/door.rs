@@ -17,11 +17,10 @@ use shared::tenant::TenantId;
 use crate::error::IngestError;
 use crate::ingest::lane::Lane;
 use crate::ingest::{Ids, IngestContext, Keep, Stamped, TimeBounds};
-use crate::shed::{Busy, Shed};
+use crate::shed::{Busy, Charge, Shed};
 use crate::state::AppState;
 use flate2::read::GzDecoder;
 use shared::ratelimit::Decision;
-use tokio::sync::OwnedSemaphorePermit;
 
 /// Who a request's API key belongs to.
 ///
@@ -45,8 +44,9 @@ impl Keys for ApiKeyStore {
     }
 }
 
-/// The key check, then the tenant's rate limit, then `handle` (given the headers back); the
-/// answer carries the rate-limit headers.
+/// The key check, then the tenant's rate limit, then its share of the in-flight budget
+/// ([`Shed::hold_share`]), then `handle` (given the headers back); the answer carries the
+/// rate-limit headers.
 pub async fn ingest_door<F, Fut>(s: &AppState, headers: HeaderMap, handle: F) -> Response
 where
     F: FnOnce(KeyPrincipal, HeaderMap) -> Fut,
@@ -54,9 +54,16 @@ where
 {
     let (admitted, decision) = admit(s, &headers).await;
     let mut res = match admitted {
-        Ok(principal) => handle(principal, headers)
-            .await
-            .unwrap_or_else(IntoResponse::into_response),
+        // The tenant's share of the in-flight budget, held until it is answered.
+        Ok(principal) => match s
+            .shed
+            .hold_share(principal.tenant_id, s.shed.declared(&headers))
+        {
+            Ok(_share) => handle(principal, headers)
+                .await
+                .unwrap_or_else(IntoResponse::into_response),
+            Err(busy) => IngestError::from(busy).into_response(),
+        },
         Err(error) => error.into_response(),
     };
     if let Some(decision) = decision {
@@ -171,9 +178,11 @@ pub struct ReadBody {
     content: Content,
     limit: usize,
     shed: Shed,
+    /// Whose body it is: inflated bytes are charged to its share too.
+    tenant: TenantId,
     /// The bytes charged for it so far: on arrival, then as inflated.
     charged: usize,
-    held: Option<OwnedSemaphorePermit>,
+    held: Vec<Charge>,
 }
 
 enum Content {
@@ -205,15 +214,15 @@ impl From<Unreadable> for IngestError {
 }
 
 impl ReadBody {
-    /// `sent`, inflated when `gzip` as far as the lane's size, within `limit` bytes, by a
-    /// request charged `charged` bytes on arrival (and charged here for what it inflated to
-    /// beyond them).
+    /// `sent`, inflated when `gzip` as far as the lane's size, within `limit` bytes, by
+    /// `tenant`'s request charged `charged` bytes on arrival (and charged here for what it
+    /// inflated to beyond them).
     pub fn new(
         sent: Bytes,
         gzip: bool,
         limit: usize,
-        lane: &Lane,
-        shed: &Shed,
+        (lane, shed): (&Lane, &Shed),
+        tenant: TenantId,
         charged: usize,
     ) -> Result<ReadBody, Unreadable> {
         let content = if gzip {
@@ -232,8 +241,9 @@ impl ReadBody {
             content,
             limit,
             shed: shed.clone(),
+            tenant,
             charged,
-            held: None,
+            held: Vec::new(),
         };
         let size = body.size();
         if size > limit {
@@ -261,16 +271,8 @@ impl ReadBody {
 
     /// Charged for `size` bytes in all.
     fn charge(&mut self, size: usize) -> Result<(), Unreadable> {
-        if let Some(more) = self
-            .shed
-            .charge(self.charged, size)
-            .map_err(Unreadable::Busy)?
-        {
-            match &mut self.held {
-                Some(held) => held.merge(more),
-                None => self.held = Some(more),
-            }
-        }
+        let more = self.shed.charge(self.tenant, self.charged, size);
+        self.held.extend(more.map_err(Unreadable::Busy)?);
         self.charged = self.charged.max(size);
         Ok(())
     }
@@ -328,6 +330,7 @@ fn inflate(
 /// inflated to.
 pub async fn read_body(
     s: &AppState,
+    tenant: TenantId,
     body: Body,
     headers: &HeaderMap,
 ) -> Result<ReadBody, IngestError> {
@@ -350,7 +353,6 @@ pub async fn read_body(
         }
     };
     let declared = s.shed.declared(headers);
-    Ok(ReadBody::new(
-        sent, gzip, limit, &s.lane, &s.shed, declared,
-    )?)
+    let body = ReadBody::new(sent, gzip, limit, (&s.lane, &s.shed), tenant, declared)?;
+    Ok(body)
 }

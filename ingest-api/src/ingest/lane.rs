@@ -16,13 +16,13 @@
 //! the body is let go of at once (its place in the lane is given back once the lane has
 //! passed it). Smaller bodies are worked on where they are, as before.
 
-use std::collections::HashMap;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use shared::tenant::TenantId;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::per_tenant::{locked, PerTenant};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -31,10 +31,8 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct Lane {
     jobs: mpsc::Sender<Job>,
     min_bytes: usize,
-    per_tenant: usize,
-    /// Each tenant's places in the lane (its bodies waiting there or being worked on), for
-    /// the tenants that have a body in the lane or waiting for a place.
-    places: Places,
+    /// Each tenant's places in the lane (its bodies waiting there or being worked on).
+    places: PerTenant,
 }
 
 /// How much lower than the runtime's threads the lane's threads run (a nice value).
@@ -67,8 +65,7 @@ impl Lane {
         Lane {
             jobs,
             min_bytes,
-            per_tenant: per_tenant.max(1),
-            places: Arc::default(),
+            places: PerTenant::new(per_tenant),
         }
     }
 
@@ -94,7 +91,7 @@ impl Lane {
     {
         // The place is given back once the job has run, or been skipped: a tenant's dropped
         // requests hold its places until the lane has passed them.
-        let place = self.place(tenant).await;
+        let place = self.places.acquire(tenant, 1).await;
         let work = Abandon(Arc::new(Mutex::new(Some(work))));
         let (answer, answered) = tokio::sync::oneshot::channel();
         let job: Job = Box::new({
@@ -136,55 +133,6 @@ impl Lane {
             work()
         }
     }
-
-    /// One of `tenant`'s places in the lane once one is free, given back when dropped.
-    async fn place(&self, tenant: TenantId) -> Place {
-        let places = {
-            let mut lane = locked(&self.places);
-            let (places, users) = lane
-                .entry(tenant)
-                .or_insert_with(|| (Arc::new(Semaphore::new(self.per_tenant)), 0));
-            *users += 1;
-            places.clone()
-        };
-        // Counted as a user from here, so that a caller dropped while it waits is uncounted.
-        let mut place = Place {
-            lane: self.places.clone(),
-            tenant,
-            permit: None,
-        };
-        place.permit = Some(
-            places
-                .acquire_owned()
-                .await
-                .expect("a tenant's places are never closed"),
-        );
-        place
-    }
-}
-
-/// Each tenant's places, and how many bodies hold one or wait for one; a tenant is forgotten
-/// when that comes to none.
-type Places = Arc<Mutex<HashMap<TenantId, (Arc<Semaphore>, usize)>>>;
-
-/// A tenant's place in the lane (or its wait for one).
-struct Place {
-    lane: Places,
-    tenant: TenantId,
-    permit: Option<OwnedSemaphorePermit>,
-}
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        drop(self.permit.take());
-        let mut lane = locked(&self.lane);
-        if let Some((_, users)) = lane.get_mut(&self.tenant) {
-            *users -= 1;
-            if *users == 0 {
-                lane.remove(&self.tenant);
-            }
-        }
-    }
 }
 
 /// Work waiting for the lane, dropped with its caller unless the lane has taken it.
@@ -195,11 +143,6 @@ impl<F> Drop for Abandon<F> {
         let work = locked(&self.0).take();
         drop(work);
     }
-}
-
-/// A lock whose holder cannot leave it inconsistent (a panic inside is caught apart).
-fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Lowers the calling thread's priority by [`NICENESS`] (Linux applies a nice value to the
@@ -315,11 +258,7 @@ mod tests {
 
     /// Whether a body is in the lane besides the one being worked on.
     fn queued_in(lane: &Lane) -> bool {
-        locked(&lane.places)
-            .values()
-            .map(|(places, _)| lane.per_tenant - places.available_permits())
-            .sum::<usize>()
-            > 1
+        lane.places.held_in_all() > 1
     }
 
     /// A tenant has at most its places in the lane; its next body waits outside, and another
@@ -346,21 +285,17 @@ mod tests {
                 tokio::task::yield_now().await;
             }
         }
-        assert_eq!(
-            locked(&lane.places)[&greedy].0.available_permits(),
-            0,
-            "greedy holds both its places"
-        );
+        assert_eq!(lane.places.held(greedy), 2, "greedy holds both its places");
         // A body that gives up waiting for a place is no longer counted.
         let gave_up = tokio::spawn({
             let lane = lane.clone();
             async move { lane.run(greedy, || unreachable!("never run")).await }
         });
         tokio::task::yield_now().await;
-        assert_eq!(locked(&lane.places)[&greedy].1, 4);
+        assert_eq!(lane.places.users(greedy), 4);
         gave_up.abort();
         let _ = gave_up.await;
-        assert_eq!(locked(&lane.places)[&greedy].1, 3);
+        assert_eq!(lane.places.users(greedy), 3);
         release.send(()).unwrap();
         busy.await.unwrap();
         for body in bodies {
@@ -371,7 +306,7 @@ mod tests {
             ["greedy 1", "greedy 2", "other", "greedy 3"]
         );
         // Places are given back, and forgotten, once the tenant's bodies are done.
-        assert!(locked(&lane.places).is_empty());
+        assert_eq!(lane.places.tenants(), 0);
     }
 
     /// A lane of two threads works on two bodies at once: each of these two waits for the

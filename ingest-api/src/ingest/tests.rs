@@ -97,7 +97,13 @@ fn harness(limit: u32) -> Harness {
         outbox_wake: Arc::default(),
         oidc: reqwest::Client::new(),
         throttle: crate::throttle::LoginThrottle::new(None, "", 5, 20, Duration::from_secs(60)),
-        shed: crate::shed::Shed::new(64, 64 << 20, config.max_body_bytes),
+        shed: crate::shed::Shed::new(crate::shed::Limits {
+            requests: 64,
+            bytes: 64 << 20,
+            tenant_requests: 32,
+            tenant_bytes: 32 << 20,
+            max_body: config.max_body_bytes,
+        }),
         lane: crate::ingest::lane::Lane::start(
             config.lane_threads,
             config.lane_min_bytes,
@@ -412,7 +418,7 @@ async fn a_large_gzip_body_is_charged_while_it_waits_and_while_it_is_read() {
     headers.insert(header::CONTENT_LENGTH, sent.len().into());
     headers.insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
     let free = s.shed.bytes_free();
-    let body = crate::ingest::door::read_body(s, Body::from(sent.clone()), &headers)
+    let body = crate::ingest::door::read_body(s, h.tenant, Body::from(sent.clone()), &headers)
         .await
         .unwrap();
     // Inflated as far as the lane's size, and charged for that beyond its declared length.

@@ -45,7 +45,7 @@ async fn accept(
     body: Body,
 ) -> Result<Accepted, IngestError> {
     check_content_type(headers)?;
-    let body = read_body(s, body, headers).await?;
+    let body = read_body(s, principal.tenant_id, body, headers).await?;
     let ctx = context(s, &principal, headers);
     let (keep, max) = (keep(&principal), s.config.max_batch_events);
     // The body is let go of once its events are stamped: nothing of it is held while the

@@ -74,7 +74,7 @@ async fn accept(
             "line protocol is text/plain, got `{ct}`"
         )));
     }
-    let body = read_body(s, body, headers).await?;
+    let body = read_body(s, principal.tenant_id, body, headers).await?;
     let now = Utc::now();
     let ctx = IngestContext {
         received_at: now,

@@ -41,7 +41,7 @@ async fn export<S: Signal>(s: AppState, request: Request) -> Response {
     let s = &s;
     ingest_door(s, parts.headers, |principal, headers| async move {
         let encoding = encoding(&headers)?;
-        let body = read_body(s, body, &headers).await?;
+        let body = read_body(s, principal.tenant_id, body, &headers).await?;
         let (ctx, keep) = (key_context(s, &principal, Source::Otlp), keep(&principal));
         // The body is let go of once its points are stamped: nothing of it is held while the
         // log acknowledges them.

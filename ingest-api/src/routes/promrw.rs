@@ -34,7 +34,8 @@ pub async fn write(State(s): State<AppState>, request: Request) -> Response {
         if inflated > limit {
             return Err(IngestError::too_large(limit));
         }
-        let charge = s.shed.charge(s.shed.declared(&headers), inflated)?;
+        let declared = s.shed.declared(&headers);
+        let charge = s.shed.charge(principal.tenant_id, declared, inflated)?;
         let size = inflated.max(bytes.len());
         let work = move || {
             let _charge = charge;

@@ -106,3 +106,93 @@ async fn the_doors_shed_load_with_503_and_retry_after() {
     assert_eq!(grpc_raw(&grpc, &t.ingest_key, &["--hex", ""]).await, "OK");
     ingest.stop().await.unwrap();
 }
+
+/// One tenant's requests in flight hold at most its share of the budget: past it, its own
+/// requests are shed (503 naming its share, `UNAVAILABLE` over gRPC), and another tenant's
+/// are taken as if it were not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_tenant_in_flight_never_sheds_another() {
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |c| {
+        c.max_body_bytes = 1 << 20;
+        c.max_inflight_requests = 8;
+        c.max_inflight_bytes = 8 << 20;
+        c.tenant_inflight_requests = 3;
+        c.tenant_inflight_bytes = 2 << 20;
+    })
+    .await;
+    let greedy = create_tenant(&pool, "greedy").await;
+    let other = create_tenant(&pool, "other").await;
+    let client = http();
+    let events = json!([command("u", "build", 5, true)]);
+    let grpc = ingest.grpc_addr.expect("gRPC is on").to_string();
+    let url = ingest.url();
+    let shed = |key| answer(&client, &url, key, &events);
+    let (greedy_key, other_key) = (greedy.ingest_key.as_str(), other.ingest_key.as_str());
+
+    // Its bytes: two bodies of 1 MiB declared hold its 2 MiB.
+    let held: Vec<_> = futures::future::join_all(
+        (0..2).map(|_| hold(ingest.addr, "/v1/events", greedy_key, 1 << 20)),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, retry, body) = shed(greedy_key).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry.unwrap(), "1");
+    assert!(body.contains("this tenant holds its whole share"), "{body}");
+    assert!(body.contains("(bytes)"), "{body}");
+    let got = grpc_raw(&grpc, greedy_key, &["--hex", ""]).await;
+    assert!(got.starts_with("UNAVAILABLE"), "{got}");
+    // The other tenant is taken, over HTTP and gRPC.
+    let (status, _, body) = shed(other_key).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(grpc_raw(&grpc, other_key, &["--hex", ""]).await, "OK");
+    drop(held);
+
+    // Its requests: three small ones hold its three slots.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held: Vec<_> =
+        futures::future::join_all((0..3).map(|_| hold(ingest.addr, "/v1/events", greedy_key, 10)))
+            .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _, body) = shed(greedy_key).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("(requests)"), "{body}");
+    let (status, _, body) = shed(other_key).await;
+    assert_eq!(status, 202, "{body}");
+    let metrics = scrape_metrics(&client, &ingest.url()).await;
+    for limit in ["tenant_bytes", "tenant_requests"] {
+        assert!(
+            metrics.contains(&format!("ingest_shed_total{{limit=\"{limit}\"}}")),
+            "{metrics}"
+        );
+    }
+
+    // Once its requests go, the tenant is taken again.
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, _) = shed(greedy_key).await;
+        if status == 202 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still shedding");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ingest.stop().await.unwrap();
+}
+
+/// The status, `Retry-After` and body of the answer to posting `events` with `key`.
+async fn answer(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    events: &serde_json::Value,
+) -> (reqwest::StatusCode, Option<String>, String) {
+    let res = post_events(client, url, key, events).await;
+    let retry = res
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (res.status(), retry, res.text().await.unwrap())
+}

@@ -1,0 +1,181 @@
+//! A budget for each tenant: the same number of permits for every tenant, counted apart, so
+//! that what one tenant holds never comes out of another's. A tenant's budget exists only
+//! while something holds its permits or waits for them; it is forgotten when that comes to
+//! none, so the map holds no more tenants than there are requests in flight.
+//!
+//! Used for each tenant's places in the large-body lane (`crate::ingest::lane`) and its share
+//! of the in-flight budget (`crate::shed`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use shared::tenant::TenantId;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// `permits` for each tenant.
+#[derive(Clone)]
+pub struct PerTenant {
+    permits: usize,
+    tenants: Tenants,
+}
+
+/// Each tenant's permits, and how many hold or wait for some of them.
+type Tenants = Arc<Mutex<HashMap<TenantId, (Arc<Semaphore>, usize)>>>;
+
+impl PerTenant {
+    pub fn new(permits: usize) -> PerTenant {
+        PerTenant {
+            permits: permits.clamp(1, Semaphore::MAX_PERMITS),
+            tenants: Arc::default(),
+        }
+    }
+
+    /// `n` of `tenant`'s permits once they are free (a tenant's permits are taken in order
+    /// of asking), given back when dropped; a caller dropped while it waits is no longer
+    /// counted.
+    pub async fn acquire(&self, tenant: TenantId, n: u32) -> TenantPermit {
+        let (mut permit, semaphore) = self.user(tenant);
+        permit.permit = Some(
+            semaphore
+                .acquire_many_owned(n)
+                .await
+                .expect("a tenant's budget is never closed"),
+        );
+        permit
+    }
+
+    /// `n` of `tenant`'s permits if they are free now.
+    pub fn try_acquire(&self, tenant: TenantId, n: u32) -> Option<TenantPermit> {
+        let (mut permit, semaphore) = self.user(tenant);
+        permit.permit = Some(semaphore.try_acquire_many_owned(n).ok()?);
+        Some(permit)
+    }
+
+    /// `tenant`'s semaphore, counted as used by the permit returned (which holds none yet).
+    fn user(&self, tenant: TenantId) -> (TenantPermit, Arc<Semaphore>) {
+        let semaphore = {
+            let mut tenants = locked(&self.tenants);
+            let (semaphore, users) = tenants
+                .entry(tenant)
+                .or_insert_with(|| (Arc::new(Semaphore::new(self.permits)), 0));
+            *users += 1;
+            semaphore.clone()
+        };
+        let permit = TenantPermit {
+            tenants: self.tenants.clone(),
+            tenant,
+            permit: None,
+        };
+        (permit, semaphore)
+    }
+
+    /// The permits `tenant` holds now.
+    #[cfg(test)]
+    pub fn held(&self, tenant: TenantId) -> usize {
+        locked(&self.tenants)
+            .get(&tenant)
+            .map_or(0, |(semaphore, _)| {
+                self.permits - semaphore.available_permits()
+            })
+    }
+
+    /// The permits held, over all tenants.
+    #[cfg(test)]
+    pub fn held_in_all(&self) -> usize {
+        locked(&self.tenants)
+            .values()
+            .map(|(semaphore, _)| self.permits - semaphore.available_permits())
+            .sum()
+    }
+
+    /// How many hold or wait for `tenant`'s permits.
+    #[cfg(test)]
+    pub fn users(&self, tenant: TenantId) -> usize {
+        locked(&self.tenants)
+            .get(&tenant)
+            .map_or(0, |(_, users)| *users)
+    }
+
+    /// The tenants remembered.
+    #[cfg(test)]
+    pub fn tenants(&self) -> usize {
+        locked(&self.tenants).len()
+    }
+}
+
+/// Permits of one tenant's budget (or the wait for them), given back when dropped.
+pub struct TenantPermit {
+    tenants: Tenants,
+    tenant: TenantId,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for TenantPermit {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut tenants = locked(&self.tenants);
+        if let Some((_, users)) = tenants.get_mut(&self.tenant) {
+            *users -= 1;
+            if *users == 0 {
+                tenants.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// A lock whose holder cannot leave it inconsistent (a panic inside is caught apart).
+pub(crate) fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each tenant has its own permits; a tenant is forgotten once nothing holds or waits
+    /// for its permits.
+    #[tokio::test]
+    async fn tenants_hold_their_own_permits_and_are_forgotten_when_done() {
+        let budget = PerTenant::new(10);
+        let (a, b) = (TenantId::new(), TenantId::new());
+        let a6 = budget.try_acquire(a, 6).expect("free");
+        assert!(budget.try_acquire(a, 5).is_none(), "a has 4 left");
+        let b10 = budget.try_acquire(b, 10).expect("b's own ten");
+        let a4 = budget.try_acquire(a, 4).expect("a's last four");
+        assert_eq!((budget.held(a), budget.held(b)), (10, 10));
+        drop(b10);
+        assert_eq!(budget.tenants(), 1, "b is forgotten");
+        drop(a6);
+        assert_eq!(budget.held(a), 4);
+        drop(a4);
+        assert_eq!(budget.tenants(), 0);
+    }
+
+    /// A waiter gets its permits once they are given back; one that gives up waiting is no
+    /// longer counted.
+    #[tokio::test]
+    async fn waiters_are_counted_until_they_give_up() {
+        let budget = PerTenant::new(1);
+        let a = TenantId::new();
+        let first = budget.acquire(a, 1).await;
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.acquire(a, 1).await }
+        });
+        let gave_up = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.acquire(a, 1).await }
+        });
+        while budget.users(a) < 3 {
+            tokio::task::yield_now().await;
+        }
+        gave_up.abort();
+        let _ = gave_up.await;
+        assert_eq!(budget.users(a), 2);
+        drop(first);
+        let second = waiting.await.unwrap();
+        assert_eq!((budget.held(a), budget.users(a)), (1, 1));
+        drop(second);
+        assert_eq!(budget.tenants(), 0);
+    }
+}
