@@ -26,6 +26,9 @@ pub struct Config {
     /// Of `max_inflight_bytes`, what one tenant's requests may hold at once (their bodies as
     /// declared, and what they inflate to); at least `max_body_bytes`.
     pub tenant_inflight_bytes: usize,
+    /// How long a request's body may take to arrive, at any door; past it, 408 (gRPC:
+    /// `DEADLINE_EXCEEDED`), and what it held is given back.
+    pub body_timeout_secs: u64,
     /// Threads of the large-body lane (`crate::ingest::lane`), at a lower priority than the
     /// runtime's.
     pub lane_threads: usize,
@@ -70,6 +73,7 @@ impl Default for Config {
             max_inflight_bytes: 64 * 1024 * 1024,
             tenant_inflight_requests: 32,
             tenant_inflight_bytes: 32 * 1024 * 1024,
+            body_timeout_secs: 30,
             lane_threads: 1,
             lane_min_bytes: 1024 * 1024,
             lane_tenant_bodies: 2,
@@ -104,6 +108,9 @@ impl Config {
                 "tenant_inflight_requests must be positive and tenant_inflight_bytes at least max_body_bytes"
                     .into(),
             );
+        }
+        if self.body_timeout_secs == 0 {
+            return Err("body_timeout_secs must be positive".into());
         }
         if self.lane_threads == 0 || self.lane_min_bytes == 0 || self.lane_tenant_bodies == 0 {
             return Err(

@@ -24,19 +24,20 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use axum::body::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use prost::Message as _;
 use shared::events::Source;
-use shared::tenant::TenantId;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::NamedService;
 use tonic::Status;
 
 use crate::error::IngestError;
 use crate::formats::otlp::{self, Converted, DecodeError, Signal};
-use crate::ingest::door::{admit, append, keep, key_context, ReadBody, Unreadable};
+use crate::ingest::door::{admit, append, keep, key_context, read_limited, ReadBody, Unreadable};
+use crate::ingest::lane::Lane;
 use crate::ingest::{IngestContext, Keep, Stamped};
 use crate::routes::otlp::stamp;
+use crate::shed::Charges;
 use crate::state::AppState;
 
 /// The gRPC service of one signal.
@@ -91,34 +92,25 @@ impl<E: Signal> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
                 Ok(principal) => principal,
                 Err(error) => return Ok(Status::from(error).into_http()),
             };
-            let body = match Limited::new(body, limit + 5).collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    return Ok(too_large(limit).into_http())
-                }
-                Err(e) => {
-                    return Ok(
-                        Status::invalid_argument(format!("reading the request: {e}")).into_http(),
-                    )
-                }
+            // Held as over HTTP (`crate::shed`): a slot and the declared length before the
+            // message is read, what it comes to as it arrives and what it inflates to, so
+            // that messages being read or waiting for the lane are bounded like bodies.
+            let (tenant, declared) = (principal.tenant_id, state.shed.declared(&parts.headers));
+            let _held = match state.shed.hold(tenant, declared) {
+                Ok(held) => held,
+                Err(busy) => return Ok(Status::from(IngestError::from(busy)).into_http()),
+            };
+            let mut charges = Charges::new(&state.shed, tenant, declared);
+            let within = state.body_timeout();
+            let body = match read_limited(body, limit + 5, &mut charges, within).await {
+                Ok(body) => body,
+                Err(e) => return Ok(unreadable(e, limit).into_http()),
             };
             let encoding = parts
                 .headers
                 .remove("grpc-encoding")
                 .map(|v| v.to_str().unwrap_or("?").to_string());
-            // Held as over HTTP (`crate::shed`): a slot and the message's bytes as sent, and
-            // what it inflates to beyond them, so that messages waiting for the lane are
-            // bounded like bodies.
-            let held = state.shed.hold(body.len()).and_then(|held| {
-                let share = state.shed.hold_share(principal.tenant_id, body.len())?;
-                Ok((held, share))
-            });
-            let _held = match held {
-                Ok(held) => held,
-                Err(busy) => return Ok(Status::from(IngestError::from(busy)).into_http()),
-            };
-            let tenant = principal.tenant_id;
-            let message = match message(body, encoding.as_deref(), limit, &state, tenant) {
+            let message = match message(body, encoding.as_deref(), limit, &state.lane, charges) {
                 Ok(message) => message,
                 Err(status) => return Ok(status.into_http()),
             };
@@ -162,25 +154,30 @@ fn too_large(limit: usize) -> Status {
     ))
 }
 
-/// A body that cannot be read, as OTLP senders read it.
-fn unreadable(e: Unreadable) -> Status {
+/// A message that cannot be read (within `limit` bytes), as OTLP senders read it.
+fn unreadable(e: Unreadable, limit: usize) -> Status {
     match e {
-        Unreadable::TooLarge(limit) => too_large(limit),
+        Unreadable::TooLarge(_) => too_large(limit),
         Unreadable::BadGzip(e) => Status::invalid_argument(format!("invalid gzip message: {e}")),
         Unreadable::Busy(busy) => Status::from(IngestError::from(busy)),
+        Unreadable::Broken(e) => Status::invalid_argument(format!("reading the request: {e}")),
+        Unreadable::Slow(within) => Status::deadline_exceeded(format!(
+            "the message had not all arrived after {} s",
+            within.as_secs()
+        )),
     }
 }
 
 /// The request's one message, with gzip undone within `limit` bytes as far as the lane's
-/// size (the rest where it is read), charged to `shed` for what it inflated to beyond its
-/// size as sent (which the caller holds).
+/// size (the rest where it is read), holding `charges` (what the request was charged as it
+/// was read) and charged there for what it inflated to.
 #[allow(clippy::result_large_err)] // tonic's own error type; once per request
 fn message(
     body: Bytes,
     encoding: Option<&str>,
     limit: usize,
-    state: &AppState,
-    tenant: TenantId,
+    lane: &Lane,
+    charges: Charges,
 ) -> Result<ReadBody, Status> {
     let (header, after) = body
         .split_at_checked(5)
@@ -210,8 +207,7 @@ fn message(
             )))
         }
     };
-    let budget = (&state.lane, &state.shed);
-    ReadBody::new(payload, gzip, limit, budget, tenant, body.len()).map_err(unreadable)
+    ReadBody::new(payload, gzip, limit, lane, charges).map_err(|e| unreadable(e, limit))
 }
 
 /// The message's points stamped, with what was refused: inflated to its end, counted on the
@@ -223,13 +219,16 @@ fn read<E: Signal>(
     keep: Keep,
 ) -> Result<(Converted, Vec<Stamped>), Status> {
     // What the message holds of the in-flight budget is held until it is stamped.
-    let message = message.finish().map_err(unreadable)?;
+    let limit = message.limit();
+    let message = message.finish().map_err(|e| unreadable(e, limit))?;
     otlp::check_protobuf::<E>(message.bytes()).map_err(|e| match e {
         DecodeError::Malformed(e) => Status::invalid_argument(e),
         DecodeError::TooMany(e) => Status::from(IngestError::too_many(e)),
     })?;
     let req = E::Request::decode(message.bytes())
         .map_err(|e| Status::invalid_argument(format!("invalid protobuf: {e}")))?;
+    // The bytes are let go of; what they were charged is held until the points are stamped.
+    let _charges = message.into_charges();
     let converted = E::events(&req, ctx.received_at).map_err(IngestError::too_many)?;
     drop(req);
     Ok(stamp::<E>(ctx, keep, converted)?)

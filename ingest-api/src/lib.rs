@@ -13,7 +13,6 @@ pub mod keys;
 pub mod oidc;
 pub mod outbox;
 pub mod password;
-pub mod per_tenant;
 pub mod relay;
 pub mod routes;
 pub mod secrets;
@@ -143,6 +142,7 @@ impl App {
                 tenant_bytes: config.tenant_inflight_bytes,
                 max_body: config.max_body_bytes,
             }),
+            webhooks: routes::webhooks::budget(),
             lane: ingest::lane::Lane::start(
                 config.lane_threads,
                 config.lane_min_bytes,
@@ -179,7 +179,8 @@ impl App {
 
     pub fn router(state: AppState) -> Router {
         // The ingest doors read the raw body themselves, within `max_body_bytes` as sent and
-        // once decompressed (`ingest::door::read_body`).
+        // once decompressed (`ingest::door::read_body`), holding their share of the in-flight
+        // budget once their key is known (`shed`).
         let doors = Router::new()
             .route("/v1/events", post(routes::events::post_events))
             .route("/api/v2/write", post(routes::influx::write))
@@ -193,11 +194,7 @@ impl App {
             .route(
                 "/v1/webhooks/gitlab/{tenant}",
                 post(routes::webhooks::gitlab),
-            )
-            .route_layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                shed::shed,
-            ));
+            );
         let auth = Router::new()
             .route("/v1/auth/login", post(routes::auth::login))
             .route("/v1/auth/refresh", post(routes::auth::refresh))

@@ -1,32 +1,31 @@
-//! Load shedding at the ingest doors. Every request to a door holds, until it is answered, one
-//! of `max_inflight_requests` slots and as many of `max_inflight_bytes` as its body may take
-//! (its `Content-Length`, or the body limit when it sends none). A compressed body is charged
-//! again once it is read, for what it inflated to beyond its declared length
-//! ([`Shed::charge`]). A request that finds either exhausted is answered at once with 503 and
-//! `Retry-After`, before anything (more) is read: under
-//! any offered load the bodies (and the events they become) held in memory stay bounded, and
-//! the requests that are taken are served at the speed Kafka allows instead of all of them
-//! timing out together. OTLP/gRPC holds its slot and bytes ([`Shed::hold`]) once its server
-//! has read the message within the body limit, and answers `UNAVAILABLE` instead of 503.
+//! Load shedding at the ingest doors.
+//!
+//! Every request to a door holds, from the moment its key is known until it is answered, one
+//! of `max_inflight_requests` slots and its declared length (`Content-Length`, within the
+//! body limit) of `max_inflight_bytes` ([`Shed::hold`]). What its body comes to beyond that —
+//! read without a declared length, or inflated — is charged as it arrives ([`Charges`]). A
+//! request that finds the budget exhausted is answered at once with 503 and `Retry-After`
+//! (`UNAVAILABLE` over gRPC), before anything (more) of its body is read: under any offered
+//! load the bodies (and the events they become) held in memory stay bounded, and the requests
+//! that are taken are served at the speed Kafka allows instead of all of them timing out
+//! together.
 //!
 //! Of that budget, each tenant holds at most its share (`tenant_inflight_requests`,
-//! `tenant_inflight_bytes`; [`Shed::hold_share`]), taken once its key is known and charged
-//! for inflated bytes like the budget in all: past it, only that tenant's requests are shed,
-//! so one sender's flood of slow or large bodies leaves the rest of the budget to the others.
+//! `tenant_inflight_bytes`), counted the same way: past it, only that tenant's requests are
+//! shed, so one sender's flood of slow or large bodies leaves the rest of the budget to the
+//! others. Webhooks, whose sender is proven only by a signature over the body, have a small
+//! budget of their own (`crate::routes::webhooks`), so that nobody without a key can take the
+//! doors' budget.
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
 use axum::http::header::CONTENT_LENGTH;
 use axum::http::HeaderMap;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use shared::per_tenant::{PerTenant, TenantPermit};
+use shared::tenant::TenantId;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::IngestError;
-use crate::per_tenant::{PerTenant, TenantPermit};
-use crate::state::AppState;
-use shared::tenant::TenantId;
 
 /// What the doors may hold at once, in all and for each tenant.
 #[derive(Clone)]
@@ -45,7 +44,7 @@ pub struct Limits {
     pub bytes: usize,
     pub tenant_requests: usize,
     pub tenant_bytes: usize,
-    /// The body limit (what a body of unknown length is charged on arrival).
+    /// The body limit (the most a declared length is charged for).
     pub max_body: usize,
 }
 
@@ -63,14 +62,14 @@ impl Shed {
     }
 
     /// The bytes a request is charged on arrival: its declared length within the body
-    /// limit, or the limit when it declares none.
+    /// limit; none when it declares none (its body is charged as it is read).
     pub fn declared(&self, headers: &HeaderMap) -> usize {
         headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(self.max_body)
-            .clamp(1, self.max_body.max(1))
+            .unwrap_or(0)
+            .min(self.max_body)
     }
 
     /// Bytes of the in-flight budget not held by any request.
@@ -79,21 +78,33 @@ impl Shed {
         self.bytes.available_permits()
     }
 
-    /// Charges `tenant`'s request that was charged `declared` bytes on arrival
-    /// ([`Shed::declared`]), and whose body came to `size` bytes once read (decompressed), for
-    /// what its arrival did not cover, in all and to the tenant's share; the charge lasts as
-    /// long as what it returns (nothing when nothing more is due). A budget that cannot cover
-    /// it is a 503, as on arrival.
-    pub fn charge(
-        &self,
-        tenant: TenantId,
-        declared: usize,
-        size: usize,
-    ) -> Result<Option<Charge>, Busy> {
-        let more = size.saturating_sub(declared);
-        if more == 0 {
-            return Ok(None);
-        }
+    /// `tenant`'s request: a slot and `size` bytes, of its share and of the budget in all,
+    /// held until dropped; a 503 when either is exhausted.
+    pub fn hold(&self, tenant: TenantId, size: usize) -> Result<Held, Busy> {
+        let permits = u32::try_from(size.max(1)).unwrap_or(u32::MAX);
+        let Some(share_slot) = self.tenant_requests.try_acquire(tenant, 1) else {
+            return Err(overloaded(TENANT_REQUESTS));
+        };
+        let Some(share_bytes) = self.tenant_bytes.try_acquire(tenant, permits) else {
+            return Err(overloaded(TENANT_BYTES));
+        };
+        let Ok(slot) = self.requests.clone().try_acquire_owned() else {
+            return Err(overloaded(REQUESTS));
+        };
+        let Ok(bytes) = self.bytes.clone().try_acquire_many_owned(permits) else {
+            return Err(overloaded(BYTES));
+        };
+        Ok(Held {
+            _slot: slot,
+            _bytes: bytes,
+            _share_slot: share_slot,
+            _share_bytes: share_bytes,
+        })
+    }
+
+    /// `more` bytes for `tenant`'s request beyond what it holds, of its share and of the
+    /// budget in all; a 503 when either cannot cover them.
+    fn charge(&self, tenant: TenantId, more: usize) -> Result<Charge, Busy> {
         let permits = u32::try_from(more).unwrap_or(u32::MAX);
         let Some(share) = self.tenant_bytes.try_acquire(tenant, permits) else {
             return Err(overloaded(TENANT_BYTES));
@@ -101,43 +112,7 @@ impl Shed {
         let Ok(bytes) = self.bytes.clone().try_acquire_many_owned(permits) else {
             return Err(overloaded(BYTES));
         };
-        Ok(Some(Charge {
-            _bytes: bytes,
-            _share: share,
-        }))
-    }
-
-    /// A request's slot and `size` bytes of the budget, held until dropped; a 503 when either
-    /// is exhausted.
-    pub fn hold(&self, size: usize) -> Result<Held, Busy> {
-        let Ok(slot) = self.requests.clone().try_acquire_owned() else {
-            return Err(overloaded(REQUESTS));
-        };
-        let permits = u32::try_from(size.max(1)).unwrap_or(u32::MAX);
-        let Ok(bytes) = self.bytes.clone().try_acquire_many_owned(permits) else {
-            return Err(overloaded(BYTES));
-        };
-        Ok(Held {
-            _slot: slot,
-            _bytes: bytes,
-        })
-    }
-
-    /// `tenant`'s share for a request it sends ([`Shed::hold`]'s slot and `size` bytes,
-    /// counted again against the tenant's own limits), held until dropped; a 503 when the
-    /// tenant already holds its share.
-    pub fn hold_share(&self, tenant: TenantId, size: usize) -> Result<Share, Busy> {
-        let Some(slot) = self.tenant_requests.try_acquire(tenant, 1) else {
-            return Err(overloaded(TENANT_REQUESTS));
-        };
-        let permits = u32::try_from(size.max(1)).unwrap_or(u32::MAX);
-        let Some(bytes) = self.tenant_bytes.try_acquire(tenant, permits) else {
-            return Err(overloaded(TENANT_BYTES));
-        };
-        Ok(Share {
-            _slot: slot,
-            _bytes: bytes,
-        })
+        Ok(Charge { bytes, share })
     }
 }
 
@@ -145,32 +120,54 @@ impl Shed {
 pub struct Held {
     _slot: OwnedSemaphorePermit,
     _bytes: OwnedSemaphorePermit,
+    _share_slot: TenantPermit,
+    _share_bytes: TenantPermit,
 }
 
-/// A tenant's slot and bytes ([`Shed::hold_share`]), given back when dropped.
-pub struct Share {
-    _slot: TenantPermit,
-    _bytes: TenantPermit,
+/// Bytes held beyond a request's arrival ([`Charges`]).
+struct Charge {
+    bytes: OwnedSemaphorePermit,
+    share: TenantPermit,
 }
 
-/// What a body inflated to beyond its arrival's charge ([`Shed::charge`]), given back when
-/// dropped.
-pub struct Charge {
-    _bytes: OwnedSemaphorePermit,
-    _share: TenantPermit,
+/// What a request's body holds of the budget beyond what it was charged on arrival ([`Held`]):
+/// the bytes it came to as read, then as inflated. Given back when dropped, which a door does
+/// once the body is let go of (its arrival's charge is held until it is answered).
+pub struct Charges {
+    shed: Shed,
+    tenant: TenantId,
+    /// The bytes charged in all, on arrival and here.
+    charged: usize,
+    held: Option<Charge>,
 }
 
-/// The middleware of the HTTP ingest doors (see the module's doc). OTLP/gRPC holds its slot
-/// and bytes itself, once it has read its message (`crate::grpc`).
-pub async fn shed(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let declared = s.shed.declared(req.headers());
-    match s.shed.hold(declared) {
-        Ok(held) => {
-            let res = next.run(req).await;
-            drop(held);
-            res
+impl Charges {
+    /// For `tenant`'s request that was charged `charged` bytes on arrival.
+    pub fn new(shed: &Shed, tenant: TenantId, charged: usize) -> Charges {
+        Charges {
+            shed: shed.clone(),
+            tenant,
+            charged,
+            held: None,
         }
-        Err(busy) => IngestError::from(busy).into_response(),
+    }
+
+    /// Charged for `size` bytes in all (nothing more when it has been already); a 503 when
+    /// the budget or the tenant's share cannot cover the rest.
+    pub fn up_to(&mut self, size: usize) -> Result<(), Busy> {
+        let Some(more) = size.checked_sub(self.charged).filter(|&more| more > 0) else {
+            return Ok(());
+        };
+        let charge = self.shed.charge(self.tenant, more)?;
+        match &mut self.held {
+            Some(held) => {
+                held.bytes.merge(charge.bytes);
+                held.share.merge(charge.share);
+            }
+            None => self.held = Some(charge),
+        }
+        self.charged = size;
+        Ok(())
     }
 }
 
@@ -226,90 +223,77 @@ mod tests {
         })
     }
 
-    impl Shed {
-        fn charge_for(
-            &self,
-            tenant: TenantId,
-            headers: &HeaderMap,
-            size: usize,
-        ) -> Result<Option<Charge>, Busy> {
-            self.charge(tenant, self.declared(headers), size)
-        }
-    }
-
-    /// A compressed body is charged for what it inflated to beyond its declared length, as
-    /// long as the request holds the charge; a budget that cannot cover it is a 503.
+    /// A request is charged its declared length within the body limit on arrival (nothing
+    /// when it declares none); what its body comes to beyond that is charged as it grows,
+    /// for as long as the request holds the charges; a budget that cannot cover it is a 503.
     #[test]
-    fn inflated_bodies_are_charged_for_what_they_became() {
+    fn bodies_are_charged_for_what_they_become() {
         let shed = shed(8, 1000);
         let t = TenantId::new();
-        let small = declaring(100);
-        assert!(shed.charge_for(t, &small, 100).unwrap().is_none());
-        assert!(shed.charge_for(t, &small, 40).unwrap().is_none());
-        let held = shed.charge_for(t, &small, 700).unwrap().expect("charged");
-        assert_eq!(shed.bytes_free(), 400);
+        assert_eq!(shed.declared(&declaring(100)), 100);
+        assert_eq!(shed.declared(&declaring(5000)), 600);
+        assert_eq!(shed.declared(&HeaderMap::new()), 0);
+        let arrival = shed.hold(t, 100).unwrap();
+        let mut charges = Charges::new(&shed, t, 100);
+        charges.up_to(40).unwrap();
+        charges.up_to(100).unwrap();
+        assert_eq!(shed.bytes_free(), 900, "nothing beyond the declared length");
+        charges.up_to(700).unwrap();
+        charges.up_to(650).unwrap();
+        assert_eq!(shed.bytes_free(), 300);
         // Another tenant's share has room, the budget in all has not.
-        let other = TenantId::new();
-        assert_eq!(shed.charge_for(other, &small, 600).err(), Some(Busy(BYTES)));
-        let four = shed.charge_for(t, &small, 500).unwrap().expect("charged");
+        let mut other = Charges::new(&shed, TenantId::new(), 0);
+        assert_eq!(other.up_to(301), Err(Busy(BYTES)));
+        other.up_to(300).unwrap();
         assert_eq!(shed.bytes_free(), 0);
-        drop((held, four));
+        drop((charges, other));
+        assert_eq!(shed.bytes_free(), 900);
+        drop(arrival);
         assert_eq!(shed.bytes_free(), 1000);
-        assert!(shed.charge_for(t, &small, 600).unwrap().is_some());
-        // A body without a declared length was charged the body limit on arrival.
-        assert!(shed
-            .charge_for(t, &HeaderMap::new(), 600)
-            .unwrap()
-            .is_none());
+        assert_eq!(
+            shed.tenant_bytes.tenants(),
+            0,
+            "tenants forgotten once done"
+        );
     }
 
-    /// A tenant holds at most its share, of requests and of bytes (inflated ones included),
+    /// A tenant holds at most its share, of requests and of bytes (charged ones included),
     /// and what it holds takes nothing from another tenant's share; the budget in all still
     /// bounds them together.
     #[test]
     fn a_tenant_holds_at_most_its_share() {
         let shed = shed(2, 500);
         let (greedy, other) = (TenantId::new(), TenantId::new());
-        let first = shed.hold_share(greedy, 100).unwrap();
-        let second = shed.hold_share(greedy, 100).unwrap();
-        assert_eq!(
-            shed.hold_share(greedy, 1).err(),
-            Some(Busy(TENANT_REQUESTS))
-        );
-        assert!(
-            shed.hold_share(other, 500).is_ok(),
-            "other's share is whole"
-        );
+        let first = shed.hold(greedy, 100).unwrap();
+        let second = shed.hold(greedy, 100).unwrap();
+        assert_eq!(shed.hold(greedy, 1).err(), Some(Busy(TENANT_REQUESTS)));
+        let theirs = shed.hold(other, 500).unwrap();
         drop(second);
-        // 100 of 500 held: a body inflating by 450 more is over the share, one of 400 fits.
-        assert_eq!(
-            shed.charge_for(greedy, &declaring(50), 500).err(),
-            Some(Busy(TENANT_BYTES))
-        );
-        let inflated = shed.charge_for(greedy, &declaring(50), 450).unwrap();
-        assert_eq!(shed.hold_share(greedy, 1).err(), Some(Busy(TENANT_BYTES)));
-        let theirs = shed.hold_share(other, 500).unwrap();
-        drop((first, inflated));
-        assert!(shed.hold_share(greedy, 500).is_ok());
-        drop(theirs);
-        assert_eq!(
-            shed.tenant_bytes.tenants(),
-            0,
-            "tenants forgotten once done"
-        );
+        // 100 of its 500 held: 450 more is over its share, 400 fits.
+        let mut charges = Charges::new(&shed, greedy, 0);
+        assert_eq!(charges.up_to(450), Err(Busy(TENANT_BYTES)));
+        charges.up_to(400).unwrap();
+        assert_eq!(shed.hold(greedy, 1).err(), Some(Busy(TENANT_BYTES)));
+        drop((first, charges));
+        // The budget in all (1000 bytes): the other tenant holds 500, this one may not
+        // take its whole share once a third holds 100 of the rest.
+        let third = shed.hold(TenantId::new(), 100).unwrap();
+        assert_eq!(shed.hold(greedy, 500).err(), Some(Busy(BYTES)));
+        let _fits = shed.hold(greedy, 400).unwrap();
+        drop((theirs, third));
         // Shares larger than the budget in all are the budget in all.
         let shed = Shed::new(Limits {
-            requests: 1,
+            requests: 2,
             bytes: 10,
             tenant_requests: 5,
             tenant_bytes: 50,
             max_body: 10,
         });
-        let _all = shed.hold_share(greedy, 10).unwrap();
-        assert_eq!(
-            shed.hold_share(greedy, 1).err(),
-            Some(Busy(TENANT_REQUESTS))
-        );
+        let mut charges = Charges::new(&shed, greedy, 0);
+        assert_eq!(charges.up_to(11), Err(Busy(TENANT_BYTES)));
+        let _one = shed.hold(greedy, 1).unwrap();
+        let _two = shed.hold(greedy, 1).unwrap();
+        assert_eq!(shed.hold(greedy, 1).err(), Some(Busy(TENANT_REQUESTS)));
     }
 
     /// A tenant's refusal says it is the tenant's share that is full, not ingest-api.

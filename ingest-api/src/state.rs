@@ -26,6 +26,8 @@ pub struct AppState {
     pub throttle: crate::throttle::LoginThrottle,
     /// What the ingest doors may hold at once (load shedding).
     pub shed: crate::shed::Shed,
+    /// What webhook deliveries may hold at once (a budget apart from the doors').
+    pub webhooks: crate::shed::Shed,
     /// Where large bodies are worked on.
     pub lane: crate::ingest::lane::Lane,
     /// Bounds the password hashes running at once.
@@ -36,4 +38,11 @@ pub struct AppState {
     pub oidc: reqwest::Client,
     pub shutdown: ShutdownFlag,
     pub metrics: PrometheusHandle,
+}
+
+impl AppState {
+    /// How long a request's body may take to arrive.
+    pub fn body_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.config.body_timeout_secs)
+    }
 }

@@ -35,6 +35,10 @@ pub struct Config {
     /// Read requests one tenant may make per minute, over every instance (MCP tool calls
     /// included); more answer 429 with `Retry-After`.
     pub read_rate_limit_per_min: u32,
+    /// Of the pool's `db_max_connections`, how many one tenant's reads may hold at once; its
+    /// next reads wait for one of them (then 503), so that one tenant's slow reads cannot
+    /// take every connection.
+    pub tenant_db_connections: u32,
 }
 
 impl Default for Config {
@@ -53,6 +57,7 @@ impl Default for Config {
             stream_max_total: 1000,
             max_series: 20,
             read_rate_limit_per_min: 30_000,
+            tenant_db_connections: 8,
         }
     }
 }
@@ -71,6 +76,9 @@ impl Config {
         }
         if self.stream_max_per_tenant == 0 || self.stream_max_total == 0 {
             return Err("stream_max_per_tenant and stream_max_total must be positive".into());
+        }
+        if self.tenant_db_connections == 0 {
+            return Err("tenant_db_connections must be positive".into());
         }
         if self.read_rate_limit_per_min == 0 {
             return Err("read_rate_limit_per_min must be positive".into());

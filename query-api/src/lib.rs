@@ -61,9 +61,12 @@ fn pool(config: &Config) -> Result<sqlx::PgPool, sqlx::Error> {
     )]);
     Ok(sqlx::postgres::PgPoolOptions::new()
         .max_connections(config.common.db_max_connections)
-        .acquire_timeout(std::time::Duration::from_secs(5))
+        .acquire_timeout(ACQUIRE_TIMEOUT)
         .connect_lazy_with(opts))
 }
+
+/// How long a read waits for a database connection (the pool's, or its tenant's share).
+const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A built query-api, bound to its port.
 pub struct App {
@@ -85,7 +88,11 @@ impl App {
         let hub = hub::Hub::default();
         hub.listen(config.common.redis_url.clone());
         let verifier = Verifier::new(KeySource::Url(config.jwks_url.clone()));
+        let connections = config
+            .tenant_db_connections
+            .min(config.common.db_max_connections);
         let state = AppState {
+            shares: read::tenant::Shares::new(connections as usize, ACQUIRE_TIMEOUT),
             auth: Authenticator::new(pool.clone(), verifier),
             hub,
             pool,

@@ -15,6 +15,8 @@ use crate::hub::Hub;
 pub struct AppState {
     pub config: Arc<Config>,
     pub pool: PgPool,
+    /// Each tenant's share of the pool's connections.
+    pub shares: crate::read::tenant::Shares,
     pub auth: Authenticator,
     pub hub: Hub,
     pub cache: Cache,
@@ -36,6 +38,7 @@ impl AppState {
         AppState {
             config: Arc::new(Config::default()),
             auth: Authenticator::new(pool.clone(), verifier),
+            shares: crate::read::tenant::Shares::new(8, std::time::Duration::from_millis(100)),
             pool,
             hub: Hub::default(),
             cache: Cache::none(),

@@ -16,6 +16,7 @@ pub mod jwt;
 pub mod kafka;
 pub mod outbox;
 pub mod people;
+pub mod per_tenant;
 pub mod problem;
 pub mod ratelimit;
 pub mod redis_client;

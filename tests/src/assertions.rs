@@ -74,6 +74,24 @@ pub async fn tenant_tx(
     tx
 }
 
+/// A transaction holding the tenant's `projection_state` (of its active projection) in
+/// `ACCESS EXCLUSIVE` mode, as a long migration would: every read of the tenant waits on it
+/// until it ends.
+pub async fn lock_projection(
+    pool: &PgPool,
+    tenant: TenantId,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let schema = tenant.schema(active_version(pool, tenant).await);
+    let mut blocker = pool.begin().await.expect("tx");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {schema}.projection_state IN ACCESS EXCLUSIVE MODE"
+    )))
+    .execute(&mut *blocker)
+    .await
+    .expect("the lock");
+    blocker
+}
+
 /// Records that the tenant's schema of `version` has had the templates up to `template`
 /// only (a test that turned it back into what an older projector made), in `tx`.
 pub async fn set_template_version(

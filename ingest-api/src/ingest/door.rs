@@ -4,11 +4,14 @@
 
 use std::io::{Cursor, Read};
 
-use axum::body::{to_bytes, Body, Bytes};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use futures::future::BoxFuture;
+use http_body_util::BodyExt;
 use shared::apikey::Scope;
 use shared::auth::{ApiKeyStore, KeyError, KeyPrincipal};
 use shared::events::{Actor, Source};
@@ -17,7 +20,7 @@ use shared::tenant::TenantId;
 use crate::error::IngestError;
 use crate::ingest::lane::Lane;
 use crate::ingest::{Ids, IngestContext, Keep, Stamped, TimeBounds};
-use crate::shed::{Busy, Charge, Shed};
+use crate::shed::{Busy, Charges};
 use crate::state::AppState;
 use flate2::read::GzDecoder;
 use shared::ratelimit::Decision;
@@ -44,26 +47,25 @@ impl Keys for ApiKeyStore {
     }
 }
 
-/// The key check, then the tenant's rate limit, then its share of the in-flight budget
-/// ([`Shed::hold_share`]), then `handle` (given the headers back); the answer carries the
-/// rate-limit headers.
+/// The key check, then the tenant's rate limit, then its request's hold on the in-flight
+/// budget (`Shed::hold`, until it is answered), then `handle` (given the headers back); the
+/// answer carries the rate-limit headers.
 pub async fn ingest_door<F, Fut>(s: &AppState, headers: HeaderMap, handle: F) -> Response
 where
     F: FnOnce(KeyPrincipal, HeaderMap) -> Fut,
     Fut: std::future::Future<Output = Result<Response, IngestError>>,
 {
     let (admitted, decision) = admit(s, &headers).await;
-    let mut res = match admitted {
-        // The tenant's share of the in-flight budget, held until it is answered.
-        Ok(principal) => match s
+    let held = admitted.and_then(|principal| {
+        let held = s
             .shed
-            .hold_share(principal.tenant_id, s.shed.declared(&headers))
-        {
-            Ok(_share) => handle(principal, headers)
-                .await
-                .unwrap_or_else(IntoResponse::into_response),
-            Err(busy) => IngestError::from(busy).into_response(),
-        },
+            .hold(principal.tenant_id, s.shed.declared(&headers))?;
+        Ok((principal, held))
+    });
+    let mut res = match held {
+        Ok((principal, _held)) => handle(principal, headers)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
         Err(error) => error.into_response(),
     };
     if let Some(decision) = decision {
@@ -150,39 +152,70 @@ pub fn header_text(headers: &HeaderMap, name: header::HeaderName) -> &str {
         .unwrap_or("")
 }
 
-/// Reads the body as sent, within `limit` bytes (413 beyond; a broken connection is a 400).
-pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, IngestError> {
+/// Reads the body as sent, within `limit` bytes and `within` (the time a body may take to
+/// arrive), charging what it comes to as it arrives.
+pub async fn read_limited<B>(
+    body: B,
+    limit: usize,
+    charges: &mut Charges,
+    within: Duration,
+) -> Result<Bytes, Unreadable>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
     // A declared length over the limit is refused before anything is read.
-    if http_body::Body::size_hint(&body).lower() > limit as u64 {
-        return Err(IngestError::too_large(limit));
+    if body.size_hint().lower() > limit as u64 {
+        return Err(Unreadable::TooLarge(limit));
     }
-    to_bytes(body, limit).await.map_err(|e| {
-        // `to_bytes` fails only for the length limit or a broken connection.
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            || e.to_string().contains("length limit")
-        {
-            IngestError::too_large(limit)
-        } else {
-            IngestError::bad_request("body", format!("could not read the body: {e}"))
+    let read = async {
+        let mut body = std::pin::pin!(body);
+        let mut first: Option<Bytes> = None;
+        let mut more: Vec<u8> = Vec::new();
+        let mut size = 0;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| Unreadable::Broken(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            size += data.len();
+            if size > limit {
+                return Err(Unreadable::TooLarge(limit));
+            }
+            charges.up_to(size).map_err(Unreadable::Busy)?;
+            // A body that came in one piece is kept as it came.
+            match &first {
+                None if more.is_empty() => first = Some(data),
+                _ => {
+                    if let Some(first) = first.take() {
+                        more.extend_from_slice(&first);
+                    }
+                    more.extend_from_slice(&data);
+                }
+            }
         }
-    })
+        Ok(first.unwrap_or_else(|| more.into()))
+    };
+    match tokio::time::timeout(within, read).await {
+        Ok(read) => read,
+        Err(_) => {
+            metrics::counter!("ingest_body_timeouts_total").increment(1);
+            Err(Unreadable::Slow(within))
+        }
+    }
 }
 
 /// A body as a door reads it: as sent, or inflated as far as the lane's size ([`Lane`]) with
 /// the rest of its gzip stream still to inflate where it is worked on ([`ReadBody::work`]).
-/// It holds the share of the in-flight byte budget ([`Shed::charge`]) that it took beyond
+/// It holds the share of the in-flight byte budget ([`Charges`]) that it took beyond
 /// what its request was charged on arrival, so far as it has been inflated. Every door
 /// reads its body this way, OTLP/gRPC included (`crate::grpc`); each says [`Unreadable`] in
 /// its own terms.
 pub struct ReadBody {
     content: Content,
     limit: usize,
-    shed: Shed,
-    /// Whose body it is: inflated bytes are charged to its share too.
-    tenant: TenantId,
-    /// The bytes charged for it so far: on arrival, then as inflated.
-    charged: usize,
-    held: Vec<Charge>,
+    /// What it holds of the in-flight budget beyond its request's arrival.
+    charges: Charges,
 }
 
 enum Content {
@@ -197,8 +230,12 @@ pub enum Unreadable {
     TooLarge(usize),
     /// Compressed, but not valid gzip.
     BadGzip(std::io::Error),
-    /// The in-flight budget cannot hold what it inflates to ([`Shed::charge`]).
+    /// The in-flight budget cannot hold it as it arrives or inflates ([`Charges`]).
     Busy(Busy),
+    /// The connection broke (or the body was not what it declared) while it was read.
+    Broken(String),
+    /// It had not all arrived within this time.
+    Slow(Duration),
 }
 
 impl From<Unreadable> for IngestError {
@@ -209,21 +246,29 @@ impl From<Unreadable> for IngestError {
                 IngestError::bad_request("bad-encoding", format!("invalid gzip body: {e}"))
             }
             Unreadable::Busy(busy) => busy.into(),
+            Unreadable::Broken(e) => {
+                IngestError::bad_request("body", format!("could not read the body: {e}"))
+            }
+            Unreadable::Slow(within) => IngestError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body-timeout",
+                "Request timeout",
+                format!("the body had not all arrived after {} s", within.as_secs()),
+            ),
         }
     }
 }
 
 impl ReadBody {
-    /// `sent`, inflated when `gzip` as far as the lane's size, within `limit` bytes, by
-    /// `tenant`'s request charged `charged` bytes on arrival (and charged here for what it
-    /// inflated to beyond them).
+    /// `sent`, inflated when `gzip` as far as the lane's size, within `limit` bytes, holding
+    /// `charges` (what it was charged as it was read) and charged there for what it inflated
+    /// to.
     pub fn new(
         sent: Bytes,
         gzip: bool,
         limit: usize,
-        (lane, shed): (&Lane, &Shed),
-        tenant: TenantId,
-        charged: usize,
+        lane: &Lane,
+        charges: Charges,
     ) -> Result<ReadBody, Unreadable> {
         let content = if gzip {
             let mut gzip = GzDecoder::new(Cursor::new(sent));
@@ -240,10 +285,7 @@ impl ReadBody {
         let mut body = ReadBody {
             content,
             limit,
-            shed: shed.clone(),
-            tenant,
-            charged,
-            held: Vec::new(),
+            charges,
         };
         let size = body.size();
         if size > limit {
@@ -271,10 +313,7 @@ impl ReadBody {
 
     /// Charged for `size` bytes in all.
     fn charge(&mut self, size: usize) -> Result<(), Unreadable> {
-        let more = self.shed.charge(self.tenant, self.charged, size);
-        self.held.extend(more.map_err(Unreadable::Busy)?);
-        self.charged = self.charged.max(size);
-        Ok(())
+        self.charges.up_to(size).map_err(Unreadable::Busy)
     }
 
     /// The body inflated to its end (within the limit) and charged for it.
@@ -289,6 +328,16 @@ impl ReadBody {
             self.charge(self.size())?;
         }
         Ok(self)
+    }
+
+    /// The most it may inflate to.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// What it holds of the budget, the body itself let go of.
+    pub fn into_charges(self) -> Charges {
+        self.charges
     }
 
     /// The whole body, once [`ReadBody::finish`]ed (what has been inflated so far before).
@@ -335,7 +384,8 @@ pub async fn read_body(
     headers: &HeaderMap,
 ) -> Result<ReadBody, IngestError> {
     let limit = s.config.max_body_bytes;
-    let sent = read_limited(body, limit).await?;
+    let mut charges = Charges::new(&s.shed, tenant, s.shed.declared(headers));
+    let sent = read_limited(body, limit, &mut charges, s.body_timeout()).await?;
     let gzip = match header_text(headers, header::CONTENT_ENCODING)
         .trim()
         .to_ascii_lowercase()
@@ -352,7 +402,5 @@ pub async fn read_body(
             ))
         }
     };
-    let declared = s.shed.declared(headers);
-    let body = ReadBody::new(sent, gzip, limit, (&s.lane, &s.shed), tenant, declared)?;
-    Ok(body)
+    Ok(ReadBody::new(sent, gzip, limit, &s.lane, charges)?)
 }

@@ -18,11 +18,10 @@
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use shared::per_tenant::PerTenant;
 use shared::tenant::TenantId;
-
-use crate::per_tenant::{locked, PerTenant};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -143,6 +142,11 @@ impl<F> Drop for Abandon<F> {
         let work = locked(&self.0).take();
         drop(work);
     }
+}
+
+/// A lock whose holder cannot leave it inconsistent (a panic inside is caught apart).
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Lowers the calling thread's priority by [`NICENESS`] (Linux applies a nice value to the

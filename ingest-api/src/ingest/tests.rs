@@ -104,6 +104,7 @@ fn harness(limit: u32) -> Harness {
             tenant_bytes: 32 << 20,
             max_body: config.max_body_bytes,
         }),
+        webhooks: crate::routes::webhooks::budget(),
         lane: crate::ingest::lane::Lane::start(
             config.lane_threads,
             config.lane_min_bytes,

@@ -17,6 +17,7 @@ use crate::formats::promrw;
 use crate::ingest::door::{append, header_text, ingest_door, keep, key_context, read_limited};
 use crate::ingest::envelope::whole_batch;
 use crate::ingest::{IngestContext, Keep, Stamped};
+use crate::shed::Charges;
 use crate::state::AppState;
 
 pub async fn write(State(s): State<AppState>, request: Request) -> Response {
@@ -25,7 +26,10 @@ pub async fn write(State(s): State<AppState>, request: Request) -> Response {
     ingest_door(s, parts.headers, |principal, headers| async move {
         check_headers(&headers)?;
         let limit = s.config.max_body_bytes;
-        let bytes = read_limited(body, limit).await?;
+        let declared = s.shed.declared(&headers);
+        let mut charges = Charges::new(&s.shed, principal.tenant_id, declared);
+        let within = s.body_timeout();
+        let bytes = read_limited(body, limit, &mut charges, within).await?;
         let (ctx, keep) = (key_context(s, &principal, Source::PromRw), keep(&principal));
         // A body is as large as snappy's header says it inflates to (refused at once past the
         // limit, and charged for it). It is let go of once its samples are stamped: nothing of
@@ -34,11 +38,10 @@ pub async fn write(State(s): State<AppState>, request: Request) -> Response {
         if inflated > limit {
             return Err(IngestError::too_large(limit));
         }
-        let declared = s.shed.declared(&headers);
-        let charge = s.shed.charge(principal.tenant_id, declared, inflated)?;
+        charges.up_to(inflated)?;
         let size = inflated.max(bytes.len());
         let work = move || {
-            let _charge = charge;
+            let _charges = charges;
             let req = promrw::decode(&bytes, limit).map_err(|e| match e {
                 promrw::DecodeError::TooLarge { .. } => IngestError::too_large(limit),
                 promrw::DecodeError::Exceeds(e) => IngestError::too_many(e),

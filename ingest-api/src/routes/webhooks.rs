@@ -30,11 +30,26 @@ use crate::ingest::door::{append, read_limited};
 use crate::ingest::storable::{check_storable, unstorable_paths};
 use crate::ingest::values;
 use crate::ingest::Data;
+use crate::shed::{Charges, Limits, Shed};
 use crate::state::AppState;
 
 /// The largest delivery read (GitHub's pull request payloads are tens of kilobytes; it caps
 /// deliveries at 25 MB, which nothing here needs).
 pub const MAX_WEBHOOK_BYTES: usize = 2 * 1024 * 1024;
+
+/// What deliveries may hold at once: a budget apart from the ingest doors', since anyone may
+/// send one and only its signature, checked once the body is read, says who. Sixteen at once,
+/// four per tenant, each charged its declared length (or as it arrives) within
+/// `MAX_WEBHOOK_BYTES`.
+pub fn budget() -> Shed {
+    Shed::new(Limits {
+        requests: 16,
+        bytes: 8 * MAX_WEBHOOK_BYTES,
+        tenant_requests: 4,
+        tenant_bytes: 2 * MAX_WEBHOOK_BYTES,
+        max_body: MAX_WEBHOOK_BYTES,
+    })
+}
 
 /// Namespace of the ids derived from a delivery's signed body.
 const DELIVERY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_5b1e_2a7d_4c4e_9d1a_7a11_7a11_0003);
@@ -91,11 +106,16 @@ async fn handle(
     let tenant = Uuid::parse_str(tenant)
         .map(TenantId)
         .map_err(|_| refused())?;
-    let bytes = read_limited(body, MAX_WEBHOOK_BYTES).await?;
+    // A tenant without this integration is refused before its body is read.
     let settings = integrations::load(&s.pool, &s.config.common.secret_key, tenant, provider)
         .await
         .map_err(|e| IngestError::internal("reading the integration", e))?
         .ok_or_else(refused)?;
+    let declared = s.webhooks.declared(headers);
+    let _held = s.webhooks.hold(tenant, declared)?;
+    let mut charges = Charges::new(&s.webhooks, tenant, declared);
+    let within = s.body_timeout();
+    let bytes = read_limited(body, MAX_WEBHOOK_BYTES, &mut charges, within).await?;
     let verified = match provider {
         "github" => verify_github(&settings.secret, headers, &bytes),
         _ => verify_gitlab(&settings.secret, headers),

@@ -200,9 +200,7 @@ impl<P> Read<P> {
                 return Ok(hit);
             }
         }
-        let read = tenant::open(&self.state.pool, tenant)
-            .await
-            .map_err(db_error)?;
+        let read = tenant::open(&self.state, tenant).await.map_err(db_error)?;
         let fresh = read.as_ref().map(|r| &r.fresh);
         let seen = fresh.map(|f| (f.version, f.seq));
         if let Some((version, seq)) = seen.filter(|&seen| announced < Some(seen)) {

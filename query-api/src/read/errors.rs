@@ -26,6 +26,13 @@ pub fn db_error(e: sqlx::Error) -> Problem {
             5,
         );
     }
+    if matches!(e, sqlx::Error::PoolTimedOut) {
+        tracing::warn!("no database connection came free in time");
+        return Problem::unavailable(
+            "every database connection this read may use is busy; retry shortly",
+            1,
+        );
+    }
     tracing::error!(error = %e, "query failed");
     Problem::unavailable("the projection database is unavailable", 2)
 }

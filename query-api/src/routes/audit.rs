@@ -61,15 +61,13 @@ pub async fn audit(
         .as_deref()
         .map(crate::cursor::decode::<Uuid>)
         .transpose()?;
-    let Some((mut tx, _)) = tenant::enter(&s.pool, reader.tenant)
-        .await
-        .map_err(db_error)?
-    else {
+    let Some(mut entered) = tenant::enter(&s, reader.tenant).await.map_err(db_error)? else {
         return Ok(Json(AuditPage {
             entries: vec![],
             next_cursor: None,
         }));
     };
+    let tx = &mut *entered.tx;
     let (before_t, before_id) = cursor.map_or((None, None), |(t, id)| (Some(t), Some(id)));
     let entries: Vec<Entry> = sqlx::query_as(
         "SELECT event_id, occurred_at, type AS event_type, user_id, email, ip, target, detail

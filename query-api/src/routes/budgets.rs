@@ -36,6 +36,8 @@ async fn with_status(
     reader: &Reader,
     list: Vec<Budget>,
 ) -> Result<Vec<Value>, Problem> {
+    // Each budget's status reads the tenant's spend: one of the tenant's connections.
+    let _share = s.shares.take(reader.tenant).await.map_err(db_error)?;
     let mut conn = s.pool.acquire().await.map_err(db_error)?;
     let tz = budgets::time_zone(&mut conn, reader.tenant)
         .await

@@ -149,7 +149,7 @@ pub async fn overview(read: Read<RangeParams>) -> Result<Response, Problem> {
             sessions: 0,
             min_group: k,
         };
-        if let Some(TenantRead { mut tx, fresh }) = ctx {
+        if let Some(TenantRead { mut tx, fresh, .. }) = ctx {
             // The newest event's time would tell when someone in a withheld cell worked.
             o.as_of = fresh.as_of.filter(|_| k.is_none());
             compute_overview(&mut tx, &range, visibility, cells, &mut o)
@@ -440,7 +440,7 @@ pub async fn timeseries(read: Read<SeriesParams>) -> Result<Response, Problem> {
                 groups: 0,
                 series: Vec::new(),
             };
-            if let Some(TenantRead { mut tx, fresh }) = ctx {
+            if let Some(TenantRead { mut tx, fresh, .. }) = ctx {
                 ts.as_of = fresh.as_of.filter(|_| k.is_none());
                 let query = SeriesQuery {
                     range: &range,

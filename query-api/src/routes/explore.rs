@@ -118,7 +118,7 @@ pub async fn top(read: Read<TopParams>) -> Result<Response, Problem> {
             by: by.clone(),
             items: Vec::new(),
         };
-        let Some(TenantRead { mut tx, fresh }) = ctx else { return Ok(list) };
+        let Some(TenantRead { mut tx, fresh, .. }) = ctx else { return Ok(list) };
         list.as_of = fresh.as_of;
         let (user_filter, team_filter) = visibility.filters();
         let grain = Grain::for_range(&range);
@@ -302,7 +302,7 @@ pub async fn activity(read: Read<ActivityParams>) -> Result<Response, Problem> {
                 items: Vec::new(),
                 next_cursor: None,
             };
-            let Some(TenantRead { mut tx, fresh }) = ctx else {
+            let Some(TenantRead { mut tx, fresh, .. }) = ctx else {
                 return Ok(page);
             };
             page.as_of = fresh.as_of;

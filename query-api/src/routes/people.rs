@@ -215,7 +215,7 @@ pub async fn productivity(read: Read<RankedParams>) -> Result<Response, Problem>
                 users: Vec::new(),
                 next_cursor: None,
             };
-            let Some(TenantRead { mut tx, fresh }) = ctx else {
+            let Some(TenantRead { mut tx, fresh, .. }) = ctx else {
                 return Ok(answer);
             };
             answer.as_of = fresh.as_of;
@@ -295,7 +295,7 @@ pub async fn teams(read: Read<RankedParams>) -> Result<Response, Problem> {
                 teams: Vec::new(),
                 next_cursor: None,
             };
-            let Some(TenantRead { mut tx, fresh }) = ctx else {
+            let Some(TenantRead { mut tx, fresh, .. }) = ctx else {
                 return Ok(answer);
             };
             answer.as_of = fresh.as_of.filter(|_| k.is_none());

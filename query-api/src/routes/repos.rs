@@ -142,7 +142,7 @@ pub async fn repositories(read: Read<RepoParams>) -> Result<Response, Problem> {
                 by: if branch { "branch" } else { "repository" }.into(),
                 rows: Vec::new(),
             };
-            let Some(TenantRead { mut tx, fresh }) = ctx else {
+            let Some(TenantRead { mut tx, fresh, .. }) = ctx else {
                 return Ok(page);
             };
             page.as_of = fresh.as_of;
@@ -235,7 +235,7 @@ pub async fn repository_series(read: Read<RepoSeriesParams>) -> Result<Response,
             step: p.step.clone().unwrap_or_else(|| "1d".into()),
             series: Vec::new(),
         };
-        let Some(TenantRead { mut tx, fresh }) = ctx else {
+        let Some(TenantRead { mut tx, fresh, .. }) = ctx else {
             return Ok(out);
         };
         out.as_of = fresh.as_of;
@@ -441,7 +441,7 @@ pub async fn pull_requests(read: Read<PullParams>) -> Result<Response, Problem> 
                 pull_requests: Vec::new(),
                 sessions: None,
             };
-            let Some(TenantRead { mut tx, fresh }) = ctx else {
+            let Some(TenantRead { mut tx, fresh, .. }) = ctx else {
                 return Ok(page);
             };
             page.as_of = fresh.as_of;
@@ -574,7 +574,7 @@ pub async fn weekly(read: Read<WeeklyParams>) -> Result<Response, Problem> {
                 as_of: None,
                 weeks: Vec::new(),
             };
-            let Some(TenantRead { mut tx, fresh }) = ctx else {
+            let Some(TenantRead { mut tx, fresh, .. }) = ctx else {
                 return Ok(page);
             };
             page.as_of = fresh.as_of;

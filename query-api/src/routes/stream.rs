@@ -98,7 +98,7 @@ const SINCE_SQL: &str = "SELECT event_id, occurred_at, received_at, event_type, 
 
 /// The position after everything the tenant's active projection has now.
 async fn present(s: &AppState, tenant: TenantId) -> Result<Position, sqlx::Error> {
-    let Some(read) = tenant::open(&s.pool, tenant).await? else {
+    let Some(read) = tenant::open(s, tenant).await? else {
         return Ok(Position::BEFORE_ANY);
     };
     Ok(Position {
@@ -118,9 +118,10 @@ async fn since(
     visibility: &Visibility,
     at: Position,
 ) -> Result<(Position, Vec<Item>), sqlx::Error> {
-    let Some((mut tx, version)) = tenant::enter(&s.pool, tenant).await? else {
+    let Some(mut entered) = tenant::enter(s, tenant).await? else {
         return Ok((at, Vec::new()));
     };
+    let (tx, version) = (&mut *entered.tx, entered.version);
     let at = if at.version == version {
         at
     } else if at.version == 0 {
@@ -164,7 +165,7 @@ async fn totals(
     tenant: TenantId,
     visibility: &Visibility,
 ) -> Result<Totals, sqlx::Error> {
-    let Some((mut tx, _)) = tenant::enter(&s.pool, tenant).await? else {
+    let Some(mut entered) = tenant::enter(s, tenant).await? else {
         return Ok(Totals {
             events_24h: 0,
             commands_24h: 0,
@@ -172,6 +173,7 @@ async fn totals(
             as_of: None,
         });
     };
+    let tx = &mut *entered.tx;
     let (user_filter, team_filter) = visibility.filters();
     let (events, commands, errors): (i64, i64, i64) = sqlx::query_as(
         "SELECT coalesce(sum(count), 0)::bigint,

@@ -65,7 +65,7 @@ pub async fn sessions(read: Read<SessionParams>) -> Result<Response, Problem> {
             sessions: Vec::new(),
             next_cursor: None,
         };
-        let Some(TenantRead { mut tx, fresh }) = ctx else { return Ok(page) };
+        let Some(TenantRead { mut tx, fresh, .. }) = ctx else { return Ok(page) };
         page.as_of = fresh.as_of;
         let (user_filter, team_filter) = visibility.filters();
         let (before_t, before_id) = cursor.map_or((None, None), |(t, id)| (Some(t), Some(id)));
@@ -224,7 +224,7 @@ pub async fn metrics(read: Read<MetricParams>) -> Result<Response, Problem> {
             groups: 0,
             series: Vec::new(),
         };
-        let Some(TenantRead { mut tx, fresh }) = ctx else {
+        let Some(TenantRead { mut tx, fresh, .. }) = ctx else {
             return Ok(out);
         };
         out.as_of = fresh.as_of;

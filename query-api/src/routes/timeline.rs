@@ -133,7 +133,7 @@ pub async fn timeline(
     let what = format!("timeline of session {session}");
     let res = read
         .answer(&whole, &key, |ctx| async move {
-            let Some(TenantRead { mut tx, fresh }) = ctx else {
+            let Some(TenantRead { mut tx, fresh, .. }) = ctx else {
                 return Err(not_found());
             };
             let (user, teams) = visibility.filters();

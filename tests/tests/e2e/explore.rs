@@ -722,14 +722,7 @@ async fn a_read_past_the_statement_timeout_answers_503() {
     assert_eq!(res.status(), 200);
 
     // Something holds the projection's tables (a long migration, a lock): every read waits.
-    let schema = t.id.schema(active_version(&pool, t.id).await);
-    let mut blocker = pool.begin().await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "LOCK TABLE {schema}.projection_state IN ACCESS EXCLUSIVE MODE"
-    )))
-    .execute(&mut *blocker)
-    .await
-    .unwrap();
+    let blocker = lock_projection(&pool, t.id).await;
     let started = std::time::Instant::now();
     let res = client
         .get(&overview)

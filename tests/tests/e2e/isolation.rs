@@ -55,3 +55,79 @@ async fn a_tenant_session_cannot_read_another_tenant() {
     }
     stop_all([projector, ingest]).await;
 }
+
+/// One tenant's reads hold at most its share of query-api's database connections: with its
+/// tables locked, its reads wait (two on the lock, the rest for its share, which answer 503
+/// once a read's wait for a connection is over), and another tenant's reads are answered at
+/// once from the connections left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_tenant_stuck_reads_never_take_another_tenant_connections() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let query = start_query(&common, |c| {
+        c.common.db_max_connections = 4;
+        c.tenant_db_connections = 2;
+        c.statement_timeout_ms = 20_000;
+    })
+    .await;
+    let client = http();
+    let stuck = create_tenant(&pool, "stuck-reads").await;
+    let other = create_tenant(&pool, "other-reads").await;
+    for t in [&stuck, &other] {
+        let batch = Value::Array((0..3).map(|i| command("u", "c", i, true)).collect());
+        post_events_accepted(&client, &ingest.url(), &t.ingest_key, &batch).await;
+        wait_projected(&pool, t.id, 3, Duration::from_secs(60)).await;
+    }
+    let read = |key: String, range: &'static str| {
+        let (client, url) = (client.clone(), query.url());
+        async move {
+            let started = std::time::Instant::now();
+            let res = client
+                .get(format!("{url}/v1/dashboard/overview?range={range}"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap();
+            let status = res.status();
+            let retry = res.headers().contains_key("retry-after");
+            (status, retry, res.text().await.unwrap(), started.elapsed())
+        }
+    };
+
+    // Something holds the stuck tenant's tables: each of its reads waits on the lock.
+    let blocker = lock_projection(&pool, stuck.id).await;
+    let started = std::time::Instant::now();
+    let stuck_reads: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(read(stuck.read_key.clone(), "1h")))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The other tenant is answered at once, on two ranges (neither cached).
+    for range in ["1h", "24h"] {
+        let (status, _, body, took) = read(other.read_key.clone(), range).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(took < Duration::from_secs(3), "answered after {took:?}");
+    }
+
+    // The stuck tenant's reads beyond its two connections give up once a read's wait for a
+    // connection (5 s) is over; then the lock goes and its two reads finish.
+    while started.elapsed() < Duration::from_millis(6500) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    blocker.rollback().await.unwrap();
+    let mut answers = Vec::new();
+    for r in stuck_reads {
+        answers.push(r.await.unwrap());
+    }
+    let busy: Vec<_> = answers.iter().filter(|a| a.0 == 503).collect();
+    let answered = answers.iter().filter(|a| a.0 == 200).count();
+    assert_eq!((busy.len(), answered), (3, 2), "{answers:?}");
+    for (_, retry, body, _) in busy {
+        assert!(*retry, "{body}");
+        assert!(
+            body.contains("every database connection this read may use is busy"),
+            "{body}"
+        );
+    }
+    stop_all([projector, ingest, query]).await;
+}

@@ -40,18 +40,7 @@ async fn the_doors_shed_load_with_503_and_retry_after() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Another declaring 1 MiB is answered before it sends any of it.
     let mut over = hold(ingest.addr, "/v1/events", &t.ingest_key, 1 << 20).await;
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        let mut buf = [0u8; 4096];
-        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = over.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed without an answer");
-            answer.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("answered without the body");
-    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    let answer = head_of(&mut over).await;
     assert!(answer.starts_with("http/1.1 503"), "{answer}");
     assert!(answer.contains("retry-after: 1\r\n"), "{answer}");
     assert!(
@@ -109,7 +98,7 @@ async fn the_doors_shed_load_with_503_and_retry_after() {
 
 /// One tenant's requests in flight hold at most its share of the budget: past it, its own
 /// requests are shed (503 naming its share, `UNAVAILABLE` over gRPC), and another tenant's
-/// are taken as if it were not there.
+/// are taken, even when the first tries to hold the whole budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_tenant_in_flight_never_sheds_another() {
     let TestEnv { pool, common } = test_env().await;
@@ -129,16 +118,21 @@ async fn one_tenant_in_flight_never_sheds_another() {
     let url = ingest.url();
     let shed = |key| answer(&client, &url, key, &events);
     let (greedy_key, other_key) = (greedy.ingest_key.as_str(), other.ingest_key.as_str());
-
-    // Its bytes: two bodies of 1 MiB declared hold its 2 MiB.
-    let held: Vec<_> = futures::future::join_all(
-        (0..2).map(|_| hold(ingest.addr, "/v1/events", greedy_key, 1 << 20)),
+    // Its key is known (and cached) before it holds anything.
+    assert_eq!(shed(greedy_key).await.0, 202);
+    // Its bytes: as many bodies of 1 MiB declared as the whole budget would take; two fit
+    // its 2 MiB, the others are refused at once.
+    let opened = futures::future::join_all(
+        (0..8).map(|_| hold(ingest.addr, "/v1/events", greedy_key, 1 << 20)),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = refuse_beyond(opened, 2).await;
     let (status, retry, body) = shed(greedy_key).await;
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(retry.unwrap(), "1");
+    assert_eq!(
+        (status.as_u16(), retry.as_deref()),
+        (503, Some("1")),
+        "{body}"
+    );
     assert!(body.contains("this tenant holds its whole share"), "{body}");
     assert!(body.contains("(bytes)"), "{body}");
     let got = grpc_raw(&grpc, greedy_key, &["--hex", ""]).await;
@@ -149,12 +143,12 @@ async fn one_tenant_in_flight_never_sheds_another() {
     assert_eq!(grpc_raw(&grpc, other_key, &["--hex", ""]).await, "OK");
     drop(held);
 
-    // Its requests: three small ones hold its three slots.
+    // Its requests: as many small ones as the whole budget's slots; three fit its share.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let held: Vec<_> =
-        futures::future::join_all((0..3).map(|_| hold(ingest.addr, "/v1/events", greedy_key, 10)))
+    let opened =
+        futures::future::join_all((0..8).map(|_| hold(ingest.addr, "/v1/events", greedy_key, 10)))
             .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = refuse_beyond(opened, 3).await;
     let (status, _, body) = shed(greedy_key).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("(requests)"), "{body}");
@@ -171,14 +165,45 @@ async fn one_tenant_in_flight_never_sheds_another() {
     // Once its requests go, the tenant is taken again.
     drop(held);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, _, _) = shed(greedy_key).await;
-        if status == 202 {
-            break;
-        }
+    while shed(greedy_key).await.0 != 202 {
         assert!(std::time::Instant::now() < deadline, "still shedding");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    ingest.stop().await.unwrap();
+}
+
+/// A body that has not arrived within `body_timeout_secs` is answered 408, and what its
+/// request held is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_that_never_arrives_is_answered_408_and_its_place_given_back() {
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |c| {
+        c.max_inflight_requests = 1;
+        c.body_timeout_secs = 1;
+    })
+    .await;
+    let t = create_tenant(&pool, "trickle").await;
+    let mut slow = hold(ingest.addr, "/v1/events", &t.ingest_key, 100).await;
+    let started = std::time::Instant::now();
+    let answer = head_of(&mut slow).await;
+    assert!(answer.starts_with("http/1.1 408"), "{answer}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // Its one slot is free again.
+    let events = json!([command("u", "build", 5, true)]);
+    let res = post_events(&http(), &ingest.url(), &t.ingest_key, &events).await;
+    assert_eq!(res.status(), 202);
+    // Webhooks hold nothing of the doors' budget, and a delivery for a tenant without that
+    // integration is refused before its body is read.
+    let hook = format!("/v1/webhooks/github/{}", t.id);
+    let mut deliveries = Vec::new();
+    for _ in 0..3 {
+        let mut delivery = hold(ingest.addr, &hook, "-", 1 << 20).await;
+        let answer = head_of(&mut delivery).await;
+        assert!(answer.starts_with("http/1.1 401"), "{answer}");
+        deliveries.push(delivery);
+    }
+    let res = post_events(&http(), &ingest.url(), &t.ingest_key, &events).await;
+    assert_eq!(res.status(), 202);
     ingest.stop().await.unwrap();
 }
 
@@ -195,4 +220,41 @@ async fn answer(
         .get("retry-after")
         .map(|v| v.to_str().unwrap().to_string());
     (res.status(), retry, res.text().await.unwrap())
+}
+
+/// The head of the answer on `stream`, lowercased, once it has come (within 10 s).
+async fn head_of(stream: &mut TcpStream) -> String {
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(stream)).await;
+    head.expect("answered without the body").to_lowercase()
+}
+
+/// The head of the answer on `stream`.
+async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed without an answer");
+        head.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&head).to_string()
+}
+
+/// The requests on `opened` that are held (`held` of them): the others have been answered 503
+/// by then, within three seconds.
+async fn refuse_beyond(opened: Vec<TcpStream>, held: usize) -> Vec<TcpStream> {
+    let answered = futures::future::join_all(opened.into_iter().map(|mut stream| async move {
+        let head = tokio::time::timeout(Duration::from_secs(3), read_head(&mut stream)).await;
+        (stream, head.ok())
+    }))
+    .await;
+    let mut still = Vec::new();
+    for (stream, head) in answered {
+        match head {
+            Some(head) => assert!(head.starts_with("HTTP/1.1 503"), "{head}"),
+            None => still.push(stream),
+        }
+    }
+    assert_eq!(still.len(), held, "requests held");
+    still
 }

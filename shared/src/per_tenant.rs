@@ -3,13 +3,13 @@
 //! while something holds its permits or waits for them; it is forgotten when that comes to
 //! none, so the map holds no more tenants than there are requests in flight.
 //!
-//! Used for each tenant's places in the large-body lane (`crate::ingest::lane`) and its share
-//! of the in-flight budget (`crate::shed`).
+//! ingest-api uses it for each tenant's places in its large-body lane and its share of the
+//! in-flight budget; query-api for each tenant's share of the database connections.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use shared::tenant::TenantId;
+use crate::tenant::TenantId;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// `permits` for each tenant.
@@ -32,8 +32,9 @@ impl PerTenant {
 
     /// `n` of `tenant`'s permits once they are free (a tenant's permits are taken in order
     /// of asking), given back when dropped; a caller dropped while it waits is no longer
-    /// counted.
+    /// counted. `n` must be at most the budget's permits (more would never come free).
     pub async fn acquire(&self, tenant: TenantId, n: u32) -> TenantPermit {
+        assert!(n as usize <= self.permits, "more than a tenant's budget");
         let (mut permit, semaphore) = self.user(tenant);
         permit.permit = Some(
             semaphore
@@ -70,7 +71,6 @@ impl PerTenant {
     }
 
     /// The permits `tenant` holds now.
-    #[cfg(test)]
     pub fn held(&self, tenant: TenantId) -> usize {
         locked(&self.tenants)
             .get(&tenant)
@@ -80,7 +80,6 @@ impl PerTenant {
     }
 
     /// The permits held, over all tenants.
-    #[cfg(test)]
     pub fn held_in_all(&self) -> usize {
         locked(&self.tenants)
             .values()
@@ -89,7 +88,6 @@ impl PerTenant {
     }
 
     /// How many hold or wait for `tenant`'s permits.
-    #[cfg(test)]
     pub fn users(&self, tenant: TenantId) -> usize {
         locked(&self.tenants)
             .get(&tenant)
@@ -97,7 +95,6 @@ impl PerTenant {
     }
 
     /// The tenants remembered.
-    #[cfg(test)]
     pub fn tenants(&self) -> usize {
         locked(&self.tenants).len()
     }
@@ -108,6 +105,20 @@ pub struct TenantPermit {
     tenants: Tenants,
     tenant: TenantId,
     permit: Option<OwnedSemaphorePermit>,
+}
+
+impl TenantPermit {
+    /// Holds `other`'s permits as well (both of one tenant's budget), given back with these.
+    pub fn merge(&mut self, mut other: TenantPermit) {
+        assert!(
+            other.tenant == self.tenant && Arc::ptr_eq(&other.tenants, &self.tenants),
+            "permits of one tenant's budget"
+        );
+        match (&mut self.permit, other.permit.take()) {
+            (Some(mine), Some(theirs)) => mine.merge(theirs),
+            (mine, theirs) => *mine = mine.take().or(theirs),
+        }
+    }
 }
 
 impl Drop for TenantPermit {
@@ -124,7 +135,7 @@ impl Drop for TenantPermit {
 }
 
 /// A lock whose holder cannot leave it inconsistent (a panic inside is caught apart).
-pub(crate) fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -176,6 +187,18 @@ mod tests {
         let second = waiting.await.unwrap();
         assert_eq!((budget.held(a), budget.users(a)), (1, 1));
         drop(second);
+        assert_eq!(budget.tenants(), 0);
+    }
+
+    /// Merged permits are given back together, and the tenant is forgotten after.
+    #[tokio::test]
+    async fn merged_permits_go_back_together() {
+        let budget = PerTenant::new(10);
+        let a = TenantId::new();
+        let mut held = budget.try_acquire(a, 3).unwrap();
+        held.merge(budget.try_acquire(a, 4).unwrap());
+        assert_eq!((budget.held(a), budget.users(a)), (7, 1));
+        drop(held);
         assert_eq!(budget.tenants(), 0);
     }
 }
