@@ -73,6 +73,9 @@ fn body_limit(routes: Router<AppState>, limit: usize) -> Router<AppState> {
         ))
 }
 
+/// The most OTLP/gRPC streams one connection may have open at once.
+const GRPC_STREAMS_PER_CONNECTION: u32 = 64;
+
 /// A built ingest-api, bound to its port.
 pub struct App {
     listener: TcpListener,
@@ -322,7 +325,10 @@ impl App {
         let (stopped, mut stopping) = tokio::sync::watch::channel(false);
         let grpc = self.grpc_listener.map(|listener| {
             let mut stopping = stopped.subscribe();
+            // A connection's streams at once are bounded (tonic's default is none); each
+            // stream holds its tenant's share once its key is known (`grpc`).
             let server = tonic::transport::Server::builder()
+                .max_concurrent_streams(Some(GRPC_STREAMS_PER_CONNECTION))
                 .add_service(grpc::OtlpService::<crate::formats::otlp::Metrics>::new(
                     state.clone(),
                 ))

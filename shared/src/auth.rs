@@ -140,16 +140,27 @@ pub const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
 pub struct ApiKeyStore {
     pool: PgPool,
     cache: Arc<Mutex<KeyCache>>,
+    /// Lookups of keys not in the cache that may run at once: a flood of made-up keys,
+    /// which anyone can send, takes at most these of the pool's connections.
+    lookups: Arc<tokio::sync::Semaphore>,
 }
 
-/// Key hash → principal and when it was looked up.
+/// Key hash → principal and when it was looked up. Unknown keys are not remembered, so that
+/// a tenant reactivated is let in at once.
 type KeyCache = HashMap<Vec<u8>, (KeyPrincipal, Instant)>;
+
+/// Lookups of uncached keys at once ([`ApiKeyStore`]).
+const LOOKUPS_AT_ONCE: usize = 4;
+
+/// How long a request waits for a lookup to be free before it is answered 503.
+const LOOKUP_WAIT: Duration = Duration::from_secs(2);
 
 impl ApiKeyStore {
     pub fn new(pool: PgPool) -> Self {
         ApiKeyStore {
             pool,
             cache: Arc::default(),
+            lookups: Arc::new(tokio::sync::Semaphore::new(LOOKUPS_AT_ONCE)),
         }
     }
 
@@ -169,6 +180,11 @@ impl ApiKeyStore {
         let principal = match self.cached(&hash) {
             Some(p) => p,
             None => {
+                let lookup = tokio::time::timeout(LOOKUP_WAIT, self.lookups.acquire()).await;
+                let Ok(Ok(_lookup)) = lookup else {
+                    metrics::counter!("auth_key_lookups_shed_total").increment(1);
+                    return Err(KeyError::Unavailable);
+                };
                 let p = self.lookup(&hash).await?;
                 self.cache
                     .lock()

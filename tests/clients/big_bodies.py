@@ -3,7 +3,8 @@ alone, then while SENDERS threads (in a process of their own, so that the probe 
 wait for their interpreter) send 9 MB batches of 1 000 events (the last one invalid, so the
 door parses and checks them all and appends nothing). Both use the demo tenant's key, so its
 rate limit answers some requests 429; a body the in-flight budget cannot take is answered 503
-and its connection closed ("reset").
+and its connection closed ("reset"). With PROBE_KEY set, the probe sends with that key (another
+tenant's: its answers then show whether the senders' tenant takes the budget from others).
 
     make up && . .tally/demo.env && python3 tests/clients/big_bodies.py [SENDERS] [SECONDS]
 """
@@ -17,7 +18,9 @@ secs = float(sys.argv[2]) if len(sys.argv) > 2 else 15
 def now():
     return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
-def post(body):
+probe_key = os.environ.get("PROBE_KEY") or key
+
+def post(body, key=key):
     req = urllib.request.Request(url, data=body, method="POST", headers={
         "content-type": "application/json", "x-api-key": key})
     try:
@@ -42,7 +45,7 @@ def probe(seconds):
         body = json.dumps({"type": "metric.sample", "occurred_at": now(),
                            "data": {"name": "probe", "value": 1}}).encode()
         t = time.perf_counter()
-        c = post(body)
+        c = post(body, probe_key)
         lat.append((time.perf_counter() - t) * 1000)
         codes[c] = codes.get(c, 0) + 1
         time.sleep(0.02)

@@ -170,8 +170,7 @@ where
     }
     let read = async {
         let mut body = std::pin::pin!(body);
-        let mut first: Option<Bytes> = None;
-        let mut more: Vec<u8> = Vec::new();
+        let mut pieces: Vec<Bytes> = Vec::new();
         let mut size = 0;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| Unreadable::Broken(e.to_string()))?;
@@ -183,18 +182,21 @@ where
                 return Err(Unreadable::TooLarge(limit));
             }
             charges.up_to(size).map_err(Unreadable::Busy)?;
-            // A body that came in one piece is kept as it came.
-            match &first {
-                None if more.is_empty() => first = Some(data),
-                _ => {
-                    if let Some(first) = first.take() {
-                        more.extend_from_slice(&first);
-                    }
-                    more.extend_from_slice(&data);
-                }
-            }
+            pieces.push(data);
         }
-        Ok(first.unwrap_or_else(|| more.into()))
+        // A body that came in one piece is kept as it came; one of several is copied once,
+        // into exactly its size.
+        Ok(match pieces.len() {
+            0 => Bytes::new(),
+            1 => pieces.swap_remove(0),
+            _ => {
+                let mut whole = Vec::with_capacity(size);
+                for piece in &pieces {
+                    whole.extend_from_slice(piece);
+                }
+                whole.into()
+            }
+        })
     };
     match tokio::time::timeout(within, read).await {
         Ok(read) => read,
@@ -403,4 +405,82 @@ pub async fn read_body(
         }
     };
     Ok(ReadBody::new(sent, gzip, limit, &s.lane, charges)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shed::{Limits, Shed};
+    use http_body::Frame;
+    use http_body_util::StreamBody;
+
+    type Sent = Result<Frame<Bytes>, std::io::Error>;
+
+    /// A body whose frames are sent on the returned channel; it ends when the channel does.
+    fn streamed() -> (
+        futures::channel::mpsc::UnboundedSender<Sent>,
+        StreamBody<futures::channel::mpsc::UnboundedReceiver<Sent>>,
+    ) {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        (tx, StreamBody::new(rx))
+    }
+
+    fn shed() -> Shed {
+        Shed::new(Limits {
+            requests: 8,
+            bytes: 1000,
+            tenant_requests: 8,
+            tenant_bytes: 1000,
+            max_body: 100,
+        })
+    }
+
+    /// A body in several frames is read whole (trailers skipped) and, sent without a length,
+    /// charged for what it came to as it came; the charge goes with the charges.
+    #[tokio::test]
+    async fn a_body_of_several_frames_is_read_whole_and_charged_as_it_comes() {
+        let shed = shed();
+        let mut charges = Charges::new(&shed, TenantId::new(), 0);
+        let (tx, body) = streamed();
+        for piece in ["[1,", "2,", "3]"] {
+            tx.unbounded_send(Ok(Frame::data(Bytes::from(piece))))
+                .unwrap();
+        }
+        tx.unbounded_send(Ok(Frame::trailers(HeaderMap::new())))
+            .unwrap();
+        drop(tx);
+        let read = read_limited(body, 100, &mut charges, Duration::from_secs(5)).await;
+        assert_eq!(&read.unwrap()[..], b"[1,2,3]");
+        assert_eq!(shed.bytes_free(), 1000 - 7);
+        drop(charges);
+        assert_eq!(shed.bytes_free(), 1000);
+    }
+
+    /// A body that goes past the limit is refused as the frame that passes it arrives; one
+    /// that stops arriving is refused once its time is up; what either held goes back.
+    #[tokio::test]
+    async fn too_much_or_too_slow_is_refused_and_let_go_of() {
+        let shed = shed();
+        let mut charges = Charges::new(&shed, TenantId::new(), 0);
+        let (tx, body) = streamed();
+        tx.unbounded_send(Ok(Frame::data(Bytes::from(vec![b'x'; 60]))))
+            .unwrap();
+        tx.unbounded_send(Ok(Frame::data(Bytes::from(vec![b'x'; 60]))))
+            .unwrap();
+        let read = read_limited(body, 100, &mut charges, Duration::from_secs(5)).await;
+        assert!(matches!(read, Err(Unreadable::TooLarge(100))), "{read:?}");
+        drop(tx);
+
+        let (tx, body) = streamed();
+        tx.unbounded_send(Ok(Frame::data(Bytes::from("["))))
+            .unwrap();
+        let within = Duration::from_millis(50);
+        let read = read_limited(body, 100, &mut charges, within).await;
+        assert!(
+            matches!(read, Err(Unreadable::Slow(w)) if w == within),
+            "{read:?}"
+        );
+        drop((tx, charges));
+        assert_eq!(shed.bytes_free(), 1000);
+    }
 }

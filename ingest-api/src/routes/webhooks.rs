@@ -8,7 +8,8 @@
 //! bytes), so a redelivery — or a captured delivery replayed — is the same event and the
 //! projector counts it once. Anything not verified is refused with 401
 //! and records nothing (the same answer whether or not the tenant exists or has the
-//! integration); other event kinds are acknowledged and ignored.
+//! integration, though a tenant without it is answered before the body is read); other event
+//! kinds are acknowledged and ignored. Deliveries have a budget of their own ([`budget`]).
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -37,10 +38,14 @@ use crate::state::AppState;
 /// deliveries at 25 MB, which nothing here needs).
 pub const MAX_WEBHOOK_BYTES: usize = 2 * 1024 * 1024;
 
+/// How long a delivery's body may take to arrive (GitHub and GitLab send theirs at once).
+const WEBHOOK_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What deliveries may hold at once: a budget apart from the ingest doors', since anyone may
-/// send one and only its signature, checked once the body is read, says who. Sixteen at once,
-/// four per tenant, each charged its declared length (or as it arrives) within
-/// `MAX_WEBHOOK_BYTES`.
+/// send one and only its signature (GitHub's, over the body) or token (GitLab's) says who.
+/// Sixteen at once, four per tenant in the path, each charged its declared length (or as it
+/// arrives) within `MAX_WEBHOOK_BYTES`, from before its integration is looked up until it is
+/// answered.
 pub fn budget() -> Shed {
     Shed::new(Limits {
         requests: 16,
@@ -106,21 +111,23 @@ async fn handle(
     let tenant = Uuid::parse_str(tenant)
         .map(TenantId)
         .map_err(|_| refused())?;
-    // A tenant without this integration is refused before its body is read.
+    // Held from here (the integration's lookup included), so that what anyone can send is
+    // bounded by the webhooks' own budget.
+    let declared = s.webhooks.declared(headers);
+    let _held = s.webhooks.hold(tenant, declared)?;
+    // A tenant without this integration, or a GitLab delivery without its token, is refused
+    // before its body is read.
     let settings = integrations::load(&s.pool, &s.config.common.secret_key, tenant, provider)
         .await
         .map_err(|e| IngestError::internal("reading the integration", e))?
         .ok_or_else(refused)?;
-    let declared = s.webhooks.declared(headers);
-    let _held = s.webhooks.hold(tenant, declared)?;
+    if provider != "github" && !verify_gitlab(&settings.secret, headers) {
+        metrics::counter!("ingest_webhooks_refused_total", "provider" => provider).increment(1);
+        return Err(refused());
+    }
     let mut charges = Charges::new(&s.webhooks, tenant, declared);
-    let within = s.body_timeout();
-    let bytes = read_limited(body, MAX_WEBHOOK_BYTES, &mut charges, within).await?;
-    let verified = match provider {
-        "github" => verify_github(&settings.secret, headers, &bytes),
-        _ => verify_gitlab(&settings.secret, headers),
-    };
-    if !verified {
+    let bytes = read_limited(body, MAX_WEBHOOK_BYTES, &mut charges, WEBHOOK_BODY_TIMEOUT).await?;
+    if provider == "github" && !verify_github(&settings.secret, headers, &bytes) {
         metrics::counter!("ingest_webhooks_refused_total", "provider" => provider).increment(1);
         return Err(refused());
     }

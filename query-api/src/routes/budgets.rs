@@ -36,14 +36,15 @@ async fn with_status(
     reader: &Reader,
     list: Vec<Budget>,
 ) -> Result<Vec<Value>, Problem> {
-    // Each budget's status reads the tenant's spend: one of the tenant's connections.
+    // Each budget's status reads the tenant's spend: one of the tenant's connections, and
+    // one connection at a time.
     let _share = s.shares.take(reader.tenant).await.map_err(db_error)?;
+    let large = large_teams(&s.pool, reader).await.map_err(db_error)?;
     let mut conn = s.pool.acquire().await.map_err(db_error)?;
     let tz = budgets::time_zone(&mut conn, reader.tenant)
         .await
         .map_err(db_error)?;
     let now = Utc::now();
-    let large = large_teams(&s.pool, reader).await.map_err(db_error)?;
     let private = |b: &Budget| match &large {
         None => false,
         Some(large) => match b.scope {

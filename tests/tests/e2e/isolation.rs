@@ -110,10 +110,13 @@ async fn one_tenant_stuck_reads_never_take_another_tenant_connections() {
     }
 
     // The stuck tenant's reads beyond its two connections give up once a read's wait for a
-    // connection (5 s) is over; then the lock goes and its two reads finish.
-    while started.elapsed() < Duration::from_millis(6500) {
+    // connection (5 s) is over, while the two on the lock wait (their statement timeout is
+    // 20 s); then the lock goes and those two finish.
+    while stuck_reads.iter().filter(|r| r.is_finished()).count() < 3 {
+        assert!(started.elapsed() < Duration::from_secs(15), "still waiting");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(started.elapsed() >= Duration::from_secs(5), "gave up early");
     blocker.rollback().await.unwrap();
     let mut answers = Vec::new();
     for r in stuck_reads {

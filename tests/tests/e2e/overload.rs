@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use serde_json::json;
+use shared::apikey::Scope;
 use tally_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -66,7 +67,8 @@ async fn the_doors_shed_load_with_503_and_retry_after() {
         .await
         .unwrap();
     assert_eq!(res.status(), 503);
-    // OTLP/gRPC holds a slot too, once its message is read: `UNAVAILABLE`, which senders retry.
+    // OTLP/gRPC holds a slot too, before its message is read: `UNAVAILABLE`, which senders
+    // retry.
     let grpc = ingest.grpc_addr.expect("gRPC is on").to_string();
     let got = grpc_raw(&grpc, &t.ingest_key, &["--hex", ""]).await;
     assert!(got.starts_with("UNAVAILABLE"), "{got}");
@@ -143,8 +145,13 @@ async fn one_tenant_in_flight_never_sheds_another() {
     assert_eq!(grpc_raw(&grpc, other_key, &["--hex", ""]).await, "OK");
     drop(held);
 
-    // Its requests: as many small ones as the whole budget's slots; three fit its share.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its requests: as many small ones as the whole budget's slots; three fit its share
+    // (once what the first ones held is given back).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while shed(greedy_key).await.0 != 202 {
+        assert!(std::time::Instant::now() < deadline, "still shedding");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let opened =
         futures::future::join_all((0..8).map(|_| hold(ingest.addr, "/v1/events", greedy_key, 10)))
             .await;
@@ -204,6 +211,31 @@ async fn a_body_that_never_arrives_is_answered_408_and_its_place_given_back() {
     }
     let res = post_events(&http(), &ingest.url(), &t.ingest_key, &events).await;
     assert_eq!(res.status(), 202);
+
+    // With the integration, deliveries hold the webhooks' own budget while their bodies
+    // arrive: four for one tenant, the fifth refused; the doors still take events; and a
+    // body that does not come is answered 408 after five seconds.
+    let (_, admin) =
+        ingest_api::control::store::create_api_key(&pool, "", t.id, Scope::Admin, "hooks")
+            .await
+            .unwrap();
+    let res = http()
+        .put(format!("{}/v1/admin/integrations/github", ingest.url()))
+        .bearer_auth(&admin)
+        .json(&json!({"secret": "gh-webhook-secret-0123456789"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let opened =
+        futures::future::join_all((0..5).map(|_| hold(ingest.addr, &hook, "-", 100))).await;
+    let mut waiting = refuse_beyond(opened, 4).await;
+    let res = post_events(&http(), &ingest.url(), &t.ingest_key, &events).await;
+    assert_eq!(res.status(), 202, "webhooks hold none of the doors' budget");
+    for delivery in &mut waiting {
+        let answer = head_of(delivery).await;
+        assert!(answer.starts_with("http/1.1 408"), "{answer}");
+    }
     ingest.stop().await.unwrap();
 }
 
