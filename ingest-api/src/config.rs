@@ -29,6 +29,9 @@ pub struct Config {
     /// How long a request's body may take to arrive, at any door; past it, 408 (gRPC:
     /// `DEADLINE_EXCEEDED`), and what it held is given back.
     pub body_timeout_secs: u64,
+    /// How long a request's head (its line and headers) may take to arrive on a connection;
+    /// past it the connection is closed.
+    pub header_timeout_secs: u64,
     /// Threads of the large-body lane (`crate::ingest::lane`), at a lower priority than the
     /// runtime's.
     pub lane_threads: usize,
@@ -74,6 +77,7 @@ impl Default for Config {
             tenant_inflight_requests: 32,
             tenant_inflight_bytes: 32 * 1024 * 1024,
             body_timeout_secs: 30,
+            header_timeout_secs: 30,
             lane_threads: 1,
             lane_min_bytes: 1024 * 1024,
             lane_tenant_bodies: 2,
@@ -108,6 +112,9 @@ impl Config {
                 "tenant_inflight_requests must be positive and tenant_inflight_bytes at least max_body_bytes"
                     .into(),
             );
+        }
+        if self.header_timeout_secs == 0 {
+            return Err("header_timeout_secs must be positive".into());
         }
         if self.body_timeout_secs == 0 {
             return Err("body_timeout_secs must be positive".into());

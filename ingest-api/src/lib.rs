@@ -348,13 +348,15 @@ impl App {
             shutdown.trigger();
             let _ = stopped.send(true);
         });
-        axum::serve(
+        let header_timeout = Duration::from_secs(state.config.header_timeout_secs);
+        shared::serve::serve(
             self.listener,
-            Self::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+            Self::router(state.clone()),
+            header_timeout,
+            async move {
+                let _ = stopping.wait_for(|s| *s).await;
+            },
         )
-        .with_graceful_shutdown(async move {
-            let _ = stopping.wait_for(|s| *s).await;
-        })
         .await?;
         if let Some(grpc) = grpc {
             grpc.await?.context("OTLP/gRPC server")?;

@@ -39,6 +39,9 @@ pub struct Config {
     /// next reads wait for one of them (then 503), so that one tenant's slow reads cannot
     /// take every connection.
     pub tenant_db_connections: u32,
+    /// How long a request's head (its line and headers) may take to arrive on a connection;
+    /// past it the connection is closed.
+    pub header_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -58,6 +61,7 @@ impl Default for Config {
             max_series: 20,
             read_rate_limit_per_min: 30_000,
             tenant_db_connections: 8,
+            header_timeout_secs: 30,
         }
     }
 }
@@ -76,6 +80,9 @@ impl Config {
         }
         if self.stream_max_per_tenant == 0 || self.stream_max_total == 0 {
             return Err("stream_max_per_tenant and stream_max_total must be positive".into());
+        }
+        if self.header_timeout_secs == 0 {
+            return Err("header_timeout_secs must be positive".into());
         }
         if self.tenant_db_connections == 0 {
             return Err("tenant_db_connections must be positive".into());

@@ -178,12 +178,18 @@ impl App {
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
-        axum::serve(self.listener, Self::router(state.clone()))
-            .with_graceful_shutdown(async move {
-                stop.await;
-                shutdown.trigger();
-            })
-            .await?;
+        let header_timeout = std::time::Duration::from_secs(state.config.header_timeout_secs);
+        let stopping = async move {
+            stop.await;
+            shutdown.trigger();
+        };
+        shared::serve::serve(
+            self.listener,
+            Self::router(state.clone()),
+            header_timeout,
+            stopping,
+        )
+        .await?;
         state.pool.close().await;
         Ok(())
     }

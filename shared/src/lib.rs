@@ -24,6 +24,7 @@ pub mod repos;
 pub mod rfc3339;
 pub mod rules;
 pub mod secretbox;
+pub mod serve;
 pub mod telemetry;
 pub mod tenant;
 pub mod tenant_sql;

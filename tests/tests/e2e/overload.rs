@@ -179,17 +179,32 @@ async fn one_tenant_in_flight_never_sheds_another() {
     ingest.stop().await.unwrap();
 }
 
-/// A body that has not arrived within `body_timeout_secs` is answered 408, and what its
+/// A request head that has not ended within `header_timeout_secs` loses its connection; a body
+/// that has not arrived within `body_timeout_secs` is answered 408, and what its
 /// request held is given back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_body_that_never_arrives_is_answered_408_and_its_place_given_back() {
+async fn a_head_or_body_that_never_arrives_is_cut_off_and_its_place_given_back() {
     let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |c| {
         c.max_inflight_requests = 1;
         c.body_timeout_secs = 1;
+        c.header_timeout_secs = 1;
     })
     .await;
     let t = create_tenant(&pool, "trickle").await;
+    // A head that never ends: the connection is closed once its time is up.
+    let mut head = TcpStream::connect(ingest.addr).await.unwrap();
+    head.write_all(b"POST /v1/events HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut rest = Vec::new();
+        let _ = head.read_to_end(&mut rest).await;
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection stayed open");
+    assert!(started.elapsed() >= Duration::from_millis(900));
     let mut slow = hold(ingest.addr, "/v1/events", &t.ingest_key, 100).await;
     let started = std::time::Instant::now();
     let answer = head_of(&mut slow).await;
