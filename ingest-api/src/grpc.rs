@@ -102,9 +102,11 @@ impl<E: Signal> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
             };
             let mut charges = Charges::new(&state.shed, tenant, declared);
             let within = state.body_timeout();
+            // The limit is the message's, within its 5-byte frame.
             let body = match read_limited(body, limit + 5, &mut charges, within).await {
                 Ok(body) => body,
-                Err(e) => return Ok(unreadable(e, limit).into_http()),
+                Err(Unreadable::TooLarge(_)) => return Ok(too_large(limit).into_http()),
+                Err(e) => return Ok(unreadable(e).into_http()),
             };
             let encoding = parts
                 .headers
@@ -154,10 +156,10 @@ fn too_large(limit: usize) -> Status {
     ))
 }
 
-/// A message that cannot be read (within `limit` bytes), as OTLP senders read it.
-fn unreadable(e: Unreadable, limit: usize) -> Status {
+/// A message that cannot be read, as OTLP senders read it.
+fn unreadable(e: Unreadable) -> Status {
     match e {
-        Unreadable::TooLarge(_) => too_large(limit),
+        Unreadable::TooLarge(limit) => too_large(limit),
         Unreadable::BadGzip(e) => Status::invalid_argument(format!("invalid gzip message: {e}")),
         Unreadable::Busy(busy) => Status::from(IngestError::from(busy)),
         Unreadable::Broken(e) => Status::invalid_argument(format!("reading the request: {e}")),
@@ -207,7 +209,7 @@ fn message(
             )))
         }
     };
-    ReadBody::new(payload, gzip, limit, lane, charges).map_err(|e| unreadable(e, limit))
+    ReadBody::new(payload, gzip, limit, lane, charges).map_err(unreadable)
 }
 
 /// The message's points stamped, with what was refused: inflated to its end, counted on the
@@ -219,8 +221,7 @@ fn read<E: Signal>(
     keep: Keep,
 ) -> Result<(Converted, Vec<Stamped>), Status> {
     // What the message holds of the in-flight budget is held until it is stamped.
-    let limit = message.limit();
-    let message = message.finish().map_err(|e| unreadable(e, limit))?;
+    let message = message.finish().map_err(unreadable)?;
     otlp::check_protobuf::<E>(message.bytes()).map_err(|e| match e {
         DecodeError::Malformed(e) => Status::invalid_argument(e),
         DecodeError::TooMany(e) => Status::from(IngestError::too_many(e)),

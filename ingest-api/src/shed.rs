@@ -81,29 +81,22 @@ impl Shed {
     /// `tenant`'s request: a slot and `size` bytes, of its share and of the budget in all,
     /// held until dropped; a 503 when either is exhausted.
     pub fn hold(&self, tenant: TenantId, size: usize) -> Result<Held, Busy> {
-        let permits = u32::try_from(size.max(1)).unwrap_or(u32::MAX);
         let Some(share_slot) = self.tenant_requests.try_acquire(tenant, 1) else {
             return Err(overloaded(TENANT_REQUESTS));
         };
-        let Some(share_bytes) = self.tenant_bytes.try_acquire(tenant, permits) else {
-            return Err(overloaded(TENANT_BYTES));
-        };
+        let bytes = self.charge(tenant, size.max(1))?;
         let Ok(slot) = self.requests.clone().try_acquire_owned() else {
             return Err(overloaded(REQUESTS));
         };
-        let Ok(bytes) = self.bytes.clone().try_acquire_many_owned(permits) else {
-            return Err(overloaded(BYTES));
-        };
         Ok(Held {
             _slot: slot,
-            _bytes: bytes,
             _share_slot: share_slot,
-            _share_bytes: share_bytes,
+            _bytes: bytes,
         })
     }
 
-    /// `more` bytes for `tenant`'s request beyond what it holds, of its share and of the
-    /// budget in all; a 503 when either cannot cover them.
+    /// `more` bytes for `tenant`'s request, of its share and of the budget in all; a 503
+    /// when either cannot cover them.
     fn charge(&self, tenant: TenantId, more: usize) -> Result<Charge, Busy> {
         let permits = u32::try_from(more).unwrap_or(u32::MAX);
         let Some(share) = self.tenant_bytes.try_acquire(tenant, permits) else {
@@ -119,12 +112,11 @@ impl Shed {
 /// A request's slot and bytes ([`Shed::hold`]), given back when dropped.
 pub struct Held {
     _slot: OwnedSemaphorePermit,
-    _bytes: OwnedSemaphorePermit,
     _share_slot: TenantPermit,
-    _share_bytes: TenantPermit,
+    _bytes: Charge,
 }
 
-/// Bytes held beyond a request's arrival ([`Charges`]).
+/// Bytes held of a tenant's share and of the budget in all.
 struct Charge {
     bytes: OwnedSemaphorePermit,
     share: TenantPermit,

@@ -332,11 +332,6 @@ impl ReadBody {
         Ok(self)
     }
 
-    /// The most it may inflate to.
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// What it holds of the budget, the body itself let go of.
     pub fn into_charges(self) -> Charges {
         self.charges

@@ -50,11 +50,6 @@ impl Shares {
             sqlx::Error::PoolTimedOut
         })
     }
-
-    /// The connections `tenant`'s reads hold now.
-    pub fn held(&self, tenant: TenantId) -> usize {
-        self.per_tenant.held(tenant)
-    }
 }
 
 /// A read-only transaction in the tenant's active projection (its version), holding one of
