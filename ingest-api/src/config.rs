@@ -32,6 +32,14 @@ pub struct Config {
     /// How long a request's head (its line and headers) may take to arrive on a connection;
     /// past it the connection is closed.
     pub header_timeout_secs: u64,
+    /// Connections open at once, over every listener; past it no more are accepted until one
+    /// closes. Keep it under the process's descriptor limit (`ulimit -n`), less the pool's
+    /// and the broker's.
+    pub max_connections: usize,
+    /// Connections open at once from one address (one /64 for IPv6); past it that address's
+    /// next connection is answered 503 and closed. 0: only `max_connections` bounds it (set
+    /// it so behind a proxy, where every connection comes from the proxy's address).
+    pub max_connections_per_peer: usize,
     /// Threads of the large-body lane (`crate::ingest::lane`), at a lower priority than the
     /// runtime's.
     pub lane_threads: usize,
@@ -78,6 +86,8 @@ impl Default for Config {
             tenant_inflight_bytes: 32 * 1024 * 1024,
             body_timeout_secs: 30,
             header_timeout_secs: 30,
+            max_connections: 4096,
+            max_connections_per_peer: 256,
             lane_threads: 1,
             lane_min_bytes: 1024 * 1024,
             lane_tenant_bodies: 2,
@@ -115,6 +125,9 @@ impl Config {
         }
         if self.header_timeout_secs == 0 {
             return Err("header_timeout_secs must be positive".into());
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections must be positive".into());
         }
         if self.body_timeout_secs == 0 {
             return Err("body_timeout_secs must be positive".into());

@@ -277,3 +277,78 @@ impl<E: Signal> Decoder for OtlpCodec<E> {
         Ok(Some(()))
     }
 }
+
+/// An accepted OTLP/gRPC connection, holding its places among the service's connections
+/// (`shared::serve::Connections`) until it closes.
+pub struct GrpcConnection {
+    stream: tokio::net::TcpStream,
+    _open: shared::serve::Open,
+}
+
+/// The connections `listener` accepts, each once its peer may open one; a peer past its
+/// share is closed without a word (gRPC has no answer before a request; its client sees
+/// `UNAVAILABLE` and retries).
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+    connections: shared::serve::Connections,
+) -> impl futures::Stream<Item = Result<GrpcConnection, std::io::Error>> {
+    futures::stream::unfold(
+        (listener, connections),
+        |(listener, connections)| async move {
+            let (stream, _, open) = connections.accept(&listener, "grpc", b"").await;
+            let connection = GrpcConnection {
+                stream,
+                _open: open,
+            };
+            Some((Ok(connection), (listener, connections)))
+        },
+    )
+}
+
+impl tonic::transport::server::Connected for GrpcConnection {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for GrpcConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for GrpcConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}

@@ -76,6 +76,11 @@ fn body_limit(routes: Router<AppState>, limit: usize) -> Router<AppState> {
 /// The most OTLP/gRPC streams one connection may have open at once.
 const GRPC_STREAMS_PER_CONNECTION: u32 = 64;
 
+/// How often an OTLP/gRPC connection is pinged, and how long its answer may take before the
+/// connection is closed as gone.
+const GRPC_PING_INTERVAL: Duration = Duration::from_secs(60);
+const GRPC_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// A built ingest-api, bound to its port.
 pub struct App {
     listener: TcpListener,
@@ -323,12 +328,20 @@ impl App {
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
         let (stopped, mut stopping) = tokio::sync::watch::channel(false);
+        // Both listeners' connections share one bound, and each peer's share of it.
+        let connections = shared::serve::Connections::new(
+            state.config.max_connections,
+            state.config.max_connections_per_peer,
+        );
         let grpc = self.grpc_listener.map(|listener| {
             let mut stopping = stopped.subscribe();
             // A connection's streams at once are bounded (tonic's default is none); each
-            // stream holds its tenant's share once its key is known (`grpc`).
+            // stream holds its tenant's share once its key is known (`grpc`). A peer that
+            // went away without closing is found by the pings and its places given back.
             let server = tonic::transport::Server::builder()
                 .max_concurrent_streams(Some(GRPC_STREAMS_PER_CONNECTION))
+                .http2_keepalive_interval(Some(GRPC_PING_INTERVAL))
+                .http2_keepalive_timeout(Some(GRPC_PING_TIMEOUT))
                 .add_service(grpc::OtlpService::<crate::formats::otlp::Metrics>::new(
                     state.clone(),
                 ))
@@ -336,7 +349,7 @@ impl App {
                     state.clone(),
                 ))
                 .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener),
+                    grpc::incoming(listener, connections.clone()),
                     async move {
                         let _ = stopping.wait_for(|s| *s).await;
                     },
@@ -353,6 +366,7 @@ impl App {
             self.listener,
             Self::router(state.clone()),
             header_timeout,
+            connections,
             async move {
                 let _ = stopping.wait_for(|s| *s).await;
             },

@@ -187,6 +187,10 @@ impl App {
             self.listener,
             Self::router(state.clone()),
             header_timeout,
+            shared::serve::Connections::new(
+                state.config.max_connections,
+                state.config.max_connections_per_peer,
+            ),
             stopping,
         )
         .await?;

@@ -4,26 +4,37 @@
 //! none, so the map holds no more tenants than there are requests in flight.
 //!
 //! ingest-api uses it for each tenant's places in its large-body lane and its share of the
-//! in-flight budget; query-api for each tenant's share of the database connections.
+//! in-flight budget; query-api for each tenant's share of the database connections; both
+//! (keyed by a peer's address rather than a tenant) for each peer's share of the open
+//! connections (`serve`).
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::tenant::TenantId;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// `permits` for each tenant.
-#[derive(Clone)]
-pub struct PerTenant {
+/// `permits` for each tenant (or each key `K`).
+pub struct PerTenant<K = TenantId> {
     permits: usize,
-    tenants: Tenants,
+    tenants: Tenants<K>,
+}
+
+impl<K> Clone for PerTenant<K> {
+    fn clone(&self) -> Self {
+        PerTenant {
+            permits: self.permits,
+            tenants: self.tenants.clone(),
+        }
+    }
 }
 
 /// Each tenant's permits, and how many hold or wait for some of them.
-type Tenants = Arc<Mutex<HashMap<TenantId, (Arc<Semaphore>, usize)>>>;
+type Tenants<K> = Arc<Mutex<HashMap<K, (Arc<Semaphore>, usize)>>>;
 
-impl PerTenant {
-    pub fn new(permits: usize) -> PerTenant {
+impl<K: Copy + Eq + Hash> PerTenant<K> {
+    pub fn new(permits: usize) -> PerTenant<K> {
         PerTenant {
             permits: permits.clamp(1, Semaphore::MAX_PERMITS),
             tenants: Arc::default(),
@@ -33,7 +44,7 @@ impl PerTenant {
     /// `n` of `tenant`'s permits once they are free (a tenant's permits are taken in order
     /// of asking), given back when dropped; a caller dropped while it waits is no longer
     /// counted. `n` must be at most the budget's permits (more would never come free).
-    pub async fn acquire(&self, tenant: TenantId, n: u32) -> TenantPermit {
+    pub async fn acquire(&self, tenant: K, n: u32) -> TenantPermit<K> {
         assert!(n as usize <= self.permits, "more than a tenant's budget");
         let (mut permit, semaphore) = self.user(tenant);
         permit.permit = Some(
@@ -46,14 +57,14 @@ impl PerTenant {
     }
 
     /// `n` of `tenant`'s permits if they are free now.
-    pub fn try_acquire(&self, tenant: TenantId, n: u32) -> Option<TenantPermit> {
+    pub fn try_acquire(&self, tenant: K, n: u32) -> Option<TenantPermit<K>> {
         let (mut permit, semaphore) = self.user(tenant);
         permit.permit = Some(semaphore.try_acquire_many_owned(n).ok()?);
         Some(permit)
     }
 
     /// `tenant`'s semaphore, counted as used by the permit returned (which holds none yet).
-    fn user(&self, tenant: TenantId) -> (TenantPermit, Arc<Semaphore>) {
+    fn user(&self, tenant: K) -> (TenantPermit<K>, Arc<Semaphore>) {
         let semaphore = {
             let mut tenants = locked(&self.tenants);
             let (semaphore, users) = tenants
@@ -71,7 +82,7 @@ impl PerTenant {
     }
 
     /// The permits `tenant` holds now.
-    pub fn held(&self, tenant: TenantId) -> usize {
+    pub fn held(&self, tenant: K) -> usize {
         locked(&self.tenants)
             .get(&tenant)
             .map_or(0, |(semaphore, _)| {
@@ -88,7 +99,7 @@ impl PerTenant {
     }
 
     /// How many hold or wait for `tenant`'s permits.
-    pub fn users(&self, tenant: TenantId) -> usize {
+    pub fn users(&self, tenant: K) -> usize {
         locked(&self.tenants)
             .get(&tenant)
             .map_or(0, |(_, users)| *users)
@@ -101,15 +112,15 @@ impl PerTenant {
 }
 
 /// Permits of one tenant's budget (or the wait for them), given back when dropped.
-pub struct TenantPermit {
-    tenants: Tenants,
-    tenant: TenantId,
+pub struct TenantPermit<K: Copy + Eq + Hash = TenantId> {
+    tenants: Tenants<K>,
+    tenant: K,
     permit: Option<OwnedSemaphorePermit>,
 }
 
-impl TenantPermit {
+impl<K: Copy + Eq + Hash> TenantPermit<K> {
     /// Holds `other`'s permits as well (both of one tenant's budget), given back with these.
-    pub fn merge(&mut self, mut other: TenantPermit) {
+    pub fn merge(&mut self, mut other: TenantPermit<K>) {
         assert!(
             other.tenant == self.tenant && Arc::ptr_eq(&other.tenants, &self.tenants),
             "permits of one tenant's budget"
@@ -121,7 +132,7 @@ impl TenantPermit {
     }
 }
 
-impl Drop for TenantPermit {
+impl<K: Copy + Eq + Hash> Drop for TenantPermit<K> {
     fn drop(&mut self) {
         drop(self.permit.take());
         let mut tenants = locked(&self.tenants);

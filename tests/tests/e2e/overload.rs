@@ -254,6 +254,110 @@ async fn a_head_or_body_that_never_arrives_is_cut_off_and_its_place_given_back()
     ingest.stop().await.unwrap();
 }
 
+/// One address holds at most `max_connections_per_peer` connections over both listeners: its
+/// next is answered 503 (HTTP) or closed (gRPC, `UNAVAILABLE`), while another address's
+/// requests are taken; a closed connection gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_address_holding_connections_never_keeps_another_out() {
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |c| c.max_connections_per_peer = 3).await;
+    let t = create_tenant(&pool, "crowded").await;
+    let grpc = ingest.grpc_addr.expect("gRPC is on").to_string();
+    let events = json!([command("u", "build", 5, true)]);
+    let from = |ip: &str| {
+        reqwest::Client::builder()
+            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    };
+    let (one, two) = (from("127.0.0.1"), from("127.0.0.2"));
+    // 127.0.0.2 opens its three and sends nothing; its fourth is told why and closed.
+    let idle = hold_connections(ingest.addr, "127.0.0.2", 3).await;
+    let mut fourth = connect_from("127.0.0.2", ingest.addr).await;
+    let mut answer = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), fourth.read_to_string(&mut answer));
+    read.await.expect("closed at once").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    assert!(answer.contains("too-many-connections"), "{answer}");
+    // A client that sends its request at once sees the 503 or the connection closed under it.
+    let res = two
+        .post(format!("{}/v1/events", ingest.url()))
+        .bearer_auth(&t.ingest_key)
+        .json(&events)
+        .send()
+        .await;
+    assert!(
+        res.as_ref().map_or(true, |res| res.status() == 503),
+        "{res:?}"
+    );
+    // 127.0.0.1 is taken, over HTTP and gRPC.
+    let res = post_events(&one, &ingest.url(), &t.ingest_key, &events).await;
+    assert_eq!(res.status(), 202);
+    assert_eq!(grpc_raw(&grpc, &t.ingest_key, &["--hex", ""]).await, "OK");
+    // Its places come back as its connections close.
+    drop(idle);
+    drop(one);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match two
+            .post(format!("{}/v1/events", ingest.url()))
+            .bearer_auth(&t.ingest_key)
+            .json(&events)
+            .send()
+            .await
+        {
+            Ok(res) if res.status() == 202 => break,
+            _ => assert!(
+                std::time::Instant::now() < deadline,
+                "127.0.0.2 still refused"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(two);
+    // Now 127.0.0.1 holds three: its gRPC connection is closed unanswered, counted apart.
+    let idle = hold_connections(ingest.addr, "127.0.0.1", 3).await;
+    let got = grpc_raw(&grpc, &t.ingest_key, &["--hex", ""]).await;
+    assert!(got.starts_with("UNAVAILABLE"), "{got}");
+    let metrics = scrape_metrics(&from("127.0.0.2"), &ingest.url()).await;
+    for listener in ["http", "grpc"] {
+        let line = format!("connections_refused_total{{listener=\"{listener}\"}}");
+        assert!(
+            metrics.contains(&line),
+            "{listener} refusals counted: {metrics}"
+        );
+    }
+    drop(idle);
+    ingest.stop().await.unwrap();
+}
+
+/// A connection to `addr` from `ip`.
+async fn connect_from(ip: &str, addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// `n` connections from `ip` that `addr` has kept open (sending nothing): one answered and
+/// closed at once is not counted (an earlier connection of `ip`'s may still be closing),
+/// and another is tried a little later.
+async fn hold_connections(addr: std::net::SocketAddr, ip: &str, n: usize) -> Vec<TcpStream> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut held = Vec::new();
+    while held.len() < n {
+        assert!(std::time::Instant::now() < deadline, "{ip} kept out");
+        let mut stream = connect_from(ip, addr).await;
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut byte)).await {
+            Err(_) => held.push(stream),
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    held
+}
+
 /// The status, `Retry-After` and body of the answer to posting `events` with `key`.
 async fn answer(
     client: &reqwest::Client,
