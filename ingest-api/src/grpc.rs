@@ -279,11 +279,18 @@ impl<E: Signal> Decoder for OtlpCodec<E> {
 }
 
 /// An accepted OTLP/gRPC connection, holding its places among the service's connections
-/// (`shared::serve::Connections`) until it closes.
+/// (`shared::serve::Connections`) until it closes. Its client's preface must arrive within
+/// the service's `header_timeout_secs`, as an HTTP/1 request's head must: a connection that
+/// sends nothing would otherwise hold its place for good.
 pub struct GrpcConnection {
     stream: tokio::net::TcpStream,
     _open: shared::serve::Open,
+    /// Bytes of the preface still to come, and by when; none once it has come.
+    preface: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
 }
+
+/// The bytes an HTTP/2 client sends first (`PRI * HTTP/2.0…`).
+const PREFACE_BYTES: usize = 24;
 
 /// The connections `listener` accepts, each once its peer may open one; a peer past its
 /// share is closed without a word (gRPC has no answer before a request; its client sees
@@ -291,14 +298,16 @@ pub struct GrpcConnection {
 pub fn incoming(
     listener: tokio::net::TcpListener,
     connections: shared::serve::Connections,
+    preface_timeout: std::time::Duration,
 ) -> impl futures::Stream<Item = Result<GrpcConnection, std::io::Error>> {
     futures::stream::unfold(
         (listener, connections),
-        |(listener, connections)| async move {
+        move |(listener, connections)| async move {
             let (stream, _, open) = connections.accept(&listener, "grpc", b"").await;
             let connection = GrpcConnection {
                 stream,
                 _open: open,
+                preface: Some((PREFACE_BYTES, Box::pin(tokio::time::sleep(preface_timeout)))),
             };
             Some((Ok(connection), (listener, connections)))
         },
@@ -319,7 +328,27 @@ impl tokio::io::AsyncRead for GrpcConnection {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Some((left, deadline)) = &mut this.preface {
+            match polled {
+                Poll::Ready(Ok(())) => {
+                    *left = left.saturating_sub(buf.filled().len() - before);
+                    if *left == 0 {
+                        this.preface = None;
+                    }
+                }
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client's preface did not arrive in time",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        polled
     }
 }
 

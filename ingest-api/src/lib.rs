@@ -349,7 +349,11 @@ impl App {
                     state.clone(),
                 ))
                 .serve_with_incoming_shutdown(
-                    grpc::incoming(listener, connections.clone()),
+                    grpc::incoming(
+                        listener,
+                        connections.clone(),
+                        Duration::from_secs(state.config.header_timeout_secs),
+                    ),
                     async move {
                         let _ = stopping.wait_for(|s| *s).await;
                     },

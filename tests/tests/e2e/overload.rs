@@ -205,6 +205,18 @@ async fn a_head_or_body_that_never_arrives_is_cut_off_and_its_place_given_back()
     .await;
     assert!(closed.is_ok(), "the connection stayed open");
     assert!(started.elapsed() >= Duration::from_millis(900));
+    // The same for an OTLP/gRPC connection whose client never sends its preface.
+    let mut silent = TcpStream::connect(ingest.grpc_addr.expect("gRPC is on"))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut rest = Vec::new();
+        let _ = silent.read_to_end(&mut rest).await;
+    })
+    .await;
+    assert!(closed.is_ok(), "the gRPC connection stayed open");
+    assert!(started.elapsed() >= Duration::from_millis(900));
     let mut slow = hold(ingest.addr, "/v1/events", &t.ingest_key, 100).await;
     let started = std::time::Instant::now();
     let answer = head_of(&mut slow).await;
