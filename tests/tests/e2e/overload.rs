@@ -266,6 +266,74 @@ async fn a_head_or_body_that_never_arrives_is_cut_off_and_its_place_given_back()
     ingest.stop().await.unwrap();
 }
 
+/// An OTLP/gRPC message that never all arrives holds its slot until `body_timeout_secs`, then
+/// is answered `DEADLINE_EXCEEDED` and gives its slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grpc_message_that_never_arrives_is_cut_off_and_its_place_given_back() {
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |c| {
+        c.max_inflight_requests = 1;
+        c.body_timeout_secs = 3;
+    })
+    .await;
+    let t = create_tenant(&pool, "trickle-grpc").await;
+    let events = json!([command("u", "build", 5, true)]);
+    let grpc = ingest.grpc_addr.expect("gRPC is on");
+    let (mut client, connection) = h2::client::handshake(TcpStream::connect(grpc).await.unwrap())
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = axum::http::Request::post(format!(
+        "http://{grpc}/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("authorization", format!("Bearer {}", t.ingest_key))
+    .body(())
+    .unwrap();
+    let (response, mut message) = client.send_request(request, false).unwrap();
+    // A message that declares 100 bytes, of which three come.
+    message
+        .send_data(
+            axum::body::Bytes::from_static(&[0, 0, 0, 0, 100, 1, 2, 3]),
+            false,
+        )
+        .unwrap();
+    let started = std::time::Instant::now();
+    // It holds the one slot meanwhile.
+    let deadline = started + Duration::from_secs(2);
+    loop {
+        let res = post_events(&http(), &ingest.url(), &t.ingest_key, &events).await;
+        if res.status() == 503 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot was not held"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("answered")
+        .unwrap();
+    let status = match response.headers().get("grpc-status") {
+        Some(status) => status.to_str().unwrap().to_string(),
+        None => {
+            let mut body = response.into_body();
+            while body.data().await.is_some() {}
+            let trailers = body.trailers().await.unwrap().expect("trailers");
+            trailers["grpc-status"].to_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(status, "4", "DEADLINE_EXCEEDED");
+    assert!(started.elapsed() >= Duration::from_millis(2900));
+    let res = post_events(&http(), &ingest.url(), &t.ingest_key, &events).await;
+    assert_eq!(res.status(), 202, "its slot is free again");
+    drop(message);
+    ingest.stop().await.unwrap();
+}
+
 /// One address holds at most `max_connections_per_peer` connections over both listeners: its
 /// next is answered 503 (HTTP) or closed (gRPC, `UNAVAILABLE`), while another address's
 /// requests are taken; a closed connection gives its place back.
