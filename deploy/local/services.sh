@@ -46,6 +46,10 @@ start() {
     # A local stack: notification channels may point at receivers on this host (make
     # bench-alerts, a webhook receiver under development). Production leaves this off.
     export TALLY_NOTIFY_ALLOW_LOOPBACK="${TALLY_NOTIFY_ALLOW_LOOPBACK:-true}"
+    # Every local sender (the load generators, make overload's 4 096 open requests, the
+    # demo) comes from 127.0.0.1: no share per address, and room for them all.
+    export TALLY_MAX_CONNECTIONS_PER_PEER="${TALLY_MAX_CONNECTIONS_PER_PEER:-0}"
+    export TALLY_MAX_CONNECTIONS="${TALLY_MAX_CONNECTIONS:-8192}"
     # The projector's mimalloc without transparent huge pages, whatever the host's mode (see
     # deploy/Dockerfile).
     export MIMALLOC_ALLOW_THP="${MIMALLOC_ALLOW_THP:-0}"

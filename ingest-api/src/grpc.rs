@@ -278,23 +278,18 @@ impl<E: Signal> Decoder for OtlpCodec<E> {
     }
 }
 
-/// An accepted OTLP/gRPC connection, holding its places among the service's connections
-/// (`shared::serve::Connections`) until it closes. Its client's preface must arrive within
-/// the service's `header_timeout_secs`, as an HTTP/1 request's head must: a connection that
-/// sends nothing would otherwise hold its place for good.
-pub struct GrpcConnection {
-    stream: tokio::net::TcpStream,
-    _open: shared::serve::Open,
-    /// Bytes of the preface still to come, and by when; none once it has come.
-    preface: Option<(usize, Pin<Box<tokio::time::Sleep>>)>,
-}
+/// An accepted OTLP/gRPC connection (`shared::serve::Guarded`, holding its places among the
+/// service's connections until it closes). Its client's preface must arrive within the
+/// service's `header_timeout_secs`, as an HTTP/1 request's head must: a connection that sends
+/// nothing would otherwise hold its place for good.
+pub struct GrpcConnection(shared::serve::Guarded);
 
 /// The bytes an HTTP/2 client sends first (`PRI * HTTP/2.0…`).
 const PREFACE_BYTES: usize = 24;
 
-/// The connections `listener` accepts, each once its peer may open one; a peer past its
-/// share is closed without a word (gRPC has no answer before a request; its client sees
-/// `UNAVAILABLE` and retries).
+/// The connections `listener` accepts, each once it may be open; one refused is closed
+/// without a word (gRPC has no answer before a request; its client sees `UNAVAILABLE` and
+/// retries).
 pub fn incoming(
     listener: tokio::net::TcpListener,
     connections: shared::serve::Connections,
@@ -303,12 +298,9 @@ pub fn incoming(
     futures::stream::unfold(
         (listener, connections),
         move |(listener, connections)| async move {
-            let (stream, _, open) = connections.accept(&listener, "grpc", b"").await;
-            let connection = GrpcConnection {
-                stream,
-                _open: open,
-                preface: Some((PREFACE_BYTES, Box::pin(tokio::time::sleep(preface_timeout)))),
-            };
+            let refusal = shared::serve::Refusal::Close;
+            let (stream, _) = connections.accept(&listener, "grpc", refusal).await;
+            let connection = GrpcConnection(stream.expect_preface(PREFACE_BYTES, preface_timeout));
             Some((Ok(connection), (listener, connections)))
         },
     )
@@ -318,7 +310,7 @@ impl tonic::transport::server::Connected for GrpcConnection {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        self.0.stream().connect_info()
     }
 }
 
@@ -328,27 +320,7 @@ impl tokio::io::AsyncRead for GrpcConnection {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if let Some((left, deadline)) = &mut this.preface {
-            match polled {
-                Poll::Ready(Ok(())) => {
-                    *left = left.saturating_sub(buf.filled().len() - before);
-                    if *left == 0 {
-                        this.preface = None;
-                    }
-                }
-                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
-                    return Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "the client's preface did not arrive in time",
-                    )));
-                }
-                _ => {}
-            }
-        }
-        polled
+        Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 
@@ -358,7 +330,7 @@ impl tokio::io::AsyncWrite for GrpcConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        Pin::new(&mut self.0).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -366,18 +338,18 @@ impl tokio::io::AsyncWrite for GrpcConnection {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        self.0.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        Pin::new(&mut self.0).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }

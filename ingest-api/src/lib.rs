@@ -80,6 +80,9 @@ const GRPC_STREAMS_PER_CONNECTION: u32 = 64;
 /// connection is closed as gone.
 const GRPC_PING_INTERVAL: Duration = Duration::from_secs(60);
 const GRPC_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// How old an OTLP/gRPC connection grows before it is asked to close (its streams finish
+/// first; clients open another).
+const GRPC_CONNECTION_AGE: Duration = Duration::from_secs(600);
 
 /// A built ingest-api, bound to its port.
 pub struct App {
@@ -328,20 +331,26 @@ impl App {
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
         let (stopped, mut stopping) = tokio::sync::watch::channel(false);
-        // Both listeners' connections share one bound, and each peer's share of it.
+        // Both listeners' connections share one bound, and each peer's share of it; a peer
+        // that stops reading what it is sent is given up after the head's timeout.
+        let header_timeout = Duration::from_secs(state.config.header_timeout_secs);
         let connections = shared::serve::Connections::new(
-            state.config.max_connections,
+            shared::serve::fit_descriptors(state.config.max_connections),
             state.config.max_connections_per_peer,
+            header_timeout,
         );
         let grpc = self.grpc_listener.map(|listener| {
             let mut stopping = stopped.subscribe();
             // A connection's streams at once are bounded (tonic's default is none); each
             // stream holds its tenant's share once its key is known (`grpc`). A peer that
-            // went away without closing is found by the pings and its places given back.
+            // went away without closing is found by the pings and its places given back; a
+            // connection is asked to close (and its client to open another) once it is old,
+            // so that an idle one does not hold its place for good.
             let server = tonic::transport::Server::builder()
                 .max_concurrent_streams(Some(GRPC_STREAMS_PER_CONNECTION))
                 .http2_keepalive_interval(Some(GRPC_PING_INTERVAL))
                 .http2_keepalive_timeout(Some(GRPC_PING_TIMEOUT))
+                .max_connection_age(GRPC_CONNECTION_AGE)
                 .add_service(grpc::OtlpService::<crate::formats::otlp::Metrics>::new(
                     state.clone(),
                 ))
@@ -349,11 +358,7 @@ impl App {
                     state.clone(),
                 ))
                 .serve_with_incoming_shutdown(
-                    grpc::incoming(
-                        listener,
-                        connections.clone(),
-                        Duration::from_secs(state.config.header_timeout_secs),
-                    ),
+                    grpc::incoming(listener, connections.clone(), header_timeout),
                     async move {
                         let _ = stopping.wait_for(|s| *s).await;
                     },
@@ -365,7 +370,6 @@ impl App {
             shutdown.trigger();
             let _ = stopped.send(true);
         });
-        let header_timeout = Duration::from_secs(state.config.header_timeout_secs);
         shared::serve::serve(
             self.listener,
             Self::router(state.clone()),

@@ -39,6 +39,11 @@ use tokio::sync::watch;
 
 pub use config::Config;
 
+/// The operations port's connections (health and metrics) open at once, and how long a
+/// request's head may take.
+const OPS_CONNECTIONS: usize = 64;
+const OPS_HEADER_TIMEOUT_SECS: u64 = 30;
+
 /// Applies the control-schema migrations ([`shared::db::migrate`]), creates the TimescaleDB
 /// extension where `timescale` and the server allow it ([`schema::timescale`]), then brings
 /// the tenant schemas made by older versions up to date ([`schema::upgrade_all`]). Run where
@@ -181,10 +186,13 @@ impl App {
             )
             .with_state(self.state.clone());
         let mut http_stop = rx.clone();
-        let server = axum::serve(self.listener, router).with_graceful_shutdown(async move {
+        // An operations port (health and metrics): a few connections, their heads in time.
+        let ops = Duration::from_secs(OPS_HEADER_TIMEOUT_SECS);
+        let connections = shared::serve::Connections::new(OPS_CONNECTIONS, 0, ops);
+        let server = shared::serve::serve(self.listener, router, ops, connections, async move {
             let _ = http_stop.changed().await;
         });
-        let http = tokio::spawn(async move { server.await });
+        let http = tokio::spawn(server);
         let retention = tokio::spawn(retention::run_periodically(
             self.state.pool.clone(),
             self.retention_every,

@@ -188,8 +188,9 @@ impl App {
             Self::router(state.clone()),
             header_timeout,
             shared::serve::Connections::new(
-                state.config.max_connections,
+                shared::serve::fit_descriptors(state.config.max_connections),
                 state.config.max_connections_per_peer,
+                header_timeout,
             ),
             stopping,
         )

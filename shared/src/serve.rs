@@ -6,11 +6,14 @@
 //!
 //! How many connections are open is bounded too (`Connections`): in all, and from each peer,
 //! so that one sender opening connections (each a descriptor, a task and its buffers) cannot
-//! take the service's descriptors or places from every other sender.
+//! take the service's descriptors or places from every other sender; and how long a
+//! connection may go without the peer reading what it is sent (`Guarded`).
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -18,24 +21,47 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 use tower::ServiceExt;
 
 use crate::per_tenant::{PerTenant, TenantPermit};
 
-/// How many connections a service keeps open. Past `max` in all, its listeners accept no
-/// more until one closes (the rest wait in the kernel's backlog); past `per_peer` from one
-/// address (one /64 for IPv6, whose senders hold whole prefixes), a peer's next connection is
-/// answered 503 and closed at once while other peers' connections are still accepted.
+/// How many connections a service keeps open: `max` in all, over its listeners, and
+/// `per_peer` from one address (one /64 for IPv6, whose senders hold whole prefixes). A
+/// connection past either is answered 503 (HTTP) or closed (gRPC) at once, so the listeners
+/// always accept, and a peer past its share is refused while other peers are still taken.
 #[derive(Clone)]
 pub struct Connections {
     all: Arc<Semaphore>,
     per_peer: PerTenant<IpAddr>,
+    /// How long a write may wait on a peer that does not read (`Guarded`).
+    stall: Duration,
+    /// Refusals still being said: a refused HTTP peer that has already sent its request is
+    /// read from for a moment, so that it sees the 503 rather than a reset.
+    refusing: Arc<Semaphore>,
 }
 
+/// What a refused peer is told.
+#[derive(Clone, Copy)]
+pub enum Refusal {
+    /// An HTTP/1 answer, 503 `too-many-connections`.
+    Http,
+    /// Nothing (a gRPC client has no answer before its request: it sees `UNAVAILABLE`).
+    Close,
+}
+
+/// Refusals said at once; past them a refused connection is closed after one try to write.
+const REFUSING: usize = 64;
+/// How long a refusal waits for its peer to read it, and how much of the peer's request it
+/// reads and throws away meanwhile.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+const REFUSAL_DRAIN_BYTES: usize = 64 * 1024;
+
 /// An open connection's places, given back when it is dropped with its connection.
-pub struct Open {
+struct Open {
     _all: OwnedSemaphorePermit,
     _peer: TenantPermit<IpAddr>,
     listener: &'static str,
@@ -48,8 +74,9 @@ impl Drop for Open {
 }
 
 impl Connections {
-    /// `max` connections in all, `per_peer` from one peer (0: only `max` bounds a peer).
-    pub fn new(max: usize, per_peer: usize) -> Connections {
+    /// `max` connections in all, `per_peer` from one peer (0: only `max` bounds a peer); a
+    /// write waits at most `stall` on a peer that does not read.
+    pub fn new(max: usize, per_peer: usize, stall: Duration) -> Connections {
         let max = max.clamp(1, Semaphore::MAX_PERMITS);
         let per_peer = if per_peer == 0 {
             max
@@ -59,35 +86,21 @@ impl Connections {
         Connections {
             all: Arc::new(Semaphore::new(max)),
             per_peer: PerTenant::new(per_peer),
+            stall,
+            refusing: Arc::new(Semaphore::new(REFUSING)),
         }
     }
 
-    /// The next connection on `listener` whose peer may open one, with its places. A peer
-    /// past its share is sent `refusal` (what it can take without reading; nothing for
-    /// protocols that cannot say it) and closed. Cancel-safe: nothing is held until it
-    /// returns.
+    /// The next connection on `listener` that may be open, holding its places until it is
+    /// dropped. One whose peer holds its share, or that finds every place taken, is told
+    /// `refusal` and closed. Cancel-safe: nothing is held until it returns.
     pub async fn accept(
         &self,
         listener: &TcpListener,
         name: &'static str,
-        refusal: &[u8],
-    ) -> (TcpStream, SocketAddr, Open) {
-        let mut all = None;
+        refusal: Refusal,
+    ) -> (Guarded, SocketAddr) {
         loop {
-            let permit = match all.take() {
-                Some(permit) => permit,
-                None => {
-                    if self.all.available_permits() == 0 {
-                        metrics::counter!("connections_full_total", "listener" => name)
-                            .increment(1);
-                    }
-                    self.all
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("the connections' budget is never closed")
-                }
-            };
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 // A connection that failed before it was accepted (reset, out of
@@ -95,49 +108,121 @@ impl Connections {
                 Err(e) => {
                     tracing::warn!(error = %e, listener = name, "accepting a connection");
                     tokio::time::sleep(Duration::from_millis(10)).await;
-                    all = Some(permit);
                     continue;
                 }
             };
             let Some(peer_permit) = self.per_peer.try_acquire(peer_key(peer.ip()), 1) else {
-                metrics::counter!("connections_refused_total", "listener" => name).increment(1);
-                tracing::debug!(%peer, listener = name, "a peer's connections are all open");
-                // A fresh socket's send buffer takes the whole answer, or it goes unsaid;
-                // a peer that has already sent its request may see a reset instead.
-                let _ = stream.try_write(refusal);
-                all = Some(permit);
+                self.refuse(stream, peer, name, Limit::Peer, refusal);
+                continue;
+            };
+            let Ok(all) = self.all.clone().try_acquire_owned() else {
+                self.refuse(stream, peer, name, Limit::All, refusal);
                 continue;
             };
             metrics::gauge!("connections_open", "listener" => name).increment(1.0);
             let open = Open {
-                _all: permit,
+                _all: all,
                 _peer: peer_permit,
                 listener: name,
             };
-            return (stream, peer, open);
+            return (Guarded::new(stream, open, self.stall), peer);
+        }
+    }
+
+    fn refuse(
+        &self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        name: &'static str,
+        limit: Limit,
+        refusal: Refusal,
+    ) {
+        metrics::counter!("connections_refused_total", "listener" => name, "limit" => limit.name())
+            .increment(1);
+        tracing::debug!(%peer, listener = name, limit = limit.name(), "connection refused");
+        let Refusal::Http = refusal else { return };
+        let answer = http_refusal(limit);
+        let Ok(place) = self.refusing.clone().try_acquire_owned() else {
+            // A fresh socket's send buffer takes the whole answer; a peer that has already
+            // sent its request may see a reset instead.
+            let _ = stream.try_write(&answer);
+            return;
+        };
+        tokio::spawn(async move {
+            let _place = place;
+            let said = async {
+                stream.write_all(&answer).await?;
+                stream.shutdown().await?;
+                // Closing with the peer's request unread would reset the connection before
+                // it read the answer: read it (up to a bound) until the peer closes.
+                let mut sink = [0u8; 4096];
+                let mut drained = 0;
+                while drained < REFUSAL_DRAIN_BYTES {
+                    match stream.read(&mut sink).await? {
+                        0 => break,
+                        n => drained += n,
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            let _ = tokio::time::timeout(REFUSAL_LINGER, said).await;
+        });
+    }
+}
+
+/// Which bound refused a connection.
+#[derive(Clone, Copy)]
+enum Limit {
+    Peer,
+    All,
+}
+
+impl Limit {
+    fn name(self) -> &'static str {
+        match self {
+            Limit::Peer => "peer",
+            Limit::All => "all",
         }
     }
 }
 
 /// The address a peer's connections are counted under: the address itself for IPv4 (and
-/// IPv4 mapped into IPv6), the /64 prefix for IPv6.
+/// IPv4 mapped into IPv6, or carried by NAT64's `64:ff9b::/96` or 6to4's `2002::/16`), the
+/// /64 prefix for other IPv6.
 fn peer_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => {
             let s = v6.segments();
-            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            let embedded = |hi: u16, lo: u16| {
+                let [a, b] = hi.to_be_bytes();
+                let [c, d] = lo.to_be_bytes();
+                IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+            };
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                embedded(s[6], s[7])
+            } else if s[0] == 0x2002 {
+                embedded(s[1], s[2])
+            } else {
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
         }
         v4 => v4,
     }
 }
 
-/// What an HTTP peer past its share of the connections is told before its connection closes.
-fn http_refusal() -> Vec<u8> {
+/// What a refused HTTP peer is told before its connection closes.
+fn http_refusal(limit: Limit) -> Vec<u8> {
+    let detail = match limit {
+        Limit::Peer => {
+            "this address holds all the connections one address may open; reuse one, or close some"
+        }
+        Limit::All => "this service holds all the connections it may; try again shortly",
+    };
     let problem = crate::problem::Problem::new(
         axum::http::StatusCode::SERVICE_UNAVAILABLE,
         "too-many-connections",
         "Too many connections",
-        "this address holds all the connections one peer may open; reuse one, or close some",
+        detail,
     )
     .with_retry_after(1);
     let body = serde_json::to_string(&problem).expect("a problem serializes");
@@ -147,6 +232,169 @@ fn http_refusal() -> Vec<u8> {
         body.len()
     )
     .into_bytes()
+}
+
+/// An accepted connection, holding its places until it is dropped. A write that waits on a
+/// peer that does not read gives up after the service's stall bound (otherwise a peer that
+/// asks and never reads the answer would hold its connection for good); a connection made to
+/// expect a preface (`expect_preface`) gives up if it has not come in time.
+pub struct Guarded {
+    stream: TcpStream,
+    _open: Open,
+    stall: Duration,
+    /// The deadline of the write waiting now, if one is.
+    write_stall: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
+    /// Bytes of the preface still to come, and by when; none once it has come.
+    preface: Option<(usize, Pin<Box<Sleep>>)>,
+}
+
+impl Guarded {
+    fn new(stream: TcpStream, open: Open, stall: Duration) -> Guarded {
+        Guarded {
+            stream,
+            _open: open,
+            stall,
+            write_stall: None,
+            waiting: false,
+            preface: None,
+        }
+    }
+
+    /// The connection must receive its first `bytes` within `within` of now.
+    pub fn expect_preface(mut self, bytes: usize, within: Duration) -> Guarded {
+        self.preface = Some((bytes, Box::pin(tokio::time::sleep(within))));
+        self
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// `polled`, a write's outcome, unless it has waited on the peer for `stall`.
+    fn unless_stalled<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.waiting = false;
+            return polled;
+        }
+        let deadline = tokio::time::Instant::now() + self.stall;
+        let sleep = self
+            .write_stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.waiting {
+            self.waiting = true;
+            sleep.as_mut().reset(deadline);
+        }
+        if sleep.as_mut().poll(cx).is_ready() {
+            self.waiting = false;
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the peer stopped reading",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Some((left, deadline)) = &mut this.preface {
+            match polled {
+                Poll::Ready(Ok(())) => {
+                    *left = left.saturating_sub(buf.filled().len() - before);
+                    if *left == 0 {
+                        this.preface = None;
+                    }
+                }
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client's preface did not arrive in time",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.unless_stalled(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.unless_stalled(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.stream).poll_flush(cx);
+        self.unless_stalled(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.stream).poll_shutdown(cx);
+        self.unless_stalled(cx, polled)
+    }
+}
+
+/// Raises this process's soft limit on open descriptors to its hard limit (as Go's runtime
+/// does; the usual soft limit of 1 024 is below the connections a service keeps), and
+/// returns the connections `max` that fit under it with room for the pool's, the broker's
+/// and the files' descriptors, saying so if that is fewer than `max`.
+pub fn fit_descriptors(max: usize) -> usize {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    /// Descriptors kept for everything but client connections.
+    const RESERVED: u64 = 512;
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "raising the open-descriptor limit");
+            limit = getrlimit(Resource::Nofile);
+        }
+    }
+    let Some(soft) = limit.current else {
+        return max;
+    };
+    let fits = usize::try_from(soft.saturating_sub(RESERVED))
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if fits < max {
+        tracing::warn!(
+            max_connections = max,
+            descriptors = soft,
+            connections = fits,
+            "the open-descriptor limit allows fewer connections than max_connections"
+        );
+    }
+    fits.min(max)
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then waits for the requests in
@@ -160,18 +408,17 @@ pub async fn serve(
     connections: Connections,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
-    let refusal = http_refusal();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (stream, peer, open) = tokio::select! {
-            accepted = connections.accept(&listener, "http", &refusal) => accepted,
+        let (stream, peer) = tokio::select! {
+            accepted = connections.accept(&listener, "http", Refusal::Http) => accepted,
             () = &mut shutdown => break,
         };
-        let _ = stream.set_nodelay(true);
+        let _ = stream.stream().set_nodelay(true);
         let app = app.clone();
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
@@ -183,7 +430,6 @@ pub async fn serve(
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, %peer, "connection ended");
             }
-            drop(open);
         });
     }
     drop(listener);
@@ -194,17 +440,37 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
 
-    /// IPv6 peers are counted by their /64, IPv4 ones (mapped or not) by their address.
+    /// IPv6 peers are counted by their /64, IPv4 ones (mapped, NAT64 or 6to4 or not) by
+    /// their address.
     #[test]
     fn peers_are_counted_by_address_or_prefix() {
         let key = |s: &str| peer_key(s.parse().unwrap()).to_string();
         assert_eq!(key("192.0.2.7"), "192.0.2.7");
         assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("64:ff9b::192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2002:c000:0207:1234::1"), "192.0.2.7");
         assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
         assert_eq!(key("2001:db8:1:2:bbbb::9"), "2001:db8:1:2::");
         assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+    }
+
+    /// A connection from `from` to `addr`.
+    async fn connect(from: &str, addr: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
+    /// What `stream` is told before it is closed (within 5 s).
+    async fn told(mut stream: TcpStream) -> String {
+        let mut answer = String::new();
+        let read = stream.read_to_string(&mut answer);
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("closed")
+            .unwrap();
+        answer
     }
 
     /// A peer past its share is told so and closed while another peer is still accepted; a
@@ -213,34 +479,28 @@ mod tests {
     async fn a_peer_past_its_share_is_refused_and_another_is_not() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let connections = Connections::new(10, 2);
-        let connect = |from: &'static str| async move {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
-            socket.connect(addr).await.unwrap()
-        };
+        let connections = Connections::new(10, 2, Duration::from_secs(5));
         let mut held = Vec::new();
         for _ in 0..2 {
-            let _client = connect("127.0.0.1").await;
-            let (_, peer, open) = connections.accept(&listener, "test", b"no").await;
+            let client = connect("127.0.0.1", addr).await;
+            let (open, peer) = connections.accept(&listener, "test", Refusal::Http).await;
             assert_eq!(peer.ip().to_string(), "127.0.0.1");
-            held.push((_client, open));
+            held.push((client, open));
         }
-        let mut refused = connect("127.0.0.1").await;
-        let other = connect("127.0.0.2").await;
-        let (_, peer, _open) = connections.accept(&listener, "test", b"no").await;
+        let refused = connect("127.0.0.1", addr).await;
+        let _other = connect("127.0.0.2", addr).await;
+        let (_open, peer) = connections.accept(&listener, "test", Refusal::Http).await;
         assert_eq!(
             peer.ip().to_string(),
             "127.0.0.2",
             "the third from .1 was passed over"
         );
-        let mut told = Vec::new();
-        refused.read_to_end(&mut told).await.unwrap();
-        assert_eq!(told, b"no", "refused with the answer, then closed");
-        drop(other);
+        let answer = told(refused).await;
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        assert!(answer.contains("one address may open"), "{answer}");
         held.pop();
-        let _again = connect("127.0.0.1").await;
-        let (_, peer, _open) = connections.accept(&listener, "test", b"no").await;
+        let _again = connect("127.0.0.1", addr).await;
+        let (_open, peer) = connections.accept(&listener, "test", Refusal::Http).await;
         assert_eq!(
             peer.ip().to_string(),
             "127.0.0.1",
@@ -248,30 +508,100 @@ mod tests {
         );
     }
 
-    /// Past the bound in all, nothing is accepted until a connection closes.
+    /// Past the bound in all, a connection is refused at once, whoever opens it; the
+    /// listener keeps accepting, and takes one again once a place is free. A peer that has
+    /// sent its request before it is refused still reads the answer.
     #[tokio::test]
-    async fn past_the_bound_in_all_the_listener_waits() {
+    async fn past_the_bound_in_all_connections_are_refused_until_one_closes() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let connections = Connections::new(1, 0);
+        let connections = Connections::new(1, 0, Duration::from_secs(5));
         let _first = TcpStream::connect(addr).await.unwrap();
-        let (_, _, open) = connections.accept(&listener, "test", b"").await;
-        let _second = TcpStream::connect(addr).await.unwrap();
-        let waiting = tokio::time::timeout(
-            Duration::from_millis(200),
-            connections.accept(&listener, "test", b""),
-        )
-        .await;
-        assert!(
-            waiting.is_err(),
-            "a second connection waits while the first is open"
-        );
+        let (open, _) = connections.accept(&listener, "test", Refusal::Http).await;
+        let mut second = connect("127.0.0.2", addr).await;
+        second
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let accepting = tokio::spawn({
+            let connections = connections.clone();
+            async move { connections.accept(&listener, "test", Refusal::Http).await }
+        });
+        let answer = told(second).await;
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        assert!(answer.contains("all the connections it may"), "{answer}");
         drop(open);
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            connections.accept(&listener, "test", b""),
-        )
+        let _third = TcpStream::connect(addr).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), accepting)
+            .await
+            .expect("accepted once the first closed")
+            .unwrap();
+    }
+
+    /// A write to a peer that does not read gives up after the stall bound; one the peer
+    /// reads goes on however long it takes in all.
+    #[tokio::test]
+    async fn a_write_the_peer_never_reads_gives_up() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Connections::new(4, 0, Duration::from_millis(300));
+        let _deaf = TcpStream::connect(addr).await.unwrap();
+        let (mut stream, _) = connections.accept(&listener, "test", Refusal::Close).await;
+        let chunk = vec![0u8; 1 << 20];
+        let started = std::time::Instant::now();
+        let written = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                stream.write_all(&chunk).await?;
+            }
+            #[allow(unreachable_code)]
+            Ok::<_, std::io::Error>(())
+        })
         .await
-        .expect("accepted once the first closed");
+        .expect("gave up in time");
+        let e = written.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+
+        let mut reader = TcpStream::connect(addr).await.unwrap();
+        let (mut stream, _) = connections.accept(&listener, "test", Refusal::Close).await;
+        let slow_reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0;
+            while total < 8 << 20 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                total += reader.read(&mut buf).await.unwrap();
+            }
+            total
+        });
+        for _ in 0..8 {
+            stream
+                .write_all(&chunk)
+                .await
+                .expect("read, however slowly");
+        }
+        assert_eq!(slow_reader.await.unwrap(), 8 << 20);
+    }
+
+    /// A connection that expects a preface gives up when it has not come in time, and not
+    /// once it has.
+    #[tokio::test]
+    async fn a_preface_must_come_in_time() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Connections::new(4, 0, Duration::from_secs(5));
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = connections.accept(&listener, "test", Refusal::Close).await;
+        let mut stream = stream.expect_preface(4, Duration::from_millis(200));
+        let mut buf = [0u8; 8];
+        let e = stream.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+
+        let mut talking = TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = connections.accept(&listener, "test", Refusal::Close).await;
+        let mut stream = stream.expect_preface(4, Duration::from_millis(200));
+        talking.write_all(b"PRI ").await.unwrap();
+        stream.read_exact(&mut buf[..4]).await.unwrap();
+        let late = tokio::time::timeout(Duration::from_millis(600), stream.read(&mut buf)).await;
+        assert!(late.is_err(), "no deadline once the preface has come");
     }
 }
