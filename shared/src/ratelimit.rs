@@ -1,19 +1,33 @@
 //! Per-tenant request rate limits (ingest-api's for what tenants send, query-api's for
-//! what they read): a fixed one-minute window counted in Redis, shared by every instance. When Redis does not answer within a few milliseconds a local window in
-//! this process takes over, so the service keeps answering (and keeps limiting) without it.
+//! what they read): a fixed one-minute window counted in Redis, shared by every instance.
+//!
+//! A request is counted in this process at once and, while the process has read its
+//! tenant's count in Redis within the last `FRESH_FOR`, decided on what the process knows:
+//! that count plus its own requests since. What it counted is added to Redis (and the count
+//! read back) by a task of its own a few milliseconds later, so a tenant's steady requests
+//! do not wait for Redis. The first request after a pause adds itself and reads the count
+//! before it is decided, as every request used to. Instances therefore see each other's
+//! requests up to `FRESH_FOR` late: together they may let a tenant over its limit by what
+//! they take in that time. When Redis does not answer, the process's own count goes on
+//! limiting, so the service keeps answering and limiting without it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use redis::aio::ConnectionManager;
+use tokio::sync::Notify;
 
 use crate::problem::Problem;
 use crate::tenant::TenantId;
 
 const WINDOW_SECS: u64 = 60;
 const REDIS_TIMEOUT: Duration = Duration::from_millis(50);
+/// How long the counts of requests just made wait to be added to Redis together.
+const SHARE_EVERY: Duration = Duration::from_millis(20);
+/// How long a tenant's count read from Redis is decided on without asking Redis again.
+const FRESH_FOR: Duration = Duration::from_millis(100);
 
 /// The outcome of one check, with what the `X-RateLimit-*` headers say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,11 +69,76 @@ impl Decision {
 
 #[derive(Clone)]
 pub struct RateLimiter {
-    redis: Option<ConnectionManager>,
-    local: Arc<Mutex<HashMap<(TenantId, u64), u32>>>,
-    /// Redis key prefix of the counters.
-    prefix: &'static str,
+    counts: Arc<Counts>,
     what: &'static str,
+}
+
+/// Each tenant's count in the current window, as this process knows it; when the last
+/// limiter holding it goes, its sharing task is told to stop.
+struct Counts {
+    redis: Option<ConnectionManager>,
+    prefix: &'static str,
+    tenants: Mutex<HashMap<TenantId, Count>>,
+    /// Wakes the sharing task: requests were counted, or the limiter is gone.
+    counted: Arc<Notify>,
+}
+
+/// One tenant's requests in a window: the window's count in Redis as last read (and when),
+/// this process's requests being added to it now, and its requests since. Counts read back
+/// may already hold some of those being added: the sum errs on the side of more.
+#[derive(Clone, Copy)]
+struct Count {
+    window: u64,
+    in_redis: u64,
+    read_at: Option<Instant>,
+    adding: u64,
+    unshared: u64,
+}
+
+impl Count {
+    fn new(window: u64) -> Count {
+        Count {
+            window,
+            in_redis: 0,
+            read_at: None,
+            adding: 0,
+            unshared: 0,
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.in_redis + self.adding + self.unshared
+    }
+
+    /// Takes the requests not yet added, to be added now.
+    fn take_unshared(&mut self) -> u64 {
+        let n = self.unshared;
+        self.adding += n;
+        self.unshared = 0;
+        n
+    }
+
+    /// `n` of the window's requests were added, and Redis then counted `total`, or (`None`)
+    /// they were not.
+    fn added(&mut self, window: u64, n: u64, total: Option<u64>) {
+        if self.window != window {
+            return;
+        }
+        self.adding -= n;
+        match total {
+            Some(total) => {
+                self.in_redis = self.in_redis.max(total);
+                self.read_at = Some(Instant::now());
+            }
+            None => self.unshared += n,
+        }
+    }
+}
+
+impl Drop for Counts {
+    fn drop(&mut self) {
+        self.counted.notify_one();
+    }
 }
 
 impl RateLimiter {
@@ -78,12 +157,19 @@ impl RateLimiter {
         prefix: &'static str,
         what: &'static str,
     ) -> Self {
-        RateLimiter {
-            redis,
-            local: Arc::default(),
+        let counted = Arc::new(Notify::new());
+        // The counts are shared from a task of the runtime this limiter is made in.
+        let sharing = redis.filter(|_| tokio::runtime::Handle::try_current().is_ok());
+        let counts = Arc::new(Counts {
+            redis: sharing.clone(),
             prefix,
-            what,
+            tenants: Mutex::default(),
+            counted: counted.clone(),
+        });
+        if let Some(redis) = sharing {
+            tokio::spawn(share(Arc::downgrade(&counts), counted, redis, prefix));
         }
+        RateLimiter { counts, what }
     }
 
     /// Counts one request of `tenant` against `limit` per minute.
@@ -94,13 +180,36 @@ impl RateLimiter {
             .as_secs();
         let window = now / WINDOW_SECS;
         let reset_secs = (window + 1) * WINDOW_SECS - now;
-        let count = match self.count_in_redis(tenant, window).await {
-            Some(n) => n,
-            None => {
-                metrics::counter!("ratelimit_local_fallback_total").increment(1);
-                self.count_locally(tenant, window)
+        let (count, stale) = {
+            let mut tenants = locked(&self.counts.tenants);
+            let count = tenants.entry(tenant).or_insert(Count::new(window));
+            if count.window != window {
+                *count = Count::new(window);
             }
+            count.unshared += 1;
+            let fresh = count.read_at.is_some_and(|at| at.elapsed() < FRESH_FOR);
+            let shared = self.counts.redis.is_some();
+            let stale = (shared && !fresh).then(|| count.take_unshared());
+            (count.total(), stale)
         };
+        let count = match (stale, &self.counts.redis) {
+            // Added, and the count read back, before it is decided.
+            (Some(n), Some(redis)) => {
+                let total = add(redis.clone(), self.counts.prefix, tenant, window, n).await;
+                let mut tenants = locked(&self.counts.tenants);
+                match tenants.get_mut(&tenant) {
+                    Some(c) => {
+                        c.added(window, n, total);
+                        c.total()
+                    }
+                    None => count,
+                }
+            }
+            _ => count,
+        };
+        if self.counts.redis.is_some() {
+            self.counts.counted.notify_one();
+        }
         let allowed = count <= u64::from(limit);
         if !allowed {
             metrics::counter!("ratelimit_refused_total").increment(1);
@@ -113,35 +222,143 @@ impl RateLimiter {
             what: self.what,
         }
     }
+}
 
-    async fn count_in_redis(&self, tenant: TenantId, window: u64) -> Option<u64> {
-        let mut conn = self.redis.clone()?;
-        let key = format!("{}:{tenant}:{window}", self.prefix);
+/// Adds what this process counted to Redis, and reads back each window's count there, a
+/// little after requests are counted, until the limiter is gone. A round Redis does not
+/// answer in time leaves the counts unshared, to be tried again once more requests are
+/// counted (`ratelimit_local_fallback_total`).
+async fn share(
+    counts: Weak<Counts>,
+    counted: Arc<Notify>,
+    mut redis: ConnectionManager,
+    prefix: &'static str,
+) {
+    loop {
+        counted.notified().await;
+        tokio::time::sleep(SHARE_EVERY).await;
+        let Some(held) = counts.upgrade() else {
+            return;
+        };
+        // (tenant, window, requests) to add.
+        let unshared: Vec<(TenantId, u64, u64)> = {
+            let mut tenants = locked(&held.tenants);
+            let current = now_window();
+            // A window over is forgotten, shared or not.
+            tenants.retain(|_, c| c.window + 1 >= current);
+            tenants
+                .iter_mut()
+                .filter(|(_, c)| c.unshared > 0)
+                .map(|(t, c)| (*t, c.window, c.take_unshared()))
+                .collect()
+        };
+        drop(held);
+        if unshared.is_empty() {
+            continue;
+        }
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .incr(&key, 1u64)
-            .expire(&key, (WINDOW_SECS * 2) as i64)
-            .ignore();
-        let r: Result<redis::RedisResult<(u64,)>, _> =
-            tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async(&mut conn)).await;
-        match r {
-            Ok(Ok((n,))) => Some(n),
-            _ => None,
+        for (tenant, window, n) in &unshared {
+            let key = format!("{prefix}:{tenant}:{window}");
+            pipe.incr(&key, *n)
+                .expire(&key, (WINDOW_SECS * 2) as i64)
+                .ignore();
+        }
+        let answered = tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async(&mut redis)).await;
+        let totals: Vec<Option<u64>> = match answered {
+            Ok(Ok(totals)) => {
+                let totals: Vec<u64> = totals;
+                totals.into_iter().map(Some).collect()
+            }
+            _ => {
+                metrics::counter!("ratelimit_local_fallback_total").increment(1);
+                vec![None; unshared.len()]
+            }
+        };
+        let Some(held) = counts.upgrade() else {
+            return;
+        };
+        let mut tenants = locked(&held.tenants);
+        for ((tenant, window, n), total) in unshared.iter().zip(totals) {
+            if let Some(c) = tenants.get_mut(tenant) {
+                c.added(*window, *n, total);
+            }
         }
     }
+}
 
-    fn count_locally(&self, tenant: TenantId, window: u64) -> u64 {
-        let mut local = self.local.lock().expect("rate limit lock");
-        local.retain(|(_, w), _| *w + 1 >= window);
-        let n = local.entry((tenant, window)).or_insert(0);
-        *n += 1;
-        u64::from(*n)
+/// Adds `n` requests to `tenant`'s count in Redis for `window` and reads it back; `None` when
+/// Redis does not answer in time (`ratelimit_local_fallback_total`).
+async fn add(
+    mut redis: ConnectionManager,
+    prefix: &str,
+    tenant: TenantId,
+    window: u64,
+    n: u64,
+) -> Option<u64> {
+    let key = format!("{prefix}:{tenant}:{window}");
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .incr(&key, n)
+        .expire(&key, (WINDOW_SECS * 2) as i64)
+        .ignore();
+    let answered = tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async(&mut redis)).await;
+    match answered {
+        Ok(Ok((total,))) => Some(total),
+        _ => {
+            metrics::counter!("ratelimit_local_fallback_total").increment(1);
+            None
+        }
     }
+}
+
+/// The current window's number.
+fn now_window() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        / WINDOW_SECS
+}
+
+/// A lock whose holder cannot leave it inconsistent.
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What was added is counted once it is read back (the highest count read wins, whatever
+    /// order the answers come in); what Redis did not take is added again later.
+    #[test]
+    fn counts_read_back_err_on_the_side_of_more() {
+        let mut c = Count::new(7);
+        c.unshared = 3;
+        let first = c.take_unshared();
+        c.unshared = 2;
+        let second = c.take_unshared();
+        assert_eq!((first, second, c.total()), (3, 2, 5));
+        // Redis took both; the second's answer (10, others' requests included) came first.
+        c.added(7, second, Some(10));
+        assert_eq!(
+            c.total(),
+            13,
+            "the first's three may be in the 10: counted twice for now"
+        );
+        c.added(7, first, Some(8));
+        assert_eq!(c.total(), 10, "an older count read back does not lower it");
+        assert!(c.read_at.is_some());
+        // Not taken: counted here until added.
+        c.unshared = 1;
+        let n = c.take_unshared();
+        c.added(7, n, None);
+        assert_eq!((c.unshared, c.adding, c.total()), (1, 0, 11));
+        // An answer about a window gone changes nothing.
+        let before = c.total();
+        c.added(6, 0, Some(100));
+        assert_eq!(c.total(), before);
+    }
 
     #[tokio::test]
     async fn the_local_window_limits_without_redis() {

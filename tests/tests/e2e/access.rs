@@ -49,6 +49,48 @@ async fn tenants_are_rate_limited_per_plan_with_headers() {
     ingest.stop().await.unwrap();
 }
 
+/// Two instances share a tenant's count through Redis, a little late: requests counted by
+/// one are known to the other once they have been added (within 20 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_share_the_count_through_redis() {
+    let TestEnv { pool, common } = test_env().await;
+    let (a, b) = (
+        start_ingest(&common, |_| {}).await,
+        start_ingest(&common, |_| {}).await,
+    );
+    let client = http();
+    let t = create_tenant(&pool, "two-instances").await;
+    ingest_api::control::store::set_plan(&pool, t.id, "free", Some(6))
+        .await
+        .unwrap();
+    at_window_start().await;
+    let mut remaining = Vec::new();
+    for ingest in [&a, &b] {
+        for _ in 0..3 {
+            let res = post_events(&client, &ingest.url(), &t.ingest_key, &one_event()).await;
+            assert_eq!(res.status(), 202);
+            remaining.push(
+                res.headers()["x-ratelimit-remaining"]
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        remaining,
+        ["5", "4", "3", "2", "1", "0"],
+        "b knew a's three"
+    );
+    for ingest in [&a, &b] {
+        let res = post_events(&client, &ingest.url(), &t.ingest_key, &one_event()).await;
+        assert_eq!(res.status(), 429, "the seventh, at either instance");
+    }
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_redis_a_local_limiter_takes_over() {
     let TestEnv { pool, mut common } = test_env().await;
