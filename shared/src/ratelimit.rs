@@ -1,15 +1,18 @@
 //! Per-tenant request rate limits (ingest-api's for what tenants send, query-api's for
 //! what they read): a fixed one-minute window counted in Redis, shared by every instance.
 //!
-//! A request is counted in this process at once and, while the process has read its
-//! tenant's count in Redis within the last `FRESH_FOR`, decided on what the process knows:
-//! that count plus its own requests since. What it counted is added to Redis (and the count
-//! read back) by a task of its own a few milliseconds later, so a tenant's steady requests
-//! do not wait for Redis. The first request after a pause adds itself and reads the count
-//! before it is decided, as every request used to. Instances therefore see each other's
-//! requests up to `FRESH_FOR` late: together they may let a tenant over its limit by what
-//! they take in that time. When Redis does not answer, the process's own count goes on
-//! limiting, so the service keeps answering and limiting without it.
+//! A request is counted in this process at once. While the process has read its tenant's
+//! count in Redis within the last `FRESH_FOR`, and its own requests since are fewer than a
+//! `LOCAL_SHARE`th of what the limit has left, it is decided on what the process knows: that
+//! count plus its own requests since. What it counted is added to Redis (and the count read
+//! back) by a task of its own a few milliseconds later, so a busy tenant's requests far from
+//! its limit do not wait for Redis. Any other request adds itself and reads the count back
+//! before it is decided, as every request used to. So instances see each other's requests a
+//! little late, and each may let a tenant past what is left by at most a `LOCAL_SHARE`th of
+//! it. An add Redis does not answer in time may still have been applied: its requests stay
+//! counted here and are never sent again. After such a miss the process decides on its own
+//! count for `REDIS_PAUSE` (no request waits for Redis meanwhile), so the service keeps
+//! answering and limiting without it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -28,6 +31,11 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(50);
 const SHARE_EVERY: Duration = Duration::from_millis(20);
 /// How long a tenant's count read from Redis is decided on without asking Redis again.
 const FRESH_FOR: Duration = Duration::from_millis(100);
+/// Of what a tenant's limit has left, the part one process may let through before it asks
+/// Redis again: one eighth.
+const LOCAL_SHARE: u64 = 8;
+/// How long, after Redis missed an answer, requests are decided without waiting for it.
+const REDIS_PAUSE: Duration = Duration::from_secs(1);
 
 /// The outcome of one check, with what the `X-RateLimit-*` headers say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,17 +89,36 @@ struct Counts {
     tenants: Mutex<HashMap<TenantId, Count>>,
     /// Wakes the sharing task: requests were counted, or the limiter is gone.
     counted: Arc<Notify>,
+    /// Until when requests are decided without waiting for Redis, which missed an answer.
+    paused_until: Mutex<Option<Instant>>,
+}
+
+impl Counts {
+    /// Whether requests may wait for Redis now.
+    fn answering(&self) -> bool {
+        locked(&self.paused_until).is_none_or(|until| Instant::now() >= until)
+    }
+
+    /// Redis answered (`true`) or missed an answer.
+    fn redis_answered(&self, answered: bool) {
+        *locked(&self.paused_until) = (!answered).then(|| Instant::now() + REDIS_PAUSE);
+        if !answered {
+            metrics::counter!("ratelimit_local_fallback_total").increment(1);
+        }
+    }
 }
 
 /// One tenant's requests in a window: the window's count in Redis as last read (and when),
-/// this process's requests being added to it now, and its requests since. Counts read back
-/// may already hold some of those being added: the sum errs on the side of more.
+/// this process's requests being added to it now, those whose add Redis did not confirm
+/// (it may have applied them: they are never sent again), and its requests since. Counts
+/// read back may already hold some of those being added: the sum errs on the side of more.
 #[derive(Clone, Copy)]
 struct Count {
     window: u64,
     in_redis: u64,
     read_at: Option<Instant>,
     adding: u64,
+    unconfirmed: u64,
     unshared: u64,
 }
 
@@ -102,12 +129,21 @@ impl Count {
             in_redis: 0,
             read_at: None,
             adding: 0,
+            unconfirmed: 0,
             unshared: 0,
         }
     }
 
     fn total(&self) -> u64 {
-        self.in_redis + self.adding + self.unshared
+        self.in_redis + self.adding + self.unconfirmed + self.unshared
+    }
+
+    /// Whether a request just counted may be decided on what this process knows, against
+    /// `limit`, without asking Redis.
+    fn decided_here(&self, limit: u32) -> bool {
+        let fresh = self.read_at.is_some_and(|at| at.elapsed() < FRESH_FOR);
+        let left = u64::from(limit).saturating_sub(self.in_redis);
+        fresh && self.adding + self.unshared <= left / LOCAL_SHARE
     }
 
     /// Takes the requests not yet added, to be added now.
@@ -119,18 +155,19 @@ impl Count {
     }
 
     /// `n` of the window's requests were added, and Redis then counted `total`, or (`None`)
-    /// they were not.
+    /// did not say: they may have been applied, and stay counted here, never sent again.
     fn added(&mut self, window: u64, n: u64, total: Option<u64>) {
         if self.window != window {
             return;
         }
-        self.adding -= n;
+        debug_assert!(n <= self.adding, "more added than were being added");
+        self.adding = self.adding.saturating_sub(n);
         match total {
             Some(total) => {
                 self.in_redis = self.in_redis.max(total);
                 self.read_at = Some(Instant::now());
             }
-            None => self.unshared += n,
+            None => self.unconfirmed += n,
         }
     }
 }
@@ -165,6 +202,7 @@ impl RateLimiter {
             prefix,
             tenants: Mutex::default(),
             counted: counted.clone(),
+            paused_until: Mutex::default(),
         });
         if let Some(redis) = sharing {
             tokio::spawn(share(Arc::downgrade(&counts), counted, redis, prefix));
@@ -174,36 +212,37 @@ impl RateLimiter {
 
     /// Counts one request of `tenant` against `limit` per minute.
     pub async fn check(&self, tenant: TenantId, limit: u32) -> Decision {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        let window = now / WINDOW_SECS;
-        let reset_secs = (window + 1) * WINDOW_SECS - now;
-        let (count, stale) = {
+        let asks_redis = self.counts.redis.is_some() && self.counts.answering();
+        let (count, window, now, stale) = {
             let mut tenants = locked(&self.counts.tenants);
-            let count = tenants.entry(tenant).or_insert(Count::new(window));
-            if count.window != window {
-                *count = Count::new(window);
+            // Read under the lock, and never back: a window is not begun again by a request
+            // that read the clock just before another began the next.
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            let count = tenants
+                .entry(tenant)
+                .or_insert(Count::new(now / WINDOW_SECS));
+            if now / WINDOW_SECS > count.window {
+                *count = Count::new(now / WINDOW_SECS);
             }
             count.unshared += 1;
-            let fresh = count.read_at.is_some_and(|at| at.elapsed() < FRESH_FOR);
-            let shared = self.counts.redis.is_some();
-            let stale = (shared && !fresh).then(|| count.take_unshared());
-            (count.total(), stale)
+            let stale = (asks_redis && !count.decided_here(limit)).then(|| count.take_unshared());
+            (count.total(), count.window, now, stale)
         };
+        let reset_secs = ((window + 1) * WINDOW_SECS).saturating_sub(now).max(1);
         let count = match (stale, &self.counts.redis) {
             // Added, and the count read back, before it is decided.
             (Some(n), Some(redis)) => {
+                let adding = Adding {
+                    counts: &self.counts,
+                    tenant,
+                    window,
+                    n,
+                };
                 let total = add(redis.clone(), self.counts.prefix, tenant, window, n).await;
-                let mut tenants = locked(&self.counts.tenants);
-                match tenants.get_mut(&tenant) {
-                    Some(c) => {
-                        c.added(window, n, total);
-                        c.total()
-                    }
-                    None => count,
-                }
+                adding.done(total).unwrap_or(count)
             }
             _ => count,
         };
@@ -224,10 +263,42 @@ impl RateLimiter {
     }
 }
 
+/// Requests being added to Redis by a request that waits for the count: if that request is
+/// dropped while it waits, they stay counted here as an add Redis did not confirm.
+struct Adding<'a> {
+    counts: &'a Counts,
+    tenant: TenantId,
+    window: u64,
+    n: u64,
+}
+
+impl Adding<'_> {
+    /// The add came back with `total` (or missed it); the tenant's count now.
+    fn done(self, total: Option<u64>) -> Option<u64> {
+        self.counts.redis_answered(total.is_some());
+        let count = self.settle(total);
+        std::mem::forget(self);
+        count
+    }
+
+    fn settle(&self, total: Option<u64>) -> Option<u64> {
+        let mut tenants = locked(&self.counts.tenants);
+        let c = tenants.get_mut(&self.tenant)?;
+        c.added(self.window, self.n, total);
+        Some(c.total())
+    }
+}
+
+impl Drop for Adding<'_> {
+    fn drop(&mut self) {
+        self.settle(None);
+    }
+}
+
 /// Adds what this process counted to Redis, and reads back each window's count there, a
 /// little after requests are counted, until the limiter is gone. A round Redis does not
-/// answer in time leaves the counts unshared, to be tried again once more requests are
-/// counted (`ratelimit_local_fallback_total`).
+/// answer in time leaves its requests counted here, never sent again, and pauses the wait
+/// for Redis (`ratelimit_local_fallback_total`).
 async fn share(
     counts: Weak<Counts>,
     counted: Arc<Notify>,
@@ -264,18 +335,17 @@ async fn share(
                 .ignore();
         }
         let answered = tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async(&mut redis)).await;
-        let totals: Vec<Option<u64>> = match answered {
-            Ok(Ok(totals)) => {
-                let totals: Vec<u64> = totals;
-                totals.into_iter().map(Some).collect()
-            }
-            _ => {
-                metrics::counter!("ratelimit_local_fallback_total").increment(1);
-                vec![None; unshared.len()]
-            }
+        let totals: Option<Vec<u64>> = match answered {
+            Ok(Ok(totals)) => Some(totals),
+            _ => None,
         };
         let Some(held) = counts.upgrade() else {
             return;
+        };
+        held.redis_answered(totals.is_some());
+        let totals = match totals {
+            Some(totals) => totals.into_iter().map(Some).collect(),
+            None => vec![None; unshared.len()],
         };
         let mut tenants = locked(&held.tenants);
         for ((tenant, window, n), total) in unshared.iter().zip(totals) {
@@ -287,7 +357,7 @@ async fn share(
 }
 
 /// Adds `n` requests to `tenant`'s count in Redis for `window` and reads it back; `None` when
-/// Redis does not answer in time (`ratelimit_local_fallback_total`).
+/// Redis does not answer in time.
 async fn add(
     mut redis: ConnectionManager,
     prefix: &str,
@@ -304,10 +374,7 @@ async fn add(
     let answered = tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async(&mut redis)).await;
     match answered {
         Ok(Ok((total,))) => Some(total),
-        _ => {
-            metrics::counter!("ratelimit_local_fallback_total").increment(1);
-            None
-        }
+        _ => None,
     }
 }
 
@@ -349,15 +416,36 @@ mod tests {
         c.added(7, first, Some(8));
         assert_eq!(c.total(), 10, "an older count read back does not lower it");
         assert!(c.read_at.is_some());
-        // Not taken: counted here until added.
+        // Not confirmed (Redis may have applied it): counted here, never taken again.
         c.unshared = 1;
         let n = c.take_unshared();
         c.added(7, n, None);
-        assert_eq!((c.unshared, c.adding, c.total()), (1, 0, 11));
+        assert_eq!((c.unconfirmed, c.adding, c.total()), (1, 0, 11));
+        assert_eq!(c.take_unshared(), 0, "not sent again");
         // An answer about a window gone changes nothing.
         let before = c.total();
-        c.added(6, 0, Some(100));
+        c.added(6, 5, Some(100));
         assert_eq!(c.total(), before);
+    }
+
+    /// A request is decided here only on a fresh count, and only while this process's
+    /// requests since are within its share of what the limit has left.
+    #[test]
+    fn a_process_decides_alone_only_within_its_share_of_what_is_left() {
+        let mut c = Count::new(7);
+        c.unshared = 1;
+        assert!(!c.decided_here(1000), "never read from Redis");
+        c.in_redis = 200;
+        c.read_at = Some(Instant::now());
+        assert!(c.decided_here(1000), "1 of the 100 an eighth of 800 allows");
+        c.unshared = 100;
+        assert!(c.decided_here(1000));
+        c.unshared = 101;
+        assert!(!c.decided_here(1000), "past its share: Redis is asked");
+        c.unshared = 1;
+        assert!(!c.decided_here(7), "small limits are always asked");
+        c.read_at = Instant::now().checked_sub(FRESH_FOR);
+        assert!(!c.decided_here(1000), "a count read too long ago");
     }
 
     #[tokio::test]

@@ -49,8 +49,9 @@ async fn tenants_are_rate_limited_per_plan_with_headers() {
     ingest.stop().await.unwrap();
 }
 
-/// Two instances share a tenant's count through Redis, a little late: requests counted by
-/// one are known to the other once they have been added (within 20 ms).
+/// Two instances share a tenant's count through Redis: under a limit this small every
+/// request adds itself and reads the count back before it is decided, so each instance knows
+/// the other's requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn instances_share_the_count_through_redis() {
     let TestEnv { pool, common } = test_env().await;
