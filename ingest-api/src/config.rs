@@ -29,17 +29,10 @@ pub struct Config {
     /// How long a request's body may take to arrive, at any door; past it, 408 (gRPC:
     /// `DEADLINE_EXCEEDED`), and what it held is given back.
     pub body_timeout_secs: u64,
-    /// How long a request's head (its line and headers) may take to arrive on a connection;
-    /// past it the connection is closed.
-    pub header_timeout_secs: u64,
-    /// Connections open at once, over every listener; past it no more are accepted until one
-    /// closes. Keep it under the process's descriptor limit (`ulimit -n`), less the pool's
-    /// and the broker's.
-    pub max_connections: usize,
-    /// Connections open at once from one address (one /64 for IPv6); past it that address's
-    /// next connection is answered 503 and closed. 0: only `max_connections` bounds it (set
-    /// it so behind a proxy, where every connection comes from the proxy's address).
-    pub max_connections_per_peer: usize,
+    /// Its connections' bounds: heads' and writes' timeout, connections in all and per
+    /// address (flat keys: `header_timeout_secs`, `max_connections`, …).
+    #[serde(flatten)]
+    pub serving: shared::serve::Serving,
     /// Threads of the large-body lane (`crate::ingest::lane`), at a lower priority than the
     /// runtime's.
     pub lane_threads: usize,
@@ -85,9 +78,7 @@ impl Default for Config {
             tenant_inflight_requests: 32,
             tenant_inflight_bytes: 32 * 1024 * 1024,
             body_timeout_secs: 30,
-            header_timeout_secs: 30,
-            max_connections: 4096,
-            max_connections_per_peer: 256,
+            serving: shared::serve::Serving::default(),
             lane_threads: 1,
             lane_min_bytes: 1024 * 1024,
             lane_tenant_bodies: 2,
@@ -123,12 +114,7 @@ impl Config {
                     .into(),
             );
         }
-        if self.header_timeout_secs == 0 {
-            return Err("header_timeout_secs must be positive".into());
-        }
-        if self.max_connections == 0 {
-            return Err("max_connections must be positive".into());
-        }
+        self.serving.check()?;
         if self.body_timeout_secs == 0 {
             return Err("body_timeout_secs must be positive".into());
         }

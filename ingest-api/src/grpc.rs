@@ -293,14 +293,13 @@ const PREFACE_BYTES: usize = 24;
 pub fn incoming(
     listener: tokio::net::TcpListener,
     connections: shared::serve::Connections,
-    preface_timeout: std::time::Duration,
 ) -> impl futures::Stream<Item = Result<GrpcConnection, std::io::Error>> {
     futures::stream::unfold(
         (listener, connections),
-        move |(listener, connections)| async move {
+        |(listener, connections)| async move {
             let refusal = shared::serve::Refusal::Close;
             let (stream, _) = connections.accept(&listener, "grpc", refusal).await;
-            let connection = GrpcConnection(stream.expect_preface(PREFACE_BYTES, preface_timeout));
+            let connection = GrpcConnection(stream.expect_preface(PREFACE_BYTES));
             Some((Ok(connection), (listener, connections)))
         },
     )

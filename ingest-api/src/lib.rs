@@ -331,14 +331,8 @@ impl App {
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
         let (stopped, mut stopping) = tokio::sync::watch::channel(false);
-        // Both listeners' connections share one bound, and each peer's share of it; a peer
-        // that stops reading what it is sent is given up after the head's timeout.
-        let header_timeout = Duration::from_secs(state.config.header_timeout_secs);
-        let connections = shared::serve::Connections::new(
-            shared::serve::fit_descriptors(state.config.max_connections),
-            state.config.max_connections_per_peer,
-            header_timeout,
-        );
+        // Both listeners' connections share one bound, and each peer's share of it.
+        let connections = state.config.serving.connections();
         let grpc = self.grpc_listener.map(|listener| {
             let mut stopping = stopped.subscribe();
             // A connection's streams at once are bounded (tonic's default is none); each
@@ -358,7 +352,7 @@ impl App {
                     state.clone(),
                 ))
                 .serve_with_incoming_shutdown(
-                    grpc::incoming(listener, connections.clone(), header_timeout),
+                    grpc::incoming(listener, connections.clone()),
                     async move {
                         let _ = stopping.wait_for(|s| *s).await;
                     },
@@ -373,7 +367,6 @@ impl App {
         shared::serve::serve(
             self.listener,
             Self::router(state.clone()),
-            header_timeout,
             connections,
             async move {
                 let _ = stopping.wait_for(|s| *s).await;

@@ -39,10 +39,13 @@ use tokio::sync::watch;
 
 pub use config::Config;
 
-/// The operations port's connections (health and metrics) open at once, and how long a
-/// request's head may take.
-const OPS_CONNECTIONS: usize = 64;
-const OPS_HEADER_TIMEOUT_SECS: u64 = 30;
+/// How the operations port (health and metrics) serves: a few connections, their heads in
+/// 30 s.
+const OPS: shared::serve::Serving = shared::serve::Serving {
+    header_timeout_secs: 30,
+    max_connections: 64,
+    max_connections_per_peer: 0,
+};
 
 /// Applies the control-schema migrations ([`shared::db::migrate`]), creates the TimescaleDB
 /// extension where `timescale` and the server allow it ([`schema::timescale`]), then brings
@@ -186,10 +189,8 @@ impl App {
             )
             .with_state(self.state.clone());
         let mut http_stop = rx.clone();
-        // An operations port (health and metrics): a few connections, their heads in time.
-        let ops = Duration::from_secs(OPS_HEADER_TIMEOUT_SECS);
-        let connections = shared::serve::Connections::new(OPS_CONNECTIONS, 0, ops);
-        let server = shared::serve::serve(self.listener, router, ops, connections, async move {
+        let connections = OPS.connections();
+        let server = shared::serve::serve(self.listener, router, connections, async move {
             let _ = http_stop.changed().await;
         });
         let http = tokio::spawn(server);

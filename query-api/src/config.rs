@@ -39,17 +39,10 @@ pub struct Config {
     /// next reads wait for one of them (then 503), so that one tenant's slow reads cannot
     /// take every connection.
     pub tenant_db_connections: u32,
-    /// How long a request's head (its line and headers) may take to arrive on a connection;
-    /// past it the connection is closed.
-    pub header_timeout_secs: u64,
-    /// Connections open at once, over every listener; past it no more are accepted until one
-    /// closes. Keep it under the process's descriptor limit (`ulimit -n`), less the pool's
-    /// and the broker's.
-    pub max_connections: usize,
-    /// Connections open at once from one address (one /64 for IPv6); past it that address's
-    /// next connection is answered 503 and closed. 0: only `max_connections` bounds it (set
-    /// it so behind a proxy, where every connection comes from the proxy's address).
-    pub max_connections_per_peer: usize,
+    /// Its connections' bounds: heads' and writes' timeout, connections in all and per
+    /// address (flat keys: `header_timeout_secs`, `max_connections`, …).
+    #[serde(flatten)]
+    pub serving: shared::serve::Serving,
 }
 
 impl Default for Config {
@@ -69,9 +62,7 @@ impl Default for Config {
             max_series: 20,
             read_rate_limit_per_min: 30_000,
             tenant_db_connections: 8,
-            header_timeout_secs: 30,
-            max_connections: 4096,
-            max_connections_per_peer: 256,
+            serving: shared::serve::Serving::default(),
         }
     }
 }
@@ -91,12 +82,7 @@ impl Config {
         if self.stream_max_per_tenant == 0 || self.stream_max_total == 0 {
             return Err("stream_max_per_tenant and stream_max_total must be positive".into());
         }
-        if self.header_timeout_secs == 0 {
-            return Err("header_timeout_secs must be positive".into());
-        }
-        if self.max_connections == 0 {
-            return Err("max_connections must be positive".into());
-        }
+        self.serving.check()?;
         if self.tenant_db_connections == 0 {
             return Err("tenant_db_connections must be positive".into());
         }

@@ -178,7 +178,6 @@ impl App {
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
-        let header_timeout = std::time::Duration::from_secs(state.config.header_timeout_secs);
         let stopping = async move {
             stop.await;
             shutdown.trigger();
@@ -186,12 +185,7 @@ impl App {
         shared::serve::serve(
             self.listener,
             Self::router(state.clone()),
-            header_timeout,
-            shared::serve::Connections::new(
-                shared::serve::fit_descriptors(state.config.max_connections),
-                state.config.max_connections_per_peer,
-                header_timeout,
-            ),
+            state.config.serving.connections(),
             stopping,
         )
         .await?;

@@ -21,6 +21,7 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -28,6 +29,57 @@ use tokio::time::Sleep;
 use tower::ServiceExt;
 
 use crate::per_tenant::{PerTenant, TenantPermit};
+
+/// How a service serves its connections (ingest-api's and query-api's configurations embed
+/// it with `#[serde(flatten)]`, so its keys are flat: `TALLY_MAX_CONNECTIONS`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Serving {
+    /// How long a request's head (its line and headers, or an HTTP/2 client's preface) may
+    /// take to arrive on a connection, and a write may wait on a peer that does not read;
+    /// past it the connection is closed.
+    pub header_timeout_secs: u64,
+    /// Connections open at once, over every listener; past it a new one is answered 503
+    /// (gRPC: closed) at once. Lowered to what the descriptor limit allows
+    /// ([`fit_descriptors`]).
+    pub max_connections: usize,
+    /// Connections open at once from one address (one /64 for IPv6); past it that address's
+    /// next connection is answered 503 (gRPC: closed) at once. 0: only `max_connections`
+    /// bounds it (set it so behind a proxy, where every connection comes from the proxy's
+    /// address).
+    pub max_connections_per_peer: usize,
+}
+
+impl Default for Serving {
+    fn default() -> Self {
+        Serving {
+            header_timeout_secs: 30,
+            max_connections: 4096,
+            max_connections_per_peer: 256,
+        }
+    }
+}
+
+impl Serving {
+    pub fn check(&self) -> Result<(), String> {
+        if self.header_timeout_secs == 0 {
+            return Err("header_timeout_secs must be positive".into());
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The bounds on this service's connections, under the descriptor limit.
+    pub fn connections(&self) -> Connections {
+        Connections::new(
+            fit_descriptors(self.max_connections),
+            self.max_connections_per_peer,
+            Duration::from_secs(self.header_timeout_secs),
+        )
+    }
+}
 
 /// How many connections a service keeps open: `max` in all, over its listeners, and
 /// `per_peer` from one address (one /64 for IPv6, whose senders hold whole prefixes). A
@@ -37,8 +89,9 @@ use crate::per_tenant::{PerTenant, TenantPermit};
 pub struct Connections {
     all: Arc<Semaphore>,
     per_peer: PerTenant<IpAddr>,
-    /// How long a write may wait on a peer that does not read (`Guarded`).
-    stall: Duration,
+    /// How long a request's head or a preface may take to arrive, and a write may wait on a
+    /// peer that does not read (`Guarded`).
+    timeout: Duration,
     /// Refusals still being said: a refused HTTP peer that has already sent its request is
     /// read from for a moment, so that it sees the 503 rather than a reset.
     refusing: Arc<Semaphore>,
@@ -75,8 +128,8 @@ impl Drop for Open {
 
 impl Connections {
     /// `max` connections in all, `per_peer` from one peer (0: only `max` bounds a peer); a
-    /// write waits at most `stall` on a peer that does not read.
-    pub fn new(max: usize, per_peer: usize, stall: Duration) -> Connections {
+    /// head, a preface and a write to a peer that does not read each take at most `timeout`.
+    pub fn new(max: usize, per_peer: usize, timeout: Duration) -> Connections {
         let max = max.clamp(1, Semaphore::MAX_PERMITS);
         let per_peer = if per_peer == 0 {
             max
@@ -86,7 +139,7 @@ impl Connections {
         Connections {
             all: Arc::new(Semaphore::new(max)),
             per_peer: PerTenant::new(per_peer),
-            stall,
+            timeout,
             refusing: Arc::new(Semaphore::new(REFUSING)),
         }
     }
@@ -125,7 +178,7 @@ impl Connections {
                 _peer: peer_permit,
                 listener: name,
             };
-            return (Guarded::new(stream, open, self.stall), peer);
+            return (Guarded::new(stream, open, self.timeout), peer);
         }
     }
 
@@ -235,13 +288,13 @@ fn http_refusal(limit: Limit) -> Vec<u8> {
 }
 
 /// An accepted connection, holding its places until it is dropped. A write that waits on a
-/// peer that does not read gives up after the service's stall bound (otherwise a peer that
-/// asks and never reads the answer would hold its connection for good); a connection made to
-/// expect a preface (`expect_preface`) gives up if it has not come in time.
+/// peer that does not read gives up after the service's timeout (otherwise a peer that asks
+/// and never reads the answer would hold its connection for good); a connection made to
+/// expect a preface (`expect_preface`) gives up if it has not come within it.
 pub struct Guarded {
     stream: TcpStream,
     _open: Open,
-    stall: Duration,
+    timeout: Duration,
     /// The deadline of the write waiting now, if one is.
     write_stall: Option<Pin<Box<Sleep>>>,
     waiting: bool,
@@ -250,20 +303,20 @@ pub struct Guarded {
 }
 
 impl Guarded {
-    fn new(stream: TcpStream, open: Open, stall: Duration) -> Guarded {
+    fn new(stream: TcpStream, open: Open, timeout: Duration) -> Guarded {
         Guarded {
             stream,
             _open: open,
-            stall,
+            timeout,
             write_stall: None,
             waiting: false,
             preface: None,
         }
     }
 
-    /// The connection must receive its first `bytes` within `within` of now.
-    pub fn expect_preface(mut self, bytes: usize, within: Duration) -> Guarded {
-        self.preface = Some((bytes, Box::pin(tokio::time::sleep(within))));
+    /// The connection must receive its first `bytes` within the service's timeout from now.
+    pub fn expect_preface(mut self, bytes: usize) -> Guarded {
+        self.preface = Some((bytes, Box::pin(tokio::time::sleep(self.timeout))));
         self
     }
 
@@ -271,7 +324,7 @@ impl Guarded {
         &self.stream
     }
 
-    /// `polled`, a write's outcome, unless it has waited on the peer for `stall`.
+    /// `polled`, a write's outcome, unless it has waited on the peer for the timeout.
     fn unless_stalled<T>(
         &mut self,
         cx: &mut Context<'_>,
@@ -281,7 +334,7 @@ impl Guarded {
             self.waiting = false;
             return polled;
         }
-        let deadline = tokio::time::Instant::now() + self.stall;
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let sleep = self
             .write_stall
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -398,19 +451,18 @@ pub fn fit_descriptors(max: usize) -> usize {
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then waits for the requests in
-/// flight; a request whose head has not all arrived `header_timeout` after its connection
-/// was ready for it is dropped with its connection. Its connections take their places in
-/// `connections`.
+/// flight. Its connections take their places in `connections`; a request whose head has not
+/// all arrived within their timeout after its connection was ready for it is dropped with
+/// its connection.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    header_timeout: Duration,
     connections: Connections,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(connections.timeout);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -588,17 +640,17 @@ mod tests {
     async fn a_preface_must_come_in_time() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let connections = Connections::new(4, 0, Duration::from_secs(5));
+        let connections = Connections::new(4, 0, Duration::from_millis(200));
         let _silent = TcpStream::connect(addr).await.unwrap();
         let (stream, _) = connections.accept(&listener, "test", Refusal::Close).await;
-        let mut stream = stream.expect_preface(4, Duration::from_millis(200));
+        let mut stream = stream.expect_preface(4);
         let mut buf = [0u8; 8];
         let e = stream.read(&mut buf).await.unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
 
         let mut talking = TcpStream::connect(addr).await.unwrap();
         let (stream, _) = connections.accept(&listener, "test", Refusal::Close).await;
-        let mut stream = stream.expect_preface(4, Duration::from_millis(200));
+        let mut stream = stream.expect_preface(4);
         talking.write_all(b"PRI ").await.unwrap();
         stream.read_exact(&mut buf[..4]).await.unwrap();
         let late = tokio::time::timeout(Duration::from_millis(600), stream.read(&mut buf)).await;

@@ -188,7 +188,7 @@ async fn a_head_or_body_that_never_arrives_is_cut_off_and_its_place_given_back()
     let ingest = start_ingest(&common, |c| {
         c.max_inflight_requests = 1;
         c.body_timeout_secs = 1;
-        c.header_timeout_secs = 1;
+        c.serving.header_timeout_secs = 1;
     })
     .await;
     let t = create_tenant(&pool, "trickle").await;
@@ -197,26 +197,12 @@ async fn a_head_or_body_that_never_arrives_is_cut_off_and_its_place_given_back()
     head.write_all(b"POST /v1/events HTTP/1.1\r\nhost: x\r\n")
         .await
         .unwrap();
-    let started = std::time::Instant::now();
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut rest = Vec::new();
-        let _ = head.read_to_end(&mut rest).await;
-    })
-    .await;
-    assert!(closed.is_ok(), "the connection stayed open");
-    assert!(started.elapsed() >= Duration::from_millis(900));
+    closed_after_a_second(head, "the connection").await;
     // The same for an OTLP/gRPC connection whose client never sends its preface.
-    let mut silent = TcpStream::connect(ingest.grpc_addr.expect("gRPC is on"))
+    let silent = TcpStream::connect(ingest.grpc_addr.expect("gRPC is on"))
         .await
         .unwrap();
-    let started = std::time::Instant::now();
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut rest = Vec::new();
-        let _ = silent.read_to_end(&mut rest).await;
-    })
-    .await;
-    assert!(closed.is_ok(), "the gRPC connection stayed open");
-    assert!(started.elapsed() >= Duration::from_millis(900));
+    closed_after_a_second(silent, "the gRPC connection").await;
     // A peer that asks and never reads the answers: the connection is given up once a write
     // has waited a second, not kept until every answer is sent.
     let answer = http()
@@ -368,7 +354,7 @@ async fn a_grpc_message_that_never_arrives_is_cut_off_and_its_place_given_back()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_address_holding_connections_never_keeps_another_out() {
     let TestEnv { pool, common } = test_env().await;
-    let ingest = start_ingest(&common, |c| c.max_connections_per_peer = 3).await;
+    let ingest = start_ingest(&common, |c| c.serving.max_connections_per_peer = 3).await;
     let t = create_tenant(&pool, "crowded").await;
     let grpc = ingest.grpc_addr.expect("gRPC is on").to_string();
     let events = json!([command("u", "build", 5, true)]);
@@ -439,6 +425,18 @@ async fn one_address_holding_connections_never_keeps_another_out() {
     }
     drop(idle);
     ingest.stop().await.unwrap();
+}
+
+/// Asserts that the server closes `stream` (`what`) within 10 s, and not before a second.
+async fn closed_after_a_second(mut stream: TcpStream, what: &str) {
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest).await;
+    })
+    .await;
+    assert!(closed.is_ok(), "{what} stayed open");
+    assert!(started.elapsed() >= Duration::from_millis(900), "{what}");
 }
 
 /// A connection to `addr` from `ip`.
