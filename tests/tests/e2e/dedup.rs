@@ -226,9 +226,18 @@ async fn deltas_waiting_in_a_schema_of_template_0010_count_once_across_the_upgra
     assert_eq!(sums().await, [30, 30, 30], "as template 0010 reads them");
     // A compactor that listed the schema before it went back to 0010 (a neighbouring test's
     // projector, as CI once met at [30, 60, 60] after the upgrade) leaves it to the upgrade.
-    let folded = projector::models::rollups::compact(&pool, &schema)
-        .await
-        .unwrap();
+    // `None` is the schema's lock held by that neighbour at this moment (CI met it once):
+    // asked again until this call takes the lock itself.
+    let mut folded = None;
+    for _ in 0..100 {
+        folded = projector::models::rollups::compact(&pool, &schema)
+            .await
+            .unwrap();
+        if folded.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(folded, Some(0), "an older template's deltas are not folded");
     // Nor by a retention pass that listed it before (its fold of old minutes writes what this
     // binary's templates read): with every minute old enough to fold, the schema is skipped.
