@@ -4,8 +4,9 @@
 #   services.sh start <bin-dir>   idempotent: a service whose pid is alive is left alone
 #   services.sh stop              SIGTERM (graceful: drain, flush, commit), then SIGKILL after 30 s
 #   services.sh status
-# Ports: TALLY_INGEST_PORT (8080), TALLY_QUERY_PORT (8081), TALLY_PROJECTOR_PORT (9102), and
-# ingest-api's OTLP/gRPC port TALLY_GRPC_PORT (4317).
+# Ports: TALLY_INGEST_PORT (8080), TALLY_QUERY_PORT (8081), TALLY_PROJECTOR_PORT (9102),
+# ingest-api's OTLP/gRPC port TALLY_GRPC_PORT (4317), and the operations ports (health and
+# metrics apart) TALLY_INGEST_OPS_PORT (9100) and TALLY_QUERY_OPS_PORT (9101).
 set -euo pipefail
 
 # shellcheck source=lib.sh
@@ -15,6 +16,8 @@ TALLY_INGEST_PORT="${TALLY_INGEST_PORT:-8080}"
 TALLY_QUERY_PORT="${TALLY_QUERY_PORT:-8081}"
 TALLY_PROJECTOR_PORT="${TALLY_PROJECTOR_PORT:-9102}"
 TALLY_GRPC_PORT="${TALLY_GRPC_PORT:-4317}"
+TALLY_INGEST_OPS_PORT="${TALLY_INGEST_OPS_PORT:-9100}"
+TALLY_QUERY_OPS_PORT="${TALLY_QUERY_OPS_PORT:-9101}"
 SERVICES=(projector ingest-api query-api)
 
 port_of() {
@@ -22,6 +25,14 @@ port_of() {
         ingest-api) echo "$TALLY_INGEST_PORT" ;;
         query-api) echo "$TALLY_QUERY_PORT" ;;
         projector) echo "$TALLY_PROJECTOR_PORT" ;;
+    esac
+}
+
+# The operations port of a service that has one apart (the projector's port is its own).
+ops_port_of() {
+    case $1 in
+        ingest-api) echo "$TALLY_INGEST_OPS_PORT" ;;
+        query-api) echo "$TALLY_QUERY_OPS_PORT" ;;
     esac
 }
 
@@ -59,8 +70,9 @@ start() {
     "$bin_dir/projector" migrate >>"$TALLY_LOGS/projector.log" 2>&1 ||
         { show_log_tail "$TALLY_LOGS/projector.log"; die "migrations failed"; }
     for svc in "${SERVICES[@]}"; do
-        local pidfile="$TALLY_RUN/$svc.pid" port log pid
+        local pidfile="$TALLY_RUN/$svc.pid" port ops log pid
         port=$(port_of "$svc")
+        ops=$(ops_port_of "$svc")
         log="$TALLY_LOGS/$svc.log"
         pid=$(read_pid "$pidfile")
         if pid_alive "$pid"; then
@@ -71,18 +83,24 @@ start() {
         if [ "$svc" = ingest-api ] && port_open "$TALLY_GRPC_PORT"; then
             die "ingest-api: OTLP/gRPC port $TALLY_GRPC_PORT is taken (set TALLY_GRPC_PORT)"
         fi
+        if [ -n "$ops" ] && port_open "$ops"; then
+            die "$svc: operations port $ops is taken (set TALLY_INGEST_OPS_PORT or TALLY_QUERY_OPS_PORT)"
+        fi
         TALLY_HTTP_ADDR="127.0.0.1:$port" TALLY_GRPC_ADDR="127.0.0.1:$TALLY_GRPC_PORT" \
+            TALLY_OPERATIONS_ADDR="${ops:+127.0.0.1:$ops}" \
             TALLY_LOG_FORMAT="${TALLY_LOG_FORMAT:-json}" \
             nohup "$bin_dir/$svc" >>"$log" 2>&1 </dev/null &
         echo $! >"$pidfile"
         say "$svc: starting (pid $!, port $port, log $log)"
     done
     for svc in "${SERVICES[@]}"; do
-        local port
+        local port ops
         port=$(port_of "$svc")
-        wait_until 60 ready "$port" ||
+        ops=$(ops_port_of "$svc")
+        # Asked where a probe asks: the operations port, where there is one.
+        wait_until 60 ready "${ops:-$port}" ||
             { show_log_tail "$TALLY_LOGS/$svc.log"; die "$svc: not ready after 60 s"; }
-        say "$svc: ready on http://127.0.0.1:$port"
+        say "$svc: ready on http://127.0.0.1:$port${ops:+ (health and metrics also on :$ops)}"
     done
 }
 
@@ -110,7 +128,8 @@ status() {
         pid=$(read_pid "$TALLY_RUN/$svc.pid")
         port=$(port_of "$svc")
         pid_alive "$pid" && state=up
-        printf '%-10s %-5s port %-6s pid %s\n' "$svc" "$state" "$port" "${pid:--}"
+        printf '%-10s %-5s port %-6s ops %-6s pid %s\n' "$svc" "$state" "$port" \
+            "$(ops_port_of "$svc" | grep . || echo "$port")" "${pid:--}"
     done
 }
 

@@ -11,6 +11,10 @@ pub struct Config {
     pub http_addr: String,
     /// OTLP/gRPC listener (4317 by convention); empty turns it off.
     pub grpc_addr: String,
+    /// Operations port: `/healthz`, `/readyz` and `/metrics` served apart (64 connections of
+    /// its own), for probes and scrapers, so that senders holding every place on the public
+    /// port never keep them out; empty turns it off (they are on the public port too).
+    pub operations_addr: String,
     /// Most events in one request.
     pub max_batch_events: usize,
     /// Largest request body, before and after decompression.
@@ -71,6 +75,7 @@ impl Default for Config {
             common: Common::default(),
             http_addr: "127.0.0.1:8080".into(),
             grpc_addr: "127.0.0.1:4317".into(),
+            operations_addr: String::new(),
             max_batch_events: 1000,
             max_body_bytes: 10 * 1024 * 1024,
             max_inflight_requests: 64,

@@ -88,6 +88,7 @@ const GRPC_CONNECTION_AGE: Duration = Duration::from_secs(600);
 pub struct App {
     listener: TcpListener,
     grpc_listener: Option<TcpListener>,
+    operations: shared::serve::OperationsPort,
     state: AppState,
 }
 
@@ -120,14 +121,8 @@ impl App {
         let listener = TcpListener::bind(&config.http_addr)
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;
-        let grpc_listener = match config.grpc_addr.as_str() {
-            "" => None,
-            addr => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding {addr} (grpc_addr)"))?,
-            ),
-        };
+        let grpc_listener = shared::serve::bind_if_set(&config.grpc_addr, "grpc_addr").await?;
+        let operations = shared::serve::OperationsPort::bind(&config.operations_addr).await?;
         let state = AppState {
             sink: Arc::new(ingest::sink::KafkaSink::new(
                 producer.clone(),
@@ -173,6 +168,7 @@ impl App {
         Ok(App {
             listener,
             grpc_listener,
+            operations,
             state,
         })
     }
@@ -186,6 +182,19 @@ impl App {
         self.grpc_listener
             .as_ref()
             .map(|l| l.local_addr().expect("bound listener"))
+    }
+
+    /// The operations port's address, unless it is turned off.
+    pub fn operations_addr(&self) -> Option<SocketAddr> {
+        self.operations.addr()
+    }
+
+    /// Health and metrics: on the public port, and on the operations port alone.
+    fn health() -> Router<AppState> {
+        Router::new()
+            .route("/healthz", get(routes::health::healthz))
+            .route("/readyz", get(routes::health::readyz))
+            .route("/metrics", get(routes::health::metrics))
     }
 
     pub fn router(state: AppState) -> Router {
@@ -306,11 +315,7 @@ impl App {
                 "/v1/admin/deliveries/{id}/redeliver",
                 post(control::alerts::redeliver),
             );
-        let operations = Router::new()
-            .route("/openapi.json", get(routes::health::openapi))
-            .route("/healthz", get(routes::health::healthz))
-            .route("/readyz", get(routes::health::readyz))
-            .route("/metrics", get(routes::health::metrics));
+        let operations = Self::health().route("/openapi.json", get(routes::health::openapi));
         Router::new()
             .merge(doors)
             .merge(body_limit(auth, AUTH_BODY_BYTES))
@@ -333,6 +338,7 @@ impl App {
         let (stopped, mut stopping) = tokio::sync::watch::channel(false);
         // Both listeners' connections share one bound, and each peer's share of it.
         let connections = state.config.serving.connections();
+        let operations = self.operations.spawn(Self::health(), state.clone());
         let grpc = self.grpc_listener.map(|listener| {
             let mut stopping = stopped.subscribe();
             // A connection's streams at once are bounded (tonic's default is none); each
@@ -376,6 +382,7 @@ impl App {
         if let Some(grpc) = grpc {
             grpc.await?.context("OTLP/gRPC server")?;
         }
+        operations.stop().await.context("operations port")?;
         let producer = state.producer.clone();
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await??;
         state.pool.close().await;

@@ -39,14 +39,6 @@ use tokio::sync::watch;
 
 pub use config::Config;
 
-/// How the operations port (health and metrics) serves: a few connections, their heads in
-/// 30 s.
-const OPS: shared::serve::Serving = shared::serve::Serving {
-    header_timeout_secs: 30,
-    max_connections: 64,
-    max_connections_per_peer: 0,
-};
-
 /// Applies the control-schema migrations ([`shared::db::migrate`]), creates the TimescaleDB
 /// extension where `timescale` and the server allow it ([`schema::timescale`]), then brings
 /// the tenant schemas made by older versions up to date ([`schema::upgrade_all`]). Run where
@@ -189,7 +181,8 @@ impl App {
             )
             .with_state(self.state.clone());
         let mut http_stop = rx.clone();
-        let connections = OPS.connections();
+        // The projector's port is its operations port.
+        let connections = shared::serve::Serving::OPERATIONS.connections();
         let server = shared::serve::serve(self.listener, router, connections, async move {
             let _ = http_stop.changed().await;
         });

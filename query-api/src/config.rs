@@ -9,6 +9,10 @@ pub struct Config {
     #[serde(flatten)]
     pub common: Common,
     pub http_addr: String,
+    /// Operations port: `/healthz`, `/readyz` and `/metrics` served apart (64 connections of
+    /// its own), for probes and scrapers, so that senders holding every place on the public
+    /// port never keep them out; empty turns it off (they are on the public port too).
+    pub operations_addr: String,
     /// Longest time range one request may ask for, in days.
     pub max_range_days: i64,
     /// Most buckets one time series may have.
@@ -50,6 +54,7 @@ impl Default for Config {
         Config {
             common: Common::default(),
             http_addr: "127.0.0.1:8081".into(),
+            operations_addr: String::new(),
             max_range_days: 90,
             max_points: 5000,
             cache_ttl_secs: 600,

@@ -71,6 +71,7 @@ const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// A built query-api, bound to its port.
 pub struct App {
     listener: TcpListener,
+    operations: shared::serve::OperationsPort,
     state: AppState,
 }
 
@@ -85,6 +86,7 @@ impl App {
         let listener = TcpListener::bind(&config.http_addr)
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;
+        let operations = shared::serve::OperationsPort::bind(&config.operations_addr).await?;
         let hub = hub::Hub::default();
         hub.listen(config.common.redis_url.clone());
         let verifier = Verifier::new(KeySource::Url(config.jwks_url.clone()));
@@ -102,11 +104,28 @@ impl App {
             metrics: shared::telemetry::prometheus(),
             config: Arc::new(config),
         };
-        Ok(App { listener, state })
+        Ok(App {
+            listener,
+            operations,
+            state,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener")
+    }
+
+    /// The operations port's address, unless it is turned off.
+    pub fn operations_addr(&self) -> Option<SocketAddr> {
+        self.operations.addr()
+    }
+
+    /// Health and metrics: on the public port, and on the operations port alone.
+    fn health() -> Router<AppState> {
+        Router::new()
+            .route("/healthz", get(routes::health::healthz))
+            .route("/readyz", get(routes::health::readyz))
+            .route("/metrics", get(routes::health::metrics))
     }
 
     pub fn router(state: AppState) -> Router {
@@ -163,9 +182,7 @@ impl App {
             .route("/vendor/uplot.js", get(routes::health::uplot_js))
             .route("/vendor/uplot.css", get(routes::health::uplot_css))
             .route("/openapi.json", get(routes::health::openapi))
-            .route("/healthz", get(routes::health::healthz))
-            .route("/readyz", get(routes::health::readyz))
-            .route("/metrics", get(routes::health::metrics))
+            .merge(Self::health())
             .fallback(shared::problem::not_found_fallback)
             .layer(axum::middleware::from_fn(routes::refuse_nul))
             .layer(axum::middleware::from_fn(shared::telemetry::track_http))
@@ -182,6 +199,7 @@ impl App {
             stop.await;
             shutdown.trigger();
         };
+        let operations = self.operations.spawn(Self::health(), state.clone());
         shared::serve::serve(
             self.listener,
             Self::router(state.clone()),
@@ -189,6 +207,7 @@ impl App {
             stopping,
         )
         .await?;
+        operations.stop().await.context("operations port")?;
         state.pool.close().await;
         Ok(())
     }

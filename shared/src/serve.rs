@@ -8,6 +8,10 @@
 //! so that one sender opening connections (each a descriptor, a task and its buffers) cannot
 //! take the service's descriptors or places from every other sender; and how long a
 //! connection may go without the peer reading what it is sent (`Guarded`).
+//!
+//! A service may also serve its health and metrics on an operations port of their own
+//! (`OperationsPort`, with `Serving::OPERATIONS`' few connections): senders holding every place
+//! on the public port then never keep a probe or a scraper out.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -61,6 +65,15 @@ impl Default for Serving {
 }
 
 impl Serving {
+    /// How an operations port (health and metrics, for probes and scrapers) serves: a few
+    /// connections of its own, their heads in 30 s, none shared by address (a probe and a
+    /// scraper may come from one).
+    pub const OPERATIONS: Serving = Serving {
+        header_timeout_secs: 30,
+        max_connections: 64,
+        max_connections_per_peer: 0,
+    };
+
     pub fn check(&self) -> Result<(), String> {
         if self.header_timeout_secs == 0 {
             return Err("header_timeout_secs must be positive".into());
@@ -78,6 +91,82 @@ impl Serving {
             self.max_connections_per_peer,
             Duration::from_secs(self.header_timeout_secs),
         )
+    }
+}
+
+/// A listener bound to `addr`, or none when `addr` is empty (a listener turned off);
+/// `setting` names the address's key in the error.
+pub async fn bind_if_set(addr: &str, setting: &str) -> anyhow::Result<Option<TcpListener>> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {addr} ({setting}): {e}"))?;
+    Ok(Some(listener))
+}
+
+/// A service's operations port (`operations_addr`), bound: its health and metrics routes
+/// served apart, with [`Serving::OPERATIONS`]' connections.
+pub struct OperationsPort {
+    listener: Option<TcpListener>,
+}
+
+impl OperationsPort {
+    /// Binds `addr` (`operations_addr`); empty turns the port off.
+    pub async fn bind(addr: &str) -> anyhow::Result<OperationsPort> {
+        let listener = bind_if_set(addr, "operations_addr").await?;
+        Ok(OperationsPort { listener })
+    }
+
+    /// Where it listens, unless it is off.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener"))
+    }
+
+    /// Serves `health` (and nothing else: other paths are 404) in a task of its own, until
+    /// [`Operations::stop`], which the service calls once its public listeners have drained,
+    /// so that a probe reads `/readyz`'s 503 while they drain.
+    pub fn spawn<S: Clone + Send + Sync + 'static>(
+        self,
+        health: Router<S>,
+        state: S,
+    ) -> Operations {
+        let app = health
+            .fallback(crate::problem::not_found_fallback)
+            .layer(axum::middleware::from_fn(crate::telemetry::track_http))
+            .with_state(state);
+        let running = self.listener.map(|listener| {
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let stopped = async move {
+                let _ = stopped.await;
+            };
+            let connections = Serving::OPERATIONS.connections();
+            let task = tokio::spawn(serve_as("operations", listener, app, connections, stopped));
+            (stop, task)
+        });
+        Operations { running }
+    }
+}
+
+/// An operations port being served ([`OperationsPort::spawn`]).
+pub struct Operations {
+    running: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    )>,
+}
+
+impl Operations {
+    /// Stops accepting, and waits for the requests being answered.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        if let Some((stop, task)) = self.running {
+            let _ = stop.send(());
+            task.await??;
+        }
+        Ok(())
     }
 }
 
@@ -453,8 +542,20 @@ pub fn fit_descriptors(max: usize) -> usize {
 /// Serves `app` on `listener` until `shutdown` completes, then waits for the requests in
 /// flight. Its connections take their places in `connections`; a request whose head has not
 /// all arrived within their timeout after its connection was ready for it is dropped with
-/// its connection.
+/// its connection. Its connections are counted as the `http` listener's.
 pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    connections: Connections,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    serve_as("http", listener, app, connections, shutdown).await
+}
+
+/// [`serve`], its connections counted as the listener `name`'s (in `connections_open` and
+/// `connections_refused_total`).
+pub async fn serve_as(
+    name: &'static str,
     listener: TcpListener,
     app: Router,
     connections: Connections,
@@ -467,7 +568,7 @@ pub async fn serve(
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = connections.accept(&listener, "http", Refusal::Http) => accepted,
+            accepted = connections.accept(&listener, name, Refusal::Http) => accepted,
             () = &mut shutdown => break,
         };
         let _ = stream.stream().set_nodelay(true);

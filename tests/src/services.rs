@@ -22,6 +22,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// ingest-api's OTLP/gRPC listener.
     pub grpc_addr: Option<SocketAddr>,
+    /// ingest-api's and query-api's operations port (health and metrics apart).
+    pub operations_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -72,6 +74,7 @@ impl Running {
         Running {
             addr,
             grpc_addr,
+            operations_addr: None,
             stop: Some(tx),
             task: tokio::spawn(run_until(stop)),
         }
@@ -83,28 +86,36 @@ pub async fn start_ingest(common: &Common, tweak: impl FnOnce(&mut ingest_api::C
         common: common.clone(),
         http_addr: "127.0.0.1:0".into(),
         grpc_addr: "127.0.0.1:0".into(),
+        operations_addr: "127.0.0.1:0".into(),
         ..Default::default()
     };
     tweak(&mut config);
     let app = ingest_api::App::build(config)
         .await
         .expect("ingest-api builds");
-    Running::spawn(app.local_addr(), app.grpc_addr(), |stop| {
+    let operations_addr = app.operations_addr();
+    let mut running = Running::spawn(app.local_addr(), app.grpc_addr(), |stop| {
         app.run_until(stop)
-    })
+    });
+    running.operations_addr = operations_addr;
+    running
 }
 
 pub async fn start_query(common: &Common, tweak: impl FnOnce(&mut query_api::Config)) -> Running {
     let mut config = query_api::Config {
         common: common.clone(),
         http_addr: "127.0.0.1:0".into(),
+        operations_addr: "127.0.0.1:0".into(),
         ..Default::default()
     };
     tweak(&mut config);
     let app = query_api::App::build(config)
         .await
         .expect("query-api builds");
-    Running::spawn(app.local_addr(), None, |stop| app.run_until(stop))
+    let operations_addr = app.operations_addr();
+    let mut running = Running::spawn(app.local_addr(), None, |stop| app.run_until(stop));
+    running.operations_addr = operations_addr;
+    running
 }
 
 pub fn projector_config(common: &Common) -> projector::Config {

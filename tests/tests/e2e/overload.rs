@@ -427,6 +427,52 @@ async fn one_address_holding_connections_never_keeps_another_out() {
     ingest.stop().await.unwrap();
 }
 
+/// ingest-api and query-api serve health and metrics on an operations port of their own:
+/// with every place on the public port held, probes and scrapers are answered there (and
+/// nothing else is served there); it closes with the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn probes_are_answered_while_every_public_place_is_held() {
+    let TestEnv { common, .. } = test_env().await;
+    let three = |s: &mut shared::serve::Serving| {
+        s.max_connections = 3;
+        s.max_connections_per_peer = 0;
+    };
+    let ingest = start_ingest(&common, |c| three(&mut c.serving)).await;
+    let query = start_query(&common, |c| three(&mut c.serving)).await;
+    let client = http();
+    for service in [&ingest, &query] {
+        let ops = service.operations_addr.expect("the operations port is on");
+        let ops = format!("http://{ops}");
+        let idle = hold_connections(service.addr, "127.0.0.2", 3).await;
+        // The public port refuses the probe (503, or closed under a request sent at once).
+        let res = client.get(format!("{}/readyz", service.url())).send().await;
+        assert!(
+            res.as_ref().map_or(true, |res| res.status() == 503),
+            "{res:?}"
+        );
+        for path in ["/healthz", "/readyz"] {
+            let res = client.get(format!("{ops}{path}")).send().await.unwrap();
+            assert_eq!(res.status(), 200, "{path} on {ops}");
+        }
+        let metrics = scrape_metrics(&client, &ops).await;
+        let refused = r#"connections_refused_total{listener="http",limit="all"}"#;
+        assert!(metrics.contains(refused), "{metrics}");
+        let res = client
+            .get(format!("{ops}/openapi.json"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 404, "only health and metrics");
+        drop(idle);
+    }
+    let ops = ingest.operations_addr.unwrap();
+    stop_all([ingest, query]).await;
+    assert!(
+        TcpStream::connect(ops).await.is_err(),
+        "the operations port closes with the service"
+    );
+}
+
 /// Asserts that the server closes `stream` (`what`) within 10 s, and not before a second.
 async fn closed_after_a_second(mut stream: TcpStream, what: &str) {
     let started = std::time::Instant::now();
