@@ -112,6 +112,111 @@ async fn without_redis_a_local_limiter_takes_over() {
     ingest.stop().await.unwrap();
 }
 
+/// A Redis of the test's own on `port` (the shared one must stay up for the other tests),
+/// killed when dropped.
+struct OwnRedis(std::process::Child);
+
+impl OwnRedis {
+    async fn start(port: u16) -> OwnRedis {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs (deploy/local/prereqs.sh installs it)");
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.get_multiplexed_async_connection().await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {port} did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        OwnRedis(child)
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What `tenant`'s requests count in Redis on `port`, over every window.
+async fn counted_in_redis(port: u16, tenant: shared::tenant::TenantId) -> u64 {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("tally:rl:{tenant}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut sum = 0;
+    for key in keys {
+        let n: u64 = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        sum += n;
+    }
+    sum
+}
+
+/// Redis going away after the services started: ingest keeps answering and limiting on its
+/// own count (no 5xx, no wait past a Redis timeout), reads are served uncached; once Redis is
+/// back the counts reach it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_gone_after_start_and_back() {
+    let TestEnv { pool, mut common } = test_env().await;
+    let port = free_port();
+    common.redis_url = format!("redis://127.0.0.1:{port}");
+    let redis = OwnRedis::start(port).await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let query = start_query(&common, |_| {}).await;
+    let client = http();
+    let t = create_tenant(&pool, "redis-gone").await;
+    ingest_api::control::store::set_plan(&pool, t.id, "free", Some(6))
+        .await
+        .unwrap();
+    let overview = format!("{}/v1/dashboard/overview", query.url());
+    get_json(&client, &overview, &t.read_key).await;
+    at_window_start().await;
+    for _ in 0..2 {
+        let res = post_events(&client, &ingest.url(), &t.ingest_key, &one_event()).await;
+        assert_eq!(res.status(), 202);
+    }
+    assert_eq!(counted_in_redis(port, t.id).await, 2, "counted in Redis");
+
+    drop(redis);
+    for left in ["3", "2", "1", "0"] {
+        let started = Instant::now();
+        let res = post_events(&client, &ingest.url(), &t.ingest_key, &one_event()).await;
+        assert_eq!(res.status(), 202, "answered without Redis");
+        assert_eq!(res.headers()["x-ratelimit-remaining"], left);
+        assert!(started.elapsed() < Duration::from_secs(2), "no long wait");
+    }
+    let res = post_events(&client, &ingest.url(), &t.ingest_key, &one_event()).await;
+    assert_eq!(res.status(), 429, "the limit holds without Redis");
+    get_json(&client, &overview, &t.read_key).await;
+
+    let _redis = OwnRedis::start(port).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counted_in_redis(port, t.id).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "counts never reached Redis again"
+        );
+        let res = post_events(&client, &ingest.url(), &t.ingest_key, &one_event()).await;
+        assert!([202, 429].contains(&res.status().as_u16()), "{res:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    get_json(&client, &overview, &t.read_key).await;
+    stop_all([ingest, query]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn revoked_keys_and_deactivated_tenants_are_refused_within_the_cache_delay() {
     let TestEnv { pool, common } = test_env().await;
