@@ -88,7 +88,12 @@ impl<E: Signal> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
             let limit = state.config.max_body_bytes;
             let (mut parts, body) = req.into_parts();
             // The key and the rate limit before the body is read or inflated.
-            let principal = match admit(&state, &parts.headers).await.0 {
+            let peer = parts
+                .extensions
+                .get::<tonic::transport::server::TcpConnectInfo>()
+                .and_then(|info| info.remote_addr())
+                .map(|addr| addr.ip());
+            let principal = match admit(&state, &parts.headers, peer).await.0 {
                 Ok(principal) => principal,
                 Err(error) => return Ok(Status::from(error).into_http()),
             };

@@ -2,6 +2,7 @@
 //! (access token from ingest-api, verified against its JWKS) sees what their role allows.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -159,32 +160,47 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    /// Reads the control plane through `pool`; access tokens are checked with `verifier`.
-    pub fn new(pool: PgPool, verifier: Verifier) -> Authenticator {
+    /// Reads the control plane through `pool`; access tokens are checked with `verifier`;
+    /// `by_address`: each address has its share of the lookups of keys ([`ApiKeyStore::new`]).
+    pub fn new(pool: PgPool, verifier: Verifier, by_address: bool) -> Authenticator {
         Authenticator {
-            keys: ApiKeyStore::new(pool.clone()),
+            keys: ApiKeyStore::new(pool.clone(), by_address),
             pool,
             verifier,
             users: Arc::default(),
         }
     }
 
-    /// Authenticates the request: a JWT in `Authorization: Bearer`, else an API key.
-    pub async fn reader(&self, headers: &HeaderMap) -> Result<Reader, Problem> {
-        self.authenticate(headers, false).await
+    /// Authenticates the request, sent from `peer`: a JWT in `Authorization: Bearer`, else
+    /// an API key.
+    pub async fn reader(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<IpAddr>,
+    ) -> Result<Reader, Problem> {
+        self.authenticate(headers, false, peer).await
     }
 
     /// Like [`Authenticator::reader`], but from the control plane as it is now, not from the
     /// short-lived credential caches: for requests that outlive them (the live feed).
-    pub async fn reader_uncached(&self, headers: &HeaderMap) -> Result<Reader, Problem> {
-        let reader = self.authenticate(headers, true).await?;
+    pub async fn reader_uncached(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<IpAddr>,
+    ) -> Result<Reader, Problem> {
+        let reader = self.authenticate(headers, true, peer).await?;
         if matches!(reader.credential, Credential::ApiKey { .. }) {
             self.recheck(&reader).await?;
         }
         Ok(reader)
     }
 
-    async fn authenticate(&self, headers: &HeaderMap, fresh: bool) -> Result<Reader, Problem> {
+    async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        fresh: bool,
+        peer: Option<IpAddr>,
+    ) -> Result<Reader, Problem> {
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -193,7 +209,7 @@ impl Authenticator {
         match bearer {
             Some(token) if jwt::looks_like_jwt(token) => self.person(token, fresh).await,
             _ => {
-                let key = self.keys.authenticate(headers, Scope::Read).await?;
+                let key = self.keys.authenticate(headers, Scope::Read, peer).await?;
                 Ok(Reader {
                     tenant: key.tenant_id,
                     visibility: Visibility::Tenant,

@@ -37,7 +37,7 @@ impl AppState {
             .expect("a valid URL");
         AppState {
             config: Arc::new(Config::default()),
-            auth: Authenticator::new(pool.clone(), verifier),
+            auth: Authenticator::new(pool.clone(), verifier, true),
             shares: crate::read::tenant::Shares::new(8, std::time::Duration::from_millis(100)),
             pool,
             hub: Hub::default(),

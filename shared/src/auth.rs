@@ -1,6 +1,7 @@
 //! Authentication of machine callers by API key, shared by ingest-api and query-api.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -9,6 +10,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::apikey::{self, Scope};
+use crate::per_tenant::{PerTenant, TenantPermit};
 use crate::problem::Problem;
 use crate::tenant::TenantId;
 
@@ -140,9 +142,7 @@ pub const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
 pub struct ApiKeyStore {
     pool: PgPool,
     cache: Arc<Mutex<KeyCache>>,
-    /// Lookups of keys not in the cache that may run at once: a flood of made-up keys,
-    /// which anyone can send, takes at most these of the pool's connections.
-    lookups: Arc<tokio::sync::Semaphore>,
+    lookups: Lookups,
 }
 
 /// Key hash → principal and when it was looked up. Unknown keys are not remembered, so that
@@ -152,23 +152,78 @@ type KeyCache = HashMap<Vec<u8>, (KeyPrincipal, Instant)>;
 /// Lookups of uncached keys at once ([`ApiKeyStore`]).
 const LOOKUPS_AT_ONCE: usize = 4;
 
+/// Of those, what one address's requests may hold at once.
+const LOOKUPS_PER_PEER: usize = 2;
+
+/// The places of lookups of keys not in the cache: a flood of made-up keys, which anyone can
+/// send, takes at most `LOOKUPS_AT_ONCE` of the pool's connections; and one address's
+/// requests wait for its own share of them first (`LOOKUPS_PER_PEER`, an IPv6 /64 as one
+/// address), so that at most that many of its lookups are ever ahead of another address's,
+/// however many it sends.
+#[derive(Clone)]
+struct Lookups {
+    all: Arc<tokio::sync::Semaphore>,
+    /// None: every request waits in one line (behind a proxy, every request's address is
+    /// the proxy's).
+    per_peer: Option<PerTenant<IpAddr>>,
+}
+
+/// A lookup's place, given back when dropped.
+struct LookupPlace {
+    _peer: Option<TenantPermit<IpAddr>>,
+    _all: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Lookups {
+    fn new(all: usize, per_peer: Option<usize>) -> Lookups {
+        Lookups {
+            all: Arc::new(tokio::sync::Semaphore::new(all)),
+            per_peer: per_peer.map(PerTenant::new),
+        }
+    }
+
+    /// A place for a lookup of `peer`'s (its share first, then one of all), or none within
+    /// `wait`.
+    async fn enter(&self, peer: Option<IpAddr>, wait: Duration) -> Option<LookupPlace> {
+        let enter = async {
+            let share = match (&self.per_peer, peer) {
+                (Some(shares), Some(ip)) => {
+                    Some(shares.acquire(crate::serve::peer_key(ip), 1).await)
+                }
+                _ => None,
+            };
+            let all = self.all.clone().acquire_owned().await.ok()?;
+            Some(LookupPlace {
+                _peer: share,
+                _all: all,
+            })
+        };
+        tokio::time::timeout(wait, enter).await.ok().flatten()
+    }
+}
+
 /// How long a request waits for a lookup to be free before it is answered 503.
 const LOOKUP_WAIT: Duration = Duration::from_secs(2);
 
 impl ApiKeyStore {
-    pub fn new(pool: PgPool) -> Self {
+    /// Looks keys up in `pool`; `by_address`: each address has its share of the lookups
+    /// of keys not in the cache (not behind a proxy, where every request comes from the
+    /// proxy's address: `max_connections_per_peer = 0`).
+    pub fn new(pool: PgPool, by_address: bool) -> Self {
         ApiKeyStore {
             pool,
             cache: Arc::default(),
-            lookups: Arc::new(tokio::sync::Semaphore::new(LOOKUPS_AT_ONCE)),
+            lookups: Lookups::new(LOOKUPS_AT_ONCE, by_address.then_some(LOOKUPS_PER_PEER)),
         }
     }
 
-    /// Authenticates the request's key and checks that it carries `scope`.
+    /// Authenticates the request's key, sent from `peer`, and checks that it carries
+    /// `scope`.
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
         scope: Scope,
+        peer: Option<IpAddr>,
     ) -> Result<KeyPrincipal, KeyError> {
         let secret = presented_key(headers).ok_or(KeyError::Unauthenticated(
             "an API key is required: `Authorization: Bearer <key>` or `X-API-Key: <key>`",
@@ -180,8 +235,7 @@ impl ApiKeyStore {
         let principal = match self.cached(&hash) {
             Some(p) => p,
             None => {
-                let lookup = tokio::time::timeout(LOOKUP_WAIT, self.lookups.acquire()).await;
-                let Ok(Ok(_lookup)) = lookup else {
+                let Some(_lookup) = self.lookups.enter(peer, LOOKUP_WAIT).await else {
                     metrics::counter!("auth_key_lookups_shed_total").increment(1);
                     return Err(KeyError::Unavailable);
                 };
@@ -289,6 +343,51 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One address sending twelve lookups at once (each holding its place for good): another
+    /// address waits behind all of them in one line, and is let in at once when each address
+    /// has its share.
+    #[tokio::test]
+    async fn one_address_flooding_lookups_never_keeps_another_waiting() {
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        for (per_peer, b_let_in) in [(None, false), (Some(2), true)] {
+            let lookups = Lookups::new(4, per_peer);
+            let flood: Vec<_> = (0..12)
+                .map(|_| {
+                    let lookups = lookups.clone();
+                    tokio::spawn(async move {
+                        let place = lookups.enter(Some(a), Duration::from_secs(30)).await;
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        drop(place);
+                    })
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let entered = lookups.enter(Some(b), Duration::from_millis(200)).await;
+            assert_eq!(entered.is_some(), b_let_in, "per peer {per_peer:?}");
+            if per_peer.is_some() {
+                // b's second takes the last place (a holds its two); a third waits.
+                let second = lookups.enter(Some(b), Duration::from_millis(200)).await;
+                assert!(second.is_some());
+                let third = lookups.enter(Some(b), Duration::from_millis(200)).await;
+                assert!(third.is_none(), "every place held");
+                drop((entered, second));
+            }
+            flood.iter().for_each(|task| task.abort());
+        }
+        // An IPv6 address counts as its /64: its third waits although two places are free.
+        let lookups = Lookups::new(4, Some(2));
+        let v6 = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let wait = Duration::from_millis(200);
+        let one = lookups.enter(v6("2001:db8::1"), wait).await;
+        let two = lookups.enter(v6("2001:db8::2"), wait).await;
+        let three = lookups.enter(v6("2001:db8::3"), wait).await;
+        assert!(one.is_some() && two.is_some() && three.is_none());
+        assert!(
+            lookups.enter(Some(b), wait).await.is_some(),
+            "places were free"
+        );
+    }
 
     #[test]
     fn plans_have_limits() {

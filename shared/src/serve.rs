@@ -94,6 +94,31 @@ impl Serving {
     }
 }
 
+/// The address a request came from, as [`serve`] records it (none for a request that did
+/// not come through it, such as a test's `oneshot`). An extractor that never refuses.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub Option<IpAddr>);
+
+impl Peer {
+    /// The peer recorded in a request's `extensions`.
+    pub fn of(extensions: &axum::http::Extensions) -> Option<IpAddr> {
+        extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip())
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Peer, Self::Rejection> {
+        Ok(Peer(Peer::of(&parts.extensions)))
+    }
+}
+
 /// A listener bound to `addr`, or none when `addr` is empty (a listener turned off);
 /// `setting` names the address's key in the error.
 pub async fn bind_if_set(addr: &str, setting: &str) -> anyhow::Result<Option<TcpListener>> {
@@ -331,7 +356,7 @@ impl Limit {
 /// The address a peer's connections are counted under: the address itself for IPv4 (and
 /// IPv4 mapped into IPv6, or carried by NAT64's `64:ff9b::/96` or 6to4's `2002::/16`), the
 /// /64 prefix for other IPv6.
-fn peer_key(ip: IpAddr) -> IpAddr {
+pub fn peer_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => {
             let s = v6.segments();

@@ -5,6 +5,8 @@
 //! the `admin` scope; the tenant always comes from the credential, so another tenant's ids in
 //! the path simply are not found.
 
+use std::net::IpAddr;
+
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
@@ -16,6 +18,7 @@ use shared::apikey::{self, Scope};
 use shared::events::{Actor, AuthEvent, AuthKind};
 use shared::jwt::Role;
 use shared::problem::Problem;
+use shared::serve::Peer;
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
@@ -126,11 +129,15 @@ impl FromRequestParts<AppState> for TenantAdmin {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Problem> {
-        tenant_admin(s, &parts.headers).await
+        tenant_admin(s, &parts.headers, Peer::of(&parts.extensions)).await
     }
 }
 
-async fn tenant_admin(s: &AppState, headers: &HeaderMap) -> Result<TenantAdmin, Problem> {
+async fn tenant_admin(
+    s: &AppState,
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+) -> Result<TenantAdmin, Problem> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -153,7 +160,7 @@ async fn tenant_admin(s: &AppState, headers: &HeaderMap) -> Result<TenantAdmin, 
             )),
         };
     }
-    let key = s.keys.authenticate(headers, Scope::Admin).await?;
+    let key = s.keys.authenticate(headers, Scope::Admin, peer).await?;
     // The key cache may be up to its TTL behind; the control plane checks the key and its
     // tenant now, so a revoked key or a deactivated tenant loses it at once.
     let live: bool = sqlx::query_scalar(

@@ -3,6 +3,7 @@
 //! tenant.
 
 use std::io::{Cursor, Read};
+use std::net::IpAddr;
 
 use std::time::Duration;
 
@@ -30,10 +31,12 @@ use shared::ratelimit::Decision;
 /// Contract: `authenticate` answers with the key's principal when the request presents a key
 /// of `scope`, and otherwise says why not ([`KeyError`]).
 pub trait Keys: Send + Sync + 'static {
+    /// The request's key, sent from `peer`, if it carries `scope`.
     fn authenticate<'a>(
         &'a self,
         headers: &'a HeaderMap,
         scope: Scope,
+        peer: Option<IpAddr>,
     ) -> BoxFuture<'a, Result<KeyPrincipal, KeyError>>;
 }
 
@@ -42,20 +45,26 @@ impl Keys for ApiKeyStore {
         &'a self,
         headers: &'a HeaderMap,
         scope: Scope,
+        peer: Option<IpAddr>,
     ) -> BoxFuture<'a, Result<KeyPrincipal, KeyError>> {
-        Box::pin(ApiKeyStore::authenticate(self, headers, scope))
+        Box::pin(ApiKeyStore::authenticate(self, headers, scope, peer))
     }
 }
 
 /// The key check, then the tenant's rate limit, then its request's hold on the in-flight
 /// budget (`Shed::hold`, until it is answered), then `handle` (given the headers back); the
-/// answer carries the rate-limit headers.
-pub async fn ingest_door<F, Fut>(s: &AppState, headers: HeaderMap, handle: F) -> Response
+/// answer carries the rate-limit headers. `peer` is where the request came from.
+pub async fn ingest_door<F, Fut>(
+    s: &AppState,
+    headers: HeaderMap,
+    peer: Option<IpAddr>,
+    handle: F,
+) -> Response
 where
     F: FnOnce(KeyPrincipal, HeaderMap) -> Fut,
     Fut: std::future::Future<Output = Result<Response, IngestError>>,
 {
-    let (admitted, decision) = admit(s, &headers).await;
+    let (admitted, decision) = admit(s, &headers, peer).await;
     let held = admitted.and_then(|principal| {
         let held = s
             .shed
@@ -78,8 +87,9 @@ where
 pub async fn admit(
     s: &AppState,
     headers: &HeaderMap,
+    peer: Option<IpAddr>,
 ) -> (Result<KeyPrincipal, IngestError>, Option<Decision>) {
-    let principal = match s.keys.authenticate(headers, Scope::Ingest).await {
+    let principal = match s.keys.authenticate(headers, Scope::Ingest, peer).await {
         Ok(p) => p,
         Err(e) => return (Err(e.into()), None),
     };

@@ -38,6 +38,7 @@ impl Keys for FakeKeys {
         &'a self,
         headers: &'a HeaderMap,
         scope: Scope,
+        _peer: Option<std::net::IpAddr>,
     ) -> BoxFuture<'a, Result<KeyPrincipal, KeyError>> {
         Box::pin(async move {
             let presented = headers

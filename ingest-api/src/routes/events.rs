@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 use shared::auth::KeyPrincipal;
 use shared::events::{FieldError, Source};
+use shared::serve::Peer;
 use uuid::Uuid;
 
 use crate::error::IngestError;
@@ -31,10 +32,15 @@ pub struct Accepted {
 pub async fn post_events(State(s): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let s = &s;
-    ingest_door(s, parts.headers, |principal, headers| async move {
-        let accepted = accept(s, principal, &headers, body).await?;
-        Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
-    })
+    ingest_door(
+        s,
+        parts.headers,
+        Peer::of(&parts.extensions),
+        |principal, headers| async move {
+            let accepted = accept(s, principal, &headers, body).await?;
+            Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
+        },
+    )
     .await
 }
 

@@ -14,6 +14,7 @@ use chrono::Utc;
 use serde::Deserialize;
 use shared::auth::KeyPrincipal;
 use shared::events::{FieldError, Source};
+use shared::serve::Peer;
 
 use crate::error::IngestError;
 use crate::formats::lineproto::{self, Precision};
@@ -36,12 +37,17 @@ pub async fn write(
 ) -> Response {
     let (parts, body) = request.into_parts();
     let s = &s;
-    ingest_door(s, parts.headers, |principal, headers| async move {
-        let Query(params) =
-            params.map_err(|e| IngestError::bad_request("invalid-parameter", e.body_text()))?;
-        accept(s, principal, &headers, &params, body).await?;
-        Ok(StatusCode::NO_CONTENT.into_response())
-    })
+    ingest_door(
+        s,
+        parts.headers,
+        Peer::of(&parts.extensions),
+        |principal, headers| async move {
+            let Query(params) =
+                params.map_err(|e| IngestError::bad_request("invalid-parameter", e.body_text()))?;
+            accept(s, principal, &headers, &params, body).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        },
+    )
     .await
 }
 

@@ -21,6 +21,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use shared::events::{FieldError, Source};
+use shared::serve::Peer;
 
 use crate::error::IngestError;
 use crate::ingest::door::{append, header_text, ingest_door, keep, key_context, read_body};
@@ -39,31 +40,37 @@ pub async fn logs(State(s): State<AppState>, request: Request) -> Response {
 async fn export<S: Signal>(s: AppState, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let s = &s;
-    ingest_door(s, parts.headers, |principal, headers| async move {
-        let encoding = encoding(&headers)?;
-        let body = read_body(s, principal.tenant_id, body, &headers).await?;
-        let (ctx, keep) = (key_context(s, &principal, Source::Otlp), keep(&principal));
-        // The body is let go of once its points are stamped: nothing of it is held while the
-        // log acknowledges them.
-        let (converted, envelopes) = body
-            .work(&s.lane, principal.tenant_id, move |bytes| {
-                let req = otlp::decode::<S>(bytes, encoding).map_err(|e| match e {
-                    DecodeError::Malformed(e) => IngestError::bad_request("bad-otlp", e),
-                    DecodeError::TooMany(e) => IngestError::too_many(e),
-                })?;
-                let converted = S::events(&req, ctx.received_at).map_err(IngestError::too_many)?;
-                drop(req);
-                stamp::<S>(&ctx, keep, converted)
-            })
-            .await?;
-        append(s, envelopes, S::SOURCE).await?;
-        Ok((
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, encoding.content_type())],
-            otlp::encode_response::<S>(&converted, encoding),
-        )
-            .into_response())
-    })
+    ingest_door(
+        s,
+        parts.headers,
+        Peer::of(&parts.extensions),
+        |principal, headers| async move {
+            let encoding = encoding(&headers)?;
+            let body = read_body(s, principal.tenant_id, body, &headers).await?;
+            let (ctx, keep) = (key_context(s, &principal, Source::Otlp), keep(&principal));
+            // The body is let go of once its points are stamped: nothing of it is held while the
+            // log acknowledges them.
+            let (converted, envelopes) = body
+                .work(&s.lane, principal.tenant_id, move |bytes| {
+                    let req = otlp::decode::<S>(bytes, encoding).map_err(|e| match e {
+                        DecodeError::Malformed(e) => IngestError::bad_request("bad-otlp", e),
+                        DecodeError::TooMany(e) => IngestError::too_many(e),
+                    })?;
+                    let converted =
+                        S::events(&req, ctx.received_at).map_err(IngestError::too_many)?;
+                    drop(req);
+                    stamp::<S>(&ctx, keep, converted)
+                })
+                .await?;
+            append(s, envelopes, S::SOURCE).await?;
+            Ok((
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, encoding.content_type())],
+                otlp::encode_response::<S>(&converted, encoding),
+            )
+                .into_response())
+        },
+    )
     .await
 }
 

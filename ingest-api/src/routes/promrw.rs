@@ -11,6 +11,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use shared::events::{FieldError, Source};
+use shared::serve::Peer;
 
 use crate::error::IngestError;
 use crate::formats::promrw;
@@ -23,40 +24,45 @@ use crate::state::AppState;
 pub async fn write(State(s): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let s = &s;
-    ingest_door(s, parts.headers, |principal, headers| async move {
-        check_headers(&headers)?;
-        let limit = s.config.max_body_bytes;
-        let declared = s.shed.declared(&headers);
-        let mut charges = Charges::new(&s.shed, principal.tenant_id, declared);
-        let within = s.body_timeout();
-        let bytes = read_limited(body, limit, &mut charges, within).await?;
-        let (ctx, keep) = (key_context(s, &principal, Source::PromRw), keep(&principal));
-        // A body is as large as snappy's header says it inflates to (refused at once past the
-        // limit, and charged for it). It is let go of once its samples are stamped: nothing of
-        // it is held while the log acknowledges them.
-        let inflated = snap::raw::decompress_len(&bytes).unwrap_or(0);
-        if inflated > limit {
-            return Err(IngestError::too_large(limit));
-        }
-        charges.up_to(inflated)?;
-        let size = inflated.max(bytes.len());
-        let work = move || {
-            let _charges = charges;
-            let req = promrw::decode(&bytes, limit).map_err(|e| match e {
-                promrw::DecodeError::TooLarge { .. } => IngestError::too_large(limit),
-                promrw::DecodeError::Exceeds(e) => IngestError::too_many(e),
-                promrw::DecodeError::Invalid(errors) => invalid_series(errors, "request"),
-                other => IngestError::bad_request("bad-remote-write", other.to_string()),
-            })?;
-            stamp(&ctx, keep, &req)
-        };
-        let envelopes = s
-            .lane
-            .run_if(s.lane.takes(size), principal.tenant_id, work)
-            .await?;
-        append(s, envelopes, "prom_rw").await?;
-        Ok(StatusCode::NO_CONTENT.into_response())
-    })
+    ingest_door(
+        s,
+        parts.headers,
+        Peer::of(&parts.extensions),
+        |principal, headers| async move {
+            check_headers(&headers)?;
+            let limit = s.config.max_body_bytes;
+            let declared = s.shed.declared(&headers);
+            let mut charges = Charges::new(&s.shed, principal.tenant_id, declared);
+            let within = s.body_timeout();
+            let bytes = read_limited(body, limit, &mut charges, within).await?;
+            let (ctx, keep) = (key_context(s, &principal, Source::PromRw), keep(&principal));
+            // A body is as large as snappy's header says it inflates to (refused at once past the
+            // limit, and charged for it). It is let go of once its samples are stamped: nothing of
+            // it is held while the log acknowledges them.
+            let inflated = snap::raw::decompress_len(&bytes).unwrap_or(0);
+            if inflated > limit {
+                return Err(IngestError::too_large(limit));
+            }
+            charges.up_to(inflated)?;
+            let size = inflated.max(bytes.len());
+            let work = move || {
+                let _charges = charges;
+                let req = promrw::decode(&bytes, limit).map_err(|e| match e {
+                    promrw::DecodeError::TooLarge { .. } => IngestError::too_large(limit),
+                    promrw::DecodeError::Exceeds(e) => IngestError::too_many(e),
+                    promrw::DecodeError::Invalid(errors) => invalid_series(errors, "request"),
+                    other => IngestError::bad_request("bad-remote-write", other.to_string()),
+                })?;
+                stamp(&ctx, keep, &req)
+            };
+            let envelopes = s
+                .lane
+                .run_if(s.lane.takes(size), principal.tenant_id, work)
+                .await?;
+            append(s, envelopes, "prom_rw").await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        },
+    )
     .await
 }
 

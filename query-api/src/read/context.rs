@@ -25,7 +25,8 @@ impl FromRequestParts<AppState> for Reader {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Reader, Problem> {
-        let reader = s.auth.reader(&parts.headers).await?;
+        let peer = shared::serve::Peer::of(&parts.extensions);
+        let reader = s.auth.reader(&parts.headers, peer).await?;
         within_read_limit(s, &reader).await?;
         Ok(reader)
     }

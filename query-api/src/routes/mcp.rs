@@ -12,6 +12,7 @@
 //! client gets 202.
 
 use std::fmt::Write as _;
+use std::net::IpAddr;
 
 use axum::body::{to_bytes, Body};
 use axum::extract::State;
@@ -19,6 +20,7 @@ use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 use shared::problem::Problem;
+use shared::serve::Peer;
 use tower::ServiceExt;
 
 use crate::read::context::within_read_limit;
@@ -551,8 +553,13 @@ fn foreign_origin(headers: &HeaderMap) -> bool {
 }
 
 /// `POST /mcp`.
-pub async fn post(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    match handle(&s, &headers, body).await {
+pub async fn post(
+    State(s): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match handle(&s, &headers, peer, body).await {
         Ok(r) => r,
         Err(p) => {
             let mut r = p.into_response();
@@ -567,14 +574,19 @@ pub async fn post(State(s): State<AppState>, headers: HeaderMap, body: Body) -> 
     }
 }
 
-async fn handle(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, Problem> {
+async fn handle(
+    s: &AppState,
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+    body: Body,
+) -> Result<Response, Problem> {
     if foreign_origin(headers) {
         return Err(Problem::forbidden(
             "requests from a web page of another origin are refused",
         ));
     }
     // The credential first: an anonymous caller learns nothing else.
-    let reader = s.auth.reader(headers).await?;
+    let reader = s.auth.reader(headers, peer).await?;
     within_read_limit(s, &reader).await?;
     if let Some(v) = headers
         .get("mcp-protocol-version")

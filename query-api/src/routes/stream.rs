@@ -27,6 +27,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use shared::problem::Problem;
+use shared::serve::Peer;
 use shared::tenant::TenantId;
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -335,11 +336,12 @@ impl Feed {
 /// `GET /v1/stream`
 pub async fn stream(
     State(s): State<AppState>,
+    Peer(peer): Peer,
     headers: HeaderMap,
 ) -> Result<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>, Problem> {
     // A stream outlives the short credential caches that other requests use: the credential
     // is checked as it is now (a key revoked a moment ago opens nothing).
-    let reader = s.auth.reader_uncached(&headers).await?;
+    let reader = s.auth.reader_uncached(&headers, peer).await?;
     crate::read::context::within_read_limit(&s, &reader).await?;
     reader.require_individual_view("the live feed")?;
     if reader.audits_individual_reads() {
