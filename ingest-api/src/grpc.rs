@@ -287,7 +287,11 @@ impl<E: Signal> Decoder for OtlpCodec<E> {
 /// service's connections until it closes). Its client's preface must arrive within the
 /// service's `header_timeout_secs`, as an HTTP/1 request's head must: a connection that sends
 /// nothing would otherwise hold its place for good.
-pub struct GrpcConnection(shared::serve::Guarded);
+pub struct GrpcConnection {
+    stream: shared::serve::Guarded,
+    /// The address it was accepted from (the socket may no longer say, once reset).
+    peer: std::net::SocketAddr,
+}
 
 /// The bytes an HTTP/2 client sends first (`PRI * HTTP/2.0…`).
 const PREFACE_BYTES: usize = 24;
@@ -303,8 +307,11 @@ pub fn incoming(
         (listener, connections),
         |(listener, connections)| async move {
             let refusal = shared::serve::Refusal::Close;
-            let (stream, _) = connections.accept(&listener, "grpc", refusal).await;
-            let connection = GrpcConnection(stream.expect_preface(PREFACE_BYTES));
+            let (stream, peer) = connections.accept(&listener, "grpc", refusal).await;
+            let connection = GrpcConnection {
+                stream: stream.expect_preface(PREFACE_BYTES),
+                peer,
+            };
             Some((Ok(connection), (listener, connections)))
         },
     )
@@ -314,7 +321,10 @@ impl tonic::transport::server::Connected for GrpcConnection {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.stream().connect_info()
+        tonic::transport::server::TcpConnectInfo {
+            local_addr: self.stream.stream().local_addr().ok(),
+            remote_addr: Some(self.peer),
+        }
     }
 }
 
@@ -324,7 +334,7 @@ impl tokio::io::AsyncRead for GrpcConnection {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
@@ -334,7 +344,7 @@ impl tokio::io::AsyncWrite for GrpcConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -342,18 +352,18 @@ impl tokio::io::AsyncWrite for GrpcConnection {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

@@ -385,10 +385,11 @@ impl App {
         if let Some(grpc) = grpc {
             grpc.await?.context("OTLP/gRPC server")?;
         }
-        operations.stop().await.context("operations port")?;
         let producer = state.producer.clone();
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await??;
         state.pool.close().await;
+        // Probes read `/readyz`'s 503 until the end.
+        operations.stop().await.context("operations port")?;
         Ok(())
     }
 }

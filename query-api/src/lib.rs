@@ -211,8 +211,9 @@ impl App {
             stopping,
         )
         .await?;
-        operations.stop().await.context("operations port")?;
         state.pool.close().await;
+        // Probes read `/readyz`'s 503 until the end.
+        operations.stop().await.context("operations port")?;
         Ok(())
     }
 }

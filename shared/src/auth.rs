@@ -1,7 +1,7 @@
 //! Authentication of machine callers by API key, shared by ingest-api and query-api.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -183,14 +183,16 @@ impl Lookups {
     }
 
     /// A place for a lookup of `peer`'s (its share first, then one of all), or none within
-    /// `wait`.
+    /// `wait`. Requests whose address is not known share one share between them.
     async fn enter(&self, peer: Option<IpAddr>, wait: Duration) -> Option<LookupPlace> {
         let enter = async {
-            let share = match (&self.per_peer, peer) {
-                (Some(shares), Some(ip)) => {
-                    Some(shares.acquire(crate::serve::peer_key(ip), 1).await)
+            let share = match &self.per_peer {
+                Some(shares) => {
+                    let key =
+                        peer.map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), crate::serve::peer_key);
+                    Some(shares.acquire(key, 1).await)
                 }
-                _ => None,
+                None => None,
             };
             let all = self.all.clone().acquire_owned().await.ok()?;
             Some(LookupPlace {
@@ -239,12 +241,19 @@ impl ApiKeyStore {
                     metrics::counter!("auth_key_lookups_shed_total").increment(1);
                     return Err(KeyError::Unavailable);
                 };
-                let p = self.lookup(&hash).await?;
-                self.cache
-                    .lock()
-                    .expect("key cache lock")
-                    .insert(hash, (p.clone(), Instant::now()));
-                p
+                // Another request may have looked it up meanwhile (a key's requests that
+                // came while it was out of the cache wait in line behind the first).
+                match self.cached(&hash) {
+                    Some(p) => p,
+                    None => {
+                        let p = self.lookup(&hash).await?;
+                        self.cache
+                            .lock()
+                            .expect("key cache lock")
+                            .insert(hash, (p.clone(), Instant::now()));
+                        p
+                    }
+                }
             }
         };
         if principal.scope != scope {

@@ -6,7 +6,7 @@
 //! ingest-api uses it for each tenant's places in its large-body lane and its share of the
 //! in-flight budget; query-api for each tenant's share of the database connections; both
 //! (keyed by a peer's address rather than a tenant) for each peer's share of the open
-//! connections (`serve`).
+//! connections (`serve`) and of the lookups of keys not in the cache (`auth`).
 
 use std::collections::HashMap;
 use std::hash::Hash;

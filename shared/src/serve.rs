@@ -43,14 +43,16 @@ pub struct Serving {
     /// take to arrive on a connection, and a write may wait on a peer that does not read;
     /// past it the connection is closed.
     pub header_timeout_secs: u64,
-    /// Connections open at once, over every listener; past it a new one is answered 503
+    /// Connections open at once, over every public listener (an operations port has its
+    /// own, `OPERATIONS`); past it a new one is answered 503
     /// (gRPC: closed) at once. Lowered to what the descriptor limit allows
     /// ([`fit_descriptors`]).
     pub max_connections: usize,
     /// Connections open at once from one address (one /64 for IPv6); past it that address's
     /// next connection is answered 503 (gRPC: closed) at once. 0: only `max_connections`
     /// bounds it (set it so behind a proxy, where every connection comes from the proxy's
-    /// address).
+    /// address); 0 also turns off each address's share of the key lookups
+    /// (`auth::ApiKeyStore`).
     pub max_connections_per_peer: usize,
 }
 
@@ -95,7 +97,8 @@ impl Serving {
 }
 
 /// The address a request came from, as [`serve`] records it (none for a request that did
-/// not come through it, such as a test's `oneshot`). An extractor that never refuses.
+/// not come through it, such as a unit test's `oneshot`; query-api's MCP tool calls carry
+/// their caller's). An extractor that never refuses.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub Option<IpAddr>);
 
@@ -152,8 +155,8 @@ impl OperationsPort {
     }
 
     /// Serves `health` (and nothing else: other paths are 404) in a task of its own, until
-    /// [`Operations::stop`], which the service calls once its public listeners have drained,
-    /// so that a probe reads `/readyz`'s 503 while they drain.
+    /// [`Operations::stop`], which the service calls last, once its public listeners have
+    /// drained and what it held is flushed, so that a probe reads `/readyz`'s 503 meanwhile.
     pub fn spawn<S: Clone + Send + Sync + 'static>(
         self,
         health: Router<S>,

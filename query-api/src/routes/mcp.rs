@@ -706,7 +706,7 @@ async fn handle(
             let args = params.get("arguments").unwrap_or(&Value::Null);
             let result = match tool.check(args) {
                 Err(why) => tool_result(format!("invalid arguments: {why}"), None, true),
-                Ok(args) => call(s, headers, tool, &args).await,
+                Ok(args) => call(s, headers, peer, tool, &args).await,
             };
             answer(result)
         }
@@ -751,10 +751,16 @@ fn instructions(access: &Access) -> String {
     s
 }
 
-/// Runs `tool`'s REST call with the caller's credential and turns the answer into a tool
-/// result: the REST answer as structured content (an array under its name), or the
-/// problem's detail as a tool error.
-async fn call(s: &AppState, headers: &HeaderMap, tool: &Tool, args: &Map<String, Value>) -> Value {
+/// Runs `tool`'s REST call with the caller's credential (and address, `peer`) and turns the
+/// answer into a tool result: the REST answer as structured content (an array under its
+/// name), or the problem's detail as a tool error.
+async fn call(
+    s: &AppState,
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+    tool: &Tool,
+    args: &Map<String, Value>,
+) -> Value {
     let uri = (tool.call)(args);
     let mut req = Request::get(uri.trim_end_matches('?'));
     for h in [
@@ -765,9 +771,15 @@ async fn call(s: &AppState, headers: &HeaderMap, tool: &Tool, args: &Map<String,
             req = req.header(h, v);
         }
     }
-    let Ok(req) = req.body(Body::empty()) else {
+    let Ok(mut req) = req.body(Body::empty()) else {
         return tool_result("the arguments do not make a request".into(), None, true);
     };
+    if let Some(ip) = peer {
+        // The call is the caller's: its key is looked up within the caller's address's share.
+        let from = std::net::SocketAddr::new(ip, 0);
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(from));
+    }
     let res = match App::router(s.clone()).oneshot(req).await {
         Ok(r) => r,
         Err(never) => match never {},
