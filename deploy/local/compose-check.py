@@ -51,6 +51,27 @@ def runtime_stage(dockerfile):
     return "".join(lines[starts[-1] if starts else 0 :])
 
 
+def healthcheck_port(name, environment, words):
+    """A Tally service's healthcheck must ask a port it listens on: its operations port when
+    it has one (the public port refuses probes once senders hold every connection)."""
+    listens = {
+        k: v.rpartition(":")[2]
+        for k, v in environment.items()
+        if k in ("TALLY_HTTP_ADDR", "TALLY_OPERATIONS_ADDR") and v
+    }
+    if not listens:
+        return
+    want = listens.get("TALLY_OPERATIONS_ADDR") or listens["TALLY_HTTP_ADDR"]
+    for word in words:
+        if word.startswith(("http://", "https://")):
+            port = str(urlsplit(word).port or 80)
+            if port != want:
+                yield (
+                    f"{name}: its healthcheck asks port {port}, not {want} "
+                    f"({'TALLY_OPERATIONS_ADDR' if 'TALLY_OPERATIONS_ADDR' in listens else 'TALLY_HTTP_ADDR'})"
+                )
+
+
 def problems(services, root):
     """What is wrong with the resolved services; build contexts are relative to root."""
     one_shot = {d for s in services.values() for d, c in depends_on(s).items() if c == COMPLETED}
@@ -63,7 +84,9 @@ def problems(services, root):
         if "build" not in s and "@" not in image and (not tag or "latest" in tag):
             yield f"{name}: image {image!r} is not pinned to a version"
         test = (s.get("healthcheck") or {}).get("test") or []
-        uses_curl = "curl" in " ".join(test if isinstance(test, list) else [test]).split()
+        words = " ".join(test if isinstance(test, list) else [test]).split()
+        uses_curl = "curl" in words
+        yield from healthcheck_port(name, env(s), words)
         if uses_curl and "build" in s:
             build = s["build"] if isinstance(s["build"], dict) else {"context": s["build"]}
             context = os.path.join(root, build.get("context", "."))
@@ -112,7 +135,7 @@ def main():
         print(f"{name}: {p}")
     if not found:
         print(
-            f"{name}: {len(services)} services; healthchecks, start order,"
+            f"{name}: {len(services)} services; healthchecks and their ports, start order,"
             " JWKS URL and image tags as expected"
         )
     return 1 if found else 0

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Validates docker-compose.yml with the Compose tool that is installed — `docker compose` (v2) or
 # Debian's `docker-compose` (1.29) — then checks what a valid file can still get wrong
-# (compose-check.py): healthchecks, start order, query-api's JWKS URL, image tags. Nothing here
-# installs a Compose tool: without one it says so and exits 0. Exits 1 on any problem.
+# (compose-check.py): healthchecks and the ports they ask, start order, query-api's JWKS URL,
+# image tags. Nothing here installs a Compose tool: without one, those checks run on the file as
+# PyYAML reads it (anchors and merge keys resolved; the file uses no `${…}` interpolation), and
+# without PyYAML either it says so and exits 0. Exits 1 on any problem.
 #   usage: deploy/local/compose-check.sh [FILE]   (default: the repository's docker-compose.yml)
 set -uo pipefail
 
@@ -18,8 +20,12 @@ elif command -v docker-compose >/dev/null; then
     compose=(docker-compose -f "$file")
     tool="docker-compose $(docker-compose version --short 2>/dev/null)"
     format=() # 1.x writes YAML only
+elif python3 -c "import yaml" 2>/dev/null; then
+    echo "$name: checked as YAML (PyYAML; no docker compose tool to validate it)"
+    python3 "$here/compose-check.py" "$file" <"$file"
+    exit $?
 else
-    echo "$name not validated: no docker compose tool"
+    echo "$name not validated: no docker compose tool, no PyYAML"
     exit 0
 fi
 
