@@ -1,6 +1,8 @@
 //! Answers cached in Redis under keys that contain the tenant's projection watermark, so a
 //! cached answer is exactly as fresh as the projection. Redis down: the cache is bypassed.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -15,12 +17,19 @@ const CACHE_TIMEOUT: Duration = Duration::from_millis(200);
 pub struct Cache {
     conn: Option<ConnectionManager>,
     ttl_secs: u64,
+    /// Each tenant's watermark as this process last read it announced: the next lookup
+    /// asks for the answer under it in the same round trip as the watermark itself.
+    last_announced: Arc<Mutex<HashMap<TenantId, (i32, i64)>>>,
 }
 
 impl Cache {
     pub async fn connect(url: &str, ttl_secs: u64) -> Cache {
         let conn = shared::redis_client::connect(url).await;
-        Cache { conn, ttl_secs }
+        Cache {
+            conn,
+            ttl_secs,
+            last_announced: Arc::default(),
+        }
     }
 
     /// A cache that has no Redis: every answer is computed (for tests without services).
@@ -29,6 +38,7 @@ impl Cache {
         Cache {
             conn: None,
             ttl_secs: 0,
+            last_announced: Arc::default(),
         }
     }
 
@@ -36,29 +46,49 @@ impl Cache {
         let mut conn = self.conn.clone()?;
         let r: Result<redis::RedisResult<Option<Vec<u8>>>, _> =
             tokio::time::timeout(CACHE_TIMEOUT, conn.get(key)).await;
-        match r {
-            Ok(Ok(Some(v))) => {
-                metrics::counter!("query_cache_total", "result" => "hit").increment(1);
-                Some(v)
-            }
-            Ok(Ok(None)) => {
-                metrics::counter!("query_cache_total", "result" => "miss").increment(1);
-                None
-            }
-            _ => {
-                metrics::counter!("query_cache_total", "result" => "error").increment(1);
-                None
-            }
-        }
+        counted(r.map_err(|_| ()).and_then(|r| r.map_err(|_| ())))
     }
 
-    /// The tenant's announced watermark ([`shared::watermark::announced`]): (version, seq).
-    pub async fn announced(&self, tenant: &TenantId) -> Option<(i32, i64)> {
-        let mut conn = self.conn.clone()?;
-        tokio::time::timeout(CACHE_TIMEOUT, watermark::announced(&mut conn, tenant))
-            .await
-            .ok()?
-            .ok()?
+    /// The tenant's announced watermark ([`shared::watermark::announced`]): (version, seq);
+    /// and, when it is the one this process read last, what is cached under the key `key_at`
+    /// makes of it, read in the same round trip (`Some`: it was looked up there).
+    pub async fn announced(
+        &self,
+        tenant: &TenantId,
+        key_at: impl FnOnce((i32, i64)) -> String,
+    ) -> (Option<(i32, i64)>, Option<Option<Vec<u8>>>) {
+        let Some(mut conn) = self.conn.clone() else {
+            return (None, None);
+        };
+        let last = self.lock().get(tenant).copied();
+        let (announced, answer) = match last {
+            Some(last) => {
+                let key = key_at(last);
+                let both = watermark::announced_and_get(&mut conn, tenant, &key);
+                match tokio::time::timeout(CACHE_TIMEOUT, both).await {
+                    Ok(Ok((announced, answer))) if announced == Some(last) => {
+                        (announced, Some(counted(Ok(answer))))
+                    }
+                    Ok(Ok((announced, _))) => (announced, None),
+                    _ => (None, None),
+                }
+            }
+            None => {
+                let one = watermark::announced(&mut conn, tenant);
+                let announced = tokio::time::timeout(CACHE_TIMEOUT, one).await;
+                (announced.ok().and_then(Result::ok).flatten(), None)
+            }
+        };
+        if let Some(at) = announced {
+            self.lock().insert(*tenant, at);
+        }
+        (announced, answer)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, (i32, i64)>> {
+        self.last_announced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Raises the tenant's announced watermark to what a read transaction saw, so that the
@@ -81,4 +111,15 @@ impl Cache {
         )
         .await;
     }
+}
+
+/// A cached answer as Redis gave it (`Err`: Redis did not answer in time), counted.
+fn counted(got: Result<Option<Vec<u8>>, ()>) -> Option<Vec<u8>> {
+    let result = match &got {
+        Ok(Some(_)) => "hit",
+        Ok(None) => "miss",
+        Err(()) => "error",
+    };
+    metrics::counter!("query_cache_total", "result" => result).increment(1);
+    got.ok().flatten()
 }

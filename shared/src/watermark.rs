@@ -106,6 +106,21 @@ pub async fn announced(
     Ok(packed.map(unpack))
 }
 
+/// The announced watermark of `tenant`, and in the same round trip the value at `key` (an
+/// answer cached under the watermark the caller expects to be announced).
+pub async fn announced_and_get(
+    redis: &mut redis::aio::ConnectionManager,
+    tenant: &TenantId,
+    key: &str,
+) -> redis::RedisResult<(Option<(i32, i64)>, Option<Vec<u8>>)> {
+    let (packed, value): (Option<i64>, Option<Vec<u8>>) = redis::pipe()
+        .get(announced_key(tenant))
+        .get(key)
+        .query_async(redis)
+        .await?;
+    Ok((packed.map(unpack), value))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

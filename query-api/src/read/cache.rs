@@ -42,10 +42,20 @@ impl CachedAnswer {
         }
     }
 
+    /// Where it is cached.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// The cached answer, if there is one (`x-cache: hit`).
     pub async fn get(&self, cache: &Cache) -> Option<Response> {
         let body = cache.get(&self.key).await?;
-        Some(json_response(body, "hit"))
+        Some(CachedAnswer::hit(body))
+    }
+
+    /// A cached answer's `body` as the answer (`x-cache: hit`).
+    pub fn hit(body: Vec<u8>) -> Response {
+        json_response(body, "hit")
     }
 
     /// Caches `answer` and returns it (`x-cache: miss`).

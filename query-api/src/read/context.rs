@@ -192,13 +192,17 @@ impl<P> Read<P> {
         let tenant = self.reader.tenant;
         let cache = &self.state.cache;
         let scope = ReadScope::new(&self.reader, range);
-        let announced = cache.announced(&tenant).await;
-        if let Some(at) = announced {
-            if let Some(hit) = CachedAnswer::at(tenant, at, &scope, request_key)
-                .get(cache)
-                .await
-            {
-                return Ok(hit);
+        // Under the watermark this process saw announced last, the answer is asked for in
+        // the same round trip as the watermark announced now, and served if they are one.
+        let at = |at| CachedAnswer::at(tenant, at, &scope, request_key);
+        let (announced, looked_up) = cache.announced(&tenant, |w| at(w).key().to_owned()).await;
+        match (announced, looked_up) {
+            (_, Some(Some(body))) => return Ok(CachedAnswer::hit(body)),
+            (_, Some(None)) | (None, None) => {}
+            (Some(w), None) => {
+                if let Some(hit) = at(w).get(cache).await {
+                    return Ok(hit);
+                }
             }
         }
         let read = tenant::open(&self.state, tenant).await.map_err(db_error)?;
