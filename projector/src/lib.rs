@@ -183,9 +183,15 @@ impl App {
         let mut http_stop = rx.clone();
         // The projector's port is its operations port.
         let connections = shared::serve::Serving::OPERATIONS.connections();
-        let server = shared::serve::serve(self.listener, router, connections, async move {
-            let _ = http_stop.changed().await;
-        });
+        let server = shared::serve::serve_as(
+            "operations",
+            self.listener,
+            router,
+            connections,
+            async move {
+                let _ = http_stop.changed().await;
+            },
+        );
         let http = tokio::spawn(server);
         let retention = tokio::spawn(retention::run_periodically(
             self.state.pool.clone(),

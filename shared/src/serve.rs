@@ -537,11 +537,12 @@ impl AsyncWrite for Guarded {
 /// Raises this process's soft limit on open descriptors to its hard limit (as Go's runtime
 /// does; the usual soft limit of 1 024 is below the connections a service keeps), and
 /// returns the connections `max` that fit under it with room for the pool's, the broker's
-/// and the files' descriptors, saying so if that is fewer than `max`.
+/// and the files' descriptors and an operations port's connections, saying so if that is
+/// fewer than `max`.
 pub fn fit_descriptors(max: usize) -> usize {
     use rustix::process::{getrlimit, setrlimit, Resource};
-    /// Descriptors kept for everything but client connections.
-    const RESERVED: u64 = 512;
+    /// Descriptors kept for everything but the public listeners' connections.
+    const RESERVED: u64 = 512 + Serving::OPERATIONS.max_connections as u64;
     let mut limit = getrlimit(Resource::Nofile);
     if limit.current < limit.maximum {
         limit.current = limit.maximum;
