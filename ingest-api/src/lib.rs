@@ -129,10 +129,7 @@ impl App {
                 common.metrics_topic(),
                 Duration::from_millis(config.produce_timeout_ms),
             )),
-            keys: Arc::new(ApiKeyStore::new(
-                pool.clone(),
-                config.serving.max_connections_per_peer > 0,
-            )),
+            keys: Arc::new(ApiKeyStore::new(pool.clone(), config.serving.by_address())),
             limiter: shared::ratelimit::RateLimiter::new(redis.clone()),
             keyring,
             outbox_wake,

@@ -46,7 +46,10 @@ impl Cache {
         let mut conn = self.conn.clone()?;
         let r: Result<redis::RedisResult<Option<Vec<u8>>>, _> =
             tokio::time::timeout(CACHE_TIMEOUT, conn.get(key)).await;
-        counted(r.map_err(|_| ()).and_then(|r| r.map_err(|_| ())))
+        counted(match r {
+            Ok(Ok(answer)) => Ok(answer),
+            _ => Err(()),
+        })
     }
 
     /// The tenant's announced watermark ([`shared::watermark::announced`]): (version, seq);

@@ -95,11 +95,7 @@ impl App {
             .min(config.common.db_max_connections);
         let state = AppState {
             shares: read::tenant::Shares::new(connections as usize, ACQUIRE_TIMEOUT),
-            auth: Authenticator::new(
-                pool.clone(),
-                verifier,
-                config.serving.max_connections_per_peer > 0,
-            ),
+            auth: Authenticator::new(pool.clone(), verifier, config.serving.by_address()),
             hub,
             pool,
             cache,

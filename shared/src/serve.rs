@@ -86,6 +86,12 @@ impl Serving {
         Ok(())
     }
 
+    /// Whether each address has its share (of the connections, and of the key lookups,
+    /// `auth::ApiKeyStore`): not behind a proxy, where every request comes from its address.
+    pub fn by_address(&self) -> bool {
+        self.max_connections_per_peer > 0
+    }
+
     /// The bounds on this service's connections, under the descriptor limit.
     pub fn connections(&self) -> Connections {
         Connections::new(

@@ -491,6 +491,9 @@ async fn probes_are_answered_while_every_public_place_is_held() {
     for service in [&ingest, &query] {
         let ops = service.operations_addr.expect("the operations port is on");
         let ops = format!("http://{ops}");
+        // The recorder is the test process's: this service's refusal is what raises it here.
+        let refused = r#"connections_refused_total{listener="http",limit="all"}"#;
+        let before = counter(&scrape_metrics(&client, &ops).await, refused);
         let idle = hold_connections(service.addr, "127.0.0.2", 3).await;
         // The public port refuses the probe (503, or closed under a request sent at once).
         let res = client.get(format!("{}/readyz", service.url())).send().await;
@@ -502,9 +505,8 @@ async fn probes_are_answered_while_every_public_place_is_held() {
             let res = client.get(format!("{ops}{path}")).send().await.unwrap();
             assert_eq!(res.status(), 200, "{path} on {ops}");
         }
-        let metrics = scrape_metrics(&client, &ops).await;
-        let refused = r#"connections_refused_total{listener="http",limit="all"}"#;
-        assert!(metrics.contains(refused), "{metrics}");
+        let after = counter(&scrape_metrics(&client, &ops).await, refused);
+        assert!(after > before, "{refused}: {before} then {after}");
         let res = client
             .get(format!("{ops}/openapi.json"))
             .send()
@@ -519,6 +521,14 @@ async fn probes_are_answered_while_every_public_place_is_held() {
         TcpStream::connect(ops).await.is_err(),
         "the operations port closes with the service"
     );
+}
+
+/// The value of the series `series` in a `/metrics` text (0 when it is not there yet).
+fn counter(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// An HTTP client whose connections come from `ip`.
