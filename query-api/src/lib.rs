@@ -185,6 +185,7 @@ impl App {
             .merge(Self::health())
             .fallback(shared::problem::not_found_fallback)
             .layer(axum::middleware::from_fn(routes::refuse_nul))
+            .layer(axum::middleware::from_fn(read::encoding::negotiate))
             .layer(axum::middleware::from_fn(shared::telemetry::track_http))
             .with_state(state)
     }

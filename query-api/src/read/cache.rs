@@ -1,12 +1,12 @@
 //! Answers cached ([`crate::cache`]) under keys that hold the tenant's watermark, so that a
 //! cached answer is served for as long as the projection has not moved, and never after.
 
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde::Serialize;
 use shared::problem::Problem;
 use shared::tenant::TenantId;
 
+use super::encoding;
 use super::scope::ReadScope;
 use super::tenant::Freshness;
 use crate::cache::Cache;
@@ -49,20 +49,29 @@ impl CachedAnswer {
 
     /// The cached answer, if there is one (`x-cache: hit`).
     pub async fn get(&self, cache: &Cache) -> Option<Response> {
-        let body = cache.get(&self.key).await?;
-        Some(CachedAnswer::hit(body))
+        let stored = cache.get(&self.key).await?;
+        Some(self.hit(stored))
     }
 
-    /// A cached answer's `body` as the answer (`x-cache: hit`).
-    pub fn hit(body: Vec<u8>) -> Response {
-        json_response(body, "hit")
+    /// The answer cached here, `stored` as it was read from the cache (`x-cache: hit`).
+    pub fn hit(&self, stored: Vec<u8>) -> Response {
+        self.response(stored, "hit")
     }
 
-    /// Caches `answer` and returns it (`x-cache: miss`).
+    /// Caches `answer`, packed ([`encoding::pack`]), and returns it (`x-cache: miss`).
     pub async fn put<T: Serialize>(&self, cache: &Cache, answer: &T) -> Result<Response, Problem> {
-        let body = serde_json::to_vec(answer).map_err(|_| Problem::internal())?;
-        cache.put(&self.key, &body).await;
-        Ok(json_response(body, "miss"))
+        let json = serde_json::to_vec(answer).map_err(|_| Problem::internal())?;
+        let stored = encoding::pack(json);
+        cache.put(&self.key, &stored).await;
+        Ok(self.response(stored, "miss"))
+    }
+
+    /// The answer stored as `stored`, with its `ETag` ([`encoding::etag`] of the key).
+    fn response(&self, stored: Vec<u8>, cache: &'static str) -> Response {
+        let mut res = encoding::answer(stored, Some(encoding::etag(&self.key)));
+        res.headers_mut()
+            .insert("x-cache", axum::http::HeaderValue::from_static(cache));
+        res
     }
 }
 
@@ -78,17 +87,6 @@ fn answer_key(
         "tally:q:{tenant}:v{version}:{seq}:{}:{request_key}",
         scope.as_str()
     )
-}
-
-fn json_response(body: Vec<u8>, cache: &'static str) -> Response {
-    let mut res = (StatusCode::OK, body).into_response();
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    res.headers_mut()
-        .insert("x-cache", HeaderValue::from_static(cache));
-    res
 }
 
 #[cfg(test)]

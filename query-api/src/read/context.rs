@@ -173,7 +173,9 @@ impl<P> Read<P> {
     {
         let mut res = self.cached_or(range, request_key, compute).await?;
         if self.reader.aggregates_only().is_some() {
+            // The validator too: it changes with the watermark.
             res.headers_mut().remove("x-cache");
+            res.headers_mut().remove(axum::http::header::ETAG);
         }
         Ok(res)
     }
@@ -197,8 +199,8 @@ impl<P> Read<P> {
         let at = |at| CachedAnswer::at(tenant, at, &scope, request_key);
         let (announced, looked_up) = cache.announced(&tenant, |w| at(w).key().to_owned()).await;
         match (announced, looked_up) {
-            (_, Some(Some(body))) => return Ok(CachedAnswer::hit(body)),
-            (_, Some(None)) | (None, None) => {}
+            (Some(w), Some(Some(stored))) => return Ok(at(w).hit(stored)),
+            (_, Some(_)) | (None, None) => {}
             (Some(w), None) => {
                 if let Some(hit) = at(w).get(cache).await {
                     return Ok(hit);

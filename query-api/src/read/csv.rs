@@ -1,6 +1,5 @@
 //! CSV export of table answers (`format=csv`).
 
-use axum::body::to_bytes;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
@@ -31,10 +30,10 @@ pub async fn respond(res: Response, csv: bool, field: &str) -> Result<Response, 
 /// `field`; the columns are their keys, in alphabetical order; nested values are written as
 /// JSON.
 pub async fn as_csv(res: Response, field: &str) -> Result<Response, Problem> {
-    let body = to_bytes(res.into_body(), 64 * 1024 * 1024)
+    let (_, _, json) = super::encoding::read_back(res, 64 * 1024 * 1024)
         .await
-        .map_err(|_| Problem::internal())?;
-    let v: Value = serde_json::from_slice(&body).map_err(|_| Problem::internal())?;
+        .ok_or_else(Problem::internal)?;
+    let v: Value = serde_json::from_slice(&json).map_err(|_| Problem::internal())?;
     let rows = v
         .get(field)
         .and_then(Value::as_array)

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod context;
 pub mod csv;
+pub mod encoding;
 pub mod errors;
 pub mod privacy;
 pub mod scope;

@@ -2,7 +2,7 @@
 //! Which reader sees what is [`crate::auth::Reader::aggregates_only`]; the aggregates such a
 //! reader gets are each view's own (team × day cells of at least `k` people).
 
-use axum::body::{to_bytes, Body};
+use axum::body::Body;
 use axum::response::Response;
 use serde_json::Value;
 use shared::events::{Actor, AuthEvent, AuthKind};
@@ -143,11 +143,10 @@ pub async fn audited(
     if !reader.audits_individual_reads() || !res.status().is_success() {
         return Ok(res);
     }
-    let (parts, body) = res.into_parts();
-    let bytes = to_bytes(body, MAX_AUDITED_BODY)
+    let (parts, sent, json) = super::encoding::read_back(res, MAX_AUDITED_BODY)
         .await
-        .map_err(|_| Problem::unavailable("the answer could not be read back", 1))?;
-    let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        .ok_or_else(|| Problem::unavailable("the answer could not be read back", 1))?;
+    let answer: Value = serde_json::from_slice(&json).unwrap_or(Value::Null);
     let mut people: Vec<String> = whose(&answer)
         .into_iter()
         .filter(|p| !p.is_empty() && Some(p) != reader.person.as_ref())
@@ -157,7 +156,7 @@ pub async fn audited(
     if !people.is_empty() {
         record(s, reader, &people, what).await?;
     }
-    Ok(Response::from_parts(parts, Body::from(bytes)))
+    Ok(Response::from_parts(parts, Body::from(sent)))
 }
 
 /// The strings in the array at `list` of `answer`.

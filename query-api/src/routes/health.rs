@@ -1,14 +1,49 @@
 //! `/healthz`, `/readyz`, `/metrics`, `/openapi.json`.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
+use crate::read::encoding;
 use crate::state::AppState;
+
+/// A file served from the binary, packed ([`encoding::pack`]) and tagged once, on first use.
+type Asset = OnceLock<(Vec<u8>, HeaderValue)>;
+
+/// `text` as sent: packed, with its `ETag` (a hash of the text), so that a browser that
+/// revalidates it gets 304 until the service is upgraded.
+fn asset(
+    once: &'static Asset,
+    text: &'static str,
+    content_type: &'static str,
+    cache_control: &'static str,
+) -> Response {
+    let (stored, tag) = once.get_or_init(|| {
+        (
+            encoding::pack(text.as_bytes().to_vec()),
+            encoding::etag(text),
+        )
+    });
+    let mut res = Body::from(Bytes::from_static(stored)).into_response();
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(cache_control),
+    );
+    h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    h.insert(header::ETAG, tag.clone());
+    if encoding::is_packed(stored) {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    res
+}
 
 pub async fn healthz() -> &'static str {
     "ok"
@@ -43,11 +78,10 @@ pub async fn metrics(State(s): State<AppState>) -> String {
     s.metrics.render()
 }
 
-pub async fn openapi() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        include_str!("../../openapi.json"),
-    )
+pub async fn openapi() -> Response {
+    static ONCE: Asset = OnceLock::new();
+    let text = include_str!("../../openapi.json");
+    asset(&ONCE, text, "application/json", "no-cache")
 }
 
 /// `GET /`: the dashboard page (dependency-free HTML and JavaScript).
@@ -75,35 +109,29 @@ pub async fn dashboard(
 
 /// `GET /dashboard.js`: the dashboard page's script (a file of its own: the page's CSP allows
 /// no inline script).
-pub async fn dashboard_js() -> impl IntoResponse {
-    (
-        [
-            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        include_str!("../../assets/dashboard.js"),
-    )
+pub async fn dashboard_js() -> Response {
+    static ONCE: Asset = OnceLock::new();
+    let text = include_str!("../../assets/dashboard.js");
+    asset(&ONCE, text, "text/javascript; charset=utf-8", "no-cache")
 }
 
 /// `GET /vendor/uplot.js`: the dashboard's charting library (uPlot, MIT; the version pinned in
 /// `assets/package-lock.json`), served from the binary: no other host, no build step.
-pub async fn uplot_js() -> impl IntoResponse {
-    (
-        [
-            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
-            (header::CACHE_CONTROL, "public, max-age=86400"),
-        ],
-        include_str!("../../assets/node_modules/uplot/dist/uPlot.iife.min.js"),
-    )
+pub async fn uplot_js() -> Response {
+    static ONCE: Asset = OnceLock::new();
+    let text = include_str!("../../assets/node_modules/uplot/dist/uPlot.iife.min.js");
+    let cache = "public, max-age=86400";
+    asset(&ONCE, text, "text/javascript; charset=utf-8", cache)
 }
 
 /// `GET /vendor/uplot.css`: its style sheet.
-pub async fn uplot_css() -> impl IntoResponse {
-    (
-        [
-            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
-            (header::CACHE_CONTROL, "public, max-age=86400"),
-        ],
-        include_str!("../../assets/node_modules/uplot/dist/uPlot.min.css"),
+pub async fn uplot_css() -> Response {
+    static ONCE: Asset = OnceLock::new();
+    let text = include_str!("../../assets/node_modules/uplot/dist/uPlot.min.css");
+    asset(
+        &ONCE,
+        text,
+        "text/css; charset=utf-8",
+        "public, max-age=86400",
     )
 }

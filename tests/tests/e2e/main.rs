@@ -34,3 +34,4 @@ mod sso;
 mod stream;
 mod timescale;
 mod validation;
+mod wire;

@@ -360,6 +360,20 @@ async fn privacy_mode_shows_managers_only_groups_of_k_and_audits_reads_of_indivi
     // alone, any total minus the 6-person team's the 4-person team's (made up to 8 ids),
     // and a total read again later today's newest event.
     assert_eq!(totals, vec![6, 6, 6], "a difference isolates someone");
+    // Nor does whether an answer was cached, or a validator that changes with the watermark,
+    // say when an event arrived somewhere in the tenant.
+    for _ in 0..2 {
+        let res = client
+            .get(format!("{q}/v1/dashboard/overview?range=7d"))
+            .bearer_auth(&mgr)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        for withheld in ["x-cache", "etag"] {
+            assert!(res.headers().get(withheld).is_none(), "{withheld} shown");
+        }
+    }
     // Within the first hour after midnight (UTC) the last hour reaches into yesterday, a day
     // that is over; otherwise none of it is.
     let (_, hour) = read(&client, &q, "/v1/dashboard/overview?range=1h", &mgr).await;

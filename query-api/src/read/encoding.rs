@@ -1,0 +1,275 @@
+//! Answers on the wire: compressed once and served compressed to clients that accept gzip,
+//! and not sent again to a client that holds them already.
+//!
+//! - An answer of [`PACK_FROM`] bytes or more is gzip-compressed once, when it is computed
+//!   ([`pack`]), and cached that way: a hit serves the cached bytes as they are, with
+//!   `Content-Encoding: gzip`. [`negotiate`] inflates them for a client whose
+//!   `Accept-Encoding` does not take gzip, so every client gets the same answer.
+//! - A cached answer's `ETag` is made from its cache key (the tenant's watermark, the
+//!   reader's scope and the request; see [`etag`]): a client that sends it back in
+//!   `If-None-Match` is answered `304 Not Modified`, without a body, while the projection has
+//!   not moved. Answers say `Cache-Control: private, no-cache`, so a browser keeps them and
+//!   asks again each time, and no shared cache keeps them.
+
+use std::io::{Read, Write};
+
+use axum::body::{to_bytes, Body};
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use flate2::read::GzDecoder;
+use flate2::write::GzEncoder;
+use sha2::{Digest, Sha256};
+use shared::problem::Problem;
+
+/// Answers shorter than this are stored and sent as they are: gzip's header and trailer
+/// would take back most of what it saves.
+pub const PACK_FROM: usize = 1024;
+
+/// The largest answer [`unpack`] inflates (answers are the service's own; this only bounds
+/// a cache entry that is not).
+const MAX_UNPACKED: u64 = 64 << 20;
+
+/// `json` as it is stored and sent: gzip-compressed from [`PACK_FROM`] bytes.
+pub fn pack(json: Vec<u8>) -> Vec<u8> {
+    if json.len() < PACK_FROM {
+        return json;
+    }
+    let mut gz = GzEncoder::new(
+        Vec::with_capacity(json.len() / 4),
+        flate2::Compression::fast(),
+    );
+    match gz.write_all(&json).and_then(|()| gz.finish()) {
+        Ok(packed) => packed,
+        Err(_) => json,
+    }
+}
+
+/// Whether `stored` is a packed answer (gzip's magic bytes; JSON never starts with them).
+pub fn is_packed(stored: &[u8]) -> bool {
+    stored.starts_with(&[0x1f, 0x8b])
+}
+
+/// The JSON of a stored answer; `None` when a packed one does not inflate.
+pub fn unpack(stored: &[u8]) -> Option<Vec<u8>> {
+    if !is_packed(stored) {
+        return Some(stored.to_vec());
+    }
+    let mut json = Vec::with_capacity(stored.len() * 8);
+    GzDecoder::new(stored)
+        .take(MAX_UNPACKED)
+        .read_to_end(&mut json)
+        .ok()?;
+    Some(json)
+}
+
+/// A weak validator naming the cache key `key`: a hash, so that the key's parts (the
+/// tenant, the watermark) are not shown.
+pub fn etag(key: &str) -> HeaderValue {
+    let digest = Sha256::digest(key.as_bytes());
+    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+    HeaderValue::from_str(&format!("W/\"{hex}\"")).expect("hex is a header value")
+}
+
+/// A JSON answer as stored (packed or not), with what says so and how it may be kept.
+pub fn answer(stored: Vec<u8>, etag: Option<HeaderValue>) -> Response {
+    let packed = is_packed(&stored);
+    let mut res = (StatusCode::OK, stored).into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-cache"),
+    );
+    h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    if packed {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    if let Some(tag) = etag {
+        h.insert(header::ETAG, tag);
+    }
+    res
+}
+
+/// A response's body, read back whole (up to `limit` bytes as sent), as sent and as JSON.
+pub async fn read_back(
+    res: Response,
+    limit: usize,
+) -> Option<(axum::http::response::Parts, axum::body::Bytes, Vec<u8>)> {
+    let (parts, body) = res.into_parts();
+    let sent = to_bytes(body, limit).await.ok()?;
+    let json = match parts.headers.get(header::CONTENT_ENCODING) {
+        Some(v) if v == "gzip" => unpack(&sent)?,
+        _ => sent.to_vec(),
+    };
+    Some((parts, sent, json))
+}
+
+/// Whether a request's `Accept-Encoding` takes gzip (RFC 9110 §12.5.3: `gzip`, `x-gzip` or
+/// `*` with a non-zero weight, unless gzip is named with weight 0).
+pub fn accepts_gzip(headers: &HeaderMap) -> bool {
+    let mut star = false;
+    for value in headers.get_all(header::ACCEPT_ENCODING) {
+        let Ok(value) = value.to_str() else { continue };
+        for item in value.split(',') {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            let weighted = parts.all(|p| {
+                let p = p.trim();
+                match p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")) {
+                    Some(q) => q.trim().parse::<f32>().is_ok_and(|q| q > 0.0),
+                    None => true,
+                }
+            });
+            if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+                return weighted;
+            }
+            if coding == "*" {
+                star = weighted;
+            }
+        }
+    }
+    star
+}
+
+/// Whether the `If-None-Match` values `held` name `tag` (weak comparison, RFC 9110
+/// §13.1.2; `*` matches).
+fn none_match(held: &[HeaderValue], tag: &HeaderValue) -> bool {
+    let Ok(tag) = tag.to_str() else { return false };
+    let opaque = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+    let ours = opaque(tag);
+    held.iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim() == "*" || opaque(t) == ours)
+}
+
+/// The service's edge: `304 Not Modified` for an answer the client holds (its `ETag` named
+/// in `If-None-Match`), and a packed body inflated for a client that does not take gzip.
+pub async fn negotiate(request: Request, next: Next) -> Response {
+    let gzip = accepts_gzip(request.headers());
+    let held: Vec<HeaderValue> = request
+        .headers()
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .cloned()
+        .collect();
+    let res = next.run(request).await;
+    if res.status() == StatusCode::OK && !held.is_empty() {
+        if let Some(tag) = res.headers().get(header::ETAG) {
+            if none_match(&held, tag) {
+                let mut not_modified = StatusCode::NOT_MODIFIED.into_response();
+                for name in [header::ETAG, header::CACHE_CONTROL, header::VARY] {
+                    if let Some(v) = res.headers().get(&name) {
+                        not_modified.headers_mut().insert(name, v.clone());
+                    }
+                }
+                return not_modified;
+            }
+        }
+    }
+    let packed = res
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v == "gzip");
+    if !packed || gzip {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let inflated = match to_bytes(body, usize::MAX).await {
+        Ok(sent) => unpack(&sent),
+        Err(_) => None,
+    };
+    let Some(json) = inflated else {
+        return Problem::internal().into_response();
+    };
+    parts.headers.remove(header::CONTENT_ENCODING);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(json))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::{header, HeaderMap, HeaderValue};
+
+    use super::*;
+
+    fn accepting(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(header::ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn gzip_is_taken_only_where_the_client_says_so() {
+        for yes in [
+            &["gzip"][..],
+            &["deflate, gzip;q=1.0, *;q=0.5"],
+            &["GZIP"],
+            &["x-gzip"],
+            &["*"],
+            &["br", "gzip; q=0.1"],
+        ] {
+            assert!(accepts_gzip(&accepting(yes)), "{yes:?}");
+        }
+        for no in [
+            &[][..],
+            &["identity"],
+            &["gzip;q=0"],
+            &["gzip; q=0.000"],
+            &["*;q=0"],
+            &["*, gzip;q=0"],
+            &["br, deflate"],
+            &["gzip;q=nonsense"],
+        ] {
+            assert!(!accepts_gzip(&accepting(no)), "{no:?}");
+        }
+    }
+
+    #[test]
+    fn answers_are_packed_from_a_kibibyte_and_unpack_to_themselves() {
+        let small = br#"{"a":1}"#.to_vec();
+        assert_eq!(pack(small.clone()), small);
+        assert_eq!(unpack(&small).unwrap(), small);
+        let big = serde_json::to_vec(&vec![
+            serde_json::json!({"t": "2026-12-07", "count": 1});
+            200
+        ])
+        .unwrap();
+        let packed = pack(big.clone());
+        assert!(
+            is_packed(&packed) && packed.len() * 10 < big.len(),
+            "{}",
+            packed.len()
+        );
+        assert_eq!(unpack(&packed).unwrap(), big);
+        assert_eq!(
+            unpack(&[0x1f, 0x8b, 0, 0]),
+            None,
+            "a broken entry is not an answer"
+        );
+    }
+
+    #[test]
+    fn validators_match_weakly_and_name_no_part_of_the_key() {
+        let tag = etag("tally:q:tenant:v1:41:all:60:120:overview");
+        let s = tag.to_str().unwrap();
+        assert!(
+            s.starts_with("W/\"") && !s.contains("tenant") && !s.contains("41"),
+            "{s}"
+        );
+        assert_ne!(tag, etag("tally:q:tenant:v1:42:all:60:120:overview"));
+        let held = |v: &str| [HeaderValue::from_str(v).unwrap()];
+        assert!(none_match(&held(s), &tag));
+        assert!(none_match(&held(s.trim_start_matches("W/")), &tag));
+        assert!(none_match(&held(&format!("\"a\", {s}")), &tag));
+        assert!(none_match(&held("*"), &tag));
+        assert!(!none_match(&held("W/\"a\""), &tag));
+    }
+}

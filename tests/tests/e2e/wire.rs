@@ -1,0 +1,185 @@
+//! Answers on the wire: compressed for a client that accepts gzip and the same answer for
+//! one that does not, and not sent again (304) while the projection has not moved; another
+//! tenant's validator gets nothing.
+
+use std::io::Read;
+use std::time::Duration;
+
+use reqwest::header::{ACCEPT_ENCODING, CONTENT_ENCODING, ETAG, IF_NONE_MATCH};
+use serde_json::Value;
+use tally_tests::*;
+
+fn inflate(gz: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut out)
+        .expect("a gzip body");
+    out
+}
+
+/// `GET url` with `key` and the extra headers `with`: status, headers, body as sent.
+async fn get(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    with: &[(reqwest::header::HeaderName, &str)],
+) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+    let mut req = client.get(url).bearer_auth(key);
+    for (name, value) in with {
+        req = req.header(name, *value);
+    }
+    let res = req.send().await.expect("GET");
+    let (status, headers) = (res.status().as_u16(), res.headers().clone());
+    (status, headers, res.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answers_are_sent_compressed_and_not_again_while_the_projection_stands() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let query = start_query(&common, |_| {}).await;
+    let client = http();
+    let (a, b) = (
+        create_tenant(&pool, "wire-a").await,
+        create_tenant(&pool, "wire-b").await,
+    );
+    // Twenty people's commands: the per-person series make an answer well over 1 KiB.
+    let batch = |tenant: &str| {
+        Value::Array(
+            (0..40)
+                .map(|i| command(&format!("{tenant}-user-{}", i % 20), "build", i, true))
+                .collect(),
+        )
+    };
+    for t in [&a, &b] {
+        post_events_accepted(&client, &ingest.url(), &t.ingest_key, &batch("x")).await;
+        wait_projected(&pool, t.id, 40, Duration::from_secs(60)).await;
+    }
+    // A named window (`range=24h` moves with each minute).
+    let now = chrono::Utc::now();
+    let hour = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:00:00Z").to_string();
+    let url = format!(
+        "{}/v1/dashboard/timeseries?from={}&to={}&bucket=1h&group_by=user",
+        query.url(),
+        hour(now - chrono::TimeDelta::hours(25)),
+        hour(now + chrono::TimeDelta::hours(2)),
+    );
+
+    // Without Accept-Encoding: the JSON as it is, with a validator.
+    let (st, plain_headers, plain) = get(&client, &url, &a.read_key, &[]).await;
+    assert_eq!(st, 200);
+    assert!(plain_headers.get(CONTENT_ENCODING).is_none());
+    assert!(plain.len() > 1024, "the answer is {} bytes", plain.len());
+    let answer: Value = serde_json::from_slice(&plain).expect("JSON");
+    assert_eq!(answer["groups"], 20, "{answer}");
+    let tag = plain_headers[ETAG].to_str().unwrap().to_string();
+    assert!(tag.starts_with("W/\""), "{tag}");
+    assert_eq!(plain_headers["cache-control"], "private, no-cache");
+
+    // With gzip accepted: the same bytes, compressed, under the same validator; a cache hit
+    // and a miss alike.
+    for accept in ["gzip", "br, gzip;q=0.5", "*"] {
+        let (st, h, sent) = get(&client, &url, &a.read_key, &[(ACCEPT_ENCODING, accept)]).await;
+        assert_eq!(st, 200);
+        assert_eq!(h[CONTENT_ENCODING], "gzip", "{accept}");
+        assert_eq!(h[ETAG].to_str().unwrap(), tag);
+        assert!(
+            sent.len() * 3 < plain.len(),
+            "{} of {}",
+            sent.len(),
+            plain.len()
+        );
+        assert_eq!(inflate(&sent), plain, "{accept}");
+    }
+    for refused in ["gzip;q=0", "identity", "*;q=0", "br"] {
+        let (st, h, sent) = get(&client, &url, &a.read_key, &[(ACCEPT_ENCODING, refused)]).await;
+        assert_eq!(st, 200);
+        assert!(h.get(CONTENT_ENCODING).is_none(), "{refused}");
+        assert_eq!(sent, plain, "{refused}");
+    }
+
+    // The client holds it: 304, no body.
+    for held in [
+        tag.clone(),
+        tag.trim_start_matches("W/").to_string(),
+        format!("\"x\", {tag}"),
+    ] {
+        let (st, h, sent) = get(&client, &url, &a.read_key, &[(IF_NONE_MATCH, &held)]).await;
+        assert_eq!(st, 304, "{held}");
+        assert!(sent.is_empty());
+        assert_eq!(h[ETAG].to_str().unwrap(), tag);
+    }
+    let (st, _, _) = get(
+        &client,
+        &url,
+        &a.read_key,
+        &[(IF_NONE_MATCH, "W/\"other\"")],
+    )
+    .await;
+    assert_eq!(st, 200);
+
+    // Tenant B, sending A's validator for the same request, gets B's own answer.
+    let (st, h, sent) = get(&client, &url, &b.read_key, &[(IF_NONE_MATCH, &tag)]).await;
+    assert_eq!(st, 200);
+    assert_ne!(h[ETAG].to_str().unwrap(), tag);
+    let theirs: Value = serde_json::from_slice(&sent).unwrap();
+    assert_ne!(theirs["tenant_id"], answer["tenant_id"]);
+
+    // The projection moves: the validator is no longer current.
+    post_events_accepted(
+        &client,
+        &ingest.url(),
+        &a.ingest_key,
+        &Value::Array(vec![command("x-user-0", "build", 5, true)]),
+    )
+    .await;
+    wait_projected(&pool, a.id, 41, Duration::from_secs(30)).await;
+    let (st, h, sent) = get(&client, &url, &a.read_key, &[(IF_NONE_MATCH, &tag)]).await;
+    assert_eq!(
+        st, 200,
+        "an answer older than the projection was not sent again"
+    );
+    assert_ne!(h[ETAG].to_str().unwrap(), tag);
+    let after: Value = serde_json::from_slice(&sent).unwrap();
+    let count = |v: &Value| -> i64 {
+        v["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| s["points"].as_array().unwrap())
+            .map(|p| p["count"].as_i64().unwrap())
+            .sum()
+    };
+    assert_eq!(count(&after), count(&answer) + 1);
+
+    // A table exported as CSV from a compressed answer: a header and one line a person.
+    let top = format!(
+        "{}/v1/dashboard/top?range=24h&dimension=user&limit=50",
+        query.url()
+    );
+    let (_, h, sent) = get(&client, &top, &a.read_key, &[(ACCEPT_ENCODING, "gzip")]).await;
+    assert_eq!(h[CONTENT_ENCODING], "gzip", "the JSON table is compressed");
+    let items: Value = serde_json::from_slice(&inflate(&sent)).unwrap();
+    assert_eq!(items["items"].as_array().unwrap().len(), 20, "{items}");
+    let csv_url = format!("{top}&format=csv");
+    let (st, h, csv) = get(&client, &csv_url, &a.read_key, &[(ACCEPT_ENCODING, "gzip")]).await;
+    assert_eq!(st, 200);
+    assert!(h["content-type"].to_str().unwrap().starts_with("text/csv"));
+    let csv = String::from_utf8(csv).expect("CSV text");
+    assert_eq!(csv.lines().count(), 21, "{csv}");
+    assert!(csv.lines().skip(1).all(|l| l.contains("x-user-")), "{csv}");
+
+    // The page's files: compressed once, and revalidated.
+    for path in ["/vendor/uplot.js", "/dashboard.js", "/openapi.json"] {
+        let url = format!("{}{path}", query.url());
+        let (_, plain_h, plain) = get(&client, &url, "", &[]).await;
+        let (st, h, sent) = get(&client, &url, "", &[(ACCEPT_ENCODING, "gzip")]).await;
+        assert_eq!(st, 200, "{path}");
+        assert_eq!(h[CONTENT_ENCODING], "gzip", "{path}");
+        assert_eq!(inflate(&sent), plain, "{path}");
+        let tag = plain_h[ETAG].to_str().unwrap();
+        let (st, _, _) = get(&client, &url, "", &[(IF_NONE_MATCH, tag)]).await;
+        assert_eq!(st, 304, "{path}");
+    }
+    stop_all([projector, ingest, query]).await;
+}
