@@ -99,6 +99,28 @@ try {
     && budgetText.includes("browser tokens") && budgetText.includes(n(budgets[0].status.spent) + " tokens"),
     "the budget is shown as a bar with what was spent");
 
+  // The page's files and larger answers come gzip-compressed (fewer bytes on the wire than
+  // decoded), and a reload revalidates the answers: 304, no body (Resource Timing counts a
+  // revalidated response as 300 bytes of headers and its cached body as encoded). Relative
+  // ranges end at the next whole minute, so a reload across a minute's turn asks anew: up to
+  // three reloads.
+  const entries = () => page.evaluate(() => performance.getEntriesByType("resource").map((e) =>
+    ({ path: new URL(e.name).pathname, transfer: e.transferSize, encoded: e.encodedBodySize, decoded: e.decodedBodySize })));
+  const answers = (list) => list.filter((e) => e.path.startsWith("/v1/dashboard/"));
+  const first = await entries();
+  const compressed = first.filter((e) => e.encoded > 0 && e.encoded < e.decoded).map((e) => e.path);
+  check(compressed.includes("/vendor/uplot.js") && compressed.some((p) => p.startsWith("/v1/dashboard/")),
+    `the page's files and larger answers come compressed (${[...new Set(compressed)].join(", ")})`);
+  let revalidated = [];
+  for (let i = 0; i < 3 && revalidated.length === 0; i++) {
+    await page.reload();
+    await page.waitForSelector("#app:not([hidden])", { timeout: 15000 });
+    await page.waitForFunction(() => document.querySelector('[data-testid="events_total"]').textContent !== "–", null, { timeout: 15000 });
+    await page.waitForTimeout(1000);
+    revalidated = answers(await entries()).filter((e) => e.transfer === 300 && e.encoded > 0).map((e) => e.path);
+  }
+  check(revalidated.length > 0, `a reload revalidated ${revalidated.length} dashboard answers (304)`);
+
   // A new event appears in the live feed without a reload.
   const id = crypto.randomUUID();
   const res = await fetch(ingest + "/v1/events", {

@@ -66,16 +66,19 @@ impl CachedAnswer {
         Ok(self.response(stored, "miss"))
     }
 
-    /// The answer stored as `stored`, with its `ETag` ([`encoding::etag`] of the key).
+    /// The answer stored as `stored`, with its `ETag` ([`encoding::etag`]).
     fn response(&self, stored: Vec<u8>, cache: &'static str) -> Response {
-        let mut res = encoding::answer(stored, Some(encoding::etag(&self.key)));
+        let tag = encoding::etag(&stored);
+        let mut res = encoding::answer(stored, Some(tag));
         res.headers_mut()
             .insert("x-cache", axum::http::HeaderValue::from_static(cache));
         res
     }
 }
 
-/// `tally:q:<tenant>:v<projection version>:<watermark seq>:<scope>:<request>`.
+/// `tally:a:<tenant>:v<projection version>:<watermark seq>:<scope>:<request>`. (`tally:a:`
+/// since answers are stored packed; a query-api before that kept plain JSON under
+/// `tally:q:`, so two versions running side by side never read each other's answers.)
 fn answer_key(
     tenant: TenantId,
     version: i32,
@@ -84,7 +87,7 @@ fn answer_key(
     request_key: &str,
 ) -> String {
     format!(
-        "tally:q:{tenant}:v{version}:{seq}:{}:{request_key}",
+        "tally:a:{tenant}:v{version}:{seq}:{}:{request_key}",
         scope.as_str()
     )
 }
@@ -107,7 +110,7 @@ mod tests {
         let scope = ReadScope::labelled(&Visibility::Tenant.cache_label(), &range);
         assert_eq!(
             answer_key(tenant, 2, 41, &scope, "overview"),
-            format!("tally:q:{tenant}:v2:41:all:60:120:overview")
+            format!("tally:a:{tenant}:v2:41:all:60:120:overview")
         );
     }
 }

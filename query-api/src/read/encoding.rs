@@ -5,12 +5,13 @@
 //!   ([`pack`]), and cached that way: a hit serves the cached bytes as they are, with
 //!   `Content-Encoding: gzip`. [`negotiate`] inflates them for a client whose
 //!   `Accept-Encoding` does not take gzip, so every client gets the same answer.
-//! - A cached answer's `ETag` is made from its cache key (the tenant's watermark, the
-//!   reader's scope and the request; see [`etag`]): a client that sends it back in
-//!   `If-None-Match` is answered `304 Not Modified`, without a body, while the projection has
-//!   not moved. Answers say `Cache-Control: private, no-cache`, so a browser keeps them and
-//!   asks again each time, and no shared cache keeps them.
+//! - An answer's `ETag` is a hash of its bytes as stored ([`etag`]): a client that sends it
+//!   back in `If-None-Match` is answered `304 Not Modified`, without a body, while the answer
+//!   is the same — for a cached one, while the projection has not moved. Answers say
+//!   `Cache-Control: private, no-cache`, so a browser keeps them and asks again each time,
+//!   and no shared cache keeps them.
 
+use std::hash::{DefaultHasher, Hasher};
 use std::io::{Read, Write};
 
 use axum::body::{to_bytes, Body};
@@ -20,16 +21,15 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
-use sha2::{Digest, Sha256};
 use shared::problem::Problem;
 
 /// Answers shorter than this are stored and sent as they are: gzip's header and trailer
 /// would take back most of what it saves.
 pub const PACK_FROM: usize = 1024;
 
-/// The largest answer [`unpack`] inflates (answers are the service's own; this only bounds
-/// a cache entry that is not).
-const MAX_UNPACKED: u64 = 64 << 20;
+/// The largest answer [`negotiate`] inflates for a client without gzip (answers are the
+/// service's own; this bounds what one request can make it hold).
+const MAX_UNPACKED: usize = 64 << 20;
 
 /// `json` as it is stored and sent: gzip-compressed from [`PACK_FROM`] bytes.
 pub fn pack(json: Vec<u8>) -> Vec<u8> {
@@ -51,25 +51,27 @@ pub fn is_packed(stored: &[u8]) -> bool {
     stored.starts_with(&[0x1f, 0x8b])
 }
 
-/// The JSON of a stored answer; `None` when a packed one does not inflate.
-pub fn unpack(stored: &[u8]) -> Option<Vec<u8>> {
+/// The JSON of a stored answer, if it is at most `limit` bytes; `None` when it is longer,
+/// or a packed one does not inflate (never a part of it).
+pub fn unpack(stored: &[u8], limit: usize) -> Option<Vec<u8>> {
     if !is_packed(stored) {
-        return Some(stored.to_vec());
+        return (stored.len() <= limit).then(|| stored.to_vec());
     }
-    let mut json = Vec::with_capacity(stored.len() * 8);
+    let mut json = Vec::with_capacity(stored.len().saturating_mul(4).min(limit));
     GzDecoder::new(stored)
-        .take(MAX_UNPACKED)
+        .take(limit as u64 + 1)
         .read_to_end(&mut json)
         .ok()?;
-    Some(json)
+    (json.len() <= limit).then_some(json)
 }
 
-/// A weak validator naming the cache key `key`: a hash, so that the key's parts (the
-/// tenant, the watermark) are not shown.
-pub fn etag(key: &str) -> HeaderValue {
-    let digest = Sha256::digest(key.as_bytes());
-    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-    HeaderValue::from_str(&format!("W/\"{hex}\"")).expect("hex is a header value")
+/// A weak validator of the answer stored as `stored`: a hash of its bytes, so that it changes
+/// exactly when they do (after an upgrade that changes an answer's form too) and tells a
+/// client nothing the answer does not.
+pub fn etag(stored: &[u8]) -> HeaderValue {
+    let mut h = DefaultHasher::new();
+    h.write(stored);
+    HeaderValue::from_str(&format!("W/\"{:016x}\"", h.finish())).expect("hex is a header value")
 }
 
 /// A JSON answer as stored (packed or not), with what says so and how it may be kept.
@@ -95,7 +97,8 @@ pub fn answer(stored: Vec<u8>, etag: Option<HeaderValue>) -> Response {
     res
 }
 
-/// A response's body, read back whole (up to `limit` bytes as sent), as sent and as JSON.
+/// A response's body, read back whole, as sent and as JSON; `None` when either is longer
+/// than `limit` bytes.
 pub async fn read_back(
     res: Response,
     limit: usize,
@@ -103,7 +106,7 @@ pub async fn read_back(
     let (parts, body) = res.into_parts();
     let sent = to_bytes(body, limit).await.ok()?;
     let json = match parts.headers.get(header::CONTENT_ENCODING) {
-        Some(v) if v == "gzip" => unpack(&sent)?,
+        Some(v) if v == "gzip" => unpack(&sent, limit)?,
         _ => sent.to_vec(),
     };
     Some((parts, sent, json))
@@ -149,7 +152,8 @@ fn none_match(held: &[HeaderValue], tag: &HeaderValue) -> bool {
 }
 
 /// The service's edge: `304 Not Modified` for an answer the client holds (its `ETag` named
-/// in `If-None-Match`), and a packed body inflated for a client that does not take gzip.
+/// in `If-None-Match`); a packed body inflated for a client that does not take gzip; a CSV
+/// export compressed for one that does (it is built for each request, never cached).
 pub async fn negotiate(request: Request, next: Next) -> Response {
     let gzip = accepts_gzip(request.headers());
     let held: Vec<HeaderValue> = request
@@ -159,29 +163,45 @@ pub async fn negotiate(request: Request, next: Next) -> Response {
         .cloned()
         .collect();
     let res = next.run(request).await;
-    if res.status() == StatusCode::OK && !held.is_empty() {
-        if let Some(tag) = res.headers().get(header::ETAG) {
-            if none_match(&held, tag) {
-                let mut not_modified = StatusCode::NOT_MODIFIED.into_response();
-                for name in [header::ETAG, header::CACHE_CONTROL, header::VARY] {
-                    if let Some(v) = res.headers().get(&name) {
-                        not_modified.headers_mut().insert(name, v.clone());
-                    }
-                }
-                return not_modified;
-            }
+    if let Some(not_modified) = not_modified(&res, &held) {
+        return not_modified;
+    }
+    let h = res.headers();
+    let packed = h.get(header::CONTENT_ENCODING).map(|v| v == "gzip");
+    let csv = h
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/csv"));
+    match (packed, gzip) {
+        (Some(true), false) => inflated(res).await,
+        (None, true) if csv && res.status() == StatusCode::OK => compressed(res).await,
+        _ => res,
+    }
+}
+
+/// `304 Not Modified` (with the answer's validator and caching headers, no body) when `res`
+/// is an answer whose `ETag` the client holds (`held`: its `If-None-Match` values).
+fn not_modified(res: &Response, held: &[HeaderValue]) -> Option<Response> {
+    if res.status() != StatusCode::OK || held.is_empty() {
+        return None;
+    }
+    let tag = res.headers().get(header::ETAG)?;
+    if !none_match(held, tag) {
+        return None;
+    }
+    let mut not_modified = StatusCode::NOT_MODIFIED.into_response();
+    for name in [header::ETAG, header::CACHE_CONTROL, header::VARY] {
+        if let Some(v) = res.headers().get(&name) {
+            not_modified.headers_mut().insert(name, v.clone());
         }
     }
-    let packed = res
-        .headers()
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|v| v == "gzip");
-    if !packed || gzip {
-        return res;
-    }
+    Some(not_modified)
+}
+
+/// `res`, whose body is packed, inflated (within [`MAX_UNPACKED`]).
+async fn inflated(res: Response) -> Response {
     let (mut parts, body) = res.into_parts();
     let inflated = match to_bytes(body, usize::MAX).await {
-        Ok(sent) => unpack(&sent),
+        Ok(sent) => unpack(&sent, MAX_UNPACKED),
         Err(_) => None,
     };
     let Some(json) = inflated else {
@@ -190,6 +210,25 @@ pub async fn negotiate(request: Request, next: Next) -> Response {
     parts.headers.remove(header::CONTENT_ENCODING);
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(json))
+}
+
+/// `res` packed ([`pack`]: from [`PACK_FROM`] bytes).
+async fn compressed(res: Response) -> Response {
+    let (mut parts, body) = res.into_parts();
+    let Ok(plain) = to_bytes(body, usize::MAX).await else {
+        return Problem::internal().into_response();
+    };
+    let sent = pack(plain.to_vec());
+    if is_packed(&sent) {
+        parts
+            .headers
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    parts
+        .headers
+        .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    Response::from_parts(parts, Body::from(sent))
 }
 
 #[cfg(test)]
@@ -236,7 +275,8 @@ mod tests {
     fn answers_are_packed_from_a_kibibyte_and_unpack_to_themselves() {
         let small = br#"{"a":1}"#.to_vec();
         assert_eq!(pack(small.clone()), small);
-        assert_eq!(unpack(&small).unwrap(), small);
+        assert_eq!(unpack(&small, 7).unwrap(), small);
+        assert_eq!(unpack(&small, 6), None);
         let big = serde_json::to_vec(&vec![
             serde_json::json!({"t": "2026-12-07", "count": 1});
             200
@@ -248,23 +288,34 @@ mod tests {
             "{}",
             packed.len()
         );
-        assert_eq!(unpack(&packed).unwrap(), big);
+        assert_eq!(unpack(&packed, big.len()).unwrap(), big);
         assert_eq!(
-            unpack(&[0x1f, 0x8b, 0, 0]),
+            unpack(&packed, big.len() - 1),
+            None,
+            "never a part of an answer"
+        );
+        assert_eq!(
+            unpack(&[0x1f, 0x8b, 0, 0], 1 << 20),
             None,
             "a broken entry is not an answer"
         );
     }
 
     #[test]
-    fn validators_match_weakly_and_name_no_part_of_the_key() {
-        let tag = etag("tally:q:tenant:v1:41:all:60:120:overview");
+    fn validators_follow_the_bytes_and_match_weakly() {
+        let answer = br#"{"events_total":41}"#;
+        let tag = etag(answer);
         let s = tag.to_str().unwrap();
+        let hex = s
+            .strip_prefix("W/\"")
+            .and_then(|s| s.strip_suffix('"'))
+            .unwrap();
         assert!(
-            s.starts_with("W/\"") && !s.contains("tenant") && !s.contains("41"),
+            hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
             "{s}"
         );
-        assert_ne!(tag, etag("tally:q:tenant:v1:42:all:60:120:overview"));
+        assert_eq!(tag, etag(answer), "the same bytes, the same validator");
+        assert_ne!(tag, etag(br#"{"events_total":42}"#));
         let held = |v: &str| [HeaderValue::from_str(v).unwrap()];
         assert!(none_match(&held(s), &tag));
         assert!(none_match(&held(s.trim_start_matches("W/")), &tag));

@@ -146,7 +146,9 @@ pub async fn audited(
     let (parts, sent, json) = super::encoding::read_back(res, MAX_AUDITED_BODY)
         .await
         .ok_or_else(|| Problem::unavailable("the answer could not be read back", 1))?;
-    let answer: Value = serde_json::from_slice(&json).unwrap_or(Value::Null);
+    // An answer that cannot be read cannot be audited, so it is not served.
+    let answer: Value = serde_json::from_slice(&json)
+        .map_err(|_| Problem::unavailable("the answer could not be read back", 1))?;
     let mut people: Vec<String> = whose(&answer)
         .into_iter()
         .filter(|p| !p.is_empty() && Some(p) != reader.person.as_ref())

@@ -27,7 +27,7 @@ fn asset(
     let (stored, tag) = once.get_or_init(|| {
         (
             encoding::pack(text.as_bytes().to_vec()),
-            encoding::etag(text),
+            encoding::etag(text.as_bytes()),
         )
     });
     let mut res = Body::from(Bytes::from_static(stored)).into_response();

@@ -97,22 +97,30 @@ async fn main() -> anyhow::Result<()> {
         n if n >= 100_000_000 => "≤ 50 ms",
         _ => "≤ 25 ms",
     };
+    // The last `days` days, named once: a relative range (`range=30d`) ends at the next whole
+    // minute, so its answers would be asked anew when a minute turns during a measurement.
+    let to = Utc::now().duration_trunc(TimeDelta::minutes(1))? + TimeDelta::minutes(1);
+    let window = format!(
+        "from={}&to={}",
+        (to - TimeDelta::days(args.days)).format("%Y-%m-%dT%H:%M:%SZ"),
+        to.format("%Y-%m-%dT%H:%M:%SZ")
+    );
     for (label, path) in [
         (
             format!("overview, {} days", args.days),
-            format!("overview?range={}d", args.days),
+            format!("overview?{window}"),
         ),
         (
             format!("time series, {} days, hourly", args.days),
-            format!("timeseries?range={}d&bucket=1h", args.days),
+            format!("timeseries?{window}&bucket=1h"),
         ),
         (
             format!("cost by branch, {} days", args.days),
-            format!("repositories?range={}d&by=branch", args.days),
+            format!("repositories?{window}&by=branch"),
         ),
         (
             format!("cost by repository, {} days, daily series", args.days),
-            format!("repositories/series?range={}d&step=1d", args.days),
+            format!("repositories/series?{window}&step=1d"),
         ),
     ] {
         let url = format!("{}/v1/dashboard/{path}", args.query_url);
