@@ -5,6 +5,7 @@
 //! their teams'. A session with nothing visible is a 404, as one that does not exist.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use axum::extract::Path;
 use axum::response::Response;
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use shared::events::FieldError;
 use shared::problem::Problem;
+use sqlx::AssertSqlSafe;
 
 use crate::range::TimeRange;
 use crate::read::{db_error, invalid, Read, TenantRead};
@@ -22,6 +24,119 @@ use crate::read::{db_error, invalid, Read, TenantRead};
 pub const MAX_ITEMS: i64 = 2000;
 /// Most characters of a prompt's text shown.
 pub const MAX_TEXT: i32 = 4000;
+
+/// Every visible raw row of the session, by kind, oldest first; `$1` the session, `$2` the
+/// reader's user (or null), `$3` their teams (or null), `$4` [`MAX_ITEMS`], `$5` [`MAX_TEXT`].
+/// Fields from payloads' open maps (`metadata`, `details`, `context`) are shown only as
+/// [`bounded`] scalars: an event may hold up to about 990 KB there, and a timeline reads up to
+/// [`MAX_ITEMS`] rows of each kind.
+static TIMELINE_SQL: LazyLock<String> = LazyLock::new(|| {
+    bounded(
+        "(SELECT occurred_at, 'agent' AS k, user_id, status, duration_ms, input_tokens,
+         output_tokens, value,
+         jsonb_build_object(
+            'model', SMALL(data->'model'), 'cache_read_tokens', data->'cache_read_tokens',
+            'cache_creation_tokens', data->'cache_creation_tokens',
+            'error_message', left(data->>'error_message', 500),
+            'metadata', jsonb_build_object(
+                'prompt.id', SMALL(data->'metadata'->'prompt.id'),
+                'attempt', SMALL(data->'metadata'->'attempt'),
+                'status_code', SMALL(data->'metadata'->'status_code'),
+                'request_id', SMALL(data->'metadata'->'request_id'),
+                'query_source', SMALL(data->'metadata'->'query_source')))
+    FROM agent_interactions
+   WHERE session_id = $1 AND ($2::text IS NULL OR user_id = $2)
+     AND ($3::text[] IS NULL OR team_id = ANY($3))
+   ORDER BY occurred_at LIMIT $4)
+ UNION ALL
+ (SELECT occurred_at, 'tool', user_id, status, duration_ms, 0, 0, 0,
+         jsonb_build_object(
+            'tool_name', SMALL(data->'tool_name'),
+            'error_message', left(data->>'error_message', 500),
+            'details', jsonb_build_object(
+                'prompt.id', SMALL(data->'details'->'prompt.id'),
+                'tool_use_id', SMALL(data->'details'->'tool_use_id'),
+                'decision_type', SMALL(data->'details'->'decision_type')))
+    FROM tool_executions
+   WHERE session_id = $1 AND ($2::text IS NULL OR user_id = $2)
+     AND ($3::text[] IS NULL OR team_id = ANY($3))
+   ORDER BY occurred_at LIMIT $4)
+ UNION ALL
+ (SELECT occurred_at, 'sample', user_id, name, 0, 0, 0, value,
+         jsonb_build_object(
+            'labels', (SELECT COALESCE(jsonb_object_agg(k, left(v, 255)), '{}')
+                         FROM jsonb_each_text(data->'labels') AS l(k, v)
+                        WHERE k IN ('prompt.id', 'prompt_length', 'command_name',
+                                    'tool_name', 'decision', 'source',
+                                    'tool_use_id')),
+            'extra', jsonb_build_object(
+                'prompt', left(COALESCE(data->'extra'->>'prompt',
+                                        data->'labels'->>'prompt'), $5)))
+    FROM metric_samples
+   WHERE session_id = $1 AND session_id <> ''
+     AND name IN ('claude_code.user_prompt', 'claude_code.tool_decision',
+                  'claude_code.api_retries_exhausted')
+     AND ($2::text IS NULL OR user_id = $2)
+     AND ($3::text[] IS NULL OR team_id = ANY($3))
+   ORDER BY occurred_at LIMIT $4)
+ UNION ALL
+ (SELECT occurred_at, 'session', user_id, name, 0, 0, 0, 0,
+         jsonb_build_object('context', jsonb_build_object(
+            'source', SMALL(data->'context'->'source'),
+            'reason', SMALL(data->'context'->'reason'),
+            'model', SMALL(data->'context'->'model')))
+    FROM session_events
+   WHERE session_id = $1 AND name IN ('started', 'ended')
+     AND ($2::text IS NULL OR user_id = $2)
+     AND ($3::text[] IS NULL OR team_id = ANY($3))
+   ORDER BY occurred_at LIMIT $4)
+ UNION ALL
+ (SELECT c.at, 'context', c.user_id, '', 0, 0, 0, 0,
+         jsonb_build_object('repository', c.repository, 'branch', c.branch,
+                            'commit', c.commit_sha, 'directory', c.directory)
+    FROM session_contexts c
+   WHERE c.session_id = $1 AND ($2::text IS NULL OR c.user_id = $2)
+     AND ($3::text[] IS NULL OR EXISTS (
+            SELECT 1 FROM session_events e
+             WHERE e.session_id = c.session_id AND e.event_id = c.event_id
+               AND e.team_id = ANY($3)))
+   ORDER BY c.at LIMIT $4)",
+    )
+});
+
+/// `sql` with each `SMALL(<jsonb expression>)` written out as that value when it is a short
+/// scalar: a string cut to 255 characters, a number of at most 40 characters, a boolean;
+/// anything else (an object, an array, a longer number) is null.
+fn bounded(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() * 2);
+    let mut rest = sql;
+    while let Some(at) = rest.find("SMALL(") {
+        out.push_str(&rest[..at]);
+        let inner = &rest[at + "SMALL(".len()..];
+        let mut depth = 1;
+        let end = inner
+            .char_indices()
+            .find(|&(_, c)| {
+                depth += match c {
+                    '(' => 1,
+                    ')' => -1,
+                    _ => 0,
+                };
+                depth == 0
+            })
+            .map(|(i, _)| i)
+            .expect("SMALL( is closed");
+        let v = &inner[..end];
+        out.push_str(&format!(
+            "CASE jsonb_typeof({v}) WHEN 'string' THEN to_jsonb(left(({v}) #>> '{{}}', 255)) \
+             WHEN 'boolean' THEN {v} \
+             WHEN 'number' THEN CASE WHEN length(({v})::text) <= 40 THEN {v} END END"
+        ));
+        rest = &inner[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
 
 #[derive(Debug, Deserialize)]
 pub struct TimelineParams {}
@@ -138,84 +253,15 @@ pub async fn timeline(
             };
             let (user, teams) = visibility.filters();
             // Every visible raw row of the session, by kind, oldest first.
-            let rows: Vec<Row> = sqlx::query_as(
-                "(SELECT occurred_at, 'agent' AS k, user_id, status, duration_ms, input_tokens,
-                     output_tokens, value,
-                     jsonb_build_object(
-                        'model', data->'model', 'cache_read_tokens', data->'cache_read_tokens',
-                        'cache_creation_tokens', data->'cache_creation_tokens',
-                        'error_message', left(data->>'error_message', 500),
-                        'metadata', jsonb_build_object(
-                            'prompt.id', data->'metadata'->'prompt.id',
-                            'attempt', data->'metadata'->'attempt',
-                            'status_code', data->'metadata'->'status_code',
-                            'request_id', data->'metadata'->'request_id',
-                            'query_source', data->'metadata'->'query_source'))
-                FROM agent_interactions
-               WHERE session_id = $1 AND ($2::text IS NULL OR user_id = $2)
-                 AND ($3::text[] IS NULL OR team_id = ANY($3))
-               ORDER BY occurred_at LIMIT $4)
-             UNION ALL
-             (SELECT occurred_at, 'tool', user_id, status, duration_ms, 0, 0, 0,
-                     jsonb_build_object(
-                        'tool_name', data->'tool_name',
-                        'error_message', left(data->>'error_message', 500),
-                        'details', jsonb_build_object(
-                            'prompt.id', data->'details'->'prompt.id',
-                            'tool_use_id', data->'details'->'tool_use_id',
-                            'decision_type', data->'details'->'decision_type'))
-                FROM tool_executions
-               WHERE session_id = $1 AND ($2::text IS NULL OR user_id = $2)
-                 AND ($3::text[] IS NULL OR team_id = ANY($3))
-               ORDER BY occurred_at LIMIT $4)
-             UNION ALL
-             (SELECT occurred_at, 'sample', user_id, name, 0, 0, 0, value,
-                     jsonb_build_object(
-                        'labels', (SELECT COALESCE(jsonb_object_agg(k, left(v, 255)), '{}')
-                                     FROM jsonb_each_text(data->'labels') AS l(k, v)
-                                    WHERE k IN ('prompt.id', 'prompt_length', 'command_name',
-                                                'tool_name', 'decision', 'source',
-                                                'tool_use_id')),
-                        'extra', jsonb_build_object(
-                            'prompt', left(COALESCE(data->'extra'->>'prompt',
-                                                    data->'labels'->>'prompt'), $5)))
-                FROM metric_samples
-               WHERE session_id = $1 AND session_id <> ''
-                 AND name IN ('claude_code.user_prompt', 'claude_code.tool_decision',
-                              'claude_code.api_retries_exhausted')
-                 AND ($2::text IS NULL OR user_id = $2)
-                 AND ($3::text[] IS NULL OR team_id = ANY($3))
-               ORDER BY occurred_at LIMIT $4)
-             UNION ALL
-             (SELECT occurred_at, 'session', user_id, name, 0, 0, 0, 0,
-                     jsonb_build_object('context', jsonb_build_object(
-                        'source', data->'context'->'source', 'reason', data->'context'->'reason',
-                        'model', data->'context'->'model'))
-                FROM session_events
-               WHERE session_id = $1 AND name IN ('started', 'ended')
-                 AND ($2::text IS NULL OR user_id = $2)
-                 AND ($3::text[] IS NULL OR team_id = ANY($3))
-               ORDER BY occurred_at LIMIT $4)
-             UNION ALL
-             (SELECT c.at, 'context', c.user_id, '', 0, 0, 0, 0,
-                     jsonb_build_object('repository', c.repository, 'branch', c.branch,
-                                        'commit', c.commit_sha, 'directory', c.directory)
-                FROM session_contexts c
-               WHERE c.session_id = $1 AND ($2::text IS NULL OR c.user_id = $2)
-                 AND ($3::text[] IS NULL OR EXISTS (
-                        SELECT 1 FROM session_events e
-                         WHERE e.session_id = c.session_id AND e.event_id = c.event_id
-                           AND e.team_id = ANY($3)))
-               ORDER BY c.at LIMIT $4)",
-            )
-            .bind(&session)
-            .bind(user)
-            .bind(teams)
-            .bind(MAX_ITEMS)
-            .bind(MAX_TEXT)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            let rows: Vec<Row> = sqlx::query_as(AssertSqlSafe(TIMELINE_SQL.as_str()))
+                .bind(&session)
+                .bind(user)
+                .bind(teams)
+                .bind(MAX_ITEMS)
+                .bind(MAX_TEXT)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_error)?;
             if rows.is_empty() {
                 return Err(not_found());
             }
@@ -443,6 +489,20 @@ mod tests {
 
     fn at(s: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_764_000_000 + s, 0).unwrap()
+    }
+
+    #[test]
+    fn open_map_fields_are_written_out_as_short_scalars_only() {
+        let sql = bounded("SELECT SMALL(data->'m'->'x'), left(y, 3), SMALL(f(a, (b)))");
+        assert!(!sql.contains("SMALL("), "{sql}");
+        assert!(sql.ends_with(" END END"), "{sql}");
+        assert!(sql.contains("left(y, 3)"), "{sql}");
+        assert!(
+            sql.contains("to_jsonb(left((data->'m'->'x') #>> '{}', 255))"),
+            "{sql}"
+        );
+        assert!(sql.contains("length((f(a, (b)))::text) <= 40"), "{sql}");
+        assert!(!TIMELINE_SQL.contains("SMALL("));
     }
 
     #[test]

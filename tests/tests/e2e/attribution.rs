@@ -976,3 +976,74 @@ async fn usage_rows_sharing_an_event_id_are_each_placed_once() {
     assert_eq!(before, attribution_snapshot(&pool, t.id).await);
     stop_all([ingest]).await;
 }
+
+/// A timeline shows the fields of payloads' open maps (`metadata`, `details`, `context`) only
+/// as short scalars: an ingest key can fill them with up to about 990 KB an event, and a
+/// timeline reads up to 2 000 rows of each kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_timeline_shows_padded_open_maps_only_as_short_scalars() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let query = start_query(&common, |_| {}).await;
+    let client = http();
+    let t = create_tenant(&pool, "timeline-padded").await;
+    let big = "r".repeat(300_000);
+    let mut events: Vec<Value> = (0..3)
+        .map(|i| {
+            json!({"type": "agent.interacted", "occurred_at": ago(60 - i),
+                   "data": {"user_id": "u", "session_id": "padded", "agent_name": "claude",
+                            "interaction_type": "api_request", "duration_ms": 5,
+                            "status": "success",
+                            "metadata": {"prompt.id": big, "request_id": big,
+                                         "attempt": {"deep": [big]}, "status_code": 200,
+                                         "query_source": true}}})
+        })
+        .collect();
+    events.push(json!({"type": "tool.executed", "occurred_at": ago(50),
+        "data": {"user_id": "u", "session_id": "padded", "tool_name": "Bash", "duration_ms": 1,
+                 "success": true, "details": {"prompt.id": "p", "tool_use_id": big,
+                                              "decision_type": [big, big]}}}));
+    events.push(json!({"type": "session.started", "occurred_at": ago(70),
+        "data": {"user_id": "u", "session_id": "padded",
+                 "context": {"source": big, "reason": 1e300, "model": "m"}}}));
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &Value::Array(events)).await;
+    wait_projected(&pool, t.id, 5, Duration::from_secs(60)).await;
+
+    let url = format!("{}/v1/dashboard/sessions/padded/timeline", query.url());
+    let res = client
+        .get(&url)
+        .bearer_auth(&t.read_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body = res.bytes().await.unwrap();
+    assert!(
+        body.len() < 16 * 1024,
+        "the timeline is {} bytes",
+        body.len()
+    );
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    let prompts = v["prompts"].as_array().unwrap();
+    let cut = "r".repeat(255);
+    let padded = prompts
+        .iter()
+        .find(|p| p["prompt_id"] == cut.as_str())
+        .unwrap_or_else(|| panic!("no prompt with the cut id: {v}"));
+    let requests: Vec<&Value> = padded["items"].as_array().unwrap().iter().collect();
+    assert_eq!(requests.len(), 3, "{padded}");
+    for r in requests {
+        let d = &r["detail"];
+        assert_eq!(d["request_id"], cut.as_str());
+        assert!(d["attempt"].is_null(), "an object is not shown: {d}");
+        assert_eq!(d["status_code"], 200);
+        assert_eq!(d["query_source"], true);
+    }
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        !text.contains(&"r".repeat(256)),
+        "nothing longer than 255 characters"
+    );
+    assert_eq!(v["totals"]["tool_runs"], 1);
+    stop_all([projector, ingest, query]).await;
+}
