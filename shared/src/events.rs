@@ -28,6 +28,8 @@ pub const MAX_DURATION_MS: i64 = 3_600_000;
 pub const MAX_TOKENS: i64 = 1_000_000;
 /// Most labels on one `metric.sample`.
 pub const MAX_LABELS: usize = 64;
+/// Most agents a `session.ended` may list in `agents_used`.
+pub const MAX_AGENTS_USED: usize = 100;
 /// Longest accepted label value, in characters.
 pub const MAX_LABEL_VALUE_LEN: usize = 1024;
 /// Topic of auth and control-plane events.
@@ -1214,6 +1216,9 @@ impl Payload {
                 if let Some(s) = p.productivity_score {
                     c.float("productivity_score", s, Some((0.0, 100.0)));
                 }
+                if p.agents_used.len() > MAX_AGENTS_USED {
+                    c.push("agents_used", format!("at most {MAX_AGENTS_USED} agents"));
+                }
                 for (i, a) in p.agents_used.iter().enumerate() {
                     c.name(&format!("agents_used[{i}]"), a);
                 }
@@ -1817,6 +1822,19 @@ mod tests {
             None,
             "past a limit"
         );
+    }
+
+    #[test]
+    fn a_session_lists_at_most_its_share_of_agents() {
+        let ended = |n: usize| {
+            let agents: Vec<String> = (0..n).map(|i| format!("a{i}")).collect();
+            json!({"user_id": "u", "session_id": "s", "agents_used": agents})
+        };
+        let decode = |data| Payload::decode(EventType::SessionEnded, 1, data, "data");
+        assert!(decode(ended(MAX_AGENTS_USED)).is_ok());
+        let errors = decode(ended(MAX_AGENTS_USED + 1)).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "data.agents_used");
     }
 
     #[test]

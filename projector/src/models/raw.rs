@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::Value;
-use shared::events::{Envelope, EventType, Payload};
+use shared::events::{Envelope, EventType, Payload, MAX_NAME_LEN};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -200,11 +200,13 @@ impl<'a> RawRow<'a> {
                 row.table = RawTable::MetricSamples;
                 row.name = &p.name;
                 row.value = p.value;
-                // Standard attribute names (OTel, Claude Code) fill the usual dimensions.
+                // Standard attribute names (OTel, Claude Code) fill the usual dimensions, as
+                // names: a label's value may be longer (`MAX_LABEL_VALUE_LEN`), an id of the
+                // other events may not, and every read shows ids.
                 let label = |keys: &[&str]| {
                     keys.iter()
                         .find_map(|k| p.labels.get(*k))
-                        .map_or("", String::as_str)
+                        .map_or("", |v| name_of(v))
                 };
                 row.user_id = label(&["user_id", "user.id"]);
                 row.team_id = label(&["team_id", "team.id"]);
@@ -512,9 +514,25 @@ pub fn halves(rows: &[RawRow<'_>]) -> [Vec<RawTable>; 2] {
     halves.map(|(_, tables)| tables)
 }
 
+/// The first [`MAX_NAME_LEN`] characters of `s`: what a label's value fills a dimension
+/// (user, team, project, session) with.
+fn name_of(s: &str) -> &str {
+    s.char_indices()
+        .nth(MAX_NAME_LEN)
+        .map_or(s, |(at, _)| &s[..at])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_label_fills_its_dimension_as_a_name() {
+        let long = "é".repeat(1024);
+        assert_eq!(name_of(&long).chars().count(), 255);
+        assert_eq!(name_of(&long), &long[..510]);
+        assert_eq!(name_of("u"), "u");
+    }
 
     #[test]
     fn each_table_is_inserted_into_by_its_own_name() {

@@ -51,7 +51,9 @@ pub fn fold<'a>(events: impl Iterator<Item = (&'a Envelope, &'a Payload)>) -> Ve
                 u.commands_executed = p.commands_executed.or(u.commands_executed);
                 u.productivity_score = p.productivity_score.or(u.productivity_score);
                 if !p.agents_used.is_empty() {
-                    u.agents_used = p.agents_used.clone();
+                    // As many as ingest takes now (a record from before that may list more).
+                    let most = shared::events::MAX_AGENTS_USED;
+                    u.agents_used = p.agents_used.iter().take(most).cloned().collect();
                 }
             }
             _ => {}

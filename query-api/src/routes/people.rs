@@ -148,19 +148,23 @@ pub const FORMULA: &str = "40 × success rate + 30 × min(1, 5000 ms / average c
 
 type Row = (String, i64, i64, i64, i64, i64);
 
+/// Most users (or teams) one ranked list reads: each is a row held while the list is scored
+/// and sorted, and anyone with an ingest key can make up ids.
+pub const MAX_RANKED: i64 = 100_000;
+
 /// Per key (user or team): commands, errors, duration sum, distinct agents, active users;
 /// with `k`, only from the (team, day) cells of at least `k` active people (`range` is then
-/// whole days).
+/// whole days). More than [`MAX_RANKED`] keys in the range: 400 naming `range`.
 async fn rows(
     tx: &mut sqlx::PgConnection,
     range: &TimeRange,
     column: &str,
     visibility: &Visibility,
     cells: Option<&Cells>,
-) -> sqlx::Result<Vec<Row>> {
+) -> Result<Vec<Row>, Problem> {
     let (user_filter, team_filter) = visibility.filters();
     let (k, ids, teams) = Cells::binds(cells);
-    sqlx::query_as(by_grain!(
+    let rows: Vec<Row> = sqlx::query_as(by_grain!(
         Cells::grain(cells, Grain::for_range(range)),
         "SELECT CASE $3 WHEN 'team' THEN team_id ELSE user_id END AS k,
                 coalesce(sum(count) FILTER (WHERE event_type = 'command.executed'), 0)::bigint,
@@ -173,7 +177,8 @@ async fn rows(
             AND ($4::text IS NULL OR user_id = $4) AND ($5::text[] IS NULL OR team_id = ANY($5))
             AND ($6::int IS NULL OR (bucket, team_id, event_type) IN (SELECT * FROM private_cells($1, $2, $6, $7, $8)))
           GROUP BY 1
-         HAVING (CASE $3 WHEN 'team' THEN min(team_id) ELSE min(user_id) END) <> ''"
+         HAVING (CASE $3 WHEN 'team' THEN min(team_id) ELSE min(user_id) END) <> ''
+          LIMIT $9"
     ))
     .bind(range.from)
     .bind(range.to)
@@ -183,8 +188,15 @@ async fn rows(
     .bind(k)
     .bind(ids)
     .bind(teams)
+    .bind(MAX_RANKED + 1)
     .fetch_all(tx)
     .await
+    .map_err(db_error)?;
+    if rows.len() as i64 > MAX_RANKED {
+        let why = format!("holds more than {MAX_RANKED} of them; narrow it");
+        return Err(invalid(FieldError::new("range", why)));
+    }
+    Ok(rows)
 }
 
 /// What both ranked lists take: the format, the range and the page.
@@ -219,9 +231,7 @@ pub async fn productivity(read: Read<RankedParams>) -> Result<Response, Problem>
                 return Ok(answer);
             };
             answer.as_of = fresh.as_of;
-            let rows = rows(&mut tx, &range, "user", visibility, None)
-                .await
-                .map_err(db_error)?;
+            let rows = rows(&mut tx, &range, "user", visibility, None).await?;
             let mut users: Vec<UserProductivity> = rows
                 .into_iter()
                 .map(|(user, cmds, errs, dsum, agents, _)| UserProductivity {
@@ -299,9 +309,7 @@ pub async fn teams(read: Read<RankedParams>) -> Result<Response, Problem> {
                 return Ok(answer);
             };
             answer.as_of = fresh.as_of.filter(|_| k.is_none());
-            let rows = rows(&mut tx, &range, "team", visibility, cells)
-                .await
-                .map_err(db_error)?;
+            let rows = rows(&mut tx, &range, "team", visibility, cells).await?;
             let mut teams: Vec<(String, i64, Score)> = rows
                 .into_iter()
                 .map(|(team, cmds, errs, dsum, agents, people)| {

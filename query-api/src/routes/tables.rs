@@ -45,6 +45,9 @@ pub struct SessionPage {
     pub next_cursor: Option<String>,
 }
 
+// The sessions query's `agents_used[1:100]`.
+const _: () = assert!(shared::events::MAX_AGENTS_USED == 100);
+
 /// `GET /v1/dashboard/sessions`: sessions that started (or ended) in the range, newest first.
 pub async fn sessions(read: Read<SessionParams>) -> Result<Response, Problem> {
     read.reader.require_individual_view("the session list")?;
@@ -72,7 +75,10 @@ pub async fn sessions(read: Read<SessionParams>) -> Result<Response, Problem> {
         page.sessions = sqlx::query_as(
             "SELECT session_id, user_id, team_id, project_id, started_at, ended_at,
                     extract(epoch FROM ended_at - started_at)::float8 AS duration_s,
-                    commands_executed, productivity_score, agents_used
+                    commands_executed, productivity_score,
+                    -- As many as ingest takes now (MAX_AGENTS_USED; a session stored before
+                    -- may list more).
+                    agents_used[1:100] AS agents_used
                FROM sessions
               WHERE coalesce(started_at, ended_at) >= $1 AND coalesce(started_at, ended_at) < $2
                 AND ($3::text IS NULL OR user_id = $3)

@@ -136,6 +136,16 @@ async fn bad_requests_get_clear_problems() {
         ["data.agent_name", "data.input_tokens", "data.duration_ms"]
     );
 
+    // A session listing more agents than a session's share (each shown in the sessions table).
+    let agents: Vec<String> = (0..=shared::events::MAX_AGENTS_USED)
+        .map(|i| format!("a{i}"))
+        .collect();
+    let body = json!({"type": "session.ended", "occurred_at": ago(1),
+        "data": {"user_id": "u", "session_id": "s", "agents_used": agents}});
+    let (s, b) = problem(send(serde_json::to_vec(&body).unwrap(), k).await.unwrap()).await;
+    assert_eq!(s, 422, "{b}");
+    assert_eq!(fields(&b), vec![(Some(0), "data.agents_used".to_string())]);
+
     // 1 001 events.
     let body = Value::Array((0..1001).map(|_| command("u", "c", 1, true)).collect());
     let (s, b) = problem(send(serde_json::to_vec(&body).unwrap(), k).await.unwrap()).await;
