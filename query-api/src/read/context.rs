@@ -173,7 +173,7 @@ impl<P> Read<P> {
     {
         let mut res = self.cached_or(range, request_key, compute).await?;
         if self.reader.aggregates_only().is_some() {
-            // The validator too: it changes with the watermark.
+            // And no validator: such a reader is told nothing but the answer itself.
             res.headers_mut().remove("x-cache");
             res.headers_mut().remove(axum::http::header::ETAG);
         }

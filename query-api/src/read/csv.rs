@@ -33,12 +33,13 @@ pub async fn as_csv(res: Response, field: &str) -> Result<Response, Problem> {
     let (_, _, json) = super::encoding::read_back(res, 64 * 1024 * 1024)
         .await
         .ok_or_else(Problem::internal)?;
-    let v: Value = serde_json::from_slice(&json).map_err(|_| Problem::internal())?;
-    let rows = v
-        .get(field)
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let mut v: Value = serde_json::from_slice(&json).map_err(|_| Problem::internal())?;
+    drop(json);
+    // Taken, not copied: the answer's tree is the largest thing an export holds.
+    let rows = match v.get_mut(field).map(Value::take) {
+        Some(Value::Array(rows)) => rows,
+        _ => Vec::new(),
+    };
     let mut columns: Vec<String> = Vec::new();
     for r in &rows {
         if let Some(o) = r.as_object() {

@@ -142,8 +142,10 @@ pub fn accepts_gzip(headers: &HeaderMap) -> bool {
 /// Whether the `If-None-Match` values `held` name `tag` (weak comparison, RFC 9110
 /// §13.1.2; `*` matches).
 fn none_match(held: &[HeaderValue], tag: &HeaderValue) -> bool {
+    fn opaque(t: &str) -> &str {
+        t.trim().trim_start_matches("W/").trim_start()
+    }
     let Ok(tag) = tag.to_str() else { return false };
-    let opaque = |t: &str| t.trim().trim_start_matches("W/").to_owned();
     let ours = opaque(tag);
     held.iter()
         .filter_map(|v| v.to_str().ok())
