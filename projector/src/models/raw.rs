@@ -517,6 +517,10 @@ pub fn halves(rows: &[RawRow<'_>]) -> [Vec<RawTable>; 2] {
 /// The first [`MAX_NAME_LEN`] characters of `s`: what a label's value fills a dimension
 /// (user, team, project, session) with.
 fn name_of(s: &str) -> &str {
+    // No more bytes than that is no more characters: nearly every id, and no scan.
+    if s.len() <= MAX_NAME_LEN {
+        return s;
+    }
     s.char_indices()
         .nth(MAX_NAME_LEN)
         .map_or(s, |(at, _)| &s[..at])
@@ -532,6 +536,9 @@ mod tests {
         assert_eq!(name_of(&long).chars().count(), 255);
         assert_eq!(name_of(&long), &long[..510]);
         assert_eq!(name_of("u"), "u");
+        let ascii = "a".repeat(300);
+        assert_eq!(name_of(&ascii), &ascii[..255]);
+        assert_eq!(name_of(&ascii[..255]), &ascii[..255]);
     }
 
     #[test]
