@@ -1217,10 +1217,12 @@ impl Payload {
                     c.float("productivity_score", s, Some((0.0, 100.0)));
                 }
                 if p.agents_used.len() > MAX_AGENTS_USED {
+                    // Refused already: its elements are not each looked at.
                     c.push("agents_used", format!("at most {MAX_AGENTS_USED} agents"));
-                }
-                for (i, a) in p.agents_used.iter().enumerate() {
-                    c.name(&format!("agents_used[{i}]"), a);
+                } else {
+                    for (i, a) in p.agents_used.iter().enumerate() {
+                        c.name(&format!("agents_used[{i}]"), a);
+                    }
                 }
             }
             Payload::SessionContext(p) => {

@@ -77,15 +77,25 @@ pub fn etag(stored: &[u8]) -> HeaderValue {
 /// A JSON answer as stored (packed or not), with what says so and how it may be kept.
 pub fn answer(stored: Vec<u8>, etag: Option<HeaderValue>) -> Response {
     let packed = is_packed(&stored);
-    let mut res = (StatusCode::OK, stored).into_response();
+    let body = Body::from(stored);
+    sent_as_stored(body, packed, "application/json", "private, no-cache", etag)
+}
+
+/// `body` as stored (`packed` or not: then `Content-Encoding: gzip`), of `content_type`,
+/// kept as `cache_control` says, with its validator.
+pub fn sent_as_stored(
+    body: Body,
+    packed: bool,
+    content_type: &'static str,
+    cache_control: &'static str,
+    etag: Option<HeaderValue>,
+) -> Response {
+    let mut res = body.into_response();
     let h = res.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(
         header::CACHE_CONTROL,
-        HeaderValue::from_static("private, no-cache"),
+        HeaderValue::from_static(cache_control),
     );
     h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     if packed {

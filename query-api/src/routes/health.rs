@@ -30,19 +30,9 @@ fn asset(
             encoding::etag(text.as_bytes()),
         )
     });
-    let mut res = Body::from(Bytes::from_static(stored)).into_response();
-    let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static(cache_control),
-    );
-    h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
-    h.insert(header::ETAG, tag.clone());
-    if encoding::is_packed(stored) {
-        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    }
-    res
+    let body = Body::from(Bytes::from_static(stored));
+    let packed = encoding::is_packed(stored);
+    encoding::sent_as_stored(body, packed, content_type, cache_control, Some(tag.clone()))
 }
 
 pub async fn healthz() -> &'static str {
