@@ -114,6 +114,15 @@ pub async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> Value {
     body
 }
 
+/// A counter's value on a Prometheus page: the sum of the series starting with `name` (a
+/// metric's name, or one series with its labels); 0 when it has not been touched yet.
+pub fn counter(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The text a service's `/metrics` answers (whatever its status).
 pub async fn scrape_metrics(client: &reqwest::Client, base_url: &str) -> String {
     client

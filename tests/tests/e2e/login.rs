@@ -452,14 +452,6 @@ async fn brute_force_is_locked_out_then_the_lockout_expires() {
     s.query.stop().await.unwrap();
 }
 
-/// A counter's value on a Prometheus page (0 when it has not been touched yet).
-fn counter(page: &str, name: &str) -> f64 {
-    page.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// 200 wrong passwords for one account at once: each attempt is counted before its password
 /// is checked, so at most the allowed number of argon2 checks run (counted on `/metrics` of
 /// a process of its own), and the rest get 429 — the right password too, afterwards.

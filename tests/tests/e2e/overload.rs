@@ -523,14 +523,6 @@ async fn probes_are_answered_while_every_public_place_is_held() {
     );
 }
 
-/// The value of the series `series` in a `/metrics` text (0 when it is not there yet).
-fn counter(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// An HTTP client whose connections come from `ip`.
 fn client_from(ip: &str) -> reqwest::Client {
     reqwest::Client::builder()

@@ -360,8 +360,8 @@ async fn privacy_mode_shows_managers_only_groups_of_k_and_audits_reads_of_indivi
     // alone, any total minus the 6-person team's the 4-person team's (made up to 8 ids),
     // and a total read again later today's newest event.
     assert_eq!(totals, vec![6, 6, 6], "a difference isolates someone");
-    // Nor does whether an answer was cached, or a validator that changes with the watermark,
-    // say when an event arrived somewhere in the tenant.
+    // Nor does whether an answer was cached say when an event arrived somewhere in the
+    // tenant; such a reader gets no validator either, only the answer.
     for _ in 0..2 {
         let res = client
             .get(format!("{q}/v1/dashboard/overview?range=7d"))
