@@ -7,7 +7,8 @@ use projector::{tools, App, Config};
 /// pages (`no_thp`; `MIMALLOC_ALLOW_THP=0` where the host's mode is `always`): with them,
 /// resident memory doubled. Deployments set `MIMALLOC_PURGE_DELAY=0` too (`deploy/Dockerfile`,
 /// `deploy/local/services.sh`): freed memory goes back at once, not a second later. (Not in
-/// ingest-api: it held refused bombs' blocks past its tests' memory bound.)
+/// ingest-api: measured again with that setting, it was no faster there than glibc's;
+/// tests/PERFORMANCE.md, thirty-ninth session.)
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
