@@ -200,7 +200,12 @@ fn not_modified(res: &Response, held: &[HeaderValue]) -> Option<Response> {
     if !none_match(held, tag) {
         return None;
     }
-    let mut not_modified = StatusCode::NOT_MODIFIED.into_response();
+    // No body and no length: a 304's `Content-Length` would claim to be the answer's (RFC 9110
+    // §8.6), and axum writes an empty body's, 0, into the answer to a `HEAD`. A body of no
+    // known size gets none.
+    let unsized_empty = futures::stream::empty::<Result<Vec<u8>, std::convert::Infallible>>();
+    let mut not_modified =
+        (StatusCode::NOT_MODIFIED, Body::from_stream(unsized_empty)).into_response();
     for name in [header::ETAG, header::CACHE_CONTROL, header::VARY] {
         if let Some(v) = res.headers().get(&name) {
             not_modified.headers_mut().insert(name, v.clone());

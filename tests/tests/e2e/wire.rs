@@ -5,7 +5,7 @@
 use std::io::Read;
 use std::time::Duration;
 
-use reqwest::header::{ACCEPT_ENCODING, CONTENT_ENCODING, ETAG, IF_NONE_MATCH};
+use reqwest::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, ETAG, IF_NONE_MATCH};
 use serde_json::Value;
 use tally_tests::*;
 
@@ -128,7 +128,18 @@ async fn answers_are_sent_compressed_and_not_again_while_the_projection_stands()
         assert_eq!(st, 304, "{held}");
         assert!(sent.is_empty());
         assert_eq!(h[ETAG].to_str().unwrap(), tag);
+        assert!(h.get(CONTENT_LENGTH).is_none(), "{held}: {h:?}");
     }
+    // And to a HEAD: no length either (it would say the answer's is 0).
+    let res = client
+        .head(&url)
+        .bearer_auth(&a.read_key)
+        .header(IF_NONE_MATCH, &tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 304);
+    assert!(res.headers().get(CONTENT_LENGTH).is_none(), "{res:?}");
     let (st, _, _) = get(
         &client,
         &url,
