@@ -59,17 +59,26 @@ pub(crate) async fn audited(
     crate::routes::auth::audit_as(s, tx, caller.tenant, kind, caller.actor.clone(), event).await
 }
 
+/// A 409 when the tenant has `max` rows of `table` already. Counted in `tx`, the transaction
+/// that will insert the next one, under a lock of the tenant's `table` held until it ends:
+/// requests racing each other are counted one after another, so none goes past `max`.
 pub(crate) async fn over_limit(
-    s: &AppState,
+    tx: &mut sqlx::PgConnection,
     table: &str,
     tenant: TenantId,
     max: i64,
 ) -> Result<Option<Problem>, Problem> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('control.' || $1), hashtext($2))")
+        .bind(table)
+        .bind(tenant.0.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
     let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM control.{table} WHERE tenant_id = $1"
     )))
     .bind(tenant.0)
-    .fetch_one(&s.pool)
+    .fetch_one(&mut *tx)
     .await
     .map_err(db)?;
     Ok((n >= max).then(|| {
@@ -354,7 +363,8 @@ pub async fn create_channel(
     }
     let key = sealing_key(&s)?;
     let url = check_url(&s, &req.url).await?;
-    if let Some(p) = over_limit(&s, "channels", caller.tenant, MAX_CHANNELS).await? {
+    let mut tx = s.pool.begin().await.map_err(db)?;
+    if let Some(p) = over_limit(&mut tx, "channels", caller.tenant, MAX_CHANNELS).await? {
         return Err(p);
     }
     let mut secrets = ChannelSecrets {
@@ -364,7 +374,6 @@ pub async fn create_channel(
     let secret = (req.kind == "webhook").then(|| secrets.rotate(Utc::now(), Utc::now()));
     let id = Uuid::now_v7();
     let display = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
-    let mut tx = s.pool.begin().await.map_err(db)?;
     sqlx::query(
         "INSERT INTO control.channels (id, tenant_id, name, kind, sealed, url_display, owner_user_id)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -787,11 +796,11 @@ pub async fn create_budget(
     if !editor.may(c.scope, &c.scope_id) {
         return Err(editor.refuse());
     }
-    if let Some(p) = over_limit(&s, "budgets", caller.tenant, MAX_BUDGETS).await? {
+    let mut tx = s.pool.begin().await.map_err(db)?;
+    if let Some(p) = over_limit(&mut tx, "budgets", caller.tenant, MAX_BUDGETS).await? {
         return Err(p);
     }
     let id = Uuid::now_v7();
-    let mut tx = s.pool.begin().await.map_err(db)?;
     sqlx::query(
         "INSERT INTO control.budgets (id, tenant_id, name, scope, scope_id, metric, period, amount,
                                       thresholds, channels, created_by)

@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use super::store;
 use crate::extract::{json_body, Body, Id};
+use crate::routes::auth::hash_password;
 use crate::state::AppState;
 
 fn failed(e: anyhow::Error) -> Problem {
@@ -223,6 +224,31 @@ pub(crate) fn check_len(field: &str, value: &str, max: usize) -> Result<(), Prob
     }
 }
 
+/// The most teams one person belongs to.
+pub const MAX_TEAMS_PER_PERSON: usize = 100;
+
+/// A person's teams: at most [`MAX_TEAMS_PER_PERSON`], each a team's key (1 to 255
+/// characters, as `PUT /v1/admin/teams/{key}` takes). They are copied into the person's
+/// tokens, their outbox snapshots and every team's member list.
+pub(crate) fn check_teams(field: &str, teams: &[String]) -> Result<(), Problem> {
+    if teams.len() > MAX_TEAMS_PER_PERSON {
+        return Err(Problem::invalid_field(
+            field,
+            format!("at most {MAX_TEAMS_PER_PERSON} teams"),
+        ));
+    }
+    match teams
+        .iter()
+        .position(|t| !(1..=255).contains(&t.chars().count()))
+    {
+        Some(i) => Err(Problem::invalid_field(
+            &format!("{field}[{i}]"),
+            "must have 1 to 255 characters",
+        )),
+        None => Ok(()),
+    }
+}
+
 fn check_plan(plan: Option<&str>, limit: Option<i32>) -> Result<(), Problem> {
     if let Some(p) = plan {
         if !["free", "professional", "enterprise"].contains(&p) {
@@ -251,6 +277,11 @@ fn check_person(p: &NewPerson, prefix: &str) -> Result<Role, Problem> {
     }
     crate::password::check_policy(&format!("{prefix}password"), &p.password)
         .map_err(|e| Problem::validation(format!("{}: {}", e.field, e.reason), vec![e]))?;
+    // Indexed (one person per id in a tenant), so bounded as a name is.
+    if let Some(id) = &p.external_id {
+        check_len(&format!("{prefix}external_id"), id, 255)?;
+    }
+    check_teams(&format!("{prefix}teams"), &p.teams)?;
     match p.role.as_deref() {
         None => Ok(Role::Developer),
         Some(r) => Role::parse(r).ok_or_else(|| {
@@ -275,6 +306,9 @@ pub async fn create_tenant(
         return Err(Problem::invalid_field("privacy_k", "must be 2..=1000"));
     }
     let privacy = req.privacy_mode.unwrap_or(false);
+    // Hashed first, within the service's hash slots: a request refused for want of one leaves
+    // no tenant without its owner behind.
+    let owner_hash = hash_password(&s, req.owner.password.clone()).await?;
     let tenant =
         store::create_tenant_with_privacy(&s.pool, ns(&s), &req.name, privacy, req.privacy_k)
             .await
@@ -285,7 +319,7 @@ pub async fn create_tenant(
             .await
             .map_err(failed)?;
     }
-    let owner_id = store::create_user(
+    let owner_id = store::create_user_hashed(
         &s.pool,
         ns(&s),
         store::NewUser {
@@ -296,6 +330,7 @@ pub async fn create_tenant(
             external_id: req.owner.external_id.as_deref(),
             teams: &req.owner.teams,
         },
+        owner_hash,
     )
     .await
     .map_err(failed)?;
@@ -470,7 +505,8 @@ pub async fn create_user(
             )
             .await);
     }
-    let id = store::create_user(
+    let hash = hash_password(&s, req.password.clone()).await?;
+    let id = store::create_user_hashed(
         &s.pool,
         ns(&s),
         store::NewUser {
@@ -481,6 +517,7 @@ pub async fn create_user(
             external_id: req.external_id.as_deref(),
             teams: &req.teams,
         },
+        hash,
     )
     .await
     .map_err(failed)?;
@@ -535,6 +572,9 @@ pub async fn update_user(
             Some(Role::parse(r).ok_or_else(|| Problem::invalid_field("role", "unknown role"))?)
         }
     };
+    if let Some(teams) = &req.teams {
+        check_teams("teams", teams)?;
+    }
     let active = match req.status.as_deref() {
         None => None,
         Some("active") => Some(true),

@@ -79,6 +79,7 @@ pub async fn invite(
             )
             .await);
     }
+    super::http::check_teams("teams", &req.teams)?;
     let hours = req.valid_hours.unwrap_or(72);
     if !(1..=168).contains(&hours) {
         return Err(Problem::invalid_field("valid_hours", "must be 1 to 168"));

@@ -193,11 +193,11 @@ pub async fn create(
     if !editor.may(c.scope, &c.scope_id) {
         return Err(editor.refuse());
     }
-    if let Some(p) = over_limit(&s, "alert_rules", tenant, MAX_RULES).await? {
+    let mut tx = s.pool.begin().await.map_err(db)?;
+    if let Some(p) = over_limit(&mut tx, "alert_rules", tenant, MAX_RULES).await? {
         return Err(p);
     }
     let id = Uuid::now_v7();
-    let mut tx = s.pool.begin().await.map_err(db)?;
     write(
         &mut tx,
         tenant,

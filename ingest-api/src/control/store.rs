@@ -136,6 +136,18 @@ pub async fn create_user(pool: &PgPool, ns: &str, u: NewUser<'_>) -> anyhow::Res
         .map_err(|e| anyhow::anyhow!("password {}", e.reason))?;
     let password = u.password.to_string();
     let hash = tokio::task::spawn_blocking(move || crate::password::hash(&password)).await?;
+    create_user_hashed(pool, ns, u, hash).await
+}
+
+/// [`create_user`] with the password's `hash` made by the caller (a request makes it within
+/// the service's hash slots, `routes::auth::hash_password`, after checking the policy).
+pub async fn create_user_hashed(
+    pool: &PgPool,
+    ns: &str,
+    u: NewUser<'_>,
+    hash: String,
+) -> anyhow::Result<Uuid> {
+    let email = u.email.trim().to_lowercase();
     let id = Uuid::now_v7();
     let mut tx = pool.begin().await?;
     sqlx::query(

@@ -9,25 +9,24 @@ pub mod webhooks;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use shared::problem::Problem;
 
-/// Refuses a JSON body of the control plane and auth routes with NUL in a string or key (422
-/// naming it): PostgreSQL cannot store NUL in text, and would fail the write (a 500 for the
-/// sender's fault). It runs inside the body limit of the auth and control-plane route groups
-/// (the ingest doors check their events themselves). Reads at most `limit` bytes, answering
-/// 413 beyond.
+/// Refuses a request of the control plane and auth routes with NUL in its path, its query or
+/// a string or key of its JSON body (422 naming where): PostgreSQL cannot store NUL in text,
+/// and would fail the statement (a 500 for the sender's fault). Every body is looked at,
+/// whatever its declared type: axum's `Json` takes `application/json` and any
+/// `application/*+json` too. It runs inside the body limit of the auth and control-plane route
+/// groups (the ingest doors check their events themselves). Reads at most `limit` bytes,
+/// answering 413 beyond.
 pub async fn refuse_nul(request: Request, next: Next, limit: usize) -> Response {
-    let json = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.trim_start().starts_with("application/json"));
-    if !json {
-        return next.run(request).await;
+    let uri = request.uri();
+    for (field, text) in [("path", Some(uri.path())), ("query", uri.query())] {
+        if text.is_some_and(holds_nul) {
+            return Problem::invalid_field(field, "must not hold NUL (%00)").into_response();
+        }
     }
     let (parts, body) = request.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, limit).await else {
@@ -47,10 +46,30 @@ pub async fn refuse_nul(request: Request, next: Next, limit: usize) -> Response 
         .await
 }
 
+/// Whether a path or query, percent-encoded as sent, decodes to NUL anywhere.
+fn holds_nul(encoded: &str) -> bool {
+    encoded
+        .as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn nul_is_found_in_a_path_or_query_as_sent() {
+        assert!(holds_nul("/v1/admin/teams/a%00b"));
+        assert!(holds_nul("cursor=%00"));
+        assert!(
+            !holds_nul("/v1/admin/teams/a%2500b"),
+            "an escaped % then 00"
+        );
+        assert!(!holds_nul("/v1/admin/teams/100%25"));
+        assert!(!holds_nul("a=%0A&b=%20"));
+    }
 
     #[test]
     fn the_path_of_a_nul_names_the_field() {

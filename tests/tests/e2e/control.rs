@@ -646,3 +646,117 @@ async fn admins_cannot_touch_owners_and_lose_the_control_plane_at_once() {
     );
     ingest.stop().await.unwrap();
 }
+
+/// From the attacker's side, with a tenant's admin key: what one request may make the control
+/// plane store about a person (their id and teams, copied into their tokens, snapshots and
+/// every team's member list), and the per-tenant caps of rules, which racing requests cannot
+/// pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn people_fields_are_bounded_and_caps_hold_under_racing_requests() {
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let client = http();
+    let t = create_tenant(&pool, "control-bounds").await;
+    let (_, admin) = ingest_api::control::store::create_api_key(
+        &pool,
+        "",
+        t.id,
+        shared::apikey::Scope::Admin,
+        "bounds",
+    )
+    .await
+    .unwrap();
+    let send = |method: reqwest::Method, path: &str, body: Value| {
+        status_and_json(
+            client
+                .request(method, format!("{}{path}", ingest.url()))
+                .bearer_auth(&admin)
+                .json(&body),
+        )
+    };
+    let person = |extra: Value| {
+        let mut p = json!({
+            "email": format!("p-{}@example.com", uuid::Uuid::new_v4().simple()),
+            "password": "Person-Pass-123",
+        });
+        p.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        p
+    };
+    let many: Vec<String> = (0..101).map(|i| format!("team-{i}")).collect();
+    let long = "x".repeat(3000);
+    let post = reqwest::Method::POST;
+    for (path, body, field) in [
+        // Indexed: 3 000 characters overflowed the index row and were a 500.
+        (
+            "/v1/admin/users",
+            person(json!({"external_id": long})),
+            "external_id",
+        ),
+        ("/v1/admin/users", person(json!({"teams": many})), "teams"),
+        (
+            "/v1/admin/users",
+            person(json!({"teams": ["ok", "y".repeat(256)]})),
+            "teams[1]",
+        ),
+        (
+            "/v1/admin/invitations",
+            json!({"email": "invited@example.com", "teams": many}),
+            "teams",
+        ),
+    ] {
+        let (status, problem) = send(post.clone(), path, body).await;
+        assert_eq!(status, 422, "{path}: {problem}");
+        assert_eq!(problem["errors"][0]["field"], field, "{problem}");
+    }
+    let (status, created) = send(post.clone(), "/v1/admin/users", person(json!({}))).await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap();
+    let (status, problem) = send(
+        reqwest::Method::PATCH,
+        &format!("/v1/admin/users/{id}"),
+        json!({"teams": many}),
+    )
+    .await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(problem["errors"][0]["field"], "teams");
+    let (stored, widest): (i64, i32) = sqlx::query_as(
+        "SELECT count(*), coalesce(max(cardinality(teams)), 0)::int
+           FROM control.users WHERE tenant_id = $1",
+    )
+    .bind(t.id.0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((stored, widest), (1, 0), "only the good person was stored");
+
+    // Rules: 100 a tenant. 95 one after another, then 20 at once for the last 5 places.
+    let rule = |i: usize| json!({"name": format!("r{i}"), "kind": "events", "scope": "tenant", "threshold": 1});
+    for i in 0..95 {
+        let (status, body) = send(post.clone(), "/v1/admin/rules", rule(i)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let racing = futures::future::join_all(
+        (95..115).map(|i| send(post.clone(), "/v1/admin/rules", rule(i))),
+    )
+    .await;
+    let created = racing.iter().filter(|(s, _)| *s == 201).count();
+    let refused: Vec<&Value> = racing
+        .iter()
+        .filter(|(s, _)| *s == 409)
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!((created, refused.len()), (5, 15), "{racing:?}");
+    assert!(refused.iter().all(|p| p["type"]
+        .as_str()
+        .is_some_and(|t| t.ends_with("limit-reached"))));
+    let rules: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM control.alert_rules WHERE tenant_id = $1")
+            .bind(t.id.0)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rules, 100);
+    ingest.stop().await.unwrap();
+}

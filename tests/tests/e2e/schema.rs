@@ -251,7 +251,9 @@ async fn nul_in_a_query_parameter_is_a_400_naming_it() {
 }
 
 /// Found by schemathesis: NUL in a control-plane body reached PostgreSQL, which refused the
-/// write, and the sender's mistake was answered 500.
+/// write, and the sender's mistake was answered 500. Found by reading since: a body declared
+/// `application/*+json` (which axum's `Json` takes too) passed the check, and NUL in a path or
+/// query reached PostgreSQL as well (500; 503 on the unauthenticated login).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nul_in_a_control_plane_body_is_a_422_naming_it() {
     let TestEnv { pool, common } = test_env().await;
@@ -286,15 +288,39 @@ async fn nul_in_a_control_plane_body_is_a_422_naming_it() {
             "email",
         ),
     ] {
+        for content_type in [
+            "application/json",
+            "application/x+json",
+            "Application/Vnd.Example+JSON; charset=utf-8",
+        ] {
+            let res = http()
+                .request(method.parse().unwrap(), format!("{}{path}", ingest.url()))
+                .bearer_auth(&admin_key)
+                .header("content-type", content_type)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 422, "{path} as {content_type}");
+            let problem: serde_json::Value = res.json().await.unwrap();
+            assert_eq!(problem["errors"][0]["field"], field, "{problem}");
+        }
+    }
+    // NUL in a path or a query: refused before any handler reads it.
+    for (method, path, field) in [
+        ("PUT", "/v1/admin/teams/a%00b", "path"),
+        ("DELETE", "/v1/admin/teams/a%00b", "path"),
+        ("GET", "/v1/admin/users?cursor=%00", "query"),
+        ("GET", "/v1/auth/sso/start?tenant=%00", "query"),
+    ] {
         let res = http()
             .request(method.parse().unwrap(), format!("{}{path}", ingest.url()))
             .bearer_auth(&admin_key)
-            .header("content-type", "application/json")
-            .body(body)
+            .json(&serde_json::json!({"name": "Platform", "members": []}))
             .send()
             .await
             .unwrap();
-        assert_eq!(res.status(), 422, "{path}");
+        assert_eq!(res.status(), 422, "{method} {path}");
         let problem: serde_json::Value = res.json().await.unwrap();
         assert_eq!(problem["errors"][0]["field"], field, "{problem}");
     }
