@@ -6,9 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::PgPool;
 use tokio::sync::Notify;
+
+use crate::ingest::sink::MAX_STORED_EVENT_BYTES;
 
 const BATCH: i64 = 500;
 /// Other instances' rows (written by the admin CLI, say) are picked up this often.
@@ -75,20 +78,72 @@ async fn relay_batch(
     if rows.is_empty() {
         return Ok(0);
     }
-    let sends = rows.iter().map(|(_, key, payload)| {
+    // A row the log can never take is set aside, not sent: trying it again would fail every
+    // batch it is in, and every tenant's events behind it would wait for ever.
+    let (sendable, too_large): (Vec<_>, Vec<_>) = rows
+        .iter()
+        .partition(|(_, key, payload)| key.len() + payload.len() <= MAX_STORED_EVENT_BYTES);
+    let sends = sendable.iter().map(|(_, key, payload)| {
         producer.send(
             FutureRecord::to(topic).key(key).payload(payload),
             Duration::from_secs(5),
         )
     });
-    for result in join_all(sends).await {
-        result.map_err(|(e, _)| e)?;
+    let mut refused: Vec<(i64, String)> = too_large
+        .iter()
+        .map(|(seq, key, payload)| {
+            let bytes = key.len() + payload.len();
+            (
+                *seq,
+                format!("{bytes} bytes: the log takes at most {MAX_STORED_EVENT_BYTES}"),
+            )
+        })
+        .collect();
+    for ((seq, _, _), result) in sendable.iter().zip(join_all(sends).await) {
+        match result {
+            Ok(_) => {}
+            Err((e, _)) if never_taken(&e) => refused.push((*seq, e.to_string())),
+            Err((e, _)) => return Err(e.into()),
+        }
     }
     let seqs: Vec<i64> = rows.iter().map(|(s, _, _)| *s).collect();
     sqlx::query("UPDATE control.outbox SET sent_at = now() WHERE seq = ANY($1)")
         .bind(&seqs)
         .execute(&mut *tx)
         .await?;
+    if !refused.is_empty() {
+        let (seqs, reasons): (Vec<i64>, Vec<String>) = refused.into_iter().unzip();
+        sqlx::query(
+            "UPDATE control.outbox o SET refused = r.reason
+               FROM UNNEST($1::bigint[], $2::text[]) AS r(seq, reason) WHERE o.seq = r.seq",
+        )
+        .bind(&seqs)
+        .bind(&reasons)
+        .execute(&mut *tx)
+        .await?;
+        for (seq, reason) in seqs.iter().zip(&reasons) {
+            tracing::error!(
+                seq,
+                reason,
+                "outbox row refused by the log; set aside, not sent"
+            );
+        }
+        metrics::counter!("outbox_refused_total").increment(seqs.len() as u64);
+    }
     tx.commit().await?;
     Ok(rows.len())
+}
+
+/// Whether Kafka refused a record for what it is (sending it again cannot help), rather than
+/// for the state of the broker or the connection.
+fn never_taken(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    )
 }

@@ -284,3 +284,80 @@ async fn a_password_change_while_kafka_is_down_is_audited_exactly_once_later() {
 
     stop_all([projector, ingest, query]).await;
 }
+
+/// A row of the outbox the log can never take — here a `team.changed` of a team of 30 000
+/// people, whose member list is over Kafka's 1 MB — is set aside with its reason. Before, it
+/// failed every batch it was in, for ever, and no tenant's auth or control events reached the
+/// log again; now the rows after it, of its tenant and of another, are sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outbox_row_too_large_for_the_log_holds_back_no_one() {
+    use shared::people::{Snapshot, TeamSnapshot};
+    let TestEnv { pool, common } = test_env().await;
+    let ns = &common.topic_prefix;
+    let (a, b) = (
+        create_tenant(&pool, "outbox-large-a").await,
+        create_tenant(&pool, "outbox-large-b").await,
+    );
+    // Written as the control plane writes a team's change (with the relay not yet running,
+    // so that it comes first): the members are made up, the size is the point.
+    let team = TeamSnapshot {
+        key: "everyone".into(),
+        name: Some("Everyone".into()),
+        members: (0..30_000).map(|_| uuid::Uuid::now_v7()).collect(),
+        deleted: false,
+    };
+    let large = shared::outbox::auth_event(
+        a.id,
+        shared::events::AuthKind::TeamChanged,
+        shared::events::Actor::default(),
+        shared::events::AuthEvent {
+            target: Some("team:everyone".into()),
+            extra: team.into_extra(),
+            ..Default::default()
+        },
+    );
+    let mut conn = pool.acquire().await.unwrap();
+    shared::outbox::record(&mut conn, ns, &large).await.unwrap();
+    drop(conn);
+    let after_a = make_user(&pool, ns, &a, Role::Developer).await;
+    let after_b = make_user(&pool, ns, &b, Role::Developer).await;
+
+    let ingest = start_ingest(&common, |_| {}).await;
+    let sent = |email: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT sent_at IS NOT NULL FROM control.outbox
+                  WHERE envelope->'data'->>'email' = $1",
+            )
+            .bind(email)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(sent(after_a.clone()).await && sent(after_b.clone()).await) {
+        assert!(
+            Instant::now() < deadline,
+            "the rows after the large one were not sent"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (sent_at, refused): (bool, Option<String>) = sqlx::query_as(
+        "SELECT sent_at IS NOT NULL, refused FROM control.outbox WHERE event_id = $1",
+    )
+    .bind(large.id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(sent_at, "set aside, not tried again");
+    let refused = refused.expect("the reason is kept");
+    assert!(refused.contains("the log takes at most"), "{refused}");
+    let metrics = scrape_metrics(&http(), &ingest.url()).await;
+    assert!(
+        counter(&metrics, "outbox_refused_total") >= 1.0,
+        "{metrics}"
+    );
+    ingest.stop().await.unwrap();
+}
