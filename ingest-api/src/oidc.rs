@@ -18,6 +18,31 @@ pub struct Discovery {
     pub jwks_uri: String,
 }
 
+/// The largest answer read from an identity provider (a discovery document, a JWKS, a token
+/// response are a few KiB). The provider is the tenant's to choose, and `/v1/auth/sso/start`
+/// answers anyone: without a bound, a provider answering gigabytes would have them held here.
+pub const MAX_PROVIDER_ANSWER: usize = 256 * 1024;
+
+/// `res`'s JSON, read no further than [`MAX_PROVIDER_ANSWER`] bytes.
+pub async fn json_within<T: serde::de::DeserializeOwned>(
+    mut res: reqwest::Response,
+) -> Result<T, String> {
+    if res
+        .content_length()
+        .is_some_and(|n| n > MAX_PROVIDER_ANSWER as u64)
+    {
+        return Err(format!("the answer is over {MAX_PROVIDER_ANSWER} bytes"));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = res.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > MAX_PROVIDER_ANSWER {
+            return Err(format!("the answer is over {MAX_PROVIDER_ANSWER} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -30,13 +55,13 @@ pub fn client() -> reqwest::Client {
 pub async fn discover(http: &reqwest::Client, issuer: &str) -> Result<Discovery, String> {
     let issuer = issuer.trim_end_matches('/');
     let url = format!("{issuer}/.well-known/openid-configuration");
-    let d: Discovery = http
+    let res = http
         .get(&url)
         .send()
         .await
         .and_then(|r| r.error_for_status())
-        .map_err(|e| format!("discovery at {url} failed: {e}"))?
-        .json()
+        .map_err(|e| format!("discovery at {url} failed: {e}"))?;
+    let d: Discovery = json_within(res)
         .await
         .map_err(|e| format!("discovery at {url} is not valid: {e}"))?;
     if d.issuer.trim_end_matches('/') != issuer {
@@ -112,13 +137,13 @@ pub async fn verify_id_token(
             header.alg
         ));
     }
-    let jwks: JwkSet = http
+    let res = http
         .get(&d.jwks_uri)
         .send()
         .await
         .and_then(|r| r.error_for_status())
-        .map_err(|e| format!("issuer JWKS unavailable: {e}"))?
-        .json()
+        .map_err(|e| format!("issuer JWKS unavailable: {e}"))?;
+    let jwks: JwkSet = json_within(res)
         .await
         .map_err(|e| format!("issuer JWKS is not valid: {e}"))?;
     let jwk = match &header.kid {

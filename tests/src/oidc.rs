@@ -36,6 +36,15 @@ pub struct Faults {
     pub wrong_nonce: bool,
     pub wrong_audience: bool,
     pub foreign_key: bool,
+    /// Discovery documents of over 1 MiB (a field no one reads, padded).
+    pub huge_discovery: bool,
+    /// Token answers of over 1 MiB, likewise.
+    pub huge_token: bool,
+}
+
+/// A field of `n` bytes that no relying party reads.
+fn padding(n: usize) -> Value {
+    Value::String("x".repeat(n))
 }
 
 struct Grant {
@@ -123,7 +132,9 @@ fn keys() -> &'static (Keys, Keys) {
 }
 
 async fn discovery(State(idp): State<Idp>) -> Json<Value> {
+    let huge = idp.faults.lock().unwrap().huge_discovery;
     Json(json!({
+        "x-padding": if huge { padding(1 << 20) } else { Value::Null },
         "issuer": idp.base,
         "authorization_endpoint": format!("{}/authorize", idp.base),
         "token_endpoint": format!("{}/token", idp.base),
@@ -217,6 +228,14 @@ async fn token(State(idp): State<Idp>, Form(f): Form<HashMap<String, String>>) -
     h.kid = Some("idp-1".into());
     let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes()).expect("rsa pem");
     let id_token = jsonwebtoken::encode(&h, &claims, &key).expect("sign");
-    Json(json!({"access_token": "opaque", "token_type": "Bearer", "id_token": id_token}))
-        .into_response()
+    let pad = if faults.huge_token {
+        padding(1 << 20)
+    } else {
+        Value::Null
+    };
+    Json(
+        json!({"access_token": "opaque", "token_type": "Bearer", "id_token": id_token,
+                "x-padding": pad}),
+    )
+    .into_response()
 }

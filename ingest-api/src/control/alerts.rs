@@ -423,7 +423,9 @@ pub async fn list_channels(
     Ok(Json(rows))
 }
 
-/// `DELETE /v1/admin/channels/{id}`: the channel and its deliveries go; firings stay.
+/// `DELETE /v1/admin/channels/{id}`: the channel and its deliveries go; firings stay. Budgets
+/// and rules that named it no longer do (one that named only it notifies every channel, as
+/// one that names none).
 pub async fn delete_channel(
     State(s): State<AppState>,
     caller: TenantAdmin,
@@ -432,6 +434,8 @@ pub async fn delete_channel(
     let statements = [
         "DELETE FROM control.channels WHERE tenant_id = $1 AND id = $2",
         "UPDATE control.budgets SET channels = array_remove(channels, $2) WHERE tenant_id = $1",
+        "UPDATE control.alert_rules SET channels = array_remove(channels, $2)
+          WHERE tenant_id = $1",
     ];
     let change = Change::new(AuthKind::ChannelChanged, format!("channel:{id}"), "deleted");
     change_one(

@@ -448,8 +448,7 @@ pub async fn callback(
             "the identity provider refused the authorization code",
         ));
     }
-    let tokens: TokenResponse = res
-        .json()
+    let tokens: TokenResponse = oidc::json_within(res)
         .await
         .map_err(|_| Problem::unauthorized("the identity provider answered nonsense"))?;
     let id_token = tokens

@@ -758,5 +758,38 @@ async fn people_fields_are_bounded_and_caps_hold_under_racing_requests() {
             .await
             .unwrap();
     assert_eq!(rules, 100);
+
+    // A deleted channel leaves the rules that named it: one that named only it notifies every
+    // channel, as a budget does, rather than no one.
+    let (status, channel) = send(
+        post.clone(),
+        "/v1/admin/channels",
+        json!({"name": "ops", "kind": "webhook", "url": "http://127.0.0.1:9/hook"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{channel}");
+    let channel = channel["id"].as_str().unwrap();
+    let (status, rule) = send(
+        reqwest::Method::PUT,
+        &format!("/v1/admin/rules/{}", racing.iter().find(|(s, _)| *s == 201).unwrap().1["id"].as_str().unwrap()),
+        json!({"name": "paged", "kind": "events", "scope": "tenant", "threshold": 1, "channels": [channel]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{rule}");
+    assert_eq!(rule["channels"], json!([channel]));
+    let (status, _) = send(
+        reqwest::Method::DELETE,
+        &format!("/v1/admin/channels/{channel}"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (_, rule) = send(
+        reqwest::Method::GET,
+        &format!("/v1/admin/rules/{}", rule["id"].as_str().unwrap()),
+        json!({}),
+    )
+    .await;
+    assert_eq!(rule["channels"], json!([]), "{rule}");
     ingest.stop().await.unwrap();
 }

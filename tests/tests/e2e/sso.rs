@@ -230,6 +230,28 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
         idp.set_faults(faults.clone());
         assert_eq!(browser.login().await.status(), 401, "{faults:?}");
     }
+    // A provider answering more than a provider's answer is: not read past 256 KiB. Discovery
+    // is how a start begins (503: the provider is unusable), the token answer how a callback
+    // ends (401).
+    idp.set_faults(Faults {
+        huge_discovery: true,
+        ..Default::default()
+    });
+    let res = browser
+        .http
+        .get(format!(
+            "{}/v1/auth/sso/start?tenant={}",
+            browser.ingest, browser.tenant
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    idp.set_faults(Faults {
+        huge_token: true,
+        ..Default::default()
+    });
+    assert_eq!(browser.login().await.status(), 401);
     idp.set_faults(Faults::default());
     assert_eq!(browser.login().await.status(), 200);
 
