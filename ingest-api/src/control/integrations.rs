@@ -3,6 +3,7 @@
 //! and optionally the salt that keeps repository and branch names private. Every change is
 //! audited (`integration.changed`). The receivers are in [`crate::routes::webhooks`].
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -73,6 +74,16 @@ fn provider(p: &str) -> Result<&'static str, Problem> {
         .ok_or_else(|| Problem::not_found(format!("no provider `{p}`; known: github, gitlab")))
 }
 
+/// The provider a path names (one that is not even text is none: 404, not axum's plain 400).
+fn provider_in(p: Result<Path<String>, PathRejection>) -> Result<&'static str, Problem> {
+    match p {
+        Ok(Path(p)) => provider(&p),
+        Err(_) => Err(Problem::not_found(
+            "no such provider; known: github, gitlab",
+        )),
+    }
+}
+
 const VIEW: &str = "SELECT provider, private_names,
                            '/v1/webhooks/' || provider || '/' || tenant_id AS webhook_path,
                            created_at, updated_at, last_delivery_at, deliveries
@@ -82,10 +93,10 @@ const VIEW: &str = "SELECT provider, private_names,
 pub async fn put(
     State(s): State<AppState>,
     caller: TenantAdmin,
-    Path(p): Path<String>,
+    p: Result<Path<String>, PathRejection>,
     Body(req): Body<PutIntegration>,
 ) -> Result<Json<IntegrationView>, Problem> {
-    let provider = provider(&p)?;
+    let provider = provider_in(p)?;
     let n = req.secret.chars().count();
     if !(16..=256).contains(&n) {
         return Err(Problem::invalid_field(
@@ -162,9 +173,9 @@ pub async fn list(
 pub async fn delete(
     State(s): State<AppState>,
     caller: TenantAdmin,
-    Path(p): Path<String>,
+    p: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, Problem> {
-    let provider = provider(&p)?;
+    let provider = provider_in(p)?;
     let mut tx = s.pool.begin().await.map_err(db)?;
     let n = sqlx::query("DELETE FROM control.integrations WHERE tenant_id = $1 AND provider = $2")
         .bind(caller.tenant.0)

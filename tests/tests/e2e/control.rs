@@ -791,5 +791,22 @@ async fn people_fields_are_bounded_and_caps_hold_under_racing_requests() {
     )
     .await;
     assert_eq!(rule["channels"], json!([]), "{rule}");
+
+    // A provider's name that is not even text is a problem like any unknown provider's (it was
+    // axum's plain-text 400).
+    for method in [reqwest::Method::PUT, reqwest::Method::DELETE] {
+        let res = client
+            .request(
+                method.clone(),
+                format!("{}/v1/admin/integrations/%FF", ingest.url()),
+            )
+            .bearer_auth(&admin)
+            .json(&json!({"secret": "a-secret-of-twenty-chars"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 404, "{method}");
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+    }
     ingest.stop().await.unwrap();
 }
