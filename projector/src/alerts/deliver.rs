@@ -3,10 +3,12 @@
 //! recorded. A delivery is leased while it is attempted, so that another instance (or this
 //! one restarted after a crash) takes it over only once the lease has run out. Each attempt
 //! runs in its own task under a bounded concurrency and timeout: a slow receiver holds one
-//! slot for at most the timeout, never the others. A delivery that runs out of attempts
+//! slot for at most the timeout, never the others, and one tenant's deliveries hold fewer than
+//! twice [`TENANT_SHARE`] of the slots at once. A delivery that runs out of attempts
 //! pauses its channel, and the tenant's other channels are told.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
@@ -28,6 +30,11 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 const LEASE_SECS: i64 = 30;
 /// Most attempts in flight per process.
 const CONCURRENCY: usize = 32;
+/// One tenant's share of them: a tenant holding this many is not claimed for until one ends,
+/// and a claim takes no more than this, so a tenant holds fewer than twice as many. One whose
+/// receivers hang (each attempt then holds its slot for [`ATTEMPT_TIMEOUT`]) with thousands of
+/// deliveries due cannot hold the other tenants' back.
+const TENANT_SHARE: usize = 8;
 /// What is kept of a receiver's answer.
 const EXCERPT_BYTES: usize = 512;
 
@@ -59,11 +66,22 @@ impl Deliverer {
     /// Sends what is due until `stop` flips.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let slots = Arc::new(Semaphore::new(CONCURRENCY));
+        // Attempts in flight by tenant.
+        let held: Arc<Mutex<HashMap<Uuid, usize>>> = Arc::default();
         loop {
-            let free = slots.available_permits();
+            // At most a tenant's share at a time, and none of a tenant that holds its share:
+            // the oldest due deliveries of one tenant fill its share, then others' are taken.
+            let free = slots.available_permits().min(TENANT_SHARE);
+            let full: Vec<Uuid> = held
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .filter(|(_, &n)| n >= TENANT_SHARE)
+                .map(|(t, _)| *t)
+                .collect();
             let claimed = match free {
                 0 => Vec::new(),
-                n => self.claim(n as i64).await.unwrap_or_else(|e| {
+                n => self.claim(n as i64, &full).await.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "cannot claim due deliveries");
                     Vec::new()
                 }),
@@ -72,8 +90,22 @@ impl Deliverer {
             for c in claimed {
                 let permit = slots.clone().acquire_owned().await.expect("never closed");
                 let me = self.clone();
+                let tenant = c.tenant;
+                *held
+                    .lock()
+                    .expect("not poisoned")
+                    .entry(tenant)
+                    .or_default() += 1;
+                let held = held.clone();
                 tokio::spawn(async move {
                     me.attempt(c).await;
+                    let mut held = held.lock().expect("not poisoned");
+                    if let Some(n) = held.get_mut(&tenant) {
+                        *n -= 1;
+                        if *n == 0 {
+                            held.remove(&tenant);
+                        }
+                    }
                     drop(permit);
                 });
             }
@@ -88,8 +120,9 @@ impl Deliverer {
         }
     }
 
-    /// Leases up to `n` due deliveries of unpaused channels and counts their attempt.
-    async fn claim(&self, n: i64) -> sqlx::Result<Vec<Claimed>> {
+    /// Leases up to `n` due deliveries of unpaused channels, none of the tenants in `full`, and
+    /// counts their attempt. At most [`TENANT_SHARE`] of one tenant: `n` is no more.
+    async fn claim(&self, n: i64, full: &[Uuid]) -> sqlx::Result<Vec<Claimed>> {
         type Row = (Uuid, Uuid, Uuid, i32, String, Vec<u8>, Value);
         let rows: Vec<Row> = sqlx::query_as(
             "WITH due AS (
@@ -98,6 +131,7 @@ impl Deliverer {
                   WHERE d.status = 'pending' AND d.next_attempt_at <= now()
                     AND (d.leased_until IS NULL OR d.leased_until < now())
                     AND c.paused_at IS NULL
+                    AND NOT (d.tenant_id = ANY($3))
                   ORDER BY d.next_attempt_at
                   LIMIT $1
                   FOR UPDATE OF d SKIP LOCKED),
@@ -113,6 +147,7 @@ impl Deliverer {
         )
         .bind(n)
         .bind(LEASE_SECS as f64)
+        .bind(full)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows

@@ -877,3 +877,93 @@ async fn rules_fire_on_error_rates_silence_and_anomalies_but_not_on_noise() {
         .is_empty());
     stop_all([ingest, projector]).await;
 }
+
+/// One tenant's hanging receiver and 200 due deliveries (each attempt holds its slot for the
+/// 10 s timeout) do not hold back another tenant's notification: a tenant has at most its
+/// share of the deliverer's slots. Before, the 32 slots went to the oldest due deliveries,
+/// all the first tenant's, and the second waited about a minute for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_tenants_hanging_receiver_does_not_hold_back_anothers_notifications() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let client = http();
+    let (hog, other) = (
+        create_tenant(&pool, "alerts-hog").await,
+        create_tenant(&pool, "alerts-fair").await,
+    );
+    let (hanging, answering) = (Receiver::start().await, Receiver::start().await);
+    hanging.hold(true);
+    let channel = |tenant: &TestTenant, url: &str| {
+        let (client, base, url) = (client.clone(), ingest.url(), url.to_string());
+        let pool = pool.clone();
+        let tenant_id = tenant.id;
+        async move {
+            let key = ingest_api::control::store::create_api_key(
+                &pool,
+                "",
+                tenant_id,
+                shared::apikey::Scope::Admin,
+                "fair",
+            )
+            .await
+            .unwrap()
+            .1;
+            let (st, c) = send(
+                &client,
+                reqwest::Method::POST,
+                format!("{base}/v1/admin/channels"),
+                &key,
+                Some(json!({"name": "ops", "kind": "webhook", "url": url})),
+            )
+            .await;
+            assert_eq!(st, 201, "{c}");
+            uuid::Uuid::parse_str(c["id"].as_str().unwrap()).unwrap()
+        }
+    };
+    let hog_channel = channel(&hog, &hanging.url).await;
+    let other_channel = channel(&other, &answering.url).await;
+    // Firings as the evaluator writes them, the hog's due a minute earlier than the other's.
+    let fire = |tenant: uuid::Uuid, channel: uuid::Uuid, n: usize, ago_secs: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(
+                "WITH f AS (
+                     INSERT INTO control.firings (id, tenant_id, source, source_id, dedup, scope,
+                                                  scope_id, payload)
+                     SELECT gen_random_uuid(), $1, 'rule', gen_random_uuid(),
+                            'fair-' || gen_random_uuid(), '', '',
+                            jsonb_build_object('type', 'rule.triggered', 'data', '{}'::jsonb)
+                       FROM generate_series(1, $3)
+                     RETURNING id)
+                 INSERT INTO control.deliveries (id, tenant_id, firing_id, channel_id,
+                                                 next_attempt_at)
+                 SELECT gen_random_uuid(), $1, f.id, $2, now() - make_interval(secs => $4)
+                   FROM f",
+            )
+            .bind(tenant)
+            .bind(channel)
+            .bind(n as i32)
+            .bind(ago_secs as f64)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    fire(hog.id.0, hog_channel, 200, 60).await;
+    // Let the deliverer take up the hog's deliveries first.
+    hanging.wait_received(1, Duration::from_secs(10)).await;
+    let fired = Instant::now();
+    fire(other.id.0, other_channel, 1, 0).await;
+    answering.wait_accepted(1, Duration::from_secs(8)).await;
+    let waited = fired.elapsed();
+    let held = hanging.received().len();
+    eprintln!("the other tenant's notification after {waited:?}; the hog's attempts: {held}");
+    assert!(held >= 8, "the hog had its share: {held} attempts");
+    // Over: the hog's channel paused, so no other test's deliverer keeps trying it.
+    sqlx::query("UPDATE control.channels SET paused_at = now() WHERE tenant_id = $1")
+        .bind(hog.id.0)
+        .execute(&pool)
+        .await
+        .unwrap();
+    stop_all([ingest, projector]).await;
+}
