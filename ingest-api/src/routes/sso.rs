@@ -25,6 +25,9 @@ use crate::extract::json_body;
 use crate::oidc;
 use crate::state::AppState;
 
+/// The most e-mail domains one tenant's single sign-on provisions people from.
+pub const MAX_ALLOWED_DOMAINS: usize = 100;
+
 #[derive(Debug, Deserialize)]
 pub struct SsoSettings {
     pub provider: String,
@@ -124,6 +127,26 @@ pub async fn put_settings(
         return Err(Problem::invalid_field(
             "client_id",
             "client_id and client_secret are required",
+        ));
+    }
+    // What every login carries (the client id is in the provider's URL) and every callback
+    // checks: bounded, as names are.
+    crate::control::http::check_len("client_id", &req.client_id, 255)?;
+    crate::control::http::check_len("client_secret", &req.client_secret, 1024)?;
+    if req.allowed_domains.len() > MAX_ALLOWED_DOMAINS {
+        return Err(Problem::invalid_field(
+            "allowed_domains",
+            format!("at most {MAX_ALLOWED_DOMAINS} domains"),
+        ));
+    }
+    if let Some(i) = req
+        .allowed_domains
+        .iter()
+        .position(|d| d.chars().count() > 253)
+    {
+        return Err(Problem::invalid_field(
+            &format!("allowed_domains[{i}]"),
+            "a domain has at most 253 characters",
         ));
     }
     let role = req.default_role.as_deref().unwrap_or("developer");

@@ -112,8 +112,30 @@ async fn sso_logs_people_in_and_refuses_forgeries() {
         .unwrap();
     let owner_access = owner_tokens["access_token"].as_str().unwrap();
 
-    // The owner points the tenant at the provider; the secret is sealed at rest.
+    // Settings past their bounds are refused, naming the field.
     let domain = format!("{tag}.example.org");
+    let many: Vec<String> = (0..101).map(|i| format!("d{i}.example.org")).collect();
+    for (change, field) in [
+        (json!({"client_id": "c".repeat(256)}), "client_id"),
+        (json!({"client_secret": "s".repeat(1025)}), "client_secret"),
+        (json!({"allowed_domains": many}), "allowed_domains"),
+        (
+            json!({"allowed_domains": [domain, format!("{}.org", "d".repeat(250))]}),
+            "allowed_domains[1]",
+        ),
+    ] {
+        let mut settings = oidc_settings(&idp, &domain);
+        settings
+            .as_object_mut()
+            .unwrap()
+            .extend(change.as_object().unwrap().clone());
+        let res = put_sso(&http, &ingest.url(), owner_access, &settings).await;
+        assert_eq!(res.status(), 422, "{field}");
+        let problem: Value = res.json().await.unwrap();
+        assert_eq!(problem["errors"][0]["field"], field, "{problem}");
+    }
+
+    // The owner points the tenant at the provider; the secret is sealed at rest.
     let res = put_sso(
         &http,
         &ingest.url(),
