@@ -7,8 +7,9 @@
 //! twice [`TENANT_SHARE`] of the slots at once. A delivery that runs out of attempts
 //! pauses its channel, and the tenant's other channels are told.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
@@ -52,6 +53,42 @@ pub struct Deliverer {
     pub wake: Arc<Notify>,
 }
 
+/// Attempts in flight, by tenant.
+type Held = Arc<Mutex<HashMap<Uuid, usize>>>;
+
+/// One attempt of a tenant in flight: counted in [`Held`] while it lives, however its task
+/// ends (a panicking attempt too, which would otherwise leave its tenant counted for ever).
+struct Holding {
+    held: Held,
+    tenant: Uuid,
+}
+
+impl Holding {
+    fn new(held: &Held, tenant: Uuid) -> Holding {
+        *held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(tenant)
+            .or_default() += 1;
+        Holding {
+            held: held.clone(),
+            tenant,
+        }
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Entry::Occupied(mut n) = held.entry(self.tenant) {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
+            }
+        }
+    }
+}
+
 struct Claimed {
     id: Uuid,
     tenant: Uuid,
@@ -66,15 +103,14 @@ impl Deliverer {
     /// Sends what is due until `stop` flips.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let slots = Arc::new(Semaphore::new(CONCURRENCY));
-        // Attempts in flight by tenant.
-        let held: Arc<Mutex<HashMap<Uuid, usize>>> = Arc::default();
+        let held: Held = Arc::default();
         loop {
             // At most a tenant's share at a time, and none of a tenant that holds its share:
             // the oldest due deliveries of one tenant fill its share, then others' are taken.
             let free = slots.available_permits().min(TENANT_SHARE);
             let full: Vec<Uuid> = held
                 .lock()
-                .expect("not poisoned")
+                .unwrap_or_else(PoisonError::into_inner)
                 .iter()
                 .filter(|(_, &n)| n >= TENANT_SHARE)
                 .map(|(t, _)| *t)
@@ -89,24 +125,11 @@ impl Deliverer {
             let busy = claimed.len() == free && free > 0;
             for c in claimed {
                 let permit = slots.clone().acquire_owned().await.expect("never closed");
+                let holding = Holding::new(&held, c.tenant);
                 let me = self.clone();
-                let tenant = c.tenant;
-                *held
-                    .lock()
-                    .expect("not poisoned")
-                    .entry(tenant)
-                    .or_default() += 1;
-                let held = held.clone();
                 tokio::spawn(async move {
                     me.attempt(c).await;
-                    let mut held = held.lock().expect("not poisoned");
-                    if let Some(n) = held.get_mut(&tenant) {
-                        *n -= 1;
-                        if *n == 0 {
-                            held.remove(&tenant);
-                        }
-                    }
-                    drop(permit);
+                    drop((holding, permit));
                 });
             }
             if busy {
