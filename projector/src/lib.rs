@@ -124,14 +124,17 @@ impl App {
             config.consumer_group.clone(),
             stalls.clone(),
         )?;
+        let evaluation = alerts::evaluation_pool(&config.common)?;
         let alerts = config.alerts.then(|| alerts::Alerts {
             pool: pool.clone(),
+            evaluation,
             touched: alerts::Touched::default(),
             fired: Default::default(),
             dashboard_url: config.dashboard_url.clone(),
             policy: config.common.notify_policy(),
             key: shared::secretbox::SecretKey::from_hex(&config.common.secret_key).ok(),
             redis: redis.clone(),
+            budgets_from: Default::default(),
         });
         metrics_loop.alerts = alerts.as_ref().map(|a| a.touched.clone());
         let dirty = compactor::Dirty::default();

@@ -54,15 +54,12 @@ use state::AppState;
 /// The read pool: like every service's, plus a `statement_timeout` on each connection, so
 /// that no statement of any request (nor a wait for a lock) runs longer than configured.
 fn pool(config: &Config) -> Result<sqlx::PgPool, sqlx::Error> {
-    let opts: sqlx::postgres::PgConnectOptions = config.common.database_url.parse()?;
-    let opts = opts.application_name("tally-query-api").options([(
-        "statement_timeout",
-        format!("{}ms", config.statement_timeout_ms),
-    )]);
-    Ok(sqlx::postgres::PgPoolOptions::new()
-        .max_connections(config.common.db_max_connections)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect_lazy_with(opts))
+    shared::db::bounded_pool(
+        &config.common,
+        "tally-query-api",
+        config.common.db_max_connections,
+        std::time::Duration::from_millis(config.statement_timeout_ms),
+    )
 }
 
 /// How long a read waits for a database connection (the pool's, or its tenant's share).

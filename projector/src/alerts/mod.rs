@@ -10,13 +10,19 @@
 //! evaluated). A rule fires when its condition starts to hold: the rule's row goes from `ok`
 //! to `firing` (once, under its row lock) in the transaction that writes the firing, keyed by
 //! the rule's crossing count; it returns to `ok` when the condition clears. Tenants are also
-//! swept every few seconds, which is what notices a silence. The deliverer ([`deliver`]) sends what is due: the transactional outbox is
-//! what makes a notification survive a crash between deciding and sending.
+//! swept every few seconds, however busy the projector is, which is what notices a silence.
+//! The deliverer ([`deliver`]) sends what is due: the transactional outbox is what makes a
+//! notification survive a crash between deciding and sending.
+//!
+//! One tenant cannot hold back another's alerts: tenants are evaluated side by side in
+//! [`LANES`] lanes, on a pool of their own whose every statement (or wait for a lock) is
+//! cancelled after [`STATEMENT_TIMEOUT`], and a tenant's turn ends after [`TURN`] (its rules
+//! not reached are evaluated first in its next turn, which follows at once).
 
 pub mod deliver;
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -25,7 +31,8 @@ use shared::budgets::{self, Budget};
 use shared::rules::{self, Rule};
 use shared::tenant::TenantId;
 use sqlx::PgPool;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinSet;
 use uuid::Uuid;
 
 /// How often every tenant with budgets is evaluated even without new events (budgets made
@@ -33,6 +40,13 @@ use uuid::Uuid;
 const SWEEP: Duration = Duration::from_secs(15);
 /// How long the set of tenants with budgets is trusted between sweeps.
 const KNOWN_FOR: Duration = Duration::from_secs(2);
+/// How many tenants are evaluated at once (and the evaluation pool's connections).
+pub const LANES: usize = 2;
+/// The longest one statement of an evaluation may run, a wait for a lock included: a window
+/// read over a tenant's enormous rollups, or a table a migration holds.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one tenant's rules, and then its budgets, are evaluated in one turn.
+const TURN: Duration = Duration::from_secs(5);
 
 /// Tenants whose projection advanced since the evaluator last looked.
 #[derive(Clone, Default)]
@@ -56,10 +70,60 @@ impl Touched {
     }
 }
 
+/// The tenants being evaluated, each with whether it is to be evaluated again when its turn
+/// ends (it was touched meanwhile, or its turn ran out).
+type Running = Arc<Mutex<HashMap<TenantId, bool>>>;
+
+/// A tenant's turn in a lane: while it lives the tenant is not evaluated by another lane;
+/// dropped however the turn ends, it frees the tenant and, if asked, touches it again.
+struct Turn {
+    tenant: TenantId,
+    running: Running,
+    touched: Touched,
+}
+
+impl Turn {
+    /// The tenant's turn, or `None` (and it is marked to go again) while it has one.
+    fn take(running: &Running, touched: &Touched, tenant: TenantId) -> Option<Turn> {
+        let mut map = running.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(again) = map.get_mut(&tenant) {
+            *again = true;
+            return None;
+        }
+        map.insert(tenant, false);
+        Some(Turn {
+            tenant,
+            running: running.clone(),
+            touched: touched.clone(),
+        })
+    }
+
+    fn again(&self) {
+        let mut map = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        map.insert(self.tenant, true);
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let again = self
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.tenant);
+        if again == Some(true) {
+            self.touched.touch([self.tenant]);
+        }
+    }
+}
+
 /// What the alerting tasks need.
 #[derive(Clone)]
 pub struct Alerts {
     pub pool: PgPool,
+    /// The evaluator's own connections: [`LANES`] of them, each statement bounded by
+    /// [`STATEMENT_TIMEOUT`] ([`evaluation_pool`]).
+    pub evaluation: PgPool,
     pub touched: Touched,
     /// Wakes the deliverer when a firing was just written.
     pub fired: Arc<Notify>,
@@ -71,6 +135,8 @@ pub struct Alerts {
     pub key: Option<shared::secretbox::SecretKey>,
     /// Wakes query-api's live feeds of a tenant that fired (they show it as an `alert`).
     pub redis: Option<redis::aio::ConnectionManager>,
+    /// Where each tenant's next turn takes up its budgets, after a turn that ran out.
+    pub budgets_from: Arc<Mutex<HashMap<TenantId, usize>>>,
 }
 
 /// Starts the evaluator and the deliverer; both stop when `stop` flips.
@@ -97,17 +163,38 @@ pub fn spawn(alerts: Alerts, stop: watch::Receiver<bool>) -> Vec<tokio::task::Jo
     ]
 }
 
+/// The evaluator's pool: [`LANES`] connections whose every statement is cancelled after
+/// [`STATEMENT_TIMEOUT`].
+pub fn evaluation_pool(common: &shared::config::Common) -> Result<PgPool, sqlx::Error> {
+    shared::db::bounded_pool(
+        common,
+        "tally-projector-alerts",
+        LANES as u32,
+        STATEMENT_TIMEOUT,
+    )
+}
+
 /// Runs the evaluator until `stop` flips.
-pub async fn evaluate_continuously(mut alerts: Alerts, mut stop: watch::Receiver<bool>) {
+pub async fn evaluate_continuously(alerts: Alerts, mut stop: watch::Receiver<bool>) {
     // The tenants that have budgets or rules, looked up again at every sweep and at most every
     // [`KNOWN_FOR`] on a wake: a batch of a tenant without any costs no query.
     let mut known: Option<(Instant, BTreeSet<TenantId>)> = None;
-    loop {
+    // A deadline, not a sleep restarted at every wake: batches every few seconds must not
+    // put off the sweep that notices a silence.
+    let mut next_sweep = tokio::time::Instant::now() + SWEEP;
+    let lanes = Arc::new(Semaphore::new(LANES));
+    let running = Running::default();
+    let mut turns = JoinSet::new();
+    'evaluating: loop {
+        while turns.try_join_next().is_some() {}
         let sweep = tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.changed() => break,
             _ = alerts.touched.wake.notified() => false,
-            _ = tokio::time::sleep(SWEEP) => true,
+            _ = tokio::time::sleep_until(next_sweep) => true,
         };
+        if sweep {
+            next_sweep = tokio::time::Instant::now() + SWEEP;
+        }
         let stale = known
             .as_ref()
             .is_none_or(|(at, _)| sweep || at.elapsed() > KNOWN_FOR);
@@ -130,19 +217,43 @@ pub async fn evaluate_continuously(mut alerts: Alerts, mut stop: watch::Receiver
                 .collect(),
         };
         for tenant in tenants {
-            match evaluate_tenant(&alerts, tenant).await {
-                Ok(0) => {}
-                Ok(n) => {
-                    metrics::counter!("alerts_fired_total").increment(n);
-                    alerts.fired.notify_one();
-                    if let Some(redis) = alerts.redis.as_mut() {
-                        shared::watermark::publish(redis, [(tenant, 0)]).await;
-                    }
+            let Some(turn) = Turn::take(&running, &alerts.touched, tenant) else {
+                continue;
+            };
+            let lane = tokio::select! {
+                _ = stop.changed() => break 'evaluating,
+                lane = lanes.clone().acquire_owned() => lane.expect("the lanes are never closed"),
+            };
+            let alerts = alerts.clone();
+            turns.spawn(async move {
+                let _lane = lane;
+                if !evaluate_and_tell(alerts, tenant).await {
+                    turn.again();
                 }
-                Err(e) => {
-                    tracing::warn!(%tenant, error = %e, "alert evaluation failed; retried at the next batch or sweep")
+                drop(turn);
+            });
+        }
+    }
+    turns.shutdown().await;
+}
+
+/// Evaluates the tenant in one turn and tells what fired; returns whether the turn saw all
+/// of its rules and budgets.
+async fn evaluate_and_tell(mut alerts: Alerts, tenant: TenantId) -> bool {
+    match evaluate_tenant(&alerts, tenant).await {
+        Ok(Outcome { fired, finished }) => {
+            if fired > 0 {
+                metrics::counter!("alerts_fired_total").increment(fired);
+                alerts.fired.notify_one();
+                if let Some(redis) = alerts.redis.as_mut() {
+                    shared::watermark::publish(redis, [(tenant, 0)]).await;
                 }
             }
+            finished
+        }
+        Err(e) => {
+            tracing::warn!(%tenant, error = %e, "alert evaluation failed; retried at the next batch or sweep");
+            true
         }
     }
 }
@@ -156,25 +267,70 @@ async fn tenants_with_alerts(pool: &PgPool) -> sqlx::Result<BTreeSet<TenantId>> 
     Ok(ids.into_iter().map(TenantId).collect())
 }
 
-/// Evaluates the tenant's budgets and rules; returns how many new firings it wrote.
-pub async fn evaluate_tenant(alerts: &Alerts, tenant: TenantId) -> sqlx::Result<u64> {
-    let mut conn = alerts.pool.acquire().await?;
-    let fired = evaluate_rules(alerts, &mut conn, tenant).await?;
-    Ok(fired + evaluate_budgets(alerts, &mut conn, tenant).await?)
+/// What one turn of a tenant did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// New firings written.
+    pub fired: u64,
+    /// Whether every rule and budget was evaluated (else the turn ran out).
+    pub finished: bool,
+}
+
+/// Evaluates the tenant's rules, then its budgets, each for at most [`TURN`], on the
+/// evaluation pool.
+pub async fn evaluate_tenant(alerts: &Alerts, tenant: TenantId) -> sqlx::Result<Outcome> {
+    let mut conn = alerts.evaluation.acquire().await?;
+    let rules = evaluate_rules(alerts, &mut conn, tenant).await?;
+    let budgets = evaluate_budgets(alerts, &mut conn, tenant).await?;
+    Ok(Outcome {
+        fired: rules.fired + budgets.fired,
+        finished: rules.finished && budgets.finished,
+    })
+}
+
+/// Whether `e` is PostgreSQL cancelling a statement that ran past its timeout.
+fn timed_out(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "57014")
 }
 
 /// Evaluates the tenant's rules: a rule whose condition starts to hold fires once (unless
 /// it fired within its cool-down), and is `firing` until the condition clears.
+/// The least recently evaluated first, so that a turn that runs out leaves the same rules
+/// behind no more than once.
 async fn evaluate_rules(
     alerts: &Alerts,
     conn: &mut sqlx::PgConnection,
     tenant: TenantId,
-) -> sqlx::Result<u64> {
+) -> sqlx::Result<Outcome> {
     let now = Utc::now();
+    let turn = Instant::now();
     let mut fired = 0;
-    for rule in Rule::of_tenant(&mut *conn, tenant).await? {
-        let Some(e) = rules::evaluate(&mut *conn, tenant, &rule, now).await? else {
-            continue;
+    let mut rules = Rule::of_tenant(&mut *conn, tenant).await?;
+    rules.sort_by_key(|r| r.evaluated_at);
+    for rule in rules {
+        if turn.elapsed() > TURN {
+            metrics::counter!("alert_turns_cut_total").increment(1);
+            return Ok(Outcome {
+                fired,
+                finished: false,
+            });
+        }
+        let e = match rules::evaluate(&mut *conn, tenant, &rule, now).await {
+            Ok(Some(e)) => e,
+            Ok(None) => continue,
+            Err(e) if timed_out(&e) => {
+                // Too slow to judge now: to the back of the queue, and the others go on.
+                tracing::warn!(%tenant, rule = %rule.id, "alert rule evaluation cancelled after {STATEMENT_TIMEOUT:?}");
+                metrics::counter!("alert_evaluations_timed_out_total").increment(1);
+                sqlx::query("UPDATE control.alert_rules SET evaluated_at = now() WHERE id = $1")
+                    .bind(rule.id)
+                    .execute(&mut *conn)
+                    .await?;
+                continue;
+            }
+            Err(e) => return Err(e),
         };
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         // The transition, taken by one evaluator only (the row is locked until commit).
@@ -239,25 +395,61 @@ async fn evaluate_rules(
         }
         tx.commit().await?;
     }
-    Ok(fired)
+    Ok(Outcome {
+        fired,
+        finished: true,
+    })
 }
 
 /// Evaluates the tenant's budgets: every threshold crossed in the current period fires once.
+/// A turn that runs out leaves the rest to the next, which begins where it stopped.
 async fn evaluate_budgets(
     alerts: &Alerts,
     conn: &mut sqlx::PgConnection,
     tenant: TenantId,
-) -> sqlx::Result<u64> {
-    let list = Budget::of_tenant(&mut *conn, tenant).await?;
+) -> sqlx::Result<Outcome> {
+    let mut list = Budget::of_tenant(&mut *conn, tenant).await?;
     if list.is_empty() {
-        return Ok(0);
+        return Ok(Outcome {
+            fired: 0,
+            finished: true,
+        });
     }
+    let resume = {
+        let cursors = alerts
+            .budgets_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        cursors.get(&tenant).copied().unwrap_or(0) % list.len()
+    };
+    list.rotate_left(resume);
     let tz = budgets::time_zone(&mut *conn, tenant).await?;
     let now = Utc::now();
+    let turn = Instant::now();
     let mut fired = 0;
-    for budget in &list {
+    for (done, budget) in list.iter().enumerate() {
+        if turn.elapsed() > TURN {
+            metrics::counter!("alert_turns_cut_total").increment(1);
+            let mut cursors = alerts
+                .budgets_from
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            cursors.insert(tenant, resume + done);
+            return Ok(Outcome {
+                fired,
+                finished: false,
+            });
+        }
         let (start, end) = budgets::period_bounds(&mut *conn, budget.period, &tz, now).await?;
-        let spent = budgets::spent(&mut *conn, budget, start, end).await?;
+        let spent = match budgets::spent(&mut *conn, budget, start, end).await {
+            Ok(spent) => spent,
+            Err(e) if timed_out(&e) => {
+                tracing::warn!(%tenant, budget = %budget.id, "budget evaluation cancelled after {STATEMENT_TIMEOUT:?}");
+                metrics::counter!("alert_evaluations_timed_out_total").increment(1);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let percent = spent / budget.amount * 100.0;
         let crossed: Vec<i32> = budget
             .thresholds
@@ -292,7 +484,15 @@ async fn evaluate_budgets(
             tx.commit().await?;
         }
     }
-    Ok(fired)
+    alerts
+        .budgets_from
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&tenant);
+    Ok(Outcome {
+        fired,
+        finished: true,
+    })
 }
 
 fn budget_payload(

@@ -967,3 +967,237 @@ async fn one_tenants_hanging_receiver_does_not_hold_back_anothers_notifications(
         .unwrap();
     stop_all([ingest, projector]).await;
 }
+
+/// Makes a webhook channel to `url` and a rule for `tenant`; returns the rule's id.
+async fn channel_and_rule(
+    client: &reqwest::Client,
+    pool: &sqlx::PgPool,
+    ingest: &str,
+    tenant: &TestTenant,
+    url: &str,
+    rule: Value,
+) -> String {
+    let admin = admin_key(pool, tenant).await;
+    let api = |path: &str| format!("{ingest}/v1/admin/{path}");
+    let channel = json!({"name": "ops", "kind": "webhook", "url": url});
+    let (st, body) = send(
+        client,
+        reqwest::Method::POST,
+        api("channels"),
+        &admin,
+        Some(channel),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    let (st, body) = send(
+        client,
+        reqwest::Method::POST,
+        api("rules"),
+        &admin,
+        Some(rule),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    body["id"].as_str().unwrap().to_string()
+}
+
+/// One tenant whose rules cannot be evaluated does not hold back another tenant's: tenants
+/// go through the evaluator in lanes of their own, and each statement of an evaluation
+/// (a wait for a lock included) runs at most 2 s. The stand-in for a tenant whose reads are
+/// that slow (a window over enormous rollups) is a lock held on its minute rollups. Before,
+/// the evaluator took tenants one after another and waited for as long as the lock was held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_tenants_stuck_evaluation_does_not_hold_back_anothers_rules() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let client = http();
+    let (stuck, free) = (
+        create_tenant(&pool, "alerts-stuck").await,
+        create_tenant(&pool, "alerts-free").await,
+    );
+    let receiver = Receiver::start().await;
+    let any_event = json!({"name": "anything", "kind": "events", "scope": "tenant",
+                           "op": "above", "threshold": 0, "window_minutes": 5});
+    let stuck_rule = channel_and_rule(
+        &client,
+        &pool,
+        &ingest.url(),
+        &stuck,
+        &receiver.url,
+        any_event.clone(),
+    )
+    .await;
+    channel_and_rule(
+        &client,
+        &pool,
+        &ingest.url(),
+        &free,
+        &receiver.url,
+        any_event,
+    )
+    .await;
+    let of = |tenant: &TestTenant| {
+        let id = tenant.id.0.to_string();
+        receiver
+            .accepted()
+            .into_iter()
+            .filter(|r| r.json()["data"]["tenant_id"] == id.as_str())
+            .count()
+    };
+    // The stuck tenant's projection exists and its rule fired once, as usual.
+    post_events_accepted(
+        &client,
+        &ingest.url(),
+        &stuck.ingest_key,
+        &json!([command("team-h", Utc::now(), true)]),
+    )
+    .await;
+    wait_projected(&pool, stuck.id, 1, Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while of(&stuck) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stuck tenant's rule never fired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Its minute rollups locked: every read of its rules waits.
+    let schema = format!("tenant_{}_v1", stuck.id.0.simple());
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET LOCAL lock_timeout = '20s';
+         LOCK TABLE {schema}.activity_all_1m, {schema}.activity_1m IN ACCESS EXCLUSIVE MODE"
+    )))
+    .execute(&mut *lock)
+    .await
+    .unwrap();
+    let locked_at = Utc::now();
+    // Wait for an evaluator to queue behind the lock (a sweep, at most 15 s away).
+    let queued = Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_stat_activity a ON a.pid = l.pid
+              WHERE NOT l.granted AND n.nspname = $1 AND a.query LIKE '%activity_all_hours%'",
+        )
+        .bind(&schema)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            queued.elapsed() < Duration::from_secs(30),
+            "no evaluator read the stuck tenant's rule"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "an evaluator waits for the lock after {:?}",
+        queued.elapsed()
+    );
+
+    // The other tenant's event fires its rule within seconds.
+    let sent = Instant::now();
+    post_events_accepted(
+        &client,
+        &ingest.url(),
+        &free.ingest_key,
+        &json!([command("team-f", Utc::now(), true)]),
+    )
+    .await;
+    while of(&free) == 0 {
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "the other tenant's rule waited for the stuck tenant's"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waited = sent.elapsed();
+    // The stuck rule's read was cancelled and the rule put to the back of its queue.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let evaluated: Option<DateTime<Utc>> =
+            sqlx::query_scalar("SELECT evaluated_at FROM control.alert_rules WHERE id = $1")
+                .bind(Uuid::parse_str(&stuck_rule).unwrap())
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if evaluated.is_some_and(|at| at > locked_at) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stuck tenant's rule was not set aside: {evaluated:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    lock.rollback().await.unwrap();
+    eprintln!("the other tenant's rule fired {waited:?} after its event");
+    assert_eq!(of(&stuck), 1, "the stuck tenant's rule fired once");
+    stop_all([ingest, projector]).await;
+}
+
+/// A silence is noticed while another tenant keeps the projector busy: the sweep that
+/// notices it comes at a deadline, not after a sleep that every batch started again.
+/// Before, a batch every few seconds put the sweep off for as long as the traffic lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silence_is_noticed_while_another_tenant_keeps_the_projector_busy() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let client = http();
+    let (quiet, busy) = (
+        create_tenant(&pool, "alerts-quiet").await,
+        create_tenant(&pool, "alerts-busy").await,
+    );
+    let receiver = Receiver::start().await;
+    let silence = json!({"name": "team-q silent", "kind": "silence", "scope": "team",
+                         "scope_id": "team-q", "window_minutes": 1, "cooldown_minutes": 0});
+    channel_and_rule(
+        &client,
+        &pool,
+        &ingest.url(),
+        &quiet,
+        &receiver.url,
+        silence,
+    )
+    .await;
+    post_events_accepted(
+        &client,
+        &ingest.url(),
+        &quiet.ingest_key,
+        &json!([command("team-q", Utc::now(), true)]),
+    )
+    .await;
+    let stopped = Instant::now();
+    // The busy tenant sends every 2 s until the silence is noticed (at the latest some 2
+    // minutes after the quiet team's last event, plus a sweep).
+    let mut sent = 0;
+    while receiver.accepted().is_empty() {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(150),
+            "the silence was not noticed while the other tenant sent"
+        );
+        post_events_accepted(
+            &client,
+            &ingest.url(),
+            &busy.ingest_key,
+            &json!([command("team-b", Utc::now(), true)]),
+        )
+        .await;
+        sent += 1;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    eprintln!(
+        "silence noticed {:?} after the last event, {sent} batches of the other tenant meanwhile",
+        stopped.elapsed()
+    );
+    wait_projected(&pool, busy.id, sent, Duration::from_secs(30)).await;
+    let got = receiver.accepted();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].json()["data"]["rule"]["name"], "team-q silent");
+    stop_all([ingest, projector]).await;
+}
