@@ -342,16 +342,26 @@ $("login").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   $("login-error").textContent = "";
   try {
+    // An address may have accounts in several tenants: when the password opens more than
+    // one, the answer lists them (409 choose-tenant) and the person picks.
+    const tenant = $("tenant-choice").hidden ? undefined : $("tenant").value;
     const res = await fetch(INGEST + "/v1/auth/login", {
       method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ email: $("email").value, password: $("password").value }),
+      body: JSON.stringify({ email: $("email").value, password: $("password").value, tenant }),
     });
     const body = await res.json();
+    if (res.status === 409 && Array.isArray(body.tenants)) {
+      $("tenant").replaceChildren(...body.tenants.map((t) => new Option(t.name, t.id)));
+      $("tenant-choice").hidden = false;
+      $("login-error").textContent = "This address signs in to several tenants: choose one.";
+      return;
+    }
     if (!res.ok) { $("login-error").textContent = body.detail || "sign-in failed"; return; }
     token = body.access_token; sessionStorage.setItem("tally.token", token);
     await start();
   } catch (err) { $("login-error").textContent = String(err); }
 });
+$("email").addEventListener("input", () => { $("tenant-choice").hidden = true; });
 $("signout").addEventListener("click", signOut);
 $("range").addEventListener("change", refresh);
 $("show-people").addEventListener("change", () => {

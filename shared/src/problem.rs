@@ -21,7 +21,11 @@ pub struct Problem {
     pub errors: Vec<FieldError>,
     /// Seconds the client should wait before retrying (also sent as `Retry-After`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub retry_after: Option<u64>,
+    pub retry_after: Option<u32>,
+    /// Members of the problem's own type (RFC 9457 §3.2), e.g. the tenants a login may choose.
+    /// Boxed: a `Problem` is every fallible handler's error, and mostly has none.
+    #[serde(flatten)]
+    pub extensions: Option<Box<serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl Problem {
@@ -34,7 +38,16 @@ impl Problem {
             detail: detail.into(),
             errors: Vec::new(),
             retry_after: None,
+            extensions: None,
         }
+    }
+
+    /// Adds a member of the problem's own type.
+    pub fn with_extension(mut self, name: &str, value: serde_json::Value) -> Self {
+        self.extensions
+            .get_or_insert_with(Default::default)
+            .insert(name.to_string(), value);
+        self
     }
 
     pub fn with_errors(mut self, errors: Vec<FieldError>) -> Self {
@@ -43,7 +56,7 @@ impl Problem {
     }
 
     pub fn with_retry_after(mut self, seconds: u64) -> Self {
-        self.retry_after = Some(seconds);
+        self.retry_after = Some(u32::try_from(seconds).unwrap_or(u32::MAX));
         self
     }
 

@@ -1,7 +1,8 @@
 // Signs in to the dashboard page in headless Chromium, checks that the numbers on the page are
 // the API's, posts an event and waits for it in the live feed without reloading, and saves a
 // screenshot. Run by the Rust e2e test `dashboard` with:
-//   QUERY_URL, INGEST_URL, EMAIL, PASSWORD, INGEST_KEY, SCREENSHOT
+//   QUERY_URL, INGEST_URL, EMAIL, PASSWORD, INGEST_KEY, SCREENSHOT, TENANT_ID (the address
+// has the same password in a second tenant, so the page asks which)
 import { chromium } from "playwright-core";
 
 const env = (k) => {
@@ -9,8 +10,8 @@ const env = (k) => {
   if (!v) throw new Error(`${k} is not set`);
   return v;
 };
-const [query, ingest, email, password, ingestKey, shot] =
-  ["QUERY_URL", "INGEST_URL", "EMAIL", "PASSWORD", "INGEST_KEY", "SCREENSHOT"].map(env);
+const [query, ingest, email, password, ingestKey, shot, tenantId] =
+  ["QUERY_URL", "INGEST_URL", "EMAIL", "PASSWORD", "INGEST_KEY", "SCREENSHOT", "TENANT_ID"].map(env);
 
 function check(cond, what) {
   if (!cond) throw new Error(`check failed: ${what}`);
@@ -28,6 +29,11 @@ try {
   await page.goto(query + "/");
   await page.fill("#email", email);
   await page.fill("#password", password);
+  await page.click("#signin");
+  await page.waitForSelector("#tenant-choice:not([hidden])", { timeout: 15000 });
+  const offered = await page.$$eval("#tenant option", (os) => os.map((o) => o.value));
+  check(offered.length === 2 && offered.includes(tenantId), "the page asks which of the two tenants");
+  await page.selectOption("#tenant", tenantId);
   await page.click("#signin");
   await page.waitForSelector("#app:not([hidden])", { timeout: 15000 });
   await page.waitForFunction(() => document.querySelector('[data-testid="events_total"]').textContent !== "–", null, { timeout: 15000 });

@@ -51,6 +51,9 @@ pub enum UserCommand {
     Deactivate {
         #[arg(long)]
         email: String,
+        /// The tenant, when the address has accounts in several.
+        #[arg(long)]
+        tenant: Option<Uuid>,
     },
 }
 
@@ -191,8 +194,8 @@ pub async fn run(pool: &PgPool, ns: &str, cmd: AdminCommand) -> anyhow::Result<(
             .await?;
             println!("{id}");
         }
-        AdminCommand::User(UserCommand::Deactivate { email }) => {
-            deactivate_user(pool, ns, &email).await?;
+        AdminCommand::User(UserCommand::Deactivate { email, tenant }) => {
+            deactivate_user(pool, ns, &email, tenant.map(TenantId)).await?;
             println!("{email} deactivated");
         }
         AdminCommand::OperatorKey(OperatorKeyCommand::Create { name }) => {

@@ -37,7 +37,7 @@ fn failed(e: anyhow::Error) -> Problem {
             StatusCode::CONFLICT,
             "conflict",
             "Conflict",
-            "that e-mail address, or that user id in this tenant, is already taken",
+            "that e-mail address, or that user id, is already taken in this tenant",
         );
     }
     tracing::error!(error = %e, "control-plane change failed");

@@ -49,7 +49,7 @@ fn db(e: sqlx::Error) -> Problem {
             StatusCode::CONFLICT,
             "conflict",
             "Conflict",
-            "that e-mail address is already taken",
+            "that e-mail address already has an account in this tenant",
         );
     }
     tracing::error!(error = %e, "invitation query failed");

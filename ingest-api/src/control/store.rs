@@ -175,18 +175,39 @@ pub async fn create_user_hashed(
     Ok(id)
 }
 
-/// Deactivates a user and ends their sessions.
-pub async fn deactivate_user(pool: &PgPool, ns: &str, email: &str) -> anyhow::Result<()> {
+/// Deactivates a user and ends their sessions: the account of `email` in `tenant`, or its only
+/// account (an address with accounts in several tenants needs `tenant`).
+pub async fn deactivate_user(
+    pool: &PgPool,
+    ns: &str,
+    email: &str,
+    tenant: Option<TenantId>,
+) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    let row: Option<(Uuid, Uuid)> = sqlx::query_as(
-        "UPDATE control.users SET status = 'deactivated', token_version = token_version + 1,
-                updated_at = now()
-          WHERE email = $1 RETURNING id, tenant_id",
+    let accounts: Vec<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT id, tenant_id FROM control.users
+          WHERE email = $1 AND ($2::uuid IS NULL OR tenant_id = $2) FOR UPDATE",
     )
     .bind(email.trim().to_lowercase())
-    .fetch_optional(&mut *tx)
+    .bind(tenant.map(|t| t.0))
+    .fetch_all(&mut *tx)
     .await?;
-    let (id, tenant) = row.ok_or_else(|| anyhow::anyhow!("no user {email}"))?;
+    let (id, tenant) = match accounts.as_slice() {
+        [] => anyhow::bail!("no user {email}"),
+        [one] => *one,
+        more => anyhow::bail!(
+            "{email} has accounts in {} tenants; name one with --tenant",
+            more.len()
+        ),
+    };
+    sqlx::query(
+        "UPDATE control.users SET status = 'deactivated', token_version = token_version + 1,
+                updated_at = now()
+          WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query(
         "UPDATE control.refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
     )

@@ -83,7 +83,15 @@ const REFRESH_PREFIX: &str = "tlr_";
 pub struct LoginRequest {
     pub email: String,
     pub password: String,
+    /// The tenant to sign in to, when the address has an account with this password in
+    /// several (the 409 `choose-tenant` lists them).
+    #[serde(default)]
+    pub tenant: Option<Uuid>,
 }
+
+/// The most accounts of one address a login checks the password against (each check is an
+/// argon2id hash); an address in more tenants names its `tenant`.
+const MAX_ACCOUNTS_PER_LOGIN: i64 = 4;
 
 #[derive(Debug, Deserialize)]
 pub struct RefreshRequest {
@@ -156,7 +164,10 @@ type LoginRow = (Uuid, Uuid, String, String, i32, String, String);
 /// `POST /v1/auth/login`
 ///
 /// The attempt is counted before anything else; the password is checked with no database
-/// connection held.
+/// connection held. An address is unique within a tenant only: the password is checked
+/// against its accounts in every tenant (at most [`MAX_ACCOUNTS_PER_LOGIN`], or the one of
+/// `tenant`), and the account it matches is signed in; when it matches several, the answer is
+/// 409 `choose-tenant` naming them, for the client to send again with `tenant`.
 pub async fn login(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -165,32 +176,84 @@ pub async fn login(
     let email = req.email.trim().to_lowercase();
     let ip = peer.ip().to_string();
     let attempt = s.throttle.reserve(&email, &ip).await?;
-    let row: Result<Option<LoginRow>, Problem> = sqlx::query_as(
+    let rows: Result<Vec<LoginRow>, Problem> = sqlx::query_as(
         "SELECT u.id, u.tenant_id, u.password_hash, u.role, u.token_version, u.status, t.status
            FROM control.users u JOIN control.tenants t ON t.id = u.tenant_id
-          WHERE u.email = $1",
+          WHERE u.email = $1 AND ($2::uuid IS NULL OR u.tenant_id = $2)
+          ORDER BY u.created_at, u.id LIMIT $3",
     )
     .bind(&email)
-    .fetch_optional(&s.pool)
+    .bind(req.tenant)
+    .bind(MAX_ACCOUNTS_PER_LOGIN)
+    .fetch_all(&s.pool)
     .await
     .map_err(db);
-    let row = match row {
-        Ok(row) => row,
+    let rows = match rows {
+        Ok(rows) => rows,
         Err(p) => {
             s.throttle.release(attempt).await;
             return Err(p);
         }
     };
-    let stored = row.as_ref().map(|r| r.2.clone());
-    let matches = match verify_password(&s, req.password, stored).await {
-        Ok(m) => m,
-        Err(p) => {
-            s.throttle.release(attempt).await;
-            return Err(p);
+    // Checked against each account (against a dummy hash without any, so that an unknown
+    // address costs what a known one does).
+    let mut matched = Vec::new();
+    for row in rows.iter().map(Some).chain(rows.is_empty().then_some(None)) {
+        let stored = row.map(|r| r.2.clone());
+        match verify_password(&s, req.password.clone(), stored).await {
+            Ok(true) => matched.extend(row.cloned()),
+            Ok(false) => {}
+            Err(p) => {
+                s.throttle.release(attempt).await;
+                return Err(p);
+            }
         }
-    };
-    let Some((user, tenant, _, role, ver, status, tenant_status)) = row else {
+    }
+    if matched.len() > 1 {
+        // The person holds accounts in several tenants with this password: they choose.
+        s.throttle.succeeded(attempt).await;
+        let ids: Vec<Uuid> = matched.iter().map(|r| r.1).collect();
+        let names: Vec<(Uuid, String)> = sqlx::query_as(
+            "SELECT id, name FROM control.tenants WHERE id = ANY($1) ORDER BY name, id",
+        )
+        .bind(&ids)
+        .fetch_all(&s.pool)
+        .await
+        .map_err(db)?;
+        let tenants: Vec<serde_json::Value> = names
+            .into_iter()
+            .map(|(id, name)| serde_json::json!({"id": id, "name": name}))
+            .collect();
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "choose-tenant",
+            "Choose a tenant",
+            "this address and password sign in to several tenants; send the login again with `tenant`",
+        )
+        .with_extension("tenants", serde_json::Value::Array(tenants)));
+    }
+    let Some((user, tenant, _, role, ver, status, tenant_status)) = matched.pop() else {
         metrics::counter!("auth_logins_total", "outcome" => "failed").increment(1);
+        // Each account of the address tried is its tenant's to see.
+        for (user, tenant, ..) in &rows {
+            tracing::info!(%user, "login failed");
+            let event = AuthEvent {
+                user_id: Some(*user),
+                email: Some(email.clone()),
+                ip: Some(ip.clone()),
+                detail: Some("wrong password".into()),
+                ..Default::default()
+            };
+            let mut conn = s.pool.acquire().await.map_err(db)?;
+            audit_now(
+                &s,
+                &mut conn,
+                TenantId(*tenant),
+                AuthKind::LoginFailed,
+                event,
+            )
+            .await?;
+        }
         s.throttle.failed(attempt).await;
         return Err(denied());
     };
@@ -200,26 +263,6 @@ pub async fn login(
         ip: Some(ip.clone()),
         ..Default::default()
     };
-    if !matches {
-        metrics::counter!("auth_logins_total", "outcome" => "failed").increment(1);
-        tracing::info!(%user, "login failed");
-        let event = AuthEvent {
-            detail: Some("wrong password".into()),
-            ..event
-        };
-        let mut conn = s.pool.acquire().await.map_err(db)?;
-        audit_now(
-            &s,
-            &mut conn,
-            TenantId(tenant),
-            AuthKind::LoginFailed,
-            event,
-        )
-        .await?;
-        drop(conn);
-        s.throttle.failed(attempt).await;
-        return Err(denied());
-    }
     s.throttle.succeeded(attempt).await;
     let mut conn = s.pool.acquire().await.map_err(db)?;
     if status != "active" || tenant_status != "active" {

@@ -550,35 +550,35 @@ async fn find_or_provision(
     }
     // No usable password: a person provisioned here signs in through the identity provider.
     // Hashed before the transaction (no connection held across it), and only when needed.
-    let taken: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM control.users WHERE email = $1)")
-            .bind(&email)
-            .fetch_one(&s.pool)
-            .await
-            .map_err(db)?;
+    let taken: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM control.users WHERE tenant_id = $1 AND email = $2)",
+    )
+    .bind(tenant.0)
+    .bind(&email)
+    .fetch_one(&s.pool)
+    .await
+    .map_err(db)?;
     let unusable = match taken {
         true => None,
         false => Some(super::auth::hash_password(s, oidc::random_token(32)).await?),
     };
     let mut tx = s.pool.begin().await.map_err(db)?;
-    let existing: Option<(Uuid, Uuid, String)> =
-        sqlx::query_as("SELECT id, tenant_id, role FROM control.users WHERE email = $1")
+    // The address's account in this tenant; another tenant's account of the same address is
+    // that tenant's business.
+    let existing: Option<(Uuid, String)> =
+        sqlx::query_as("SELECT id, role FROM control.users WHERE tenant_id = $1 AND email = $2")
+            .bind(tenant.0)
             .bind(&email)
             .fetch_optional(&mut *tx)
             .await
             .map_err(db)?;
     let user = match existing {
-        Some((id, t, role)) if t == tenant.0 => {
+        Some((id, role)) => {
             if rank(&role) > rank(default_role) {
                 drop(tx);
                 return Err(refuse_link(s, tenant, id, &email, issuer, &claims.sub, &role).await);
             }
             id
-        }
-        Some(_) => {
-            return Err(Problem::forbidden(
-                "this e-mail address belongs to another tenant",
-            ))
         }
         None => {
             let unusable = unusable.ok_or_else(|| {

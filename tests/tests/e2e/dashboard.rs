@@ -30,6 +30,9 @@ async fn the_dashboard_page_works_in_headless_chromium() {
     let t = create_tenant(&pool, "browser").await;
     let email = format!("owner-{}@example.com", uuid::Uuid::new_v4().simple());
     create_person(&pool, t.id, &email, "Browser-Pass-1", Role::Owner).await;
+    // The same address and password in a second tenant: the page asks which.
+    let twin = create_tenant(&pool, "browser-twin").await;
+    create_person(&pool, twin.id, &email, "Browser-Pass-1", Role::Viewer).await;
     let mut generator = Generator::new(5, "web", 6, chrono::Duration::hours(3));
     let mut batch = generator.batch(300);
     // Claude Code's counters, as its OpenTelemetry metrics arrive: the Claude Code cards.
@@ -178,6 +181,7 @@ async fn the_dashboard_page_works_in_headless_chromium() {
     let script = repo_root().join("tests/browser/dashboard.mjs");
     let query_url = query.url();
     let ingest_key = t.ingest_key.clone();
+    let tenant_id = t.id.to_string();
     let shot_path = shot.clone();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("node")
@@ -189,6 +193,7 @@ async fn the_dashboard_page_works_in_headless_chromium() {
             .env("PASSWORD", "Browser-Pass-1")
             .env("INGEST_KEY", ingest_key)
             .env("SCREENSHOT", &shot_path)
+            .env("TENANT_ID", tenant_id)
             .output()
             .expect("node runs (make test installs Node.js packages and Chromium)")
     })

@@ -384,7 +384,7 @@ async fn people_log_in_and_see_what_their_role_allows() {
     );
 
     // A deactivated user is refused.
-    ingest_api::control::store::deactivate_user(&pool, "", &email("mgr"))
+    ingest_api::control::store::deactivate_user(&pool, "", &email("mgr"), None)
         .await
         .unwrap();
     assert_ne!(s.login(&email("mgr"), PASSWORD).await.status(), 200);
@@ -613,4 +613,140 @@ async fn a_refresh_racing_a_reuse_never_leaves_a_live_token() {
     eprintln!("refresh race: the rotation answered first in {rotations_won} of 25 rounds");
     s.ingest.stop().await.unwrap();
     s.query.stop().await.unwrap();
+}
+
+/// The tenant an access token is for.
+fn tenant_of(tokens: &Value) -> uuid::Uuid {
+    let token = tokens["access_token"].as_str().unwrap();
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: Claims = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    claims.tid.0
+}
+
+/// An e-mail address is a different person in each tenant. One tenant's admin can neither
+/// take another tenant's people's addresses first nor learn which it has: creating, inviting
+/// or provisioning an address another tenant holds works as for a new one. A login takes the
+/// account whose password matches, and asks which tenant when several do. Before, the address
+/// was unique across tenants: the second tenant got 409 (and the first a yes/no answer to
+/// "does any tenant have this person?").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_address_is_a_different_person_in_each_tenant() {
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let client = http();
+    let url = ingest.url();
+    let (a, b) = (
+        create_tenant(&pool, "address-a").await,
+        create_tenant(&pool, "address-b").await,
+    );
+    let key = |t: &TestTenant| {
+        let (pool, id) = (pool.clone(), t.id);
+        async move {
+            ingest_api::control::store::create_api_key(
+                &pool,
+                "",
+                id,
+                shared::apikey::Scope::Admin,
+                "people",
+            )
+            .await
+            .unwrap()
+            .1
+        }
+    };
+    let (key_a, key_b) = (key(&a).await, key(&b).await);
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let ceo = format!("ceo-{tag}@b.example");
+    let create = |key: &str, email: &str, password: &str| {
+        let req = client
+            .post(format!("{url}/v1/admin/users"))
+            .bearer_auth(key)
+            .json(&json!({"email": email, "password": password, "role": "viewer"}));
+        async move { status_and_json(req).await }
+    };
+    // B's person; A takes the same address, then B's person is still B's.
+    assert_eq!(create(&key_b, &ceo, "Bee-Pass-4242").await.0, 201);
+    let (st, body) = create(&key_a, &ceo.to_uppercase(), "Aye-Pass-4242").await;
+    assert_eq!(st, 201, "another tenant's address is free here: {body}");
+    let (st, body) = create(&key_a, &ceo, "Aye-Pass-4243").await;
+    assert_eq!(st, 409, "twice in one tenant: {body}");
+    assert_eq!(body["type"], "https://tally.dev/problems/conflict");
+
+    // Each password signs in to its own tenant; a wrong one to none.
+    let login_as = |email: &str, password: &str, tenant: Option<uuid::Uuid>| {
+        let mut body = json!({"email": email, "password": password});
+        if let Some(t) = tenant {
+            body["tenant"] = json!(t);
+        }
+        let req = client.post(format!("{url}/v1/auth/login")).json(&body);
+        async move { status_and_json(req).await }
+    };
+    let (st, tokens) = login_as(&ceo, "Bee-Pass-4242", None).await;
+    assert_eq!((st, tenant_of(&tokens)), (200, b.id.0));
+    let (st, tokens) = login_as(&ceo, "Aye-Pass-4242", None).await;
+    assert_eq!((st, tenant_of(&tokens)), (200, a.id.0));
+    assert_eq!(login_as(&ceo, "Not-The-Pass-1", None).await.0, 401);
+    // Naming a tenant checks only that tenant's account.
+    assert_eq!(login_as(&ceo, "Bee-Pass-4242", Some(a.id.0)).await.0, 401);
+    let (st, p) = login_as(&ceo, "Bee-Pass-4242", Some(uuid::Uuid::nil())).await;
+    assert_eq!(st, 401, "{p}");
+
+    // One password for both accounts: the login asks which, and only then signs in.
+    let both = format!("both-{tag}@b.example");
+    assert_eq!(create(&key_a, &both, "Same-Pass-4242").await.0, 201);
+    assert_eq!(create(&key_b, &both, "Same-Pass-4242").await.0, 201);
+    let (st, p) = login_as(&both, "Same-Pass-4242", None).await;
+    assert_eq!(st, 409, "{p}");
+    assert_eq!(p["type"], "https://tally.dev/problems/choose-tenant");
+    let mut offered: Vec<String> = p["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    offered.sort();
+    let mut expected = vec![a.id.0.to_string(), b.id.0.to_string()];
+    expected.sort();
+    assert_eq!(offered, expected, "{p}");
+    assert!(p["tenants"][0]["name"]
+        .as_str()
+        .unwrap()
+        .starts_with("address-"));
+    let (st, tokens) = login_as(&both, "Same-Pass-4242", Some(b.id.0)).await;
+    assert_eq!((st, tenant_of(&tokens)), (200, b.id.0));
+    // A wrong password is told nothing about tenants.
+    let (st, p) = login_as(&both, "Not-The-Pass-1", None).await;
+    assert_eq!(st, 401);
+    assert!(p.get("tenants").is_none(), "{p}");
+
+    // An invitation to an address another tenant holds is accepted as any.
+    let guest = format!("guest-{tag}@b.example");
+    assert_eq!(create(&key_b, &guest, "Bee-Pass-4242").await.0, 201);
+    let (st, inv) = status_and_json(
+        client
+            .post(format!("{url}/v1/admin/invitations"))
+            .bearer_auth(&key_a)
+            .json(&json!({"email": guest, "role": "viewer"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{inv}");
+    let (st, tokens) = status_and_json(
+        client
+            .post(format!("{url}/v1/auth/invitations/accept"))
+            .json(&json!({"token": inv["token"], "password": "Aye-Pass-4242"})),
+    )
+    .await;
+    assert_eq!((st, tenant_of(&tokens)), (200, a.id.0), "{tokens}");
+
+    // Deactivating by address alone needs the tenant when there are two.
+    let err = ingest_api::control::store::deactivate_user(&pool, "", &ceo, None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--tenant"), "{err}");
+    ingest_api::control::store::deactivate_user(&pool, "", &ceo, Some(a.id))
+        .await
+        .unwrap();
+    assert_eq!(login_as(&ceo, "Aye-Pass-4242", None).await.0, 403);
+    assert_eq!(login_as(&ceo, "Bee-Pass-4242", None).await.0, 200);
+    stop_all([ingest]).await;
 }

@@ -338,7 +338,7 @@ async fn streams_close_when_their_credential_stops_holding() {
     ingest_api::control::store::revoke_api_key(&pool, "", doomed_id)
         .await
         .unwrap();
-    ingest_api::control::store::deactivate_user(&pool, "", &people[0].0)
+    ingest_api::control::store::deactivate_user(&pool, "", &people[0].0, None)
         .await
         .unwrap();
     let change = |id, role, teams| ingest_api::control::store::UserChange {
