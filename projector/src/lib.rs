@@ -134,7 +134,7 @@ impl App {
             policy: config.common.notify_policy(),
             key: shared::secretbox::SecretKey::from_hex(&config.common.secret_key).ok(),
             redis: redis.clone(),
-            budgets_from: Default::default(),
+            seen: Default::default(),
         });
         metrics_loop.alerts = alerts.as_ref().map(|a| a.touched.clone());
         let dirty = compactor::Dirty::default();

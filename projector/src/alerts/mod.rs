@@ -16,8 +16,12 @@
 //!
 //! One tenant cannot hold back another's alerts: tenants are evaluated side by side in
 //! [`LANES`] lanes, on a pool of their own whose every statement (or wait for a lock) is
-//! cancelled after [`STATEMENT_TIMEOUT`], and a tenant's turn ends after [`TURN`] (its rules
-//! not reached are evaluated first in its next turn, which follows at once).
+//! cancelled after [`STATEMENT_TIMEOUT`]; a rule or budget that fails or is cancelled is
+//! logged and counted and the others go on; and a tenant's turn ends with the rule or budget
+//! under way once [`TURN`] has passed (what it did not reach goes first in its next turn,
+//! which follows at once). One rule reads at most eight windows (an anomaly's, each cut at
+//! [`STATEMENT_TIMEOUT`]), so a turn holds its lane for at most [`TURN`] plus 16 s, then
+//! twice that for the budgets (a crossed budget's forecast reads its spend again).
 
 pub mod deliver;
 
@@ -45,7 +49,7 @@ pub const LANES: usize = 2;
 /// The longest one statement of an evaluation may run, a wait for a lock included: a window
 /// read over a tenant's enormous rollups, or a table a migration holds.
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long one tenant's rules, and then its budgets, are evaluated in one turn.
+/// After how long a tenant's turn stops taking up more rules, and then more budgets.
 const TURN: Duration = Duration::from_secs(5);
 
 /// Tenants whose projection advanced since the evaluator last looked.
@@ -135,8 +139,22 @@ pub struct Alerts {
     pub key: Option<shared::secretbox::SecretKey>,
     /// Wakes query-api's live feeds of a tenant that fired (they show it as an `alert`).
     pub redis: Option<redis::aio::ConnectionManager>,
-    /// Where each tenant's next turn takes up its budgets, after a turn that ran out.
-    pub budgets_from: Arc<Mutex<HashMap<TenantId, usize>>>,
+    /// When this evaluator last looked at each rule and budget (by id), so that a tenant's
+    /// next turn begins with what its last one did not reach or could not finish.
+    pub seen: Arc<Mutex<HashMap<Uuid, Instant>>>,
+}
+
+impl Alerts {
+    fn seen(&self, id: Uuid) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        seen.insert(id, Instant::now());
+    }
+
+    /// Orders `items` by when they were last looked at, never first.
+    fn least_recently_seen<T>(&self, items: &mut [T], id: impl Fn(&T) -> Uuid) {
+        let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        items.sort_by_key(|i| seen.get(&id(i)).copied());
+    }
 }
 
 /// Starts the evaluator and the deliverer; both stop when `stop` flips.
@@ -186,7 +204,13 @@ pub async fn evaluate_continuously(alerts: Alerts, mut stop: watch::Receiver<boo
     let running = Running::default();
     let mut turns = JoinSet::new();
     'evaluating: loop {
-        while turns.try_join_next().is_some() {}
+        while let Some(ended) = turns.try_join_next() {
+            if let Err(e) = ended {
+                if e.is_panic() {
+                    tracing::error!(error = %e, "an alert evaluation turn panicked");
+                }
+            }
+        }
         let sweep = tokio::select! {
             _ = stop.changed() => break,
             _ = alerts.touched.wake.notified() => false,
@@ -208,7 +232,11 @@ pub async fn evaluate_continuously(alerts: Alerts, mut stop: watch::Receiver<boo
             continue;
         };
         let tenants: Vec<TenantId> = match sweep {
-            true => with_budgets.iter().copied().collect(),
+            true => {
+                // Every tenant is evaluated now: those touched meanwhile too.
+                alerts.touched.take();
+                with_budgets.iter().copied().collect()
+            }
             false => alerts
                 .touched
                 .take()
@@ -246,7 +274,9 @@ async fn evaluate_and_tell(mut alerts: Alerts, tenant: TenantId) -> bool {
                 metrics::counter!("alerts_fired_total").increment(fired);
                 alerts.fired.notify_one();
                 if let Some(redis) = alerts.redis.as_mut() {
-                    shared::watermark::publish(redis, [(tenant, 0)]).await;
+                    // Bounded: a hanging Redis must not hold the lane.
+                    let publish = shared::watermark::publish(redis, [(tenant, 0)]);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), publish).await;
                 }
             }
             finished
@@ -297,8 +327,9 @@ fn timed_out(e: &sqlx::Error) -> bool {
 
 /// Evaluates the tenant's rules: a rule whose condition starts to hold fires once (unless
 /// it fired within its cool-down), and is `firing` until the condition clears.
-/// The least recently evaluated first, so that a turn that runs out leaves the same rules
-/// behind no more than once.
+/// The tenant's rules, the least recently looked at first (so that a turn that runs out
+/// leaves different rules behind the next time), each on its own: one that fails or is too
+/// slow is logged and counted and the others go on.
 async fn evaluate_rules(
     alerts: &Alerts,
     conn: &mut sqlx::PgConnection,
@@ -308,7 +339,7 @@ async fn evaluate_rules(
     let turn = Instant::now();
     let mut fired = 0;
     let mut rules = Rule::of_tenant(&mut *conn, tenant).await?;
-    rules.sort_by_key(|r| r.evaluated_at);
+    alerts.least_recently_seen(&mut rules, |r| r.id);
     for rule in rules {
         if turn.elapsed() > TURN {
             metrics::counter!("alert_turns_cut_total").increment(1);
@@ -317,83 +348,12 @@ async fn evaluate_rules(
                 finished: false,
             });
         }
-        let e = match rules::evaluate(&mut *conn, tenant, &rule, now).await {
-            Ok(Some(e)) => e,
-            Ok(None) => continue,
-            Err(e) if timed_out(&e) => {
-                // Too slow to judge now: to the back of the queue, and the others go on.
-                tracing::warn!(%tenant, rule = %rule.id, "alert rule evaluation cancelled after {STATEMENT_TIMEOUT:?}");
-                metrics::counter!("alert_evaluations_timed_out_total").increment(1);
-                sqlx::query("UPDATE control.alert_rules SET evaluated_at = now() WHERE id = $1")
-                    .bind(rule.id)
-                    .execute(&mut *conn)
-                    .await?;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        // The transition, taken by one evaluator only (the row is locked until commit).
-        let crossing: Option<i64> = match e.holds {
-            true => {
-                sqlx::query_scalar(
-                    "UPDATE control.alert_rules
-                        SET state = 'firing', crossings = crossings + 1, last_fired_at = now(),
-                            last_value = $2, evaluated_at = now()
-                      WHERE id = $1 AND state = 'ok'
-                        AND (last_fired_at IS NULL
-                             OR last_fired_at <= now() - make_interval(mins => cooldown_minutes))
-                     RETURNING crossings",
-                )
-                .bind(rule.id)
-                .bind(e.value)
-                .fetch_optional(&mut *tx)
-                .await?
-            }
-            false => None,
-        };
-        if crossing.is_none() {
-            sqlx::query(
-                "UPDATE control.alert_rules
-                    SET last_value = $2, evaluated_at = now(),
-                        state = CASE WHEN $3 THEN state ELSE 'ok' END
-                  WHERE id = $1",
-            )
-            .bind(rule.id)
-            .bind(e.value)
-            .bind(e.holds)
-            .execute(&mut *tx)
-            .await?;
+        alerts.seen(rule.id);
+        match evaluate_rule(alerts, conn, tenant, &rule, now).await {
+            Ok(true) => fired += 1,
+            Ok(false) => {}
+            Err(e) => skipped(tenant, "rule", rule.id, &e),
         }
-        if let Some(n) = crossing {
-            let id = Uuid::now_v7();
-            let payload = json!({
-                "type": "rule.triggered",
-                "timestamp": Utc::now(),
-                "data": {
-                    "firing_id": id,
-                    "tenant_id": tenant.0,
-                    "rule": rule,
-                    "evaluation": e,
-                    "dashboard_url": alerts.dashboard_url,
-                }
-            });
-            let firing = Firing {
-                id,
-                source: "rule",
-                source_id: rule.id,
-                scope: &rule.scope,
-                scope_id: &rule.scope_id,
-                channels: &rule.channels,
-                dedup: format!("rule:{}:{n}", rule.id),
-                payload,
-            };
-            if fire_in(&mut tx, tenant, firing).await? {
-                fired += 1;
-                tracing::info!(%tenant, rule = %rule.id, kind = %rule.kind, "alert rule triggered");
-            }
-        }
-        tx.commit().await?;
     }
     Ok(Outcome {
         fired,
@@ -401,8 +361,97 @@ async fn evaluate_rules(
     })
 }
 
-/// Evaluates the tenant's budgets: every threshold crossed in the current period fires once.
-/// A turn that runs out leaves the rest to the next, which begins where it stopped.
+/// A rule or budget whose evaluation failed or was cancelled: logged and counted; the turn
+/// goes on with the next.
+fn skipped(tenant: TenantId, what: &'static str, id: Uuid, e: &sqlx::Error) {
+    if timed_out(e) {
+        metrics::counter!("alert_evaluations_timed_out_total").increment(1);
+        tracing::warn!(%tenant, %id, "alert {what} evaluation cancelled after {STATEMENT_TIMEOUT:?}");
+    } else {
+        metrics::counter!("alert_evaluations_failed_total").increment(1);
+        tracing::warn!(%tenant, %id, error = %e, "alert {what} evaluation failed");
+    }
+}
+
+/// Evaluates one rule; returns whether it fired.
+async fn evaluate_rule(
+    alerts: &Alerts,
+    conn: &mut sqlx::PgConnection,
+    tenant: TenantId,
+    rule: &Rule,
+    now: chrono::DateTime<Utc>,
+) -> sqlx::Result<bool> {
+    let Some(e) = rules::evaluate(&mut *conn, tenant, rule, now).await? else {
+        return Ok(false);
+    };
+    let mut fired = false;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    // The transition, taken by one evaluator only (the row is locked until commit).
+    let crossing: Option<i64> = match e.holds {
+        true => {
+            sqlx::query_scalar(
+                "UPDATE control.alert_rules
+                    SET state = 'firing', crossings = crossings + 1, last_fired_at = now(),
+                        last_value = $2, evaluated_at = now()
+                  WHERE id = $1 AND state = 'ok'
+                    AND (last_fired_at IS NULL
+                         OR last_fired_at <= now() - make_interval(mins => cooldown_minutes))
+                 RETURNING crossings",
+            )
+            .bind(rule.id)
+            .bind(e.value)
+            .fetch_optional(&mut *tx)
+            .await?
+        }
+        false => None,
+    };
+    if crossing.is_none() {
+        sqlx::query(
+            "UPDATE control.alert_rules
+                SET last_value = $2, evaluated_at = now(),
+                    state = CASE WHEN $3 THEN state ELSE 'ok' END
+              WHERE id = $1",
+        )
+        .bind(rule.id)
+        .bind(e.value)
+        .bind(e.holds)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if let Some(n) = crossing {
+        let id = Uuid::now_v7();
+        let payload = json!({
+            "type": "rule.triggered",
+            "timestamp": Utc::now(),
+            "data": {
+                "firing_id": id,
+                "tenant_id": tenant.0,
+                "rule": rule,
+                "evaluation": e,
+                "dashboard_url": alerts.dashboard_url,
+            }
+        });
+        let firing = Firing {
+            id,
+            source: "rule",
+            source_id: rule.id,
+            scope: &rule.scope,
+            scope_id: &rule.scope_id,
+            channels: &rule.channels,
+            dedup: format!("rule:{}:{n}", rule.id),
+            payload,
+        };
+        if fire_in(&mut tx, tenant, firing).await? {
+            fired = true;
+            tracing::info!(%tenant, rule = %rule.id, kind = %rule.kind, "alert rule triggered");
+        }
+    }
+    tx.commit().await?;
+    Ok(fired)
+}
+
+/// Evaluates the tenant's budgets, the least recently looked at first, each on its own:
+/// every threshold crossed in the current period fires once.
 async fn evaluate_budgets(
     alerts: &Alerts,
     conn: &mut sqlx::PgConnection,
@@ -415,84 +464,77 @@ async fn evaluate_budgets(
             finished: true,
         });
     }
-    let resume = {
-        let cursors = alerts
-            .budgets_from
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        cursors.get(&tenant).copied().unwrap_or(0) % list.len()
-    };
-    list.rotate_left(resume);
+    alerts.least_recently_seen(&mut list, |b| b.id);
     let tz = budgets::time_zone(&mut *conn, tenant).await?;
     let now = Utc::now();
     let turn = Instant::now();
     let mut fired = 0;
-    for (done, budget) in list.iter().enumerate() {
+    for budget in &list {
         if turn.elapsed() > TURN {
             metrics::counter!("alert_turns_cut_total").increment(1);
-            let mut cursors = alerts
-                .budgets_from
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            cursors.insert(tenant, resume + done);
             return Ok(Outcome {
                 fired,
                 finished: false,
             });
         }
-        let (start, end) = budgets::period_bounds(&mut *conn, budget.period, &tz, now).await?;
-        let spent = match budgets::spent(&mut *conn, budget, start, end).await {
-            Ok(spent) => spent,
-            Err(e) if timed_out(&e) => {
-                tracing::warn!(%tenant, budget = %budget.id, "budget evaluation cancelled after {STATEMENT_TIMEOUT:?}");
-                metrics::counter!("alert_evaluations_timed_out_total").increment(1);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let percent = spent / budget.amount * 100.0;
-        let crossed: Vec<i32> = budget
-            .thresholds
-            .iter()
-            .copied()
-            .filter(|t| percent >= f64::from(*t))
-            .collect();
-        if crossed.is_empty() {
-            continue;
-        }
-        // Where it stands, forecast included, for the notification's body.
-        let status = budgets::status(&mut *conn, budget, &tz, now).await?;
-        for threshold in crossed {
-            let dedup = format!("budget:{}:{}:{threshold}", budget.id, start.timestamp());
-            let id = Uuid::now_v7();
-            let payload = budget_payload(alerts, tenant, id, budget, threshold, &status);
-            let firing = Firing {
-                id,
-                source: "budget",
-                source_id: budget.id,
-                scope: budget.scope.as_str(),
-                scope_id: &budget.scope_id,
-                channels: &budget.channels,
-                dedup,
-                payload,
-            };
-            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-            if fire_in(&mut tx, tenant, firing).await? {
-                fired += 1;
-                tracing::info!(%tenant, budget = %budget.id, threshold, "budget threshold crossed");
-            }
-            tx.commit().await?;
+        alerts.seen(budget.id);
+        match evaluate_budget(alerts, conn, tenant, budget, &tz, now).await {
+            Ok(n) => fired += n,
+            Err(e) => skipped(tenant, "budget", budget.id, &e),
         }
     }
-    alerts
-        .budgets_from
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .remove(&tenant);
     Ok(Outcome {
         fired,
         finished: true,
     })
+}
+
+/// Evaluates one budget; returns how many of its thresholds fired.
+async fn evaluate_budget(
+    alerts: &Alerts,
+    conn: &mut sqlx::PgConnection,
+    tenant: TenantId,
+    budget: &Budget,
+    tz: &str,
+    now: chrono::DateTime<Utc>,
+) -> sqlx::Result<u64> {
+    let (start, end) = budgets::period_bounds(&mut *conn, budget.period, tz, now).await?;
+    let spent = budgets::spent(&mut *conn, budget, start, end).await?;
+    let mut fired = 0;
+    let percent = spent / budget.amount * 100.0;
+    let crossed: Vec<i32> = budget
+        .thresholds
+        .iter()
+        .copied()
+        .filter(|t| percent >= f64::from(*t))
+        .collect();
+    if crossed.is_empty() {
+        return Ok(0);
+    }
+    // Where it stands, forecast included, for the notification's body.
+    let status = budgets::status(&mut *conn, budget, tz, now).await?;
+    for threshold in crossed {
+        let dedup = format!("budget:{}:{}:{threshold}", budget.id, start.timestamp());
+        let id = Uuid::now_v7();
+        let payload = budget_payload(alerts, tenant, id, budget, threshold, &status);
+        let firing = Firing {
+            id,
+            source: "budget",
+            source_id: budget.id,
+            scope: budget.scope.as_str(),
+            scope_id: &budget.scope_id,
+            channels: &budget.channels,
+            dedup,
+            payload,
+        };
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        if fire_in(&mut tx, tenant, firing).await? {
+            fired += 1;
+            tracing::info!(%tenant, budget = %budget.id, threshold, "budget threshold crossed");
+        }
+        tx.commit().await?;
+    }
+    Ok(fired)
 }
 
 fn budget_payload(
