@@ -11,8 +11,9 @@
 //
 // Settings (environment): TALLY_URL — ingest-api, where people sign in (default
 // http://127.0.0.1:8080); TALLY_CREDENTIALS — the file kept (default
-// ~/.config/tally/mcp-credentials.json). Exit status 1 with a reason on stderr when it cannot
-// sign in (Claude Code then shows the server as failed).
+// ~/.config/tally/mcp-credentials.json); TALLY_TENANT — the tenant to sign in to, needed when
+// the address and password open accounts in several (the failure lists them). Exit status 1
+// with a reason on stderr when it cannot sign in (Claude Code then shows the server as failed).
 import { closeSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { homedir } from "node:os";
 import { dirname, join } from "node:path";
@@ -36,6 +37,10 @@ async function post(path, body) {
     signal: AbortSignal.timeout(10_000),
   });
   const answer = await res.json().catch(() => ({}));
+  if (!res.ok && Array.isArray(answer.tenants)) {
+    const choices = answer.tenants.map((t) => `${t.id} (${t.name})`).join(", ");
+    fail(`${path}: ${answer.detail} — set TALLY_TENANT to one of ${choices}`);
+  }
   if (!res.ok) fail(`${path}: ${res.status} ${answer.detail || ""}`.trim());
   return answer;
 }
@@ -96,7 +101,8 @@ async function readStdin() {
 if (process.argv.includes("--login")) {
   const email = process.env.TALLY_EMAIL || fail("set TALLY_EMAIL");
   const password = process.env.TALLY_PASSWORD || (await readStdin());
-  keep(await post("/v1/auth/login", { email, password }));
+  const tenant = process.env.TALLY_TENANT || undefined;
+  keep(await post("/v1/auth/login", { email, password, tenant }));
   process.stderr.write(`tally-mcp-headers: signed in as ${email}; credentials in ${FILE}\n`);
 } else {
   let tokens = load();

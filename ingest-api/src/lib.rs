@@ -133,7 +133,7 @@ impl App {
             limiter: shared::ratelimit::RateLimiter::new(redis.clone()),
             keyring,
             outbox_wake,
-            oidc: oidc::client(),
+            oidc: oidc::Providers::new(common.notify_policy()),
             throttle: throttle::LoginThrottle::new(
                 redis.clone(),
                 &common.topic_prefix,

@@ -9,6 +9,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use shared::webhooks::Policy;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Discovery {
@@ -43,19 +44,36 @@ pub async fn json_within<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|e| e.to_string())
 }
 
-pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("HTTP client")
+/// How identity providers are reached. The tenant chooses its provider, so the service goes
+/// only where a notification may ([`Policy`]: HTTPS to public addresses unless the operator
+/// allows loopback or private networks; never link-local, which holds cloud metadata): the
+/// issuer and the endpoints its discovery names are checked, and every name is resolved
+/// through the policy. No redirects, 5 s per request.
+#[derive(Clone)]
+pub struct Providers {
+    pub http: reqwest::Client,
+    pub policy: Policy,
 }
 
-/// Fetches the issuer's discovery document and checks it names the same issuer.
-pub async fn discover(http: &reqwest::Client, issuer: &str) -> Result<Discovery, String> {
+impl Providers {
+    pub fn new(policy: Policy) -> Providers {
+        Providers {
+            http: policy.client(Duration::from_secs(5)).expect("HTTP client"),
+            policy,
+        }
+    }
+}
+
+/// Fetches the issuer's discovery document and checks it names the same issuer, and that
+/// the issuer and the endpoints the service itself calls are places the policy allows.
+pub async fn discover(p: &Providers, issuer: &str) -> Result<Discovery, String> {
     let issuer = issuer.trim_end_matches('/');
+    p.policy
+        .check_url(issuer)
+        .map_err(|e| format!("the issuer {e}"))?;
     let url = format!("{issuer}/.well-known/openid-configuration");
-    let res = http
+    let res = p
+        .http
         .get(&url)
         .send()
         .await
@@ -69,6 +87,14 @@ pub async fn discover(http: &reqwest::Client, issuer: &str) -> Result<Discovery,
             "discovery names issuer {} instead of {issuer}",
             d.issuer
         ));
+    }
+    for (what, url) in [
+        ("jwks_uri", &d.jwks_uri),
+        ("token_endpoint", &d.token_endpoint),
+    ] {
+        p.policy
+            .check_url(url)
+            .map_err(|e| format!("discovery's {what} {e}"))?;
     }
     Ok(d)
 }

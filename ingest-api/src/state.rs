@@ -34,8 +34,8 @@ pub struct AppState {
     pub hashes: crate::throttle::HashSlots,
     /// Wakes the outbox relay after a handler wrote an auth event.
     pub outbox_wake: Arc<tokio::sync::Notify>,
-    /// HTTP client for identity providers (no redirects followed).
-    pub oidc: reqwest::Client,
+    /// How identity providers are reached (the notification address policy, no redirects).
+    pub oidc: crate::oidc::Providers,
     pub shutdown: ShutdownFlag,
     pub metrics: PrometheusHandle,
 }

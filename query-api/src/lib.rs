@@ -30,7 +30,7 @@ macro_rules! by_grain {
 pub mod auth;
 pub mod cache;
 pub mod config;
-pub mod cursor;
+pub use shared::cursor;
 pub mod hub;
 pub mod range;
 pub mod read;

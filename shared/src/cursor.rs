@@ -3,11 +3,11 @@
 use std::fmt::Display;
 use std::str::FromStr;
 
+use crate::events::FieldError;
+use crate::problem::Problem;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use shared::events::FieldError;
-use shared::problem::Problem;
 
 /// The cursor of the page after the row at `(t, id)`.
 pub fn encode(t: DateTime<Utc>, id: impl Display) -> String {
@@ -39,17 +39,31 @@ pub fn decode_ranked(c: &str) -> Result<(f64, String), Problem> {
     Ok((score, key.to_string()))
 }
 
-/// What a cursor encodes.
+/// The cursor of the page after the row keyed `key` (lists sorted by a text key).
+pub fn encode_key(key: &str) -> String {
+    URL_SAFE_NO_PAD.encode(key)
+}
+
+/// A keyed cursor this API returned, or a 400 naming the `cursor` parameter.
+pub fn decode_key(c: &str) -> Result<String, Problem> {
+    text(c)
+}
+
+/// What a cursor encodes (text PostgreSQL can take: no NUL).
 fn text(c: &str) -> Result<String, Problem> {
     URL_SAFE_NO_PAD
         .decode(c)
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
+        .filter(|t| !t.contains('\0'))
         .ok_or_else(invalid)
 }
 
+/// 400 `invalid-parameter` naming `cursor`.
 fn invalid() -> Problem {
-    crate::read::invalid(FieldError::new("cursor", "not a cursor this API returned"))
+    let e = FieldError::new("cursor", "not a cursor this API returned");
+    Problem::bad_request("invalid-parameter", format!("{}: {}", e.field, e.reason))
+        .with_errors(vec![e])
 }
 
 #[cfg(test)]
@@ -72,5 +86,8 @@ mod tests {
         );
         assert!(decode_ranked(&URL_SAFE_NO_PAD.encode("NaN|x")).is_err());
         assert!(decode_ranked("garbage").is_err());
+        assert_eq!(decode_key(&encode_key("team|é")).unwrap(), "team|é");
+        assert!(decode_key("%%%").is_err());
+        assert!(decode_key(&encode_key("a\0b")).is_err());
     }
 }

@@ -7,6 +7,7 @@ pub mod apikey;
 pub mod auth;
 pub mod budgets;
 pub mod config;
+pub mod cursor;
 pub mod db;
 pub mod events;
 pub mod health;

@@ -40,6 +40,10 @@ pub struct Faults {
     pub huge_discovery: bool,
     /// Token answers of over 1 MiB, likewise.
     pub huge_token: bool,
+    /// Discovery names this token endpoint instead of the provider's own.
+    pub token_endpoint_at: Option<String>,
+    /// Discovery names this JWKS instead of the provider's own.
+    pub jwks_uri_at: Option<String>,
 }
 
 /// A field of `n` bytes that no relying party reads.
@@ -132,13 +136,13 @@ fn keys() -> &'static (Keys, Keys) {
 }
 
 async fn discovery(State(idp): State<Idp>) -> Json<Value> {
-    let huge = idp.faults.lock().unwrap().huge_discovery;
+    let faults = idp.faults.lock().unwrap().clone();
     Json(json!({
-        "x-padding": if huge { padding(1 << 20) } else { Value::Null },
+        "x-padding": if faults.huge_discovery { padding(1 << 20) } else { Value::Null },
         "issuer": idp.base,
         "authorization_endpoint": format!("{}/authorize", idp.base),
-        "token_endpoint": format!("{}/token", idp.base),
-        "jwks_uri": format!("{}/jwks", idp.base),
+        "token_endpoint": faults.token_endpoint_at.unwrap_or(format!("{}/token", idp.base)),
+        "jwks_uri": faults.jwks_uri_at.unwrap_or(format!("{}/jwks", idp.base)),
         "response_types_supported": ["code"],
         "id_token_signing_alg_values_supported": ["RS256"],
         "code_challenge_methods_supported": ["S256"],

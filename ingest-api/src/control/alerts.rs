@@ -64,31 +64,15 @@ pub(crate) async fn audited(
 /// requests racing each other are counted one after another, so none goes past `max`.
 pub(crate) async fn over_limit(
     tx: &mut sqlx::PgConnection,
-    table: &str,
+    table: &'static str,
     tenant: TenantId,
     max: i64,
 ) -> Result<Option<Problem>, Problem> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('control.' || $1), hashtext($2))")
-        .bind(table)
-        .bind(tenant.0.to_string())
-        .execute(&mut *tx)
+    let n = super::store::count_locked(tx, table, "true", tenant)
         .await
         .map_err(db)?;
-    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FROM control.{table} WHERE tenant_id = $1"
-    )))
-    .bind(tenant.0)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(db)?;
-    Ok((n >= max).then(|| {
-        Problem::new(
-            StatusCode::CONFLICT,
-            "limit-reached",
-            "Limit reached",
-            format!("a tenant may have at most {max} {table}"),
-        )
-    }))
+    Ok((n >= max)
+        .then(|| super::http::limit_reached(&super::store::LimitReached { what: table, max })))
 }
 
 /// What a change does, for the audit log.

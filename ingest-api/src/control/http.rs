@@ -7,8 +7,8 @@
 
 use std::net::IpAddr;
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
@@ -27,7 +27,85 @@ use crate::extract::{json_body, Body, Id};
 use crate::routes::auth::hash_password;
 use crate::state::AppState;
 
+/// A page of a list: `limit` (1 to [`MAX_PAGE`], default [`PAGE`]) rows after `cursor` (the
+/// one the previous page's `Link: <…>; rel="next"` carries).
+#[derive(Debug, Deserialize)]
+pub struct Page {
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+/// Rows of a list page by default.
+pub const PAGE: i64 = 100;
+/// Most rows of a list page.
+pub const MAX_PAGE: i64 = 1000;
+
+impl Page {
+    /// The page asked for, or 400 `invalid-parameter` naming what is wrong.
+    pub fn asked(q: Result<Query<Page>, QueryRejection>) -> Result<Page, Problem> {
+        let Query(page) =
+            q.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
+        if page.limit.is_some_and(|l| !(1..=MAX_PAGE).contains(&l)) {
+            let e = shared::events::FieldError::new("limit", format!("must be 1 to {MAX_PAGE}"));
+            return Err(
+                Problem::bad_request("invalid-parameter", format!("limit: {}", e.reason))
+                    .with_errors(vec![e]),
+            );
+        }
+        Ok(page)
+    }
+
+    pub fn limit(&self) -> i64 {
+        self.limit.unwrap_or(PAGE)
+    }
+
+    /// The position a `(time, id)` cursor names; the start without one.
+    pub fn after_time(&self) -> Result<(Option<DateTime<Utc>>, Uuid), Problem> {
+        match self.cursor.as_deref() {
+            None => Ok((None, Uuid::nil())),
+            Some(c) => shared::cursor::decode::<Uuid>(c).map(|(t, id)| (Some(t), id)),
+        }
+    }
+
+    /// The answer: the page's rows (read one past `limit`) as JSON, with a `Link` to the next
+    /// page when there is one.
+    pub fn answer<T: Serialize>(
+        &self,
+        path: &str,
+        mut rows: Vec<T>,
+        cursor: impl Fn(&T) -> String,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let limit = self.limit();
+        let next = (rows.len() as i64 > limit).then(|| {
+            rows.truncate(limit as usize);
+            rows.last().map(&cursor)
+        });
+        let mut res = Json(rows).into_response();
+        if let Some(Some(c)) = next {
+            let link = format!("<{path}?limit={limit}&cursor={c}>; rel=\"next\"");
+            if let Ok(v) = header::HeaderValue::from_str(&link) {
+                res.headers_mut().insert(header::LINK, v);
+            }
+        }
+        res
+    }
+}
+
+/// 409 `limit-reached`.
+pub(crate) fn limit_reached(l: &store::LimitReached) -> Problem {
+    Problem::new(
+        StatusCode::CONFLICT,
+        "limit-reached",
+        "Limit reached",
+        l.to_string(),
+    )
+}
+
 fn failed(e: anyhow::Error) -> Problem {
+    if let Some(l) = e.downcast_ref::<store::LimitReached>() {
+        return limit_reached(l);
+    }
     let unique = e
         .downcast_ref::<sqlx::Error>()
         .and_then(|e| e.as_database_error())
@@ -536,20 +614,30 @@ pub struct UserRow {
     pub created_at: DateTime<Utc>,
 }
 
-/// `GET /v1/admin/users` (tenant admin)
+/// `GET /v1/admin/users?limit=&cursor=` (tenant admin): a page, oldest first.
 pub async fn list_users(
     State(s): State<AppState>,
     caller: TenantAdmin,
-) -> Result<Json<Vec<UserRow>>, Problem> {
-    let rows = sqlx::query_as(
+    page: Result<Query<Page>, QueryRejection>,
+) -> Result<axum::response::Response, Problem> {
+    let page = Page::asked(page)?;
+    let (at, id) = page.after_time()?;
+    let rows: Vec<UserRow> = sqlx::query_as(
         "SELECT id, email, role, status, external_id, teams, created_at
-           FROM control.users WHERE tenant_id = $1 ORDER BY created_at",
+           FROM control.users
+          WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
+          ORDER BY created_at, id LIMIT $4",
     )
     .bind(caller.tenant.0)
+    .bind(at)
+    .bind(id)
+    .bind(page.limit() + 1)
     .fetch_all(&s.pool)
     .await
     .map_err(|e| failed(e.into()))?;
-    Ok(Json(rows))
+    Ok(page.answer("/v1/admin/users", rows, |u| {
+        shared::cursor::encode(u.created_at, u.id)
+    }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -657,20 +745,30 @@ pub struct KeyRow {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-/// `GET /v1/admin/api-keys` (tenant admin): never the secrets.
+/// `GET /v1/admin/api-keys?limit=&cursor=` (tenant admin): a page, oldest first; never the
+/// secrets.
 pub async fn list_api_keys(
     State(s): State<AppState>,
     caller: TenantAdmin,
-) -> Result<Json<Vec<KeyRow>>, Problem> {
-    let rows = sqlx::query_as(
+    page: Result<Query<Page>, QueryRejection>,
+) -> Result<axum::response::Response, Problem> {
+    let page = Page::asked(page)?;
+    let (at, id) = page.after_time()?;
+    let rows: Vec<KeyRow> = sqlx::query_as(
         "SELECT id, name, scope, created_at, revoked_at FROM control.api_keys
-          WHERE tenant_id = $1 ORDER BY created_at",
+          WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
+          ORDER BY created_at, id LIMIT $4",
     )
     .bind(caller.tenant.0)
+    .bind(at)
+    .bind(id)
+    .bind(page.limit() + 1)
     .fetch_all(&s.pool)
     .await
     .map_err(|e| failed(e.into()))?;
-    Ok(Json(rows))
+    Ok(page.answer("/v1/admin/api-keys", rows, |k| {
+        shared::cursor::encode(k.created_at, k.id)
+    }))
 }
 
 /// `DELETE /v1/admin/api-keys/{id}` (tenant admin): revokes (services forget it within 10 s).
@@ -739,6 +837,44 @@ pub async fn put_team(
             "members",
             format!("{stranger} is not a user of this tenant"),
         ));
+    }
+    // A person is in at most MAX_TEAMS_PER_PERSON teams, whichever way they joined.
+    let full: Option<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM control.users
+          WHERE tenant_id = $1 AND id = ANY($2) AND NOT ($3 = ANY(teams))
+            AND cardinality(teams) >= $4 LIMIT 1",
+    )
+    .bind(caller.tenant.0)
+    .bind(&req.members)
+    .bind(&key)
+    .bind(MAX_TEAMS_PER_PERSON as i32)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db)?;
+    if let Some(full) = full {
+        return Err(Problem::invalid_field(
+            "members",
+            format!("{full} is in {MAX_TEAMS_PER_PERSON} teams already"),
+        ));
+    }
+    let new: bool = sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM control.teams WHERE tenant_id = $1 AND key = $2)",
+    )
+    .bind(caller.tenant.0)
+    .bind(&key)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db)?;
+    if new {
+        store::room_for_one(
+            &mut tx,
+            ("teams", "true"),
+            caller.tenant,
+            store::MAX_TEAMS,
+            "teams",
+        )
+        .await
+        .map_err(failed)?;
     }
     sqlx::query(
         "INSERT INTO control.teams (tenant_id, key, name) VALUES ($1, $2, $3)
@@ -811,28 +947,45 @@ async fn team_changed(
     .await
 }
 
-/// `GET /v1/admin/teams` (tenant admin)
+/// `GET /v1/admin/teams?limit=&cursor=` (tenant admin): a page, by key.
 pub async fn list_teams(
     State(s): State<AppState>,
     caller: TenantAdmin,
-) -> Result<Json<Vec<TeamView>>, Problem> {
+    page: Result<Query<Page>, QueryRejection>,
+) -> Result<axum::response::Response, Problem> {
+    let page = Page::asked(page)?;
+    let after = page
+        .cursor
+        .as_deref()
+        .map(shared::cursor::decode_key)
+        .transpose()?;
     let rows: Vec<(String, String, Vec<Uuid>)> = sqlx::query_as(
-        "SELECT t.key, t.name,
-                coalesce(array_agg(u.id ORDER BY u.id) FILTER (WHERE u.id IS NOT NULL), '{}')
-           FROM control.teams t
-           LEFT JOIN control.users u ON u.tenant_id = t.tenant_id AND t.key = ANY(u.teams)
-          WHERE t.tenant_id = $1
-          GROUP BY t.key, t.name ORDER BY t.key",
+        "WITH page AS MATERIALIZED (
+             SELECT key, name FROM control.teams
+              WHERE tenant_id = $1 AND ($2::text IS NULL OR key > $2)
+              ORDER BY key LIMIT $3),
+         -- The tenant's people read once, not once per team.
+         member AS MATERIALIZED (
+             SELECT m.key, u.id FROM control.users u CROSS JOIN LATERAL unnest(u.teams) m(key)
+              WHERE u.tenant_id = $1 AND m.key IN (SELECT key FROM page))
+         SELECT p.key, p.name,
+                coalesce(array_agg(m.id ORDER BY m.id) FILTER (WHERE m.id IS NOT NULL), '{}')
+           FROM page p LEFT JOIN member m ON m.key = p.key
+          GROUP BY p.key, p.name ORDER BY p.key",
     )
     .bind(caller.tenant.0)
+    .bind(after)
+    .bind(page.limit() + 1)
     .fetch_all(&s.pool)
     .await
     .map_err(|e| failed(e.into()))?;
-    Ok(Json(
-        rows.into_iter()
-            .map(|(key, name, members)| TeamView { key, name, members })
-            .collect(),
-    ))
+    let teams = rows
+        .into_iter()
+        .map(|(key, name, members)| TeamView { key, name, members })
+        .collect();
+    Ok(page.answer("/v1/admin/teams", teams, |t| {
+        shared::cursor::encode_key(&t.key)
+    }))
 }
 
 /// `DELETE /v1/admin/teams/{key}` (tenant admin): the team goes, and with it the memberships.

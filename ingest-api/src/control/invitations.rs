@@ -56,6 +56,20 @@ fn db(e: sqlx::Error) -> Problem {
     Problem::unavailable("invitations are unavailable right now", 2)
 }
 
+/// A cap reached (409), or the database failing.
+fn limited(e: anyhow::Error) -> Problem {
+    match e.downcast::<sqlx::Error>() {
+        Ok(e) => db(e),
+        Err(e) => match e.downcast_ref::<super::store::LimitReached>() {
+            Some(l) => super::http::limit_reached(l),
+            None => {
+                tracing::error!(error = %e, "invitation failed");
+                Problem::internal()
+            }
+        },
+    }
+}
+
 /// `POST /v1/admin/invitations` (tenant owners/admins)
 pub async fn invite(
     State(s): State<AppState>,
@@ -87,6 +101,16 @@ pub async fn invite(
     let token = crate::secrets::generate(INVITE_PREFIX);
     let id = Uuid::now_v7();
     let expires_at = Utc::now() + Duration::hours(hours);
+    let mut tx = s.pool.begin().await.map_err(db)?;
+    super::store::room_for_one(
+        &mut tx,
+        ("invitations", "accepted_at IS NULL AND expires_at > now()"),
+        caller.tenant,
+        super::store::MAX_OPEN_INVITATIONS,
+        "open invitations",
+    )
+    .await
+    .map_err(limited)?;
     sqlx::query(
         "INSERT INTO control.invitations (id, tenant_id, email, role, teams, token_hash, expires_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -98,9 +122,10 @@ pub async fn invite(
     .bind(&req.teams)
     .bind(&token.hash)
     .bind(expires_at)
-    .execute(&s.pool)
+    .execute(&mut *tx)
     .await
     .map_err(db)?;
+    tx.commit().await.map_err(db)?;
     Ok((
         StatusCode::CREATED,
         Json(Invitation {
@@ -153,6 +178,9 @@ pub async fn accept(
     .await
     .map_err(db)?;
     let (invitation, tenant, email, role, teams) = row.ok_or_else(gone)?;
+    super::store::room_for_a_person(&mut tx, TenantId(tenant))
+        .await
+        .map_err(limited)?;
     let user = Uuid::now_v7();
     sqlx::query(
         "INSERT INTO control.users (id, tenant_id, email, password_hash, role, external_id, teams)

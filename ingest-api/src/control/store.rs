@@ -115,6 +115,74 @@ pub async fn set_status(
     Ok(())
 }
 
+/// Most people a tenant may have (deactivated ones included).
+pub const MAX_USERS: i64 = 10_000;
+/// Most API keys a tenant may have that are not revoked.
+pub const MAX_ACTIVE_API_KEYS: i64 = 1_000;
+/// Most teams a tenant may have.
+pub const MAX_TEAMS: i64 = 1_000;
+/// Most invitations a tenant may have open (neither accepted nor expired).
+pub const MAX_OPEN_INVITATIONS: i64 = 1_000;
+
+/// A tenant already has as many of something as it may (answered 409 `limit-reached`).
+#[derive(Debug)]
+pub struct LimitReached {
+    pub what: &'static str,
+    pub max: i64,
+}
+
+impl std::fmt::Display for LimitReached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a tenant may have at most {} {}", self.max, self.what)
+    }
+}
+
+impl std::error::Error for LimitReached {}
+
+/// The tenant's rows of `table` matching `filter`, counted under an advisory lock (per
+/// tenant and table) held until `tx` ends: two transactions each adding one cannot both see
+/// room for one.
+pub(crate) async fn count_locked(
+    tx: &mut sqlx::PgConnection,
+    table: &'static str,
+    filter: &'static str,
+    tenant: TenantId,
+) -> sqlx::Result<i64> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('control.' || $1), hashtext($2))")
+        .bind(table)
+        .bind(tenant.0.to_string())
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM control.{table} WHERE tenant_id = $1 AND ({filter})"
+    )))
+    .bind(tenant.0)
+    .fetch_one(&mut *tx)
+    .await
+}
+
+/// `Err(LimitReached)` when the tenant has `max` of `what` already ([`count_locked`]).
+pub(crate) async fn room_for_one(
+    tx: &mut sqlx::PgConnection,
+    (table, filter): (&'static str, &'static str),
+    tenant: TenantId,
+    max: i64,
+    what: &'static str,
+) -> anyhow::Result<()> {
+    if count_locked(tx, table, filter, tenant).await? >= max {
+        return Err(LimitReached { what, max }.into());
+    }
+    Ok(())
+}
+
+/// Room for one more person in the tenant.
+pub(crate) async fn room_for_a_person(
+    tx: &mut sqlx::PgConnection,
+    tenant: TenantId,
+) -> anyhow::Result<()> {
+    room_for_one(tx, ("users", "true"), tenant, MAX_USERS, "people").await
+}
+
 /// A new person who logs in.
 pub struct NewUser<'a> {
     pub tenant: TenantId,
@@ -150,6 +218,7 @@ pub async fn create_user_hashed(
     let email = u.email.trim().to_lowercase();
     let id = Uuid::now_v7();
     let mut tx = pool.begin().await?;
+    room_for_a_person(&mut tx, u.tenant).await?;
     sqlx::query(
         "INSERT INTO control.users (id, tenant_id, email, password_hash, role, external_id, teams)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -408,6 +477,14 @@ pub async fn create_api_key(
     let key = crate::secrets::api_key();
     let id = Uuid::now_v7();
     let mut tx = pool.begin().await?;
+    room_for_one(
+        &mut tx,
+        ("api_keys", "revoked_at IS NULL"),
+        tenant,
+        MAX_ACTIVE_API_KEYS,
+        "API keys that are not revoked",
+    )
+    .await?;
     let inserted = sqlx::query(
         "INSERT INTO control.api_keys (id, tenant_id, name, scope, key_hash)
          SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM control.tenants WHERE id = $2)",

@@ -96,7 +96,7 @@ fn harness(limit: u32) -> Harness {
         limiter: shared::ratelimit::RateLimiter::new(None),
         keyring: crate::keys::KeyRing::empty(),
         outbox_wake: Arc::default(),
-        oidc: reqwest::Client::new(),
+        oidc: crate::oidc::Providers::new(Default::default()),
         throttle: crate::throttle::LoginThrottle::new(None, "", 5, 20, Duration::from_secs(60)),
         shed: crate::shed::Shed::new(crate::shed::Limits {
             requests: 64,

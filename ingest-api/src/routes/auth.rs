@@ -159,7 +159,13 @@ pub(crate) async fn hash_password(s: &AppState, password: String) -> Result<Stri
 static DUMMY_HASH: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| password::hash(&Uuid::new_v4().to_string()));
 
-type LoginRow = (Uuid, Uuid, String, String, i32, String, String);
+/// An account a login may open: user, tenant, hash, role, token version, the user's and the
+/// tenant's status, and how many accounts the address has in all tenants.
+type LoginRow = (Uuid, Uuid, String, String, i32, String, String, i64);
+
+fn usable(row: &LoginRow) -> bool {
+    row.5 == "active" && row.6 == "active"
+}
 
 /// `POST /v1/auth/login`
 ///
@@ -177,10 +183,12 @@ pub async fn login(
     let ip = peer.ip().to_string();
     let attempt = s.throttle.reserve(&email, &ip).await?;
     let rows: Result<Vec<LoginRow>, Problem> = sqlx::query_as(
-        "SELECT u.id, u.tenant_id, u.password_hash, u.role, u.token_version, u.status, t.status
+        "SELECT u.id, u.tenant_id, u.password_hash, u.role, u.token_version, u.status, t.status,
+                (SELECT count(*) FROM control.users a WHERE a.email = $1)
            FROM control.users u JOIN control.tenants t ON t.id = u.tenant_id
           WHERE u.email = $1 AND ($2::uuid IS NULL OR u.tenant_id = $2)
-          ORDER BY u.created_at, u.id LIMIT $3",
+          ORDER BY (u.status = 'active' AND t.status = 'active') DESC, u.created_at, u.id
+          LIMIT $3",
     )
     .bind(&email)
     .bind(req.tenant)
@@ -195,12 +203,27 @@ pub async fn login(
             return Err(p);
         }
     };
+    // An address with accounts in several tenants: one account's success must not clear the
+    // failures counted against the others (a second account's owner would reset the count at
+    // will), so a success only gives its own attempt back.
+    let shared_address = rows.first().is_some_and(|r| r.7 > 1);
     // Checked against each account (against a dummy hash without any, so that an unknown
-    // address costs what a known one does).
-    let mut matched = Vec::new();
-    for row in rows.iter().map(Some).chain(rows.is_empty().then_some(None)) {
+    // address costs what a known one does), side by side: the time taken says little about
+    // how many there are while the hash slots are free.
+    let candidates: Vec<Option<&LoginRow>> = match rows.is_empty() {
+        true => vec![None],
+        false => rows.iter().map(Some).collect(),
+    };
+    let checks = candidates.iter().map(|row| {
         let stored = row.map(|r| r.2.clone());
-        match verify_password(&s, req.password.clone(), stored).await {
+        verify_password(&s, req.password.clone(), stored)
+    });
+    let mut matched = Vec::new();
+    for (row, check) in candidates
+        .iter()
+        .zip(futures::future::join_all(checks).await)
+    {
+        match check {
             Ok(true) => matched.extend(row.cloned()),
             Ok(false) => {}
             Err(p) => {
@@ -209,9 +232,13 @@ pub async fn login(
             }
         }
     }
+    // A deactivated account counts only when no usable one opened.
+    if matched.iter().any(usable) {
+        matched.retain(usable);
+    }
     if matched.len() > 1 {
         // The person holds accounts in several tenants with this password: they choose.
-        s.throttle.succeeded(attempt).await;
+        s.throttle.release(attempt).await;
         let ids: Vec<Uuid> = matched.iter().map(|r| r.1).collect();
         let names: Vec<(Uuid, String)> = sqlx::query_as(
             "SELECT id, name FROM control.tenants WHERE id = ANY($1) ORDER BY name, id",
@@ -232,15 +259,21 @@ pub async fn login(
         )
         .with_extension("tenants", serde_json::Value::Array(tenants)));
     }
-    let Some((user, tenant, _, role, ver, status, tenant_status)) = matched.pop() else {
+    let Some((user, tenant, _, role, ver, status, tenant_status, _)) = matched.pop() else {
         metrics::counter!("auth_logins_total", "outcome" => "failed").increment(1);
-        // Each account of the address tried is its tenant's to see.
+        // Each account of the address tried is its tenant's to see; where the address has
+        // accounts in several tenants and the login named none, without the address it came
+        // from (one tenant would otherwise learn where another's person signs in from).
+        let ip = match shared_address && req.tenant.is_none() {
+            true => None,
+            false => Some(ip.clone()),
+        };
         for (user, tenant, ..) in &rows {
             tracing::info!(%user, "login failed");
             let event = AuthEvent {
                 user_id: Some(*user),
                 email: Some(email.clone()),
-                ip: Some(ip.clone()),
+                ip: ip.clone(),
                 detail: Some("wrong password".into()),
                 ..Default::default()
             };
@@ -263,7 +296,10 @@ pub async fn login(
         ip: Some(ip.clone()),
         ..Default::default()
     };
-    s.throttle.succeeded(attempt).await;
+    match shared_address {
+        true => s.throttle.release(attempt).await,
+        false => s.throttle.succeeded(attempt).await,
+    }
     let mut conn = s.pool.acquire().await.map_err(db)?;
     if status != "active" || tenant_status != "active" {
         let event = AuthEvent {

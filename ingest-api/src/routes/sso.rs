@@ -454,6 +454,7 @@ pub async fn callback(
         .map_err(|_| Problem::unavailable("the identity provider is unreachable", 5))?;
     let res = s
         .oidc
+        .http
         .post(&d.token_endpoint)
         .form(&[
             ("grant_type", "authorization_code"),
@@ -477,7 +478,7 @@ pub async fn callback(
     let id_token = tokens
         .id_token
         .ok_or_else(|| Problem::unauthorized("the identity provider sent no ID token"))?;
-    let claims = oidc::verify_id_token(&s.oidc, &d, &client_id, &nonce, &id_token)
+    let claims = oidc::verify_id_token(&s.oidc.http, &d, &client_id, &nonce, &id_token)
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, %tenant, "ID token rejected");
@@ -522,21 +523,19 @@ async fn find_or_provision(
     domains: &[String],
     default_role: &str,
 ) -> Result<Uuid, Problem> {
-    let known: Option<(Uuid, Uuid)> = sqlx::query_as(
-        "SELECT i.user_id, u.tenant_id FROM control.user_identities i
-           JOIN control.users u ON u.id = i.user_id WHERE i.issuer = $1 AND i.subject = $2",
+    // The identity's person in this tenant; the same identity may be someone in another
+    // tenant that uses the same provider, which is that tenant's business.
+    let known: Option<Uuid> = sqlx::query_scalar(
+        "SELECT user_id FROM control.user_identities
+          WHERE tenant_id = $1 AND issuer = $2 AND subject = $3",
     )
+    .bind(tenant.0)
     .bind(issuer)
     .bind(&claims.sub)
     .fetch_optional(&s.pool)
     .await
     .map_err(db)?;
-    if let Some((user, user_tenant)) = known {
-        if user_tenant != tenant.0 {
-            return Err(Problem::forbidden(
-                "this identity belongs to another tenant",
-            ));
-        }
+    if let Some(user) = known {
         return Ok(user);
     }
     let email = claims.verified_email().ok_or_else(|| {
@@ -584,6 +583,17 @@ async fn find_or_provision(
             let unusable = unusable.ok_or_else(|| {
                 Problem::unavailable("this account changed meanwhile; try again", 1)
             })?;
+            crate::control::store::room_for_a_person(&mut tx, tenant)
+                .await
+                .map_err(
+                    |e| match e.downcast_ref::<crate::control::store::LimitReached>() {
+                        Some(l) => crate::control::http::limit_reached(l),
+                        None => {
+                            tracing::error!(error = %e, "single sign-on provisioning failed");
+                            Problem::unavailable("single sign-on is unavailable right now", 2)
+                        }
+                    },
+                )?;
             let id = Uuid::now_v7();
             sqlx::query(
                 "INSERT INTO control.users (id, tenant_id, email, password_hash, role, external_id)
@@ -623,8 +633,10 @@ async fn find_or_provision(
         }
     };
     sqlx::query(
-        "INSERT INTO control.user_identities (issuer, subject, user_id) VALUES ($1, $2, $3)",
+        "INSERT INTO control.user_identities (tenant_id, issuer, subject, user_id)
+         VALUES ($1, $2, $3, $4)",
     )
+    .bind(tenant.0)
     .bind(issuer)
     .bind(&claims.sub)
     .bind(user)
@@ -705,8 +717,10 @@ async fn link_identity(
 ) -> Result<Uuid, Problem> {
     let mut tx = s.pool.begin().await.map_err(db)?;
     let known: Option<Uuid> = sqlx::query_scalar(
-        "SELECT user_id FROM control.user_identities WHERE issuer = $1 AND subject = $2",
+        "SELECT user_id FROM control.user_identities
+          WHERE tenant_id = $1 AND issuer = $2 AND subject = $3",
     )
+    .bind(tenant.0)
     .bind(issuer)
     .bind(&claims.sub)
     .fetch_optional(&mut *tx)
@@ -736,8 +750,10 @@ async fn link_identity(
         return Err(Problem::forbidden("this person is not in the tenant"));
     }
     sqlx::query(
-        "INSERT INTO control.user_identities (issuer, subject, user_id) VALUES ($1, $2, $3)",
+        "INSERT INTO control.user_identities (tenant_id, issuer, subject, user_id)
+         VALUES ($1, $2, $3, $4)",
     )
+    .bind(tenant.0)
     .bind(issuer)
     .bind(&claims.sub)
     .bind(person)

@@ -810,3 +810,245 @@ async fn people_fields_are_bounded_and_caps_hold_under_racing_requests() {
     }
     ingest.stop().await.unwrap();
 }
+
+/// Everything a tenant's admin can add to the control plane is capped, and every list comes
+/// in pages: at most 10 000 people (by creation, invitation or single sign-on), 1 000 API
+/// keys not revoked, 1 000 teams and 1 000 open invitations (409 `limit-reached` past them,
+/// counted under a per-tenant lock); lists give at most 1 000 rows a page (100 by default)
+/// with a `Link` to the next. Before, one admin key could add rows without end, and each list
+/// answered all of them at once (a person's teams alone can be 25 KiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenants_people_keys_teams_and_invitations_are_capped_and_listed_in_pages() {
+    use ingest_api::control::store::{
+        MAX_ACTIVE_API_KEYS, MAX_OPEN_INVITATIONS, MAX_TEAMS, MAX_USERS,
+    };
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let client = http();
+    let url = ingest.url();
+    let tenant = create_tenant(&pool, "caps").await;
+    let admin = ingest_api::control::store::create_api_key(
+        &pool,
+        "",
+        tenant.id,
+        shared::apikey::Scope::Admin,
+        "caps",
+    )
+    .await
+    .unwrap()
+    .1;
+    let call = |method: reqwest::Method, path: String, body: Option<Value>| {
+        let mut r = client
+            .request(method, format!("{url}{path}"))
+            .bearer_auth(&admin);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        status_and_json(r)
+    };
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let limit_reached = |(st, p): (u16, Value)| {
+        assert_eq!(
+            (st, p["type"].as_str()),
+            (409, Some("https://tally.dev/problems/limit-reached")),
+            "{p}"
+        );
+    };
+    // Each filled to one short of its cap, as a busy tenant would have them (in bulk: one
+    // row each through the API would take hours of password hashing).
+    let fill = |sql: &'static str, n: i64| {
+        let pool = pool.clone();
+        let tenant = tenant.id.0;
+        let tag = tag.clone();
+        async move {
+            sqlx::query(sql)
+                .bind(tenant)
+                .bind(n)
+                .bind(tag)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    fill(
+        "INSERT INTO control.users (id, tenant_id, email, password_hash, role, external_id, teams)
+         SELECT gen_random_uuid(), $1, 'p' || i || '-' || $3 || '@caps.example', 'x', 'viewer',
+                'p' || i || '-' || $3, ARRAY['t-a', 't-b']
+           FROM generate_series(1, $2) i",
+        MAX_USERS - 1,
+    )
+    .await;
+    fill(
+        "INSERT INTO control.api_keys (id, tenant_id, name, scope, key_hash)
+         SELECT gen_random_uuid(), $1, 'k' || i || $3, 'ingest', sha256(gen_random_uuid()::text::bytea)
+           FROM generate_series(1, $2) i",
+        // The tenant's ingest and read keys and the admin key made above are three.
+        MAX_ACTIVE_API_KEYS - 4,
+    )
+    .await;
+    fill(
+        "INSERT INTO control.teams (tenant_id, key, name)
+         SELECT $1, 'team-' || lpad(i::text, 4, '0') || $3, 'Team ' || i FROM generate_series(1, $2) i",
+        MAX_TEAMS - 1,
+    )
+    .await;
+    fill(
+        "INSERT INTO control.invitations (id, tenant_id, email, role, token_hash, expires_at)
+         SELECT gen_random_uuid(), $1, 'i' || i || $3 || '@caps.example', 'viewer',
+                sha256(gen_random_uuid()::text::bytea), now() + interval '1 day'
+           FROM generate_series(1, $2) i",
+        MAX_OPEN_INVITATIONS - 1,
+    )
+    .await;
+
+    // The last place of each is taken; the next is refused.
+    let person = |n: &str| {
+        json!({"email": format!("{n}-{tag}@caps.example"), "password": "Caps-Pass-4242",
+               "role": "viewer"})
+    };
+    let post = reqwest::Method::POST;
+    let (st, p) = call(post.clone(), "/v1/admin/users".into(), Some(person("last"))).await;
+    assert_eq!(st, 201, "{p}");
+    limit_reached(call(post.clone(), "/v1/admin/users".into(), Some(person("over"))).await);
+    let key = json!({"name": "last", "scope": "ingest"});
+    let (st, last_key) = call(post.clone(), "/v1/admin/api-keys".into(), Some(key.clone())).await;
+    assert_eq!(st, 201, "{last_key}");
+    limit_reached(call(post.clone(), "/v1/admin/api-keys".into(), Some(key.clone())).await);
+    // A revoked key leaves its place.
+    let (st, _) = call(
+        reqwest::Method::DELETE,
+        format!("/v1/admin/api-keys/{}", last_key["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(st, 204);
+    assert_eq!(
+        call(post.clone(), "/v1/admin/api-keys".into(), Some(key))
+            .await
+            .0,
+        201
+    );
+    let team = json!({"name": "Last"});
+    let put = reqwest::Method::PUT;
+    let last_team = format!("/v1/admin/teams/zz-last-{tag}");
+    assert_eq!(
+        call(put.clone(), last_team.clone(), Some(team.clone()))
+            .await
+            .0,
+        204
+    );
+    limit_reached(
+        call(
+            put.clone(),
+            format!("/v1/admin/teams/zz-over-{tag}"),
+            Some(team),
+        )
+        .await,
+    );
+    // Renaming one is not adding one.
+    let renamed = json!({"name": "Renamed"});
+    assert_eq!(call(put.clone(), last_team, Some(renamed)).await.0, 204);
+    let invite = |n: &str| json!({"email": format!("{n}-{tag}@caps.example"), "role": "viewer"});
+    let (st, inv) = call(
+        post.clone(),
+        "/v1/admin/invitations".into(),
+        Some(invite("last")),
+    )
+    .await;
+    assert_eq!(st, 201, "{inv}");
+    limit_reached(
+        call(
+            post.clone(),
+            "/v1/admin/invitations".into(),
+            Some(invite("over")),
+        )
+        .await,
+    );
+    // The tenant is full of people: an invitation accepted now is refused too.
+    limit_reached(
+        status_and_json(
+            client
+                .post(format!("{url}/v1/auth/invitations/accept"))
+                .json(&json!({"token": inv["token"], "password": "Caps-Pass-4242"})),
+        )
+        .await,
+    );
+
+    // Lists come in pages: 100 by default, at most 1 000, every row once.
+    let (st, p) = call(
+        reqwest::Method::GET,
+        "/v1/admin/users?limit=1001".into(),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (st, p["errors"][0]["field"].as_str()),
+        (400, Some("limit")),
+        "{p}"
+    );
+    for cursor in ["garbage", "YQBi"] {
+        let (st, p) = call(
+            reqwest::Method::GET,
+            format!("/v1/admin/teams?cursor={cursor}"),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (st, p["errors"][0]["field"].as_str()),
+            (400, Some("cursor")),
+            "{p}"
+        );
+    }
+    let pages = |first: String| {
+        let (client, url, admin) = (client.clone(), url.clone(), admin.clone());
+        async move {
+            let (mut rows, mut sizes) = (Vec::new(), Vec::new());
+            let mut next = Some(first);
+            while let Some(path) = next.take() {
+                let res = client
+                    .get(format!("{url}{path}"))
+                    .bearer_auth(&admin)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 200, "{path}");
+                next = res.headers().get("link").map(|l| {
+                    let l = l.to_str().unwrap();
+                    assert!(l.ends_with(">; rel=\"next\""), "{l}");
+                    l[1..l.find('>').unwrap()].to_string()
+                });
+                let page: Vec<Value> = res.json().await.unwrap();
+                sizes.push(page.len());
+                rows.extend(page);
+            }
+            (rows, sizes)
+        }
+    };
+    let (users, sizes) = pages("/v1/admin/users?limit=1000".into()).await;
+    assert_eq!(sizes, vec![1000; 10], "pages of people");
+    let ids: std::collections::HashSet<&str> =
+        users.iter().map(|u| u["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        (users.len(), ids.len()),
+        (MAX_USERS as usize, MAX_USERS as usize)
+    );
+    let (_, first) = call(reqwest::Method::GET, "/v1/admin/users".into(), None).await;
+    assert_eq!(first.as_array().map(Vec::len), Some(100), "100 by default");
+    let (teams, sizes) = pages("/v1/admin/teams?limit=300".into()).await;
+    assert_eq!(sizes, vec![300, 300, 300, 100]);
+    let keys: Vec<&str> = teams.iter().map(|t| t["key"].as_str().unwrap()).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(
+        (keys.len(), sorted.len()),
+        (MAX_TEAMS as usize, MAX_TEAMS as usize)
+    );
+    let (keys, _) = pages("/v1/admin/api-keys?limit=400".into()).await;
+    assert_eq!(
+        keys.len(),
+        MAX_ACTIVE_API_KEYS as usize + 1,
+        "with the revoked one"
+    );
+    stop_all([ingest]).await;
+}

@@ -719,6 +719,22 @@ async fn one_address_is_a_different_person_in_each_tenant() {
     assert_eq!(st, 401);
     assert!(p.get("tenants").is_none(), "{p}");
 
+    // A's admin holds an account of B's person's address, with a password of their own: its
+    // good logins do not clear the failures counted against the address. Four guesses at B's
+    // account, a good login to A's, one more guess: the address is locked, B's right
+    // password included (before, A's success cleared the count, and the guessing went on).
+    let target = format!("target-{tag}@b.example");
+    assert_eq!(create(&key_b, &target, "Bee-Pass-4242").await.0, 201);
+    assert_eq!(create(&key_a, &target, "Aye-Pass-4242").await.0, 201);
+    for guess in 0..4 {
+        let pass = format!("Guess-Pass-{guess}");
+        assert_eq!(login_as(&target, &pass, Some(b.id.0)).await.0, 401);
+    }
+    assert_eq!(login_as(&target, "Aye-Pass-4242", None).await.0, 200);
+    assert_eq!(login_as(&target, "Guess-Pass-9", Some(b.id.0)).await.0, 401);
+    let (st, p) = login_as(&target, "Bee-Pass-4242", Some(b.id.0)).await;
+    assert_eq!(st, 429, "the address is locked: {p}");
+
     // An invitation to an address another tenant holds is accepted as any.
     let guest = format!("guest-{tag}@b.example");
     assert_eq!(create(&key_b, &guest, "Bee-Pass-4242").await.0, 201);

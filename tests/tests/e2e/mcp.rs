@@ -411,6 +411,23 @@ async fn the_headers_helper_keeps_a_developer_signed_in_as_themself() {
             ("TALLY_PASSWORD", MEMBER_PASSWORD.to_string()),
         ]
     };
+    // The same address and password in a second tenant: the helper must be told which.
+    let twin = create_tenant(&pool, "mcp-helper-twin").await;
+    create_person(
+        &pool,
+        twin.id,
+        &member_email(&t, "dev1"),
+        MEMBER_PASSWORD,
+        Role::Viewer,
+    )
+    .await;
+    let (ok, _) = headers_helper(&["--login"], env()).await;
+    assert!(!ok, "two tenants open: the helper does not choose");
+    let env = || {
+        let mut env = env();
+        env.push(("TALLY_TENANT", t.id.to_string()));
+        env
+    };
     let (ok, _) = headers_helper(&["--login"], env()).await;
     assert!(ok, "signs in");
     use std::os::unix::fs::PermissionsExt;

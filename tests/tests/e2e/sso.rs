@@ -459,3 +459,173 @@ async fn an_admin_cannot_take_over_an_owner_through_sso() {
 
     ingest.stop().await.unwrap();
 }
+
+/// The tenant chooses its identity provider, and `/v1/auth/sso/start` answers anyone: the
+/// service reaches a provider only where a notification may go. An issuer at a private or
+/// link-local (cloud metadata) address, or a discovery naming a token endpoint or a JWKS
+/// there, is refused (422 naming `issuer` when stored, 503 at the start); with loopback not
+/// allowed, a provider on this host is refused too. Before, the service fetched and posted to
+/// whatever the settings and the discovery named. And two tenants using the same provider
+/// each have the same person as a person of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sso_reaches_providers_only_where_notifications_may_go() {
+    let TestEnv { pool, common } = test_env().await;
+    let idp = TestIdp::start().await;
+    let configure = |c: &mut ingest_api::Config| {
+        c.common.secret_key = "ab".repeat(32);
+        c.public_url = "http://tally.test".into();
+    };
+    let ingest = start_ingest(&common, configure).await;
+    let strict = start_ingest(&common, |c| {
+        configure(c);
+        c.common.notify_allow_loopback = false;
+    })
+    .await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let t = create_tenant(&pool, "sso-ssrf").await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let owner = format!("owner-{tag}@example.com");
+    create_person(&pool, t.id, &owner, "Owner-Pass-123", Role::Owner).await;
+    let tokens: Value = login(&http, &ingest.url(), &owner, "Owner-Pass-123")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let access = tokens["access_token"].as_str().unwrap();
+    let settings = oidc_settings(&idp, &format!("{tag}.example.org"));
+    let refused = |res: reqwest::Response, what: &'static str| async move {
+        assert_eq!(res.status(), 422);
+        let p: Value = res.json().await.unwrap();
+        assert_eq!(p["errors"][0]["field"], "issuer", "{p}");
+        let reason = p["errors"][0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(reason.contains(what), "{what}: {p}");
+    };
+    let start = |base: String| {
+        let (http, tenant) = (http.clone(), t.id);
+        async move {
+            http.get(format!("{base}/v1/auth/sso/start?tenant={tenant}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+
+    // The provider on this host, where the operator allows loopback: stored, and it starts.
+    let res = put_sso(&http, &ingest.url(), access, &settings).await;
+    assert!(res.status().is_success(), "{}", res.status());
+    assert_eq!(start(ingest.url()).await, 302);
+
+    // Its discovery turns the token endpoint to the metadata service, or the JWKS to a
+    // private address: refused, and a login does not start.
+    for (faults, what) in [
+        (
+            Faults {
+                token_endpoint_at: Some("http://169.254.169.254/latest/api/token".into()),
+                ..Default::default()
+            },
+            "token_endpoint",
+        ),
+        (
+            Faults {
+                jwks_uri_at: Some("https://10.20.30.40/jwks".into()),
+                ..Default::default()
+            },
+            "jwks_uri",
+        ),
+    ] {
+        idp.set_faults(faults);
+        refused(put_sso(&http, &ingest.url(), access, &settings).await, what).await;
+        assert_eq!(start(ingest.url()).await, 503);
+    }
+    idp.set_faults(Faults::default());
+
+    // An issuer at a link-local or private address is never fetched.
+    for issuer in ["https://169.254.169.254", "https://10.0.0.8/realms/x"] {
+        let mut bad = settings.clone();
+        bad["issuer"] = json!(issuer);
+        refused(
+            put_sso(&http, &ingest.url(), access, &bad).await,
+            "private or reserved",
+        )
+        .await;
+    }
+
+    // Where loopback is not allowed, the provider on this host is refused, stored or not.
+    refused(
+        put_sso(&http, &strict.url(), access, &settings).await,
+        "https",
+    )
+    .await;
+    assert_eq!(start(strict.url()).await, 503);
+    assert_eq!(start(ingest.url()).await, 302);
+
+    // A second tenant uses the same provider: the same person (one identity, one address)
+    // is a person of each, signed in to each (before, the identity belonged to the first
+    // tenant whose sign-on they completed, and the second answered 403).
+    let t2 = create_tenant(&pool, "sso-ssrf-2").await;
+    let owner2 = format!("owner2-{tag}@example.com");
+    create_person(&pool, t2.id, &owner2, "Owner-Pass-123", Role::Owner).await;
+    let tokens2: Value = login(&http, &ingest.url(), &owner2, "Owner-Pass-123")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let res = put_sso(
+        &http,
+        &ingest.url(),
+        tokens2["access_token"].as_str().unwrap(),
+        &settings,
+    )
+    .await;
+    assert!(res.status().is_success(), "{}", res.status());
+    let person = format!("pat@{tag}.example.org");
+    idp.log_in_as(&format!("pat-{tag}"), &person, true);
+    let mut signed_in = Vec::new();
+    for tenant in [t.id, t2.id] {
+        let browser = Browser {
+            http: http.clone(),
+            ingest: ingest.url(),
+            tenant: tenant.to_string(),
+        };
+        let res = browser.login().await;
+        assert_eq!(res.status(), 200, "signed in to {tenant}");
+        let body: Value = res.json().await.unwrap();
+        signed_in.push(body["access_token"].as_str().unwrap().to_string());
+    }
+    let people: Vec<(uuid::Uuid, uuid::Uuid)> = sqlx::query_as(
+        "SELECT u.tenant_id, u.id FROM control.users u
+           JOIN control.user_identities i ON i.user_id = u.id AND i.tenant_id = u.tenant_id
+          WHERE u.email = $1 ORDER BY u.created_at",
+    )
+    .bind(&person)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        people.iter().map(|p| p.0).collect::<Vec<_>>(),
+        vec![t.id.0, t2.id.0],
+        "one person in each tenant, each with the identity"
+    );
+    assert_ne!(people[0].1, people[1].1);
+    // Signed in again to the first: the same person as before.
+    let again = Browser {
+        http: http.clone(),
+        ingest: ingest.url(),
+        tenant: t.id.to_string(),
+    };
+    assert_eq!(again.login().await.status(), 200);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM control.users WHERE email = $1")
+        .bind(&person)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    stop_all([ingest, strict]).await;
+}
