@@ -68,7 +68,13 @@ impl Policy {
 
     fn allows_v6(&self, ip: Ipv6Addr) -> bool {
         let first = ip.segments()[0];
+        let s = ip.segments();
+        // An IPv4 address in IPv4-compatible (::a.b.c.d, deprecated) or IPv4-translated
+        // (::ffff:0:a.b.c.d) form: never a public destination (mapped ones were taken as IPv4
+        // above; ::1 is loopback).
+        let embeds_v4 = s[..6] == [0; 6] || (s[..4] == [0; 4] && s[4] == 0xffff && s[5] == 0);
         if ip.is_unspecified()
+            || (embeds_v4 && !ip.is_loopback())
             || ip.is_multicast()
             || (first & 0xffc0) == 0xfe80
             || first == 0x2001 && ip.segments()[1] == 0x0db8
@@ -157,6 +163,8 @@ impl Policy {
     pub fn client(self, timeout: std::time::Duration) -> reqwest::Result<reqwest::Client> {
         reqwest::Client::builder()
             .dns_resolver(Arc::new(Resolver(self)))
+            // A proxy from the environment would resolve names itself, past the policy.
+            .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout.min(std::time::Duration::from_secs(5)))
@@ -346,6 +354,9 @@ mod tests {
             "fe80::1",
             "fd00:ec2::254",
             "::ffff:10.0.0.1",
+            "::169.254.169.254",
+            "::8.8.8.8",
+            "::ffff:0:169.254.169.254",
             "224.0.0.1",
         ] {
             assert!(!strict.allows(ip.parse().unwrap()), "{ip}");

@@ -1046,8 +1046,11 @@ pub async fn redeliver(
     caller: TenantAdmin,
     Id(id): Id,
 ) -> Result<StatusCode, Problem> {
+    // A new round: the whole schedule again, so that one failed redelivery does not pause
+    // the channel at once.
     let statements = ["UPDATE control.deliveries
-                          SET status = 'pending', next_attempt_at = now(), leased_until = NULL
+                          SET status = 'pending', next_attempt_at = now(), leased_until = NULL,
+                              round_start = attempts
                         WHERE tenant_id = $1 AND id = $2"];
     let change = Change::new(
         AuthKind::ChannelChanged,

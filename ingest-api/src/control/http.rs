@@ -106,6 +106,9 @@ fn failed(e: anyhow::Error) -> Problem {
     if let Some(l) = e.downcast_ref::<store::LimitReached>() {
         return limit_reached(l);
     }
+    if let Some(gone) = e.downcast_ref::<store::RightsGone>() {
+        return Problem::forbidden(gone.to_string());
+    }
     let unique = e
         .downcast_ref::<sqlx::Error>()
         .and_then(|e| e.as_database_error())
@@ -726,9 +729,29 @@ pub async fn create_api_key(
     let scope = Scope::parse(&req.scope)
         .ok_or_else(|| Problem::invalid_field("scope", "must be ingest, read or admin"))?;
     check_len("name", &req.name, 100)?;
-    let (id, key) = store::create_api_key(&s.pool, ns(&s), caller.tenant, scope, &req.name)
-        .await
-        .map_err(failed)?;
+    // Whose rights the key is made with: the person's, or those the calling key was made with.
+    let on_behalf_of = match (caller.actor.user_id, caller.actor.api_key_id) {
+        (Some(user), _) => Some(user),
+        (None, Some(key)) => {
+            sqlx::query_scalar("SELECT on_behalf_of FROM control.api_keys WHERE id = $1")
+                .bind(key)
+                .fetch_optional(&s.pool)
+                .await
+                .map_err(|e| failed(e.into()))?
+                .flatten()
+        }
+        (None, None) => None,
+    };
+    let (id, key) = store::create_api_key_for(
+        &s.pool,
+        ns(&s),
+        caller.tenant,
+        scope,
+        &req.name,
+        on_behalf_of,
+    )
+    .await
+    .map_err(failed)?;
     s.outbox_wake.notify_one();
     Ok((
         StatusCode::CREATED,
@@ -838,25 +861,11 @@ pub async fn put_team(
             format!("{stranger} is not a user of this tenant"),
         ));
     }
-    // A person is in at most MAX_TEAMS_PER_PERSON teams, whichever way they joined.
-    let full: Option<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM control.users
-          WHERE tenant_id = $1 AND id = ANY($2) AND NOT ($3 = ANY(teams))
-            AND cardinality(teams) >= $4 LIMIT 1",
-    )
-    .bind(caller.tenant.0)
-    .bind(&req.members)
-    .bind(&key)
-    .bind(MAX_TEAMS_PER_PERSON as i32)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(db)?;
-    if let Some(full) = full {
-        return Err(Problem::invalid_field(
-            "members",
-            format!("{full} is in {MAX_TEAMS_PER_PERSON} teams already"),
-        ));
-    }
+    // The tenant's teams counted under its lock, taken first whatever this PUT turns out to
+    // be: a new team is checked against the cap with no other PUT or DELETE in between.
+    let teams = store::count_locked(&mut tx, "teams", "true", caller.tenant)
+        .await
+        .map_err(db)?;
     let new: bool = sqlx::query_scalar(
         "SELECT NOT EXISTS (SELECT 1 FROM control.teams WHERE tenant_id = $1 AND key = $2)",
     )
@@ -865,16 +874,11 @@ pub async fn put_team(
     .fetch_one(&mut *tx)
     .await
     .map_err(db)?;
-    if new {
-        store::room_for_one(
-            &mut tx,
-            ("teams", "true"),
-            caller.tenant,
-            store::MAX_TEAMS,
-            "teams",
-        )
-        .await
-        .map_err(failed)?;
+    if new && teams >= store::MAX_TEAMS {
+        return Err(limit_reached(&store::LimitReached {
+            what: "teams",
+            max: store::MAX_TEAMS,
+        }));
     }
     sqlx::query(
         "INSERT INTO control.teams (tenant_id, key, name) VALUES ($1, $2, $3)
@@ -889,6 +893,24 @@ pub async fn put_team(
     set_members(&mut tx, caller.tenant, &key, &req.members)
         .await
         .map_err(db)?;
+    // A member left without the team had MAX_TEAMS_PER_PERSON already (checked under each
+    // person's row lock by the update that adds it): nothing of this PUT is kept.
+    let full: Option<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM control.users
+          WHERE tenant_id = $1 AND id = ANY($2) AND NOT ($3 = ANY(teams)) LIMIT 1",
+    )
+    .bind(caller.tenant.0)
+    .bind(&req.members)
+    .bind(&key)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db)?;
+    if let Some(full) = full {
+        return Err(Problem::invalid_field(
+            "members",
+            format!("{full} is in {MAX_TEAMS_PER_PERSON} teams already"),
+        ));
+    }
     team_changed(&s, &mut tx, caller.tenant, &key).await?;
     tx.commit().await.map_err(db)?;
     s.outbox_wake.notify_one();
@@ -913,11 +935,13 @@ async fn set_members(
     .await?;
     sqlx::query(
         "UPDATE control.users SET teams = array_append(teams, $2), updated_at = now()
-          WHERE tenant_id = $1 AND id = ANY($3) AND NOT ($2 = ANY(teams))",
+          WHERE tenant_id = $1 AND id = ANY($3) AND NOT ($2 = ANY(teams))
+            AND cardinality(teams) < $4",
     )
     .bind(tenant.0)
     .bind(key)
     .bind(members)
+    .bind(MAX_TEAMS_PER_PERSON as i32)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -999,6 +1023,11 @@ pub async fn delete_team(
         .map_err(|_| Problem::not_found("no such team"))?;
     let db = |e: sqlx::Error| failed(e.into());
     let mut tx = s.pool.begin().await.map_err(db)?;
+    // Under the teams' lock, as a PUT: a PUT that found this team cannot re-create it past
+    // the cap after this delete.
+    store::count_locked(&mut tx, "teams", "true", caller.tenant)
+        .await
+        .map_err(db)?;
     let n = sqlx::query("DELETE FROM control.teams WHERE tenant_id = $1 AND key = $2")
         .bind(caller.tenant.0)
         .bind(&key)

@@ -124,6 +124,19 @@ pub const MAX_TEAMS: i64 = 1_000;
 /// Most invitations a tenant may have open (neither accepted nor expired).
 pub const MAX_OPEN_INVITATIONS: i64 = 1_000;
 
+/// The person whose rights a key would be made with is no longer an active owner or admin
+/// (answered 403).
+#[derive(Debug)]
+pub struct RightsGone;
+
+impl std::fmt::Display for RightsGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the person this key's rights come from is no longer an owner or admin")
+    }
+}
+
+impl std::error::Error for RightsGone {}
+
 /// A tenant already has as many of something as it may (answered 409 `limit-reached`).
 #[derive(Debug)]
 pub struct LimitReached {
@@ -283,6 +296,7 @@ pub async fn deactivate_user(
     .bind(id)
     .execute(&mut *tx)
     .await?;
+    revoke_keys_of(&mut tx, ns, TenantId(tenant), id).await?;
     let event = AuthEvent {
         user_id: Some(id),
         email: Some(email.trim().to_lowercase()),
@@ -421,6 +435,10 @@ pub async fn update_user(pool: &PgPool, ns: &str, c: UserChange<'_>) -> anyhow::
         .execute(&mut *tx)
         .await?;
     }
+    let demoted = role.is_some_and(|r| !matches!(r, Role::Owner | Role::Admin));
+    if demoted || active == Some(false) {
+        revoke_keys_of(&mut tx, ns, tenant, id).await?;
+    }
     let kind = if active == Some(false) {
         AuthKind::UserDeactivated
     } else {
@@ -437,6 +455,36 @@ pub async fn update_user(pool: &PgPool, ns: &str, c: UserChange<'_>) -> anyhow::
     outbox::record(&mut tx, ns, &env).await?;
     tx.commit().await?;
     Ok(UserUpdate::Updated)
+}
+
+/// Revokes the `admin` and `read` keys made with `user`'s rights, in `tx` (they are no longer
+/// an owner or admin); returns how many.
+pub(crate) async fn revoke_keys_of(
+    tx: &mut sqlx::PgConnection,
+    ns: &str,
+    tenant: TenantId,
+    user: Uuid,
+) -> anyhow::Result<usize> {
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE control.api_keys SET revoked_at = now()
+          WHERE tenant_id = $1 AND on_behalf_of = $2 AND scope IN ('admin', 'read')
+            AND revoked_at IS NULL
+          RETURNING id",
+    )
+    .bind(tenant.0)
+    .bind(user)
+    .fetch_all(&mut *tx)
+    .await?;
+    for id in &ids {
+        let event = AuthEvent {
+            user_id: Some(user),
+            target: Some(format!("api_key:{id}")),
+            detail: Some("made by a person who is no longer an owner or admin".into()),
+            ..Default::default()
+        };
+        record(&mut *tx, ns, tenant, AuthKind::ApiKeyRevoked, event).await?;
+    }
+    Ok(ids.len())
 }
 
 /// Revokes an API key.
@@ -474,9 +522,36 @@ pub async fn create_api_key(
     scope: Scope,
     name: &str,
 ) -> anyhow::Result<(Uuid, String)> {
+    create_api_key_for(pool, ns, tenant, scope, name, None).await
+}
+
+/// [`create_api_key`] made with the rights of the person `on_behalf_of`: their `admin` and
+/// `read` keys are revoked when they stop being an owner or admin ([`revoke_keys_of`]).
+pub async fn create_api_key_for(
+    pool: &PgPool,
+    ns: &str,
+    tenant: TenantId,
+    scope: Scope,
+    name: &str,
+    on_behalf_of: Option<Uuid>,
+) -> anyhow::Result<(Uuid, String)> {
     let key = crate::secrets::api_key();
     let id = Uuid::now_v7();
     let mut tx = pool.begin().await?;
+    if let Some(person) = on_behalf_of {
+        // Under the person's row lock: a demotion committing meanwhile either comes first
+        // (and the key is refused) or revokes the key with the others.
+        let still: bool = sqlx::query_scalar(
+            "SELECT coalesce((SELECT status = 'active' AND role IN ('owner', 'admin')
+                                FROM control.users WHERE id = $1 FOR SHARE), false)",
+        )
+        .bind(person)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !still {
+            return Err(RightsGone.into());
+        }
+    }
     room_for_one(
         &mut tx,
         ("api_keys", "revoked_at IS NULL"),
@@ -486,14 +561,15 @@ pub async fn create_api_key(
     )
     .await?;
     let inserted = sqlx::query(
-        "INSERT INTO control.api_keys (id, tenant_id, name, scope, key_hash)
-         SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM control.tenants WHERE id = $2)",
+        "INSERT INTO control.api_keys (id, tenant_id, name, scope, key_hash, on_behalf_of)
+         SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM control.tenants WHERE id = $2)",
     )
     .bind(id)
     .bind(tenant.0)
     .bind(name)
     .bind(scope.as_str())
     .bind(&key.hash)
+    .bind(on_behalf_of)
     .execute(&mut *tx)
     .await?
     .rows_affected();

@@ -207,6 +207,11 @@ pub async fn login(
     // failures counted against the others (a second account's owner would reset the count at
     // will), so a success only gives its own attempt back.
     let shared_address = rows.first().is_some_and(|r| r.7 > 1);
+    // A login naming no tenant that checked several accounts tells whether the password opens
+    // more than one (200 or 409): whatever it answers, it stays counted against the address,
+    // or whoever holds one account (and sets its password at will) could test guesses at the
+    // others for free.
+    let probing = req.tenant.is_none() && rows.len() > 1;
     // Checked against each account (against a dummy hash without any, so that an unknown
     // address costs what a known one does), side by side: the time taken says little about
     // how many there are while the hash slots are free.
@@ -238,7 +243,9 @@ pub async fn login(
     }
     if matched.len() > 1 {
         // The person holds accounts in several tenants with this password: they choose.
-        s.throttle.release(attempt).await;
+        if !probing {
+            s.throttle.release(attempt).await;
+        }
         let ids: Vec<Uuid> = matched.iter().map(|r| r.1).collect();
         let names: Vec<(Uuid, String)> = sqlx::query_as(
             "SELECT id, name FROM control.tenants WHERE id = ANY($1) ORDER BY name, id",
@@ -296,9 +303,10 @@ pub async fn login(
         ip: Some(ip.clone()),
         ..Default::default()
     };
-    match shared_address {
-        true => s.throttle.release(attempt).await,
-        false => s.throttle.succeeded(attempt).await,
+    match (shared_address, probing) {
+        (_, true) => {}
+        (true, false) => s.throttle.release(attempt).await,
+        (false, false) => s.throttle.succeeded(attempt).await,
     }
     let mut conn = s.pool.acquire().await.map_err(db)?;
     if status != "active" || tenant_status != "active" {

@@ -313,7 +313,9 @@ pub async fn link(
         s.throttle.failed(attempt).await;
         return Err(Problem::forbidden("password is wrong"));
     }
-    s.throttle.succeeded(attempt).await;
+    // Only this attempt is given back: the address may have accounts in other tenants, whose
+    // failures this person's own password must not clear.
+    s.throttle.release(attempt).await;
     Ok(Json(LinkStart {
         authorization_url: authorization_url(&s, claims.tid.0, Some(claims.sub)).await?,
     }))

@@ -94,6 +94,8 @@ struct Claimed {
     tenant: Uuid,
     channel: Uuid,
     attempt: i32,
+    /// The attempt's number in its round (a redelivery begins a new one).
+    in_round: i32,
     kind: String,
     sealed: Vec<u8>,
     payload: Value,
@@ -146,7 +148,7 @@ impl Deliverer {
     /// Leases up to `n` due deliveries of unpaused channels, none of the tenants in `full`, and
     /// counts their attempt. At most [`TENANT_SHARE`] of one tenant: `n` is no more.
     async fn claim(&self, n: i64, full: &[Uuid]) -> sqlx::Result<Vec<Claimed>> {
-        type Row = (Uuid, Uuid, Uuid, i32, String, Vec<u8>, Value);
+        type Row = (Uuid, Uuid, Uuid, i32, i32, String, Vec<u8>, Value);
         let rows: Vec<Row> = sqlx::query_as(
             "WITH due AS (
                  SELECT d.id FROM control.deliveries d
@@ -162,8 +164,10 @@ impl Deliverer {
                  UPDATE control.deliveries d
                     SET leased_until = now() + make_interval(secs => $2), attempts = attempts + 1
                    FROM due WHERE d.id = due.id
-                 RETURNING d.id, d.tenant_id, d.channel_id, d.attempts, d.firing_id)
-             SELECT l.id, l.tenant_id, l.channel_id, l.attempts, c.kind, c.sealed, f.payload
+                 RETURNING d.id, d.tenant_id, d.channel_id, d.attempts, d.round_start,
+                           d.firing_id)
+             SELECT l.id, l.tenant_id, l.channel_id, l.attempts, l.round_start, c.kind, c.sealed,
+                    f.payload
                FROM leased l
                JOIN control.channels c ON c.id = l.channel_id
                JOIN control.firings f ON f.id = l.firing_id",
@@ -176,11 +180,12 @@ impl Deliverer {
         Ok(rows
             .into_iter()
             .map(
-                |(id, tenant, channel, attempt, kind, sealed, payload)| Claimed {
+                |(id, tenant, channel, attempt, round_start, kind, sealed, payload)| Claimed {
                     id,
                     tenant,
                     channel,
                     attempt,
+                    in_round: attempt - round_start,
                     kind,
                     sealed,
                     payload,
@@ -286,7 +291,7 @@ impl Deliverer {
                 .await?;
         } else {
             let jitter = rand::random::<f64>() * 2.0 - 1.0;
-            match backoff(c.attempt, jitter) {
+            match backoff(c.in_round, jitter) {
                 Some(wait) => {
                     sqlx::query(
                         "UPDATE control.deliveries SET next_attempt_at = $2, leased_until = NULL WHERE id = $1",
@@ -311,7 +316,7 @@ impl Deliverer {
         .bind(c.id)
         .execute(&mut *tx)
         .await?;
-        let reason = format!("delivery {} failed after {} attempts", c.id, c.attempt);
+        let reason = format!("delivery {} failed after {} attempts", c.id, c.in_round);
         let paused: Option<(String, Option<Uuid>)> = sqlx::query_as(
             "UPDATE control.channels
                 SET consecutive_failures = consecutive_failures + 1, paused_at = now(),

@@ -395,7 +395,7 @@ async fn evaluate_rule(
                         last_value = $2, evaluated_at = now()
                   WHERE id = $1 AND state = 'ok'
                     AND (last_fired_at IS NULL
-                         OR last_fired_at <= now() - make_interval(mins => cooldown_minutes))
+                         OR last_fired_at <= now() - make_interval(mins => greatest(cooldown_minutes, 1)))
                  RETURNING crossings",
             )
             .bind(rule.id)

@@ -1052,3 +1052,132 @@ async fn a_tenants_people_keys_teams_and_invitations_are_capped_and_listed_in_pa
     );
     stop_all([ingest]).await;
 }
+
+/// An `admin` or `read` key lives no longer than the rights it was made with. An admin makes
+/// an admin key, a read key and an ingest key, and the admin key makes another admin key;
+/// when an owner demotes that admin to developer, both admin keys and the read key are
+/// refused within the key cache's delay, and the ingest key (a sender's) still sends. A
+/// deactivated admin's key goes the same way. Before, keys outlived their maker's demotion:
+/// a demoted admin kept the control plane and every tenant's row through them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_made_by_an_admin_go_when_the_admin_is_demoted_or_deactivated() {
+    use shared::jwt::Role;
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
+    let client = http();
+    let url = ingest.url();
+    let t = create_tenant(&pool, "keys-of").await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let person = |name: &str, role: Role| {
+        let (pool, email) = (pool.clone(), format!("{name}-{tag}@keys.example"));
+        async move {
+            let id = create_person(&pool, t.id, &email, "Keys-Pass-4242", role).await;
+            (id, email)
+        }
+    };
+    let token = |email: String| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let v: Value = login(&client, &url, &email, "Keys-Pass-4242")
+                .await
+                .json()
+                .await
+                .unwrap();
+            v["access_token"].as_str().unwrap().to_string()
+        }
+    };
+    let (_, owner) = person("owner", Role::Owner).await;
+    let (admin_id, admin) = person("admin", Role::Admin).await;
+    let (other_id, other) = person("other", Role::Admin).await;
+    let owner = token(owner).await;
+    let make_key = |credential: String, scope: &'static str| {
+        let req = client
+            .post(format!("{url}/v1/admin/api-keys"))
+            .bearer_auth(credential)
+            .json(&json!({"name": format!("{scope} key"), "scope": scope}));
+        async move {
+            let (st, k) = status_and_json(req).await;
+            assert_eq!(st, 201, "{k}");
+            k["key"].as_str().unwrap().to_string()
+        }
+    };
+    let admin_token = token(admin).await;
+    let admin_key = make_key(admin_token.clone(), "admin").await;
+    let read_key = make_key(admin_token.clone(), "read").await;
+    let ingest_key = make_key(admin_token, "ingest").await;
+    let chained_key = make_key(admin_key.clone(), "admin").await;
+    let other_key = make_key(token(other).await, "admin").await;
+    let admin_api = |key: String| {
+        let req = client.get(format!("{url}/v1/admin/users")).bearer_auth(key);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    let reads = |key: String| {
+        let req = client
+            .get(format!("{}/v1/dashboard/overview?range=24h", query.url()))
+            .bearer_auth(key);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    let sends = |key: String| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            post_events(
+                &client,
+                &url,
+                &key,
+                &json!([command("u1", "build", 10, true)]),
+            )
+            .await
+            .status()
+            .as_u16()
+        }
+    };
+    for key in [&admin_key, &chained_key, &other_key] {
+        assert_eq!(admin_api(key.clone()).await, 200);
+    }
+    assert_eq!(reads(read_key.clone()).await, 200);
+    assert_eq!(sends(ingest_key.clone()).await, 202);
+
+    let change = |id: uuid::Uuid, body: Value| {
+        let req = client
+            .patch(format!("{url}/v1/admin/users/{id}"))
+            .bearer_auth(&owner)
+            .json(&body);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(change(admin_id, json!({"role": "developer"})).await, 204);
+    assert_eq!(
+        change(other_id, json!({"status": "deactivated"})).await,
+        204
+    );
+    let since = std::time::Instant::now();
+    let limit = shared::auth::KEY_CACHE_TTL + std::time::Duration::from_secs(3);
+    loop {
+        let refused = [
+            admin_api(admin_key.clone()).await,
+            admin_api(chained_key.clone()).await,
+            admin_api(other_key.clone()).await,
+            reads(read_key.clone()).await,
+        ];
+        if refused == [401; 4] {
+            break;
+        }
+        assert!(since.elapsed() < limit, "still accepted: {refused:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    eprintln!(
+        "the demoted admin's keys refused after {:?}",
+        since.elapsed()
+    );
+    assert_eq!(sends(ingest_key).await, 202, "a sender's key still sends");
+    let revoked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM control.api_keys
+          WHERE tenant_id = $1 AND revoked_at IS NOT NULL AND on_behalf_of IS NOT NULL",
+    )
+    .bind(t.id.0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(revoked, 4);
+    stop_all([ingest, query]).await;
+}

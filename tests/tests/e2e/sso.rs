@@ -527,7 +527,7 @@ async fn sso_reaches_providers_only_where_notifications_may_go() {
     for (faults, what) in [
         (
             Faults {
-                token_endpoint_at: Some("http://169.254.169.254/latest/api/token".into()),
+                token_endpoint_at: Some("https://169.254.169.254/latest/api/token".into()),
                 ..Default::default()
             },
             "token_endpoint",
