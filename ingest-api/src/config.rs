@@ -59,6 +59,9 @@ pub struct Config {
     pub login_max_failures_per_ip: u32,
     /// Window (and lockout) length for failed logins.
     pub login_window_secs: u64,
+    /// Single sign-on starts (`/v1/auth/sso/start`, which anyone may call: each fetches the
+    /// provider's discovery and writes a pending login) per client address per minute.
+    pub sso_starts_per_minute: u32,
     /// Password hashes (argon2id, 19 MiB each) that may run at once.
     pub max_concurrent_hashes: usize,
     /// How long a login waits for a free hash slot before it gets 503 with `Retry-After`.
@@ -93,6 +96,7 @@ impl Default for Config {
             login_max_failures: 5,
             login_max_failures_per_ip: 20,
             login_window_secs: 900,
+            sso_starts_per_minute: 60,
             max_concurrent_hashes: 4,
             hash_wait_ms: 2000,
             public_url: "http://127.0.0.1:8080".into(),
@@ -104,6 +108,9 @@ impl Default for Config {
 impl Config {
     pub fn check(&self) -> Result<(), String> {
         self.common.check()?;
+        if self.sso_starts_per_minute == 0 {
+            return Err("sso_starts_per_minute must be positive".into());
+        }
         if self.max_batch_events == 0 || self.max_body_bytes == 0 {
             return Err("max_batch_events and max_body_bytes must be positive".into());
         }

@@ -141,6 +141,15 @@ impl App {
                 config.login_max_failures_per_ip,
                 Duration::from_secs(config.login_window_secs),
             ),
+            // Every start counts (none is given back), per address; the "account" is the
+            // tenant, never limited here (a tenant's sign-on must not be stopped by others).
+            sso_starts: throttle::LoginThrottle::new(
+                redis.clone(),
+                &format!("{}sso-start:", common.topic_prefix),
+                u32::MAX,
+                config.sso_starts_per_minute,
+                Duration::from_secs(60),
+            ),
             shed: shed::Shed::new(shed::Limits {
                 requests: config.max_inflight_requests,
                 bytes: config.max_inflight_bytes,

@@ -24,6 +24,8 @@ pub struct AppState {
     pub limiter: shared::ratelimit::RateLimiter,
     pub keyring: crate::keys::KeyRing,
     pub throttle: crate::throttle::LoginThrottle,
+    /// Counts single sign-on starts per client address (`sso_starts_per_minute`).
+    pub sso_starts: crate::throttle::LoginThrottle,
     /// What the ingest doors may hold at once (load shedding).
     pub shed: crate::shed::Shed,
     /// What webhook deliveries may hold at once (a budget apart from the doors').

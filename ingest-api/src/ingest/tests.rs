@@ -98,6 +98,13 @@ fn harness(limit: u32) -> Harness {
         outbox_wake: Arc::default(),
         oidc: crate::oidc::Providers::new(Default::default()),
         throttle: crate::throttle::LoginThrottle::new(None, "", 5, 20, Duration::from_secs(60)),
+        sso_starts: crate::throttle::LoginThrottle::new(
+            None,
+            "sso-start:",
+            u32::MAX,
+            60,
+            Duration::from_secs(60),
+        ),
         shed: crate::shed::Shed::new(crate::shed::Limits {
             requests: 64,
             bytes: 64 << 20,

@@ -245,9 +245,11 @@ fn redirect_uri(s: &AppState) -> String {
     )
 }
 
-/// `GET /v1/auth/sso/start?tenant=<id>`: 302 to the identity provider.
+/// `GET /v1/auth/sso/start?tenant=<id>`: 302 to the identity provider. Anyone may call it,
+/// so each client address has `sso_starts_per_minute` (429 with `Retry-After` past them).
 pub async fn start(
     State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     params: Result<Query<StartParams>, QueryRejection>,
 ) -> Result<Response, Problem> {
     let Query(p) = params.map_err(query_problem)?;
@@ -256,6 +258,20 @@ pub async fn start(
         .as_deref()
         .and_then(|t| Uuid::parse_str(t).ok())
         .ok_or_else(|| Problem::invalid_field("tenant", "a tenant id is required"))?;
+    // Counted for good: a start is never given back.
+    let _counted = s
+        .sso_starts
+        .reserve(&tenant.to_string(), &peer.ip().to_string())
+        .await
+        .map_err(|locked| {
+            Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "sso-start-limited",
+                "Too many sign-in starts",
+                "too many single sign-on starts from this address; try again shortly",
+            )
+            .with_retry_after(locked.retry_after.map_or(60, u64::from))
+        })?;
     let url = authorization_url(&s, tenant, None).await?;
     Ok((StatusCode::FOUND, [(header::LOCATION, url)]).into_response())
 }

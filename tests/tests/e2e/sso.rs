@@ -629,3 +629,76 @@ async fn sso_reaches_providers_only_where_notifications_may_go() {
     assert_eq!(n, 2);
     stop_all([ingest, strict]).await;
 }
+
+/// `/v1/auth/sso/start` answers anyone, and each start fetches the provider's discovery and
+/// writes a pending login: a client address has `sso_starts_per_minute` of them, then 429
+/// with `Retry-After`, whichever tenant it names. Before, one address could make the
+/// service call a tenant's provider and write logins as fast as it could ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sso_starts_are_limited_per_client_address() {
+    let TestEnv { pool, common } = test_env().await;
+    let idp = TestIdp::start().await;
+    let ingest = start_ingest(&common, |c| {
+        c.common.secret_key = "ab".repeat(32);
+        c.public_url = "http://tally.test".into();
+        c.sso_starts_per_minute = 5;
+    })
+    .await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let t = create_tenant(&pool, "sso-starts").await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let owner = format!("owner-{tag}@example.com");
+    create_person(&pool, t.id, &owner, "Owner-Pass-123", Role::Owner).await;
+    let tokens: Value = login(&http, &ingest.url(), &owner, "Owner-Pass-123")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let settings = oidc_settings(&idp, &format!("{tag}.example.org"));
+    let res = put_sso(
+        &http,
+        &ingest.url(),
+        tokens["access_token"].as_str().unwrap(),
+        &settings,
+    )
+    .await;
+    assert!(res.status().is_success(), "{}", res.status());
+    let start = |tenant: String| {
+        let req = http.get(format!(
+            "{}/v1/auth/sso/start?tenant={tenant}",
+            ingest.url()
+        ));
+        async move { req.send().await.unwrap() }
+    };
+    let logins = || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM control.sso_logins WHERE tenant_id = $1",
+            )
+            .bind(t.id.0)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    for n in 0..5 {
+        assert_eq!(start(t.id.to_string()).await.status(), 302, "start {n}");
+    }
+    let res = start(t.id.to_string()).await;
+    assert_eq!(res.status(), 429);
+    assert!(res.headers().contains_key("retry-after"));
+    let p: Value = res.json().await.unwrap();
+    assert_eq!(
+        p["type"], "https://tally.dev/problems/sso-start-limited",
+        "{p}"
+    );
+    // Another tenant's id from the same address: the same count.
+    let other = create_tenant(&pool, "sso-starts-other").await;
+    assert_eq!(start(other.id.to_string()).await.status(), 429);
+    assert_eq!(logins().await, 5, "a refused start wrote nothing");
+    stop_all([ingest]).await;
+}
