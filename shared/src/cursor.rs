@@ -3,7 +3,6 @@
 use std::fmt::Display;
 use std::str::FromStr;
 
-use crate::events::FieldError;
 use crate::problem::Problem;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -61,9 +60,7 @@ fn text(c: &str) -> Result<String, Problem> {
 
 /// 400 `invalid-parameter` naming `cursor`.
 fn invalid() -> Problem {
-    let e = FieldError::new("cursor", "not a cursor this API returned");
-    Problem::bad_request("invalid-parameter", format!("{}: {}", e.field, e.reason))
-        .with_errors(vec![e])
+    Problem::invalid_parameter("cursor", "not a cursor this API returned")
 }
 
 #[cfg(test)]

@@ -125,6 +125,13 @@ impl Problem {
         Problem::validation(format!("{}: {}", e.field, e.reason), vec![e])
     }
 
+    /// 400 `invalid-parameter` naming a query parameter.
+    pub fn invalid_parameter(field: &str, reason: impl Into<String>) -> Self {
+        let e = FieldError::new(field, reason);
+        Problem::bad_request("invalid-parameter", format!("{}: {}", e.field, e.reason))
+            .with_errors(vec![e])
+    }
+
     /// A 500 whose cause was logged; the client learns nothing about it.
     pub fn internal() -> Self {
         Problem::new(

@@ -68,11 +68,10 @@ pub(crate) async fn over_limit(
     tenant: TenantId,
     max: i64,
 ) -> Result<Option<Problem>, Problem> {
-    let n = super::store::count_locked(tx, table, "true", tenant)
+    let room = super::store::room_for_one(tx, (table, "true"), tenant, max, table)
         .await
         .map_err(db)?;
-    Ok((n >= max)
-        .then(|| super::http::limit_reached(&super::store::LimitReached { what: table, max })))
+    Ok(room.err().map(Problem::from))
 }
 
 /// What a change does, for the audit log.

@@ -46,11 +46,8 @@ impl Page {
         let Query(page) =
             q.map_err(|e| Problem::bad_request("invalid-parameter", e.body_text()))?;
         if page.limit.is_some_and(|l| !(1..=MAX_PAGE).contains(&l)) {
-            let e = shared::events::FieldError::new("limit", format!("must be 1 to {MAX_PAGE}"));
-            return Err(
-                Problem::bad_request("invalid-parameter", format!("limit: {}", e.reason))
-                    .with_errors(vec![e]),
-            );
+            let reason = format!("must be 1 to {MAX_PAGE}");
+            return Err(Problem::invalid_parameter("limit", reason));
         }
         Ok(page)
     }
@@ -92,19 +89,9 @@ impl Page {
     }
 }
 
-/// 409 `limit-reached`.
-pub(crate) fn limit_reached(l: &store::LimitReached) -> Problem {
-    Problem::new(
-        StatusCode::CONFLICT,
-        "limit-reached",
-        "Limit reached",
-        l.to_string(),
-    )
-}
-
 fn failed(e: anyhow::Error) -> Problem {
     if let Some(l) = e.downcast_ref::<store::LimitReached>() {
-        return limit_reached(l);
+        return Problem::from(*l);
     }
     if let Some(gone) = e.downcast_ref::<store::RightsGone>() {
         return Problem::forbidden(gone.to_string());
@@ -875,10 +862,11 @@ pub async fn put_team(
     .await
     .map_err(db)?;
     if new && teams >= store::MAX_TEAMS {
-        return Err(limit_reached(&store::LimitReached {
+        return Err(store::LimitReached {
             what: "teams",
             max: store::MAX_TEAMS,
-        }));
+        }
+        .into());
     }
     sqlx::query(
         "INSERT INTO control.teams (tenant_id, key, name) VALUES ($1, $2, $3)

@@ -56,20 +56,6 @@ fn db(e: sqlx::Error) -> Problem {
     Problem::unavailable("invitations are unavailable right now", 2)
 }
 
-/// A cap reached (409), or the database failing.
-fn limited(e: anyhow::Error) -> Problem {
-    match e.downcast::<sqlx::Error>() {
-        Ok(e) => db(e),
-        Err(e) => match e.downcast_ref::<super::store::LimitReached>() {
-            Some(l) => super::http::limit_reached(l),
-            None => {
-                tracing::error!(error = %e, "invitation failed");
-                Problem::internal()
-            }
-        },
-    }
-}
-
 /// `POST /v1/admin/invitations` (tenant owners/admins)
 pub async fn invite(
     State(s): State<AppState>,
@@ -110,7 +96,7 @@ pub async fn invite(
         "open invitations",
     )
     .await
-    .map_err(limited)?;
+    .map_err(db)??;
     sqlx::query(
         "INSERT INTO control.invitations (id, tenant_id, email, role, teams, token_hash, expires_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -180,7 +166,7 @@ pub async fn accept(
     let (invitation, tenant, email, role, teams) = row.ok_or_else(gone)?;
     super::store::room_for_a_person(&mut tx, TenantId(tenant))
         .await
-        .map_err(limited)?;
+        .map_err(db)??;
     let user = Uuid::now_v7();
     sqlx::query(
         "INSERT INTO control.users (id, tenant_id, email, password_hash, role, external_id, teams)

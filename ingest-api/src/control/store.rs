@@ -138,7 +138,7 @@ impl std::fmt::Display for RightsGone {
 impl std::error::Error for RightsGone {}
 
 /// A tenant already has as many of something as it may (answered 409 `limit-reached`).
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct LimitReached {
     pub what: &'static str,
     pub max: i64,
@@ -151,6 +151,17 @@ impl std::fmt::Display for LimitReached {
 }
 
 impl std::error::Error for LimitReached {}
+
+impl From<LimitReached> for shared::problem::Problem {
+    fn from(l: LimitReached) -> Self {
+        shared::problem::Problem::new(
+            axum::http::StatusCode::CONFLICT,
+            "limit-reached",
+            "Limit reached",
+            l.to_string(),
+        )
+    }
+}
 
 /// The tenant's rows of `table` matching `filter`, counted under an advisory lock (per
 /// tenant and table) held until `tx` ends: two transactions each adding one cannot both see
@@ -174,25 +185,27 @@ pub(crate) async fn count_locked(
     .await
 }
 
-/// `Err(LimitReached)` when the tenant has `max` of `what` already ([`count_locked`]).
+/// `Err(LimitReached)` when the tenant has `max` of `what` already ([`count_locked`]); the
+/// outer error is the database's.
 pub(crate) async fn room_for_one(
     tx: &mut sqlx::PgConnection,
     (table, filter): (&'static str, &'static str),
     tenant: TenantId,
     max: i64,
     what: &'static str,
-) -> anyhow::Result<()> {
-    if count_locked(tx, table, filter, tenant).await? >= max {
-        return Err(LimitReached { what, max }.into());
-    }
-    Ok(())
+) -> sqlx::Result<Result<(), LimitReached>> {
+    let n = count_locked(tx, table, filter, tenant).await?;
+    Ok(match n >= max {
+        true => Err(LimitReached { what, max }),
+        false => Ok(()),
+    })
 }
 
-/// Room for one more person in the tenant.
+/// Room for one more person in the tenant ([`room_for_one`]).
 pub(crate) async fn room_for_a_person(
     tx: &mut sqlx::PgConnection,
     tenant: TenantId,
-) -> anyhow::Result<()> {
+) -> sqlx::Result<Result<(), LimitReached>> {
     room_for_one(tx, ("users", "true"), tenant, MAX_USERS, "people").await
 }
 
@@ -231,7 +244,7 @@ pub async fn create_user_hashed(
     let email = u.email.trim().to_lowercase();
     let id = Uuid::now_v7();
     let mut tx = pool.begin().await?;
-    room_for_a_person(&mut tx, u.tenant).await?;
+    room_for_a_person(&mut tx, u.tenant).await??;
     sqlx::query(
         "INSERT INTO control.users (id, tenant_id, email, password_hash, role, external_id, teams)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -559,7 +572,7 @@ pub async fn create_api_key_for(
         MAX_ACTIVE_API_KEYS,
         "API keys that are not revoked",
     )
-    .await?;
+    .await??;
     let inserted = sqlx::query(
         "INSERT INTO control.api_keys (id, tenant_id, name, scope, key_hash, on_behalf_of)
          SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM control.tenants WHERE id = $2)",

@@ -242,10 +242,8 @@ pub async fn login(
         matched.retain(usable);
     }
     if matched.len() > 1 {
-        // The person holds accounts in several tenants with this password: they choose.
-        if !probing {
-            s.throttle.release(attempt).await;
-        }
+        // The person holds accounts in several tenants with this password: they choose. Only
+        // a login naming no tenant gets here, which stays counted (`probing`).
         let ids: Vec<Uuid> = matched.iter().map(|r| r.1).collect();
         let names: Vec<(Uuid, String)> = sqlx::query_as(
             "SELECT id, name FROM control.tenants WHERE id = ANY($1) ORDER BY name, id",

@@ -603,15 +603,7 @@ async fn find_or_provision(
             })?;
             crate::control::store::room_for_a_person(&mut tx, tenant)
                 .await
-                .map_err(
-                    |e| match e.downcast_ref::<crate::control::store::LimitReached>() {
-                        Some(l) => crate::control::http::limit_reached(l),
-                        None => {
-                            tracing::error!(error = %e, "single sign-on provisioning failed");
-                            Problem::unavailable("single sign-on is unavailable right now", 2)
-                        }
-                    },
-                )?;
+                .map_err(db)??;
             let id = Uuid::now_v7();
             sqlx::query(
                 "INSERT INTO control.users (id, tenant_id, email, password_hash, role, external_id)

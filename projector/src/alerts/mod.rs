@@ -325,11 +325,10 @@ fn timed_out(e: &sqlx::Error) -> bool {
         .is_some_and(|c| c == "57014")
 }
 
-/// Evaluates the tenant's rules: a rule whose condition starts to hold fires once (unless
-/// it fired within its cool-down), and is `firing` until the condition clears.
-/// The tenant's rules, the least recently looked at first (so that a turn that runs out
-/// leaves different rules behind the next time), each on its own: one that fails or is too
-/// slow is logged and counted and the others go on.
+/// Evaluates the tenant's rules, the least recently looked at first (so that a turn that
+/// runs out leaves different rules behind the next time), each on its own: one that fails or
+/// is too slow is logged and counted and the others go on. A rule whose condition starts to
+/// hold fires once (unless it fired within its cool-down), and is `firing` until it clears.
 async fn evaluate_rules(
     alerts: &Alerts,
     conn: &mut sqlx::PgConnection,

@@ -6,8 +6,7 @@ use shared::problem::Problem;
 
 /// A parameter the endpoint cannot take: a 400 naming it.
 pub fn invalid(e: FieldError) -> Problem {
-    Problem::bad_request("invalid-parameter", format!("{}: {}", e.field, e.reason))
-        .with_errors(vec![e])
+    Problem::invalid_parameter(&e.field, e.reason)
 }
 
 /// A query string that does not deserialize into the endpoint's parameters: a 400 saying why.

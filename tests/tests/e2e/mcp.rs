@@ -371,8 +371,8 @@ async fn mcp_calls_count_against_the_tenants_read_limit() {
     stop_all([query]).await;
 }
 
-/// Runs `deploy/claude-code/tally-mcp-headers.mjs` with `args` and `env`; its status and
-/// stdout.
+/// Runs `deploy/claude-code/tally-mcp-headers.mjs` with `args` and `env`: whether it succeeded,
+/// and its stdout, or its stderr (why) when it did not.
 async fn headers_helper(args: &[&str], env: Vec<(&'static str, String)>) -> (bool, String) {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {
@@ -383,11 +383,12 @@ async fn headers_helper(args: &[&str], env: Vec<(&'static str, String)>) -> (boo
             .stdin(Stdio::null())
             .output()
             .expect("node runs");
-        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-        )
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        eprintln!("{stderr}");
+        match out.status.success() {
+            true => (true, String::from_utf8_lossy(&out.stdout).to_string()),
+            false => (false, stderr),
+        }
     })
     .await
     .unwrap()
@@ -421,8 +422,14 @@ async fn the_headers_helper_keeps_a_developer_signed_in_as_themself() {
         Role::Viewer,
     )
     .await;
-    let (ok, _) = headers_helper(&["--login"], env()).await;
+    let (ok, why) = headers_helper(&["--login"], env()).await;
     assert!(!ok, "two tenants open: the helper does not choose");
+    assert!(
+        why.contains("TALLY_TENANT")
+            && why.contains(&t.id.to_string())
+            && why.contains(&twin.id.to_string()),
+        "the helper lists the tenants to choose from: {why}"
+    );
     let env = || {
         let mut env = env();
         env.push(("TALLY_TENANT", t.id.to_string()));
