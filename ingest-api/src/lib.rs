@@ -239,7 +239,14 @@ impl App {
             .route("/v1/auth/sso/callback", get(routes::sso::callback))
             .route("/v1/auth/sso/link", post(routes::sso::link));
         let admin = Router::new()
-            .route("/v1/admin/invitations", post(control::invitations::invite))
+            .route(
+                "/v1/admin/invitations",
+                post(control::invitations::invite).get(control::invitations::list),
+            )
+            .route(
+                "/v1/admin/invitations/{id}",
+                delete(control::invitations::revoke),
+            )
             .route(
                 "/v1/admin/sso",
                 put(routes::sso::put_settings).get(routes::sso::get_settings),

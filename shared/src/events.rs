@@ -108,10 +108,13 @@ pub enum AuthKind {
     /// Someone read another person's individual data (privacy mode): who is the actor,
     /// whose is `target`, what is `detail`.
     IndividualRead,
+    /// An invitation was made or taken back (`detail` says which; `target` is
+    /// `invitation:{id}`, `email` whom it invites).
+    InvitationChanged,
 }
 
 impl AuthKind {
-    pub const ALL: [AuthKind; 23] = [
+    pub const ALL: [AuthKind; 24] = [
         AuthKind::LoginSucceeded,
         AuthKind::LoginFailed,
         AuthKind::TokenRefreshed,
@@ -135,6 +138,7 @@ impl AuthKind {
         AuthKind::IntegrationChanged,
         AuthKind::PrivacyChanged,
         AuthKind::IndividualRead,
+        AuthKind::InvitationChanged,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -162,6 +166,7 @@ impl AuthKind {
             AuthKind::IntegrationChanged => "integration.changed",
             AuthKind::PrivacyChanged => "privacy.changed",
             AuthKind::IndividualRead => "privacy.individual_read",
+            AuthKind::InvitationChanged => "invitation.changed",
         }
     }
 }

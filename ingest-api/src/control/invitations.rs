@@ -1,7 +1,10 @@
 //! Invitations: an owner or admin invites a person by e-mail with a role; the person accepts
-//! with the link token (valid 1–168 hours, default 72, once) and their own password.
+//! with the link token (valid 1–168 hours, default 72, once) and their own password. Owners
+//! and admins list the tenant's invitations and take back open ones; every invitation and
+//! revocation is audited as `invitation.changed`.
 
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Duration, Utc};
@@ -12,11 +15,32 @@ use shared::problem::Problem;
 use shared::tenant::TenantId;
 use uuid::Uuid;
 
-use crate::control::http::TenantAdmin;
-use crate::extract::Body;
+use crate::control::http::{Page, TenantAdmin};
+use crate::extract::{Body, Id};
 use crate::state::AppState;
 
 const INVITE_PREFIX: &str = "tli_";
+
+/// An invitation that can still be accepted, as SQL over `control.invitations`.
+const OPEN: &str = "accepted_at IS NULL AND revoked_at IS NULL AND expires_at > now()";
+
+/// Audits what happened to invitation `id` (to `email`) as `invitation.changed`, in `tx`.
+async fn audited(
+    s: &AppState,
+    tx: &mut sqlx::PgConnection,
+    caller: &TenantAdmin,
+    (id, email): (Uuid, &str),
+    detail: String,
+) -> Result<(), Problem> {
+    let event = AuthEvent {
+        email: Some(email.to_string()),
+        target: Some(format!("invitation:{id}")),
+        detail: Some(detail),
+        ..Default::default()
+    };
+    let kind = AuthKind::InvitationChanged;
+    crate::routes::auth::audit_as(s, tx, caller.tenant, kind, caller.actor.clone(), event).await
+}
 
 #[derive(Debug, Deserialize)]
 pub struct NewInvitation {
@@ -33,6 +57,23 @@ pub struct Invitation {
     /// The link token: shown only in this answer.
     pub token: String,
     pub expires_at: DateTime<Utc>,
+}
+
+/// One invitation as its tenant's owners and admins see it (never its token).
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+pub struct InvitationView {
+    pub id: Uuid,
+    pub email: String,
+    pub role: String,
+    pub teams: Vec<String>,
+    /// `open`, `accepted`, `revoked` or `expired`.
+    pub state: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub accepted_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// The person who accepted it.
+    pub user_id: Option<Uuid>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,7 +131,7 @@ pub async fn invite(
     let mut tx = s.pool.begin().await.map_err(db)?;
     super::store::room_for_one(
         &mut tx,
-        ("invitations", "accepted_at IS NULL AND expires_at > now()"),
+        ("invitations", OPEN),
         caller.tenant,
         super::store::MAX_OPEN_INVITATIONS,
         "open invitations",
@@ -111,7 +152,10 @@ pub async fn invite(
     .execute(&mut *tx)
     .await
     .map_err(db)?;
+    let detail = format!("invited as {}, valid {hours} hours", role.as_str());
+    audited(&s, &mut tx, &caller, (id, &email), detail).await?;
     tx.commit().await.map_err(db)?;
+    s.outbox_wake.notify_one();
     Ok((
         StatusCode::CREATED,
         Json(Invitation {
@@ -120,6 +164,77 @@ pub async fn invite(
             expires_at,
         }),
     ))
+}
+
+/// `GET /v1/admin/invitations?limit=&cursor=` (tenant owners/admins): a page, oldest first,
+/// whatever their state.
+pub async fn list(
+    State(s): State<AppState>,
+    caller: TenantAdmin,
+    page: Result<Query<Page>, QueryRejection>,
+) -> Result<axum::response::Response, Problem> {
+    let page = Page::asked(page)?;
+    let (at, id) = page.after_time()?;
+    let rows: Vec<InvitationView> = sqlx::query_as(
+        "SELECT id, email, role, teams,
+                CASE WHEN revoked_at IS NOT NULL THEN 'revoked'
+                     WHEN accepted_at IS NOT NULL THEN 'accepted'
+                     WHEN expires_at <= now() THEN 'expired'
+                     ELSE 'open' END AS state,
+                created_at, expires_at, accepted_at, revoked_at, user_id
+           FROM control.invitations
+          WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
+          ORDER BY created_at, id LIMIT $4",
+    )
+    .bind(caller.tenant.0)
+    .bind(at)
+    .bind(id)
+    .bind(page.limit() + 1)
+    .fetch_all(&s.pool)
+    .await
+    .map_err(db)?;
+    Ok(page.answer("/v1/admin/invitations", rows, |i| {
+        shared::cursor::encode(i.created_at, i.id)
+    }))
+}
+
+/// `DELETE /v1/admin/invitations/{id}` (tenant owners/admins; an owner's invitation only by an
+/// owner): the invitation can no longer be accepted. 404 unless it is open in this tenant.
+pub async fn revoke(
+    State(s): State<AppState>,
+    caller: TenantAdmin,
+    Id(id): Id,
+) -> Result<StatusCode, Problem> {
+    let mut tx = s.pool.begin().await.map_err(db)?;
+    let sql = format!(
+        "SELECT email, role FROM control.invitations
+          WHERE id = $1 AND tenant_id = $2 AND {OPEN} FOR UPDATE"
+    );
+    let open: Option<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(caller.tenant.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+    let Some((email, role)) = open else {
+        return Err(Problem::not_found("no such open invitation in this tenant"));
+    };
+    if role == Role::Owner.as_str() && !caller.is_owner {
+        drop(tx);
+        let target = format!("invitation:{id}");
+        return Err(caller
+            .refuse(&s, "only an owner may revoke an owner's invitation", target)
+            .await);
+    }
+    sqlx::query("UPDATE control.invitations SET revoked_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    audited(&s, &mut tx, &caller, (id, &email), "revoked".into()).await?;
+    tx.commit().await.map_err(db)?;
+    s.outbox_wake.notify_one();
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `POST /v1/auth/invitations/accept`: creates the person and signs them in.
@@ -141,7 +256,8 @@ pub async fn accept(
     // Hash only for an invitation that can be accepted, and with no connection held.
     let open: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM control.invitations
-                         WHERE token_hash = $1 AND accepted_at IS NULL AND expires_at > now())",
+                         WHERE token_hash = $1 AND accepted_at IS NULL AND revoked_at IS NULL
+                           AND expires_at > now())",
     )
     .bind(&token_hash)
     .fetch_one(&s.pool)
@@ -155,8 +271,8 @@ pub async fn accept(
     let row: Option<(Uuid, Uuid, String, String, Vec<String>)> = sqlx::query_as(
         "SELECT i.id, i.tenant_id, i.email, i.role, i.teams FROM control.invitations i
            JOIN control.tenants t ON t.id = i.tenant_id
-          WHERE i.token_hash = $1 AND i.accepted_at IS NULL AND i.expires_at > now()
-            AND t.status = 'active'
+          WHERE i.token_hash = $1 AND i.accepted_at IS NULL AND i.revoked_at IS NULL
+            AND i.expires_at > now() AND t.status = 'active'
             FOR UPDATE OF i",
     )
     .bind(&token_hash)

@@ -1181,3 +1181,166 @@ async fn keys_made_by_an_admin_go_when_the_admin_is_demoted_or_deactivated() {
     assert_eq!(revoked, 4);
     stop_all([ingest, query]).await;
 }
+
+/// Owners and admins list their tenant's invitations (never their tokens) and take back open
+/// ones: a revoked invitation is 410 to whoever holds its link, frees its place among the
+/// open invitations, and is audited with who revoked it. An admin cannot take back an owner's
+/// invitation, and nobody reaches another tenant's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invitations_are_listed_and_taken_back() {
+    use shared::jwt::Role;
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let client = http();
+    let url = ingest.url();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let (a, b) = (
+        create_tenant(&pool, "invites-a").await,
+        create_tenant(&pool, "invites-b").await,
+    );
+    let token = |tenant: shared::tenant::TenantId, name: &'static str, role: Role| {
+        let (pool, client, url) = (pool.clone(), client.clone(), url.clone());
+        let email = format!("{name}-{tag}@invites.example");
+        async move {
+            let id = create_person(&pool, tenant, &email, "Invite-Pass-4242", role).await;
+            let v: Value = login(&client, &url, &email, "Invite-Pass-4242")
+                .await
+                .json()
+                .await
+                .unwrap();
+            (id, v["access_token"].as_str().unwrap().to_string())
+        }
+    };
+    let (_, owner) = token(a.id, "owner", Role::Owner).await;
+    let (admin_id, admin) = token(a.id, "admin", Role::Admin).await;
+    let (_, stranger) = token(b.id, "stranger", Role::Admin).await;
+    let invite = |credential: &str, email: &str, role: &str| {
+        let req = client
+            .post(format!("{url}/v1/admin/invitations"))
+            .bearer_auth(credential)
+            .json(&json!({"email": email, "role": role}));
+        async move {
+            let (st, v) = status_and_json(req).await;
+            assert_eq!(st, 201, "{v}");
+            v
+        }
+    };
+    let revoke = |credential: &str, id: &Value| {
+        let req = client
+            .delete(format!(
+                "{url}/v1/admin/invitations/{}",
+                id.as_str().unwrap()
+            ))
+            .bearer_auth(credential);
+        async move { req.send().await.unwrap() }
+    };
+    let accept = |token: &Value| {
+        let req = client
+            .post(format!("{url}/v1/auth/invitations/accept"))
+            .json(&json!({"token": token, "password": "Joined-Pass-4242"}));
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    let list = |credential: &str, path: String| {
+        let req = client.get(format!("{url}{path}")).bearer_auth(credential);
+        async move {
+            let res = req.send().await.unwrap();
+            assert_eq!(res.status(), 200);
+            let next = res
+                .headers()
+                .get("link")
+                .map(|l| l.to_str().unwrap().to_string());
+            (res.json::<Vec<Value>>().await.unwrap(), next)
+        }
+    };
+    let dev = invite(&admin, &format!("dev-{tag}@invites.example"), "developer").await;
+    let boss = invite(&owner, &format!("boss-{tag}@invites.example"), "owner").await;
+    let joiner = invite(&admin, &format!("joiner-{tag}@invites.example"), "viewer").await;
+    let late = invite(&admin, &format!("late-{tag}@invites.example"), "viewer").await;
+    sqlx::query(
+        "UPDATE control.invitations SET expires_at = now() - interval '1 minute' WHERE id = $1",
+    )
+    .bind(uuid::Uuid::parse_str(late["id"].as_str().unwrap()).unwrap())
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(accept(&joiner["token"]).await, 200);
+
+    // Another tenant's admin neither sees nor reaches them.
+    let (theirs, _) = list(&stranger, "/v1/admin/invitations".into()).await;
+    assert!(theirs.is_empty(), "{theirs:?}");
+    assert_eq!(revoke(&stranger, &dev["id"]).await.status(), 404);
+    // An admin cannot take back an owner's invitation; the refusal is audited.
+    assert_eq!(revoke(&admin, &boss["id"]).await.status(), 403);
+    let res = revoke(&admin, &dev["id"]).await;
+    assert_eq!(res.status(), 204);
+    assert_eq!(revoke(&admin, &dev["id"]).await.status(), 404, "once");
+    assert_eq!(accept(&dev["token"]).await, 410, "a revoked link");
+    assert_eq!(revoke(&owner, &boss["id"]).await.status(), 204);
+    assert_eq!(revoke(&owner, &late["id"]).await.status(), 404, "expired");
+    assert_eq!(
+        revoke(&owner, &joiner["id"]).await.status(),
+        404,
+        "accepted"
+    );
+
+    // Listed in pages with each one's state; no token in any of them.
+    let (first, next) = list(&admin, "/v1/admin/invitations?limit=3".into()).await;
+    let next = next.expect("a second page");
+    let path = next
+        .strip_prefix('<')
+        .and_then(|l| l.split_once('>'))
+        .unwrap()
+        .0
+        .to_string();
+    let (second, last) = list(&admin, path).await;
+    assert!(last.is_none());
+    let all: Vec<Value> = first.into_iter().chain(second).collect();
+    let state = |inv: &Value| {
+        let row = all.iter().find(|r| r["id"] == inv["id"]).unwrap();
+        assert!(row.get("token").is_none() && !row.to_string().contains("tli_"));
+        row["state"].as_str().unwrap().to_string()
+    };
+    assert_eq!(all.len(), 4);
+    assert_eq!(state(&dev), "revoked");
+    assert_eq!(state(&boss), "revoked");
+    assert_eq!(state(&late), "expired");
+    assert_eq!(state(&joiner), "accepted");
+    let accepted = all.iter().find(|r| r["id"] == joiner["id"]).unwrap();
+    assert!(accepted["user_id"].is_string(), "{accepted}");
+
+    // A revoked invitation no longer holds a place among the open ones.
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM control.invitations
+          WHERE tenant_id = $1 AND accepted_at IS NULL AND revoked_at IS NULL AND expires_at > now()",
+    )
+    .bind(a.id.0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(open, 0);
+
+    // Every invitation and revocation is audited, with who acted.
+    let events = outbox_events(&pool, a.id.0, "invitation.changed").await;
+    let about = |inv: &Value| -> Vec<(String, Value)> {
+        let target = format!("invitation:{}", inv["id"].as_str().unwrap());
+        events
+            .iter()
+            .filter(|e| e["data"]["target"] == target.as_str())
+            .map(|e| {
+                let detail = e["data"]["detail"].as_str().unwrap().to_string();
+                (detail, e["actor"]["user_id"].clone())
+            })
+            .collect()
+    };
+    let dev_events = about(&dev);
+    assert_eq!(dev_events.len(), 2, "{events:?}");
+    assert_eq!(dev_events[0].0, "invited as developer, valid 72 hours");
+    assert_eq!(dev_events[1].0, "revoked");
+    assert_eq!(dev_events[1].1, admin_id.to_string().as_str());
+    let denied = outbox_events(&pool, a.id.0, "auth.access_denied").await;
+    assert!(
+        denied.iter().any(|e| e["data"]["target"]
+            == format!("invitation:{}", boss["id"].as_str().unwrap()).as_str()),
+        "{denied:?}"
+    );
+}
