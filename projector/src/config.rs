@@ -40,8 +40,14 @@ pub struct Config {
     /// How often the compactor folds the per-key rollup deltas that batches append into
     /// one row per key (see `compactor`).
     pub compact_interval_ms: u64,
-    /// How often retention runs (drops old partitions, creates the coming days').
+    /// How often retention runs (drops old partitions, creates the coming days', sweeps the
+    /// control schema).
     pub retention_interval_secs: u64,
+    /// Days relayed outbox rows are kept (they are in Kafka; see `housekeeping`).
+    pub outbox_keep_days: i64,
+    /// Days closed invitations, revoked API keys, finished deliveries, firings and outbox rows
+    /// Kafka refused are kept; at least `housekeeping::MIN_HISTORY_DAYS`.
+    pub history_keep_days: i64,
     /// How long `replay` waits after switching before it drops the old version, so that
     /// requests that started on it finish.
     pub replay_drop_grace_secs: u64,
@@ -80,6 +86,8 @@ impl Default for Config {
             consumer_queue_kbytes: 2048,
             compact_interval_ms: 5000,
             retention_interval_secs: 3600,
+            outbox_keep_days: 7,
+            history_keep_days: 90,
             replay_drop_grace_secs: 10,
             replay_bulk: true,
             stall_unready_secs: 30,
@@ -102,6 +110,23 @@ impl Config {
         if self.projection.is_empty() || self.consumer_group.is_empty() {
             return Err("projection and consumer_group must not be empty".into());
         }
+        if !(1..=3650).contains(&self.outbox_keep_days) {
+            return Err("outbox_keep_days must be between 1 and 3650".into());
+        }
+        let least = crate::housekeeping::MIN_HISTORY_DAYS;
+        if !(least..=3650).contains(&self.history_keep_days) {
+            return Err(format!(
+                "history_keep_days must be between {least} and 3650"
+            ));
+        }
         Ok(())
+    }
+
+    /// How long the control schema's housekeeping keeps what is finished.
+    pub fn keep(&self) -> crate::housekeeping::Keep {
+        crate::housekeeping::Keep {
+            outbox_days: self.outbox_keep_days,
+            history_days: self.history_keep_days,
+        }
     }
 }

@@ -16,6 +16,7 @@ pub mod batch;
 pub mod compactor;
 pub mod config;
 pub mod consumer;
+pub mod housekeeping;
 pub mod models;
 pub mod offsets;
 pub mod prepare;
@@ -69,6 +70,7 @@ pub struct App {
     state: HttpState,
     retention_every: Duration,
     ahead_days: i64,
+    keep: housekeeping::Keep,
     /// The schemas the metrics loop wrote rollup deltas to, for the compactor.
     dirty: compactor::Dirty,
     compact_every: Duration,
@@ -154,6 +156,7 @@ impl App {
             state,
             retention_every: Duration::from_secs(config.retention_interval_secs.max(1)),
             ahead_days: config.partitions_ahead_days,
+            keep: config.keep(),
             dirty,
             compact_every: Duration::from_millis(config.compact_interval_ms.max(1)),
             alerts,
@@ -200,6 +203,7 @@ impl App {
             self.state.pool.clone(),
             self.retention_every,
             self.ahead_days,
+            self.keep,
             rx.clone(),
         ));
         let compacting = tokio::spawn(compactor::run(

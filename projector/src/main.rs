@@ -148,7 +148,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Retention => {
             let pool = shared::db::pool(&config.common, "tally-projector-retention")?;
             let pass = projector::retention::run_once(&pool, config.partitions_ahead_days).await?;
-            println!("{}", serde_json::to_string_pretty(&pass)?);
+            let swept = projector::housekeeping::sweep(&pool, config.keep()).await?;
+            let report = serde_json::json!({"tenants": pass, "control": swept});
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Status { json } => {
             let pool = shared::db::pool(&config.common, "tally-projector-status")?;

@@ -1,7 +1,8 @@
 //! Retention and partitions ahead: drops each tenant's raw partitions (or chunks) and rollup
 //! rows older than its windows, creates the coming days' partitions, and with TimescaleDB
-//! compresses the raw chunks older than the tenant's `compress_after_days`. Runs in the
-//! projector every `retention_interval_secs` and on demand (`projector retention`).
+//! compresses the raw chunks older than the tenant's `compress_after_days`; then sweeps the
+//! control schema (`housekeeping`). Runs in the projector every `retention_interval_secs` and
+//! on demand (`projector retention`).
 
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use shared::tenant::TenantId;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
+use crate::housekeeping;
 use crate::schema::partitions;
 
 /// What one pass removed, over every tenant schema.
@@ -80,6 +82,7 @@ pub async fn run_periodically(
     pool: PgPool,
     every: Duration,
     ahead_days: i64,
+    keep: housekeeping::Keep,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -93,6 +96,11 @@ pub async fn run_periodically(
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "retention pass failed"),
+        }
+        match housekeeping::sweep(&pool, keep).await {
+            Ok(s) if s.total() > 0 => tracing::info!(?s, "control schema swept"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "control schema sweep failed"),
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

@@ -13,6 +13,7 @@ mod dedup;
 mod dlq;
 mod explore;
 mod hook;
+mod housekeeping;
 mod influx;
 mod instances;
 mod isolation;
