@@ -635,6 +635,7 @@ pub async fn logout_all(
 /// fresh tokens for this one.
 pub async fn change_password(
     State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     req: Result<Json<PasswordChange>, JsonRejection>,
 ) -> Result<Json<Tokens>, Problem> {
@@ -642,14 +643,41 @@ pub async fn change_password(
     let req = json_body(req)?;
     password::check_policy("new_password", &req.new_password)
         .map_err(|e| Problem::validation("the new password is too weak", vec![e]))?;
-    let hash: String = sqlx::query_scalar("SELECT password_hash FROM control.users WHERE id = $1")
-        .bind(claims.sub)
-        .fetch_one(&s.pool)
-        .await
-        .map_err(db)?;
-    if !verify_password(&s, req.current_password, Some(hash)).await? {
+    let (hash, email): (String, String) =
+        sqlx::query_as("SELECT password_hash, email FROM control.users WHERE id = $1")
+            .bind(claims.sub)
+            .fetch_one(&s.pool)
+            .await
+            .map_err(db)?;
+    // A guess at the current password is a guess at the login's: counted with the logins of
+    // the address and of the client, before the hash, so that a stolen access token buys no
+    // more guesses than the login form gives (and no more password hashes).
+    let ip = peer.ip().to_string();
+    let attempt = s.throttle.reserve(&email, &ip).await?;
+    let opened = match verify_password(&s, req.current_password, Some(hash)).await {
+        Ok(opened) => opened,
+        Err(p) => {
+            s.throttle.release(attempt).await;
+            return Err(p);
+        }
+    };
+    if !opened {
+        let event = AuthEvent {
+            user_id: Some(claims.sub),
+            email: Some(email),
+            ip: Some(ip),
+            detail: Some("wrong current password at a password change".into()),
+            ..Default::default()
+        };
+        let mut conn = s.pool.acquire().await.map_err(db)?;
+        audit_now(&s, &mut conn, claims.tid, AuthKind::LoginFailed, event).await?;
+        drop(conn);
+        s.throttle.failed(attempt).await;
         return Err(Problem::forbidden("current_password is wrong"));
     }
+    // Only this attempt is given back: the failures counted against the address stay (one
+    // of its accounts in another tenant must not clear them).
+    s.throttle.release(attempt).await;
     let new_hash = hash_password(&s, req.new_password).await?;
     let mut tx = s.pool.begin().await.map_err(db)?;
     sqlx::query("UPDATE control.users SET password_hash = $2 WHERE id = $1")

@@ -452,6 +452,61 @@ async fn brute_force_is_locked_out_then_the_lockout_expires() {
     s.query.stop().await.unwrap();
 }
 
+/// Someone holding a stolen access token guesses at the current password through
+/// `POST /v1/auth/password`: each guess is counted with the address's logins, so after the
+/// login's allowance the change is refused (429) — the right password too — and so is the
+/// login form; each wrong guess is audited as a failed login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stolen_access_token_buys_no_more_password_guesses_than_the_login() {
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |c| {
+        c.login_max_failures = 3;
+        c.login_window_secs = 30;
+    })
+    .await;
+    let query = start_query(&common, |_| {}).await;
+    let s = Stack {
+        ingest,
+        query,
+        client: http(),
+    };
+    let t = create_tenant(&pool, "password-guess").await;
+    let email = format!("holder-{}@example.com", uuid::Uuid::new_v4().simple());
+    user(&pool, &t, &email, Role::Developer, "holder", &[]).await;
+    let tokens = s.tokens(&email).await;
+    let stolen = tokens["access_token"].as_str().unwrap().to_string();
+    let change = |current: String| {
+        let req = s
+            .client
+            .post(format!("{}/v1/auth/password", s.ingest.url()))
+            .bearer_auth(&stolen)
+            .json(&json!({"current_password": current, "new_password": "Taken-Over-4242"}));
+        async move { req.send().await.unwrap() }
+    };
+    for i in 0..3 {
+        assert_eq!(change(format!("Guess-{i}-abc")).await.status(), 403);
+    }
+    let res = change(PASSWORD.to_string()).await;
+    assert_eq!(res.status(), 429, "the right password after the allowance");
+    assert!(res.headers().contains_key("retry-after"));
+    assert_eq!(
+        s.login(&email, PASSWORD).await.status(),
+        429,
+        "the login too"
+    );
+    let failed = outbox_events(&pool, t.id.0, "auth.login_failed").await;
+    let guesses = failed
+        .iter()
+        .filter(|e| {
+            e["data"]["detail"] == "wrong current password at a password change"
+                && e["data"]["email"] == email.as_str()
+        })
+        .count();
+    assert_eq!(guesses, 3, "{failed:?}");
+    s.ingest.stop().await.unwrap();
+    s.query.stop().await.unwrap();
+}
+
 /// 200 wrong passwords for one account at once: each attempt is counted before its password
 /// is checked, so at most the allowed number of argon2 checks run (counted on `/metrics` of
 /// a process of its own), and the rest get 429 — the right password too, afterwards.
