@@ -263,7 +263,10 @@ impl App {
                 "/v1/admin/users",
                 post(control::http::create_user).get(control::http::list_users),
             )
-            .route("/v1/admin/users/{id}", patch(control::http::update_user))
+            .route(
+                "/v1/admin/users/{id}",
+                patch(control::http::update_user).delete(control::http::remove_user),
+            )
             .route("/v1/admin/teams", get(control::http::list_teams))
             .route(
                 "/v1/admin/teams/{key}",

@@ -111,10 +111,13 @@ pub enum AuthKind {
     /// An invitation was made or taken back (`detail` says which; `target` is
     /// `invitation:{id}`, `email` whom it invites).
     InvitationChanged,
+    /// A deactivated person was removed for good: their control-plane records are erased, and
+    /// the snapshot (`extra.user`) is a tombstone, status `removed`, with no address.
+    UserRemoved,
 }
 
 impl AuthKind {
-    pub const ALL: [AuthKind; 24] = [
+    pub const ALL: [AuthKind; 25] = [
         AuthKind::LoginSucceeded,
         AuthKind::LoginFailed,
         AuthKind::TokenRefreshed,
@@ -139,6 +142,7 @@ impl AuthKind {
         AuthKind::PrivacyChanged,
         AuthKind::IndividualRead,
         AuthKind::InvitationChanged,
+        AuthKind::UserRemoved,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -167,6 +171,7 @@ impl AuthKind {
             AuthKind::PrivacyChanged => "privacy.changed",
             AuthKind::IndividualRead => "privacy.individual_read",
             AuthKind::InvitationChanged => "invitation.changed",
+            AuthKind::UserRemoved => "user.removed",
         }
     }
 }

@@ -55,6 +55,14 @@ pub enum UserCommand {
         #[arg(long)]
         tenant: Option<Uuid>,
     },
+    /// Remove a deactivated user for good (their control-plane records are erased).
+    Remove {
+        #[arg(long)]
+        email: String,
+        /// The tenant, when the address has accounts in several.
+        #[arg(long)]
+        tenant: Option<Uuid>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -197,6 +205,16 @@ pub async fn run(pool: &PgPool, ns: &str, cmd: AdminCommand) -> anyhow::Result<(
         AdminCommand::User(UserCommand::Deactivate { email, tenant }) => {
             deactivate_user(pool, ns, &email, tenant.map(TenantId)).await?;
             println!("{email} deactivated");
+        }
+        AdminCommand::User(UserCommand::Remove { email, tenant }) => {
+            use super::store::{account_of, remove_user, UserRemoval};
+            let (id, tenant) = account_of(pool, &email, tenant.map(TenantId)).await?;
+            let operator = (true, shared::events::Actor::default());
+            match remove_user(pool, ns, tenant, id, operator).await? {
+                UserRemoval::Removed => println!("{email} removed"),
+                UserRemoval::StillActive => anyhow::bail!("{email} is active; deactivate first"),
+                UserRemoval::NotFound | UserRemoval::OwnerOnly => anyhow::bail!("no user {email}"),
+            }
         }
         AdminCommand::OperatorKey(OperatorKeyCommand::Create { name }) => {
             let (id, secret) = create_operator_key_with_id(pool, &name).await?;

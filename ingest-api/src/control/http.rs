@@ -701,6 +701,39 @@ pub async fn update_user(
     }
 }
 
+/// `DELETE /v1/admin/users/{id}` (tenant admin; an owner only by an owner): removes a
+/// deactivated person for good ([`store::remove_user`]). 409 `still-active` for an active one.
+pub async fn remove_user(
+    State(s): State<AppState>,
+    caller: TenantAdmin,
+    Id(id): Id,
+) -> Result<StatusCode, Problem> {
+    let asker = (caller.is_owner, caller.actor.clone());
+    let outcome = store::remove_user(&s.pool, ns(&s), caller.tenant, id, asker)
+        .await
+        .map_err(failed)?;
+    match outcome {
+        store::UserRemoval::Removed => {
+            s.outbox_wake.notify_one();
+            Ok(StatusCode::NO_CONTENT)
+        }
+        store::UserRemoval::NotFound => Err(Problem::not_found("no such user in this tenant")),
+        store::UserRemoval::StillActive => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "still-active",
+            "Still active",
+            "only a deactivated person is removed; deactivate them first",
+        )),
+        store::UserRemoval::OwnerOnly => Err(caller
+            .refuse(
+                &s,
+                "only an owner may remove an owner",
+                format!("user:{id}"),
+            )
+            .await),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub struct NewApiKey {
     pub name: String,

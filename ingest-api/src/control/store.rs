@@ -327,6 +327,104 @@ pub async fn deactivate_user(
     Ok(())
 }
 
+/// What [`remove_user`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserRemoval {
+    Removed,
+    /// No such user in the tenant.
+    NotFound,
+    /// The person is an owner and the caller is not one; nothing changed.
+    OwnerOnly,
+    /// The person is still active: they are deactivated first (which ends their sessions
+    /// and revokes the keys made with their rights); nothing changed.
+    StillActive,
+}
+
+/// Removes a deactivated person for good: their row, refresh tokens and single sign-on
+/// identities go, the invitation they accepted and the keys made with their rights forget
+/// them, and their place among the tenant's people is free again. The `user.removed` event
+/// carries a tombstone snapshot (status `removed`, no address), which the tenant's `users`
+/// read model keeps in place of theirs. What they sent stays under their external id.
+pub async fn remove_user(
+    pool: &PgPool,
+    ns: &str,
+    tenant: TenantId,
+    id: Uuid,
+    (by_owner, actor): (bool, Actor),
+) -> anyhow::Result<UserRemoval> {
+    use shared::people::{Snapshot, UserSnapshot};
+    let mut tx = pool.begin().await?;
+    let current: Option<(String, String)> = sqlx::query_as(
+        "SELECT role, status FROM control.users WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
+    )
+    .bind(id)
+    .bind(tenant.0)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((role, status)) = current else {
+        return Ok(UserRemoval::NotFound);
+    };
+    if role == shared::jwt::Role::Owner.as_str() && !by_owner {
+        return Ok(UserRemoval::OwnerOnly);
+    }
+    if status == "active" {
+        return Ok(UserRemoval::StillActive);
+    }
+    let erase = [
+        "DELETE FROM control.refresh_tokens WHERE user_id = $1",
+        "DELETE FROM control.user_identities WHERE user_id = $1",
+        "UPDATE control.invitations SET user_id = NULL WHERE user_id = $1",
+        "UPDATE control.api_keys SET on_behalf_of = NULL WHERE on_behalf_of = $1",
+        "DELETE FROM control.users WHERE id = $1",
+    ];
+    for sql in erase {
+        sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+    }
+    let tombstone = UserSnapshot {
+        user_id: id,
+        email: String::new(),
+        role,
+        status: "removed".into(),
+        external_id: String::new(),
+        teams: Vec::new(),
+    };
+    let event = AuthEvent {
+        user_id: Some(id),
+        target: Some(format!("user:{id}")),
+        detail: Some("removed; their control-plane records are erased".into()),
+        extra: tombstone.into_extra(),
+        ..Default::default()
+    };
+    let env = outbox::auth_event(tenant, AuthKind::UserRemoved, actor, event);
+    outbox::record(&mut tx, ns, &env).await?;
+    tx.commit().await?;
+    Ok(UserRemoval::Removed)
+}
+
+/// The one account of `email` (in `tenant`, when the address has several).
+pub async fn account_of(
+    pool: &PgPool,
+    email: &str,
+    tenant: Option<TenantId>,
+) -> anyhow::Result<(Uuid, TenantId)> {
+    let accounts: Vec<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT id, tenant_id FROM control.users
+          WHERE email = $1 AND ($2::uuid IS NULL OR tenant_id = $2)",
+    )
+    .bind(email.trim().to_lowercase())
+    .bind(tenant.map(|t| t.0))
+    .fetch_all(pool)
+    .await?;
+    match accounts.as_slice() {
+        [] => anyhow::bail!("no user {email}"),
+        [(id, tenant)] => Ok((*id, TenantId(*tenant))),
+        more => anyhow::bail!(
+            "{email} has accounts in {} tenants; name one with --tenant",
+            more.len()
+        ),
+    }
+}
+
 /// Creates a platform-operator key; returns the secret (stored only as a hash).
 pub async fn create_operator_key(pool: &PgPool, name: &str) -> anyhow::Result<String> {
     Ok(create_operator_key_with_id(pool, name).await?.1)

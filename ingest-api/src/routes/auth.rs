@@ -643,12 +643,15 @@ pub async fn change_password(
     let req = json_body(req)?;
     password::check_policy("new_password", &req.new_password)
         .map_err(|e| Problem::validation("the new password is too weak", vec![e]))?;
-    let (hash, email): (String, String) =
+    let person: Option<(String, String)> =
         sqlx::query_as("SELECT password_hash, email FROM control.users WHERE id = $1")
             .bind(claims.sub)
-            .fetch_one(&s.pool)
+            .fetch_optional(&s.pool)
             .await
             .map_err(db)?;
+    // Removed since the token was checked.
+    let (hash, email) =
+        person.ok_or_else(|| Problem::unauthorized("this access token is no longer valid"))?;
     // A guess at the current password is a guess at the login's: counted with the logins of
     // the address and of the client, before the hash, so that a stolen access token buys no
     // more guesses than the login form gives (and no more password hashes).

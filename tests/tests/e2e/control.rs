@@ -1344,3 +1344,206 @@ async fn invitations_are_listed_and_taken_back() {
         "{denied:?}"
     );
 }
+
+/// A deactivated person is removed for good: their row, refresh tokens and sign-on identities
+/// go, the invitation they accepted and the ingest key made with their rights forget them
+/// (the key still sends), the address can be given again, and the tenant's `users` read
+/// model holds a tombstone with no address. An active person, and an owner for an admin, are
+/// refused; another tenant's admin does not find them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deactivated_person_is_removed_for_good() {
+    use shared::jwt::Role;
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let client = http();
+    let url = ingest.url();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let (a, b) = (
+        create_tenant(&pool, "removal-a").await,
+        create_tenant(&pool, "removal-b").await,
+    );
+    let password = "Removal-Pass-4242";
+    let token = |email: String| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let v: Value = login(&client, &url, &email, password)
+                .await
+                .json()
+                .await
+                .unwrap();
+            v
+        }
+    };
+    let person = |tenant: shared::tenant::TenantId, name: &str, role: Role| {
+        let (pool, email) = (pool.clone(), format!("{name}-{tag}@removal.example"));
+        async move {
+            let id = create_person(&pool, tenant, &email, password, role).await;
+            (id, email)
+        }
+    };
+    let (_, owner) = person(a.id, "owner", Role::Owner).await;
+    let (_, admin) = person(a.id, "admin", Role::Admin).await;
+    let (owner2_id, _) = person(a.id, "owner2", Role::Owner).await;
+    let (_, stranger) = person(b.id, "stranger", Role::Admin).await;
+    let bearer = |v: &Value| v["access_token"].as_str().unwrap().to_string();
+    let owner = bearer(&token(owner).await);
+    let admin = bearer(&token(admin).await);
+    let stranger = bearer(&token(stranger).await);
+    let send = |method: reqwest::Method, path: String, credential: &str, body: Option<Value>| {
+        let mut req = client
+            .request(method, format!("{url}{path}"))
+            .bearer_auth(credential);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+
+    // Dana joins by invitation as an admin, signs in by SSO once, and makes two keys.
+    let dana = format!("dana-{tag}@removal.example");
+    let (st, inv) = status_and_json(
+        client
+            .post(format!("{url}/v1/admin/invitations"))
+            .bearer_auth(&admin)
+            .json(&json!({"email": dana, "role": "admin"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{inv}");
+    let (st, joined) = status_and_json(
+        client
+            .post(format!("{url}/v1/auth/invitations/accept"))
+            .json(&json!({"token": inv["token"], "password": password})),
+    )
+    .await;
+    assert_eq!(st, 200, "{joined}");
+    let dana_id: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM control.users WHERE tenant_id = $1 AND email = $2")
+            .bind(a.id.0)
+            .bind(&dana)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    sqlx::query(
+        "INSERT INTO control.user_identities (issuer, subject, user_id, tenant_id)
+         VALUES ('https://idp.removal.example', $1, $2, $3)",
+    )
+    .bind(&tag)
+    .bind(dana_id)
+    .bind(a.id.0)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let make_key = |scope: &str| {
+        let req = client
+            .post(format!("{url}/v1/admin/api-keys"))
+            .bearer_auth(bearer(&joined))
+            .json(&json!({"name": "dana's", "scope": scope}));
+        async move {
+            let (st, k) = status_and_json(req).await;
+            assert_eq!(st, 201, "{k}");
+            k["key"].as_str().unwrap().to_string()
+        }
+    };
+    let ingest_key = make_key("ingest").await;
+    make_key("admin").await;
+    let user_path = |id: uuid::Uuid| format!("/v1/admin/users/{id}");
+    use reqwest::Method;
+
+    // Only a deactivated person is removed.
+    assert_eq!(
+        send(Method::DELETE, user_path(dana_id), &admin, None).await,
+        409
+    );
+    let deactivate = Some(json!({"status": "deactivated"}));
+    assert_eq!(
+        send(
+            Method::PATCH,
+            user_path(dana_id),
+            &admin,
+            deactivate.clone()
+        )
+        .await,
+        204
+    );
+    assert_eq!(
+        send(Method::DELETE, user_path(dana_id), &stranger, None).await,
+        404
+    );
+    assert_eq!(
+        send(Method::DELETE, user_path(dana_id), &admin, None).await,
+        204
+    );
+    assert_eq!(
+        send(Method::DELETE, user_path(dana_id), &admin, None).await,
+        404,
+        "once"
+    );
+
+    // Nothing of hers is left in the control schema but the keys' and invitation's rows.
+    let left: (i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM control.users WHERE id = $1),
+                (SELECT count(*) FROM control.refresh_tokens WHERE user_id = $1),
+                (SELECT count(*) FROM control.user_identities WHERE user_id = $1),
+                (SELECT count(*) FROM control.invitations WHERE user_id = $1),
+                (SELECT count(*) FROM control.api_keys WHERE on_behalf_of = $1)",
+    )
+    .bind(dana_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(left, (0, 0, 0, 0, 0));
+    assert_eq!(login(&client, &url, &dana, password).await.status(), 401);
+    let (st, _) = status_and_json(
+        client
+            .post(format!("{url}/v1/auth/refresh"))
+            .json(&json!({"refresh_token": joined["refresh_token"]})),
+    )
+    .await;
+    assert_eq!(st, 401);
+    let sent = post_events(
+        &client,
+        &url,
+        &ingest_key,
+        &json!([command("dana", "build", 10, true)]),
+    )
+    .await;
+    assert_eq!(sent.status(), 202, "her ingest key still sends");
+    // The address can be given again.
+    let again = json!({"email": dana, "password": password, "role": "viewer"});
+    assert_eq!(
+        send(Method::POST, "/v1/admin/users".into(), &admin, Some(again)).await,
+        201
+    );
+
+    // The read model keeps a tombstone with no address.
+    let sql = format!(
+        "SELECT count(*) FROM users WHERE user_id = '{dana_id}' AND status = 'removed'
+            AND email = '' AND external_id = ''"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while projected_count(&pool, a.id, &sql).await != Some(1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no tombstone in the read model"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let removed = outbox_events(&pool, a.id.0, "user.removed").await;
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert!(!removed[0].to_string().contains(&dana), "{}", removed[0]);
+
+    // An owner is removed by an owner only.
+    assert_eq!(
+        send(Method::PATCH, user_path(owner2_id), &owner, deactivate).await,
+        204
+    );
+    assert_eq!(
+        send(Method::DELETE, user_path(owner2_id), &admin, None).await,
+        403
+    );
+    assert_eq!(
+        send(Method::DELETE, user_path(owner2_id), &owner, None).await,
+        204
+    );
+    stop_all([projector, ingest]).await;
+}
