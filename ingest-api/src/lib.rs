@@ -47,6 +47,8 @@ fn cors(origins: &str) -> tower_http::cors::CorsLayer {
         .allow_origin(origins)
         .allow_methods([Method::GET, Method::POST])
         .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
+        // A page's next page, and how long a refused sign-in waits, are for the page to read.
+        .expose_headers([header::LINK, header::RETRY_AFTER])
 }
 
 /// Largest body of the sign-in routes (`/v1/auth/*`): a login, a refresh token, a new

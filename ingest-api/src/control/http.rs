@@ -573,6 +573,9 @@ pub async fn create_user(
             )
             .await);
     }
+    store::room_for_a_person_now(&s.pool, caller.tenant)
+        .await
+        .map_err(|e| failed(e.into()))??;
     let hash = hash_password(&s, req.password.clone()).await?;
     let id = store::create_user_hashed(
         &s.pool,
@@ -868,13 +871,15 @@ pub async fn put_team(
     check_len("name", &req.name, 200)?;
     let db = |e: sqlx::Error| failed(e.into());
     let mut tx = s.pool.begin().await.map_err(db)?;
-    let known: Vec<Uuid> =
-        sqlx::query_scalar("SELECT id FROM control.users WHERE tenant_id = $1 AND id = ANY($2)")
-            .bind(caller.tenant.0)
-            .bind(&req.members)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db)?;
+    // Held until the team is stored: a member's removal waits, or is seen.
+    let known: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM control.users WHERE tenant_id = $1 AND id = ANY($2) ORDER BY id FOR SHARE",
+    )
+    .bind(caller.tenant.0)
+    .bind(&req.members)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db)?;
     if let Some(stranger) = req.members.iter().find(|m| !known.contains(m)) {
         return Err(Problem::invalid_field(
             "members",

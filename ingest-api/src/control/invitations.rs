@@ -253,19 +253,19 @@ pub async fn accept(
         )
     };
     let token_hash = shared::apikey::hash(&req.token);
-    // Hash only for an invitation that can be accepted, and with no connection held.
-    let open: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM control.invitations
-                         WHERE token_hash = $1 AND accepted_at IS NULL AND revoked_at IS NULL
-                           AND expires_at > now())",
-    )
+    // Hash only for an invitation that can be accepted into a tenant with room, and with no
+    // connection held.
+    let open: Option<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT tenant_id FROM control.invitations WHERE token_hash = $1 AND {OPEN}"
+    )))
     .bind(&token_hash)
-    .fetch_one(&s.pool)
+    .fetch_optional(&s.pool)
     .await
     .map_err(db)?;
-    if !open {
-        return Err(gone());
-    }
+    let tenant = open.ok_or_else(gone)?;
+    super::store::room_for_a_person_now(&s.pool, TenantId(tenant))
+        .await
+        .map_err(db)??;
     let hash = crate::routes::auth::hash_password(&s, req.password.clone()).await?;
     let mut tx = s.pool.begin().await.map_err(db)?;
     let row: Option<(Uuid, Uuid, String, String, Vec<String>)> = sqlx::query_as(
@@ -283,6 +283,9 @@ pub async fn accept(
     super::store::room_for_a_person(&mut tx, TenantId(tenant))
         .await
         .map_err(db)??;
+    super::store::lift_removal(&mut tx, TenantId(tenant), &email)
+        .await
+        .map_err(db)?;
     let user = Uuid::now_v7();
     sqlx::query(
         "INSERT INTO control.users (id, tenant_id, email, password_hash, role, external_id, teams)

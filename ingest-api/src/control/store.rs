@@ -209,6 +209,44 @@ pub(crate) async fn room_for_a_person(
     room_for_one(tx, ("users", "true"), tenant, MAX_USERS, "people").await
 }
 
+/// An admin gives a removed person's address a place again (creating or inviting it): single
+/// sign-on may provision it from now on.
+pub(crate) async fn lift_removal(
+    tx: &mut sqlx::PgConnection,
+    tenant: TenantId,
+    email: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "DELETE FROM control.removed_people
+          WHERE tenant_id = $1 AND email_hash = sha256(convert_to($2, 'UTF8'))",
+    )
+    .bind(tenant.0)
+    .bind(email)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// The same answer as [`room_for_a_person`] without the lock, read before a password is
+/// hashed: a full tenant is refused without costing a hash slot (19 MiB and the time of a
+/// login). The locked count in the transaction that inserts the person still decides.
+pub(crate) async fn room_for_a_person_now(
+    pool: &PgPool,
+    tenant: TenantId,
+) -> sqlx::Result<Result<(), LimitReached>> {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM control.users WHERE tenant_id = $1")
+        .bind(tenant.0)
+        .fetch_one(pool)
+        .await?;
+    Ok(match n >= MAX_USERS {
+        true => Err(LimitReached {
+            what: "people",
+            max: MAX_USERS,
+        }),
+        false => Ok(()),
+    })
+}
+
 /// A new person who logs in.
 pub struct NewUser<'a> {
     pub tenant: TenantId,
@@ -245,6 +283,7 @@ pub async fn create_user_hashed(
     let id = Uuid::now_v7();
     let mut tx = pool.begin().await?;
     room_for_a_person(&mut tx, u.tenant).await??;
+    lift_removal(&mut tx, u.tenant, &email).await?;
     sqlx::query(
         "INSERT INTO control.users (id, tenant_id, email, password_hash, role, external_id, teams)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -340,9 +379,10 @@ pub enum UserRemoval {
     StillActive,
 }
 
-/// Removes a deactivated person for good: their row, refresh tokens and single sign-on
-/// identities go, the invitation they accepted and the keys made with their rights forget
-/// them, and their place among the tenant's people is free again. The `user.removed` event
+/// Removes a deactivated person for good: their row, refresh tokens, single sign-on
+/// identities and the invitation they accepted go, the keys made with their rights forget
+/// them, and their place among the tenant's people is free again. Single sign-on does not
+/// provision their address again until an admin creates or invites it. The `user.removed` event
 /// carries a tombstone snapshot (status `removed`, no address), which the tenant's `users`
 /// read model keeps in place of theirs. What they sent stays under their external id.
 pub async fn remove_user(
@@ -370,10 +410,19 @@ pub async fn remove_user(
     if status == "active" {
         return Ok(UserRemoval::StillActive);
     }
+    // Single sign-on must not provision them again (see `control.removed_people`).
+    sqlx::query(
+        "INSERT INTO control.removed_people (tenant_id, email_hash)
+         SELECT tenant_id, sha256(convert_to(email, 'UTF8')) FROM control.users WHERE id = $1
+         ON CONFLICT (tenant_id, email_hash) DO UPDATE SET removed_at = now()",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
     let erase = [
         "DELETE FROM control.refresh_tokens WHERE user_id = $1",
         "DELETE FROM control.user_identities WHERE user_id = $1",
-        "UPDATE control.invitations SET user_id = NULL WHERE user_id = $1",
+        "DELETE FROM control.invitations WHERE user_id = $1",
         "UPDATE control.api_keys SET on_behalf_of = NULL WHERE on_behalf_of = $1",
         "DELETE FROM control.users WHERE id = $1",
     ];

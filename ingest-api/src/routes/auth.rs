@@ -456,16 +456,18 @@ pub async fn refresh(
     let Some((family, user)) = owner else {
         return Err(invalid());
     };
-    let (tenant, role, ver, status, tstatus): RefreshUser = sqlx::query_as(
+    let person: Option<RefreshUser> = sqlx::query_as(
         "SELECT u.tenant_id, u.role, u.token_version, u.status, t.status
            FROM control.users u JOIN control.tenants t ON t.id = u.tenant_id
           WHERE u.id = $1
             FOR SHARE OF u",
     )
     .bind(user)
-    .fetch_one(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await
     .map_err(db)?;
+    // Removed while this waited for the row (their tokens went with them).
+    let (tenant, role, ver, status, tstatus) = person.ok_or_else(invalid)?;
     lock_family(&mut tx, family).await?;
     // Read after the locks: what a transaction we waited for changed is seen.
     let (expires_at, used_at, revoked_at): RefreshState = sqlx::query_as(
@@ -593,14 +595,16 @@ pub(crate) async fn caller(s: &AppState, headers: &HeaderMap) -> Result<Claims, 
 /// user row is locked first, as a refresh does, so a rotation in flight either finishes
 /// before (and its successor is revoked here) or waits and finds its token revoked.
 async fn end_all_sessions(conn: &mut sqlx::PgConnection, user: Uuid) -> Result<i32, Problem> {
-    let ver = sqlx::query_scalar(
+    let ver: Option<i32> = sqlx::query_scalar(
         "UPDATE control.users SET token_version = token_version + 1, updated_at = now()
           WHERE id = $1 RETURNING token_version",
     )
     .bind(user)
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await
     .map_err(db)?;
+    // Removed since their access token was checked.
+    let ver = ver.ok_or_else(|| Problem::unauthorized("this access token is no longer valid"))?;
     sqlx::query(
         "UPDATE control.refresh_tokens SET revoked_at = now()
           WHERE user_id = $1 AND revoked_at IS NULL",
@@ -652,11 +656,16 @@ pub async fn change_password(
     // Removed since the token was checked.
     let (hash, email) =
         person.ok_or_else(|| Problem::unauthorized("this access token is no longer valid"))?;
-    // A guess at the current password is a guess at the login's: counted with the logins of
-    // the address and of the client, before the hash, so that a stolen access token buys no
-    // more guesses than the login form gives (and no more password hashes).
+    // Guesses at the current password are counted before the hash, per person and per client
+    // address as logins are: a stolen access token buys no more guesses (nor password
+    // hashes) than the login form gives. Counted under the person rather than their address,
+    // so that whoever hammers the address's login form does not also keep its signed-in
+    // owner from changing the password.
     let ip = peer.ip().to_string();
-    let attempt = s.throttle.reserve(&email, &ip).await?;
+    let attempt = s
+        .throttle
+        .reserve(&format!("user:{}", claims.sub), &ip)
+        .await?;
     let opened = match verify_password(&s, req.current_password, Some(hash)).await {
         Ok(opened) => opened,
         Err(p) => {
@@ -678,11 +687,22 @@ pub async fn change_password(
         s.throttle.failed(attempt).await;
         return Err(Problem::forbidden("current_password is wrong"));
     }
-    // Only this attempt is given back: the failures counted against the address stay (one
-    // of its accounts in another tenant must not clear them).
+    // Only this attempt is given back: the failures counted before it stay.
     s.throttle.release(attempt).await;
     let new_hash = hash_password(&s, req.new_password).await?;
     let mut tx = s.pool.begin().await.map_err(db)?;
+    // Still theirs after the hashes: not deactivated or removed meanwhile.
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM control.users WHERE id = $1 FOR UPDATE")
+            .bind(claims.sub)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+    if status.as_deref() != Some("active") {
+        return Err(Problem::unauthorized(
+            "this access token is no longer valid",
+        ));
+    }
     sqlx::query("UPDATE control.users SET password_hash = $2 WHERE id = $1")
         .bind(claims.sub)
         .bind(new_hash)

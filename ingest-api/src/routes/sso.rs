@@ -299,12 +299,15 @@ pub async fn link(
 ) -> Result<Json<LinkStart>, Problem> {
     let claims = super::auth::caller(&s, &headers).await?;
     let req = json_body(req)?;
-    let (email, hash): (String, String) =
+    let person: Option<(String, String)> =
         sqlx::query_as("SELECT email, password_hash FROM control.users WHERE id = $1")
             .bind(claims.sub)
-            .fetch_one(&s.pool)
+            .fetch_optional(&s.pool)
             .await
             .map_err(db)?;
+    // Removed since the token was checked.
+    let (email, hash) =
+        person.ok_or_else(|| Problem::unauthorized("this access token is no longer valid"))?;
     let ip = peer.ip().to_string();
     let attempt = s.throttle.reserve(&email, &ip).await?;
     let matches = match super::auth::verify_password(&s, req.password, Some(hash)).await {
@@ -507,12 +510,14 @@ pub async fn callback(
         Some(person) => link_identity(&s, tenant, &d.issuer, &claims, person).await?,
         None => find_or_provision(&s, tenant, &d.issuer, &claims, &domains, &default_role).await?,
     };
-    let (role, ver, status): (String, i32, String) =
+    let person: Option<(String, i32, String)> =
         sqlx::query_as("SELECT role, token_version, status FROM control.users WHERE id = $1")
             .bind(user)
-            .fetch_one(&s.pool)
+            .fetch_optional(&s.pool)
             .await
             .map_err(db)?;
+    // Removed since its identity was read: as a deactivated account.
+    let (role, ver, status) = person.unwrap_or_default();
     if status != "active" {
         return Err(Problem::forbidden("this account is deactivated"));
     }
@@ -577,18 +582,25 @@ async fn find_or_provision(
     .map_err(db)?;
     let unusable = match taken {
         true => None,
-        false => Some(super::auth::hash_password(s, oidc::random_token(32)).await?),
+        false => {
+            crate::control::store::room_for_a_person_now(&s.pool, tenant)
+                .await
+                .map_err(db)??;
+            Some(super::auth::hash_password(s, oidc::random_token(32)).await?)
+        }
     };
     let mut tx = s.pool.begin().await.map_err(db)?;
     // The address's account in this tenant; another tenant's account of the same address is
     // that tenant's business.
-    let existing: Option<(Uuid, String)> =
-        sqlx::query_as("SELECT id, role FROM control.users WHERE tenant_id = $1 AND email = $2")
-            .bind(tenant.0)
-            .bind(&email)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
+    // Held until the identity is stored: a removal waits, or is seen.
+    let existing: Option<(Uuid, String)> = sqlx::query_as(
+        "SELECT id, role FROM control.users WHERE tenant_id = $1 AND email = $2 FOR SHARE",
+    )
+    .bind(tenant.0)
+    .bind(&email)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db)?;
     let user = match existing {
         Some((id, role)) => {
             if rank(&role) > rank(default_role) {
@@ -598,6 +610,21 @@ async fn find_or_provision(
             id
         }
         None => {
+            // A person an admin removed comes back only when an admin gives them a place.
+            let removed: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM control.removed_people
+                                 WHERE tenant_id = $1 AND email_hash = sha256(convert_to($2, 'UTF8')))",
+            )
+            .bind(tenant.0)
+            .bind(&email)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+            if removed {
+                return Err(Problem::forbidden(
+                    "this address was removed from the tenant; an admin may invite it again",
+                ));
+            }
             let unusable = unusable.ok_or_else(|| {
                 Problem::unavailable("this account changed meanwhile; try again", 1)
             })?;
@@ -748,15 +775,16 @@ async fn link_identity(
         }
         None => {}
     }
-    let same_tenant: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM control.users WHERE id = $1 AND tenant_id = $2)",
+    // Held until the identity is stored: a removal waits, or is seen.
+    let same_tenant: Option<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM control.users WHERE id = $1 AND tenant_id = $2 FOR SHARE",
     )
     .bind(person)
     .bind(tenant.0)
-    .fetch_one(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await
     .map_err(db)?;
-    if !same_tenant {
+    if same_tenant.is_none() {
         return Err(Problem::forbidden("this person is not in the tenant"));
     }
     sqlx::query(

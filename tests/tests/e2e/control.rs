@@ -823,7 +823,13 @@ async fn a_tenants_people_keys_teams_and_invitations_are_capped_and_listed_in_pa
         MAX_ACTIVE_API_KEYS, MAX_OPEN_INVITATIONS, MAX_TEAMS, MAX_USERS,
     };
     let TestEnv { pool, common } = test_env().await;
-    let ingest = start_ingest(&common, |_| {}).await;
+    // One password hash at a time, and little patience for it: a request refused for a full
+    // tenant must not wait for (or take) a hash slot.
+    let ingest = start_ingest(&common, |c| {
+        c.max_concurrent_hashes = 1;
+        c.hash_wait_ms = 50;
+    })
+    .await;
     let client = http();
     let url = ingest.url();
     let tenant = create_tenant(&pool, "caps").await;
@@ -909,7 +915,17 @@ async fn a_tenants_people_keys_teams_and_invitations_are_capped_and_listed_in_pa
     let post = reqwest::Method::POST;
     let (st, p) = call(post.clone(), "/v1/admin/users".into(), Some(person("last"))).await;
     assert_eq!(st, 201, "{p}");
-    limit_reached(call(post.clone(), "/v1/admin/users".into(), Some(person("over"))).await);
+    // Sixteen at once are all refused for the cap, none for want of a hash slot (503).
+    let over = (0..16).map(|i| {
+        call(
+            post.clone(),
+            "/v1/admin/users".into(),
+            Some(person(&format!("over{i}"))),
+        )
+    });
+    for answer in futures::future::join_all(over).await {
+        limit_reached(answer);
+    }
     let key = json!({"name": "last", "scope": "ingest"});
     let (st, last_key) = call(post.clone(), "/v1/admin/api-keys".into(), Some(key.clone())).await;
     assert_eq!(st, 201, "{last_key}");
@@ -964,15 +980,18 @@ async fn a_tenants_people_keys_teams_and_invitations_are_capped_and_listed_in_pa
         )
         .await,
     );
-    // The tenant is full of people: an invitation accepted now is refused too.
-    limit_reached(
+    // The tenant is full of people: an invitation accepted now is refused too, eight times
+    // at once, before any password is hashed.
+    let accepts = (0..8).map(|_| {
         status_and_json(
             client
                 .post(format!("{url}/v1/auth/invitations/accept"))
                 .json(&json!({"token": inv["token"], "password": "Caps-Pass-4242"})),
         )
-        .await,
-    );
+    });
+    for answer in futures::future::join_all(accepts).await {
+        limit_reached(answer);
+    }
 
     // Lists come in pages: 100 by default, at most 1 000, every row once.
     let (st, p) = call(
@@ -1241,10 +1260,18 @@ async fn invitations_are_listed_and_taken_back() {
         async move { req.send().await.unwrap().status().as_u16() }
     };
     let list = |credential: &str, path: String| {
-        let req = client.get(format!("{url}{path}")).bearer_auth(credential);
+        // As the dashboard page would ask, from its own origin: the `Link` is readable there.
+        let req = client
+            .get(format!("{url}{path}"))
+            .header("origin", "http://127.0.0.1:8081")
+            .bearer_auth(credential);
         async move {
             let res = req.send().await.unwrap();
             assert_eq!(res.status(), 200);
+            let exposed = res.headers()["access-control-expose-headers"]
+                .to_str()
+                .unwrap();
+            assert!(exposed.to_lowercase().contains("link"), "{exposed}");
             let next = res
                 .headers()
                 .get("link")

@@ -19,6 +19,20 @@ async fn present(pool: &PgPool, table: &str, key: &str, id: Uuid) -> bool {
         .unwrap()
 }
 
+/// Attempt `n` of `delivery`, made `days` ago.
+async fn attempt(pool: &PgPool, delivery: Uuid, n: i32, days: i32) {
+    sqlx::query(
+        "INSERT INTO control.delivery_attempts (delivery_id, attempt, at, status_code, latency_ms)
+         VALUES ($1, $2, now() - make_interval(days => $3), 500, 12)",
+    )
+    .bind(delivery)
+    .bind(n)
+    .bind(days)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// Rows as the services write them, aged by hand: each is `(table, key, id, goes)`.
 struct Aged {
     rows: Vec<(&'static str, &'static str, Uuid, bool)>,
@@ -191,14 +205,7 @@ async fn the_control_schema_keeps_only_what_is_still_in_use() {
     let done = aged
         .insert(&pool, "deliveries", true, &delivery(old, "delivered", 100))
         .await;
-    sqlx::query(
-        "INSERT INTO control.delivery_attempts (delivery_id, attempt, status_code, latency_ms)
-         VALUES ($1, 1, 200, 12)",
-    )
-    .bind(done)
-    .execute(&pool)
-    .await
-    .unwrap();
+    attempt(&pool, done, 1, 100).await;
     // Still pending after 100 days: both stay.
     let waiting = aged.insert(&pool, "firings", false, &firing(100)).await;
     aged.insert(
@@ -212,6 +219,12 @@ async fn the_control_schema_keeps_only_what_is_still_in_use() {
     let recent = aged.insert(&pool, "firings", false, &firing(10)).await;
     aged.insert(&pool, "deliveries", false, &delivery(recent, "failed", 10))
         .await;
+    // Made 100 days ago and sent again yesterday, failing: both stay, with its attempt.
+    let again = aged.insert(&pool, "firings", false, &firing(100)).await;
+    let resent = aged
+        .insert(&pool, "deliveries", false, &delivery(again, "failed", 100))
+        .await;
+    attempt(&pool, resent, 13, 1).await;
     // Fired 100 days ago with no channel to deliver to: goes.
     aged.insert(&pool, "firings", true, &firing(100)).await;
     // A sign-on login abandoned 11 minutes ago goes; one started now stays.

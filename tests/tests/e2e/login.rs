@@ -453,9 +453,10 @@ async fn brute_force_is_locked_out_then_the_lockout_expires() {
 }
 
 /// Someone holding a stolen access token guesses at the current password through
-/// `POST /v1/auth/password`: each guess is counted with the address's logins, so after the
-/// login's allowance the change is refused (429) — the right password too — and so is the
-/// login form; each wrong guess is audited as a failed login.
+/// `POST /v1/auth/password`: each guess is counted for the person, so after the login's
+/// allowance the change is refused (429) — the right password too —, and each wrong guess is
+/// audited as a failed login. Whoever hammers the address's login form does not keep its
+/// signed-in owner from changing the password.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stolen_access_token_buys_no_more_password_guesses_than_the_login() {
     let TestEnv { pool, common } = test_env().await;
@@ -474,26 +475,40 @@ async fn a_stolen_access_token_buys_no_more_password_guesses_than_the_login() {
     let email = format!("holder-{}@example.com", uuid::Uuid::new_v4().simple());
     user(&pool, &t, &email, Role::Developer, "holder", &[]).await;
     let tokens = s.tokens(&email).await;
-    let stolen = tokens["access_token"].as_str().unwrap().to_string();
-    let change = |current: String| {
+    let change = |token: String, current: String, new: &str| {
         let req = s
             .client
             .post(format!("{}/v1/auth/password", s.ingest.url()))
-            .bearer_auth(&stolen)
-            .json(&json!({"current_password": current, "new_password": "Taken-Over-4242"}));
+            .bearer_auth(token)
+            .json(&json!({"current_password": current, "new_password": new}));
         async move { req.send().await.unwrap() }
     };
+    // Someone locks the address's login form; its owner, signed in, still changes the password.
     for i in 0..3 {
-        assert_eq!(change(format!("Guess-{i}-abc")).await.status(), 403);
+        assert_eq!(
+            s.login(&email, &format!("Guess-{i}-abc")).await.status(),
+            401
+        );
     }
-    let res = change(PASSWORD.to_string()).await;
+    assert_eq!(s.login(&email, PASSWORD).await.status(), 429);
+    let own = tokens["access_token"].as_str().unwrap().to_string();
+    let res = change(own, PASSWORD.to_string(), "Changed-Pass-4242").await;
+    assert_eq!(
+        res.status(),
+        200,
+        "the lockout of the form is not the person's"
+    );
+    let fresh: Value = res.json().await.unwrap();
+
+    // Their new access token is stolen: three guesses, then even the right password is 429.
+    let stolen = fresh["access_token"].as_str().unwrap().to_string();
+    for i in 0..3 {
+        let res = change(stolen.clone(), format!("Guess-{i}-abc"), "Taken-Over-4242").await;
+        assert_eq!(res.status(), 403);
+    }
+    let res = change(stolen, "Changed-Pass-4242".into(), "Taken-Over-4242").await;
     assert_eq!(res.status(), 429, "the right password after the allowance");
     assert!(res.headers().contains_key("retry-after"));
-    assert_eq!(
-        s.login(&email, PASSWORD).await.status(),
-        429,
-        "the login too"
-    );
     let failed = outbox_events(&pool, t.id.0, "auth.login_failed").await;
     let guesses = failed
         .iter()

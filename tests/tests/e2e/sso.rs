@@ -28,6 +28,50 @@ fn oidc_settings(idp: &TestIdp, domain: &str) -> Value {
            "client_secret": CLIENT_SECRET, "allowed_domains": [domain]})
 }
 
+/// A tenant whose owner pointed it at `idp` for the people of `{tag}.example.org`: the
+/// tenant, the owner's access token and the domain.
+async fn sso_tenant(
+    pool: &sqlx::PgPool,
+    http: &reqwest::Client,
+    ingest: &str,
+    idp: &TestIdp,
+    name: &str,
+) -> (TestTenant, String, String) {
+    let t = create_tenant(pool, name).await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let owner = format!("owner-{tag}@example.com");
+    create_person(pool, t.id, &owner, "Owner-Pass-123", Role::Owner).await;
+    let tokens: Value = login(http, ingest, &owner, "Owner-Pass-123")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let access = tokens["access_token"].as_str().unwrap().to_string();
+    let domain = format!("{tag}.example.org");
+    let res = put_sso(http, ingest, &access, &oidc_settings(idp, &domain)).await;
+    assert!(res.status().is_success(), "{}", res.status());
+    (t, access, domain)
+}
+
+/// ingest-api as single sign-on needs it (a secret key, a public address), with `tweak`, and a
+/// client that does not follow redirects (the test follows them by hand).
+async fn sso_ingest(
+    common: &shared::config::Common,
+    tweak: impl FnOnce(&mut ingest_api::Config),
+) -> (Running, reqwest::Client) {
+    let ingest = start_ingest(common, |c| {
+        c.common.secret_key = "ab".repeat(32);
+        c.public_url = "http://tally.test".into();
+        tweak(c);
+    })
+    .await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    (ingest, http)
+}
+
 struct Browser {
     http: reqwest::Client,
     ingest: String,
@@ -638,34 +682,8 @@ async fn sso_reaches_providers_only_where_notifications_may_go() {
 async fn sso_starts_are_limited_per_client_address() {
     let TestEnv { pool, common } = test_env().await;
     let idp = TestIdp::start().await;
-    let ingest = start_ingest(&common, |c| {
-        c.common.secret_key = "ab".repeat(32);
-        c.public_url = "http://tally.test".into();
-        c.sso_starts_per_minute = 5;
-    })
-    .await;
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let t = create_tenant(&pool, "sso-starts").await;
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    let owner = format!("owner-{tag}@example.com");
-    create_person(&pool, t.id, &owner, "Owner-Pass-123", Role::Owner).await;
-    let tokens: Value = login(&http, &ingest.url(), &owner, "Owner-Pass-123")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let settings = oidc_settings(&idp, &format!("{tag}.example.org"));
-    let res = put_sso(
-        &http,
-        &ingest.url(),
-        tokens["access_token"].as_str().unwrap(),
-        &settings,
-    )
-    .await;
-    assert!(res.status().is_success(), "{}", res.status());
+    let (ingest, http) = sso_ingest(&common, |c| c.sso_starts_per_minute = 5).await;
+    let (t, _, _) = sso_tenant(&pool, &http, &ingest.url(), &idp, "sso-starts").await;
     let start = |tenant: String| {
         let req = http.get(format!(
             "{}/v1/auth/sso/start?tenant={tenant}",
@@ -701,4 +719,69 @@ async fn sso_starts_are_limited_per_client_address() {
     assert_eq!(start(other.id.to_string()).await.status(), 429);
     assert_eq!(logins().await, 5, "a refused start wrote nothing");
     stop_all([ingest]).await;
+}
+
+/// A person single sign-on provisioned, then deactivated and removed by an admin, is not
+/// provisioned again at their next sign-on (as their deactivated account kept them out), until
+/// an admin gives the address a place again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_person_is_not_provisioned_again_by_sso() {
+    let TestEnv { pool, common } = test_env().await;
+    let idp = TestIdp::start().await;
+    let (ingest, http) = sso_ingest(&common, |_| {}).await;
+    let url = ingest.url();
+    let (t, owner, domain) = sso_tenant(&pool, &http, &url, &idp, "sso-removal").await;
+    let browser = Browser {
+        http: http.clone(),
+        ingest: url.clone(),
+        tenant: t.id.to_string(),
+    };
+    let bob = format!("bob@{domain}");
+    idp.log_in_as(&format!("bob-{domain}"), &bob, true);
+    assert_eq!(browser.login().await.status(), 200, "provisioned");
+    let bob_id: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM control.users WHERE tenant_id = $1 AND email = $2")
+            .bind(t.id.0)
+            .bind(&bob)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let admin = |method: reqwest::Method, path: String, body: Value| {
+        let req = http
+            .request(method, format!("{url}{path}"))
+            .bearer_auth(&owner)
+            .json(&body);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    let path = format!("/v1/admin/users/{bob_id}");
+    let deactivate = json!({"status": "deactivated"});
+    assert_eq!(
+        admin(reqwest::Method::PATCH, path.clone(), deactivate).await,
+        204
+    );
+    assert_eq!(browser.login().await.status(), 403, "deactivated");
+    assert_eq!(admin(reqwest::Method::DELETE, path, json!({})).await, 204);
+
+    // Removed: still kept out, and no account is made for them.
+    let res = browser.login().await;
+    assert_eq!(res.status(), 403);
+    let p: Value = res.json().await.unwrap();
+    assert!(p["detail"].as_str().unwrap().contains("removed"), "{p}");
+    let accounts: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM control.users WHERE tenant_id = $1 AND email = $2",
+    )
+    .bind(t.id.0)
+    .bind(&bob)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(accounts, 0);
+
+    // An admin gives the address a place again: the next sign-on reaches it.
+    let person = json!({"email": bob, "password": "Back-Again-4242", "role": "developer"});
+    assert_eq!(
+        admin(reqwest::Method::POST, "/v1/admin/users".into(), person).await,
+        201
+    );
+    assert_eq!(browser.login().await.status(), 200, "back");
 }
