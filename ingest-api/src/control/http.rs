@@ -871,9 +871,16 @@ pub async fn put_team(
     check_len("name", &req.name, 200)?;
     let db = |e: sqlx::Error| failed(e.into());
     let mut tx = s.pool.begin().await.map_err(db)?;
-    // Held until the team is stored: a member's removal waits, or is seen.
+    // The tenant's teams counted under its lock, taken first whatever this PUT turns out to
+    // be: a new team is checked against the cap with no other PUT or DELETE in between.
+    let teams = store::count_locked(&mut tx, "teams", "true", caller.tenant)
+        .await
+        .map_err(db)?;
+    // Held until the team is stored: a member's removal waits, or is seen. A key-share lock
+    // keeps only deletions out; the updates of people (their teams, role, status) go on.
     let known: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM control.users WHERE tenant_id = $1 AND id = ANY($2) ORDER BY id FOR SHARE",
+        "SELECT id FROM control.users WHERE tenant_id = $1 AND id = ANY($2)
+          ORDER BY id FOR KEY SHARE",
     )
     .bind(caller.tenant.0)
     .bind(&req.members)
@@ -886,11 +893,6 @@ pub async fn put_team(
             format!("{stranger} is not a user of this tenant"),
         ));
     }
-    // The tenant's teams counted under its lock, taken first whatever this PUT turns out to
-    // be: a new team is checked against the cap with no other PUT or DELETE in between.
-    let teams = store::count_locked(&mut tx, "teams", "true", caller.tenant)
-        .await
-        .map_err(db)?;
     let new: bool = sqlx::query_scalar(
         "SELECT NOT EXISTS (SELECT 1 FROM control.teams WHERE tenant_id = $1 AND key = $2)",
     )

@@ -320,7 +320,7 @@ pub async fn deactivate_user(
     let mut tx = pool.begin().await?;
     let accounts: Vec<(Uuid, Uuid)> = sqlx::query_as(
         "SELECT id, tenant_id FROM control.users
-          WHERE email = $1 AND ($2::uuid IS NULL OR tenant_id = $2) FOR UPDATE",
+          WHERE email = $1 AND ($2::uuid IS NULL OR tenant_id = $2) FOR NO KEY UPDATE",
     )
     .bind(email.trim().to_lowercase())
     .bind(tenant.map(|t| t.0))
@@ -419,6 +419,26 @@ pub async fn remove_user(
     .bind(id)
     .execute(&mut *tx)
     .await?;
+    // Invitations still open to the address (made while they were deactivated) go with them.
+    let revoked: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE control.invitations i SET revoked_at = now()
+           FROM control.users u
+          WHERE u.id = $1 AND i.tenant_id = u.tenant_id AND i.email = u.email
+            AND i.accepted_at IS NULL AND i.revoked_at IS NULL AND i.expires_at > now()
+         RETURNING i.id",
+    )
+    .bind(id)
+    .fetch_all(&mut *tx)
+    .await?;
+    for invitation in revoked {
+        let event = AuthEvent {
+            target: Some(format!("invitation:{invitation}")),
+            detail: Some("revoked with the removal of the person it invited".into()),
+            ..Default::default()
+        };
+        let env = outbox::auth_event(tenant, AuthKind::InvitationChanged, actor.clone(), event);
+        outbox::record(&mut tx, ns, &env).await?;
+    }
     let erase = [
         "DELETE FROM control.refresh_tokens WHERE user_id = $1",
         "DELETE FROM control.user_identities WHERE user_id = $1",
@@ -542,13 +562,13 @@ pub async fn update_user(pool: &PgPool, ns: &str, c: UserChange<'_>) -> anyhow::
     // Owners first, in id order, then the user: two owners demoting each other wait in line.
     let owners: Vec<Uuid> = sqlx::query_scalar(
         "SELECT id FROM control.users WHERE tenant_id = $1 AND role = 'owner' AND status = 'active'
-          ORDER BY id FOR UPDATE",
+          ORDER BY id FOR NO KEY UPDATE",
     )
     .bind(c.tenant.0)
     .fetch_all(&mut *tx)
     .await?;
     let current: Option<String> = sqlx::query_scalar(
-        "SELECT role FROM control.users WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
+        "SELECT role FROM control.users WHERE id = $1 AND tenant_id = $2 FOR NO KEY UPDATE",
     )
     .bind(c.id)
     .bind(c.tenant.0)

@@ -657,10 +657,10 @@ pub async fn change_password(
     let (hash, email) =
         person.ok_or_else(|| Problem::unauthorized("this access token is no longer valid"))?;
     // Guesses at the current password are counted before the hash, per person and per client
-    // address as logins are: a stolen access token buys no more guesses (nor password
-    // hashes) than the login form gives. Counted under the person rather than their address,
-    // so that whoever hammers the address's login form does not also keep its signed-in
-    // owner from changing the password.
+    // address as logins are, with the login's allowance. Counted under the person rather than
+    // their address, so that whoever hammers the address's login form does not also keep its
+    // signed-in owner from changing the password; a stolen access token thus has this
+    // allowance besides the login form's (twice the login's in all, per window).
     let ip = peer.ip().to_string();
     let attempt = s
         .throttle
@@ -693,7 +693,7 @@ pub async fn change_password(
     let mut tx = s.pool.begin().await.map_err(db)?;
     // Still theirs after the hashes: not deactivated or removed meanwhile.
     let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM control.users WHERE id = $1 FOR UPDATE")
+        sqlx::query_scalar("SELECT status FROM control.users WHERE id = $1 FOR NO KEY UPDATE")
             .bind(claims.sub)
             .fetch_optional(&mut *tx)
             .await

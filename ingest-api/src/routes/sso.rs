@@ -583,9 +583,13 @@ async fn find_or_provision(
     let unusable = match taken {
         true => None,
         false => {
+            // Refused before a hash slot is taken: a full tenant, an address removed.
             crate::control::store::room_for_a_person_now(&s.pool, tenant)
                 .await
                 .map_err(db)??;
+            if removed_from(&s.pool, tenant, &email).await.map_err(db)? {
+                return Err(removed());
+            }
             Some(super::auth::hash_password(s, oidc::random_token(32)).await?)
         }
     };
@@ -594,7 +598,7 @@ async fn find_or_provision(
     // that tenant's business.
     // Held until the identity is stored: a removal waits, or is seen.
     let existing: Option<(Uuid, String)> = sqlx::query_as(
-        "SELECT id, role FROM control.users WHERE tenant_id = $1 AND email = $2 FOR SHARE",
+        "SELECT id, role FROM control.users WHERE tenant_id = $1 AND email = $2 FOR KEY SHARE",
     )
     .bind(tenant.0)
     .bind(&email)
@@ -611,19 +615,8 @@ async fn find_or_provision(
         }
         None => {
             // A person an admin removed comes back only when an admin gives them a place.
-            let removed: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM control.removed_people
-                                 WHERE tenant_id = $1 AND email_hash = sha256(convert_to($2, 'UTF8')))",
-            )
-            .bind(tenant.0)
-            .bind(&email)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db)?;
-            if removed {
-                return Err(Problem::forbidden(
-                    "this address was removed from the tenant; an admin may invite it again",
-                ));
+            if removed_from(&mut *tx, tenant, &email).await.map_err(db)? {
+                return Err(removed());
             }
             let unusable = unusable.ok_or_else(|| {
                 Problem::unavailable("this account changed meanwhile; try again", 1)
@@ -682,6 +675,29 @@ async fn find_or_provision(
     .map_err(db)?;
     tx.commit().await.map_err(db)?;
     Ok(user)
+}
+
+/// Whether an admin removed `email` from `tenant` (and no admin gave it a place since).
+async fn removed_from<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
+    tenant: TenantId,
+    email: &str,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM control.removed_people
+                         WHERE tenant_id = $1 AND email_hash = sha256(convert_to($2, 'UTF8')))",
+    )
+    .bind(tenant.0)
+    .bind(email)
+    .fetch_one(conn)
+    .await
+}
+
+fn removed() -> Problem {
+    Problem::forbidden(
+        "this address was removed from the tenant; it signs in again once an admin creates it \
+         or it accepts an invitation",
+    )
 }
 
 /// A role's rights, for comparing an account with what single sign-on grants.
@@ -777,7 +793,7 @@ async fn link_identity(
     }
     // Held until the identity is stored: a removal waits, or is seen.
     let same_tenant: Option<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM control.users WHERE id = $1 AND tenant_id = $2 FOR SHARE",
+        "SELECT id FROM control.users WHERE id = $1 AND tenant_id = $2 FOR KEY SHARE",
     )
     .bind(person)
     .bind(tenant.0)

@@ -141,7 +141,46 @@ pub struct Alerts {
     pub redis: Option<redis::aio::ConnectionManager>,
     /// When this evaluator last looked at each rule and budget (by id), so that a tenant's
     /// next turn begins with what its last one did not reach or could not finish.
-    pub seen: Arc<Mutex<HashMap<Uuid, Instant>>>,
+    pub seen: Arc<Mutex<Seen>>,
+}
+
+/// When each rule and budget was last looked at. Ids not looked at for [`Seen::FORGET`] go
+/// (checked at most once a [`Seen::FORGET`]): rules and budgets deleted meanwhile, which a
+/// tenant creating and deleting them in a loop would otherwise pile up here for good. Every
+/// live one is looked at each sweep (15 s), and one forgotten is merely taken up first.
+#[derive(Debug)]
+pub struct Seen {
+    at: HashMap<Uuid, Instant>,
+    pruned: Instant,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Seen {
+            at: HashMap::new(),
+            pruned: Instant::now(),
+        }
+    }
+}
+
+impl Seen {
+    const FORGET: Duration = Duration::from_secs(3600);
+
+    fn insert(&mut self, id: Uuid, now: Instant) {
+        self.at.insert(id, now);
+        if now.duration_since(self.pruned) >= Self::FORGET {
+            self.at.retain(|_, t| now.duration_since(*t) < Self::FORGET);
+            self.pruned = now;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
 }
 
 impl Alerts {
@@ -153,7 +192,7 @@ impl Alerts {
     /// Orders `items` by when they were last looked at, never first.
     fn least_recently_seen<T>(&self, items: &mut [T], id: impl Fn(&T) -> Uuid) {
         let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        items.sort_by_key(|i| seen.get(&id(i)).copied());
+        items.sort_by_key(|i| seen.at.get(&id(i)).copied());
     }
 }
 
@@ -614,4 +653,27 @@ async fn fire_in(
     .execute(&mut *tx)
     .await?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ids not looked at for an hour are forgotten, at most once an hour; the others stay.
+    #[test]
+    fn seen_forgets_what_is_no_longer_looked_at() {
+        let start = Instant::now();
+        let mut seen = Seen {
+            at: HashMap::new(),
+            pruned: start,
+        };
+        let (gone, live) = (Uuid::now_v7(), Uuid::now_v7());
+        seen.insert(gone, start);
+        seen.insert(live, start);
+        seen.insert(live, start + Duration::from_secs(1800));
+        assert_eq!(seen.len(), 2, "not pruned within the hour");
+        seen.insert(live, start + Seen::FORGET);
+        assert_eq!(seen.len(), 1);
+        assert!(seen.at.contains_key(&live) && !seen.at.contains_key(&gone));
+    }
 }

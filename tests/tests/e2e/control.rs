@@ -1492,6 +1492,15 @@ async fn a_deactivated_person_is_removed_for_good() {
         .await,
         204
     );
+    // Invited again while deactivated: the invitation goes with her.
+    let (st, reinvited) = status_and_json(
+        client
+            .post(format!("{url}/v1/admin/invitations"))
+            .bearer_auth(&admin)
+            .json(&json!({"email": dana, "role": "viewer"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{reinvited}");
     assert_eq!(
         send(Method::DELETE, user_path(dana_id), &stranger, None).await,
         404
@@ -1535,6 +1544,16 @@ async fn a_deactivated_person_is_removed_for_good() {
     )
     .await;
     assert_eq!(sent.status(), 202, "her ingest key still sends");
+    let (st, _) = status_and_json(
+        client
+            .post(format!("{url}/v1/auth/invitations/accept"))
+            .json(&json!({"token": reinvited["token"], "password": password})),
+    )
+    .await;
+    assert_eq!(
+        st, 410,
+        "the invitation made while she was deactivated was revoked"
+    );
     // The address can be given again.
     let again = json!({"email": dana, "password": password, "role": "viewer"});
     assert_eq!(
@@ -1573,4 +1592,65 @@ async fn a_deactivated_person_is_removed_for_good() {
         204
     );
     stop_all([projector, ingest]).await;
+}
+
+/// Team changes racing each other and changes of their members (the same people in several
+/// teams, roles changed meanwhile) all land: none is answered with a deadlock's 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_team_and_people_changes_all_land() {
+    use shared::jwt::Role;
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let client = http();
+    let url = ingest.url();
+    let t = create_tenant(&pool, "team-races").await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let owner = format!("owner-{tag}@races.example");
+    create_person(&pool, t.id, &owner, "Races-Pass-4242", Role::Owner).await;
+    let token: Value = login(&client, &url, &owner, "Races-Pass-4242")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let token = token["access_token"].as_str().unwrap().to_string();
+    let mut people = Vec::new();
+    for i in 0..6 {
+        let email = format!("p{i}-{tag}@races.example");
+        people.push(create_person(&pool, t.id, &email, "Races-Pass-4242", Role::Developer).await);
+    }
+    for round in 0..3 {
+        let mut changes = Vec::new();
+        for i in 0..12 {
+            // Each team takes most of the people, in another order each time.
+            let mut members = people.clone();
+            members.rotate_left(i % people.len());
+            members.truncate(4 + i % 3);
+            let req = client
+                .put(format!("{url}/v1/admin/teams/race-{}", i % 4))
+                .bearer_auth(&token)
+                .json(&json!({"name": format!("Race {round}"), "members": members}));
+            changes.push(req);
+        }
+        for (i, person) in people.iter().enumerate() {
+            let role = if (i + round) % 2 == 0 {
+                "manager"
+            } else {
+                "developer"
+            };
+            let req = client
+                .patch(format!("{url}/v1/admin/users/{person}"))
+                .bearer_auth(&token)
+                .json(&json!({"role": role}));
+            changes.push(req);
+        }
+        let answers = futures::future::join_all(changes.into_iter().map(|r| async move {
+            let res = r.send().await.unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        }))
+        .await;
+        for (status, body) in answers {
+            assert_eq!(status, 204, "round {round}: {body}");
+        }
+    }
+    ingest.stop().await.unwrap();
 }
