@@ -209,8 +209,8 @@ pub(crate) async fn room_for_a_person(
     room_for_one(tx, ("users", "true"), tenant, MAX_USERS, "people").await
 }
 
-/// An admin gives a removed person's address a place again (creating or inviting it): single
-/// sign-on may provision it from now on.
+/// An admin gives a removed person's address a place again (creating it, or an invitation to it
+/// accepted): single sign-on may provision it from now on.
 pub(crate) async fn lift_removal(
     tx: &mut sqlx::PgConnection,
     tenant: TenantId,
@@ -317,31 +317,19 @@ pub async fn deactivate_user(
     email: &str,
     tenant: Option<TenantId>,
 ) -> anyhow::Result<()> {
+    let (id, TenantId(tenant)) = account_of(pool, email, tenant).await?;
     let mut tx = pool.begin().await?;
-    let accounts: Vec<(Uuid, Uuid)> = sqlx::query_as(
-        "SELECT id, tenant_id FROM control.users
-          WHERE email = $1 AND ($2::uuid IS NULL OR tenant_id = $2) FOR NO KEY UPDATE",
-    )
-    .bind(email.trim().to_lowercase())
-    .bind(tenant.map(|t| t.0))
-    .fetch_all(&mut *tx)
-    .await?;
-    let (id, tenant) = match accounts.as_slice() {
-        [] => anyhow::bail!("no user {email}"),
-        [one] => *one,
-        more => anyhow::bail!(
-            "{email} has accounts in {} tenants; name one with --tenant",
-            more.len()
-        ),
-    };
-    sqlx::query(
+    let n = sqlx::query(
         "UPDATE control.users SET status = 'deactivated', token_version = token_version + 1,
                 updated_at = now()
           WHERE id = $1",
     )
     .bind(id)
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected();
+    // Removed since it was looked up.
+    anyhow::ensure!(n == 1, "no user {email}");
     sqlx::query(
         "UPDATE control.refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
     )
@@ -381,8 +369,9 @@ pub enum UserRemoval {
 
 /// Removes a deactivated person for good: their row, refresh tokens, single sign-on
 /// identities and the invitation they accepted go, the keys made with their rights forget
-/// them, and their place among the tenant's people is free again. Single sign-on does not
-/// provision their address again until an admin creates or invites it. The `user.removed` event
+/// them, and their place among the tenant's people is free again; invitations still open to
+/// their address are revoked. Single sign-on does not provision the address again until an
+/// admin creates it or it accepts a new invitation. The `user.removed` event
 /// carries a tombstone snapshot (status `removed`, no address), which the tenant's `users`
 /// read model keeps in place of theirs. What they sent stays under their external id.
 pub async fn remove_user(

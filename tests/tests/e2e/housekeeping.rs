@@ -295,6 +295,32 @@ async fn the_control_schema_keeps_only_what_is_still_in_use() {
         "the pass is counted"
     );
 
+    // `projector retention` reports the sweep beside the tenants' pass, and refuses a history
+    // shorter than a budget's longest period.
+    let retention = |history_days: &str| {
+        let mut cmd = projector_command(&common, &["retention"]);
+        cmd.env("TALLY_HISTORY_KEEP_DAYS", history_days)
+            .stderr(std::process::Stdio::piped());
+        async move {
+            tokio::task::spawn_blocking(move || cmd.output().unwrap())
+                .await
+                .unwrap()
+        }
+    };
+    let out = retention("90").await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["control"]["outbox"].is_u64(), "{report}");
+    assert!(report["partitions_dropped"].is_u64(), "{report}");
+    let out = retention("10").await;
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("history_keep_days"), "{said}");
+
     // The used token of the living family was kept: presented again, it is reuse.
     let (st, p) = refresh(first).await;
     assert_eq!(st, 401, "{p}");
