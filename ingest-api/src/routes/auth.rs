@@ -635,6 +635,21 @@ pub async fn logout_all(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The signed-in person's address and password hash, for a route that asks for their password
+/// again; 401 when they were removed since their access token was checked.
+pub(crate) async fn address_and_hash(
+    s: &AppState,
+    user: Uuid,
+) -> Result<(String, String), Problem> {
+    let person: Option<(String, String)> =
+        sqlx::query_as("SELECT email, password_hash FROM control.users WHERE id = $1")
+            .bind(user)
+            .fetch_optional(&s.pool)
+            .await
+            .map_err(db)?;
+    person.ok_or_else(|| Problem::unauthorized("this access token is no longer valid"))
+}
+
 /// `POST /v1/auth/password`: changes the password, ends every other session, and returns
 /// fresh tokens for this one.
 pub async fn change_password(
@@ -647,15 +662,7 @@ pub async fn change_password(
     let req = json_body(req)?;
     password::check_policy("new_password", &req.new_password)
         .map_err(|e| Problem::validation("the new password is too weak", vec![e]))?;
-    let person: Option<(String, String)> =
-        sqlx::query_as("SELECT password_hash, email FROM control.users WHERE id = $1")
-            .bind(claims.sub)
-            .fetch_optional(&s.pool)
-            .await
-            .map_err(db)?;
-    // Removed since the token was checked.
-    let (hash, email) =
-        person.ok_or_else(|| Problem::unauthorized("this access token is no longer valid"))?;
+    let (email, hash) = address_and_hash(&s, claims.sub).await?;
     // Guesses at the current password are counted before the hash, per person and per client
     // address as logins are, with the login's allowance. Counted under the person rather than
     // their address, so that whoever hammers the address's login form does not also keep its

@@ -299,15 +299,7 @@ pub async fn link(
 ) -> Result<Json<LinkStart>, Problem> {
     let claims = super::auth::caller(&s, &headers).await?;
     let req = json_body(req)?;
-    let person: Option<(String, String)> =
-        sqlx::query_as("SELECT email, password_hash FROM control.users WHERE id = $1")
-            .bind(claims.sub)
-            .fetch_optional(&s.pool)
-            .await
-            .map_err(db)?;
-    // Removed since the token was checked.
-    let (email, hash) =
-        person.ok_or_else(|| Problem::unauthorized("this access token is no longer valid"))?;
+    let (email, hash) = super::auth::address_and_hash(&s, claims.sub).await?;
     let ip = peer.ip().to_string();
     let attempt = s.throttle.reserve(&email, &ip).await?;
     let matches = match super::auth::verify_password(&s, req.password, Some(hash)).await {

@@ -173,14 +173,6 @@ impl Seen {
             self.pruned = now;
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.at.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.at.is_empty()
-    }
 }
 
 impl Alerts {
@@ -671,9 +663,9 @@ mod tests {
         seen.insert(gone, start);
         seen.insert(live, start);
         seen.insert(live, start + Duration::from_secs(1800));
-        assert_eq!(seen.len(), 2, "not pruned within the hour");
+        assert_eq!(seen.at.len(), 2, "not pruned within the hour");
         seen.insert(live, start + Seen::FORGET);
-        assert_eq!(seen.len(), 1);
+        assert_eq!(seen.at.len(), 1);
         assert!(seen.at.contains_key(&live) && !seen.at.contains_key(&gone));
     }
 }

@@ -454,11 +454,11 @@ async fn brute_force_is_locked_out_then_the_lockout_expires() {
 
 /// Someone holding a stolen access token guesses at the current password through
 /// `POST /v1/auth/password`: each guess is counted for the person, so after the login's
-/// allowance the change is refused (429) — the right password too —, and each wrong guess is
-/// audited as a failed login. Whoever hammers the address's login form does not keep its
-/// signed-in owner from changing the password.
+/// allowance (on top of the login form's own) the change is refused (429) — the right
+/// password too —, and each wrong guess is audited as a failed login. Whoever hammers the
+/// address's login form does not keep its signed-in owner from changing the password.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stolen_access_token_buys_no_more_password_guesses_than_the_login() {
+async fn a_stolen_access_token_gets_the_logins_allowance_of_password_guesses() {
     let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |c| {
         c.login_max_failures = 3;
