@@ -650,6 +650,12 @@ pub(crate) async fn address_and_hash(
     person.ok_or_else(|| Problem::unauthorized("this access token is no longer valid"))
 }
 
+/// The throttle's key for guesses at a signed-in person's password (the password change and
+/// the single sign-on link share it): theirs, not their address's, which the login form counts.
+pub(super) fn guesses_of(person: Uuid) -> String {
+    format!("user:{person}")
+}
+
 /// `POST /v1/auth/password`: changes the password, ends every other session, and returns
 /// fresh tokens for this one.
 pub async fn change_password(
@@ -669,10 +675,7 @@ pub async fn change_password(
     // signed-in owner from changing the password; a stolen access token thus has this
     // allowance besides the login form's (twice the login's in all, per window).
     let ip = peer.ip().to_string();
-    let attempt = s
-        .throttle
-        .reserve(&format!("user:{}", claims.sub), &ip)
-        .await?;
+    let attempt = s.throttle.reserve(&guesses_of(claims.sub), &ip).await?;
     let opened = match verify_password(&s, req.current_password, Some(hash)).await {
         Ok(opened) => opened,
         Err(p) => {

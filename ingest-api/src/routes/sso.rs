@@ -301,7 +301,12 @@ pub async fn link(
     let req = json_body(req)?;
     let (email, hash) = super::auth::address_and_hash(&s, claims.sub).await?;
     let ip = peer.ip().to_string();
-    let attempt = s.throttle.reserve(&email, &ip).await?;
+    // Counted as the password change counts (per person, their allowance shared with it):
+    // whoever hammers the address's login form does not keep its signed-in owner from linking.
+    let attempt = s
+        .throttle
+        .reserve(&super::auth::guesses_of(claims.sub), &ip)
+        .await?;
     let matches = match super::auth::verify_password(&s, req.password, Some(hash)).await {
         Ok(m) => m,
         Err(p) => {
@@ -324,8 +329,7 @@ pub async fn link(
         s.throttle.failed(attempt).await;
         return Err(Problem::forbidden("password is wrong"));
     }
-    // Only this attempt is given back: the address may have accounts in other tenants, whose
-    // failures this person's own password must not clear.
+    // Only this attempt is given back: the failures counted before it stay.
     s.throttle.release(attempt).await;
     Ok(Json(LinkStart {
         authorization_url: authorization_url(&s, claims.tid.0, Some(claims.sub)).await?,

@@ -785,3 +785,63 @@ async fn a_removed_person_is_not_provisioned_again_by_sso() {
     );
     assert_eq!(browser.login().await.status(), 200, "back");
 }
+
+/// `POST /v1/auth/sso/link` asks for the person's password again, and its guesses are counted
+/// as the password change's, per person and with its allowance shared: whoever hammers the
+/// address's login form does not keep its signed-in owner from linking (before, the link
+/// counted under the address, and answered 429), and a stolen access token gets no more
+/// guesses by alternating the two routes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sso_link_counts_guesses_as_the_password_change_does() {
+    let TestEnv { pool, common } = test_env().await;
+    let idp = TestIdp::start().await;
+    let (ingest, http) = sso_ingest(&common, |c| {
+        c.login_max_failures = 3;
+        c.login_window_secs = 30;
+    })
+    .await;
+    let url = ingest.url();
+    let (t, access, _) = sso_tenant(&pool, &http, &url, &idp, "sso-link-guesses").await;
+    let owner: String = sqlx::query_scalar("SELECT email FROM control.users WHERE tenant_id = $1")
+        .bind(t.id.0)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let post = |path: &str, body: Value| {
+        let req = http
+            .post(format!("{url}{path}"))
+            .bearer_auth(&access)
+            .json(&body);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    let link = |password: &str| post("/v1/auth/sso/link", json!({ "password": password }));
+    // Someone locks the address's login form; its owner, signed in, still starts a link.
+    for i in 0..3 {
+        let guess = login(&http, &url, &owner, &format!("Guess-{i}-abc")).await;
+        assert_eq!(guess.status(), 401);
+    }
+    assert_eq!(
+        login(&http, &url, &owner, "Owner-Pass-123").await.status(),
+        429
+    );
+    assert_eq!(
+        link("Owner-Pass-123").await,
+        200,
+        "the form's lockout is not the person's"
+    );
+
+    // A stolen token's guesses, alternating the link and the password change, share one
+    // allowance: after three, the right password is refused on both.
+    assert_eq!(link("Guess-a-abc").await, 403);
+    let change = |current: &str| {
+        post(
+            "/v1/auth/password",
+            json!({"current_password": current, "new_password": "Taken-Over-4242"}),
+        )
+    };
+    assert_eq!(change("Guess-b-abc").await, 403);
+    assert_eq!(link("Guess-c-abc").await, 403);
+    assert_eq!(link("Owner-Pass-123").await, 429);
+    assert_eq!(change("Owner-Pass-123").await, 429);
+    ingest.stop().await.unwrap();
+}
