@@ -10,6 +10,12 @@ use super::values::RESERVED_PREFIX;
 /// name). Four such values and the event type must fit in one btree index row, which
 /// PostgreSQL limits to 2 704 bytes; 255 characters may take up to 1 020 bytes.
 pub const MAX_KEY_BYTES: usize = 600;
+/// Largest magnitude of a sample's or productivity figure's `value`: dashboards sum values
+/// over any range (a week's buckets, a metric's raw rows), and two values near float8's limit
+/// overflow such a sum, which PostgreSQL refuses, failing every read of that range. Below this
+/// bound, no number of events reaches the limit; no real measurement comes near it.
+pub const MAX_VALUE: f64 = 1e200;
+
 /// The label names whose values fill a `metric.sample`'s user, team, project and session.
 pub const DIMENSION_LABELS: [&str; 8] = [
     "user_id",
@@ -101,6 +107,19 @@ pub fn check_storable(payload: &Payload, prefix: &str) -> Vec<FieldError> {
             }
         }
         Payload::Auth(..) => {}
+    }
+    let value = match payload {
+        Payload::MetricSample(p) => Some(p.value),
+        Payload::ProductivityRecorded(p) => Some(p.value),
+        _ => None,
+    };
+    if let Some(v) = value.filter(|v| v.abs() > MAX_VALUE) {
+        errors.push(FieldError::new(
+            format!("{prefix}.value"),
+            format!(
+                "must be within ±{MAX_VALUE:e} (sums over a range must stay finite), got {v:e}"
+            ),
+        ));
     }
     errors
 }

@@ -32,8 +32,28 @@ pub fn db_error(e: sqlx::Error) -> Problem {
             1,
         );
     }
+    if is_out_of_range(&e) {
+        // Values the doors refuse now (beyond ±1e200) may still be in the log from before:
+        // a sum over them leaves float8's range. The reader's range, not the database, is
+        // what can change.
+        tracing::warn!(error = %e, "a sum left float8's range");
+        return Problem::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "out-of-range",
+            "Out of range",
+            "a sum over this range is beyond what a double can hold; read a shorter range",
+        )
+        .with_errors(vec![FieldError::new("range", "its sums overflow")]);
+    }
     tracing::error!(error = %e, "query failed");
     Problem::unavailable("the projection database is unavailable", 2)
+}
+
+/// SQLSTATE 22003 (`numeric_value_out_of_range`): a float8 sum that overflowed.
+fn is_out_of_range(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "22003")
 }
 
 /// SQLSTATE 57014 (`query_canceled`): what `statement_timeout` raises.

@@ -339,10 +339,13 @@ pub async fn stream(
     Peer(peer): Peer,
     headers: HeaderMap,
 ) -> Result<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>, Problem> {
+    // Counted against the tenant's read limit first, by the cached credential, so that
+    // requests past it cost no control-plane query.
+    let cached = s.auth.reader(&headers, peer).await?;
+    crate::read::context::within_read_limit(&s, &cached).await?;
     // A stream outlives the short credential caches that other requests use: the credential
     // is checked as it is now (a key revoked a moment ago opens nothing).
     let reader = s.auth.reader_uncached(&headers, peer).await?;
-    crate::read::context::within_read_limit(&s, &reader).await?;
     reader.require_individual_view("the live feed")?;
     if reader.audits_individual_reads() {
         let everyone = ["everyone in the live feed".to_string()];

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::Path;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
@@ -227,14 +228,20 @@ type Row = (
 
 /// `GET /v1/dashboard/sessions/{id}/timeline`.
 pub async fn timeline(
-    Path(session): Path<String>,
     read: Read<TimelineParams>,
+    session: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
+    // Read first: a caller without a credential learns nothing about the id.
+    let Path(session) =
+        session.map_err(|_| invalid(FieldError::new("id", "must be UTF-8 (percent-encoded)")))?;
     if session.is_empty() || session.chars().count() > 255 {
         return Err(invalid(FieldError::new(
             "id",
             "must have 1 to 255 characters",
         )));
+    }
+    if session.contains('\0') {
+        return Err(invalid(FieldError::new("id", "must not contain NUL")));
     }
     read.reader
         .require_individual_view("a session's timeline")?;

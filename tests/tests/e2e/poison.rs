@@ -58,6 +58,14 @@ fn wide(n: usize) -> String {
         .collect()
 }
 
+/// A sample whose value the doors refuse today (beyond `ingest_api::ingest::storable::MAX_VALUE`),
+/// as an older writer put it in the log: made valid, then edited.
+fn huge(tenant: TenantId, name: &str, value: f64) -> Value {
+    let mut e = envelope(tenant, sample(name, 1.0));
+    e["data"]["value"] = json!(value);
+    e
+}
+
 fn sample(name: &str, value: f64) -> Value {
     json!({"type": "metric.sample", "occurred_at": ago(30),
            "data": {"name": name, "value": value, "labels": {"user.id": "u"}}})
@@ -169,7 +177,7 @@ async fn records_postgresql_refuses_are_dead_lettered_and_others_flow() {
         0,
         &[
             envelope(attacker.id, command("u", "build", 5, true)),
-            envelope(attacker.id, sample("huge", 1.5e308)),
+            huge(attacker.id, "huge", 1.5e308),
         ],
     )
     .await;
@@ -187,7 +195,7 @@ async fn records_postgresql_refuses_are_dead_lettered_and_others_flow() {
     long_key["data"]["project_id"] = json!(wide(255));
     long_key["data"]["command_name"] = json!(wide(255));
     // The sum of two finite values that float8 cannot hold.
-    let overflow = envelope(attacker.id, sample("huge", 1.5e308));
+    let overflow = huge(attacker.id, "huge", 1.5e308);
     let fine = envelope(attacker.id, command("u", "test", 7, false));
     let poison = [nul, nul_json, long_key, overflow];
     let mut records: Vec<Value> = poison.to_vec();
@@ -300,23 +308,11 @@ async fn a_per_key_sum_out_of_range_is_refused_while_the_tenants_is_not() {
     } = setup().await;
     let t = create_tenant(&pool, "signs").await;
     let projector = start_projector(&common).await;
-    let again = envelope(t.id, sample("k1", 1.7e308));
+    let again = huge(t.id, "k1", 1.7e308);
     // Each in a batch of its own, the last two together.
-    produce(
-        &producer,
-        &topic,
-        0,
-        &[envelope(t.id, sample("k1", 1.7e308))],
-    )
-    .await;
+    produce(&producer, &topic, 0, &[huge(t.id, "k1", 1.7e308)]).await;
     wait_projected(&pool, t.id, 1, Duration::from_secs(60)).await;
-    produce(
-        &producer,
-        &topic,
-        0,
-        &[envelope(t.id, sample("k2", -1.7e308))],
-    )
-    .await;
+    produce(&producer, &topic, 0, &[huge(t.id, "k2", -1.7e308)]).await;
     wait_projected(&pool, t.id, 2, Duration::from_secs(60)).await;
     produce(
         &producer,
@@ -376,19 +372,13 @@ async fn written_ahead_round() -> (u64, u64) {
     let t = create_tenant(&pool, "ahead").await;
     let small = |c: &mut projector::Config| c.batch_max_events = 40;
     let projector = start_projector_with(&common, small).await;
-    produce(
-        &producer,
-        &topic,
-        0,
-        &[envelope(t.id, sample("k1", 1.7e308))],
-    )
-    .await;
+    produce(&producer, &topic, 0, &[huge(t.id, "k1", 1.7e308)]).await;
     wait_projected(&pool, t.id, 1, Duration::from_secs(60)).await;
     stop_all([projector]).await;
 
     // Queued while the projector is away: a batch of 40 whose last event overflows its key's
     // sum, then three batches more.
-    let again = envelope(t.id, sample("k1", 1.7e308));
+    let again = huge(t.id, "k1", 1.7e308);
     let mut records: Vec<Value> = (0..39)
         .map(|i| envelope(t.id, command("u", "first", i, true)))
         .collect();
@@ -875,4 +865,124 @@ async fn a_replay_dead_letters_and_counts_what_it_cannot_project() {
         assert!(header(h, "tally-error").contains("schema_version"), "{h:?}");
     }
     projector.stop().await.unwrap();
+}
+
+/// A value near float8's limit is refused at the doors (`data.value` beyond ±1e200, named in a
+/// 422, or a rejected OTLP point), since dashboards sum values over any range: two such values
+/// on two days of a week made every read of that week fail. Such values still in the log from
+/// before are projected (no one day's sum overflows), and a read whose sum over them
+/// overflows is a 422 `out-of-range` naming `range`, not a 503 (before: 503, "the projection
+/// database is unavailable", logged as an error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn values_no_sum_can_hold_are_refused_and_old_ones_fail_no_read_with_5xx() {
+    use chrono::{Datelike, Duration as Days, Utc};
+    let Setup {
+        pool,
+        common,
+        producer,
+        topic,
+    } = setup().await;
+    let t = create_tenant(&pool, "sums").await;
+    create_member(&pool, &t, "u", shared::jwt::Role::Developer, &[]).await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let client = http();
+    let developer = member_token(&client, &ingest.url(), &t, "u").await;
+    let projector = start_projector(&common).await;
+    let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
+
+    // The doors: JSON events, then an OTLP point.
+    let events = json!([
+        {"type": "metric.sample", "occurred_at": ago(60), "data": {"name": "n", "value": 1e300}},
+        {"type": "productivity.recorded", "occurred_at": ago(60), "data": {"metric_type": "error_rate", "value": -1e201}},
+        {"type": "metric.sample", "occurred_at": ago(60), "data": {"name": "n", "value": -1e200}}
+    ]);
+    let post = |path: &str, body: &Value| {
+        let req = client
+            .post(format!("{}{path}", ingest.url()))
+            .header("x-api-key", &t.ingest_key)
+            .json(body);
+        async move { req.send().await.unwrap() }
+    };
+    let res = post("/v1/events", &events).await;
+    assert_eq!(res.status(), 422);
+    let problem: Value = res.json().await.unwrap();
+    let named: Vec<(i64, &str)> = problem["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["index"].as_i64().unwrap(), e["field"].as_str().unwrap()))
+        .collect();
+    assert_eq!(named, [(0, "data.value"), (1, "data.value")], "{problem}");
+    let at = Utc::now().timestamp_nanos_opt().unwrap().to_string();
+    let otlp = json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [{"name": "n",
+        "gauge": {"dataPoints": [{"timeUnixNano": at, "asDouble": 1e300}]}}]}]}]});
+    let res = post("/v1/otlp/v1/metrics", &otlp).await;
+    assert_eq!(res.status(), 400);
+    let problem = res.text().await.unwrap();
+    assert!(problem.contains("data.value"), "{problem}");
+
+    // From the log: 1.7e308 on the Monday and the Tuesday of a week 8 to 14 days ago.
+    let past = Utc::now() - Days::days(8);
+    let monday = (past - Days::days(i64::from(past.weekday().num_days_from_monday())))
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc();
+    let old = |hours: i64| {
+        let event = json!({"type": "metric.sample",
+            "occurred_at": (monday + Days::hours(hours)).to_rfc3339(),
+            "data": {"name": "huge", "value": 1.0, "labels": {"user.id": "u"}}});
+        let mut e = envelope(t.id, event);
+        e["data"]["value"] = json!(1.7e308);
+        e
+    };
+    produce(&producer, &topic, 0, &[old(12), old(36)]).await;
+    wait_projected(&pool, t.id, 2, Duration::from_secs(60)).await;
+
+    let (from, to) = (monday.to_rfc3339(), (monday + Days::days(7)).to_rfc3339());
+    let range = format!("from={from}&to={to}").replace('+', "%2B");
+    for (path, credential) in [
+        (
+            format!("/v1/dashboard/metrics?name=huge&step=1w&{range}"),
+            t.read_key.as_str(),
+        ),
+        (
+            format!("/v1/dashboard/overview?{range}"),
+            developer.as_str(),
+        ),
+    ] {
+        let mut req = client.get(format!("{}{path}", query.url()));
+        req = if credential.starts_with("ey") {
+            req.bearer_auth(credential)
+        } else {
+            req.header("x-api-key", credential)
+        };
+        let res = req.send().await.unwrap();
+        let status = res.status();
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(status, 422, "{path}: {body}");
+        assert!(
+            body["type"].as_str().unwrap().ends_with("out-of-range"),
+            "{body}"
+        );
+        assert_eq!(body["errors"][0]["field"], "range", "{body}");
+    }
+    // A day alone still reads.
+    let day = format!(
+        "from={}&to={}",
+        monday.to_rfc3339(),
+        (monday + Days::days(1)).to_rfc3339()
+    )
+    .replace('+', "%2B");
+    let url = format!(
+        "{}/v1/dashboard/metrics?name=huge&step=1d&{day}",
+        query.url()
+    );
+    let one = get_json(&client, &url, &t.read_key).await;
+    assert_eq!(
+        one["series"][0]["points"].as_array().unwrap().len(),
+        1,
+        "{one}"
+    );
+    stop_all([ingest, projector, query]).await;
 }

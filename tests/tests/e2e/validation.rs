@@ -307,3 +307,37 @@ async fn topic_size(common: &shared::config::Common) -> i64 {
     .await
     .unwrap()
 }
+
+/// The session id in `/v1/dashboard/sessions/{id}/timeline` is checked as query parameters
+/// are: a NUL is a 400 naming `id` (before: PostgreSQL refused it, a 503), and bytes that are
+/// not UTF-8 a problem too (before: axum's plain-text 400, ahead of the credential check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_timelines_session_id_is_checked_as_parameters_are() {
+    let TestEnv { pool, common } = test_env().await;
+    let query = start_query(&common, |_| {}).await;
+    let client = http();
+    let t = create_tenant(&pool, "timeline-ids").await;
+    let url = |id: &str| format!("{}/v1/dashboard/sessions/{id}/timeline", query.url());
+    let res = client.get(url("%FF")).send().await.unwrap();
+    let (s, _) = problem(res).await;
+    assert_eq!(s, 401, "the credential first");
+    for id in ["%00", "a%00b", "%FF"] {
+        let res = client
+            .get(url(id))
+            .header("x-api-key", &t.read_key)
+            .send()
+            .await
+            .unwrap();
+        let (s, b) = problem(res).await;
+        assert_eq!(s, 400, "{id}: {b}");
+        assert_eq!(b["errors"][0]["field"], "id", "{id}: {b}");
+    }
+    let res = client
+        .get(url("no-such-session"))
+        .header("x-api-key", &t.read_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    query.stop().await.unwrap();
+}
