@@ -275,7 +275,11 @@ impl Point {
                 .map(|(k, v)| k.len() + v.len() + 12)
                 .sum::<usize>();
         let names: usize = self.fields.iter().map(|(k, _)| k.len()).sum();
-        expansion::weight(self.fields.len(), self.measurement.len() + labels) + names
+        let shared = expansion::Shared {
+            bytes: self.measurement.len() + labels,
+            entries: self.tags.len() + self.strings.len(),
+        };
+        expansion::weight(self.fields.len(), shared) + names
     }
 
     /// The `metric.sample` client events of this point: one per numeric field, named

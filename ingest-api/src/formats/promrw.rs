@@ -120,7 +120,10 @@ impl Size {
     pub fn of(req: &WriteRequest) -> Size {
         let mut size = Size::default();
         for ts in &req.timeseries {
-            let labels = ts.labels.iter().map(Message::encoded_len).sum();
+            let labels = expansion::Shared {
+                bytes: ts.labels.iter().map(Message::encoded_len).sum(),
+                entries: ts.labels.len(),
+            };
             size.add(ts.samples.len(), labels);
         }
         size
@@ -154,18 +157,22 @@ impl Size {
                     format!("{labels} labels; at most {MAX_LABELS}"),
                 ));
             }
-            size.add(samples, label_bytes);
+            let shared = expansion::Shared {
+                bytes: label_bytes,
+                entries: labels,
+            };
+            size.add(samples, shared);
             Ok(())
         })?;
         Ok((size, crowded))
     }
 
-    fn add(&mut self, samples: usize, label_bytes: usize) {
+    fn add(&mut self, samples: usize, labels: expansion::Shared) {
         self.series += 1;
         self.samples += samples;
         self.expanded = self
             .expanded
-            .saturating_add(expansion::weight(samples, label_bytes));
+            .saturating_add(expansion::weight(samples, labels));
     }
 
     /// Refuses more than [`MAX_SERIES`] series, [`MAX_SAMPLES`] samples, or more than

@@ -141,10 +141,15 @@ async fn line_protocol_bombs_are_refused_in_bounded_memory() {
     let many_lines = format!("bomb{small_tags} {}\n", ["f=1"; 10].join(",")).repeat(5_000);
     // A million fields on one line.
     let many_fields = format!("bomb {}", vec!["f=1"; 1_000_000].join(","));
+    // 64 tags of one character each, repeated by 50 000 fields: 25 MB of samples' text, but
+    // 3.2 million label entries, about 400 MiB while they are built.
+    let tiny_tags: String = (0..64).map(|i| format!(",t{i}=v")).collect();
+    let tiny = format!("bomb{tiny_tags} {}", vec!["f=1"; 50_000].join(","));
     for (what, text) in [
         ("large tags", one_line),
         ("many lines", many_lines),
         ("many fields", many_fields),
+        ("many tiny tags", tiny),
     ] {
         let body = gzip(&text);
         assert!(body.len() < 64 * 1024, "{what}: {} bytes", body.len());

@@ -551,7 +551,9 @@ fn wrap(mut inner: Vec<u8>, keys: &[u8]) -> Vec<u8> {
 /// wire, about 60 once decoded) and of empty JSON objects, each about 10 KB as sent and just
 /// under the 10 MiB body limit once inflated, over HTTP (protobuf, JSON) and gRPC. Each is
 /// refused as too many (413; `INVALID_ARGUMENT` over gRPC) while ingest-api's resident memory
-/// stays under `BOMB_RSS_BOUND_KIB`, and nothing is appended.
+/// stays under `BOMB_RSS_BOUND_KIB`, and nothing is appended; and a resource's attributes
+/// copied into every log record, weighed by what the copies hold: refused over 7 500 records
+/// (before, taken, and ingest-api passed 384 MiB), taken over 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn otlp_attribute_bombs_are_refused_in_bounded_memory() {
     let TestEnv { pool, common } = test_env().await;
@@ -601,6 +603,31 @@ async fn otlp_attribute_bombs_are_refused_in_bounded_memory() {
     assert!(json.len() < 10 << 20);
     let answer = send("metrics", "application/json", gzip(json.as_bytes())).await;
     too_many(answer, "json");
+    // A resource of 1 000 distinct empty attributes over 7 500 empty log records: 38 KB of
+    // JSON, each record a copy of them (7.5 million attributes, 8 bytes of text each: 58 MiB
+    // of text, under the bound when only the text was counted, and most of a gigabyte once
+    // built).
+    let attributes: Vec<String> = (0..1_000).map(|i| format!(r#"{{"key":"a{i}"}}"#)).collect();
+    let copies = format!(
+        r#"{{"resourceLogs":[{{"resource":{{"attributes":[{}]}},"scopeLogs":[{{"logRecords":[{}{{}}]}}]}}]}}"#,
+        attributes.join(","),
+        "{},".repeat(7_499)
+    );
+    let answer = send("logs", "application/json", gzip(copies.as_bytes())).await;
+    too_many(answer, "a resource's attributes in every record");
+    // The same resource over 200 records is within the bound, and is taken in bounded memory
+    // (checked at the end): the bound weighs what the copies hold.
+    let at = chrono::Utc::now().timestamp_nanos_opt().unwrap();
+    let record = format!(r#"{{"timeUnixNano":"{at}","body":{{"stringValue":"x"}}}}"#);
+    let within = format!(
+        r#"{{"resourceLogs":[{{"resource":{{"attributes":[{}]}},"scopeLogs":[{{"logRecords":[{}]}}]}}]}}"#,
+        attributes.join(","),
+        vec![record; 200].join(",")
+    );
+    let (status, answer) = send("logs", "application/json", gzip(within.as_bytes())).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(metrics_topic_records(&common).await, 200);
+
     // Just under the bounds (199 999 attributes; 249 995 JSON values): decoded, then refused
     // for other reasons (an empty key, too many labels on a point), still in bounded memory.
     let mut point = [0x3a, 0x00].repeat(199_999);
@@ -640,6 +667,6 @@ async fn otlp_attribute_bombs_are_refused_in_bounded_memory() {
     )
     .await;
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(metrics_topic_records(&common).await, 1);
+    assert_eq!(metrics_topic_records(&common).await, 201);
     assert_bomb_memory_bound(&ingest, started_rss);
 }

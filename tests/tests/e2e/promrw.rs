@@ -230,15 +230,29 @@ async fn remote_write_bombs_are_refused_in_bounded_memory() {
     };
     let body = snappy(&large_labels);
     assert!(body.len() < 128 * 1024, "{} bytes", body.len());
-    let (status, problem) = send(body).await;
-    assert_eq!(status, 413, "{problem}");
-    assert!(
-        problem["errors"][0]["reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("MiB of events"),
-        "{problem}"
-    );
+    let too_many_events = |(status, problem): (u16, serde_json::Value)| {
+        assert_eq!(status, 413, "{problem}");
+        let reason = problem["errors"][0]["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("MiB of events"), "{problem}");
+    };
+    too_many_events(send(body).await);
+
+    // One series, 64 labels of one character, 50 000 samples: 3.2 million label entries.
+    let mut labels = vec![Label {
+        name: "__name__".into(),
+        value: "tiny".into(),
+    }];
+    labels.extend((0..63).map(|i| Label {
+        name: format!("l{i}"),
+        value: "v".into(),
+    }));
+    let tiny_labels = WriteRequest {
+        timeseries: vec![TimeSeries {
+            labels,
+            samples: large_labels.timeseries[0].samples.clone(),
+        }],
+    };
+    too_many_events(send(snappy(&tiny_labels)).await);
 
     // Five million empty series (10 MB decoded as 240 MB): too many series.
     let (status, problem) = send(compress(&[0x0a, 0x00].repeat(5_000_000))).await;

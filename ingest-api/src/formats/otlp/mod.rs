@@ -475,13 +475,17 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
     // Points and about how large they become, each with its resource's attributes.
     let (mut points, mut expanded) = (0, 0);
     for rm in &req.resource_metrics {
-        let resource = rm.resource.as_ref().map_or(0, Message::encoded_len);
+        let resource = repeated(rm.resource.as_ref());
         for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
             // A metric without data counts as one refused point.
             let (n, bytes) = metric_points(m);
             let n = n.max(1);
             points += n;
-            expanded += bytes + expansion::weight(n, resource + m.name.len());
+            let shared = expansion::Shared {
+                bytes: resource.bytes + m.name.len(),
+                ..resource
+            };
+            expanded += bytes + expansion::weight(n, shared);
         }
     }
     if points > MAX_POINTS {
@@ -597,6 +601,14 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
         out.push(origin, ClientEvent::Json(e));
     }
     Ok(out)
+}
+
+/// What each point or record of a resource repeats: its attributes.
+fn repeated(resource: Option<&pb::Resource>) -> expansion::Shared {
+    resource.map_or_else(Default::default, |r| expansion::Shared {
+        bytes: r.encoded_len(),
+        entries: r.attributes.len(),
+    })
 }
 
 /// How many messages, and their size on the wire.
@@ -792,7 +804,7 @@ pub fn log_events(
 ) -> Result<Converted, FieldError> {
     let (mut records, mut expanded) = (0, 0);
     for rl in &req.resource_logs {
-        let resource = rl.resource.as_ref().map_or(0, Message::encoded_len);
+        let resource = repeated(rl.resource.as_ref());
         for sl in &rl.scope_logs {
             let (n, bytes) = sized(&sl.log_records);
             records += n;
