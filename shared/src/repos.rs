@@ -12,8 +12,16 @@ pub const MAX_LEN: usize = 255;
 /// `github.com/acme/widgets`: scheme, credentials, port and a trailing `.git` or `/` go, and
 /// the rest is lower-cased (GitHub and GitLab compare names without case). A private name,
 /// `sha256:` and 64 hex digits, is kept (lower-cased). `None` for anything else, e.g. a
-/// local path, an empty host or path, whitespace or control characters.
+/// local path, an empty host or path, whitespace or control characters. A name is its own
+/// normal form: the projector normalises again what the doors stored, and a name that changed
+/// then (`acme/..git.git` became `acme/..git` at the door and `acme/..` in the projector, which
+/// dead-lettered it after a 202) is refused here.
 pub fn normalize(raw: &str) -> Option<String> {
+    let name = normalize_once(raw)?;
+    (normalize_once(&name).as_deref() == Some(name.as_str())).then_some(name)
+}
+
+fn normalize_once(raw: &str) -> Option<String> {
     let s = raw.trim();
     if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return None;
@@ -43,15 +51,19 @@ pub fn normalize(raw: &str) -> Option<String> {
     {
         return None;
     }
-    let path = path.trim_matches('/');
-    let path = path
-        .strip_suffix(".git")
-        .unwrap_or(path)
-        .trim_end_matches('/');
-    if path.is_empty() || path.split('/').any(|seg| seg.is_empty() || seg == "..") {
+    // Every trailing `.git` (in any case) and `/` goes: `x.git/.git` is `x`.
+    let mut path = path.trim_matches('/').to_lowercase();
+    while let Some(stripped) = path.strip_suffix(".git") {
+        path = stripped.trim_end_matches('/').to_string();
+    }
+    if path.is_empty()
+        || path
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
         return None;
     }
-    let name = format!("{host}/{}", path.to_lowercase());
+    let name = format!("{host}/{path}");
     (name.chars().count() <= MAX_LEN).then_some(name)
 }
 
@@ -90,6 +102,37 @@ mod tests {
             normalize("https://gitlab.example.com/group/sub/project.git").as_deref(),
             Some("gitlab.example.com/group/sub/project")
         );
+    }
+
+    #[test]
+    fn a_name_is_its_own_normal_form() {
+        for (raw, name) in [
+            ("github.com/acme/b.git.git", Some("github.com/acme/b")),
+            ("github.com/acme/b.GIT", Some("github.com/acme/b")),
+            ("github.com/acme/b.git/.git/", Some("github.com/acme/b")),
+            ("github.com/acme/..git.git", None),
+            ("github.com/acme/.git", Some("github.com/acme")),
+            ("https://h/a:/b", Some("h/a:/b")),
+            ("h/x:y", Some("h/x:y")),
+        ] {
+            assert_eq!(normalize(raw).as_deref(), name, "{raw}");
+        }
+        let tricky = [
+            "github.com/acme/b.git.git",
+            "GitHub.com./Acme/B.Git",
+            "git@h:a/b.git/",
+            "ssh://u@h:22/a/b.git.git",
+            "h/a/.git/.git",
+            "h/a::b",
+            "h/a://b",
+            "h./a",
+            "h/x.git%2e",
+        ];
+        for raw in tricky {
+            if let Some(name) = normalize(raw) {
+                assert_eq!(normalize(&name).as_deref(), Some(name.as_str()), "{raw}");
+            }
+        }
     }
 
     #[test]

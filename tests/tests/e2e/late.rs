@@ -115,3 +115,35 @@ async fn late_events_land_in_their_own_day() {
 
     stop_all([projector, ingest, query]).await;
 }
+
+/// A leap second (`23:59:60.5`, which the doors take) is stored by PostgreSQL as the next
+/// day's `00:00:00.5`: the projector makes that day's partition for it. Before, it made the
+/// event's own date's, and with no partition for the next day yet, the row was refused (no
+/// partition found) and dead-lettered after its 202.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leap_second_lands_in_the_partition_postgresql_puts_it_in() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let client = http();
+    let t = create_tenant(&pool, "leap").await;
+    let day = (Utc::now() - TimeDelta::days(6)).date_naive();
+    let mut leap = tally_tests::command("u", "leap", 5, true);
+    leap["occurred_at"] = format!("{day}T23:59:60.5Z").into();
+    let now = tally_tests::command("u", "now", 5, true);
+    let res = post_events(
+        &client,
+        &ingest.url(),
+        &t.ingest_key,
+        &Value::from(vec![leap, now]),
+    )
+    .await;
+    assert_eq!(res.status(), 202);
+    wait_projected(&pool, t.id, 2, Duration::from_secs(60)).await;
+    let next = day.succ_opt().unwrap();
+    let days = raw_storage_days(&pool, t.id, "command_executions").await;
+    assert!(days.contains(&next), "{next} has storage: {days:?}");
+    let sql =
+        format!("SELECT count(*) FROM command_executions WHERE occurred_at = '{next}T00:00:00.5Z'");
+    assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, 1);
+    stop_all([projector, ingest]).await;
+}

@@ -341,3 +341,32 @@ async fn a_timelines_session_id_is_checked_as_parameters_are() {
     assert_eq!(res.status(), 404);
     query.stop().await.unwrap();
 }
+
+/// A repository name the projector would read differently from the door is refused at the
+/// door: `acme/..git.git` was stored as `acme/..git` (202) and read back by the projector
+/// as `acme/..`, which it dead-lettered. A name with `.git` twice is stored as the projector
+/// reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repository_is_stored_as_the_projector_reads_it() {
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let client = http();
+    let t = create_tenant(&pool, "repository-names").await;
+    let context = |repository: &str| {
+        json!({"type": "session.context", "occurred_at": ago(1),
+               "data": {"session_id": "s", "user_id": "u", "repository": repository}})
+    };
+    let send = |event: Value| {
+        client
+            .post(format!("{}/v1/events", ingest.url()))
+            .header("x-api-key", &t.ingest_key)
+            .json(&event)
+            .send()
+    };
+    let (s, b) = problem(send(context("github.com/acme/..git.git")).await.unwrap()).await;
+    assert_eq!(s, 422, "{b}");
+    assert_eq!(fields(&b), vec![(Some(0), "data.repository".into())], "{b}");
+    let res = send(context("github.com/acme/b.git.GIT")).await.unwrap();
+    assert_eq!(res.status(), 202);
+    ingest.stop().await.unwrap();
+}
