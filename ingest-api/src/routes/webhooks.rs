@@ -147,6 +147,8 @@ async fn handle(
         }
         Delivery::Event(t, at, data) => (t, at, data),
     };
+    let received = Utc::now();
+    let at = within_bounds(s, event_type, at, received)?;
     // The id of what was signed: a redelivery (the same bytes) is the same event, and so is
     // a captured delivery sent again under another delivery id, which the signature does
     // not cover.
@@ -161,7 +163,7 @@ async fn handle(
         event_type,
         schema_version: event_type.current_version(),
         occurred_at: at,
-        received_at: Utc::now(),
+        received_at: received,
         actor: Actor::default(),
         source: Source::Webhook,
         data,
@@ -192,6 +194,38 @@ async fn handle(
         Json(json!({"accepted": 1, "ids": [id]})),
     )
         .into_response())
+}
+
+/// A delivery's time within the doors' bounds (the retention window, the future skew), as any
+/// client's event: a day far off would get a partition of its own, and one in the future
+/// would stand above every later state of its branch or pull request. A push is taken when
+/// it is received when its head commit's date (its author's, which may be anything) is out
+/// of bounds; a pull request's time is the provider's own, and out of bounds it is a
+/// delivery captured long ago or forged, refused (422 naming `occurred_at`).
+fn within_bounds(
+    s: &AppState,
+    event_type: EventType,
+    at: DateTime<Utc>,
+    received: DateTime<Utc>,
+) -> Result<DateTime<Utc>, IngestError> {
+    let oldest = received - chrono::Duration::days(s.config.retention_days);
+    let newest = received + chrono::Duration::seconds(s.config.max_future_skew_secs);
+    if (oldest..=newest).contains(&at) {
+        return Ok(at);
+    }
+    if event_type == EventType::BranchPushed {
+        return Ok(received);
+    }
+    let reason = format!(
+        "the delivery's time {} is outside the last {} days and the next {} s",
+        at.to_rfc3339(),
+        s.config.retention_days,
+        s.config.max_future_skew_secs
+    );
+    Err(IngestError::validation(
+        "the delivery cannot be recorded",
+        vec![FieldError::new("occurred_at", reason)],
+    ))
 }
 
 fn header<'h>(headers: &'h HeaderMap, name: &str) -> &'h str {
@@ -397,7 +431,16 @@ pub fn github_delivery(event: &str, p: &Value, settings: &Sealed) -> Result<Deli
                 &[text(p, "/repository/html_url"), text(p, "/repository/url")],
             )?;
             let deleted = p.get("deleted").and_then(Value::as_bool) == Some(true);
-            let at = time(p, "/head_commit/timestamp").unwrap_or_else(Utc::now);
+            // When GitHub took the push (`repository.pushed_at`, seconds in a push's payload);
+            // else its head commit's date, which is its author's and may be anything (out of
+            // the doors' bounds, the push is taken as received: `within_bounds`).
+            let pushed_at = p
+                .pointer("/repository/pushed_at")
+                .and_then(Value::as_i64)
+                .and_then(|secs| DateTime::from_timestamp(secs, 0));
+            let at = pushed_at
+                .or_else(|| time(p, "/head_commit/timestamp"))
+                .unwrap_or_else(Utc::now);
             let mut data = json!({
                 "provider": "github",
                 "repository": repository,

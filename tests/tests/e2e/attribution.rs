@@ -391,6 +391,31 @@ fn pull_request_payload(
     })
 }
 
+/// Sets `tenant`'s GitHub integration with `secret`, through an admin key made for it: the
+/// key and the webhook's URL.
+async fn github_integration(
+    pool: &sqlx::PgPool,
+    client: &reqwest::Client,
+    url: &str,
+    tenant: TenantId,
+    secret: &str,
+) -> (String, String) {
+    let (_, admin) =
+        ingest_api::control::store::create_api_key(pool, "", tenant, Scope::Admin, "integrations")
+            .await
+            .unwrap();
+    let (st, view) = status_and_json(
+        client
+            .put(format!("{url}/v1/admin/integrations/github"))
+            .bearer_auth(&admin)
+            .json(&json!({"secret": secret})),
+    )
+    .await;
+    assert_eq!(st, 200, "{view}");
+    let hook_url = format!("{url}{}", view["webhook_path"].as_str().unwrap());
+    (admin, hook_url)
+}
+
 async fn deliver(
     client: &reqwest::Client,
     url: &str,
@@ -415,21 +440,9 @@ async fn pull_requests_get_their_cost_and_agent_share_once() {
     let client = http();
     let t = create_tenant(&pool, "pull-requests").await;
     let other = create_tenant(&pool, "pull-requests-other").await;
-    let (_, admin) =
-        ingest_api::control::store::create_api_key(&pool, "", t.id, Scope::Admin, "integrations")
-            .await
-            .unwrap();
     let url = ingest.url();
     let secret = "gh-webhook-secret-0123456789";
-    let (st, view) = status_and_json(
-        client
-            .put(format!("{url}/v1/admin/integrations/github"))
-            .bearer_auth(&admin)
-            .json(&json!({"secret": secret})),
-    )
-    .await;
-    assert_eq!(st, 200, "{view}");
-    let hook_url = format!("{url}{}", view["webhook_path"].as_str().unwrap());
+    let (admin, hook_url) = github_integration(&pool, &client, &url, t.id, secret).await;
     assert_eq!(hook_url, format!("{url}/v1/webhooks/github/{}", t.id));
     let (st, _) = status_and_json(
         client
@@ -1046,4 +1059,91 @@ async fn a_timeline_shows_padded_open_maps_only_as_short_scalars() {
     );
     assert_eq!(v["totals"]["tool_runs"], 1);
     stop_all([projector, ingest, query]).await;
+}
+
+/// A delivery's time stays within the doors' bounds. A push whose head commit is dated 2099
+/// or 1970 (its author's date, which anyone pushing may set) is taken when GitHub took it
+/// (`repository.pushed_at`) or when it is received: before, it was stored under 2099, gave
+/// that day a partition of its own, and stood above every later push of its branch. A pull
+/// request whose own time is out of bounds is refused (422 naming `occurred_at`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhook_times_stay_within_the_doors_bounds() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let client = http();
+    let t = create_tenant(&pool, "webhook-times").await;
+    let url = ingest.url();
+    let secret = "gh-webhook-secret-0123456789";
+    let (_, hook_url) = github_integration(&pool, &client, &url, t.id, secret).await;
+    let send = |event: &'static str, body: Value| {
+        let bytes = serde_json::to_vec(&body).unwrap();
+        let headers = vec![
+            ("x-github-event", event.to_string()),
+            ("x-github-delivery", Uuid::new_v4().to_string()),
+            ("x-hub-signature-256", github_signature(secret, &bytes)),
+        ];
+        let (client, hook_url) = (client.clone(), hook_url.clone());
+        async move { deliver(&client, &hook_url, &headers, &bytes).await }
+    };
+    let push = |branch: &str, dated: &str, pushed_at: Option<i64>| {
+        let mut repository = json!({"html_url": "https://github.com/Acme/Gadgets"});
+        if let Some(at) = pushed_at {
+            repository["pushed_at"] = json!(at);
+        }
+        json!({"ref": format!("refs/heads/{branch}"), "after": format!("{branch}-sha"),
+               "deleted": false, "forced": false, "commits": [{}],
+               "head_commit": {"timestamp": dated}, "repository": repository})
+    };
+    // The tenant's projection exists before the pushes are looked for.
+    let first = json!([command("u", "first", 5, true)]);
+    post_events_accepted(&client, &url, &t.ingest_key, &first).await;
+    wait_projected(&pool, t.id, 1, Duration::from_secs(60)).await;
+    let before = Utc::now() - TimeDelta::seconds(1);
+    for (branch, dated) in [
+        ("future", "2099-01-01T00:00:00Z"),
+        ("past", "1970-01-02T00:00:00Z"),
+    ] {
+        let (st, body) = send("push", push(branch, dated, None)).await;
+        assert_eq!(st, 202, "{body}");
+    }
+    let taken = before - TimeDelta::minutes(10);
+    let (st, body) = send(
+        "push",
+        push("taken", "2099-01-01T00:00:00Z", Some(taken.timestamp())),
+    )
+    .await;
+    assert_eq!(st, 202, "{body}");
+    let after = Utc::now() + TimeDelta::seconds(1);
+    for (what, at) in [
+        ("in the future", Utc::now() + TimeDelta::days(365)),
+        (
+            "older than the retention",
+            Utc::now() - TimeDelta::days(200),
+        ),
+    ] {
+        let (st, body) = send("pull_request", pull_request_payload("opened", at, None)).await;
+        assert_eq!(st, 422, "{what}: {body}");
+        assert_eq!(body["errors"][0]["field"], "occurred_at", "{what}: {body}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let sql = "SELECT count(*) FROM branch_pushes";
+    while scalar_in_tenant(&pool, t.id, sql).await < 3 {
+        assert!(std::time::Instant::now() < deadline, "pushes not projected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut tx = tenant_tx(&pool, t.id).await;
+    let pushed: Vec<(String, DateTime<Utc>)> =
+        sqlx::query_as("SELECT branch, pushed_at FROM branch_pushes ORDER BY branch")
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+    drop(tx);
+    assert_eq!(pushed.len(), 3, "{pushed:?}");
+    for (branch, at) in &pushed {
+        match branch.as_str() {
+            "taken" => assert_eq!(at.timestamp(), taken.timestamp()),
+            _ => assert!(before <= *at && *at <= after, "{branch}: {at}"),
+        }
+    }
+    stop_all([ingest, projector]).await;
 }
