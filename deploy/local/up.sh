@@ -124,10 +124,13 @@ start_redis() {
 
     mkdir -p "$TALLY_DATA/redis"
     say "redis: starting on 127.0.0.1:$TALLY_REDIS_PORT"
-    # A cache: no persistence.
+    # A cache: no persistence. Bounded: past maxmemory, the least recently used keys with a
+    # time to live go (every key Tally writes has one: cached answers, announced watermarks,
+    # rate and login counts, each of which the services do without).
     redis-server --port "$TALLY_REDIS_PORT" --bind 127.0.0.1 --daemonize yes \
         --dir "$TALLY_DATA/redis" --logfile "$log" --pidfile "$pidfile" \
-        --save "" --appendonly no </dev/null ||
+        --save "" --appendonly no \
+        --maxmemory "${TALLY_REDIS_MAXMEMORY:-512mb}" --maxmemory-policy volatile-lru </dev/null ||
         { show_log_tail "$log"; die "redis: failed to start"; }
     wait_until "$TALLY_START_TIMEOUT" redis_ready ||
         { show_log_tail "$log"; die "redis: not ready after ${TALLY_START_TIMEOUT}s"; }

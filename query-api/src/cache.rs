@@ -13,21 +13,35 @@ use shared::watermark;
 /// How long a cache call may take before it is given up (the answer is computed instead).
 const CACHE_TIMEOUT: Duration = Duration::from_millis(200);
 
+/// Stores an answer (`KEYS[1]`) for `ARGV[2]` seconds if the tenant's bytes put in this
+/// window (`KEYS[2]`, which expires with it), its size (`ARGV[3]`) added, stay within
+/// `ARGV[4]`; 1 when stored.
+const PUT_WITHIN_BUDGET: &str = r"
+local used = redis.call('INCRBY', KEYS[2], ARGV[3])
+if used == tonumber(ARGV[3]) then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+if used > tonumber(ARGV[4]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+";
+
 #[derive(Clone)]
 pub struct Cache {
     conn: Option<ConnectionManager>,
     ttl_secs: u64,
+    /// Bytes one tenant may put per `ttl_secs` (see `Config::cache_tenant_bytes`).
+    tenant_bytes: u64,
     /// Each tenant's watermark as this process last read it announced: the next lookup
     /// asks for the answer under it in the same round trip as the watermark itself.
     last_announced: Arc<Mutex<HashMap<TenantId, (i32, i64)>>>,
 }
 
 impl Cache {
-    pub async fn connect(url: &str, ttl_secs: u64) -> Cache {
+    pub async fn connect(url: &str, ttl_secs: u64, tenant_bytes: u64) -> Cache {
         let conn = shared::redis_client::connect(url).await;
         Cache {
             conn,
             ttl_secs,
+            tenant_bytes,
             last_announced: Arc::default(),
         }
     }
@@ -38,6 +52,7 @@ impl Cache {
         Cache {
             conn: None,
             ttl_secs: 0,
+            tenant_bytes: 0,
             last_announced: Arc::default(),
         }
     }
@@ -104,15 +119,28 @@ impl Cache {
         let _ = tokio::time::timeout(CACHE_TIMEOUT, watermark::raise(&mut conn, &seen)).await;
     }
 
-    pub async fn put(&self, key: &str, value: &[u8]) {
+    /// Caches `value` under `key` for `tenant`, within the bytes the tenant may put in this
+    /// window (past them, nothing is stored until the next: counted as `over_budget`).
+    pub async fn put(&self, tenant: &TenantId, key: &str, value: &[u8]) {
         let Some(mut conn) = self.conn.clone() else {
             return;
         };
-        let _ = tokio::time::timeout(
-            CACHE_TIMEOUT,
-            conn.set_ex::<_, _, ()>(key, value, self.ttl_secs),
-        )
-        .await;
+        let ttl = self.ttl_secs.max(1);
+        let window = chrono::Utc::now().timestamp().max(0) as u64 / ttl;
+        let size = key.len() + value.len();
+        let mut put = redis::cmd("EVAL");
+        put.arg(PUT_WITHIN_BUDGET)
+            .arg(2)
+            .arg(key)
+            .arg(format!("tally:ab:{tenant}:{window}"))
+            .arg(value)
+            .arg(ttl)
+            .arg(size)
+            .arg(self.tenant_bytes);
+        let stored = tokio::time::timeout(CACHE_TIMEOUT, put.query_async::<i64>(&mut conn)).await;
+        if let Ok(Ok(0)) = stored {
+            metrics::counter!("query_cache_total", "result" => "over_budget").increment(1);
+        }
     }
 }
 

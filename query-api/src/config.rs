@@ -19,6 +19,10 @@ pub struct Config {
     pub max_points: i64,
     /// How long a cached answer is kept (it is keyed by the watermark, so it is never stale).
     pub cache_ttl_secs: u64,
+    /// Bytes of answers one tenant may put in the cache per `cache_ttl_secs` (over every
+    /// instance; keys and values): past it, its answers are computed and not cached until the
+    /// window ends, so that no tenant fills the cache that every tenant shares.
+    pub cache_tenant_bytes: u64,
     /// Where ingest-api publishes the keys that sign access tokens.
     pub jwks_url: String,
     /// ingest-api's address as browsers reach it (the dashboard page signs in there).
@@ -58,6 +62,7 @@ impl Default for Config {
             max_range_days: 90,
             max_points: 5000,
             cache_ttl_secs: 600,
+            cache_tenant_bytes: 128 * 1024 * 1024,
             jwks_url: "http://127.0.0.1:8080/.well-known/jwks.json".into(),
             ingest_url: "http://127.0.0.1:8080".into(),
             statement_timeout_ms: 5000,
@@ -75,6 +80,9 @@ impl Default for Config {
 impl Config {
     pub fn check(&self) -> Result<(), String> {
         self.common.check()?;
+        if self.cache_ttl_secs == 0 || self.cache_tenant_bytes == 0 {
+            return Err("cache_ttl_secs and cache_tenant_bytes must be positive".into());
+        }
         if self.max_range_days < 1 || self.max_points < 1 {
             return Err("max_range_days and max_points must be positive".into());
         }

@@ -76,7 +76,12 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         config.check().map_err(anyhow::Error::msg)?;
         let pool = pool(&config)?;
-        let cache = cache::Cache::connect(&config.common.redis_url, config.cache_ttl_secs).await;
+        let cache = cache::Cache::connect(
+            &config.common.redis_url,
+            config.cache_ttl_secs,
+            config.cache_tenant_bytes,
+        )
+        .await;
         let limiter = shared::ratelimit::RateLimiter::reads(
             shared::redis_client::connect(&config.common.redis_url).await,
         );

@@ -405,6 +405,11 @@ const PULL_USAGE: &str = "
            AND ($3::text IS NULL OR u.user_id = $3)
            AND ($4::text[] IS NULL OR u.team_id = ANY($4))) x ON true";
 
+/// Which pull requests a reader sees: all of them when they see the whole tenant; otherwise
+/// those with usage they may see in their window (a developer's own, a manager's teams'), so
+/// that no one reads the titles, authors and merge times of work outside what they see.
+const VISIBLE_PULL: &str = "($3::text IS NULL AND $4::text[] IS NULL) OR x.first_at IS NOT NULL";
+
 /// `GET /v1/dashboard/pull-requests`: pull requests opened, merged or closed in the range
 /// (newest first), each with its cost and agent share; with `repository` and `number`, that
 /// one with the sessions that worked on it.
@@ -450,6 +455,7 @@ pub async fn pull_requests(read: Read<PullParams>) -> Result<Response, Problem> 
                 "WITH {WINDOWS}
                  SELECT {PULL_COLUMNS} FROM w {PULL_USAGE}
                   WHERE ($5::text IS NULL OR w.repository = $5)
+                    AND ({VISIBLE_PULL})
                     AND ($6::text IS NULL OR w.state = $6)
                     AND ($7::bigint IS NULL OR w.number = $7)
                     AND ($7::bigint IS NOT NULL
@@ -583,7 +589,7 @@ pub async fn weekly(read: Read<WeeklyParams>) -> Result<Response, Problem> {
                 "WITH {WINDOWS},
                  m AS (SELECT {PULL_COLUMNS} FROM w {PULL_USAGE}
                         WHERE w.state = 'merged' AND w.merged_at >= $1 AND w.merged_at < $2
-                          AND ($5::text IS NULL OR w.repository = $5))
+                          AND ($5::text IS NULL OR w.repository = $5) AND ({VISIBLE_PULL}))
                  SELECT date_trunc('week', merged_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS week,
                         count(*)::bigint AS merged,
                         percentile_cont(0.5) WITHIN GROUP (ORDER BY cost_usd) AS median_cost_usd,

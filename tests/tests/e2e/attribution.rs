@@ -436,7 +436,7 @@ async fn deliver(
 async fn pull_requests_get_their_cost_and_agent_share_once() {
     let TestEnv { pool, common } = test_env().await;
     let (ingest, projector) = start_write_path(&common).await;
-    let query = start_query(&common, |_| {}).await;
+    let query = start_query(&common, |c| c.jwks_url = ingest.jwks_url()).await;
     let client = http();
     let t = create_tenant(&pool, "pull-requests").await;
     let other = create_tenant(&pool, "pull-requests-other").await;
@@ -631,6 +631,31 @@ async fn pull_requests_get_their_cost_and_agent_share_once() {
     )
     .await;
     assert_eq!(theirs["pull_requests"], json!([]));
+    // A developer sees the pull requests they worked on, and one who did not work on any
+    // sees none, nor any week (before, every pull request of the tenant with its author).
+    for (who, seen) in [("dev-2", 1), ("dev-9", 0)] {
+        create_member(&pool, &t, who, shared::jwt::Role::Developer, &[]).await;
+        let token = member_token(&client, &url, &t, who).await;
+        let list = get_json(
+            &client,
+            &format!("{qurl}/v1/dashboard/pull-requests?range=24h"),
+            &token,
+        )
+        .await;
+        let got = list["pull_requests"].as_array().unwrap();
+        assert_eq!(got.len(), seen, "{who}: {list}");
+        let weekly = get_json(
+            &client,
+            &format!("{qurl}/v1/dashboard/pull-requests/weekly?range=30d"),
+            &token,
+        )
+        .await;
+        assert_eq!(
+            weekly["weeks"].as_array().unwrap().len(),
+            seen,
+            "{who}: {weekly}"
+        );
+    }
 
     // GitLab: the secret token is compared; a merged merge request is recorded.
     let (st, _) = status_and_json(
@@ -641,13 +666,19 @@ async fn pull_requests_get_their_cost_and_agent_share_once() {
     )
     .await;
     assert_eq!(st, 200);
+    // GitLab's own time format, a week ago (a delivery's time is within the doors' bounds).
+    let gitlab_time = |t: DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+    let (created, updated) = (
+        gitlab_time(now - TimeDelta::days(7)),
+        gitlab_time(now - TimeDelta::days(6)),
+    );
     let mr = serde_json::to_vec(&json!({
         "object_kind": "merge_request", "event_type": "merge_request",
         "user": {"username": "dev"},
         "project": {"web_url": "https://gitlab.example.com/group/app", "path_with_namespace": "group/app"},
         "object_attributes": {"iid": 3, "state": "merged", "action": "merge", "source_branch": "fix",
-                              "target_branch": "main", "title": "Fix", "created_at": "2026-11-30 10:00:00 UTC",
-                              "updated_at": "2026-12-01 11:00:00 UTC"}
+                              "target_branch": "main", "title": "Fix", "created_at": created,
+                              "updated_at": updated}
     }))
     .unwrap();
     let gl = format!("{url}/v1/webhooks/gitlab/{}", t.id);

@@ -134,3 +134,76 @@ async fn one_tenant_stuck_reads_never_take_another_tenant_connections() {
     }
     stop_all([projector, ingest, query]).await;
 }
+
+/// One tenant's reads fill at most its share of the answer cache that every tenant shares:
+/// 600 reads, each asking for another metric (an answer and a key of its own), put at most
+/// `cache_tenant_bytes` in Redis per window, then are answered uncached (200, `x-cache:
+/// miss`, counted `over_budget`); before, each stayed cached for `cache_ttl_secs`, under a key
+/// holding the request's text. Another tenant's answers are still cached. Keys are a digest,
+/// whatever the request; a query string over 8 KiB is a 400 naming `query`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_tenant_fills_only_its_share_of_the_answer_cache() {
+    const BUDGET: u64 = 32 * 1024;
+    let TestEnv { pool, common } = test_env().await;
+    let query = start_query(&common, |c| c.cache_tenant_bytes = BUDGET).await;
+    let client = http();
+    let flooder = create_tenant(&pool, "cache-flooder").await;
+    let neighbour = create_tenant(&pool, "cache-neighbour").await;
+    let get = |t: &TestTenant, path: String| {
+        let req = client
+            .get(format!("{}{path}", query.url()))
+            .header("x-api-key", &t.read_key);
+        async move { req.send().await.unwrap() }
+    };
+    let filler = "f".repeat(200);
+    for i in 0..600 {
+        let res = get(
+            &flooder,
+            format!("/v1/dashboard/metrics?range=1h&name={filler}{i}"),
+        )
+        .await;
+        assert_eq!(res.status(), 200);
+    }
+    let redis = redis::Client::open(common.redis_url.as_str()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("tally:a:{}:*", flooder.id))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut held = 0;
+    for key in &keys {
+        assert!(key.len() < 120, "{key}");
+        let value: Vec<u8> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        held += key.len() + value.len();
+    }
+    assert!(!keys.is_empty());
+    assert!(keys.len() < 600, "{} answers cached", keys.len());
+    assert!(held as u64 <= 2 * BUDGET, "{held} bytes cached");
+    let metrics = scrape_metrics(&client, &query.url()).await;
+    assert!(
+        metrics.contains("query_cache_total{result=\"over_budget\"}"),
+        "{metrics}"
+    );
+
+    // The neighbour's answer is cached: a miss, then a hit.
+    let path = "/v1/dashboard/overview?range=24h".to_string();
+    let first = get(&neighbour, path.clone()).await;
+    assert_eq!(first.headers()["x-cache"], "miss");
+    let again = get(&neighbour, path).await;
+    assert_eq!(again.headers()["x-cache"], "hit");
+
+    let long = get(
+        &flooder,
+        format!("/v1/dashboard/metrics?range=1h&name={}", "n".repeat(9000)),
+    )
+    .await;
+    assert_eq!(long.status(), 400);
+    let problem: Value = long.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["field"], "query", "{problem}");
+    query.stop().await.unwrap();
+}
