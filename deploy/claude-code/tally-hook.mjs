@@ -76,9 +76,11 @@ function normalizeRemote(url) {
     path = scp[2];
   }
   host = host.replace(/\.$/, "").toLowerCase();
-  path = path.replace(/^\/+|\/+$/g, "").replace(/\.git$/, "").replace(/\/+$/, "");
-  if (!host || !/^[a-z0-9.-]+$/.test(host) || !path || path.split("/").some((p) => !p || p === "..")) return undefined;
-  return `${host}/${path.toLowerCase()}`;
+  // Lower-cased first, then every trailing `.git` and `/` goes, as the server does.
+  path = path.replace(/^\/+|\/+$/g, "").toLowerCase();
+  while (path.endsWith(".git")) path = path.slice(0, -4).replace(/\/+$/, "");
+  if (!host || !/^[a-z0-9.-]+$/.test(host) || !path || path.split("/").some((p) => !p || p === "." || p === "..")) return undefined;
+  return `${host}/${path}`;
 }
 
 // The `.git` of the repository holding `dir` and what its HEAD says, read from files only.

@@ -33,7 +33,9 @@ use tonic::Status;
 
 use crate::error::IngestError;
 use crate::formats::otlp::{self, Converted, DecodeError, Signal};
-use crate::ingest::door::{admit, append, keep, key_context, read_limited, ReadBody, Unreadable};
+use crate::ingest::door::{
+    admit, append_counted, keep, key_context, read_limited, ReadBody, Unreadable,
+};
 use crate::ingest::lane::Lane;
 use crate::ingest::{IngestContext, Keep, Stamped};
 use crate::routes::otlp::stamp;
@@ -130,10 +132,12 @@ impl<E: Signal> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
             let work = move || read::<E>(message, &ctx, keep);
             let read = state.lane.run_if(large, principal.tenant_id, work).await;
             let answer = match read {
-                Ok((converted, envelopes)) => append(&state, envelopes, E::SOURCE)
-                    .await
-                    .map(|()| otlp::response::<E>(&converted))
-                    .map_err(Status::from),
+                Ok((converted, envelopes)) => {
+                    append_counted(&state, &principal, envelopes, E::SOURCE)
+                        .await
+                        .map(|()| otlp::response::<E>(&converted))
+                        .map_err(Status::from)
+                }
                 Err(status) => Err(status),
             };
             // tonic frames the answer (gzip when the sender takes it); the message it reads

@@ -133,6 +133,7 @@ impl App {
             )),
             keys: Arc::new(ApiKeyStore::new(pool.clone(), config.serving.by_address())),
             limiter: shared::ratelimit::RateLimiter::new(redis.clone()),
+            event_limiter: shared::ratelimit::RateLimiter::events(redis.clone()),
             keyring,
             outbox_wake,
             oidc: oidc::Providers::new(common.notify_policy()),

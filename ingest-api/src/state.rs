@@ -22,6 +22,8 @@ pub struct AppState {
     pub redis: Option<redis::aio::ConnectionManager>,
     pub keys: Arc<dyn Keys>,
     pub limiter: shared::ratelimit::RateLimiter,
+    /// Counts each tenant's events against its events a minute (`KeyPrincipal::events_per_min`).
+    pub event_limiter: shared::ratelimit::RateLimiter,
     pub keyring: crate::keys::KeyRing,
     pub throttle: crate::throttle::LoginThrottle,
     /// Counts single sign-on starts per client address (`sso_starts_per_minute`).

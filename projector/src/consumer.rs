@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use chrono::{DateTime, Utc};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -976,8 +977,10 @@ pub(crate) fn decode_envelope(payload: Option<&[u8]>) -> Result<Envelope, String
     serde_json::from_slice(bytes).map_err(|e| format!("undecodable envelope: {e}"))
 }
 
-/// Decodes (and validates, upcasting) an envelope's payload.
-pub(crate) fn decode_payload(env: Envelope) -> Result<Decoded, String> {
+/// Decodes (and validates, upcasting) an envelope's payload. A leap second in its time is
+/// made the instant PostgreSQL stores (`without_leap`).
+pub(crate) fn decode_payload(mut env: Envelope) -> Result<Decoded, String> {
+    env.occurred_at = without_leap(env.occurred_at);
     let payload = env.payload().map_err(|errs| {
         let parts: Vec<String> = errs
             .iter()
@@ -990,6 +993,21 @@ pub(crate) fn decode_payload(env: Envelope) -> Result<Decoded, String> {
         payload,
         origin: (0, 0),
     })
+}
+
+/// A leap second (`23:59:60.5`, which chrono keeps as nanoseconds past a billion) as the
+/// instant PostgreSQL stores for it, the next day's `00:00:00.5`; any other time as it is.
+/// Everything the projector derives from an event's time (its partition's day, its rollup
+/// buckets) then agrees with what PostgreSQL makes of it: before, the leap second's minute
+/// bucket `23:59:60` and the next day's `00:00` were two keys in the batch and one in the
+/// database, so the batch's upsert met the same row twice (21000), which no bisection
+/// blames on one record, and the partition stopped.
+pub fn without_leap(at: DateTime<Utc>) -> DateTime<Utc> {
+    let nanos = at.timestamp_subsec_nanos();
+    if nanos < 1_000_000_000 {
+        return at;
+    }
+    DateTime::from_timestamp(at.timestamp() + 1, nanos - 1_000_000_000).unwrap_or(at)
 }
 
 pub(crate) fn poison(m: &BorrowedMessage<'_>, error: String) -> Poison {
@@ -1011,6 +1029,29 @@ pub fn header<'a>(m: &'a impl Message, key: &str) -> Option<&'a [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leap_second_is_the_instant_postgresql_stores() {
+        use chrono::NaiveDate;
+        let day = NaiveDate::from_ymd_opt(2026, 12, 6).unwrap();
+        let leap = day
+            .and_hms_nano_opt(23, 59, 59, 1_500_000_000)
+            .unwrap()
+            .and_utc();
+        let stored = day
+            .succ_opt()
+            .unwrap()
+            .and_hms_milli_opt(0, 0, 0, 500)
+            .unwrap()
+            .and_utc();
+        assert_eq!(without_leap(leap), stored);
+        assert_eq!(without_leap(leap).date_naive(), stored.date_naive());
+        let last = day
+            .and_hms_nano_opt(23, 59, 59, 999_999_999)
+            .unwrap()
+            .and_utc();
+        assert_eq!(without_leap(last), last);
+    }
 
     fn now_ms() -> i64 {
         SystemTime::now()

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{NaiveDate, Utc};
 use shared::tenant::TenantId;
 use sqlx::{PgConnection, PgPool};
 
@@ -49,7 +49,7 @@ impl Prepared {
                 self.tenants.contains(&(t, v))
                     && self
                         .partitions
-                        .contains(&(t, v, stored_day(e.env.occurred_at)))
+                        .contains(&(t, v, e.env.occurred_at.date_naive()))
             })
         })
     }
@@ -58,19 +58,6 @@ impl Prepared {
     /// partitions already made stay made.
     pub fn forget_versions(&mut self) {
         self.versions.clear();
-    }
-}
-
-/// The day whose partition PostgreSQL puts a row of time `at` in. A leap second
-/// (`23:59:60.5`, which chrono keeps as nanoseconds past a billion) is stored as the next
-/// day's `00:00:00.5`: its partition is that day's, not `at`'s own date (which left the row
-/// without a partition, dead-lettered, when the next day had none).
-pub fn stored_day(at: DateTime<Utc>) -> NaiveDate {
-    let leap = at.timestamp_subsec_nanos() >= 1_000_000_000;
-    match leap {
-        true => DateTime::from_timestamp(at.timestamp() + 1, 0)
-            .map_or(at.date_naive(), |t| t.date_naive()),
-        false => at.date_naive(),
     }
 }
 
@@ -126,7 +113,7 @@ pub async fn prepare(
             }
             prepared.tenants.insert((t, v));
         }
-        let day = stored_day(e.env.occurred_at);
+        let day = e.env.occurred_at.date_naive();
         if !prepared.partitions.contains(&(t, v, day)) {
             let days = needed.entry((t, v)).or_default();
             if !days.contains(&day) {
@@ -201,32 +188,5 @@ pub async fn target_versions<'a>(
             }
             Ok(prepared_for)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_leap_second_is_stored_on_the_next_day() {
-        let leap = NaiveDate::from_ymd_opt(2026, 12, 6)
-            .unwrap()
-            .and_hms_nano_opt(23, 59, 59, 1_500_000_000)
-            .unwrap()
-            .and_utc();
-        assert_eq!(
-            stored_day(leap),
-            NaiveDate::from_ymd_opt(2026, 12, 7).unwrap()
-        );
-        let last = NaiveDate::from_ymd_opt(2026, 12, 6)
-            .unwrap()
-            .and_hms_nano_opt(23, 59, 59, 999_999_999)
-            .unwrap()
-            .and_utc();
-        assert_eq!(
-            stored_day(last),
-            NaiveDate::from_ymd_opt(2026, 12, 6).unwrap()
-        );
     }
 }

@@ -13,13 +13,14 @@ use shared::watermark;
 /// How long a cache call may take before it is given up (the answer is computed instead).
 const CACHE_TIMEOUT: Duration = Duration::from_millis(200);
 
-/// Stores an answer (`KEYS[1]`) for `ARGV[2]` seconds if the tenant's bytes put in this
+/// Stores an answer (`KEYS[1]`) for `ARGV[2]` seconds if the tenant's bytes stored in this
 /// window (`KEYS[2]`, which expires with it), its size (`ARGV[3]`) added, stay within
-/// `ARGV[4]`; 1 when stored.
+/// `ARGV[4]`, and counts them; 1 when stored (an answer refused is not counted).
 const PUT_WITHIN_BUDGET: &str = r"
-local used = redis.call('INCRBY', KEYS[2], ARGV[3])
-if used == tonumber(ARGV[3]) then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
-if used > tonumber(ARGV[4]) then return 0 end
+local size = tonumber(ARGV[3])
+local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+if used + size > tonumber(ARGV[4]) then return 0 end
+if redis.call('INCRBY', KEYS[2], size) == size then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 ";

@@ -19,9 +19,10 @@ pub struct Config {
     pub max_points: i64,
     /// How long a cached answer is kept (it is keyed by the watermark, so it is never stale).
     pub cache_ttl_secs: u64,
-    /// Bytes of answers one tenant may put in the cache per `cache_ttl_secs` (over every
-    /// instance; keys and values): past it, its answers are computed and not cached until the
-    /// window ends, so that no tenant fills the cache that every tenant shares.
+    /// Bytes of answers one tenant may store in the cache per window of `cache_ttl_secs`
+    /// (over every instance; keys and values): past it, its answers are computed and not
+    /// cached until the window ends, so that no tenant fills the cache every tenant shares. An
+    /// answer lives into the next window: a tenant holds at most twice this at once.
     pub cache_tenant_bytes: u64,
     /// Where ingest-api publishes the keys that sign access tokens.
     pub jwks_url: String,

@@ -23,6 +23,16 @@ pub fn plan_limit(plan: &str) -> u32 {
     }
 }
 
+/// Events a tenant may send per request of its limit, a minute: a request may carry up to
+/// 1 000 events (50 000 points over OTLP or remote write), and a tenant's events cost the
+/// projector every tenant shares. The free plan's 100 requests a minute carry 100 000 events.
+pub const EVENTS_PER_REQUEST: u32 = 1000;
+
+/// A tenant's events a minute for a request limit of `requests` a minute.
+pub fn events_limit(requests: u32) -> u32 {
+    requests.saturating_mul(EVENTS_PER_REQUEST)
+}
+
 /// Who is calling, as proven by an API key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyPrincipal {
@@ -31,6 +41,8 @@ pub struct KeyPrincipal {
     pub scope: Scope,
     /// The tenant's request limit per minute (its plan's, or its own override).
     pub rate_limit_per_min: u32,
+    /// The tenant's event limit per minute: [`EVENTS_PER_REQUEST`] times its request limit.
+    pub events_per_min: u32,
     /// How old an event of this tenant may be (its raw retention window).
     pub raw_retention_days: i64,
     /// Whether the tenant stores the text of prompts (else the doors drop it).
@@ -322,6 +334,7 @@ impl ApiKeyStore {
             tenant_id: TenantId(row.tenant_id),
             scope,
             rate_limit_per_min,
+            events_per_min: events_limit(rate_limit_per_min),
             raw_retention_days: i64::from(row.raw_retention_days),
             store_prompt_text: row.store_prompt_text,
             store_command_text: row.store_command_text,

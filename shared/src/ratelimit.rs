@@ -184,6 +184,12 @@ impl RateLimiter {
         RateLimiter::counting(redis, "tally:rl", "requests")
     }
 
+    /// The limiter of the events tenants send (ingest-api), counted apart from their requests:
+    /// a request may carry thousands.
+    pub fn events(redis: Option<ConnectionManager>) -> Self {
+        RateLimiter::counting(redis, "tally:rl:events", "events")
+    }
+
     /// The limiter of what tenants read (query-api), counted apart from what they send.
     pub fn reads(redis: Option<ConnectionManager>) -> Self {
         RateLimiter::counting(redis, "tally:rl:read", "read requests")
@@ -212,6 +218,14 @@ impl RateLimiter {
 
     /// Counts one request of `tenant` against `limit` per minute.
     pub async fn check(&self, tenant: TenantId, limit: u32) -> Decision {
+        self.check_n(tenant, limit, 1).await
+    }
+
+    /// Counts `n` (at least one) of `tenant`'s requests or events against `limit` per
+    /// minute: all are allowed or none, and a refused `n` stays counted, as a refused
+    /// request does.
+    pub async fn check_n(&self, tenant: TenantId, limit: u32, n: u64) -> Decision {
+        let n = n.max(1);
         let asks_redis = self.counts.redis.is_some() && self.counts.answering();
         let (count, window, now, stale) = {
             let mut tenants = locked(&self.counts.tenants);
@@ -227,7 +241,7 @@ impl RateLimiter {
             if now / WINDOW_SECS > count.window {
                 *count = Count::new(now / WINDOW_SECS);
             }
-            count.unshared += 1;
+            count.unshared += n;
             let stale = (asks_redis && !count.decided_here(limit)).then(|| count.take_unshared());
             (count.total(), count.window, now, stale)
         };
@@ -395,6 +409,20 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Events are counted by the request: all of a request's are taken or none, and a
+    /// refused request's stay counted.
+    #[tokio::test]
+    async fn events_are_counted_by_the_request() {
+        let limiter = RateLimiter::events(None);
+        let tenant = TenantId::new();
+        assert!(limiter.check_n(tenant, 3000, 2500).await.allowed);
+        let refused = limiter.check_n(tenant, 3000, 2500).await;
+        assert!(!refused.allowed);
+        assert_eq!((refused.what, refused.remaining), ("events", 0));
+        assert!(!limiter.check_n(tenant, 3000, 1).await.allowed);
+        assert!(limiter.check_n(TenantId::new(), 3000, 3000).await.allowed);
+    }
 
     /// What was added is counted once it is read back (the highest count read wins, whatever
     /// order the answers come in); what Redis did not take is added again later.

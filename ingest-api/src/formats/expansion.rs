@@ -5,8 +5,8 @@
 //! would weigh, from what it has read, and asks [`check`] before it builds any. A repeated
 //! label or attribute weighs what it holds in memory while the events are built (a map entry
 //! and its strings), not its few bytes of text: a resource of a thousand empty attributes
-//! copied into ten thousand log records is ten million entries, about a gigabyte, from a body
-//! of 45 KB.
+//! copied into ten thousand log records is ten million entries, nearly 3 GB at the 280 to
+//! 290 bytes each measured, from a body of 45 KB.
 
 use shared::events::FieldError;
 

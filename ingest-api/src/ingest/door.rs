@@ -146,6 +146,32 @@ pub async fn append(
     Ok(())
 }
 
+/// [`append`]s the events of `principal`'s request once they are counted against its tenant's
+/// events a minute: past it, none is appended and the request is a 429 with `Retry-After`
+/// (the requests limit alone let a request of 50 000 points count as one).
+pub async fn append_counted(
+    s: &AppState,
+    principal: &KeyPrincipal,
+    envelopes: Vec<Stamped>,
+    source: &'static str,
+) -> Result<(), IngestError> {
+    if envelopes.is_empty() {
+        return Ok(());
+    }
+    let decision = s
+        .event_limiter
+        .check_n(
+            principal.tenant_id,
+            principal.events_per_min,
+            envelopes.len() as u64,
+        )
+        .await;
+    if !decision.allowed {
+        return Err(IngestError::RateLimited(decision));
+    }
+    append(s, envelopes, source).await
+}
+
 /// What the key's tenant keeps of the text its events carry.
 pub fn keep(principal: &KeyPrincipal) -> Keep {
     Keep {

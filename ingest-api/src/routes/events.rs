@@ -16,7 +16,7 @@ use shared::serve::Peer;
 use uuid::Uuid;
 
 use crate::error::IngestError;
-use crate::ingest::door::{append, header_text, ingest_door, keep, key_context, read_body};
+use crate::ingest::door::{append_counted, header_text, ingest_door, keep, key_context, read_body};
 use crate::ingest::envelope::event_texts;
 use crate::ingest::values;
 use crate::ingest::{Ids, IngestContext, Keep, Stamped};
@@ -62,7 +62,7 @@ async fn accept(
         })
         .await?;
     let ids: Vec<Uuid> = envelopes.iter().map(|e| e.id).collect();
-    append(s, envelopes, "api").await?;
+    append_counted(s, &principal, envelopes, "api").await?;
     Ok(Accepted {
         accepted: ids.len(),
         ids,

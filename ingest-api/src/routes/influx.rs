@@ -18,7 +18,7 @@ use shared::serve::Peer;
 
 use crate::error::IngestError;
 use crate::formats::lineproto::{self, Precision};
-use crate::ingest::door::{append, ingest_door, keep, key_context, read_body};
+use crate::ingest::door::{append_counted, ingest_door, keep, key_context, read_body};
 use crate::ingest::{IngestContext, Keep, Stamped};
 use crate::state::AppState;
 
@@ -95,7 +95,7 @@ async fn accept(
         })
         .await?;
     let samples = envelopes.len();
-    append(s, envelopes, "influx").await?;
+    append_counted(s, &principal, envelopes, "influx").await?;
     if bad.is_empty() {
         return Ok(());
     }

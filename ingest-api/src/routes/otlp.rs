@@ -24,7 +24,7 @@ use shared::events::{FieldError, Source};
 use shared::serve::Peer;
 
 use crate::error::IngestError;
-use crate::ingest::door::{append, header_text, ingest_door, keep, key_context, read_body};
+use crate::ingest::door::{append_counted, header_text, ingest_door, keep, key_context, read_body};
 use crate::ingest::privacy::{drop_prompt_text, drop_sample_prompt, drop_stamped_command_text};
 use crate::ingest::{ClientEvent, IngestContext, Keep, Stamped};
 use crate::state::AppState;
@@ -62,7 +62,7 @@ async fn export<S: Signal>(s: AppState, request: Request) -> Response {
                     stamp::<S>(&ctx, keep, converted)
                 })
                 .await?;
-            append(s, envelopes, S::SOURCE).await?;
+            append_counted(s, &principal, envelopes, S::SOURCE).await?;
             Ok((
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, encoding.content_type())],

@@ -15,7 +15,9 @@ use shared::serve::Peer;
 
 use crate::error::IngestError;
 use crate::formats::promrw;
-use crate::ingest::door::{append, header_text, ingest_door, keep, key_context, read_limited};
+use crate::ingest::door::{
+    append_counted, header_text, ingest_door, keep, key_context, read_limited,
+};
 use crate::ingest::envelope::whole_batch;
 use crate::ingest::{IngestContext, Keep, Stamped};
 use crate::shed::Charges;
@@ -59,7 +61,7 @@ pub async fn write(State(s): State<AppState>, request: Request) -> Response {
                 .lane
                 .run_if(s.lane.takes(size), principal.tenant_id, work)
                 .await?;
-            append(s, envelopes, "prom_rw").await?;
+            append_counted(s, &principal, envelopes, "prom_rw").await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         },
     )

@@ -297,3 +297,49 @@ async fn without_redis_dashboards_answer_uncached() {
     }
     stop_all([projector, ingest, query]).await;
 }
+
+/// A tenant's events are counted as well as its requests: a thousand a minute for each
+/// request of its limit. With 3 requests a minute (3 000 events), an OTLP request of 2 500
+/// points is taken, and the next one, its third request, is refused whole (429 naming
+/// events, with `Retry-After`), where before it counted as one request like any other (so a
+/// free tenant's 100 requests could carry 5 million points a minute). Another tenant is
+/// counted on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenants_events_are_counted_as_well_as_its_requests() {
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let client = http();
+    let limited = create_tenant(&pool, "events-limited").await;
+    let other = create_tenant(&pool, "events-other").await;
+    ingest_api::control::store::set_plan(&pool, limited.id, "free", Some(3))
+        .await
+        .unwrap();
+    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
+    let points = |n: i64| {
+        let points: Vec<serde_json::Value> = (0..n)
+            .map(|i| serde_json::json!({"timeUnixNano": (now - i * 1_000).to_string(), "asDouble": i}))
+            .collect();
+        serde_json::json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [{"name": "n",
+            "gauge": {"dataPoints": points}}]}]}]})
+    };
+    let send = |key: String, body: serde_json::Value| {
+        let req = client
+            .post(format!("{}/v1/otlp/v1/metrics", ingest.url()))
+            .bearer_auth(key)
+            .json(&body);
+        async move { req.send().await.unwrap() }
+    };
+    at_window_start().await;
+    let res = send(limited.ingest_key.clone(), points(2_500)).await;
+    assert_eq!(res.status(), 200);
+    let res = send(limited.ingest_key.clone(), points(2_500)).await;
+    assert_eq!(res.status(), 429);
+    assert!(res.headers().contains_key("retry-after"));
+    let problem: serde_json::Value = res.json().await.unwrap();
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("3000 events per minute"), "{problem}");
+    let res = send(other.ingest_key.clone(), points(2_500)).await;
+    assert_eq!(res.status(), 200, "another tenant is counted on its own");
+    assert_eq!(metrics_topic_records(&common).await, 5_000);
+    ingest.stop().await.unwrap();
+}

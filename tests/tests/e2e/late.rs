@@ -116,34 +116,35 @@ async fn late_events_land_in_their_own_day() {
     stop_all([projector, ingest, query]).await;
 }
 
-/// A leap second (`23:59:60.5`, which the doors take) is stored by PostgreSQL as the next
-/// day's `00:00:00.5`: the projector makes that day's partition for it. Before, it made the
-/// event's own date's, and with no partition for the next day yet, the row was refused (no
-/// partition found) and dead-lettered after its 202.
+/// A leap second (`23:59:60.5`, which the doors take) is the instant PostgreSQL stores for
+/// it, the next day's `00:00:00.5`, everywhere in the projector. Sent with an event of the
+/// next day's first minute: before, the leap second's day had the partition (and the next
+/// day none yet, so the row was refused and dead-lettered), and then its minute bucket
+/// `23:59:60` and the other's `00:00` were two keys in the batch and one in the database —
+/// the batch's upsert met the same row twice, and the partition stopped for every tenant on
+/// it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_leap_second_lands_in_the_partition_postgresql_puts_it_in() {
+async fn a_leap_second_is_projected_as_postgresql_stores_it() {
     let TestEnv { pool, common } = test_env().await;
     let (ingest, projector) = start_write_path(&common).await;
     let client = http();
     let t = create_tenant(&pool, "leap").await;
     let day = (Utc::now() - TimeDelta::days(6)).date_naive();
+    let next = day.succ_opt().unwrap();
     let mut leap = tally_tests::command("u", "leap", 5, true);
     leap["occurred_at"] = format!("{day}T23:59:60.5Z").into();
-    let now = tally_tests::command("u", "now", 5, true);
-    let res = post_events(
-        &client,
-        &ingest.url(),
-        &t.ingest_key,
-        &Value::from(vec![leap, now]),
-    )
-    .await;
+    let mut after = tally_tests::command("u", "after", 5, true);
+    after["occurred_at"] = format!("{next}T00:00:30Z").into();
+    let body = Value::from(vec![leap, after]);
+    let res = post_events(&client, &ingest.url(), &t.ingest_key, &body).await;
     assert_eq!(res.status(), 202);
     wait_projected(&pool, t.id, 2, Duration::from_secs(60)).await;
-    let next = day.succ_opt().unwrap();
     let days = raw_storage_days(&pool, t.id, "command_executions").await;
     assert!(days.contains(&next), "{next} has storage: {days:?}");
-    let sql =
-        format!("SELECT count(*) FROM command_executions WHERE occurred_at = '{next}T00:00:00.5Z'");
-    assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, 1);
+    let sql = format!(
+        "SELECT count(*) FROM command_executions
+          WHERE occurred_at >= '{next}T00:00:00Z' AND occurred_at < '{next}T00:01:00Z'"
+    );
+    assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, 2);
     stop_all([projector, ingest]).await;
 }

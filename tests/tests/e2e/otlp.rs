@@ -605,8 +605,8 @@ async fn otlp_attribute_bombs_are_refused_in_bounded_memory() {
     too_many(answer, "json");
     // A resource of 1 000 distinct empty attributes over 7 500 empty log records: 38 KB of
     // JSON, each record a copy of them (7.5 million attributes, 8 bytes of text each: 58 MiB
-    // of text, under the bound when only the text was counted, and most of a gigabyte once
-    // built).
+    // of text, under the bound when only the text was counted, and about 2 GB once built;
+    // ingest-api was killed past 384 MiB).
     let attributes: Vec<String> = (0..1_000).map(|i| format!(r#"{{"key":"a{i}"}}"#)).collect();
     let copies = format!(
         r#"{{"resourceLogs":[{{"resource":{{"attributes":[{}]}},"scopeLogs":[{{"logRecords":[{}{{}}]}}]}}]}}"#,

@@ -485,7 +485,14 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                 bytes: resource.bytes + m.name.len(),
                 ..resource
             };
-            expanded += bytes + expansion::weight(n, shared);
+            // Claude Code's session starts become a `session.started` besides their sample,
+            // carrying the same attributes: weighed twice.
+            let copies = if m.name == "claude_code.session.count" {
+                2
+            } else {
+                1
+            };
+            expanded += copies * (bytes + expansion::weight(n, shared));
         }
     }
     if points > MAX_POINTS {
