@@ -75,7 +75,7 @@ function normalizeRemote(url) {
     host = scp[1].split("@").pop();
     path = scp[2];
   }
-  host = host.replace(/\.$/, "").toLowerCase();
+  host = host.replace(/\.+$/, "").toLowerCase();
   // Lower-cased first, then every trailing `.git` and `/` goes, as the server does.
   path = path.replace(/^\/+|\/+$/g, "").toLowerCase();
   while (path.endsWith(".git")) path = path.slice(0, -4).replace(/\/+$/, "");

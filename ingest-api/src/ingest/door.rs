@@ -148,7 +148,8 @@ pub async fn append(
 
 /// [`append`]s the events of `principal`'s request once they are counted against its tenant's
 /// events a minute: past it, none is appended and the request is a 429 with `Retry-After`
-/// (the requests limit alone let a request of 50 000 points count as one).
+/// (the requests limit alone let a request of 50 000 points count as one). A request of more
+/// events than the whole minute allows is a 413, not counted: no retry would ever pass.
 pub async fn append_counted(
     s: &AppState,
     principal: &KeyPrincipal,
@@ -157,6 +158,16 @@ pub async fn append_counted(
 ) -> Result<(), IngestError> {
     if envelopes.is_empty() {
         return Ok(());
+    }
+    if envelopes.len() as u64 > u64::from(principal.events_per_min) {
+        return Err(IngestError::too_many(shared::events::FieldError::new(
+            "body",
+            format!(
+                "{} events; this tenant may send {} a minute: split the request",
+                envelopes.len(),
+                principal.events_per_min
+            ),
+        )));
     }
     let decision = s
         .event_limiter

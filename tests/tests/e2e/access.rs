@@ -299,8 +299,9 @@ async fn without_redis_dashboards_answer_uncached() {
 }
 
 /// A tenant's events are counted as well as its requests: a thousand a minute for each
-/// request of its limit. With 3 requests a minute (3 000 events), an OTLP request of 2 500
-/// points is taken, and the next one, its third request, is refused whole (429 naming
+/// request of its limit. With 3 requests a minute (3 000 events), an OTLP request of 3 500
+/// points is a 413 (more than a minute allows) and is not counted, one of 2 500 points is
+/// taken, and the next one, its third request, is refused whole (429 naming
 /// events, with `Retry-After`), where before it counted as one request like any other (so a
 /// free tenant's 100 requests could carry 5 million points a minute). Another tenant is
 /// counted on its own.
@@ -330,6 +331,9 @@ async fn a_tenants_events_are_counted_as_well_as_its_requests() {
         async move { req.send().await.unwrap() }
     };
     at_window_start().await;
+    // More than the whole minute allows: a 413, not counted (a retry could never pass).
+    let res = send(limited.ingest_key.clone(), points(3_500)).await;
+    assert_eq!(res.status(), 413);
     let res = send(limited.ingest_key.clone(), points(2_500)).await;
     assert_eq!(res.status(), 200);
     let res = send(limited.ingest_key.clone(), points(2_500)).await;
