@@ -17,7 +17,7 @@ pub fn invalid_query(e: QueryRejection) -> Problem {
 /// A failed read: always a 503 with `Retry-After` (the cause is logged). A statement
 /// cancelled by `statement_timeout` says so.
 pub fn db_error(e: sqlx::Error) -> Problem {
-    if is_timeout(&e) {
+    if has_sqlstate(&e, "57014") {
         tracing::warn!(error = %e, "query cancelled by statement_timeout");
         metrics::counter!("query_timeouts_total").increment(1);
         return Problem::unavailable(
@@ -32,7 +32,7 @@ pub fn db_error(e: sqlx::Error) -> Problem {
             1,
         );
     }
-    if is_out_of_range(&e) {
+    if has_sqlstate(&e, "22003") {
         // Values the doors refuse now (beyond ±1e200) may still be in the log from before:
         // a sum over them leaves float8's range. The reader's range, not the database, is
         // what can change.
@@ -49,16 +49,11 @@ pub fn db_error(e: sqlx::Error) -> Problem {
     Problem::unavailable("the projection database is unavailable", 2)
 }
 
-/// SQLSTATE 22003 (`numeric_value_out_of_range`): a float8 sum that overflowed.
-fn is_out_of_range(e: &sqlx::Error) -> bool {
+/// Whether the database refused with SQLSTATE `code`: 57014 (`query_canceled`) is what
+/// `statement_timeout` raises, 22003 (`numeric_value_out_of_range`) a float8 sum that
+/// overflowed.
+fn has_sqlstate(e: &sqlx::Error, code: &str) -> bool {
     e.as_database_error()
         .and_then(|d| d.code())
-        .is_some_and(|c| c == "22003")
-}
-
-/// SQLSTATE 57014 (`query_canceled`): what `statement_timeout` raises.
-fn is_timeout(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .and_then(|d| d.code())
-        .is_some_and(|c| c == "57014")
+        .is_some_and(|c| c == code)
 }

@@ -929,11 +929,8 @@ async fn values_no_sum_can_hold_are_refused_and_old_ones_fail_no_read_with_5xx()
         .unwrap()
         .and_utc();
     let old = |hours: i64| {
-        let event = json!({"type": "metric.sample",
-            "occurred_at": (monday + Days::hours(hours)).to_rfc3339(),
-            "data": {"name": "huge", "value": 1.0, "labels": {"user.id": "u"}}});
-        let mut e = envelope(t.id, event);
-        e["data"]["value"] = json!(1.7e308);
+        let mut e = huge(t.id, "huge", 1.7e308);
+        e["occurred_at"] = json!((monday + Days::hours(hours)).to_rfc3339());
         e
     };
     produce(&producer, &topic, 0, &[old(12), old(36)]).await;

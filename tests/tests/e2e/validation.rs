@@ -344,10 +344,9 @@ async fn a_timelines_session_id_is_checked_as_parameters_are() {
 
 /// A repository name the projector would read differently from the door is refused at the
 /// door: `acme/..git.git` was stored as `acme/..git` (202) and read back by the projector
-/// as `acme/..`, which it dead-lettered. A name with `.git` twice is stored as the projector
-/// reads it.
+/// as `acme/..`, which it dead-lettered. A name with `.git` twice, in either case, is taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_repository_is_stored_as_the_projector_reads_it() {
+async fn a_repository_name_the_projector_would_read_differently_is_refused() {
     let TestEnv { pool, common } = test_env().await;
     let ingest = start_ingest(&common, |_| {}).await;
     let client = http();

@@ -487,11 +487,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
             };
             // Claude Code's session starts become a `session.started` besides their sample,
             // carrying the same attributes: weighed twice.
-            let copies = if m.name == "claude_code.session.count" {
-                2
-            } else {
-                1
-            };
+            let copies = if m.name == SESSION_COUNT { 2 } else { 1 };
             expanded += copies * (bytes + expansion::weight(n, shared));
         }
     }
@@ -545,7 +541,7 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
                                            "monotonic": s.is_monotonic});
                         // Claude Code counts session starts; as increments, each one is a
                         // session start the dashboards count too.
-                        let starts = m.name == "claude_code.session.count"
+                        let starts = m.name == SESSION_COUNT
                             && s.aggregation_temporality == pb::TEMPORALITY_DELTA;
                         for (i, p) in s.data_points.iter().enumerate() {
                             let b = point_base([ri, si, mi], i, p);
@@ -609,6 +605,10 @@ pub fn metric_events(req: &pb::ExportMetricsServiceRequest) -> Result<Converted,
     }
     Ok(out)
 }
+
+/// Claude Code's count of session starts: as delta increments, each point is also a
+/// `session.started` ([`session_started`]).
+const SESSION_COUNT: &str = "claude_code.session.count";
 
 /// What each point or record of a resource repeats: its attributes.
 fn repeated(resource: Option<&pb::Resource>) -> expansion::Shared {
