@@ -344,6 +344,7 @@ impl App {
             .merge(body_limit(admin, ADMIN_BODY_BYTES))
             .merge(body_limit(operations, 0))
             .fallback(shared::problem::not_found_fallback)
+            .method_not_allowed_fallback(shared::problem::method_not_allowed_fallback)
             .layer(cors(&state.config.cors_origins))
             .layer(axum::middleware::from_fn(shared::telemetry::track_http))
             .with_state(state)

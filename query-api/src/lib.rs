@@ -186,6 +186,7 @@ impl App {
             .route("/openapi.json", get(routes::health::openapi))
             .merge(Self::health())
             .fallback(shared::problem::not_found_fallback)
+            .method_not_allowed_fallback(shared::problem::method_not_allowed_fallback)
             .layer(axum::middleware::from_fn(routes::refuse_nul))
             .layer(axum::middleware::from_fn(read::encoding::negotiate))
             .layer(axum::middleware::from_fn(shared::telemetry::track_http))

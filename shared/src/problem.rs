@@ -165,3 +165,14 @@ impl IntoResponse for Problem {
 pub async fn not_found_fallback() -> Problem {
     Problem::not_found("no such route")
 }
+
+/// A route asked with a method it does not serve: a problem naming the method, where axum
+/// answers an empty 405. axum adds the `Allow` header naming the methods the route serves.
+pub async fn method_not_allowed_fallback(method: axum::http::Method) -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        format!("this route does not serve {method}; the Allow header names those it serves"),
+    )
+}

@@ -170,6 +170,7 @@ impl OperationsPort {
     ) -> Operations {
         let app = health
             .fallback(crate::problem::not_found_fallback)
+            .method_not_allowed_fallback(crate::problem::method_not_allowed_fallback)
             .layer(axum::middleware::from_fn(crate::telemetry::track_http))
             .with_state(state);
         let running = self.listener.map(|listener| {

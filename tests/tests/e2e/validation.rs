@@ -369,3 +369,76 @@ async fn a_repository_name_the_projector_would_read_differently_is_refused() {
     assert_eq!(res.status(), 202);
     ingest.stop().await.unwrap();
 }
+
+/// A route asked with a method it does not serve gets a 405 problem with `Allow`, on every
+/// listener of both services (before: axum's empty 405), and a path no route serves a 404
+/// problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_route_asked_with_another_method_is_a_problem() {
+    let TestEnv { common, .. } = test_env().await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let query = start_query(&common, |_| {}).await;
+    let client = http();
+    let ops = |s: &Running| format!("http://{}", s.operations_addr.expect("operations port"));
+    let cases = [
+        (
+            reqwest::Method::GET,
+            format!("{}/v1/events", ingest.url()),
+            "POST",
+        ),
+        (
+            reqwest::Method::PUT,
+            format!("{}/v1/auth/login", ingest.url()),
+            "POST",
+        ),
+        (
+            reqwest::Method::PATCH,
+            format!("{}/v1/admin/tenants", ingest.url()),
+            "GET,HEAD,POST",
+        ),
+        (
+            reqwest::Method::POST,
+            format!("{}/healthz", ops(&ingest)),
+            "GET,HEAD",
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!("{}/v1/dashboard/overview", query.url()),
+            "GET,HEAD",
+        ),
+        (
+            reqwest::Method::POST,
+            format!("{}/metrics", ops(&query)),
+            "GET,HEAD",
+        ),
+    ];
+    for (method, url, allow) in cases {
+        let res = client.request(method.clone(), &url).send().await.unwrap();
+        let allowed = res
+            .headers()
+            .get("allow")
+            .map(|v| v.to_str().unwrap().to_string());
+        let (s, b) = problem(res).await;
+        assert_eq!(s, 405, "{method} {url}: {b}");
+        assert!(
+            b["type"].as_str().unwrap().ends_with("method-not-allowed"),
+            "{b}"
+        );
+        assert!(
+            b["detail"].as_str().unwrap().contains(method.as_str()),
+            "{b}"
+        );
+        let mut allowed: Vec<&str> = allowed.as_deref().unwrap_or("").split(',').collect();
+        allowed.sort();
+        assert_eq!(allowed.join(","), allow, "{method} {url}");
+    }
+    for url in [
+        format!("{}/v1/nothing-here", ingest.url()),
+        format!("{}/v1/nothing-here", query.url()),
+        format!("{}/v1/nothing-here", ops(&query)),
+    ] {
+        let (s, _) = problem(client.get(&url).send().await.unwrap()).await;
+        assert_eq!(s, 404, "{url}");
+    }
+    stop_all([ingest, query]).await;
+}
