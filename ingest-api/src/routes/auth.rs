@@ -701,18 +701,26 @@ pub async fn change_password(
     s.throttle.release(attempt).await;
     let new_hash = hash_password(&s, req.new_password).await?;
     let mut tx = s.pool.begin().await.map_err(db)?;
-    // Still theirs after the hashes: not deactivated or removed meanwhile.
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM control.users WHERE id = $1 FOR NO KEY UPDATE")
-            .bind(claims.sub)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
-    if status.as_deref() != Some("active") {
-        return Err(Problem::unauthorized(
-            "this access token is no longer valid",
-        ));
-    }
+    // Still theirs after the hashes, as the token said: not deactivated, removed, given
+    // another role or signed out everywhere meanwhile (each moves `token_version`). The new
+    // token carries the role read here, under the lock, never the old token's.
+    let current: Option<(String, String, i32)> = sqlx::query_as(
+        "SELECT status, role, token_version FROM control.users WHERE id = $1 FOR NO KEY UPDATE",
+    )
+    .bind(claims.sub)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db)?;
+    let role = match current {
+        Some((status, role, ver)) if status == "active" && ver == claims.ver => {
+            Role::parse(&role).ok_or_else(Problem::internal)?
+        }
+        _ => {
+            return Err(Problem::unauthorized(
+                "this access token is no longer valid",
+            ))
+        }
+    };
     sqlx::query("UPDATE control.users SET password_hash = $2 WHERE id = $1")
         .bind(claims.sub)
         .bind(new_hash)
@@ -729,7 +737,7 @@ pub async fn change_password(
     tx.commit().await.map_err(db)?;
     wake_relay(&s);
     Ok(Json(
-        issue(&s, claims.sub, claims.tid, claims.role, ver, Uuid::now_v7()).await?,
+        issue(&s, claims.sub, claims.tid, role, ver, Uuid::now_v7()).await?,
     ))
 }
 

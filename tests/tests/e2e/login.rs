@@ -685,12 +685,103 @@ async fn a_refresh_racing_a_reuse_never_leaves_a_live_token() {
     s.query.stop().await.unwrap();
 }
 
-/// The tenant an access token is for.
-fn tenant_of(tokens: &Value) -> uuid::Uuid {
+/// What an access token says (its signature unchecked).
+fn claims_of(tokens: &Value) -> Claims {
     let token = tokens["access_token"].as_str().unwrap();
     let payload = token.split('.').nth(1).unwrap();
-    let claims: Claims = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
-    claims.tid.0
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+}
+
+/// The tenant an access token is for.
+fn tenant_of(tokens: &Value) -> uuid::Uuid {
+    claims_of(tokens).tid.0
+}
+
+/// A password change checks the token at its start, then spends two password hashes before it
+/// writes. An admin demoted in that window got a fresh token that still said admin (the old
+/// token's role with the new `token_version`), good for admin's powers for its lifetime. The
+/// change now re-reads role and version under the row lock: a token the demotion ended gets
+/// 401 and changes nothing, and a new token carries the role the database holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_password_change_racing_a_demotion_keeps_no_old_role() {
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let query = start_query(&common, |_| {}).await;
+    let s = Stack {
+        ingest,
+        query,
+        client: http(),
+    };
+    let t = create_tenant(&pool, "demoted-mid-change").await;
+    let email = format!("demoted-{}@example.com", uuid::Uuid::new_v4().simple());
+    user(&pool, &t, &email, Role::Admin, "demoted", &[]).await;
+    let tokens = s.tokens(&email).await;
+    assert_eq!(claims_of(&tokens).role, Role::Admin);
+    let id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM control.users WHERE email = $1")
+        .bind(&email)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let change = |token: &Value, new: &str| {
+        let req = s
+            .client
+            .post(format!("{}/v1/auth/password", s.ingest.url()))
+            .bearer_auth(token["access_token"].as_str().unwrap())
+            .json(&json!({"current_password": PASSWORD, "new_password": new}));
+        async move { req.send().await.unwrap() }
+    };
+    // The owner's demotion holds the row while the change hashes; it commits once the change
+    // waits for the row, that is once the change has checked its token and hashed.
+    let mut owner = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM control.users WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *owner)
+        .await
+        .unwrap();
+    let changing = tokio::spawn(change(&tokens, "Changed-Pass-4242"));
+    let since = Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND query LIKE '%FROM control.users WHERE id = $1 FOR NO KEY UPDATE'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(60),
+            "the change never reached the row"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What the control plane's role change writes (`store::update_user`): the role, and a new
+    // token version, which ends every session.
+    sqlx::query(
+        "UPDATE control.users SET role = 'developer', token_version = token_version + 1
+          WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *owner)
+    .await
+    .unwrap();
+    owner.commit().await.unwrap();
+    let res = changing.await.unwrap();
+    let status = res.status();
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(status, 401, "a token the demotion ended: {body}");
+    assert_eq!(s.login(&email, "Changed-Pass-4242").await.status(), 401);
+    // Signed in again, the person is a developer, and so is a password change's new token.
+    let tokens = s.tokens(&email).await;
+    assert_eq!(claims_of(&tokens).role, Role::Developer);
+    let res = change(&tokens, "Changed-Pass-4242").await;
+    assert_eq!(res.status(), 200);
+    let fresh: Value = res.json().await.unwrap();
+    assert_eq!(claims_of(&fresh).role, Role::Developer);
+    s.ingest.stop().await.unwrap();
+    s.query.stop().await.unwrap();
 }
 
 /// An e-mail address is a different person in each tenant. One tenant's admin can neither
