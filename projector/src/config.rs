@@ -18,6 +18,11 @@ pub struct Config {
     pub consumer_group: String,
     /// Largest batch written in one transaction.
     pub batch_max_events: usize,
+    /// Largest batch in bytes of the records as Kafka holds them (a batch takes its first
+    /// record whatever its size). Events are up to about a megabyte each: counted alone, a
+    /// batch of large ones held gigabytes in the projector, in PostgreSQL's bind buffers and in
+    /// the statement that writes them (whose parameters PostgreSQL refuses past 1 GB).
+    pub batch_max_bytes: usize,
     /// How long a batch may wait to fill up before it is written, counted from when its
     /// first record was produced (its Kafka timestamp): records that queued while the batch
     /// before was written have waited already.
@@ -78,6 +83,7 @@ impl Default for Config {
             projection: "metrics".into(),
             consumer_group: "tally-projector-metrics".into(),
             batch_max_events: 5000,
+            batch_max_bytes: 8 << 20,
             batch_linger_ms: 100,
             pipeline: true,
             http_addr: "127.0.0.1:9102".into(),
@@ -102,6 +108,9 @@ impl Config {
         self.common.check()?;
         if self.batch_max_events == 0 {
             return Err("batch_max_events must be at least 1".into());
+        }
+        if self.batch_max_bytes == 0 {
+            return Err("batch_max_bytes must be at least 1".into());
         }
         // librdkafka's own bounds for `queued.max.messages.kbytes`.
         if !(1..=2_097_151).contains(&self.consumer_queue_kbytes) {

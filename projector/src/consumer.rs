@@ -76,6 +76,8 @@ struct Pending {
     events: Vec<Decoded>,
     poison: Vec<Poison>,
     offsets: BTreeMap<i32, OffsetRange>,
+    /// The bytes of its records as Kafka held them.
+    bytes: usize,
     /// Since when its first record has waited: since it was produced (its Kafka timestamp),
     /// at most a linger before it got here ([`waiting_since`]).
     started: Option<Instant>,
@@ -84,6 +86,11 @@ struct Pending {
 impl Pending {
     fn len(&self) -> usize {
         self.events.len() + self.poison.len()
+    }
+
+    /// Whether it holds as many records, or as many bytes, as a batch may.
+    fn full(&self, config: &Config) -> bool {
+        self.len() >= config.batch_max_events || self.bytes >= config.batch_max_bytes
     }
 }
 
@@ -299,7 +306,7 @@ impl Projector {
                     break;
                 }
                 // A batch filled while the one before it was written goes at once.
-                _ = std::future::ready(()), if pending.len() >= self.config.batch_max_events => {}
+                _ = std::future::ready(()), if pending.full(&self.config) => {}
                 msg = tokio::time::timeout(wait, consumer.recv()) => {
                     self.apply_rebalances(&mut pending);
                     match msg {
@@ -317,7 +324,7 @@ impl Projector {
                 // What librdkafka already holds waited as long: take it along.
                 self.take_ready(&mut pending).await;
             }
-            if due || pending.len() >= self.config.batch_max_events {
+            if due || pending.full(&self.config) {
                 self.flush(&mut pending, true).await;
             }
         }
@@ -334,7 +341,7 @@ impl Projector {
     async fn take_ready(&mut self, pending: &mut Pending) {
         let consumer = self.consumer.clone();
         for _ in 0..self.config.batch_max_events {
-            if pending.len() >= self.config.batch_max_events {
+            if pending.full(&self.config) {
                 break;
             }
             // A zero timeout still polls the receive once: a fetched record is returned.
@@ -443,6 +450,7 @@ impl Projector {
                 start: from,
                 end: offset + 1,
             });
+        pending.bytes += m.payload_len();
         let linger = Duration::from_millis(self.config.batch_linger_ms);
         pending
             .started
@@ -683,7 +691,6 @@ impl Projector {
             ..
         } = in_flight;
         let linger = Duration::from_millis(self.config.batch_linger_ms);
-        let max = self.config.batch_max_events;
         let mut before: Option<Seqs> = None;
         let consumer = self.consumer.clone();
         let joined = loop {
@@ -693,7 +700,9 @@ impl Projector {
                 && before.is_some()
                 && next.len() > 0;
             let due_at = next.started.map(|t| t + linger);
-            if may_go_ahead && (next.len() >= max || due_at.is_some_and(|t| t <= Instant::now())) {
+            if may_go_ahead
+                && (next.full(&self.config) || due_at.is_some_and(|t| t <= Instant::now()))
+            {
                 // What librdkafka already holds waited as long: take it along.
                 self.take_ready(next).await;
                 let mut batch = std::mem::take(next);
@@ -703,7 +712,7 @@ impl Projector {
                 self.ahead = Some(ahead);
                 continue;
             }
-            let room = receive && self.ahead.is_none() && next.len() < max;
+            let room = receive && self.ahead.is_none() && !next.full(&self.config);
             let wake = tokio::time::Instant::from_std(due_at.unwrap_or_else(Instant::now));
             tokio::select! {
                 biased;

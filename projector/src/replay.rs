@@ -124,6 +124,8 @@ struct Replayer<'a> {
     /// Next offset written per partition.
     written: HashMap<Tp, i64>,
     batch: Vec<Decoded>,
+    /// The bytes of the batch's records as Kafka held them.
+    batch_bytes: usize,
     /// The batch's records that cannot be projected, by topic index.
     poison: Vec<(usize, Poison)>,
     /// Connected before the switch, which announces the new versions' watermarks with it
@@ -243,6 +245,7 @@ pub async fn replay(
         read: HashMap::new(),
         written: HashMap::new(),
         batch: Vec::new(),
+        batch_bytes: 0,
         poison: Vec::new(),
         redis: shared::redis_client::connect(&config.common.redis_url).await,
         bulk: (config.replay_bulk && !until.is_empty()).then(|| Bulk {
@@ -398,6 +401,7 @@ impl Replayer<'_> {
                     match env.map(crate::consumer::decode_payload) {
                         Some(Ok(mut d)) => {
                             d.origin = (m.partition(), m.offset());
+                            self.batch_bytes += m.payload_len();
                             self.batch.push(d);
                         }
                         Some(Err(error)) => {
@@ -414,12 +418,9 @@ impl Replayer<'_> {
                 }
                 Err(_idle) => {}
             }
-            let max = if self.bulk.is_some() {
-                self.config.batch_max_events * BULK_BATCHES
-            } else {
-                self.config.batch_max_events
-            };
-            let full = self.batch.len() >= max;
+            let batches = if self.bulk.is_some() { BULK_BATCHES } else { 1 };
+            let full = self.batch.len() >= self.config.batch_max_events * batches
+                || self.batch_bytes >= self.config.batch_max_bytes * batches;
             // A bulk load reads as fast as it can: its batches wait for more to fill up.
             let linger = if self.bulk.is_some() {
                 linger * BULK_BATCHES as u32
@@ -490,6 +491,8 @@ impl Replayer<'_> {
     /// it in a task of its own while the next one is read (one write at a time: the one
     /// before is waited for first).
     async fn flush(&mut self) -> anyhow::Result<()> {
+        // The batch is written, or the replay fails, below.
+        self.batch_bytes = 0;
         self.collect().await?;
         for (i, p) in std::mem::take(&mut self.poison) {
             self.writer.dead_letter(i, p).await;
