@@ -142,6 +142,13 @@ pub struct Windows {
 /// is working on the same schema, or when the schema no longer has every template of this
 /// binary (checked under the schema's lock, as the compactor checks it: its listing may be
 /// older, and this fold writes the folded rows as the latest template reads them).
+///
+/// Only the fold holds the schema's lock. Live batches write every tenant's rows in one
+/// transaction, so nothing here may make one of them wait: old partitions are detached
+/// concurrently (which waits for the batches, not they for it) and then dropped, and the
+/// old rollup rows are deleted afterwards, in a transaction of their own that holds no lock a
+/// batch asks for. (Before, the drop's exclusive lock on the tenant's raw tables was held
+/// through every delete, and every batch carrying one of its events waited.)
 pub async fn apply_retention(
     conn: &mut PgConnection,
     schema: &SchemaName,
@@ -163,6 +170,8 @@ pub async fn apply_retention(
         true => timescale_schema(&mut tx).await?,
         false => None,
     };
+    tx.commit().await?;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     if let Some(ts) = &timescale {
         let sql =
             format!("SELECT {ts}.drop_chunks($1::regclass, older_than => $2::timestamptz)::text");
@@ -174,9 +183,12 @@ pub async fn apply_retention(
                 .await?;
             pruned.partitions += dropped.len() as u64;
         }
+        tx.commit().await?;
     } else {
-        pruned.partitions += drop_partitions(&mut tx, schema, raw_cutoff).await?;
+        tx.commit().await?;
+        pruned.partitions += drop_partitions(&mut *conn, schema, raw_cutoff).await?;
     }
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     set_search_path(&mut tx, schema).await?;
     for (sql, cutoff) in [
         (
@@ -254,25 +266,55 @@ pub async fn partitions(conn: &mut PgConnection, schema: &SchemaName) -> sqlx::R
     .await
 }
 
-/// Drops the daily partitions older than `cutoff` (native partitioning).
+/// Drops the daily partitions older than `cutoff` (native partitioning), each detached first
+/// with `CONCURRENTLY`: that takes no lock a live batch's insert waits for, and waits itself
+/// for the transactions using the raw table. A detach left pending (its process stopped
+/// midway) is finished, and a partition detached but not dropped is dropped. Each statement
+/// is a transaction of its own (a concurrent detach may not run in a transaction block).
 async fn drop_partitions(
     conn: &mut PgConnection,
     schema: &SchemaName,
     cutoff: NaiveDate,
 ) -> sqlx::Result<u64> {
+    // Every table of the schema, with whether it is attached and whether its detach is pending.
+    let tables: Vec<(String, Option<bool>)> = sqlx::query_as(
+        "SELECT c.relname::text, i.inhdetachpending
+           FROM pg_class c
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+           LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
+          WHERE n.nspname = $1 AND c.relkind = 'r'",
+    )
+    .bind(schema.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
     let mut dropped = 0;
-    for part in partitions(&mut *conn, schema).await? {
+    for (part, detach_pending) in tables {
         // Only names this module made (table_pYYYYMMDD) are considered, and those are plain
         // identifiers.
-        match partition_day(&part) {
-            Some((table, day)) if day < cutoff && part == partition_name(table, day) => {
-                sqlx::query(AssertSqlSafe(format!("DROP TABLE {schema}.{part}")))
-                    .execute(&mut *conn)
-                    .await?;
-                dropped += 1;
-            }
-            _ => {}
+        let Some((table, day)) = partition_day(&part) else {
+            continue;
+        };
+        if day >= cutoff || part != partition_name(table, day) {
+            continue;
         }
+        let detach = match detach_pending {
+            Some(false) => Some("CONCURRENTLY"),
+            Some(true) => Some("FINALIZE"),
+            None => None,
+        };
+        if let Some(how) = detach {
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "ALTER TABLE {schema}.{table} DETACH PARTITION {schema}.{part} {how}"
+            )))
+            .execute(&mut *conn)
+            .await?;
+        }
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "DROP TABLE IF EXISTS {schema}.{part}"
+        )))
+        .execute(&mut *conn)
+        .await?;
+        dropped += 1;
     }
     Ok(dropped)
 }

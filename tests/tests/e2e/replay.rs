@@ -360,6 +360,127 @@ async fn retention_drops_old_partitions_and_refuses_old_events() {
     stop_all([ingest, projector]).await;
 }
 
+/// Retention never makes a live batch wait. A transaction holds the tenant's raw table as a
+/// batch's insert does, so retention has to wait to take its old partition away; meanwhile
+/// a new event of the tenant is projected within seconds. Before, the partition was dropped
+/// under an exclusive lock, requested behind that transaction, and every batch carrying one of
+/// the tenant's events (and every other tenant's in that batch) queued behind the request,
+/// which was then held through the deletes of old rollup rows. Now it is detached
+/// concurrently, which waits for the transaction while batches go on. Once the transaction
+/// ends, the pass drops it; the day's rows are gone and the others kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_never_makes_a_live_batch_wait() {
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let projector = start_projector(&common).await;
+    let client = http();
+    let t = create_tenant(&pool, "retention-waits").await;
+    if tenant_uses_timescale(&pool, t.id).await {
+        // TimescaleDB drops chunks its own way (`drop_chunks`).
+        stop_all([ingest, projector]).await;
+        return;
+    }
+    let now = Utc::now();
+    let today = now.duration_trunc(TimeDelta::days(1)).unwrap();
+    let old_day = (now - TimeDelta::days(5))
+        .duration_trunc(TimeDelta::days(1))
+        .unwrap();
+    let old_events = commands_days_ago(today + TimeDelta::hours(12), 5, 7);
+    let new_events = commands_days_ago(now.max(today + TimeDelta::minutes(3)), 0, 3);
+    for body in [old_events, new_events] {
+        post_events_accepted(&client, &ingest.url(), &t.ingest_key, &body).await;
+    }
+    wait_projected(&pool, t.id, 10, Duration::from_secs(60)).await;
+    sqlx::query("UPDATE control.tenants SET raw_retention_days = 2 WHERE id = $1")
+        .bind(t.id.0)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let schema = t.id.schema(1);
+    let old_part = |table: &str| format!("{table}_p{}", old_day.date_naive().format("%Y%m%d"));
+    // Another raw table's old partition was detached by a pass that stopped before dropping it.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE {schema}.tool_executions DETACH PARTITION {schema}.{}",
+        old_part("tool_executions")
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {schema}.command_executions IN ROW EXCLUSIVE MODE"
+    )))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let retention = tokio::task::spawn_blocking({
+        let common = common.clone();
+        move || {
+            projector_command(&common, &["retention"])
+                .stderr(std::process::Stdio::piped())
+                .output()
+                .unwrap()
+        }
+    });
+    // Until retention waits for the holder, to take the partition away.
+    let since = std::time::Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock'
+                AND (query LIKE '%DETACH PARTITION%' OR query LIKE 'DROP TABLE%')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(60) && !retention.is_finished(),
+            "retention never waited for the holder"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let one = commands_days_ago(now.max(today + TimeDelta::minutes(3)), 0, 1);
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &one).await;
+    let projected = wait_projected(&pool, t.id, 11, Duration::from_secs(10)).await;
+    assert_eq!(projected, 11, "a live batch waited for retention");
+    assert!(!retention.is_finished(), "retention waits for the holder");
+    holder.commit().await.unwrap();
+    let out = retention.await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pass: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(pass["partitions_dropped"].as_u64().unwrap() >= 1, "{pass}");
+    let days = raw_storage_days(&pool, t.id, "command_executions").await;
+    assert!(
+        !days.contains(&old_day.date_naive()),
+        "{old_day} is dropped: {days:?}"
+    );
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = $1 AND c.relname = ANY($2)",
+    )
+    .bind(schema.as_str())
+    .bind(vec![
+        old_part("command_executions"),
+        old_part("tool_executions"),
+    ])
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "detached partitions are dropped too");
+    assert_eq!(
+        scalar_in_tenant(&pool, t.id, "SELECT count(*) FROM command_executions").await,
+        4
+    );
+    stop_all([ingest, projector]).await;
+}
+
 /// The raw tables' secondary indexes a rebuild drops come back on every partition
 /// (`schema::create_indexes`), and tenant template 0018 completes those an older replay left
 /// as a lone, invalid index on each partitioned table (`pg_get_indexdef` run as it reads:
