@@ -161,6 +161,22 @@ pub struct TenantAdmin {
 }
 
 impl TenantAdmin {
+    /// Whose rights the caller acts with: the person's, or those its key was made with.
+    pub async fn person(&self, s: &AppState) -> Result<Option<Uuid>, Problem> {
+        match (self.actor.user_id, self.actor.api_key_id) {
+            (Some(user), _) => Ok(Some(user)),
+            (None, Some(key)) => Ok(sqlx::query_scalar(
+                "SELECT on_behalf_of FROM control.api_keys WHERE id = $1",
+            )
+            .bind(key)
+            .fetch_optional(&s.pool)
+            .await
+            .map_err(|e| failed(e.into()))?
+            .flatten()),
+            (None, None) => Ok(None),
+        }
+    }
+
     /// Audits a refused change (`auth.access_denied`) and returns the 403 to answer with.
     pub async fn refuse(&self, s: &AppState, detail: &str, target: String) -> Problem {
         let event = AuthEvent {
@@ -752,19 +768,7 @@ pub async fn create_api_key(
     let scope = Scope::parse(&req.scope)
         .ok_or_else(|| Problem::invalid_field("scope", "must be ingest, read or admin"))?;
     check_len("name", &req.name, 100)?;
-    // Whose rights the key is made with: the person's, or those the calling key was made with.
-    let on_behalf_of = match (caller.actor.user_id, caller.actor.api_key_id) {
-        (Some(user), _) => Some(user),
-        (None, Some(key)) => {
-            sqlx::query_scalar("SELECT on_behalf_of FROM control.api_keys WHERE id = $1")
-                .bind(key)
-                .fetch_optional(&s.pool)
-                .await
-                .map_err(|e| failed(e.into()))?
-                .flatten()
-        }
-        (None, None) => None,
-    };
+    let on_behalf_of = caller.person(&s).await?;
     let (id, key) = store::create_api_key_for(
         &s.pool,
         ns(&s),

@@ -128,7 +128,32 @@ pub async fn invite(
     let token = crate::secrets::generate(INVITE_PREFIX);
     let id = Uuid::now_v7();
     let expires_at = Utc::now() + Duration::hours(hours);
+    let inviter = caller.person(&s).await?;
     let mut tx = s.pool.begin().await.map_err(db)?;
+    if let Some(person) = inviter {
+        // Their rights as they stand, held until the invitation is stored: a demotion or
+        // deactivation either comes first (and is seen here) or waits, and then revokes it
+        // with the invitations made with the rights it takes (`store::revoke_keys_of`).
+        let rights: Option<String> = sqlx::query_scalar(
+            "SELECT role FROM control.users
+              WHERE id = $1 AND tenant_id = $2 AND status = 'active' FOR SHARE",
+        )
+        .bind(person)
+        .bind(caller.tenant.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let may = match rights.as_deref().and_then(Role::parse) {
+            Some(Role::Owner) => true,
+            Some(Role::Admin) => role != Role::Owner,
+            _ => false,
+        };
+        if !may {
+            return Err(Problem::forbidden(
+                "the rights this invitation would be made with are gone",
+            ));
+        }
+    }
     super::store::room_for_one(
         &mut tx,
         ("invitations", OPEN),
@@ -139,8 +164,9 @@ pub async fn invite(
     .await
     .map_err(db)??;
     sqlx::query(
-        "INSERT INTO control.invitations (id, tenant_id, email, role, teams, token_hash, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO control.invitations (id, tenant_id, email, role, teams, token_hash, expires_at,
+                                          invited_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(id)
     .bind(caller.tenant.0)
@@ -149,6 +175,7 @@ pub async fn invite(
     .bind(&req.teams)
     .bind(&token.hash)
     .bind(expires_at)
+    .bind(inviter)
     .execute(&mut *tx)
     .await
     .map_err(db)?;

@@ -607,6 +607,9 @@ pub async fn update_user(pool: &PgPool, ns: &str, c: UserChange<'_>) -> anyhow::
     let demoted = role.is_some_and(|r| !matches!(r, Role::Owner | Role::Admin));
     if demoted || active == Some(false) {
         revoke_keys_of(&mut tx, ns, tenant, id).await?;
+    } else if leaves_owner {
+        // An owner made admin: the owners they invited were invited with a right now gone.
+        revoke_invitations_of(&mut tx, ns, tenant, id, Some(Role::Owner)).await?;
     }
     let kind = if active == Some(false) {
         AuthKind::UserDeactivated
@@ -626,8 +629,40 @@ pub async fn update_user(pool: &PgPool, ns: &str, c: UserChange<'_>) -> anyhow::
     Ok(UserUpdate::Updated)
 }
 
-/// Revokes the `admin` and `read` keys made with `user`'s rights, in `tx` (they are no longer
-/// an owner or admin); returns how many.
+/// Revokes the open invitations made with `user`'s rights (those of `role` only, when given),
+/// in `tx`: they have lost the right to make them. Returns how many.
+async fn revoke_invitations_of(
+    tx: &mut sqlx::PgConnection,
+    ns: &str,
+    tenant: TenantId,
+    user: Uuid,
+    role: Option<shared::jwt::Role>,
+) -> anyhow::Result<usize> {
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE control.invitations SET revoked_at = now()
+          WHERE tenant_id = $1 AND invited_by = $2 AND ($3::text IS NULL OR role = $3)
+            AND accepted_at IS NULL AND revoked_at IS NULL AND expires_at > now()
+          RETURNING id",
+    )
+    .bind(tenant.0)
+    .bind(user)
+    .bind(role.map(|r| r.as_str()))
+    .fetch_all(&mut *tx)
+    .await?;
+    for id in &ids {
+        let event = AuthEvent {
+            user_id: Some(user),
+            target: Some(format!("invitation:{id}")),
+            detail: Some("made by a person who no longer has the right to make it".into()),
+            ..Default::default()
+        };
+        record(&mut *tx, ns, tenant, AuthKind::InvitationChanged, event).await?;
+    }
+    Ok(ids.len())
+}
+
+/// Revokes the `admin` and `read` keys, and the open invitations, made with `user`'s rights,
+/// in `tx` (they are no longer an owner or admin); returns how many keys.
 pub(crate) async fn revoke_keys_of(
     tx: &mut sqlx::PgConnection,
     ns: &str,
@@ -653,6 +688,7 @@ pub(crate) async fn revoke_keys_of(
         };
         record(&mut *tx, ns, tenant, AuthKind::ApiKeyRevoked, event).await?;
     }
+    revoke_invitations_of(&mut *tx, ns, tenant, user, None).await?;
     Ok(ids.len())
 }
 

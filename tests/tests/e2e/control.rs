@@ -1654,3 +1654,112 @@ async fn racing_team_and_people_changes_all_land() {
     }
     ingest.stop().await.unwrap();
 }
+
+/// An open invitation lives no longer than the rights it was made with, as a key does. An
+/// admin invites with their token and with their admin key, another admin invites, and an
+/// owner invites an owner and a developer; then the first admin is made developer, the second
+/// deactivated and the owner made admin. Each invitation made with a right now gone is
+/// refused at its link (410), while the former owner's developer and the remaining owner's
+/// invitations are accepted; the developer's invitation is refused (403). Before, a demoted
+/// admin kept a link that made them a fresh admin account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invitations_go_with_the_rights_they_were_made_with() {
+    use shared::jwt::Role;
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let client = http();
+    let url = ingest.url();
+    let t = create_tenant(&pool, "invites-of").await;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let person = |name: &'static str, role: Role| {
+        let (pool, client, url) = (pool.clone(), client.clone(), url.clone());
+        let email = format!("{name}-{tag}@rights.example");
+        async move {
+            let id = create_person(&pool, t.id, &email, "Rights-Pass-4242", role).await;
+            let v: Value = login(&client, &url, &email, "Rights-Pass-4242")
+                .await
+                .json()
+                .await
+                .unwrap();
+            (id, v["access_token"].as_str().unwrap().to_string())
+        }
+    };
+    let (_, owner) = person("owner", Role::Owner).await;
+    let (demoted_id, demoted) = person("demoted", Role::Admin).await;
+    let (gone_id, gone) = person("gone", Role::Admin).await;
+    let (former_id, former) = person("former", Role::Owner).await;
+    let invite = |credential: &str, name: &str, role: &str| {
+        let req = client
+            .post(format!("{url}/v1/admin/invitations"))
+            .bearer_auth(credential)
+            .json(&json!({"email": format!("{name}-{tag}@rights.example"), "role": role}));
+        async move { status_and_json(req).await }
+    };
+    let made = |(st, v): (u16, Value)| {
+        assert_eq!(st, 201, "{v}");
+        v["token"].clone()
+    };
+    let (st, key) = status_and_json(
+        client
+            .post(format!("{url}/v1/admin/api-keys"))
+            .bearer_auth(&demoted)
+            .json(&json!({"name": "admin key", "scope": "admin"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{key}");
+    let key = key["key"].as_str().unwrap().to_string();
+    let by_demoted = made(invite(&demoted, "by-demoted", "admin").await);
+    let by_key = made(invite(&key, "by-key", "developer").await);
+    let by_gone = made(invite(&gone, "by-gone", "viewer").await);
+    let owner_by_former = made(invite(&former, "owner-by-former", "owner").await);
+    let dev_by_former = made(invite(&former, "dev-by-former", "developer").await);
+    let by_owner = made(invite(&owner, "by-owner", "admin").await);
+    let change = |id: uuid::Uuid, body: Value| {
+        let req = client
+            .patch(format!("{url}/v1/admin/users/{id}"))
+            .bearer_auth(&owner)
+            .json(&body);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(change(demoted_id, json!({"role": "developer"})).await, 204);
+    assert_eq!(change(gone_id, json!({"status": "deactivated"})).await, 204);
+    assert_eq!(change(former_id, json!({"role": "admin"})).await, 204);
+    let accept = |token: &Value| {
+        let req = client
+            .post(format!("{url}/v1/auth/invitations/accept"))
+            .json(&json!({"token": token, "password": "Joined-Pass-4242"}));
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    for (what, token) in [
+        ("the demoted admin's", &by_demoted),
+        ("the demoted admin's key's", &by_key),
+        ("the deactivated admin's", &by_gone),
+        ("the former owner's owner", &owner_by_former),
+    ] {
+        assert_eq!(accept(token).await, 410, "{what} invitation");
+    }
+    assert_eq!(accept(&dev_by_former).await, 200);
+    assert_eq!(accept(&by_owner).await, 200);
+    let revoked = outbox_events(&pool, t.id.0, "invitation.changed")
+        .await
+        .into_iter()
+        .filter(|e| {
+            e["data"]["detail"] == "made by a person who no longer has the right to make it"
+        })
+        .count();
+    assert_eq!(revoked, 4);
+    // The demoted person, signed in again, invites no one.
+    let v: Value = login(
+        &client,
+        &url,
+        &format!("demoted-{tag}@rights.example"),
+        "Rights-Pass-4242",
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let (st, _) = invite(v["access_token"].as_str().unwrap(), "again", "viewer").await;
+    assert_eq!(st, 403);
+    ingest.stop().await.unwrap();
+}
