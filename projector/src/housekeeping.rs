@@ -62,7 +62,7 @@ impl Swept {
 
 /// Each sweep: the table, its key, and which rows go (`$1` the outbox days, `$2` the history
 /// days). Deliveries go before firings, which they reference.
-const SWEEPS: [(&str, &str, &str); 8] = [
+const SWEEPS: [(&str, &str, &str); 9] = [
     (
         "outbox",
         "seq",
@@ -80,6 +80,15 @@ const SWEEPS: [(&str, &str, &str); 8] = [
          AND NOT EXISTS (SELECT 1 FROM control.refresh_tokens live
                           WHERE live.family_id = t.family_id
                             AND live.expires_at >= now() - interval '1 day')",
+    ),
+    (
+        // A living family's used tokens expired 30 days ago: presenting one of them is
+        // refused as unknown rather than taken for a reuse (those expired since are still
+        // recognised, and revoke the family). Without this a family refreshed for months
+        // kept every token it ever had.
+        "refresh_tokens",
+        "id",
+        "expires_at < now() - interval '30 days' AND used_at IS NOT NULL",
     ),
     (
         "sso_logins",

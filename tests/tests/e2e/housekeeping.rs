@@ -127,6 +127,21 @@ async fn the_control_schema_keeps_only_what_is_still_in_use() {
         .await;
     aged.insert(&pool, "refresh_tokens", false, &family(false, "1 hour"))
         .await;
+    // In the login above, which lives on, a used token expired 40 days ago goes (the first
+    // token, used and expired three days ago, stays).
+    let living: Uuid =
+        sqlx::query_scalar("SELECT family_id FROM control.refresh_tokens WHERE token_hash = $1")
+            .bind(shared::apikey::hash(&newest))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let long_used = format!(
+        "INSERT INTO control.refresh_tokens (id, family_id, user_id, token_hash, expires_at,
+                                             used_at)
+         VALUES ($1, '{living}', '{person}', sha256($1::text::bytea),
+                 now() - interval '40 days', now() - interval '45 days')"
+    );
+    aged.insert(&pool, "refresh_tokens", true, &long_used).await;
     // Invitations: closed 100 days ago go (accepted, revoked, expired); one expired 10 days
     // ago and one open stay.
     for (goes, closed) in [
