@@ -173,10 +173,29 @@ pub async fn create_tenant_schema(
 ) -> sqlx::Result<SchemaState> {
     let schema = tenant.schema(version);
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-        .bind(schema.as_str())
-        .execute(&mut *tx)
+    if !try_lock(&mut tx, &schema).await? {
+        // Held while the compactor or retention folds the tenant's rollups, for as long as
+        // there is to fold: a schema already at this binary's templates needs nothing done
+        // under it, and a live batch (every tenant's events) does not wait for the fold.
+        let current: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM control.tenant_schemas
+                             WHERE tenant_id = $1 AND version = $2 AND template_version = $3)",
+        )
+        .bind(tenant.0)
+        .bind(version)
+        .bind(TEMPLATE_VERSION)
+        .fetch_one(&mut *tx)
         .await?;
+        let active = active_versions(&mut tx, &[tenant], Lock::None).await?[&tenant];
+        if current && version >= active {
+            tx.commit().await?;
+            return Ok(SchemaState::Existed);
+        }
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(schema.as_str())
+            .execute(&mut *tx)
+            .await?;
+    }
     let exists: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM control.tenant_schemas WHERE tenant_id = $1 AND version = $2)",
     )

@@ -46,27 +46,43 @@ pub async fn make_partitions(
         return Ok(());
     }
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+    // A lock of the schema's partitions alone: the schema's own lock is held while its
+    // rollups are folded (the compactor, retention), which partitions need not wait for.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1 || '/partitions'))")
         .bind(schema.as_str())
         .execute(&mut *tx)
         .await?;
+    let attached: Vec<String> = partitions(&mut tx, schema).await?;
     for day in days {
         let from = midnight(*day);
         let to = from + Duration::days(1);
         for table in RAW_TABLES {
-            let sql = format!(
-                "CREATE TABLE IF NOT EXISTS {schema}.{part} PARTITION OF {schema}.{table} \
-                 FOR VALUES FROM ('{from}') TO ('{to}'){with}",
-                part = partition_name(table, *day),
-                from = from.format("%Y-%m-%d %H:%M:%S+00"),
-                to = to.format("%Y-%m-%d %H:%M:%S+00"),
+            let part = partition_name(table, *day);
+            if attached.contains(&part) {
+                continue;
+            }
+            // Made apart, then attached: attaching asks the raw table only for a lock that
+            // neither its readers nor its writers wait for, or make wait. `CREATE TABLE …
+            // PARTITION OF` asked for an exclusive one, which waited for every read of the
+            // tenant's raw table, and every batch waited behind it.
+            let create = format!(
+                "CREATE TABLE IF NOT EXISTS {schema}.{part} (LIKE {schema}.{table} \
+                 INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE \
+                 INCLUDING COMPRESSION){with}",
                 with = if autovacuum {
                     ""
                 } else {
                     " WITH (autovacuum_enabled = false)"
                 },
             );
-            sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+            sqlx::query(AssertSqlSafe(create)).execute(&mut *tx).await?;
+            let attach = format!(
+                "ALTER TABLE {schema}.{table} ATTACH PARTITION {schema}.{part} \
+                 FOR VALUES FROM ('{from}') TO ('{to}')",
+                from = from.format("%Y-%m-%d %H:%M:%S+00"),
+                to = to.format("%Y-%m-%d %H:%M:%S+00"),
+            );
+            sqlx::query(AssertSqlSafe(attach)).execute(&mut *tx).await?;
         }
     }
     tx.commit().await?;
@@ -143,13 +159,41 @@ pub struct Windows {
 /// binary (checked under the schema's lock, as the compactor checks it: its listing may be
 /// older, and this fold writes the folded rows as the latest template reads them).
 ///
-/// Only the fold holds the schema's lock. Live batches write every tenant's rows in one
-/// transaction, so nothing here may make one of them wait: old partitions are detached
-/// concurrently (which waits for the batches, not they for it) and then dropped, and the
-/// old rollup rows are deleted afterwards, in a transaction of their own that holds no lock a
-/// batch asks for. (Before, the drop's exclusive lock on the tenant's raw tables was held
-/// through every delete, and every batch carrying one of its events waited.)
+/// One pass at a time works on a schema, across instances: it holds a session lock of
+/// retention's own through the pass (and skips the schema when another pass holds it). Only
+/// the fold holds the schema's lock, which the compactor shares. Live batches write every
+/// tenant's rows in one transaction, so the raw tables are not locked against them: old
+/// partitions are detached concurrently (which waits for the batches, not they for it) and
+/// then dropped, and the old rollup rows are deleted afterwards, in a transaction of their
+/// own. (Before, the drop's exclusive lock on the tenant's raw tables was held through every
+/// delete, and every batch carrying one of its events waited.)
 pub async fn apply_retention(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    today: NaiveDate,
+    windows: Windows,
+) -> sqlx::Result<Option<Pruned>> {
+    let ours: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1 || '/retention'))")
+            .bind(schema.as_str())
+            .fetch_one(&mut *conn)
+            .await?;
+    if !ours {
+        return Ok(None);
+    }
+    let pruned = prune(&mut *conn, schema, today, windows).await;
+    // Given back whatever the pass came to (a connection that broke gave it back already).
+    let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtext($1 || '/retention'))")
+        .bind(schema.as_str())
+        .execute(&mut *conn)
+        .await;
+    let pruned = pruned?;
+    unlocked?;
+    Ok(pruned)
+}
+
+/// [`apply_retention`]'s pass, under its lock.
+async fn prune(
     conn: &mut PgConnection,
     schema: &SchemaName,
     today: NaiveDate,
@@ -229,6 +273,11 @@ pub async fn apply_retention(
         ("DELETE FROM session_contexts WHERE at < $1", raw_cutoff),
         ("DELETE FROM repo_usage_1h WHERE bucket < $1", rollup_cutoff),
         ("DELETE FROM repo_usage_1d WHERE bucket < $1", rollup_cutoff),
+        // A session is a rollup of its events: it lives as long as rollups do.
+        (
+            "DELETE FROM sessions WHERE coalesce(ended_at, started_at) < $1",
+            rollup_cutoff,
+        ),
         (
             "DELETE FROM repo_sessions WHERE last_at < $1",
             rollup_cutoff,
@@ -269,8 +318,10 @@ pub async fn partitions(conn: &mut PgConnection, schema: &SchemaName) -> sqlx::R
 /// Drops the daily partitions older than `cutoff` (native partitioning), each detached first
 /// with `CONCURRENTLY`: that takes no lock a live batch's insert waits for, and waits itself
 /// for the transactions using the raw table. A detach left pending (its process stopped
-/// midway) is finished, and a partition detached but not dropped is dropped. Each statement
-/// is a transaction of its own (a concurrent detach may not run in a transaction block).
+/// midway) is finished first (a raw table may have only one, and it stops the others), and a
+/// partition detached but not dropped is dropped. Each statement is a transaction of its own
+/// (a concurrent detach may not run in a transaction block); a partition that cannot go now
+/// is left for the next pass, and the others go on.
 async fn drop_partitions(
     conn: &mut PgConnection,
     schema: &SchemaName,
@@ -282,7 +333,8 @@ async fn drop_partitions(
            FROM pg_class c
            JOIN pg_namespace n ON n.oid = c.relnamespace
            LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
-          WHERE n.nspname = $1 AND c.relkind = 'r'",
+          WHERE n.nspname = $1 AND c.relkind = 'r'
+          ORDER BY i.inhdetachpending DESC NULLS LAST, c.relname",
     )
     .bind(schema.as_str())
     .fetch_all(&mut *conn)
@@ -302,21 +354,43 @@ async fn drop_partitions(
             Some(true) => Some("FINALIZE"),
             None => None,
         };
-        if let Some(how) = detach {
-            sqlx::raw_sql(AssertSqlSafe(format!(
-                "ALTER TABLE {schema}.{table} DETACH PARTITION {schema}.{part} {how}"
-            )))
-            .execute(&mut *conn)
-            .await?;
+        match detach_and_drop(&mut *conn, schema, table, &part, detach).await {
+            Ok(()) => dropped += 1,
+            // Its connection is gone: so is the rest of this pass.
+            Err(e @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)) => return Err(e),
+            Err(e) => tracing::warn!(
+                %schema,
+                partition = %part,
+                error = %e,
+                "retention left a partition for the next pass"
+            ),
         }
+    }
+    Ok(dropped)
+}
+
+/// Detaches `part` from `table` (`how`: `CONCURRENTLY`, or `FINALIZE` for a pending detach;
+/// none when it is detached already), then drops it.
+async fn detach_and_drop(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    table: &str,
+    part: &str,
+    how: Option<&str>,
+) -> sqlx::Result<()> {
+    if let Some(how) = how {
         sqlx::raw_sql(AssertSqlSafe(format!(
-            "DROP TABLE IF EXISTS {schema}.{part}"
+            "ALTER TABLE {schema}.{table} DETACH PARTITION {schema}.{part} {how}"
         )))
         .execute(&mut *conn)
         .await?;
-        dropped += 1;
     }
-    Ok(dropped)
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS {schema}.{part}"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Compresses the raw chunks of `schema` that end before `cutoff` and are not compressed, or

@@ -148,3 +148,62 @@ async fn a_leap_second_is_projected_as_postgresql_stores_it() {
     assert_eq!(scalar_in_tenant(&pool, t.id, &sql).await, 2);
     stop_all([projector, ingest]).await;
 }
+
+/// A late event is projected while its tenant's rollups are being folded and its raw table is
+/// being read. The compactor and retention hold the tenant schema's lock while they fold, for
+/// as long as there is to fold (here another instance's, held by the test); a projector that
+/// had not prepared the tenant yet (it has just started, or its batch before failed) waited
+/// for that lock to check the schema and to make the late day's partition, and every
+/// tenant's events in its batch waited with it. Making the partition then asked for an
+/// exclusive lock on the raw table, which waited for every read of it (here a transaction
+/// that read it and stays open, as a slow dashboard read does). The schema is current,
+/// partitions have a lock of their own, and a partition is made apart and then attached:
+/// the event is projected at once, while both are still held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_event_is_projected_while_its_tenants_rollups_are_folded_and_read() {
+    let TestEnv { pool, common } = test_env().await;
+    let ingest = start_ingest(&common, |_| {}).await;
+    let client = http();
+    let t = create_tenant(&pool, "folding").await;
+    let now = Utc::now();
+    let projector = start_projector(&common).await;
+    post_events_accepted(
+        &client,
+        &ingest.url(),
+        &t.ingest_key,
+        &commands_days_ago(now, 0, 1),
+    )
+    .await;
+    wait_projected(&pool, t.id, 1, Duration::from_secs(60)).await;
+    projector.stop().await.unwrap();
+    let mut folding = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(t.id.schema(1).as_str())
+        .execute(&mut *folding)
+        .await
+        .unwrap();
+    let mut reading = pool.begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}.command_executions",
+        t.id.schema(1)
+    )))
+    .execute(&mut *reading)
+    .await
+    .unwrap();
+    let projector = start_projector(&common).await;
+    post_events_accepted(
+        &client,
+        &ingest.url(),
+        &t.ingest_key,
+        &commands_days_ago(now, 10, 1),
+    )
+    .await;
+    let projected = wait_projected(&pool, t.id, 2, Duration::from_secs(20)).await;
+    assert_eq!(projected, 2);
+    let days = raw_storage_days(&pool, t.id, "command_executions").await;
+    let late = (now - TimeDelta::days(10)).date_naive();
+    assert!(days.contains(&late), "{late} has its partition: {days:?}");
+    reading.commit().await.unwrap();
+    folding.commit().await.unwrap();
+    stop_all([ingest, projector]).await;
+}
