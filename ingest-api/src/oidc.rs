@@ -123,7 +123,12 @@ pub struct IdClaims {
     pub nonce: Option<String>,
 }
 
+/// The longest subject an identity may have: the control schema keys identities by it.
+pub const MAX_SUBJECT_BYTES: usize = 255;
+
 impl IdClaims {
+    /// The address the provider vouches for, as an account holds it (trimmed, lower case,
+    /// 3 to 254 characters with an `@` and no NUL); otherwise none.
     pub fn verified_email(&self) -> Option<String> {
         let verified = match &self.email_verified {
             Some(serde_json::Value::Bool(b)) => *b,
@@ -134,6 +139,9 @@ impl IdClaims {
             .as_ref()
             .filter(|_| verified)
             .map(|e| e.trim().to_lowercase())
+            .filter(|e| {
+                (3..=254).contains(&e.chars().count()) && e.contains('@') && !e.contains('\0')
+            })
     }
 }
 
@@ -189,6 +197,13 @@ pub async fn verify_id_token(
         .claims;
     if claims.nonce.as_deref() != Some(nonce) {
         return Err("ID token nonce does not match this login".into());
+    }
+    // The identity is stored under its subject: one the control schema cannot key is refused
+    // here (401) rather than failing the insert (503).
+    if claims.sub.is_empty() || claims.sub.len() > MAX_SUBJECT_BYTES || claims.sub.contains('\0') {
+        return Err(format!(
+            "ID token subject is empty, over {MAX_SUBJECT_BYTES} bytes, or holds NUL"
+        ));
     }
     Ok(claims)
 }

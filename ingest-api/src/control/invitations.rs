@@ -149,9 +149,14 @@ pub async fn invite(
             _ => false,
         };
         if !may {
-            return Err(Problem::forbidden(
-                "the rights this invitation would be made with are gone",
-            ));
+            drop(tx);
+            return Err(caller
+                .refuse(
+                    &s,
+                    "the rights this invitation would be made with are gone",
+                    format!("invitation:{email}"),
+                )
+                .await);
         }
     }
     super::store::room_for_one(

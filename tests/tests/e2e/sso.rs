@@ -845,3 +845,50 @@ async fn the_sso_link_counts_guesses_as_the_password_change_does() {
     assert_eq!(change("Owner-Pass-123").await, 429);
     ingest.stop().await.unwrap();
 }
+
+/// What the identity provider vouches for is checked against what the control schema stores
+/// before it is stored: a subject over 255 bytes is a 401 and an address over 254
+/// characters a 403 (no usable address), each a problem and no account made. Before, both
+/// failed the insert: 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_identity_the_control_schema_cannot_hold_is_refused_not_failed() {
+    let TestEnv { pool, common } = test_env().await;
+    let idp = TestIdp::start().await;
+    let (ingest, http) = sso_ingest(&common, |_| {}).await;
+    let url = ingest.url();
+    let (t, _, domain) = sso_tenant(&pool, &http, &url, &idp, "sso-bounds").await;
+    let browser = Browser {
+        http: http.clone(),
+        ingest: url.clone(),
+        tenant: t.id.to_string(),
+    };
+    // Text that does not compress, as PostgreSQL would a repeated character to fit its index.
+    let long_subject: String = (0..94)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    let long_address = format!("{}@{domain}", "a".repeat(260));
+    for (subject, email, status) in [
+        (long_subject.as_str(), format!("long-sub@{domain}"), 401),
+        ("long-address", long_address.clone(), 403),
+    ] {
+        idp.log_in_as(subject, &email, true);
+        let res = browser.login().await;
+        assert_eq!(res.status(), status, "{email}");
+        assert_eq!(
+            res.headers()["content-type"],
+            "application/problem+json",
+            "{email}"
+        );
+    }
+    let accounts: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM control.users WHERE tenant_id = $1")
+            .bind(t.id.0)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(accounts, 1, "the owner alone");
+    // Within the bounds, the same provider's person is provisioned.
+    idp.log_in_as("s".repeat(255).as_str(), &format!("fine@{domain}"), true);
+    assert_eq!(browser.login().await.status(), 200);
+    ingest.stop().await.unwrap();
+}
