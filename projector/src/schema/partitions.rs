@@ -48,11 +48,20 @@ pub async fn make_partitions(
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     // A lock of the schema's partitions alone: the schema's own lock is held while its
     // rollups are folded (the compactor, retention), which partitions need not wait for.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1 || '/partitions'))")
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tally.partitions'), hashtext($1))")
         .bind(schema.as_str())
         .execute(&mut *tx)
         .await?;
     let attached: Vec<String> = partitions(&mut tx, schema).await?;
+    // Every table of the schema: one of a partition's name that is not attached is one
+    // retention detached and has not dropped yet (its rows are past the window), left alone.
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = $1 AND c.relkind = 'r'",
+    )
+    .bind(schema.as_str())
+    .fetch_all(&mut *tx)
+    .await?;
     for day in days {
         let from = midnight(*day);
         let to = from + Duration::days(1);
@@ -61,12 +70,16 @@ pub async fn make_partitions(
             if attached.contains(&part) {
                 continue;
             }
+            if tables.contains(&part) {
+                tracing::warn!(%schema, partition = %part, "a detached partition is not made again");
+                continue;
+            }
             // Made apart, then attached: attaching asks the raw table only for a lock that
             // neither its readers nor its writers wait for, or make wait. `CREATE TABLE …
             // PARTITION OF` asked for an exclusive one, which waited for every read of the
             // tenant's raw table, and every batch waited behind it.
             let create = format!(
-                "CREATE TABLE IF NOT EXISTS {schema}.{part} (LIKE {schema}.{table} \
+                "CREATE TABLE {schema}.{part} (LIKE {schema}.{table} \
                  INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE \
                  INCLUDING COMPRESSION){with}",
                 with = if autovacuum {
@@ -173,20 +186,22 @@ pub async fn apply_retention(
     today: NaiveDate,
     windows: Windows,
 ) -> sqlx::Result<Option<Pruned>> {
-    let ours: bool =
-        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1 || '/retention'))")
-            .bind(schema.as_str())
-            .fetch_one(&mut *conn)
-            .await?;
+    let ours: bool = sqlx::query_scalar(
+        "SELECT pg_try_advisory_lock(hashtext('tally.retention'), hashtext($1))",
+    )
+    .bind(schema.as_str())
+    .fetch_one(&mut *conn)
+    .await?;
     if !ours {
         return Ok(None);
     }
     let pruned = prune(&mut *conn, schema, today, windows).await;
     // Given back whatever the pass came to (a connection that broke gave it back already).
-    let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtext($1 || '/retention'))")
-        .bind(schema.as_str())
-        .execute(&mut *conn)
-        .await;
+    let unlocked =
+        sqlx::query("SELECT pg_advisory_unlock(hashtext('tally.retention'), hashtext($1))")
+            .bind(schema.as_str())
+            .execute(&mut *conn)
+            .await;
     let pruned = pruned?;
     unlocked?;
     Ok(pruned)
