@@ -48,3 +48,37 @@ pub async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await.context("applying migrations")?;
     Ok(())
 }
+
+/// Whether `e` says the database cannot be reached or cannot serve now (no connection came
+/// free, the connection broke, the server is shutting down, out of resources): a 503 to
+/// retry, not a fault of the request or of ours.
+pub fn unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+            // 08: connection exceptions; 53: insufficient resources; 57P0x: shutdown.
+            c.starts_with("08") || c.starts_with("53") || c.starts_with("57P0")
+        }),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unavailable;
+
+    #[test]
+    fn an_outage_is_told_from_a_fault() {
+        assert!(unavailable(&sqlx::Error::PoolTimedOut));
+        assert!(unavailable(&sqlx::Error::PoolClosed));
+        assert!(unavailable(&sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset
+        ))));
+        assert!(!unavailable(&sqlx::Error::RowNotFound));
+        assert!(!unavailable(&sqlx::Error::ColumnNotFound("x".into())));
+    }
+}

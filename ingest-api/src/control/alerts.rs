@@ -27,6 +27,10 @@ const MAX_BUDGETS: i64 = 200;
 const MAX_CHANNELS: i64 = 50;
 
 pub(crate) fn db(e: sqlx::Error) -> Problem {
+    if shared::db::unavailable(&e) {
+        tracing::warn!(error = %e, "alerting: the database is unavailable");
+        return Problem::unavailable("alerting cannot reach its database now", 2);
+    }
     tracing::error!(error = %e, "alerting change failed");
     Problem::internal()
 }

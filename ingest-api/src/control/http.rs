@@ -108,6 +108,12 @@ fn failed(e: anyhow::Error) -> Problem {
             "that e-mail address, or that user id, is already taken in this tenant",
         );
     }
+    if e.downcast_ref::<sqlx::Error>()
+        .is_some_and(shared::db::unavailable)
+    {
+        tracing::warn!(error = %e, "control plane: the database is unavailable");
+        return Problem::unavailable("the control plane cannot reach its database now", 2);
+    }
     tracing::error!(error = %e, "control-plane change failed");
     Problem::internal()
 }
@@ -1077,4 +1083,17 @@ pub async fn delete_team(
     tx.commit().await.map_err(db)?;
     s.outbox_wake.notify_one();
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failed;
+
+    #[test]
+    fn a_database_outage_is_a_503_and_a_fault_a_500() {
+        let outage = failed(anyhow::Error::new(sqlx::Error::PoolTimedOut));
+        assert_eq!((outage.status, outage.retry_after), (503, Some(2)));
+        let fault = failed(anyhow::Error::new(sqlx::Error::RowNotFound));
+        assert_eq!(fault.status, 500);
+    }
 }
