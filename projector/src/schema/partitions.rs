@@ -52,27 +52,21 @@ pub async fn make_partitions(
         .bind(schema.as_str())
         .execute(&mut *tx)
         .await?;
-    let attached: Vec<String> = partitions(&mut tx, schema).await?;
-    // Every table of the schema: one of a partition's name that is not attached is one
-    // retention detached and has not dropped yet (its rows are past the window), left alone.
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-          WHERE n.nspname = $1 AND c.relkind = 'r'",
-    )
-    .bind(schema.as_str())
-    .fetch_all(&mut *tx)
-    .await?;
+    // A table of a partition's name that is not attached is one retention detached and has
+    // not dropped yet (its rows are past the window): left alone.
+    let tables = tables(&mut tx, schema).await?;
     for day in days {
         let from = midnight(*day);
         let to = from + Duration::days(1);
         for table in RAW_TABLES {
             let part = partition_name(table, *day);
-            if attached.contains(&part) {
-                continue;
-            }
-            if tables.contains(&part) {
-                tracing::warn!(%schema, partition = %part, "a detached partition is not made again");
-                continue;
+            match tables.iter().find(|(name, _)| *name == part) {
+                Some((_, Some(_))) => continue,
+                Some((_, None)) => {
+                    tracing::warn!(%schema, partition = %part, "a detached partition is not made again");
+                    continue;
+                }
+                None => {}
             }
             // Made apart, then attached: attaching asks the raw table only for a lock that
             // neither its readers nor its writers wait for, or make wait. `CREATE TABLE …
@@ -342,20 +336,8 @@ async fn drop_partitions(
     schema: &SchemaName,
     cutoff: NaiveDate,
 ) -> sqlx::Result<u64> {
-    // Every table of the schema, with whether it is attached and whether its detach is pending.
-    let tables: Vec<(String, Option<bool>)> = sqlx::query_as(
-        "SELECT c.relname::text, i.inhdetachpending
-           FROM pg_class c
-           JOIN pg_namespace n ON n.oid = c.relnamespace
-           LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
-          WHERE n.nspname = $1 AND c.relkind = 'r'
-          ORDER BY i.inhdetachpending DESC NULLS LAST, c.relname",
-    )
-    .bind(schema.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
     let mut dropped = 0;
-    for (part, detach_pending) in tables {
+    for (part, detach_pending) in tables(&mut *conn, schema).await? {
         // Only names this module made (table_pYYYYMMDD) are considered, and those are plain
         // identifiers.
         let Some((table, day)) = partition_day(&part) else {
@@ -371,8 +353,8 @@ async fn drop_partitions(
         };
         match detach_and_drop(&mut *conn, schema, table, &part, detach).await {
             Ok(()) => dropped += 1,
-            // Its connection is gone: so is the rest of this pass.
-            Err(e @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)) => return Err(e),
+            // The database is gone: so is the rest of this pass.
+            Err(e) if shared::db::unavailable(&e) => return Err(e),
             Err(e) => tracing::warn!(
                 %schema,
                 partition = %part,
@@ -382,6 +364,25 @@ async fn drop_partitions(
         }
     }
     Ok(dropped)
+}
+
+/// Every table of `schema`, with `Some(detach pending)` when it is a partition, pending
+/// detaches first.
+async fn tables(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+) -> sqlx::Result<Vec<(String, Option<bool>)>> {
+    sqlx::query_as(
+        "SELECT c.relname::text, i.inhdetachpending
+           FROM pg_class c
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+           LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
+          WHERE n.nspname = $1 AND c.relkind = 'r'
+          ORDER BY i.inhdetachpending DESC NULLS LAST, c.relname",
+    )
+    .bind(schema.as_str())
+    .fetch_all(conn)
+    .await
 }
 
 /// Detaches `part` from `table` (`how`: `CONCURRENTLY`, or `FINALIZE` for a pending detach;
