@@ -360,3 +360,24 @@ pub async fn metrics_topic_records(common: &Common) -> i64 {
     .await
     .unwrap()
 }
+
+/// Waits (at most 60 s) until a backend waits for a lock while running a statement matching
+/// one of `patterns` (SQL `LIKE`); panics with `what` otherwise.
+pub async fn wait_for_lock_waiter(pool: &PgPool, patterns: &[String], what: &str) {
+    let since = Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND query LIKE ANY($1)",
+        )
+        .bind(patterns)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(since.elapsed() < Duration::from_secs(60), "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -739,24 +739,8 @@ async fn a_password_change_racing_a_demotion_keeps_no_old_role() {
         .await
         .unwrap();
     let changing = tokio::spawn(change(&tokens, "Changed-Pass-4242"));
-    let since = Instant::now();
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE wait_event_type = 'Lock' AND query LIKE '%FROM control.users WHERE id = $1 FOR NO KEY UPDATE'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            since.elapsed() < Duration::from_secs(60),
-            "the change never reached the row"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let row = "%FROM control.users WHERE id = $1 FOR NO KEY UPDATE".to_string();
+    wait_for_lock_waiter(&pool, &[row], "the change never reached the row").await;
     // What the control plane's role change writes (`store::update_user`): the role, and a new
     // token version, which ends every session.
     sqlx::query(

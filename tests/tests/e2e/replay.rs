@@ -453,27 +453,11 @@ async fn retention_never_makes_a_live_batch_wait() {
         }
     });
     // Until a pass waits for the holder, to take this schema's old partition away.
-    let since = std::time::Instant::now();
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE wait_event_type = 'Lock'
-                AND (query LIKE 'ALTER TABLE ' || $1 || '.%DETACH PARTITION%'
-                     OR query LIKE 'DROP TABLE ' || $1 || '.%')",
-        )
-        .bind(schema.as_str())
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            since.elapsed() < Duration::from_secs(60),
-            "no retention pass waited for the holder"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let passes = [
+        format!("ALTER TABLE {schema}.%DETACH PARTITION%"),
+        format!("DROP TABLE {schema}.%"),
+    ];
+    wait_for_lock_waiter(&pool, &passes, "no retention pass waited for the holder").await;
     let one = commands_days_ago(now.max(today + TimeDelta::minutes(3)), 0, 1);
     post_events_accepted(&client, &ingest.url(), &t.ingest_key, &one).await;
     let projected = wait_projected(&pool, t.id, 11, Duration::from_secs(10)).await;
