@@ -37,7 +37,8 @@ use crate::ingest::door::{
     admit, append_counted, keep, key_context, read_limited, ReadBody, Unreadable,
 };
 use crate::ingest::lane::Lane;
-use crate::ingest::{IngestContext, Keep, Stamped};
+use crate::ingest::sink::Batch;
+use crate::ingest::{IngestContext, Keep};
 use crate::routes::otlp::stamp;
 use crate::shed::Charges;
 use crate::state::AppState;
@@ -132,8 +133,8 @@ impl<E: Signal> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
             let work = move || read::<E>(message, &ctx, keep);
             let read = state.lane.run_if(large, principal.tenant_id, work).await;
             let answer = match read {
-                Ok((converted, envelopes)) => {
-                    append_counted(&state, &principal, envelopes, E::SOURCE)
+                Ok((converted, batch)) => {
+                    append_counted(&state, &principal, batch, E::SOURCE)
                         .await
                         .map(|()| otlp::response::<E>(&converted))
                         .map_err(Status::from)
@@ -228,7 +229,7 @@ fn read<E: Signal>(
     message: ReadBody,
     ctx: &IngestContext,
     keep: Keep,
-) -> Result<(Converted, Vec<Stamped>), Status> {
+) -> Result<(Converted, Batch), Status> {
     // What the message holds of the in-flight budget is held until it is stamped.
     let message = message.finish().map_err(unreadable)?;
     otlp::check_protobuf::<E>(message.bytes()).map_err(|e| match e {
@@ -237,7 +238,8 @@ fn read<E: Signal>(
     })?;
     let req = E::Request::decode(message.bytes())
         .map_err(|e| Status::invalid_argument(format!("invalid protobuf: {e}")))?;
-    // The bytes are let go of; what they were charged is held until the points are stamped.
+    // The bytes are let go of; what they were charged is held until the points are stamped
+    // and serialized.
     let _charges = message.into_charges();
     let converted = E::events(&req, ctx.received_at).map_err(IngestError::too_many)?;
     drop(req);

@@ -17,7 +17,7 @@ use std::time::Instant;
 use chrono::{DateTime, Duration, Utc};
 use ingest_api::formats::otlp::{self, Encoding, Metrics, Signal};
 use ingest_api::ingest::envelope::event_texts;
-use ingest_api::ingest::sink::serialize;
+use ingest_api::ingest::sink::Batch;
 use ingest_api::ingest::values;
 use ingest_api::ingest::{Ids, IngestContext, Keep, TimeBounds};
 use prost::Message;
@@ -62,8 +62,8 @@ fn json_rounds(rounds: usize) {
                 .stamp_texts(&texts, KEEP_NOTHING)
                 .expect("JSON a tree holds")
                 .expect("valid events");
-            let serialized = serialize(&envelopes).expect("serializes");
-            bytes += serialized.iter().map(<[u8]>::len).sum::<usize>();
+            let batch = Batch::of(envelopes).expect("serializes");
+            bytes += batch.payloads().map(<[u8]>::len).sum::<usize>();
         }
         report(round, started.elapsed(), bytes, None);
     }
@@ -101,11 +101,11 @@ fn otlp_rounds(rounds: usize) {
                 .enumerate()
                 .map(|(i, raw)| ctx.client_envelope(i, raw).expect("a valid event"))
                 .collect::<Vec<_>>();
-            let serialized = serialize(&envelopes).expect("serializes");
+            let batch = Batch::of(envelopes).expect("serializes");
             spent += started.elapsed();
             // Digested as the projector reads them and written again (untimed): the same
             // digest however the door orders the keys of `data`.
-            for envelope in serialized.iter() {
+            for envelope in batch.payloads() {
                 bytes += envelope.len();
                 let read: Envelope = serde_json::from_slice(envelope).expect("reads back");
                 digest.write(&serde_json::to_vec(&read).expect("serializes"));

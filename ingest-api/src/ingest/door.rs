@@ -20,7 +20,8 @@ use shared::tenant::TenantId;
 
 use crate::error::IngestError;
 use crate::ingest::lane::Lane;
-use crate::ingest::{Ids, IngestContext, Keep, Stamped, TimeBounds};
+use crate::ingest::sink::Batch;
+use crate::ingest::{Ids, IngestContext, Keep, TimeBounds};
 use crate::shed::{Busy, Charges};
 use crate::state::AppState;
 use flate2::read::GzDecoder;
@@ -129,19 +130,15 @@ pub fn key_context(s: &AppState, principal: &KeyPrincipal, source: Source) -> In
     }
 }
 
-/// Appends the envelopes through the state's sink (which lets go of them once they are
-/// written) and counts them under `source` (the `ingest_events_total` label); an empty batch
-/// sends nothing.
-pub async fn append(
-    s: &AppState,
-    envelopes: Vec<Stamped>,
-    source: &'static str,
-) -> Result<(), IngestError> {
-    let n = envelopes.len() as u64;
+/// Appends the batch through the state's sink (which lets go of it once it is written) and
+/// counts its events under `source` (the `ingest_events_total` label); an empty batch sends
+/// nothing.
+pub async fn append(s: &AppState, batch: Batch, source: &'static str) -> Result<(), IngestError> {
+    let n = batch.len() as u64;
     if n == 0 {
         return Ok(());
     }
-    s.sink.send(envelopes).await?;
+    s.sink.send(batch).await?;
     metrics::counter!("ingest_events_total", "source" => source).increment(n);
     Ok(())
 }
@@ -153,18 +150,18 @@ pub async fn append(
 pub async fn append_counted(
     s: &AppState,
     principal: &KeyPrincipal,
-    envelopes: Vec<Stamped>,
+    batch: Batch,
     source: &'static str,
 ) -> Result<(), IngestError> {
-    if envelopes.is_empty() {
+    if batch.is_empty() {
         return Ok(());
     }
-    if envelopes.len() as u64 > u64::from(principal.events_per_min) {
+    if batch.len() as u64 > u64::from(principal.events_per_min) {
         return Err(IngestError::too_many(shared::events::FieldError::new(
             "body",
             format!(
                 "{} events; this tenant may send {} a minute: split the request",
-                envelopes.len(),
+                batch.len(),
                 principal.events_per_min
             ),
         )));
@@ -174,13 +171,13 @@ pub async fn append_counted(
         .check_n(
             principal.tenant_id,
             principal.events_per_min,
-            envelopes.len() as u64,
+            batch.len() as u64,
         )
         .await;
     if !decision.allowed {
         return Err(IngestError::RateLimited(decision));
     }
-    append(s, envelopes, source).await
+    append(s, batch, source).await
 }
 
 /// What the key's tenant keeps of the text its events carry.

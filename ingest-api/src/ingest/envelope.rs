@@ -255,16 +255,26 @@ pub fn whole_batch(
     stamped: impl Iterator<Item = Result<Stamped, Vec<FieldError>>>,
 ) -> Result<Vec<Stamped>, Vec<FieldError>> {
     let (low, high) = stamped.size_hint();
-    let mut envelopes = Vec::with_capacity(high.unwrap_or(low));
+    whole_batch_into(stamped, Vec::with_capacity(high.unwrap_or(low)))
+}
+
+/// [`whole_batch`] into `into`, an envelope at a time as each is stamped (a door's
+/// `crate::ingest::sink::Batching`, which serializes each and lets its tree go): once an
+/// event is refused, the rest are only checked.
+pub fn whole_batch_into<B: Extend<Stamped>>(
+    stamped: impl Iterator<Item = Result<Stamped, Vec<FieldError>>>,
+    mut into: B,
+) -> Result<B, Vec<FieldError>> {
     let mut errors = Vec::new();
     for s in stamped {
         match s {
-            Ok(env) => envelopes.push(env),
+            Ok(env) if errors.is_empty() => into.extend(Some(env)),
+            Ok(_) => {}
             Err(e) => errors.extend(e),
         }
     }
     if errors.is_empty() {
-        Ok(envelopes)
+        Ok(into)
     } else {
         Err(errors)
     }
@@ -574,8 +584,20 @@ impl IngestContext {
         texts: &[&RawValue],
         keep: Keep,
     ) -> Option<Result<Vec<Stamped>, Vec<FieldError>>> {
+        self.stamp_texts_into(texts, keep, Vec::with_capacity(texts.len()))
+    }
+
+    /// [`IngestContext::stamp_texts`] into `into`, an envelope at a time
+    /// ([`whole_batch_into`]).
+    pub fn stamp_texts_into<B: Extend<Stamped>>(
+        &self,
+        texts: &[&RawValue],
+        keep: Keep,
+        into: B,
+    ) -> Option<Result<B, Vec<FieldError>>> {
         let mut unreadable = false;
-        let batch = whole_batch(texts.iter().enumerate().map_while(|(i, text)| {
+        let batch = whole_batch_into(
+            texts.iter().enumerate().map_while(|(i, text)| {
             Some(match self.stamp_text(i, text.get(), keep) {
                 Some(env) => Ok(env),
                 None => {
@@ -589,21 +611,25 @@ impl IngestContext {
                     self.stamp(i, tree, keep)
                 }
             })
-        }));
+            }),
+            into,
+        );
         (!unreadable).then_some(batch)
     }
 
     /// Every event of a batch read as a tree, stamped ([`IngestContext::stamp`]).
-    pub fn stamp_trees(
+    pub fn stamp_trees_into<B: Extend<Stamped>>(
         &self,
         events: Vec<Value>,
         keep: Keep,
-    ) -> Result<Vec<Stamped>, Vec<FieldError>> {
-        whole_batch(
+        into: B,
+    ) -> Result<B, Vec<FieldError>> {
+        whole_batch_into(
             events
                 .into_iter()
                 .enumerate()
                 .map(|(i, raw)| self.stamp(i, raw, keep)),
+            into,
         )
     }
 

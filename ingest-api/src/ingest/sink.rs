@@ -20,11 +20,10 @@ use crate::error::IngestError;
 /// Contract: `send` returns `Ok` only once every envelope of the batch is durable (for Kafka:
 /// acknowledged with `acks=all`); on `Err` any of them may or may not have been written, and
 /// the client retries with the same event ids, which the projector counts once. The batch is
-/// the sink's: a sink that waits for its log lets go of the envelopes (and the trees they
-/// may hold) once they are written, so that what a request holds while it waits is only
-/// what its log holds.
+/// the sink's: a sink that waits for its log lets go of the records once they are written,
+/// so that what a request holds while it waits is only what its log holds.
 pub trait EventSink: Send + Sync + 'static {
-    fn send(&self, envelopes: Vec<Stamped>) -> BoxFuture<'_, Result<(), IngestError>>;
+    fn send(&self, batch: Batch) -> BoxFuture<'_, Result<(), IngestError>>;
 }
 
 /// The largest event the log takes, as stored: Kafka's `message.max.bytes` (1 000 000) less
@@ -52,31 +51,27 @@ impl KafkaSink {
 
 impl EventSink for KafkaSink {
     /// Starts every send, then waits for all acknowledgements together.
-    fn send(&self, envelopes: Vec<Stamped>) -> BoxFuture<'_, Result<(), IngestError>> {
-        Box::pin(self.produce_all(envelopes))
+    fn send(&self, batch: Batch) -> BoxFuture<'_, Result<(), IngestError>> {
+        Box::pin(self.produce_all(batch))
     }
 }
 
 impl KafkaSink {
-    async fn produce_all(&self, envelopes: Vec<Stamped>) -> Result<(), IngestError> {
+    async fn produce_all(&self, batch: Batch) -> Result<(), IngestError> {
         let retry_after = self.timeout.as_secs().clamp(1, 30);
         let started = Instant::now();
-        let events = envelopes.len();
-        let payloads = serialize(&envelopes)?;
-        let mut deliveries = Vec::with_capacity(envelopes.len());
-        // The key and version texts are written into buffers reused for every event:
-        // librdkafka copies them as each record is queued.
-        let mut key = String::new();
+        let events = batch.len();
+        let mut deliveries = Vec::with_capacity(events);
+        // The version text is written into a buffer reused for every event: librdkafka
+        // copies it as each record is queued.
         let mut version = String::new();
-        for (env, payload) in envelopes.iter().zip(payloads.iter()) {
-            key.clear();
-            env.write_kafka_key(&mut key);
+        for (head, key, payload) in batch.records() {
             version.clear();
-            let _ = write!(version, "{}", env.schema_version);
+            let _ = write!(version, "{}", head.schema_version);
             let headers = OwnedHeaders::new_with_capacity(3)
                 .insert(Header {
                     key: "type",
-                    value: Some(env.event_type.as_str()),
+                    value: Some(head.event_type.as_str()),
                 })
                 .insert(Header {
                     key: "schema_version",
@@ -87,13 +82,13 @@ impl KafkaSink {
                     value: Some("application/json"),
                 });
             let record = FutureRecord::to(&self.topic)
-                .key(&key)
+                .key(key)
                 .payload(payload)
                 .headers(headers);
             match self.producer.send_result(record) {
                 Ok(delivery) => deliveries.push(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
-                    return Err(IngestError::event_too_large(env.id, payload.len()));
+                    return Err(IngestError::event_too_large(head.id, payload.len()));
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     metrics::counter!("ingest_rejected_total", "reason" => "queue_full")
@@ -114,7 +109,7 @@ impl KafkaSink {
         }
         // librdkafka copied every record as it was queued: nothing of the batch is held
         // while the acknowledgements are awaited.
-        drop((envelopes, payloads));
+        drop(batch);
         // librdkafka gives up on a record after `message.timeout.ms` (= the produce timeout);
         // the outer timeout is only a guard against a lost delivery report.
         let results = tokio::time::timeout(
@@ -148,18 +143,31 @@ impl KafkaSink {
     }
 }
 
-/// A batch's envelopes serialized into one buffer, each event's bytes a slice of it: one
-/// allocation per request rather than a few per event.
-#[derive(Debug)]
-pub struct Serialized {
+/// Pieces of bytes written one after another into one buffer, each a slice of it: one
+/// allocation per request rather than one or more per event.
+#[derive(Debug, Default)]
+struct Pieces {
     bytes: Vec<u8>,
-    /// Where each event's bytes end in `bytes` (the next one's start).
+    /// Where each piece ends in `bytes` (the next one's start).
     ends: Vec<usize>,
 }
 
-impl Serialized {
-    /// Each event's bytes, in the batch's order.
-    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+impl Pieces {
+    fn with_capacity(pieces: usize, bytes: usize) -> Pieces {
+        Pieces {
+            bytes: Vec::with_capacity(bytes),
+            ends: Vec::with_capacity(pieces),
+        }
+    }
+
+    /// Ends the piece written since the last one; its length.
+    fn end(&mut self) -> usize {
+        let start = self.ends.last().copied().unwrap_or(0);
+        self.ends.push(self.bytes.len());
+        self.bytes.len() - start
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
         let starts = std::iter::once(0).chain(self.ends.iter().copied());
         starts
             .zip(&self.ends)
@@ -167,40 +175,164 @@ impl Serialized {
     }
 }
 
+/// A request's stamped events as the log takes them: each serialized and keyed, the JSON
+/// trees their `data` was read into let go of. Every door makes its batch as it stamps its
+/// events, an event at a time ([`Batching`]), so that what a request holds while it is
+/// counted against its tenant's rate and while the log takes it is its records' bytes,
+/// about its body's size (which the in-flight budget, `crate::shed`, bounds), not the
+/// trees, which may take many times that: 24 requests of 1 000 events, each holding its
+/// trees while the rate limiter answered, made ingest-api's peak 166 to 197 MB.
+#[derive(Debug)]
+pub struct Batch {
+    records: Pieces,
+    /// Each event's Kafka key ([`Envelope::write_kafka_key`]).
+    keys: Pieces,
+    heads: Vec<Head>,
+}
+
+/// What a record's headers and errors say of its event.
+#[derive(Debug)]
+struct Head {
+    id: uuid::Uuid,
+    event_type: shared::events::EventType,
+    schema_version: u32,
+}
+
+impl Batch {
+    /// Every event serialized, sized and keyed ([`Batching`]).
+    pub fn of(envelopes: Vec<Stamped>) -> Result<Batch, IngestError> {
+        let mut batching = Batching::with_capacity(envelopes.len());
+        batching.extend(envelopes);
+        batching.finish()
+    }
+
+    pub fn len(&self) -> usize {
+        self.heads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.heads.is_empty()
+    }
+
+    /// The events' ids, in the batch's order.
+    pub fn ids(&self) -> impl Iterator<Item = uuid::Uuid> + '_ {
+        self.heads.iter().map(|h| h.id)
+    }
+
+    /// Each event's bytes as the log stores them, in the batch's order.
+    pub fn payloads(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.records.iter()
+    }
+
+    /// Each event's head, key and bytes.
+    fn records(&self) -> impl Iterator<Item = (&Head, &[u8], &[u8])> + '_ {
+        self.heads
+            .iter()
+            .zip(self.keys.iter())
+            .zip(self.records.iter())
+            .map(|((head, key), payload)| (head, key, payload))
+    }
+}
+
+/// A [`Batch`] being made as a door stamps its events: each envelope is serialized, sized
+/// and keyed as it comes, and let go of. An event too large for the log
+/// (`message.max.bytes`, 1 MB) refuses the request whole ([`Batching::finish`]), as
+/// resending cannot help.
+#[derive(Debug)]
+pub struct Batching {
+    batch: Batch,
+    failed: Option<IngestError>,
+    /// The key text, written into a buffer reused for every event.
+    key: String,
+}
+
+impl Batching {
+    /// For about `n` events.
+    pub fn with_capacity(n: usize) -> Batching {
+        Batching {
+            batch: Batch {
+                records: Pieces::with_capacity(
+                    n,
+                    n.saturating_mul(ENVELOPE_BYTES_GUESS).min(FIRST_BUFFER_MAX),
+                ),
+                keys: Pieces::with_capacity(
+                    n,
+                    n.saturating_mul(KEY_BYTES_GUESS).min(FIRST_BUFFER_MAX),
+                ),
+                heads: Vec::with_capacity(n),
+            },
+            failed: None,
+            key: String::new(),
+        }
+    }
+
+    /// The events taken so far.
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// `env` serialized and keyed into the batch (nothing more once one has failed).
+    pub fn push(&mut self, env: Stamped) {
+        if self.failed.is_some() {
+            return;
+        }
+        let Batch {
+            records,
+            keys,
+            heads,
+        } = &mut self.batch;
+        if let Err(e) = serde_json::to_writer(&mut records.bytes, &env) {
+            self.failed = Some(IngestError::internal("envelope serialization failed", e));
+            return;
+        }
+        let len = records.end();
+        if len > MAX_STORED_EVENT_BYTES {
+            self.failed = Some(IngestError::event_too_large(env.id, len));
+            return;
+        }
+        self.key.clear();
+        env.write_kafka_key(&mut self.key);
+        keys.bytes.extend_from_slice(self.key.as_bytes());
+        keys.end();
+        heads.push(Head {
+            id: env.id,
+            event_type: env.event_type,
+            schema_version: env.schema_version,
+        });
+    }
+
+    /// The batch, or why it cannot be appended.
+    pub fn finish(self) -> Result<Batch, IngestError> {
+        match self.failed {
+            Some(e) => Err(e),
+            None => Ok(self.batch),
+        }
+    }
+}
+
+impl Extend<Stamped> for Batching {
+    fn extend<I: IntoIterator<Item = Stamped>>(&mut self, envelopes: I) {
+        for env in envelopes {
+            self.push(env);
+        }
+    }
+}
+
 /// About what one envelope takes serialized, for the buffer's first size.
 const ENVELOPE_BYTES_GUESS: usize = 512;
-/// The buffer's largest first size: the foreign formats' requests may hold 50 000 small
+/// About what one key takes: a tenant id, a colon and a session id.
+const KEY_BYTES_GUESS: usize = 80;
+/// The buffers' largest first size: the foreign formats' requests may hold 50 000 small
 /// events, and the buffer grows as the events need.
 const FIRST_BUFFER_MAX: usize = 1 << 20;
 
-/// Every event serialized and sized before any is sent: one too large for the log
-/// (`message.max.bytes`, 1 MB) refuses the request whole, and resending cannot help.
-pub fn serialize(envelopes: &[Stamped]) -> Result<Serialized, IngestError> {
-    let mut out = Serialized {
-        bytes: Vec::with_capacity(
-            envelopes
-                .len()
-                .saturating_mul(ENVELOPE_BYTES_GUESS)
-                .min(FIRST_BUFFER_MAX),
-        ),
-        ends: Vec::with_capacity(envelopes.len()),
-    };
-    for env in envelopes {
-        let start = out.bytes.len();
-        serde_json::to_writer(&mut out.bytes, env)
-            .map_err(|e| IngestError::internal("envelope serialization failed", e))?;
-        let len = out.bytes.len() - start;
-        if len > MAX_STORED_EVENT_BYTES {
-            return Err(IngestError::event_too_large(env.id, len));
-        }
-        out.ends.push(out.bytes.len());
-    }
-    Ok(out)
-}
-
-/// A sink that keeps what it is given, for tests of the doors without a broker, each
-/// envelope's `data` as the JSON it is written as. It applies the same size check as the
-/// Kafka sink, and fails every batch while `fail` is set.
+/// A sink that keeps what it is given, for tests of the doors without a broker: each record
+/// read back as an envelope, as the projector reads it. It fails every batch while `fail`
+/// is set.
 #[derive(Clone, Default)]
 pub struct RecordingSink {
     sent: Arc<Mutex<Vec<Envelope>>>,
@@ -220,9 +352,8 @@ impl RecordingSink {
 }
 
 impl EventSink for RecordingSink {
-    fn send(&self, envelopes: Vec<Stamped>) -> BoxFuture<'_, Result<(), IngestError>> {
+    fn send(&self, batch: Batch) -> BoxFuture<'_, Result<(), IngestError>> {
         Box::pin(async move {
-            serialize(&envelopes)?;
             if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(IngestError::Unavailable {
                     detail: "the recording sink is set to fail".into(),
@@ -230,9 +361,9 @@ impl EventSink for RecordingSink {
                 });
             }
             self.sent.lock().expect("not poisoned").extend(
-                envelopes
-                    .into_iter()
-                    .map(|e| e.map_data(super::Data::into_value)),
+                batch
+                    .payloads()
+                    .map(|p| serde_json::from_slice::<Envelope>(p).expect("a record reads back")),
             );
             Ok(())
         })

@@ -18,8 +18,9 @@ use uuid::Uuid;
 use crate::error::IngestError;
 use crate::ingest::door::{append_counted, header_text, ingest_door, keep, key_context, read_body};
 use crate::ingest::envelope::event_texts;
+use crate::ingest::sink::{Batch, Batching};
 use crate::ingest::values;
-use crate::ingest::{Ids, IngestContext, Keep, Stamped};
+use crate::ingest::{Ids, IngestContext, Keep};
 use crate::state::AppState;
 
 /// The answer to an accepted request.
@@ -54,40 +55,43 @@ async fn accept(
     let body = read_body(s, principal.tenant_id, body, headers).await?;
     let ctx = context(s, &principal, headers);
     let (keep, max) = (keep(&principal), s.config.max_batch_events);
-    // The body is let go of once its events are stamped: nothing of it is held while the
-    // log acknowledges them.
-    let envelopes = body
+    // Each event's tree is let go of once it is stamped and serialized, and the body once
+    // they all are: only the records are held while they are counted and the log
+    // acknowledges them.
+    let batch = body
         .work(&s.lane, principal.tenant_id, move |bytes| {
             stamp(bytes, max, ctx, keep)
         })
         .await?;
-    let ids: Vec<Uuid> = envelopes.iter().map(|e| e.id).collect();
-    append_counted(s, &principal, envelopes, "api").await?;
+    let ids: Vec<Uuid> = batch.ids().collect();
+    append_counted(s, &principal, batch, "api").await?;
     Ok(Accepted {
         accepted: ids.len(),
         ids,
     })
 }
 
-/// Every event of the body stamped, or every problem with them. `ctx` is how they are
-/// stamped (its error is the request's, once the body is known to be a batch).
+/// Every event of the body stamped into a batch, or every problem with them. `ctx` is how
+/// they are stamped (its error is the request's, once the body is known to be a batch).
 fn stamp(
     bytes: &[u8],
     max: usize,
     ctx: Result<IngestContext, IngestError>,
     keep: Keep,
-) -> Result<Vec<Stamped>, IngestError> {
+) -> Result<Batch, IngestError> {
     values::check(bytes)?;
     // Nearly every request: its events read from their text. Anything that text cannot
     // settle (a body that is not a batch of 1 to `max` objects, a bad header) is read as
     // before, as one tree, so that every refusal is the same.
-    let stamped =
-        event_texts(bytes, max).and_then(|texts| ctx.as_ref().ok()?.stamp_texts(&texts, keep));
+    let stamped = event_texts(bytes, max).and_then(|texts| {
+        let into = Batching::with_capacity(texts.len());
+        ctx.as_ref().ok()?.stamp_texts_into(&texts, keep, into)
+    });
     let stamped = match stamped {
         Some(stamped) => stamped,
         None => stamp_tree(bytes, max, ctx, keep)?,
     };
-    stamped.map_err(|errors| {
+    let batching = stamped.map_err(|errors| {
         let n = errors
             .iter()
             .filter_map(|e| e.index)
@@ -97,7 +101,8 @@ fn stamp(
             format!("{n} event(s) are invalid; nothing was accepted"),
             errors,
         )
-    })
+    })?;
+    batching.finish()
 }
 
 /// Every event stamped from the body's tree.
@@ -106,7 +111,7 @@ fn stamp_tree(
     max: usize,
     ctx: Result<IngestContext, IngestError>,
     keep: Keep,
-) -> Result<Result<Vec<Stamped>, Vec<FieldError>>, IngestError> {
+) -> Result<Result<Batching, Vec<FieldError>>, IngestError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| {
         IngestError::bad_request("malformed-json", format!("the body is not valid JSON: {e}"))
     })?;
@@ -134,7 +139,8 @@ fn stamp_tree(
             ),
         ));
     }
-    Ok(ctx?.stamp_trees(raw_events, keep))
+    let into = Batching::with_capacity(raw_events.len());
+    Ok(ctx?.stamp_trees_into(raw_events, keep, into))
 }
 
 /// How the request's events are stamped: the key's, with ids from its `Idempotency-Key`.

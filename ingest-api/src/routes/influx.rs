@@ -19,7 +19,8 @@ use shared::serve::Peer;
 use crate::error::IngestError;
 use crate::formats::lineproto::{self, Precision};
 use crate::ingest::door::{append_counted, ingest_door, keep, key_context, read_body};
-use crate::ingest::{IngestContext, Keep, Stamped};
+use crate::ingest::sink::Batching;
+use crate::ingest::{IngestContext, Keep};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -89,13 +90,14 @@ async fn accept(
     let keep = keep(&principal);
     // The body is let go of once its lines are stamped: nothing of it is held while the log
     // acknowledges them.
-    let (envelopes, mut bad, accepted) = body
+    let (batch, mut bad, accepted) = body
         .work(&s.lane, principal.tenant_id, move |bytes| {
-            stamp(bytes, precision, &ctx, keep)
+            let (batch, bad, accepted) = stamp(bytes, precision, &ctx, keep)?;
+            Ok((batch.finish()?, bad, accepted))
         })
         .await?;
-    let samples = envelopes.len();
-    append_counted(s, &principal, envelopes, "influx").await?;
+    let samples = batch.len();
+    append_counted(s, &principal, batch, "influx").await?;
     if bad.is_empty() {
         return Ok(());
     }
@@ -122,7 +124,7 @@ fn stamp(
     precision: Precision,
     ctx: &IngestContext,
     keep: Keep,
-) -> Result<(Vec<Stamped>, Vec<lineproto::LineError>, usize), IngestError> {
+) -> Result<(Batching, Vec<lineproto::LineError>, usize), IngestError> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         IngestError::bad_request("bad-encoding", format!("the body is not UTF-8: {e}"))
     })?;
@@ -135,7 +137,7 @@ fn stamp(
         ));
     }
     let (points, mut bad) = lineproto::parse(text, precision).map_err(IngestError::too_many)?;
-    let mut envelopes = Vec::new();
+    let mut envelopes = Batching::with_capacity(points.len());
     let mut accepted = 0;
     for p in &points {
         let mut line_envelopes = Vec::new();

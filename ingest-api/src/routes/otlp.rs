@@ -25,8 +25,9 @@ use shared::serve::Peer;
 
 use crate::error::IngestError;
 use crate::ingest::door::{append_counted, header_text, ingest_door, keep, key_context, read_body};
+use crate::ingest::sink::{Batch, Batching};
 use crate::ingest::privacy::{drop_prompt_text, drop_sample_prompt, drop_stamped_command_text};
-use crate::ingest::{ClientEvent, IngestContext, Keep, Stamped};
+use crate::ingest::{ClientEvent, IngestContext, Keep};
 use crate::state::AppState;
 
 pub async fn metrics(State(s): State<AppState>, request: Request) -> Response {
@@ -48,9 +49,9 @@ async fn export<S: Signal>(s: AppState, request: Request) -> Response {
             let encoding = encoding(&headers)?;
             let body = read_body(s, principal.tenant_id, body, &headers).await?;
             let (ctx, keep) = (key_context(s, &principal, Source::Otlp), keep(&principal));
-            // The body is let go of once its points are stamped: nothing of it is held while the
-            // log acknowledges them.
-            let (converted, envelopes) = body
+            // The body and its points' trees are let go of once they are stamped and
+            // serialized: only the records are held while the log acknowledges them.
+            let (converted, batch) = body
                 .work(&s.lane, principal.tenant_id, move |bytes| {
                     let req = otlp::decode::<S>(bytes, encoding).map_err(|e| match e {
                         DecodeError::Malformed(e) => IngestError::bad_request("bad-otlp", e),
@@ -62,7 +63,7 @@ async fn export<S: Signal>(s: AppState, request: Request) -> Response {
                     stamp::<S>(&ctx, keep, converted)
                 })
                 .await?;
-            append_counted(s, &principal, envelopes, S::SOURCE).await?;
+            append_counted(s, &principal, batch, S::SOURCE).await?;
             Ok((
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, encoding.content_type())],
@@ -98,8 +99,8 @@ pub(crate) fn stamp<S: Signal>(
     ctx: &IngestContext,
     keep: Keep,
     mut converted: Converted,
-) -> Result<(Converted, Vec<Stamped>), IngestError> {
-    let mut envelopes = Vec::with_capacity(converted.events.len());
+) -> Result<(Converted, Batch), IngestError> {
+    let mut batch = Batching::with_capacity(converted.events.len());
     let events = std::mem::take(&mut converted.events);
     let origins = std::mem::take(&mut converted.origins);
     for (i, (mut raw, origin)) in events.into_iter().zip(origins).enumerate() {
@@ -111,7 +112,7 @@ pub(crate) fn stamp<S: Signal>(
                 if !keep.commands {
                     drop_stamped_command_text(&mut env);
                 }
-                envelopes.push(env)
+                batch.push(env)
             }
             // One refusal per point, named by its OTLP path, with every reason.
             Err(errors) => converted.rejected.push(FieldError::new(
@@ -124,7 +125,7 @@ pub(crate) fn stamp<S: Signal>(
             )),
         }
     }
-    if envelopes.is_empty() && !converted.rejected.is_empty() {
+    if batch.is_empty() && !converted.rejected.is_empty() {
         return Err(IngestError::bad_request(
             "invalid-points",
             format!(
@@ -135,5 +136,5 @@ pub(crate) fn stamp<S: Signal>(
         )
         .with_errors(std::mem::take(&mut converted.rejected)));
     }
-    Ok((converted, envelopes))
+    Ok((converted, batch.finish()?))
 }

@@ -18,8 +18,9 @@ use crate::formats::promrw;
 use crate::ingest::door::{
     append_counted, header_text, ingest_door, keep, key_context, read_limited,
 };
-use crate::ingest::envelope::whole_batch;
-use crate::ingest::{IngestContext, Keep, Stamped};
+use crate::ingest::envelope::whole_batch_into;
+use crate::ingest::sink::{Batch, Batching};
+use crate::ingest::{IngestContext, Keep};
 use crate::shed::Charges;
 use crate::state::AppState;
 
@@ -57,11 +58,11 @@ pub async fn write(State(s): State<AppState>, request: Request) -> Response {
                 })?;
                 stamp(&ctx, keep, &req)
             };
-            let envelopes = s
+            let batch = s
                 .lane
                 .run_if(s.lane.takes(size), principal.tenant_id, work)
                 .await?;
-            append_counted(s, &principal, envelopes, "prom_rw").await?;
+            append_counted(s, &principal, batch, "prom_rw").await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         },
     )
@@ -112,13 +113,16 @@ fn stamp(
     ctx: &IngestContext,
     keep: Keep,
     req: &promrw::WriteRequest,
-) -> Result<Vec<Stamped>, IngestError> {
+) -> Result<Batch, IngestError> {
     let events = promrw::to_events(req).map_err(|errors| invalid_series(errors, "request"))?;
-    whole_batch(
+    let into = Batching::with_capacity(events.len());
+    whole_batch_into(
         events
             .into_iter()
             .enumerate()
             .map(|(i, raw)| ctx.stamp(i, raw, keep)),
+        into,
     )
-    .map_err(|errors| invalid_series(errors, "samples"))
+    .map_err(|errors| invalid_series(errors, "samples"))?
+    .finish()
 }

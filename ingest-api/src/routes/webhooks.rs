@@ -28,6 +28,7 @@ use uuid::Uuid;
 use crate::control::integrations::{self, Sealed};
 use crate::error::IngestError;
 use crate::ingest::door::{append, read_limited};
+use crate::ingest::sink::Batch;
 use crate::ingest::storable::{check_storable, unstorable_paths};
 use crate::ingest::values;
 use crate::ingest::Data;
@@ -187,7 +188,7 @@ async fn handle(
             unstorable,
         ));
     }
-    append(s, vec![envelope.map_data(Data::Json)], "webhook").await?;
+    append(s, Batch::of(vec![envelope.map_data(Data::Json)])?, "webhook").await?;
     integrations::count(&s.pool, tenant, provider).await;
     Ok((
         StatusCode::ACCEPTED,
