@@ -133,12 +133,10 @@ impl<E: Signal> tower::Service<axum::http::Request<tonic::body::Body>> for OtlpS
             let work = move || read::<E>(message, &ctx, keep);
             let read = state.lane.run_if(large, principal.tenant_id, work).await;
             let answer = match read {
-                Ok((converted, batch)) => {
-                    append_counted(&state, &principal, batch, E::SOURCE)
-                        .await
-                        .map(|()| otlp::response::<E>(&converted))
-                        .map_err(Status::from)
-                }
+                Ok((converted, batch)) => append_counted(&state, &principal, batch, E::SOURCE)
+                    .await
+                    .map(|()| otlp::response::<E>(&converted))
+                    .map_err(Status::from),
                 Err(status) => Err(status),
             };
             // tonic frames the answer (gzip when the sender takes it); the message it reads

@@ -598,19 +598,19 @@ impl IngestContext {
         let mut unreadable = false;
         let batch = whole_batch_into(
             texts.iter().enumerate().map_while(|(i, text)| {
-            Some(match self.stamp_text(i, text.get(), keep) {
-                Some(env) => Ok(env),
-                None => {
-                    let tree = serde_json::from_str::<Value>(text.get())
-                        .ok()
-                        .filter(|tree| nesting(tree) <= MAX_EVENT_NESTING);
-                    let Some(tree) = tree else {
-                        unreadable = true;
-                        return None;
-                    };
-                    self.stamp(i, tree, keep)
-                }
-            })
+                Some(match self.stamp_text(i, text.get(), keep) {
+                    Some(env) => Ok(env),
+                    None => {
+                        let tree = serde_json::from_str::<Value>(text.get())
+                            .ok()
+                            .filter(|tree| nesting(tree) <= MAX_EVENT_NESTING);
+                        let Some(tree) = tree else {
+                            unreadable = true;
+                            return None;
+                        };
+                        self.stamp(i, tree, keep)
+                    }
+                })
             }),
             into,
         );

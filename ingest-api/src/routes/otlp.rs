@@ -25,8 +25,8 @@ use shared::serve::Peer;
 
 use crate::error::IngestError;
 use crate::ingest::door::{append_counted, header_text, ingest_door, keep, key_context, read_body};
-use crate::ingest::sink::{Batch, Batching};
 use crate::ingest::privacy::{drop_prompt_text, drop_sample_prompt, drop_stamped_command_text};
+use crate::ingest::sink::{Batch, Batching};
 use crate::ingest::{ClientEvent, IngestContext, Keep};
 use crate::state::AppState;
 

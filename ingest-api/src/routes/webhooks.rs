@@ -188,7 +188,12 @@ async fn handle(
             unstorable,
         ));
     }
-    append(s, Batch::of(vec![envelope.map_data(Data::Json)])?, "webhook").await?;
+    append(
+        s,
+        Batch::of(vec![envelope.map_data(Data::Json)])?,
+        "webhook",
+    )
+    .await?;
     integrations::count(&s.pool, tenant, provider).await;
     Ok((
         StatusCode::ACCEPTED,
