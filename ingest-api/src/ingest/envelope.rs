@@ -618,6 +618,17 @@ impl IngestContext {
     }
 
     /// Every event of a batch read as a tree, stamped ([`IngestContext::stamp`]).
+    pub fn stamp_trees(
+        &self,
+        events: Vec<Value>,
+        keep: Keep,
+    ) -> Result<Vec<Stamped>, Vec<FieldError>> {
+        let n = events.len();
+        self.stamp_trees_into(events, keep, Vec::with_capacity(n))
+    }
+
+    /// [`IngestContext::stamp_trees`] into `into`, an envelope at a time
+    /// ([`whole_batch_into`]).
     pub fn stamp_trees_into<B: Extend<Stamped>>(
         &self,
         events: Vec<Value>,

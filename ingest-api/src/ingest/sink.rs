@@ -178,10 +178,11 @@ impl Pieces {
 /// A request's stamped events as the log takes them: each serialized and keyed, the JSON
 /// trees their `data` was read into let go of. Every door makes its batch as it stamps its
 /// events, an event at a time ([`Batching`]), so that what a request holds while it is
-/// counted against its tenant's rate and while the log takes it is its records' bytes,
-/// about its body's size (which the in-flight budget, `crate::shed`, bounds), not the
-/// trees, which may take many times that: 24 requests of 1 000 events, each holding its
-/// trees while the rate limiter answered, made ingest-api's peak 166 to 197 MB.
+/// counted against its tenant's rate and while the log takes it is its records' bytes —
+/// about its body's size for JSON, at most what a foreign format's request may expand to
+/// (`crate::formats::expansion`) — not the trees, which may take many times that: 24
+/// requests of 1 000 events, each holding its trees while the rate limiter answered, made
+/// ingest-api's peak 162 to 192 MiB.
 #[derive(Debug)]
 pub struct Batch {
     records: Pieces,

@@ -125,6 +125,8 @@ pub(crate) fn stamp<S: Signal>(
             )),
         }
     }
+    // An event too large for the log refuses the request (413), whatever else was refused.
+    let batch = batch.finish()?;
     if batch.is_empty() && !converted.rejected.is_empty() {
         return Err(IngestError::bad_request(
             "invalid-points",
@@ -136,5 +138,5 @@ pub(crate) fn stamp<S: Signal>(
         )
         .with_errors(std::mem::take(&mut converted.rejected)));
     }
-    Ok((converted, batch.finish()?))
+    Ok((converted, batch))
 }

@@ -141,6 +141,7 @@ async fn handle(
         _ => gitlab_delivery(&payload, &settings),
     }
     .map_err(|e| IngestError::validation("the delivery cannot be recorded", vec![e]))?;
+    drop(payload);
     let (event_type, at, data) = match delivery {
         Delivery::Ignored(kind) => {
             integrations::count(&s.pool, tenant, provider).await;
@@ -188,12 +189,11 @@ async fn handle(
             unstorable,
         ));
     }
-    append(
-        s,
-        Batch::of(vec![envelope.map_data(Data::Json)])?,
-        "webhook",
-    )
-    .await?;
+    // Only the record is held while the log acknowledges it: the body, its tree and the
+    // typed payload are let go of first.
+    let batch = Batch::of(vec![envelope.map_data(Data::Json)])?;
+    drop((bytes, payload, charges));
+    append(s, batch, "webhook").await?;
     integrations::count(&s.pool, tenant, provider).await;
     Ok((
         StatusCode::ACCEPTED,

@@ -247,7 +247,7 @@ async fn json_bombs_are_refused_in_bounded_memory() {
     // Just within the limit (1 000 events of 240 values each, about 16 MB of trees), 24 at
     // once: each is taken or shed with a 503, and what is held while they are counted and the
     // log acknowledges them is not their trees (each request held all of its events' trees
-    // while the rate limiter answered: a peak of 166 to 197 MB, where 46 to 56 MB now).
+    // while the rate limiter answered: a peak of 162 to 192 MiB, where 45 to 55 MiB now).
     let within = gzip(batch(1_000, &zeros(240)));
     let answers = futures::future::join_all((0..24).map(|_| send(within.clone()))).await;
     let taken = answers.iter().filter(|(status, _)| *status == 202).count();
