@@ -60,9 +60,12 @@ impl CachedAnswer {
         self.response(stored, "hit")
     }
 
-    /// Caches `answer`, packed ([`encoding::pack`]), and returns it (`x-cache: miss`).
+    /// Caches `answer`, packed ([`encoding::pack`]), and returns it (`x-cache: miss`); one
+    /// over [`encoding::MAX_ANSWER`] is refused, neither written out nor cached.
     pub async fn put<T: Serialize>(&self, cache: &Cache, answer: &T) -> Result<Response, Problem> {
-        let json = serde_json::to_vec(answer).map_err(|_| Problem::internal())?;
+        let json = encoding::to_json_within(answer, encoding::MAX_ANSWER)
+            .map_err(|_| Problem::internal())?
+            .ok_or_else(encoding::answer_too_large)?;
         let stored = encoding::pack(json);
         cache.put(&self.tenant, &self.key, &stored).await;
         Ok(self.response(stored, "miss"))

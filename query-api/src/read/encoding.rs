@@ -28,8 +28,75 @@ use shared::problem::Problem;
 pub const PACK_FROM: usize = 1024;
 
 /// The largest answer [`negotiate`] inflates for a client without gzip (answers are the
-/// service's own; this bounds what one request can make it hold).
+/// service's own, at most [`MAX_ANSWER`] since it was set; this bounds one answer cached by
+/// an older query-api).
 const MAX_UNPACKED: usize = 64 << 20;
+
+/// The largest answer, as JSON, that a read computes ([`to_json_within`]): one over it is
+/// refused (422 `answer-too-large`) rather than built, packed and cached. Every answer the
+/// dashboards ask for is far smaller (a 5 000-point series of 21 groups is about 4 MiB); text
+/// the senders chose (prompts, agent names, label values) is what can make one larger, at up
+/// to six bytes of JSON a character.
+pub const MAX_ANSWER: usize = 16 << 20;
+
+/// How much of an answer is inflated at a time for a client without gzip: it is sent as it
+/// is inflated, at the pace the client reads, so a client that reads slowly or not at all
+/// holds the packed answer and this much, not the whole answer.
+const INFLATE_CHUNK: usize = 64 << 10;
+
+/// `answer` as JSON, or `None` when it would be over `limit` bytes (written no further).
+pub fn to_json_within<T: serde::Serialize + ?Sized>(
+    answer: &T,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, serde_json::Error> {
+    /// A buffer that refuses to grow past its limit.
+    struct Within {
+        json: Vec<u8>,
+        limit: usize,
+        over: bool,
+    }
+    impl Write for Within {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.json.len() + buf.len() > self.limit {
+                self.over = true;
+                return Err(std::io::Error::other("over the limit"));
+            }
+            self.json.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut out = Within {
+        json: Vec::new(),
+        limit,
+        over: false,
+    };
+    match serde_json::to_writer(&mut out, answer) {
+        Ok(()) => Ok(Some(out.json)),
+        Err(_) if out.over => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The problem for an answer over [`MAX_ANSWER`].
+pub fn answer_too_large() -> Problem {
+    Problem::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "answer-too-large",
+        "Answer too large",
+        format!(
+            "the answer would be over {} MiB of JSON; ask for a shorter range, fewer rows \
+             (limit) or narrower filters",
+            MAX_ANSWER >> 20
+        ),
+    )
+    .with_errors(vec![shared::events::FieldError::new(
+        "range",
+        "holds more than one answer may carry",
+    )])
+}
 
 /// `json` as it is stored and sent: gzip-compressed from [`PACK_FROM`] bytes.
 pub fn pack(json: Vec<u8>) -> Vec<u8> {
@@ -214,19 +281,46 @@ fn not_modified(res: &Response, held: &[HeaderValue]) -> Option<Response> {
     Some(not_modified)
 }
 
-/// `res`, whose body is packed, inflated (within [`MAX_UNPACKED`]).
+/// `res`, whose body is packed, sent inflated (within [`MAX_UNPACKED`]) as the client reads
+/// it, [`INFLATE_CHUNK`] at a time: what a client without gzip holds is the packed answer,
+/// not the inflated one. (Inflated whole, an answer of many MiB was held for as long as a
+/// client took to read it, for every such client at once.)
 async fn inflated(res: Response) -> Response {
     let (mut parts, body) = res.into_parts();
-    let inflated = match to_bytes(body, usize::MAX).await {
-        Ok(sent) => unpack(&sent, MAX_UNPACKED),
-        Err(_) => None,
-    };
-    let Some(json) = inflated else {
+    let Ok(sent) = to_bytes(body, usize::MAX).await else {
         return Problem::internal().into_response();
     };
     parts.headers.remove(header::CONTENT_ENCODING);
     parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(parts, Body::from(json))
+    Response::from_parts(parts, Body::from_stream(inflating(sent, MAX_UNPACKED)))
+}
+
+/// The packed answer `sent` inflated, a chunk at a time as it is polled; an error (ending
+/// the response early) if it does not inflate or passes `limit` bytes.
+fn inflating(
+    sent: axum::body::Bytes,
+    limit: usize,
+) -> impl futures::Stream<Item = std::io::Result<axum::body::Bytes>> {
+    let gzip = GzDecoder::new(std::io::Cursor::new(sent)).take(limit as u64 + 1);
+    futures::stream::try_unfold((gzip, 0usize), move |(mut gzip, mut total)| async move {
+        let mut chunk = vec![0; INFLATE_CHUNK];
+        let mut filled = 0;
+        while filled < chunk.len() {
+            match gzip.read(&mut chunk[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        if filled == 0 {
+            return Ok(None);
+        }
+        total += filled;
+        if total > limit {
+            return Err(std::io::Error::other("the answer inflates past its limit"));
+        }
+        chunk.truncate(filled);
+        Ok(Some((axum::body::Bytes::from(chunk), (gzip, total))))
+    })
 }
 
 /// `res` packed ([`pack`]: from [`PACK_FROM`] bytes).
@@ -253,6 +347,47 @@ mod tests {
     use axum::http::{header, HeaderMap, HeaderValue};
 
     use super::*;
+
+    #[test]
+    fn an_answer_is_written_within_its_limit_or_not_at_all() {
+        let answer = vec!["\u{1}".repeat(100); 10];
+        let whole = serde_json::to_vec(&answer).unwrap();
+        assert_eq!(whole.len(), 10 * 602 + 11);
+        let within = to_json_within(&answer, whole.len()).unwrap();
+        assert_eq!(within.as_deref(), Some(&whole[..]));
+        assert_eq!(to_json_within(&answer, whole.len() - 1).unwrap(), None);
+        assert_eq!(to_json_within(&answer, 10).unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_packed_answer_is_inflated_a_chunk_at_a_time() {
+        use futures::StreamExt;
+        // 1 MiB of JSON that packs small: sent as 16 chunks of at most 64 KiB, inflated one
+        // by one as the client reads, the same bytes in all.
+        let json = serde_json::to_vec(&vec![1_000_000u32; 1 << 17]).unwrap();
+        let packed = pack(json.clone());
+        assert!(packed.len() * 50 < json.len(), "{} packed", packed.len());
+        let mut chunks = Box::pin(inflating(packed.clone().into(), MAX_UNPACKED));
+        let mut all = Vec::new();
+        let mut n = 0;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.unwrap();
+            assert!(chunk.len() <= INFLATE_CHUNK);
+            all.extend_from_slice(&chunk);
+            n += 1;
+        }
+        assert_eq!(all, json);
+        assert_eq!(n, json.len().div_ceil(INFLATE_CHUNK));
+        // Past the limit, or not gzip: the stream ends in an error, never a part as whole.
+        let mut capped = Box::pin(inflating(packed.into(), json.len() - 1));
+        let mut failed = false;
+        while let Some(chunk) = capped.next().await {
+            failed |= chunk.is_err();
+        }
+        assert!(failed);
+        let mut broken = Box::pin(inflating(vec![0x1f, 0x8b, 1, 2, 3].into(), MAX_UNPACKED));
+        assert!(broken.next().await.unwrap().is_err());
+    }
 
     fn accepting(values: &[&str]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -223,3 +223,85 @@ async fn answers_are_sent_compressed_and_not_again_while_the_projection_stands()
     }
     stop_all([projector, ingest, query]).await;
 }
+
+/// An answer is bounded in what it may carry: a session of 2 000 prompts, each stored with
+/// 4 000 control characters (six bytes of JSON each), would make a 48 MB timeline. It is
+/// refused with 422 `answer-too-large` naming `range`, nothing cached, while a session of
+/// short prompts in the same tenant is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_over_its_limit_is_refused_not_built() {
+    let TestEnv { pool, common } = test_env().await;
+    let (ingest, projector) = start_write_path(&common).await;
+    let query = start_query(&common, |_| {}).await;
+    let client = http();
+    let t = create_tenant(&pool, "wire-answer-limit").await;
+    let (_, admin) = ingest_api::control::store::create_api_key(
+        &pool,
+        "",
+        t.id,
+        shared::apikey::Scope::Admin,
+        "settings",
+    )
+    .await
+    .unwrap();
+    let (st, body) = status_and_json(
+        client
+            .patch(format!("{}/v1/admin/settings", ingest.url()))
+            .bearer_auth(&admin)
+            .json(&serde_json::json!({"store_prompt_text": true})),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+
+    let prompt = |session: &str, i: usize, text: &str| {
+        serde_json::json!({
+            "type": "metric.sample",
+            "occurred_at": ago(600 - (i / 10) as i64),
+            "data": {
+                "name": "claude_code.user_prompt",
+                "value": 1,
+                "labels": {"session.id": session, "prompt.id": format!("p{i}"), "user.id": "u"},
+                "extra": {"prompt": text},
+            },
+        })
+    };
+    let wide = "\u{1}".repeat(4000);
+    for first in (0..2000).step_by(400) {
+        let batch: Vec<Value> = (first..first + 400)
+            .map(|i| prompt("wide", i, &wide))
+            .collect();
+        post_events_accepted(&client, &ingest.url(), &t.ingest_key, &Value::Array(batch)).await;
+    }
+    let short: Vec<Value> = (0..3).map(|i| prompt("short", i, "a plan")).collect();
+    post_events_accepted(&client, &ingest.url(), &t.ingest_key, &Value::Array(short)).await;
+    wait_projected(&pool, t.id, 2003, Duration::from_secs(120)).await;
+
+    let timeline = |s: &str| format!("{}/v1/dashboard/sessions/{s}/timeline", query.url());
+    let (st, problem) =
+        status_and_json(client.get(timeline("wide")).bearer_auth(&t.read_key)).await;
+    assert_eq!(st, 422, "{problem}");
+    assert!(
+        problem["type"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("answer-too-large"),
+        "{problem}"
+    );
+    assert_eq!(problem["errors"][0]["field"], "range", "{problem}");
+    // Asked again: refused again (nothing was cached in its place).
+    let (st, _) = status_and_json(client.get(timeline("wide")).bearer_auth(&t.read_key)).await;
+    assert_eq!(st, 422);
+
+    let (st, answer) =
+        status_and_json(client.get(timeline("short")).bearer_auth(&t.read_key)).await;
+    assert_eq!(st, 200, "{answer}");
+    assert_eq!(
+        answer["prompts"].as_array().map(Vec::len),
+        Some(3),
+        "{answer}"
+    );
+    assert_eq!(answer["prompts"][0]["text"], "a plan", "{answer}");
+
+    projector.stop().await.unwrap();
+    ingest.stop().await.unwrap();
+}
