@@ -1,7 +1,7 @@
 //! Answers cached ([`crate::cache`]) under keys that hold the tenant's watermark, so that a
 //! cached answer is served for as long as the projection has not moved, and never after.
 
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use shared::problem::Problem;
 use shared::tenant::TenantId;
@@ -55,17 +55,26 @@ impl CachedAnswer {
         Some(self.hit(stored))
     }
 
-    /// The answer cached here, `stored` as it was read from the cache (`x-cache: hit`).
+    /// The answer cached here, `stored` as it was read from the cache (`x-cache: hit`); a
+    /// refusal cached for being too large ([`TOO_LARGE`]) is refused again.
     pub fn hit(&self, stored: Vec<u8>) -> Response {
+        if stored == TOO_LARGE {
+            return encoding::answer_too_large().into_response();
+        }
         self.response(stored, "hit")
     }
 
-    /// Caches `answer`, packed ([`encoding::pack`]), and returns it (`x-cache: miss`); one
-    /// over [`encoding::MAX_ANSWER`] is refused, neither written out nor cached.
+    /// Caches `answer`, packed ([`encoding::pack`]), and returns it (`x-cache: miss`). One
+    /// over [`encoding::MAX_ANSWER`] is refused, written out no further; the refusal is what
+    /// is cached ([`TOO_LARGE`]), so that asking again under the same watermark does not
+    /// compute it again.
     pub async fn put<T: Serialize>(&self, cache: &Cache, answer: &T) -> Result<Response, Problem> {
-        let json = encoding::to_json_within(answer, encoding::MAX_ANSWER)
+        let Some(json) = encoding::to_json_within(answer, encoding::MAX_ANSWER)
             .map_err(|_| Problem::internal())?
-            .ok_or_else(encoding::answer_too_large)?;
+        else {
+            cache.put(&self.tenant, &self.key, TOO_LARGE).await;
+            return Err(encoding::answer_too_large());
+        };
         let stored = encoding::pack(json);
         cache.put(&self.tenant, &self.key, &stored).await;
         Ok(self.response(stored, "miss"))
@@ -80,6 +89,9 @@ impl CachedAnswer {
         res
     }
 }
+
+/// What is cached for an answer refused as too large: neither JSON nor gzip.
+const TOO_LARGE: &[u8] = b"\0answer-too-large";
 
 /// `tally:a:<tenant>:v<projection version>:<watermark seq>:<digest>`, the digest being the
 /// first 128 bits of the SHA-256 of the scope and the request: a key of 100 bytes whatever
@@ -113,6 +125,25 @@ mod tests {
     use super::*;
     use crate::auth::Visibility;
     use crate::range::TimeRange;
+
+    #[test]
+    fn a_cached_refusal_is_refused_again() {
+        let range = TimeRange {
+            from: Utc.timestamp_opt(60, 0).unwrap(),
+            to: Utc.timestamp_opt(120, 0).unwrap(),
+        };
+        let scope = ReadScope::labelled(&Visibility::Tenant.cache_label(), &range);
+        let at = CachedAnswer::at(TenantId::new(), (1, 1), &scope, "timeline");
+        let refused = at.hit(TOO_LARGE.to_vec());
+        assert_eq!(
+            refused.status(),
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert!(refused.headers().get("etag").is_none());
+        let answered = at.hit(br#"{"a":1}"#.to_vec());
+        assert_eq!(answered.status(), axum::http::StatusCode::OK);
+        assert_eq!(answered.headers()["x-cache"], "hit");
+    }
 
     #[test]
     fn answers_are_keyed_by_watermark_scope_and_request() {

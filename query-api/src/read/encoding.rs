@@ -306,9 +306,13 @@ fn inflating(
         let mut chunk = vec![0; INFLATE_CHUNK];
         let mut filled = 0;
         while filled < chunk.len() {
-            match gzip.read(&mut chunk[filled..])? {
-                0 => break,
-                n => filled += n,
+            match gzip.read(&mut chunk[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a cached answer does not inflate; its response is cut");
+                    return Err(e);
+                }
             }
         }
         if filled == 0 {
@@ -316,6 +320,10 @@ fn inflating(
         }
         total += filled;
         if total > limit {
+            tracing::warn!(
+                limit,
+                "a cached answer inflates past its limit; its response is cut"
+            );
             return Err(std::io::Error::other("the answer inflates past its limit"));
         }
         chunk.truncate(filled);

@@ -51,8 +51,8 @@ const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
 /// Largest JSON-RPC message taken.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
-/// Largest REST answer a tool reads back.
-const MAX_ANSWER_BYTES: usize = 16 << 20;
+/// Largest REST answer a tool reads back: the largest a read makes.
+const MAX_ANSWER_BYTES: usize = crate::read::encoding::MAX_ANSWER;
 
 /// Rows a tool's text lists (the structured answer has them all).
 const TEXT_ROWS: usize = 20;

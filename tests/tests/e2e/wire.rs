@@ -225,7 +225,8 @@ async fn answers_are_sent_compressed_and_not_again_while_the_projection_stands()
 }
 
 /// An answer is bounded in what it may carry: a session of 2 000 prompts, each stored with
-/// 4 000 control characters (six bytes of JSON each), would make a 48 MB timeline. It is
+/// 4 000 control characters (six bytes of JSON each, each text shown twice), would make a
+/// timeline of about 96 MB. It is
 /// refused with 422 `answer-too-large` naming `range`, nothing cached, while a session of
 /// short prompts in the same tenant is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -288,7 +289,7 @@ async fn an_answer_over_its_limit_is_refused_not_built() {
         "{problem}"
     );
     assert_eq!(problem["errors"][0]["field"], "range", "{problem}");
-    // Asked again: refused again (nothing was cached in its place).
+    // Asked again: refused again (the refusal is what was cached, not a part of the answer).
     let (st, _) = status_and_json(client.get(timeline("wide")).bearer_auth(&t.read_key)).await;
     assert_eq!(st, 422);
 
@@ -302,6 +303,5 @@ async fn an_answer_over_its_limit_is_refused_not_built() {
     );
     assert_eq!(answer["prompts"][0]["text"], "a plan", "{answer}");
 
-    projector.stop().await.unwrap();
-    ingest.stop().await.unwrap();
+    stop_all([projector, ingest, query]).await;
 }
