@@ -17,7 +17,7 @@ use std::time::Instant;
 use chrono::{DateTime, Duration, Utc};
 use ingest_api::formats::otlp::{self, Encoding, Metrics, Signal};
 use ingest_api::ingest::envelope::event_texts;
-use ingest_api::ingest::sink::Batch;
+use ingest_api::ingest::sink::Batching;
 use ingest_api::ingest::values;
 use ingest_api::ingest::{Ids, IngestContext, Keep, TimeBounds};
 use prost::Message;
@@ -58,11 +58,14 @@ fn json_rounds(rounds: usize) {
         for body in (0..REPEATS).flat_map(|_| &bodies) {
             values::check(body).expect("within the door's bounds");
             let texts = event_texts(body, EVENTS_PER_REQUEST).expect("a batch of events");
-            let envelopes = ctx
-                .stamp_texts(&texts, KEEP_NOTHING)
+            // As the door does: each event serialized into the batch as it is stamped.
+            let into = Batching::with_capacity(texts.len());
+            let batch = ctx
+                .stamp_texts_into(&texts, KEEP_NOTHING, into)
                 .expect("JSON a tree holds")
-                .expect("valid events");
-            let batch = Batch::of(envelopes).expect("serializes");
+                .expect("valid events")
+                .finish()
+                .expect("serializes");
             bytes += batch.payloads().map(<[u8]>::len).sum::<usize>();
         }
         report(round, started.elapsed(), bytes, None);
@@ -95,13 +98,15 @@ fn otlp_rounds(rounds: usize) {
             let req = otlp::decode::<Metrics>(body, Encoding::Protobuf).expect("decodes");
             let converted = Metrics::events(&req, at).expect("converts");
             assert!(converted.rejected.is_empty(), "every point is taken");
-            let envelopes = converted
-                .events
-                .into_iter()
-                .enumerate()
-                .map(|(i, raw)| ctx.client_envelope(i, raw).expect("a valid event"))
-                .collect::<Vec<_>>();
-            let batch = Batch::of(envelopes).expect("serializes");
+            let mut batch = Batching::with_capacity(converted.events.len());
+            batch.extend(
+                converted
+                    .events
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, raw)| ctx.client_envelope(i, raw).expect("a valid event")),
+            );
+            let batch = batch.finish().expect("serializes");
             spent += started.elapsed();
             // Digested as the projector reads them and written again (untimed): the same
             // digest however the door orders the keys of `data`.

@@ -249,19 +249,11 @@ pub fn event_texts(bytes: &[u8], max: usize) -> Option<Vec<&RawValue>> {
     (1..=max).contains(&texts.len()).then_some(texts)
 }
 
-/// A batch's envelopes, or everything wrong with its events: a batch is taken whole or not
-/// at all.
-pub fn whole_batch(
-    stamped: impl Iterator<Item = Result<Stamped, Vec<FieldError>>>,
-) -> Result<Vec<Stamped>, Vec<FieldError>> {
-    let (low, high) = stamped.size_hint();
-    whole_batch_into(stamped, Vec::with_capacity(high.unwrap_or(low)))
-}
-
-/// [`whole_batch`] into `into`, an envelope at a time as each is stamped (a door's
-/// `crate::ingest::sink::Batching`, which serializes each and lets its tree go): once an
-/// event is refused, the rest are only checked.
-pub fn whole_batch_into<B: Extend<Stamped>>(
+/// A batch's envelopes put into `into` an envelope at a time as each is stamped (a door's
+/// `crate::ingest::sink::Batching`, which serializes each and lets its tree go), or
+/// everything wrong with its events: a batch is taken whole or not at all, and once an event
+/// is refused the rest are only checked.
+pub fn whole_batch<B: Extend<Stamped>>(
     stamped: impl Iterator<Item = Result<Stamped, Vec<FieldError>>>,
     mut into: B,
 ) -> Result<B, Vec<FieldError>> {
@@ -588,7 +580,7 @@ impl IngestContext {
     }
 
     /// [`IngestContext::stamp_texts`] into `into`, an envelope at a time
-    /// ([`whole_batch_into`]).
+    /// ([`whole_batch`]).
     pub fn stamp_texts_into<B: Extend<Stamped>>(
         &self,
         texts: &[&RawValue],
@@ -596,7 +588,7 @@ impl IngestContext {
         into: B,
     ) -> Option<Result<B, Vec<FieldError>>> {
         let mut unreadable = false;
-        let batch = whole_batch_into(
+        let batch = whole_batch(
             texts.iter().enumerate().map_while(|(i, text)| {
                 Some(match self.stamp_text(i, text.get(), keep) {
                     Some(env) => Ok(env),
@@ -628,14 +620,14 @@ impl IngestContext {
     }
 
     /// [`IngestContext::stamp_trees`] into `into`, an envelope at a time
-    /// ([`whole_batch_into`]).
+    /// ([`whole_batch`]).
     pub fn stamp_trees_into<B: Extend<Stamped>>(
         &self,
         events: Vec<Value>,
         keep: Keep,
         into: B,
     ) -> Result<B, Vec<FieldError>> {
-        whole_batch_into(
+        whole_batch(
             events
                 .into_iter()
                 .enumerate()

@@ -145,7 +145,7 @@ impl KafkaSink {
 
 /// Pieces of bytes written one after another into one buffer, each a slice of it: one
 /// allocation per request rather than one or more per event.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Pieces {
     bytes: Vec<u8>,
     /// Where each piece ends in `bytes` (the next one's start).

@@ -18,7 +18,7 @@ use crate::formats::promrw;
 use crate::ingest::door::{
     append_counted, header_text, ingest_door, keep, key_context, read_limited,
 };
-use crate::ingest::envelope::whole_batch_into;
+use crate::ingest::envelope::whole_batch;
 use crate::ingest::sink::{Batch, Batching};
 use crate::ingest::{IngestContext, Keep};
 use crate::shed::Charges;
@@ -116,7 +116,7 @@ fn stamp(
 ) -> Result<Batch, IngestError> {
     let events = promrw::to_events(req).map_err(|errors| invalid_series(errors, "request"))?;
     let into = Batching::with_capacity(events.len());
-    whole_batch_into(
+    whole_batch(
         events
             .into_iter()
             .enumerate()

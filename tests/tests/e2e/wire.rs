@@ -226,9 +226,9 @@ async fn answers_are_sent_compressed_and_not_again_while_the_projection_stands()
 
 /// An answer is bounded in what it may carry: a session of 2 000 prompts, each stored with
 /// 4 000 control characters (six bytes of JSON each, each text shown twice), would make a
-/// timeline of about 96 MB. It is
-/// refused with 422 `answer-too-large` naming `range`, nothing cached, while a session of
-/// short prompts in the same tenant is answered.
+/// timeline of about 96 MB. It is refused with 422 `answer-too-large` naming `range`, and
+/// again from the cached refusal, while a session of short prompts in the same tenant is
+/// answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_answer_over_its_limit_is_refused_not_built() {
     let TestEnv { pool, common } = test_env().await;
